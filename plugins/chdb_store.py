@@ -62,7 +62,7 @@ class ChdbStore:
         columns = ", ".join(f"`{name}`" for name in data.column_names)
         # chDB's Python() table function reads the Arrow table from this frame by name.
         arrow_rows = data  # noqa: F841 - referenced by name inside the SQL below
-        self._run(f"INSERT INTO {table} ({columns}) SELECT * FROM Python(arrow_rows)", "CSV")
+        self._run(f"INSERT INTO {table} ({columns}) SELECT * FROM Python(arrow_rows)", "CSV", None)
 
     def version(self) -> str:
         return self.query("SELECT version() AS v")[0]["v"]

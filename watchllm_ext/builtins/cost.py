@@ -21,18 +21,19 @@ _MTOK = 1_000_000
 
 
 class _Price:
-    """Per-token prices of one model; `tiered` falls back to the library's own calculation."""
+    """USD per million tokens of one model; tiered prices (None here) fall back to the
+    library's own calculation."""
 
     __slots__ = ("input", "library_price", "output")
 
-    def __init__(self, input_per_tok: float | None, output_per_tok: float | None, library: Any):
-        self.input = input_per_tok
-        self.output = output_per_tok
+    def __init__(self, input_mtok: float | None, output_mtok: float | None, library: Any):
+        self.input = input_mtok
+        self.output = output_mtok
         self.library_price = library
 
     def cost(self, tokens_in: int, tokens_out: int) -> float:
         if self.input is not None and self.output is not None:
-            return tokens_in * self.input + tokens_out * self.output
+            return (tokens_in * self.input + tokens_out * self.output) / _MTOK
         from genai_prices import Usage
 
         calc = self.library_price.calc_price(
@@ -60,7 +61,7 @@ def _library_price(provider: str | None, model: str) -> _Price | None:
     flat_out = price.output_mtok
     # Tiered prices are objects, flat ones are Decimals; only flat ones take the fast path.
     if _is_number(flat_in) and _is_number(flat_out or 0):
-        return _Price(float(flat_in) / _MTOK, float(flat_out or 0) / _MTOK, price)
+        return _Price(float(flat_in), float(flat_out or 0), price)
     return _Price(None, None, price)
 
 
@@ -75,7 +76,7 @@ def _is_number(value: Any) -> bool:
 class CostEstimator:
     def __init__(self, custom: dict[str, tuple[float, float]]) -> None:
         self.custom = {
-            model: _Price(p_in / _MTOK, p_out / _MTOK, None) for model, (p_in, p_out) in custom.items()
+            model: _Price(p_in, p_out, None) for model, (p_in, p_out) in custom.items()
         }
 
     def price_for(self, provider: str | None, model: str) -> _Price | None:

@@ -1,0 +1,143 @@
+"""Shared fixtures: a real WatchLLM server (uvicorn on loopback, chDB in a temp folder)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from watchllm_ext.app import create_app
+from watchllm_ext.keys import KeyStore
+from watchllm_ext.settings import Settings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    """uvicorn serving an ASGI app on loopback in a thread, with its lifespan."""
+
+    def __init__(self, app: Any) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+
+
+@dataclass
+class Running:
+    url: str
+    app: Any
+    settings: Settings
+    keys: KeyStore
+    key: str  # ingest+read+admin key of project "acme"
+    client: httpx.Client
+
+    @property
+    def wl(self) -> Any:
+        return self.app.state.watchllm
+
+    def flush(self) -> None:
+        """Wait until everything accepted so far is in the store."""
+        writer = self.wl.writer
+        import anyio
+
+        assert writer is not None
+        # The writer lives on the server's loop; wait from here by polling its counters.
+        deadline = time.monotonic() + 30
+        while writer.pending_events:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"writer did not flush: {writer.stats()}")
+            time.sleep(0.02)
+        del anyio
+
+    def query(self, sql: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        assert self.wl.store is not None
+        return self.wl.store.query(sql, params)
+
+    def headers(self, key: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key or self.key}"}
+
+
+def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "data_dir": tmp_path / "data",
+        "flush_interval_s": 0.05,
+        "create_default_key": False,
+        "shutdown_grace_s": 5.0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[Any]:
+    """Start a server with given settings overrides and plugins; stopped at teardown."""
+    started: list[ServerThread] = []
+    clients: list[httpx.Client] = []
+
+    def start(plugins: tuple[Any, ...] = (), **overrides: Any) -> Running:
+        settings = make_settings(tmp_path, **overrides)
+        keys = KeyStore(settings.keys_path, refresh_s=0.2)
+        key = keys.create("acme", scope="admin")
+        app = create_app(settings, plugins=plugins)
+        thread = ServerThread(app).__enter__()
+        started.append(thread)
+        client = httpx.Client(base_url=thread.url, timeout=30)
+        clients.append(client)
+        return Running(thread.url, app, settings, keys, key, client)
+
+    yield start
+    for client in clients:
+        client.close()
+    for thread in reversed(started):
+        thread.__exit__()
+
+
+@pytest.fixture
+def server(server_factory: Any) -> Running:
+    return server_factory()
+
+
+def prompt_call(event_id: str = "e1", **fields: Any) -> dict[str, Any]:
+    event = {
+        "event_id": event_id,
+        "event_type": "prompt_call",
+        "run_id": "run-1",
+        "timestamp": "2026-01-02T03:04:05.678Z",
+        "model": "gpt-4o",
+        "provider": "openai",
+        "tokens_input": 100,
+        "tokens_output": 50,
+        "prompt": "hello",
+        "response": "world",
+        "latency_ms": 123.5,
+    }
+    event.update(fields)
+    return event
