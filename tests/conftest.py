@@ -102,11 +102,11 @@ def server_factory(tmp_path: Path) -> Iterator[Any]:
     started: list[ServerThread] = []
     clients: list[httpx.Client] = []
 
-    def start(plugins: tuple[Any, ...] = (), **overrides: Any) -> Running:
+    def start(plugin_objects: tuple[Any, ...] = (), **overrides: Any) -> Running:
         settings = make_settings(tmp_path, **overrides)
         keys = KeyStore(settings.keys_path, refresh_s=0.2)
         key = keys.create("acme", scope="admin")
-        app = create_app(settings, plugins=plugins)
+        app = create_app(settings, plugins=plugin_objects)
         thread = ServerThread(app).__enter__()
         started.append(thread)
         client = httpx.Client(base_url=thread.url, timeout=30)

@@ -3,7 +3,7 @@
 request -> authenticate (hook) -> quota (hook) -> read + parse + validate (ingest.py)
         -> transform (hook) -> writer.submit -> 202 / 207
 The store and the writer start with the app's lifespan (or the host's, when mounted: see
-lifespan.py) and stop with it, flushing what is buffered.
+hosting.py) and stop with it, flushing what is buffered.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ class WatchLLM:
                 503,
                 "not_running",
                 "the writer is not running; a host app that mounts WatchLLM must run its "
-                "lifespan (see watchllm_ext.lifespan)",
+                "lifespan (see watchllm_ext.hosting.lifespan)",
                 headers={"Retry-After": "5"},
             )
         try:

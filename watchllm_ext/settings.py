@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+import json
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+from pydantic_settings import SettingsError as PydanticSettingsError
 
 MiB = 1024 * 1024
 
@@ -40,11 +43,11 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level of the server."
     )
-    plugins: list[str] = Field(
+    plugins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Extra plugins to load, as dotted import paths (comma-separated in the env).",
     )
-    disable_plugins: list[str] = Field(
+    disable_plugins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Plugin names (entry-point or module names) not to load.",
     )
@@ -94,7 +97,9 @@ class Settings(BaseSettings):
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         # Env values arrive as one string; accept "a.b,c.d" as well as a JSON list.
-        if isinstance(value, str) and not value.lstrip().startswith("["):
+        if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                return json.loads(value)
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
@@ -129,6 +134,10 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         raise SettingsError(describe_settings_error(exc)) from None
+    except PydanticSettingsError as exc:  # a value that is not even parseable (bad JSON)
+        raise SettingsError(f"{exc}: {exc.__cause__}") from None
+    except (OSError, ValueError) as exc:  # an unreadable or malformed watchllm.toml
+        raise SettingsError(f"cannot read the settings file: {exc}") from None
 
 
 def describe_settings_error(exc: ValidationError) -> str:

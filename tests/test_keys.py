@@ -1,0 +1,102 @@
+"""API keys: hashed at rest, scoped, created and revoked while the server runs."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Running, prompt_call
+
+from watchllm_ext.keys import KeyStore, KeyStoreError, split_key
+
+
+def _post(server: Running, key: str, project: str = "acme") -> int:
+    return server.client.post(
+        f"/v1/projects/{project}/events", json=prompt_call(), headers=server.headers(key)
+    ).status_code
+
+
+def _wait_for(server: Running, key: str, status: int, timeout_s: float = 2.0) -> float:
+    start = time.monotonic()
+    while True:
+        if _post(server, key) == status:
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout_s:
+            raise AssertionError(f"key did not reach status {status} within {timeout_s}s")
+        time.sleep(0.05)
+
+
+def test_only_a_hash_is_stored(tmp_path: Path) -> None:
+    keys = KeyStore(tmp_path / "keys.sqlite3")
+    key = keys.create("p1", scope="ingest")
+    key_id, secret = split_key(key) or ("", "")
+    assert key.startswith("wllm_") and len(secret) >= 40
+    raw = (tmp_path / "keys.sqlite3").read_bytes()
+    assert secret.encode() not in raw
+    with sqlite3.connect(tmp_path / "keys.sqlite3") as conn:
+        stored = conn.execute("SELECT secret_hash FROM api_keys").fetchone()[0]
+    assert stored != secret and len(stored) == 64
+    principal = keys.authenticate(key)
+    assert principal is not None and principal.project_id == "p1"
+    assert keys.authenticate(key[:-1] + ("A" if key[-1] != "A" else "B")) is None
+    assert keys.authenticate(f"wllm_{key_id}_wrong") is None
+    keys.close()
+
+
+def test_bad_project_and_scope_are_refused(tmp_path: Path) -> None:
+    keys = KeyStore(tmp_path / "keys.sqlite3")
+    with pytest.raises(KeyStoreError, match="scope"):
+        keys.create("p1", scope="owner")
+    with pytest.raises(KeyStoreError, match="project"):
+        keys.create("bad project!", scope="ingest")
+
+
+def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "watchllm_ext.cli", *args, "--data-dir", str(tmp_path / "data")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+
+
+def test_keys_created_and_revoked_by_the_cli_while_the_server_runs(
+    server_factory: Any, tmp_path: Path
+) -> None:
+    server = server_factory(key_refresh_s=1.0)
+    created = _cli(tmp_path, "keys", "create", "--project", "acme", "--scope", "ingest")
+    assert created.returncode == 0, created.stderr
+    new_key = created.stdout.strip().splitlines()[-1]  # the key is the last line
+    assert split_key(new_key) is not None
+    assert _wait_for(server, new_key, 202) < 2.0
+
+    listed = _cli(tmp_path, "keys", "list")
+    key_id = split_key(new_key)[0]  # type: ignore[index]
+    assert key_id in listed.stdout and new_key not in listed.stdout
+
+    revoked = _cli(tmp_path, "keys", "revoke", key_id)
+    assert revoked.returncode == 0, revoked.stderr
+    assert _wait_for(server, new_key, 401) < 2.0
+    again = _cli(tmp_path, "keys", "revoke", key_id)
+    assert again.returncode == 1 and "no active key" in again.stderr
+
+
+def test_scopes(server: Running) -> None:
+    read_key = server.keys.create("acme", scope="read")
+    ingest_key = server.keys.create("acme", scope="ingest")
+    other = server.keys.create("other", scope="admin")
+    time.sleep(0.3)
+    r = server.client.post("/v1/events/batch", json={"events": [prompt_call()]},
+                           headers=server.headers(read_key))
+    assert r.status_code == 403 and "ingest" in r.json()["message"]
+    assert _post(server, ingest_key) == 202
+    # An ingest key is no admin.
+    assert server.client.get("/v1/admin/tables", headers=server.headers(ingest_key)).status_code == 403
+    # A key of project "other" cannot write to acme, in the path or in the body.
+    assert _post(server, other, project="acme") == 403
+    r = server.client.post("/v1/events/batch", json={"events": [prompt_call(project_id="acme")]},
+                           headers=server.headers(other))
+    assert r.status_code == 403 and "acme" in r.json()["message"]

@@ -1,0 +1,275 @@
+"""The plugin system: discovery (entry point, settings, create_app) and one test per hook."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Running, prompt_call
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from watchllm_ext import hookimpl, hookspecs
+from watchllm_ext.auth import Principal
+from watchllm_ext.plugins import PluginError, get_plugin_manager
+from watchllm_ext.quota import QuotaDecision
+from watchllm_ext.settings import Settings
+from watchllm_ext.testing import MemorySink
+
+EXAMPLE_DIR = Path(__file__).resolve().parents[1] / "examples" / "redact_emails"
+HOOK_NAMES = sorted(
+    name for name in dir(hookspecs) if hasattr(getattr(hookspecs, name), "watchllm_spec")
+)
+
+
+@pytest.fixture
+def example_on_path() -> Iterator[None]:
+    sys.path.insert(0, str(EXAMPLE_DIR))
+    yield
+    sys.path.remove(str(EXAMPLE_DIR))
+    sys.modules.pop("watchllm_redact_emails", None)
+
+
+@pytest.fixture
+def example_entry_point(tmp_path: Path, example_on_path: None) -> Iterator[None]:
+    """Make the example plugin discoverable as an installed distribution would be."""
+    dist = tmp_path / "site" / "watchllm_redact_emails-0.1.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: watchllm-redact-emails\nVersion: 0.1.0\n"
+    )
+    (dist / "entry_points.txt").write_text("[watchllm]\nredact_emails = watchllm_redact_emails\n")
+    sys.path.insert(0, str(dist.parent))
+    importlib.invalidate_caches()
+    yield
+    sys.path.remove(str(dist.parent))
+    importlib.invalidate_caches()
+
+
+def _redaction_roundtrip(server: Running) -> None:
+    r = server.client.post("/v1/events/batch", headers=server.headers(), json={"events": [
+        prompt_call("r1", prompt="mail bob@example.com now", response="ok"),
+        prompt_call("r2", user_id="alice@example.com"),
+    ]})
+    assert r.status_code == 207, r.text
+    assert r.json()["rejected"][0]["errors"][0]["message"].startswith("user_id must be")
+    server.flush()
+    assert server.query("SELECT prompt FROM events") == [{"prompt": "mail [email] now"}]
+    assert server.client.get("/-/redactions").json() == {"redacted_total": 1}
+    plugins = server.client.get("/-/plugins", headers=server.headers()).json()["plugins"]
+    return plugins
+
+
+def test_plugin_from_entry_point(server_factory: Any, example_entry_point: None) -> None:
+    server = server_factory()
+    plugins = _redaction_roundtrip(server)
+    found = {p["name"]: p for p in plugins}
+    assert found["redact_emails"]["distribution"] == "watchllm-redact-emails"
+    assert found["redact_emails"]["version"] == "0.1.0"
+    assert found["redact_emails"]["hooks"] == [
+        "register_routes", "transform_events", "validate_event"]
+    # Our own store plugin comes through the same entry-point group.
+    assert "register_store" in found["chdb_store"]["hooks"]
+
+
+def test_plugin_from_settings(server_factory: Any, example_on_path: None) -> None:
+    server = server_factory(plugins=["watchllm_redact_emails"])
+    plugins = _redaction_roundtrip(server)
+    assert "watchllm_redact_emails" in {p["name"] for p in plugins}
+
+
+def test_plugin_from_settings_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("WATCHLLM_PLUGINS", "json, watchllm_ext.testing")
+    settings = Settings(data_dir=tmp_path)
+    assert settings.plugins == ["json", "watchllm_ext.testing"]
+
+
+def test_bad_plugin_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(PluginError, match="no_such_module"):
+        get_plugin_manager(Settings(data_dir=tmp_path, plugins=["no_such_module"]))
+
+    class Misspelled:
+        @hookimpl
+        def transform_event(self, events: Any) -> None:  # the hook is transform_events
+            pass
+
+    with pytest.raises(PluginError, match="transform_event"):
+        get_plugin_manager(Settings(data_dir=tmp_path), [Misspelled()])
+
+
+def test_builtins_can_be_disabled(tmp_path: Path) -> None:
+    pm = get_plugin_manager(Settings(data_dir=tmp_path, disable_plugins=["cost", "chdb_store"]))
+    names = {name for name, _ in pm.list_name_plugin()}
+    assert "watchllm_ext.builtins.cost" not in names and "chdb_store" not in names
+    assert "watchllm_ext.builtins.key_auth" in names
+
+
+def test_every_hook_has_a_test_and_docs() -> None:
+    tests = {name for name in globals() if name.startswith("test_hook_")}
+    assert tests == {f"test_hook_{name}" for name in HOOK_NAMES}
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "PLUGINS.md").read_text()
+    for name in HOOK_NAMES:
+        spec = getattr(hookspecs, name)
+        assert f"`{name}(" in docs, f"{name} is not documented in docs/PLUGINS.md"
+        for arg in spec.__code__.co_varnames[: spec.__code__.co_argcount]:
+            assert arg in docs, f"argument {arg} of {name} is not documented"
+
+
+# --- one test per hook ------------------------------------------------------------------------
+
+
+class HeaderAuth:
+    """Trusts a gateway's token format: 'gw:<project>'."""
+
+    @hookimpl
+    def authenticate(self, token: str, request: Request | None) -> Principal | None:
+        if token.startswith("gw:"):
+            return Principal(token[3:], frozenset({"ingest"}))
+        return None
+
+
+def test_hook_authenticate(server_factory: Any) -> None:
+    server = server_factory(plugin_objects=(HeaderAuth(),))
+    r = server.client.post("/v1/projects/team7/events", json=prompt_call(),
+                           headers={"Authorization": "Bearer gw:team7"})
+    assert r.status_code == 202, r.text
+    # Built-in keys still work (the built-in is asked last).
+    r = server.client.post("/v1/projects/acme/events", json=prompt_call(),
+                           headers=server.headers())
+    assert r.status_code == 202
+
+
+class FixedQuota:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    @hookimpl
+    async def check_quota(self, principal: Principal, n_events: int) -> QuotaDecision:
+        if self.used + n_events > self.limit:
+            return QuotaDecision(False, retry_after_s=30, limit=self.limit,
+                                 remaining=self.limit - self.used, reason="monthly event quota")
+        self.used += n_events
+        return QuotaDecision(True)
+
+
+def test_hook_check_quota(server_factory: Any) -> None:
+    server = server_factory(plugin_objects=(FixedQuota(3),))
+    ok = server.client.post("/v1/events/batch", headers=server.headers(),
+                            json={"events": [prompt_call(f"q{i}") for i in range(3)]})
+    assert ok.status_code == 202
+    denied = server.client.post("/v1/events/batch", headers=server.headers(),
+                                json={"events": [prompt_call("q9")]})
+    assert denied.status_code == 429
+    assert denied.headers["Retry-After"] == "30"
+    assert denied.headers["X-RateLimit-Limit"] == "3"
+    assert denied.headers["X-RateLimit-Remaining"] == "0"
+    assert denied.json()["message"] == "monthly event quota"
+    server.flush()
+    assert server.query("SELECT count() AS n FROM events")[0]["n"] == 3
+
+
+class RequireModel:
+    @hookimpl
+    def validate_event(self, event: Any, principal: Principal) -> Sequence[str] | None:
+        if event.event_type == "prompt_call" and not event.model:
+            return ["model is required by this deployment"]
+        return None
+
+
+def test_hook_validate_event(server_factory: Any) -> None:
+    server = server_factory(plugin_objects=(RequireModel(),))
+    r = server.client.post("/v1/events/batch", headers=server.headers(),
+                           json={"events": [prompt_call("v1"), prompt_call("v2", model=None)]})
+    assert r.status_code == 207
+    assert r.json()["rejected"] == [{"index": 1, "event_id": "v2", "errors": [
+        {"field": "(event)", "message": "model is required by this deployment"}]}]
+
+
+class AddTag:
+    @hookimpl
+    def transform_events(self, events: list[Any], principal: Principal) -> None:
+        for event in events:
+            event.tags = [*event.tags, f"project:{principal.project_id}"]
+
+
+def test_hook_transform_events(server_factory: Any) -> None:
+    server = server_factory(plugin_objects=(AddTag(),))
+    r = server.client.post("/v1/projects/acme/events", headers=server.headers(),
+                           json=prompt_call("t1", tags=["x"]))
+    assert r.status_code == 202
+    server.flush()
+    assert server.query("SELECT tags FROM events") == [{"tags": ["x", "project:acme"]}]
+
+
+class NoStore:
+    @hookimpl(tryfirst=True)
+    def register_store(self, settings: Settings) -> Any:
+        return OtherStore()
+
+
+class OtherStore:
+    name = "other"
+
+    def __init__(self) -> None:
+        self.inserted: dict[str, int] = {}
+
+    def execute(self, sql: str, params: Any = None) -> None:
+        pass
+
+    def query(self, sql: str, params: Any = None) -> list[dict[str, Any]]:
+        if "version()" in sql:
+            return [{"v": "0-test"}]
+        return []
+
+    def insert(self, table: str, data: Any) -> None:
+        self.inserted[table] = self.inserted.get(table, 0) + data.num_rows
+
+    def version(self) -> str:
+        return "0-test"
+
+    def close(self) -> None:
+        pass
+
+
+def test_hook_register_store(server_factory: Any) -> None:
+    # A store plugin takes precedence over the embedded chDB store (which is trylast).
+    server = server_factory(plugin_objects=(NoStore(),))
+    assert server.wl.store.name == "other"
+    r = server.client.post("/v1/projects/acme/events", headers=server.headers(),
+                           json=prompt_call())
+    assert r.status_code == 202
+    server.flush()
+    assert server.wl.store.inserted == {"events": 1}
+    assert server.client.get("/readyz").json()["checks"]["store"]["version"] == "0-test"
+
+
+def test_hook_register_sinks(server_factory: Any) -> None:
+    sink = MemorySink()
+    server = server_factory(plugin_objects=(sink,))
+    r = server.client.post("/v1/events/batch", headers=server.headers(),
+                           json={"events": [prompt_call(f"s{i}") for i in range(4)]})
+    assert r.status_code == 202
+    server.flush()
+    assert [e.event_id for e in sink.events] == ["s0", "s1", "s2", "s3"]
+    # The store sink got the same batch.
+    assert server.query("SELECT count() AS n FROM events")[0]["n"] == 4
+
+
+class ExtraRoute:
+    @hookimpl
+    def register_routes(self, settings: Settings) -> list[Route]:
+        async def hello(request: Request) -> JSONResponse:
+            return JSONResponse({"data_dir": str(settings.data_dir)})
+
+        return [Route("/-/hello", hello)]
+
+
+def test_hook_register_routes(server_factory: Any) -> None:
+    server = server_factory(plugin_objects=(ExtraRoute(),))
+    assert server.client.get("/-/hello").json() == {"data_dir": str(server.settings.data_dir)}
