@@ -24,33 +24,90 @@ ALL_TYPES: list[dict[str, Any]] = [
         client={"hostname": "h", "sdk_version": "0.1", "platform": "linux"},
         metadata={"k": [1, 2]},
         tool_calls=[
-            {"id": "c1", "tool_name": "search", "tool_input": {"q": "x"}, "tool_output": "res",
-             "status": "success", "latency_ms": 5.0},
+            {
+                "id": "c1",
+                "tool_name": "search",
+                "tool_input": {"q": "x"},
+                "tool_output": "res",
+                "status": "success",
+                "latency_ms": 5.0,
+            },
             {"tool_name": "calc", "tool_input": "1+1"},
         ],
     ),
-    {"event_id": "t1", "event_type": "tool_call", "run_id": "run-1",
-     "timestamp": "2026-01-02T03:04:06+02:00", "tool_name": "search",
-     "tool_input": {"q": "y"}, "tool_output": ["r1", "r2"], "status": "timeout",
-     "latency_ms": 1500.0, "error_message": "slow"},
-    {"event_id": "a1", "event_type": "agent_step", "run_id": "run-1",
-     "timestamp": "2026-01-02T03:04:07Z", "step_number": 3, "step_name": "plan",
-     "reasoning": "because", "action": "search", "observation": "found", "latency_ms": 2.5},
-    {"event_id": "x1", "event_type": "error", "run_id": "run-1",
-     "timestamp": "2026-01-02T03:04:08Z", "error_type": "ValueError",
-     "error_message": "bad", "stack_trace": "Traceback..."},
-    {"event_id": "as1", "event_type": "assertion_failed", "run_id": "run-1",
-     "timestamp": "2026-01-02T03:04:09Z", "assertion_name": "is_json",
-     "expected": {"type": "object"}, "actual": "text", "severity": "high"},
-    {"event_id": "h1", "event_type": "hallucination_detected", "run_id": "run-1",
-     "timestamp": "2026-01-02T03:04:10Z", "detection_method": "nli", "confidence": 0.9,
-     "claim": "the moon is cheese", "evidence": "NASA", "severity": "critical"},
-    {"event_id": "c1", "event_type": "cost_threshold_exceeded", "run_id": "run-1",
-     "timestamp": "2026-01-02T03:04:11Z", "threshold_usd": 10.0, "actual_usd": 12.5,
-     "window": "1d"},
-    {"event_id": "pa1", "event_type": "performance_alert", "run_id": "run-1",
-     "timestamp": "2026-01-02T03:04:12Z", "metric": "latency_p95_ms", "threshold": 1000.0,
-     "actual": 1500.0, "window": "5m"},
+    {
+        "event_id": "t1",
+        "event_type": "tool_call",
+        "run_id": "run-1",
+        "timestamp": "2026-01-02T03:04:06+02:00",
+        "tool_name": "search",
+        "tool_input": {"q": "y"},
+        "tool_output": ["r1", "r2"],
+        "status": "timeout",
+        "latency_ms": 1500.0,
+        "error_message": "slow",
+    },
+    {
+        "event_id": "a1",
+        "event_type": "agent_step",
+        "run_id": "run-1",
+        "timestamp": "2026-01-02T03:04:07Z",
+        "step_number": 3,
+        "step_name": "plan",
+        "reasoning": "because",
+        "action": "search",
+        "observation": "found",
+        "latency_ms": 2.5,
+    },
+    {
+        "event_id": "x1",
+        "event_type": "error",
+        "run_id": "run-1",
+        "timestamp": "2026-01-02T03:04:08Z",
+        "error_type": "ValueError",
+        "error_message": "bad",
+        "stack_trace": "Traceback...",
+    },
+    {
+        "event_id": "as1",
+        "event_type": "assertion_failed",
+        "run_id": "run-1",
+        "timestamp": "2026-01-02T03:04:09Z",
+        "assertion_name": "is_json",
+        "expected": {"type": "object"},
+        "actual": "text",
+        "severity": "high",
+    },
+    {
+        "event_id": "h1",
+        "event_type": "hallucination_detected",
+        "run_id": "run-1",
+        "timestamp": "2026-01-02T03:04:10Z",
+        "detection_method": "nli",
+        "confidence": 0.9,
+        "claim": "the moon is cheese",
+        "evidence": "NASA",
+        "severity": "critical",
+    },
+    {
+        "event_id": "c1",
+        "event_type": "cost_threshold_exceeded",
+        "run_id": "run-1",
+        "timestamp": "2026-01-02T03:04:11Z",
+        "threshold_usd": 10.0,
+        "actual_usd": 12.5,
+        "window": "1d",
+    },
+    {
+        "event_id": "pa1",
+        "event_type": "performance_alert",
+        "run_id": "run-1",
+        "timestamp": "2026-01-02T03:04:12Z",
+        "metric": "latency_p95_ms",
+        "threshold": 1000.0,
+        "actual": 1500.0,
+        "window": "5m",
+    },
 ]
 
 
@@ -88,12 +145,17 @@ def test_array_of_events(server: Running) -> None:
 
 
 def test_batch_endpoint_gzip(server: Running) -> None:
-    body = gzip.compress(json.dumps({"events": [prompt_call(f"g{i}") for i in range(300)]}).encode())
+    body = gzip.compress(
+        json.dumps({"events": [prompt_call(f"g{i}") for i in range(300)]}).encode()
+    )
     r = server.client.post(
         "/v1/events/batch",
         content=body,
-        headers={**server.headers(), "Content-Type": "application/json",
-                 "Content-Encoding": "gzip"},
+        headers={
+            **server.headers(),
+            "Content-Type": "application/json",
+            "Content-Encoding": "gzip",
+        },
     )
     assert r.status_code == 202, r.text
     assert r.json()["accepted"] == 300
@@ -102,15 +164,15 @@ def test_batch_endpoint_gzip(server: Running) -> None:
 
 
 def test_every_event_type_is_stored_with_its_fields(server: Running) -> None:
-    r = server.client.post("/v1/events/batch", json={"events": ALL_TYPES},
-                           headers=server.headers())
+    r = server.client.post("/v1/events/batch", json={"events": ALL_TYPES}, headers=server.headers())
     assert r.status_code == 202, r.text
     server.flush()
 
     p = _row(server, "p1")
     assert p["event_type"] == "prompt_call"
     assert json.loads(p["prompt"]) == [
-        {"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi"},
     ]
     assert json.loads(p["response_metadata"]) == {"finish_reason": "stop"}
     assert p["status"] == "error" and p["error_message"] == "rate limited"
@@ -118,7 +180,10 @@ def test_every_event_type_is_stored_with_its_fields(server: Running) -> None:
     assert p["release"] == "1.2.3" and p["env"] == "staging"
     assert p["parent_event_id"] == "root"
     assert (p["client_hostname"], p["client_sdk_version"], p["client_platform"]) == (
-        "h", "0.1", "linux")
+        "h",
+        "0.1",
+        "linux",
+    )
     assert json.loads(p["metadata"]) == {"k": [1, 2]}
     assert p["tool_call_count"] == 2
 
@@ -131,11 +196,19 @@ def test_every_event_type_is_stored_with_its_fields(server: Running) -> None:
 
     a = _row(server, "a1")
     assert (a["step_number"], a["step_name"], a["reasoning"], a["action"], a["observation"]) == (
-        3, "plan", "because", "search", "found")
+        3,
+        "plan",
+        "because",
+        "search",
+        "found",
+    )
 
     x = _row(server, "x1")
     assert (x["error_type"], x["error_message"], x["stack_trace"]) == (
-        "ValueError", "bad", "Traceback...")
+        "ValueError",
+        "bad",
+        "Traceback...",
+    )
 
     s = _row(server, "as1")
     assert s["assertion_name"] == "is_json" and json.loads(s["expected"]) == {"type": "object"}
@@ -143,14 +216,22 @@ def test_every_event_type_is_stored_with_its_fields(server: Running) -> None:
 
     h = _row(server, "h1")
     assert (h["detection_method"], h["confidence"], h["claim"], h["evidence"]) == (
-        "nli", 0.9, "the moon is cheese", "NASA")
+        "nli",
+        0.9,
+        "the moon is cheese",
+        "NASA",
+    )
 
     c = _row(server, "c1")
     assert (c["threshold_usd"], c["actual_usd"], c["alert_window"]) == (10.0, 12.5, "1d")
 
     m = _row(server, "pa1")
     assert (m["metric"], m["metric_threshold"], m["metric_actual"], m["alert_window"]) == (
-        "latency_p95_ms", 1000.0, 1500.0, "5m")
+        "latency_p95_ms",
+        1000.0,
+        1500.0,
+        "5m",
+    )
 
     tools = server.query(
         "SELECT event_id, call_index, source, tool_call_id, tool_name, tool_input, status"
@@ -184,7 +265,9 @@ def test_cost_from_client_is_kept_and_unknown_model_is_marked(server: Running) -
     assert r.status_code == 202, r.text
     server.flush()
     assert (_row(server, "c1")["cost_source"], _row(server, "c1")["cost_estimate_usd"]) == (
-        "client", 0.5)
+        "client",
+        0.5,
+    )
     assert _row(server, "c2")["cost_source"] == "unknown"
     assert _row(server, "c2")["cost_estimate_usd"] is None
     assert _row(server, "c3")["cost_source"] == "unknown"
@@ -192,8 +275,11 @@ def test_cost_from_client_is_kept_and_unknown_model_is_marked(server: Running) -
 
 def test_custom_model_price_setting(server_factory: Any) -> None:
     server = server_factory(model_prices={"my-finetune": (1.0, 2.0)})
-    r = server.client.post("/v1/events/batch", json={"events": [
-        prompt_call("f1", model="my-finetune", provider="openai")]}, headers=server.headers())
+    r = server.client.post(
+        "/v1/events/batch",
+        json={"events": [prompt_call("f1", model="my-finetune", provider="openai")]},
+        headers=server.headers(),
+    )
     assert r.status_code == 202
     server.flush()
     assert _row(server, "f1")["cost_estimate_usd"] == (100 * 1.0 + 50 * 2.0) / 1e6
@@ -205,10 +291,15 @@ def test_partial_batch_answers_207_and_stores_only_valid(server: Running) -> Non
     assert r.status_code == 207, r.text
     body = r.json()
     assert body["accepted"] == 2 and body["event_ids"] == ["ok1", "ok2"]
-    assert body["rejected"] == [{
-        "index": 1, "event_id": "bad1",
-        "errors": [{"field": "tokens_input", "message": "Input should be greater than or equal to 0"}],
-    }]
+    assert body["rejected"] == [
+        {
+            "index": 1,
+            "event_id": "bad1",
+            "errors": [
+                {"field": "tokens_input", "message": "Input should be greater than or equal to 0"}
+            ],
+        }
+    ]
     server.flush()
     ids = [r["event_id"] for r in server.query("SELECT event_id FROM events ORDER BY event_id")]
     assert ids == ["ok1", "ok2"]

@@ -59,7 +59,10 @@ def test_bad_project_and_scope_are_refused(tmp_path: Path) -> None:
 def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "watchllm_ext.cli", *args, "--data-dir", str(tmp_path / "data")],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
 
 
@@ -89,14 +92,20 @@ def test_scopes(server: Running) -> None:
     ingest_key = server.keys.create("acme", scope="ingest")
     other = server.keys.create("other", scope="admin")
     time.sleep(0.3)
-    r = server.client.post("/v1/events/batch", json={"events": [prompt_call()]},
-                           headers=server.headers(read_key))
+    r = server.client.post(
+        "/v1/events/batch", json={"events": [prompt_call()]}, headers=server.headers(read_key)
+    )
     assert r.status_code == 403 and "ingest" in r.json()["message"]
     assert _post(server, ingest_key) == 202
     # An ingest key is no admin.
-    assert server.client.get("/v1/admin/tables", headers=server.headers(ingest_key)).status_code == 403
+    assert (
+        server.client.get("/v1/admin/tables", headers=server.headers(ingest_key)).status_code == 403
+    )
     # A key of project "other" cannot write to acme, in the path or in the body.
     assert _post(server, other, project="acme") == 403
-    r = server.client.post("/v1/events/batch", json={"events": [prompt_call(project_id="acme")]},
-                           headers=server.headers(other))
+    r = server.client.post(
+        "/v1/events/batch",
+        json={"events": [prompt_call(project_id="acme")]},
+        headers=server.headers(other),
+    )
     assert r.status_code == 403 and "acme" in r.json()["message"]

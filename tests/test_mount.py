@@ -39,8 +39,11 @@ def test_mounted_in_fastapi_with_lifespan(tmp_path: Path) -> None:
     host.mount("/watchllm", wl)
     with ServerThread(host) as server, httpx.Client(base_url=server.url) as client:
         assert client.get("/hello").json() == {"hello": "world"}
-        r = client.post("/watchllm/v1/projects/acme/events", json=prompt_call("m1"),
-                        headers={"Authorization": f"Bearer {key}"})
+        r = client.post(
+            "/watchllm/v1/projects/acme/events",
+            json=prompt_call("m1"),
+            headers={"Authorization": f"Bearer {key}"},
+        )
         assert r.status_code == 202, r.text
         assert client.get("/watchllm/readyz").json()["status"] == "ready"
         assert host_events == ["start"]
@@ -64,8 +67,11 @@ def test_mounted_in_starlette_without_lifespan_says_so(tmp_path: Path) -> None:
 
     host = Starlette(routes=[Route("/", home), Mount("/obs", app=wl)])
     with ServerThread(host) as server, httpx.Client(base_url=server.url) as client:
-        r = client.post("/obs/v1/projects/acme/events", json=prompt_call(),
-                        headers={"Authorization": f"Bearer {key}"})
+        r = client.post(
+            "/obs/v1/projects/acme/events",
+            json=prompt_call(),
+            headers={"Authorization": f"Bearer {key}"},
+        )
         assert r.status_code == 503
         assert "lifespan" in r.json()["message"] and r.headers["Retry-After"]
         assert client.get("/obs/readyz").status_code == 503

@@ -52,10 +52,16 @@ def example_entry_point(tmp_path: Path, example_on_path: None) -> Iterator[None]
 
 
 def _redaction_roundtrip(server: Running) -> None:
-    r = server.client.post("/v1/events/batch", headers=server.headers(), json={"events": [
-        prompt_call("r1", prompt="mail bob@example.com now", response="ok"),
-        prompt_call("r2", user_id="alice@example.com"),
-    ]})
+    r = server.client.post(
+        "/v1/events/batch",
+        headers=server.headers(),
+        json={
+            "events": [
+                prompt_call("r1", prompt="mail bob@example.com now", response="ok"),
+                prompt_call("r2", user_id="alice@example.com"),
+            ]
+        },
+    )
     assert r.status_code == 207, r.text
     assert r.json()["rejected"][0]["errors"][0]["message"].startswith("user_id must be")
     server.flush()
@@ -72,7 +78,10 @@ def test_plugin_from_entry_point(server_factory: Any, example_entry_point: None)
     assert found["redact_emails"]["distribution"] == "watchllm-redact-emails"
     assert found["redact_emails"]["version"] == "0.1.0"
     assert found["redact_emails"]["hooks"] == [
-        "register_routes", "transform_events", "validate_event"]
+        "register_routes",
+        "transform_events",
+        "validate_event",
+    ]
     # Our own store plugin comes through the same entry-point group.
     assert "register_store" in found["chdb_store"]["hooks"]
 
@@ -135,12 +144,14 @@ class HeaderAuth:
 
 def test_hook_authenticate(server_factory: Any) -> None:
     server = server_factory(plugin_objects=(HeaderAuth(),))
-    r = server.client.post("/v1/projects/team7/events", json=prompt_call(),
-                           headers={"Authorization": "Bearer gw:team7"})
+    r = server.client.post(
+        "/v1/projects/team7/events",
+        json=prompt_call(),
+        headers={"Authorization": "Bearer gw:team7"},
+    )
     assert r.status_code == 202, r.text
     # Built-in keys still work (the built-in is asked last).
-    r = server.client.post("/v1/projects/acme/events", json=prompt_call(),
-                           headers=server.headers())
+    r = server.client.post("/v1/projects/acme/events", json=prompt_call(), headers=server.headers())
     assert r.status_code == 202
 
 
@@ -152,19 +163,28 @@ class FixedQuota:
     @hookimpl
     async def check_quota(self, principal: Principal, n_events: int) -> QuotaDecision:
         if self.used + n_events > self.limit:
-            return QuotaDecision(False, retry_after_s=30, limit=self.limit,
-                                 remaining=self.limit - self.used, reason="monthly event quota")
+            return QuotaDecision(
+                False,
+                retry_after_s=30,
+                limit=self.limit,
+                remaining=self.limit - self.used,
+                reason="monthly event quota",
+            )
         self.used += n_events
         return QuotaDecision(True)
 
 
 def test_hook_check_quota(server_factory: Any) -> None:
     server = server_factory(plugin_objects=(FixedQuota(3),))
-    ok = server.client.post("/v1/events/batch", headers=server.headers(),
-                            json={"events": [prompt_call(f"q{i}") for i in range(3)]})
+    ok = server.client.post(
+        "/v1/events/batch",
+        headers=server.headers(),
+        json={"events": [prompt_call(f"q{i}") for i in range(3)]},
+    )
     assert ok.status_code == 202
-    denied = server.client.post("/v1/events/batch", headers=server.headers(),
-                                json={"events": [prompt_call("q9")]})
+    denied = server.client.post(
+        "/v1/events/batch", headers=server.headers(), json={"events": [prompt_call("q9")]}
+    )
     assert denied.status_code == 429
     assert denied.headers["Retry-After"] == "30"
     assert denied.headers["X-RateLimit-Limit"] == "3"
@@ -184,11 +204,19 @@ class RequireModel:
 
 def test_hook_validate_event(server_factory: Any) -> None:
     server = server_factory(plugin_objects=(RequireModel(),))
-    r = server.client.post("/v1/events/batch", headers=server.headers(),
-                           json={"events": [prompt_call("v1"), prompt_call("v2", model=None)]})
+    r = server.client.post(
+        "/v1/events/batch",
+        headers=server.headers(),
+        json={"events": [prompt_call("v1"), prompt_call("v2", model=None)]},
+    )
     assert r.status_code == 207
-    assert r.json()["rejected"] == [{"index": 1, "event_id": "v2", "errors": [
-        {"field": "(event)", "message": "model is required by this deployment"}]}]
+    assert r.json()["rejected"] == [
+        {
+            "index": 1,
+            "event_id": "v2",
+            "errors": [{"field": "(event)", "message": "model is required by this deployment"}],
+        }
+    ]
 
 
 class AddTag:
@@ -200,8 +228,9 @@ class AddTag:
 
 def test_hook_transform_events(server_factory: Any) -> None:
     server = server_factory(plugin_objects=(AddTag(),))
-    r = server.client.post("/v1/projects/acme/events", headers=server.headers(),
-                           json=prompt_call("t1", tags=["x"]))
+    r = server.client.post(
+        "/v1/projects/acme/events", headers=server.headers(), json=prompt_call("t1", tags=["x"])
+    )
     assert r.status_code == 202
     server.flush()
     assert server.query("SELECT tags FROM events") == [{"tags": ["x", "project:acme"]}]
@@ -241,8 +270,7 @@ def test_hook_register_store(server_factory: Any) -> None:
     # A store plugin takes precedence over the embedded chDB store (which is trylast).
     server = server_factory(plugin_objects=(NoStore(),))
     assert server.wl.store.name == "other"
-    r = server.client.post("/v1/projects/acme/events", headers=server.headers(),
-                           json=prompt_call())
+    r = server.client.post("/v1/projects/acme/events", headers=server.headers(), json=prompt_call())
     assert r.status_code == 202
     server.flush()
     assert server.wl.store.inserted == {"events": 1}
@@ -252,8 +280,11 @@ def test_hook_register_store(server_factory: Any) -> None:
 def test_hook_register_sinks(server_factory: Any) -> None:
     sink = MemorySink()
     server = server_factory(plugin_objects=(sink,))
-    r = server.client.post("/v1/events/batch", headers=server.headers(),
-                           json={"events": [prompt_call(f"s{i}") for i in range(4)]})
+    r = server.client.post(
+        "/v1/events/batch",
+        headers=server.headers(),
+        json={"events": [prompt_call(f"s{i}") for i in range(4)]},
+    )
     assert r.status_code == 202
     server.flush()
     assert [e.event_id for e in sink.events] == ["s0", "s1", "s2", "s3"]

@@ -232,7 +232,9 @@ async def batch_events(request: Request) -> Response:
     unknown = sorted(set(payload) - {"events"})
     if unknown:
         raise Problem(
-            422, "bad_body", f"unknown field {unknown[0]!r}; only 'events' is allowed",
+            422,
+            "bad_body",
+            f"unknown field {unknown[0]!r}; only 'events' is allowed",
             field=unknown[0],
         )
     items = payload.get("events")
@@ -286,12 +288,14 @@ def _admin_store(request: Request) -> tuple[WatchLLM, Store]:
     wl = _state(request)
     wl.authenticate(request, "admin")
     if wl.store is None:
-        raise Problem(503, "store_unavailable", "the store is not open", headers={"Retry-After": "5"})
+        raise Problem(
+            503, "store_unavailable", "the store is not open", headers={"Retry-After": "5"}
+        )
     return wl, wl.store
 
 
 async def admin_store(request: Request) -> Response:
-    wl, store = _admin_store(request)
+    _, store = _admin_store(request)
     version = await anyio.to_thread.run_sync(store.version)
     return JSONResponse({"store": store.name, "version": version})
 
@@ -320,8 +324,9 @@ async def list_plugins(request: Request) -> Response:
 
 
 def list_tables(store: Store) -> list[str]:
-    rows = store.query("SELECT name FROM system.tables WHERE database = currentDatabase()"
-                       " ORDER BY name")
+    rows = store.query(
+        "SELECT name FROM system.tables WHERE database = currentDatabase() ORDER BY name"
+    )
     return [r["name"] for r in rows]
 
 

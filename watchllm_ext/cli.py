@@ -30,8 +30,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from .settings import SettingsError
     except ImportError as exc:  # the base install has only the client
-        print(f"error: the server needs the 'server' extra: pip install 'watchllm[server]' ({exc})",
-              file=sys.stderr)
+        print(
+            f"error: the server needs the 'server' extra: pip install 'watchllm[server]' ({exc})",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
     try:
         return int(args.func(args) or 0)
@@ -47,8 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def data_dir(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--data-dir", type=Path, help="data folder (default: $WATCHLLM_DATA_DIR "
-                       "or ./.watchllm)")
+        p.add_argument(
+            "--data-dir", type=Path, help="data folder (default: $WATCHLLM_DATA_DIR or ./.watchllm)"
+        )
 
     def remote(p: argparse.ArgumentParser) -> None:
         data_dir(p)
@@ -119,7 +122,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .store import StoreError
 
     settings = _settings(args, host=args.host, port=args.port)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
+    )
     keys = KeyStore(settings.keys_path)
     url = f"http://{settings.host}:{settings.port}"
     if settings.create_default_key and keys.is_empty():
@@ -130,9 +135,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("Try it:")
         print(f"  curl -X POST {url}/v1/projects/default/events \\")
         print(f"    -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\")
-        print("    -d '{\"event_id\":\"e1\",\"event_type\":\"prompt_call\",\"run_id\":\"r1\","
-              "\"timestamp\":\"2026-01-01T00:00:00Z\",\"model\":\"gpt-4o\","
-              "\"tokens_input\":10,\"tokens_output\":20}'", flush=True)
+        print(
+            '    -d \'{"event_id":"e1","event_type":"prompt_call","run_id":"r1",'
+            '"timestamp":"2026-01-01T00:00:00Z","model":"gpt-4o",'
+            '"tokens_input":10,"tokens_output":20}\'',
+            flush=True,
+        )
     try:
         app = create_app(settings)
         # Open the store now, so a busy data folder is one clear line, not a lifespan traceback.
@@ -140,8 +148,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (StoreError, PluginError) as exc:
         raise CliError(str(exc)) from None
     print(f"WatchLLM {_version()} listening on {url} (data in {settings.data_dir})", flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                lifespan="on")
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level, lifespan="on"
+    )
     return 0
 
 
@@ -190,8 +199,9 @@ def _remote(args: argparse.Namespace, path: str, params: dict[str, str] | None =
         raise CliError("--url needs --key (an admin-scope API key)")
     url = args.url.rstrip("/") + path
     try:
-        response = httpx.get(url, params=params, timeout=10,
-                             headers={"Authorization": f"Bearer {args.key}"})
+        response = httpx.get(
+            url, params=params, timeout=10, headers={"Authorization": f"Bearer {args.key}"}
+        )
     except httpx.HTTPError as exc:
         raise CliError(f"cannot reach {args.url}: {exc}") from None
     if response.status_code != 200:
@@ -280,8 +290,10 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
     records = _keys(args).list(args.project)
     print(f"{'KEY ID':<14}{'PROJECT':<20}{'SCOPE':<8}{'CREATED':<27}{'REVOKED':<27}NAME")
     for r in records:
-        print(f"{r.key_id:<14}{r.project_id:<20}{r.scope:<8}{r.created_at:<27}"
-              f"{r.revoked_at or '-':<27}{r.name}")
+        print(
+            f"{r.key_id:<14}{r.project_id:<20}{r.scope:<8}{r.created_at:<27}"
+            f"{r.revoked_at or '-':<27}{r.name}"
+        )
     return 0
 
 

@@ -112,11 +112,10 @@ async def read_body(
         if size > limit or decompressor.unconsumed_tail:
             raise _too_large(limit, "decompressed body")
         parts.append(out)
-    if decompressor is not None:
-        if not decompressor.eof:
-            raise Problem(
-                400, "bad_encoding", f"body ends before the {encoding} stream does", field="body"
-            )
+    if decompressor is not None and not decompressor.eof:
+        raise Problem(
+            400, "bad_encoding", f"body ends before the {encoding} stream does", field="body"
+        )
     return b"".join(parts)
 
 

@@ -87,8 +87,9 @@ class KeyStore:
         """Create a key and return it in full; this is the only time it can be seen."""
         if scope not in SCOPES:
             raise KeyStoreError(f"scope must be one of {', '.join(SCOPES)}, not {scope!r}")
-        from .schema import ProjectId  # the same rule as in event bodies
         from pydantic import TypeAdapter, ValidationError
+
+        from .schema import ProjectId  # the same rule as in event bodies
 
         try:
             TypeAdapter(ProjectId).validate_python(project_id)

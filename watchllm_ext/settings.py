@@ -5,9 +5,9 @@ Every field is documented in docs/SETTINGS.md (a test keeps the two in step).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-import json
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
@@ -36,7 +36,7 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(
         Path(".watchllm"),
-        description="Folder for the embedded store, the key file and (later) the spool.",
+        description="Folder for the embedded chDB store and the API-key file.",
     )
     host: str = Field("127.0.0.1", description="Address `watchllm serve` listens on.")
     port: int = Field(8787, ge=1, le=65535, description="Port `watchllm serve` listens on.")

@@ -46,8 +46,7 @@ _mark_hookimpl(MemorySink)
 def watchllm_settings(tmp_path: Path) -> Any:
     from .settings import Settings
 
-    return Settings(data_dir=tmp_path / "watchllm", flush_interval_s=0.05,
-                    create_default_key=False)
+    return Settings(data_dir=tmp_path / "watchllm", flush_interval_s=0.05, create_default_key=False)
 
 
 @pytest.fixture

@@ -47,8 +47,9 @@ def _library_price(provider: str | None, model: str) -> _Price | None:
     from genai_prices import Usage, calc_price
 
     try:
-        found = calc_price(Usage(input_tokens=0, output_tokens=0), model_ref=model,
-                           provider_id=provider)
+        found = calc_price(
+            Usage(input_tokens=0, output_tokens=0), model_ref=model, provider_id=provider
+        )
     except LookupError:
         if provider is None:
             return None
@@ -75,9 +76,7 @@ def _is_number(value: Any) -> bool:
 
 class CostEstimator:
     def __init__(self, custom: dict[str, tuple[float, float]]) -> None:
-        self.custom = {
-            model: _Price(p_in, p_out, None) for model, (p_in, p_out) in custom.items()
-        }
+        self.custom = {model: _Price(p_in, p_out, None) for model, (p_in, p_out) in custom.items()}
 
     def price_for(self, provider: str | None, model: str) -> _Price | None:
         return self.custom.get(model) or _library_price(provider, model)
@@ -91,7 +90,11 @@ class CostEstimator:
             if data["cost_estimate_usd"] is not None:
                 event.cost_source = "client"
                 continue
-            model, tokens_in, tokens_out = data["model"], data["tokens_input"], data["tokens_output"]
+            model, tokens_in, tokens_out = (
+                data["model"],
+                data["tokens_input"],
+                data["tokens_output"],
+            )
             price = None
             if model and (tokens_in is not None or tokens_out is not None):
                 price = self.price_for(data["provider"], model)

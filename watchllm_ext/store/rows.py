@@ -163,8 +163,10 @@ def event_row(event: BaseEvent, ingested_at: datetime) -> dict[str, Any]:
         if name in row or name in _COMMON or name in ("client", "metadata"):
             continue
         if name == "prompt":
-            row["prompt"] = value if value is None or isinstance(value, str) else _json(
-                [m.model_dump(exclude_none=True) for m in value]
+            row["prompt"] = (
+                value
+                if value is None or isinstance(value, str)
+                else _json([m.model_dump(exclude_none=True) for m in value])
             )
         elif name == "tool_calls":
             row["tool_call_count"] = len(value)

@@ -1,0 +1,887 @@
+"""Ingestion benchmarks for WatchLLM, with their baselines measured in the same run.
+
+    python bench/bench_ingest.py            # full run (a few minutes)
+    python bench/bench_ingest.py --quick    # smoke run (well under a minute of load)
+    python bench/bench_ingest.py --profile  # add a profiled pass: cProfile + py-spy top frames
+
+a. Batch endpoint end to end. A WatchLLM server (uvicorn, one worker, chDB in a temp folder,
+   like `watchllm serve`) in its own process receives POST /v1/events/batch with 1,000-event
+   batches of prompt_call events from a client in another process (a few keep-alive
+   connections). Events/s counts only events that are in the store: after the load, the
+   orchestrator polls GET /v1/admin/count until it reaches the number sent; the clock runs
+   from the first request to that point. Baselines from the same payloads:
+     (i)  in-process parse + validate_items + tables_for + ChdbStore.insert, no HTTP, no writer;
+     (ii) a bare Starlette endpoint that reads the body, parses the JSON and answers 202.
+b. Single-event endpoint. wrk (32 connections) posts one event per request to
+   /v1/projects/bench/events, and the same body to the bare Starlette endpoint; requests/s,
+   p50 and p99 latency, and the ratio of the two.
+
+The machine is shared and small (2 cores), so every figure is printed next to a baseline
+measured in the same run; rounds alternate between the systems compared and the median
+round is reported. Only 127.0.0.1 is ever contacted. Every process started here is stopped
+before the script exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import cProfile
+import http.client
+import io
+import json
+import os
+import pstats
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve()
+BATCH_SIZE = 1_000
+MARK = "@@B@@"  # replaced in the template body by a tag unique to each batch
+PROJECT = "bench"
+
+TARGET_BATCH_EVENTS_S = 100_000
+TARGET_SINGLE_RATIO = 0.5
+TARGET_SINGLE_P99_MS = 10.0
+
+WRK_MISSING = (
+    "wrk is not installed; it is the load generator for the single-event benchmark (a Python "
+    "client would be the bottleneck on a small machine).\n"
+    "Install it with:  apt-get update && apt-get install -y wrk   (Debian/Ubuntu)\n"
+    "             or:  brew install wrk                          (macOS)\n"
+    "or run only the batch part:  python bench/bench_ingest.py --part batch"
+)
+
+# --- payloads ---------------------------------------------------------------------------------
+
+_WORDS_TEXT = (
+    "summarise the customer ticket below and suggest a reply that is polite short and accurate "
+    "include the order number refund policy shipping delay apology next steps escalate if the "
+    "customer mentions legal action or a chargeback keep the answer under one hundred words"
+)
+_REPLY_TEXT = (
+    "thanks for reaching out we are sorry your order arrived late we have issued a partial "
+    "refund to your card and upgraded shipping on your next order at no cost reply here if "
+    "anything else is wrong and we will make it right"
+)
+_WORDS = _WORDS_TEXT.split()
+_REPLY = _REPLY_TEXT.split()
+
+
+def _text(rng: random.Random, words: list[str], chars: int) -> str:
+    out: list[str] = []
+    size = 0
+    while size < chars:
+        word = rng.choice(words)
+        out.append(word)
+        size += len(word) + 1
+    return " ".join(out)[:chars]
+
+
+def make_event(i: int, mark: str = MARK) -> dict[str, Any]:
+    """One realistic prompt_call: gpt-4o, tokens, ~200-char prompt and response, tags,
+    metadata, client info. `mark` is in every id so that one template serves all batches."""
+    rng = random.Random(i)
+    seconds = rng.randrange(86_400)
+    return {
+        "event_id": f"{mark}-{i:04d}",
+        "event_type": "prompt_call",
+        "run_id": f"run-{mark}-{i // 8:03d}",
+        "timestamp": f"2026-03-14T{seconds // 3600:02d}:{seconds // 60 % 60:02d}:"
+        f"{seconds % 60:02d}.{rng.randrange(1000):03d}Z",
+        "model": "gpt-4o",
+        "provider": "openai",
+        "tokens_input": rng.randint(150, 2_500),
+        "tokens_output": rng.randint(20, 700),
+        "prompt": _text(rng, _WORDS, 200),
+        "response": _text(rng, _REPLY, 200),
+        "response_metadata": {"finish_reason": "stop", "system_fingerprint": "fp_9f2a1c"},
+        "status": "success",
+        "latency_ms": round(rng.uniform(180.0, 4_000.0), 1),
+        "user_id": f"user-{rng.randint(1, 5_000)}",
+        "session_id": f"sess-{mark}-{i // 40:02d}",
+        "tags": ["chat", "support", rng.choice(["tier-1", "tier-2", "vip"])],
+        "release": "2026.03.2",
+        "env": "production",
+        "client": {"hostname": "web-7", "sdk_version": "0.1.0", "platform": "python-3.12"},
+        "metadata": {
+            "customer_id": f"cus_{rng.randrange(10**8):08d}",
+            "route": "/api/support/reply",
+            "ab_bucket": rng.choice(["a", "b"]),
+            "temperature": 0.2,
+        },
+    }
+
+
+def batch_template() -> bytes:
+    return json.dumps(
+        {"events": [make_event(i) for i in range(BATCH_SIZE)]}, separators=(",", ":")
+    ).encode()
+
+
+def batch_body(template: bytes, tag: str) -> bytes:
+    return template.replace(MARK.encode(), tag.encode())
+
+
+def batch_tag(prefix: str, n: int) -> str:
+    return f"{prefix}b{n:06d}"
+
+
+def single_body() -> bytes:
+    return json.dumps(make_event(7, mark="single"), separators=(",", ":")).encode()
+
+
+# --- processes --------------------------------------------------------------------------------
+
+_CHILDREN: list[subprocess.Popen[Any]] = []
+
+
+def _child_env() -> dict[str, str]:
+    # No WATCHLLM_* from the caller's environment: the settings are the ones written here.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHLLM_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def spawn(args: list[str], *, log: Path | None = None, cwd: Path | None = None,
+          stdout: Any = None) -> subprocess.Popen[Any]:
+    out = stdout
+    if log is not None:
+        out = open(log, "ab")  # noqa: SIM115 - the child owns it for its lifetime
+    proc = subprocess.Popen(
+        args,
+        stdout=out,
+        stderr=subprocess.STDOUT if log is not None else None,
+        cwd=cwd,
+        env=_child_env(),
+        start_new_session=True,  # a Ctrl-C reaches us; we stop the children ourselves
+    )
+    _CHILDREN.append(proc)
+    return proc
+
+
+def stop(proc: subprocess.Popen[Any], grace_s: float = 40.0) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    if proc in _CHILDREN:
+        _CHILDREN.remove(proc)
+
+
+def _stop_all() -> None:
+    for proc in reversed(list(_CHILDREN)):
+        stop(proc, grace_s=10.0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def http_get(port: int, path: str, key: str | None = None,
+             timeout: float = 30.0) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        conn.request("GET", path, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+class Server:
+    """A server process: `kind` is "watchllm" (the real app) or "bare" (the baseline)."""
+
+    def __init__(self, kind: str, workdir: Path) -> None:
+        self.kind = kind
+        self.port = free_port()
+        self.workdir = workdir
+        self.data_dir = workdir / "data"
+        self.log = workdir / f"{kind}-{self.port}.log"
+        self.key: str | None = None
+        self.proc: subprocess.Popen[Any] | None = None
+
+    def __enter__(self) -> Server:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.kind == "watchllm":
+            from watchllm_ext.keys import KeyStore
+            from watchllm_ext.settings import Settings
+
+            settings = Settings(data_dir=self.data_dir, create_default_key=False)
+            self.key = KeyStore(settings.keys_path).create(PROJECT, scope="admin", name="bench")
+        self.proc = spawn(
+            [sys.executable, str(HERE), "--role", f"serve-{self.kind}", "--port", str(self.port),
+             "--data-dir", str(self.data_dir)],
+            log=self.log,
+            cwd=self.workdir,
+        )
+        ready = "/readyz" if self.kind == "watchllm" else "/healthz"
+        deadline = time.monotonic() + 90
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the {self.kind} server exited; see {self.log}:\n"
+                                   + self.log.read_text()[-3000:])
+            with contextlib.suppress(OSError):
+                if http_get(self.port, ready, timeout=5)[0] == 200:
+                    return self
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the {self.kind} server did not become ready; see {self.log}")
+            time.sleep(0.1)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def count(self) -> int:
+        status, body = http_get(self.port, "/v1/admin/count?table=events", self.key)
+        if status != 200:
+            raise RuntimeError(f"/v1/admin/count answered {status}: {body[:300]!r}")
+        return int(json.loads(body)["count"])
+
+    def wait_count(self, target: int, timeout_s: float) -> tuple[int, float]:
+        """Poll the store's count until it reaches `target`; (count, monotonic time seen)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            n = self.count()
+            now = time.monotonic()
+            if n >= target or now > deadline:
+                return n, now
+            time.sleep(0.05)
+
+
+# --- roles run in child processes -------------------------------------------------------------
+
+
+def role_serve(kind: str, port: int, data_dir: Path) -> None:
+    import uvicorn
+
+    if kind == "watchllm":
+        from watchllm_ext.app import create_app
+        from watchllm_ext.settings import Settings
+
+        # What `watchllm serve` builds, at log level warning (no access-log line per request).
+        settings = Settings(data_dir=data_dir, create_default_key=False, log_level="warning",
+                            host="127.0.0.1", port=port)
+        app = create_app(settings)
+        app.state.watchllm.open_store()
+    else:
+        app = bare_app()
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", workers=1)
+
+
+def bare_app() -> Any:
+    """The HTTP floor: read the same body, parse it with the same JSON parser, answer 202."""
+    from pydantic_core import from_json
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    async def ingest(request: Request) -> Response:
+        payload = from_json(await request.body(), allow_inf_nan=False)
+        events = payload.get("events", [payload]) if isinstance(payload, dict) else payload
+        return JSONResponse({"accepted": len(events)}, status_code=202)
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    return Starlette(routes=[
+        Route("/v1/events/batch", ingest, methods=["POST"]),
+        Route("/v1/projects/{project_id}/events", ingest, methods=["POST"]),
+        Route("/healthz", healthz, methods=["GET"]),
+    ])
+
+
+def role_batch_client(args: argparse.Namespace) -> None:
+    """Send `--batches` bodies over `--conns` keep-alive connections; print a JSON summary."""
+    template = Path(args.template).read_bytes()
+    headers = {"Content-Type": "application/json"}
+    if args.key:
+        headers["Authorization"] = f"Bearer {args.key}"
+    lock = threading.Lock()
+    next_batch = iter(range(args.batches))
+    statuses: Counter[int] = Counter()
+    accepted = [0]
+    retries = [0]
+    errors: list[str] = []
+    t_first: list[float] = []
+    t_last = [0.0]
+
+    def worker() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", args.port, timeout=300)
+        try:
+            while not errors:
+                with lock:
+                    n = next(next_batch, None)
+                if n is None:
+                    return
+                body = batch_body(template, batch_tag(args.tag, n))
+                for attempt in range(200):  # bounded: 503s are retried after Retry-After
+                    with lock:
+                        if not t_first:
+                            t_first.append(time.monotonic())
+                    try:
+                        conn.request("POST", "/v1/events/batch", body=body, headers=headers)
+                        resp = conn.getresponse()
+                        data = resp.read()
+                    except (OSError, http.client.HTTPException) as exc:
+                        conn.close()
+                        conn = http.client.HTTPConnection("127.0.0.1", args.port, timeout=300)
+                        if attempt >= 3:
+                            errors.append(f"batch {n}: {exc!r}")
+                            return
+                        continue
+                    with lock:
+                        statuses[resp.status] += 1
+                    if resp.status == 503:
+                        with lock:
+                            retries[0] += 1
+                        wait = float(resp.getheader("Retry-After") or 1)
+                        time.sleep(min(wait, 1.0))
+                        continue
+                    if resp.status != 202:
+                        errors.append(f"batch {n}: HTTP {resp.status}: {data[:300]!r}")
+                        return
+                    got = json.loads(data)["accepted"]
+                    with lock:
+                        accepted[0] += got
+                        t_last[0] = time.monotonic()
+                    break
+                else:
+                    errors.append(f"batch {n}: still refused after 200 tries")
+                    return
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(args.conns)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(json.dumps({
+        "t_first": t_first[0] if t_first else None,
+        "t_last": t_last[0],
+        "accepted": accepted[0],
+        "statuses": {str(k): v for k, v in statuses.items()},
+        "retries_503": retries[0],
+        "errors": errors[:5],
+    }))
+
+
+def role_inproc(args: argparse.Namespace) -> None:
+    """Baseline (i): the same payloads through parse + validate + rows + insert, no HTTP.
+
+    Events are inserted in groups of `flush_max_events` (10,000 by default), as the writer
+    groups them, so the insert count per event matches the server's."""
+    from pydantic_core import from_json
+    from watchllm_plugins.chdb_store import ChdbStore
+
+    from watchllm_ext.auth import Principal
+    from watchllm_ext.ingest import validate_items
+    from watchllm_ext.plugins import get_plugin_manager
+    from watchllm_ext.settings import Settings
+    from watchllm_ext.store import apply_migrations
+    from watchllm_ext.store.rows import tables_for
+
+    settings = Settings(data_dir=Path(args.data_dir), create_default_key=False)
+    pm = get_plugin_manager(settings)
+    store = ChdbStore(settings.store_path)
+    try:
+        apply_migrations(store)
+        principal = Principal(PROJECT, frozenset({"admin"}), "bench")
+        template = Path(args.template).read_bytes()
+        group = settings.flush_max_events
+
+        stages = {"parse": 0.0, "validate": 0.0, "rows": 0.0, "insert": 0.0}
+
+        def run(tag: str, n_batches: int, profiler: cProfile.Profile | None) -> int:
+            bodies = [batch_body(template, batch_tag(tag, n)) for n in range(n_batches)]
+            pending: list[Any] = []
+            total = 0
+            if profiler is not None:
+                profiler.enable()
+            for i, body in enumerate(bodies):
+                t0 = time.perf_counter()
+                items = from_json(body, allow_inf_nan=False)["events"]
+                t1 = time.perf_counter()
+                outcome = validate_items(items, principal, pm)
+                t2 = time.perf_counter()
+                stages["parse"] += t1 - t0
+                stages["validate"] += t2 - t1
+                if outcome.rejected:
+                    raise RuntimeError(f"rejected: {outcome.rejected[0].as_dict()}")
+                pending.extend(outcome.accepted)
+                if len(pending) >= group or i == len(bodies) - 1:
+                    t3 = time.perf_counter()
+                    tables = tables_for(pending)
+                    t4 = time.perf_counter()
+                    for table, data in tables.items():
+                        store.insert(table, data)
+                    t5 = time.perf_counter()
+                    stages["rows"] += t4 - t3
+                    stages["insert"] += t5 - t4
+                    total += len(pending)
+                    pending = []
+            if profiler is not None:
+                profiler.disable()
+            return total
+
+        run("warm", 2, None)  # price cache, pydantic and chDB first-call costs
+        for key in stages:
+            stages[key] = 0.0
+        profiler = cProfile.Profile() if args.profile_out else None
+        t0 = time.perf_counter()
+        total = run(args.tag, args.batches, profiler)
+        elapsed = time.perf_counter() - t0
+        stored = int(store.query("SELECT count() AS n FROM events FINAL")[0]["n"])
+        if profiler is not None:
+            profiler.dump_stats(args.profile_out)
+        print(json.dumps({"events": total, "elapsed_s": elapsed, "stages": stages,
+                          "stored_total": stored, "expected_total": total + 2 * BATCH_SIZE}))
+    finally:
+        store.close()
+
+
+# --- measurements (orchestrator) --------------------------------------------------------------
+
+
+def run_batch_client(port: int, key: str | None, template: Path, batches: int, conns: int,
+                     tag: str, timeout_s: float) -> dict[str, Any]:
+    proc = spawn(
+        [sys.executable, str(HERE), "--role", "batch-client", "--port", str(port),
+         "--template", str(template), "--batches", str(batches), "--conns", str(conns),
+         "--tag", tag] + (["--key", key] if key else []),
+        stdout=subprocess.PIPE,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    finally:
+        stop(proc, grace_s=5)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the batch client failed (exit {proc.returncode})")
+    result = json.loads(out)
+    if result["errors"]:
+        raise RuntimeError(f"the batch client saw errors: {result['errors']}")
+    return result
+
+
+def measure_batch_watchllm(work: Path, template: Path, batches: int, conns: int,
+                           rnd: int, pyspy_out: Path | None = None) -> dict[str, Any]:
+    with Server("watchllm", work / f"batch-watchllm-{rnd}") as server:
+        # Warm-up (price cache, first chDB insert), then wait until it is stored, so the
+        # writer starts the timed load empty.
+        run_batch_client(server.port, server.key, template, 1, 1, f"w{rnd}", 120)
+        server.wait_count(BATCH_SIZE, 60)
+        spy = None
+        if pyspy_out is not None:
+            spy = spawn(["py-spy", "record", "--pid", str(server.pid), "--rate", "200",
+                         "--format", "raw", "--nolineno", "--output", str(pyspy_out)],
+                        log=work / "py-spy.log")
+            time.sleep(1.0)
+        cpu0 = cpu_seconds(server.pid)
+        res = run_batch_client(server.port, server.key, template, batches, conns, f"r{rnd}",
+                               timeout_s=1800)
+        target = BATCH_SIZE + res["accepted"]
+        stored, t_done = server.wait_count(target, timeout_s=600)
+        cpu = cpu_seconds(server.pid) - cpu0
+        if spy is not None:
+            stop(spy, grace_s=60)
+    if stored < target:
+        raise RuntimeError(f"only {stored} of {target} events reached the store in time")
+    n = res["accepted"]
+    elapsed = t_done - res["t_first"]
+    return {
+        "events": n,
+        "elapsed_s": elapsed,
+        "events_s": n / elapsed,
+        "accept_s": res["t_last"] - res["t_first"],
+        "accept_events_s": n / (res["t_last"] - res["t_first"]),
+        "drain_s": t_done - res["t_last"],
+        "retries_503": res["retries_503"],
+        "server_cpu_us_per_event": cpu / n * 1e6,
+    }
+
+
+def measure_batch_bare(work: Path, template: Path, batches: int, conns: int,
+                       rnd: int) -> dict[str, Any]:
+    with Server("bare", work / f"batch-bare-{rnd}") as server:
+        run_batch_client(server.port, None, template, 2, 1, f"w{rnd}", 120)
+        cpu0 = cpu_seconds(server.pid)
+        res = run_batch_client(server.port, None, template, batches, conns, f"r{rnd}", 1800)
+        cpu = cpu_seconds(server.pid) - cpu0
+    n = res["accepted"]
+    elapsed = res["t_last"] - res["t_first"]
+    return {"events": n, "elapsed_s": elapsed, "events_s": n / elapsed,
+            "server_cpu_us_per_event": cpu / n * 1e6}
+
+
+def measure_inproc(work: Path, template: Path, batches: int, rnd: int,
+                   profile_out: Path | None = None) -> dict[str, Any]:
+    data_dir = work / f"inproc-{rnd}" / "data"
+    data_dir.mkdir(parents=True)
+    proc = spawn(
+        [sys.executable, str(HERE), "--role", "inproc", "--data-dir", str(data_dir),
+         "--template", str(template), "--batches", str(batches), "--tag", f"r{rnd}"]
+        + (["--profile-out", str(profile_out)] if profile_out else []),
+        stdout=subprocess.PIPE,
+        cwd=data_dir.parent,
+    )
+    try:
+        out, _ = proc.communicate(timeout=1800)
+    finally:
+        stop(proc, grace_s=5)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the in-process baseline failed (exit {proc.returncode})")
+    res = json.loads(out)
+    if res["stored_total"] != res["expected_total"]:
+        raise RuntimeError(f"in-process baseline stored {res['stored_total']} events, "
+                           f"expected {res['expected_total']}")
+    res["events_s"] = res["events"] / res["elapsed_s"]
+    return res
+
+
+_LAT_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if not m:
+        raise ValueError(f"cannot read the wrk latency {text!r}")
+    return float(m.group(1)) * _LAT_UNITS[m.group(2)]
+
+
+def run_wrk(port: int, script: Path, conns: int, duration_s: int, threads: int) -> dict[str, Any]:
+    url = f"http://127.0.0.1:{port}/v1/projects/{PROJECT}/events"
+    cmd = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{duration_s}s", "--latency", "--timeout",
+           "10s", "-s", str(script), url]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + 60,
+                         check=True).stdout
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    p50 = re.search(r"^\s+50%\s+(\S+)", out, re.M)
+    p99 = re.search(r"^\s+99%\s+(\S+)", out, re.M)
+    if not (rps and p50 and p99):
+        raise RuntimeError(f"cannot read wrk's output:\n{out}")
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    sock = re.search(r"Socket errors:(.*)", out)
+    reqs = re.search(r"(\d+) requests in", out)
+    return {
+        "rps": float(rps.group(1)),
+        "p50_ms": _ms(p50.group(1)),
+        "p99_ms": _ms(p99.group(1)),
+        "requests": int(reqs.group(1)) if reqs else 0,
+        "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+        "socket_errors": sock.group(1).strip() if sock else "",
+    }
+
+
+def wrk_script(path: Path, body_path: Path, key: str | None) -> Path:
+    lines = [
+        'wrk.method = "POST"',
+        f'local f = assert(io.open("{body_path}", "rb"))',
+        "wrk.body = f:read(\"*a\")",
+        "f:close()",
+        'wrk.headers["Content-Type"] = "application/json"',
+    ]
+    if key:
+        lines.append(f'wrk.headers["Authorization"] = "Bearer {key}"')
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def measure_single(work: Path, rounds: int, duration_s: int, conns: int,
+                   threads: int) -> dict[str, Any]:
+    body = work / "single.json"
+    body.write_bytes(single_body())
+    results: dict[str, list[dict[str, Any]]] = {"bare": [], "watchllm": []}
+    with Server("bare", work / "single-bare") as bare, \
+            Server("watchllm", work / "single-watchllm") as wl:
+        scripts = {
+            "bare": (bare, wrk_script(work / "bare.lua", body, None)),
+            "watchllm": (wl, wrk_script(work / "watchllm.lua", body, wl.key)),
+        }
+        for server, script in scripts.values():  # warm-up, not counted
+            run_wrk(server.port, script, conns, 2, threads)
+        for r in range(rounds):
+            order = ["bare", "watchllm"] if r % 2 == 0 else ["watchllm", "bare"]
+            for name in order:
+                server, script = scripts[name]
+                cpu0 = cpu_seconds(server.pid)
+                res = run_wrk(server.port, script, conns, duration_s, threads)
+                cpu = cpu_seconds(server.pid) - cpu0
+                res["server_cpu_us_per_req"] = cpu / max(res["requests"], 1) * 1e6
+                if res["non_2xx"] or res["socket_errors"]:
+                    raise RuntimeError(f"{name}: {res['non_2xx']} non-2xx answers, socket "
+                                       f"errors: {res['socket_errors'] or 'none'}")
+                results[name].append(res)
+                print(f"  single round {r + 1} {name:8s}: {res['rps']:9,.0f} req/s  "
+                      f"p50 {res['p50_ms']:.2f} ms  p99 {res['p99_ms']:.2f} ms", flush=True)
+        wl.wait_count(1, 30)  # the repeated event is stored (once: the store deduplicates)
+    return {name: _median_round(rs, "rps") | {"rounds": rs} for name, rs in results.items()}
+
+
+def _median_round(rounds: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """The round with the median value of `key` (a real round, not a mix of rounds)."""
+    ordered = sorted(rounds, key=lambda r: r[key])
+    return dict(ordered[(len(ordered) - 1) // 2])
+
+
+# --- profiles ---------------------------------------------------------------------------------
+
+
+def top_pyspy(raw: Path, n: int = 12) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+    """(self time, inclusive time) shares of the top frames in py-spy's raw output."""
+    own: Counter[str] = Counter()
+    incl: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = [f for f in stack.split(";") if f and not f.startswith(("process ", "thread "))]
+        if not frames:
+            continue
+        c = int(count)
+        total += c
+        own[frames[-1]] += c
+        for f in set(frames):
+            incl[f] += c
+    if not total:
+        return [], []
+    return ([(f, c / total) for f, c in own.most_common(n)],
+            [(f, c / total) for f, c in incl.most_common(n * 3)])
+
+
+def top_cprofile(path: Path, n: int = 15) -> str:
+    out = io.StringIO()
+    stats = pstats.Stats(str(path), stream=out)
+    stats.strip_dirs().sort_stats("tottime").print_stats(n)
+    return out.getvalue()
+
+
+# --- the report -------------------------------------------------------------------------------
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def print_report(cfg: dict[str, Any], batch: dict[str, Any] | None,
+                 single: dict[str, Any] | None) -> None:
+    print()
+    print("=" * 96)
+    print(f"WatchLLM ingestion benchmark   {cfg['cpus']} CPUs   python {cfg['python']}   "
+          f"{'quick' if cfg['quick'] else 'full'} run")
+    print("=" * 96)
+    if batch is not None:
+        inproc, bare, wl = batch["inproc"], batch["bare"], batch["watchllm"]
+        print(f"\na. Batch ingest: {cfg['batches']} x {BATCH_SIZE:,}-event prompt_call batches "
+              f"({cfg['batch_body_kb']:.0f} KB each), {cfg['batch_conns']} client connections, "
+              f"median of {cfg['batch_rounds']} rounds")
+        print(f"   {'':60s}{'events/s':>12s}{'x in-proc':>11s}{'x bare':>9s}{'CPU us/ev':>11s}")
+        rows = [
+            ("(i)  in-process parse+validate+rows+insert, no HTTP", inproc, None),
+            ("(ii) bare Starlette: read body + parse JSON + 202", bare,
+             bare["server_cpu_us_per_event"]),
+            ("WatchLLM POST /v1/events/batch, end to end (in store)", wl,
+             wl["server_cpu_us_per_event"]),
+        ]
+        for label, r, cpu in rows:
+            cpu_s = f"{cpu:11.1f}" if cpu is not None else f"{'-':>11s}"
+            print(f"   {label:60s}{r['events_s']:12,.0f}"
+                  f"{r['events_s'] / inproc['events_s']:11.2f}"
+                  f"{r['events_s'] / bare['events_s']:9.2f}{cpu_s}")
+        print(f"   {'   of which: HTTP accept rate (last 202)':60s}{wl['accept_events_s']:12,.0f}"
+              f"   drain after last 202: {wl['drain_s']:.2f} s, 503 retries: "
+              f"{wl['retries_503']}")
+        st = inproc["stages"]
+        per = {k: v / inproc["events"] * 1e6 for k, v in st.items()}
+        print("   (i) per event: " + ", ".join(f"{k} {v:.1f} us" for k, v in per.items())
+              + f"  (total {sum(per.values()):.1f} us)")
+        ok = wl["events_s"] >= TARGET_BATCH_EVENTS_S
+        print(f"   target >= {TARGET_BATCH_EVENTS_S:,} events/s end to end: "
+              f"{wl['events_s']:,.0f}  {verdict(ok)}")
+    if single is not None:
+        b, w = single["bare"], single["watchllm"]
+        ratio = w["rps"] / b["rps"]
+        print(f"\nb. Single events: POST /v1/projects/{PROJECT}/events, one event a request, "
+              f"{cfg['single_conns']} connections (wrk -t{cfg['wrk_threads']}), 1 uvicorn worker, "
+              f"{cfg['single_duration_s']} s x {cfg['single_rounds']} rounds, median round")
+        print(f"   {'':44s}{'req/s':>10s}{'p50 ms':>9s}{'p99 ms':>9s}{'CPU us/req':>12s}")
+        for label, r in (("bare Starlette: read body + parse JSON + 202", b),
+                         ("WatchLLM single-event endpoint", w)):
+            print(f"   {label:44s}{r['rps']:10,.0f}{r['p50_ms']:9.2f}{r['p99_ms']:9.2f}"
+                  f"{r['server_cpu_us_per_req']:12.1f}")
+        print(f"   ratio WatchLLM / bare: {ratio:.2f}x requests/s, "
+              f"{w['p99_ms'] / b['p99_ms']:.2f}x p99")
+        print(f"   target >= {TARGET_SINGLE_RATIO}x the bare request rate: {ratio:.2f}x  "
+              f"{verdict(ratio >= TARGET_SINGLE_RATIO)}")
+        print(f"   target p99 < {TARGET_SINGLE_P99_MS:.0f} ms at {cfg['single_conns']} "
+              f"connections: {w['p99_ms']:.2f} ms  {verdict(w['p99_ms'] < TARGET_SINGLE_P99_MS)}")
+    print()
+
+
+# --- main -------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="a short smoke run")
+    p.add_argument("--part", choices=["all", "batch", "single"], default="all")
+    p.add_argument("--profile", action="store_true",
+                   help="after the measured rounds, profile the batch path (cProfile on "
+                   "baseline (i), py-spy on the server) and print the top frames")
+    p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    p.add_argument("--keep", action="store_true", help="keep the temp folder (server logs)")
+    # Roles of the child processes (not for direct use).
+    p.add_argument("--role", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--data-dir", help=argparse.SUPPRESS)
+    p.add_argument("--template", help=argparse.SUPPRESS)
+    p.add_argument("--batches", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--conns", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--tag", help=argparse.SUPPRESS)
+    p.add_argument("--key", help=argparse.SUPPRESS)
+    p.add_argument("--profile-out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.role in ("serve-watchllm", "serve-bare"):
+        role_serve(args.role.removeprefix("serve-"), args.port, Path(args.data_dir))
+        return 0
+    if args.role == "batch-client":
+        role_batch_client(args)
+        return 0
+    if args.role == "inproc":
+        role_inproc(args)
+        return 0
+    if args.role:
+        p.error(f"unknown role {args.role}")
+
+    if args.part in ("all", "single") and shutil.which("wrk") is None:
+        print(f"error: {WRK_MISSING}", file=sys.stderr)
+        return 2
+    if args.profile and shutil.which("py-spy") is None:
+        print("error: --profile needs py-spy: pip install py-spy", file=sys.stderr)
+        return 2
+
+    atexit.register(_stop_all)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    quick = args.quick
+    cfg: dict[str, Any] = {
+        "quick": quick,
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "batches": 30 if quick else 300,  # a multiple of 10: whole 10,000-event writer flushes
+        "batch_conns": 4,
+        "batch_rounds": 1 if quick else 3,
+        "single_conns": 32,
+        "wrk_threads": 1,
+        "single_duration_s": 3 if quick else 10,
+        "single_rounds": 1 if quick else 3,
+    }
+    work = Path(tempfile.mkdtemp(prefix="watchllm-bench-"))
+    batch = single = None
+    try:
+        template = work / "batch-template.json"
+        template.write_bytes(batch_template())
+        cfg["batch_body_kb"] = len(batch_body(template.read_bytes(), batch_tag("r0", 0))) / 1024
+        if args.part in ("all", "batch"):
+            runs: dict[str, list[dict[str, Any]]] = {"inproc": [], "bare": [], "watchllm": []}
+            for rnd in range(cfg["batch_rounds"]):
+                steps = [
+                    ("inproc", lambda r=rnd: measure_inproc(work, template, cfg["batches"], r)),
+                    ("bare", lambda r=rnd: measure_batch_bare(
+                        work, template, cfg["batches"], cfg["batch_conns"], r)),
+                    ("watchllm", lambda r=rnd: measure_batch_watchllm(
+                        work, template, cfg["batches"], cfg["batch_conns"], r)),
+                ]
+                if rnd % 2:
+                    steps.reverse()
+                for name, fn in steps:
+                    res = fn()
+                    runs[name].append(res)
+                    extra = (f"  (accepted at {res['accept_events_s']:,.0f}/s, drain "
+                             f"{res['drain_s']:.2f} s)" if name == "watchllm" else "")
+                    print(f"  batch round {rnd + 1} {name:8s}: {res['events_s']:9,.0f} events/s"
+                          f"{extra}", flush=True)
+            batch = {name: _median_round(rs, "events_s") | {"rounds": rs}
+                     for name, rs in runs.items()}
+        if args.part in ("all", "single"):
+            single = measure_single(work, cfg["single_rounds"], cfg["single_duration_s"],
+                                    cfg["single_conns"], cfg["wrk_threads"])
+        print_report(cfg, batch, single)
+        if args.json:
+            args.json.write_text(json.dumps({"config": cfg, "batch": batch, "single": single},
+                                            indent=2))
+        if args.profile:
+            profile(work, template, cfg)
+    finally:
+        _stop_all()
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def profile(work: Path, template: Path, cfg: dict[str, Any]) -> None:
+    print("=" * 96)
+    print("Profiles of the batch path (figures from these passes are not benchmark figures)")
+    print("=" * 96)
+    prof = work / "inproc.prof"
+    measure_inproc(work, template, cfg["batches"], 99, profile_out=prof)
+    print("\ncProfile of baseline (i), parse + validate + rows + insert, by own time:")
+    print(top_cprofile(prof))
+    raw = work / "py-spy.txt"
+    res = measure_batch_watchllm(work, template, cfg["batches"], cfg["batch_conns"], 98,
+                                 pyspy_out=raw)
+    print(f"py-spy on the WatchLLM server during batch load ({res['events_s']:,.0f} events/s "
+          f"under the profiler), share of samples of busy threads:")
+    own, incl = top_pyspy(raw)
+    print("  own time (the frame that was running):")
+    for frame, share in own:
+        print(f"    {share:6.1%}  {frame}")
+    print("  inclusive time (the frame was on the stack):")
+    for frame, share in incl:
+        print(f"    {share:6.1%}  {frame}")
+    shutil.copy(raw, Path(tempfile.gettempdir()) / "watchllm-bench-py-spy.txt")
+    shutil.copy(prof, Path(tempfile.gettempdir()) / "watchllm-bench-inproc.prof")
+    print(f"\nraw profiles copied to {tempfile.gettempdir()}/watchllm-bench-py-spy.txt and "
+          "watchllm-bench-inproc.prof")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

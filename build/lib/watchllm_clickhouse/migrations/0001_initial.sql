@@ -1,0 +1,169 @@
+-- 0001: the event tables, tool calls, agent steps, spans and the per-run rollup.
+-- Tables are ReplacingMergeTree keyed on the event id (with its project and time), so a
+-- duplicate delivery collapses into one row; exact reads deduplicate by event_id.
+
+CREATE TABLE IF NOT EXISTS events (
+    project_id LowCardinality(String),
+    event_id String,
+    event_type LowCardinality(String),
+    run_id String,
+    timestamp DateTime64(3, 'UTC'),
+    parent_event_id Nullable(String),
+    user_id Nullable(String),
+    session_id Nullable(String),
+    tags Array(String),
+    release Nullable(String),
+    env LowCardinality(String),
+    client_hostname Nullable(String),
+    client_sdk_version Nullable(String),
+    client_platform Nullable(String),
+    metadata String CODEC(ZSTD(3)),
+    -- prompt_call
+    prompt Nullable(String) CODEC(ZSTD(3)),
+    model LowCardinality(Nullable(String)),
+    provider LowCardinality(Nullable(String)),
+    tokens_input Nullable(UInt32),
+    tokens_output Nullable(UInt32),
+    cost_estimate_usd Nullable(Float64),
+    cost_source LowCardinality(Nullable(String)),
+    response Nullable(String) CODEC(ZSTD(3)),
+    response_metadata Nullable(String) CODEC(ZSTD(3)),
+    tool_call_count UInt16,
+    -- prompt_call, tool_call and agent_step
+    status LowCardinality(Nullable(String)),
+    latency_ms Nullable(Float64),
+    -- prompt_call, tool_call and error
+    error_message Nullable(String),
+    -- tool_call
+    tool_name Nullable(String),
+    tool_input Nullable(String) CODEC(ZSTD(3)),
+    tool_output Nullable(String) CODEC(ZSTD(3)),
+    -- agent_step
+    step_number Nullable(UInt32),
+    step_name Nullable(String),
+    reasoning Nullable(String) CODEC(ZSTD(3)),
+    action Nullable(String) CODEC(ZSTD(3)),
+    observation Nullable(String) CODEC(ZSTD(3)),
+    -- error
+    error_type Nullable(String),
+    stack_trace Nullable(String) CODEC(ZSTD(3)),
+    -- assertion_failed (expected and actual as JSON text)
+    assertion_name Nullable(String),
+    expected Nullable(String),
+    actual Nullable(String),
+    -- assertion_failed and hallucination_detected
+    severity LowCardinality(Nullable(String)),
+    -- hallucination_detected
+    detection_method Nullable(String),
+    confidence Nullable(Float64),
+    claim Nullable(String),
+    evidence Nullable(String),
+    -- cost_threshold_exceeded
+    threshold_usd Nullable(Float64),
+    actual_usd Nullable(Float64),
+    -- cost_threshold_exceeded and performance_alert (the event's `window`)
+    alert_window Nullable(String),
+    -- performance_alert (the event's `threshold` and `actual`)
+    metric Nullable(String),
+    metric_threshold Nullable(Float64),
+    metric_actual Nullable(Float64),
+    ingested_at DateTime64(3, 'UTC')
+) ENGINE = ReplacingMergeTree(ingested_at)
+PARTITION BY toYYYYMM(timestamp)
+ORDER BY (project_id, timestamp, event_id);
+
+-- One row per tool call: each item of a prompt_call's tool_calls[] (source 'prompt_call',
+-- call_index its position) and each tool_call event (source 'tool_call', call_index 0).
+CREATE TABLE IF NOT EXISTS tool_calls (
+    project_id LowCardinality(String),
+    event_id String,
+    call_index UInt16,
+    source LowCardinality(String),
+    run_id String,
+    timestamp DateTime64(3, 'UTC'),
+    tool_call_id Nullable(String),
+    tool_name String,
+    tool_input Nullable(String) CODEC(ZSTD(3)),
+    tool_output Nullable(String) CODEC(ZSTD(3)),
+    status LowCardinality(Nullable(String)),
+    latency_ms Nullable(Float64),
+    error_message Nullable(String),
+    ingested_at DateTime64(3, 'UTC')
+) ENGINE = ReplacingMergeTree(ingested_at)
+PARTITION BY toYYYYMM(timestamp)
+ORDER BY (project_id, timestamp, event_id, call_index);
+
+CREATE TABLE IF NOT EXISTS agent_steps (
+    project_id LowCardinality(String),
+    event_id String,
+    run_id String,
+    timestamp DateTime64(3, 'UTC'),
+    step_number UInt32,
+    step_name Nullable(String),
+    reasoning Nullable(String) CODEC(ZSTD(3)),
+    action Nullable(String) CODEC(ZSTD(3)),
+    observation Nullable(String) CODEC(ZSTD(3)),
+    status LowCardinality(Nullable(String)),
+    latency_ms Nullable(Float64),
+    ingested_at DateTime64(3, 'UTC')
+) ENGINE = ReplacingMergeTree(ingested_at)
+PARTITION BY toYYYYMM(timestamp)
+ORDER BY (project_id, timestamp, event_id);
+
+-- OpenTelemetry spans as received (trace id = run_id, span id = event_id); spans that map to
+-- an event type are also stored as events, the rest only here, so a trace tree stays whole.
+CREATE TABLE IF NOT EXISTS spans (
+    project_id LowCardinality(String),
+    trace_id String,
+    span_id String,
+    parent_span_id Nullable(String),
+    name String,
+    kind LowCardinality(String),
+    start_time DateTime64(6, 'UTC'),
+    end_time DateTime64(6, 'UTC'),
+    duration_ms Float64,
+    status_code LowCardinality(String),
+    status_message String,
+    service_name LowCardinality(String),
+    event_type LowCardinality(Nullable(String)),
+    attributes Map(String, String),
+    resource_attributes Map(String, String),
+    span_events String CODEC(ZSTD(3)),
+    links String,
+    ingested_at DateTime64(3, 'UTC')
+) ENGINE = ReplacingMergeTree(ingested_at)
+PARTITION BY toYYYYMM(start_time)
+ORDER BY (project_id, start_time, trace_id, span_id);
+
+-- Per-run rollup, kept up to date by traces_mv on every insert into events. Event and error
+-- counts are exact under duplicate delivery (uniqExact of event ids); sums are not, until
+-- the delivery layer guarantees one insert per event.
+CREATE TABLE IF NOT EXISTS traces (
+    project_id LowCardinality(String),
+    run_id String,
+    start_time SimpleAggregateFunction(min, DateTime64(3, 'UTC')),
+    end_time SimpleAggregateFunction(max, DateTime64(3, 'UTC')),
+    event_count AggregateFunction(uniqExact, String),
+    error_count AggregateFunction(uniqExactIf, String, UInt8),
+    cost_usd SimpleAggregateFunction(sum, Float64),
+    tokens_input SimpleAggregateFunction(sum, UInt64),
+    tokens_output SimpleAggregateFunction(sum, UInt64)
+) ENGINE = AggregatingMergeTree
+ORDER BY (project_id, run_id);
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS traces_mv TO traces AS
+SELECT
+    project_id,
+    run_id,
+    min(timestamp) AS start_time,
+    max(timestamp + toIntervalMillisecond(toInt64(ifNull(latency_ms, 0)))) AS end_time,
+    uniqExactState(event_id) AS event_count,
+    uniqExactIfState(
+        event_id,
+        toUInt8(event_type = 'error' OR ifNull(status, 'success') NOT IN ('success', 'warning'))
+    ) AS error_count,
+    sum(ifNull(cost_estimate_usd, 0)) AS cost_usd,
+    sum(toUInt64(ifNull(tokens_input, 0))) AS tokens_input,
+    sum(toUInt64(ifNull(tokens_output, 0))) AS tokens_output
+FROM events
+GROUP BY project_id, run_id;

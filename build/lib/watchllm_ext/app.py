@@ -1,0 +1,402 @@
+"""The ASGI app: `create_app(settings)` builds it; read this file top to bottom for the flow.
+
+request -> authenticate (hook) -> quota (hook) -> read + parse + validate (ingest.py)
+        -> transform (hook) -> writer.submit -> 202 / 207
+The store and the writer start with the app's lifespan (or the host's, when mounted: see
+hosting.py) and stop with it, flushing what is buffered.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import pluggy
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from . import __version__
+from .auth import Principal, Scope, bearer_token
+from .errors import Problem, problem_handler, unauthorized
+from .ingest import check_content_type, check_projects, parse_json, read_body, validate_items
+from .plugins import describe_plugins, get_plugin_manager
+from .quota import QuotaDecision
+from .settings import Settings, load_settings
+from .store import Store, apply_migrations
+from .writer import BatchWriter, Sink, WriterClosed, WriterFull
+
+log = logging.getLogger("watchllm.app")
+
+STORE_TABLES = ("events", "tool_calls", "agent_steps", "spans", "traces")
+
+
+@dataclass
+class WatchLLM:
+    """Everything one app instance holds; hung on `app.state.watchllm`."""
+
+    settings: Settings
+    pm: pluggy.PluginManager
+    store: Store | None = None
+    writer: BatchWriter | None = None
+    migrations_applied: list[str] = field(default_factory=list)
+    _opened_store: Store | None = None
+
+    def open_store(self) -> Store | None:
+        """Open the store ahead of the lifespan (so the CLI can report a busy folder plainly)."""
+        if self._opened_store is None:
+            self._opened_store = self.pm.hook.register_store(settings=self.settings)
+        return self._opened_store
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[WatchLLM]:
+        """Open the store, apply migrations, start the writer; undo all of it on exit."""
+        if self.writer is not None:
+            raise RuntimeError("this WatchLLM app is already running")
+        store = self.open_store()
+        self._opened_store = None
+        try:
+            if store is not None:
+                self.migrations_applied = await anyio.to_thread.run_sync(apply_migrations, store)
+            sinks = _flatten_sinks(self.pm.hook.register_sinks(settings=self.settings, store=store))
+            if not sinks:
+                log.warning("no sink is registered: accepted events will not be kept anywhere")
+            s = self.settings
+            writer = BatchWriter(
+                sinks,
+                flush_max_events=s.flush_max_events,
+                flush_interval_s=s.flush_interval_s,
+                buffer_max_events=s.buffer_max_events,
+                retry_initial_s=s.sink_retry_initial_s,
+                retry_max_s=s.sink_retry_max_s,
+                shutdown_grace_s=s.shutdown_grace_s,
+            )
+            self.store = store
+            async with writer:
+                self.writer = writer
+                try:
+                    yield self
+                finally:
+                    self.writer = None
+        finally:
+            self.store = None
+            if store is not None:
+                store.close()
+
+    def authenticate(self, request: Request, scope: Scope) -> Principal:
+        token = bearer_token(request.headers.get("authorization"))
+        if token is None:
+            raise unauthorized("send your API key as 'Authorization: Bearer <key>'")
+        principal = self.pm.hook.authenticate(token=token, request=request)
+        if principal is None:
+            raise unauthorized("the API key is not valid (unknown or revoked)")
+        if not principal.can(scope):
+            raise Problem(
+                403,
+                "forbidden",
+                f"this key has no {scope!r} scope (it has: {', '.join(sorted(principal.scopes))})",
+                field="Authorization",
+            )
+        return principal
+
+    async def check_quota(self, principal: Principal, n_events: int) -> None:
+        for result in self.pm.hook.check_quota(principal=principal, n_events=n_events):
+            decision = await result if inspect.isawaitable(result) else result
+            if isinstance(decision, QuotaDecision) and not decision.allowed:
+                raise Problem(429, "quota_exceeded", decision.reason, headers=decision.headers())
+
+    def submit(self, events: list[Any]) -> None:
+        if self.writer is None:
+            raise Problem(
+                503,
+                "not_running",
+                "the writer is not running; a host app that mounts WatchLLM must run its "
+                "lifespan (see watchllm_ext.hosting.lifespan)",
+                headers={"Retry-After": "5"},
+            )
+        try:
+            self.writer.submit(events)
+        except WriterFull as exc:
+            raise Problem(
+                503,
+                "overloaded",
+                "the server is buffering more events than it may; retry later",
+                headers={"Retry-After": str(max(1, round(exc.retry_after_s)))},
+            ) from None
+        except WriterClosed:
+            raise Problem(
+                503, "shutting_down", "the server is shutting down", headers={"Retry-After": "5"}
+            ) from None
+
+
+def _flatten_sinks(results: Iterable[Any]) -> list[Sink]:
+    sinks: list[Sink] = []
+    for result in results:
+        if result is None:
+            continue
+        sinks.extend(result if isinstance(result, list | tuple) else [result])
+    return sinks
+
+
+def _state(request: Request) -> WatchLLM:
+    return request.app.state.watchllm
+
+
+# --- ingestion -----------------------------------------------------------------------------
+
+
+async def _read_json(request: Request, wl: WatchLLM) -> Any:
+    check_content_type(request.headers.get("content-type"))
+    body = await read_body(
+        request.stream(),
+        content_length=request.headers.get("content-length"),
+        content_encoding=request.headers.get("content-encoding"),
+        max_bytes=wl.settings.max_body_bytes,
+        max_decompressed_bytes=wl.settings.max_decompressed_bytes,
+    )
+    return parse_json(body)
+
+
+async def _ingest(wl: WatchLLM, principal: Principal, items: list[Any]) -> Response:
+    limit = wl.settings.max_batch_events
+    if len(items) > limit:
+        raise Problem(
+            413,
+            "too_many_events",
+            f"{len(items)} events in one request is over the limit of {limit}",
+            field="events",
+        )
+    check_projects(items, principal)
+    await wl.check_quota(principal, len(items))
+    outcome = validate_items(items, principal, wl.pm)
+    rejected = [r.as_dict() for r in outcome.rejected]
+    if not outcome.accepted:
+        raise Problem(
+            422,
+            "validation_failed",
+            f"no event was valid ({len(rejected)} rejected); see 'rejected' for each field",
+            accepted=0,
+            rejected=rejected,
+        )
+    wl.submit(outcome.accepted)
+    body: dict[str, Any] = {
+        "accepted": len(outcome.accepted),
+        "event_ids": [e.event_id for e in outcome.accepted],
+    }
+    if rejected:
+        body["rejected"] = rejected
+        return JSONResponse(body, status_code=207)
+    return JSONResponse(body, status_code=202)
+
+
+async def project_events(request: Request) -> Response:
+    """POST /v1/projects/{project_id}/events: one event, or a JSON array of events."""
+    wl = _state(request)
+    principal = wl.authenticate(request, "ingest")
+    project_id = request.path_params["project_id"]
+    if project_id != principal.project_id:
+        raise Problem(
+            403,
+            "forbidden",
+            f"the key belongs to project {principal.project_id!r}, not {project_id!r}",
+            field="project_id",
+        )
+    payload = await _read_json(request, wl)
+    if isinstance(payload, dict):
+        items = [payload]
+    elif isinstance(payload, list):
+        if not payload:
+            raise Problem(422, "empty_batch", "the array holds no event", field="body")
+        items = payload
+    else:
+        raise Problem(
+            422, "bad_body", "the body must be an event object or an array of events", field="body"
+        )
+    return await _ingest(wl, principal, items)
+
+
+async def batch_events(request: Request) -> Response:
+    """POST /v1/events/batch: {"events": [...]}."""
+    wl = _state(request)
+    principal = wl.authenticate(request, "ingest")
+    payload = await _read_json(request, wl)
+    if not isinstance(payload, dict):
+        raise Problem(422, "bad_body", 'the body must be an object {"events": [...]}', field="body")
+    unknown = sorted(set(payload) - {"events"})
+    if unknown:
+        raise Problem(
+            422,
+            "bad_body",
+            f"unknown field {unknown[0]!r}; only 'events' is allowed",
+            field=unknown[0],
+        )
+    items = payload.get("events")
+    if not isinstance(items, list):
+        raise Problem(422, "bad_body", "'events' must be an array of events", field="events")
+    if not items:
+        raise Problem(422, "empty_batch", "'events' holds no event", field="events")
+    return await _ingest(wl, principal, items)
+
+
+# --- health -----------------------------------------------------------------------------------
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok", "version": __version__})
+
+
+async def readyz(request: Request) -> Response:
+    wl = _state(request)
+    checks: dict[str, Any] = {}
+    ready = True
+    if wl.writer is None or not wl.writer.running:
+        checks["writer"] = {"ok": False, "detail": "not running"}
+        ready = False
+    else:
+        stats = wl.writer.stats()
+        full = stats["pending_events"] >= stats["buffer_max_events"]
+        checks["writer"] = {"ok": not full, **stats}
+        ready = ready and not full
+    if wl.store is None:
+        checks["store"] = {"ok": False, "detail": "not open"}
+        ready = False
+    else:
+        try:
+            with anyio.fail_after(2):
+                version = await anyio.to_thread.run_sync(wl.store.version)
+            checks["store"] = {"ok": True, "name": wl.store.name, "version": version}
+        except Exception as exc:
+            checks["store"] = {"ok": False, "name": wl.store.name, "detail": str(exc)[:300]}
+            ready = False
+    return JSONResponse(
+        {"status": "ready" if ready else "not_ready", "checks": checks},
+        status_code=200 if ready else 503,
+    )
+
+
+# --- admin (for the CLI's --url mode) -----------------------------------------------------------
+
+
+def _admin_store(request: Request) -> tuple[WatchLLM, Store]:
+    wl = _state(request)
+    wl.authenticate(request, "admin")
+    if wl.store is None:
+        raise Problem(
+            503, "store_unavailable", "the store is not open", headers={"Retry-After": "5"}
+        )
+    return wl, wl.store
+
+
+async def admin_store(request: Request) -> Response:
+    _, store = _admin_store(request)
+    version = await anyio.to_thread.run_sync(store.version)
+    return JSONResponse({"store": store.name, "version": version})
+
+
+async def admin_tables(request: Request) -> Response:
+    _, store = _admin_store(request)
+    return JSONResponse({"tables": await anyio.to_thread.run_sync(list_tables, store)})
+
+
+async def admin_count(request: Request) -> Response:
+    _, store = _admin_store(request)
+    table = request.query_params.get("table", "events")
+    project = request.query_params.get("project") or None
+    if table not in STORE_TABLES:
+        raise Problem(
+            400, "bad_parameter", f"table must be one of {', '.join(STORE_TABLES)}", field="table"
+        )
+    count = await anyio.to_thread.run_sync(count_rows, store, table, project)
+    return JSONResponse({"table": table, "project": project, "count": count})
+
+
+async def list_plugins(request: Request) -> Response:
+    wl = _state(request)
+    wl.authenticate(request, "admin")
+    return JSONResponse({"plugins": describe_plugins(wl.pm)})
+
+
+def list_tables(store: Store) -> list[str]:
+    rows = store.query(
+        "SELECT name FROM system.tables WHERE database = currentDatabase() ORDER BY name"
+    )
+    return [r["name"] for r in rows]
+
+
+def count_rows(store: Store, table: str, project: str | None) -> int:
+    if table not in STORE_TABLES:
+        raise ValueError(f"unknown table {table!r}")
+    # Table names come from the allow-list above; the project is a bound parameter. FINAL
+    # collapses duplicate deliveries of one event, so the count is of distinct events.
+    final = "" if table == "traces" else " FINAL"
+    where = " WHERE project_id = {project:String}" if project else ""
+    rows = store.query(
+        f"SELECT count() AS n FROM {table}{final}{where}", {"project": project} if project else None
+    )
+    return int(rows[0]["n"])
+
+
+# --- the app ----------------------------------------------------------------------------------
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return JSONResponse(
+        {"error": code, "message": str(exc.detail)},
+        status_code=exc.status_code,
+        headers=getattr(exc, "headers", None),
+    )
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse(
+        {"error": "internal_error", "message": "the server failed; the error is in its log"},
+        status_code=500,
+    )
+
+
+def create_app(
+    settings: Settings | None = None, *, plugins: Iterable[Any] = (), entry_points: bool = True
+) -> Starlette:
+    """Build the WatchLLM ASGI app. Serve it alone or mount it in a host app."""
+    settings = settings or load_settings()
+    pm = get_plugin_manager(settings, plugins, entry_points=entry_points)
+    wl = WatchLLM(settings=settings, pm=pm)
+    routes: list[BaseRoute] = [
+        Route("/v1/projects/{project_id}/events", project_events, methods=["POST"]),
+        Route("/v1/events/batch", batch_events, methods=["POST"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/v1/admin/store", admin_store, methods=["GET"]),
+        Route("/v1/admin/tables", admin_tables, methods=["GET"]),
+        Route("/v1/admin/count", admin_count, methods=["GET"]),
+        Route("/-/plugins", list_plugins, methods=["GET"]),
+    ]
+    for extra in pm.hook.register_routes(settings=settings):
+        routes.extend(extra or [])
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with wl.running():
+            yield
+
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={
+            Problem: problem_handler,
+            HTTPException: _not_found,
+            Exception: _internal_error,
+        },
+    )
+    app.state.watchllm = wl
+    return app

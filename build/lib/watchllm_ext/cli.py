@@ -1,0 +1,308 @@
+"""The `watchllm` command.
+
+Read commands (verify-clickhouse, check-tables, count-rows) open the data folder, or, with
+`--url URL --key KEY`, ask a running server (a chDB folder can be open in one process only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+class CliError(Exception):
+    """A failure to report as one line, without a traceback."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        from .settings import SettingsError
+    except ImportError as exc:  # the base install has only the client
+        print(
+            f"error: the server needs the 'server' extra: pip install 'watchllm[server]' ({exc})",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    try:
+        return int(args.func(args) or 0)
+    except (CliError, SettingsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, SettingsError) else EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="watchllm", description="WatchLLM: LLM observability.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def data_dir(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--data-dir", type=Path, help="data folder (default: $WATCHLLM_DATA_DIR or ./.watchllm)"
+        )
+
+    def remote(p: argparse.ArgumentParser) -> None:
+        data_dir(p)
+        p.add_argument("--url", help="ask a running server at this URL instead of the folder")
+        p.add_argument("--key", help="an admin-scope API key for --url")
+
+    p = sub.add_parser("serve", help="run the server on the embedded store")
+    data_dir(p)
+    p.add_argument("--host", help="listen address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="listen port (default 8787)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("migrate", help="apply the schema migrations that are not applied yet")
+    data_dir(p)
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("verify-clickhouse", help="connect to the store and print its version")
+    remote(p)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("check-tables", help="list the store's tables, one a line")
+    remote(p)
+    p.set_defaults(func=cmd_check_tables)
+
+    p = sub.add_parser("count-rows", help="count the rows of a table (the count is the last line)")
+    remote(p)
+    p.add_argument("--project", help="count only this project's rows")
+    p.add_argument("--table", default="events", help="table to count (default: events)")
+    p.set_defaults(func=cmd_count_rows)
+
+    keys = sub.add_parser("keys", help="create, list and revoke API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    p = keys_sub.add_parser("create", help="create a key; it is printed once, as the last line")
+    data_dir(p)
+    p.add_argument("--project", required=True)
+    p.add_argument("--scope", choices=["ingest", "read", "admin"], default="ingest")
+    p.add_argument("--name", default="", help="a note to recognise the key by")
+    p.set_defaults(func=cmd_keys_create)
+    p = keys_sub.add_parser("list", help="list keys (never their secrets)")
+    data_dir(p)
+    p.add_argument("--project")
+    p.set_defaults(func=cmd_keys_list)
+    p = keys_sub.add_parser("revoke", help="revoke a key by its id (or the whole key)")
+    data_dir(p)
+    p.add_argument("key_id")
+    p.set_defaults(func=cmd_keys_revoke)
+    return parser
+
+
+def _settings(args: argparse.Namespace, **more: Any) -> Any:
+    from .settings import load_settings
+
+    overrides = {k: v for k, v in more.items() if v is not None}
+    if getattr(args, "data_dir", None) is not None:
+        overrides["data_dir"] = args.data_dir
+    return load_settings(**overrides)
+
+
+# --- serve / migrate ------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+    from .keys import KeyStore
+    from .plugins import PluginError
+    from .store import StoreError
+
+    settings = _settings(args, host=args.host, port=args.port)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
+    )
+    keys = KeyStore(settings.keys_path)
+    url = f"http://{settings.host}:{settings.port}"
+    if settings.create_default_key and keys.is_empty():
+        key = keys.create("default", scope="admin", name="created by the first serve")
+        print("No API keys yet: created project 'default' with an admin key (shown only once).")
+        print(f"  URL: {url}")
+        print(f"  Key: {key}")
+        print("Try it:")
+        print(f"  curl -X POST {url}/v1/projects/default/events \\")
+        print(f"    -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\")
+        print(
+            '    -d \'{"event_id":"e1","event_type":"prompt_call","run_id":"r1",'
+            '"timestamp":"2026-01-01T00:00:00Z","model":"gpt-4o",'
+            '"tokens_input":10,"tokens_output":20}\'',
+            flush=True,
+        )
+    try:
+        app = create_app(settings)
+        # Open the store now, so a busy data folder is one clear line, not a lifespan traceback.
+        app.state.watchllm.open_store()
+    except (StoreError, PluginError) as exc:
+        raise CliError(str(exc)) from None
+    print(f"WatchLLM {_version()} listening on {url} (data in {settings.data_dir})", flush=True)
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level, lifespan="on"
+    )
+    return 0
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _open_store(args: argparse.Namespace) -> Any:
+    from .plugins import PluginError, get_plugin_manager
+    from .store import StoreError
+
+    settings = _settings(args)
+    try:
+        pm = get_plugin_manager(settings)
+        store = pm.hook.register_store(settings=settings)
+    except (StoreError, PluginError) as exc:
+        raise CliError(str(exc)) from None
+    if store is None:
+        raise CliError("no store plugin is installed (the chDB store comes with watchllm[server])")
+    return store
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from .store import apply_migrations
+
+    store = _open_store(args)
+    try:
+        applied = apply_migrations(store)
+    finally:
+        store.close()
+    for name in applied:
+        print(f"applied {name}")
+    print(f"{len(applied)} migrations applied" if applied else "schema is up to date")
+    return 0
+
+
+# --- read commands ------------------------------------------------------------------------------
+
+
+def _remote(args: argparse.Namespace, path: str, params: dict[str, str] | None = None) -> Any:
+    import httpx
+
+    if not args.key:
+        raise CliError("--url needs --key (an admin-scope API key)")
+    url = args.url.rstrip("/") + path
+    try:
+        response = httpx.get(
+            url, params=params, timeout=10, headers={"Authorization": f"Bearer {args.key}"}
+        )
+    except httpx.HTTPError as exc:
+        raise CliError(f"cannot reach {args.url}: {exc}") from None
+    if response.status_code != 200:
+        try:
+            message = response.json().get("message", response.text)
+        except ValueError:
+            message = response.text[:200]
+        raise CliError(f"{args.url} answered {response.status_code}: {message}")
+    return response.json()
+
+
+def _with_local_store(args: argparse.Namespace, fn: Any) -> Any:
+    from .store import StoreError, apply_migrations
+
+    store = _open_store(args)
+    try:
+        apply_migrations(store)
+        return fn(store)
+    except StoreError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        store.close()
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    if args.url:
+        version = _remote(args, "/v1/admin/store")["version"]
+    else:
+        version = _with_local_store(args, lambda store: store.version())
+    print(f"Successfully connected to ClickHouse! Version: {version}")
+    return 0
+
+
+def cmd_check_tables(args: argparse.Namespace) -> int:
+    from .app import list_tables
+
+    if args.url:
+        tables = _remote(args, "/v1/admin/tables")["tables"]
+    else:
+        tables = _with_local_store(args, list_tables)
+    for name in tables:
+        print(name)
+    return 0
+
+
+def cmd_count_rows(args: argparse.Namespace) -> int:
+    from .app import STORE_TABLES, count_rows
+
+    if args.table not in STORE_TABLES:
+        raise CliError(f"--table must be one of {', '.join(STORE_TABLES)}")
+    if args.url:
+        params = {"table": args.table}
+        if args.project:
+            params["project"] = args.project
+        count = _remote(args, "/v1/admin/count", params)["count"]
+    else:
+        count = _with_local_store(args, lambda s: count_rows(s, args.table, args.project))
+    scope = f"project {args.project}" if args.project else "all projects"
+    print(f"rows in {args.table} ({scope}):")
+    print(count)
+    return 0
+
+
+# --- keys -----------------------------------------------------------------------------------------
+
+
+def _keys(args: argparse.Namespace) -> Any:
+    from .keys import KeyStore
+
+    return KeyStore(_settings(args).keys_path)
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from .keys import KeyStoreError
+
+    try:
+        key = _keys(args).create(args.project, scope=args.scope, name=args.name)
+    except KeyStoreError as exc:
+        raise CliError(str(exc)) from None
+    print(f"Created a {args.scope} key for project {args.project}. It is shown only once:")
+    print(key)
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    records = _keys(args).list(args.project)
+    print(f"{'KEY ID':<14}{'PROJECT':<20}{'SCOPE':<8}{'CREATED':<27}{'REVOKED':<27}NAME")
+    for r in records:
+        print(
+            f"{r.key_id:<14}{r.project_id:<20}{r.scope:<8}{r.created_at:<27}"
+            f"{r.revoked_at or '-':<27}{r.name}"
+        )
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    if not _keys(args).revoke(args.key_id):
+        raise CliError(f"no active key with id {args.key_id!r}")
+    print(f"revoked {args.key_id}; running servers stop accepting it within 2 seconds")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

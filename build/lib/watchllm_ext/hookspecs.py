@@ -1,0 +1,91 @@
+"""Hook specifications: one stub per hook, saying what it is for and how results combine.
+
+pluggy runs no coroutines: where a hook says it may return an awaitable, the caller awaits it.
+Anything that does I/O is an object returned once by a `register_*` hook, so the framework
+owns its timeouts, retries and error isolation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
+    from starlette.routing import BaseRoute
+
+    from .auth import Principal
+    from .quota import QuotaDecision
+    from .settings import Settings
+    from .store.base import Store
+    from .writer import Sink
+
+hookspec = pluggy.HookspecMarker("watchllm")
+hookimpl = pluggy.HookimplMarker("watchllm")
+
+
+@hookspec(firstresult=True)
+def authenticate(token: str, request: Request | None) -> Principal | None:
+    """Turn the bearer token of a request into a Principal (project id and scopes).
+
+    First non-None wins. Return None for "not my kind of token"; the request is then refused
+    with 401 if no implementation recognises it. The built-in implementation (trylast) looks
+    the key up in the key file.
+    """
+
+
+@hookspec
+def check_quota(
+    principal: Principal, n_events: int
+) -> QuotaDecision | Awaitable[QuotaDecision | None] | None:
+    """Allow or deny `n_events` more events for this principal before they are validated.
+
+    Every implementation is called and awaited in order; the first denial wins and the
+    request is answered 429 with its Retry-After. Return None (or an allowing decision) to
+    let the events through.
+    """
+
+
+@hookspec
+def validate_event(event: Any, principal: Principal) -> Sequence[str] | str | None:
+    """Add rules to the schema. Return a problem (or a list of problems) to reject the event.
+
+    Every result is used: any problem from any implementation rejects that event, and the
+    answer names each problem under the event's index. Called only for events that passed
+    the schema. Must not do I/O.
+    """
+
+
+@hookspec
+def transform_events(events: list[Any], principal: Principal) -> None:
+    """Change accepted events before they are handed to the writer (redaction, enrichment,
+    cost). Implementations change the events (or the list) in place; each sees the result of
+    the ones called before it. The return value is ignored. Must not do I/O.
+    """
+
+
+@hookspec(firstresult=True)
+def register_store(settings: Settings) -> Store | None:
+    """Return the Store (migrate, insert, query) that the app reads and writes.
+
+    Called once at start; first non-None wins. The embedded chDB store is registered with
+    trylast so that a plugin naming another store (a ClickHouse server) takes precedence.
+    """
+
+
+@hookspec
+def register_sinks(settings: Settings, store: Store | None) -> Sequence[Sink] | Sink | None:
+    """Return the sinks that every accepted batch is delivered to.
+
+    Called once at start; every result is used. Each sink gets every batch, at its own pace,
+    with retries; one failing sink does not hold back the others or the HTTP path.
+    """
+
+
+@hookspec
+def register_routes(settings: Settings) -> Sequence[BaseRoute] | None:
+    """Return extra Starlette routes to add to the app. Called once at start; every result is
+    used. Routes are added after the built-in ones, under the same prefix when mounted.
+    """

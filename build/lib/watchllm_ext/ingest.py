@@ -1,0 +1,244 @@
+"""From an HTTP body to validated, transformed events: read (bounded), decompress (bounded),
+parse, check the project, validate, run the validator and transform hooks.
+
+Nothing here knows about sinks or storage: the result goes to `writer.submit`.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+from pydantic import ValidationError
+from pydantic_core import from_json
+
+from .auth import Principal
+from .errors import Problem
+from .schema import EVENT_ADAPTER, EVENT_LIST_ADAPTER, EVENT_TYPES
+
+_JSON_TYPES = ("application/json", "application/x-ndjson-not-supported")
+_ENCODINGS = {"gzip": 31, "x-gzip": 31, "deflate": 15}
+# Labels pydantic puts in an error path for the branch of a union, not a field name.
+_BRANCH_LABELS = {"str", "int", "float", "bool", "list", "dict", "none", "json-or-python"}
+
+
+@dataclass(slots=True)
+class Rejection:
+    index: int
+    errors: list[dict[str, str]]
+    event_id: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"index": self.index, "errors": self.errors}
+        if self.event_id is not None:
+            out["event_id"] = self.event_id
+        return out
+
+
+@dataclass(slots=True)
+class Outcome:
+    accepted: list[Any] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+
+
+# --- reading the body -------------------------------------------------------------------------
+
+
+def check_content_type(content_type: str | None) -> None:
+    if content_type is None:
+        return  # no header: treat the body as JSON, as most JSON APIs do
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise Problem(
+            415,
+            "unsupported_media_type",
+            f"Content-Type {media or '(empty)'!r} is not supported; send application/json",
+            field="Content-Type",
+        )
+
+
+async def read_body(
+    chunks: AsyncIterator[bytes],
+    *,
+    content_length: str | None,
+    content_encoding: str | None,
+    max_bytes: int,
+    max_decompressed_bytes: int,
+) -> bytes:
+    """Read the body, refusing as soon as it passes a limit (on the wire or decompressed)."""
+    encoding = (content_encoding or "identity").strip().lower()
+    if encoding not in _ENCODINGS and encoding != "identity":
+        raise Problem(
+            415,
+            "unsupported_encoding",
+            f"Content-Encoding {encoding!r} is not supported; use gzip, deflate or none",
+            field="Content-Encoding",
+        )
+    if content_length is not None:
+        try:
+            declared = int(content_length)
+        except ValueError:
+            raise Problem(
+                400, "bad_request", "Content-Length is not a number", field="Content-Length"
+            ) from None
+        if declared > max_bytes:
+            raise _too_large(max_bytes, "body")
+    decompressor = zlib.decompressobj(_ENCODINGS[encoding]) if encoding in _ENCODINGS else None
+    limit = max_decompressed_bytes if decompressor else max_bytes
+    received = 0
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in chunks:
+        if not chunk:
+            continue
+        received += len(chunk)
+        if received > max_bytes:
+            raise _too_large(max_bytes, "body")
+        if decompressor is None:
+            parts.append(chunk)
+            size += len(chunk)
+            continue
+        try:
+            # Ask for at most one byte over the limit, so a bomb never expands in memory.
+            out = decompressor.decompress(chunk, limit - size + 1)
+        except zlib.error as exc:
+            raise Problem(
+                400, "bad_encoding", f"body is not valid {encoding}: {exc}", field="body"
+            ) from None
+        size += len(out)
+        if size > limit or decompressor.unconsumed_tail:
+            raise _too_large(limit, "decompressed body")
+        parts.append(out)
+    if decompressor is not None and not decompressor.eof:
+        raise Problem(
+            400, "bad_encoding", f"body ends before the {encoding} stream does", field="body"
+        )
+    return b"".join(parts)
+
+
+def _too_large(limit: int, what: str) -> Problem:
+    return Problem(
+        413, "payload_too_large", f"{what} is larger than the limit of {limit} bytes", field="body"
+    )
+
+
+def parse_json(body: bytes) -> Any:
+    if not body.strip():
+        raise Problem(400, "malformed_json", "the body is empty; send a JSON value", field="body")
+    try:
+        return from_json(body, allow_inf_nan=False)
+    except ValueError as exc:
+        # pydantic-core's message carries the position: "... at line 1 column 17".
+        raise Problem(400, "malformed_json", f"invalid JSON: {exc}", field="body") from None
+
+
+# --- validating ---------------------------------------------------------------------------------
+
+
+def field_path(loc: tuple[int | str, ...]) -> str:
+    """('tool_calls', 0, 'tool_name') -> 'tool_calls[0].tool_name'."""
+    parts: list[str] = []
+    for i, item in enumerate(loc):
+        if i == 0 and item in EVENT_TYPES:
+            continue  # the discriminator tag pydantic puts first
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+            continue
+        if item in _BRANCH_LABELS or "[" in item or item.startswith("function-"):
+            continue
+        parts.append(f".{item}" if parts else item)
+    return "".join(parts) or "(event)"
+
+
+def describe_errors(exc: ValidationError) -> list[dict[str, str]]:
+    seen: dict[str, list[str]] = {}
+    for err in exc.errors(include_url=False):
+        path = field_path(tuple(err["loc"]))
+        message = err["msg"]
+        if err["type"] == "union_tag_invalid":
+            path = "event_type"
+        elif err["type"] == "union_tag_not_found":
+            path = "event_type"
+            message = f"event_type is required; one of: {', '.join(EVENT_TYPES)}"
+        messages = seen.setdefault(path, [])
+        if message not in messages:
+            messages.append(message)
+    return [{"field": path, "message": " or ".join(msgs)} for path, msgs in seen.items()]
+
+
+def check_projects(items: list[Any], principal: Principal) -> None:
+    """A body that names another project than the key's is refused whole (403)."""
+    for index, item in enumerate(items):
+        if isinstance(item, dict):
+            project = item.get("project_id")
+            if project is not None and project != principal.project_id:
+                raise Problem(
+                    403,
+                    "forbidden",
+                    f"event {index} names project {project!r} but the key belongs to project "
+                    f"{principal.project_id!r}",
+                    field=f"[{index}].project_id",
+                )
+
+
+def validate_items(items: list[Any], principal: Principal, pm: pluggy.PluginManager) -> Outcome:
+    outcome = Outcome()
+    try:
+        # Fast path: one call into pydantic-core for the whole batch.
+        events = EVENT_LIST_ADAPTER.validate_python(items)
+        indexed = list(enumerate(events))
+    except ValidationError:
+        indexed = []
+        for index, item in enumerate(items):
+            if not isinstance(item, dict):
+                outcome.rejected.append(
+                    Rejection(index, [{"field": "(event)", "message": "must be a JSON object"}])
+                )
+                continue
+            try:
+                indexed.append((index, EVENT_ADAPTER.validate_python(item)))
+            except ValidationError as exc:
+                event_id = item.get("event_id")
+                outcome.rejected.append(
+                    Rejection(
+                        index,
+                        describe_errors(exc),
+                        event_id if isinstance(event_id, str) else None,
+                    )
+                )
+    project = principal.project_id
+    validators = pm.hook.validate_event
+    has_validators = bool(validators.get_hookimpls())
+    for index, event in indexed:
+        event.project_id = project
+        if has_validators:
+            problems = _plugin_problems(validators(event=event, principal=principal))
+            if problems:
+                outcome.rejected.append(
+                    Rejection(
+                        index,
+                        [{"field": "(event)", "message": p} for p in problems],
+                        event.event_id,
+                    )
+                )
+                continue
+        outcome.accepted.append(event)
+    outcome.rejected.sort(key=lambda r: r.index)
+    if outcome.accepted:
+        pm.hook.transform_events(events=outcome.accepted, principal=principal)
+    return outcome
+
+
+def _plugin_problems(results: list[Any]) -> list[str]:
+    problems: list[str] = []
+    for result in results:
+        if not result:
+            continue
+        if isinstance(result, str):
+            problems.append(result)
+        else:
+            problems.extend(str(p) for p in result)
+    return problems

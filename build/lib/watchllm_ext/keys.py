@@ -1,0 +1,183 @@
+"""API keys: created and revoked by the CLI, read by the running server.
+
+Keys live in a small SQLite file in the data folder, not in chDB: a chDB folder can be open
+in one process only, and `watchllm keys create` must work while `watchllm serve` runs.
+Only SHA-256 of the secret is stored; the key is shown once. The server rereads the file
+when SQLite says another connection changed it (checked at most every `key_refresh_s`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from .auth import SCOPES, Principal
+
+KEY_PREFIX = "wllm"  # recognisable, so secret scanners can find leaked keys
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id      TEXT PRIMARY KEY,
+    project_id  TEXT NOT NULL,
+    scope       TEXT NOT NULL,
+    secret_hash TEXT NOT NULL,
+    name        TEXT NOT NULL DEFAULT '',
+    created_at  TEXT NOT NULL,
+    revoked_at  TEXT
+)
+"""
+
+
+class KeyStoreError(Exception):
+    """A key operation failed; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    key_id: str
+    project_id: str
+    scope: str
+    name: str
+    created_at: str
+    revoked_at: str | None
+
+
+def _hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def split_key(key: str) -> tuple[str, str] | None:
+    """`wllm_<key id>_<secret>` -> (key id, secret); None if it is not shaped like our key."""
+    prefix, sep, rest = key.partition("_")
+    if prefix != KEY_PREFIX or not sep:
+        return None
+    key_id, sep, secret = rest.partition("_")
+    if not sep or len(key_id) != 12 or not secret:
+        return None
+    return key_id, secret
+
+
+class KeyStore:
+    def __init__(self, path: Path, refresh_s: float = 1.0) -> None:
+        self.path = path
+        self.refresh_s = refresh_s
+        self._lock = threading.Lock()
+        self._cache: dict[str, tuple[str, Principal]] = {}
+        self._cache_version: int | None = None
+        self._checked_at = 0.0
+        self._reader: sqlite3.Connection | None = None
+
+    def _connect(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, timeout=10, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(_SCHEMA)
+        conn.commit()
+        return conn
+
+    # --- administration (CLI) -------------------------------------------------------------
+
+    def create(self, project_id: str, scope: str = "ingest", name: str = "") -> str:
+        """Create a key and return it in full; this is the only time it can be seen."""
+        if scope not in SCOPES:
+            raise KeyStoreError(f"scope must be one of {', '.join(SCOPES)}, not {scope!r}")
+        from pydantic import TypeAdapter, ValidationError
+
+        from .schema import ProjectId  # the same rule as in event bodies
+
+        try:
+            TypeAdapter(ProjectId).validate_python(project_id)
+        except ValidationError:
+            raise KeyStoreError(
+                f"project must be 1-64 letters, digits, '_', '.' or '-', not {project_id!r}"
+            ) from None
+        key_id = secrets.token_hex(6)
+        secret = secrets.token_urlsafe(32)
+        with self._connect() as conn:
+            conn.execute(
+                "INSERT INTO api_keys (key_id, project_id, scope, secret_hash, name, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (key_id, project_id, scope, _hash(secret), name, _now()),
+            )
+        return f"{KEY_PREFIX}_{key_id}_{secret}"
+
+    def list(self, project_id: str | None = None) -> list[KeyRecord]:
+        with self._connect() as conn:
+            sql = "SELECT key_id, project_id, scope, name, created_at, revoked_at FROM api_keys"
+            args: tuple[str, ...] = ()
+            if project_id:
+                sql += " WHERE project_id = ?"
+                args = (project_id,)
+            rows = conn.execute(sql + " ORDER BY created_at, key_id", args).fetchall()
+        return [KeyRecord(*row) for row in rows]
+
+    def revoke(self, key_id: str) -> bool:
+        """Revoke by key id (or by the whole key). False if no active key has that id."""
+        parts = split_key(key_id)
+        if parts:
+            key_id = parts[0]
+        with self._connect() as conn:
+            cur = conn.execute(
+                "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
+                (_now(), key_id),
+            )
+            return cur.rowcount > 0
+
+    def is_empty(self) -> bool:
+        with self._connect() as conn:
+            return conn.execute("SELECT count(*) FROM api_keys").fetchone()[0] == 0
+
+    # --- lookup (server) -------------------------------------------------------------------
+
+    def authenticate(self, key: str) -> Principal | None:
+        parts = split_key(key)
+        if parts is None:
+            return None
+        key_id, secret = parts
+        self._refresh()
+        entry = self._cache.get(key_id)
+        if entry is None:
+            return None
+        stored_hash, principal = entry
+        if not hmac.compare_digest(stored_hash, _hash(secret)):
+            return None
+        return principal
+
+    def _refresh(self) -> None:
+        now = time.monotonic()
+        if now - self._checked_at < self.refresh_s:
+            return
+        with self._lock:
+            if now - self._checked_at < self.refresh_s:
+                return
+            if self._reader is None:
+                self._reader = self._connect()
+            # data_version changes when another connection commits: cheap to ask each time.
+            version = self._reader.execute("PRAGMA data_version").fetchone()[0]
+            if version != self._cache_version:
+                rows = self._reader.execute(
+                    "SELECT key_id, project_id, scope, secret_hash FROM api_keys"
+                    " WHERE revoked_at IS NULL"
+                ).fetchall()
+                self._reader.commit()
+                self._cache = {
+                    key_id: (h, Principal(project, frozenset({scope}), key_id))
+                    for key_id, project, scope, h in rows
+                }
+                self._cache_version = version
+            self._checked_at = now
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")

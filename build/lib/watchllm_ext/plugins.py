@@ -1,0 +1,106 @@
+"""The plugin manager: hook specs, built-in plugins, entry points, settings, explicit ones.
+
+Built-in behaviour (key authentication, cost estimates, the store sink) is registered as
+plugins through the same hooks a third party uses. There is no global manager: each app
+builds its own with `get_plugin_manager`, so tests never share state.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Iterable
+from importlib import metadata
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .settings import Settings
+
+log = logging.getLogger("watchllm.plugins")
+
+PROJECT = "watchllm"
+ENTRY_POINT_GROUP = "watchllm"
+DEFAULT_PLUGINS = (
+    "watchllm_ext.builtins.key_auth",
+    "watchllm_ext.builtins.cost",
+    "watchllm_ext.builtins.store_sink",
+)
+
+
+class PluginError(Exception):
+    """A plugin could not be loaded; the message names it."""
+
+
+def get_plugin_manager(
+    settings: Settings, plugins: Iterable[Any] = (), *, entry_points: bool = True
+) -> pluggy.PluginManager:
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(hookspecs)
+    blocked = set(settings.disable_plugins)
+    for name in DEFAULT_PLUGINS:
+        if name not in blocked and name.rsplit(".", 1)[-1] not in blocked:
+            pm.register(_instantiate(importlib.import_module(name), settings), name=name)
+    if entry_points:
+        _load_entry_points(pm, settings, blocked)
+    for dotted in settings.plugins:
+        if dotted in blocked:
+            continue
+        try:
+            module = importlib.import_module(dotted)
+        except ImportError as exc:
+            raise PluginError(f"plugin {dotted!r} from settings cannot be imported: {exc}") from exc
+        if pm.get_plugin(dotted) is None and not pm.is_registered(module):
+            pm.register(_instantiate(module, settings), name=dotted)
+    for plugin in plugins:
+        if not pm.is_registered(plugin):
+            pm.register(plugin)
+    # A misspelled hook name would otherwise be ignored in silence.
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(str(exc)) from exc
+    return pm
+
+
+def _instantiate(module: Any, settings: Settings) -> Any:
+    """A plugin module may expose `make_plugin(settings)` to get its settings; the object it
+    returns is registered instead of the module."""
+    factory = getattr(module, "make_plugin", None)
+    return factory(settings) if callable(factory) else module
+
+
+def _load_entry_points(pm: pluggy.PluginManager, settings: Settings, blocked: set[str]) -> None:
+    origins: dict[str, tuple[str, str]] = getattr(pm, "watchllm_origins", {})
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in blocked or ep.value in blocked or pm.get_plugin(ep.name) is not None:
+            continue
+        try:
+            plugin = _instantiate(ep.load(), settings)
+        except Exception as exc:
+            raise PluginError(f"plugin {ep.name!r} ({ep.value}) failed to load: {exc}") from exc
+        if pm.is_registered(plugin):
+            continue
+        pm.register(plugin, name=ep.name)
+        if ep.dist is not None:
+            origins[ep.name] = (ep.dist.name, ep.dist.version)
+    pm.watchllm_origins = origins  # type: ignore[attr-defined]
+
+
+def describe_plugins(pm: pluggy.PluginManager) -> list[dict[str, Any]]:
+    """Loaded plugins with their hooks and distribution version (for `/-/plugins`)."""
+    origins: dict[str, tuple[str, str]] = getattr(pm, "watchllm_origins", {})
+    out = []
+    for name, plugin in sorted(pm.list_name_plugin(), key=lambda item: item[0]):
+        dist = origins.get(name)
+        hooks = sorted(caller.name for caller in pm.get_hookcallers(plugin) or [])
+        out.append(
+            {
+                "name": name,
+                "hooks": hooks,
+                "distribution": dist[0] if dist else None,
+                "version": dist[1] if dist else None,
+            }
+        )
+    return out

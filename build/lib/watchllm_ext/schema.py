@@ -1,0 +1,274 @@
+"""The v1 event contract: eight event types, discriminated by `event_type`.
+
+Strict on purpose: unknown fields are rejected by name, timestamps need a zone, counts cannot
+be negative, and every string and list has a size limit (the constants below, documented in
+docs/EVENTS.md). This module imports only pydantic so the SDK can share it.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    StringConstraints,
+    TypeAdapter,
+    ValidationInfo,
+    field_validator,
+)
+
+# Size limits (characters for strings, items for lists).
+MAX_ID_CHARS = 128
+MAX_NAME_CHARS = 256
+MAX_TEXT_CHARS = 1_000_000  # prompt, response, stack traces, tool input/output
+MAX_SHORT_TEXT_CHARS = 10_000  # error messages, reasoning summaries, claims
+MAX_TAGS = 64
+MAX_TAG_CHARS = 128
+MAX_TOOL_CALLS = 256
+MAX_MESSAGES = 1_000
+MAX_JSON_CHARS = 1_000_000  # metadata, tool input/output, expected/actual once serialised
+# ClickHouse DateTime64 covers 1900-2299; we accept a narrower, saner window.
+MIN_TIMESTAMP = datetime(1970, 1, 1, tzinfo=UTC)
+MAX_TIMESTAMP = datetime(2200, 1, 1, tzinfo=UTC)
+MAX_TOKENS = 2**32 - 1
+
+EVENT_TYPES = (
+    "prompt_call",
+    "tool_call",
+    "agent_step",
+    "error",
+    "assertion_failed",
+    "hallucination_detected",
+    "cost_threshold_exceeded",
+    "performance_alert",
+)
+
+Id = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=MAX_ID_CHARS, pattern=r"^[A-Za-z0-9_.:\-]+$"),
+]
+ProjectId = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"),
+]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_CHARS)]
+ShortText = Annotated[str, StringConstraints(max_length=MAX_SHORT_TEXT_CHARS)]
+Text = Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS)]
+Tag = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TAG_CHARS)]
+Tokens = Annotated[StrictInt, Field(ge=0, le=MAX_TOKENS)]
+NonNegative = Annotated[StrictFloat, Field(ge=0, allow_inf_nan=False)]
+Finite = Annotated[StrictFloat, Field(allow_inf_nan=False)]
+Status = Literal["success", "error", "timeout", "assertion_failed", "warning"]
+Severity = Literal["info", "low", "medium", "high", "critical"]
+Env = Literal["production", "staging", "development"]
+CostSource = Literal["client", "computed", "unknown"]
+
+
+def _check_json_size(value: Any, field: str) -> Any:
+    # Free-form JSON is bounded once serialised, so a deep or wide object cannot slip past.
+    if value is None or isinstance(value, str):
+        if isinstance(value, str) and len(value) > MAX_JSON_CHARS:
+            raise ValueError(f"{field} is longer than {MAX_JSON_CHARS} characters")
+        return value
+    import json
+
+    if len(json.dumps(value, default=str)) > MAX_JSON_CHARS:
+        raise ValueError(f"{field} is larger than {MAX_JSON_CHARS} characters as JSON")
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=False)
+
+
+class Client(_Strict):
+    hostname: Annotated[str, StringConstraints(max_length=MAX_NAME_CHARS)] | None = None
+    sdk_version: Annotated[str, StringConstraints(max_length=64)] | None = None
+    platform: Annotated[str, StringConstraints(max_length=MAX_NAME_CHARS)] | None = None
+
+
+class ChatMessage(_Strict):
+    role: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    content: Text | list[dict[str, Any]] | None = None
+    name: Annotated[str, StringConstraints(max_length=MAX_NAME_CHARS)] | None = None
+    tool_call_id: Annotated[str, StringConstraints(max_length=MAX_ID_CHARS)] | None = None
+
+
+class ToolCallItem(_Strict):
+    """One tool call made by a prompt call (the `tool_calls[]` of a prompt_call)."""
+
+    id: Annotated[str, StringConstraints(max_length=MAX_ID_CHARS)] | None = None
+    tool_name: Name
+    tool_input: Any = None
+    tool_output: Any = None
+    status: Status | None = None
+    latency_ms: NonNegative | None = None
+    error_message: ShortText | None = None
+
+    @field_validator("tool_input", "tool_output")
+    @classmethod
+    def _io_size(cls, value: Any, info: ValidationInfo) -> Any:
+        return _check_json_size(value, str(info.field_name))
+
+
+class BaseEvent(_Strict):
+    event_id: Id
+    # Optional in the body: the project always comes from the API key, and a body that names
+    # another project is refused (403) before validation.
+    project_id: ProjectId | None = None
+    run_id: Id
+    timestamp: AwareDatetime
+    parent_event_id: Id | None = None
+    user_id: Annotated[str, StringConstraints(max_length=MAX_NAME_CHARS)] | None = None
+    session_id: Annotated[str, StringConstraints(max_length=MAX_NAME_CHARS)] | None = None
+    tags: Annotated[list[Tag], Field(max_length=MAX_TAGS)] = Field(default_factory=list)
+    release: Annotated[str, StringConstraints(max_length=MAX_NAME_CHARS)] | None = None
+    env: Env = "production"
+    client: Client = Field(default_factory=Client)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("timestamp")
+    @classmethod
+    def _timestamp_in_range(cls, value: datetime) -> datetime:
+        if not MIN_TIMESTAMP <= value < MAX_TIMESTAMP:
+            raise ValueError("timestamp must be between 1970-01-01 and 2200-01-01")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_size(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _check_json_size(value, "metadata") if value else value
+
+
+class PromptCallEvent(BaseEvent):
+    event_type: Literal["prompt_call"]
+    prompt: Text | Annotated[list[ChatMessage], Field(max_length=MAX_MESSAGES)] | None = None
+    model: Name | None = None
+    provider: Name | None = None
+    tokens_input: Tokens | None = None
+    tokens_output: Tokens | None = None
+    cost_estimate_usd: NonNegative | None = None
+    # Set by the server's cost transform (client / computed / unknown), never by the client.
+    cost_source: CostSource | None = None
+    response: Text | None = None
+    response_metadata: dict[str, Any] = Field(default_factory=dict)
+    status: Status = "success"
+    latency_ms: NonNegative | None = None
+    error_message: ShortText | None = None
+    tool_calls: Annotated[list[ToolCallItem], Field(max_length=MAX_TOOL_CALLS)] = Field(
+        default_factory=list
+    )
+
+    @field_validator("cost_source", mode="before")
+    @classmethod
+    def _cost_source_is_ours(cls, value: Any) -> Any:
+        # Runs only when the input names the field (defaults are not validated).
+        raise ValueError("cost_source is set by the server; send cost_estimate_usd instead")
+
+    @field_validator("response_metadata")
+    @classmethod
+    def _response_metadata_size(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _check_json_size(value, "response_metadata") if value else value
+
+
+class ToolCallEvent(BaseEvent):
+    event_type: Literal["tool_call"]
+    tool_name: Name
+    tool_input: Any = None
+    tool_output: Any = None
+    status: Status = "success"
+    latency_ms: NonNegative | None = None
+    error_message: ShortText | None = None
+
+    @field_validator("tool_input", "tool_output")
+    @classmethod
+    def _io_size(cls, value: Any, info: ValidationInfo) -> Any:
+        return _check_json_size(value, str(info.field_name))
+
+
+class AgentStepEvent(BaseEvent):
+    event_type: Literal["agent_step"]
+    step_number: Annotated[StrictInt, Field(ge=0, le=MAX_TOKENS)]
+    step_name: Name | None = None
+    reasoning: Text | None = None
+    action: Text | None = None
+    observation: Text | None = None
+    status: Status = "success"
+    latency_ms: NonNegative | None = None
+
+
+class ErrorEvent(BaseEvent):
+    event_type: Literal["error"]
+    error_type: Name
+    error_message: ShortText
+    stack_trace: Text | None = None
+
+
+class AssertionFailedEvent(BaseEvent):
+    event_type: Literal["assertion_failed"]
+    assertion_name: Name
+    expected: Any = None
+    actual: Any = None
+    severity: Severity = "medium"
+
+    @field_validator("expected", "actual")
+    @classmethod
+    def _value_size(cls, value: Any, info: ValidationInfo) -> Any:
+        return _check_json_size(value, str(info.field_name))
+
+
+class HallucinationDetectedEvent(BaseEvent):
+    event_type: Literal["hallucination_detected"]
+    detection_method: Name
+    confidence: Annotated[StrictFloat, Field(ge=0, le=1, allow_inf_nan=False)]
+    claim: Text
+    evidence: Text | None = None
+    severity: Severity = "medium"
+
+
+class CostThresholdExceededEvent(BaseEvent):
+    event_type: Literal["cost_threshold_exceeded"]
+    threshold_usd: NonNegative
+    actual_usd: NonNegative
+    window: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+
+
+class PerformanceAlertEvent(BaseEvent):
+    event_type: Literal["performance_alert"]
+    metric: Name
+    threshold: Finite
+    actual: Finite
+    window: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+
+
+Event = Annotated[
+    PromptCallEvent
+    | ToolCallEvent
+    | AgentStepEvent
+    | ErrorEvent
+    | AssertionFailedEvent
+    | HallucinationDetectedEvent
+    | CostThresholdExceededEvent
+    | PerformanceAlertEvent,
+    Field(discriminator="event_type"),
+]
+
+EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+EVENT_LIST_ADAPTER: TypeAdapter[list[Event]] = TypeAdapter(list[Event])
+
+MODELS_BY_TYPE: dict[str, type[BaseEvent]] = {
+    "prompt_call": PromptCallEvent,
+    "tool_call": ToolCallEvent,
+    "agent_step": AgentStepEvent,
+    "error": ErrorEvent,
+    "assertion_failed": AssertionFailedEvent,
+    "hallucination_detected": HallucinationDetectedEvent,
+    "cost_threshold_exceeded": CostThresholdExceededEvent,
+    "performance_alert": PerformanceAlertEvent,
+}

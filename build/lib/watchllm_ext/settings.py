@@ -1,0 +1,151 @@
+"""Settings: `WATCHLLM_*` environment variables, then `watchllm.toml`, then defaults.
+
+Every field is documented in docs/SETTINGS.md (a test keeps the two in step).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+from pydantic_settings import SettingsError as PydanticSettingsError
+
+MiB = 1024 * 1024
+
+
+class SettingsError(Exception):
+    """A setting has a bad value; the message names it."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="WATCHLLM_",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    data_dir: Path = Field(
+        Path(".watchllm"),
+        description="Folder for the embedded chDB store and the API-key file.",
+    )
+    host: str = Field("127.0.0.1", description="Address `watchllm serve` listens on.")
+    port: int = Field(8787, ge=1, le=65535, description="Port `watchllm serve` listens on.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level of the server."
+    )
+    plugins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Extra plugins to load, as dotted import paths (comma-separated in the env).",
+    )
+    disable_plugins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Plugin names (entry-point or module names) not to load.",
+    )
+    max_body_bytes: int = Field(
+        10 * MiB, ge=1024, description="Largest request body accepted on the wire."
+    )
+    max_decompressed_bytes: int = Field(
+        50 * MiB, ge=1024, description="Largest body accepted after gzip decompression."
+    )
+    max_batch_events: int = Field(
+        10_000, ge=1, le=1_000_000, description="Most events accepted in one request."
+    )
+    flush_max_events: int = Field(
+        10_000, ge=1, description="The writer flushes a batch once it holds this many events."
+    )
+    flush_interval_s: float = Field(
+        1.0, gt=0, le=3600, description="The writer flushes at least this often (seconds)."
+    )
+    buffer_max_events: int = Field(
+        500_000,
+        ge=1,
+        description="Events held in memory before ingestion answers 503 with Retry-After.",
+    )
+    sink_retry_initial_s: float = Field(
+        0.2, gt=0, description="First wait before retrying a failed sink write (seconds)."
+    )
+    sink_retry_max_s: float = Field(
+        30.0, gt=0, description="Longest wait between retries of a failed sink write (seconds)."
+    )
+    shutdown_grace_s: float = Field(
+        30.0, ge=0, description="Time given to sinks to take what is buffered at shutdown."
+    )
+    key_refresh_s: float = Field(
+        1.0, gt=0, le=2.0, description="How often the server rereads the key file (seconds)."
+    )
+    model_prices: dict[str, tuple[float, float]] = Field(
+        default_factory=dict,
+        description="Custom prices, USD per million (input, output) tokens, by model name;"
+        " used before the genai-prices tables (for fine-tuned or private models).",
+    )
+    create_default_key: bool = Field(
+        True,
+        description="On first `serve` with no keys, create project `default` and print its key.",
+    )
+
+    @field_validator("plugins", "disable_plugins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        # Env values arrive as one string; accept "a.b,c.d" as well as a JSON list.
+        if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                return json.loads(value)
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_path = Path(os.environ.get("WATCHLLM_CONFIG", "watchllm.toml"))
+        return (
+            init_settings,
+            env_settings,
+            TomlConfigSettingsSource(settings_cls, toml_file=toml_path),
+        )
+
+    @property
+    def keys_path(self) -> Path:
+        return self.data_dir / "keys.sqlite3"
+
+    @property
+    def store_path(self) -> Path:
+        return self.data_dir / "chdb"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build Settings, turning a validation error into one message per bad setting."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise SettingsError(describe_settings_error(exc)) from None
+    except PydanticSettingsError as exc:  # a value that is not even parseable (bad JSON)
+        raise SettingsError(f"{exc}: {exc.__cause__}") from None
+    except (OSError, ValueError) as exc:  # an unreadable or malformed watchllm.toml
+        raise SettingsError(f"cannot read the settings file: {exc}") from None
+
+
+def describe_settings_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        name = str(err["loc"][0]) if err["loc"] else "?"
+        lines.append(
+            f"invalid setting {name} (env WATCHLLM_{name.upper()}): {err['msg']}"
+            f" (got {err.get('input')!r})"
+        )
+    return "\n".join(lines)

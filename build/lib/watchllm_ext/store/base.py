@@ -1,0 +1,43 @@
+"""What a store is: something that runs ClickHouse SQL with bound parameters and takes
+columnar inserts. chDB (embedded) and a ClickHouse server both fit behind this."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+
+class StoreError(Exception):
+    """The store refused or failed an operation. `permanent` errors will never succeed on
+    retry (a row the store rejects); others (store down, timeout) may."""
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+class StoreLockedError(StoreError):
+    """The data folder is in use by another process."""
+
+
+@runtime_checkable
+class Store(Protocol):
+    name: str
+
+    def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
+        """Run a statement with no result (DDL, INSERT … SELECT)."""
+
+    def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Run a SELECT; user input only through `{name:Type}` parameters."""
+
+    def insert(self, table: str, data: pa.Table) -> None:
+        """Insert an Arrow table whose column names are columns of `table`."""
+
+    def version(self) -> str:
+        """The ClickHouse version string."""
+
+    def close(self) -> None:
+        """Release the store (and its data folder lock)."""

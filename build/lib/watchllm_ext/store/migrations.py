@@ -1,0 +1,87 @@
+"""Numbered migrations from the `clickhouse/migrations` folder, applied once each.
+
+Applied versions are recorded in `schema_migrations` with a checksum, so a start or a
+`watchllm migrate` applies only what is new. Statements are idempotent (IF NOT EXISTS), so a
+migration interrupted half-way converges when run again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+from .base import Store
+
+log = logging.getLogger("watchllm.store")
+
+_TRACKING_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version UInt32,
+    name String,
+    checksum String,
+    applied_at DateTime64(3, 'UTC') DEFAULT now64(3)
+) ENGINE = MergeTree ORDER BY version
+"""
+_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()[:16]
+
+    def statements(self) -> list[str]:
+        # Our migrations keep ';' only at the end of statements, never inside strings.
+        body = "\n".join(
+            line for line in self.sql.splitlines() if not line.strip().startswith("--")
+        )
+        return [part.strip() for part in body.split(";") if part.strip()]
+
+
+def load_migrations() -> list[Migration]:
+    folder = resources.files("watchllm_clickhouse") / "migrations"
+    found = []
+    for entry in folder.iterdir():
+        match = _NAME.match(entry.name)
+        if match:
+            found.append(Migration(int(match[1]), match[2], entry.read_text()))
+    found.sort(key=lambda m: m.version)
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise RuntimeError(f"two migrations share a number: {versions}")
+    return found
+
+
+def apply_migrations(store: Store) -> list[str]:
+    """Apply every migration not yet recorded; return the names applied now."""
+    store.execute(_TRACKING_TABLE)
+    rows = store.query("SELECT version, checksum FROM schema_migrations")
+    applied = {int(r["version"]): r["checksum"] for r in rows}
+    done = []
+    for migration in load_migrations():
+        if migration.version in applied:
+            if applied[migration.version] != migration.checksum:
+                log.warning(
+                    "migration %04d_%s changed after it was applied; not re-running it",
+                    migration.version,
+                    migration.name,
+                )
+            continue
+        for statement in migration.statements():
+            store.execute(statement)
+        store.execute(
+            "INSERT INTO schema_migrations (version, name, checksum)"
+            " VALUES ({version:UInt32}, {name:String}, {checksum:String})",
+            {"version": migration.version, "name": migration.name, "checksum": migration.checksum},
+        )
+        done.append(f"{migration.version:04d}_{migration.name}")
+        log.info("applied migration %04d_%s", migration.version, migration.name)
+    return done

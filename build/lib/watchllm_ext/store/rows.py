@@ -1,0 +1,267 @@
+"""Validated events -> one Arrow table per ClickHouse table (the columnar insert path).
+
+Column names and types here mirror clickhouse/migrations; tests insert every event type
+and read each column back, so a drift between the two fails loudly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import pyarrow as pa
+from pydantic import BaseModel
+from pydantic_core import to_json
+
+from ..schema import BaseEvent
+
+_TS = pa.timestamp("ms", tz="UTC")
+_STR = pa.string()
+_F64 = pa.float64()
+_U32 = pa.uint32()
+
+EVENTS_SCHEMA = pa.schema(
+    [
+        ("project_id", _STR),
+        ("event_id", _STR),
+        ("event_type", _STR),
+        ("run_id", _STR),
+        ("timestamp", _TS),
+        ("parent_event_id", _STR),
+        ("user_id", _STR),
+        ("session_id", _STR),
+        ("tags", pa.list_(_STR)),
+        ("release", _STR),
+        ("env", _STR),
+        ("client_hostname", _STR),
+        ("client_sdk_version", _STR),
+        ("client_platform", _STR),
+        ("metadata", _STR),
+        ("prompt", _STR),
+        ("model", _STR),
+        ("provider", _STR),
+        ("tokens_input", _U32),
+        ("tokens_output", _U32),
+        ("cost_estimate_usd", _F64),
+        ("cost_source", _STR),
+        ("response", _STR),
+        ("response_metadata", _STR),
+        ("tool_call_count", pa.uint16()),
+        ("status", _STR),
+        ("latency_ms", _F64),
+        ("error_message", _STR),
+        ("tool_name", _STR),
+        ("tool_input", _STR),
+        ("tool_output", _STR),
+        ("step_number", _U32),
+        ("step_name", _STR),
+        ("reasoning", _STR),
+        ("action", _STR),
+        ("observation", _STR),
+        ("error_type", _STR),
+        ("stack_trace", _STR),
+        ("assertion_name", _STR),
+        ("expected", _STR),
+        ("actual", _STR),
+        ("severity", _STR),
+        ("detection_method", _STR),
+        ("confidence", _F64),
+        ("claim", _STR),
+        ("evidence", _STR),
+        ("threshold_usd", _F64),
+        ("actual_usd", _F64),
+        ("alert_window", _STR),
+        ("metric", _STR),
+        ("metric_threshold", _F64),
+        ("metric_actual", _F64),
+        ("ingested_at", _TS),
+    ]
+)
+
+TOOL_CALLS_SCHEMA = pa.schema(
+    [
+        ("project_id", _STR),
+        ("event_id", _STR),
+        ("call_index", pa.uint16()),
+        ("source", _STR),
+        ("run_id", _STR),
+        ("timestamp", _TS),
+        ("tool_call_id", _STR),
+        ("tool_name", _STR),
+        ("tool_input", _STR),
+        ("tool_output", _STR),
+        ("status", _STR),
+        ("latency_ms", _F64),
+        ("error_message", _STR),
+        ("ingested_at", _TS),
+    ]
+)
+
+AGENT_STEPS_SCHEMA = pa.schema(
+    [
+        ("project_id", _STR),
+        ("event_id", _STR),
+        ("run_id", _STR),
+        ("timestamp", _TS),
+        ("step_number", _U32),
+        ("step_name", _STR),
+        ("reasoning", _STR),
+        ("action", _STR),
+        ("observation", _STR),
+        ("status", _STR),
+        ("latency_ms", _F64),
+        ("ingested_at", _TS),
+    ]
+)
+
+# Fields whose value is free-form JSON: stored as JSON text.
+_JSON_FIELDS = frozenset(
+    {"tool_input", "tool_output", "expected", "actual", "response_metadata", "metadata"}
+)
+# Event fields stored under another column name, per event type.
+_RENAMED = {
+    "window": "alert_window",
+    "threshold": "metric_threshold",
+}
+_COMMON = frozenset(
+    {
+        "project_id",
+        "event_id",
+        "event_type",
+        "run_id",
+        "timestamp",
+        "parent_event_id",
+        "user_id",
+        "session_id",
+        "tags",
+        "release",
+        "env",
+    }
+)
+
+
+def _json(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    return to_json(value).decode()
+
+
+def event_row(event: BaseEvent, ingested_at: datetime) -> dict[str, Any]:
+    data = event.__dict__
+    row: dict[str, Any] = {name: data[name] for name in _COMMON}
+    client = event.client
+    row["client_hostname"] = client.hostname
+    row["client_sdk_version"] = client.sdk_version
+    row["client_platform"] = client.platform
+    row["metadata"] = to_json(event.metadata).decode() if event.metadata else "{}"
+    row["ingested_at"] = ingested_at
+    event_type = data["event_type"]
+    for name, value in data.items():
+        if name in row or name in _COMMON or name in ("client", "metadata"):
+            continue
+        if name == "prompt":
+            row["prompt"] = (
+                value
+                if value is None or isinstance(value, str)
+                else _json([m.model_dump(exclude_none=True) for m in value])
+            )
+        elif name == "tool_calls":
+            row["tool_call_count"] = len(value)
+        elif name == "actual" and event_type == "performance_alert":
+            row["metric_actual"] = value
+        elif name in _RENAMED:
+            row[_RENAMED[name]] = value
+        elif name in _JSON_FIELDS:
+            row[name] = _json(value)
+        else:
+            row[name] = value
+    return row
+
+
+def tool_call_rows(event: BaseEvent, ingested_at: datetime) -> list[dict[str, Any]]:
+    base = {
+        "project_id": event.project_id,
+        "event_id": event.event_id,
+        "run_id": event.run_id,
+        "timestamp": event.timestamp,
+        "ingested_at": ingested_at,
+    }
+    data = event.__dict__
+    if data["event_type"] == "tool_call":
+        return [
+            {
+                **base,
+                "call_index": 0,
+                "source": "tool_call",
+                "tool_call_id": None,
+                "tool_name": data["tool_name"],
+                "tool_input": _json(data["tool_input"]),
+                "tool_output": _json(data["tool_output"]),
+                "status": data["status"],
+                "latency_ms": data["latency_ms"],
+                "error_message": data["error_message"],
+            }
+        ]
+    if data["event_type"] == "prompt_call":
+        return [
+            {
+                **base,
+                "call_index": index,
+                "source": "prompt_call",
+                "tool_call_id": item.id,
+                "tool_name": item.tool_name,
+                "tool_input": _json(item.tool_input),
+                "tool_output": _json(item.tool_output),
+                "status": item.status,
+                "latency_ms": item.latency_ms,
+                "error_message": item.error_message,
+            }
+            for index, item in enumerate(data["tool_calls"])
+        ]
+    return []
+
+
+def agent_step_row(event: BaseEvent, ingested_at: datetime) -> dict[str, Any]:
+    data = event.__dict__
+    return {
+        "project_id": event.project_id,
+        "event_id": event.event_id,
+        "run_id": event.run_id,
+        "timestamp": event.timestamp,
+        "step_number": data["step_number"],
+        "step_name": data["step_name"],
+        "reasoning": data["reasoning"],
+        "action": data["action"],
+        "observation": data["observation"],
+        "status": data["status"],
+        "latency_ms": data["latency_ms"],
+        "ingested_at": ingested_at,
+    }
+
+
+def tables_for(events: Sequence[BaseModel]) -> dict[str, pa.Table]:
+    """The Arrow tables to insert for these events, keyed by ClickHouse table name.
+
+    Tables with no rows are left out.
+    """
+    ingested_at = datetime.now(UTC)
+    event_rows = []
+    tool_rows: list[dict[str, Any]] = []
+    step_rows = []
+    for event in events:
+        assert isinstance(event, BaseEvent)
+        event_rows.append(event_row(event, ingested_at))
+        event_type = event.__dict__["event_type"]
+        if event_type in ("prompt_call", "tool_call"):
+            tool_rows.extend(tool_call_rows(event, ingested_at))
+        elif event_type == "agent_step":
+            step_rows.append(agent_step_row(event, ingested_at))
+    tables = {"events": pa.Table.from_pylist(event_rows, schema=EVENTS_SCHEMA)}
+    if tool_rows:
+        tables["tool_calls"] = pa.Table.from_pylist(tool_rows, schema=TOOL_CALLS_SCHEMA)
+    if step_rows:
+        tables["agent_steps"] = pa.Table.from_pylist(step_rows, schema=AGENT_STEPS_SCHEMA)
+    return tables

@@ -1,0 +1,121 @@
+"""The embedded store: chDB (the ClickHouse engine in this process), data in a local folder.
+
+Registered with `trylast`, so a plugin that provides another store (a ClickHouse server)
+takes precedence. chDB opens one data folder per process and fails obscurely when a second
+process opens the same folder, so we hold an advisory lock file that names the holder.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from watchllm_ext import Settings, hookimpl
+from watchllm_ext.store import StoreError, StoreLockedError
+
+log = logging.getLogger("watchllm.chdb")
+
+# chDB allows one open data folder per process: the store currently open, if any.
+_open_lock = threading.Lock()
+
+
+def _is_permanent(message: str) -> bool:
+    # Type and value errors from ClickHouse are about the data and will never succeed.
+    permanent_codes = ("CANNOT_CONVERT_TYPE", "TYPE_MISMATCH", "CANNOT_PARSE", "TOO_LARGE")
+    return any(code in message for code in permanent_codes)
+
+
+class ChdbStore:
+    name = "chdb"
+
+    def __init__(self, path: Path) -> None:
+        from chdb import session
+
+        self.path = path.resolve()
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock_file = _acquire_folder_lock(self.path)
+        try:
+            self._session = session.Session(str(self.path))
+        except Exception as exc:
+            self._release_lock()
+            raise StoreError(f"cannot open the chDB folder {self.path}: {exc}") from exc
+
+    def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
+        self._run(sql, "CSV", params)
+
+    def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        result = self._run(sql, "JSONEachRow", params)
+        text = result.data() if result is not None else ""
+        return [json.loads(line) for line in text.splitlines() if line]
+
+    def insert(self, table: str, data: pa.Table) -> None:
+        if not table.isidentifier():
+            raise StoreError(f"bad table name {table!r}", permanent=True)
+        columns = ", ".join(f"`{name}`" for name in data.column_names)
+        # chDB's Python() table function reads the Arrow table from this frame by name.
+        arrow_rows = data  # noqa: F841 - referenced by name inside the SQL below
+        self._run(f"INSERT INTO {table} ({columns}) SELECT * FROM Python(arrow_rows)", "CSV", None)
+
+    def version(self) -> str:
+        return self.query("SELECT version() AS v")[0]["v"]
+
+    def close(self) -> None:
+        try:
+            self._session.close()
+        finally:
+            self._release_lock()
+
+    def _run(self, sql: str, fmt: str, params: Mapping[str, Any] | None) -> Any:
+        try:
+            return self._session.query(sql, fmt, params=dict(params) if params else None)
+        except Exception as exc:
+            message = str(exc)
+            raise StoreError(message, permanent=_is_permanent(message)) from exc
+
+    def _release_lock(self) -> None:
+        if self._lock_file is not None:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            self._lock_file.close()
+            self._lock_file = None
+
+
+def _acquire_folder_lock(path: Path) -> Any:
+    lock_path = path / "watchllm.lock"
+    handle = open(lock_path, "a+")  # noqa: SIM115 - held open for the store's lifetime
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise StoreLockedError(
+            f"the data folder {path} is in use by {holder}. A chDB folder can be open in one "
+            "process only: stop that process, or ask it instead with "
+            "--url http://HOST:PORT --key KEY"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"process {os.getpid()} ({_cmdline()})")
+    handle.flush()
+    return handle
+
+
+def _cmdline() -> str:
+    try:
+        raw = Path(f"/proc/{os.getpid()}/cmdline").read_bytes()
+        return raw.replace(b"\0", b" ").decode(errors="replace").strip()[:200]
+    except OSError:
+        return "unknown command"
+
+
+@hookimpl(trylast=True)
+def register_store(settings: Settings) -> ChdbStore:
+    return ChdbStore(settings.store_path)

@@ -1,0 +1,165 @@
+"""The `watchllm` command, run as a user runs it: a real process, real output."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import free_port, prompt_call
+
+WATCHLLM = [sys.executable, "-m", "watchllm_ext.cli"]
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*WATCHLLM, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
+class Serve:
+    def __init__(self, data_dir: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [*WATCHLLM, "serve", "--data-dir", str(data_dir), "--port", str(self.port)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.output: list[str] = []
+        deadline = time.monotonic() + 60
+        assert self.proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise AssertionError("serve exited: " + "".join(self.output))
+            self.output.append(line)
+            if "Application startup complete" in line:
+                return
+        raise AssertionError("serve did not start: " + "".join(self.output))
+
+    @property
+    def key(self) -> str:
+        found = re.search(r"Key: (\S+)", "".join(self.output))
+        assert found, self.output
+        return found.group(1)
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=60)
+        assert self.proc.stdout is not None
+        self.output.append(self.proc.stdout.read())
+        self.proc.stdout.close()
+        return code
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Serve]:
+    serve = Serve(tmp_path / "data")
+    yield serve
+    if serve.proc.poll() is None:
+        serve.stop()
+
+
+def test_serve_first_start_prints_a_key_and_the_read_commands_work(
+    served: Serve, tmp_path: Path
+) -> None:
+    data = str(tmp_path / "data")
+    text = "".join(served.output)
+    assert "created project 'default'" in text and served.url in text
+    key = served.key
+    # Only the hash is on disk.
+    assert key.split("_", 2)[2].encode() not in (tmp_path / "data" / "keys.sqlite3").read_bytes()
+
+    with httpx.Client(base_url=served.url) as client:
+        r = client.post(
+            "/v1/events/batch",
+            headers={"Authorization": f"Bearer {key}"},
+            json={"events": [prompt_call(f"c{i}", project_id="default") for i in range(7)]},
+        )
+        assert r.status_code == 202, r.text
+
+    remote = ["--url", served.url, "--key", key]
+    deadline = time.monotonic() + 10
+    while True:
+        counted = cli("count-rows", *remote)
+        assert counted.returncode == 0, counted.stderr
+        if counted.stdout.strip().splitlines()[-1] == "7" or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert counted.stdout.strip().splitlines()[-1] == "7"
+    assert cli("count-rows", *remote, "--project", "nope").stdout.strip().splitlines()[-1] == "0"
+    tables = cli("check-tables", *remote).stdout.split()
+    assert {"events", "tool_calls", "agent_steps", "spans", "traces"} <= set(tables)
+    verified = cli("verify-clickhouse", *remote)
+    assert re.fullmatch(r"Successfully connected to ClickHouse! Version: [\d.]+\n", verified.stdout)
+
+    # The folder is busy: a clear line naming the process, not a traceback.
+    busy = cli("count-rows", "--data-dir", data)
+    assert busy.returncode == 1
+    assert f"in use by process {served.proc.pid}" in busy.stderr and "--url" in busy.stderr
+    assert "Traceback" not in busy.stderr
+    second = cli("serve", "--data-dir", data, "--port", str(free_port()))
+    assert second.returncode == 1 and "in use by process" in second.stderr
+
+    # SIGTERM flushes; the data is there for the local commands afterwards.
+    # (uvicorn re-raises the signal after a graceful shutdown, as process managers expect.)
+    assert served.stop() in (0, -signal.SIGTERM)
+    assert "Application shutdown complete" in "".join(served.output)
+    local = cli("count-rows", "--data-dir", data, "--project", "default")
+    assert local.returncode == 0, local.stderr
+    assert local.stdout.strip().splitlines()[-1] == "7"
+    assert (
+        "Successfully connected to ClickHouse! Version:"
+        in cli("verify-clickhouse", "--data-dir", data).stdout
+    )
+
+
+def test_migrate_applies_once(tmp_path: Path) -> None:
+    data = str(tmp_path / "d")
+    first = cli("migrate", "--data-dir", data)
+    assert first.returncode == 0, first.stderr
+    assert "applied 0001_initial" in first.stdout
+    second = cli("migrate", "--data-dir", data)
+    assert second.stdout.strip() == "schema is up to date"
+
+
+def test_bad_setting_fails_at_start_naming_it(tmp_path: Path) -> None:
+    bad = cli("serve", "--data-dir", str(tmp_path), env={"WATCHLLM_FLUSH_INTERVAL_S": "soon"})
+    assert bad.returncode == 2
+    assert "WATCHLLM_FLUSH_INTERVAL_S" in bad.stderr and "Traceback" not in bad.stderr
+    bad = cli("serve", "--data-dir", str(tmp_path), env={"WATCHLLM_MAX_BATCH_EVENTS": "0"})
+    assert bad.returncode == 2 and "max_batch_events" in bad.stderr
+
+
+def test_keys_commands(tmp_path: Path) -> None:
+    data = str(tmp_path / "d")
+    made = cli("keys", "create", "--project", "p1", "--scope", "read", "--data-dir", data)
+    assert made.returncode == 0
+    key = made.stdout.strip().splitlines()[-1]
+    assert key.startswith("wllm_")
+    listed = cli("keys", "list", "--data-dir", data).stdout
+    assert "p1" in listed and "read" in listed and key not in listed
+    bad = cli("keys", "create", "--project", "p 1", "--data-dir", data)
+    assert bad.returncode == 1 and "project" in bad.stderr
+
+
+def test_remote_errors_are_one_line(tmp_path: Path) -> None:
+    down = cli("count-rows", "--url", f"http://127.0.0.1:{free_port()}", "--key", "k")
+    assert down.returncode == 1 and "cannot reach" in down.stderr
+    assert "Traceback" not in down.stderr
+    nokey = cli("check-tables", "--url", "http://127.0.0.1:1")
+    assert nokey.returncode == 1 and "--key" in nokey.stderr

@@ -1,0 +1,53 @@
+"""Settings from the environment and watchllm.toml, clear errors, and docs in step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from watchllm_ext.settings import Settings, SettingsError, load_settings
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "SETTINGS.md"
+
+
+def test_env_then_toml_then_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    toml = tmp_path / "w.toml"
+    toml.write_text('port = 9000\nflush_interval_s = 0.5\n[model_prices]\n"m1" = [1.5, 2]\n')
+    monkeypatch.setenv("WATCHLLM_CONFIG", str(toml))
+    monkeypatch.setenv("WATCHLLM_PORT", "9100")
+    s = load_settings()
+    assert s.port == 9100  # env beats the file
+    assert s.flush_interval_s == 0.5  # the file beats the default
+    assert s.model_prices == {"m1": (1.5, 2.0)}
+    assert s.max_batch_events == 10_000
+    assert load_settings(port=9200).port == 9200  # explicit beats env
+
+
+def test_bad_values_name_the_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WATCHLLM_CONFIG", str(tmp_path / "none.toml"))
+    monkeypatch.setenv("WATCHLLM_PORT", "70000")
+    with pytest.raises(SettingsError, match=r"invalid setting port \(env WATCHLLM_PORT\)"):
+        load_settings()
+    monkeypatch.delenv("WATCHLLM_PORT")
+    monkeypatch.setenv("WATCHLLM_MODEL_PRICES", "{not json")
+    with pytest.raises(SettingsError, match="model_prices"):
+        load_settings()
+    monkeypatch.delenv("WATCHLLM_MODEL_PRICES")
+    toml = tmp_path / "bad.toml"
+    toml.write_text("flush_intervall_s = 1\n")
+    monkeypatch.setenv("WATCHLLM_CONFIG", str(toml))
+    with pytest.raises(SettingsError, match="flush_intervall_s"):
+        load_settings()
+    toml.write_text("port = \n")
+    with pytest.raises(SettingsError, match="settings file"):
+        load_settings()
+
+
+def test_every_setting_is_documented_with_its_default() -> None:
+    docs = DOCS.read_text()
+    for name, field in Settings.model_fields.items():
+        assert f"`WATCHLLM_{name.upper()}`" in docs, name
+        assert field.description, name
+        if field.default_factory is None and name != "data_dir":
+            assert f"`{field.default}`" in docs, f"default of {name}"
