@@ -505,12 +505,7 @@ def measure_batch_watchllm(work: Path, template: Path, batches: int, conns: int,
         # writer starts the timed load empty.
         run_batch_client(server.port, server.key, template, 1, 1, f"w{rnd}", 120)
         server.wait_count(BATCH_SIZE, 60)
-        spy = None
-        if pyspy_out is not None:
-            spy = spawn(["py-spy", "record", "--pid", str(server.pid), "--rate", "200",
-                         "--format", "raw", "--nolineno", "--output", str(pyspy_out)],
-                        log=work / "py-spy.log")
-            time.sleep(1.0)
+        spy = pyspy_attach(server.pid, pyspy_out, work) if pyspy_out is not None else None
         cpu0 = cpu_seconds(server.pid)
         res = run_batch_client(server.port, server.key, template, batches, conns, f"r{rnd}",
                                timeout_s=1800)
@@ -659,6 +654,14 @@ def _median_round(rounds: list[dict[str, Any]], key: str) -> dict[str, Any]:
 
 
 # --- profiles ---------------------------------------------------------------------------------
+
+
+def pyspy_attach(pid: int, out: Path, work: Path) -> subprocess.Popen[Any]:
+    """py-spy sampling every thread of `pid` until stopped (SIGINT makes it write `out`)."""
+    spy = spawn(["py-spy", "record", "--pid", str(pid), "--rate", "200", "--format", "raw",
+                 "--nolineno", "--output", str(out)], log=work / "py-spy.log")
+    time.sleep(1.0)  # let it attach before the load starts
+    return spy
 
 
 def top_pyspy(raw: Path, n: int = 12) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
@@ -869,18 +872,37 @@ def profile(work: Path, template: Path, cfg: dict[str, Any]) -> None:
     res = measure_batch_watchllm(work, template, cfg["batches"], cfg["batch_conns"], 98,
                                  pyspy_out=raw)
     print(f"py-spy on the WatchLLM server during batch load ({res['events_s']:,.0f} events/s "
-          f"under the profiler), share of samples of busy threads:")
+          f"under the profiler):")
+    print_pyspy(raw)
+
+    if shutil.which("wrk") is not None:
+        raw_single = work / "py-spy-single.txt"
+        body = work / "single.json"
+        body.write_bytes(single_body())
+        with Server("watchllm", work / "single-profile") as wl:
+            script = wrk_script(work / "watchllm-profile.lua", body, wl.key)
+            spy = pyspy_attach(wl.pid, raw_single, work)
+            res = run_wrk(wl.port, script, cfg["single_conns"], cfg["single_duration_s"],
+                          cfg["wrk_threads"])
+            stop(spy, grace_s=60)
+        print(f"\npy-spy on the WatchLLM server during single-event load ({res['rps']:,.0f} "
+              f"req/s, p99 {res['p99_ms']:.1f} ms under the profiler):")
+        print_pyspy(raw_single)
+        shutil.copy(raw_single, Path(tempfile.gettempdir()) / "watchllm-bench-py-spy-single.txt")
+    shutil.copy(raw, Path(tempfile.gettempdir()) / "watchllm-bench-py-spy.txt")
+    shutil.copy(prof, Path(tempfile.gettempdir()) / "watchllm-bench-inproc.prof")
+    print(f"\nraw profiles copied to {tempfile.gettempdir()}/watchllm-bench-py-spy*.txt and "
+          "watchllm-bench-inproc.prof")
+
+
+def print_pyspy(raw: Path) -> None:
     own, incl = top_pyspy(raw)
-    print("  own time (the frame that was running):")
+    print("  own time (the frame that was running), share of samples of busy threads:")
     for frame, share in own:
         print(f"    {share:6.1%}  {frame}")
     print("  inclusive time (the frame was on the stack):")
     for frame, share in incl:
         print(f"    {share:6.1%}  {frame}")
-    shutil.copy(raw, Path(tempfile.gettempdir()) / "watchllm-bench-py-spy.txt")
-    shutil.copy(prof, Path(tempfile.gettempdir()) / "watchllm-bench-inproc.prof")
-    print(f"\nraw profiles copied to {tempfile.gettempdir()}/watchllm-bench-py-spy.txt and "
-          "watchllm-bench-inproc.prof")
 
 
 if __name__ == "__main__":
