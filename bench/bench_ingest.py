@@ -218,7 +218,8 @@ def http_get(port: int, path: str, key: str | None = None,
 
 
 class Server:
-    """A server process: `kind` is "watchllm" (the real app) or "bare" (the baseline)."""
+    """A server process: "watchllm" (the real app), "watchllm-nosink" (the real app with the
+    store sink disabled: a diagnostic of the request path alone) or "bare" (the baseline)."""
 
     def __init__(self, kind: str, workdir: Path) -> None:
         self.kind = kind
@@ -231,7 +232,7 @@ class Server:
 
     def __enter__(self) -> Server:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        if self.kind == "watchllm":
+        if self.kind.startswith("watchllm"):
             from watchllm_ext.keys import KeyStore
             from watchllm_ext.settings import Settings
 
@@ -243,7 +244,7 @@ class Server:
             log=self.log,
             cwd=self.workdir,
         )
-        ready = "/readyz" if self.kind == "watchllm" else "/healthz"
+        ready = "/readyz" if self.kind.startswith("watchllm") else "/healthz"
         deadline = time.monotonic() + 90
         while True:
             if self.proc.poll() is not None:
@@ -288,13 +289,14 @@ class Server:
 def role_serve(kind: str, port: int, data_dir: Path) -> None:
     import uvicorn
 
-    if kind == "watchllm":
+    if kind.startswith("watchllm"):
         from watchllm_ext.app import create_app
         from watchllm_ext.settings import Settings
 
         # What `watchllm serve` builds, at log level warning (no access-log line per request).
         settings = Settings(data_dir=data_dir, create_default_key=False, log_level="warning",
-                            host="127.0.0.1", port=port)
+                            host="127.0.0.1", port=port,
+                            disable_plugins=["store_sink"] if kind.endswith("nosink") else [])
         app = create_app(settings)
         app.state.watchllm.open_store()
     else:
@@ -504,7 +506,8 @@ def measure_batch_watchllm(work: Path, template: Path, batches: int, conns: int,
         # Warm-up (price cache, first chDB insert), then wait until it is stored, so the
         # writer starts the timed load empty.
         run_batch_client(server.port, server.key, template, 1, 1, f"w{rnd}", 120)
-        server.wait_count(BATCH_SIZE, 60)
+        if server.wait_count(BATCH_SIZE, 60)[0] < BATCH_SIZE:
+            raise RuntimeError("the warm-up batch did not reach the store")
         spy = pyspy_attach(server.pid, pyspy_out, work) if pyspy_out is not None else None
         cpu0 = cpu_seconds(server.pid)
         res = run_batch_client(server.port, server.key, template, batches, conns, f"r{rnd}",
@@ -530,12 +533,14 @@ def measure_batch_watchllm(work: Path, template: Path, batches: int, conns: int,
     }
 
 
-def measure_batch_bare(work: Path, template: Path, batches: int, conns: int,
-                       rnd: int) -> dict[str, Any]:
-    with Server("bare", work / f"batch-bare-{rnd}") as server:
-        run_batch_client(server.port, None, template, 2, 1, f"w{rnd}", 120)
+def measure_batch_accept(kind: str, work: Path, template: Path, batches: int, conns: int,
+                         rnd: int) -> dict[str, Any]:
+    """Servers that keep nothing (bare, watchllm-nosink): time from first request to last 202."""
+    with Server(kind, work / f"batch-{kind}-{rnd}") as server:
+        run_batch_client(server.port, server.key, template, 2, 1, f"w{rnd}", 120)
         cpu0 = cpu_seconds(server.pid)
-        res = run_batch_client(server.port, None, template, batches, conns, f"r{rnd}", 1800)
+        res = run_batch_client(server.port, server.key, template, batches, conns, f"r{rnd}",
+                               1800)
         cpu = cpu_seconds(server.pid) - cpu0
     n = res["accepted"]
     elapsed = res["t_last"] - res["t_first"]
@@ -620,17 +625,20 @@ def measure_single(work: Path, rounds: int, duration_s: int, conns: int,
                    threads: int) -> dict[str, Any]:
     body = work / "single.json"
     body.write_bytes(single_body())
-    results: dict[str, list[dict[str, Any]]] = {"bare": [], "watchllm": []}
+    names = ["bare", "watchllm", "nosink"]
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     with Server("bare", work / "single-bare") as bare, \
-            Server("watchllm", work / "single-watchllm") as wl:
+            Server("watchllm", work / "single-watchllm") as wl, \
+            Server("watchllm-nosink", work / "single-nosink") as nosink:
         scripts = {
             "bare": (bare, wrk_script(work / "bare.lua", body, None)),
             "watchllm": (wl, wrk_script(work / "watchllm.lua", body, wl.key)),
+            "nosink": (nosink, wrk_script(work / "nosink.lua", body, nosink.key)),
         }
         for server, script in scripts.values():  # warm-up, not counted
             run_wrk(server.port, script, conns, 2, threads)
         for r in range(rounds):
-            order = ["bare", "watchllm"] if r % 2 == 0 else ["watchllm", "bare"]
+            order = names[r % 3:] + names[:r % 3]  # rotate, so no system always goes first
             for name in order:
                 server, script = scripts[name]
                 cpu0 = cpu_seconds(server.pid)
@@ -666,6 +674,7 @@ def pyspy_attach(pid: int, out: Path, work: Path) -> subprocess.Popen[Any]:
 
 def top_pyspy(raw: Path, n: int = 12) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
     """(self time, inclusive time) shares of the top frames in py-spy's raw output."""
+    idle = ("Condition.wait (threading.py)", "Event.wait (threading.py)")
     own: Counter[str] = Counter()
     incl: Counter[str] = Counter()
     total = 0
@@ -674,7 +683,7 @@ def top_pyspy(raw: Path, n: int = 12) -> tuple[list[tuple[str, float]], list[tup
         if not stack or not count.isdigit():
             continue
         frames = [f for f in stack.split(";") if f and not f.startswith(("process ", "thread "))]
-        if not frames:
+        if not frames or frames[-1] in idle:  # pool threads waiting for work
             continue
         c = int(count)
         total += c
@@ -710,6 +719,7 @@ def print_report(cfg: dict[str, Any], batch: dict[str, Any] | None,
     print("=" * 96)
     if batch is not None:
         inproc, bare, wl = batch["inproc"], batch["bare"], batch["watchllm"]
+        nosink = batch["nosink"]
         print(f"\na. Batch ingest: {cfg['batches']} x {BATCH_SIZE:,}-event prompt_call batches "
               f"({cfg['batch_body_kb']:.0f} KB each), {cfg['batch_conns']} client connections, "
               f"median of {cfg['batch_rounds']} rounds")
@@ -720,15 +730,17 @@ def print_report(cfg: dict[str, Any], batch: dict[str, Any] | None,
              bare["server_cpu_us_per_event"]),
             ("WatchLLM POST /v1/events/batch, end to end (in store)", wl,
              wl["server_cpu_us_per_event"]),
+            ("diagnostic: WatchLLM, store sink disabled (to last 202)", nosink,
+             nosink["server_cpu_us_per_event"]),
         ]
         for label, r, cpu in rows:
             cpu_s = f"{cpu:11.1f}" if cpu is not None else f"{'-':>11s}"
             print(f"   {label:60s}{r['events_s']:12,.0f}"
                   f"{r['events_s'] / inproc['events_s']:11.2f}"
                   f"{r['events_s'] / bare['events_s']:9.2f}{cpu_s}")
-        print(f"   {'   of which: HTTP accept rate (last 202)':60s}{wl['accept_events_s']:12,.0f}"
-              f"   drain after last 202: {wl['drain_s']:.2f} s, 503 retries: "
-              f"{wl['retries_503']}")
+        print(f"   {'   WatchLLM HTTP accept rate (to last 202)':60s}"
+              f"{wl['accept_events_s']:12,.0f}   then {wl['drain_s']:.2f} s until all stored; "
+              f"{wl['retries_503']} retried 503s")
         st = inproc["stages"]
         per = {k: v / inproc["events"] * 1e6 for k, v in st.items()}
         print("   (i) per event: " + ", ".join(f"{k} {v:.1f} us" for k, v in per.items())
@@ -744,7 +756,8 @@ def print_report(cfg: dict[str, Any], batch: dict[str, Any] | None,
               f"{cfg['single_duration_s']} s x {cfg['single_rounds']} rounds, median round")
         print(f"   {'':44s}{'req/s':>10s}{'p50 ms':>9s}{'p99 ms':>9s}{'CPU us/req':>12s}")
         for label, r in (("bare Starlette: read body + parse JSON + 202", b),
-                         ("WatchLLM single-event endpoint", w)):
+                         ("WatchLLM single-event endpoint", w),
+                         ("diagnostic: WatchLLM, store sink disabled", single["nosink"])):
             print(f"   {label:44s}{r['rps']:10,.0f}{r['p50_ms']:9.2f}{r['p99_ms']:9.2f}"
                   f"{r['server_cpu_us_per_req']:12.1f}")
         print(f"   ratio WatchLLM / bare: {ratio:.2f}x requests/s, "
@@ -780,7 +793,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
-    if args.role in ("serve-watchllm", "serve-bare"):
+    if args.role in ("serve-watchllm", "serve-watchllm-nosink", "serve-bare"):
         role_serve(args.role.removeprefix("serve-"), args.port, Path(args.data_dir))
         return 0
     if args.role == "batch-client":
@@ -822,12 +835,15 @@ def main(argv: list[str] | None = None) -> int:
         template.write_bytes(batch_template())
         cfg["batch_body_kb"] = len(batch_body(template.read_bytes(), batch_tag("r0", 0))) / 1024
         if args.part in ("all", "batch"):
-            runs: dict[str, list[dict[str, Any]]] = {"inproc": [], "bare": [], "watchllm": []}
+            runs: dict[str, list[dict[str, Any]]] = {
+                "inproc": [], "bare": [], "nosink": [], "watchllm": []}
             for rnd in range(cfg["batch_rounds"]):
                 steps = [
                     ("inproc", lambda r=rnd: measure_inproc(work, template, cfg["batches"], r)),
-                    ("bare", lambda r=rnd: measure_batch_bare(
-                        work, template, cfg["batches"], cfg["batch_conns"], r)),
+                    ("bare", lambda r=rnd: measure_batch_accept(
+                        "bare", work, template, cfg["batches"], cfg["batch_conns"], r)),
+                    ("nosink", lambda r=rnd: measure_batch_accept(
+                        "watchllm-nosink", work, template, cfg["batches"], cfg["batch_conns"], r)),
                     ("watchllm", lambda r=rnd: measure_batch_watchllm(
                         work, template, cfg["batches"], cfg["batch_conns"], r)),
                 ]
@@ -897,7 +913,7 @@ def profile(work: Path, template: Path, cfg: dict[str, Any]) -> None:
 
 def print_pyspy(raw: Path) -> None:
     own, incl = top_pyspy(raw)
-    print("  own time (the frame that was running), share of samples of busy threads:")
+    print("  own time (the frame that was running, C calls included), share of busy samples:")
     for frame, share in own:
         print(f"    {share:6.1%}  {frame}")
     print("  inclusive time (the frame was on the stack):")

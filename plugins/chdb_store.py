@@ -11,7 +11,6 @@ import fcntl
 import json
 import logging
 import os
-import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,12 +19,9 @@ import pyarrow as pa
 
 from watchllm_ext import Settings, hookimpl
 from watchllm_ext.store import StoreError, StoreLockedError
+from watchllm_ext.store.params import format_params
 
 log = logging.getLogger("watchllm.chdb")
-
-# chDB allows one open data folder per process: the store currently open, if any.
-_open_lock = threading.Lock()
-
 
 def _is_permanent(message: str) -> bool:
     # Type and value errors from ClickHouse are about the data and will never succeed.
@@ -75,7 +71,7 @@ class ChdbStore:
 
     def _run(self, sql: str, fmt: str, params: Mapping[str, Any] | None) -> Any:
         try:
-            return self._session.query(sql, fmt, params=dict(params) if params else None)
+            return self._session.query(sql, fmt, params=format_params(params))
         except Exception as exc:
             message = str(exc)
             raise StoreError(message, permanent=_is_permanent(message)) from exc

@@ -92,3 +92,29 @@ def test_parameters_are_bound_not_formatted(store: ChdbStore) -> None:
 def test_second_open_of_a_folder_names_the_holder(store: ChdbStore) -> None:
     with pytest.raises(StoreLockedError, match=r"in use by process \d+"):
         ChdbStore(store.path)
+
+
+@pytest.mark.parametrize(
+    ("sql_type", "value", "expected"),
+    [
+        ("String", "tab\there, quote ' \" and \\ backslash\nnewline", None),
+        ("Nullable(String)", None, None),
+        ("Array(String)", ["a", "b'c", "t\tx\\"], None),
+        ("UInt32", 7, None),
+        ("Float64", 1.25, None),
+        ("DateTime64(3, 'UTC')", "2026-01-02 03:04:05.678", "2026-01-02 03:04:05.678"),
+    ],
+)
+def test_parameter_values_round_trip(
+    store: ChdbStore, sql_type: str, value: object, expected: object
+) -> None:
+    rows = store.query(f"SELECT {{v:{sql_type}}} AS v", {"v": value})
+    assert rows == [{"v": value if expected is None else expected}]
+
+
+def test_datetime_parameters_keep_milliseconds(store: ChdbStore) -> None:
+    from datetime import UTC, datetime
+
+    value = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
+    rows = store.query("SELECT toString({v:DateTime64(3, 'UTC')}) AS v", {"v": value})
+    assert rows == [{"v": "2026-01-02 03:04:05.678"}]
