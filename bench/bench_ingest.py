@@ -409,7 +409,6 @@ def role_inproc(args: argparse.Namespace) -> None:
     Events are inserted in groups of `flush_max_events` (10,000 by default), as the writer
     groups them, so the insert count per event matches the server's."""
     from pydantic_core import from_json
-    from watchllm_plugins.chdb_store import ChdbStore
 
     from watchllm_ext.auth import Principal
     from watchllm_ext.ingest import validate_items
@@ -417,6 +416,7 @@ def role_inproc(args: argparse.Namespace) -> None:
     from watchllm_ext.settings import Settings
     from watchllm_ext.store import apply_migrations
     from watchllm_ext.store.rows import tables_for
+    from watchllm_plugins.chdb_store import ChdbStore
 
     settings = Settings(data_dir=Path(args.data_dir), create_default_key=False)
     pm = get_plugin_manager(settings)

@@ -75,7 +75,8 @@ def _post(server: Running, path: str, body: bytes) -> None:
         ids = payload["event_ids"]
         server.flush()
         rows = server.query(
-            "SELECT count(DISTINCT event_id) AS n FROM events WHERE has({ids:Array(String)}, event_id)",
+            "SELECT count(DISTINCT event_id) AS n FROM events"
+            " WHERE has({ids:Array(String)}, event_id)",
             {"ids": ids},
         )
         assert rows[0]["n"] == len(set(ids))

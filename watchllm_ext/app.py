@@ -26,7 +26,16 @@ from starlette.routing import BaseRoute, Route
 from . import __version__
 from .auth import Principal, Scope, bearer_token
 from .errors import Problem, problem_handler, unauthorized
-from .ingest import check_content_type, check_projects, parse_json, read_body, validate_items
+from .ingest import (
+    Outcome,
+    check_content_type,
+    check_projects,
+    finish_fast,
+    parse_json,
+    read_body,
+    validate_fast,
+    validate_items,
+)
 from .plugins import describe_plugins, get_plugin_manager
 from .quota import QuotaDecision
 from .settings import Settings, load_settings
@@ -152,30 +161,42 @@ def _state(request: Request) -> WatchLLM:
 # --- ingestion -----------------------------------------------------------------------------
 
 
-async def _read_json(request: Request, wl: WatchLLM) -> Any:
+async def _read(request: Request, wl: WatchLLM) -> bytes:
     check_content_type(request.headers.get("content-type"))
-    body = await read_body(
+    return await read_body(
         request.stream(),
         content_length=request.headers.get("content-length"),
         content_encoding=request.headers.get("content-encoding"),
         max_bytes=wl.settings.max_body_bytes,
         max_decompressed_bytes=wl.settings.max_decompressed_bytes,
     )
-    return parse_json(body)
 
 
-async def _ingest(wl: WatchLLM, principal: Principal, items: list[Any]) -> Response:
+def _check_count(wl: WatchLLM, n: int) -> None:
     limit = wl.settings.max_batch_events
-    if len(items) > limit:
+    if n > limit:
         raise Problem(
             413,
             "too_many_events",
-            f"{len(items)} events in one request is over the limit of {limit}",
+            f"{n} events in one request is over the limit of {limit}",
             field="events",
         )
+
+
+async def _ingest_fast(wl: WatchLLM, principal: Principal, events: list[Any]) -> Response:
+    _check_count(wl, len(events))
+    await wl.check_quota(principal, len(events))
+    return _answer(wl, finish_fast(events, principal, wl.pm))
+
+
+async def _ingest(wl: WatchLLM, principal: Principal, items: list[Any]) -> Response:
+    _check_count(wl, len(items))
     check_projects(items, principal)
     await wl.check_quota(principal, len(items))
-    outcome = validate_items(items, principal, wl.pm)
+    return _answer(wl, validate_items(items, principal, wl.pm))
+
+
+def _answer(wl: WatchLLM, outcome: Outcome) -> Response:
     rejected = [r.as_dict() for r in outcome.rejected]
     if not outcome.accepted:
         raise Problem(
@@ -208,7 +229,11 @@ async def project_events(request: Request) -> Response:
             f"the key belongs to project {principal.project_id!r}, not {project_id!r}",
             field="project_id",
         )
-    payload = await _read_json(request, wl)
+    body = await _read(request, wl)
+    events = validate_fast(body, "events")
+    if events is not None:
+        return await _ingest_fast(wl, principal, events)
+    payload = parse_json(body)
     if isinstance(payload, dict):
         items = [payload]
     elif isinstance(payload, list):
@@ -226,7 +251,11 @@ async def batch_events(request: Request) -> Response:
     """POST /v1/events/batch: {"events": [...]}."""
     wl = _state(request)
     principal = wl.authenticate(request, "ingest")
-    payload = await _read_json(request, wl)
+    body = await _read(request, wl)
+    events = validate_fast(body, "batch")
+    if events is not None:
+        return await _ingest_fast(wl, principal, events)
+    payload = parse_json(body)
     if not isinstance(payload, dict):
         raise Problem(422, "bad_body", 'the body must be an object {"events": [...]}', field="body")
     unknown = sorted(set(payload) - {"events"})

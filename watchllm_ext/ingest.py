@@ -9,17 +9,16 @@ from __future__ import annotations
 import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import pluggy
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 from pydantic_core import from_json
 
 from .auth import Principal
 from .errors import Problem
-from .schema import EVENT_ADAPTER, EVENT_LIST_ADAPTER, EVENT_TYPES
+from .schema import EVENT_ADAPTER, EVENT_LIST_ADAPTER, EVENT_TYPES, Event
 
-_JSON_TYPES = ("application/json", "application/x-ndjson-not-supported")
 _ENCODINGS = {"gzip": 31, "x-gzip": 31, "deflate": 15}
 # Labels pydantic puts in an error path for the branch of a union, not a field name.
 _BRANCH_LABELS = {"str", "int", "float", "bool", "list", "dict", "none", "json-or-python"}
@@ -112,6 +111,13 @@ async def read_body(
         if size > limit or decompressor.unconsumed_tail:
             raise _too_large(limit, "decompressed body")
         parts.append(out)
+    if decompressor is not None and decompressor.unused_data:
+        raise Problem(
+            400,
+            "bad_encoding",
+            f"there are bytes after the end of the {encoding} stream",
+            field="body",
+        )
     if decompressor is not None and not decompressor.eof:
         raise Problem(
             400, "bad_encoding", f"body ends before the {encoding} stream does", field="body"
@@ -138,6 +144,12 @@ def parse_json(body: bytes) -> Any:
 # --- validating ---------------------------------------------------------------------------------
 
 
+def _is_branch_label(item: int | str) -> bool:
+    return isinstance(item, str) and (
+        item in _BRANCH_LABELS or "[" in item or item.startswith(("function-", "constrained-"))
+    )
+
+
 def field_path(loc: tuple[int | str, ...]) -> str:
     """('tool_calls', 0, 'tool_name') -> 'tool_calls[0].tool_name'."""
     parts: list[str] = []
@@ -147,15 +159,41 @@ def field_path(loc: tuple[int | str, ...]) -> str:
         if isinstance(item, int):
             parts.append(f"[{item}]")
             continue
-        if item in _BRANCH_LABELS or "[" in item or item.startswith("function-"):
+        if _is_branch_label(item):
             continue
         parts.append(f".{item}" if parts else item)
     return "".join(parts) or "(event)"
 
 
+def _relevant(errors: list[Any]) -> list[Any]:
+    """Drop a union branch's "wrong type" error when another branch of the same union got
+    further: for a chat-message prompt with a bad role, "prompt should be a string" is noise.
+    """
+
+    def split(loc: tuple[int | str, ...]) -> tuple[tuple[int | str, ...], int] | None:
+        for k, item in enumerate(loc):
+            if k > 0 and _is_branch_label(item):
+                return loc[:k], len(loc) - k - 1  # (union point, depth inside the branch)
+        return None
+
+    further: set[tuple[int | str, ...]] = set()
+    for err in errors:
+        found = split(tuple(err["loc"]))
+        if found and (found[1] > 0 or not err["type"].endswith("_type")):
+            further.add(found[0])
+    kept = []
+    for err in errors:
+        found = split(tuple(err["loc"]))
+        at_top_wrong_type = found and found[1] == 0 and err["type"].endswith("_type")
+        if at_top_wrong_type and found[0] in further:
+            continue
+        kept.append(err)
+    return kept
+
+
 def describe_errors(exc: ValidationError) -> list[dict[str, str]]:
     seen: dict[str, list[str]] = {}
-    for err in exc.errors(include_url=False):
+    for err in _relevant(exc.errors(include_url=False)):
         path = field_path(tuple(err["loc"]))
         message = err["msg"]
         if err["type"] == "union_tag_invalid":
@@ -174,20 +212,60 @@ def check_projects(items: list[Any], principal: Principal) -> None:
     for index, item in enumerate(items):
         if isinstance(item, dict):
             project = item.get("project_id")
-            if project is not None and project != principal.project_id:
-                raise Problem(
-                    403,
-                    "forbidden",
-                    f"event {index} names project {project!r} but the key belongs to project "
-                    f"{principal.project_id!r}",
-                    field=f"[{index}].project_id",
-                )
+            # A non-string project_id is a schema error (422), reported by validation.
+            if isinstance(project, str) and project != principal.project_id:
+                raise _wrong_project(index, project, principal)
+
+
+def _wrong_project(index: int, project: Any, principal: Principal) -> Problem:
+    return Problem(
+        403,
+        "forbidden",
+        f"event {index} names project {project!r} but the key belongs to project "
+        f"{principal.project_id!r}",
+        field=f"[{index}].project_id",
+    )
+
+
+class _BatchBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    events: list[Event]
+
+
+_BATCH_ADAPTER = TypeAdapter(_BatchBody)
+
+
+def validate_fast(body: bytes, shape: Literal["batch", "events"]) -> list[Any] | None:
+    """The all-valid fast path: one pass of pydantic-core over the raw bytes, with no Python
+    objects in between. None when anything is off; the slow path then finds and reports it.
+    """
+    try:
+        if shape == "batch":
+            events = _BATCH_ADAPTER.validate_json(body).events
+        elif body.lstrip()[:1] == b"[":
+            events = EVENT_LIST_ADAPTER.validate_json(body)
+        elif body.lstrip()[:1] == b"{":
+            events = [EVENT_ADAPTER.validate_json(body)]
+        else:
+            return None
+    except ValueError:  # ValidationError included
+        return None
+    return events or None
+
+
+def finish_fast(events: list[Any], principal: Principal, pm: pluggy.PluginManager) -> Outcome:
+    """Project check, plugin validators and transforms for fast-path events."""
+    for index, event in enumerate(events):
+        if event.project_id is not None and event.project_id != principal.project_id:
+            raise _wrong_project(index, event.project_id, principal)
+    return _finish(list(enumerate(events)), Outcome(), principal, pm)
 
 
 def validate_items(items: list[Any], principal: Principal, pm: pluggy.PluginManager) -> Outcome:
+    """The slow path, over parsed JSON: every event validated on its own, so each rejected
+    one is reported with its index and fields while the valid ones are accepted."""
     outcome = Outcome()
     try:
-        # Fast path: one call into pydantic-core for the whole batch.
         events = EVENT_LIST_ADAPTER.validate_python(items)
         indexed = list(enumerate(events))
     except ValidationError:
@@ -209,6 +287,12 @@ def validate_items(items: list[Any], principal: Principal, pm: pluggy.PluginMana
                         event_id if isinstance(event_id, str) else None,
                     )
                 )
+    return _finish(indexed, outcome, principal, pm)
+
+
+def _finish(
+    indexed: list[tuple[int, Any]], outcome: Outcome, principal: Principal, pm: pluggy.PluginManager
+) -> Outcome:
     project = principal.project_id
     validators = pm.hook.validate_event
     has_validators = bool(validators.get_hookimpls())

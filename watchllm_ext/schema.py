@@ -7,6 +7,7 @@ docs/EVENTS.md). This module imports only pydantic so the SDK can share it.
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -22,6 +23,7 @@ from pydantic import (
     ValidationInfo,
     field_validator,
 )
+from pydantic_core import to_json
 
 # Size limits (characters for strings, items for lists).
 MAX_ID_CHARS = 128
@@ -76,11 +78,24 @@ def _check_json_size(value: Any, field: str) -> Any:
         if isinstance(value, str) and len(value) > MAX_JSON_CHARS:
             raise ValueError(f"{field} is longer than {MAX_JSON_CHARS} characters")
         return value
-    import json
-
-    if len(json.dumps(value, default=str)) > MAX_JSON_CHARS:
+    text = to_json(value, fallback=str)
+    if len(text) > MAX_JSON_CHARS:
         raise ValueError(f"{field} is larger than {MAX_JSON_CHARS} characters as JSON")
+    # A number literal too large for a double (1e999) parses as infinity; refuse it here as
+    # in number fields. The cheap byte test keeps the exact check off the common path.
+    if (b"Infinity" in text or b"NaN" in text) and not _all_finite(value):
+        raise ValueError(f"{field} holds a number that is not finite (NaN or out of range)")
     return value
+
+
+def _all_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_all_finite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return all(_all_finite(v) for v in value)
+    return True
 
 
 class _Strict(BaseModel):
@@ -123,22 +138,17 @@ class BaseEvent(_Strict):
     # another project is refused (403) before validation.
     project_id: ProjectId | None = None
     run_id: Id
-    timestamp: AwareDatetime
+    # Range checked by pydantic-core itself: a Python validator here costs ~1 us per event.
+    timestamp: Annotated[AwareDatetime, Field(ge=MIN_TIMESTAMP, lt=MAX_TIMESTAMP)]
     parent_event_id: Id | None = None
     user_id: Annotated[str, StringConstraints(max_length=MAX_NAME_CHARS)] | None = None
     session_id: Annotated[str, StringConstraints(max_length=MAX_NAME_CHARS)] | None = None
     tags: Annotated[list[Tag], Field(max_length=MAX_TAGS)] = Field(default_factory=list)
     release: Annotated[str, StringConstraints(max_length=MAX_NAME_CHARS)] | None = None
     env: Env = "production"
-    client: Client = Field(default_factory=Client)
+    # None rather than a default Client(): building a model per event halves ingest speed.
+    client: Client | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("timestamp")
-    @classmethod
-    def _timestamp_in_range(cls, value: datetime) -> datetime:
-        if not MIN_TIMESTAMP <= value < MAX_TIMESTAMP:
-            raise ValueError("timestamp must be between 1970-01-01 and 2200-01-01")
-        return value
 
     @field_validator("metadata")
     @classmethod

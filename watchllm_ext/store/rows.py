@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from functools import cache
 from typing import Any
 
 import pyarrow as pa
@@ -119,26 +120,12 @@ AGENT_STEPS_SCHEMA = pa.schema(
 _JSON_FIELDS = frozenset(
     {"tool_input", "tool_output", "expected", "actual", "response_metadata", "metadata"}
 )
-# Event fields stored under another column name, per event type.
+# Event fields stored under another column name (performance_alert's `actual` is handled
+# apart: assertion_failed has an `actual` too, stored as JSON text).
 _RENAMED = {
     "window": "alert_window",
     "threshold": "metric_threshold",
 }
-_COMMON = frozenset(
-    {
-        "project_id",
-        "event_id",
-        "event_type",
-        "run_id",
-        "timestamp",
-        "parent_event_id",
-        "user_id",
-        "session_id",
-        "tags",
-        "release",
-        "env",
-    }
-)
 
 
 def _json(value: Any) -> str | None:
@@ -149,36 +136,78 @@ def _json(value: Any) -> str | None:
     return to_json(value).decode()
 
 
-def event_row(event: BaseEvent, ingested_at: datetime) -> dict[str, Any]:
+_EVENT_COLUMNS = EVENTS_SCHEMA.names
+_COLUMN_INDEX = {name: i for i, name in enumerate(_EVENT_COLUMNS)}
+_RAW, _JSON, _PROMPT, _COUNT, _CLIENT = range(5)
+
+
+@cache
+def _plan(model: type[BaseEvent]) -> tuple[tuple[int, str, int], ...]:
+    """For one event model: (column index, field name, how to convert) per stored field.
+
+    Worked out once per event type, so each event is one pass over its fields.
+    """
+    event_type = model.model_fields["event_type"].annotation.__args__[0]  # Literal["..."]
+    plan = []
+    for name in model.model_fields:
+        if name == "client":
+            plan.append((-1, name, _CLIENT))
+        elif name == "prompt":
+            plan.append((_COLUMN_INDEX["prompt"], name, _PROMPT))
+        elif name == "tool_calls":
+            plan.append((_COLUMN_INDEX["tool_call_count"], name, _COUNT))
+        elif name == "actual" and event_type == "performance_alert":
+            plan.append((_COLUMN_INDEX["metric_actual"], name, _RAW))
+        elif name in _RENAMED:
+            plan.append((_COLUMN_INDEX[_RENAMED[name]], name, _RAW))
+        elif name in _JSON_FIELDS:
+            plan.append((_COLUMN_INDEX[name], name, _JSON))
+        else:
+            plan.append((_COLUMN_INDEX[name], name, _RAW))
+    return tuple(plan)
+
+
+_CLIENT_COLUMNS = (
+    (_COLUMN_INDEX["client_hostname"], "hostname"),
+    (_COLUMN_INDEX["client_sdk_version"], "sdk_version"),
+    (_COLUMN_INDEX["client_platform"], "platform"),
+)
+_TOOL_CALL_COUNT = _COLUMN_INDEX["tool_call_count"]
+_INGESTED_AT = _COLUMN_INDEX["ingested_at"]
+
+
+def event_row(event: BaseEvent, ingested_at: datetime) -> list[Any]:
+    """The `events` row of one event, as values in EVENTS_SCHEMA order."""
+    row: list[Any] = [None] * len(_EVENT_COLUMNS)
+    row[_TOOL_CALL_COUNT] = 0
+    row[_INGESTED_AT] = ingested_at
     data = event.__dict__
-    row: dict[str, Any] = {name: data[name] for name in _COMMON}
-    client = event.client
-    row["client_hostname"] = client.hostname
-    row["client_sdk_version"] = client.sdk_version
-    row["client_platform"] = client.platform
-    row["metadata"] = to_json(event.metadata).decode() if event.metadata else "{}"
-    row["ingested_at"] = ingested_at
-    event_type = data["event_type"]
-    for name, value in data.items():
-        if name in row or name in _COMMON or name in ("client", "metadata"):
-            continue
-        if name == "prompt":
-            row["prompt"] = (
+    for index, name, kind in _plan(type(event)):
+        value = data[name]
+        if kind == _RAW:
+            row[index] = value
+        elif kind == _JSON:
+            row[index] = _json(value)
+        elif kind == _PROMPT:
+            row[index] = (
                 value
                 if value is None or isinstance(value, str)
                 else _json([m.model_dump(exclude_none=True) for m in value])
             )
-        elif name == "tool_calls":
-            row["tool_call_count"] = len(value)
-        elif name == "actual" and event_type == "performance_alert":
-            row["metric_actual"] = value
-        elif name in _RENAMED:
-            row[_RENAMED[name]] = value
-        elif name in _JSON_FIELDS:
-            row[name] = _json(value)
-        else:
-            row[name] = value
+        elif kind == _COUNT:
+            row[index] = len(value)
+        elif value is not None:  # _CLIENT
+            for column, attr in _CLIENT_COLUMNS:
+                row[column] = getattr(value, attr)
     return row
+
+
+def _columnar(rows: list[list[Any]], schema: pa.Schema) -> pa.Table:
+    columns = list(zip(*rows, strict=True)) if rows else [()] * len(schema)
+    return pa.Table.from_arrays(
+        [pa.array(col, type=field.type) for col, field in zip(columns, schema, strict=True)],
+        schema=schema,
+    )
 
 
 def tool_call_rows(event: BaseEvent, ingested_at: datetime) -> list[dict[str, Any]]:
@@ -259,7 +288,7 @@ def tables_for(events: Sequence[BaseModel]) -> dict[str, pa.Table]:
             tool_rows.extend(tool_call_rows(event, ingested_at))
         elif event_type == "agent_step":
             step_rows.append(agent_step_row(event, ingested_at))
-    tables = {"events": pa.Table.from_pylist(event_rows, schema=EVENTS_SCHEMA)}
+    tables = {"events": _columnar(event_rows, EVENTS_SCHEMA)}
     if tool_rows:
         tables["tool_calls"] = pa.Table.from_pylist(tool_rows, schema=TOOL_CALLS_SCHEMA)
     if step_rows:

@@ -1,1 +1,0 @@
-"""Built-in behaviour, registered as plugins through the public hooks (see plugins.py)."""
