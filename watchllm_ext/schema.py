@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     ConfigDict,
@@ -20,7 +21,6 @@ from pydantic import (
     StrictInt,
     StringConstraints,
     TypeAdapter,
-    ValidationInfo,
     field_validator,
 )
 from pydantic_core import to_json
@@ -72,19 +72,18 @@ Env = Literal["production", "staging", "development"]
 CostSource = Literal["client", "computed", "unknown"]
 
 
-def _check_json_size(value: Any, field: str) -> Any:
-    # Free-form JSON is bounded once serialised, so a deep or wide object cannot slip past.
+def _check_json_size(value: Any) -> Any:
     if value is None or isinstance(value, str):
         if isinstance(value, str) and len(value) > MAX_JSON_CHARS:
-            raise ValueError(f"{field} is longer than {MAX_JSON_CHARS} characters")
+            raise ValueError(f"longer than {MAX_JSON_CHARS} characters")
         return value
     text = to_json(value, fallback=str)
     if len(text) > MAX_JSON_CHARS:
-        raise ValueError(f"{field} is larger than {MAX_JSON_CHARS} characters as JSON")
+        raise ValueError(f"larger than {MAX_JSON_CHARS} characters as JSON")
     # A number literal too large for a double (1e999) parses as infinity; refuse it here as
     # in number fields. The cheap byte test keeps the exact check off the common path.
     if (b"Infinity" in text or b"NaN" in text) and not _all_finite(value):
-        raise ValueError(f"{field} holds a number that is not finite (NaN or out of range)")
+        raise ValueError("holds a number that is not finite (NaN or out of range)")
     return value
 
 
@@ -96,6 +95,11 @@ def _all_finite(value: Any) -> bool:
     if isinstance(value, list | tuple):
         return all(_all_finite(v) for v in value)
     return True
+
+
+# Free-form JSON, bounded once serialised (a deep or wide object cannot slip past).
+Json = Annotated[Any, AfterValidator(_check_json_size)]
+JsonObject = Annotated[dict[str, Any], AfterValidator(_check_json_size)]
 
 
 class _Strict(BaseModel):
@@ -120,16 +124,11 @@ class ToolCallItem(_Strict):
 
     id: Annotated[str, StringConstraints(max_length=MAX_ID_CHARS)] | None = None
     tool_name: Name
-    tool_input: Any = None
-    tool_output: Any = None
+    tool_input: Json = None
+    tool_output: Json = None
     status: Status | None = None
     latency_ms: NonNegative | None = None
     error_message: ShortText | None = None
-
-    @field_validator("tool_input", "tool_output")
-    @classmethod
-    def _io_size(cls, value: Any, info: ValidationInfo) -> Any:
-        return _check_json_size(value, str(info.field_name))
 
 
 class BaseEvent(_Strict):
@@ -148,12 +147,7 @@ class BaseEvent(_Strict):
     env: Env = "production"
     # None rather than a default Client(): building a model per event halves ingest speed.
     client: Client | None = None
-    metadata: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("metadata")
-    @classmethod
-    def _metadata_size(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return _check_json_size(value, "metadata") if value else value
+    metadata: JsonObject = Field(default_factory=dict)
 
 
 class PromptCallEvent(BaseEvent):
@@ -167,7 +161,7 @@ class PromptCallEvent(BaseEvent):
     # Set by the server's cost transform (client / computed / unknown), never by the client.
     cost_source: CostSource | None = None
     response: Text | None = None
-    response_metadata: dict[str, Any] = Field(default_factory=dict)
+    response_metadata: JsonObject = Field(default_factory=dict)
     status: Status = "success"
     latency_ms: NonNegative | None = None
     error_message: ShortText | None = None
@@ -181,25 +175,15 @@ class PromptCallEvent(BaseEvent):
         # Runs only when the input names the field (defaults are not validated).
         raise ValueError("cost_source is set by the server; send cost_estimate_usd instead")
 
-    @field_validator("response_metadata")
-    @classmethod
-    def _response_metadata_size(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return _check_json_size(value, "response_metadata") if value else value
-
 
 class ToolCallEvent(BaseEvent):
     event_type: Literal["tool_call"]
     tool_name: Name
-    tool_input: Any = None
-    tool_output: Any = None
+    tool_input: Json = None
+    tool_output: Json = None
     status: Status = "success"
     latency_ms: NonNegative | None = None
     error_message: ShortText | None = None
-
-    @field_validator("tool_input", "tool_output")
-    @classmethod
-    def _io_size(cls, value: Any, info: ValidationInfo) -> Any:
-        return _check_json_size(value, str(info.field_name))
 
 
 class AgentStepEvent(BaseEvent):
@@ -223,14 +207,9 @@ class ErrorEvent(BaseEvent):
 class AssertionFailedEvent(BaseEvent):
     event_type: Literal["assertion_failed"]
     assertion_name: Name
-    expected: Any = None
-    actual: Any = None
+    expected: Json = None
+    actual: Json = None
     severity: Severity = "medium"
-
-    @field_validator("expected", "actual")
-    @classmethod
-    def _value_size(cls, value: Any, info: ValidationInfo) -> Any:
-        return _check_json_size(value, str(info.field_name))
 
 
 class HallucinationDetectedEvent(BaseEvent):
