@@ -2,15 +2,13 @@
 
 Registered with `trylast`, so a plugin that provides another store (a ClickHouse server)
 takes precedence. chDB opens one data folder per process and fails obscurely when a second
-process opens the same folder, so we hold an advisory lock file that names the holder.
+process opens the same folder, so we hold a FolderLock that names the holder.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,10 +16,12 @@ from typing import Any
 import pyarrow as pa
 
 from watchllm_ext import Settings, hookimpl
+from watchllm_ext.locks import FolderLock, FolderLocked
 from watchllm_ext.store import StoreError, StoreLockedError
 from watchllm_ext.store.params import format_params
 
 log = logging.getLogger("watchllm.chdb")
+
 
 def _is_permanent(message: str) -> bool:
     # Type and value errors from ClickHouse are about the data and will never succeed.
@@ -37,7 +37,10 @@ class ChdbStore:
 
         self.path = path.resolve()
         self.path.mkdir(parents=True, exist_ok=True)
-        self._lock_file = _acquire_folder_lock(self.path)
+        try:
+            self._lock: FolderLock | None = FolderLock(self.path, "data folder")
+        except FolderLocked as exc:
+            raise StoreLockedError(str(exc)) from None
         try:
             self._session = session.Session(str(self.path))
         except Exception as exc:
@@ -77,39 +80,9 @@ class ChdbStore:
             raise StoreError(message, permanent=_is_permanent(message)) from exc
 
     def _release_lock(self) -> None:
-        if self._lock_file is not None:
-            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
-            self._lock_file.close()
-            self._lock_file = None
-
-
-def _acquire_folder_lock(path: Path) -> Any:
-    lock_path = path / "watchllm.lock"
-    handle = open(lock_path, "a+")  # noqa: SIM115 - held open for the store's lifetime
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise StoreLockedError(
-            f"the data folder {path} is in use by {holder}. A chDB folder can be open in one "
-            "process only: stop that process, or ask it instead with "
-            "--url http://HOST:PORT --key KEY"
-        ) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"process {os.getpid()} ({_cmdline()})")
-    handle.flush()
-    return handle
-
-
-def _cmdline() -> str:
-    try:
-        raw = Path(f"/proc/{os.getpid()}/cmdline").read_bytes()
-        return raw.replace(b"\0", b" ").decode(errors="replace").strip()[:200]
-    except OSError:
-        return "unknown command"
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
 
 @hookimpl(trylast=True)
