@@ -1,0 +1,171 @@
+"""The write-ahead spool on its own: records, group commit, recovery, cursors, limits."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from watchllm_ext.spool import HEADER_SIZE, Position, Spool, SpoolFull
+
+
+def payloads(n: int) -> list[bytes]:
+    return [f'[{{"n": {i}}}]'.encode() for i in range(n)]
+
+
+def test_append_read_and_sequence_numbers(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    records = [spool.write(p, 1) for p in payloads(5)]
+    assert [r.seq for r in records] == [0, 1, 2, 3, 4]
+    read = spool.read(Position(1, 0), max_events=3)
+    assert [r.payload for r in read] == payloads(3)
+    rest = spool.read(read[-1].end, max_events=100)
+    assert [r.payload for r in rest] == payloads(5)[3:]
+    assert spool.read(records[-1].end, 100) == []
+    spool.close()
+    # Reopened: same records, sequence continues.
+    again = Spool(tmp_path)
+    assert [r.payload for r in again.read(Position(1, 0), 100)] == payloads(5)
+    assert again.write(b"[]", 2).seq == 5
+    assert again.next_seq == 7
+    again.close()
+
+
+def test_group_commit_shares_fsyncs(tmp_path: Path) -> None:
+    async def main() -> Spool:
+        spool = Spool(tmp_path, fsync="always")
+        async with anyio.create_task_group() as tg:
+            for p in payloads(200):
+                tg.start_soon(spool.append, p, 1)
+        return spool
+
+    spool = anyio.run(main)
+    assert spool.fsyncs_total < 50  # 200 appends, far fewer fsyncs
+    assert spool._durable == spool.end
+    spool.close()
+
+
+def test_policies_never_and_interval_do_not_wait(tmp_path: Path) -> None:
+    async def main(policy: str) -> int:
+        spool = Spool(tmp_path / policy, fsync=policy, fsync_interval_s=0.05)  # type: ignore[arg-type]
+        for p in payloads(20):
+            await spool.append(p, 1)
+        fsyncs = spool.fsyncs_total
+        if policy == "interval":
+            with anyio.move_on_after(0.3):
+                await spool.run_interval_sync()
+            assert spool._durable == spool.end
+        spool.close()
+        return fsyncs
+
+    assert anyio.run(main, "never") == 0
+    assert anyio.run(main, "interval") == 0
+
+
+def test_segments_roll_and_are_released(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, segment_max_bytes=HEADER_SIZE * 3)
+    records = [spool.write(p, 1) for p in payloads(6)]
+    segments = sorted(p.name for p in (tmp_path / "segments").iterdir())
+    assert len(segments) >= 3
+    assert spool.release(records[3].start) >= 1
+    assert len(list((tmp_path / "segments").iterdir())) < len(segments)
+    first, seq = spool.first_position()
+    assert first <= records[3].start and seq <= 3
+    assert [r.payload for r in spool.read(records[3].start, 100)] == payloads(6)[3:]
+    spool.close()
+
+
+def test_torn_tail_is_cut_and_start_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spool = Spool(tmp_path)
+    for p in payloads(3):
+        spool.write(p, 1)
+    spool.close()
+    segment = next((tmp_path / "segments").iterdir())
+    good_size = segment.stat().st_size
+    with open(segment, "ab") as f:
+        f.write(b"WLR1\x10\x00\x00\x00partial")  # a crash in the middle of a write
+    reopened = Spool(tmp_path)
+    assert segment.stat().st_size == good_size
+    assert reopened.truncated_bytes_total > 0
+    assert [r.payload for r in reopened.read(Position(1, 0), 100)] == payloads(3)
+    assert "torn record" in caplog.text
+    assert reopened.write(b"[4]", 1).seq == 3
+    reopened.close()
+
+
+def test_flipped_bytes_lose_only_the_damaged_record(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    records = [spool.write(p, 1) for p in payloads(5)]
+    spool.close()
+    segment = next((tmp_path / "segments").iterdir())
+    data = bytearray(segment.read_bytes())
+    data[records[2].start.offset + HEADER_SIZE + 2] ^= 0xFF  # inside record 2's payload
+    segment.write_bytes(bytes(data))
+    reopened = Spool(tmp_path)
+    kept = [r.payload for r in reopened.read(Position(1, 0), 100)]
+    assert kept == [p for i, p in enumerate(payloads(5)) if i != 2]
+    assert reopened.corrupt_bytes_total > 0
+    assert list((tmp_path / "dead-letter").glob("corrupt-*.bin"))
+    reopened.close()
+
+
+def test_cursors_persist_and_never_go_back(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    records = [spool.write(p, 2) for p in payloads(3)]
+    assert spool.load_cursor("store") == (Position(1, 0), 0)
+    spool.save_cursor("store", records[1].end, 4)
+    spool.close()
+    again = Spool(tmp_path)
+    assert again.load_cursor("store") == (records[1].end, 4)
+    (tmp_path / "cursors" / "store.json").write_text("{broken")
+    assert again.load_cursor("store") == (Position(1, 0), 0)  # replays everything
+    again.close()
+
+
+def test_size_cap_refuses_with_spool_full(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_bytes=HEADER_SIZE * 4)
+    spool.write(b"[1]", 1)
+    with pytest.raises(SpoolFull, match="cap"):
+        for p in payloads(10):
+            spool.write(p, 1)
+    spool.close()
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 256 KiB tmpfs: a real full disk (ENOSPC). Needs root, as CI and dev machines have."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_full_leaves_no_partial_record_and_recovers(tiny_disk: Path) -> None:
+    filler = tiny_disk / "filler"
+    filler.write_bytes(b"\0" * 150_000)  # something else is using most of the disk
+    spool = Spool(tiny_disk / "spool")
+    blob = b'["' + b"x" * 20_000 + b'"]'
+    written = 0
+    with pytest.raises(SpoolFull, match="No space left"):
+        for _ in range(100):
+            spool.write(blob, 1)
+            written += 1
+    assert 0 < written < 10
+    segment = next((tiny_disk / "spool" / "segments").iterdir())
+    assert segment.stat().st_size == written * (HEADER_SIZE + len(blob))  # no half record
+    filler.unlink()  # room comes back: writing works again, with nothing to restart
+    spool.write(blob, 1)
+    assert len(spool.read(Position(1, 0), 1000)) == written + 1
+    spool.close()

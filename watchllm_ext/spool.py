@@ -1,0 +1,458 @@
+"""The write-ahead spool: accepted events on disk before the client hears 2xx.
+
+Layout, in `<data_dir>/spool/`:
+
+    segments/00000000000000000001.seg   append-only files of records
+    cursors/<sink>.json                 each sink's committed position
+
+A record is a 36-byte header and a payload (the JSON of one request's events):
+
+    magic "WLR1" | payload length u32 | crc32 u32 | event count u32 | flags u32
+    | sequence of its first event u64 | append time, ms since the epoch u64
+
+The crc covers the header fields after it and the payload. Event sequence numbers run on
+across segments and restarts, so a sink's lag in events is the spool's next sequence
+minus the sequence at the sink's cursor.
+Positions are (segment id, byte offset). A segment is deleted once every sink's cursor is
+past it. Records are written with `os.write` on an unbuffered descriptor, so a process that
+is killed right after a write loses nothing (the bytes are in the page cache); `fsync`
+policies decide what survives losing the machine:
+
+- `always` (default): a request is answered after an fsync that covers its record. fsyncs are
+  shared: requests that arrive while one runs wait for the next, one fsync for all of them
+  (group commit), so durability costs little throughput.
+- `interval`: answered after the write; fsync every `spool_fsync_interval_s`. A power loss
+  can take the last interval's events.
+- `never`: the OS writes back when it likes. A power loss can take what it had not written.
+
+At open, every segment is scanned: a record whose checksum fails is cut off if it is the torn
+tail of the last segment (a crash mid-write); elsewhere the scanner resyncs on the next valid
+record, and the bad bytes go to the dead-letter folder. Neither stops the start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import struct
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import anyio
+
+log = logging.getLogger("watchllm.spool")
+
+MAGIC = b"WLR1"
+HEADER = struct.Struct("<4sIIIIQQ")
+_CRC_FROM = 12  # the crc covers the header from byte 12 (count, flags, seq, time) and payload
+HEADER_SIZE = HEADER.size
+MAX_RECORD_BYTES = 1 << 30
+FsyncPolicy = Literal["always", "interval", "never"]
+
+
+class SpoolFull(Exception):
+    """No room for this record: the spool is at its size cap, or the disk is full."""
+
+    def __init__(self, message: str, retry_after_s: float = 5.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Position:
+    segment: int
+    offset: int
+
+    def as_dict(self) -> dict[str, int]:
+        return {"segment": self.segment, "offset": self.offset}
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    start: Position
+    end: Position  # position of the next record
+    count: int
+    seq: int  # sequence number of its first event
+    appended_ms: int
+    flags: int
+    payload: bytes
+
+
+def encode_record(payload: bytes, count: int, seq: int, appended_ms: int, flags: int = 0) -> bytes:
+    header = HEADER.pack(MAGIC, len(payload), 0, count, flags, seq, appended_ms)
+    crc = zlib.crc32(payload, zlib.crc32(header[_CRC_FROM:]))
+    return HEADER.pack(MAGIC, len(payload), crc, count, flags, seq, appended_ms) + payload
+
+
+def decode_header(
+    data: bytes | memoryview, offset: int
+) -> tuple[bytes, int, int, int, int, int, int]:
+    return HEADER.unpack_from(data, offset)
+
+
+def _crc_ok(data: bytes, offset: int, length: int, crc: int) -> bool:
+    start = offset + _CRC_FROM
+    header_rest = data[start : offset + HEADER_SIZE]
+    payload = data[offset + HEADER_SIZE : offset + HEADER_SIZE + length]
+    return zlib.crc32(payload, zlib.crc32(header_rest)) == crc
+
+
+def _segment_name(segment: int) -> str:
+    return f"{segment:020d}.seg"
+
+
+def scan_segment(data: bytes) -> Iterator[tuple[int, int, int, int] | tuple[int, int]]:
+    """Yield (offset, end, count, seq) for each good record and (offset, end) for each span
+    of bad bytes, resyncing on the next header whose checksum holds."""
+    offset = 0
+    size = len(data)
+    bad_from: int | None = None
+    while offset + HEADER_SIZE <= size:
+        magic, length, crc, count, _flags, seq, _ms = HEADER.unpack_from(data, offset)
+        end = offset + HEADER_SIZE + length
+        good = magic == MAGIC and length <= MAX_RECORD_BYTES and end <= size
+        if good and _crc_ok(data, offset, length, crc):
+            if bad_from is not None:
+                yield (bad_from, offset)
+                bad_from = None
+            yield (offset, end, count, seq)
+            offset = end
+            continue
+        if bad_from is None:
+            bad_from = offset
+        next_magic = data.find(MAGIC, offset + 1)
+        offset = next_magic if next_magic != -1 else size
+    if bad_from is not None or offset < size:
+        yield (bad_from if bad_from is not None else offset, size)
+
+
+class Spool:
+    """Append records, make them durable per the policy, read them back from a position."""
+
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        fsync: FsyncPolicy = "always",
+        fsync_interval_s: float = 1.0,
+        segment_max_bytes: int = 64 * 1024 * 1024,
+        max_bytes: int = 1024 * 1024 * 1024,
+    ) -> None:
+        self.folder = folder
+        self.segments_dir = folder / "segments"
+        self.cursors_dir = folder / "cursors"
+        self.dead_letter_dir = folder / "dead-letter"
+        for d in (self.segments_dir, self.cursors_dir, self.dead_letter_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self.fsync = fsync
+        self.fsync_interval_s = fsync_interval_s
+        self.segment_max_bytes = segment_max_bytes
+        self.max_bytes = max_bytes
+        self.truncated_bytes_total = 0
+        self.corrupt_bytes_total = 0
+        self.fsyncs_total = 0
+        self._sizes: dict[int, int] = {}  # segment id -> bytes (closed and active)
+        self.next_seq = 0  # sequence number the next event gets
+        self._recover()
+        self._active = max(self._sizes) if self._sizes else 1
+        self._fd = os.open(
+            self.segments_dir / _segment_name(self._active), os.O_WRONLY | os.O_CREAT | os.O_APPEND
+        )
+        self._sizes.setdefault(self._active, 0)
+        self._written = Position(self._active, self._sizes[self._active])
+        self._durable = self._written
+        self._syncing = False
+        self._retired_fds: list[int] = []
+        self._synced = anyio.Event()
+        self._appended = anyio.Event()
+        self._last_sync = time.monotonic()
+        _fsync_dir(self.segments_dir)
+
+    # --- writing ----------------------------------------------------------------------------
+
+    @property
+    def end(self) -> Position:
+        return self._written
+
+    @property
+    def bytes(self) -> int:
+        return sum(self._sizes.values())
+
+    def write(self, payload: bytes, count: int, flags: int = 0) -> Record:
+        """Append one record (not yet fsynced). Raises SpoolFull when there is no room."""
+        appended_ms = int(time.time() * 1000)
+        record = encode_record(payload, count, self.next_seq, appended_ms, flags)
+        if len(payload) > MAX_RECORD_BYTES:
+            raise ValueError("record too large")
+        if self.bytes + len(record) > self.max_bytes:
+            raise SpoolFull(f"the spool holds {self.bytes} bytes, its cap is {self.max_bytes}")
+        if self._sizes[self._active] > 0 and (
+            self._sizes[self._active] + len(record) > self.segment_max_bytes
+        ):
+            self._roll()
+        start = Position(self._active, self._sizes[self._active])
+        try:
+            _write_all(self._fd, record)
+        except OSError as exc:
+            # Leave no half record behind: cut the file back to where this one began.
+            try:
+                os.ftruncate(self._fd, start.offset)
+            except OSError:
+                log.exception("cannot cut a partial record off segment %d", self._active)
+            raise SpoolFull(f"cannot write to the spool: {exc.strerror or exc}") from exc
+        end = Position(self._active, start.offset + len(record))
+        self._sizes[self._active] = end.offset
+        self._written = end
+        seq = self.next_seq
+        self.next_seq += count
+        self._appended.set()
+        self._appended = anyio.Event()
+        return Record(start, end, count, seq, appended_ms, flags, payload)
+
+    async def append(self, payload: bytes, count: int, flags: int = 0) -> Record:
+        """Write a record and return once it is as durable as the policy promises."""
+        record = self.write(payload, count, flags)
+        if self.fsync == "always":
+            await self.sync_to(record.end)
+        return record
+
+    async def run_interval_sync(self) -> None:
+        """For the `interval` policy: fsync what was written, every `fsync_interval_s`."""
+        while True:
+            await anyio.sleep(self.fsync_interval_s)
+            if self._durable < self._written:
+                await self.sync_to(self._written)
+
+    async def sync_to(self, position: Position) -> None:
+        """Wait until an fsync covers `position` (group commit: one fsync serves every
+        record written before it started)."""
+        while self._durable < position:
+            if self._syncing:
+                await self._synced.wait()
+                continue
+            self._syncing = True
+            target = self._written
+            fd = self._fd
+            try:
+                await anyio.to_thread.run_sync(os.fsync, fd)
+                self.fsyncs_total += 1
+                self._last_sync = time.monotonic()
+                self._durable = max(self._durable, target)
+            finally:
+                self._syncing = False
+                while self._retired_fds:
+                    os.close(self._retired_fds.pop())
+                self._synced.set()
+                self._synced = anyio.Event()
+
+    async def wait_appended(self) -> None:
+        await self._appended.wait()
+
+    def _roll(self) -> None:
+        os.fsync(self._fd)  # a closed segment is complete on disk
+        if self._syncing:
+            self._retired_fds.append(self._fd)  # an fsync in a thread still uses it
+        else:
+            os.close(self._fd)
+        self._active += 1
+        self._sizes[self._active] = 0
+        self._fd = os.open(
+            self.segments_dir / _segment_name(self._active),
+            os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+        )
+        _fsync_dir(self.segments_dir)
+        # Everything before the new segment is on disk now.
+        self._written = self._durable = Position(self._active, 0)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+
+    # --- reading ----------------------------------------------------------------------------
+
+    def first_position(self) -> tuple[Position, int]:
+        """The position and event sequence of the oldest record still in the spool."""
+        for segment in sorted(self._sizes):
+            if self._sizes[segment] >= HEADER_SIZE:
+                with open(self.segments_dir / _segment_name(segment), "rb") as f:
+                    seq = HEADER.unpack(f.read(HEADER_SIZE))[5]
+                return Position(segment, 0), seq
+        return Position(self._active, self._sizes.get(self._active, 0)), self.next_seq
+
+    def read(self, start: Position, max_events: int, max_bytes: int = 64 << 20) -> list[Record]:
+        """Records from `start` on, up to `max_events` events or `max_bytes` of payload (and
+        at least one record, if there is one)."""
+        records: list[Record] = []
+        events = 0
+        size = 0
+        for segment in sorted(s for s in self._sizes if s >= start.segment):
+            offset = start.offset if segment == start.segment else 0
+            limit = self._sizes[segment]
+            if offset >= limit:
+                continue
+            with open(self.segments_dir / _segment_name(segment), "rb") as f:
+                f.seek(offset)
+                while offset + HEADER_SIZE <= limit:
+                    magic, length, _crc, count, flags, seq, ms = HEADER.unpack(f.read(HEADER_SIZE))
+                    end = offset + HEADER_SIZE + length
+                    if magic != MAGIC or end > limit:
+                        raise RuntimeError(f"spool segment {segment} is damaged at {offset}")
+                    payload = f.read(length)
+                    records.append(
+                        Record(
+                            Position(segment, offset),
+                            Position(segment, end),
+                            count,
+                            seq,
+                            ms,
+                            flags,
+                            payload,
+                        )
+                    )
+                    offset = end
+                    events += count
+                    size += length
+                    if events >= max_events or size >= max_bytes:
+                        return records
+        return records
+
+    # --- cursors ----------------------------------------------------------------------------
+
+    def load_cursor(self, sink: str) -> tuple[Position, int]:
+        """A sink's committed (position, event sequence); the spool's start for a new sink."""
+        path = self.cursors_dir / f"{_safe(sink)}.json"
+        try:
+            data = json.loads(path.read_text())
+            position = Position(int(data["segment"]), int(data["offset"]))
+            seq = int(data["seq"])
+        except FileNotFoundError:
+            return self.first_position()
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("cursor of sink %s is unreadable (%s); replaying the whole spool", sink, exc)
+            return self.first_position()
+        first, first_seq = self.first_position()
+        if position < first:  # its segments are gone (deleted by hand?): start at the oldest
+            return first, first_seq
+        return position, seq
+
+    def save_cursor(self, sink: str, position: Position, seq: int) -> None:
+        path = self.cursors_dir / f"{_safe(sink)}.json"
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump({**position.as_dict(), "seq": seq}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def release(self, slowest: Position) -> int:
+        """Delete segments every sink has passed. Returns how many were deleted."""
+        deleted = 0
+        for segment in sorted(self._sizes):
+            if segment >= slowest.segment or segment == self._active:
+                break
+            with contextlib.suppress(FileNotFoundError):
+                (self.segments_dir / _segment_name(segment)).unlink()
+            del self._sizes[segment]
+            deleted += 1
+        return deleted
+
+    # --- recovery ---------------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        segments = sorted(int(p.stem) for p in self.segments_dir.glob("*.seg") if p.stem.isdigit())
+        for index, segment in enumerate(segments):
+            path = self.segments_dir / _segment_name(segment)
+            data = path.read_bytes()
+            last = index == len(segments) - 1
+            good_end = 0
+            spans = []
+            for item in scan_segment(data):
+                if len(item) == 4:
+                    good_end = item[1]
+                    self.next_seq = max(self.next_seq, item[3] + item[2])
+                else:
+                    spans.append(item)
+            torn_tail = [s for s in spans if s[0] >= good_end]
+            corrupt = [s for s in spans if s[0] < good_end]
+            for bad_start, bad_end in corrupt:
+                self._quarantine(segment, data[bad_start:bad_end], bad_start)
+                self.corrupt_bytes_total += bad_end - bad_start
+                log.error(
+                    "spool segment %d: %d corrupt bytes at offset %d moved to dead-letter; "
+                    "the records around them are kept",
+                    segment,
+                    bad_end - bad_start,
+                    bad_start,
+                )
+            if corrupt:
+                # Rewrite the segment with the good records only, so offsets stay parseable.
+                kept = b"".join(
+                    data[item[0] : item[1]] for item in scan_segment(data) if len(item) == 4
+                )
+                _atomic_write(path, kept)
+                good_end = len(kept)
+                data = kept
+            if torn_tail and good_end < len(data):
+                cut = len(data) - good_end
+                if not last:
+                    self._quarantine(segment, data[good_end:], good_end)
+                self.truncated_bytes_total += cut
+                with open(path, "r+b") as f:
+                    f.truncate(good_end)
+                    f.flush()
+                    os.fsync(f.fileno())
+                log.warning(
+                    "spool segment %d: cut %d bytes of a torn record at offset %d "
+                    "(a crash during a write); the records before it are kept",
+                    segment,
+                    cut,
+                    good_end,
+                )
+            self._sizes[segment] = good_end
+        # Sequence numbers never go back, even when every record has been delivered and
+        # deleted: cursors remember where they were.
+        for cursor in self.cursors_dir.glob("*.json"):
+            try:
+                self.next_seq = max(self.next_seq, int(json.loads(cursor.read_text())["seq"]))
+            except (ValueError, KeyError, TypeError, OSError):
+                continue
+
+    def _quarantine(self, segment: int, data: bytes, offset: int) -> None:
+        path = self.dead_letter_dir / f"corrupt-{segment:020d}-{offset}.bin"
+        path.write_bytes(data)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(".rewrite")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
