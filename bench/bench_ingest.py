@@ -28,6 +28,7 @@ import argparse
 import atexit
 import contextlib
 import cProfile
+import hashlib
 import http.client
 import io
 import json
@@ -43,6 +44,7 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -141,6 +143,68 @@ def batch_tag(prefix: str, n: int) -> str:
 
 def single_body() -> bytes:
     return json.dumps(make_event(7, mark="single"), separators=(",", ":")).encode()
+
+
+# --- the code under test --------------------------------------------------------------------
+# The core may be edited while a run is going (a run takes minutes). --snapshot benchmarks a
+# frozen copy of a commit instead of the working tree; without it, the run checks that the
+# core files did not change between its start and its end.
+
+
+def enter_snapshot(rev: str) -> None:
+    """Export `rev` with git archive to a temp folder and re-run this script on it."""
+    repo = HERE.parent.parent
+    sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "--verify", f"{rev}^{{commit}}"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    root = Path(tempfile.mkdtemp(prefix="watchllm-bench-snapshot-"))
+    src = root / "src"
+    src.mkdir()
+    tar = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", sha],
+                         capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(src)], input=tar, check=True)
+    # Import names as the package installs them (plugins/ is watchllm_plugins, and so on).
+    package_dir = tomllib.loads((src / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-dir"]
+    py = root / "py"
+    py.mkdir()
+    for name, folder in package_dir.items():
+        (py / name).symlink_to(src / folder, target_is_directory=True)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(py), env.get("PYTHONPATH")) if p)
+    env["BENCH_SNAPSHOT_DIR"] = str(root)
+    env["BENCH_SNAPSHOT_DESC"] = f"snapshot of {rev} = commit {sha[:12]} (git archive)"
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, str(HERE), *sys.argv[1:]], env)
+
+
+def code_identity() -> dict[str, Any]:
+    """Where the imported core comes from, its commit, and a fingerprint of its files."""
+    import watchllm_ext
+    import watchllm_plugins
+
+    folders = [Path(watchllm_ext.__file__).parent, Path(watchllm_plugins.__file__).parent]
+    digest = hashlib.sha256()
+    for folder in folders:
+        for path in sorted(folder.rglob("*.py")):
+            digest.update(str(path.relative_to(folder)).encode())
+            digest.update(path.read_bytes())
+    ident: dict[str, Any] = {"core": str(folders[0]), "fingerprint": digest.hexdigest()[:16]}
+    if os.environ.get("BENCH_SNAPSHOT_DESC"):
+        ident["version"] = os.environ["BENCH_SNAPSHOT_DESC"]
+        return ident
+    repo = folders[0].resolve().parent
+    try:
+        sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--",
+                                "watchllm_ext", "plugins", "clickhouse"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        ident["version"] = "working tree (not a git checkout)"
+        return ident
+    ident["version"] = (f"working tree at commit {sha[:12]}"
+                        + (" + uncommitted changes to the core" if dirty else ""))
+    return ident
 
 
 # --- processes --------------------------------------------------------------------------------
@@ -406,10 +470,14 @@ def role_batch_client(args: argparse.Namespace) -> None:
 def role_inproc(args: argparse.Namespace) -> None:
     """Baseline (i): the same payloads through parse + validate + rows + insert, no HTTP.
 
-    Events are inserted in groups of `flush_max_events` (10,000 by default), as the writer
-    groups them, so the insert count per event matches the server's."""
+    Variant "items": from_json + validate_items (the validation entry point that takes parsed
+    JSON). Variant "fast": validate_fast + finish_fast on the raw bytes, the path the server
+    takes for an all-valid body (when the core has it). Events are inserted in groups of
+    `flush_max_events` (10,000 by default), as the writer groups them, so the number of
+    inserts per event matches the server's."""
     from pydantic_core import from_json
 
+    from watchllm_ext import ingest
     from watchllm_ext.auth import Principal
     from watchllm_ext.ingest import validate_items
     from watchllm_ext.plugins import get_plugin_manager
@@ -437,9 +505,16 @@ def role_inproc(args: argparse.Namespace) -> None:
                 profiler.enable()
             for i, body in enumerate(bodies):
                 t0 = time.perf_counter()
-                items = from_json(body, allow_inf_nan=False)["events"]
-                t1 = time.perf_counter()
-                outcome = validate_items(items, principal, pm)
+                if args.variant == "fast":
+                    events = ingest.validate_fast(body, "batch")  # parses and validates
+                    if events is None:
+                        raise RuntimeError("the fast path refused a valid batch")
+                    t1 = time.perf_counter()
+                    outcome = ingest.finish_fast(events, principal, pm)
+                else:
+                    items = from_json(body, allow_inf_nan=False)["events"]
+                    t1 = time.perf_counter()
+                    outcome = validate_items(items, principal, pm)
                 t2 = time.perf_counter()
                 stages["parse"] += t1 - t0
                 stages["validate"] += t2 - t1
@@ -471,6 +546,8 @@ def role_inproc(args: argparse.Namespace) -> None:
         stored = int(store.query("SELECT count() AS n FROM events FINAL")[0]["n"])
         if profiler is not None:
             profiler.dump_stats(args.profile_out)
+        if args.variant == "fast":  # one call parses and validates: report it as validate
+            stages["validate"] += stages.pop("parse")
         print(json.dumps({"events": total, "elapsed_s": elapsed, "stages": stages,
                           "stored_total": stored, "expected_total": total + 2 * BATCH_SIZE}))
     finally:
@@ -548,13 +625,20 @@ def measure_batch_accept(kind: str, work: Path, template: Path, batches: int, co
             "server_cpu_us_per_event": cpu / n * 1e6}
 
 
-def measure_inproc(work: Path, template: Path, batches: int, rnd: int,
+def has_fast_path() -> bool:
+    from watchllm_ext import ingest
+
+    return hasattr(ingest, "validate_fast") and hasattr(ingest, "finish_fast")
+
+
+def measure_inproc(work: Path, template: Path, batches: int, rnd: int, variant: str,
                    profile_out: Path | None = None) -> dict[str, Any]:
-    data_dir = work / f"inproc-{rnd}" / "data"
+    data_dir = work / f"inproc-{variant}-{rnd}" / "data"
     data_dir.mkdir(parents=True)
     proc = spawn(
         [sys.executable, str(HERE), "--role", "inproc", "--data-dir", str(data_dir),
-         "--template", str(template), "--batches", str(batches), "--tag", f"r{rnd}"]
+         "--template", str(template), "--batches", str(batches), "--tag", f"r{rnd}",
+         "--variant", variant]
         + (["--profile-out", str(profile_out)] if profile_out else []),
         stdout=subprocess.PIPE,
         cwd=data_dir.parent,
@@ -716,6 +800,10 @@ def print_report(cfg: dict[str, Any], batch: dict[str, Any] | None,
     print("=" * 96)
     print(f"WatchLLM ingestion benchmark   {cfg['cpus']} CPUs   python {cfg['python']}   "
           f"{'quick' if cfg['quick'] else 'full'} run")
+    print(f"code: {cfg['code']['version']}")
+    if cfg.get("code_changed_during_run"):
+        print("WARNING: the core files changed during this run, so rounds may have measured "
+              "different code; rerun with --snapshot")
     print("=" * 96)
     if batch is not None:
         inproc, bare, wl = batch["inproc"], batch["bare"], batch["watchllm"]
@@ -725,7 +813,9 @@ def print_report(cfg: dict[str, Any], batch: dict[str, Any] | None,
               f"median of {cfg['batch_rounds']} rounds")
         print(f"   {'':60s}{'events/s':>12s}{'x in-proc':>11s}{'x bare':>9s}{'CPU us/ev':>11s}")
         rows = [
-            ("(i)  in-process parse+validate+rows+insert, no HTTP", inproc, None),
+            ("(i)  in-process from_json+validate_items+rows+insert", inproc, None),
+            *([("(i') in-process, server's fast path validate_fast+finish_fast",
+                batch["inproc_fast"], None)] if "inproc_fast" in batch else []),
             ("(ii) bare Starlette: read body + parse JSON + 202", bare,
              bare["server_cpu_us_per_event"]),
             ("WatchLLM POST /v1/events/batch, end to end (in store)", wl,
@@ -741,10 +831,12 @@ def print_report(cfg: dict[str, Any], batch: dict[str, Any] | None,
         print(f"   {'   WatchLLM HTTP accept rate (to last 202)':60s}"
               f"{wl['accept_events_s']:12,.0f}   then {wl['drain_s']:.2f} s until all stored; "
               f"{wl['retries_503']} retried 503s")
-        st = inproc["stages"]
-        per = {k: v / inproc["events"] * 1e6 for k, v in st.items()}
-        print("   (i) per event: " + ", ".join(f"{k} {v:.1f} us" for k, v in per.items())
-              + f"  (total {sum(per.values()):.1f} us)")
+        for label, r in (("(i) ", inproc), ("(i')", batch.get("inproc_fast"))):
+            if r is None:
+                continue
+            per = {k: v / r["events"] * 1e6 for k, v in r["stages"].items()}
+            print(f"   {label} per event: " + ", ".join(f"{k} {v:.1f} us" for k, v in per.items())
+                  + f"  (total {sum(per.values()):.1f} us)")
         ok = wl["events_s"] >= TARGET_BATCH_EVENTS_S
         print(f"   target >= {TARGET_BATCH_EVENTS_S:,} events/s end to end: "
               f"{wl['events_s']:,.0f}  {verdict(ok)}")
@@ -781,6 +873,9 @@ def main(argv: list[str] | None = None) -> int:
                    "baseline (i), py-spy on the server) and print the top frames")
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     p.add_argument("--keep", action="store_true", help="keep the temp folder (server logs)")
+    p.add_argument("--snapshot", nargs="?", const="HEAD", metavar="REV",
+                   help="benchmark a frozen copy of a commit (default HEAD, via git archive) "
+                   "instead of the working tree, which may be edited during the run")
     # Roles of the child processes (not for direct use).
     p.add_argument("--role", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -791,6 +886,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tag", help=argparse.SUPPRESS)
     p.add_argument("--key", help=argparse.SUPPRESS)
     p.add_argument("--profile-out", help=argparse.SUPPRESS)
+    p.add_argument("--variant", default="items", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.role in ("serve-watchllm", "serve-watchllm-nosink", "serve-bare"):
@@ -812,8 +908,12 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --profile needs py-spy: pip install py-spy", file=sys.stderr)
         return 2
 
+    if args.snapshot and not os.environ.get("BENCH_SNAPSHOT_DIR"):
+        enter_snapshot(args.snapshot)  # does not return: re-runs this script on the copy
     atexit.register(_stop_all)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    ident = code_identity()
+    print(f"code under test: {ident['version']}\n  imported from {ident['core']}", flush=True)
 
     quick = args.quick
     cfg: dict[str, Any] = {
@@ -827,6 +927,7 @@ def main(argv: list[str] | None = None) -> int:
         "wrk_threads": 1,
         "single_duration_s": 3 if quick else 10,
         "single_rounds": 1 if quick else 3,
+        "code": ident,
     }
     work = Path(tempfile.mkdtemp(prefix="watchllm-bench-"))
     batch = single = None
@@ -835,11 +936,17 @@ def main(argv: list[str] | None = None) -> int:
         template.write_bytes(batch_template())
         cfg["batch_body_kb"] = len(batch_body(template.read_bytes(), batch_tag("r0", 0))) / 1024
         if args.part in ("all", "batch"):
+            fast = has_fast_path()
             runs: dict[str, list[dict[str, Any]]] = {
-                "inproc": [], "bare": [], "nosink": [], "watchllm": []}
+                "inproc": [], "inproc_fast": [], "bare": [], "nosink": [], "watchllm": []}
+            if not fast:
+                del runs["inproc_fast"]
             for rnd in range(cfg["batch_rounds"]):
                 steps = [
-                    ("inproc", lambda r=rnd: measure_inproc(work, template, cfg["batches"], r)),
+                    ("inproc", lambda r=rnd: measure_inproc(
+                        work, template, cfg["batches"], r, "items")),
+                    ("inproc_fast", lambda r=rnd: measure_inproc(
+                        work, template, cfg["batches"], r, "fast")),
                     ("bare", lambda r=rnd: measure_batch_accept(
                         "bare", work, template, cfg["batches"], cfg["batch_conns"], r)),
                     ("nosink", lambda r=rnd: measure_batch_accept(
@@ -847,6 +954,7 @@ def main(argv: list[str] | None = None) -> int:
                     ("watchllm", lambda r=rnd: measure_batch_watchllm(
                         work, template, cfg["batches"], cfg["batch_conns"], r)),
                 ]
+                steps = [step for step in steps if step[0] in runs]
                 if rnd % 2:
                     steps.reverse()
                 for name, fn in steps:
@@ -854,13 +962,15 @@ def main(argv: list[str] | None = None) -> int:
                     runs[name].append(res)
                     extra = (f"  (accepted at {res['accept_events_s']:,.0f}/s, drain "
                              f"{res['drain_s']:.2f} s)" if name == "watchllm" else "")
-                    print(f"  batch round {rnd + 1} {name:8s}: {res['events_s']:9,.0f} events/s"
+                    print(f"  batch round {rnd + 1} {name:11s}: {res['events_s']:9,.0f} events/s"
                           f"{extra}", flush=True)
             batch = {name: _median_round(rs, "events_s") | {"rounds": rs}
                      for name, rs in runs.items()}
         if args.part in ("all", "single"):
             single = measure_single(work, cfg["single_rounds"], cfg["single_duration_s"],
                                     cfg["single_conns"], cfg["wrk_threads"])
+        after = code_identity()["fingerprint"]
+        cfg["code_changed_during_run"] = after != ident["fingerprint"]
         print_report(cfg, batch, single)
         if args.json:
             args.json.write_text(json.dumps({"config": cfg, "batch": batch, "single": single},
@@ -869,10 +979,13 @@ def main(argv: list[str] | None = None) -> int:
             profile(work, template, cfg)
     finally:
         _stop_all()
+        snapshot = os.environ.get("BENCH_SNAPSHOT_DIR")
         if args.keep:
-            print(f"kept {work}")
+            print(f"kept {work}" + (f" and {snapshot}" if snapshot else ""))
         else:
             shutil.rmtree(work, ignore_errors=True)
+            if snapshot:
+                shutil.rmtree(snapshot, ignore_errors=True)
     return 0
 
 
@@ -881,8 +994,9 @@ def profile(work: Path, template: Path, cfg: dict[str, Any]) -> None:
     print("Profiles of the batch path (figures from these passes are not benchmark figures)")
     print("=" * 96)
     prof = work / "inproc.prof"
-    measure_inproc(work, template, cfg["batches"], 99, profile_out=prof)
-    print("\ncProfile of baseline (i), parse + validate + rows + insert, by own time:")
+    variant = "fast" if has_fast_path() else "items"
+    measure_inproc(work, template, cfg["batches"], 99, variant, profile_out=prof)
+    print(f"\ncProfile of baseline (i) ({variant} path), validate + rows + insert, by own time:")
     print(top_cprofile(prof))
     raw = work / "py-spy.txt"
     res = measure_batch_watchllm(work, template, cfg["batches"], cfg["batch_conns"], 98,

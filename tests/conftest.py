@@ -67,16 +67,13 @@ class Running:
     def flush(self) -> None:
         """Wait until everything accepted so far is in the store."""
         writer = self.wl.writer
-        import anyio
-
         assert writer is not None
         # The writer lives on the server's loop; wait from here by polling its counters.
         deadline = time.monotonic() + 30
-        while writer.pending_events:
+        while writer.lag_events():
             if time.monotonic() > deadline:
                 raise AssertionError(f"writer did not flush: {writer.stats()}")
             time.sleep(0.02)
-        del anyio
 
     def query(self, sql: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         assert self.wl.store is not None

@@ -1,14 +1,26 @@
-"""The batch writer on its own: batching, per-sink pace, retries, back-pressure, shutdown."""
+"""The writer on its own: batching, per-sink pace, retries, dead letters, back-pressure,
+shutdown and replay from the spool."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
-from watchllm_ext.writer import BatchWriter, SinkError, WriterClosed, WriterFull
+from watchllm_ext.spool import Spool
+from watchllm_ext.writer import MemoryLog, SinkError, Writer, WriterClosed, WriterFull
+
+
+def encode(events: Sequence[Any]) -> bytes:
+    return json.dumps(list(events)).encode()
+
+
+def decode(payload: bytes) -> list[Any]:
+    return json.loads(payload)
 
 
 class ListSink:
@@ -42,8 +54,8 @@ class FlakySink(ListSink):
 class GatedSink(ListSink):
     """Blocks every write until the gate opens."""
 
-    def __init__(self) -> None:
-        super().__init__("gated")
+    def __init__(self, name: str = "gated") -> None:
+        super().__init__(name)
         self.gate = anyio.Event()
 
     async def write(self, events: Sequence[Any]) -> None:
@@ -51,48 +63,64 @@ class GatedSink(ListSink):
         await super().write(events)
 
 
-def run(fn: Any) -> Any:
-    return anyio.run(fn)
+def memory_writer(sinks: list[Any], **kw: Any) -> Writer:
+    return Writer(sinks, MemoryLog(kw.pop("max_events", 1000)), encode=encode, decode=decode, **kw)
+
+
+def spool_writer(sinks: list[Any], folder: Path, **kw: Any) -> Writer:
+    spool = Spool(folder, max_bytes=kw.pop("max_bytes", 1 << 30))
+    return Writer(sinks, spool, encode=encode, decode=decode, **kw)
 
 
 def test_flushes_on_size_and_on_interval() -> None:
     async def main() -> None:
         sink = ListSink()
-        async with BatchWriter([sink], flush_max_events=3, flush_interval_s=0.05) as writer:
-            writer.submit([1, 2, 3, 4])  # seals one batch of 4 at once (size reached)
-            await anyio.sleep(0.01)
+        async with memory_writer([sink], flush_max_events=3, flush_interval_s=0.1) as writer:
+            await writer.submit([1, 2, 3, 4])  # reaches the size: delivered at once
+            await anyio.sleep(0.05)
             assert sink.batches == [[1, 2, 3, 4]]
-            writer.submit([5])
-            await anyio.sleep(0.2)  # the interval seals the partial batch
-            assert sink.batches == [[1, 2, 3, 4], [5]]
+            await writer.submit([5])
+            await anyio.sleep(0.03)
+            assert sink.batches == [[1, 2, 3, 4]]  # waits for the interval...
+            await anyio.sleep(0.2)
+            assert sink.batches == [[1, 2, 3, 4], [5]]  # ...then goes
 
-    run(main)
+    anyio.run(main)
 
 
-def test_every_sink_gets_every_batch_and_a_slow_one_holds_back_no_other() -> None:
+@pytest.mark.parametrize("log_kind", ["memory", "spool"])
+def test_a_slow_sink_holds_back_no_other(log_kind: str, tmp_path: Path) -> None:
     async def main() -> None:
         fast, slow = ListSink("fast"), GatedSink()
-        async with BatchWriter([fast, slow], flush_max_events=2, flush_interval_s=10) as writer:
+        make = (
+            (lambda s, **kw: memory_writer(s, **kw))
+            if log_kind == "memory"
+            else (lambda s, **kw: spool_writer(s, tmp_path, **kw))
+        )
+        async with make([fast, slow], flush_max_events=2, flush_interval_s=0.01) as writer:
             for i in range(5):
-                writer.submit([i * 2, i * 2 + 1])
-            assert await writer.flush(timeout_s=0.3) is False  # the slow sink holds the flush
+                await writer.submit([i * 2, i * 2 + 1])
+            assert await writer.flush(timeout_s=0.5) is False  # the slow sink holds the flush
             assert fast.events == list(range(10))
             assert slow.events == []
-            assert writer.pending_events == 10  # kept until every sink has them
+            assert writer.stats()["sinks"]["gated"]["lag_events"] == 10
+            assert writer.stats()["sinks"]["fast"]["lag_events"] == 0
             slow.gate.set()
             assert await writer.flush(timeout_s=5)
             assert slow.events == list(range(10))
-            assert writer.pending_events == 0
+            assert writer.lag_events() == 0
 
-    run(main)
+    anyio.run(main)
 
 
 def test_failing_sink_is_retried_with_backoff() -> None:
     async def main() -> None:
         sink = FlakySink(failures=3)
-        writer = BatchWriter([sink], flush_interval_s=0.01, retry_initial_s=0.01, retry_max_s=0.05)
+        writer = memory_writer(
+            [sink], flush_interval_s=0.01, retry_initial_s=0.01, retry_max_s=0.05
+        )
         async with writer:
-            writer.submit(["a", "b"])
+            await writer.submit(["a", "b"])
             assert await writer.flush(timeout_s=5)
             stats = writer.stats()["sinks"]["flaky"]
         assert sink.events == ["a", "b"]
@@ -100,68 +128,97 @@ def test_failing_sink_is_retried_with_backoff() -> None:
         assert stats["delivered_events_total"] == 2
         assert "store down" in stats["last_error"]
 
-    run(main)
+    anyio.run(main)
 
 
-def test_permanent_error_drops_only_that_batch_and_counts_it() -> None:
+def test_permanent_error_goes_to_the_dead_letters(tmp_path: Path) -> None:
     class Picky(ListSink):
         async def write(self, events: Sequence[Any]) -> None:
             if "poison" in events:
-                raise SinkError("type mismatch", permanent=True)
+                raise SinkError("type mismatch in column x", permanent=True)
             await super().write(events)
 
-    async def main() -> None:
+    async def main() -> Writer:
         sink = Picky("picky")
-        async with BatchWriter([sink], flush_max_events=1) as writer:
-            writer.submit(["poison"])
-            writer.submit(["good"])
+        async with spool_writer([sink], tmp_path, flush_max_events=1) as writer:
+            await writer.submit(["poison"])
+            await writer.submit(["good"])
             assert await writer.flush(timeout_s=5)
-            assert writer.stats()["sinks"]["picky"]["dropped_events_total"] == 1
         assert sink.events == ["good"]
+        return writer
 
-    run(main)
+    writer = anyio.run(main)
+    assert writer.stats()["sinks"]["picky"]["dead_letter_events_total"] == 1
+    lines = (tmp_path / "dead-letter" / "picky.jsonl").read_text().splitlines()
+    (entry,) = [json.loads(line) for line in lines]
+    assert entry["events"] == ["poison"] and "type mismatch" in entry["reason"]
 
 
-def test_full_buffer_refuses_instead_of_growing() -> None:
+def test_full_log_refuses_instead_of_growing() -> None:
     async def main() -> None:
         slow = GatedSink()
-        async with BatchWriter([slow], buffer_max_events=5, flush_max_events=2) as writer:
-            writer.submit([1, 2, 3])
+        async with memory_writer(
+            [slow], max_events=5, flush_max_events=2, flush_interval_s=0.01
+        ) as writer:
+            await writer.submit([1, 2, 3])
             with pytest.raises(WriterFull) as caught:
-                writer.submit([4, 5, 6])
+                await writer.submit([4, 5, 6])
             assert caught.value.retry_after_s >= 1
-            writer.submit([4, 5])  # exactly at the cap is fine
+            await writer.submit([4, 5])  # exactly at the cap is fine
             slow.gate.set()
             assert await writer.flush(timeout_s=5)
-            writer.submit([6, 7, 8])  # room again once delivered
+            await writer.submit([6, 7, 8])  # room again once delivered
             assert await writer.flush(timeout_s=5)
         assert slow.events == [1, 2, 3, 4, 5, 6, 7, 8]
 
-    run(main)
+    anyio.run(main)
 
 
 def test_close_flushes_and_then_refuses() -> None:
     async def main() -> ListSink:
         sink = ListSink()
-        writer = BatchWriter([sink], flush_interval_s=60)
+        writer = memory_writer([sink], flush_interval_s=60)
         async with writer:
-            writer.submit(["x", "y"])
+            await writer.submit(["x", "y"])
         with pytest.raises(WriterClosed):
-            writer.submit(["z"])
+            await writer.submit(["z"])
         return sink
 
-    assert run(main).events == ["x", "y"]
+    assert anyio.run(main).events == ["x", "y"]
 
 
-def test_shutdown_grace_bounds_close() -> None:
-    async def main() -> BatchWriter:
-        stuck = GatedSink()
-        writer = BatchWriter([stuck], shutdown_grace_s=0.2)
+def test_what_shutdown_could_not_deliver_is_replayed_at_the_next_start(tmp_path: Path) -> None:
+    async def first_run() -> None:
+        stuck = GatedSink("store")
         with anyio.fail_after(5):
-            async with writer:
-                writer.submit(["lost"])
-        return writer
+            async with spool_writer(
+                [stuck], tmp_path, shutdown_grace_s=0.2, flush_interval_s=0.01
+            ) as writer:
+                await writer.submit(["a", "b"])
+                await writer.submit(["c"])
 
-    writer = run(main)
-    assert writer.lost_at_shutdown_total == 1
-    assert not writer.running
+    async def second_run() -> ListSink:
+        sink = ListSink("store")
+        async with spool_writer([sink], tmp_path, flush_interval_s=0.01) as writer:
+            assert writer.lag_events() == 3
+            assert await writer.flush(timeout_s=5)
+        return sink
+
+    anyio.run(first_run)
+    assert anyio.run(second_run).events == ["a", "b", "c"]
+
+
+def test_a_sink_behind_the_memory_window_reads_the_spool(tmp_path: Path) -> None:
+    async def main() -> None:
+        slow = GatedSink("slow")
+        async with spool_writer(
+            [slow], tmp_path, memory_max_events=3, flush_max_events=100, flush_interval_s=0.01
+        ) as writer:
+            for i in range(10):
+                await writer.submit([{"n": i}])
+            assert writer.stats()["events_in_memory"] == 3
+            slow.gate.set()
+            assert await writer.flush(timeout_s=5)
+        assert slow.events == [{"n": i} for i in range(10)]
+
+    anyio.run(main)

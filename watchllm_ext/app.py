@@ -36,11 +36,15 @@ from .ingest import (
     validate_fast,
     validate_items,
 )
+from .locks import FolderLock, FolderLocked
 from .plugins import describe_plugins, get_plugin_manager
 from .quota import QuotaDecision
+from .schema import EVENT_LIST_ADAPTER
 from .settings import Settings, load_settings
+from .spool import Spool
 from .store import Store, apply_migrations
-from .writer import BatchWriter, Sink, WriterClosed, WriterFull
+from .store.base import StoreLockedError
+from .writer import Log, MemoryLog, Sink, Writer, WriterClosed, WriterFull
 
 log = logging.getLogger("watchllm.app")
 
@@ -54,7 +58,7 @@ class WatchLLM:
     settings: Settings
     pm: pluggy.PluginManager
     store: Store | None = None
-    writer: BatchWriter | None = None
+    writer: Writer | None = None
     migrations_applied: list[str] = field(default_factory=list)
     _opened_store: Store | None = None
 
@@ -78,22 +82,36 @@ class WatchLLM:
             if not sinks:
                 log.warning("no sink is registered: accepted events will not be kept anywhere")
             s = self.settings
-            writer = BatchWriter(
-                sinks,
-                flush_max_events=s.flush_max_events,
-                flush_interval_s=s.flush_interval_s,
-                buffer_max_events=s.buffer_max_events,
-                retry_initial_s=s.sink_retry_initial_s,
-                retry_max_s=s.sink_retry_max_s,
-                shutdown_grace_s=s.shutdown_grace_s,
-            )
-            self.store = store
-            async with writer:
-                self.writer = writer
-                try:
-                    yield self
-                finally:
-                    self.writer = None
+            log_, lock = _open_log(s)
+            try:
+                writer = Writer(
+                    sinks,
+                    log_,
+                    encode=_encode_events,
+                    decode=_decode_events,
+                    flush_max_events=s.flush_max_events,
+                    flush_interval_s=s.flush_interval_s,
+                    memory_max_events=s.buffer_max_events,
+                    retry_initial_s=s.sink_retry_initial_s,
+                    retry_max_s=s.sink_retry_max_s,
+                    shutdown_grace_s=s.shutdown_grace_s,
+                    interval_sync=(
+                        log_.run_interval_sync
+                        if isinstance(log_, Spool) and s.spool_fsync == "interval"
+                        else None
+                    ),
+                )
+                self.store = store
+                async with writer:
+                    self.writer = writer
+                    try:
+                        yield self
+                    finally:
+                        self.writer = None
+            finally:
+                log_.close()
+                if lock is not None:
+                    lock.release()
         finally:
             self.store = None
             if store is not None:
@@ -121,7 +139,7 @@ class WatchLLM:
             if isinstance(decision, QuotaDecision) and not decision.allowed:
                 raise Problem(429, "quota_exceeded", decision.reason, headers=decision.headers())
 
-    def submit(self, events: list[Any]) -> None:
+    async def submit(self, events: list[Any]) -> None:
         if self.writer is None:
             raise Problem(
                 503,
@@ -131,18 +149,52 @@ class WatchLLM:
                 headers={"Retry-After": "5"},
             )
         try:
-            self.writer.submit(events)
+            await self.writer.submit(events)
         except WriterFull as exc:
             raise Problem(
                 503,
                 "overloaded",
-                "the server is buffering more events than it may; retry later",
+                f"the server cannot take more events now ({exc}); retry later",
                 headers={"Retry-After": str(max(1, round(exc.retry_after_s)))},
             ) from None
         except WriterClosed:
             raise Problem(
                 503, "shutting_down", "the server is shutting down", headers={"Retry-After": "5"}
             ) from None
+
+
+def _open_log(settings: Settings) -> tuple[Log, FolderLock | None]:
+    if settings.durability == "memory":
+        return MemoryLog(settings.buffer_max_events), None
+    try:
+        lock = FolderLock(settings.spool_path, "spool")
+    except FolderLocked as exc:
+        raise StoreLockedError(str(exc)) from None
+    try:
+        spool = Spool(
+            settings.spool_path,
+            fsync=settings.spool_fsync,
+            fsync_interval_s=settings.spool_fsync_interval_s,
+            segment_max_bytes=min(settings.spool_segment_bytes, settings.spool_max_bytes // 4),
+            max_bytes=settings.spool_max_bytes,
+        )
+    except BaseException:
+        lock.release()
+        raise
+    return spool, lock
+
+
+# Events go into the spool as JSON and come back through the same models. `trusted` lets
+# server-set fields (cost_source) through, which a client may not send.
+_TRUSTED = {"trusted": True}
+
+
+def _encode_events(events: Any) -> bytes:
+    return EVENT_LIST_ADAPTER.dump_json(events, exclude_none=True)
+
+
+def _decode_events(payload: bytes) -> list[Any]:
+    return EVENT_LIST_ADAPTER.validate_json(payload, context=_TRUSTED)
 
 
 def _flatten_sinks(results: Iterable[Any]) -> list[Sink]:
@@ -186,17 +238,17 @@ def _check_count(wl: WatchLLM, n: int) -> None:
 async def _ingest_fast(wl: WatchLLM, principal: Principal, events: list[Any]) -> Response:
     _check_count(wl, len(events))
     await wl.check_quota(principal, len(events))
-    return _answer(wl, finish_fast(events, principal, wl.pm))
+    return await _answer(wl, finish_fast(events, principal, wl.pm))
 
 
 async def _ingest(wl: WatchLLM, principal: Principal, items: list[Any]) -> Response:
     _check_count(wl, len(items))
     check_projects(items, principal)
     await wl.check_quota(principal, len(items))
-    return _answer(wl, validate_items(items, principal, wl.pm))
+    return await _answer(wl, validate_items(items, principal, wl.pm))
 
 
-def _answer(wl: WatchLLM, outcome: Outcome) -> Response:
+async def _answer(wl: WatchLLM, outcome: Outcome) -> Response:
     rejected = [r.as_dict() for r in outcome.rejected]
     if not outcome.accepted:
         raise Problem(
@@ -206,7 +258,7 @@ def _answer(wl: WatchLLM, outcome: Outcome) -> Response:
             accepted=0,
             rejected=rejected,
         )
-    wl.submit(outcome.accepted)
+    await wl.submit(outcome.accepted)
     body: dict[str, Any] = {
         "accepted": len(outcome.accepted),
         "event_ids": [e.event_id for e in outcome.accepted],
@@ -290,8 +342,9 @@ async def readyz(request: Request) -> Response:
         ready = False
     else:
         stats = wl.writer.stats()
-        full = stats["pending_events"] >= stats["buffer_max_events"]
-        checks["writer"] = {"ok": not full, **stats}
+        cap = wl.settings.spool_max_bytes
+        full = wl.settings.durability == "spool" and stats["log_bytes"] >= 0.95 * cap
+        checks["writer"] = {"ok": not full, "log_max_bytes": cap, **stats}
         ready = ready and not full
     if wl.store is None:
         checks["store"] = {"ok": False, "detail": "not open"}

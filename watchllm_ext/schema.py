@@ -21,6 +21,7 @@ from pydantic import (
     StrictInt,
     StringConstraints,
     TypeAdapter,
+    ValidationInfo,
     field_validator,
 )
 from pydantic_core import to_json
@@ -171,8 +172,11 @@ class PromptCallEvent(BaseEvent):
 
     @field_validator("cost_source", mode="before")
     @classmethod
-    def _cost_source_is_ours(cls, value: Any) -> Any:
-        # Runs only when the input names the field (defaults are not validated).
+    def _cost_source_is_ours(cls, value: Any, info: ValidationInfo) -> Any:
+        # Runs only when the input names the field (defaults are not validated); events read
+        # back from the server's own spool are validated with the `trusted` context.
+        if info.context and info.context.get("trusted"):
+            return value
         raise ValueError("cost_source is set by the server; send cost_estimate_usd instead")
 
 

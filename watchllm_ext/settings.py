@@ -36,7 +36,7 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(
         Path(".watchllm"),
-        description="Folder for the embedded chDB store and the API-key file.",
+        description="Folder for the embedded chDB store, the spool and the API-key file.",
     )
     host: str = Field("127.0.0.1", description="Address `watchllm serve` listens on.")
     port: int = Field(8787, ge=1, le=65535, description="Port `watchllm serve` listens on.")
@@ -66,10 +66,34 @@ class Settings(BaseSettings):
     flush_interval_s: float = Field(
         1.0, gt=0, le=3600, description="The writer flushes at least this often (seconds)."
     )
+    durability: Literal["spool", "memory"] = Field(
+        "spool",
+        description="`spool`: accepted events are written to the on-disk spool before the"
+        " answer; `memory`: kept in memory only (lost in a crash; for tests, or behind a"
+        " queue that is durable already).",
+    )
+    spool_fsync: Literal["always", "interval", "never"] = Field(
+        "always",
+        description="When the spool is fsynced: `always` before each answer (group commit),"
+        " `interval` every spool_fsync_interval_s, `never` (left to the OS);"
+        " see docs/DURABILITY.md.",
+    )
+    spool_fsync_interval_s: float = Field(
+        1.0, gt=0, le=60, description="fsync period of the `interval` policy (seconds)."
+    )
+    spool_max_bytes: int = Field(
+        1024 * MiB,
+        ge=64 * 1024,
+        description="Spool size cap; past it ingestion answers 503 with Retry-After.",
+    )
+    spool_segment_bytes: int = Field(
+        64 * MiB, ge=4096, description="Size at which the spool starts a new segment file."
+    )
     buffer_max_events: int = Field(
         500_000,
         ge=1,
-        description="Events held in memory before ingestion answers 503 with Retry-After.",
+        description="Events kept decoded in memory for the sinks (beyond it they read the spool"
+        " back from disk); with durability=memory, the most held before 503.",
     )
     sink_retry_initial_s: float = Field(
         0.2, gt=0, description="First wait before retrying a failed sink write (seconds)."
@@ -126,6 +150,10 @@ class Settings(BaseSettings):
     @property
     def store_path(self) -> Path:
         return self.data_dir / "chdb"
+
+    @property
+    def spool_path(self) -> Path:
+        return self.data_dir / "spool"
 
 
 def load_settings(**overrides: Any) -> Settings:

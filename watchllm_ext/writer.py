@@ -1,34 +1,52 @@
-"""The in-process batch writer: accepted events in, batches out to every sink.
+"""The writer: accepted events into a log, batches out of it to every sink.
 
-HTTP handlers know only `submit(events)`; sinks know only `write(batch)`. Between them the
-writer owns a bounded buffer of sealed batches and one delivery task per sink, each with its
-own cursor over the batches (the shape a disk spool takes later: the buffer becomes segment
-files, the cursors become committed positions). A batch is dropped from memory once every
-sink's cursor has passed it. A failing sink is retried with exponential backoff and jitter
-and never blocks `submit` or the other sinks; when the buffer is full, `submit` refuses
-(the HTTP layer answers 503 with Retry-After) instead of growing.
+HTTP handlers know only `await submit(events)`; sinks know only `write(events)`. Between
+them sits a log of records, one per `submit`:
+
+- `Spool` (the default): segment files on disk (spool.py). `submit` returns once the record
+  is as durable as the fsync policy promises, so an answered request survives a crash.
+- `MemoryLog`: the same interface in memory, for tests and for deployments where an
+  upstream queue already gives durability; a crash loses what it holds.
+
+Each sink has its own delivery task and cursor over the log: it reads records from its
+cursor, batches them (by `flush_max_events` or `flush_interval_s`), writes, and commits the
+new cursor. A failing sink is retried with exponential backoff and jitter, forever (the log
+is the buffer); a batch it refuses for good goes to the dead-letter file with the reason. A
+slow sink holds back neither the other sinks nor `submit`; the log is trimmed once every
+cursor has passed a segment. When the log is full, `submit` raises WriterFull and the HTTP
+layer answers 503 with Retry-After.
+
+Decoded events of recent records are kept in memory (up to `memory_max_events`) so sinks
+that keep up never decode the spool; a sink that falls behind reads it back from disk.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
 import time
-from collections import deque
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import anyio
 
+from .spool import Position, Record, SpoolFull
+
 log = logging.getLogger("watchllm.writer")
+
+TARGETED = 1  # record flag: the record is for one sink only (a dead-letter replay)
 
 
 @runtime_checkable
 class Sink(Protocol):
     """Where batches go. `write` raises to have the batch retried; raise SinkError with
-    permanent=True for a batch that can never be written."""
+    permanent=True for a batch that can never be written (it goes to the dead letters)."""
 
     name: str
 
@@ -42,10 +60,10 @@ class SinkError(Exception):
 
 
 class WriterFull(Exception):
-    """The buffer cannot take these events now; retry after `retry_after_s`."""
+    """The log cannot take these events now; retry after `retry_after_s`."""
 
-    def __init__(self, retry_after_s: float) -> None:
-        super().__init__("the writer's buffer is full")
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
         self.retry_after_s = retry_after_s
 
 
@@ -53,113 +71,216 @@ class WriterClosed(Exception):
     """The writer is not running (not started yet, or shutting down)."""
 
 
-@dataclass(slots=True)
-class _Batch:
-    seq: int
-    events: list[Any]
+class Log(Protocol):
+    """What the writer needs of a log; `Spool` and `MemoryLog` provide it."""
+
+    next_seq: int
+    dead_letter_dir: Path | None
+
+    @property
+    def end(self) -> Position: ...
+    @property
+    def bytes(self) -> int: ...
+    def write(self, payload: bytes, count: int, flags: int = 0) -> Record: ...
+    async def sync_to(self, position: Position) -> None: ...
+    async def wait_appended(self) -> None: ...
+    def read(self, start: Position, max_events: int) -> list[Record]: ...
+    def load_cursor(self, sink: str) -> tuple[Position, int]: ...
+    def save_cursor(self, sink: str, position: Position, seq: int) -> None: ...
+    def release(self, slowest: Position) -> int: ...
+    def close(self) -> None: ...
 
 
-@dataclass(slots=True)
+class MemoryLog:
+    """The log in memory: no durability, no decode. Positions are (0, record number)."""
+
+    dead_letter_dir: Path | None = None
+    needs_payload = False
+
+    def __init__(self, max_events: int) -> None:
+        self.max_events = max_events
+        self.next_seq = 0
+        self._records: list[Record] = []
+        self._base = 0  # record number of self._records[0]
+        self._held = 0
+        self._cursors: dict[str, tuple[Position, int]] = {}
+        self._appended = anyio.Event()
+
+    @property
+    def end(self) -> Position:
+        return Position(0, self._base + len(self._records))
+
+    @property
+    def bytes(self) -> int:
+        return 0
+
+    def write(self, payload: bytes, count: int, flags: int = 0) -> Record:
+        if self._held + count > self.max_events:
+            raise SpoolFull(f"{self._held} events are held in memory, the cap is {self.max_events}")
+        number = self._base + len(self._records)
+        record = Record(
+            Position(0, number),
+            Position(0, number + 1),
+            count,
+            self.next_seq,
+            int(time.time() * 1000),
+            flags,
+            payload,
+        )
+        self._records.append(record)
+        self._held += count
+        self.next_seq += count
+        self._appended.set()
+        self._appended = anyio.Event()
+        return record
+
+    async def sync_to(self, position: Position) -> None:
+        return None
+
+    async def wait_appended(self) -> None:
+        await self._appended.wait()
+
+    def read(self, start: Position, max_events: int) -> list[Record]:
+        out: list[Record] = []
+        events = 0
+        for record in self._records[max(0, start.offset - self._base) :]:
+            out.append(record)
+            events += record.count
+            if events >= max_events:
+                break
+        return out
+
+    def load_cursor(self, sink: str) -> tuple[Position, int]:
+        return self._cursors.get(sink, (Position(0, self._base), self.next_seq - self._held))
+
+    def save_cursor(self, sink: str, position: Position, seq: int) -> None:
+        self._cursors[sink] = (position, seq)
+
+    def release(self, slowest: Position) -> int:
+        drop = max(0, slowest.offset - self._base)
+        for record in self._records[:drop]:
+            self._held -= record.count
+        del self._records[:drop]
+        self._base += drop
+        return drop
+
+    def close(self) -> None:
+        return None
+
+
+@dataclass
 class SinkState:
     sink: Sink
-    cursor: int = 0  # seq of the next batch to deliver
+    cursor: Position
+    cursor_seq: int
     delivered_events_total: int = 0
     delivered_batches_total: int = 0
     retries_total: int = 0
-    dropped_events_total: int = 0
+    dead_letter_events_total: int = 0
     last_error: str | None = None
     failing_since: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    oldest_pending_ms: int | None = None  # append time of the record at the cursor
+    pending_since: float | None = None
 
 
-class BatchWriter:
+class Writer:
     def __init__(
         self,
         sinks: Sequence[Sink],
+        log_: Log,
         *,
+        encode: Callable[[Sequence[Any]], bytes],
+        decode: Callable[[bytes], list[Any]],
         flush_max_events: int = 10_000,
         flush_interval_s: float = 1.0,
-        buffer_max_events: int = 500_000,
+        memory_max_events: int = 500_000,
         retry_initial_s: float = 0.2,
         retry_max_s: float = 30.0,
         shutdown_grace_s: float = 30.0,
+        interval_sync: Callable[[], Any] | None = None,
     ) -> None:
+        self.log = log_
+        self.encode = encode
+        self.decode = decode
         self.flush_max_events = flush_max_events
         self.flush_interval_s = flush_interval_s
-        self.buffer_max_events = buffer_max_events
+        self.memory_max_events = memory_max_events
         self.retry_initial_s = retry_initial_s
         self.retry_max_s = retry_max_s
         self.shutdown_grace_s = shutdown_grace_s
-        self.sinks = [SinkState(sink) for sink in sinks]
-        self._open: list[Any] = []
-        self._open_since = 0.0
-        self._sealed: deque[_Batch] = deque()
-        self._next_seq = 0
-        self._pending_events = 0
+        self._interval_sync = interval_sync
+        names = [s.name for s in sinks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two sinks share a name: {names}")
+        self.sinks: list[SinkState] = []
+        for sink in sinks:
+            cursor, seq = log_.load_cursor(sink.name)
+            self.sinks.append(SinkState(sink, cursor, seq))
+        self._cache: OrderedDict[Position, list[Any]] = OrderedDict()
+        self._cached_events = 0
         self._running = False
         self._accepting = False
-        self._changed = anyio.Event()
+        self._progress = anyio.Event()
         self._task_group: anyio.abc.TaskGroup | None = None
         self.accepted_events_total = 0
-        self.lost_at_shutdown_total = 0
+        self.full_total = 0
 
     # --- the narrow interface ---------------------------------------------------------------
 
-    def submit(self, events: Sequence[Any]) -> None:
-        """Take ownership of validated events. Raises WriterFull or WriterClosed; never blocks."""
+    async def submit(self, events: Sequence[Any]) -> None:
+        """Put events in the log; returns once they are as durable as the log promises.
+
+        Raises WriterFull (no room now) or WriterClosed (not running).
+        """
         if not self._accepting:
             raise WriterClosed("the writer is not running")
-        n = len(events)
-        if self._pending_events + n > self.buffer_max_events:
-            raise WriterFull(self._retry_after_estimate())
-        was_empty = not self._open
-        if was_empty:
-            self._open_since = time.monotonic()
-        self._open.extend(events)
-        self._pending_events += n
-        self.accepted_events_total += n
-        if len(self._open) >= self.flush_max_events:
-            self._seal()
-        elif was_empty:
-            self._notify()  # start the flush timer
+        payload = self.encode(events) if getattr(self.log, "needs_payload", True) else b""
+        try:
+            record = self.log.write(payload, len(events))
+        except SpoolFull as exc:
+            self.full_total += 1
+            raise WriterFull(str(exc), exc.retry_after_s) from None
+        if not self.sinks:
+            self.log.save_cursor("-", record.end, record.seq + record.count)
+        elif not getattr(self.log, "needs_payload", True) or (
+            self._cached_events + len(events) <= self.memory_max_events
+        ):
+            self._cache[record.start] = list(events)
+            self._cached_events += len(events)
+        self.accepted_events_total += len(events)
+        await self.log.sync_to(record.end)
 
     async def flush(self, timeout_s: float | None = None) -> bool:
-        """Wait until every event submitted before this call reached every sink.
-
-        Returns False if `timeout_s` passed first.
-        """
-        self._seal()
-        target = self._next_seq
+        """Wait until every sink has everything written before this call. False on timeout."""
+        target = self.log.end
         with anyio.move_on_after(timeout_s) as scope:
             while self.sinks and min(s.cursor for s in self.sinks) < target:
-                await self._wait_change()
+                await self._progress.wait()
         return not scope.cancelled_caught
 
     async def close(self) -> None:
-        """Stop accepting, give sinks `shutdown_grace_s` to take what is buffered, stop."""
+        """Stop accepting, give sinks `shutdown_grace_s` to catch up; the rest stays in the
+        log (on disk, for the next start, with a spool)."""
         self._accepting = False
         if not self._running:
             return
-        delivered = await self.flush(self.shutdown_grace_s)
-        if not delivered:
-            self.lost_at_shutdown_total = self._pending_events
-            log.error(
-                "shutdown grace of %.1fs ran out with %d events not yet delivered to every sink",
+        if not await self.flush(self.shutdown_grace_s):
+            log.warning(
+                "shutdown grace of %.1fs ran out; %d events stay in the log for the next start",
                 self.shutdown_grace_s,
-                self._pending_events,
+                self.lag_events(),
             )
         self._running = False
         if self._task_group is not None:
             self._task_group.cancel_scope.cancel()
 
-    # --- running ----------------------------------------------------------------------------
-
-    async def __aenter__(self) -> BatchWriter:
+    async def __aenter__(self) -> Writer:
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
         self._running = True
         self._accepting = True
-        self._task_group.start_soon(self._flush_timer)
+        if self._interval_sync is not None:
+            self._task_group.start_soon(self._interval_sync)
         for state in self.sinks:
             self._task_group.start_soon(self._deliver, state)
         return self
@@ -172,30 +293,40 @@ class BatchWriter:
             self._task_group.cancel_scope.cancel()
             result = await self._task_group.__aexit__(*exc_info)
             self._task_group = None
+            self.log.close()
         return result
+
+    # --- state ------------------------------------------------------------------------------
 
     @property
     def running(self) -> bool:
         return self._running
 
-    @property
-    def pending_events(self) -> int:
-        return self._pending_events
+    def lag_events(self) -> int:
+        if not self.sinks:
+            return 0
+        return self.log.next_seq - min(s.cursor_seq for s in self.sinks)
 
     def stats(self) -> dict[str, Any]:
-        newest = self._next_seq
+        now_ms = time.time() * 1000
         return {
             "running": self._running,
             "accepting": self._accepting,
-            "pending_events": self._pending_events,
-            "buffer_max_events": self.buffer_max_events,
+            "log_bytes": self.log.bytes,
+            "events_in_memory": self._cached_events,
             "accepted_events_total": self.accepted_events_total,
+            "full_total": self.full_total,
             "sinks": {
                 s.sink.name: {
-                    "lag_batches": newest - s.cursor,
+                    "lag_events": self.log.next_seq - s.cursor_seq,
+                    "lag_seconds": (
+                        round(max(0.0, now_ms - s.oldest_pending_ms) / 1000, 3)
+                        if s.oldest_pending_ms is not None and s.cursor < self.log.end
+                        else 0.0
+                    ),
                     "delivered_events_total": s.delivered_events_total,
                     "retries_total": s.retries_total,
-                    "dropped_events_total": s.dropped_events_total,
+                    "dead_letter_events_total": s.dead_letter_events_total,
                     "last_error": s.last_error,
                     "failing_for_s": (
                         round(time.monotonic() - s.failing_since, 3) if s.failing_since else 0.0
@@ -205,77 +336,81 @@ class BatchWriter:
             },
         }
 
-    # --- internals --------------------------------------------------------------------------
-
-    def _seal(self) -> None:
-        if not self._open:
-            return
-        if not self.sinks:  # nowhere to deliver: nothing to keep
-            self._pending_events -= len(self._open)
-            self._open = []
-            return
-        self._sealed.append(_Batch(self._next_seq, self._open))
-        self._next_seq += 1
-        self._open = []
-        self._notify()
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
-
-    async def _wait_change(self) -> None:
-        await self._changed.wait()
-
-    def _retry_after_estimate(self) -> float:
-        failing = [s for s in self.sinks if s.failing_since is not None]
-        return min(self.retry_max_s, 5.0) if failing else 1.0
-
-    async def _flush_timer(self) -> None:
-        while True:
-            if self._open:
-                due = self._open_since + self.flush_interval_s - time.monotonic()
-                if due <= 0:
-                    self._seal()
-                    continue
-                with anyio.move_on_after(due):
-                    await self._wait_change()
-            else:
-                await self._wait_change()
-
-    def _batch_at(self, seq: int) -> _Batch | None:
-        if not self._sealed:
-            return None
-        index = seq - self._sealed[0].seq
-        return self._sealed[index] if 0 <= index < len(self._sealed) else None
+    # --- delivery ---------------------------------------------------------------------------
 
     async def _deliver(self, state: SinkState) -> None:
         while True:
-            batch = self._batch_at(state.cursor)
-            if batch is None:
-                await self._wait_change()
+            records = self.log.read(state.cursor, self.flush_max_events)
+            if not records:
+                state.pending_since = None
+                state.oldest_pending_ms = None
+                await self.log.wait_appended()
                 continue
-            await self._write_with_retry(state, batch)
-            state.cursor = batch.seq + 1
-            self._release_passed()
-            self._notify()
+            state.oldest_pending_ms = records[0].appended_ms
+            count = sum(r.count for r in records)
+            now = time.monotonic()
+            if count < self.flush_max_events and self._accepting:
+                if state.pending_since is None:
+                    state.pending_since = now
+                wait = state.pending_since + self.flush_interval_s - now
+                if wait > 0:
+                    with anyio.move_on_after(wait):
+                        await self.log.wait_appended()
+                    continue
+            state.pending_since = None
+            events = await self._events_of(records, state.sink.name)
+            if events:
+                await self._write_with_retry(state, events)
+            last = records[-1]
+            state.cursor, state.cursor_seq = last.end, last.seq + last.count
+            await anyio.to_thread.run_sync(
+                self.log.save_cursor, state.sink.name, state.cursor, state.cursor_seq
+            )
+            self._release()
+            self._progress.set()
+            self._progress = anyio.Event()
 
-    async def _write_with_retry(self, state: SinkState, batch: _Batch) -> None:
+    async def _events_of(self, records: list[Record], sink: str) -> list[Any]:
+        events: list[Any] = []
+        missing = [r for r in records if r.start not in self._cache]
+        decoded: dict[Position, list[Any]] = {}
+        if missing:
+            # A sink behind the in-memory window reads the spool back: decode off the loop.
+            decoded = await anyio.to_thread.run_sync(self._decode_records, missing, sink)
+        for record in records:
+            if record.flags & TARGETED:
+                events.extend(decoded.get(record.start, []))
+            elif record.start in self._cache:
+                events.extend(self._cache[record.start])
+            else:
+                events.extend(decoded.get(record.start, []))
+        return events
+
+    def _decode_records(self, records: list[Record], sink: str) -> dict[Position, list[Any]]:
+        out: dict[Position, list[Any]] = {}
+        for record in records:
+            try:
+                if record.flags & TARGETED:
+                    wrapper = json.loads(record.payload)
+                    if wrapper.get("sink") == sink:
+                        out[record.start] = self.decode(json.dumps(wrapper["events"]).encode())
+                else:
+                    out[record.start] = self.decode(record.payload)
+            except Exception as exc:  # a record that cannot be read back is dead-lettered
+                log.error("spool record at %s cannot be decoded: %s", record.start, exc)
+                self._dead_letter_raw(sink, record.payload, f"cannot decode: {exc}")
+        return out
+
+    async def _write_with_retry(self, state: SinkState, events: list[Any]) -> None:
         attempt = 0
         while True:
             try:
-                await state.sink.write(batch.events)
+                await state.sink.write(events)
             except Exception as exc:
-                permanent = bool(getattr(exc, "permanent", False))
                 state.last_error = f"{type(exc).__name__}: {exc}"[:500]
-                if permanent:
-                    state.dropped_events_total += len(batch.events)
-                    log.error(
-                        "sink %s refused a batch of %d events for good: %s",
-                        state.sink.name,
-                        len(batch.events),
-                        state.last_error,
-                    )
+                if getattr(exc, "permanent", False):
                     state.failing_since = None
+                    await anyio.to_thread.run_sync(self._dead_letter, state, events)
                     return
                 if state.failing_since is None:
                     state.failing_since = time.monotonic()
@@ -283,17 +418,52 @@ class BatchWriter:
                 state.retries_total += 1
                 attempt += 1
                 # Full jitter: spread retries so a recovering store is not hit all at once.
-                cap = min(self.retry_max_s, self.retry_initial_s * math.pow(2, attempt - 1))
+                cap = min(
+                    self.retry_max_s, self.retry_initial_s * math.pow(2, min(attempt, 30) - 1)
+                )
                 await anyio.sleep(random.uniform(cap / 2, cap))
                 continue
             if state.failing_since is not None:
                 log.info("sink %s recovered after %d retries", state.sink.name, attempt)
             state.failing_since = None
-            state.delivered_events_total += len(batch.events)
+            state.delivered_events_total += len(events)
             state.delivered_batches_total += 1
             return
 
-    def _release_passed(self) -> None:
+    def _dead_letter(self, state: SinkState, events: list[Any]) -> None:
+        state.dead_letter_events_total += len(events)
+        log.error(
+            "sink %s refused %d events for good (%s); they are in the dead letters",
+            state.sink.name,
+            len(events),
+            state.last_error,
+        )
+        self._dead_letter_raw(state.sink.name, self.encode(events), state.last_error or "")
+
+    def _dead_letter_raw(self, sink: str, payload: bytes, reason: str) -> None:
+        folder = self.log.dead_letter_dir
+        if folder is None:
+            return  # the memory log keeps no dead letters; they are counted and logged
+        entry = {
+            "at": datetime.now(UTC).isoformat(),
+            "sink": sink,
+            "reason": reason,
+            "events": json.loads(payload) if payload.startswith(b"[") else None,
+            "raw": None if payload.startswith(b"[") else payload.decode(errors="replace"),
+        }
+        with open(folder / f"{_safe(sink)}.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def _release(self) -> None:
         slowest = min(s.cursor for s in self.sinks)
-        while self._sealed and self._sealed[0].seq < slowest:
-            self._pending_events -= len(self._sealed.popleft().events)
+        while self._cache:
+            start, events = next(iter(self._cache.items()))
+            if start >= slowest:
+                break
+            self._cache.popitem(last=False)
+            self._cached_events -= len(events)
+        self.log.release(slowest)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
