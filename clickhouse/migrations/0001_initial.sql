@@ -135,35 +135,19 @@ CREATE TABLE IF NOT EXISTS spans (
 PARTITION BY toYYYYMM(start_time)
 ORDER BY (project_id, start_time, trace_id, span_id);
 
--- Per-run rollup, kept up to date by traces_mv on every insert into events. Event and error
--- counts are exact under duplicate delivery (uniqExact of event ids); sums are not, until
--- the delivery layer guarantees one insert per event.
-CREATE TABLE IF NOT EXISTS traces (
-    project_id LowCardinality(String),
-    run_id String,
-    start_time SimpleAggregateFunction(min, DateTime64(3, 'UTC')),
-    end_time SimpleAggregateFunction(max, DateTime64(3, 'UTC')),
-    event_count AggregateFunction(uniqExact, String),
-    error_count AggregateFunction(uniqExactIf, String, UInt8),
-    cost_usd SimpleAggregateFunction(sum, Float64),
-    tokens_input SimpleAggregateFunction(sum, UInt64),
-    tokens_output SimpleAggregateFunction(sum, UInt64)
-) ENGINE = AggregatingMergeTree
-ORDER BY (project_id, run_id);
-
-CREATE MATERIALIZED VIEW IF NOT EXISTS traces_mv TO traces AS
+-- Per-run rollup, computed when read from the deduplicated events (FINAL), so every figure is
+-- exact even when an event was delivered twice (a replay after a crash, a client retry).
+CREATE VIEW IF NOT EXISTS traces AS
 SELECT
     project_id,
     run_id,
     min(timestamp) AS start_time,
     max(timestamp + toIntervalMillisecond(toInt64(ifNull(latency_ms, 0)))) AS end_time,
-    uniqExactState(event_id) AS event_count,
-    uniqExactIfState(
-        event_id,
-        toUInt8(event_type = 'error' OR ifNull(status, 'success') NOT IN ('success', 'warning'))
-    ) AS error_count,
+    count() AS event_count,
+    countIf(event_type = 'error' OR ifNull(status, 'success') NOT IN ('success', 'warning'))
+        AS error_count,
     sum(ifNull(cost_estimate_usd, 0)) AS cost_usd,
     sum(toUInt64(ifNull(tokens_input, 0))) AS tokens_input,
     sum(toUInt64(ifNull(tokens_output, 0))) AS tokens_output
-FROM events
+FROM events FINAL
 GROUP BY project_id, run_id;
