@@ -13,6 +13,7 @@ import logging
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -25,6 +26,7 @@ from starlette.routing import BaseRoute, Route
 
 from . import __version__
 from .auth import Principal, Scope, bearer_token
+from .dead_letters import done, read_dead_letters, summary, take_dead_letters, targeted_payload
 from .errors import Problem, problem_handler, unauthorized
 from .ingest import (
     Outcome,
@@ -37,6 +39,7 @@ from .ingest import (
     validate_items,
 )
 from .locks import FolderLock, FolderLocked
+from .metrics import make_registry, metrics_endpoint
 from .plugins import describe_plugins, get_plugin_manager
 from .quota import QuotaDecision
 from .schema import EVENT_LIST_ADAPTER
@@ -60,6 +63,8 @@ class WatchLLM:
     store: Store | None = None
     writer: Writer | None = None
     migrations_applied: list[str] = field(default_factory=list)
+    counters: dict[str, int] = field(default_factory=lambda: {"accepted": 0, "rejected": 0})
+    registry: Any = None
     _opened_store: Store | None = None
 
     def open_store(self) -> Store | None:
@@ -250,6 +255,7 @@ async def _ingest(wl: WatchLLM, principal: Principal, items: list[Any]) -> Respo
 
 async def _answer(wl: WatchLLM, outcome: Outcome) -> Response:
     rejected = [r.as_dict() for r in outcome.rejected]
+    wl.counters["rejected"] += len(rejected)
     if not outcome.accepted:
         raise Problem(
             422,
@@ -259,6 +265,7 @@ async def _answer(wl: WatchLLM, outcome: Outcome) -> Response:
             rejected=rejected,
         )
     await wl.submit(outcome.accepted)
+    wl.counters["accepted"] += len(outcome.accepted)
     body: dict[str, Any] = {
         "accepted": len(outcome.accepted),
         "event_ids": [e.event_id for e in outcome.accepted],
@@ -399,6 +406,36 @@ async def admin_count(request: Request) -> Response:
     return JSONResponse({"table": table, "project": project, "count": count})
 
 
+def _dead_letter_dir(wl: WatchLLM) -> Path:
+    return wl.settings.spool_path / "dead-letter"
+
+
+async def admin_dead_letters(request: Request) -> Response:
+    wl = _state(request)
+    wl.authenticate(request, "admin")
+    sink = request.query_params.get("sink") or None
+    entries = await anyio.to_thread.run_sync(read_dead_letters, _dead_letter_dir(wl), sink)
+    return JSONResponse({"dead_letters": summary(entries)})
+
+
+async def admin_replay_dead_letters(request: Request) -> Response:
+    """Put dead letters back into the spool, each for the sink that refused it."""
+    wl = _state(request)
+    wl.authenticate(request, "admin")
+    if wl.writer is None:
+        raise Problem(503, "not_running", "the writer is not running", headers={"Retry-After": "5"})
+    sink = request.query_params.get("sink") or None
+    entries, moved = await anyio.to_thread.run_sync(take_dead_letters, _dead_letter_dir(wl), sink)
+    replayed = 0
+    for entry in entries:
+        await wl.writer.submit_for(
+            entry.sink, targeted_payload(entry.sink, entry.events), len(entry.events)
+        )
+        replayed += len(entry.events)
+    done(moved)
+    return JSONResponse({"entries": len(entries), "replayed_events": replayed})
+
+
 async def list_plugins(request: Request) -> Response:
     wl = _state(request)
     wl.authenticate(request, "admin")
@@ -461,7 +498,10 @@ def create_app(
         Route("/v1/admin/store", admin_store, methods=["GET"]),
         Route("/v1/admin/tables", admin_tables, methods=["GET"]),
         Route("/v1/admin/count", admin_count, methods=["GET"]),
+        Route("/v1/admin/dead-letters", admin_dead_letters, methods=["GET"]),
+        Route("/v1/admin/dead-letters/replay", admin_replay_dead_letters, methods=["POST"]),
         Route("/-/plugins", list_plugins, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
     ]
     for extra in pm.hook.register_routes(settings=settings):
         routes.extend(extra or [])
@@ -481,4 +521,5 @@ def create_app(
         },
     )
     app.state.watchllm = wl
+    wl.registry = make_registry(wl)
     return app

@@ -82,6 +82,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--table", default="events", help="table to count (default: events)")
     p.set_defaults(func=cmd_count_rows)
 
+    dead = sub.add_parser("dead-letter", help="see and replay events a sink refused for good")
+    dead_sub = dead.add_subparsers(dest="dead_command", metavar="ACTION", required=True)
+    p = dead_sub.add_parser("list", help="list dead letters: sink, time, reason, events")
+    remote(p)
+    p.add_argument("--sink", help="only this sink's")
+    p.set_defaults(func=cmd_dead_list)
+    p = dead_sub.add_parser("replay", help="put dead letters back in the spool for their sink")
+    remote(p)
+    p.add_argument("--sink", help="only this sink's")
+    p.set_defaults(func=cmd_dead_replay)
+
     keys = sub.add_parser("keys", help="create, list and revoke API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
     p = keys_sub.add_parser("create", help="create a key; it is printed once, as the last line")
@@ -192,15 +203,21 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 # --- read commands ------------------------------------------------------------------------------
 
 
-def _remote(args: argparse.Namespace, path: str, params: dict[str, str] | None = None) -> Any:
+def _remote(
+    args: argparse.Namespace, path: str, params: dict[str, str] | None = None, method: str = "GET"
+) -> Any:
     import httpx
 
     if not args.key:
         raise CliError("--url needs --key (an admin-scope API key)")
     url = args.url.rstrip("/") + path
     try:
-        response = httpx.get(
-            url, params=params, timeout=10, headers={"Authorization": f"Bearer {args.key}"}
+        response = httpx.request(
+            method,
+            url,
+            params=params,
+            timeout=30,
+            headers={"Authorization": f"Bearer {args.key}"},
         )
     except httpx.HTTPError as exc:
         raise CliError(f"cannot reach {args.url}: {exc}") from None
@@ -263,6 +280,64 @@ def cmd_count_rows(args: argparse.Namespace) -> int:
     print(f"rows in {args.table} ({scope}):")
     print(count)
     return 0
+
+
+# --- dead letters -------------------------------------------------------------------------------
+
+
+def cmd_dead_list(args: argparse.Namespace) -> int:
+    from .dead_letters import read_dead_letters, summary
+
+    if args.url:
+        params = {"sink": args.sink} if args.sink else None
+        entries = _remote(args, "/v1/admin/dead-letters", params)["dead_letters"]
+    else:
+        folder = _settings(args).spool_path / "dead-letter"
+        entries = summary(read_dead_letters(folder, args.sink)) if folder.exists() else []
+    for e in entries:
+        print(f"{e['at']}  {e['sink']}  {e['events']} events  {e['reason']}")
+    print(f"{sum(e['events'] for e in entries)} events in {len(entries)} dead letters")
+    return 0
+
+
+def cmd_dead_replay(args: argparse.Namespace) -> int:
+    if args.url:
+        params = {"sink": args.sink} if args.sink else None
+        body = _remote(args, "/v1/admin/dead-letters/replay", params, method="POST")
+        entries, events = body["entries"], body["replayed_events"]
+    else:
+        entries, events = _replay_local(args)
+    print(f"replayed {events} events from {entries} dead letters")
+    return 0
+
+
+def _replay_local(args: argparse.Namespace) -> tuple[int, int]:
+    from .dead_letters import done, take_dead_letters, targeted_payload
+    from .locks import FolderLock, FolderLocked
+    from .spool import Spool
+    from .writer import TARGETED
+
+    settings = _settings(args)
+    try:
+        lock = FolderLock(settings.spool_path, "spool")
+    except FolderLocked as exc:
+        raise CliError(str(exc)) from None
+    try:
+        spool = Spool(
+            settings.spool_path,
+            max_bytes=settings.spool_max_bytes,
+            segment_max_bytes=settings.spool_segment_bytes,
+        )
+        entries, moved = take_dead_letters(spool.dead_letter_dir, args.sink)
+        events = 0
+        for entry in entries:
+            spool.write(targeted_payload(entry.sink, entry.events), len(entry.events), TARGETED)
+            events += len(entry.events)
+        spool.close()  # fsyncs: the records are on disk for the next start
+        done(moved)
+    finally:
+        lock.release()
+    return len(entries), events
 
 
 # --- keys -----------------------------------------------------------------------------------------

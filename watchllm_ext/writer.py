@@ -250,6 +250,13 @@ class Writer:
         self.accepted_events_total += len(events)
         await self.log.sync_to(record.end)
 
+    async def submit_for(self, sink: str, payload: bytes, count: int) -> None:
+        """Put a record for one sink only into the log (a dead-letter replay)."""
+        if not self._accepting:
+            raise WriterClosed("the writer is not running")
+        record = self.log.write(payload, count, TARGETED)
+        await self.log.sync_to(record.end)
+
     async def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until every sink has everything written before this call. False on timeout."""
         target = self.log.end
