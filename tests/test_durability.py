@@ -1,0 +1,301 @@
+"""The promise: an event answered 2xx is stored exactly once, whatever happens after.
+
+Real `watchllm serve` processes killed with SIGKILL mid-ingest, a store that goes down, the
+spool filling up, SIGTERM with a store that cannot take the backlog.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import Running, free_port, prompt_call
+
+from watchllm_ext.keys import KeyStore
+from watchllm_plugins.chdb_store import ChdbStore
+
+TESTS = Path(__file__).resolve().parent
+
+
+class ServeProcess:
+    def __init__(self, data: Path, port: int, **env: str) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        environ = {
+            **os.environ,
+            "PYTHONPATH": f"{TESTS}:{os.environ.get('PYTHONPATH', '')}",
+            "WATCHLLM_CREATE_DEFAULT_KEY": "false",
+            "WATCHLLM_FLUSH_INTERVAL_S": "0.2",
+            "WATCHLLM_LOG_LEVEL": "warning",
+            **env,
+        }
+        self.log = open(data.parent / f"serve-{port}-{time.time_ns()}.log", "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "watchllm_ext.cli",
+                "serve",
+                "--data-dir",
+                str(data),
+                "--port",
+                str(port),
+            ],
+            env=environ,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None:
+                raise AssertionError(f"serve exited with {self.proc.returncode}")
+            time.sleep(0.1)
+        raise AssertionError("serve did not start")
+
+    def kill(self, sig: int = signal.SIGKILL) -> int:
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=120)
+        self.log.close()
+        return code
+
+
+class Ingest:
+    """Client threads posting batches of fresh event ids; keeps the ids answered 2xx."""
+
+    def __init__(self, url: str, key: str, threads: int = 3, batch: int = 40) -> None:
+        self.url, self.key, self.batch = url, key, batch
+        self.acked: set[str] = set()
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.counter = iter(range(10**9))
+        self.threads = [threading.Thread(target=self._run, args=(t,)) for t in range(threads)]
+        for thread in self.threads:
+            thread.start()
+
+    def _run(self, t: int) -> None:
+        with httpx.Client(
+            base_url=self.url, timeout=10, headers={"Authorization": f"Bearer {self.key}"}
+        ) as client:
+            while not self.stop.is_set():
+                with self.lock:
+                    ids = [f"t{t}-{next(self.counter)}" for _ in range(self.batch)]
+                events = [prompt_call(i, project_id="acme") for i in ids]
+                try:
+                    r = client.post("/v1/events/batch", json={"events": events})
+                except httpx.HTTPError:
+                    time.sleep(0.05)  # the server is down: these ids were not acknowledged
+                    continue
+                if r.status_code == 202:
+                    with self.lock:
+                        self.acked.update(ids)
+                else:
+                    time.sleep(0.05)
+
+    def join(self) -> set[str]:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=60)
+        return self.acked
+
+
+def stored_counts(data: Path) -> dict[str, int]:
+    store = ChdbStore(data / "chdb")
+    try:
+        rows = store.query("SELECT event_id, count() AS n FROM events FINAL GROUP BY event_id")
+    finally:
+        store.close()
+    return {r["event_id"]: r["n"] for r in rows}
+
+
+def wait_delivered(url: str, key: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        ready = httpx.get(f"{url}/readyz", timeout=5).json()
+        sinks = ready["checks"]["writer"]["sinks"]
+        if all(s["lag_events"] == 0 for s in sinks.values()):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the sinks did not catch up: {ready}")
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_loses_nothing_and_stores_once(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    key = KeyStore(data / "keys.sqlite3").create("acme", scope="admin")
+    rng = random.Random(1234)
+    acked: set[str] = set()
+    for _round in range(4):
+        port = free_port()
+        serve = ServeProcess(data, port)
+        ingest = Ingest(serve.url, key)
+        time.sleep(rng.uniform(0.5, 2.0))  # kill at a random moment under load
+        assert serve.kill(signal.SIGKILL) == -signal.SIGKILL
+        acked |= ingest.join()
+    assert len(acked) > 500
+    # A last start replays what the killed processes left in the spool.
+    serve = ServeProcess(data, free_port())
+    wait_delivered(serve.url, key)
+    serve.kill(signal.SIGTERM)
+    counts = stored_counts(data)
+    missing = acked - counts.keys()
+    assert not missing, f"{len(missing)} acknowledged events were lost, e.g. {sorted(missing)[:5]}"
+    assert all(n == 1 for n in counts.values())
+
+
+@pytest.mark.slow
+def test_sigterm_keeps_what_the_store_could_not_take(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    key = KeyStore(data / "keys.sqlite3").create("acme", scope="admin")
+    serve = ServeProcess(
+        data, free_port(), WATCHLLM_PLUGINS="faults", WATCHLLM_SHUTDOWN_GRACE_S="1"
+    )
+    (data / "store-down").touch()
+    r = httpx.post(
+        f"{serve.url}/v1/events/batch",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"events": [prompt_call(f"k{i}") for i in range(30)]},
+    )
+    assert r.status_code == 202
+    started = time.monotonic()
+    serve.kill(signal.SIGTERM)
+    assert time.monotonic() - started < 20  # the grace period bounds the shutdown
+    (data / "store-down").unlink()
+    serve = ServeProcess(data, free_port())
+    wait_delivered(serve.url, key)
+    serve.kill(signal.SIGTERM)
+    assert stored_counts(data) == {f"k{i}": 1 for i in range(30)}
+
+
+def test_store_outage_answers_202_until_the_cap_then_503_and_catches_up(
+    server_factory: Any,
+) -> None:
+    import faults
+
+    server: Running = server_factory(
+        plugin_objects=(faults,),
+        spool_max_bytes=256 * 1024,
+        sink_retry_max_s=0.2,
+    )
+    marker = server.settings.data_dir / "store-down"
+    marker.touch()
+    acked: list[str] = []
+    statuses: list[int] = []
+    for n in range(200):
+        ids = [f"o{n}-{i}" for i in range(20)]
+        r = server.client.post(
+            "/v1/events/batch",
+            headers=server.headers(),
+            json={"events": [prompt_call(i) for i in ids]},
+        )
+        statuses.append(r.status_code)
+        if r.status_code == 202:
+            acked.extend(ids)
+        else:
+            assert r.status_code == 503, r.text
+            assert int(r.headers["Retry-After"]) >= 1
+            assert "spool" in r.json()["message"]
+            break
+    assert statuses[-1] == 503 and set(statuses[:-1]) == {202}
+    deadline = time.monotonic() + 10
+    while server.wl.writer.stats()["sinks"]["store:chdb"]["retries_total"] == 0:
+        assert time.monotonic() < deadline, "the sink never tried the store"
+        time.sleep(0.05)
+    ready = server.client.get("/readyz")
+    assert ready.status_code == 503
+    checks = ready.json()["checks"]
+    assert checks["store"]["ok"] is False
+    assert checks["writer"]["sinks"]["store:chdb"]["retries_total"] > 0
+    assert checks["writer"]["sinks"]["store:chdb"]["lag_events"] == len(acked)
+    metrics = server.client.get("/metrics").text
+    assert f'watchllm_sink_lag_events{{sink="store:chdb"}} {float(len(acked))}' in metrics
+    assert "watchllm_writer_full_total 1.0" in metrics
+
+    marker.unlink()  # the store comes back: everything arrives, by itself
+    server.flush()
+    rows = server.query("SELECT event_id, count() AS n FROM events FINAL GROUP BY event_id")
+    assert {r["event_id"] for r in rows} == set(acked)
+    assert all(r["n"] == 1 for r in rows)
+    r = server.client.post(
+        "/v1/events/batch", headers=server.headers(), json={"events": [prompt_call("after")]}
+    )
+    assert r.status_code == 202  # room again
+    assert server.client.get("/readyz").status_code == 200
+
+
+def test_dead_letters_can_be_listed_and_replayed(server_factory: Any, tmp_path: Path) -> None:
+    from watchllm_ext.hookspecs import hookimpl
+    from watchllm_ext.writer import SinkError
+
+    class Refuses:
+        """A sink that refuses events of model 'bad' for good until told otherwise."""
+
+        name = "picky"
+
+        def __init__(self) -> None:
+            self.accept_all = False
+            self.got: list[str] = []
+
+        async def write(self, events: Any) -> None:
+            if not self.accept_all and any(e.model == "bad" for e in events):
+                raise SinkError("model 'bad' is not allowed here", permanent=True)
+            self.got.extend(e.event_id for e in events)
+
+        @hookimpl
+        def register_sinks(self, settings: Any, store: Any) -> Any:
+            return self
+
+    sink = Refuses()
+    server = server_factory(plugin_objects=(sink,))
+    r = server.client.post(
+        "/v1/events/batch",
+        headers=server.headers(),
+        json={"events": [prompt_call("d1", model="bad")]},
+    )
+    assert r.status_code == 202
+    server.flush()
+    assert sink.got == []
+    listed = server.client.get("/v1/admin/dead-letters", headers=server.headers()).json()
+    assert [(d["sink"], d["events"]) for d in listed["dead_letters"]] == [("picky", 1)]
+    assert "not allowed" in listed["dead_letters"][0]["reason"]
+    # The store sink got it: only the refusing sink has a dead letter.
+    assert server.query("SELECT event_id FROM events") == [{"event_id": "d1"}]
+
+    sink.accept_all = True
+    replay = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "watchllm_ext.cli",
+            "dead-letter",
+            "replay",
+            "--url",
+            server.url,
+            "--key",
+            server.key,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert replay.returncode == 0, replay.stderr
+    assert "replayed 1 events from 1 dead letters" in replay.stdout
+    server.flush()
+    assert sink.got == ["d1"]
+    # Targeted at the sink that refused it: the store does not get it twice.
+    assert server.query("SELECT count() AS n FROM events") == [{"n": 1}]
+    listed = server.client.get("/v1/admin/dead-letters", headers=server.headers()).json()
+    assert listed["dead_letters"] == []
