@@ -59,6 +59,11 @@ class Running:
     keys: KeyStore
     key: str  # ingest+read+admin key of project "acme"
     client: httpx.Client
+    thread: ServerThread
+
+    def stop(self) -> None:
+        """Shut the server down (its lifespan flushes what the sinks can take)."""
+        self.thread.__exit__()
 
     @property
     def wl(self) -> Any:
@@ -109,13 +114,14 @@ def server_factory(tmp_path: Path) -> Iterator[Any]:
         started.append(thread)
         client = httpx.Client(base_url=thread.url, timeout=30)
         clients.append(client)
-        return Running(thread.url, app, settings, keys, key, client)
+        return Running(thread.url, app, settings, keys, key, client, thread)
 
     yield start
     for client in clients:
         client.close()
     for thread in reversed(started):
-        thread.__exit__()
+        if thread.thread.is_alive():
+            thread.__exit__()
 
 
 @pytest.fixture
@@ -139,3 +145,29 @@ def prompt_call(event_id: str = "e1", **fields: Any) -> dict[str, Any]:
     }
     event.update(fields)
     return event
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Any]:
+    """Mount small tmpfs folders: a real disk that fills up (ENOSPC). Needs root, which CI
+    and the dev machines have; skipped where mounting is not allowed."""
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        folder = tmp_path / f"tmpfs-{len(mounted)}"
+        folder.mkdir()
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+            capture_output=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=False)

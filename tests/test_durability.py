@@ -299,3 +299,63 @@ def test_dead_letters_can_be_listed_and_replayed(server_factory: Any, tmp_path: 
     assert server.query("SELECT count() AS n FROM events") == [{"n": 1}]
     listed = server.client.get("/v1/admin/dead-letters", headers=server.headers()).json()
     assert listed["dead_letters"] == []
+
+
+def test_full_disk_answers_503_and_recovers_by_itself(server_factory: Any, tmpfs: Any) -> None:
+    import faults
+
+    disk = tmpfs("512k")
+    server: Running = server_factory(
+        plugin_objects=(faults,), spool_dir=disk / "spool", sink_retry_max_s=0.2
+    )
+    marker = server.settings.data_dir / "store-down"
+    marker.touch()
+    acked: list[str] = []
+    for n in range(100):
+        ids = [f"f{n}-{i}" for i in range(20)]
+        r = server.client.post(
+            "/v1/events/batch",
+            headers=server.headers(),
+            json={"events": [prompt_call(i, prompt="x" * 500) for i in ids]},
+        )
+        if r.status_code != 202:
+            break
+        acked.extend(ids)
+    assert r.status_code == 503, r.text
+    assert "No space left on device" in r.json()["message"] and r.headers["Retry-After"]
+    assert server.client.get("/healthz").status_code == 200  # no crash
+    marker.unlink()
+    server.flush()
+    # Delivered segments are deleted, the disk has room again, ingestion goes on.
+    r = server.client.post(
+        "/v1/events/batch", headers=server.headers(), json={"events": [prompt_call("room-again")]}
+    )
+    assert r.status_code == 202, r.text
+    server.flush()
+    stored = {r["event_id"] for r in server.query("SELECT event_id FROM events FINAL")}
+    assert stored == {*acked, "room-again"}
+
+
+def test_corrupt_segment_at_start_keeps_the_good_records(server_factory: Any) -> None:
+    import faults
+
+    first: Running = server_factory(plugin_objects=(faults,))
+    (first.settings.data_dir / "store-down").touch()
+    for i in range(5):  # five records, kept in the spool: the store is down
+        r = first.client.post(
+            "/v1/projects/acme/events", headers=first.headers(), json=prompt_call(f"c{i}")
+        )
+        assert r.status_code == 202
+    first.stop()
+    segment = next((first.settings.spool_path / "segments").iterdir())
+    data = bytearray(segment.read_bytes())
+    middle = data.find(b'"c2"')
+    data[middle + 1] ^= 0xFF  # flip a byte inside the third record
+    segment.write_bytes(bytes(data))
+    (first.settings.data_dir / "store-down").unlink()
+
+    second: Running = server_factory()
+    second.flush()
+    stored = sorted(r["event_id"] for r in second.query("SELECT event_id FROM events"))
+    assert stored == ["c0", "c1", "c3", "c4"]
+    assert list((second.settings.spool_path / "dead-letter").glob("corrupt-*.bin"))

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -136,23 +135,8 @@ def test_size_cap_refuses_with_spool_full(tmp_path: Path) -> None:
     spool.close()
 
 
-@pytest.fixture
-def tiny_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 256 KiB tmpfs: a real full disk (ENOSPC). Needs root, as CI and dev machines have."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
-        capture_output=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def test_disk_full_leaves_no_partial_record_and_recovers(tiny_disk: Path) -> None:
+def test_disk_full_leaves_no_partial_record_and_recovers(tmpfs: Any) -> None:
+    tiny_disk = tmpfs("256k")
     filler = tiny_disk / "filler"
     filler.write_bytes(b"\0" * 150_000)  # something else is using most of the disk
     spool = Spool(tiny_disk / "spool")

@@ -72,6 +72,11 @@ class Settings(BaseSettings):
         " answer; `memory`: kept in memory only (lost in a crash; for tests, or behind a"
         " queue that is durable already).",
     )
+    spool_dir: Path | None = Field(
+        None,
+        description="Folder of the spool (default: <data_dir>/spool); a separate, fast disk"
+        " can hold it.",
+    )
     spool_fsync: Literal["always", "interval", "never"] = Field(
         "always",
         description="When the spool is fsynced: `always` before each answer (group commit),"
@@ -153,7 +158,7 @@ class Settings(BaseSettings):
 
     @property
     def spool_path(self) -> Path:
-        return self.data_dir / "spool"
+        return self.spool_dir or self.data_dir / "spool"
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -154,6 +154,8 @@ class Spool:
         self.fsync_interval_s = fsync_interval_s
         self.segment_max_bytes = segment_max_bytes
         self.max_bytes = max_bytes
+        self.roll_drained_bytes = min(segment_max_bytes, 1 << 20)
+        self.disk_full_since_roll = False
         self.truncated_bytes_total = 0
         self.corrupt_bytes_total = 0
         self.fsyncs_total = 0
@@ -200,6 +202,7 @@ class Spool:
         try:
             _write_all(self._fd, record)
         except OSError as exc:
+            self.disk_full_since_roll = True
             # Leave no half record behind: cut the file back to where this one began.
             try:
                 os.ftruncate(self._fd, start.offset)
@@ -269,6 +272,7 @@ class Spool:
         _fsync_dir(self.segments_dir)
         # Everything before the new segment is on disk now.
         self._written = self._durable = Position(self._active, 0)
+        self.disk_full_since_roll = False
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -353,10 +357,29 @@ class Spool:
         os.replace(tmp, path)
 
     def release(self, slowest: Position) -> int:
-        """Delete segments every sink has passed. Returns how many were deleted."""
+        """Delete segments every sink has passed. Returns how many were deleted.
+
+        When every sink has caught up, a large active segment (or any, after the disk was
+        full) is closed so that it can go too: otherwise a spool that never reaches
+        `segment_max_bytes` would never give its space back.
+        """
+        passed_below = slowest.segment
+        if slowest.segment != self._active and slowest.offset >= self._sizes.get(
+            slowest.segment, 0
+        ):
+            passed_below = slowest.segment + 1  # at the very end of a closed segment
+        active_size = self._sizes[self._active]
+        drained = slowest >= self._written
+        if (
+            drained
+            and active_size > 0
+            and (active_size >= self.roll_drained_bytes or self.disk_full_since_roll)
+        ):
+            self._roll()
+            passed_below = self._active
         deleted = 0
         for segment in sorted(self._sizes):
-            if segment >= slowest.segment or segment == self._active:
+            if segment >= passed_below or segment == self._active:
                 break
             with contextlib.suppress(FileNotFoundError):
                 (self.segments_dir / _segment_name(segment)).unlink()
