@@ -281,9 +281,17 @@ def http_get(port: int, path: str, key: str | None = None,
         conn.close()
 
 
+# Settings given with --set NAME=VALUE, for every WatchLLM server of the run.
+SERVER_SETTINGS: dict[str, Any] = {}
+
+# Python's collector, tuned for a server with a large long-lived heap (the --gc-diagnostic).
+GC_TUNED_THRESHOLDS = (50_000, 20, 100)
+
+
 class Server:
     """A server process: "watchllm" (the real app), "watchllm-nosink" (the real app with the
-    store sink disabled: a diagnostic of the request path alone) or "bare" (the baseline)."""
+    store sink disabled: the request path alone), "watchllm-gc" (the real app with gc.freeze()
+    after start-up and larger collector thresholds) or "bare" (the HTTP baseline)."""
 
     def __init__(self, kind: str, workdir: Path) -> None:
         self.kind = kind
@@ -300,11 +308,12 @@ class Server:
             from watchllm_ext.keys import KeyStore
             from watchllm_ext.settings import Settings
 
-            settings = Settings(data_dir=self.data_dir, create_default_key=False)
+            settings = Settings(**{**SERVER_SETTINGS, "data_dir": self.data_dir,
+                                   "create_default_key": False})
             self.key = KeyStore(settings.keys_path).create(PROJECT, scope="admin", name="bench")
         self.proc = spawn(
             [sys.executable, str(HERE), "--role", f"serve-{self.kind}", "--port", str(self.port),
-             "--data-dir", str(self.data_dir)],
+             "--data-dir", str(self.data_dir), "--settings-json", json.dumps(SERVER_SETTINGS)],
             log=self.log,
             cwd=self.workdir,
         )
@@ -350,7 +359,9 @@ class Server:
 # --- roles run in child processes -------------------------------------------------------------
 
 
-def role_serve(kind: str, port: int, data_dir: Path) -> None:
+def role_serve(kind: str, port: int, data_dir: Path, overrides: dict[str, Any]) -> None:
+    import gc
+
     import uvicorn
 
     if kind.startswith("watchllm"):
@@ -358,13 +369,18 @@ def role_serve(kind: str, port: int, data_dir: Path) -> None:
         from watchllm_ext.settings import Settings
 
         # What `watchllm serve` builds, at log level warning (no access-log line per request).
-        settings = Settings(data_dir=data_dir, create_default_key=False, log_level="warning",
-                            host="127.0.0.1", port=port,
-                            disable_plugins=["store_sink"] if kind.endswith("nosink") else [])
-        app = create_app(settings)
+        values: dict[str, Any] = {**overrides, "data_dir": data_dir, "create_default_key": False,
+                                  "log_level": "warning", "host": "127.0.0.1", "port": port}
+        if kind == "watchllm-nosink":
+            values["disable_plugins"] = [*values.get("disable_plugins", []), "store_sink"]
+        app = create_app(Settings(**values))
         app.state.watchllm.open_store()
     else:
         app = bare_app()
+    if kind == "watchllm-gc":
+        gc.collect()
+        gc.freeze()  # the start-up heap is never scanned again
+        gc.set_threshold(*GC_TUNED_THRESHOLDS)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", workers=1)
 
 
@@ -873,6 +889,12 @@ def main(argv: list[str] | None = None) -> int:
                    "baseline (i), py-spy on the server) and print the top frames")
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     p.add_argument("--keep", action="store_true", help="keep the temp folder (server logs)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="a WatchLLM setting for the servers under test (repeatable; the value "
+                   "is read as JSON when it parses, else as a string), e.g. spool_fsync=interval")
+    p.add_argument("--gc-diagnostic", action="store_true",
+                   help="add a WatchLLM server with gc.freeze() after start-up and gc thresholds "
+                   f"{GC_TUNED_THRESHOLDS} to both parts (what the collector costs)")
     p.add_argument("--snapshot", nargs="?", const="HEAD", metavar="REV",
                    help="benchmark a frozen copy of a commit (default HEAD, via git archive) "
                    "instead of the working tree, which may be edited during the run")
@@ -887,10 +909,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--key", help=argparse.SUPPRESS)
     p.add_argument("--profile-out", help=argparse.SUPPRESS)
     p.add_argument("--variant", default="items", help=argparse.SUPPRESS)
+    p.add_argument("--settings-json", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
-    if args.role in ("serve-watchllm", "serve-watchllm-nosink", "serve-bare"):
-        role_serve(args.role.removeprefix("serve-"), args.port, Path(args.data_dir))
+    if args.role and args.role.startswith("serve-"):
+        role_serve(args.role.removeprefix("serve-"), args.port, Path(args.data_dir),
+                   json.loads(args.settings_json or "{}"))
         return 0
     if args.role == "batch-client":
         role_batch_client(args)
@@ -912,6 +936,21 @@ def main(argv: list[str] | None = None) -> int:
         enter_snapshot(args.snapshot)  # does not return: re-runs this script on the copy
     atexit.register(_stop_all)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    for item in args.set:
+        name, sep, raw = item.partition("=")
+        if not sep:
+            p.error(f"--set {item!r}: expected NAME=VALUE")
+        try:
+            SERVER_SETTINGS[name] = json.loads(raw)
+        except ValueError:
+            SERVER_SETTINGS[name] = raw
+    if SERVER_SETTINGS:
+        from watchllm_ext.settings import Settings
+
+        try:
+            Settings(**SERVER_SETTINGS)
+        except Exception as exc:
+            p.error(f"--set: {exc}")
     ident = code_identity()
     print(f"code under test: {ident['version']}\n  imported from {ident['core']}", flush=True)
 
@@ -928,6 +967,8 @@ def main(argv: list[str] | None = None) -> int:
         "single_duration_s": 3 if quick else 10,
         "single_rounds": 1 if quick else 3,
         "code": ident,
+        "server_settings": dict(SERVER_SETTINGS),
+        "gc_diagnostic": args.gc_diagnostic,
     }
     work = Path(tempfile.mkdtemp(prefix="watchllm-bench-"))
     batch = single = None

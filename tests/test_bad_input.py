@@ -336,7 +336,7 @@ def shared_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     key = keys.create("acme", scope="admin")
     app = create_app(settings)
     with ServerThread(app) as thread, httpx.Client(base_url=thread.url, timeout=30) as client:
-        yield _env(Running(thread.url, app, settings, keys, key, client))
+        yield _env(Running(thread.url, app, settings, keys, key, client, thread))
     keys.close()
 
 
