@@ -594,8 +594,9 @@ def run_batch_client(port: int, key: str | None, template: Path, batches: int, c
 
 
 def measure_batch_watchllm(work: Path, template: Path, batches: int, conns: int,
-                           rnd: int, pyspy_out: Path | None = None) -> dict[str, Any]:
-    with Server("watchllm", work / f"batch-watchllm-{rnd}") as server:
+                           rnd: int, pyspy_out: Path | None = None,
+                           kind: str = "watchllm") -> dict[str, Any]:
+    with Server(kind, work / f"batch-{kind}-{rnd}") as server:
         # Warm-up (price cache, first chDB insert), then wait until it is stored, so the
         # writer starts the timed load empty.
         run_batch_client(server.port, server.key, template, 1, 1, f"w{rnd}", 120)
@@ -722,23 +723,24 @@ def wrk_script(path: Path, body_path: Path, key: str | None) -> Path:
 
 
 def measure_single(work: Path, rounds: int, duration_s: int, conns: int,
-                   threads: int) -> dict[str, Any]:
+                   threads: int, gc_diagnostic: bool) -> dict[str, Any]:
     body = work / "single.json"
     body.write_bytes(single_body())
-    names = ["bare", "watchllm", "nosink"]
+    kinds = {"bare": "bare", "watchllm": "watchllm", "nosink": "watchllm-nosink"}
+    if gc_diagnostic:
+        kinds["gc"] = "watchllm-gc"
+    names = list(kinds)
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
-    with Server("bare", work / "single-bare") as bare, \
-            Server("watchllm", work / "single-watchllm") as wl, \
-            Server("watchllm-nosink", work / "single-nosink") as nosink:
-        scripts = {
-            "bare": (bare, wrk_script(work / "bare.lua", body, None)),
-            "watchllm": (wl, wrk_script(work / "watchllm.lua", body, wl.key)),
-            "nosink": (nosink, wrk_script(work / "nosink.lua", body, nosink.key)),
-        }
+    with contextlib.ExitStack() as stack:
+        scripts = {}
+        for name, kind in kinds.items():
+            server = stack.enter_context(Server(kind, work / f"single-{kind}"))
+            scripts[name] = (server, wrk_script(work / f"{kind}.lua", body, server.key))
         for server, script in scripts.values():  # warm-up, not counted
             run_wrk(server.port, script, conns, 2, threads)
         for r in range(rounds):
-            order = names[r % 3:] + names[:r % 3]  # rotate, so no system always goes first
+            k = r % len(names)
+            order = names[k:] + names[:k]  # rotate, so no system always goes first
             for name in order:
                 server, script = scripts[name]
                 cpu0 = cpu_seconds(server.pid)
@@ -751,7 +753,9 @@ def measure_single(work: Path, rounds: int, duration_s: int, conns: int,
                 results[name].append(res)
                 print(f"  single round {r + 1} {name:8s}: {res['rps']:9,.0f} req/s  "
                       f"p50 {res['p50_ms']:.2f} ms  p99 {res['p99_ms']:.2f} ms", flush=True)
-        wl.wait_count(1, 30)  # the repeated event is stored (once: the store deduplicates)
+        wl = scripts["watchllm"][0]
+        if wl.wait_count(1, 30)[0] != 1:  # the repeated event is stored once (deduplicated)
+            raise RuntimeError("the single-event load did not leave exactly one stored event")
     return {name: _median_round(rs, "rps") | {"rounds": rs} for name, rs in results.items()}
 
 
@@ -817,6 +821,8 @@ def print_report(cfg: dict[str, Any], batch: dict[str, Any] | None,
     print(f"WatchLLM ingestion benchmark   {cfg['cpus']} CPUs   python {cfg['python']}   "
           f"{'quick' if cfg['quick'] else 'full'} run")
     print(f"code: {cfg['code']['version']}")
+    if cfg["server_settings"]:
+        print(f"server settings: {cfg['server_settings']}")
     if cfg.get("code_changed_during_run"):
         print("WARNING: the core files changed during this run, so rounds may have measured "
               "different code; rerun with --snapshot")
@@ -838,6 +844,8 @@ def print_report(cfg: dict[str, Any], batch: dict[str, Any] | None,
              wl["server_cpu_us_per_event"]),
             ("diagnostic: WatchLLM, store sink disabled (to last 202)", nosink,
              nosink["server_cpu_us_per_event"]),
+            *([("diagnostic: WatchLLM, gc.freeze() + larger gc thresholds", batch["gc"],
+                batch["gc"]["server_cpu_us_per_event"])] if "gc" in batch else []),
         ]
         for label, r, cpu in rows:
             cpu_s = f"{cpu:11.1f}" if cpu is not None else f"{'-':>11s}"
@@ -865,7 +873,9 @@ def print_report(cfg: dict[str, Any], batch: dict[str, Any] | None,
         print(f"   {'':44s}{'req/s':>10s}{'p50 ms':>9s}{'p99 ms':>9s}{'CPU us/req':>12s}")
         for label, r in (("bare Starlette: read body + parse JSON + 202", b),
                          ("WatchLLM single-event endpoint", w),
-                         ("diagnostic: WatchLLM, store sink disabled", single["nosink"])):
+                         ("diagnostic: WatchLLM, store sink disabled", single["nosink"]),
+                         *([("diagnostic: WatchLLM, gc tuned", single["gc"])]
+                           if "gc" in single else [])):
             print(f"   {label:44s}{r['rps']:10,.0f}{r['p50_ms']:9.2f}{r['p99_ms']:9.2f}"
                   f"{r['server_cpu_us_per_req']:12.1f}")
         print(f"   ratio WatchLLM / bare: {ratio:.2f}x requests/s, "
@@ -982,6 +992,8 @@ def main(argv: list[str] | None = None) -> int:
                 "inproc": [], "inproc_fast": [], "bare": [], "nosink": [], "watchllm": []}
             if not fast:
                 del runs["inproc_fast"]
+            if args.gc_diagnostic:
+                runs["gc"] = []
             for rnd in range(cfg["batch_rounds"]):
                 steps = [
                     ("inproc", lambda r=rnd: measure_inproc(
@@ -994,6 +1006,9 @@ def main(argv: list[str] | None = None) -> int:
                         "watchllm-nosink", work, template, cfg["batches"], cfg["batch_conns"], r)),
                     ("watchllm", lambda r=rnd: measure_batch_watchllm(
                         work, template, cfg["batches"], cfg["batch_conns"], r)),
+                    ("gc", lambda r=rnd: measure_batch_watchllm(
+                        work, template, cfg["batches"], cfg["batch_conns"], r,
+                        kind="watchllm-gc")),
                 ]
                 steps = [step for step in steps if step[0] in runs]
                 if rnd % 2:
@@ -1002,14 +1017,14 @@ def main(argv: list[str] | None = None) -> int:
                     res = fn()
                     runs[name].append(res)
                     extra = (f"  (accepted at {res['accept_events_s']:,.0f}/s, drain "
-                             f"{res['drain_s']:.2f} s)" if name == "watchllm" else "")
+                             f"{res['drain_s']:.2f} s)" if "drain_s" in res else "")
                     print(f"  batch round {rnd + 1} {name:11s}: {res['events_s']:9,.0f} events/s"
                           f"{extra}", flush=True)
             batch = {name: _median_round(rs, "events_s") | {"rounds": rs}
                      for name, rs in runs.items()}
         if args.part in ("all", "single"):
             single = measure_single(work, cfg["single_rounds"], cfg["single_duration_s"],
-                                    cfg["single_conns"], cfg["wrk_threads"])
+                                    cfg["single_conns"], cfg["wrk_threads"], args.gc_diagnostic)
         after = code_identity()["fingerprint"]
         cfg["code_changed_during_run"] = after != ident["fingerprint"]
         print_report(cfg, batch, single)
