@@ -1,8 +1,13 @@
 """Ingestion benchmarks for WatchLLM, with their baselines measured in the same run.
 
-    python bench/bench_ingest.py            # full run (a few minutes)
-    python bench/bench_ingest.py --quick    # smoke run (well under a minute of load)
-    python bench/bench_ingest.py --profile  # add a profiled pass: cProfile + py-spy top frames
+    python bench/bench_ingest.py             # full run (about 10 minutes on 2 cores)
+    python bench/bench_ingest.py --quick     # smoke run (well under a minute of load)
+    python bench/bench_ingest.py --snapshot  # benchmark a frozen copy of HEAD (git archive),
+                                             # immune to edits of the tree during the run
+    python bench/bench_ingest.py --profile   # add profiled passes: cProfile + py-spy top frames
+    python bench/bench_ingest.py --gc-diagnostic --set spool_fsync=interval   # diagnostics
+
+Needs wrk for part b (apt-get install -y wrk) and py-spy for --profile (pip install py-spy).
 
 a. Batch endpoint end to end. A WatchLLM server (uvicorn, one worker, chDB in a temp folder,
    like `watchllm serve`) in its own process receives POST /v1/events/batch with 1,000-event
@@ -10,8 +15,11 @@ a. Batch endpoint end to end. A WatchLLM server (uvicorn, one worker, chDB in a 
    connections). Events/s counts only events that are in the store: after the load, the
    orchestrator polls GET /v1/admin/count until it reaches the number sent; the clock runs
    from the first request to that point. Baselines from the same payloads:
-     (i)  in-process parse + validate_items + tables_for + ChdbStore.insert, no HTTP, no writer;
+     (i)  in-process parse + validate_items + tables_for + ChdbStore.insert, no HTTP, no writer
+          (and (i'), the same with the server's all-valid fast path, when the core has one);
      (ii) a bare Starlette endpoint that reads the body, parses the JSON and answers 202.
+   Diagnostic rows: the request path alone (no sink, in-memory log) and, with
+   --gc-diagnostic, the server with gc.freeze() and larger collector thresholds.
 b. Single-event endpoint. wrk (32 connections) posts one event per request to
    /v1/projects/bench/events, and the same body to the bare Starlette endpoint; requests/s,
    p50 and p99 latency, and the ratio of the two.
@@ -290,8 +298,9 @@ GC_TUNED_THRESHOLDS = (50_000, 20, 100)
 
 class Server:
     """A server process: "watchllm" (the real app), "watchllm-nosink" (the real app with the
-    store sink disabled: the request path alone), "watchllm-gc" (the real app with gc.freeze()
-    after start-up and larger collector thresholds) or "bare" (the HTTP baseline)."""
+    store sink disabled and the in-memory log: the request path alone), "watchllm-gc" (the
+    real app with gc.freeze() after start-up and larger collector thresholds) or "bare" (the
+    HTTP baseline)."""
 
     def __init__(self, kind: str, workdir: Path) -> None:
         self.kind = kind
@@ -372,7 +381,11 @@ def role_serve(kind: str, port: int, data_dir: Path, overrides: dict[str, Any]) 
         values: dict[str, Any] = {**overrides, "data_dir": data_dir, "create_default_key": False,
                                   "log_level": "warning", "host": "127.0.0.1", "port": port}
         if kind == "watchllm-nosink":
+            # The request path alone: no sink, and (if the core has a durable log) the
+            # in-memory one, so neither the store nor the disk is in the figure.
             values["disable_plugins"] = [*values.get("disable_plugins", []), "store_sink"]
+            if "durability" in Settings.model_fields:
+                values["durability"] = "memory"
         app = create_app(Settings(**values))
         app.state.watchllm.open_store()
     else:
@@ -842,7 +855,7 @@ def print_report(cfg: dict[str, Any], batch: dict[str, Any] | None,
              bare["server_cpu_us_per_event"]),
             ("WatchLLM POST /v1/events/batch, end to end (in store)", wl,
              wl["server_cpu_us_per_event"]),
-            ("diagnostic: WatchLLM, store sink disabled (to last 202)", nosink,
+            ("diagnostic: request path only: no sink, memory log (to 202)", nosink,
              nosink["server_cpu_us_per_event"]),
             *([("diagnostic: WatchLLM, gc.freeze() + larger gc thresholds", batch["gc"],
                 batch["gc"]["server_cpu_us_per_event"])] if "gc" in batch else []),
@@ -873,7 +886,7 @@ def print_report(cfg: dict[str, Any], batch: dict[str, Any] | None,
         print(f"   {'':44s}{'req/s':>10s}{'p50 ms':>9s}{'p99 ms':>9s}{'CPU us/req':>12s}")
         for label, r in (("bare Starlette: read body + parse JSON + 202", b),
                          ("WatchLLM single-event endpoint", w),
-                         ("diagnostic: WatchLLM, store sink disabled", single["nosink"]),
+                         ("diagnostic: request path only (no sink/disk)", single["nosink"]),
                          *([("diagnostic: WatchLLM, gc tuned", single["gc"])]
                            if "gc" in single else [])):
             print(f"   {label:44s}{r['rps']:10,.0f}{r['p50_ms']:9.2f}{r['p99_ms']:9.2f}"
@@ -1067,6 +1080,7 @@ def profile(work: Path, template: Path, cfg: dict[str, Any]) -> None:
         body.write_bytes(single_body())
         with Server("watchllm", work / "single-profile") as wl:
             script = wrk_script(work / "watchllm-profile.lua", body, wl.key)
+            run_wrk(wl.port, script, cfg["single_conns"], 2, cfg["wrk_threads"])  # warm-up
             spy = pyspy_attach(wl.pid, raw_single, work)
             res = run_wrk(wl.port, script, cfg["single_conns"], cfg["single_duration_s"],
                           cfg["wrk_threads"])

@@ -150,3 +150,33 @@ SELECT
     sum(toUInt64(ifNull(tokens_output, 0))) AS tokens_output
 FROM events FINAL
 GROUP BY project_id, run_id;
+CREATE TABLE IF NOT EXISTS hourly_usage_by_project (
+    project_id LowCardinality(String),
+    hour DateTime('UTC'),
+    model LowCardinality(String),
+    event_type LowCardinality(String),
+    status LowCardinality(String),
+    events UInt64,
+    tokens_input UInt64,
+    tokens_output UInt64,
+    cost_nanousd UInt64,
+    latency_sum_us UInt64,
+    latency_count UInt64,
+    latency_quantiles AggregateFunction(quantilesDD(0.01, 0.5, 0.9, 0.95, 0.99), Nullable(Float64)),
+    runs AggregateFunction(uniq, String),
+    users AggregateFunction(uniq, Nullable(String)),
+    computed_at DateTime64(6, 'UTC')
+) ENGINE = ReplacingMergeTree(computed_at)
+ORDER BY (project_id, hour, model, event_type, status);
+
+CREATE TABLE IF NOT EXISTS rollup_marks (
+    project_id LowCardinality(String),
+    hour DateTime('UTC'),
+    marked_at DateTime64(6, 'UTC')
+) ENGINE = ReplacingMergeTree(marked_at)
+ORDER BY (project_id, hour);
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS rollup_marks_mv TO rollup_marks AS
+SELECT project_id, toStartOfHour(timestamp) AS hour, now64(6, 'UTC') AS marked_at
+FROM events
+GROUP BY project_id, hour;

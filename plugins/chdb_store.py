@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ class ChdbStore:
             self._lock: FolderLock | None = FolderLock(self.path, "data folder")
         except FolderLocked as exc:
             raise StoreLockedError(str(exc)) from None
+        self._lock_calls = threading.Lock()
         try:
             self._session = session.Session(str(self.path))
         except Exception as exc:
@@ -74,7 +76,10 @@ class ChdbStore:
 
     def _run(self, sql: str, fmt: str, params: Mapping[str, Any] | None) -> Any:
         try:
-            return self._session.query(sql, fmt, params=format_params(params))
+            # One statement at a time: a query running beside an insert that reads its rows
+            # through Python() (which needs the GIL from ClickHouse's threads) can deadlock.
+            with self._lock_calls:
+                return self._session.query(sql, fmt, params=format_params(params))
         except Exception as exc:
             message = str(exc)
             raise StoreError(message, permanent=_is_permanent(message)) from exc

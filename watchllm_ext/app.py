@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from . import __version__
+from .analytics.routes import routes as analytics_routes
 from .auth import Principal, Scope, bearer_token
 from .dead_letters import done, read_dead_letters, summary, take_dead_letters, targeted_payload
 from .errors import Problem, problem_handler, unauthorized
@@ -503,6 +504,7 @@ def create_app(
         Route("/-/plugins", list_plugins, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
     ]
+    routes += analytics_routes()
     for extra in pm.hook.register_routes(settings=settings):
         routes.extend(extra or [])
 

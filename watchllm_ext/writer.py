@@ -259,9 +259,9 @@ class Writer:
 
     async def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until every sink has everything written before this call. False on timeout."""
-        target = self.log.end
+        target = self.log.next_seq  # sequence numbers survive segment rolls, positions do not
         with anyio.move_on_after(timeout_s) as scope:
-            while self.sinks and min(s.cursor for s in self.sinks) < target:
+            while self.sinks and min(s.cursor_seq for s in self.sinks) < target:
                 await self._progress.wait()
         return not scope.cancelled_caught
 

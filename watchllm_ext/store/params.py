@@ -18,7 +18,8 @@ def format_param(value: Any) -> str:
     if isinstance(value, datetime):
         if value.tzinfo is not None:
             value = value.astimezone(UTC)
-        return value.strftime("%Y-%m-%d %H:%M:%S.%f")
+        # Whole seconds without a fraction: DateTime (not 64) parameters refuse one.
+        return value.strftime("%Y-%m-%d %H:%M:%S.%f" if value.microsecond else "%Y-%m-%d %H:%M:%S")
     return format_bind_value(value, UTC)
 
 

@@ -1,0 +1,492 @@
+"""The analytics API against a generated data set whose answers are computed here, in plain
+Python: every figure of stats and timeseries, across bucket edges and time zones, from the
+raw table and from the hourly rollup alike; logs pagination; one event; runs; isolation."""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections import Counter, defaultdict
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+from conftest import Running
+
+from watchllm_ext.analytics.rollup import refresh_rollups
+
+START = datetime(2026, 1, 1, 0, 0, tzinfo=UTC)
+
+
+def refresh(server: Running) -> int:
+    # No insert runs meanwhile in these tests, so the rollups need no safety margin.
+    return refresh_rollups(server.wl.store, margin=timedelta(0))
+
+
+MODELS = ["gpt-4o", "gpt-4o-mini", "claude-3-5-sonnet"]
+STATUSES = ["success"] * 6 + ["error", "timeout", "warning"]
+
+
+def _iso(t: datetime) -> str:
+    return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def make_events(n: int, seed: int = 1, project: str | None = None) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    events = []
+    for i in range(n):
+        t = START + timedelta(
+            seconds=rng.randint(0, 3 * 86400 - 1), milliseconds=rng.randint(0, 999)
+        )
+        kind = rng.random()
+        base = {
+            "event_id": f"{seed}-{i}",
+            "run_id": f"run-{seed}-{i % 40}",
+            "timestamp": _iso(t),
+            "user_id": f"user-{i % 13}",
+            "tags": ["t-even" if i % 2 == 0 else "t-odd"],
+        }
+        if project:
+            base["project_id"] = project
+        if kind < 0.75:
+            events.append(
+                {
+                    **base,
+                    "event_type": "prompt_call",
+                    "model": rng.choice(MODELS),
+                    "provider": "openai",
+                    "tokens_input": rng.randint(1, 4000),
+                    "tokens_output": rng.randint(1, 1500),
+                    "cost_estimate_usd": round(rng.random() / 100, 6),
+                    "latency_ms": float(rng.randint(20, 8000)),
+                    "status": rng.choice(STATUSES),
+                    "prompt": f"question {i} about {'cats' if i % 3 else 'dogs'}",
+                    "response": f"answer {i}",
+                }
+            )
+        elif kind < 0.9:
+            events.append(
+                {
+                    **base,
+                    "event_type": "tool_call",
+                    "tool_name": "search",
+                    "latency_ms": float(rng.randint(1, 500)),
+                    "status": "success",
+                }
+            )
+        else:
+            events.append(
+                {**base, "event_type": "error", "error_type": "E", "error_message": "boom"}
+            )
+    return events
+
+
+def expected_stats(events: list[dict[str, Any]], lo: datetime, hi: datetime) -> dict[str, Any]:
+    inside = [e for e in events if lo <= datetime.fromisoformat(e["timestamp"]) < hi]
+    calls = [e for e in inside if e["event_type"] == "prompt_call"]
+    by_model: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for e in calls:
+        by_model[e["model"]].append(e)
+    return {
+        "total_requests": len(calls),
+        "total_events": len(inside),
+        "events_by_type": dict(Counter(e["event_type"] for e in inside)),
+        "total_cost": sum(e.get("cost_estimate_usd", 0) for e in calls),
+        "tokens_input": sum(e.get("tokens_input", 0) for e in calls),
+        "tokens_output": sum(e.get("tokens_output", 0) for e in calls),
+        "avg_latency_ms": sum(e["latency_ms"] for e in calls) / len(calls) if calls else None,
+        "latency": sorted(e["latency_ms"] for e in calls),
+        "error_rate": sum(e["status"] != "success" for e in calls) / len(calls) if calls else 0,
+        "distinct_runs": len({e["run_id"] for e in inside}),
+        "distinct_users": len({e["user_id"] for e in inside}),
+        "top_models": sorted(
+            ((m, len(es), sum(e["tokens_input"] for e in es)) for m, es in by_model.items()),
+            key=lambda x: (-x[1], x[0]),
+        ),
+    }
+
+
+def check_stats(got: dict[str, Any], want: dict[str, Any]) -> None:
+    for key in (
+        "total_requests",
+        "total_events",
+        "events_by_type",
+        "tokens_input",
+        "tokens_output",
+        "distinct_runs",
+        "distinct_users",
+    ):
+        assert got[key] == want[key], key
+    assert got["total_cost"] == pytest.approx(want["total_cost"], rel=1e-9)
+    assert got["avg_latency_ms"] == pytest.approx(want["avg_latency_ms"], rel=1e-9)
+    assert got["error_rate"] == pytest.approx(want["error_rate"], rel=1e-12)
+    lat = want["latency"]
+    for name, q in (("p50", 0.5), ("p90", 0.9), ("p95", 0.95), ("p99", 0.99)):
+        # DDSketch: within 1% of a value whose rank is q (allow one rank either side).
+        rank = q * (len(lat) - 1)
+        lo, hi = lat[max(0, int(rank) - 1)], lat[min(len(lat) - 1, int(rank) + 2)]
+        assert lo * 0.99 <= got["latency_ms"][name] <= hi * 1.01, (name, got["latency_ms"])
+    assert [(m["model"], m["calls"], m["tokens_input"]) for m in got["top_models"]] == want[
+        "top_models"
+    ]
+
+
+@pytest.fixture
+def loaded(server: Running) -> tuple[Running, list[dict[str, Any]]]:
+    other = server.keys.create("other", scope="admin")  # before the server's first key lookup
+    events = make_events(3000)
+    for i in range(0, len(events), 1000):
+        r = server.client.post(
+            "/v1/events/batch", headers=server.headers(), json={"events": events[i : i + 1000]}
+        )
+        assert r.status_code == 202, r.text
+    r = server.client.post(
+        "/v1/events/batch", headers=server.headers(other), json={"events": make_events(500, seed=2)}
+    )
+    assert r.status_code == 202
+    server.flush()
+    return server, events
+
+
+def get(server: Running, path: str, key: str | None = None, **params: Any) -> Any:
+    r = server.client.get(
+        path, params={"project_id": "acme", **params}, headers=server.headers(key)
+    )
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+RANGES = [
+    (START, START + timedelta(days=3)),
+    (
+        START + timedelta(hours=5, minutes=17, seconds=3),
+        START + timedelta(days=1, hours=7, minutes=41),
+    ),
+    (START + timedelta(minutes=10), START + timedelta(minutes=50)),
+]
+
+
+def test_stats_raw_and_rollup_match_python(loaded: Any) -> None:
+    server, events = loaded
+    before = []
+    for lo, hi in RANGES:
+        got = get(server, "/v1/analytics/stats", **{"from": _iso(lo), "to": _iso(hi)})
+        assert got["rollup_hours"] == 0
+        check_stats(got, expected_stats(events, lo, hi))
+        before.append(got)
+    assert refresh(server) > 0
+    for (lo, hi), raw in zip(RANGES, before, strict=True):
+        got = get(server, "/v1/analytics/stats", **{"from": _iso(lo), "to": _iso(hi)})
+        whole_hours = int((hi - lo).total_seconds() // 3600) - 1
+        assert got["rollup_hours"] >= max(0, whole_hours)
+        assert {**got, "rollup_hours": 0} == {**raw, "rollup_hours": 0}  # rollup == raw
+
+
+def test_late_and_duplicate_events_keep_rollups_exact(loaded: Any) -> None:
+    server, events = loaded
+    refresh(server)
+    lo, hi = RANGES[0]
+    late = make_events(50, seed=9)
+    r = server.client.post(
+        "/v1/events/batch", headers=server.headers(), json={"events": late + events[:300]}
+    )  # new and already stored
+    assert r.status_code == 202
+    server.flush()
+    want = expected_stats(events + late, lo, hi)
+    got = get(server, "/v1/analytics/stats", **{"from": _iso(lo), "to": _iso(hi)})
+    check_stats(got, want)  # dirty hours are read raw until recomputed
+    refresh(server)
+    again = get(server, "/v1/analytics/stats", **{"from": _iso(lo), "to": _iso(hi)})
+    check_stats(again, want)
+    assert again["rollup_hours"] == 72
+
+
+def expected_series(
+    events: list[dict[str, Any]], lo: datetime, hi: datetime, step: timedelta, tz: str
+) -> dict[int, dict[str, Any]]:
+    zone = ZoneInfo(tz)
+    out: dict[int, dict[str, Any]] = defaultdict(lambda: Counter())
+    for e in events:
+        t = datetime.fromisoformat(e["timestamp"])
+        if not lo <= t < hi:
+            continue
+        local = t.astimezone(zone)
+        if step >= timedelta(days=1):
+            floored = local.replace(hour=0, minute=0, second=0, microsecond=0)
+        else:
+            minutes = int(step.total_seconds() // 60)
+            total = local.hour * 60 + local.minute
+            total -= total % minutes
+            floored = local.replace(hour=total // 60, minute=total % 60, second=0, microsecond=0)
+        key = int(floored.timestamp())
+        bucket = out[key]
+        bucket["events"] += 1
+        if e["event_type"] == "prompt_call":
+            bucket["requests"] += 1
+            bucket["errors"] += e["status"] != "success"
+            bucket["tokens_input"] += e["tokens_input"]
+            bucket["cost"] += e["cost_estimate_usd"]
+    return out
+
+
+@pytest.mark.parametrize(
+    ("interval", "step", "tz"),
+    [
+        ("1h", timedelta(hours=1), "UTC"),
+        ("15m", timedelta(minutes=15), "UTC"),
+        ("1h", timedelta(hours=1), "Asia/Kolkata"),
+        ("1d", timedelta(days=1), "America/New_York"),
+    ],
+)
+def test_timeseries_matches_python(loaded: Any, interval: str, step: timedelta, tz: str) -> None:
+    server, events = loaded
+    refresh(server)
+    lo, hi = RANGES[1]
+    got = get(
+        server,
+        "/v1/analytics/timeseries",
+        interval=interval,
+        tz=tz,
+        **{"from": _iso(lo), "to": _iso(hi)},
+    )
+    points = got["series"]["all"]
+    want = expected_series(events, lo, hi, step, tz)
+    by_t = {int(datetime.fromisoformat(p["t"]).timestamp()): p for p in points}
+    assert set(want) <= set(by_t)  # every bucket with data is there...
+    for t, point in by_t.items():  # ...and the empty ones are zeros
+        w = want.get(t, Counter())
+        assert point["events"] == w["events"]
+        assert point["requests"] == w["requests"]
+        assert point["errors"] == w["errors"]
+        assert point["tokens_input"] == w["tokens_input"]
+        assert point["cost"] == pytest.approx(w["cost"], rel=1e-9, abs=1e-12)
+    times = sorted(by_t)
+    assert len(times) == len(points)  # no duplicate buckets
+    if step < timedelta(days=1):
+        assert all(b - a == step.total_seconds() for a, b in zip(times, times[1:], strict=False))
+
+
+def test_timeseries_group_by_and_rollup_equals_raw(loaded: Any) -> None:
+    server, events = loaded
+    params = {"from": _iso(RANGES[0][0]), "to": _iso(RANGES[0][1]), "interval": "6h"}
+    raw = get(server, "/v1/analytics/timeseries", group_by="model", **params)
+    refresh(server)
+    rolled = get(server, "/v1/analytics/timeseries", group_by="model", **params)
+    assert rolled["rollup_hours"] > 0 and raw["rollup_hours"] == 0
+    assert rolled["series"] == raw["series"]
+    assert set(raw["series"]) == set(MODELS) | {"(none)"}
+    calls = Counter(e["model"] for e in events if e["event_type"] == "prompt_call")
+    for model in MODELS:
+        assert sum(p["requests"] for p in raw["series"][model]) == calls[model]
+
+
+def test_period_defaults_and_empty_buckets(server: Running) -> None:
+    got = get(server, "/v1/analytics/timeseries", period="1h")
+    assert got["interval"] == "1m" and len(got["series"]["all"]) in (60, 61)
+    assert all(p["requests"] == 0 and p["latency_p50_ms"] == 0 for p in got["series"]["all"])
+    stats = get(server, "/v1/analytics/stats")
+    assert stats["total_events"] == 0 and stats["latency_ms"]["p50"] is None
+
+
+def test_logs_filters_and_pagination_under_concurrent_inserts(loaded: Any) -> None:
+    server, events = loaded
+    window = {"from": _iso(START), "to": _iso(START + timedelta(days=3))}
+    stop = threading.Event()
+
+    def insert_more() -> None:  # new events keep arriving, newer than the window's end
+        n = 0
+        while not stop.is_set() and n < 40:
+            fresh = [
+                {
+                    **make_events(1, seed=100 + n)[0],
+                    "event_id": f"new-{n}",
+                    "timestamp": _iso(datetime.now(UTC)),
+                }
+            ]
+            server.client.post("/v1/events/batch", headers=server.headers(), json={"events": fresh})
+            n += 1
+
+    inserter = threading.Thread(target=insert_more)
+    inserter.start()
+    seen: list[str] = []
+    cursor = None
+    try:
+        while True:
+            page = get(
+                server,
+                "/v1/analytics/logs",
+                limit=137,
+                **window,
+                **({"cursor": cursor} if cursor else {}),
+            )
+            seen += [e["event_id"] for e in page["events"]]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+    finally:
+        stop.set()
+        inserter.join()
+    assert len(seen) == len(set(seen)) == len(events)
+    assert set(seen) == {e["event_id"] for e in events}
+    ts = [
+        datetime.fromisoformat(e["timestamp"])
+        for e in sorted(events, key=lambda e: (e["timestamp"], e["event_id"]), reverse=True)
+    ]
+    assert len(ts) == len(seen)
+
+    errors = get(
+        server, "/v1/analytics/logs", status="error", model="gpt-4o", **window, limit=1000
+    )["events"]
+    assert {e["event_id"] for e in errors} == {
+        e["event_id"] for e in events if e.get("status") == "error" and e.get("model") == "gpt-4o"
+    }
+    dogs = get(server, "/v1/analytics/logs", q="DOGS", tag="t-even", **window, limit=1000)
+    assert {e["event_id"] for e in dogs["events"]} == {
+        e["event_id"] for e in events if "dogs" in e.get("prompt", "") and "t-even" in e["tags"]
+    }
+    run = get(
+        server, "/v1/analytics/logs", run_id="run-1-3", event_type="tool_call", **window, limit=1000
+    )
+    assert {e["event_id"] for e in run["events"]} == {
+        e["event_id"] for e in events if e["run_id"] == "run-1-3" and e["event_type"] == "tool_call"
+    }
+
+
+def test_event_detail_and_run_tree(server: Running) -> None:
+    t = datetime(2026, 2, 1, tzinfo=UTC)
+    events = [
+        {
+            "event_id": "root",
+            "event_type": "agent_step",
+            "run_id": "R",
+            "timestamp": _iso(t),
+            "step_number": 1,
+            "step_name": "plan",
+        },
+        {
+            "event_id": "call",
+            "event_type": "prompt_call",
+            "run_id": "R",
+            "parent_event_id": "root",
+            "timestamp": _iso(t + timedelta(seconds=1)),
+            "model": "gpt-4o",
+            "tokens_input": 10,
+            "latency_ms": 1500.0,
+            "tool_calls": [{"tool_name": "search", "tool_input": {"q": "x"}}],
+            "metadata": {"k": 1},
+        },
+        {
+            "event_id": "tool",
+            "event_type": "tool_call",
+            "run_id": "R",
+            "parent_event_id": "call",
+            "timestamp": _iso(t + timedelta(seconds=2)),
+            "tool_name": "search",
+            "status": "error",
+        },
+    ]
+    r = server.client.post("/v1/events/batch", headers=server.headers(), json={"events": events})
+    assert r.status_code == 202
+    server.flush()
+    detail = get(server, "/v1/analytics/event/call")
+    assert detail["event"]["model"] == "gpt-4o" and detail["event"]["metadata"] == {"k": 1}
+    assert detail["parent_event_id"] == "root" and detail["children"] == ["tool"]
+    assert detail["tool_calls"][0]["tool_input"] == {"q": "x"}
+    assert get(server, "/v1/analytics/event/root")["agent_steps"][0]["step_name"] == "plan"
+    missing = server.client.get(
+        "/v1/analytics/event/nope", params={"project_id": "acme"}, headers=server.headers()
+    )
+    assert missing.status_code == 404 and missing.json()["field"] == "event_id"
+
+    runs = get(
+        server,
+        "/v1/analytics/runs",
+        **{"from": _iso(t - timedelta(hours=1)), "to": _iso(t + timedelta(hours=1))},
+    )
+    (run,) = runs["runs"]
+    assert run["run_id"] == "R" and run["event_count"] == 3 and run["error_count"] == 1
+    assert run["duration_ms"] == 2500 and run["tokens_input"] == 10
+    tree = get(server, "/v1/analytics/runs/R")["tree"]
+    assert [n["id"] for n in tree] == ["root"]
+    assert [n["id"] for n in tree[0]["children"]] == ["call"]
+    assert [n["id"] for n in tree[0]["children"][0]["children"]] == ["tool"]
+
+
+def test_runs_pagination(loaded: Any) -> None:
+    server, events = loaded
+    window = {"from": _iso(START), "to": _iso(START + timedelta(days=3))}
+    seen, cursor = [], None
+    while True:
+        page = get(
+            server,
+            "/v1/analytics/runs",
+            limit=7,
+            **window,
+            **({"cursor": cursor} if cursor else {}),
+        )
+        seen += [r["run_id"] for r in page["runs"]]
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert sorted(seen) == sorted({e["run_id"] for e in events})
+    by_run = Counter(e["run_id"] for e in events)
+    first = get(server, "/v1/analytics/runs", limit=1000, **window)["runs"]
+    assert {r["run_id"]: r["event_count"] for r in first} == dict(by_run)
+
+
+ROUTES = [
+    "/v1/analytics/stats",
+    "/v1/analytics/timeseries",
+    "/v1/analytics/logs",
+    "/v1/analytics/event/x",
+    "/v1/analytics/runs",
+    "/v1/analytics/runs/x",
+]
+
+
+@pytest.mark.parametrize("path", ROUTES)
+def test_isolation(server: Running, path: str) -> None:
+    other = server.keys.create("other", scope="read")
+    ingest = server.keys.create("acme", scope="ingest")
+    import time
+
+    time.sleep(1.1)  # the key cache rereads the key file
+    r = server.client.get(path, params={"project_id": "acme"}, headers=server.headers(other))
+    assert r.status_code == 403 and r.json()["field"] == "project_id"
+    r = server.client.get(path, params={"project_id": "acme"}, headers=server.headers(ingest))
+    assert r.status_code == 403 and "read" in r.json()["message"]
+    r = server.client.get(path, params={"project_id": "acme"})
+    assert r.status_code == 401 and "WWW-Authenticate" in r.headers
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "field"),
+    [
+        ("/v1/analytics/timeseries", {"period": "2h"}, "period"),
+        (
+            "/v1/analytics/stats",
+            {"from": "2026-01-02T00:00:00Z", "to": "2026-01-01T00:00:00Z"},
+            "from",
+        ),
+        ("/v1/analytics/stats", {"from": "yesterday"}, "from"),
+        ("/v1/analytics/stats", {"to": "2026-01-01T00:00:00"}, "to"),
+        ("/v1/analytics/logs", {"limit": "0"}, "limit"),
+        ("/v1/analytics/logs", {"limit": "1001"}, "limit"),
+        ("/v1/analytics/logs", {"limit": "ten"}, "limit"),
+        ("/v1/analytics/logs", {"cursor": "not-a-cursor"}, "cursor"),
+        ("/v1/analytics/logs", {"status": "great"}, "status"),
+        ("/v1/analytics/runs", {"cursor": "eyJ4IjoxfQ"}, "cursor"),
+        ("/v1/analytics/timeseries", {"tz": "Mars/Olympus"}, "tz"),
+        ("/v1/analytics/timeseries", {"interval": "7m"}, "interval"),
+        ("/v1/analytics/timeseries", {"interval": "1m", "period": "30d"}, "interval"),
+        ("/v1/analytics/timeseries", {"group_by": "user"}, "group_by"),
+        ("/v1/analytics/stats", {"project_id": ""}, "project_id"),
+    ],
+)
+def test_bad_parameters_name_the_parameter(
+    server: Running, path: str, params: dict[str, str], field: str
+) -> None:
+    r = server.client.get(path, params={"project_id": "acme", **params}, headers=server.headers())
+    assert r.status_code == 400, r.text
+    assert r.json()["field"] == field and field in r.json()["message"]

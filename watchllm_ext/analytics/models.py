@@ -1,0 +1,146 @@
+"""Answers of the analytics routes, as pydantic models: they shape the JSON and give the
+OpenAPI document its schemas."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Answer(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class Percentiles(_Answer):
+    p50: float | None
+    p90: float | None
+    p95: float | None
+    p99: float | None
+
+
+class ModelUsage(_Answer):
+    model: str
+    calls: int
+    tokens_input: int
+    tokens_output: int
+    cost: float
+
+
+class Stats(_Answer):
+    project_id: str
+    start: datetime = Field(alias="from")
+    end: datetime = Field(alias="to")
+    total_requests: int = Field(description="prompt calls")
+    total_events: int
+    events_by_type: dict[str, int]
+    total_cost: float = Field(description="USD")
+    tokens_input: int
+    tokens_output: int
+    avg_latency_ms: float | None = Field(description="mean latency of prompt calls")
+    latency_ms: Percentiles = Field(
+        description="latency percentiles of prompt calls (DDSketch, 1% relative accuracy)"
+    )
+    error_rate: float = Field(description="share of prompt calls whose status is not success")
+    distinct_runs: int = Field(description="approximate above 65,536 (uniq)")
+    distinct_users: int = Field(description="approximate above 65,536 (uniq)")
+    top_models: list[ModelUsage]
+    rollup_hours: int = Field(description="whole hours answered from hourly_usage_by_project")
+
+
+class TimeseriesPoint(_Answer):
+    t: datetime
+    requests: int
+    errors: int
+    events: int
+    tokens_input: int
+    tokens_output: int
+    cost: float
+    latency_p50_ms: float
+    latency_p95_ms: float
+
+
+class Timeseries(_Answer):
+    project_id: str
+    start: datetime = Field(alias="from")
+    end: datetime = Field(alias="to")
+    interval: str
+    tz: str
+    group_by: str | None
+    series: dict[str, list[TimeseriesPoint]] = Field(
+        description="one series per group ('(none)' for events without that field);"
+        " one series 'all' without group_by"
+    )
+    rollup_hours: int
+
+
+class Event(_Answer):
+    event_id: str
+    event_type: str
+    timestamp: str | None
+    run_id: str
+    parent_event_id: str | None = None
+    user_id: str | None = None
+    session_id: str | None = None
+    model: str | None = None
+    provider: str | None = None
+    status: str | None = None
+    latency_ms: float | None = None
+    tokens_input: int | None = None
+    tokens_output: int | None = None
+    cost_usd: float | None = None
+    cost_source: str | None = None
+    error_message: str | None = None
+    tool_name: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    prompt_preview: str = ""
+    response_preview: str = ""
+
+
+class LogsPage(_Answer):
+    project_id: str
+    events: list[Event]
+    next_cursor: str | None = Field(description="pass as cursor for the next page; null at the end")
+
+
+class EventDetail(_Answer):
+    event: dict[str, Any] = Field(description="every stored column of the event")
+    tool_calls: list[dict[str, Any]]
+    agent_steps: list[dict[str, Any]]
+    parent_event_id: str | None
+    children: list[str]
+
+
+class Run(_Answer):
+    run_id: str
+    start: str | None
+    end: str | None
+    duration_ms: int
+    cost: float
+    tokens_input: int
+    tokens_output: int
+    event_count: int
+    error_count: int
+
+
+class RunsPage(_Answer):
+    project_id: str
+    runs: list[Run]
+    next_cursor: str | None
+
+
+class TreeNode(_Answer):
+    kind: Literal["event", "span"]
+    id: str
+    parent_id: str | None
+    timestamp: str | None
+    event: Event | None = None
+    span: dict[str, Any] | None = None
+    children: list[TreeNode] = Field(default_factory=list)
+
+
+class RunDetail(_Answer):
+    project_id: str
+    run: Run
+    tree: list[TreeNode]

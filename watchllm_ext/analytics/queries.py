@@ -1,0 +1,301 @@
+"""Every analytics query, named, in one place.
+
+User input reaches ClickHouse only as `{name:Type}` parameters. The few parts of SQL that
+vary (a bucket expression, a group-by column) are chosen from the allow-lists below, never
+built from request text. The same SQL runs on chDB and on a ClickHouse server.
+
+Reads that count, sum or rank go through `events FINAL` (or the rollup, itself computed
+from `events FINAL`), so an event delivered twice is counted once.
+"""
+
+from __future__ import annotations
+
+# Percentile levels and the DDSketch accuracy; the rollup's state type fixes them.
+QUANTILES = "quantilesDD(0.01, 0.5, 0.9, 0.95, 0.99)"
+
+# Sums kept as integers (nano-USD, microseconds): the order of addition cannot change them,
+# so a rollup's sum of hourly sums equals the raw sum to the last digit.
+COST_NANOS = "toUInt64(round(ifNull(cost_estimate_usd, 0) * 1e9))"
+LATENCY_US = "toUInt64(round(ifNull(latency_ms, 0) * 1000))"
+
+# Group-by columns for timeseries, by their public name.
+GROUP_COLUMNS = {"model": "model", "status": "status", "event_type": "event_type"}
+
+# --- the rollup ---------------------------------------------------------------------------
+
+DIRTY_HOURS = """
+SELECT m.project_id AS project_id, toString(m.hour) AS hour
+FROM (
+    SELECT project_id, hour, max(marked_at) AS marked FROM rollup_marks
+    WHERE hour < toStartOfHour(now64(3, 'UTC'))
+    GROUP BY project_id, hour
+) AS m
+LEFT JOIN (
+    SELECT project_id, hour, max(computed_at) AS computed FROM hourly_usage_by_project
+    GROUP BY project_id, hour
+) AS r ON m.project_id = r.project_id AND m.hour = r.hour
+WHERE m.marked >= r.computed
+ORDER BY m.hour
+LIMIT {limit:UInt32}
+"""
+
+# Recompute whole hours of one project from the deduplicated events.
+RECOMPUTE_HOURS = f"""
+INSERT INTO hourly_usage_by_project
+SELECT
+    project_id,
+    toStartOfHour(timestamp) AS hour,
+    ifNull(model, '') AS model,
+    event_type,
+    ifNull(status, '') AS status,
+    count() AS events,
+    sum(ifNull(tokens_input, 0)) AS tokens_input,
+    sum(ifNull(tokens_output, 0)) AS tokens_output,
+    sum({COST_NANOS}) AS cost_nanousd,
+    sum({LATENCY_US}) AS latency_sum_us,
+    count(latency_ms) AS latency_count,
+    {QUANTILES.replace("quantilesDD", "quantilesDDState")}(latency_ms) AS latency_quantiles,
+    uniqState(run_id) AS runs,
+    uniqState(user_id) AS users,
+    {{computed_at:DateTime64(6, 'UTC')}} AS computed_at
+FROM events FINAL
+WHERE project_id = {{project:String}}
+  AND timestamp >= {{first:DateTime64(3, 'UTC')}} AND timestamp < {{last:DateTime64(3, 'UTC')}}
+  AND toStartOfHour(timestamp) IN {{hours:Array(DateTime('UTC'))}}
+GROUP BY project_id, hour, model, event_type, status
+"""
+
+# Whole hours of [from, to) whose rollup is up to date (computed after the last events).
+CLEAN_HOURS = """
+SELECT toString(r.hour) AS hour
+FROM (
+    SELECT hour, max(computed_at) AS computed FROM hourly_usage_by_project
+    WHERE project_id = {project:String} AND hour >= {first_hour:DateTime('UTC')}
+      AND hour < {end_hour:DateTime('UTC')}
+    GROUP BY hour
+) AS r
+LEFT JOIN (
+    SELECT hour, max(marked_at) AS marked FROM rollup_marks
+    WHERE project_id = {project:String} AND hour >= {first_hour:DateTime('UTC')}
+      AND hour < {end_hour:DateTime('UTC')}
+    GROUP BY hour
+) AS m ON r.hour = m.hour
+WHERE r.computed > m.marked
+"""
+
+# The rows stats and timeseries aggregate: rollup rows for clean hours, and the same
+# states computed from raw events for everything else in [from, to). `bucket_raw` and
+# `bucket_rollup` are the bucket expressions (from BUCKETS) for the two sides.
+_COMBINED = f"""
+SELECT {{bucket_rollup}} AS bucket, model, event_type, status, events, tokens_input,
+       tokens_output, cost_nanousd, latency_sum_us, latency_count, latency_quantiles, runs,
+       users
+FROM hourly_usage_by_project FINAL
+WHERE project_id = {{{{project:String}}}} AND hour IN {{{{clean:Array(DateTime('UTC'))}}}}
+UNION ALL
+SELECT {{bucket_raw}} AS bucket, ifNull(model, '') AS model, event_type,
+       ifNull(status, '') AS status, count() AS events, sum(ifNull(tokens_input, 0)),
+       sum(ifNull(tokens_output, 0)), sum({COST_NANOS}), sum({LATENCY_US}), count(latency_ms),
+       {QUANTILES.replace("quantilesDD", "quantilesDDState")}(latency_ms),
+       uniqState(run_id), uniqState(user_id)
+FROM events FINAL
+WHERE project_id = {{{{project:String}}}}
+  AND timestamp >= {{{{from:DateTime64(3, 'UTC')}}}} AND timestamp < {{{{to:DateTime64(3, 'UTC')}}}}
+  AND toStartOfHour(timestamp) NOT IN {{{{clean:Array(DateTime('UTC'))}}}}
+GROUP BY bucket, model, event_type, status
+"""
+
+_IS_CALL = "event_type = 'prompt_call'"
+_QMERGE = QUANTILES.replace("quantilesDD", "quantilesDDMergeIf")
+
+STATS_TOTALS = f"""
+SELECT
+    sum(events) AS total_events,
+    sumIf(events, {_IS_CALL}) AS total_requests,
+    sumIf(events, {_IS_CALL} AND status != 'success') AS errors,
+    sum(cost_nanousd) / 1e9 AS total_cost,
+    sum(tokens_input) AS tokens_input,
+    sum(tokens_output) AS tokens_output,
+    sumIf(latency_sum_us, {_IS_CALL}) / 1000 AS latency_sum,
+    sumIf(latency_count, {_IS_CALL}) AS latency_count,
+    {_QMERGE}(latency_quantiles, {_IS_CALL}) AS latency_quantiles,
+    uniqMerge(runs) AS distinct_runs,
+    uniqMerge(users) AS distinct_users
+FROM ({_COMBINED.format(bucket_rollup="0", bucket_raw="0")})
+"""
+
+STATS_BY_TYPE = f"""
+SELECT event_type, sum(events) AS n
+FROM ({_COMBINED.format(bucket_rollup="0", bucket_raw="0")})
+GROUP BY event_type
+ORDER BY event_type
+"""
+
+STATS_TOP_MODELS = f"""
+SELECT model, sum(events) AS calls, sum(tokens_input) AS tokens_input,
+       sum(tokens_output) AS tokens_output, sum(cost_nanousd) / 1e9 AS cost
+FROM ({_COMBINED.format(bucket_rollup="0", bucket_raw="0")})
+WHERE {_IS_CALL} AND model != ''
+GROUP BY model
+ORDER BY calls DESC, model
+LIMIT 10
+"""
+
+# Bucket expressions: the interval's unit and count are parameters, the zone too.
+_BUCKET = "toStartOfInterval({col}, toInterval{unit}({{step:UInt32}}), {{tz:String}})"
+BUCKET_UNITS = ("Minute", "Hour", "Day")
+
+
+def _timeseries(unit: str, group: str | None) -> str:
+    group_select = f"{GROUP_COLUMNS[group]} AS grp, " if group else "'' AS grp, "
+    combined = _COMBINED.format(
+        bucket_rollup=_BUCKET.format(col="hour", unit=unit),
+        bucket_raw=_BUCKET.format(col="timestamp", unit=unit),
+    )
+    return f"""
+SELECT
+    toUnixTimestamp(bucket) AS bucket,
+    {group_select}
+    sumIf(events, {_IS_CALL}) AS requests,
+    sumIf(events, {_IS_CALL} AND status != 'success') AS errors,
+    sum(events) AS all_events,
+    sum(tokens_input) AS tokens_input,
+    sum(tokens_output) AS tokens_output,
+    sum(cost_nanousd) / 1e9 AS cost,
+    {_QMERGE}(latency_quantiles, {_IS_CALL}) AS latency_quantiles
+FROM ({combined})
+GROUP BY bucket, grp
+ORDER BY bucket, grp
+"""
+
+
+TIMESERIES = {
+    (unit, group): _timeseries(unit, group)
+    for unit in BUCKET_UNITS
+    for group in (None, *GROUP_COLUMNS)
+}
+
+# --- logs, events, runs -----------------------------------------------------------------------
+
+LOG_COLUMNS = """
+    event_id, event_type, toString(timestamp) AS ts, run_id, parent_event_id, user_id,
+    session_id, model, provider, status, latency_ms, tokens_input, tokens_output,
+    cost_estimate_usd, cost_source, error_message, tool_name, tags,
+    substring(ifNull(prompt, ''), 1, 200) AS prompt_preview,
+    substring(ifNull(response, ''), 1, 200) AS response_preview
+"""
+
+# Keyset pagination, newest first: rows strictly after the cursor's (timestamp, event_id).
+# Each filter is "no filter" when its parameter is empty.
+LOGS = f"""
+SELECT {LOG_COLUMNS}
+FROM events FINAL
+WHERE project_id = {{project:String}}
+  AND timestamp >= {{from:DateTime64(3, 'UTC')}} AND timestamp < {{to:DateTime64(3, 'UTC')}}
+  AND ({{has_cursor:UInt8}} = 0
+       OR (timestamp, event_id) < ({{cursor_ts:DateTime64(3, 'UTC')}}, {{cursor_id:String}}))
+  AND ({{status:String}} = '' OR status = {{status:String}})
+  AND ({{model:String}} = '' OR model = {{model:String}})
+  AND ({{run_id:String}} = '' OR run_id = {{run_id:String}})
+  AND ({{user_id:String}} = '' OR user_id = {{user_id:String}})
+  AND ({{event_type:String}} = '' OR event_type = {{event_type:String}})
+  AND ({{tag:String}} = '' OR has(tags, {{tag:String}}))
+  AND ({{q:String}} = ''
+       OR positionCaseInsensitiveUTF8(ifNull(prompt, ''), {{q:String}}) > 0
+       OR positionCaseInsensitiveUTF8(ifNull(response, ''), {{q:String}}) > 0)
+ORDER BY timestamp DESC, event_id DESC
+LIMIT {{limit:UInt32}}
+"""
+
+EVENT = """
+SELECT * EXCEPT (ingested_at)
+FROM events FINAL
+WHERE project_id = {project:String} AND event_id = {event_id:String}
+LIMIT 1
+"""
+
+EVENT_TOOL_CALLS = """
+SELECT call_index, source, tool_call_id, tool_name, tool_input, tool_output, status,
+       latency_ms, error_message
+FROM tool_calls FINAL
+WHERE project_id = {project:String} AND event_id = {event_id:String}
+ORDER BY call_index
+"""
+
+EVENT_AGENT_STEPS = """
+SELECT step_number, step_name, reasoning, action, observation, status, latency_ms
+FROM agent_steps FINAL
+WHERE project_id = {project:String} AND event_id = {event_id:String}
+ORDER BY step_number
+"""
+
+EVENT_CHILDREN = """
+SELECT event_id FROM events FINAL
+WHERE project_id = {project:String} AND parent_event_id = {event_id:String}
+ORDER BY timestamp, event_id
+LIMIT 1000
+"""
+
+_RUN_FIGURES = """
+    run_id,
+    toString(min(timestamp)) AS start,
+    toString(max(timestamp + toIntervalMillisecond(toInt64(ifNull(latency_ms, 0))))) AS end,
+    dateDiff('millisecond', min(timestamp),
+             max(timestamp + toIntervalMillisecond(toInt64(ifNull(latency_ms, 0)))))
+        AS duration_ms,
+    sum(ifNull(cost_estimate_usd, 0)) AS cost,
+    sum(ifNull(tokens_input, 0)) AS tokens_input,
+    sum(ifNull(tokens_output, 0)) AS tokens_output,
+    count() AS event_count,
+    countIf(event_type = 'error' OR ifNull(status, 'success') NOT IN ('success', 'warning'))
+        AS error_count
+"""
+
+# Runs that started in [from, to), newest first, keyset-paginated on (start, run_id); the
+# figures cover each run's whole life, not only the part inside the range.
+RUNS = f"""
+WITH started AS (
+    SELECT run_id, min(timestamp) AS first_seen
+    FROM events FINAL
+    WHERE project_id = {{project:String}}
+      AND timestamp >= {{from:DateTime64(3, 'UTC')}} AND timestamp < {{to:DateTime64(3, 'UTC')}}
+    GROUP BY run_id
+    HAVING ({{has_cursor:UInt8}} = 0
+            OR (first_seen, run_id) < ({{cursor_ts:DateTime64(3, 'UTC')}}, {{cursor_id:String}}))
+    ORDER BY first_seen DESC, run_id DESC
+    LIMIT {{limit:UInt32}}
+)
+SELECT {_RUN_FIGURES}
+FROM events FINAL
+WHERE project_id = {{project:String}} AND run_id IN (SELECT run_id FROM started)
+GROUP BY run_id
+ORDER BY min(timestamp) DESC, run_id DESC
+"""
+
+RUN = f"""
+SELECT {_RUN_FIGURES}
+FROM events FINAL
+WHERE project_id = {{project:String}} AND run_id = {{run_id:String}}
+GROUP BY run_id
+"""
+
+RUN_EVENTS = """
+SELECT event_id, event_type, toString(timestamp) AS ts, parent_event_id, model,
+       provider, status, latency_ms, tokens_input, tokens_output, cost_estimate_usd,
+       tool_name, step_number, step_name, error_type, error_message,
+       substring(ifNull(prompt, ''), 1, 200) AS prompt_preview,
+       substring(ifNull(response, ''), 1, 200) AS response_preview
+FROM events FINAL
+WHERE project_id = {project:String} AND run_id = {run_id:String}
+ORDER BY timestamp, event_id
+LIMIT 10000
+"""
+
+RUN_SPANS = """
+SELECT span_id, parent_span_id, name, kind, toString(start_time) AS ts,
+       duration_ms, status_code, event_type
+FROM spans FINAL
+WHERE project_id = {project:String} AND trace_id = {run_id:String}
+ORDER BY start_time, span_id
+LIMIT 10000
+"""

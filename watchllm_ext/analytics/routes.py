@@ -1,0 +1,465 @@
+"""The analytics routes. Each: authenticate (read scope, own project), parse parameters,
+run named queries from queries.py in a worker thread, shape the answer (models.py)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ..errors import Problem
+from ..store import Store
+from . import params as P
+from . import queries as Q
+from .models import (
+    Event,
+    EventDetail,
+    LogsPage,
+    ModelUsage,
+    Percentiles,
+    Run,
+    RunDetail,
+    RunsPage,
+    Stats,
+    Timeseries,
+    TimeseriesPoint,
+    TreeNode,
+)
+from .rollup import parse_hour
+
+_EVENT_TYPES = (
+    "prompt_call",
+    "tool_call",
+    "agent_step",
+    "error",
+    "assertion_failed",
+    "hallucination_detected",
+    "cost_threshold_exceeded",
+    "performance_alert",
+)
+_STATUSES = ("success", "error", "timeout", "assertion_failed", "warning")
+
+
+def _iso(ch_time: str | None) -> str | None:
+    """'2026-01-02 03:04:05.678' (UTC) -> '2026-01-02T03:04:05.678Z'."""
+    if ch_time is None:
+        return None
+    return ch_time.replace(" ", "T") + ("Z" if "." in ch_time else ".000Z")
+
+
+def _json_or_text(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+async def _run(store: Store, sql: str, args: dict[str, Any]) -> list[dict[str, Any]]:
+    return await anyio.to_thread.run_sync(store.query, sql, args)
+
+
+def _context(request: Request) -> tuple[Any, Store, str]:
+    wl = request.app.state.watchllm
+    principal = wl.authenticate(request, "read")
+    project = P.project(request.query_params, principal)
+    if wl.store is None:
+        raise Problem(
+            503, "store_unavailable", "the store is not open", headers={"Retry-After": "5"}
+        )
+    return wl, wl.store, project
+
+
+def _hours(span: P.Range) -> tuple[datetime, datetime]:
+    """The whole UTC hours inside [start, end): (first, end), possibly empty."""
+    first = span.start.replace(minute=0, second=0, microsecond=0)
+    if first < span.start:
+        first += timedelta(hours=1)
+    end = span.end.replace(minute=0, second=0, microsecond=0)
+    return first, end
+
+
+async def _clean_hours(store: Store, project: str, span: P.Range) -> list[str]:
+    first, end = _hours(span)
+    if first >= end:
+        return []
+    rows = await _run(
+        store, Q.CLEAN_HOURS, {"project": project, "first_hour": first, "end_hour": end}
+    )
+    return sorted(r["hour"] for r in rows)
+
+
+def _base_args(project: str, span: P.Range, clean: list[str]) -> dict[str, Any]:
+    return {"project": project, "from": span.start, "to": span.end, "clean": clean}
+
+
+def _percentiles(values: list[float] | None, has_any: bool) -> Percentiles:
+    if not has_any or not values:
+        return Percentiles(p50=None, p90=None, p95=None, p99=None)
+    return Percentiles(p50=values[0], p90=values[1], p95=values[2], p99=values[3])
+
+
+# --- stats ---
+
+
+async def stats(request: Request) -> Response:
+    """GET /v1/analytics/stats"""
+    _, store, project = _context(request)
+    span = P.time_range(request.query_params)
+    clean = await _clean_hours(store, project, span)
+    args = _base_args(project, span, clean)
+    (totals,) = await _run(store, Q.STATS_TOTALS, args)
+    by_type = await _run(store, Q.STATS_BY_TYPE, args)
+    models = await _run(store, Q.STATS_TOP_MODELS, args)
+    requests = int(totals["total_requests"])
+    latency_count = int(totals["latency_count"])
+    body = Stats(
+        project_id=project,
+        start=span.start,
+        end=span.end,
+        total_requests=requests,
+        total_events=int(totals["total_events"]),
+        events_by_type={r["event_type"]: int(r["n"]) for r in by_type if int(r["n"])},
+        total_cost=float(totals["total_cost"]),
+        tokens_input=int(totals["tokens_input"]),
+        tokens_output=int(totals["tokens_output"]),
+        avg_latency_ms=(float(totals["latency_sum"]) / latency_count) if latency_count else None,
+        latency_ms=_percentiles(totals["latency_quantiles"], latency_count > 0),
+        error_rate=(int(totals["errors"]) / requests) if requests else 0.0,
+        distinct_runs=int(totals["distinct_runs"]),
+        distinct_users=int(totals["distinct_users"]),
+        top_models=[
+            ModelUsage(
+                model=m["model"],
+                calls=int(m["calls"]),
+                tokens_input=int(m["tokens_input"]),
+                tokens_output=int(m["tokens_output"]),
+                cost=float(m["cost"]),
+            )
+            for m in models
+        ],
+        rollup_hours=len(clean),
+    )
+    return JSONResponse(body.model_dump(mode="json", by_alias=True))
+
+
+# --- timeseries ---
+
+
+def _bucket_starts(span: P.Range, interval: str, tz: str) -> list[int]:
+    """Every bucket start (epoch seconds) of the range, as ClickHouse's toStartOfInterval
+    computes them in the zone: floor the local wall time, step in wall time."""
+    unit, step, _ = P.INTERVALS[interval]
+    zone = ZoneInfo(tz)
+    local = span.start.astimezone(zone)
+    if unit == "Minute":
+        floored = local.replace(second=0, microsecond=0, minute=local.minute - local.minute % step)
+        delta = timedelta(minutes=step)
+    elif unit == "Hour":
+        floored = local.replace(
+            minute=0, second=0, microsecond=0, hour=local.hour - local.hour % step
+        )
+        delta = timedelta(hours=step)
+    else:
+        floored = local.replace(hour=0, minute=0, second=0, microsecond=0)
+        delta = timedelta(days=step)
+    starts: list[int] = []
+    wall = floored.replace(tzinfo=None)
+    end = span.end.timestamp()
+    while True:
+        instant = wall.replace(tzinfo=zone)
+        epoch = int(instant.timestamp())
+        if epoch >= end:
+            break
+        if not starts or epoch > starts[-1]:
+            starts.append(epoch)
+        wall += delta
+        if len(starts) > P.MAX_BUCKETS + 2:
+            break
+    return starts
+
+
+def _hour_aligned(tz: str, span: P.Range) -> bool:
+    """Rollup hours can be re-bucketed in this zone only if its offsets are whole hours."""
+    zone = ZoneInfo(tz)
+    probes = [span.start + (span.end - span.start) * i / 8 for i in range(9)]
+    return all(
+        (p.astimezone(zone).utcoffset() or timedelta()).total_seconds() % 3600 == 0 for p in probes
+    )
+
+
+async def timeseries(request: Request) -> Response:
+    """GET /v1/analytics/timeseries"""
+    _, store, project = _context(request)
+    qp = request.query_params
+    span = P.time_range(qp, allow_period=True)
+    tz = P.zone(qp)
+    interval = P.interval(qp, span)
+    group = P.choice(qp, "group_by", tuple(Q.GROUP_COLUMNS))
+    unit, step, _ = P.INTERVALS[interval]
+    use_rollup = unit != "Minute" and _hour_aligned(tz, span)
+    clean = await _clean_hours(store, project, span) if use_rollup else []
+    rows = await _run(
+        store,
+        Q.TIMESERIES[(unit, group)],
+        {**_base_args(project, span, clean), "step": step, "tz": tz},
+    )
+    starts = _bucket_starts(span, interval, tz)
+    groups = sorted({r["grp"] for r in rows}) if group else [""]
+    by_key = {(int(r["bucket"]), r["grp"]): r for r in rows}
+    series: dict[str, list[TimeseriesPoint]] = {}
+    for name in groups:
+        points = []
+        for epoch in starts:
+            row = by_key.get((epoch, name))
+            quantiles = (row or {}).get("latency_quantiles") or []
+            has_latency = bool(row) and int(row["requests"]) > 0 and bool(quantiles)
+            points.append(
+                TimeseriesPoint(
+                    t=datetime.fromtimestamp(epoch, UTC),
+                    requests=int(row["requests"]) if row else 0,
+                    errors=int(row["errors"]) if row else 0,
+                    events=int(row["all_events"]) if row else 0,
+                    tokens_input=int(row["tokens_input"]) if row else 0,
+                    tokens_output=int(row["tokens_output"]) if row else 0,
+                    cost=float(row["cost"]) if row else 0.0,
+                    latency_p50_ms=float(quantiles[0]) if has_latency else 0.0,
+                    latency_p95_ms=float(quantiles[2]) if has_latency else 0.0,
+                )
+            )
+        series[(name or "(none)") if group else "all"] = points
+    body = Timeseries(
+        project_id=project,
+        start=span.start,
+        end=span.end,
+        interval=interval,
+        tz=tz,
+        group_by=group,
+        series=series,
+        rollup_hours=len(clean),
+    )
+    return JSONResponse(body.model_dump(mode="json", by_alias=True))
+
+
+# --- logs ---
+
+
+def _event_row(row: dict[str, Any]) -> Event:
+    return Event(
+        event_id=row["event_id"],
+        event_type=row["event_type"],
+        timestamp=_iso(row["ts"]),
+        run_id=row["run_id"],
+        parent_event_id=row.get("parent_event_id"),
+        user_id=row.get("user_id"),
+        session_id=row.get("session_id"),
+        model=row.get("model"),
+        provider=row.get("provider"),
+        status=row.get("status"),
+        latency_ms=row.get("latency_ms"),
+        tokens_input=row.get("tokens_input"),
+        tokens_output=row.get("tokens_output"),
+        cost_usd=row.get("cost_estimate_usd"),
+        cost_source=row.get("cost_source"),
+        error_message=row.get("error_message"),
+        tool_name=row.get("tool_name"),
+        tags=row.get("tags") or [],
+        prompt_preview=row.get("prompt_preview") or "",
+        response_preview=row.get("response_preview") or "",
+    )
+
+
+async def logs(request: Request) -> Response:
+    """GET /v1/analytics/logs"""
+    _, store, project = _context(request)
+    qp = request.query_params
+    span = P.time_range(qp)
+    page = P.limit(qp)
+    after = P.cursor(qp)
+    args = {
+        "project": project,
+        "from": span.start,
+        "to": span.end,
+        "limit": page,
+        "has_cursor": 1 if after else 0,
+        "cursor_ts": after[0] if after else span.end,
+        "cursor_id": after[1] if after else "",
+        "status": P.choice(qp, "status", _STATUSES) or "",
+        "event_type": P.choice(qp, "event_type", _EVENT_TYPES) or "",
+        "model": P.text(qp, "model"),
+        "run_id": P.text(qp, "run_id"),
+        "user_id": P.text(qp, "user_id"),
+        "tag": P.text(qp, "tag"),
+        "q": P.text(qp, "q", 1000),
+    }
+    rows = await _run(store, Q.LOGS, args)
+    next_cursor = (
+        P.encode_cursor(rows[-1]["ts"], rows[-1]["event_id"]) if len(rows) == page else None
+    )
+    body = LogsPage(
+        project_id=project, events=[_event_row(r) for r in rows], next_cursor=next_cursor
+    )
+    return JSONResponse(body.model_dump(mode="json", by_alias=True))
+
+
+# --- one event ---
+
+
+async def event(request: Request) -> Response:
+    """GET /v1/analytics/event/{event_id}"""
+    _, store, project = _context(request)
+    event_id = request.path_params["event_id"]
+    args = {"project": project, "event_id": event_id}
+    rows = await _run(store, Q.EVENT, args)
+    if not rows:
+        raise Problem(
+            404, "not_found", f"no event {event_id!r} in project {project!r}", field="event_id"
+        )
+    row = rows[0]
+    for name in (
+        "metadata",
+        "response_metadata",
+        "tool_input",
+        "tool_output",
+        "expected",
+        "actual",
+    ):
+        row[name] = _json_or_text(row.get(name))
+    if isinstance(row.get("prompt"), str) and row["prompt"].startswith("[{"):
+        row["prompt"] = _json_or_text(row["prompt"])
+    row["timestamp"] = _iso(row["timestamp"])
+    tools = await _run(store, Q.EVENT_TOOL_CALLS, args)
+    for tool in tools:
+        tool["tool_input"] = _json_or_text(tool["tool_input"])
+        tool["tool_output"] = _json_or_text(tool["tool_output"])
+    steps = await _run(store, Q.EVENT_AGENT_STEPS, args)
+    children = await _run(store, Q.EVENT_CHILDREN, args)
+    body = EventDetail(
+        event=row,
+        tool_calls=tools,
+        agent_steps=steps,
+        parent_event_id=row.get("parent_event_id"),
+        children=[c["event_id"] for c in children],
+    )
+    return JSONResponse(body.model_dump(mode="json", by_alias=True))
+
+
+# --- runs ---
+
+
+def _run_row(row: dict[str, Any]) -> Run:
+    return Run(
+        run_id=row["run_id"],
+        start=_iso(row["start"]),
+        end=_iso(row["end"]),
+        duration_ms=int(row["duration_ms"]),
+        cost=float(row["cost"]),
+        tokens_input=int(row["tokens_input"]),
+        tokens_output=int(row["tokens_output"]),
+        event_count=int(row["event_count"]),
+        error_count=int(row["error_count"]),
+    )
+
+
+async def runs(request: Request) -> Response:
+    """GET /v1/analytics/runs"""
+    _, store, project = _context(request)
+    qp = request.query_params
+    span = P.time_range(qp)
+    page = P.limit(qp, default=50, maximum=1000)
+    after = P.cursor(qp)
+    rows = await _run(
+        store,
+        Q.RUNS,
+        {
+            "project": project,
+            "from": span.start,
+            "to": span.end,
+            "limit": page,
+            "has_cursor": 1 if after else 0,
+            "cursor_ts": after[0] if after else span.end,
+            "cursor_id": after[1] if after else "",
+        },
+    )
+    items = [_run_row(r) for r in rows]
+    next_cursor = (
+        P.encode_cursor(rows[-1]["start"], rows[-1]["run_id"]) if len(rows) == page else None
+    )
+    body = RunsPage(project_id=project, runs=items, next_cursor=next_cursor)
+    return JSONResponse(body.model_dump(mode="json", by_alias=True))
+
+
+def _tree(nodes: list[TreeNode]) -> list[TreeNode]:
+    """Nest nodes under their parent (events by parent_event_id, spans by parent span);
+    a node whose parent is not in the run is a root. Input and output in time order."""
+    by_id = {n.id: n for n in nodes}
+    roots = []
+    for node in nodes:
+        parent = by_id.get(node.parent_id) if node.parent_id else None
+        if parent is not None and parent is not node:
+            parent.children.append(node)
+        else:
+            roots.append(node)
+    return roots
+
+
+async def run(request: Request) -> Response:
+    """GET /v1/analytics/runs/{run_id}"""
+    _, store, project = _context(request)
+    run_id = request.path_params["run_id"]
+    args = {"project": project, "run_id": run_id}
+    rows = await _run(store, Q.RUN, args)
+    if not rows:
+        raise Problem(404, "not_found", f"no run {run_id!r} in project {project!r}", field="run_id")
+    events = await _run(store, Q.RUN_EVENTS, args)
+    spans = await _run(store, Q.RUN_SPANS, args)
+    nodes = [
+        TreeNode(
+            kind="event",
+            id=e["event_id"],
+            parent_id=e.get("parent_event_id"),
+            timestamp=_iso(e["ts"]),
+            event=_event_row({**e, "run_id": run_id}),
+        )
+        for e in events
+    ]
+    seen = {n.id for n in nodes}
+    nodes += [
+        TreeNode(
+            kind="span",
+            id=s["span_id"],
+            parent_id=s.get("parent_span_id"),
+            timestamp=_iso(s["ts"]),
+            span=s,
+        )
+        for s in spans
+        if s["span_id"] not in seen  # a span stored as an event is shown once
+    ]
+    nodes.sort(key=lambda n: (n.timestamp or "", n.id))
+    body = RunDetail(project_id=project, run=_run_row(rows[0]), tree=_tree(nodes))
+    return JSONResponse(body.model_dump(mode="json", by_alias=True))
+
+
+ROUTES: list[tuple[str, Callable[..., Any]]] = [
+    ("/v1/analytics/stats", stats),
+    ("/v1/analytics/timeseries", timeseries),
+    ("/v1/analytics/logs", logs),
+    ("/v1/analytics/event/{event_id}", event),
+    ("/v1/analytics/runs", runs),
+    ("/v1/analytics/runs/{run_id}", run),
+]
+
+
+def routes() -> list[Route]:
+    return [Route(path, endpoint, methods=["GET"]) for path, endpoint in ROUTES]
+
+
+__all__ = ["ROUTES", "parse_hour", "routes"]
