@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from . import __version__
+from .analytics.rollup import refresh_rollups
 from .analytics.routes import routes as analytics_routes
 from .auth import Principal, Scope, bearer_token
 from .dead_letters import done, read_dead_letters, summary, take_dead_letters, targeted_payload
@@ -41,6 +42,7 @@ from .ingest import (
 )
 from .locks import FolderLock, FolderLocked
 from .metrics import make_registry, metrics_endpoint
+from .openapi import openapi_endpoint
 from .plugins import describe_plugins, get_plugin_manager
 from .quota import QuotaDecision
 from .schema import EVENT_LIST_ADAPTER
@@ -66,6 +68,7 @@ class WatchLLM:
     migrations_applied: list[str] = field(default_factory=list)
     counters: dict[str, int] = field(default_factory=lambda: {"accepted": 0, "rejected": 0})
     registry: Any = None
+    openapi: dict[str, Any] | None = None
     _opened_store: Store | None = None
 
     def open_store(self) -> Store | None:
@@ -108,12 +111,15 @@ class WatchLLM:
                     ),
                 )
                 self.store = store
-                async with writer:
+                async with writer, anyio.create_task_group() as background:
                     self.writer = writer
+                    if store is not None:
+                        background.start_soon(_keep_rollups, store, s.rollup_interval_s)
                     try:
                         yield self
                     finally:
                         self.writer = None
+                        background.cancel_scope.cancel()
             finally:
                 log_.close()
                 if lock is not None:
@@ -167,6 +173,16 @@ class WatchLLM:
             raise Problem(
                 503, "shutting_down", "the server is shutting down", headers={"Retry-After": "5"}
             ) from None
+
+
+async def _keep_rollups(store: Store, interval_s: float) -> None:
+    """Recompute the hourly rollups that got events, every `interval_s`; never fatal."""
+    while True:
+        await anyio.sleep(interval_s)
+        try:
+            await anyio.to_thread.run_sync(refresh_rollups, store)
+        except Exception:
+            log.exception("refreshing the hourly rollups failed; trying again later")
 
 
 def _open_log(settings: Settings) -> tuple[Log, FolderLock | None]:
@@ -503,6 +519,7 @@ def create_app(
         Route("/v1/admin/dead-letters/replay", admin_replay_dead_letters, methods=["POST"]),
         Route("/-/plugins", list_plugins, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
+        Route("/openapi.json", openapi_endpoint, methods=["GET"]),
     ]
     routes += analytics_routes()
     for extra in pm.hook.register_routes(settings=settings):

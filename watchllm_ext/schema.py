@@ -15,6 +15,7 @@ from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictFloat,
@@ -24,6 +25,7 @@ from pydantic import (
     ValidationInfo,
     field_validator,
 )
+from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import to_json
 
 # Size limits (characters for strings, items for lists).
@@ -38,7 +40,7 @@ MAX_MESSAGES = 1_000
 MAX_JSON_CHARS = 1_000_000  # metadata, tool input/output, expected/actual once serialised
 # ClickHouse DateTime64 covers 1900-2299; we accept a narrower, saner window.
 MIN_TIMESTAMP = datetime(1970, 1, 1, tzinfo=UTC)
-MAX_TIMESTAMP = datetime(2200, 1, 1, tzinfo=UTC)
+MAX_TIMESTAMP = datetime(2100, 1, 1, tzinfo=UTC)  # the hourly rollup keeps 32-bit DateTime hours
 MAX_TOKENS = 2**32 - 1
 
 EVENT_TYPES = (
@@ -98,6 +100,12 @@ def _all_finite(value: Any) -> bool:
     return True
 
 
+def _rfc3339_text(value: Any) -> Any:
+    if isinstance(value, str | datetime):
+        return value
+    raise ValueError("timestamp must be an RFC 3339 string like 2026-01-01T12:00:00Z")
+
+
 # Free-form JSON, bounded once serialised (a deep or wide object cannot slip past).
 Json = Annotated[Any, AfterValidator(_check_json_size)]
 JsonObject = Annotated[dict[str, Any], AfterValidator(_check_json_size)]
@@ -138,8 +146,11 @@ class BaseEvent(_Strict):
     # another project is refused (403) before validation.
     project_id: ProjectId | None = None
     run_id: Id
-    # Range checked by pydantic-core itself: a Python validator here costs ~1 us per event.
-    timestamp: Annotated[AwareDatetime, Field(ge=MIN_TIMESTAMP, lt=MAX_TIMESTAMP)]
+    # Range checked by pydantic-core itself; the before-validator refuses numbers (epoch
+    # seconds or milliseconds would be ambiguous): the contract says RFC 3339.
+    timestamp: Annotated[
+        AwareDatetime, BeforeValidator(_rfc3339_text), Field(ge=MIN_TIMESTAMP, lt=MAX_TIMESTAMP)
+    ]
     parent_event_id: Id | None = None
     user_id: Annotated[str, StringConstraints(max_length=MAX_NAME_CHARS)] | None = None
     session_id: Annotated[str, StringConstraints(max_length=MAX_NAME_CHARS)] | None = None
@@ -160,7 +171,7 @@ class PromptCallEvent(BaseEvent):
     tokens_output: Tokens | None = None
     cost_estimate_usd: NonNegative | None = None
     # Set by the server's cost transform (client / computed / unknown), never by the client.
-    cost_source: CostSource | None = None
+    cost_source: SkipJsonSchema[CostSource | None] = None  # not part of the request schema
     response: Text | None = None
     response_metadata: JsonObject = Field(default_factory=dict)
     status: Status = "success"

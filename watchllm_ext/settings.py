@@ -43,6 +43,17 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level of the server."
     )
+    clickhouse_url: str | None = Field(
+        None,
+        description="A ClickHouse server to use instead of the embedded chDB store, as"
+        " http(s)://user:password@host:port/database; see docs/DEPLOY.md.",
+    )
+    rollup_interval_s: float = Field(
+        30.0,
+        gt=0,
+        description="How often the hourly analytics rollup recomputes the hours that got"
+        " events since it last ran (seconds).",
+    )
     plugins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Extra plugins to load, as dotted import paths (comma-separated in the env).",

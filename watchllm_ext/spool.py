@@ -297,9 +297,10 @@ class Spool:
         records: list[Record] = []
         events = 0
         size = 0
-        for segment in sorted(s for s in self._sizes if s >= start.segment):
+        # Called from a worker thread while the loop appends: work on a snapshot of the keys.
+        for segment in sorted(s for s in list(self._sizes) if s >= start.segment):
             offset = start.offset if segment == start.segment else 0
-            limit = self._sizes[segment]
+            limit = self._sizes.get(segment, 0)
             if offset >= limit:
                 continue
             with open(self.segments_dir / _segment_name(segment), "rb") as f:

@@ -241,7 +241,7 @@ class Writer:
             self.full_total += 1
             raise WriterFull(str(exc), exc.retry_after_s) from None
         if not self.sinks:
-            self.log.save_cursor("-", record.end, record.seq + record.count)
+            self.log.release(record.end)  # nobody to deliver to: nothing to keep
         elif not getattr(self.log, "needs_payload", True) or (
             self._cached_events + len(events) <= self.memory_max_events
         ):
@@ -347,24 +347,32 @@ class Writer:
 
     async def _deliver(self, state: SinkState) -> None:
         while True:
-            records = self.log.read(state.cursor, self.flush_max_events)
-            if not records:
+            # Count what waits past the cursor without reading it: reading on every append
+            # would make a batch cost the square of its records.
+            backlog = self.log.next_seq - state.cursor_seq
+            if backlog <= 0:
                 state.pending_since = None
                 state.oldest_pending_ms = None
                 await self.log.wait_appended()
                 continue
-            state.oldest_pending_ms = records[0].appended_ms
-            count = sum(r.count for r in records)
-            now = time.monotonic()
-            if count < self.flush_max_events and self._accepting:
+            if backlog < self.flush_max_events and self._accepting:
+                now = time.monotonic()
                 if state.pending_since is None:
                     state.pending_since = now
+                    state.oldest_pending_ms = int(time.time() * 1000)
                 wait = state.pending_since + self.flush_interval_s - now
                 if wait > 0:
                     with anyio.move_on_after(wait):
-                        await self.log.wait_appended()
+                        await self._wait_backlog(state)
                     continue
             state.pending_since = None
+            records = await anyio.to_thread.run_sync(
+                self.log.read, state.cursor, self.flush_max_events
+            )
+            if not records:
+                await self.log.wait_appended()
+                continue
+            state.oldest_pending_ms = records[0].appended_ms
             events = await self._events_of(records, state.sink.name)
             if events:
                 await self._write_with_retry(state, events)
@@ -376,6 +384,10 @@ class Writer:
             self._release()
             self._progress.set()
             self._progress = anyio.Event()
+
+    async def _wait_backlog(self, state: SinkState) -> None:
+        while self.log.next_seq - state.cursor_seq < self.flush_max_events and self._accepting:
+            await self.log.wait_appended()
 
     async def _events_of(self, records: list[Record], sink: str) -> list[Any]:
         events: list[Any] = []

@@ -75,7 +75,7 @@ class Timeseries(_Answer):
     rollup_hours: int
 
 
-class Event(_Answer):
+class EventSummary(_Answer):
     event_id: str
     event_type: str
     timestamp: str | None
@@ -100,7 +100,7 @@ class Event(_Answer):
 
 class LogsPage(_Answer):
     project_id: str
-    events: list[Event]
+    events: list[EventSummary]
     next_cursor: str | None = Field(description="pass as cursor for the next page; null at the end")
 
 
@@ -135,7 +135,7 @@ class TreeNode(_Answer):
     id: str
     parent_id: str | None
     timestamp: str | None
-    event: Event | None = None
+    event: EventSummary | None = None
     span: dict[str, Any] | None = None
     children: list[TreeNode] = Field(default_factory=list)
 

@@ -13,6 +13,7 @@ from starlette.datastructures import QueryParams
 
 from ..auth import Principal
 from ..errors import Problem
+from ..schema import MAX_TIMESTAMP, MIN_TIMESTAMP
 
 PERIODS = {
     "1h": timedelta(hours=1),
@@ -54,7 +55,7 @@ def project(params: QueryParams, principal: Principal) -> str:
 
 def _instant(params: QueryParams, name: str) -> datetime | None:
     raw = params.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return None
     try:
         value = datetime.fromisoformat(raw.replace(" ", "+") if "T" in raw else raw)
@@ -62,6 +63,8 @@ def _instant(params: QueryParams, name: str) -> datetime | None:
         raise bad(name, f"not an RFC 3339 time: {raw!r}") from None
     if value.tzinfo is None:
         raise bad(name, "the time needs a zone, e.g. 2026-01-01T00:00:00Z")
+    if not MIN_TIMESTAMP <= value <= MAX_TIMESTAMP:
+        raise bad(name, "must be between 1970-01-01 and 2100-01-01, as event timestamps are")
     return value.astimezone(UTC)
 
 
@@ -98,7 +101,7 @@ def time_range(params: QueryParams, *, allow_period: bool = False) -> Range:
 
 
 def zone(params: QueryParams) -> str:
-    name = params.get("tz") or "UTC"
+    name = params.get("tz", "UTC")
     try:
         ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):
@@ -134,7 +137,7 @@ def interval(params: QueryParams, span: Range) -> str:
 
 def choice(params: QueryParams, name: str, allowed: tuple[str, ...] | list[str]) -> str | None:
     value = params.get(name)
-    if value is None or value == "":
+    if value is None:
         return None
     if value not in allowed:
         raise bad(name, f"must be one of {', '.join(allowed)}")
@@ -168,7 +171,7 @@ def encode_cursor(ts: str, key: str) -> str:
 
 def cursor(params: QueryParams) -> tuple[datetime, str] | None:
     raw = params.get("cursor")
-    if not raw:
+    if raw is None:
         return None
     try:
         data: Any = json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))

@@ -19,8 +19,8 @@ from ..store import Store
 from . import params as P
 from . import queries as Q
 from .models import (
-    Event,
     EventDetail,
+    EventSummary,
     LogsPage,
     ModelUsage,
     Percentiles,
@@ -99,6 +99,11 @@ async def _clean_hours(store: Store, project: str, span: P.Range) -> list[str]:
 
 def _base_args(project: str, span: P.Range, clean: list[str]) -> dict[str, Any]:
     return {"project": project, "from": span.start, "to": span.end, "clean": clean}
+
+
+def _num(value: Any) -> float:
+    """A percentile of no values comes back as null (NaN): 0 in a timeseries point."""
+    return float(value) if isinstance(value, int | float) and value == value else 0.0
 
 
 def _percentiles(values: list[float] | None, has_any: bool) -> Percentiles:
@@ -252,8 +257,8 @@ async def timeseries(request: Request) -> Response:
 # --- logs ---
 
 
-def _event_row(row: dict[str, Any]) -> Event:
-    return Event(
+def _event_row(row: dict[str, Any]) -> EventSummary:
+    return EventSummary(
         event_id=row["event_id"],
         event_type=row["event_type"],
         timestamp=_iso(row["ts"]),

@@ -1,0 +1,421 @@
+"""A ClickHouse server as the store, through clickhouse-connect over HTTP(S).
+
+Used instead of the embedded chDB store when `clickhouse_url` is set (env
+WATCHLLM_CLICKHOUSE_URL)::
+
+    http(s)://user:password@host:port/database?compress=lz4&connect_timeout=10
+                                                &send_receive_timeout=300&pool_size=40
+
+The user defaults to `default`, the port to 8123 (http) or 8443 (https), the database to
+`default`; user and password are URL-decoded (write `%40` for `@`, `%3A` for `:`). The
+database must exist. Options: `compress` (lz4, zstd, gzip, br, true or none; lz4 by
+default), `connect_timeout` and `send_receive_timeout` (seconds, fractions allowed), and
+`pool_size` (HTTP connections kept open; 40 by default, anyio's worker-thread count).
+
+The store is one clickhouse-connect client without a session, shared by every worker
+thread (the core calls stores from threads): without a session each call is an independent
+HTTP request on the shared connection pool, so calls may run concurrently.
+
+Answers are the chDB store's, value for value: queries run with FORMAT JSONEachRow and are
+parsed line by line as there, with the JSON output settings that shape values (64-bit
+integers as numbers, DateTime as 'YYYY-MM-DD hh:mm:ss.mmm') pinned to chDB's where the
+server's defaults differ. Parameters go as `{name:Type}` server-side bindings formatted as
+for chDB (datetimes by watchllm_ext.store.params, which keeps milliseconds).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
+
+import pyarrow as pa
+
+from watchllm_ext import Settings, hookimpl
+from watchllm_ext.store import StoreError
+from watchllm_ext.store.params import format_param
+
+log = logging.getLogger("watchllm.clickhouse")
+
+ENV_URL = "WATCHLLM_CLICKHOUSE_URL"
+DEFAULT_PORTS = {"http": 8123, "https": 8443}
+DEFAULT_POOL_SIZE = 40  # anyio's default number of worker threads
+_OPTIONS = ("compress", "connect_timeout", "send_receive_timeout", "pool_size")
+_COMPRESSION = {"lz4": "lz4", "zstd": "zstd", "gzip": "gzip", "br": "br", "true": True}
+_NO_COMPRESSION = ("none", "false", "0", "off", "no")
+
+# Output settings that decide how values look in JSONEachRow, as chDB has them. Only those
+# whose value on the server differs are sent with each query (none on a current server).
+_JSON_OUTPUT = {
+    "output_format_json_quote_64bit_integers": "0",
+    "output_format_json_quote_64bit_floats": "0",
+    "output_format_json_quote_denormals": "0",
+    "output_format_json_quote_decimals": "0",
+    "output_format_json_named_tuples_as_objects": "1",
+    "date_time_output_format": "simple",
+}
+
+# Statements (DDL, INSERT ... SELECT, the migration record's INSERT ... VALUES) run
+# synchronously: with async_insert on in a user profile, parameters in VALUES are not
+# substituted (ClickHouse issues 67117, 70741). Sent only where the server's value differs.
+_STATEMENTS = {"async_insert": "0"}
+
+# Errors about the data, which no retry can fix: the writer dead-letters such a batch.
+_PERMANENT_CODES = frozenset(
+    {
+        6,  # CANNOT_PARSE_TEXT
+        25,  # CANNOT_PARSE_ESCAPE_SEQUENCE
+        26,  # CANNOT_PARSE_QUOTED_STRING
+        27,  # CANNOT_PARSE_INPUT_ASSERTION_FAILED
+        38,  # CANNOT_PARSE_DATE
+        41,  # CANNOT_PARSE_DATETIME
+        53,  # TYPE_MISMATCH
+        69,  # ARGUMENT_OUT_OF_BOUND
+        70,  # CANNOT_CONVERT_TYPE
+        72,  # CANNOT_PARSE_NUMBER
+        117,  # INCORRECT_DATA
+        128,  # TOO_LARGE_ARRAY_SIZE
+        131,  # TOO_LARGE_STRING_SIZE
+        321,  # VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE
+        349,  # CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN
+        376,  # CANNOT_PARSE_UUID
+        467,  # CANNOT_PARSE_BOOL
+    }
+)
+_PERMANENT_NAMES = ("CANNOT_PARSE", "CANNOT_CONVERT_TYPE", "TYPE_MISMATCH", "TOO_LARGE")
+_AUTHENTICATION_FAILED = 516
+_UNKNOWN_DATABASE = 81
+
+_PLACEHOLDER = re.compile(r"\{\s*[A-Za-z_][A-Za-z0-9_]*\s*:")
+_SERVER_TEXT = re.compile(r"server response:\s*(.*)", re.DOTALL)
+_TRAILERS = re.compile(r"(\s*\((?:for url|version) [^()]*(?:\([^()]*\))?[^()]*\))+\s*$")
+
+
+@dataclass(frozen=True)
+class ClickHouseURL:
+    """The parts of a `clickhouse_url`."""
+
+    scheme: str
+    host: str
+    port: int
+    user: str
+    password: str
+    database: str
+    compress: bool | str = "lz4"
+    connect_timeout: float = 10.0
+    send_receive_timeout: float = 300.0
+    pool_size: int = DEFAULT_POOL_SIZE
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def redacted(self) -> str:
+        """The URL without its password, for messages and logs."""
+        return f"{self.scheme}://{quote(self.user, safe='')}@{self.address}/{self.database}"
+
+
+def parse_url(url: str) -> ClickHouseURL:
+    """Parse `http(s)://user:password@host:port/database?options`; StoreError if bad."""
+
+    def bad(why: str) -> StoreError:
+        shown = re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)  # never show a password
+        return StoreError(f"bad ClickHouse URL {shown!r} ({ENV_URL}): {why}", permanent=True)
+
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError as exc:
+        raise bad(str(exc)) from None
+    scheme = parts.scheme.lower()
+    if scheme not in DEFAULT_PORTS:
+        raise bad("the scheme must be http or https")
+    if not parts.hostname:
+        raise bad("no host")
+    path = unquote(parts.path.strip("/"))
+    if "/" in path:
+        raise bad("the path must be only the database name")
+    if parts.fragment:
+        raise bad("no #fragment is allowed")
+    options: dict[str, Any] = {}
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name not in _OPTIONS:
+            raise bad(f"unknown option {name!r} (known: {', '.join(_OPTIONS)})")
+        if name == "compress":
+            lowered = value.strip().lower()
+            if lowered in _NO_COMPRESSION:
+                options[name] = False
+            elif lowered in _COMPRESSION:
+                options[name] = _COMPRESSION[lowered]
+            else:
+                raise bad(f"compress must be one of lz4, zstd, gzip, br, true, none; not {value!r}")
+        elif name == "pool_size":
+            if not value.isdigit() or not 1 <= int(value) <= 1000:
+                raise bad(f"pool_size must be a whole number from 1 to 1000, not {value!r}")
+            options[name] = int(value)
+        else:
+            try:
+                seconds = float(value)
+            except ValueError:
+                seconds = -1.0
+            if not (0 < seconds <= 86400 and math.isfinite(seconds)):
+                raise bad(f"{name} must be a number of seconds above 0, not {value!r}")
+            options[name] = seconds
+    return ClickHouseURL(
+        scheme=scheme,
+        host=parts.hostname,
+        port=port or DEFAULT_PORTS[scheme],
+        user=unquote(parts.username) if parts.username else "default",
+        password=unquote(parts.password) if parts.password else "",
+        database=path or "default",
+        **options,
+    )
+
+
+def _bind_value(value: Any) -> Any:
+    # Datetimes as watchllm_ext.store.params formats them for chDB (with milliseconds; older
+    # clickhouse-connect versions drop them); the text needs no escaping, so the client sends
+    # it as is. Every other value clickhouse-connect formats as format_param does.
+    if isinstance(value, datetime):
+        return format_param(value)
+    if isinstance(value, list | tuple):
+        return type(value)(_bind_value(item) for item in value)
+    return value
+
+
+def _bind(sql: str, params: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    # Without a {name:Type} placeholder clickhouse-connect would %-format the SQL instead.
+    if not params or not _PLACEHOLDER.search(sql):
+        return None
+    return {name: _bind_value(value) for name, value in params.items()}
+
+
+def _is_permanent(code: int | None, name: str | None) -> bool:
+    if code in _PERMANENT_CODES:
+        return True
+    return bool(name) and any(part in name for part in _PERMANENT_NAMES)
+
+
+def _server_text(exc: Exception) -> str:
+    """The server's message on one line, without clickhouse-connect's wrapping."""
+    text = str(exc)
+    found = _SERVER_TEXT.search(text)
+    if found:
+        text = found.group(1)
+    text = _TRAILERS.sub("", text.strip())
+    return " ".join(text.split())
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+class ClickHouseStore:
+    """The Store protocol on a ClickHouse server (see the module docstring)."""
+
+    name = "clickhouse"
+
+    def __init__(self, url: str | ClickHouseURL) -> None:
+        import clickhouse_connect
+        from clickhouse_connect.driver import httputil
+        from urllib3 import Timeout
+
+        self.url = url if isinstance(url, ClickHouseURL) else parse_url(url)
+        u = self.url
+        proxy = httputil.check_env_proxy(u.scheme, u.host, u.port)
+        proxies = {f"{u.scheme}_proxy": proxy} if proxy else {}
+        self._client: Any = None
+        self._pool: Any = None
+        try:
+            self._pool = httputil.get_pool_manager(maxsize=u.pool_size, **proxies)
+            self._client = clickhouse_connect.get_client(
+                interface=u.scheme,
+                host=u.host,
+                port=u.port,
+                username=u.user,
+                password=u.password,
+                database=u.database,
+                compress=u.compress,
+                # The constructor takes whole seconds; the exact values are set below.
+                connect_timeout=max(1, math.ceil(u.connect_timeout)),
+                send_receive_timeout=max(1, math.ceil(u.send_receive_timeout)),
+                pool_mgr=self._pool,
+                autogenerate_session_id=False,
+                client_name="watchllm",
+            )
+            self._client.timeout = Timeout(connect=u.connect_timeout, read=u.send_receive_timeout)
+        except Exception as exc:
+            error = self._error(exc, "connecting")
+            self.close()
+            raise error from exc
+        self._json_settings = self._differing(_JSON_OUTPUT)
+        self._statement_settings = self._differing(_STATEMENTS)
+        log.info(
+            "ClickHouse %s at %s (database %s)",
+            self._client.server_version,
+            u.address,
+            u.database,
+        )
+
+    # --- the Store protocol ---------------------------------------------------------------
+
+    def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
+        try:
+            self._client.command(
+                sql, parameters=_bind(sql, params), settings=self._statement_settings or None
+            )
+        except Exception as exc:
+            raise self._error(exc, "running a statement") from exc
+
+    def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        try:
+            body = self._client.raw_query(
+                sql,
+                parameters=_bind(sql, params),
+                settings=self._json_settings or None,
+                fmt="JSONEachRow",
+            )
+        except Exception as exc:
+            raise self._error(exc, "running a query") from exc
+        # One object per "\n"; JSON strings escape newlines, so no other split is safe
+        # (str.splitlines would also split inside a string at U+0085 or U+2028).
+        return [json.loads(line) for line in body.split(b"\n") if line]
+
+    def insert(self, table: str, data: pa.Table) -> None:
+        if not table.isidentifier():
+            raise StoreError(f"bad table name {table!r}", permanent=True)
+        if data.num_rows == 0:
+            return
+        try:
+            # Columnar: the Arrow table goes as one Arrow IPC body (INSERT ... FORMAT Arrow).
+            self._client.insert_arrow(table, data)
+        except Exception as exc:
+            raise self._error(exc, f"inserting {data.num_rows} rows into {table}") from exc
+
+    def version(self) -> str:
+        # Asked each time (not the version read at connect): /readyz uses this as its check.
+        try:
+            return str(self._client.command("SELECT version()"))
+        except Exception as exc:
+            raise self._error(exc, "asking its version") from exc
+
+    def close(self) -> None:
+        from clickhouse_connect.driver import httputil
+
+        client, self._client = self._client, None
+        pool, self._pool = self._pool, None
+        try:
+            if client is not None:
+                client.close()
+        finally:
+            if pool is not None:
+                pool.clear()  # our pool: the client leaves it open
+                httputil.all_managers.pop(pool, None)
+
+    def __repr__(self) -> str:
+        return f"ClickHouseStore({self.url.redacted()!r})"
+
+    def _differing(self, wanted: Mapping[str, str]) -> dict[str, str]:
+        """The settings of `wanted` whose value for our user on this server differs."""
+        server = self._client.server_settings
+        return {
+            key: value
+            for key, value in wanted.items()
+            if key in server and str(server[key].value) != value
+        }
+
+    # --- errors -----------------------------------------------------------------------------
+
+    def _error(self, exc: Exception, doing: str) -> StoreError:
+        """One clear line for the errors people meet; `permanent` only for data errors."""
+        from clickhouse_connect.driver.exceptions import DatabaseError, ProgrammingError
+        from urllib3.exceptions import (
+            ConnectTimeoutError,
+            NameResolutionError,
+            NewConnectionError,
+            ProtocolError,
+            ReadTimeoutError,
+        )
+
+        u = self.url
+        code = getattr(exc, "code", None)
+        name = getattr(exc, "name", None)
+        if isinstance(exc, StoreError):
+            return exc
+        if code == _AUTHENTICATION_FAILED:
+            return StoreError(
+                f"ClickHouse refused the user/password for user {u.user!r} at {u.address}"
+                f" (516 AUTHENTICATION_FAILED): check the user and password in {ENV_URL}"
+            )
+        if code == _UNKNOWN_DATABASE:
+            return StoreError(
+                f"database {u.database} does not exist on {u.address} (81 UNKNOWN_DATABASE):"
+                f" create it (CREATE DATABASE {u.database}) or name another in {ENV_URL}"
+            )
+        if code is not None:
+            return StoreError(
+                f"ClickHouse at {u.address} failed {doing}: {_server_text(exc)}",
+                permanent=_is_permanent(code, name),
+            )
+        chain = _causes(exc)
+        for cause in chain:
+            # NewConnectionError (and NameResolutionError, one of them) subclasses
+            # ConnectTimeoutError in urllib3, so it is tested first.
+            if isinstance(cause, NameResolutionError):
+                return StoreError(f"cannot reach ClickHouse at {u.address}: unknown host")
+            if isinstance(cause, NewConnectionError | ConnectionRefusedError):
+                reason = next(
+                    (c.strerror for c in chain if isinstance(c, OSError) and c.strerror), None
+                )
+                return StoreError(
+                    f"cannot reach ClickHouse at {u.address}: {(reason or str(cause)).lower()}"
+                )
+            if isinstance(cause, ConnectTimeoutError):
+                return StoreError(
+                    f"cannot reach ClickHouse at {u.address}: no connection within"
+                    f" {u.connect_timeout:g} s (connect_timeout)"
+                )
+            if isinstance(cause, ReadTimeoutError | TimeoutError):
+                return StoreError(
+                    f"ClickHouse at {u.address} did not answer within"
+                    f" {u.send_receive_timeout:g} s (send_receive_timeout) {doing}"
+                )
+            if isinstance(cause, ProtocolError | ConnectionError):
+                return StoreError(
+                    f"the connection to ClickHouse at {u.address} broke {doing}: {cause}"
+                )
+        if isinstance(exc, ProgrammingError):  # refused by the client before it was sent
+            return StoreError(f"ClickHouse client error {doing}: {exc}", permanent=True)
+        if isinstance(exc, DatabaseError):
+            return StoreError(f"ClickHouse at {u.address} failed {doing}: {_server_text(exc)}")
+        return StoreError(f"ClickHouse at {u.address} failed {doing}: {exc!r}")
+
+
+_UNSET = object()
+
+
+def configured_url(settings: Settings) -> str | None:
+    """`settings.clickhouse_url`; WATCHLLM_CLICKHOUSE_URL where Settings has no such field."""
+    url = getattr(settings, "clickhouse_url", _UNSET)
+    if url is _UNSET:
+        url = os.environ.get(ENV_URL)
+    return url or None
+
+
+@hookimpl
+def register_store(settings: Settings) -> ClickHouseStore | None:
+    url = configured_url(settings)
+    return ClickHouseStore(url) if url else None
