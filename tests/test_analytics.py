@@ -4,6 +4,7 @@ raw table and from the hourly rollup alike; logs pagination; one event; runs; is
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 from collections import Counter, defaultdict
@@ -264,7 +265,7 @@ def test_timeseries_matches_python(loaded: Any, interval: str, step: timedelta, 
     times = sorted(by_t)
     assert len(times) == len(points)  # no duplicate buckets
     if step < timedelta(days=1):
-        assert all(b - a == step.total_seconds() for a, b in zip(times, times[1:], strict=False))
+        assert all(b - a == step.total_seconds() for a, b in itertools.pairwise(times))
 
 
 def test_timeseries_group_by_and_rollup_equals_raw(loaded: Any) -> None:
