@@ -55,7 +55,8 @@ class ChdbStore:
     def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
         result = self._run(sql, "JSONEachRow", params)
         text = result.data() if result is not None else ""
-        return [json.loads(line) for line in text.splitlines() if line]
+        # split("\n"), not splitlines(): that also splits at U+0085 and U+2028 inside strings.
+        return [json.loads(line) for line in text.split("\n") if line]
 
     def insert(self, table: str, data: pa.Table) -> None:
         if not table.isidentifier():

@@ -852,9 +852,7 @@ class Engine:
     def _statement(self, handle: _Handle, call: Call) -> Outcome:
         statement = call.statement
         started = time.monotonic()
-        if statement.insert_head is not None and not (
-            call.params and b"{" in statement.insert_head
-        ):
+        if statement.insert_head is not None and not (call.params):
             data = memoryview(call.text)[statement.data_start :]
             done = self._insert(
                 handle,

@@ -123,7 +123,7 @@ def _row(server: Running, event_id: str) -> dict[str, Any]:
 def test_single_event(server: Running) -> None:
     r = server.client.post("/v1/projects/acme/events", json=prompt_call(), headers=server.headers())
     assert r.status_code == 202, r.text
-    assert r.json() == {"accepted": 1, "event_ids": ["e1"]}
+    assert r.json() == {"project_id": "acme", "accepted": 1, "event_ids": ["e1"]}
     server.flush()
     row = _row(server, "e1")
     assert row["model"] == "gpt-4o"

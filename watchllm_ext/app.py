@@ -284,6 +284,7 @@ async def _answer(wl: WatchLLM, outcome: Outcome) -> Response:
     await wl.submit(outcome.accepted)
     wl.counters["accepted"] += len(outcome.accepted)
     body: dict[str, Any] = {
+        "project_id": outcome.accepted[0].project_id,
         "accepted": len(outcome.accepted),
         "event_ids": [e.event_id for e in outcome.accepted],
     }

@@ -83,6 +83,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--table", default="events", help="table to count (default: events)")
     p.set_defaults(func=cmd_count_rows)
 
+    p = sub.add_parser(
+        "golden-path", help="send an event over HTTP and wait until the analytics API shows it"
+    )
+    p.add_argument("--url", help="the server (default: a temporary one on a scratch folder)")
+    p.add_argument("--key", help="a key with ingest and read scopes (admin) for --url")
+    p.set_defaults(func=cmd_golden_path)
+
     dead = sub.add_parser("dead-letter", help="see and replay events a sink refused for good")
     dead_sub = dead.add_subparsers(dest="dead_command", metavar="ACTION", required=True)
     p = dead_sub.add_parser("list", help="list dead letters: sink, time, reason, events")
@@ -284,6 +291,21 @@ def cmd_count_rows(args: argparse.Namespace) -> int:
     scope = f"project {args.project}" if args.project else "all projects"
     print(f"rows in {args.table} ({scope}):")
     print(count)
+    return 0
+
+
+def cmd_golden_path(args: argparse.Namespace) -> int:
+    from .golden_path import StepFailed, run, run_on_scratch_server
+
+    try:
+        if args.url:
+            if not args.key:
+                raise CliError("--url needs --key (a key with ingest and read scopes)")
+            run(args.url, args.key)
+        else:
+            run_on_scratch_server()
+    except StepFailed as exc:
+        raise CliError(str(exc)) from None
     return 0
 
 

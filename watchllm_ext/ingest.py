@@ -6,6 +6,7 @@ Nothing here knows about sinks or storage: the result goes to `writer.submit`.
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -191,11 +192,24 @@ def _relevant(errors: list[Any]) -> list[Any]:
     return kept
 
 
+def _readable(err: Any) -> str:
+    """pydantic's message, with datetimes in its context shown as RFC 3339, not repr()."""
+    return _DATETIME_REPR.sub(_iso_of_repr, err["msg"])
+
+
+_DATETIME_REPR = re.compile(r"datetime\.datetime\((\d+), (\d+), (\d+)[^)]*\)\)?")
+
+
+def _iso_of_repr(match: re.Match[str]) -> str:
+    year, month, day = (int(g) for g in match.groups())
+    return f"{year:04d}-{month:02d}-{day:02d}T00:00:00Z"
+
+
 def describe_errors(exc: ValidationError) -> list[dict[str, str]]:
     seen: dict[str, list[str]] = {}
     for err in _relevant(exc.errors(include_url=False)):
         path = field_path(tuple(err["loc"]))
-        message = err["msg"]
+        message = _readable(err)
         if err["type"] == "union_tag_invalid":
             path = "event_type"
         elif err["type"] == "union_tag_not_found":

@@ -38,6 +38,7 @@ class Rejection(BaseModel):
 
 
 class Accepted(BaseModel):
+    project_id: str
     accepted: int
     event_ids: list[str]
     rejected: list[Rejection] = Field(default_factory=list)

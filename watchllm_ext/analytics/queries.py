@@ -65,9 +65,10 @@ WHERE project_id = {{project:String}}
 GROUP BY project_id, hour, model, event_type, status
 """
 
-# Whole hours of [from, to) whose rollup is up to date (computed after the last events).
-CLEAN_HOURS = """
-SELECT toString(r.hour) AS hour
+# Whole hours in [first_hour, end_hour) whose rollup is up to date (computed after the last
+# events arrived). Used as a subquery, so no list of hours travels as a parameter.
+_CLEAN_SQL = """
+SELECT r.hour
 FROM (
     SELECT hour, max(computed_at) AS computed FROM hourly_usage_by_project
     WHERE project_id = {project:String} AND hour >= {first_hour:DateTime('UTC')}
@@ -83,6 +84,9 @@ LEFT JOIN (
 WHERE r.computed > m.marked
 """
 
+CLEAN_HOURS = f"SELECT count() AS n FROM ({_CLEAN_SQL})"
+_CLEAN_FOR_FORMAT = _CLEAN_SQL.replace("{", "{{").replace("}", "}}")  # survives .format()
+
 # The rows stats and timeseries aggregate: rollup rows for clean hours, and the same
 # states computed from raw events for everything else in [from, to). `bucket_raw` and
 # `bucket_rollup` are the bucket expressions (from BUCKETS) for the two sides.
@@ -91,7 +95,7 @@ SELECT {{bucket_rollup}} AS bucket, model, event_type, status, events, tokens_in
        tokens_output, cost_nanousd, latency_sum_us, latency_count, latency_quantiles, runs,
        users
 FROM hourly_usage_by_project FINAL
-WHERE project_id = {{{{project:String}}}} AND hour IN {{{{clean:Array(DateTime('UTC'))}}}}
+WHERE project_id = {{{{project:String}}}} AND hour IN ({_CLEAN_FOR_FORMAT})
 UNION ALL
 SELECT {{bucket_raw}} AS bucket, ifNull(model, '') AS model, event_type,
        ifNull(status, '') AS status, count() AS events, sum(ifNull(tokens_input, 0)),
@@ -101,7 +105,7 @@ SELECT {{bucket_raw}} AS bucket, ifNull(model, '') AS model, event_type,
 FROM events FINAL
 WHERE project_id = {{{{project:String}}}}
   AND timestamp >= {{{{from:DateTime64(3, 'UTC')}}}} AND timestamp < {{{{to:DateTime64(3, 'UTC')}}}}
-  AND toStartOfHour(timestamp) NOT IN {{{{clean:Array(DateTime('UTC'))}}}}
+  AND toStartOfHour(timestamp) NOT IN ({_CLEAN_FOR_FORMAT})
 GROUP BY bucket, model, event_type, status
 """
 

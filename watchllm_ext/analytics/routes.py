@@ -87,18 +87,29 @@ def _hours(span: P.Range) -> tuple[datetime, datetime]:
     return first, end
 
 
-async def _clean_hours(store: Store, project: str, span: P.Range) -> list[str]:
+def _rollup_window(span: P.Range, use_rollup: bool = True) -> tuple[datetime, datetime]:
+    """The hours the rollup may answer for: whole hours inside the range, or none."""
     first, end = _hours(span)
-    if first >= end:
-        return []
+    return (first, end) if use_rollup and first < end else (first, first)
+
+
+async def _count_clean(store: Store, project: str, window: tuple[datetime, datetime]) -> int:
+    if window[0] >= window[1]:
+        return 0
     rows = await _run(
-        store, Q.CLEAN_HOURS, {"project": project, "first_hour": first, "end_hour": end}
+        store, Q.CLEAN_HOURS, {"project": project, "first_hour": window[0], "end_hour": window[1]}
     )
-    return sorted(r["hour"] for r in rows)
+    return int(rows[0]["n"])
 
 
-def _base_args(project: str, span: P.Range, clean: list[str]) -> dict[str, Any]:
-    return {"project": project, "from": span.start, "to": span.end, "clean": clean}
+def _base_args(project: str, span: P.Range, window: tuple[datetime, datetime]) -> dict[str, Any]:
+    return {
+        "project": project,
+        "from": span.start,
+        "to": span.end,
+        "first_hour": window[0],
+        "end_hour": window[1],
+    }
 
 
 def _num(value: Any) -> float:
@@ -119,8 +130,9 @@ async def stats(request: Request) -> Response:
     """GET /v1/analytics/stats"""
     _, store, project = _context(request)
     span = P.time_range(request.query_params)
-    clean = await _clean_hours(store, project, span)
-    args = _base_args(project, span, clean)
+    window = _rollup_window(span)
+    args = _base_args(project, span, window)
+    clean = await _count_clean(store, project, window)
     (totals,) = await _run(store, Q.STATS_TOTALS, args)
     by_type = await _run(store, Q.STATS_BY_TYPE, args)
     models = await _run(store, Q.STATS_TOP_MODELS, args)
@@ -151,7 +163,7 @@ async def stats(request: Request) -> Response:
             )
             for m in models
         ],
-        rollup_hours=len(clean),
+        rollup_hours=clean,
     )
     return JSONResponse(body.model_dump(mode="json", by_alias=True))
 
@@ -211,11 +223,12 @@ async def timeseries(request: Request) -> Response:
     group = P.choice(qp, "group_by", tuple(Q.GROUP_COLUMNS))
     unit, step, _ = P.INTERVALS[interval]
     use_rollup = unit != "Minute" and _hour_aligned(tz, span)
-    clean = await _clean_hours(store, project, span) if use_rollup else []
+    window = _rollup_window(span, use_rollup)
+    clean = await _count_clean(store, project, window)
     rows = await _run(
         store,
         Q.TIMESERIES[(unit, group)],
-        {**_base_args(project, span, clean), "step": step, "tz": tz},
+        {**_base_args(project, span, window), "step": step, "tz": tz},
     )
     starts = _bucket_starts(span, interval, tz)
     groups = sorted({r["grp"] for r in rows}) if group else [""]
@@ -249,7 +262,7 @@ async def timeseries(request: Request) -> Response:
         tz=tz,
         group_by=group,
         series=series,
-        rollup_hours=len(clean),
+        rollup_hours=clean,
     )
     return JSONResponse(body.model_dump(mode="json", by_alias=True))
 

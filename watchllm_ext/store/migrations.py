@@ -78,8 +78,10 @@ def apply_migrations(store: Store) -> list[str]:
         for statement in migration.statements():
             store.execute(statement)
         store.execute(
+            # INSERT … SELECT, not VALUES: servers with async_insert on do not substitute
+            # parameters inside VALUES.
             "INSERT INTO schema_migrations (version, name, checksum)"
-            " VALUES ({version:UInt32}, {name:String}, {checksum:String})",
+            " SELECT {version:UInt32}, {name:String}, {checksum:String}",
             {"version": migration.version, "name": migration.name, "checksum": migration.checksum},
         )
         done.append(f"{migration.version:04d}_{migration.name}")
