@@ -145,7 +145,8 @@ SELECT
     count() AS event_count,
     countIf(event_type = 'error' OR ifNull(status, 'success') NOT IN ('success', 'warning'))
         AS error_count,
-    sum(ifNull(cost_estimate_usd, 0)) AS cost_usd,
+    -- integer nano-USD: the order of addition cannot change the sum
+    sum(toUInt64(round(ifNull(cost_estimate_usd, 0) * 1e9))) / 1e9 AS cost_usd,
     sum(toUInt64(ifNull(tokens_input, 0))) AS tokens_input,
     sum(toUInt64(ifNull(tokens_output, 0))) AS tokens_output
 FROM events FINAL

@@ -240,14 +240,14 @@ ORDER BY timestamp, event_id
 LIMIT 1000
 """
 
-_RUN_FIGURES = """
+_RUN_FIGURES = f"""
     run_id,
     toString(min(timestamp)) AS start,
     toString(max(timestamp + toIntervalMillisecond(toInt64(ifNull(latency_ms, 0))))) AS end,
     dateDiff('millisecond', min(timestamp),
              max(timestamp + toIntervalMillisecond(toInt64(ifNull(latency_ms, 0)))))
         AS duration_ms,
-    sum(ifNull(cost_estimate_usd, 0)) AS cost,
+    sum({COST_NANOS}) / 1e9 AS cost,
     sum(ifNull(tokens_input, 0)) AS tokens_input,
     sum(ifNull(tokens_output, 0)) AS tokens_output,
     count() AS event_count,
