@@ -211,6 +211,9 @@ def _columnar(rows: list[list[Any]], schema: pa.Schema) -> pa.Table:
 
 
 def tool_call_rows(event: BaseEvent, ingested_at: datetime) -> list[dict[str, Any]]:
+    data = event.__dict__
+    if data["event_type"] == "prompt_call" and not data["tool_calls"]:
+        return []  # the common case: skip building anything
     base = {
         "project_id": event.project_id,
         "event_id": event.event_id,
@@ -218,7 +221,6 @@ def tool_call_rows(event: BaseEvent, ingested_at: datetime) -> list[dict[str, An
         "timestamp": event.timestamp,
         "ingested_at": ingested_at,
     }
-    data = event.__dict__
     if data["event_type"] == "tool_call":
         return [
             {
