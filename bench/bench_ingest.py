@@ -369,7 +369,6 @@ class Server:
 
 
 def role_serve(kind: str, port: int, data_dir: Path, overrides: dict[str, Any]) -> None:
-    import gc
 
     import uvicorn
 
@@ -391,9 +390,10 @@ def role_serve(kind: str, port: int, data_dir: Path, overrides: dict[str, Any]) 
     else:
         app = bare_app()
     if kind == "watchllm-gc":
-        gc.collect()
-        gc.freeze()  # the start-up heap is never scanned again
-        gc.set_threshold(*GC_TUNED_THRESHOLDS)
+        # What `watchllm serve` applies (collector tuning, GIL switch interval).
+        from watchllm_ext.tuning import tune_for_serving
+
+        tune_for_serving()
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", workers=1)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from conftest import Running, prompt_call
 
+from watchllm_ext.auth import Principal
 from watchllm_ext.schema import EVENT_LIST_ADAPTER
 from watchllm_ext.store.rows import tables_for
 
@@ -95,8 +96,12 @@ def test_duplicates_change_no_figure(server: Running) -> None:
     _post(server, events[:400])  # the same batch again (a client retry)
     _post(server, events[200:600])  # overlapping with what is stored
     _post(server, [events[5], events[5], events[599]])  # duplicates inside one batch
-    # A replay of rows the store already has, as after a crash before the cursor commit.
+    # A replay of rows the store already has, as after a crash before the cursor commit: the
+    # spool holds events as accepted, i.e. after the transforms (cost) ran.
+    server.flush()
     models = EVENT_LIST_ADAPTER.validate_python([{**e, "project_id": "acme"} for e in events])
+    principal = Principal("acme", frozenset({"ingest"}))
+    server.wl.pm.hook.transform_events(events=models, principal=principal)
     store = server.wl.store
     for table, data in tables_for(models[:300]).items():
         store.insert(table, data)

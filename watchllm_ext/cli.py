@@ -7,7 +7,6 @@ Read commands (verify-clickhouse, check-tables, count-rows) open the data folder
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import sys
 from collections.abc import Sequence
@@ -139,6 +138,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .keys import KeyStore
     from .plugins import PluginError
     from .store import StoreError
+    from .tuning import tune_for_serving
 
     settings = _settings(args, host=args.host, port=args.port)
     logging.basicConfig(
@@ -167,10 +167,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (StoreError, PluginError) as exc:
         raise CliError(str(exc)) from None
     print(f"WatchLLM {_version()} listening on {url} (data in {settings.data_dir})", flush=True)
-    # Fewer, cheaper collections: what exists after start-up lives as long as the process, and
-    # each request makes many short-lived objects (measured: +40% events/s, p99 halved).
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
+    tune_for_serving()
     uvicorn.run(
         app, host=settings.host, port=settings.port, log_level=settings.log_level, lifespan="on"
     )
