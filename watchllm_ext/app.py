@@ -188,6 +188,11 @@ async def _keep_rollups(store: Store, interval_s: float) -> None:
 def _open_log(settings: Settings) -> tuple[Log, FolderLock | None]:
     if settings.durability == "memory":
         return MemoryLog(settings.buffer_max_events), None
+    return open_spool(settings)
+
+
+def open_spool(settings: Settings) -> tuple[Spool, FolderLock]:
+    """The spool of these settings, locked for this process (StoreLockedError if taken)."""
     try:
         lock = FolderLock(settings.spool_path, "spool")
     except FolderLocked as exc:

@@ -336,22 +336,16 @@ def cmd_dead_replay(args: argparse.Namespace) -> int:
 
 
 def _replay_local(args: argparse.Namespace) -> tuple[int, int]:
+    from .app import open_spool
     from .dead_letters import done, take_dead_letters, targeted_payload
-    from .locks import FolderLock, FolderLocked
-    from .spool import Spool
+    from .store import StoreError
     from .writer import TARGETED
 
-    settings = _settings(args)
     try:
-        lock = FolderLock(settings.spool_path, "spool")
-    except FolderLocked as exc:
+        spool, lock = open_spool(_settings(args))
+    except StoreError as exc:
         raise CliError(str(exc)) from None
     try:
-        spool = Spool(
-            settings.spool_path,
-            max_bytes=settings.spool_max_bytes,
-            segment_max_bytes=settings.spool_segment_bytes,
-        )
         entries, moved = take_dead_letters(spool.dead_letter_dir, args.sink)
         events = 0
         for entry in entries:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, get_args
 from zoneinfo import ZoneInfo
 
 import anyio
@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..errors import Problem
+from ..schema import EVENT_TYPES, Status
 from ..store import Store
 from . import params as P
 from . import queries as Q
@@ -34,17 +35,8 @@ from .models import (
 )
 from .rollup import parse_hour
 
-_EVENT_TYPES = (
-    "prompt_call",
-    "tool_call",
-    "agent_step",
-    "error",
-    "assertion_failed",
-    "hallucination_detected",
-    "cost_threshold_exceeded",
-    "performance_alert",
-)
-_STATUSES = ("success", "error", "timeout", "assertion_failed", "warning")
+_EVENT_TYPES = EVENT_TYPES
+_STATUSES: tuple[str, ...] = get_args(Status)
 
 
 def _iso(ch_time: str | None) -> str | None:
@@ -270,25 +262,30 @@ async def timeseries(request: Request) -> Response:
 # --- logs ---
 
 
+_SUMMARY_FIELDS = (
+    "event_id",
+    "event_type",
+    "run_id",
+    "parent_event_id",
+    "user_id",
+    "session_id",
+    "model",
+    "provider",
+    "status",
+    "latency_ms",
+    "tokens_input",
+    "tokens_output",
+    "cost_source",
+    "error_message",
+    "tool_name",
+)
+
+
 def _event_row(row: dict[str, Any]) -> EventSummary:
     return EventSummary(
-        event_id=row["event_id"],
-        event_type=row["event_type"],
+        **{name: row.get(name) for name in _SUMMARY_FIELDS},
         timestamp=_iso(row["ts"]),
-        run_id=row["run_id"],
-        parent_event_id=row.get("parent_event_id"),
-        user_id=row.get("user_id"),
-        session_id=row.get("session_id"),
-        model=row.get("model"),
-        provider=row.get("provider"),
-        status=row.get("status"),
-        latency_ms=row.get("latency_ms"),
-        tokens_input=row.get("tokens_input"),
-        tokens_output=row.get("tokens_output"),
         cost_usd=row.get("cost_estimate_usd"),
-        cost_source=row.get("cost_source"),
-        error_message=row.get("error_message"),
-        tool_name=row.get("tool_name"),
         tags=row.get("tags") or [],
         prompt_preview=row.get("prompt_preview") or "",
         response_preview=row.get("response_preview") or "",
