@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from functools import cache
 from typing import Any
 
 import pyarrow as pa
@@ -116,17 +115,6 @@ AGENT_STEPS_SCHEMA = pa.schema(
     ]
 )
 
-# Fields whose value is free-form JSON: stored as JSON text.
-_JSON_FIELDS = frozenset(
-    {"tool_input", "tool_output", "expected", "actual", "response_metadata", "metadata"}
-)
-# Event fields stored under another column name (performance_alert's `actual` is handled
-# apart: assertion_failed has an `actual` too, stored as JSON text).
-_RENAMED = {
-    "window": "alert_window",
-    "threshold": "metric_threshold",
-}
-
 
 def _json(value: Any) -> str | None:
     if value is None:
@@ -136,78 +124,56 @@ def _json(value: Any) -> str | None:
     return to_json(value).decode()
 
 
-_EVENT_COLUMNS = EVENTS_SCHEMA.names
-_COLUMN_INDEX = {name: i for i, name in enumerate(_EVENT_COLUMNS)}
-_RAW, _JSON, _PROMPT, _COUNT, _CLIENT = range(5)
+def _prompt_text(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return _json([m.model_dump(exclude_none=True) for m in value])
 
 
-@cache
-def _plan(model: type[BaseEvent]) -> tuple[tuple[int, str, int], ...]:
-    """For one event model: (column index, field name, how to convert) per stored field.
+def _client(attr: str) -> Any:
+    def get(d: dict[str, Any]) -> Any:
+        client = d.get("client")
+        return getattr(client, attr) if client is not None else None
 
-    Worked out once per event type, so each event is one pass over its fields.
-    """
-    event_type = model.model_fields["event_type"].annotation.__args__[0]  # Literal["..."]
-    plan = []
-    for name in model.model_fields:
-        if name == "client":
-            plan.append((-1, name, _CLIENT))
-        elif name == "prompt":
-            plan.append((_COLUMN_INDEX["prompt"], name, _PROMPT))
-        elif name == "tool_calls":
-            plan.append((_COLUMN_INDEX["tool_call_count"], name, _COUNT))
-        elif name == "actual" and event_type == "performance_alert":
-            plan.append((_COLUMN_INDEX["metric_actual"], name, _RAW))
-        elif name in _RENAMED:
-            plan.append((_COLUMN_INDEX[_RENAMED[name]], name, _RAW))
-        elif name in _JSON_FIELDS:
-            plan.append((_COLUMN_INDEX[name], name, _JSON))
+    return get
+
+
+# Columns that are not one event field of the same name, as functions of the event's
+# fields. Every other column is `fields.get(column)` (None where the type has no such field).
+_DERIVED: dict[str, Any] = {
+    "client_hostname": _client("hostname"),
+    "client_sdk_version": _client("sdk_version"),
+    "client_platform": _client("platform"),
+    "metadata": lambda d: _json(d["metadata"]),
+    "prompt": lambda d: _prompt_text(d.get("prompt")),
+    "tool_call_count": lambda d: len(d.get("tool_calls") or ()),
+    "response_metadata": lambda d: _json(d.get("response_metadata")),
+    "tool_input": lambda d: _json(d.get("tool_input")),
+    "tool_output": lambda d: _json(d.get("tool_output")),
+    "expected": lambda d: _json(d.get("expected")),
+    # `actual`: JSON of an assertion_failed, a number of a performance_alert.
+    "actual": lambda d: _json(d.get("actual")) if d["event_type"] == "assertion_failed" else None,
+    "metric_actual": lambda d: d.get("actual") if d["event_type"] == "performance_alert" else None,
+    "alert_window": lambda d: d.get("window"),
+    "metric_threshold": lambda d: d.get("threshold"),
+}
+
+
+def _events_table(fields: list[dict[str, Any]], ingested_at: datetime) -> pa.Table:
+    """Column by column: one list comprehension per column is several times faster than
+    building a row per event."""
+    arrays = []
+    for column in EVENTS_SCHEMA:
+        name = column.name
+        if name == "ingested_at":
+            values: list[Any] = [ingested_at] * len(fields)
+        elif name in _DERIVED:
+            derive = _DERIVED[name]
+            values = [derive(d) for d in fields]
         else:
-            plan.append((_COLUMN_INDEX[name], name, _RAW))
-    return tuple(plan)
-
-
-_CLIENT_COLUMNS = (
-    (_COLUMN_INDEX["client_hostname"], "hostname"),
-    (_COLUMN_INDEX["client_sdk_version"], "sdk_version"),
-    (_COLUMN_INDEX["client_platform"], "platform"),
-)
-_TOOL_CALL_COUNT = _COLUMN_INDEX["tool_call_count"]
-_INGESTED_AT = _COLUMN_INDEX["ingested_at"]
-
-
-def event_row(event: BaseEvent, ingested_at: datetime) -> list[Any]:
-    """The `events` row of one event, as values in EVENTS_SCHEMA order."""
-    row: list[Any] = [None] * len(_EVENT_COLUMNS)
-    row[_TOOL_CALL_COUNT] = 0
-    row[_INGESTED_AT] = ingested_at
-    data = event.__dict__
-    for index, name, kind in _plan(type(event)):
-        value = data[name]
-        if kind == _RAW:
-            row[index] = value
-        elif kind == _JSON:
-            row[index] = _json(value)
-        elif kind == _PROMPT:
-            row[index] = (
-                value
-                if value is None or isinstance(value, str)
-                else _json([m.model_dump(exclude_none=True) for m in value])
-            )
-        elif kind == _COUNT:
-            row[index] = len(value)
-        elif value is not None:  # _CLIENT
-            for column, attr in _CLIENT_COLUMNS:
-                row[column] = getattr(value, attr)
-    return row
-
-
-def _columnar(rows: list[list[Any]], schema: pa.Schema) -> pa.Table:
-    columns = list(zip(*rows, strict=True)) if rows else [()] * len(schema)
-    return pa.Table.from_arrays(
-        [pa.array(col, type=field.type) for col, field in zip(columns, schema, strict=True)],
-        schema=schema,
-    )
+            values = [d.get(name) for d in fields]
+        arrays.append(pa.array(values, type=column.type))
+    return pa.Table.from_arrays(arrays, schema=EVENTS_SCHEMA)
 
 
 def tool_call_rows(event: BaseEvent, ingested_at: datetime) -> list[dict[str, Any]]:
@@ -279,18 +245,17 @@ def tables_for(events: Sequence[BaseModel]) -> dict[str, pa.Table]:
     Tables with no rows are left out.
     """
     ingested_at = datetime.now(UTC)
-    event_rows = []
+    fields = [event.__dict__ for event in events]
     tool_rows: list[dict[str, Any]] = []
     step_rows = []
-    for event in events:
+    for event, data in zip(events, fields, strict=True):
         assert isinstance(event, BaseEvent)
-        event_rows.append(event_row(event, ingested_at))
-        event_type = event.__dict__["event_type"]
+        event_type = data["event_type"]
         if event_type in ("prompt_call", "tool_call"):
             tool_rows.extend(tool_call_rows(event, ingested_at))
         elif event_type == "agent_step":
             step_rows.append(agent_step_row(event, ingested_at))
-    tables = {"events": _columnar(event_rows, EVENTS_SCHEMA)}
+    tables = {"events": _events_table(fields, ingested_at)}
     if tool_rows:
         tables["tool_calls"] = pa.Table.from_pylist(tool_rows, schema=TOOL_CALLS_SCHEMA)
     if step_rows:
