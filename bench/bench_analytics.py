@@ -753,18 +753,35 @@ def role_direct(args: argparse.Namespace) -> None:
 # --- profiling: where the time of the slow queries goes -----------------------------------------
 
 
-def _best_ms(store: Any, sql: str, args: dict[str, Any], n: int = 5) -> float:
+# Profile timings run with the query condition cache off: it remembers which granules failed
+# a WHERE and would make a repeated lookup of the same id look free (it does not apply to
+# FINAL reads, so the routes' figures above do not get it either).
+_NO_CONDITION_CACHE = " SETTINGS use_query_condition_cache = 0"
+
+
+def _best_ms(store: Any, sql: str, args: dict[str, Any] | None, n: int = 5) -> float:
     times = []
     for _ in range(n):
         t0 = time.perf_counter()
-        store.execute(sql, args)  # CSV: aggregate states are not valid JSON text
+        # execute (CSV), not query: aggregate states are not valid JSON text
+        store.execute(sql.rstrip() + _NO_CONDITION_CACHE, args)
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
 
 
+def _bounded(sql: str, anchor: str, condition: str) -> str:
+    """`sql` with `condition` ANDed in before `anchor` (a clause of the query's tail)."""
+    if anchor not in sql:
+        raise ValueError(f"no {anchor!r} in the query")
+    head, _, tail = sql.rpartition(anchor)
+    return f"{head}AND {condition}\n{anchor}{tail}"
+
+
 def profile_queries(store: Any, plan: dict[str, Any]) -> dict[str, Any]:
-    """Timings of the parts of each route's queries (FINAL or not, the rollup side or the raw
-    side of the combined read, the merge functions), and EXPLAIN of the lookups by id."""
+    """Where the time of the slow routes goes: each query as the route runs it, its parts
+    (the rollup side and the raw side of the combined read, FINAL or not, the merge
+    functions) and what-if rewrites that read the same data (all read-only: the folder is not
+    changed; the what-if per-hour states live in session TEMPORARY tables). Plus EXPLAIN."""
     from watchllm_ext.analytics import queries as Q
 
     end = datetime.fromisoformat(plan["end"])
@@ -776,107 +793,118 @@ def profile_queries(store: Any, plan: dict[str, Any]) -> dict[str, Any]:
     ev = {"project": PROJECT, "event_id": picks["event_id"]}
     run = {"project": PROJECT, "run_id": picks["run_id"]}
     day_start = end - timedelta(hours=24)
-    day_first = _hours(day_start, end)[0]
-    day = {"project": PROJECT, "from": day_start, "to": end}
     p = "project_id = {project:String}"
-    hours = "{first_hour:DateTime('UTC')} AND hour < {end_hour:DateTime('UTC')}"
+    rollup_rows = ("FROM hourly_usage_by_project FINAL WHERE " + p + " AND hour >= "
+                   "{first_hour:DateTime('UTC')} AND hour < {end_hour:DateTime('UTC')}")
+    ts = "DateTime64(3, 'UTC')"
+    parts: list[tuple[str, str, dict[str, Any]]] = []
 
-    def rollup_side(final: bool) -> str:
-        # Every whole hour is clean here, so the window stands for the clean-hours subquery.
-        return (f"FROM hourly_usage_by_project{' FINAL' if final else ''} WHERE {p}"
-                f" AND hour >= {hours}")
+    def add(label: str, sql: str, qargs: dict[str, Any]) -> None:
+        parts.append((label, sql, qargs))
 
-    def raw_side(final: bool) -> str:
-        return (f"FROM events{' FINAL' if final else ''} WHERE {p}"
-                " AND timestamp >= {from:DateTime64(3, 'UTC')}"
-                " AND timestamp < {to:DateTime64(3, 'UTC')}"
-                " AND NOT (timestamp >= {first_hour:DateTime('UTC')}"
-                " AND timestamp < {end_hour:DateTime('UTC')})")
+    # stats and timeseries: the raw side of the combined read picks its rows with
+    # `toStartOfHour(timestamp) NOT IN (clean hours)`, which the primary key cannot use for
+    # granules that straddle an hour; the what-if reads the partial hours at the ends by
+    # range and the dirty hours (marked, not clean) with IN, which the key can use.
+    clean_sql = getattr(Q, "_CLEAN_SQL", None)
+    not_in = f"toStartOfHour(timestamp) NOT IN ({clean_sql})"
+    by_ranges = (
+        "(timestamp < {first_hour:DateTime('UTC')} OR timestamp >= {end_hour:DateTime('UTC')}"
+        " OR toStartOfHour(timestamp) IN (SELECT hour FROM rollup_marks WHERE " + p +
+        " AND hour >= {first_hour:DateTime('UTC')} AND hour < {end_hour:DateTime('UTC')}"
+        f" AND hour NOT IN ({clean_sql})))"
+    )
+    ts_args = {**combined, "step": 6, "tz": "UTC"}
+    for name, sql, qargs in (
+        ("STATS_TOTALS", Q.STATS_TOTALS, combined),
+        ("STATS_BY_TYPE", Q.STATS_BY_TYPE, combined),
+        ("STATS_TOP_MODELS", Q.STATS_TOP_MODELS, combined),
+        ("TIMESERIES[Hour,None]", Q.TIMESERIES[("Hour", None)], ts_args),
+        ("TIMESERIES[Hour,model]", Q.TIMESERIES[("Hour", "model")], ts_args),
+    ):
+        add(f"{name} as the route runs it", sql, qargs)
+        if clean_sql and not_in in sql:
+            add(f"{name}, what-if: raw side by key ranges + dirty hours", sql.replace(
+                not_in, by_ranges), qargs)
+    add("CLEAN_HOURS", Q.CLEAN_HOURS, {"project": PROJECT, "first_hour": first,
+                                       "end_hour": last})
+    add("raw side as the route selects it (FINAL, NOT IN clean hours): count()",
+        f"SELECT count() FROM events FINAL WHERE {p} AND timestamp >= {{from:{ts}}} AND "
+        f"timestamp < {{to:{ts}}} AND {not_in}" if clean_sql else "SELECT 0", combined)
+    add("raw side by key ranges (FINAL): count()",
+        f"SELECT count() FROM events FINAL WHERE {p} AND timestamp >= {{from:{ts}}} AND "
+        f"timestamp < {{to:{ts}}} AND NOT (timestamp >= {{first_hour:DateTime('UTC')}} AND "
+        "timestamp < {end_hour:DateTime('UTC')})", combined)
+    add("rollup side: count() of the rows (FINAL)", "SELECT count() " + rollup_rows, combined)
+    add("rollup side: sums only", "SELECT sum(events), sum(tokens_input), sum(cost_nanousd) "
+        + rollup_rows, combined)
+    add("rollup side: quantilesDDMergeIf(latency_quantiles)",
+        "SELECT quantilesDDMergeIf(0.01, 0.5, 0.9, 0.95, 0.99)(latency_quantiles, "
+        "event_type = 'prompt_call') " + rollup_rows, combined)
+    add("rollup side: uniqMerge(runs), uniqMerge(users)",
+        "SELECT uniqMerge(runs), uniqMerge(users) " + rollup_rows, combined)
+    store.execute("CREATE TEMPORARY TABLE IF NOT EXISTS bench_hour_states ENGINE = Memory AS "
+                  "SELECT hour, uniqMergeState(runs) AS runs, uniqMergeState(users) AS users, "
+                  "quantilesDDMergeStateIf(0.01, 0.5, 0.9, 0.95, 0.99)(latency_quantiles, "
+                  "event_type = 'prompt_call') AS q " + rollup_rows + " GROUP BY hour", combined)
+    add("what-if: uniqMerge x2 from per-hour states (one row an hour)",
+        "SELECT uniqMerge(runs), uniqMerge(users) FROM bench_hour_states", {})
+    add("what-if: quantilesDDMerge from a per-hour call-latency sketch",
+        "SELECT quantilesDDMerge(0.01, 0.5, 0.9, 0.95, 0.99)(q) FROM bench_hour_states", {})
 
-    merges = ("quantilesDDMerge(0.01, 0.5, 0.9, 0.95, 0.99)(latency_quantiles),"
-              " uniqMerge(runs), uniqMerge(users)")
-    states = ("count(), quantilesDDState(0.01, 0.5, 0.9, 0.95, 0.99)(latency_ms),"
-              " uniqState(run_id), uniqState(user_id)")
-    parts: list[tuple[str, str, dict[str, Any]]] = [
-        ("stats: STATS_TOTALS as the route runs it", Q.STATS_TOTALS, combined),
-        ("stats: STATS_BY_TYPE as the route runs it", Q.STATS_BY_TYPE, combined),
-        ("stats: CLEAN_HOURS (the clean-hours subquery, counted)", Q.CLEAN_HOURS,
-         {"project": PROJECT, "first_hour": first, "end_hour": last}),
-        ("stats: rollup side, FINAL, count() only",
-         "SELECT count() " + rollup_side(True), combined),
-        ("stats: rollup side, FINAL, sums only",
-         "SELECT sum(events), sum(tokens_input), sum(cost_nanousd) " + rollup_side(True),
-         combined),
-        ("stats: rollup side, FINAL, sum + quantilesDDMerge",
-         "SELECT sum(events), quantilesDDMerge(0.01, 0.5, 0.9, 0.95, 0.99)(latency_quantiles) "
-         + rollup_side(True), combined),
-        ("stats: rollup side, FINAL, sum + uniqMerge(runs), uniqMerge(users)",
-         "SELECT sum(events), uniqMerge(runs), uniqMerge(users) " + rollup_side(True), combined),
-        ("stats: rollup side, FINAL, all merges",
-         f"SELECT sum(events), {merges} " + rollup_side(True), combined),
-        ("stats: rollup side, no FINAL, all merges",
-         f"SELECT sum(events), {merges} " + rollup_side(False), combined),
-        ("stats: raw side (the 2 partial hours), FINAL, states",
-         f"SELECT {states} " + raw_side(True), combined),
-        ("stats: raw side, no FINAL, states", f"SELECT {states} " + raw_side(False), combined),
-        ("stats: raw side, FINAL, count() only", "SELECT count() " + raw_side(True), combined),
-        ("timeseries 24h: the raw query", Q.TIMESERIES[("Minute", None)],
-         {**day, "first_hour": day_first, "end_hour": day_first, "step": 15, "tz": "UTC"}),
-        ("logs page 1: LOGS as the route runs it", Q.LOGS,
-         {**day, "limit": 100, "has_cursor": 0, "cursor_ts": end, "cursor_id": "", "status": "",
-          "event_type": "", "model": "", "run_id": "", "user_id": "", "tag": "", "q": ""}),
-        ("logs page 1: same, no FINAL", Q.LOGS.replace("FROM events FINAL", "FROM events"),
-         {**day, "limit": 100, "has_cursor": 0, "cursor_ts": end, "cursor_id": "", "status": "",
-          "event_type": "", "model": "", "run_id": "", "user_id": "", "tag": "", "q": ""}),
-        ("event: EVENT as the route runs it", Q.EVENT, ev),
-        ("event: EVENT, no FINAL", Q.EVENT.replace("FROM events FINAL", "FROM events"), ev),
-        ("event: EVENT, count() by event_id, FINAL",
-         "SELECT count() FROM events FINAL WHERE " + p + " AND event_id = {event_id:String}", ev),
-        ("event: EVENT_CHILDREN as the route runs it", Q.EVENT_CHILDREN, ev),
-        ("event: EVENT_CHILDREN, no FINAL",
-         Q.EVENT_CHILDREN.replace("FROM events FINAL", "FROM events"), ev),
-        ("event: EVENT_TOOL_CALLS", Q.EVENT_TOOL_CALLS, ev),
-        ("event: EVENT_AGENT_STEPS", Q.EVENT_AGENT_STEPS, ev),
-        ("event: EVENT with the event's time known (+-1 s)",
-         Q.EVENT.replace("LIMIT 1", "AND timestamp BETWEEN {t:DateTime64(3, 'UTC')} - "
-                         "toIntervalSecond(1) AND {t:DateTime64(3, 'UTC')} + toIntervalSecond(1)"
-                         " LIMIT 1"),
-         {**ev, "t": _event_time(store, ev)}),
-        ("run: RUN as the route runs it", Q.RUN, run),
-        ("run: RUN, no FINAL", Q.RUN.replace("FROM events FINAL", "FROM events"), run),
-        ("run: RUN_EVENTS as the route runs it", Q.RUN_EVENTS, run),
-        ("run: RUN_EVENTS, no FINAL", Q.RUN_EVENTS.replace("FROM events FINAL", "FROM events"),
-         run),
-        ("run: RUN_SPANS", Q.RUN_SPANS, run),
-        ("run: count() by run_id, FINAL",
-         "SELECT count() FROM events FINAL WHERE " + p + " AND run_id = {run_id:String}", run),
-        ("run: count() by run_id, no FINAL",
-         "SELECT count() FROM events WHERE " + p + " AND run_id = {run_id:String}", run),
-        ("run: count() by run_id, FINAL, within the run's day",
-         "SELECT count() FROM events FINAL WHERE " + p + " AND run_id = {run_id:String}"
-         " AND timestamp >= {from:DateTime64(3, 'UTC')} AND timestamp < {to:DateTime64(3, 'UTC')}",
-         {**run, **_run_window(store, run)}),
-    ]
-    timings = {label: _best_ms(store, sql, qargs) for label, sql, qargs in parts}
+    # lookups by id: no key column leads to event_id or run_id, so FINAL reads the project's
+    # key columns in full; the what-ifs bound them by time, as a known timestamp would.
+    ev_row = store.query(f"SELECT toString(timestamp) AS t, run_id FROM events WHERE {p} AND "
+                         "event_id = {event_id:String} LIMIT 1", ev)[0]
+    ev_t = datetime.strptime(ev_row["t"], "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=UTC)
+    at_event = {**ev, "t": ev_t, "run_id": ev_row["run_id"]}
+    run_row = store.query("SELECT toString(min(timestamp)) AS a, toString(max(timestamp)) AS b"
+                          f" FROM events WHERE {p} AND run_id = {{run_id:String}}", run)[0]
+    run_window = {**run, **{k: datetime.strptime(run_row[k], "%Y-%m-%d %H:%M:%S.%f")
+                            .replace(tzinfo=UTC) for k in ("a", "b")}}
+    exact_t = f"timestamp = {{t:{ts}}}"
+    for name, sql, anchor, cond in (
+        ("EVENT", Q.EVENT, "LIMIT 1", exact_t),
+        ("EVENT_TOOL_CALLS", Q.EVENT_TOOL_CALLS, "ORDER BY", exact_t),
+        ("EVENT_AGENT_STEPS", Q.EVENT_AGENT_STEPS, "ORDER BY", exact_t),
+        ("EVENT_CHILDREN", Q.EVENT_CHILDREN, "ORDER BY",
+         f"run_id = {{run_id:String}} AND timestamp >= {{t:{ts}}} - toIntervalHour(1) "
+         f"AND timestamp < {{t:{ts}}} + toIntervalDay(1)"),
+        ("RUN", Q.RUN, "GROUP BY", f"timestamp >= {{a:{ts}}} AND timestamp <= {{b:{ts}}}"),
+        ("RUN_EVENTS", Q.RUN_EVENTS, "ORDER BY",
+         f"timestamp >= {{a:{ts}}} AND timestamp <= {{b:{ts}}}"),
+    ):
+        qargs = at_event if name.startswith("EVENT") else run_window
+        add(f"{name} as the route runs it", sql, qargs)
+        add(f"{name} without FINAL", sql.replace("FINAL", ""), qargs)
+        with contextlib.suppress(ValueError):
+            add(f"{name}, what-if: with the known time", _bounded(sql, anchor, cond), qargs)
+    runs_args = {"project": PROJECT, "from": day_start, "to": end, "limit": 50,
+                 "has_cursor": 0, "cursor_ts": end, "cursor_id": ""}
+    add("RUNS as the route runs it", Q.RUNS, runs_args)
+    outer = "WHERE project_id = {project:String} AND run_id IN"
+    if outer in Q.RUNS:  # a run that started at or after `from` has no event before it
+        add("RUNS, what-if: outer read bounded by timestamp >= from", Q.RUNS.replace(
+            outer, f"WHERE project_id = {{project:String}} AND timestamp >= {{from:{ts}}} "
+            "AND run_id IN"), runs_args)
+    add("LOGS page 1 as the route runs it", Q.LOGS, {
+        "project": PROJECT, "from": day_start, "to": end, "limit": 100, "has_cursor": 0,
+        "cursor_ts": end, "cursor_id": "", "status": "", "event_type": "", "model": "",
+        "run_id": "", "user_id": "", "tag": "", "q": ""})
+
+    timings = {}
+    for label, sql, qargs in parts:
+        try:
+            timings[label] = _best_ms(store, sql, qargs)
+        except Exception as exc:  # a what-if that no longer fits the core's SQL
+            timings[label] = float("nan")
+            print(f"  profile: {label}: {str(exc)[:200]}", flush=True)
     explain = {}
-    for label, sql, qargs in (("EVENT", Q.EVENT, ev), ("RUN_EVENTS", Q.RUN_EVENTS, run),
-                              ("STATS_TOTALS", Q.STATS_TOTALS, combined)):
+    for label, sql, qargs in (("STATS_TOTALS", Q.STATS_TOTALS, combined),
+                              ("EVENT", Q.EVENT, ev), ("RUN_EVENTS", Q.RUN_EVENTS, run)):
         rows = store.query("EXPLAIN indexes = 1 " + sql.strip(), qargs)
         explain[label] = "\n".join(r["explain"] for r in rows)
     return {"timings_ms": timings, "explain": explain}
-
-
-def _event_time(store: Any, ev: dict[str, Any]) -> datetime:
-    row = store.query("SELECT toString(timestamp) AS t FROM events WHERE project_id ="
-                      " {project:String} AND event_id = {event_id:String} LIMIT 1", ev)[0]
-    return datetime.strptime(row["t"], "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=UTC)
-
-
-def _run_window(store: Any, run: dict[str, Any]) -> dict[str, datetime]:
-    row = store.query("SELECT toString(min(timestamp)) AS t FROM events WHERE project_id ="
-                      " {project:String} AND run_id = {run_id:String}", run)[0]
-    t = datetime.strptime(row["t"], "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=UTC)
-    return {"from": t - timedelta(hours=12), "to": t + timedelta(hours=12)}
 
 
 def measure_direct(data_dir: Path, work: Path, specs: list[dict[str, Any]], warmups: int,
@@ -994,6 +1022,14 @@ def print_report(cfg: dict[str, Any], data: dict[str, Any], http: list[dict[str,
               f"{target}")
     print("   (ms; ratio = HTTP median / direct median; 1st = first call after the server "
           "started, round 1)")
+    if len(http) > 1:
+        print("\nMedians per round (ms), HTTP | direct:")
+        for label in labels:
+            hs = " / ".join(f"{statistics.median(r['routes'][label]['times']) * 1e3:.0f}"
+                            for r in http)
+            ds = " / ".join(f"{statistics.median(r['routes'][label]['times']) * 1e3:.0f}"
+                            for r in direct)
+            print(f"   {label:34s}{hs:>24s} | {ds}")
     print("\nDirect medians of each route's queries (ms):")
     for r in rows:
         print(f"   {r['label']:34s}" + ", ".join(f"{k} {v:.1f}" for k, v in
@@ -1023,7 +1059,8 @@ def print_report(cfg: dict[str, Any], data: dict[str, Any], http: list[dict[str,
 
 def print_profile(profile: dict[str, Any]) -> None:
     print("=" * 100)
-    print("Profile: parts of the queries on chDB, median of 5 (not benchmark figures)")
+    print("Profile: the queries and their parts on chDB, median of 5, query condition cache off"
+          " (not benchmark figures)")
     print("=" * 100)
     for label, ms in profile["timings_ms"].items():
         print(f"   {ms:9.1f} ms  {label}")

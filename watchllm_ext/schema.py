@@ -75,11 +75,7 @@ Env = Literal["production", "staging", "development"]
 CostSource = Literal["client", "computed", "unknown"]
 
 
-def _check_json_size(value: Any, info: ValidationInfo) -> Any:
-    # The ingest path vouches for a whole body it scanned at once (under the size limit, no
-    # NaN, Infinity or huge exponent in it): then no field can break either rule.
-    if info.context and info.context.get("body_checked"):
-        return value
+def _check_json_size(value: Any) -> Any:
     if value is None or isinstance(value, str):
         if isinstance(value, str) and len(value) > MAX_JSON_CHARS:
             raise ValueError(f"longer than {MAX_JSON_CHARS} characters")
