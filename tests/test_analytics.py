@@ -491,3 +491,18 @@ def test_bad_parameters_name_the_parameter(
     r = server.client.get(path, params={"project_id": "acme", **params}, headers=server.headers())
     assert r.status_code == 400, r.text
     assert r.json()["field"] == field and field in r.json()["message"]
+
+
+def test_calls_without_latency_give_zero_percentiles_not_errors(server: Running) -> None:
+    t = datetime(2026, 3, 1, 12, tzinfo=UTC)
+    event = {"event_id": "no-latency", "event_type": "prompt_call", "run_id": "r",
+             "timestamp": _iso(t), "model": "gpt-4o"}
+    r = server.client.post("/v1/events/batch", headers=server.headers(), json={"events": [event]})
+    assert r.status_code == 202
+    server.flush()
+    window = {"from": _iso(t - timedelta(hours=1)), "to": _iso(t + timedelta(hours=1))}
+    series = get(server, "/v1/analytics/timeseries", interval="1h", **window)["series"]["all"]
+    assert sum(p["requests"] for p in series) == 1
+    assert all(p["latency_p50_ms"] == 0 and p["latency_p95_ms"] == 0 for p in series)
+    stats = get(server, "/v1/analytics/stats", **window)
+    assert stats["total_requests"] == 1 and stats["latency_ms"]["p50"] is None

@@ -241,8 +241,8 @@ async def timeseries(request: Request) -> Response:
                     tokens_input=int(row["tokens_input"]) if row else 0,
                     tokens_output=int(row["tokens_output"]) if row else 0,
                     cost=float(row["cost"]) if row else 0.0,
-                    latency_p50_ms=float(quantiles[0]) if has_latency else 0.0,
-                    latency_p95_ms=float(quantiles[2]) if has_latency else 0.0,
+                    latency_p50_ms=_num(quantiles[0]) if has_latency else 0.0,
+                    latency_p95_ms=_num(quantiles[2]) if has_latency else 0.0,
                 )
             )
         series[(name or "(none)") if group else "all"] = points
