@@ -5,8 +5,8 @@ measured in the same run.
     python bench/bench_analytics.py --events 1000000   # another size (its own data folder)
     python bench/bench_analytics.py --quick            # smoke run: 1,000,000 events unless
                                                        # --events is given, 1 round x 5 calls
-    python bench/bench_analytics.py --profile          # add EXPLAIN output and timings of the
-                                                       # parts of the slow queries
+    python bench/bench_analytics.py --profile          # then time the parts of the queries
+                                                       # and read-only what-if rewrites; EXPLAIN
 
 1. Data. A data folder (default: <tmp>/watchllm-bench-analytics-<N>) holds N synthetic events
    of project "bench" spread over the 30 days before a fixed end time, plus N/10 events of
@@ -17,10 +17,14 @@ measured in the same run.
    and responses; tool_calls and agent_steps get the rows the ingest path would write. Then
    refresh_rollups(store, margin=0) runs until it returns 0, so every whole hour is served from
    hourly_usage_by_project, and the generator waits for background merges to settle. A folder
-   that already holds the N events (and the marker file) is reused; --regenerate rebuilds it.
+   that already holds the N events, built by this generator under the current migrations, is
+   reused (generation takes ~2 minutes at 10M on 2 cores); --regenerate rebuilds it.
+   Routes measured: stats and timeseries over 30 days (6h buckets, and by model), timeseries
+   over 24 hours (15m buckets: the raw path), logs page 1 and page 10 (via next_cursor) of the
+   last 24 hours and page 1 of 30 days, one event's detail, the runs list, one run's tree.
 2. HTTP. A real server process (uvicorn, one worker, on 127.0.0.1, serving
-   create_app(Settings(data_dir=<folder>, create_default_key=False)) with the GC tuning of
-   `watchllm serve`) answers each analytics route; the orchestrator calls it with httpx over
+   create_app(Settings(data_dir=<folder>, create_default_key=False)) with the process tuning
+   of `watchllm serve`) answers each analytics route; the orchestrator calls it with httpx over
    one keep-alive connection: warm-up calls, then timed calls; median and p95.
 3. Baseline. With the server stopped (a chDB folder opens in one process only), a helper
    process opens ChdbStore on the same folder and runs the named queries of
@@ -262,7 +266,7 @@ def role_prepare(args: argparse.Namespace) -> None:
     """Build (or check and reuse) the data folder; print a JSON summary on the last line."""
     from watchllm_ext.analytics.rollup import refresh_rollups
     from watchllm_ext.settings import Settings
-    from watchllm_ext.store import apply_migrations
+    from watchllm_ext.store import apply_migrations, load_migrations
     from watchllm_plugins.chdb_store import ChdbStore
 
     data_dir = Path(args.data_dir)
@@ -270,9 +274,14 @@ def role_prepare(args: argparse.Namespace) -> None:
     other = n // 10
     marker = data_dir / MARKER
     meta: dict[str, Any] | None = None
+    migrations = {str(m.version): m.checksum for m in load_migrations()}
     if marker.exists():
         meta = json.loads(marker.read_text())
-        if meta.get("generator") != GENERATOR or meta.get("events") != n or args.regenerate:
+        if meta.get("migrations") != migrations and not args.regenerate:
+            print(f"{data_dir} was built with other migrations than the current ones: "
+                  "rebuilding", flush=True)
+        if (meta.get("generator") != GENERATOR or meta.get("events") != n
+                or meta.get("migrations") != migrations or args.regenerate):
             meta = None
     settings = Settings(data_dir=data_dir, create_default_key=False)
     if meta is not None:
@@ -334,6 +343,7 @@ def role_prepare(args: argparse.Namespace) -> None:
             raise SystemExit(f"generated {counts}, expected {n} + {other}")
         meta = {
             "generator": GENERATOR,
+            "migrations": migrations,
             "events": n,
             "other_events": other,
             "start": start.isoformat(),
@@ -450,9 +460,7 @@ def memory(pid: int) -> dict[str, float]:
 
 
 def role_serve(port: int, data_dir: Path) -> None:
-    """What `watchllm serve` runs (GC tuning included), at log level warning."""
-    import gc
-
+    """What `watchllm serve` runs (its process tuning included), at log level warning."""
     import uvicorn
 
     from watchllm_ext.app import create_app
@@ -462,8 +470,15 @@ def role_serve(port: int, data_dir: Path) -> None:
                         host="127.0.0.1", port=port)
     app = create_app(settings)
     app.state.watchllm.open_store()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
+    try:
+        from watchllm_ext.tuning import tune_for_serving
+    except ImportError:  # a core from before the tuning module: serve's GC settings then
+        import gc
+
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 100)
+    else:
+        tune_for_serving()
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", workers=1)
 
 
@@ -926,27 +941,41 @@ def p95(values: list[float]) -> float:
     return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
 
 
-def code_fingerprint() -> tuple[str, str]:
-    """(a digest of the imported core's files, where it comes from)."""
+def _analytics_files() -> list[Path]:
+    """The files on the analytics read path: the routes and queries, the app and its auth,
+    the store layer, the chDB store and the migrations."""
+    import watchllm_clickhouse
     import watchllm_ext
     import watchllm_plugins
 
-    folders = [Path(watchllm_ext.__file__).parent, Path(watchllm_plugins.__file__).parent]
+    core = Path(watchllm_ext.__file__).parent
+    files = [*sorted((core / "analytics").rglob("*.py")), *sorted((core / "store").rglob("*.py")),
+             core / "app.py", core / "auth.py", core / "keys.py",
+             Path(watchllm_plugins.__file__).parent / "chdb_store.py"]
+    for folder in watchllm_clickhouse.__path__:
+        files += sorted((Path(folder) / "migrations").glob("*.sql"))
+    return [f for f in files if f.exists()]
+
+
+def code_fingerprint() -> tuple[str, str]:
+    """(a digest of the files on the analytics path, which code is measured)."""
+    import watchllm_ext
+
     digest = hashlib.sha256()
-    for folder in folders:
-        for path in sorted(folder.rglob("*.py")):
-            digest.update(str(path.relative_to(folder)).encode())
-            digest.update(path.read_bytes())
-    desc = str(folders[0])
+    for path in _analytics_files():
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    core = Path(watchllm_ext.__file__).parent
+    desc = str(core)
     with contextlib.suppress(OSError, subprocess.CalledProcessError):
-        repo = folders[0].resolve().parent
+        repo = core.resolve().parent
         sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"],
                              capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--",
-                                "watchllm_ext", "plugins", "clickhouse"],
+                                *(str(f) for f in _analytics_files())],
                                capture_output=True, text=True, check=True).stdout.strip()
-        desc = f"working tree at commit {sha}" + (" + uncommitted changes to the core"
-                                                  if dirty else "")
+        desc = f"working tree at commit {sha}" + (
+            " + uncommitted changes on the analytics path" if dirty else "")
     return digest.hexdigest()[:16], desc
 
 
@@ -981,8 +1010,8 @@ def print_report(cfg: dict[str, Any], data: dict[str, Any], http: list[dict[str,
           f"chDB {cfg['chdb']}   {'quick' if cfg['quick'] else 'full'} run")
     print(f"code: {cfg['code']}")
     if cfg.get("code_changed_during_run"):
-        print("WARNING: the core files changed during this run; rounds may have measured "
-              "different code")
+        print("WARNING: files on the analytics path changed during this run; rounds may have "
+              "measured different code")
     print("=" * 100)
     parts = data.get("parts", {})
     ev = parts.get("events", {})

@@ -39,3 +39,10 @@ CREATE MATERIALIZED VIEW IF NOT EXISTS rollup_marks_mv TO rollup_marks AS
 SELECT project_id, toStartOfHour(timestamp) AS hour, now64(6, 'UTC') AS marked_at
 FROM events
 GROUP BY project_id, hour;
+
+-- Hours that got events before this migration get their marks now, so they are read raw
+-- until the rollup has computed them.
+INSERT INTO rollup_marks
+SELECT project_id, toStartOfHour(timestamp) AS hour, now64(6, 'UTC') AS marked_at
+FROM events
+GROUP BY project_id, hour;

@@ -85,6 +85,26 @@ WHERE r.computed > m.marked
 """
 
 CLEAN_HOURS = f"SELECT count() AS n FROM ({_CLEAN_SQL})"
+
+# The complement among hours that have events: whole hours of the window whose rollup is
+# missing or older than their last events.
+_DIRTY_SQL = """
+SELECT m.hour
+FROM (
+    SELECT hour, max(marked_at) AS marked FROM rollup_marks
+    WHERE project_id = {project:String} AND hour >= {first_hour:DateTime('UTC')}
+      AND hour < {end_hour:DateTime('UTC')}
+    GROUP BY hour
+) AS m
+LEFT JOIN (
+    SELECT hour, max(computed_at) AS computed FROM hourly_usage_by_project
+    WHERE project_id = {project:String} AND hour >= {first_hour:DateTime('UTC')}
+      AND hour < {end_hour:DateTime('UTC')}
+    GROUP BY hour
+) AS r ON m.hour = r.hour
+WHERE m.marked >= r.computed
+"""
+_DIRTY_FOR_FORMAT = _DIRTY_SQL.replace("{", "{{").replace("}", "}}")
 _CLEAN_FOR_FORMAT = _CLEAN_SQL.replace("{", "{{").replace("}", "}}")  # survives .format()
 
 # The rows stats and timeseries aggregate: rollup rows for clean hours, and the same
@@ -105,7 +125,11 @@ SELECT {{bucket_raw}} AS bucket, ifNull(model, '') AS model, event_type,
 FROM events FINAL
 WHERE project_id = {{{{project:String}}}}
   AND timestamp >= {{{{from:DateTime64(3, 'UTC')}}}} AND timestamp < {{{{to:DateTime64(3, 'UTC')}}}}
-  AND toStartOfHour(timestamp) NOT IN ({_CLEAN_FOR_FORMAT})
+  -- Raw rows: the partial hours at the edges and the dirty hours. Written as ranges and a
+  -- set of hours (not "NOT IN clean") so that the primary key skips everything else.
+  AND (timestamp < {{{{first_hour:DateTime('UTC')}}}}
+       OR timestamp >= {{{{end_hour:DateTime('UTC')}}}}
+       OR toStartOfHour(timestamp) IN ({_DIRTY_FOR_FORMAT}))
 GROUP BY bucket, model, event_type, status
 """
 
@@ -211,32 +235,38 @@ ORDER BY timestamp DESC, event_id DESC
 LIMIT {{limit:UInt32}}
 """
 
+# Lookups by id read without FINAL (which would merge the whole project first) and keep the
+# latest delivery of each row, as ReplacingMergeTree(ingested_at) does.
 EVENT = """
 SELECT * EXCEPT (ingested_at)
-FROM events FINAL
+FROM events
 WHERE project_id = {project:String} AND event_id = {event_id:String}
+ORDER BY ingested_at DESC
 LIMIT 1
 """
 
 EVENT_TOOL_CALLS = """
 SELECT call_index, source, tool_call_id, tool_name, tool_input, tool_output, status,
        latency_ms, error_message
-FROM tool_calls FINAL
+FROM tool_calls
 WHERE project_id = {project:String} AND event_id = {event_id:String}
-ORDER BY call_index
+ORDER BY call_index, ingested_at DESC
+LIMIT 1 BY call_index
 """
 
 EVENT_AGENT_STEPS = """
 SELECT step_number, step_name, reasoning, action, observation, status, latency_ms
-FROM agent_steps FINAL
+FROM agent_steps
 WHERE project_id = {project:String} AND event_id = {event_id:String}
-ORDER BY step_number
+ORDER BY step_number, ingested_at DESC
+LIMIT 1 BY step_number
 """
 
 EVENT_CHILDREN = """
-SELECT event_id FROM events FINAL
+SELECT event_id FROM events
 WHERE project_id = {project:String} AND parent_event_id = {event_id:String}
-ORDER BY timestamp, event_id
+GROUP BY event_id
+ORDER BY min(timestamp), event_id
 LIMIT 1000
 """
 
@@ -260,7 +290,7 @@ _RUN_FIGURES = f"""
 RUNS = f"""
 WITH started AS (
     SELECT run_id, min(timestamp) AS first_seen
-    FROM events FINAL
+    FROM events  -- no FINAL needed: a duplicate cannot change a minimum
     WHERE project_id = {{project:String}}
       AND timestamp >= {{from:DateTime64(3, 'UTC')}} AND timestamp < {{to:DateTime64(3, 'UTC')}}
     GROUP BY run_id
@@ -270,36 +300,54 @@ WITH started AS (
     LIMIT {{limit:UInt32}}
 )
 SELECT {_RUN_FIGURES}
-FROM events FINAL
-WHERE project_id = {{project:String}} AND run_id IN (SELECT run_id FROM started)
+FROM (
+    SELECT * FROM events
+    WHERE project_id = {{project:String}} AND run_id IN (SELECT run_id FROM started)
+    ORDER BY ingested_at DESC
+    LIMIT 1 BY event_id
+)
 GROUP BY run_id
 ORDER BY min(timestamp) DESC, run_id DESC
 """
 
+# One run's events, each once (its latest delivery), without FINAL.
+_RUN_ROWS = """
+SELECT * FROM events
+WHERE project_id = {project:String} AND run_id = {run_id:String}
+ORDER BY ingested_at DESC
+LIMIT 1 BY event_id
+"""
+
 RUN = f"""
 SELECT {_RUN_FIGURES}
-FROM events FINAL
-WHERE project_id = {{project:String}} AND run_id = {{run_id:String}}
+FROM ({_RUN_ROWS})
 GROUP BY run_id
 """
 
-RUN_EVENTS = """
+RUN_EVENTS = (
+    """
 SELECT event_id, event_type, toString(timestamp) AS ts, parent_event_id, model,
        provider, status, latency_ms, tokens_input, tokens_output, cost_estimate_usd,
        tool_name, step_number, step_name, error_type, error_message,
        substring(ifNull(prompt, ''), 1, 200) AS prompt_preview,
        substring(ifNull(response, ''), 1, 200) AS response_preview
-FROM events FINAL
-WHERE project_id = {project:String} AND run_id = {run_id:String}
+FROM ("""
+    + _RUN_ROWS
+    + """)
 ORDER BY timestamp, event_id
 LIMIT 10000
 """
+)
 
 RUN_SPANS = """
 SELECT span_id, parent_span_id, name, kind, toString(start_time) AS ts,
        duration_ms, status_code, event_type
-FROM spans FINAL
-WHERE project_id = {project:String} AND trace_id = {run_id:String}
+FROM (
+    SELECT * FROM spans
+    WHERE project_id = {project:String} AND trace_id = {run_id:String}
+    ORDER BY ingested_at DESC
+    LIMIT 1 BY span_id
+)
 ORDER BY start_time, span_id
 LIMIT 10000
 """
