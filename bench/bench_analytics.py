@@ -69,6 +69,7 @@ DAYS = 30
 GENERATOR = 1  # bump when the generated data changes, so old folders are rebuilt
 MARKER = "bench-analytics.json"
 LATER_PAGE = 10  # "a later page": the logs page reached by following next_cursor 9 times
+POOL = 100  # distinct events and runs for the detail and tree calls (more if more calls)
 
 TARGETS_MS = {  # route label -> target for its median through HTTP
     "stats 30d": 150.0,
@@ -489,9 +490,10 @@ def _iso(t: datetime) -> str:
     return t.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def route_specs(end: datetime, picks: dict[str, str]) -> list[dict[str, Any]]:
-    """Each measured call: a label, the HTTP path and query string, and the route kind (which
-    tells the baseline which queries the route runs)."""
+def route_specs(end: datetime, picks: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each measured route: a label, the route kind (which tells the baseline which queries
+    the route runs), the HTTP path and query string of its first call, and what changes from
+    call to call (see `concrete`)."""
     last_30d = {"from": _iso(end - timedelta(days=DAYS)), "to": _iso(end)}
     last_24h = {"from": _iso(end - timedelta(hours=24)), "to": _iso(end)}
     base = {"project_id": PROJECT}
@@ -508,31 +510,53 @@ def route_specs(end: datetime, picks: dict[str, str]) -> list[dict[str, Any]]:
          {**base, **last_24h, "limit": "100", "cursor": picks["cursor"]}),
         ("logs page 1, 30-day range (diag)", "logs", "/v1/analytics/logs",
          {**base, **last_30d, "limit": "100"}),
-        ("event detail", "event", f"/v1/analytics/event/{picks['event_id']}", base),
+        ("event detail", "event", "/v1/analytics/event/{id}", base),
         ("runs list (50)", "runs", "/v1/analytics/runs", {**base, **last_24h, "limit": "50"}),
-        ("run tree", "run", f"/v1/analytics/runs/{picks['run_id']}", base),
+        ("run tree", "run", "/v1/analytics/runs/{id}", base),
     ]
     return [{"label": label, "kind": kind, "path": path, "params": params}
             for label, kind, path, params in specs]
 
 
-def pick_targets(client: Any, end: datetime) -> dict[str, str]:
-    """Not timed: the event, the run and the later-page cursor the timed calls use. The event
-    is a prompt_call with a child (the parent of the first tool_call on the first logs page),
-    the run a recent whole one from the runs list, the cursor the one of page LATER_PAGE."""
+def concrete(spec: dict[str, Any], i: int, picks: dict[str, Any]) -> dict[str, Any]:
+    """Call number `i` of a route, with its own parameters, as real traffic has them: another
+    event or run each time, and time windows that end `i` seconds earlier (a dashboard's "now"
+    moves). So no cache keyed on the query text or its conditions (ClickHouse's query
+    condition cache remembers the granules a WHERE rejected) makes a repeated call look free.
+    The baseline makes the same calls in the same order."""
+    out = dict(spec)
+    if spec["kind"] in ("event", "run"):
+        pool = picks["events" if spec["kind"] == "event" else "runs"]
+        out["path"] = spec["path"].replace("{id}", pool[i % len(pool)])
+        return out
+    params = dict(spec["params"])
+    for name in ("from", "to"):
+        if name in params:
+            moved = datetime.fromisoformat(params[name].replace("Z", "+00:00"))
+            params[name] = _iso(moved - timedelta(seconds=i))
+    out["params"] = params
+    return out
+
+
+def pick_targets(client: Any, end: datetime, pool: int) -> dict[str, Any]:
+    """Not timed: `pool` events and runs for the detail and tree calls, and the cursor of logs
+    page LATER_PAGE. Events: every tenth of the first LATER_PAGE logs pages of the last 24
+    hours (all event types, newest first); runs: the runs list of the last 24 hours."""
     window = {"project_id": PROJECT, "from": _iso(end - timedelta(hours=24)), "to": _iso(end),
               "limit": "100"}
-    first = _get(client, "/v1/analytics/logs", window)
-    events = first["events"]
-    event_id = next((e["parent_event_id"] for e in events
-                     if e["event_type"] == "tool_call" and e.get("parent_event_id")),
-                    events[0]["event_id"])
-    cursor = first["next_cursor"]
-    for _ in range(LATER_PAGE - 2):
-        cursor = _get(client, "/v1/analytics/logs", {**window, "cursor": cursor})["next_cursor"]
-    runs = _get(client, "/v1/analytics/runs", {**window, "limit": "50"})["runs"]
-    run_id = runs[min(5, len(runs) - 1)]["run_id"]
-    return {"event_id": event_id, "run_id": run_id, "cursor": cursor}
+    page = _get(client, "/v1/analytics/logs", window)
+    seen = list(page["events"])
+    cursor = later = page["next_cursor"]
+    for n in range(2, LATER_PAGE + 1):
+        if n == LATER_PAGE:
+            later = cursor
+        page = _get(client, "/v1/analytics/logs", {**window, "cursor": cursor})
+        seen += page["events"]
+        cursor = page["next_cursor"]
+    step = max(1, len(seen) // pool)
+    events = [e["event_id"] for e in seen[::step]][:pool]
+    runs = _get(client, "/v1/analytics/runs", {**window, "limit": str(min(pool, 1000))})["runs"]
+    return {"cursor": later, "events": events, "runs": [r["run_id"] for r in runs]}
 
 
 def _get(client: Any, path: str, params: dict[str, str]) -> Any:
@@ -542,8 +566,8 @@ def _get(client: Any, path: str, params: dict[str, str]) -> Any:
     return r.json()
 
 
-def measure_http(data_dir: Path, work: Path, end: datetime, picks: dict[str, str] | None,
-                 warmups: int, calls: int, rnd: int) -> dict[str, Any]:
+def measure_http(data_dir: Path, work: Path, end: datetime, picks: dict[str, Any] | None,
+                 warmups: int, calls: int, rnd: int, rounds: int) -> dict[str, Any]:
     import httpx
 
     from watchllm_ext.keys import KeyStore
@@ -571,13 +595,14 @@ def measure_http(data_dir: Path, work: Path, end: datetime, picks: dict[str, str
                 time.sleep(0.2)
             out["memory_start"] = memory(proc.pid)
             if picks is None:
-                picks = pick_targets(client, end)
+                picks = pick_targets(client, end, pool=max(POOL, rounds * (warmups + calls)))
             out["picks"] = picks
             for spec in route_specs(end, picks):
                 times = []
                 for i in range(warmups + calls):
+                    call = concrete(spec, (rnd - 1) * (warmups + calls) + i, picks)
                     t0 = time.perf_counter()
-                    r = client.get(spec["path"], params=spec["params"])
+                    r = client.get(call["path"], params=call["params"])
                     elapsed = time.perf_counter() - t0
                     if r.status_code != 200:
                         raise RuntimeError(f"{spec['label']}: HTTP {r.status_code}: {r.text[:500]}")
@@ -743,8 +768,10 @@ def role_direct(args: argparse.Namespace) -> None:
                     spent[name] = spent.get(name, 0.0) + time.perf_counter() - t0
                     return rows
 
+                call = concrete(spec, (plan["round"] - 1) * (plan["warmups"] + plan["calls"]) + i,
+                                plan["picks"])
                 t0 = time.perf_counter()
-                result = route_queries(store, spec, timed)
+                result = route_queries(store, call, timed)
                 elapsed = time.perf_counter() - t0
                 if i == 0:
                     first, check = elapsed, result
@@ -784,12 +811,12 @@ def _best_ms(store: Any, sql: str, args: dict[str, Any] | None, n: int = 5) -> f
     return statistics.median(times) * 1e3
 
 
-def _bounded(sql: str, anchor: str, condition: str) -> str:
-    """`sql` with `condition` ANDed in before `anchor` (a clause of the query's tail)."""
+def _bounded(sql: str, condition: str) -> str:
+    """`sql` with `condition` ANDed to its (first) project filter."""
+    anchor = "WHERE project_id = {project:String}"
     if anchor not in sql:
         raise ValueError(f"no {anchor!r} in the query")
-    head, _, tail = sql.rpartition(anchor)
-    return f"{head}AND {condition}\n{anchor}{tail}"
+    return sql.replace(anchor, f"{anchor} AND ({condition})", 1)
 
 
 def profile_queries(store: Any, plan: dict[str, Any]) -> dict[str, Any]:
@@ -805,8 +832,8 @@ def profile_queries(store: Any, plan: dict[str, Any]) -> dict[str, Any]:
     combined = {"project": PROJECT, "from": start, "to": end, "first_hour": first,
                 "end_hour": last}
     picks = plan["picks"]
-    ev = {"project": PROJECT, "event_id": picks["event_id"]}
-    run = {"project": PROJECT, "run_id": picks["run_id"]}
+    ev = {"project": PROJECT, "event_id": picks["events"][0]}
+    run = {"project": PROJECT, "run_id": picks["runs"][0]}
     day_start = end - timedelta(hours=24)
     p = "project_id = {project:String}"
     rollup_rows = ("FROM hourly_usage_by_project FINAL WHERE " + p + " AND hour >= "
@@ -817,10 +844,10 @@ def profile_queries(store: Any, plan: dict[str, Any]) -> dict[str, Any]:
     def add(label: str, sql: str, qargs: dict[str, Any]) -> None:
         parts.append((label, sql, qargs))
 
-    # stats and timeseries: the raw side of the combined read picks its rows with
-    # `toStartOfHour(timestamp) NOT IN (clean hours)`, which the primary key cannot use for
-    # granules that straddle an hour; the what-if reads the partial hours at the ends by
-    # range and the dirty hours (marked, not clean) with IN, which the key can use.
+    # stats and timeseries: up to a6e5217 the raw side of the combined read picked its rows
+    # with `toStartOfHour(timestamp) NOT IN (clean hours)`, which the primary key cannot use
+    # for granules that straddle an hour; the what-if (added while a query still has that
+    # form) reads the partial hours at the ends by range and the dirty hours with IN.
     clean_sql = getattr(Q, "_CLEAN_SQL", None)
     not_in = f"toStartOfHour(timestamp) NOT IN ({clean_sql})"
     by_ranges = (
@@ -843,7 +870,7 @@ def profile_queries(store: Any, plan: dict[str, Any]) -> dict[str, Any]:
                 not_in, by_ranges), qargs)
     add("CLEAN_HOURS", Q.CLEAN_HOURS, {"project": PROJECT, "first_hour": first,
                                        "end_hour": last})
-    add("raw side as the route selects it (FINAL, NOT IN clean hours): count()",
+    add("raw side selected by NOT IN (clean hours), as up to a6e5217 (FINAL): count()",
         f"SELECT count() FROM events FINAL WHERE {p} AND timestamp >= {{from:{ts}}} AND "
         f"timestamp < {{to:{ts}}} AND {not_in}" if clean_sql else "SELECT 0", combined)
     add("raw side by key ranges (FINAL): count()",
@@ -878,22 +905,22 @@ def profile_queries(store: Any, plan: dict[str, Any]) -> dict[str, Any]:
     run_window = {**run, **{k: datetime.strptime(run_row[k], "%Y-%m-%d %H:%M:%S.%f")
                             .replace(tzinfo=UTC) for k in ("a", "b")}}
     exact_t = f"timestamp = {{t:{ts}}}"
-    for name, sql, anchor, cond in (
-        ("EVENT", Q.EVENT, "LIMIT 1", exact_t),
-        ("EVENT_TOOL_CALLS", Q.EVENT_TOOL_CALLS, "ORDER BY", exact_t),
-        ("EVENT_AGENT_STEPS", Q.EVENT_AGENT_STEPS, "ORDER BY", exact_t),
-        ("EVENT_CHILDREN", Q.EVENT_CHILDREN, "ORDER BY",
+    for name, sql, cond in (
+        ("EVENT", Q.EVENT, exact_t),
+        ("EVENT_TOOL_CALLS", Q.EVENT_TOOL_CALLS, exact_t),
+        ("EVENT_AGENT_STEPS", Q.EVENT_AGENT_STEPS, exact_t),
+        ("EVENT_CHILDREN", Q.EVENT_CHILDREN,
          f"run_id = {{run_id:String}} AND timestamp >= {{t:{ts}}} - toIntervalHour(1) "
          f"AND timestamp < {{t:{ts}}} + toIntervalDay(1)"),
-        ("RUN", Q.RUN, "GROUP BY", f"timestamp >= {{a:{ts}}} AND timestamp <= {{b:{ts}}}"),
-        ("RUN_EVENTS", Q.RUN_EVENTS, "ORDER BY",
-         f"timestamp >= {{a:{ts}}} AND timestamp <= {{b:{ts}}}"),
+        ("RUN", Q.RUN, f"timestamp >= {{a:{ts}}} AND timestamp <= {{b:{ts}}}"),
+        ("RUN_EVENTS", Q.RUN_EVENTS, f"timestamp >= {{a:{ts}}} AND timestamp <= {{b:{ts}}}"),
     ):
         qargs = at_event if name.startswith("EVENT") else run_window
         add(f"{name} as the route runs it", sql, qargs)
-        add(f"{name} without FINAL", sql.replace("FINAL", ""), qargs)
+        if "FINAL" in sql:
+            add(f"{name} without FINAL", sql.replace(" FINAL", ""), qargs)
         with contextlib.suppress(ValueError):
-            add(f"{name}, what-if: with the known time", _bounded(sql, anchor, cond), qargs)
+            add(f"{name}, what-if: with the known time", _bounded(sql, cond), qargs)
     runs_args = {"project": PROJECT, "from": day_start, "to": end, "limit": 50,
                  "has_cursor": 0, "cursor_ts": end, "cursor_id": ""}
     add("RUNS as the route runs it", Q.RUNS, runs_args)
@@ -1169,7 +1196,8 @@ def main(argv: list[str] | None = None) -> int:
         direct: list[dict[str, Any]] = []
         picks = None
         for rnd in range(1, cfg["rounds"] + 1):
-            h = measure_http(data_dir, work, end, picks, cfg["warmups"], cfg["calls"], rnd)
+            h = measure_http(data_dir, work, end, picks, cfg["warmups"], cfg["calls"], rnd,
+                             cfg["rounds"])
             picks = h["picks"]
             http.append(h)
             specs = route_specs(end, picks)
