@@ -66,7 +66,10 @@ CREATE TABLE IF NOT EXISTS events (
     metric Nullable(String),
     metric_threshold Nullable(Float64),
     metric_actual Nullable(Float64),
-    ingested_at DateTime64(3, 'UTC')
+    ingested_at DateTime64(3, 'UTC'),
+    INDEX idx_event_id event_id TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_run_id run_id TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_parent_event_id parent_event_id TYPE bloom_filter(0.01) GRANULARITY 1
 ) ENGINE = ReplacingMergeTree(ingested_at)
 PARTITION BY toYYYYMM(timestamp)
 ORDER BY (project_id, timestamp, event_id);

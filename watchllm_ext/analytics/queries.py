@@ -303,6 +303,8 @@ SELECT {_RUN_FIGURES}
 FROM (
     SELECT * FROM events
     WHERE project_id = {{project:String}} AND run_id IN (SELECT run_id FROM started)
+      -- exact: a run that started in the window has no earlier event
+      AND timestamp >= {{from:DateTime64(3, 'UTC')}}
     ORDER BY ingested_at DESC
     LIMIT 1 BY event_id
 )
