@@ -256,18 +256,18 @@ def fx_version(fx: Fixture) -> str:
 
 
 def test_migration_interrupted_half_way_converges(store: ClickHouseStore) -> None:
-    first, second = load_migrations()[:2]
+    first = load_migrations()[0]
     for statement in first.statements()[:2]:  # events and tool_calls, then "a crash"
         store.execute(statement)
     assert {"events", "tool_calls"} <= list_tables(store)
     assert "traces" not in list_tables(store)
-    names = [f"{m.version:04d}_{m.name}" for m in (first, second)]
+    names = [f"{m.version:04d}_{m.name}" for m in load_migrations()]
     assert apply_migrations(store) == names
     # 0002 half-way: its first table exists, the record does not.
     store.execute("DELETE FROM schema_migrations WHERE version = 2")
     store.execute("DROP VIEW rollup_marks_mv")
     store.execute("DROP TABLE rollup_marks")
-    assert apply_migrations(store) == names[1:]
+    assert apply_migrations(store) == [names[1]]
     assert TABLES | {"rollup_marks", "rollup_marks_mv"} <= list_tables(store)
     assert apply_migrations(store) == []
 
