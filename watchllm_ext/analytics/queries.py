@@ -65,45 +65,32 @@ WHERE project_id = {{project:String}}
 GROUP BY project_id, hour, model, event_type, status
 """
 
-# Whole hours in [first_hour, end_hour) whose rollup is up to date (computed after the last
-# events arrived). Used as a subquery, so no list of hours travels as a parameter.
-_CLEAN_SQL = """
+# Per whole hour of [first_hour, end_hour): when its rollup was computed, and when events
+# for it last arrived. An hour is clean (the rollup may answer for it) when computed after
+# its last events, dirty otherwise; a missing side of the join reads as 1970.
+_HOUR_WINDOW = """WHERE project_id = {project:String} AND hour >= {first_hour:DateTime('UTC')}
+      AND hour < {end_hour:DateTime('UTC')}
+    GROUP BY hour"""
+_COMPUTED = (
+    f"SELECT hour, max(computed_at) AS computed FROM hourly_usage_by_project\n    {_HOUR_WINDOW}"
+)
+_MARKED = f"SELECT hour, max(marked_at) AS marked FROM rollup_marks\n    {_HOUR_WINDOW}"
+
+# Used as subqueries, so no list of hours travels as a parameter.
+_CLEAN_SQL = f"""
 SELECT r.hour
-FROM (
-    SELECT hour, max(computed_at) AS computed FROM hourly_usage_by_project
-    WHERE project_id = {project:String} AND hour >= {first_hour:DateTime('UTC')}
-      AND hour < {end_hour:DateTime('UTC')}
-    GROUP BY hour
-) AS r
-LEFT JOIN (
-    SELECT hour, max(marked_at) AS marked FROM rollup_marks
-    WHERE project_id = {project:String} AND hour >= {first_hour:DateTime('UTC')}
-      AND hour < {end_hour:DateTime('UTC')}
-    GROUP BY hour
-) AS m ON r.hour = m.hour
+FROM ({_COMPUTED}) AS r
+LEFT JOIN ({_MARKED}) AS m ON r.hour = m.hour
 WHERE r.computed > m.marked
+"""
+_DIRTY_SQL = f"""
+SELECT m.hour
+FROM ({_MARKED}) AS m
+LEFT JOIN ({_COMPUTED}) AS r ON m.hour = r.hour
+WHERE m.marked >= r.computed
 """
 
 CLEAN_HOURS = f"SELECT count() AS n FROM ({_CLEAN_SQL})"
-
-# The complement among hours that have events: whole hours of the window whose rollup is
-# missing or older than their last events.
-_DIRTY_SQL = """
-SELECT m.hour
-FROM (
-    SELECT hour, max(marked_at) AS marked FROM rollup_marks
-    WHERE project_id = {project:String} AND hour >= {first_hour:DateTime('UTC')}
-      AND hour < {end_hour:DateTime('UTC')}
-    GROUP BY hour
-) AS m
-LEFT JOIN (
-    SELECT hour, max(computed_at) AS computed FROM hourly_usage_by_project
-    WHERE project_id = {project:String} AND hour >= {first_hour:DateTime('UTC')}
-      AND hour < {end_hour:DateTime('UTC')}
-    GROUP BY hour
-) AS r ON m.hour = r.hour
-WHERE m.marked >= r.computed
-"""
 _DIRTY_FOR_FORMAT = _DIRTY_SQL.replace("{", "{{").replace("}", "}}")
 _CLEAN_FOR_FORMAT = _CLEAN_SQL.replace("{", "{{").replace("}", "}}")  # survives .format()
 

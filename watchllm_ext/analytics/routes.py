@@ -281,6 +281,16 @@ _SUMMARY_FIELDS = (
 )
 
 
+def _page_args(page: int, after: tuple[datetime, str] | None, span: P.Range) -> dict[str, Any]:
+    """The keyset parameters of LOGS and RUNS: page size and the cursor, if any."""
+    return {
+        "limit": page,
+        "has_cursor": 1 if after else 0,
+        "cursor_ts": after[0] if after else span.end,
+        "cursor_id": after[1] if after else "",
+    }
+
+
 def _event_row(row: dict[str, Any]) -> EventSummary:
     return EventSummary(
         **{name: row.get(name) for name in _SUMMARY_FIELDS},
@@ -303,10 +313,7 @@ async def logs(request: Request) -> Response:
         "project": project,
         "from": span.start,
         "to": span.end,
-        "limit": page,
-        "has_cursor": 1 if after else 0,
-        "cursor_ts": after[0] if after else span.end,
-        "cursor_id": after[1] if after else "",
+        **_page_args(page, after, span),
         "status": P.choice(qp, "status", _STATUSES) or "",
         "event_type": P.choice(qp, "event_type", _EVENT_TYPES) or "",
         "model": P.text(qp, "model"),
@@ -398,10 +405,7 @@ async def runs(request: Request) -> Response:
             "project": project,
             "from": span.start,
             "to": span.end,
-            "limit": page,
-            "has_cursor": 1 if after else 0,
-            "cursor_ts": after[0] if after else span.end,
-            "cursor_id": after[1] if after else "",
+            **_page_args(page, after, span),
         },
     )
     items = [_run_row(r) for r in rows]
