@@ -32,6 +32,7 @@ def _is_permanent(message: str) -> bool:
 
 class ChdbStore:
     name = "chdb"
+    cluster = None
 
     def __init__(self, path: Path) -> None:
         from chdb import session

@@ -67,6 +67,15 @@ _JSON_OUTPUT = {
 # substituted (ClickHouse issues 67117, 70741). Sent only where the server's value differs.
 _STATEMENTS = {"async_insert": "0"}
 
+# On a cluster (tables are Distributed, see watchllm_ext/store/cluster.py):
+# - a query on a Distributed table whose IN/JOIN subquery reads another one runs that
+#   subquery once and ships its result to the shards (GLOBAL), instead of being refused;
+# - an insert returns only once every shard has its rows, so the writer advances its spool
+#   cursor past events that are on the shards, not queued on this node.
+_CLUSTER_QUERIES = {"distributed_product_mode": "global"}
+# (insert_distributed_sync: the older name, which servers of every version accept.)
+_CLUSTER_INSERTS = {"insert_distributed_sync": "1"}
+
 # Errors about the data, which no retry can fix: the writer dead-letters such a batch.
 _PERMANENT_CODES = frozenset(
     {
@@ -228,7 +237,7 @@ class ClickHouseStore:
 
     name = "clickhouse"
 
-    def __init__(self, url: str | ClickHouseURL) -> None:
+    def __init__(self, url: str | ClickHouseURL, cluster: str | None = None) -> None:
         import clickhouse_connect
         from clickhouse_connect.driver import httputil
         from urllib3 import Timeout
@@ -261,8 +270,15 @@ class ClickHouseStore:
             error = self._error(exc, "connecting")
             self.close()
             raise error from exc
+        self.cluster = cluster
         self._json_settings = self._differing(_JSON_OUTPUT)
         self._statement_settings = self._differing(_STATEMENTS)
+        self._insert_settings: dict[str, str] = {}
+        if cluster:
+            self._check_cluster(cluster)
+            self._json_settings |= _CLUSTER_QUERIES
+            self._statement_settings |= _CLUSTER_QUERIES | _CLUSTER_INSERTS
+            self._insert_settings = dict(_CLUSTER_INSERTS)
         log.info(
             "ClickHouse %s at %s (database %s)",
             self._client.server_version,
@@ -301,7 +317,7 @@ class ClickHouseStore:
             return
         try:
             # Columnar: the Arrow table goes as one Arrow IPC body (INSERT ... FORMAT Arrow).
-            self._client.insert_arrow(table, data)
+            self._client.insert_arrow(table, data, settings=self._insert_settings or None)
         except Exception as exc:
             raise self._error(exc, f"inserting {data.num_rows} rows into {table}") from exc
 
@@ -327,6 +343,23 @@ class ClickHouseStore:
 
     def __repr__(self) -> str:
         return f"ClickHouseStore({self.url.redacted()!r})"
+
+    def _check_cluster(self, cluster: str) -> None:
+        try:
+            rows = self.query(
+                "SELECT count() AS hosts FROM system.clusters WHERE cluster = {cluster:String}",
+                {"cluster": cluster},
+            )
+        except StoreError:
+            self.close()
+            raise
+        if not rows or not rows[0]["hosts"]:
+            self.close()
+            raise StoreError(
+                f"cluster {cluster!r} is not defined on ClickHouse at {self.url.address}"
+                " (see SELECT DISTINCT cluster FROM system.clusters): fix cluster_name"
+                " (WATCHLLM_CLUSTER_NAME) or the server's remote_servers"
+            )
 
     def _differing(self, wanted: Mapping[str, str]) -> dict[str, str]:
         """The settings of `wanted` whose value for our user on this server differs."""
@@ -418,4 +451,4 @@ def configured_url(settings: Settings) -> str | None:
 @hookimpl
 def register_store(settings: Settings) -> ClickHouseStore | None:
     url = configured_url(settings)
-    return ClickHouseStore(url) if url else None
+    return ClickHouseStore(url, cluster=getattr(settings, "cluster_name", None)) if url else None

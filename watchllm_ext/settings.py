@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -47,6 +47,20 @@ class Settings(BaseSettings):
         None,
         description="A ClickHouse server to use instead of the embedded chDB store, as"
         " http(s)://user:password@host:port/database; see docs/DEPLOY.md.",
+    )
+    cluster_name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$",
+        description="With clickhouse_url: the cluster (from the server's remote_servers) to"
+        " create replicated, sharded tables on (ON CLUSTER); see docs/DEPLOY.md.",
+    )
+    payload_ttl_days: int = Field(
+        0,
+        ge=0,
+        le=36_500,
+        description="Days after which the large text columns (prompts, responses, tool input"
+        " and output, reasoning, stack traces, span events) are emptied; counts, tokens, cost"
+        " and latency stay. 0 keeps them forever.",
     )
     rollup_interval_s: float = Field(
         30.0,
@@ -133,6 +147,15 @@ class Settings(BaseSettings):
         description="On first `serve` with no keys, create project `default` and print its key.",
     )
 
+    @model_validator(mode="after")
+    def _cluster_needs_a_server(self) -> Settings:
+        if self.cluster_name and not self.clickhouse_url:
+            raise ValueError(
+                "cluster_name needs clickhouse_url (a cluster is a ClickHouse server setting;"
+                " the embedded store has none)"
+            )
+        return self
+
     @field_validator("plugins", "disable_plugins", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
@@ -187,7 +210,10 @@ def load_settings(**overrides: Any) -> Settings:
 def describe_settings_error(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
-        name = str(err["loc"][0]) if err["loc"] else "?"
+        if not err["loc"]:  # a rule across settings; its message names them
+            lines.append(f"invalid settings: {err['msg'].removeprefix('Value error, ')}")
+            continue
+        name = str(err["loc"][0])
         lines.append(
             f"invalid setting {name} (env WATCHLLM_{name.upper()}): {err['msg']}"
             f" (got {err.get('input')!r})"

@@ -26,6 +26,9 @@ class StoreLockedError(StoreError):
 @runtime_checkable
 class Store(Protocol):
     name: str
+    # The ClickHouse cluster the tables are spread over (migrations then run in their cluster
+    # form, see cluster.py), or None on a single node.
+    cluster: str | None
 
     def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
         """Run a statement with no result (DDL, INSERT … SELECT)."""

@@ -3,6 +3,9 @@
 Applied versions are recorded in `schema_migrations` with a checksum, so a start or a
 `watchllm migrate` applies only what is new. Statements are idempotent (IF NOT EXISTS), so a
 migration interrupted half-way converges when run again.
+
+On a cluster (a store whose `cluster` is set) each statement runs in its cluster form, made by
+cluster.py from the same SQL.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 from .base import Store
+from .cluster import for_cluster
 
 log = logging.getLogger("watchllm.store")
 
@@ -60,9 +64,22 @@ def load_migrations() -> list[Migration]:
     return found
 
 
+def in_form_for(statements: list[str], cluster: str | None) -> list[str]:
+    """The statements as they run on a single node (cluster None) or on `cluster`."""
+    if not cluster:
+        return statements
+    return [form for statement in statements for form in for_cluster(statement, cluster)]
+
+
+def tracking_table_statements(cluster: str | None) -> list[str]:
+    return in_form_for([_TRACKING_TABLE.strip()], cluster)
+
+
 def apply_migrations(store: Store) -> list[str]:
     """Apply every migration not yet recorded; return the names applied now."""
-    store.execute(_TRACKING_TABLE)
+    cluster = getattr(store, "cluster", None)
+    for statement in tracking_table_statements(cluster):
+        store.execute(statement)
     rows = store.query("SELECT version, checksum FROM schema_migrations")
     applied = {int(r["version"]): r["checksum"] for r in rows}
     done = []
@@ -75,7 +92,7 @@ def apply_migrations(store: Store) -> list[str]:
                     migration.name,
                 )
             continue
-        for statement in migration.statements():
+        for statement in in_form_for(migration.statements(), cluster):
             store.execute(statement)
         store.execute(
             # INSERT … SELECT, not VALUES: servers with async_insert on do not substitute
