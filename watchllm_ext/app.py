@@ -50,6 +50,7 @@ from .settings import Settings, load_settings
 from .spool import Spool
 from .store import Store, apply_migrations
 from .store.base import StoreLockedError
+from .store.retention import apply_payload_ttl
 from .writer import Log, MemoryLog, Sink, Writer, WriterClosed, WriterFull
 
 log = logging.getLogger("watchllm.app")
@@ -87,6 +88,9 @@ class WatchLLM:
         try:
             if store is not None:
                 self.migrations_applied = await anyio.to_thread.run_sync(apply_migrations, store)
+                await anyio.to_thread.run_sync(
+                    apply_payload_ttl, store, self.settings.payload_ttl_days
+                )
             sinks = _flatten_sinks(self.pm.hook.register_sinks(settings=self.settings, store=store))
             if not sinks:
                 log.warning("no sink is registered: accepted events will not be kept anywhere")
