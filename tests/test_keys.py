@@ -109,3 +109,20 @@ def test_scopes(server: Running) -> None:
         headers=server.headers(other),
     )
     assert r.status_code == 403 and "acme" in r.json()["message"]
+
+
+# Several processes, each with its own data folder (spool), in front of one ClickHouse server.
+@pytest.mark.stores("clickhouse", "server")
+def test_processes_with_their_own_data_dir_share_one_key_file(
+    server_factory: Any, tmp_path: Path
+) -> None:
+    shared = tmp_path / "shared" / "keys.sqlite3"
+    first = server_factory(data_dir=tmp_path / "one", keys_file=shared)
+    second = server_factory(data_dir=tmp_path / "two", keys_file=shared)
+    assert first.wl.settings.spool_path != second.wl.settings.spool_path
+    key = KeyStore(shared).create("acme", scope="ingest")
+    for server in (first, second):
+        _wait_for(server, key, 202)
+    KeyStore(shared).revoke(key)
+    for server in (first, second):
+        _wait_for(server, key, 401)

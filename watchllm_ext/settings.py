@@ -134,6 +134,11 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(
         30.0, ge=0, description="Time given to sinks to take what is buffered at shutdown."
     )
+    keys_file: Path | None = Field(
+        None,
+        description="The API-key file (default: <data_dir>/keys.sqlite3). Several processes on"
+        " one machine, each with its own data_dir, share keys by naming the same file.",
+    )
     key_refresh_s: float = Field(
         1.0, gt=0, le=2.0, description="How often the server rereads the key file (seconds)."
     )
@@ -184,7 +189,7 @@ class Settings(BaseSettings):
 
     @property
     def keys_path(self) -> Path:
-        return self.data_dir / "keys.sqlite3"
+        return self.keys_file or self.data_dir / "keys.sqlite3"
 
     @property
     def store_path(self) -> Path:
