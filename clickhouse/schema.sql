@@ -184,3 +184,15 @@ CREATE MATERIALIZED VIEW IF NOT EXISTS rollup_marks_mv TO rollup_marks AS
 SELECT project_id, toStartOfHour(timestamp) AS hour, now64(6, 'UTC') AS marked_at
 FROM events
 GROUP BY project_id, hour;
+
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id String,
+    project_id String,
+    scope LowCardinality(String),
+    secret_hash String,
+    name String,
+    created_at DateTime64(3, 'UTC'),
+    revoked_at Nullable(DateTime64(3, 'UTC')),
+    updated_at DateTime64(6, 'UTC')
+) ENGINE = ReplacingMergeTree(updated_at)
+ORDER BY key_id;

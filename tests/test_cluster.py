@@ -14,6 +14,8 @@ No ClickHouse cluster (nor Keeper) can run here, so the cluster DDL is checked i
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -322,3 +324,51 @@ def test_an_unknown_cluster_is_one_clear_line(fx: Fixture) -> None:
     message = str(caught.value)
     assert "cluster 'nosuch' is not defined" in message and "WATCHLLM_CLUSTER_NAME" in message
     assert "\n" not in message
+
+
+# --- watchllm migrate --print-sql -----------------------------------------------------------
+
+
+def _print_sql(*args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "watchllm_ext.cli", "migrate", "--print-sql", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return done.stdout
+
+
+def _statements(script: str) -> list[str]:
+    body = "\n".join(line for line in script.splitlines() if not line.startswith("--"))
+    return [part.strip() for part in body.split(";\n") if part.strip().rstrip(";")]
+
+
+def test_print_sql_is_what_migrate_runs(tmp_path: Path) -> None:
+    assert [s.rstrip(";") for s in _statements(_print_sql("--cluster", CLUSTER))] == (
+        cluster_statements()
+    )
+    # The single-node script, run by hand, builds the same tables as the migrations.
+    by_hand = ChdbStore(tmp_path / "by-hand")
+    try:
+        for statement in _statements(_print_sql()):
+            by_hand.execute(statement.rstrip(";"))
+        tables = by_hand.query(
+            "SELECT name, create_table_query FROM system.tables"
+            " WHERE database = currentDatabase() ORDER BY name"
+        )
+    finally:
+        by_hand.close()
+    migrated = ChdbStore(tmp_path / "migrated")
+    try:
+        from watchllm_ext.store import apply_migrations
+
+        apply_migrations(migrated)
+        want = migrated.query(
+            "SELECT name, create_table_query FROM system.tables"
+            " WHERE database = currentDatabase() ORDER BY name"
+        )
+    finally:
+        migrated.close()
+    assert tables == want

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import sys
@@ -126,3 +127,72 @@ def test_processes_with_their_own_data_dir_share_one_key_file(
     KeyStore(shared).revoke(key)
     for server in (first, second):
         _wait_for(server, key, 401)
+
+
+# key_store = clickhouse: the keys live on the server, for every process in front of it.
+@pytest.mark.stores("clickhouse", "server")
+def test_keys_on_the_server_reach_every_process(
+    server_factory: Any, store_backend: Any, tmp_path: Path
+) -> None:
+    on_server = {"clickhouse_url": store_backend.url(), "key_store": "clickhouse"}
+    first = server_factory(data_dir=tmp_path / "one", **on_server)
+    second = server_factory(data_dir=tmp_path / "two", **on_server)
+    env = {
+        **os.environ,
+        "WATCHLLM_CLICKHOUSE_URL": on_server["clickhouse_url"],
+        "WATCHLLM_KEY_STORE": "clickhouse",
+    }
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "watchllm_ext.cli", "keys", *args,
+             "--data-dir", str(tmp_path / "cli")],
+            capture_output=True, text=True, timeout=60, check=False, env=env,
+        )  # fmt: skip
+
+    created = cli("create", "--project", "acme", "--scope", "ingest", "--name", "shared")
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip().splitlines()[-1]
+    assert not (tmp_path / "cli" / "keys.sqlite3").exists()  # not in a local file
+    for server in (first, second):
+        _wait_for(server, key, 202)
+        # Each process authenticates from its own copy, which holds only the hash.
+        copy = server.settings.keys_path.read_bytes()
+        assert (split_key(key) or ("", ""))[1].encode() not in copy
+    listed = cli("list", "--project", "acme")
+    assert "shared" in listed.stdout and "ingest" in listed.stdout
+    revoked = cli("revoke", key)
+    assert revoked.returncode == 0, revoked.stderr
+    for server in (first, second):
+        _wait_for(server, key, 401)
+    assert cli("revoke", key).returncode != 0  # already revoked: one clear line
+    assert "no active key" in cli("revoke", key).stderr
+
+
+def test_keys_keep_working_from_the_copy_while_the_server_is_down(tmp_path: Path) -> None:
+    from chfixture import start_fixture
+
+    from watchllm_ext.builtins.key_auth import KeyAuth
+    from watchllm_ext.keys import ServerKeyStore
+    from watchllm_ext.settings import Settings
+    from watchllm_ext.store import apply_migrations
+    from watchllm_plugins.clickhouse_store import ClickHouseStore
+
+    fixture = start_fixture(tmp_path / "fixture")
+    try:
+        url = fixture.url + "default?connect_timeout=1&send_receive_timeout=2"
+        store = ClickHouseStore(url)
+        apply_migrations(store)
+        key = ServerKeyStore(store).create("acme", scope="read")
+        settings = Settings(data_dir=tmp_path / "data", clickhouse_url=url, key_store="clickhouse")
+        auth = KeyAuth(KeyStore(settings.keys_path, refresh_s=0.01))
+        task = auth.register_background_tasks(settings=settings, store=store)
+        assert task is not None
+        assert auth.authenticate(key, None) is not None  # synced before the first request
+    finally:
+        fixture.stop()
+    auth._sync(ServerKeyStore(store))  # the server is gone: the copy stays
+    time.sleep(0.05)
+    principal = auth.authenticate(key, None)
+    assert principal is not None and principal.project_id == "acme"
+    store.close()

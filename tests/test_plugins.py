@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -304,3 +305,52 @@ class ExtraRoute:
 def test_hook_register_routes(server_factory: Any) -> None:
     server = server_factory(plugin_objects=(ExtraRoute(),))
     assert server.client.get("/-/hello").json() == {"data_dir": str(server.settings.data_dir)}
+
+
+class Ticker:
+    """Background tasks: one that ticks until the server stops, one that fails at once."""
+
+    def __init__(self) -> None:
+        self.ticks = 0
+        self.cancelled = False
+        self.store_name: str | None = None
+
+    @hookimpl
+    def register_background_tasks(self, settings: Settings, store: Any) -> list[Any]:
+        self.store_name = store.name if store is not None else None
+
+        async def tick() -> None:
+            import anyio
+
+            try:
+                while True:
+                    self.ticks += 1
+                    await anyio.sleep(0.01)
+            except anyio.get_cancelled_exc_class():
+                self.cancelled = True
+                raise
+
+        async def fail() -> None:
+            raise RuntimeError("broken background task")
+
+        return [tick, fail]
+
+
+def test_hook_register_background_tasks(
+    server_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    ticker = Ticker()
+    server = server_factory(plugin_objects=(ticker,))
+    assert ticker.store_name == "chdb"  # called after the store is open
+    deadline = time.monotonic() + 5
+    while ticker.ticks < 5 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert ticker.ticks >= 5
+    # The failing task is logged with its name; the server keeps serving.
+    assert any("fail" in r.getMessage() and r.exc_info for r in caplog.records)
+    response = server.client.post(
+        "/v1/projects/acme/events", json=prompt_call(), headers=server.headers()
+    )
+    assert response.status_code == 202
+    server.stop()
+    assert ticker.cancelled

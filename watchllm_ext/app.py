@@ -25,11 +25,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from . import __version__
-from .analytics.rollup import refresh_rollups
 from .analytics.routes import routes as analytics_routes
 from .auth import Principal, Scope, bearer_token
 from .dead_letters import done, read_dead_letters, summary, take_dead_letters, targeted_payload
 from .errors import Problem, problem_handler, unauthorized
+from .hookspecs import BackgroundTask
 from .ingest import (
     Outcome,
     check_content_type,
@@ -92,6 +92,7 @@ class WatchLLM:
                     apply_payload_ttl, store, self.settings.payload_ttl_days
                 )
             sinks = _flatten_sinks(self.pm.hook.register_sinks(settings=self.settings, store=store))
+            tasks = await anyio.to_thread.run_sync(self._background_tasks, store)
             if not sinks:
                 log.warning("no sink is registered: accepted events will not be kept anywhere")
             s = self.settings
@@ -117,8 +118,8 @@ class WatchLLM:
                 self.store = store
                 async with writer, anyio.create_task_group() as background:
                     self.writer = writer
-                    if store is not None:
-                        background.start_soon(_keep_rollups, store, s.rollup_interval_s)
+                    for task in tasks:
+                        background.start_soon(_run_background, task)
                     try:
                         yield self
                     finally:
@@ -132,6 +133,12 @@ class WatchLLM:
             self.store = None
             if store is not None:
                 store.close()
+
+    def _background_tasks(self, store: Store | None) -> list[BackgroundTask]:
+        found: list[BackgroundTask] = []
+        for result in self.pm.hook.register_background_tasks(settings=self.settings, store=store):
+            found.extend(result if isinstance(result, list | tuple) else [result])
+        return [task for task in found if task is not None]
 
     def authenticate(self, request: Request, scope: Scope) -> Principal:
         token = bearer_token(request.headers.get("authorization"))
@@ -179,14 +186,16 @@ class WatchLLM:
             ) from None
 
 
-async def _keep_rollups(store: Store, interval_s: float) -> None:
-    """Recompute the hourly rollups that got events, every `interval_s`; never fatal."""
-    while True:
-        await anyio.sleep(interval_s)
-        try:
-            await anyio.to_thread.run_sync(refresh_rollups, store)
-        except Exception:
-            log.exception("refreshing the hourly rollups failed; trying again later")
+async def _run_background(task: BackgroundTask) -> None:
+    """Run a plugin's background task; one that fails is logged, never fatal."""
+    try:
+        await task()
+    except Exception:
+        log.exception("background task %s failed; it is not restarted", _name(task))
+
+
+def _name(task: BackgroundTask) -> str:
+    return getattr(task, "__qualname__", repr(task))
 
 
 def _open_log(settings: Settings) -> tuple[Log, FolderLock | None]:

@@ -7,7 +7,7 @@ owns its timeouts, retries and error isolation.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -21,6 +21,9 @@ if TYPE_CHECKING:
     from .settings import Settings
     from .store.base import Store
     from .writer import Sink
+
+# An async function run beside the server for its whole life (register_background_tasks).
+BackgroundTask = Callable[[], Awaitable[None]]
 
 hookspec = pluggy.HookspecMarker("watchllm")
 hookimpl = pluggy.HookimplMarker("watchllm")
@@ -88,4 +91,18 @@ def register_sinks(settings: Settings, store: Store | None) -> Sequence[Sink] | 
 def register_routes(settings: Settings) -> Sequence[BaseRoute] | None:
     """Return extra Starlette routes to add to the app. Called once at start; every result is
     used. Routes are added after the built-in ones, under the same prefix when mounted.
+    """
+
+
+@hookspec
+def register_background_tasks(
+    settings: Settings, store: Store | None
+) -> Sequence[BackgroundTask] | BackgroundTask | None:
+    """Return async functions (no arguments) to run beside the server for its whole life.
+
+    Called once at start, after the store is open and migrated; every result is used. Each
+    task runs in the app's task group and is cancelled at shutdown. A task that raises is
+    logged and not restarted; it never stops the server. Blocking work belongs in
+    `anyio.to_thread.run_sync`. Work that must be done before the first request (a first
+    sync) can be done in the hook itself.
     """

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from .auth import SCOPES, Principal
+from .store.base import Store
 
 KEY_PREFIX = "wllm"  # recognisable, so secret scanners can find leaked keys
 _SCHEMA = """
@@ -85,27 +86,14 @@ class KeyStore:
 
     def create(self, project_id: str, scope: str = "ingest", name: str = "") -> str:
         """Create a key and return it in full; this is the only time it can be seen."""
-        if scope not in SCOPES:
-            raise KeyStoreError(f"scope must be one of {', '.join(SCOPES)}, not {scope!r}")
-        from pydantic import TypeAdapter, ValidationError
-
-        from .schema import ProjectId  # the same rule as in event bodies
-
-        try:
-            TypeAdapter(ProjectId).validate_python(project_id)
-        except ValidationError:
-            raise KeyStoreError(
-                f"project must be 1-64 letters, digits, '_', '.' or '-', not {project_id!r}"
-            ) from None
-        key_id = secrets.token_hex(6)
-        secret = secrets.token_urlsafe(32)
+        key_id, secret, key = _new_key(project_id, scope)
         with self._connect() as conn:
             conn.execute(
                 "INSERT INTO api_keys (key_id, project_id, scope, secret_hash, name, created_at)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 (key_id, project_id, scope, _hash(secret), name, _now()),
             )
-        return f"{KEY_PREFIX}_{key_id}_{secret}"
+        return key
 
     def list(self, project_id: str | None = None) -> list[KeyRecord]:
         with self._connect() as conn:
@@ -132,6 +120,19 @@ class KeyStore:
     def is_empty(self) -> bool:
         with self._connect() as conn:
             return conn.execute("SELECT count(*) FROM api_keys").fetchone()[0] == 0
+
+    def mirror(self, rows: list[KeyRow]) -> bool:
+        """Make the file hold exactly `rows` (the server's keys); False if it did already."""
+        wanted = sorted(rows)
+        with self._connect() as conn:
+            have = sorted(conn.execute(f"SELECT {_ROW_COLUMNS} FROM api_keys").fetchall())
+            if have == wanted:
+                return False
+            conn.execute("DELETE FROM api_keys")
+            conn.executemany(
+                f"INSERT INTO api_keys ({_ROW_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", wanted
+            )
+        return True
 
     # --- lookup (server) -------------------------------------------------------------------
 
@@ -181,3 +182,91 @@ class KeyStore:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _new_key(project_id: str, scope: str) -> tuple[str, str, str]:
+    """Check the project and scope; return a new (key id, secret, full key)."""
+    if scope not in SCOPES:
+        raise KeyStoreError(f"scope must be one of {', '.join(SCOPES)}, not {scope!r}")
+    from pydantic import TypeAdapter, ValidationError
+
+    from .schema import ProjectId  # the same rule as in event bodies
+
+    try:
+        TypeAdapter(ProjectId).validate_python(project_id)
+    except ValidationError:
+        raise KeyStoreError(
+            f"project must be 1-64 letters, digits, '_', '.' or '-', not {project_id!r}"
+        ) from None
+    key_id = secrets.token_hex(6)
+    secret = secrets.token_urlsafe(32)
+    return key_id, secret, f"{KEY_PREFIX}_{key_id}_{secret}"
+
+
+# --- keys on the server (key_store = clickhouse) ----------------------------------------------
+
+# key_id, project_id, scope, secret_hash, name, created_at, revoked_at
+KeyRow = tuple[str, str, str, str, str, str, str | None]
+_ROW_COLUMNS = "key_id, project_id, scope, secret_hash, name, created_at, revoked_at"
+_ISO = "'%Y-%m-%dT%H:%i:%S+00:00'"  # the text the key file holds: isoformat, whole seconds
+_SERVER_ROWS = f"""
+SELECT key_id, project_id, scope, secret_hash, name, formatDateTime(created_at, {_ISO}) AS created,
+       if(revoked_at IS NULL, NULL, formatDateTime(assumeNotNull(revoked_at), {_ISO})) AS revoked
+FROM api_keys FINAL
+"""
+
+
+class ServerKeyStore:
+    """API keys in the `api_keys` table of the store (a ClickHouse server), shared by every
+    process in front of it. Each process copies them into its key file (`KeyStore.mirror`)
+    and authenticates from that copy, so a request never waits on the server and keys keep
+    working while the server is down."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def create(self, project_id: str, scope: str = "ingest", name: str = "") -> str:
+        key_id, secret, key = _new_key(project_id, scope)
+        self.store.execute(
+            "INSERT INTO api_keys (key_id, project_id, scope, secret_hash, name, created_at,"
+            " revoked_at, updated_at) SELECT {key_id:String}, {project:String}, {scope:String},"
+            " {hash:String}, {name:String}, now64(3, 'UTC'), NULL, now64(6, 'UTC')",
+            {"key_id": key_id, "project": project_id, "scope": scope, "hash": _hash(secret),
+             "name": name},
+        )  # fmt: skip
+        return key
+
+    def rows(self) -> list[KeyRow]:
+        found = self.store.query(_SERVER_ROWS)
+        return [
+            (r["key_id"], r["project_id"], r["scope"], r["secret_hash"], r["name"],
+             r["created"], r["revoked"])
+            for r in found
+        ]  # fmt: skip
+
+    def list(self, project_id: str | None = None) -> list[KeyRecord]:
+        records = [
+            KeyRecord(key_id, project, scope, name, created, revoked)
+            for key_id, project, scope, _, name, created, revoked in self.rows()
+            if project_id is None or project == project_id
+        ]
+        return sorted(records, key=lambda r: (r.created_at, r.key_id))
+
+    def revoke(self, key_id: str) -> bool:
+        parts = split_key(key_id)
+        if parts:
+            key_id = parts[0]
+        active = [row for row in self.rows() if row[0] == key_id and row[6] is None]
+        if not active:
+            return False
+        # A newer version of the row, with revoked_at set, replaces the active one.
+        self.store.execute(
+            "INSERT INTO api_keys SELECT key_id, project_id, scope, secret_hash, name,"
+            " created_at, now64(3, 'UTC'), now64(6, 'UTC') FROM api_keys FINAL"
+            " WHERE key_id = {key_id:String} AND revoked_at IS NULL",
+            {"key_id": key_id},
+        )
+        return True
+
+    def is_empty(self) -> bool:
+        return self.store.query("SELECT count() AS n FROM api_keys")[0]["n"] == 0

@@ -26,6 +26,7 @@ DEFAULT_PLUGINS = (
     "watchllm_ext.builtins.key_auth",
     "watchllm_ext.builtins.cost",
     "watchllm_ext.builtins.store_sink",
+    "watchllm_ext.builtins.rollup",
 )
 
 

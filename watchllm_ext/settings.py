@@ -134,6 +134,12 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(
         30.0, ge=0, description="Time given to sinks to take what is buffered at shutdown."
     )
+    key_store: Literal["file", "clickhouse"] = Field(
+        "file",
+        description="Where API keys live: `file` (keys_file, local to a machine) or"
+        " `clickhouse` (a table on the clickhouse_url server, shared by every process in front"
+        " of it; keys_file then holds this process's copy, read when the server is down).",
+    )
     keys_file: Path | None = Field(
         None,
         description="The API-key file (default: <data_dir>/keys.sqlite3). Several processes on"
@@ -158,6 +164,10 @@ class Settings(BaseSettings):
             raise ValueError(
                 "cluster_name needs clickhouse_url (a cluster is a ClickHouse server setting;"
                 " the embedded store has none)"
+            )
+        if self.key_store == "clickhouse" and not self.clickhouse_url:
+            raise ValueError(
+                "key_store = clickhouse needs clickhouse_url (the server to keep keys on)"
             )
         return self
 

@@ -26,9 +26,9 @@ class StoreLockedError(StoreError):
 @runtime_checkable
 class Store(Protocol):
     name: str
-    # The ClickHouse cluster the tables are spread over (migrations then run in their cluster
-    # form, see cluster.py), or None on a single node.
-    cluster: str | None
+    # Optional: the ClickHouse cluster the tables are spread over (migrations then run in
+    # their cluster form, see cluster.py); absent or None on a single node. Read it with
+    # cluster_of(store).
 
     def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
         """Run a statement with no result (DDL, INSERT … SELECT)."""
@@ -44,3 +44,8 @@ class Store(Protocol):
 
     def close(self) -> None:
         """Release the store (and its data folder lock)."""
+
+
+def cluster_of(store: Store) -> str | None:
+    """The store's cluster, None for a single node (or a store that predates clusters)."""
+    return getattr(store, "cluster", None)

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 
-from .base import Store
+from .base import Store, cluster_of
 from .cluster import for_cluster
 
 log = logging.getLogger("watchllm.store")
@@ -77,7 +77,7 @@ def tracking_table_statements(cluster: str | None) -> list[str]:
 
 def apply_migrations(store: Store) -> list[str]:
     """Apply every migration not yet recorded; return the names applied now."""
-    cluster = getattr(store, "cluster", None)
+    cluster = cluster_of(store)
     for statement in tracking_table_statements(cluster):
         store.execute(statement)
     rows = store.query("SELECT version, checksum FROM schema_migrations")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import re
 
-from .base import Store
+from .base import Store, cluster_of
 from .cluster import load_layout
 from .migrations import in_form_for
 
@@ -30,12 +30,14 @@ TIME_COLUMN = {
 
 def payload_columns(store: Store, table: str) -> dict[str, str | None]:
     """Payload column -> its current TTL expression (None if it has none)."""
-    physical = load_layout().local(table) if store.cluster else table
+    physical = load_layout().local(table) if cluster_of(store) else table
     columns = store.query(
         "SELECT name FROM system.columns WHERE database = currentDatabase()"
         " AND table = {t:String} AND compression_codec LIKE '%ZSTD%' ORDER BY position",
         {"t": physical},
     )
+    if not columns:  # a store without this table, or one we cannot inspect
+        return {}
     (create,) = store.query(
         "SELECT create_table_query AS q FROM system.tables"
         " WHERE database = currentDatabase() AND name = {t:String}",
@@ -60,7 +62,7 @@ def apply_payload_ttl(store: Store, days: int) -> list[str]:
                 continue
             change = f"TTL {wanted}" if wanted else "REMOVE TTL"
             statement = f"ALTER TABLE {table} MODIFY COLUMN {column} {change}"
-            for sql in in_form_for([statement], store.cluster):
+            for sql in in_form_for([statement], cluster_of(store)):
                 store.execute(sql)
             changed.append(f"{table}.{column}")
     if changed:
