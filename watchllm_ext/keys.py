@@ -4,6 +4,9 @@ Keys live in a small SQLite file in the data folder, not in chDB: a chDB folder 
 in one process only, and `watchllm keys create` must work while `watchllm serve` runs.
 Only SHA-256 of the secret is stored; the key is shown once. The server rereads the file
 when SQLite says another connection changed it (checked at most every `key_refresh_s`).
+
+With key_store = clickhouse the keys live in the server's `api_keys` table (ServerKeyStore),
+shared by every process in front of it; each process mirrors them into its key file.
 """
 
 from __future__ import annotations
