@@ -1,4 +1,5 @@
-"""Shared fixtures: a real WatchLLM server (uvicorn on loopback, chDB in a temp folder)."""
+"""Shared fixtures: a real WatchLLM server (uvicorn on loopback, chDB in a temp folder, or the
+ClickHouse store of the test's `store_backend`: see tests/stores.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -17,6 +18,12 @@ import uvicorn
 from watchllm_ext.app import create_app
 from watchllm_ext.keys import KeyStore
 from watchllm_ext.settings import Settings
+
+if TYPE_CHECKING:  # imported by pytest as a plugin first, for its assertion rewriting
+    from stores import StoreBackend
+
+# store_backend and the EVERY_STORE parametrization of the storage tests.
+pytest_plugins = ["stores"]
 
 
 def free_port() -> int:
@@ -100,18 +107,23 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
 
 
 @pytest.fixture
-def server_factory(tmp_path: Path) -> Iterator[Any]:
-    """Start a server with given settings overrides and plugins; stopped at teardown."""
+def server_factory(tmp_path: Path, store_backend: StoreBackend) -> Iterator[Any]:
+    """Start a server with given settings overrides and plugins; stopped at teardown. Its
+    store is the test's `store_backend` (the embedded chDB unless the test runs on every
+    store), unless the overrides name another."""
     started: list[ServerThread] = []
     clients: list[httpx.Client] = []
 
     def start(plugin_objects: tuple[Any, ...] = (), **overrides: Any) -> Running:
-        settings = make_settings(tmp_path, **overrides)
+        settings = make_settings(tmp_path, **{**store_backend.settings(), **overrides})
         keys = KeyStore(settings.keys_path, refresh_s=0.2)
         key = keys.create("acme", scope="admin")
         app = create_app(settings, plugins=plugin_objects)
         thread = ServerThread(app).__enter__()
         started.append(thread)
+        if store_backend.is_clickhouse and not plugin_objects and "clickhouse_url" not in overrides:
+            # The test id names this store: make sure no other one was used instead.
+            assert app.state.watchllm.store.name == "clickhouse", app.state.watchllm.store
         client = httpx.Client(base_url=thread.url, timeout=30)
         clients.append(client)
         return Running(thread.url, app, settings, keys, key, client, thread)

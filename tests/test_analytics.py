@@ -1,6 +1,10 @@
 """The analytics API against a generated data set whose answers are computed here, in plain
 Python: every figure of stats and timeseries, across bucket edges and time zones, from the
-raw table and from the hourly rollup alike; logs pagination; one event; runs; isolation."""
+raw table and from the hourly rollup alike; logs pagination; one event; runs; isolation.
+
+Every test that reads the store runs on every store (tests/stores.py): the embedded chDB, the
+ClickHouse store against tests/chfixture.py, and a real server when one is configured; each
+is held to the same expectations, computed here."""
 
 from __future__ import annotations
 
@@ -14,8 +18,11 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from conftest import Running
+from stores import CHDB_ONLY, EVERY_STORE
 
 from watchllm_ext.analytics.rollup import refresh_rollups
+
+pytestmark = EVERY_STORE
 
 START = datetime(2026, 1, 1, 0, 0, tzinfo=UTC)
 
@@ -446,6 +453,8 @@ ROUTES = [
 ]
 
 
+# Keys and scopes are checked before any query: no store is asked, so one store will do.
+@CHDB_ONLY
 @pytest.mark.parametrize("path", ROUTES)
 def test_isolation(server: Running, path: str) -> None:
     other = server.keys.create("other", scope="read")
@@ -461,6 +470,8 @@ def test_isolation(server: Running, path: str) -> None:
     assert r.status_code == 401 and "WWW-Authenticate" in r.headers
 
 
+# Parameters are refused before any query: no store is asked, so one store will do.
+@CHDB_ONLY
 @pytest.mark.parametrize(
     ("path", "params", "field"),
     [
@@ -495,8 +506,13 @@ def test_bad_parameters_name_the_parameter(
 
 def test_calls_without_latency_give_zero_percentiles_not_errors(server: Running) -> None:
     t = datetime(2026, 3, 1, 12, tzinfo=UTC)
-    event = {"event_id": "no-latency", "event_type": "prompt_call", "run_id": "r",
-             "timestamp": _iso(t), "model": "gpt-4o"}
+    event = {
+        "event_id": "no-latency",
+        "event_type": "prompt_call",
+        "run_id": "r",
+        "timestamp": _iso(t),
+        "model": "gpt-4o",
+    }
     r = server.client.post("/v1/events/batch", headers=server.headers(), json={"events": [event]})
     assert r.status_code == 202
     server.flush()

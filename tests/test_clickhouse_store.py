@@ -8,7 +8,6 @@ mid-ingest and comes back, a timeout, a migration interrupted half-way)."""
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ import httpx
 import pytest
 from chfixture import Fixture, start_fixture
 from conftest import free_port
+from stores import FIXTURE_PASSWORD, FIXTURE_USER, ClickHouseTarget
 from test_analytics import START, make_events
 from test_ingest import ALL_TYPES
 
@@ -33,67 +33,25 @@ from watchllm_ext.analytics.rollup import refresh_rollups
 from watchllm_ext.schema import EVENT_LIST_ADAPTER
 from watchllm_ext.settings import Settings
 from watchllm_ext.store import StoreError, apply_migrations, load_migrations
-from watchllm_ext.store import migrations as migrations_module
 from watchllm_ext.store.rows import tables_for
 from watchllm_plugins import clickhouse_store
 from watchllm_plugins.chdb_store import ChdbStore
 from watchllm_plugins.clickhouse_store import ClickHouseStore, parse_url, register_store
 
-USER = "watchllm"
-PASSWORD = "p@ss:w/rd %"  # characters that must be URL-encoded in the URL
+USER = FIXTURE_USER
+PASSWORD = FIXTURE_PASSWORD  # characters that must be URL-encoded in the URL
 PROJECT = "acme"
 TRICKY = "tab\there 'single' \"double\" back\\slash\nnewline ünïcode \u2028 ✓ 🚀"
 TABLES = {"events", "tool_calls", "agent_steps", "spans", "traces", "hourly_usage_by_project"}
 
 
-# --- a known gap of the test fixture --------------------------------------------------------
-
-# tests/chfixture.py streams the data of INSERT ... VALUES into chDB without the request's
-# query parameters, so `VALUES ({version:UInt32}, ...)` fails there with 456 (a ClickHouse
-# server substitutes them, unless async_insert is on). apply_migrations records a migration
-# that way; until migrations.py uses INSERT ... SELECT (or the fixture passes parameters to
-# VALUES), that one statement is sent as the equivalent INSERT ... SELECT here. Nothing else
-# is changed, and the shim switches itself off once migrations.py no longer uses VALUES.
-_RECORD = re.compile(
-    r"^(\s*INSERT INTO schema_migrations \([^()]*\))\s*VALUES\s*\((.*)\)\s*$", re.S
-)
-
-
-def _fixture_needs_shim() -> bool:
-    import inspect
-
-    return "VALUES ({version:UInt32}" in inspect.getsource(migrations_module)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _migration_record_as_select() -> Iterator[None]:
-    if not _fixture_needs_shim():
-        yield
-        return
-    original = ClickHouseStore.execute
-
-    def execute(self: ClickHouseStore, sql: str, params: Any = None) -> None:
-        found = _RECORD.match(sql)
-        if found and params:
-            sql = f"{found[1]} SELECT {found[2]}"
-        original(self, sql, params)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ClickHouseStore, "execute", execute)
-        yield
-
-
 # --- fixtures ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def fx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fixture]:
-    fixture = start_fixture(tmp_path_factory.mktemp("chfx"), USER, PASSWORD)
-    try:
-        yield fixture
-    finally:
-        fixture.stop()
-    assert "Traceback" not in fixture.log(), fixture.log()
+@pytest.fixture
+def fx(chfixture_server: Fixture) -> Fixture:
+    """The session's chfixture (tests/stores.py), which the every-store tests use too."""
+    return chfixture_server
 
 
 def create_database(fixture: Fixture, name: str | None = None) -> str:
@@ -107,8 +65,11 @@ def create_database(fixture: Fixture, name: str | None = None) -> str:
 
 
 @pytest.fixture
-def database(fx: Fixture) -> str:
-    return create_database(fx)
+def database(chfixture_target: ClickHouseTarget) -> Iterator[str]:
+    """A database of this test's own on the session's chfixture, dropped after it."""
+    name = chfixture_target.create_database()
+    yield name
+    chfixture_target.drop_database(name)
 
 
 @pytest.fixture

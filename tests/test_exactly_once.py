@@ -13,10 +13,13 @@ import statistics
 from typing import Any
 
 from conftest import Running, prompt_call
+from stores import EVERY_STORE
 
 from watchllm_ext.auth import Principal
 from watchllm_ext.schema import EVENT_LIST_ADAPTER
 from watchllm_ext.store.rows import tables_for
+
+pytestmark = EVERY_STORE  # FINAL's deduplication is the store's: hold every store to it
 
 FIGURES = """
 SELECT

@@ -1,4 +1,5 @@
-"""Ingestion over real HTTP into real chDB: single, array, batch, every event type."""
+"""Ingestion over real HTTP into every store (tests/stores.py): single, array, batch, every
+event type, each field read back as stored."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import json
 from typing import Any
 
 from conftest import Running, prompt_call
+from stores import EVERY_STORE
+
+pytestmark = EVERY_STORE
 
 ALL_TYPES: list[dict[str, Any]] = [
     prompt_call(

@@ -4,16 +4,15 @@ text columns of old rows in ClickHouse's merges and keeps every count, token and
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from conftest import Running, prompt_call
+from stores import EVERY_STORE, StoreBackend
 
 from watchllm_ext.schema import EVENT_LIST_ADAPTER
 from watchllm_ext.store import apply_migrations
 from watchllm_ext.store.retention import apply_payload_ttl, payload_columns
 from watchllm_ext.store.rows import tables_for
-from watchllm_plugins.chdb_store import ChdbStore
 
 PAYLOAD = {
     "events": {
@@ -30,8 +29,11 @@ def _ts(days_ago: int) -> str:
     return (datetime.now(UTC) - timedelta(days=days_ago)).isoformat()
 
 
-def test_ttl_empties_old_payloads_and_keeps_the_figures(tmp_path: Path) -> None:
-    store = ChdbStore(tmp_path / "chdb")
+pytestmark = EVERY_STORE
+
+
+def test_ttl_empties_old_payloads_and_keeps_the_figures(store_backend: StoreBackend) -> None:
+    store = store_backend.open()
     try:
         apply_migrations(store)
         assert {t: set(payload_columns(store, t)) for t in PAYLOAD} == PAYLOAD

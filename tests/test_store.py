@@ -1,51 +1,59 @@
-"""The embedded chDB store: migrations once, schema.sql in step, bound parameters, the lock."""
+"""Every store (tests/stores.py): migrations once, schema.sql in step, bound parameters; and
+the embedded chDB store's folder lock."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from stores import EVERY_STORE, StoreBackend
 
 from watchllm_ext.schema import EVENT_ADAPTER
-from watchllm_ext.store import StoreLockedError, apply_migrations, load_migrations
+from watchllm_ext.store import Store, StoreLockedError, apply_migrations, load_migrations
 from watchllm_ext.store.migrations import Migration
 from watchllm_ext.store.rows import tables_for
 from watchllm_plugins.chdb_store import ChdbStore
+
+pytestmark = EVERY_STORE
 
 SCHEMA_SQL = Path(__file__).resolve().parents[1] / "clickhouse" / "schema.sql"
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[ChdbStore]:
-    s = ChdbStore(tmp_path / "chdb")
+def store(store_backend: StoreBackend) -> Iterator[Store]:
+    s = store_backend.open()
     yield s
     s.close()
 
 
-def _create_statements(store: ChdbStore) -> dict[str, str]:
+def _create_statements(store: Store) -> dict[str, str]:
     rows = store.query(
-        "SELECT name, create_table_query FROM system.tables WHERE database = currentDatabase()"
-        " AND name != 'schema_migrations'"
+        "SELECT currentDatabase() AS db, name, create_table_query FROM system.tables"
+        " WHERE database = currentDatabase() AND name != 'schema_migrations'"
     )
-    return {r["name"]: r["create_table_query"] for r in rows}
+    # A statement names its own database (each store of a test has its own on ClickHouse).
+    return {
+        r["name"]: re.sub(rf"\b{re.escape(r['db'])}\.", "", r["create_table_query"]) for r in rows
+    }
 
 
-def test_migrations_apply_once(store: ChdbStore) -> None:
+def test_migrations_apply_once(store: Store) -> None:
     assert apply_migrations(store) == [f"{m.version:04d}_{m.name}" for m in load_migrations()]
     assert apply_migrations(store) == []
     rows = store.query("SELECT version, name FROM schema_migrations")
     assert len(rows) == len(load_migrations())
 
 
-def test_schema_sql_matches_the_migrations(tmp_path: Path) -> None:
-    migrated = ChdbStore(tmp_path / "a")
+def test_schema_sql_matches_the_migrations(store_backend: StoreBackend) -> None:
+    migrated = store_backend.open("a")
     try:
         apply_migrations(migrated)
         from_migrations = _create_statements(migrated)
     finally:
         migrated.close()
-    fresh = ChdbStore(tmp_path / "b")
+    fresh = store_backend.open("b")
     try:
         for statement in Migration(0, "schema", SCHEMA_SQL.read_text()).statements():
             fresh.execute(statement)
@@ -56,7 +64,7 @@ def test_schema_sql_matches_the_migrations(tmp_path: Path) -> None:
     assert {"events", "tool_calls", "agent_steps", "spans", "traces"} <= set(from_schema)
 
 
-def test_interrupted_migration_converges(store: ChdbStore) -> None:
+def test_interrupted_migration_converges(store: Store) -> None:
     # Half of migration 0001 ran (the events table exists), its record did not: rerun works.
     first = load_migrations()[0]
     store.execute(first.statements()[0])
@@ -64,7 +72,7 @@ def test_interrupted_migration_converges(store: ChdbStore) -> None:
     assert "traces" in _create_statements(store)
 
 
-def test_parameters_are_bound_not_formatted(store: ChdbStore) -> None:
+def test_parameters_are_bound_not_formatted(store: Store) -> None:
     apply_migrations(store)
     event = EVENT_ADAPTER.validate_python(
         {
@@ -89,9 +97,14 @@ def test_parameters_are_bound_not_formatted(store: ChdbStore) -> None:
     ) == [{"n": 1}]
 
 
-def test_second_open_of_a_folder_names_the_holder(store: ChdbStore) -> None:
-    with pytest.raises(StoreLockedError, match=r"in use by process \d+"):
-        ChdbStore(store.path)
+# Only the embedded store has a data folder to lock: a ClickHouse server is shared by design.
+def test_second_open_of_a_folder_names_the_holder(tmp_path: Path) -> None:
+    store = ChdbStore(tmp_path / "chdb")
+    try:
+        with pytest.raises(StoreLockedError, match=r"in use by process \d+"):
+            ChdbStore(store.path)
+    finally:
+        store.close()
 
 
 @pytest.mark.parametrize(
@@ -106,15 +119,24 @@ def test_second_open_of_a_folder_names_the_holder(store: ChdbStore) -> None:
     ],
 )
 def test_parameter_values_round_trip(
-    store: ChdbStore, sql_type: str, value: object, expected: object
+    store: Store, sql_type: str, value: object, expected: object
 ) -> None:
     rows = store.query(f"SELECT {{v:{sql_type}}} AS v", {"v": value})
     assert rows == [{"v": value if expected is None else expected}]
 
 
-def test_datetime_parameters_keep_milliseconds(store: ChdbStore) -> None:
+def test_datetime_parameters_keep_milliseconds(store: Store) -> None:
     from datetime import UTC, datetime
 
     value = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
     rows = store.query("SELECT toString({v:DateTime64(3, 'UTC')}) AS v", {"v": value})
     assert rows == [{"v": "2026-01-02 03:04:05.678"}]
+
+
+def test_each_test_has_a_store_of_its_own(store_backend: StoreBackend, store: Store) -> None:
+    # What the parametrization promises: the store in the test id, and nothing in it yet.
+    assert store.name == ("chdb" if store_backend.name == "chdb" else "clickhouse")
+    tables = store.query("SELECT name FROM system.tables WHERE database = currentDatabase()")
+    assert tables == []
+    if store_backend.is_clickhouse:
+        assert store.query("SELECT currentDatabase() AS db") == [{"db": store_backend.database()}]
