@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import re
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -39,7 +40,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit
 import pyarrow as pa
 
 from watchllm_ext import Settings, hookimpl
-from watchllm_ext.store import StoreError
+from watchllm_ext.store import StoreError, StoreUnavailable
 from watchllm_ext.store.params import format_param
 
 log = logging.getLogger("watchllm.clickhouse")
@@ -237,20 +238,39 @@ class ClickHouseStore:
 
     name = "clickhouse"
 
-    def __init__(self, url: str | ClickHouseURL, cluster: str | None = None) -> None:
+    def __init__(
+        self, url: str | ClickHouseURL, cluster: str | None = None, *, wait_for_server: bool = False
+    ) -> None:
+        """Connect to the server. A server that cannot be reached raises StoreUnavailable, or
+        with `wait_for_server` is connected to on first use (every call raises
+        StoreUnavailable until then), so `serve` can start and spool while it is down. A
+        wrong password, a missing database or an unknown cluster always raise here."""
+        self.url = url if isinstance(url, ClickHouseURL) else parse_url(url)
+        self.cluster = cluster
+        self._client: Any = None
+        self._pool: Any = None
+        self._connecting = threading.Lock()
+        self._json_settings: dict[str, str] = {}
+        self._statement_settings: dict[str, str] = {}
+        self._insert_settings: dict[str, str] = {}
+        try:
+            self._connect()
+        except StoreUnavailable as exc:
+            if not wait_for_server:
+                raise
+            log.warning("%s; connecting when it is back", exc)
+
+    def _connect(self) -> None:
         import clickhouse_connect
         from clickhouse_connect.driver import httputil
         from urllib3 import Timeout
 
-        self.url = url if isinstance(url, ClickHouseURL) else parse_url(url)
         u = self.url
         proxy = httputil.check_env_proxy(u.scheme, u.host, u.port)
         proxies = {f"{u.scheme}_proxy": proxy} if proxy else {}
-        self._client: Any = None
-        self._pool: Any = None
         try:
             self._pool = httputil.get_pool_manager(maxsize=u.pool_size, **proxies)
-            self._client = clickhouse_connect.get_client(
+            client = clickhouse_connect.get_client(
                 interface=u.scheme,
                 host=u.host,
                 port=u.port,
@@ -265,32 +285,36 @@ class ClickHouseStore:
                 autogenerate_session_id=False,
                 client_name="watchllm",
             )
-            self._client.timeout = Timeout(connect=u.connect_timeout, read=u.send_receive_timeout)
+            client.timeout = Timeout(connect=u.connect_timeout, read=u.send_receive_timeout)
         except Exception as exc:
             error = self._error(exc, "connecting")
             self.close()
             raise error from exc
-        self.cluster = cluster
+        self._client = client
         self._json_settings = self._differing(_JSON_OUTPUT)
         self._statement_settings = self._differing(_STATEMENTS)
-        self._insert_settings: dict[str, str] = {}
-        if cluster:
-            self._check_cluster(cluster)
+        if self.cluster:
+            self._check_cluster(self.cluster)
             self._json_settings |= _CLUSTER_QUERIES
             self._statement_settings |= _CLUSTER_QUERIES | _CLUSTER_INSERTS
             self._insert_settings = dict(_CLUSTER_INSERTS)
-        log.info(
-            "ClickHouse %s at %s (database %s)",
-            self._client.server_version,
-            u.address,
-            u.database,
-        )
+        log.info("ClickHouse %s at %s (database %s)", client.server_version, u.address, u.database)
+
+    def _connected(self) -> Any:
+        """The client, connecting first if the server was down at start."""
+        client = self._client
+        if client is not None:
+            return client
+        with self._connecting:
+            if self._client is None:
+                self._connect()
+            return self._client
 
     # --- the Store protocol ---------------------------------------------------------------
 
     def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
         try:
-            self._client.command(
+            self._connected().command(
                 sql, parameters=_bind(sql, params), settings=self._statement_settings or None
             )
         except Exception as exc:
@@ -298,7 +322,7 @@ class ClickHouseStore:
 
     def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
         try:
-            body = self._client.raw_query(
+            body = self._connected().raw_query(
                 sql,
                 parameters=_bind(sql, params),
                 settings=self._json_settings or None,
@@ -317,14 +341,14 @@ class ClickHouseStore:
             return
         try:
             # Columnar: the Arrow table goes as one Arrow IPC body (INSERT ... FORMAT Arrow).
-            self._client.insert_arrow(table, data, settings=self._insert_settings or None)
+            self._connected().insert_arrow(table, data, settings=self._insert_settings or None)
         except Exception as exc:
             raise self._error(exc, f"inserting {data.num_rows} rows into {table}") from exc
 
     def version(self) -> str:
         # Asked each time (not the version read at connect): /readyz uses this as its check.
         try:
-            return str(self._client.command("SELECT version()"))
+            return str(self._connected().command("SELECT version()"))
         except Exception as exc:
             raise self._error(exc, "asking its version") from exc
 
@@ -408,26 +432,26 @@ class ClickHouseStore:
             # NewConnectionError (and NameResolutionError, one of them) subclasses
             # ConnectTimeoutError in urllib3, so it is tested first.
             if isinstance(cause, NameResolutionError):
-                return StoreError(f"cannot reach ClickHouse at {u.address}: unknown host")
+                return StoreUnavailable(f"cannot reach ClickHouse at {u.address}: unknown host")
             if isinstance(cause, NewConnectionError | ConnectionRefusedError):
                 reason = next(
                     (c.strerror for c in chain if isinstance(c, OSError) and c.strerror), None
                 )
-                return StoreError(
+                return StoreUnavailable(
                     f"cannot reach ClickHouse at {u.address}: {(reason or str(cause)).lower()}"
                 )
             if isinstance(cause, ConnectTimeoutError):
-                return StoreError(
+                return StoreUnavailable(
                     f"cannot reach ClickHouse at {u.address}: no connection within"
                     f" {u.connect_timeout:g} s (connect_timeout)"
                 )
             if isinstance(cause, ReadTimeoutError | TimeoutError):
-                return StoreError(
+                return StoreUnavailable(
                     f"ClickHouse at {u.address} did not answer within"
                     f" {u.send_receive_timeout:g} s (send_receive_timeout) {doing}"
                 )
             if isinstance(cause, ProtocolError | ConnectionError):
-                return StoreError(
+                return StoreUnavailable(
                     f"the connection to ClickHouse at {u.address} broke {doing}: {cause}"
                 )
         if isinstance(exc, ProgrammingError):  # refused by the client before it was sent
@@ -451,4 +475,8 @@ def configured_url(settings: Settings) -> str | None:
 @hookimpl
 def register_store(settings: Settings) -> ClickHouseStore | None:
     url = configured_url(settings)
-    return ClickHouseStore(url, cluster=getattr(settings, "cluster_name", None)) if url else None
+    if not url:
+        return None
+    # A server that is down at start is connected to when it is back; serve spools meanwhile.
+    cluster = getattr(settings, "cluster_name", None)
+    return ClickHouseStore(url, cluster=cluster, wait_for_server=True)

@@ -652,3 +652,43 @@ def test_server_stops_mid_ingest_and_comes_back(tmp_path: Path, server_factory: 
     finally:
         for fixture in fixtures:
             fixture.stop()
+
+
+def test_serve_starts_while_the_server_is_down_and_catches_up(
+    tmp_path: Path, server_factory: Any
+) -> None:
+    """A WatchLLM process that starts during a ClickHouse outage (a rolling restart, say)
+    accepts into its spool, says so on /readyz, and applies the schema and delivers
+    everything once the server is back."""
+    first = start_fixture(tmp_path / "own", USER, PASSWORD)
+    fixtures = [first]
+    try:
+        database = create_database(first)
+        url = first.url + database + "?connect_timeout=1"
+        first.stop()
+        server = _start_server(server_factory, url, sink_retry_initial_s=0.05, sink_retry_max_s=0.3)
+        assert server.wl.migrations_applied == []
+        events = make_events(120, seed=9)
+        r = server.client.post(
+            "/v1/events/batch", headers=server.headers(), json={"events": events}
+        )
+        assert r.status_code == 202
+        ready = server.client.get("/readyz")
+        assert ready.status_code == 503
+        store_check = ready.json()["checks"]["store"]
+        assert not store_check["ok"] and "cannot reach ClickHouse" in store_check["detail"]
+
+        fixtures.append(restart_fixture(first))
+        server.flush()
+        assert server.query("SELECT count() AS n FROM events FINAL") == [{"n": 120}]
+        # The schema is applied once the server is back (the sink may win the race to the
+        # first tables, before the last migrations are done).
+        deadline = time.monotonic() + 10
+        while len(server.wl.migrations_applied) < len(load_migrations()):
+            assert time.monotonic() < deadline, server.wl.migrations_applied
+            time.sleep(0.05)
+        assert server.client.get("/readyz").status_code == 200
+        server.stop()
+    finally:
+        for fixture in fixtures:
+            fixture.stop()

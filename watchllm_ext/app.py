@@ -13,6 +13,7 @@ import logging
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ from .schema import EVENT_LIST_ADAPTER
 from .settings import Settings, load_settings
 from .spool import Spool
 from .store import Store, apply_migrations
-from .store.base import StoreLockedError
+from .store.base import StoreLockedError, StoreUnavailable
 from .store.retention import apply_payload_ttl
 from .writer import Log, MemoryLog, Sink, Writer, WriterClosed, WriterFull
 
@@ -86,13 +87,18 @@ class WatchLLM:
         store = self.open_store()
         self._opened_store = None
         try:
+            schema_pending = False
             if store is not None:
-                self.migrations_applied = await anyio.to_thread.run_sync(apply_migrations, store)
-                await anyio.to_thread.run_sync(
-                    apply_payload_ttl, store, self.settings.payload_ttl_days
-                )
+                try:
+                    await anyio.to_thread.run_sync(self._prepare_store, store)
+                except StoreUnavailable as exc:
+                    # Accept into the spool meanwhile; the sinks retry until the schema is there.
+                    log.warning("%s: accepting events into the spool until it is back", exc)
+                    schema_pending = True
             sinks = _flatten_sinks(self.pm.hook.register_sinks(settings=self.settings, store=store))
             tasks = await anyio.to_thread.run_sync(self._background_tasks, store)
+            if schema_pending and store is not None:
+                tasks.insert(0, partial(self._prepare_when_back, store))
             if not sinks:
                 log.warning("no sink is registered: accepted events will not be kept anywhere")
             s = self.settings
@@ -133,6 +139,23 @@ class WatchLLM:
             self.store = None
             if store is not None:
                 store.close()
+
+    def _prepare_store(self, store: Store) -> None:
+        self.migrations_applied = apply_migrations(store)
+        apply_payload_ttl(store, self.settings.payload_ttl_days)
+
+    async def _prepare_when_back(self, store: Store) -> None:
+        """Apply the schema once a store that was down at start can be reached."""
+        wait = self.settings.sink_retry_initial_s
+        while True:
+            await anyio.sleep(wait)
+            try:
+                await anyio.to_thread.run_sync(self._prepare_store, store)
+            except StoreUnavailable:
+                wait = min(wait * 2, self.settings.sink_retry_max_s)
+                continue
+            log.info("the store is back: schema applied")
+            return
 
     def _background_tasks(self, store: Store | None) -> list[BackgroundTask]:
         found: list[BackgroundTask] = []

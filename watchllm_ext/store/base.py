@@ -19,6 +19,11 @@ class StoreError(Exception):
         self.permanent = permanent
 
 
+class StoreUnavailable(StoreError):
+    """The store cannot be reached now (down, unreachable, timing out); a retry may work.
+    Unlike other errors at start, it lets `serve` start and accept into the spool."""
+
+
 class StoreLockedError(StoreError):
     """The data folder is in use by another process."""
 
