@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,31 @@ class ChdbStore:
         # chDB's Python() table function reads the Arrow table from this frame by name.
         arrow_rows = data  # noqa: F841 - referenced by name inside the SQL below
         self._run(f"INSERT INTO {table} ({columns}) SELECT * FROM Python(arrow_rows)", "CSV", None)
+
+    def stream_arrow(
+        self, sql: str, params: Mapping[str, Any] | None = None, rows_per_batch: int = 65_536
+    ) -> Iterator[pa.RecordBatch]:
+        """Run a SELECT; yield its rows as Arrow record batches, so memory stays at about one
+        batch whatever the answer's size (used by `watchllm export`). Holds the store for
+        the whole iteration: finish or close the iterator promptly."""
+        with self._lock_calls:
+            try:
+                stream = self._session.send_query(sql, "Arrow", params=format_params(params))
+                reader = stream.record_batch(rows_per_batch=rows_per_batch)
+            except Exception as exc:
+                raise StoreError(str(exc), permanent=_is_permanent(str(exc))) from exc
+            try:
+                while True:
+                    try:
+                        batch = reader.read_next_batch()
+                    except StopIteration:
+                        return
+                    except Exception as exc:
+                        raise StoreError(str(exc)) from exc
+                    yield batch
+            finally:
+                reader.close()
+                stream.close()
 
     def version(self) -> str:
         return self.query("SELECT version() AS v")[0]["v"]

@@ -6,7 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import Running
+from chfixture import start_fixture
+from conftest import Running, prompt_call
+
+from watchllm_plugins.clickhouse_store import ClickHouseStore
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -43,3 +46,36 @@ def test_send_events(server: Running) -> None:
     server.flush()
     types = server.query("SELECT DISTINCT event_type FROM events ORDER BY event_type")
     assert len(types) == 8
+
+
+def test_move_to_server(server: Running, tmp_path: Path) -> None:
+    events = [prompt_call(f"m{i}", run_id=f"run-{i % 3}") for i in range(25)]
+    r = server.client.post("/v1/events/batch", headers=server.headers(), json={"events": events})
+    assert r.status_code == 202, r.text
+    server.flush()
+    server.stop()
+    with start_fixture(tmp_path / "ch", "watchllm", "secret") as fx:
+        url = fx.url + "default"
+        done = subprocess.run(
+            [
+                sys.executable,
+                str(EXAMPLES / "move_to_server.py"),
+                "--url",
+                url,
+                "--data-dir",
+                str(server.settings.data_dir),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "the counts match the export" in done.stdout and "moved:" in done.stdout
+        assert "secret" not in done.stdout + done.stderr
+        store = ClickHouseStore(url)
+        try:
+            counted = store.query("SELECT count() AS n FROM events FINAL WHERE project_id = 'acme'")
+            assert counted == [{"n": 25}]
+        finally:
+            store.close()

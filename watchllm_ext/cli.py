@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,10 @@ EXIT_FAILED = 1
 
 class CliError(Exception):
     """A failure to report as one line, without a traceback."""
+
+
+class CliUsageError(CliError):
+    """A command given without what it needs (exit code 2, as argparse's own errors)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -39,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (CliError, SettingsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE if isinstance(exc, SettingsError) else EXIT_FAILED
+        return EXIT_USAGE if isinstance(exc, SettingsError | CliUsageError) else EXIT_FAILED
     except KeyboardInterrupt:
         return 130
 
@@ -66,6 +71,12 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("migrate", help="apply the schema migrations that are not applied yet")
     data_dir(p)
+    p.add_argument(
+        "--print-sql",
+        action="store_true",
+        help="print every statement (in its cluster form with cluster_name) and apply nothing",
+    )
+    p.add_argument("--cluster", help="with --print-sql: the cluster name to render for")
     p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("verify-clickhouse", help="connect to the store and print its version")
@@ -88,6 +99,41 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--url", help="the server (default: a temporary one on a scratch folder)")
     p.add_argument("--key", help="a key with ingest and read scopes (admin) for --url")
     p.set_defaults(func=cmd_golden_path)
+
+    p = sub.add_parser(
+        "export",
+        help="write the embedded store's data to Parquet files and a manifest, for `import`",
+    )
+    data_dir(p)
+    p.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="a new (or empty) folder")
+    p.add_argument(
+        "--max-rows-per-file",
+        type=_positive,
+        default=1_000_000,
+        help="split a table's month into files of at most this many rows (default 1000000)",
+    )
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "import", help="load an export into a ClickHouse server, then check the counts"
+    )
+    p.add_argument("in_dir", type=Path, metavar="IN_DIR", help="a folder written by `export`")
+    p.add_argument(
+        "--url",
+        help="the ClickHouse server, http(s)://user:password@host:port/database"
+        " (default: $WATCHLLM_CLICKHOUSE_URL or the clickhouse_url setting)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted import of this same export into the same database",
+    )
+    p.add_argument(
+        "--batch-rows",
+        type=_positive,
+        help="rows per insert (default: about 64 MB of data per insert)",
+    )
+    p.set_defaults(func=cmd_import)
 
     dead = sub.add_parser("dead-letter", help="see and replay events a sink refused for good")
     dead_sub = dead.add_subparsers(dest="dead_command", metavar="ACTION", required=True)
@@ -119,6 +165,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number above 0, not {text!r}")
+    return value
+
+
 def _settings(args: argparse.Namespace, **more: Any) -> Any:
     from .settings import load_settings
 
@@ -135,19 +191,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .app import create_app
-    from .keys import KeyStore
+    from .keys import KeyStore, ServerKeyStore
     from .plugins import PluginError
-    from .store import StoreError
+    from .store import StoreError, StoreUnavailable, apply_migrations
     from .tuning import tune_for_serving
 
     settings = _settings(args, host=args.host, port=args.port)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )
-    keys = KeyStore(settings.keys_path)
     url = f"http://{settings.host}:{settings.port}"
-    if settings.create_default_key and keys.is_empty():
-        key = keys.create("default", scope="admin", name="created by the first serve")
+    try:
+        app = create_app(settings)
+        # Open the store now, so a busy data folder is one clear line, not a lifespan traceback.
+        store = app.state.watchllm.open_store()
+        keys: Any = KeyStore(settings.keys_path)
+        key = None
+        if settings.key_store == "clickhouse" and store is not None:
+            try:
+                apply_migrations(store)  # the api_keys table, before the first key
+                keys = ServerKeyStore(store)
+            except StoreUnavailable:
+                keys = None  # down at start: no first key; the copy of the keys serves
+        if keys is not None and settings.create_default_key and keys.is_empty():
+            key = keys.create("default", scope="admin", name="created by the first serve")
+    except (StoreError, PluginError) as exc:
+        raise CliError(str(exc)) from None
+    if key:
         print("No API keys yet: created project 'default' with an admin key (shown only once).")
         print(f"  URL: {url}")
         print(f"  Key: {key}")
@@ -160,12 +230,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
             '"tokens_input":10,"tokens_output":20}\'',
             flush=True,
         )
-    try:
-        app = create_app(settings)
-        # Open the store now, so a busy data folder is one clear line, not a lifespan traceback.
-        app.state.watchllm.open_store()
-    except (StoreError, PluginError) as exc:
-        raise CliError(str(exc)) from None
     print(f"WatchLLM {_version()} listening on {url} (data in {settings.data_dir})", flush=True)
     tune_for_serving()
     uvicorn.run(
@@ -197,15 +261,31 @@ def _open_store(args: argparse.Namespace) -> Any:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     from .store import apply_migrations
+    from .store.retention import apply_payload_ttl
 
+    if args.print_sql:
+        return _print_migrations(args.cluster or _settings(args).cluster_name)
     store = _open_store(args)
     try:
         applied = apply_migrations(store)
+        apply_payload_ttl(store, _settings(args).payload_ttl_days)
     finally:
         store.close()
     for name in applied:
         print(f"applied {name}")
     print(f"{len(applied)} migrations applied" if applied else "schema is up to date")
+    return 0
+
+
+def _print_migrations(cluster: str | None) -> int:
+    from .store import load_migrations
+    from .store.migrations import in_form_for, tracking_table_statements
+
+    print(f"-- WatchLLM schema, {'cluster ' + cluster if cluster else 'single node'}")
+    print("\n\n".join(statement + ";" for statement in tracking_table_statements(cluster)))
+    for migration in load_migrations():
+        print(f"\n-- {migration.version:04d}_{migration.name}")
+        print("\n\n".join(s + ";" for s in in_form_for(migration.statements(), cluster)))
     return 0
 
 
@@ -306,6 +386,58 @@ def cmd_golden_path(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- export / import ---------------------------------------------------------------------------
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .transfer import TransferError, export_folder
+
+    try:
+        export_folder(_settings(args), args.out_dir, max_rows_per_file=args.max_rows_per_file)
+    except TransferError as exc:
+        raise CliError(str(exc)) from None
+    except KeyboardInterrupt:
+        print(
+            f"interrupted: {args.out_dir} is incomplete (it has no manifest.json);"
+            " delete it and export again",
+            file=sys.stderr,
+        )
+        return 130
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from .transfer import CountMismatch, TransferError, import_folder
+
+    settings = _settings(args)
+    url = args.url or settings.clickhouse_url
+    if not url:
+        raise CliUsageError(
+            "import needs the ClickHouse server to import into: --url"
+            " http(s)://user:password@host:port/database, or WATCHLLM_CLICKHOUSE_URL"
+        )
+    # import reports a failure as one line; the store's and clickhouse-connect's own warnings
+    # (a server down at connect time, say) would repeat it.
+    for name in ("clickhouse_connect", "watchllm.clickhouse"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import_folder(settings, args.in_dir, url, resume=args.resume, batch_rows=args.batch_rows)
+    except CountMismatch as exc:
+        for line in exc.lines:
+            print(line, file=sys.stderr)
+        raise CliError(str(exc)) from None
+    except TransferError as exc:
+        raise CliError(str(exc)) from None
+    except KeyboardInterrupt:
+        print(
+            "interrupted: the import is incomplete; run the same command with --resume"
+            " to finish it",
+            file=sys.stderr,
+        )
+        return 130
+    return 0
+
+
 # --- dead letters -------------------------------------------------------------------------------
 
 
@@ -361,17 +493,32 @@ def _replay_local(args: argparse.Namespace) -> tuple[int, int]:
 # --- keys -----------------------------------------------------------------------------------------
 
 
-def _keys(args: argparse.Namespace) -> Any:
-    from .keys import KeyStore
+@contextmanager
+def _keys(args: argparse.Namespace) -> Iterator[Any]:
+    """The key file, or with key_store = clickhouse the keys on the server."""
+    from .keys import KeyStore, ServerKeyStore
+    from .store import StoreError, apply_migrations
 
-    return KeyStore(_settings(args).keys_path)
+    settings = _settings(args)
+    if settings.key_store != "clickhouse":
+        yield KeyStore(settings.keys_path)
+        return
+    store = _open_store(args)
+    try:
+        apply_migrations(store)  # the api_keys table, on a server that has not served yet
+        yield ServerKeyStore(store)
+    except StoreError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        store.close()
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
     from .keys import KeyStoreError
 
     try:
-        key = _keys(args).create(args.project, scope=args.scope, name=args.name)
+        with _keys(args) as keys:
+            key = keys.create(args.project, scope=args.scope, name=args.name)
     except KeyStoreError as exc:
         raise CliError(str(exc)) from None
     print(f"Created a {args.scope} key for project {args.project}. It is shown only once:")
@@ -380,7 +527,8 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
-    records = _keys(args).list(args.project)
+    with _keys(args) as keys:
+        records = keys.list(args.project)
     print(f"{'KEY ID':<14}{'PROJECT':<20}{'SCOPE':<8}{'CREATED':<27}{'REVOKED':<27}NAME")
     for r in records:
         print(
@@ -391,7 +539,9 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
-    if not _keys(args).revoke(args.key_id):
+    with _keys(args) as keys:
+        revoked = keys.revoke(args.key_id)
+    if not revoked:
         raise CliError(f"no active key with id {args.key_id!r}")
     print(f"revoked {args.key_id}; running servers stop accepting it within 2 seconds")
     return 0
