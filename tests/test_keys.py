@@ -196,3 +196,26 @@ def test_keys_keep_working_from_the_copy_while_the_server_is_down(tmp_path: Path
     principal = auth.authenticate(key, None)
     assert principal is not None and principal.project_id == "acme"
     store.close()
+
+
+@pytest.mark.stores("clickhouse", "server")
+def test_keys_of_a_key_file_copied_to_the_server(
+    server_factory: Any, store_backend: Any, tmp_path: Path
+) -> None:
+    local = KeyStore(tmp_path / "old" / "keys.sqlite3")
+    kept = local.create("acme", scope="ingest", name="kept")
+    gone = local.create("acme", scope="ingest", name="gone")
+    local.revoke(gone)
+    env = {**os.environ, "WATCHLLM_CLICKHOUSE_URL": store_backend.url()}
+    command = [sys.executable, "-m", "watchllm_ext.cli", "keys", "copy-to-server",
+               "--data-dir", str(tmp_path / "old")]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "copied 2 of 2 keys" in done.stdout
+    again = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+    assert "copied 0 of 2 keys" in again.stdout  # known keys are left as they are
+    server = server_factory(
+        data_dir=tmp_path / "new", clickhouse_url=store_backend.url(), key_store="clickhouse"
+    )
+    _wait_for(server, kept, 202)
+    assert _post(server, gone) == 401

@@ -162,6 +162,13 @@ def _parser() -> argparse.ArgumentParser:
     data_dir(p)
     p.add_argument("key_id")
     p.set_defaults(func=cmd_keys_revoke)
+    p = keys_sub.add_parser(
+        "copy-to-server",
+        help="copy the key file's keys (their hashes) to the ClickHouse server, for key_store"
+        " = clickhouse; keys it knows already are left as they are",
+    )
+    data_dir(p)
+    p.set_defaults(func=cmd_keys_copy)
     return parser
 
 
@@ -535,6 +542,28 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
             f"{r.key_id:<14}{r.project_id:<20}{r.scope:<8}{r.created_at:<27}"
             f"{r.revoked_at or '-':<27}{r.name}"
         )
+    return 0
+
+
+def cmd_keys_copy(args: argparse.Namespace) -> int:
+    from .keys import KeyStore, ServerKeyStore
+    from .store import StoreError, apply_migrations
+
+    settings = _settings(args)
+    if not settings.clickhouse_url:
+        raise CliUsageError("copy-to-server needs the server: set WATCHLLM_CLICKHOUSE_URL")
+    rows = KeyStore(settings.keys_path).rows()
+    store = _open_store(args)
+    try:
+        apply_migrations(store)
+        added = ServerKeyStore(store).add(rows)
+    except StoreError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        store.close()
+    print(f"copied {len(added)} of {len(rows)} keys from {settings.keys_path} to the server")
+    if settings.key_store != "clickhouse":
+        print("servers read them with WATCHLLM_KEY_STORE=clickhouse")
     return 0
 
 

@@ -124,6 +124,11 @@ class KeyStore:
         with self._connect() as conn:
             return conn.execute("SELECT count(*) FROM api_keys").fetchone()[0] == 0
 
+    def rows(self) -> list[KeyRow]:
+        """Every key with its hash (for copying them to a server)."""
+        with self._connect() as conn:
+            return conn.execute(f"SELECT {_ROW_COLUMNS} FROM api_keys ORDER BY key_id").fetchall()
+
     def mirror(self, rows: list[KeyRow]) -> bool:
         """Make the file hold exactly `rows` (the server's keys); False if it did already."""
         wanted = sorted(rows)
@@ -273,3 +278,25 @@ class ServerKeyStore:
 
     def is_empty(self) -> bool:
         return self.store.query("SELECT count() AS n FROM api_keys")[0]["n"] == 0
+
+    def add(self, rows: list[KeyRow]) -> list[str]:
+        """Copy keys (from a key file) that the server does not know; returns their ids.
+        A key the server knows already is left as it is there (revoked or not)."""
+        known = {row[0] for row in self.rows()}
+        added = []
+        for key_id, project, scope, secret_hash, name, created, revoked in rows:
+            if key_id in known:
+                continue
+            self.store.execute(
+                "INSERT INTO api_keys (key_id, project_id, scope, secret_hash, name, created_at,"
+                " revoked_at, updated_at) SELECT {key_id:String}, {project:String},"
+                " {scope:String}, {hash:String}, {name:String},"
+                " parseDateTime64BestEffort({created:String}, 3, 'UTC'),"
+                " if({revoked:String} = '', NULL,"
+                " parseDateTime64BestEffortOrNull({revoked:String}, 3, 'UTC')),"
+                " now64(6, 'UTC')",
+                {"key_id": key_id, "project": project, "scope": scope, "hash": secret_hash,
+                 "name": name, "created": created, "revoked": revoked or ""},
+            )  # fmt: skip
+            added.append(key_id)
+        return added
