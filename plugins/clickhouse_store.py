@@ -31,6 +31,7 @@ import math
 import os
 import re
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -73,9 +74,14 @@ _STATEMENTS = {"async_insert": "0"}
 #   subquery once and ships its result to the shards (GLOBAL), instead of being refused;
 # - an insert returns only once every shard has its rows, so the writer advances its spool
 #   cursor past events that are on the shards, not queued on this node.
+# (The insert setting is distributed_foreground_insert, insert_distributed_sync on older
+# servers: see _sync_insert_name.)
 _CLUSTER_QUERIES = {"distributed_product_mode": "global"}
-# (insert_distributed_sync: the older name, which servers of every version accept.)
-_CLUSTER_INSERTS = {"insert_distributed_sync": "1"}
+# ON CLUSTER CREATE statements are normalised on the initiator (table names resolved in the
+# connection's database) from 23.7 (distributed_ddl_entry_format_version 5).
+_CLUSTER_MIN_VERSION = (23, 7)
+# While the server is down, how long a failed connect is reported again before a new try.
+_RETRY_CONNECT_S = 1.0
 
 # Errors about the data, which no retry can fix: the writer dead-letters such a batch.
 _PERMANENT_CODES = frozenset(
@@ -100,12 +106,56 @@ _PERMANENT_CODES = frozenset(
     }
 )
 _PERMANENT_NAMES = ("CANNOT_PARSE", "CANNOT_CONVERT_TYPE", "TYPE_MISMATCH", "TOO_LARGE")
+# The server (or the cluster behind it) cannot serve now: a retry later may work. Treated
+# like a server that is down: serve starts and spools, the writer retries.
+_UNAVAILABLE_CODES = frozenset(
+    {
+        159,  # TIMEOUT_EXCEEDED (an ON CLUSTER statement waiting for a host)
+        202,  # TOO_MANY_SIMULTANEOUS_QUERIES
+        209,  # SOCKET_TIMEOUT
+        210,  # NETWORK_ERROR
+        225,  # NO_ZOOKEEPER
+        242,  # TABLE_IS_READ_ONLY (a replica without Keeper)
+        279,  # ALL_CONNECTION_TRIES_FAILED (a shard down)
+        999,  # KEEPER_EXCEPTION
+    }
+)
+_GATEWAY_DOWN = re.compile(r"HTTP status (?:502|503|504)\b")
 _AUTHENTICATION_FAILED = 516
 _UNKNOWN_DATABASE = 81
 
 _PLACEHOLDER = re.compile(r"\{\s*[A-Za-z_][A-Za-z0-9_]*\s*:")
 _SERVER_TEXT = re.compile(r"server response:\s*(.*)", re.DOTALL)
 _TRAILERS = re.compile(r"(\s*\((?:for url|version) [^()]*(?:\([^()]*\))?[^()]*\))+\s*$")
+
+
+def _differing(client: Any, wanted: Mapping[str, str]) -> dict[str, str]:
+    """The settings of `wanted` whose value for our user on this server differs."""
+    server = client.server_settings
+    return {
+        key: value
+        for key, value in wanted.items()
+        if key in server and str(server[key].value) != value
+    }
+
+
+def _sync_insert_name(client: Any) -> str:
+    # The newer name where the server knows it; older servers have only the first one.
+    if "distributed_foreground_insert" in client.server_settings:
+        return "distributed_foreground_insert"
+    return "insert_distributed_sync"
+
+
+def _release(client: Any, pool: Any) -> None:
+    from clickhouse_connect.driver import httputil
+
+    try:
+        if client is not None:
+            client.close()
+    finally:
+        if pool is not None:
+            pool.clear()  # our pool: the client leaves it open
+            httputil.all_managers.pop(pool, None)
 
 
 @dataclass(frozen=True)
@@ -249,7 +299,9 @@ class ClickHouseStore:
         self.cluster = cluster
         self._client: Any = None
         self._pool: Any = None
+        self._closed = False
         self._connecting = threading.Lock()
+        self._last_failure: tuple[float, StoreError] | None = None
         self._json_settings: dict[str, str] = {}
         self._statement_settings: dict[str, str] = {}
         self._insert_settings: dict[str, str] = {}
@@ -258,7 +310,8 @@ class ClickHouseStore:
         except StoreUnavailable as exc:
             if not wait_for_server:
                 raise
-            log.warning("%s; connecting when it is back", exc)
+            self._last_failure = (time.monotonic(), exc)
+            log.debug("%s; connecting on first use", exc)  # the app says what it does then
 
     def _connect(self) -> None:
         import clickhouse_connect
@@ -268,8 +321,9 @@ class ClickHouseStore:
         u = self.url
         proxy = httputil.check_env_proxy(u.scheme, u.host, u.port)
         proxies = {f"{u.scheme}_proxy": proxy} if proxy else {}
+        pool = client = None
         try:
-            self._pool = httputil.get_pool_manager(maxsize=u.pool_size, **proxies)
+            pool = httputil.get_pool_manager(maxsize=u.pool_size, **proxies)
             client = clickhouse_connect.get_client(
                 interface=u.scheme,
                 host=u.host,
@@ -281,34 +335,58 @@ class ClickHouseStore:
                 # The constructor takes whole seconds; the exact values are set below.
                 connect_timeout=max(1, math.ceil(u.connect_timeout)),
                 send_receive_timeout=max(1, math.ceil(u.send_receive_timeout)),
-                pool_mgr=self._pool,
+                pool_mgr=pool,
                 autogenerate_session_id=False,
                 client_name="watchllm",
             )
             client.timeout = Timeout(connect=u.connect_timeout, read=u.send_receive_timeout)
+            # Everything is settled on local variables; the client is published last, so no
+            # other thread uses it without its settings or before the cluster is checked.
+            json_settings = _differing(client, _JSON_OUTPUT)
+            statement_settings = _differing(client, _STATEMENTS)
+            insert_settings: dict[str, str] = {}
+            if self.cluster:
+                self._check_cluster(client, self.cluster)
+                sync_insert = {_sync_insert_name(client): "1"}
+                json_settings = {**json_settings, **_CLUSTER_QUERIES}
+                statement_settings = {**statement_settings, **_CLUSTER_QUERIES, **sync_insert}
+                insert_settings = sync_insert
         except Exception as exc:
-            error = self._error(exc, "connecting")
-            self.close()
-            raise error from exc
-        self._client = client
-        self._json_settings = self._differing(_JSON_OUTPUT)
-        self._statement_settings = self._differing(_STATEMENTS)
-        if self.cluster:
-            self._check_cluster(self.cluster)
-            self._json_settings |= _CLUSTER_QUERIES
-            self._statement_settings |= _CLUSTER_QUERIES | _CLUSTER_INSERTS
-            self._insert_settings = dict(_CLUSTER_INSERTS)
+            _release(client, pool)
+            raise self._error(exc, "connecting") from exc
+        self._json_settings = json_settings
+        self._statement_settings = statement_settings
+        self._insert_settings = insert_settings
+        self._pool, self._client = pool, client
         log.info("ClickHouse %s at %s (database %s)", client.server_version, u.address, u.database)
 
     def _connected(self) -> Any:
-        """The client, connecting first if the server was down at start."""
+        """The client, connecting first if the server was down at start. While the server is
+        down, one thread tries at a time and the others fail at once with the last error
+        (for about a second), so callers do not queue behind connect timeouts."""
         client = self._client
         if client is not None:
             return client
-        with self._connecting:
+        if self._closed:
+            raise StoreError(f"the store for {self.url.address} is closed")
+        failure = self._last_failure
+        if failure and time.monotonic() - failure[0] < _RETRY_CONNECT_S:
+            raise failure[1]
+        if not self._connecting.acquire(blocking=False):
+            raise StoreUnavailable(f"still connecting to ClickHouse at {self.url.address}")
+        try:
+            if self._client is None and not self._closed:
+                try:
+                    self._connect()
+                except StoreUnavailable as exc:
+                    self._last_failure = (time.monotonic(), exc)
+                    raise
+                self._last_failure = None
             if self._client is None:
-                self._connect()
+                raise StoreError(f"the store for {self.url.address} is closed")
             return self._client
+        finally:
+            self._connecting.release()
 
     # --- the Store protocol ---------------------------------------------------------------
 
@@ -353,46 +431,32 @@ class ClickHouseStore:
             raise self._error(exc, "asking its version") from exc
 
     def close(self) -> None:
-        from clickhouse_connect.driver import httputil
-
+        self._closed = True  # no reconnect after this
         client, self._client = self._client, None
         pool, self._pool = self._pool, None
-        try:
-            if client is not None:
-                client.close()
-        finally:
-            if pool is not None:
-                pool.clear()  # our pool: the client leaves it open
-                httputil.all_managers.pop(pool, None)
+        _release(client, pool)
 
     def __repr__(self) -> str:
         return f"ClickHouseStore({self.url.redacted()!r})"
 
-    def _check_cluster(self, cluster: str) -> None:
-        try:
-            rows = self.query(
-                "SELECT count() AS hosts FROM system.clusters WHERE cluster = {cluster:String}",
-                {"cluster": cluster},
-            )
-        except StoreError:
-            self.close()
-            raise
-        if not rows or not rows[0]["hosts"]:
-            self.close()
+    def _check_cluster(self, client: Any, cluster: str) -> None:
+        hosts = client.command(
+            "SELECT count() FROM system.clusters WHERE cluster = {cluster:String}",
+            parameters={"cluster": cluster},
+        )
+        if not int(hosts):
             raise StoreError(
                 f"cluster {cluster!r} is not defined on ClickHouse at {self.url.address}"
                 " (see SELECT DISTINCT cluster FROM system.clusters): fix cluster_name"
                 " (WATCHLLM_CLUSTER_NAME) or the server's remote_servers"
             )
-
-    def _differing(self, wanted: Mapping[str, str]) -> dict[str, str]:
-        """The settings of `wanted` whose value for our user on this server differs."""
-        server = self._client.server_settings
-        return {
-            key: value
-            for key, value in wanted.items()
-            if key in server and str(server[key].value) != value
-        }
+        version = tuple(int(part) for part in re.findall(r"\d+", client.server_version)[:2])
+        if version < _CLUSTER_MIN_VERSION:
+            minimum = ".".join(map(str, _CLUSTER_MIN_VERSION))
+            raise StoreError(
+                f"ClickHouse {client.server_version} at {self.url.address} is too old for"
+                f" cluster_name: the cluster DDL needs {minimum} or later"
+            )
 
     # --- errors -----------------------------------------------------------------------------
 
@@ -422,6 +486,9 @@ class ClickHouseStore:
                 f"database {u.database} does not exist on {u.address} (81 UNKNOWN_DATABASE):"
                 f" create it (CREATE DATABASE {u.database}) or name another in {ENV_URL}"
             )
+        if code in _UNAVAILABLE_CODES:
+            text = _server_text(exc)
+            return StoreUnavailable(f"ClickHouse at {u.address} failed {doing}: {text}")
         if code is not None:
             return StoreError(
                 f"ClickHouse at {u.address} failed {doing}: {_server_text(exc)}",
@@ -457,7 +524,10 @@ class ClickHouseStore:
         if isinstance(exc, ProgrammingError):  # refused by the client before it was sent
             return StoreError(f"ClickHouse client error {doing}: {exc}", permanent=True)
         if isinstance(exc, DatabaseError):
-            return StoreError(f"ClickHouse at {u.address} failed {doing}: {_server_text(exc)}")
+            text = _server_text(exc)
+            if _GATEWAY_DOWN.search(str(exc)):  # a proxy in front of a server that is down
+                return StoreUnavailable(f"ClickHouse at {u.address} failed {doing}: {text}")
+            return StoreError(f"ClickHouse at {u.address} failed {doing}: {text}")
         return StoreError(f"ClickHouse at {u.address} failed {doing}: {exc!r}")
 
 

@@ -32,7 +32,7 @@ from watchllm_ext.analytics import queries as Q
 from watchllm_ext.analytics.rollup import refresh_rollups
 from watchllm_ext.schema import EVENT_LIST_ADAPTER
 from watchllm_ext.settings import Settings
-from watchllm_ext.store import StoreError, apply_migrations, load_migrations
+from watchllm_ext.store import StoreError, StoreUnavailable, apply_migrations, load_migrations
 from watchllm_ext.store.rows import tables_for
 from watchllm_plugins import clickhouse_store
 from watchllm_plugins.chdb_store import ChdbStore
@@ -692,3 +692,64 @@ def test_serve_starts_while_the_server_is_down_and_catches_up(
     finally:
         for fixture in fixtures:
             fixture.stop()
+
+
+def test_while_the_server_is_down_one_thread_connects_and_the_rest_fail_at_once() -> None:
+    """A server that takes connections but never answers: callers must not queue behind
+    each other's timeouts (that would fill the worker threads the whole app shares)."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    port = listener.getsockname()[1]
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                accepted.append(listener.accept()[0])
+            except TimeoutError:
+                continue
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    try:
+        url = f"http://{USER}:x@127.0.0.1:{port}/db?connect_timeout=1&send_receive_timeout=2"
+        store = ClickHouseStore(url, wait_for_server=True)  # accepts, never answers: waits
+        with pytest.raises(StoreUnavailable):
+            store.version()  # the failure at start, reported again without a new try
+        time.sleep(1.1)  # then the next call tries again
+        n_connections = len(accepted)
+        errors: list[Exception] = []
+
+        def call() -> None:
+            try:
+                store.version()
+            except StoreError as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=call) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert len(errors) == 6 and all(isinstance(e, StoreUnavailable) for e in errors)
+        # One thread tried (one new connection); the others failed at once instead of
+        # queueing behind its timeout.
+        assert sum("still connecting" in str(e) for e in errors) == 5
+        assert len(accepted) - n_connections == 1
+        store.close()
+        before = len(accepted)
+        with pytest.raises(StoreError, match="closed"):
+            store.version()  # a closed store does not connect again
+        time.sleep(0.3)
+        assert len(accepted) == before
+    finally:
+        stop.set()
+        acceptor.join(5)
+        for s in accepted:
+            s.close()
+        listener.close()

@@ -154,6 +154,24 @@ def test_engines_sharding_and_on_cluster() -> None:
                 "ALTER TABLE events ON CLUSTER 'c' MODIFY COLUMN metric String",
             ],
         ),
+        (
+            "ALTER TABLE events ADD COLUMN x String CODEC(ZSTD(3))"
+            " TTL toDateTime(timestamp) + toIntervalDay(3) AFTER env",
+            [
+                "ALTER TABLE events_local ON CLUSTER 'c' ADD COLUMN x String CODEC(ZSTD(3))"
+                " TTL toDateTime(timestamp) + toIntervalDay(3) AFTER env",
+                "ALTER TABLE events ON CLUSTER 'c' ADD COLUMN x String AFTER env",
+            ],
+        ),
+        (
+            "ALTER TABLE events MODIFY COLUMN prompt TTL toDateTime(timestamp) + toIntervalDay(9),"
+            " MODIFY COLUMN response TTL toDateTime(timestamp) + toIntervalDay(9)",
+            [
+                "ALTER TABLE events_local ON CLUSTER 'c' MODIFY COLUMN prompt TTL"
+                " toDateTime(timestamp) + toIntervalDay(9), MODIFY COLUMN response TTL"
+                " toDateTime(timestamp) + toIntervalDay(9)"
+            ],
+        ),
         ("INSERT INTO events SELECT * FROM events", ["INSERT INTO events SELECT * FROM events"]),
     ],
 )
@@ -169,6 +187,11 @@ def test_alter_and_insert_forms(statement: str, expected: list[str]) -> None:
             "sharding key",
         ),
         ("CREATE TABLE IF NOT EXISTS events (a UInt8) ENGINE = Memory", "MergeTree"),
+        (
+            "CREATE TABLE IF NOT EXISTS events (a UInt8)"
+            " ENGINE = ReplacingMergeTree(toUInt64(a)) ORDER BY a",
+            "too complex",
+        ),
         ("ALTER TABLE nosuch ADD INDEX i a TYPE minmax", "does not know"),
         ("DROP TABLE events", "no cluster form"),
         (

@@ -157,7 +157,7 @@ def test_keys_on_the_server_reach_every_process(
     for server in (first, second):
         _wait_for(server, key, 202)
         # Each process authenticates from its own copy, which holds only the hash.
-        copy = server.settings.keys_path.read_bytes()
+        copy = server.settings.key_copy_path.read_bytes()
         assert (split_key(key) or ("", ""))[1].encode() not in copy
     listed = cli("list", "--project", "acme")
     assert "shared" in listed.stdout and "ingest" in listed.stdout
@@ -185,7 +185,7 @@ def test_keys_keep_working_from_the_copy_while_the_server_is_down(tmp_path: Path
         apply_migrations(store)
         key = ServerKeyStore(store).create("acme", scope="read")
         settings = Settings(data_dir=tmp_path / "data", clickhouse_url=url, key_store="clickhouse")
-        auth = KeyAuth(KeyStore(settings.keys_path, refresh_s=0.01))
+        auth = KeyAuth(KeyStore(settings.key_copy_path, refresh_s=0.01))
         task = auth.register_background_tasks(settings=settings, store=store)
         assert task is not None
         assert auth.authenticate(key, None) is not None  # synced before the first request

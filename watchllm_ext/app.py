@@ -50,7 +50,7 @@ from .schema import EVENT_LIST_ADAPTER
 from .settings import Settings, load_settings
 from .spool import Spool
 from .store import Store, apply_migrations
-from .store.base import StoreLockedError, StoreUnavailable
+from .store.base import StoreError, StoreLockedError, StoreUnavailable
 from .store.retention import apply_payload_ttl
 from .writer import Log, MemoryLog, Sink, Writer, WriterClosed, WriterFull
 
@@ -151,7 +151,10 @@ class WatchLLM:
             await anyio.sleep(wait)
             try:
                 await anyio.to_thread.run_sync(self._prepare_store, store)
-            except StoreUnavailable:
+            except StoreError as exc:
+                if exc.permanent:
+                    raise
+                log.warning("applying the schema failed (%s); trying again", exc)
                 wait = min(wait * 2, self.settings.sink_retry_max_s)
                 continue
             log.info("the store is back: schema applied")

@@ -267,7 +267,7 @@ def _open_store(args: argparse.Namespace) -> Any:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from .store import apply_migrations
+    from .store import StoreError, apply_migrations
     from .store.retention import apply_payload_ttl
 
     if args.print_sql:
@@ -276,6 +276,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     try:
         applied = apply_migrations(store)
         apply_payload_ttl(store, _settings(args).payload_ttl_days)
+    except StoreError as exc:
+        raise CliError(str(exc)) from None
     finally:
         store.close()
     for name in applied:

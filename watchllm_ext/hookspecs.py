@@ -100,7 +100,9 @@ def register_background_tasks(
 ) -> Sequence[BackgroundTask] | BackgroundTask | None:
     """Return async functions (no arguments) to run beside the server for its whole life.
 
-    Called once at start, after the store is open and migrated; every result is used. Each
+    Called once at start, after the store is open and migrated (if the store was down at
+    start, its schema is applied once it is back: a task must tolerate StoreError meanwhile);
+    every result is used. Each
     task runs in the app's task group and is cancelled at shutdown. A task that raises is
     logged and not restarted; it never stops the server. Blocking work belongs in
     `anyio.to_thread.run_sync`. Work that must be done before the first request (a first

@@ -267,11 +267,13 @@ class ServerKeyStore:
         active = [row for row in self.rows() if row[0] == key_id and row[6] is None]
         if not active:
             return False
-        # A newer version of the row, with revoked_at set, replaces the active one.
+        # A newer version of the row, with revoked_at set, replaces the active one: newer
+        # than the active row even if this node's clock is behind the one that created it.
         self.store.execute(
             "INSERT INTO api_keys SELECT key_id, project_id, scope, secret_hash, name,"
-            " created_at, now64(3, 'UTC'), now64(6, 'UTC') FROM api_keys FINAL"
-            " WHERE key_id = {key_id:String} AND revoked_at IS NULL",
+            " created_at, now64(3, 'UTC'),"
+            " greatest(updated_at + toIntervalMicrosecond(1), now64(6, 'UTC'))"
+            " FROM api_keys FINAL WHERE key_id = {key_id:String} AND revoked_at IS NULL",
             {"key_id": key_id},
         )
         return True

@@ -59,8 +59,8 @@ class Settings(BaseSettings):
         ge=0,
         le=36_500,
         description="Days after which the large text columns (prompts, responses, tool input"
-        " and output, reasoning, stack traces, span events) are emptied; counts, tokens, cost"
-        " and latency stay. 0 keeps them forever.",
+        " and output, reasoning, stack traces, span events, metadata) are emptied; counts,"
+        " tokens, cost and latency stay. 0 keeps them forever.",
     )
     rollup_interval_s: float = Field(
         30.0,
@@ -138,7 +138,8 @@ class Settings(BaseSettings):
         "file",
         description="Where API keys live: `file` (keys_file, local to a machine) or"
         " `clickhouse` (a table on the clickhouse_url server, shared by every process in front"
-        " of it; keys_file then holds this process's copy, read when the server is down).",
+        " of it; each process authenticates from its copy in <data_dir>/keys-from-server.sqlite3,"
+        " which also serves while the server is down).",
     )
     keys_file: Path | None = Field(
         None,
@@ -200,6 +201,12 @@ class Settings(BaseSettings):
     @property
     def keys_path(self) -> Path:
         return self.keys_file or self.data_dir / "keys.sqlite3"
+
+    @property
+    def key_copy_path(self) -> Path:
+        """This process's copy of the server's keys (key_store = clickhouse); never keys_file,
+        so switching to server keys cannot overwrite a key file that is still needed."""
+        return self.data_dir / "keys-from-server.sqlite3"
 
     @property
     def store_path(self) -> Path:

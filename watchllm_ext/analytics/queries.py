@@ -23,7 +23,17 @@ GROUP_COLUMNS = {"model": "model", "status": "status", "event_type": "event_type
 
 # --- the rollup ---------------------------------------------------------------------------
 
-DIRTY_HOURS = """
+# On a replicated cluster, the rollup must not read a replica that lags: an hour computed
+# from one would look clean while missing rows. Replicas more than a minute behind are
+# skipped (an error if a shard has no fresher one: the rollup tries again later); the
+# rollup task stamps its work ROLLUP_MARGIN_CLUSTER early to cover the rest. No effect on
+# a single node.
+_FRESH_REPLICAS = (
+    "SETTINGS max_replica_delay_for_distributed_queries = 60,"
+    " fallback_to_stale_replicas_for_distributed_queries = 0"
+)
+
+DIRTY_HOURS = f"""
 SELECT m.project_id AS project_id, toString(m.hour) AS hour
 FROM (
     SELECT project_id, hour, max(marked_at) AS marked FROM rollup_marks
@@ -36,8 +46,8 @@ LEFT JOIN (
 ) AS r ON m.project_id = r.project_id AND m.hour = r.hour
 WHERE m.marked >= r.computed
 ORDER BY m.hour
-LIMIT {limit:UInt32}
-"""
+LIMIT {{limit:UInt32}}
+{_FRESH_REPLICAS}"""
 
 # Recompute whole hours of one project from the deduplicated events.
 RECOMPUTE_HOURS = f"""
@@ -63,7 +73,7 @@ WHERE project_id = {{project:String}}
   AND timestamp >= {{first:DateTime64(3, 'UTC')}} AND timestamp < {{last:DateTime64(3, 'UTC')}}
   AND toStartOfHour(timestamp) IN {{hours:Array(DateTime('UTC'))}}
 GROUP BY project_id, hour, model, event_type, status
-"""
+{_FRESH_REPLICAS}"""
 
 # Per whole hour of [first_hour, end_hour): when its rollup was computed, and when events
 # for it last arrived. An hour is clean (the rollup may answer for it) when computed after

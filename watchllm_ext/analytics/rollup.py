@@ -15,6 +15,9 @@ log = logging.getLogger("watchllm.rollup")
 # A rollup is stamped a little before its query starts, so events whose insert overlapped
 # the query mark the hour dirty again instead of being missed.
 _MARGIN = timedelta(seconds=5)
+# On a replicated cluster: the replica lag the rollup accepts (queries.py, _FRESH_REPLICAS)
+# plus room for clock skew between the nodes and this host.
+ROLLUP_MARGIN_CLUSTER = timedelta(seconds=90)
 
 
 def parse_hour(text: str) -> datetime:

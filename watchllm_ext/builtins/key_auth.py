@@ -1,9 +1,9 @@
 """Built-in authentication: API keys from the key file (see keys.py).
 
 With key_store = clickhouse the keys live on the server, shared by every process in front of
-it; this plugin copies them into the local key file at start and every key_refresh_s, and
-authenticates from that copy (a request never waits on the server; keys keep working while
-the server is down).
+it; this plugin copies them into a local file (settings.key_copy_path) at start and every
+key_refresh_s, and authenticates from that copy (a request never waits on the server; keys
+keep working while the server is down).
 """
 
 from __future__ import annotations
@@ -44,14 +44,19 @@ class KeyAuth:
         async def sync_keys() -> None:
             while True:
                 await anyio.sleep(settings.key_refresh_s)
-                await anyio.to_thread.run_sync(self._sync, server)
+                await anyio.to_thread.run_sync(self._sync, server)  # never raises
 
         return sync_keys
 
     def _sync(self, server: ServerKeyStore, first: bool = False) -> None:
         try:
-            changed = self.keys.mirror(server.rows())
-        except StoreError as exc:
+            rows = server.rows()
+            if not rows and not self.keys.is_empty():
+                # An empty table where keys were (a new or rebuilt server): keep the copy
+                # rather than lock everyone out; `keys copy-to-server` fills the table.
+                raise StoreError("the server's api_keys table is empty")
+            changed = self.keys.mirror(rows)
+        except Exception as exc:  # never let the sync die: the copy serves meanwhile
             # Keep authenticating from the last copy; say so once per failure streak.
             if first or not self._failing:
                 log.warning("cannot read the API keys from the server (%s); using the copy", exc)
@@ -65,4 +70,5 @@ class KeyAuth:
 
 
 def make_plugin(settings: Settings) -> KeyAuth:
-    return KeyAuth(KeyStore(settings.keys_path, refresh_s=settings.key_refresh_s))
+    path = settings.key_copy_path if settings.key_store == "clickhouse" else settings.keys_path
+    return KeyAuth(KeyStore(path, refresh_s=settings.key_refresh_s))

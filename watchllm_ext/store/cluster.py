@@ -136,6 +136,8 @@ def _replicated(create: str, table: str, layout: Layout) -> str:
     engine = _ENGINE.search(create)
     if engine is None:
         raise ClusterFormError(f"table {table}: only MergeTree-family engines can be replicated")
+    if create[engine.end() :].lstrip().startswith("("):  # arguments with parentheses inside
+        raise ClusterFormError(f"table {table}: engine arguments too complex for the adapter")
     name, args = engine[1], (engine[2] or "").strip()
     replica_args = [quote(layout.replica_path), quote(layout.replica_name)]
     if args:
@@ -150,4 +152,4 @@ def _replicated(create: str, table: str, layout: Layout) -> str:
 def _without_codec_ttl(alter: str) -> str:
     # A Distributed table stores nothing: codecs and TTLs belong to the local table only.
     alter = re.sub(r"\s+CODEC\((?:[^()]|\([^()]*\))*\)", "", alter)
-    return re.sub(r"\s+TTL\s+[^,]*", "", alter)
+    return re.sub(r"\s+TTL\s+.*?(?=\s+(?:AFTER|FIRST|SETTINGS|COMMENT)\b|,|$)", "", alter)

@@ -78,8 +78,15 @@ def tracking_table_statements(cluster: str | None) -> list[str]:
 def apply_migrations(store: Store) -> list[str]:
     """Apply every migration not yet recorded; return the names applied now."""
     cluster = cluster_of(store)
-    for statement in tracking_table_statements(cluster):
-        store.execute(statement)
+    # Only when missing: on a cluster even an IF NOT EXISTS statement waits for every host,
+    # and a start must not depend on all of them being up.
+    present = store.query(
+        "SELECT count() AS n FROM system.tables"
+        " WHERE database = currentDatabase() AND name = 'schema_migrations'"
+    )
+    if not present or not present[0]["n"]:
+        for statement in tracking_table_statements(cluster):
+            store.execute(statement)
     rows = store.query("SELECT version, checksum FROM schema_migrations")
     applied = {int(r["version"]): r["checksum"] for r in rows}
     done = []

@@ -57,14 +57,15 @@ def apply_payload_ttl(store: Store, days: int) -> list[str]:
     changed = []
     for table, time_column in TIME_COLUMN.items():
         wanted = f"toDateTime({time_column}) + toIntervalDay({days})" if days else None
-        for column, current in payload_columns(store, table).items():
-            if current == wanted:
-                continue
-            change = f"TTL {wanted}" if wanted else "REMOVE TTL"
-            statement = f"ALTER TABLE {table} MODIFY COLUMN {column} {change}"
-            for sql in in_form_for([statement], cluster_of(store)):
-                store.execute(sql)
-            changed.append(f"{table}.{column}")
+        columns = [c for c, current in payload_columns(store, table).items() if current != wanted]
+        if not columns:
+            continue
+        change = f"TTL {wanted}" if wanted else "REMOVE TTL"
+        # One ALTER per table: ClickHouse rewrites the table's parts once, not per column.
+        clauses = ", ".join(f"MODIFY COLUMN {column} {change}" for column in columns)
+        for sql in in_form_for([f"ALTER TABLE {table} {clauses}"], cluster_of(store)):
+            store.execute(sql)
+        changed += [f"{table}.{column}" for column in columns]
     if changed:
         log.info(
             "payload TTL %s on %d columns",
