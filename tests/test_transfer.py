@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,7 +23,7 @@ import httpx
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from chfixture import Fixture, start_fixture
+from chfixture import Fixture
 from conftest import ServerThread, free_port, make_settings
 from test_analytics import START, make_events
 from test_cli import cli
@@ -236,12 +235,9 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Source:
 
 
 @pytest.fixture(scope="module")
-def fx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fixture]:
-    fixture = start_fixture(tmp_path_factory.mktemp("chfx"), USER, PASSWORD)
-    try:
-        yield fixture
-    finally:
-        fixture.stop()
+def fx(chfixture_server: Fixture) -> Fixture:
+    assert (chfixture_server.user, chfixture_server.password) == (USER, PASSWORD)
+    return chfixture_server
 
 
 _databases = iter(range(1, 1_000_000))

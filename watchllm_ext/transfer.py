@@ -61,7 +61,7 @@ NOT_EXPORTED = {
     "hourly_usage_by_project": "rebuilt on the target by the hourly rollup",
     "rollup_marks": "rebuilt on the target by its materialized view as events are inserted",
     "schema_migrations": "the target records its own migrations",
-    "api_keys": "API keys are not copied",
+    "api_keys": "API keys are not copied (watchllm keys copy-to-server does that)",
 }
 NOT_COPIED_NOTE = (
     "API keys are not copied: they are in the key file, not in ClickHouse (a WatchLLM that"
