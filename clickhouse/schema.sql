@@ -196,3 +196,28 @@ CREATE TABLE IF NOT EXISTS api_keys (
     updated_at DateTime64(6, 'UTC')
 ) ENGINE = ReplacingMergeTree(updated_at)
 ORDER BY key_id;
+
+-- Lookups from an event id, and from a parent id, to the event's time (kept by views).
+CREATE TABLE IF NOT EXISTS event_times (
+    project_id LowCardinality(String),
+    event_id String,
+    timestamp DateTime64(3, 'UTC')
+) ENGINE = ReplacingMergeTree
+ORDER BY (project_id, event_id, timestamp);
+
+CREATE TABLE IF NOT EXISTS event_children (
+    project_id LowCardinality(String),
+    parent_event_id String,
+    event_id String,
+    timestamp DateTime64(3, 'UTC')
+) ENGINE = ReplacingMergeTree
+ORDER BY (project_id, parent_event_id, event_id, timestamp);
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS event_times_mv TO event_times AS
+SELECT project_id, event_id, timestamp
+FROM events;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS event_children_mv TO event_children AS
+SELECT project_id, assumeNotNull(parent_event_id) AS parent_event_id, event_id, timestamp
+FROM events
+WHERE parent_event_id IS NOT NULL;

@@ -114,14 +114,23 @@ def test_engines_sharding_and_on_cluster() -> None:
     for statement in statements:
         if statement.startswith(("CREATE", "ALTER")):
             assert f" ON CLUSTER '{CLUSTER}'" in statement.split("\n")[0], statement
-    # The materialized view fires on each node's local inserts and writes beside them.
-    (mv,) = [s for s in statements if "MATERIALIZED VIEW" in s]
-    assert " TO rollup_marks_local AS" in mv and "FROM events_local" in mv
+    # The materialized views fire on each node's local inserts and write beside them.
+    views = [s for s in statements if "MATERIALIZED VIEW" in s]
+    assert {re.search(r" TO (\w+) AS", v)[1] for v in views} == {
+        "rollup_marks_local",
+        "event_times_local",
+        "event_children_local",
+    }
+    assert all("FROM events_local" in v for v in views)
     # Indexes are on the tables that hold data; one-off inserts go through Distributed.
     assert all(
         s.startswith("ALTER TABLE events_local ") for s in statements if s.startswith("ALTER")
     )
-    assert [s.split()[2] for s in statements if s.startswith("INSERT")] == ["rollup_marks"]
+    assert [s.split()[2] for s in statements if s.startswith("INSERT")] == [
+        "rollup_marks",
+        "event_times",
+        "event_children",
+    ]
 
 
 @pytest.mark.parametrize(

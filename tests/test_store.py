@@ -140,3 +140,34 @@ def test_each_test_has_a_store_of_its_own(store_backend: StoreBackend, store: St
     assert tables == []
     if store_backend.is_clickhouse:
         assert store.query("SELECT currentDatabase() AS db") == [{"db": store_backend.database()}]
+
+
+def test_id_lookups_cover_events_stored_before_their_migration(store: Store) -> None:
+    """Migration 0005's backfill: events already stored are found by id and by parent id,
+    exactly as events inserted after it (through its materialized views)."""
+    from conftest import prompt_call
+
+    from watchllm_ext.analytics import queries as Q
+
+    apply_migrations(store)
+    events = [
+        EVENT_ADAPTER.validate_python({**prompt_call("root"), "project_id": "p"}),
+        EVENT_ADAPTER.validate_python(
+            {**prompt_call("kid", parent_event_id="root"), "project_id": "p",
+             "timestamp": "2026-01-02T03:04:06Z"}
+        ),
+    ]  # fmt: skip
+    for table, data in tables_for(events).items():
+        store.insert(table, data)
+    args = {"project": "p", "event_id": "root"}
+    want = (store.query(Q.EVENT, args), store.query(Q.EVENT_CHILDREN, args))
+    assert want[0][0]["event_id"] == "root" and want[1] == [{"event_id": "kid"}]
+    # As if the events had been stored before 0005: empty lookups, then its backfill.
+    store.execute("TRUNCATE TABLE event_times")
+    store.execute("TRUNCATE TABLE event_children")
+    assert store.query(Q.EVENT, args) == []
+    (migration,) = [m for m in load_migrations() if m.name == "id_lookups"]
+    for statement in migration.statements():
+        if statement.startswith("INSERT"):
+            store.execute(statement)
+    assert (store.query(Q.EVENT, args), store.query(Q.EVENT_CHILDREN, args)) == want

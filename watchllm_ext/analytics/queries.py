@@ -234,33 +234,38 @@ LIMIT {{limit:UInt32}}
 
 # Lookups by id read without FINAL (which would merge the whole project first) and keep the
 # latest delivery of each row, as ReplacingMergeTree(ingested_at) does.
-EVENT = """
+# An event's time from its id (migration 0005), so the lookups below read by primary key.
+_EVENT_TIMES = """timestamp IN (
+    SELECT timestamp FROM event_times
+    WHERE project_id = {project:String} AND event_id = {event_id:String})"""
+
+EVENT = f"""
 SELECT * EXCEPT (ingested_at)
 FROM events
-WHERE project_id = {project:String} AND event_id = {event_id:String}
+WHERE project_id = {{project:String}} AND event_id = {{event_id:String}} AND {_EVENT_TIMES}
 ORDER BY ingested_at DESC
 LIMIT 1
 """
 
-EVENT_TOOL_CALLS = """
+EVENT_TOOL_CALLS = f"""
 SELECT call_index, source, tool_call_id, tool_name, tool_input, tool_output, status,
        latency_ms, error_message
 FROM tool_calls
-WHERE project_id = {project:String} AND event_id = {event_id:String}
+WHERE project_id = {{project:String}} AND event_id = {{event_id:String}} AND {_EVENT_TIMES}
 ORDER BY call_index, ingested_at DESC
 LIMIT 1 BY call_index
 """
 
-EVENT_AGENT_STEPS = """
+EVENT_AGENT_STEPS = f"""
 SELECT step_number, step_name, reasoning, action, observation, status, latency_ms
 FROM agent_steps
-WHERE project_id = {project:String} AND event_id = {event_id:String}
+WHERE project_id = {{project:String}} AND event_id = {{event_id:String}} AND {_EVENT_TIMES}
 ORDER BY step_number, ingested_at DESC
 LIMIT 1 BY step_number
 """
 
 EVENT_CHILDREN = """
-SELECT event_id FROM events
+SELECT event_id FROM event_children
 WHERE project_id = {project:String} AND parent_event_id = {event_id:String}
 GROUP BY event_id
 ORDER BY min(timestamp), event_id
