@@ -692,10 +692,9 @@ def route_queries(store: Any, spec: dict[str, Any], timed: Any) -> Any:
         window = rollup_window(span)
         args = base_args(span, window)
         clean = count_clean(window)
-        totals = timed("STATS_TOTALS", Q.STATS_TOTALS, args)
-        timed("STATS_BY_TYPE", Q.STATS_BY_TYPE, args)
-        timed("STATS_TOP_MODELS", Q.STATS_TOP_MODELS, args)
-        return {"total_events": int(totals[0]["total_events"]), "rollup_hours": clean}
+        sums = timed("STATS_SUMS", Q.STATS_SUMS, args)
+        timed("STATS_STATES", Q.STATS_STATES, args)
+        return {"total_events": sum(int(r["events"]) for r in sums), "rollup_hours": clean}
     if kind == "timeseries":
         span = P.time_range(qp, allow_period=True)
         tz = P.zone(qp)
@@ -858,9 +857,8 @@ def profile_queries(store: Any, plan: dict[str, Any]) -> dict[str, Any]:
     )
     ts_args = {**combined, "step": 6, "tz": "UTC"}
     for name, sql, qargs in (
-        ("STATS_TOTALS", Q.STATS_TOTALS, combined),
-        ("STATS_BY_TYPE", Q.STATS_BY_TYPE, combined),
-        ("STATS_TOP_MODELS", Q.STATS_TOP_MODELS, combined),
+        ("STATS_SUMS", Q.STATS_SUMS, combined),
+        ("STATS_STATES", Q.STATS_STATES, combined),
         ("TIMESERIES[Hour,None]", Q.TIMESERIES[("Hour", None)], ts_args),
         ("TIMESERIES[Hour,model]", Q.TIMESERIES[("Hour", "model")], ts_args),
     ):
@@ -942,7 +940,7 @@ def profile_queries(store: Any, plan: dict[str, Any]) -> dict[str, Any]:
             timings[label] = float("nan")
             print(f"  profile: {label}: {str(exc)[:200]}", flush=True)
     explain = {}
-    for label, sql, qargs in (("STATS_TOTALS", Q.STATS_TOTALS, combined),
+    for label, sql, qargs in (("STATS_STATES", Q.STATS_STATES, combined),
                               ("EVENT", Q.EVENT, ev), ("RUN_EVENTS", Q.RUN_EVENTS, run)):
         rows = store.query("EXPLAIN indexes = 1 " + sql.strip(), qargs)
         explain[label] = "\n".join(r["explain"] for r in rows)

@@ -221,3 +221,14 @@ CREATE MATERIALIZED VIEW IF NOT EXISTS event_children_mv TO event_children AS
 SELECT project_id, assumeNotNull(parent_event_id) AS parent_event_id, event_id, timestamp
 FROM events
 WHERE parent_event_id IS NOT NULL;
+
+-- One row per project and hour: distinct runs and users, and the prompt calls' latency sketch.
+CREATE TABLE IF NOT EXISTS hourly_totals_by_project (
+    project_id LowCardinality(String),
+    hour DateTime('UTC'),
+    call_latency AggregateFunction(quantilesDD(0.01, 0.5, 0.9, 0.95, 0.99), Nullable(Float64)),
+    runs AggregateFunction(uniq, String),
+    users AggregateFunction(uniq, Nullable(String)),
+    computed_at DateTime64(6, 'UTC')
+) ENGINE = ReplacingMergeTree(computed_at)
+ORDER BY (project_id, hour);

@@ -279,9 +279,8 @@ def named_queries(rolled: bool) -> dict[str, tuple[str, dict[str, Any]]]:
             Q.CLEAN_HOURS,
             {"project": PROJECT, "first_hour": first, "end_hour": end},
         )
-        out[f"stats_totals[{i}]"] = (Q.STATS_TOTALS, base)
-        out[f"stats_by_type[{i}]"] = (Q.STATS_BY_TYPE, base)
-        out[f"stats_top_models[{i}]"] = (Q.STATS_TOP_MODELS, base)
+        out[f"stats_sums[{i}]"] = (Q.STATS_SUMS, base)
+        out[f"stats_states[{i}]"] = (Q.STATS_STATES, base)
         for key, step, tz in SERIES:
             out[f"timeseries{key}[{i}]"] = (Q.TIMESERIES[key], {**base, "step": step, "tz": tz})
     window = {"project": PROJECT, "from": RANGES[0][0], "to": RANGES[0][1], "limit": 100}
@@ -357,8 +356,10 @@ def test_same_answers_as_chdb_for_every_named_query(tmp_path: Path, store: Click
         assert got[name] == want[name], name
     # The comparison is not of empty answers.
     assert got["refreshed"] > 60 and got["clean"][0] == 72
-    (totals,) = got["rolled stats_totals[0]"]
-    assert totals["total_events"] > 1500 and isinstance(totals["tokens_input"], int)
+    sums = got["rolled stats_sums[0]"]
+    assert sum(r["events"] for r in sums) > 1500 and isinstance(sums[0]["tokens_input"], int)
+    (states,) = got["rolled stats_states[0]"]
+    assert states["distinct_runs"] > 10 and len(states["latency_quantiles"]) == 4
     assert len(got["raw logs[all]"]) == 100 and got["raw event[tricky]"][0]["tags"][0].startswith(
         "tab\there"
     )
@@ -430,7 +431,7 @@ def test_one_store_from_many_threads(store: ClickHouseStore) -> None:
         try:
             for _ in range(5):
                 rows = store.query(
-                    Q.STATS_TOTALS,
+                    Q.STATS_SUMS,
                     {
                         "project": PROJECT,
                         "from": RANGES[0][0],
@@ -439,7 +440,7 @@ def test_one_store_from_many_threads(store: ClickHouseStore) -> None:
                         "end_hour": RANGES[0][0],
                     },
                 )
-                answers_seen.append(int(rows[0]["total_events"]))
+                answers_seen.append(sum(int(r["events"]) for r in rows))
                 assert store.version()
         except BaseException as exc:
             errors.append(exc)

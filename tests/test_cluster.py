@@ -130,6 +130,7 @@ def test_engines_sharding_and_on_cluster() -> None:
         "rollup_marks",
         "event_times",
         "event_children",
+        "hourly_totals_by_project",
     ]
 
 

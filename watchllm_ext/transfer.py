@@ -59,6 +59,7 @@ TABLES = ("events", "tool_calls", "agent_steps", "spans")
 # Tables the target rebuilds itself (or keeps its own copy of), so never exported.
 NOT_EXPORTED = {
     "hourly_usage_by_project": "rebuilt on the target by the hourly rollup",
+    "hourly_totals_by_project": "rebuilt on the target by the hourly rollup",
     "rollup_marks": "rebuilt on the target by its materialized view as events are inserted",
     "schema_migrations": "the target records its own migrations",
     "api_keys": "API keys are not copied (watchllm keys copy-to-server does that)",

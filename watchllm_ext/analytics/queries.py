@@ -23,6 +23,12 @@ GROUP_COLUMNS = {"model": "model", "status": "status", "event_type": "event_type
 
 # --- the rollup ---------------------------------------------------------------------------
 
+# The latency sketch of prompt calls only (quantilesDD skips NULLs).
+_CALL_LATENCY_STATE = (
+    QUANTILES.replace("quantilesDD", "quantilesDDState")
+    + "(if(event_type = 'prompt_call', latency_ms, NULL))"
+)
+
 # On a replicated cluster, the rollup must not read a replica that lags: an hour computed
 # from one would look clean while missing rows. Replicas more than a minute behind are
 # skipped (an error if a shard has no fresher one: the rollup tries again later); the
@@ -73,6 +79,24 @@ WHERE project_id = {{project:String}}
   AND timestamp >= {{first:DateTime64(3, 'UTC')}} AND timestamp < {{last:DateTime64(3, 'UTC')}}
   AND toStartOfHour(timestamp) IN {{hours:Array(DateTime('UTC'))}}
 GROUP BY project_id, hour, model, event_type, status
+{_FRESH_REPLICAS}"""
+
+# The same hours' per-hour states (migration 0006); run before RECOMPUTE_HOURS with the same
+# computed_at, so an hour that hourly_usage_by_project calls clean has them too.
+RECOMPUTE_HOURLY_TOTALS = f"""
+INSERT INTO hourly_totals_by_project
+SELECT
+    project_id,
+    toStartOfHour(timestamp) AS hour,
+    {_CALL_LATENCY_STATE} AS call_latency,
+    uniqState(run_id) AS runs,
+    uniqState(user_id) AS users,
+    {{computed_at:DateTime64(6, 'UTC')}} AS computed_at
+FROM events FINAL
+WHERE project_id = {{project:String}}
+  AND timestamp >= {{first:DateTime64(3, 'UTC')}} AND timestamp < {{last:DateTime64(3, 'UTC')}}
+  AND toStartOfHour(timestamp) IN {{hours:Array(DateTime('UTC'))}}
+GROUP BY project_id, hour
 {_FRESH_REPLICAS}"""
 
 # Per whole hour of [first_hour, end_hour): when its rollup was computed, and when events
@@ -133,37 +157,48 @@ GROUP BY bucket, model, event_type, status
 _IS_CALL = "event_type = 'prompt_call'"
 _QMERGE = QUANTILES.replace("quantilesDD", "quantilesDDMergeIf")
 
-STATS_TOTALS = f"""
+# Stats read sums from _COMBINED (one row per hour and group, summed), and the states that
+# do not add up across groups (distinct runs and users, the calls' latency sketch) from
+# hourly_totals_by_project: one state per hour for the clean hours, and the same states from
+# raw events for the rest.
+_HOURLY_STATES = f"""
+SELECT call_latency, runs, users
+FROM hourly_totals_by_project FINAL
+WHERE project_id = {{project:String}} AND hour IN ({_CLEAN_SQL})
+UNION ALL
+SELECT {_CALL_LATENCY_STATE}, uniqState(run_id), uniqState(user_id)
+FROM events FINAL
+WHERE project_id = {{project:String}}
+  AND timestamp >= {{from:DateTime64(3, 'UTC')}} AND timestamp < {{to:DateTime64(3, 'UTC')}}
+  AND (timestamp < {{first_hour:DateTime('UTC')}}
+       OR timestamp >= {{end_hour:DateTime('UTC')}}
+       OR toStartOfHour(timestamp) IN ({_DIRTY_SQL}))
+"""
+
+STATS_STATES = f"""
 SELECT
-    sum(events) AS total_events,
-    sumIf(events, {_IS_CALL}) AS total_requests,
-    sumIf(events, {_IS_CALL} AND status != 'success') AS errors,
-    sum(cost_nanousd) / 1e9 AS total_cost,
-    sum(tokens_input) AS tokens_input,
-    sum(tokens_output) AS tokens_output,
-    sumIf(latency_sum_us, {_IS_CALL}) / 1000 AS latency_sum,
-    sumIf(latency_count, {_IS_CALL}) AS latency_count,
-    {_QMERGE}(latency_quantiles, {_IS_CALL}) AS latency_quantiles,
+    {QUANTILES.replace("quantilesDD", "quantilesDDMerge")}(call_latency) AS latency_quantiles,
     uniqMerge(runs) AS distinct_runs,
     uniqMerge(users) AS distinct_users
-FROM ({_COMBINED.format(bucket_rollup="0", bucket_raw="0")})
+FROM ({_HOURLY_STATES})
 """
 
-STATS_BY_TYPE = f"""
-SELECT event_type, sum(events) AS n
+# The sums per event type, model and outcome; the route adds them up into the totals, the
+# events by type and the top models (one pass instead of three).
+STATS_SUMS = f"""
+SELECT
+    event_type,
+    model,
+    status != 'success' AS failed,
+    sum(events) AS events,
+    sum(tokens_input) AS tokens_input,
+    sum(tokens_output) AS tokens_output,
+    sum(cost_nanousd) AS cost_nanousd,
+    sum(latency_sum_us) AS latency_sum_us,
+    sum(latency_count) AS latency_count
 FROM ({_COMBINED.format(bucket_rollup="0", bucket_raw="0")})
-GROUP BY event_type
-ORDER BY event_type
-"""
-
-STATS_TOP_MODELS = f"""
-SELECT model, sum(events) AS calls, sum(tokens_input) AS tokens_input,
-       sum(tokens_output) AS tokens_output, sum(cost_nanousd) / 1e9 AS cost
-FROM ({_COMBINED.format(bucket_rollup="0", bucket_raw="0")})
-WHERE {_IS_CALL} AND model != ''
-GROUP BY model
-ORDER BY calls DESC, model
-LIMIT 10
+GROUP BY event_type, model, failed
+ORDER BY event_type, model, failed
 """
 
 # Bucket expressions: the interval's unit and count are parameters, the zone too.

@@ -37,16 +37,16 @@ def refresh_rollups(store: Store, *, max_hours: int = 2000, margin: timedelta = 
         computed_at = datetime.now(UTC) - margin
         for start in range(0, len(hours), 500):
             chunk = hours[start : start + 500]
-            store.execute(
-                queries.RECOMPUTE_HOURS,
-                {
-                    "project": project,
-                    "first": min(chunk),
-                    "last": max(chunk) + timedelta(hours=1),
-                    "hours": [h.strftime("%Y-%m-%d %H:%M:%S") for h in chunk],
-                    "computed_at": computed_at,
-                },
-            )
+            args = {
+                "project": project,
+                "first": min(chunk),
+                "last": max(chunk) + timedelta(hours=1),
+                "hours": [h.strftime("%Y-%m-%d %H:%M:%S") for h in chunk],
+                "computed_at": computed_at,
+            }
+            # The per-hour states first: RECOMPUTE_HOURS is what marks the hours clean.
+            store.execute(queries.RECOMPUTE_HOURLY_TOTALS, args)
+            store.execute(queries.RECOMPUTE_HOURS, args)
     if dirty:
         log.debug("recomputed %d hourly rollups", len(dirty))
     return len(dirty)

@@ -125,39 +125,57 @@ async def stats(request: Request) -> Response:
     window = _rollup_window(span)
     args = _base_args(project, span, window)
     clean = await _count_clean(store, project, window)
-    (totals,) = await _run(store, Q.STATS_TOTALS, args)
-    by_type = await _run(store, Q.STATS_BY_TYPE, args)
-    models = await _run(store, Q.STATS_TOP_MODELS, args)
-    requests = int(totals["total_requests"])
-    latency_count = int(totals["latency_count"])
+    sums = await _run(store, Q.STATS_SUMS, args)
+    (states,) = await _run(store, Q.STATS_STATES, args)
+    calls = [r for r in sums if r["event_type"] == "prompt_call"]
+    requests = sum(int(r["events"]) for r in calls)
+    latency_count = sum(int(r["latency_count"]) for r in calls)
+    by_type: dict[str, int] = {}
+    for r in sums:
+        by_type[r["event_type"]] = by_type.get(r["event_type"], 0) + int(r["events"])
     body = Stats(
         project_id=project,
         start=span.start,
         end=span.end,
         total_requests=requests,
-        total_events=int(totals["total_events"]),
-        events_by_type={r["event_type"]: int(r["n"]) for r in by_type if int(r["n"])},
-        total_cost=float(totals["total_cost"]),
-        tokens_input=int(totals["tokens_input"]),
-        tokens_output=int(totals["tokens_output"]),
-        avg_latency_ms=(float(totals["latency_sum"]) / latency_count) if latency_count else None,
-        latency_ms=_percentiles(totals["latency_quantiles"], latency_count > 0),
-        error_rate=(int(totals["errors"]) / requests) if requests else 0.0,
-        distinct_runs=int(totals["distinct_runs"]),
-        distinct_users=int(totals["distinct_users"]),
-        top_models=[
-            ModelUsage(
-                model=m["model"],
-                calls=int(m["calls"]),
-                tokens_input=int(m["tokens_input"]),
-                tokens_output=int(m["tokens_output"]),
-                cost=float(m["cost"]),
-            )
-            for m in models
-        ],
+        total_events=sum(by_type.values()),
+        events_by_type={k: n for k, n in sorted(by_type.items()) if n},
+        # Integer nano-USD and microseconds, divided once: as exact as the stored sums.
+        total_cost=sum(int(r["cost_nanousd"]) for r in sums) / 1e9,
+        tokens_input=sum(int(r["tokens_input"]) for r in sums),
+        tokens_output=sum(int(r["tokens_output"]) for r in sums),
+        avg_latency_ms=(
+            sum(int(r["latency_sum_us"]) for r in calls) / 1000 / latency_count
+            if latency_count
+            else None
+        ),
+        latency_ms=_percentiles(states["latency_quantiles"], latency_count > 0),
+        error_rate=sum(int(r["events"]) for r in calls if r["failed"]) / requests
+        if requests
+        else 0.0,
+        distinct_runs=int(states["distinct_runs"]),
+        distinct_users=int(states["distinct_users"]),
+        top_models=_top_models(calls),
         rollup_hours=clean,
     )
     return JSONResponse(body.model_dump(mode="json", by_alias=True))
+
+
+def _top_models(calls: list[dict[str, Any]], limit: int = 10) -> list[ModelUsage]:
+    """The models with the most calls (ties by name), from STATS_SUMS's prompt-call rows."""
+    totals: dict[str, list[int]] = {}
+    for r in calls:
+        if r["model"]:
+            t = totals.setdefault(r["model"], [0, 0, 0, 0])
+            t[0] += int(r["events"])
+            t[1] += int(r["tokens_input"])
+            t[2] += int(r["tokens_output"])
+            t[3] += int(r["cost_nanousd"])
+    ranked = sorted(totals.items(), key=lambda item: (-item[1][0], item[0]))[:limit]
+    return [
+        ModelUsage(model=m, calls=n, tokens_input=ti, tokens_output=to, cost=nanos / 1e9)
+        for m, (n, ti, to, nanos) in ranked
+    ]
 
 
 # --- timeseries ---
