@@ -55,6 +55,14 @@ ORDER BY m.hour
 LIMIT {{limit:UInt32}}
 {_FRESH_REPLICAS}"""
 
+# The rows a recomputation reads: the given hours of one project, deduplicated.
+_RECOMPUTED_FROM = """    {computed_at:DateTime64(6, 'UTC')} AS computed_at
+FROM events FINAL
+WHERE project_id = {project:String}
+  AND timestamp >= {first:DateTime64(3, 'UTC')} AND timestamp < {last:DateTime64(3, 'UTC')}
+  AND toStartOfHour(timestamp) IN {hours:Array(DateTime('UTC'))}
+"""
+
 # Recompute whole hours of one project from the deduplicated events.
 RECOMPUTE_HOURS = f"""
 INSERT INTO hourly_usage_by_project
@@ -73,12 +81,7 @@ SELECT
     {QUANTILES.replace("quantilesDD", "quantilesDDState")}(latency_ms) AS latency_quantiles,
     uniqState(run_id) AS runs,
     uniqState(user_id) AS users,
-    {{computed_at:DateTime64(6, 'UTC')}} AS computed_at
-FROM events FINAL
-WHERE project_id = {{project:String}}
-  AND timestamp >= {{first:DateTime64(3, 'UTC')}} AND timestamp < {{last:DateTime64(3, 'UTC')}}
-  AND toStartOfHour(timestamp) IN {{hours:Array(DateTime('UTC'))}}
-GROUP BY project_id, hour, model, event_type, status
+{_RECOMPUTED_FROM}GROUP BY project_id, hour, model, event_type, status
 {_FRESH_REPLICAS}"""
 
 # The same hours' per-hour states (migration 0006); run before RECOMPUTE_HOURS with the same
@@ -91,12 +94,7 @@ SELECT
     {_CALL_LATENCY_STATE} AS call_latency,
     uniqState(run_id) AS runs,
     uniqState(user_id) AS users,
-    {{computed_at:DateTime64(6, 'UTC')}} AS computed_at
-FROM events FINAL
-WHERE project_id = {{project:String}}
-  AND timestamp >= {{first:DateTime64(3, 'UTC')}} AND timestamp < {{last:DateTime64(3, 'UTC')}}
-  AND toStartOfHour(timestamp) IN {{hours:Array(DateTime('UTC'))}}
-GROUP BY project_id, hour
+{_RECOMPUTED_FROM}GROUP BY project_id, hour
 {_FRESH_REPLICAS}"""
 
 # Per whole hour of [first_hour, end_hour): when its rollup was computed, and when events
