@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -30,7 +31,7 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 
 
 class Serve:
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
@@ -38,6 +39,7 @@ class Serve:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            env={**os.environ, **(env or {})},
         )
         self.output: list[str] = []
         deadline = time.monotonic() + 60
@@ -163,3 +165,37 @@ def test_remote_errors_are_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in down.stderr
     nokey = cli("check-tables", "--url", "http://127.0.0.1:1")
     assert nokey.returncode == 1 and "--key" in nokey.stderr
+
+
+# Two `watchllm serve` processes, each with its own data folder, in front of one ClickHouse
+# server with the keys on it (docs/DEPLOY.md): the first start creates the first key there,
+# the second finds it, and both accept it.
+@pytest.mark.stores("clickhouse", "server")
+def test_two_serve_processes_on_one_server_share_keys_and_data(
+    store_backend: Any, tmp_path: Path
+) -> None:
+    env = {"WATCHLLM_CLICKHOUSE_URL": store_backend.url(), "WATCHLLM_KEY_STORE": "clickhouse"}
+    first = Serve(tmp_path / "one", env)
+    second = Serve(tmp_path / "two", env)
+    try:
+        key = first.key
+        assert "created project" not in "".join(second.output)  # the server has a key now
+        for i, serve in enumerate((first, second)):
+            r = httpx.post(
+                f"{serve.url}/v1/events/batch",
+                headers={"Authorization": f"Bearer {key}"},
+                json={"events": [prompt_call(f"s{i}-{n}", project_id="default") for n in range(5)]},
+                timeout=30,
+            )
+            assert r.status_code == 202, r.text
+        deadline = time.monotonic() + 20
+        while True:
+            counted = cli("count-rows", "--url", second.url, "--key", key)
+            if counted.stdout.strip().splitlines()[-1:] == ["10"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert counted.stdout.strip().splitlines()[-1] == "10", counted.stdout + counted.stderr
+    finally:
+        for serve in (first, second):
+            if serve.proc.poll() is None:
+                serve.stop()
