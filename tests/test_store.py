@@ -171,3 +171,23 @@ def test_id_lookups_cover_events_stored_before_their_migration(store: Store) -> 
         if statement.startswith("INSERT"):
             store.execute(statement)
     assert (store.query(Q.EVENT, args), store.query(Q.EVENT_CHILDREN, args)) == want
+
+
+def test_the_store_sink_completes_the_schema_before_its_first_insert(store: Store) -> None:
+    """After a start with the store down, the sink may deliver before the app has applied
+    the schema: it applies it first, so no row lands before a view that should see it."""
+    import anyio
+    from conftest import prompt_call
+
+    from watchllm_ext.analytics import queries as Q
+    from watchllm_ext.builtins.store_sink import StoreSink
+
+    assert "events" not in {
+        r["name"]
+        for r in store.query("SELECT name FROM system.tables WHERE database = currentDatabase()")
+    }
+    event = EVENT_ADAPTER.validate_python({**prompt_call("first"), "project_id": "p"})
+    anyio.run(StoreSink(store).write, [event])
+    # The id lookup (migration 0005's view) saw the row: the whole schema was there first.
+    found = store.query(Q.EVENT, {"project": "p", "event_id": "first"})
+    assert [r["event_id"] for r in found] == ["first"]
