@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import threading
 from dataclasses import dataclass
 from importlib import resources
 
@@ -75,8 +76,18 @@ def tracking_table_statements(cluster: str | None) -> list[str]:
     return in_form_for([_TRACKING_TABLE.strip()], cluster)
 
 
+# One migration run at a time in a process (the app's and the store sink's may meet after
+# a start with the store down); across processes the statements are idempotent.
+_APPLYING = threading.Lock()
+
+
 def apply_migrations(store: Store) -> list[str]:
     """Apply every migration not yet recorded; return the names applied now."""
+    with _APPLYING:
+        return _apply_migrations(store)
+
+
+def _apply_migrations(store: Store) -> list[str]:
     cluster = cluster_of(store)
     # Only when missing: on a cluster even an IF NOT EXISTS statement waits for every host,
     # and a start must not depend on all of them being up.
