@@ -50,6 +50,16 @@ def unauthorized(message: str) -> Problem:
     )
 
 
+def other_project(key_project: str, named: str) -> Problem:
+    """403 for a request naming a project (`project_id`) other than its key's."""
+    return Problem(
+        403,
+        "forbidden",
+        f"the key belongs to project {key_project!r}, not {named!r}",
+        field="project_id",
+    )
+
+
 async def problem_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, Problem)
     return exc.response()

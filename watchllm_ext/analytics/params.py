@@ -12,7 +12,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from starlette.datastructures import QueryParams
 
 from ..auth import Principal
-from ..errors import Problem
+from ..errors import Problem, other_project
 from ..schema import MAX_TIMESTAMP, MIN_TIMESTAMP
 
 PERIODS = {
@@ -44,12 +44,7 @@ def project(params: QueryParams, principal: Principal) -> str:
     if not project_id:
         raise bad("project_id", "required")
     if project_id != principal.project_id:
-        raise Problem(
-            403,
-            "forbidden",
-            f"the key belongs to project {principal.project_id!r}, not {project_id!r}",
-            field="project_id",
-        )
+        raise other_project(principal.project_id, project_id)
     return project_id
 
 
