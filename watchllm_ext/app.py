@@ -29,7 +29,7 @@ from . import __version__
 from .analytics.routes import routes as analytics_routes
 from .auth import Principal, Scope, bearer_token
 from .dead_letters import done, read_dead_letters, summary, take_dead_letters, targeted_payload
-from .errors import Problem, problem_handler, unauthorized
+from .errors import Problem, other_project, problem_handler, unauthorized
 from .hookspecs import BackgroundTask
 from .ingest import (
     Outcome,
@@ -141,8 +141,7 @@ class WatchLLM:
                 store.close()
 
     def _prepare_store(self, store: Store) -> None:
-        self.migrations_applied = apply_migrations(store)
-        apply_payload_ttl(store, self.settings.payload_ttl_days)
+        self.migrations_applied = prepare_store(store, self.settings)
 
     async def _prepare_when_back(self, store: Store) -> None:
         """Apply the schema once a store that was down at start can be reached."""
@@ -210,6 +209,14 @@ class WatchLLM:
             raise Problem(
                 503, "shutting_down", "the server is shutting down", headers={"Retry-After": "5"}
             ) from None
+
+
+def prepare_store(store: Store, settings: Settings) -> list[str]:
+    """Bring the store's schema up to date (migrations, then the payload TTL); returns the
+    migrations applied now. What `serve` does at start and `watchllm migrate` does."""
+    applied = apply_migrations(store)
+    apply_payload_ttl(store, settings.payload_ttl_days)
+    return applied
 
 
 async def _run_background(task: BackgroundTask) -> None:
@@ -344,12 +351,7 @@ async def project_events(request: Request) -> Response:
     principal = wl.authenticate(request, "ingest")
     project_id = request.path_params["project_id"]
     if project_id != principal.project_id:
-        raise Problem(
-            403,
-            "forbidden",
-            f"the key belongs to project {principal.project_id!r}, not {project_id!r}",
-            field="project_id",
-        )
+        raise other_project(principal.project_id, project_id)
     body = await _read(request, wl)
     events = validate_fast(body, "events")
     if events is not None:

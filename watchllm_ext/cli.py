@@ -267,15 +267,14 @@ def _open_store(args: argparse.Namespace) -> Any:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from .store import StoreError, apply_migrations
-    from .store.retention import apply_payload_ttl
+    from .app import prepare_store
+    from .store import StoreError
 
     if args.print_sql:
         return _print_migrations(args.cluster or _settings(args).cluster_name)
     store = _open_store(args)
     try:
-        applied = apply_migrations(store)
-        apply_payload_ttl(store, _settings(args).payload_ttl_days)
+        applied = prepare_store(store, _settings(args))
     except StoreError as exc:
         raise CliError(str(exc)) from None
     finally:
@@ -328,17 +327,24 @@ def _remote(
     return response.json()
 
 
-def _with_local_store(args: argparse.Namespace, fn: Any) -> Any:
+@contextmanager
+def _migrated_store(args: argparse.Namespace) -> Iterator[Any]:
+    """The settings' store with its schema up to date; a store error is one CLI line."""
     from .store import StoreError, apply_migrations
 
     store = _open_store(args)
     try:
         apply_migrations(store)
-        return fn(store)
+        yield store
     except StoreError as exc:
         raise CliError(str(exc)) from None
     finally:
         store.close()
+
+
+def _with_local_store(args: argparse.Namespace, fn: Any) -> Any:
+    with _migrated_store(args) as store:
+        return fn(store)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -506,20 +512,14 @@ def _replay_local(args: argparse.Namespace) -> tuple[int, int]:
 def _keys(args: argparse.Namespace) -> Iterator[Any]:
     """The key file, or with key_store = clickhouse the keys on the server."""
     from .keys import KeyStore, ServerKeyStore
-    from .store import StoreError, apply_migrations
 
     settings = _settings(args)
     if settings.key_store != "clickhouse":
         yield KeyStore(settings.keys_path)
         return
-    store = _open_store(args)
-    try:
-        apply_migrations(store)  # the api_keys table, on a server that has not served yet
+    # Migrated: the api_keys table, on a server that has not served yet.
+    with _migrated_store(args) as store:
         yield ServerKeyStore(store)
-    except StoreError as exc:
-        raise CliError(str(exc)) from None
-    finally:
-        store.close()
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
@@ -549,20 +549,13 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
 def cmd_keys_copy(args: argparse.Namespace) -> int:
     from .keys import KeyStore, ServerKeyStore
-    from .store import StoreError, apply_migrations
 
     settings = _settings(args)
     if not settings.clickhouse_url:
         raise CliUsageError("copy-to-server needs the server: set WATCHLLM_CLICKHOUSE_URL")
     rows = KeyStore(settings.keys_path).rows()
-    store = _open_store(args)
-    try:
-        apply_migrations(store)
+    with _migrated_store(args) as store:
         added = ServerKeyStore(store).add(rows)
-    except StoreError as exc:
-        raise CliError(str(exc)) from None
-    finally:
-        store.close()
     print(f"copied {len(added)} of {len(rows)} keys from {settings.keys_path} to the server")
     if settings.key_store != "clickhouse":
         print("servers read them with WATCHLLM_KEY_STORE=clickhouse")
