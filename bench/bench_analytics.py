@@ -51,7 +51,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -60,6 +59,8 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+from processes import free_port, spawn, stop, stop_all
 
 HERE = Path(__file__).resolve()
 PROJECT = "bench"
@@ -375,50 +376,6 @@ def _refresh_all(store: Any, refresh_rollups: Any) -> int:
 
 # --- processes --------------------------------------------------------------------------------
 
-_CHILDREN: list[subprocess.Popen[Any]] = []
-
-
-def _child_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHLLM_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def spawn(args: list[str], *, log: Path | None = None, stdout: Any = None,
-          cwd: Path | None = None) -> subprocess.Popen[Any]:
-    out = stdout
-    if log is not None:
-        out = open(log, "ab")  # noqa: SIM115 - the child owns it for its lifetime
-    proc = subprocess.Popen(
-        args,
-        stdout=out,
-        stderr=subprocess.STDOUT if log is not None else None,
-        cwd=cwd,
-        env=_child_env(),
-        start_new_session=True,  # a Ctrl-C reaches us; we stop the children ourselves
-    )
-    _CHILDREN.append(proc)
-    return proc
-
-
-def stop(proc: subprocess.Popen[Any], grace_s: float = 60.0) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-    if proc in _CHILDREN:
-        _CHILDREN.remove(proc)
-
-
-def _stop_all() -> None:
-    for proc in reversed(list(_CHILDREN)):
-        stop(proc, grace_s=10.0)
-
-
 def run_role(role: str, extra: list[str], timeout_s: float, cwd: Path) -> dict[str, Any]:
     """Run this script in a child process with `--role`; its last stdout line is JSON."""
     proc = spawn([sys.executable, str(HERE), "--role", role, *extra], stdout=subprocess.PIPE,
@@ -441,12 +398,6 @@ def run_role(role: str, extra: list[str], timeout_s: float, cwd: Path) -> dict[s
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"the {role} helper failed (exit {proc.returncode})")
     return json.loads(lines[-1])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def memory(pid: int) -> dict[str, float]:
@@ -616,7 +567,7 @@ def measure_http(data_dir: Path, work: Path, end: datetime, picks: dict[str, Any
                       f"{statistics.median(times) * 1e3:8.1f} ms", flush=True)
             out["memory_end"] = memory(proc.pid)
     finally:
-        stop(proc)
+        stop(proc, grace_s=60.0)
     return out
 
 
@@ -1163,7 +1114,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.role:
         p.error(f"unknown role {args.role}")
 
-    atexit.register(_stop_all)
+    atexit.register(stop_all)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     import chdb
 
@@ -1212,7 +1163,7 @@ def main(argv: list[str] | None = None) -> int:
                                              "http": http, "direct": direct}, indent=2,
                                             default=str))
     finally:
-        _stop_all()
+        stop_all()
         shutil.rmtree(work, ignore_errors=True)
     return 0
 

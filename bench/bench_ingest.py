@@ -46,7 +46,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -56,6 +55,8 @@ import tomllib
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+from processes import free_port, spawn, stop, stop_all
 
 HERE = Path(__file__).resolve()
 BATCH_SIZE = 1_000
@@ -216,57 +217,6 @@ def code_identity() -> dict[str, Any]:
 
 
 # --- processes --------------------------------------------------------------------------------
-
-_CHILDREN: list[subprocess.Popen[Any]] = []
-
-
-def _child_env() -> dict[str, str]:
-    # No WATCHLLM_* from the caller's environment: the settings are the ones written here.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHLLM_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def spawn(args: list[str], *, log: Path | None = None, cwd: Path | None = None,
-          stdout: Any = None) -> subprocess.Popen[Any]:
-    out = stdout
-    if log is not None:
-        out = open(log, "ab")  # noqa: SIM115 - the child owns it for its lifetime
-    proc = subprocess.Popen(
-        args,
-        stdout=out,
-        stderr=subprocess.STDOUT if log is not None else None,
-        cwd=cwd,
-        env=_child_env(),
-        start_new_session=True,  # a Ctrl-C reaches us; we stop the children ourselves
-    )
-    _CHILDREN.append(proc)
-    return proc
-
-
-def stop(proc: subprocess.Popen[Any], grace_s: float = 40.0) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-    if proc in _CHILDREN:
-        _CHILDREN.remove(proc)
-
-
-def _stop_all() -> None:
-    for proc in reversed(list(_CHILDREN)):
-        stop(proc, grace_s=10.0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process (all its threads), from /proc."""
@@ -957,7 +907,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.snapshot and not os.environ.get("BENCH_SNAPSHOT_DIR"):
         enter_snapshot(args.snapshot)  # does not return: re-runs this script on the copy
-    atexit.register(_stop_all)
+    atexit.register(stop_all)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     for item in args.set:
         name, sep, raw = item.partition("=")
@@ -1047,7 +997,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile:
             profile(work, template, cfg)
     finally:
-        _stop_all()
+        stop_all()
         snapshot = os.environ.get("BENCH_SNAPSHOT_DIR")
         if args.keep:
             print(f"kept {work}" + (f" and {snapshot}" if snapshot else ""))

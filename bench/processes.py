@@ -1,0 +1,64 @@
+"""Child processes of the benchmarks: started in their own session (a Ctrl-C reaches the
+orchestrator, which stops them itself), with no WATCHLLM_* setting of the caller's, and all
+stopped at exit (`stop_all`, registered by the scripts)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+_CHILDREN: list[subprocess.Popen[Any]] = []
+
+
+def _child_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHLLM_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def spawn(
+    args: list[str], *, log: Path | None = None, cwd: Path | None = None, stdout: Any = None
+) -> subprocess.Popen[Any]:
+    out = stdout
+    if log is not None:
+        out = open(log, "ab")  # noqa: SIM115 - the child owns it for its lifetime
+    proc = subprocess.Popen(
+        args,
+        stdout=out,
+        stderr=subprocess.STDOUT if log is not None else None,
+        cwd=cwd,
+        env=_child_env(),
+        start_new_session=True,  # a Ctrl-C reaches us; we stop the children ourselves
+    )
+    _CHILDREN.append(proc)
+    return proc
+
+
+def stop(proc: subprocess.Popen[Any], grace_s: float = 40.0) -> None:
+    """SIGINT, then SIGKILL after `grace_s`."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    if proc in _CHILDREN:
+        _CHILDREN.remove(proc)
+
+
+def stop_all() -> None:
+    for proc in reversed(list(_CHILDREN)):
+        stop(proc, grace_s=10.0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
