@@ -92,10 +92,13 @@ class WatchLLM:
                 try:
                     await anyio.to_thread.run_sync(self._prepare_store, store)
                 except StoreUnavailable as exc:
-                    # Accept into the spool meanwhile; the sinks retry until the schema is there.
+                    # Accept into the spool meanwhile; the store sink retries, and applies the
+                    # schema itself before its first insert, until the store is back.
                     log.warning("%s: accepting events into the spool until it is back", exc)
                     schema_pending = True
-            sinks = _flatten_sinks(self.pm.hook.register_sinks(settings=self.settings, store=store))
+            sinks: list[Sink] = _flatten(
+                self.pm.hook.register_sinks(settings=self.settings, store=store)
+            )
             tasks = await anyio.to_thread.run_sync(self._background_tasks, store)
             if schema_pending and store is not None:
                 tasks.insert(0, partial(self._prepare_when_back, store))
@@ -160,10 +163,7 @@ class WatchLLM:
             return
 
     def _background_tasks(self, store: Store | None) -> list[BackgroundTask]:
-        found: list[BackgroundTask] = []
-        for result in self.pm.hook.register_background_tasks(settings=self.settings, store=store):
-            found.extend(result if isinstance(result, list | tuple) else [result])
-        return [task for task in found if task is not None]
+        return _flatten(self.pm.hook.register_background_tasks(settings=self.settings, store=store))
 
     def authenticate(self, request: Request, scope: Scope) -> Principal:
         token = bearer_token(request.headers.get("authorization"))
@@ -270,13 +270,13 @@ def _decode_events(payload: bytes) -> list[Any]:
     return EVENT_LIST_ADAPTER.validate_json(payload, context=_TRUSTED)
 
 
-def _flatten_sinks(results: Iterable[Any]) -> list[Sink]:
-    sinks: list[Sink] = []
+def _flatten(results: Iterable[Any]) -> list[Any]:
+    """The results of a hook whose implementations return one object, a list, or None."""
+    found: list[Any] = []
     for result in results:
-        if result is None:
-            continue
-        sinks.extend(result if isinstance(result, list | tuple) else [result])
-    return sinks
+        items = result if isinstance(result, list | tuple) else [result]
+        found.extend(item for item in items if item is not None)
+    return found
 
 
 def _state(request: Request) -> WatchLLM:
