@@ -33,6 +33,8 @@ def _is_permanent(message: str) -> bool:
 class ChdbStore:
     name = "chdb"
     cluster = None
+    # Only this process writes to the folder (FolderLock): see Store.exclusive.
+    exclusive = True
 
     def __init__(self, path: Path) -> None:
         from chdb import session

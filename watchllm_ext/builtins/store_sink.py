@@ -1,8 +1,26 @@
-"""Built-in sink: every accepted batch goes into the store's tables (columnar inserts)."""
+"""Built-in sink: every accepted batch goes into the store's tables (columnar inserts).
+
+Idempotency (docs/EVENTS.md): one event per (project_id, event_id), whatever its timestamp.
+The event tables are ordered by time (range scans stay fast), so a copy with another timestamp
+is another row that FINAL cannot collapse; the sink keeps such copies out instead:
+
+1. within a batch, the first copy of an id is kept;
+2. the batch's ids are looked up in `event_times` (ordered by id: a primary-key read) and a
+   copy whose id is stored is dropped: the first copy stored wins, whatever its timestamp or
+   content. The events table is written last, after tool_calls and agent_steps, so an id in
+   `event_times` (kept by a view on events) has all its rows: a replay after a crash in the
+   middle of a batch inserts again only what had not landed, and still lands exactly once;
+3. where another process may write to the same store (a ClickHouse server), the ids are
+   looked up again after the insert: two copies that raced past step 2 are then both
+   visible, and the one with the later timestamp is deleted from every table that holds it
+   (same timestamps collapse as always). The rollup of its hour is deleted too, so the hour is
+   read raw until recomputed. Either racing process may find it; both delete the same copy.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import anyio
@@ -10,8 +28,104 @@ import anyio
 from ..hookspecs import hookimpl
 from ..settings import Settings
 from ..store import Store, StoreError, apply_migrations
+from ..store.base import cluster_of
+from ..store.cluster import quote
+from ..store.migrations import in_form_for
 from ..store.rows import tables_for
 from ..writer import SinkError
+
+# Characters of ids per lookup query: on a server the ids travel as a URL parameter, at most
+# three times longer URL-encoded, and ClickHouse's default http_max_uri_size is 1 MiB.
+LOOKUP_CHARS = 200_000
+# The tables holding rows of an event, keyed by (project_id, event_id, timestamp): a dropped
+# copy is deleted from each. event_times last: the others are found through it.
+EVENT_TABLES = ("events", "tool_calls", "agent_steps", "event_children", "event_times")
+# Per-hour rollups, (project_id, hour): deleted for the hours of a deleted copy, because a
+# recomputation replaces only the groups (model, type, status) the hour still has.
+ROLLUP_TABLES = ("hourly_usage_by_project", "hourly_totals_by_project")
+
+Key = tuple[str, str]  # (project_id, event_id)
+
+
+def lookup_times(store: Store, keys: Iterable[Key]) -> dict[Key, list[int]]:
+    """The stored timestamps (ms, ascending) of each of `keys` that is stored."""
+    by_project: dict[str, list[str]] = {}
+    for project, event_id in keys:
+        by_project.setdefault(project, []).append(event_id)
+    found: dict[Key, set[int]] = {}
+    for project, ids in by_project.items():
+        for chunk in _chunks(ids, LOOKUP_CHARS):
+            rows = store.query(
+                "SELECT event_id, toUnixTimestamp64Milli(timestamp) AS ms FROM event_times"
+                " WHERE project_id = {project:String} AND event_id IN {ids:Array(String)}",
+                {"project": project, "ids": chunk},
+            )
+            for row in rows:
+                found.setdefault((project, row["event_id"]), set()).add(int(row["ms"]))
+    return {key: sorted(times) for key, times in found.items()}
+
+
+def _chunks(ids: list[str], max_chars: int) -> Iterable[list[str]]:
+    chunk: list[str] = []
+    chars = 0
+    for event_id in ids:
+        if chunk and chars + len(event_id) > max_chars:
+            yield chunk
+            chunk, chars = [], 0
+        chunk.append(event_id)
+        chars += len(event_id) + 3  # quotes and comma
+    if chunk:
+        yield chunk
+
+
+def first_copies(events: Sequence[Any], stored: dict[Key, list[int]]) -> list[Any]:
+    """The events to insert: the first copy of each id in the batch, unless the id is stored."""
+    kept: list[Any] = []
+    seen: set[Key] = set(stored)
+    for event in events:
+        key = (event.project_id, event.event_id)
+        if key not in seen:
+            seen.add(key)
+            kept.append(event)
+    return kept
+
+
+def drop_later_copies(store: Store, stored: dict[Key, list[int]]) -> int:
+    """Delete every stored copy but the earliest of ids stored with several timestamps, and
+    the rollups of their hours. Returns the number of copies deleted."""
+    losers = [(key, ms) for key, times in stored.items() for ms in times[1:]]
+    if not losers:
+        return 0
+    # Literals, not parameters: an ON CLUSTER statement is replayed from its text on every
+    # node. Ids and projects are restricted by the schema to [A-Za-z0-9_.:-], and quoted.
+    by_project: dict[str, list[str]] = {}
+    for (project, event_id), ms in losers:
+        by_project.setdefault(project, []).append(f"({quote(event_id)}, {int(ms)})")
+    cluster = cluster_of(store)
+    for table in EVENT_TABLES:
+        for project, pairs in by_project.items():
+            delete = (
+                f"DELETE FROM {table} WHERE project_id = {quote(project)}"
+                f" AND (event_id, toUnixTimestamp64Milli(timestamp)) IN [{', '.join(pairs)}]"
+            )
+            for statement in in_form_for([delete], cluster):  # on t_local, on a cluster
+                store.execute(statement)
+    # After the deletes: an hour the rollup computed with the deleted copy is read raw, and
+    # recomputed (its mark is newer than any rollup left), from now on.
+    hours: dict[str, set[int]] = {}
+    for (project, _), ms in losers:
+        hours.setdefault(project, set()).add(ms // 3_600_000 * 3_600)
+    for project, starts in hours.items():
+        listed = ", ".join(f"toDateTime({h}, 'UTC')" for h in sorted(starts))
+        for table in ROLLUP_TABLES:
+            delete = (
+                f"DELETE FROM {table} WHERE project_id = {quote(project)} AND hour IN ({listed})"
+            )
+            for statement in in_form_for([delete], cluster):
+                store.execute(statement)
+        marks = ", ".join(f"({quote(project)}, toDateTime({h}, 'UTC'), now64(6))" for h in starts)
+        store.execute(f"INSERT INTO rollup_marks (project_id, hour, marked_at) VALUES {marks}")
+    return len(losers)
 
 
 class StoreSink:
@@ -22,24 +136,39 @@ class StoreSink:
         # the store down, the app applies it when the store is back, and rows must not land
         # in tables whose later migrations (views, backfills) have not run yet.
         self._schema_checked = False
+        # Look-up and insert as one step in this process; only a store that other processes
+        # may write to (not chDB, locked to this one) needs the check after the insert.
+        self._one_at_a_time = threading.Lock()
+        self._shared = not getattr(store, "exclusive", False)
 
     async def write(self, events: Sequence[Any]) -> None:
         await anyio.to_thread.run_sync(self._write, events)
 
     def _write(self, events: Sequence[Any]) -> None:
-        try:
-            tables = tables_for(events)
-        except Exception as exc:  # a row that cannot be built will never be built
-            raise SinkError(f"cannot build rows: {exc}", permanent=True) from exc
         if not self._schema_checked:
             try:
                 apply_migrations(self.store)  # two small queries when it is up to date
             except StoreError as exc:  # never permanent here: the events wait in the spool
                 raise SinkError(f"the store's schema is not ready: {exc}") from exc
             self._schema_checked = True
-        # events first: the traces rollup and every analytics figure read it.
-        for table, data in tables.items():
-            self.store.insert(table, data)
+        with self._one_at_a_time:
+            keys = {(event.project_id, event.event_id) for event in events}
+            stored = lookup_times(self.store, keys)
+            # A race earlier left several copies (a crash before its check, say).
+            drop_later_copies(self.store, stored)
+            events = first_copies(events, stored)
+            if not events:
+                return
+            try:
+                tables = tables_for(events)
+            except Exception as exc:  # a row that cannot be built will never be built
+                raise SinkError(f"cannot build rows: {exc}", permanent=True) from exc
+            # events last: once an id is in event_times (step 2) all its rows are stored.
+            for table in sorted(tables, key=lambda name: name == "events"):
+                self.store.insert(table, tables[table])
+            if self._shared:
+                inserted = {(event.project_id, event.event_id) for event in events}
+                drop_later_copies(self.store, lookup_times(self.store, inserted))
 
 
 @hookimpl(trylast=True)

@@ -34,6 +34,9 @@ class Store(Protocol):
     # Optional: the ClickHouse cluster the tables are spread over (migrations then run in
     # their cluster form, see cluster.py); absent or None on a single node. Read it with
     # cluster_of(store).
+    # Optional: True when no other process can write to the store (chDB's locked folder), so
+    # the store sink need not look for copies of an event that raced its insert (store_sink.py);
+    # absent or False otherwise.
 
     def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
         """Run a statement with no result (DDL, INSERT … SELECT)."""

@@ -15,6 +15,8 @@ of their statements into what a ClickHouse cluster needs:
     ALTER TABLE t <index, TTL, mutation>    ->  ALTER TABLE t_local ON CLUSTER c ...
     ALTER TABLE t ADD/DROP/RENAME COLUMN    ->  the same on t_local, then on t
     INSERT INTO t ...                       ->  unchanged: it runs once, through t
+    DELETE FROM t WHERE ...                 ->  DELETE FROM t_local ON CLUSTER c WHERE ...
+                                                (a Distributed table takes no DELETE)
 
 Any other statement raises ClusterFormError, so a new kind of statement gets a cluster form
 (and a test) before it ships.
@@ -71,6 +73,7 @@ _COLUMN_CHANGE = re.compile(
     re.I,
 )
 _INSERT = re.compile(r"^INSERT INTO \w+", re.I)
+_DELETE = re.compile(r"^DELETE FROM (\w+)(\s)", re.I)
 _FROM_TABLE = re.compile(r"\b(FROM|JOIN)(\s+)(\w+)\b", re.I)
 
 
@@ -128,6 +131,12 @@ def for_cluster(statement: str, cluster: str, layout: Layout | None = None) -> l
 
     if _INSERT.match(sql):
         return [sql]
+
+    if found := _DELETE.match(sql):
+        table = found[1]
+        if table not in layout.sharding_key:
+            raise ClusterFormError(f"DELETE from {table}, which layout.toml does not know")
+        return [f"DELETE FROM {layout.local(table)}{on_cluster}{sql[found.start(2) :]}"]
 
     raise ClusterFormError(f"no cluster form for this statement: {sql[:80]!r}")
 

@@ -1,0 +1,315 @@
+"""Idempotency by (project_id, event_id), whatever the timestamp (docs/EVENTS.md).
+
+The event tables are ordered by (project, time, id), so a copy of an event re-sent with its
+timestamp moved is another row that FINAL cannot collapse. Each test sends an event tree
+(an agent step, a prompt call with a tool call inside, a tool call event, a lone prompt call)
+and copies of it one second later with other content (tokens, latency, names, run, status),
+then reads every figure the way users read them: stats, timeseries, logs, runs, event detail,
+tool calls and agent steps, and the hourly rollup. The first copy stored must be the only one
+counted, on every store.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from conftest import Running, prompt_call
+from stores import EVERY_STORE, StoreBackend
+
+from watchllm_ext.analytics.rollup import refresh_rollups
+from watchllm_ext.auth import Principal
+from watchllm_ext.builtins.store_sink import StoreSink
+from watchllm_ext.schema import EVENT_LIST_ADAPTER
+from watchllm_ext.store import Store
+from watchllm_ext.store.base import cluster_of
+from watchllm_ext.store.cluster import ClusterFormError, for_cluster
+from watchllm_ext.store.migrations import in_form_for, load_migrations
+from watchllm_ext.store.rows import tables_for
+
+pytestmark = EVERY_STORE
+
+T0 = datetime(2026, 1, 2, 3, 0, tzinfo=UTC)
+WINDOW = {"from": "2026-01-02T00:00:00.000Z", "to": "2026-01-02T06:00:00.000Z"}
+
+
+def _iso(t: datetime) -> str:
+    return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def originals(shift: timedelta = timedelta(0)) -> list[dict[str, Any]]:
+    def at(minutes: int) -> str:
+        return _iso(T0 + timedelta(minutes=minutes) + shift)
+
+    return [
+        {
+            "event_id": "step",
+            "event_type": "agent_step",
+            "run_id": "run-a",
+            "timestamp": at(1),
+            "step_number": 1,
+            "step_name": "plan",
+            "latency_ms": 10.0,
+        },
+        prompt_call(
+            "call",
+            run_id="run-a",
+            parent_event_id="step",
+            timestamp=at(2),
+            tokens_input=100,
+            tokens_output=50,
+            latency_ms=200.0,
+            tool_calls=[{"tool_name": "search", "tool_input": {"q": "x"}}],
+        ),
+        {
+            "event_id": "tool",
+            "event_type": "tool_call",
+            "run_id": "run-a",
+            "parent_event_id": "call",
+            "timestamp": at(3),
+            "tool_name": "search",
+            "latency_ms": 30.0,
+        },
+        prompt_call(
+            "solo",
+            run_id="run-b",
+            timestamp=at(4),
+            tokens_input=7,
+            tokens_output=3,
+            latency_ms=400.0,
+        ),
+    ]
+
+
+def copies(shift: timedelta = timedelta(seconds=1)) -> list[dict[str, Any]]:
+    """The same ids, `shift` later, every figure different; "solo" moves to another run."""
+    changed: dict[str, dict[str, Any]] = {
+        "step": {"step_name": "other", "latency_ms": 9_999.0, "status": "error"},
+        "call": {
+            "tokens_input": 9_999,
+            "tokens_output": 9_999,
+            "latency_ms": 9_999.0,
+            "model": "other-model",
+            "status": "error",
+            "tool_calls": [{"tool_name": "other"}, {"tool_name": "another"}],
+        },
+        "tool": {"tool_name": "other", "latency_ms": 9_999.0},
+        "solo": {"run_id": "run-z", "tokens_input": 9_999, "latency_ms": 9_999.0},
+    }
+    return [{**e, **changed[e["event_id"]]} for e in originals(shift)]
+
+
+def get(server: Running, path: str, **params: Any) -> Any:
+    r = server.client.get(path, params={"project_id": "acme", **params}, headers=server.headers())
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def post(server: Running, events: list[dict[str, Any]]) -> None:
+    r = server.client.post("/v1/events/batch", json={"events": events}, headers=server.headers())
+    assert r.status_code == 202, r.text
+    server.flush()
+
+
+def models(server: Running, events: list[dict[str, Any]]) -> list[Any]:
+    """Events as the spool holds them: validated, project set, transforms (cost) applied."""
+    validated = EVENT_LIST_ADAPTER.validate_python([{**e, "project_id": "acme"} for e in events])
+    principal = Principal("acme", frozenset({"ingest"}))
+    server.wl.pm.hook.transform_events(events=validated, principal=principal)
+    return validated
+
+
+def insert_rows(store: Store, events: list[Any]) -> None:
+    """The rows of `events`, inserted as the store sink inserted them before version 0009."""
+    for table, data in tables_for(events).items():
+        store.insert(table, data)
+
+
+def assert_counted_once(server: Running, shift: timedelta = timedelta(0)) -> None:
+    """Every figure is that of originals(shift) alone, raw and through the rollup."""
+    for rolled_up in (False, True):
+        if rolled_up:
+            refresh_rollups(server.wl.store, margin=timedelta(0))
+            rollup = server.query(
+                "SELECT sum(events) AS n, sum(tokens_input) AS t"
+                " FROM hourly_usage_by_project FINAL WHERE project_id = 'acme'"
+            )
+            assert rollup == [{"n": 4, "t": 107}]
+        stats = get(server, "/v1/analytics/stats", **WINDOW)
+        assert (stats["total_events"], stats["total_requests"]) == (4, 2), stats
+        assert (stats["tokens_input"], stats["tokens_output"]) == (107, 53)
+        assert stats["avg_latency_ms"] == pytest.approx(300.0)
+        # A copy's latency (9,999 ms) would be the top percentiles.
+        assert 0 < stats["latency_ms"]["p99"] < 500
+        assert stats["error_rate"] == 0
+        assert stats["events_by_type"] == {"agent_step": 1, "prompt_call": 2, "tool_call": 1}
+
+        series = get(server, "/v1/analytics/timeseries", interval="1h", **WINDOW)["series"]
+        points = series["all"]
+        assert sum(p["events"] for p in points) == 4
+        assert sum(p["tokens_input"] for p in points) == 107
+        assert sum(p["errors"] for p in points) == 0
+        assert 0 < max(p["latency_p95_ms"] for p in points) < 500
+
+    logs = get(server, "/v1/analytics/logs", limit=100, **WINDOW)["events"]
+    assert sorted(e["event_id"] for e in logs) == ["call", "solo", "step", "tool"]
+    by_id = {e["event_id"]: e for e in logs}
+    want = {e["event_id"]: e["timestamp"] for e in originals(shift)}
+    assert {i: e["timestamp"] for i, e in by_id.items()} == want
+    assert by_id["call"]["tokens_input"] == 100 and by_id["solo"]["run_id"] == "run-b"
+
+    runs = get(server, "/v1/analytics/runs", limit=100, **WINDOW)["runs"]
+    assert {r["run_id"]: (r["event_count"], r["tokens_input"]) for r in runs} == {
+        "run-a": (3, 100),
+        "run-b": (1, 7),
+    }
+    tree = get(server, "/v1/analytics/runs/run-a")["tree"]
+    assert [n["id"] for n in tree] == ["step"]
+    assert [n["id"] for n in tree[0]["children"]] == ["call"]
+    assert [n["id"] for n in tree[0]["children"][0]["children"]] == ["tool"]
+
+    call = get(server, "/v1/analytics/event/call")
+    assert call["event"]["tokens_input"] == 100 and call["event"]["model"] == "gpt-4o"
+    assert [t["tool_name"] for t in call["tool_calls"]] == ["search"]
+    assert call["children"] == ["tool"]
+    step = get(server, "/v1/analytics/event/step")
+    assert [s["step_name"] for s in step["agent_steps"]] == ["plan"]
+    assert step["children"] == ["call"]
+    tool = get(server, "/v1/analytics/event/tool")
+    assert [t["tool_name"] for t in tool["tool_calls"]] == ["search"]
+
+    # The tables behind them: one row per id (and per tool call), in every lookup table.
+    # (event_children gets a row with parent '' for an event without a parent on some stores)
+    for table, n, where in (
+        ("events", 4, ""),
+        ("tool_calls", 2, ""),
+        ("agent_steps", 1, ""),
+        ("event_times", 4, ""),
+        ("event_children", 2, " AND parent_event_id != ''"),
+    ):
+        rows = server.query(
+            f"SELECT count() AS n, uniqExact(event_id, timestamp) AS copies"
+            f" FROM {table} FINAL WHERE project_id = 'acme'{where}"
+        )
+        assert rows == [{"n": n, "copies": n}], table
+
+
+def test_a_copy_with_another_timestamp_is_counted_once(server: Running) -> None:
+    post(server, originals())
+    assert_counted_once(server)  # the rollup holds the originals' hour from here
+    post(server, copies(timedelta(seconds=1)))
+    assert_counted_once(server)
+    post(server, copies(-timedelta(seconds=1)))  # an earlier timestamp: the first still wins
+    post(server, copies(timedelta(hours=2)))  # another hour, another partition of the rollup
+    assert_counted_once(server)
+    post(server, copies(timedelta(0)))  # the same timestamp, other content
+    post(server, originals())  # the first copy again
+    assert_counted_once(server)
+
+
+def test_copies_within_one_batch(server: Running) -> None:
+    post(server, [e for pair in zip(originals(), copies(), strict=True) for e in pair])
+    assert_counted_once(server)
+
+
+def test_a_copy_after_a_restart(server_factory: Any) -> None:
+    first = server_factory()
+    post(first, originals())
+    first.stop()
+    second = server_factory()
+    post(second, copies())
+    assert_counted_once(second)
+
+
+def test_a_replay_after_a_crash_still_lands_exactly_once(server: Running) -> None:
+    sink = StoreSink(server.wl.store)
+    batch = models(server, originals())
+    # A crash before the events insert (the sink writes events last): the tool calls and
+    # agent steps landed, nothing else.
+    for table, data in tables_for(batch).items():
+        if table != "events":
+            server.wl.store.insert(table, data)
+    sink._write(batch)  # the replay of the whole batch
+    sink._write(batch)  # and once more, as after a second crash before the cursor commit
+    sink._write(models(server, copies()))
+    assert_counted_once(server)
+
+
+class RacingStore:
+    """A real store on which another writer's insert of `rival` events lands between this
+    writer's look-up and its first insert: two processes sending copies of the same ids at the
+    same moment. The rival writes as its own sink would, having found nothing stored either."""
+
+    name = "racing"
+
+    def __init__(self, store: Store, rival_store: Store, rival: list[Any]) -> None:
+        self.store = store
+        self.cluster = cluster_of(store)
+        self._rival_store = rival_store
+        self._rival: list[Any] | None = rival
+
+    def execute(self, sql: str, params: Any = None) -> None:
+        self.store.execute(sql, params)
+
+    def query(self, sql: str, params: Any = None) -> list[dict[str, Any]]:
+        return self.store.query(sql, params)
+
+    def insert(self, table: str, data: Any) -> None:
+        if self._rival is not None:
+            rival, self._rival = self._rival, None
+            insert_rows(self._rival_store, rival)
+        self.store.insert(table, data)
+
+    def version(self) -> str:
+        return self.store.version()
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("rival_shift", [timedelta(seconds=1), -timedelta(seconds=1)])
+def test_two_writers_racing_keep_the_earlier_copy(
+    server: Running, store_backend: StoreBackend, rival_shift: timedelta
+) -> None:
+    # chDB's folder admits one process: there the rival writes through the same store.
+    rival_store = store_backend.open() if store_backend.is_clickhouse else server.wl.store
+    try:
+        racing = RacingStore(server.wl.store, rival_store, models(server, copies(rival_shift)))
+        StoreSink(racing)._write(models(server, originals()))  # type: ignore[arg-type]
+    finally:
+        if rival_store is not server.wl.store:
+            rival_store.close()
+    if rival_shift > timedelta(0):
+        assert_counted_once(server)
+        return
+    # The rival's copies are earlier: they stay, and only they are counted.
+    stats = get(server, "/v1/analytics/stats", **WINDOW)
+    assert (stats["total_events"], stats["tokens_input"]) == (4, 2 * 9_999)
+    runs = get(server, "/v1/analytics/runs", limit=100, **WINDOW)["runs"]
+    assert {r["run_id"]: r["event_count"] for r in runs} == {"run-a": 3, "run-z": 1}
+    call = get(server, "/v1/analytics/event/call")
+    assert [t["tool_name"] for t in call["tool_calls"]] == ["other", "another"]
+    refresh_rollups(server.wl.store, margin=timedelta(0))
+    assert get(server, "/v1/analytics/stats", **WINDOW)["tokens_input"] == 2 * 9_999
+
+
+def test_copies_stored_before_the_change_are_cleaned_by_0009(server: Running) -> None:
+    store = server.wl.store
+    insert_rows(store, models(server, copies()))  # stored as before: both copies counted
+    insert_rows(store, models(server, originals()))
+    refresh_rollups(store, margin=timedelta(0))
+    stats = get(server, "/v1/analytics/stats", **WINDOW)
+    assert stats["total_events"] == 8  # the defect, reproduced
+    (migration,) = [m for m in load_migrations() if m.version == 9]
+    for statement in in_form_for(migration.statements(), cluster_of(store)):
+        store.execute(statement)
+    assert_counted_once(server)  # the earliest timestamps stay: the originals'
+
+
+def test_delete_has_a_cluster_form() -> None:
+    assert for_cluster("DELETE FROM events WHERE event_id = 'x'", "c") == [
+        "DELETE FROM events_local ON CLUSTER 'c' WHERE event_id = 'x'"
+    ]
+    with pytest.raises(ClusterFormError, match="nosuch"):
+        for_cluster("DELETE FROM nosuch WHERE 1", "c")
