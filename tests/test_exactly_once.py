@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import statistics
+from datetime import datetime, timedelta
 from typing import Any
 
 from conftest import Running, prompt_call
@@ -78,6 +79,20 @@ def _expected(events: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _moved(event: dict[str, Any], seconds: int) -> dict[str, Any]:
+    """`event` sent again `seconds` later (or earlier), every figure changed."""
+    moved = datetime.fromisoformat(event["timestamp"]) + timedelta(seconds=seconds)
+    return {
+        **event,
+        "timestamp": moved.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "run_id": "run-moved",
+        "user_id": "user-moved",
+        "tokens_input": 99_999,
+        "latency_ms": 99_999.0,
+        "status": "error",
+    }
+
+
 def _figures(server: Running) -> dict[str, Any]:
     server.flush()
     (row,) = server.query(FIGURES)
@@ -99,6 +114,8 @@ def test_duplicates_change_no_figure(server: Running) -> None:
     _post(server, events[:400])  # the same batch again (a client retry)
     _post(server, events[200:600])  # overlapping with what is stored
     _post(server, [events[5], events[5], events[599]])  # duplicates inside one batch
+    # Copies with their timestamps moved and other figures: the first copy stored wins.
+    _post(server, [_moved(e, seconds) for e in events[:100] for seconds in (1, -1)])
     # A replay of rows the store already has, as after a crash before the cursor commit: the
     # spool holds events as accepted, i.e. after the transforms (cost) ran.
     server.flush()

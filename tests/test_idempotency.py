@@ -11,6 +11,7 @@ counted, on every store.
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,7 +21,7 @@ from stores import EVERY_STORE, StoreBackend
 
 from watchllm_ext.analytics.rollup import refresh_rollups
 from watchllm_ext.auth import Principal
-from watchllm_ext.builtins.store_sink import StoreSink
+from watchllm_ext.builtins.store_sink import StoreSink, lookup_times
 from watchllm_ext.schema import EVENT_LIST_ADAPTER
 from watchllm_ext.store import Store
 from watchllm_ext.store.base import cluster_of
@@ -313,3 +314,73 @@ def test_delete_has_a_cluster_form() -> None:
     ]
     with pytest.raises(ClusterFormError, match="nosuch"):
         for_cluster("DELETE FROM nosuch WHERE 1", "c")
+
+
+# chDB's folder admits one process: no two writers can race there.
+@pytest.mark.stores("clickhouse", "server")
+def test_two_processes_sending_the_same_ids_at_once(
+    server: Running, store_backend: StoreBackend
+) -> None:
+    """Two store sinks on their own connections (two `serve` processes on one server) write
+    copies of the same ids with different timestamps at the same time, batch after batch."""
+    rounds, per_batch = 6, 40
+    batches = {
+        name: [
+            models(
+                server,
+                [
+                    prompt_call(
+                        f"race-{r}-{i}",
+                        timestamp=_iso(T0 + timedelta(minutes=r, seconds=i % 7 + offset)),
+                        tokens_input=1 + offset,
+                    )
+                    for i in range(per_batch)
+                ],
+            )
+            for r in range(rounds)
+        ]
+        for name, offset in (("a", 0), ("b", 1))
+    }
+    stores = {name: store_backend.open() for name in batches}
+    errors: list[BaseException] = []
+
+    def write(name: str) -> None:
+        try:
+            sink = StoreSink(stores[name])
+            for batch in batches[name]:
+                sink._write(batch)
+        except BaseException as exc:  # reported below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(name,)) for name in batches]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+    finally:
+        for store in stores.values():
+            store.close()
+    assert not errors, errors
+    rows = server.query(
+        "SELECT event_id, count() AS n, min(tokens_input) AS t FROM events FINAL"
+        " WHERE project_id = 'acme' AND startsWith(event_id, 'race-') GROUP BY event_id"
+    )
+    assert len(rows) == rounds * per_batch
+    assert all(row["n"] == 1 for row in rows), [r for r in rows if r["n"] != 1]
+    # Whichever copy a race left, the lookup table agrees with the events.
+    (times,) = server.query(
+        "SELECT count() AS n FROM event_times FINAL"
+        " WHERE project_id = 'acme' AND startsWith(event_id, 'race-')"
+    )
+    assert times["n"] == rounds * per_batch
+
+
+def test_ids_outside_the_schema_alphabet_are_escaped(server: Running) -> None:
+    # The sink's fast Array literal is for schema ids only; anything else goes item by item.
+    store = server.wl.store
+    insert_rows(store, models(server, originals()))
+    odd = ["it's", "back\\slash", "tab\there", "call"]
+    assert lookup_times(store, [("acme", i) for i in odd]) == {
+        ("acme", "call"): [int((T0 + timedelta(minutes=2)).timestamp() * 1000)]
+    }
