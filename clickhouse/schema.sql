@@ -66,6 +66,9 @@ CREATE TABLE IF NOT EXISTS events (
     metric Nullable(String),
     metric_threshold Nullable(Float64),
     metric_actual Nullable(Float64),
+    -- how the free-form fields are written (migration 0008): 0 before it, 1 JSON, 2 JSON and
+    -- a prompt of chat messages
+    value_format UInt8 DEFAULT 0,
     ingested_at DateTime64(3, 'UTC'),
     INDEX idx_event_id event_id TYPE bloom_filter(0.01) GRANULARITY 1,
     INDEX idx_run_id run_id TYPE bloom_filter(0.01) GRANULARITY 1,
@@ -139,19 +142,22 @@ ORDER BY (project_id, start_time, trace_id, span_id);
 
 -- Per-run rollup, computed when read from the deduplicated events (FINAL), so every figure is
 -- exact even when an event was delivered twice (a replay after a crash, a client retry).
-CREATE VIEW IF NOT EXISTS traces AS
+-- Cost and latency are clamped to the schema's ranges (migration 0007), sums are UInt128.
+CREATE OR REPLACE VIEW traces AS
 SELECT
     project_id,
     run_id,
     min(timestamp) AS start_time,
-    max(timestamp + toIntervalMillisecond(toInt64(ifNull(latency_ms, 0)))) AS end_time,
+    max(timestamp + toIntervalMillisecond(toInt64(least(greatest(ifNull(latency_ms, 0), 0), 2592000000.0))))
+        AS end_time,
     count() AS event_count,
     countIf(event_type = 'error' OR ifNull(status, 'success') NOT IN ('success', 'warning'))
         AS error_count,
     -- integer nano-USD: the order of addition cannot change the sum
-    sum(toUInt64(round(ifNull(cost_estimate_usd, 0) * 1e9))) / 1e9 AS cost_usd,
-    sum(toUInt64(ifNull(tokens_input, 0))) AS tokens_input,
-    sum(toUInt64(ifNull(tokens_output, 0))) AS tokens_output
+    sum(toUInt128(round(least(greatest(ifNull(cost_estimate_usd, 0), 0), 1000000.0) * 1e9))) / 1e9
+        AS cost_usd,
+    sum(toUInt128(ifNull(tokens_input, 0))) AS tokens_input,
+    sum(toUInt128(ifNull(tokens_output, 0))) AS tokens_output
 FROM events FINAL
 GROUP BY project_id, run_id;
 CREATE TABLE IF NOT EXISTS hourly_usage_by_project (
@@ -161,10 +167,11 @@ CREATE TABLE IF NOT EXISTS hourly_usage_by_project (
     event_type LowCardinality(String),
     status LowCardinality(String),
     events UInt64,
-    tokens_input UInt64,
-    tokens_output UInt64,
-    cost_nanousd UInt64,
-    latency_sum_us UInt64,
+    -- UInt128 (migration 0007): no number of events can wrap these sums
+    tokens_input UInt128,
+    tokens_output UInt128,
+    cost_nanousd UInt128,
+    latency_sum_us UInt128,
     latency_count UInt64,
     latency_quantiles AggregateFunction(quantilesDD(0.01, 0.5, 0.9, 0.95, 0.99), Nullable(Float64)),
     runs AggregateFunction(uniq, String),

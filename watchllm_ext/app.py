@@ -219,12 +219,32 @@ def prepare_store(store: Store, settings: Settings) -> list[str]:
     return applied
 
 
-async def _run_background(task: BackgroundTask) -> None:
-    """Run a plugin's background task; one that fails is logged, never fatal."""
-    try:
-        await task()
-    except Exception:
-        log.exception("background task %s failed; it is not restarted", _name(task))
+# A background task that raises is started again after this delay, doubled at every failure
+# in a row up to the maximum; a run that lasted longer than the maximum starts the count over.
+BACKGROUND_RESTART_INITIAL_S = 1.0
+BACKGROUND_RESTART_MAX_S = 300.0
+
+
+async def _run_background(
+    task: BackgroundTask,
+    *,
+    initial_s: float = BACKGROUND_RESTART_INITIAL_S,
+    max_s: float = BACKGROUND_RESTART_MAX_S,
+) -> None:
+    """Run a plugin's background task until it returns; one that raises is logged and
+    restarted with backoff (never fatal to the server, never silently dead)."""
+    delay = initial_s
+    while True:
+        started = anyio.current_time()
+        try:
+            await task()
+            return
+        except Exception:
+            if anyio.current_time() - started > max_s:
+                delay = initial_s
+            log.exception("background task %s failed; restarting it in %.1f s", _name(task), delay)
+        await anyio.sleep(delay)
+        delay = min(delay * 2, max_s)
 
 
 def _name(task: BackgroundTask) -> str:

@@ -41,7 +41,23 @@ MAX_JSON_CHARS = 1_000_000  # metadata, tool input/output, expected/actual once 
 # ClickHouse DateTime64 covers 1900-2299; we accept a narrower, saner window.
 MIN_TIMESTAMP = datetime(1970, 1, 1, tzinfo=UTC)
 MAX_TIMESTAMP = datetime(2100, 1, 1, tzinfo=UTC)  # the hourly rollup keeps 32-bit DateTime hours
-MAX_TOKENS = 2**32 - 1
+# Numeric ranges (inclusive), checked by pydantic-core. Each is far above any real value and
+# small enough that every SQL conversion of it, and every sum of it over any number of events,
+# is exact (docs/EVENTS.md, "Numeric ranges"; analytics/queries.py clamps rows stored before).
+MAX_TOKENS = 2**32 - 1  # the UInt32 columns; sums are UInt128, so any count of events fits
+MAX_STEP_NUMBER = 2**32 - 1  # the UInt32 column
+# 30 days: longer than any call, tool run or agent step; timestamp + latency stays in 2100.
+MAX_LATENCY_MS = 30 * 24 * 3600 * 1000.0
+# One call: the dearest model at its largest context costs a few thousand dollars; a million
+# leaves room for events that report a whole batch. 1e6 USD = 1e15 nano-USD < 2**53, so the
+# nano-USD integer of any accepted cost is exact, and UInt128 sums of them cannot wrap.
+MAX_COST_USD = 1_000_000.0
+# A budget or a spend over a window (cost_threshold_exceeded): a trillion dollars is more
+# than any organisation spends; cents stay exact in a double (1e14 < 2**53).
+MAX_SPEND_USD = 1_000_000_000_000.0
+# A performance_alert's threshold and actual, in the metric's own unit (ms, %, tokens/s, ...),
+# either sign: integers stay exact in a double (< 2**53).
+MAX_METRIC_ABS = 1_000_000_000_000_000.0
 
 EVENT_TYPES = (
     "prompt_call",
@@ -67,8 +83,12 @@ ShortText = Annotated[str, StringConstraints(max_length=MAX_SHORT_TEXT_CHARS)]
 Text = Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS)]
 Tag = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TAG_CHARS)]
 Tokens = Annotated[StrictInt, Field(ge=0, le=MAX_TOKENS)]
-NonNegative = Annotated[StrictFloat, Field(ge=0, allow_inf_nan=False)]
-Finite = Annotated[StrictFloat, Field(allow_inf_nan=False)]
+LatencyMs = Annotated[StrictFloat, Field(ge=0, le=MAX_LATENCY_MS, allow_inf_nan=False)]
+CostUsd = Annotated[StrictFloat, Field(ge=0, le=MAX_COST_USD, allow_inf_nan=False)]
+SpendUsd = Annotated[StrictFloat, Field(ge=0, le=MAX_SPEND_USD, allow_inf_nan=False)]
+MetricValue = Annotated[
+    StrictFloat, Field(ge=-MAX_METRIC_ABS, le=MAX_METRIC_ABS, allow_inf_nan=False)
+]
 Status = Literal["success", "error", "timeout", "assertion_failed", "warning"]
 Severity = Literal["info", "low", "medium", "high", "critical"]
 Env = Literal["production", "staging", "development"]
@@ -136,7 +156,7 @@ class ToolCallItem(_Strict):
     tool_input: Json = None
     tool_output: Json = None
     status: Status | None = None
-    latency_ms: NonNegative | None = None
+    latency_ms: LatencyMs | None = None
     error_message: ShortText | None = None
 
 
@@ -170,13 +190,13 @@ class PromptCallEvent(BaseEvent):
     provider: Name | None = None
     tokens_input: Tokens | None = None
     tokens_output: Tokens | None = None
-    cost_estimate_usd: NonNegative | None = None
+    cost_estimate_usd: CostUsd | None = None
     # Set by the server's cost transform (client / computed / unknown), never by the client.
     cost_source: SkipJsonSchema[CostSource | None] = None  # not part of the request schema
     response: Text | None = None
     response_metadata: JsonObject = Field(default_factory=dict)
     status: Status = "success"
-    latency_ms: NonNegative | None = None
+    latency_ms: LatencyMs | None = None
     error_message: ShortText | None = None
     tool_calls: Annotated[list[ToolCallItem], Field(max_length=MAX_TOOL_CALLS)] = Field(
         default_factory=list
@@ -198,19 +218,19 @@ class ToolCallEvent(BaseEvent):
     tool_input: Json = None
     tool_output: Json = None
     status: Status = "success"
-    latency_ms: NonNegative | None = None
+    latency_ms: LatencyMs | None = None
     error_message: ShortText | None = None
 
 
 class AgentStepEvent(BaseEvent):
     event_type: Literal["agent_step"]
-    step_number: Annotated[StrictInt, Field(ge=0, le=MAX_TOKENS)]
+    step_number: Annotated[StrictInt, Field(ge=0, le=MAX_STEP_NUMBER)]
     step_name: Name | None = None
     reasoning: Text | None = None
     action: Text | None = None
     observation: Text | None = None
     status: Status = "success"
-    latency_ms: NonNegative | None = None
+    latency_ms: LatencyMs | None = None
 
 
 class ErrorEvent(BaseEvent):
@@ -239,16 +259,16 @@ class HallucinationDetectedEvent(BaseEvent):
 
 class CostThresholdExceededEvent(BaseEvent):
     event_type: Literal["cost_threshold_exceeded"]
-    threshold_usd: NonNegative
-    actual_usd: NonNegative
+    threshold_usd: SpendUsd
+    actual_usd: SpendUsd
     window: Annotated[str, StringConstraints(min_length=1, max_length=64)]
 
 
 class PerformanceAlertEvent(BaseEvent):
     event_type: Literal["performance_alert"]
     metric: Name
-    threshold: Finite
-    actual: Finite
+    threshold: MetricValue
+    actual: MetricValue
     window: Annotated[str, StringConstraints(min_length=1, max_length=64)]
 
 

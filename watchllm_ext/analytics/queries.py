@@ -10,13 +10,26 @@ from `events FINAL`), so an event delivered twice is counted once.
 
 from __future__ import annotations
 
+from ..schema import MAX_COST_USD, MAX_LATENCY_MS
+
 # Percentile levels and the DDSketch accuracy; the rollup's state type fixes them.
 QUANTILES = "quantilesDD(0.01, 0.5, 0.9, 0.95, 0.99)"
 
 # Sums kept as integers (nano-USD, microseconds): the order of addition cannot change them,
-# so a rollup's sum of hourly sums equals the raw sum to the last digit.
-COST_NANOS = "toUInt64(round(ifNull(cost_estimate_usd, 0) * 1e9))"
-LATENCY_US = "toUInt64(round(ifNull(latency_ms, 0) * 1000))"
+# so a rollup's sum of hourly sums equals the raw sum to the last digit. UInt128, so that no
+# number of events can wrap a sum: each value is below 2**64 and count() is a UInt64.
+# Values are clamped to the schema's ranges first: rows stored before the ranges existed
+# (a cost of 1.7e308 once made these conversions fail) count at the bound instead.
+_COST = f"least(greatest(ifNull(cost_estimate_usd, 0), 0), {MAX_COST_USD})"
+_LATENCY = f"least(greatest(ifNull(latency_ms, 0), 0), {MAX_LATENCY_MS})"
+COST_NANOS = f"toUInt128(round({_COST} * 1e9))"
+LATENCY_US = f"toUInt128(round({_LATENCY} * 1000))"
+TOKENS_IN = "toUInt128(ifNull(tokens_input, 0))"
+TOKENS_OUT = "toUInt128(ifNull(tokens_output, 0))"
+# The latency for sketches, clamped the same way, NULL kept (least() would drop it).
+LATENCY = f"if(latency_ms > {MAX_LATENCY_MS}, {MAX_LATENCY_MS}, latency_ms)"
+# A run's end: each event's time plus its (clamped) latency, so at most 30 days on.
+EVENT_END = f"timestamp + toIntervalMillisecond(toInt64({_LATENCY}))"
 
 # Group-by columns for timeseries, by their public name.
 GROUP_COLUMNS = {"model": "model", "status": "status", "event_type": "event_type"}
@@ -26,7 +39,7 @@ GROUP_COLUMNS = {"model": "model", "status": "status", "event_type": "event_type
 # The latency sketch of prompt calls only (quantilesDD skips NULLs).
 _CALL_LATENCY_STATE = (
     QUANTILES.replace("quantilesDD", "quantilesDDState")
-    + "(if(event_type = 'prompt_call', latency_ms, NULL))"
+    + f"(if(event_type = 'prompt_call', {LATENCY}, NULL))"
 )
 
 # On a replicated cluster, the rollup must not read a replica that lags: an hour computed
@@ -39,11 +52,11 @@ _FRESH_REPLICAS = (
     " fallback_to_stale_replicas_for_distributed_queries = 0"
 )
 
-DIRTY_HOURS = f"""
+_DIRTY_HOURS = f"""
 SELECT m.project_id AS project_id, toString(m.hour) AS hour
 FROM (
     SELECT project_id, hour, max(marked_at) AS marked FROM rollup_marks
-    WHERE hour < toStartOfHour(now64(3, 'UTC'))
+    WHERE hour < toStartOfHour(now64(3, 'UTC')){{skip}}
     GROUP BY project_id, hour
 ) AS m
 LEFT JOIN (
@@ -52,8 +65,14 @@ LEFT JOIN (
 ) AS r ON m.project_id = r.project_id AND m.hour = r.hour
 WHERE m.marked >= r.computed
 ORDER BY m.hour
-LIMIT {{limit:UInt32}}
+LIMIT {{{{limit:UInt32}}}}
 {_FRESH_REPLICAS}"""
+DIRTY_HOURS = _DIRTY_HOURS.format(skip="")
+# The same without the projects whose refresh failed lately (analytics/rollup.py), so that
+# their hours, which stay dirty, cannot take the whole `limit` of every round.
+DIRTY_HOURS_EXCEPT = _DIRTY_HOURS.format(
+    skip="\n      AND project_id NOT IN {skip:Array(String)}"
+)
 
 # The rows a recomputation reads: the given hours of one project, deduplicated.
 _RECOMPUTED_FROM = """    {computed_at:DateTime64(6, 'UTC')} AS computed_at
@@ -73,12 +92,12 @@ SELECT
     event_type,
     ifNull(status, '') AS status,
     count() AS events,
-    sum(ifNull(tokens_input, 0)) AS tokens_input,
-    sum(ifNull(tokens_output, 0)) AS tokens_output,
+    sum({TOKENS_IN}) AS tokens_input,
+    sum({TOKENS_OUT}) AS tokens_output,
     sum({COST_NANOS}) AS cost_nanousd,
     sum({LATENCY_US}) AS latency_sum_us,
     count(latency_ms) AS latency_count,
-    {QUANTILES.replace("quantilesDD", "quantilesDDState")}(latency_ms) AS latency_quantiles,
+    {QUANTILES.replace("quantilesDD", "quantilesDDState")}({LATENCY}) AS latency_quantiles,
     uniqState(run_id) AS runs,
     uniqState(user_id) AS users,
 {_RECOMPUTED_FROM}GROUP BY project_id, hour, model, event_type, status
@@ -137,9 +156,9 @@ FROM hourly_usage_by_project FINAL
 WHERE project_id = {{{{project:String}}}} AND hour IN ({_CLEAN_FOR_FORMAT})
 UNION ALL
 SELECT {{bucket_raw}} AS bucket, ifNull(model, '') AS model, event_type,
-       ifNull(status, '') AS status, count() AS events, sum(ifNull(tokens_input, 0)),
-       sum(ifNull(tokens_output, 0)), sum({COST_NANOS}), sum({LATENCY_US}), count(latency_ms),
-       {QUANTILES.replace("quantilesDD", "quantilesDDState")}(latency_ms),
+       ifNull(status, '') AS status, count() AS events, sum({TOKENS_IN}),
+       sum({TOKENS_OUT}), sum({COST_NANOS}), sum({LATENCY_US}), count(latency_ms),
+       {QUANTILES.replace("quantilesDD", "quantilesDDState")}({LATENCY}),
        uniqState(run_id), uniqState(user_id)
 FROM events FINAL
 WHERE project_id = {{{{project:String}}}}
@@ -233,6 +252,56 @@ TIMESERIES = {
     for group in (None, *GROUP_COLUMNS)
 }
 
+# With group_by, the answer is bounded whatever the number of groups: TIMESERIES_TOP ranks the
+# groups of the range by a measure (allow-listed below) and answers the top {groups} of them
+# with how many there are; TIMESERIES_GROUPED then gives those groups' points and, summed into
+# one series (kept = 0), every other group's: "other" is total minus the top, by construction.
+RANK_MEASURES = {
+    "events": "sum(events)",
+    "requests": f"sumIf(events, {_IS_CALL})",
+    "errors": f"sumIf(events, {_IS_CALL} AND status != 'success')",
+    "cost": "sum(cost_nanousd)",
+    "tokens": "sum(tokens_input) + sum(tokens_output)",
+}
+
+
+def _timeseries_top(group: str, measure: str) -> str:
+    combined = _COMBINED.format(bucket_rollup="0", bucket_raw="0")
+    return f"""
+SELECT grp, count() OVER () AS groups_total
+FROM (
+    SELECT {GROUP_COLUMNS[group]} AS grp, {RANK_MEASURES[measure]} AS measure
+    FROM ({combined})
+    GROUP BY grp
+)
+ORDER BY measure DESC, grp
+LIMIT {{groups:UInt32}}
+"""
+
+
+def _timeseries_grouped(unit: str, group: str) -> str:
+    column = GROUP_COLUMNS[group]
+    return (
+        _timeseries(unit, group)
+        .replace(
+            f"{column} AS grp, ",
+            f"{column} IN {{top:Array(String)}} AS kept, if(kept, {column}, '') AS grp, ",
+        )
+        .replace("GROUP BY bucket, grp", "GROUP BY bucket, kept, grp")
+        .replace("ORDER BY bucket, grp", "ORDER BY bucket, kept, grp")
+    )
+
+
+TIMESERIES_TOP = {(g, m): _timeseries_top(g, m) for g in GROUP_COLUMNS for m in RANK_MEASURES}
+TIMESERIES_GROUPED = {
+    (unit, group): _timeseries_grouped(unit, group)
+    for unit in BUCKET_UNITS
+    for group in GROUP_COLUMNS
+}
+
+# The zones this store's ClickHouse knows (analytics/params.py takes those Python knows too).
+TIME_ZONES = "SELECT time_zone FROM system.time_zones"
+
 # --- logs, events, runs -----------------------------------------------------------------------
 
 LOG_COLUMNS = """
@@ -308,13 +377,11 @@ LIMIT 1000
 _RUN_FIGURES = f"""
     run_id,
     toString(min(timestamp)) AS start,
-    toString(max(timestamp + toIntervalMillisecond(toInt64(ifNull(latency_ms, 0))))) AS end,
-    dateDiff('millisecond', min(timestamp),
-             max(timestamp + toIntervalMillisecond(toInt64(ifNull(latency_ms, 0)))))
-        AS duration_ms,
+    toString(max({EVENT_END})) AS end,
+    dateDiff('millisecond', min(timestamp), max({EVENT_END})) AS duration_ms,
     sum({COST_NANOS}) / 1e9 AS cost,
-    sum(ifNull(tokens_input, 0)) AS tokens_input,
-    sum(ifNull(tokens_output, 0)) AS tokens_output,
+    sum({TOKENS_IN}) AS tokens_input,
+    sum({TOKENS_OUT}) AS tokens_output,
     count() AS event_count,
     countIf(event_type = 'error' OR ifNull(status, 'success') NOT IN ('success', 'warning'))
         AS error_count

@@ -7,7 +7,7 @@ from functools import partial
 
 import anyio
 
-from ..analytics.rollup import ROLLUP_MARGIN_CLUSTER, refresh_rollups
+from ..analytics.rollup import ROLLUP_MARGIN_CLUSTER, ProjectBackoff, refresh_projects
 from ..hookspecs import BackgroundTask, hookimpl
 from ..settings import Settings
 from ..store import Store
@@ -22,17 +22,24 @@ def register_background_tasks(settings: Settings, store: Store | None) -> Backgr
         return None
 
     if cluster_of(store):
-        refresh = partial(refresh_rollups, margin=ROLLUP_MARGIN_CLUSTER)
+        refresh = partial(refresh_projects, margin=ROLLUP_MARGIN_CLUSTER)
     else:
-        refresh = refresh_rollups
+        refresh = refresh_projects
+    # A project whose refresh fails waits one interval, then twice as long each time it fails
+    # again, up to an hour; its hours are read raw meanwhile (slower, still exact).
+    backoff = ProjectBackoff(initial_s=settings.rollup_interval_s, max_s=3600.0)
 
     async def keep_rollups() -> None:
         """Recompute the hours that got events, every rollup_interval_s; never fatal."""
         while True:
             await anyio.sleep(settings.rollup_interval_s)
             try:
-                await anyio.to_thread.run_sync(refresh, store)
+                result = await anyio.to_thread.run_sync(
+                    partial(refresh, store, skip=backoff.waiting())
+                )
             except Exception:
                 log.exception("refreshing the hourly rollups failed; trying again later")
+                continue
+            backoff.record(result)
 
     return keep_rollups

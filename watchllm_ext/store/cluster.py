@@ -9,6 +9,7 @@ of their statements into what a ClickHouse cluster needs:
                                                 ENGINE = Distributed(c, db, t_local, key)
     CREATE VIEW v AS ...                    ->  CREATE VIEW v ON CLUSTER c AS ...
                                                 (it reads the Distributed tables)
+    CREATE OR REPLACE VIEW v AS ...         ->  CREATE OR REPLACE VIEW v ON CLUSTER c AS ...
     CREATE MATERIALIZED VIEW m TO t AS ... FROM s
                                             ->  ... m ON CLUSTER c TO t_local AS ... FROM s_local
                                                 (it fires on each node for the rows it stores)
@@ -60,7 +61,9 @@ def load_layout() -> Layout:
 
 _CREATE_TABLE = re.compile(r"^CREATE TABLE IF NOT EXISTS (\w+)(\s*\()", re.I)
 _ENGINE = re.compile(r"\bENGINE\s*=\s*(\w*MergeTree)\b(?:\(([^()]*)\))?", re.I)
-_CREATE_VIEW = re.compile(r"^CREATE VIEW IF NOT EXISTS (\w+)(\s+AS\b)", re.I)
+_CREATE_VIEW = re.compile(
+    r"^(CREATE VIEW IF NOT EXISTS|CREATE OR REPLACE VIEW) (\w+)(\s+AS\b)", re.I
+)
 _CREATE_MV = re.compile(
     r"^CREATE MATERIALIZED VIEW IF NOT EXISTS (\w+)\s+TO\s+(\w+)(\s+AS\b)(.*)$", re.I | re.S
 )
@@ -105,7 +108,7 @@ def for_cluster(statement: str, cluster: str, layout: Layout | None = None) -> l
         return [body, distributed]
 
     if found := _CREATE_VIEW.match(sql):
-        return [f"CREATE VIEW IF NOT EXISTS {found[1]}{on_cluster}{sql[found.start(2) :]}"]
+        return [f"{found[1]} {found[2]}{on_cluster}{sql[found.start(3) :]}"]
 
     if found := _CREATE_MV.match(sql):
         name, target, as_, select = found[1], found[2], found[3], found[4]
