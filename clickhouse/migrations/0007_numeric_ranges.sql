@@ -25,7 +25,7 @@ SELECT
     countIf(event_type = 'error' OR ifNull(status, 'success') NOT IN ('success', 'warning'))
         AS error_count,
     -- integer nano-USD: the order of addition cannot change the sum
-    sum(toUInt128(round(least(greatest(ifNull(cost_estimate_usd, 0), 0), 1000000.0) * 1e9))) / 1e9
+    sum(toUInt128(toUInt64(round(least(greatest(ifNull(cost_estimate_usd, 0), 0), 1000000.0) * 1e9)))) / 1e9
         AS cost_usd,
     sum(toUInt128(ifNull(tokens_input, 0))) AS tokens_input,
     sum(toUInt128(ifNull(tokens_output, 0))) AS tokens_output
