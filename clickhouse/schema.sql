@@ -66,6 +66,9 @@ CREATE TABLE IF NOT EXISTS events (
     metric Nullable(String),
     metric_threshold Nullable(Float64),
     metric_actual Nullable(Float64),
+    -- how the free-form fields are written (migration 0008): 0 before it, 1 JSON, 2 JSON and
+    -- a prompt of chat messages
+    value_format UInt8 DEFAULT 0,
     ingested_at DateTime64(3, 'UTC'),
     INDEX idx_event_id event_id TYPE bloom_filter(0.01) GRANULARITY 1,
     INDEX idx_run_id run_id TYPE bloom_filter(0.01) GRANULARITY 1,

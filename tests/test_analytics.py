@@ -16,8 +16,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import httpx
 import pytest
-from conftest import Running
+from conftest import Running, prompt_call
 from stores import CHDB_ONLY, EVERY_STORE
 
 from watchllm_ext.analytics.rollup import refresh_rollups
@@ -522,3 +523,260 @@ def test_calls_without_latency_give_zero_percentiles_not_errors(server: Running)
     assert all(p["latency_p50_ms"] == 0 and p["latency_p95_ms"] == 0 for p in series)
     stats = get(server, "/v1/analytics/stats", **window)
     assert stats["total_requests"] == 1 and stats["latency_ms"]["p50"] is None
+
+
+# --- bounded answers (issue 9, finding 2) ---
+
+
+def _many_models(n_models: int, minutes: int, t0: datetime) -> list[dict[str, Any]]:
+    """Prompt calls over `n_models` models: model i gets i % 7 + 1 calls, spread over the
+    minutes, so the ranking by requests has ties (broken by name) and a long tail."""
+    events = []
+    for i in range(n_models):
+        for _ in range(i % 7 + 1):
+            k = len(events)
+            events.append(
+                prompt_call(
+                    f"m-{k}",
+                    model=f"model-{i:04d}",
+                    run_id=f"run-{k % 50}",
+                    timestamp=_iso(t0 + timedelta(minutes=k % minutes, seconds=k % 60)),
+                    cost_estimate_usd=0.001 * (i % 5),
+                    status="error" if k % 9 == 0 else "success",
+                )
+            )
+    return events
+
+
+def test_timeseries_caps_groups_with_other_while_healthz_answers(server: Running) -> None:
+    """2,000 distinct models in 1-minute buckets: the answer holds the top groups by the
+    measure asked for plus one "other" series (total minus top, per bucket), at most
+    max_points points, and /healthz keeps answering while such requests run."""
+    import time
+
+    t0 = datetime(2026, 4, 1, tzinfo=UTC)
+    minutes = 600
+    events = _many_models(2000, minutes, t0)
+    for i in range(0, len(events), 2000):
+        r = server.client.post(
+            "/v1/events/batch", headers=server.headers(), json={"events": events[i : i + 2000]}
+        )
+        assert r.status_code == 202, r.text
+    server.flush()
+    window = {"from": _iso(t0), "to": _iso(t0 + timedelta(minutes=minutes))}
+
+    got = get(server, "/v1/analytics/timeseries", group_by="model", interval="1m", **window)
+    calls = Counter(e["model"] for e in events)
+    ranked = sorted(calls, key=lambda m: (-calls[m], m))
+    assert got["groups"] == 10 and got["groups_total"] == 2000 and got["groups_capped"]
+    assert got["rank_by"] == "events" and list(got["series"]) == ranked[:10]
+    assert all(len(points) == minutes for points in got["series"].values())
+    assert len(got["other"]) == minutes
+    # other = total - top, bucket by bucket and in all
+    total = get(server, "/v1/analytics/timeseries", interval="1m", **window)["series"]["all"]
+    for b, point in enumerate(total):
+        top = sum(s[b]["requests"] for s in got["series"].values())
+        assert got["other"][b]["requests"] == point["requests"] - top
+        top_cost = sum(s[b]["cost"] for s in got["series"].values())
+        assert abs(got["other"][b]["cost"] - (point["cost"] - top_cost)) < 1e-9
+    assert sum(p["requests"] for p in got["other"]) == len(events) - sum(
+        calls[m] for m in ranked[:10]
+    )
+
+    # Ranked by cost, and more groups asked than the point budget allows at 1,999 buckets.
+    by_cost = get(
+        server,
+        "/v1/analytics/timeseries",
+        group_by="model",
+        rank_by="cost",
+        groups=50,
+        **{"from": _iso(t0), "to": _iso(t0 + timedelta(minutes=1999)), "interval": "1m"},
+    )
+    assert by_cost["groups"] == by_cost["max_points"] // 1999 - 1 == 9
+    cost = Counter()
+    for e in events:
+        cost[e["model"]] += round(e["cost_estimate_usd"] * 1e9)
+    assert list(by_cost["series"]) == sorted(cost, key=lambda m: (-cost[m], m))[:9]
+    points = sum(len(s) for s in by_cost["series"].values()) + len(by_cost["other"])
+    assert points <= by_cost["max_points"]
+
+    # Stats: top models bounded too, totals over every model.
+    stats = get(server, "/v1/analytics/stats", **window)
+    assert stats["total_requests"] == len(events)
+    assert [m["model"] for m in stats["top_models"]] == ranked[:10]
+    assert [m["calls"] for m in stats["top_models"]] == [calls[m] for m in ranked[:10]]
+
+    # /healthz while the heaviest of these run, back to back, from two other threads.
+    stop = threading.Event()
+    failures: list[str] = []
+
+    def load() -> None:
+        with httpx.Client(base_url=server.url, timeout=120) as c:
+            while not stop.is_set():
+                r = c.get(
+                    "/v1/analytics/timeseries",
+                    params={"project_id": "acme", "group_by": "model", "interval": "1m", **window},
+                    headers=server.headers(),
+                )
+                if r.status_code != 200:
+                    failures.append(r.text)
+
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    worst = 0.0
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            deadline = time.monotonic() + 4
+            while time.monotonic() < deadline:
+                began = time.perf_counter()
+                assert c.get("/healthz").status_code == 200
+                worst = max(worst, time.perf_counter() - began)
+                time.sleep(0.02)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=120)
+    assert not failures
+    # Generous: a shaping pass on the event loop took seconds here; bench/ measures it.
+    assert worst < 1.0, worst
+
+
+def test_run_tree_of_a_deep_chain_and_a_loop(server: Running) -> None:
+    """A run whose 300 events each name the one before as parent: the tree nests 100 deep
+    and hangs the rest under the 100th (parent_id intact), so it can be serialised; two
+    events naming each other as parents are both in the tree."""
+    t = datetime(2026, 5, 1, tzinfo=UTC)
+    chain = [
+        {
+            "event_id": f"c{i}",
+            "event_type": "agent_step",
+            "run_id": "deep",
+            "timestamp": _iso(t + timedelta(milliseconds=i)),
+            "step_number": i,
+            **({"parent_event_id": f"c{i - 1}"} if i else {}),
+        }
+        for i in range(300)
+    ]
+    loop = [
+        {
+            "event_id": name,
+            "event_type": "agent_step",
+            "run_id": "deep",
+            "timestamp": _iso(t + timedelta(seconds=5 + k)),
+            "step_number": 1,
+            "parent_event_id": other,
+        }
+        for k, (name, other) in enumerate([("la", "lb"), ("lb", "la")])
+    ]
+    r = server.client.post(
+        "/v1/events/batch", headers=server.headers(), json={"events": chain + loop}
+    )
+    assert r.status_code == 202, r.text
+    server.flush()
+    got = get(server, "/v1/analytics/runs/deep")
+    assert got["run"]["event_count"] == 302 and got["truncated"] is False
+    seen: dict[str, int] = {}
+    stack = [(n, 0) for n in got["tree"]]
+    while stack:
+        node, depth = stack.pop()
+        seen[node["id"]] = depth
+        stack += [(c, depth + 1) for c in node["children"]]
+    assert set(seen) == {e["event_id"] for e in chain + loop}
+    assert max(seen.values()) == 100
+    assert seen["c99"] == 99 and seen["c100"] == 100 and seen["c299"] == 100
+    assert seen["la"] + seen["lb"] == 1  # one of the two is the root of the other
+
+
+# --- exact round trip of free-form fields (issue 9, finding 8) ---
+
+JSON_LOOKING = ['{"a": 1}', "[{", '[{"role": "user", "content": "hi"}]', '"quoted"', "123", "null"]
+
+
+def test_free_form_fields_round_trip_exactly(server: Running) -> None:
+    t = datetime(2026, 6, 1, tzinfo=UTC)
+    sent: list[dict[str, Any]] = []
+    for i, text in enumerate(JSON_LOOKING):
+        sent.append(
+            prompt_call(
+                f"rt-p{i}",
+                timestamp=_iso(t + timedelta(seconds=i)),
+                prompt=text,
+                metadata={"text": text, "n": [1, {"x": None}]},
+                response_metadata={"raw": text},
+                tool_calls=[
+                    {"tool_name": "a", "tool_input": text, "tool_output": {"o": text}},
+                    {"tool_name": "b", "tool_input": [text], "tool_output": text},
+                ],
+            )
+        )
+        sent.append(
+            {
+                "event_id": f"rt-t{i}",
+                "event_type": "tool_call",
+                "run_id": "rt",
+                "timestamp": _iso(t + timedelta(seconds=i)),
+                "tool_name": "search",
+                "tool_input": text,
+                "tool_output": {"text": text} if i % 2 else 12.5,
+            }
+        )
+        sent.append(
+            {
+                "event_id": f"rt-a{i}",
+                "event_type": "assertion_failed",
+                "run_id": "rt",
+                "timestamp": _iso(t + timedelta(seconds=i)),
+                "assertion_name": "same",
+                "expected": text,
+                "actual": {"a": 1} if i % 2 else [text, 1, None, True],
+            }
+        )
+    messages = [{"role": "user", "content": '{"a": 1}'}, {"role": "assistant", "content": "[{"}]
+    sent.append(prompt_call("rt-messages", timestamp=_iso(t), prompt=messages))
+    r = server.client.post("/v1/events/batch", headers=server.headers(), json={"events": sent})
+    assert r.status_code == 202, r.text
+    server.flush()
+    for event in sent:
+        got = get(server, f"/v1/analytics/event/{event['event_id']}")
+        stored = got["event"]
+        assert "value_format" not in stored
+        for name in ("prompt", "metadata", "response_metadata", "tool_input", "tool_output"):
+            if name in event:
+                assert stored[name] == event[name], (event["event_id"], name)
+        for name in ("expected", "actual"):
+            if name in event:
+                assert stored[name] == event[name], (event["event_id"], name)
+        calls = event.get("tool_calls") or (
+            [{"tool_input": event["tool_input"], "tool_output": event["tool_output"]}]
+            if event["event_type"] == "tool_call"
+            else []
+        )
+        assert [(c["tool_input"], c["tool_output"]) for c in got["tool_calls"]] == [
+            (c["tool_input"], c["tool_output"]) for c in calls
+        ]
+    # A text prompt stays searchable and previewed as the text it is.
+    logs = get(
+        server,
+        "/v1/analytics/logs",
+        q='{"a": 1}',
+        **{"from": _iso(t), "to": _iso(t + timedelta(minutes=1))},
+    )
+    assert '{"a": 1}' in {e["prompt_preview"] for e in logs["events"]}
+
+
+def test_rows_stored_before_value_format_read_as_before(server: Running) -> None:
+    """Rows written before migration 0008 (value_format 0) kept strings as they were: they
+    read as they always did, JSON-looking text parsed, other text as it is."""
+    assert server.wl.store is not None
+    server.wl.store.execute(
+        "INSERT INTO events (project_id, event_id, event_type, run_id, timestamp, env, metadata,"
+        " prompt, tool_input, tool_output, expected, tool_call_count, ingested_at)"
+        " VALUES ('acme', 'legacy', 'tool_call', 'r', '2026-06-02 00:00:00.000', 'production',"
+        " '{\"k\":1}', '[{\"role\":\"user\"}]', '{\"a\": 1}', 'plain text', '[1, 2',"
+        " 0, now64(3))"
+    )
+    got = get(server, "/v1/analytics/event/legacy")["event"]
+    assert got["metadata"] == {"k": 1} and got["prompt"] == [{"role": "user"}]
+    assert got["tool_input"] == {"a": 1} and got["tool_output"] == "plain text"
+    assert got["expected"] == "[1, 2"

@@ -69,9 +69,28 @@ class Timeseries(_Answer):
     tz: str
     group_by: str | None
     series: dict[str, list[TimeseriesPoint]] = Field(
-        description="one series per group ('(none)' for events without that field);"
-        " one series 'all' without group_by"
+        description="one series per group shown ('(none)' for events without that field), at"
+        " most `groups` of them, the top ones by `rank_by`; one series 'all' without group_by"
     )
+    other: list[TimeseriesPoint] | None = Field(
+        default=None,
+        description="every group not in `series`, summed (null when all groups are shown)",
+    )
+    groups: int | None = Field(
+        default=None,
+        description="how many groups may be shown: the `groups` asked for (default 10, at"
+        " most 50), fewer where buckets x (groups + 1) would pass `max_points`",
+    )
+    groups_total: int | None = Field(
+        default=None, description="how many distinct groups the range has"
+    )
+    groups_capped: bool = Field(
+        default=False, description="true when groups_total > the groups shown: see `other`"
+    )
+    rank_by: str | None = Field(
+        default=None, description="the measure over the range that ranks the groups"
+    )
+    max_points: int = Field(description="the bound on points (buckets x series) of one answer")
     rollup_hours: int
 
 
@@ -144,3 +163,8 @@ class RunDetail(_Answer):
     project_id: str
     run: Run
     tree: list[TreeNode]
+    truncated: bool = Field(
+        default=False,
+        description="true when the run has more events or spans than the tree holds (the"
+        " first 10,000 of each, in time order); `run` still counts them all",
+    )

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import base64
+import binascii
 import json
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import cache
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import available_timezones
 
 from starlette.datastructures import QueryParams
 
 from ..auth import Principal
 from ..errors import Problem, other_project
-from ..schema import MAX_TIMESTAMP, MIN_TIMESTAMP
+from ..schema import MAX_ID_CHARS, MAX_TIMESTAMP, MIN_TIMESTAMP
 
 PERIODS = {
     "1h": timedelta(hours=1),
@@ -33,6 +36,19 @@ INTERVALS = {
 }
 MAX_BUCKETS = 2000
 MAX_RANGE = timedelta(days=3660)
+# Timeseries with group_by: at most `groups` series of their own (the top ones by `rank_by`),
+# and the rest summed into one OTHER_GROUP series, so that the answer stays bounded whatever
+# the number of distinct models; and at most MAX_POINTS points (buckets x series) in all.
+DEFAULT_GROUPS = 10
+MAX_GROUPS = 50
+MAX_POINTS = 20_000
+OTHER_GROUP = "(other)"
+# Measures a group can be ranked by: public name -> the column of the timeseries query.
+RANK_BY = ("events", "requests", "errors", "cost", "tokens")
+# Event and run ids as the event schema takes them (schema.Id): nothing else can be stored.
+_ID = re.compile(rf"[A-Za-z0-9_.:\-]{{1,{MAX_ID_CHARS}}}")
+_DIGITS = re.compile(r"[0-9]{1,9}")
+MAX_TZ_CHARS = 64
 
 
 def bad(name: str, message: str) -> Problem:
@@ -52,15 +68,22 @@ def _instant(params: QueryParams, name: str) -> datetime | None:
     raw = params.get(name)
     if raw is None:
         return None
+    if len(raw) > 64:
+        raise bad(name, "not an RFC 3339 time (too long)")
     try:
         value = datetime.fromisoformat(raw.replace(" ", "+") if "T" in raw else raw)
     except ValueError:
         raise bad(name, f"not an RFC 3339 time: {raw!r}") from None
-    if value.tzinfo is None:
+    if value.tzinfo is None or value.utcoffset() is None:
         raise bad(name, "the time needs a zone, e.g. 2026-01-01T00:00:00Z")
-    if not MIN_TIMESTAMP <= value <= MAX_TIMESTAMP:
+    try:
+        in_range = MIN_TIMESTAMP <= value <= MAX_TIMESTAMP
+        value = value.astimezone(UTC)
+    except OverflowError:  # year 1 with a positive offset, year 9999 with a negative one
+        in_range = False
+    if not in_range:
         raise bad(name, "must be between 1970-01-01 and 2100-01-01, as event timestamps are")
-    return value.astimezone(UTC)
+    return value
 
 
 @dataclass(frozen=True)
@@ -95,14 +118,20 @@ def time_range(params: QueryParams, *, allow_period: bool = False) -> Range:
     return Range(start, end)
 
 
-def zone(params: QueryParams) -> str:
+@cache
+def python_zones() -> frozenset[str]:
+    """The IANA zones Python knows. ZoneInfo() alone also opens any file under the zone
+    folder (`right/UTC`, `__pycache__`, `Europe`), which ClickHouse then refuses."""
+    return frozenset(available_timezones())
+
+
+def zone(params: QueryParams, known: frozenset[str]) -> str:
+    """`tz`, one of `known`: the zones both Python and the store's ClickHouse know (the route
+    passes them, see routes.py), so that bucket starts computed on either side agree."""
     name = params.get("tz", "UTC")
-    try:
-        ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise bad(
-            "tz", f"unknown time zone {name!r} (use an IANA name like Europe/Paris)"
-        ) from None
+    if len(name) > MAX_TZ_CHARS or name not in known:
+        shown = name if len(name) <= MAX_TZ_CHARS else name[:MAX_TZ_CHARS] + "..."
+        raise bad("tz", f"unknown time zone {shown!r} (use an IANA name like Europe/Paris)")
     return name
 
 
@@ -140,15 +169,19 @@ def choice(params: QueryParams, name: str, allowed: tuple[str, ...] | list[str])
 
 
 def limit(params: QueryParams, default: int = 100, maximum: int = 1000) -> int:
-    raw = params.get("limit")
+    return whole(params, "limit", default, maximum)
+
+
+def whole(params: QueryParams, name: str, default: int, maximum: int) -> int:
+    """A whole number in 1..maximum, in ASCII digits (int() also takes '٣', '1_0', ' 7')."""
+    raw = params.get(name)
     if raw is None:
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise bad("limit", f"not a whole number: {raw!r}") from None
+    if not _DIGITS.fullmatch(raw):
+        raise bad(name, f"not a whole number between 1 and {maximum}: {raw[:40]!r}")
+    value = int(raw)
     if not 1 <= value <= maximum:
-        raise bad("limit", f"must be between 1 and {maximum}")
+        raise bad(name, f"must be between 1 and {maximum}")
     return value
 
 
@@ -156,6 +189,25 @@ def text(params: QueryParams, name: str, max_chars: int = 256) -> str:
     value = params.get(name) or ""
     if len(value) > max_chars:
         raise bad(name, f"longer than {max_chars} characters")
+    if not _utf8(value):
+        raise bad(name, "not valid UTF-8 text")
+    return value
+
+
+def _utf8(value: str) -> bool:
+    """False for text holding a lone surrogate, which no UTF-8 encoder (nor ClickHouse's
+    parameter binding) can send."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def ident(value: str, name: str) -> str:
+    """An event or run id from the path: what the event schema accepts as an id, or 400."""
+    if not _ID.fullmatch(value):
+        raise bad(name, f"not an id: 1 to {MAX_ID_CHARS} of A-Z a-z 0-9 _ . : -")
     return value
 
 
@@ -169,11 +221,16 @@ def cursor(params: QueryParams) -> tuple[datetime, str] | None:
     if raw is None:
         return None
     try:
+        if len(raw) > 1024:  # a real cursor is about 100 characters
+            raise ValueError("long")
         data: Any = json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
         ts = datetime.strptime(data["ts"], "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=UTC)
         key = data["id"]
-        if not isinstance(key, str):
+        # Only what a page can end on: an id as stored, a time in the events' range.
+        if not isinstance(key, str) or not _ID.fullmatch(key):
             raise TypeError("id")
-    except (ValueError, KeyError, TypeError, json.JSONDecodeError):
+        if not MIN_TIMESTAMP <= ts < MAX_TIMESTAMP:
+            raise ValueError("ts")
+    except (ValueError, KeyError, TypeError, binascii.Error, RecursionError):
         raise bad("cursor", "malformed; pass next_cursor from the previous page as it is") from None
     return ts, key

@@ -202,19 +202,42 @@ FROM ({_HOURLY_STATES})
 """
 
 # The sums per event type, model and outcome; the route adds them up into the totals, the
-# events by type and the top models (one pass instead of three).
+# events by type and the top models (one pass instead of three). Models past the top
+# STATS_MODELS by prompt calls are summed under '' (the rows without a model), so the answer
+# has at most types x (STATS_MODELS + 1) x 2 rows however many models the range has.
+STATS_MODELS = 10
 STATS_SUMS = f"""
 SELECT
     event_type,
-    model,
-    status != 'success' AS failed,
+    if(model_rank <= {STATS_MODELS}, model, '') AS model,
+    failed,
     sum(events) AS events,
     sum(tokens_input) AS tokens_input,
     sum(tokens_output) AS tokens_output,
     sum(cost_nanousd) AS cost_nanousd,
     sum(latency_sum_us) AS latency_sum_us,
     sum(latency_count) AS latency_count
-FROM ({_COMBINED.format(bucket_rollup="0", bucket_raw="0")})
+FROM (
+    SELECT *, dense_rank() OVER (ORDER BY model = '', model_calls DESC, model)
+        AS model_rank
+    FROM (
+        SELECT *, sumIf(events, {_IS_CALL}) OVER (PARTITION BY model) AS model_calls
+        FROM (
+            SELECT
+                event_type,
+                model,
+                status != 'success' AS failed,
+                sum(events) AS events,
+                sum(tokens_input) AS tokens_input,
+                sum(tokens_output) AS tokens_output,
+                sum(cost_nanousd) AS cost_nanousd,
+                sum(latency_sum_us) AS latency_sum_us,
+                sum(latency_count) AS latency_count
+            FROM ({_COMBINED.format(bucket_rollup="0", bucket_raw="0")})
+            GROUP BY event_type, model, failed
+        )
+    )
+)
 GROUP BY event_type, model, failed
 ORDER BY event_type, model, failed
 """
@@ -252,6 +275,56 @@ TIMESERIES = {
     for unit in BUCKET_UNITS
     for group in (None, *GROUP_COLUMNS)
 }
+
+# With group_by, the answer is bounded whatever the number of groups: TIMESERIES_TOP ranks the
+# groups of the range by a measure (allow-listed below) and answers the top {groups} of them
+# with how many there are; TIMESERIES_GROUPED then gives those groups' points and, summed into
+# one series (kept = 0), every other group's: "other" is total minus the top, by construction.
+RANK_MEASURES = {
+    "events": "sum(events)",
+    "requests": f"sumIf(events, {_IS_CALL})",
+    "errors": f"sumIf(events, {_IS_CALL} AND status != 'success')",
+    "cost": "sum(cost_nanousd)",
+    "tokens": "sum(tokens_input) + sum(tokens_output)",
+}
+
+
+def _timeseries_top(group: str, measure: str) -> str:
+    combined = _COMBINED.format(bucket_rollup="0", bucket_raw="0")
+    return f"""
+SELECT grp, count() OVER () AS groups_total
+FROM (
+    SELECT {GROUP_COLUMNS[group]} AS grp, {RANK_MEASURES[measure]} AS measure
+    FROM ({combined})
+    GROUP BY grp
+)
+ORDER BY measure DESC, grp
+LIMIT {{groups:UInt32}}
+"""
+
+
+def _timeseries_grouped(unit: str, group: str) -> str:
+    column = GROUP_COLUMNS[group]
+    return (
+        _timeseries(unit, group)
+        .replace(
+            f"{column} AS grp, ",
+            f"{column} IN {{top:Array(String)}} AS kept, if(kept, {column}, '') AS grp, ",
+        )
+        .replace("GROUP BY bucket, grp", "GROUP BY bucket, kept, grp")
+        .replace("ORDER BY bucket, grp", "ORDER BY bucket, kept, grp")
+    )
+
+
+TIMESERIES_TOP = {(g, m): _timeseries_top(g, m) for g in GROUP_COLUMNS for m in RANK_MEASURES}
+TIMESERIES_GROUPED = {
+    (unit, group): _timeseries_grouped(unit, group)
+    for unit in BUCKET_UNITS
+    for group in GROUP_COLUMNS
+}
+
+# The zones this store's ClickHouse knows (analytics/params.py takes those Python knows too).
+TIME_ZONES = "SELECT time_zone FROM system.time_zones"
 
 # --- logs, events, runs -----------------------------------------------------------------------
 

@@ -4,19 +4,22 @@ run named queries from queries.py in a worker thread, shape the answer (models.p
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, get_args
 from zoneinfo import ZoneInfo
 
 import anyio
+from pydantic import BaseModel
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from ..errors import Problem
 from ..schema import EVENT_TYPES, Status
 from ..store import Store
+from ..store.rows import FORMAT_JSON_MESSAGES, FORMAT_LEGACY
 from . import params as P
 from . import queries as Q
 from .models import (
@@ -46,17 +49,62 @@ def _iso(ch_time: str | None) -> str | None:
     return ch_time.replace(" ", "T") + ("Z" if "." in ch_time else ".000Z")
 
 
-def _json_or_text(value: Any) -> Any:
+def _stored_json(value: Any, value_format: int) -> Any:
+    """A free-form JSON field as it was sent. Rows written since migration 0008 hold JSON
+    text (a string as a JSON string); older rows kept strings as they were, so for them
+    JSON-looking text is parsed, as it always was, and other text is returned as it is."""
     if not isinstance(value, str):
         return value
+    if value_format != FORMAT_LEGACY:
+        return json.loads(value)
     try:
         return json.loads(value)
     except ValueError:
         return value
 
 
+def _stored_prompt(value: Any, value_format: int) -> Any:
+    """A prompt as sent: text, or the list of chat messages (value_format says which; rows
+    from before migration 0008 are guessed as before: text starting with '[{' is parsed)."""
+    if not isinstance(value, str):
+        return value
+    if value_format == FORMAT_JSON_MESSAGES:
+        return json.loads(value)
+    if value_format == FORMAT_LEGACY and value.startswith("[{"):
+        return _stored_json(value, FORMAT_LEGACY)
+    return value
+
+
 async def _run(store: Store, sql: str, args: dict[str, Any]) -> list[dict[str, Any]]:
     return await anyio.to_thread.run_sync(store.query, sql, args)
+
+
+async def _reply(build: Callable[[], BaseModel]) -> Response:
+    """Build the answer and its JSON in a worker thread: shaping a timeseries, a run tree of
+    10,000 nodes or an event of several megabytes must not hold the event loop (/healthz and
+    every other request wait on it)."""
+
+    def render() -> bytes:
+        return build().model_dump_json(by_alias=True).encode()
+
+    body = await anyio.to_thread.run_sync(render)
+    return Response(body, media_type="application/json")
+
+
+# The zones of each store's ClickHouse, read once per store (a server and chDB may differ).
+_STORE_ZONES: weakref.WeakKeyDictionary[Any, frozenset[str]] = weakref.WeakKeyDictionary()
+
+
+async def _zone(store: Store, request: Request) -> str:
+    """`tz`: UTC without a look-up; another zone must be known to Python and ClickHouse."""
+    if request.query_params.get("tz", "UTC") == "UTC":
+        return "UTC"
+    known = _STORE_ZONES.get(store)
+    if known is None:
+        rows = await _run(store, Q.TIME_ZONES, {})
+        known = P.python_zones() & frozenset(r["time_zone"] for r in rows)
+        _STORE_ZONES[store] = known
+    return P.zone(request.query_params, known)
 
 
 def _context(request: Request) -> tuple[Any, Store, str]:
@@ -127,13 +175,19 @@ async def stats(request: Request) -> Response:
     clean = await _count_clean(store, project, window)
     sums = await _run(store, Q.STATS_SUMS, args)
     (states,) = await _run(store, Q.STATS_STATES, args)
+    return await _reply(lambda: _stats(project, span, sums, states, clean))
+
+
+def _stats(
+    project: str, span: P.Range, sums: list[dict[str, Any]], states: dict[str, Any], clean: int
+) -> Stats:
     calls = [r for r in sums if r["event_type"] == "prompt_call"]
     requests = sum(int(r["events"]) for r in calls)
     latency_count = sum(int(r["latency_count"]) for r in calls)
     by_type: dict[str, int] = {}
     for r in sums:
         by_type[r["event_type"]] = by_type.get(r["event_type"], 0) + int(r["events"])
-    body = Stats(
+    return Stats(
         project_id=project,
         start=span.start,
         end=span.end,
@@ -158,10 +212,9 @@ async def stats(request: Request) -> Response:
         top_models=_top_models(calls),
         rollup_hours=clean,
     )
-    return JSONResponse(body.model_dump(mode="json", by_alias=True))
 
 
-def _top_models(calls: list[dict[str, Any]], limit: int = 10) -> list[ModelUsage]:
+def _top_models(calls: list[dict[str, Any]], limit: int = Q.STATS_MODELS) -> list[ModelUsage]:
     """The models with the most calls (ties by name), from STATS_SUMS's prompt-call rows."""
     totals: dict[str, list[int]] = {}
     for r in calls:
@@ -228,53 +281,83 @@ async def timeseries(request: Request) -> Response:
     _, store, project = _context(request)
     qp = request.query_params
     span = P.time_range(qp, allow_period=True)
-    tz = P.zone(qp)
     interval = P.interval(qp, span)
     group = P.choice(qp, "group_by", tuple(Q.GROUP_COLUMNS))
+    wanted_groups = P.whole(qp, "groups", P.DEFAULT_GROUPS, P.MAX_GROUPS)
+    rank_by = P.choice(qp, "rank_by", P.RANK_BY) or "events"
+    if group is None:
+        for name in ("groups", "rank_by"):
+            if name in qp:
+                raise P.bad(name, "only with group_by")
+    tz = await _zone(store, request)
     unit, step, _ = P.INTERVALS[interval]
+    starts = await anyio.to_thread.run_sync(_bucket_starts, span, interval, tz)
     use_rollup = unit != "Minute" and _hour_aligned(tz, span)
     window = _rollup_window(span, use_rollup)
     clean = await _count_clean(store, project, window)
-    rows = await _run(
-        store,
-        Q.TIMESERIES[(unit, group)],
-        {**_base_args(project, span, window), "step": step, "tz": tz},
-    )
-    starts = _bucket_starts(span, interval, tz)
-    groups = sorted({r["grp"] for r in rows}) if group else [""]
-    by_key = {(int(r["bucket"]), r["grp"]): r for r in rows}
-    series: dict[str, list[TimeseriesPoint]] = {}
-    for name in groups:
-        points = []
-        for epoch in starts:
-            row = by_key.get((epoch, name))
-            quantiles = (row or {}).get("latency_quantiles") or []
-            has_latency = bool(row) and int(row["requests"]) > 0 and bool(quantiles)
-            points.append(
-                TimeseriesPoint(
-                    t=datetime.fromtimestamp(epoch, UTC),
-                    requests=int(row["requests"]) if row else 0,
-                    errors=int(row["errors"]) if row else 0,
-                    events=int(row["all_events"]) if row else 0,
-                    tokens_input=int(row["tokens_input"]) if row else 0,
-                    tokens_output=int(row["tokens_output"]) if row else 0,
-                    cost=float(row["cost"]) if row else 0.0,
-                    latency_p50_ms=_num(quantiles[0]) if has_latency else 0.0,
-                    latency_p95_ms=_num(quantiles[2]) if has_latency else 0.0,
-                )
+    args = {**_base_args(project, span, window), "step": step, "tz": tz}
+    # Series shown: the top groups plus "other"; every series has a point per bucket.
+    groups = max(1, min(wanted_groups, P.MAX_POINTS // max(len(starts), 1) - 1))
+    top: list[str] = []
+    groups_total = 1
+    if group:
+        ranked = await _run(store, Q.TIMESERIES_TOP[(group, rank_by)], {**args, "groups": groups})
+        top = [r["grp"] for r in ranked]
+        groups_total = int(ranked[0]["groups_total"]) if ranked else 0
+        rows = await _run(store, Q.TIMESERIES_GROUPED[(unit, group)], {**args, "top": top})
+    else:
+        rows = await _run(store, Q.TIMESERIES[(unit, None)], args)
+
+    def build() -> Timeseries:
+        by_key = {(int(r["bucket"]), r["grp"], bool(r.get("kept", 1))): r for r in rows}
+        series = {
+            ((name or "(none)") if group else "all"): _points(starts, by_key, name, True)
+            for name in (top if group else [""])
+        }
+        capped = groups_total > len(top) if group else False
+        return Timeseries(
+            project_id=project,
+            start=span.start,
+            end=span.end,
+            interval=interval,
+            tz=tz,
+            group_by=group,
+            series=series,
+            other=_points(starts, by_key, "", False) if capped else None,
+            groups=groups if group else None,
+            groups_total=groups_total if group else None,
+            groups_capped=capped,
+            rank_by=rank_by if group else None,
+            max_points=P.MAX_POINTS,
+            rollup_hours=clean,
+        )
+
+    return await _reply(build)
+
+
+def _points(
+    starts: list[int], by_key: dict[tuple[int, str, bool], dict[str, Any]], name: str, kept: bool
+) -> list[TimeseriesPoint]:
+    """One point per bucket start, zeros where the group had no events."""
+    points = []
+    for epoch in starts:
+        row = by_key.get((epoch, name, kept))
+        quantiles = (row or {}).get("latency_quantiles") or []
+        has_latency = bool(row) and int(row["requests"]) > 0 and bool(quantiles)
+        points.append(
+            TimeseriesPoint(
+                t=datetime.fromtimestamp(epoch, UTC),
+                requests=int(row["requests"]) if row else 0,
+                errors=int(row["errors"]) if row else 0,
+                events=int(row["all_events"]) if row else 0,
+                tokens_input=int(row["tokens_input"]) if row else 0,
+                tokens_output=int(row["tokens_output"]) if row else 0,
+                cost=float(row["cost"]) if row else 0.0,
+                latency_p50_ms=_num(quantiles[0]) if has_latency else 0.0,
+                latency_p95_ms=_num(quantiles[2]) if has_latency else 0.0,
             )
-        series[(name or "(none)") if group else "all"] = points
-    body = Timeseries(
-        project_id=project,
-        start=span.start,
-        end=span.end,
-        interval=interval,
-        tz=tz,
-        group_by=group,
-        series=series,
-        rollup_hours=clean,
-    )
-    return JSONResponse(body.model_dump(mode="json", by_alias=True))
+        )
+    return points
 
 
 # --- logs ---
@@ -344,10 +427,11 @@ async def logs(request: Request) -> Response:
     next_cursor = (
         P.encode_cursor(rows[-1]["ts"], rows[-1]["event_id"]) if len(rows) == page else None
     )
-    body = LogsPage(
-        project_id=project, events=[_event_row(r) for r in rows], next_cursor=next_cursor
+    return await _reply(
+        lambda: LogsPage(
+            project_id=project, events=[_event_row(r) for r in rows], next_cursor=next_cursor
+        )
     )
-    return JSONResponse(body.model_dump(mode="json", by_alias=True))
 
 
 # --- one event ---
@@ -356,7 +440,7 @@ async def logs(request: Request) -> Response:
 async def event(request: Request) -> Response:
     """GET /v1/analytics/event/{event_id}"""
     _, store, project = _context(request)
-    event_id = request.path_params["event_id"]
+    event_id = P.ident(request.path_params["event_id"], "event_id")
     args = {"project": project, "event_id": event_id}
     rows = await _run(store, Q.EVENT, args)
     if not rows:
@@ -364,32 +448,32 @@ async def event(request: Request) -> Response:
             404, "not_found", f"no event {event_id!r} in project {project!r}", field="event_id"
         )
     row = rows[0]
-    for name in (
-        "metadata",
-        "response_metadata",
-        "tool_input",
-        "tool_output",
-        "expected",
-        "actual",
-    ):
-        row[name] = _json_or_text(row.get(name))
-    if isinstance(row.get("prompt"), str) and row["prompt"].startswith("[{"):
-        row["prompt"] = _json_or_text(row["prompt"])
-    row["timestamp"] = _iso(row["timestamp"])
     tools = await _run(store, Q.EVENT_TOOL_CALLS, args)
-    for tool in tools:
-        tool["tool_input"] = _json_or_text(tool["tool_input"])
-        tool["tool_output"] = _json_or_text(tool["tool_output"])
     steps = await _run(store, Q.EVENT_AGENT_STEPS, args)
     children = await _run(store, Q.EVENT_CHILDREN, args)
-    body = EventDetail(
-        event=row,
-        tool_calls=tools,
-        agent_steps=steps,
-        parent_event_id=row.get("parent_event_id"),
-        children=[c["event_id"] for c in children],
-    )
-    return JSONResponse(body.model_dump(mode="json", by_alias=True))
+
+    def build() -> EventDetail:
+        # Decoding fields of up to a megabyte each: in the worker thread with the rest.
+        value_format = int(row.pop("value_format", FORMAT_LEGACY) or FORMAT_LEGACY)
+        for name in _JSON_FIELDS:
+            row[name] = _stored_json(row.get(name), value_format)
+        row["prompt"] = _stored_prompt(row.get("prompt"), value_format)
+        row["timestamp"] = _iso(row["timestamp"])
+        for tool in tools:  # written with the event, in the event's format
+            tool["tool_input"] = _stored_json(tool["tool_input"], value_format)
+            tool["tool_output"] = _stored_json(tool["tool_output"], value_format)
+        return EventDetail(
+            event=row,
+            tool_calls=tools,
+            agent_steps=steps,
+            parent_event_id=row.get("parent_event_id"),
+            children=[c["event_id"] for c in children],
+        )
+
+    return await _reply(build)
+
+
+_JSON_FIELDS = ("metadata", "response_metadata", "tool_input", "tool_output", "expected", "actual")
 
 
 # --- runs ---
@@ -426,63 +510,107 @@ async def runs(request: Request) -> Response:
             **_page_args(page, after, span),
         },
     )
-    items = [_run_row(r) for r in rows]
     next_cursor = (
         P.encode_cursor(rows[-1]["start"], rows[-1]["run_id"]) if len(rows) == page else None
     )
-    body = RunsPage(project_id=project, runs=items, next_cursor=next_cursor)
-    return JSONResponse(body.model_dump(mode="json", by_alias=True))
+    return await _reply(
+        lambda: RunsPage(
+            project_id=project, runs=[_run_row(r) for r in rows], next_cursor=next_cursor
+        )
+    )
+
+
+# Deeper nodes hang under their ancestor at this depth (their parent_id still names their
+# parent): a chain of 10,000 events nested one in another cannot be serialised as JSON.
+MAX_TREE_DEPTH = 100
+# The events and spans a run tree holds at most (RUN_EVENTS and RUN_SPANS say LIMIT 10000).
+MAX_TREE_NODES = 10_000
 
 
 def _tree(nodes: list[TreeNode]) -> list[TreeNode]:
     """Nest nodes under their parent (events by parent_event_id, spans by parent span);
-    a node whose parent is not in the run is a root. Input and output in time order."""
+    a node whose parent is not in the run, or whose parents loop back to it, is a root.
+    Input and output in time order."""
     by_id = {n.id: n for n in nodes}
-    roots = []
+    parent: dict[str, str | None] = {}
     for node in nodes:
-        parent = by_id.get(node.parent_id) if node.parent_id else None
-        if parent is not None and parent is not node:
-            parent.children.append(node)
-        else:
+        up = by_id.get(node.parent_id) if node.parent_id else None
+        parent[node.id] = up.id if up is not None and up is not node else None
+    depth: dict[str, int] = {}
+    for node in nodes:
+        while True:  # walk up to a known depth or a root; cut a loop where it closes
+            path: list[str] = []
+            on_path: set[str] = set()
+            cur: str | None = node.id
+            while cur is not None and cur not in depth and cur not in on_path:
+                path.append(cur)
+                on_path.add(cur)
+                cur = parent[cur]
+            if cur is not None and cur in on_path:
+                parent[cur] = None
+                continue
+            base = depth[cur] if cur is not None else -1
+            for i, name in enumerate(reversed(path), start=1):
+                depth[name] = base + i
+            break
+    host: dict[str, str] = {}  # where a node too deep hangs: its ancestor at MAX_TREE_DEPTH - 1
+    roots = []
+    for node in sorted(nodes, key=lambda n: depth[n.id]):
+        up = parent[node.id]
+        if up is not None and depth[node.id] >= MAX_TREE_DEPTH:
+            host[node.id] = host.get(up, up)
+    for node in nodes:
+        up = parent[node.id]
+        if up is None:
             roots.append(node)
+        else:
+            by_id[host.get(node.id, up)].children.append(node)
     return roots
 
 
 async def run(request: Request) -> Response:
     """GET /v1/analytics/runs/{run_id}"""
     _, store, project = _context(request)
-    run_id = request.path_params["run_id"]
+    run_id = P.ident(request.path_params["run_id"], "run_id")
     args = {"project": project, "run_id": run_id}
     rows = await _run(store, Q.RUN, args)
     if not rows:
         raise Problem(404, "not_found", f"no run {run_id!r} in project {project!r}", field="run_id")
     events = await _run(store, Q.RUN_EVENTS, args)
     spans = await _run(store, Q.RUN_SPANS, args)
-    nodes = [
-        TreeNode(
-            kind="event",
-            id=e["event_id"],
-            parent_id=e.get("parent_event_id"),
-            timestamp=_iso(e["ts"]),
-            event=_event_row({**e, "run_id": run_id}),
+
+    def build() -> RunDetail:
+        nodes = [
+            TreeNode(
+                kind="event",
+                id=e["event_id"],
+                parent_id=e.get("parent_event_id"),
+                timestamp=_iso(e["ts"]),
+                event=_event_row({**e, "run_id": run_id}),
+            )
+            for e in events
+        ]
+        seen = {n.id for n in nodes}
+        nodes += [
+            TreeNode(
+                kind="span",
+                id=s["span_id"],
+                parent_id=s.get("parent_span_id"),
+                timestamp=_iso(s["ts"]),
+                span=s,
+            )
+            for s in spans
+            if s["span_id"] not in seen  # a span stored as an event is shown once
+        ]
+        nodes.sort(key=lambda n: (n.timestamp or "", n.id))
+        return RunDetail(
+            project_id=project,
+            run=_run_row(rows[0]),
+            tree=_tree(nodes),
+            truncated=len(events) >= MAX_TREE_NODES or len(spans) >= MAX_TREE_NODES,
         )
-        for e in events
-    ]
-    seen = {n.id for n in nodes}
-    nodes += [
-        TreeNode(
-            kind="span",
-            id=s["span_id"],
-            parent_id=s.get("parent_span_id"),
-            timestamp=_iso(s["ts"]),
-            span=s,
-        )
-        for s in spans
-        if s["span_id"] not in seen  # a span stored as an event is shown once
-    ]
-    nodes.sort(key=lambda n: (n.timestamp or "", n.id))
-    body = RunDetail(project_id=project, run=_run_row(rows[0]), tree=_tree(nodes))
-    return JSONResponse(body.model_dump(mode="json", by_alias=True))
+
+    return await _reply(build)
 
 
 ROUTES: list[tuple[str, Callable[..., Any]]] = [

@@ -75,6 +75,7 @@ EVENTS_SCHEMA = pa.schema(
         ("metric", _STR),
         ("metric_threshold", _F64),
         ("metric_actual", _F64),
+        ("value_format", pa.uint8()),
         ("ingested_at", _TS),
     ]
 )
@@ -116,18 +117,32 @@ AGENT_STEPS_SCHEMA = pa.schema(
 )
 
 
+# How a row's free-form fields are written (the events' value_format, migration 0008). Rows
+# stored before it (0) kept a string sent in a JSON field as it was, so '{"a": 1}' sent as a
+# string could not be told from the object; readers (analytics/routes.py) decode by this.
+FORMAT_LEGACY = 0
+FORMAT_JSON = 1  # every JSON field is JSON text (a string as a JSON string); prompt is text
+FORMAT_JSON_MESSAGES = 2  # as FORMAT_JSON, and prompt is a list of chat messages as JSON
+
+
 def _json(value: Any) -> str | None:
+    """JSON text of a free-form field, strings included: '{"a": 1}' sent as a string is
+    stored as the JSON string "{\"a\": 1}", so it reads back as that string."""
     if value is None:
         return None
-    if isinstance(value, str):
-        return value
     return to_json(value).decode()
 
 
 def _prompt_text(value: Any) -> str | None:
+    """A text prompt as it is (search and previews read it); chat messages as JSON."""
     if value is None or isinstance(value, str):
         return value
     return _json([m.model_dump(exclude_none=True) for m in value])
+
+
+def _value_format(d: dict[str, Any]) -> int:
+    prompt = d.get("prompt")
+    return FORMAT_JSON if prompt is None or isinstance(prompt, str) else FORMAT_JSON_MESSAGES
 
 
 def _client(attr: str) -> Any:
@@ -156,6 +171,7 @@ _DERIVED: dict[str, Any] = {
     "metric_actual": lambda d: d.get("actual") if d["event_type"] == "performance_alert" else None,
     "alert_window": lambda d: d.get("window"),
     "metric_threshold": lambda d: d.get("threshold"),
+    "value_format": _value_format,
 }
 
 
