@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -32,6 +32,7 @@ from .dead_letters import done, read_dead_letters, summary, take_dead_letters, t
 from .errors import Problem, other_project, problem_handler, unauthorized
 from .hookspecs import BackgroundTask
 from .ingest import (
+    OFFLOAD_MIN_BYTES,
     Outcome,
     check_content_type,
     check_projects,
@@ -40,6 +41,7 @@ from .ingest import (
     read_body,
     validate_fast,
     validate_items,
+    validate_sliced,
 )
 from .locks import FolderLock, FolderLocked
 from .metrics import make_registry, metrics_endpoint
@@ -72,6 +74,8 @@ class WatchLLM:
     registry: Any = None
     openapi: dict[str, Any] | None = None
     _opened_store: Store | None = None
+    # Big bodies in work at once (ingest_threads); made on first use, inside the event loop.
+    _big_bodies: anyio.CapacityLimiter | None = None
 
     def open_store(self) -> Store | None:
         """Open the store ahead of the lifespan (so the CLI can report a busy folder plainly)."""
@@ -283,7 +287,30 @@ _TRUSTED = {"trusted": True}
 
 
 def _encode_events(events: Any) -> bytes:
+    if isinstance(events, _Encoded):
+        return events.payload  # encoded on a worker thread already
     return EVENT_LIST_ADAPTER.dump_json(events, exclude_none=True)
+
+
+class _Encoded(list[Any]):
+    """Events with their spool encoding, made off the event loop for a big body."""
+
+    __slots__ = ("payload",)
+    payload: bytes
+
+
+_ENCODE_SLICE = 500  # events per dump_json call (~5 ms): the event loop runs between calls
+
+
+def _encode_sliced(events: list[Any]) -> _Encoded:
+    # dump_json writes a list as "[a,b]" with no spaces: the slices join into the same bytes.
+    parts = [
+        EVENT_LIST_ADAPTER.dump_json(events[i : i + _ENCODE_SLICE], exclude_none=True)[1:-1]
+        for i in range(0, len(events), _ENCODE_SLICE)
+    ]
+    encoded = _Encoded(events)
+    encoded.payload = b"[" + b",".join(parts) + b"]"
+    return encoded
 
 
 def _decode_events(payload: bytes) -> list[Any]:
@@ -314,7 +341,29 @@ async def _read(request: Request, wl: WatchLLM) -> bytes:
         content_encoding=request.headers.get("content-encoding"),
         max_bytes=wl.settings.max_body_bytes,
         max_decompressed_bytes=wl.settings.max_decompressed_bytes,
+        timeout_s=wl.settings.body_timeout_s,
+        idle_timeout_s=wl.settings.body_idle_timeout_s,
     )
+
+
+@asynccontextmanager
+async def _work_slot(wl: WatchLLM, body: bytes) -> AsyncIterator[bool]:
+    """True (and a place among `ingest_threads`, first come first served) for a body whose
+    CPU work runs on a worker thread; False for a small one, handled inline (cheaper than
+    the thread hop). The bound keeps big batches from all holding their events at once."""
+    if len(body) < OFFLOAD_MIN_BYTES:
+        yield False
+        return
+    if wl._big_bodies is None:
+        wl._big_bodies = anyio.CapacityLimiter(wl.settings.ingest_threads)
+    async with wl._big_bodies:
+        yield True
+
+
+async def _cpu(off_loop: bool, fn: Callable[..., Any], *args: Any) -> Any:
+    if off_loop:
+        return await anyio.to_thread.run_sync(fn, *args)
+    return fn(*args)
 
 
 def _check_count(wl: WatchLLM, n: int) -> None:
@@ -328,20 +377,25 @@ def _check_count(wl: WatchLLM, n: int) -> None:
         )
 
 
-async def _ingest_fast(wl: WatchLLM, principal: Principal, events: list[Any]) -> Response:
+async def _ingest_fast(
+    wl: WatchLLM, principal: Principal, events: list[Any], off_loop: bool = False
+) -> Response:
     _check_count(wl, len(events))
     await wl.check_quota(principal, len(events))
-    return await _answer(wl, finish_fast(events, principal, wl.pm))
+    return await _answer(wl, await _cpu(off_loop, finish_fast, events, principal, wl.pm), off_loop)
 
 
-async def _ingest(wl: WatchLLM, principal: Principal, items: list[Any]) -> Response:
+async def _ingest(
+    wl: WatchLLM, principal: Principal, items: list[Any], off_loop: bool = False
+) -> Response:
     _check_count(wl, len(items))
     check_projects(items, principal)
     await wl.check_quota(principal, len(items))
-    return await _answer(wl, validate_items(items, principal, wl.pm))
+    outcome = await _cpu(off_loop, validate_items, items, principal, wl.pm)
+    return await _answer(wl, outcome, off_loop)
 
 
-async def _answer(wl: WatchLLM, outcome: Outcome) -> Response:
+async def _answer(wl: WatchLLM, outcome: Outcome, off_loop: bool = False) -> Response:
     rejected = [r.as_dict() for r in outcome.rejected]
     wl.counters["rejected"] += len(rejected)
     if not outcome.accepted:
@@ -352,6 +406,9 @@ async def _answer(wl: WatchLLM, outcome: Outcome) -> Response:
             accepted=0,
             rejected=rejected,
         )
+    writer = wl.writer
+    if off_loop and writer is not None and getattr(writer.log, "needs_payload", True):
+        outcome.accepted = await anyio.to_thread.run_sync(_encode_sliced, outcome.accepted)
     await wl.submit(outcome.accepted)
     wl.counters["accepted"] += len(outcome.accepted)
     body: dict[str, Any] = {
@@ -373,10 +430,17 @@ async def project_events(request: Request) -> Response:
     if project_id != principal.project_id:
         raise other_project(principal.project_id, project_id)
     body = await _read(request, wl)
-    events = validate_fast(body, "events")
+    async with _work_slot(wl, body) as off_loop:
+        return await _project_events(wl, principal, body, off_loop)
+
+
+async def _project_events(
+    wl: WatchLLM, principal: Principal, body: bytes, off_loop: bool
+) -> Response:
+    events = await _cpu(off_loop, validate_sliced if off_loop else validate_fast, body, "events")
     if events is not None:
-        return await _ingest_fast(wl, principal, events)
-    payload = parse_json(body)
+        return await _ingest_fast(wl, principal, events, off_loop)
+    payload = await _cpu(off_loop, parse_json, body)
     if isinstance(payload, dict):
         items = [payload]
     elif isinstance(payload, list):
@@ -387,7 +451,7 @@ async def project_events(request: Request) -> Response:
         raise Problem(
             422, "bad_body", "the body must be an event object or an array of events", field="body"
         )
-    return await _ingest(wl, principal, items)
+    return await _ingest(wl, principal, items, off_loop)
 
 
 async def batch_events(request: Request) -> Response:
@@ -395,10 +459,17 @@ async def batch_events(request: Request) -> Response:
     wl = _state(request)
     principal = wl.authenticate(request, "ingest")
     body = await _read(request, wl)
-    events = validate_fast(body, "batch")
+    async with _work_slot(wl, body) as off_loop:
+        return await _batch_events(wl, principal, body, off_loop)
+
+
+async def _batch_events(
+    wl: WatchLLM, principal: Principal, body: bytes, off_loop: bool
+) -> Response:
+    events = await _cpu(off_loop, validate_sliced if off_loop else validate_fast, body, "batch")
     if events is not None:
-        return await _ingest_fast(wl, principal, events)
-    payload = parse_json(body)
+        return await _ingest_fast(wl, principal, events, off_loop)
+    payload = await _cpu(off_loop, parse_json, body)
     if not isinstance(payload, dict):
         raise Problem(422, "bad_body", 'the body must be an object {"events": [...]}', field="body")
     unknown = sorted(set(payload) - {"events"})
@@ -414,7 +485,7 @@ async def batch_events(request: Request) -> Response:
         raise Problem(422, "bad_body", "'events' must be an array of events", field="events")
     if not items:
         raise Problem(422, "empty_batch", "'events' holds no event", field="events")
-    return await _ingest(wl, principal, items)
+    return await _ingest(wl, principal, items, off_loop)
 
 
 # --- health -----------------------------------------------------------------------------------

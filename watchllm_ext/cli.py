@@ -200,6 +200,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .app import create_app
     from .keys import KeyStore, ServerKeyStore
     from .plugins import PluginError
+    from .serving import uvicorn_options
     from .store import StoreError, StoreUnavailable, apply_migrations
     from .tuning import tune_for_serving
 
@@ -239,9 +240,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     print(f"WatchLLM {_version()} listening on {url} (data in {settings.data_dir})", flush=True)
     tune_for_serving()
-    uvicorn.run(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level, lifespan="on"
-    )
+    # With the time limits for slow headers and idle keep-alive connections (serving.py).
+    uvicorn.run(app, **uvicorn_options(settings))
     return 0
 
 

@@ -85,6 +85,42 @@ class Settings(BaseSettings):
     max_batch_events: int = Field(
         10_000, ge=1, le=1_000_000, description="Most events accepted in one request."
     )
+    ingest_threads: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Big request bodies (64 KiB and more) validated and encoded on worker"
+        " threads at once, off the event loop; more wait their turn, first come first served."
+        " One suits most machines: the work holds Python's GIL, so more threads add memory,"
+        " not speed.",
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=600,
+        description="`watchllm serve` closes a connection whose request headers are not"
+        " complete this long after the connection opened or the request began (seconds).",
+    )
+    body_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description="A request body not complete within this time gets 408 and the connection"
+        " is closed (seconds).",
+    )
+    body_idle_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=600,
+        description="A request body that pauses longer than this between two pieces gets 408"
+        " and the connection is closed (seconds).",
+    )
+    keep_alive_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        le=600,
+        description="`watchllm serve` closes a keep-alive connection idle this long (seconds).",
+    )
     flush_max_events: int = Field(
         10_000, ge=1, description="The writer flushes a batch once it holds this many events."
     )
