@@ -17,7 +17,7 @@ from typing import Any
 
 import anyio
 import pytest
-from conftest import Running, prompt_call
+from conftest import Running, make_settings, prompt_call
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -26,6 +26,7 @@ from stores import CHDB_ONLY, EVERY_STORE
 from watchllm_ext.analytics import queries as Q
 from watchllm_ext.analytics.rollup import ProjectBackoff, refresh_projects
 from watchllm_ext.app import _run_background
+from watchllm_ext.builtins.rollup import register_background_tasks
 from watchllm_ext.schema import (
     EVENT_ADAPTER,
     MAX_COST_USD,
@@ -680,6 +681,38 @@ def test_a_failing_project_waits_so_the_others_get_the_budget(server: Running) -
     backoff.record(result)
     assert result.done == ["bad"] and backoff.waiting() == [] and not backoff._state
     assert _dirty(server) == set()
+
+
+def test_the_rollup_task_keeps_refreshing_the_others(
+    server: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The built-in background task itself, on the failing store: it never stops, refreshes
+    # the good projects and logs the bad one by name, each time it is retried.
+    _three_projects(server)
+    store = FailsForProject(server.wl.store, "bad")
+    settings = make_settings(server.settings.data_dir.parent, rollup_interval_s=0.05)
+    task = register_background_tasks(settings=settings, store=store)
+    assert task is not None
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(task)
+            with anyio.fail_after(30):
+                while _dirty(server) != {"bad"}:
+                    await anyio.sleep(0.05)
+            await anyio.sleep(1.0)  # rounds go on: bad is retried after its wait
+            tg.cancel_scope.cancel()
+
+    with caplog.at_level(logging.ERROR, logger="watchllm.rollup"):
+        anyio.run(main)
+    assert _dirty(server) == {"bad"}
+    failures = [r.getMessage() for r in caplog.records]
+    # Retried after 0.05 s, then 0.1, 0.2, ...: not once per round (every 0.05 s).
+    times = [r.created for r in caplog.records]
+    assert len(times) >= 4, failures  # 0, 0.05, 0.15, 0.35 s at least
+    for k, gap in enumerate(b - a for a, b in itertools.pairwise(times)):
+        assert gap >= 0.05 * 2**k * 0.9, (k, gap, times)
+    assert all("project bad" in m for m in failures), failures
 
 
 # --- background tasks ----------------------------------------------------------------------
