@@ -21,7 +21,7 @@ from stores import EVERY_STORE, StoreBackend
 
 from watchllm_ext.analytics.rollup import refresh_rollups
 from watchllm_ext.auth import Principal
-from watchllm_ext.builtins.store_sink import StoreSink, lookup_times
+from watchllm_ext.builtins.store_sink import SeenIds, StoreSink, lookup_times
 from watchllm_ext.schema import EVENT_LIST_ADAPTER
 from watchllm_ext.store import Store
 from watchllm_ext.store.base import cluster_of
@@ -384,3 +384,20 @@ def test_ids_outside_the_schema_alphabet_are_escaped(server: Running) -> None:
     assert lookup_times(store, [("acme", i) for i in odd]) == {
         ("acme", "call"): [int((T0 + timedelta(minutes=2)).timestamp() * 1000)]
     }
+
+
+def test_the_seen_ids_filter_never_forgets_an_id() -> None:
+    # The embedded store's sink looks up only the ids its Bloom filter has seen: a false
+    # negative would let a copy in, a high false-positive rate would cost look-ups.
+    seen = SeenIds(capacity=1 << 16)  # the smallest it makes
+    stored = [("acme", f"id-{i}") for i in range(1 << 16)]
+    for key in stored:
+        seen.add(key)
+    assert all(key in seen for key in stored)
+    assert not seen.full
+    # Full: the false-positive rate is at its highest, ~1%.
+    others = [("acme", f"other-{i}") for i in range(20_000)] + [("beta", "id-1")]
+    false_positives = sum(key in seen for key in others)
+    assert false_positives < 0.03 * len(others), false_positives
+    seen.add(("acme", "one more"))
+    assert seen.full  # the sink then rebuilds it, twice as large, from the store
