@@ -188,7 +188,7 @@ class SeenIds:
 
     @classmethod
     def of_store(cls, store: Store) -> SeenIds:
-        """Every pair in `event_times`, read once (~2 s per million ids on 2 cores)."""
+        """Every pair in `event_times`, read once (a few seconds per million ids)."""
         (row,) = store.query("SELECT count() AS n FROM event_times")
         seen = cls(2 * int(row["n"]))
         sql = "SELECT project_id, event_id FROM event_times"
