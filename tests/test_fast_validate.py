@@ -1,0 +1,741 @@
+"""The fast validator (watchllm_ext/fast_validate.py) against the contract (schema.py, pydantic).
+
+A differential test: valid events of every type are generated from the models' own annotations
+and constraints (not from the fast validator's reading of them), then mutated at every field,
+nested ones included, against every constraint found there: wrong types, bounds at and beyond
+each limit, lengths, patterns, timestamps, non-finite numbers in free-form JSON, unknown and
+missing fields, cost_source, duplicate keys, unicode escapes, lone surrogates. For each body
+the fast validator must accept exactly what pydantic accepts, and build identical events.
+
+The only answers allowed to differ are refusals to answer (None, then pydantic decides) for
+two documented kinds of body: a number literal too large for a double, and a key given twice.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import annotated_types as at
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import AwareDatetime, BaseModel, ConfigDict, TypeAdapter, ValidationError
+from pydantic.fields import FieldInfo
+
+from watchllm_ext import fast_validate, schema
+from watchllm_ext.schema import EVENT_ADAPTER, EVENT_LIST_ADAPTER, MODELS_BY_TYPE, Event
+
+# Fixed, bounded: the same examples on every run, well under a minute in all.
+FUZZ = settings(
+    derandomize=True,
+    database=None,
+    max_examples=400,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+)
+
+
+# --- the contract, read from the models -----------------------------------------------------------
+
+
+@dataclass
+class Alt:
+    """One branch of a field's type with its constraints."""
+
+    kind: str  # none, str, int, float, bool, literal, list, json, model, datetime
+    min_len: int | None = None
+    max_len: int | None = None
+    pattern: str | None = None
+    lower: Any = None  # ge
+    upper: Any = None  # le (numbers) or lt (datetimes)
+    values: tuple[Any, ...] = ()
+    items: list[Alt] = field(default_factory=list)
+    model: type[BaseModel] | None = None
+
+
+def alts(tp: Any, meta: list[Any] | None = None) -> list[Alt]:
+    meta = list(meta or [])
+    origin = get_origin(tp)
+    if origin is Annotated:
+        inner, *extra = get_args(tp)
+        return alts(inner, [*extra, *meta])
+    if origin in (Union, type(int | None)):
+        return [a for arg in get_args(tp) for a in alts(arg)]
+    flat: list[Any] = []
+    for m in meta:
+        if isinstance(m, FieldInfo):
+            flat.extend(m.metadata)
+        elif isinstance(m, at.GroupedMetadata) and not isinstance(m, at.BaseMetadata):
+            flat.extend(m)
+        else:
+            flat.append(m)
+    alt = Alt("json")
+    for m in flat:
+        if isinstance(m, at.MinLen):
+            alt.min_len = m.min_length
+        elif isinstance(m, at.MaxLen):
+            alt.max_len = m.max_length
+        elif isinstance(m, at.Ge):
+            alt.lower = m.ge
+        elif isinstance(m, at.Le | at.Lt):
+            alt.upper = m.le if isinstance(m, at.Le) else m.lt
+        elif getattr(m, "pattern", None):
+            alt.pattern = m.pattern
+    if tp is type(None):
+        alt.kind = "none"
+    elif origin is Literal:
+        alt.kind, alt.values = "literal", get_args(tp)
+    elif tp in (str, int, float, bool):
+        alt.kind = tp.__name__
+    elif tp is AwareDatetime:
+        alt.kind = "datetime"
+    elif origin is list:
+        item = get_args(tp)[0]
+        if item is Any or get_origin(item) is dict:
+            alt.values = ("list",)  # free-form JSON: a list of objects
+        else:
+            alt.kind, alt.items = "list", alts(item)
+    elif origin is dict:
+        alt.values = ("dict",)
+    elif isinstance(tp, type) and issubclass(tp, BaseModel):
+        alt.kind, alt.model = "model", tp
+    return [alt]
+
+
+def fields_of(model: type[BaseModel]) -> Iterator[tuple[str, FieldInfo, list[Alt]]]:
+    for name, info in model.model_fields.items():
+        if name == "event_type":
+            continue
+        yield name, info, alts(info.annotation, list(info.metadata))
+
+
+def server_only(model: type[BaseModel]) -> set[str]:
+    """Fields with a field validator: cost_source, which only the server may set."""
+    decorators = model.__pydantic_decorators__.field_validators.values()
+    return {f for d in decorators for f in d.info.fields}
+
+
+# --- generating valid values ----------------------------------------------------------------------
+
+TZS = [UTC, timezone(timedelta(hours=1)), timezone(timedelta(hours=-5, minutes=-30))]
+JSON_LEAVES = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8)
+)
+JSON_VALUES = st.recursive(
+    JSON_LEAVES,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+def python_pattern(pattern: str) -> str:
+    return pattern[:-1] + r"\Z" if pattern.endswith("$") else pattern
+
+
+def timestamp_text(value: datetime, form: int) -> str:
+    text = value.isoformat(timespec=["seconds", "milliseconds", "microseconds"][form % 3])
+    return text.replace("+00:00", "Z") if form % 2 else text
+
+
+def valid(alt: Alt) -> st.SearchStrategy[Any]:
+    if alt.kind == "none":
+        return st.none()
+    if alt.kind == "literal":
+        return st.sampled_from(alt.values)
+    if alt.kind == "str":
+        if alt.pattern:
+            strategy = st.from_regex(python_pattern(alt.pattern), fullmatch=True)
+            return strategy.filter(lambda s: (alt.min_len or 0) <= len(s) <= (alt.max_len or 9**9))
+        return st.text(min_size=alt.min_len or 0, max_size=min(alt.max_len or 16, 16))
+    if alt.kind == "int":
+        return st.integers(min_value=alt.lower, max_value=alt.upper)
+    if alt.kind == "float":
+        low, high = alt.lower, alt.upper
+        return st.floats(min_value=low, max_value=high, allow_nan=False, allow_infinity=False) | (
+            st.integers(min_value=math.ceil(low), max_value=math.floor(high))  # JSON 3 for 3.0
+        )
+    if alt.kind == "datetime":
+        return st.builds(
+            timestamp_text,
+            st.datetimes(
+                min_value=alt.lower.replace(tzinfo=None) + timedelta(days=1),
+                max_value=alt.upper.replace(tzinfo=None) - timedelta(days=1),
+                timezones=st.sampled_from(TZS),
+            ),
+            st.integers(0, 5),
+        )
+    if alt.kind == "list":
+        item = st.one_of([valid(a) for a in alt.items])
+        return st.lists(item, min_size=alt.min_len or 0, max_size=min(alt.max_len or 3, 3))
+    if alt.kind == "model":
+        assert alt.model is not None
+        return model_values(alt.model)
+    objects = st.dictionaries(st.text(max_size=5), JSON_VALUES, max_size=3)
+    if alt.values == ("dict",):
+        return objects
+    if alt.values == ("list",):
+        return st.lists(objects, max_size=3)
+    return JSON_VALUES
+
+
+def field_values(field_alts: list[Alt]) -> st.SearchStrategy[Any]:
+    return st.one_of([valid(a) for a in field_alts])
+
+
+def model_values(model: type[BaseModel]) -> st.SearchStrategy[dict[str, Any]]:
+    required, optional = {}, {}
+    skip = server_only(model)
+    for name, info, field_alts in fields_of(model):
+        if name in skip:
+            continue
+        (required if info.is_required() else optional)[name] = field_values(field_alts)
+    return st.fixed_dictionaries(required, optional=optional)
+
+
+def event_values(event_type: str) -> st.SearchStrategy[dict[str, Any]]:
+    return model_values(MODELS_BY_TYPE[event_type]).map(lambda d: {**d, "event_type": event_type})
+
+
+ANY_EVENT = st.one_of([event_values(t) for t in schema.EVENT_TYPES])  # built once
+
+
+# --- mutations ------------------------------------------------------------------------------------
+
+
+class Raw:
+    """A JSON literal that json.dumps cannot write (1e999, NaN, a lone surrogate)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def dumps(value: Any) -> bytes:
+    raws: list[str] = []
+
+    def default(obj: Any) -> Any:
+        raise TypeError(obj)
+
+    def swap(obj: Any) -> Any:
+        if isinstance(obj, Raw):
+            raws.append(obj.text)
+            return f"@@raw{len(raws) - 1}@@"
+        if isinstance(obj, dict):
+            return {k: swap(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [swap(v) for v in obj]
+        return obj
+
+    text = json.dumps(swap(value), default=default)
+    for i, raw in enumerate(raws):
+        text = text.replace(f'"@@raw{i}@@"', raw)
+    return text.encode()
+
+
+WRONG_TYPES: list[Any] = [None, True, False, 0, 1, -1, 1.5, -0.0, "x", "", [], {}, [1], {"a": 1}]
+BIG_NUMBERS: list[Any] = [2**63, 2**64, -(2**63) - 1, 10**30, 1e308, -1e308]
+NOT_FINITE = ["NaN", "Infinity", "-Infinity", "1e999", "-1e999", "1E400"]
+TIMESTAMPS: list[Any] = [
+    "2026-01-01T12:00:00Z",
+    "2026-01-01T12:00:00.5Z",
+    "2026-01-01T12:00:00.123456+01:00",
+    "2026-01-01T12:00:00.1234567Z",
+    "2026-01-01T12:00:00-00:00",
+    "2026-01-01T12:00:00+23:59",
+    "2026-01-01T12:00:00+24:00",
+    "2026-01-01T12:00:00+0100",
+    "2026-01-01T12:00:00+01",
+    "2026-01-01t12:00:00z",
+    "2026-01-01 12:00:00Z",
+    "2026-01-01T12:00Z",
+    "2026-01-01T12:00:00,5Z",
+    "2026-01-01T12:00:00",  # naive
+    "2026-01-01",
+    "2026-02-30T00:00:00Z",
+    "2026-04-31T00:00:00Z",
+    "2026-01-01T24:00:00Z",
+    "2026-01-01T23:59:60Z",
+    "20260101T120000Z",
+    "1700000000",
+    "1700000000.5",
+    1700000000,
+    1.7e9,
+    0,
+    "",
+    "1969-12-31T23:59:59.999999Z",
+    "1970-01-01T00:00:00Z",
+    "1970-01-01T00:30:00+01:00",
+    "2099-12-31T23:59:59.999999Z",
+    "2100-01-01T00:00:00Z",
+    "2099-12-31T23:30:00-01:00",
+    "\u0032026-01-01T12:00:00Z",
+    " 2026-01-01T12:00:00Z",
+    "2026-01-01T12:00:00Z\n",
+]
+STRING_OUTLIERS: list[Any] = [
+    "\n",
+    "a\n",
+    "a\nb",
+    " a",
+    "a b",
+    "a/b",
+    "é",
+    "😀",
+    "a\u0000",
+    Raw('"\\ud800"'),
+    Raw('"a\\udc00"'),
+    Raw('"\\ud83d\\ude00"'),
+    Raw('"\\u0041\\u00e9"'),
+    Raw('"\\/"'),
+]
+
+
+def values_against(alt: Alt, sample: Any) -> list[Any]:
+    """Values at, just inside and just beyond each of the alternative's constraints."""
+    out: list[Any] = []
+    if alt.kind == "str":
+        low, high = alt.min_len or 0, alt.max_len
+        out += ["a" * low, "é" * max(low, 1)]
+        if low:
+            out.append("a" * (low - 1))
+        if high is not None:
+            fill = "a" if not alt.pattern or re.fullmatch(python_pattern(alt.pattern), "a") else "A"
+            out += [fill * high, fill * (high + 1), "😀" * high, "😀" * (high + 1)]
+        if alt.pattern and isinstance(sample, str):
+            out += [sample + "\n", "\n" + sample, sample + " ", sample + "é", sample + "$"]
+            out += [sample + c for c in "-_.:/@#"]
+    elif alt.kind == "int":
+        low, high = alt.lower, alt.upper
+        out += [low, low - 1, high, high + 1, float(low), low + 0.5, str(low), True]
+    elif alt.kind == "float":
+        low, high = alt.lower, alt.upper
+        out += [low, high, -low if low else -1.0, math.nextafter(high, math.inf)]
+        out += [math.nextafter(low, -math.inf), int(high), int(high) + 1, high * 10]
+        out += [str(high), Raw(repr(float(high))), Raw(f"{high:.17e}"), Raw(str(int(high)))]
+    elif alt.kind == "literal":
+        out += list(alt.values) + [v.upper() for v in alt.values] + ["", "bogus"]
+    elif alt.kind == "datetime":
+        out += TIMESTAMPS
+    elif alt.kind == "list":
+        high = alt.max_len
+        item = sample[0] if isinstance(sample, list) and sample else None
+        if high is not None and item is not None:
+            out += [[item] * high, [item] * (high + 1)]
+        out += [[None], [1], [[]]]
+    elif alt.kind == "json":
+        out += [Raw(n) for n in NOT_FINITE]
+        out += [{"a": Raw(n)} for n in NOT_FINITE] + [[Raw("1e999")], {"a": [{"b": Raw("NaN")}]}]
+        out += [[{"a": Raw(n)}] for n in NOT_FINITE]  # a list of objects (chat content)
+        out += [{"deep": [[[[{"x": 1.5}]]]]}, {"": None}, "x" * schema.MAX_JSON_CHARS]
+        out += ["x" * (schema.MAX_JSON_CHARS + 1), {"k": "x" * schema.MAX_JSON_CHARS}]
+        out += [{"k": "x" * (schema.MAX_JSON_CHARS - 8)}, {"k": "x" * (schema.MAX_JSON_CHARS - 7)}]
+    return out
+
+
+@dataclass
+class Case:
+    body: bytes
+    what: str
+    may_decline: bool = False  # a kind pydantic may accept and the fast path hands over
+
+
+def may_decline(value: Any) -> bool:
+    """NaN, Infinity and out-of-double-range literals: msgspec refuses the document, pydantic
+    only where a validator looks (chat message content keeps them: pydantic accepts)."""
+    if isinstance(value, Raw):
+        return value.text in NOT_FINITE
+    if isinstance(value, dict):
+        return any(may_decline(v) for v in value.values())
+    if isinstance(value, list):
+        return any(may_decline(v) for v in value)
+    return False
+
+
+def set_path(event: dict[str, Any], path: tuple[Any, ...], value: Any) -> dict[str, Any]:
+    out = copy.deepcopy(event)
+    target = out
+    for key in path[:-1]:
+        target = target[key]
+    if value is DELETE:
+        target.pop(path[-1], None)
+    else:
+        target[path[-1]] = value
+    return out
+
+
+DELETE = object()
+
+
+def mutations(
+    model: type[BaseModel], value: dict[str, Any], path: tuple[Any, ...] = ()
+) -> Iterator[tuple[tuple[Any, ...], Any, str]]:
+    """(path, new value, description) for every field of `model` found in `value`."""
+    yield (*path, "unknown_field"), 1, "unknown field"
+    skip = server_only(model)
+    for name, _info, field_alts in fields_of(model):
+        at_path = (*path, name)
+        sample = value.get(name)
+        yield at_path, DELETE, "left out"
+        if name in skip:
+            for v in ["client", "computed", "unknown", None, "bogus"]:
+                yield at_path, v, "set by the server only"
+            continue
+        for v in WRONG_TYPES + BIG_NUMBERS + STRING_OUTLIERS:
+            yield at_path, v, "another type"
+        for alt in field_alts:
+            for v in values_against(alt, sample):
+                yield at_path, v, f"{alt.kind} constraint"
+            if alt.kind == "model" and isinstance(sample, dict):
+                yield from mutations(alt.model, sample, at_path)  # type: ignore[arg-type]
+            if alt.kind == "list" and isinstance(sample, list):
+                for i, item in enumerate(sample[:2]):
+                    for item_alt in alt.items:
+                        if item_alt.kind == "model" and isinstance(item, dict):
+                            sub = (*at_path, i)
+                            yield from mutations(item_alt.model, item, sub)  # type: ignore[arg-type]
+
+
+# --- comparing ------------------------------------------------------------------------------------
+
+
+def reference(body: bytes) -> Any | None:
+    try:
+        return EVENT_ADAPTER.validate_json(body)
+    except ValidationError:
+        return None
+
+
+def assert_same(got: Any, want: Any, where: str = "event") -> None:
+    """Same types and values all the way down (1 is not 1.0, -0.0 is not 0.0), same field
+    order and same fields_set; datetimes as the same instant with the same offset."""
+    if isinstance(want, BaseModel):
+        assert type(got) is type(want), where
+        assert got.model_fields_set == want.model_fields_set, where
+        assert list(got.__dict__) == list(want.__dict__), where
+        assert got.__pydantic_extra__ == want.__pydantic_extra__, where
+        assert got.__pydantic_private__ == want.__pydantic_private__, where
+        for key, value in want.__dict__.items():
+            assert_same(got.__dict__[key], value, f"{where}.{key}")
+    elif isinstance(want, datetime):
+        assert isinstance(got, datetime) and got == want, where
+        assert got.utcoffset() == want.utcoffset(), where
+    elif isinstance(want, dict):
+        assert type(got) is dict and list(got) == list(want), where
+        for key, value in want.items():
+            assert_same(got[key], value, f"{where}[{key!r}]")
+    elif isinstance(want, list):
+        assert type(got) is list and len(got) == len(want), where
+        for i, (a, b) in enumerate(zip(got, want, strict=True)):
+            assert_same(a, b, f"{where}[{i}]")
+    elif isinstance(want, float):
+        assert type(got) is float, where
+        assert got == want and math.copysign(1, got) == math.copysign(1, want), where
+    else:
+        assert type(got) is type(want) and got == want, where
+
+
+def check(case: Case) -> str:
+    """Both validators on one event body; returns what happened."""
+    want = reference(case.body)
+    got = fast_validate.decode_event(case.body)
+    if want is None:
+        assert got is None, f"fast path accepted what pydantic refuses ({case.what}): {case.body!r}"
+        return "refused"
+    if got is None:
+        assert case.may_decline, f"fast path refused a valid event ({case.what}): {case.body!r}"
+        return "declined"
+    assert_same(got, want)
+    assert got.model_dump() == want.model_dump()
+    # What the spool stores (app._encode_events), byte for byte.
+    encode = EVENT_LIST_ADAPTER.dump_json
+    assert encode([got], exclude_none=True) == encode([want], exclude_none=True)
+    return "accepted"
+
+
+def base_event(event_type: str) -> dict[str, Any]:
+    """A full event of the type, every nested model present, so every path can be mutated."""
+    return FULL[event_type]
+
+
+FULL: dict[str, dict[str, Any]] = {
+    t: {"event_type": t} for t in schema.EVENT_TYPES
+}  # filled below from a generated example with every optional field
+
+
+def _full_example(event_type: str) -> dict[str, Any]:
+    model = MODELS_BY_TYPE[event_type]
+    out: dict[str, Any] = {"event_type": event_type}
+    skip = server_only(model)
+
+    def fill(m: type[BaseModel]) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for name, _info, field_alts in fields_of(m):
+            if name in skip and m is model:
+                continue
+            values[name] = example(field_alts)
+        return values
+
+    def example(field_alts: list[Alt]) -> Any:
+        # Prefer the richest branch: models and lists of models, then anything not None.
+        order = ["list", "model", "datetime", "str", "int", "float", "literal", "json", "none"]
+        alt = sorted(field_alts, key=lambda a: order.index(a.kind))[0]
+        if alt.kind == "list":
+            inner = [a for a in alt.items if a.kind == "model"] or alt.items
+            return [example([inner[0]]), example([inner[0]])]
+        if alt.kind == "model":
+            return fill(alt.model)  # type: ignore[arg-type]
+        if alt.kind == "datetime":
+            return "2026-03-14T15:09:26.535Z"
+        if alt.kind == "str":
+            if alt.pattern:
+                return "a1"[: alt.max_len or 2]
+            return "x" * max(alt.min_len or 0, 1)
+        if alt.kind == "int":
+            return alt.lower + 1
+        if alt.kind == "float":
+            return (alt.lower + alt.upper) / 4 if alt.upper else 0.5
+        if alt.kind == "literal":
+            return alt.values[-1]
+        if alt.kind == "json":
+            return {"k": [1, 2.5, "s", None, True]}
+        return None
+
+    out.update(fill(model))
+    return out
+
+
+for _t in schema.EVENT_TYPES:
+    FULL[_t] = _full_example(_t)
+
+
+def all_cases() -> Iterator[Case]:
+    for event_type in schema.EVENT_TYPES:
+        model = MODELS_BY_TYPE[event_type]
+        event = base_event(event_type)
+        yield Case(dumps(event), f"{event_type}: the full example")
+        for path, value, what in mutations(model, event):
+            mutated = set_path(event, path, value)
+            yield Case(dumps(mutated), f"{event_type} {path}: {what}", may_decline(value))
+        for tag in [None, 1, "", "bogus", event_type.upper(), DELETE]:
+            yield Case(dumps(set_path(event, ("event_type",), tag)), f"event_type {tag!r}")
+
+
+# --- the tests ------------------------------------------------------------------------------------
+
+
+def test_the_full_examples_are_valid() -> None:
+    """The sweep below starts from valid events, or it would prove little."""
+    for event_type in schema.EVENT_TYPES:
+        event = EVENT_ADAPTER.validate_json(dumps(base_event(event_type)))
+        assert event.event_type == event_type
+
+
+def test_every_constraint_of_every_field_against_pydantic() -> None:
+    outcomes: dict[str, int] = {"accepted": 0, "refused": 0, "declined": 0}
+    for case in all_cases():
+        outcomes[check(case)] += 1
+    # Both answers are exercised, and handing over stays the rare exception.
+    assert outcomes["accepted"] > 1000 and outcomes["refused"] > 1000, outcomes
+    assert outcomes["declined"] < 60, outcomes
+
+
+def test_the_sweep_reaches_every_bound_in_the_schema() -> None:
+    """Each numeric range and size limit of schema.py is met by at least one field's
+    constraint, so the sweep above tests it at and beyond its value."""
+    lengths: set[int] = set()
+    bounds: set[float] = set()
+
+    def walk(field_alts: list[Alt]) -> None:
+        for alt in field_alts:
+            lengths.update(x for x in (alt.min_len, alt.max_len) if x is not None)
+            if alt.kind in ("int", "float"):
+                bounds.update(x for x in (alt.lower, alt.upper) if x is not None)
+            walk(alt.items)
+            if alt.model is not None:
+                for _n, _i, sub in fields_of(alt.model):
+                    walk(sub)
+
+    for model in MODELS_BY_TYPE.values():
+        for _n, _i, field_alts in fields_of(model):
+            walk(field_alts)
+    for name in [
+        "MAX_ID_CHARS",
+        "MAX_NAME_CHARS",
+        "MAX_TEXT_CHARS",
+        "MAX_SHORT_TEXT_CHARS",
+        "MAX_TAGS",
+        "MAX_TAG_CHARS",
+        "MAX_TOOL_CALLS",
+        "MAX_MESSAGES",
+    ]:
+        assert getattr(schema, name) in lengths, name
+    for name in dir(schema):
+        if name.startswith("MAX_") and name not in ("MAX_TIMESTAMP", "MAX_JSON_CHARS"):
+            value = getattr(schema, name)
+            assert value in lengths or value in bounds or -value in bounds, name
+
+
+@FUZZ
+@given(ANY_EVENT)
+def test_generated_valid_events_are_accepted_alike(event: dict[str, Any]) -> None:
+    assert check(Case(dumps(event), "generated")) in ("accepted", "refused")
+
+
+# Per type, from its full example: a path the generated event lacks is skipped below.
+MUTATIONS = {t: list(mutations(MODELS_BY_TYPE[t], FULL[t])) for t in schema.EVENT_TYPES}
+
+
+@st.composite
+def mutated_events(draw: st.DrawFn) -> Case:
+    event = draw(ANY_EVENT)
+    options = MUTATIONS[event["event_type"]]
+    for _ in range(draw(st.integers(1, 2))):
+        path, value, what = draw(st.sampled_from(options))
+        try:
+            event = set_path(event, path, value)
+        except (KeyError, IndexError, TypeError):  # the path went away with a first mutation
+            continue
+        if may_decline(value):
+            return Case(dumps(event), what, True)
+    return Case(dumps(event), "mutated")
+
+
+@settings(FUZZ, max_examples=800)
+@given(mutated_events())
+def test_generated_mutated_events_are_judged_alike(case: Case) -> None:
+    check(case)
+
+
+# --- duplicate keys, whole bodies -----------------------------------------------------------------
+
+
+def with_duplicate(event: dict[str, Any], key: str, first: Any) -> bytes:
+    """The event's JSON with `key` given twice: `first`, then the event's own value."""
+    head = dumps({key: first})[:-1]  # {"key": first
+    return head + b", " + dumps(event)[1:]
+
+
+@pytest.mark.parametrize("event_type", schema.EVENT_TYPES)
+def test_duplicate_keys_keep_the_last_value_or_hand_over(event_type: str) -> None:
+    event = base_event(event_type)
+    for key, value in event.items():
+        for first in [value, None, "x", 12, [1], {"a": 1}]:
+            body = with_duplicate(event, key, first)
+            want, got = reference(body), fast_validate.decode_event(body)
+            if got is not None:
+                assert want is not None
+                assert_same(got, want)
+            elif want is not None:
+                # Handed over: allowed only when the first value would be refused on its own,
+                # which msgspec checks before it sees the second.
+                alone = reference(dumps({**event, key: first}))
+                assert alone is None or key == "event_type", (key, first)
+        # A valid value given twice is accepted, the last one kept.
+        body = with_duplicate(event, key, value)
+        assert fast_validate.decode_event(body) is not None, key
+
+
+def batch(events: list[Any], **extra: Any) -> bytes:
+    return dumps({"events": events, **extra})
+
+
+class _BatchBody(BaseModel):
+    """The batch body as the server's pydantic path reads it (ingest._BatchBody)."""
+
+    model_config = ConfigDict(extra="forbid")
+    events: list[Event]
+
+
+BATCH = TypeAdapter(_BatchBody)
+
+
+def reference_body(body: bytes, shape: str) -> list[Any] | None:
+    try:
+        if shape == "batch":
+            events = BATCH.validate_json(body).events
+        elif body.lstrip()[:1] == b"[":
+            events = EVENT_LIST_ADAPTER.validate_json(body)
+        elif body.lstrip()[:1] == b"{":
+            events = [EVENT_ADAPTER.validate_json(body)]
+        else:
+            return None
+    except ValueError:
+        return None
+    return events or None
+
+
+def every_type() -> list[dict[str, Any]]:
+    return [base_event(t) for t in schema.EVENT_TYPES]
+
+
+BODIES: list[tuple[str, bytes]] = [
+    ("batch", batch(every_type())),
+    ("batch", b"  \n" + batch(every_type()) + b"\n"),
+    ("batch", batch([])),
+    ("batch", batch(every_type(), extra=1)),
+    ("batch", dumps({"event": every_type()})),
+    ("batch", dumps({})),
+    ("batch", dumps(every_type())),
+    ("batch", batch([*every_type(), {"event_type": "error"}])),
+    ("batch", batch([*every_type(), 1])),
+    ("batch", batch(every_type())[:-5]),
+    ("batch", batch(every_type()) + b"x"),
+    ("batch", b""),
+    ("batch", b"null"),
+    ("batch", dumps({"events": None})),
+    ("batch", dumps({"events": every_type()[0]})),
+    ("events", dumps(every_type())),
+    ("events", dumps(every_type()[3])),
+    ("events", b" \t" + dumps(every_type()[3])),
+    ("events", dumps([])),
+    ("events", dumps([every_type()[0], "x"])),
+    ("events", b'"x"'),
+    ("events", b"7"),
+    ("events", dumps({"events": every_type()})),
+    ("events", dumps(every_type())[:-1]),
+]
+
+
+@pytest.mark.parametrize(("shape", "body"), BODIES, ids=range(len(BODIES)))
+def test_whole_bodies_in_every_shape(shape: Literal["batch", "events"], body: bytes) -> None:
+    want = reference_body(body, shape)
+    got = fast_validate.validate_fast(body, shape)
+    if want is None:
+        assert got is None
+        return
+    assert got is not None and len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        assert_same(a, b)
+    encode = EVENT_LIST_ADAPTER.dump_json
+    assert encode(got, exclude_none=True) == encode(want, exclude_none=True)
+
+
+def test_mutable_defaults_are_not_shared() -> None:
+    """Each event gets its own tags list and metadata dict, as pydantic's factories give."""
+    one = {"event_id": "e", "run_id": "r", "timestamp": "2026-01-01T00:00:00Z"}
+    body = dumps([{**one, "event_type": "error", "error_type": "E", "error_message": "m"}] * 2)
+    first, second = fast_validate.validate_fast(body, "events") or []
+    first.tags.append("x")
+    first.metadata["k"] = 1
+    assert second.tags == [] and second.metadata == {}
+
+
+def test_events_can_be_changed_as_the_pipeline_does() -> None:
+    """ingest._finish writes project_id into __dict__; the cost transform sets attributes."""
+    (event,) = fast_validate.validate_fast(dumps(base_event("prompt_call")), "events") or []
+    event.__dict__["project_id"] = "p"
+    event.cost_source = "computed"
+    assert event.model_dump()["project_id"] == "p"
+    assert "cost_source" in event.model_fields_set

@@ -1,0 +1,506 @@
+"""A fast validator for the v1 event contract: msgspec structs derived from the pydantic models.
+
+`validate_fast(body, shape)` decodes and checks a raw body in one msgspec pass (about a third of
+pydantic-core's cost) and returns the same pydantic event models the rest of the pipeline uses,
+or None when anything is off or unusual; the caller then asks pydantic for the detailed,
+per-field answer. It never accepts what pydantic refuses, and never builds different events:
+tests/test_fast_validate.py checks both on generated valid and mutated events.
+
+One source of truth: the structs are built at import from schema.py's models (field names,
+order, optionality, defaults, string/list/number constraints), so a new field or bound cannot
+be forgotten, and an annotation or constraint this module does not know makes the import fail
+instead of being skipped. What msgspec cannot express is checked after decoding:
+- fields whose type msgspec cannot state exactly (timestamps: lax RFC 3339 parsing, a zone,
+  a range, numbers refused by a before-validator) are kept as raw JSON and handed to pydantic
+  itself (a TypeAdapter of the field's own annotation), with a shortcut for the canonical
+  `2026-01-01T12:00:00.123Z` form;
+- after-validators (the JSON size and finiteness checks) run on the decoded value, as pydantic
+  runs them;
+- a field with a field validator (cost_source: only the server sets it) is never accepted here:
+  when the body names it, pydantic decides.
+Not accepted here, left to pydantic (rare, and pydantic's answer is the one that counts): a
+number too large for a double anywhere (msgspec refuses the whole document, pydantic refuses it
+except in chat message content), and a key given twice whose first value is invalid.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import types
+from collections.abc import Callable
+from datetime import datetime
+from functools import partial
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import annotated_types as at
+import msgspec
+from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, Strict, TypeAdapter
+from pydantic.fields import FieldInfo
+from pydantic.json_schema import SkipJsonSchema
+from pydantic.types import AllowInfNan
+from pydantic_core import PydanticUndefined
+
+from .schema import Event
+
+__all__ = ["EVENT_STRUCTS", "decode_event", "validate_fast"]
+
+_UNSET = msgspec.UNSET
+_NONE_TYPE = type(None)
+_SKIP_JSON_SCHEMA = type(SkipJsonSchema())
+
+
+class _Decline(Exception):
+    """The fast path will not answer this body; pydantic will."""
+
+
+class _Unsupported(TypeError):
+    """An annotation msgspec cannot state exactly: the field goes to pydantic's adapter."""
+
+
+# --- constraints -----------------------------------------------------------------------------
+
+
+def _flatten_metadata(metadata: list[Any]) -> list[Any]:
+    """StringConstraints and nested FieldInfos unpacked into single constraints."""
+    out: list[Any] = []
+    for item in metadata:
+        if isinstance(item, FieldInfo):
+            if item.default is not PydanticUndefined or item.default_factory is not None:
+                raise _Unsupported(f"a default inside an annotation: {item!r}")
+            out.extend(_flatten_metadata(list(item.metadata)))
+        elif isinstance(item, at.GroupedMetadata) and not isinstance(item, at.BaseMetadata):
+            out.extend(_flatten_metadata(list(item)))
+        else:
+            out.append(item)
+    return out
+
+
+def _python_pattern(pattern: str) -> str:
+    """pydantic matches with Rust's regex, where `$` is the end of the text; in Python `$` also
+    matches before a final newline, so "id\\n" would pass. `\\Z` is Rust's `$`."""
+    if pattern.endswith("$") and not pattern.endswith("\\$"):
+        pattern = pattern[:-1] + r"\Z"
+    if "$" in pattern.replace("\\$", ""):
+        raise _Unsupported(f"pattern {pattern!r} uses $ inside")
+    re.compile(pattern)
+    return pattern
+
+
+def _meta(base: Any, constraints: list[Any]) -> Any:
+    """`base` with pydantic's constraints as a msgspec Meta; _Unsupported for anything else."""
+    kwargs: dict[str, Any] = {}
+    strict = False
+    for c in constraints:
+        if isinstance(c, Strict):
+            strict = c.strict
+        elif isinstance(c, at.Ge):
+            kwargs["ge"] = c.ge
+        elif isinstance(c, at.Gt):
+            kwargs["gt"] = c.gt
+        elif isinstance(c, at.Le):
+            kwargs["le"] = c.le
+        elif isinstance(c, at.Lt):
+            kwargs["lt"] = c.lt
+        elif isinstance(c, at.MinLen):
+            kwargs["min_length"] = c.min_length
+        elif isinstance(c, at.MaxLen):
+            kwargs["max_length"] = c.max_length
+        elif isinstance(c, _SKIP_JSON_SCHEMA):
+            pass  # documentation only
+        elif isinstance(c, AllowInfNan) and not c.allow_inf_nan:
+            pass  # msgspec never decodes NaN or an infinity (1e999 refuses the document)
+        elif type(c).__name__ == "_PydanticGeneralMetadata":
+            for key, value in vars(c).items():
+                if key == "pattern" and value is not None:
+                    kwargs["pattern"] = _python_pattern(value)
+                elif key == "allow_inf_nan" and value is False:
+                    pass
+                elif key == "strict":
+                    strict = bool(value)
+                elif value is not None:
+                    raise _Unsupported(f"constraint {key}={value!r}")
+        else:
+            raise _Unsupported(f"constraint {c!r}")
+    # pydantic's lax int/float/bool take strings ("1", "1.5", "true"); msgspec never does.
+    if base in (int, float, bool) and not strict:
+        raise _Unsupported(f"a non-strict {base.__name__}")
+    if base is bool and {"ge", "gt", "le", "lt"} & kwargs.keys():
+        raise _Unsupported("bounds on a bool")
+    if not kwargs:
+        return base
+    if base is float and any(isinstance(kwargs.get(k), int) for k in ("ge", "gt", "le", "lt")):
+        kwargs = {k: float(v) if k in ("ge", "gt", "le", "lt") else v for k, v in kwargs.items()}
+    return Annotated[base, msgspec.Meta(**kwargs)]
+
+
+# --- structs from models -----------------------------------------------------------------------
+
+
+class _Plan:
+    """How one model maps to its struct, and how a decoded struct becomes the model again."""
+
+    __slots__ = (
+        "factories",
+        "fixes",
+        "model",
+        "struct",
+        "tag",
+        "template",
+    )
+
+    def __init__(self, model: type[BaseModel]) -> None:
+        self.model = model
+        self.struct: Any = None
+        self.tag: str | None = None
+        # Every field in order with its default: a field the body leaves out keeps it (or gets
+        # a fresh one from its factory) and stays out of fields_set.
+        self.template: dict[str, Any] = {}
+        self.factories: list[tuple[str, Callable[[], Any]]] = []
+        # (name, fix): a fix takes the decoded value and returns the model's value.
+        self.fixes: list[tuple[str, Callable[[Any], Any]]] = []
+
+
+_PLANS: dict[type[BaseModel], _Plan] = {}
+_STRUCT_PLANS: dict[type, _Plan] = {}
+
+
+def _plan_for(model: type[BaseModel], tag_field: str | None = None) -> _Plan:
+    if model in _PLANS:
+        return _PLANS[model]
+    config = model.model_config
+    if config.get("extra") != "forbid":
+        raise _Unsupported(f"{model.__name__} does not forbid extra fields")
+    if config.get("strict") or config.get("populate_by_name") or config.get("alias_generator"):
+        raise _Unsupported(f"{model.__name__}: a model config this module does not mirror")
+    decorators = model.__pydantic_decorators__
+    if (
+        decorators.model_validators
+        or decorators.root_validators
+        or decorators.validators
+        or decorators.field_serializers
+        or decorators.model_serializers
+        or decorators.computed_fields
+    ):
+        raise _Unsupported(f"{model.__name__} has validators or serializers on the whole model")
+    validated_fields = {f for d in decorators.field_validators.values() for f in d.info.fields}
+    if "*" in validated_fields:
+        raise _Unsupported(f"{model.__name__} has a field validator on every field")
+
+    plan = _Plan(model)
+    _PLANS[model] = plan
+    struct_fields: list[tuple[str, Any, Any]] = []
+    names: list[str] = []
+    defaults: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        if info.alias not in (None, name) or info.validation_alias not in (None, name):
+            raise _Unsupported(f"{model.__name__}.{name} has an alias")
+        metadata = _flatten_metadata(list(info.metadata))
+        if name == tag_field:
+            args = get_args(info.annotation)
+            if get_origin(info.annotation) is not Literal or len(args) != 1 or metadata:
+                raise _Unsupported(f"{model.__name__}.{name} is not a single literal tag")
+            plan.tag = args[0]
+            names.append(name)
+            continue
+        names.append(name)
+        required = info.is_required()
+        if not required:
+            if info.default_factory is not None:
+                if info.default_factory_takes_validated_data:
+                    raise _Unsupported(f"{model.__name__}.{name}: a factory taking the data")
+                plan.factories.append((name, info.default_factory))  # type: ignore[arg-type]
+            else:
+                hash(info.default)  # a mutable default would be shared between events
+                defaults[name] = info.default
+        if name in validated_fields:
+            # What the validator does is not ours to guess: a body naming the field goes to
+            # pydantic (for cost_source, which only the server sets, that is a refusal).
+            if required:
+                raise _Unsupported(f"{model.__name__}.{name}: a required validated field")
+            struct_fields.append((name, msgspec.Raw, _UNSET))
+            plan.fixes.append((name, _decline_if_set))
+            continue
+        try:
+            ms_type, fix = _field_type(info.annotation, metadata)
+        except _Unsupported:
+            ms_type, fix = _adapter_field(info.annotation, metadata)
+        struct_fields.append((name, ms_type, msgspec.NODEFAULT if required else _UNSET))
+        if fix is not None:
+            plan.fixes.append((name, fix))
+    # Placeholders for required fields (always given) and factory fields (always replaced).
+    plan.template = {name: defaults.get(name) for name in names}
+    options: dict[str, Any] = {}
+    if plan.tag is not None:
+        options = {"tag_field": tag_field, "tag": plan.tag}
+    # gc=False: decoded JSON holds no cycles, so the collector need not track the structs.
+    plan.struct = msgspec.defstruct(
+        f"{model.__name__}Struct",
+        struct_fields,
+        kw_only=True,
+        forbid_unknown_fields=True,
+        gc=False,
+        **options,
+    )
+    _STRUCT_PLANS[plan.struct] = plan
+    return plan
+
+
+def _field_type(annotation: Any, metadata: list[Any]) -> tuple[Any, Callable[[Any], Any] | None]:
+    """The msgspec type of a field, and the fix its decoded value needs (None: none)."""
+    after: list[Callable[[Any], Any]] = []
+    rest: list[Any] = []
+    for c in metadata:
+        if isinstance(c, AfterValidator):
+            if len(inspect.signature(c.func).parameters) != 1:
+                raise _Unsupported("an after-validator that takes validation info")
+            after.append(c.func)
+        elif isinstance(c, BeforeValidator):
+            raise _Unsupported("a before-validator")
+        else:
+            rest.append(c)
+    ms_type, convert = _type(annotation, rest)
+    if not after:
+        return ms_type, convert
+    if convert is not None:
+        raise _Unsupported("an after-validator on a value holding models")
+
+    def fix(value: Any) -> Any:
+        for func in after:
+            value = func(value)  # ValueError: pydantic refuses it too
+        return value
+
+    return ms_type, fix
+
+
+def _type(tp: Any, constraints: list[Any]) -> tuple[Any, Callable[[Any], Any] | None]:
+    """A msgspec type for `tp` and a converter from its decoded value to pydantic's value."""
+    origin = get_origin(tp)
+    if origin is Annotated:
+        inner, *extra = get_args(tp)
+        return _type(inner, [*_flatten_metadata(extra), *constraints])
+    if origin in (Union, types.UnionType):
+        if constraints:
+            raise _Unsupported("constraints on a union")
+        members = [_type(arg, []) for arg in get_args(tp)]
+        ms_union = Union[tuple(m for m, _ in members)]  # noqa: UP007 - built at run time
+        converters = [c for _, c in members if c is not None]
+        if not converters:
+            return ms_union, None
+        # The decoded value is a dict for a model, a list for a list of them: with one model
+        # type in the union and no other dict or list, its kind says which converter applies.
+        kinds = [_kind(m) for m, _ in members]
+        if (
+            len(converters) > 1
+            or "any" in kinds
+            or any(kinds.count(k) > 1 for k in ("dict", "list"))
+        ):
+            raise _Unsupported(f"{tp!r}: models beside other objects or lists")
+        convert = converters[0]
+        kind = kinds[[c is not None for _, c in members].index(True)]
+        wanted = dict if kind == "dict" else list
+
+        def convert_member(value: Any) -> Any:
+            return convert(value) if type(value) is wanted else value
+
+        return ms_union, convert_member
+    if origin is Literal:
+        if constraints or not all(isinstance(a, str) for a in get_args(tp)):
+            raise _Unsupported(f"{tp!r}")
+        return tp, None
+    if origin is list:
+        (item,) = get_args(tp)
+        item_type, convert = _type(item, [])
+        list_type = _meta(list[item_type], constraints)  # type: ignore[valid-type]
+        if convert is None:
+            return list_type, None
+        convert_item = convert
+
+        def convert_list(value: list[Any]) -> list[Any]:
+            return [convert_item(v) for v in value]
+
+        return list_type, convert_list
+    if origin is dict:
+        key, value = get_args(tp)
+        if key is not str:
+            raise _Unsupported(f"{tp!r}")
+        value_type, convert = _type(value, [])
+        if convert is not None:
+            raise _Unsupported("models inside a dict")
+        return _meta(dict[str, value_type], constraints), None  # type: ignore[valid-type]
+    if tp is Any:
+        if constraints:
+            raise _Unsupported("constraints on Any")
+        return Any, None
+    if tp is _NONE_TYPE or tp is None:
+        return _NONE_TYPE, None
+    if tp in (str, int, float, bool):
+        return _meta(tp, constraints), None
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        if constraints:
+            raise _Unsupported("constraints on a model")
+        plan = _plan_for(tp)
+        return plan.struct, partial(_to_model, plan)
+    raise _Unsupported(f"{tp!r}")
+
+
+def _kind(ms_type: Any) -> str:
+    """What a msgspec type decodes to, as far as telling union members apart needs."""
+    if get_origin(ms_type) is Annotated:
+        ms_type = get_args(ms_type)[0]
+    origin = get_origin(ms_type) or ms_type
+    if origin is dict or (isinstance(origin, type) and issubclass(origin, msgspec.Struct)):
+        return "dict"
+    if origin is Any:
+        return "any"
+    return "list" if origin is list else "scalar"
+
+
+def _decline_if_set(value: Any) -> Any:
+    raise _Decline  # fixes run only on fields the body names
+
+
+# --- fields pydantic checks itself -------------------------------------------------------------
+
+# The form clients send: date, T, time, at most 6 fractional digits, Z or a +hh:mm offset.
+_CANONICAL_TIMESTAMP = re.compile(
+    r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,6})?(?:Z|[+-]\d\d:\d\d)"
+)
+
+
+def _adapter_field(annotation: Any, metadata: list[Any]) -> tuple[Any, Callable[[Any], Any]]:
+    """For a type msgspec cannot state exactly: keep the raw JSON value and validate it with
+    pydantic's own validator of the field (exact by construction). For an aware datetime
+    checked by a range, the string is kept instead and the canonical form parsed here."""
+    adapter: TypeAdapter[Any] = TypeAdapter(
+        Annotated[annotation, *metadata] if metadata else annotation
+    )
+    validate_json = adapter.validate_json
+
+    def fix(raw: Any) -> Any:
+        return validate_json(bytes(raw))
+
+    lower: datetime | None = None
+    upper: datetime | None = None
+    for c in metadata:
+        if isinstance(c, at.Ge):
+            lower = c.ge
+        elif isinstance(c, at.Lt):
+            upper = c.lt
+        elif isinstance(c, at.BaseMetadata):
+            lower = upper = None
+            break
+    if annotation is not AwareDatetime or lower is None or upper is None:
+        return msgspec.Raw, fix
+    # Only strings: a number is refused by schema.py's before-validator, and if it ever were
+    # not, declining here (msgspec refuses the type) still leaves the answer to pydantic.
+    validate_str = adapter.validate_python
+    match = _CANONICAL_TIMESTAMP.fullmatch
+    fromisoformat = datetime.fromisoformat
+
+    def fix_timestamp(text: str) -> Any:
+        if match(text) is not None:
+            try:
+                value = fromisoformat(text)
+            except ValueError:  # 24:00, 23:59:60, day 31 of April...: pydantic decides
+                return validate_str(text)
+            # A datetime.timezone where pydantic puts its TzInfo: equal values, same JSON.
+            if lower <= value < upper:
+                return value
+            raise _Decline
+        return validate_str(text)
+
+    return str, fix_timestamp
+
+
+# --- building the models -----------------------------------------------------------------------
+
+_new = object.__new__
+_set = object.__setattr__
+
+
+def _builtins(struct: Any) -> Any:
+    """A decoded struct as dicts of the fields the body set (UNSET ones left out), raw JSON
+    values as bytes; strings, numbers, lists and dicts are the decoded objects themselves."""
+    return _to_builtins(struct, builtin_types=(bytes,), enc_hook=bytes)
+
+
+_to_builtins = msgspec.to_builtins
+
+
+def _to_model(plan: _Plan, given: dict[str, Any]) -> Any:
+    """The model from the fields a decoded struct holds (to_builtins leaves out the unset)."""
+    # The template lists every field in the model's order: the dict gets pydantic's order,
+    # the given values and the defaults of the others in one C-level merge.
+    data = {**plan.template, **given}
+    for name, factory in plan.factories:
+        if name not in given:
+            data[name] = factory()
+    for name, fix in plan.fixes:
+        if name in given:
+            data[name] = fix(data[name])
+    # What model_construct does, at a tenth of its cost: the values are already valid.
+    model = _new(plan.model)
+    _set(model, "__dict__", data)
+    _set(model, "__pydantic_fields_set__", set(given))
+    _set(model, "__pydantic_extra__", None)
+    _set(model, "__pydantic_private__", None)
+    return model
+
+
+def _event_union() -> tuple[str, list[type[BaseModel]]]:
+    union, *metadata = get_args(Event)
+    discriminator = [m.discriminator for m in metadata if isinstance(m, FieldInfo)]
+    if len(discriminator) != 1 or not isinstance(discriminator[0], str):
+        raise _Unsupported("Event is not a union discriminated by a field name")
+    return discriminator[0], list(get_args(union))
+
+
+_TAG_FIELD, _EVENT_MODELS = _event_union()
+EVENT_STRUCTS: dict[str, Any] = {}
+for _model in _EVENT_MODELS:
+    _plan = _plan_for(_model, _TAG_FIELD)
+    EVENT_STRUCTS[_plan.tag] = _plan.struct  # type: ignore[index]
+_EventStruct = Union[tuple(EVENT_STRUCTS.values())]  # noqa: UP007 - built at run time
+
+
+class _Batch(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    events: list[_EventStruct]  # type: ignore[valid-type]
+
+
+_decode_batch = msgspec.json.Decoder(_Batch).decode
+_decode_list = msgspec.json.Decoder(list[_EventStruct]).decode  # type: ignore[valid-type]
+_decode_one = msgspec.json.Decoder(_EventStruct).decode
+
+
+def _event(struct: Any) -> Any:
+    return _to_model(_STRUCT_PLANS[type(struct)], _builtins(struct))
+
+
+def decode_event(body: bytes) -> Any | None:
+    """One event from its JSON, as the pydantic model; None when pydantic should answer."""
+    try:
+        return _event(_decode_one(body))
+    except (msgspec.ValidationError, msgspec.DecodeError, ValueError, _Decline):
+        return None
+
+
+def validate_fast(body: bytes, shape: Literal["batch", "events"]) -> list[Any] | None:
+    """The events of a valid body as pydantic models, or None (then pydantic finds what is
+    off and says where). `shape` as in ingest.validate_fast: "batch" is `{"events": [...]}`,
+    "events" a list of events or one event."""
+    try:
+        if shape == "batch":
+            structs = _decode_batch(body).events
+        else:
+            first = body.lstrip()[:1]
+            if first == b"[":
+                structs = _decode_list(body)
+            elif first == b"{":
+                structs = [_decode_one(body)]
+            else:
+                return None
+        events = [_event(s) for s in structs]
+    except (msgspec.ValidationError, msgspec.DecodeError, ValueError, _Decline):
+        return None  # pydantic's ValidationError is a ValueError
+    return events or None
