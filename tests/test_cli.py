@@ -103,7 +103,9 @@ def test_serve_first_start_prints_a_key_and_the_read_commands_work(
             break
         time.sleep(0.1)
     assert counted.stdout.strip().splitlines()[-1] == "7"
-    assert cli("count-rows", *remote, "--project", "nope").stdout.strip().splitlines()[-1] == "0"
+    # The first key is an admin of project default: another project is refused (docs/API.md).
+    other = cli("count-rows", *remote, "--project", "nope")
+    assert other.returncode == 1 and "'nope'" in other.stderr and "operator" in other.stderr
     tables = cli("check-tables", *remote).stdout.split()
     assert {"events", "tool_calls", "agent_steps", "spans", "traces"} <= set(tables)
     verified = cli("verify-clickhouse", *remote)

@@ -528,31 +528,49 @@ async def readyz(request: Request) -> Response:
 # --- admin (for the CLI's --url mode) -----------------------------------------------------------
 
 
-def _admin_store(request: Request) -> tuple[WatchLLM, Store]:
+def _admin_store(request: Request) -> tuple[WatchLLM, Principal, Store]:
     wl = _state(request)
-    wl.authenticate(request, "admin")
+    principal = wl.authenticate(request, "admin")
     if wl.store is None:
         raise Problem(
             503, "store_unavailable", "the store is not open", headers={"Retry-After": "5"}
         )
-    return wl, wl.store
+    return wl, principal, wl.store
+
+
+def _administered_project(request: Request, principal: Principal) -> str | None:
+    """The `project` parameter of an admin route, checked against the key (docs/API.md, "Keys
+    and scopes"): an admin key administers its own project only (its project when none is
+    named), an operator key every project (all of them when none is named)."""
+    project = request.query_params.get("project") or None
+    if project is None and not principal.can("operator"):
+        project = principal.project_id
+    if principal.administers(project):
+        return project
+    raise Problem(
+        403,
+        "forbidden",
+        f"the key administers project {principal.project_id!r}, not {project!r}"
+        " (other projects need the 'operator' scope)",
+        field="project",
+    )
 
 
 async def admin_store(request: Request) -> Response:
-    _, store = _admin_store(request)
+    _, _, store = _admin_store(request)
     version = await anyio.to_thread.run_sync(store.version)
     return JSONResponse({"store": store.name, "version": version})
 
 
 async def admin_tables(request: Request) -> Response:
-    _, store = _admin_store(request)
+    _, _, store = _admin_store(request)
     return JSONResponse({"tables": await anyio.to_thread.run_sync(list_tables, store)})
 
 
 async def admin_count(request: Request) -> Response:
-    _, store = _admin_store(request)
+    _, principal, store = _admin_store(request)
     table = request.query_params.get("table", "events")
-    project = request.query_params.get("project") or None
+    project = _administered_project(request, principal)
     if table not in STORE_TABLES:
         raise Problem(
             400, "bad_parameter", f"table must be one of {', '.join(STORE_TABLES)}", field="table"
@@ -567,32 +585,62 @@ def _dead_letter_dir(wl: WatchLLM) -> Path:
 
 async def admin_dead_letters(request: Request) -> Response:
     wl = _state(request)
-    wl.authenticate(request, "admin")
+    principal = wl.authenticate(request, "admin")
+    project = _administered_project(request, principal)
     sink = request.query_params.get("sink") or None
-    entries = await anyio.to_thread.run_sync(read_dead_letters, _dead_letter_dir(wl), sink)
-    return JSONResponse({"dead_letters": summary(entries)})
+    found = await anyio.to_thread.run_sync(read_dead_letters, _dead_letter_dir(wl), sink, project)
+    return JSONResponse(
+        {
+            "project": project,
+            "dead_letters": summary(found.entries),
+            "torn_records": found.torn_records,
+        }
+    )
 
 
 async def admin_replay_dead_letters(request: Request) -> Response:
     """Put dead letters back into the spool, each for the sink that refused it."""
     wl = _state(request)
-    wl.authenticate(request, "admin")
-    if wl.writer is None:
+    principal = wl.authenticate(request, "admin")
+    project = _administered_project(request, principal)
+    writer = wl.writer
+    if writer is None:
         raise Problem(503, "not_running", "the writer is not running", headers={"Retry-After": "5"})
+    sinks = {state.sink.name for state in writer.sinks}
     sink = request.query_params.get("sink") or None
-    entries, moved = await anyio.to_thread.run_sync(take_dead_letters, _dead_letter_dir(wl), sink)
+    if sink is not None and sink not in sinks:
+        # A record for a sink that does not run would be dropped by every sink: refuse.
+        raise Problem(
+            400,
+            "unknown_sink",
+            f"no sink named {sink!r} is running (running: {', '.join(sorted(sinks)) or 'none'});"
+            " nothing was replayed or removed",
+            field="sink",
+        )
+    taken = await anyio.to_thread.run_sync(
+        partial(take_dead_letters, _dead_letter_dir(wl), sink, project, sinks)
+    )
     replayed = 0
-    for entry in entries:
-        await wl.writer.submit_for(
+    for entry in taken.entries:
+        await writer.submit_for(
             entry.sink, targeted_payload(entry.sink, entry.events), len(entry.events)
         )
         replayed += len(entry.events)
-    done(moved)
-    return JSONResponse({"entries": len(entries), "replayed_events": replayed})
+    done(taken.moved)
+    return JSONResponse(
+        {
+            "project": project,
+            "entries": len(taken.entries),
+            "replayed_events": replayed,
+            "torn_records": taken.torn_records,
+            "unknown_sinks": taken.unknown_sinks,
+        }
+    )
 
 
 async def list_plugins(request: Request) -> Response:
     wl = _state(request)
+    # The plugin list is the instance's code, not any project's data: any admin may see it.
     wl.authenticate(request, "admin")
     return JSONResponse({"plugins": describe_plugins(wl.pm)})
 

@@ -1,18 +1,28 @@
-"""Who is calling: the Principal a key resolves to, and the scope rules."""
+"""Who is calling: the Principal a key resolves to, and the scope rules (docs/API.md, "Keys and
+scopes").
+
+Every key belongs to one project. `ingest` writes its events, `read` reads its analytics,
+`admin` does both and administers that project only (its counts, its dead letters). `operator`
+is the instance-wide role: it administers every project (counts of any or all projects, every
+dead letter). It is only ever given by name (`watchllm keys create --scope operator`); no other
+scope implies it. Ingest and analytics stay bound to the key's own project for every scope.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
-Scope = Literal["ingest", "read", "admin"]
-SCOPES: tuple[Scope, ...] = ("ingest", "read", "admin")
+Scope = Literal["ingest", "read", "admin", "operator"]
+SCOPES: tuple[Scope, ...] = ("ingest", "read", "admin", "operator")
 
-# A scope grants itself and the scopes listed here: admin can do everything, read can read.
+# A scope grants itself and the scopes listed here. admin grants no operator: an admin key of
+# project A must never reach project B.
 _GRANTS: dict[str, frozenset[str]] = {
     "ingest": frozenset({"ingest"}),
     "read": frozenset({"read"}),
     "admin": frozenset({"ingest", "read", "admin"}),
+    "operator": frozenset({"ingest", "read", "admin", "operator"}),
 }
 
 
@@ -24,6 +34,12 @@ class Principal:
 
     def can(self, scope: Scope) -> bool:
         return any(scope in _GRANTS.get(s, frozenset()) for s in self.scopes)
+
+    def administers(self, project_id: str | None) -> bool:
+        """May this key administer `project_id` (None: every project at once)?"""
+        if self.can("operator"):
+            return True
+        return self.can("admin") and project_id == self.project_id
 
 
 def bearer_token(authorization: str | None) -> str | None:

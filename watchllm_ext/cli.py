@@ -61,7 +61,10 @@ def _parser() -> argparse.ArgumentParser:
     def remote(p: argparse.ArgumentParser) -> None:
         data_dir(p)
         p.add_argument("--url", help="ask a running server at this URL instead of the folder")
-        p.add_argument("--key", help="an admin-scope API key for --url")
+        p.add_argument(
+            "--key",
+            help="an API key for --url: admin (its own project) or operator (every project)",
+        )
 
     p = sub.add_parser("serve", help="run the server on the embedded store")
     data_dir(p)
@@ -140,10 +143,12 @@ def _parser() -> argparse.ArgumentParser:
     p = dead_sub.add_parser("list", help="list dead letters: sink, time, reason, events")
     remote(p)
     p.add_argument("--sink", help="only this sink's")
+    p.add_argument("--project", help="only this project's events")
     p.set_defaults(func=cmd_dead_list)
     p = dead_sub.add_parser("replay", help="put dead letters back in the spool for their sink")
     remote(p)
     p.add_argument("--sink", help="only this sink's")
+    p.add_argument("--project", help="only this project's events")
     p.set_defaults(func=cmd_dead_replay)
 
     keys = sub.add_parser("keys", help="create, list and revoke API keys")
@@ -151,7 +156,12 @@ def _parser() -> argparse.ArgumentParser:
     p = keys_sub.add_parser("create", help="create a key; it is printed once, as the last line")
     data_dir(p)
     p.add_argument("--project", required=True)
-    p.add_argument("--scope", choices=["ingest", "read", "admin"], default="ingest")
+    p.add_argument(
+        "--scope",
+        choices=["ingest", "read", "admin", "operator"],
+        default="ingest",
+        help="admin administers its own project only; operator every project (docs/API.md)",
+    )
     p.add_argument("--name", default="", help="a note to recognise the key by")
     p.set_defaults(func=cmd_keys_create)
     p = keys_sub.add_parser("list", help="list keys (never their secrets)")
@@ -377,10 +387,13 @@ def cmd_count_rows(args: argparse.Namespace) -> int:
         params = {"table": args.table}
         if args.project:
             params["project"] = args.project
-        count = _remote(args, "/v1/admin/count", params)["count"]
+        answer = _remote(args, "/v1/admin/count", params)
+        # An admin key counts its own project when none is named: say which one was counted.
+        count, project = answer["count"], answer.get("project")
     else:
         count = _with_local_store(args, lambda s: count_rows(s, args.table, args.project))
-    scope = f"project {args.project}" if args.project else "all projects"
+        project = args.project
+    scope = f"project {project}" if project else "all projects"
     print(f"rows in {args.table} ({scope}):")
     print(count)
     return 0
@@ -460,22 +473,31 @@ def cmd_dead_list(args: argparse.Namespace) -> int:
     from .dead_letters import read_dead_letters, summary
 
     if args.url:
-        params = {"sink": args.sink} if args.sink else None
-        entries = _remote(args, "/v1/admin/dead-letters", params)["dead_letters"]
+        body = _remote(args, "/v1/admin/dead-letters", _dead_params(args))
+        entries, torn = body["dead_letters"], body.get("torn_records", 0)
     else:
         folder = _settings(args).spool_path / "dead-letter"
-        entries = summary(read_dead_letters(folder, args.sink)) if folder.exists() else []
+        found = read_dead_letters(folder, args.sink, args.project)
+        entries, torn = summary(found.entries), found.torn_records
     for e in entries:
         print(f"{e['at']}  {e['sink']}  {e['events']} events  {e['reason']}")
     print(f"{sum(e['events'] for e in entries)} events in {len(entries)} dead letters")
+    if torn:
+        print(f"{torn} torn records skipped (cut short by a crash; see docs/DURABILITY.md)")
     return 0
+
+
+def _dead_params(args: argparse.Namespace) -> dict[str, str] | None:
+    params = {"sink": args.sink, "project": args.project}
+    return {k: v for k, v in params.items() if v} or None
 
 
 def cmd_dead_replay(args: argparse.Namespace) -> int:
     if args.url:
-        params = {"sink": args.sink} if args.sink else None
-        body = _remote(args, "/v1/admin/dead-letters/replay", params, method="POST")
+        body = _remote(args, "/v1/admin/dead-letters/replay", _dead_params(args), method="POST")
         entries, events = body["entries"], body["replayed_events"]
+        if body.get("unknown_sinks"):
+            print(f"kept (no such sink is running): {', '.join(body['unknown_sinks'])}")
     else:
         entries, events = _replay_local(args)
     print(f"replayed {events} events from {entries} dead letters")
@@ -493,16 +515,16 @@ def _replay_local(args: argparse.Namespace) -> tuple[int, int]:
     except StoreError as exc:
         raise CliError(str(exc)) from None
     try:
-        entries, moved = take_dead_letters(spool.dead_letter_dir, args.sink)
+        taken = take_dead_letters(spool.dead_letter_dir, args.sink, args.project)
         events = 0
-        for entry in entries:
+        for entry in taken.entries:
             spool.write(targeted_payload(entry.sink, entry.events), len(entry.events), TARGETED)
             events += len(entry.events)
         spool.close()  # fsyncs: the records are on disk for the next start
-        done(moved)
+        done(taken.moved)
     finally:
         lock.release()
-    return len(entries), events
+    return len(taken.entries), events
 
 
 # --- keys -----------------------------------------------------------------------------------------
@@ -538,10 +560,10 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 def cmd_keys_list(args: argparse.Namespace) -> int:
     with _keys(args) as keys:
         records = keys.list(args.project)
-    print(f"{'KEY ID':<14}{'PROJECT':<20}{'SCOPE':<8}{'CREATED':<27}{'REVOKED':<27}NAME")
+    print(f"{'KEY ID':<14}{'PROJECT':<20}{'SCOPE':<10}{'CREATED':<27}{'REVOKED':<27}NAME")
     for r in records:
         print(
-            f"{r.key_id:<14}{r.project_id:<20}{r.scope:<8}{r.created_at:<27}"
+            f"{r.key_id:<14}{r.project_id:<20}{r.scope:<10}{r.created_at:<27}"
             f"{r.revoked_at or '-':<27}{r.name}"
         )
     return 0

@@ -410,7 +410,7 @@ def _dead_letter_events(settings: Settings) -> int:
     folder = settings.spool_path / "dead-letter"
     if not folder.is_dir():
         return 0
-    return sum(len(e.events) for e in read_dead_letters(folder, _STORE_SINK))
+    return sum(len(e.events) for e in read_dead_letters(folder, _STORE_SINK).entries)
 
 
 def _source_migrations(store: Store) -> list[dict[str, Any]]:

@@ -30,12 +30,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import anyio
 
+from .dead_letters import append_dead_letter, dead_letter
 from .spool import Position, Record, SpoolFull
 
 log = logging.getLogger("watchllm.writer")
@@ -463,15 +463,15 @@ class Writer:
         folder = self.log.dead_letter_dir
         if folder is None:
             return  # the memory log keeps no dead letters; they are counted and logged
-        entry = {
-            "at": datetime.now(UTC).isoformat(),
-            "sink": sink,
-            "reason": reason,
-            "events": json.loads(payload) if payload.startswith(b"[") else None,
-            "raw": None if payload.startswith(b"[") else payload.decode(errors="replace"),
-        }
-        with open(folder / f"{_safe(sink)}.jsonl", "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        listed = payload.startswith(b"[")
+        entry = dead_letter(
+            sink,
+            reason,
+            json.loads(payload) if listed else None,
+            None if listed else payload.decode(errors="replace"),
+        )
+        # One fsynced line per entry; a torn tail from a crash is cut off first (dead_letters).
+        append_dead_letter(folder / f"{_safe(sink)}.jsonl", entry)
 
     def _release(self) -> None:
         slowest = min(s.cursor for s in self.sinks)
