@@ -9,8 +9,10 @@ baseline measured in the same run: pydantic-core parsing the body to Python obje
 (`from_json`), the least any validation of this body can cost.
 
 Steps: `validate_fast` (the server's all-valid path: one pydantic-core pass over the raw
-bytes into event models), the spool encoding (`app._encode_events`) and the Arrow tables for
-the store (`store.rows.tables_for`).
+bytes into event models); `fast_validate.validate_fast` (msgspec structs derived from the
+contract, then the same event models), with its msgspec decoding alone beside it (the
+strictness checks without the models); the spool encoding (`app._encode_events`) and the Arrow
+tables for the store (`store.rows.tables_for`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_ingest import make_event
 from pydantic_core import from_json
 
+from watchllm_ext import fast_validate
 from watchllm_ext.app import _encode_events
 from watchllm_ext.ingest import validate_fast
 from watchllm_ext.store.rows import tables_for
@@ -51,9 +54,13 @@ def main() -> None:
     body = json.dumps({"events": [make_event(i, "v1") for i in range(n)]}).encode()
     events = validate_fast(body, "batch")
     assert events is not None and len(events) == n, "the bench body must be valid"
+    fast = fast_validate.validate_fast(body, "batch")
+    assert fast is not None and _encode_events(fast) == _encode_events(events), "same events"
     baseline = best_us_per_event(lambda: from_json(body), args.runs, n)
     steps = {
         "validate_fast": lambda: validate_fast(body, "batch"),
+        "fast_validate.validate_fast": lambda: fast_validate.validate_fast(body, "batch"),
+        "  of which msgspec decoding": lambda: fast_validate._decode_batch(body),
         "encode for the spool": lambda: _encode_events(events),
         "Arrow tables for the store": lambda: tables_for(events),
     }

@@ -264,6 +264,8 @@ def _field_type(annotation: Any, metadata: list[Any]) -> tuple[Any, Callable[[An
         return ms_type, convert
     if convert is not None:
         raise _Unsupported("an after-validator on a value holding models")
+    if len(after) == 1:
+        return ms_type, after[0]  # ValueError: pydantic refuses it too
 
     def fix(value: Any) -> Any:
         for func in after:
