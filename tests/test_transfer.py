@@ -7,6 +7,7 @@ does not match."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import signal
@@ -527,23 +528,29 @@ def test_a_killed_import_resumes_to_exact_counts(source: Source, url: str) -> No
     assert process.stderr is not None
     process.stderr.close()
     assert process.returncode == -signal.SIGKILL
-    interrupted = target_counts(url)
-    assert 0 < sum(interrupted["events"].values()) < sum(source.counts["events"].values())
+    # Killed while staging: the rows sent so far are in the staging table, none in the tables.
+    assert target_counts(url) == {t: {} for t in TABLES}
+    store = open_target(url)
+    try:
+        staged = store.query("SELECT count() AS n FROM _watchllm_import_events")[0]["n"]
+    finally:
+        store.close()
+    assert 0 < int(staged) < sum(source.counts["events"].values())
 
     resumed = cli("import", str(source.export), "--url", url, "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    assert "already complete on the target, skipped" in resumed.stdout
     assert target_counts(url) == source.counts
+    assert not [t for t in target_tables(url) if t.startswith("_watchllm_import_")]
 
 
 # --- counts that do not match -------------------------------------------------------------------
 
 
-def test_a_count_mismatch_is_detected_after_inserting(
+def test_rows_of_other_projects_than_claimed_are_refused_before_inserting(
     source: Source, url: str, tmp_path: Path
 ) -> None:
     # A manifest that says one events row of acme belongs to project "ghost": every file is
-    # intact and the manifest adds up, so only the target's FINAL counts can tell.
+    # intact and the manifest adds up; the file's own rows per project tell.
     export = copy_export(source, tmp_path)
 
     def shift(manifest: dict[str, Any]) -> None:
@@ -555,18 +562,113 @@ def test_a_count_mismatch_is_detected_after_inserting(
         projects["ghost"] = 1
 
     edit_manifest(export, shift)
-    table = next(f["table"] for f in source.manifest["files"] if f["projects"].get("acme"))
+    victim = next(f["path"] for f in source.manifest["files"] if f["projects"].get("acme"))
     done = cli("import", str(export), "--url", url)
     assert done.returncode == 1
-    acme = source.counts[table]["acme"]
-    lines = done.stderr.strip().splitlines()
-    assert lines == [
-        f"count mismatch: {table}, project acme: the target has {acme:,} rows,"
-        f" the export {acme - 1:,}",
-        f"count mismatch: {table}, project ghost: the target has 0 rows, the export 1",
-        "error: 2 count mismatches between the target and the export (listed above)",
-    ]
-    assert target_counts(url) == source.counts  # what was inserted is all there
+    line = one_line_error(done)
+    assert victim in line and "ghost: 1" in line and "altered" in line
+    assert target_tables(url) == []  # refused before connecting
+
+
+def reseal(folder: Path, rel: str) -> None:
+    """Make the manifest agree with the file's new bytes (a tamperer who knows the format)."""
+    data = (folder / rel).read_bytes()
+
+    def seal(manifest: dict[str, Any]) -> None:
+        entry = next(f for f in manifest["files"] if f["path"] == rel)
+        entry["bytes"], entry["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+
+    edit_manifest(folder, seal)
+
+
+def duplicate_a_row(folder: Path, manifest: dict[str, Any]) -> str:
+    """Overwrite the last row of an events file with a copy of an earlier row of the same
+    project: the rows and the rows per project stay, the distinct rows are one fewer."""
+    entry = next(f for f in manifest["files"] if f["table"] == "events" and f["rows"] > 1)
+    table = pq.read_table(folder / entry["path"])
+    projects = table.column("project_id").to_pylist()
+    first = projects.index(projects[-1])
+    assert first < len(projects) - 1, "no earlier row of the last row's project"
+    table = pa.concat_tables([table.slice(0, table.num_rows - 1), table.slice(first, 1)])
+    pq.write_table(table, folder / entry["path"], compression="zstd")
+    reseal(folder, entry["path"])
+    return entry["path"]
+
+
+def test_a_duplicated_row_is_refused_and_nothing_is_kept_even_with_resume(
+    source: Source, url: str, tmp_path: Path
+) -> None:
+    export = copy_export(source, tmp_path)
+    duplicate_a_row(export, source.manifest)
+    for extra in ((), ("--resume",)):
+        done = cli("import", str(export), "--url", url, *extra)
+        assert done.returncode == 1, done.stdout
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 2 and lines[0].startswith("count mismatch: events "), lines
+        assert "the files hold" in lines[0] and "nothing was inserted" in lines[1]
+        assert target_counts(url) == {t: {} for t in TABLES}
+        assert not [t for t in target_tables(url) if t.startswith("_watchllm_import_")]
+    # The real export afterwards, with --resume as a user would after a failure: exact.
+    done = cli("import", str(source.export), "--url", url, "--resume")
+    assert done.returncode == 0, done.stderr
+    assert target_counts(url) == source.counts
+
+
+def test_resume_with_a_tampered_export_keeps_nothing_of_it(
+    source: Source, url: str, tmp_path: Path
+) -> None:
+    # A first, good import of part of the data; then --resume with a tampered full export.
+    assert cli("import", str(source.export), "--url", url).returncode == 0
+    before = target_counts(url)
+    store = open_target(url)
+    try:
+        store.execute("TRUNCATE TABLE tool_calls")  # as if the import had stopped before it
+    finally:
+        store.close()
+    export = copy_export(source, tmp_path)
+    victim = next(f["path"] for f in source.manifest["files"] if f["table"] == "tool_calls")
+    table = pq.read_table(export / victim)
+    pq.write_table(table.slice(0, table.num_rows - 1), export / victim, compression="zstd")
+    reseal(export, victim)
+    done = cli("import", str(export), "--url", url, "--resume")
+    assert done.returncode == 1
+    assert victim in one_line_error(done) and "holds" in one_line_error(done)
+    assert target_counts(url) == {**before, "tool_calls": {}}
+
+
+def test_symlinks_and_unlisted_files_are_refused(source: Source, url: str, tmp_path: Path) -> None:
+    export = copy_export(source, tmp_path)
+    victim = source.manifest["files"][0]["path"]
+    outside = tmp_path / "outside.parquet"
+    shutil.move(export / victim, outside)
+    (export / victim).symlink_to(outside)  # the same bytes: the checksum would pass
+    done = cli("import", str(export), "--url", url)
+    assert done.returncode == 1
+    line = one_line_error(done)
+    assert victim in line and "symbolic link" in line
+    (export / victim).unlink()
+    shutil.move(outside, export / victim)
+
+    table = victim.split("/")[0]
+    moved = tmp_path / "elsewhere"
+    shutil.move(export / table, moved)
+    (export / table).symlink_to(moved, target_is_directory=True)
+    done = cli("import", str(export), "--url", url)
+    assert done.returncode == 1
+    assert f"{table} in" in one_line_error(done) and "symbolic link" in one_line_error(done)
+    (export / table).unlink()
+    shutil.move(moved, export / table)
+
+    for unlisted in ("events/202601-9999.parquet", "notes.txt", "manifest.json.tmp"):
+        (export / unlisted).write_bytes(b"x")
+        done = cli("import", str(export), "--url", url)
+        assert done.returncode == 1
+        line = one_line_error(done)
+        assert unlisted in line and "not listed in manifest.json" in line
+        (export / unlisted).unlink()
+    assert target_tables(url) == []
+    assert cli("import", str(export), "--url", url).returncode == 0
+    assert target_counts(url) == source.counts
 
 
 def test_a_manifest_claiming_more_rows_than_a_file_holds_is_refused(

@@ -35,7 +35,8 @@ import os
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -78,6 +79,7 @@ _MIN_BATCH_ROWS = 1_000
 _MAX_BATCH_ROWS = 131_072
 _INSERT_RETRIES = (1.0, 2.0, 4.0, 8.0, 16.0)  # waits before retrying a failed insert
 _FILE_PATH = re.compile(r"^([a-z_]+)/([A-Za-z0-9_-]+)-(\d{4,})\.parquet$")
+_STAGING_PREFIX = "_watchllm_import_"  # + table: where an import checks rows first
 _STORE_SINK = "store:chdb"  # the spool cursor of the embedded store's sink
 
 Progress = Callable[[str], None]
@@ -90,10 +92,10 @@ class TransferError(Exception):
 class CountMismatch(TransferError):
     """The target's counts differ from the export's; `lines` has one line per mismatch."""
 
-    def __init__(self, lines: list[str]) -> None:
+    def __init__(self, lines: list[str], outcome: str = "") -> None:
         super().__init__(
             f"{len(lines)} count mismatch{'es' if len(lines) != 1 else ''} between the target"
-            " and the export (listed above)"
+            f" and the export (listed above){outcome}"
         )
         self.lines = lines
 
@@ -446,6 +448,11 @@ def read_manifest(in_dir: Path) -> dict[str, Any]:
     path = in_dir / MANIFEST
     if not in_dir.is_dir():
         raise TransferError(f"{in_dir} is not a folder")
+    if path.is_symlink():
+        raise TransferError(
+            f"{MANIFEST} in {in_dir} is a symbolic link: an import reads only the export's"
+            " own files; copy the file into the folder instead"
+        )
     if not path.is_file():
         raise TransferError(
             f"{path} not found: {in_dir} is not a finished WatchLLM export"
@@ -528,13 +535,15 @@ def read_manifest(in_dir: Path) -> dict[str, Any]:
 
 
 def verify_files(in_dir: Path, manifest: dict[str, Any], progress: Progress = _print) -> None:
-    """Every file listed is there, with its size, checksum, row count and columns."""
-    import pyarrow.parquet as pq
+    """The folder holds exactly the files listed, none a symlink, each with its size,
+    checksum, columns, row count and rows per project (counted from the data itself)."""
+    import pyarrow.compute as pc
 
     files = manifest["files"]
     started = time.monotonic()
     total = sum(f["bytes"] for f in files)
     progress(f"verifying {len(files)} files ({total / 1e6:,.1f} MB) against {MANIFEST}")
+    check_folder(in_dir, manifest)
     for entry in files:
         path = in_dir / entry["path"]
         if not path.is_file():
@@ -549,25 +558,79 @@ def verify_files(in_dir: Path, manifest: dict[str, Any], progress: Progress = _p
                 f"export file {entry['path']} does not match its SHA-256 in {MANIFEST}:"
                 " it was altered"
             )
-        try:
-            parquet = pq.ParquetFile(path)
-            meta, names = parquet.metadata, parquet.schema_arrow.names
-        except Exception as exc:
+        with _open_export_file(in_dir, entry["path"]) as f:
+            try:
+                parquet = _parquet_file(f)
+                meta, names = parquet.metadata, parquet.schema_arrow.names
+            except Exception as exc:
+                raise TransferError(
+                    f"export file {entry['path']} is not readable Parquet: {exc}"
+                ) from None
+            if meta.num_rows != entry["rows"]:
+                raise TransferError(
+                    f"export file {entry['path']} holds {meta.num_rows} rows, not the"
+                    f" {entry['rows']} of {MANIFEST}"
+                )
+            declared = [c["name"] for c in manifest["tables"][entry["table"]]["columns"]]
+            if names != declared:
+                raise TransferError(
+                    f"the columns of export file {entry['path']} are not those {MANIFEST} lists"
+                    f" for {entry['table']}"
+                )
+            # The rows per project of the data, not only of the manifest: a file whose rows
+            # belong to other projects than it claims is refused before anything is inserted.
+            found: Counter[str] = Counter()
+            for batch in parquet.iter_batches(batch_size=_MAX_BATCH_ROWS, columns=["project_id"]):
+                counts = pc.value_counts(batch.column(0)).to_pylist()
+                found.update({c["values"]: c["counts"] for c in counts})
+        claimed = {p: n for p, n in entry["projects"].items() if n}
+        if dict(found) != claimed:
             raise TransferError(
-                f"export file {entry['path']} is not readable Parquet: {exc}"
-            ) from None
-        if meta.num_rows != entry["rows"]:
-            raise TransferError(
-                f"export file {entry['path']} holds {meta.num_rows} rows, not the"
-                f" {entry['rows']} of {MANIFEST}"
-            )
-        declared = [c["name"] for c in manifest["tables"][entry["table"]]["columns"]]
-        if names != declared:
-            raise TransferError(
-                f"the columns of export file {entry['path']} are not those {MANIFEST} lists"
-                f" for {entry['table']}"
+                f"export file {entry['path']} holds rows per project {_shown(found)}, not the"
+                f" {_shown(claimed)} of {MANIFEST}: it was altered"
             )
     progress(f"all {len(files)} files match ({time.monotonic() - started:.1f} s)")
+
+
+def check_folder(in_dir: Path, manifest: Mapping[str, Any]) -> None:
+    """Refuse symlinks (an import reads inside the export folder only) and any file the
+    manifest does not list (an export writes nothing else)."""
+    listed = {MANIFEST} | {f["path"] for f in manifest["files"]}
+    for root, dirs, names in os.walk(in_dir, followlinks=False):
+        for name in sorted(dirs + names):
+            path = Path(root) / name
+            rel = path.relative_to(in_dir).as_posix()
+            if path.is_symlink():
+                raise TransferError(
+                    f"{rel} in {in_dir} is a symbolic link: an import reads only the export's"
+                    " own files; copy the file into the folder instead"
+                )
+            if name in names and rel not in listed:
+                raise TransferError(
+                    f"{rel} in {in_dir} is not listed in {MANIFEST}: an export folder holds"
+                    " only the files its manifest lists; remove it, or export again"
+                )
+
+
+@contextmanager
+def _open_export_file(in_dir: Path, rel: str) -> Iterator[Any]:
+    """An export file opened without following a symlink (one put there after the check)."""
+    try:
+        fd = os.open(in_dir / rel, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as exc:
+        raise TransferError(f"export file {rel} cannot be opened: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        yield f
+
+
+def _parquet_file(f: Any) -> Any:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(f)
+
+
+def _shown(counts: Mapping[str, int]) -> str:
+    return "{" + ", ".join(f"{p}: {n:,}" for p, n in sorted(counts.items())) + "}"
 
 
 # --- import -------------------------------------------------------------------------------------
@@ -649,26 +712,46 @@ def import_into(
     total = sum(f["rows"] for f in files)
     done_rows = 0
     inserted: Counter[str] = Counter()
-    for index, entry in enumerate(files, 1):
-        table = entry["table"]
-        if (table, entry["partition"]) in complete:
+    # Every file goes into a staging table first; the tables get rows only once every staged
+    # table holds exactly the export's rows per partition and project, as FINAL counts them
+    # (duplicates collapsed). A failed check drops the staging tables: nothing is kept.
+    sending = [f for f in files if (f["table"], f["partition"]) not in complete]
+    staging = {t: _STAGING_PREFIX + t for t in TABLES if any(f["table"] == t for f in sending)}
+    try:
+        for table, stage in staging.items():
+            _create_staging(store, table, stage)
+        for index, entry in enumerate(files, 1):
+            table = entry["table"]
+            if (table, entry["partition"]) in complete:
+                done_rows += entry["rows"]
+                progress(
+                    f"[{index}/{len(files)}] {entry['path']}: already complete on the target,"
+                    " skipped"
+                )
+                continue
+            file_started = time.monotonic()
+            with _open_export_file(in_dir, entry["path"]) as f:
+                parquet = pq.ParquetFile(f)
+                per_insert = batch_rows or _batch_rows(_parquet_row_bytes(parquet))
+                for batch in parquet.iter_batches(batch_size=per_insert):
+                    _insert(store, staging[table], pa.Table.from_batches([batch]), target, progress)
+                    inserted[table] += batch.num_rows
             done_rows += entry["rows"]
             progress(
-                f"[{index}/{len(files)}] {entry['path']}: already complete on the target, skipped"
+                f"[{index}/{len(files)}] {entry['path']}: {entry['rows']:,} rows"
+                f" in {time.monotonic() - file_started:.1f} s"
+                f" ({done_rows:,}/{total:,} rows, {100 * done_rows / max(total, 1):.0f}%)"
             )
-            continue
-        file_started = time.monotonic()
-        parquet = pq.ParquetFile(in_dir / entry["path"])
-        per_insert = batch_rows or _batch_rows(_parquet_row_bytes(parquet))
-        for batch in parquet.iter_batches(batch_size=per_insert):
-            _insert(store, table, pa.Table.from_batches([batch]), target, progress)
-            inserted[table] += batch.num_rows
-        done_rows += entry["rows"]
-        progress(
-            f"[{index}/{len(files)}] {entry['path']}: {entry['rows']:,} rows"
-            f" in {time.monotonic() - file_started:.1f} s"
-            f" ({done_rows:,}/{total:,} rows, {100 * done_rows / max(total, 1):.0f}%)"
-        )
+        if staging:
+            progress("checking the staged rows (FINAL counts per table, month and project)")
+            mismatches = _check_staged(store, staging, sending)
+            if mismatches:
+                raise CountMismatch(
+                    mismatches, "; nothing was inserted into the tables (the staged rows are gone)"
+                )
+            _move_staged(store, staging, sending, tables, target, progress)
+    finally:
+        _drop_staging(store, staging.values())
     progress(f"checking the counts on {target} (FINAL, per table and project)")
     mismatches = compare_counts(store, tables, projects)
     if mismatches:
@@ -761,6 +844,95 @@ def _complete_partitions(
             if t == table and got.get(part) == counts:
                 complete.add((t, part))
     return complete
+
+
+def _table_keys(store: Store, table: str) -> tuple[str, str]:
+    """(partition key, sorting key) of `table`, or of its `_local` table on a cluster."""
+    rows = store.query(
+        "SELECT name, partition_key, sorting_key FROM system.tables"
+        " WHERE database = currentDatabase() AND name IN ({t:String}, {local:String})"
+        " AND sorting_key != ''",
+        {"t": table, "local": f"{table}_local"},
+    )
+    if not rows:
+        raise TransferError(f"the target has no table {table} with a sorting key")
+    row = min(rows, key=lambda r: r["name"] != table)
+    return row["partition_key"], row["sorting_key"]
+
+
+def _create_staging(store: Store, table: str, stage: str) -> None:
+    """An empty table shaped like `table`, with its partitions and sorting key, on the node
+    the URL reaches (a plain MergeTree: no replication, no materialized view reads it)."""
+    partition, sorting = _table_keys(store, table)
+    store.execute(f"DROP TABLE IF EXISTS {stage}")  # left by an import that was killed
+    store.execute(
+        f"CREATE TABLE {stage} AS {table} ENGINE = MergeTree"
+        f" PARTITION BY {partition} ORDER BY ({sorting})"
+    )
+
+
+def _check_staged(
+    store: Store, staging: Mapping[str, str], sending: list[dict[str, Any]]
+) -> list[str]:
+    """One line per (table, month, project) whose staged FINAL count (distinct sorting keys,
+    which is what FINAL keeps) differs from the export files'."""
+    lines = []
+    for table, stage in staging.items():
+        want: Counter[tuple[str, str]] = Counter()
+        for entry in sending:
+            if entry["table"] == table:
+                for project, n in entry["projects"].items():
+                    want[(entry["partition"], project)] += n
+        _, sorting = _table_keys(store, table)
+        got = {
+            (r["part"], r["project_id"]): int(r["n"])
+            for r in store.query(
+                f"SELECT _partition_id AS part, project_id, uniqExact({sorting}) AS n"
+                f" FROM {stage} GROUP BY part, project_id"
+            )
+        }
+        for part, project in sorted(set(want) | set(got)):
+            if want.get((part, project), 0) != got.get((part, project), 0):
+                lines.append(
+                    f"count mismatch: {table} {part}, project {project}: the files hold"
+                    f" {got.get((part, project), 0):,} distinct rows, the export"
+                    f" {want.get((part, project), 0):,}"
+                )
+    return lines
+
+
+def _move_staged(
+    store: Store,
+    staging: Mapping[str, str],
+    sending: list[dict[str, Any]],
+    tables: Mapping[str, Mapping[str, Any]],
+    target: str,
+    progress: Progress,
+) -> None:
+    """Copy the checked staged rows into the tables, a month at a time, on the server. An
+    interruption here leaves checked rows only; --resume sends the unfinished months again."""
+    for table, stage in staging.items():
+        columns = ", ".join(f"`{c['name']}`" for c in tables[table]["columns"])
+        for part in sorted({f["partition"] for f in sending if f["table"] == table}):
+            started = time.monotonic()
+            try:
+                store.execute(
+                    f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {stage}"
+                    " WHERE _partition_id = {part:String}",
+                    {"part": part},
+                )
+            except StoreError as exc:
+                raise TransferError(
+                    f"moving the checked rows of {table} {part} into the table on {target}"
+                    f" failed: {exc}; run the same import again with --resume to continue"
+                ) from None
+            progress(f"{table} {part}: checked rows in ({time.monotonic() - started:.1f} s)")
+
+
+def _drop_staging(store: Store, stages: Iterable[str]) -> None:
+    for stage in stages:
+        with suppress(StoreError):  # the server is gone: the next import drops it first
+            store.execute(f"DROP TABLE IF EXISTS {stage}")
 
 
 def _check_columns(store: Store, tables: Mapping[str, Mapping[str, Any]]) -> None:
