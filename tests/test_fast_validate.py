@@ -341,6 +341,9 @@ def values_against(alt: Alt, sample: Any) -> list[Any]:
         out += [{"deep": [[[[{"x": 1.5}]]]]}, {"": None}, "x" * schema.MAX_JSON_CHARS]
         out += ["x" * (schema.MAX_JSON_CHARS + 1), {"k": "x" * schema.MAX_JSON_CHARS}]
         out += [{"k": "x" * (schema.MAX_JSON_CHARS - 8)}, {"k": "x" * (schema.MAX_JSON_CHARS - 7)}]
+        # Nesting around pydantic's JSON depth limit (201 levels for the whole document).
+        out += [nested(n) for n in (100, 170, 175, 176, 177, 197, 198, 199, 200, 201, 300)]
+        out += [{"k": nested(198)}, Raw("[" * 5000 + "]" * 5000)]
     return out
 
 
@@ -351,9 +354,27 @@ class Case:
     may_decline: bool = False  # a kind pydantic may accept and the fast path hands over
 
 
+def nested(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+def depth_of(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(depth_of, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(depth_of, value), default=0)
+    return 0
+
+
 def may_decline(value: Any) -> bool:
     """NaN, Infinity and out-of-double-range literals: msgspec refuses the document, pydantic
-    only where a validator looks (chat message content keeps them: pydantic accepts)."""
+    only where a validator looks (chat message content keeps them: pydantic accepts). Free-form
+    JSON nested more than 170 levels deep: pydantic's limit is on the whole document."""
+    if depth_of(value) > 170:
+        return True
     if isinstance(value, Raw):
         return value.text in NOT_FINITE
     if isinstance(value, dict):
@@ -548,7 +569,7 @@ def test_every_constraint_of_every_field_against_pydantic() -> None:
         outcomes[check(case)] += 1
     # Both answers are exercised, and handing over stays the rare exception.
     assert outcomes["accepted"] > 1000 and outcomes["refused"] > 1000, outcomes
-    assert outcomes["declined"] < 60, outcomes
+    assert outcomes["declined"] < 150, outcomes
 
 
 def test_the_sweep_reaches_every_bound_in_the_schema() -> None:

@@ -260,10 +260,12 @@ def _field_type(annotation: Any, metadata: list[Any]) -> tuple[Any, Callable[[An
         else:
             rest.append(c)
     ms_type, convert = _type(annotation, rest)
+    if _holds_any(ms_type):
+        after.insert(0, _check_depth)
     if not after:
         return ms_type, convert
     if convert is not None:
-        raise _Unsupported("an after-validator on a value holding models")
+        raise _Unsupported("an after-validator or free-form JSON beside models")
     if len(after) == 1:
         return ms_type, after[0]  # ValueError: pydantic refuses it too
 
@@ -356,6 +358,48 @@ def _kind(ms_type: Any) -> str:
     if origin is Any:
         return "any"
     return "list" if origin is list else "scalar"
+
+
+def _holds_any(ms_type: Any) -> bool:
+    """Free-form JSON somewhere in this type (not looking into nested structs)."""
+    return ms_type is Any or any(_holds_any(arg) for arg in get_args(ms_type))
+
+
+def _json_depth_limit() -> int:
+    """The deepest nesting pydantic-core's JSON parser accepts (201 in pydantic 2.13),
+    measured rather than copied, so a new version cannot make the two disagree."""
+    adapter: TypeAdapter[Any] = TypeAdapter(Any)
+    low, high = 1, 10_000
+    while low < high:
+        mid = (low + high + 1) // 2
+        try:
+            adapter.validate_json("[" * mid + "]" * mid)
+            low = mid
+        except ValueError:
+            high = mid - 1
+    return low
+
+
+_CONTAINERS = (dict, list)
+# A free-form value sits inside at most a batch object, its list, the event, and a list and
+# an object per nested model (set below, once the models are known); deeper values are handed
+# to pydantic, which judges them by their place in the document. Plenty for real metadata.
+_DEPTH_BUDGET = 0
+
+
+def _too_deep(value: Any, budget: int) -> bool:
+    if budget <= 0:
+        return True
+    for item in value.values() if type(value) is dict else value:
+        if type(item) in _CONTAINERS and _too_deep(item, budget - 1):
+            return True
+    return False
+
+
+def _check_depth(value: Any) -> Any:
+    if type(value) in _CONTAINERS and _too_deep(value, _DEPTH_BUDGET):
+        raise _Decline
+    return value
 
 
 def _decline_if_set(value: Any) -> Any:
@@ -463,6 +507,7 @@ EVENT_STRUCTS: dict[str, Any] = {}
 for _model in _EVENT_MODELS:
     _plan = _plan_for(_model, _TAG_FIELD)
     EVENT_STRUCTS[_plan.tag] = _plan.struct  # type: ignore[index]
+_DEPTH_BUDGET = _json_depth_limit() - 3 - 2 * len(_PLANS)  # 176 with pydantic 2.13
 _EventStruct = Union[tuple(EVENT_STRUCTS.values())]  # noqa: UP007 - built at run time
 
 
@@ -483,7 +528,7 @@ def decode_event(body: bytes) -> Any | None:
     """One event from its JSON, as the pydantic model; None when pydantic should answer."""
     try:
         return _event(_decode_one(body))
-    except (msgspec.ValidationError, msgspec.DecodeError, ValueError, _Decline):
+    except (msgspec.ValidationError, msgspec.DecodeError, ValueError, RecursionError, _Decline):
         return None
 
 
@@ -503,6 +548,6 @@ def validate_fast(body: bytes, shape: Literal["batch", "events"]) -> list[Any] |
             else:
                 return None
         events = [_event(s) for s in structs]
-    except (msgspec.ValidationError, msgspec.DecodeError, ValueError, _Decline):
+    except (msgspec.ValidationError, msgspec.DecodeError, ValueError, RecursionError, _Decline):
         return None  # pydantic's ValidationError is a ValueError
     return events or None
