@@ -726,6 +726,13 @@ BODIES: list[tuple[str, bytes]] = [
     ("events", b"7"),
     ("events", dumps({"events": every_type()})),
     ("events", dumps(every_type())[:-1]),
+    # Escaped key names and tag values are the same keys and values.
+    ("batch", batch(every_type()).replace(b'"events"', b'"\\u0065vents"')),
+    ("batch", batch(every_type()).replace(b'"run_id"', b'"run\\u005fid"')),
+    ("batch", batch(every_type()).replace(b'"error"', b'"\\u0065rror"')),
+    ("batch", b"\xef\xbb\xbf" + batch(every_type())),  # a byte order mark
+    ("batch", b'{"events": [], "events": ' + dumps(every_type()) + b"}"),
+    ("batch", b'{"events": ' + dumps(every_type()) + b', "events": []}'),
 ]
 
 

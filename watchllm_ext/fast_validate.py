@@ -1,26 +1,31 @@
 """A fast validator for the v1 event contract: msgspec structs derived from the pydantic models.
 
-`validate_fast(body, shape)` decodes and checks a raw body in one msgspec pass (about a third of
-pydantic-core's cost) and returns the same pydantic event models the rest of the pipeline uses,
-or None when anything is off or unusual; the caller then asks pydantic for the detailed,
-per-field answer. It never accepts what pydantic refuses, and never builds different events:
-tests/test_fast_validate.py checks both on generated valid and mutated events.
+`validate_fast(body, shape)` decodes and checks a raw body in one msgspec pass and returns the
+same pydantic event models the rest of the pipeline uses, or None when anything is off or
+unusual; the caller then asks pydantic for the detailed, per-field answer. It never accepts
+what pydantic refuses, and never builds different events: tests/test_fast_validate.py checks
+both on generated valid and mutated events. (Cost: the msgspec pass is about a fifth of
+pydantic-core's validate_json; building the pydantic models and running schema.py's JSON checks
+in Python take most of the rest: bench/bench_validate.py.)
 
 One source of truth: the structs are built at import from schema.py's models (field names,
 order, optionality, defaults, string/list/number constraints), so a new field or bound cannot
-be forgotten, and an annotation or constraint this module does not know makes the import fail
-instead of being skipped. What msgspec cannot express is checked after decoding:
-- fields whose type msgspec cannot state exactly (timestamps: lax RFC 3339 parsing, a zone,
-  a range, numbers refused by a before-validator) are kept as raw JSON and handed to pydantic
-  itself (a TypeAdapter of the field's own annotation), with a shortcut for the canonical
-  `2026-01-01T12:00:00.123Z` form;
+be forgotten. A type or constraint this module does not mirror is never skipped: that field is
+validated by pydantic itself (a TypeAdapter of the field's own annotation), and what cannot
+be handled that way (model validators, aliases, serializers) makes the import fail. What
+msgspec cannot express is checked after decoding:
+- timestamps (pydantic's lax RFC 3339 parsing, a required zone, a range, numbers refused by a
+  before-validator): the canonical `2026-01-01T12:00:00.123Z` form is parsed here, any other
+  string by pydantic's validator of the field;
 - after-validators (the JSON size and finiteness checks) run on the decoded value, as pydantic
   runs them;
+- string patterns: pydantic's `$` is Rust's end of text, Python's `\\Z`;
 - a field with a field validator (cost_source: only the server sets it) is never accepted here:
   when the body names it, pydantic decides.
-Not accepted here, left to pydantic (rare, and pydantic's answer is the one that counts): a
-number too large for a double anywhere (msgspec refuses the whole document, pydantic refuses it
-except in chat message content), and a key given twice whose first value is invalid.
+Left to pydantic (None here; rare, and pydantic's answer is the one that counts): number
+literals msgspec refuses (NaN, Infinity, 1e999: pydantic refuses them too, except inside chat
+message content), free-form JSON nested within a few levels of pydantic's depth limit, and a key
+given twice whose first value is invalid (or event_type given twice, differently).
 """
 
 from __future__ import annotations
