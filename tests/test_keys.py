@@ -219,3 +219,29 @@ def test_keys_of_a_key_file_copied_to_the_server(
     )
     _wait_for(server, kept, 202)
     assert _post(server, gone) == 401
+
+
+def test_keys_made_before_the_operator_scope_keep_their_meaning(tmp_path: Path) -> None:
+    # A key file written before scopes were split: rows as the earlier CLI wrote them.
+    path = tmp_path / "keys.sqlite3"
+    keys = KeyStore(path, refresh_s=0)
+    admin = keys.create("acme", scope="admin")  # the same rows, the same "admin" text
+    operator = keys.create("ops", scope="operator")
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE api_keys SET scope = 'superuser' WHERE project_id = 'ops'")
+    old = keys.authenticate(admin)
+    assert old is not None and old.scopes == frozenset({"admin"})
+    assert old.can("ingest") and old.can("read") and old.can("admin")
+    assert old.administers("acme") and not old.administers("beta")
+    assert not old.can("operator") and not old.administers(None)
+    # A scope this version does not know (a hand-edited file) grants nothing at all.
+    unknown = keys.authenticate(operator)
+    assert unknown is not None and not any(
+        unknown.can(s) for s in ("ingest", "read", "admin", "operator")
+    )
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE api_keys SET scope = 'operator' WHERE project_id = 'ops'")
+    made = keys.authenticate(operator)
+    assert made is not None and made.administers("acme") and made.administers(None)
+    with pytest.raises(KeyStoreError, match="operator"):
+        keys.create("acme", scope="root")

@@ -154,6 +154,36 @@ class TestMatrix:
         remaining = parse_dead_letters(path.read_bytes())
         assert {e["project_id"] for entry in remaining.entries for e in entry.events} == {OTHER}
 
+    @pytest.mark.parametrize(
+        ("scope", "command", "project", "ok"),
+        [
+            ("admin", "count-rows", OWN, True),
+            ("admin", "count-rows", OTHER, False),
+            ("operator", "count-rows", OTHER, True),
+            ("admin", "dead-letter list", OTHER, False),
+            ("operator", "dead-letter list", OTHER, True),
+            ("admin", "dead-letter replay", OTHER, False),
+            ("read", "check-tables", None, False),
+        ],
+    )
+    def test_the_cli_url_mode_follows_the_scopes(
+        self, matrix: Matrix, scope: str, command: str, project: str | None, ok: bool
+    ) -> None:
+        args = [*command.split(), "--url", str(matrix.client.base_url), "--key"]
+        args += [matrix.keys[scope], *(["--project", project] if project else [])]
+        done = subprocess.run(
+            [sys.executable, "-m", "watchllm_ext.cli", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        if ok:
+            assert done.returncode == 0, done.stderr
+        else:
+            assert done.returncode == 1 and "answered 403" in done.stderr
+            assert (f"'{OTHER}'" if project else "'admin' scope") in done.stderr
+
 
 def test_admin_count_is_its_projects_only(server_factory: Any) -> None:
     server: Running = server_factory()
