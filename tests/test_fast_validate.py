@@ -26,7 +26,7 @@ import annotated_types as at
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pydantic import AwareDatetime, BaseModel, ConfigDict, TypeAdapter, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
 from watchllm_ext import fast_validate, schema
@@ -42,7 +42,7 @@ FUZZ = settings(
 )
 
 
-# --- the contract, read from the models -----------------------------------------------------------
+# --- the contract, read from the models ----------------------------------------------------------
 
 
 @dataclass
@@ -122,7 +122,7 @@ def server_only(model: type[BaseModel]) -> set[str]:
     return {f for d in decorators for f in d.info.fields}
 
 
-# --- generating valid values ----------------------------------------------------------------------
+# --- generating valid values ---------------------------------------------------------------------
 
 TZS = [UTC, timezone(timedelta(hours=1)), timezone(timedelta(hours=-5, minutes=-30))]
 JSON_LEAVES = (
@@ -212,7 +212,7 @@ def event_values(event_type: str) -> st.SearchStrategy[dict[str, Any]]:
 ANY_EVENT = st.one_of([event_values(t) for t in schema.EVENT_TYPES])  # built once
 
 
-# --- mutations ------------------------------------------------------------------------------------
+# --- mutations -----------------------------------------------------------------------------------
 
 
 class Raw:
@@ -428,7 +428,7 @@ def mutations(
                             yield from mutations(item_alt.model, item, sub)  # type: ignore[arg-type]
 
 
-# --- comparing ------------------------------------------------------------------------------------
+# --- comparing -----------------------------------------------------------------------------------
 
 
 def reference(body: bytes) -> Any | None:
@@ -553,7 +553,7 @@ def all_cases() -> Iterator[Case]:
             yield Case(dumps(set_path(event, ("event_type",), tag)), f"event_type {tag!r}")
 
 
-# --- the tests ------------------------------------------------------------------------------------
+# --- the tests -----------------------------------------------------------------------------------
 
 
 def test_the_full_examples_are_valid() -> None:
@@ -639,7 +639,7 @@ def test_generated_mutated_events_are_judged_alike(case: Case) -> None:
     check(case)
 
 
-# --- duplicate keys, whole bodies -----------------------------------------------------------------
+# --- duplicate keys, whole bodies ----------------------------------------------------------------
 
 
 def with_duplicate(event: dict[str, Any], key: str, first: Any) -> bytes:
@@ -767,3 +767,56 @@ def test_events_can_be_changed_as_the_pipeline_does() -> None:
     event.cost_source = "computed"
     assert event.model_dump()["project_id"] == "p"
     assert "cost_source" in event.model_fields_set
+
+
+# --- what msgspec cannot state goes to pydantic, field by field ----------------------------------
+
+
+class _Toy(BaseModel):
+    """Types and constraints the event contract does not use today (lax numbers, multiple_of,
+    naive datetimes, a model config that refuses NaN): a new field like these is validated by
+    pydantic itself, not skipped."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    n: int = 0
+    ratio: float | None = None
+    half: Annotated[float, Field(multiple_of=0.5, strict=True)] | None = None
+    when: datetime | None = None
+    codes: list[Annotated[str, Field(max_length=3)]] = Field(default_factory=list)
+
+
+TOY_BODIES = [
+    b"{}",
+    b'{"n": "5"}',
+    b'{"n": 5.0}',
+    b'{"n": 5.5}',
+    b'{"n": true}',
+    b'{"ratio": "1.5"}',
+    b'{"ratio": NaN}',
+    b'{"ratio": "inf"}',
+    b'{"half": 1.5}',
+    b'{"half": 1.2}',
+    b'{"half": 2}',
+    b'{"half": "2"}',
+    b'{"when": "2026-01-01"}',
+    b'{"when": "2026-01-01T00:00:00+01:00"}',
+    b'{"when": 0}',
+    b'{"when": "soon"}',
+    b'{"codes": ["abc"]}',
+    b'{"codes": ["abcd"]}',
+    b'{"other": 1}',
+]
+
+
+@pytest.mark.parametrize("body", TOY_BODIES)
+def test_fields_msgspec_cannot_state_are_checked_by_pydantic(body: bytes) -> None:
+    try:
+        want = _Toy.model_validate_json(body)
+    except ValidationError:
+        want = None
+    got = fast_validate.validator_for(_Toy)(body)
+    if want is None:
+        assert got is None
+    else:
+        assert got is not None
+        assert_same(got, want)

@@ -40,7 +40,16 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import annotated_types as at
 import msgspec
-from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, Strict, TypeAdapter
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    PydanticUserError,
+    Strict,
+    TypeAdapter,
+)
 from pydantic.fields import FieldInfo
 from pydantic.json_schema import SkipJsonSchema
 from pydantic.types import AllowInfNan
@@ -48,7 +57,7 @@ from pydantic_core import PydanticUndefined
 
 from .schema import Event
 
-__all__ = ["EVENT_STRUCTS", "decode_event", "validate_fast"]
+__all__ = ["EVENT_STRUCTS", "decode_event", "validate_fast", "validator_for"]
 
 _UNSET = msgspec.UNSET
 _NONE_TYPE = type(None)
@@ -229,7 +238,7 @@ def _plan_for(model: type[BaseModel], tag_field: str | None = None) -> _Plan:
         try:
             ms_type, fix = _field_type(info.annotation, metadata)
         except _Unsupported:
-            ms_type, fix = _adapter_field(info.annotation, metadata)
+            ms_type, fix = _adapter_field(info.annotation, metadata, config)
         struct_fields.append((name, ms_type, msgspec.NODEFAULT if required else _UNSET))
         if fix is not None:
             plan.fixes.append((name, fix))
@@ -419,13 +428,18 @@ _CANONICAL_TIMESTAMP = re.compile(
 )
 
 
-def _adapter_field(annotation: Any, metadata: list[Any]) -> tuple[Any, Callable[[Any], Any]]:
+def _adapter_field(
+    annotation: Any, metadata: list[Any], config: ConfigDict
+) -> tuple[Any, Callable[[Any], Any]]:
     """For a type msgspec cannot state exactly: keep the raw JSON value and validate it with
-    pydantic's own validator of the field (exact by construction). For an aware datetime
-    checked by a range, the string is kept instead and the canonical form parsed here."""
-    adapter: TypeAdapter[Any] = TypeAdapter(
-        Annotated[annotation, *metadata] if metadata else annotation
-    )
+    pydantic's own validator of the field (exact by construction), under the model's config
+    (allow_inf_nan and the like). For an aware datetime checked by a range, the string is kept
+    instead and the canonical form parsed here."""
+    tp = Annotated[annotation, *metadata] if metadata else annotation
+    try:
+        adapter: TypeAdapter[Any] = TypeAdapter(tp, config=config)
+    except PydanticUserError:  # a model type, which brings its own config
+        adapter = TypeAdapter(tp)
     validate_json = adapter.validate_json
 
     def fix(raw: Any) -> Any:
@@ -529,12 +543,31 @@ def _event(struct: Any) -> Any:
     return _to_model(_STRUCT_PLANS[type(struct)], _builtins(struct))
 
 
+# What makes the fast path hand a body over (pydantic's ValidationError is a ValueError).
+_ERRORS = (msgspec.ValidationError, msgspec.DecodeError, ValueError, RecursionError, _Decline)
+
+
 def decode_event(body: bytes) -> Any | None:
     """One event from its JSON, as the pydantic model; None when pydantic should answer."""
     try:
         return _event(_decode_one(body))
-    except (msgspec.ValidationError, msgspec.DecodeError, ValueError, RecursionError, _Decline):
+    except _ERRORS:
         return None
+
+
+def validator_for(model: type[BaseModel]) -> Callable[[bytes], Any | None]:
+    """A fast validator of one JSON object for any strict model (`extra="forbid"`), built as
+    the event structs are: the model, or None when pydantic should answer."""
+    plan = _plan_for(model)
+    decode = msgspec.json.Decoder(plan.struct).decode
+
+    def validate(body: bytes) -> Any | None:
+        try:
+            return _to_model(plan, _builtins(decode(body)))
+        except _ERRORS:
+            return None
+
+    return validate
 
 
 def validate_fast(body: bytes, shape: Literal["batch", "events"]) -> list[Any] | None:
@@ -553,6 +586,6 @@ def validate_fast(body: bytes, shape: Literal["batch", "events"]) -> list[Any] |
             else:
                 return None
         events = [_event(s) for s in structs]
-    except (msgspec.ValidationError, msgspec.DecodeError, ValueError, RecursionError, _Decline):
-        return None  # pydantic's ValidationError is a ValueError
+    except _ERRORS:
+        return None
     return events or None
