@@ -4,6 +4,7 @@ loopback."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import socket
 import threading
@@ -223,6 +224,20 @@ def test_a_big_batch_answers_as_a_small_one(served: Served) -> None:
         time.sleep(0.05)
     rows = wl.store.query("SELECT count() AS n FROM events WHERE project_id = 'acme'")
     assert rows[0]["n"] == 1199
+
+
+def test_a_big_gzip_batch_inflates_in_steps_and_is_accepted(served: Served) -> None:
+    events = [prompt_call(f"z{i}", prompt="p" * 1_500) for i in range(2_000)]
+    raw = json.dumps({"events": events}).encode()
+    assert len(raw) > 3 * 1024 * 1024  # several inflate steps, from one small wire body
+    with httpx.Client(base_url=served.url, timeout=60) as client:
+        answer = client.post(
+            "/v1/events/batch",
+            content=gzip.compress(raw),
+            headers={"Authorization": f"Bearer {served.key}", "Content-Encoding": "gzip"},
+        )
+    assert answer.status_code == 202, answer.text
+    assert answer.json()["accepted"] == 2_000
 
 
 def test_big_batches_do_not_starve_healthz(served: Served) -> None:

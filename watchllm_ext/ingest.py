@@ -132,17 +132,23 @@ async def read_body(
             parts.append(chunk)
             size += len(chunk)
             continue
-        try:
-            # Ask for at most one byte over the limit, so a bomb never expands in memory.
-            out = decompressor.decompress(chunk, limit - size + 1)
-        except zlib.error as exc:
-            raise Problem(
-                400, "bad_encoding", f"body is not valid {encoding}: {exc}", field="body"
-            ) from None
-        size += len(out)
-        if size > limit or decompressor.unconsumed_tail:
-            raise _too_large(limit, "decompressed body")
-        parts.append(out)
+        pending = chunk
+        while pending:
+            try:
+                # At most one byte over the limit, so a bomb never expands in memory; and at
+                # most _INFLATE_STEP per call, with the event loop free in between.
+                out = decompressor.decompress(pending, min(_INFLATE_STEP, limit - size + 1))
+            except zlib.error as exc:
+                raise Problem(
+                    400, "bad_encoding", f"body is not valid {encoding}: {exc}", field="body"
+                ) from None
+            size += len(out)
+            if size > limit:
+                raise _too_large(limit, "decompressed body")
+            parts.append(out)
+            pending = decompressor.unconsumed_tail
+            if pending:
+                await anyio.sleep(0)
     if decompressor is not None and decompressor.unused_data:
         raise Problem(
             400,
@@ -157,6 +163,7 @@ async def read_body(
     return b"".join(parts)
 
 
+_INFLATE_STEP = 1024 * 1024  # about 1 ms of inflating
 _END = object()  # the stream ended
 _LATE = object()  # no piece came in time
 
