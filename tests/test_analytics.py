@@ -690,7 +690,18 @@ def test_run_tree_of_a_deep_chain_and_a_loop(server: Running) -> None:
 
 # --- exact round trip of free-form fields (issue 9, finding 8) ---
 
-JSON_LOOKING = ['{"a": 1}', "[{", '[{"role": "user", "content": "hi"}]', '"quoted"', "123", "null"]
+JSON_LOOKING = [
+    '{"a": 1}',
+    "[{",
+    '[{"role": "user", "content": "hi"}]',
+    '"quoted"',
+    "123",
+    "null",
+    "NaN",
+    " [1] ",
+    "plain text",
+    "[" * 5000,
+]
 
 
 def test_free_form_fields_round_trip_exactly(server: Running) -> None:
@@ -755,6 +766,18 @@ def test_free_form_fields_round_trip_exactly(server: Running) -> None:
         assert [(c["tool_input"], c["tool_output"]) for c in got["tool_calls"]] == [
             (c["tool_input"], c["tool_output"]) for c in calls
         ]
+    # In the table, text that is not JSON stays readable as it is; JSON-looking text is a
+    # JSON string.
+    stored = {
+        r["event_id"]: r["tool_input"]
+        for r in server.query(
+            "SELECT event_id, tool_input FROM events WHERE event_id IN ('rt-t1', 'rt-t8')"
+        )
+    }
+    assert stored == {"rt-t1": "[{", "rt-t8": "plain text"}
+    assert server.query("SELECT tool_input FROM events WHERE event_id = 'rt-t0'") == [
+        {"tool_input": '"{\\"a\\": 1}"'}
+    ]
     # A text prompt stays searchable and previewed as the text it is.
     logs = get(
         server,

@@ -19,7 +19,7 @@ from starlette.routing import Route
 from ..errors import Problem
 from ..schema import EVENT_TYPES, Status
 from ..store import Store
-from ..store.rows import FORMAT_JSON_MESSAGES, FORMAT_LEGACY
+from ..store.rows import FORMAT_JSON_MESSAGES, FORMAT_LEGACY, read_json
 from . import params as P
 from . import queries as Q
 from .models import (
@@ -49,20 +49,6 @@ def _iso(ch_time: str | None) -> str | None:
     return ch_time.replace(" ", "T") + ("Z" if "." in ch_time else ".000Z")
 
 
-def _stored_json(value: Any, value_format: int) -> Any:
-    """A free-form JSON field as it was sent. Rows written since migration 0008 hold JSON
-    text (a string as a JSON string); older rows kept strings as they were, so for them
-    JSON-looking text is parsed, as it always was, and other text is returned as it is."""
-    if not isinstance(value, str):
-        return value
-    if value_format != FORMAT_LEGACY:
-        return json.loads(value)
-    try:
-        return json.loads(value)
-    except ValueError:
-        return value
-
-
 def _stored_prompt(value: Any, value_format: int) -> Any:
     """A prompt as sent: text, or the list of chat messages (value_format says which; rows
     from before migration 0008 are guessed as before: text starting with '[{' is parsed)."""
@@ -71,7 +57,7 @@ def _stored_prompt(value: Any, value_format: int) -> Any:
     if value_format == FORMAT_JSON_MESSAGES:
         return json.loads(value)
     if value_format == FORMAT_LEGACY and value.startswith("[{"):
-        return _stored_json(value, FORMAT_LEGACY)
+        return read_json(value)
     return value
 
 
@@ -455,13 +441,15 @@ async def event(request: Request) -> Response:
     def build() -> EventDetail:
         # Decoding fields of up to a megabyte each: in the worker thread with the rest.
         value_format = int(row.pop("value_format", FORMAT_LEGACY) or FORMAT_LEGACY)
+        # JSON fields read the same whatever the row's format (rows.read_json says why);
+        # the prompt needs the format to tell text from chat messages.
         for name in _JSON_FIELDS:
-            row[name] = _stored_json(row.get(name), value_format)
+            row[name] = read_json(row.get(name))
         row["prompt"] = _stored_prompt(row.get("prompt"), value_format)
         row["timestamp"] = _iso(row["timestamp"])
-        for tool in tools:  # written with the event, in the event's format
-            tool["tool_input"] = _stored_json(tool["tool_input"], value_format)
-            tool["tool_output"] = _stored_json(tool["tool_output"], value_format)
+        for tool in tools:
+            tool["tool_input"] = read_json(tool["tool_input"])
+            tool["tool_output"] = read_json(tool["tool_output"])
         return EventDetail(
             event=row,
             tool_calls=tools,

@@ -6,6 +6,7 @@ and read each column back, so a drift between the two fails loudly.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -121,16 +122,36 @@ AGENT_STEPS_SCHEMA = pa.schema(
 # stored before it (0) kept a string sent in a JSON field as it was, so '{"a": 1}' sent as a
 # string could not be told from the object; readers (analytics/routes.py) decode by this.
 FORMAT_LEGACY = 0
-FORMAT_JSON = 1  # every JSON field is JSON text (a string as a JSON string); prompt is text
+FORMAT_JSON = 1  # JSON fields as _json() writes them; prompt is text
 FORMAT_JSON_MESSAGES = 2  # as FORMAT_JSON, and prompt is a list of chat messages as JSON
 
 
 def _json(value: Any) -> str | None:
-    """JSON text of a free-form field, strings included: '{"a": 1}' sent as a string is
-    stored as the JSON string "{\"a\": 1}", so it reads back as that string."""
+    """A free-form field as text that reads back exactly (read_json): a string that would
+    parse as JSON ('{"a": 1}', '123') is stored as a JSON string, any other string as it is
+    (readable in the table, as before), any other value as JSON."""
     if value is None:
         return None
+    if isinstance(value, str):
+        try:
+            json.loads(value)
+        except ValueError:
+            return value  # not JSON: read_json cannot mistake it for anything else
+        except RecursionError:
+            pass  # nested too deep to tell here: stored as a JSON string, which is flat
     return to_json(value).decode()
+
+
+def read_json(text: Any) -> Any:
+    """The value _json() stored: what parses is JSON, the rest is a string as it was.
+    Also how rows from before value_format read (analytics/routes.py): there a string that
+    parses was stored as it was, so it reads parsed, as it always did."""
+    if not isinstance(text, str):
+        return text
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return text
 
 
 def _prompt_text(value: Any) -> str | None:
