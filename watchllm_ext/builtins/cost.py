@@ -18,6 +18,7 @@ from typing import Any
 
 from ..auth import Principal
 from ..hookspecs import hookimpl
+from ..schema import MAX_COST_USD
 from ..settings import Settings
 
 log = logging.getLogger("watchllm.cost")
@@ -181,7 +182,14 @@ class CostEstimator:
             if price is None:
                 data["cost_source"] = "unknown"
                 continue
-            data["cost_estimate_usd"] = price.cost(tokens_in or 0, tokens_out or 0)
+            cost = price.cost(tokens_in or 0, tokens_out or 0)
+            if cost > MAX_COST_USD:
+                # Only absurd token counts get here (billions of tokens on the dearest
+                # model): no figure rather than a made-up one, and the event stays within
+                # the contract it is read back with from the spool.
+                data["cost_source"] = "unknown"
+                continue
+            data["cost_estimate_usd"] = cost
             data["cost_source"] = "computed"
 
 

@@ -1,0 +1,82 @@
+"""Cost estimate per event, beside the library's own calculation in the same run.
+
+    python bench/bench_cost.py                # 5,000 events per model, best of 20
+    python bench/bench_cost.py --runs 50
+
+For a flat and a tiered model, the built-in transform (`CostEstimator.transform_events`)
+prices a batch of prompt calls with varied token counts; the baseline is genai-prices'
+`calc_price` for the same counts, which is what the transform called per event for tiered
+models before prices were precomputed per token bracket. Printed: µs per event and the
+ratio of the transform to the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from genai_prices import Usage, calc_price
+
+from watchllm_ext.builtins.cost import CostEstimator
+from watchllm_ext.schema import EVENT_ADAPTER
+
+MODELS = [("google", "gemini-1.5-flash"), ("openai", "gpt-4o"), ("anthropic", "claude-sonnet-4-5")]
+
+
+def best_us(fn: Callable[[], Any], runs: int, n: int) -> float:
+    best = float("inf")
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best / n * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=5_000)
+    parser.add_argument("--runs", type=int, default=20)
+    args = parser.parse_args()
+    counts = [(n * 997 % 300_000, n % 4_000) for n in range(args.events)]
+    now = datetime.now(UTC).isoformat()
+    print(f"{'model':<22} {'transform µs/event':>19} {'calc_price µs/event':>20} {'ratio':>8}")
+    for provider, model in MODELS:
+        events = [
+            EVENT_ADAPTER.validate_python(
+                {
+                    "event_type": "prompt_call",
+                    "event_id": f"e{i}",
+                    "run_id": "r",
+                    "timestamp": now,
+                    "provider": provider,
+                    "model": model,
+                    "tokens_input": t_in,
+                    "tokens_output": t_out,
+                }
+            )
+            for i, (t_in, t_out) in enumerate(counts)
+        ]
+        estimator = CostEstimator({})
+
+        def transform(events: list[Any] = events, estimator: CostEstimator = estimator) -> None:
+            for event in events:  # priced again on every run
+                event.__dict__["cost_estimate_usd"] = None
+            estimator.transform_events(events=events, principal=None)  # type: ignore[arg-type]
+
+        model_price = calc_price(Usage(), model_ref=model, provider_id=provider).model_price
+        sample = counts[: max(1, args.events // 20)]  # the baseline is slow: a twentieth
+
+        def library(sample: list[tuple[int, int]] = sample, price: Any = model_price) -> None:
+            for t_in, t_out in sample:
+                price.calc_price(Usage(input_tokens=t_in, output_tokens=t_out))
+
+        ours = best_us(transform, args.runs, len(events))
+        theirs = best_us(library, max(3, args.runs // 4), len(sample))
+        print(f"{model:<22} {ours:>19.2f} {theirs:>20.2f} {ours / theirs:>7.4f}x")
+
+
+if __name__ == "__main__":
+    main()
