@@ -14,27 +14,57 @@ from starlette.routing import Route
 
 from watchllm_ext.openapi import build_document
 
-ADMIN_OR_INTERNAL = {
-    "/v1/admin/store",
-    "/v1/admin/tables",
-    "/v1/admin/count",
-    "/v1/admin/dead-letters",
-    "/v1/admin/dead-letters/replay",
-    "/-/plugins",
-    "/openapi.json",
-}
+INTERNAL = {"/-/plugins", "/openapi.json"}
 
 
 def test_document_is_valid_and_covers_every_public_route(server: Running) -> None:
     doc = server.client.get("/openapi.json").json()
     validate(doc)
     routes = {r.path for r in server.app.routes if isinstance(r, Route)}
-    assert routes - ADMIN_OR_INTERNAL == set(doc["paths"])
+    assert routes - INTERNAL == set(doc["paths"])
     batch = doc["paths"]["/v1/events/batch"]["post"]
     assert set(batch["responses"]) >= {"202", "207", "400", "401", "413", "415", "422", "503"}
     event = doc["components"]["schemas"]["Event"]
     assert event["discriminator"]["propertyName"] == "event_type"
     assert len(event["oneOf"]) == 8
+    assert set(batch["responses"]) >= {"408", "429"}
+
+
+def test_analytics_parameters_carry_the_bounds_the_server_checks(server: Running) -> None:
+    doc = server.client.get("/openapi.json").json()
+
+    def params(path: str) -> dict[str, Any]:
+        found = doc["paths"][path]["get"]["parameters"]
+        return {p["name"]: p["schema"] for p in found}
+
+    series = params("/v1/analytics/timeseries")
+    assert series["groups"] == {"type": "integer", "minimum": 1, "maximum": 50, "default": 10}
+    assert series["rank_by"]["enum"] == ["events", "requests", "errors", "cost", "tokens"]
+    assert series["tz"]["maxLength"] == 64
+    logs = params("/v1/analytics/logs")
+    assert logs["cursor"]["maxLength"] == 1024
+    assert (logs["model"]["maxLength"], logs["q"]["maxLength"]) == (256, 1000)
+    assert params("/v1/analytics/runs")["limit"]["default"] == 50
+    # The documented bounds are the served ones: one past each is a 400 naming the parameter.
+    for query, field in [
+        ("group_by=model&groups=51", "groups"),
+        ("group_by=model&rank_by=latency", "rank_by"),
+        ("tz=" + "A" * 65, "tz"),
+    ]:
+        answer = server.client.get(
+            f"/v1/analytics/timeseries?project_id=acme&{query}", headers=server.headers()
+        )
+        assert (answer.status_code, answer.json()["field"]) == (400, field), query
+
+
+def test_admin_routes_need_an_admin_or_operator_key(server: Running) -> None:
+    doc = server.client.get("/openapi.json").json()
+    for path in ("/v1/admin/count", "/v1/admin/dead-letters", "/v1/admin/dead-letters/replay"):
+        (operation,) = doc["paths"][path].values()
+        assert operation["security"] == [{"bearer": ["admin"]}]
+        assert "operator" in operation["description"]
+        assert {"401", "403"} <= set(operation["responses"])
+        assert "project" in {p["name"] for p in operation["parameters"]}
 
 
 @pytest.fixture
@@ -55,6 +85,8 @@ def test_fuzz_every_route(case: Any, server: Running) -> None:
         case.path_parameters["project_id"] = "acme"
     if case.query and "project_id" in case.query:
         case.query["project_id"] = "acme"
+    if case.path.startswith("/v1/admin/") and case.query and "project" in case.query:
+        case.query["project"] = "acme"  # the key's (an admin key); other projects: 403
     response = case.call()
     assert response.status_code < 500, (response.status_code, response.text[:500])
     # Every other check applies (no 5xx, documented status codes and content types, answers

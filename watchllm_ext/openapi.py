@@ -12,7 +12,8 @@ from starlette.responses import JSONResponse, Response
 
 from . import __version__
 from .analytics import models as answers
-from .schema import EVENT_TYPES, Event
+from .analytics import params as P
+from .schema import EVENT_TYPES, MAX_ID_CHARS, Event
 
 REF = "#/components/schemas/{model}"
 
@@ -48,7 +49,36 @@ class Batch(BaseModel):
     events: list[Event] = Field(min_length=1)
 
 
+class AdminCount(BaseModel):
+    table: str
+    project: str | None
+    count: int
+
+
+class DeadLetterEntry(BaseModel):
+    sink: str
+    at: str
+    reason: str
+    events: int
+
+
+class DeadLetters(BaseModel):
+    project: str | None
+    dead_letters: list[DeadLetterEntry]
+    torn_records: int
+
+
+class Replayed(BaseModel):
+    project: str | None
+    entries: int
+    replayed_events: int
+    torn_records: int
+    unknown_sinks: list[str]
+
+
 _SECURITY = [{"bearer": []}]
+# OpenAPI 3.1 lets a non-OAuth scheme list the roles a route needs: the key's scope here.
+_ADMIN_SECURITY = [{"bearer": ["admin"]}]
 
 
 def _ref(model: type[BaseModel]) -> dict[str, str]:
@@ -65,6 +95,8 @@ def _errors(*codes: int) -> dict[str, Any]:
         401: "missing or unknown API key",
         403: "the key's project or scope does not allow this",
         404: "not found",
+        408: "the body did not arrive within body_timeout_s (or paused over body_idle_timeout_s);"
+        " the connection is closed",
         413: "body or batch over the limit",
         415: "unsupported content type or encoding",
         422: "no event was valid",
@@ -86,25 +118,39 @@ def _query(
     }
 
 
-def _path(name: str) -> dict[str, Any]:
-    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+def _path(name: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": schema or {"type": "string"}}
 
 
+# The bounds below are those of analytics/params.py, taken from its constants where it has them.
+_ID_SCHEMA = {"type": "string", "pattern": f"^[A-Za-z0-9_.:\\-]{{1,{MAX_ID_CHARS}}}$"}
+_TIME = {"type": "string", "format": "date-time", "maxLength": 64}
 _PROJECT = _query("project_id", "the project; must be the key's", required=True)
 _RANGE = [
     _query(
-        "from",
-        "RFC 3339 time with a zone (default: 24 hours before `to`)",
-        {"type": "string", "format": "date-time"},
+        "from", "RFC 3339 time with a zone, 1970 to 2100 (default: 24 hours before `to`)", _TIME
     ),
-    _query(
-        "to", "RFC 3339 time with a zone (default: now)", {"type": "string", "format": "date-time"}
-    ),
+    _query("to", "RFC 3339 time with a zone, 1970 to 2100 (default: now)", _TIME),
 ]
-_PAGE = [
-    _query("limit", "rows per page", {"type": "integer", "minimum": 1, "maximum": 1000}),
-    _query("cursor", "next_cursor of the previous page"),
-]
+
+
+def _page(default: int) -> list[dict[str, Any]]:
+    return [
+        _query(
+            "limit",
+            "rows per page",
+            {"type": "integer", "minimum": 1, "maximum": 1000, "default": default},
+        ),
+        _query(
+            "cursor",
+            "next_cursor of the previous page, as it is",
+            {"type": "string", "maxLength": 1024},
+        ),
+    ]
+
+
+def _text(name: str, description: str = "", max_chars: int = 256) -> dict[str, Any]:
+    return _query(name, description, {"type": "string", "maxLength": max_chars})
 
 
 def _get(
@@ -126,6 +172,70 @@ def _get(
     }
 
 
+_ADMIN_PROJECT = _query(
+    "project",
+    "the project administered (default: the key's own; with an `operator` key: every project)."
+    " An `admin` key may name its own project only; another is 403 naming `project`",
+)
+_SINK = _query("sink", "only the dead letters of this sink")
+
+
+def _admin(
+    method: str,
+    summary: str,
+    answer: type[BaseModel] | None,
+    parameters: list[dict[str, Any]],
+    codes: tuple[int, ...],
+) -> dict[str, Any]:
+    """An admin route: an `admin` key for its own project, an `operator` key for any
+    (docs/API.md, "Keys and scopes")."""
+    schema = _ref(answer) if answer else {"type": "object"}
+    return {
+        method: {
+            "summary": summary,
+            "description": "Needs an `admin` key (its own project) or an `operator` key (every"
+            " project); any other key is 403.",
+            "security": _ADMIN_SECURITY,
+            "parameters": parameters,
+            "responses": {"200": _json(schema, "the answer"), **_errors(*codes)},
+        }
+    }
+
+
+def _admin_paths() -> dict[str, Any]:
+    from .app import STORE_TABLES  # the app imports this module: import on use
+
+    return {
+        "/v1/admin/store": _admin("get", "The store's name and version", None, [], (401, 403, 503)),
+        "/v1/admin/tables": _admin("get", "The store's tables", None, [], (401, 403, 503)),
+        "/v1/admin/count": _admin(
+            "get",
+            "Distinct rows of a table, for one project or (operator) all of them",
+            AdminCount,
+            [
+                _query("table", "", {"enum": list(STORE_TABLES), "default": "events"}),
+                _ADMIN_PROJECT,
+            ],
+            (400, 401, 403, 503),
+        ),
+        "/v1/admin/dead-letters": _admin(
+            "get",
+            "Dead-letter entries holding the project's events, with its event count only",
+            DeadLetters,
+            [_SINK, _ADMIN_PROJECT],
+            (401, 403),
+        ),
+        "/v1/admin/dead-letters/replay": _admin(
+            "post",
+            "Put the project's dead-lettered events back in the spool for the sink that refused"
+            " them; a `sink` that is not running is 400 and nothing is replayed",
+            Replayed,
+            [_SINK, _ADMIN_PROJECT],
+            (400, 401, 403, 503),
+        ),
+    }
+
+
 def build_document() -> dict[str, Any]:
     _, defs = models_json_schema(
         [
@@ -140,6 +250,9 @@ def build_document() -> dict[str, Any]:
                 ErrorBody,
                 Accepted,
                 Batch,
+                AdminCount,
+                DeadLetters,
+                Replayed,
             )
         ],
         ref_template=REF,
@@ -152,7 +265,7 @@ def build_document() -> dict[str, Any]:
     ingest_responses = {
         "202": _json(_ref(Accepted), "every event accepted (stored durably)"),
         "207": _json(_ref(Accepted), "some events accepted; `rejected` lists the others"),
-        **_errors(400, 401, 403, 413, 415, 422, 429, 503),
+        **_errors(400, 401, 403, 408, 413, 415, 422, 429, 503),
     }
     paths: dict[str, Any] = {
         "/v1/projects/{project_id}/events": {
@@ -222,11 +335,36 @@ def build_document() -> dict[str, Any]:
             [
                 _PROJECT,
                 *_RANGE,
-                _query("period", "instead of from", {"enum": ["1h", "6h", "24h", "7d", "30d"]}),
-                _query("interval", "bucket size", {"enum": ["1m", "5m", "15m", "1h", "6h", "1d"]}),
-                _query("tz", "IANA time zone of the buckets (default UTC)"),
+                _query("period", "instead of from", {"enum": list(P.PERIODS)}),
+                _query(
+                    "interval",
+                    f"bucket size (default: one that fits the range; at most {P.MAX_BUCKETS}"
+                    " buckets)",
+                    {"enum": list(P.INTERVALS)},
+                ),
+                _query(
+                    "tz",
+                    "IANA time zone of the buckets, known to Python and the store (default UTC)",
+                    {"type": "string", "maxLength": P.MAX_TZ_CHARS, "default": "UTC"},
+                ),
                 _query(
                     "group_by", "one series per value", {"enum": ["model", "status", "event_type"]}
+                ),
+                _query(
+                    "groups",
+                    "with group_by: the top groups shown as series of their own; the rest are"
+                    f" summed in `other` (lowered to keep within {P.MAX_POINTS} points)",
+                    {
+                        "type": "integer",
+                        "minimum": 1,
+                        "maximum": P.MAX_GROUPS,
+                        "default": P.DEFAULT_GROUPS,
+                    },
+                ),
+                _query(
+                    "rank_by",
+                    "with group_by: the measure the groups are ranked by",
+                    {"enum": list(P.RANK_BY), "default": "events"},
                 ),
             ],
         ),
@@ -236,35 +374,36 @@ def build_document() -> dict[str, Any]:
             [
                 _PROJECT,
                 *_RANGE,
-                *_PAGE,
+                *_page(100),
                 _query(
                     "status",
                     "",
                     {"enum": ["success", "error", "timeout", "assertion_failed", "warning"]},
                 ),
                 _query("event_type", "", {"enum": list(EVENT_TYPES)}),
-                _query("model", ""),
-                _query("run_id", ""),
-                _query("user_id", ""),
-                _query("tag", ""),
-                _query("q", "text searched in prompts and responses"),
+                _text("model"),
+                _text("run_id"),
+                _text("user_id"),
+                _text("tag"),
+                _text("q", "text searched in prompts and responses", 1000),
             ],
         ),
         "/v1/analytics/event/{event_id}": _get(
             "One event with its tool calls, steps, family",
             answers.EventDetail,
-            [_PROJECT, _path("event_id")],
+            [_PROJECT, _path("event_id", _ID_SCHEMA)],
             (404,),
         ),
         "/v1/analytics/runs": _get(
-            "Runs that started in the range", answers.RunsPage, [_PROJECT, *_RANGE, *_PAGE]
+            "Runs that started in the range", answers.RunsPage, [_PROJECT, *_RANGE, *_page(50)]
         ),
         "/v1/analytics/runs/{run_id}": _get(
             "One run as a tree of its events and spans",
             answers.RunDetail,
-            [_PROJECT, _path("run_id")],
+            [_PROJECT, _path("run_id", _ID_SCHEMA)],
             (404,),
         ),
+        **_admin_paths(),
     }
     return {
         "openapi": "3.1.0",
