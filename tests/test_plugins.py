@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
+import json
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -17,6 +19,7 @@ from starlette.routing import Route
 
 from watchllm_ext import hookimpl, hookspecs
 from watchllm_ext.auth import Principal
+from watchllm_ext.ingest import OFFLOAD_MIN_BYTES
 from watchllm_ext.plugins import PluginError, get_plugin_manager
 from watchllm_ext.quota import QuotaDecision
 from watchllm_ext.settings import Settings
@@ -235,6 +238,55 @@ def test_hook_transform_events(server_factory: Any) -> None:
     assert r.status_code == 202
     server.flush()
     assert server.query("SELECT tags FROM events") == [{"tags": ["x", "project:acme"]}]
+
+
+class WhereHooksRun:
+    """Records, per call, whether the hook ran on the event loop's thread."""
+
+    def __init__(self) -> None:
+        self.on_loop: dict[str, list[bool]] = {"validate_event": [], "transform_events": []}
+
+    @staticmethod
+    def _on_loop() -> bool:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        return True
+
+    @hookimpl
+    def validate_event(self, event: Any, principal: Principal) -> None:
+        self.on_loop["validate_event"].append(self._on_loop())
+
+    @hookimpl
+    def transform_events(self, events: list[Any], principal: Principal) -> None:
+        self.on_loop["transform_events"].append(self._on_loop())
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast-path", "per-event"])
+def test_validators_and_transforms_of_big_bodies_run_on_a_worker_thread(
+    server_factory: Any, fast_path: bool
+) -> None:
+    """As docs/PLUGINS.md says: a body of OFFLOAD_MIN_BYTES or more has its validate_event and
+    transform_events called off the event loop, a smaller one on it."""
+    where = WhereHooksRun()
+    server = server_factory(plugin_objects=(where,))
+    # An invalid event sends the batch down the per-event path instead of the fast one; it is
+    # rejected by the schema, so the validators see one event fewer.
+    extra = {} if fast_path else {"tokens_input": -1}
+    small = {"events": [prompt_call("small-1"), prompt_call("small-2", **extra)]}
+    events = [prompt_call(f"big-{i}", prompt="x" * 1000) for i in range(100)]
+    events[1].update(extra)
+    big = {"events": events}
+    for body, on_loop in ((small, True), (big, False)):
+        where.on_loop = {"validate_event": [], "transform_events": []}
+        content = json.dumps(body).encode()
+        assert (len(content) >= OFFLOAD_MIN_BYTES) is not on_loop
+        r = server.client.post("/v1/events/batch", headers=server.headers(), content=content)
+        assert r.status_code == (202 if fast_path else 207), r.text
+        validated = len(body["events"]) - (0 if fast_path else 1)
+        assert where.on_loop["validate_event"] == [on_loop] * validated
+        assert where.on_loop["transform_events"] == [on_loop]
 
 
 class NoStore:
