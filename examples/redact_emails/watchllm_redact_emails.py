@@ -12,6 +12,7 @@ entry point; or load it without installing: WATCHLLM_PLUGINS=watchllm_redact_ema
 from __future__ import annotations
 
 import re
+import threading
 from typing import Any
 
 from starlette.requests import Request
@@ -26,12 +27,17 @@ EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+")
 class EmailRedactor:
     def __init__(self) -> None:
         self.redacted_total = 0
+        # transform_events runs on a worker thread for big bodies (docs/PLUGINS.md, Threads),
+        # possibly beside another request's: the counter's += is not atomic.
+        self._lock = threading.Lock()
 
     def _redact(self, text: str | None) -> str | None:
         if not text or "@" not in text:
             return text
         new, count = EMAIL.subn("[email]", text)
-        self.redacted_total += count
+        if count:
+            with self._lock:
+                self.redacted_total += count
         return new
 
     @hookimpl
