@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import re
 import time
 import zlib
@@ -202,6 +203,23 @@ CASES: list[Case] = [
          body=bad("late", timestamp="2300-01-01T00:00:00Z"), rejected=(0,), says=("2100-01-01",)),
     Case("timestamp-before-1970", 422, "validation_failed", "timestamp",
          body=bad("early", timestamp="1969-12-31T23:59:59Z"), rejected=(0,), says=("1970-01-01",)),
+    # Epoch numbers as strings: seconds or milliseconds would be a guess (pydantic took both).
+    Case("timestamp-epoch-seconds-string", 422, "validation_failed", "timestamp",
+         body=bad("epochs", timestamp="1700000000"), rejected=(0,),
+         says=("RFC 3339", "2026-01-01T12:00:00Z")),
+    Case("timestamp-epoch-millis-string", 422, "validation_failed", "timestamp",
+         body=bad("epochms", timestamp="1700000000000"), rejected=(0,),
+         says=("RFC 3339", "2026-01-01T12:00:00Z")),
+    Case("timestamp-offset-without-colon", 422, "validation_failed", "timestamp",
+         body=bad("tzcolon", timestamp="2026-01-02T03:04:05+0100"), rejected=(0,),
+         says=("+hh:mm",)),
+    # Chat message content parts: a number that is not finite was stored as null.
+    Case("chat-content-number-overflows-double", 422, "validation_failed", "prompt[0].content",
+         body=raw(bad("chatinf", prompt=[{"role": "user", "content": [{"score": 1.0}]}]))
+         .replace(b'"score": 1.0', b'"score": -1e999'), rejected=(0,), says=("not finite",)),
+    Case("chat-content-nan-literal", 400, "malformed_json", "body",
+         body=raw(bad("chatnan", prompt=[{"role": "user", "content": [{"score": math.nan}]}])),
+         says=("line 1 column",)),
     Case("negative-tokens", 422, "validation_failed", "tokens_output",
          body=bad("negtok", tokens_output=-1), rejected=(0,), says=("greater than or equal",)),
     Case("tokens-over-uint32", 422, "validation_failed", "tokens_input",

@@ -30,6 +30,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, V
 from pydantic.fields import FieldInfo
 
 from watchllm_ext import fast_validate, schema
+from watchllm_ext.ingest import describe_errors
 from watchllm_ext.schema import EVENT_ADAPTER, EVENT_LIST_ADAPTER, MODELS_BY_TYPE, Event
 
 # Fixed, bounded: the same examples on every run, well under a minute in all.
@@ -146,8 +147,13 @@ def python_pattern(pattern: str) -> str:
 
 
 def timestamp_text(value: datetime, form: int) -> str:
+    # Forms 0-5: what clients send (the fast path's own); 6-11: the rest of RFC 3339 that the
+    # contract accepts (a space or lower case t and z), which the fast path hands to pydantic.
     text = value.isoformat(timespec=["seconds", "milliseconds", "microseconds"][form % 3])
-    return text.replace("+00:00", "Z") if form % 2 else text
+    text = text.replace("+00:00", "Z") if form % 2 else text
+    if form >= 6:
+        text = text.replace("T", " ") if form % 4 < 2 else text.replace("T", "t").replace("Z", "z")
+    return text
 
 
 def valid(alt: Alt) -> st.SearchStrategy[Any]:
@@ -175,7 +181,7 @@ def valid(alt: Alt) -> st.SearchStrategy[Any]:
                 max_value=alt.upper.replace(tzinfo=None) - timedelta(days=1),
                 timezones=st.sampled_from(TZS),
             ),
-            st.integers(0, 5),
+            st.integers(0, 11),
         )
     if alt.kind == "list":
         item = st.one_of([valid(a) for a in alt.items])
@@ -283,6 +289,19 @@ TIMESTAMPS: list[Any] = [
     "\u0032026-01-01T12:00:00Z",
     " 2026-01-01T12:00:00Z",
     "2026-01-01T12:00:00Z\n",
+    # schema.py's grammar around its edges (test_timestamp_grammar lists the verdicts)
+    "1700000000000",
+    "-1700000000",
+    "2026-01-01T12:00:00.123456789Z",
+    "2026-01-01T12:00:00.1234567891Z",
+    "2026-01-01T12:00:00.Z",
+    "2026-01-01T12:00:00z",
+    "2026-01-01t12:00:00.5+01:00",
+    "2026-01-01 12:00:00.123-05:30",
+    "2026-01-01T12:00:00 Z",
+    "2026-01-01T12:00:00+01:00:00",
+    "\u0662\u0660\u0662\u0666-01-01T12:00:00Z",
+    "2026-01-01T12:00:00\uff3a",
 ]
 STRING_OUTLIERS: list[Any] = [
     "\n",
@@ -371,8 +390,9 @@ def depth_of(value: Any) -> int:
 
 def may_decline(value: Any) -> bool:
     """NaN, Infinity and out-of-double-range literals: msgspec refuses the document, pydantic
-    only where a validator looks (chat message content keeps them: pydantic accepts). Free-form
-    JSON nested more than 170 levels deep: pydantic's limit is on the whole document."""
+    only where a validator looks (number fields, free-form JSON and chat message content all
+    refuse them). Free-form JSON nested more than 170 levels deep: pydantic's limit is on the
+    whole document."""
     if depth_of(value) > 170:
         return True
     if isinstance(value, Raw):
@@ -762,6 +782,87 @@ def test_events_can_be_changed_as_the_pipeline_does() -> None:
     event.cost_source = "computed"
     assert event.model_dump()["project_id"] == "p"
     assert "cost_source" in event.model_fields_set
+
+
+# --- the timestamp grammar (docs/EVENTS.md) and chat message content ----------------------------
+
+# (text, the instant it stands for in UTC, or None: refused), for both validators.
+TIMESTAMP_VERDICTS: list[tuple[str, str | None]] = [
+    ("2026-01-01T12:00:00Z", "2026-01-01T12:00:00"),
+    ("2026-01-01T12:00:00.5+01:00", "2026-01-01T11:00:00.5"),
+    ("2026-01-01T12:00:00-00:00", "2026-01-01T12:00:00"),
+    ("2026-01-01t12:00:00z", "2026-01-01T12:00:00"),  # RFC 3339 allows lower case
+    ("2026-01-01 12:00:00.123-05:30", "2026-01-01T17:30:00.123"),  # and, per its note, a space
+    ("2026-01-01T12:00:00.123456789Z", "2026-01-01T12:00:00.123456"),  # nanoseconds: truncated
+    ("1700000000", None),  # epoch seconds, as a string
+    ("1700000000000", None),  # epoch milliseconds, as a string
+    ("1700000000.5", None),
+    ("-1700000000", None),
+    ("2026-01-01T12:00:00", None),  # no zone
+    ("2026-01-01T12:00Z", None),  # no seconds
+    ("2026-01-01T12:00:00+0100", None),  # offset without its colon
+    ("2026-01-01T12:00:00+01", None),
+    ("2026-01-01T12:00:00,5Z", None),  # comma before the fraction
+    ("2026-01-01T12:00:00.Z", None),
+    ("2026-01-01T12:00:00.1234567891Z", None),  # more than 9 fraction digits
+    ("2026-01-01T12:00:00 Z", None),
+    ("20260101T120000Z", None),
+    ("\u0662\u0660\u0662\u0666-01-01T12:00:00Z", None),  # digits of another script
+    ("2026-01-01T12:00:00Z\n", None),
+    ("2026-02-30T00:00:00Z", None),  # the grammar fits; pydantic-core checks the date
+    ("2100-01-01T00:00:00Z", None),  # and the range
+]
+
+
+@pytest.mark.parametrize(("text", "instant"), TIMESTAMP_VERDICTS)
+def test_timestamp_grammar(text: str, instant: str | None) -> None:
+    body = dumps({**base_event("error"), "timestamp": text})
+    want = reference(body)
+    got = fast_validate.decode_event(body)
+    if instant is None:
+        assert want is None and got is None, text
+        with pytest.raises(ValidationError) as caught:
+            EVENT_ADAPTER.validate_json(body)
+        assert [e["loc"][-1] for e in caught.value.errors()] == ["timestamp"]
+        return
+    assert want is not None and got is not None, text
+    assert_same(got, want)
+    assert want.timestamp == datetime.fromisoformat(instant).replace(tzinfo=UTC)
+
+
+@pytest.mark.parametrize("text", ["1700000000", "1700000000000", "2026-01-01T12:00"])
+def test_a_refused_timestamp_names_the_field_and_the_form(text: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        EVENT_ADAPTER.validate_json(dumps({**base_event("error"), "timestamp": text}))
+    (error,) = caught.value.errors()
+    assert error["loc"][-1] == "timestamp"
+    assert "timestamp must be RFC 3339" in error["msg"] and "2026-01-01T12:00:00Z" in error["msg"]
+
+
+@pytest.mark.parametrize("literal", NOT_FINITE)
+def test_chat_content_parts_must_be_finite(literal: str) -> None:
+    """pydantic took NaN and 1e999 inside a message's content parts, and the spool then wrote
+    null: now refused, by both validators, at the message's content."""
+    parts = [{"type": "text", "text": "hi"}, {"type": "score", "value": Raw(literal)}]
+    event = {**base_event("prompt_call"), "prompt": [{"role": "user", "content": parts}]}
+    body = dumps(event)
+    assert fast_validate.decode_event(body) is None
+    with pytest.raises(ValidationError) as caught:
+        EVENT_ADAPTER.validate_json(body)
+    assert [e["msg"] for e in caught.value.errors() if e["type"] == "value_error"] == [
+        "Value error, holds a number that is not finite (NaN or out of range)"
+    ]
+    assert [field["field"] for field in describe_errors(caught.value)] == ["prompt[0].content"]
+
+
+def test_chat_content_is_bounded_as_json() -> None:
+    """A list of parts is held to the free-form JSON size limit, as text is to its own."""
+    big = [{"text": "x" * (schema.MAX_JSON_CHARS // 2)} for _ in range(3)]
+    event = {**base_event("prompt_call"), "prompt": [{"role": "user", "content": big}]}
+    body = dumps(event)
+    assert reference(body) is None and fast_validate.decode_event(body) is None
+    fine = {**event, "prompt": [{"role": "user", "content": big[:1]}]}
+    assert check(Case(dumps(fine), "content at half the limit")) == "accepted"
 
 
 # --- what msgspec cannot state goes to pydantic, field by field ----------------------------------

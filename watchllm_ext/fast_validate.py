@@ -14,18 +14,20 @@ be forgotten. A type or constraint this module does not mirror is never skipped:
 validated by pydantic itself (a TypeAdapter of the field's own annotation), and what cannot
 be handled that way (model validators, aliases, serializers) makes the import fail. What
 msgspec cannot express is checked after decoding:
-- timestamps (pydantic's lax RFC 3339 parsing, a required zone, a range, numbers refused by a
-  before-validator): the canonical `2026-01-01T12:00:00.123Z` form is parsed here, any other
-  string by pydantic's validator of the field;
+- timestamps (schema.py's RFC 3339 grammar in a before-validator, then pydantic's parsing, a
+  required zone, a range): the canonical `2026-01-01T12:00:00.123Z` form (a subset of that
+  grammar) is parsed here, any other string by pydantic's validator of the field, which runs
+  the before-validator too;
 - after-validators (the JSON size and finiteness checks) run on the decoded value, as pydantic
   runs them;
 - string patterns: pydantic's `$` is Rust's end of text, Python's `\\Z`;
 - a field with a field validator (cost_source: only the server sets it) is never accepted here:
   when the body names it, pydantic decides.
 Left to pydantic (None here; rare, and pydantic's answer is the one that counts): number
-literals msgspec refuses (NaN, Infinity, 1e999: pydantic refuses them too, except inside chat
-message content), free-form JSON nested within a few levels of pydantic's depth limit, and a key
-given twice whose first value is invalid (or event_type given twice, differently).
+literals msgspec refuses (NaN, Infinity, 1e999: pydantic refuses them too, free-form JSON
+and chat message content included), free-form JSON nested within a few levels of pydantic's
+depth limit, and a key given twice whose first value is invalid (or event_type given twice,
+differently).
 """
 
 from __future__ import annotations
@@ -423,8 +425,11 @@ def _decline_if_set(value: Any) -> Any:
 # --- fields pydantic checks itself -------------------------------------------------------------
 
 # The form clients send: date, T, time, at most 6 fractional digits, Z or a +hh:mm offset.
+# A subset of schema.py's grammar that fromisoformat reads as pydantic does; ASCII digits
+# only (\d would match other scripts' digits).
 _CANONICAL_TIMESTAMP = re.compile(
-    r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,6})?(?:Z|[+-]\d\d:\d\d)"
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,6})?"
+    r"(?:Z|[+-][0-9]{2}:[0-9]{2})"
 )
 
 

@@ -8,6 +8,7 @@ docs/EVENTS.md). This module imports only pydantic so the SDK can share it.
 from __future__ import annotations
 
 import math
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -120,10 +121,30 @@ def _all_finite(value: Any) -> bool:
     return True
 
 
+# The timestamp grammar (docs/EVENTS.md): RFC 3339 date-time, which allows t/z in lower case
+# and (its section 5.6 note) a space for the T; seconds required, a zone required, at most 9
+# fraction digits (nanoseconds; stored in milliseconds). pydantic's own parser is laxer: it
+# takes "1700000000" as epoch seconds and "1700000000000" as milliseconds, +0100, hh:mm and
+# a comma fraction, so this fullmatch runs first; pydantic-core still checks the values and
+# the range. ASCII digits only: \d would take other scripts' digits.
+_RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,9})?"
+    r"(?:[Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
+_rfc3339_match = _RFC3339.fullmatch
+TIMESTAMP_FORM = (
+    "RFC 3339 with a timezone (Z or +hh:mm), like 2026-01-01T12:00:00Z"
+    " or 2026-01-01T12:00:00.123+02:00"
+)
+
+
 def _rfc3339_text(value: Any) -> Any:
-    if isinstance(value, str | datetime):
-        return value
-    raise ValueError("timestamp must be an RFC 3339 string like 2026-01-01T12:00:00Z")
+    if isinstance(value, str):
+        if _rfc3339_match(value) is not None:
+            return value
+    elif isinstance(value, datetime):
+        return value  # from Python (the SDK): pydantic checks the zone and the range
+    raise ValueError(f"timestamp must be {TIMESTAMP_FORM}")
 
 
 # Free-form JSON, bounded once serialised (a deep or wide object cannot slip past).
@@ -143,7 +164,9 @@ class Client(_Strict):
 
 class ChatMessage(_Strict):
     role: Annotated[str, StringConstraints(min_length=1, max_length=64)]
-    content: Text | list[dict[str, Any]] | None = None
+    # Text or a list of content parts (free-form JSON): bounded and finite like metadata, or
+    # NaN and 1e999 inside the parts would be stored as null.
+    content: Annotated[Text | list[dict[str, Any]] | None, AfterValidator(_check_json_size)] = None
     name: Annotated[str, StringConstraints(max_length=MAX_NAME_CHARS)] | None = None
     tool_call_id: Annotated[str, StringConstraints(max_length=MAX_ID_CHARS)] | None = None
 
@@ -168,7 +191,8 @@ class BaseEvent(_Strict):
     run_id: Id
     # Range checked by pydantic-core itself (the Field before the BeforeValidator keeps it
     # in Rust: after it, pydantic checks the range in Python, 5x slower); the before-validator
-    # refuses numbers (epoch seconds or milliseconds would be ambiguous): RFC 3339 only.
+    # holds strings to the RFC 3339 grammar above (numbers, and epoch numbers as strings, are
+    # refused: seconds or milliseconds would be ambiguous).
     timestamp: Annotated[
         AwareDatetime, Field(ge=MIN_TIMESTAMP, lt=MAX_TIMESTAMP), BeforeValidator(_rfc3339_text)
     ]
