@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
+_DEMO_URL = "http://127.0.0.1:8787"  # where `watchllm serve` listens by default
 
 
 class CliError(Exception):
@@ -94,7 +97,35 @@ def _parser() -> argparse.ArgumentParser:
     remote(p)
     p.add_argument("--project", help="count only this project's rows")
     p.add_argument("--table", default="events", help="table to count (default: events)")
+    p.add_argument(
+        "--wait",
+        type=_positive,
+        metavar="N",
+        help="with --url: ask again until the count is at least N (events reach the store"
+        " within flush_interval_s, 1 s by default, of their 202)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="with --wait: give up after S seconds, exit 1 (default 30)",
+    )
     p.set_defaults(func=cmd_count_rows)
+
+    p = sub.add_parser(
+        "demo",
+        help="load a realistic sample (runs, tool calls, errors, slow calls, last 7 days)"
+        " into a running server, to look at in the analytics API",
+    )
+    p.add_argument("--events", type=_positive, default=1000, help="how many events (default 1000)")
+    p.add_argument("--url", help=f"the server (default: $WATCHLLM_BASE_URL or {_DEMO_URL})")
+    p.add_argument("--key", help="a key of the project to load (default: $WATCHLLM_API_KEY)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="the same seed in the same minute: the same events"
+    )
+    p.add_argument("--days", type=float, default=7.0, help="spread over this many days (7)")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
         "golden-path", help="send an event over HTTP and wait until the analytics API shows it"
@@ -242,12 +273,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("Try it:")
         print(f"  curl -X POST {url}/v1/projects/default/events \\")
         print(f"    -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\")
+        # The shell fills in the time when the line is pasted, not when it was printed: the
+        # event lands in the analytics' default window (the last 24 hours) whenever it is sent.
         print(
             '    -d \'{"event_id":"e1","event_type":"prompt_call","run_id":"r1",'
-            '"timestamp":"2026-01-01T00:00:00Z","model":"gpt-4o",'
-            '"tokens_input":10,"tokens_output":20}\'',
-            flush=True,
+            '"timestamp":"\'"$(date -u +%Y-%m-%dT%H:%M:%SZ)"\'","model":"gpt-4o",'
+            '"tokens_input":10,"tokens_output":20}\''
         )
+        print("Then load a sample to look at (a few seconds):")
+        print(f"  watchllm demo --url {url} --key {key}", flush=True)
     print(f"WatchLLM {_version()} listening on {url} (data in {settings.data_dir})", flush=True)
     tune_for_serving()
     # With the time limits for slow headers and idle keep-alive connections (serving.py).
@@ -390,12 +424,46 @@ def cmd_count_rows(args: argparse.Namespace) -> int:
         answer = _remote(args, "/v1/admin/count", params)
         # An admin key counts its own project when none is named: say which one was counted.
         count, project = answer["count"], answer.get("project")
+        deadline = time.monotonic() + args.timeout
+        # Accepted events reach the store at the writer's next flush (flush_interval_s).
+        while args.wait and count < args.wait and time.monotonic() < deadline:
+            time.sleep(0.2)
+            count = _remote(args, "/v1/admin/count", params)["count"]
     else:
+        if args.wait:
+            # The folder is open in one process only: no server is writing to it now.
+            raise CliUsageError("--wait needs --url: only a running server adds rows")
         count = _with_local_store(args, lambda s: count_rows(s, args.table, args.project))
         project = args.project
     scope = f"project {project}" if project else "all projects"
     print(f"rows in {args.table} ({scope}):")
     print(count)
+    if args.wait and count < args.wait:
+        raise CliError(
+            f"{args.table} has {count} rows, not {args.wait}, after --timeout {args.timeout:g} s"
+            " (events reach the store within the server's flush_interval_s of their 202;"
+            " more missing means they were not accepted, or the store is behind: GET /readyz)"
+        )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoError, build, look_at, send, summary
+
+    url = args.url or os.environ.get("WATCHLLM_BASE_URL") or _DEMO_URL
+    key = args.key or os.environ.get("WATCHLLM_API_KEY")
+    if not key:
+        raise CliUsageError(
+            "demo needs a key of the project to load: --key, or WATCHLLM_API_KEY"
+            " (the first `watchllm serve` prints one)"
+        )
+    try:
+        sample = build(args.events, seed=args.seed, days=args.days)
+        project = send(url, key, sample)
+    except DemoError as exc:
+        raise CliError(str(exc)) from None
+    for line in [*summary(sample), *look_at(url, project, sample)]:
+        print(line)
     return 0
 
 
@@ -552,9 +620,14 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
             key = keys.create(args.project, scope=args.scope, name=args.name)
     except KeyStoreError as exc:
         raise CliError(str(exc)) from None
-    print(f"Created a {args.scope} key for project {args.project}. It is shown only once:")
+    article = _article(args.scope)
+    print(f"Created {article} {args.scope} key for project {args.project}. It is shown only once:")
     print(key)
     return 0
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
