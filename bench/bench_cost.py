@@ -13,26 +13,20 @@ ratio of the transform to the baseline.
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
+import sys
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_validate import best_us_per_event
 from genai_prices import Usage, calc_price
 
 from watchllm_ext.builtins.cost import CostEstimator
 from watchllm_ext.schema import EVENT_ADAPTER
 
 MODELS = [("google", "gemini-1.5-flash"), ("openai", "gpt-4o"), ("anthropic", "claude-sonnet-4-5")]
-
-
-def best_us(fn: Callable[[], Any], runs: int, n: int) -> float:
-    best = float("inf")
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best / n * 1e6
 
 
 def main() -> None:
@@ -73,8 +67,8 @@ def main() -> None:
             for t_in, t_out in sample:
                 price.calc_price(Usage(input_tokens=t_in, output_tokens=t_out))
 
-        ours = best_us(transform, args.runs, len(events))
-        theirs = best_us(library, max(3, args.runs // 4), len(sample))
+        ours = best_us_per_event(transform, args.runs, len(events))
+        theirs = best_us_per_event(library, max(3, args.runs // 4), len(sample))
         print(f"{model:<22} {ours:>19.2f} {theirs:>20.2f} {ours / theirs:>7.4f}x")
 
 
