@@ -94,15 +94,28 @@ def test_serve_first_start_prints_a_key_and_the_read_commands_work(
         )
         assert r.status_code == 202, r.text
 
+    # The curl line it printed, pasted into a shell as it is: the event is dated now, so the
+    # analytics' default window (the last 24 hours) shows it.
+    pasted = text.split("Try it:\n", 1)[1].split("Then load", 1)[0]
+    sent = subprocess.run(["bash", "-c", pasted], capture_output=True, text=True, check=False)
+    assert sent.returncode == 0 and '"accepted":1' in sent.stdout, sent.stdout + sent.stderr
+    assert f"watchllm demo --url {served.url} --key {key}" in text
+
     remote = ["--url", served.url, "--key", key]
-    deadline = time.monotonic() + 10
-    while True:
-        counted = cli("count-rows", *remote)
-        assert counted.returncode == 0, counted.stderr
-        if counted.stdout.strip().splitlines()[-1] == "7" or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    assert counted.stdout.strip().splitlines()[-1] == "7"
+    # --wait: asks again until the writer's flush has stored them all (1 + 7).
+    counted = cli("count-rows", *remote, "--wait", "8", "--timeout", "20")
+    assert counted.returncode == 0, counted.stderr
+    assert counted.stdout.strip().splitlines()[-1] == "8"
+    stats = httpx.get(
+        f"{served.url}/v1/analytics/stats",
+        params={"project_id": "default"},
+        headers={"Authorization": f"Bearer {key}"},
+    ).json()
+    # The pasted event only: the seven above are dated 2026-01-02, outside the last 24 hours.
+    assert stats["total_events"] == 1, stats
+    short = cli("count-rows", *remote, "--wait", "9", "--timeout", "0.3")
+    assert short.returncode == 1 and short.stdout.strip().splitlines()[-1] == "8"
+    assert "not 9" in short.stderr and "flush_interval_s" in short.stderr
     # The first key is an admin of project default: another project is refused (docs/API.md).
     other = cli("count-rows", *remote, "--project", "nope")
     assert other.returncode == 1 and "'nope'" in other.stderr and "operator" in other.stderr
@@ -125,7 +138,10 @@ def test_serve_first_start_prints_a_key_and_the_read_commands_work(
     assert "Application shutdown complete" in "".join(served.output)
     local = cli("count-rows", "--data-dir", data, "--project", "default")
     assert local.returncode == 0, local.stderr
-    assert local.stdout.strip().splitlines()[-1] == "7"
+    assert local.stdout.strip().splitlines()[-1] == "8"
+    # Nothing writes to a folder that no server holds: waiting there is a usage error.
+    waiting = cli("count-rows", "--data-dir", data, "--wait", "9")
+    assert waiting.returncode == 2 and "--wait needs --url" in waiting.stderr
     assert (
         "Successfully connected to ClickHouse! Version:"
         in cli("verify-clickhouse", "--data-dir", data).stdout
@@ -155,6 +171,11 @@ def test_keys_commands(tmp_path: Path) -> None:
     assert made.returncode == 0
     key = made.stdout.strip().splitlines()[-1]
     assert key.startswith("wllm_")
+    assert made.stdout.startswith("Created a read key for project p1.")
+    admin = cli("keys", "create", "--project", "p1", "--scope", "admin", "--data-dir", data)
+    assert admin.stdout.startswith("Created an admin key for project p1."), admin.stdout
+    ingest = cli("keys", "create", "--project", "p1", "--data-dir", data)
+    assert ingest.stdout.startswith("Created an ingest key"), ingest.stdout
     listed = cli("keys", "list", "--data-dir", data).stdout
     assert "p1" in listed and "read" in listed and key not in listed
     bad = cli("keys", "create", "--project", "p 1", "--data-dir", data)
