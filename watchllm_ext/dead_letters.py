@@ -23,6 +23,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from .spool import fsync_dir
+
 log = logging.getLogger("watchllm.dead_letters")
 
 _TAIL_CHUNK = 64 * 1024
@@ -162,7 +164,7 @@ def append_dead_letter(path: Path, entry: DeadLetter) -> None:
     finally:
         os.close(fd)
     if new:
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
 
 def _complete_length(fd: int, size: int) -> int:
@@ -182,14 +184,6 @@ def _complete_length(fd: int, size: int) -> int:
 
 def dead_letter(sink: str, reason: str, events: list[Any] | None, raw: str | None) -> DeadLetter:
     return DeadLetter(sink, datetime.now(UTC).isoformat(), reason, events or [], raw)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- replaying ----------------------------------------------------------------------------------

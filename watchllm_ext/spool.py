@@ -174,7 +174,7 @@ class Spool:
         self._synced = anyio.Event()
         self._appended = anyio.Event()
         self._last_sync = time.monotonic()
-        _fsync_dir(self.segments_dir)
+        fsync_dir(self.segments_dir)
 
     # --- writing ----------------------------------------------------------------------------
 
@@ -269,7 +269,7 @@ class Spool:
             self.segments_dir / _segment_name(self._active),
             os.O_WRONLY | os.O_CREAT | os.O_APPEND,
         )
-        _fsync_dir(self.segments_dir)
+        fsync_dir(self.segments_dir)
         # Everything before the new segment is on disk now.
         self._written = self._durable = Position(self._active, 0)
         self.disk_full_since_roll = False
@@ -470,7 +470,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
