@@ -21,6 +21,7 @@ import pytest
 from conftest import Running, prompt_call
 from stores import CHDB_ONLY, EVERY_STORE
 
+from watchllm_ext.analytics.params import PERIODS
 from watchllm_ext.analytics.rollup import refresh_rollups
 
 pytestmark = EVERY_STORE
@@ -444,6 +445,13 @@ def test_runs_pagination(loaded: Any) -> None:
     assert {r["run_id"]: r["event_count"] for r in first} == dict(by_run)
 
 
+# The routes that take a time range (period, or from/to); the other two look up an id.
+RANGE_ROUTES = [
+    "/v1/analytics/stats",
+    "/v1/analytics/timeseries",
+    "/v1/analytics/logs",
+    "/v1/analytics/runs",
+]
 ROUTES = [
     "/v1/analytics/stats",
     "/v1/analytics/timeseries",
@@ -495,6 +503,14 @@ def test_isolation(server: Running, path: str) -> None:
         ("/v1/analytics/timeseries", {"interval": "1m", "period": "30d"}, "interval"),
         ("/v1/analytics/timeseries", {"group_by": "user"}, "group_by"),
         ("/v1/analytics/stats", {"project_id": ""}, "project_id"),
+        ("/v1/analytics/runs", {"project_id": "a b"}, "project_id"),
+        # One time-range vocabulary: each route with a range refuses the same way.
+        *[(path, {"period": "2h"}, "period") for path in RANGE_ROUTES],
+        *[
+            (path, {"period": "24h", "from": "2026-01-01T00:00:00Z"}, "period")
+            for path in RANGE_ROUTES
+        ],
+        ("/v1/analytics/logs", {"period": "30d", "to": "not-a-time"}, "to"),
     ],
 )
 def test_bad_parameters_name_the_parameter(
@@ -803,3 +819,182 @@ def test_rows_stored_before_value_format_read_as_before(server: Running) -> None
     assert got["metadata"] == {"k": 1} and got["prompt"] == [{"role": "user"}]
     assert got["tool_input"] == {"a": 1} and got["tool_output"] == "plain text"
     assert got["expected"] == "[1, 2"
+
+
+# --- one time-range vocabulary, project_id optional (issue 14) ---
+
+# One event per age, back from T: each period holds exactly the events younger than it.
+T = datetime(2026, 6, 1, 12, tzinfo=UTC)
+AGES = [
+    timedelta(minutes=10),
+    timedelta(minutes=50),
+    timedelta(hours=5),
+    timedelta(hours=11),
+    timedelta(hours=23),
+    timedelta(days=6),
+    timedelta(days=29),
+    timedelta(days=89),
+    timedelta(days=100),
+]
+
+
+def _events_in(server: Running, path: str, key: str | None = None, **params: Any) -> set[str]:
+    """The ids (events, or runs for /runs) a range route's answer counts."""
+    got = get(server, path, key, **params)
+    if path.endswith("/stats"):
+        return {f"event {i}" for i in range(got["total_events"])}
+    if path.endswith("/timeseries"):
+        return {f"event {i}" for i in range(sum(p["events"] for p in got["series"]["all"]))}
+    if path.endswith("/logs"):
+        return {e["event_id"] for e in got["events"]}
+    return {r["run_id"] for r in got["runs"]}
+
+
+def test_one_time_range_vocabulary_on_every_route(server: Running) -> None:
+    now = datetime.now(UTC)
+    events = [
+        prompt_call(f"age-{i}", run_id=f"age-{i}", timestamp=_iso(T - age))
+        for i, age in enumerate(AGES)
+    ] + [
+        prompt_call("now-1h", run_id="now-1h", timestamp=_iso(now - timedelta(hours=1))),
+        prompt_call("now-25h", run_id="now-25h", timestamp=_iso(now - timedelta(hours=25))),
+    ]
+    r = server.client.post("/v1/events/batch", headers=server.headers(), json={"events": events})
+    assert r.status_code == 202, r.text
+    server.flush()
+    for path in RANGE_ROUTES:
+        exact = not path.endswith(("/stats", "/timeseries"))  # those two answer counts only
+        for name, length in PERIODS.items():
+            want = {f"age-{i}" for i, age in enumerate(AGES) if age < length}
+            # `period` counts back from `to`; `from`/`to` naming the same range agree.
+            by_period = _events_in(server, path, period=name, to=_iso(T))
+            by_bounds = _events_in(server, path, **{"from": _iso(T - length), "to": _iso(T)})
+            assert by_period == by_bounds, (path, name)
+            assert (by_period if exact else len(by_period)) == (want if exact else len(want))
+        # Neither period nor from: the last 24 hours; period alone counts back from now.
+        assert len(_events_in(server, path)) == 1, path
+        assert len(_events_in(server, path, period="30d")) == 2, path
+        assert len(_events_in(server, path, to=_iso(T))) == 5, path  # 24 hours back from to
+    stats = get(server, "/v1/analytics/stats", period="7d", to=_iso(T))
+    assert datetime.fromisoformat(stats["from"]) == T - timedelta(days=7)
+    assert datetime.fromisoformat(stats["to"]) == T
+    # An unknown period lists the choices; period with from is two starts.
+    for path in RANGE_ROUTES:
+        r = server.client.get(path, params={"period": "1w"}, headers=server.headers())
+        assert (r.status_code, r.json()["field"]) == (400, "period"), path
+        assert all(name in r.json()["message"] for name in PERIODS)
+        r = server.client.get(
+            path, params={"period": "1h", "from": _iso(T)}, headers=server.headers()
+        )
+        assert (r.status_code, r.json()["field"]) == (400, "period"), path
+
+
+def _shows(path: str, got: dict[str, Any], project: str) -> bool:
+    """Does the answer of `path` hold exactly `project`'s one event (a1/ra or b1/rb)?"""
+    event_id, run_id = PROJECT_DATA[project]
+    if path.endswith("/stats"):
+        return got["project_id"] == project and got["total_events"] == 1
+    if path.endswith("/timeseries"):
+        return got["project_id"] == project and sum(p["events"] for p in got["series"]["all"]) == 1
+    if path.endswith("/logs"):
+        return [e["event_id"] for e in got["events"]] == [event_id]
+    if path.endswith("/runs"):
+        return [r["run_id"] for r in got["runs"]] == [run_id]
+    if "/event/" in path:
+        return got["event"]["event_id"] == event_id and got["event"]["project_id"] == project
+    return got["project_id"] == project and got["run"]["run_id"] == run_id
+
+
+PROJECT_DATA = {"acme": ("a1", "ra"), "beta": ("b1", "rb")}
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_project_id_optional_for_a_project_key_required_for_an_operator_key(
+    server: Running, route: str
+) -> None:
+    beta = server.keys.create("beta", scope="ingest")
+    reader = server.keys.create("acme", scope="read")
+    operator = server.keys.create("ops", scope="operator")
+    import time
+
+    time.sleep(1.1)  # the key cache rereads the key file
+    t = _iso(datetime.now(UTC) - timedelta(hours=1))
+    for key, (event_id, run_id) in (
+        (server.key, PROJECT_DATA["acme"]),
+        (beta, PROJECT_DATA["beta"]),
+    ):
+        r = server.client.post(
+            "/v1/events/batch",
+            headers=server.headers(key),
+            json={"events": [prompt_call(event_id, run_id=run_id, timestamp=t)]},
+        )
+        assert r.status_code == 202, r.text
+    server.flush()
+
+    def call(key: str, project: str | None, data_of: str = "acme") -> httpx.Response:
+        event_id, run_id = PROJECT_DATA[data_of]
+        path = route.replace("/event/x", f"/event/{event_id}").replace("/runs/x", f"/runs/{run_id}")
+        params = {} if project is None else {"project_id": project}
+        return server.client.get(path, params=params, headers=server.headers(key))
+
+    # A project's key (admin or read): its own project, named or left out; another is 403.
+    for key in (server.key, reader):
+        for project in (None, "acme"):
+            r = call(key, project)
+            assert r.status_code == 200 and _shows(route, r.json(), "acme"), (project, r.text)
+        r = call(key, "beta", data_of="beta")
+        assert (r.status_code, r.json()["field"]) == (403, "project_id")
+        assert "'acme'" in r.json()["message"] and "'beta'" in r.json()["message"]
+    # An operator key reads every project, so it names one: without project_id, a 400.
+    r = call(operator, None)
+    assert (r.status_code, r.json()["field"]) == (400, "project_id")
+    assert "operator" in r.json()["message"]
+    for project in ("acme", "beta"):
+        r = call(operator, project, data_of=project)
+        assert r.status_code == 200 and _shows(route, r.json(), project), (project, r.text)
+
+
+def _nodes(tree: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [n for root in tree for n in (root, *_nodes(root["children"]))]
+
+
+def test_run_tree_and_logs_show_each_event_alike_with_its_stored_cost_source(
+    server: Running,
+) -> None:
+    t = datetime.now(UTC) - timedelta(hours=1)
+    events = [
+        prompt_call("priced", run_id="costs", timestamp=_iso(t)),  # gpt-4o, priced here
+        prompt_call(
+            "client",
+            run_id="costs",
+            parent_event_id="priced",
+            timestamp=_iso(t + timedelta(seconds=1)),
+            cost_estimate_usd=0.25,
+            user_id="u1",
+            session_id="s1",
+            tags=["blue"],
+        ),
+        prompt_call(
+            "unpriced",
+            run_id="costs",
+            timestamp=_iso(t + timedelta(seconds=2)),
+            model="no-such-model-anywhere",
+        ),
+    ]
+    r = server.client.post("/v1/events/batch", headers=server.headers(), json={"events": events})
+    assert r.status_code == 202, r.text
+    server.flush()
+    logs = {e["event_id"]: e for e in get(server, "/v1/analytics/logs", run_id="costs")["events"]}
+    tree = get(server, "/v1/analytics/runs/costs")["tree"]
+    in_tree = {n["id"]: n["event"] for n in _nodes(tree) if n["kind"] == "event"}
+    assert in_tree == logs  # every field, cost_source, user, session and tags included
+    stored = {
+        row["event_id"]: row["cost_source"]
+        for row in server.query(
+            "SELECT event_id, cost_source FROM events FINAL WHERE run_id = {r:String}",
+            {"r": "costs"},
+        )
+    }
+    assert stored == {"priced": "computed", "client": "client", "unpriced": "unknown"}
+    assert {i: e["cost_source"] for i, e in in_tree.items()} == stored
+    assert (in_tree["client"]["user_id"], in_tree["client"]["tags"]) == ("u1", ["blue"])

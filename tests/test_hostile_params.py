@@ -20,19 +20,21 @@ from hypothesis import strategies as st
 from starlette.testclient import TestClient
 from stores import EVERY_STORE, StoreBackend
 
+from watchllm_ext.analytics.params import PERIODS
 from watchllm_ext.app import create_app
 from watchllm_ext.keys import KeyStore
 
 pytestmark = EVERY_STORE
 
-# Each route's query parameters (project_id on all of them) and its path parameter, if any.
+# Each route's query parameters (project_id on all of them; the time range on each route
+# that has one) and its path parameter, if any.
 COMMON = ("project_id",)
-RANGE = ("from", "to")
+RANGE = ("period", "from", "to")
 FILTERS = ("model", "run_id", "user_id", "tag", "q")
 ROUTES: dict[str, tuple[tuple[str, ...], str | None]] = {
     "/v1/analytics/stats": ((*COMMON, *RANGE), None),
     "/v1/analytics/timeseries": (
-        (*COMMON, *RANGE, "period", "interval", "tz", "group_by", "groups", "rank_by"),
+        (*COMMON, *RANGE, "interval", "tz", "group_by", "groups", "rank_by"),
         None,
     ),
     "/v1/analytics/logs": (
@@ -80,6 +82,11 @@ NASTY = [
     "1h",
     "1m",
     "30d",
+    "90d",
+    "15m",
+    "2h",
+    "24H",
+    "1d",
     "model",
     "acme",
     "UTC",
@@ -89,8 +96,9 @@ NASTY = [
 # Values each parameter accepts (the data below is on 2026-01-02).
 GOOD = {
     "from": ["2026-01-01T00:00:00Z", "2026-01-02T03:00:00+01:00"],
-    "to": ["2026-01-03T00:00:00Z"],
-    "period": ["24h", "7d"],
+    "to": ["2026-01-03T00:00:00Z", "1970-01-01T00:10:00Z", "2100-01-01T00:00:00Z"],
+    "period": list(PERIODS),
+    "project_id": ["acme", "beta"],
     "interval": ["1h", "1d", "15m"],
     "tz": ["Europe/Paris", "Asia/Kolkata", "UTC"],
     "group_by": ["model", "status", "event_type"],
@@ -146,9 +154,14 @@ def _query(params: dict[str, str]) -> str:
 
 
 @pytest.fixture
-def app_client(tmp_path: Path, store_backend: StoreBackend) -> Iterator[tuple[TestClient, str]]:
+def app_client(
+    tmp_path: Path, store_backend: StoreBackend
+) -> Iterator[tuple[TestClient, str, str]]:
     settings_ = make_settings(tmp_path, **store_backend.settings())
-    key = KeyStore(settings_.keys_path).create("acme", scope="admin")
+    keys = KeyStore(settings_.keys_path)
+    key = keys.create("acme", scope="admin")
+    # Instance-wide: it names the project it reads, any project (docs/API.md).
+    operator = keys.create("ops", scope="operator")
     app = create_app(settings_)
     with TestClient(app, raise_server_exceptions=False) as client:
         events = [prompt_call(f"h{i}", run_id=f"run-{i % 3}", model=f"m{i % 4}") for i in range(20)]
@@ -156,17 +169,16 @@ def app_client(tmp_path: Path, store_backend: StoreBackend) -> Iterator[tuple[Te
             "/v1/events/batch", headers={"Authorization": f"Bearer {key}"}, json={"events": events}
         )
         assert r.status_code == 202, r.text
-        yield client, key
+        yield client, key, operator
 
 
 def test_hostile_values_on_every_route_never_5xx_and_400_names_the_field(
-    app_client: tuple[TestClient, str],
+    app_client: tuple[TestClient, str, str],
 ) -> None:
-    client, key = app_client
-    headers = {"Authorization": f"Bearer {key}"}
+    client, key, operator = app_client
 
     @st.composite
-    def requests(draw: st.DrawFn) -> tuple[str, dict[str, str], set[str]]:
+    def requests(draw: st.DrawFn) -> tuple[str, dict[str, str], set[str], str]:
         path = draw(st.sampled_from(sorted(ROUTES)))
         names, path_param = ROUTES[path]
         chosen = draw(st.lists(st.sampled_from(names), unique=True, max_size=4))
@@ -175,17 +187,24 @@ def test_hostile_values_on_every_route_never_5xx_and_400_names_the_field(
             name: draw(st.one_of(HOSTILE, st.sampled_from(GOOD.get(name, ["x"]))))
             for name in chosen
         }
-        # Mostly the key's own project, so that the other parameters reach their parsers.
+        # Mostly a project the key may read (its own, named or left out, or any for the
+        # operator key), so that the other parameters reach their parsers.
+        caller = draw(st.sampled_from([key, key, operator]))
         if "project_id" not in params or draw(st.booleans()):
-            params["project_id"] = "acme"
-        fields = set(params)
+            choices = ["acme", None] if caller == key else ["acme", "beta", None]
+            project = draw(st.sampled_from(choices))
+            params.pop("project_id", None)
+            if project:
+                params["project_id"] = project
+        # An operator key without project_id is a 400 naming it.
+        fields = set(params) | ({"project_id"} if caller == operator else set())
         if path_param:
             value = draw(st.one_of(HOSTILE, st.sampled_from(["h1", "run-1"])))
             path = path.replace(
                 "{" + path_param + "}", quote(value.encode("utf-8", "surrogatepass"), safe="")
             )
             fields.add(path_param)
-        return path, params, fields
+        return path, params, fields, caller
 
     @settings(
         max_examples=250,
@@ -194,9 +213,9 @@ def test_hostile_values_on_every_route_never_5xx_and_400_names_the_field(
         database=None,
     )
     @given(requests())
-    def check(request: tuple[str, dict[str, str], set[str]]) -> None:
-        path, params, fields = request
-        r = client.get(f"{path}?{_query(params)}", headers=headers)
+    def check(request: tuple[str, dict[str, str], set[str], str]) -> None:
+        path, params, fields, caller = request
+        r = client.get(f"{path}?{_query(params)}", headers={"Authorization": f"Bearer {caller}"})
         assert r.status_code < 500, (path, params, r.status_code, r.text[:300])
         if r.status_code in (400, 403):
             body = r.json()

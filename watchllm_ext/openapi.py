@@ -125,11 +125,21 @@ def _path(name: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
 # The bounds below are those of analytics/params.py, taken from its constants where it has them.
 _ID_SCHEMA = {"type": "string", "pattern": f"^[A-Za-z0-9_.:\\-]{{1,{MAX_ID_CHARS}}}$"}
 _TIME = {"type": "string", "format": "date-time", "maxLength": 64}
-_PROJECT = _query("project_id", "the project; must be the key's", required=True)
+_PROJECT = _query(
+    "project_id",
+    "the project read (default: the key's own; another project is 403). Required with an"
+    " `operator` key, which may read any project (without it: 400 naming `project_id`)",
+    {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.\\-]{0,63}$"},
+)
+# One time-range vocabulary on every route with a range (docs/ANALYTICS.md, "Time range").
 _RANGE = [
     _query(
-        "from", "RFC 3339 time with a zone, 1970 to 2100 (default: 24 hours before `to`)", _TIME
+        "period",
+        "the range ends at `to` (default: now) and goes back this long; not with `from`"
+        f" (default: {P.DEFAULT_PERIOD} when `from` is not given either)",
+        {"enum": list(P.PERIODS)},
     ),
+    _query("from", "RFC 3339 time with a zone, 1970 to 2100; not with `period`", _TIME),
     _query("to", "RFC 3339 time with a zone, 1970 to 2100 (default: now)", _TIME),
 ]
 
@@ -335,7 +345,6 @@ def build_document() -> dict[str, Any]:
             [
                 _PROJECT,
                 *_RANGE,
-                _query("period", "instead of from", {"enum": list(P.PERIODS)}),
                 _query(
                     "interval",
                     f"bucket size (default: one that fits the range; at most {P.MAX_BUCKETS}"

@@ -18,13 +18,18 @@ from ..auth import Principal
 from ..errors import Problem, other_project
 from ..schema import MAX_ID_CHARS, MAX_TIMESTAMP, MIN_TIMESTAMP
 
+# `period`, on every route that takes a time range (docs/ANALYTICS.md, "Time range").
 PERIODS = {
+    "15m": timedelta(minutes=15),
     "1h": timedelta(hours=1),
     "6h": timedelta(hours=6),
+    "12h": timedelta(hours=12),
     "24h": timedelta(hours=24),
     "7d": timedelta(days=7),
     "30d": timedelta(days=30),
+    "90d": timedelta(days=90),
 }
+DEFAULT_PERIOD = "24h"
 # Interval name -> (unit, step, length).
 INTERVALS = {
     "1m": ("Minute", 1, timedelta(minutes=1)),
@@ -48,6 +53,8 @@ RANK_BY = ("events", "requests", "errors", "cost", "tokens")
 # Event and run ids as the event schema takes them (schema.Id): nothing else can be stored.
 _ID = re.compile(rf"[A-Za-z0-9_.:\-]{{1,{MAX_ID_CHARS}}}")
 _DIGITS = re.compile(r"[0-9]{1,9}")
+# Project ids as keys take them (schema.ProjectId).
+_PROJECT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 MAX_TZ_CHARS = 64
 
 
@@ -56,9 +63,23 @@ def bad(name: str, message: str) -> Problem:
 
 
 def project(params: QueryParams, principal: Principal) -> str:
+    """`project_id`: a project's key reads its own project, so it may leave it out (another
+    project is 403). An operator key is instance-wide (docs/API.md, "Keys and scopes"): it
+    has no project to fall back on, so it must name the one it reads, and may name any."""
     project_id = params.get("project_id")
-    if not project_id:
-        raise bad("project_id", "required")
+    if project_id is not None and not _PROJECT.fullmatch(project_id):
+        shown = project_id if len(project_id) <= 64 else project_id[:64] + "..."
+        raise bad("project_id", f"not a project id (1-64 of A-Z a-z 0-9 _ . -): {shown!r}")
+    if principal.can("operator"):
+        if project_id is None:
+            raise bad(
+                "project_id",
+                "required with an operator key, which reads every project:"
+                " name one, e.g. project_id=default",
+            )
+        return project_id
+    if project_id is None:
+        return principal.project_id
     if project_id != principal.project_id:
         raise other_project(principal.project_id, project_id)
     return project_id
@@ -96,21 +117,22 @@ class Range:
         return self.end - self.start
 
 
-def time_range(params: QueryParams, *, allow_period: bool = False) -> Range:
-    """`from`/`to` (RFC 3339), or `period` back from `to`; the last 24 hours by default."""
+def time_range(params: QueryParams) -> Range:
+    """The time range of every analytics route that takes one: `period` back from `to` (now
+    by default), or `from`/`to`; the last 24 hours when neither `period` nor `from` is given.
+    `period` with `from` is a 400: two starts."""
     end = _instant(params, "to") or datetime.now(UTC)
     start = _instant(params, "from")
     period = params.get("period")
     if period is not None:
-        if not allow_period:
-            raise bad("period", "not a parameter of this route")
         if period not in PERIODS:
-            raise bad("period", f"must be one of {', '.join(PERIODS)}")
+            shown = period if len(period) <= 16 else period[:16] + "..."
+            raise bad("period", f"must be one of {', '.join(PERIODS)}, not {shown!r}")
         if start is not None:
-            raise bad("period", "give either period or from, not both")
+            raise bad("period", "give either period or from, not both (period counts back from to)")
         start = end - PERIODS[period]
     if start is None:
-        start = end - timedelta(hours=24)
+        start = end - PERIODS[DEFAULT_PERIOD]
     if start >= end:
         raise bad("from", "must be before to")
     if end - start > MAX_RANGE:

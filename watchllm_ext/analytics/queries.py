@@ -452,20 +452,14 @@ FROM ({_RUN_ROWS})
 GROUP BY run_id
 """
 
-RUN_EVENTS = (
-    """
-SELECT event_id, event_type, toString(timestamp) AS ts, parent_event_id, model,
-       provider, status, latency_ms, tokens_input, tokens_output, cost_estimate_usd,
-       tool_name, step_number, step_name, error_type, error_message,
-       substring(ifNull(prompt, ''), 1, 200) AS prompt_preview,
-       substring(ifNull(response, ''), 1, 200) AS response_preview
-FROM ("""
-    + _RUN_ROWS
-    + """)
+# The columns of LOGS, so that an event in a run tree reads as it does in /logs (cost_source,
+# user, session and tags included).
+RUN_EVENTS = f"""
+SELECT {LOG_COLUMNS}
+FROM ({_RUN_ROWS})
 ORDER BY timestamp, event_id
 LIMIT 10000
 """
-)
 
 RUN_SPANS = """
 SELECT span_id, parent_span_id, name, kind, toString(start_time) AS ts,

@@ -1,5 +1,7 @@
-"""The analytics routes. Each: authenticate (read scope, own project), parse parameters,
-run named queries from queries.py in a worker thread, shape the answer (models.py)."""
+"""The analytics routes. Each: authenticate (read scope; the key's project, or the one an
+operator key names), parse parameters (one time-range vocabulary for every route with a
+range, params.time_range), run named queries from queries.py in a worker thread, shape the
+answer (models.py)."""
 
 from __future__ import annotations
 
@@ -266,7 +268,7 @@ async def timeseries(request: Request) -> Response:
     """GET /v1/analytics/timeseries"""
     _, store, project = _context(request)
     qp = request.query_params
-    span = P.time_range(qp, allow_period=True)
+    span = P.time_range(qp)
     interval = P.interval(qp, span)
     group = P.choice(qp, "group_by", tuple(Q.GROUP_COLUMNS))
     wanted_groups = P.whole(qp, "groups", P.DEFAULT_GROUPS, P.MAX_GROUPS)
