@@ -1,15 +1,23 @@
 """Send one event of each of the eight types to a running WatchLLM with the light client.
 
-watchllm serve                                   # prints a key on first start
-python examples/send_events.py --key wllm_...    # [--url http://127.0.0.1:8787]
+    watchllm serve                          # prints a key on first start: KEY=wllm_...
+    python examples/send_events.py --key $KEY
+
+The server is $WATCHLLM_BASE_URL, else http://127.0.0.1:8787 (`--url` to name another); the
+key may come from $WATCHLLM_API_KEY instead of `--key`. The events are dated now. A server
+that is not there, or that refuses the key, is one line on stderr and exit code 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import uuid
 
-from watchllm_ext.sdk import WatchLLMClient
+import httpx
+
+from watchllm_ext.sdk import WatchLLMClient, WatchLLMError
 
 
 def events(run_id: str) -> list[dict]:
@@ -74,18 +82,40 @@ def events(run_id: str) -> list[dict]:
     ]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--url", default="http://127.0.0.1:8787")
-    parser.add_argument("--key", required=True)
+def main() -> int:
+    parser = argparse.ArgumentParser(description="Send one event of each type.")
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("WATCHLLM_BASE_URL") or "http://127.0.0.1:8787",
+        help="the server (default: $WATCHLLM_BASE_URL or http://127.0.0.1:8787)",
+    )
+    parser.add_argument(
+        "--key",
+        default=os.environ.get("WATCHLLM_API_KEY"),
+        help="an ingest (or admin) key (default: $WATCHLLM_API_KEY)",
+    )
     args = parser.parse_args()
+    if not args.key:
+        parser.error(
+            "--key (or WATCHLLM_API_KEY) is required: the first `watchllm serve` prints one"
+        )
     run_id = f"run-{uuid.uuid4().hex[:8]}"
-    with WatchLLMClient(args.url, args.key) as client:
-        result = client.send(events(run_id))
+    try:
+        with WatchLLMClient(args.url, args.key) as client:
+            result = client.send(events(run_id))
+    except httpx.HTTPError as exc:
+        print(
+            f"error: cannot reach {args.url}: {exc} (is `watchllm serve` running?)", file=sys.stderr
+        )
+        return 1
+    except WatchLLMError as exc:
+        print(f"error: {args.url} refused the events: {exc}", file=sys.stderr)
+        return 1
     print(f"HTTP {result.status}: accepted {result.accepted} events of run {run_id}")
     for rejected in result.rejected:
         print("rejected:", rejected)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
