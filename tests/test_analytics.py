@@ -998,3 +998,22 @@ def test_run_tree_and_logs_show_each_event_alike_with_its_stored_cost_source(
     assert stored == {"priced": "computed", "client": "client", "unpriced": "unknown"}
     assert {i: e["cost_source"] for i, e in in_tree.items()} == stored
     assert (in_tree["client"]["user_id"], in_tree["client"]["tags"]) == ("u1", ["blue"])
+
+
+def test_openapi_states_the_shared_range_and_an_optional_project_id() -> None:
+    from watchllm_ext.openapi import build_document
+
+    paths = build_document()["paths"]
+    for path in ROUTES:
+        template = path.replace("/event/x", "/event/{event_id}").replace(
+            "/runs/x", "/runs/{run_id}"
+        )
+        params = {p["name"]: p for p in paths[template]["get"]["parameters"]}
+        assert (
+            params["project_id"]["required"] is False
+            and "operator" in (params["project_id"]["description"])
+        )
+        has_range = path in RANGE_ROUTES
+        assert {"period", "from", "to"} <= set(params) if has_range else "period" not in params
+        if has_range:
+            assert params["period"]["schema"]["enum"] == list(PERIODS)
