@@ -5,7 +5,8 @@ Every key belongs to one project. `ingest` writes its events, `read` reads its a
 `admin` does both and administers that project only (its counts, its dead letters). `operator`
 is the instance-wide role: it administers every project (counts of any or all projects, every
 dead letter). It is only ever given by name (`watchllm keys create --scope operator`); no other
-scope implies it. Ingest and analytics stay bound to the key's own project for every scope.
+scope implies it. Ingest stays bound to the key's own project for every scope; analytics
+too, except for an operator key, which names the project it reads (`project_id`).
 """
 
 from __future__ import annotations
