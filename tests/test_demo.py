@@ -4,6 +4,8 @@ of a real server right after the command returns."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -127,3 +129,41 @@ def test_demo_with_a_refused_key_names_the_answer(server: Running) -> None:
 def test_demo_events_must_be_a_count(events: str) -> None:
     bad = cli("demo", "--events", events, "--key", "k")
     assert bad.returncode == 2 and "--events" in bad.stderr
+
+
+# The base install (pydantic and httpx): the server's packages cannot be imported.
+CLIENT_ONLY = """
+import sys
+BLOCKED = ("pydantic_settings", "starlette", "uvicorn", "chdb", "pyarrow", "pluggy")
+
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, Block())
+from watchllm_ext.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_demo_needs_only_the_client_install(server: Running) -> None:
+    args = ["--url", server.url, "--key", server.key]
+    done = subprocess.run(
+        [sys.executable, "-c", CLIENT_ONLY, "demo", *args, "--events", "50"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Loaded 50 demo events" in done.stdout
+    # ...while a server command says which extra it needs, in one line.
+    other = subprocess.run(
+        [sys.executable, "-c", CLIENT_ONLY, "count-rows", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert other.returncode == 1 and "watchllm[server]" in other.stderr

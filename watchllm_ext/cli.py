@@ -38,11 +38,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from .settings import SettingsError
     except ImportError as exc:  # the base install has only the client
-        print(
-            f"error: the server needs the 'server' extra: pip install 'watchllm[server]' ({exc})",
-            file=sys.stderr,
-        )
-        return EXIT_FAILED
+        if args.func is not cmd_demo:  # the demo is a client: pydantic and httpx suffice
+            print(
+                f"error: the server needs the 'server' extra: pip install 'watchllm[server]'"
+                f" ({exc})",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
+        SettingsError = CliUsageError  # nothing raises it without the extra
     try:
         return int(args.func(args) or 0)
     except (CliError, SettingsError) as exc:
