@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from conftest import Running, free_port
 from stores import EVERY_STORE
-from test_cli import cli
+from test_cli import WATCHLLM, cli
 
 from watchllm_ext.demo import build
 from watchllm_ext.schema import EVENT_LIST_ADAPTER
@@ -167,3 +167,16 @@ def test_demo_needs_only_the_client_install(server: Running) -> None:
         check=False,
     )
     assert other.returncode == 1 and "watchllm[server]" in other.stderr
+
+
+def test_demo_into_a_pipe_that_closes_early(server: Running) -> None:
+    command = " ".join([*WATCHLLM, "demo", "--url", server.url, "--key", server.key])
+    done = subprocess.run(
+        ["bash", "-c", f"set -o pipefail; {command} --events 20 | head -c 10"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.stdout == "Loaded 20 "
+    assert done.returncode == 141 and done.stderr == "", done.stderr

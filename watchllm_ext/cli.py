@@ -47,12 +47,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_FAILED
         SettingsError = CliUsageError  # nothing raises it without the extra
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, so a closed pipe is caught below and not at exit
+        return code
     except (CliError, SettingsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE if isinstance(exc, SettingsError | CliUsageError) else EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `watchllm demo | head`: the reader left; no traceback, and none at exit either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell reports a process killed by SIGPIPE
 
 
 def _parser() -> argparse.ArgumentParser:
