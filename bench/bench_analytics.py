@@ -600,16 +600,6 @@ def _hours(start: datetime, end: datetime) -> tuple[datetime, datetime]:
     return first, end.replace(minute=0, second=0, microsecond=0)
 
 
-def _hour_aligned(tz: str, start: datetime, end: datetime) -> bool:
-    """As routes._hour_aligned."""
-    from zoneinfo import ZoneInfo
-
-    zone = ZoneInfo(tz)
-    probes = [start + (end - start) * i / 8 for i in range(9)]
-    return all((p.astimezone(zone).utcoffset() or timedelta()).total_seconds() % 3600 == 0
-               for p in probes)
-
-
 def route_queries(store: Any, spec: dict[str, Any], timed: Any) -> Any:
     """Run the queries the route of `spec` runs, in its order and with the parameter dicts
     it builds (parsed with the same functions of analytics/params.py). `timed(name, sql,
@@ -618,6 +608,7 @@ def route_queries(store: Any, spec: dict[str, Any], timed: Any) -> Any:
 
     from watchllm_ext.analytics import params as P
     from watchllm_ext.analytics import queries as Q
+    from watchllm_ext.analytics.routes import _hour_aligned as hour_aligned
 
     qp = QueryParams(spec["params"])
     project = PROJECT
@@ -647,16 +638,22 @@ def route_queries(store: Any, spec: dict[str, Any], timed: Any) -> Any:
         timed("STATS_STATES", Q.STATS_STATES, args)
         return {"total_events": sum(int(r["events"]) for r in sums), "rollup_hours": clean}
     if kind == "timeseries":
-        span = P.time_range(qp, allow_period=True)
-        tz = P.zone(qp)
+        span = P.time_range(qp)
+        tz = qp.get("tz", "UTC")  # the specs name zones every store knows
         interval = P.interval(qp, span)
         group = P.choice(qp, "group_by", tuple(Q.GROUP_COLUMNS))
         unit, step, _ = P.INTERVALS[interval]
-        use_rollup = unit != "Minute" and _hour_aligned(tz, span.start, span.end)
+        use_rollup = unit != "Minute" and hour_aligned(tz, span)
         window = rollup_window(span, use_rollup)
         clean = count_clean(window)
         args = {**base_args(span, window), "step": step, "tz": tz}
-        rows = timed(f"TIMESERIES[{unit},{group}]", Q.TIMESERIES[(unit, group)], args)
+        if group:  # as the route: the top groups first, then their series and "other"
+            ranked = timed(f"TIMESERIES_TOP[{group}]", Q.TIMESERIES_TOP[(group, "events")],
+                           {**args, "groups": P.DEFAULT_GROUPS})
+            rows = timed(f"TIMESERIES_GROUPED[{unit},{group}]", Q.TIMESERIES_GROUPED[(unit, group)],
+                         {**args, "top": [r["grp"] for r in ranked]})
+        else:
+            rows = timed(f"TIMESERIES[{unit}]", Q.TIMESERIES[(unit, None)], args)
         return {"events": sum(int(r["all_events"]) for r in rows), "rollup_hours": clean}
     if kind in ("logs", "runs"):
         span = P.time_range(qp)
