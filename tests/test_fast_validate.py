@@ -654,6 +654,30 @@ def test_generated_mutated_events_are_judged_alike(case: Case) -> None:
     check(case)
 
 
+@pytest.mark.parametrize("event_type", schema.EVENT_TYPES)
+def test_server_filled_fields_left_out_or_null_are_judged_alike(event_type: str) -> None:
+    """event_id and timestamp may be left out (or null) in a request; the server fills them
+    later (tests/test_fill_in.py). Both validators accept such an event, as None."""
+    event = base_event(event_type)
+    for names in [("event_id",), ("timestamp",), schema.SERVER_FILLED]:
+        for value in (DELETE, None):
+            body = event
+            for name in names:
+                body = set_path(body, (name,), value)
+            assert check(Case(dumps(body), f"{names} {value!r}")) == "accepted"
+            built = fast_validate.decode_event(dumps(body))
+            assert all(getattr(built, name) is None for name in names)
+
+
+@settings(FUZZ, max_examples=100)
+@given(ANY_EVENT.filter(lambda e: not set(schema.SERVER_FILLED) & e.keys()))
+def test_the_fuzz_draws_events_without_the_server_filled_fields(event: dict[str, Any]) -> None:
+    """The generated events above (optional fields drawn or not) include ones without
+    event_id and timestamp (hypothesis fails as unsatisfiable if none is ever drawn), and
+    both validators judge them alike: the fuzz covers what the server fills in."""
+    assert check(Case(dumps(event), "without event_id and timestamp")) in ("accepted", "refused")
+
+
 # --- duplicate keys, whole bodies ----------------------------------------------------------------
 
 

@@ -13,6 +13,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from .ingest import (
     finish_fast,
     parse_json,
     read_body,
+    receipt_time,
     validate_fast,
     validate_items,
     validate_sliced,
@@ -48,7 +50,7 @@ from .metrics import make_registry, metrics_endpoint
 from .openapi import openapi_endpoint
 from .plugins import describe_plugins, get_plugin_manager
 from .quota import QuotaDecision
-from .schema import EVENT_LIST_ADAPTER
+from .schema import EVENT_LIST_ADAPTER, require_server_filled
 from .settings import Settings, load_settings
 from .spool import Spool
 from .store import Store, apply_migrations
@@ -314,7 +316,8 @@ def _encode_sliced(events: list[Any]) -> _Encoded:
 
 
 def _decode_events(payload: bytes) -> list[Any]:
-    return EVENT_LIST_ADAPTER.validate_json(payload, context=_TRUSTED)
+    # The stored form always has event_id and timestamp (the input form may leave them out).
+    return require_server_filled(EVENT_LIST_ADAPTER.validate_json(payload, context=_TRUSTED))
 
 
 def _flatten(results: Iterable[Any]) -> list[Any]:
@@ -378,20 +381,29 @@ def _check_count(wl: WatchLLM, n: int) -> None:
 
 
 async def _ingest_fast(
-    wl: WatchLLM, principal: Principal, events: list[Any], off_loop: bool = False
+    wl: WatchLLM,
+    principal: Principal,
+    events: list[Any],
+    off_loop: bool = False,
+    received_at: datetime | None = None,
 ) -> Response:
     _check_count(wl, len(events))
     await wl.check_quota(principal, len(events))
-    return await _answer(wl, await _cpu(off_loop, finish_fast, events, principal, wl.pm), off_loop)
+    outcome = await _cpu(off_loop, finish_fast, events, principal, wl.pm, received_at)
+    return await _answer(wl, outcome, off_loop)
 
 
 async def _ingest(
-    wl: WatchLLM, principal: Principal, items: list[Any], off_loop: bool = False
+    wl: WatchLLM,
+    principal: Principal,
+    items: list[Any],
+    off_loop: bool = False,
+    received_at: datetime | None = None,
 ) -> Response:
     _check_count(wl, len(items))
     check_projects(items, principal)
     await wl.check_quota(principal, len(items))
-    outcome = await _cpu(off_loop, validate_items, items, principal, wl.pm)
+    outcome = await _cpu(off_loop, validate_items, items, principal, wl.pm, received_at)
     return await _answer(wl, outcome, off_loop)
 
 
@@ -424,6 +436,7 @@ async def _answer(wl: WatchLLM, outcome: Outcome, off_loop: bool = False) -> Res
 
 async def project_events(request: Request) -> Response:
     """POST /v1/projects/{project_id}/events: one event, or a JSON array of events."""
+    received_at = receipt_time()  # the timestamp of this request's events that have none
     wl = _state(request)
     principal = wl.authenticate(request, "ingest")
     project_id = request.path_params["project_id"]
@@ -431,15 +444,15 @@ async def project_events(request: Request) -> Response:
         raise other_project(principal.project_id, project_id)
     body = await _read(request, wl)
     async with _work_slot(wl, body) as off_loop:
-        return await _project_events(wl, principal, body, off_loop)
+        return await _project_events(wl, principal, body, off_loop, received_at)
 
 
 async def _project_events(
-    wl: WatchLLM, principal: Principal, body: bytes, off_loop: bool
+    wl: WatchLLM, principal: Principal, body: bytes, off_loop: bool, received_at: datetime
 ) -> Response:
     events = await _cpu(off_loop, validate_sliced if off_loop else validate_fast, body, "events")
     if events is not None:
-        return await _ingest_fast(wl, principal, events, off_loop)
+        return await _ingest_fast(wl, principal, events, off_loop, received_at)
     payload = await _cpu(off_loop, parse_json, body)
     if isinstance(payload, dict):
         items = [payload]
@@ -451,24 +464,25 @@ async def _project_events(
         raise Problem(
             422, "bad_body", "the body must be an event object or an array of events", field="body"
         )
-    return await _ingest(wl, principal, items, off_loop)
+    return await _ingest(wl, principal, items, off_loop, received_at)
 
 
 async def batch_events(request: Request) -> Response:
     """POST /v1/events/batch: {"events": [...]}."""
+    received_at = receipt_time()  # the timestamp of this request's events that have none
     wl = _state(request)
     principal = wl.authenticate(request, "ingest")
     body = await _read(request, wl)
     async with _work_slot(wl, body) as off_loop:
-        return await _batch_events(wl, principal, body, off_loop)
+        return await _batch_events(wl, principal, body, off_loop, received_at)
 
 
 async def _batch_events(
-    wl: WatchLLM, principal: Principal, body: bytes, off_loop: bool
+    wl: WatchLLM, principal: Principal, body: bytes, off_loop: bool, received_at: datetime
 ) -> Response:
     events = await _cpu(off_loop, validate_sliced if off_loop else validate_fast, body, "batch")
     if events is not None:
-        return await _ingest_fast(wl, principal, events, off_loop)
+        return await _ingest_fast(wl, principal, events, off_loop, received_at)
     payload = await _cpu(off_loop, parse_json, body)
     if not isinstance(payload, dict):
         raise Problem(422, "bad_body", 'the body must be an object {"events": [...]}', field="body")
@@ -485,7 +499,7 @@ async def _batch_events(
         raise Problem(422, "bad_body", "'events' must be an array of events", field="events")
     if not items:
         raise Problem(422, "empty_batch", "'events' holds no event", field="events")
-    return await _ingest(wl, principal, items, off_loop)
+    return await _ingest(wl, principal, items, off_loop, received_at)
 
 
 # --- health -----------------------------------------------------------------------------------

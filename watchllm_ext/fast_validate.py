@@ -240,7 +240,7 @@ def _plan_for(model: type[BaseModel], tag_field: str | None = None) -> _Plan:
         try:
             ms_type, fix = _field_type(info.annotation, metadata)
         except _Unsupported:
-            ms_type, fix = _adapter_field(info.annotation, metadata, config)
+            ms_type, fix = _optional_adapter_field(info.annotation, metadata, config)
         struct_fields.append((name, ms_type, msgspec.NODEFAULT if required else _UNSET))
         if fix is not None:
             plan.fixes.append((name, fix))
@@ -431,6 +431,30 @@ _CANONICAL_TIMESTAMP = re.compile(
     r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,6})?"
     r"(?:Z|[+-][0-9]{2}:[0-9]{2})"
 )
+
+
+def _optional_adapter_field(
+    annotation: Any, metadata: list[Any], config: ConfigDict
+) -> tuple[Any, Callable[[Any], Any]]:
+    """`_adapter_field`, and for `X | None` (an optional timestamp) X's own handling with null
+    passed through, so the canonical timestamp form keeps its fast parse."""
+    args = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else ()
+    inner = [a for a in args if a is not _NONE_TYPE]
+    if metadata or len(args) != 2 or len(inner) != 1:
+        return _adapter_field(annotation, metadata, config)
+    base, inner_meta = inner[0], []
+    if get_origin(base) is Annotated:
+        base, *extra = get_args(base)
+        inner_meta = _flatten_metadata(extra)
+    ms_type, fix = _adapter_field(base, inner_meta, config)
+    if ms_type is msgspec.Raw:  # a Raw cannot share a union: pydantic's adapter takes null too
+        return _adapter_field(annotation, metadata, config)
+    fix_value = fix
+
+    def fix_or_none(value: Any) -> Any:
+        return None if value is None else fix_value(value)
+
+    return Union[ms_type, None], fix_or_none  # noqa: UP007 - built at run time
 
 
 def _adapter_field(

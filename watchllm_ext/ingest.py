@@ -6,10 +6,14 @@ Nothing here knows about sinks or storage: the result goes to `writer.submit`.
 
 from __future__ import annotations
 
+import random
 import re
+import threading
+import time
 import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import anyio
@@ -196,6 +200,48 @@ def parse_json(body: bytes) -> Any:
         raise Problem(400, "malformed_json", f"invalid JSON: {exc}", field="body") from None
 
 
+# --- what the server fills in --------------------------------------------------------------------
+
+_uuid7_lock = threading.Lock()  # ingest runs on the event loop and on worker threads
+_uuid7_last = [0, 0]  # [unix ms, 42-bit counter] of the last id
+_COUNTER_BITS = 42  # rand_a (12 bits) and the top 30 bits of rand_b: RFC 9562 6.2, method 1
+_getrandbits = random.getrandbits  # the module's generator is reseeded after a fork
+
+
+def uuid7() -> str:
+    """A UUIDv7 (RFC 9562) in its canonical text form: 48 bits of Unix milliseconds, then a
+    counter that starts at a random value each millisecond and counts up within it, then 32
+    random bits. Ids from one process sort by creation time, and those of one millisecond
+    by creation order (a clock that steps back keeps the last millisecond)."""
+    with _uuid7_lock:
+        ms = time.time_ns() // 1_000_000
+        last_ms, counter = _uuid7_last
+        if ms > last_ms:
+            last_ms, counter = ms, _getrandbits(_COUNTER_BITS - 1)  # half the room to count
+        else:
+            counter += 1
+            if counter >> _COUNTER_BITS:  # 2**41 ids in one millisecond: borrow the next
+                last_ms, counter = last_ms + 1, _getrandbits(_COUNTER_BITS - 1)
+        _uuid7_last[0], _uuid7_last[1] = last_ms, counter
+    value = (
+        (last_ms << 80)
+        | (0x7 << 76)  # version
+        | ((counter >> 30) << 64)  # rand_a: the counter's top 12 bits
+        | (0b10 << 62)  # variant
+        | ((counter & 0x3FFF_FFFF) << 32)
+        | _getrandbits(32)
+    )
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def receipt_time() -> datetime:
+    """Now, at the millisecond (what the store keeps): the timestamp given to every event of
+    one request that has none."""
+    ms = time.time_ns() // 1_000_000
+    return datetime.fromtimestamp(ms // 1000, UTC).replace(microsecond=ms % 1000 * 1000)
+
+
 # --- validating ---------------------------------------------------------------------------------
 
 
@@ -345,15 +391,25 @@ def validate_sliced(body: bytes, shape: Literal["batch", "events"]) -> list[Any]
     return events or None
 
 
-def finish_fast(events: list[Any], principal: Principal, pm: pluggy.PluginManager) -> Outcome:
-    """Project check, plugin validators and transforms for fast-path events."""
+def finish_fast(
+    events: list[Any],
+    principal: Principal,
+    pm: pluggy.PluginManager,
+    received_at: datetime | None = None,
+) -> Outcome:
+    """Project check, fill-in, plugin validators and transforms for fast-path events."""
     for index, event in enumerate(events):
         if event.project_id is not None and event.project_id != principal.project_id:
             raise _wrong_project(index, event.project_id, principal)
-    return _finish(list(enumerate(events)), Outcome(), principal, pm)
+    return _finish(list(enumerate(events)), Outcome(), principal, pm, received_at)
 
 
-def validate_items(items: list[Any], principal: Principal, pm: pluggy.PluginManager) -> Outcome:
+def validate_items(
+    items: list[Any],
+    principal: Principal,
+    pm: pluggy.PluginManager,
+    received_at: datetime | None = None,
+) -> Outcome:
     """The slow path, over parsed JSON: every event validated on its own, so each rejected
     one is reported with its index and fields while the valid ones are accepted."""
     outcome = Outcome()
@@ -383,17 +439,30 @@ def validate_items(items: list[Any], principal: Principal, pm: pluggy.PluginMana
                         event_id if isinstance(event_id, str) else None,
                     )
                 )
-    return _finish(indexed, outcome, principal, pm)
+    return _finish(indexed, outcome, principal, pm, received_at)
 
 
 def _finish(
-    indexed: list[tuple[int, Any]], outcome: Outcome, principal: Principal, pm: pluggy.PluginManager
+    indexed: list[tuple[int, Any]],
+    outcome: Outcome,
+    principal: Principal,
+    pm: pluggy.PluginManager,
+    received_at: datetime | None = None,
 ) -> Outcome:
+    """The server's part of every accepted event, before any plugin sees it: the key's
+    project, and the event_id and timestamp the client left out (schema.SERVER_FILLED), so
+    validator and transform hooks, the spool and the store always get complete events."""
     project = principal.project_id
+    received = received_at or receipt_time()
     validators = pm.hook.validate_event
     has_validators = bool(validators.get_hookimpls())
     for index, event in indexed:
-        event.__dict__["project_id"] = project  # no pydantic __setattr__: a hot loop
+        data = event.__dict__  # no pydantic __setattr__: a hot loop
+        data["project_id"] = project
+        if data["event_id"] is None:
+            data["event_id"] = uuid7()
+        if data["timestamp"] is None:
+            data["timestamp"] = received
         if has_validators:
             problems = _plugin_problems(validators(event=event, principal=principal))
             if problems:

@@ -183,8 +183,19 @@ class ToolCallItem(_Strict):
     error_message: ShortText | None = None
 
 
+# Optional in a request, never in storage: the server fills a missing (or null) event_id with
+# a UUIDv7 and a missing timestamp with the request's receipt time before any hook sees the
+# event (ingest._finish), and the spool refuses to read back an event without them
+# (require_server_filled). Only a client-chosen id makes a retry idempotent.
+SERVER_FILLED = ("event_id", "timestamp")
+
+
 class BaseEvent(_Strict):
-    event_id: Id
+    event_id: Id | None = Field(
+        default=None,
+        description="Filled by the server (a UUIDv7) when missing; send your own to make a"
+        " retry idempotent.",
+    )
     # Optional in the body: the project always comes from the API key, and a body that names
     # another project is refused (403) before validation.
     project_id: ProjectId | None = None
@@ -193,9 +204,14 @@ class BaseEvent(_Strict):
     # in Rust: after it, pydantic checks the range in Python, 5x slower); the before-validator
     # holds strings to the RFC 3339 grammar above (numbers, and epoch numbers as strings, are
     # refused: seconds or milliseconds would be ambiguous).
-    timestamp: Annotated[
-        AwareDatetime, Field(ge=MIN_TIMESTAMP, lt=MAX_TIMESTAMP), BeforeValidator(_rfc3339_text)
-    ]
+    timestamp: (
+        Annotated[
+            AwareDatetime,
+            Field(ge=MIN_TIMESTAMP, lt=MAX_TIMESTAMP),
+            BeforeValidator(_rfc3339_text),
+        ]
+        | None
+    ) = Field(default=None, description="Filled by the server (the receipt time) when missing.")
     parent_event_id: Id | None = None
     user_id: Annotated[str, StringConstraints(max_length=MAX_NAME_CHARS)] | None = None
     session_id: Annotated[str, StringConstraints(max_length=MAX_NAME_CHARS)] | None = None
@@ -310,6 +326,18 @@ Event = Annotated[
 
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 EVENT_LIST_ADAPTER: TypeAdapter[list[Event]] = TypeAdapter(list[Event])
+
+
+def require_server_filled(events: list[Any]) -> list[Any]:
+    """The stored contract: every event read back (spool, dead letters) has both server-filled
+    fields; a record without them was not written by this server and is refused."""
+    for index, event in enumerate(events):
+        data = event.__dict__
+        if data["event_id"] is None or data["timestamp"] is None:
+            missing = [name for name in SERVER_FILLED if data[name] is None]
+            raise ValueError(f"stored event {index} has no {' or '.join(missing)}")
+    return events
+
 
 MODELS_BY_TYPE: dict[str, type[BaseEvent]] = {
     "prompt_call": PromptCallEvent,
