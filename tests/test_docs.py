@@ -202,7 +202,7 @@ _docs_where() {  # the failing line of the block file, whichever frame it is in
   done
 }
 curl() {  # every answer's status on stderr, for the test to check
-  command curl -w '%{stderr}docs-test: HTTP %{http_code}\n' "$@"
+  command curl -w "%{stderr}docs-test: HTTP %{http_code} at block line ${BASH_LINENO[0]}\n" "$@"
 }
 _docs_stop() {
   local pid
@@ -233,7 +233,7 @@ watchllm() {
 }
 """
 
-STATUS = re.compile(r"^docs-test: HTTP (\d{3})$", re.M)
+STATUS = re.compile(r"^docs-test: HTTP (\d{3}) at block line (\d+)$", re.M)
 ERR_LINE = re.compile(r"^docs-test: failed at block line (\d+)$", re.M)
 
 
@@ -388,10 +388,13 @@ def starts_server(block: Block) -> bool:
     return block.lang in SHELL_LANGS and bool(SERVE.search(code))
 
 
-def failure(block: Block, proc: subprocess.CompletedProcess[str], why: str) -> str:
-    line = block.line
+def failure(
+    block: Block, proc: subprocess.CompletedProcess[str], why: str, at: int | None = None
+) -> str:
+    """The message of a failed block: the doc's file and line first (`at`: within the block)."""
+    line = block.line if at is None else block.line + at
     # the line within the block: from the shell's ERR trap, or a Python traceback's last frame
-    found = ERR_LINE.findall(proc.stderr)
+    found = ERR_LINE.findall(proc.stderr) if at is None else []
     if not found and block.lang == "python":
         found = re.findall(r'block\d+\.py", line (\d+)', proc.stderr)
     if found:
@@ -428,9 +431,9 @@ def run_blocks(blocks: list[Block], readme: bool, tmp_path: Path) -> None:
                 proc = session.shell(block, session.adapt(shell_code(block)))
                 assert proc.returncode == 0, failure(block, proc, f"exit {proc.returncode}")
             allowed_4xx = bool(SHOWS_ERROR.search(block.code))
-            for status in map(int, STATUS.findall(proc.stderr)):
-                bad = status >= 500 or (status >= 400 and not allowed_4xx)
-                assert not bad, failure(block, proc, f"HTTP {status} from curl")
+            for status, at in STATUS.findall(proc.stderr):
+                bad = int(status) >= 500 or (int(status) >= 400 and not allowed_4xx)
+                assert not bad, failure(block, proc, f"HTTP {status} from curl", int(at))
             if not started and (session.dir / "serve.1.log").exists():
                 session.first_start(readme)
                 started = True
@@ -468,7 +471,7 @@ def test_a_broken_block_fails_naming_its_line(tmp_path: Path) -> None:
         "```\n"
     )
     blocks, _ = parse_blocks(doc, tmp_path / "doc")
-    with pytest.raises(AssertionError, match=r"^SAMPLE\.md:1 \(bash block at line 1\): HTTP 400"):
+    with pytest.raises(AssertionError, match=r"^SAMPLE\.md:2 \(bash block at line 1\): HTTP 400"):
         run_blocks(blocks[:1], False, tmp_path / "first")
     with pytest.raises(AssertionError, match=r"^SAMPLE\.md:10 \(bash block at line 5\): exit"):
         run_blocks(blocks[1:], False, tmp_path / "second")
