@@ -245,3 +245,17 @@ def test_keys_made_before_the_operator_scope_keep_their_meaning(tmp_path: Path) 
     assert made is not None and made.administers("acme") and made.administers(None)
     with pytest.raises(KeyStoreError, match="operator"):
         keys.create("acme", scope="root")
+
+
+def test_a_key_made_beside_a_running_server_works_at_once(tmp_path: Path) -> None:
+    """The server re-reads the key file at most once a second for keys it knows; a key it does
+    not know yet makes it look now (docs paste `keys create` and use the key right away)."""
+    server_side = KeyStore(tmp_path / "keys.sqlite3", refresh_s=3600)
+    first = server_side.create("acme", scope="read")
+    assert server_side.authenticate(first) is not None  # the cache is loaded and fresh
+    made_now = KeyStore(tmp_path / "keys.sqlite3").create("beta", scope="admin")  # the CLI
+    principal = server_side.authenticate(made_now)
+    assert principal is not None and principal.project_id == "beta"
+    # An unknown id still answers None, and a wrong secret of a known id too.
+    assert server_side.authenticate("wllm_000000000000_" + "x" * 43) is None
+    assert server_side.authenticate(made_now[:-2] + "zz") is None

@@ -152,18 +152,24 @@ class KeyStore:
         self._refresh()
         entry = self._cache.get(key_id)
         if entry is None:
-            return None
+            # A key made a moment ago (`watchllm keys create` beside a running server) works
+            # at once: an unknown id asks SQLite's data_version now, a few microseconds,
+            # and reloads only if the file changed, so random ids cannot make it expensive.
+            self._refresh(force=True)
+            entry = self._cache.get(key_id)
+            if entry is None:
+                return None
         stored_hash, principal = entry
         if not hmac.compare_digest(stored_hash, _hash(secret)):
             return None
         return principal
 
-    def _refresh(self) -> None:
+    def _refresh(self, force: bool = False) -> None:
         now = time.monotonic()
-        if now - self._checked_at < self.refresh_s:
+        if not force and now - self._checked_at < self.refresh_s:
             return
         with self._lock:
-            if now - self._checked_at < self.refresh_s:
+            if not force and now - self._checked_at < self.refresh_s:
                 return
             if self._reader is None:
                 self._reader = self._connect()
