@@ -222,3 +222,46 @@ def test_a_sink_behind_the_memory_window_reads_the_spool(tmp_path: Path) -> None
         assert slow.events == [{"n": i} for i in range(10)]
 
     anyio.run(main)
+
+
+def test_a_record_the_contract_now_refuses_loses_none_of_its_events(tmp_path: Path) -> None:
+    """A spool record written under an older, looser contract (here a latency over today's
+    30-day bound) is read back event by event: the valid ones reach the sink, the refused one
+    goes to the dead letters with its project, where a project admin sees and can replay it.
+    Before, the whole record became one raw entry that a replay reported and then dropped."""
+    from conftest import prompt_call
+
+    from watchllm_ext.app import _decode_events, _encode_events
+    from watchllm_ext.dead_letters import read_dead_letters, take_dead_letters
+
+    old = [
+        prompt_call("ok-1", project_id="acme"),
+        prompt_call("too-slow", project_id="acme", latency_ms=1e20),
+        prompt_call("ok-2", project_id="acme"),
+    ]
+    spool = Spool(tmp_path, max_bytes=1 << 30)
+    spool.write(json.dumps(old).encode(), len(old))
+    spool.write(b"not json at all", 1)  # a record no reader can parse stays raw
+    spool.close()
+
+    async def main() -> ListSink:
+        sink = ListSink("store")
+        log = Spool(tmp_path, max_bytes=1 << 30)
+        async with Writer(
+            [sink], log, encode=_encode_events, decode=_decode_events, flush_interval_s=0.01
+        ) as writer:
+            assert await writer.flush(timeout_s=5)
+        return sink
+
+    sink = anyio.run(main)
+    assert [e.event_id for e in sink.events] == ["ok-1", "ok-2"]
+    folder = tmp_path / "dead-letter"
+    mine = read_dead_letters(folder, project="acme").entries
+    assert [e["event_id"] for entry in mine for e in entry.events] == ["too-slow"]
+    assert "1 of 3 events" in mine[0].reason and "latency_ms" in mine[0].reason
+    everything = read_dead_letters(folder).entries
+    assert len(everything) == 2 and sum(e.raw is not None for e in everything) == 1
+    # A replay takes the refused event back, never the raw record (it has nothing to put back).
+    taken = take_dead_letters(folder)
+    assert [e["event_id"] for entry in taken.entries for e in entry.events] == ["too-slow"]
+    assert [e.raw is not None for e in read_dead_letters(folder).entries] == [True]

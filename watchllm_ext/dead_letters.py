@@ -232,7 +232,12 @@ def take_dead_letters(
 def _replayable(
     entry: DeadLetter, sink: str | None, project: str | None, sinks: set[str] | None
 ) -> bool:
-    return _visible(entry, sink, project) and (sinks is None or entry.sink in sinks)
+    # A raw record holds no events to put back: it stays listed until someone reads it.
+    return (
+        entry.raw is None
+        and _visible(entry, sink, project)
+        and (sinks is None or entry.sink in sinks)
+    )
 
 
 def _unknown(

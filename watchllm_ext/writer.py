@@ -408,17 +408,44 @@ class Writer:
     def _decode_records(self, records: list[Record], sink: str) -> dict[Position, list[Any]]:
         out: dict[Position, list[Any]] = {}
         for record in records:
+            payload = record.payload
             try:
                 if record.flags & TARGETED:
-                    wrapper = json.loads(record.payload)
-                    if wrapper.get("sink") == sink:
-                        out[record.start] = self.decode(json.dumps(wrapper["events"]).encode())
-                else:
-                    out[record.start] = self.decode(record.payload)
-            except Exception as exc:  # a record that cannot be read back is dead-lettered
+                    wrapper = json.loads(payload)
+                    if wrapper.get("sink") != sink:
+                        continue
+                    payload = json.dumps(wrapper["events"]).encode()
+                out[record.start] = self.decode(payload)
+            except Exception as exc:
                 log.error("spool record at %s cannot be decoded: %s", record.start, exc)
-                self._dead_letter_raw(sink, record.payload, f"cannot decode: {exc}")
+                out[record.start] = self._decode_each(sink, payload, exc)
         return out
+
+    def _decode_each(self, sink: str, payload: bytes, whole: Exception) -> list[Any]:
+        """A record that does not decode as a whole (an event the contract now refuses, say
+        after an upgrade tightened a range): the events that decode go on, the others go to
+        the dead letters as they were, with their project, so none of an answered request
+        is lost. Only a payload that is not a JSON array at all is kept as raw text."""
+        try:
+            items = json.loads(payload)
+        except ValueError:
+            items = None
+        if not isinstance(items, list):
+            self._dead_letter_raw(sink, payload, f"cannot decode: {whole}")
+            return []
+        good: list[Any] = []
+        bad: list[Any] = []
+        first_error = ""
+        for item in items:
+            try:
+                good.extend(self.decode(json.dumps([item]).encode()))
+            except Exception as exc:
+                bad.append(item)
+                first_error = first_error or str(exc)
+        if bad:
+            reason = f"cannot decode {len(bad)} of {len(items)} events: {first_error}"
+            self._dead_letter_raw(sink, json.dumps(bad).encode(), reason[:2000])
+        return good
 
     async def _write_with_retry(self, state: SinkState, events: list[Any]) -> None:
         attempt = 0
