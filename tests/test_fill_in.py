@@ -213,8 +213,9 @@ class SeesEvents:
         self.transformed: list[tuple[Any, Any]] = []
 
     @hookimpl
-    def validate_event(self, event: Any, principal: Principal) -> None:
+    def validate_event(self, event: Any, principal: Principal) -> str | None:
         self.validated.append((event.event_id, event.timestamp))
+        return "refused by the plugin" if event.run_id == "fill-refused" else None
 
     @hookimpl
     def transform_events(self, events: list[Any], principal: Principal) -> None:
@@ -224,9 +225,15 @@ class SeesEvents:
 def test_plugins_see_complete_events(server_factory: Any) -> None:
     plugin = SeesEvents()
     server = server_factory(plugin_objects=(plugin,))
-    answer, before, after = post(server, BATCH, {"events": [bare(0), bare(1)]})
-    assert [i for i, _ in plugin.validated] == answer["event_ids"]
-    assert plugin.transformed == plugin.validated
+    refused = {**bare(2), "run_id": "fill-refused"}
+    answer, before, after = post(server, BATCH, {"events": [bare(0), refused, bare(1)]})
+    assert len(plugin.validated) == 3
+    assert [i for i, _ in plugin.validated[::2]] == answer["event_ids"]
+    assert plugin.transformed == plugin.validated[::2]
+    # A refused event is reported by index alone: the id made for it was never the client's.
+    assert answer["rejected"] == [
+        {"index": 1, "errors": [{"field": "(event)", "message": "refused by the plugin"}]}
+    ]
     for event_id, stamp in plugin.validated:
         assert before <= uuid7_ms(event_id) <= after
         assert before <= ms(stamp) <= after

@@ -459,7 +459,8 @@ def _finish(
     for index, event in indexed:
         data = event.__dict__  # no pydantic __setattr__: a hot loop
         data["project_id"] = project
-        if data["event_id"] is None:
+        client_id = data["event_id"]
+        if client_id is None:
             data["event_id"] = uuid7()
         if data["timestamp"] is None:
             data["timestamp"] = received
@@ -470,7 +471,7 @@ def _finish(
                     Rejection(
                         index,
                         [{"field": "(event)", "message": p} for p in problems],
-                        event.event_id,
+                        client_id,  # an id the server made for a refused event means nothing
                     )
                 )
                 continue
