@@ -511,3 +511,34 @@ def check(env: Env, case: Case) -> None:
     ok = server.client.post(PROJECT, json=prompt_call(f"after-{case.id}"), headers=server.headers())
     assert ok.status_code == 202, ok.text
     assert _stored(server) == before + case.accepted + 1
+
+
+def test_a_rejection_answer_is_bounded_whatever_the_batch_holds(server: Running) -> None:
+    """An attacker's 274 KB gzip body of 10,000 events with 400 unknown keys each drew a 239 MB
+    422 (one error per key per event). Now: at most MAX_ERRORS_PER_EVENT fields per event and
+    MAX_REJECTIONS_LISTED events per answer, with the full count beside them; the valid
+    events of the same batch are still accepted and listed."""
+    from watchllm_ext.ingest import MAX_ERRORS_PER_EVENT, MAX_REJECTIONS_LISTED
+
+    junk = {f"k{i}": 0 for i in range(400)}
+    n_bad = MAX_REJECTIONS_LISTED + 500
+    events = [prompt_call(f"bad{i}", **junk) for i in range(n_bad)]
+    body = gzip.compress(json.dumps({"events": events}).encode())
+    headers = {**server.headers(), "Content-Encoding": "gzip"}
+    r = server.client.post("/v1/events/batch", content=body, headers=headers)
+    assert r.status_code == 422, r.text[:300]
+    assert len(r.content) < 8_000_000, len(r.content)
+    answer = r.json()
+    assert answer["rejected_count"] == n_bad
+    assert len(answer["rejected"]) == MAX_REJECTIONS_LISTED
+    assert [x["index"] for x in answer["rejected"]] == list(range(MAX_REJECTIONS_LISTED))
+    first = answer["rejected"][0]["errors"]
+    assert len(first) == MAX_ERRORS_PER_EVENT + 1
+    assert first[-1] == {"field": "(event)", "message": "and 380 more fields with errors"}
+    assert all(e["field"].startswith("k") for e in first[:-1])
+    # A mixed batch: the good events are accepted, the answer stays bounded and says so.
+    mixed = [prompt_call("good-1"), *events[:3], prompt_call("good-2")]
+    r = server.client.post("/v1/events/batch", json={"events": mixed}, headers=server.headers())
+    assert r.status_code == 207
+    assert r.json()["event_ids"] == ["good-1", "good-2"] and "rejected_count" not in r.json()
+    assert _stored(server) == 2

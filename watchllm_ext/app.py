@@ -33,6 +33,7 @@ from .dead_letters import done, read_dead_letters, summary, take_dead_letters, t
 from .errors import Problem, other_project, problem_handler, unauthorized
 from .hookspecs import BackgroundTask
 from .ingest import (
+    MAX_REJECTIONS_LISTED,
     OFFLOAD_MIN_BYTES,
     Outcome,
     check_content_type,
@@ -408,15 +409,19 @@ async def _ingest(
 
 
 async def _answer(wl: WatchLLM, outcome: Outcome, off_loop: bool = False) -> Response:
-    rejected = [r.as_dict() for r in outcome.rejected]
-    wl.counters["rejected"] += len(rejected)
+    n_rejected = len(outcome.rejected)
+    rejected = [r.as_dict() for r in outcome.rejected[:MAX_REJECTIONS_LISTED]]
+    # Past the listed ones, a count: the answer stays bounded whatever the batch holds.
+    more = {"rejected_count": n_rejected} if n_rejected > len(rejected) else {}
+    wl.counters["rejected"] += n_rejected
     if not outcome.accepted:
         raise Problem(
             422,
             "validation_failed",
-            f"no event was valid ({len(rejected)} rejected); see 'rejected' for each field",
+            f"no event was valid ({n_rejected} rejected); see 'rejected' for each field",
             accepted=0,
             rejected=rejected,
+            **more,
         )
     writer = wl.writer
     if off_loop and writer is not None and getattr(writer.log, "needs_payload", True):
@@ -430,6 +435,7 @@ async def _answer(wl: WatchLLM, outcome: Outcome, off_loop: bool = False) -> Res
     }
     if rejected:
         body["rejected"] = rejected
+        body.update(more)
         return JSONResponse(body, status_code=207)
     return JSONResponse(body, status_code=202)
 

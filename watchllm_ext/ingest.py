@@ -25,6 +25,11 @@ from .auth import Principal
 from .errors import Problem
 from .schema import EVENT_ADAPTER, EVENT_LIST_ADAPTER, EVENT_TYPES, Event
 
+# Bounds of a rejection answer (docs/API.md): fields listed per rejected event, and rejected
+# events listed per answer (`rejected_count` has them all).
+MAX_ERRORS_PER_EVENT = 20
+MAX_REJECTIONS_LISTED = 1_000
+
 _ENCODINGS = {"gzip": 31, "x-gzip": 31, "deflate": 15}
 # Labels pydantic puts in an error path for the branch of a union, not a field name.
 _BRANCH_LABELS = {"str", "int", "float", "bool", "list", "dict", "none", "json-or-python"}
@@ -318,7 +323,14 @@ def describe_errors(exc: ValidationError) -> list[dict[str, str]]:
         messages = seen.setdefault(path, [])
         if message not in messages:
             messages.append(message)
-    return [{"field": path, "message": " or ".join(msgs)} for path, msgs in seen.items()]
+    found = [{"field": path, "message": " or ".join(msgs)} for path, msgs in seen.items()]
+    if len(found) > MAX_ERRORS_PER_EVENT:
+        # An event with thousands of unknown keys must not make a huge answer: the first
+        # fields, then a count (docs/API.md).
+        more = len(found) - MAX_ERRORS_PER_EVENT
+        found = found[:MAX_ERRORS_PER_EVENT]
+        found.append({"field": "(event)", "message": f"and {more} more fields with errors"})
+    return found
 
 
 def check_projects(items: list[Any], principal: Principal) -> None:
