@@ -44,6 +44,14 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from . import __version__
+from .schema import (
+    MAX_COST_USD,
+    MAX_LATENCY_MS,
+    MAX_METRIC_ABS,
+    MAX_SPEND_USD,
+    MAX_STEP_NUMBER,
+    MAX_TOKENS,
+)
 from .store import Store, StoreError, StoreLockedError, apply_migrations, load_migrations
 
 if TYPE_CHECKING:
@@ -81,6 +89,27 @@ _INSERT_RETRIES = (1.0, 2.0, 4.0, 8.0, 16.0)  # waits before retrying a failed i
 _FILE_PATH = re.compile(r"^([a-z_]+)/([A-Za-z0-9_-]+)-(\d{4,})\.parquet$")
 _STAGING_PREFIX = "_watchllm_import_"  # + table: where an import checks rows first
 _STORE_SINK = "store:chdb"  # the spool cursor of the embedded store's sink
+_LATER_COPIES = _STAGING_PREFIX + "later_copies"  # (project, id, timestamp) an import drops
+# The tables holding one copy per (project_id, event_id) (store_sink.py, migration 0009).
+_BY_EVENT_ID = ("events", "tool_calls", "agent_steps")
+# The contract's numeric ranges (schema.py) per table and column, inclusive: an imported row
+# outside them is refused, so the server holds only values the ingest API could have accepted.
+_RANGES: dict[str, dict[str, tuple[float, float]]] = {
+    "events": {
+        "tokens_input": (0, MAX_TOKENS),
+        "tokens_output": (0, MAX_TOKENS),
+        "cost_estimate_usd": (0, MAX_COST_USD),
+        "latency_ms": (0, MAX_LATENCY_MS),
+        "step_number": (0, MAX_STEP_NUMBER),
+        "confidence": (0, 1),
+        "threshold_usd": (0, MAX_SPEND_USD),
+        "actual_usd": (0, MAX_SPEND_USD),
+        "metric_threshold": (-MAX_METRIC_ABS, MAX_METRIC_ABS),
+        "metric_actual": (-MAX_METRIC_ABS, MAX_METRIC_ABS),
+    },
+    "tool_calls": {"latency_ms": (0, MAX_LATENCY_MS)},
+    "agent_steps": {"latency_ms": (0, MAX_LATENCY_MS), "step_number": (0, MAX_STEP_NUMBER)},
+}
 
 Progress = Callable[[str], None]
 
@@ -583,6 +612,7 @@ def verify_files(in_dir: Path, manifest: dict[str, Any], progress: Progress = _p
             for batch in parquet.iter_batches(batch_size=_MAX_BATCH_ROWS, columns=["project_id"]):
                 counts = pc.value_counts(batch.column(0)).to_pylist()
                 found.update({c["values"]: c["counts"] for c in counts})
+            _check_ranges(parquet, entry, names)
         claimed = {p: n for p, n in entry["projects"].items() if n}
         if dict(found) != claimed:
             raise TransferError(
@@ -590,6 +620,41 @@ def verify_files(in_dir: Path, manifest: dict[str, Any], progress: Progress = _p
                 f" {_shown(claimed)} of {MANIFEST}: it was altered"
             )
     progress(f"all {len(files)} files match ({time.monotonic() - started:.1f} s)")
+
+
+def _check_ranges(parquet: Any, entry: Mapping[str, Any], names: list[str]) -> None:
+    """Refuse a file with a value outside the contract's numeric ranges (NaN and infinities
+    too), naming the file, table, column, value and event: such a row is either tampered or
+    stored before the ranges existed, and the server should not get it (docs/MOVING.md)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    ranges = {c: r for c, r in _RANGES.get(entry["table"], {}).items() if c in names}
+    if not ranges:
+        return
+    ids = ["event_id"] if "event_id" in names else []
+    for batch in parquet.iter_batches(batch_size=_MAX_BATCH_ROWS, columns=[*ranges, *ids]):
+        for column, (lo, hi) in ranges.items():
+            values = batch.column(column)
+            if not (pa.types.is_integer(values.type) or pa.types.is_floating(values.type)):
+                raise TransferError(
+                    f"export file {entry['path']}: {entry['table']}.{column} has type"
+                    f" {values.type}, not a number: it was altered"
+                )
+            outside = pc.or_(pc.less(values, lo), pc.greater(values, hi))
+            if pa.types.is_floating(values.type):
+                outside = pc.or_(outside, pc.invert(pc.is_finite(values)))
+            outside = pc.fill_null(outside, False)
+            if not pc.any(outside).as_py():
+                continue
+            row = pc.index(outside, True).as_py()
+            event = f" (event_id {batch.column('event_id')[row].as_py()})" if ids else ""
+            raise TransferError(
+                f"export file {entry['path']}: {entry['table']}.{column} holds"
+                f" {values[row].as_py()!r}{event}, outside the range {lo:g}..{hi:g} that the"
+                f" event contract allows; nothing was imported (see docs/MOVING.md,"
+                ' "Values outside the contract")'
+            )
 
 
 def check_folder(in_dir: Path, manifest: Mapping[str, Any]) -> None:
@@ -712,6 +777,7 @@ def import_into(
     total = sum(f["rows"] for f in files)
     done_rows = 0
     inserted: Counter[str] = Counter()
+    dropped: dict[str, Counter[str]] = {}
     # Every file goes into a staging table first; the tables get rows only once every staged
     # table holds exactly the export's rows per partition and project, as FINAL counts them
     # (duplicates collapsed). A failed check drops the staging tables: nothing is kept.
@@ -749,30 +815,66 @@ def import_into(
                 raise CountMismatch(
                     mismatches, "; nothing was inserted into the tables (the staged rows are gone)"
                 )
-            _move_staged(store, staging, sending, tables, target, progress)
+            dropped = _find_later_copies(store, staging)
+            if dropped:
+                copies = sum(n for counts in dropped.values() for n in counts.values())
+                progress(
+                    f"dropping {copies:,} later copies of event ids (another copy of the same"
+                    " project and event_id at an earlier timestamp, or already on the target,"
+                    " is kept: the store keeps one copy per id):"
+                )
+                for table, counts in dropped.items():
+                    progress(_table_line(table, {"rows": sum(counts.values()), "projects": counts}))
+            _move_staged(store, staging, sending, tables, target, progress, bool(dropped))
     finally:
-        _drop_staging(store, staging.values())
+        extra = [_LATER_COPIES] if staging else []
+        _drop_staging(store, [*staging.values(), *extra])
+    # What the target must count: the export's rows less the later copies dropped.
+    expected = _less(tables, dropped)
     progress(f"checking the counts on {target} (FINAL, per table and project)")
-    mismatches = compare_counts(store, tables, projects)
+    mismatches = compare_counts(store, expected, projects)
     if mismatches:
         raise CountMismatch(mismatches)
     elapsed = time.monotonic() - started
     rows = sum(inserted.values())
     skipped = sum(1 for f in files if (f["table"], f["partition"]) in complete)
+    copies = sum(n for counts in dropped.values() for n in counts.values())
     progress(
         f"imported {rows:,} rows into {target} in {elapsed:.1f} s"
         f" ({rows / max(elapsed, 1e-9):,.0f} rows/s"
         + (f"; {skipped} of {len(files)} files were already complete" if skipped else "")
-        + "); the counts match the export for every table and project:"
+        + (
+            f"); dropped {copies:,} later copies of event ids; the counts match the export"
+            " less those copies for every table and project:"
+            if copies
+            else "); the counts match the export for every table and project:"
+        )
     )
     for table in TABLES:
-        progress(_table_line(table, tables.get(table, {"rows": 0, "projects": {}})))
+        progress(_table_line(table, expected.get(table, {"rows": 0, "projects": {}})))
     progress(
         "the hourly rollup is rebuilt on the target: every hour is marked as its events are"
         " inserted, and `watchllm serve` on the server recomputes marked hours"
     )
     progress(f"note: {NOT_COPIED_NOTE}")
-    return {"inserted": dict(inserted), "elapsed_s": elapsed, "skipped": sorted(complete)}
+    return {
+        "inserted": dict(inserted),
+        "dropped": {t: dict(c) for t, c in dropped.items()},
+        "elapsed_s": elapsed,
+        "skipped": sorted(complete),
+    }
+
+
+def _less(
+    tables: Mapping[str, Mapping[str, Any]], dropped: Mapping[str, Mapping[str, int]]
+) -> dict[str, dict[str, Any]]:
+    """The manifest's tables with the dropped rows taken off their per-project counts."""
+    out: dict[str, dict[str, Any]] = {}
+    for table, info in tables.items():
+        less = dropped.get(table, {})
+        counts = {p: n - less.get(p, 0) for p, n in info["projects"].items()}
+        out[table] = {**info, "rows": sum(counts.values()), "projects": counts}
+    return out
 
 
 def compare_counts(
@@ -901,6 +1003,51 @@ def _check_staged(
     return lines
 
 
+def _find_later_copies(store: Store, staging: Mapping[str, str]) -> dict[str, Counter[str]]:
+    """Fill `_LATER_COPIES` with the staged (project_id, event_id, timestamp) that are not
+    the copy of their id the store keeps, and return the staged rows that are, per table and
+    project (distinct sorting keys, as FINAL counts). The store keeps one copy per id
+    (store_sink.py): a copy already in the target's events wins (it was stored first);
+    otherwise the earliest timestamp among the staged copies, as migration 0009 keeps. An
+    export from before 0009, or a tampered one, can hold several."""
+    stages = [staging[t] for t in _BY_EVENT_ID if t in staging]
+    if not stages:
+        return {}
+    staged = " UNION ALL ".join(
+        f"SELECT project_id, event_id, timestamp FROM {stage}" for stage in stages
+    )
+    store.execute(f"DROP TABLE IF EXISTS {_LATER_COPIES}")
+    # argMin over (source, timestamp): a stored copy (0) before any staged one (1), then
+    # the earliest timestamp.
+    store.execute(
+        f"CREATE TABLE {_LATER_COPIES} ENGINE = MergeTree ORDER BY (project_id, event_id)"
+        f" AS SELECT DISTINCT project_id, event_id, timestamp FROM ({staged})"
+        " WHERE (project_id, event_id, timestamp) NOT IN ("
+        "  SELECT project_id, event_id, argMin(timestamp, (src, timestamp)) FROM ("
+        f"   SELECT project_id, event_id, timestamp, 1 AS src FROM ({staged})"
+        "    UNION ALL"
+        "    SELECT project_id, event_id, timestamp, 0 AS src FROM events"
+        f"    WHERE (project_id, event_id) IN (SELECT project_id, event_id FROM ({staged}))"
+        "  ) GROUP BY project_id, event_id"
+        ")"
+    )
+    dropped: dict[str, Counter[str]] = {}
+    for table in _BY_EVENT_ID:
+        if table not in staging:
+            continue
+        _, sorting = _table_keys(store, table)
+        rows = store.query(
+            f"SELECT project_id, uniqExact({sorting}) AS n FROM {staging[table]}"
+            " WHERE (project_id, event_id, timestamp) IN"
+            f" (SELECT project_id, event_id, timestamp FROM {_LATER_COPIES})"
+            " GROUP BY project_id"
+        )
+        counts = Counter({r["project_id"]: int(r["n"]) for r in rows if int(r["n"])})
+        if counts:
+            dropped[table] = counts
+    return dropped
+
+
 def _move_staged(
     store: Store,
     staging: Mapping[str, str],
@@ -908,17 +1055,25 @@ def _move_staged(
     tables: Mapping[str, Mapping[str, Any]],
     target: str,
     progress: Progress,
+    drop_later_copies: bool = False,
 ) -> None:
-    """Copy the checked staged rows into the tables, a month at a time, on the server. An
-    interruption here leaves checked rows only; --resume sends the unfinished months again."""
+    """Copy the checked staged rows into the tables, a month at a time, on the server, less
+    the later copies of an id (`_find_later_copies`). An interruption here leaves checked
+    rows only; --resume sends the unfinished months again."""
     for table, stage in staging.items():
         columns = ", ".join(f"`{c['name']}`" for c in tables[table]["columns"])
+        skip = (
+            " AND (project_id, event_id, timestamp) NOT IN"
+            f" (SELECT project_id, event_id, timestamp FROM {_LATER_COPIES})"
+            if drop_later_copies and table in _BY_EVENT_ID
+            else ""
+        )
         for part in sorted({f["partition"] for f in sending if f["table"] == table}):
             started = time.monotonic()
             try:
                 store.execute(
                     f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {stage}"
-                    " WHERE _partition_id = {part:String}",
+                    " WHERE _partition_id = {part:String}" + skip,
                     {"part": part},
                 )
             except StoreError as exc:
