@@ -67,6 +67,10 @@ SKIPPED: set[tuple[str, str]] = {
     ("README.md", "pip install -e '.[test]' && python -m pytest"),
     (
         "docs/BENCHMARKS.md",
+        "python bench/bench_ingest.py --quick --part batch   # ingest vs a bare Starlette endpoint",
+    ),
+    (
+        "docs/BENCHMARKS.md",
         "apt-get update && apt-get install -y wrk   # load generator for part b",
     ),
     (
