@@ -699,85 +699,145 @@ def test_a_manifest_claiming_more_rows_than_a_file_holds_is_refused(
 # --- one copy per event id, numbers inside the contract ------------------------------------------
 
 
-def add_a_later_copy(folder: Path, manifest: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """Put, first in an events file of acme, a second copy of one of its priced events: the
-    same project and event_id an hour later, with another cost (as an export from before
-    migration 0009 holds, or a tamperer writes); the manifest's counts and checksum follow.
-    Returns the file and the original row."""
-    entry = next(
-        f
-        for f in manifest["files"]
-        if f["table"] == "events" and f["partition"] == "202601" and f["projects"].get("acme")
-    )
-    table = pq.read_table(folder / entry["path"])
-    rows = table.to_pylist()
-    index = next(
-        i for i, r in enumerate(rows) if r["project_id"] == "acme" and r["cost_estimate_usd"]
-    )
-    original = rows[index]
-    later = {
-        **original,
-        "timestamp": original["timestamp"] + timedelta(hours=1),
-        "cost_estimate_usd": 123.0,
-        "ingested_at": original["ingested_at"] + timedelta(days=1),
-    }
-    copy = pa.Table.from_pylist([later], schema=table.schema)
-    pq.write_table(pa.concat_tables([copy, table]), folder / entry["path"], compression="zstd")
+def add_copies(folder: Path, manifest: dict[str, Any], event_id: str, shift: timedelta) -> int:
+    """Put, first in each file that holds rows of acme's `event_id` (events, tool_calls,
+    agent_steps), a second copy of those rows `shift` later, with another cost and a later
+    ingested_at (as an export from before migration 0009 holds, or a tamperer writes); the
+    manifest's counts, sizes and checksums follow. Returns the rows added."""
+    added = 0
+    for entry in manifest["files"]:
+        if entry["table"] not in ("events", "tool_calls", "agent_steps"):
+            continue
+        table = pq.read_table(folder / entry["path"])
+        rows = [
+            {
+                **r,
+                "timestamp": r["timestamp"] + shift,
+                "ingested_at": r["ingested_at"] + timedelta(days=1),
+                **({"cost_estimate_usd": 123.0} if "cost_estimate_usd" in r else {}),
+            }
+            for r in table.to_pylist()
+            if r["project_id"] == "acme" and r["event_id"] == event_id
+        ]
+        if not rows:
+            continue
+        copies = pa.Table.from_pylist(rows, schema=table.schema)
+        pq.write_table(pa.concat_tables([copies, table]), folder / entry["path"])
+        added += len(rows)
 
-    def count(manifest: dict[str, Any]) -> None:
-        f = next(f for f in manifest["files"] if f["path"] == entry["path"])
-        f["rows"] += 1
-        f["projects"]["acme"] += 1
-        manifest["tables"]["events"]["rows"] += 1
-        manifest["tables"]["events"]["projects"]["acme"] += 1
+        def count(manifest: dict[str, Any], path: str = entry["path"], n: int = len(rows)) -> None:
+            f = next(f for f in manifest["files"] if f["path"] == path)
+            f["rows"] += n
+            f["projects"]["acme"] += n
+            manifest["tables"][f["table"]]["rows"] += n
+            manifest["tables"][f["table"]]["projects"]["acme"] += n
 
-    edit_manifest(folder, count)
-    reseal(folder, entry["path"])
-    return entry["path"], original
+        edit_manifest(folder, count)
+        reseal(folder, entry["path"])
+    return added
+
+
+def acme_rows(source: Source, table: str, event_id: str) -> list[dict[str, Any]]:
+    return [
+        r for r in source.dumps[table] if r["project_id"] == "acme" and r["event_id"] == event_id
+    ]
+
+
+def first_ms(rows: list[dict[str, Any]]) -> list[int]:
+    return sorted(
+        int(datetime.fromisoformat(str(r["timestamp"])).replace(tzinfo=UTC).timestamp() * 1000)
+        if not isinstance(r["timestamp"], datetime)
+        else int(r["timestamp"].timestamp() * 1000)
+        for r in rows
+    )
+
+
+def stored_ms(url: str, table: str, event_id: str) -> list[int]:
+    store = open_target(url)
+    try:
+        rows = store.query(
+            f"SELECT toUnixTimestamp64Milli(timestamp) AS ms FROM {table} FINAL"
+            " WHERE project_id = 'acme' AND event_id = {id:String}",
+            {"id": event_id},
+        )
+    finally:
+        store.close()
+    return sorted(int(r["ms"]) for r in rows)
+
+
+def same_answers(source: Source, url: str, event_ids: list[str]) -> None:
+    """The analytics on the target answer as the source's: each id counted once."""
+    store = open_target(url)
+    chdb = ChdbStore(source.data_dir / "chdb")
+    try:
+        queries = named_queries()
+        for name in ("STATS_SUMS acme", "STATS_STATES acme", "logs acme", "runs acme"):
+            sql, params = queries[name]
+            assert store.query(sql, params) == source.answers[f"raw {name}"], name
+        for event_id in event_ids:
+            args = {"project": "acme", "event_id": event_id}
+            for sql in (Q.EVENT, Q.EVENT_TOOL_CALLS):
+                assert store.query(sql, args) == chdb.query(sql, args), event_id
+    finally:
+        chdb.close()
+        store.close()
 
 
 def test_two_copies_of_an_event_id_import_as_the_earliest_one(
     source: Source, url: str, tmp_path: Path
 ) -> None:
+    priced = next(
+        r["event_id"]
+        for r in source.dumps["events"]
+        if r["project_id"] == "acme" and r["cost_estimate_usd"]
+    )
+    with_calls = source.dumps["tool_calls"][0]
+    assert with_calls["project_id"] == "acme"
+    ids = [priced, with_calls["event_id"]]
     export = copy_export(source, tmp_path)
-    _, original = add_a_later_copy(export, source.manifest)
-    for extra in ((), ("--resume",)):  # again: the staged copies meet the one already stored
+    added = sum(add_copies(export, source.manifest, i, timedelta(hours=1)) for i in ids)
+    calls = len(acme_rows(source, "tool_calls", with_calls["event_id"]))
+    assert calls and added == 2 + calls
+    for extra in ((), ("--resume",)):  # again: the staged copies meet the ones already stored
         done = cli("import", str(export), "--url", url, *extra)
         assert done.returncode == 0, done.stderr
-        assert "dropping 1 later copies of event ids" in done.stdout
-        assert "dropped 1 later copies of event ids; the counts match the export less" in (
-            done.stdout
+        out = done.stdout
+        assert f"dropping {added} extra copies of event ids" in out
+        assert f"  {'events':<12} {2:>12,} rows  (acme 2)" in out
+        assert f"  {'tool_calls':<12} {calls:>12,} rows  (acme {calls})" in out
+        assert f"dropped {added} extra copies of event ids; the counts match the export less" in (
+            out
         )
         assert target_counts(url) == source.counts
-        store = open_target(url)
-        try:
-            kept = store.query(
-                "SELECT toUnixTimestamp64Milli(timestamp) AS ms, cost_estimate_usd"
-                " FROM events FINAL WHERE project_id = 'acme' AND event_id = {id:String}",
-                {"id": original["event_id"]},
-            )
-            first_ms = int(original["timestamp"].timestamp() * 1000)
-            assert [(int(r["ms"]), r["cost_estimate_usd"]) for r in kept] == [
-                (first_ms, original["cost_estimate_usd"])
-            ]
-            # The analytics count the id once, at its first copy: as on the source.
-            queries = named_queries()
-            for name in ("STATS_SUMS acme", "STATS_STATES acme", "logs acme", "runs acme"):
-                sql, params = queries[name]
-                assert store.query(sql, params) == source.answers[f"raw {name}"], name
-            args = {"project": "acme", "event_id": original["event_id"]}
-            assert store.query(Q.EVENT, args) == source_event(source, args)
-        finally:
-            store.close()
+        for table in ("events", "tool_calls"):
+            for event_id in ids:
+                want = first_ms(acme_rows(source, table, event_id))
+                assert stored_ms(url, table, event_id) == want, (table, event_id)
+        same_answers(source, url, ids)
         assert not [t for t in target_tables(url) if t.startswith("_watchllm_import_")]
 
 
-def source_event(source: Source, args: dict[str, Any]) -> list[dict[str, Any]]:
-    store = ChdbStore(source.data_dir / "chdb")
-    try:
-        return store.query(Q.EVENT, args)
-    finally:
-        store.close()
+def test_resume_keeps_the_copy_already_on_the_target(
+    source: Source, url: str, tmp_path: Path
+) -> None:
+    # The target holds the export; a --resume brings an earlier copy of a stored id: the
+    # copy stored first stays (the store's rule), the export's counts stay exact.
+    assert cli("import", str(source.export), "--url", url).returncode == 0
+    event_id = next(
+        r["event_id"]
+        for r in source.dumps["events"]
+        if r["project_id"] == "acme"
+        and r["cost_estimate_usd"]
+        and first_ms([r])[0] % 3_600_000 > 1000  # a second earlier stays in its month
+    )
+    export = copy_export(source, tmp_path)
+    assert add_copies(export, source.manifest, event_id, timedelta(seconds=-1)) == 1
+    done = cli("import", str(export), "--url", url, "--resume")
+    assert done.returncode == 0, done.stderr
+    assert "dropped 1 extra copies of event ids" in done.stdout
+    assert target_counts(url) == source.counts
+    assert stored_ms(url, "events", event_id) == first_ms(acme_rows(source, "events", event_id))
+    same_answers(source, url, [event_id])
 
 
 @pytest.mark.parametrize(

@@ -819,9 +819,9 @@ def import_into(
             if dropped:
                 copies = sum(n for counts in dropped.values() for n in counts.values())
                 progress(
-                    f"dropping {copies:,} later copies of event ids (another copy of the same"
-                    " project and event_id at an earlier timestamp, or already on the target,"
-                    " is kept: the store keeps one copy per id):"
+                    f"dropping {copies:,} extra copies of event ids (the store keeps one copy"
+                    " per project and event_id: the one already on the target, else the"
+                    " earliest):"
                 )
                 for table, counts in dropped.items():
                     progress(_table_line(table, {"rows": sum(counts.values()), "projects": counts}))
@@ -829,7 +829,7 @@ def import_into(
     finally:
         extra = [_LATER_COPIES] if staging else []
         _drop_staging(store, [*staging.values(), *extra])
-    # What the target must count: the export's rows less the later copies dropped.
+    # What the target must count: the export's rows less the extra copies dropped.
     expected = _less(tables, dropped)
     progress(f"checking the counts on {target} (FINAL, per table and project)")
     mismatches = compare_counts(store, expected, projects)
@@ -844,7 +844,7 @@ def import_into(
         f" ({rows / max(elapsed, 1e-9):,.0f} rows/s"
         + (f"; {skipped} of {len(files)} files were already complete" if skipped else "")
         + (
-            f"); dropped {copies:,} later copies of event ids; the counts match the export"
+            f"); dropped {copies:,} extra copies of event ids; the counts match the export"
             " less those copies for every table and project:"
             if copies
             else "); the counts match the export for every table and project:"
