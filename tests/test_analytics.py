@@ -1017,3 +1017,130 @@ def test_openapi_states_the_shared_range_and_an_optional_project_id() -> None:
         assert {"period", "from", "to"} <= set(params) if has_range else "period" not in params
         if has_range:
             assert params["period"]["schema"]["enum"] == list(PERIODS)
+
+
+# --- answers bounded in bytes ---
+
+FAT_TEXT = "é😀x" * 3334  # 10,002 characters, multibyte: cut on characters, never bytes
+FAT_TAGS = [f"{i:03d}-" + "ü" * 123 for i in range(64)]  # 64 tags of 128 characters
+
+
+def _fat_events(n: int, run_id: str, t0: datetime) -> list[dict[str, Any]]:
+    return [
+        prompt_call(
+            f"fat-{i:04d}",
+            run_id=run_id,
+            parent_event_id=f"fat-{i - 1:04d}" if i % 5 else None,
+            timestamp=_iso(t0 + timedelta(milliseconds=10 * i)),
+            status="error",
+            error_message=FAT_TEXT[:10_000],
+            tags=FAT_TAGS,
+            prompt=FAT_TEXT,
+            response=FAT_TEXT[:150],  # short: shown whole, not flagged
+        )
+        for i in range(n)
+    ]
+
+
+def _load_fat(server: Running, n: int, run_id: str, t0: datetime) -> list[dict[str, Any]]:
+    events = _fat_events(n, run_id, t0)
+    for i in range(0, n, 100):
+        r = server.client.post(
+            "/v1/events/batch", headers=server.headers(), json={"events": events[i : i + 100]}
+        )
+        assert r.status_code == 202, r.text
+    server.flush()
+    return events
+
+
+def _raw_get(server: Running, path: str, **params: Any) -> httpx.Response:
+    r = server.client.get(path, params={"project_id": "acme", **params}, headers=server.headers())
+    assert r.status_code == 200, r.text
+    return r
+
+
+def test_run_tree_of_fat_events_holds_summaries_within_its_byte_budget(
+    server: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from watchllm_ext.analytics import routes
+
+    t0 = datetime(2026, 3, 1, tzinfo=UTC)
+    events = _load_fat(server, 300, "fat-run", t0)
+    r = _raw_get(server, "/v1/analytics/runs/fat-run")
+    body = r.json()
+    nodes = _nodes(body["tree"])
+    assert len(nodes) == 300 and body["truncated"] is False
+    assert len(r.content) <= body["max_bytes"] == routes.TREE_MAX_BYTES
+    for node in nodes:
+        summary = node["event"]
+        assert summary["error_message"] == FAT_TEXT[:200]
+        assert summary["prompt_preview"] == FAT_TEXT[:200]
+        assert summary["response_preview"] == FAT_TEXT[:150]
+        assert summary["tags"] == FAT_TAGS[:16]
+        assert summary["truncated_fields"] == ["error_message", "prompt", "tags"]
+    # Was ~45 KB a node (error_message, tags whole); a summary now, whatever the data.
+    assert len(r.content) / len(nodes) < 7_000  # 16 tags of 128 two-byte letters: 4 KB
+    # The whole values are still one request away.
+    detail = get(server, "/v1/analytics/event/fat-0007")["event"]
+    assert detail["error_message"] == FAT_TEXT[:10_000] and detail["tags"] == FAT_TAGS
+
+    # A budget smaller than the run: the first nodes in time order, as many as fit.
+    monkeypatch.setattr(routes, "TREE_MAX_BYTES", 200_000)
+    r = _raw_get(server, "/v1/analytics/runs/fat-run")
+    body = r.json()
+    shown = sorted(n["id"] for n in _nodes(body["tree"]))
+    assert body["truncated"] is True and body["max_bytes"] == 200_000
+    assert len(r.content) <= 200_000 < len(r.content) + 8_000  # full up to a node and 2 KB
+    assert shown == [e["event_id"] for e in events[: len(shown)]]
+    assert body["run"]["event_count"] == 300  # the figures still count every event
+
+
+def test_logs_pages_stop_at_their_byte_budget_and_paging_returns_each_event_once(
+    server: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from watchllm_ext.analytics import routes
+
+    t0 = datetime(2026, 3, 2, tzinfo=UTC)
+    events = _load_fat(server, 250, "fat-logs", t0)
+    # Events of one millisecond share a timestamp: the cursor's id part must order them.
+    same_time = [
+        prompt_call(
+            f"tie-{i}", run_id="fat-logs", timestamp=_iso(t0), error_message=FAT_TEXT[:10_000]
+        )
+        for i in range(12)
+    ]
+    r = server.client.post("/v1/events/batch", headers=server.headers(), json={"events": same_time})
+    assert r.status_code == 202, r.text
+    server.flush()
+    window = {"from": _iso(t0 - timedelta(minutes=1)), "to": _iso(t0 + timedelta(minutes=1))}
+
+    page = _raw_get(server, "/v1/analytics/logs", limit=1000, **window)
+    body = page.json()
+    assert len(body["events"]) == 262 and body["next_cursor"] is None
+    assert body["bytes_capped"] is False and body["max_bytes"] == routes.LOGS_MAX_BYTES
+    assert len(page.content) <= routes.LOGS_MAX_BYTES and len(page.content) / 262 < 7_000
+    flagged = {e["event_id"]: e["truncated_fields"] for e in body["events"]}
+    assert flagged["tie-3"] == ["error_message"] and flagged["fat-0003"] == [
+        "error_message",
+        "prompt",
+        "tags",
+    ]
+
+    budget = 60_000
+    monkeypatch.setattr(routes, "LOGS_MAX_BYTES", budget)
+    seen: list[str] = []
+    capped = 0
+    cursor = None
+    while True:
+        more = {"cursor": cursor} if cursor else {}
+        page = _raw_get(server, "/v1/analytics/logs", limit=100, **window, **more)
+        body = page.json()
+        assert len(page.content) <= budget and body["events"]
+        capped += body["bytes_capped"]
+        seen += [e["event_id"] for e in body["events"]]
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+    want = sorted(events + same_time, key=lambda e: (e["timestamp"], e["event_id"]), reverse=True)
+    assert seen == [e["event_id"] for e in want]  # each once, in order, none skipped
+    assert capped >= 5  # the budget, not `limit`, ended these pages

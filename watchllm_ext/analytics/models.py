@@ -115,12 +115,25 @@ class EventSummary(_Answer):
     tags: list[str] = Field(default_factory=list)
     prompt_preview: str = ""
     response_preview: str = ""
+    truncated_fields: list[str] = Field(
+        default_factory=list,
+        description="the fields shown shortened here: `error_message` (its first 200"
+        " characters kept), `prompt` and `response` (the previews hold their first 200"
+        " characters), `tags` (the first 16 kept); /v1/analytics/event/{event_id} has them whole",
+    )
 
 
 class LogsPage(_Answer):
     project_id: str
     events: list[EventSummary]
     next_cursor: str | None = Field(description="pass as cursor for the next page; null at the end")
+    max_bytes: int = Field(
+        description="the bound on this answer's size in bytes: a page stops before `limit`"
+        " rows when the next would pass it (`next_cursor` then continues after the last row)"
+    )
+    bytes_capped: bool = Field(
+        default=False, description="true when the page stopped short of `limit` at `max_bytes`"
+    )
 
 
 class EventDetail(_Answer):
@@ -166,5 +179,7 @@ class RunDetail(_Answer):
     truncated: bool = Field(
         default=False,
         description="true when the run has more events or spans than the tree holds (the"
-        " first 10,000 of each, in time order); `run` still counts them all",
+        " first 10,000 of each, in time order, as many as fit in `max_bytes`); `run` still"
+        " counts them all",
     )
+    max_bytes: int = Field(description="the bound on this answer's size in bytes")

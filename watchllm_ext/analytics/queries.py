@@ -328,13 +328,38 @@ TIME_ZONES = "SELECT time_zone FROM system.time_zones"
 
 # --- logs, events, runs -----------------------------------------------------------------------
 
-LOG_COLUMNS = """
+# A row of logs or of a run tree is a summary, cut here so that long values never leave
+# ClickHouse: error_message and the prompt/response previews at SUMMARY_CHARS characters
+# (whole characters: substringUTF8, never half of one), tags at the first SUMMARY_TAGS. The
+# *_cut flags say which were cut (routes.py lists them in `truncated_fields`); the whole
+# values stay in /v1/analytics/event/{id}. New names (not `tags AS tags`): an alias would
+# shadow the column for the length checks and for the `tag` filter of LOGS.
+SUMMARY_CHARS = 200
+SUMMARY_TAGS = 16
+LOG_COLUMNS = f"""
     event_id, event_type, toString(timestamp) AS ts, run_id, parent_event_id, user_id,
     session_id, model, provider, status, latency_ms, tokens_input, tokens_output,
-    cost_estimate_usd, cost_source, error_message, tool_name, tags,
-    substring(ifNull(prompt, ''), 1, 200) AS prompt_preview,
-    substring(ifNull(response, ''), 1, 200) AS response_preview
+    cost_estimate_usd, cost_source, tool_name,
+    substringUTF8(error_message, 1, {SUMMARY_CHARS}) AS error_message_head,
+    lengthUTF8(ifNull(error_message, '')) > {SUMMARY_CHARS} AS error_message_cut,
+    arraySlice(tags, 1, {SUMMARY_TAGS}) AS tags_head,
+    length(tags) > {SUMMARY_TAGS} AS tags_cut,
+    substringUTF8(ifNull(prompt, ''), 1, {SUMMARY_CHARS}) AS prompt_preview,
+    lengthUTF8(ifNull(prompt, '')) > {SUMMARY_CHARS} AS prompt_cut,
+    substringUTF8(ifNull(response, ''), 1, {SUMMARY_CHARS}) AS response_preview,
+    lengthUTF8(ifNull(response, '')) > {SUMMARY_CHARS} AS response_cut
 """
+
+# A lower bound of a summary's size as JSON, in bytes: its text in UTF-8 plus 300 for the
+# keys (a node's JSON has more than 500 bytes of them), so RUN_EVENTS can drop in SQL the
+# rows that cannot fit a byte budget; routes.py then counts the exact JSON.
+SUMMARY_BYTES = """(300 + length(event_id) + length(event_type) + length(run_id)
+    + length(ifNull(parent_event_id, '')) + length(ifNull(user_id, ''))
+    + length(ifNull(session_id, '')) + length(ifNull(model, '')) + length(ifNull(provider, ''))
+    + length(ifNull(status, '')) + length(ifNull(cost_source, ''))
+    + length(ifNull(tool_name, '')) + length(ifNull(error_message_head, ''))
+    + arraySum(arrayMap(t -> length(t), tags_head))
+    + length(prompt_preview) + length(response_preview))"""
 
 # Keyset pagination, newest first: rows strictly after the cursor's (timestamp, event_id).
 # Each filter is "no filter" when its parameter is empty.
@@ -454,11 +479,21 @@ GROUP BY run_id
 
 # The columns of LOGS, so that an event in a run tree reads as it does in /logs (cost_source,
 # user, session and tags included).
+# At most 10,000 events, and only those whose summaries, added up in time order, start
+# within {max_bytes}: a run of 10,000 fat events never reaches Python whole.
 RUN_EVENTS = f"""
-SELECT {LOG_COLUMNS}
-FROM ({_RUN_ROWS})
-ORDER BY timestamp, event_id
-LIMIT 10000
+SELECT * FROM (
+    SELECT *, sum(row_bytes) OVER (ORDER BY sort_ts, event_id ROWS UNBOUNDED PRECEDING)
+        - row_bytes AS bytes_before
+    FROM (
+        SELECT {LOG_COLUMNS}, timestamp AS sort_ts, {SUMMARY_BYTES} AS row_bytes
+        FROM ({_RUN_ROWS})
+        ORDER BY timestamp, event_id
+        LIMIT 10000
+    )
+)
+WHERE bytes_before < {{max_bytes:UInt64}}
+ORDER BY sort_ts, event_id
 """
 
 RUN_SPANS = """

@@ -365,9 +365,23 @@ _SUMMARY_FIELDS = (
     "tokens_input",
     "tokens_output",
     "cost_source",
-    "error_message",
     "tool_name",
 )
+# The fields LOG_COLUMNS may cut, by their *_cut flag.
+_CUT_FLAGS = (
+    ("error_message", "error_message_cut"),
+    ("prompt", "prompt_cut"),
+    ("response", "response_cut"),
+    ("tags", "tags_cut"),
+)
+
+# The byte budgets of a logs page and of a run tree (the whole JSON answer). Rows are
+# summaries of bounded size (queries.LOG_COLUMNS), so a page is about 1 KB a row; the
+# budgets only bind on fat rows. _ENVELOPE is kept free for the fields around the rows
+# (project, cursor, the run's figures), each at most a few hundred bytes.
+LOGS_MAX_BYTES = 4_000_000
+TREE_MAX_BYTES = 8_000_000
+_ENVELOPE = 2_000
 
 
 def _page_args(page: int, after: tuple[datetime, str] | None, span: P.Range) -> dict[str, Any]:
@@ -385,10 +399,28 @@ def _event_row(row: dict[str, Any]) -> EventSummary:
         **{name: row.get(name) for name in _SUMMARY_FIELDS},
         timestamp=_iso(row["ts"]),
         cost_usd=row.get("cost_estimate_usd"),
-        tags=row.get("tags") or [],
+        error_message=row.get("error_message_head"),
+        tags=row.get("tags_head") or [],
         prompt_preview=row.get("prompt_preview") or "",
         response_preview=row.get("response_preview") or "",
+        truncated_fields=[name for name, flag in _CUT_FLAGS if row.get(flag)],
     )
+
+
+def _json_size(item: BaseModel) -> int:
+    """Bytes of an item inside a JSON list: its JSON and the comma after it."""
+    return len(item.model_dump_json(by_alias=True).encode()) + 1
+
+
+def _fitting(items: list[Any], budget: int) -> int:
+    """How many of the first items fit in budget bytes of JSON (at least one: a summary is
+    far smaller than any budget, so a page always moves on)."""
+    used = 0
+    for i, item in enumerate(items):
+        used += _json_size(item)
+        if used > budget and i > 0:
+            return i
+    return len(items)
 
 
 async def logs(request: Request) -> Response:
@@ -412,14 +444,23 @@ async def logs(request: Request) -> Response:
         "q": P.text(qp, "q", 1000),
     }
     rows = await _run(store, Q.LOGS, args)
-    next_cursor = (
-        P.encode_cursor(rows[-1]["ts"], rows[-1]["event_id"]) if len(rows) == page else None
-    )
-    return await _reply(
-        lambda: LogsPage(
-            project_id=project, events=[_event_row(r) for r in rows], next_cursor=next_cursor
+
+    def build() -> LogsPage:
+        events = [_event_row(r) for r in rows]
+        kept = _fitting(events, LOGS_MAX_BYTES - _ENVELOPE)
+        # The cursor is the last row shown: the next page starts strictly after it, so a
+        # page cut by the budget skips nothing.
+        more = kept < len(rows) or len(rows) == page
+        last = rows[kept - 1] if kept else None
+        return LogsPage(
+            project_id=project,
+            events=events[:kept],
+            next_cursor=P.encode_cursor(last["ts"], last["event_id"]) if more and last else None,
+            max_bytes=LOGS_MAX_BYTES,
+            bytes_capped=kept < len(rows),
         )
-    )
+
+    return await _reply(build)
 
 
 # --- one event ---
@@ -566,7 +607,8 @@ async def run(request: Request) -> Response:
     rows = await _run(store, Q.RUN, args)
     if not rows:
         raise Problem(404, "not_found", f"no run {run_id!r} in project {project!r}", field="run_id")
-    events = await _run(store, Q.RUN_EVENTS, args)
+    # RUN_EVENTS drops in SQL the events that cannot fit the budget; build() counts exactly.
+    events = await _run(store, Q.RUN_EVENTS, {**args, "max_bytes": TREE_MAX_BYTES})
     spans = await _run(store, Q.RUN_SPANS, args)
 
     def build() -> RunDetail:
@@ -593,11 +635,19 @@ async def run(request: Request) -> Response:
             if s["span_id"] not in seen  # a span stored as an event is shown once
         ]
         nodes.sort(key=lambda n: (n.timestamp or "", n.id))
+        # Nodes in time order while they fit: each node's JSON alone (children still empty)
+        # plus its comma is what it adds to the nested tree.
+        kept = _fitting(nodes, TREE_MAX_BYTES - _ENVELOPE)
+        shown_events = sum(1 for n in nodes[:kept] if n.kind == "event")
+        figures = _run_row(rows[0])
         return RunDetail(
             project_id=project,
-            run=_run_row(rows[0]),
-            tree=_tree(nodes),
-            truncated=len(events) >= MAX_TREE_NODES or len(spans) >= MAX_TREE_NODES,
+            run=figures,
+            tree=_tree(nodes[:kept]),
+            truncated=kept < len(nodes)
+            or shown_events < figures.event_count
+            or len(spans) >= MAX_TREE_NODES,
+            max_bytes=TREE_MAX_BYTES,
         )
 
     return await _reply(build)
