@@ -24,7 +24,10 @@ An import verifies the manifest and every file's checksum before it connects, ap
 migrations on the target, refuses a target that already has rows of an exported project
 (unless `resume`), inserts each file through the store's columnar insert in bounded
 batches, and then checks that the target's `FINAL` count of every table and project equals
-the manifest's.
+the manifest's. It refuses values outside the contract's numeric ranges (before it
+connects), and keeps one copy per (project_id, event_id) as the store does: extra copies
+(an export from before migration 0009, or a tampered one) are dropped in staging, counted,
+reported, and taken off the counts the target must match.
 """
 
 from __future__ import annotations
