@@ -71,9 +71,7 @@ LIMIT {{{{limit:UInt32}}}}
 DIRTY_HOURS = _DIRTY_HOURS.format(skip="")
 # The same without the projects whose refresh failed lately (analytics/rollup.py), so that
 # their hours, which stay dirty, cannot take the whole `limit` of every round.
-DIRTY_HOURS_EXCEPT = _DIRTY_HOURS.format(
-    skip="\n      AND project_id NOT IN {skip:Array(String)}"
-)
+DIRTY_HOURS_EXCEPT = _DIRTY_HOURS.format(skip="\n      AND project_id NOT IN {skip:Array(String)}")
 
 # The rows a recomputation reads: the given hours of one project, deduplicated.
 _RECOMPUTED_FROM = """    {computed_at:DateTime64(6, 'UTC')} AS computed_at
