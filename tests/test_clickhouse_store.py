@@ -310,7 +310,8 @@ def named_queries(rolled: bool) -> dict[str, tuple[str, dict[str, Any]]]:
         {**runs, **cursor, "cursor_id": "run-7-9", "limit": 1000},
     )
     for run_id in ("run-7-0", "run-7-13", "run-1", "run-tricky", "no-such-run"):
-        args = {"project": PROJECT, "run_id": run_id}
+        # Run trees are bounded in bytes (the API's budget): one far above these runs.
+        args = {"project": PROJECT, "run_id": run_id, "max_bytes": 1 << 40}
         out[f"run[{run_id}]"] = (Q.RUN, args)
         out[f"run_events[{run_id}]"] = (Q.RUN_EVENTS, args)
         out[f"run_spans[{run_id}]"] = (Q.RUN_SPANS, args)
