@@ -303,6 +303,9 @@ class Session:
             "export -p | grep -Ev '^declare -x (PWD|OLDPWD|SHLVL|_)=' > \"$DOCS_DIR/state.sh\"\n"
             'echo "cd $(printf %q "$PWD")" >> "$DOCS_DIR/state.sh"\n'
         )
+        return self._bash(runner)
+
+    def _bash(self, runner: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             ["bash", "-c", runner],
             cwd=self.dir,
@@ -318,15 +321,7 @@ class Session:
         script = self.dir / f"block{self.count}.py"
         script.write_text(code)
         runner = f'source "$DOCS_DIR/state.sh"; python "{script}"'
-        return subprocess.run(
-            ["bash", "-c", runner],
-            cwd=self.dir,
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=BLOCK_TIMEOUT_S,
-        )
+        return self._bash(runner)
 
     def remember(self, **values: str) -> None:
         with (self.dir / "state.sh").open("a") as state:
