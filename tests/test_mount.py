@@ -76,3 +76,45 @@ def test_mounted_in_starlette_without_lifespan_says_so(tmp_path: Path) -> None:
         assert "lifespan" in r.json()["message"] and r.headers["Retry-After"]
         assert client.get("/obs/readyz").status_code == 503
         assert client.get("/").text == "host"
+
+
+def test_in_process_ingest_goes_through_the_same_checks(tmp_path: Path) -> None:
+    """`WatchLLM.ingest` (the SDK's, middleware's and OTel exporter's way in) validates,
+    spools and answers like POST /v1/events/batch, with no HTTP hop."""
+    import anyio
+
+    from watchllm_ext.auth import Principal
+    from watchllm_ext.errors import Problem
+
+    settings = make_settings(tmp_path)
+    app = create_app(settings)
+    wl = app.state.watchllm
+    principal = Principal("acme", frozenset({"ingest"}))
+
+    async def main() -> tuple[dict[str, Any], dict[str, Any], Problem, Problem]:
+        async with wl.running():
+            ok = await wl.ingest(principal, [prompt_call("p1")])
+            bad = dict(prompt_call("p2"), latency_ms=-1)
+            mixed = await wl.ingest(principal, [prompt_call("p3"), bad])
+            try:
+                await wl.ingest(principal, [bad])
+            except Problem as exc:
+                none_valid = exc
+            try:
+                await wl.ingest(principal, [dict(prompt_call("p4"), project_id="other")])
+            except Problem as exc:
+                other = exc
+            return ok, mixed, none_valid, other
+
+    ok, mixed, none_valid, other = anyio.run(main)
+    assert ok["accepted"] == 1 and ok["event_ids"] == ["p1"] and "rejected" not in ok
+    assert mixed["accepted"] == 1 and mixed["rejected"][0]["index"] == 1
+    assert "latency_ms" in str(mixed["rejected"][0])
+    assert none_valid.status == 422 and none_valid.code == "validation_failed"
+    assert other.status == 403 and other.field == "[0].project_id"
+    store = create_app(settings).state.watchllm.open_store()
+    try:
+        ids = {r["event_id"] for r in store.query("SELECT event_id FROM events")}
+        assert ids == {"p1", "p3"}
+    finally:
+        store.close()

@@ -194,6 +194,28 @@ class WatchLLM:
             if isinstance(decision, QuotaDecision) and not decision.allowed:
                 raise Problem(429, "quota_exceeded", decision.reason, headers=decision.headers())
 
+    async def ingest(
+        self,
+        principal: Principal,
+        events: list[dict[str, Any]],
+        received_at: datetime | None = None,
+    ) -> dict[str, Any]:
+        """Ingest events (dicts of the v1 contract) from inside the process, with no HTTP hop:
+        the same count limit, quota, validation, hooks and spool as `POST /v1/events/batch`.
+
+        Returns that route's answer body (`accepted`, `event_ids`, and `rejected` when some
+        events were refused); raises `Problem` where the route answers 4xx or 503 (its
+        `.status` and `.body()` say why). Used by the SDK's in-process transport, the host
+        middleware and the OpenTelemetry in-process exporter.
+        """
+        if not events:
+            raise Problem(422, "empty_batch", "'events' holds no event", field="events")
+        _check_count(self, len(events))
+        check_projects(events, principal)
+        await self.check_quota(principal, len(events))
+        outcome = validate_items(events, principal, self.pm, received_at or receipt_time())
+        return await _accept(self, outcome)
+
     async def submit(self, events: list[Any]) -> None:
         if self.writer is None:
             raise Problem(
@@ -409,6 +431,13 @@ async def _ingest(
 
 
 async def _answer(wl: WatchLLM, outcome: Outcome, off_loop: bool = False) -> Response:
+    body = await _accept(wl, outcome, off_loop)
+    return JSONResponse(body, status_code=207 if "rejected" in body else 202)
+
+
+async def _accept(wl: WatchLLM, outcome: Outcome, off_loop: bool = False) -> dict[str, Any]:
+    """Hand the valid events to the writer; the answer body (202 without "rejected", 207
+    with it). Raises Problem 422 when nothing was valid, 503 when the writer cannot take them."""
     n_rejected = len(outcome.rejected)
     rejected = [r.as_dict() for r in outcome.rejected[:MAX_REJECTIONS_LISTED]]
     # Past the listed ones, a count: the answer stays bounded whatever the batch holds.
@@ -436,8 +465,7 @@ async def _answer(wl: WatchLLM, outcome: Outcome, off_loop: bool = False) -> Res
     if rejected:
         body["rejected"] = rejected
         body.update(more)
-        return JSONResponse(body, status_code=207)
-    return JSONResponse(body, status_code=202)
+    return body
 
 
 async def project_events(request: Request) -> Response:
