@@ -118,3 +118,43 @@ def test_in_process_ingest_goes_through_the_same_checks(tmp_path: Path) -> None:
         assert ids == {"p1", "p3"}
     finally:
         store.close()
+
+
+def test_a_running_app_takes_events_from_other_threads_by_key(tmp_path: Path) -> None:
+    """A running app registers itself (sdk.context.local_apps) and takes events from an SDK
+    worker thread with an API key: the key's project, its scope, the batch route's answer."""
+    import threading
+
+    import anyio
+
+    from watchllm_ext.errors import Problem
+    from watchllm_ext.sdk.context import local_apps
+
+    settings = make_settings(tmp_path)
+    store = KeyStore(settings.keys_path)
+    key = store.create("acme", scope="ingest")
+    reader = store.create("acme", scope="read")
+    app = create_app(settings)
+    wl = app.state.watchllm
+    answers: dict[str, Any] = {}
+
+    def worker() -> None:
+        (local,) = local_apps()
+        answers["ok"] = local.ingest_from_thread(key, [prompt_call("t1")], 5.0)
+        for name, token in (("unknown", "wl_nope"), ("read", reader)):
+            try:
+                local.ingest_from_thread(token, [prompt_call("t2")], 5.0)
+            except Problem as exc:
+                answers[name] = exc.status
+
+    async def main() -> None:
+        async with wl.running():
+            thread = threading.Thread(target=worker)
+            thread.start()
+            await anyio.to_thread.run_sync(thread.join)
+        assert local_apps() == []
+
+    assert local_apps() == []
+    anyio.run(main)
+    assert answers == {"ok": answers["ok"], "unknown": 401, "read": 403}
+    assert answers["ok"]["event_ids"] == ["t1"] and answers["ok"]["project_id"] == "acme"

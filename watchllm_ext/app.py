@@ -8,6 +8,7 @@ hosting.py) and stop with it, flushing what is buffered.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -52,6 +53,7 @@ from .openapi import openapi_endpoint
 from .plugins import describe_plugins, get_plugin_manager
 from .quota import QuotaDecision
 from .schema import EVENT_LIST_ADAPTER, require_server_filled
+from .sdk.context import register_local_app, unregister_local_app
 from .settings import Settings, load_settings
 from .spool import Spool
 from .store import Store, apply_migrations
@@ -79,6 +81,8 @@ class WatchLLM:
     _opened_store: Store | None = None
     # Big bodies in work at once (ingest_threads); made on first use, inside the event loop.
     _big_bodies: anyio.CapacityLimiter | None = None
+    # The event loop the app runs on, while it runs (for ingest_from_thread).
+    _loop: asyncio.AbstractEventLoop | None = None
 
     def open_store(self) -> Store | None:
         """Open the store ahead of the lifespan (so the CLI can report a busy folder plainly)."""
@@ -136,9 +140,13 @@ class WatchLLM:
                     self.writer = writer
                     for task in tasks:
                         background.start_soon(_run_background, task)
+                    self._loop = asyncio.get_running_loop()
+                    register_local_app(self)
                     try:
                         yield self
                     finally:
+                        unregister_local_app(self)
+                        self._loop = None
                         self.writer = None
                         background.cancel_scope.cancel()
             finally:
@@ -215,6 +223,29 @@ class WatchLLM:
         await self.check_quota(principal, len(events))
         outcome = validate_items(events, principal, self.pm, received_at or receipt_time())
         return await _accept(self, outcome)
+
+    async def ingest_with_key(self, api_key: str, events: list[dict[str, Any]]) -> dict[str, Any]:
+        """`ingest` for the holder of an API key (its project, its ingest scope), on this
+        app's event loop: how an in-process SDK client delivers (sdk/context.py)."""
+        principal = self.pm.hook.authenticate(token=api_key, request=None)
+        if principal is None:
+            raise unauthorized("the API key is not valid (unknown or revoked)")
+        if not principal.can("ingest"):
+            raise Problem(403, "forbidden", "this key has no 'ingest' scope", field="api_key")
+        return await self.ingest(principal, events)
+
+    def ingest_from_thread(
+        self, api_key: str, events: list[dict[str, Any]], timeout_s: float
+    ) -> dict[str, Any]:
+        """`ingest_with_key` from another thread (an SDK worker): runs on the app's loop and
+        waits at most `timeout_s` (TimeoutError after; the events may still be accepted)."""
+        loop = self._loop
+        if loop is None or self.writer is None:
+            raise Problem(
+                503, "not_running", "the app is not running", headers={"Retry-After": "5"}
+            )
+        future = asyncio.run_coroutine_threadsafe(self.ingest_with_key(api_key, events), loop)
+        return future.result(timeout_s)
 
     async def submit(self, events: list[Any]) -> None:
         if self.writer is None:
