@@ -196,8 +196,18 @@ class WatchLLM:
             )
         return principal
 
-    async def check_quota(self, principal: Principal, n_events: int) -> None:
-        for result in self.pm.hook.check_quota(principal=principal, n_events=n_events):
+    async def check_quota(
+        self,
+        principal: Principal,
+        n_events: int,
+        user_id: str | None = None,
+        route: str | None = None,
+    ) -> None:
+        """Ask every `check_quota` implementation; raise Problem 429 at the first denial."""
+        results = self.pm.hook.check_quota(
+            principal=principal, n_events=n_events, user_id=user_id, route=route
+        )
+        for result in results:
             decision = await result if inspect.isawaitable(result) else result
             if isinstance(decision, QuotaDecision) and not decision.allowed:
                 raise Problem(429, "quota_exceeded", decision.reason, headers=decision.headers())

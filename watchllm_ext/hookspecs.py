@@ -41,13 +41,17 @@ def authenticate(token: str, request: Request | None) -> Principal | None:
 
 @hookspec
 def check_quota(
-    principal: Principal, n_events: int
+    principal: Principal, n_events: int, user_id: str | None, route: str | None
 ) -> QuotaDecision | Awaitable[QuotaDecision | None] | None:
-    """Allow or deny `n_events` more events for this principal before they are validated.
+    """Allow or deny work for this principal before it is done.
 
-    Every implementation is called and awaited in order; the first denial wins and the
-    request is answered 429 with its Retry-After. Return None (or an allowing decision) to
-    let the events through.
+    Two callers: ingestion asks before validating `n_events` (>= 1) more events (`user_id`
+    and `route` are None); the host middleware asks before a host request's handler runs,
+    with `n_events=0`, the request's user (or None) and its route template (a budget check:
+    "has this user spent their daily USD?"). An implementation declares only the arguments
+    it needs. Every implementation is called and awaited in order; the first denial wins and
+    is answered 429 with its Retry-After and rate-limit headers. Return None (or an allowing
+    decision) to let the work through.
     """
 
 
