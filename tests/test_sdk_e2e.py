@@ -1,0 +1,302 @@
+"""The SDK end to end through a real `watchllm serve`-style server (uvicorn on loopback, chDB):
+every log method, runs and nesting, @observe on each kind of function, context across threads
+and tasks, and the tree the analytics API shows."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import threading
+from typing import Any
+
+import pytest
+from conftest import Running
+
+from watchllm_ext.sdk import AsyncWatchLLM, WatchLLM, current_run, observe
+
+
+def sdk(server: Running, **options: Any) -> WatchLLM:
+    options.setdefault("flush_interval_s", 0.05)
+    return WatchLLM(api_key=server.key, base_url=server.url, **options)
+
+
+def tree(server: Running, run_id: str) -> list[dict[str, Any]]:
+    answer = server.client.get(f"/v1/analytics/runs/{run_id}", headers=server.headers())
+    assert answer.status_code == 200, answer.text
+    return answer.json()["tree"]
+
+
+def names(server: Running, run_id: str) -> dict[str, str]:
+    """Each event of the run by id: its step, tool or error name (summaries omit steps')."""
+    rows = server.query(
+        "SELECT event_id, step_name, tool_name, error_type FROM events WHERE run_id = {r:String}",
+        {"r": run_id},
+    )
+    return {r["event_id"]: r["step_name"] or r["tool_name"] or r["error_type"] for r in rows}
+
+
+def shape(nodes: list[dict[str, Any]], named: dict[str, str]) -> list[Any]:
+    """A tree as (event_type, name, [children]) tuples."""
+    return [
+        (node["event"]["event_type"], named[node["id"]], shape(node["children"], named))
+        for node in nodes
+    ]
+
+
+def test_every_method_arrives(server: Running) -> None:
+    client = sdk(server, env="staging", release="1.2.3")
+    with client.run(name="all-types", user_id="u-1", tags=["sdk"]) as run:
+        ids = [
+            client.log_prompt_call(
+                model="gpt-4o",
+                provider="openai",
+                prompt=[{"role": "user", "content": "hi"}],
+                response="hello",
+                tokens_input=10,
+                tokens_output=20,
+                latency_ms=12.5,
+            ),
+            client.log_tool_call("search", tool_input={"q": "x"}, tool_output=[1, 2]),
+            client.log_agent_step(1, step_name="plan", reasoning="because"),
+            client.log_error(ValueError("boom")),
+            client.log_assertion_failed("is_json", expected="{}", actual="nope"),
+            client.log_hallucination_detected("judge", 0.9, "the sky is green"),
+            client.log_cost_threshold_exceeded(10.0, 12.5, "1d"),
+            client.log_performance_alert("latency_p95_ms", 1000.0, 1500.0, "5m"),
+        ]
+    assert client.flush(10)
+    stats = client.stats()
+    assert stats["sent"] == 9 and stats["dropped_total"] == 0, stats  # 8 + the run's root
+    server.flush()
+    rows = server.query(
+        "SELECT event_type, parent_event_id, user_id, env, release, tags FROM events"
+        " WHERE run_id = {r:String} ORDER BY event_type",
+        {"r": run.run_id},
+    )
+    assert len(rows) == 9
+    assert {r["event_type"] for r in rows} == {
+        "prompt_call",
+        "tool_call",
+        "agent_step",
+        "error",
+        "assertion_failed",
+        "hallucination_detected",
+        "cost_threshold_exceeded",
+        "performance_alert",
+    }
+    assert all(r["user_id"] == "u-1" and r["env"] == "staging" for r in rows)
+    assert all(r["release"] == "1.2.3" and "sdk" in r["tags"] for r in rows)
+    nodes = tree(server, run.run_id)
+    assert len(nodes) == 1 and names(server, run.run_id)[nodes[0]["id"]] == "all-types"
+    assert sorted(c["id"] for c in nodes[0]["children"]) == sorted(ids)
+    # The priced cost came from the server's tables (the SDK sent tokens, not a cost).
+    cost = server.query("SELECT cost_source FROM events WHERE event_id = {e:String}", {"e": ids[0]})
+    assert cost == [{"cost_source": "computed"}]
+    client.close()
+
+
+@observe(name="lookup", as_type="tool_call")
+def lookup(city: str) -> dict[str, str]:
+    return {"city": city, "weather": "sunny"}
+
+
+@observe
+def numbers(n: int) -> Any:
+    for i in range(n):
+        lookup(str(i))
+        yield i
+
+
+@observe
+async def fetch(x: int) -> int:
+    await asyncio.sleep(0)
+    lookup("async")
+    return x * 2
+
+
+@observe
+async def stream(n: int) -> Any:
+    for i in range(n):
+        await fetch(i)
+        yield i
+
+
+@observe
+def fails() -> None:
+    lookup("before the error")
+    raise KeyError("missing")
+
+
+@observe
+def agent(question: str) -> str:
+    lookup("paris")
+    assert list(numbers(2)) == [0, 1]
+    ctx = contextvars.copy_context()
+    worker = threading.Thread(target=ctx.run, args=(lookup, "thread"))
+    worker.start()
+    worker.join()
+
+    async def both() -> list[Any]:
+        # Two tasks: each inherits the current run; one observed async generator.
+        got = await asyncio.gather(fetch(1), fetch(2))
+        return [*got, [i async for i in stream(1)]]
+
+    assert asyncio.run(both()) == [2, 4, [0]]
+    with pytest.raises(KeyError):
+        fails()
+    return "done"
+
+
+def test_observe_builds_the_tree(server: Running) -> None:
+    client = sdk(server)
+    assert agent("q") == "done"
+    assert current_run() is None  # nothing leaked out of the decorated calls
+    assert client.flush(10), client.stats()
+    server.flush()
+    runs = server.query("SELECT DISTINCT run_id FROM events WHERE step_name = 'agent'")
+    assert len(runs) == 1
+    named = names(server, runs[0]["run_id"])
+    nodes = tree(server, runs[0]["run_id"])
+    assert len(nodes) == 1
+    root = nodes[0]
+    assert named[root["id"]] == "agent" and root["event"]["status"] == "success"
+    kids = shape(root["children"], named)
+    lookups = ("tool_call", "lookup", [])
+    expected = [
+        lookups,
+        ("agent_step", "numbers", [lookups, lookups]),
+        lookups,  # the thread's call, through copy_context
+        ("agent_step", "fetch", [lookups]),
+        ("agent_step", "fetch", [lookups]),
+        ("agent_step", "stream", [("agent_step", "fetch", [lookups])]),
+        ("agent_step", "fails", [lookups, ("error", "KeyError", [])]),
+    ]
+    assert sorted(kids, key=repr) == sorted(expected, key=repr)
+    failed = [c for c in root["children"] if named[c["id"]] == "fails"]
+    assert failed[0]["event"]["status"] == "error"
+    errors = server.query("SELECT count() AS n FROM events WHERE event_type = 'error'")
+    assert errors == [{"n": 1}]  # one error event, though the exception crossed one frame
+    client.close()
+
+
+def test_run_records_the_exception_and_reraises(server: Running) -> None:
+    client = sdk(server)
+    with pytest.raises(RuntimeError, match="stop"), client.run(name="broken") as run:
+        client.log_tool_call("t")
+        raise RuntimeError("stop")
+    assert client.flush(10)
+    server.flush()
+    (root,) = tree(server, run.run_id)
+    assert root["event"]["status"] == "error"
+    kids = sorted(shape(root["children"], names(server, run.run_id)))
+    assert kids == [("error", "RuntimeError", []), ("tool_call", "t", [])]
+    client.close()
+
+
+def test_async_client_and_run(server: Running) -> None:
+    async def main() -> str:
+        async with AsyncWatchLLM(
+            api_key=server.key, base_url=server.url, flush_interval_s=0.05
+        ) as client:
+            async with client.run(name="async-run") as run:
+                await asyncio.gather(*(fetch(i) for i in range(3)))
+            assert await client.flush(10)
+            assert client.stats()["sent"] == 7
+        return run.run_id
+
+    run_id = asyncio.run(main())
+    server.flush()
+    (root,) = tree(server, run_id)
+    assert [c[1] for c in shape(root["children"], names(server, run_id))] == ["fetch"] * 3
+
+
+def test_strict_raises_at_the_call_site_production_counts(
+    server: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    strict = sdk(server, strict=True)
+    with pytest.raises(ValueError, match="tokens_input"):
+        strict.log_prompt_call(model="m", tokens_input=-1)
+    with pytest.raises(ValueError, match="nonsense"):
+        strict.log_tool_call("t", nonsense=1)
+    strict.close()
+    relaxed = sdk(server)
+    with caplog.at_level(logging.WARNING, logger="watchllm.sdk"):
+        relaxed.log_prompt_call(model="m", tokens_input=-1)  # never raises
+        relaxed.log_prompt_call(model="m", tokens_input=1)
+        assert relaxed.flush(10)
+    stats = relaxed.stats()
+    assert stats["dropped"]["invalid"] == 1 and stats["sent"] == 1
+    assert "tokens_input" in caplog.text
+    relaxed.close()
+
+
+def test_disabled_without_a_key(monkeypatch: pytest.MonkeyPatch, caplog: Any) -> None:
+    monkeypatch.delenv("WATCHLLM_API_KEY", raising=False)
+    monkeypatch.delenv("WATCHLLM_BASE_URL", raising=False)
+    with caplog.at_level(logging.WARNING, logger="watchllm.sdk"):
+        client = WatchLLM()
+    assert "disabled" in caplog.text and caplog.text.count("disabled") == 1
+    assert not client.enabled
+    event_id = client.log_prompt_call(model="m")
+    assert isinstance(event_id, str) and client.flush(1)
+    assert client.stats()["queued"] == 0
+    client.close()
+
+
+def test_from_environment(server: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WATCHLLM_API_KEY", server.key)
+    monkeypatch.setenv("WATCHLLM_BASE_URL", server.url)
+    client = WatchLLM(flush_interval_s=0.05)
+    assert client.transport_name == "http"
+    client.log_tool_call("env")
+    assert client.flush(10) and client.stats()["sent"] == 1
+    client.close()
+
+
+def test_sampling_mask_and_metadata_only(server: Running) -> None:
+    def mask(event: dict[str, Any]) -> dict[str, Any] | None:
+        if event.get("tool_name") == "secret":
+            return None
+        if isinstance(event.get("response"), str):
+            event["response"] = event["response"].replace("alice@example.com", "[email]")
+        return event
+
+    masked = sdk(server, mask=mask)
+    with masked.run(name="masked") as run1:
+        masked.log_prompt_call(model="m", response="mail alice@example.com now")
+        masked.log_tool_call("secret", tool_input={"password": "x"})
+    assert masked.flush(10)
+    masked.close()
+    bare = sdk(server, capture_content=False)
+    with bare.run(name="bare") as run2:
+        bare.log_prompt_call(model="m", prompt="private", response="private", tokens_input=3)
+        bare.log_hallucination_detected("judge", 0.5, "private claim")
+    assert bare.flush(10)
+    bare.close()
+    sampled = sdk(server, sample_rate=0.5)
+    for _ in range(200):
+        with sampled.run():
+            sampled.log_tool_call("s")
+    assert sampled.flush(10)
+    stats = sampled.stats()
+    sampled.close()
+    server.flush()
+    rows = server.query(
+        "SELECT event_type, response, tool_name FROM events WHERE run_id = {r:String}"
+        " ORDER BY event_type",
+        {"r": run1.run_id},
+    )
+    assert [r["event_type"] for r in rows] == ["agent_step", "prompt_call"]
+    assert rows[1]["response"] == "mail [email] now"
+    rows = server.query(
+        "SELECT prompt, response, claim, tokens_input FROM events WHERE run_id = {r:String}"
+        " AND event_type != 'agent_step' ORDER BY event_type",
+        {"r": run2.run_id},
+    )
+    assert all("private" not in str(r) for r in rows), rows
+    assert rows[1]["tokens_input"] == 3
+    # By run: each run kept whole (its root and its call) or left out whole.
+    kept_runs = stats["sent"] // 2
+    assert stats["sent"] % 2 == 0 and stats["sampled_out"] == 2 * (200 - kept_runs)
+    assert 60 < kept_runs < 140, stats

@@ -1,0 +1,752 @@
+"""`WatchLLM`: log events from any thread; a background worker batches and delivers them.
+
+The caller's thread only builds a dict and appends it to a bounded queue (no lock, no I/O,
+no validation unless `strict=True`), so a `log_*` call costs microseconds and never raises or
+blocks. The worker validates, masks, batches by count and bytes, gzips, sends and retries;
+everything it could not deliver is counted by reason in `stats()`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import itertools
+import logging
+import os
+import platform
+import random
+import socket
+import threading
+import time
+import traceback
+import weakref
+import zlib
+from collections import deque
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from .. import __version__
+from ._events import InvalidEvent, Mask, prepare, validate
+from .context import RunContext, current_run, new_id
+from .transport import Answer, HttpTransport, LocalTransport, NetworkError, Transport
+
+log = logging.getLogger("watchllm.sdk")
+
+# Answers worth another try: the server is busy, restarting or behind a proxy that failed.
+RETRY_STATUSES = frozenset({408, 429, 502, 503, 504})
+DROP_REASONS = (
+    "queue_full",  # the buffer held max_queue events; the new one was dropped
+    "invalid",  # the contract refuses the event (logged with the fields at fault)
+    "mask_error",  # the mask callback raised: the event is dropped, never sent unmasked
+    "rejected",  # the server refused it (400, 422, 207's rejected list); not retried
+    "unauthorized",  # 401 or 403: the key is unknown, revoked or has no ingest scope
+    "too_large",  # one event alone over the server's body limit (413)
+    "server_error",  # 500 or another answer that is not retried
+    "retries_exhausted",  # still failing after retry_for_s
+    "shutdown",  # still in the buffer when close()'s timeout ran out
+)
+Transports = Literal["auto", "http", "local"]
+
+
+class WatchLLM:
+    """The WatchLLM SDK client.
+
+    `WatchLLM(api_key=..., base_url=...)`, or from `WATCHLLM_API_KEY` / `WATCHLLM_BASE_URL`.
+    Without a key it is disabled (one warning): every method still works and sends nothing.
+    Without a base URL it delivers to a WatchLLM app mounted in this process (`transport=
+    "local"`); see docs/SDK.md for every option.
+    """
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        *,
+        transport: Transports = "auto",
+        enabled: bool = True,
+        strict: bool = False,
+        sample_rate: float = 1.0,
+        mask: Mask | None = None,
+        capture_content: bool = True,
+        env: str | None = None,
+        release: str | None = None,
+        flush_at: int = 500,
+        flush_interval_s: float = 1.0,
+        max_batch_events: int = 1000,
+        max_batch_bytes: int = 4 * 1024 * 1024,
+        max_queue: int = 10_000,
+        gzip: bool = True,
+        timeout_s: float = 10.0,
+        retry_for_s: float = 300.0,
+        initial_backoff_s: float = 0.5,
+        max_backoff_s: float = 30.0,
+        flush_at_exit_s: float = 5.0,
+    ) -> None:
+        if not 0.0 <= sample_rate <= 1.0:
+            raise ValueError(f"sample_rate: must be between 0 and 1, not {sample_rate}")
+        if transport not in ("auto", "http", "local"):
+            raise ValueError(f"transport: must be 'auto', 'http' or 'local', not {transport!r}")
+        for name, value in (
+            ("flush_at", flush_at),
+            ("max_batch_events", max_batch_events),
+            ("max_queue", max_queue),
+        ):
+            if value < 1:
+                raise ValueError(f"{name}: must be at least 1, not {value}")
+        self.api_key = api_key or os.environ.get("WATCHLLM_API_KEY") or None
+        self.base_url = base_url or os.environ.get("WATCHLLM_BASE_URL") or None
+        self.strict = strict
+        self.sample_rate = sample_rate
+        self.mask = mask
+        self.capture_content = capture_content
+        self.env = env
+        self.release = release
+        self.flush_at = flush_at
+        self.flush_interval_s = flush_interval_s
+        self.max_batch_events = max_batch_events
+        self.max_batch_bytes = max_batch_bytes
+        self.max_queue = max_queue
+        self.gzip = gzip
+        self.timeout_s = timeout_s
+        self.retry_for_s = retry_for_s
+        self.initial_backoff_s = initial_backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.flush_at_exit_s = flush_at_exit_s
+        self._transport_choice = transport
+        self._client_info = {
+            "sdk_version": f"watchllm-python/{__version__}",
+            "hostname": socket.gethostname()[:256],
+            "platform": f"python {platform.python_version()} {platform.system()}"[:256],
+        }
+        self.enabled = enabled
+        if enabled and not self.api_key:
+            self.enabled = False
+            log.warning(
+                "WatchLLM is disabled: no api_key and no WATCHLLM_API_KEY (events are not sent)"
+            )
+        if self.enabled and transport == "http" and not self.base_url:
+            raise ValueError("base_url: transport='http' needs a base_url (or WATCHLLM_BASE_URL)")
+        if self.enabled and self._uses_local() and not self.base_url:
+            log.info("WatchLLM: no base_url, events go to the WatchLLM app in this process")
+        self._reset_state()
+        _clients.add(self)
+        global _default_client
+        _default_client = weakref.ref(self)
+
+    # -- state, fork safety ----------------------------------------------------------------
+
+    def _uses_local(self) -> bool:
+        return self._transport_choice == "local" or (
+            self._transport_choice == "auto" and not self.base_url
+        )
+
+    def _reset_state(self) -> None:
+        """Everything that belongs to one process: a forked child calls it again and so gets
+        an empty buffer, fresh locks and counters, and a worker of its own on first use."""
+        self._pid = os.getpid()
+        self._queue: deque[dict[str, Any]] = deque()
+        self._wake = threading.Event()
+        self._abandon = threading.Event()
+        self._start_lock = threading.Lock()
+        self._stats_lock = threading.Lock()
+        self._settled_cond = threading.Condition()
+        self._worker: threading.Thread | None = None
+        self._closed = False
+        self._closing = False
+        self._transport: Transport | None = None
+        # Events appended so far (itertools.count is atomic under the GIL) and settled ones
+        # (delivered or dropped by the worker): flush() waits for the second to reach the first.
+        self._enqueued_counter = itertools.count(1)
+        self._enqueued = 0
+        self._settled = 0
+        self._in_flight = 0
+        self._stats: dict[str, Any] = {
+            "sent": 0,
+            "batches": 0,
+            "retries": 0,
+            "sampled_out": 0,
+            "dropped": dict.fromkeys(DROP_REASONS, 0),
+            "last_error": None,
+        }
+        self._warned: set[str] = set()
+
+    def _after_fork_in_child(self) -> None:
+        # The parent's worker and HTTP connections do not exist here (threads are not copied;
+        # sockets are shared with the parent, so they are left alone, not closed).
+        self._reset_state()
+
+    def _make_transport(self) -> Transport:
+        assert self.api_key is not None
+        if self._uses_local():
+            return LocalTransport(self.api_key, self.timeout_s)
+        assert self.base_url is not None
+        return HttpTransport(self.base_url, self.api_key, self.timeout_s, self.gzip)
+
+    @property
+    def transport_name(self) -> str:
+        """'http', 'local', or 'disabled'."""
+        if not self.enabled:
+            return "disabled"
+        return "local" if self._uses_local() else "http"
+
+    # -- logging (the caller's thread) -------------------------------------------------------
+
+    def log_event(self, event_type: str, **fields: Any) -> str:
+        """Log one event of any type (fields of the v1 contract); returns its event_id.
+
+        Fills event_id, timestamp, run_id, parent_event_id, user_id, session_id, tags and
+        metadata from the current run (see `run()` and `@observe`) unless given.
+        """
+        event = self._build(event_type, fields)
+        self._enqueue(event)
+        return event["event_id"]
+
+    def _build(self, event_type: str, fields: dict[str, Any]) -> dict[str, Any]:
+        event = {k: v for k, v in fields.items() if v is not None}
+        event["event_type"] = event_type
+        if "event_id" not in event:
+            event["event_id"] = new_id()
+        if "timestamp" not in event:
+            event["timestamp"] = datetime.now(UTC)
+        ctx = current_run()
+        if ctx is not None:
+            event.setdefault("run_id", ctx.run_id)
+            if ctx.parent_event_id is not None and event["run_id"] == ctx.run_id:
+                event.setdefault("parent_event_id", ctx.parent_event_id)
+            if ctx.user_id is not None:
+                event.setdefault("user_id", ctx.user_id)
+            if ctx.session_id is not None:
+                event.setdefault("session_id", ctx.session_id)
+            if ctx.tags:
+                event["tags"] = [*ctx.tags, *event.get("tags", ())]
+            if ctx.metadata:
+                event["metadata"] = {**ctx.metadata, **event.get("metadata", {})}
+        elif "run_id" not in event:
+            event["run_id"] = event["event_id"]  # an event outside any run is a run of its own
+        if self.env is not None:
+            event.setdefault("env", self.env)
+        if self.release is not None:
+            event.setdefault("release", self.release)
+        event.setdefault("client", self._client_info)
+        return event
+
+    def _enqueue(self, event: dict[str, Any]) -> None:
+        if self.strict:
+            validate(event)  # raises at the call site: a mistake is found in development
+        if not self.enabled or self._closed:
+            return
+        if self.sample_rate < 1.0 and not self._sampled(event["run_id"]):
+            with self._stats_lock:
+                self._stats["sampled_out"] += 1
+            return
+        if self._pid != os.getpid():  # forked without register_at_fork (os.fork is covered)
+            self._after_fork_in_child()
+        queue = self._queue
+        if len(queue) >= self.max_queue:
+            self._drop("queue_full", 1, f"the buffer holds {self.max_queue} events")
+            return
+        queue.append(event)
+        self._enqueued = next(self._enqueued_counter)
+        if self._worker is None:
+            self._start_worker()
+        elif len(queue) >= self.flush_at:
+            self._wake.set()
+
+    def _sampled(self, run_id: str) -> bool:
+        # By run, not by event: a run is kept or left out whole, so its tree stays complete.
+        return zlib.crc32(run_id.encode()) / 0x1_0000_0000 < self.sample_rate
+
+    def log_prompt_call(
+        self,
+        *,
+        model: str | None = None,
+        provider: str | None = None,
+        prompt: Any = None,
+        response: str | None = None,
+        tokens_input: int | None = None,
+        tokens_output: int | None = None,
+        latency_ms: float | None = None,
+        status: str | None = None,
+        error_message: str | None = None,
+        cost_estimate_usd: float | None = None,
+        **fields: Any,
+    ) -> str:
+        """A call to a model. Without `cost_estimate_usd` the server prices it from the
+        tokens and its price tables. `prompt` is text or a list of {role, content} messages."""
+        return self.log_event(
+            "prompt_call",
+            model=model,
+            provider=provider,
+            prompt=prompt,
+            response=response,
+            tokens_input=tokens_input,
+            tokens_output=tokens_output,
+            latency_ms=latency_ms,
+            status=status,
+            error_message=error_message,
+            cost_estimate_usd=cost_estimate_usd,
+            **fields,
+        )
+
+    def log_tool_call(
+        self,
+        tool_name: str,
+        *,
+        tool_input: Any = None,
+        tool_output: Any = None,
+        status: str | None = None,
+        latency_ms: float | None = None,
+        error_message: str | None = None,
+        **fields: Any,
+    ) -> str:
+        return self.log_event(
+            "tool_call",
+            tool_name=tool_name,
+            tool_input=tool_input,
+            tool_output=tool_output,
+            status=status,
+            latency_ms=latency_ms,
+            error_message=error_message,
+            **fields,
+        )
+
+    def log_agent_step(
+        self,
+        step_number: int,
+        *,
+        step_name: str | None = None,
+        reasoning: str | None = None,
+        action: str | None = None,
+        observation: str | None = None,
+        status: str | None = None,
+        latency_ms: float | None = None,
+        **fields: Any,
+    ) -> str:
+        return self.log_event(
+            "agent_step",
+            step_number=step_number,
+            step_name=step_name,
+            reasoning=reasoning,
+            action=action,
+            observation=observation,
+            status=status,
+            latency_ms=latency_ms,
+            **fields,
+        )
+
+    def log_error(
+        self,
+        error: BaseException | None = None,
+        *,
+        error_type: str | None = None,
+        error_message: str | None = None,
+        stack_trace: str | None = None,
+        **fields: Any,
+    ) -> str:
+        """An error: `log_error(exc)` takes type, message and traceback from the exception."""
+        if error is not None:
+            error_type = error_type or type(error).__name__
+            if error_message is None:
+                error_message = str(error)[:10_000]  # the contract's limit for messages
+            if stack_trace is None and error.__traceback__ is not None:
+                stack_trace = "".join(traceback.format_exception(error))
+        return self.log_event(
+            "error",
+            error_type=error_type,
+            error_message=error_message,
+            stack_trace=stack_trace,
+            **fields,
+        )
+
+    def log_assertion_failed(
+        self,
+        assertion_name: str,
+        *,
+        expected: Any = None,
+        actual: Any = None,
+        severity: str | None = None,
+        **fields: Any,
+    ) -> str:
+        return self.log_event(
+            "assertion_failed",
+            assertion_name=assertion_name,
+            expected=expected,
+            actual=actual,
+            severity=severity,
+            **fields,
+        )
+
+    def log_hallucination_detected(
+        self,
+        detection_method: str,
+        confidence: float,
+        claim: str,
+        *,
+        evidence: str | None = None,
+        severity: str | None = None,
+        **fields: Any,
+    ) -> str:
+        return self.log_event(
+            "hallucination_detected",
+            detection_method=detection_method,
+            confidence=confidence,
+            claim=claim,
+            evidence=evidence,
+            severity=severity,
+            **fields,
+        )
+
+    def log_cost_threshold_exceeded(
+        self, threshold_usd: float, actual_usd: float, window: str, **fields: Any
+    ) -> str:
+        return self.log_event(
+            "cost_threshold_exceeded",
+            threshold_usd=threshold_usd,
+            actual_usd=actual_usd,
+            window=window,
+            **fields,
+        )
+
+    def log_performance_alert(
+        self, metric: str, threshold: float, actual: float, window: str, **fields: Any
+    ) -> str:
+        return self.log_event(
+            "performance_alert",
+            metric=metric,
+            threshold=threshold,
+            actual=actual,
+            window=window,
+            **fields,
+        )
+
+    # -- runs and nesting ------------------------------------------------------------------
+
+    def run(
+        self,
+        name: str | None = None,
+        *,
+        run_id: str | None = None,
+        user_id: str | None = None,
+        session_id: str | None = None,
+        tags: list[str] | tuple[str, ...] = (),
+        metadata: dict[str, Any] | None = None,
+    ) -> Any:
+        """`with client.run(name="answer"):` (or `async with`): a new run; events logged inside
+        belong to it and nest under its root step, which records the run's time and status."""
+        from .observe import Run
+
+        return Run(self, name, run_id, user_id, session_id, tuple(tags), metadata or {})
+
+    def observe(self, fn: Callable[..., Any] | None = None, **options: Any) -> Any:
+        """`@client.observe` / `@client.observe(name=..., as_type="tool_call")`: see
+        `watchllm_ext.sdk.observe`; this one always logs to this client."""
+        from .observe import observe
+
+        return observe(fn, client=self, **options)
+
+    # -- the worker --------------------------------------------------------------------------
+
+    def _start_worker(self) -> None:
+        with self._start_lock:
+            if self._worker is not None or self._closed:
+                return
+            worker = threading.Thread(target=self._work, name="watchllm-sdk", daemon=True)
+            self._worker = worker
+            worker.start()
+
+    def _work(self) -> None:
+        while True:
+            self._wake.wait(self.flush_interval_s)
+            self._wake.clear()
+            try:
+                self._drain()
+            except Exception as exc:  # a bug here must not kill the worker silently
+                log.exception("WatchLLM SDK worker error")
+                self._note_error(f"worker: {exc!r}")
+            if self._closing and not self._queue:
+                return
+
+    def _take(self) -> list[dict[str, Any]]:
+        queue = self._queue
+        taken: list[dict[str, Any]] = []
+        with contextlib.suppress(IndexError):
+            while len(taken) < self.max_batch_events:
+                taken.append(queue.popleft())
+        return taken
+
+    def _drain(self) -> None:
+        while self._queue:
+            if self._abandon.is_set():
+                self._drop_all_queued()
+                return
+            taken = self._take()
+            self._in_flight = len(taken)
+            ready: list[bytes] = []
+            for event in taken:
+                try:
+                    data = prepare(event, self.mask, self.capture_content)
+                except InvalidEvent as exc:
+                    self._drop(exc.reason, 1, str(exc), settle=True)
+                    continue
+                if data is None:  # the mask chose to drop it: by design, not a loss
+                    self._settle(1)
+                    continue
+                ready.append(data)
+            for batch in self._by_bytes(ready):
+                self._deliver(batch)
+            self._in_flight = 0
+
+    def _by_bytes(self, events: list[bytes]) -> Iterator[list[bytes]]:
+        batch: list[bytes] = []
+        size = 0
+        for data in events:
+            if batch and size + len(data) + 1 > self.max_batch_bytes:
+                yield batch
+                batch, size = [], 0
+            batch.append(data)
+            size += len(data) + 1
+        if batch:
+            yield batch
+
+    def _get_transport(self) -> Transport:
+        if self._transport is None:
+            self._transport = self._make_transport()
+        return self._transport
+
+    def _deliver(self, batch: list[bytes]) -> None:
+        """Send one batch until it is settled: accepted, refused, or out of retries."""
+        pending = [batch]
+        deadline = time.monotonic() + self.retry_for_s
+        attempt = 0
+        while pending:
+            part = pending.pop()
+            if self._abandon.is_set():
+                self._drop("shutdown", len(part), "close() timed out", settle=True)
+                continue
+            try:
+                answer: Answer | None = self._get_transport().send(part)
+                problem = None
+            except NetworkError as exc:
+                answer, problem = None, str(exc)
+            if answer is not None and answer.status in (200, 201, 202, 207):
+                self._accepted(part, answer)
+                attempt = 0
+                continue
+            if answer is not None and answer.status == 413:
+                if len(part) > 1:  # over the server's count or byte limit: halve and resend
+                    half = len(part) // 2
+                    pending += [part[half:], part[:half]]
+                else:
+                    self._drop("too_large", 1, f"413 {answer.message}", settle=True)
+                continue
+            if answer is not None and answer.status not in RETRY_STATUSES:
+                self._refused(part, answer)
+                continue
+            # Retriable: no answer, 408, 429, 502, 503, 504.
+            why = problem if answer is None else f"{answer.status} {answer.message}"
+            attempt += 1
+            backoff = min(self.max_backoff_s, self.initial_backoff_s * 2 ** (attempt - 1))
+            delay = random.uniform(0, backoff)  # full jitter: clients do not retry in step
+            if answer is not None and answer.retry_after_s is not None:
+                delay = min(answer.retry_after_s, max(self.max_backoff_s, self.retry_for_s))
+            if time.monotonic() + delay > deadline:
+                self._drop("retries_exhausted", len(part), f"still failing: {why}", settle=True)
+                continue
+            with self._stats_lock:
+                self._stats["retries"] += 1
+            self._note_error(f"retrying in {delay:.2f} s: {why}")
+            pending.append(part)
+            self._abandon.wait(delay)
+
+    def _accepted(self, part: list[bytes], answer: Answer) -> None:
+        body = answer.body if isinstance(answer.body, dict) else {}
+        rejected = body.get("rejected") or []
+        n_rejected = int(body.get("rejected_count") or len(rejected))
+        with self._stats_lock:
+            self._stats["batches"] += 1
+            self._stats["sent"] += len(part) - n_rejected
+        self._settle(len(part) - n_rejected)
+        if n_rejected:
+            self._drop("rejected", n_rejected, _rejection(answer), settle=True, warn=True)
+
+    def _refused(self, part: list[bytes], answer: Answer) -> None:
+        if answer.status in (401, 403):
+            reason = "unauthorized"
+        elif 400 <= answer.status < 500:
+            reason = "rejected"
+        else:
+            reason = "server_error"
+        self._drop(reason, len(part), _rejection(answer), settle=True, warn=True)
+
+    # -- counting ----------------------------------------------------------------------------
+
+    def _settle(self, n: int) -> None:
+        with self._settled_cond:
+            self._settled += n
+            self._settled_cond.notify_all()
+
+    def _note_error(self, message: str) -> None:
+        with self._stats_lock:
+            self._stats["last_error"] = message
+
+    def _drop(
+        self, reason: str, n: int, message: str, *, settle: bool = False, warn: bool = False
+    ) -> None:
+        with self._stats_lock:
+            self._stats["dropped"][reason] += n
+            self._stats["last_error"] = f"{reason}: {message}"
+            first = reason not in self._warned
+            self._warned.add(reason)
+        if settle:
+            self._settle(n)
+        # Server refusals are reported each time (each is one answer, never retried); local
+        # drops once per reason, then at debug level: a hot loop must not flood the log.
+        if warn or first:
+            log.warning("WatchLLM dropped %d event(s) (%s): %s", n, reason, message)
+        else:
+            log.debug("WatchLLM dropped %d event(s) (%s): %s", n, reason, message)
+
+    def _drop_all_queued(self) -> None:
+        n = len(self._take())
+        while n:
+            self._drop("shutdown", n, "close() timed out", settle=True)
+            n = len(self._take())
+
+    # -- flush, close, stats -----------------------------------------------------------------
+
+    def _wait_settled(self, timeout: float | None) -> bool:
+        target = self._enqueued
+        if self._worker is None:
+            return self._settled >= target
+        self._wake.set()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._settled_cond:
+            while self._settled < target:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._settled_cond.wait(0.1 if left is None else min(left, 0.1))
+                self._wake.set()
+        return True
+
+    def flush(self, timeout: float | None = 10.0) -> bool:
+        """Send everything logged so far; wait at most `timeout` seconds. True when every
+        event is settled (delivered, or dropped and counted), False when time ran out (the
+        worker goes on sending in the background)."""
+        if not self.enabled or self._pid != os.getpid():
+            return True
+        return self._wait_settled(timeout)
+
+    def close(self, timeout: float | None = 10.0) -> bool:
+        """Flush (at most `timeout` s), then stop: later calls log nothing. What is still
+        buffered when the time runs out is dropped and counted as `shutdown`."""
+        return self._close(timeout)
+
+    def _close(self, timeout: float | None) -> bool:
+        if self._closed or self._pid != os.getpid():
+            return True
+        done = self._wait_settled(timeout) if self.enabled else True
+        self._closed = True
+        self._closing = True
+        self._wake.set()
+        worker = self._worker
+        if not done:
+            self._abandon.set()
+        if worker is not None:
+            worker.join(timeout=0.0 if not done else 1.0)
+        if done and self._transport is not None:
+            self._transport.close()
+        _clients.discard(self)
+        return done
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of this process: `sent`, `batches`, `retries`, `sampled_out`, `queued`,
+        `dropped` (by reason, see DROP_REASONS), `dropped_total`, `last_error`, `transport`."""
+        with self._stats_lock:
+            out = {**self._stats, "dropped": dict(self._stats["dropped"])}
+        out["dropped_total"] = sum(out["dropped"].values())
+        out["queued"] = len(self._queue) + self._in_flight
+        out["transport"] = self.transport_name
+        out["enabled"] = self.enabled
+        return out
+
+    def __enter__(self) -> WatchLLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _rejection(answer: Answer) -> str:
+    """The server's refusal in one line: status, message, and the rejected indexes."""
+    text = f"{answer.status} {answer.message}"
+    body = answer.body if isinstance(answer.body, dict) else {}
+    rejected = body.get("rejected") or []
+    if rejected:
+        shown = []
+        for item in rejected[:10]:
+            fields = ", ".join(
+                f"{e.get('field')}: {e.get('message')}" for e in (item.get("errors") or [])[:3]
+            )
+            shown.append(f"#{item.get('index')} ({fields})")
+        more = len(rejected) - len(shown)
+        text += "; rejected " + "; ".join(shown) + (f" and {more} more" if more > 0 else "")
+    return text
+
+
+class AsyncWatchLLM(WatchLLM):
+    """`WatchLLM` for asyncio code: the same `log_*` calls (they never block), and `flush`,
+    `close` and `async with` that wait without blocking the event loop."""
+
+    async def flush(self, timeout: float | None = 10.0) -> bool:  # type: ignore[override]
+        import asyncio
+
+        if not self.enabled:
+            return True
+        return await asyncio.to_thread(self._wait_settled, timeout)
+
+    async def close(self, timeout: float | None = 10.0) -> bool:  # type: ignore[override]
+        import asyncio
+
+        return await asyncio.to_thread(self._close, timeout)
+
+    async def __aenter__(self) -> AsyncWatchLLM:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+# Every live client of this process: flushed at exit, reset in a forked child.
+_clients: weakref.WeakSet[WatchLLM] = weakref.WeakSet()
+_default_client: weakref.ref[WatchLLM] | None = None
+
+
+def get_client() -> WatchLLM:
+    """The client made last in this process, or one configured from the environment."""
+    client = _default_client() if _default_client is not None else None
+    if client is None or client._closed:
+        client = WatchLLM()
+    return client
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_clients):
+        client._after_fork_in_child()
+
+
+def _at_exit() -> None:
+    for client in list(_clients):
+        with contextlib.suppress(Exception):  # exit must never fail because of the SDK
+            client._close(client.flush_at_exit_s)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_at_exit)
+
+
+def new_run(**fields: Any) -> RunContext:
+    """A RunContext for a new run (run_id chosen here unless given)."""
+    fields.setdefault("run_id", new_id())
+    return RunContext(**fields)

@@ -1,0 +1,139 @@
+"""How a batch reaches WatchLLM: over HTTP, or straight into an app running in this process.
+
+Both answer an `Answer` (the status and body the batch route would give) or raise
+`NetworkError` when no answer came (refused, reset, timed out): the worker decides what to
+retry from that alone, so both transports are retried and reported the same way.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import time
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from typing import Any, Protocol
+
+import httpx
+
+from .. import __version__
+from .context import local_apps
+
+# Bodies smaller than this go uncompressed: gzip would cost more time than it saves bytes.
+GZIP_MIN_BYTES = 1024
+USER_AGENT = f"watchllm-python/{__version__}"
+
+
+class NetworkError(Exception):
+    """No answer from the server (connection refused or closed, timed out)."""
+
+
+@dataclass
+class Answer:
+    status: int
+    body: Any
+    retry_after_s: float | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def message(self) -> str:
+        if isinstance(self.body, dict):
+            return str(self.body.get("message") or self.body.get("error") or self.body)
+        return str(self.body)[:500]
+
+
+class Transport(Protocol):
+    name: str
+
+    def send(self, events: list[bytes]) -> Answer: ...
+
+    def close(self) -> None: ...
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds (a number or an HTTP date), or None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+class HttpTransport:
+    name = "http"
+
+    def __init__(self, base_url: str, api_key: str, timeout_s: float, use_gzip: bool) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._gzip = use_gzip
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            # connect fails fast (the server is not there); the read waits for the answer.
+            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)),
+            headers={
+                "Authorization": f"Bearer {api_key}",
+                "Content-Type": "application/json",
+                "User-Agent": USER_AGENT,
+            },
+        )
+
+    def send(self, events: list[bytes]) -> Answer:
+        body = b'{"events":[' + b",".join(events) + b"]}"
+        headers = {}
+        if self._gzip and len(body) >= GZIP_MIN_BYTES:
+            body = gzip.compress(body, compresslevel=1)  # level 1: most of the gain, fast
+            headers["Content-Encoding"] = "gzip"
+        try:
+            response = self._http.post("/v1/events/batch", content=body, headers=headers)
+        except httpx.TransportError as exc:  # connect, read, write, pool, protocol errors
+            raise NetworkError(f"{type(exc).__name__}: {exc}") from None
+        try:
+            data: Any = response.json()
+        except ValueError:
+            data = response.text
+        return Answer(
+            response.status_code,
+            data,
+            parse_retry_after(response.headers.get("Retry-After")),
+            dict(response.headers),
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+
+class LocalTransport:
+    """Into a WatchLLM app running in this process (watchllm_ext.sdk.context.local_apps()):
+    the same validation, quota, hooks and spool as the batch route, no HTTP hop."""
+
+    name = "local"
+
+    def __init__(self, api_key: str, timeout_s: float) -> None:
+        self._key = api_key
+        self._timeout_s = timeout_s
+
+    def send(self, events: list[bytes]) -> Answer:
+        apps = local_apps()
+        if not apps:
+            # The host app may not have started yet (the client is often made at import).
+            return Answer(503, {"message": "no WatchLLM app runs in this process yet"}, None)
+        dicts = [json.loads(e) for e in events]
+        try:
+            body = apps[0].ingest_from_thread(self._key, dicts, self._timeout_s)
+        except TimeoutError:
+            raise NetworkError("the in-process app did not answer in time") from None
+        except Exception as exc:
+            # errors.Problem (not imported: it needs starlette) carries the route's answer.
+            status = getattr(exc, "status", None)
+            if not isinstance(status, int) or not hasattr(exc, "body"):
+                raise NetworkError(f"the in-process app failed: {exc!r}") from None
+            headers = dict(getattr(exc, "headers", {}) or {})
+            return Answer(status, exc.body(), parse_retry_after(headers.get("Retry-After")))
+        return Answer(207 if body.get("rejected") else 202, body)
+
+    def close(self) -> None:
+        pass
