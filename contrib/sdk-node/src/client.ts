@@ -1,0 +1,543 @@
+// The WatchLLM client: one method per event type, runs and observed functions, delivery in the
+// background. Mirrors the Python SDK (watchllm_ext.sdk): same env variables, same event ids,
+// same drop reasons; nothing it does throws into the host code unless `strict` is set.
+import { hostname } from "node:os";
+
+import {
+  EVENT_FIELDS,
+  type AgentStepEvent,
+  type AssertionFailedEvent,
+  type CostThresholdExceededEvent,
+  type ErrorEvent,
+  type Event,
+  type EventType,
+  type HallucinationDetectedEvent,
+  type PerformanceAlertEvent,
+  type PromptCallEvent,
+  type ToolCallEvent,
+} from "./contract.js";
+import { currentRun, newId, useRun, type RunContext } from "./context.js";
+import { Delivery, type DeliveryStats, type DropReason, type Logger } from "./transport.js";
+import { SDK_VERSION } from "./version.js";
+
+/** The fields a `log*` method takes: the event without its type; ids, time and the run's
+ * fields are filled in (from the current run when there is one). */
+export type EventInput<E extends Event> = Omit<E, "event_type" | "run_id"> & { run_id?: string };
+
+export interface WatchLLMOptions {
+  /** An ingest key (default: $WATCHLLM_API_KEY). Without a key and URL the client is off. */
+  apiKey?: string;
+  /** The server (default: $WATCHLLM_BASE_URL, then http://127.0.0.1:8787 when a key is set). */
+  baseUrl?: string;
+  /** false: every method is a no-op (default: on when a key is known). */
+  enabled?: boolean;
+  env?: "production" | "staging" | "development";
+  release?: string;
+  /** Throw WatchLLMValidationError at the call site for a malformed event (for development);
+   * otherwise such events are counted (`invalid`) and dropped with one warning. */
+  strict?: boolean;
+  /** Share of runs kept, 0 to 1 (default 1). Decided per run id, so a run is kept whole. */
+  sampleRate?: number;
+  /** Called with every event before it is queued: return it (changed or not) or null to drop
+   * it. For redaction. */
+  mask?: (event: Event) => Event | null | undefined;
+  /** false: prompts, responses, tool input/output and step content are left out. */
+  captureContent?: boolean;
+  /** Send a batch at least this often (default 1000 ms). */
+  flushIntervalMs?: number;
+  /** Events per request (default 500; the server takes up to its max_batch_events). */
+  maxBatchEvents?: number;
+  /** JSON bytes per request before gzip (default 1 MiB; an event larger goes alone). */
+  maxBatchBytes?: number;
+  /** A larger event is dropped as `too_large` (default 8 MiB, under the server's limits). */
+  maxEventBytes?: number;
+  /** The queue's bounds; past them new events are dropped as `queue_full` (defaults 10,000
+   * events, 64 MiB). */
+  maxQueueEvents?: number;
+  maxQueueBytes?: number;
+  /** gzip request bodies (default true). */
+  gzip?: boolean;
+  /** Retries of one batch after the first try (default 5). */
+  maxRetries?: number;
+  /** Backoff: a random wait up to min(backoffMaxMs, backoffBaseMs * 2^attempt). */
+  backoffBaseMs?: number;
+  backoffMaxMs?: number;
+  /** A Retry-After longer than this is cut to it (default 30,000 ms). */
+  maxRetryAfterMs?: number;
+  /** One request's time limit (default 10,000 ms). */
+  requestTimeoutMs?: number;
+  /** Send what is queued when the process is about to exit (beforeExit; default true). */
+  flushOnExit?: boolean;
+  /** How long that last send may take (default 5,000 ms). */
+  exitTimeoutMs?: number;
+  /** Where warnings go (default: console). */
+  logger?: Logger;
+}
+
+export interface RunOptions {
+  name?: string;
+  runId?: string;
+  userId?: string;
+  sessionId?: string;
+  tags?: string[];
+  metadata?: Record<string, unknown>;
+}
+
+export interface ObserveOptions {
+  /** The step's name (default: the function's name). */
+  name?: string;
+  /** Record the arguments and the result as the step's action and observation (default:
+   * the client's captureContent). */
+  captureIo?: boolean;
+}
+
+export interface Stats extends DeliveryStats {
+  enabled: boolean;
+}
+
+/** A malformed event in strict mode: `field` names the field at fault. */
+export class WatchLLMValidationError extends Error {
+  constructor(
+    message: string,
+    readonly field: string | undefined,
+  ) {
+    super(message);
+    this.name = "WatchLLMValidationError";
+  }
+}
+
+// Fields that hold what the user or the model said: left out with captureContent: false.
+const CONTENT_FIELDS = [
+  "prompt",
+  "response",
+  "tool_input",
+  "tool_output",
+  "reasoning",
+  "action",
+  "observation",
+  "evidence",
+  "expected",
+  "actual",
+] as const;
+const MAX_IO_CHARS = 10_000; // an observed function's arguments and result, as JSON
+const MAX_ERROR_CHARS = 10_000; // error_message's limit in the contract
+
+function truncate(text: string, max: number): string {
+  return text.length <= max ? text : `${text.slice(0, max - 1)}…`;
+}
+
+/** JSON for anything: cycles, BigInts and functions do not throw. */
+function safeJson(value: unknown): string {
+  try {
+    const seen = new WeakSet<object>();
+    const text = JSON.stringify(value, (_key, v: unknown) => {
+      if (typeof v === "bigint") return v.toString();
+      if (typeof v === "function") return `[function ${v.name || "anonymous"}]`;
+      if (v !== null && typeof v === "object") {
+        if (seen.has(v)) return "[circular]";
+        seen.add(v);
+      }
+      return v;
+    });
+    return text ?? String(value);
+  } catch {
+    return String(value);
+  }
+}
+
+/** FNV-1a of the run id, in [0, 1): the same run is kept or left out everywhere. */
+function runFraction(runId: string): number {
+  let hash = 0x811c9dc5;
+  for (let i = 0; i < runId.length; i += 1) {
+    hash ^= runId.charCodeAt(i);
+    hash = Math.imul(hash, 0x01000193);
+  }
+  return (hash >>> 0) / 2 ** 32;
+}
+
+function isPromise(value: unknown): value is PromiseLike<unknown> {
+  return (
+    value !== null &&
+    (typeof value === "object" || typeof value === "function") &&
+    typeof (value as { then?: unknown }).then === "function"
+  );
+}
+
+function errorParts(error: unknown): { type: string; message: string; stack?: string } {
+  if (error instanceof Error) {
+    return { type: error.name || "Error", message: error.message, stack: error.stack };
+  }
+  return { type: typeof error, message: safeJson(error) };
+}
+
+export class WatchLLM {
+  readonly enabled: boolean;
+  private readonly options: WatchLLMOptions;
+  private readonly delivery: Delivery | undefined;
+  private readonly logger: Logger;
+  private readonly client: { hostname: string; sdk_version: string; platform: string };
+  private readonly recordedErrors = new WeakSet<object>();
+  private readonly onBeforeExit: (() => void) | undefined;
+  private warnedInvalid = false;
+  private shutDown = false;
+
+  constructor(options: WatchLLMOptions = {}) {
+    this.options = options;
+    this.logger = options.logger ?? console;
+    const apiKey = options.apiKey ?? process.env.WATCHLLM_API_KEY;
+    const baseUrl =
+      options.baseUrl ?? process.env.WATCHLLM_BASE_URL ?? (apiKey ? "http://127.0.0.1:8787" : "");
+    this.client = {
+      hostname: truncate(hostname(), 256),
+      sdk_version: `watchllm-node/${SDK_VERSION}`,
+      platform: `node ${process.version} ${process.platform}-${process.arch}`,
+    };
+    this.enabled = options.enabled !== false && Boolean(apiKey) && Boolean(baseUrl);
+    if (!this.enabled) {
+      if (options.enabled !== false) {
+        this.warn("watchllm: no API key (apiKey or WATCHLLM_API_KEY); events are not sent");
+      }
+      return;
+    }
+    this.delivery = new Delivery({
+      baseUrl,
+      apiKey: apiKey as string,
+      maxBatchEvents: options.maxBatchEvents ?? 500,
+      maxBatchBytes: options.maxBatchBytes ?? 1024 * 1024,
+      maxEventBytes: options.maxEventBytes ?? 8 * 1024 * 1024,
+      maxQueueEvents: options.maxQueueEvents ?? 10_000,
+      maxQueueBytes: options.maxQueueBytes ?? 64 * 1024 * 1024,
+      flushIntervalMs: options.flushIntervalMs ?? 1000,
+      gzip: options.gzip ?? true,
+      maxRetries: options.maxRetries ?? 5,
+      backoffBaseMs: options.backoffBaseMs ?? 500,
+      backoffMaxMs: options.backoffMaxMs ?? 30_000,
+      maxRetryAfterMs: options.maxRetryAfterMs ?? 30_000,
+      requestTimeoutMs: options.requestTimeoutMs ?? 10_000,
+      logger: this.logger,
+    });
+    if (options.flushOnExit !== false) {
+      // beforeExit: the event loop is empty, so the host is done. A shutdown (not a flush)
+      // so a server that cannot be reached cannot make beforeExit fire again and again.
+      this.onBeforeExit = () => {
+        void this.shutdown(options.exitTimeoutMs ?? 5000);
+      };
+      process.once("beforeExit", this.onBeforeExit);
+    }
+  }
+
+  // -- one method per event type --------------------------------------------------------
+
+  /** Log a prompt call; returns its event id (also when the event is dropped). */
+  logPromptCall(fields: EventInput<PromptCallEvent>): string {
+    return this.log("prompt_call", fields);
+  }
+
+  logToolCall(fields: EventInput<ToolCallEvent>): string {
+    return this.log("tool_call", fields);
+  }
+
+  logAgentStep(fields: EventInput<AgentStepEvent>): string {
+    return this.log("agent_step", fields);
+  }
+
+  logError(fields: EventInput<ErrorEvent>): string {
+    return this.log("error", fields);
+  }
+
+  logAssertionFailed(fields: EventInput<AssertionFailedEvent>): string {
+    return this.log("assertion_failed", fields);
+  }
+
+  logHallucinationDetected(fields: EventInput<HallucinationDetectedEvent>): string {
+    return this.log("hallucination_detected", fields);
+  }
+
+  logCostThresholdExceeded(fields: EventInput<CostThresholdExceededEvent>): string {
+    return this.log("cost_threshold_exceeded", fields);
+  }
+
+  logPerformanceAlert(fields: EventInput<PerformanceAlertEvent>): string {
+    return this.log("performance_alert", fields);
+  }
+
+  /** Log any event of the contract (its `event_type` says which); returns its id. */
+  logEvent(event: Omit<Event, "run_id"> & { run_id?: string }): string {
+    const { event_type: type, ...fields } = event as { event_type: EventType };
+    return this.log(type, fields as Record<string, unknown>);
+  }
+
+  // -- runs and nesting -----------------------------------------------------------------
+
+  /** Run `fn` as a run (or, inside a run, as a step of it): its events nest under one
+   * agent_step event that records the name, time taken and outcome. An error is logged as an
+   * `error` event and thrown again. Returns what `fn` returns (a promise stays a promise). */
+  run<T>(options: string | RunOptions, fn: (run: RunContext) => T): T {
+    const opts: RunOptions = typeof options === "string" ? { name: options } : options;
+    const parent = currentRun();
+    const context: RunContext =
+      parent && !opts.runId
+        ? parent
+        : {
+            runId: opts.runId ?? newId(),
+            userId: opts.userId,
+            sessionId: opts.sessionId,
+            tags: opts.tags,
+            metadata: opts.metadata,
+            steps: { next: 0 },
+          };
+    return this.traced(context, opts.name ?? "run", this.options.captureContent !== false, () =>
+      fn(currentRun() as RunContext),
+    )();
+  }
+
+  /** Wrap `fn` so each call is an agent_step event of the current run (a new run when there
+   * is none) and the events it logs nest under it. Sync functions stay sync. */
+  observe<A extends unknown[], R>(
+    fn: (...args: A) => R,
+    options: ObserveOptions = {},
+  ): (...args: A) => R {
+    const name = options.name ?? (fn.name || "anonymous");
+    const self = this;
+    return function observed(this: unknown, ...args: A): R {
+      const context = currentRun() ?? { runId: newId(), steps: { next: 0 } };
+      const captureIo = options.captureIo ?? self.options.captureContent !== false;
+      return self.traced(context, name, captureIo, () => fn.apply(this, args), args)();
+    };
+  }
+
+  /** The engine of run() and observe(): one agent_step event for the call, logged when it
+   * ends, whose id is the parent of everything logged during it. */
+  private traced<R>(
+    context: RunContext,
+    name: string,
+    captureIo: boolean,
+    fn: () => R,
+    args?: unknown[],
+  ): () => R {
+    return () => {
+      if (!this.enabled) return useRun(context, fn);
+      const stepId = newId();
+      const stepNumber = context.steps.next;
+      context.steps.next += 1;
+      const started = new Date();
+      const t0 = performance.now();
+      const inner: RunContext = { ...context, parentEventId: stepId };
+      const finish = (status: "success" | "error", result: unknown, error?: unknown): void => {
+        try {
+          if (error !== undefined) this.recordError(error, inner);
+          this.logWith(context, "agent_step", {
+            event_id: stepId,
+            timestamp: started.toISOString(),
+            step_number: stepNumber,
+            step_name: truncate(name, 256),
+            status,
+            latency_ms: performance.now() - t0,
+            ...(captureIo && args !== undefined
+              ? { action: truncate(safeJson(args), MAX_IO_CHARS) }
+              : {}),
+            ...(captureIo && status === "success" && result !== undefined
+              ? { observation: truncate(safeJson(result), MAX_IO_CHARS) }
+              : {}),
+          });
+        } catch (e) {
+          this.internalError(e);
+        }
+      };
+      let result: R;
+      try {
+        result = useRun(inner, fn);
+      } catch (error) {
+        finish("error", undefined, error);
+        throw error;
+      }
+      if (isPromise(result)) {
+        return Promise.resolve(result).then(
+          (value) => {
+            finish("success", value);
+            return value;
+          },
+          (error: unknown) => {
+            finish("error", undefined, error);
+            throw error;
+          },
+        ) as R;
+      }
+      finish("success", result);
+      return result;
+    };
+  }
+
+  /** An error event for `error`, once per error object however many observed calls it
+   * passes through on its way up. */
+  private recordError(error: unknown, context: RunContext): void {
+    if (error !== null && typeof error === "object") {
+      if (this.recordedErrors.has(error)) return;
+      this.recordedErrors.add(error);
+    }
+    const parts = errorParts(error);
+    this.logWith(context, "error", {
+      error_type: truncate(parts.type, 256),
+      error_message: truncate(parts.message, MAX_ERROR_CHARS),
+      ...(parts.stack ? { stack_trace: parts.stack } : {}),
+    });
+  }
+
+  // -- delivery -------------------------------------------------------------------------
+
+  /** Wait until everything logged so far is sent or dropped; false when `timeoutMs` passes
+   * first. Never rejects. */
+  async flush(timeoutMs = 10_000): Promise<boolean> {
+    return this.delivery ? this.delivery.flush(timeoutMs) : true;
+  }
+
+  /** Send what is queued (within `timeoutMs`), then stop: later events are dropped as
+   * `shutdown`. Never rejects; true when nothing was left behind. */
+  async shutdown(timeoutMs = 10_000): Promise<boolean> {
+    if (this.onBeforeExit) process.removeListener("beforeExit", this.onBeforeExit);
+    this.shutDown = true;
+    return this.delivery ? this.delivery.close(timeoutMs) : true;
+  }
+
+  /** What was sent and what was dropped, by reason. */
+  stats(): Stats {
+    const empty: DeliveryStats = {
+      queuedEvents: 0,
+      queuedBytes: 0,
+      sentTotal: 0,
+      requestsTotal: 0,
+      retriesTotal: 0,
+      droppedTotal: {},
+    };
+    return { enabled: this.enabled, ...(this.delivery?.stats() ?? empty) };
+  }
+
+  // -- building events ------------------------------------------------------------------
+
+  private log(type: EventType, fields: object): string {
+    const context = currentRun();
+    return this.logWith(context, type, fields as Record<string, unknown>);
+  }
+
+  /** Build, check and queue one event for `context` (the current run, or a new one). Used by
+   * the integrations, which log after an await with the context of the call's start. */
+  logWith(
+    context: RunContext | undefined,
+    type: EventType,
+    fields: Record<string, unknown>,
+  ): string {
+    let eventId = typeof fields.event_id === "string" ? fields.event_id : newId();
+    try {
+      if (!this.enabled || this.delivery === undefined) return eventId;
+      let event: Record<string, unknown> = {
+        event_id: eventId,
+        event_type: type,
+        run_id: context?.runId ?? newId(),
+        timestamp: new Date().toISOString(),
+        ...(context?.parentEventId ? { parent_event_id: context.parentEventId } : {}),
+        ...(context?.userId ? { user_id: context.userId } : {}),
+        ...(context?.sessionId ? { session_id: context.sessionId } : {}),
+        ...(context?.tags?.length ? { tags: [...context.tags] } : {}),
+        ...(context?.metadata ? { metadata: { ...context.metadata } } : {}),
+        ...(this.options.env ? { env: this.options.env } : {}),
+        ...(this.options.release ? { release: this.options.release } : {}),
+        client: this.client,
+      };
+      for (const [key, value] of Object.entries(fields)) {
+        if (value === undefined) continue;
+        if (key === "metadata" && event.metadata && value && typeof value === "object") {
+          event.metadata = { ...(event.metadata as object), ...(value as object) };
+        } else if (key === "tags" && Array.isArray(value) && Array.isArray(event.tags)) {
+          event.tags = [...new Set([...(event.tags as string[]), ...(value as string[])])];
+        } else {
+          event[key] = value;
+        }
+      }
+      eventId = event.event_id as string;
+      if (this.shutDown) {
+        this.delivery.drop("shutdown", 1);
+        return eventId;
+      }
+      const rate = this.options.sampleRate ?? 1;
+      if (rate < 1 && runFraction(event.run_id as string) >= rate) {
+        this.delivery.drop("sampled", 1);
+        return eventId;
+      }
+      if (this.options.captureContent === false) event = withoutContent(event);
+      if (this.options.mask) {
+        const masked = this.options.mask(event as unknown as Event);
+        if (masked === null || masked === undefined) {
+          this.delivery.drop("masked", 1);
+          return eventId;
+        }
+        event = masked as unknown as Record<string, unknown>;
+      }
+      const problem = check(type, event);
+      if (problem) {
+        if (this.options.strict) throw new WatchLLMValidationError(problem.message, problem.field);
+        this.delivery.drop("invalid", 1);
+        if (!this.warnedInvalid) {
+          this.warnedInvalid = true;
+          this.warn(`watchllm: an event was dropped: ${problem.message} (set strict to throw)`);
+        }
+        return eventId;
+      }
+      const json = JSON.stringify(event);
+      this.delivery.enqueue(json);
+    } catch (error) {
+      if (error instanceof WatchLLMValidationError) throw error;
+      if (this.options.strict) throw error;
+      this.delivery?.drop("internal_error", 1);
+      this.internalError(error);
+    }
+    return eventId;
+  }
+
+  private internalError(error: unknown): void {
+    this.warn(`watchllm: internal error, event dropped: ${String(error)}`);
+  }
+
+  private warn(message: string): void {
+    try {
+      this.logger.warn(message);
+    } catch {
+      // a logger that throws must not reach the host
+    }
+  }
+}
+
+function withoutContent(event: Record<string, unknown>): Record<string, unknown> {
+  const out = { ...event };
+  for (const field of CONTENT_FIELDS) delete out[field];
+  if (Array.isArray(out.tool_calls)) {
+    out.tool_calls = (out.tool_calls as Array<Record<string, unknown>>).map(
+      ({ tool_input: _i, tool_output: _o, ...rest }) => rest,
+    );
+  }
+  return out;
+}
+
+/** The SDK's own check, from the contract's field tables: the mistakes worth catching at
+ * the call site. The server checks everything else (and its 422 is reported once). */
+function check(
+  type: EventType,
+  event: Record<string, unknown>,
+): { message: string; field?: string } | undefined {
+  const table = EVENT_FIELDS[type];
+  if (!table) return { message: `unknown event_type ${JSON.stringify(type)}`, field: "event_type" };
+  for (const key of Object.keys(event)) {
+    if (!table.fields.includes(key)) {
+      return { message: `${type} has no field ${key}`, field: key };
+    }
+    const value = event[key];
+    if (typeof value === "number" && !Number.isFinite(value)) {
+      return { message: `${key} must be a finite number`, field: key };
+    }
+  }
+  for (const key of table.required) {
+    if (event[key] === undefined || event[key] === null) {
+      return { message: `${type} needs ${key}`, field: key };
+    }
+  }
+  return undefined;
+}

@@ -1,0 +1,393 @@
+// Delivery: a bounded in-memory queue drained by one background sender, in batches by count,
+// bytes and interval, gzip-compressed, retried with exponential backoff and full jitter. The
+// host's calls only append to the queue; nothing here throws into the host code.
+import { promisify } from "node:util";
+import { gzip as gzipCallback } from "node:zlib";
+
+import type { Accepted, ErrorBody } from "./contract.js";
+
+const gzip = promisify(gzipCallback);
+
+/** Why events were dropped (the keys of `stats().droppedTotal`). */
+export type DropReason =
+  | "queue_full" // the queue held maxQueueEvents or maxQueueBytes
+  | "too_large" // one event larger than maxEventBytes, or refused alone with 413
+  | "invalid" // refused by the SDK's own check (unknown field, missing required field, ...)
+  | "rejected" // refused by the server (422, or listed in a 207's `rejected`)
+  | "unauthorized" // 401 or 403: the key is missing, unknown or not allowed to ingest
+  | "client_error" // another 4xx answer (400, 415, ...)
+  | "server_error" // a 5xx not worth a retry (500, 501, ...)
+  | "retries_exhausted" // still failing after maxRetries retries
+  | "shutdown" // logged after shutdown(), or still queued when its deadline passed
+  | "sampled" // left out by sampleRate
+  | "masked" // the mask callback returned null
+  | "internal_error"; // a bug of the SDK itself, caught
+
+export interface Logger {
+  warn(message: string): void;
+}
+
+export interface DeliveryOptions {
+  baseUrl: string;
+  apiKey: string;
+  maxBatchEvents: number;
+  maxBatchBytes: number;
+  maxEventBytes: number;
+  maxQueueEvents: number;
+  maxQueueBytes: number;
+  flushIntervalMs: number;
+  gzip: boolean;
+  maxRetries: number;
+  backoffBaseMs: number;
+  backoffMaxMs: number;
+  maxRetryAfterMs: number;
+  requestTimeoutMs: number;
+  logger: Logger;
+}
+
+export interface DeliveryStats {
+  /** Events waiting in the queue (being sent included). */
+  queuedEvents: number;
+  queuedBytes: number;
+  /** Events the server accepted. */
+  sentTotal: number;
+  /** Requests made, retries included. */
+  requestsTotal: number;
+  retriesTotal: number;
+  droppedTotal: Partial<Record<DropReason, number>>;
+}
+
+interface Item {
+  json: string; // the event, serialised once when logged
+  bytes: number;
+}
+
+// Answers worth another try: the server was overloaded, restarting, or the body was late.
+const RETRY_STATUSES = new Set([408, 429, 502, 503, 504]);
+
+class RetryLater extends Error {
+  constructor(
+    readonly reason: string,
+    readonly retryAfterMs: number | undefined,
+  ) {
+    super(reason);
+  }
+}
+
+/** `Retry-After` in milliseconds: delta-seconds or an HTTP date (RFC 9110 10.2.3). */
+export function parseRetryAfter(value: string | null, now = Date.now()): number | undefined {
+  if (value === null || value.trim() === "") return undefined;
+  const text = value.trim();
+  if (/^\d+(\.\d+)?$/.test(text)) return Number(text) * 1000;
+  const at = Date.parse(text);
+  return Number.isNaN(at) ? undefined : Math.max(0, at - now);
+}
+
+function sleep(ms: number): Promise<void> {
+  // Referenced on purpose: a retry in progress keeps the process alive until it is done or
+  // its deadline passes, so beforeExit cannot fire in a loop while a batch waits.
+  return new Promise((resolve) => setTimeout(resolve, Math.max(0, ms)));
+}
+
+export class Delivery {
+  private readonly options: DeliveryOptions;
+  private readonly url: string;
+  private queue: Item[] = [];
+  private queuedBytes = 0;
+  private sending = false;
+  private enqueuedTotal = 0; // events that entered the queue
+  private settledTotal = 0; // of those, delivered or dropped (the queue is FIFO)
+  private waiters: Array<{ target: number; resolve: () => void }> = [];
+  private timer: NodeJS.Timeout | undefined;
+  private deadline: number | undefined; // set by close(): no retry is started past it
+  private closed = false;
+  private readonly warned = new Set<string>();
+  private readonly counters = { sentTotal: 0, requestsTotal: 0, retriesTotal: 0 };
+  private readonly dropped: Partial<Record<DropReason, number>> = {};
+
+  constructor(options: DeliveryOptions) {
+    this.options = options;
+    this.url = `${options.baseUrl.replace(/\/+$/, "")}/v1/events/batch`;
+    this.timer = setInterval(() => this.kick(), options.flushIntervalMs);
+    this.timer.unref(); // an idle SDK never keeps the process alive
+  }
+
+  /** Queue one serialised event; false when it was dropped (and counted). Never throws. */
+  enqueue(json: string): boolean {
+    if (this.closed) return this.drop("shutdown", 1);
+    const bytes = Buffer.byteLength(json);
+    if (bytes > this.options.maxEventBytes) {
+      this.warnOnce("too_large", `an event of ${bytes} bytes is over maxEventBytes; dropped`);
+      return this.drop("too_large", 1);
+    }
+    if (
+      this.queue.length >= this.options.maxQueueEvents ||
+      this.queuedBytes + bytes > this.options.maxQueueBytes
+    ) {
+      // Drop the newest: what is queued is older, closer to being sent, and a run keeps
+      // its beginning (docs: "the queue is full").
+      this.warnOnce("queue_full", "the queue is full; new events are dropped until it drains");
+      return this.drop("queue_full", 1);
+    }
+    this.queue.push({ json, bytes });
+    this.queuedBytes += bytes;
+    this.enqueuedTotal += 1;
+    if (
+      this.queue.length >= this.options.maxBatchEvents ||
+      this.queuedBytes >= this.options.maxBatchBytes
+    ) {
+      setImmediate(() => this.kick()); // a full batch goes now, after the caller's code
+    }
+    return true;
+  }
+
+  /** Count events dropped before they reach the queue (sampling, the SDK's own checks). */
+  drop(reason: DropReason, n: number): false {
+    this.dropped[reason] = (this.dropped[reason] ?? 0) + n;
+    return false;
+  }
+
+  stats(): DeliveryStats {
+    return {
+      queuedEvents: this.queue.length,
+      queuedBytes: this.queuedBytes,
+      ...this.counters,
+      droppedTotal: { ...this.dropped },
+    };
+  }
+
+  /** Resolves true once every event queued before the call is sent or dropped, false when
+   * `timeoutMs` passes first (delivery goes on in the background). Never rejects. */
+  flush(timeoutMs: number): Promise<boolean> {
+    const target = this.enqueuedTotal;
+    if (this.settledTotal >= target) return Promise.resolve(true);
+    this.kick();
+    return new Promise<boolean>((resolve) => {
+      const waiter = { target, resolve: () => finish(true) };
+      const timer = setTimeout(() => finish(false), Math.max(0, timeoutMs));
+      const finish = (done: boolean): void => {
+        clearTimeout(timer);
+        this.waiters = this.waiters.filter((w) => w !== waiter);
+        resolve(done);
+      };
+      this.waiters.push(waiter);
+    });
+  }
+
+  /** Refuse new events, send what is queued until `timeoutMs` has passed, drop the rest.
+   * Resolves true when nothing was left behind. */
+  async close(timeoutMs: number): Promise<boolean> {
+    this.closed = true;
+    if (this.timer) clearInterval(this.timer);
+    this.timer = undefined;
+    this.deadline = Math.min(this.deadline ?? Infinity, Date.now() + timeoutMs);
+    const done = await this.flush(timeoutMs);
+    if (!done) {
+      const left = this.queue.length;
+      this.dropQueued(left, "shutdown");
+      if (left) this.options.logger.warn(`watchllm: ${left} events not sent before the deadline`);
+    }
+    return done;
+  }
+
+  private kick(): void {
+    if (this.sending || this.queue.length === 0) return;
+    this.sending = true;
+    this.pump()
+      .catch((error: unknown) => {
+        // A bug of ours: count what was in hand and keep the SDK alive.
+        this.warnOnce("internal", `watchllm: internal error in delivery: ${String(error)}`);
+      })
+      .finally(() => {
+        this.sending = false;
+        if (this.queue.length && !this.pastDeadline()) setImmediate(() => this.kick());
+      });
+  }
+
+  private async pump(): Promise<void> {
+    while (this.queue.length) {
+      if (this.pastDeadline()) {
+        this.dropQueued(this.queue.length, "shutdown");
+        return;
+      }
+      // The batch stays at the queue's head while it is sent: flush() and stats() see it.
+      const n = this.batchSize();
+      try {
+        await this.send(this.queue.slice(0, n));
+      } catch (error) {
+        this.warnOnce("internal", `watchllm: internal error in delivery: ${String(error)}`);
+        this.dropQueued(n, "internal_error");
+        continue;
+      }
+      this.settle(n);
+    }
+  }
+
+  private batchSize(): number {
+    let n = 0;
+    let bytes = 0;
+    for (const item of this.queue) {
+      if (n >= this.options.maxBatchEvents) break;
+      if (n > 0 && bytes + item.bytes > this.options.maxBatchBytes) break;
+      n += 1;
+      bytes += item.bytes;
+    }
+    return n;
+  }
+
+  /** Remove `n` events from the queue's head: they are delivered or counted as dropped. */
+  private settle(n: number): void {
+    for (const item of this.queue.splice(0, n)) this.queuedBytes -= item.bytes;
+    this.settledTotal += n;
+    for (const waiter of [...this.waiters]) {
+      if (this.settledTotal >= waiter.target) waiter.resolve();
+    }
+  }
+
+  private dropQueued(n: number, reason: DropReason): void {
+    if (n <= 0) return;
+    this.drop(reason, n);
+    this.settle(n);
+  }
+
+  private pastDeadline(): boolean {
+    return this.deadline !== undefined && Date.now() >= this.deadline;
+  }
+
+  /** Deliver one batch: retried as documented, split in halves on 413, and every event it
+   * holds counted as sent or dropped by reason. Settling the queue is the caller's part. */
+  private async send(batch: Item[]): Promise<void> {
+    const body = `{"events":[${batch.map((item) => item.json).join(",")}]}`;
+    const payload: Uint8Array = this.options.gzip ? await gzip(body) : Buffer.from(body);
+    const headers: Record<string, string> = {
+      Authorization: `Bearer ${this.options.apiKey}`,
+      "Content-Type": "application/json",
+    };
+    if (this.options.gzip) headers["Content-Encoding"] = "gzip";
+    for (let attempt = 0; ; attempt += 1) {
+      try {
+        const status = await this.post(payload, headers, batch.length);
+        if (status === 413 && batch.length > 1) {
+          // Over the server's max_batch_events or body limit: halves go one after the other.
+          const half = Math.ceil(batch.length / 2);
+          await this.send(batch.slice(0, half));
+          await this.send(batch.slice(half));
+        }
+        return;
+      } catch (error) {
+        if (!(error instanceof RetryLater)) throw error;
+        const backoff = Math.random() * Math.min(
+          this.options.backoffMaxMs,
+          this.options.backoffBaseMs * 2 ** attempt,
+        ); // full jitter (AWS architecture blog, "Exponential Backoff And Jitter")
+        const wait =
+          error.retryAfterMs !== undefined
+            ? Math.min(error.retryAfterMs, this.options.maxRetryAfterMs)
+            : backoff;
+        if (attempt >= this.options.maxRetries) {
+          this.warnOnce(
+            "retries_exhausted",
+            `watchllm: ${batch.length} events dropped after ${attempt + 1} attempts (${error.reason})`,
+          );
+          this.drop("retries_exhausted", batch.length);
+          return;
+        }
+        if (this.deadline !== undefined && Date.now() + wait >= this.deadline) {
+          this.drop("shutdown", batch.length);
+          return;
+        }
+        this.counters.retriesTotal += 1;
+        await sleep(wait);
+      }
+    }
+  }
+
+  /** One POST. Returns the status when the batch is settled by it (or 413 for a batch to
+   * split); throws RetryLater when it is worth another try. */
+  private async post(
+    payload: Uint8Array,
+    headers: Record<string, string>,
+    count: number,
+  ): Promise<number> {
+    this.counters.requestsTotal += 1;
+    let timeoutMs = this.options.requestTimeoutMs;
+    if (this.deadline !== undefined) timeoutMs = Math.max(1, Math.min(timeoutMs, this.deadline - Date.now()));
+    let response: Response;
+    let text: string;
+    try {
+      response = await fetch(this.url, {
+        method: "POST",
+        headers,
+        body: payload,
+        signal: AbortSignal.timeout(timeoutMs),
+      });
+      text = await response.text();
+    } catch (error) {
+      // Refused, reset, timed out: the server may or may not have the batch. The events carry
+      // their own ids, so sending them again cannot store them twice.
+      const cause = (error as { cause?: { code?: string } }).cause?.code;
+      throw new RetryLater(`network error: ${cause ?? String(error)}`, undefined);
+    }
+    const status = response.status;
+    if (status === 202 || status === 207) {
+      const answer = parseJson(text) as Partial<Accepted> | undefined;
+      const rejected = answer?.rejected ?? [];
+      this.counters.sentTotal += answer?.accepted ?? count - rejected.length;
+      if (rejected.length) {
+        this.drop("rejected", count - (answer?.accepted ?? count - rejected.length));
+        const detail = rejected
+          .slice(0, 5)
+          .map((r) => `#${r.index}: ${r.errors.map((e) => `${e.field}: ${e.message}`).join("; ")}`)
+          .join(" | ");
+        this.warnOnce("rejected", `watchllm: the server refused ${rejected.length} events: ${detail}`);
+      }
+      return status;
+    }
+    if (RETRY_STATUSES.has(status)) {
+      throw new RetryLater(`HTTP ${status}`, parseRetryAfter(response.headers.get("retry-after")));
+    }
+    if (status === 413 && count > 1) return status;
+    const error = parseJson(text) as Partial<ErrorBody> | undefined;
+    const message = `${error?.message ?? text.slice(0, 300)}${error?.field ? ` (field ${error.field})` : ""}`;
+    const reason: DropReason =
+      status === 413
+        ? "too_large"
+        : status === 422
+          ? "rejected"
+          : status === 401 || status === 403
+            ? "unauthorized"
+            : status >= 500
+              ? "server_error"
+              : "client_error";
+    if (status === 422) {
+      const rejected = (parseJson(text) as Partial<Accepted> | undefined)?.rejected ?? [];
+      const detail = rejected
+        .slice(0, 5)
+        .map((r) => `#${r.index}: ${r.errors.map((e) => `${e.field}: ${e.message}`).join("; ")}`)
+        .join(" | ");
+      this.warnOnce(reason, `watchllm: HTTP 422, ${count} events refused: ${message} ${detail}`);
+    } else {
+      this.warnOnce(reason, `watchllm: HTTP ${status}, ${count} events dropped: ${message}`);
+    }
+    this.drop(reason, count);
+    return status;
+  }
+
+  private warnOnce(key: string, message: string): void {
+    if (this.warned.has(key)) return;
+    this.warned.add(key);
+    try {
+      this.options.logger.warn(message);
+    } catch {
+      // a logger that throws must not break delivery
+    }
+  }
+}
+
+function parseJson(text: string): unknown {
+  try {
+    return JSON.parse(text);
+  } catch {
+    return undefined;
+  }
+}
