@@ -8,6 +8,7 @@ import asyncio
 import contextvars
 import logging
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -300,3 +301,48 @@ def test_sampling_mask_and_metadata_only(server: Running) -> None:
     kept_runs = stats["sent"] // 2
     assert stats["sent"] % 2 == 0 and stats["sampled_out"] == 2 * (200 - kept_runs)
     assert 60 < kept_runs < 140, stats
+
+
+def test_in_process_transport(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No base_url, an app running in this process: events go straight to its writer. A
+    client made before the app starts (at import, in a host app) waits for it."""
+    from conftest import ServerThread, make_settings
+
+    from watchllm_ext.app import create_app
+    from watchllm_ext.keys import KeyStore
+    from watchllm_ext.sdk.context import local_apps
+
+    monkeypatch.delenv("WATCHLLM_BASE_URL", raising=False)
+    settings = make_settings(tmp_path)
+    keys = KeyStore(settings.keys_path)
+    key = keys.create("acme", scope="ingest")
+    reader = keys.create("acme", scope="read")
+    assert local_apps() == []
+    client = WatchLLM(api_key=key, flush_interval_s=0.05, initial_backoff_s=0.05)
+    assert client.transport_name == "local"
+    with client.run(name="early") as early:
+        client.log_tool_call("before the app runs")
+    app = create_app(settings)
+    # Served on loopback only so the test can read the analytics; the SDK never calls it.
+    with ServerThread(app):
+        with client.run(name="local") as run:
+            client.log_prompt_call(model="gpt-4o", tokens_input=3, tokens_output=4)
+        assert client.flush(10), client.stats()
+        stats = client.stats()
+        assert stats["sent"] == 4 and stats["dropped_total"] == 0 and stats["retries"] >= 1
+        refused = WatchLLM(api_key=reader, flush_interval_s=0.05)
+        refused.log_tool_call("no ingest scope")
+        assert refused.flush(10)
+        assert refused.stats()["dropped"]["unauthorized"] == 1
+        refused.close()
+        wl = app.state.watchllm
+        while wl.writer.lag_events():
+            time.sleep(0.02)
+        rows = wl.store.query(
+            "SELECT run_id, count() AS n FROM events WHERE project_id = 'acme'"
+            " GROUP BY run_id ORDER BY n"
+        )
+        assert sorted((r["run_id"], r["n"]) for r in rows) == sorted(
+            [(early.run_id, 2), (run.run_id, 2)]
+        )
+    client.close()

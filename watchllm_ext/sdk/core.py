@@ -598,14 +598,14 @@ class WatchLLM:
             self._stats["last_error"] = f"{reason}: {message}"
             first = reason not in self._warned
             self._warned.add(reason)
-        if settle:
-            self._settle(n)
         # Server refusals are reported each time (each is one answer, never retried); local
         # drops once per reason, then at debug level: a hot loop must not flood the log.
         if warn or first:
             log.warning("WatchLLM dropped %d event(s) (%s): %s", n, reason, message)
         else:
             log.debug("WatchLLM dropped %d event(s) (%s): %s", n, reason, message)
+        if settle:  # after the report: whoever waits in flush() sees it logged
+            self._settle(n)
 
     def _drop_all_queued(self) -> None:
         n = len(self._take())
@@ -680,8 +680,11 @@ class WatchLLM:
 
 def _rejection(answer: Answer) -> str:
     """The server's refusal in one line: status, message, and the rejected indexes."""
-    text = f"{answer.status} {answer.message}"
     body = answer.body if isinstance(answer.body, dict) else {}
+    if answer.status == 207:
+        text = f"207 {body.get('accepted')} accepted, {len(body.get('rejected') or [])} refused"
+    else:
+        text = f"{answer.status} {answer.message}"
     rejected = body.get("rejected") or []
     if rejected:
         shown = []
