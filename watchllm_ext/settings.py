@@ -194,6 +194,28 @@ class Settings(BaseSettings):
         True,
         description="On first `serve` with no keys, create project `default` and print its key.",
     )
+    # --- host integration: WatchLLMMiddleware (docs/EMBEDDING.md) ---
+    host_project_id: str = Field(
+        "default",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$",
+        max_length=64,
+        description="The project a host app's requests are recorded in by WatchLLMMiddleware"
+        " (its `project_id=` argument wins).",
+    )
+    user_daily_budget_usd: float | None = Field(
+        None,
+        ge=0,
+        description="Turns on WatchLLMMiddleware's per-user daily budget: a host request whose"
+        " user has spent this many USD today (UTC, stored prompt-call cost) is answered 429"
+        " before its handler runs. None: off.",
+    )
+    user_budget_cache_s: float = Field(
+        2.0,
+        gt=0,
+        le=300,
+        description="How long the middleware reuses a user's stored spend before reading it"
+        " again (seconds); spend can be this much staler than the store.",
+    )
 
     @model_validator(mode="after")
     def _cluster_needs_a_server(self) -> Settings:

@@ -1,0 +1,497 @@
+"""WatchLLMMiddleware in real hosts: FastAPI and plain Starlette, served by uvicorn on loopback,
+recording into a real store (chDB in the test's folder; the budget test on every store)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+import httpx
+import pytest
+from conftest import ServerThread, free_port, make_settings, prompt_call
+from fastapi import BackgroundTasks, Depends, FastAPI
+from fastapi.responses import JSONResponse
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.routing import Mount, Route
+from stores import EVERY_STORE, StoreBackend
+
+from watchllm_ext import create_app, lifespan
+from watchllm_ext.auth import Principal
+from watchllm_ext.hookspecs import hookimpl
+from watchllm_ext.keys import KeyStore
+from watchllm_ext.middleware import (
+    Recorder,
+    WatchLLMMiddleware,
+    current_recorder,
+    get_recorder,
+    watchllm_route,
+)
+from watchllm_ext.quota import QuotaDecision
+from watchllm_ext.sdk.context import current_run
+from watchllm_ext.settings import Settings
+
+
+def stored(settings: Settings, sql: str = "") -> list[dict[str, Any]]:
+    """The summary events (agent_step, tagged http) and the events recorded under them, read
+    from the store after the host stopped (its shutdown flushed the outbox and the writer)."""
+    store = create_app(settings).state.watchllm.open_store()
+    try:
+        return store.query(
+            sql
+            or "SELECT event_id, event_type, run_id, parent_event_id, user_id, step_name, status,"
+            " latency_ms, metadata, observation, model, tokens_input FROM events FINAL"
+            " ORDER BY timestamp, event_type"
+        )
+    finally:
+        store.close()
+
+
+def deliver_spool(settings: Settings) -> None:
+    """Start WatchLLM on the folder and wait until its writer delivered the spool."""
+    wl = create_app(settings).state.watchllm
+
+    async def main() -> None:
+        async with wl.running():
+            with anyio.fail_after(30):
+                while wl.writer.lag_events():
+                    await anyio.sleep(0.05)
+
+    anyio.run(main)
+
+
+def summaries(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for row in rows:
+        if row["event_type"] == "agent_step":
+            out.append({**row, "metadata": json.loads(row["metadata"])})
+    return out
+
+
+class Calls:
+    """What the host's handlers did, to show which ran."""
+
+    def __init__(self) -> None:
+        self.handled: list[str] = []
+        self.host_lifespan: list[str] = []
+
+
+def host_lifespan_of(calls: Calls) -> Any:
+    @asynccontextmanager
+    async def host_lifespan(app: Any) -> AsyncIterator[None]:
+        calls.host_lifespan.append("start")
+        yield
+        calls.host_lifespan.append("stop")
+
+    return host_lifespan
+
+
+def fastapi_host(wl_app: Any, calls: Calls, own_lifespan: bool, mount_at: str, **kw: Any) -> Any:
+    host = FastAPI(lifespan=host_lifespan_of(calls) if own_lifespan else None)
+
+    @host.get("/items/{item_id}")
+    async def item(item_id: int, rec: Annotated[Recorder, Depends(get_recorder)]) -> dict[str, Any]:
+        calls.handled.append(f"item {item_id}")
+        rec.prompt_call("gpt-4o", tokens_input=10, tokens_output=5, cost_estimate_usd=0.004)
+        return {"item": item_id, "run_id": rec.run_id}
+
+    @host.get("/free")
+    @watchllm_route(enforce=False)
+    def free() -> dict[str, str]:
+        calls.handled.append("free")
+        return {"free": "yes"}
+
+    host.mount(mount_at or "/", wl_app)  # at the root: after the host's own routes
+    host.add_middleware(WatchLLMMiddleware, watchllm=wl_app, **kw)
+    return host
+
+
+def starlette_host(wl_app: Any, calls: Calls, own_lifespan: bool, mount_at: str, **kw: Any) -> Any:
+    async def item(request: Request) -> JSONResponse:
+        item_id = int(request.path_params["item_id"])
+        calls.handled.append(f"item {item_id}")
+        rec: Recorder = request.state.watchllm
+        rec.prompt_call("gpt-4o", tokens_input=10, tokens_output=5, cost_estimate_usd=0.004)
+        return JSONResponse({"item": item_id, "run_id": rec.run_id})
+
+    @watchllm_route(enforce=False)
+    async def free(request: Request) -> JSONResponse:
+        calls.handled.append("free")
+        return JSONResponse({"free": "yes"})
+
+    return Starlette(
+        routes=[
+            Route("/items/{item_id:int}", item),
+            Route("/free", free),
+            Mount(mount_at or "/", app=wl_app),
+        ],
+        lifespan=host_lifespan_of(calls) if own_lifespan else None,
+        middleware=[Middleware(WatchLLMMiddleware, watchllm=wl_app, **kw)],
+    )
+
+
+@pytest.mark.parametrize("mount_at", ["/watchllm", ""], ids=["prefix", "root"])
+@pytest.mark.parametrize("own_lifespan", [True, False], ids=["host-lifespan", "no-lifespan"])
+@pytest.mark.parametrize("kind", ["fastapi", "starlette"])
+def test_hosts_start_watchllm_observe_requests_and_flush_at_stop(
+    tmp_path: Path, kind: str, own_lifespan: bool, mount_at: str
+) -> None:
+    settings = make_settings(tmp_path)
+    key = KeyStore(settings.keys_path).create("acme", scope="ingest")
+    wl_app = create_app(settings)
+    calls = Calls()
+    make = fastapi_host if kind == "fastapi" else starlette_host
+    host = make(wl_app, calls, own_lifespan, mount_at, project_id="acme")
+    with ServerThread(host) as server, httpx.Client(base_url=server.url) as client:
+        r = client.get("/items/7", headers={"X-User-Id": "alice"})
+        assert r.status_code == 200, r.text
+        # The run id the handler saw is the one the response names.
+        assert r.json()["run_id"] == r.headers["X-WatchLLM-Run-Id"]
+        assert client.get("/nowhere").status_code == 404
+        # The mounted WatchLLM runs (its writer was started by the middleware) and its own
+        # requests are not observed.
+        ingest = client.post(
+            f"{mount_at}/v1/projects/acme/events",
+            json=prompt_call("direct"),
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        assert ingest.status_code == 202, ingest.text
+        assert calls.host_lifespan == (["start"] if own_lifespan else [])
+    assert calls.host_lifespan == (["start", "stop"] if own_lifespan else [])
+    rows = stored(settings)
+    steps = summaries(rows)
+    # At the root, WatchLLM's mount takes every path the host has no route for: not observed.
+    unrouted = ["GET (no route)"] if mount_at else []
+    assert [s["step_name"] for s in steps] == ["GET /items/{item_id}", *unrouted]
+    first = steps[0]
+    assert first["run_id"] == r.headers["X-WatchLLM-Run-Id"] and first["user_id"] == "alice"
+    assert first["status"] == "success" and first["latency_ms"] > 0
+    assert first["metadata"]["http.response.status_code"] == 200
+    assert first["metadata"]["http.route"] == "/items/{item_id}"
+    assert first["metadata"]["llm.calls"] == 1 and first["metadata"]["llm.tokens_input"] == 10
+    assert all(s["metadata"]["http.response.status_code"] == 404 for s in steps[1:])
+    # The LLM call nests under its request's summary, in the same run, for the same user.
+    (call,) = [
+        row for row in rows if row["event_type"] == "prompt_call" and row["event_id"] != "direct"
+    ]
+    assert call["run_id"] == first["run_id"] and call["parent_event_id"] == first["event_id"]
+    assert call["user_id"] == "alice"
+    assert {row["event_id"] for row in rows} >= {"direct"}
+
+
+def test_a_host_mounted_under_a_prefix_starts_watchllm_on_its_first_request(
+    tmp_path: Path,
+) -> None:
+    """Starlette runs no lifespan of a mounted app: the middleware starts WatchLLM itself,
+    and the outer app's `hosting.lifespan` flushes what it recorded before stopping."""
+    settings = make_settings(tmp_path)
+    wl_app = create_app(settings)
+    calls = Calls()
+    inner = fastapi_host(wl_app, calls, True, "/watchllm", project_id="acme")
+    outer = Starlette(routes=[Mount("/api", app=inner)])
+    with ServerThread(outer) as server, httpx.Client(base_url=server.url) as client:
+        assert client.get("/api/items/1").status_code == 200
+        assert client.get("/api/watchllm/readyz").json()["status"] == "ready"
+    assert calls.host_lifespan == []  # the inner host's lifespan never ran
+    # Stopped with the event loop, no lifespan to flush at: what was recorded is in
+    # WatchLLM's spool, and the next start delivers it.
+    deliver_spool(settings)
+    assert [s["step_name"] for s in summaries(stored(settings))] == ["GET /items/{item_id}"]
+
+    settings2 = make_settings(tmp_path / "two")
+    wl_app2 = create_app(settings2)
+    inner2 = fastapi_host(wl_app2, Calls(), False, "/watchllm", project_id="acme")
+    outer2 = Starlette(routes=[Mount("/api", app=inner2)], lifespan=lifespan(wl_app2))
+    with ServerThread(outer2) as server, httpx.Client(base_url=server.url) as client:
+        assert wl_app2.state.watchllm.writer is not None  # started by the outer lifespan
+        for i in range(3):
+            assert client.get(f"/api/items/{i}").status_code == 200
+    assert len(summaries(stored(settings2))) == 3
+
+
+def test_a_stream_passes_through_chunk_by_chunk(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    wl_app = create_app(settings)
+    host = FastAPI()
+
+    @host.get("/chat/stream")
+    async def stream() -> StreamingResponse:
+        async def chunks() -> AsyncIterator[str]:
+            yield "data: first\n\n"
+            await asyncio.sleep(1.0)
+            yield "data: second\n\n"
+
+        return StreamingResponse(chunks(), media_type="text/event-stream")
+
+    host.add_middleware(WatchLLMMiddleware, watchllm=wl_app)
+    with ServerThread(host) as server, httpx.Client(base_url=server.url) as client:
+        sent = time.perf_counter()
+        with client.stream("GET", "/chat/stream") as r:
+            parts = r.iter_text()
+            first = next(parts)
+            first_after = time.perf_counter() - sent
+            rest = "".join(parts)
+        total = time.perf_counter() - sent
+    assert first == "data: first\n\n" and rest == "data: second\n\n"
+    assert first_after < 0.5 < 1.0 <= total, (first_after, total)
+    (step,) = summaries(stored(settings))
+    # The latency runs to the last chunk, not to the first.
+    assert step["step_name"] == "GET /chat/stream" and step["latency_ms"] >= 1000
+
+
+def test_the_run_context_reaches_handlers_threads_and_background_tasks(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    wl_app = create_app(settings)
+    host = FastAPI()
+    seen: dict[str, Any] = {}
+
+    def later(label: str) -> None:  # a background task, after the response is sent
+        run = current_run()
+        seen[label] = run.run_id if run else None
+        rec = current_recorder()
+        assert rec is not None
+        rec.prompt_call("claude-sonnet-4", provider="anthropic", tokens_input=3)
+
+    @host.get("/async")
+    async def in_loop(background: BackgroundTasks) -> dict[str, Any]:
+        background.add_task(later, "background")
+        run = current_run()
+        assert run is not None
+        return {"run_id": run.run_id, "parent": run.parent_event_id}
+
+    @host.get("/sync")
+    def in_thread() -> dict[str, Any]:  # FastAPI runs it in a worker thread
+        run = current_run()
+        assert run is not None
+        return {"run_id": run.run_id, "user": run.user_id}
+
+    host.add_middleware(WatchLLMMiddleware, watchllm=wl_app, user_header="X-Account")
+    with ServerThread(host) as server, httpx.Client(base_url=server.url) as client:
+        a = client.get("/async", headers={"X-WatchLLM-Run-Id": "run-abc"})
+        b = client.get("/sync", headers={"X-Account": "u-9"})
+        trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+        c = client.get("/async", headers={"traceparent": f"00-{trace}-00f067aa0ba902b7-01"})
+        bad = client.get("/sync", headers={"X-WatchLLM-Run-Id": "no spaces allowed"})
+        deadline = time.monotonic() + 5
+        while len(seen) < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert a.json()["run_id"] == "run-abc" == a.headers["X-WatchLLM-Run-Id"]
+    assert seen["background"] in ("run-abc", trace)
+    assert b.json()["user"] == "u-9" and len(b.json()["run_id"]) == 32
+    assert c.json()["run_id"] == trace  # W3C trace id -> run id
+    assert bad.json()["run_id"] != "no spaces allowed"  # not an id the contract takes: new
+    rows = stored(settings)
+    steps = {s["run_id"]: s for s in summaries(rows)}
+    assert steps[trace]["parent_event_id"] == "00f067aa0ba902b7"  # the caller's span
+    assert steps["run-abc"]["event_id"] == a.json()["parent"]
+    calls = [row for row in rows if row["event_type"] == "prompt_call"]
+    assert {(row["run_id"], row["parent_event_id"]) for row in calls} == {
+        ("run-abc", steps["run-abc"]["event_id"]),
+        (trace, steps[trace]["event_id"]),
+    }
+    # The background task's call is counted in its request's summary.
+    assert steps["run-abc"]["metadata"]["llm.calls"] == 1
+
+
+def test_an_exception_is_recorded_and_reaches_the_hosts_error_handling(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    wl_app = create_app(settings)
+    host = FastAPI()
+
+    @host.exception_handler(Exception)
+    async def on_error(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"host": "handled", "error": str(exc)}, status_code=500)
+
+    @host.exception_handler(KeyError)
+    async def on_key_error(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"host": "missing"}, status_code=404)
+
+    @host.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("the model client broke")
+
+    @host.get("/missing")
+    async def missing() -> None:
+        raise KeyError("x")
+
+    host.add_middleware(WatchLLMMiddleware, watchllm=wl_app)
+    with ServerThread(host) as server:
+        # (Starlette re-raises a 500's exception to the server, which closes the connection.)
+        r = httpx.get(server.url + "/boom")
+        assert r.status_code == 500 and r.json() == {
+            "host": "handled",
+            "error": "the model client broke",
+        }
+        assert httpx.get(server.url + "/missing").json() == {"host": "missing"}
+    steps = {s["step_name"]: s for s in summaries(stored(settings))}
+    failed = steps["GET /boom"]
+    assert failed["status"] == "error"
+    assert failed["observation"] == "RuntimeError: the model client broke"
+    assert failed["metadata"]["http.response.status_code"] == 500
+    assert failed["metadata"]["error.type"] == "RuntimeError"
+    assert steps["GET /missing"]["metadata"]["http.response.status_code"] == 404
+
+
+class DenyRoute:
+    """A test plugin: denies one route template for host requests (n_events = 0)."""
+
+    def __init__(self, template: str) -> None:
+        self.template = template
+        self.asked: list[tuple[str, str | None, str | None]] = []
+
+    @hookimpl
+    def check_quota(
+        self, principal: Principal, n_events: int, user_id: str | None, route: str | None
+    ) -> QuotaDecision | None:
+        if n_events:
+            return None
+        self.asked.append((principal.project_id, user_id, route))
+        if route == self.template:
+            return QuotaDecision(False, retry_after_s=30, reason="this route is closed")
+        return None
+
+
+@EVERY_STORE
+def test_a_user_over_their_daily_budget_is_denied_before_the_handler_runs(
+    tmp_path: Path, store_backend: StoreBackend
+) -> None:
+    settings = make_settings(tmp_path, **store_backend.settings())
+    deny = DenyRoute("/closed")
+    wl_app = create_app(settings, plugins=[deny])
+    calls = Calls()
+    host = fastapi_host(
+        wl_app, calls, False, "/watchllm",
+        project_id="acme", user_daily_budget_usd=0.01, budget_cache_s=0.05,
+    )  # fmt: skip
+
+    @host.get("/closed")
+    async def closed() -> str:
+        calls.handled.append("closed")
+        return "open?"
+
+    with ServerThread(host) as server, httpx.Client(base_url=server.url) as client:
+        wl = wl_app.state.watchllm
+        alice = {"X-User-Id": "alice"}
+        # Spend before today does not count: an old call of alice's, stored.
+        old = dict(prompt_call("old", user_id="alice", cost_estimate_usd=5.0))
+        asyncio.run_coroutine_threadsafe(
+            wl.ingest(Principal("acme", frozenset({"ingest"})), [old]), wl._loop
+        ).result(10)
+        for i in range(3):  # 3 x $0.004 recorded by the handler: $0.012 > $0.01
+            assert client.get(f"/items/{i}", headers=alice).status_code == 200
+        spend_sql = (
+            "SELECT sum(cost_estimate_usd) AS usd FROM events FINAL"
+            " WHERE user_id = 'alice' AND event_type = 'prompt_call' AND event_id != 'old'"
+        )
+        deadline = time.monotonic() + 20
+        while (wl.store.query(spend_sql)[0]["usd"] or 0) < 0.011:
+            assert time.monotonic() < deadline, "the recorded calls did not reach the store"
+            time.sleep(0.05)
+        time.sleep(0.1)  # past the cache
+        handled = list(calls.handled)
+        r = client.get("/items/99", headers=alice)
+        assert r.status_code == 429, r.text
+        assert calls.handled == handled  # the handler never ran
+        body = r.json()
+        assert body["error"] == "quota_exceeded" and body["field"] == "X-User-Id"
+        assert "daily budget" in body["message"] and "$0.01" in body["message"]
+        retry = int(r.headers["Retry-After"])
+        assert 0 < retry <= 86_400 and r.headers["X-RateLimit-Reset"] == str(retry)
+        assert r.headers["X-RateLimit-Limit"] == "1" and r.headers["X-RateLimit-Remaining"] == "0"
+        assert r.headers["X-WatchLLM-Run-Id"]
+        # Other users, and routes that are not enforced, are unaffected.
+        assert client.get("/items/5", headers={"X-User-Id": "bob"}).status_code == 200
+        assert client.get("/free", headers=alice).status_code == 200
+        assert calls.handled == [*handled, "item 5", "free"]
+        # Route-level denial by another plugin: the template is what it is asked about.
+        closed_r = client.get("/closed", headers={"X-User-Id": "bob"})
+        assert closed_r.status_code == 429 and closed_r.headers["Retry-After"] == "30"
+        assert closed_r.json()["message"] == "this route is closed"
+        assert "closed" not in calls.handled
+        assert ("acme", "bob", "/items/{item_id}") in deny.asked
+    denied = [s for s in summaries(stored(settings)) if s["status"] == "warning"]
+    assert {(s["step_name"], s["user_id"]) for s in denied} == {
+        ("GET /items/{item_id}", "alice"),
+        ("GET /closed", "bob"),
+    }
+    assert all(s["metadata"]["http.response.status_code"] == 429 for s in denied)
+
+
+def test_budget_reads_are_cached_and_shared(tmp_path: Path) -> None:
+    """Concurrent requests of one user while the cache is cold make one store read, and a
+    fresh cache makes none."""
+    settings = make_settings(tmp_path)
+    wl_app = create_app(settings)
+    host = FastAPI()
+    middleware: list[WatchLLMMiddleware] = []
+
+    @host.get("/x")
+    async def x(request: Request) -> str:
+        return "x"
+
+    class Keep(WatchLLMMiddleware):
+        def __init__(self, app: Any, **kw: Any) -> None:
+            super().__init__(app, **kw)
+            middleware.append(self)
+
+    host.add_middleware(Keep, watchllm=wl_app, user_daily_budget_usd=1.0, budget_cache_s=60)
+    with ServerThread(host) as server:
+
+        async def burst() -> list[int]:
+            async with httpx.AsyncClient(base_url=server.url) as client:
+                answers = await asyncio.gather(
+                    *(client.get("/x", headers={"X-User-Id": "carol"}) for _ in range(20))
+                )
+                return [a.status_code for a in answers]
+
+        assert asyncio.run(burst()) == [200] * 20
+        assert asyncio.run(burst()) == [200] * 20
+    (mw,) = middleware
+    assert mw.budget is not None and mw.budget.queries == 1
+
+
+def test_uvicorn_workers_with_the_embedded_store_fail_at_start_in_one_line(
+    tmp_path: Path,
+) -> None:
+    module = tmp_path / "hostapp.py"
+    module.write_text(
+        textwrap.dedent(
+            f"""
+            from fastapi import FastAPI
+            from watchllm_ext import Settings, create_app
+            from watchllm_ext.middleware import WatchLLMMiddleware
+
+            watchllm = create_app(Settings(data_dir={str(tmp_path / "data")!r}))
+            app = FastAPI()
+            app.mount("/watchllm", watchllm)
+            app.add_middleware(WatchLLMMiddleware, watchllm=watchllm)
+            """
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "uvicorn", "hostapp:app", "--workers", "2",
+         "--port", str(free_port())],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )  # fmt: skip
+    # Every worker refuses; uvicorn's supervisor then stops (it exits 0 doing so).
+    assert "failed to start, stopping the parent process" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = [line for line in done.stderr.splitlines() if "embedded store" in line]
+    assert lines and "--workers" in lines[0] and "WATCHLLM_CLICKHOUSE_URL" in lines[0], done.stderr

@@ -1,0 +1,577 @@
+"""`WatchLLMMiddleware`: WatchLLM in the request path of a host Starlette/FastAPI app.
+
+Pure ASGI (no BaseHTTPMiddleware: that buffers nothing either, but it runs the app in another
+task, which breaks context variables and costs a task per request). For each HTTP request:
+
+1. find the route the host will run (its template, its options) by matching the host's own
+   routes; requests for a mounted WatchLLM app pass straight through;
+2. give it a run context (`sdk.context.use_run`): the run id from `X-WatchLLM-Run-Id`, else
+   the trace id of a W3C `traceparent`, else a new one; and a `Recorder`
+   (`request.state.watchllm`, `current_recorder()`);
+3. enforce: ask the `check_quota` hook with n_events=0, the user and the route template; a
+   denial is answered 429 with its headers and the handler never runs;
+4. pass every response message through as it comes (a stream is never buffered) and record
+   one summary event when the request is done: route template, method, status, latency,
+   user, and the LLM calls recorded inside it.
+
+It also owns WatchLLM's store and writer: started on the host's lifespan startup (before the
+host's own lifespan), stopped after the host's shutdown, flushing. A host mounted under a
+prefix of another app gets no lifespan from Starlette: WatchLLM then starts on the first
+request (see docs/EMBEDDING.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import re
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
+
+import anyio
+from starlette.applications import Starlette
+from starlette.requests import HTTPConnection
+from starlette.routing import BaseRoute, Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..app import WatchLLM
+from ..auth import Principal
+from ..errors import Problem
+from ..locks import FolderLock, FolderLocked
+from ..sdk.context import RunContext, new_id, use_run
+from ..store.base import StoreLockedError
+from .budget import UserDailyBudget
+from .recorder import Outbox, Recorder, use_recorder
+
+log = logging.getLogger("watchllm.middleware")
+
+RUN_ID_HEADER = "x-watchllm-run-id"
+# The ids the event contract takes (schema.Id).
+_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
+# W3C trace context: version-traceid-parentid-flags; later versions may add fields after.
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}(?:-.*)?")
+_ZERO_TRACE = "0" * 32
+_ZERO_SPAN = "0" * 16
+MAX_USER_CHARS = 256  # the contract's user_id limit
+
+
+@dataclass(frozen=True, slots=True)
+class RouteOptions:
+    """What the middleware does for one route; None keeps the middleware's default."""
+
+    enforce: bool | None = None  # ask check_quota before the handler runs
+    record: bool | None = None  # record the request's summary event
+
+
+def watchllm_route(
+    *, enforce: bool | None = None, record: bool | None = None
+) -> Callable[[Any], Any]:
+    """Mark an endpoint with its options: `@watchllm_route(enforce=False)` under the route
+    decorator (or above it: the function itself is marked and returned)."""
+
+    def mark(endpoint: Any) -> Any:
+        endpoint.__watchllm_route__ = RouteOptions(enforce, record)
+        return endpoint
+
+    return mark
+
+
+class _Resolved(NamedTuple):
+    template: str | None  # the route's path template, with the prefixes of its mounts
+    options: RouteOptions | None
+    bypass: bool  # a WatchLLM app's own route: not observed, not enforced
+
+
+_NO_ROUTE = _Resolved(None, None, False)
+_BYPASS = _Resolved(None, None, True)
+
+
+class HostStartError(RuntimeError):
+    """WatchLLM cannot start inside this host; the message is one line saying why and how."""
+
+
+class _Owner:
+    """Runs one WatchLLM app's store, writer and the outbox flusher for the middleware(s)
+    that record into it. One per WatchLLM app (see `owner_for`)."""
+
+    def __init__(self, wl: WatchLLM, principal: Principal, flush_interval_s: float) -> None:
+        self.wl = wl
+        self.principal = principal
+        self.outbox = Outbox(interval_s=flush_interval_s)
+        self.running = False
+        self._stop: anyio.Event | None = None
+        self._lazy: asyncio.Task[None] | None = None
+        self._lazy_ready: asyncio.Event | None = None
+        self._lazy_failed_at = 0.0
+
+    @asynccontextmanager
+    async def run(self) -> AsyncIterator[None]:
+        """Start WatchLLM (unless something else runs it already) and the flusher; on exit,
+        flush the outbox, then stop WatchLLM (which flushes its writer)."""
+        async with AsyncExitStack() as stack:
+            if self.wl.writer is None:
+                await stack.enter_async_context(_start(self.wl))
+            self._stop = stop = anyio.Event()
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(self._flusher, stop)
+                self.running = True
+                try:
+                    yield
+                finally:
+                    self.running = False
+                    stop.set()  # the flusher drains the outbox once more and returns
+
+    async def _flusher(self, stop: anyio.Event) -> None:
+        while not stop.is_set():
+            with anyio.move_on_after(self.outbox.interval_s):
+                await stop.wait()
+            if len(self.outbox) and self.wl.writer is not None:
+                try:
+                    await self.outbox.flush(self.wl, self.principal)
+                except Exception:  # never let one bad flush stop the recording
+                    log.exception("flushing recorded events failed")
+
+    async def stop(self) -> None:
+        """Flush now (hosting.lifespan calls this before it stops the WatchLLM app)."""
+        if self.running and self.wl.writer is not None:
+            await self.outbox.flush(self.wl, self.principal)
+
+    async def start_lazily(self) -> bool:
+        """Start in a task of our own, for a host whose lifespan never reaches us (mounted
+        under a prefix). True once running; False if it cannot start (logged, retried after
+        30 s): the host keeps serving, unobserved and unenforced meanwhile."""
+        if self._lazy is None:
+            if time.monotonic() - self._lazy_failed_at < 30:
+                return False
+            self._lazy_ready = asyncio.Event()
+            self._lazy = asyncio.get_running_loop().create_task(self._own(self._lazy_ready))
+        assert self._lazy_ready is not None
+        await self._lazy_ready.wait()
+        return self.running
+
+    async def _own(self, ready: asyncio.Event) -> None:
+        log.info("no lifespan reached WatchLLMMiddleware (a mounted host?): starting now")
+        try:
+            async with self.run():
+                ready.set()
+                try:
+                    await asyncio.Event().wait()  # until the event loop ends
+                except asyncio.CancelledError:
+                    # asyncio.run() is closing the loop: leave normally, so the outbox and
+                    # the writer flush (what the writer cannot deliver stays in the spool).
+                    current = asyncio.current_task()
+                    if current is not None:
+                        current.uncancel()
+        except Exception as exc:
+            log.error("WatchLLM could not start: %s", exc)
+            self._lazy_failed_at = time.monotonic()
+        finally:
+            self._lazy = None
+            ready.set()
+
+
+_owners: dict[int, _Owner] = {}
+
+
+def owner_for(
+    wl: WatchLLM, principal: Principal | None = None, flush_interval_s: float = 0.1
+) -> _Owner:
+    """The one owner of `wl` (made on first use): middleware instances sharing a WatchLLM app
+    share its outbox and lifecycle."""
+    owner = _owners.get(id(wl))
+    if owner is None or owner.wl is not wl:
+        principal = principal or Principal("default", frozenset({"ingest"}))
+        owner = _Owner(wl, principal, flush_interval_s)
+        _owners[id(wl)] = owner
+    return owner
+
+
+def find_owner(wl: WatchLLM) -> _Owner | None:
+    owner = _owners.get(id(wl))
+    return owner if owner is not None and owner.wl is wl else None
+
+
+def _uvicorn_workers() -> bool:
+    """True in a worker process of `uvicorn --workers N` (N > 1): the supervisor spawns each
+    worker with a target from its module, so the worker has imported it."""
+    return (
+        "uvicorn.supervisors.multiprocess" in sys.modules
+        and multiprocessing.parent_process() is not None
+    )
+
+
+def _embedded(wl: WatchLLM) -> bool:
+    return wl.settings.clickhouse_url is None
+
+
+@asynccontextmanager
+async def _start(wl: WatchLLM) -> AsyncIterator[None]:
+    """`wl.running()`, with the multi-process cases made plain.
+
+    Under `uvicorn --workers N` the embedded store (a chDB folder one process may open) is
+    refused in every worker with one line; with the ClickHouse server store every worker
+    takes its own spool, `<spool>/worker-<n>`, the first free one, so that a restarted
+    worker delivers what its predecessor left.
+    """
+    if _uvicorn_workers():
+        if _embedded(wl):
+            raise HostStartError(
+                f"WatchLLM's embedded store ({wl.settings.store_path}) is owned by one process"
+                " and this server runs several worker processes (uvicorn --workers N): run one"
+                " worker, or set WATCHLLM_CLICKHOUSE_URL to a ClickHouse server all workers"
+                " share (docs/EMBEDDING.md)"
+            )
+        wl.settings = _free_worker_spool(wl)
+    try:
+        async with wl.running():
+            yield
+    except StoreLockedError as exc:
+        raise HostStartError(f"WatchLLM cannot start: {exc}") from None
+
+
+def _free_worker_spool(wl: WatchLLM) -> Any:
+    base = wl.settings.spool_path
+    for n in range(4096):
+        folder = base / f"worker-{n}"
+        try:
+            FolderLock(folder, "spool").release()
+        except FolderLocked:
+            continue
+        return wl.settings.model_copy(update={"spool_dir": folder})
+    raise HostStartError(f"no free worker spool under {base}")
+
+
+UserGetter = Callable[[HTTPConnection], "str | Awaitable[str | None] | None"]
+
+
+def _is_watchllm_app(app: Any) -> bool:
+    """An app made by create_app (any instance): its routes are WatchLLM's own."""
+    return isinstance(getattr(getattr(app, "state", None), "watchllm", None), WatchLLM)
+
+
+class WatchLLMMiddleware:
+    """Observe and guard a host app's requests with WatchLLM.
+
+        watchllm = create_app(settings)
+        app = FastAPI()
+        app.mount("/watchllm", watchllm)
+        app.add_middleware(WatchLLMMiddleware, watchllm=watchllm, user_daily_budget_usd=5.0)
+
+    Arguments (all optional but `watchllm`; None takes the setting of the same area):
+
+    - `project_id`: the project the host's events belong to (setting `host_project_id`).
+    - `user_header`: the request header naming the user (`X-User-Id`); `get_user(conn)`
+      instead, for users found another way (a session, a token); may be async.
+    - `enforce` / `record`: the defaults for every route (both True); `routes` maps route
+      templates to `RouteOptions`, and `@watchllm_route(...)` marks an endpoint.
+    - `user_daily_budget_usd`, `budget_cache_s`: turn on the built-in per-user daily budget
+      (settings `user_daily_budget_usd`, `user_budget_cache_s`).
+    - `flush_interval_s`: how often recorded events are handed to WatchLLM.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        watchllm: Starlette | WatchLLM,
+        *,
+        project_id: str | None = None,
+        user_header: str | None = "X-User-Id",
+        get_user: UserGetter | None = None,
+        enforce: bool = True,
+        record: bool = True,
+        routes: Mapping[str, RouteOptions] | None = None,
+        user_daily_budget_usd: float | None = None,
+        budget_cache_s: float | None = None,
+        flush_interval_s: float = 0.1,
+        run_id_response_header: bool = True,
+    ) -> None:
+        self.app = app
+        wl = watchllm.state.watchllm if _is_watchllm_app(watchllm) else watchllm
+        if not isinstance(wl, WatchLLM):
+            raise TypeError(f"{watchllm!r} is not an app made by watchllm_ext.create_app")
+        self.wl = wl
+        settings = wl.settings
+        self.principal = Principal(project_id or settings.host_project_id, frozenset({"ingest"}))
+        self.owner = owner_for(wl, self.principal, flush_interval_s)
+        self.user_header = user_header.lower().encode("latin-1") if user_header else None
+        self.user_source = user_header or "user"  # what a denial's `field` names
+        self.get_user = get_user
+        self.enforce = enforce
+        self.record = record
+        self.routes = dict(routes or {})
+        self.echo_run_id = run_id_response_header
+        budget = (
+            user_daily_budget_usd
+            if user_daily_budget_usd is not None
+            else settings.user_daily_budget_usd
+        )
+        if budget is not None:
+            cache_s = budget_cache_s if budget_cache_s is not None else settings.user_budget_cache_s
+            name = f"watchllm-user-daily-budget-{id(self)}"
+            self.budget: UserDailyBudget | None = UserDailyBudget(wl, budget, cache_s)
+            wl.pm.register(self.budget, name=name)
+        else:
+            self.budget = None
+        self._resolved: dict[tuple[int, str, str, str], _Resolved] = {}
+        self._warned_not_running = False
+
+    # --- ASGI -------------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(scope, receive, send)
+        else:  # websockets: passed through, not observed
+            await self.app(scope, receive, send)
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Start WatchLLM before the host's own startup, stop it after the host's shutdown."""
+        startup = await receive()
+        async with AsyncExitStack() as stack:
+            try:
+                await stack.enter_async_context(self.owner.run())
+            except Exception as exc:
+                # One line for the server to print (uvicorn: then "Application startup
+                # failed. Exiting."), rather than a traceback.
+                text = str(exc) if isinstance(exc, HostStartError) else f"WatchLLM: {exc!r}"
+                await send({"type": "lifespan.startup.failed", "message": text})
+                return
+            first = True
+
+            async def host_receive() -> Message:
+                nonlocal first
+                if first:
+                    first = False
+                    return startup
+                return await receive()
+
+            async def host_send(message: Message) -> None:
+                if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                    await stack.aclose()  # flush before the server is told it may exit
+                await send(message)
+
+            await self.app(scope, host_receive, host_send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        resolved = self._resolve(scope)
+        if resolved.bypass:
+            await self.app(scope, receive, send)
+            return
+        owner = self.owner
+        if not owner.running and not await owner.start_lazily():
+            if not self._warned_not_running:
+                log.warning("WatchLLM is not running: requests pass unobserved")
+                self._warned_not_running = True
+            await self.app(scope, receive, send)
+            return
+
+        started = time.perf_counter()
+        timestamp = datetime.now(UTC)
+        run_id, parent_id, user_id = self._read_headers(scope)
+        if self.get_user is not None:
+            found = self.get_user(HTTPConnection(scope))
+            if not isinstance(found, str | None):
+                found = await found
+            user_id = found[:MAX_USER_CHARS] if found else None
+        event_id = new_id()
+        context = RunContext(run_id, parent_event_id=event_id, user_id=user_id)
+        recorder = Recorder(context, event_id, owner.outbox)
+        state = scope.get("state")
+        if state is None:
+            scope["state"] = state = {}
+        state["watchllm"] = recorder
+        options = resolved.options
+        enforce = self.enforce if options is None or options.enforce is None else options.enforce
+        record = self.record if options is None or options.record is None else options.record
+        method = scope["method"]
+        run_header = (b"x-watchllm-run-id", run_id.encode()) if self.echo_run_id else None
+
+        if enforce:
+            denied = await self._check(user_id, resolved.template)
+            if denied is not None:
+                response = denied.response()
+                if run_header is not None:
+                    response.raw_headers.append(run_header)
+                await response(scope, receive, send)
+                if record:
+                    self._summary(
+                        recorder, method, resolved.template, parent_id, timestamp,
+                        time.perf_counter() - started, denied.status, None, denied,
+                    )  # fmt: skip
+                return
+
+        status = 0
+        ended = 0.0
+
+        async def observed_send(message: Message) -> None:
+            nonlocal status, ended
+            kind = message["type"]
+            if kind == "http.response.start":
+                status = message["status"]
+                if run_header is not None:
+                    message["headers"] = [*message.get("headers", ()), run_header]
+            elif kind == "http.response.body" and not message.get("more_body", False):
+                ended = time.perf_counter()
+            await send(message)
+
+        error: BaseException | None = None
+        try:
+            with use_run(context), use_recorder(recorder):
+                await self.app(scope, receive, observed_send)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            if record:
+                code = status or (500 if error is not None else 0)
+                self._summary(
+                    recorder, method, resolved.template, parent_id, timestamp,
+                    (ended or time.perf_counter()) - started, code, error, None,
+                )  # fmt: skip
+
+    # --- parts ------------------------------------------------------------------------------
+
+    def _read_headers(self, scope: Scope) -> tuple[str, str | None, str | None]:
+        """(run id, the caller's span id from traceparent, user) from the request headers."""
+        run_id = traceparent = user = None
+        user_header = self.user_header
+        for name, value in scope["headers"]:
+            if name == b"x-watchllm-run-id":
+                run_id = value.decode("latin-1")
+            elif name == b"traceparent":
+                traceparent = value.decode("latin-1")
+            elif name == user_header:
+                user = value.decode("latin-1")[:MAX_USER_CHARS] or None
+        parent = None
+        if traceparent is not None:
+            match = _TRACEPARENT.fullmatch(traceparent.strip())
+            if match and match[1] != "ff" and match[2] != _ZERO_TRACE and match[3] != _ZERO_SPAN:
+                # The OTel mapping (design): trace id -> run_id, the caller's span -> parent.
+                if run_id is None:
+                    run_id = match[2]
+                parent = match[3]
+        if run_id is None or not _ID.fullmatch(run_id):
+            run_id = new_id()  # none, or not an id the contract takes: a run of its own
+        return run_id, parent, user
+
+    async def _check(self, user_id: str | None, template: str | None) -> Problem | None:
+        try:
+            await self.wl.check_quota(self.principal, 0, user_id=user_id, route=template)
+        except Problem as exc:
+            if exc.field is None:
+                exc.field = self.user_source if user_id is not None else "path"
+            return exc
+        except Exception:
+            # A quota plugin that fails must not take the host down: the request goes on.
+            log.exception("a check_quota plugin failed; the request is let through")
+        return None
+
+    def _summary(
+        self,
+        recorder: Recorder,
+        method: str,
+        template: str | None,
+        parent_id: str | None,
+        timestamp: datetime,
+        seconds: float,
+        status: int,
+        error: BaseException | None,
+        denied: Problem | None,
+    ) -> None:
+        route = template or "(no route)"
+        metadata: dict[str, Any] = {
+            "http.request.method": method,
+            "http.route": route,
+            "http.response.status_code": status,
+            "llm.calls": recorder.calls,
+        }
+        if recorder.calls:
+            metadata["llm.tokens_input"] = recorder.tokens_input
+            metadata["llm.tokens_output"] = recorder.tokens_output
+            metadata["llm.cost_usd_reported"] = recorder.cost_usd
+        if recorder.metadata:
+            metadata.update(recorder.metadata)
+        event: dict[str, Any] = {
+            "event_type": "agent_step",
+            "event_id": recorder.event_id,
+            "run_id": recorder.run_id,
+            "timestamp": timestamp,
+            "step_number": 0,
+            "step_name": f"{method} {route}"[:256],
+            "latency_ms": min(seconds * 1000, 2_592_000_000.0),
+            "tags": ["http", *recorder.tags][:64],
+            "metadata": metadata,
+        }
+        if parent_id is not None:
+            event["parent_event_id"] = parent_id
+        if recorder.user_id is not None:
+            event["user_id"] = recorder.user_id
+        if recorder.session_id is not None:
+            event["session_id"] = recorder.session_id
+        if denied is not None:
+            event["status"] = "warning"
+            event["observation"] = f"denied: {denied.message}"[:10_000]
+            metadata["watchllm.denied"] = denied.code
+        elif error is not None and not isinstance(error, Exception):
+            event["status"] = "error"
+            event["observation"] = f"cancelled ({type(error).__name__})"
+        elif error is not None:
+            event["status"] = "error"
+            event["observation"] = f"{type(error).__name__}: {error}"[:10_000]
+            metadata["error.type"] = type(error).__name__
+        else:
+            event["status"] = "error" if status >= 500 else "success"
+        self.owner.outbox.put(event)
+
+    # --- routes -----------------------------------------------------------------------------
+
+    def _resolve(self, scope: Scope) -> _Resolved:
+        """The route the host will run for this request (matched as its router will)."""
+        router = getattr(scope.get("app"), "router", None) or getattr(self.app, "router", None)
+        routes = getattr(router, "routes", None)
+        if not routes:
+            return _NO_ROUTE
+        key = (id(router), scope["method"], scope["path"], scope.get("root_path", ""))
+        found = self._resolved.get(key)
+        if found is None:
+            found = self._walk(routes, scope, "")
+            if len(self._resolved) >= 4096:  # paths with ids in them: keep the memory bounded
+                self._resolved.clear()
+            self._resolved[key] = found
+        return found
+
+    def _walk(self, routes: list[BaseRoute], scope: Scope, prefix: str) -> _Resolved:
+        partial: tuple[BaseRoute, Scope] | None = None
+        for route in routes:
+            match, child = route.matches(scope)
+            if match is Match.FULL:
+                return self._found(route, child, scope, prefix)
+            if match is Match.PARTIAL and partial is None:
+                partial = (route, child)  # the router answers 405 with it
+        if partial is not None:
+            return self._found(partial[0], partial[1], scope, prefix)
+        return _NO_ROUTE
+
+    def _found(self, route: BaseRoute, child: Scope, scope: Scope, prefix: str) -> _Resolved:
+        # A route's template without convertors ("/items/{item_id}", as FastAPI writes it
+        # and OTel's http.route wants); a mount's own path.
+        sub_routes = getattr(route, "routes", None)
+        own = getattr(route, "path", "") if sub_routes is not None else None
+        path = prefix + (own if own is not None else getattr(route, "path_format", "") or "")
+        inner = getattr(route, "_base_app", None) or getattr(route, "app", None)
+        if _is_watchllm_app(inner):
+            return _BYPASS
+        if sub_routes:
+            return self._walk(sub_routes, {**scope, **child}, path)
+        template = path + "/{path}" if sub_routes is not None else path
+        endpoint = getattr(route, "endpoint", None) or inner
+        options = self.routes.get(template) or getattr(endpoint, "__watchllm_route__", None)
+        return _Resolved(template or "/", options, False)

@@ -1,0 +1,125 @@
+"""The built-in, opt-in per-user daily USD budget: a `check_quota` plugin for host requests.
+
+A host request whose user has spent `budget_usd` or more today (UTC) on prompt calls is
+denied before its handler runs (429, Retry-After: the seconds to the next UTC midnight).
+Spend is what WatchLLM knows from stored cost: the sum of `cost_estimate_usd` (the client's,
+or the one computed from the model's price) of the user's prompt calls stored today.
+
+It is read through the store and cached per (project, user) for `cache_s`, one query at a
+time per user however many requests wait for it. So the spend a decision sees is behind by
+at most: the outbox interval (recorded events), the writer's flush_interval_s (to the
+store) and `cache_s`; requests in that window can go over the budget by what they cost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+import anyio
+
+from ..analytics.queries import COST_NANOS
+from ..hookspecs import hookimpl
+from ..quota import QuotaDecision
+
+if TYPE_CHECKING:
+    from ..app import WatchLLM
+    from ..auth import Principal
+
+# FINAL: a copy of an event delivered twice counts once (the tables' ReplacingMergeTree).
+SPEND_TODAY = f"""
+SELECT sum({COST_NANOS}) AS nanos FROM events FINAL
+WHERE project_id = {{project:String}} AND timestamp >= {{since:DateTime64(3, 'UTC')}}
+  AND user_id = {{user:String}} AND event_type = 'prompt_call'
+"""
+
+
+def _start_of_day(now: datetime) -> datetime:
+    return now.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+class UserDailyBudget:
+    """`check_quota` for the host middleware's calls (n_events = 0 with a user); ingestion's
+    own calls (n_events >= 1) and requests without a user are none of its business."""
+
+    def __init__(self, wl: WatchLLM, budget_usd: float, cache_s: float = 2.0) -> None:
+        if budget_usd < 0:
+            raise ValueError("budget_usd must be 0 or more")
+        self.wl = wl
+        self.budget_usd = budget_usd
+        self.cache_s = cache_s
+        # (project, user) -> (spend in USD, the day it is for, monotonic time it was read)
+        self._cache: dict[tuple[str, str], tuple[float, datetime, float]] = {}
+        self._pending: dict[tuple[str, str], asyncio.Future[float]] = {}
+        self.queries = 0  # store reads made, for the tests and the docs' staleness figures
+
+    @hookimpl
+    def check_quota(
+        self, principal: Principal, n_events: int, user_id: str | None
+    ) -> QuotaDecision | Awaitable[QuotaDecision] | None:
+        if n_events or user_id is None:
+            return None
+        now = datetime.now(UTC)
+        key = (principal.project_id, user_id)
+        cached = self._cache.get(key)
+        if (
+            cached is not None
+            and cached[1] == _start_of_day(now)
+            and time.monotonic() - cached[2] < self.cache_s
+        ):
+            return self.decide(cached[0], now)  # the common case: no await, no query
+        return self._read_then_decide(key, now)
+
+    async def _read_then_decide(self, key: tuple[str, str], now: datetime) -> QuotaDecision:
+        return self.decide(await self.spend_today(key, now), now)
+
+    async def spend_today(self, key: tuple[str, str], now: datetime) -> float:
+        """The user's stored spend today; concurrent callers share one store read."""
+        pending = self._pending.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self._pending[key] = future
+        try:
+            day = _start_of_day(now)
+            spend = await anyio.to_thread.run_sync(self._read, key, day)
+            self._cache[key] = (spend, day, time.monotonic())
+            if len(self._cache) > 100_000:  # bounded: forget the oldest reads
+                for stale in list(self._cache)[:10_000]:
+                    del self._cache[stale]
+            future.set_result(spend)
+            return spend
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: no "never retrieved" warning without waiters
+            raise
+        finally:
+            del self._pending[key]
+
+    def _read(self, key: tuple[str, str], day: datetime) -> float:
+        store = self.wl.store
+        if store is None:
+            raise RuntimeError("the WatchLLM store is not open")
+        self.queries += 1
+        rows = store.query(SPEND_TODAY, {"project": key[0], "user": key[1], "since": day})
+        return int(rows[0]["nanos"] or 0) / 1e9 if rows else 0.0
+
+    def decide(self, spend: float, now: datetime) -> QuotaDecision:
+        reset = (_start_of_day(now) + timedelta(days=1) - now).total_seconds()
+        # The rate-limit headers count US cents (they are integers).
+        limit_cents = round(self.budget_usd * 100)
+        remaining_cents = max(0, int((self.budget_usd - spend) * 100))
+        if spend < self.budget_usd:
+            return QuotaDecision(True, limit=limit_cents, remaining=remaining_cents, reset_s=reset)
+        return QuotaDecision(
+            False,
+            retry_after_s=reset,
+            limit=limit_cents,
+            remaining=0,
+            reset_s=reset,
+            reason=f"this user has spent ${spend:.4f} today (UTC), their daily budget is "
+            f"${self.budget_usd:.2f}; it starts again at midnight UTC",
+        )
