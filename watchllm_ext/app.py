@@ -210,7 +210,13 @@ class WatchLLM:
         for result in results:
             decision = await result if inspect.isawaitable(result) else result
             if isinstance(decision, QuotaDecision) and not decision.allowed:
-                raise Problem(429, "quota_exceeded", decision.reason, headers=decision.headers())
+                raise Problem(
+                    429,
+                    "quota_exceeded",
+                    decision.reason,
+                    headers=decision.headers(),
+                    **dict(decision.extra or {}),
+                )
 
     async def ingest(
         self,

@@ -219,7 +219,33 @@ def _parser() -> argparse.ArgumentParser:
     )
     data_dir(p)
     p.set_defaults(func=cmd_keys_copy)
+
+    usage = sub.add_parser("usage", help="see and change a project's quota usage and plan")
+    usage_sub = usage.add_subparsers(dest="usage_command", metavar="ACTION", required=True)
+    for action, text in (
+        ("show", "the project's plan, limits, usage and what remains"),
+        ("set", "set usage counters (or the plan) by hand; the server sees it at once"),
+        ("reset", "zero the project's usage in the current minute, day and month"),
+    ):
+        p = usage_sub.add_parser(action, help=text)
+        remote(p)
+        p.add_argument("--project", required=True)
+        if action == "set":
+            for window in ("minute", "day", "month", "payload-bytes"):
+                p.add_argument(f"--{window}", type=_count, metavar="N", help=f"{window} usage")
+            p.add_argument("--plan", help="assign this plan (from quota_plans); 'none' unassigns")
+        p.set_defaults(func=cmd_usage)
     return parser
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number, 0 or more, not {text!r}")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -354,7 +380,11 @@ def _print_migrations(cluster: str | None) -> int:
 
 
 def _remote(
-    args: argparse.Namespace, path: str, params: dict[str, str] | None = None, method: str = "GET"
+    args: argparse.Namespace,
+    path: str,
+    params: dict[str, str] | None = None,
+    method: str = "GET",
+    body: Any = None,
 ) -> Any:
     import httpx
 
@@ -366,6 +396,7 @@ def _remote(
             method,
             url,
             params=params,
+            json=body,
             timeout=30,
             headers={"Authorization": f"Bearer {args.key}"},
         )
@@ -673,6 +704,98 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
         raise CliError(f"no active key with id {args.key_id!r}")
     print(f"revoked {args.key_id}; running servers stop accepting it within 2 seconds")
     return 0
+
+
+# --- usage (quotas) -------------------------------------------------------------------------------
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    """`usage show|set|reset`: through a running server (--url), or straight to Redis."""
+    change: dict[str, Any] = {}
+    if args.usage_command == "reset":
+        change["reset"] = True
+    elif args.usage_command == "set":
+        values = {
+            w: getattr(args, w)
+            for w in ("minute", "day", "month", "payload_bytes")
+            if getattr(args, w) is not None
+        }
+        if values:
+            change["set"] = values
+        if args.plan is not None:
+            change["plan"] = None if args.plan == "none" else args.plan
+        if not change:
+            raise CliUsageError(
+                "usage set needs --minute, --day, --month, --payload-bytes or --plan"
+            )
+    if args.url:
+        params = {"project": args.project}
+        if change:
+            report = _remote(args, "/v1/admin/usage", params, method="POST", body=change)
+        else:
+            report = _remote(args, "/v1/admin/usage", params)
+    else:
+        report = _usage_local(args, change)
+    _print_usage(report)
+    return 0
+
+
+def _usage_local(args: argparse.Namespace, change: dict[str, Any]) -> dict[str, Any]:
+    import asyncio
+
+    from .errors import Problem
+    from .quotas.engine import QuotaUnavailable
+    from .quotas.plugin import QuotaPlugin
+    from .quotas.routes import apply_change
+
+    settings = _settings(args)
+    if settings.quota_backend != "redis":
+        raise CliUsageError(
+            f"quota_backend is {settings.quota_backend!r}: usage is kept inside the running"
+            " server; ask it with --url URL --key KEY (an admin key of the project)"
+            if settings.quota_backend == "memory"
+            else "quotas are off (quota_backend = off); see docs/QUOTAS.md"
+        )
+    plugin = QuotaPlugin(settings)
+
+    async def run() -> dict[str, Any]:
+        try:
+            if change:
+                await apply_change(plugin, args.project, change)
+            return await plugin.report(args.project)
+        finally:
+            await plugin.backend.close()
+
+    try:
+        return asyncio.run(run())
+    except QuotaUnavailable as exc:
+        raise CliError(str(exc)) from None
+    except Problem as exc:  # 422 (an unknown plan) or 503 (Redis did not answer)
+        raise (CliUsageError if exc.status < 500 else CliError)(exc.message) from None
+
+
+def _print_usage(report: dict[str, Any]) -> None:
+    limits = report["limits"]
+    print(f"project {report['project_id']}: plan {report['plan']} ({report['backend']} backend)")
+    print(f"{'WINDOW':<15}{'USED':>14}{'LIMIT':>16}{'REMAINING':>14}  RESETS IN")
+    resets = report.get("resets_in_s", {})
+    for window, field in (
+        ("minute", "events_per_minute"),
+        ("day", "events_per_day"),
+        ("month", "events_per_month"),
+        ("payload_bytes", "payload_bytes_per_month"),
+    ):
+        limit = limits.get(field)
+        remaining = report["remaining"].get(window)
+        reset = resets.get(window, resets.get("month"))
+        print(
+            f"{window:<15}{report['used'][window]:>14,}{(f'{limit:,}' if limit else '-'):>16}"
+            f"{(f'{remaining:,}' if remaining is not None else '-'):>14}  {reset} s"
+        )
+    if "spent_usd_this_month" in report:
+        budget = limits.get("usd_per_month")
+        of = f" of ${budget:g}" if budget else ""
+        print(f"spent this month: ${report['spent_usd_this_month']:.6f}{of}")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,10 @@ class WriterCollector:
             "Events rejected as invalid (207/422)",
             self.wl.counters["rejected"],
         )
+        # The quota plugin's fallbacks and denials (watchllm_ext/quotas), when it is on.
+        quota = self.wl.pm.get_plugin("watchllm_ext.quotas.plugin")
+        if hasattr(quota, "metric_families"):
+            yield from quota.metric_families()
         if writer is None:
             return
         stats = writer.stats()

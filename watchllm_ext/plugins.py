@@ -27,6 +27,7 @@ DEFAULT_PLUGINS = (
     "watchllm_ext.builtins.cost",
     "watchllm_ext.builtins.store_sink",
     "watchllm_ext.builtins.rollup",
+    "watchllm_ext.quotas.plugin",
 )
 
 

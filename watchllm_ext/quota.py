@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -13,6 +15,12 @@ class QuotaDecision:
     remaining: int | None = None
     reset_s: float | None = None
     reason: str = "quota exceeded"
+    # The IETF RateLimit-Policy and RateLimit fields (draft-ietf-httpapi-ratelimit-headers),
+    # e.g. '"day";q=1000;w=86400' and '"day";r=0;t=3600'.
+    policy: str | None = None
+    ratelimit: str | None = None
+    # Extra fields of the 429 body (how many events would fit, the window, `field`).
+    extra: Mapping[str, Any] | None = None
 
     def headers(self) -> dict[str, str]:
         headers: dict[str, str] = {}
@@ -24,4 +32,8 @@ class QuotaDecision:
             headers["X-RateLimit-Remaining"] = str(max(0, self.remaining))
         if self.reset_s is not None:
             headers["X-RateLimit-Reset"] = str(max(0, round(self.reset_s)))
+        if self.policy is not None:
+            headers["RateLimit-Policy"] = self.policy
+        if self.ratelimit is not None:
+            headers["RateLimit"] = self.ratelimit
         return headers

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -19,6 +19,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 from pydantic_settings import SettingsError as PydanticSettingsError
+
+from .quotas.plans import Plan, default_plans
 
 MiB = 1024 * 1024
 
@@ -217,6 +219,69 @@ class Settings(BaseSettings):
         " again (seconds); spend can be this much staler than the store.",
     )
 
+    # --- quotas: plans, usage limits, budgets, Stripe (docs/QUOTAS.md) ---
+    quota_backend: Literal["off", "memory", "redis"] = Field(
+        "off",
+        description="Where usage is counted against plans: `off` (no quotas), `memory` (in"
+        " this process: one server) or `redis` (redis_url, shared by every server process).",
+    )
+    quota_plans: dict[str, Plan] = Field(
+        default_factory=default_plans,
+        description="Plans by name, each with events_per_minute, events_per_day,"
+        " events_per_month, payload_bytes_per_month, usd_per_month, user_usd_per_day (any left"
+        " out is unlimited). Default: one plan `default` with no limits.",
+    )
+    quota_default_plan: str = Field(
+        "default", description="The plan of a project that no one assigned a plan to."
+    )
+    quota_project_plans: dict[str, str] = Field(
+        default_factory=dict,
+        description="Plans by project id; one assigned at run time (Stripe, `watchllm usage"
+        " set --plan`) takes precedence.",
+    )
+    redis_url: str | None = Field(
+        None, description="The Redis of quota_backend = redis, as redis://[:password@]host:port/db."
+    )
+    quota_redis_timeout_ms: float = Field(
+        50.0,
+        gt=0,
+        le=10_000,
+        description="A Redis answer slower than this counts as Redis being down (milliseconds;"
+        " the time includes the server's own event-loop delays under load, see docs/QUOTAS.md).",
+    )
+    quota_failure_mode: Literal["open", "closed"] = Field(
+        "open",
+        description="Redis (or the store, for budgets) down: `open` lets events through within"
+        " the per-process fallback limit, `closed` refuses them with 429.",
+    )
+    quota_fallback_events_per_minute: int = Field(
+        6_000,
+        ge=1,
+        description="With quota_failure_mode = open: the events per minute each process takes"
+        " per project while Redis is down.",
+    )
+    quota_budget_refresh_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="How long a project's (or user's) USD spend read for a budget is reused"
+        " before it is read from the store again (seconds).",
+    )
+    stripe_webhook_secret: SecretStr | None = Field(
+        None,
+        description="The signing secret (whsec_...) of a Stripe webhook endpoint; when set,"
+        " POST /v1/billing/stripe maps subscription events to plans.",
+    )
+    stripe_price_plans: dict[str, str] = Field(
+        default_factory=dict,
+        description="Plans by Stripe price id (or price lookup_key) of a subscription's item.",
+    )
+    stripe_ended_plan: str | None = Field(
+        None,
+        description="The plan of a project whose subscription ended (default: back to"
+        " quota_project_plans or quota_default_plan).",
+    )
+
     @model_validator(mode="after")
     def _cluster_needs_a_server(self) -> Settings:
         if self.cluster_name and not self.clickhouse_url:
@@ -228,6 +293,24 @@ class Settings(BaseSettings):
             raise ValueError(
                 "key_store = clickhouse needs clickhouse_url (the server to keep keys on)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _quota_plans_exist(self) -> Settings:
+        # Every plan a setting names must be defined, or the first request would find none.
+        named = [("quota_default_plan", self.quota_default_plan)]
+        named += [(f"quota_project_plans.{p}", n) for p, n in self.quota_project_plans.items()]
+        named += [(f"stripe_price_plans.{p}", n) for p, n in self.stripe_price_plans.items()]
+        if self.stripe_ended_plan:
+            named.append(("stripe_ended_plan", self.stripe_ended_plan))
+        for setting, name in named:
+            if name not in self.quota_plans:
+                raise ValueError(
+                    f"{setting} names plan {name!r}, which quota_plans does not define"
+                    f" (defined: {', '.join(sorted(self.quota_plans)) or 'none'})"
+                )
+        if self.quota_backend == "redis" and not self.redis_url:
+            raise ValueError("quota_backend = redis needs redis_url (redis://host:port/0)")
         return self
 
     @field_validator("plugins", "disable_plugins", mode="before")

@@ -132,7 +132,7 @@ class WatchLLM:
         self._reset_state()
         _clients.add(self)
         global _default_client
-        _default_client = weakref.ref(self)
+        _default_client = self
 
     # -- state, fork safety ----------------------------------------------------------------
 
@@ -653,19 +653,21 @@ class WatchLLM:
         worker = self._worker
         if not done:
             self._abandon.set()
-        if worker is not None:
-            worker.join(timeout=0.0 if not done else 1.0)
+        if worker is not None and done:
+            worker.join(timeout=0.2)  # it has nothing left to send: it ends at once
         if done and self._transport is not None:
             self._transport.close()
         _clients.discard(self)
         return done
 
     def stats(self) -> dict[str, Any]:
-        """Counters of this process: `sent`, `batches`, `retries`, `sampled_out`, `queued`,
-        `dropped` (by reason, see DROP_REASONS), `dropped_total`, `last_error`, `transport`."""
+        """Counters of this process: `logged`, `sent`, `batches`, `retries`, `sampled_out`,
+        `queued`, `dropped` (by reason, see DROP_REASONS), `dropped_total`, `last_error`,
+        `transport`, `enabled`."""
         with self._stats_lock:
             out = {**self._stats, "dropped": dict(self._stats["dropped"])}
         out["dropped_total"] = sum(out["dropped"].values())
+        out["logged"] = self._enqueued
         out["queued"] = len(self._queue) + self._in_flight
         out["transport"] = self.transport_name
         out["enabled"] = self.enabled
@@ -723,12 +725,14 @@ class AsyncWatchLLM(WatchLLM):
 
 # Every live client of this process: flushed at exit, reset in a forked child.
 _clients: weakref.WeakSet[WatchLLM] = weakref.WeakSet()
-_default_client: weakref.ref[WatchLLM] | None = None
+# The client made last: what @observe and the integrations log to unless told otherwise.
+_default_client: WatchLLM | None = None
 
 
 def get_client() -> WatchLLM:
-    """The client made last in this process, or one configured from the environment."""
-    client = _default_client() if _default_client is not None else None
+    """The client made last in this process (while open), else a new one configured from the
+    environment (which becomes the default: a disabled one warns once, not at every call)."""
+    client = _default_client
     if client is None or client._closed:
         client = WatchLLM()
     return client

@@ -1,0 +1,478 @@
+"""Plan quotas (watchllm_ext/quotas, docs/QUOTAS.md) on a real server, once per usage backend:
+`memory` (one process) and `redis` (a real redis-server on a free loopback port).
+
+Limits are exact to the event under 50 concurrent clients; a batch that does not fit is
+refused whole with how many would fit; `usage set` above the limit makes the next request 429
+with every rate-limit header; the minute bucket allows no double burst; payload bytes and
+USD budgets are enforced; Redis down or paused fails open (per-process fallback) or closed,
+never 5xx, counted in /metrics, and counts exactly again once it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from conftest import Running, prompt_call
+from redis_server import RedisServer
+from stores import EVERY_STORE
+
+from watchllm_ext.auth import Principal
+from watchllm_ext.errors import Problem
+from watchllm_ext.quotas.engine import MemoryUsage, decide
+from watchllm_ext.quotas.plans import Plan, periods
+from watchllm_ext.quotas.redis_backend import RedisUsage
+
+BACKENDS = ("memory", "redis")
+CLIENTS = 50
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+def away_from_period_end(margin_s: float = 45.0) -> None:
+    """Day and month counters start again at UTC midnight: a test of exact counts must not
+    straddle it (the suite may well run at 23:59)."""
+    p = periods()
+    if p.day_reset_s < margin_s:
+        time.sleep(p.day_reset_s + 1.0)
+
+
+@pytest.fixture
+def quota_server(
+    request: pytest.FixtureRequest, server_factory: Any, tmp_path: Path
+) -> Iterator[Any]:
+    """Start a server with quotas on the backend of the test's `backend` parameter."""
+    backend = request.param
+    redis_srv = RedisServer(tmp_path / "redis").start() if backend == "redis" else None
+
+    def start(plans: dict[str, Any], **overrides: Any) -> Running:
+        settings: dict[str, Any] = {
+            "quota_backend": backend,
+            "quota_plans": plans,
+            "durability": "memory",
+        }
+        if redis_srv is not None:
+            settings["redis_url"] = redis_srv.url
+            # Here the 50 client threads share the server's GIL: its Redis calls wait for the
+            # GIL, not for Redis (tests/test_quota_fleet.py runs servers apart, on defaults).
+            settings["quota_redis_timeout_ms"] = 3_000.0
+        settings.update(overrides)
+        server = server_factory(**settings)
+        server.redis = redis_srv  # type: ignore[attr-defined]
+        return server
+
+    start.backend = backend  # type: ignore[attr-defined]
+    yield start
+    if redis_srv is not None:
+        redis_srv.stop()
+
+
+def with_backends(fn: Any) -> Any:
+    return pytest.mark.parametrize("quota_server", BACKENDS, indirect=True)(fn)
+
+
+def events(n: int, **fields: Any) -> dict[str, Any]:
+    return {"events": [prompt_call(uuid.uuid4().hex, **fields) for _ in range(n)]}
+
+
+def fill(url: str, key: str, clients: int = CLIENTS) -> tuple[int, list[int]]:
+    """`clients` concurrent senders, each sending batches (of 1 to 7 events) until no event
+    fits; on a 429 a sender retries with the number that would fit. Returns the events
+    accepted and every status seen."""
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def sender(i: int) -> int:
+        accepted = 0
+        batch = 1 + i % 7
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}) as c:
+            for _ in range(10_000):
+                answer = c.post("/v1/events/batch", json=events(batch), timeout=30)
+                with lock:
+                    statuses.append(answer.status_code)
+                if answer.status_code == 202:
+                    accepted += batch
+                    continue
+                assert answer.status_code == 429, answer.text
+                fit = answer.json()["would_fit"]
+                if fit == 0:
+                    return accepted
+                batch = min(batch, fit)
+        raise AssertionError("a sender never ran out of quota")
+
+    with ThreadPoolExecutor(clients) as pool:
+        total = sum(pool.map(sender, range(clients)))
+    return total, statuses
+
+
+@with_backends
+def test_limits_are_exact_under_50_concurrent_clients(quota_server: Any) -> None:
+    away_from_period_end()
+    server = quota_server({"default": {"events_per_day": 700, "events_per_month": 5_000}})
+    accepted, statuses = fill(server.url, server.key)
+    assert accepted == 700
+    assert statuses.count(429) >= CLIENTS  # every sender ended on a refusal
+    usage = server.client.get("/v1/usage", headers=server.headers()).json()
+    # Refused batches were refused whole: the counters hold exactly what was accepted.
+    assert usage["used"]["day"] == 700
+    assert usage["used"]["month"] == 700
+    assert usage["remaining"] == {"day": 0, "month": 4_300}
+
+
+@with_backends
+def test_a_batch_that_does_not_fit_is_refused_whole_with_how_many_fit(quota_server: Any) -> None:
+    away_from_period_end()
+    server = quota_server({"default": {"events_per_day": 10}})
+    assert server.client.post("/v1/events/batch", json=events(7), headers=server.headers())
+    refused = server.client.post("/v1/events/batch", json=events(5), headers=server.headers())
+    assert refused.status_code == 429
+    body = refused.json()
+    assert body["error"] == "quota_exceeded"
+    assert body["would_fit"] == 3 and body["window"] == "day" and body["limit"] == 10
+    assert body["field"] == "events"
+    assert "3 would fit now" in body["message"]
+    # The three that fit go through; then nothing does.
+    assert (
+        server.client.post("/v1/events/batch", json=events(3), headers=server.headers()).status_code
+        == 202
+    )
+    last = server.client.post("/v1/events/batch", json=events(1), headers=server.headers())
+    assert last.status_code == 429 and last.json()["would_fit"] == 0
+    # The one-event route counts too.
+    one = server.client.post(
+        "/v1/projects/acme/events", json=prompt_call("solo"), headers=server.headers()
+    )
+    assert one.status_code == 429
+
+
+def _cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHLLM_")}
+    full_env.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", "watchllm_ext.cli", *args],
+        env=full_env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _cli_env(server: Running) -> dict[str, str]:
+    s = server.settings
+    env = {
+        "WATCHLLM_DATA_DIR": str(s.data_dir),
+        "WATCHLLM_QUOTA_BACKEND": s.quota_backend,
+        "WATCHLLM_QUOTA_PLANS": json.dumps(
+            {k: v.model_dump(exclude_none=True) for k, v in s.quota_plans.items()}
+        ),
+    }
+    if s.redis_url:
+        env["WATCHLLM_REDIS_URL"] = s.redis_url
+    return env
+
+
+def usage_cli(server: Running, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`watchllm usage ...` as a user runs it beside the running server: straight to Redis,
+    or through the server's admin route for the memory backend."""
+    if server.settings.quota_backend == "memory":
+        args = (*args, "--url", server.url, "--key", server.key)
+    return _cli(["usage", *args], _cli_env(server), tmp_path)
+
+
+@with_backends
+def test_usage_set_above_the_limit_then_the_next_request_is_429_with_headers(
+    quota_server: Any, tmp_path: Path
+) -> None:
+    away_from_period_end()
+    plans = {"default": {"events_per_minute": 600, "events_per_day": 1_000}}
+    server = quota_server(plans)
+    h = server.headers()
+    assert server.client.post("/v1/events/batch", json=events(2), headers=h).status_code == 202
+    done = usage_cli(server, tmp_path, "set", "--project", "acme", "--day", "1200")
+    assert done.returncode == 0, done.stderr
+    assert "day" in done.stdout and "1,200" in done.stdout
+    refused = server.client.post("/v1/events/batch", json=events(1), headers=h)
+    assert refused.status_code == 429
+    headers = refused.headers
+    midnight = periods().day_reset_s
+    assert abs(int(headers["Retry-After"]) - midnight) <= 2
+    assert headers["X-RateLimit-Limit"] == "1000"
+    assert headers["X-RateLimit-Remaining"] == "0"
+    assert abs(int(headers["X-RateLimit-Reset"]) - midnight) <= 2
+    assert headers["RateLimit-Policy"] == '"minute";q=600;w=60, "day";q=1000;w=86400'
+    name, remaining, reset = headers["RateLimit"].split(";")
+    assert name == '"day"' and remaining == "r=0"
+    assert abs(int(reset.removeprefix("t=")) - midnight) <= 2
+    shown = usage_cli(server, tmp_path, "show", "--project", "acme")
+    assert shown.returncode == 0, shown.stderr
+    assert "plan default" in shown.stdout
+    reset_done = usage_cli(server, tmp_path, "reset", "--project", "acme")
+    assert reset_done.returncode == 0, reset_done.stderr
+    assert server.client.post("/v1/events/batch", json=events(1), headers=h).status_code == 202
+    # A plan that does not exist is refused, naming it.
+    bad = usage_cli(server, tmp_path, "set", "--project", "acme", "--plan", "gold")
+    assert bad.returncode != 0 and "gold" in bad.stderr
+
+
+@with_backends
+def test_the_minute_bucket_refills_smoothly_with_no_double_burst(quota_server: Any) -> None:
+    server = quota_server({"default": {"events_per_minute": 60}})
+    h = server.headers()
+    assert server.client.post("/v1/events/batch", json=events(60), headers=h).status_code == 202
+    refused = server.client.post("/v1/events/batch", json=events(1), headers=h)
+    assert refused.status_code == 429 and refused.json()["window"] == "minute"
+    assert refused.headers["Retry-After"] == "1"  # one event comes back each second
+    assert 58 <= int(refused.headers["X-RateLimit-Reset"]) <= 60  # the bucket is empty by then
+    time.sleep(2.5)
+    # 2.5 s later two (or, on a slow machine, three) events fit: not a new minute's 60.
+    again = server.client.post("/v1/events/batch", json=events(5), headers=h)
+    assert again.status_code == 429 and again.json()["would_fit"] in (2, 3)
+    assert server.client.post("/v1/events/batch", json=events(2), headers=h).status_code == 202
+    # A batch larger than the whole minute's allowance never fits: the answer says so.
+    huge = server.client.post("/v1/events/batch", json=events(61), headers=h)
+    assert huge.status_code == 429 and "smaller batches" in huge.json()["message"]
+
+
+@with_backends
+def test_payload_bytes_per_month(quota_server: Any) -> None:
+    away_from_period_end()
+    server = quota_server({"default": {"payload_bytes_per_month": 1_000}})
+    h = server.headers()
+    big = events(1, prompt="x" * 600, response=None)
+    assert server.client.post("/v1/events/batch", json=big, headers=h).status_code == 202
+    assert server.client.post("/v1/events/batch", json=big, headers=h).status_code == 202
+    # 1,200 bytes used: the batch that crossed the line was taken, the next one is not.
+    refused = server.client.post("/v1/events/batch", json=big, headers=h)
+    assert refused.status_code == 429 and refused.json()["window"] == "payload_bytes"
+    usage = server.client.get("/v1/usage", headers=h).json()
+    assert usage["used"]["payload_bytes"] == 1_200
+
+
+@with_backends
+def test_usage_route_answers_any_key_of_the_project(quota_server: Any) -> None:
+    away_from_period_end()
+    server = quota_server(
+        {"free": {"events_per_day": 50}, "pro": {"events_per_day": 5_000}},
+        quota_default_plan="free",
+        quota_project_plans={"acme": "pro"},
+    )
+    ingest_key = server.keys.create("acme", scope="ingest")
+    other_key = server.keys.create("beta", scope="ingest")
+    time.sleep(0.5)  # the key file is reread every 0.2 s in tests
+    assert (
+        server.client.post(
+            "/v1/events/batch", json=events(3), headers=server.headers(ingest_key)
+        ).status_code
+        == 202
+    )
+    mine = server.client.get("/v1/usage", headers=server.headers(ingest_key)).json()
+    assert mine["plan"] == "pro" and mine["used"]["day"] == 3
+    assert mine["remaining"]["day"] == 4_997
+    theirs = server.client.get("/v1/usage", headers=server.headers(other_key)).json()
+    assert theirs["project_id"] == "beta" and theirs["plan"] == "free"
+    assert theirs["used"]["day"] == 0
+    anonymous = server.client.get("/v1/usage")
+    assert anonymous.status_code == 401 and anonymous.json()["field"] == "Authorization"
+    # The admin route: an admin key of acme may not touch beta.
+    denied = server.client.get(
+        "/v1/admin/usage", params={"project": "beta"}, headers=server.headers()
+    )
+    assert denied.status_code == 403 and denied.json()["field"] == "project"
+    bad = server.client.post("/v1/admin/usage", json={"set": {"week": 3}}, headers=server.headers())
+    assert bad.status_code == 422 and bad.json()["field"] == "set.week"
+
+
+@pytest.mark.parametrize("quota_server", ["redis"], indirect=True)
+@pytest.mark.parametrize("mode", ["open", "closed"])
+def test_redis_down_or_paused_fails_per_setting_never_5xx(
+    quota_server: Any, mode: str, tmp_path: Path
+) -> None:
+    away_from_period_end()
+    server = quota_server(
+        {"default": {"events_per_day": 300}},
+        quota_failure_mode=mode,
+        quota_fallback_events_per_minute=5,
+        quota_redis_timeout_ms=50.0,  # one request at a time here: the default
+    )
+    redis_srv: RedisServer = server.redis
+    h = server.headers()
+    assert server.client.post("/v1/events/batch", json=events(1), headers=h).status_code == 202
+
+    # Slow: Redis paused for 1.5 s answers nothing within the timeout.
+    paused = redis.Redis.from_url(redis_srv.url)
+    paused.execute_command("CLIENT", "PAUSE", "1500", "ALL")
+    started = time.monotonic()
+    answer = server.client.post("/v1/events/batch", json=events(1), headers=h)
+    assert time.monotonic() - started < 1.0  # a timeout of milliseconds, not the pause
+    assert answer.status_code == (202 if mode == "open" else 429)
+    paused.close()
+    time.sleep(1.6)
+
+    # Down: killed mid-run.
+    redis_srv.kill()
+    statuses = [
+        server.client.post("/v1/events/batch", json=events(1), headers=h).status_code
+        for _ in range(8)
+    ]
+    if mode == "open":
+        # The fallback limit of 5 a minute in this process (the paused request took one).
+        assert statuses == [202] * 4 + [429] * 4
+        refused = server.client.post("/v1/events/batch", json=events(1), headers=h)
+        assert refused.json()["plan"] == "fallback"
+    else:
+        assert statuses == [429] * 8
+        refused = server.client.post("/v1/events/batch", json=events(1), headers=h)
+        assert refused.json()["window"] == "unavailable"
+        assert refused.headers["Retry-After"] == "1"
+    metrics = server.client.get("/metrics").text
+    fallbacks = _metric(metrics, f'watchllm_quota_fallbacks_total{{mode="{mode}"}}')
+    assert fallbacks >= 10
+    # While Redis is down, usage cannot be read: said plainly, with a retry time.
+    unread = server.client.get("/v1/usage", headers=h)
+    assert unread.status_code == 503 and unread.headers["Retry-After"] == "1"
+
+    # Back (a fresh, empty Redis on the same port): counted exactly again.
+    redis_srv.start()
+    time.sleep(0.6)  # REDIS_RETRY_S: the first request after it tries Redis again
+    assert server.client.post("/v1/events/batch", json=events(1), headers=h).status_code == 202
+    usage = server.client.get("/v1/usage", headers=h).json()
+    if mode == "open":
+        # What the fallback took (5 events) was added to the day's count once Redis was back.
+        assert usage["used"]["day"] == 5 + 1
+    else:
+        assert usage["used"]["day"] == 1
+    done = usage_cli(server, tmp_path, "reset", "--project", "acme")
+    assert done.returncode == 0, done.stderr
+    # A few concurrent clients: 50 threads here would hold the server's GIL past its 50 ms
+    # (the 50-client case after a Redis crash is tests/test_quota_fleet.py's, servers apart).
+    accepted, seen = fill(server.url, server.key, clients=3)
+    assert accepted == 300 and set(seen) <= {202, 429}
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics:\n{text}")
+
+
+@EVERY_STORE
+@pytest.mark.parametrize("quota_server", ["memory"], indirect=True)
+def test_usd_budgets_count_the_cost_of_stored_events(quota_server: Any) -> None:
+    server = quota_server(
+        {"default": {"usd_per_month": 0.05, "user_usd_per_day": 0.02}},
+        quota_budget_refresh_s=0.2,
+    )
+    h = server.headers()
+    spend = [
+        prompt_call(uuid.uuid4().hex, user_id="u1", cost_estimate_usd=0.015),
+        prompt_call(uuid.uuid4().hex, user_id="u1", cost_estimate_usd=0.015),
+        prompt_call(uuid.uuid4().hex, user_id="u2", cost_estimate_usd=0.01),
+    ]
+    for event in spend:
+        event.pop("timestamp")  # now: this month, this day
+    assert (
+        server.client.post("/v1/events/batch", json={"events": spend}, headers=h).status_code == 202
+    )
+    server.flush()
+    principal = Principal("acme", frozenset({"admin"}))
+
+    def check(user: str | None) -> Problem | None:
+        future = asyncio.run_coroutine_threadsafe(
+            server.wl.check_quota(principal, 0, user, "/chat"), server.wl._loop
+        )
+        try:
+            future.result(10)
+        except Problem as exc:
+            return exc
+        return None
+
+    over = check("u1")  # spent 0.03 today, over the 0.02 a user may spend a day
+    assert over is not None and over.status == 429
+    assert over.field == "user_id" and "u1" in over.message
+    assert check("u2") is None  # 0.01
+    # The project has spent 0.04 of 0.05; one more cent and it is over its month.
+    more = [prompt_call(uuid.uuid4().hex, user_id="u3", cost_estimate_usd=0.02)]
+    more[0].pop("timestamp")
+    assert (
+        server.client.post("/v1/events/batch", json={"events": more}, headers=h).status_code == 202
+    )
+    server.flush()
+    deadline = time.monotonic() + 10
+    while (denied := check("u2")) is None and time.monotonic() < deadline:
+        time.sleep(0.1)  # the cached spend is read again in the background
+    assert denied is not None and denied.field == "project"
+    assert "monthly budget" in denied.message
+    # Ingestion itself is never refused for spend: recording what was spent must go on.
+    assert server.client.post("/v1/events/batch", json=events(1), headers=h).status_code == 202
+    usage = server.client.get("/v1/usage", headers=h).json()
+    assert usage["spent_usd_this_month"] == pytest.approx(0.06)
+
+
+CASES = [
+    # (limits, used, n)
+    ((10, 0, 0, 0), (0.0, 0, 0, 0), 10),
+    ((10, 0, 0, 0), (9.5, 0, 0, 0), 1),
+    ((10, 0, 0, 0), (3.0000000001, 0, 0, 0), 7),
+    ((0, 100, 1000, 0), (0.0, 95, 10, 0), 6),
+    ((0, 100, 1000, 0), (0.0, 10, 995, 0), 5),
+    ((60, 100, 1000, 500), (59.0, 10, 10, 500), 1),
+    ((60, 0, 0, 0), (30.0, 0, 0, 0), 61),
+    ((0, 0, 0, 0), (0.0, 0, 0, 0), 3),
+]
+
+
+@pytest.mark.parametrize(("limits", "used", "n"), CASES)
+def test_the_lua_script_decides_as_the_memory_backend(
+    redis_server: RedisServer, limits: tuple[int, int, int, int], used: Any, n: int
+) -> None:
+    """The two backends apply one rule: the same state and batch give the same answer."""
+    expected = decide(n, limits, used)
+    plan = Plan(
+        events_per_minute=limits[0] or None,
+        events_per_day=limits[1] or None,
+        events_per_month=limits[2] or None,
+        payload_bytes_per_month=limits[3] or None,
+    )
+
+    async def run() -> Any:
+        backend = RedisUsage(redis_server.url, 1.0)
+        p = periods()
+        await backend.set(
+            "p1", p, {"minute": used[0], "day": used[1], "month": used[2], "payload_bytes": used[3]}
+        )
+        outcome, _ = await backend.check("p1", n, "x", plan, p)
+        memory = MemoryUsage()
+        await memory.set(
+            "p1", p, {"minute": used[0], "day": used[1], "month": used[2], "payload_bytes": used[3]}
+        )
+        mem_outcome, _ = await memory.check("p1", n, "x", plan, p)
+        await backend.close()
+        return outcome, mem_outcome
+
+    outcome, mem_outcome = asyncio.run(run())
+    allowed, fit, _, remaining, retry_ms, reset_ms = expected
+    for got in (outcome, mem_outcome):
+        assert got.allowed == allowed and got.fit == fit
+        assert got.remaining == remaining
+        # Redis's clock moves between set and check: a few ms of drain at most.
+        assert abs(got.retry_ms - retry_ms) <= 50 and abs(got.minute_reset_ms - reset_ms) <= 50

@@ -1,0 +1,42 @@
+"""The SDK's examples run as their docstrings say (examples/sdk_*.py), against a real server;
+the OpenAI one against the local fake provider (OPENAI_BASE_URL, which the openai package
+reads)."""
+
+from __future__ import annotations
+
+from conftest import Running
+from fake_llm import FakeLLM
+from test_examples import documented, shell
+
+
+def test_sdk_agent_as_documented(server: Running) -> None:
+    serve, run = documented("sdk_agent.py")
+    assert serve.startswith("watchllm serve")
+    done = shell(run.replace("http://127.0.0.1:8787", server.url), KEY=server.key)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "Paris: sunny, Rome: sunny"
+    assert "events sent, 0 dropped" in lines[1]
+    tree = "\n".join(lines[2:])
+    assert tree.startswith("- agent_step agent_step (success)")
+    assert tree.count("\n    - tool_call weather (success)") == 3  # root > answer > weather
+    assert "\n    - error error\n" in tree + "\n"
+    assert "\n      - prompt_call gpt-4o-mini (success)" in tree  # root > answer > plan > call
+
+
+def test_sdk_openai_as_documented(server: Running) -> None:
+    _, run = documented("sdk_openai.py")
+    with FakeLLM() as llm:
+        done = shell(
+            run.replace("http://127.0.0.1:8787", server.url),
+            KEY=server.key,
+            OPENAI_API_KEY="sk-fake",
+            OPENAI_BASE_URL=llm.openai_url,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines()[:2] == [llm.reply, llm.reply]
+        assert "4 events sent, 0 dropped" in done.stdout  # 3 calls and the run's root
+        assert [path for path, _ in llm.requests] == ["/v1/chat/completions"] * 3
+    server.flush()
+    rows = server.query("SELECT model, tokens_output FROM events WHERE event_type = 'prompt_call'")
+    assert rows == [{"model": "gpt-4o-mini", "tokens_output": 5}] * 3

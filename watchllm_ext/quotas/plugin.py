@@ -1,0 +1,507 @@
+"""The quota plugin: plans, usage counting and budgets on the `check_quota` hook.
+
+Built in and off by default (`quota_backend = "off"` registers nothing). `memory` counts in
+this process (one server); `redis` counts in Redis, shared by every process in front of it.
+Ingestion asks with the batch's event count: the batch is counted if it fits every window of
+the project's plan, refused whole (429, with how many would fit) if not. The host middleware
+asks with n_events=0 and a user: only the USD budgets are checked then, and nothing counted.
+
+Redis down or slower than `quota_redis_timeout_ms`: `quota_failure_mode = "open"` (default)
+counts in this process with the per-process fallback limit and adds what it took to Redis's
+day and month counters once it is back; `"closed"` refuses with 429. Either is counted in
+/metrics (watchllm_quota_fallbacks_total) and never answered 5xx. After a failure Redis is
+left alone for REDIS_RETRY_S, so a hung Redis costs one timeout, not one per request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from ..auth import Principal
+from ..hookspecs import BackgroundTask, hookimpl
+from ..quota import QuotaDecision
+from ..settings import Settings
+from ..store.base import Store
+from .budgets import SpendCache, month_spend_usd, user_day_spend_usd
+from .engine import MemoryUsage, Outcome, QuotaUnavailable, UsageBackend
+from .plans import WINDOW_SECONDS, WINDOWS, Periods, Plan, periods
+
+if TYPE_CHECKING:
+    from prometheus_client.core import Metric
+    from starlette.routing import BaseRoute
+
+log = logging.getLogger("watchllm.quotas")
+
+NAME = "watchllm_ext.quotas.plugin"
+REDIS_RETRY_S = 0.5  # after a Redis failure, serve from the fallback this long before retrying
+PLAN_FILE = "quota-plans.json"  # the memory backend's plan assignments, in data_dir
+
+# The event fields whose size counts as payload bytes (the large text and JSON columns).
+PAYLOAD_FIELDS = (
+    "prompt",
+    "response",
+    "response_metadata",
+    "metadata",
+    "tool_input",
+    "tool_output",
+    "reasoning",
+    "stack_trace",
+    "expected",
+    "actual",
+)
+_LIMIT_FIELD = {
+    "minute": "events_per_minute",
+    "day": "events_per_day",
+    "month": "events_per_month",
+    "payload_bytes": "payload_bytes_per_month",
+}
+
+
+def make_plugin(settings: Settings) -> Any:
+    if settings.quota_backend == "off":
+        return _Off()
+    return QuotaPlugin(settings)
+
+
+class _Off:
+    """Registered when quotas are off: no hooks, so ingestion pays nothing for them."""
+
+
+class QuotaPlugin:
+    def __init__(self, settings: Settings, backend: UsageBackend | None = None) -> None:
+        self.settings = settings
+        self.plans: dict[str, Plan] = dict(settings.quota_plans)
+        self.backend: UsageBackend = backend or _backend(settings)
+        self.fallback = MemoryUsage()
+        self.fallback_plan = Plan(events_per_minute=settings.quota_fallback_events_per_minute)
+        # Plans assigned at run time (Stripe, `usage set --plan`), as the backend holds them.
+        self.assigned: dict[str, str | None] = {}
+        self.pending_bytes: dict[str, int] = defaultdict(int)
+        self.carry_events: dict[str, int] = defaultdict(int)  # taken while Redis was away
+        self.fallbacks = {"open": 0, "closed": 0}
+        self.denials: dict[str, int] = defaultdict(int)
+        self.errors = 0
+        self.store: Store | None = None
+        self.spend = SpendCache(settings.quota_budget_refresh_s)
+        self._down_until = 0.0
+        self._down_since: float | None = None
+        self._count_bytes = any(plan.payload_bytes_per_month for plan in self.plans.values())
+        self._warned_plans: set[str] = set()
+        if isinstance(self.backend, MemoryUsage):
+            self._load_plan_file()
+
+    # --- plans ------------------------------------------------------------------------------
+
+    def plan_for(self, project: str) -> tuple[str, Plan]:
+        name = (
+            self.assigned.get(project)
+            or self.settings.quota_project_plans.get(project)
+            or self.settings.quota_default_plan
+        )
+        plan = self.plans.get(name)
+        if plan is None:
+            # A plan assigned by billing that these settings do not define: the default's
+            # limits, said once in the log.
+            if name not in self._warned_plans:
+                self._warned_plans.add(name)
+                log.warning("plan %r is not in quota_plans: its projects get the default", name)
+            return name, self.plans[self.settings.quota_default_plan]
+        return name, plan
+
+    async def assign_plan(self, project: str, plan: str | None, at: float | None = None) -> bool:
+        applied = await self.backend.set_plan(project, plan, at)
+        if applied:
+            self.assigned[project] = plan
+            if isinstance(self.backend, MemoryUsage):
+                await anyio.to_thread.run_sync(self._save_plan_file)
+        return applied
+
+    def _plan_file(self) -> Path:
+        return self.settings.data_dir / PLAN_FILE
+
+    def _load_plan_file(self) -> None:
+        assert isinstance(self.backend, MemoryUsage)
+        try:
+            data = json.loads(self._plan_file().read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            log.warning("cannot read %s (%s); using the settings' plans", self._plan_file(), exc)
+            return
+        held = {p: (v[0], float(v[1])) for p, v in data.get("plans", {}).items()}
+        self.backend.load_plans(held, list(data.get("billing_events", [])))
+        self.assigned.update({p: v[0] for p, v in held.items()})
+
+    def _save_plan_file(self) -> None:
+        assert isinstance(self.backend, MemoryUsage)
+        path = self._plan_file()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = {
+            "plans": {p: list(v) for p, v in self.backend.plans_held().items()},
+            "billing_events": self.backend.seen_ids(),
+        }
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)  # whole or not at all
+
+    async def first_delivery(self, event_id: str) -> bool:
+        first = await self.backend.first_delivery(event_id)
+        if first and isinstance(self.backend, MemoryUsage):
+            await anyio.to_thread.run_sync(self._save_plan_file)
+        return first
+
+    # --- hooks ------------------------------------------------------------------------------
+
+    @hookimpl
+    async def check_quota(
+        self, principal: Principal, n_events: int, user_id: str | None
+    ) -> QuotaDecision | None:
+        project = principal.project_id
+        name, plan = self.plan_for(project)
+        if n_events <= 0:
+            return await self._budgets(project, name, plan, user_id)
+        p = periods()
+        outcome = await self._count(project, n_events, name, plan, p)
+        if outcome is None or isinstance(outcome, QuotaDecision):
+            return outcome
+        if outcome.allowed:
+            return None
+        self.denials[outcome.denied or "minute"] += 1
+        return denial(outcome, plan, n_events, p)
+
+    async def _count(
+        self, project: str, n: int, name: str, plan: Plan, p: Periods
+    ) -> Outcome | QuotaDecision | None:
+        carry_events = self.carry_events.pop(project, 0)
+        carry_bytes = self.pending_bytes.pop(project, 0)
+        try:
+            if time.monotonic() < self._down_until:
+                raise QuotaUnavailable("Redis failed moments ago")
+            outcome, held = await self.backend.check(
+                project, n, name, plan, p, carry_events, carry_bytes
+            )
+        except QuotaUnavailable as exc:
+            # Not counted there: keep them for the next call that reaches it.
+            if carry_events:
+                self.carry_events[project] += carry_events
+            if carry_bytes:
+                self.pending_bytes[project] += carry_bytes
+            return self._fallback(project, n, p, exc)
+        if self._down_since is not None:
+            log.warning(
+                "the quota backend is back after %.1f s", time.monotonic() - self._down_since
+            )
+            self._down_since = None
+        if held != self.assigned.get(project) and not isinstance(self.backend, MemoryUsage):
+            # Another process (or Stripe through it) changed the plan: from the next request.
+            self.assigned[project] = held
+        return outcome
+
+    def _fallback(self, project: str, n: int, p: Periods, exc: Exception) -> QuotaDecision | None:
+        now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = now
+            log.warning(
+                "the quota backend failed (%s): failing %s until it answers",
+                exc,
+                self.settings.quota_failure_mode,
+            )
+        self._down_until = now + REDIS_RETRY_S
+        mode = self.settings.quota_failure_mode
+        self.fallbacks[mode] += 1
+        if mode == "closed":
+            self.denials["unavailable"] += 1
+            return QuotaDecision(
+                False,
+                retry_after_s=1,
+                reason="the quota service is unavailable and quota_failure_mode is 'closed';"
+                " retry shortly",
+                extra={"field": "events", "window": "unavailable", "would_fit": 0},
+            )
+        outcome, _ = self.fallback.check_now(project, n, "fallback", self.fallback_plan, p)
+        if outcome.allowed:
+            self.carry_events[project] += n
+            return None
+        self.denials["fallback"] += 1
+        return denial(outcome, self.fallback_plan, n, p, plan_name="fallback")
+
+    async def _budgets(
+        self, project: str, name: str, plan: Plan, user_id: str | None
+    ) -> QuotaDecision | None:
+        store = self.store
+        if store is None or (plan.usd_per_month is None and plan.user_usd_per_day is None):
+            return None
+        p = periods()
+        try:
+            if plan.usd_per_month is not None:
+                spent = await self.spend.get(
+                    ("month", project, p.month), lambda: month_spend_usd(store, project)
+                )
+                if spent >= plan.usd_per_month:
+                    return self._over_budget(
+                        f"project {project!r} has spent ${spent:.2f} of its ${plan.usd_per_month:g}"
+                        f" monthly budget (plan {name!r})",
+                        "usd_per_month",
+                        p.month_reset_s,
+                        "project",
+                    )
+            if plan.user_usd_per_day is not None and user_id:
+                spent = await self.spend.get(
+                    ("user", project, user_id, p.day),
+                    lambda: user_day_spend_usd(store, project, user_id),
+                )
+                if spent >= plan.user_usd_per_day:
+                    return self._over_budget(
+                        f"user {user_id!r} has spent ${spent:.2f} of the ${plan.user_usd_per_day:g}"
+                        f" daily budget per user (plan {name!r})",
+                        "user_usd_per_day",
+                        p.day_reset_s,
+                        "user_id",
+                    )
+        except Exception as exc:
+            # The store could not say what was spent: the failure mode decides, as for Redis.
+            self.errors += 1
+            log.warning("reading spend for budgets failed: %s", exc)
+            mode = self.settings.quota_failure_mode
+            self.fallbacks[mode] += 1
+            if mode == "closed":
+                return self._over_budget(
+                    "spend cannot be read now and quota_failure_mode is 'closed'",
+                    "unavailable",
+                    1,
+                    "project",
+                )
+        return None
+
+    def _over_budget(self, reason: str, window: str, reset_s: float, field: str) -> QuotaDecision:
+        self.denials[window] += 1
+        return QuotaDecision(
+            False,
+            retry_after_s=reset_s,
+            reset_s=reset_s,
+            reason=reason,
+            extra={"field": field, "window": window},
+        )
+
+    @hookimpl
+    def transform_events(self, events: list[Any], principal: Principal) -> None:
+        if not self._count_bytes:
+            return
+        size = 0
+        for event in events:
+            for name in PAYLOAD_FIELDS:
+                value = getattr(event, name, None)
+                if value is not None:
+                    size += payload_size(value)
+        if size:
+            self.pending_bytes[principal.project_id] += size
+
+    @hookimpl
+    def register_background_tasks(self, settings: Settings, store: Store | None) -> BackgroundTask:
+        self.store = store  # for the budgets' spend
+        return _background(self)
+
+    @hookimpl
+    def register_routes(self, settings: Settings) -> list[BaseRoute]:
+        from .routes import quota_routes
+
+        return quota_routes(self)
+
+    # --- usage (routes and CLI) ---------------------------------------------------------------
+
+    async def flush_bytes(self, p: Periods) -> None:
+        for project in list(self.pending_bytes):
+            n = self.pending_bytes.pop(project, 0)
+            if not n:
+                continue
+            try:
+                await self.backend.add_bytes(project, n, p)
+            except QuotaUnavailable:
+                self.pending_bytes[project] += n
+                raise
+
+    async def report(self, project: str) -> dict[str, Any]:
+        """What `GET /v1/usage` and `watchllm usage show` answer."""
+        name, plan = self.plan_for(project)
+        p = periods()
+        await self.flush_bytes(p)
+        held = await self.backend.get_plan(project)
+        if held != self.assigned.get(project):
+            self.assigned[project] = held
+            name, plan = self.plan_for(project)
+        used = (await self.backend.show(project, p, plan.events_per_minute or 0)).as_dict()
+        limits = plan.model_dump()
+        remaining = {}
+        for window in WINDOWS:
+            limit = limits[_LIMIT_FIELD[window]]
+            if limit:
+                remaining[window] = max(0, limit - int(used[window]))
+        body: dict[str, Any] = {
+            "project_id": project,
+            "plan": name,
+            "backend": self.backend.name,
+            "limits": limits,
+            "used": used,
+            "remaining": remaining,
+            "resets_in_s": {
+                "minute": _minute_reset_s(used["minute"], plan.events_per_minute),
+                "day": round(p.day_reset_s),
+                "month": round(p.month_reset_s),
+            },
+        }
+        store = self.store
+        if store is not None:
+            try:
+                body["spent_usd_this_month"] = round(
+                    await self.spend.get(
+                        ("month", project, p.month), lambda: month_spend_usd(store, project)
+                    ),
+                    9,
+                )
+            except Exception as exc:
+                log.warning("reading the month's spend for %s failed: %s", project, exc)
+        return body
+
+    def metric_families(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily
+
+        fallbacks = CounterMetricFamily(
+            "watchllm_quota_fallbacks",
+            "Quota checks the backend (Redis, or the store for budgets) could not answer,"
+            " by the failure mode applied",
+            labels=["mode"],
+        )
+        for mode, n in self.fallbacks.items():
+            fallbacks.add_metric([mode], n)
+        yield fallbacks
+        denials = CounterMetricFamily(
+            "watchllm_quota_plan_denials",
+            "Requests refused 429 by a plan's limit or budget, by window",
+            labels=["window"],
+        )
+        for window, n in sorted(self.denials.items()):
+            denials.add_metric([window], n)
+        yield denials
+
+
+def _background(plugin: QuotaPlugin) -> BackgroundTask:
+    async def keep_usage() -> None:
+        """Send counted payload bytes to the backend every second (so `usage show` is
+        current between requests); close the backend at shutdown."""
+        try:
+            while True:
+                await anyio.sleep(1.0)
+                if plugin.pending_bytes and time.monotonic() >= plugin._down_until:
+                    # Kept for the next try when it fails; the check path reports the outage.
+                    with contextlib.suppress(QuotaUnavailable):
+                        await plugin.flush_bytes(periods())
+        finally:
+            with anyio.CancelScope(shield=True):
+                await plugin.backend.close()
+
+    return keep_usage
+
+
+def _minute_reset_s(level: float, limit: int | None) -> float:
+    return round(level * 60 / limit, 3) if limit else 0.0
+
+
+def _backend(settings: Settings) -> UsageBackend:
+    if settings.quota_backend == "redis":
+        from .redis_backend import RedisUsage
+
+        assert settings.redis_url  # the settings check that redis has a URL
+        return RedisUsage(settings.redis_url, settings.quota_redis_timeout_ms / 1000)
+    return MemoryUsage()
+
+
+def denial(
+    outcome: Outcome, plan: Plan, n: int, p: Periods, plan_name: str | None = None
+) -> QuotaDecision:
+    """The 429 for a refused batch: headers of the refusing window, how many would fit."""
+    window = outcome.denied or "minute"
+    index = WINDOWS.index(window)
+    limit = plan.limits()[index]
+    remaining = max(0, outcome.remaining[index])
+    if window == "minute":
+        retry_s = outcome.retry_ms / 1000
+        reset_s = outcome.minute_reset_ms / 1000
+    elif window == "day":
+        retry_s = reset_s = p.day_reset_s
+    else:
+        retry_s = reset_s = p.month_reset_s
+    name = plan_name or outcome.plan
+    if window == "payload_bytes":
+        reason = (
+            f"the project has used its {limit:,} payload bytes of this month (plan {name!r});"
+            " no event fits until the month ends"
+        )
+    elif n > limit:
+        reason = (
+            f"a batch of {n:,} events is larger than the {window} limit of {limit:,} events"
+            f" (plan {name!r}): send at most {outcome.fit:,} now, in smaller batches"
+        )
+    else:
+        reason = (
+            f"a batch of {n:,} events does not fit the {window} limit of {limit:,} events"
+            f" (plan {name!r}): {outcome.fit:,} would fit now; the batch was refused whole"
+        )
+    return QuotaDecision(
+        False,
+        retry_after_s=retry_s,
+        limit=limit,
+        remaining=remaining,
+        reset_s=reset_s,
+        reason=reason,
+        policy=policy_header(plan),
+        ratelimit=f'"{window}";r={remaining};t={max(0, round(reset_s))}',
+        extra={
+            "field": "events",
+            "window": window,
+            "limit": limit,
+            "would_fit": outcome.fit,
+            "plan": name,
+        },
+    )
+
+
+def policy_header(plan: Plan) -> str | None:
+    """RateLimit-Policy (draft-ietf-httpapi-ratelimit-headers): one item per counted window."""
+    items = [
+        f'"{window}";q={limit};w={WINDOW_SECONDS[window]}'
+        for window, limit in zip(WINDOWS, plan.limits(), strict=True)
+        if limit
+    ]
+    return ", ".join(items) or None
+
+
+def payload_size(value: Any) -> int:
+    """Bytes a payload value takes as JSON text, near enough (no quotes or separators): the
+    UTF-8 length of every string in it and the text length of every number."""
+    if isinstance(value, str):
+        return len(value) if value.isascii() else len(value.encode())
+    if isinstance(value, dict):
+        return sum(payload_size(k) + payload_size(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return sum(payload_size(v) for v in value)
+    if value is None or isinstance(value, bool):
+        return 4
+    if isinstance(value, int | float):
+        return len(repr(value))
+    if isinstance(value, bytes | bytearray):
+        return len(value)
+    # A model or struct inside a payload (chat messages): its fields.
+    names = getattr(value, "__struct_fields__", None) or getattr(type(value), "model_fields", None)
+    if names:
+        return sum(payload_size(getattr(value, name, None)) for name in names)
+    return len(str(value))
