@@ -4,6 +4,8 @@ calling it per event."""
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,6 +14,7 @@ from genai_prices import Usage, calc_price, data
 from genai_prices.types import ConditionalPrice, TieredPrices
 
 from watchllm_ext.builtins.cost import CostEstimator, _Price, _tier_starts
+from watchllm_ext.fast_validate import to_model, validate_fast
 from watchllm_ext.schema import EVENT_ADAPTER, MAX_COST_USD
 
 
@@ -123,4 +126,67 @@ def test_a_computed_cost_over_the_contract_limit_is_unknown_and_survives_the_spo
     assert ok.cost_source == "computed" and ok.cost_estimate_usd == 2.0
     assert MAX_COST_USD < 4_000 * 1_000.0
     back = _decode_events(_encode_events(events))
-    assert [e.model_dump() for e in back] == [e.model_dump() for e in events]
+    assert [to_model(e).model_dump() for e in back] == [e.model_dump() for e in events]
+
+
+def _structs(events: list[dict[str, Any]]) -> list[Any]:
+    """Events as the server carries them (fast_validate's structs)."""
+    found = validate_fast(json.dumps(events).encode(), "events")
+    assert found is not None and len(found) == len(events)
+    return found
+
+
+def test_the_cost_of_the_server_structs_is_the_cost_of_the_models() -> None:
+    """The transform works on the structs the server carries (no conversion): every kind of
+    price and outcome gives what it gives on the models."""
+    estimator = CostEstimator({"custom-model": (3.0, 15.0), "huge-model": (1_000.0, 1_000.0)})
+    raw = [
+        prompt_call("a", model="gpt-4o", provider="openai", tokens_input=1200, tokens_output=300),
+        prompt_call("b", model="gemini-1.5-flash", provider="google", tokens_input=200_000),
+        prompt_call("c", model="custom-model", tokens_input=10, tokens_output=10),
+        prompt_call("d", model="no-such-model", tokens_input=10),
+        prompt_call("e", model="gpt-4o", cost_estimate_usd=0.5),
+        prompt_call("f", model="huge-model", tokens_output=4_000_000_000),
+        {
+            "event_id": "g",
+            "event_type": "error",
+            "run_id": "r",
+            "error_type": "E",
+            "error_message": "m",
+        },
+    ]
+    structs = _structs(raw)
+    models = [EVENT_ADAPTER.validate_python(e) for e in raw]
+    estimator.transform_events(events=structs, principal=None)  # type: ignore[arg-type]
+    estimator.transform_events(events=models, principal=None)  # type: ignore[arg-type]
+    for struct, model in zip(structs, models, strict=True):
+        assert to_model(struct).model_dump() == model.model_dump()
+    assert [getattr(s, "cost_source", None) for s in structs] == [
+        "computed",
+        "computed",
+        "computed",
+        "unknown",
+        "client",
+        "unknown",
+        None,
+    ]
+
+
+def test_the_cost_of_a_struct_takes_under_a_microsecond() -> None:
+    """The issue's bound, for flat and tiered prices alike (the best of several rounds, so a
+    busy machine does not fail it; bench/bench_cost.py has the figures)."""
+    estimator = CostEstimator({})
+    models = [("gpt-4o", "openai"), ("gemini-1.5-flash", "google")]  # flat, tiered
+    raw = [
+        prompt_call(f"x{i}", model=m, provider=p, tokens_input=150 + i, tokens_output=40)
+        for i in range(2_000)
+        for m, p in [models[i % 2]]
+    ]
+    best = float("inf")
+    for _ in range(7):
+        structs = _structs(raw)
+        started = time.perf_counter()
+        estimator.transform_events(events=structs, principal=None)  # type: ignore[arg-type]
+        best = min(best, (time.perf_counter() - started) / len(structs))
+    assert all(s.cost_source == "computed" for s in structs)
+    assert best < 1e-6, f"{best * 1e6:.2f} us an event"

@@ -14,6 +14,7 @@ two documented kinds of body: a number literal too large for a double, and a key
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import math
 import re
@@ -23,6 +24,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import annotated_types as at
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -459,9 +461,19 @@ def reference(body: bytes) -> Any | None:
 
 
 def assert_same(got: Any, want: Any, where: str = "event") -> None:
-    """Same types and values all the way down (1 is not 1.0, -0.0 is not 0.0), same field
-    order and same fields_set; datetimes as the same instant with the same offset."""
-    if isinstance(want, BaseModel):
+    """Same types and values all the way down (1 is not 1.0, -0.0 is not 0.0), same fields
+    in the same order; datetimes as the same instant with the same offset. A struct stands
+    for its model (the tag as a class attribute), a tuple of the struct for a model's list."""
+    if isinstance(want, BaseModel) and isinstance(got, msgspec.Struct):
+        assert fast_validate._STRUCT_PLANS[type(got)].model is type(want), where
+        names = [n for n in want.__dict__ if n not in got.__struct_fields__]
+        assert names in ([], ["event_type"]), (where, names)
+        assert [n for n in want.__dict__ if n in got.__struct_fields__] == list(
+            got.__struct_fields__
+        ), where
+        for key, value in want.__dict__.items():
+            assert_same(getattr(got, key), value, f"{where}.{key}")
+    elif isinstance(want, BaseModel):
         assert type(got) is type(want), where
         assert got.model_fields_set == want.model_fields_set, where
         assert list(got.__dict__) == list(want.__dict__), where
@@ -477,7 +489,8 @@ def assert_same(got: Any, want: Any, where: str = "event") -> None:
         for key, value in want.items():
             assert_same(got[key], value, f"{where}[{key!r}]")
     elif isinstance(want, list):
-        assert type(got) is list and len(got) == len(want), where
+        assert type(got) is list or (type(got) is tuple and typed_list(want)), where
+        assert len(got) == len(want), where
         for i, (a, b) in enumerate(zip(got, want, strict=True)):
             assert_same(a, b, f"{where}[{i}]")
     elif isinstance(want, float):
@@ -498,11 +511,37 @@ def check(case: Case) -> str:
         assert case.may_decline, f"fast path refused a valid event ({case.what}): {case.body!r}"
         return "declined"
     assert_same(got, want)
-    assert got.model_dump() == want.model_dump()
-    # What the spool stores (app._encode_events), byte for byte.
-    encode = EVENT_LIST_ADAPTER.dump_json
-    assert encode([got], exclude_none=True) == encode([want], exclude_none=True)
+    # What the spool stores (fast_validate.encode_events): pydantic's keys and values.
+    want_json = EVENT_LIST_ADAPTER.dump_json([want], exclude_none=True)
+    assert_same_json(fast_validate.encode_events([got]), want_json)
+    # The model a plugin gets, and the struct the spool gives back.
+    model = fast_validate.to_model(got)
+    assert model.model_dump() == want.model_dump()
+    if want.event_id is not None and want.timestamp is not None:
+        (back,) = fast_validate.decode_stored(fast_validate.encode_events([got]))
+        assert_same(back, want)
     return "accepted"
+
+
+def typed_list(value: list[Any]) -> bool:
+    """Whether a model's list is one of the contract's typed lists (a tuple in a struct),
+    not free-form JSON (lists there stay lists): by its items, strings or models."""
+    return all(isinstance(v, str | BaseModel | dict) for v in value)
+
+
+def assert_same_json(got: bytes, want: bytes) -> None:
+    """Same keys and values, each of the same JSON type; timestamps the same instant."""
+
+    def norm(value: Any, key: str = "") -> Any:
+        if isinstance(value, dict):
+            return {k: norm(v, k) for k, v in sorted(value.items())}
+        if isinstance(value, list):
+            return [norm(v) for v in value]
+        if key == "timestamp" and isinstance(value, str):
+            return ("ts", datetime.fromisoformat(value.replace("z", "Z")))
+        return (type(value).__name__, value)
+
+    assert norm(json.loads(got)) == norm(json.loads(want))
 
 
 def base_event(event_type: str) -> dict[str, Any]:
@@ -785,27 +824,45 @@ def test_whole_bodies_in_every_shape(shape: Literal["batch", "events"], body: by
     assert got is not None and len(got) == len(want)
     for a, b in zip(got, want, strict=True):
         assert_same(a, b)
-    encode = EVENT_LIST_ADAPTER.dump_json
-    assert encode(got, exclude_none=True) == encode(want, exclude_none=True)
+    want_json = EVENT_LIST_ADAPTER.dump_json(want, exclude_none=True)
+    assert_same_json(fast_validate.encode_events(got), want_json)
 
 
 def test_mutable_defaults_are_not_shared() -> None:
-    """Each event gets its own tags list and metadata dict, as pydantic's factories give."""
+    """Each event gets its own metadata dict, as pydantic's factories give (tags are a tuple,
+    which cannot be changed in place)."""
     one = {"event_id": "e", "run_id": "r", "timestamp": "2026-01-01T00:00:00Z"}
     body = dumps([{**one, "event_type": "error", "error_type": "E", "error_message": "m"}] * 2)
     first, second = fast_validate.validate_fast(body, "events") or []
-    first.tags.append("x")
     first.metadata["k"] = 1
-    assert second.tags == [] and second.metadata == {}
+    assert second.tags == () and second.metadata == {}
+    assert first.metadata is not second.metadata
 
 
 def test_events_can_be_changed_as_the_pipeline_does() -> None:
-    """ingest._finish writes project_id into __dict__; the cost transform sets attributes."""
+    """ingest._finish sets project_id, the cost transform cost_source; both are kept, in the
+    spool's form and in the model a plugin gets."""
     (event,) = fast_validate.validate_fast(dumps(base_event("prompt_call")), "events") or []
-    event.__dict__["project_id"] = "p"
+    event.project_id = "p"
     event.cost_source = "computed"
-    assert event.model_dump()["project_id"] == "p"
-    assert "cost_source" in event.model_fields_set
+    assert fast_validate.to_model(event).model_dump()["project_id"] == "p"
+    stored = json.loads(fast_validate.encode_events([event]))[0]
+    assert stored["project_id"] == "p" and stored["cost_source"] == "computed"
+
+
+def test_the_structs_are_not_tracked_by_the_collector() -> None:
+    """What the writer holds in memory: no struct, no tags or tool-call tuple for the garbage
+    collector to walk (once a young collection has passed over the fresh tuples)."""
+    body = dumps([base_event(t) for t in schema.EVENT_TYPES])
+    events = fast_validate.validate_fast(body, "events") or []
+    gc.collect(0)
+    assert len(events) == len(schema.EVENT_TYPES)
+    for event in events:
+        assert not gc.is_tracked(event), event.event_type
+        assert not gc.is_tracked(event.tags), event.event_type
+    prompt = events[0]
+    assert prompt.event_type == "prompt_call" and prompt.tool_calls
+    assert not gc.is_tracked(prompt.tool_calls) and not gc.is_tracked(prompt.tool_calls[0])
 
 
 # --- the timestamp grammar (docs/EVENTS.md) and chat message content ----------------------------

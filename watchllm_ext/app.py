@@ -32,6 +32,7 @@ from .analytics.routes import routes as analytics_routes
 from .auth import Principal, Scope, bearer_token
 from .dead_letters import done, read_dead_letters, summary, take_dead_letters, targeted_payload
 from .errors import Problem, other_project, problem_handler, unauthorized
+from .fast_validate import decode_stored, encode_events
 from .hookspecs import BackgroundTask
 from .ingest import (
     MAX_REJECTIONS_LISTED,
@@ -353,15 +354,15 @@ def open_spool(settings: Settings) -> tuple[Spool, FolderLock]:
     return spool, lock
 
 
-# Events go into the spool as JSON and come back through the same models. `trusted` lets
-# server-set fields (cost_source) through, which a client may not send.
-_TRUSTED = {"trusted": True}
+# Events go into the spool as JSON (msgspec, from the structs: fast_validate.encode_events)
+# and come back as the same structs. Records written by earlier versions (pydantic's
+# dump_json of the models) have the same keys and are read alike.
 
 
 def _encode_events(events: Any) -> bytes:
     if isinstance(events, _Encoded):
         return events.payload  # encoded on a worker thread already
-    return EVENT_LIST_ADAPTER.dump_json(events, exclude_none=True)
+    return encode_events(events)
 
 
 class _Encoded(list[Any]):
@@ -371,13 +372,13 @@ class _Encoded(list[Any]):
     payload: bytes
 
 
-_ENCODE_SLICE = 500  # events per dump_json call (~5 ms): the event loop runs between calls
+_ENCODE_SLICE = 2_000  # events per encode call (~1 ms): the event loop runs between calls
 
 
 def _encode_sliced(events: list[Any]) -> _Encoded:
-    # dump_json writes a list as "[a,b]" with no spaces: the slices join into the same bytes.
+    # The encoder writes a list as "[a,b]" with no spaces: the slices join into the same bytes.
     parts = [
-        EVENT_LIST_ADAPTER.dump_json(events[i : i + _ENCODE_SLICE], exclude_none=True)[1:-1]
+        encode_events(events[i : i + _ENCODE_SLICE])[1:-1]
         for i in range(0, len(events), _ENCODE_SLICE)
     ]
     encoded = _Encoded(events)
@@ -387,7 +388,16 @@ def _encode_sliced(events: list[Any]) -> _Encoded:
 
 def _decode_events(payload: bytes) -> list[Any]:
     # The stored form always has event_id and timestamp (the input form may leave them out).
-    return require_server_filled(EVENT_LIST_ADAPTER.validate_json(payload, context=_TRUSTED))
+    try:
+        events = decode_stored(payload)
+    except (ValueError, RecursionError):  # msgspec's errors are ValueErrors
+        # What msgspec hands over (say, free-form JSON near the depth limit) pydantic reads,
+        # or refuses with the reason the writer logs (writer._decode_each).
+        events = EVENT_LIST_ADAPTER.validate_json(payload, context=_TRUSTED)
+    return require_server_filled(events)
+
+
+_TRUSTED = {"trusted": True}  # server-set fields (cost_source) allowed in the stored form
 
 
 def _flatten(results: Iterable[Any]) -> list[Any]:
@@ -500,7 +510,11 @@ async def _accept(wl: WatchLLM, outcome: Outcome, off_loop: bool = False) -> dic
             **more,
         )
     writer = wl.writer
-    if off_loop and writer is not None and getattr(writer.log, "needs_payload", True):
+    if outcome.payload is not None:
+        encoded = _Encoded(outcome.accepted)  # made on the way (from pydantic models)
+        encoded.payload = outcome.payload
+        outcome.accepted = encoded
+    elif off_loop and writer is not None and getattr(writer.log, "needs_payload", True):
         outcome.accepted = await anyio.to_thread.run_sync(_encode_sliced, outcome.accepted)
     await wl.submit(outcome.accepted)
     wl.counters["accepted"] += len(outcome.accepted)

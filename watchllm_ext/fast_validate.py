@@ -1,12 +1,22 @@
 """A fast validator for the v1 event contract: msgspec structs derived from the pydantic models.
 
-`validate_fast(body, shape)` decodes and checks a raw body in one msgspec pass and returns the
-same pydantic event models the rest of the pipeline uses, or None when anything is off or
-unusual; the caller then asks pydantic for the detailed, per-field answer. It never accepts
-what pydantic refuses, and never builds different events: tests/test_fast_validate.py checks
-both on generated valid and mutated events. (Cost: the msgspec pass is about a fifth of
-pydantic-core's validate_json; building the pydantic models and running schema.py's JSON checks
-in Python take most of the rest: bench/bench_validate.py.)
+`validate_fast(body, shape)` decodes and checks a raw body in one msgspec pass into event
+structs, or returns None when anything is off or unusual; the caller then asks pydantic for
+the detailed, per-field answer. It never accepts what pydantic refuses, and never builds
+different events: tests/test_fast_validate.py checks both on generated valid and mutated
+events. The structs are what the server carries from validation to the spool and out to the
+sinks (no pydantic model on the hot path):
+
+- same field names as the models, in the same order; `event.event_type` is a class attribute
+  (the union's tag); a field the body leaves out holds the model's default;
+- lists are tuples, and the structs are `gc=False`: the writer holds up to 500,000 recent
+  events in memory, and containers the collector tracks would make every full collection
+  walk all of them (free-form JSON, such as metadata, stays dicts and lists as decoded);
+- `encode_events` writes them as pydantic's `dump_json(exclude_none=True)` would (same keys
+  and values: None fields left out, defaults written); `decode_stored` reads that form back
+  (and the form the pydantic encoder wrote before), with the server-set cost_source allowed;
+- `to_model` / `from_models` convert for plugins that implement validate_event or
+  transform_events (only then: ingest.py).
 
 One source of truth: the structs are built at import from schema.py's models (field names,
 order, optionality, defaults, string/list/number constraints), so a new field or bound cannot
@@ -35,9 +45,8 @@ from __future__ import annotations
 import inspect
 import re
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
-from functools import partial
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import annotated_types as at
@@ -59,14 +68,27 @@ from pydantic_core import PydanticUndefined
 
 from .schema import Event
 
-__all__ = ["EVENT_STRUCTS", "decode_event", "validate_fast", "validator_for"]
+__all__ = [
+    "EVENT_STRUCTS",
+    "EVENT_STRUCT_TYPES",
+    "decode_event",
+    "decode_stored",
+    "encode_event_lines",
+    "encode_events",
+    "from_models",
+    "to_model",
+    "to_models",
+    "validate_fast",
+    "validate_list",
+    "validator_for",
+]
 
 _UNSET = msgspec.UNSET
 _NONE_TYPE = type(None)
 _SKIP_JSON_SCHEMA = type(SkipJsonSchema())
 
 
-class _Decline(Exception):
+class _Decline(ValueError):
     """The fast path will not answer this body; pydantic will."""
 
 
@@ -154,31 +176,58 @@ def _meta(base: Any, constraints: list[Any]) -> Any:
 
 
 class _Plan:
-    """How one model maps to its struct, and how a decoded struct becomes the model again."""
+    """How one model maps to its struct, and how a decoded struct is finished."""
 
-    __slots__ = (
-        "factories",
-        "fixes",
-        "model",
-        "struct",
-        "tag",
-        "template",
-    )
+    __slots__ = ("finish", "fixes", "model", "stored", "stored_fixes", "struct", "tag")
 
     def __init__(self, model: type[BaseModel]) -> None:
         self.model = model
         self.struct: Any = None
+        # The struct the server's own stored form is read with (spool, dead letters): the
+        # same but for fields only the server may set (cost_source), which it takes.
+        self.stored: Any = None
         self.tag: str | None = None
-        # Every field in order with its default: a field the body leaves out keeps it (or gets
-        # a fresh one from its factory) and stays out of fields_set.
-        self.template: dict[str, Any] = {}
-        self.factories: list[tuple[str, Callable[[], Any]]] = []
-        # (name, fix): a fix takes the decoded value and returns the model's value.
+        # (name, fix): a fix takes the decoded value and returns the model's value; it runs
+        # on fields holding something other than None or an empty container.
         self.fixes: list[tuple[str, Callable[[Any], Any]]] = []
+        self.stored_fixes: list[tuple[str, Callable[[Any], Any]]] = []
+        self.finish: Callable[[Any], Any] | None = None
 
 
 _PLANS: dict[type[BaseModel], _Plan] = {}
 _STRUCT_PLANS: dict[type, _Plan] = {}
+_EMPTY: tuple[()] = ()
+
+
+def _empty_tuple() -> tuple[()]:
+    return _EMPTY
+
+
+def _constant(value: Any) -> Callable[[], Any]:
+    # A factory rather than a plain default: msgspec's omit_defaults leaves out a value that
+    # *is* the default, and pydantic's dump_json(exclude_none=True) writes defaults.
+    def make() -> Any:
+        return value
+
+    return make
+
+
+def _default_of(model: type[BaseModel], name: str, info: FieldInfo) -> Any:
+    """The struct default of a field: None as is, anything else from a factory (fresh
+    containers per event, lists as tuples; see _constant)."""
+    if info.default_factory is not None:
+        if info.default_factory_takes_validated_data:
+            raise _Unsupported(f"{model.__name__}.{name}: a factory taking the data")
+        made = info.default_factory()  # type: ignore[call-arg]
+        if made == [] and type(made) is list:
+            return msgspec.field(default_factory=_empty_tuple)
+        if made == {} and type(made) is dict:
+            return msgspec.field(default_factory={}.copy)  # a method, so never omitted
+        raise _Unsupported(f"{model.__name__}.{name}: a factory of {made!r}")
+    if info.default is None:
+        return None
+    hash(info.default)  # a mutable default would be shared between events
+    return msgspec.field(default_factory=_constant(info.default))
 
 
 def _plan_for(model: type[BaseModel], tag_field: str | None = None) -> _Plan:
@@ -206,8 +255,7 @@ def _plan_for(model: type[BaseModel], tag_field: str | None = None) -> _Plan:
     plan = _Plan(model)
     _PLANS[model] = plan
     struct_fields: list[tuple[str, Any, Any]] = []
-    names: list[str] = []
-    defaults: dict[str, Any] = {}
+    stored_fields: list[tuple[str, Any, Any]] = []
     for name, info in model.model_fields.items():
         if info.alias not in (None, name) or info.validation_alias not in (None, name):
             raise _Unsupported(f"{model.__name__}.{name} has an alias")
@@ -217,49 +265,87 @@ def _plan_for(model: type[BaseModel], tag_field: str | None = None) -> _Plan:
             if get_origin(info.annotation) is not Literal or len(args) != 1 or metadata:
                 raise _Unsupported(f"{model.__name__}.{name} is not a single literal tag")
             plan.tag = args[0]
-            names.append(name)
             continue
-        names.append(name)
         required = info.is_required()
-        if not required:
-            if info.default_factory is not None:
-                if info.default_factory_takes_validated_data:
-                    raise _Unsupported(f"{model.__name__}.{name}: a factory taking the data")
-                plan.factories.append((name, info.default_factory))  # type: ignore[arg-type]
-            else:
-                hash(info.default)  # a mutable default would be shared between events
-                defaults[name] = info.default
+        default = msgspec.NODEFAULT if required else _default_of(model, name, info)
         if name in validated_fields:
             # What the validator does is not ours to guess: a body naming the field goes to
-            # pydantic (for cost_source, which only the server sets, that is a refusal).
-            if required:
-                raise _Unsupported(f"{model.__name__}.{name}: a required validated field")
-            struct_fields.append((name, msgspec.Raw, _UNSET))
+            # pydantic (for cost_source, which only the server sets, that is a refusal). Any
+            # value given, null included, decodes to a Raw, never to the default None.
+            if required or default is not None:
+                raise _Unsupported(f"{model.__name__}.{name}: a validated field without None")
+            struct_fields.append((name, msgspec.Raw, None))
             plan.fixes.append((name, _decline_if_set))
+            # The stored form holds what the server set: the field's own type (the
+            # validator lets anything through in the `trusted` context).
+            plain = [m for m in metadata if not isinstance(m, _SKIP_JSON_SCHEMA)]
+            try:
+                ms_type, fix = _field_type(info.annotation, plain)
+            except _Unsupported:
+                ms_type, fix = _optional_adapter_field(info.annotation, plain, config)
+            stored_fields.append((name, ms_type, default))
+            if fix is not None:
+                plan.stored_fixes.append((name, fix))
             continue
         try:
             ms_type, fix = _field_type(info.annotation, metadata)
         except _Unsupported:
             ms_type, fix = _optional_adapter_field(info.annotation, metadata, config)
-        struct_fields.append((name, ms_type, msgspec.NODEFAULT if required else _UNSET))
+        struct_fields.append((name, ms_type, default))
+        stored_fields.append((name, ms_type, default))
         if fix is not None:
             plan.fixes.append((name, fix))
-    # Placeholders for required fields (always given) and factory fields (always replaced).
-    plan.template = {name: defaults.get(name) for name in names}
+            plan.stored_fixes.append((name, fix))
     options: dict[str, Any] = {}
     if plan.tag is not None:
-        options = {"tag_field": tag_field, "tag": plan.tag}
+        # The tag is no struct field: a class attribute makes `event.event_type` read as
+        # on the model.
+        options = {"tag_field": tag_field, "tag": plan.tag, "namespace": {tag_field: plan.tag}}
     # gc=False: decoded JSON holds no cycles, so the collector need not track the structs.
+    # omit_defaults with None as the only plain default: None fields are left out, as
+    # pydantic's exclude_none does.
     plan.struct = msgspec.defstruct(
         f"{model.__name__}Struct",
         struct_fields,
         kw_only=True,
         forbid_unknown_fields=True,
         gc=False,
+        omit_defaults=True,
         **options,
     )
+    plan.stored = plan.struct
+    if stored_fields != struct_fields:
+        plan.stored = msgspec.defstruct(
+            f"Stored{model.__name__}Struct",
+            stored_fields,
+            kw_only=True,
+            forbid_unknown_fields=True,
+            gc=False,
+            omit_defaults=True,
+            **options,
+        )
+        _STRUCT_PLANS[plan.stored] = plan
     _STRUCT_PLANS[plan.struct] = plan
+    plan.finish = _finisher(plan.fixes) if plan.fixes else None
     return plan
+
+
+_SKIP_FIX = (dict, tuple, list)  # empty ones pass every check: no fix needed
+
+
+def _finisher(fixes: list[tuple[str, Callable[[Any], Any]]]) -> Callable[[Any], Any]:
+    """What finishes a decoded struct in place: each fix on its field's value."""
+    fields = tuple(fixes)
+
+    def finish(struct: Any) -> Any:
+        for name, fix in fields:
+            value = getattr(struct, name)
+            if value is None or (type(value) in _SKIP_FIX and not value):
+                continue
+            setattr(struct, name, fix(value))
+        return struct
+
+    return finish
 
 
 def _field_type(annotation: Any, metadata: list[Any]) -> tuple[Any, Callable[[Any], Any] | None]:
@@ -318,7 +404,11 @@ def _type(tp: Any, constraints: list[Any]) -> tuple[Any, Callable[[Any], Any] | 
             raise _Unsupported(f"{tp!r}: models beside other objects or lists")
         convert = converters[0]
         kind = kinds[[c is not None for _, c in members].index(True)]
-        wanted = dict if kind == "dict" else list
+        wanted = members[[c is not None for _, c in members].index(True)][0]
+        if kind == "list":
+            wanted = tuple
+        elif get_origin(wanted) is Annotated:
+            wanted = get_args(wanted)[0]
 
         def convert_member(value: Any) -> Any:
             return convert(value) if type(value) is wanted else value
@@ -329,17 +419,20 @@ def _type(tp: Any, constraints: list[Any]) -> tuple[Any, Callable[[Any], Any] | 
             raise _Unsupported(f"{tp!r}")
         return tp, None
     if origin is list:
+        # A tuple: no list for the collector to track (module docstring).
         (item,) = get_args(tp)
         item_type, convert = _type(item, [])
-        list_type = _meta(list[item_type], constraints)  # type: ignore[valid-type]
+        tuple_type = _meta(tuple[item_type, ...], constraints)  # type: ignore[valid-type]
         if convert is None:
-            return list_type, None
+            return tuple_type, None
         convert_item = convert
 
-        def convert_list(value: list[Any]) -> list[Any]:
-            return [convert_item(v) for v in value]
+        def convert_items(value: tuple[Any, ...]) -> tuple[Any, ...]:
+            for v in value:
+                convert_item(v)  # finishes the struct in place
+            return value
 
-        return list_type, convert_list
+        return tuple_type, convert_items
     if origin is dict:
         key, value = get_args(tp)
         if key is not str:
@@ -360,7 +453,7 @@ def _type(tp: Any, constraints: list[Any]) -> tuple[Any, Callable[[Any], Any] | 
         if constraints:
             raise _Unsupported("constraints on a model")
         plan = _plan_for(tp)
-        return plan.struct, partial(_to_model, plan)
+        return plan.struct, plan.finish
     raise _Unsupported(f"{tp!r}")
 
 
@@ -373,7 +466,7 @@ def _kind(ms_type: Any) -> str:
         return "dict"
     if origin is Any:
         return "any"
-    return "list" if origin is list else "scalar"
+    return "list" if origin in (list, tuple) else "scalar"
 
 
 def _holds_any(ms_type: Any) -> bool:
@@ -396,7 +489,7 @@ def _json_depth_limit() -> int:
     return low
 
 
-_CONTAINERS = (dict, list)
+_CONTAINERS = (dict, list, tuple)
 # A free-form value sits inside at most a batch object, its list, the event, and a list and
 # an object per nested model (set below, once the models are known); deeper values are handed
 # to pydantic, which judges them by their place in the document. Plenty for real metadata.
@@ -472,7 +565,8 @@ def _adapter_field(
     validate_json = adapter.validate_json
 
     def fix(raw: Any) -> Any:
-        return validate_json(bytes(raw))
+        # Only a value the body gave is a Raw; a default the struct filled in is the model's.
+        return validate_json(bytes(raw)) if type(raw) is msgspec.Raw else raw
 
     lower: datetime | None = None
     upper: datetime | None = None
@@ -507,39 +601,7 @@ def _adapter_field(
     return str, fix_timestamp
 
 
-# --- building the models -----------------------------------------------------------------------
-
-_new = object.__new__
-_set = object.__setattr__
-
-
-def _builtins(struct: Any) -> Any:
-    """A decoded struct as dicts of the fields the body set (UNSET ones left out), raw JSON
-    values as bytes; strings, numbers, lists and dicts are the decoded objects themselves."""
-    return _to_builtins(struct, builtin_types=(bytes,), enc_hook=bytes)
-
-
-_to_builtins = msgspec.to_builtins
-
-
-def _to_model(plan: _Plan, given: dict[str, Any]) -> Any:
-    """The model from the fields a decoded struct holds (to_builtins leaves out the unset)."""
-    # The template lists every field in the model's order: the dict gets pydantic's order,
-    # the given values and the defaults of the others in one C-level merge.
-    data = {**plan.template, **given}
-    for name, factory in plan.factories:
-        if name not in given:
-            data[name] = factory()
-    for name, fix in plan.fixes:
-        if name in given:
-            data[name] = fix(data[name])
-    # What model_construct does, at a tenth of its cost: the values are already valid.
-    model = _new(plan.model)
-    _set(model, "__dict__", data)
-    _set(model, "__pydantic_fields_set__", set(given))
-    _set(model, "__pydantic_extra__", None)
-    _set(model, "__pydantic_private__", None)
-    return model
+# --- the event structs ---------------------------------------------------------------------------
 
 
 def _event_union() -> tuple[str, list[type[BaseModel]]]:
@@ -552,11 +614,25 @@ def _event_union() -> tuple[str, list[type[BaseModel]]]:
 
 _TAG_FIELD, _EVENT_MODELS = _event_union()
 EVENT_STRUCTS: dict[str, Any] = {}
+_STORED_STRUCTS: dict[str, Any] = {}
 for _model in _EVENT_MODELS:
     _plan = _plan_for(_model, _TAG_FIELD)
     EVENT_STRUCTS[_plan.tag] = _plan.struct  # type: ignore[index]
+    _STORED_STRUCTS[_plan.tag] = _plan.stored  # type: ignore[index]
 _DEPTH_BUDGET = _json_depth_limit() - 3 - 2 * len(_PLANS)  # 176 with pydantic 2.13
 _EventStruct = Union[tuple(EVENT_STRUCTS.values())]  # noqa: UP007 - built at run time
+_StoredStruct = Union[tuple(_STORED_STRUCTS.values())]  # noqa: UP007 - built at run time
+# Every struct type an event can be, for a cheap `type(x) in EVENT_STRUCT_TYPES`.
+EVENT_STRUCT_TYPES = frozenset(EVENT_STRUCTS.values()) | frozenset(_STORED_STRUCTS.values())
+# type -> finish (None: nothing to finish), for the input and for the stored form.
+_FINISH: dict[type, Callable[[Any], Any] | None] = {
+    p.struct: p.finish for p in _PLANS.values() if p.tag is not None
+}
+_FINISH_STORED: dict[type, Callable[[Any], Any] | None] = {
+    p.stored: _finisher(p.stored_fixes) if p.stored_fixes else None
+    for p in _PLANS.values()
+    if p.tag is not None
+}
 
 
 class _Batch(msgspec.Struct, forbid_unknown_fields=True, gc=False):
@@ -566,33 +642,40 @@ class _Batch(msgspec.Struct, forbid_unknown_fields=True, gc=False):
 _decode_batch = msgspec.json.Decoder(_Batch).decode
 _decode_list = msgspec.json.Decoder(list[_EventStruct]).decode  # type: ignore[valid-type]
 _decode_one = msgspec.json.Decoder(_EventStruct).decode
-
-
-def _event(struct: Any) -> Any:
-    return _to_model(_STRUCT_PLANS[type(struct)], _builtins(struct))
-
+_decode_stored_list = msgspec.json.Decoder(list[_StoredStruct]).decode  # type: ignore[valid-type]
 
 # What makes the fast path hand a body over (pydantic's ValidationError is a ValueError).
 _ERRORS = (msgspec.ValidationError, msgspec.DecodeError, ValueError, RecursionError, _Decline)
 
 
+def _finished(structs: list[Any]) -> list[Any]:
+    finish = _FINISH
+    for struct in structs:
+        fix = finish[type(struct)]
+        if fix is not None:
+            fix(struct)
+    return structs
+
+
 def decode_event(body: bytes) -> Any | None:
-    """One event from its JSON, as the pydantic model; None when pydantic should answer."""
+    """One event from its JSON, as its struct; None when pydantic should answer."""
     try:
-        return _event(_decode_one(body))
+        return _finished([_decode_one(body)])[0]
     except _ERRORS:
         return None
 
 
 def validator_for(model: type[BaseModel]) -> Callable[[bytes], Any | None]:
     """A fast validator of one JSON object for any strict model (`extra="forbid"`), built as
-    the event structs are: the model, or None when pydantic should answer."""
+    the event structs are: the struct, or None when pydantic should answer."""
     plan = _plan_for(model)
     decode = msgspec.json.Decoder(plan.struct).decode
+    finish = plan.finish
 
     def validate(body: bytes) -> Any | None:
         try:
-            return _to_model(plan, _builtins(decode(body)))
+            struct = decode(body)
+            return finish(struct) if finish is not None else struct
         except _ERRORS:
             return None
 
@@ -600,9 +683,9 @@ def validator_for(model: type[BaseModel]) -> Callable[[bytes], Any | None]:
 
 
 def validate_fast(body: bytes, shape: Literal["batch", "events"]) -> list[Any] | None:
-    """The events of a valid body as pydantic models, or None (then pydantic finds what is
-    off and says where). `shape` as in ingest.validate_fast: "batch" is `{"events": [...]}`,
-    "events" a list of events or one event."""
+    """The events of a valid body as structs, or None (then pydantic finds what is off and
+    says where). `shape` as in ingest.validate_fast: "batch" is `{"events": [...]}`, "events"
+    a list of events or one event."""
     try:
         if shape == "batch":
             structs = _decode_batch(body).events
@@ -614,7 +697,102 @@ def validate_fast(body: bytes, shape: Literal["batch", "events"]) -> list[Any] |
                 structs = [_decode_one(body)]
             else:
                 return None
-        events = [_event(s) for s in structs]
+        return _finished(structs) or None
     except _ERRORS:
         return None
-    return events or None
+
+
+def validate_list(body: bytes) -> list[Any] | None:
+    """A JSON array of events as structs, or None (ingest.validate_sliced's pieces)."""
+    try:
+        return _finished(_decode_list(body))
+    except _ERRORS:
+        return None
+
+
+# --- the stored form -------------------------------------------------------------------------
+
+
+def _encode_hook(value: Any) -> Any:
+    if isinstance(value, BaseModel):  # a model from the slow path or a plugin
+        return value.model_dump(mode="json", exclude_none=True)
+    raise NotImplementedError(f"cannot encode {type(value).__name__}")
+
+
+_encoder = msgspec.json.Encoder(enc_hook=_encode_hook)
+# Events (structs, or models: the enc_hook) as a JSON array: the spool's form; and as one
+# object a line (JSONEachRow). Both about 0.5 us an event.
+encode_events: Callable[[Any], bytes] = _encoder.encode
+encode_event_lines: Callable[[Any], bytes] = _encoder.encode_lines
+
+
+def decode_stored(payload: bytes) -> list[Any]:
+    """A JSON array of stored events (what encode_events wrote, or pydantic's dump_json
+    before it) as structs: checked as strictly as a request, the server-set cost_source
+    allowed. Raises ValueError (a msgspec error or a refused value) when it is not valid;
+    the caller then asks pydantic, which says why or reads what this does not."""
+    structs = _decode_stored_list(payload)
+    finish = _FINISH_STORED
+    for struct in structs:
+        fix = finish[type(struct)]
+        if fix is not None:
+            fix(struct)
+    return structs
+
+
+_TRUSTED = {"trusted": True}
+
+
+_new = object.__new__
+_set = object.__setattr__
+
+
+def _model_value(value: Any) -> Any:
+    # Typed lists are tuples of values or structs; free-form JSON holds neither (dicts and
+    # lists as decoded), so it is taken as it is.
+    kind = type(value)
+    if kind is tuple:
+        return [_model_value(v) for v in value]
+    if kind in _STRUCT_PLANS:
+        return to_model(value)
+    return value
+
+
+def to_model(struct: Any) -> Any:
+    """The pydantic model of a struct (for a plugin's hook): the same values, lists for
+    tuples, models for nested structs; fields_set holds the fields that are not None. Built
+    as model_construct does, at a fraction of its cost: the values are valid already."""
+    plan = _STRUCT_PLANS[type(struct)]
+    data: dict[str, Any] = {}
+    for name in plan.model.model_fields:
+        data[name] = (
+            plan.tag if name == _TAG_FIELD and plan.tag else _model_value(getattr(struct, name))
+        )
+    model = _new(plan.model)
+    _set(model, "__dict__", data)
+    _set(model, "__pydantic_fields_set__", {k for k, v in data.items() if v is not None})
+    _set(model, "__pydantic_extra__", None)
+    _set(model, "__pydantic_private__", None)
+    return model
+
+
+def to_models(events: Sequence[Any]) -> list[Any]:
+    """`to_model` of each struct; anything else (a model already) as it is."""
+    return [to_model(e) if type(e) in _STRUCT_PLANS else e for e in events]
+
+
+_MODELS_LIST: TypeAdapter[list[Any]] = TypeAdapter(list[Event])
+
+
+def from_models(events: list[Any]) -> tuple[list[Any], bytes]:
+    """Events that may be models (a plugin's, the slow path's) as structs, with their JSON
+    (the spool's form, made once for both)."""
+    if all(type(e) in EVENT_STRUCT_TYPES for e in events):
+        return events, encode_events(events)
+    payload = _MODELS_LIST.dump_json(events, exclude_none=True)
+    try:
+        return decode_stored(payload), payload
+    except _ERRORS:
+        # Valid for pydantic, handed over by msgspec (free-form JSON nested near pydantic's
+        # depth limit, say): these few stay models, which sinks read alike (module docstring).
+        return list(events), payload

@@ -1,6 +1,12 @@
 """From an HTTP body to validated, transformed events: read (bounded), decompress (bounded),
 parse, check the project, validate, run the validator and transform hooks.
 
+Valid bodies take the fast path: msgspec structs derived from the contract (fast_validate.py),
+carried as they are to the spool and the sinks. Anything off or unusual goes to pydantic
+(validate_items), whose per-field answers are the API's; the events it accepts are turned
+into the same structs. Plugins that implement validate_event or transform_events get
+pydantic models, as documented (only then: the built-ins work on the structs).
+
 Nothing here knows about sinks or storage: the result goes to `writer.submit`.
 """
 
@@ -10,6 +16,7 @@ import random
 import re
 import threading
 import time
+import types
 import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -18,12 +25,13 @@ from typing import Any, Literal
 
 import anyio
 import pluggy
-from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+from pydantic import ValidationError
 from pydantic_core import from_json
 
+from . import fast_validate
 from .auth import Principal
 from .errors import Problem
-from .schema import EVENT_ADAPTER, EVENT_LIST_ADAPTER, EVENT_TYPES, Event
+from .schema import EVENT_ADAPTER, EVENT_LIST_ADAPTER, EVENT_TYPES
 
 # Bounds of a rejection answer (docs/API.md): fields listed per rejected event, and rejected
 # events listed per answer (`rejected_count` has them all).
@@ -67,6 +75,8 @@ class Rejection:
 class Outcome:
     accepted: list[Any] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
+    # The accepted events' spool encoding when it was made on the way (from pydantic models).
+    payload: bytes | None = None
 
 
 # --- reading the body -------------------------------------------------------------------------
@@ -353,30 +363,11 @@ def _wrong_project(index: int, project: Any, principal: Principal) -> Problem:
     )
 
 
-class _BatchBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    events: list[Event]
-
-
-_BATCH_ADAPTER = TypeAdapter(_BatchBody)
-
-
 def validate_fast(body: bytes, shape: Literal["batch", "events"]) -> list[Any] | None:
-    """The all-valid fast path: one pass of pydantic-core over the raw bytes, with no Python
-    objects in between. None when anything is off; the slow path then finds and reports it.
-    """
-    try:
-        if shape == "batch":
-            events = _BATCH_ADAPTER.validate_json(body).events
-        elif body.lstrip()[:1] == b"[":
-            events = EVENT_LIST_ADAPTER.validate_json(body)
-        elif body.lstrip()[:1] == b"{":
-            events = [EVENT_ADAPTER.validate_json(body)]
-        else:
-            return None
-    except ValueError:  # ValidationError included
-        return None
-    return events or None
+    """The all-valid fast path: one msgspec pass over the raw bytes into event structs
+    (fast_validate.py). None when anything is off or unusual; the slow path then finds and
+    reports it (or accepts what msgspec hands over)."""
+    return fast_validate.validate_fast(body, shape)
 
 
 def validate_sliced(body: bytes, shape: Literal["batch", "events"]) -> list[Any] | None:
@@ -395,10 +386,10 @@ def validate_sliced(body: bytes, shape: Literal["batch", "events"]) -> list[Any]
     while start < end:
         cut = _BETWEEN.search(body, min(start + SLICE_BYTES, end), end)
         stop = cut.start() + 1 if cut else end
-        try:
-            events.extend(EVENT_LIST_ADAPTER.validate_json(b"[" + body[start:stop] + b"]"))
-        except ValueError:  # ValidationError included
+        piece = fast_validate.validate_list(b"[" + body[start:stop] + b"]")
+        if piece is None:
             return None
+        events.extend(piece)
         start = cut.end() - 1 if cut else end
     return events or None
 
@@ -467,16 +458,32 @@ def _finish(
     project = principal.project_id
     received = received_at or receipt_time()
     validators = pm.hook.validate_event
-    has_validators = bool(validators.get_hookimpls())
+    validator_impls = validators.get_hookimpls()
+    # Plugins other than the built-ins see pydantic models, as documented (docs/PLUGINS.md);
+    # the structs are converted for them only.
+    as_models = _third_party(validator_impls) or _third_party(
+        pm.hook.transform_events.get_hookimpls()
+    )
     for index, event in indexed:
-        data = event.__dict__  # no pydantic __setattr__: a hot loop
-        data["project_id"] = project
-        client_id = data["event_id"]
-        if client_id is None:
-            data["event_id"] = uuid7()
-        if data["timestamp"] is None:
-            data["timestamp"] = received
-        if has_validators:
+        if type(event) in _STRUCTS:
+            # A struct's attributes are plain slots: setting them costs tens of nanoseconds.
+            event.project_id = project
+            client_id = event.event_id
+            if client_id is None:
+                event.event_id = uuid7()
+            if event.timestamp is None:
+                event.timestamp = received
+            if as_models:
+                event = fast_validate.to_model(event)
+        else:
+            data = event.__dict__  # a model: no pydantic __setattr__, which costs a microsecond
+            data["project_id"] = project
+            client_id = data["event_id"]
+            if client_id is None:
+                data["event_id"] = uuid7()
+            if data["timestamp"] is None:
+                data["timestamp"] = received
+        if validator_impls:
             problems = _plugin_problems(validators(event=event, principal=principal))
             if problems:
                 outcome.rejected.append(
@@ -491,7 +498,26 @@ def _finish(
     outcome.rejected.sort(key=lambda r: r.index)
     if outcome.accepted:
         pm.hook.transform_events(events=outcome.accepted, principal=principal)
+        if as_models or any(type(e) not in _STRUCTS for e in outcome.accepted):
+            # Back to structs for the spool and the sinks, with the JSON made on the way.
+            outcome.accepted, outcome.payload = fast_validate.from_models(outcome.accepted)
     return outcome
+
+
+_STRUCTS = fast_validate.EVENT_STRUCT_TYPES
+_BUILTIN_PREFIX = "watchllm_ext.builtins."
+
+
+def _third_party(impls: list[Any]) -> bool:
+    """Whether a plugin other than the built-ins implements the hook."""
+    for impl in impls:
+        plugin = impl.plugin
+        module = (
+            plugin.__name__ if isinstance(plugin, types.ModuleType) else type(plugin).__module__
+        )
+        if not module.startswith(_BUILTIN_PREFIX):
+            return True
+    return False
 
 
 def _plugin_problems(results: list[Any]) -> list[str]:

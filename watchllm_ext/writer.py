@@ -17,7 +17,14 @@ cursor has passed a segment. When the log is full, `submit` raises WriterFull an
 layer answers 503 with Retry-After.
 
 Decoded events of recent records are kept in memory (up to `memory_max_events`) so sinks
-that keep up never decode the spool; a sink that falls behind reads it back from disk.
+that keep up never decode the spool; a sink that falls behind reads it back from disk. The
+server's events are msgspec structs with `gc=False` (fast_validate.py): half a million of
+them in memory are not walked by every full garbage collection.
+
+A sink that needs the batch as JSON calls `batch_json(events)`: a JSON array of the events
+(pydantic's `dump_json(exclude_none=True)` keys and values; ClickHouse reads it as
+JSONEachRow). For the list the writer handed over, that is the spool records' own bytes
+joined, with no encoding at all.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from typing import Any, Protocol, runtime_checkable
 import anyio
 
 from .dead_letters import append_dead_letter, dead_letter
+from .fast_validate import encode_event_lines, encode_events, to_models
 from .spool import Position, Record, SpoolFull
 
 log = logging.getLogger("watchllm.writer")
@@ -46,11 +54,39 @@ TARGETED = 1  # record flag: the record is for one sink only (a dead-letter repl
 @runtime_checkable
 class Sink(Protocol):
     """Where batches go. `write` raises to have the batch retried; raise SinkError with
-    permanent=True for a batch that can never be written (it goes to the dead letters)."""
+    permanent=True for a batch that can never be written (it goes to the dead letters).
+
+    A sink that reads events by attribute only (the contract's field names) sets
+    `reads_structs = True` and gets the server's event structs as they are; any other sink
+    gets pydantic models, as sinks always did (converted on a worker thread, about 2 us an
+    event: a sink that wants speed opts in)."""
 
     name: str
 
     async def write(self, events: Sequence[Any]) -> None: ...
+
+
+class EventBatch(list[Any]):
+    """The events handed to a sink, with the JSON of the spool records they came from."""
+
+    __slots__ = ("payloads",)
+    payloads: list[bytes] | None
+
+
+def batch_json(events: Sequence[Any]) -> bytes:
+    """The events as a JSON array, each as pydantic's `dump_json(exclude_none=True)` writes
+    it (same keys and values; timestamps RFC 3339 with their zone). For the batch `write`
+    was given, the spool's bytes; for any other list (a sink's own selection), encoded
+    (msgspec, about 0.5 us an event)."""
+    if type(events) is EventBatch and events.payloads is not None:
+        inner = [p[1:-1] for p in events.payloads if len(p) > 2]
+        return b"[" + b",".join(inner) + b"]"
+    return encode_events(events)
+
+
+def batch_json_lines(events: Sequence[Any]) -> bytes:
+    """The events as JSON, one object a line (each ending in a newline)."""
+    return encode_event_lines(events)
 
 
 class SinkError(Exception):
@@ -355,7 +391,7 @@ class Writer:
                 state.oldest_pending_ms = None
                 await self.log.wait_appended()
                 continue
-            if backlog < self.flush_max_events and self._accepting:
+            if backlog < self._batch_max(state) and self._accepting:
                 now = time.monotonic()
                 if state.pending_since is None:
                     state.pending_since = now
@@ -367,13 +403,15 @@ class Writer:
                     continue
             state.pending_since = None
             records = await anyio.to_thread.run_sync(
-                self.log.read, state.cursor, self.flush_max_events
+                self.log.read, state.cursor, self._batch_max(state)
             )
             if not records:
                 await self.log.wait_appended()
                 continue
             state.oldest_pending_ms = records[0].appended_ms
             events = await self._events_of(records, state.sink.name)
+            if events and not getattr(state.sink, "reads_structs", False):
+                events = await anyio.to_thread.run_sync(_as_models, events)
             if events:
                 await self._write_with_retry(state, events)
             last = records[-1]
@@ -385,12 +423,21 @@ class Writer:
             self._progress.set()
             self._progress = anyio.Event()
 
+    def _batch_max(self, state: SinkState) -> int:
+        # A sink may size its own batches (`max_batch_events`: the store sink's inserts are
+        # sized for ClickHouse, store_insert_max_events); the others take flush_max_events.
+        return getattr(state.sink, "max_batch_events", None) or self.flush_max_events
+
     async def _wait_backlog(self, state: SinkState) -> None:
-        while self.log.next_seq - state.cursor_seq < self.flush_max_events and self._accepting:
+        while self.log.next_seq - state.cursor_seq < self._batch_max(state) and self._accepting:
             await self.log.wait_appended()
 
     async def _events_of(self, records: list[Record], sink: str) -> list[Any]:
-        events: list[Any] = []
+        events = EventBatch()
+        # The records' own JSON is the batch's when each is a plain record with its bytes
+        # (a memory log keeps none; a targeted record wraps its events).
+        plain = all(r.payload and not r.flags & TARGETED for r in records)
+        events.payloads = [r.payload for r in records] if plain else None
         missing = [r for r in records if r.start not in self._cache]
         decoded: dict[Position, list[Any]] = {}
         if missing:
@@ -403,6 +450,8 @@ class Writer:
                 events.extend(self._cache[record.start])
             else:
                 events.extend(decoded.get(record.start, []))
+        if events.payloads is not None and len(events) != sum(r.count for r in records):
+            events.payloads = None  # events refused on reading went to the dead letters
         return events
 
     def _decode_records(self, records: list[Record], sink: str) -> dict[Position, list[Any]]:
@@ -509,6 +558,12 @@ class Writer:
             self._cache.popitem(last=False)
             self._cached_events -= len(events)
         self.log.release(slowest)
+
+
+def _as_models(events: EventBatch) -> EventBatch:
+    models = EventBatch(to_models(events))
+    models.payloads = events.payloads
+    return models
 
 
 def _safe(name: str) -> str:
