@@ -1,0 +1,288 @@
+"""The span -> event mapping: GenAI (current and deprecated keys), OpenInference, errors,
+and a property test that any span maps to an event the contract accepts."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from watchllm_ext.otel.mapping import MAPPING_VERSION, Span, SpanEvent, map_span
+from watchllm_ext.schema import EVENT_ADAPTER
+
+T0 = 1_767_225_600_000_000_000  # 2026-01-01T00:00:00Z in ns
+TRACE = "0af7651916cd43dd8448eb211c80319c"
+
+
+def span(**kw: Any) -> Span:
+    base: dict[str, Any] = {
+        "trace_id": TRACE,
+        "span_id": "b7ad6b7169203331",
+        "name": "chat gpt-4o",
+        "start_unix_nano": T0,
+        "end_unix_nano": T0 + 1_500_000_000,
+        "parent_span_id": "00f067aa0ba902b7",
+        "resource": {
+            "service.name": "checkout",
+            "service.version": "1.4.2",
+            "deployment.environment.name": "staging",
+            "host.name": "web-1",
+        },
+    }
+    base.update(kw)
+    return Span(**base)
+
+
+def valid(event: dict[str, Any]) -> Any:
+    return EVENT_ADAPTER.validate_python(dict(event, project_id="p"))
+
+
+def test_genai_chat_span_with_current_keys() -> None:
+    attrs = {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.provider.name": "openai",
+        "gen_ai.request.model": "gpt-4o",
+        "gen_ai.response.model": "gpt-4o-2024-08-06",
+        "gen_ai.usage.input_tokens": 12,
+        "gen_ai.usage.output_tokens": 7,
+        "gen_ai.response.id": "chatcmpl-1",
+        "gen_ai.input.messages": json.dumps(
+            [{"role": "user", "parts": [{"type": "text", "content": "Hi there"}]}]
+        ),
+        "gen_ai.output.messages": json.dumps(
+            [{"role": "assistant", "parts": [{"type": "text", "content": "Hello!"}]}]
+        ),
+        "server.address": "api.openai.com",
+    }
+    mapped = map_span(span(attributes=attrs))
+    event = mapped.event
+    assert event is not None
+    assert event["event_type"] == "prompt_call"
+    assert (event["event_id"], event["run_id"], event["parent_event_id"]) == (
+        "b7ad6b7169203331",
+        TRACE,
+        "00f067aa0ba902b7",
+    )
+    assert event["timestamp"] == "2026-01-01T00:00:00+00:00"
+    assert event["latency_ms"] == 1500.0
+    assert event["model"] == "gpt-4o-2024-08-06" and event["provider"] == "openai"
+    assert (event["tokens_input"], event["tokens_output"]) == (12, 7)
+    assert event["prompt"] == [{"role": "user", "content": "Hi there"}]
+    assert event["response"] == "Hello!"
+    assert event["response_metadata"] == {"gen_ai.response.id": "chatcmpl-1"}
+    assert (event["env"], event["release"]) == ("staging", "1.4.2")
+    assert event["client"] == {"hostname": "web-1", "platform": "checkout"}
+    # The attribute no rule read is kept in the metadata and reported.
+    assert mapped.unmapped == ["server.address"]
+    assert event["metadata"]["otel.attributes"] == {"server.address": "api.openai.com"}
+    assert event["metadata"]["otel.mapping_version"] == MAPPING_VERSION
+    valid(event)
+    row = mapped.row
+    assert row["event_type"] == "prompt_call" and row["service_name"] == "checkout"
+    assert row["attributes"]["gen_ai.usage.input_tokens"] == "12"  # every attribute, as text
+    assert row["duration_ms"] == 1500.0
+
+
+def test_genai_deprecated_keys_and_message_events() -> None:
+    attrs = {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.system": "anthropic",
+        "gen_ai.request.model": "claude-3-5-sonnet",
+        "gen_ai.usage.prompt_tokens": 3,
+        "gen_ai.usage.completion_tokens": 4,
+        "gen_ai.prompt.0.role": "system",
+        "gen_ai.prompt.0.content": "Be brief",
+        "gen_ai.prompt.1.role": "user",
+        "gen_ai.prompt.1.content": "Hi",
+        "gen_ai.completion.0.role": "assistant",
+        "gen_ai.completion.0.content": "Yo",
+    }
+    event = map_span(span(attributes=attrs)).event
+    assert event is not None
+    assert event["provider"] == "anthropic" and event["model"] == "claude-3-5-sonnet"
+    assert (event["tokens_input"], event["tokens_output"]) == (3, 4)
+    assert event["prompt"] == [
+        {"role": "system", "content": "Be brief"},
+        {"role": "user", "content": "Hi"},
+    ]
+    assert event["response"] == "Yo"
+    assert "otel.attributes" not in event["metadata"]  # indexed keys are understood
+    valid(event)
+
+    events = [
+        SpanEvent("gen_ai.user.message", T0, {"content": "What is 2+2?"}),
+        SpanEvent("gen_ai.choice", T0, {"message": json.dumps({"content": "4"})}),
+    ]
+    event = map_span(span(attributes={"gen_ai.operation.name": "chat"}, events=events)).event
+    assert event is not None
+    assert event["prompt"] == [{"role": "user", "content": "What is 2+2?"}]
+    assert event["response"] == "4"
+    valid(event)
+
+
+def test_openinference_llm_tool_and_agent_spans() -> None:
+    llm = {
+        "openinference.span.kind": "LLM",
+        "llm.model_name": "gpt-4o-mini",
+        "llm.provider": "openai",
+        "llm.token_count.prompt": 20,
+        "llm.token_count.completion": 5,
+        "llm.token_count.total": 25,
+        "llm.cost.total": 0.0012,
+        "llm.input_messages.0.message.role": "user",
+        "llm.input_messages.0.message.content": "Hello",
+        "llm.output_messages.0.message.role": "assistant",
+        "llm.output_messages.0.message.content": "Hi!",
+        "session.id": "s-1",
+        "user.id": "u-9",
+    }
+    event = map_span(span(attributes=llm)).event
+    assert event is not None
+    assert event["model"] == "gpt-4o-mini" and event["cost_estimate_usd"] == 0.0012
+    assert event["prompt"] == [{"role": "user", "content": "Hello"}] and event["response"] == "Hi!"
+    assert (event["session_id"], event["user_id"]) == ("s-1", "u-9")
+    assert event["response_metadata"] == {"llm.token_count.total": 25}
+    valid(event)
+
+    tool = {"openinference.span.kind": "TOOL", "tool.name": "search", "input.value": '{"q": "x"}'}
+    event = map_span(span(name="search", attributes=tool, status_code="error")).event
+    assert event is not None
+    assert event["event_type"] == "tool_call" and event["tool_name"] == "search"
+    assert event["tool_input"] == {"q": "x"} and event["status"] == "error"
+    valid(event)
+
+    genai_tool = {
+        "gen_ai.operation.name": "execute_tool",
+        "gen_ai.tool.call.arguments": "[1, 2]",
+        "gen_ai.tool.call.result": "3",
+    }
+    event = map_span(span(name="execute_tool add", attributes=genai_tool)).event
+    assert event is not None
+    assert (event["tool_name"], event["tool_input"], event["tool_output"]) == ("add", [1, 2], "3")
+    valid(event)
+
+    agent = {"gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": "planner"}
+    event = map_span(span(name="invoke_agent planner", attributes=agent)).event
+    assert event is not None
+    assert event["event_type"] == "agent_step" and event["step_name"] == "planner"
+    valid(event)
+
+
+def test_failed_plain_span_becomes_an_error_and_other_spans_no_event() -> None:
+    exc = SpanEvent(
+        "exception",
+        T0,
+        {
+            "exception.type": "TimeoutError",
+            "exception.message": "upstream timed out",
+            "exception.stacktrace": "Traceback ...",
+        },
+    )
+    mapped = map_span(span(name="GET /db", status_code="error", events=[exc]))
+    assert mapped.event is not None
+    assert mapped.event["event_type"] == "error"
+    assert mapped.event["error_type"] == "TimeoutError"
+    assert mapped.event["error_message"] == "upstream timed out"
+    assert mapped.event["stack_trace"] == "Traceback ..."
+    valid(mapped.event)
+    # An LLM span that failed stays a prompt call, with the status and the message.
+    failed_llm = map_span(
+        span(attributes={"gen_ai.operation.name": "chat"}, status_code="error", events=[exc])
+    ).event
+    assert failed_llm is not None
+    assert failed_llm["status"] == "error" and failed_llm["error_message"] == "upstream timed out"
+    plain = map_span(span(name="GET /health", attributes={"http.method": "GET"}))
+    assert plain.event is None and plain.row["attributes"] == {"http.method": "GET"}
+
+
+def test_out_of_range_values_are_left_out_not_made_up() -> None:
+    attrs = {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.usage.input_tokens": -5,
+        "gen_ai.usage.output_tokens": 2**40,
+        "gen_ai.usage.cost": float("inf"),
+        "gen_ai.request.model": "m" * 1000,
+    }
+    far = span(attributes=attrs, start_unix_nano=T0, end_unix_nano=T0 + 10**20)
+    event = map_span(far).event
+    assert event is not None
+    assert "tokens_input" not in event and "tokens_output" not in event
+    assert "cost_estimate_usd" not in event and len(event["model"]) == 256
+    valid(event)
+
+
+_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=50),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=10,
+)
+_keys = st.sampled_from(
+    [
+        "gen_ai.operation.name",
+        "openinference.span.kind",
+        "gen_ai.request.model",
+        "gen_ai.usage.input_tokens",
+        "gen_ai.usage.cost",
+        "gen_ai.input.messages",
+        "gen_ai.output.messages",
+        "gen_ai.prompt.0.content",
+        "gen_ai.prompt.x.role",
+        "llm.input_messages.1.message.content",
+        "gen_ai.tool.call.arguments",
+        "tool.name",
+        "input.value",
+        "user.id",
+        "session.id",
+        "custom.key",
+    ]
+) | st.text(min_size=1, max_size=20)
+_operation = st.sampled_from(
+    ["chat", "embeddings", "execute_tool", "invoke_agent", "LLM", "TOOL", "AGENT", "other"]
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    attrs=st.dictionaries(_keys, _values, max_size=12),
+    operation=_operation,
+    use_openinference=st.booleans(),
+    status=st.sampled_from(["unset", "ok", "error"]),
+    start=st.integers(min_value=-(2**63), max_value=2**64),
+    duration=st.integers(min_value=-(10**12), max_value=10**22),
+    messages=st.lists(
+        st.fixed_dictionaries({"role": _values, "content": _values, "parts": _values}),
+        max_size=3,
+    ),
+)
+def test_any_span_maps_to_an_event_the_contract_accepts(
+    attrs: dict[str, Any],
+    operation: str,
+    use_openinference: bool,
+    status: str,
+    start: int,
+    duration: int,
+    messages: list[dict[str, Any]],
+) -> None:
+    attrs = dict(attrs)
+    key = "openinference.span.kind" if use_openinference else "gen_ai.operation.name"
+    attrs[key] = operation
+    attrs["gen_ai.input.messages"] = json.dumps(messages, default=str)
+    mapped = map_span(
+        span(
+            attributes=attrs,
+            status_code=status,
+            start_unix_nano=start,
+            end_unix_nano=start + duration,
+        )
+    )
+    json.dumps(mapped.row, default=str)
+    if mapped.event is not None:
+        valid(mapped.event)

@@ -1,0 +1,557 @@
+"""How an OpenTelemetry span becomes a `spans` row and, when it is LLM work, a v1 event.
+
+The rules read both the OpenTelemetry GenAI semantic conventions (current and deprecated keys)
+and OpenInference. Each rule is a row of the tables below: which attribute keys are read, in
+order of preference, for which event field. Bump MAPPING_VERSION when a rule changes meaning;
+it is stored with every mapped event (metadata `otel.mapping_version`) so old and new rows can
+be told apart.
+
+Input is a `Span` of plain Python values (the receiver decodes OTLP protobuf or JSON into it);
+nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from ..schema import (
+    MAX_COST_USD,
+    MAX_LATENCY_MS,
+    MAX_MESSAGES,
+    MAX_NAME_CHARS,
+    MAX_SHORT_TEXT_CHARS,
+    MAX_TEXT_CHARS,
+    MAX_TOKENS,
+)
+
+MAPPING_VERSION = 1
+
+# The event keeps what no rule read (the `spans` row keeps everything): at most this many
+# attributes, each value cut to this many characters of JSON, so the event stays valid.
+MAX_METADATA_ATTRIBUTES = 256
+MAX_METADATA_VALUE_CHARS = 2_000
+# Event fields holding free-form JSON or long text.
+_JSON_FIELDS = ("tool_input", "tool_output", "response_metadata", "metadata")
+_TEXT_FIELDS = ("prompt", "response", "reasoning", "action", "observation", "stack_trace")
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MAX_NS = int((datetime(2100, 1, 1, tzinfo=UTC) - _EPOCH).total_seconds()) * 10**9 - 1
+
+
+@dataclass(slots=True)
+class SpanEvent:
+    name: str
+    time_unix_nano: int
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Span:
+    """One OTLP span, decoded: ids in lowercase hex, times in Unix nanoseconds, attribute
+    values as str / bool / int / float / list / dict (AnyValue's bytes as base64 text)."""
+
+    trace_id: str
+    span_id: str
+    name: str
+    start_unix_nano: int
+    end_unix_nano: int
+    parent_span_id: str | None = None
+    kind: str = "internal"  # unspecified, internal, server, client, producer, consumer
+    status_code: str = "unset"  # unset, ok, error
+    status_message: str = ""
+    attributes: dict[str, Any] = field(default_factory=dict)
+    resource: dict[str, Any] = field(default_factory=dict)
+    scope_name: str = ""
+    scope_version: str = ""
+    events: list[SpanEvent] = field(default_factory=list)
+    links: list[dict[str, Any]] = field(default_factory=list)
+
+
+# --- the rules ----------------------------------------------------------------------------------
+
+# Which event type a span becomes, from gen_ai.operation.name or openinference.span.kind.
+PROMPT_OPERATIONS = frozenset({"chat", "text_completion", "generate_content", "embeddings"})
+TOOL_OPERATIONS = frozenset({"execute_tool"})
+AGENT_OPERATIONS = frozenset({"invoke_agent", "create_agent", "invoke_workflow"})
+OPENINFERENCE_KINDS = {
+    "LLM": "prompt_call",
+    "EMBEDDING": "prompt_call",
+    "TOOL": "tool_call",
+    "AGENT": "agent_step",
+}
+
+# Event field <- attribute keys, first present wins.
+MODEL_KEYS = ("gen_ai.response.model", "gen_ai.request.model", "llm.model_name")
+PROVIDER_KEYS = ("gen_ai.provider.name", "gen_ai.system", "llm.provider", "llm.system")
+INPUT_TOKEN_KEYS = (
+    "gen_ai.usage.input_tokens",
+    "gen_ai.usage.prompt_tokens",
+    "llm.token_count.prompt",
+)
+OUTPUT_TOKEN_KEYS = (
+    "gen_ai.usage.output_tokens",
+    "gen_ai.usage.completion_tokens",
+    "llm.token_count.completion",
+)
+COST_KEYS = ("gen_ai.usage.cost", "llm.cost.total")
+TOOL_NAME_KEYS = ("gen_ai.tool.name", "tool.name")
+TOOL_INPUT_KEYS = ("gen_ai.tool.call.arguments", "tool.parameters", "input.value")
+TOOL_OUTPUT_KEYS = ("gen_ai.tool.call.result", "output.value")
+AGENT_NAME_KEYS = ("gen_ai.agent.name", "agent.name")
+USER_KEYS = ("user.id", "enduser.id")
+SESSION_KEYS = ("session.id", "gen_ai.conversation.id")
+INPUT_MESSAGES_KEYS = ("gen_ai.input.messages",)
+OUTPUT_MESSAGES_KEYS = ("gen_ai.output.messages",)
+INPUT_TEXT_KEYS = ("gen_ai.prompt", "input.value")
+OUTPUT_TEXT_KEYS = ("gen_ai.completion", "output.value")
+# Kept in response_metadata under their own key.
+RESPONSE_METADATA_KEYS = (
+    "gen_ai.response.id",
+    "gen_ai.response.finish_reasons",
+    "gen_ai.request.temperature",
+    "gen_ai.request.top_p",
+    "gen_ai.request.top_k",
+    "gen_ai.request.max_tokens",
+    "gen_ai.request.seed",
+    "gen_ai.request.stop_sequences",
+    "gen_ai.usage.cache_read.input_tokens",
+    "gen_ai.usage.cache_creation.input_tokens",
+    "gen_ai.usage.reasoning.output_tokens",
+    "llm.token_count.total",
+    "llm.invocation_parameters",
+)
+# Read to classify or copied elsewhere; never listed as not understood.
+CLASSIFY_KEYS = ("gen_ai.operation.name", "openinference.span.kind")
+# Indexed message keys: gen_ai.prompt.{i}.role, llm.input_messages.{i}.message.content, ...
+INDEXED_MESSAGE_PREFIXES = {
+    "input": ("gen_ai.prompt.", "llm.input_messages."),
+    "output": ("gen_ai.completion.", "llm.output_messages."),
+}
+# Span events that carry message content (the deprecated GenAI event form).
+INPUT_MESSAGE_EVENTS = {
+    "gen_ai.system.message": "system",
+    "gen_ai.user.message": "user",
+    "gen_ai.assistant.message": "assistant",
+    "gen_ai.tool.message": "tool",
+}
+OUTPUT_MESSAGE_EVENTS = ("gen_ai.choice",)
+
+# Resource attributes -> event fields.
+ENVIRONMENTS = {"production", "staging", "development"}
+ENVIRONMENT_KEYS = ("deployment.environment.name", "deployment.environment")
+
+
+def event_type_of(span: Span) -> str | None:
+    """The v1 event type a span maps to, or None for a span that is not LLM work and did
+    not fail."""
+    operation = span.attributes.get("gen_ai.operation.name")
+    if not isinstance(operation, str):
+        operation = None
+    if operation in PROMPT_OPERATIONS:
+        return "prompt_call"
+    if operation in TOOL_OPERATIONS:
+        return "tool_call"
+    if operation in AGENT_OPERATIONS:
+        return "agent_step"
+    kind = span.attributes.get("openinference.span.kind")
+    if isinstance(kind, str) and kind.upper() in OPENINFERENCE_KINDS:
+        return OPENINFERENCE_KINDS[kind.upper()]
+    if span.status_code == "error":
+        return "error"
+    return None
+
+
+# --- the mapping --------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Mapped:
+    """A span's row for `spans`, its event (or None) and the attribute keys no rule read."""
+
+    row: dict[str, Any]
+    event: dict[str, Any] | None
+    unmapped: list[str]
+
+
+def map_span(span: Span) -> Mapped:
+    event_type = event_type_of(span)
+    row = span_row(span, event_type)
+    if event_type is None:
+        return Mapped(row, None, [])
+    used: set[str] = set(CLASSIFY_KEYS)
+    event = _common(span, event_type, used)
+    build = _BUILDERS[event_type]
+    build(span, event, used)
+    unmapped = sorted(k for k in span.attributes if k not in used and not _indexed(k))
+    otel: dict[str, Any] = {
+        "otel.mapping_version": MAPPING_VERSION,
+        "otel.span_name": span.name,
+        "otel.span_kind": span.kind,
+    }
+    if span.scope_name:
+        otel["otel.scope"] = span.scope_name
+    if unmapped:
+        otel["otel.attributes"] = {
+            k: _bounded(span.attributes[k]) for k in unmapped[:MAX_METADATA_ATTRIBUTES]
+        }
+        if len(unmapped) > MAX_METADATA_ATTRIBUTES:
+            otel["otel.attributes_left_out"] = len(unmapped) - MAX_METADATA_ATTRIBUTES
+    event["metadata"] = otel
+    return Mapped(row, _within_limits(event), unmapped)
+
+
+def span_row(span: Span, event_type: str | None) -> dict[str, Any]:
+    """The `spans` row: every attribute, resource attribute, event and link as sent."""
+    return {
+        "trace_id": span.trace_id,
+        "span_id": span.span_id,
+        "parent_span_id": span.parent_span_id,
+        "name": span.name,
+        "kind": span.kind,
+        "start_time": _datetime(span.start_unix_nano),
+        "end_time": _datetime(max(span.end_unix_nano, span.start_unix_nano)),
+        "duration_ms": _latency_ms(span),
+        "status_code": span.status_code,
+        "status_message": span.status_message,
+        "service_name": _text(span.resource.get("service.name")) or "",
+        "event_type": event_type,
+        "attributes": {k: _attr_text(v) for k, v in span.attributes.items()},
+        "resource_attributes": {k: _attr_text(v) for k, v in span.resource.items()},
+        "span_events": json.dumps(
+            [
+                {"name": e.name, "time_unix_nano": e.time_unix_nano, "attributes": e.attributes}
+                for e in span.events
+            ],
+            ensure_ascii=False,
+            default=str,
+        ),
+        "links": json.dumps(span.links, ensure_ascii=False, default=str),
+    }
+
+
+def _common(span: Span, event_type: str, used: set[str]) -> dict[str, Any]:
+    event: dict[str, Any] = {
+        "event_type": event_type,
+        "event_id": span.span_id,
+        "run_id": span.trace_id,
+        "timestamp": _datetime(span.start_unix_nano).isoformat(),
+    }
+    if span.parent_span_id:
+        event["parent_event_id"] = span.parent_span_id
+    _put(event, "user_id", _short(_first_text(span.attributes, USER_KEYS, used)))
+    _put(event, "session_id", _short(_first_text(span.attributes, SESSION_KEYS, used)))
+    resource = span.resource
+    _put(event, "release", _short(_text(resource.get("service.version"))))
+    for key in ENVIRONMENT_KEYS:
+        env = _text(resource.get(key))
+        if env in ENVIRONMENTS:
+            event["env"] = env
+            break
+    client = {
+        "hostname": _short(_text(resource.get("host.name"))),
+        "platform": _short(_text(resource.get("service.name"))),
+        "sdk_version": _short(_text(resource.get("telemetry.sdk.version")), 64),
+    }
+    client = {k: v for k, v in client.items() if v}
+    if client:
+        event["client"] = client
+    return event
+
+
+def _prompt_call(span: Span, event: dict[str, Any], used: set[str]) -> None:
+    attrs = span.attributes
+    _put(event, "model", _short(_first_text(attrs, MODEL_KEYS, used)))
+    _put(event, "provider", _short(_first_text(attrs, PROVIDER_KEYS, used)))
+    _put(event, "tokens_input", _first_count(attrs, INPUT_TOKEN_KEYS, used))
+    _put(event, "tokens_output", _first_count(attrs, OUTPUT_TOKEN_KEYS, used))
+    _put(event, "cost_estimate_usd", _first_cost(attrs, COST_KEYS, used))
+    _put(event, "latency_ms", _latency_ms(span))
+    prompt = _messages(span, "input", used)
+    if prompt is None:
+        prompt = _first_text(attrs, INPUT_TEXT_KEYS, used)
+    _put(event, "prompt", prompt)
+    output = _messages(span, "output", used)
+    response = _joined_text(output) if output is not None else None
+    if response is None:
+        response = _first_text(attrs, OUTPUT_TEXT_KEYS, used)
+    _put(event, "response", response)
+    meta = {k: attrs[k] for k in RESPONSE_METADATA_KEYS if k in attrs}
+    used.update(meta)
+    if meta:
+        event["response_metadata"] = meta
+    _status(span, event)
+
+
+def _tool_call(span: Span, event: dict[str, Any], used: set[str]) -> None:
+    attrs = span.attributes
+    name = _first_text(attrs, TOOL_NAME_KEYS, used) or _tool_name_from_span(span.name)
+    event["tool_name"] = _short(name) or "tool"
+    _put(event, "tool_input", _json_value(_first(attrs, TOOL_INPUT_KEYS, used)))
+    _put(event, "tool_output", _json_value(_first(attrs, TOOL_OUTPUT_KEYS, used)))
+    _put(event, "latency_ms", _latency_ms(span))
+    _status(span, event)
+
+
+def _agent_step(span: Span, event: dict[str, Any], used: set[str]) -> None:
+    attrs = span.attributes
+    event["step_number"] = 0  # OTel has no step number; the tree and timestamps order steps
+    _put(event, "step_name", _short(_first_text(attrs, AGENT_NAME_KEYS, used) or span.name))
+    _put(event, "action", _first_text(attrs, ("input.value",), used))
+    _put(event, "observation", _first_text(attrs, ("output.value",), used))
+    _put(event, "latency_ms", _latency_ms(span))
+    if span.status_code == "error":
+        event["status"] = "error"
+
+
+def _error(span: Span, event: dict[str, Any], used: set[str]) -> None:
+    exception = next((e for e in span.events if e.name == "exception"), None)
+    details = exception.attributes if exception else {}
+    error_type = _text(details.get("exception.type")) or _first_text(
+        span.attributes, ("error.type", "exception.type"), used
+    )
+    message = _text(details.get("exception.message")) or span.status_message
+    event["error_type"] = _short(error_type) or "span_error"
+    event["error_message"] = message or f"span {span.name!r} ended with status error"
+    _put(event, "stack_trace", _text(details.get("exception.stacktrace")))
+
+
+_BUILDERS = {
+    "prompt_call": _prompt_call,
+    "tool_call": _tool_call,
+    "agent_step": _agent_step,
+    "error": _error,
+}
+
+
+def _status(span: Span, event: dict[str, Any]) -> None:
+    if span.status_code == "error":
+        event["status"] = "error"
+        message = span.status_message or _exception_message(span)
+        if message:
+            event["error_message"] = message
+
+
+def _exception_message(span: Span) -> str | None:
+    for e in span.events:
+        if e.name == "exception":
+            return _text(e.attributes.get("exception.message"))
+    return None
+
+
+# --- messages -----------------------------------------------------------------------------------
+
+
+def _messages(span: Span, side: str, used: set[str]) -> list[dict[str, Any]] | None:
+    """Chat messages from any of the three forms: a JSON attribute (current GenAI), indexed
+    attributes (deprecated GenAI, OpenInference), span events (deprecated GenAI events)."""
+    keys = INPUT_MESSAGES_KEYS if side == "input" else OUTPUT_MESSAGES_KEYS
+    raw = _first(span.attributes, keys, used)
+    if raw is not None:
+        parsed = _json_value(raw)
+        if isinstance(parsed, list):
+            return [_message(m) for m in parsed if isinstance(m, Mapping)]
+    indexed = _indexed_messages(span.attributes, INDEXED_MESSAGE_PREFIXES[side])
+    if indexed:
+        return indexed
+    found: list[dict[str, Any]] = []
+    for e in span.events:
+        if side == "input" and e.name in INPUT_MESSAGE_EVENTS:
+            content = e.attributes.get("content", e.attributes.get("gen_ai.event.content"))
+            found.append(_message({"role": INPUT_MESSAGE_EVENTS[e.name], "content": content}))
+        elif side == "output" and e.name in OUTPUT_MESSAGE_EVENTS:
+            message = _json_value(e.attributes.get("message"))
+            if isinstance(message, Mapping):
+                found.append(_message({"role": "assistant", **message}))
+            else:
+                found.append(
+                    _message({"role": "assistant", "content": e.attributes.get("content")})
+                )
+    return found or None
+
+
+def _message(raw: Mapping[str, Any]) -> dict[str, Any]:
+    role = _text(raw.get("role")) or "user"
+    content = raw.get("content")
+    if content is None and isinstance(raw.get("parts"), list):
+        # The current GenAI form: parts of type text (others kept as JSON).
+        texts = [p.get("content") for p in raw["parts"] if isinstance(p, Mapping)]
+        if all(isinstance(t, str) for t in texts):
+            content = "".join(texts)
+        else:
+            content = [dict(p) for p in raw["parts"] if isinstance(p, Mapping)]
+    if content is not None and not isinstance(content, str | list):
+        content = json.dumps(content, ensure_ascii=False, default=str)
+    if isinstance(content, list):
+        content = [p if isinstance(p, dict) else {"value": p} for p in content]
+    message: dict[str, Any] = {"role": role[:64]}
+    if content is not None:
+        message["content"] = content
+    return message
+
+
+def _indexed(key: str) -> bool:
+    return any(
+        key.startswith(p) for prefixes in INDEXED_MESSAGE_PREFIXES.values() for p in prefixes
+    )
+
+
+def _indexed_messages(attrs: Mapping[str, Any], prefixes: Iterable[str]) -> list[dict[str, Any]]:
+    """gen_ai.prompt.0.role / .content and llm.input_messages.0.message.role / .content."""
+    by_index: dict[int, dict[str, Any]] = {}
+    for key, value in attrs.items():
+        for prefix in prefixes:
+            if not key.startswith(prefix):
+                continue
+            index, _, rest = key[len(prefix) :].partition(".")
+            if not index.isdigit():
+                continue
+            rest = rest.removeprefix("message.")
+            if rest in ("role", "content"):
+                by_index.setdefault(int(index), {})[rest] = value
+    return [_message(by_index[i]) for i in sorted(by_index)]
+
+
+def _joined_text(messages: list[dict[str, Any]]) -> str | None:
+    texts = [m["content"] for m in messages if isinstance(m.get("content"), str)]
+    return "\n".join(texts) if texts else None
+
+
+# --- values -------------------------------------------------------------------------------------
+
+
+def _first(attrs: Mapping[str, Any], keys: Iterable[str], used: set[str]) -> Any:
+    """The value of the first key present; every key of the rule counts as understood."""
+    found = None
+    for key in keys:
+        if key in attrs:
+            used.add(key)
+            if found is None:
+                found = attrs[key]
+    return found
+
+
+def _first_text(attrs: Mapping[str, Any], keys: Iterable[str], used: set[str]) -> str | None:
+    return _text(_first(attrs, keys, used))
+
+
+def _first_count(attrs: Mapping[str, Any], keys: Iterable[str], used: set[str]) -> int | None:
+    value = _first(attrs, keys, used)
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, int) and 0 <= value <= MAX_TOKENS:
+        return value
+    return None  # out of the contract's range: kept in `spans`, not made up here
+
+
+def _first_cost(attrs: Mapping[str, Any], keys: Iterable[str], used: set[str]) -> float | None:
+    value = _first(attrs, keys, used)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    value = float(value)
+    if math.isfinite(value) and 0 <= value <= MAX_COST_USD:
+        return value
+    return None
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _short(value: str | None, limit: int = MAX_NAME_CHARS) -> str | None:
+    return value[:limit] if value else None
+
+
+def _attr_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _json_value(value: Any) -> Any:
+    """A JSON document sent as a string attribute, decoded; any other value as it is."""
+    if isinstance(value, str) and value[:1] in ("{", "["):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _tool_name_from_span(name: str) -> str:
+    return name.removeprefix("execute_tool ").strip() or name
+
+
+def _datetime(unix_nano: int) -> datetime:
+    # Clamped into the contract's window (1970 to 2100): a span with a zero or absurd time
+    # from a broken clock is still stored, at the nearest time the tables can hold.
+    nanos = min(max(unix_nano, 0), _MAX_NS)
+    return _EPOCH + timedelta(microseconds=nanos // 1000)
+
+
+def _latency_ms(span: Span) -> float:
+    ms = max(span.end_unix_nano - span.start_unix_nano, 0) / 1e6
+    return min(ms, MAX_LATENCY_MS)
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN or Infinity (the contract refuses them): such doubles become text."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _bounded(value: Any) -> Any:
+    value = _finite(value)
+    if isinstance(value, str):
+        return value[:MAX_METADATA_VALUE_CHARS]
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return value if len(text) <= MAX_METADATA_VALUE_CHARS else text[:MAX_METADATA_VALUE_CHARS]
+
+
+def _within_limits(event: dict[str, Any]) -> dict[str, Any]:
+    """Cut what a span may carry beyond the contract's limits (the full values stay in the
+    `spans` row): long texts, too many messages, non-finite numbers in JSON fields."""
+    for key in _JSON_FIELDS:
+        if key in event:
+            event[key] = _finite(event[key])
+            text = json.dumps(event[key], ensure_ascii=False, default=str)
+            if len(text) > MAX_TEXT_CHARS:
+                event[key] = {} if key.endswith("metadata") else text[:MAX_TEXT_CHARS]
+    for key in _TEXT_FIELDS:
+        value = event.get(key)
+        if isinstance(value, str):
+            event[key] = value[:MAX_TEXT_CHARS]
+    if isinstance(event.get("prompt"), list):
+        messages = event["prompt"][:MAX_MESSAGES]
+        for message in messages:
+            content = message.get("content")
+            if isinstance(content, str):
+                message["content"] = content[:MAX_TEXT_CHARS]
+            elif isinstance(content, list):
+                content = _finite(content)
+                text = json.dumps(content, ensure_ascii=False, default=str)
+                message["content"] = content if len(text) <= MAX_TEXT_CHARS else None
+        event["prompt"] = messages
+    if "error_message" in event:
+        event["error_message"] = event["error_message"][:MAX_SHORT_TEXT_CHARS]
+    return event
+
+
+def _put(event: dict[str, Any], key: str, value: Any) -> None:
+    if value is not None and value != "":
+        event[key] = value
