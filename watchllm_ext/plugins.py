@@ -28,6 +28,7 @@ DEFAULT_PLUGINS = (
     "watchllm_ext.builtins.store_sink",
     "watchllm_ext.builtins.rollup",
     "watchllm_ext.quotas.plugin",
+    "watchllm_ext.dashboard",
 )
 
 

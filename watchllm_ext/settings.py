@@ -196,6 +196,31 @@ class Settings(BaseSettings):
         True,
         description="On first `serve` with no keys, create project `default` and print its key.",
     )
+    # --- the dashboard (watchllm_ext/dashboard, docs/DASHBOARD.md) ---
+    dashboard_secret: SecretStr | None = Field(
+        None,
+        min_length=32,
+        description="Secret that encrypts and signs the dashboard's session cookies (32"
+        " characters or more); unset, one is generated once into <data_dir>/dashboard-secret"
+        " (mode 0600). Processes serving one dashboard share it.",
+    )
+    dashboard_session_max_age_s: float = Field(
+        43_200.0,
+        gt=0,
+        description="A dashboard sign-in lasts this long (seconds), then the key is asked again.",
+    )
+    dashboard_secure_cookie: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="The session cookie's Secure flag: `auto` sets it when the request came"
+        " over https (behind a TLS proxy, run uvicorn with --proxy-headers), `always`, `never`.",
+    )
+    dashboard_key_recheck_s: float = Field(
+        2.0,
+        ge=0,
+        le=60,
+        description="How long a dashboard page trusts the last check of its session's key"
+        " (seconds); a revoked key's session ends within this time and key_refresh_s.",
+    )
     # --- host integration: WatchLLMMiddleware (docs/EMBEDDING.md) ---
     host_project_id: str = Field(
         "default",

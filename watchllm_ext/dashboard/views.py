@@ -1,0 +1,911 @@
+"""The dashboard's pages: sign-in, overview, requests explorer, event, runs and run tree.
+
+Every figure on a page comes from the analytics routes (analytics/routes.py), called in
+process with the parameters their URLs take and the session's key as the bearer token: the
+same parsing, the same project rule (a project's key reads its own project, an operator key
+names one), the same errors, on every store. The dashboard has no SQL of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, get_args
+from urllib.parse import parse_qsl, urlencode
+from zoneinfo import ZoneInfo
+
+import anyio
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from markupsafe import Markup
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from ..analytics import routes as api
+from ..auth import Principal
+from ..errors import Problem
+from ..schema import EVENT_TYPES, Status
+from ..settings import Settings
+from . import charts
+from .session import Sealer, load_secret, new_token, same_token
+
+HERE = Path(__file__).parent
+STATIC = HERE / "static"
+SESSION_COOKIE = "watchllm_session"
+CSRF_COOKIE = "watchllm_csrf"  # the sign-in form's token, before there is a session
+MAX_FORM_BYTES = 16_384
+STATUSES: tuple[str, ...] = get_args(Status)
+PERIOD_CHOICES = ("1h", "6h", "24h", "7d", "30d")
+REFRESH_CHOICES = ("0", "30", "60", "300")
+ZONE_CHOICES = (
+    "UTC",
+    "America/Los_Angeles",
+    "America/New_York",
+    "America/Sao_Paulo",
+    "Europe/London",
+    "Europe/Paris",
+    "Africa/Johannesburg",
+    "Asia/Kolkata",
+    "Asia/Shanghai",
+    "Asia/Tokyo",
+    "Australia/Sydney",
+)
+EXPLORER_FILTERS = ("status", "model", "event_type", "user_id", "run_id", "tag", "q")
+EXPLORER_PAGE = 50
+NONE = "-"  # a figure with no value (no calls, no latency)
+# Payloads longer than this are shown folded (a click opens them).
+FOLD_CHARS = 2_000
+
+_SECURITY_HEADERS = {
+    # Our own script and styles only: nothing from a CDN, nothing inline.
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none';"
+    " base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+
+@dataclass
+class Page:
+    """What a signed-in page knows about its request."""
+
+    request: Request
+    token: str
+    principal: Principal
+    csrf: str
+    base: str  # where the app is served (a host's mount path), "" at the root
+    project: str  # the project shown
+    tz: str
+    sticky: dict[str, str] = field(default_factory=dict)  # parameters every link keeps
+
+    def url(self, path: str, **params: Any) -> str:
+        """A dashboard link keeping the project (operator keys) and time zone."""
+        merged = {**self.sticky, **{k: str(v) for k, v in params.items() if v not in (None, "")}}
+        query = urlencode(merged)
+        return f"{self.base}{path}" + (f"?{query}" if query else "")
+
+
+class Dashboard:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._sealer: Sealer | None = None
+        # token -> (checked at, principal or None): the brief cache of key checks.
+        self._checked: dict[str, tuple[float, Principal | None]] = {}
+        self.env = Environment(
+            loader=FileSystemLoader(HERE / "templates"),
+            autoescape=select_autoescape(default=True, default_for_string=True),
+            trim_blocks=True,
+            lstrip_blocks=True,
+        )
+        self.env.filters.update(
+            money=money,
+            count=count,
+            ms=milliseconds,
+            pct=percent,
+            pretty=pretty_json,
+        )
+
+    def routes(self) -> list[BaseRoute]:
+        return [
+            Route("/", self.home, methods=["GET"]),
+            Route("/dashboard", self.home, methods=["GET"]),
+            Route("/dashboard/", self.overview, methods=["GET"], name="dashboard"),
+            Route("/dashboard/signin", self.signin_form, methods=["GET"]),
+            Route("/dashboard/signin", self.signin, methods=["POST"]),
+            Route("/dashboard/signout", self.signout, methods=["POST"]),
+            Route("/dashboard/requests", self.requests, methods=["GET"]),
+            Route("/dashboard/event/{event_id}", self.event, methods=["GET"]),
+            Route("/dashboard/runs", self.runs, methods=["GET"]),
+            Route("/dashboard/run/{run_id}", self.run, methods=["GET"]),
+            Route("/dashboard/static/{name}", self.static, methods=["GET"]),
+        ]
+
+    # --- sessions -------------------------------------------------------------------------
+
+    @property
+    def sealer(self) -> Sealer:
+        if self._sealer is None:  # on first use: the data folder exists by then
+            self._sealer = Sealer(load_secret(self.settings))
+        return self._sealer
+
+    def _secure(self, request: Request) -> bool:
+        mode = self.settings.dashboard_secure_cookie
+        return mode == "always" or (mode == "auto" and request.url.scheme == "https")
+
+    def _cookie(self, response: Response, request: Request, name: str, value: str) -> None:
+        response.set_cookie(
+            name,
+            value,
+            max_age=int(self.settings.dashboard_session_max_age_s),
+            path=(_base(request) or "") + "/",
+            httponly=True,
+            samesite="lax",
+            secure=self._secure(request),
+        )
+
+    def _check_key(self, request: Request, token: str) -> Principal | None:
+        """The key's principal, asked of the `authenticate` hook at most every
+        dashboard_key_recheck_s: a revoked key's session ends within that time."""
+        now = time.monotonic()
+        hit = self._checked.get(token)
+        if hit is not None and now - hit[0] < self.settings.dashboard_key_recheck_s:
+            return hit[1]
+        wl = request.app.state.watchllm
+        principal = wl.pm.hook.authenticate(token=token, request=request)
+        if len(self._checked) > 10_000:  # bounded: many sign-ins on a long-running server
+            self._checked.clear()
+        self._checked[token] = (now, principal)
+        return principal
+
+    def _page(self, request: Request) -> Page | Response:
+        """The signed-in page's context, or the redirect to sign-in."""
+        base = _base(request)
+        payload = self.sealer.unseal(
+            request.cookies.get(SESSION_COOKIE), self.settings.dashboard_session_max_age_s
+        )
+        here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        if payload is None:
+            return RedirectResponse(f"{base}/dashboard/signin?{urlencode({'next': here})}", 303)
+        token = str(payload.get("k", ""))
+        principal = self._check_key(request, token)
+        if principal is None or not principal.can("read"):
+            why = "ended" if principal is None else "scope"
+            response = RedirectResponse(
+                f"{base}/dashboard/signin?{urlencode({'next': here, 'why': why})}", 303
+            )
+            response.delete_cookie(SESSION_COOKIE, path=(base or "") + "/")
+            return response
+        qp = request.query_params
+        sticky: dict[str, str] = {}
+        project = principal.project_id
+        if principal.can("operator"):
+            # An operator key reads any project; the switcher names it in every URL.
+            project = qp.get("project_id") or principal.project_id
+            sticky["project_id"] = project
+        elif "project_id" in qp:
+            # Passed on to the API as given: another project's id is its 403, never data.
+            project = qp["project_id"]
+        tz = qp.get("tz") or "UTC"
+        if tz != "UTC":
+            sticky["tz"] = tz
+        return Page(request, token, principal, str(payload.get("c", "")), base, project, tz, sticky)
+
+    # --- calling the analytics routes -----------------------------------------------------
+
+    async def _api(
+        self,
+        page: Page,
+        endpoint: Callable[[Request], Awaitable[Response]],
+        params: Mapping[str, Any],
+        path_params: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """One analytics route's JSON answer, as an API client with this key would get it."""
+        query = {k: str(v) for k, v in params.items() if v not in (None, "")}
+        if page.principal.can("operator") or "project_id" in page.request.query_params:
+            query["project_id"] = page.project
+        scope = {
+            "type": "http",
+            "method": "GET",
+            "scheme": page.request.url.scheme,
+            "path": "/v1/analytics",
+            "root_path": "",
+            "query_string": urlencode(query).encode(),
+            "headers": [(b"authorization", f"Bearer {page.token}".encode())],
+            "app": page.request.app,
+            "path_params": dict(path_params or {}),
+            "client": page.request.scope.get("client"),
+        }
+        response = await endpoint(Request(scope))
+        return json.loads(bytes(response.body))
+
+    # --- rendering ------------------------------------------------------------------------
+
+    def _render(
+        self, request: Request, name: str, status: int = 200, **context: Any
+    ) -> HTMLResponse:
+        base = _base(request)
+        html = self.env.get_template(name).render(
+            base=base, static=f"{base}/dashboard/static", **context
+        )
+        return HTMLResponse(html, status_code=status, headers=_SECURITY_HEADERS)
+
+    def _problem(self, page: Page, exc: Problem, title: str) -> Response:
+        if exc.status == 401:  # the key went away between our check and the route's
+            self._checked.pop(page.token, None)
+            return RedirectResponse(f"{page.base}/dashboard/signin?why=ended", 303)
+        return self._render(
+            page.request,
+            "problem.html",
+            status=exc.status,
+            page=page,
+            title=title,
+            problem=exc,
+            nav="",
+        )
+
+    # --- routes ---------------------------------------------------------------------------
+
+    async def home(self, request: Request) -> Response:
+        return RedirectResponse(f"{_base(request)}/dashboard/", 303)
+
+    async def static(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        if name == "palette.css":
+            body = charts.palette_css().encode()
+        elif name in ("dashboard.css", "dashboard.js"):
+            body = await anyio.Path(STATIC / name).read_bytes()
+        else:
+            return Response("not found", 404, media_type="text/plain")
+        kind = "text/css" if name.endswith(".css") else "text/javascript"
+        return Response(
+            body,
+            media_type=kind,
+            headers={"Cache-Control": "public, max-age=300", "X-Content-Type-Options": "nosniff"},
+        )
+
+    async def signin_form(self, request: Request) -> Response:
+        return self._signin_page(request, message=_WHY.get(request.query_params.get("why", "")))
+
+    def _signin_page(
+        self, request: Request, message: str | None = None, status: int = 200, field: str = ""
+    ) -> Response:
+        token = new_token()
+        response = self._render(
+            request,
+            "signin.html",
+            status=status,
+            csrf=token,
+            next=_safe_next(request.query_params.get("next"), _base(request)),
+            message=message,
+            field=field,
+        )
+        self._cookie(response, request, CSRF_COOKIE, self.sealer.sign(token))
+        return response
+
+    async def signin(self, request: Request) -> Response:
+        form = await _form(request)
+        base = _base(request)
+        expected = self.sealer.unsign(request.cookies.get(CSRF_COOKIE))
+        if not same_token(form.get("csrf_token"), expected):
+            return self._signin_page(
+                request,
+                "csrf_token: the form expired or came from another site; sign in again.",
+                403,
+                "csrf_token",
+            )
+        key = (form.get("api_key") or "").strip()
+        if not key:
+            return self._signin_page(request, "api_key: enter an API key.", 400, "api_key")
+        wl = request.app.state.watchllm
+        principal = await anyio.to_thread.run_sync(
+            lambda: wl.pm.hook.authenticate(token=key, request=request)
+        )
+        if principal is None:
+            return self._signin_page(
+                request, "api_key: this key is not valid (unknown or revoked).", 401, "api_key"
+            )
+        if not principal.can("read"):
+            return self._signin_page(
+                request,
+                "api_key: this key cannot read analytics (its scopes: "
+                f"{', '.join(sorted(principal.scopes))}); use a key with read or admin scope.",
+                403,
+                "api_key",
+            )
+        self._checked[key] = (time.monotonic(), principal)
+        session = self.sealer.seal({"k": key, "c": new_token(), "iat": int(time.time())})
+        target = _safe_next(form.get("next"), base) or f"{base}/dashboard/"
+        response = RedirectResponse(target, 303)
+        self._cookie(response, request, SESSION_COOKIE, session)
+        response.delete_cookie(CSRF_COOKIE, path=(base or "") + "/")
+        return response
+
+    async def signout(self, request: Request) -> Response:
+        page = self._page(request)
+        if not isinstance(page, Page):
+            return page
+        form = await _form(request)
+        if not same_token(form.get("csrf_token"), page.csrf):
+            return self._render(
+                request,
+                "problem.html",
+                status=403,
+                page=page,
+                title="Sign out",
+                problem=Problem(
+                    403,
+                    "csrf",
+                    "csrf_token: the form expired or came from another site; reload the page.",
+                    field="csrf_token",
+                ),
+                nav="",
+            )
+        self._checked.pop(page.token, None)
+        response = RedirectResponse(f"{page.base}/dashboard/signin?why=out", 303)
+        response.delete_cookie(SESSION_COOKIE, path=(page.base or "") + "/")
+        return response
+
+    async def overview(self, request: Request) -> Response:
+        page = self._page(request)
+        if not isinstance(page, Page):
+            return page
+        qp = request.query_params
+        period = qp.get("period") or "24h"
+        refresh = qp.get("refresh") or "60"
+        now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        common = {"period": period, "to": now}
+        try:
+            current = await self._api(page, api.stats, common)
+            previous = await self._api(page, api.stats, {"period": period, "to": current["from"]})
+            series = await self._api(page, api.timeseries, {**common, "tz": page.tz})
+            by_model = await self._api(
+                page,
+                api.timeseries,
+                {**common, "tz": page.tz, "group_by": "model", "rank_by": "cost", "groups": 6},
+            )
+            ever = None
+            if current["total_events"] == 0:  # empty range: a new project, or just quiet?
+                ever = await self._api(page, api.logs, {"period": "90d", "limit": 1})
+        except Problem as exc:
+            return self._problem(page, exc, "Overview")
+        return self._render(
+            request,
+            "overview.html",
+            page=page,
+            nav="overview",
+            title="Overview",
+            period=period,
+            periods=PERIOD_CHOICES,
+            zones=_zones(page.tz),
+            refresh=refresh if refresh in REFRESH_CHOICES else "60",
+            refreshes=REFRESH_CHOICES,
+            cards=_cards(current, previous),
+            stats=current,
+            charts=_overview_charts(series, by_model, page.tz),
+            empty=None if current["total_events"] else ("new" if not ever["events"] else "quiet"),
+            example=_example(request, page),
+        )
+
+    async def requests(self, request: Request) -> Response:
+        page = self._page(request)
+        if not isinstance(page, Page):
+            return page
+        qp = request.query_params
+        period = qp.get("period") or "24h"
+        filters = {name: qp.get(name, "") for name in EXPLORER_FILTERS}
+        params: dict[str, Any] = {
+            "period": period,
+            "limit": EXPLORER_PAGE,
+            "cursor": qp.get("cursor"),
+            **filters,
+        }
+        try:
+            answer = await self._api(page, api.logs, params)
+        except Problem as exc:
+            return self._problem(page, exc, "Requests")
+        for row in answer["events"]:
+            row["local_time"] = local_time(row["timestamp"], page.tz)
+        shown = {k: v for k, v in filters.items() if v}
+        return self._render(
+            request,
+            "requests.html",
+            page=page,
+            nav="requests",
+            title="Requests",
+            period=period,
+            periods=PERIOD_CHOICES,
+            filters=filters,
+            statuses=STATUSES,
+            event_types=EVENT_TYPES,
+            events=answer["events"],
+            next_url=page.url(
+                "/dashboard/requests", period=period, cursor=answer["next_cursor"], **shown
+            )
+            if answer["next_cursor"]
+            else None,
+            first_url=page.url("/dashboard/requests", period=period, **shown)
+            if qp.get("cursor")
+            else None,
+            filtered=bool(shown),
+            example=_example(request, page),
+        )
+
+    async def event(self, request: Request) -> Response:
+        page = self._page(request)
+        if not isinstance(page, Page):
+            return page
+        event_id = request.path_params["event_id"]
+        try:
+            detail = await self._api(page, api.event, {}, {"event_id": event_id})
+        except Problem as exc:
+            return self._problem(page, exc, "Event")
+        event = detail["event"]
+        return self._render(
+            request,
+            "event.html",
+            page=page,
+            nav="requests",
+            title=f"{event.get('event_type', 'event')} {event_id}",
+            detail=detail,
+            event=event,
+            local=local_time(event.get("timestamp"), page.tz),
+            prompt=_payload(event.get("prompt")),
+            response=_payload(event.get("response")),
+            extras=[
+                (name, _payload(event.get(name)))
+                for name in (
+                    "metadata",
+                    "response_metadata",
+                    "tool_input",
+                    "tool_output",
+                    "expected",
+                    "actual",
+                    "error_message",
+                    "stack_trace",
+                    "reasoning",
+                )
+                if event.get(name) not in (None, "", {}, [])
+            ],
+            tools=[
+                {
+                    **t,
+                    "input": _payload(t.get("tool_input")),
+                    "output": _payload(t.get("tool_output")),
+                }
+                for t in detail["tool_calls"]
+            ],
+            everything=_payload(event),
+        )
+
+    async def runs(self, request: Request) -> Response:
+        page = self._page(request)
+        if not isinstance(page, Page):
+            return page
+        qp = request.query_params
+        period = qp.get("period") or "24h"
+        try:
+            answer = await self._api(
+                page,
+                api.runs,
+                {"period": period, "limit": EXPLORER_PAGE, "cursor": qp.get("cursor")},
+            )
+        except Problem as exc:
+            return self._problem(page, exc, "Runs")
+        for row in answer["runs"]:
+            row["local_time"] = local_time(row["start"], page.tz)
+        return self._render(
+            request,
+            "runs.html",
+            page=page,
+            nav="runs",
+            title="Runs",
+            period=period,
+            periods=PERIOD_CHOICES,
+            runs=answer["runs"],
+            next_url=page.url("/dashboard/runs", period=period, cursor=answer["next_cursor"])
+            if answer["next_cursor"]
+            else None,
+            first_url=page.url("/dashboard/runs", period=period) if qp.get("cursor") else None,
+        )
+
+    async def run(self, request: Request) -> Response:
+        page = self._page(request)
+        if not isinstance(page, Page):
+            return page
+        run_id = request.path_params["run_id"]
+        try:
+            detail = await self._api(page, api.run, {}, {"run_id": run_id})
+        except Problem as exc:
+            return self._problem(page, exc, "Run")
+        rows = waterfall(detail["tree"])
+        return self._render(
+            request,
+            "run.html",
+            page=page,
+            nav="runs",
+            title=f"Run {run_id}",
+            run=detail["run"],
+            rows=rows,
+            truncated=detail["truncated"],
+            local=local_time(detail["run"]["start"], page.tz),
+        )
+
+
+_WHY = {
+    "ended": "Your session ended: the key is no longer valid. Sign in with a current key.",
+    "scope": "That key cannot read analytics; sign in with a key of read or admin scope.",
+    "out": "You are signed out.",
+}
+
+
+def _base(request: Request) -> str:
+    """The path the app is served under: a host's mount, or uvicorn's --root-path."""
+    return str(request.scope.get("root_path", "")).rstrip("/")
+
+
+def _safe_next(value: str | None, base: str) -> str | None:
+    """A page of this dashboard to return to after sign-in; anything else (another site,
+    `//host`, a scheme) is dropped."""
+    if not value or len(value) > 2000 or "\\" in value:
+        return None
+    prefix = f"{base}/dashboard"
+    if (
+        value.startswith(prefix)
+        and not value.startswith("//")
+        and value[len(prefix) :][:1]
+        in (
+            "/",
+            "?",
+            "",
+        )
+    ):
+        return value
+    return None
+
+
+async def _form(request: Request) -> dict[str, str]:
+    """An urlencoded form body (the dashboard's forms are small; no multipart)."""
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            break
+    try:
+        return dict(parse_qsl(body[:MAX_FORM_BYTES].decode(), keep_blank_values=True))
+    except UnicodeDecodeError:
+        return {}
+
+
+def _zones(current: str) -> list[str]:
+    return list(ZONE_CHOICES) + ([current] if current not in ZONE_CHOICES else [])
+
+
+# --- figures --------------------------------------------------------------------------------
+
+
+def money(value: float | None) -> str:
+    if value is None:
+        return NONE
+    if value and abs(value) < 0.01:
+        return f"${value:.4f}"
+    return f"${value:,.2f}"
+
+
+def count(value: float | None) -> str:
+    if value is None:
+        return NONE
+    # Thousands from 10,000 on (1,234 reads better whole); one decimal keeps 3 digits.
+    for size, unit, suffix in ((1e9, 1e9, "B"), (1e6, 1e6, "M"), (1e4, 1e3, "k")):
+        if abs(value) >= size:
+            return f"{value / unit:.1f}{suffix}"
+    if value != int(value):
+        return f"{value:,.1f}"
+    return f"{value:,.0f}"
+
+
+def milliseconds(value: float | None) -> str:
+    if value is None:
+        return NONE
+    return f"{value / 1000:.2f} s" if value >= 1000 else f"{value:.0f} ms"
+
+
+def percent(value: float | None) -> str:
+    return NONE if value is None else f"{100 * value:.1f}%"
+
+
+def pretty_json(value: Any) -> str:
+    return json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True, default=str)
+
+
+def local_time(iso: str | None, tz: str) -> str:
+    if not iso:
+        return ""
+    moment = datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    try:
+        zone = ZoneInfo(tz)
+    except (KeyError, ValueError):
+        zone = ZoneInfo("UTC")
+    return moment.astimezone(zone).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@dataclass
+class Card:
+    label: str
+    value: str
+    change: str  # "+12% vs previous period", or "" when there is nothing to compare
+    direction: str  # "up", "down", "flat" or ""
+    good: bool | None  # is the change good news (None: neither)
+
+
+def _change(
+    now: float | None, before: float | None, more_is_good: bool | None
+) -> tuple[str, str, bool | None]:
+    if now is None or before is None:
+        return "", "", None
+    if before == 0:
+        return ("new", "up", more_is_good) if now else ("no change", "flat", None)
+    delta = (now - before) / before
+    if abs(delta) < 0.005:
+        return "no change", "flat", None
+    up = delta > 0
+    return (
+        f"{delta:+.0%}",
+        "up" if up else "down",
+        None if more_is_good is None else up == more_is_good,
+    )
+
+
+def _cards(cur: dict[str, Any], prev: dict[str, Any]) -> list[Card]:
+    def card(
+        label: str, value: str, now: float | None, before: float | None, good: bool | None
+    ) -> Card:
+        text, direction, is_good = _change(now, before, good)
+        return Card(label, value, text, direction, is_good)
+
+    rate_now, rate_before = cur["error_rate"], prev["error_rate"]
+    points = (rate_now - rate_before) * 100
+    rate = Card(
+        "Error rate",
+        percent(rate_now),
+        "no change" if abs(points) < 0.05 else f"{points:+.1f} pts",
+        "flat" if abs(points) < 0.05 else ("up" if points > 0 else "down"),
+        None if abs(points) < 0.05 else points < 0,
+    )
+    return [
+        card(
+            "Requests",
+            count(cur["total_requests"]),
+            cur["total_requests"],
+            prev["total_requests"],
+            None,
+        ),
+        card("Cost", money(cur["total_cost"]), cur["total_cost"], prev["total_cost"], False),
+        card(
+            "Tokens in", count(cur["tokens_input"]), cur["tokens_input"], prev["tokens_input"], None
+        ),
+        card(
+            "Tokens out",
+            count(cur["tokens_output"]),
+            cur["tokens_output"],
+            prev["tokens_output"],
+            None,
+        ),
+        card(
+            "Average latency",
+            milliseconds(cur["avg_latency_ms"]),
+            cur["avg_latency_ms"],
+            prev["avg_latency_ms"],
+            False,
+        ),
+        card(
+            "p95 latency",
+            milliseconds(cur["latency_ms"]["p95"]),
+            cur["latency_ms"]["p95"],
+            prev["latency_ms"]["p95"],
+            False,
+        ),
+        rate,
+    ]
+
+
+@dataclass
+class Chart:
+    id: str
+    title: str
+    svg: Markup
+    legend: list[tuple[str, str]]
+    columns: list[str]
+    rows: list[list[str]]
+
+
+def _overview_charts(series: dict[str, Any], by_model: dict[str, Any], tz: str) -> list[Chart]:
+    points = series["series"].get("all", [])
+    times = [datetime.fromisoformat(p["t"].replace("Z", "+00:00")) for p in points]
+    labels = [local_time(p["t"], tz) for p in points]
+
+    def chart(
+        cid: str,
+        title: str,
+        lines: list[charts.Series],
+        fmt: Callable[[float], str],
+        at: list[datetime],
+    ) -> Chart:
+        return Chart(
+            cid,
+            title,
+            charts.line_chart(title, at, lines, tz, fmt),
+            charts.legend(lines),
+            ["time", *(s.name for s in lines)],
+            [
+                [labels[i] if i < len(labels) else "", *(fmt(s.values[i]) for s in lines)]
+                for i in range(len(at))
+            ],
+        )
+
+    out = [
+        chart(
+            "requests",
+            "Requests and errors",
+            [
+                charts.Series("requests", [p["requests"] for p in points]),
+                charts.Series("errors", [p["errors"] for p in points]),
+            ],
+            count,
+            times,
+        ),
+        chart(
+            "tokens",
+            "Tokens",
+            [
+                charts.Series("input", [p["tokens_input"] for p in points]),
+                charts.Series("output", [p["tokens_output"] for p in points]),
+            ],
+            count,
+            times,
+        ),
+        chart(
+            "latency",
+            "Latency p50 and p95",
+            [
+                charts.Series("p50", [p["latency_p50_ms"] for p in points]),
+                charts.Series("p95", [p["latency_p95_ms"] for p in points]),
+            ],
+            milliseconds,
+            times,
+        ),
+    ]
+    models = [
+        charts.Series(name, [p["cost"] for p in pts]) for name, pts in by_model["series"].items()
+    ]
+    if by_model.get("other"):
+        models.append(charts.Series("other models", [p["cost"] for p in by_model["other"]]))
+    model_points = next(iter(by_model["series"].values()), points)
+    model_times = [datetime.fromisoformat(p["t"].replace("Z", "+00:00")) for p in model_points]
+    out.append(chart("cost", "Cost by model", models, money, model_times))
+    return out
+
+
+# --- event and run views --------------------------------------------------------------------
+
+
+@dataclass
+class Payload:
+    """A prompt, response or JSON field as the event page shows it."""
+
+    kind: str  # "messages", "text" or "json"
+    text: str  # the text or pretty JSON ("" for messages)
+    messages: list[dict[str, str]]
+    folded: bool  # long: shown closed, a click opens it
+    size: int
+
+
+def _payload(value: Any) -> Payload:
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(m, dict) and "role" in m for m in value)
+    ):
+        messages = [
+            {
+                "role": str(m.get("role")),
+                "content": m["content"]
+                if isinstance(m.get("content"), str)
+                else pretty_json(m.get("content")),
+            }
+            for m in value
+        ]
+        size = sum(len(m["content"]) for m in messages)
+        return Payload("messages", "", messages, size > FOLD_CHARS, size)
+    if isinstance(value, str):
+        return Payload("text", value, [], len(value) > FOLD_CHARS, len(value))
+    text = pretty_json(value)
+    return Payload("json", text, [], len(text) > FOLD_CHARS, len(text))
+
+
+@dataclass
+class Row:
+    """One node of a run tree, flattened in tree order, with its place on the waterfall."""
+
+    depth: int
+    kind: str
+    id: str
+    name: str
+    status: str
+    timestamp: str
+    duration_ms: float
+    left: float  # percent of the run's time
+    width: float
+    event: dict[str, Any] | None
+
+
+def waterfall(tree: list[dict[str, Any]]) -> list[Row]:
+    flat: list[tuple[int, dict[str, Any]]] = []
+    stack = [(0, node) for node in reversed(tree)]
+    while stack:  # iterative: a tree is up to 100 deep and 10,000 nodes
+        depth, node = stack.pop()
+        flat.append((depth, node))
+        stack.extend((depth + 1, child) for child in reversed(node.get("children", [])))
+
+    def when(node: dict[str, Any]) -> datetime | None:
+        ts = node.get("timestamp")
+        return datetime.fromisoformat(ts.replace("Z", "+00:00")) if ts else None
+
+    def duration(node: dict[str, Any]) -> float:
+        if node["kind"] == "span":
+            return float((node.get("span") or {}).get("duration_ms") or 0)
+        return float((node.get("event") or {}).get("latency_ms") or 0)
+
+    starts = [t for _, n in flat if (t := when(n)) is not None]
+    if not starts:
+        return []
+    begin = min(starts)
+    end = max(
+        (t + timedelta(milliseconds=duration(n)) for _, n in flat if (t := when(n)) is not None),
+        default=begin,
+    )
+    total_ms = max((end - begin).total_seconds() * 1000, 1.0)
+    rows = []
+    for depth, node in flat:
+        t = when(node) or begin
+        offset = (t - begin).total_seconds() * 1000
+        ms = duration(node)
+        event = node.get("event")
+        span = node.get("span") or {}
+        if node["kind"] == "event" and event:
+            name = event.get("tool_name") or event.get("model") or event["event_type"]
+            label = f"{event['event_type']}: {name}" if name != event["event_type"] else name
+            status = event.get("status") or ""
+        else:
+            label = f"span: {span.get('name', '')}"
+            status = str(span.get("status_code") or "")
+        rows.append(
+            Row(
+                depth=depth,
+                kind=node["kind"],
+                id=node["id"],
+                name=label,
+                status=status,
+                timestamp=node.get("timestamp") or "",
+                duration_ms=ms,
+                left=charts.bar(offset, total_ms),
+                width=max(0.4, charts.bar(ms, total_ms)),
+                event=event,
+            )
+        )
+    return rows
+
+
+# --- the empty state -----------------------------------------------------------------------
+
+
+def _example(request: Request, page: Page) -> dict[str, str]:
+    """The first-event commands shown on an empty project, filled in for this server and
+    this minute (templates/_empty.html lays them out)."""
+    url = f"{request.url.scheme}://{request.url.netloc}{page.base}"
+    stamp = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return {"url": url, "timestamp": stamp, "project": page.project}
