@@ -3,6 +3,7 @@ written, in a shell, from the repository's root."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import httpx
 from chfixture import start_fixture
 from conftest import Running, free_port, prompt_call
 
+from watchllm_ext import Settings, create_app
 from watchllm_plugins.clickhouse_store import ClickHouseStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,18 +55,6 @@ def shell(command: str, **env: str) -> subprocess.CompletedProcess[str]:
 def _env(more: dict[str, str]) -> dict[str, str]:
     bin_dir = str(Path(sys.executable).parent)
     return {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], **more}
-
-
-def test_fastapi_host_self_test() -> None:
-    done = subprocess.run(
-        [sys.executable, str(EXAMPLES / "fastapi_host.py"), "--self-test"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    assert "ingest: 202" in done.stdout and "'event_id': 'host-1'" in done.stdout
 
 
 def test_send_events_as_documented(server: Running) -> None:
@@ -118,15 +108,16 @@ def test_golden_path_from_the_environment(server: Running) -> None:
     assert done.returncode == 0 and "Success" in done.stdout, done.stderr
 
 
-class Host:
-    """examples/fastapi_host.py started by its documented line."""
+class App:
+    """examples/fastapi_app.py started by its documented line (on a free port)."""
 
-    def __init__(self, command: str, port: int, data_dir: Path) -> None:
-        self.url = f"http://127.0.0.1:{port}"
+    def __init__(self, command: str, data_dir: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            ["bash", "-c", "exec " + command],
+            ["bash", "-c", "exec " + command.replace("8000", str(self.port))],
             cwd=ROOT,
-            env=_env({"WATCHLLM_PORT": str(port), "WATCHLLM_DATA_DIR": str(data_dir)}),
+            env=_env({"WATCHLLM_DATA_DIR": str(data_dir)}),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -136,7 +127,7 @@ class Host:
         for line in self.proc.stdout:  # what it prints before uvicorn starts
             if line.startswith("KEY="):
                 self.key = line.strip().split("=", 1)[1]
-            if "mounted at" in line:
+            if line.startswith("listening on"):
                 break
         deadline = time.monotonic() + 60
         while True:
@@ -146,8 +137,11 @@ class Host:
             except httpx.HTTPError:
                 pass
             assert self.proc.poll() is None, self.stop()
-            assert time.monotonic() < deadline, "the host did not start"
+            assert time.monotonic() < deadline, "the app did not start"
             time.sleep(0.2)
+
+    def run(self, documented_line: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return shell(documented_line.replace("8000", str(self.port)), **env)
 
     def stop(self) -> str:
         if self.proc.poll() is None:
@@ -159,37 +153,57 @@ class Host:
         return output
 
 
-def test_fastapi_host_as_documented(tmp_path: Path) -> None:
-    install, start, send = documented("fastapi_host.py")
-    assert install.startswith("pip install -e '.[examples]'")
+def test_fastapi_app_as_documented(tmp_path: Path) -> None:
+    """The LLM app example: the README's one install makes it runnable; its documented lines
+    answer; a user over the daily budget is refused before the LLM is called."""
+    install, start, chat, stream, logs = documented("fastapi_app.py")
+    assert install == "pip install -e '.[server]'"
+    assert "pip install -e '.[server]'" in (ROOT / "README.md").read_text()
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert any(d.startswith("fastapi") for d in extras["optional-dependencies"]["examples"])
-    port = free_port()
-    host = Host(start, port, tmp_path / "host")
+    assert any(d.startswith("fastapi") for d in extras["optional-dependencies"]["server"])
+    data = tmp_path / "app"
+    app = App(start, data)
+    alice_ok = 0
     try:
-        # One folder: the key it printed is in the app's own key file.
-        assert (tmp_path / "host" / "keys.sqlite3").exists()
-        key = host.key
-        assert key.startswith("wllm_")
-        with httpx.Client(base_url=host.url + "/watchllm", timeout=10) as client:
-            sent = shell(send, WATCHLLM_PORT=str(port), KEY=key)
-            assert '"accepted":1' in sent.stdout, sent.stdout + sent.stderr
-            deadline = time.monotonic() + 10
-            while True:  # within flush_interval_s (1 s) of the 202
-                stats = client.get(
-                    "/v1/analytics/stats",
-                    params={"project_id": "default"},
-                    headers={"Authorization": f"Bearer {key}"},
-                ).json()
-                if stats["total_events"] == 1 or time.monotonic() > deadline:
+        assert app.key.startswith("wllm_") and (data / "keys.sqlite3").exists()
+        done = app.run(chat)
+        answer = json.loads(done.stdout)
+        assert "WatchLLM saw this call" in answer["answer"] and len(answer["run_id"]) == 32
+        alice_ok += 1
+        done = app.run(stream)
+        assert done.stdout.startswith('data: "WatchLLM "') and done.stdout.count("data: ") > 10
+        alice_ok += 1  # the stream's call is hers too
+        # alice (X-User-Id) calls until her $0.01 a day is spent: then 429, before the LLM.
+        with httpx.Client(base_url=app.url, timeout=10) as client:
+            deadline = time.monotonic() + 60
+            while True:
+                r = client.post("/chat", json={"message": "hi"}, headers={"X-User-Id": "alice"})
+                if r.status_code != 200:
                     break
+                alice_ok += 1
+                assert time.monotonic() < deadline, "alice was never refused"
                 time.sleep(0.2)
-            assert stats["total_events"] == 1, stats
+            assert r.status_code == 429 and r.json()["field"] == "X-User-Id", r.text
+            assert int(r.headers["Retry-After"]) > 0 and "daily budget" in r.json()["message"]
+            bob = client.post("/chat", json={"message": "hi"}, headers={"X-User-Id": "bob"})
+            assert bob.status_code == 200
+            time.sleep(1.5)  # the writer's flush interval: then the logs show the calls
+        done = app.run(logs, KEY=app.key)
+        assert '"event_type":"prompt_call"' in done.stdout, done.stdout + done.stderr
     finally:
-        output = host.stop()
-    assert "host: starting" in output and "host: stopping" in output
+        app.stop()
+    # One stored LLM call per answered chat of alice's: the refused ones never reached it.
+    store = create_app(Settings(data_dir=data)).state.watchllm.open_store()
+    try:
+        rows = store.query(
+            "SELECT count() AS n FROM events FINAL"
+            " WHERE user_id = 'alice' AND event_type = 'prompt_call'"
+        )
+    finally:
+        store.close()
+    assert rows == [{"n": alice_ok}]
     # A second start in the same folder keeps the key and prints none.
-    again = Host(start, free_port(), tmp_path / "host")
+    again = App(start, data)
     assert again.key == ""
     again.stop()
 

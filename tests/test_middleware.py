@@ -430,8 +430,8 @@ def test_a_user_over_their_daily_budget_is_denied_before_the_handler_runs(
 
 
 def test_budget_reads_are_cached_and_shared(tmp_path: Path) -> None:
-    """Concurrent requests of one user while the cache is cold make one store read, and a
-    fresh cache makes none."""
+    """Concurrent requests of several users while the cache is cold make one store read (all
+    of the project's users at once), and a fresh cache makes none."""
     settings = make_settings(tmp_path)
     wl_app = create_app(settings)
     host = FastAPI()
@@ -452,7 +452,7 @@ def test_budget_reads_are_cached_and_shared(tmp_path: Path) -> None:
         async def burst() -> list[int]:
             async with httpx.AsyncClient(base_url=server.url) as client:
                 answers = await asyncio.gather(
-                    *(client.get("/x", headers={"X-User-Id": "carol"}) for _ in range(20))
+                    *(client.get("/x", headers={"X-User-Id": f"u{i % 5}"}) for i in range(20))
                 )
                 return [a.status_code for a in answers]
 

@@ -44,10 +44,12 @@ from ..app import WatchLLM
 from ..auth import Principal
 from ..errors import Problem
 from ..locks import FolderLock, FolderLocked
-from ..sdk.context import RunContext, new_id, use_run
+from ..sdk.context import RunContext
+from ..sdk.context import _current as _current_run
 from ..store.base import StoreLockedError
 from .budget import UserDailyBudget
-from .recorder import Outbox, Recorder, use_recorder
+from .recorder import Outbox, Recorder, fast_id
+from .recorder import _current as _current_recorder
 
 log = logging.getLogger("watchllm.middleware")
 
@@ -318,6 +320,7 @@ class WatchLLMMiddleware:
             wl.pm.register(self.budget, name=name)
         else:
             self.budget = None
+        self._quota_hook = wl.pm.hook.check_quota
         self._resolved: dict[tuple[int, str, str, str], _Resolved] = {}
         self._warned_not_running = False
 
@@ -381,7 +384,7 @@ class WatchLLMMiddleware:
             if not isinstance(found, str | None):
                 found = await found
             user_id = found[:MAX_USER_CHARS] if found else None
-        event_id = new_id()
+        event_id = fast_id()
         context = RunContext(run_id, parent_event_id=event_id, user_id=user_id)
         recorder = Recorder(context, event_id, owner.outbox)
         state = scope.get("state")
@@ -424,8 +427,14 @@ class WatchLLMMiddleware:
 
         error: BaseException | None = None
         try:
-            with use_run(context), use_recorder(recorder):
+            # ContextVar.set/reset rather than the context managers: this is per request.
+            run_token = _current_run.set(context)
+            recorder_token = _current_recorder.set(recorder)
+            try:
                 await self.app(scope, receive, observed_send)
+            finally:
+                _current_recorder.reset(recorder_token)
+                _current_run.reset(run_token)
         except BaseException as exc:
             error = exc
             raise
@@ -459,10 +468,12 @@ class WatchLLMMiddleware:
                     run_id = match[2]
                 parent = match[3]
         if run_id is None or not _ID.fullmatch(run_id):
-            run_id = new_id()  # none, or not an id the contract takes: a run of its own
+            run_id = fast_id()  # none, or not an id the contract takes: a run of its own
         return run_id, parent, user
 
     async def _check(self, user_id: str | None, template: str | None) -> Problem | None:
+        if not self._quota_hook.get_hookimpls():
+            return None  # no quota plugin at all: nothing to ask
         try:
             await self.wl.check_quota(self.principal, 0, user_id=user_id, route=template)
         except Problem as exc:

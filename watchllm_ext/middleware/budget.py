@@ -5,10 +5,12 @@ denied before its handler runs (429, Retry-After: the seconds to the next UTC mi
 Spend is what WatchLLM knows from stored cost: the sum of `cost_estimate_usd` (the client's,
 or the one computed from the model's price) of the user's prompt calls stored today.
 
-It is read through the store and cached per (project, user) for `cache_s`, one query at a
-time per user however many requests wait for it. So the spend a decision sees is behind by
-at most: the outbox interval (recorded events), the writer's flush_interval_s (to the
-store) and `cache_s`; requests in that window can go over the budget by what they cost.
+It is read through the store for all the project's users at once (one grouped query, so
+its cost does not grow with the number of users making requests), and that read is reused
+for `cache_s`, one read at a time however many requests wait for it. So the spend a decision
+sees is behind by at most: the outbox interval (recorded events), the writer's
+flush_interval_s (to the store) and `cache_s`; requests in that window can go over the
+budget by what they cost.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ if TYPE_CHECKING:
 
 # FINAL: a copy of an event delivered twice counts once (the tables' ReplacingMergeTree).
 SPEND_TODAY = f"""
-SELECT sum({COST_NANOS}) AS nanos FROM events FINAL
+SELECT user_id, sum({COST_NANOS}) AS nanos FROM events FINAL
 WHERE project_id = {{project:String}} AND timestamp >= {{since:DateTime64(3, 'UTC')}}
-  AND user_id = {{user:String}} AND event_type = 'prompt_call'
+  AND event_type = 'prompt_call' AND user_id IS NOT NULL
+GROUP BY user_id
 """
 
 
@@ -51,9 +54,9 @@ class UserDailyBudget:
         self.wl = wl
         self.budget_usd = budget_usd
         self.cache_s = cache_s
-        # (project, user) -> (spend in USD, the day it is for, monotonic time it was read)
-        self._cache: dict[tuple[str, str], tuple[float, datetime, float]] = {}
-        self._pending: dict[tuple[str, str], asyncio.Future[float]] = {}
+        # project -> (each user's spend in USD, the day it is for, monotonic time read)
+        self._cache: dict[str, tuple[dict[str, float], datetime, float]] = {}
+        self._pending: dict[str, asyncio.Future[dict[str, float]]] = {}
         self.queries = 0  # store reads made, for the tests and the docs' staleness figures
 
     @hookimpl
@@ -63,49 +66,47 @@ class UserDailyBudget:
         if n_events or user_id is None:
             return None
         now = datetime.now(UTC)
-        key = (principal.project_id, user_id)
-        cached = self._cache.get(key)
+        project = principal.project_id
+        cached = self._cache.get(project)
         if (
             cached is not None
             and cached[1] == _start_of_day(now)
             and time.monotonic() - cached[2] < self.cache_s
         ):
-            return self.decide(cached[0], now)  # the common case: no await, no query
-        return self._read_then_decide(key, now)
+            return self.decide(cached[0].get(user_id, 0.0), now)  # no await, no query
+        return self._read_then_decide(project, user_id, now)
 
-    async def _read_then_decide(self, key: tuple[str, str], now: datetime) -> QuotaDecision:
-        return self.decide(await self.spend_today(key, now), now)
+    async def _read_then_decide(self, project: str, user_id: str, now: datetime) -> QuotaDecision:
+        spends = await self.spend_today(project, now)
+        return self.decide(spends.get(user_id, 0.0), now)
 
-    async def spend_today(self, key: tuple[str, str], now: datetime) -> float:
-        """The user's stored spend today; concurrent callers share one store read."""
-        pending = self._pending.get(key)
+    async def spend_today(self, project: str, now: datetime) -> dict[str, float]:
+        """Each user's stored spend today; concurrent callers share one store read."""
+        pending = self._pending.get(project)
         if pending is not None:
             return await asyncio.shield(pending)
-        future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-        self._pending[key] = future
+        future: asyncio.Future[dict[str, float]] = asyncio.get_running_loop().create_future()
+        self._pending[project] = future
         try:
             day = _start_of_day(now)
-            spend = await anyio.to_thread.run_sync(self._read, key, day)
-            self._cache[key] = (spend, day, time.monotonic())
-            if len(self._cache) > 100_000:  # bounded: forget the oldest reads
-                for stale in list(self._cache)[:10_000]:
-                    del self._cache[stale]
-            future.set_result(spend)
-            return spend
+            spends = await anyio.to_thread.run_sync(self._read, project, day)
+            self._cache[project] = (spends, day, time.monotonic())
+            future.set_result(spends)
+            return spends
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # retrieved: no "never retrieved" warning without waiters
             raise
         finally:
-            del self._pending[key]
+            del self._pending[project]
 
-    def _read(self, key: tuple[str, str], day: datetime) -> float:
+    def _read(self, project: str, day: datetime) -> dict[str, float]:
         store = self.wl.store
         if store is None:
             raise RuntimeError("the WatchLLM store is not open")
         self.queries += 1
-        rows = store.query(SPEND_TODAY, {"project": key[0], "user": key[1], "since": day})
-        return int(rows[0]["nanos"] or 0) / 1e9 if rows else 0.0
+        rows = store.query(SPEND_TODAY, {"project": project, "since": day})
+        return {row["user_id"]: int(row["nanos"] or 0) / 1e9 for row in rows}
 
     def decide(self, spend: float, now: datetime) -> QuotaDecision:
         reset = (_start_of_day(now) + timedelta(days=1) - now).total_seconds()

@@ -1,0 +1,227 @@
+"""What WatchLLMMiddleware adds to a host endpoint: latency with and without it, one run.
+
+Three uvicorn child processes serve the same FastAPI host (one JSON endpoint that does a
+little work, WatchLLM mounted at /watchllm and running in all three): `plain`; `middleware`
+(WatchLLMMiddleware: a run context, a recorder, one summary event per request, check_quota
+asked before the handler); `budget` (the same with the per-user daily budget on: a cached
+spend read per user every `user_budget_cache_s`, 2 s). Each request names one of 100 users
+(`X-User-Id`).
+
+A load generator in this process (asyncio, raw HTTP/1.1 keep-alive, 32 connections) runs,
+alternating the two servers, `--rounds` rounds of:
+
+- `paced`: 32 connections sending `--rate` requests/s in all, evenly spaced (open loop):
+  the latency a request sees when the host is not saturated. Aim: p99 added < 0.2 ms.
+- `saturated`: 32 connections each sending its next request as soon as the answer comes
+  (closed loop): the host's throughput, and the latency once requests queue for the CPU.
+
+Printed: p50 / p99 per mode and server (medians over the rounds) and the differences.
+
+    python bench/bench_middleware.py                      # 3 rounds of 10 s each mode
+    python bench/bench_middleware.py --rounds 1 --seconds 3 --rate 500   # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from processes import free_port, spawn, stop, stop_all  # noqa: E402
+
+CONNECTIONS = 32
+KINDS = ("plain", "middleware", "budget")
+USERS = 100
+
+
+def host_app(kind: str, data_dir: Path) -> Any:
+    """The host both servers run; `kind` is plain or middleware."""
+    from fastapi import FastAPI
+
+    from watchllm_ext import Settings, create_app
+
+    watchllm = create_app(Settings(data_dir=data_dir, create_default_key=False))
+    app = FastAPI()
+
+    @app.get("/hello/{name}")
+    async def hello(name: str) -> dict[str, Any]:
+        return {"hello": name, "letters": sorted(set(name))}
+
+    app.mount("/watchllm", watchllm)
+    if kind != "plain":
+        from watchllm_ext.middleware import WatchLLMMiddleware
+
+        budget = 100.0 if kind == "budget" else None
+        app.add_middleware(WatchLLMMiddleware, watchllm=watchllm, user_daily_budget_usd=budget)
+    else:
+        from watchllm_ext import lifespan
+
+        app.router.lifespan_context = lifespan(watchllm)  # WatchLLM runs in both
+    return app
+
+
+def serve(kind: str, port: int, data_dir: Path) -> None:
+    import uvicorn
+
+    uvicorn.run(
+        host_app(kind, data_dir),
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        access_log=False,
+        loop="uvloop",
+        http="httptools",
+    )
+
+
+# --- the load generator ---------------------------------------------------------------------
+
+
+async def _connection(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", port)
+
+
+def _request(i: int) -> bytes:
+    user = f"user-{i % USERS}"
+    return (f"GET /hello/w{i % 1000} HTTP/1.1\r\nHost: bench\r\nX-User-Id: {user}\r\n\r\n").encode()
+
+
+async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, i: int) -> None:
+    writer.write(_request(i))
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line[:15].lower() == b"content-length:":
+            length = int(line[15:])
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"answer {head[:40]!r}")
+    await reader.readexactly(length)
+
+
+async def load(port: int, mode: str, seconds: float, rate: float) -> tuple[list[float], int]:
+    """Latencies (seconds) of the requests answered in `seconds`, and their count."""
+    conns = [await _connection(port) for _ in range(CONNECTIONS)]
+    latencies: list[float] = []
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    end = start + seconds
+
+    async def closed(n: int) -> None:
+        reader, writer = conns[n]
+        i = n
+        while loop.time() < end:
+            sent = time.perf_counter()
+            await _exchange(reader, writer, i)
+            latencies.append(time.perf_counter() - sent)
+            i += CONNECTIONS
+
+    async def paced(n: int) -> None:
+        # Connection n sends at start + (n + k * CONNECTIONS) / rate: evenly spaced overall.
+        reader, writer = conns[n]
+        k = 0
+        while True:
+            due = start + (n + k * CONNECTIONS) / rate
+            if due >= end:
+                return
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            sent = time.perf_counter()
+            await _exchange(reader, writer, n + k * CONNECTIONS)
+            latencies.append(time.perf_counter() - sent)
+            k += 1
+
+    runner = closed if mode == "saturated" else paced
+    await asyncio.gather(*(runner(n) for n in range(CONNECTIONS)))
+    for _, writer in conns:
+        writer.close()
+    return latencies, len(latencies)
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def wait_ready(port: int) -> None:
+    import httpx
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/hello/x", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"the server on port {port} did not start")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--rate", type=float, default=1000.0, help="paced mode: requests/s")
+    parser.add_argument("--serve", choices=KINDS, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve:
+        serve(args.serve, args.port, args.data_dir)
+        return 0
+
+    atexit.register(stop_all)
+    work = Path(tempfile.mkdtemp(prefix="bench-middleware-"))
+    ports = {}
+    procs = {}
+    for kind in KINDS:
+        ports[kind] = free_port()
+        procs[kind] = spawn(
+            [sys.executable, __file__, "--serve", kind, "--port", str(ports[kind]),
+             "--data-dir", str(work / kind)],
+            log=work / f"{kind}.log",
+        )  # fmt: skip
+    for kind in ports:
+        wait_ready(ports[kind])
+    results: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+    for kind in ports:  # warm up: imports, the budget's cache, the route cache
+        asyncio.run(load(ports[kind], "saturated", 2.0, args.rate))
+    for r in range(args.rounds):
+        for mode in ("paced", "saturated"):
+            for kind in KINDS if r % 2 == 0 else KINDS[::-1]:
+                lat, n = asyncio.run(load(ports[kind], mode, args.seconds, args.rate))
+                figures = (pct(lat, 0.5) * 1000, pct(lat, 0.99) * 1000, n / args.seconds)
+                results.setdefault((mode, kind), []).append(figures)
+                print(
+                    f"round {r + 1} {mode:9} {kind:10} p50 {figures[0]:.3f} ms"
+                    f"  p99 {figures[1]:.3f} ms  {figures[2]:.0f} req/s",
+                    flush=True,
+                )
+    for proc in procs.values():
+        stop(proc)
+    print(f"\n{CONNECTIONS} connections, {args.rounds} rounds of {args.seconds:.0f} s, medians:")
+    for mode in ("paced", "saturated"):
+        label = f"{mode} ({args.rate:.0f} req/s)" if mode == "paced" else mode
+        rows = {k: [statistics.median(col) for col in zip(*results[(mode, k)], strict=True)]
+                for k in KINDS}  # fmt: skip
+        plain = rows["plain"]
+        for kind in KINDS:
+            p50, p99, rps = rows[kind]
+            added = (
+                f"  added p50 {p50 - plain[0]:+.3f} p99 {p99 - plain[1]:+.3f} ms"
+                if kind != "plain"
+                else ""
+            )
+            print(f"{label:20} {kind:10} p50 {p50:.3f} p99 {p99:.3f} ms {rps:6.0f} req/s{added}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
