@@ -239,3 +239,135 @@ CREATE TABLE IF NOT EXISTS hourly_totals_by_project (
     computed_at DateTime64(6, 'UTC')
 ) ENGINE = ReplacingMergeTree(computed_at)
 ORDER BY (project_id, hour);
+
+-- The store sink's way in (0010): the events' JSON (the contract's keys) into Null-engine
+-- input tables; the views build the rows of tool_calls and agent_steps (from
+-- event_parts_input) and of events (from events_input), as store/rows.py tables_for does.
+CREATE TABLE IF NOT EXISTS events_input (
+    project_id String,
+    event_id String,
+    event_type String,
+    run_id String,
+    timestamp DateTime64(3, 'UTC'),
+    parent_event_id Nullable(String),
+    user_id Nullable(String),
+    session_id Nullable(String),
+    tags Array(String),
+    release Nullable(String),
+    env String DEFAULT 'production',
+    client String,
+    metadata String DEFAULT '{}',
+    prompt Nullable(String),
+    model Nullable(String),
+    provider Nullable(String),
+    tokens_input Nullable(UInt32),
+    tokens_output Nullable(UInt32),
+    cost_estimate_usd Nullable(Float64),
+    cost_source Nullable(String),
+    response Nullable(String),
+    response_metadata Nullable(String),
+    status Nullable(String),
+    latency_ms Nullable(Float64),
+    error_message Nullable(String),
+    tool_calls Array(Tuple(
+        id Nullable(String),
+        tool_name String,
+        tool_input Nullable(String),
+        tool_output Nullable(String),
+        status Nullable(String),
+        latency_ms Nullable(Float64),
+        error_message Nullable(String))),
+    tool_name Nullable(String),
+    tool_input Nullable(String),
+    tool_output Nullable(String),
+    step_number Nullable(UInt32),
+    step_name Nullable(String),
+    reasoning Nullable(String),
+    action Nullable(String),
+    observation Nullable(String),
+    error_type Nullable(String),
+    stack_trace Nullable(String),
+    assertion_name Nullable(String),
+    expected Nullable(String),
+    actual Nullable(String),
+    severity Nullable(String),
+    detection_method Nullable(String),
+    confidence Nullable(Float64),
+    claim Nullable(String),
+    evidence Nullable(String),
+    threshold_usd Nullable(Float64),
+    actual_usd Nullable(Float64),
+    window Nullable(String),
+    metric Nullable(String),
+    threshold Nullable(Float64),
+    value_format UInt8 DEFAULT if(startsWith(ifNull(prompt, ''), '['), 2, 1)
+) ENGINE = Null;
+
+CREATE TABLE IF NOT EXISTS event_parts_input AS events_input ENGINE = Null;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS events_input_mv TO events AS
+SELECT
+    project_id, event_id, event_type, run_id, timestamp, parent_event_id, user_id, session_id,
+    tags, release, env,
+    JSONExtract(client, 'hostname', 'Nullable(String)') AS client_hostname,
+    JSONExtract(client, 'sdk_version', 'Nullable(String)') AS client_sdk_version,
+    JSONExtract(client, 'platform', 'Nullable(String)') AS client_platform,
+    metadata, prompt, model, provider, tokens_input, tokens_output, cost_estimate_usd,
+    cost_source, response,
+    if(event_type = 'prompt_call', ifNull(response_metadata, '{}'), response_metadata)
+        AS response_metadata,
+    toUInt16(length(tool_calls)) AS tool_call_count,
+    status, latency_ms, error_message, tool_name, tool_input, tool_output, step_number,
+    step_name, reasoning, action, observation, error_type, stack_trace, assertion_name,
+    expected,
+    if(event_type = 'assertion_failed', actual, NULL) AS actual,
+    severity, detection_method, confidence, claim, evidence, threshold_usd, actual_usd,
+    window AS alert_window, metric, threshold AS metric_threshold,
+    -- the input's `actual` (the alias above would be read otherwise)
+    if(event_type = 'performance_alert', toFloat64OrNull(events_input.actual), NULL)
+        AS metric_actual,
+    value_format,
+    now64(3, 'UTC') AS ingested_at
+FROM events_input;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS event_parts_tool_calls_mv TO tool_calls AS
+SELECT
+    project_id, event_id, toUInt16(index - 1) AS call_index, 'prompt_call' AS source, run_id,
+    timestamp, call.id AS tool_call_id, call.tool_name AS tool_name,
+    call.tool_input AS tool_input, call.tool_output AS tool_output, call.status AS status,
+    call.latency_ms AS latency_ms, call.error_message AS error_message,
+    now64(3, 'UTC') AS ingested_at
+FROM event_parts_input
+ARRAY JOIN tool_calls AS call, arrayEnumerate(tool_calls) AS index
+WHERE event_type = 'prompt_call';
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS event_parts_tool_events_mv TO tool_calls AS
+SELECT
+    project_id, event_id, toUInt16(0) AS call_index, 'tool_call' AS source, run_id, timestamp,
+    CAST(NULL, 'Nullable(String)') AS tool_call_id, assumeNotNull(tool_name) AS tool_name,
+    tool_input, tool_output, status, latency_ms, error_message,
+    now64(3, 'UTC') AS ingested_at
+FROM event_parts_input
+WHERE event_type = 'tool_call';
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS event_parts_agent_steps_mv TO agent_steps AS
+SELECT
+    project_id, event_id, run_id, timestamp, assumeNotNull(step_number) AS step_number,
+    step_name, reasoning, action, observation, status, latency_ms,
+    now64(3, 'UTC') AS ingested_at
+FROM event_parts_input
+WHERE event_type = 'agent_step';
+
+-- The store sink's look-up of stored ids: event_times' key in small granules, so the look-up
+-- of a batch's ids reads about one granule an id, whatever the size of the table (0010).
+CREATE TABLE IF NOT EXISTS event_ids (
+    project_id LowCardinality(String),
+    event_id String,
+    timestamp DateTime64(3, 'UTC')
+) ENGINE = ReplacingMergeTree
+ORDER BY (project_id, event_id, timestamp)
+SETTINGS index_granularity = 256, min_compress_block_size = 4096, max_compress_block_size = 16384;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS event_ids_mv TO event_ids AS
+SELECT project_id, event_id, timestamp
+FROM events;

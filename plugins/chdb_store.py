@@ -30,6 +30,13 @@ def _is_permanent(message: str) -> bool:
     return any(code in message for code in permanent_codes)
 
 
+def _setting_literal(value: Any) -> str:
+    """A setting's value in SQL: numbers as they are, anything else a quoted string."""
+    if isinstance(value, bool | int | float):
+        return str(int(value)) if isinstance(value, bool) else str(value)
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 class ChdbStore:
     name = "chdb"
     cluster = None
@@ -68,6 +75,21 @@ class ChdbStore:
         # chDB's Python() table function reads the Arrow table from this frame by name.
         arrow_rows = data  # noqa: F841 - referenced by name inside the SQL below
         self._run(f"INSERT INTO {table} ({columns}) SELECT * FROM Python(arrow_rows)", "CSV", None)
+
+    def insert_json(self, table: str, body: bytes, settings: Mapping[str, Any]) -> None:
+        """Insert `body` (JSONEachRow: objects one a line, or one JSON array of them), parsed
+        by ClickHouse in its own threads with `settings`."""
+        if not table.isidentifier():
+            raise StoreError(f"bad table name {table!r}", permanent=True)
+        clause = ", ".join(f"{name} = {_setting_literal(v)}" for name, v in settings.items())
+        sql = f"INSERT INTO {table} SETTINGS {clause}" if clause else f"INSERT INTO {table}"
+        try:
+            with self._lock_calls, self._session.send_insert(sql, "JSONEachRow") as inserter:
+                inserter.append(body)
+                inserter.finish()
+        except Exception as exc:
+            message = str(exc)
+            raise StoreError(message, permanent=_is_permanent(message)) from exc
 
     def stream_arrow(
         self, sql: str, params: Mapping[str, Any] | None = None, rows_per_batch: int = 65_536

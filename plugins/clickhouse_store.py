@@ -129,6 +129,28 @@ _SERVER_TEXT = re.compile(r"server response:\s*(.*)", re.DOTALL)
 _TRAILERS = re.compile(r"(\s*\((?:for url|version) [^()]*(?:\([^()]*\))?[^()]*\))+\s*$")
 
 
+def _lz4(body: bytes) -> bytes:
+    import lz4.frame
+
+    return lz4.frame.compress(body)
+
+
+def _zstd(body: bytes) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdCompressor().compress(body)
+
+
+def _gzip(body: bytes) -> bytes:
+    import gzip
+
+    return gzip.compress(body, compresslevel=1)
+
+
+# Request body compressors for insert_json, by clickhouse-connect's write_compression name.
+_COMPRESSORS: dict[str, Any] = {"lz4": _lz4, "zstd": _zstd, "gzip": _gzip}
+
+
 def _differing(client: Any, wanted: Mapping[str, str]) -> dict[str, str]:
     """The settings of `wanted` whose value for our user on this server differs."""
     server = client.server_settings
@@ -422,6 +444,30 @@ class ClickHouseStore:
             self._connected().insert_arrow(table, data, settings=self._insert_settings or None)
         except Exception as exc:
             raise self._error(exc, f"inserting {data.num_rows} rows into {table}") from exc
+
+    def insert_json(self, table: str, body: bytes, settings: Mapping[str, Any]) -> None:
+        """Insert `body` (JSONEachRow: objects one a line, or one JSON array of them), parsed
+        by the server with `settings`: one HTTP request, compressed as the URL says."""
+        if not table.isidentifier():
+            raise StoreError(f"bad table name {table!r}", permanent=True)
+        try:
+            client = self._connected()
+            # The URL's `compress`, as insert_arrow uses it; raw_insert sends the body as it
+            # is given, so it is compressed here (lz4 and zstd release the GIL meanwhile).
+            compression = getattr(client, "write_compression", None)
+            if compression in _COMPRESSORS:
+                body = _COMPRESSORS[compression](body)
+            else:
+                compression = None
+            client.raw_insert(
+                table,
+                insert_block=body,
+                settings={**settings, **self._insert_settings},
+                fmt="JSONEachRow",
+                compression=compression,
+            )
+        except Exception as exc:
+            raise self._error(exc, f"inserting {len(body)} bytes of JSON into {table}") from exc
 
     def version(self) -> str:
         # Asked each time (not the version read at connect): /readyz uses this as its check.

@@ -1,7 +1,7 @@
 """Test-only plugin: the real chDB store, made to fail on demand, to test store outages.
 
-While the file `<data_dir>/store-down` exists, every insert (and the version check of
-/readyz) raises a retryable StoreError, as a ClickHouse server that is down would; reads
+While the file `<data_dir>/store-down` exists, every insert (Arrow or JSON, and the version
+check of /readyz) raises a retryable StoreError, as a ClickHouse server that is down would; reads
 made by the tests still work. It is loaded by dotted path
 (WATCHLLM_PLUGINS=faults with tests/ on PYTHONPATH) or passed to create_app; it is not
 shipped with WatchLLM.
@@ -29,6 +29,10 @@ class FlakyChdbStore(ChdbStore):
     def insert(self, table: str, data: Any) -> None:
         self._check()
         super().insert(table, data)
+
+    def insert_json(self, table: str, body: bytes, settings: Any) -> None:
+        self._check()
+        super().insert_json(table, body, settings)
 
     def version(self) -> str:
         self._check()

@@ -29,8 +29,8 @@ from test_clickhouse_store import answers, build_events
 from watchllm_ext.settings import SettingsError, load_settings
 from watchllm_ext.store import StoreError, load_migrations
 from watchllm_ext.store.cluster import ClusterFormError, for_cluster, load_layout
-from watchllm_ext.store.migrations import in_form_for, tracking_table_statements
-from watchllm_ext.store.rows import tables_for
+from watchllm_ext.store.migrations import apply_migrations, in_form_for, tracking_table_statements
+from watchllm_ext.store.rows import JSON_INPUT_SETTINGS, input_json, tables_for
 from watchllm_plugins.chdb_store import ChdbStore
 from watchllm_plugins.clickhouse_store import ClickHouseStore
 
@@ -85,7 +85,14 @@ def test_engines_sharding_and_on_cluster() -> None:
     layout = load_layout()
     statements = cluster_statements()
     tables = single_node_tables()
+    inputs = {t: tables.pop(t) for t in layout.input_tables}
     assert set(tables) == set(layout.sharding_key), "every table has a sharding key, no more"
+    # Input tables (Null engine) store nothing: the same table on every node, no replica.
+    for table in inputs:
+        (create,) = [s for s in statements if re.match(rf"CREATE TABLE IF NOT EXISTS {table}\b", s)]
+        assert create.startswith(f"CREATE TABLE IF NOT EXISTS {table} ON CLUSTER '{CLUSTER}'")
+        assert create.endswith("ENGINE = Null") and "Replicated" not in create
+        assert not [s for s in statements if f" {table}_local" in s]
     for table, create in tables.items():
         (local,) = [
             s for s in statements if s.startswith(f"CREATE TABLE IF NOT EXISTS {table}_local ")
@@ -115,14 +122,26 @@ def test_engines_sharding_and_on_cluster() -> None:
     for statement in statements:
         if statement.startswith(("CREATE", "ALTER")):
             assert f" ON CLUSTER '{CLUSTER}'" in statement.split("\n")[0], statement
-    # The materialized views fire on each node's local inserts and write beside them.
+    # The materialized views fire on each node's local inserts and write beside them...
     views = [s for s in statements if "MATERIALIZED VIEW" in s]
-    assert {re.search(r" TO (\w+) AS", v)[1] for v in views} == {
+    fed = [v for v in views if re.search(r"FROM (events_input|event_parts_input)\b", v)]
+    local = [v for v in views if v not in fed]
+    assert {re.search(r" TO (\w+) AS", v)[1] for v in local} == {
         "rollup_marks_local",
         "event_times_local",
         "event_children_local",
+        "event_ids_local",
     }
-    assert all("FROM events_local" in v for v in views)
+    assert all("FROM events_local" in v for v in local)
+    # ... but those of the input tables write to the Distributed tables: a row inserted on
+    # any node goes to the shard of its key, beside the other copies of its event.
+    assert sorted(re.search(r" TO (\w+) AS", v)[1] for v in fed) == [
+        "agent_steps",
+        "events",
+        "tool_calls",
+        "tool_calls",
+    ]
+    assert not any("_local" in v for v in fed)
     # Indexes and mutations are on the tables that hold data; a change to the column list (a
     # new column, a type) on both, the local table first. One-off inserts go through
     # Distributed.
@@ -141,6 +160,7 @@ def test_engines_sharding_and_on_cluster() -> None:
         "event_children",
         "hourly_totals_by_project",
         "rollup_marks",
+        "event_ids",
     ]
 
 
@@ -309,6 +329,9 @@ class StrippedCluster:
     def insert(self, table: str, data: pa.Table) -> None:
         self.store.insert(table, data)
 
+    def insert_json(self, table: str, body: bytes, settings: Mapping[str, Any]) -> None:
+        self.store.insert_json(table, body, settings)
+
     def version(self) -> str:
         return self.store.version()
 
@@ -338,6 +361,30 @@ def test_cluster_layout_gives_the_same_answers(tmp_path: Path) -> None:
     rows = {r["name"]: r["total_rows"] for r in counts}
     assert rows["events_local"] > 1500 and rows["tool_calls_local"] > 0
     assert rows["rollup_marks_local"] > 0 and rows["hourly_usage_by_project_local"] > 0
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name] == want[name], name
+
+
+def test_json_inserts_on_the_cluster_layout_give_the_same_answers(tmp_path: Path) -> None:
+    # The store sink's path (migration 0010's input tables) through the cluster form, against
+    # the Arrow path on a single node.
+    events = build_events()
+    single = ChdbStore(tmp_path / "single")
+    try:
+        want = answers(single, tables_for(events))
+    finally:
+        single.close()
+    layout = StrippedCluster(ChdbStore(tmp_path / "cluster"))
+    try:
+        apply_migrations(layout)  # type: ignore[arg-type]
+        for table, body in input_json(events).items():
+            layout.insert_json(table, body, JSON_INPUT_SETTINGS)
+        got = answers(layout, {})
+        (row,) = layout.query("SELECT count() AS n FROM events_local")
+    finally:
+        layout.close()
+    assert row["n"] > 1500
     assert got.keys() == want.keys()
     for name in want:
         assert got[name] == want[name], name

@@ -27,7 +27,7 @@ from watchllm_ext.store import Store
 from watchllm_ext.store.base import cluster_of
 from watchllm_ext.store.cluster import ClusterFormError, for_cluster
 from watchllm_ext.store.migrations import in_form_for, load_migrations
-from watchllm_ext.store.rows import tables_for
+from watchllm_ext.store.rows import JSON_INPUT_SETTINGS, PARTS_INPUT, input_json, tables_for
 
 pytestmark = EVERY_STORE
 
@@ -228,9 +228,10 @@ def test_a_replay_after_a_crash_still_lands_exactly_once(server: Running) -> Non
     batch = models(server, originals())
     # A crash before the events insert (the sink writes events last): the tool calls and
     # agent steps landed, nothing else.
-    for table, data in tables_for(batch).items():
-        if table != "events":
-            server.wl.store.insert(table, data)
+    bodies = input_json(batch)
+    server.wl.store.insert_json(PARTS_INPUT, bodies[PARTS_INPUT], JSON_INPUT_SETTINGS)
+    assert server.query("SELECT count() AS n FROM event_ids") == [{"n": 0}]
+    assert server.query("SELECT count() AS n FROM tool_calls") == [{"n": 2}]
     sink._write(batch)  # the replay of the whole batch
     sink._write(batch)  # and once more, as after a second crash before the cursor commit
     sink._write(models(server, copies()))
@@ -256,11 +257,18 @@ class RacingStore:
     def query(self, sql: str, params: Any = None) -> list[dict[str, Any]]:
         return self.store.query(sql, params)
 
-    def insert(self, table: str, data: Any) -> None:
+    def _rival_first(self) -> None:
         if self._rival is not None:
             rival, self._rival = self._rival, None
             insert_rows(self._rival_store, rival)
+
+    def insert(self, table: str, data: Any) -> None:
+        self._rival_first()
         self.store.insert(table, data)
+
+    def insert_json(self, table: str, body: bytes, settings: Any) -> None:
+        self._rival_first()
+        self.store.insert_json(table, body, settings)  # type: ignore[attr-defined]
 
     def version(self) -> str:
         return self.store.version()

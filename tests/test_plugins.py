@@ -406,3 +406,78 @@ def test_hook_register_background_tasks(
     assert response.status_code == 202
     server.stop()
     assert ticker.cancelled
+
+
+class BetaForOneUser:
+    """A flag provider: `beta` is on for user u1 only; no opinion on any other flag."""
+
+    @hookimpl
+    def feature_enabled(
+        self, name: str, principal: Principal, user_id: str | None, default: bool
+    ) -> bool | None:
+        if name != "beta":
+            return None
+        return user_id == "u1" and principal.project_id == "acme"
+
+
+def test_hook_feature_enabled(tmp_path: Path) -> None:
+    from watchllm_ext.flags import feature_enabled
+
+    settings = Settings(data_dir=tmp_path, flags={"beta": True, "guardian": True})
+    pm = get_plugin_manager(settings, [BetaForOneUser()], entry_points=False)
+    acme = Principal("acme", frozenset({"ingest"}))
+    # The plugin is asked before the built-in provider (settings), which it overrules.
+    assert feature_enabled(pm, "beta", acme, user_id="u1")
+    assert not feature_enabled(pm, "beta", acme, user_id="u2")
+    assert not feature_enabled(pm, "beta", acme)
+    # No opinion: the built-in provider answers, and `default` when nobody knows the flag.
+    assert feature_enabled(pm, "guardian", acme)
+    assert feature_enabled(pm, "nobody-knows", acme, default=True)
+
+
+class AlertListener:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+
+    @hookimpl
+    async def on_alert(self, alert: Any) -> None:
+        self.seen.append((alert.state, alert.rule.name))
+
+
+class BrokenListener:
+    @hookimpl
+    def on_alert(self, alert: Any) -> None:
+        raise RuntimeError("notifier down")
+
+
+def test_hook_on_alert(server_factory: Any) -> None:
+    from datetime import UTC, datetime
+
+    listener = AlertListener()
+    server = server_factory(
+        plugin_objects=(listener, BrokenListener()),
+        flags={"guardian": True},
+        guardian_rules=[{"name": "errs", "metric": "error_rate", "threshold": 0.5}],
+        guardian_interval_s=0.2,
+    )
+    now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+    def batch(statuses: list[str], prefix: str) -> dict[str, Any]:
+        return {
+            "events": [
+                prompt_call(f"{prefix}{i}", status=s, timestamp=now) for i, s in enumerate(statuses)
+            ]
+        }
+
+    r = server.client.post("/v1/events/batch", headers=server.headers(), json=batch(["error"], "a"))
+    assert r.status_code == 202
+    deadline = time.monotonic() + 10
+    while not listener.seen and time.monotonic() < deadline:
+        time.sleep(0.02)
+    body = batch(["success"] * 3, "b")  # 1 error in 4: back under 0.5
+    assert server.client.post("/v1/events/batch", headers=server.headers(), json=body).status_code
+    while len(listener.seen) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.5)
+    # Once per episode start, once at recovery; the broken listener stops nobody.
+    assert listener.seen == [("firing", "errs"), ("recovered", "errs")]

@@ -23,6 +23,7 @@ import anyio
 import pluggy
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -50,6 +51,8 @@ from .ingest import (
 )
 from .locks import FolderLock, FolderLocked
 from .metrics import make_registry, metrics_endpoint
+from .observability.metrics import RequestMetrics, counting_rejections, ops_metrics, time_queries
+from .observability.sentry import ensure_sentry
 from .openapi import openapi_endpoint
 from .plugins import describe_plugins, get_plugin_manager
 from .quota import QuotaDecision
@@ -137,6 +140,7 @@ class WatchLLM:
                     ),
                 )
                 self.store = store
+                time_queries(self, store)  # /metrics: store query latency
                 async with writer, anyio.create_task_group() as background:
                     self.writer = writer
                     for task in tasks:
@@ -211,6 +215,7 @@ class WatchLLM:
         for result in results:
             decision = await result if inspect.isawaitable(result) else result
             if isinstance(decision, QuotaDecision) and not decision.allowed:
+                ops_metrics(self).quota_denials.labels("host" if n_events == 0 else "ingest").inc()
                 raise Problem(
                     429,
                     "quota_exceeded",
@@ -825,11 +830,15 @@ def create_app(
         async with wl.running():
             yield
 
+    # Operations (observability/): Sentry from the settings; request latency and rejection
+    # counts for /metrics; the request middleware also scopes the per-request flag cache.
+    ensure_sentry(settings)
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
+        middleware=[Middleware(RequestMetrics, wl=wl)],
         exception_handlers={
-            Problem: problem_handler,
+            Problem: counting_rejections(problem_handler),
             HTTPException: _not_found,
             Exception: _internal_error,
         },

@@ -112,3 +112,24 @@ def register_background_tasks(
     `anyio.to_thread.run_sync`. Work that must be done before the first request (a first
     sync) can be done in the hook itself.
     """
+
+
+@hookspec(firstresult=True)
+def feature_enabled(
+    name: str, principal: Principal, user_id: str | None, default: bool
+) -> bool | None:
+    """Is feature flag `name` on for this principal's project (and `user_id`, when the caller
+    has one)? First non-None wins; return None for a flag you do not know. The built-in
+    provider (settings and the flags file, trylast) answers last. Called on the event loop,
+    possibly per request: must not do network I/O (providers evaluate a local copy).
+    Callers use `watchllm_ext.flags.feature_enabled`, which caches the value per request.
+    """
+
+
+@hookspec
+def on_alert(alert: Any) -> Awaitable[None] | None:
+    """A Guardian rule fired or recovered: `alert` is a `watchllm_ext.guardian.Alert`
+    (`state` "firing" or "recovered", the rule, project, subject and figures). Called once per
+    episode start and once at its recovery; every implementation is called (an awaitable
+    result is awaited), and one that raises is logged without stopping the others.
+    """

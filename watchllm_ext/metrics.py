@@ -14,6 +14,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from starlette.requests import Request
 from starlette.responses import Response
 
+from .observability.metrics import OpsMetrics
+
 if TYPE_CHECKING:
     from .app import WatchLLM
 
@@ -95,6 +97,7 @@ def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily
 def make_registry(wl: WatchLLM) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(WriterCollector(wl))  # type: ignore[arg-type]
+    registry.watchllm_ops = OpsMetrics(registry)  # type: ignore[attr-defined]  # latency, denials
     return registry
 
 

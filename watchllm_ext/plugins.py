@@ -29,6 +29,10 @@ DEFAULT_PLUGINS = (
     "watchllm_ext.builtins.rollup",
     "watchllm_ext.quotas.plugin",
     "watchllm_ext.dashboard",
+    "watchllm_ext.flags.builtin",
+    "watchllm_ext.guardian.plugin",
+    "watchllm_ext.notify.webhook",
+    "watchllm_ext.notify.slack",
 )
 
 

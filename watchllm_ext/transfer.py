@@ -77,6 +77,7 @@ NOT_EXPORTED = {
     "api_keys": "API keys are not copied (watchllm keys copy-to-server does that)",
     "event_times": "rebuilt on the target by its materialized view as events are inserted",
     "event_children": "rebuilt on the target by its materialized view as events are inserted",
+    "event_ids": "rebuilt on the target by its materialized view as events are inserted",
 }
 NOT_COPIED_NOTE = (
     "API keys are not copied: they are in the key file, not in ClickHouse (a WatchLLM that"

@@ -1,14 +1,22 @@
-"""Built-in sink: every accepted batch goes into the store's tables (columnar inserts).
+"""Built-in sink: every accepted batch goes into the store's tables.
+
+The events go in as their JSON (the spool's own bytes where nothing needs rewriting:
+writer.batch_json), `INSERT ... FORMAT JSONEachRow` into the input tables of migration 0010,
+whose materialized views build the rows of events, tool_calls and agent_steps in
+ClickHouse's threads (store/rows.py input_json). A store without insert_json gets the Arrow
+tables of store/rows.py tables_for, as before. A batch holds up to `store_insert_max_events`
+events (the writer's flush interval still applies): ClickHouse works best with large inserts.
 
 Idempotency (docs/EVENTS.md): one event per (project_id, event_id), whatever its timestamp.
 The event tables are ordered by time (range scans stay fast), so a copy with another timestamp
 is another row that FINAL cannot collapse; the sink keeps such copies out instead:
 
 1. within a batch, the first copy of an id is kept;
-2. the batch's ids are looked up in `event_times` (ordered by id: a primary-key read) and a
-   copy whose id is stored is dropped: the first copy stored wins, whatever its timestamp or
-   content. The events table is written last, after tool_calls and agent_steps, so an id in
-   `event_times` (kept by a view on events) has all its rows: a replay after a crash in the
+2. the batch's ids are looked up in `event_ids` (ordered by id in granules of 256 rows: a
+   primary-key read whose cost does not grow with the table) and a copy whose id is stored
+   is dropped: the first copy stored wins, whatever its timestamp or content. The events
+   table is written last, after tool_calls and agent_steps, so an id in `event_ids` (kept
+   by a view on events) has all its rows: a replay after a crash in the
    middle of a batch inserts again only what had not landed, and still lands exactly once;
 3. where another process may write to the same store (a ClickHouse server), the ids are
    looked up again after the insert: two copies that raced past step 2 are then both
@@ -26,21 +34,29 @@ from typing import Any
 
 import anyio
 
+from ..fast_validate import to_models
 from ..hookspecs import hookimpl
 from ..settings import Settings
 from ..store import Store, StoreError, apply_migrations
 from ..store.base import cluster_of
 from ..store.cluster import quote
 from ..store.migrations import in_form_for
-from ..store.rows import tables_for
-from ..writer import SinkError
+from ..store.rows import EVENTS_INPUT, JSON_INPUT_SETTINGS, input_json, tables_for
+from ..writer import SinkError, batch_json
 
 # Characters of ids per lookup query: on a server the ids travel as a URL parameter, at most
 # three times longer URL-encoded, and ClickHouse's default http_max_uri_size is 1 MiB.
 LOOKUP_CHARS = 200_000
 # The tables holding rows of an event, keyed by (project_id, event_id, timestamp): a dropped
-# copy is deleted from each. event_times last: the others are found through it.
-EVENT_TABLES = ("events", "tool_calls", "agent_steps", "event_children", "event_times")
+# copy is deleted from each. event_ids last: the others are found through it.
+EVENT_TABLES = (
+    "events",
+    "tool_calls",
+    "agent_steps",
+    "event_children",
+    "event_times",
+    "event_ids",
+)
 # Per-hour rollups, (project_id, hour): deleted for the hours of a deleted copy, because a
 # recomputation replaces only the groups (model, type, status) the hour still has.
 ROLLUP_TABLES = ("hourly_usage_by_project", "hourly_totals_by_project")
@@ -78,7 +94,7 @@ def lookup_times(store: Store, keys: Iterable[Key]) -> dict[Key, list[int]]:
     for project, ids in by_project.items():
         for chunk in _chunks(ids, LOOKUP_CHARS):
             rows = store.query(
-                "SELECT event_id, toUnixTimestamp64Milli(timestamp) AS ms FROM event_times"
+                "SELECT event_id, toUnixTimestamp64Milli(timestamp) AS ms FROM event_ids"
                 " WHERE project_id = {project:String} AND event_id IN {ids:Array(String)}",
                 {"project": project, "ids": _ids_param(chunk)},
             )
@@ -188,10 +204,10 @@ class SeenIds:
 
     @classmethod
     def of_store(cls, store: Store) -> SeenIds:
-        """Every pair in `event_times`, read once (a few seconds per million ids)."""
-        (row,) = store.query("SELECT count() AS n FROM event_times")
+        """Every pair in `event_ids`, read once (a few seconds per million ids)."""
+        (row,) = store.query("SELECT count() AS n FROM event_ids")
         seen = cls(2 * int(row["n"]))
-        sql = "SELECT project_id, event_id FROM event_times"
+        sql = "SELECT project_id, event_id FROM event_ids"
         stream = getattr(store, "stream_arrow", None)  # optional (chDB has it)
         if stream is None:
             for r in store.query(sql):
@@ -205,9 +221,14 @@ class SeenIds:
 
 
 class StoreSink:
-    def __init__(self, store: Store) -> None:
+    # Events are read by attribute only: the writer hands over its structs as they are.
+    reads_structs = True
+
+    def __init__(self, store: Store, max_batch_events: int | None = None) -> None:
         self.store = store
         self.name = f"store:{store.name}"
+        # The writer's batch for this sink (None: the writer's flush_max_events).
+        self.max_batch_events = max_batch_events
         # The schema is checked (and completed) before the first insert: after a start with
         # the store down, the app applies it when the store is back, and rows must not land
         # in tables whose later migrations (views, backfills) have not run yet.
@@ -239,17 +260,12 @@ class StoreSink:
             stored = lookup_times(self.store, keys)
             # A race earlier left several copies (a crash before its check, say).
             drop_later_copies(self.store, stored)
-            events = first_copies(events, stored)
-            if not events:
+            kept = first_copies(events, stored)
+            if not kept:
                 return
-            try:
-                tables = tables_for(events)
-            except Exception as exc:  # a row that cannot be built will never be built
-                raise SinkError(f"cannot build rows: {exc}", permanent=True) from exc
-            # events last: once an id is in event_times (step 2) all its rows are stored.
-            for table in sorted(tables, key=lambda name: name == "events"):
-                self.store.insert(table, tables[table])
-            inserted = {(event.project_id, event.event_id) for event in events}
+            # The writer's own list when nothing was dropped: its JSON is the spool's bytes.
+            self._insert(events if len(kept) == len(events) else kept)
+            inserted = {(event.project_id, event.event_id) for event in kept}
             if self._seen is not None:
                 for key in inserted:
                     self._seen.add(key)
@@ -257,6 +273,26 @@ class StoreSink:
                 drop_later_copies(self.store, lookup_times(self.store, inserted))
 
 
+    def _insert(self, events: Sequence[Any]) -> None:
+        insert_json = getattr(self.store, "insert_json", None)
+        try:
+            if insert_json is not None:
+                bodies = input_json(events, batch_json)
+            else:
+                tables = tables_for(to_models(events))  # tables_for reads models
+        except Exception as exc:  # a row that cannot be built will never be built
+            raise SinkError(f"cannot build rows: {exc}", permanent=True) from exc
+        if insert_json is not None:
+            # events last: once an id is in event_ids (step 2) all its rows are stored.
+            for table in sorted(bodies, key=lambda name: name == EVENTS_INPUT):
+                insert_json(table, bodies[table], JSON_INPUT_SETTINGS)
+            return
+        for table in sorted(tables, key=lambda name: name == "events"):
+            self.store.insert(table, tables[table])
+
+
 @hookimpl(trylast=True)
 def register_sinks(settings: Settings, store: Store | None) -> StoreSink | None:
-    return StoreSink(store) if store is not None else None
+    if store is None:
+        return None
+    return StoreSink(store, settings.store_insert_max_events)

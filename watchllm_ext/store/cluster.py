@@ -7,12 +7,19 @@ of their statements into what a ClickHouse cluster needs:
                                                 ENGINE = ReplicatedX('path', 'replica', args)
                                             +   CREATE TABLE t ON CLUSTER c AS t_local
                                                 ENGINE = Distributed(c, db, t_local, key)
+    CREATE TABLE t (...) ENGINE = Null      ->  CREATE TABLE t ON CLUSTER c (...) ENGINE = Null
+    CREATE TABLE t AS s ENGINE = Null           (an input table, layout.toml input_tables:
+                                                nothing is stored, so no replica, no shard)
     CREATE VIEW v AS ...                    ->  CREATE VIEW v ON CLUSTER c AS ...
                                                 (it reads the Distributed tables)
     CREATE OR REPLACE VIEW v AS ...         ->  CREATE OR REPLACE VIEW v ON CLUSTER c AS ...
     CREATE MATERIALIZED VIEW m TO t AS ... FROM s
                                             ->  ... m ON CLUSTER c TO t_local AS ... FROM s_local
                                                 (it fires on each node for the rows it stores)
+    CREATE MATERIALIZED VIEW m TO t AS ... FROM i   (i an input table)
+                                            ->  ... m ON CLUSTER c TO t AS ... FROM i
+                                                (rows inserted on any node go through the
+                                                Distributed t to the shard of their key)
     ALTER TABLE t <index, TTL, mutation>    ->  ALTER TABLE t_local ON CLUSTER c ...
     ALTER TABLE t ADD/DROP/RENAME COLUMN    ->  the same on t_local, then on t
     INSERT INTO t ...                       ->  unchanged: it runs once, through t
@@ -42,6 +49,7 @@ class Layout:
     replica_name: str
     local_suffix: str
     sharding_key: dict[str, str]
+    input_tables: frozenset[str] = frozenset()
 
     def local(self, table: str) -> str:
         return table + self.local_suffix
@@ -56,10 +64,15 @@ def load_layout() -> Layout:
         replica_name=data["replica_name"],
         local_suffix=data["local_suffix"],
         sharding_key=dict(data["sharding_key"]),
+        input_tables=frozenset(data.get("input_tables", ())),
     )
 
 
 _CREATE_TABLE = re.compile(r"^CREATE TABLE IF NOT EXISTS (\w+)(\s*\()", re.I)
+_CREATE_INPUT = re.compile(
+    r"^CREATE TABLE IF NOT EXISTS (\w+)(\s*\(|\s+AS\s+\w+\s)(.*\bENGINE\s*=\s*Null)\s*$",
+    re.I | re.S,
+)
 _ENGINE = re.compile(r"\bENGINE\s*=\s*(\w*MergeTree)\b(?:\(([^()]*)\))?", re.I)
 _CREATE_VIEW = re.compile(
     r"^(CREATE VIEW IF NOT EXISTS|CREATE OR REPLACE VIEW) (\w+)(\s+AS\b)", re.I
@@ -77,6 +90,7 @@ _COLUMN_CHANGE = re.compile(
 )
 _INSERT = re.compile(r"^INSERT INTO \w+", re.I)
 _DELETE = re.compile(r"^DELETE FROM (\w+)(\s)", re.I)
+_TABLE_JOIN = re.compile(r"(?<!ARRAY )\bJOIN\b", re.I)  # a join of tables, not ARRAY JOIN
 _FROM_TABLE = re.compile(r"\b(FROM|JOIN)(\s+)(\w+)\b", re.I)
 
 
@@ -90,6 +104,9 @@ def for_cluster(statement: str, cluster: str, layout: Layout | None = None) -> l
     layout = layout or load_layout()
     on_cluster = f" ON CLUSTER {quote(cluster)}"
     sql = statement.strip()
+
+    if (found := _CREATE_INPUT.match(sql)) and found[1] in layout.input_tables:
+        return [f"CREATE TABLE IF NOT EXISTS {found[1]}{on_cluster}{sql[found.start(2) :]}"]
 
     if found := _CREATE_TABLE.match(sql):
         table = found[1]
@@ -112,6 +129,12 @@ def for_cluster(statement: str, cluster: str, layout: Layout | None = None) -> l
 
     if found := _CREATE_MV.match(sql):
         name, target, as_, select = found[1], found[2], found[3], found[4]
+        sources = set(re.findall(r"\bFROM\s+(\w+)", select, re.I))
+        if sources and sources <= layout.input_tables and not _TABLE_JOIN.search(select):
+            # Fed by an input table on the node that took the insert: the rows go through
+            # the Distributed table to the shard of their key. (ARRAY JOIN joins no table.)
+            head = f"CREATE MATERIALIZED VIEW IF NOT EXISTS {name}{on_cluster} TO {target}"
+            return [f"{head}{as_}{select}"]
         if re.search(r"\bJOIN\b", select, re.I):
             raise ClusterFormError(f"materialized view {name}: a JOIN has no cluster form yet")
         select = _FROM_TABLE.sub(

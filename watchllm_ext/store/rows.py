@@ -1,13 +1,19 @@
-"""Validated events -> one Arrow table per ClickHouse table (the columnar insert path).
+"""Validated events -> what the store takes: the events' JSON for the input tables (the
+store sink's path), or one Arrow table per ClickHouse table (imports, tests, the reference).
 
-Column names and types here mirror clickhouse/migrations; tests insert every event type
-and read each column back, so a drift between the two fails loudly.
+JSON (input_json): the contract's keys, one object per event, inserted with FORMAT
+JSONEachRow into the Null-engine input tables of migration 0010, whose materialized views
+build the rows in ClickHouse's own threads; Python only encodes the batch (one call) and
+rewrites the few events whose JSON alone would be read differently (see _needs_fixing).
+
+Arrow (tables_for): column names and types here mirror clickhouse/migrations; tests insert
+every event type both ways and compare each column, so a drift between them fails loudly.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -298,3 +304,116 @@ def tables_for(events: Sequence[BaseModel]) -> dict[str, pa.Table]:
     if step_rows:
         tables["agent_steps"] = pa.Table.from_pylist(step_rows, schema=AGENT_STEPS_SCHEMA)
     return tables
+
+
+# --- JSON for the input tables (migration 0010) -----------------------------------------------
+
+# How ClickHouse reads the events' JSON into the input tables. Objects, arrays, numbers and
+# booleans in a String column are read as their JSON text, exactly as written: free-form
+# fields (metadata, tool_input, ...) and a prompt of chat messages are stored as the encoder
+# wrote them, with no work in Python. A key the tables do not know is skipped, as the Arrow
+# path ignores such attributes; a left-out key (None fields are left out) takes the default.
+JSON_INPUT_SETTINGS: dict[str, Any] = {
+    "input_format_json_read_objects_as_strings": 1,
+    "input_format_json_read_arrays_as_strings": 1,
+    "input_format_json_read_numbers_as_strings": 1,
+    "input_format_json_read_bools_as_strings": 1,
+    "input_format_json_named_tuples_as_objects": 1,
+    "input_format_json_defaults_for_missing_elements_in_named_tuple": 1,
+    "input_format_defaults_for_omitted_fields": 1,
+    "input_format_null_as_default": 1,
+    "input_format_skip_unknown_fields": 1,
+    "date_time_input_format": "best_effort",
+}
+# The input tables: parts (tool calls, agent steps) first, events second, so that once an id
+# is in event_times every row of its event is stored (store_sink.py).
+EVENTS_INPUT = "events_input"
+PARTS_INPUT = "event_parts_input"
+_HAS_PARTS = frozenset({"tool_call", "agent_step"})
+# Free-form fields per event type whose value may be any JSON, a string included.
+_FREE_FORM = {
+    "tool_call": ("tool_input", "tool_output"),
+    "assertion_failed": ("expected", "actual"),
+}
+_ITEM_FREE_FORM = ("tool_input", "tool_output")
+
+
+def encode_events(events: Sequence[Any]) -> bytes:
+    """The events as one JSON array, each as pydantic's dump_json(exclude_none=True) writes
+    it: the spool's encoder (fast_validate.encode_events, msgspec; structs and pydantic
+    models alike), so the store gets the JSON the spool holds."""
+    from ..fast_validate import encode_events as encode
+
+    return encode(events)
+
+
+def _stored_differs(value: Any) -> bool:
+    """Whether ClickHouse, reading `value`'s JSON into a String column, would store other
+    text than _json(value): only a string that parses as JSON (stored as a JSON string)."""
+    return isinstance(value, str) and _json(value) is not value
+
+
+def _needs_fixing(event: Any) -> bool:
+    """Whether the event's JSON as encoded would be read differently from tables_for():
+    a free-form string that parses as JSON, or a text prompt that starts with '[' (the view
+    takes a prompt starting with '[' for chat messages). A few attribute reads an event."""
+    event_type = event.event_type
+    if event_type == "prompt_call":
+        prompt = event.prompt
+        if isinstance(prompt, str) and prompt.startswith("["):
+            return True
+        for item in event.tool_calls:
+            if _stored_differs(item.tool_input) or _stored_differs(item.tool_output):
+                return True
+        return False
+    fields = _FREE_FORM.get(event_type)
+    if fields is None:
+        return False
+    return any(_stored_differs(getattr(event, name)) for name in fields)
+
+
+def _fixed(event: Any, encode: Any) -> dict[str, Any]:
+    """The event's JSON object with its fields in their stored form (rare: see _needs_fixing)."""
+    data = json.loads(encode([event]))[0]
+    if data["event_type"] == "prompt_call":
+        if isinstance(data.get("prompt"), str):
+            data["value_format"] = FORMAT_JSON
+        for item in data.get("tool_calls") or ():
+            for name in _ITEM_FREE_FORM:
+                if isinstance(item.get(name), str):
+                    item[name] = _json(item[name])
+    for name in _FREE_FORM.get(data["event_type"], ()):
+        if isinstance(data.get(name), str):
+            data[name] = _json(data[name])
+    return data
+
+
+def _has_parts(event: Any) -> bool:
+    event_type = event.event_type
+    return event_type in _HAS_PARTS or (event_type == "prompt_call" and bool(event.tool_calls))
+
+
+def input_json(
+    events: Sequence[Any], encode: Callable[[Sequence[Any]], bytes] = encode_events
+) -> dict[str, bytes]:
+    """The bodies to insert for these events, keyed by input table (PARTS_INPUT first when
+    present): each a JSON array of the events' objects, which JSONEachRow reads as rows.
+
+    `encode` makes the JSON of a list of events; the store sink passes writer.batch_json,
+    which for the very list the writer handed over returns the spool's bytes (no encoding).
+    That list is encoded as it is unless an event in it needs rewriting (rare)."""
+    fixes = [i for i, event in enumerate(events) if _needs_fixing(event)]
+    parts = [event for event in events if _has_parts(event)]
+    bodies: dict[str, bytes] = {}
+    if not fixes:
+        if parts:
+            bodies[PARTS_INPUT] = encode(parts)
+        bodies[EVENTS_INPUT] = encode(events)
+        return bodies
+    fixed = {i: _fixed(events[i], encode) for i in fixes}
+    rows: list[Any] = [fixed.get(i, event) for i, event in enumerate(events)]
+    if parts:
+        pairs = zip(rows, events, strict=True)
+        bodies[PARTS_INPUT] = encode([row for row, event in pairs if _has_parts(event)])
+    bodies[EVENTS_INPUT] = encode(rows)
+    return bodies

@@ -1,0 +1,298 @@
+"""Guardian mode through a real server: rules over the ingest stream and the stored figures,
+one alert and one recovery per episode, alert events read back through the analytics API,
+and a block rule that denies the host's pre-request check until the episode ends."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Running, prompt_call
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from stores import EVERY_STORE
+
+from watchllm_ext import hookimpl
+from watchllm_ext.auth import Principal
+from watchllm_ext.guardian import Alert, GuardianRule
+from watchllm_ext.guardian.engine import MAX_KEYS_PER_RULE, Engine
+from watchllm_ext.guardian.plugin import alert_event
+from watchllm_ext.schema import EVENT_LIST_ADAPTER
+from watchllm_ext.settings import Settings
+
+GUARDIAN_ON = {"guardian": {"projects": {"acme": True}}}
+
+
+def iso(seconds_ago: float = 0.0) -> str:
+    stamp = datetime.now(UTC) - timedelta(seconds=seconds_ago)
+    return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def call(**fields: Any) -> dict[str, Any]:
+    fields.setdefault("timestamp", iso())
+    return prompt_call(f"c-{uuid.uuid4().hex[:12]}", **fields)
+
+
+class Recorder:
+    """Keeps every alert it is told of; also the host-like route that asks the quota check
+    before "calling the LLM", as the host middleware does (n_events=0, the user, the route)."""
+
+    def __init__(self) -> None:
+        self.alerts: list[Alert] = []
+        self.lock = threading.Lock()
+
+    @hookimpl
+    async def on_alert(self, alert: Alert) -> None:
+        with self.lock:
+            self.alerts.append(alert)
+
+    @hookimpl
+    def register_routes(self, settings: Settings) -> list[Route]:
+        async def llm_call(request: Request) -> JSONResponse:
+            wl = request.app.state.watchllm
+            user = request.query_params.get("user")
+            await wl.check_quota(Principal("acme", frozenset({"ingest"})), 0, user, "/-/llm")
+            return JSONResponse({"called": True})
+
+        return [Route("/-/llm", llm_call)]
+
+    def states(self) -> list[tuple[str, str, str | None]]:
+        with self.lock:
+            return [(a.state, a.rule.name, a.subject) for a in self.alerts]
+
+    def wait(self, n: int, within_s: float = 10.0) -> list[Alert]:
+        deadline = time.monotonic() + within_s
+        while len(self.alerts) < n:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(self.alerts)} alerts, not {n}: {self.states()}")
+            time.sleep(0.02)
+        return list(self.alerts)
+
+
+def start(
+    server_factory: Any, rules: list[dict[str, Any]], **extra: Any
+) -> tuple[Running, Recorder]:
+    recorder = Recorder()
+    settings: dict[str, Any] = {
+        "flags": GUARDIAN_ON,
+        "guardian_rules": rules,
+        "guardian_interval_s": 0.2,
+        **extra,
+    }
+    return server_factory(plugin_objects=(recorder,), **settings), recorder
+
+
+def send(server: Running, events: list[dict[str, Any]]) -> None:
+    r = server.client.post("/v1/events/batch", headers=server.headers(), json={"events": events})
+    assert r.status_code == 202, r.text
+    server.flush()
+
+
+@EVERY_STORE
+def test_cost_episode_fires_once_recovers_once_and_is_queryable(server_factory: Any) -> None:
+    rule = {"name": "spend", "metric": "cost_usd", "threshold": 1.0, "window_s": 3}
+    server, recorder = start(server_factory, [rule])
+    send(server, [call(cost_estimate_usd=0.6)])
+    time.sleep(0.5)
+    assert recorder.alerts == []  # 0.6 is under the threshold
+    send(server, [call(cost_estimate_usd=0.6)])  # 1.2: over
+    send(server, [call(cost_estimate_usd=0.6)])  # 1.8: the same episode, no second alert
+    fired = recorder.wait(1)[0]
+    assert (fired.state, fired.rule.name, fired.project_id) == ("firing", "spend", "acme")
+    assert fired.value == pytest.approx(1.2)
+    # Recovery once the window has slid past the spend (3 s), and only one.
+    (_, recovered) = recorder.wait(2, within_s=10)
+    assert recovered.state == "recovered" and recovered.episode_id == fired.episode_id
+    time.sleep(0.6)
+    assert recorder.states() == [("firing", "spend", None), ("recovered", "spend", None)]
+
+    # The alert event, through the analytics API.
+    server.flush()
+    logs = server.client.get(
+        "/v1/analytics/logs",
+        params={"event_type": "cost_threshold_exceeded", "period": "1h"},
+        headers=server.headers(),
+    )
+    assert logs.status_code == 200, logs.text
+    (row,) = logs.json()["events"]
+    assert row["event_id"] == recorder.alerts[0].event_id == f"guardian-{fired.episode_id}"
+    detail = server.client.get(f"/v1/analytics/event/{row['event_id']}", headers=server.headers())
+    assert detail.status_code == 200, detail.text
+    event = detail.json()["event"]
+    assert event["threshold_usd"] == 1.0 and event["actual_usd"] == pytest.approx(1.2)
+    assert event["alert_window"] == "3s"  # the stored column's name (docs/EVENTS.md)
+    assert event["metadata"]["guardian_rule"] == "spend"
+    assert "guardian" in event["tags"]
+    # /metrics counts both ends of the episode.
+    metrics = server.client.get("/metrics").text
+    assert 'watchllm_alerts_total{rule="spend",state="firing"} 1.0' in metrics
+    assert 'watchllm_alerts_total{rule="spend",state="recovered"} 1.0' in metrics
+
+
+@pytest.mark.parametrize(
+    ("rule", "crossing", "recovering"),
+    [
+        (
+            {"name": "slow", "metric": "latency_p95_ms", "threshold": 1000, "min_events": 5},
+            [call(latency_ms=2000.0) for _ in range(5)],
+            [call(latency_ms=100.0) for _ in range(95)],
+        ),
+        (
+            {"name": "errors", "metric": "error_rate", "threshold": 0.5, "min_events": 4},
+            [call(status="error")] * 0
+            + [call(status="error") for _ in range(3)]
+            + [call(status="success")],
+            [call(status="success") for _ in range(4)],
+        ),
+    ],
+    ids=["latency_p95", "error_rate"],
+)
+def test_performance_rules_fire_and_recover_on_data(
+    server_factory: Any, rule: dict[str, Any], crossing: list[Any], recovering: list[Any]
+) -> None:
+    server, recorder = start(server_factory, [rule])
+    send(server, crossing)
+    (fired,) = recorder.wait(1)
+    assert fired.state == "firing" and fired.value is not None and fired.value > rule["threshold"]
+    send(server, recovering)  # the window now holds good figures: recovered without waiting
+    alerts = recorder.wait(2)
+    assert [a.state for a in alerts] == ["firing", "recovered"]
+    server.flush()
+    rows = server.query(
+        "SELECT metric, metric_threshold, metric_actual, alert_window FROM events"
+        " WHERE event_type = 'performance_alert'"
+    )
+    assert rows == [
+        {
+            "metric": rule["metric"],
+            "metric_threshold": float(rule["threshold"]),
+            "metric_actual": pytest.approx(fired.value),
+            "alert_window": "1h",
+        }
+    ]
+
+
+def test_repeated_failures_per_run(server_factory: Any) -> None:
+    rule = {"name": "flaky", "metric": "failures", "per": "run", "threshold": 2, "window_s": 2}
+
+    def failure(run: str) -> dict[str, Any]:
+        return {
+            "event_id": f"f-{uuid.uuid4().hex[:12]}",
+            "event_type": "assertion_failed",
+            "run_id": run,
+            "timestamp": iso(),
+            "assertion_name": "is_json",
+        }
+
+    server, recorder = start(server_factory, [rule])
+    send(server, [failure("run-a"), failure("run-a"), failure("run-b")])
+    time.sleep(0.5)
+    assert recorder.alerts == []  # two in run-a: not over 2
+    send(server, [failure("run-a"), failure("run-b")])
+    (fired,) = recorder.wait(1)
+    assert (fired.subject, fired.value) == ("run-a", 3.0)
+    alerts = recorder.wait(2, within_s=10)  # the window slides past them
+    assert [(a.state, a.subject) for a in alerts] == [("firing", "run-a"), ("recovered", "run-a")]
+    server.flush()
+    (row,) = server.query(
+        "SELECT run_id, metric FROM events WHERE event_type = 'performance_alert'"
+    )
+    assert row == {"run_id": "run-a", "metric": "failures"}
+
+
+def test_block_rule_denies_the_user_until_recovery(server_factory: Any) -> None:
+    rule = {
+        "name": "user-budget",
+        "metric": "cost_usd",
+        "per": "user",
+        "threshold": 1.0,
+        "window_s": 2,
+        "block": True,
+    }
+    server, recorder = start(server_factory, [rule])
+    assert server.client.get("/-/llm", params={"user": "alice"}).status_code == 200
+    send(server, [call(user_id="alice", cost_estimate_usd=1.5), call(user_id="bob")])
+    recorder.wait(1)
+    denied = server.client.get("/-/llm", params={"user": "alice"})
+    assert denied.status_code == 429, denied.text
+    assert "user-budget" in denied.json()["message"] and "alice" in denied.json()["message"]
+    assert int(denied.headers["Retry-After"]) >= 1
+    assert server.client.get("/-/llm", params={"user": "bob"}).status_code == 200
+    # The blocked user's telemetry is still taken (the episode's end is seen in it).
+    send(server, [call(user_id="alice", cost_estimate_usd=0.1)])
+    recorder.wait(2, within_s=10)
+    assert server.client.get("/-/llm", params={"user": "alice"}).status_code == 200
+    metrics = server.client.get("/metrics").text
+    assert 'watchllm_quota_denials_total{check="host"} 1.0' in metrics
+
+
+def test_guardian_flag_off_means_no_alerts(server_factory: Any, tmp_path: Path) -> None:
+    rule = {"name": "spend", "metric": "cost_usd", "threshold": 0.1, "window_s": 60}
+    server, recorder = start(server_factory, [rule], flags={})
+    send(server, [call(cost_estimate_usd=5.0)])
+    time.sleep(0.6)  # three checks
+    assert recorder.alerts == []
+    assert server.query("SELECT count() AS n FROM events")[0]["n"] == 1
+
+
+@EVERY_STORE
+def test_stored_figures_fire_after_the_flag_is_turned_on(
+    server_factory: Any, tmp_path: Path
+) -> None:
+    """Events stored while Guardian was off (or before a restart) are never in the stream's
+    windows; the periodic check reads them from the store (the hourly rollup and raw rows)."""
+    flags = tmp_path / "flags.json"
+    flags.write_text("{}")
+    rule = {"name": "hourly", "metric": "cost_usd", "threshold": 2.0, "window_s": 3600}
+    server, recorder = start(
+        server_factory, [rule], flags={}, flags_file=flags, flags_refresh_s=0.1
+    )
+    send(server, [call(cost_estimate_usd=1.5, timestamp=iso(600)) for _ in range(2)])
+    time.sleep(0.6)
+    assert recorder.alerts == []
+    flags.write_text('{"guardian": {"projects": {"acme": true}}}')
+    (fired,) = recorder.wait(1)
+    assert fired.source == "rollup" and fired.value == pytest.approx(3.0)
+    time.sleep(0.6)
+    assert len(recorder.alerts) == 1  # still one episode, check after check
+    flags.write_text('{"guardian": false}')  # turned off: the episode ends
+    alerts = recorder.wait(2)
+    assert alerts[1].state == "recovered"
+
+
+def test_alert_events_are_valid_events() -> None:
+    now = datetime.now(UTC)
+    for metric in ("cost_usd", "latency_p95_ms", "error_rate", "failures"):
+        rule = GuardianRule(name="r", metric=metric, per="user", threshold=0.5, window_s=5400)
+        alert = Alert("firing", rule, "acme", "u1", 0.75, "ep1", now, now, "stream")
+        (event,) = EVENT_LIST_ADAPTER.validate_python([alert_event(alert)])
+        assert event.user_id == "u1" and event.window == "90m"
+
+
+def test_engine_ignores_old_events_and_bounds_its_keys() -> None:
+    rule = GuardianRule(name="r", metric="cost_usd", per="run", threshold=1.0, window_s=60)
+    engine = Engine([rule])
+
+    class Ev:
+        def __init__(self, run: str, ago: float) -> None:
+            self.event_type = "prompt_call"
+            self.project_id = "acme"
+            self.run_id = run
+            self.cost_estimate_usd = 5.0
+            self.timestamp = datetime.now(UTC) - timedelta(seconds=ago)
+
+    # An import of last hour's data opens nothing.
+    assert engine.observe([Ev("old", 3600)], lambda p: True) == set()
+    touched = engine.observe(
+        [Ev(f"run{i}", 0) for i in range(MAX_KEYS_PER_RULE + 5)], lambda p: True
+    )
+    assert len(touched) == MAX_KEYS_PER_RULE + 5
+    assert len(engine.windows) <= MAX_KEYS_PER_RULE + 1
+    with pytest.raises(ValueError, match="block needs per"):
+        GuardianRule(name="x", metric="cost_usd", per="run", threshold=1, block=True)

@@ -1,0 +1,329 @@
+"""The JSON insert path (migration 0010, store/rows.py input_json) stores row for row what the
+Arrow path (tables_for) stores, on every store.
+
+The same events go in both ways, under two project ids of one store, and every column of
+every table that holds rows of an event is compared (ingested_at and rollup marks' times
+aside, which are the time of the insert). Free-form JSON columns are compared by what they
+read back as (rows.read_json): the spool's encoder (msgspec) writes 1e+20 as 1e20, pydantic
+as 1e+20, and both mean the same; any difference of meaning, a JSON string read as an
+object say, fails (so are prompts of chat messages). Everything else, the value_format of
+each row included, is compared as stored.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from stores import EVERY_STORE, StoreBackend
+
+from watchllm_ext.fast_validate import decode_stored
+from watchllm_ext.schema import EVENT_LIST_ADAPTER, MODELS_BY_TYPE
+from watchllm_ext.store import Store, apply_migrations
+from watchllm_ext.store.rows import JSON_INPUT_SETTINGS, input_json, read_json, tables_for
+
+pytestmark = EVERY_STORE
+
+T0 = datetime(2026, 5, 6, 7, 8, 9, tzinfo=UTC)
+# Strings that parse as JSON (stored as JSON strings), strings that do not, and the rest.
+TRICKY_STRINGS = [
+    '{"a": 1}',
+    "123",
+    "true",
+    "null",
+    '"quoted"',
+    " [1, 2] ",
+    "NaN",
+    "-Infinity",
+    "[not json",
+    "plain text",
+    "",
+    "é ü 中文 🎉 \u2028 \u0085 tab\there\nnewline \\ back",
+    "\u0000nul",
+    "x" * 3000,
+]
+JSON_VALUES: list[Any] = [
+    None,
+    {"q": "x", "n": [1, 2.5, None, True], "deep": {"a": {"b": [{}]}}},
+    [1, "two", {"three": 3}],
+    0,
+    -7,
+    2**63,
+    1e20,
+    5e-324,
+    1.7976931348623157e308,
+    0.1,
+    True,
+    False,
+    {},
+    [],
+    {"é": "ü", "emoji": "🎉", "ctl": "\u0001\u001f", "ls": "\u2028"},
+    *TRICKY_STRINGS,
+]
+TEXT_PROMPTS = [
+    "hello",
+    "[INST] hi [/INST]",
+    "[",
+    "[]",
+    " [1]",
+    "",
+    "é🎉\u2028",
+    '[{"role":"user"}]',
+]
+
+
+def _iso(t: datetime) -> str:
+    return t.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def generated_events(seed: int = 10) -> list[dict[str, Any]]:
+    """Every event type, every optional field set and left out, values at their extremes."""
+    rng = random.Random(seed)
+    out: list[dict[str, Any]] = []
+    times = [
+        "1970-01-01T00:00:00Z",
+        "2099-12-31T23:59:59.999Z",
+        "2026-05-06T07:08:09.123456Z",
+        "2026-05-06T12:38:09.5+05:30",
+        "2026-05-06T07:08:09.999999Z",
+    ]
+
+    def base(i: int, event_type: str, full: bool) -> dict[str, Any]:
+        event: dict[str, Any] = {
+            "event_id": f"e-{i:04d}",
+            "event_type": event_type,
+            "run_id": f"run-{i % 7}" if i % 11 else "run.A:b-_9",
+            "timestamp": times[i % len(times)]
+            if i % 3 == 0
+            else _iso(T0 + timedelta(milliseconds=i)),
+        }
+        if full:
+            event.update(
+                parent_event_id=f"e-{i - 1:04d}",
+                user_id="user 'x' \"y\" é",
+                session_id="s" * 256,
+                tags=["t", "é🎉", "x" * 128],
+                release="2026.1",
+                env=rng.choice(["production", "staging", "development"]),
+                client=rng.choice(
+                    [
+                        {"hostname": "h\u2028é", "sdk_version": "1.0", "platform": "py"},
+                        {"hostname": "only-host"},
+                        {},
+                    ]
+                ),
+                metadata=rng.choice(
+                    [{"a": None, "b": 1e20, "c": [1, {"d": "é"}], "big": 2**63}, {}, {"k": ""}]
+                ),
+            )
+        return event
+
+    i = 0
+    for full in (False, True):
+        for prompt in [None, *TEXT_PROMPTS, "chat", "chat-bare", "chat-content"]:
+            i += 1
+            event = base(i, "prompt_call", full)
+            if prompt == "chat":
+                event["prompt"] = [
+                    {"role": "system", "content": "be brief"},
+                    {"role": "user", "content": "é🎉 \u2028", "name": "bob"},
+                    {"role": "tool", "content": None, "tool_call_id": "call_1"},
+                ]
+            elif prompt == "chat-bare":
+                event["prompt"] = [{"role": "user"}]
+            elif prompt == "chat-content":
+                event["prompt"] = [
+                    {"role": "user", "content": [{"type": "text", "text": "[x]"}, {"n": 1e20}]}
+                ]
+            elif prompt is not None:
+                event["prompt"] = prompt
+            if full:
+                event.update(
+                    model="gpt-4o",
+                    provider="openai",
+                    tokens_input=rng.choice([0, 4_294_967_295, 123]),
+                    tokens_output=rng.choice([0, 4_294_967_295, 45]),
+                    cost_estimate_usd=rng.choice([0.0, 1_000_000.0, 5e-324, 0.1]),
+                    response="réponse \u0000 ok",
+                    response_metadata=rng.choice([{}, {"finish": "stop", "n": [1.5, None]}]),
+                    status=rng.choice(["success", "error", "timeout", "warning"]),
+                    latency_ms=rng.choice([0.0, 2_592_000_000.0, 1.25]),
+                    error_message="boom 'é'",
+                    tool_calls=[
+                        {
+                            "tool_name": f"tool-{k}",
+                            "id": f"call-{k}" if k % 2 else None,
+                            "tool_input": JSON_VALUES[(i + k) % len(JSON_VALUES)],
+                            "tool_output": JSON_VALUES[(3 * i + k) % len(JSON_VALUES)],
+                            "status": "error" if k % 3 == 0 else None,
+                            "latency_ms": 2_592_000_000.0 if k == 1 else None,
+                            "error_message": "x" if k == 2 else None,
+                        }
+                        for k in range(i % 4)
+                    ],
+                )
+            out.append(event)
+    for k, value in enumerate(JSON_VALUES):
+        i += 1
+        event = base(i, "tool_call", k % 2 == 0)
+        event.update(tool_name="search é", tool_input=value)
+        event["tool_output"] = JSON_VALUES[(k * 5 + 1) % len(JSON_VALUES)]
+        if k % 3 == 0:
+            event.update(status="error", latency_ms=1.5, error_message="bad")
+        out.append(event)
+        i += 1
+        event = base(i, "assertion_failed", k % 2 == 1)
+        event.update(assertion_name="same", expected=value, severity="critical")
+        event["actual"] = JSON_VALUES[(k * 7 + 2) % len(JSON_VALUES)]
+        out.append(event)
+    for full in (False, True):
+        i += 1
+        event = base(i, "agent_step", full)
+        event["step_number"] = 4_294_967_295 if full else 0
+        if full:
+            event.update(
+                step_name="plan",
+                reasoning="r" * 5000,
+                action="act é",
+                observation="\u2028",
+                status="timeout",
+                latency_ms=0.0,
+            )
+        out.append(event)
+        i += 1
+        event = base(i, "error", full)
+        event["error_type"] = "ValueError"
+        event["error_message"] = "m\u2028é" if full else ""
+        if full:
+            event["stack_trace"] = "Traceback\n  é"
+        out.append(event)
+        i += 1
+        event = base(i, "hallucination_detected", full)
+        event.update(detection_method="judge", confidence=1.0 if full else 0.0, claim="c")
+        if full:
+            event.update(evidence="ev", severity="info")
+        out.append(event)
+        i += 1
+        event = base(i, "cost_threshold_exceeded", full)
+        event.update(threshold_usd=0.0, actual_usd=1e6 if full else 0.1, window="1h")
+        out.append(event)
+        i += 1
+        event = base(i, "performance_alert", full)
+        event.update(metric="p99", threshold=1e15 if full else 0.1, actual=5e-324, window="5m")
+        out.append(event)
+    assert {e["event_type"] for e in out} == set(MODELS_BY_TYPE)
+    return [{k: v for k, v in e.items() if v is not None or k != "tool_calls"} for e in out]
+
+
+def models_of(raw: list[dict[str, Any]], project: str) -> list[Any]:
+    return EVENT_LIST_ADAPTER.validate_python([{**e, "project_id": project} for e in raw])
+
+
+# Per table: its key (rows sort by it) and its free-form JSON columns.
+TABLES = {
+    "events": (
+        "event_id",
+        ("metadata", "response_metadata", "tool_input", "tool_output", "expected", "actual"),
+    ),
+    "tool_calls": ("event_id, call_index", ("tool_input", "tool_output")),
+    "agent_steps": ("event_id", ()),
+    "event_times": ("event_id, timestamp", ()),
+    "event_ids": ("event_id, timestamp", ()),
+    "event_children": ("event_id, timestamp", ()),
+    "rollup_marks": ("hour", ()),
+}
+
+
+def rows_of(store: Store, project: str) -> dict[str, list[dict[str, Any]]]:
+    out = {}
+    for table, (order, free_form) in TABLES.items():
+        rows = store.query(
+            f"SELECT * FROM {table} WHERE project_id = {{p:String}} ORDER BY {order}",
+            {"p": project},
+        )
+        for row in rows:
+            row.pop("project_id")
+            row.pop("ingested_at", None)
+            row.pop("marked_at", None)
+            for column in free_form:
+                row[column] = ("json", read_json(row[column]))
+            if row.get("value_format") == 2:  # chat messages as JSON
+                row["prompt"] = ("json", read_json(row["prompt"]))
+        out[table] = rows
+    return out
+
+
+@pytest.fixture
+def store(store_backend: StoreBackend) -> Iterator[Store]:
+    s = store_backend.open()
+    apply_migrations(s)
+    yield s
+    s.close()
+
+
+def insert_both_ways(store: Store, raw: list[dict[str, Any]], structs: bool) -> None:
+    for table, data in tables_for(models_of(raw, "arrow")).items():
+        store.insert(table, data)
+    events = models_of(raw, "json")
+    if structs:  # the server's structs, as the writer hands them to the sink
+        events = decode_stored(EVENT_LIST_ADAPTER.dump_json(events, exclude_none=True))
+    bodies = input_json(events)
+    assert list(bodies) == ["event_parts_input", "events_input"]
+    for table, body in bodies.items():
+        store.insert_json(table, body, JSON_INPUT_SETTINGS)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("structs", [False, True], ids=["models", "structs"])
+def test_json_path_stores_what_the_arrow_path_stores(store: Store, structs: bool) -> None:
+    raw = generated_events()
+    insert_both_ways(store, raw, structs)
+    arrow, got = rows_of(store, "arrow"), rows_of(store, "json")
+    for table in TABLES:
+        assert len(got[table]) == len(arrow[table]), table
+        for a, b in zip(arrow[table], got[table], strict=True):
+            assert b == a, (table, a.get("event_id"))
+    # The generated events reach every branch of the views.
+    assert len(arrow["tool_calls"]) > 20 and len(arrow["agent_steps"]) == 2
+    formats = {r["value_format"] for r in arrow["events"]}
+    assert formats == {1, 2}
+
+
+def test_rows_hold_exactly_the_tricky_text(store: Store) -> None:
+    # Beyond meaning: the stored text itself, for strings that ClickHouse unescapes.
+    raw = [
+        {
+            "event_id": f"t-{k}",
+            "event_type": "tool_call",
+            "run_id": "r",
+            "timestamp": "2026-05-06T07:08:09.123Z",
+            "tool_name": "t",
+            "tool_input": text,
+            "tool_output": {"text": text},
+        }
+        for k, text in enumerate(TRICKY_STRINGS)
+    ]
+    insert_both_ways(store, raw, structs=True)
+    for project in ("arrow", "json"):
+        rows = store.query(
+            "SELECT event_id, tool_input, tool_output FROM events"
+            " WHERE project_id = {p:String} ORDER BY toUInt32(substring(event_id, 3))",
+            {"p": project},
+        )
+        assert [read_json(r["tool_input"]) for r in rows] == TRICKY_STRINGS
+        assert [json.loads(r["tool_output"]) for r in rows] == [{"text": t} for t in TRICKY_STRINGS]
+
+
+def test_a_batch_without_parts_is_one_insert_of_the_encoded_list() -> None:
+    events = models_of([generated_events()[0]], "p")
+    calls: list[list[Any]] = []
+
+    def encode(batch: Any) -> bytes:
+        calls.append(batch)
+        return b"[]"
+
+    assert input_json(events, encode) == {"events_input": b"[]"}
+    assert calls == [events] and calls[0] is events  # the writer's own list: the spool's bytes

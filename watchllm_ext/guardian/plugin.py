@@ -1,0 +1,252 @@
+"""The Guardian plugin: a sink that feeds every stored batch to the rule windows, a background
+task that re-checks them (and the stored figures) every `guardian_interval_s`, stores alert
+events, calls `on_alert` once per episode start and recovery, and a `check_quota` that
+denies a blocked project or user.
+
+A block denies the host middleware's pre-request check (`n_events=0`: the LLM call is not
+made); ingestion of the project's telemetry goes on, so the figures that end the episode
+keep arriving and nothing of the incident is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections import deque
+from dataclasses import replace
+from datetime import timedelta
+from functools import partial
+from typing import Any
+
+import anyio
+
+from ..auth import Principal
+from ..errors import Problem
+from ..flags import feature_enabled
+from ..hookspecs import BackgroundTask, hookimpl
+from ..observability.metrics import ops_metrics
+from ..quota import QuotaDecision
+from ..sdk.context import local_apps
+from ..settings import Settings
+from ..store import Store
+from .alert import Alert, window_text
+from .engine import Engine
+from .stored import now_utc, project_stats, recent_projects, stored_figure
+
+log = logging.getLogger("watchllm.guardian")
+
+FLAG = "guardian"
+# How long the sink waits for its app to finish starting (it may get a batch replayed from
+# the spool before the app is registered).
+ATTACH_TIMEOUT_S = 30.0
+
+
+class Guardian:
+    name = "guardian"  # the sink's name (its spool cursor)
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine = Engine(settings.guardian_rules)
+        self.wl: Any = None
+        self.pending: deque[Alert] = deque()
+        self._wake: asyncio.Event | None = None
+
+    # --- hooks ---
+
+    @hookimpl
+    def register_sinks(self, settings: Settings, store: Store | None) -> Any:
+        return self if self.engine.rules else None
+
+    @hookimpl
+    def register_background_tasks(
+        self, settings: Settings, store: Store | None
+    ) -> BackgroundTask | None:
+        return partial(self.run, store) if self.engine.rules else None
+
+    @hookimpl
+    def check_quota(
+        self, principal: Principal, n_events: int, user_id: str | None
+    ) -> QuotaDecision | None:
+        if n_events != 0:
+            return None
+        alert = self.engine.blocked(principal.project_id, user_id)
+        if alert is None:
+            return None
+        who = f"user {alert.subject!r} of project" if alert.subject else "project"
+        return QuotaDecision(
+            False,
+            retry_after_s=self.settings.guardian_interval_s,
+            reason=f"Guardian rule {alert.rule.name!r} blocks {who} {alert.project_id!r}"
+            f" ({alert.rule.metric} over {alert.rule.threshold:g} in"
+            f" {window_text(alert.rule.window_s)}) until it recovers",
+        )
+
+    # --- the sink ---
+
+    async def write(self, events: Any) -> None:
+        if self.wl is None:
+            await self._attach()
+        touched = self.engine.observe(events, self._enabled)
+        if touched:
+            self._queue(self.engine.evaluate(touched))
+
+    # --- the background task ---
+
+    async def run(self, store: Store | None) -> None:
+        await self._attach()
+        self._wake = asyncio.Event()
+        send, receive = anyio.create_memory_object_stream[Alert](10_000)
+        interval = self.settings.guardian_interval_s
+        async with send, receive, anyio.create_task_group() as tg:
+            tg.start_soon(self._notify_loop, receive)
+            next_check = anyio.current_time() + interval
+            while True:
+                with anyio.move_on_after(max(0.0, next_check - anyio.current_time())):
+                    await self._wake.wait()
+                self._wake.clear()
+                if anyio.current_time() >= next_check:
+                    next_check = anyio.current_time() + interval
+                    await self._check(store)
+                while self.pending:
+                    alert = await self._record(self.pending.popleft())
+                    send.send_nowait(alert)
+
+    async def _check(self, store: Store | None) -> None:
+        """Turned-off projects are forgotten; stored figures refreshed; every key judged."""
+        for project in self.engine.projects():
+            if not self._enabled(project):
+                self.engine.forget_project(project)
+        if store is not None:
+            try:
+                await anyio.to_thread.run_sync(self._read_stored, store)
+            except Exception:
+                log.exception("Guardian could not read the stored figures; using the stream's")
+        self._queue(self.engine.evaluate())
+
+    def _read_stored(self, store: Store) -> None:
+        now = now_utc()
+        rules = [r for r in self.engine.rules.values() if r.per == "project"]
+        if not rules:
+            return
+        longest = max(r.window_s for r in rules)
+        recent: list[str] | None = None
+        for rule in rules:
+            if rule.project == "*":
+                if recent is None:
+                    recent = recent_projects(store, now - timedelta(seconds=longest))
+                projects = recent
+            else:
+                projects = [rule.project]
+            for project in projects:
+                if not self._enabled(project):
+                    continue
+                stats = project_stats(store, project, rule.window_s, now)
+                self.engine.observe_stored(rule, project, stored_figure(rule, stats))
+
+    def _queue(self, alerts: list[Alert]) -> None:
+        if not alerts:
+            return
+        metrics = ops_metrics(self.wl) if self.wl is not None else None
+        for alert in alerts:
+            if metrics is not None:
+                metrics.alerts.labels(alert.rule.name, alert.state).inc()
+        self.pending.extend(alerts)
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _record(self, alert: Alert) -> Alert:
+        """Log the alert and store its event (firing only); the alert with its event id."""
+        (log.warning if alert.state == "firing" else log.info)("Guardian %s", alert.summary())
+        if alert.state != "firing":
+            return alert
+        event = alert_event(alert)
+        principal = Principal(alert.project_id, frozenset({"ingest"}), key_id="guardian")
+        try:
+            await self.wl.ingest(principal, [event])
+        except Problem as exc:
+            log.error("Guardian could not store the alert event of %s: %s", alert.rule.name, exc)
+            return alert
+        return replace(alert, event_id=event["event_id"])
+
+    async def _notify_loop(self, receive: Any) -> None:
+        """One alert at a time, in order: a recovery never overtakes its firing notice."""
+        async for alert in receive:
+            await notify(self.wl.pm, alert)
+
+    # --- helpers ---
+
+    def _enabled(self, project: str) -> bool:
+        if self.wl is None:
+            return False
+        principal = Principal(project, frozenset())
+        return feature_enabled(self.wl.pm, FLAG, principal, None, default=False)
+
+    async def _attach(self) -> None:
+        """Find the running app this plugin belongs to (its plugin manager holds us)."""
+        with anyio.fail_after(ATTACH_TIMEOUT_S):
+            while self.wl is None:
+                for app in local_apps():
+                    pm = getattr(app, "pm", None)
+                    if pm is not None and pm.is_registered(self):
+                        self.wl = app
+                        break
+                else:
+                    await anyio.sleep(0.01)
+
+
+async def notify(pm: Any, alert: Alert) -> None:
+    """Call every `on_alert` implementation; one that raises (or whose awaitable raises) is
+    logged and does not keep the others from being called."""
+    for impl in reversed(pm.hook.on_alert.get_hookimpls()):
+        try:
+            result = impl.function(*[alert for _ in impl.argnames])
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            log.exception("on_alert of plugin %s failed for %s", impl.plugin_name, alert.rule.name)
+
+
+def alert_event(alert: Alert) -> dict[str, Any]:
+    """The stored event of a firing alert (docs/EVENTS.md: cost_threshold_exceeded or
+    performance_alert), with the rule and its figures in `metadata`."""
+    rule = alert.rule
+    value = alert.value or 0.0
+    event: dict[str, Any] = {
+        "event_id": f"guardian-{alert.episode_id}",
+        "run_id": alert.subject if rule.per == "run" and alert.subject else f"guardian-{rule.name}",
+        "timestamp": alert.at.isoformat().replace("+00:00", "Z"),
+        "tags": ["guardian", f"rule:{rule.name}"],
+        "metadata": {
+            "guardian_rule": rule.name,
+            "metric": rule.metric,
+            "per": rule.per,
+            "subject": alert.subject,
+            "block": rule.block,
+            "episode_id": alert.episode_id,
+            "source": alert.source,
+            "window_s": rule.window_s,
+        },
+    }
+    if rule.per == "user" and alert.subject:
+        event["user_id"] = alert.subject
+    if rule.metric == "cost_usd":
+        event.update(
+            event_type="cost_threshold_exceeded",
+            threshold_usd=float(rule.threshold),
+            actual_usd=float(value),
+            window=window_text(rule.window_s),
+        )
+    else:
+        event.update(
+            event_type="performance_alert",
+            metric=rule.metric,
+            threshold=float(rule.threshold),
+            actual=float(value),
+            window=window_text(rule.window_s),
+        )
+    return event
+
+
+def make_plugin(settings: Settings) -> Guardian:
+    return Guardian(settings)

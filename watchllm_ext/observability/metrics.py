@@ -1,0 +1,135 @@
+"""The operational series of `/metrics`: request latency per route, rejections by reason,
+quota denials, Guardian alerts and store query latency. They live in the app's own registry
+(metrics.make_registry), beside the writer's collector."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..flags import request_flags
+
+# Seconds: ingestion answers in a few ms, analytics over months in seconds.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class OpsMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Histogram(
+            "watchllm_http_request_duration_seconds",
+            "Time to answer an HTTP request, by route template, method and status",
+            ["route", "method", "status"],
+            registry=registry,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.rejections = Counter(
+            "watchllm_rejections",
+            "Requests answered 4xx, by reason (the error code of the answer)",
+            ["reason"],
+            registry=registry,
+        )
+        self.quota_denials = Counter(
+            "watchllm_quota_denials",
+            "Quota checks denied: check=ingest (an ingest request) or host (the host"
+            " middleware's pre-request check)",
+            ["check"],
+            registry=registry,
+        )
+        self.alerts = Counter(
+            "watchllm_alerts",
+            "Guardian alerts, by rule and state (firing: an episode began; recovered: it ended)",
+            ["rule", "state"],
+            registry=registry,
+        )
+        self.queries = Histogram(
+            "watchllm_store_query_duration_seconds",
+            "Time of a read query on the store (analytics, Guardian, admin)",
+            registry=registry,
+            buckets=LATENCY_BUCKETS,
+        )
+
+
+def ops_metrics(wl: Any) -> OpsMetrics:
+    """The app's operational series (made with its registry, or on first use)."""
+    registry = wl.registry
+    if registry is None:  # an app object made without create_app: counted, not exposed
+        registry = wl.registry = CollectorRegistry(auto_describe=False)
+    found = getattr(registry, "watchllm_ops", None)
+    if found is None:
+        found = OpsMetrics(registry)
+        registry.watchllm_ops = found
+    return found
+
+
+class RequestMetrics:
+    """ASGI middleware around the app: times each request under its route template (never
+    the raw path, whose ids would make a series each) and gives it its own flag cache."""
+
+    def __init__(self, app: ASGIApp, wl: Any) -> None:
+        self.app = app
+        self.wl = wl
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        started = time.perf_counter()
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            with request_flags():
+                await self.app(scope, receive, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            ops_metrics(self.wl).requests.labels(route, scope["method"], str(status)).observe(
+                time.perf_counter() - started
+            )
+
+
+def counting_rejections(
+    handler: Callable[[Request, Exception], Awaitable[Response]],
+) -> Callable[[Request, Exception], Awaitable[Response]]:
+    """Wrap the Problem handler: count each 4xx answer under its error code."""
+
+    async def handle(request: Request, exc: Exception) -> Response:
+        status = getattr(exc, "status", 500)
+        if 400 <= status < 500:
+            ops_metrics(request.app.state.watchllm).rejections.labels(
+                getattr(exc, "code", "unknown")
+            ).inc()
+        return await handler(request, exc)
+
+    return handle
+
+
+def time_queries(wl: Any, store: Any) -> None:
+    """Time the store's read queries (once per store object)."""
+    if store is None or getattr(store, "_watchllm_timed", False):
+        return
+    query = store.query
+    histogram = ops_metrics(wl).queries
+
+    def timed_query(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return query(*args, **kwargs)
+        finally:
+            histogram.observe(time.perf_counter() - started)
+
+    try:
+        store.query = timed_query
+        store._watchllm_timed = True
+    except AttributeError:  # a store with __slots__: left untimed
+        pass
