@@ -346,3 +346,53 @@ def test_in_process_transport(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) ->
             [(early.run_id, 2), (run.run_id, 2)]
         )
     client.close()
+
+
+def test_mask_failures_and_odd_values_are_counted_not_raised(server: Running) -> None:
+    def mask(event: dict[str, Any]) -> Any:
+        if event.get("tool_name") == "raises":
+            raise RuntimeError("mask bug")
+        if event.get("tool_name") == "list":
+            return ["not", "a", "dict"]
+        return event
+
+    client = sdk(server, mask=mask)
+    cycle: dict[str, Any] = {}
+    cycle["self"] = cycle
+    client.log_tool_call("raises", tool_input={"password": "hunter2"})
+    client.log_tool_call("list")
+    client.log_tool_call("cycle", metadata=cycle)
+    client.log_tool_call("fine", metadata={"when": object()})  # encoded by str()
+    assert client.flush(10)
+    stats = client.stats()
+    assert stats["dropped"]["mask_error"] == 2 and stats["dropped"]["invalid"] == 1, stats
+    assert stats["sent"] == 1 and stats["dropped"]["sdk_error"] == 0
+    server.flush()
+    rows = server.query("SELECT tool_name FROM events")
+    assert rows == [{"tool_name": "fine"}]  # nothing unmasked left the process
+    client.close()
+
+
+def test_many_threads_log_at_once(server: Running) -> None:
+    client = sdk(server, flush_at=100)
+    with client.run(name="threads") as run:
+        workers = [
+            threading.Thread(
+                target=contextvars.copy_context().run,
+                args=(lambda: [client.log_tool_call("t") for _ in range(500)],),
+            )
+            for _ in range(8)
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+    assert client.flush(30)
+    stats = client.stats()
+    assert stats["logged"] == 4001 and stats["sent"] == 4001 and stats["dropped_total"] == 0
+    server.flush()
+    rows = server.query(
+        "SELECT count() AS n FROM events WHERE run_id = {r:String}", {"r": run.run_id}
+    )
+    assert rows == [{"n": 4001}]
+    client.close()

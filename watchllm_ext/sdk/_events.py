@@ -98,6 +98,10 @@ def prepare(event: dict[str, Any], mask: Mask | None, capture_content: bool) -> 
             raise InvalidEvent(f"the mask callback raised {exc!r}", "mask_error") from None
         if masked is None:
             return None
+        if not isinstance(masked, dict):
+            raise InvalidEvent(
+                f"the mask returned {type(masked).__name__}, not a dict", "mask_error"
+            )
         event = masked
     if not capture_content:
         event = strip_content(event)
