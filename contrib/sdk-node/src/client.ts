@@ -43,33 +43,36 @@ export interface WatchLLMOptions {
   mask?: (event: Event) => Event | null | undefined;
   /** false: prompts, responses, tool input/output and step content are left out. */
   captureContent?: boolean;
-  /** Send a batch at least this often (default 1000 ms). */
+  // Delivery: the Python SDK's options and defaults, in milliseconds.
+  /** Send as soon as this many events are queued (default 500). */
+  flushAt?: number;
+  /** Send what is queued at least this often (default 1000 ms). */
   flushIntervalMs?: number;
-  /** Events per request (default 500; the server takes up to its max_batch_events). */
+  /** Events per request (default 1000; the server takes up to its max_batch_events, and a
+   * 413 splits the batch). */
   maxBatchEvents?: number;
-  /** JSON bytes per request before gzip (default 1 MiB; an event larger goes alone). */
+  /** JSON bytes per request before gzip (default 4 MiB; an event larger goes alone). */
   maxBatchBytes?: number;
   /** A larger event is dropped as `too_large` (default 8 MiB, under the server's limits). */
   maxEventBytes?: number;
-  /** The queue's bounds; past them new events are dropped as `queue_full` (defaults 10,000
+  /** The queue's bounds: past them new events are dropped as `queue_full` (defaults 10,000
    * events, 64 MiB). */
-  maxQueueEvents?: number;
+  maxQueue?: number;
   maxQueueBytes?: number;
   /** gzip request bodies (default true). */
   gzip?: boolean;
-  /** Retries of one batch after the first try (default 5). */
-  maxRetries?: number;
-  /** Backoff: a random wait up to min(backoffMaxMs, backoffBaseMs * 2^attempt). */
-  backoffBaseMs?: number;
-  backoffMaxMs?: number;
-  /** A Retry-After longer than this is cut to it (default 30,000 ms). */
-  maxRetryAfterMs?: number;
   /** One request's time limit (default 10,000 ms). */
-  requestTimeoutMs?: number;
+  timeoutMs?: number;
+  /** How long one batch is retried before it is dropped (default 300,000 ms). */
+  retryForMs?: number;
+  /** Backoff: a random wait up to min(maxBackoffMs, initialBackoffMs * 2^attempt), or the
+   * server's Retry-After (default 500 and 30,000 ms). */
+  initialBackoffMs?: number;
+  maxBackoffMs?: number;
   /** Send what is queued when the process is about to exit (beforeExit; default true). */
   flushOnExit?: boolean;
   /** How long that last send may take (default 5,000 ms). */
-  exitTimeoutMs?: number;
+  flushAtExitMs?: number;
   /** Where warnings go (default: console). */
   logger?: Logger;
 }
@@ -84,15 +87,20 @@ export interface RunOptions {
 }
 
 export interface ObserveOptions {
-  /** The step's name (default: the function's name). */
+  /** The event's name (default: the function's name). */
   name?: string;
-  /** Record the arguments and the result as the step's action and observation (default:
-   * the client's captureContent). */
-  captureIo?: boolean;
+  /** Each call is an `agent_step` (default) or a `tool_call` event. */
+  asType?: "agent_step" | "tool_call";
+  /** Record the arguments as the step's action (tool_input); default true. */
+  captureInput?: boolean;
+  /** Record the result as the step's observation (tool_output); default true. */
+  captureOutput?: boolean;
 }
 
 export interface Stats extends DeliveryStats {
   enabled: boolean;
+  /** Events left out by sampleRate (by design: not counted as dropped). */
+  sampledOut: number;
 }
 
 /** A malformed event in strict mode: `field` names the field at fault. */
@@ -145,14 +153,36 @@ function safeJson(value: unknown): string {
   }
 }
 
-/** FNV-1a of the run id, in [0, 1): the same run is kept or left out everywhere. */
-function runFraction(runId: string): number {
-  let hash = 0x811c9dc5;
-  for (let i = 0; i < runId.length; i += 1) {
-    hash ^= runId.charCodeAt(i);
-    hash = Math.imul(hash, 0x01000193);
+const CRC_TABLE = Array.from({ length: 256 }, (_, n) => {
+  let c = n;
+  for (let k = 0; k < 8; k += 1) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+  return c >>> 0;
+});
+
+/** CRC-32 of the run id's UTF-8 over 2^32, in [0, 1): the Python SDK's sampling function
+ * (zlib.crc32), so a run that crosses a Python and a Node service is kept or left out whole. */
+export function runFraction(runId: string): number {
+  let crc = 0xffffffff;
+  for (const byte of Buffer.from(runId, "utf8")) crc = CRC_TABLE[(crc ^ byte) & 0xff] ^ (crc >>> 8);
+  return ((crc ^ 0xffffffff) >>> 0) / 2 ** 32;
+}
+
+interface Step {
+  kind: "agent_step" | "tool_call";
+  name: string;
+  captureInput?: boolean;
+  captureOutput?: boolean;
+}
+
+/** A JSON-safe copy of a value (cycles, BigInts and functions made harmless), for tool input
+ * and output; undefined when it has no JSON form. */
+function capture(value: unknown): unknown {
+  const text = safeJson(value);
+  try {
+    return JSON.parse(text);
+  } catch {
+    return text;
   }
-  return (hash >>> 0) / 2 ** 32;
 }
 
 function isPromise(value: unknown): value is PromiseLike<unknown> {
@@ -180,6 +210,7 @@ export class WatchLLM {
   private readonly onBeforeExit: (() => void) | undefined;
   private warnedInvalid = false;
   private shutDown = false;
+  private sampledOut = 0;
 
   constructor(options: WatchLLMOptions = {}) {
     this.options = options;
@@ -202,25 +233,25 @@ export class WatchLLM {
     this.delivery = new Delivery({
       baseUrl,
       apiKey: apiKey as string,
-      maxBatchEvents: options.maxBatchEvents ?? 500,
-      maxBatchBytes: options.maxBatchBytes ?? 1024 * 1024,
-      maxEventBytes: options.maxEventBytes ?? 8 * 1024 * 1024,
-      maxQueueEvents: options.maxQueueEvents ?? 10_000,
-      maxQueueBytes: options.maxQueueBytes ?? 64 * 1024 * 1024,
+      flushAt: options.flushAt ?? 500,
       flushIntervalMs: options.flushIntervalMs ?? 1000,
+      maxBatchEvents: options.maxBatchEvents ?? 1000,
+      maxBatchBytes: options.maxBatchBytes ?? 4 * 1024 * 1024,
+      maxEventBytes: options.maxEventBytes ?? 8 * 1024 * 1024,
+      maxQueue: options.maxQueue ?? 10_000,
+      maxQueueBytes: options.maxQueueBytes ?? 64 * 1024 * 1024,
       gzip: options.gzip ?? true,
-      maxRetries: options.maxRetries ?? 5,
-      backoffBaseMs: options.backoffBaseMs ?? 500,
-      backoffMaxMs: options.backoffMaxMs ?? 30_000,
-      maxRetryAfterMs: options.maxRetryAfterMs ?? 30_000,
-      requestTimeoutMs: options.requestTimeoutMs ?? 10_000,
+      timeoutMs: options.timeoutMs ?? 10_000,
+      retryForMs: options.retryForMs ?? 300_000,
+      initialBackoffMs: options.initialBackoffMs ?? 500,
+      maxBackoffMs: options.maxBackoffMs ?? 30_000,
       logger: this.logger,
     });
     if (options.flushOnExit !== false) {
       // beforeExit: the event loop is empty, so the host is done. A shutdown (not a flush)
       // so a server that cannot be reached cannot make beforeExit fire again and again.
       this.onBeforeExit = () => {
-        void this.shutdown(options.exitTimeoutMs ?? 5000);
+        void this.shutdown(options.flushAtExitMs ?? 5000);
       };
       process.once("beforeExit", this.onBeforeExit);
     }
@@ -269,9 +300,10 @@ export class WatchLLM {
 
   // -- runs and nesting -----------------------------------------------------------------
 
-  /** Run `fn` as a run (or, inside a run, as a step of it): its events nest under one
-   * agent_step event that records the name, time taken and outcome. An error is logged as an
-   * `error` event and thrown again. Returns what `fn` returns (a promise stays a promise). */
+  /** Run `fn` as one run: its events nest under the run's root, an agent_step (step 0) that
+   * records the name, time taken and outcome; steps inside count from 1. Inside another run
+   * it is a step of that run instead. An error is logged as an `error` event (once) and
+   * thrown again. Returns what `fn` returns (a promise stays a promise). */
   run<T>(options: string | RunOptions, fn: (run: RunContext) => T): T {
     const opts: RunOptions = typeof options === "string" ? { name: options } : options;
     const parent = currentRun();
@@ -286,86 +318,96 @@ export class WatchLLM {
             metadata: opts.metadata,
             steps: { next: 0 },
           };
-    return this.traced(context, opts.name ?? "run", this.options.captureContent !== false, () =>
-      fn(currentRun() as RunContext),
-    )();
+    const step: Step = { kind: "agent_step", name: opts.name ?? "run" };
+    return this.traced(context, step, () => fn(currentRun() as RunContext));
   }
 
-  /** Wrap `fn` so each call is an agent_step event of the current run (a new run when there
-   * is none) and the events it logs nest under it. Sync functions stay sync. */
+  /** Wrap `fn` so each call is an event of the current run (a new run when there is none):
+   * an agent_step (or a tool_call with `asType`), timed from call to return, under which the
+   * events logged during the call nest. Sync functions stay sync; a returned promise is timed
+   * until it settles. */
   observe<A extends unknown[], R>(
     fn: (...args: A) => R,
     options: ObserveOptions = {},
   ): (...args: A) => R {
-    const name = options.name ?? (fn.name || "anonymous");
     const self = this;
+    const step: Step = {
+      kind: options.asType ?? "agent_step",
+      name: options.name ?? (fn.name || "anonymous"),
+      captureInput: options.captureInput ?? true,
+      captureOutput: options.captureOutput ?? true,
+    };
     return function observed(this: unknown, ...args: A): R {
-      const context = currentRun() ?? { runId: newId(), steps: { next: 0 } };
-      const captureIo = options.captureIo ?? self.options.captureContent !== false;
-      return self.traced(context, name, captureIo, () => fn.apply(this, args), args)();
+      const context = currentRun() ?? { runId: newId(), steps: { next: 1 } };
+      return self.traced(context, step, () => fn.apply(this, args), args);
     };
   }
 
-  /** The engine of run() and observe(): one agent_step event for the call, logged when it
-   * ends, whose id is the parent of everything logged during it. */
-  private traced<R>(
-    context: RunContext,
-    name: string,
-    captureIo: boolean,
-    fn: () => R,
-    args?: unknown[],
-  ): () => R {
-    return () => {
-      if (!this.enabled) return useRun(context, fn);
-      const stepId = newId();
-      const stepNumber = context.steps.next;
-      context.steps.next += 1;
-      const started = new Date();
-      const t0 = performance.now();
-      const inner: RunContext = { ...context, parentEventId: stepId };
-      const finish = (status: "success" | "error", result: unknown, error?: unknown): void => {
-        try {
-          if (error !== undefined) this.recordError(error, inner);
-          this.logWith(context, "agent_step", {
-            event_id: stepId,
-            timestamp: started.toISOString(),
-            step_number: stepNumber,
-            step_name: truncate(name, 256),
-            status,
-            latency_ms: performance.now() - t0,
-            ...(captureIo && args !== undefined
-              ? { action: truncate(safeJson(args), MAX_IO_CHARS) }
-              : {}),
-            ...(captureIo && status === "success" && result !== undefined
-              ? { observation: truncate(safeJson(result), MAX_IO_CHARS) }
-              : {}),
-          });
-        } catch (e) {
-          this.internalError(e);
-        }
-      };
-      let result: R;
+  /** The engine of run() and observe(): one event for the call, logged when it ends, whose
+   * id (chosen at the start) is the parent of everything logged during it. */
+  private traced<R>(context: RunContext, step: Step, fn: () => R, args?: unknown[]): R {
+    if (!this.enabled) return useRun(context, fn);
+    const stepId = newId();
+    const stepNumber = step.kind === "agent_step" ? context.steps.next++ : 0;
+    const started = new Date();
+    const t0 = performance.now();
+    const inner: RunContext = { ...context, parentEventId: stepId };
+    const finish = (result: unknown, error?: unknown): void => {
+      const failed = error !== undefined;
       try {
-        result = useRun(inner, fn);
-      } catch (error) {
-        finish("error", undefined, error);
-        throw error;
+        if (failed) this.recordError(error, inner);
+        const input = step.captureInput && args !== undefined ? capture(args) : undefined;
+        const output = step.captureOutput && !failed && result !== undefined ? capture(result) : undefined;
+        const common = {
+          event_id: stepId,
+          timestamp: started.toISOString(),
+          status: failed ? ("error" as const) : ("success" as const),
+          latency_ms: performance.now() - t0,
+        };
+        if (step.kind === "tool_call") {
+          this.logWith(context, "tool_call", {
+            ...common,
+            tool_name: truncate(step.name, 256),
+            tool_input: input,
+            tool_output: output,
+            ...(failed ? { error_message: truncate(errorParts(error).message, MAX_ERROR_CHARS) } : {}),
+          });
+        } else {
+          this.logWith(context, "agent_step", {
+            ...common,
+            step_number: stepNumber,
+            step_name: truncate(step.name, 256),
+            action: input === undefined ? undefined : truncate(safeJson(input), MAX_IO_CHARS),
+            observation: output === undefined ? undefined : truncate(safeJson(output), MAX_IO_CHARS),
+          });
+        }
+      } catch (e) {
+        // strict mode's check surfaces, but never over the caller's own error
+        if (!failed && e instanceof WatchLLMValidationError) throw e;
+        if (!(e instanceof WatchLLMValidationError)) this.internalError(e);
       }
-      if (isPromise(result)) {
-        return Promise.resolve(result).then(
-          (value) => {
-            finish("success", value);
-            return value;
-          },
-          (error: unknown) => {
-            finish("error", undefined, error);
-            throw error;
-          },
-        ) as R;
-      }
-      finish("success", result);
-      return result;
     };
+    let result: R;
+    try {
+      result = useRun(inner, fn);
+    } catch (error) {
+      finish(undefined, error ?? new Error(String(error)));
+      throw error;
+    }
+    if (isPromise(result)) {
+      return Promise.resolve(result).then(
+        (value) => {
+          finish(value);
+          return value;
+        },
+        (error: unknown) => {
+          finish(undefined, error ?? new Error(String(error)));
+          throw error;
+        },
+      ) as R;
+    }
+    finish(result);
+    return result;
   }
 
   /** An error event for `error`, once per error object however many observed calls it
@@ -402,14 +444,20 @@ export class WatchLLM {
   /** What was sent and what was dropped, by reason. */
   stats(): Stats {
     const empty: DeliveryStats = {
-      queuedEvents: 0,
+      sent: 0,
+      batches: 0,
+      retries: 0,
+      queued: 0,
       queuedBytes: 0,
-      sentTotal: 0,
-      requestsTotal: 0,
-      retriesTotal: 0,
-      droppedTotal: {},
+      dropped: {},
+      droppedTotal: 0,
+      lastError: undefined,
     };
-    return { enabled: this.enabled, ...(this.delivery?.stats() ?? empty) };
+    return {
+      enabled: this.enabled,
+      sampledOut: this.sampledOut,
+      ...(this.delivery?.stats() ?? empty),
+    };
   }
 
   // -- building events ------------------------------------------------------------------
@@ -460,18 +508,23 @@ export class WatchLLM {
       }
       const rate = this.options.sampleRate ?? 1;
       if (rate < 1 && runFraction(event.run_id as string) >= rate) {
-        this.delivery.drop("sampled", 1);
+        this.sampledOut += 1;
         return eventId;
       }
-      if (this.options.captureContent === false) event = withoutContent(event);
       if (this.options.mask) {
-        const masked = this.options.mask(event as unknown as Event);
-        if (masked === null || masked === undefined) {
-          this.delivery.drop("masked", 1);
+        let masked: Event | null | undefined;
+        try {
+          masked = this.options.mask({ ...event } as unknown as Event);
+        } catch (error) {
+          // Never sent unmasked.
+          this.delivery.drop("mask_error", 1, `the mask callback threw ${String(error)}`);
+          this.warn(`watchllm: the mask callback threw ${String(error)}; event dropped`);
           return eventId;
         }
+        if (masked === null || masked === undefined) return eventId; // by design, not a loss
         event = masked as unknown as Record<string, unknown>;
       }
+      if (this.options.captureContent === false) event = withoutContent(event);
       const problem = check(type, event);
       if (problem) {
         if (this.options.strict) throw new WatchLLMValidationError(problem.message, problem.field);

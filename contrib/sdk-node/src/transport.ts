@@ -9,18 +9,17 @@ import type { Accepted, ErrorBody } from "./contract.js";
 const gzip = promisify(gzipCallback);
 
 /** Why events were dropped (the keys of `stats().droppedTotal`). */
+// The Python SDK's reasons (watchllm_ext/sdk/core.py DROP_REASONS), plus internal_error.
 export type DropReason =
-  | "queue_full" // the queue held maxQueueEvents or maxQueueBytes
-  | "too_large" // one event larger than maxEventBytes, or refused alone with 413
+  | "queue_full" // the queue held maxQueue events (or maxQueueBytes); the new one was dropped
   | "invalid" // refused by the SDK's own check (unknown field, missing required field, ...)
-  | "rejected" // refused by the server (422, or listed in a 207's `rejected`)
-  | "unauthorized" // 401 or 403: the key is missing, unknown or not allowed to ingest
-  | "client_error" // another 4xx answer (400, 415, ...)
-  | "server_error" // a 5xx not worth a retry (500, 501, ...)
-  | "retries_exhausted" // still failing after maxRetries retries
+  | "mask_error" // the mask callback threw: dropped, never sent unmasked
+  | "rejected" // refused by the server (400, 422, another 4xx, a 207's `rejected`); no retry
+  | "unauthorized" // 401 or 403: the key is unknown, revoked or has no ingest scope
+  | "too_large" // one event over maxEventBytes, or refused alone with 413
+  | "server_error" // 500 or another answer that is not retried
+  | "retries_exhausted" // still failing after retryForMs
   | "shutdown" // logged after shutdown(), or still queued when its deadline passed
-  | "sampled" // left out by sampleRate
-  | "masked" // the mask callback returned null
   | "internal_error"; // a bug of the SDK itself, caught
 
 export interface Logger {
@@ -30,31 +29,36 @@ export interface Logger {
 export interface DeliveryOptions {
   baseUrl: string;
   apiKey: string;
+  flushAt: number;
   maxBatchEvents: number;
   maxBatchBytes: number;
   maxEventBytes: number;
-  maxQueueEvents: number;
+  maxQueue: number;
   maxQueueBytes: number;
   flushIntervalMs: number;
   gzip: boolean;
-  maxRetries: number;
-  backoffBaseMs: number;
-  backoffMaxMs: number;
-  maxRetryAfterMs: number;
-  requestTimeoutMs: number;
+  retryForMs: number;
+  initialBackoffMs: number;
+  maxBackoffMs: number;
+  timeoutMs: number;
   logger: Logger;
 }
 
+/** The Python SDK's `stats()`, in camelCase. */
 export interface DeliveryStats {
-  /** Events waiting in the queue (being sent included). */
-  queuedEvents: number;
-  queuedBytes: number;
   /** Events the server accepted. */
-  sentTotal: number;
-  /** Requests made, retries included. */
-  requestsTotal: number;
-  retriesTotal: number;
-  droppedTotal: Partial<Record<DropReason, number>>;
+  sent: number;
+  /** Requests made (a retry is another request). */
+  batches: number;
+  retries: number;
+  /** Events waiting in the queue (the batch being sent included). */
+  queued: number;
+  queuedBytes: number;
+  /** Events lost, by reason. */
+  dropped: Partial<Record<DropReason, number>>;
+  droppedTotal: number;
+  /** The last delivery problem, for a health check or a log line. */
+  lastError: string | undefined;
 }
 
 interface Item {
@@ -102,7 +106,8 @@ export class Delivery {
   private deadline: number | undefined; // set by close(): no retry is started past it
   private closed = false;
   private readonly warned = new Set<string>();
-  private readonly counters = { sentTotal: 0, requestsTotal: 0, retriesTotal: 0 };
+  private readonly counters = { sent: 0, batches: 0, retries: 0 };
+  private lastError: string | undefined;
   private readonly dropped: Partial<Record<DropReason, number>> = {};
 
   constructor(options: DeliveryOptions) {
@@ -121,7 +126,7 @@ export class Delivery {
       return this.drop("too_large", 1);
     }
     if (
-      this.queue.length >= this.options.maxQueueEvents ||
+      this.queue.length >= this.options.maxQueue ||
       this.queuedBytes + bytes > this.options.maxQueueBytes
     ) {
       // Drop the newest: what is queued is older, closer to being sent, and a run keeps
@@ -132,27 +137,27 @@ export class Delivery {
     this.queue.push({ json, bytes });
     this.queuedBytes += bytes;
     this.enqueuedTotal += 1;
-    if (
-      this.queue.length >= this.options.maxBatchEvents ||
-      this.queuedBytes >= this.options.maxBatchBytes
-    ) {
+    if (this.queue.length >= this.options.flushAt || this.queuedBytes >= this.options.maxBatchBytes) {
       setImmediate(() => this.kick()); // a full batch goes now, after the caller's code
     }
     return true;
   }
 
   /** Count events dropped before they reach the queue (sampling, the SDK's own checks). */
-  drop(reason: DropReason, n: number): false {
+  drop(reason: DropReason, n: number, why?: string): false {
     this.dropped[reason] = (this.dropped[reason] ?? 0) + n;
+    this.lastError = `${reason}: ${why ?? `${n} events`}`;
     return false;
   }
 
   stats(): DeliveryStats {
     return {
-      queuedEvents: this.queue.length,
-      queuedBytes: this.queuedBytes,
       ...this.counters,
-      droppedTotal: { ...this.dropped },
+      queued: this.queue.length,
+      queuedBytes: this.queuedBytes,
+      dropped: { ...this.dropped },
+      droppedTotal: Object.values(this.dropped).reduce((a, b) => a + (b ?? 0), 0),
+      lastError: this.lastError,
     };
   }
 
@@ -264,6 +269,7 @@ export class Delivery {
       "Content-Type": "application/json",
     };
     if (this.options.gzip) headers["Content-Encoding"] = "gzip";
+    const giveUpAt = Date.now() + this.options.retryForMs;
     for (let attempt = 0; ; attempt += 1) {
       try {
         const status = await this.post(payload, headers, batch.length);
@@ -276,27 +282,28 @@ export class Delivery {
         return;
       } catch (error) {
         if (!(error instanceof RetryLater)) throw error;
-        const backoff = Math.random() * Math.min(
-          this.options.backoffMaxMs,
-          this.options.backoffBaseMs * 2 ** attempt,
-        ); // full jitter (AWS architecture blog, "Exponential Backoff And Jitter")
+        // Full jitter: clients that failed together do not retry in step.
+        const backoff =
+          Math.random() *
+          Math.min(this.options.maxBackoffMs, this.options.initialBackoffMs * 2 ** attempt);
         const wait =
           error.retryAfterMs !== undefined
-            ? Math.min(error.retryAfterMs, this.options.maxRetryAfterMs)
+            ? Math.min(error.retryAfterMs, Math.max(this.options.maxBackoffMs, this.options.retryForMs))
             : backoff;
-        if (attempt >= this.options.maxRetries) {
+        this.lastError = `retrying in ${Math.round(wait)} ms: ${error.reason}`;
+        if (Date.now() + wait > giveUpAt) {
           this.warnOnce(
             "retries_exhausted",
             `watchllm: ${batch.length} events dropped after ${attempt + 1} attempts (${error.reason})`,
           );
-          this.drop("retries_exhausted", batch.length);
+          this.drop("retries_exhausted", batch.length, error.reason);
           return;
         }
         if (this.deadline !== undefined && Date.now() + wait >= this.deadline) {
-          this.drop("shutdown", batch.length);
+          this.drop("shutdown", batch.length, error.reason);
           return;
         }
-        this.counters.retriesTotal += 1;
+        this.counters.retries += 1;
         await sleep(wait);
       }
     }
@@ -309,9 +316,11 @@ export class Delivery {
     headers: Record<string, string>,
     count: number,
   ): Promise<number> {
-    this.counters.requestsTotal += 1;
-    let timeoutMs = this.options.requestTimeoutMs;
-    if (this.deadline !== undefined) timeoutMs = Math.max(1, Math.min(timeoutMs, this.deadline - Date.now()));
+    this.counters.batches += 1;
+    let timeoutMs = this.options.timeoutMs;
+    if (this.deadline !== undefined) {
+      timeoutMs = Math.max(1, Math.min(timeoutMs, this.deadline - Date.now()));
+    }
     let response: Response;
     let text: string;
     try {
@@ -332,7 +341,7 @@ export class Delivery {
     if (status === 202 || status === 207) {
       const answer = parseJson(text) as Partial<Accepted> | undefined;
       const rejected = answer?.rejected ?? [];
-      this.counters.sentTotal += answer?.accepted ?? count - rejected.length;
+      this.counters.sent += answer?.accepted ?? count - rejected.length;
       if (rejected.length) {
         this.drop("rejected", count - (answer?.accepted ?? count - rejected.length));
         const detail = rejected
@@ -358,7 +367,7 @@ export class Delivery {
             ? "unauthorized"
             : status >= 500
               ? "server_error"
-              : "client_error";
+              : "rejected";
     if (status === 422) {
       const rejected = (parseJson(text) as Partial<Accepted> | undefined)?.rejected ?? [];
       const detail = rejected
@@ -369,7 +378,7 @@ export class Delivery {
     } else {
       this.warnOnce(reason, `watchllm: HTTP ${status}, ${count} events dropped: ${message}`);
     }
-    this.drop(reason, count);
+    this.drop(reason, count, `HTTP ${status}: ${message}`);
     return status;
   }
 

@@ -18,7 +18,7 @@ function assertNoDuplicates(ids) {
 
 test("batches by count, gzip, and every event once with its own id", async () => {
   const server = await ingestServer();
-  const { wl } = client(server.url, { maxBatchEvents: 10, flushIntervalMs: 60_000 });
+  const { wl } = client(server.url, { maxBatchEvents: 10, flushAt: 10, flushIntervalMs: 60_000 });
   const ids = [];
   for (let i = 0; i < 25; i += 1) ids.push(wl.logPromptCall(call(i)));
   assert.equal(await wl.flush(5000), true);
@@ -33,7 +33,7 @@ test("batches by count, gzip, and every event once with its own id", async () =>
   assert.equal(event.event_type, "prompt_call");
   assert.match(event.timestamp, /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/);
   assert.match(event.client.sdk_version, /^watchllm-node\//);
-  assert.equal(wl.stats().sentTotal, 25);
+  assert.equal(wl.stats().sent, 25);
   await server.close();
 });
 
@@ -68,7 +68,7 @@ test("429 and 503 are retried after their Retry-After; nothing duplicated", asyn
   assert.ok(third.at - second.at < 900);
   assert.deepEqual(server.stored, ids);
   assert.deepEqual(third.events.map((e) => e.event_id), ids, "the same ids each try");
-  assert.equal(wl.stats().retriesTotal, 2);
+  assert.equal(wl.stats().retries, 2);
   await wl.shutdown(1000);
   await server.close();
 });
@@ -87,8 +87,8 @@ test("502, 504 and dropped connections are retried with backoff; a batch kept be
   // The client sent the same ids again; the server (like WatchLLM's) keeps one per id.
   assert.deepEqual([...new Set(server.stored)], ids);
   for (const r of server.requests) assert.deepEqual(r.events.map((e) => e.event_id), ids);
-  assert.equal(wl.stats().retriesTotal, 4);
-  assert.deepEqual(wl.stats().droppedTotal, {});
+  assert.equal(wl.stats().retries, 4);
+  assert.deepEqual(wl.stats().dropped, {});
   await wl.shutdown(1000);
   await server.close();
 });
@@ -106,7 +106,7 @@ test("500 and 422 are not retried: dropped, counted, and reported once with the 
     },
     { status: 500, body: { error: "internal", message: "boom again" } },
   ]);
-  const { wl, logger } = client(server.url, { maxBatchEvents: 1 });
+  const { wl, logger } = client(server.url, { maxBatchEvents: 1, flushAt: 1 });
   wl.logPromptCall(call(1));
   await wl.flush(5000);
   wl.logPromptCall(call(2));
@@ -114,8 +114,8 @@ test("500 and 422 are not retried: dropped, counted, and reported once with the 
   wl.logPromptCall(call(3));
   await wl.flush(5000);
   assert.equal(server.requests.length, 3, "one request each: no retry");
-  assert.deepEqual(wl.stats().droppedTotal, { server_error: 2, rejected: 1 });
-  assert.equal(wl.stats().retriesTotal, 0);
+  assert.deepEqual(wl.stats().dropped, { server_error: 2, rejected: 1 });
+  assert.equal(wl.stats().retries, 0);
   const server500 = logger.lines.filter((l) => l.includes("HTTP 500"));
   assert.equal(server500.length, 1, "reported once");
   assert.match(server500[0], /boom/);
@@ -133,8 +133,8 @@ test("a 207 keeps the accepted events and counts the refused ones", async () => 
   await wl.flush(5000);
   assert.deepEqual(server.stored, [ids[0], ids[2]]);
   assert.equal(server.requests.length, 1);
-  assert.equal(wl.stats().sentTotal, 2);
-  assert.deepEqual(wl.stats().droppedTotal, { rejected: 1 });
+  assert.equal(wl.stats().sent, 2);
+  assert.deepEqual(wl.stats().dropped, { rejected: 1 });
   assert.match(logger.lines.join("\n"), /#1: model: String should have at least 1 character/);
   await wl.shutdown(1000);
   await server.close();
@@ -142,7 +142,7 @@ test("a 207 keeps the accepted events and counts the refused ones", async () => 
 
 test("a 413 splits the batch until it fits; nothing lost or repeated", async () => {
   const server = await ingestServer([{ status: 413, maxEvents: 3 }]);
-  const { wl } = client(server.url, { maxBatchEvents: 10, flushIntervalMs: 60_000 });
+  const { wl } = client(server.url, { maxBatchEvents: 10, flushAt: 10, flushIntervalMs: 60_000 });
   const ids = [];
   for (let i = 0; i < 10; i += 1) ids.push(wl.logPromptCall(call(i)));
   await wl.flush(5000);
@@ -152,27 +152,32 @@ test("a 413 splits the batch until it fits; nothing lost or repeated", async () 
   await server.close();
 });
 
-test("retries stop after maxRetries and the batch is counted as dropped", async () => {
-  const server = await ingestServer(Array.from({ length: 10 }, () => ({ status: 503 })));
-  const { wl, logger } = client(server.url, { maxRetries: 2 });
+test("retries stop after retryForMs and the batch is counted as dropped", async () => {
+  const server = await ingestServer(Array.from({ length: 100 }, () => ({ status: 503 })));
+  const { wl, logger } = client(server.url, { initialBackoffMs: 40, maxBackoffMs: 40, retryForMs: 300 });
   wl.logPromptCall(call(1));
+  const t0 = Date.now();
   assert.equal(await wl.flush(5000), true);
-  assert.equal(server.requests.length, 3);
-  assert.deepEqual(wl.stats().droppedTotal, { retries_exhausted: 1 });
-  assert.match(logger.lines.join("\n"), /after 3 attempts \(HTTP 503\)/);
+  assert.ok(Date.now() - t0 < 1000, `gave up after ${Date.now() - t0} ms`);
+  assert.ok(server.requests.length >= 3, `${server.requests.length} tries in 300 ms`);
+  assert.equal(wl.stats().retries, server.requests.length - 1);
+  assert.deepEqual(wl.stats().dropped, { retries_exhausted: 1 });
+  assert.equal(wl.stats().droppedTotal, 1);
+  assert.match(wl.stats().lastError, /retries_exhausted: HTTP 503/);
+  assert.match(logger.lines.join("\n"), /after \d+ attempts \(HTTP 503\)/);
   await wl.shutdown(1000);
   await server.close();
 });
 
 test("the queue is bounded: the newest events are dropped and counted, the host call returns at once", async () => {
   const server = await ingestServer();
-  const { wl, logger } = client(server.url, { maxQueueEvents: 5, flushIntervalMs: 60_000, maxBatchEvents: 100 });
+  const { wl, logger } = client(server.url, { maxQueue: 5, flushIntervalMs: 60_000, flushAt: 100 });
   const t0 = performance.now();
   const ids = [];
   for (let i = 0; i < 8; i += 1) ids.push(wl.logPromptCall(call(i)));
   assert.ok(performance.now() - t0 < 50);
-  assert.equal(wl.stats().queuedEvents, 5);
-  assert.deepEqual(wl.stats().droppedTotal, { queue_full: 3 });
+  assert.equal(wl.stats().queued, 5);
+  assert.deepEqual(wl.stats().dropped, { queue_full: 3 });
   await wl.flush(5000);
   assert.deepEqual(server.stored, ids.slice(0, 5));
   assert.equal(logger.lines.filter((l) => l.includes("queue is full")).length, 1);
@@ -182,7 +187,7 @@ test("the queue is bounded: the newest events are dropped and counted, the host 
 
 test("flush() answers false at its timeout while the server is down; shutdown() drops what is left at its deadline", async () => {
   const server = await ingestServer(Array.from({ length: 100 }, () => ({ status: 503, headers: { "retry-after": "1" } })));
-  const { wl } = client(server.url, { maxRetries: 50 });
+  const { wl } = client(server.url, {});
   wl.logPromptCall(call(1));
   const t0 = Date.now();
   assert.equal(await wl.flush(300), false);
@@ -190,11 +195,11 @@ test("flush() answers false at its timeout while the server is down; shutdown() 
   const t1 = Date.now();
   assert.equal(await wl.shutdown(500), false);
   assert.ok(Date.now() - t1 < 1500, `shutdown took ${Date.now() - t1} ms`);
-  assert.deepEqual(wl.stats().droppedTotal, { shutdown: 1 });
-  assert.equal(wl.stats().queuedEvents, 0);
+  assert.deepEqual(wl.stats().dropped, { shutdown: 1 });
+  assert.equal(wl.stats().queued, 0);
   // After shutdown: dropped and counted, never thrown.
   wl.logPromptCall(call(2));
-  assert.deepEqual(wl.stats().droppedTotal, { shutdown: 2 });
+  assert.deepEqual(wl.stats().dropped, { shutdown: 2 });
   await server.close();
 });
 
@@ -202,10 +207,10 @@ test("an unreachable server never reaches the host: calls return, flush resolves
   const server = await ingestServer();
   const url = server.url;
   await server.close(); // nothing listens there now
-  const { wl } = client(url, { maxRetries: 1 });
+  const { wl } = client(url, { retryForMs: 50 });
   wl.logPromptCall(call(1));
   assert.equal(await wl.flush(5000), true);
-  assert.deepEqual(wl.stats().droppedTotal, { retries_exhausted: 1 });
+  assert.deepEqual(wl.stats().dropped, { retries_exhausted: 1 });
   await wl.shutdown(100);
 });
 
@@ -215,7 +220,7 @@ test("malformed events are counted and dropped with one warning, or thrown in st
   wl.logPromptCall({ model: "m", tokens_input: Number.NaN });
   wl.logToolCall({ tool_name: "t", toolName: "typo" });
   wl.logToolCall({}); // tool_name missing
-  assert.deepEqual(wl.stats().droppedTotal, { invalid: 3 });
+  assert.deepEqual(wl.stats().dropped, { invalid: 3 });
   assert.equal(logger.lines.filter((l) => l.includes("dropped")).length, 1);
   const strict = client(server.url, { strict: true }).wl;
   assert.throws(() => strict.logToolCall({ tool_name: "t", toolName: "typo" }), {
@@ -238,7 +243,7 @@ test("a logger or mask that throws does not reach the host", async () => {
     mask: () => { throw new Error("mask broke"); },
   });
   assert.doesNotThrow(() => wl.logPromptCall(call(1)));
-  assert.deepEqual(wl.stats().droppedTotal, { internal_error: 1 });
+  assert.deepEqual(wl.stats().dropped, { mask_error: 1 }); // never sent unmasked
   await wl.shutdown(500);
   await server.close();
 });

@@ -59,6 +59,7 @@ export async function ingestServer(script = []) {
   });
   server.listen(0, "127.0.0.1");
   await once(server, "listening");
+  server.unref(); // a failed test that skips close() must not keep the runner waiting
   const url = `http://127.0.0.1:${server.address().port}`;
   return {
     url,
@@ -88,8 +89,8 @@ export function client(url, options = {}) {
     apiKey: "wllm_test",
     baseUrl: url,
     flushIntervalMs: 20,
-    backoffBaseMs: 5,
-    backoffMaxMs: 20,
+    initialBackoffMs: 5,
+    maxBackoffMs: 20,
     flushOnExit: false,
     logger,
     ...options,
