@@ -396,3 +396,43 @@ def test_many_threads_log_at_once(server: Running) -> None:
     )
     assert rows == [{"n": 4001}]
     client.close()
+
+
+def test_async_client_inside_a_host_app_on_its_loop(tmp_path: Any) -> None:
+    """A route of a host app that mounts WatchLLM logs with AsyncWatchLLM and awaits its
+    flush on the app's own event loop: delivered in-process, the loop never blocked."""
+    import httpx
+    from conftest import ServerThread, make_settings
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Mount, Route
+
+    from watchllm_ext.app import create_app
+    from watchllm_ext.hosting import lifespan
+    from watchllm_ext.keys import KeyStore
+
+    settings = make_settings(tmp_path)
+    key = KeyStore(settings.keys_path).create("acme", scope="ingest")
+    wl = create_app(settings)
+    client = AsyncWatchLLM(api_key=key, transport="local", flush_interval_s=0.05)
+
+    async def work(request: Request) -> JSONResponse:
+        with client.run(name="route") as run:
+            await fetch(1)
+        flushed = await client.flush(10)
+        return JSONResponse({"flushed": flushed, "run_id": run.run_id, **client.stats()})
+
+    host = Starlette(routes=[Route("/work", work), Mount("/watchllm", wl)], lifespan=lifespan(wl))
+    with ServerThread(host) as thread:
+        answer = httpx.get(thread.url + "/work", timeout=30).json()
+        assert answer["flushed"] and answer["transport"] == "local", answer
+        assert answer["sent"] == 3 and answer["dropped_total"] == 0, answer
+        state = wl.state.watchllm
+        while state.writer.lag_events():
+            time.sleep(0.02)
+        rows = state.store.query(
+            "SELECT count() AS n FROM events WHERE run_id = {r:String}", {"r": answer["run_id"]}
+        )
+        assert rows == [{"n": 3}]  # the route's root, fetch, and fetch's lookup
+    asyncio.run(client.close())
