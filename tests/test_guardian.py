@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from conftest import Running, prompt_call
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -296,3 +297,62 @@ def test_engine_ignores_old_events_and_bounds_its_keys() -> None:
     assert len(engine.windows) <= MAX_KEYS_PER_RULE + 1
     with pytest.raises(ValueError, match="block needs per"):
         GuardianRule(name="x", metric="cost_usd", per="run", threshold=1, block=True)
+
+
+def test_block_rule_stops_the_host_before_its_llm_call(tmp_path: Path) -> None:
+    """The whole loop in a host app: its handler's LLM calls (recorded by WatchLLMMiddleware)
+    cross a per-user budget rule; the middleware's pre-request check is then denied, so the
+    next request of that user is answered 429 before the handler (and its LLM call) runs,
+    until the window slides past the spend."""
+    import httpx
+    from conftest import ServerThread, make_settings
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from watchllm_ext import create_app
+    from watchllm_ext.middleware import Recorder as HostRecorder
+    from watchllm_ext.middleware import WatchLLMMiddleware
+
+    settings = make_settings(
+        tmp_path,
+        flags=GUARDIAN_ON,
+        host_project_id="acme",
+        guardian_interval_s=0.2,
+        guardian_rules=[
+            {
+                "name": "user-spend",
+                "metric": "cost_usd",
+                "per": "user",
+                "threshold": 1.0,
+                "window_s": 2,
+                "block": True,
+            }
+        ],
+    )
+    calls: list[str] = []
+
+    async def chat(request: Request) -> JSONResponse:
+        rec: HostRecorder = request.state.watchllm
+        calls.append(request.headers["X-User-Id"])
+        rec.prompt_call("gpt-4o", tokens_input=10, tokens_output=5, cost_estimate_usd=0.6)
+        return JSONResponse({"ok": True})
+
+    wl_app = create_app(settings, plugins=[recorder := Recorder()])
+    host = Starlette(
+        routes=[Route("/chat", chat, methods=["POST"]), Mount("/watchllm", app=wl_app)],
+        middleware=[Middleware(WatchLLMMiddleware, watchllm=wl_app)],
+    )
+    alice, bob = {"X-User-Id": "alice"}, {"X-User-Id": "bob"}
+    with ServerThread(host) as server, httpx.Client(base_url=server.url) as client:
+        assert client.post("/chat", headers=alice).status_code == 200  # 0.6
+        assert client.post("/chat", headers=alice).status_code == 200  # 1.2: over
+        (fired,) = recorder.wait(1)
+        assert (fired.subject, fired.rule.block) == ("alice", True)
+        denied = client.post("/chat", headers=alice)
+        assert denied.status_code == 429, denied.text
+        assert "user-spend" in denied.json()["message"]
+        assert client.post("/chat", headers=bob).status_code == 200  # others go on
+        assert calls == ["alice", "alice", "bob"]  # the denied call never ran
+        recorder.wait(2, within_s=10)  # the spend left the window
+        assert client.post("/chat", headers=alice).status_code == 200
+        assert calls[-1] == "alice"
