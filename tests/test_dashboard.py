@@ -333,6 +333,36 @@ def test_a_new_project_shows_a_curl_command_that_works(browser: Any, site: Site)
     page.context.close()
 
 
+def test_overview_refreshes_itself(browser: Any, site: Site) -> None:
+    """Auto-refresh swaps the figures in place (the browser's clock is moved on, not waited)."""
+    key = site.keys.create("ticker", scope="admin")
+
+    def send_one(i: int) -> None:
+        r = httpx.post(
+            site.url + "/v1/events/batch",
+            json={"events": [{"event_type": "prompt_call", "run_id": f"tick-{i}", "model": "m"}]},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        assert r.status_code == 202, r.text
+
+    send_one(1)
+    _wait_for(site, key, 1)
+    page = _sign_in_browser(browser, site, key)
+    page.clock.install()
+    page.goto(site.url + "/dashboard/?refresh=30")
+    assert _card(page, "Requests") == "1"
+    send_one(2)
+    _wait_for(site, key, 2)
+    page.evaluate("window.loadedOnce = true")  # gone if the page were reloaded instead
+    page.clock.fast_forward("00:31")
+    deadline = time.monotonic() + 15
+    while _card(page, "Requests") != "2":  # the page's CSP allows no string eval to wait on
+        assert time.monotonic() < deadline, "the overview did not refresh"
+        time.sleep(0.1)
+    assert page.evaluate("window.loadedOnce") is True
+    page.context.close()
+
+
 def test_phone_width_and_dark_theme(browser: Any, site: Site) -> None:
     page = _sign_in_browser(
         browser,
