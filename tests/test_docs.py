@@ -78,6 +78,7 @@ SKIPPED: set[tuple[str, str]] = {
         "for s in durability=memory spool_fsync=never spool_fsync=interval spool_fsync=always; do",
     ),
     ("docs/BENCHMARKS.md", "python bench/bench_analytics.py --rounds 1 --calls 10"),
+    ("docs/DASHBOARD.md", "python bench/bench_dashboard.py --events 10000000"),
     (
         "docs/BENCHMARKS.md",
         "python bench/bench_analytics.py                     # builds the data once (about 100 s), "
