@@ -362,3 +362,33 @@ def test_flushed_at_interpreter_exit(scripted: Any) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert len(server.delivered()) == 30
+
+
+def test_exit_with_the_server_gone_waits_at_most_flush_at_exit_s() -> None:
+    port = free_port()  # nothing listens there: every attempt is refused
+    code = f"""
+        import time
+        from watchllm_ext.sdk import WatchLLM
+        client = WatchLLM(api_key="k", base_url="http://127.0.0.1:{port}", flush_at_exit_s=1.0)
+        for i in range(10):
+            client.log_tool_call("lost", tool_input=i)
+        print(time.monotonic(), flush=True)
+        """
+    done = run_python(code)
+    ended = time.monotonic()
+    assert done.returncode == 0, done.stderr
+    logged_at = float(done.stdout.strip())
+    # The exit flush gave up after 1 s (and said what it dropped); interpreter teardown aside.
+    assert ended - logged_at < 3.0, ended - logged_at
+    assert "with 10 event(s) not delivered" in done.stderr and "Connection refused" in done.stderr
+
+
+def test_retry_after_as_seconds_or_http_date() -> None:
+    from email.utils import formatdate
+
+    from watchllm_ext.sdk.transport import parse_retry_after
+
+    assert parse_retry_after("3") == 3.0
+    assert parse_retry_after(None) is None and parse_retry_after("soon") is None
+    in_ten = parse_retry_after(formatdate(time.time() + 10, usegmt=True))
+    assert in_ten is not None and 8 <= in_ten <= 10

@@ -661,6 +661,14 @@ class WatchLLM:
         worker = self._worker
         if not done:
             self._abandon.set()
+            left = self._enqueued - self._settled
+            log.warning(
+                "WatchLLM: close() ran out of time (%s s) with %d event(s) not delivered; they"
+                " are dropped (shutdown). Last error: %s",
+                timeout,
+                left,
+                self._stats["last_error"],
+            )
         if worker is not None and done:
             worker.join(timeout=0.2)  # it has nothing left to send: it ends at once
         if done and self._transport is not None:
