@@ -7,15 +7,17 @@ or the one computed from the model's price) of the user's prompt calls stored to
 
 It is read through the store for all the project's users at once (one grouped query, so
 its cost does not grow with the number of users making requests), and that read is reused
-for `cache_s`, one read at a time however many requests wait for it. So the spend a decision
-sees is behind by at most: the outbox interval (recorded events), the writer's
-flush_interval_s (to the store) and `cache_s`; requests in that window can go over the
-budget by what they cost.
+for `cache_s`; after that it is read again in the background while decisions go on with the
+old value (only a project's first request of the day waits for a read). So the spend a
+decision sees is behind by at most: the outbox interval (recorded events), the writer's
+flush_interval_s (to the store), `cache_s` and one read; requests in that window can go
+over the budget by what they cost.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
@@ -26,6 +28,8 @@ import anyio
 from ..analytics.queries import COST_NANOS
 from ..hookspecs import hookimpl
 from ..quota import QuotaDecision
+
+log = logging.getLogger("watchllm.middleware")
 
 if TYPE_CHECKING:
     from ..app import WatchLLM
@@ -57,6 +61,7 @@ class UserDailyBudget:
         # project -> (each user's spend in USD, the day it is for, monotonic time read)
         self._cache: dict[str, tuple[dict[str, float], datetime, float]] = {}
         self._pending: dict[str, asyncio.Future[dict[str, float]]] = {}
+        self._refreshing: set[asyncio.Task[dict[str, float]]] = set()
         self.queries = 0  # store reads made, for the tests and the docs' staleness figures
 
     @hookimpl
@@ -68,13 +73,20 @@ class UserDailyBudget:
         now = datetime.now(UTC)
         project = principal.project_id
         cached = self._cache.get(project)
-        if (
-            cached is not None
-            and cached[1] == _start_of_day(now)
-            and time.monotonic() - cached[2] < self.cache_s
-        ):
+        if cached is not None and cached[1] == _start_of_day(now):
+            if time.monotonic() - cached[2] >= self.cache_s and project not in self._pending:
+                # Stale: decide on it now and read again in the background, so no request
+                # waits for the store (only the first of a project's day does).
+                task = asyncio.get_running_loop().create_task(self.spend_today(project, now))
+                self._refreshing.add(task)
+                task.add_done_callback(self._refreshed)
             return self.decide(cached[0].get(user_id, 0.0), now)  # no await, no query
         return self._read_then_decide(project, user_id, now)
+
+    def _refreshed(self, task: asyncio.Task[dict[str, float]]) -> None:
+        self._refreshing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("reading the users' spend failed: %s", task.exception())
 
     async def _read_then_decide(self, project: str, user_id: str, now: datetime) -> QuotaDecision:
         spends = await self.spend_today(project, now)
@@ -111,16 +123,19 @@ class UserDailyBudget:
     def decide(self, spend: float, now: datetime) -> QuotaDecision:
         reset = (_start_of_day(now) + timedelta(days=1) - now).total_seconds()
         # The rate-limit headers count US cents (they are integers).
-        limit_cents = round(self.budget_usd * 100)
-        remaining_cents = max(0, int((self.budget_usd - spend) * 100))
+        limit = round(self.budget_usd * 100)
+        remaining = max(0, int((self.budget_usd - spend) * 100))
         if spend < self.budget_usd:
-            return QuotaDecision(True, limit=limit_cents, remaining=remaining_cents, reset_s=reset)
+            return QuotaDecision(True, limit=limit, remaining=remaining, reset_s=reset)
         return QuotaDecision(
             False,
             retry_after_s=reset,
-            limit=limit_cents,
+            limit=limit,
             remaining=0,
             reset_s=reset,
+            # The IETF RateLimit fields too: a daily window, quota in cents.
+            policy=f'"user-daily-usd";q={limit};w=86400',
+            ratelimit=f'"user-daily-usd";r=0;t={max(1, round(reset))}',
             reason=f"this user has spent ${spend:.4f} today (UTC), their daily budget is "
             f"${self.budget_usd:.2f}; it starts again at midnight UTC",
         )
