@@ -84,3 +84,83 @@ def test_metrics_parse_and_show_each_new_series(server_factory: Any) -> None:
     assert queries.value >= 2  # the stats queries and the event's
     # The writer's series are still there.
     assert "watchllm_events_accepted" in found
+
+
+class OtlpReceiver:
+    """A local OTLP/HTTP endpoint: keeps the JSON bodies POSTed to it."""
+
+    def __init__(self) -> None:
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.bodies: list[dict[str, Any]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # http.server calls it by this name
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                assert self.headers["Content-Type"] == "application/json"
+                assert self.headers["X-Api-Key"] == "k1"
+                receiver.bodies.append(json.loads(body))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1/metrics"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def otlp_metric(body: dict[str, Any], name: str) -> dict[str, Any]:
+    (resource,) = body["resourceMetrics"]
+    (scope,) = resource["scopeMetrics"]
+    (metric,) = [m for m in scope["metrics"] if m["name"] == name]
+    return metric
+
+
+def test_otlp_metrics_export(server_factory: Any) -> None:
+    import time
+
+    receiver = OtlpReceiver()
+    try:
+        server = server_factory(
+            otel_metrics_endpoint=receiver.url,
+            otel_metrics_interval_s=0.2,
+            otel_metrics_headers={"X-Api-Key": "k1"},
+        )
+        r = server.client.post(
+            "/v1/events/batch", headers=server.headers(), json={"events": [prompt_call()]}
+        )
+        assert r.status_code == 202
+        deadline = time.monotonic() + 10
+
+        def accepted(body: dict[str, Any]) -> float:
+            points = otlp_metric(body, "watchllm_events_accepted")["sum"]["dataPoints"]
+            return points[0]["asDouble"]
+
+        while not (receiver.bodies and accepted(receiver.bodies[-1]) == 1.0):
+            assert time.monotonic() < deadline, receiver.bodies[-1:]
+            time.sleep(0.05)
+        body = receiver.bodies[-1]
+        resource = body["resourceMetrics"][0]["resource"]["attributes"]
+        assert {"key": "service.name", "value": {"stringValue": "watchllm"}} in resource
+        counter = otlp_metric(body, "watchllm_events_accepted")["sum"]
+        assert counter["isMonotonic"] and counter["aggregationTemporality"] == 2
+        histogram = otlp_metric(body, "watchllm_http_request_duration_seconds")["histogram"]
+        (point,) = [
+            p
+            for p in histogram["dataPoints"]
+            if {"key": "route", "value": {"stringValue": "/v1/events/batch"}} in p["attributes"]
+        ]
+        assert point["count"] == "1" and point["sum"] > 0
+        assert len(point["bucketCounts"]) == len(point["explicitBounds"]) + 1
+        assert sum(int(n) for n in point["bucketCounts"]) == 1
+        gauge = otlp_metric(body, "watchllm_writer_up")["gauge"]
+        assert gauge["dataPoints"][0]["asDouble"] == 1.0
+    finally:
+        receiver.server.shutdown()
+        receiver.server.server_close()

@@ -33,6 +33,7 @@ DEFAULT_PLUGINS = (
     "watchllm_ext.guardian.plugin",
     "watchllm_ext.notify.webhook",
     "watchllm_ext.notify.slack",
+    "watchllm_ext.observability.otel_metrics",
 )
 
 

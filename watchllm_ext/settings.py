@@ -392,6 +392,19 @@ class Settings(BaseSettings):
     sentry_traces_sample_rate: float = Field(
         0.0, ge=0, le=1, description="Share of requests traced to Sentry (0: no tracing)."
     )
+    otel_metrics_endpoint: str | None = Field(
+        None,
+        description="Export the /metrics series to this OTLP/HTTP endpoint (JSON), e.g. an"
+        " OpenTelemetry Collector's http://collector:4318/v1/metrics.",
+    )
+    otel_metrics_interval_s: float = Field(
+        60.0, gt=0, le=3600, description="How often the OTLP metrics export runs (seconds)."
+    )
+    otel_metrics_headers: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra headers of the OTLP metrics export (a vendor's API key), JSON in"
+        " the environment.",
+    )
 
     @model_validator(mode="after")
     def _cluster_needs_a_server(self) -> Settings:
