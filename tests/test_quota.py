@@ -93,17 +93,19 @@ def events(n: int, **fields: Any) -> dict[str, Any]:
     return {"events": [prompt_call(uuid.uuid4().hex, **fields) for _ in range(n)]}
 
 
-def fill(url: str, key: str, clients: int = CLIENTS) -> tuple[int, list[int]]:
+def fill(url: str | list[str], key: str, clients: int = CLIENTS) -> tuple[int, list[int]]:
     """`clients` concurrent senders, each sending batches (of 1 to 7 events) until no event
     fits; on a 429 a sender retries with the number that would fit. Returns the events
-    accepted and every status seen."""
+    accepted and every status seen. With several URLs, sender i sends to URL i mod n."""
+    urls = [url] if isinstance(url, str) else url
     statuses: list[int] = []
     lock = threading.Lock()
 
     def sender(i: int) -> int:
         accepted = 0
         batch = 1 + i % 7
-        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}) as c:
+        base = urls[i % len(urls)]
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}) as c:
             for _ in range(10_000):
                 answer = c.post("/v1/events/batch", json=events(batch), timeout=30)
                 with lock:

@@ -51,7 +51,12 @@ class Usage:
 
 
 class QuotaUnavailable(Exception):
-    """The usage backend could not be asked (Redis down or slow)."""
+    """The usage backend could not be asked (Redis down or slow). `slow` is a timeout (one
+    late answer), as against an error (refused, reset: Redis is not there)."""
+
+    def __init__(self, message: str, *, slow: bool = False) -> None:
+        super().__init__(message)
+        self.slow = slow
 
 
 class UsageBackend(Protocol):

@@ -95,6 +95,7 @@ class QuotaPlugin:
         self.spend = SpendCache(settings.quota_budget_refresh_s)
         self._down_until = 0.0
         self._down_since: float | None = None
+        self._slow_in_a_row = 0
         self._count_bytes = any(plan.payload_bytes_per_month for plan in self.plans.values())
         self._warned_plans: set[str] = set()
         if isinstance(self.backend, MemoryUsage):
@@ -197,6 +198,7 @@ class QuotaPlugin:
             if carry_bytes:
                 self.pending_bytes[project] += carry_bytes
             return self._fallback(project, n, p, exc)
+        self._slow_in_a_row = 0
         if self._down_since is not None:
             log.warning(
                 "the quota backend is back after %.1f s", time.monotonic() - self._down_since
@@ -216,7 +218,12 @@ class QuotaPlugin:
                 exc,
                 self.settings.quota_failure_mode,
             )
-        self._down_until = now + REDIS_RETRY_S
+        # Redis not there (refused, reset), or late several times in a row: leave it alone a
+        # moment. One late answer sends only its own request to the fallback.
+        if isinstance(exc, QuotaUnavailable) and exc.slow:
+            self._slow_in_a_row += 1
+        if not (isinstance(exc, QuotaUnavailable) and exc.slow) or self._slow_in_a_row >= 3:
+            self._down_until = now + REDIS_RETRY_S
         mode = self.settings.quota_failure_mode
         self.fallbacks[mode] += 1
         if mode == "closed":

@@ -7,8 +7,8 @@ the project holds, so a plan change reaches every process on its next request. A
 project share the hash tag `{project}` (one slot in a Redis Cluster).
 
 Any Redis error or a reply slower than `quota_redis_timeout_ms` raises QuotaUnavailable; the
-plugin then fails open or closed (plugin.py). Retries are off: a retry would only add the
-timeout again to a request that is waiting.
+plugin then fails open or closed (plugin.py). A timeout is not retried (that would only add
+the timeout again to a request that is waiting); a broken connection is, once.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from .engine import MINUTE_MS, Outcome, QuotaUnavailable, Usage, drained
@@ -185,7 +186,9 @@ class RedisUsage:
                 # Only a backstop: _call enforces quota_redis_timeout_ms itself.
                 socket_timeout=max(1.0, self.timeout_s * 10),
                 socket_connect_timeout=max(1.0, self.timeout_s * 10),
-                retry=Retry(NoBackoff(), 0),
+                # One retry, at once, on a broken connection: after Redis restarts, every
+                # pooled connection is dead once; a Redis that is down refuses at once again.
+                retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
             )
             self._loop = loop
             self._scripts = {
@@ -222,13 +225,17 @@ class RedisUsage:
         if not task.done():
             task.cancel()
             raise QuotaUnavailable(
-                f"Redis at {self._where()} did not answer within {self.timeout_s * 1000:g} ms"
+                f"Redis at {self._where()} did not answer within {self.timeout_s * 1000:g} ms",
+                slow=True,
             )
         try:
             return task.result()
         except (RedisError, OSError, TimeoutError) as exc:
             where = self._where()
-            raise QuotaUnavailable(f"Redis at {where}: {type(exc).__name__}: {exc}") from exc
+            raise QuotaUnavailable(
+                f"Redis at {where}: {type(exc).__name__}: {exc}",
+                slow=isinstance(exc, TimeoutError),
+            ) from exc
 
     def _where(self) -> str:
         # The URL without its password.

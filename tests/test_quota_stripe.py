@@ -1,0 +1,188 @@
+"""Plan changes from Stripe (POST /v1/billing/stripe, watchllm_ext/quotas/routes.py), once per
+usage backend. Payloads are signed here with a test secret by Stripe's algorithm (HMAC-SHA256
+of "<timestamp>.<body>", header "t=...,v1=..."), so the `stripe` package's verification runs
+for real, with no network."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Running, prompt_call
+from redis_server import RedisServer
+
+SECRET = "whsec_test_" + "k" * 24
+PRO = "price_pro_monthly"
+PLANS = {"free": {"events_per_day": 5}, "pro": {"events_per_day": 1_000}}
+
+
+def sign(payload: bytes, secret: str = SECRET, at: int | None = None) -> str:
+    at = int(time.time()) if at is None else at
+    mac = hmac.new(secret.encode(), f"{at}.".encode() + payload, hashlib.sha256).hexdigest()
+    return f"t={at},v1={mac}"
+
+
+def subscription_event(
+    kind: str,
+    price: str,
+    *,
+    project: str | None = "acme",
+    status: str = "active",
+    created: int = 1_764_500_000,
+    event_id: str | None = None,
+) -> dict[str, Any]:
+    metadata = {"watchllm_project": project} if project else {}
+    return {
+        "id": event_id or f"evt_{uuid.uuid4().hex[:24]}",
+        "object": "event",
+        "type": kind,
+        "created": created,
+        "livemode": False,
+        "data": {
+            "object": {
+                "id": "sub_123",
+                "object": "subscription",
+                "status": status,
+                "metadata": metadata,
+                "items": {
+                    "object": "list",
+                    "data": [{"id": "si_1", "price": {"id": price, "lookup_key": None}}],
+                },
+            }
+        },
+    }
+
+
+@pytest.fixture(params=["memory", "redis"])
+def billing(request: pytest.FixtureRequest, server_factory: Any, tmp_path: Path) -> Iterator[Any]:
+    redis_srv = RedisServer(tmp_path / "redis").start() if request.param == "redis" else None
+
+    def start() -> Running:
+        settings: dict[str, Any] = {
+            "quota_backend": request.param,
+            "quota_plans": PLANS,
+            "quota_default_plan": "free",
+            "stripe_webhook_secret": SECRET,
+            "stripe_price_plans": {"price_pro_monthly": "pro"},
+            "durability": "memory",
+        }
+        if redis_srv is not None:
+            settings["redis_url"] = redis_srv.url
+        return server_factory(**settings)
+
+    yield start
+    if redis_srv is not None:
+        redis_srv.stop()
+
+
+def post(server: Running, event: dict[str, Any], **sign_args: Any) -> Any:
+    body = json.dumps(event).encode()
+    return server.client.post(
+        "/v1/billing/stripe",
+        content=body,
+        headers={"Stripe-Signature": sign(body, **sign_args), "Content-Type": "application/json"},
+    )
+
+
+def plan_of(server: Running) -> str:
+    return server.client.get("/v1/usage", headers=server.headers()).json()["plan"]
+
+
+def send(server: Running, n: int) -> int:
+    batch = {"events": [prompt_call(uuid.uuid4().hex) for _ in range(n)]}
+    return server.client.post("/v1/events/batch", json=batch, headers=server.headers()).status_code
+
+
+def test_a_signed_subscription_event_changes_the_plan(billing: Any) -> None:
+    server = billing()
+    assert plan_of(server) == "free"
+    assert send(server, 5) == 202
+    assert send(server, 1) == 429  # free: 5 a day
+    answer = post(server, subscription_event("customer.subscription.created", "price_pro_monthly"))
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["plan"] == "pro" and answer.json()["project"] == "acme"
+    assert plan_of(server) == "pro"
+    assert send(server, 10) == 202  # pro's limits, on the very next request
+    # The subscription ends: back to the default plan.
+    ended = subscription_event(
+        "customer.subscription.deleted",
+        "price_pro_monthly",
+        status="canceled",
+        created=1_764_500_100,
+    )
+    assert post(server, ended).json()["plan"] == "free"
+    assert send(server, 1) == 429
+
+
+def test_a_bad_signature_is_400_and_changes_nothing(billing: Any) -> None:
+    server = billing()
+    event = subscription_event("customer.subscription.created", "price_pro_monthly")
+    body = json.dumps(event).encode()
+    cases = {
+        "another secret": sign(body, secret="whsec_someone_else"),
+        "another body": sign(body + b" "),
+        "too old": sign(body, at=int(time.time()) - 3_600),  # stripe's tolerance is 300 s
+        "not a signature": "v1=abc",
+    }
+    for case, signature in cases.items():
+        answer = server.client.post(
+            "/v1/billing/stripe", content=body, headers={"Stripe-Signature": signature}
+        )
+        assert answer.status_code == 400, case
+        assert answer.json()["field"] == "Stripe-Signature", case
+    missing = server.client.post("/v1/billing/stripe", content=body)
+    assert missing.status_code == 400 and missing.json()["field"] == "Stripe-Signature"
+    assert plan_of(server) == "free"
+
+
+def test_replays_and_late_events_change_nothing(billing: Any) -> None:
+    server = billing()
+    upgrade = subscription_event(
+        "customer.subscription.created", "price_pro_monthly", created=1_764_500_000
+    )
+    assert post(server, upgrade).json()["plan"] == "pro"
+    replayed = post(server, upgrade)  # Stripe delivers again (a retry, or an attacker's replay)
+    assert replayed.status_code == 200 and replayed.json()["duplicate"] is True
+    cancel = subscription_event(
+        "customer.subscription.deleted",
+        "price_pro_monthly",
+        status="canceled",
+        created=1_764_500_200,
+    )
+    assert post(server, cancel).json()["plan"] == "free"
+    # The upgrade replayed after the cancellation: still a duplicate, the plan stays.
+    assert post(server, upgrade).json()["duplicate"] is True
+    assert plan_of(server) == "free"
+    # A different event that is older than the one applied (Stripe does not order them).
+    late = subscription_event(
+        "customer.subscription.updated", "price_pro_monthly", created=1_764_500_100
+    )
+    answer = post(server, late).json()
+    assert answer["plan"] == "free" and "newer event" in answer["ignored"]
+    # Events that do not concern plans, or name no project, are acknowledged and ignored.
+    other = post(server, {**upgrade, "id": "evt_other", "type": "invoice.paid"}).json()
+    assert "ignored" in other
+    anonymous = subscription_event(
+        "customer.subscription.created", "price_pro_monthly", project=None
+    )
+    assert "no metadata.watchllm_project" in post(server, anonymous).json()["ignored"]
+    unmapped = subscription_event("customer.subscription.created", "price_unknown")
+    assert "stripe_price_plans" in post(server, unmapped).json()["ignored"]
+    assert plan_of(server) == "free"
+
+
+def test_the_plan_and_seen_events_outlive_a_restart(billing: Any) -> None:
+    server = billing()
+    upgrade = subscription_event("customer.subscription.created", "price_pro_monthly")
+    assert post(server, upgrade).json()["plan"] == "pro"
+    server.stop()
+    again = billing()  # the same data folder (memory backend: its plan file) or Redis
+    assert plan_of(again) == "pro"
+    assert post(again, upgrade).json()["duplicate"] is True
