@@ -318,6 +318,94 @@ class Settings(BaseSettings):
         " quota_project_plans or quota_default_plan).",
     )
 
+    # --- operations: feature flags, Guardian, alert notifiers, Sentry (docs/OPERATIONS.md) ---
+    flags: dict[str, FlagSpec] = Field(
+        default_factory=dict,
+        description="Feature flags of the built-in provider, by name: true/false, or"
+        ' {"default": false, "projects": {"acme": true}, "users": {"u1": true}}.',
+    )
+    flags_file: Path | None = Field(
+        None,
+        description="A JSON file of flags in the same form, read again when it changes (no"
+        " restart); its flags beat `flags`.",
+    )
+    flags_refresh_s: float = Field(
+        1.0,
+        gt=0,
+        le=3600,
+        description="How often the flags file is checked for a change (seconds).",
+    )
+    openfeature_domain: str | None = Field(
+        None,
+        description="With the OpenFeature flag plugin: the OpenFeature domain whose provider"
+        " answers (default: the default provider).",
+    )
+    configcat_sdk_key: str | None = Field(
+        None, description="With the ConfigCat flag plugin: the SDK key of the ConfigCat config."
+    )
+    configcat_override_file: Path | None = Field(
+        None,
+        description="With the ConfigCat flag plugin: a local-override JSON file (beats the"
+        " remote config; the only source when there is no SDK key).",
+    )
+    configcat_poll_interval_s: int = Field(
+        60, ge=1, le=86_400, description="How often ConfigCat fetches the remote config (seconds)."
+    )
+    guardian_rules: list[GuardianRule] = Field(
+        default_factory=list,
+        description="Guardian rules (checked while the `guardian` flag is on for the project):"
+        " name, project, metric, per, threshold, window_s, min_events, failure_types, block.",
+    )
+    guardian_interval_s: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description="How often Guardian re-checks its windows and the stored hourly figures"
+        " (seconds): recoveries and rules over stored data are seen this often.",
+    )
+    alert_webhook_url: str | None = Field(
+        None, description="Guardian alerts are POSTed here as signed JSON (the webhook notifier)."
+    )
+    alert_webhook_secret: str | None = Field(
+        None,
+        description="HMAC-SHA256 key of the webhook's X-WatchLLM-Signature header (unsigned"
+        " without one).",
+    )
+    alert_webhook_retries: int = Field(
+        5, ge=0, le=20, description="Retries of a failed webhook delivery, with backoff."
+    )
+    alert_slack_webhook_url: str | None = Field(
+        None, description="A Slack incoming-webhook URL for Guardian alerts."
+    )
+    sentry_dsn: str | None = Field(
+        None, description="Report WatchLLM's own unexpected errors to this Sentry DSN."
+    )
+    sentry_environment: str | None = Field(
+        None, description="Sentry environment name (e.g. production)."
+    )
+    sentry_release: str | None = Field(
+        None, description="Sentry release (default: watchllm@<version>)."
+    )
+    sentry_sample_rate: float = Field(
+        1.0, ge=0, le=1, description="Share of errors sent to Sentry."
+    )
+    sentry_traces_sample_rate: float = Field(
+        0.0, ge=0, le=1, description="Share of requests traced to Sentry (0: no tracing)."
+    )
+    otel_metrics_endpoint: str | None = Field(
+        None,
+        description="Export the /metrics series to this OTLP/HTTP endpoint (JSON), e.g. an"
+        " OpenTelemetry Collector's http://collector:4318/v1/metrics.",
+    )
+    otel_metrics_interval_s: float = Field(
+        60.0, gt=0, le=3600, description="How often the OTLP metrics export runs (seconds)."
+    )
+    otel_metrics_headers: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra headers of the OTLP metrics export (a vendor's API key), JSON in"
+        " the environment.",
+    )
+
     @model_validator(mode="after")
     def _cluster_needs_a_server(self) -> Settings:
         if self.cluster_name and not self.clickhouse_url:
