@@ -260,7 +260,7 @@ class Dashboard:
         elif name in ("dashboard.css", "dashboard.js"):
             body = await anyio.Path(STATIC / name).read_bytes()
         else:
-            return Response("not found", 404, media_type="text/plain")
+            return Response(f"name: no static file {name!r}", 404, media_type="text/plain")
         kind = "text/css" if name.endswith(".css") else "text/javascript"
         return Response(
             body,
@@ -611,6 +611,8 @@ def count(value: float | None) -> str:
 def milliseconds(value: float | None) -> str:
     if value is None:
         return NONE
+    if value >= 10_000:
+        return f"{value / 1000:.1f} s"
     return f"{value / 1000:.2f} s" if value >= 1000 else f"{value:.0f} ms"
 
 

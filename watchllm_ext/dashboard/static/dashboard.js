@@ -9,6 +9,23 @@ document.addEventListener("DOMContentLoaded", () => {
     select.addEventListener("change", () => select.form && select.form.requestSubmit());
   }
 
+  // Loading: say so while the next page is on its way (server pages can take a moment).
+  const progress = document.getElementById("progress");
+  const loading = () => {
+    document.body.classList.add("loading");
+    if (progress) progress.textContent = "Loading…";
+  };
+  document.addEventListener("submit", loading);
+  document.addEventListener("click", (event) => {
+    const link = event.target instanceof Element ? event.target.closest("a[href]") : null;
+    if (!link || link.getAttribute("href").startsWith("#") || link.target === "_blank") return;
+    if (!event.ctrlKey && !event.metaKey && !event.shiftKey) loading();
+  });
+  window.addEventListener("pageshow", () => {  // back/forward cache: not loading any more
+    document.body.classList.remove("loading");
+    if (progress) progress.textContent = "";
+  });
+
   // Offer the browser's own zone in the time-zone select.
   const zones = document.querySelector("select[data-browser-zone]");
   const own = Intl.DateTimeFormat().resolvedOptions().timeZone;
