@@ -24,6 +24,14 @@ import { SDK_VERSION } from "./version.js";
  * fields are filled in (from the current run when there is one). */
 export type EventInput<E extends Event> = Omit<E, "event_type" | "run_id"> & { run_id?: string };
 
+/** Any event of the contract with its `event_type`, `run_id` optional (distributes over the
+ * union, so each type keeps its own fields). */
+export type AnyEventInput = Event extends infer E
+  ? E extends Event
+    ? Omit<E, "run_id"> & { run_id?: string }
+    : never
+  : never;
+
 export interface WatchLLMOptions {
   /** An ingest key (default: $WATCHLLM_API_KEY). Without a key and URL the client is off. */
   apiKey?: string;
@@ -293,7 +301,7 @@ export class WatchLLM {
   }
 
   /** Log any event of the contract (its `event_type` says which); returns its id. */
-  logEvent(event: Omit<Event, "run_id"> & { run_id?: string }): string {
+  logEvent(event: AnyEventInput): string {
     const { event_type: type, ...fields } = event as { event_type: EventType };
     return this.log(type, fields as Record<string, unknown>);
   }

@@ -2,6 +2,7 @@
 export {
   WatchLLM,
   WatchLLMValidationError,
+  type AnyEventInput,
   type EventInput,
   type ObserveOptions,
   type RunOptions,

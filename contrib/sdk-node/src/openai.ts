@@ -113,6 +113,7 @@ class Observer {
     const fields = kind === "chat" ? chatResult(result) : responsesResult(result);
     this.log(context, {
       ...this.base(kind, params, started),
+      status: "success",
       ...fields,
       latency_ms: performance.now() - t0,
       response_metadata: {
@@ -178,6 +179,7 @@ class Observer {
         }
         this.log(context, {
           ...this.base(kind, params, started),
+          status: "success",
           ...fields,
           latency_ms: performance.now() - t0,
         });
