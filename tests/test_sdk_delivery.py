@@ -246,15 +246,17 @@ def test_the_host_never_waits_or_raises(scripted: Any) -> None:
         t0 = time.perf_counter()
         client.log_prompt_call(model="m", tokens_input=i)
         worst = max(worst, time.perf_counter() - t0)
-    assert worst < 0.05, worst  # a log call never waits for the network
+    # A log call never waits for the network (a request here takes the 1 s timeout); the
+    # bound leaves room for a loaded CI machine's scheduling, far below that second.
+    assert worst < 0.3, worst
     stats = client.stats()
     assert stats["dropped"]["queue_full"] >= 150 - client.max_batch_events, stats
     t0 = time.monotonic()
     assert client.flush(0.5) is False  # the server still hangs: flush says so, on time
-    assert time.monotonic() - t0 < 0.8
+    assert time.monotonic() - t0 < 1.2
     t0 = time.monotonic()
     client.close(0.5)
-    assert time.monotonic() - t0 < 1.0
+    assert time.monotonic() - t0 < 1.2
     client.log_tool_call("after close")  # a no-op, not an error
 
 
@@ -392,3 +394,20 @@ def test_retry_after_as_seconds_or_http_date() -> None:
     assert parse_retry_after(None) is None and parse_retry_after("soon") is None
     in_ten = parse_retry_after(formatdate(time.time() + 10, usegmt=True))
     assert in_ten is not None and 8 <= in_ten <= 10
+
+
+def test_the_buffer_is_bounded_in_bytes_too(scripted: Any) -> None:
+    server = scripted([("hang", 2.0)])
+    client = client_for(server.url, timeout_s=1.0, max_queue_bytes=1_000_000)
+    client.log_tool_call("first")  # taken by the worker, which then waits on the hang
+    time.sleep(0.2)
+    big = "x" * 100_000
+    for _ in range(30):
+        client.log_prompt_call(model="m", prompt=[{"role": "user", "content": big}])
+    stats = client.stats()
+    # ~100 KB each: about ten fit in 1 MB, the rest are refused at once and counted.
+    assert 8 <= stats["queued"] - 1 <= 10 and stats["queued_bytes"] <= 1_000_000, stats
+    assert stats["dropped"]["queue_full"] == 30 - (stats["queued"] - 1), stats
+    assert client.flush(20)
+    assert client.stats()["sent"] == stats["queued"] and client.stats()["queued_bytes"] == 0
+    client.close()

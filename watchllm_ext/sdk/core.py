@@ -35,7 +35,7 @@ log = logging.getLogger("watchllm.sdk")
 # Answers worth another try: the server is busy, restarting or behind a proxy that failed.
 RETRY_STATUSES = frozenset({408, 429, 502, 503, 504})
 DROP_REASONS = (
-    "queue_full",  # the buffer held max_queue events; the new one was dropped
+    "queue_full",  # the buffer held max_queue events or max_queue_bytes; the new one was dropped
     "invalid",  # the contract refuses the event (logged with the fields at fault)
     "mask_error",  # the mask callback raised: the event is dropped, never sent unmasked
     "rejected",  # the server refused it (400, 422, 207's rejected list); not retried
@@ -76,6 +76,7 @@ class WatchLLM:
         max_batch_events: int = 1000,
         max_batch_bytes: int = 4 * 1024 * 1024,
         max_queue: int = 10_000,
+        max_queue_bytes: int = 64 * 1024 * 1024,
         gzip: bool = True,
         timeout_s: float = 10.0,
         retry_for_s: float = 300.0,
@@ -91,6 +92,7 @@ class WatchLLM:
             ("flush_at", flush_at),
             ("max_batch_events", max_batch_events),
             ("max_queue", max_queue),
+            ("max_queue_bytes", max_queue_bytes),
         ):
             if value < 1:
                 raise ValueError(f"{name}: must be at least 1, not {value}")
@@ -107,6 +109,7 @@ class WatchLLM:
         self.max_batch_events = max_batch_events
         self.max_batch_bytes = max_batch_bytes
         self.max_queue = max_queue
+        self.max_queue_bytes = max_queue_bytes
         self.gzip = gzip
         self.timeout_s = timeout_s
         self.retry_for_s = retry_for_s
@@ -145,7 +148,9 @@ class WatchLLM:
         """Everything that belongs to one process: a forked child calls it again and so gets
         an empty buffer, fresh locks and counters, and a worker of its own on first use."""
         self._pid = os.getpid()
-        self._queue: deque[dict[str, Any]] = deque()
+        # (event, its estimated size in bytes), oldest first.
+        self._queue: deque[tuple[dict[str, Any], int]] = deque()
+        self._queued_bytes = 0
         self._wake = threading.Event()
         self._abandon = threading.Event()
         self._start_lock = threading.Lock()
@@ -243,12 +248,21 @@ class WatchLLM:
         if self._pid != os.getpid():  # forked without register_at_fork (os.fork is covered)
             self._after_fork_in_child()
         queue = self._queue
-        if len(queue) >= self.max_queue:
-            self._drop("queue_full", 1, f"the buffer holds {self.max_queue} events")
-            return
-        queue.append(event)
+        size = approx_size(event)
         with self._count_lock:
-            self._enqueued += 1
+            full = len(queue) >= self.max_queue or self._queued_bytes + size > self.max_queue_bytes
+            if not full:
+                queue.append((event, size))
+                self._queued_bytes += size
+                self._enqueued += 1
+        if full:
+            self._drop(
+                "queue_full",
+                1,
+                f"the buffer holds {len(queue)} events, about {self._queued_bytes} bytes"
+                f" (max_queue {self.max_queue}, max_queue_bytes {self.max_queue_bytes})",
+            )
+            return
         if self._worker is None:
             self._start_worker()
         elif len(queue) >= self.flush_at:
@@ -471,9 +485,13 @@ class WatchLLM:
     def _take(self) -> list[dict[str, Any]]:
         queue = self._queue
         taken: list[dict[str, Any]] = []
-        with contextlib.suppress(IndexError):
-            while len(taken) < self.max_batch_events:
-                taken.append(queue.popleft())
+        freed = 0
+        with self._count_lock:
+            while queue and len(taken) < self.max_batch_events:
+                event, size = queue.popleft()
+                taken.append(event)
+                freed += size
+            self._queued_bytes -= freed
         return taken
 
     def _drain(self) -> None:
@@ -685,6 +703,7 @@ class WatchLLM:
         out["dropped_total"] = sum(out["dropped"].values())
         out["logged"] = self._enqueued
         out["queued"] = len(self._queue) + self._in_flight
+        out["queued_bytes"] = self._queued_bytes
         out["transport"] = self.transport_name
         out["enabled"] = self.enabled
         return out
@@ -694,6 +713,28 @@ class WatchLLM:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def approx_size(event: dict[str, Any]) -> int:
+    """An event's size in bytes, roughly and cheaply (about 1 us): its text fields counted,
+    containers guessed from their first level. Bounds the buffer's memory, not the batches'
+    bytes, which the worker measures exactly once encoded."""
+    n = 256  # ids, timestamp, numbers, keys
+    for value in event.values():
+        kind = value.__class__
+        if kind is str:
+            n += len(value)
+        elif kind is list or kind is dict:
+            items = value.values() if kind is dict else value
+            for item in items:
+                if item.__class__ is str:
+                    n += len(item)
+                elif item.__class__ is dict:  # a chat message, a tool call
+                    content = item.get("content")
+                    n += 64 + (len(content) if content.__class__ is str else 256)
+                else:
+                    n += 64
+    return n
 
 
 def _rejection(answer: Answer) -> str:
