@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -42,6 +43,7 @@ from watchllm_ext.middleware import (
 from watchllm_ext.quota import QuotaDecision
 from watchllm_ext.sdk.context import current_run
 from watchllm_ext.settings import Settings
+from watchllm_plugins.clickhouse_store import ClickHouseStore
 
 
 def stored(settings: Settings, sql: str = "") -> list[dict[str, Any]]:
@@ -503,3 +505,70 @@ def test_uvicorn_workers_with_the_embedded_store_fail_at_start_in_one_line(
     assert "Traceback" not in done.stderr, done.stderr
     lines = [line for line in done.stderr.splitlines() if "embedded store" in line]
     assert lines and "--workers" in lines[0] and "WATCHLLM_CLICKHOUSE_URL" in lines[0], done.stderr
+
+
+@pytest.mark.stores("clickhouse")
+def test_uvicorn_workers_with_a_clickhouse_server_each_take_a_spool(
+    tmp_path: Path, store_backend: StoreBackend
+) -> None:
+    """With the ClickHouse server store, every worker runs its own WatchLLM on a spool of
+    its own (<spool>/worker-<n>), and every request of every worker is stored."""
+    module = tmp_path / "hostapp.py"
+    module.write_text(
+        textwrap.dedent(
+            f"""
+            import os
+            from fastapi import FastAPI
+            from watchllm_ext import Settings, create_app
+            from watchllm_ext.middleware import WatchLLMMiddleware
+
+            watchllm = create_app(Settings(data_dir={str(tmp_path / "data")!r}))
+            app = FastAPI()
+
+            @app.get("/pid")
+            def pid() -> int:
+                return os.getpid()
+
+            app.add_middleware(WatchLLMMiddleware, watchllm=watchllm, project_id="acme")
+            """
+        )
+    )
+    url = store_backend.settings()["clickhouse_url"]
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "hostapp:app", "--workers", "2", "--port", str(port)],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path), "WATCHLLM_CLICKHOUSE_URL": url},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    pids: set[int] = set()
+    try:
+        deadline = time.monotonic() + 90
+        sent = 0
+        while len(pids) < 2 or sent < 40:  # new connections, until both workers answered
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/pid", timeout=5)
+            except httpx.HTTPError:
+                time.sleep(0.2)
+                continue
+            assert r.status_code == 200, r.text
+            pids.add(r.json())
+            sent += 1
+    finally:
+        proc.send_signal(signal.SIGINT)
+        output = proc.communicate(timeout=60)[0]
+    assert "Traceback" not in output, output
+    spools = sorted(p.name for p in (tmp_path / "data" / "spool").glob("worker-?"))
+    assert spools == ["worker-0", "worker-1"], spools
+    store = ClickHouseStore(url)
+    try:
+        rows = store.query(
+            "SELECT count() AS n FROM events FINAL WHERE project_id = 'acme'"
+            " AND event_type = 'agent_step'"
+        )
+    finally:
+        store.close()
+    assert rows == [{"n": sent}]

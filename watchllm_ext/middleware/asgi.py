@@ -221,6 +221,7 @@ async def _start(wl: WatchLLM) -> AsyncIterator[None]:
     takes its own spool, `<spool>/worker-<n>`, the first free one, so that a restarted
     worker delivers what its predecessor left.
     """
+    slot: FolderLock | None = None
     if _uvicorn_workers():
         if _embedded(wl):
             raise HostStartError(
@@ -229,23 +230,27 @@ async def _start(wl: WatchLLM) -> AsyncIterator[None]:
                 " worker, or set WATCHLLM_CLICKHOUSE_URL to a ClickHouse server all workers"
                 " share (docs/EMBEDDING.md)"
             )
-        wl.settings = _free_worker_spool(wl)
+        wl.settings, slot = _claim_worker_spool(wl)
     try:
         async with wl.running():
             yield
     except StoreLockedError as exc:
         raise HostStartError(f"WatchLLM cannot start: {exc}") from None
+    finally:
+        if slot is not None:
+            slot.release()
 
 
-def _free_worker_spool(wl: WatchLLM) -> Any:
+def _claim_worker_spool(wl: WatchLLM) -> tuple[Any, FolderLock]:
+    """The first worker slot no other process holds (its lock, taken atomically, is held
+    while this worker runs) and the settings with that slot's spool."""
     base = wl.settings.spool_path
     for n in range(4096):
-        folder = base / f"worker-{n}"
         try:
-            FolderLock(folder, "spool").release()
+            slot = FolderLock(base / "worker-slots" / str(n), "worker slot")
         except FolderLocked:
             continue
-        return wl.settings.model_copy(update={"spool_dir": folder})
+        return wl.settings.model_copy(update={"spool_dir": base / f"worker-{n}"}), slot
     raise HostStartError(f"no free worker spool under {base}")
 
 
