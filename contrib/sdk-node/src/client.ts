@@ -107,6 +107,8 @@ export interface ObserveOptions {
 
 export interface Stats extends DeliveryStats {
   enabled: boolean;
+  /** Events given to the log methods (and by run(), observe() and the integrations). */
+  logged: number;
   /** Events left out by sampleRate (by design: not counted as dropped). */
   sampledOut: number;
 }
@@ -219,6 +221,7 @@ export class WatchLLM {
   private warnedInvalid = false;
   private shutDown = false;
   private sampledOut = 0;
+  private logged = 0;
 
   constructor(options: WatchLLMOptions = {}) {
     this.options = options;
@@ -463,6 +466,7 @@ export class WatchLLM {
     };
     return {
       enabled: this.enabled,
+      logged: this.logged,
       sampledOut: this.sampledOut,
       ...(this.delivery?.stats() ?? empty),
     };
@@ -485,6 +489,7 @@ export class WatchLLM {
     let eventId = typeof fields.event_id === "string" ? fields.event_id : newId();
     try {
       if (!this.enabled || this.delivery === undefined) return eventId;
+      this.logged += 1;
       let event: Record<string, unknown> = {
         event_id: eventId,
         event_type: type,
@@ -548,7 +553,7 @@ export class WatchLLM {
     } catch (error) {
       if (error instanceof WatchLLMValidationError) throw error;
       if (this.options.strict) throw error;
-      this.delivery?.drop("internal_error", 1);
+      this.delivery?.drop("sdk_error", 1);
       this.internalError(error);
     }
     return eventId;

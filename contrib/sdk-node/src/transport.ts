@@ -8,8 +8,8 @@ import type { Accepted, ErrorBody } from "./contract.js";
 
 const gzip = promisify(gzipCallback);
 
-/** Why events were dropped (the keys of `stats().droppedTotal`). */
-// The Python SDK's reasons (watchllm_ext/sdk/core.py DROP_REASONS), plus internal_error.
+/** Why events were dropped (the keys of `stats().dropped`). */
+// The Python SDK's reasons, by the same names (watchllm_ext/sdk/core.py DROP_REASONS).
 export type DropReason =
   | "queue_full" // the queue held maxQueue events (or maxQueueBytes); the new one was dropped
   | "invalid" // refused by the SDK's own check (unknown field, missing required field, ...)
@@ -20,7 +20,7 @@ export type DropReason =
   | "server_error" // 500 or another answer that is not retried
   | "retries_exhausted" // still failing after retryForMs
   | "shutdown" // logged after shutdown(), or still queued when its deadline passed
-  | "internal_error"; // a bug of the SDK itself, caught
+  | "sdk_error"; // a bug of the SDK itself, caught and logged (please report it)
 
 export interface Logger {
   warn(message: string): void;
@@ -221,7 +221,7 @@ export class Delivery {
         await this.send(this.queue.slice(0, n));
       } catch (error) {
         this.warnOnce("internal", `watchllm: internal error in delivery: ${String(error)}`);
-        this.dropQueued(n, "internal_error");
+        this.dropQueued(n, "sdk_error");
         continue;
       }
       this.settle(n);
@@ -263,12 +263,14 @@ export class Delivery {
    * holds counted as sent or dropped by reason. Settling the queue is the caller's part. */
   private async send(batch: Item[]): Promise<void> {
     const body = `{"events":[${batch.map((item) => item.json).join(",")}]}`;
-    const payload: Uint8Array = this.options.gzip ? await gzip(body) : Buffer.from(body);
+    // Below 1 KB gzip saves little and costs a little: sent as is (as the Python SDK does).
+    const compress = this.options.gzip && body.length >= 1024;
+    const payload: Uint8Array = compress ? await gzip(body) : Buffer.from(body);
     const headers: Record<string, string> = {
       Authorization: `Bearer ${this.options.apiKey}`,
       "Content-Type": "application/json",
     };
-    if (this.options.gzip) headers["Content-Encoding"] = "gzip";
+    if (compress) headers["Content-Encoding"] = "gzip";
     const giveUpAt = Date.now() + this.options.retryForMs;
     for (let attempt = 0; ; attempt += 1) {
       try {
