@@ -459,7 +459,7 @@ def _finish(
     received = received_at or receipt_time()
     validators = pm.hook.validate_event
     validator_impls = validators.get_hookimpls()
-    # Plugins other than the built-ins see pydantic models, as documented (docs/PLUGINS.md);
+    # Plugins from outside this package see pydantic models, as documented (PLUGINS.md);
     # the structs are converted for them only.
     as_models = _third_party(validator_impls) or _third_party(
         pm.hook.transform_events.get_hookimpls()
@@ -505,11 +505,12 @@ def _finish(
 
 
 _STRUCTS = fast_validate.EVENT_STRUCT_TYPES
-_BUILTIN_PREFIX = "watchllm_ext.builtins."
+# Plugins shipped in this package read events by attribute (the structs or models alike).
+_BUILTIN_PREFIX = "watchllm_ext."
 
 
 def _third_party(impls: list[Any]) -> bool:
-    """Whether a plugin other than the built-ins implements the hook."""
+    """Whether a plugin from outside this package implements the hook."""
     for impl in impls:
         plugin = impl.plugin
         module = (
