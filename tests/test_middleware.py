@@ -572,3 +572,35 @@ def test_uvicorn_workers_with_a_clickhouse_server_each_take_a_spool(
     finally:
         store.close()
     assert rows == [{"n": sent}]
+
+
+def test_an_sdk_call_inside_a_handler_lands_in_the_requests_run(tmp_path: Path) -> None:
+    """The SDK reads the run context the middleware set: a call it logs inside a handler (and
+    delivers in process, no HTTP hop) nests under that request's summary event."""
+    from watchllm_ext.sdk import WatchLLM
+
+    settings = make_settings(tmp_path)
+    key = KeyStore(settings.keys_path).create("acme", scope="ingest")
+    wl_app = create_app(settings)
+    sdk = WatchLLM(api_key=key, transport="local", flush_interval_s=0.05)
+    host = FastAPI()
+
+    @host.post("/ask")
+    def ask() -> dict[str, str]:  # a sync handler: in a worker thread, the context follows
+        sdk.log_prompt_call(model="gpt-4o", tokens_input=7, tokens_output=3)
+        run = current_run()
+        assert run is not None
+        return {"run_id": run.run_id}
+
+    host.add_middleware(WatchLLMMiddleware, watchllm=wl_app, project_id="acme")
+    try:
+        with ServerThread(host) as server, httpx.Client(base_url=server.url) as client:
+            runs = [client.post("/ask").json()["run_id"] for _ in range(3)]
+            assert sdk.flush(10)
+    finally:
+        sdk.close(5)
+    rows = stored(settings)
+    parents = {s["run_id"]: s["event_id"] for s in summaries(rows)}
+    calls = [r for r in rows if r["event_type"] == "prompt_call"]
+    assert sorted(r["run_id"] for r in calls) == sorted(runs)
+    assert all(r["parent_event_id"] == parents[r["run_id"]] for r in calls)
