@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from conftest import Running
+from stores import EVERY_STORE
 
 from watchllm_ext.sdk import AsyncWatchLLM, WatchLLM, current_run, observe
 
@@ -45,6 +46,7 @@ def shape(nodes: list[dict[str, Any]], named: dict[str, str]) -> list[Any]:
     ]
 
 
+@EVERY_STORE
 def test_every_method_arrives(server: Running) -> None:
     client = sdk(server, env="staging", release="1.2.3")
     with client.run(name="all-types", user_id="u-1", tags=["sdk"]) as run:
@@ -149,6 +151,7 @@ def agent(question: str) -> str:
     return "done"
 
 
+@EVERY_STORE
 def test_observe_builds_the_tree(server: Running) -> None:
     client = sdk(server)
     assert agent("q") == "done"
