@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from watchllm_ext import hookimpl
 from watchllm_ext.app import open_spool
+from watchllm_ext.dead_letters import append_dead_letter, dead_letter
 from watchllm_ext.fast_validate import EVENT_STRUCT_TYPES, to_model
 from watchllm_ext.schema import EVENT_LIST_ADAPTER
 from watchllm_ext.testing import MemorySink
@@ -140,6 +141,31 @@ def test_a_spool_left_by_the_previous_version_is_replayed(
     )
     assert len(rows) == 20
     assert {(r["cost_source"], r["cost_estimate_usd"]) for r in rows} == {("computed", 0.25)}
+
+
+def test_dead_letters_of_the_previous_version_are_replayed(
+    tmp_path: Path, server_factory: Any
+) -> None:
+    """A dead-letter file written before the structs (events as pydantic dumped them) is
+    read, listed and replayed to its sink, which gets the same events as structs."""
+    raw = _events(6, "dl")
+    models = EVENT_LIST_ADAPTER.validate_python([{**e, "project_id": "acme"} for e in raw])
+    old_events = json.loads(EVENT_LIST_ADAPTER.dump_json(models, exclude_none=True))
+    settings = make_settings(tmp_path)
+    folder = settings.spool_path / "dead-letter"
+    folder.mkdir(parents=True, exist_ok=True)
+    append_dead_letter(folder / "structs.jsonl", dead_letter("structs", "old", old_events, None))
+
+    sink = StructSink()
+    server = server_factory((sink,))
+    listed = server.client.get("/v1/admin/dead-letters", headers=server.headers()).json()
+    assert [(d["sink"], d["events"]) for d in listed["dead_letters"]] == [("structs", 6)]
+    r = server.client.post("/v1/admin/dead-letters/replay", headers=server.headers())
+    assert r.status_code == 200 and r.json()["replayed_events"] == 6, r.text
+    server.flush()
+    assert all(type(e) in EVENT_STRUCT_TYPES for e in sink.events)
+    for got, want in zip(sink.events, models, strict=True):
+        assert to_model(got).model_dump() == want.model_dump()
 
 
 def test_the_writer_holds_nothing_the_collector_tracks(server_factory: Any) -> None:
