@@ -294,7 +294,14 @@ def test_engine_ignores_old_events_and_bounds_its_keys() -> None:
         [Ev(f"run{i}", 0) for i in range(MAX_KEYS_PER_RULE + 5)], lambda p: True
     )
     assert len(touched) == MAX_KEYS_PER_RULE + 5
-    assert len(engine.windows) <= MAX_KEYS_PER_RULE + 1
+    # The least recently fed runs went first.
+    assert len(engine.windows) == MAX_KEYS_PER_RULE
+    assert ("r", "acme", "run4") not in engine.windows
+    assert ("r", "acme", "run5") in engine.windows
+    # A firing key is never dropped: its episode must be able to end.
+    assert len(engine.evaluate()) == MAX_KEYS_PER_RULE
+    engine.observe([Ev("one-more", 0)], lambda p: True)
+    assert len(engine.windows) == MAX_KEYS_PER_RULE + 1
     with pytest.raises(ValueError, match="block needs per"):
         GuardianRule(name="x", metric="cost_usd", per="run", threshold=1, block=True)
 

@@ -38,11 +38,17 @@ class CaptureTransport(Transport):
                 self.events.append(item.payload.json)
 
 
+def sentry_off() -> None:
+    """No client: the SDK is off (for the next test, and for create_app to start its own)."""
+    sentry_sdk.get_client().close(timeout=0)
+    sentry_sdk.get_global_scope().set_client(None)
+
+
 @pytest.fixture
 def transport() -> Iterator[CaptureTransport]:
     capture = CaptureTransport()
     yield capture
-    sentry_sdk.init()  # no DSN: the SDK is off again for the other tests
+    sentry_off()
 
 
 class FailingOnce:
@@ -80,7 +86,7 @@ def started(server_factory: Any, transport: CaptureTransport, plugin: Any, tmp_p
 
 
 def test_create_app_starts_sentry_from_the_settings(tmp_path: Path) -> None:
-    sentry_sdk.init()  # none running
+    sentry_off()
     try:
         create_app(
             Settings(
@@ -97,7 +103,7 @@ def test_create_app_starts_sentry_from_the_settings(tmp_path: Path) -> None:
         assert client.options["sample_rate"] == 0.5
         assert client.options["before_send"] is scrub_event
     finally:
-        sentry_sdk.init()
+        sentry_off()
 
 
 def wait_for(check: Any, within_s: float = 10.0) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -39,7 +39,6 @@ class Window:
     """(timestamp s, value) samples of one key, oldest first."""
 
     samples: deque[tuple[float, float]] = field(default_factory=deque)
-    fed_at: float = 0.0
 
     def add(self, ts: float, value: float) -> None:
         self.samples.append((ts, value))
@@ -115,6 +114,8 @@ class Engine:
         self.rules = {rule.name: rule for rule in rules}
         self.clock = clock or time.time
         self.windows: dict[Key, Window] = {}
+        # Per rule, its keys with windows, least recently fed first (the bound's order).
+        self.fed: dict[str, OrderedDict[Key, None]] = {name: OrderedDict() for name in self.rules}
         self.stored: dict[Key, float | None] = {}
         self.episodes: dict[Key, Episode] = {}
         self._lock = threading.Lock()
@@ -147,19 +148,25 @@ class Engine:
                     window = self.windows.get(key)
                     if window is None:
                         window = self.windows[key] = Window()
-                        self._bound(rule)
+                        self._bound(rule, key)
+                    else:
+                        self.fed[rule.name].move_to_end(key)
                     window.add(ts, value)
-                    window.fed_at = now
                     touched.add(key)
         return touched
 
-    def _bound(self, rule: GuardianRule) -> None:
-        keys = [k for k in self.windows if k[0] == rule.name]
-        if len(keys) <= MAX_KEYS_PER_RULE:
+    def _bound(self, rule: GuardianRule, key: Key) -> None:
+        """Note a new key of the rule; past the bound, drop the least recently fed key that
+        is not firing (O(1) but for a run of firing keys at the front)."""
+        fed = self.fed[rule.name]
+        fed[key] = None
+        if len(fed) <= MAX_KEYS_PER_RULE:
             return
-        idle = [k for k in keys if k not in self.episodes]
-        if idle:
-            del self.windows[min(idle, key=lambda k: self.windows[k].fed_at)]
+        for old in fed:
+            if old not in self.episodes and old != key:
+                del fed[old]
+                self.windows.pop(old, None)
+                return
 
     def observe_stored(self, rule: GuardianRule, project: str, value: float | None) -> Key:
         """The rule's figure for a project read from the store (per-project rules)."""
@@ -173,6 +180,7 @@ class Engine:
         with self._lock:
             for key in [k for k in self.windows if k[1] == project]:
                 del self.windows[key]
+                self.fed[key[0]].pop(key, None)
             for key in [k for k in self.stored if k[1] == project]:
                 del self.stored[key]
 
@@ -189,6 +197,7 @@ class Engine:
             streamed = figure(rule, [v for _, v in window.samples])
             if not window.samples:
                 del self.windows[key]
+                self.fed[rule.name].pop(key, None)
         stored = self.stored.get(key)
         if stored is None:
             return streamed, "stream"

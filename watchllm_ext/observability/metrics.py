@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..flags import request_flags
+from ..flags import _REQUEST_CACHE
 
 # Seconds: ingestion answers in a few ms, analytics over months in seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -74,6 +74,7 @@ class RequestMetrics:
     def __init__(self, app: ASGIApp, wl: Any) -> None:
         self.app = app
         self.wl = wl
+        self._children: dict[tuple[str, str, int], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -88,14 +89,18 @@ class RequestMetrics:
                 status = message["status"]
             await send(message)
 
+        token = _REQUEST_CACHE.set({})  # this request's flag cache (flags/__init__.py)
         try:
-            with request_flags():
-                await self.app(scope, receive, send_status)
+            await self.app(scope, receive, send_status)
         finally:
+            _REQUEST_CACHE.reset(token)
             route = getattr(scope.get("route"), "path", None) or "unmatched"
-            ops_metrics(self.wl).requests.labels(route, scope["method"], str(status)).observe(
-                time.perf_counter() - started
-            )
+            key = (route, scope["method"], status)
+            child = self._children.get(key)
+            if child is None:  # labels() costs a lock and a lookup: once per series
+                child = ops_metrics(self.wl).requests.labels(route, scope["method"], str(status))
+                self._children[key] = child
+            child.observe(time.perf_counter() - started)
 
 
 def counting_rejections(

@@ -191,6 +191,8 @@ def init_sentry(settings: Settings, **options: Any) -> bool:
         max_request_body_size="never",
         before_send=scrub_event,
         before_send_transaction=scrub_event,
+        # Ours only: auto-enabling tries to import every framework Sentry knows (seconds).
+        auto_enabling_integrations=False,
         integrations=[
             StarletteIntegration(),
             LoggingIntegration(level=logging.INFO, event_level=logging.ERROR),
