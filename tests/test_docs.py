@@ -123,6 +123,7 @@ SKIPPED: set[tuple[str, str]] = {
         "WATCHLLM_CLICKHOUSE_URL='https://watchllm:secret@ch.example.com:8443/watchllm' \\",
     ),
     ("docs/MOVING.md", "watchllm import /backup/watchllm-2026-11-25 --resume"),
+    ("docs/QUOTAS.md", "python bench/bench_quota.py --quick"),
     ("docs/SDK.md", "from openai import OpenAI"),
     ("docs/SDK.md", "from anthropic import Anthropic"),
     ("docs/SDK.md", "from watchllm_ext.sdk import WatchLLM"),
