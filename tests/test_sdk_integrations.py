@@ -200,3 +200,40 @@ def test_metadata_only_keeps_the_numbers(server: Running, llm: FakeLLM) -> None:
     assert event["tool_calls"][0].get("tool_input") in (None, "", {})
     assert event["tokens_input"] == 4
     client.close()
+
+
+def test_stream_helpers(server: Running, llm: FakeLLM) -> None:
+    """`messages.stream(...)` (one event per block, from the helper's snapshot, sync and
+    async) and `chat.completions.stream(...)` (through the wrapped create: one event too)."""
+    client = WatchLLM(api_key=server.key, base_url=server.url, flush_interval_s=0.05)
+    ant = wrap_anthropic(anthropic.Anthropic(api_key="x", base_url=llm.anthropic_url), client)
+    oai = wrap_openai(openai.OpenAI(api_key="x", base_url=llm.openai_url), client)
+    model = "claude-3-5-sonnet-20241022"
+    with client.run(name="helpers") as run:
+        with ant.messages.stream(model=model, max_tokens=50, messages=HI) as stream:
+            assert "".join(stream.text_stream) == llm.reply
+        with oai.chat.completions.stream(
+            model="gpt-4o", messages=HI, stream_options={"include_usage": True}
+        ) as stream:
+            for _ in stream:
+                pass
+
+        async def async_helper() -> None:
+            aant = wrap_anthropic(
+                anthropic.AsyncAnthropic(api_key="x", base_url=llm.anthropic_url), client
+            )
+            async with aant.messages.stream(model=model, max_tokens=5, messages=HI) as stream:
+                assert (await stream.get_final_message()).content[0].text == llm.reply
+
+        asyncio.run(async_helper())
+    got = [event_of(a) for a in calls(server, client, run.run_id)]
+    assert [e["response_metadata"]["api"] for e in got] == [
+        "messages.stream",
+        "chat.completions",
+        "messages.stream",
+    ]
+    for event in got:
+        assert event["response"] == llm.reply and event["tokens_output"] == 5, event
+        assert event["tokens_input"] == 4 and event["status"] == "success"
+        assert event["response_metadata"]["request_id"].startswith("req_")
+    client.close()

@@ -337,3 +337,94 @@ def wrap_method(
 
     setattr(wrapper, _WRAPPED, True)
     setattr(resource, name, wrapper)
+
+
+class StreamManager:
+    """A provider's stream helper (`with client.messages.stream(...) as stream:`): the call
+    is logged when the block ends, from the helper's own snapshot of the answer (the helper
+    reads the stream itself, so no chunk passes through us: no time to first token)."""
+
+    def __init__(
+        self,
+        manager: Any,
+        call: Call,
+        final_of: Callable[[Any], Any],
+        read_final: Callable[[Call, Any], None],
+    ) -> None:
+        self._manager = manager
+        self._call = call
+        self._final_of = final_of
+        self._read_final = read_final
+        self._stream: Any = None
+
+    def _opened(self, stream: Any) -> Any:
+        self._stream = stream
+        self._call.request_id = _header_id(stream)
+        return stream
+
+    def _closing(self, exc: BaseException | None) -> None:
+        try:
+            snapshot = self._final_of(self._stream)
+        except Exception:  # nothing arrived (an error before the first event)
+            snapshot = None
+        if snapshot is not None:
+            _safely(self._read_final, self._call, snapshot)
+        self._call.finish(exc)
+
+    def __enter__(self) -> Any:
+        try:
+            return self._opened(self._manager.__enter__())
+        except BaseException as exc:
+            self._call.finish(exc)
+            raise
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> Any:
+        self._closing(exc)
+        return self._manager.__exit__(exc_type, exc, tb)
+
+    async def __aenter__(self) -> Any:
+        try:
+            return self._opened(await self._manager.__aenter__())
+        except BaseException as exc:
+            self._call.finish(exc)
+            raise
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> Any:
+        self._closing(exc)
+        return await self._manager.__aexit__(exc_type, exc, tb)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._manager, name)
+
+
+def wrap_stream_manager(
+    resource: Any,
+    name: str,
+    client: Callable[[], Any],
+    provider: str,
+    api: str,
+    prompt_of: Callable[[dict[str, Any]], Any],
+    final_of: Callable[[Any], Any],
+    read_final: Callable[[Call, Any], None],
+) -> None:
+    """Replace the stream helper `resource.<name>` on this one object by one whose context
+    manager logs the call at the end of its block."""
+    original = getattr(resource, name, None)
+    if original is None or getattr(original, _WRAPPED, False):
+        return
+
+    @functools.wraps(original)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        sdk = client()
+        manager = original(*args, **kwargs)
+        if not sdk.enabled:
+            return manager
+        try:
+            prompt = prompt_of(kwargs)
+        except Exception:
+            prompt = None
+        call = Call(sdk, provider, api, {**kwargs, "stream": True}, prompt)
+        return StreamManager(manager, call, final_of, read_final)
+
+    setattr(wrapper, _WRAPPED, True)
+    setattr(resource, name, wrapper)

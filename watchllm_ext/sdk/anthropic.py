@@ -11,14 +11,15 @@ Wraps `client.messages.create` of the object handed in (no global patching), syn
 async, with `stream=True` or not: model, input and output tokens, latency, time to first
 token, stop reason, tool uses, status, error and the request id, one prompt_call per call
 (a stream is logged when it ends, fails or is closed). The `system` prompt is logged as the
-first message. `messages.stream(...)` (the helper) is not wrapped: use `create(stream=True)`.
+first message. The `messages.stream(...)` helper is wrapped too: logged when its `with`
+block ends, from the helper's snapshot of the message (no time to first token there).
 """
 
 from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from ._llm import Call, get, to_messages, tokens, wrap_method
+from ._llm import Call, get, to_messages, tokens, wrap_method, wrap_stream_manager
 
 C = TypeVar("C")
 
@@ -43,6 +44,16 @@ def wrap(client: C, watchllm: Any = None) -> C:
             lambda kw: to_messages(kw.get("messages"), kw.get("system")),
             _read_message,
             _read_event,
+        )
+        wrap_stream_manager(
+            messages,
+            "stream",
+            sdk,
+            "anthropic",
+            "messages.stream",
+            lambda kw: to_messages(kw.get("messages"), kw.get("system")),
+            lambda stream: stream.current_message_snapshot,
+            _read_message,
         )
     return client
 

@@ -8,7 +8,8 @@
     client = wrap(OpenAI())            # the same object, its two create methods timed
 
 Wraps `client.chat.completions.create` and `client.responses.create` of the object handed in
-(no global patching: other OpenAI clients are untouched), sync and async, streamed or not.
+(no global patching: other OpenAI clients are untouched), sync and async, streamed or not;
+the `chat.completions.stream(...)` helper goes through `create` and is logged there.
 Each call is one prompt_call: model, tokens (a stream reports them only when asked with
 `stream_options={"include_usage": True}`), latency, time to first token, status, error, the
 provider's request id; the server prices it from its tables. A stream is logged when it
@@ -45,6 +46,8 @@ def wrap(client: C, watchllm: Any = None) -> C:
             _read_completion,
             _read_chunk,
         )
+        # chat.completions.stream(...) (the helper) goes through this create(stream=True):
+        # it is logged there, with its time to first token; wrapping it too would log twice.
     responses = getattr(client, "responses", None)
     if responses is not None:
         wrap_method(
