@@ -178,3 +178,32 @@ def test_scrubber_drops_request_data_headers_and_breadcrumbs() -> None:
 def test_no_dsn_no_sentry(tmp_path: Path) -> None:
     assert init_sentry(Settings(data_dir=tmp_path)) is False
     logging.getLogger("watchllm.test").info("nothing is sent")
+
+
+class FailingTask:
+    """A background task that fails once (then ends), naming a prompt in its error."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    @hookimpl
+    def register_background_tasks(self, settings: Settings, store: Any) -> Any:
+        async def task() -> None:
+            self.runs += 1
+            if self.runs == 1:
+                raise RuntimeError(f"could not summarise {SECRET_PROMPT!r}")
+
+        return task
+
+
+def test_a_background_task_error_is_captured_once(
+    server_factory: Any, transport: CaptureTransport, tmp_path: Path
+) -> None:
+    failing = FailingTask()
+    started(server_factory, transport, failing, tmp_path)
+    wait_for(lambda: failing.runs >= 2)  # restarted after 1 s, and then done
+    sentry_sdk.flush()
+    (event,) = transport.events
+    assert event["exception"]["values"][-1]["type"] == "RuntimeError"
+    assert event["logger"] == "watchllm.app"
+    assert SECRET_PROMPT not in json.dumps(event)
