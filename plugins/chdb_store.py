@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,16 +76,20 @@ class ChdbStore:
         arrow_rows = data  # noqa: F841 - referenced by name inside the SQL below
         self._run(f"INSERT INTO {table} ({columns}) SELECT * FROM Python(arrow_rows)", "CSV", None)
 
-    def insert_json(self, table: str, body: bytes, settings: Mapping[str, Any]) -> None:
-        """Insert `body` (JSONEachRow: objects one a line, or one JSON array of them), parsed
-        by ClickHouse in its own threads with `settings`."""
+    def insert_json(
+        self, table: str, body: bytes | Sequence[bytes | memoryview], settings: Mapping[str, Any]
+    ) -> None:
+        """Insert `body` (JSONEachRow: objects one a line, or one JSON array of them; whole or
+        in pieces, each handed to chDB as it is), parsed by ClickHouse in its own threads
+        with `settings`."""
         if not table.isidentifier():
             raise StoreError(f"bad table name {table!r}", permanent=True)
         clause = ", ".join(f"{name} = {_setting_literal(v)}" for name, v in settings.items())
         sql = f"INSERT INTO {table} SETTINGS {clause}" if clause else f"INSERT INTO {table}"
         try:
             with self._lock_calls, self._session.send_insert(sql, "JSONEachRow") as inserter:
-                inserter.append(body)
+                for piece in [body] if isinstance(body, bytes) else body:
+                    inserter.append(piece)
                 inserter.finish()
         except Exception as exc:
             message = str(exc)

@@ -32,7 +32,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -129,22 +129,25 @@ _SERVER_TEXT = re.compile(r"server response:\s*(.*)", re.DOTALL)
 _TRAILERS = re.compile(r"(\s*\((?:for url|version) [^()]*(?:\([^()]*\))?[^()]*\))+\s*$")
 
 
-def _lz4(body: bytes) -> bytes:
+def _lz4(pieces: Sequence[bytes | memoryview]) -> bytes:
     import lz4.frame
 
-    return lz4.frame.compress(body)
+    # One frame over all the pieces, without joining them first.
+    compressor = lz4.frame.LZ4FrameCompressor()
+    out = [compressor.begin(), *(compressor.compress(piece) for piece in pieces)]
+    return b"".join([*out, compressor.flush()])
 
 
-def _zstd(body: bytes) -> bytes:
+def _zstd(pieces: Sequence[bytes | memoryview]) -> bytes:
     import zstandard
 
-    return zstandard.ZstdCompressor().compress(body)
+    return zstandard.ZstdCompressor().compress(b"".join(pieces))
 
 
-def _gzip(body: bytes) -> bytes:
+def _gzip(pieces: Sequence[bytes | memoryview]) -> bytes:
     import gzip
 
-    return gzip.compress(body, compresslevel=1)
+    return gzip.compress(b"".join(pieces), compresslevel=1)
 
 
 # Request body compressors for insert_json, by clickhouse-connect's write_compression name.
@@ -445,9 +448,12 @@ class ClickHouseStore:
         except Exception as exc:
             raise self._error(exc, f"inserting {data.num_rows} rows into {table}") from exc
 
-    def insert_json(self, table: str, body: bytes, settings: Mapping[str, Any]) -> None:
-        """Insert `body` (JSONEachRow: objects one a line, or one JSON array of them), parsed
-        by the server with `settings`: one HTTP request, compressed as the URL says."""
+    def insert_json(
+        self, table: str, body: bytes | Sequence[bytes | memoryview], settings: Mapping[str, Any]
+    ) -> None:
+        """Insert `body` (JSONEachRow: objects one a line, or one JSON array of them; whole or
+        in pieces), parsed by the server with `settings`: one HTTP request, compressed as the
+        URL says."""
         if not table.isidentifier():
             raise StoreError(f"bad table name {table!r}", permanent=True)
         try:
@@ -455,10 +461,12 @@ class ClickHouseStore:
             # The URL's `compress`, as insert_arrow uses it; raw_insert sends the body as it
             # is given, so it is compressed here (lz4 and zstd release the GIL meanwhile).
             compression = getattr(client, "write_compression", None)
+            pieces = [body] if isinstance(body, bytes) else body
             if compression in _COMPRESSORS:
-                body = _COMPRESSORS[compression](body)
+                body = _COMPRESSORS[compression](pieces)
             else:
                 compression = None
+                body = body if isinstance(body, bytes) else b"".join(pieces)
             client.raw_insert(
                 table,
                 insert_block=body,

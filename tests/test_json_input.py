@@ -21,10 +21,11 @@ from typing import Any
 import pytest
 from stores import EVERY_STORE, StoreBackend
 
-from watchllm_ext.fast_validate import decode_stored
+from watchllm_ext.fast_validate import decode_stored, encode_events
 from watchllm_ext.schema import EVENT_LIST_ADAPTER, MODELS_BY_TYPE
 from watchllm_ext.store import Store, apply_migrations
 from watchllm_ext.store.rows import JSON_INPUT_SETTINGS, input_json, read_json, tables_for
+from watchllm_ext.writer import EventBatch
 
 pytestmark = EVERY_STORE
 
@@ -317,13 +318,30 @@ def test_rows_hold_exactly_the_tricky_text(store: Store) -> None:
         assert [json.loads(r["tool_output"]) for r in rows] == [{"text": t} for t in TRICKY_STRINGS]
 
 
-def test_a_batch_without_parts_is_one_insert_of_the_encoded_list() -> None:
-    events = models_of([generated_events()[0]], "p")
-    calls: list[list[Any]] = []
+def test_the_writers_batch_goes_as_its_spool_records_bytes(store: Store) -> None:
+    raw = [e for e in generated_events() if not e.get("tool_calls") and "prompt" not in e]
+    raw = [e for e in raw if e["event_type"] not in ("tool_call", "agent_step", "assertion_failed")]
+    structs = decode_stored(EVENT_LIST_ADAPTER.dump_json(models_of(raw, "json")))
+    records = [encode_events(structs[:3]), b"[]", encode_events(structs[3:])]
+    batch = EventBatch(structs)  # as the writer hands it to the sink
+    batch.payloads = records
+    calls: list[Any] = []
 
-    def encode(batch: Any) -> bytes:
-        calls.append(batch)
-        return b"[]"
+    def encode(events: Any) -> bytes:
+        calls.append(events)
+        return encode_events(events)
 
-    assert input_json(events, encode) == {"events_input": b"[]"}
-    assert calls == [events] and calls[0] is events  # the writer's own list: the spool's bytes
+    bodies = input_json(batch, encode)
+    assert list(bodies) == ["events_input"] and calls == []  # nothing encoded
+    pieces = bodies["events_input"]
+    assert isinstance(pieces, list)
+    # Views of the records themselves, no copies, making one JSON array of the events.
+    views = [p for p in pieces if isinstance(p, memoryview)]
+    assert [v.obj for v in views] == [records[0], records[2]]
+    assert json.loads(b"".join(pieces)) == json.loads(encode_events(structs))
+    store.insert_json("events_input", pieces, JSON_INPUT_SETTINGS)  # type: ignore[attr-defined]
+    rows = store.query("SELECT count() AS n FROM events WHERE project_id = 'json'")
+    assert rows == [{"n": len(structs)}]
+    # Any other list (the sink's selection after dropping stored copies) is encoded.
+    assert input_json(structs[:2], encode) == {"events_input": encode_events(structs[:2])}
+    assert calls == [structs[:2]]
