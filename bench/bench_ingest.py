@@ -63,7 +63,9 @@ BATCH_SIZE = 1_000
 MARK = "@@B@@"  # replaced in the template body by a tag unique to each batch
 PROJECT = "bench"
 
-TARGET_BATCH_EVENTS_S = 100_000
+TARGET_BATCH_EVENTS_S = 100_000  # accepted (validated, spooled, fsynced)
+TARGET_STORED_EVENTS_S = 40_000  # stored in the embedded store
+TARGET_BARE_CHDB_RATIO = 0.5  # stored / bare chDB (50,000-event JSONEachRow inserts)
 TARGET_SINGLE_RATIO = 0.5
 TARGET_SINGLE_P99_MS = 10.0
 
@@ -446,6 +448,85 @@ def role_batch_client(args: argparse.Namespace) -> None:
     }))
 
 
+BARE_CHDB_INSERT_EVENTS = 50_000  # the embedded store's own best insert size on these cores
+# One plain MergeTree table with a column per key of the benchmark's events (free-form
+# objects read as their JSON text, as WatchLLM's input tables read them).
+BARE_CHDB_TABLE = """
+CREATE TABLE IF NOT EXISTS bare_events (
+    project_id LowCardinality(String) DEFAULT 'bench', event_id String,
+    event_type LowCardinality(String), run_id String, timestamp DateTime64(3, 'UTC'),
+    model LowCardinality(Nullable(String)), provider LowCardinality(Nullable(String)),
+    tokens_input Nullable(UInt32), tokens_output Nullable(UInt32),
+    prompt Nullable(String) CODEC(ZSTD(3)), response Nullable(String) CODEC(ZSTD(3)),
+    response_metadata Nullable(String) CODEC(ZSTD(3)), status LowCardinality(Nullable(String)),
+    latency_ms Nullable(Float64), user_id Nullable(String), session_id Nullable(String),
+    tags Array(String), release Nullable(String), env LowCardinality(String),
+    client String, metadata String CODEC(ZSTD(3))
+) ENGINE = MergeTree PARTITION BY toYYYYMM(timestamp) ORDER BY (project_id, timestamp, event_id)
+"""
+
+
+def role_bare_chdb(args: argparse.Namespace) -> None:
+    """Baseline (iii): the same events into one plain MergeTree table by a bare chDB process,
+    50,000-event JSONEachRow inserts (the JSON as the client sent it, no Python per event):
+    the most the embedded store takes on this machine. Prints a JSON summary."""
+    from chdb import session
+
+    from watchllm_ext.store.rows import JSON_INPUT_SETTINGS
+
+    template = Path(args.template).read_bytes()
+    db = session.Session(str(Path(args.data_dir)))
+    db.query(BARE_CHDB_TABLE)
+    clause = ", ".join(
+        f"{k} = {v!r}" if isinstance(v, str) else f"{k} = {v}"
+        for k, v in JSON_INPUT_SETTINGS.items()
+    )
+    # The bodies are built before the clock starts: only ClickHouse's work is timed.
+    per_insert = max(1, BARE_CHDB_INSERT_EVENTS // BATCH_SIZE)
+    bodies = []
+    for first in range(0, args.batches, per_insert):
+        events = [
+            json.loads(batch_body(template, batch_tag(args.tag, n)))["events"]
+            for n in range(first, min(first + per_insert, args.batches))
+        ]
+        bodies.append(b"\n".join(json.dumps(e).encode() for batch in events for e in batch))
+    cpu0 = time.process_time()
+    t0 = time.perf_counter()
+    for body in bodies:
+        with db.send_insert(f"INSERT INTO bare_events SETTINGS {clause}", "JSONEachRow") as ins:
+            ins.append(body)
+            ins.finish()
+    elapsed = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
+    stored = int(db.query("SELECT count() FROM bare_events", "CSV").data().strip())
+    db.close()
+    n = args.batches * BATCH_SIZE
+    print(json.dumps({"events": n, "stored": stored, "elapsed_s": elapsed,
+                      "events_s": n / elapsed, "inserts": len(bodies),
+                      "server_cpu_us_per_event": cpu / n * 1e6}))
+
+
+def measure_bare_chdb(work: Path, template: Path, batches: int, rnd: int) -> dict[str, Any]:
+    data_dir = work / f"bare-chdb-{rnd}"
+    data_dir.mkdir(parents=True)
+    proc = spawn(
+        [sys.executable, str(HERE), "--role", "bare-chdb", "--data-dir", str(data_dir),
+         "--template", str(template), "--batches", str(batches), "--tag", f"r{rnd}"],
+        stdout=subprocess.PIPE,
+        cwd=data_dir,
+    )
+    try:
+        out, _ = proc.communicate(timeout=1800)
+    finally:
+        stop(proc, grace_s=5)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the bare chDB baseline failed (exit {proc.returncode})")
+    res = json.loads(out)
+    if res["stored"] != res["events"]:
+        raise RuntimeError(f"bare chDB stored {res['stored']} of {res['events']} events")
+    return res
+
+
 def role_inproc(args: argparse.Namespace) -> None:
     """Baseline (i): the same payloads through parse + validate + rows + insert, no HTTP.
 
@@ -588,6 +669,25 @@ def measure_batch_watchllm(work: Path, template: Path, batches: int, conns: int,
         "retries_503": res["retries_503"],
         "server_cpu_us_per_event": cpu / n * 1e6,
     }
+
+
+def measure_batch_clickhouse(work: Path, template: Path, batches: int, conns: int,
+                             rnd: int) -> dict[str, Any]:
+    """WatchLLM end to end with the ClickHouse-server store: tests/chfixture.py (ClickHouse's
+    HTTP interface served by chDB in its own process, loopback) started fresh for the round."""
+    sys.path.insert(0, str(HERE.parents[1] / "tests"))
+    from chfixture import start_fixture
+
+    folder = work / f"chserver-{rnd}"
+    with start_fixture(folder) as fx:
+        saved = dict(SERVER_SETTINGS)
+        SERVER_SETTINGS["clickhouse_url"] = fx.url
+        try:
+            return measure_batch_watchllm(work, template, batches, conns, rnd,
+                                          kind="watchllm-ch")
+        finally:
+            SERVER_SETTINGS.clear()
+            SERVER_SETTINGS.update(saved)
 
 
 def measure_batch_accept(kind: str, work: Path, template: Path, batches: int, conns: int,
@@ -791,42 +891,56 @@ def print_report(cfg: dict[str, Any], batch: dict[str, Any] | None,
               "different code; rerun with --snapshot")
     print("=" * 96)
     if batch is not None:
-        inproc, bare, wl = batch["inproc"], batch["bare"], batch["watchllm"]
-        nosink = batch["nosink"]
+        bare, chdb, wl = batch["bare"], batch["bare_chdb"], batch["watchllm"]
         print(f"\na. Batch ingest: {cfg['batches']} x {BATCH_SIZE:,}-event prompt_call batches "
               f"({cfg['batch_body_kb']:.0f} KB each), {cfg['batch_conns']} client connections, "
               f"median of {cfg['batch_rounds']} rounds")
-        print(f"   {'':60s}{'events/s':>12s}{'x in-proc':>11s}{'x bare':>9s}{'CPU us/ev':>11s}")
+        print(f"   {'':62s}{'events/s':>10s}{'x chDB':>8s}{'x bare':>8s}{'CPU us/ev':>11s}")
         rows = [
-            ("(i)  in-process from_json+validate_items+rows+insert", inproc, None),
+            *([("(i)  in-process from_json+validate_items+rows+insert", batch["inproc"])]
+              if "inproc" in batch else []),
             *([("(i') in-process, server's fast path validate_fast+finish_fast",
-                batch["inproc_fast"], None)] if "inproc_fast" in batch else []),
-            ("(ii) bare Starlette: read body + parse JSON + 202", bare,
-             bare["server_cpu_us_per_event"]),
-            ("WatchLLM POST /v1/events/batch, end to end (in store)", wl,
-             wl["server_cpu_us_per_event"]),
-            ("diagnostic: request path only: no sink, memory log (to 202)", nosink,
-             nosink["server_cpu_us_per_event"]),
-            *([("diagnostic: WatchLLM, gc.freeze() + larger gc thresholds", batch["gc"],
-                batch["gc"]["server_cpu_us_per_event"])] if "gc" in batch else []),
+                batch["inproc_fast"])] if "inproc_fast" in batch else []),
+            ("(ii) bare Starlette: read body + parse JSON + 202", bare),
+            (f"(iii) bare chDB: {BARE_CHDB_INSERT_EVENTS:,}-event JSONEachRow, one table", chdb),
+            ("WatchLLM POST /v1/events/batch, end to end (in chDB)", wl),
+            *([("WatchLLM end to end, ClickHouse-server store (chfixture)",
+                batch["clickhouse"])] if "clickhouse" in batch else []),
+            *([("diagnostic: request path only: no sink, memory log (to 202)", batch["nosink"])]
+              if "nosink" in batch else []),
+            *([("diagnostic: WatchLLM, gc.freeze() + larger gc thresholds", batch["gc"])]
+              if "gc" in batch else []),
         ]
-        for label, r, cpu in rows:
+        for label, r in rows:
+            cpu = r.get("server_cpu_us_per_event")
             cpu_s = f"{cpu:11.1f}" if cpu is not None else f"{'-':>11s}"
-            print(f"   {label:60s}{r['events_s']:12,.0f}"
-                  f"{r['events_s'] / inproc['events_s']:11.2f}"
-                  f"{r['events_s'] / bare['events_s']:9.2f}{cpu_s}")
-        print(f"   {'   WatchLLM HTTP accept rate (to last 202)':60s}"
-              f"{wl['accept_events_s']:12,.0f}   then {wl['drain_s']:.2f} s until all stored; "
-              f"{wl['retries_503']} retried 503s")
-        for label, r in (("(i) ", inproc), ("(i')", batch.get("inproc_fast"))):
+            print(f"   {label:62s}{r['events_s']:10,.0f}"
+                  f"{r['events_s'] / chdb['events_s']:8.2f}"
+                  f"{r['events_s'] / bare['events_s']:8.2f}{cpu_s}")
+        for label, r in (("WatchLLM", wl), ("ClickHouse-server store", batch.get("clickhouse"))):
+            if r is not None:
+                print(f"   {label} accept rate (to last 202): {r['accept_events_s']:,.0f}/s, "
+                      f"then {r['drain_s']:.2f} s until all stored; "
+                      f"{r['retries_503']} retried 503s")
+        for label, r in (("(i) ", batch.get("inproc")), ("(i')", batch.get("inproc_fast"))):
             if r is None:
                 continue
             per = {k: v / r["events"] * 1e6 for k, v in r["stages"].items()}
             print(f"   {label} per event: " + ", ".join(f"{k} {v:.1f} us" for k, v in per.items())
                   + f"  (total {sum(per.values()):.1f} us)")
-        ok = wl["events_s"] >= TARGET_BATCH_EVENTS_S
-        print(f"   target >= {TARGET_BATCH_EVENTS_S:,} events/s end to end: "
+        ok = wl["accept_events_s"] >= TARGET_BATCH_EVENTS_S
+        print(f"   target accepted >= {TARGET_BATCH_EVENTS_S:,} events/s: "
+              f"{wl['accept_events_s']:,.0f}  {verdict(ok)}")
+        ok = wl["events_s"] >= TARGET_STORED_EVENTS_S
+        print(f"   target stored >= {TARGET_STORED_EVENTS_S:,} events/s in chDB: "
               f"{wl['events_s']:,.0f}  {verdict(ok)}")
+        ratio = wl["events_s"] / chdb["events_s"]
+        print(f"   target stored >= {TARGET_BARE_CHDB_RATIO}x bare chDB: {ratio:.2f}x  "
+              f"{verdict(ratio >= TARGET_BARE_CHDB_RATIO)}")
+        if "clickhouse" in batch:
+            ratio = batch["clickhouse"]["events_s"] / wl["events_s"]
+            print(f"   target ClickHouse-server store >= chDB store: {ratio:.2f}x  "
+                  f"{verdict(ratio >= 1.0)}")
     if single is not None:
         b, w = single["bare"], single["watchllm"]
         ratio = w["rps"] / b["rps"]
@@ -868,6 +982,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gc-diagnostic", action="store_true",
                    help="add a WatchLLM server with gc.freeze() after start-up and gc thresholds "
                    f"{GC_TUNED_THRESHOLDS} to both parts (what the collector costs)")
+    p.add_argument("--batches", type=int, metavar="N",
+                   help="1,000-event batches per round of part a (default 300, --quick 30)")
+    p.add_argument("--rounds", type=int, metavar="N",
+                   help="rounds of part a (default 3, --quick 1); the median round is reported")
+    p.add_argument("--only", action="append", default=[], metavar="SYSTEM",
+                   choices=["inproc", "inproc_fast", "bare", "bare_chdb", "nosink", "watchllm",
+                            "clickhouse", "gc"],
+                   help="in part a, measure only these systems (repeatable); bare, bare_chdb "
+                   "and watchllm are always measured, being the baselines and the subject")
     p.add_argument("--snapshot", nargs="?", const="HEAD", metavar="REV",
                    help="benchmark a frozen copy of a commit (default HEAD, via git archive) "
                    "instead of the working tree, which may be edited during the run")
@@ -876,7 +999,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--data-dir", help=argparse.SUPPRESS)
     p.add_argument("--template", help=argparse.SUPPRESS)
-    p.add_argument("--batches", type=int, help=argparse.SUPPRESS)
     p.add_argument("--conns", type=int, help=argparse.SUPPRESS)
     p.add_argument("--tag", help=argparse.SUPPRESS)
     p.add_argument("--key", help=argparse.SUPPRESS)
@@ -894,6 +1016,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.role == "inproc":
         role_inproc(args)
+        return 0
+    if args.role == "bare-chdb":
+        role_bare_chdb(args)
         return 0
     if args.role:
         p.error(f"unknown role {args.role}")
@@ -932,9 +1057,10 @@ def main(argv: list[str] | None = None) -> int:
         "quick": quick,
         "cpus": os.cpu_count(),
         "python": sys.version.split()[0],
-        "batches": 30 if quick else 300,  # a multiple of 10: whole 10,000-event writer flushes
+        # a multiple of 50: whole 50,000-event store inserts
+        "batches": args.batches or (30 if quick else 300),
         "batch_conns": 4,
-        "batch_rounds": 1 if quick else 3,
+        "batch_rounds": args.rounds or (1 if quick else 3),
         "single_conns": 32,
         "wrk_threads": 1,
         "single_duration_s": 3 if quick else 10,
@@ -952,9 +1078,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.part in ("all", "batch"):
             fast = has_fast_path()
             runs: dict[str, list[dict[str, Any]]] = {
-                "inproc": [], "inproc_fast": [], "bare": [], "nosink": [], "watchllm": []}
+                "inproc": [], "inproc_fast": [], "bare": [], "bare_chdb": [], "nosink": [],
+                "watchllm": [], "clickhouse": []}
             if not fast:
                 del runs["inproc_fast"]
+            if args.only:
+                keep = {"bare", "bare_chdb", "watchllm", *args.only}
+                runs = {name: rs for name, rs in runs.items() if name in keep}
             if args.gc_diagnostic:
                 runs["gc"] = []
             for rnd in range(cfg["batch_rounds"]):
@@ -965,6 +1095,10 @@ def main(argv: list[str] | None = None) -> int:
                         work, template, cfg["batches"], r, "fast")),
                     ("bare", lambda r=rnd: measure_batch_accept(
                         "bare", work, template, cfg["batches"], cfg["batch_conns"], r)),
+                    ("bare_chdb", lambda r=rnd: measure_bare_chdb(
+                        work, template, cfg["batches"], r)),
+                    ("clickhouse", lambda r=rnd: measure_batch_clickhouse(
+                        work, template, cfg["batches"], cfg["batch_conns"], r)),
                     ("nosink", lambda r=rnd: measure_batch_accept(
                         "watchllm-nosink", work, template, cfg["batches"], cfg["batch_conns"], r)),
                     ("watchllm", lambda r=rnd: measure_batch_watchllm(
