@@ -246,6 +246,10 @@ def test_disabled_without_a_key(monkeypatch: pytest.MonkeyPatch, caplog: Any) ->
     assert isinstance(event_id, str) and client.flush(1)
     assert client.stats()["queued"] == 0
     client.close()
+    with caplog.at_level(logging.WARNING, logger="watchllm.sdk"):
+        no_url = WatchLLM(api_key="k", transport="http")  # misconfigured: still no exception
+    assert not no_url.enabled and "no base_url" in caplog.text
+    assert no_url.transport_name == "disabled"
 
 
 def test_from_environment(server: Running, monkeypatch: pytest.MonkeyPatch) -> None:

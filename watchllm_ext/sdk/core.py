@@ -129,7 +129,11 @@ class WatchLLM:
                 "WatchLLM is disabled: no api_key and no WATCHLLM_API_KEY (events are not sent)"
             )
         if self.enabled and transport == "http" and not self.base_url:
-            raise ValueError("base_url: transport='http' needs a base_url (or WATCHLLM_BASE_URL)")
+            # Missing configuration never raises into the host: one warning, nothing sent.
+            self.enabled = False
+            log.warning(
+                "WatchLLM is disabled: transport='http' and no base_url (events are not sent)"
+            )
         if self.enabled and self._uses_local() and not self.base_url:
             log.info("WatchLLM: no base_url, events go to the WatchLLM app in this process")
         self._reset_state()
@@ -179,7 +183,9 @@ class WatchLLM:
     def _after_fork_in_child(self) -> None:
         # The parent's worker and HTTP connections do not exist here (threads are not copied;
         # sockets are shared with the parent, so they are left alone, not closed).
+        closed = self._closed
         self._reset_state()
+        self._closed = closed
 
     def _make_transport(self) -> Transport:
         assert self.api_key is not None
