@@ -4,6 +4,8 @@ and a block rule that denies the host's pre-request check until the episode ends
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 import time
 import uuid
@@ -264,6 +266,63 @@ def test_stored_figures_fire_after_the_flag_is_turned_on(
     assert len(recorder.alerts) == 1  # still one episode, check after check
     flags.write_text('{"guardian": false}')  # turned off: the episode ends
     alerts = recorder.wait(2)
+    assert alerts[1].state == "recovered"
+
+
+class Switch:
+    """Turns the `guardian` flag of project acme on and off through one flag provider."""
+
+    def __init__(self, provider: str, tmp_path: Path) -> None:
+        self.provider = provider
+        self.path = tmp_path / "configcat.json"
+        self.domain = f"watchllm-{uuid.uuid4().hex}"
+        self.set(None)
+
+    def settings(self) -> dict[str, Any]:
+        if self.provider == "configcat":
+            return {
+                "plugins": ["watchllm_ext.flags.configcat_provider"],
+                "configcat_override_file": self.path,
+            }
+        return {
+            "plugins": ["watchllm_ext.flags.openfeature_provider"],
+            "openfeature_domain": self.domain,
+        }
+
+    def set(self, on: bool | None) -> None:
+        if self.provider == "configcat":
+            flags = {} if on is None else {"guardian": on}
+            stamp = time.time_ns() + 50_000_000  # a new modification time, whatever the clock
+            self.path.write_text(json.dumps({"flags": flags}))
+            os.utime(self.path, ns=(stamp, stamp))
+            return
+        from openfeature import api
+        from openfeature.provider.in_memory_provider import InMemoryFlag, InMemoryProvider
+
+        variant = "on" if on else "off"
+        flags = (
+            {} if on is None else {"guardian": InMemoryFlag(variant, {"on": True, "off": False})}
+        )
+        api.set_provider(InMemoryProvider(flags), domain=self.domain)
+
+
+@pytest.mark.parametrize("provider", ["configcat", "openfeature"])
+def test_guardian_follows_a_flag_provider_flip(
+    server_factory: Any, tmp_path: Path, provider: str
+) -> None:
+    switch = Switch(provider, tmp_path)
+    rule = {"name": "hourly", "metric": "cost_usd", "threshold": 2.0, "window_s": 3600}
+    server, recorder = start(server_factory, [rule], flags={}, **switch.settings())
+    send(server, [call(cost_estimate_usd=1.5) for _ in range(2)])
+    time.sleep(0.6)
+    assert recorder.alerts == []  # the flag is unknown to the provider: off by default
+    switch.set(True)
+    # ConfigCat's override file and OpenFeature's in-memory provider: seen at the next
+    # evaluation, here the next check (guardian_interval_s = 0.2).
+    (fired,) = recorder.wait(1, within_s=2)
+    assert fired.value == pytest.approx(3.0)
+    switch.set(False)
+    alerts = recorder.wait(2, within_s=2)
     assert alerts[1].state == "recovered"
 
 
