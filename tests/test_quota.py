@@ -32,6 +32,7 @@ from stores import EVERY_STORE
 
 from watchllm_ext.auth import Principal
 from watchllm_ext.errors import Problem
+from watchllm_ext.hookspecs import hookimpl
 from watchllm_ext.quotas.engine import MemoryUsage, decide
 from watchllm_ext.quotas.plans import Plan, periods
 from watchllm_ext.quotas.redis_backend import RedisUsage
@@ -478,3 +479,24 @@ def test_the_lua_script_decides_as_the_memory_backend(
         assert got.remaining == remaining
         # Redis's clock moves between set and check: a few ms of drain at most.
         assert abs(got.retry_ms - retry_ms) <= 50 and abs(got.minute_reset_ms - reset_ms) <= 50
+
+
+class RefusesThree:
+    """Another quota plugin, asked before the built-in one (registered after it)."""
+
+    @hookimpl
+    def check_quota(self, principal: Principal, n_events: int) -> Any:
+        from watchllm_ext.quota import QuotaDecision
+
+        return QuotaDecision(False, reason="three is refused here") if n_events == 3 else None
+
+
+@pytest.mark.parametrize("quota_server", ["memory"], indirect=True)
+def test_a_batch_another_plugin_refuses_is_not_counted(quota_server: Any) -> None:
+    away_from_period_end()
+    server = quota_server({"default": {"events_per_day": 10}}, plugin_objects=(RefusesThree(),))
+    h = server.headers()
+    refused = server.client.post("/v1/events/batch", json=events(3), headers=h)
+    assert refused.status_code == 429 and refused.json()["message"] == "three is refused here"
+    assert server.client.post("/v1/events/batch", json=events(2), headers=h).status_code == 202
+    assert server.client.get("/v1/usage", headers=h).json()["used"]["day"] == 2
