@@ -211,12 +211,13 @@ def observe(
             from .core import get_client
 
             step = _Step(client or get_client(), as_type, label, current_run())
-            if capture_input:
+            # A disabled client (tests, no key) logs nothing: skip the capture's cost.
+            if capture_input and step.client.enabled:
                 step.input = capture({"args": list(args), "kwargs": kwargs})
             return step
 
         def done(step: _Step, value: Any) -> None:
-            if capture_output:
+            if capture_output and step.client.enabled:
                 step.output = capture(value)
                 step.has_output = True
             step.finish()
