@@ -87,10 +87,27 @@ export function parseRetryAfter(value: string | null, now = Date.now()): number 
   return Number.isNaN(at) ? undefined : Math.max(0, at - now);
 }
 
-function sleep(ms: number): Promise<void> {
-  // Referenced on purpose: a retry in progress keeps the process alive until it is done or
-  // its deadline passes, so beforeExit cannot fire in a loop while a batch waits.
-  return new Promise((resolve) => setTimeout(resolve, Math.max(0, ms)));
+/** Wait `ms`, or less when `signal` aborts. Unreferenced: a retry waiting for a server that
+ * is down never keeps the process alive by itself (beforeExit then gives it flushAtExitMs). */
+function sleep(ms: number, signal: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    if (signal.aborted) return resolve();
+    const timer = setTimeout(done, Math.max(0, ms));
+    timer.unref();
+    signal.addEventListener("abort", done, { once: true });
+    function done(): void {
+      clearTimeout(timer);
+      signal.removeEventListener("abort", done);
+      resolve();
+    }
+  });
+}
+
+/** The request's own time limit, ended early by `stop` (Node 20.3+ has AbortSignal.any). */
+function requestSignal(timeoutMs: number, stop: AbortSignal): AbortSignal {
+  const timeout = AbortSignal.timeout(timeoutMs);
+  const any = (AbortSignal as { any?: (signals: AbortSignal[]) => AbortSignal }).any;
+  return any ? any([timeout, stop]) : timeout;
 }
 
 export class Delivery {
@@ -104,6 +121,9 @@ export class Delivery {
   private waiters: Array<{ target: number; resolve: () => void }> = [];
   private timer: NodeJS.Timeout | undefined;
   private deadline: number | undefined; // set by close(): no retry is started past it
+  // Aborted when close() gives up: the batch in hand is already counted as dropped, so the
+  // request or wait in progress ends and counts nothing more.
+  private readonly stop = new AbortController();
   private closed = false;
   private readonly warned = new Set<string>();
   private readonly counters = { sent: 0, batches: 0, retries: 0 };
@@ -186,13 +206,15 @@ export class Delivery {
     if (this.timer) clearInterval(this.timer);
     this.timer = undefined;
     this.deadline = Math.min(this.deadline ?? Infinity, Date.now() + timeoutMs);
-    const done = await this.flush(timeoutMs);
-    if (!done) {
-      const left = this.queue.length;
-      this.dropQueued(left, "shutdown");
-      if (left) this.options.logger.warn(`watchllm: ${left} events not sent before the deadline`);
+    const before = this.dropped.shutdown ?? 0;
+    if (!(await this.flush(timeoutMs))) {
+      this.stop.abort();
+      this.dropQueued(this.queue.length, "shutdown");
     }
-    return done;
+    // Dropped at the deadline by the sender (a retry that would end past it) or here.
+    const lost = (this.dropped.shutdown ?? 0) - before;
+    if (lost) this.warnOnce("shutdown", `watchllm: ${lost} events not sent before the deadline`);
+    return lost === 0;
   }
 
   private kick(): void {
@@ -220,10 +242,12 @@ export class Delivery {
       try {
         await this.send(this.queue.slice(0, n));
       } catch (error) {
+        if (this.stop.signal.aborted) return;
         this.warnOnce("internal", `watchllm: internal error in delivery: ${String(error)}`);
         this.dropQueued(n, "sdk_error");
         continue;
       }
+      if (this.stop.signal.aborted) return; // close() settled the queue already
       this.settle(n);
     }
   }
@@ -283,6 +307,7 @@ export class Delivery {
         }
         return;
       } catch (error) {
+        if (this.stop.signal.aborted) return; // close() gave up on it and counted it
         if (!(error instanceof RetryLater)) throw error;
         // Full jitter: clients that failed together do not retry in step.
         const backoff =
@@ -306,7 +331,8 @@ export class Delivery {
           return;
         }
         this.counters.retries += 1;
-        await sleep(wait);
+        await sleep(wait, this.stop.signal);
+        if (this.stop.signal.aborted) return;
       }
     }
   }
@@ -330,7 +356,7 @@ export class Delivery {
         method: "POST",
         headers,
         body: payload,
-        signal: AbortSignal.timeout(timeoutMs),
+        signal: requestSignal(timeoutMs, this.stop.signal),
       });
       text = await response.text();
     } catch (error) {

@@ -203,6 +203,42 @@ test("flush() answers false at its timeout while the server is down; shutdown() 
   await server.close();
 });
 
+test("shutdown() ends a long Retry-After wait at its deadline and counts the batch once", async () => {
+  const server = await ingestServer([{ status: 503, headers: { "retry-after": "30" } }]);
+  const { wl } = client(server.url);
+  wl.logPromptCall(call(1));
+  await wl.flush(200); // the first try got its 503: the batch now waits 30 s
+  assert.equal(server.requests.length, 1);
+  const t0 = Date.now();
+  assert.equal(await wl.shutdown(300), false);
+  assert.ok(Date.now() - t0 < 1000, `shutdown took ${Date.now() - t0} ms`);
+  await new Promise((resolve) => setTimeout(resolve, 100));
+  const stats = wl.stats();
+  assert.deepEqual(stats.dropped, { shutdown: 1 });
+  assert.equal(stats.sent, 0);
+  assert.equal(server.requests.length, 1, "no try after the deadline");
+  await server.close();
+});
+
+test("a host that ends while the server is down exits within flushAtExitMs", async () => {
+  const server = await ingestServer(Array.from({ length: 1000 }, () => ({ status: 503 })));
+  const script = fileURLToPath(new URL("./fixtures/exit-without-flush.mjs", import.meta.url));
+  const t0 = Date.now();
+  const child = spawn(process.execPath, [script], {
+    env: { ...process.env, WATCHLLM_API_KEY: "k", WATCHLLM_BASE_URL: server.url, EXIT_MS: "700" },
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  let err = "";
+  child.stderr.on("data", (d) => (err += d));
+  const [code] = await once(child, "exit");
+  const took = Date.now() - t0;
+  assert.equal(code, 0);
+  assert.ok(took < 5000, `the host took ${took} ms to exit (retryForMs is 300 s)`);
+  assert.ok(server.requests.length >= 2, "it tried, and retried, before giving up");
+  assert.match(err, /2 events not sent before the deadline/);
+  await server.close();
+});
+
 test("an unreachable server never reaches the host: calls return, flush resolves", async () => {
   const server = await ingestServer();
   const url = server.url;

@@ -2,7 +2,9 @@
 // WATCHLLM_TEST_URL and WATCHLLM_TEST_KEY): events sent from Node are read back through the
 // analytics API with their run tree, and the SDK's types match the server's /openapi.json.
 import assert from "node:assert/strict";
-import { readFile } from "node:fs/promises";
+import { execFile } from "node:child_process";
+import { readFile, rm, writeFile } from "node:fs/promises";
+import { promisify } from "node:util";
 import { test } from "node:test";
 import { setTimeout as sleep } from "node:timers/promises";
 
@@ -125,4 +127,21 @@ test("the server's 422 is reported once with its message and nothing is retried"
   assert.equal(wl.stats().batches, 1);
   assert.equal(logger.lines.length, 1);
   assert.match(logger.lines[0], /tokens_input/);
+});
+
+test("the README's quick start runs as written against the server", { skip }, async () => {
+  const readme = await readFile(new URL("../README.md", import.meta.url), "utf8");
+  const section = readme.slice(readme.indexOf("## Quick start"));
+  const code = section.match(/```ts\n([\s\S]*?)```/)[1];
+  // Inside the package folder, so `import "watchllm"` resolves to this package.
+  const file = new URL("./.readme-quick-start.mjs", import.meta.url);
+  await writeFile(file, code.replaceAll("http://127.0.0.1:8787", URL_));
+  try {
+    const { stdout } = await promisify(execFile)(process.execPath, [file.pathname], {
+      env: { ...process.env, WATCHLLM_API_KEY: KEY },
+    });
+    assert.equal(stdout.trim(), "2 events sent");
+  } finally {
+    await rm(file, { force: true });
+  }
 });
