@@ -15,7 +15,9 @@ alternating the two servers, `--rounds` rounds of:
 - `saturated`: 32 connections each sending its next request as soon as the answer comes
   (closed loop): the host's throughput, and the latency once requests queue for the CPU.
 
-Printed: p50 / p99 per mode and server (medians over the rounds) and the differences.
+Printed: p50 / p99 per mode and server, the server process's CPU per request (all its
+threads, including the writer's delivery of the request's events), medians over the rounds,
+and the differences to `plain`. On a shared machine the CPU figure is the steady one.
 
     python bench/bench_middleware.py                      # 3 rounds of 10 s each mode
     python bench/bench_middleware.py --rounds 1 --seconds 3 --rate 500   # quicker
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
+import os
 import statistics
 import sys
 import tempfile
@@ -145,6 +148,13 @@ async def load(port: int, mode: str, seconds: float, rate: float) -> tuple[list[
     return latencies, len(latencies)
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, every thread) a process has used: what a request costs
+    the server, whatever else the machine runs meanwhile."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -196,12 +206,16 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.rounds):
         for mode in ("paced", "saturated"):
             for kind in KINDS if r % 2 == 0 else KINDS[::-1]:
+                before = cpu_s(procs[kind].pid)
                 lat, n = asyncio.run(load(ports[kind], mode, args.seconds, args.rate))
-                figures = (pct(lat, 0.5) * 1000, pct(lat, 0.99) * 1000, n / args.seconds)
+                time.sleep(1.5)  # the writer's flush of these requests' events is theirs too
+                cpu_us = (cpu_s(procs[kind].pid) - before) / n * 1e6
+                figures = (pct(lat, 0.5) * 1000, pct(lat, 0.99) * 1000, n / args.seconds, cpu_us)
                 results.setdefault((mode, kind), []).append(figures)
                 print(
                     f"round {r + 1} {mode:9} {kind:10} p50 {figures[0]:.3f} ms"
-                    f"  p99 {figures[1]:.3f} ms  {figures[2]:.0f} req/s",
+                    f"  p99 {figures[1]:.3f} ms  {figures[2]:.0f} req/s"
+                    f"  server CPU {cpu_us:.0f} us/req",
                     flush=True,
                 )
     for proc in procs.values():
@@ -213,13 +227,17 @@ def main(argv: list[str] | None = None) -> int:
                 for k in KINDS}  # fmt: skip
         plain = rows["plain"]
         for kind in KINDS:
-            p50, p99, rps = rows[kind]
+            p50, p99, rps, cpu = rows[kind]
             added = (
                 f"  added p50 {p50 - plain[0]:+.3f} p99 {p99 - plain[1]:+.3f} ms"
+                f" CPU {cpu - plain[3]:+.0f} us"
                 if kind != "plain"
                 else ""
             )
-            print(f"{label:20} {kind:10} p50 {p50:.3f} p99 {p99:.3f} ms {rps:6.0f} req/s{added}")
+            print(
+                f"{label:20} {kind:10} p50 {p50:.3f} p99 {p99:.3f} ms {rps:6.0f} req/s"
+                f" CPU {cpu:.0f} us/req{added}"
+            )
     return 0
 
 
