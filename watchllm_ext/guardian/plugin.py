@@ -32,6 +32,7 @@ from ..settings import Settings
 from ..store import Store
 from .alert import Alert, window_text
 from .engine import Engine
+from .rules import GuardianRule
 from .stored import now_utc, project_stats, recent_projects, stored_figure
 
 log = logging.getLogger("watchllm.guardian")
@@ -96,7 +97,7 @@ class Guardian:
     async def run(self, store: Store | None) -> None:
         await self._attach()
         self._wake = asyncio.Event()
-        send, receive = anyio.create_memory_object_stream[Alert](10_000)
+        send, receive = anyio.create_memory_object_stream[Alert](1000)
         interval = self.settings.guardian_interval_s
         async with send, receive, anyio.create_task_group() as tg:
             tg.start_soon(self._notify_loop, receive)
@@ -110,7 +111,7 @@ class Guardian:
                     await self._check(store)
                 while self.pending:
                     alert = await self._record(self.pending.popleft())
-                    send.send_nowait(alert)
+                    await send.send(alert)  # waits while the notifiers catch up
 
     async def _check(self, store: Store | None) -> None:
         """Turned-off projects are forgotten; stored figures refreshed; every key judged."""
@@ -119,30 +120,42 @@ class Guardian:
                 self.engine.forget_project(project)
         if store is not None:
             try:
-                await anyio.to_thread.run_sync(self._read_stored, store)
+                await self._read_stored(store)
             except Exception:
                 log.exception("Guardian could not read the stored figures; using the stream's")
         self._queue(self.engine.evaluate())
 
-    def _read_stored(self, store: Store) -> None:
+    async def _read_stored(self, store: Store) -> None:
+        """The per-project rules' figures from the store (queries on a worker thread; the
+        flags asked on the loop, as the hook says)."""
         now = now_utc()
         rules = [r for r in self.engine.rules.values() if r.per == "project"]
         if not rules:
             return
-        longest = max(r.window_s for r in rules)
-        recent: list[str] | None = None
-        for rule in rules:
-            if rule.project == "*":
-                if recent is None:
-                    recent = recent_projects(store, now - timedelta(seconds=longest))
-                projects = recent
-            else:
-                projects = [rule.project]
-            for project in projects:
-                if not self._enabled(project):
-                    continue
-                stats = project_stats(store, project, rule.window_s, now)
-                self.engine.observe_stored(rule, project, stored_figure(rule, stats))
+        recent: list[str] = []
+        if any(r.project == "*" for r in rules):
+            since = now - timedelta(seconds=max(r.window_s for r in rules))
+            recent = await anyio.to_thread.run_sync(recent_projects, store, since)
+        enabled: dict[str, bool] = {}
+        wanted = [
+            (rule, project)
+            for rule in rules
+            for project in (recent if rule.project == "*" else [rule.project])
+            if enabled.setdefault(project, self._enabled(project))
+        ]
+
+        def read() -> list[tuple[GuardianRule, str, float | None]]:
+            return [
+                (
+                    rule,
+                    project,
+                    stored_figure(rule, project_stats(store, project, rule.window_s, now)),
+                )
+                for rule, project in wanted
+            ]
+
+        for rule, project, value in await anyio.to_thread.run_sync(read):
+            self.engine.observe_stored(rule, project, value)
 
     def _queue(self, alerts: list[Alert]) -> None:
         if not alerts:
