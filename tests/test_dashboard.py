@@ -56,7 +56,7 @@ class Site:
             self.url + path,
             params=params,
             headers={"Authorization": f"Bearer {key or self.admin}"},
-            timeout=30,
+            timeout=60,
         )
         assert r.status_code == 200, r.text
         return r.json()
@@ -97,6 +97,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
             server.url + "/v1/events/batch",
             json={"events": beta_events},
             headers={"Authorization": f"Bearer {beta}"},
+            timeout=60,
         )
         assert r.status_code == 202, r.text
         s = Site(
@@ -144,7 +145,7 @@ def _sign_in_browser(browser: Any, site: Site, key: str, **context: Any) -> Any:
 @contextmanager
 def _session(site: Site, key: str) -> Iterator[httpx.Client]:
     """An HTTP client signed in through the sign-in form, as a browser would."""
-    with httpx.Client(base_url=site.url, timeout=30) as client:
+    with httpx.Client(base_url=site.url, timeout=60) as client:
         form = client.get("/dashboard/signin")
         token = re.search(r'name="csrf_token" value="([^"]+)"', form.text)
         assert token, form.text
@@ -277,6 +278,7 @@ def test_large_payloads_fold_and_chat_messages_render(browser: Any, site: Site) 
         site.url + "/v1/events/batch",
         json={"events": [event]},
         headers={"Authorization": f"Bearer {site.admin}"},
+        timeout=60,
     )
     assert r.status_code == 202, r.text
     deadline = time.monotonic() + 30
@@ -284,6 +286,7 @@ def test_large_payloads_fold_and_chat_messages_render(browser: Any, site: Site) 
         httpx.get(
             site.url + "/v1/analytics/event/chat-big-1",
             headers={"Authorization": f"Bearer {site.admin}"},
+            timeout=60,
         ).status_code
         != 200
     ):
@@ -342,6 +345,7 @@ def test_overview_refreshes_itself(browser: Any, site: Site) -> None:
             site.url + "/v1/events/batch",
             json={"events": [{"event_type": "prompt_call", "run_id": f"tick-{i}", "model": "m"}]},
             headers={"Authorization": f"Bearer {key}"},
+            timeout=60,
         )
         assert r.status_code == 202, r.text
 
@@ -540,7 +544,7 @@ def test_a_project_key_never_sees_another_projects_data(site: Site) -> None:
 
 
 def test_signed_out_users_are_sent_to_sign_in(site: Site) -> None:
-    with httpx.Client(base_url=site.url) as anon:
+    with httpx.Client(base_url=site.url, timeout=60) as anon:
         for path in [
             "/",
             "/dashboard/",
@@ -566,13 +570,13 @@ def test_signed_out_users_are_sent_to_sign_in(site: Site) -> None:
         client.cookies.set("watchllm_session", flipped)
         assert client.get("/dashboard/").status_code == 303
     # Sign-in returns to the page asked for, never to another site.
-    with httpx.Client(base_url=site.url) as c:
+    with httpx.Client(base_url=site.url, timeout=60) as c:
         form = c.get("/dashboard/signin?next=https://evil.example/")
         assert "evil.example" not in form.text
 
 
 def test_forms_without_the_csrf_token_are_refused(site: Site) -> None:
-    with httpx.Client(base_url=site.url) as c:
+    with httpx.Client(base_url=site.url, timeout=60) as c:
         c.get("/dashboard/signin")  # has the CSRF cookie, but the post lacks the token
         r = c.post("/dashboard/signin", data={"api_key": site.reader})
         assert r.status_code == 403 and "csrf_token" in r.text
@@ -590,7 +594,7 @@ def test_forms_without_the_csrf_token_are_refused(site: Site) -> None:
 
 
 def test_keys_without_read_scope_or_not_valid_cannot_sign_in(site: Site) -> None:
-    with httpx.Client(base_url=site.url) as c:
+    with httpx.Client(base_url=site.url, timeout=60) as c:
         for key, status in ((site.ingest_only, 403), ("wllm_aaaaaaaaaaaa_nope", 401), ("", 400)):
             form = c.get("/dashboard/signin")
             token = re.search(r'name="csrf_token" value="([^"]+)"', form.text).group(1)  # type: ignore[union-attr]
@@ -618,7 +622,7 @@ def test_a_revoked_keys_session_ends(site: Site) -> None:
 
 
 def test_session_cookie_is_encrypted_httponly_lax_and_secret_file_private(site: Site) -> None:
-    with httpx.Client(base_url=site.url) as c:
+    with httpx.Client(base_url=site.url, timeout=60) as c:
         token = re.search(
             r'name="csrf_token" value="([^"]+)"', c.get("/dashboard/signin").text
         ).group(1)  # type: ignore[union-attr]

@@ -35,7 +35,10 @@ def test_secure_cookie_behind_tls_and_sealer_refuses_tampering(tmp_path: Path) -
     settings = make_settings(tmp_path, dashboard_secure_cookie="always")
     keys = KeyStore(settings.keys_path)
     key = keys.create("acme", scope="read")
-    with ServerThread(create_app(settings)) as server, httpx.Client(base_url=server.url) as c:
+    with (
+        ServerThread(create_app(settings)) as server,
+        httpx.Client(base_url=server.url, timeout=60) as c,
+    ):
         form = c.get("/dashboard/signin")
         assert "secure" in form.headers["set-cookie"].lower()
         token = re.search(r'name="csrf_token" value="([^"]+)"', form.text).group(1)  # type: ignore[union-attr]
@@ -60,7 +63,7 @@ def test_served_under_a_host_apps_mount(tmp_path: Path) -> None:
     key = KeyStore(settings.keys_path).create("acme", scope="admin")
     wl = create_app(settings)
     host = Starlette(routes=[Mount("/obs", app=wl)], lifespan=lifespan(wl))
-    with ServerThread(host) as server, httpx.Client(base_url=server.url) as c:
+    with ServerThread(host) as server, httpx.Client(base_url=server.url, timeout=60) as c:
         r = c.get("/obs/")
         assert r.status_code == 303 and r.headers["location"] == "/obs/dashboard/"
         r = c.get("/obs/dashboard/")
@@ -101,3 +104,14 @@ def test_every_page_reads_each_store(server_factory: Any) -> None:
         assert run.status_code == 200 and run.text.count('aria-level="2"') >= 1
         event_id = logs["events"][0]["event_id"]
         assert c.get(f"/dashboard/event/{event_id}").status_code == 200
+
+
+def test_disabled_dashboard_leaves_the_root_alone(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, disable_plugins=["dashboard"])
+    with (
+        ServerThread(create_app(settings)) as server,
+        httpx.Client(base_url=server.url, timeout=60) as c,
+    ):
+        assert c.get("/").status_code == 404
+        assert c.get("/dashboard/signin").status_code == 404
+        assert c.get("/healthz").status_code == 200
