@@ -365,6 +365,16 @@ def test_engine_ignores_old_events_and_bounds_its_keys() -> None:
         GuardianRule(name="x", metric="cost_usd", per="run", threshold=1, block=True)
 
 
+def test_rule_names_are_unique(tmp_path: Path) -> None:
+    from watchllm_ext.plugins import get_plugin_manager
+    from watchllm_ext.settings import SettingsError
+
+    rule = {"name": "same", "metric": "cost_usd", "threshold": 1.0}
+    settings = Settings(data_dir=tmp_path, guardian_rules=[rule, rule])
+    with pytest.raises(SettingsError, match="'same' is used twice"):
+        get_plugin_manager(settings, entry_points=False)
+
+
 def test_block_rule_stops_the_host_before_its_llm_call(tmp_path: Path) -> None:
     """The whole loop in a host app: its handler's LLM calls (recorded by WatchLLMMiddleware)
     cross a per-user budget rule; the middleware's pre-request check is then denied, so the

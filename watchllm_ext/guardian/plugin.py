@@ -28,7 +28,7 @@ from ..hookspecs import BackgroundTask, hookimpl
 from ..observability.metrics import ops_metrics
 from ..quota import QuotaDecision
 from ..sdk.context import local_apps
-from ..settings import Settings
+from ..settings import Settings, SettingsError
 from ..store import Store
 from .alert import Alert, window_text
 from .engine import Engine
@@ -262,4 +262,12 @@ def alert_event(alert: Alert) -> dict[str, Any]:
 
 
 def make_plugin(settings: Settings) -> Guardian:
+    names = [rule.name for rule in settings.guardian_rules]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        # A rule's name keys its episodes, alerts and metrics: two rules cannot share one.
+        raise SettingsError(
+            f"invalid setting guardian_rules (env WATCHLLM_GUARDIAN_RULES): rule name"
+            f" {twice[0]!r} is used twice"
+        )
     return Guardian(settings)
