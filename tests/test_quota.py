@@ -197,7 +197,10 @@ def usage_cli(server: Running, tmp_path: Path, *args: str) -> subprocess.Complet
     """`watchllm usage ...` as a user runs it beside the running server: straight to Redis,
     or through the server's admin route for the memory backend."""
     if server.settings.quota_backend == "memory":
-        args = (*args, "--url", server.url, "--key", server.key)
+        if not hasattr(server, "operator_key"):
+            server.operator_key = server.keys.create("ops", scope="operator")  # type: ignore[attr-defined]
+            time.sleep(0.3)  # the test server rereads its key file every 0.2 s
+        args = (*args, "--url", server.url, "--key", server.operator_key)  # type: ignore[attr-defined]
     return _cli(["usage", *args], _cli_env(server), tmp_path)
 
 
@@ -300,8 +303,30 @@ def test_usage_route_answers_any_key_of_the_project(quota_server: Any) -> None:
         "/v1/admin/usage", params={"project": "beta"}, headers=server.headers()
     )
     assert denied.status_code == 403 and denied.json()["field"] == "project"
-    bad = server.client.post("/v1/admin/usage", json={"set": {"week": 3}}, headers=server.headers())
+    # Reading is for the project's admin; changing what it is billed on is the operator's.
+    mine = server.client.get("/v1/admin/usage", headers=server.headers())
+    assert mine.status_code == 200 and mine.json()["used"]["day"] == 3
+    self_reset = server.client.post(
+        "/v1/admin/usage", json={"reset": True}, headers=server.headers()
+    )
+    assert self_reset.status_code == 403 and self_reset.json()["field"] == "Authorization"
+    operator = server.keys.create("ops", scope="operator")
+    time.sleep(0.3)
+    bad = server.client.post(
+        "/v1/admin/usage",
+        params={"project": "acme"},
+        json={"set": {"week": 3}},
+        headers=server.headers(operator),
+    )
     assert bad.status_code == 422 and bad.json()["field"] == "set.week"
+    done = server.client.post(
+        "/v1/admin/usage",
+        params={"project": "acme"},
+        json={"reset": True, "plan": "free"},
+        headers=server.headers(operator),
+    )
+    assert done.status_code == 200
+    assert done.json()["plan"] == "free" and done.json()["used"]["day"] == 0
 
 
 @pytest.mark.parametrize("quota_server", ["redis"], indirect=True)

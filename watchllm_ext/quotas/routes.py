@@ -1,9 +1,10 @@
 """The quota plugin's routes.
 
 - `GET /v1/usage`: the calling key's project: plan, limits, usage, what remains (any scope).
-- `GET /v1/admin/usage?project=P` and `POST /v1/admin/usage?project=P` (admin key of P, or
-  operator): read, set or reset usage and assign a plan while the server runs; what
-  `watchllm usage --url` uses (the memory backend's usage lives only in the server).
+- `GET /v1/admin/usage?project=P` (an admin key of P, or an operator key) and
+  `POST /v1/admin/usage?project=P` (an operator key: a project's own admin must not reset
+  what it is billed on): read, set or reset usage and assign a plan while the server runs;
+  what `watchllm usage --url` uses (the memory backend's usage lives only in the server).
 - `POST /v1/billing/stripe` (when stripe_webhook_secret is set): Stripe subscription events,
   signature checked with the `stripe` package, mapped to plans; a replayed event changes
   nothing, an older event than the one applied is ignored.
@@ -19,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from ..auth import Principal, bearer_token
+from ..auth import Principal, Scope, bearer_token
 from ..errors import Problem, unauthorized
 from .engine import QuotaUnavailable
 from .plans import WINDOWS, periods
@@ -50,9 +51,13 @@ def quota_routes(plugin: QuotaPlugin) -> list[BaseRoute]:
         return JSONResponse(await _report(plugin, principal.project_id))
 
     async def admin_usage(request: Request) -> Response:
-        project = _admin_project(request)
         if request.method == "POST":
+            # Usage and plans are what a project is billed on: its own admin key may read
+            # them, only the instance's operator may change them.
+            project = _admin_project(request, "operator")
             await apply_change(plugin, project, await _json_object(request))
+        else:
+            project = _admin_project(request, "admin")
         return JSONResponse(await _report(plugin, project))
 
     async def stripe_webhook(request: Request) -> Response:
@@ -83,8 +88,8 @@ def _any_key(request: Request) -> Principal:
     return principal
 
 
-def _admin_project(request: Request) -> str:
-    principal = _wl(request).authenticate(request, "admin")
+def _admin_project(request: Request, scope: Scope) -> str:
+    principal = _wl(request).authenticate(request, scope)
     project = request.query_params.get("project") or principal.project_id
     if not principal.administers(project):
         raise Problem(
