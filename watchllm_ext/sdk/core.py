@@ -217,7 +217,9 @@ class WatchLLM:
         event = {k: v for k, v in fields.items() if v is not None}
         event["event_type"] = event_type
         if "event_id" not in event:
-            event["event_id"] = new_id()
+            # 128 random bits as 32 hex digits, like new_id() but 4x cheaper than a uuid4:
+            # this is the hottest line of a log call.
+            event["event_id"] = os.urandom(16).hex()
         if "timestamp" not in event:
             event["timestamp"] = datetime.now(UTC)
         ctx = current_run()
