@@ -35,7 +35,7 @@ from watchllm_ext.errors import Problem
 from watchllm_ext.hookspecs import hookimpl
 from watchllm_ext.quotas.engine import MemoryUsage, decide
 from watchllm_ext.quotas.plans import Plan, periods
-from watchllm_ext.quotas.redis_backend import RedisUsage
+from watchllm_ext.quotas.redis_backend import RedisUsage, keys
 
 BACKENDS = ("memory", "redis")
 CLIENTS = 50
@@ -525,3 +525,26 @@ def test_a_batch_another_plugin_refuses_is_not_counted(quota_server: Any) -> Non
     assert refused.status_code == 429 and refused.json()["message"] == "three is refused here"
     assert server.client.post("/v1/events/batch", json=events(2), headers=h).status_code == 202
     assert server.client.get("/v1/usage", headers=h).json()["used"]["day"] == 2
+
+
+def test_redis_counters_expire_after_their_period(redis_server: RedisServer) -> None:
+    """Counters clean up after themselves: each gets an expiry past its period's end."""
+    plan = Plan(events_per_minute=100, events_per_day=1_000, events_per_month=10_000)
+
+    async def run() -> None:
+        backend = RedisUsage(redis_server.url, 1.0)
+        p = periods()
+        for _ in range(3):
+            outcome, _ = await backend.check("p2", 2, "x", plan, p)
+            assert outcome.allowed
+        await backend.set("p2", p, {"payload_bytes": 10})
+        client = backend._redis()
+        minute, day, month, payload = keys("p2", p)
+        assert await client.get(day) == b"6" and await client.get(month) == b"6"
+        assert 0 < await client.ttl(day) <= p.day_ttl_s
+        assert 0 < await client.ttl(month) <= p.month_ttl_s
+        assert 0 < await client.ttl(payload) <= p.month_ttl_s
+        assert 0 < await client.pttl(minute) <= 61_000
+        await backend.close()
+
+    asyncio.run(run())

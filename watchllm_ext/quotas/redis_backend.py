@@ -108,10 +108,9 @@ if allowed then
                't', string.format('%.17g', now))
     redis.call('PEXPIRE', KEYS[1], reset + 1000)
   end
-  redis.call('INCRBY', KEYS[2], n)
-  redis.call('EXPIRE', KEYS[2], day_ttl)
-  redis.call('INCRBY', KEYS[3], n)
-  redis.call('EXPIRE', KEYS[3], month_ttl)
+  -- A counter gets its expiry when it is created (set by hand: SET ... EX), not at every call.
+  if redis.call('INCRBY', KEYS[2], n) == n then redis.call('EXPIRE', KEYS[2], day_ttl) end
+  if redis.call('INCRBY', KEYS[3], n) == n then redis.call('EXPIRE', KEYS[3], month_ttl) end
   for i = 1, 3 do
     if rem[i] >= 0 then rem[i] = rem[i] - n end
   end
