@@ -432,3 +432,39 @@ def test_block_rule_stops_the_host_before_its_llm_call(tmp_path: Path) -> None:
         recorder.wait(2, within_s=10)  # the spend left the window
         assert client.post("/chat", headers=alice).status_code == 200
         assert calls[-1] == "alice"
+
+
+def test_a_big_batch_is_judged_off_the_loop_with_a_one_percent_p95(server_factory: Any) -> None:
+    """600 calls (over OFFLOAD_EVENTS: fed on a worker thread) with latencies 1..600 ms: the
+    p95 by nearest rank is 570 ms, which the sketch gives within 1%."""
+    from watchllm_ext.guardian.plugin import OFFLOAD_EVENTS
+
+    rule = {"name": "p95", "metric": "latency_p95_ms", "threshold": 500, "min_events": 100}
+    server, recorder = start(server_factory, [rule])
+    events = [call(latency_ms=float(ms)) for ms in range(1, 601)]
+    assert len(events) >= OFFLOAD_EVENTS
+    send(server, events)
+    (fired,) = recorder.wait(1)
+    assert fired.value == pytest.approx(570, rel=0.01)
+
+
+def test_window_sums_and_sketch_follow_expiry() -> None:
+    import math
+    import random
+
+    from watchllm_ext.guardian.engine import Window
+
+    rng = random.Random(7)
+    window = Window(sketch=True)
+    values = [rng.lognormvariate(5, 1.5) for _ in range(5000)] + [0.0] * 10
+    for ts, value in enumerate(values):
+        window.add(float(ts), value)
+    for cut in (0, 2500, 4990):
+        window.expire(float(cut))
+        kept = sorted(values[cut:])
+        exact = kept[math.ceil(0.95 * len(kept)) - 1]
+        assert window.quantile(0.95) == pytest.approx(exact, rel=0.01)
+        assert window.total == pytest.approx(math.fsum(kept))
+        assert sum(window.buckets.values()) == len(kept)
+    window.expire(1e9)
+    assert (window.total, window.buckets) == (0.0, {})

@@ -34,21 +34,69 @@ MAX_KEYS_PER_RULE = 10_000
 SUMS = ("cost_usd", "failures")
 
 
+# The latency sketch: buckets of 1% relative accuracy (DDSketch's mapping, the one
+# ClickHouse's quantilesDD behind the analytics API uses), so a window of any size answers
+# its p95 from a few hundred counts instead of sorting every sample.
+SKETCH_ACCURACY = 0.01
+_GAMMA = (1 + SKETCH_ACCURACY) / (1 - SKETCH_ACCURACY)
+_LOG_GAMMA = math.log(_GAMMA)
+_ZERO = -(2**31)  # the bucket of 0 ms (and of anything under a nanosecond)
+
+
+def _bucket(value: float) -> int:
+    return math.ceil(math.log(value) / _LOG_GAMMA) if value > 1e-6 else _ZERO
+
+
+def _bucket_value(index: int) -> float:
+    return 0.0 if index == _ZERO else 2 * _GAMMA**index / (_GAMMA + 1)
+
+
 @dataclass
 class Window:
-    """(timestamp s, value) samples of one key, oldest first."""
+    """(timestamp s, value) samples of one key, oldest first, with their running sum (and,
+    for a latency rule, their sketch): an event costs O(1) to add and to expire."""
 
+    sketch: bool = False
     samples: deque[tuple[float, float]] = field(default_factory=deque)
+    total: float = 0.0
+    buckets: dict[int, int] = field(default_factory=dict)
 
     def add(self, ts: float, value: float) -> None:
         self.samples.append((ts, value))
+        self.total += value
+        if self.sketch:
+            index = _bucket(value)
+            self.buckets[index] = self.buckets.get(index, 0) + 1
         if len(self.samples) > MAX_SAMPLES_PER_KEY:
-            self.samples.popleft()
+            self._drop()
 
     def expire(self, since: float) -> None:
         samples = self.samples
         while samples and samples[0][0] < since:
-            samples.popleft()
+            self._drop()
+        if not samples:
+            self.total = 0.0  # no drift carried over from the sums of floats
+
+    def _drop(self) -> None:
+        _, value = self.samples.popleft()
+        self.total -= value
+        if self.sketch:
+            index = _bucket(value)
+            left = self.buckets[index] - 1
+            if left:
+                self.buckets[index] = left
+            else:
+                del self.buckets[index]
+
+    def quantile(self, q: float) -> float:
+        """The nearest-rank q-quantile, within SKETCH_ACCURACY of the exact one."""
+        rank = max(1, math.ceil(q * len(self.samples)))
+        seen = 0
+        for index in sorted(self.buckets):
+            seen += self.buckets[index]
+            if seen >= rank:
+                return _bucket_value(index)
+        return 0.0
 
 
 @dataclass
@@ -58,16 +106,16 @@ class Episode:
     source: Source
 
 
-def figure(rule: GuardianRule, values: list[float]) -> float | None:
-    """The rule's figure over a window's values, or None with too few to judge."""
-    if len(values) < rule.min_events:
+def figure(rule: GuardianRule, window: Window) -> float | None:
+    """The rule's figure over a window, or None with too few events to judge."""
+    n = len(window.samples)
+    if n < rule.min_events or n == 0:
         return None
     if rule.metric == "cost_usd" or rule.metric == "failures":
-        return math.fsum(values)
+        return max(0.0, window.total)
     if rule.metric == "error_rate":
-        return math.fsum(values) / len(values)
-    ordered = sorted(values)  # latency_p95_ms: nearest rank
-    return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
+        return max(0.0, window.total) / n
+    return window.quantile(0.95)  # latency_p95_ms
 
 
 def sample(rule: GuardianRule, event: Any) -> float | None:
@@ -118,7 +166,20 @@ class Engine:
         self.fed: dict[str, OrderedDict[Key, None]] = {name: OrderedDict() for name in self.rules}
         self.stored: dict[Key, float | None] = {}
         self.episodes: dict[Key, Episode] = {}
+        # (project, subject) -> the firing block rules' alerts. Replaced whole, never changed
+        # in place, so the quota check reads it without the lock (a batch may hold the lock
+        # on a worker thread for a while).
+        self.blocks: dict[tuple[str, str | None], tuple[Alert, ...]] = {}
+        self._rules_of: dict[str, list[GuardianRule]] = {}
         self._lock = threading.Lock()
+
+    def rules_of(self, project: str) -> list[GuardianRule]:
+        found = self._rules_of.get(project)
+        if found is None:
+            found = [r for r in self.rules.values() if r.applies_to(project)]
+            if len(self._rules_of) < 100_000:
+                self._rules_of[project] = found
+        return found
 
     def observe(self, events: Iterable[Any], enabled: Callable[[str], bool]) -> set[Key]:
         """Add a stored batch to the windows of the projects Guardian is on for; returns the
@@ -126,28 +187,29 @@ class Engine:
         now = self.clock()
         touched: set[Key] = set()
         decided: dict[str, bool] = {}
+        windows = self.windows
         with self._lock:
             for event in events:
                 project = event.project_id
-                rules = [r for r in self.rules.values() if r.applies_to(project)]
-                if not rules:
-                    continue
-                if project not in decided:
-                    decided[project] = enabled(project)
-                if not decided[project]:
+                on = decided.get(project)
+                if on is None:
+                    on = decided[project] = bool(self.rules_of(project)) and enabled(project)
+                if not on:
                     continue
                 ts = _ts(event, now)
-                for rule in rules:
+                for rule in self.rules_of(project):
                     if ts < now - rule.window_s:
                         continue
                     value = sample(rule, event)
-                    subject = subject_of(rule, event) if value is not None else False
-                    if value is None or subject is False:
+                    if value is None:
+                        continue
+                    subject = subject_of(rule, event)
+                    if subject is False:
                         continue
                     key = (rule.name, project, subject)
-                    window = self.windows.get(key)
+                    window = windows.get(key)
                     if window is None:
-                        window = self.windows[key] = Window()
+                        window = windows[key] = Window(rule.metric == "latency_p95_ms")
                         self._bound(rule, key)
                     else:
                         self.fed[rule.name].move_to_end(key)
@@ -194,7 +256,7 @@ class Engine:
         streamed = None
         if window is not None:
             window.expire(now - rule.window_s)
-            streamed = figure(rule, [v for _, v in window.samples])
+            streamed = figure(rule, window)
             if not window.samples:
                 del self.windows[key]
                 self.fed[rule.name].pop(key, None)
@@ -228,21 +290,22 @@ class Engine:
                 if over and episode is None:
                     episode = Episode(new_id(), at, source)
                     self.episodes[key] = episode
-                    alerts.append(
-                        Alert(
-                            "firing",
-                            rule,
-                            key[1],
-                            key[2],
-                            value,
-                            episode.episode_id,
-                            at,
-                            at,
-                            source,
-                        )
+                    alert = Alert(
+                        "firing", rule, key[1], key[2], value, episode.episode_id, at, at, source
                     )
+                    alerts.append(alert)
+                    if rule.block:
+                        where = (key[1], key[2])
+                        self.blocks[where] = (*self.blocks.get(where, ()), alert)
                 elif not over and episode is not None:
                     del self.episodes[key]
+                    if rule.block:
+                        where = (key[1], key[2])
+                        left = tuple(a for a in self.blocks.get(where, ()) if a.rule is not rule)
+                        if left:
+                            self.blocks[where] = left
+                        else:
+                            self.blocks.pop(where, None)
                     alerts.append(
                         Alert(
                             "recovered",
@@ -259,22 +322,10 @@ class Engine:
         return alerts
 
     def blocked(self, project: str, user_id: str | None) -> Alert | None:
-        """The firing block rule that denies this project (or this user of it), if any."""
-        with self._lock:
-            for (name, proj, subject), episode in self.episodes.items():
-                rule = self.rules[name]
-                if not rule.block or proj != project:
-                    continue
-                if subject is None or (user_id is not None and subject == user_id):
-                    return Alert(
-                        "firing",
-                        rule,
-                        proj,
-                        subject,
-                        None,
-                        episode.episode_id,
-                        episode.started_at,
-                        episode.started_at,
-                        episode.source,
-                    )
-        return None
+        """The firing block rule that denies this project (or this user of it), if any.
+        Lock-free: two dict reads per quota check."""
+        blocks = self.blocks
+        found = blocks.get((project, None))
+        if not found and user_id is not None:
+            found = blocks.get((project, user_id))
+        return found[0] if found else None

@@ -41,6 +41,8 @@ FLAG = "guardian"
 # How long the sink waits for its app to finish starting (it may get a batch replayed from
 # the spool before the app is registered).
 ATTACH_TIMEOUT_S = 30.0
+# Batches at least this big are fed to the windows on a worker thread, off the event loop.
+OFFLOAD_EVENTS = 500
 
 
 class Guardian:
@@ -88,9 +90,21 @@ class Guardian:
     async def write(self, events: Any) -> None:
         if self.wl is None:
             await self._attach()
-        touched = self.engine.observe(events, self._enabled)
-        if touched:
-            self._queue(self.engine.evaluate(touched))
+        # The flags are asked here, on the loop (the hook's promise); the windows are fed on
+        # a worker thread for a big batch (~7 us an event for four rules), inline otherwise.
+        projects = {event.project_id for event in events}
+        on = {p: self._enabled(p) for p in projects if self.engine.rules_of(p)}
+        if not any(on.values()):
+            return
+        if len(events) >= OFFLOAD_EVENTS:
+            alerts = await anyio.to_thread.run_sync(self._observe, events, on)
+        else:
+            alerts = self._observe(events, on)
+        self._queue(alerts)
+
+    def _observe(self, events: Any, on: dict[str, bool]) -> list[Alert]:
+        touched = self.engine.observe(events, lambda project: on.get(project, False))
+        return self.engine.evaluate(touched) if touched else []
 
     # --- the background task ---
 
