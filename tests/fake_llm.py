@@ -35,6 +35,7 @@ def _words(value: Any) -> int:
 class FakeLLM:
     def __init__(self, reply: str = "Hello from the fake model", chunk_delay_s: float = 0.0):
         self.reply = reply
+        self.cached_tokens = 2  # reported as cached input (OpenAI) / cache reads (Anthropic)
         self.chunk_delay_s = chunk_delay_s
         self.requests: list[tuple[str, dict[str, Any]]] = []
         self._failures: list[tuple[int, str]] = []
@@ -153,6 +154,7 @@ class FakeLLM:
                 "prompt_tokens": n_in,
                 "completion_tokens": n_out,
                 "total_tokens": n_in + n_out,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
             },
         }
 
@@ -241,7 +243,7 @@ class FakeLLM:
                 "input_tokens": n_in,
                 "output_tokens": n_out,
                 "total_tokens": n_in + n_out,
-                "input_tokens_details": {"cached_tokens": 0},
+                "input_tokens_details": {"cached_tokens": self.cached_tokens},
                 "output_tokens_details": {"reasoning_tokens": 0},
             },
         }
@@ -288,7 +290,11 @@ class FakeLLM:
             "content": content,
             "stop_reason": stop,
             "stop_sequence": None,
-            "usage": {"input_tokens": n_in, "output_tokens": n_out},
+            "usage": {
+                "input_tokens": n_in,
+                "output_tokens": n_out,
+                "cache_read_input_tokens": self.cached_tokens,
+            },
         }
 
     def _messages_events(

@@ -91,6 +91,7 @@ def test_openai_sync(server: Running, llm: FakeLLM) -> None:
     assert plain["response"] == llm.reply and plain["status"] == "success"
     assert plain["prompt"] == HI
     assert plain["response_metadata"]["request_id"].startswith("req_")
+    assert plain["response_metadata"]["cached_tokens"] == 2
     assert plain["cost_source"] == "computed" and plain["cost_estimate_usd"] > 0
     assert plain["parent_event_id"] is not None  # under the run's root step
     assert streamed["model"] == "gpt-4o-mini" and streamed["response"] == llm.reply
@@ -107,6 +108,7 @@ def test_openai_sync(server: Running, llm: FakeLLM) -> None:
         {"role": "user", "content": "say hello"},
     ]
     assert (resp["tokens_input"], resp["tokens_output"]) == (4, 5)
+    assert resp["response_metadata"]["cached_tokens"] == 2
     assert resp_stream["response"] == llm.reply and resp_stream["tokens_output"] == 5
     assert failed["status"] == "error" and "the model is down" in failed["error_message"]
     assert failed["response_metadata"]["status_code"] == 500
@@ -173,6 +175,8 @@ def test_anthropic_sync_and_async(server: Running, llm: FakeLLM) -> None:
     assert plain["prompt"][0] == {"role": "system", "content": "be brief"}
     assert (plain["tokens_input"], plain["tokens_output"]) == (6, 5)  # system words count
     assert plain["response_metadata"]["finish_reason"] == "end_turn"
+    assert plain["response_metadata"]["cache_read_input_tokens"] == 2
+    assert streamed["response_metadata"]["cache_read_input_tokens"] == 2
     assert plain["response_metadata"]["request_id"].startswith("req_")
     assert plain["cost_source"] == "computed"
     assert streamed["response"] == llm.reply

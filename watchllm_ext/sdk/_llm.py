@@ -41,6 +41,15 @@ def tokens(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
+def usage_details(call: Call, usage: Any, paths: dict[str, tuple[str, ...]]) -> None:
+    """Token details the provider reports (cached input, reasoning, cache writes), kept in
+    response_metadata under `paths`' names when present."""
+    for name, path in paths.items():
+        value = tokens(get(usage, *path))
+        if value:
+            call.usage_details[name] = value
+
+
 def to_messages(messages: Any, system: Any = None) -> list[dict[str, Any]] | str | None:
     """Chat messages in the contract's shape: role, content (text or a list of parts), and
     name / tool_call_id when present; other keys (tool_calls, ...) are not part of it."""
@@ -114,6 +123,8 @@ class Call:
         self.finish_reason: Any = None
         self.request_id: str | None = None
         self.response_id: str | None = None
+        # Token details beside the two counts (cached, reasoning, cache writes).
+        self.usage_details: dict[str, int] = {}
 
     def first_chunk(self) -> None:
         if self.first_token_ms is None:
@@ -135,6 +146,7 @@ class Call:
                 meta[key] = value if isinstance(value, str | float | int) else str(value)
         if closed_early:
             meta["closed_early"] = True
+        meta.update(self.usage_details)
         status, message = "success", None
         if error is not None:
             name = type(error).__name__

@@ -19,7 +19,13 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from ._llm import Call, get, to_messages, tokens, wrap_method, wrap_stream_manager
+from ._llm import Call, get, to_messages, tokens, usage_details, wrap_method, wrap_stream_manager
+
+# input_tokens excludes these: cache reads and writes are priced apart.
+DETAILS = {
+    "cache_read_input_tokens": ("cache_read_input_tokens",),
+    "cache_creation_input_tokens": ("cache_creation_input_tokens",),
+}
 
 C = TypeVar("C")
 
@@ -63,6 +69,7 @@ def _read_message(call: Call, message: Any) -> None:
     call.response_id = get(message, "id")
     call.tokens_input = tokens(get(message, "usage", "input_tokens"))
     call.tokens_output = tokens(get(message, "usage", "output_tokens"))
+    usage_details(call, get(message, "usage"), DETAILS)
     call.finish_reason = get(message, "stop_reason")
     for i, block in enumerate(get(message, "content") or []):
         kind = get(block, "type")
@@ -83,6 +90,7 @@ def _read_event(call: Call, event: Any) -> None:
         call.model = get(message, "model") or call.model
         call.response_id = get(message, "id")
         call.tokens_input = tokens(get(message, "usage", "input_tokens"))
+        usage_details(call, get(message, "usage"), DETAILS)
     elif kind == "content_block_start":
         block = get(event, "content_block")
         if get(block, "type") == "tool_use":

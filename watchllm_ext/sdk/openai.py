@@ -20,7 +20,16 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from ._llm import Call, get, to_messages, tokens, wrap_method
+from ._llm import Call, get, to_messages, tokens, usage_details, wrap_method
+
+CHAT_DETAILS = {
+    "cached_tokens": ("prompt_tokens_details", "cached_tokens"),
+    "reasoning_tokens": ("completion_tokens_details", "reasoning_tokens"),
+}
+RESPONSES_DETAILS = {
+    "cached_tokens": ("input_tokens_details", "cached_tokens"),
+    "reasoning_tokens": ("output_tokens_details", "reasoning_tokens"),
+}
 
 C = TypeVar("C")
 
@@ -68,6 +77,7 @@ def _read_completion(call: Call, result: Any) -> None:
     call.response_id = get(result, "id")
     call.tokens_input = tokens(get(result, "usage", "prompt_tokens"))
     call.tokens_output = tokens(get(result, "usage", "completion_tokens"))
+    usage_details(call, get(result, "usage"), CHAT_DETAILS)
     choices = get(result, "choices") or []
     if choices:
         message = get(choices[0], "message")
@@ -90,6 +100,7 @@ def _read_chunk(call: Call, chunk: Any) -> None:
     if usage is not None:
         call.tokens_input = tokens(get(usage, "prompt_tokens"))
         call.tokens_output = tokens(get(usage, "completion_tokens"))
+        usage_details(call, usage, CHAT_DETAILS)
     for choice in get(chunk, "choices") or []:
         delta = get(choice, "delta")
         content = get(delta, "content")
@@ -112,6 +123,7 @@ def _read_response(call: Call, response: Any) -> None:
     call.response_id = get(response, "id")
     call.tokens_input = tokens(get(response, "usage", "input_tokens"))
     call.tokens_output = tokens(get(response, "usage", "output_tokens"))
+    usage_details(call, get(response, "usage"), RESPONSES_DETAILS)
     call.finish_reason = get(response, "status")
     call.text = []
     for i, item in enumerate(get(response, "output") or []):
