@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import json
 import logging
 import threading
 import time
@@ -443,3 +444,54 @@ def test_async_client_inside_a_host_app_on_its_loop(tmp_path: Any) -> None:
         )
         assert rows == [{"n": 3}]  # the route's root, fetch, and fetch's lookup
     asyncio.run(client.close())
+
+
+@observe
+def broken_gen() -> Any:
+    yield 1
+    raise ValueError("gen broke")
+
+
+@observe
+async def broken_agen() -> Any:
+    yield 1
+    raise ValueError("agen broke")
+
+
+@observe
+def endless() -> Any:
+    i = 0
+    while True:
+        yield i
+        i += 1
+
+
+def test_generators_failing_and_closed_early(server: Running) -> None:
+    client = sdk(server)
+    with client.run(name="gens") as run:
+        with pytest.raises(ValueError, match="gen broke"):
+            list(broken_gen())
+
+        async def consume() -> None:
+            with pytest.raises(ValueError, match="agen broke"):
+                [i async for i in broken_agen()]
+
+        asyncio.run(consume())
+        numbers = endless()
+        assert [next(numbers) for _ in range(3)] == [0, 1, 2]
+        numbers.close()  # closed early: the step ends here, as a success
+    assert client.flush(10)
+    server.flush()
+    named = names(server, run.run_id)
+    (root,) = tree(server, run.run_id)
+    kids = {named[c["id"]]: c for c in root["children"]}
+    assert set(kids) == {"broken_gen", "broken_agen", "endless"}
+    for name in ("broken_gen", "broken_agen"):
+        assert kids[name]["event"]["status"] == "error"
+        assert shape(kids[name]["children"], named) == [("error", "ValueError", [])]
+    assert kids["endless"]["event"]["status"] == "success"
+    rows = server.query(
+        "SELECT observation FROM events WHERE event_id = {e:String}", {"e": kids["endless"]["id"]}
+    )
+    assert json.loads(rows[0]["observation"]) == {"items": 3, "closed_early": True}
+    client.close()
