@@ -495,3 +495,28 @@ def test_generators_failing_and_closed_early(server: Running) -> None:
     )
     assert json.loads(rows[0]["observation"]) == {"items": 3, "closed_early": True}
     client.close()
+
+
+def test_odd_arguments_are_counted_never_raised(server: Running) -> None:
+    # Sampling on (the run id 5 is hashed as "5"); run "odd-run" hashes to 0.88: kept.
+    client = sdk(server, sample_rate=0.99)
+    with client.run(name="odd", run_id="odd-run", tags=["t"], metadata={"a": 1}):
+        client.log_tool_call("bad-tags", tags="not-a-list")
+        client.log_tool_call("bad-metadata", metadata=[1, 2])
+        client.log_tool_call("int-run", run_id=5)
+        client.log_error("just a message")
+        client.log_tool_call("good", metadata={"b": 2}, tags=["u"])
+    assert client.flush(10)
+    stats = client.stats()
+    # tags and metadata of the wrong type, and a run_id that is not a string
+    assert stats["dropped"]["invalid"] == 3, stats
+    assert stats["sent"] == 3 and stats["sampled_out"] == 0, stats  # the root, error, good
+    server.flush()
+    rows = server.query(
+        "SELECT tags, metadata, error_type, error_message FROM events"
+        " WHERE tool_name = 'good' OR event_type = 'error'"
+        " ORDER BY event_type"
+    )
+    assert rows[0]["error_message"] == "just a message" and rows[0]["error_type"] == "Error"
+    assert rows[1]["tags"] == ["t", "u"] and json.loads(rows[1]["metadata"]) == {"a": 1, "b": 2}
+    client.close()

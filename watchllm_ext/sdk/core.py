@@ -231,10 +231,14 @@ class WatchLLM:
                 event.setdefault("user_id", ctx.user_id)
             if ctx.session_id is not None:
                 event.setdefault("session_id", ctx.session_id)
-            if ctx.tags:
-                event["tags"] = [*ctx.tags, *event.get("tags", ())]
-            if ctx.metadata:
-                event["metadata"] = {**ctx.metadata, **event.get("metadata", {})}
+            # Merged only with values of the right type: anything else is left for the
+            # validation to report (counted), never a TypeError in the caller's code.
+            tags = event.get("tags", ())
+            if ctx.tags and isinstance(tags, list | tuple):
+                event["tags"] = [*ctx.tags, *tags]
+            metadata = event.get("metadata", {})
+            if ctx.metadata and isinstance(metadata, dict):
+                event["metadata"] = {**ctx.metadata, **metadata}
         elif "run_id" not in event:
             event["run_id"] = event["event_id"]  # an event outside any run is a run of its own
         if self.env is not None:
@@ -278,7 +282,7 @@ class WatchLLM:
 
     def _sampled(self, run_id: str) -> bool:
         # By run, not by event: a run is kept or left out whole, so its tree stays complete.
-        return zlib.crc32(run_id.encode()) / 0x1_0000_0000 < self.sample_rate
+        return zlib.crc32(str(run_id).encode()) / 0x1_0000_0000 < self.sample_rate
 
     def log_prompt_call(
         self,
@@ -368,6 +372,10 @@ class WatchLLM:
         **fields: Any,
     ) -> str:
         """An error: `log_error(exc)` takes type, message and traceback from the exception."""
+        if error is not None and not isinstance(error, BaseException):
+            # log_error("message"): taken as the message, not an exception to read.
+            error_message, error = error_message or str(error), None
+            error_type = error_type or "Error"
         if error is not None:
             error_type = error_type or type(error).__name__
             if error_message is None:
