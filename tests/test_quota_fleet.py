@@ -128,12 +128,28 @@ def fallbacks(fleet: Fleet) -> float:
     return total
 
 
+def exact_fill(fleet: Fleet) -> None:
+    """Reset, then 50 clients over the four servers until no event fits: exactly LIMIT
+    accepted. Exact means Redis answered every check in time; an answer later than the
+    timeout is a fail-open fallback, which lets events through uncounted by design. This
+    machine may stall a process for a second when others load it: then the round is run
+    once more, and that one must be exact."""
+    for attempt in (1, 2):
+        reset = fleet.usage("reset")
+        assert reset.returncode == 0, reset.stderr
+        before = fallbacks(fleet)
+        accepted, statuses = fill(fleet.urls, fleet.key)
+        assert set(statuses) == {202, 429}
+        if fallbacks(fleet) == before:
+            assert accepted == LIMIT
+            return
+        assert attempt == 1, "Redis answered late in two rounds running"
+        time.sleep(1.0)
+
+
 def test_four_servers_one_redis_exact_limits_and_a_redis_crash(fleet: Fleet) -> None:
     away_from_period_end(90)
-    accepted, statuses = fill(fleet.urls, fleet.key)
-    assert accepted == LIMIT
-    assert set(statuses) == {202, 429}
-    assert fallbacks(fleet) == 0  # Redis answered every check in time
+    exact_fill(fleet)
     shown = fleet.usage("show")
     assert shown.returncode == 0, shown.stderr
     assert f"{LIMIT:,}" in shown.stdout.split("day", 1)[1].splitlines()[0]
@@ -180,7 +196,4 @@ def test_four_servers_one_redis_exact_limits_and_a_redis_crash(fleet: Fleet) -> 
     after = fleet.usage("show")
     day = next(line for line in after.stdout.splitlines() if line.startswith("day"))
     assert int(day.split()[1].replace(",", "")) >= LIMIT, (before.stdout, after.stdout)
-    reset = fleet.usage("reset")
-    assert reset.returncode == 0, reset.stderr
-    accepted, statuses = fill(fleet.urls, fleet.key)
-    assert accepted == LIMIT and set(statuses) <= {202, 429}
+    exact_fill(fleet)
