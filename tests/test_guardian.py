@@ -136,6 +136,7 @@ def test_cost_episode_fires_once_recovers_once_and_is_queryable(server_factory: 
     metrics = server.client.get("/metrics").text
     assert 'watchllm_alerts_total{rule="spend",state="firing"} 1.0' in metrics
     assert 'watchllm_alerts_total{rule="spend",state="recovered"} 1.0' in metrics
+    assert 'watchllm_alerts_firing{rule="spend"} 0.0' in metrics
 
 
 @pytest.mark.parametrize(
@@ -224,6 +225,7 @@ def test_block_rule_denies_the_user_until_recovery(server_factory: Any) -> None:
     recorder.wait(1)
     denied = server.client.get("/-/llm", params={"user": "alice"})
     assert denied.status_code == 429, denied.text
+    assert 'watchllm_alerts_firing{rule="user-budget"} 1.0' in server.client.get("/metrics").text
     assert "user-budget" in denied.json()["message"] and "alice" in denied.json()["message"]
     assert int(denied.headers["Retry-After"]) >= 1
     assert server.client.get("/-/llm", params={"user": "bob"}).status_code == 200

@@ -178,6 +178,11 @@ class Guardian:
         for alert in alerts:
             if metrics is not None:
                 metrics.alerts.labels(alert.rule.name, alert.state).inc()
+                firing = metrics.firing.labels(alert.rule.name)
+                if alert.state == "firing":
+                    firing.inc()
+                else:
+                    firing.dec()
         self.pending.extend(alerts)
         if self._wake is not None:
             self._wake.set()

@@ -8,7 +8,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -45,6 +45,12 @@ class OpsMetrics:
             "watchllm_alerts",
             "Guardian alerts, by rule and state (firing: an episode began; recovered: it ended)",
             ["rule", "state"],
+            registry=registry,
+        )
+        self.firing = Gauge(
+            "watchllm_alerts_firing",
+            "Guardian episodes going on now, by rule (projects, runs or users over it)",
+            ["rule"],
             registry=registry,
         )
         self.queries = Histogram(
