@@ -77,6 +77,7 @@ def test_metrics_parse_and_show_each_new_series(server_factory: Any) -> None:
     assert denials == {"ingest": 1.0}
 
     assert found["watchllm_alerts:type"] == ["counter"]  # no alert yet: the family, no sample
+    assert found["watchllm_alerts_firing:type"] == ["gauge"]
     assert found["watchllm_store_query_duration_seconds:type"] == ["histogram"]
     (queries,) = [
         s for s in found["watchllm_store_query_duration_seconds"] if s.name.endswith("_count")
