@@ -15,9 +15,13 @@ a. Batch endpoint end to end. A WatchLLM server (uvicorn, one worker, chDB in a 
    connections). Events/s counts only events that are in the store: after the load, the
    orchestrator polls GET /v1/admin/count until it reaches the number sent; the clock runs
    from the first request to that point. Baselines from the same payloads:
-     (i)  in-process parse + validate_items + tables_for + ChdbStore.insert, no HTTP, no writer
+     (i)  in-process parse + validate_items + input_json + ChdbStore.insert_json, no HTTP, no
+          writer
           (and (i'), the same with the server's all-valid fast path, when the core has one);
-     (ii) a bare Starlette endpoint that reads the body, parses the JSON and answers 202.
+     (ii) a bare Starlette endpoint that reads the body, parses the JSON and answers 202;
+     (iii) a bare chDB process inserting the same events into one plain MergeTree table in
+          50,000-event JSONEachRow inserts: the embedded store's own limit on the machine.
+   The same run can add WatchLLM with the ClickHouse-server store (tests/chfixture.py).
    Diagnostic rows: the request path alone (no sink, in-memory log) and, with
    --gc-diagnostic, the server with gc.freeze() and larger collector thresholds.
 b. Single-event endpoint. wrk (32 connections) posts one event per request to
@@ -532,9 +536,9 @@ def role_inproc(args: argparse.Namespace) -> None:
 
     Variant "items": from_json + validate_items (the validation entry point that takes parsed
     JSON). Variant "fast": validate_fast + finish_fast on the raw bytes, the path the server
-    takes for an all-valid body (when the core has it). Events are inserted in groups of
-    `flush_max_events` (10,000 by default), as the writer groups them, so the number of
-    inserts per event matches the server's."""
+    takes for an all-valid body (when the core has it). Events are inserted as the store
+    sink inserts them (store/rows.py input_json, Store.insert_json) in groups of
+    `store_insert_max_events` (50,000 by default), as the writer groups them for it."""
     from pydantic_core import from_json
 
     from watchllm_ext import ingest
@@ -543,7 +547,7 @@ def role_inproc(args: argparse.Namespace) -> None:
     from watchllm_ext.plugins import get_plugin_manager
     from watchllm_ext.settings import Settings
     from watchllm_ext.store import apply_migrations
-    from watchllm_ext.store.rows import tables_for
+    from watchllm_ext.store.rows import JSON_INPUT_SETTINGS, input_json
     from watchllm_plugins.chdb_store import ChdbStore
 
     settings = Settings(data_dir=Path(args.data_dir), create_default_key=False)
@@ -553,7 +557,7 @@ def role_inproc(args: argparse.Namespace) -> None:
         apply_migrations(store)
         principal = Principal(PROJECT, frozenset({"admin"}), "bench")
         template = Path(args.template).read_bytes()
-        group = settings.flush_max_events
+        group = settings.store_insert_max_events
 
         stages = {"parse": 0.0, "validate": 0.0, "rows": 0.0, "insert": 0.0}
 
@@ -583,10 +587,10 @@ def role_inproc(args: argparse.Namespace) -> None:
                 pending.extend(outcome.accepted)
                 if len(pending) >= group or i == len(bodies) - 1:
                     t3 = time.perf_counter()
-                    tables = tables_for(pending)
+                    bodies_ = input_json(pending)  # the store sink's JSON for its input tables
                     t4 = time.perf_counter()
-                    for table, data in tables.items():
-                        store.insert(table, data)
+                    for table, body_ in bodies_.items():
+                        store.insert_json(table, body_, JSON_INPUT_SETTINGS)
                     t5 = time.perf_counter()
                     stages["rows"] += t4 - t3
                     stages["insert"] += t5 - t4
