@@ -345,3 +345,49 @@ def test_the_writers_batch_goes_as_its_spool_records_bytes(store: Store) -> None
     # Any other list (the sink's selection after dropping stored copies) is encoded.
     assert input_json(structs[:2], encode) == {"events_input": encode_events(structs[:2])}
     assert calls == [structs[:2]]
+
+
+def test_a_store_from_before_0010_upgrades_and_keeps_one_copy(store_backend: StoreBackend) -> None:
+    """A store whose events went in before migration 0010 (the Arrow path, no event_ids)
+    gets event_ids filled by the migration, and the store sink, now on the JSON path, keeps
+    copies of those events out, whatever their timestamp."""
+    from watchllm_ext.builtins.store_sink import StoreSink
+    from watchllm_ext.store import load_migrations
+    from watchllm_ext.store.migrations import tracking_table_statements
+
+    old = store_backend.open("upgrade")
+    try:
+        # The schema as it was before 0010: every earlier migration, recorded as applied.
+        for statement in tracking_table_statements(None):
+            old.execute(statement)
+        for migration in load_migrations():
+            if migration.version >= 10:
+                continue
+            for statement in migration.statements():
+                old.execute(statement)
+            old.execute(
+                "INSERT INTO schema_migrations (version, name, checksum)"
+                " SELECT {v:UInt32}, {n:String}, {c:String}",
+                {"v": migration.version, "n": migration.name, "c": migration.checksum},
+            )
+        raw = [e for e in generated_events() if e["event_type"] in ("prompt_call", "tool_call")]
+        earlier = raw[:20]
+        for table, data in tables_for(models_of(earlier, "acme")).items():
+            old.insert(table, data)
+        tables = {r["name"] for r in old.query("SELECT name FROM system.tables")}
+        assert "event_ids" not in tables and "events_input" not in tables
+        assert apply_migrations(old) == ["0010_json_input"]
+        (row,) = old.query("SELECT count() AS n FROM event_ids WHERE project_id = 'acme'")
+        assert row["n"] == len(earlier)
+        # Copies of the stored events, a minute later, and new events, through the sink.
+        copies = [{**e, "timestamp": "2026-07-01T00:00:00Z"} for e in earlier]
+        sink = StoreSink(old)
+        sink._write(models_of(copies + raw[20:], "acme"))
+        rows = old.query(
+            "SELECT event_id, toString(timestamp) AS ts FROM events FINAL"
+            " WHERE project_id = 'acme' ORDER BY event_id"
+        )
+        assert len(rows) == len(raw)
+        assert all(r["ts"] != "2026-07-01 00:00:00.000" for r in rows)
+    finally:
+        old.close()
