@@ -339,7 +339,7 @@ def test_redis_down_or_paused_fails_per_setting_never_5xx(
         {"default": {"events_per_day": 300}},
         quota_failure_mode=mode,
         quota_fallback_events_per_minute=5,
-        quota_redis_timeout_ms=50.0,  # one request at a time here: the default
+        quota_redis_timeout_ms=200.0,  # well under the 1.5 s pause, well over a loaded machine
     )
     redis_srv: RedisServer = server.redis
     h = server.headers()
@@ -354,6 +354,10 @@ def test_redis_down_or_paused_fails_per_setting_never_5xx(
     assert answer.status_code == (202 if mode == "open" else 429)
     paused.close()
     time.sleep(1.6)
+    # The check given up was not run by Redis (its connection was closed with it): only
+    # the first request is counted there; the fallback reports its own once Redis is back.
+    after_pause = server.client.get("/v1/usage", headers=h).json()
+    assert after_pause["used"]["day"] == 1
 
     # Down: killed mid-run.
     redis_srv.kill()
@@ -372,7 +376,8 @@ def test_redis_down_or_paused_fails_per_setting_never_5xx(
         assert refused.json()["window"] == "unavailable"
         assert refused.headers["Retry-After"] == "1"
     metrics = server.client.get("/metrics").text
-    fallbacks = _metric(metrics, f'watchllm_quota_fallbacks_total{{mode="{mode}"}}')
+    fallback_metric = f'watchllm_quota_fallbacks_total{{mode="{mode}"}}'
+    fallbacks = _metric(metrics, fallback_metric)
     assert fallbacks >= 10
     # While Redis is down, usage cannot be read: said plainly, with a retry time.
     unread = server.client.get("/v1/usage", headers=h)
@@ -384,16 +389,24 @@ def test_redis_down_or_paused_fails_per_setting_never_5xx(
     assert server.client.post("/v1/events/batch", json=events(1), headers=h).status_code == 202
     usage = server.client.get("/v1/usage", headers=h).json()
     if mode == "open":
-        # What the fallback took (5 events) was added to the day's count once Redis was back.
+        # What the fallback took (5 events: the paused request and 4 while Redis was down)
+        # was added to the day's count once Redis was back.
         assert usage["used"]["day"] == 5 + 1
     else:
         assert usage["used"]["day"] == 1
-    done = usage_cli(server, tmp_path, "reset", "--project", "acme")
-    assert done.returncode == 0, done.stderr
-    # A few concurrent clients: 50 threads here would hold the server's GIL past its 50 ms
+    # A few concurrent clients: 50 threads here would hold the server's GIL past its 200 ms
     # (the 50-client case after a Redis crash is tests/test_quota_fleet.py's, servers apart).
-    accepted, seen = fill(server.url, server.key, clients=3)
-    assert accepted == 300 and set(seen) <= {202, 429}
+    # A round in which an answer still came late (a loaded machine) is run once more.
+    for attempt in (1, 2):
+        done = usage_cli(server, tmp_path, "reset", "--project", "acme")
+        assert done.returncode == 0, done.stderr
+        before = _metric(server.client.get("/metrics").text, fallback_metric)
+        accepted, seen = fill(server.url, server.key, clients=3)
+        assert set(seen) <= {202, 429}
+        if _metric(server.client.get("/metrics").text, fallback_metric) == before:
+            assert accepted == 300
+            break
+        assert attempt == 1, "Redis answered late in two rounds running"
 
 
 def _metric(text: str, name: str) -> float:

@@ -237,6 +237,8 @@ class QuotaPlugin:
             )
         outcome, _ = self.fallback.check_now(project, n, "fallback", self.fallback_plan, p)
         if outcome.allowed:
+            # Reported to Redis once it answers again. A check that timed out is not counted
+            # there: its connection is closed when it is given up, before Redis runs it.
             self.carry_events[project] += n
             return None
         self.denials["fallback"] += 1
