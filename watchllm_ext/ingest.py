@@ -131,43 +131,51 @@ async def read_body(
     parts: list[bytes] = []
     size = 0
     deadline = anyio.current_time() + timeout_s
+    # One cancel scope for the whole body, its deadline moved as pieces come: a scope per
+    # piece costs more than the rest of a small request's reading. The idle deadline is
+    # moved only when it falls out of [exact, exact + slack]: never early, at most `slack`
+    # late, and a burst of pieces sets it once.
+    slack = min(_IDLE_SLACK_S, idle_timeout_s * 0.05)
     pieces = aiter(chunks)
-    while True:
-        wait = min(idle_timeout_s, deadline - anyio.current_time())
-        got: bytes | object = _LATE
-        with anyio.move_on_after(wait):
+    with anyio.CancelScope() as scope:
+        while True:
+            exact = anyio.current_time() + idle_timeout_s
+            low, high = min(exact, deadline), min(exact + slack, deadline)
+            if not low <= scope.deadline <= high:
+                scope.deadline = high
             got = await anext(pieces, _END)
-        if got is _LATE:
-            raise _too_slow(timeout_s, idle_timeout_s)
-        if got is _END:
-            break
-        chunk: bytes = got  # type: ignore[assignment]
-        if not chunk:
-            continue
-        received += len(chunk)
-        if received > max_bytes:
-            raise _too_large(max_bytes, "body")
-        if decompressor is None:
-            parts.append(chunk)
-            size += len(chunk)
-            continue
-        pending = chunk
-        while pending:
-            try:
-                # At most one byte over the limit, so a bomb never expands in memory; and at
-                # most _INFLATE_STEP per call, with the event loop free in between.
-                out = decompressor.decompress(pending, min(_INFLATE_STEP, limit - size + 1))
-            except zlib.error as exc:
-                raise Problem(
-                    400, "bad_encoding", f"body is not valid {encoding}: {exc}", field="body"
-                ) from None
-            size += len(out)
-            if size > limit:
-                raise _too_large(limit, "decompressed body")
-            parts.append(out)
-            pending = decompressor.unconsumed_tail
-            if pending:
-                await anyio.sleep(0)
+            if got is _END:
+                break
+            chunk: bytes = got  # type: ignore[assignment]
+            if not chunk:
+                continue
+            received += len(chunk)
+            if received > max_bytes:
+                raise _too_large(max_bytes, "body")
+            if decompressor is None:
+                parts.append(chunk)
+                size += len(chunk)
+                continue
+            scope.deadline = deadline  # inflating is no idle wait
+            pending = chunk
+            while pending:
+                try:
+                    # At most one byte over the limit, so a bomb never expands in memory; and
+                    # at most _INFLATE_STEP per call, with the event loop free in between.
+                    out = decompressor.decompress(pending, min(_INFLATE_STEP, limit - size + 1))
+                except zlib.error as exc:
+                    raise Problem(
+                        400, "bad_encoding", f"body is not valid {encoding}: {exc}", field="body"
+                    ) from None
+                size += len(out)
+                if size > limit:
+                    raise _too_large(limit, "decompressed body")
+                parts.append(out)
+                pending = decompressor.unconsumed_tail
+                if pending:
+                    await anyio.sleep(0)
+    if scope.cancelled_caught:
+        raise _too_slow(timeout_s, idle_timeout_s)
     if decompressor is not None and decompressor.unused_data:
         raise Problem(
             400,
@@ -183,8 +191,8 @@ async def read_body(
 
 
 _INFLATE_STEP = 1024 * 1024  # about 1 ms of inflating
+_IDLE_SLACK_S = 0.25  # how late an idle timeout may fire (at most 5% of it)
 _END = object()  # the stream ended
-_LATE = object()  # no piece came in time
 
 
 def _too_slow(timeout_s: float, idle_timeout_s: float) -> Problem:
