@@ -185,8 +185,9 @@ class QuotaPlugin:
     ) -> Outcome | QuotaDecision | None:
         carry_events = self.carry_events.pop(project, 0)
         carry_bytes = self.pending_bytes.pop(project, 0)
+        resting = time.monotonic() < self._down_until
         try:
-            if time.monotonic() < self._down_until:
+            if resting:
                 raise QuotaUnavailable("Redis failed moments ago")
             outcome, held = await self.backend.check(
                 project, n, name, plan, p, carry_events, carry_bytes
@@ -197,7 +198,7 @@ class QuotaPlugin:
                 self.carry_events[project] += carry_events
             if carry_bytes:
                 self.pending_bytes[project] += carry_bytes
-            return self._fallback(project, n, p, exc)
+            return self._fallback(project, n, p, exc, asked=not resting)
         self._slow_in_a_row = 0
         if self._down_since is not None:
             log.warning(
@@ -209,7 +210,11 @@ class QuotaPlugin:
             self.assigned[project] = held
         return outcome
 
-    def _fallback(self, project: str, n: int, p: Periods, exc: Exception) -> QuotaDecision | None:
+    def _fallback(
+        self, project: str, n: int, p: Periods, exc: Exception, asked: bool = True
+    ) -> QuotaDecision | None:
+        """Answer without the backend. `asked`: the backend was tried (and failed) for this
+        request, rather than left alone after a failure moments ago."""
         now = time.monotonic()
         if self._down_since is None:
             self._down_since = now
@@ -220,9 +225,12 @@ class QuotaPlugin:
             )
         # Redis not there (refused, reset), or late several times in a row: leave it alone a
         # moment. One late answer sends only its own request to the fallback.
-        if isinstance(exc, QuotaUnavailable) and exc.slow:
+        # Only a failure of a real try restarts the rest: requests that come meanwhile must not
+        # keep Redis left alone for ever under steady traffic.
+        slow = isinstance(exc, QuotaUnavailable) and exc.slow
+        if asked and slow:
             self._slow_in_a_row += 1
-        if not (isinstance(exc, QuotaUnavailable) and exc.slow) or self._slow_in_a_row >= 3:
+        if asked and (not slow or self._slow_in_a_row >= 3):
             self._down_until = now + REDIS_RETRY_S
         mode = self.settings.quota_failure_mode
         self.fallbacks[mode] += 1
