@@ -40,11 +40,15 @@ def names(server: Running, run_id: str) -> dict[str, str]:
 
 
 def shape(nodes: list[dict[str, Any]], named: dict[str, str]) -> list[Any]:
-    """A tree as (event_type, name, [children]) tuples."""
-    return [
-        (node["event"]["event_type"], named[node["id"]], shape(node["children"], named))
-        for node in nodes
-    ]
+    """A tree as (event_type, name, [children]) tuples, siblings sorted: the tree orders them
+    by time, stored in milliseconds, so two siblings of one millisecond come in any order."""
+    return sorted(
+        (
+            (node["event"]["event_type"], named[node["id"]], shape(node["children"], named))
+            for node in nodes
+        ),
+        key=repr,
+    )
 
 
 @EVERY_STORE
@@ -175,7 +179,7 @@ def test_observe_builds_the_tree(server: Running) -> None:
         ("agent_step", "fetch", [lookups]),
         ("agent_step", "fetch", [lookups]),
         ("agent_step", "stream", [("agent_step", "fetch", [lookups])]),
-        ("agent_step", "fails", [lookups, ("error", "KeyError", [])]),
+        ("agent_step", "fails", [("error", "KeyError", []), lookups]),
     ]
     assert sorted(kids, key=repr) == sorted(expected, key=repr)
     failed = [c for c in root["children"] if named[c["id"]] == "fails"]

@@ -35,7 +35,7 @@ def llm() -> Iterator[FakeLLM]:
 
 
 def calls(server: Running, client: WatchLLM, run_id: str) -> list[dict[str, Any]]:
-    """The run's prompt calls in time order, each as the analytics API shows it whole."""
+    """The run's prompt calls in call order, each as the analytics API shows it whole."""
     assert client.flush(10), client.stats()
     assert client.stats()["dropped_total"] == 0, client.stats()
     server.flush()
@@ -51,7 +51,9 @@ def calls(server: Running, client: WatchLLM, run_id: str) -> list[dict[str, Any]
         )
         assert answer.status_code == 200, answer.text
         out.append(answer.json())
-    return out
+    # In call order: the fake numbers its request ids (req_1, req_2, ...); two calls may
+    # start within one stored millisecond.
+    return sorted(out, key=lambda a: int(a["event"]["response_metadata"]["request_id"][4:]))
 
 
 def event_of(answer: dict[str, Any]) -> dict[str, Any]:
