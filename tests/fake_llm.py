@@ -257,18 +257,43 @@ class FakeLLM:
         out: list[tuple[str | None, str]] = [
             _event("response.created", {"response": start, "sequence_number": next(seq)})
         ]
-        if not tool:
-            for i, word in enumerate(words):
-                delta = {
-                    "item_id": "msg_1",
-                    "output_index": 0,
-                    "content_index": 0,
-                    "delta": word if i == 0 else " " + word,
-                    "logprobs": [],
-                    "sequence_number": next(seq),
-                }
-                out.append(_event("response.output_text.delta", delta))
         done = self._responses_json(model, tool, n_in, len(words))
+        item = done["output"][0]
+
+        def add(name: str, **data: Any) -> None:
+            out.append(_event(name, {**data, "sequence_number": next(seq)}))
+
+        # The event order of the real API, which the SDK's own stream helper checks.
+        opening = {**item, "status": "in_progress"}
+        opening = {**opening, "content": []} if not tool else {**opening, "arguments": ""}
+        add("response.output_item.added", output_index=0, item=opening)
+        if tool:
+            add(
+                "response.function_call_arguments.delta",
+                item_id=item["id"],
+                output_index=0,
+                delta=item["arguments"],
+            )
+            add(
+                "response.function_call_arguments.done",
+                item_id=item["id"],
+                output_index=0,
+                arguments=item["arguments"],
+            )
+        else:
+            empty = {"type": "output_text", "text": "", "annotations": []}
+            where = {"item_id": item["id"], "output_index": 0, "content_index": 0}
+            add("response.content_part.added", **where, part=empty)
+            for i, word in enumerate(words):
+                add(
+                    "response.output_text.delta",
+                    **where,
+                    delta=word if i == 0 else " " + word,
+                    logprobs=[],
+                )
+            add("response.output_text.done", **where, text=self.reply, logprobs=[])
+            add("response.content_part.done", **where, part=item["content"][0])
+        add("response.output_item.done", output_index=0, item=item)
         out.append(_event("response.completed", {"response": done, "sequence_number": next(seq)}))
         return out
 

@@ -210,7 +210,8 @@ def test_metadata_only_keeps_the_numbers(server: Running, llm: FakeLLM) -> None:
 
 def test_stream_helpers(server: Running, llm: FakeLLM) -> None:
     """`messages.stream(...)` (one event per block, from the helper's snapshot, sync and
-    async) and `chat.completions.stream(...)` (through the wrapped create: one event too)."""
+    async); OpenAI's `chat.completions.stream(...)` and `responses.stream(...)` (through the
+    wrapped create: one event each too)."""
     client = WatchLLM(api_key=server.key, base_url=server.url, flush_interval_s=0.05)
     ant = wrap_anthropic(anthropic.Anthropic(api_key="x", base_url=llm.anthropic_url), client)
     oai = wrap_openai(openai.OpenAI(api_key="x", base_url=llm.openai_url), client)
@@ -223,6 +224,8 @@ def test_stream_helpers(server: Running, llm: FakeLLM) -> None:
         ) as stream:
             for _ in stream:
                 pass
+        with oai.responses.stream(model="gpt-4o", input="say hello to me") as stream:
+            assert stream.get_final_response().output_text == llm.reply
 
         async def async_helper() -> None:
             aant = wrap_anthropic(
@@ -236,6 +239,7 @@ def test_stream_helpers(server: Running, llm: FakeLLM) -> None:
     assert [e["response_metadata"]["api"] for e in got] == [
         "messages.stream",
         "chat.completions",
+        "responses",
         "messages.stream",
     ]
     for event in got:

@@ -9,7 +9,8 @@
 
 Wraps `client.chat.completions.create` and `client.responses.create` of the object handed in
 (no global patching: other OpenAI clients are untouched), sync and async, streamed or not;
-the `chat.completions.stream(...)` helper goes through `create` and is logged there.
+the `chat.completions.stream(...)` and `responses.stream(...)` helpers go through `create`
+and are logged there.
 Each call is one prompt_call: model, tokens (a stream reports them only when asked with
 `stream_options={"include_usage": True}`), latency, time to first token, status, error, the
 provider's request id; the server prices it from its tables. A stream is logged when it
