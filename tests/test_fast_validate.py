@@ -946,6 +946,27 @@ def test_chat_content_is_bounded_as_json() -> None:
     assert check(Case(dumps(fine), "content at half the limit")) == "accepted"
 
 
+@pytest.mark.parametrize(
+    ("value", "verdict"),
+    [
+        ({"k": "\x01" * (schema.MAX_JSON_CHARS // 6 - 3)}, "accepted"),  # 6 bytes a char
+        ({"k": "\x01" * (schema.MAX_JSON_CHARS // 6 + 1)}, "refused"),
+        ({"k": "x" * (schema.MAX_JSON_CHARS - 8)}, "accepted"),  # over the cheap bound
+        ({"k": "x" * (schema.MAX_JSON_CHARS - 7)}, "refused"),
+        ({"n": 10**300, "k": "x"}, "accepted"),  # an integer of any length
+        ({"n": 2**64, "m": -(2**63), "k": "x"}, "accepted"),
+        ({"k": ["x" * (schema.MAX_JSON_CHARS - 10)]}, "accepted"),  # nested
+        ({"k": ["x" * (schema.MAX_JSON_CHARS - 9)]}, "refused"),
+    ],
+    ids=range(8),
+)
+def test_flat_metadata_near_the_size_limit(value: dict[str, Any], verdict: str) -> None:
+    """The fast path skips the JSON size check only where it cannot fail (a flat object whose
+    text is surely short): at the limit, both validators measure, and agree."""
+    body = dumps({**base_event("error"), "metadata": value})
+    assert check(Case(body, "metadata near the limit")) == verdict
+
+
 # --- what msgspec cannot state goes to pydantic, field by field ----------------------------------
 
 

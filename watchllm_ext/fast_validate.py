@@ -47,6 +47,7 @@ import re
 import types
 from collections.abc import Callable, Sequence
 from datetime import datetime
+from functools import partial
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import annotated_types as at
@@ -66,7 +67,7 @@ from pydantic.json_schema import SkipJsonSchema
 from pydantic.types import AllowInfNan
 from pydantic_core import PydanticUndefined
 
-from .schema import Event
+from .schema import MAX_JSON_CHARS, Event, _check_json_size
 
 __all__ = [
     "EVENT_STRUCTS",
@@ -381,7 +382,31 @@ def _field_type(annotation: Any, metadata: list[Any]) -> tuple[Any, Callable[[An
             value = func(value)  # ValueError: pydantic refuses it too
         return value
 
+    if after == [_check_depth, _check_json_size]:
+        return ms_type, partial(_free_json, fix)
     return ms_type, fix
+
+
+_ATOM_CHARS = 28  # the longest JSON text of a 64-bit int, a float, true or null
+
+
+def _free_json(checks: Callable[[Any], Any], value: Any) -> Any:
+    """schema's JSON checks of a free-form value, skipped where they cannot fail: a flat
+    object (no depth to check) whose JSON text is surely within MAX_JSON_CHARS (a character
+    is at most 6 bytes of JSON, an escape). Finite it is: msgspec decodes no NaN, no
+    infinity. Anything else, and anything near the limit, gets the checks themselves."""
+    if type(value) is not dict:
+        return checks(value)
+    bound = 2
+    for key, item in value.items():
+        kind = type(item)
+        if kind is str:
+            bound += 6 * (len(key) + len(item)) + 6
+        elif kind in _CONTAINERS or (kind is int and item.bit_length() > 64):
+            return checks(value)  # nested, or an integer of any length (msgspec keeps it)
+        else:
+            bound += 6 * len(key) + _ATOM_CHARS
+    return value if bound <= MAX_JSON_CHARS else checks(value)
 
 
 def _type(tp: Any, constraints: list[Any]) -> tuple[Any, Callable[[Any], Any] | None]:
