@@ -28,6 +28,7 @@ import multiprocessing
 import re
 import sys
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -178,7 +179,8 @@ class _Owner:
             ready.set()
 
 
-_owners: dict[int, _Owner] = {}
+# Weak: an owner lives as long as a middleware that records through it.
+_owners: weakref.WeakValueDictionary[int, _Owner] = weakref.WeakValueDictionary()
 
 
 def owner_for(

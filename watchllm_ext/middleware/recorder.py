@@ -12,6 +12,7 @@ every `flush_interval_s`. So a host request pays for building a dict, not for an
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -19,7 +20,6 @@ from datetime import UTC, datetime
 from random import getrandbits as _bits
 from typing import TYPE_CHECKING, Any
 
-import anyio
 from pydantic import ValidationError
 
 from ..errors import Problem
@@ -56,12 +56,15 @@ def use_recorder(recorder: Recorder) -> Iterator[Recorder]:
 
 
 class Outbox:
-    """Events waiting to be ingested, bounded; drained by `run()` every `interval_s`."""
+    """Events waiting to be ingested, bounded; the middleware's owner flushes it every
+    `interval_s` (asgi.py, `_Owner`)."""
 
     def __init__(self, max_events: int = 100_000, interval_s: float = 0.1) -> None:
         self.max_events = max_events
         self.interval_s = interval_s
-        self._events: list[dict[str, Any]] = []
+        # A deque: handlers in worker threads append while the loop takes batches off the
+        # front (append and popleft are atomic; a list swapped for a new one could lose one).
+        self._events: deque[dict[str, Any]] = deque()
         # What happened to the events, for tests, the docs' figures and a host's own metrics.
         self.stats = {"ingested": 0, "rejected": 0, "dropped": 0}
 
@@ -80,8 +83,9 @@ class Outbox:
         """Hand everything waiting to WatchLLM (several batches if it holds more than one
         request may carry)."""
         limit = wl.settings.max_batch_events
-        while self._events:
-            batch, self._events = self._events[:limit], self._events[limit:]
+        events = self._events
+        while events:
+            batch = [events.popleft() for _ in range(min(limit, len(events)))]
             try:
                 answer = await wl.ingest(principal, batch)
             except Problem as exc:
@@ -95,23 +99,6 @@ class Outbox:
             if rejected:
                 self.stats["rejected"] += answer.get("rejected_count", len(rejected))
                 log.warning("WatchLLM refused recorded events: %s", rejected[:3])
-
-    async def run(self, wl: WatchLLM, principal: Principal) -> None:
-        """Flush every interval until cancelled (the owner flushes once more at the end)."""
-        dropped = 0
-        while True:
-            await anyio.sleep(self.interval_s)
-            if self._events:
-                try:
-                    await self.flush(wl, principal)
-                except Exception:  # never let one bad flush stop the recording
-                    log.exception("flushing recorded events failed; they are dropped")
-            if self.stats["dropped"] != dropped:
-                log.warning(
-                    "%d recorded events dropped so far (the outbox was full or WatchLLM down)",
-                    self.stats["dropped"],
-                )
-                dropped = self.stats["dropped"]
 
 
 def _now() -> datetime:
