@@ -230,6 +230,11 @@ class Engine:
                 self.windows.pop(old, None)
                 return
 
+    def stored_projects(self) -> set[str]:
+        """The projects that have a stored figure now."""
+        with self._lock:
+            return {k[1] for k, v in self.stored.items() if v is not None}
+
     def observe_stored(self, rule: GuardianRule, project: str, value: float | None) -> Key:
         """The rule's figure for a project read from the store (per-project rules)."""
         key = (rule.name, project, None)

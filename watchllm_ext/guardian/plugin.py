@@ -150,6 +150,9 @@ class Guardian:
         if any(r.project == "*" for r in rules):
             since = now - timedelta(seconds=max(r.window_s for r in rules))
             recent = await anyio.to_thread.run_sync(recent_projects, store, since)
+            # A project whose events all left the window is read once more, so its stored
+            # figure falls back instead of staying at the last value forever.
+            recent = sorted(set(recent) | self.engine.stored_projects())
         enabled: dict[str, bool] = {}
         wanted = [
             (rule, project)
