@@ -185,19 +185,32 @@ class WatchLLM:
     def _background_tasks(self, store: Store | None) -> list[BackgroundTask]:
         return _flatten(self.pm.hook.register_background_tasks(settings=self.settings, store=store))
 
-    def authenticate(self, request: Request, scope: Scope) -> Principal:
+    def authenticate(self, request: Request, scope: Scope | None) -> Principal:
+        """The principal of the request's bearer key, which must have `scope` (None: any
+        valid key): 401 without a key or with an unknown one, 403 without the scope."""
         token = bearer_token(request.headers.get("authorization"))
         if token is None:
             raise unauthorized("send your API key as 'Authorization: Bearer <key>'")
+        return self.principal_for(token, scope, request)
+
+    def principal_for(
+        self,
+        token: str,
+        scope: Scope | None,
+        request: Request | None = None,
+        field: str = "Authorization",
+    ) -> Principal:
+        """The principal of a key (`authenticate` hook), checked as `authenticate` says;
+        `field` names where the key came from in a 403."""
         principal = self.pm.hook.authenticate(token=token, request=request)
         if principal is None:
             raise unauthorized("the API key is not valid (unknown or revoked)")
-        if not principal.can(scope):
+        if scope is not None and not principal.can(scope):
             raise Problem(
                 403,
                 "forbidden",
                 f"this key has no {scope!r} scope (it has: {', '.join(sorted(principal.scopes))})",
-                field="Authorization",
+                field=field,
             )
         return principal
 
@@ -254,11 +267,7 @@ class WatchLLM:
     async def ingest_with_key(self, api_key: str, events: list[dict[str, Any]]) -> dict[str, Any]:
         """`ingest` for the holder of an API key (its project, its ingest scope), on this
         app's event loop: how an in-process SDK client delivers (sdk/context.py)."""
-        principal = self.pm.hook.authenticate(token=api_key, request=None)
-        if principal is None:
-            raise unauthorized("the API key is not valid (unknown or revoked)")
-        if not principal.can("ingest"):
-            raise Problem(403, "forbidden", "this key has no 'ingest' scope", field="api_key")
+        principal = self.principal_for(api_key, "ingest", field="api_key")
         return await self.ingest(principal, events)
 
     def ingest_from_thread(

@@ -20,8 +20,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from ..auth import Principal, Scope, bearer_token
-from ..errors import Problem, unauthorized
+from ..auth import Principal, Scope
+from ..errors import Problem
 from .engine import QuotaUnavailable
 from .plans import WINDOWS, periods
 
@@ -79,13 +79,7 @@ def _wl(request: Request) -> Any:
 def _any_key(request: Request) -> Principal:
     """Any valid key reads its own project's usage (an ingest-only key too: a sender
     should see what it has left)."""
-    token = bearer_token(request.headers.get("authorization"))
-    if token is None:
-        raise unauthorized("send your API key as 'Authorization: Bearer <key>'")
-    principal = _wl(request).pm.hook.authenticate(token=token, request=request)
-    if principal is None:
-        raise unauthorized("the API key is not valid (unknown or revoked)")
-    return principal
+    return _wl(request).authenticate(request, None)
 
 
 def _admin_project(request: Request, scope: Scope) -> str:
