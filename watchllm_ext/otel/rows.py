@@ -1,0 +1,57 @@
+"""A stored span: one row of the `spans` table, as the spool carries it and sinks receive it.
+
+The receiver maps each decoded span (mapping.Span) to a `SpanRow` for its key's project and
+appends them to the spool as one record (flag SPANS in writer.py), beside the v1 events of
+the spans that are LLM work. Sinks that implement `write_spans(rows)` get these rows; the
+others never see them. The JSON of a row (msgspec) is what the store inserts into `spans`
+(JSONEachRow, times RFC 3339 read with best_effort), so the spool's bytes go to ClickHouse as
+they are.
+
+A span is stored once per (project_id, trace_id, span_id): the exporter's re-send after a lost
+answer carries the same span, and the table (ReplacingMergeTree ordered by start time, trace
+and span id) collapses the copies; reads use FINAL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+import msgspec
+
+
+class SpanRow(msgspec.Struct, kw_only=True, gc=False, omit_defaults=True):
+    """The `spans` table's columns. Attribute values are their text (strings as they are,
+    anything else as JSON), so every key sent is kept whatever its type."""
+
+    project_id: str
+    trace_id: str  # 32 lowercase hex digits
+    span_id: str  # 16 lowercase hex digits
+    parent_span_id: str | None = None
+    name: str
+    kind: str  # unspecified, internal, server, client, producer, consumer
+    start_time: datetime  # UTC, microseconds
+    end_time: datetime
+    duration_ms: float
+    status_code: str  # unset, ok, error
+    status_message: str = ""
+    service_name: str = ""
+    event_type: str | None = None  # the v1 event this span also became, if any
+    attributes: dict[str, str] = {}
+    resource_attributes: dict[str, str] = {}
+    span_events: str = "[]"  # JSON: [{"name", "time_unix_nano", "attributes"}]
+    links: str = "[]"  # JSON: [{"trace_id", "span_id", "attributes"}]
+    ingested_at: datetime  # the receipt time; the newest copy wins a collapse
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(list[SpanRow])
+
+
+def encode_rows(rows: Sequence[SpanRow]) -> bytes:
+    """A JSON array of rows (ClickHouse reads it as JSONEachRow)."""
+    return _encoder.encode(rows)
+
+
+def decode_rows(payload: bytes) -> list[SpanRow]:
+    return _decoder.decode(payload)
