@@ -162,13 +162,47 @@ class RunsPage(_Answer):
     next_cursor: str | None
 
 
+class SpanSummary(_Answer):
+    """An OpenTelemetry span as a run tree shows it (the whole span is in the `spans` table)."""
+
+    span_id: str
+    parent_span_id: str | None = None
+    name: str
+    kind: str = Field(description="unspecified, internal, server, client, producer, consumer")
+    start_time: str
+    end_time: str
+    duration_ms: float
+    status_code: str = Field(description="unset, ok, error")
+    status_message: str = ""
+    service_name: str = ""
+    event_type: str | None = Field(
+        default=None, description="the event this span also became (LLM work), if any"
+    )
+    attributes: dict[str, str] = Field(
+        default_factory=dict,
+        description="the first 32 attributes in the order sent, keys and values cut at 200"
+        " characters (values that are not strings are their JSON text)",
+    )
+    attribute_count: int = Field(description="how many attributes the span has in all")
+    span_event_count: int = 0
+    link_count: int = 0
+    truncated_fields: list[str] = Field(
+        default_factory=list,
+        description="the fields shown shortened: `name`, `status_message` (first 200"
+        " characters), `attributes` (some left out or cut)",
+    )
+
+
 class TreeNode(_Answer):
-    kind: Literal["event", "span"]
-    id: str
+    kind: Literal["event", "span"] = Field(
+        description="`event`: a stored event (with `span` too when it came as an OpenTelemetry"
+        " span); `span`: a span that is not LLM work, kept only as a span"
+    )
+    id: str = Field(description="the event id; for a span, its span id")
     parent_id: str | None
     timestamp: str | None
     event: EventSummary | None = None
-    span: dict[str, Any] | None = None
+    span: SpanSummary | None = None
     children: list[TreeNode] = Field(default_factory=list)
 
 
@@ -176,10 +210,15 @@ class RunDetail(_Answer):
     project_id: str
     run: Run
     tree: list[TreeNode]
+    span_count: int = Field(
+        default=0,
+        description="the OpenTelemetry spans stored for this run (its trace); 0 for a run"
+        " sent as events",
+    )
     truncated: bool = Field(
         default=False,
         description="true when the run has more events or spans than the tree holds (the"
-        " first 10,000 of each, in time order, as many as fit in `max_bytes`); `run` still"
-        " counts them all",
+        " first `limit` (at most 10,000) of each, in time order, as many as fit in"
+        " `max_bytes`); `run` and `span_count` still count them all",
     )
     max_bytes: int = Field(description="the bound on this answer's size in bytes")

@@ -421,6 +421,9 @@ ORDER BY min(timestamp), event_id
 LIMIT 1000
 """
 
+# The events and the spans a run tree holds at most, each (the route's `limit` may ask fewer).
+MAX_TREE_NODES = 10_000
+
 _RUN_FIGURES = f"""
     run_id,
     toString(min(timestamp)) AS start,
@@ -477,7 +480,7 @@ GROUP BY run_id
 
 # The columns of LOGS, so that an event in a run tree reads as it does in /logs (cost_source,
 # user, session and tags included).
-# At most 10,000 events, and only those whose summaries, added up in time order, start
+# At most MAX_TREE_NODES events, and only those whose summaries, added up in time order, start
 # within {max_bytes}: a run of 10,000 fat events never reaches Python whole.
 RUN_EVENTS = f"""
 SELECT * FROM (
@@ -487,22 +490,83 @@ SELECT * FROM (
         SELECT {LOG_COLUMNS}, timestamp AS sort_ts, {SUMMARY_BYTES} AS row_bytes
         FROM ({_RUN_ROWS})
         ORDER BY timestamp, event_id
-        LIMIT 10000
+        LIMIT {MAX_TREE_NODES}
     )
 )
 WHERE bytes_before < {{max_bytes:UInt64}}
 ORDER BY sort_ts, event_id
 """
 
-RUN_SPANS = """
-SELECT span_id, parent_span_id, name, kind, toString(start_time) AS ts,
-       duration_ms, status_code, event_type
-FROM (
-    SELECT * FROM spans
-    WHERE project_id = {project:String} AND trace_id = {run_id:String}
-    ORDER BY ingested_at DESC
-    LIMIT 1 BY span_id
-)
-ORDER BY start_time, span_id
-LIMIT 10000
+# --- the spans of a run (an OpenTelemetry trace: run_id = trace id) ---------------------------
+# `spans` is a ReplacingMergeTree keyed on (project, start time, trace, span): FINAL keeps one
+# copy of a span sent twice. Every filter is on sorting-key columns, so ClickHouse filters
+# before it merges and FINAL only merges the trace's own rows.
+_TRACE_SPANS = """
+SELECT * FROM spans FINAL
+WHERE project_id = {project:String} AND trace_id = {run_id:String}
 """
+
+# The trace's figures: whether it has spans at all (a trace whose spans are none of them LLM
+# work has no events, yet is a run), and its time span for the run's figures then.
+RUN_SPAN_FIGURES = f"""
+SELECT count() AS span_count,
+       toString(min(start_time)) AS start,
+       toString(max(end_time)) AS end,
+       dateDiff('millisecond', min(start_time), max(end_time)) AS duration_ms,
+       countIf(status_code = 'error') AS error_count
+FROM ({_TRACE_SPANS})
+"""
+
+# A span in a run tree is a summary, like an event's: name and status message cut at
+# SUMMARY_CHARS characters, the first SPAN_ATTRIBUTES attributes in the order sent with
+# keys and values cut at SUMMARY_CHARS; `*_cut` flags say what was cut. The whole span is
+# in the `spans` table (resource attributes, span events and links are only counted here).
+SPAN_ATTRIBUTES = 32
+SPAN_COLUMNS = f"""
+    span_id, parent_span_id, kind, toString(start_time) AS ts, toString(end_time) AS end_ts,
+    duration_ms, status_code, service_name, event_type,
+    substringUTF8(name, 1, {SUMMARY_CHARS}) AS name_head,
+    lengthUTF8(name) > {SUMMARY_CHARS} AS name_cut,
+    substringUTF8(status_message, 1, {SUMMARY_CHARS}) AS status_message_head,
+    lengthUTF8(status_message) > {SUMMARY_CHARS} AS status_message_cut,
+    arrayMap(k -> substringUTF8(k, 1, {SUMMARY_CHARS}),
+             arraySlice(mapKeys(attributes), 1, {SPAN_ATTRIBUTES})) AS attribute_keys,
+    arrayMap(v -> substringUTF8(v, 1, {SUMMARY_CHARS}),
+             arraySlice(mapValues(attributes), 1, {SPAN_ATTRIBUTES})) AS attribute_values,
+    length(attributes) AS attribute_count,
+    length(attributes) > {SPAN_ATTRIBUTES}
+        OR arrayExists(t -> lengthUTF8(t) > {SUMMARY_CHARS},
+                       arraySlice(arrayConcat(mapKeys(attributes), mapValues(attributes)), 1,
+                                  2 * {SPAN_ATTRIBUTES})) AS attributes_cut,
+    JSONLength(span_events) AS span_event_count,
+    JSONLength(links) AS link_count
+"""
+# A lower bound of a span summary's JSON size (as SUMMARY_BYTES for events): its text plus
+# 400 for the keys, plus quotes, colon and comma around each attribute.
+SPAN_SUMMARY_BYTES = """(400 + length(span_id) + length(ifNull(parent_span_id, ''))
+    + length(name_head) + length(kind) + length(status_message_head) + length(service_name)
+    + length(ifNull(event_type, ''))
+    + arraySum(arrayMap(t -> length(t) + 3, attribute_keys))
+    + arraySum(arrayMap(t -> length(t) + 3, attribute_values)))"""
+
+# The first MAX_TREE_NODES spans in start order whose summaries, added up, start within
+# {max_bytes}: as RUN_EVENTS, a trace of 10,000 fat spans never reaches Python whole.
+RUN_SPANS = f"""
+SELECT * FROM (
+    SELECT *, sum(row_bytes) OVER (ORDER BY sort_ts, span_id ROWS UNBOUNDED PRECEDING)
+        - row_bytes AS bytes_before
+    FROM (
+        SELECT {SPAN_COLUMNS}, start_time AS sort_ts, {SPAN_SUMMARY_BYTES} AS row_bytes
+        FROM ({_TRACE_SPANS})
+        ORDER BY start_time, span_id
+        LIMIT {MAX_TREE_NODES}
+    )
+)
+WHERE bytes_before < {{max_bytes:UInt64}}
+ORDER BY sort_ts, span_id
+"""
+
+# What the route runs: the first {limit} rows of each (its `limit` parameter; RUN_EVENTS and
+# RUN_SPANS keep their parameters for the tests and benches that run them as they are).
+RUN_EVENTS_UP_TO = f"SELECT * FROM ({RUN_EVENTS}) ORDER BY sort_ts, event_id LIMIT {{limit:UInt32}}"
+RUN_SPANS_UP_TO = f"SELECT * FROM ({RUN_SPANS}) ORDER BY sort_ts, span_id LIMIT {{limit:UInt32}}"

@@ -33,6 +33,7 @@ from .models import (
     Run,
     RunDetail,
     RunsPage,
+    SpanSummary,
     Stats,
     Timeseries,
     TimeseriesPoint,
@@ -554,8 +555,8 @@ async def runs(request: Request) -> Response:
 # Deeper nodes hang under their ancestor at this depth (their parent_id still names their
 # parent): a chain of 10,000 events nested one in another cannot be serialised as JSON.
 MAX_TREE_DEPTH = 100
-# The events and spans a run tree holds at most (RUN_EVENTS and RUN_SPANS say LIMIT 10000).
-MAX_TREE_NODES = 10_000
+# The events and spans a run tree holds at most, each; `limit` asks for fewer nodes.
+MAX_TREE_NODES = Q.MAX_TREE_NODES
 
 
 def _tree(nodes: list[TreeNode]) -> list[TreeNode]:
@@ -599,19 +600,74 @@ def _tree(nodes: list[TreeNode]) -> list[TreeNode]:
     return roots
 
 
+def _span_row(row: dict[str, Any]) -> SpanSummary:
+    cut = [name for name in ("name", "status_message", "attributes") if row.get(f"{name}_cut")]
+    return SpanSummary(
+        span_id=row["span_id"],
+        parent_span_id=row.get("parent_span_id") or None,
+        name=row["name_head"],
+        kind=row["kind"],
+        start_time=_iso(row["ts"]) or "",
+        end_time=_iso(row["end_ts"]) or "",
+        duration_ms=float(row["duration_ms"]),
+        status_code=row["status_code"],
+        status_message=row["status_message_head"],
+        service_name=row["service_name"],
+        event_type=row.get("event_type"),
+        attributes=dict(zip(row["attribute_keys"], row["attribute_values"], strict=True)),
+        attribute_count=int(row["attribute_count"]),
+        span_event_count=int(row["span_event_count"]),
+        link_count=int(row["link_count"]),
+        truncated_fields=cut,
+    )
+
+
+def _time_key(iso: str | None) -> str:
+    """A node's time, comparable as text: events are stored to the millisecond and spans to
+    the microsecond, so the fraction is padded to six digits before comparing."""
+    if not iso:
+        return ""
+    whole, _, fraction = iso.rstrip("Z").partition(".")
+    return f"{whole}.{fraction:0<6}"
+
+
+def _span_figures(row: dict[str, Any], run_id: str) -> Run:
+    """The figures of a trace none of whose spans became an event: its time from the spans,
+    no events, no cost."""
+    return Run(
+        run_id=run_id,
+        start=_iso(row["start"]),
+        end=_iso(row["end"]),
+        duration_ms=int(row["duration_ms"]),
+        cost=0.0,
+        tokens_input=0,
+        tokens_output=0,
+        event_count=0,
+        error_count=0,
+    )
+
+
 async def run(request: Request) -> Response:
-    """GET /v1/analytics/runs/{run_id}"""
+    """GET /v1/analytics/runs/{run_id}: the run's events and, for a run that came as an
+    OpenTelemetry trace, its spans that are not events, nested as sent."""
     _, store, project = _context(request)
     run_id = P.ident(request.path_params["run_id"], "run_id")
+    limit = P.limit(request.query_params, default=MAX_TREE_NODES, maximum=MAX_TREE_NODES)
     args = {"project": project, "run_id": run_id}
     rows = await _run(store, Q.RUN, args)
-    if not rows:
+    (span_figures,) = await _run(store, Q.RUN_SPAN_FIGURES, args)
+    span_count = int(span_figures["span_count"])
+    if not rows and not span_count:
         raise Problem(404, "not_found", f"no run {run_id!r} in project {project!r}", field="run_id")
-    # RUN_EVENTS drops in SQL the events that cannot fit the budget; build() counts exactly.
-    events = await _run(store, Q.RUN_EVENTS, {**args, "max_bytes": TREE_MAX_BYTES})
-    spans = await _run(store, Q.RUN_SPANS, args)
+    # RUN_EVENTS and RUN_SPANS drop in SQL the rows that cannot fit the budget; build() counts
+    # exactly. The first `limit` of each hold the first `limit` nodes: a span that is also an
+    # event is one node, so the nodes before any node are at least as many events or spans.
+    bounds = {**args, "max_bytes": TREE_MAX_BYTES, "limit": limit}
+    events = await _run(store, Q.RUN_EVENTS_UP_TO, bounds) if rows else []
+    spans = await _run(store, Q.RUN_SPANS_UP_TO, bounds) if span_count else []
 
     def build() -> RunDetail:
+        span_of = {s["span_id"]: _span_row(s) for s in spans}
         nodes = [
             TreeNode(
                 kind="event",
@@ -619,34 +675,35 @@ async def run(request: Request) -> Response:
                 parent_id=e.get("parent_event_id"),
                 timestamp=_iso(e["ts"]),
                 event=_event_row({**e, "run_id": run_id}),
+                span=span_of.pop(e["event_id"], None),  # an LLM span: its event, with it
             )
             for e in events
         ]
-        seen = {n.id for n in nodes}
         nodes += [
             TreeNode(
                 kind="span",
-                id=s["span_id"],
-                parent_id=s.get("parent_span_id"),
-                timestamp=_iso(s["ts"]),
-                span=s,
+                id=span.span_id,
+                parent_id=span.parent_span_id,
+                timestamp=span.start_time,
+                span=span,
             )
-            for s in spans
-            if s["span_id"] not in seen  # a span stored as an event is shown once
+            for span in span_of.values()
         ]
-        nodes.sort(key=lambda n: (n.timestamp or "", n.id))
+        nodes.sort(key=lambda n: (_time_key(n.span.start_time if n.span else n.timestamp), n.id))
+        nodes = nodes[:limit]
         # Nodes in time order while they fit: each node's JSON alone (children still empty)
         # plus its comma is what it adds to the nested tree.
         kept = _fitting(nodes, TREE_MAX_BYTES - _ENVELOPE)
-        shown_events = sum(1 for n in nodes[:kept] if n.kind == "event")
-        figures = _run_row(rows[0])
+        shown = nodes[:kept]
+        figures = _run_row(rows[0]) if rows else _span_figures(span_figures, run_id)
+        shown_events = sum(1 for n in shown if n.kind == "event")
+        shown_spans = sum(1 for n in shown if n.span is not None)
         return RunDetail(
             project_id=project,
             run=figures,
-            tree=_tree(nodes[:kept]),
-            truncated=kept < len(nodes)
-            or shown_events < figures.event_count
-            or len(spans) >= MAX_TREE_NODES,
+            tree=_tree(shown),
+            span_count=span_count,
+            truncated=shown_events < figures.event_count or shown_spans < span_count,
             max_bytes=TREE_MAX_BYTES,
         )
 
