@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from .plans import WINDOWS, Periods, Plan
 
@@ -52,11 +52,14 @@ class Usage:
 
 class QuotaUnavailable(Exception):
     """The usage backend could not be asked (Redis down or slow). `slow` is a timeout (one
-    late answer), as against an error (refused, reset: Redis is not there)."""
+    late answer), as against an error (refused, reset: Redis is not there). `request`: the
+    command given up at the timeout, still in flight; its `on_late` gets Redis's reply when it
+    comes (resp.py), so what it counted there can be taken back here."""
 
-    def __init__(self, message: str, *, slow: bool = False) -> None:
+    def __init__(self, message: str, *, slow: bool = False, request: Any = None) -> None:
         super().__init__(message)
         self.slow = slow
+        self.request = request
 
 
 class UsageBackend(Protocol):
@@ -76,7 +79,10 @@ class UsageBackend(Protocol):
         holds for the project (None: none assigned), which may differ from `plan_name`."""
         ...
 
-    async def add_bytes(self, project: str, n_bytes: int, p: Periods) -> None: ...
+    async def add_counts(self, project: str, n_events: int, n_bytes: int, p: Periods) -> None:
+        """Add to the day and month event counters and the month's payload bytes, without a
+        check (either may be negative: a correction)."""
+        ...
 
     async def show(self, project: str, p: Periods) -> Usage: ...
 
@@ -251,8 +257,10 @@ class MemoryUsage:
         for key in (f"day:{p.day}", f"month:{p.month}"):
             state.counters[key] = state.counters.get(key, 0) + n
 
-    async def add_bytes(self, project: str, n_bytes: int, p: Periods) -> None:
+    async def add_counts(self, project: str, n_events: int, n_bytes: int, p: Periods) -> None:
         state = self._state(project, p)
+        if n_events:
+            self._add(state, p, n_events)
         key = f"bytes:{p.month}"
         state.counters[key] = state.counters.get(key, 0) + n_bytes
 

@@ -10,6 +10,7 @@ before an LLM call. A limit left out is no limit.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -70,7 +71,25 @@ class Periods:
 
 
 def periods(now: datetime | None = None) -> Periods:
-    now = now or datetime.now(UTC)
+    """The periods of `now` (default: this moment). Asked once per quota check: the calendar
+    work is done once a day, the rest is a subtraction."""
+    global _today
+    if now is None:
+        at = time.time()
+        day, month, day_ends, month_ends = _today  # one read: the tuple is replaced whole
+        if day_ends - 86_400 <= at < day_ends:
+            return Periods(day, month, day_ends - at, month_ends - at)
+        found = _periods_at(datetime.fromtimestamp(at, UTC))
+        _today = (found.day, found.month, at + found.day_reset_s, at + found.month_reset_s)
+        return found
+    return _periods_at(now)
+
+
+# Today's periods: the day, the month, and when each ends (epoch seconds); set when first asked.
+_today: tuple[str, str, float, float] = ("", "", 0.0, 0.0)
+
+
+def _periods_at(now: datetime) -> Periods:
     day_start = now.replace(hour=0, minute=0, second=0, microsecond=0)
     next_day = day_start + timedelta(days=1)
     month_start = day_start.replace(day=1)

@@ -22,6 +22,7 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -91,6 +92,7 @@ class QuotaPlugin:
         self.fallbacks = {"open": 0, "closed": 0}
         self.denials: dict[str, int] = defaultdict(int)
         self.errors = 0
+        self.late_replies = 0  # checks given up at the timeout that Redis answered later
         self.store: Store | None = None
         self.spend = SpendCache(settings.quota_budget_refresh_s)
         self._down_until = 0.0
@@ -198,6 +200,11 @@ class QuotaPlugin:
                 self.carry_events[project] += carry_events
             if carry_bytes:
                 self.pending_bytes[project] += carry_bytes
+            if exc.request is not None:
+                # Given up at the timeout but still in flight: Redis may run it yet.
+                exc.request.on_late = partial(
+                    self._late_reply, project, n, carry_events, carry_bytes
+                )
             return self._fallback(project, n, p, exc, asked=not resting)
         self._slow_in_a_row = 0
         if self._down_since is not None:
@@ -209,6 +216,20 @@ class QuotaPlugin:
             # Another process (or Stripe through it) changed the plan: from the next request.
             self.assigned[project] = held
         return outcome
+
+    def _late_reply(
+        self, project: str, n: int, carry_events: int, carry_bytes: int, reply: Any
+    ) -> None:
+        """The reply of a check given up at its timeout (answered by the fallback meanwhile).
+        A script's answer means Redis ran it: it added the carry it was sent and, when the
+        batch fitted, counted it. This process takes those back from what it will report, so
+        each event is counted once (and a batch the fallback refused, not at all). A lost
+        connection (LOST) or an error reply: Redis did not run it, or cannot say."""
+        if not isinstance(reply, list):
+            return
+        self.late_replies += 1
+        self.carry_events[project] -= carry_events + (n if reply[0] == 1 else 0)
+        self.pending_bytes[project] -= carry_bytes
 
     def _fallback(
         self, project: str, n: int, p: Periods, exc: Exception, asked: bool = True
@@ -336,22 +357,26 @@ class QuotaPlugin:
 
     # --- usage (routes and CLI) ---------------------------------------------------------------
 
-    async def flush_bytes(self, p: Periods) -> None:
-        for project in list(self.pending_bytes):
-            n = self.pending_bytes.pop(project, 0)
-            if not n:
+    async def flush_counts(self, p: Periods) -> None:
+        """Send what the backend has yet to count: payload bytes of accepted events, events
+        taken while Redis was away, corrections from late replies."""
+        for project in {*self.pending_bytes, *self.carry_events}:
+            events = self.carry_events.pop(project, 0)
+            size = self.pending_bytes.pop(project, 0)
+            if not events and not size:
                 continue
             try:
-                await self.backend.add_bytes(project, n, p)
+                await self.backend.add_counts(project, events, size, p)
             except QuotaUnavailable:
-                self.pending_bytes[project] += n
+                self.carry_events[project] += events
+                self.pending_bytes[project] += size
                 raise
 
     async def report(self, project: str) -> dict[str, Any]:
         """What `GET /v1/usage` and `watchllm usage show` answer."""
         name, plan = self.plan_for(project)
         p = periods()
-        await self.flush_bytes(p)
+        await self.flush_counts(p)
         held = await self.backend.get_plan(project)
         if held != self.assigned.get(project):
             self.assigned[project] = held
@@ -413,15 +438,16 @@ class QuotaPlugin:
 
 def _background(plugin: QuotaPlugin) -> BackgroundTask:
     async def keep_usage() -> None:
-        """Send counted payload bytes to the backend every second (so `usage show` is
-        current between requests); close the backend at shutdown."""
+        """Send counted payload bytes and carried events to the backend every second (so
+        `usage show` is current between requests); close the backend at shutdown."""
         try:
             while True:
                 await anyio.sleep(1.0)
-                if plugin.pending_bytes and time.monotonic() >= plugin._down_until:
+                waiting = any(plugin.pending_bytes.values()) or any(plugin.carry_events.values())
+                if waiting and time.monotonic() >= plugin._down_until:
                     # Kept for the next try when it fails; the check path reports the outage.
                     with contextlib.suppress(QuotaUnavailable):
-                        await plugin.flush_bytes(periods())
+                        await plugin.flush_counts(periods())
         finally:
             with anyio.CancelScope(shield=True):
                 await plugin.backend.close()

@@ -1,6 +1,7 @@
 """Usage in Redis, shared by every WatchLLM process in front of it.
 
-Each check is one round trip: a Lua script (atomic in Redis, so concurrent batches from any
+Each check is one round trip (EVALSHA, pipelined with the other requests' checks on one
+connection per process: resp.py): a Lua script (atomic in Redis, so concurrent batches from any
 number of processes are counted exactly) drains the minute bucket by Redis's own clock,
 checks every window, counts the batch only if all of them have room, and returns the plan
 the project holds, so a plan change reaches every process on its next request. All keys of a
@@ -8,7 +9,9 @@ project share the hash tag `{project}` (one slot in a Redis Cluster).
 
 Any Redis error or a reply slower than `quota_redis_timeout_ms` raises QuotaUnavailable; the
 plugin then fails open or closed (plugin.py). A timeout is not retried (that would only add
-the timeout again to a request that is waiting); a broken connection is, once.
+the timeout again to a request that is waiting), and the check given up stays in flight: its
+late reply says whether Redis counted it. The other commands (usage show/set/reset, plans,
+billing ids) are rare and go through redis-py, whose broken connections are retried once.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from redis.exceptions import RedisError
 
 from .engine import MINUTE_MS, Outcome, QuotaUnavailable, Usage, drained
 from .plans import WINDOWS, Periods, Plan
+from .resp import ConnectionLost, ReplyError, Request, RespClient
 
 PREFIX = "wlq"
 GRACE_TURNS = 4  # loop turns a reply may take to be read once the timeout has passed
@@ -35,7 +39,8 @@ BILLING_SEEN_TTL_S = 30 * 86_400  # Stripe retries a delivery for 3 days; keep i
 # KEYS: 1 minute bucket (hash: u = level in events, t = ms), 2 day counter, 3 month counter,
 #       4 payload bytes of the month, 5 the project's plan ("name|at").
 # ARGV: 1 n, 2-5 limits (minute, day, month, bytes; 0 = none), 6 day ttl s, 7 month ttl s,
-#       8 events to add first (taken while Redis was away), 9 payload bytes to add first.
+#       8 events to add first (taken while Redis was away; negative: a check given up at its
+#       timeout that Redis ran after all), 9 payload bytes to add first.
 # The steps of engine.decide, kept in step with it (tests run both on the same cases).
 CHECK_SCRIPT = """
 local n = tonumber(ARGV[1])
@@ -44,16 +49,15 @@ local day_ttl, month_ttl = tonumber(ARGV[6]), tonumber(ARGV[7])
 local carry_events, carry_bytes = tonumber(ARGV[8]), tonumber(ARGV[9])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-if carry_events > 0 then
-  redis.call('INCRBY', KEYS[2], carry_events)
-  redis.call('EXPIRE', KEYS[2], day_ttl)
-  redis.call('INCRBY', KEYS[3], carry_events)
-  redis.call('EXPIRE', KEYS[3], month_ttl)
+local function add(key, by, ttl)
+  if redis.call('INCRBY', key, by) < 0 then redis.call('SET', key, 0) end
+  redis.call('EXPIRE', key, ttl)
 end
-if carry_bytes > 0 then
-  redis.call('INCRBY', KEYS[4], carry_bytes)
-  redis.call('EXPIRE', KEYS[4], month_ttl)
+if carry_events ~= 0 then
+  add(KEYS[2], carry_events, day_ttl)
+  add(KEYS[3], carry_events, month_ttl)
 end
+if carry_bytes ~= 0 then add(KEYS[4], carry_bytes, month_ttl) end
 local used = {0, 0, 0, 0}
 if lim[1] > 0 then
   local h = redis.call('HMGET', KEYS[1], 'u', 't')
@@ -175,6 +179,12 @@ class RedisUsage:
         self._client: Redis | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scripts: dict[str, Any] = {}
+        # The check's own connection (TLS URLs: redis-py's, as the other commands).
+        self._fast: RespClient | None = None
+        if RespClient.supports(url):
+            backstop = max(1.0, timeout_s * 10)
+            self._fast = RespClient(url, connect_timeout_s=backstop, stale_s=backstop)
+            self._fast.add_script("check", CHECK_SCRIPT)
 
     def _redis(self) -> Redis:
         # A client belongs to one event loop (the server's; asyncio.run's for the CLI).
@@ -229,7 +239,7 @@ class RedisUsage:
             )
         try:
             return task.result()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (RedisError, OSError, TimeoutError, ReplyError) as exc:
             where = self._where()
             raise QuotaUnavailable(
                 f"Redis at {where}: {type(exc).__name__}: {exc}",
@@ -251,12 +261,14 @@ class RedisUsage:
         carry_events: int = 0,
         carry_bytes: int = 0,
     ) -> tuple[Outcome, str | None]:
-        self._redis()
-        script = self._scripts["check"]
         args = [n, *plan.limits(), p.day_ttl_s, p.month_ttl_s, carry_events, carry_bytes]
-        reply = await self._call(
-            lambda: script(keys=[*keys(project, p), plan_key(project)], args=args)
-        )
+        names = [*keys(project, p), plan_key(project)]
+        if self._fast is not None:
+            reply = await self._check_fast(self._fast, names, args)
+        else:
+            self._redis()
+            script = self._scripts["check"]
+            reply = await self._call(lambda: script(keys=names, args=args))
         allowed, fit, denied, r1, r2, r3, r4, retry, reset, held = reply
         outcome = Outcome(
             bool(allowed),
@@ -269,14 +281,55 @@ class RedisUsage:
         )
         return outcome, _plan_name(held)
 
-    async def add_bytes(self, project: str, n_bytes: int, p: Periods) -> None:
-        key = keys(project, p)[3]
+    async def _check_fast(self, fast: RespClient, names: list[str], args: list[Any]) -> Any:
+        conn = fast.ready()
+        if conn is None:
+            conn = await self._call(fast.connect)
+        reply = await self._wait(fast.evalsha(conn, "check", names, args))
+        if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
+            # The scripts are loaded at connect; a SCRIPT FLUSH since then: send it whole.
+            reply = await self._wait(fast.eval(conn, "check", names, args))
+        if isinstance(reply, ReplyError):
+            raise QuotaUnavailable(f"Redis at {self._where()}: {reply}")
+        return reply
+
+    async def _wait(self, request: Request) -> Any:
+        """The reply of a pipelined command, or QuotaUnavailable: late (past the timeout; the
+        command stays in flight, see QuotaUnavailable.request) or its connection lost."""
+        future = request.future
+        if not future.done():
+            deadline = _Deadline(future, self.timeout_s, self._where())
+            try:
+                await future
+            except QuotaUnavailable as exc:
+                exc.request = request
+                raise
+            except ConnectionLost as exc:
+                raise QuotaUnavailable(f"Redis at {self._where()}: {exc}") from exc
+            finally:
+                deadline.cancel()
+        try:
+            return future.result()
+        except ConnectionLost as exc:
+            raise QuotaUnavailable(f"Redis at {self._where()}: {exc}") from exc
+
+    async def add_counts(self, project: str, n_events: int, n_bytes: int, p: Periods) -> None:
+        _, day, month, payload = keys(project, p)
+        sums = [(day, n_events, p.day_ttl_s), (month, n_events, p.month_ttl_s)] if n_events else []
+        if n_bytes:
+            sums.append((payload, n_bytes, p.month_ttl_s))
+        if not sums:
+            return
 
         async def run() -> None:
-            async with self._redis().pipeline(transaction=False) as pipe:
-                pipe.incrby(key, n_bytes)
-                pipe.expire(key, p.month_ttl_s)
-                await pipe.execute()
+            async with self._redis().pipeline(transaction=True) as pipe:
+                for key, by, ttl in sums:
+                    pipe.incrby(key, by)
+                    pipe.expire(key, ttl)
+                totals = await pipe.execute()
+            below = [key for (key, _, _), total in zip(sums, totals[::2], strict=True) if total < 0]
+            if below:  # a correction larger than the count (a new period began): 0, not less
+                await self._redis().set(below[0], 0, keepttl=True)
 
         await self._call(run)
 
@@ -336,11 +389,54 @@ class RedisUsage:
         return bool(done)
 
     async def close(self) -> None:
+        if self._fast is not None:
+            self._fast.close()
         client, self._client = self._client, None
         if client is not None:
             # Closing a client whose loop is gone or whose server is down.
             with contextlib.suppress(RedisError, OSError, RuntimeError):
                 await client.aclose()
+
+
+class _Deadline:
+    """Gives up waiting for a reply after `timeout_s`, as `_call` does: a loop that wakes us
+    late (it is busy, and the reply waits behind the same work) gets that delay again, bounded,
+    and a reply already in the socket gets a few loop turns to be read. No task, one timer."""
+
+    __slots__ = ("extended", "future", "handle", "started", "timeout_s", "turns", "where")
+
+    def __init__(self, future: asyncio.Future[Any], timeout_s: float, where: str) -> None:
+        loop = future.get_loop()
+        self.future = future
+        self.timeout_s = timeout_s
+        self.where = where
+        self.started = loop.time()
+        self.extended = False
+        self.turns = 0
+        self.handle: asyncio.Handle = loop.call_later(timeout_s, self.fire)
+
+    def fire(self) -> None:
+        future = self.future
+        if future.done():
+            return
+        loop = future.get_loop()
+        late = loop.time() - self.started - self.timeout_s
+        if not self.extended and late > 0:
+            self.extended = True
+            self.handle = loop.call_later(min(2 * late, MAX_EXTRA_WAIT_S), self.fire)
+        elif self.turns < GRACE_TURNS:
+            self.turns += 1
+            self.handle = loop.call_soon(self.fire)
+        else:
+            future.set_exception(
+                QuotaUnavailable(
+                    f"Redis at {self.where} did not answer within {self.timeout_s * 1000:g} ms",
+                    slow=True,
+                )
+            )
+
+    def cancel(self) -> None:
+        self.handle.cancel()
 
 
 def minute_reset_s(level: float, limit: int) -> float:
