@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -54,6 +54,7 @@ from .metrics import make_registry, metrics_endpoint
 from .observability.metrics import RequestMetrics, counting_rejections, ops_metrics, time_queries
 from .observability.sentry import ensure_sentry
 from .openapi import openapi_endpoint
+from .otel.rows import SpanRow
 from .plugins import describe_plugins, get_plugin_manager
 from .quota import QuotaDecision
 from .schema import EVENT_LIST_ADAPTER, require_server_filled
@@ -283,7 +284,8 @@ class WatchLLM:
         future = asyncio.run_coroutine_threadsafe(self.ingest_with_key(api_key, events), loop)
         return future.result(timeout_s)
 
-    async def submit(self, events: list[Any]) -> None:
+    async def submit(self, events: list[Any], spans: Sequence[SpanRow] = ()) -> None:
+        """Events (and OpenTelemetry span rows) into the spool: 503 when it cannot take them."""
         if self.writer is None:
             raise Problem(
                 503,
@@ -293,7 +295,7 @@ class WatchLLM:
                 headers={"Retry-After": "5"},
             )
         try:
-            await self.writer.submit(events)
+            await self.writer.submit(events, spans)
         except WriterFull as exc:
             raise Problem(
                 503,
@@ -751,7 +753,10 @@ async def admin_replay_dead_letters(request: Request) -> Response:
     replayed = 0
     for entry in taken.entries:
         await writer.submit_for(
-            entry.sink, targeted_payload(entry.sink, entry.events), len(entry.events)
+            entry.sink,
+            targeted_payload(entry.sink, entry.events, entry.kind),
+            len(entry.events),
+            spans=entry.kind == "spans",
         )
         replayed += len(entry.events)
     done(taken.moved)

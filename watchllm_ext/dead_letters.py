@@ -37,6 +37,7 @@ class DeadLetter:
     reason: str
     events: list[Any]
     raw: str | None = None  # a record that could not be decoded: kept as text, no events
+    kind: str = "events"  # or "spans": OpenTelemetry span rows (otel/rows.py) in `events`
 
     def for_project(self, project_id: str | None) -> DeadLetter:
         """This entry narrowed to one project's events (None: all of them)."""
@@ -48,13 +49,16 @@ class DeadLetter:
         return replace(self, events=[e for e in self.events if _project_of(e) != project_id])
 
     def as_record(self) -> dict[str, Any]:
-        return {
+        record = {
             "at": self.at,
             "sink": self.sink,
             "reason": self.reason,
             "events": self.events if self.raw is None else None,
             "raw": self.raw,
         }
+        if self.kind != "events":
+            record["kind"] = self.kind
+        return record
 
 
 @dataclass
@@ -111,6 +115,7 @@ def parse_dead_letters(data: bytes) -> Found:
                 str(record["reason"]),
                 events if isinstance(events, list) else [],
                 raw if isinstance(raw, str) else None,
+                "spans" if record.get("kind") == "spans" else "events",
             )
         except (ValueError, KeyError, TypeError, AttributeError):
             found.torn_records += 1
@@ -182,8 +187,10 @@ def _complete_length(fd: int, size: int) -> int:
     return 0
 
 
-def dead_letter(sink: str, reason: str, events: list[Any] | None, raw: str | None) -> DeadLetter:
-    return DeadLetter(sink, datetime.now(UTC).isoformat(), reason, events or [], raw)
+def dead_letter(
+    sink: str, reason: str, events: list[Any] | None, raw: str | None, kind: str = "events"
+) -> DeadLetter:
+    return DeadLetter(sink, datetime.now(UTC).isoformat(), reason, events or [], raw, kind)
 
 
 # --- replaying ----------------------------------------------------------------------------------
@@ -251,11 +258,12 @@ def done(moved: list[Path]) -> None:
         path.rename(path.with_name(path.name.replace(".replaying-", ".replayed-")))
 
 
-def targeted_payload(sink: str, events: list[Any]) -> bytes:
-    return json.dumps({"sink": sink, "events": events}).encode()
+def targeted_payload(sink: str, events: list[Any], kind: str = "events") -> bytes:
+    return json.dumps({"sink": sink, "spans" if kind == "spans" else "events": events}).encode()
 
 
 def summary(entries: list[DeadLetter]) -> list[dict[str, Any]]:
     return [
-        {"sink": e.sink, "at": e.at, "reason": e.reason, "events": len(e.events)} for e in entries
+        {"sink": e.sink, "at": e.at, "reason": e.reason, "events": len(e.events), "kind": e.kind}
+        for e in entries
     ]

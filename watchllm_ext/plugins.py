@@ -34,6 +34,7 @@ DEFAULT_PLUGINS = (
     "watchllm_ext.notify.webhook",
     "watchllm_ext.notify.slack",
     "watchllm_ext.observability.otel_metrics",
+    "watchllm_ext.otel.plugin",
 )
 
 

@@ -44,11 +44,13 @@ import anyio
 
 from .dead_letters import append_dead_letter, dead_letter
 from .fast_validate import encode_event_lines, encode_events, to_models
+from .otel.rows import SpanRow, decode_rows, encode_rows
 from .spool import Position, Record, SpoolFull
 
 log = logging.getLogger("watchllm.writer")
 
 TARGETED = 1  # record flag: the record is for one sink only (a dead-letter replay)
+SPANS = 2  # record flag: the record holds OpenTelemetry span rows (otel/rows.py), not events
 
 
 @runtime_checkable
@@ -59,7 +61,12 @@ class Sink(Protocol):
     A sink that reads events by attribute only (the contract's field names) sets
     `reads_structs = True` and gets the server's event structs as they are; any other sink
     gets pydantic models, as sinks always did (converted on a worker thread, about 2 us an
-    event: a sink that wants speed opts in)."""
+    event: a sink that wants speed opts in).
+
+    A sink that also stores or forwards OpenTelemetry spans defines
+    `async def write_spans(self, rows: Sequence[SpanRow]) -> None` (same retry and dead-letter
+    rules); a sink without it never sees span records. The spans that are LLM work reach
+    `write` as events too."""
 
     name: str
 
@@ -263,34 +270,50 @@ class Writer:
 
     # --- the narrow interface ---------------------------------------------------------------
 
-    async def submit(self, events: Sequence[Any]) -> None:
-        """Put events in the log; returns once they are as durable as the log promises.
+    async def submit(self, events: Sequence[Any], spans: Sequence[SpanRow] = ()) -> None:
+        """Put events (and span rows: one more record) in the log; returns once they are as
+        durable as the log promises (one sync for both records).
 
-        Raises WriterFull (no room now) or WriterClosed (not running).
+        Raises WriterFull (no room now) or WriterClosed (not running). When the span record
+        finds no room after the events' record was written, the events stay (the client's
+        re-send finds them stored once: ids are idempotency keys) and WriterFull is raised.
         """
         if not self._accepting:
             raise WriterClosed("the writer is not running")
-        payload = self.encode(events) if getattr(self.log, "needs_payload", True) else b""
+        needs_payload = getattr(self.log, "needs_payload", True)
+        end: Position | None = None
         try:
-            record = self.log.write(payload, len(events))
+            if events:
+                payload = self.encode(events) if needs_payload else b""
+                end = self._append(payload, events, 0)
+            if spans:
+                payload = encode_rows(spans) if needs_payload else b""
+                end = self._append(payload, spans, SPANS)
         except SpoolFull as exc:
             self.full_total += 1
+            if end is not None:
+                await self.log.sync_to(end)
             raise WriterFull(str(exc), exc.retry_after_s) from None
+        self.accepted_events_total += len(events)
+        if end is not None:
+            await self.log.sync_to(end)
+
+    def _append(self, payload: bytes, items: Sequence[Any], flags: int) -> Position:
+        record = self.log.write(payload, len(items), flags)
         if not self.sinks:
             self.log.release(record.end)  # nobody to deliver to: nothing to keep
         elif not getattr(self.log, "needs_payload", True) or (
-            self._cached_events + len(events) <= self.memory_max_events
+            self._cached_events + len(items) <= self.memory_max_events
         ):
-            self._cache[record.start] = list(events)
-            self._cached_events += len(events)
-        self.accepted_events_total += len(events)
-        await self.log.sync_to(record.end)
+            self._cache[record.start] = list(items)
+            self._cached_events += len(items)
+        return record.end
 
-    async def submit_for(self, sink: str, payload: bytes, count: int) -> None:
+    async def submit_for(self, sink: str, payload: bytes, count: int, spans: bool = False) -> None:
         """Put a record for one sink only into the log (a dead-letter replay)."""
         if not self._accepting:
             raise WriterClosed("the writer is not running")
-        record = self.log.write(payload, count, TARGETED)
+        record = self.log.write(payload, count, TARGETED | SPANS if spans else TARGETED)
         await self.log.sync_to(record.end)
 
     async def flush(self, timeout_s: float | None = None) -> bool:
@@ -409,7 +432,16 @@ class Writer:
                 await self.log.wait_appended()
                 continue
             state.oldest_pending_ms = records[0].appended_ms
-            events = await self._events_of(records, state.sink.name)
+            span_records = [r for r in records if r.flags & SPANS]
+            if span_records:
+                records_of_events = [r for r in records if not r.flags & SPANS]
+                if hasattr(state.sink, "write_spans"):
+                    rows = await self._spans_of(span_records, state.sink.name)
+                    if rows:
+                        await self._write_with_retry(state, rows, spans=True)
+            else:
+                records_of_events = records
+            events = await self._events_of(records_of_events, state.sink.name)
             if events and not getattr(state.sink, "reads_structs", False):
                 events = await anyio.to_thread.run_sync(_as_models, events)
             if events:
@@ -454,23 +486,41 @@ class Writer:
             events.payloads = None  # events refused on reading went to the dead letters
         return events
 
+    async def _spans_of(self, records: list[Record], sink: str) -> list[SpanRow]:
+        rows: list[SpanRow] = []
+        missing = [r for r in records if r.start not in self._cache]
+        decoded: dict[Position, list[Any]] = {}
+        if missing:
+            decoded = await anyio.to_thread.run_sync(self._decode_records, missing, sink)
+        for record in records:
+            if record.flags & TARGETED:
+                rows.extend(decoded.get(record.start, []))
+            elif record.start in self._cache:
+                rows.extend(self._cache[record.start])
+            else:
+                rows.extend(decoded.get(record.start, []))
+        return rows
+
     def _decode_records(self, records: list[Record], sink: str) -> dict[Position, list[Any]]:
         out: dict[Position, list[Any]] = {}
         for record in records:
             payload = record.payload
+            spans = bool(record.flags & SPANS)
             try:
                 if record.flags & TARGETED:
                     wrapper = json.loads(payload)
                     if wrapper.get("sink") != sink:
                         continue
-                    payload = json.dumps(wrapper["events"]).encode()
-                out[record.start] = self.decode(payload)
+                    payload = json.dumps(wrapper["spans" if spans else "events"]).encode()
+                out[record.start] = decode_rows(payload) if spans else self.decode(payload)
             except Exception as exc:
                 log.error("spool record at %s cannot be decoded: %s", record.start, exc)
-                out[record.start] = self._decode_each(sink, payload, exc)
+                out[record.start] = self._decode_each(sink, payload, exc, spans)
         return out
 
-    def _decode_each(self, sink: str, payload: bytes, whole: Exception) -> list[Any]:
+    def _decode_each(
+        self, sink: str, payload: bytes, whole: Exception, spans: bool = False
+    ) -> list[Any]:
         """A record that does not decode as a whole (an event the contract now refuses, say
         after an upgrade tightened a range): the events that decode go on, the others go to
         the dead letters as they were, with their project, so none of an answered request
@@ -480,32 +530,39 @@ class Writer:
         except ValueError:
             items = None
         if not isinstance(items, list):
-            self._dead_letter_raw(sink, payload, f"cannot decode: {whole}")
+            self._dead_letter_raw(sink, payload, f"cannot decode: {whole}", spans)
             return []
+        decode = decode_rows if spans else self.decode
         good: list[Any] = []
         bad: list[Any] = []
         first_error = ""
         for item in items:
             try:
-                good.extend(self.decode(json.dumps([item]).encode()))
+                good.extend(decode(json.dumps([item]).encode()))
             except Exception as exc:
                 bad.append(item)
                 first_error = first_error or str(exc)
         if bad:
-            reason = f"cannot decode {len(bad)} of {len(items)} events: {first_error}"
-            self._dead_letter_raw(sink, json.dumps(bad).encode(), reason[:2000])
+            what = "spans" if spans else "events"
+            reason = f"cannot decode {len(bad)} of {len(items)} {what}: {first_error}"
+            self._dead_letter_raw(sink, json.dumps(bad).encode(), reason[:2000], spans)
         return good
 
-    async def _write_with_retry(self, state: SinkState, events: list[Any]) -> None:
+    async def _write_with_retry(
+        self, state: SinkState, events: list[Any], spans: bool = False
+    ) -> None:
         attempt = 0
         while True:
             try:
-                await state.sink.write(events)
+                if spans:
+                    await state.sink.write_spans(events)  # type: ignore[attr-defined]
+                else:
+                    await state.sink.write(events)
             except Exception as exc:
                 state.last_error = f"{type(exc).__name__}: {exc}"[:500]
                 if getattr(exc, "permanent", False):
                     state.failing_since = None
-                    await anyio.to_thread.run_sync(self._dead_letter, state, events)
+                    await anyio.to_thread.run_sync(self._dead_letter, state, events, spans)
                     return
                 if state.failing_since is None:
                     state.failing_since = time.monotonic()
@@ -525,17 +582,19 @@ class Writer:
             state.delivered_batches_total += 1
             return
 
-    def _dead_letter(self, state: SinkState, events: list[Any]) -> None:
+    def _dead_letter(self, state: SinkState, events: list[Any], spans: bool = False) -> None:
         state.dead_letter_events_total += len(events)
         log.error(
-            "sink %s refused %d events for good (%s); they are in the dead letters",
+            "sink %s refused %d %s for good (%s); they are in the dead letters",
             state.sink.name,
             len(events),
+            "spans" if spans else "events",
             state.last_error,
         )
-        self._dead_letter_raw(state.sink.name, self.encode(events), state.last_error or "")
+        payload = encode_rows(events) if spans else self.encode(events)
+        self._dead_letter_raw(state.sink.name, payload, state.last_error or "", spans)
 
-    def _dead_letter_raw(self, sink: str, payload: bytes, reason: str) -> None:
+    def _dead_letter_raw(self, sink: str, payload: bytes, reason: str, spans: bool = False) -> None:
         folder = self.log.dead_letter_dir
         if folder is None:
             return  # the memory log keeps no dead letters; they are counted and logged
@@ -545,6 +604,7 @@ class Writer:
             reason,
             json.loads(payload) if listed else None,
             None if listed else payload.decode(errors="replace"),
+            "spans" if spans else "events",
         )
         # One fsynced line per entry; a torn tail from a crash is cut off first (dead_letters).
         append_dead_letter(folder / f"{_safe(sink)}.jsonl", entry)

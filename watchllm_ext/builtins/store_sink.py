@@ -36,6 +36,7 @@ import anyio
 
 from ..fast_validate import to_models
 from ..hookspecs import hookimpl
+from ..otel.rows import SpanRow, encode_rows
 from ..settings import Settings
 from ..store import Store, StoreError, apply_migrations
 from ..store.base import cluster_of
@@ -61,6 +62,7 @@ EVENT_TABLES = (
 # recomputation replaces only the groups (model, type, status) the hour still has.
 ROLLUP_TABLES = ("hourly_usage_by_project", "hourly_totals_by_project")
 
+SPANS_TABLE = "spans"
 Key = tuple[str, str]  # (project_id, event_id)
 # The schema's id alphabet (schema.Id): such ids need no escaping inside a quoted literal.
 _PLAIN_IDS = re.compile(r"[A-Za-z0-9_.:\-]*")
@@ -300,6 +302,23 @@ class StoreSink:
                 self._seen.add_all(inserted)
             if self._shared:
                 drop_later_copies(self.store, lookup_times(self.store, inserted))
+
+    async def write_spans(self, rows: Sequence[SpanRow]) -> None:
+        await anyio.to_thread.run_sync(self._write_spans, rows)
+
+    def _write_spans(self, rows: Sequence[SpanRow]) -> None:
+        # Exactly once without a look-up: a re-sent span is the same row (same start time,
+        # trace and span id: the table's key), which `spans` (ReplacingMergeTree) collapses.
+        if not self._schema_checked:
+            try:
+                apply_migrations(self.store)
+            except StoreError as exc:
+                raise SinkError(f"the store's schema is not ready: {exc}") from exc
+            self._schema_checked = True
+        insert_json = getattr(self.store, "insert_json", None)
+        if insert_json is None:
+            raise SinkError(f"store {self.store.name} cannot insert JSON rows", permanent=True)
+        insert_json(SPANS_TABLE, encode_rows(rows), JSON_INPUT_SETTINGS)
 
     def _insert(self, events: Sequence[Any]) -> None:
         insert_json = getattr(self.store, "insert_json", None)

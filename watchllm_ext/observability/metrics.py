@@ -53,6 +53,19 @@ class OpsMetrics:
             ["rule"],
             registry=registry,
         )
+        self.otel_spans = Counter(
+            "watchllm_otel_spans",
+            "OpenTelemetry spans received, by outcome (accepted, rejected)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.otel_unmapped = Counter(
+            "watchllm_otel_unmapped_attributes",
+            "Attributes of LLM spans that no mapping rule read, by key (kept in `spans` and the"
+            " event's metadata); past 1,000 keys the rest count under key=(other)",
+            ["key"],
+            registry=registry,
+        )
         self.queries = Histogram(
             "watchllm_store_query_duration_seconds",
             "Time of a read query on the store (analytics, Guardian, admin)",

@@ -20,7 +20,7 @@ from datetime import datetime
 import msgspec
 
 
-class SpanRow(msgspec.Struct, kw_only=True, gc=False, omit_defaults=True):
+class SpanRow(msgspec.Struct, kw_only=True, gc=False):
     """The `spans` table's columns. Attribute values are their text (strings as they are,
     anything else as JSON), so every key sent is kept whatever its type."""
 

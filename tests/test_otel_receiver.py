@@ -1,0 +1,314 @@
+"""The OTLP/HTTP receiver with the real opentelemetry-sdk exporter: protobuf (none, gzip,
+deflate) and OTLP JSON, Bearer and Basic auth, partial success, the answers' encodings,
+exactly once on a re-send, and the store's `spans` rows and mapped events."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+from typing import Any
+
+import httpx
+import pytest
+from conftest import Running
+from google.rpc import status_pb2
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.exporter.otlp.proto.http import Compression
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from stores import EVERY_STORE
+
+RESOURCE = Resource.create(
+    {
+        "service.name": "checkout",
+        "service.version": "1.4.2",
+        "deployment.environment.name": "staging",
+    }
+)
+
+
+class Collect(SpanExporter):
+    """Keeps the finished spans so a test can encode and send them itself."""
+
+    def __init__(self) -> None:
+        self.spans: list[ReadableSpan] = []
+
+    def export(self, spans: Any) -> SpanExportResult:
+        self.spans.extend(spans)
+        return SpanExportResult.SUCCESS
+
+
+def make_trace(exporter: SpanExporter) -> TracerProvider:
+    """One agent trace: a server span, an LLM chat span under it, a tool span, a failed span."""
+    provider = TracerProvider(resource=RESOURCE)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test.app", "0.1")
+    with tracer.start_as_current_span("POST /chat", kind=SpanKind.SERVER) as root:
+        root.set_attribute("http.route", "/chat")
+        with tracer.start_as_current_span("chat gpt-4o-mini", kind=SpanKind.CLIENT) as chat:
+            chat.set_attributes(
+                {
+                    "gen_ai.operation.name": "chat",
+                    "gen_ai.provider.name": "openai",
+                    "gen_ai.request.model": "gpt-4o-mini",
+                    "gen_ai.response.model": "gpt-4o-mini-2024-07-18",
+                    "gen_ai.usage.input_tokens": 120,
+                    "gen_ai.usage.output_tokens": 30,
+                    "user.id": "u-7",
+                    "app.custom": "kept",
+                }
+            )
+        with tracer.start_as_current_span("execute_tool get_weather") as tool:
+            tool.set_attributes(
+                {
+                    "gen_ai.operation.name": "execute_tool",
+                    "gen_ai.tool.name": "get_weather",
+                    "gen_ai.tool.call.arguments": '{"city": "Paris"}',
+                }
+            )
+        with tracer.start_as_current_span("db.query") as failed:
+            failed.set_status(Status(StatusCode.ERROR, "timeout after 5s"))
+    return provider
+
+
+def export(running: Running, **kwargs: Any) -> SpanExportResult:
+    exporter = OTLPSpanExporter(
+        endpoint=f"{running.url}/v1/traces",
+        headers=kwargs.pop("headers", running.headers()),
+        **kwargs,
+    )
+    collect = Collect()
+    make_trace(collect).shutdown()
+    result = exporter.export(collect.spans)
+    exporter.shutdown()
+    return result
+
+
+def stored_spans(running: Running) -> list[dict[str, Any]]:
+    running.flush()
+    return running.query(
+        "SELECT * FROM spans FINAL WHERE project_id = 'acme' ORDER BY start_time, span_id"
+    )
+
+
+def stored_events(running: Running) -> list[dict[str, Any]]:
+    running.flush()
+    return running.query(
+        "SELECT event_type, event_id, run_id, parent_event_id, model, provider, tokens_input,"
+        " tokens_output, cost_estimate_usd, env, release, user_id, metadata, tool_name,"
+        " error_message FROM events FINAL WHERE project_id = 'acme' ORDER BY timestamp"
+    )
+
+
+@EVERY_STORE
+@pytest.mark.parametrize("compression", [None, Compression.Gzip, Compression.Deflate])
+def test_real_exporter_stores_spans_and_events(server: Running, compression: Any) -> None:
+    assert export(server, compression=compression) is SpanExportResult.SUCCESS
+    spans = stored_spans(server)
+    assert len(spans) == 4
+    by_name = {s["name"]: s for s in spans}
+    root = by_name["POST /chat"]
+    chat = by_name["chat gpt-4o-mini"]
+    assert root["parent_span_id"] is None and root["kind"] == "server"
+    assert chat["parent_span_id"] == root["span_id"] and chat["trace_id"] == root["trace_id"]
+    assert chat["kind"] == "client" and chat["event_type"] == "prompt_call"
+    assert chat["attributes"]["gen_ai.usage.input_tokens"] == "120"
+    assert chat["resource_attributes"]["service.name"] == "checkout"
+    assert chat["service_name"] == "checkout"
+    assert by_name["db.query"]["status_code"] == "error"
+    assert by_name["db.query"]["status_message"] == "timeout after 5s"
+    assert root["event_type"] is None  # not LLM work: only in spans
+
+    events = {e["event_type"]: e for e in stored_events(server)}
+    assert set(events) == {"prompt_call", "tool_call", "error"}
+    prompt = events["prompt_call"]
+    assert prompt["event_id"] == chat["span_id"] and prompt["run_id"] == chat["trace_id"]
+    assert prompt["parent_event_id"] == root["span_id"]
+    assert prompt["model"] == "gpt-4o-mini-2024-07-18" and prompt["provider"] == "openai"
+    assert (prompt["tokens_input"], prompt["tokens_output"]) == (120, 30)
+    assert prompt["cost_estimate_usd"] and prompt["cost_estimate_usd"] > 0  # price tables
+    assert (prompt["env"], prompt["release"], prompt["user_id"]) == ("staging", "1.4.2", "u-7")
+    assert json.loads(prompt["metadata"])["otel.attributes"] == {"app.custom": "kept"}
+    assert events["tool_call"]["tool_name"] == "get_weather"
+    assert events["error"]["error_message"] == "timeout after 5s"
+
+
+def test_langfuse_path_and_basic_auth(server: Running) -> None:
+    exporter = OTLPSpanExporter(
+        endpoint=f"{server.url}/api/public/otel/v1/traces",
+        headers={
+            "Authorization": "Basic " + base64.b64encode(f"pk:{server.key}".encode()).decode()
+        },
+    )
+    collect = Collect()
+    make_trace(collect).shutdown()
+    assert exporter.export(collect.spans) is SpanExportResult.SUCCESS
+    assert len(stored_spans(server)) == 4
+
+
+def _body(spans: list[ReadableSpan]) -> bytes:
+    return encode_spans(spans).SerializeToString()
+
+
+def _collected() -> list[ReadableSpan]:
+    collect = Collect()
+    make_trace(collect).shutdown()
+    return collect.spans
+
+
+@EVERY_STORE
+def test_resend_is_stored_once(server: Running) -> None:
+    body = _body(_collected())
+    headers = {**server.headers(), "Content-Type": "application/x-protobuf"}
+    for _ in range(3):
+        answer = server.client.post("/v1/traces", content=body, headers=headers)
+        assert answer.status_code == 200, answer.content
+    assert len(stored_spans(server)) == 4
+    assert len(stored_events(server)) == 3
+
+
+def to_otlp_json(spans: list[ReadableSpan]) -> dict[str, Any]:
+    """The same request as OTLP JSON: hex ids, enum integers, int64 as strings."""
+    from google.protobuf import json_format
+
+    document = json_format.MessageToDict(encode_spans(spans))
+    for resource_spans in document["resourceSpans"]:
+        for scope_spans in resource_spans["scopeSpans"]:
+            for span in scope_spans["spans"]:
+                for key in ("traceId", "spanId", "parentSpanId"):
+                    if key in span:
+                        span[key] = base64.b64decode(span[key]).hex()
+                span["kind"] = (
+                    ExportTraceServiceRequest()
+                    .DESCRIPTOR.fields_by_name["resource_spans"]
+                    .message_type.fields_by_name["scope_spans"]
+                    .message_type.fields_by_name["spans"]
+                    .message_type.enum_types_by_name["SpanKind"]
+                    .values_by_name[span["kind"]]
+                    .number
+                )
+    return document
+
+
+def test_otlp_json_gives_the_same_rows(server: Running) -> None:
+    spans = _collected()
+    document = to_otlp_json(spans)
+    answer = server.client.post(
+        "/v1/traces",
+        content=gzip.compress(json.dumps(document).encode()),
+        headers={
+            **server.headers(),
+            "Content-Type": "application/json",
+            "Content-Encoding": "gzip",
+        },
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"].startswith("application/json")
+    assert answer.json() == {"partialSuccess": {}}
+    stored = stored_spans(server)
+    assert {s["span_id"] for s in stored} == {format(s.context.span_id, "016x") for s in spans}
+    assert len(stored_events(server)) == 3
+
+
+def test_partial_success_names_the_bad_span(server: Running) -> None:
+    request = encode_spans(_collected())
+    bad = request.resource_spans[0].scope_spans[0].spans[1]
+    bad.trace_id = b"\x01" * 15  # one byte short
+    answer = server.client.post(
+        "/v1/traces",
+        content=request.SerializeToString(),
+        headers={**server.headers(), "Content-Type": "application/x-protobuf"},
+    )
+    assert answer.status_code == 200
+    response = ExportTraceServiceResponse.FromString(answer.content)
+    assert response.partial_success.rejected_spans == 1
+    assert "traceId has 15 bytes, must have 16" in response.partial_success.error_message
+    assert len(stored_spans(server)) == 3
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "words"),
+    [
+        ({}, 401, "Authorization"),
+        ({"Authorization": "Bearer nope"}, 401, "not valid"),
+        ({"Authorization": "Basic !!!"}, 401, "Basic"),
+        ({"Content-Type": "text/plain"}, 415, "Content-Type"),
+        ({"Content-Encoding": "br"}, 415, "Content-Encoding"),
+    ],
+)
+def test_failures_answer_a_status_in_the_request_encoding(
+    server: Running, headers: dict[str, str], status: int, words: str
+) -> None:
+    sent = {"Content-Type": "application/x-protobuf", **server.headers(), **headers}
+    if "Authorization" in headers and not headers["Authorization"]:
+        sent.pop("Authorization")
+    if headers == {}:
+        sent.pop("Authorization")
+    answer = server.client.post("/v1/traces", content=_body(_collected()), headers=sent)
+    assert answer.status_code == status
+    if sent["Content-Type"] == "application/x-protobuf":
+        message = status_pb2.Status.FromString(answer.content).message
+    else:
+        message = answer.json()["message"]
+    assert words in message
+
+
+def test_undecodable_bodies_are_400(server: Running) -> None:
+    for content_type, body in [
+        ("application/x-protobuf", b"\xff\xff\xff\xff not protobuf"),
+        ("application/json", b"{not json"),
+        ("application/json", b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": 7}]}]}]}'),
+    ]:
+        answer = server.client.post(
+            "/v1/traces", content=body, headers={**server.headers(), "Content-Type": content_type}
+        )
+        assert answer.status_code == 400, (body, answer.content)
+    assert server.client.get("/healthz").status_code == 200
+    assert stored_spans(server) == []
+
+
+def test_spool_full_is_503_with_retry_after_and_nothing_answered_200_is_lost(
+    server_factory: Any,
+) -> None:
+    import faults  # the store outage is simulated on chDB
+
+    running: Running = server_factory(
+        plugin_objects=(faults,), spool_max_bytes=256 * 1024, sink_retry_max_s=0.2
+    )
+    marker = running.settings.data_dir / "store-down"
+    marker.touch()
+    answered: set[str] = set()
+    for _ in range(200):
+        spans = _collected()
+        answer = running.client.post(
+            "/v1/traces",
+            content=_body(spans),
+            headers={**running.headers(), "Content-Type": "application/x-protobuf"},
+        )
+        if answer.status_code == 503:
+            assert int(answer.headers["Retry-After"]) >= 1
+            assert "retry" in status_pb2.Status.FromString(answer.content).message
+            break
+        assert answer.status_code == 200, answer.content
+        answered.update(format(s.context.span_id, "016x") for s in spans)
+    else:
+        pytest.fail("the spool never filled")
+    assert answered
+    marker.unlink()
+    stored = {s["span_id"] for s in stored_spans(running)}
+    assert answered <= stored
+
+
+def test_metrics_count_spans_and_unmapped_keys(server: Running) -> None:
+    assert export(server) is SpanExportResult.SUCCESS
+    text = httpx.get(f"{server.url}/metrics").text
+    assert 'watchllm_otel_spans_total{outcome="accepted"} 4.0' in text
+    assert 'watchllm_otel_unmapped_attributes_total{key="app.custom"} 1.0' in text

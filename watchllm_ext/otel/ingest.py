@@ -1,0 +1,186 @@
+"""Spans in: mapped, validated and spooled like events, for the receiver and the in-process
+exporter alike.
+
+Each span becomes a `spans` row (otel/rows.py) and, when it is LLM work, a v1 event
+(mapping.py). The events take the JSON path's steps after parsing: the fast validator (the
+pydantic contract's answers when something is off), the server's fill-in, the
+`validate_event` and `transform_events` hooks (cost), then one spool write for the events
+and one for the rows, synced once, before the answer. A span whose event is refused is
+refused whole (its row is not stored either), and named in the answer, so nothing is half
+stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import msgspec
+import pluggy
+
+from ..auth import Principal
+from ..errors import Problem
+from ..fast_validate import validate_list
+from ..ingest import Outcome, finish_fast, receipt_time, validate_items
+from ..observability.metrics import ops_metrics
+from .decode import MAX_PROBLEMS_LISTED
+from .mapping import Span, map_span
+from .rows import SpanRow
+
+if TYPE_CHECKING:
+    from ..app import WatchLLM
+
+# Spans mapped inline below this count; more go to a worker thread (the event loop keeps
+# answering while a 512-span batch is mapped).
+OFFLOAD_SPANS = 64
+# Distinct keys of watchllm_otel_unmapped_attributes before the rest count as "(other)".
+MAX_UNMAPPED_KEYS = 1_000
+OTHER_KEY = "(other)"
+
+
+@dataclass(slots=True)
+class Prepared:
+    """What one request's spans became: the events and rows to spool, what was refused."""
+
+    events: list[Any] = field(default_factory=list)
+    rows: list[SpanRow] = field(default_factory=list)
+    rejected: int = 0
+    problems: list[str] = field(default_factory=list)
+    unmapped: list[str] = field(default_factory=list)
+
+    def reject(self, where: str, why: str) -> None:
+        self.rejected += 1
+        if len(self.problems) < MAX_PROBLEMS_LISTED:
+            self.problems.append(f"{where}: {why}")
+
+
+def check_span_count(wl: WatchLLM, n: int) -> None:
+    limit = wl.settings.max_batch_events
+    if n > limit:
+        raise Problem(
+            413,
+            "too_many_spans",
+            f"{n} spans in one request is over the limit of {limit} (max_batch_events)",
+            field="resourceSpans",
+        )
+
+
+def prepare(
+    spans: Sequence[Span],
+    principal: Principal,
+    pm: pluggy.PluginManager,
+    received_at: datetime | None = None,
+    rejected: int = 0,
+    problems: Sequence[str] = (),
+) -> Prepared:
+    """Map and validate (CPU only; safe on a worker thread, as the JSON path's validation)."""
+    received = received_at or receipt_time()
+    out = Prepared(rejected=rejected, problems=list(problems))
+    rows: list[SpanRow | None] = []
+    names: list[str] = []
+    event_dicts: list[dict[str, Any]] = []
+    event_rows: list[int] = []  # the row index of each event
+    for span in spans:
+        try:
+            mapped = map_span(span)
+            row = SpanRow(project_id=principal.project_id, ingested_at=received, **mapped.row)
+        except Exception as exc:  # a rule that cannot read this span must not lose the rest
+            out.reject(_name(span), f"cannot be mapped: {type(exc).__name__}: {exc}")
+            continue
+        if mapped.event is not None:
+            event_rows.append(len(rows))
+            event_dicts.append(mapped.event)
+            out.unmapped.extend(mapped.unmapped)
+        rows.append(row)
+        names.append(_name(span))
+    if event_dicts:
+        outcome = _validate(event_dicts, principal, pm, received)
+        for rejection in outcome.rejected:
+            at = event_rows[rejection.index]
+            first = rejection.errors[0] if rejection.errors else {}
+            why = f"its {event_dicts[rejection.index]['event_type']} event is invalid"
+            if first:
+                why += f": {first.get('field', '(event)')}: {first.get('message', '')}"
+            out.reject(names[at], why)
+            rows[at] = None
+        out.events = outcome.accepted
+    out.rows = [row for row in rows if row is not None]
+    return out
+
+
+def _validate(
+    events: list[dict[str, Any]],
+    principal: Principal,
+    pm: pluggy.PluginManager,
+    received: datetime,
+) -> Outcome:
+    # The mapping writes plain JSON data (finite numbers, text): its JSON goes through the
+    # same fast validator as a request body; anything it declines gets pydantic's answers.
+    structs = validate_list(msgspec.json.encode(events))
+    if structs is not None:
+        return finish_fast(structs, principal, pm, received)
+    return validate_items(events, principal, pm, received)
+
+
+def _name(span: Span) -> str:
+    return f"span {span.span_id} ({span.name[:80]!r})"
+
+
+async def accept(wl: WatchLLM, prepared: Prepared) -> dict[str, Any]:
+    """Spool what was prepared (503 when the spool is full); the answer's figures."""
+    metrics = ops_metrics(wl)
+    if prepared.rows:
+        await wl.submit(prepared.events, prepared.rows)
+        wl.counters["accepted"] += len(prepared.events)
+        metrics.otel_spans.labels("accepted").inc(len(prepared.rows))
+    if prepared.rejected:
+        metrics.otel_spans.labels("rejected").inc(prepared.rejected)
+    _count_unmapped(metrics, prepared.unmapped)
+    return {
+        "project_id": "" if not prepared.rows else prepared.rows[0].project_id,
+        "accepted_spans": len(prepared.rows),
+        "rejected_spans": prepared.rejected,
+        "events": len(prepared.events),
+        "errors": prepared.problems,
+    }
+
+
+def _count_unmapped(metrics: Any, keys: list[str]) -> None:
+    if not keys:
+        return
+    seen: set[str] = metrics.__dict__.setdefault("otel_unmapped_keys", set())
+    for key in keys:
+        if key not in seen:
+            if len(seen) >= MAX_UNMAPPED_KEYS:
+                key = OTHER_KEY
+            else:
+                seen.add(key)
+        metrics.otel_unmapped.labels(key).inc()
+
+
+async def ingest_spans(
+    wl: WatchLLM,
+    principal: Principal,
+    spans: Sequence[Span],
+    *,
+    rejected: int = 0,
+    problems: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Spans from inside the process or from the receiver: count limit, quota (one unit a
+    span), mapping, validation, hooks and spool. Returns `accepted_spans`, `rejected_spans`,
+    `events` (how many became events) and `errors` (the first problems); raises Problem for
+    413/429/503."""
+    check_span_count(wl, len(spans) + rejected)
+    if spans:
+        await wl.check_quota(principal, len(spans))
+    received = receipt_time()
+    if len(spans) >= OFFLOAD_SPANS:
+        prepared = await anyio.to_thread.run_sync(
+            prepare, spans, principal, wl.pm, received, rejected, problems
+        )
+    else:
+        prepared = prepare(spans, principal, wl.pm, received, rejected, problems)
+    return await accept(wl, prepared)

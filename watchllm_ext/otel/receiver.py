@@ -1,0 +1,187 @@
+"""The OTLP/HTTP trace receiver: `POST /v1/traces` (and `/api/public/otel/v1/traces`, the path
+Langfuse-style clients are configured with).
+
+Answers as the OTLP/HTTP spec says, in the request's encoding (protobuf or JSON):
+
+- 200 with an `ExportTraceServiceResponse`; `partial_success` (rejected_spans and a message
+  naming the first problems) when some spans were refused;
+- otherwise a `google.rpc.Status` (code and message) with the HTTP status: 400 for a body
+  that does not decode or spans that are all invalid, 401/403 for the key, 408/413/415 for
+  the body, 429 (quota, with Retry-After and the rate-limit headers) and 503 with Retry-After
+  when the spool is full: OpenTelemetry's exporters retry 429/502/503/504 with backoff, so
+  overload is pushed back, never accepted and dropped.
+
+The key comes as `Authorization: Bearer KEY` (what `OTEL_EXPORTER_OTLP_HEADERS=
+Authorization=Bearer%20KEY` sends) or Basic with the key as password (Langfuse-style clients
+send `public:secret`); it needs the `ingest` scope and its project owns every span.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+import anyio
+from google.protobuf import json_format
+from google.rpc import status_pb2
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTracePartialSuccess,
+    ExportTraceServiceResponse,
+)
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from ..auth import Principal, bearer_token
+from ..errors import Problem, unauthorized
+from ..ingest import OFFLOAD_MIN_BYTES, read_body
+from ..observability.metrics import ops_metrics
+from .decode import Decoded, parse_json, parse_protobuf, spans_of
+from .ingest import accept, check_span_count, prepare
+
+PATHS = ("/v1/traces", "/api/public/otel/v1/traces")
+PROTOBUF = "application/x-protobuf"
+JSON = "application/json"
+_PROTOBUF_TYPES = {PROTOBUF, "application/protobuf", "application/vnd.google.protobuf"}
+
+# HTTP status -> google.rpc.Code, for the Status message of a failure.
+_RPC_CODES = {
+    400: 3,  # INVALID_ARGUMENT
+    401: 16,  # UNAUTHENTICATED
+    403: 7,  # PERMISSION_DENIED
+    404: 5,  # NOT_FOUND
+    408: 4,  # DEADLINE_EXCEEDED
+    413: 8,  # RESOURCE_EXHAUSTED
+    415: 3,
+    429: 8,
+    503: 14,  # UNAVAILABLE
+}
+
+
+def routes() -> list[BaseRoute]:
+    return [Route(path, receive_traces, methods=["POST"]) for path in PATHS]
+
+
+async def receive_traces(request: Request) -> Response:
+    wl = request.app.state.watchllm
+    media = (request.headers.get("content-type") or "").split(";", 1)[0].strip().lower()
+    protobuf = media in _PROTOBUF_TYPES
+    try:
+        if not protobuf and media != JSON:
+            raise Problem(
+                415,
+                "unsupported_media_type",
+                f"Content-Type {media or '(none)'!r} is not supported; send {PROTOBUF} or {JSON}"
+                " (OTLP/HTTP)",
+                field="Content-Type",
+            )
+        principal = _principal(wl, request)
+        body = await read_body(
+            request.stream(),
+            content_length=request.headers.get("content-length"),
+            content_encoding=request.headers.get("content-encoding"),
+            max_bytes=wl.settings.max_body_bytes,
+            max_decompressed_bytes=wl.settings.max_decompressed_bytes,
+            timeout_s=wl.settings.body_timeout_s,
+            idle_timeout_s=wl.settings.body_idle_timeout_s,
+        )
+        decoded = await _run(len(body) >= OFFLOAD_MIN_BYTES, _decode, body, protobuf)
+        result = await _ingest(wl, principal, decoded, len(body) >= OFFLOAD_MIN_BYTES)
+    except Problem as problem:
+        if 400 <= problem.status < 500:
+            ops_metrics(wl).rejections.labels(problem.code).inc()
+        return _failure(problem, protobuf)
+    partial = ExportTracePartialSuccess()
+    if result["rejected_spans"]:
+        partial.rejected_spans = result["rejected_spans"]
+        partial.error_message = _summary(result)
+    return _answer(200, ExportTraceServiceResponse(partial_success=partial), protobuf)
+
+
+async def _run(off_loop: bool, fn: Any, *args: Any) -> Any:
+    if off_loop:
+        return await anyio.to_thread.run_sync(fn, *args)
+    return fn(*args)
+
+
+def _decode(body: bytes, protobuf: bool) -> Decoded:
+    return spans_of(parse_protobuf(body) if protobuf else parse_json(body))
+
+
+async def _ingest(wl: Any, principal: Principal, decoded: Decoded, off_loop: bool) -> dict:
+    check_span_count(wl, len(decoded.spans) + decoded.rejected)
+    if decoded.spans:
+        await wl.check_quota(principal, len(decoded.spans))
+    elif decoded.rejected:
+        raise _all_rejected(decoded.rejected, decoded.problems)
+    prepared = await _run(
+        off_loop, prepare, decoded.spans, principal, wl.pm, None, decoded.rejected, decoded.problems
+    )
+    if not prepared.rows and prepared.rejected:
+        await accept(wl, prepared)  # counts the rejections
+        raise _all_rejected(prepared.rejected, prepared.problems)
+    return await accept(wl, prepared)
+
+
+def _all_rejected(n: int, problems: list[str]) -> Problem:
+    listed = "; ".join(problems)
+    return Problem(
+        400,
+        "invalid_spans",
+        f"all {n} spans were rejected: {listed}",
+        field="resourceSpans",
+    )
+
+
+def _summary(result: dict[str, Any]) -> str:
+    problems = result["errors"]
+    more = result["rejected_spans"] - len(problems)
+    text = "; ".join(problems)
+    if more > 0:
+        text += f"; and {more} more"
+    return f"{result['rejected_spans']} spans rejected: {text}"
+
+
+def _principal(wl: Any, request: Request) -> Principal:
+    header = request.headers.get("authorization")
+    token = bearer_token(header)
+    if token is None and header and header[:6].lower() == "basic ":
+        token = _basic_password(header[6:].strip())
+    if token is None:
+        raise unauthorized(
+            "send your API key as 'Authorization: Bearer <key>' (OTEL_EXPORTER_OTLP_HEADERS="
+            "Authorization=Bearer%20<key>) or as the password of Basic auth"
+        )
+    return wl.principal_for(token, "ingest", request)
+
+
+def _basic_password(encoded: str) -> str | None:
+    try:
+        user, _, password = base64.b64decode(encoded, validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        raise Problem(
+            401,
+            "unauthorized",
+            "the Basic credentials are not base64 of 'user:password'",
+            field="Authorization",
+            headers={"WWW-Authenticate": 'Basic realm="watchllm"'},
+        ) from None
+    return password or user or None
+
+
+def _failure(problem: Problem, protobuf: bool) -> Response:
+    message = problem.message
+    if problem.field and problem.field not in message:
+        message = f"{problem.field}: {message}"
+    status = status_pb2.Status(code=_RPC_CODES.get(problem.status, 2), message=message)
+    return _answer(problem.status, status, protobuf, problem.headers)
+
+
+def _answer(status: int, message: Any, protobuf: bool, headers: dict | None = None) -> Response:
+    if protobuf:
+        return Response(
+            message.SerializeToString(), status_code=status, media_type=PROTOBUF, headers=headers
+        )
+    body = json_format.MessageToJson(message, indent=None)
+    return Response(body, status_code=status, media_type=JSON, headers=headers)
