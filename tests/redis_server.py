@@ -20,8 +20,9 @@ def _free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, *options: str) -> None:
         self.program = debian_program("redis-server")
+        self.options = options  # more redis-server options: --requirepass, --unixsocket ...
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = _free_port()
@@ -46,6 +47,7 @@ class RedisServer:
                 "",
                 "--appendonly",
                 "no",
+                *self.options,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -62,7 +64,8 @@ class RedisServer:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
                 s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
+                # With --requirepass the answer is NOAUTH: up all the same.
+                return s.recv(16).startswith((b"+PONG", b"-NOAUTH"))
         except OSError:
             return False
 

@@ -33,9 +33,10 @@ from stores import EVERY_STORE
 from watchllm_ext.auth import Principal
 from watchllm_ext.errors import Problem
 from watchllm_ext.hookspecs import hookimpl
-from watchllm_ext.quotas.engine import MemoryUsage, decide
+from watchllm_ext.quotas.engine import MemoryUsage, Outcome, QuotaUnavailable, decide
 from watchllm_ext.quotas.plans import Plan, periods
 from watchllm_ext.quotas.redis_backend import RedisUsage, keys
+from watchllm_ext.quotas.resp import LOST, ReplyError, parse
 
 BACKENDS = ("memory", "redis")
 CLIENTS = 50
@@ -570,6 +571,123 @@ def test_redis_counters_expire_after_their_period(redis_server: RedisServer) -> 
         assert 0 < await client.ttl(month) <= p.month_ttl_s
         assert 0 < await client.ttl(payload) <= p.month_ttl_s
         assert 0 < await client.pttl(minute) <= 61_000
+        await backend.close()
+
+    asyncio.run(run())
+
+
+# --- the check's own Redis connection (watchllm_ext/quotas/resp.py) ---------------------------
+
+
+def test_resp_replies_are_read_whole_however_they_arrive() -> None:
+    """Replies split anywhere (TCP gives no message boundaries) are read only once complete."""
+    reply = b"*4\r\n:1\r\n$5\r\nab\r\nc\r\n$-1\r\n*2\r\n+OK\r\n-NOSCRIPT no script\r\n"
+    for cut in range(len(reply)):
+        assert parse(bytearray(reply[:cut]), 0) is None, cut
+    value, end = parse(bytearray(reply + b":7\r\n"), 0)  # type: ignore[misc]
+    assert value[:3] == [1, b"ab\r\nc", None] and end == len(reply)
+    assert value[3][0] == b"OK" and isinstance(value[3][1], ReplyError)
+    assert str(value[3][1]) == "NOSCRIPT no script"
+
+
+def test_concurrent_checks_share_one_pipelined_connection(redis_server: RedisServer) -> None:
+    """500 checks at once from one process: one connection, each reply to its own check (the
+    remaining counts are all different), the count exact."""
+    plan = Plan(events_per_day=10_000)
+
+    async def run() -> list[int]:
+        backend = RedisUsage(redis_server.url, 5.0)
+        p = periods()
+        outcomes = await asyncio.gather(
+            *(backend.check("p3", 1 + i % 3, "x", plan, p) for i in range(500))
+        )
+        await backend.close()
+        return [o.remaining[1] for o, _ in outcomes]
+
+    with redis.Redis.from_url(redis_server.url) as client:
+        connections = client.info("stats")["total_connections_received"]
+        remaining = asyncio.run(run())
+        assert client.info("stats")["total_connections_received"] == connections + 1
+        used = sum(1 + i % 3 for i in range(500))
+        assert client.get(keys("p3", periods())[1]) == str(used).encode()
+    assert len(set(remaining)) == 500
+    assert min(remaining) == 10_000 - used
+
+
+def test_a_flushed_script_is_sent_whole_and_a_restarted_redis_reconnected(
+    redis_server: RedisServer,
+) -> None:
+    plan = Plan(events_per_day=100)
+
+    async def run() -> None:
+        backend = RedisUsage(redis_server.url, 5.0)
+        p = periods()
+        assert (await backend.check("p4", 1, "x", plan, p))[0].remaining[1] == 99
+        with redis.Redis.from_url(redis_server.url) as client:
+            client.script_flush()
+        assert (await backend.check("p4", 1, "x", plan, p))[0].remaining[1] == 98
+        redis_server.kill()
+        with pytest.raises(QuotaUnavailable) as down:
+            await backend.check("p4", 1, "x", plan, p)
+        assert not down.value.slow  # refused or reset: not there, rather than slow
+        redis_server.start()  # fresh and empty: no script loaded, no count
+        assert (await backend.check("p4", 1, "x", plan, p))[0].remaining[1] == 99
+        await backend.close()
+
+    asyncio.run(run())
+
+
+def test_password_database_and_unix_socket_urls(tmp_path: Path) -> None:
+    socket_path = tmp_path / "r.sock"
+    server = RedisServer(
+        tmp_path / "redis", "--requirepass", "s3cret", "--unixsocket", str(socket_path)
+    ).start()
+    plan = Plan(events_per_day=100)
+    try:
+
+        async def run(url: str, n: int) -> Outcome:
+            backend = RedisUsage(url, 5.0)
+            try:
+                return (await backend.check("p5", n, "x", plan, periods()))[0]
+            finally:
+                await backend.close()
+
+        tcp = f"redis://:s3cret@127.0.0.1:{server.port}/3"
+        assert asyncio.run(run(tcp, 2)).remaining[1] == 98
+        assert asyncio.run(run(f"unix://:s3cret@{socket_path}?db=3", 3)).remaining[1] == 95
+        with redis.Redis.from_url(tcp) as client:
+            assert client.get(keys("p5", periods())[1]) == b"5"  # both in database 3
+        with pytest.raises(QuotaUnavailable, match=r"WRONGPASS|invalid"):
+            asyncio.run(run(f"redis://:wrong@127.0.0.1:{server.port}/3", 1))
+    finally:
+        server.stop()
+
+
+def test_a_stuck_connection_is_dropped_and_its_checks_reported_lost(
+    redis_server: RedisServer,
+) -> None:
+    """A check given up at its timeout stays in flight; one with no answer for
+    max(1 s, 10 x timeout) means a stuck connection: it is closed and the checks on it are
+    reported LOST (Redis may or may not have run them)."""
+    plan = Plan(events_per_day=100)
+    late: list[Any] = []
+
+    async def run() -> None:
+        backend = RedisUsage(redis_server.url, 0.05)
+        p = periods()
+        await backend.check("p6", 1, "x", plan, p)
+        with redis.Redis.from_url(redis_server.url) as client:
+            client.execute_command("CLIENT", "PAUSE", "2500", "ALL")
+        with pytest.raises(QuotaUnavailable) as slow:
+            await backend.check("p6", 1, "x", plan, p)
+        assert slow.value.slow and slow.value.request is not None
+        slow.value.request.on_late = late.append
+        await asyncio.sleep(1.2)
+        with pytest.raises(QuotaUnavailable):
+            await backend.check("p6", 1, "x", plan, p)  # a new connection: Redis still paused
+        assert late == [LOST]
+        await asyncio.sleep(1.5)
+        assert (await backend.check("p6", 1, "x", plan, p))[0].allowed
         await backend.close()
 
     asyncio.run(run())
