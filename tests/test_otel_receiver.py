@@ -312,3 +312,21 @@ def test_metrics_count_spans_and_unmapped_keys(server: Running) -> None:
     text = httpx.get(f"{server.url}/metrics").text
     assert 'watchllm_otel_spans_total{outcome="accepted"} 4.0' in text
     assert 'watchllm_otel_unmapped_attributes_total{key="app.custom"} 1.0' in text
+
+
+def test_quota_denial_is_429_with_retry_after_in_otlp_form(server_factory: Any) -> None:
+    running: Running = server_factory(
+        quota_backend="memory",
+        quota_plans={"small": {"events_per_day": 6}},
+        quota_default_plan="small",
+    )
+    headers = {**running.headers(), "Content-Type": "application/x-protobuf"}
+    first = running.client.post("/v1/traces", content=_body(_collected()), headers=headers)
+    assert first.status_code == 200, first.content  # 4 spans of 6
+    denied = running.client.post("/v1/traces", content=_body(_collected()), headers=headers)
+    assert denied.status_code == 429
+    assert int(denied.headers["Retry-After"]) >= 1
+    assert denied.headers["X-RateLimit-Limit"]
+    status = status_pb2.Status.FromString(denied.content)
+    assert status.code == 8 and status.message  # RESOURCE_EXHAUSTED, with the reason
+    assert len(stored_spans(running)) == 4  # the refused request left nothing behind
