@@ -1,0 +1,756 @@
+"""Hostile input to the OTLP/HTTP receiver (POST /v1/traces), over real HTTP into real chDB.
+
+Every case asserts the status (a 4xx, or 200 with `partial_success` naming the first
+problems), that the answer is in the request's encoding (protobuf: a google.rpc.Status or an
+ExportTraceServiceResponse; JSON: their JSON), that the server still serves, and that nothing
+is half stored: each case sends its own trace, and after a sentinel request sent behind it has
+reached the store (the spool is delivered in order), the trace's rows in `spans` and `events`
+are exactly those of its good spans. Hypothesis then mutates valid protobuf bodies.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import gzip
+import json
+import os
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+from conftest import Running, ServerThread, make_settings
+from google.protobuf import json_format
+from google.rpc import status_pb2
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
+
+from watchllm_ext.app import create_app
+from watchllm_ext.keys import KeyStore
+
+TRACES = "/v1/traces"
+PROTOBUF = "application/x-protobuf"
+JSON = "application/json"
+T0 = 1_767_323_045_000_000_000  # 2026-01-02T03:04:05Z in Unix nanoseconds
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    # One server for the module: chDB holds one data folder per process.
+    tmp = tmp_path_factory.mktemp("otel_bad_input")
+    settings = make_settings(tmp)
+    keys = KeyStore(settings.keys_path, refresh_s=0.2)
+    key = keys.create("acme", scope="admin")
+    app = create_app(settings)
+    with ServerThread(app) as thread, httpx.Client(base_url=thread.url, timeout=120) as client:
+        yield Running(thread.url, app, settings, keys, key, client, thread)
+    keys.close()
+
+
+# --- building requests ------------------------------------------------------------------------
+
+
+def new_trace() -> bytes:
+    return os.urandom(16)
+
+
+def kv(key: str, value: Any) -> KeyValue:
+    any_value = AnyValue()
+    if isinstance(value, str):
+        any_value.string_value = value
+    elif isinstance(value, bool):
+        any_value.bool_value = value
+    elif isinstance(value, int):
+        any_value.int_value = value
+    else:
+        any_value.double_value = value
+    return KeyValue(key=key, value=any_value)
+
+
+def span_id(trace: bytes, n: int) -> bytes:
+    """Span n of a trace: ids differ between traces, as real SDKs' random ids do (the store
+    keeps one event per event id = span id in a project; see
+    test_the_same_span_id_in_two_traces_keeps_both_events)."""
+    return trace[:4] + n.to_bytes(4, "big")
+
+
+def otel_span(
+    trace: bytes, n: int, *, parent: int | None = None, llm: bool = False, **fields: Any
+) -> Span:
+    """Span number n of a trace (span id n, 8 bytes); an LLM span also becomes an event."""
+    span = Span(
+        trace_id=trace,
+        span_id=span_id(trace, n),
+        name=f"chat gpt-4o {n}" if llm else f"step {n}",
+        kind=Span.SPAN_KIND_CLIENT if llm else Span.SPAN_KIND_INTERNAL,
+        start_time_unix_nano=T0 + n * 1_000_000,
+        end_time_unix_nano=T0 + n * 1_000_000 + 500_000,
+        status=Status(code=Status.STATUS_CODE_OK),
+    )
+    if parent is not None:
+        span.parent_span_id = span_id(trace, parent)
+    if llm:
+        span.attributes.extend(
+            [
+                kv("gen_ai.operation.name", "chat"),
+                kv("gen_ai.request.model", "gpt-4o"),
+                kv("gen_ai.usage.input_tokens", 10),
+                kv("gen_ai.usage.output_tokens", 5),
+            ]
+        )
+    for name, value in fields.items():
+        setattr(span, name, value)
+    return span
+
+
+def export(*spans: Span) -> ExportTraceServiceRequest:
+    resource_spans = ResourceSpans(scope_spans=[ScopeSpans(spans=list(spans))])
+    resource_spans.resource.attributes.append(kv("service.name", "bad-input"))
+    return ExportTraceServiceRequest(resource_spans=[resource_spans])
+
+
+def good_trace(trace: bytes) -> ExportTraceServiceRequest:
+    """A root span and an LLM span under it: two spans, one event."""
+    return export(otel_span(trace, 1), otel_span(trace, 2, parent=1, llm=True))
+
+
+def to_json(request: ExportTraceServiceRequest) -> dict[str, Any]:
+    """OTLP JSON: protobuf's JSON mapping with ids in hex (OTLP's one difference besides enum
+    integers, which json_format writes as names unless asked)."""
+    doc = json_format.MessageToDict(request, use_integers_for_enums=True)
+    for resource_spans in doc.get("resourceSpans", []):
+        for scope_spans in resource_spans.get("scopeSpans", []):
+            for span in scope_spans.get("spans", []):
+                for key in ("traceId", "spanId", "parentSpanId"):
+                    if key in span:
+                        span[key] = base64.b64decode(span[key]).hex()
+    return doc
+
+
+# --- sending and checking ---------------------------------------------------------------------
+
+
+@dataclass
+class Answer:
+    status: int
+    protobuf: bool
+    rejected_spans: int  # from partial_success (200) or -1
+    message: str  # the partial_success or Status message
+    headers: httpx.Headers
+
+
+def post(
+    server: Running,
+    body: bytes,
+    *,
+    content_type: str | None = PROTOBUF,
+    encoding: str | None = None,
+    auth: str | None = "key",
+    path: str = TRACES,
+) -> Answer:
+    headers: dict[str, str] = {}
+    if content_type is not None:
+        headers["Content-Type"] = content_type
+    if encoding is not None:
+        headers["Content-Encoding"] = encoding
+    if auth == "key":
+        headers["Authorization"] = f"Bearer {server.key}"
+    elif auth is not None:
+        headers["Authorization"] = auth
+    r = server.client.post(path, content=body, headers=headers)
+    assert r.status_code < 500, f"{r.status_code}: {r.content[:500]!r}"
+    return parse_answer(r, protobuf=content_type == PROTOBUF)
+
+
+def parse_answer(r: httpx.Response, protobuf: bool) -> Answer:
+    """The answer decoded as the spec says, in the request's encoding (a body of another
+    type fails here)."""
+    media = r.headers.get("content-type", "").split(";")[0]
+    assert media == (PROTOBUF if protobuf else JSON), (r.status_code, media, r.content[:300])
+    if r.status_code == 200:
+        ok = ExportTraceServiceResponse()
+        if protobuf:
+            ok.ParseFromString(r.content)
+        else:
+            json_format.Parse(r.content, ok)
+        partial = ok.partial_success
+        return Answer(200, protobuf, partial.rejected_spans, partial.error_message, r.headers)
+    failure = status_pb2.Status()
+    if protobuf:
+        failure.ParseFromString(r.content)
+    else:
+        json_format.Parse(r.content, failure)
+    assert failure.message, "a failure says why"
+    return Answer(r.status_code, protobuf, -1, failure.message, r.headers)
+
+
+def send(server: Running, request: ExportTraceServiceRequest, as_json: bool = False) -> Answer:
+    if as_json:
+        return post(server, json.dumps(to_json(request)).encode(), content_type=JSON)
+    return post(server, request.SerializeToString())
+
+
+def settle(server: Running) -> None:
+    """Send a good trace and wait until it is stored: everything spooled before it is too."""
+    trace = new_trace()
+    assert send(server, good_trace(trace)).status == 200
+    server.flush()
+    deadline = 600  # 30 s of 0.05 s polls
+    for _ in range(deadline):
+        if stored(server, trace) == (2, 1):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the sentinel trace was not stored: {stored(server, trace)}")
+
+
+def stored(server: Running, trace: bytes) -> tuple[int, int]:
+    """(spans, events) stored for a trace; rows, not distinct ids: a duplicate shows."""
+    trace_id = trace.hex()
+    spans = server.query(
+        "SELECT count() AS n FROM spans FINAL WHERE trace_id = {t:String}", {"t": trace_id}
+    )[0]["n"]
+    events = server.query(
+        "SELECT count() AS n FROM events FINAL WHERE run_id = {t:String}", {"t": trace_id}
+    )[0]["n"]
+    return int(spans), int(events)
+
+
+def still_serving(server: Running) -> None:
+    assert server.client.get("/healthz").status_code == 200
+    trace = new_trace()
+    answer = send(server, good_trace(trace))
+    assert answer.status == 200 and answer.rejected_spans == 0
+
+
+# --- whole-request failures: 4xx, nothing stored ----------------------------------------------
+
+
+def truncations(body: bytes) -> list[bytes]:
+    # The request is one resourceSpans field holding everything: any cut inside it leaves a
+    # length-delimited field short.
+    return [body[:cut] for cut in (1, 2, len(body) // 3, len(body) // 2, len(body) - 1)]
+
+
+def test_malformed_and_truncated_protobuf_is_a_400(server: Running) -> None:
+    trace = new_trace()
+    body = good_trace(trace).SerializeToString()
+    bodies = [
+        b"\xff\xff\xff\xff",
+        b"not protobuf at all",
+        b"\x0a\xff\xff\xff\xff\x0f",  # a length far past the end
+        os.urandom(64)[:1] + b"\x08" * 10,
+        *truncations(body),
+    ]
+    for bad in bodies:
+        answer = post(server, bad)
+        assert answer.status == 400, (bad[:20], answer)
+        assert "protobuf" in answer.message.lower() or "body" in answer.message
+    for bad in truncations(json.dumps(to_json(good_trace(trace))).encode()):
+        answer = post(server, bad, content_type=JSON)
+        assert answer.status == 400 and "json" in answer.message.lower(), answer
+    settle(server)
+    assert stored(server, trace) == (0, 0)
+    still_serving(server)
+
+
+def test_wrong_content_type_and_encoding(server: Running) -> None:
+    trace = new_trace()
+    body = good_trace(trace).SerializeToString()
+    for content_type in (None, "text/plain", "application/xml", "multipart/form-data"):
+        r = server.client.post(
+            TRACES,
+            content=body,
+            headers={"Authorization": f"Bearer {server.key}"}
+            | ({"Content-Type": content_type} if content_type else {}),
+        )
+        assert r.status_code == 415, (content_type, r.status_code, r.text)
+        assert "Content-Type" in parse_answer(r, protobuf=False).message
+    for encoding, status in (("br", 415), ("zstd", 415), ("gzip", 400), ("deflate", 400)):
+        answer = post(server, body, encoding=encoding)  # gzip/deflate: the body is not
+        assert answer.status == status, (encoding, answer)
+    # JSON sent as protobuf and protobuf sent as JSON.
+    assert post(server, json.dumps(to_json(good_trace(trace))).encode()).status == 400
+    assert post(server, body, content_type=JSON).status == 400
+    settle(server)
+    assert stored(server, trace) == (0, 0)
+    still_serving(server)
+
+
+@functools.cache
+def bomb(encoding: str) -> bytes:
+    """1 GB of zeros, compressed (about 1 MB), made a megabyte at a time."""
+    compressor = (
+        zlib.compressobj(9, zlib.DEFLATED, 31) if encoding == "gzip" else zlib.compressobj(9)
+    )
+    zeros = bytes(1 << 20)
+    parts = [compressor.compress(zeros) for _ in range(1024)]
+    return b"".join(parts) + compressor.flush()
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+@pytest.mark.parametrize("content_type", [PROTOBUF, JSON])
+def test_a_compression_bomb_is_a_413(server: Running, encoding: str, content_type: str) -> None:
+    body = bomb(encoding)
+    assert len(body) < 2 << 20
+    answer = post(server, body, content_type=content_type, encoding=encoding)
+    assert answer.status == 413, answer
+    assert str(server.settings.max_decompressed_bytes) in answer.message.replace(",", "") or (
+        "decompress" in answer.message.lower()
+    )
+    still_serving(server)
+
+
+def test_a_body_over_the_wire_limit_is_a_413(server: Running) -> None:
+    body = os.urandom(server.settings.max_body_bytes + 1)
+    assert post(server, body).status == 413
+    still_serving(server)
+
+
+def test_good_compressed_bodies_are_taken(server: Running) -> None:
+    # The other side of the bomb cases: gzip and deflate of a real request are read.
+    for encoding, squeeze in (("gzip", gzip.compress), ("deflate", zlib.compress)):
+        trace = new_trace()
+        body = squeeze(good_trace(trace).SerializeToString())
+        assert post(server, body, encoding=encoding).status == 200
+        settle(server)
+        assert stored(server, trace) == (2, 1)
+
+
+@pytest.mark.parametrize(
+    ("auth", "status"),
+    [
+        (None, 401),
+        ("Bearer wllm_not_a_key", 401),
+        ("Bearer", 401),
+        ("Basic !!!not-base64", 401),
+        ("Token abc", 401),
+        ("read", 403),
+        ("revoked", 401),
+    ],
+)
+@pytest.mark.parametrize("as_json", [False, True])
+def test_no_or_wrong_key(server: Running, auth: str | None, status: int, as_json: bool) -> None:
+    if auth == "read":
+        auth = f"Bearer {server.keys.create('acme', scope='read')}"
+    elif auth == "revoked":
+        key = server.keys.create("acme", scope="ingest")
+        assert server.keys.revoke(key)
+        auth = f"Bearer {key}"
+        # The server rereads its keys every second: poll with a body refused either way
+        # (400 while the key still works, 401 once the revocation is seen).
+        deadline = time.monotonic() + 3
+        while post(server, b"\xff", auth=auth).status == 400:
+            assert time.monotonic() < deadline, "the revocation was never seen"
+            time.sleep(0.1)
+    trace = new_trace()
+    request = good_trace(trace)
+    body = json.dumps(to_json(request)).encode() if as_json else request.SerializeToString()
+    answer = post(server, body, content_type=JSON if as_json else PROTOBUF, auth=auth)
+    assert answer.status == status, answer
+    settle(server)
+    assert stored(server, trace) == (0, 0)
+
+
+def test_a_key_of_another_project_stores_there_not_here(server: Running) -> None:
+    other = server.keys.create("other-project", scope="ingest")
+    trace = new_trace()
+    answer = post(server, good_trace(trace).SerializeToString(), auth=f"Bearer {other}")
+    assert answer.status == 200 and answer.rejected_spans == 0
+    settle(server)
+    rows = server.query(
+        "SELECT project_id, count() AS n FROM spans FINAL WHERE trace_id = {t:String}"
+        " GROUP BY project_id",
+        {"t": trace.hex()},
+    )
+    assert rows == [{"project_id": "other-project", "n": 2}]
+    # And the key's own project cannot be read with it, nor acme's run tree show the trace.
+    r = server.client.get(
+        f"/v1/analytics/runs/{trace.hex()}", headers={"Authorization": f"Bearer {server.key}"}
+    )
+    assert r.status_code == 404
+
+
+def test_the_same_span_id_in_two_traces_keeps_both_events(server: Running) -> None:
+    """A span id is unique only within its trace (the OTLP spec); a client with
+    deterministic ids (tests, replays, some SDKs' id generators) reuses them across traces.
+    Both traces are answered 200, so both LLM spans must be stored whole: span and event."""
+    first, second = new_trace(), new_trace()
+    same = b"\x00\x00\x00\x00\x00\x00\x00\x2a"
+    for trace in (first, second):
+        assert send(server, export(otel_span(trace, 1, llm=True, span_id=same))).status == 200
+    settle(server)
+    assert stored(server, first) == (1, 1)
+    assert stored(server, second) == (1, 1), "the second trace's event was taken for a copy"
+
+
+# --- span by span: 200 with partial_success, the good spans stored ----------------------------
+
+
+def deep_value_bytes(depth: int) -> bytes:
+    """An AnyValue nested `depth` levels (kvlist in array in kvlist ...), as protobuf bytes
+    built from the inside out: the generated classes would recurse that deep to build it."""
+
+    def field(number: int, payload: bytes) -> bytes:
+        return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+    value = field(1, b"leaf")  # AnyValue{string_value}
+    for level in range(depth):
+        if level % 2:  # AnyValue{array_value: ArrayValue{values: [value]}}
+            value = field(5, field(1, value))
+        else:  # AnyValue{kvlist_value: KeyValueList{values: [KeyValue{key, value}]}}
+            value = field(6, field(1, field(1, b"k") + field(2, value)))
+    return value
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def with_deep_attribute(span: Span, depth: int) -> bytes:
+    """A request holding `span` plus a good span, `span` carrying a deep attribute value."""
+    deep = deep_value_bytes(depth)
+    # KeyValue{key: "deep", value: <deep>} appended to the span's own bytes (field 9).
+    attribute = b"\x0a\x04deep" + b"\x12" + _varint(len(deep)) + deep
+    span_bytes = span.SerializeToString() + b"\x4a" + _varint(len(attribute)) + attribute
+    good = otel_span(span.trace_id, 7, llm=True).SerializeToString()
+    scope = b"\x12" + _varint(len(span_bytes)) + span_bytes + b"\x12" + _varint(len(good)) + good
+    resource_spans = b"\x12" + _varint(len(scope)) + scope  # ResourceSpans.scope_spans = 2
+    return b"\x0a" + _varint(len(resource_spans)) + resource_spans
+
+
+@dataclass
+class Partial:
+    id: str
+    bad: Span  # sent with a good LLM span of the same trace (span 7)
+    says: str  # in the partial_success message
+
+
+def partial_cases(trace: bytes) -> list[Partial]:
+    many = otel_span(trace, 3)
+    many.attributes.extend(kv(f"attr.{i}", i) for i in range(10_000))
+    return [
+        Partial("trace-id-15-bytes", otel_span(trace, 3, trace_id=trace[:15]), "traceId"),
+        Partial("span-id-0-bytes", otel_span(trace, 3, span_id=b""), "spanId"),
+        Partial("span-id-9-bytes", otel_span(trace, 3, span_id=b"\x01" * 9), "spanId"),
+        Partial("parent-id-3-bytes", otel_span(trace, 3, parent_span_id=b"abc"), "parentSpanId"),
+        Partial("trace-id-zeros", otel_span(trace, 3, trace_id=bytes(16)), "traceId"),
+        Partial("10000-attributes", many, "attributes"),
+        Partial("llm-span-10000-attributes", _llm_with_many(trace), "attributes"),
+    ]
+
+
+def _llm_with_many(trace: bytes) -> Span:
+    span = otel_span(trace, 4, llm=True)
+    span.attributes.extend(kv(f"x.{i}", "v") for i in range(10_000))
+    return span
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["protobuf", "json"])
+def test_bad_spans_are_rejected_and_named_the_good_one_stored(
+    server: Running, as_json: bool
+) -> None:
+    for case in partial_cases(new_trace()):
+        trace = new_trace()
+        bad = Span()
+        bad.CopyFrom(case.bad)
+        if len(bad.trace_id) == 16 and any(bad.trace_id):
+            bad.trace_id = trace
+        good = otel_span(trace, 7, llm=True)
+        answer = send(server, export(bad, good), as_json=as_json)
+        assert answer.status == 200, (case.id, answer)
+        assert answer.rejected_spans == 1, (case.id, answer)
+        assert case.says in answer.message, (case.id, answer.message)
+        settle(server)
+        assert stored(server, trace) == (1, 1), case.id
+        # The good span is whole: its event is there too.
+        (row,) = server.query(
+            "SELECT event_id FROM events FINAL WHERE run_id = {t:String}", {"t": trace.hex()}
+        )
+        assert row["event_id"] == span_id(trace, 7).hex()
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["protobuf", "json"])
+def test_all_spans_bad_is_a_400_naming_them(server: Running, as_json: bool) -> None:
+    trace = new_trace()
+    request = export(otel_span(trace, 1, span_id=b""), otel_span(trace[:15], 2, llm=True))
+    answer = send(server, request, as_json=as_json)
+    assert answer.status == 400, answer
+    assert "spanId" in answer.message and "traceId" in answer.message, answer.message
+    settle(server)
+    assert stored(server, trace) == (0, 0)
+
+
+@pytest.mark.parametrize("depth", [20, 200, 10_000])
+def test_deeply_nested_attribute_values(server: Running, depth: int) -> None:
+    trace = new_trace()
+    body = with_deep_attribute(otel_span(trace, 3, llm=True), depth)
+    answer = post(server, body)
+    # Either the parser refuses the body (its recursion limit: 400) or the span is rejected
+    # on its own (partial success); never stored, never a 5xx.
+    if answer.status == 200:
+        assert answer.rejected_spans == 1 and "deep" in answer.message, answer
+        expected = (1, 1)
+    else:
+        assert answer.status == 400, answer
+        expected = (0, 0)
+    settle(server)
+    assert stored(server, trace) == expected
+    still_serving(server)
+
+
+def deep_json_value(depth: int) -> str:
+    text = '{"stringValue": "leaf"}'
+    for level in range(depth):
+        if level % 2:
+            text = '{"arrayValue": {"values": [' + text + "]}}"
+        else:
+            text = '{"kvlistValue": {"values": [{"key": "k", "value": ' + text + "}]}}"
+    return text
+
+
+@pytest.mark.parametrize("depth", [20, 10_000])
+def test_deeply_nested_json_values(server: Running, depth: int) -> None:
+    trace = new_trace()
+    doc = to_json(export(otel_span(trace, 3, llm=True), otel_span(trace, 7, llm=True)))
+    text = json.dumps(doc)
+    marker = '"attributes": ['
+    at = text.index(marker) + len(marker)
+    body = text[:at] + '{"key": "deep", "value": ' + deep_json_value(depth) + "}, " + text[at:]
+    answer = post(server, body.encode(), content_type=JSON)
+    if answer.status == 200:
+        assert answer.rejected_spans == 1 and "deep" in answer.message, answer
+        expected = (1, 1)
+    else:
+        assert answer.status == 400, answer
+        expected = (0, 0)
+    settle(server)
+    assert stored(server, trace) == expected
+    still_serving(server)
+
+
+# --- OTLP JSON with wrong types -----------------------------------------------------------------
+
+
+def json_case(trace: bytes, change: Any) -> bytes:
+    doc = to_json(good_trace(trace))
+    span = doc["resourceSpans"][0]["scopeSpans"][0]["spans"][1]  # the LLM span
+    change(span, doc)
+    return json.dumps(doc).encode()
+
+
+def _set(key: str, value: Any) -> Any:
+    return lambda span, doc: span.__setitem__(key, value)
+
+
+# Each must be refused: the whole body (400) or the span (partial success), never stored as
+# something else than was sent.
+WRONG_TYPES: list[tuple[str, Any]] = [
+    ("trace-id-number", _set("traceId", 12345)),
+    ("span-id-number", _set("spanId", 67890)),
+    ("span-id-not-hex", _set("spanId", "zzzzzzzzzzzzzzzz")),
+    ("parent-id-list", _set("parentSpanId", ["a"])),
+    ("start-time-fraction", _set("startTimeUnixNano", "1767323045000000000.5")),
+    ("start-time-float-fraction", _set("startTimeUnixNano", 1767323045.5)),
+    ("end-time-negative", _set("endTimeUnixNano", "-5")),
+    ("end-time-huge", _set("endTimeUnixNano", "1" * 40)),
+    ("name-number", _set("name", 5)),
+    ("name-object", _set("name", {"a": 1})),
+    ("attributes-object", _set("attributes", {"a": 1})),
+    ("attribute-value-string", _set("attributes", [{"key": "a", "value": "plain"}])),
+    ("attribute-value-number", _set("attributes", [{"key": "a", "value": 5}])),
+    ("int-value-float", _set("attributes", [{"key": "a", "value": {"intValue": 1.5}}])),
+    ("int-value-text", _set("attributes", [{"key": "a", "value": {"intValue": "ten"}}])),
+    ("kind-string-unknown", _set("kind", "SPAN_KIND_NONSENSE")),
+    ("status-code-string-unknown", _set("status", {"code": "NOPE"})),
+    ("status-string", _set("status", "error")),
+    ("resource-spans-object", lambda span, doc: doc.__setitem__("resourceSpans", {"a": 1})),
+    ("spans-string", lambda span, doc: doc["resourceSpans"][0]["scopeSpans"][0].update(spans="x")),
+]
+
+
+@pytest.mark.parametrize(("name", "change"), WRONG_TYPES, ids=[c[0] for c in WRONG_TYPES])
+def test_json_with_wrong_types_is_refused(server: Running, name: str, change: Any) -> None:
+    trace = new_trace()
+    answer = post(server, json_case(trace, change), content_type=JSON)
+    settle(server)
+    got = stored(server, trace)
+    if answer.status == 200:
+        # The spoiled span (the LLM span) rejected and named; the root span stored alone.
+        assert answer.rejected_spans == 1, (name, answer, got)
+        assert got == (1, 0), (name, got)
+    else:
+        assert answer.status == 400, (name, answer)
+        assert got == (0, 0), (name, got)
+
+
+def test_json_times_as_whole_floats_are_read(server: Running) -> None:
+    # JSON has one number type: 1.7673230455e18 is the whole number 1767323045500000000.
+    trace = new_trace()
+    change = _set("startTimeUnixNano", 1.7673230455e18)
+    assert post(server, json_case(trace, change), content_type=JSON).status == 200
+    settle(server)
+    assert stored(server, trace) == (2, 1)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "kind"),
+    [("kind-99", 99, "unspecified"), ("kind-negative", -1, "unspecified")],
+)
+def test_json_enum_out_of_range_is_read_as_unspecified(
+    server: Running, name: str, value: int, kind: str
+) -> None:
+    trace = new_trace()
+    answer = post(server, json_case(trace, _set("kind", value)), content_type=JSON)
+    assert answer.status in (200, 400), answer
+    settle(server)
+    if answer.status == 200:
+        rows = server.query(
+            "SELECT kind FROM spans FINAL WHERE trace_id = {t:String} AND span_id = {s:String}",
+            {"t": trace.hex(), "s": span_id(trace, 2).hex()},
+        )
+        assert rows == [{"kind": kind}], (name, rows)
+    else:
+        assert stored(server, trace) == (0, 0)
+
+
+# --- hypothesis: mutated protobuf --------------------------------------------------------------
+
+
+@st.composite
+def mutated(draw: st.DrawFn) -> tuple[bytes, bytes]:
+    trace = new_trace()
+    spans = [otel_span(trace, 1), otel_span(trace, 2, parent=1, llm=True), otel_span(trace, 3)]
+    # Field-level changes first (what a buggy SDK sends: ids of any length, enums and times
+    # out of range, odd names), then byte-level damage (what a broken proxy sends).
+    for span in spans:
+        if draw(st.integers(0, 3)) == 0:
+            name = draw(st.sampled_from(["trace_id", "span_id", "parent_span_id"]))
+            setattr(span, name, draw(st.binary(max_size=20)))
+        if draw(st.integers(0, 5)) == 0:
+            span.kind = draw(st.integers(-(2**31), 2**31 - 1))
+        if draw(st.integers(0, 5)) == 0:
+            span.status.code = draw(st.integers(-(2**31), 2**31 - 1))
+        if draw(st.integers(0, 5)) == 0:
+            span.start_time_unix_nano = draw(st.integers(0, 2**64 - 1))
+        if draw(st.integers(0, 5)) == 0:
+            span.name = draw(st.text(max_size=50))
+    body = bytearray(export(*spans).SerializeToString())
+    for _ in range(draw(st.integers(0, 4))):
+        if not body:
+            break
+        at = draw(st.integers(0, len(body) - 1))
+        how = draw(st.sampled_from(["flip", "set", "insert", "delete", "cut", "dup"]))
+        if how == "flip":
+            body[at] ^= 1 << draw(st.integers(0, 7))
+        elif how == "set":
+            body[at] = draw(st.integers(0, 255))
+        elif how == "insert":
+            body[at:at] = draw(st.binary(min_size=1, max_size=8))
+        elif how == "delete":
+            del body[at : at + draw(st.integers(1, 8))]
+        elif how == "cut":
+            del body[at:]
+        else:
+            body[at:at] = body[at : at + draw(st.integers(1, 32))]
+    return trace, bytes(body)
+
+
+def span_count(body: bytes) -> int:
+    request = ExportTraceServiceRequest()
+    request.ParseFromString(body)  # the server took it, so it parses
+    return sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
+
+
+def sent_spans(body: bytes) -> set[tuple[str, str]]:
+    """The (trace, span) ids a body holds, as a correct parser reads them; empty when it does
+    not parse."""
+    request = ExportTraceServiceRequest()
+    try:
+        request.ParseFromString(body)
+    except Exception:
+        return set()
+    return {
+        (s.trace_id.hex(), s.span_id.hex())
+        for rs in request.resource_spans
+        for ss in rs.scope_spans
+        for s in ss.spans
+    }
+
+
+def test_mutated_protobuf_never_fails_the_server(server: Running) -> None:
+    answers: list[tuple[bytes, bytes, Answer]] = []
+
+    @settings(
+        max_examples=300,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    )
+    @given(mutated())
+    def check(case: tuple[bytes, bytes]) -> None:
+        trace, body = case
+        answer = post(server, body)
+        assert answer.status in (200, 400), answer
+        if answer.status == 200:
+            assert 0 <= answer.rejected_spans <= span_count(body), answer
+        answers.append((trace, body, answer))
+
+    check()
+    settle(server)
+    still_serving(server)
+    assert len(answers) >= 250
+    assert {a.status for _, _, a in answers} == {200, 400}, "the mutations reach both sides"
+    partial = [a for _, _, a in answers if a.status == 200 and a.rejected_spans > 0]
+    assert partial, "and partial successes"
+    assert all("span" in a.message for a in partial)
+    # Nothing half stored: a 400 stored nothing of its body; a 200 stored exactly the spans
+    # it did not reject, each once, and an LLM span's event with it.
+    ids_of_400: set[tuple[str, str]] = set()
+    for _, body, answer in answers:
+        if answer.status == 400:
+            ids_of_400 |= sent_spans(body)
+    taken: set[tuple[str, str]] = set()
+    for _, body, answer in answers:
+        if answer.status == 200:
+            taken |= sent_spans(body)
+    traces = sorted({t.hex() for t, _, _ in answers} | {t for t, _ in ids_of_400 | taken})
+    rows = server.query(
+        "SELECT trace_id, span_id, count() AS n FROM spans FINAL"
+        " WHERE trace_id IN {t:Array(String)} GROUP BY trace_id, span_id",
+        {"t": traces},
+    )
+    in_store = {(r["trace_id"], r["span_id"]) for r in rows}
+    assert all(r["n"] == 1 for r in rows)
+    assert in_store <= taken, f"spans of no accepted request: {sorted(in_store - taken)[:5]}"
+    fully_taken = set()
+    for _, body, answer in answers:
+        if answer.status == 200 and answer.rejected_spans == 0:
+            fully_taken |= {
+                ids for ids in sent_spans(body) if len(ids[0]) == 32 and len(ids[1]) == 16
+            }
+    missing = fully_taken - in_store
+    assert not missing, f"accepted with no rejection, not stored: {sorted(missing)[:5]}"
+    # Events only for stored spans (an event without its span is half stored).
+    events = server.query(
+        "SELECT run_id, event_id FROM events FINAL WHERE run_id IN {t:Array(String)}",
+        {"t": traces},
+    )
+    assert {(e["run_id"], e["event_id"]) for e in events} <= in_store
