@@ -110,6 +110,11 @@ SKIPPED: set[tuple[str, str]] = {
     ("docs/SDK.md", "from openai import OpenAI"),
     ("docs/SDK.md", "from anthropic import Anthropic"),
     ("docs/SDK.md", "from watchllm_ext.sdk import WatchLLM"),
+    ("docs/OPENTELEMETRY.md", "from openai import OpenAI"),
+    (
+        "docs/OPENTELEMETRY.md",
+        "from openinference.instrumentation.openai import OpenAIInstrumentor",
+    ),
 }
 
 

@@ -32,8 +32,19 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanKind, StatusCode
 
+from ..app import WatchLLM
 from ..errors import Problem
 from ..sdk.context import local_apps
+from .decode import (
+    MAX_ATTRIBUTES,
+    MAX_EVENTS,
+    MAX_KEY_CHARS,
+    MAX_LINKS,
+    MAX_PROBLEMS_LISTED,
+    MAX_VALUE_DEPTH,
+    BadSpan,
+)
+from .ingest import ingest_spans
 from .mapping import Span, SpanEvent
 
 log = logging.getLogger("watchllm.otel.exporter")
@@ -44,6 +55,8 @@ RETRYABLE = frozenset({429, 503})
 # The first wait before a retry without Retry-After, doubled each time up to the maximum.
 RETRY_INITIAL_S = 0.1
 RETRY_MAX_S = 2.0
+# Spans per call before the app is found (then its max_batch_events).
+DEFAULT_CHUNK = 512
 
 _KINDS = {
     SpanKind.INTERNAL: "internal",
@@ -59,61 +72,107 @@ _STATUSES = {StatusCode.UNSET: "unset", StatusCode.OK: "ok", StatusCode.ERROR: "
 
 
 def to_span(span: ReadableSpan) -> Span:
-    """A finished SDK span as the receiver decodes the same span from OTLP: ids as lowercase
-    hex, times in Unix nanoseconds, attribute values as plain Python values."""
+    """A finished SDK span as the receiver decodes the same span from OTLP (otel/decode.py):
+    ids as lowercase hex, times in Unix nanoseconds, attribute values as plain Python values,
+    and the receiver's bounds (BadSpan past them), so a span is stored or refused alike
+    whichever way it came in."""
     context = span.context
     if context is None:
-        raise ValueError(f"span {span.name!r} has no span context")
+        raise BadSpan("the span has no span context")
     parent = span.parent
     start = span.start_time or 0
     end = span.end_time if span.end_time is not None else start
     status = span.status
     scope = span.instrumentation_scope
+    if len(span.events) > MAX_EVENTS:
+        raise BadSpan(f"{len(span.events)} events, over the limit of {MAX_EVENTS}")
+    if len(span.links) > MAX_LINKS:
+        raise BadSpan(f"{len(span.links)} links, over the limit of {MAX_LINKS}")
     return Span(
-        trace_id=format(context.trace_id, "032x"),
-        span_id=format(context.span_id, "016x"),
+        trace_id=_id(context.trace_id, 32, "traceId"),
+        span_id=_id(context.span_id, 16, "spanId"),
         name=span.name,
         start_unix_nano=start,
         end_unix_nano=end,
         # A parent from another process (a remote context) is still this span's parent.
-        parent_span_id=format(parent.span_id, "016x") if parent is not None else None,
+        parent_span_id=_id(parent.span_id, 16, "parentSpanId") if parent is not None else None,
         kind=_KINDS.get(span.kind, "unspecified"),
         status_code=_STATUSES.get(status.status_code, "unset"),
         status_message=status.description or "",
-        attributes=attributes(span.attributes),
-        resource=attributes(span.resource.attributes if span.resource is not None else None),
+        attributes=attributes(span.attributes, "attributes"),
+        resource=attributes(
+            span.resource.attributes if span.resource is not None else None, "resource"
+        ),
         scope_name=scope.name if scope is not None else "",
         scope_version=(scope.version or "") if scope is not None else "",
-        events=[SpanEvent(e.name, e.timestamp or 0, attributes(e.attributes)) for e in span.events],
+        events=[
+            SpanEvent(e.name, e.timestamp or 0, attributes(e.attributes, f"events[{n}]"))
+            for n, e in enumerate(span.events)
+        ],
         links=[
             {
-                "trace_id": format(link.context.trace_id, "032x"),
-                "span_id": format(link.context.span_id, "016x"),
-                "attributes": attributes(link.attributes),
+                "trace_id": _id(link.context.trace_id, 32, f"links[{n}].traceId"),
+                "span_id": _id(link.context.span_id, 16, f"links[{n}].spanId"),
+                "attributes": attributes(link.attributes, f"links[{n}].attributes"),
             }
-            for link in span.links
+            for n, link in enumerate(span.links)
         ],
     )
 
 
-def attributes(values: Mapping[str, Any] | None) -> dict[str, Any]:
+def attributes(values: Mapping[str, Any] | None, where: str = "attributes") -> dict[str, Any]:
     """SDK attributes (AnyValue: tuples, bytes, nested mappings) as plain values."""
     if not values:
         return {}
-    return {str(k): plain(v) for k, v in values.items()}
+    if len(values) > MAX_ATTRIBUTES:
+        raise BadSpan(f"{where}: {len(values)} attributes, over the limit of {MAX_ATTRIBUTES}")
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        key = str(key)
+        if len(key) > MAX_KEY_CHARS:
+            raise BadSpan(f"{where}: a key of {len(key)} characters (limit {MAX_KEY_CHARS})")
+        out[key] = plain(value, 0, key)
+    return out
 
 
-def plain(value: Any) -> Any:
+def plain(value: Any, depth: int = 0, key: str = "") -> Any:
     """One AnyValue as the receiver decodes it: bytes as base64 text, sequences as lists."""
     if value is None or isinstance(value, bool | int | float | str):
         return value
     if isinstance(value, bytes | bytearray):
         return base64.b64encode(bytes(value)).decode("ascii")
+    if depth >= MAX_VALUE_DEPTH:
+        raise BadSpan(f"attribute {key[:100]!r} is nested deeper than {MAX_VALUE_DEPTH} levels")
     if isinstance(value, Mapping):
-        return {str(k): plain(v) for k, v in value.items()}
+        if len(value) > MAX_ATTRIBUTES:
+            raise BadSpan(f"attribute {key[:100]!r} holds {len(value)} pairs (limit 1024)")
+        return {str(k): plain(v, depth + 1, key) for k, v in value.items()}
     if isinstance(value, Sequence):
-        return [plain(v) for v in value]
+        if len(value) > MAX_ATTRIBUTES:
+            raise BadSpan(f"attribute {key[:100]!r} holds {len(value)} values (limit 1024)")
+        return [plain(v, depth + 1, key) for v in value]
     return str(value)  # not an AnyValue type; the SDK would not have kept it, but never fail
+
+
+def _id(value: int, digits: int, name: str) -> str:
+    if not value:
+        raise BadSpan(f"{name} is all zeros (an invalid id)")
+    return format(value, f"0{digits}x")
+
+
+def convert(spans: Sequence[ReadableSpan]) -> tuple[list[Span], list[str]]:
+    """The spans that convert, and a problem line for each that does not (as the receiver
+    names a span it rejects)."""
+    converted: list[Span] = []
+    problems: list[str] = []
+    for span in spans:
+        try:
+            converted.append(to_span(span))
+        except BadSpan as exc:
+            context = span.context
+            sid = format(context.span_id, "016x") if context is not None else "?"
+            problems.append(f"span {sid} ({span.name[:80]!r}): {exc}")
+    return converted, problems
 
 
 # --- the exporter -------------------------------------------------------------------------------
@@ -140,7 +199,7 @@ class WatchLLMSpanExporter(SpanExporter):
             )
         if timeout_s <= 0:
             raise ValueError(f"timeout_s: must be > 0, got {timeout_s}")
-        self._app = app
+        self._app: WatchLLM | None = _watchllm_of(app)
         self._key = key
         self._timeout_s = timeout_s
         self._shutdown = False
@@ -161,62 +220,74 @@ class WatchLLMSpanExporter(SpanExporter):
             return SpanExportResult.FAILURE
         if not spans:
             return SpanExportResult.SUCCESS
-        converted: list[Span] = []
-        for span in spans:
-            try:
-                converted.append(to_span(span))
-            except Exception as exc:  # one odd span must not cost the batch
-                log.warning("span %r not exported: %s", getattr(span, "name", "?"), exc)
-                self._count(failed=1)
-        if not converted:
-            return SpanExportResult.FAILURE
+        converted, problems = convert(spans)
         deadline = time.monotonic() + self._timeout_s
+        wl = self._watchllm()
+        # A batch over the app's max_batch_events (a BatchSpanProcessor set to export more
+        # than that at once) goes in several calls; spans refused here count in the first.
+        limit = wl.settings.max_batch_events if wl is not None else DEFAULT_CHUNK
+        rejected = min(len(problems), limit - 1)
+        size = limit - rejected
+        chunks = [converted[i : i + size] for i in range(0, len(converted), size)] or [[]]
+        ok = True
+        for n, chunk in enumerate(chunks):
+            if n == 0:
+                ok = self._deliver(chunk, rejected, problems[:MAX_PROBLEMS_LISTED], deadline)
+            else:
+                ok = self._deliver(chunk, 0, [], deadline) and ok
+        return SpanExportResult.SUCCESS if ok else SpanExportResult.FAILURE
+
+    def _deliver(
+        self, spans: list[Span], rejected: int, problems: list[str], deadline: float
+    ) -> bool:
+        """One call of ingest_spans on the app's loop, retried while the answer is "later"
+        and time is left; True when the app took the spans (some may have been refused)."""
+        n = len(spans) + rejected
         wait = RETRY_INITIAL_S
         while True:
             wl = self._watchllm()
-            loop = getattr(wl, "_loop", None) if wl is not None else None
+            # The loop the app runs on, as WatchLLM.ingest_from_thread reaches it.
+            loop: asyncio.AbstractEventLoop | None = getattr(wl, "_loop", None)
+            retry_after: float | None = None
             if wl is None or loop is None:
-                reason: str = "no WatchLLM app is running in this process"
-                retry_after: float | None = None
+                reason = "no WatchLLM app is running in this process"
+            elif _on_loop(loop):
+                self._schedule(wl, loop, spans, rejected, problems)
+                return True
             else:
-                if _on_loop(loop):
-                    self._schedule(wl, loop, converted)
-                    return SpanExportResult.SUCCESS
+                future = asyncio.run_coroutine_threadsafe(
+                    _ingest(wl, self._key, spans, rejected, problems), loop
+                )
                 try:
-                    answer = asyncio.run_coroutine_threadsafe(
-                        _ingest(wl, self._key, converted), loop
-                    ).result(max(deadline - time.monotonic(), 0.001))
+                    answer = future.result(max(deadline - time.monotonic(), 0.001))
                 except TimeoutError:
-                    # The batch may still be taken (it runs on): not counted as failed twice.
+                    # The call goes on and may still take the spans: they are not sent again.
                     log.warning(
                         "WatchLLM did not answer within %.1f s: %d spans may be lost",
                         self._timeout_s,
-                        len(converted),
+                        n,
                     )
-                    self._count(failed=len(converted))
-                    return SpanExportResult.FAILURE
+                    self._count(failed=n)
+                    return False
                 except Problem as exc:
                     if exc.status not in RETRYABLE:
-                        log.error("WatchLLM refused %d spans: %s", len(converted), _why(exc))
-                        self._count(failed=len(converted))
-                        return SpanExportResult.FAILURE
+                        log.error("WatchLLM refused %d spans: %s", n, _why(exc))
+                        self._count(failed=n)
+                        return False
                     reason = _why(exc)
                     retry_after = _retry_after(exc)
-                except Exception as exc:  # a bug on the app's side: logged, not raised into the SDK
-                    log.exception("exporting %d spans failed: %r", len(converted), exc)
-                    self._count(failed=len(converted))
-                    return SpanExportResult.FAILURE
+                except Exception as exc:  # a bug on the app's side: logged, never raised
+                    log.error("exporting %d spans failed: %r", n, exc)
+                    self._count(failed=n)
+                    return False
                 else:
-                    self._answered(answer, len(converted))
-                    return SpanExportResult.SUCCESS
+                    return self._answered(answer, n)
             pause = retry_after if retry_after is not None else wait
             wait = min(wait * 2, RETRY_MAX_S)
             if time.monotonic() + pause > deadline:
-                log.error(
-                    "%d spans not exported in %.1f s: %s", len(converted), self._timeout_s, reason
-                )
-                self._count(failed=len(converted))
-                return SpanExportResult.FAILURE
+                log.error("%d spans not exported in %.1f s: %s", n, self._timeout_s, reason)
+                self._count(failed=n)
+                return False
             time.sleep(pause)
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
@@ -238,17 +309,25 @@ class WatchLLMSpanExporter(SpanExporter):
     # -- inside --------------------------------------------------------------------------------
 
     def _watchllm(self) -> Any:
-        app = self._app
-        if app is None:
-            apps = local_apps()
-            return apps[0] if apps else None
-        state = getattr(app, "state", None)  # the ASGI app create_app returned
-        return getattr(state, "watchllm", app) if state is not None else app
+        if self._app is not None:
+            return self._app
+        apps = local_apps()
+        return apps[0] if apps else None
 
-    def _schedule(self, wl: Any, loop: asyncio.AbstractEventLoop, spans: list[Span]) -> None:
+    def _schedule(
+        self,
+        wl: Any,
+        loop: asyncio.AbstractEventLoop,
+        spans: list[Span],
+        rejected: int,
+        problems: list[str],
+    ) -> None:
         """Ingest on the loop this thread is running (a span ended in an async handler with a
         SimpleSpanProcessor): no wait is possible here, the answer is logged when it comes."""
-        future = asyncio.run_coroutine_threadsafe(_ingest(wl, self._key, spans), loop)
+        n = len(spans) + rejected
+        future = asyncio.run_coroutine_threadsafe(
+            _ingest(wl, self._key, spans, rejected, problems), loop
+        )
         with self._lock:
             self._pending.add(future)
 
@@ -256,24 +335,26 @@ class WatchLLMSpanExporter(SpanExporter):
             with self._lock:
                 self._pending.discard(f)
             if f.cancelled():
-                self._count(failed=len(spans))
+                self._count(failed=n)
             elif (exc := f.exception()) is not None:
-                log.error("WatchLLM refused %d spans: %s", len(spans), _why(exc))
-                self._count(failed=len(spans))
+                log.error("WatchLLM refused %d spans: %s", n, _why(exc))
+                self._count(failed=n)
             else:
-                self._answered(f.result(), len(spans))
+                self._answered(f.result(), n)
 
         future.add_done_callback(done)
 
-    def _answered(self, answer: Mapping[str, Any], sent: int) -> None:
+    def _answered(self, answer: Mapping[str, Any], sent: int) -> bool:
         rejected = int(answer.get("rejected_spans", 0) or 0)
+        accepted = int(answer.get("accepted_spans", 0) or 0)
         if rejected:
-            # The OTLP exporters' way with a partial success: logged, and the export succeeded
-            # (sending the same bad spans again would be refused again).
+            # The OTLP exporters' way with a partial success: logged, and not sent again
+            # (the same spans would be refused again).
             log.warning(
                 "WatchLLM rejected %d of %d spans: %s", rejected, sent, answer.get("errors")
             )
-        self._count(exported=sent - rejected, rejected=rejected)
+        self._count(exported=accepted, rejected=rejected)
+        return accepted > 0 or rejected == 0  # all refused: a failure, as the receiver's 400
 
     def _count(self, exported: int = 0, rejected: int = 0, failed: int = 0) -> None:
         with self._lock:
@@ -282,12 +363,24 @@ class WatchLLMSpanExporter(SpanExporter):
             self.failed_spans += failed
 
 
-async def _ingest(wl: Any, api_key: str, spans: list[Span]) -> dict[str, Any]:
+async def _ingest(
+    wl: Any, api_key: str, spans: list[Span], rejected: int, problems: list[str]
+) -> dict[str, Any]:
     """On the app's loop: the key's principal (401/403 as errors.Problem), then the spans."""
-    from .ingest import ingest_spans  # the server side; imported where it runs
-
     principal = wl.principal_for(api_key, "ingest", field="api_key")
-    return await ingest_spans(wl, principal, spans)
+    return await ingest_spans(wl, principal, spans, rejected=rejected, problems=problems)
+
+
+def _watchllm_of(app: Any) -> WatchLLM | None:
+    if app is None or isinstance(app, WatchLLM):
+        return app
+    # The ASGI app create_app returned carries its WatchLLM on its state.
+    wl = getattr(getattr(app, "state", None), "watchllm", None)
+    if isinstance(wl, WatchLLM):
+        return wl
+    raise ValueError(
+        f"app: expected a WatchLLM or the app create_app() returned, got {type(app).__name__}"
+    )
 
 
 def _in_a_loop() -> bool:
