@@ -74,7 +74,7 @@ def test_admin_routes_need_an_admin_or_operator_key(server: Running) -> None:
 def api_schema(server: Running) -> Any:
     # A key for every request; project_id pinned to the key's project so that cases reach
     # the queries instead of stopping at 403 (other projects are covered by test_analytics).
-    schema = schemathesis.openapi.from_dict(build_document())
+    schema = schemathesis.openapi.from_dict(build_document(server.app.routes))
     schema.config.update(base_url=server.url, headers=server.headers())
     return schema
 
@@ -98,5 +98,62 @@ def test_fuzz_every_route(case: Any, server: Running) -> None:
     # that are not floats like 4.0, no NaN), and refusing those with a 4xx is right.
     excluded = [checks.positive_data_acceptance]
     if response.status_code == 413:  # a body over the size limit is refused too, as 413
+        excluded.append(checks.negative_data_rejection)
+    case.validate_response(response, excluded_checks=excluded)
+
+
+# Quotas on (memory), with the Stripe webhook: the quota plugin's routes are in the document.
+WITH_QUOTAS: dict[str, Any] = {
+    "quota_backend": "memory",
+    "quota_plans": {"default": {"events_per_day": 10**9}, "pro": {"events_per_minute": 10**6}},
+    "stripe_webhook_secret": "whsec_test_openapi",
+    "durability": "memory",
+}
+QUOTA_PATHS = {"/v1/usage", "/v1/admin/usage", "/v1/billing/stripe"}
+
+
+def test_quota_routes_are_described_when_quotas_are_on(server_factory: Any) -> None:
+    server = server_factory(**WITH_QUOTAS)
+    doc = server.client.get("/openapi.json").json()
+    validate(doc)
+    routes = {r.path for r in server.app.routes if isinstance(r, Route)}
+    pages = {p for p in routes if p == "/" or p.startswith("/dashboard")}
+    assert QUOTA_PATHS <= routes - INTERNAL - pages == set(doc["paths"])
+    paths = doc["paths"]
+    assert paths["/v1/usage"]["get"]["security"] == [{"bearer": []}]
+    admin = paths["/v1/admin/usage"]
+    assert admin["get"]["security"] == [{"bearer": ["admin"]}]
+    assert admin["post"]["security"] == [{"bearer": ["operator"]}]
+    body = admin["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["properties"]["plan"]["anyOf"][0]["enum"] == ["default", "pro"]
+    stripe = paths["/v1/billing/stripe"]["post"]
+    assert stripe["security"] == []
+    assert [p["name"] for p in stripe["parameters"]] == ["Stripe-Signature"]
+    assert {"200", "400", "503"} <= set(stripe["responses"])
+    report = doc["components"]["schemas"]["UsageReport"]
+    assert {"plan", "limits", "used", "remaining", "resets_in_s"} <= set(report["required"])
+
+
+@pytest.fixture
+def quota_api_schema(server_factory: Any) -> Any:
+    # An operator key: it may change usage (POST /v1/admin/usage) and read any project.
+    server = server_factory(**WITH_QUOTAS)
+    operator = server.keys.create("ops", scope="operator")
+    doc = build_document(server.app.routes)
+    doc["paths"] = {path: doc["paths"][path] for path in QUOTA_PATHS}  # the rest: above
+    schema = schemathesis.openapi.from_dict(doc)
+    schema.config.update(base_url=server.url, headers=server.headers(operator))
+    return schema
+
+
+quota_schema = schemathesis.pytest.from_fixture("quota_api_schema")
+
+
+@quota_schema.parametrize()
+def test_fuzz_the_quota_routes(case: Any) -> None:
+    response = case.call()
+    assert response.status_code < 500, (response.status_code, response.text[:500])
+    excluded = [checks.positive_data_acceptance]
+    if response.status_code == 413:  # a webhook body over 1 MiB is refused as 413
         excluded.append(checks.negative_data_rejection)
     case.validate_response(response, excluded_checks=excluded)

@@ -320,6 +320,22 @@ def test_usage_route_answers_any_key_of_the_project(quota_server: Any) -> None:
         headers=server.headers(operator),
     )
     assert bad.status_code == 422 and bad.json()["field"] == "set.week"
+    # What /openapi.json says the body may hold is what the route takes (nothing else).
+    for body, field in [
+        ({"reset": "yes"}, "reset"),
+        ({"set": []}, "set"),
+        ({"set": {"day": 10**18 + 1}}, "set.day"),
+        ({"set": {"day": 1.0}}, "set.day"),
+        ({"plan": ["pro"]}, "plan"),
+        ({"plan": "gold"}, "plan"),
+    ]:
+        refused = server.client.post(
+            "/v1/admin/usage",
+            params={"project": "acme"},
+            json=body,
+            headers=server.headers(operator),
+        )
+        assert (refused.status_code, refused.json()["field"]) == (422, field), body
     done = server.client.post(
         "/v1/admin/usage",
         params={"project": "acme"},

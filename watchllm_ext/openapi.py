@@ -3,12 +3,14 @@ pydantic models that validate and shape them (so the document cannot drift from 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from pydantic.json_schema import models_json_schema
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from . import __version__
 from .analytics import models as answers
@@ -246,11 +248,36 @@ def _admin_paths() -> dict[str, Any]:
     }
 
 
-def build_document() -> dict[str, Any]:
+def described(
+    endpoint: Any, operations: dict[str, Any], models: Sequence[type[BaseModel]] = ()
+) -> Any:
+    """Give a plugin's route (register_routes) its OpenAPI operations ({"get": {...}}) and the
+    models they refer to (`_ref`): the document of an app that serves the route lists it, and
+    an app without it (the feature off) does not."""
+    endpoint.__openapi__ = (operations, tuple(models))
+    return endpoint
+
+
+def _described(routes: Iterable[Any]) -> tuple[dict[str, Any], list[type[BaseModel]]]:
+    paths: dict[str, Any] = {}
+    models: list[type[BaseModel]] = []
+    for route in routes:
+        found = getattr(getattr(route, "endpoint", None), "__openapi__", None)
+        if isinstance(route, Route) and found is not None:
+            paths.setdefault(route.path, {}).update(found[0])
+            models += [m for m in found[1] if m not in models]
+    return paths, models
+
+
+def build_document(routes: Iterable[Any] = ()) -> dict[str, Any]:
+    """The document of the core routes, and of those of `routes` (an app's) that plugins
+    described (`described`)."""
+    plugin_paths, plugin_models = _described(routes)
     _, defs = models_json_schema(
         [
             (m, "serialization")
             for m in (
+                *plugin_models,
                 answers.Stats,
                 answers.Timeseries,
                 answers.LogsPage,
@@ -414,6 +441,7 @@ def build_document() -> dict[str, Any]:
             (404,),
         ),
         **_admin_paths(),
+        **plugin_paths,
     }
     return {
         "openapi": "3.1.0",
@@ -487,5 +515,5 @@ def _otlp_paths() -> dict[str, Any]:
 async def openapi_endpoint(request: Request) -> Response:
     wl = request.app.state.watchllm
     if wl.openapi is None:
-        wl.openapi = build_document()
+        wl.openapi = build_document(request.app.routes)
     return JSONResponse(wl.openapi)

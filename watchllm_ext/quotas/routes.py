@@ -8,22 +8,27 @@
 - `POST /v1/billing/stripe` (when stripe_webhook_secret is set): Stripe subscription events,
   signature checked with the `stripe` package, mapped to plans; a replayed event changes
   nothing, an older event than the one applied is ignored.
+
+Each route carries its OpenAPI description (`described`): `/openapi.json` lists them when the
+plugin serves them (quotas on; the webhook with its secret).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
+from pydantic import BaseModel, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from ..auth import Principal, Scope
 from ..errors import Problem
+from ..openapi import ErrorBody, _json, _query, _ref, described
 from .engine import QuotaUnavailable
-from .plans import WINDOWS, periods
+from .plans import WINDOWS, Plan, periods
 
 if TYPE_CHECKING:
     from .plugin import QuotaPlugin
@@ -43,6 +48,57 @@ SUBSCRIPTION_EVENTS = {
 }
 PROJECT_METADATA = "watchllm_project"
 SETTABLE = (*WINDOWS,)
+MAX_SET = 10**18  # a count set by hand stays a 64-bit integer in Redis (INCRBY works on it)
+
+
+# --- the answers, as /openapi.json describes them ---------------------------------------------
+
+
+class UsageCounts(BaseModel):
+    minute: int = Field(description="events in the minute bucket now (it drains continuously)")
+    day: int = Field(description="events of this UTC day")
+    month: int = Field(description="events of this UTC month")
+    payload_bytes: int = Field(description="payload bytes of this UTC month")
+
+
+class UsageLeft(BaseModel):
+    """Events (bytes) that fit now, for the windows the plan limits only."""
+
+    minute: int | None = None
+    day: int | None = None
+    month: int | None = None
+    payload_bytes: int | None = None
+
+
+class UsageResets(BaseModel):
+    minute: float = Field(description="seconds until the minute bucket is empty")
+    day: int = Field(description="seconds until 00:00 UTC")
+    month: int = Field(description="seconds until the 1st, 00:00 UTC")
+
+
+class UsageReport(BaseModel):
+    """A project's plan, limits, usage and what is left (`GET /v1/usage`, `watchllm usage`)."""
+
+    project_id: str
+    plan: str
+    backend: Literal["memory", "redis"]
+    limits: Plan
+    used: UsageCounts
+    remaining: UsageLeft
+    resets_in_s: UsageResets
+    spent_usd_this_month: float | None = Field(
+        None, description="cost of the month's stored events (absent without a store)"
+    )
+
+
+class StripeAnswer(BaseModel):
+    """What the webhook did with a verified event (always 200: Stripe retries anything else)."""
+
+    received: str = Field(description="the event id")
+    project: str | None = None
+    plan: str | None = Field(None, description="the project's plan now")
+    ignored: str | None = Field(None, description="why the event changed nothing")
+    duplicate: bool | None = Field(None, description="true: a replay of an event already applied")
 
 
 def quota_routes(plugin: QuotaPlugin) -> list[BaseRoute]:
@@ -63,13 +119,140 @@ def quota_routes(plugin: QuotaPlugin) -> list[BaseRoute]:
     async def stripe_webhook(request: Request) -> Response:
         return JSONResponse(await handle_stripe(plugin, request))
 
+    docs = _operations(plugin)
     routes: list[BaseRoute] = [
-        Route("/v1/usage", usage, methods=["GET"]),
-        Route("/v1/admin/usage", admin_usage, methods=["GET", "POST"]),
+        Route("/v1/usage", described(usage, docs["usage"], [UsageReport]), methods=["GET"]),
+        Route(
+            "/v1/admin/usage",
+            described(admin_usage, docs["admin"], [UsageReport]),
+            methods=["GET", "POST"],
+        ),
     ]
     if plugin.settings.stripe_webhook_secret is not None:
-        routes.append(Route("/v1/billing/stripe", stripe_webhook, methods=["POST"]))
+        webhook = described(stripe_webhook, docs["stripe"], [StripeAnswer])
+        routes.append(Route("/v1/billing/stripe", webhook, methods=["POST"]))
     return routes
+
+
+def _problem(description: str) -> dict[str, Any]:
+    return _json(_ref(ErrorBody), description)
+
+
+_UNREADABLE = _problem("the usage backend (Redis) is down; retry after Retry-After")
+
+
+def _operations(plugin: QuotaPlugin) -> dict[str, dict[str, Any]]:
+    """The OpenAPI operations of the routes, for these settings (the plans' names)."""
+    report = _json(_ref(UsageReport), "the project's plan, limits, usage and what is left")
+    unknown_key = _problem("missing or unknown API key")
+    project = _query(
+        "project",
+        "the project (default: the key's own). An `admin` key may name its own only (another"
+        " is 403 naming `project`); an `operator` key, any",
+    )
+    counts = {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            window: {"type": "integer", "minimum": 0, "maximum": MAX_SET} for window in SETTABLE
+        },
+        "description": "counts to set: the minute bucket's level, the day's, the month's"
+        " events, the month's payload bytes",
+    }
+    change = {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "reset": {"type": "boolean", "description": "true: every count back to 0 first"},
+            "set": counts,
+            "plan": {
+                "anyOf": [{"enum": sorted(plugin.plans)}, {"type": "null"}],
+                "description": "assign a plan of quota_plans; null: back to the settings' plan",
+            },
+        },
+    }
+    return {
+        "usage": {
+            "get": {
+                "summary": "The calling key's project: plan, limits, usage, what is left",
+                "description": "Any key of the project may ask (an ingest-only key too).",
+                "security": [{"bearer": []}],
+                "responses": {"200": report, "401": unknown_key, "503": _UNREADABLE},
+            }
+        },
+        "admin": {
+            "get": {
+                "summary": "A project's usage (what `watchllm usage show --url` asks)",
+                "description": "Needs an `admin` key (its own project) or an `operator` key"
+                " (every project); any other key is 403.",
+                "security": [{"bearer": ["admin"]}],
+                "parameters": [project],
+                "responses": {
+                    "200": report,
+                    "401": unknown_key,
+                    "403": _problem("not an admin key of the project, nor an operator key"),
+                    "503": _UNREADABLE,
+                },
+            },
+            "post": {
+                "summary": "Reset, set usage or assign a plan while the server runs",
+                "description": "Applied in the order reset, set, plan. Needs an `operator`"
+                " key: a project's own admin must not change what it is billed on.",
+                "security": [{"bearer": ["operator"]}],
+                "parameters": [project],
+                "requestBody": {  # none is {}: no change, the usage as GET answers it
+                    "required": False,
+                    "content": {"application/json": {"schema": change}},
+                },
+                "responses": {
+                    "200": _json(_ref(UsageReport), "the project's usage after the change"),
+                    "401": unknown_key,
+                    "403": _problem("not an operator key"),
+                    "422": _problem("a field that is unknown or out of bounds; `field` names it"),
+                    "503": _UNREADABLE,
+                },
+            },
+        },
+        "stripe": {
+            "post": {
+                "summary": "Stripe subscription events: plan changes",
+                "description": "Signed by Stripe (the endpoint's signing secret,"
+                " stripe_webhook_secret) instead of an API key. customer.subscription.* events"
+                " whose subscription has metadata.watchllm_project set that project's plan"
+                " (stripe_price_plans); a replay or an older event changes nothing.",
+                "security": [],
+                "parameters": [
+                    {
+                        "name": "Stripe-Signature",
+                        "in": "header",
+                        "required": True,
+                        "description": "t=<unix time>,v1=<HMAC-SHA256 of '<t>.<body>'>",
+                        "schema": {"type": "string"},
+                    }
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "description": "a Stripe Event object, as Stripe sent it",
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": _json(_ref(StripeAnswer), "applied, or acknowledged and ignored"),
+                    "400": _problem(
+                        "the signature is missing, does not match or is over 5 minutes old"
+                        " (`field`: Stripe-Signature), or the body is not a Stripe event"
+                    ),
+                    "413": _problem("a body over 1 MiB"),
+                    "503": _problem("the plan cannot be saved now; Stripe delivers it again"),
+                },
+            }
+        },
+    }
 
 
 def _wl(request: Request) -> Any:
@@ -129,7 +312,9 @@ async def apply_change(plugin: QuotaPlugin, project: str, data: dict[str, Any]) 
             f"unknown field {unknown[0]!r}; use 'reset', 'set' or 'plan'",
             field=unknown[0],
         )
-    values = data.get("set") or {}
+    if not isinstance(data.get("reset", False), bool):
+        raise Problem(422, "bad_body", "'reset' must be true or false", field="reset")
+    values = data.get("set", {})
     if not isinstance(values, dict):
         raise Problem(422, "bad_body", "'set' must be an object of window: count", field="set")
     for window, value in values.items():
@@ -140,18 +325,19 @@ async def apply_change(plugin: QuotaPlugin, project: str, data: dict[str, Any]) 
                 f"unknown window {window!r}; one of {', '.join(SETTABLE)}",
                 field=f"set.{window}",
             )
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SET:
             raise Problem(
                 422,
                 "bad_body",
-                f"set.{window} must be a whole number, 0 or more",
+                f"set.{window} must be a whole number from 0 to {MAX_SET:,}",
                 field=f"set.{window}",
             )
-    if "plan" in data and data["plan"] is not None and data["plan"] not in plugin.plans:
+    plan = data.get("plan")
+    if plan is not None and (not isinstance(plan, str) or plan not in plugin.plans):
         raise Problem(
             422,
             "unknown_plan",
-            f"no plan named {data['plan']!r} (quota_plans has: {', '.join(sorted(plugin.plans))})",
+            f"no plan named {plan!r} (quota_plans has: {', '.join(sorted(plugin.plans))})",
             field="plan",
         )
     p = periods()
