@@ -66,16 +66,18 @@ _KINDS = {
     SpanKind.CONSUMER: "consumer",
 }
 _STATUSES = {StatusCode.UNSET: "unset", StatusCode.OK: "ok", StatusCode.ERROR: "error"}
+_SCALARS = frozenset({str, int, float, bool, type(None)})
 
 
 # --- conversion ---------------------------------------------------------------------------------
 
 
-def to_span(span: ReadableSpan) -> Span:
+def to_span(span: ReadableSpan, resources: dict[int, dict[str, Any]] | None = None) -> Span:
     """A finished SDK span as the receiver decodes the same span from OTLP (otel/decode.py):
     ids as lowercase hex, times in Unix nanoseconds, attribute values as plain Python values,
     and the receiver's bounds (BadSpan past them), so a span is stored or refused alike
-    whichever way it came in."""
+    whichever way it came in. `resources`: the resources converted so far, by identity (the
+    spans of one provider share one; like the receiver's, theirs is one dict)."""
     context = span.context
     if context is None:
         raise BadSpan("the span has no span context")
@@ -84,10 +86,11 @@ def to_span(span: ReadableSpan) -> Span:
     end = span.end_time if span.end_time is not None else start
     status = span.status
     scope = span.instrumentation_scope
-    if len(span.events) > MAX_EVENTS:
-        raise BadSpan(f"{len(span.events)} events, over the limit of {MAX_EVENTS}")
-    if len(span.links) > MAX_LINKS:
-        raise BadSpan(f"{len(span.links)} links, over the limit of {MAX_LINKS}")
+    events, links = span.events, span.links  # each a copy made under the span's lock
+    if len(events) > MAX_EVENTS:
+        raise BadSpan(f"{len(events)} events, over the limit of {MAX_EVENTS}")
+    if len(links) > MAX_LINKS:
+        raise BadSpan(f"{len(links)} links, over the limit of {MAX_LINKS}")
     return Span(
         trace_id=_id(context.trace_id, 32, "traceId"),
         span_id=_id(context.span_id, 16, "spanId"),
@@ -100,14 +103,12 @@ def to_span(span: ReadableSpan) -> Span:
         status_code=_STATUSES.get(status.status_code, "unset"),
         status_message=status.description or "",
         attributes=attributes(span.attributes, "attributes"),
-        resource=attributes(
-            span.resource.attributes if span.resource is not None else None, "resource"
-        ),
+        resource=_resource(span, resources),
         scope_name=scope.name if scope is not None else "",
         scope_version=(scope.version or "") if scope is not None else "",
         events=[
             SpanEvent(e.name, e.timestamp or 0, attributes(e.attributes, f"events[{n}]"))
-            for n, e in enumerate(span.events)
+            for n, e in enumerate(events)
         ],
         links=[
             {
@@ -115,7 +116,7 @@ def to_span(span: ReadableSpan) -> Span:
                 "span_id": _id(link.context.span_id, 16, f"links[{n}].spanId"),
                 "attributes": attributes(link.attributes, f"links[{n}].attributes"),
             }
-            for n, link in enumerate(span.links)
+            for n, link in enumerate(links)
         ],
     )
 
@@ -128,16 +129,18 @@ def attributes(values: Mapping[str, Any] | None, where: str = "attributes") -> d
         raise BadSpan(f"{where}: {len(values)} attributes, over the limit of {MAX_ATTRIBUTES}")
     out: dict[str, Any] = {}
     for key, value in values.items():
-        key = str(key)
+        if type(key) is not str:
+            key = str(key)
         if len(key) > MAX_KEY_CHARS:
             raise BadSpan(f"{where}: a key of {len(key)} characters (limit {MAX_KEY_CHARS})")
-        out[key] = plain(value, 0, key)
+        # Most values are scalars: kept as they are without the walk below.
+        out[key] = value if type(value) in _SCALARS else plain(value, 0, key)
     return out
 
 
 def plain(value: Any, depth: int = 0, key: str = "") -> Any:
     """One AnyValue as the receiver decodes it: bytes as base64 text, sequences as lists."""
-    if value is None or isinstance(value, bool | int | float | str):
+    if type(value) in _SCALARS or isinstance(value, bool | int | float | str):
         return value
     if isinstance(value, bytes | bytearray):
         return base64.b64encode(bytes(value)).decode("ascii")
@@ -154,6 +157,18 @@ def plain(value: Any, depth: int = 0, key: str = "") -> Any:
     return str(value)  # not an AnyValue type; the SDK would not have kept it, but never fail
 
 
+def _resource(span: ReadableSpan, cache: dict[int, dict[str, Any]] | None) -> dict[str, Any]:
+    resource = span.resource
+    if resource is None:
+        return {}
+    if cache is None:
+        return attributes(resource.attributes, "resource")
+    found = cache.get(id(resource))
+    if found is None:
+        found = cache[id(resource)] = attributes(resource.attributes, "resource")
+    return found
+
+
 def _id(value: int, digits: int, name: str) -> str:
     if not value:
         raise BadSpan(f"{name} is all zeros (an invalid id)")
@@ -165,9 +180,11 @@ def convert(spans: Sequence[ReadableSpan]) -> tuple[list[Span], list[str]]:
     names a span it rejects)."""
     converted: list[Span] = []
     problems: list[str] = []
+    # Alive as long as `spans` is, so an id names one resource throughout.
+    resources: dict[int, dict[str, Any]] = {}
     for span in spans:
         try:
-            converted.append(to_span(span))
+            converted.append(to_span(span, resources))
         except BadSpan as exc:
             context = span.context
             sid = format(context.span_id, "016x") if context is not None else "?"
