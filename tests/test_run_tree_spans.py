@@ -321,3 +321,83 @@ def test_fat_spans_stop_at_the_byte_budget(server: Running) -> None:
     assert 100 < len(ids) < 1000
     assert ids == [f"{i + 1:016x}" for i in range(len(ids))]  # a prefix, in time order
     assert got["truncated"] is True and got["span_count"] == 1000
+
+
+def test_an_sdk_trace_through_the_receiver_is_the_tree_it_sent(server: Running) -> None:
+    """The whole way: OpenTelemetry's SDK and OTLPSpanExporter -> POST /v1/traces -> the run
+    tree, compared with the parent links the SDK recorded."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import SpanKind, Status, StatusCode
+
+    memory = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource({"service.name": "shop"}))
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracer = provider.get_tracer("tree")
+    chat = {"gen_ai.operation.name": "chat", "gen_ai.request.model": "gpt-4o"}
+    tool = {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": "lookup"}
+    with tracer.start_as_current_span("POST /checkout", kind=SpanKind.SERVER) as root:
+        root.set_attribute("http.request.method", "POST")
+        with tracer.start_as_current_span("agent run"):
+            with (
+                tracer.start_as_current_span("chat gpt-4o", kind=SpanKind.CLIENT, attributes=chat),
+                tracer.start_as_current_span("execute_tool lookup", attributes=tool),
+            ):
+                pass
+            with tracer.start_as_current_span("chat gpt-4o", kind=SpanKind.CLIENT, attributes=chat):
+                pass
+        with tracer.start_as_current_span("SELECT orders", kind=SpanKind.CLIENT) as db:
+            db.set_status(Status(StatusCode.ERROR, "timeout"))
+    sent = memory.get_finished_spans()
+    exporter = OTLPSpanExporter(
+        endpoint=f"{server.url}/v1/traces", headers={"Authorization": f"Bearer {server.key}"}
+    )
+    assert exporter.export(sent) is SpanExportResult.SUCCESS
+    exporter.shutdown()
+    server.flush()
+
+    def hexid(span_id: int) -> str:
+        return f"{span_id:016x}"
+
+    # Events: the GenAI spans, and a span whose status is error (an `error` event).
+    as_event = {
+        hexid(s.context.span_id)
+        for s in sent
+        if "gen_ai.operation.name" in s.attributes or s.status.status_code is StatusCode.ERROR
+    }
+    children: dict[str | None, list[Any]] = {}
+    for s in sorted(sent, key=lambda s: (s.start_time, hexid(s.context.span_id))):
+        parent = hexid(s.parent.span_id) if s.parent else None
+        children.setdefault(parent, []).append(s)
+
+    def expected(parent: str | None) -> list[Any]:
+        out = []
+        for s in children.get(parent, []):
+            sid = hexid(s.context.span_id)
+            out.append(("event" if sid in as_event else "span", sid, expected(sid)))
+        return out
+
+    trace_id = f"{root.get_span_context().trace_id:032x}"
+    got = tree(server, trace_id)
+    assert shape(got["tree"]) == expected(None)
+    assert got["span_count"] == len(sent) == 6 and got["truncated"] is False
+    assert got["run"]["event_count"] == 4 and got["run"]["error_count"] == 1
+    top = got["tree"][0]
+    assert top["span"]["name"] == "POST /checkout" and top["span"]["kind"] == "server"
+    assert top["span"]["service_name"] == "shop"
+    assert top["span"]["attributes"] == {"http.request.method": "POST"}
+    db_node = top["children"][-1]
+    assert db_node["event"]["event_type"] == "error" and db_node["span"]["status_code"] == "error"
+    assert db_node["span"]["status_message"] == "timeout"
+    first_call = top["children"][0]["children"][0]
+    assert first_call["event"]["model"] == "gpt-4o"
+    assert first_call["children"][0]["event"]["tool_name"] == "lookup"
+    by_id = {hexid(s.context.span_id): s for s in sent}
+    for node in (top, db_node, first_call):
+        span = by_id[node["id"]]
+        assert node["span"]["duration_ms"] == pytest.approx(
+            (span.end_time - span.start_time) / 1e6, abs=0.002
+        )
