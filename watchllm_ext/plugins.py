@@ -35,6 +35,7 @@ DEFAULT_PLUGINS = (
     "watchllm_ext.notify.slack",
     "watchllm_ext.observability.otel_metrics",
     "watchllm_ext.otel.plugin",
+    "watchllm_ext.otel.export",
 )
 
 

@@ -405,6 +405,25 @@ class Settings(BaseSettings):
         description="Extra headers of the OTLP metrics export (a vendor's API key), JSON in"
         " the environment.",
     )
+    # --- OpenTelemetry: the OTLP exporter sink (watchllm_ext/otel/export.py, docs/OPENTELEMETRY.md)
+    otlp_export_endpoint: str | None = Field(
+        None,
+        pattern=r"^https?://",
+        description="Forward every stored event and span as OTLP spans (protobuf over HTTP)"
+        " to this endpoint, e.g. an OpenTelemetry Collector's http://collector:4318/v1/traces"
+        " or another WatchLLM's /v1/traces; unset: the exporter sink is off.",
+    )
+    otlp_export_headers: dict[str, str] = Field(
+        default_factory=dict,
+        description='Headers of the OTLP export requests, e.g. {"Authorization": "Bearer KEY"}'
+        " (JSON in the environment).",
+    )
+    otlp_export_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="Timeout of one OTLP export request (seconds)."
+    )
+    otlp_export_compression: Literal["gzip", "none"] = Field(
+        "gzip", description="Compression of the OTLP export requests' bodies."
+    )
 
     @model_validator(mode="after")
     def _cluster_needs_a_server(self) -> Settings:

@@ -8,6 +8,12 @@ be told apart.
 
 Input is a `Span` of plain Python values (the receiver decodes OTLP protobuf or JSON into it);
 nothing here does I/O.
+
+One rule comes before all others (version 2): a span carrying `watchllm.event_type` is a v1
+event that another WatchLLM's exporter sink (otel/export.py) forwarded, and it becomes exactly
+that event again, with its original ids, type and fields (the "forwarded events" section
+below says which attribute holds which field). So events go WatchLLM -> OTLP -> WatchLLM
+unchanged.
 """
 
 from __future__ import annotations
@@ -27,9 +33,10 @@ from ..schema import (
     MAX_SHORT_TEXT_CHARS,
     MAX_TEXT_CHARS,
     MAX_TOKENS,
+    MODELS_BY_TYPE,
 )
 
-MAPPING_VERSION = 1
+MAPPING_VERSION = 2  # 2: forwarded WatchLLM events (watchllm.event_type) come back as sent
 
 # The event keeps what no rule read (the `spans` row keeps everything): at most this many
 # attributes, each value cut to this many characters of JSON, so the event stays valid.
@@ -145,10 +152,74 @@ OUTPUT_MESSAGE_EVENTS = ("gen_ai.choice",)
 ENVIRONMENTS = {"production", "staging", "development"}
 ENVIRONMENT_KEYS = ("deployment.environment.name", "deployment.environment")
 
+# Forwarded WatchLLM events (the first rule; written by otel/export.py, read back here).
+# A span whose `watchllm.event_type` is one of the contract's types is that event:
+#   watchllm.event_id / run_id / parent_event_id  the original ids (the span's own ids are
+#                                                 these, or a hash of them when not hex)
+#   span start time                               timestamp (to the microsecond)
+#   FORWARDED_GENAI_KEYS below                    the fields GenAI has a key for
+#   gen_ai.input.messages + watchllm.prompt_form  prompt: "text" (one user message with one
+#                                                 text part) or "messages" (PROMPT_PART_FORMS)
+#   watchllm.prompt                               prompt as JSON, only when the GenAI form
+#                                                 above cannot hold it exactly
+#   gen_ai.output.messages                        response (one assistant message, one part)
+#   watchllm.<field>                              every other field: text, numbers, booleans
+#                                                 as they are, FORWARDED_JSON_FIELDS as JSON text
+# Not read back: project_id (the receiving key's project owns the event) and cost_source (the
+# receiving server sets it; a forwarded cost is the client's there).
+WATCHLLM_EVENT_TYPE = "watchllm.event_type"
+FORWARDED_GENAI_KEYS = {
+    "model": "gen_ai.response.model",
+    "provider": "gen_ai.provider.name",
+    "tokens_input": "gen_ai.usage.input_tokens",
+    "tokens_output": "gen_ai.usage.output_tokens",
+    "cost_estimate_usd": "gen_ai.usage.cost",
+    "tool_name": "gen_ai.tool.name",
+    "tool_input": "gen_ai.tool.call.arguments",
+    "tool_output": "gen_ai.tool.call.result",
+    "step_name": "gen_ai.agent.name",
+    "error_type": "error.type",
+}
+# Free-form or structured fields: sent as their JSON text, so any JSON value (a string
+# included) comes back as it was.
+FORWARDED_JSON_FIELDS = frozenset(
+    {
+        "tool_input",
+        "tool_output",
+        "expected",
+        "actual",
+        "metadata",
+        "response_metadata",
+        "tool_calls",
+        "client",
+        "tags",
+    }
+)
+# Fields with a rule of their own (ids, time, messages) or never read back.
+FORWARDED_OWN_FIELDS = frozenset(
+    {
+        "event_type",
+        "event_id",
+        "run_id",
+        "parent_event_id",
+        "timestamp",
+        "project_id",
+        "cost_source",
+        "prompt",
+        "response",
+    }
+)
+# How a chat message's content is a GenAI part: text as a text part, text with a
+# tool_call_id as a tool_call_response part, a list of parts as those parts.
+PROMPT_PART_FORMS = ("text", "tool_call_response", "parts")
+
 
 def event_type_of(span: Span) -> str | None:
     """The v1 event type a span maps to, or None for a span that is not LLM work and did
     not fail."""
+    forwarded = span.attributes.get(WATCHLLM_EVENT_TYPE)
+    if isinstance(forwarded, str) and forwarded in MODELS_BY_TYPE:
+        return forwarded
     operation = span.attributes.get("gen_ai.operation.name")
     if not isinstance(operation, str):
         operation = None
@@ -183,6 +254,10 @@ def map_span(span: Span) -> Mapped:
     row = span_row(span, event_type)
     if event_type is None:
         return Mapped(row, None, [])
+    forwarded = forwarded_event(span)
+    if forwarded is not None:
+        # Every attribute was written by the exporter for this event: none is "not understood".
+        return Mapped(row, forwarded, [])
     used: set[str] = set(CLASSIFY_KEYS)
     event = _common(span, event_type, used)
     build = _BUILDERS[event_type]
@@ -341,6 +416,136 @@ def _exception_message(span: Span) -> str | None:
         if e.name == "exception":
             return _text(e.attributes.get("exception.message"))
     return None
+
+
+# --- forwarded WatchLLM events ---------------------------------------------------------------
+
+
+def forwarded_event(span: Span) -> dict[str, Any] | None:
+    """The event a WatchLLM exporter sent as this span (see FORWARDED_GENAI_KEYS), or None
+    for a span that is not one."""
+    attrs = span.attributes
+    event_type = attrs.get(WATCHLLM_EVENT_TYPE)
+    if not isinstance(event_type, str) or event_type not in MODELS_BY_TYPE:
+        return None
+    event: dict[str, Any] = {
+        "event_type": event_type,
+        "event_id": _text(attrs.get("watchllm.event_id")) or span.span_id,
+        "run_id": _text(attrs.get("watchllm.run_id")) or span.trace_id,
+        "timestamp": _datetime(span.start_unix_nano).isoformat(),
+    }
+    parent = _text(attrs.get("watchllm.parent_event_id")) or span.parent_span_id
+    if parent:
+        event["parent_event_id"] = parent
+    for name in MODELS_BY_TYPE[event_type].model_fields:
+        if name in FORWARDED_OWN_FIELDS:
+            continue
+        key = FORWARDED_GENAI_KEYS.get(name)
+        value = attrs[key] if key in attrs else attrs.get(f"watchllm.{name}")
+        if value is None:
+            continue
+        if name in FORWARDED_JSON_FIELDS and isinstance(value, str):
+            value = _json_or_text(value)
+        event[name] = value
+    if event_type == "prompt_call":
+        prompt = _forwarded_prompt(attrs)
+        if prompt is not None:
+            event["prompt"] = prompt
+        response = _json_or_text(_text(attrs.get("gen_ai.output.messages")) or "")
+        if isinstance(response, list):
+            texts = [
+                p.get("content")
+                for m in response
+                if isinstance(m, Mapping)
+                for p in (m.get("parts") or [])
+                if isinstance(p, Mapping)
+            ]
+            if texts and all(isinstance(t, str) for t in texts):
+                event["response"] = "".join(texts)
+    return event
+
+
+def prompt_to_genai(prompt: str | list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
+    """A prompt as GenAI input messages, and its form (watchllm.prompt_form). Messages are
+    plain dicts with the contract's keys (role, content, name, tool_call_id)."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "parts": [{"type": "text", "content": prompt}]}], "text"
+    out: list[dict[str, Any]] = []
+    for message in prompt:
+        content = message.get("content")
+        call_id = message.get("tool_call_id")
+        if isinstance(content, str) and call_id is not None:
+            parts = [{"type": "tool_call_response", "id": call_id, "response": content}]
+        elif isinstance(content, str):
+            parts = [{"type": "text", "content": content}]
+        elif isinstance(content, list):
+            parts = list(content)
+        else:
+            parts = []
+        genai: dict[str, Any] = {"role": message.get("role"), "parts": parts}
+        if message.get("name") is not None:
+            genai["name"] = message["name"]
+        out.append(genai)
+    return out, "messages"
+
+
+def prompt_from_genai(messages: Any, form: Any) -> str | list[dict[str, Any]] | None:
+    """The inverse of prompt_to_genai (None when the messages are not in its form). The
+    exporter checks that this gives its prompt back, and sends watchllm.prompt otherwise."""
+    if not isinstance(messages, list) or not all(isinstance(m, Mapping) for m in messages):
+        return None
+    if form == "text":
+        if len(messages) == 1:
+            parts = messages[0].get("parts")
+            if isinstance(parts, list) and len(parts) == 1 and isinstance(parts[0], Mapping):
+                content = parts[0].get("content")
+                if isinstance(content, str):
+                    return content
+        return None
+    out: list[dict[str, Any]] = []
+    for genai in messages:
+        message: dict[str, Any] = {"role": genai.get("role")}
+        parts = genai.get("parts")
+        parts = parts if isinstance(parts, list) else []
+        only = parts[0] if len(parts) == 1 and isinstance(parts[0], Mapping) else {}
+        call_id = None
+        if set(only) == {"type", "content"} and only["type"] == "text":
+            content: Any = only["content"]
+        elif set(only) == {"type", "id", "response"} and only["type"] == "tool_call_response":
+            content, call_id = only["response"], only["id"]
+        else:
+            content = parts or None
+        if content is not None:
+            message["content"] = content
+        if genai.get("name") is not None:
+            message["name"] = genai["name"]
+        if call_id is not None:
+            message["tool_call_id"] = call_id
+        out.append(message)
+    return out
+
+
+def _forwarded_prompt(attrs: Mapping[str, Any]) -> Any:
+    exact = attrs.get("watchllm.prompt")
+    if isinstance(exact, str):
+        return _json_or_text(exact)
+    messages = attrs.get("gen_ai.input.messages")
+    if isinstance(messages, str):
+        messages = _json_or_text(messages)
+    return prompt_from_genai(messages, attrs.get("watchllm.prompt_form"))
+
+
+def attribute_text(value: Any) -> str:
+    """The text a `spans` row keeps of an attribute value (the exporter sends a value back
+    typed only when this gives the stored text again)."""
+    return _attr_text(value)
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 # --- messages -----------------------------------------------------------------------------------
