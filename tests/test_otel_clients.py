@@ -556,6 +556,19 @@ def recorded(exporter: SpanExporter) -> tuple[TracerProvider, list[SpanExportRes
     return provider, results
 
 
+def wide_batch(n: int) -> tuple[list[ReadableSpan], list[str]]:
+    """A span over the receiver's attribute limit (a provider whose limits allow it), then
+    `n` LLM spans of their own traces: one batch as a BatchSpanProcessor hands it over."""
+    memory = InMemorySpanExporter()
+    wide = TracerProvider(span_limits=SpanLimits(max_span_attributes=2_000))
+    wide.add_span_processor(SimpleSpanProcessor(memory))
+    with wide.get_tracer("t").start_as_current_span("wide") as span:
+        span.set_attributes({f"k{i}": i for i in range(MAX_ATTRIBUTES + 1)})
+    traces = one_llm_trace(wide, n)
+    wide.shutdown()
+    return list(memory.get_finished_spans()), traces
+
+
 class DenyOnce:
     """A quota plugin that refuses the first ingest (429, Retry-After 1 s), then allows."""
 
@@ -586,18 +599,14 @@ def test_in_process_exporter_answers(server_factory: Any, monkeypatch: pytest.Mo
 
     # A span over the receiver's bounds is refused and counted; the others are stored.
     exporter = WatchLLMSpanExporter(server.app, api_key=server.key)
-    wide = TracerProvider(span_limits=SpanLimits(max_span_attributes=2_000))
-    results = []
-    wide.add_span_processor(BatchSpanProcessor(Recording(exporter, results)))
-    with wide.get_tracer("t").start_as_current_span("wide") as span:
-        span.set_attributes({f"k{i}": i for i in range(MAX_ATTRIBUTES + 1)})
-    traces = one_llm_trace(wide, 3)
-    assert wide.force_flush(10_000)
-    assert results == [SpanExportResult.SUCCESS]  # one batch: 3 stored, 1 refused
+    batch, traces = wide_batch(3)
+    assert exporter.export(batch) == SpanExportResult.SUCCESS  # what a batch processor calls
     assert (exporter.exported_spans, exporter.rejected_spans) == (3, 1)
     server.flush()
     assert all(len(stored_spans(server, t)) == 1 for t in traces)
-    wide.shutdown()
+    # Every span of a batch refused: a failed export, as the receiver's 400.
+    assert exporter.export(batch[:1]) == SpanExportResult.FAILURE
+    assert (exporter.exported_spans, exporter.rejected_spans) == (3, 2)
 
     # Keys: unknown (401) and without the ingest scope (403) are failed exports.
     read_only = server.keys.create("acme", scope="read")
@@ -752,3 +761,50 @@ def test_the_docs_mapping_table_is_mapping_pys() -> None:
     columns = doc.split("## What `spans` keeps")[1].split("\n## ")[0]
     for column in SpanRow.__struct_fields__:
         assert f"`{column}`" in columns, column
+
+
+def test_in_process_exporter_splits_a_batch_over_the_apps_limit(server_factory: Any) -> None:
+    """A batch larger than the app's max_batch_events goes in several calls (the receiver
+    would answer 413 to it whole); a span refused here is counted once, in the first."""
+    server: Running = server_factory(max_batch_events=10)
+    exporter = WatchLLMSpanExporter(server.app, api_key=server.key)
+    batch, traces = wide_batch(25)
+    assert exporter.export(batch) == SpanExportResult.SUCCESS
+    assert (exporter.exported_spans, exporter.rejected_spans, exporter.failed_spans) == (25, 1, 0)
+    server.flush()
+    (count,) = server.query("SELECT count() AS n FROM spans FINAL WHERE project_id = 'acme'")
+    assert count["n"] == 25 and all(len(stored_spans(server, t)) == 1 for t in traces)
+
+
+def test_in_process_and_otlp_exporters_store_the_same(
+    server: Running, memory: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    """The same SDK spans through the in-process exporter (project acme) and through the
+    OTLP/HTTP exporter to the receiver (project other): the same `spans` rows and the same
+    events, column by column; the run tree as check_trace expects it."""
+    provider, memory_exporter = memory
+    trace_id = send_trace(provider)
+    spans = memory_exporter.get_finished_spans()
+    other = server.keys.create("other", scope="admin")
+    in_process = WatchLLMSpanExporter(server.app, api_key=server.key)
+    assert in_process.export(spans) == SpanExportResult.SUCCESS
+    otlp = OTLPSpanExporter(
+        endpoint=server.url + "/v1/traces", headers={"Authorization": f"Bearer {other}"}
+    )
+    assert otlp.export(spans) == SpanExportResult.SUCCESS
+    server.flush()
+    check_trace(server.client, server.headers(), trace_id)
+    check_trace(server.client, server.headers(other), trace_id)
+
+    def rows(table: str, project: str) -> list[dict[str, Any]]:
+        found = server.query(
+            f"SELECT * EXCEPT (project_id, ingested_at) FROM {table} FINAL"
+            " WHERE project_id = {p:String} ORDER BY ALL",
+            {"p": project},
+        )
+        return [{k: v for k, v in r.items() if k not in ("received_at",)} for r in found]
+
+    assert len(rows("spans", "acme")) == 4
+    assert rows("spans", "acme") == rows("spans", "other")
+    assert len(rows("events", "acme")) == 3
+    assert rows("events", "acme") == rows("events", "other")

@@ -244,15 +244,18 @@ class WatchLLMSpanExporter(SpanExporter):
         # than that at once) goes in several calls; spans refused here count in the first.
         limit = wl.settings.max_batch_events if wl is not None else DEFAULT_CHUNK
         rejected = min(len(problems), limit - 1)
+        if len(problems) > rejected:  # more refused spans than one call may name: counted here
+            self._count(rejected=len(problems) - rejected)
         size = limit - rejected
         chunks = [converted[i : i + size] for i in range(0, len(converted), size)] or [[]]
-        ok = True
         for n, chunk in enumerate(chunks):
-            if n == 0:
-                ok = self._deliver(chunk, rejected, problems[:MAX_PROBLEMS_LISTED], deadline)
-            else:
-                ok = self._deliver(chunk, 0, [], deadline) and ok
-        return SpanExportResult.SUCCESS if ok else SpanExportResult.FAILURE
+            named = problems[:MAX_PROBLEMS_LISTED] if n == 0 else []
+            if not self._deliver(chunk, rejected if n == 0 else 0, named, deadline):
+                # The time is up or the key refused: the chunks after this one would fare no
+                # better, and are not sent (a late call could still store them).
+                self._count(failed=sum(len(c) for c in chunks[n + 1 :]))
+                return SpanExportResult.FAILURE
+        return SpanExportResult.SUCCESS
 
     def _deliver(
         self, spans: list[Span], rejected: int, problems: list[str], deadline: float
