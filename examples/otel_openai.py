@@ -46,14 +46,16 @@ def instrument(name: str, provider: TracerProvider) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--instrumentation", choices=["openai-v2", "openinference"])
+    parser.add_argument(
+        "--instrumentation", choices=["openai-v2", "openinference"], default="openai-v2"
+    )
     parser.add_argument("--model", default="gpt-4o-mini")
     args = parser.parse_args()
     # The usual OpenTelemetry setup: the exporter reads its endpoint, headers, compression and
     # timeout from OTEL_EXPORTER_OTLP_*, the resource its service name from OTEL_SERVICE_NAME.
     provider = TracerProvider()
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    instrument(args.instrumentation or "openai-v2", provider)
+    instrument(args.instrumentation, provider)
     client = OpenAI()
     question = [{"role": "user", "content": "In one sentence: why is the sky blue?"}]
     with provider.get_tracer("otel-openai-example").start_as_current_span("answer") as span:

@@ -9,7 +9,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import re
+import shutil
+import subprocess
 import time
 import tomllib
 from collections.abc import Iterator, Sequence
@@ -808,3 +811,58 @@ def test_in_process_and_otlp_exporters_store_the_same(
     assert rows("spans", "acme") == rows("spans", "other")
     assert len(rows("events", "acme")) == 3
     assert rows("events", "acme") == rows("events", "other")
+
+
+# --- OpenTelemetry's JavaScript SDK: OTLP JSON from a real client -------------------------------
+
+NODE_CLIENT = ROOT / "tests" / "otel_node"
+
+
+@pytest.fixture(scope="module")
+def node_client() -> Path:
+    """tests/otel_node with its packages exactly as its lock file says (`npm ci`)."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.skip("node and npm are needed for OpenTelemetry's JavaScript SDK")
+    done = subprocess.run(
+        [npm, "ci", "--no-audit", "--no-fund"],
+        cwd=NODE_CLIENT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return NODE_CLIENT
+
+
+@pytest.mark.parametrize("compression", ["none", "gzip"])
+def test_javascript_sdk_sends_otlp_json(
+    server: Running, node_client: Path, compression: str
+) -> None:
+    """OpenTelemetry's JavaScript SDK with its OTLP/HTTP exporter (OTLP JSON: hex ids, enum
+    integers), configured by the environment alone as a Node app would be: the same trace
+    as from Python, the same tree."""
+    env = {
+        **os.environ,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": server.url,
+        "OTEL_EXPORTER_OTLP_HEADERS": f"Authorization=Bearer%20{server.key}",
+        "OTEL_EXPORTER_OTLP_COMPRESSION": compression,
+    }
+    done = subprocess.run(
+        ["node", "send.mjs"],
+        cwd=node_client,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+    assert lines["results"] == "0,0,0,0", done.stdout + done.stderr  # ExportResultCode.SUCCESS
+    server.flush()
+    check_trace(server.client, server.headers(), lines["trace"])
+    rows = stored_spans(server, lines["trace"])
+    assert {r["service_name"] for r in rows} == {"checkout"}
+    assert rows[0]["resource_attributes"]["deployment.environment.name"] == "staging"
