@@ -115,6 +115,7 @@ def bench_hook(redis_url: str, calls: int) -> dict[str, tuple[float, float]]:
         old.backend._fast = None  # type: ignore[attr-defined]  # the redis-py path (TLS URLs)
         fast = served.backend._fast  # type: ignore[attr-defined]
         ping = encode(["PING"])
+        await fast.connect()
 
         async def round_trip() -> None:
             assert await fast.ready().send(ping).future == b"PONG"
