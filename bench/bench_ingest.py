@@ -989,10 +989,13 @@ def print_report(cfg: dict[str, Any], batch: dict[str, Any] | None,
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a short smoke run")
-    p.add_argument("--part", choices=["all", "batch", "single"], default="all")
+    p.add_argument("--part", choices=["all", "batch", "single", "none"], default="all")
     p.add_argument("--profile", action="store_true",
                    help="after the measured rounds, profile the batch path (cProfile on "
                    "baseline (i), py-spy on the server) and print the top frames")
+    p.add_argument("--breakdown", action="store_true",
+                   help="after the measured rounds (alone: --part none), the server's "
+                        "CPU per event by thread and by stage (needs py-spy)")
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     p.add_argument("--keep", action="store_true", help="keep the temp folder (server logs)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
@@ -1045,7 +1048,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.part in ("all", "single") and shutil.which("wrk") is None:
         print(f"error: {WRK_MISSING}", file=sys.stderr)
         return 2
-    if args.profile and shutil.which("py-spy") is None:
+    if (args.profile or args.breakdown) and shutil.which("py-spy") is None:
         print("error: --profile needs py-spy: pip install py-spy", file=sys.stderr)
         return 2
 
@@ -1143,12 +1146,18 @@ def main(argv: list[str] | None = None) -> int:
                                     cfg["single_conns"], cfg["wrk_threads"], args.gc_diagnostic)
         after = code_identity()["fingerprint"]
         cfg["code_changed_during_run"] = after != ident["fingerprint"]
-        print_report(cfg, batch, single)
+        if batch is not None or single is not None:
+            print_report(cfg, batch, single)
         if args.json:
             args.json.write_text(json.dumps({"config": cfg, "batch": batch, "single": single},
                                             indent=2))
         if args.profile:
             profile(work, template, cfg)
+        if args.breakdown:
+            found = breakdown(work, template, cfg)
+            if args.json:
+                data = json.loads(args.json.read_text())
+                args.json.write_text(json.dumps(data | {"breakdown": found}, indent=2))
     finally:
         stop_all()
         snapshot = os.environ.get("BENCH_SNAPSHOT_DIR")
@@ -1196,6 +1205,155 @@ def profile(work: Path, template: Path, cfg: dict[str, Any]) -> None:
     shutil.copy(prof, Path(tempfile.gettempdir()) / "watchllm-bench-inproc.prof")
     print(f"\nraw profiles copied to {tempfile.gettempdir()}/watchllm-bench-py-spy*.txt and "
           "watchllm-bench-inproc.prof")
+
+
+# --- where the server's CPU goes (--breakdown) -----------------------------------------------
+# py-spy frames (function name, as py-spy prints it) that start a stage, most specific first:
+# a sample belongs to the first of these found walking from the running frame to the root.
+STAGES: list[tuple[str, str]] = [
+    ("spool: fsync (waits on the disk: wall time, little CPU)", "fsync"),
+    ("spool: write records", "Spool.write"),
+    ("writer: read records back", "Spool.read"),
+    ("writer: save cursor", "Spool.save_cursor"),
+    ("writer: delivery loop, cache", "Writer._deliver"),
+    ("store sink: chDB insert (Python side)", "ChdbStore.insert_json"),
+    ("store sink: seen-ids filter, look-up", "SeenIds."),
+    ("store sink: look-up, rows", "StoreSink._write"),
+    ("request: validate (msgspec)", "validate_"),
+    ("request: fill-in, hooks, cost", "finish_fast"),
+    ("request: encode for the spool", "_encode_sliced"),
+    ("request: submit (writer, cache)", "Writer.submit"),
+    ("request: read body", "read_body"),
+    ("request: auth, quota hooks", "WatchLLM.authenticate"),
+    ("request: auth, quota hooks", "WatchLLM.check_quota"),
+    ("request: answer (JSON response)", "JSONResponse"),
+    ("request: answer (JSON response)", "Response.__call__"),
+    ("request: handler, rest", "batch_events"),
+    ("request: handler, rest", "project_events"),
+    ("middleware, routing (Starlette)", "Starlette.__call__"),
+    ("HTTP (uvicorn, httptools)", "httptools_impl"),
+    ("event loop (uvloop: sockets, scheduling)", "Runner.run"),
+]
+
+
+def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
+    """{tid: (thread name, CPU seconds)} of every thread of `pid` (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, tuple[str, float]] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            stat = (task / "stat").read_text()
+            name = stat[stat.index("(") + 1:stat.rindex(")")]
+            fields = stat[stat.rindex(")") + 2:].split()
+            out[int(task.name)] = (name, (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def cpu_by_thread_group(pid: int, before: dict[int, tuple[str, float]],
+                        after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds between two thread_cpu() snapshots: the event loop (the main thread), the
+    Python worker threads (named like the main thread: Python 3.11 does not name them) and
+    each group of ClickHouse threads (by name, digits dropped). Threads that ended between
+    the snapshots are left out (short-lived ones are rare in a server)."""
+    main_name = after.get(pid, before.get(pid, ("?", 0.0)))[0]
+    groups: Counter[str] = Counter()
+    for tid, (name, cpu) in after.items():
+        used = cpu - before.get(tid, (name, 0.0))[1]
+        if tid == pid:
+            group = "event loop (main thread)"
+        elif name == main_name:
+            group = "Python worker threads"
+        else:
+            group = "ClickHouse: " + re.sub(r"[0-9]+$", "", name)
+        groups[group] += used
+    return dict(groups)
+
+
+def stage_shares(raw: Path) -> dict[str, Counter[str]]:
+    """py-spy samples (busy only) by thread kind (event loop / worker) and stage."""
+    out: dict[str, Counter[str]] = {"event loop": Counter(), "worker": Counter()}
+    idle = ("Condition.wait (threading.py)", "Event.wait (threading.py)")
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = [f for f in stack.split(";") if f and not f.startswith(("process ", "thread "))]
+        if not frames or frames[-1] in idle:
+            continue
+        kind = "worker" if any("Thread._bootstrap" in f for f in frames) else "event loop"
+        if kind == "worker" and frames[-1].startswith("WorkerThread.run"):
+            stage = "spool: fsync (waits on the disk: wall time, little CPU)"  # a C call
+        else:
+            stage = "other"
+            for frame in reversed(frames):
+                found = next((name for name, key in STAGES if key in frame), None)
+                if found:
+                    stage = found
+                    break
+        out[kind][stage] += int(count)
+    return out
+
+
+def breakdown(work: Path, template: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The server's CPU per event by thread (/proc) and by stage (py-spy's busy samples of
+    each thread kind, scaled to that kind's CPU), under batch load and under single events."""
+    result: dict[str, Any] = {}
+    print("=" * 96)
+    print("Where the WatchLLM server's CPU goes (one pass each, under py-spy at 200 Hz)")
+    print("=" * 96)
+    passes = ["batch"] + (["single"] if shutil.which("wrk") else [])
+    for part in passes:
+        raw = work / f"breakdown-{part}.txt"
+        with Server("watchllm", work / f"breakdown-{part}") as server:
+            if part == "batch":
+                run_batch_client(server.port, server.key, template, 1, 1, "bw", 120)
+                server.wait_count(BATCH_SIZE, 60)
+            else:
+                body = work / "single.json"
+                body.write_bytes(single_body())
+                script = wrk_script(work / "breakdown.lua", body, server.key)
+                run_wrk(server.port, script, cfg["single_conns"], 2, cfg["wrk_threads"])
+            spy = pyspy_attach(server.pid, raw, work)
+            before, t0 = thread_cpu(server.pid), time.monotonic()
+            if part == "batch":
+                res = run_batch_client(server.port, server.key, template, cfg["batches"],
+                                       cfg["batch_conns"], "bd", 1800)
+                n = res["accepted"]
+                server.wait_count(BATCH_SIZE + n, 600)
+                rate = f"{n / (time.monotonic() - t0):,.0f} events/s stored"
+            else:
+                res = run_wrk(server.port, script, cfg["single_conns"],
+                              cfg["single_duration_s"], cfg["wrk_threads"])
+                n = res["requests"]
+                rate = f"{res['rps']:,.0f} req/s, p99 {res['p99_ms']:.1f} ms"
+            after = thread_cpu(server.pid)
+            stop(spy, grace_s=60)
+        groups = cpu_by_thread_group(server.pid, before, after)
+        shares = stage_shares(raw)
+        unit = "event" if part == "batch" else "request"
+        total = sum(groups.values()) / n * 1e6
+        print(f"\n{part}: {n:,} {unit}s at {rate} (under the profiler); "
+              f"server CPU {total:.1f} us/{unit}")
+        print(f"  by thread (CPU us/{unit}):")
+        for group, cpu in sorted(groups.items(), key=lambda g: -g[1]):
+            if cpu / n * 1e6 >= 0.05:
+                print(f"    {cpu / n * 1e6:7.1f}  {group}")
+        stages: dict[str, float] = {}
+        for kind, group in (("event loop", "event loop (main thread)"),
+                            ("worker", "Python worker threads")):
+            samples = sum(shares[kind].values())
+            if not samples:
+                continue
+            print(f"  {kind} by stage (CPU us/{unit}, its CPU split as its busy samples):")
+            for stage, c in shares[kind].most_common():
+                us = groups.get(group, 0.0) / n * 1e6 * c / samples
+                stages[f"{kind}: {stage}"] = us
+                if us >= 0.05:
+                    print(f"    {us:7.1f}  {stage}")
+        result[part] = {"n": n, "rate": rate, "cpu_us": total,
+                        "threads_us": {g: c / n * 1e6 for g, c in groups.items()},
+                        "stages_us": stages}
+    return result
 
 
 def print_pyspy(raw: Path) -> None:

@@ -139,6 +139,18 @@ def test_single_event(server: Running) -> None:
     assert abs(row["cost_estimate_usd"] - (100 * 2.5 + 50 * 10) / 1e6) < 1e-12
 
 
+def test_accepted_answer_bytes_are_json_dumps_compact(server: Running) -> None:
+    """The 202 body (written by msgspec) is byte for byte what JSONResponse's json.dumps
+    wrote: compact, keys in order, ids and project as sent."""
+    events = [prompt_call(f"id-{i}:x.y_z") for i in range(3)]
+    r = server.client.post("/v1/projects/acme/events", json=events, headers=server.headers())
+    assert r.status_code == 202, r.text
+    assert r.headers["content-type"] == "application/json"
+    want = {"project_id": "acme", "accepted": 3, "event_ids": [e["event_id"] for e in events]}
+    assert r.content == json.dumps(want, ensure_ascii=False, separators=(",", ":")).encode()
+    assert r.headers["content-length"] == str(len(r.content))
+
+
 def test_array_of_events(server: Running) -> None:
     events = [prompt_call(f"e{i}") for i in range(5)]
     r = server.client.post("/v1/projects/acme/events", json=events, headers=server.headers())

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import gc
+import os
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
-from watchllm_ext.spool import HEADER_SIZE, Position, Spool, SpoolFull
+from watchllm_ext.spool import _READ_STEP, HEADER_SIZE, Position, Spool, SpoolFull
 
 
 def payloads(n: int) -> list[bytes]:
@@ -152,4 +154,47 @@ def test_disk_full_leaves_no_partial_record_and_recovers(tmpfs: Any) -> None:
     filler.unlink()  # room comes back: writing works again, with nothing to restart
     spool.write(blob, 1)
     assert len(spool.read(Position(1, 0), 1000)) == written + 1
+    spool.close()
+
+
+def test_read_back_across_read_steps(tmp_path: Path) -> None:
+    """Records are cut from reads of up to _READ_STEP bytes: payloads larger than a step,
+    smaller ones on both sides of a step's edge, each read back whole, from any record."""
+    sizes = [10, _READ_STEP - HEADER_SIZE - 7, 3, _READ_STEP + 12345, 1, 700, 2 * _READ_STEP, 5]
+    sizes += [900] * 40
+    written = [os.urandom(n) for n in sizes]
+    spool = Spool(tmp_path, segment_max_bytes=1 << 30, max_bytes=1 << 31)
+    records = [spool.write(p, 1) for p in written]
+    got = spool.read(Position(1, 0), max_events=10_000)
+    assert [r.payload for r in got] == written
+    assert [(r.start, r.end, r.seq) for r in got] == [(r.start, r.end, r.seq) for r in records]
+    for i in (1, 3, 6, 30):  # from the middle, and a bounded count
+        part = spool.read(records[i].start, max_events=3)
+        assert [r.payload for r in part] == written[i : i + 3]
+    assert [r.payload for r in spool.read(Position(1, 0), 100, max_bytes=1)] == written[:1]
+    spool.close()
+
+
+def test_size_is_kept_through_writes_rolls_and_releases(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, segment_max_bytes=4096)
+    records = [spool.write(b"x" * 1000, 1) for _ in range(20)]
+
+    def on_disk() -> int:
+        return sum(f.stat().st_size for f in (tmp_path / "segments").glob("*.seg"))
+
+    assert spool.bytes == on_disk() == 20 * (1000 + HEADER_SIZE)
+    assert spool.release(records[10].start) > 0
+    assert spool.bytes == on_disk() < 20 * (1000 + HEADER_SIZE)
+    spool.close()
+    assert Spool(tmp_path).bytes == on_disk()
+
+
+def test_positions_and_records_are_not_tracked_by_the_collector(tmp_path: Path) -> None:
+    """Thousands of records a second live until the sinks have them: none may add an object
+    for a full garbage collection to walk."""
+    spool = Spool(tmp_path)
+    record = spool.write(b"[1]", 1)
+    (read,) = spool.read(Position(1, 0), 10)
+    for obj in (record, record.start, record.end, read, read.start, spool.end):
+        assert not gc.is_tracked(obj), obj
     spool.close()

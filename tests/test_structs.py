@@ -295,3 +295,24 @@ def test_struct_json_is_pydantics() -> None:
         json.loads(EVENT_LIST_ADAPTER.dump_json(models, exclude_none=True)),
     )
     assert msgspec.json.decode(encode_events(structs))[2]["tags"] == ["step"]
+
+
+def test_a_started_app_takes_its_start_up_objects_out_of_the_collector(
+    server_factory: Any,
+) -> None:
+    """gc_freeze_at_start (default): once started, also when mounted, the objects alive then
+    are frozen, so a full collection no longer walks them (tens of milliseconds of stopped
+    event loop each, BENCHMARKS.md); off, the collector is left as the host set it."""
+    gc.unfreeze()
+    try:
+        off = server_factory(gc_freeze_at_start=False, durability="memory")
+        _post(off, _events(3, "off"))
+        assert gc.get_freeze_count() == 0
+        off.stop()
+        server = server_factory(durability="memory")
+        assert gc.get_freeze_count() > 10_000  # modules, pydantic's schemas, the app
+        _post(server, _events(3, "on"))
+        young = len(gc.get_objects())
+        assert young < gc.get_freeze_count()  # what a full collection still walks
+    finally:
+        gc.unfreeze()  # later tests start from the collector as it was

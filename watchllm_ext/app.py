@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pluggy
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -64,6 +65,7 @@ from .spool import Spool
 from .store import Store, apply_migrations
 from .store.base import StoreError, StoreLockedError, StoreUnavailable
 from .store.retention import apply_payload_ttl
+from .tuning import freeze_startup_heap
 from .writer import Log, MemoryLog, Sink, Writer, WriterClosed, WriterFull
 
 log = logging.getLogger("watchllm.app")
@@ -148,6 +150,8 @@ class WatchLLM:
                         background.start_soon(_run_background, task)
                     self._loop = asyncio.get_running_loop()
                     register_local_app(self)
+                    if self.settings.gc_freeze_at_start:
+                        freeze_startup_heap()  # no full collection of start-up objects
                     try:
                         yield self
                     finally:
@@ -510,7 +514,14 @@ async def _ingest(
 
 async def _answer(wl: WatchLLM, outcome: Outcome, off_loop: bool = False) -> Response:
     body = await _accept(wl, outcome, off_loop)
-    return JSONResponse(body, status_code=207 if "rejected" in body else 202)
+    if "rejected" in body:
+        return JSONResponse(body, status_code=207)
+    # A 202 holds a project id, a count and event ids (the schema's id alphabet): msgspec
+    # writes the same bytes as JSONResponse's json.dumps, in a fraction of the time.
+    return Response(_ENCODE_JSON(body), status_code=202, media_type="application/json")
+
+
+_ENCODE_JSON = msgspec.json.Encoder().encode
 
 
 async def _accept(wl: WatchLLM, outcome: Outcome, off_loop: bool = False) -> dict[str, Any]:

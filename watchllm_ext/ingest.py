@@ -116,9 +116,10 @@ async def read_body(
             f"Content-Encoding {encoding!r} is not supported; use gzip, deflate or none",
             field="Content-Encoding",
         )
+    complete_at = -1  # the declared length, once known
     if content_length is not None:
         try:
-            declared = int(content_length)
+            declared = complete_at = int(content_length)
         except ValueError:
             raise Problem(
                 400, "bad_request", "Content-Length is not a number", field="Content-Length"
@@ -130,19 +131,18 @@ async def read_body(
     received = 0
     parts: list[bytes] = []
     size = 0
-    deadline = anyio.current_time() + timeout_s
+    now = anyio.current_time()
+    deadline = now + timeout_s
     # One cancel scope for the whole body, its deadline moved as pieces come: a scope per
     # piece costs more than the rest of a small request's reading. The idle deadline is
     # moved only when it falls out of [exact, exact + slack]: never early, at most `slack`
-    # late, and a burst of pieces sets it once.
+    # late, and a burst of pieces sets it once. The clock is read once a piece (anyio's
+    # clock costs microseconds), and not at all once the declared length has come: what
+    # follows then is the stream's end, which does not wait for the client.
     slack = min(_IDLE_SLACK_S, idle_timeout_s * 0.05)
     pieces = aiter(chunks)
-    with anyio.CancelScope() as scope:
+    with anyio.CancelScope(deadline=min(now + idle_timeout_s + slack, deadline)) as scope:
         while True:
-            exact = anyio.current_time() + idle_timeout_s
-            low, high = min(exact, deadline), min(exact + slack, deadline)
-            if not low <= scope.deadline <= high:
-                scope.deadline = high
             got = await anext(pieces, _END)
             if got is _END:
                 break
@@ -155,25 +155,33 @@ async def read_body(
             if decompressor is None:
                 parts.append(chunk)
                 size += len(chunk)
-                continue
-            scope.deadline = deadline  # inflating is no idle wait
-            pending = chunk
-            while pending:
-                try:
-                    # At most one byte over the limit, so a bomb never expands in memory; and
-                    # at most _INFLATE_STEP per call, with the event loop free in between.
-                    out = decompressor.decompress(pending, min(_INFLATE_STEP, limit - size + 1))
-                except zlib.error as exc:
-                    raise Problem(
-                        400, "bad_encoding", f"body is not valid {encoding}: {exc}", field="body"
-                    ) from None
-                size += len(out)
-                if size > limit:
-                    raise _too_large(limit, "decompressed body")
-                parts.append(out)
-                pending = decompressor.unconsumed_tail
-                if pending:
-                    await anyio.sleep(0)
+            else:
+                scope.deadline = deadline  # inflating is no idle wait
+                pending = chunk
+                while pending:
+                    try:
+                        # At most one byte over the limit, so a bomb never expands in memory;
+                        # and at most _INFLATE_STEP per call, with the event loop free between.
+                        out = decompressor.decompress(pending, min(_INFLATE_STEP, limit - size + 1))
+                    except zlib.error as exc:
+                        raise Problem(
+                            400,
+                            "bad_encoding",
+                            f"body is not valid {encoding}: {exc}",
+                            field="body",
+                        ) from None
+                    size += len(out)
+                    if size > limit:
+                        raise _too_large(limit, "decompressed body")
+                    parts.append(out)
+                    pending = decompressor.unconsumed_tail
+                    if pending:
+                        await anyio.sleep(0)
+            if received != complete_at:  # the idle deadline of the wait for the next piece
+                exact = anyio.current_time() + idle_timeout_s
+                low, high = min(exact, deadline), min(exact + slack, deadline)
+                if not low <= scope.deadline <= high:
+                    scope.deadline = high
     if scope.cancelled_caught:
         raise _too_slow(timeout_s, idle_timeout_s)
     if decompressor is not None and decompressor.unused_data:

@@ -140,6 +140,14 @@ class Settings(BaseSettings):
         " gathered, whichever comes first: ClickHouse parses and merges large inserts far"
         " more cheaply than small ones (docs/BENCHMARKS.md).",
     )
+    # --- garbage collection (issue 10: ingest throughput, helper A)
+    gc_freeze_at_start: bool = Field(
+        True,
+        description="Once started, move the objects that exist then (modules, the app, the"
+        " store's client) out of the garbage collector's scans (gc.freeze): a full collection"
+        " of them stopped the event loop for 60-150 ms every few thousand requests. Objects"
+        " made before the start and later dropped in a reference cycle are then never freed.",
+    )
     durability: Literal["spool", "memory"] = Field(
         "spool",
         description="`spool`: accepted events are written to the on-disk spool before the"

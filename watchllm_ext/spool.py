@@ -40,11 +40,11 @@ import struct
 import time
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import anyio
+import msgspec
 
 log = logging.getLogger("watchllm.spool")
 
@@ -53,6 +53,7 @@ HEADER = struct.Struct("<4sIIIIQQ")
 _CRC_FROM = 12  # the crc covers the header from byte 12 (count, flags, seq, time) and payload
 HEADER_SIZE = HEADER.size
 MAX_RECORD_BYTES = 1 << 30
+_READ_STEP = 4 << 20  # bytes read at once when records are read back
 FsyncPolicy = Literal["always", "interval", "never"]
 
 
@@ -64,8 +65,13 @@ class SpoolFull(Exception):
         self.retry_after_s = retry_after_s
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class Position:
+# Positions and records are made for every request and live until the sinks have them: as
+# objects the collector tracks, a second of single events (thousands of records) made the next
+# full collection scan a hundred thousand objects (~150 ms with the event loop stopped).
+# msgspec structs with gc=False are not tracked (they hold no cycles: ints, bytes, positions).
+
+
+class Position(msgspec.Struct, frozen=True, order=True, gc=False):
     segment: int
     offset: int
 
@@ -73,8 +79,7 @@ class Position:
         return {"segment": self.segment, "offset": self.offset}
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
+class Record(msgspec.Struct, frozen=True, gc=False):
     start: Position
     end: Position  # position of the next record
     count: int
@@ -85,9 +90,16 @@ class Record:
 
 
 def encode_record(payload: bytes, count: int, seq: int, appended_ms: int, flags: int = 0) -> bytes:
-    header = HEADER.pack(MAGIC, len(payload), 0, count, flags, seq, appended_ms)
-    crc = zlib.crc32(payload, zlib.crc32(header[_CRC_FROM:]))
-    return HEADER.pack(MAGIC, len(payload), crc, count, flags, seq, appended_ms) + payload
+    return encode_header(payload, count, seq, appended_ms, flags) + payload
+
+
+_CRC_PART = struct.Struct("<IIQQ")  # the header fields the crc covers (count, flags, seq, time)
+
+
+def encode_header(payload: bytes, count: int, seq: int, appended_ms: int, flags: int = 0) -> bytes:
+    """The 36-byte header of a record (written before its payload, without joining them)."""
+    crc = zlib.crc32(payload, zlib.crc32(_CRC_PART.pack(count, flags, seq, appended_ms)))
+    return HEADER.pack(MAGIC, len(payload), crc, count, flags, seq, appended_ms)
 
 
 def decode_header(
@@ -160,6 +172,7 @@ class Spool:
         self.corrupt_bytes_total = 0
         self.fsyncs_total = 0
         self._sizes: dict[int, int] = {}  # segment id -> bytes (closed and active)
+        self._total = 0  # sum of _sizes, kept as records are written and segments deleted
         self.next_seq = 0  # sequence number the next event gets
         self._recover()
         self._active = max(self._sizes) if self._sizes else 1
@@ -167,12 +180,15 @@ class Spool:
             self.segments_dir / _segment_name(self._active), os.O_WRONLY | os.O_CREAT | os.O_APPEND
         )
         self._sizes.setdefault(self._active, 0)
+        self._total = sum(self._sizes.values())
         self._written = Position(self._active, self._sizes[self._active])
         self._durable = self._written
         self._syncing = False
         self._retired_fds: list[int] = []
         self._synced = anyio.Event()
-        self._appended = anyio.Event()
+        # Made by the first waiter only: an anyio.Event costs microseconds to make, and a
+        # write per request would otherwise make one that nobody waits on.
+        self._appended: anyio.Event | None = None
         self._last_sync = time.monotonic()
         fsync_dir(self.segments_dir)
 
@@ -184,23 +200,25 @@ class Spool:
 
     @property
     def bytes(self) -> int:
-        return sum(self._sizes.values())
+        return self._total
 
     def write(self, payload: bytes, count: int, flags: int = 0) -> Record:
         """Append one record (not yet fsynced). Raises SpoolFull when there is no room."""
         appended_ms = int(time.time() * 1000)
-        record = encode_record(payload, count, self.next_seq, appended_ms, flags)
         if len(payload) > MAX_RECORD_BYTES:
             raise ValueError("record too large")
-        if self.bytes + len(record) > self.max_bytes:
-            raise SpoolFull(f"the spool holds {self.bytes} bytes, its cap is {self.max_bytes}")
+        size = HEADER_SIZE + len(payload)
+        if self._total + size > self.max_bytes:
+            raise SpoolFull(f"the spool holds {self._total} bytes, its cap is {self.max_bytes}")
         if self._sizes[self._active] > 0 and (
-            self._sizes[self._active] + len(record) > self.segment_max_bytes
+            self._sizes[self._active] + size > self.segment_max_bytes
         ):
             self._roll()
         start = Position(self._active, self._sizes[self._active])
+        header = encode_header(payload, count, self.next_seq, appended_ms, flags)
         try:
-            _write_all(self._fd, record)
+            # Header and payload in one writev: a batch's megabyte is not copied to join them.
+            _write_all(self._fd, header, payload)
         except OSError as exc:
             self.disk_full_since_roll = True
             # Leave no half record behind: cut the file back to where this one began.
@@ -209,13 +227,15 @@ class Spool:
             except OSError:
                 log.exception("cannot cut a partial record off segment %d", self._active)
             raise SpoolFull(f"cannot write to the spool: {exc.strerror or exc}") from exc
-        end = Position(self._active, start.offset + len(record))
+        end = Position(self._active, start.offset + size)
         self._sizes[self._active] = end.offset
+        self._total += size
         self._written = end
         seq = self.next_seq
         self.next_seq += count
-        self._appended.set()
-        self._appended = anyio.Event()
+        appended, self._appended = self._appended, None
+        if appended is not None:
+            appended.set()
         return Record(start, end, count, seq, appended_ms, flags, payload)
 
     async def append(self, payload: bytes, count: int, flags: int = 0) -> Record:
@@ -255,6 +275,8 @@ class Spool:
                 self._synced = anyio.Event()
 
     async def wait_appended(self) -> None:
+        if self._appended is None:
+            self._appended = anyio.Event()
         await self._appended.wait()
 
     def _roll(self) -> None:
@@ -304,13 +326,25 @@ class Spool:
             if offset >= limit:
                 continue
             with open(self.segments_dir / _segment_name(segment), "rb") as f:
+                # Read in steps of up to _READ_STEP, records cut from the buffer: a read
+                # call per record cost more than the rest for thousands of single events.
                 f.seek(offset)
+                buf = b""
+                base = offset  # the file offset of buf[0]; f is at base + len(buf)
                 while offset + HEADER_SIZE <= limit:
-                    magic, length, _crc, count, flags, seq, ms = HEADER.unpack(f.read(HEADER_SIZE))
+                    at = offset - base
+                    if at + HEADER_SIZE > len(buf):
+                        buf = buf[at:] + f.read(min(limit - base - len(buf), _READ_STEP))
+                        base, at = offset, 0
+                    magic, length, _crc, count, flags, seq, ms = HEADER.unpack_from(buf, at)
                     end = offset + HEADER_SIZE + length
                     if magic != MAGIC or end > limit:
                         raise RuntimeError(f"spool segment {segment} is damaged at {offset}")
-                    payload = f.read(length)
+                    if end - base > len(buf):  # the payload goes on past the buffer
+                        more = max(end - base - len(buf), _READ_STEP)
+                        buf = buf[at:] + f.read(min(limit - base - len(buf), more))
+                        base, at = offset, 0
+                    payload = buf[at + HEADER_SIZE : at + HEADER_SIZE + length]
                     records.append(
                         Record(
                             Position(segment, offset),
@@ -384,7 +418,7 @@ class Spool:
                 break
             with contextlib.suppress(FileNotFoundError):
                 (self.segments_dir / _segment_name(segment)).unlink()
-            del self._sizes[segment]
+            self._total -= self._sizes.pop(segment)
             deleted += 1
         return deleted
 
@@ -454,11 +488,13 @@ class Spool:
         path.write_bytes(data)
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
+def _write_all(fd: int, header: bytes, payload: bytes) -> None:
+    written = os.writev(fd, [header, payload])
+    if written == len(header) + len(payload):
+        return
+    view = memoryview(header + payload)[written:]  # a short write (a full disk, a signal)
     while view:
-        written = os.write(fd, view)
-        view = view[written:]
+        view = view[os.write(fd, view) :]
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
