@@ -9,7 +9,14 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from watchllm_ext.otel.mapping import MAPPING_VERSION, Span, SpanEvent, map_span
+from watchllm_ext.otel.mapping import (
+    MAPPING_VERSION,
+    Span,
+    SpanEvent,
+    map_span,
+    prompt_from_genai,
+    prompt_to_genai,
+)
 from watchllm_ext.schema import EVENT_ADAPTER
 
 T0 = 1_767_225_600_000_000_000  # 2026-01-01T00:00:00Z in ns
@@ -286,3 +293,106 @@ def test_any_span_maps_to_an_event_the_contract_accepts(
     json.dumps(mapped.row, default=str)
     if mapped.event is not None:
         valid(mapped.event)
+
+
+# --- forwarded WatchLLM events (the exporter sink's spans, otel/export.py) ----------------------
+
+
+def test_a_forwarded_event_comes_back_with_its_own_ids_type_and_fields() -> None:
+    attrs = {
+        "watchllm.event_type": "prompt_call",
+        "watchllm.event_id": "evt-1",
+        "watchllm.run_id": "run-1",
+        "watchllm.parent_event_id": "evt-0",
+        "gen_ai.operation.name": "chat",
+        "gen_ai.request.model": "ignored-request-model",
+        "gen_ai.response.model": "gpt-4o",
+        "gen_ai.provider.name": "openai",
+        "gen_ai.usage.input_tokens": 3,
+        "gen_ai.usage.cost": 0.25,
+        "gen_ai.input.messages": json.dumps(
+            [{"role": "user", "parts": [{"type": "text", "content": "hi"}]}]
+        ),
+        "watchllm.prompt_form": "text",
+        "gen_ai.output.messages": json.dumps(
+            [{"role": "assistant", "parts": [{"type": "text", "content": "hello"}]}]
+        ),
+        "watchllm.tags": '["a"]',
+        "watchllm.metadata": '{"k":[1,2]}',
+        "watchllm.latency_ms": 12.5,
+        "watchllm.status": "timeout",
+        "watchllm.cost_source": "computed",  # the receiving server sets its own
+        "watchllm.project_id": "other",  # not a field read back: the key's project owns it
+    }
+    mapped = map_span(span(attributes=attrs, status_code="error"))
+    assert mapped.unmapped == []
+    assert mapped.row["event_type"] == "prompt_call"
+    assert mapped.event == {
+        "event_type": "prompt_call",
+        "event_id": "evt-1",
+        "run_id": "run-1",
+        "parent_event_id": "evt-0",
+        "timestamp": "2026-01-01T00:00:00+00:00",
+        "model": "gpt-4o",
+        "provider": "openai",
+        "tokens_input": 3,
+        "cost_estimate_usd": 0.25,
+        "prompt": "hi",
+        "response": "hello",
+        "tags": ["a"],
+        "metadata": {"k": [1, 2]},
+        "latency_ms": 12.5,
+        "status": "timeout",
+    }
+    valid(mapped.event)
+
+
+def test_the_forwarded_rule_comes_first_and_needs_a_contract_type() -> None:
+    # A failed span that says it is an assertion_failed event is that event, not an error.
+    attrs = {
+        "watchllm.event_type": "assertion_failed",
+        "watchllm.assertion_name": "is_json",
+        "watchllm.expected": '"a string, as JSON"',
+        "watchllm.actual": "{not json",  # not JSON: kept as the text it is
+    }
+    event = map_span(span(attributes=attrs, status_code="error")).event
+    assert event is not None and event["event_type"] == "assertion_failed"
+    assert (event["expected"], event["actual"]) == ("a string, as JSON", "{not json")
+    # Without watchllm.event_id / run_id the span's own ids are the event's.
+    assert (event["event_id"], event["run_id"]) == ("b7ad6b7169203331", TRACE)
+    assert event["parent_event_id"] == "00f067aa0ba902b7"
+    # An unknown type is no forwarded event: the other rules apply.
+    bogus = map_span(span(attributes={"watchllm.event_type": "bogus"}, status_code="error"))
+    assert bogus.event is not None and bogus.event["event_type"] == "error"
+    assert bogus.unmapped == ["watchllm.event_type"]
+
+
+def test_prompt_messages_go_to_genai_and_back_exactly() -> None:
+    prompt = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi", "name": "ann"},
+        {"role": "tool", "content": "42", "tool_call_id": "call_1"},
+        {"role": "user", "content": [{"type": "image_url", "url": "http://x/y.png"}]},
+        {"role": "assistant"},
+    ]
+    messages, form = prompt_to_genai(prompt)
+    assert form == "messages"
+    assert messages[2] == {
+        "role": "tool",
+        "parts": [{"type": "tool_call_response", "id": "call_1", "response": "42"}],
+    }
+    assert prompt_from_genai(messages, form) == prompt
+    assert prompt_from_genai(*prompt_to_genai("plain text")) == "plain text"
+    # A content list that reads as one text part cannot come back from GenAI alone: the
+    # exporter sees it and sends watchllm.prompt, which wins.
+    looks_like_text = [{"role": "user", "content": [{"type": "text", "content": "x"}]}]
+    messages, form = prompt_to_genai(looks_like_text)
+    assert prompt_from_genai(messages, form) != looks_like_text
+    attrs = {
+        "watchllm.event_type": "prompt_call",
+        "gen_ai.input.messages": json.dumps(messages),
+        "watchllm.prompt_form": form,
+        "watchllm.prompt": json.dumps(looks_like_text),
+    }
+    event = map_span(span(attributes=attrs)).event
+    assert event is not None and event["prompt"] == looks_like_text
