@@ -13,11 +13,13 @@ and named in the answer's `partial_success`, and the others go on.
 from __future__ import annotations
 
 import base64
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
@@ -72,17 +74,14 @@ def parse_json(body: bytes) -> ExportTraceServiceRequest:
         document = msgspec.json.decode(body)
     except (msgspec.DecodeError, RecursionError) as exc:
         raise Problem(400, "bad_json", f"body is not valid JSON: {exc}", field="body") from None
-    if not isinstance(document, dict):
-        raise Problem(400, "bad_json", "body must be a JSON object", field="body")
     try:
-        _hex_ids_to_base64(document)
-        # Receivers ignore fields they do not know (the OTLP spec), so newer senders work.
-        return json_format.ParseDict(
-            document, ExportTraceServiceRequest(), ignore_unknown_fields=True
-        )
-    except _BadId as exc:
-        raise Problem(400, "bad_json", str(exc), field=exc.field) from None
-    except (json_format.ParseError, RecursionError, TypeError, ValueError) as exc:
+        _check(document, ExportTraceServiceRequest.DESCRIPTOR, "")
+        return json_format.ParseDict(document, ExportTraceServiceRequest())
+    except _BadJson as exc:
+        raise Problem(400, "bad_json", str(exc), field=exc.field or "body") from None
+    except RecursionError:
+        raise Problem(400, "bad_json", "body is nested too deep", field="body") from None
+    except (json_format.ParseError, TypeError, ValueError) as exc:
         raise Problem(
             400,
             "bad_json",
@@ -91,49 +90,95 @@ def parse_json(body: bytes) -> ExportTraceServiceRequest:
         ) from None
 
 
-class _BadId(ValueError):
+class _BadJson(ValueError):
     def __init__(self, message: str, field: str) -> None:
         super().__init__(message)
         self.field = field
 
 
-_ID_KEYS = ("traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id")
+# The span and link ids: hex in OTLP JSON, where protobuf's JSON mapping reads base64.
+_HEX_IDS = frozenset({"trace_id", "span_id", "parent_span_id"})
+_INTEGER = re.compile(r"-?[0-9]+")
+_INTEGERS = frozenset(
+    {
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_FIXED64,
+        FieldDescriptor.TYPE_SFIXED64,
+        FieldDescriptor.TYPE_SINT64,
+        FieldDescriptor.TYPE_INT32,
+        FieldDescriptor.TYPE_UINT32,
+        FieldDescriptor.TYPE_FIXED32,
+        FieldDescriptor.TYPE_SFIXED32,
+        FieldDescriptor.TYPE_SINT32,
+    }
+)
 
 
-def _hex_ids_to_base64(document: dict[str, Any]) -> None:
-    """OTLP JSON ids are hex; protobuf's JSON mapping reads bytes as base64."""
-    for r, resource_spans in enumerate(_items(document, "resourceSpans", "resource_spans")):
-        for s, scope_spans in enumerate(_items(resource_spans, "scopeSpans", "scope_spans")):
-            for i, span in enumerate(_items(scope_spans, "spans")):
-                where = f"resourceSpans[{r}].scopeSpans[{s}].spans[{i}]"
-                _convert_ids(span, where)
-                for j, link in enumerate(_items(span, "links")):
-                    _convert_ids(link, f"{where}.links[{j}]")
-
-
-def _items(parent: Any, *keys: str) -> list[Any]:
-    if not isinstance(parent, dict):
-        return []
-    for key in keys:
-        value = parent.get(key)
-        if isinstance(value, list):
-            return value
-    return []
-
-
-def _convert_ids(span: Any, where: str) -> None:
-    if not isinstance(span, dict):
-        return
-    for key in _ID_KEYS:
-        value = span.get(key)
-        if value is None or value == "":
+def _check(value: Any, descriptor: Any, path: str) -> None:
+    """Check a JSON object against a message's fields, in place: keys no field has are
+    dropped (receivers ignore unknown fields, the spec says), and every value must have its
+    field's JSON type, so that `ParseDict` (strict) never reads a string as an empty message,
+    an unknown enum name as 0 or "1.5" as 1. Ids are turned from hex into base64."""
+    if not isinstance(value, dict):
+        raise _BadJson(f"{path or 'body'} must be a JSON object", path or "body")
+    fields = descriptor.fields_by_camelcase_name
+    for key in list(value):
+        field = fields.get(key) or descriptor.fields_by_name.get(key)
+        if field is None:
+            del value[key]
             continue
-        if not isinstance(value, str):
-            raise _BadId(f"{where}.{key} must be a hex string", f"{where}.{key}")
-        try:
-            span[key] = base64.b64encode(bytes.fromhex(value)).decode()
-        except ValueError:
-            raise _BadId(f"{where}.{key} is not hex: {value[:40]!r}", f"{where}.{key}") from None
+        item = value[key]
+        if item is None:
+            continue
+        where = f"{path}.{key}" if path else key
+        if field.is_repeated:
+            if not isinstance(item, list):
+                raise _BadJson(f"{where} must be a JSON array", where)
+            for n, element in enumerate(item):
+                _check_value(element, field, f"{where}[{n}]")
+        else:
+            converted = _check_value(item, field, where)
+            if converted is not None:
+                value[key] = converted
+
+
+def _check_value(item: Any, field: Any, where: str) -> str | None:
+    kind = field.type
+    if kind == FieldDescriptor.TYPE_MESSAGE:
+        _check(item, field.message_type, where)
+    elif kind == FieldDescriptor.TYPE_STRING:
+        if not isinstance(item, str):
+            raise _BadJson(f"{where} must be a string", where)
+    elif kind == FieldDescriptor.TYPE_BOOL:
+        if not isinstance(item, bool):
+            raise _BadJson(f"{where} must be true or false", where)
+    elif kind in _INTEGERS:
+        # JSON integers (a whole number written as a float too: JSON has one number type),
+        # or decimal text for 64-bit values: never a fraction, nor text with an exponent.
+        if isinstance(item, bool) or not (
+            isinstance(item, int)
+            or (isinstance(item, float) and item.is_integer())
+            or (isinstance(item, str) and _INTEGER.fullmatch(item))
+        ):
+            raise _BadJson(f"{where} must be an integer (or its decimal text)", where)
+    elif kind == FieldDescriptor.TYPE_ENUM:
+        if isinstance(item, bool) or not isinstance(item, int | str):
+            raise _BadJson(f"{where} must be an enum number", where)
+        if isinstance(item, str) and field.enum_type.values_by_name.get(item) is None:
+            raise _BadJson(f"{where}: {item[:60]!r} is not a value of this enum", where)
+    elif kind in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
+        if isinstance(item, bool) or not isinstance(item, int | float | str):
+            raise _BadJson(f"{where} must be a number", where)
+    elif kind == FieldDescriptor.TYPE_BYTES:
+        if not isinstance(item, str):
+            raise _BadJson(f"{where} must be a string", where)
+        if field.name in _HEX_IDS:
+            try:
+                return base64.b64encode(bytes.fromhex(item)).decode()
+            except ValueError:
+                raise _BadJson(f"{where} is not hex: {item[:40]!r}", where) from None
+    return None
 
 
 def spans_of(request: ExportTraceServiceRequest) -> Decoded:
