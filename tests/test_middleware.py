@@ -604,3 +604,76 @@ def test_an_sdk_call_inside_a_handler_lands_in_the_requests_run(tmp_path: Path) 
     calls = [r for r in rows if r["event_type"] == "prompt_call"]
     assert sorted(r["run_id"] for r in calls) == sorted(runs)
     assert all(r["parent_event_id"] == parents[r["run_id"]] for r in calls)
+
+
+def test_the_summary_counts_the_calls_made_inside_the_request(tmp_path: Path) -> None:
+    """The SDK's calls in a handler's run are counted in the request's summary with the
+    recorder's (calls, tokens, cost: reported, and priced as the server prices the others),
+    through the run context's tally: in an async handler, in an @observe step inside it, in a
+    thread the handler starts with its context. A `client.run()` inside is a run of its own:
+    not counted. Other requests' counts stay their own."""
+    import contextvars
+    import threading
+
+    from watchllm_ext.sdk import WatchLLM, observe
+
+    settings = make_settings(tmp_path)
+    key = KeyStore(settings.keys_path).create("acme", scope="ingest")
+    wl_app = create_app(settings)
+    sdk = WatchLLM(api_key=key, transport="local", flush_interval_s=0.05)
+    host = FastAPI()
+
+    @observe(name="plan", client=sdk)
+    async def plan() -> str:
+        sdk.log_prompt_call(model="gpt-4o", tokens_input=100, tokens_output=50)  # priced
+        return "ok"
+
+    @host.post("/ask/{n}")
+    async def ask(n: int, rec: Annotated[Recorder, Depends(get_recorder)]) -> dict[str, str]:
+        for _ in range(n):
+            sdk.log_prompt_call(model="gpt-4o", tokens_input=7, tokens_output=3,
+                                cost_estimate_usd=0.25)  # fmt: skip
+        await plan()
+        rec.prompt_call("gpt-4o-mini", tokens_input=2, tokens_output=1, cost_estimate_usd=0.5)
+        ctx = contextvars.copy_context()
+        thread = threading.Thread(
+            target=ctx.run,
+            args=(lambda: sdk.log_prompt_call(model="no-such-model", tokens_input=1),),
+        )
+        thread.start()
+        thread.join()
+        sdk.log_tool_call("search")  # an event, not a call
+        with sdk.run(name="elsewhere"):  # another run: not this request's
+            sdk.log_prompt_call(model="gpt-4o", tokens_input=1000, cost_estimate_usd=9.0)
+        return {"run_id": rec.run_id}
+
+    host.add_middleware(WatchLLMMiddleware, watchllm=wl_app, project_id="acme")
+    try:
+        with ServerThread(host) as server, httpx.Client(base_url=server.url) as client:
+            runs = {n: client.post(f"/ask/{n}").json()["run_id"] for n in (1, 3)}
+            assert sdk.flush(10)
+    finally:
+        sdk.close(5)
+    rows = stored(
+        settings,
+        "SELECT run_id, event_type, metadata, tokens_input, tokens_output, cost_estimate_usd"
+        " FROM events FINAL",
+    )
+    for n, run_id in runs.items():
+        # The request's summary (the @observe step is an agent_step of the run too).
+        (summary,) = [
+            r for r in summaries(rows) if r["run_id"] == run_id and "http.route" in r["metadata"]
+        ]
+        meta = summary["metadata"]
+        calls = [r for r in rows if r["run_id"] == run_id and r["event_type"] == "prompt_call"]
+        assert len(calls) == n + 3  # n, plan's, the recorder's, the thread's
+        assert meta["llm.calls"] == n + 3
+        assert meta["llm.tokens_input"] == sum(r["tokens_input"] or 0 for r in calls)
+        assert meta["llm.tokens_output"] == sum(r["tokens_output"] or 0 for r in calls)
+        assert meta["llm.cost_usd_reported"] == pytest.approx(0.25 * n + 0.5)
+        # The rest priced from the model as the server priced the stored calls; the unknown
+        # model is counted as such.
+        stored_cost = sum(r["cost_estimate_usd"] or 0 for r in calls)
+        assert meta["llm.cost_usd"] == pytest.approx(stored_cost, rel=1e-9)
+        assert meta["llm.cost_usd"] > meta["llm.cost_usd_reported"]
+        assert meta["llm.calls_unpriced"] == 1

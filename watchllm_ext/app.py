@@ -50,6 +50,7 @@ from .ingest import (
     validate_items,
     validate_sliced,
 )
+from .inprocess import plain_events
 from .locks import FolderLock, FolderLocked
 from .metrics import make_registry, metrics_endpoint
 from .observability.metrics import RequestMetrics, counting_rejections, ops_metrics, time_queries
@@ -266,7 +267,14 @@ class WatchLLM:
         _check_count(self, len(events))
         check_projects(events, principal)
         await self.check_quota(principal, len(events))
-        outcome = validate_items(events, principal, self.pm, received_at or receipt_time())
+        received = received_at or receipt_time()
+        # Plain JSON data (what the middleware and the SDK build): the body validator, as a
+        # request's events; anything else, or any invalid event, is pydantic's (inprocess.py).
+        structs = plain_events(events)
+        if structs is not None:
+            outcome = finish_fast(structs, principal, self.pm, received)
+        else:
+            outcome = validate_items(events, principal, self.pm, received)
         return await _accept(self, outcome)
 
     async def ingest_with_key(self, api_key: str, events: list[dict[str, Any]]) -> dict[str, Any]:

@@ -45,7 +45,7 @@ from ..app import WatchLLM
 from ..auth import Principal
 from ..errors import Problem
 from ..locks import FolderLock, FolderLocked
-from ..sdk.context import RunContext
+from ..sdk.context import RunContext, RunTally
 from ..sdk.context import _current as _current_run
 from ..store.base import StoreLockedError
 from .budget import UserDailyBudget
@@ -129,21 +129,42 @@ class _Owner:
                 finally:
                     self.running = False
                     stop.set()  # the flusher drains the outbox once more and returns
+            # (leaving the task group waited for that drain; WatchLLM's writer stops next)
 
     async def _flusher(self, stop: anyio.Event) -> None:
+        outbox = self.outbox
+        outbox.closed = False
         while not stop.is_set():
-            with anyio.move_on_after(self.outbox.interval_s):
+            with anyio.move_on_after(outbox.interval_s):
                 await stop.wait()
-            if len(self.outbox) and self.wl.writer is not None:
+            if len(outbox) and self.wl.writer is not None:
                 try:
-                    await self.outbox.flush(self.wl, self.principal)
+                    await outbox.flush(self.wl, self.principal)
                 except Exception:  # never let one bad flush stop the recording
                     log.exception("flushing recorded events failed")
+        # Stopping: the host's requests are done (servers finish them before the lifespan's
+        # shutdown). Drain what is left; a writer that is full gets until its own shutdown
+        # grace to take it, as it gets for its buffer.
+        deadline = anyio.current_time() + self.wl.settings.shutdown_grace_s
+        while len(outbox) and self.wl.writer is not None:
+            try:
+                if await outbox.flush(self.wl, self.principal):
+                    break
+            except Exception:
+                log.exception("flushing recorded events failed")
+                break
+            if anyio.current_time() >= deadline:
+                break
+            await anyio.sleep(outbox.interval_s)
+        outbox.closed = True
+        if len(outbox):
+            log.error("WatchLLM stopped with %d recorded events it could not take", len(outbox))
 
     async def stop(self) -> None:
         """Flush now (hosting.lifespan calls this before it stops the WatchLLM app)."""
-        if self.running and self.wl.writer is not None:
-            await self.outbox.flush(self.wl, self.principal)
+        running = self.running and self.wl.writer is not None
+        if running and not await self.outbox.flush(self.wl, self.principal):
+            log.error("WatchLLM stopped with %d recorded events", len(self.outbox))
 
     async def start_lazily(self) -> bool:
         """Start in a task of our own, for a host whose lifespan never reaches us (mounted
@@ -328,6 +349,10 @@ class WatchLLMMiddleware:
         else:
             self.budget = None
         self._quota_hook = wl.pm.hook.check_quota
+        # The server's price tables (the cost plugin), for the calls the summary counts.
+        self._estimator = next(
+            (p for p in wl.pm.get_plugins() if callable(getattr(p, "price_for", None))), None
+        )
         self._resolved: dict[tuple[int, str, str, str], _Resolved] = {}
         self._warned_not_running = False
 
@@ -392,7 +417,8 @@ class WatchLLMMiddleware:
                 found = await found
             user_id = found[:MAX_USER_CHARS] if found else None
         event_id = fast_id()
-        context = RunContext(run_id, parent_event_id=event_id, user_id=user_id)
+        # The tally counts the calls logged in the request's run (recorder and SDK alike).
+        context = RunContext(run_id, parent_event_id=event_id, user_id=user_id, tally=RunTally())
         recorder = Recorder(context, event_id, owner.outbox)
         state = scope.get("state")
         if state is None:
@@ -505,16 +531,20 @@ class WatchLLMMiddleware:
         denied: Problem | None,
     ) -> None:
         route = template or "(no route)"
+        tally = recorder.tally
         metadata: dict[str, Any] = {
             "http.request.method": method,
             "http.route": route,
             "http.response.status_code": status,
-            "llm.calls": recorder.calls,
+            "llm.calls": tally.calls,
         }
-        if recorder.calls:
-            metadata["llm.tokens_input"] = recorder.tokens_input
-            metadata["llm.tokens_output"] = recorder.tokens_output
-            metadata["llm.cost_usd_reported"] = recorder.cost_usd
+        if tally.calls:
+            metadata["llm.tokens_input"] = tally.tokens_input
+            metadata["llm.tokens_output"] = tally.tokens_output
+            metadata["llm.cost_usd_reported"] = tally.cost_usd
+            metadata["llm.cost_usd"], unpriced = self._priced(tally)
+            if unpriced:
+                metadata["llm.calls_unpriced"] = unpriced
         if recorder.metadata:
             metadata.update(recorder.metadata)
         event: dict[str, Any] = {
@@ -548,6 +578,30 @@ class WatchLLMMiddleware:
         else:
             event["status"] = "error" if status >= 500 else "success"
         self.owner.outbox.put(event)
+
+    def _priced(self, tally: RunTally) -> tuple[float, int]:
+        """The request's cost: the calls' own, plus the others priced from their model as
+        the server prices them (builtins/cost.py); and how many no price was found for."""
+        cost = tally.cost_usd
+        unknown = 0
+        estimator = self._estimator
+        for provider, model, tokens_in, tokens_out in tally.unpriced:
+            price = None
+            if (
+                estimator is not None
+                and isinstance(model, str)
+                and model
+                and (type(tokens_in) is int or type(tokens_out) is int)
+            ):
+                price = estimator.price_for(provider if isinstance(provider, str) else None, model)
+            if price is None:
+                unknown += 1
+                continue
+            cost += price.cost(
+                tokens_in if type(tokens_in) is int else 0,
+                tokens_out if type(tokens_out) is int else 0,
+            )
+        return cost, unknown
 
     # --- routes -----------------------------------------------------------------------------
 

@@ -6,7 +6,17 @@ What it records joins the request's run, nested under the request's summary even
 
 Recording never waits: events go into an in-memory outbox that a background task hands to
 `WatchLLM.ingest` in batches (the same validation, hooks and spool as POST /v1/events/batch)
-every `flush_interval_s`. So a host request pays for building a dict, not for an ingest.
+every `flush_interval_s`. So a host request pays for building a dict, not for an ingest; the
+dicts are plain JSON data, which `WatchLLM.ingest` validates with the request body's fast
+validator (inprocess.py) rather than pydantic.
+
+What the outbox holds is not lost: a batch WatchLLM cannot take now (503: the writer is
+full, or not running yet) stays in the outbox for the next flush; the owner's stop drains it
+into WatchLLM (whose writer then flushes to the store, or leaves it in the spool for the next
+start). Only these are not stored, each counted in `Outbox.stats` and logged: events past
+`max_events` while WatchLLM cannot keep up (`dropped`), events the contract refuses
+(`rejected`), and events recorded after the final drain (`late`: a request still running when
+the host's shutdown had already stopped WatchLLM).
 """
 
 from __future__ import annotations
@@ -23,8 +33,9 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from ..errors import Problem
+from ..inprocess import plain_events
 from ..schema import EVENT_ADAPTER
-from ..sdk.context import RunContext
+from ..sdk.context import RunContext, RunTally
 
 if TYPE_CHECKING:
     from ..app import WatchLLM
@@ -66,9 +77,16 @@ class Outbox:
         # front (append and popleft are atomic; a list swapped for a new one could lose one).
         self._events: deque[dict[str, Any]] = deque()
         # What happened to the events, for tests, the docs' figures and a host's own metrics.
-        self.stats = {"ingested": 0, "rejected": 0, "dropped": 0}
+        self.stats = {"ingested": 0, "rejected": 0, "dropped": 0, "late": 0}
+        # Set after the owner's final drain: nothing will flush what comes in afterwards.
+        self.closed = False
 
     def put(self, event: dict[str, Any]) -> None:
+        if self.closed:
+            self.stats["late"] += 1
+            if self.stats["late"] == 1:
+                log.warning("an event was recorded after WatchLLM stopped: not stored")
+            return
         if len(self._events) >= self.max_events:
             # WatchLLM is slower than the host (or stopped): drop rather than grow without
             # bound; counted, and logged once per flush.
@@ -79,9 +97,10 @@ class Outbox:
     def __len__(self) -> int:
         return len(self._events)
 
-    async def flush(self, wl: WatchLLM, principal: Principal) -> None:
+    async def flush(self, wl: WatchLLM, principal: Principal) -> bool:
         """Hand everything waiting to WatchLLM (several batches if it holds more than one
-        request may carry)."""
+        request may carry). False when WatchLLM cannot take events now (503): that batch is
+        put back, in order, for the next flush."""
         limit = wl.settings.max_batch_events
         events = self._events
         while events:
@@ -89,6 +108,10 @@ class Outbox:
             try:
                 answer = await wl.ingest(principal, batch)
             except Problem as exc:
+                if exc.status == 503:  # the writer is full or not running: later, not lost
+                    events.extendleft(reversed(batch))
+                    log.warning("WatchLLM cannot take recorded events now: %s", exc.message)
+                    return False
                 n_bad = len(exc.extra.get("rejected") or ())
                 key = "rejected" if exc.status == 422 else "dropped"
                 self.stats[key] += len(batch) if key == "dropped" else n_bad
@@ -99,6 +122,7 @@ class Outbox:
             if rejected:
                 self.stats["rejected"] += answer.get("rejected_count", len(rejected))
                 log.warning("WatchLLM refused recorded events: %s", rejected[:3])
+        return True
 
 
 def _now() -> datetime:
@@ -111,21 +135,19 @@ class Recorder:
     Every event gets the request's `run_id`, nests under the request's summary event
     (`parent_event_id` = `event_id`), carries the request's user, and is checked against the
     event contract at once (a bad field raises ValueError naming it, in the handler, rather
-    than being refused later where nobody sees it).
+    than being refused later where nobody sees it). Its calls are counted in the request's
+    `RunTally`, with those the SDK logs in the request's run.
     """
 
     __slots__ = (
         "_outbox",
-        "calls",
         "context",
-        "cost_usd",
         "event_id",
         "metadata",
         "run_id",
         "session_id",
         "tags",
-        "tokens_input",
-        "tokens_output",
+        "tally",
         "user_id",
     )
 
@@ -137,11 +159,27 @@ class Recorder:
         self.session_id = context.session_id
         self.tags: list[str] = list(context.tags)
         self.metadata: dict[str, Any] = {}  # added to the summary event's metadata
-        self.calls = 0
-        self.tokens_input = 0
-        self.tokens_output = 0
-        self.cost_usd = 0.0
+        # The request's counts: shared with the SDK through the run context.
+        self.tally = context.tally if context.tally is not None else RunTally()
         self._outbox = outbox
+
+    # The request's LLM calls so far (this recorder's and the SDK's).
+    @property
+    def calls(self) -> int:
+        return self.tally.calls
+
+    @property
+    def tokens_input(self) -> int:
+        return self.tally.tokens_input
+
+    @property
+    def tokens_output(self) -> int:
+        return self.tally.tokens_output
+
+    @property
+    def cost_usd(self) -> float:
+        """The calls' own `cost_estimate_usd` (the summary adds the price of the others)."""
+        return self.tally.cost_usd
 
     def record(self, event_type: str, **fields: Any) -> str:
         """Record one event of the v1 contract (docs/EVENTS.md); returns its event_id."""
@@ -157,17 +195,17 @@ class Recorder:
         if self.session_id is not None:
             event["session_id"] = self.session_id
         event.update(fields)
-        try:
-            EVENT_ADAPTER.validate_python(event)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"][1:]) or "(event)"
-            raise ValueError(f"{event_type} event: {where}: {first['msg']}") from None
-        if event_type == "prompt_call":
-            self.calls += 1
-            self.tokens_input += event.get("tokens_input") or 0
-            self.tokens_output += event.get("tokens_output") or 0
-            self.cost_usd += event.get("cost_estimate_usd") or 0.0
+        # The body validator when it can judge the event (plain JSON data), else pydantic,
+        # which also says which field is wrong.
+        if plain_events([event]) is None:
+            try:
+                EVENT_ADAPTER.validate_python(event)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(p) for p in first["loc"][1:]) or "(event)"
+                raise ValueError(f"{event_type} event: {where}: {first['msg']}") from None
+        if event["run_id"] == self.run_id:
+            self.tally.count(event)
         if self._outbox is not None:
             self._outbox.put(event)
         return event["event_id"]

@@ -13,13 +13,67 @@ Imports only the standard library: the SDK must stay light.
 
 from __future__ import annotations
 
+import math
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
+
+
+class RunTally:
+    """The LLM calls logged in a run context, counted as they are logged: the host middleware
+    gives each request one, and its summary event reports the calls made inside the request.
+
+    Whoever logs an event in a context that has a tally calls `count(event)` (the SDK's
+    log calls and the middleware's recorder do); the context's children share it. A lock:
+    a sync handler's threads and the event loop may log into one request at once.
+    """
+
+    __slots__ = (
+        "_lock",
+        "calls",
+        "cost_usd",
+        "events",
+        "tokens_input",
+        "tokens_output",
+        "unpriced",
+    )
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.events = 0  # events of any type
+        self.calls = 0  # prompt_call events
+        self.tokens_input = 0
+        self.tokens_output = 0
+        self.cost_usd = 0.0  # the calls' own cost_estimate_usd
+        # (provider, model, tokens_input, tokens_output) of the calls that gave no cost, as
+        # given: the server prices them from the model (the summary does the same).
+        self.unpriced: list[tuple[Any, Any, Any, Any]] = []
+
+    def count(self, event: Mapping[str, Any]) -> None:
+        """Count one event (a dict of the v1 contract). Values of the wrong type are not
+        added up: the event itself is refused or reported by validation, not here."""
+        with self._lock:
+            self.events += 1
+            if event.get("event_type") != "prompt_call":
+                return
+            self.calls += 1
+            tokens_in = event.get("tokens_input")
+            if type(tokens_in) is int and tokens_in > 0:
+                self.tokens_input += tokens_in
+            tokens_out = event.get("tokens_output")
+            if type(tokens_out) is int and tokens_out > 0:
+                self.tokens_output += tokens_out
+            cost = event.get("cost_estimate_usd")
+            if type(cost) in (int, float) and math.isfinite(cost) and cost >= 0:
+                self.cost_usd += cost
+            elif len(self.unpriced) < 1000:  # bounded, whatever a request does
+                self.unpriced.append(
+                    (event.get("provider"), event.get("model"), tokens_in, tokens_out)
+                )
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +86,8 @@ class RunContext:
     session_id: str | None = None
     tags: tuple[str, ...] = ()
     metadata: dict[str, Any] = field(default_factory=dict)
+    # Counts what is logged in this run (None: nobody asked); `child()` contexts share it.
+    tally: RunTally | None = field(default=None, compare=False, repr=False)
 
     def child(self, parent_event_id: str) -> RunContext:
         """The context of work nested under the event `parent_event_id`."""

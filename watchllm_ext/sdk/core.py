@@ -239,6 +239,8 @@ class WatchLLM:
             metadata = event.get("metadata", {})
             if ctx.metadata and isinstance(metadata, dict):
                 event["metadata"] = {**ctx.metadata, **metadata}
+            if ctx.tally is not None and event["run_id"] == ctx.run_id:
+                ctx.tally.count(event)  # a host request's summary counts its calls (context.py)
         elif "run_id" not in event:
             event["run_id"] = event["event_id"]  # an event outside any run is a run of its own
         if self.env is not None:
