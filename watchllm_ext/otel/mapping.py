@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import msgspec
+
 from ..schema import (
     MAX_COST_USD,
     MAX_LATENCY_MS,
@@ -297,15 +299,15 @@ def span_row(span: Span, event_type: str | None) -> dict[str, Any]:
         "event_type": event_type,
         "attributes": {k: _attr_text(v) for k, v in span.attributes.items()},
         "resource_attributes": {k: _attr_text(v) for k, v in span.resource.items()},
-        "span_events": json.dumps(
+        "span_events": _json_text(
             [
                 {"name": e.name, "time_unix_nano": e.time_unix_nano, "attributes": e.attributes}
                 for e in span.events
-            ],
-            ensure_ascii=False,
-            default=str,
-        ),
-        "links": json.dumps(span.links, ensure_ascii=False, default=str),
+            ]
+        )
+        if span.events
+        else "[]",
+        "links": _json_text(span.links) if span.links else "[]",
     }
 
 
@@ -680,7 +682,39 @@ def _short(value: str | None, limit: int = MAX_NAME_CHARS) -> str | None:
 
 
 def _attr_text(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+    kind = type(value)
+    if kind is str:
+        return value
+    if kind is bool:
+        return "true" if value else "false"
+    if kind is int:
+        return str(value)
+    return _json_text(value)
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def _json_text(value: Any) -> str:
+    """JSON text of a decoded attribute value (msgspec: about ten times json.dumps' speed);
+    json.dumps for what msgspec writes otherwise (NaN and Infinity, which it makes null)."""
+    if _has_non_finite(value):
+        return json.dumps(value, ensure_ascii=False, default=str)
+    try:
+        return _encoder.encode(value).decode()
+    except (TypeError, ValueError):
+        return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _has_non_finite(value: Any) -> bool:
+    kind = type(value)
+    if kind is float:
+        return not math.isfinite(value)
+    if kind is list or kind is tuple:
+        return any(_has_non_finite(v) for v in value)
+    if kind is dict:
+        return any(_has_non_finite(v) for v in value.values())
+    return False
 
 
 def _json_value(value: Any) -> Any:
@@ -711,12 +745,18 @@ def _latency_ms(span: Span) -> float:
 
 def _finite(value: Any) -> Any:
     """JSON has no NaN or Infinity (the contract refuses them): such doubles become text."""
+    if not _has_non_finite(value):  # nearly always: a walk that builds nothing
+        return value
+    return _finite_copy(value)
+
+
+def _finite_copy(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return repr(value)
     if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
+        return {str(k): _finite_copy(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
+        return [_finite_copy(v) for v in value]
     return value
 
 
@@ -734,7 +774,7 @@ def _within_limits(event: dict[str, Any]) -> dict[str, Any]:
     for key in _JSON_FIELDS:
         if key in event:
             event[key] = _finite(event[key])
-            text = json.dumps(event[key], ensure_ascii=False, default=str)
+            text = _json_text(event[key])
             if len(text) > MAX_TEXT_CHARS:
                 event[key] = {} if key.endswith("metadata") else text[:MAX_TEXT_CHARS]
     for key in _TEXT_FIELDS:
