@@ -6,6 +6,7 @@ answer (models.py)."""
 from __future__ import annotations
 
 import json
+import re
 import weakref
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -622,6 +623,9 @@ def _span_row(row: dict[str, Any]) -> SpanSummary:
     )
 
 
+_TRACE_ID = re.compile(r"[0-9a-f]{32}")
+
+
 def _time_key(iso: str | None) -> str:
     """A node's time, comparable as text: events are stored to the millisecond and spans to
     the microsecond, so the fraction is padded to six digits before comparing."""
@@ -655,7 +659,11 @@ async def run(request: Request) -> Response:
     limit = P.limit(request.query_params, default=MAX_TREE_NODES, maximum=MAX_TREE_NODES)
     args = {"project": project, "run_id": run_id}
     rows = await _run(store, Q.RUN, args)
-    (span_figures,) = await _run(store, Q.RUN_SPAN_FIGURES, args)
+    # Spans are stored under their trace id, 32 lowercase hex digits: another run id (a run
+    # sent as JSON events) has none, and is not looked up in `spans`.
+    span_figures: dict[str, Any] = {"span_count": 0}
+    if _TRACE_ID.fullmatch(run_id):
+        (span_figures,) = await _run(store, Q.RUN_SPAN_FIGURES, args)
     span_count = int(span_figures["span_count"])
     if not rows and not span_count:
         raise Problem(404, "not_found", f"no run {run_id!r} in project {project!r}", field="run_id")
