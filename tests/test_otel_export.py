@@ -385,6 +385,35 @@ def test_400_is_permanent_and_the_batch_goes_to_the_dead_letters(
     assert sorted(s.attributes["watchllm.event_id"] for s in sent) == ["e1", "e2"]
 
 
+def test_spans_refused_for_good_are_dead_letters_and_replay(
+    server_factory: Any, endpoint: OtlpEndpoint
+) -> None:
+    endpoint.answer = lambda _: (401, {}, b"unknown key")
+    running = server_factory(otlp_export_endpoint=endpoint.url)
+    send_trace(running.url, running.key)
+    running.flush()
+    stats = running.wl.writer.stats()["sinks"]["otlp-export"]
+    assert stats["dead_letter_events_total"] == 3  # the trace's three span rows
+    assert "answered 401: unknown key" in stats["last_error"]
+    letters = running.client.get(
+        "/v1/admin/dead-letters", params={"sink": "otlp-export"}, headers=running.headers()
+    ).json()["dead_letters"]
+    # One entry per refused batch (the exporter sent the spans one by one, which may be
+    # batched apart), every one of span rows.
+    assert {e["kind"] for e in letters} == {"spans"}
+    assert sum(e["events"] for e in letters) == 3
+    # The store sink took them all the same.
+    assert len(stored_spans(running)) == 3
+    endpoint.answer = lambda _: (200, {}, b"")
+    replay = running.client.post(
+        "/v1/admin/dead-letters/replay", params={"sink": "otlp-export"}, headers=running.headers()
+    )
+    assert replay.status_code == 200, replay.text
+    refused = len(endpoint.spans())
+    sent = endpoint.wait_spans(refused + 3)[refused:]
+    assert sorted(s.span_id for s in sent) == sorted(r["span_id"] for r in stored_spans(running))
+
+
 def test_413_splits_the_request_down_to_one_span(
     server_factory: Any, endpoint: OtlpEndpoint
 ) -> None:
