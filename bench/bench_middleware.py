@@ -16,11 +16,19 @@ alternating the two servers, `--rounds` rounds of:
   (closed loop): the host's throughput, and the latency once requests queue for the CPU.
 
 Printed: p50 / p99 per mode and server, the server process's CPU per request (all its
-threads, including the writer's delivery of the request's events), medians over the rounds,
-and the differences to `plain`. On a shared machine the CPU figure is the steady one.
+threads, including the writer's delivery of the request's events) and the part of it on the
+event loop (the main thread: what competes with the host's requests; the rest is the store's
+threads, mostly chDB inserting the summaries), medians over the rounds, and the differences
+to `plain`. On a shared machine the CPU figures are the steady ones.
+
+`--before REV` adds a fourth server, `middleware@REV`: the same host with the middleware of
+commit REV (exported with git archive and imported instead of the working tree), so a change
+is measured before and after in one run, under the same load.
 
     python bench/bench_middleware.py                      # 3 rounds of 10 s each mode
     python bench/bench_middleware.py --rounds 1 --seconds 3 --rate 500   # quicker
+    python bench/bench_middleware.py --before HEAD~3      # and the middleware of HEAD~3
+    python bench/bench_middleware.py --flush-interval-s 5 # the store's inserts 5x bigger
 """
 
 from __future__ import annotations
@@ -29,10 +37,13 @@ import argparse
 import asyncio
 import atexit
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +57,14 @@ KINDS = ("plain", "middleware", "budget")
 USERS = 100
 
 
-def host_app(kind: str, data_dir: Path) -> Any:
-    """The host both servers run; `kind` is plain or middleware."""
+def host_app(kind: str, data_dir: Path, flush_interval_s: float | None = None) -> Any:
+    """The host every server runs; `kind` is plain, middleware or budget."""
     from fastapi import FastAPI
 
     from watchllm_ext import Settings, create_app
 
-    watchllm = create_app(Settings(data_dir=data_dir, create_default_key=False))
+    extra = {} if flush_interval_s is None else {"flush_interval_s": flush_interval_s}
+    watchllm = create_app(Settings(data_dir=data_dir, create_default_key=False, **extra))
     app = FastAPI()
 
     @app.get("/hello/{name}")
@@ -72,11 +84,11 @@ def host_app(kind: str, data_dir: Path) -> Any:
     return app
 
 
-def serve(kind: str, port: int, data_dir: Path) -> None:
+def serve(kind: str, port: int, data_dir: Path, flush_interval_s: float | None) -> None:
     import uvicorn
 
     uvicorn.run(
-        host_app(kind, data_dir),
+        host_app(kind.split("@")[0], data_dir, flush_interval_s),
         host="127.0.0.1",
         port=port,
         log_level="warning",
@@ -155,6 +167,39 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def loop_cpu_s(pid: int) -> float:
+    """CPU seconds of the process's main thread: uvicorn's event loop, where the host's
+    requests, the middleware and WatchLLM's validation run (chDB and the writer's blocking
+    calls use other threads)."""
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def export(rev: str, work: Path) -> Path:
+    """Commit `rev` exported with git archive, laid out as the packages install (plugins/ is
+    watchllm_plugins, ...): a folder to put first on a server's sys.path."""
+    repo = HERE.parent
+    sha = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "--verify", f"{rev}^{{commit}}"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    src = work / f"src-{sha[:12]}"
+    src.mkdir()
+    tar = subprocess.run(
+        ["git", "-C", str(repo), "archive", "--format=tar", sha], capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(src)], input=tar, check=True)
+    package_dir = tomllib.loads((src / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-dir"
+    ]
+    py = work / f"py-{sha[:12]}"
+    py.mkdir()
+    for name, folder in package_dir.items():
+        (py / name).symlink_to(src / folder, target_is_directory=True)
+    print(f"middleware@{rev} is commit {sha[:12]} ({py})", flush=True)
+    return py
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -179,43 +224,67 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rate", type=float, default=1000.0, help="paced mode: requests/s")
-    parser.add_argument("--serve", choices=KINDS, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--before", metavar="REV", help="also serve the middleware of this commit (git archive)"
+    )
+    parser.add_argument(
+        "--flush-interval-s",
+        type=float,
+        help="WatchLLM's flush_interval_s in every server (how often the store gets an insert)",
+    )
+    parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--code", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
-        serve(args.serve, args.port, args.data_dir)
+        if args.code is not None:
+            sys.path.insert(0, str(args.code))  # that commit's packages, not the working tree
+        serve(args.serve, args.port, args.data_dir, args.flush_interval_s)
         return 0
 
     atexit.register(stop_all)
     work = Path(tempfile.mkdtemp(prefix="bench-middleware-"))
+    kinds = list(KINDS)
+    code: dict[str, Path] = {}
+    if args.before:
+        kinds.insert(2, f"middleware@{args.before}")
+        code[kinds[2]] = export(args.before, work)
     ports = {}
     procs = {}
-    for kind in KINDS:
+    for kind in kinds:
         ports[kind] = free_port()
+        extra = ["--code", str(code[kind])] if kind in code else []
+        if args.flush_interval_s is not None:
+            extra += ["--flush-interval-s", str(args.flush_interval_s)]
         procs[kind] = spawn(
             [sys.executable, __file__, "--serve", kind, "--port", str(ports[kind]),
-             "--data-dir", str(work / kind)],
-            log=work / f"{kind}.log",
+             "--data-dir", str(work / kind.replace("@", "-")), *extra],
+            log=work / f"{kind.replace('@', '-')}.log",
         )  # fmt: skip
     for kind in ports:
         wait_ready(ports[kind])
-    results: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+    results: dict[tuple[str, str], list[tuple[float, float, float, float, float]]] = {}
     for kind in ports:  # warm up: imports, the budget's cache, the route cache
         asyncio.run(load(ports[kind], "saturated", 2.0, args.rate))
+    width = max(map(len, kinds))
     for r in range(args.rounds):
         for mode in ("paced", "saturated"):
-            for kind in KINDS if r % 2 == 0 else KINDS[::-1]:
-                before = cpu_s(procs[kind].pid)
+            for kind in kinds if r % 2 == 0 else kinds[::-1]:
+                pid = procs[kind].pid
+                before, loop_before = cpu_s(pid), loop_cpu_s(pid)
                 lat, n = asyncio.run(load(ports[kind], mode, args.seconds, args.rate))
                 time.sleep(1.5)  # the writer's flush of these requests' events is theirs too
-                cpu_us = (cpu_s(procs[kind].pid) - before) / n * 1e6
-                figures = (pct(lat, 0.5) * 1000, pct(lat, 0.99) * 1000, n / args.seconds, cpu_us)
+                cpu_us = (cpu_s(pid) - before) / n * 1e6
+                loop_us = (loop_cpu_s(pid) - loop_before) / n * 1e6
+                figures = (
+                    pct(lat, 0.5) * 1000, pct(lat, 0.99) * 1000, n / args.seconds, cpu_us, loop_us
+                )  # fmt: skip
                 results.setdefault((mode, kind), []).append(figures)
                 print(
-                    f"round {r + 1} {mode:9} {kind:10} p50 {figures[0]:.3f} ms"
+                    f"round {r + 1} {mode:9} {kind:{width}} p50 {figures[0]:.3f} ms"
                     f"  p99 {figures[1]:.3f} ms  {figures[2]:.0f} req/s"
-                    f"  server CPU {cpu_us:.0f} us/req",
+                    f"  server CPU {cpu_us:.0f} us/req (event loop {loop_us:.0f})",
                     flush=True,
                 )
     for proc in procs.values():
@@ -224,20 +293,21 @@ def main(argv: list[str] | None = None) -> int:
     for mode in ("paced", "saturated"):
         label = f"{mode} ({args.rate:.0f} req/s)" if mode == "paced" else mode
         rows = {k: [statistics.median(col) for col in zip(*results[(mode, k)], strict=True)]
-                for k in KINDS}  # fmt: skip
+                for k in kinds}  # fmt: skip
         plain = rows["plain"]
-        for kind in KINDS:
-            p50, p99, rps, cpu = rows[kind]
+        for kind in kinds:
+            p50, p99, rps, cpu, loop_cpu = rows[kind]
             added = (
                 f"  added p50 {p50 - plain[0]:+.3f} p99 {p99 - plain[1]:+.3f} ms"
-                f" CPU {cpu - plain[3]:+.0f} us"
+                f" CPU {cpu - plain[3]:+.0f} us (loop {loop_cpu - plain[4]:+.0f})"
                 if kind != "plain"
                 else ""
             )
             print(
-                f"{label:20} {kind:10} p50 {p50:.3f} p99 {p99:.3f} ms {rps:6.0f} req/s"
-                f" CPU {cpu:.0f} us/req{added}"
+                f"{label:20} {kind:{width}} p50 {p50:.3f} p99 {p99:.3f} ms {rps:6.0f} req/s"
+                f" CPU {cpu:.0f} us/req (loop {loop_cpu:.0f}){added}"
             )
+    shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

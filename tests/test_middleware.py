@@ -677,3 +677,74 @@ def test_the_summary_counts_the_calls_made_inside_the_request(tmp_path: Path) ->
         assert meta["llm.cost_usd"] == pytest.approx(stored_cost, rel=1e-9)
         assert meta["llm.cost_usd"] > meta["llm.cost_usd_reported"]
         assert meta["llm.calls_unpriced"] == 1
+
+
+def test_nothing_recorded_is_lost_at_shutdown(tmp_path: Path) -> None:
+    """Summaries are handed to WatchLLM after the answer, in batches; the host's shutdown
+    waits for its requests (uvicorn finishes them), then the middleware drains its outbox
+    into WatchLLM, whose writer flushes to the store. A burst, and a request still running
+    when the shutdown starts, are all stored."""
+    import threading
+
+    settings = make_settings(tmp_path)
+    wl_app = create_app(settings)
+    host = FastAPI()
+    slow_started = threading.Event()
+
+    @host.get("/fast/{i}")
+    async def fast(i: int, rec: Annotated[Recorder, Depends(get_recorder)]) -> dict[str, int]:
+        rec.tool_call("lookup", latency_ms=1.0)
+        return {"i": i}
+
+    @host.get("/slow")
+    async def slow() -> dict[str, str]:
+        slow_started.set()
+        await asyncio.sleep(1.0)
+        return {"slow": "done"}
+
+    host.add_middleware(WatchLLMMiddleware, watchllm=wl_app, project_id="acme")
+    answers: list[int] = []
+    with ServerThread(host) as server:
+
+        async def burst() -> list[int]:
+            async with httpx.AsyncClient(base_url=server.url) as client:
+                got = await asyncio.gather(*(client.get(f"/fast/{i}") for i in range(100)))
+                return [a.status_code for a in got]
+
+        assert asyncio.run(burst()) == [200] * 100
+        late = threading.Thread(
+            target=lambda: answers.append(httpx.get(f"{server.url}/slow", timeout=30).status_code)
+        )
+        late.start()
+        assert slow_started.wait(10)
+        # Leaving the block stops the server now, the slow request still running.
+    late.join(30)
+    assert answers == [200]
+    rows = stored(settings)
+    steps = summaries(rows)
+    assert sorted(s["step_name"] for s in steps) == ["GET /fast/{i}"] * 100 + ["GET /slow"]
+    assert sum(r["event_type"] == "tool_call" for r in rows) == 100
+
+
+def test_recorded_events_wait_while_watchllm_cannot_take_them(tmp_path: Path) -> None:
+    """A batch WatchLLM answers 503 for (its writer full, or not running yet) stays in the
+    outbox, in order, and goes in with the next flush: not dropped."""
+    from watchllm_ext.middleware.recorder import Outbox
+
+    settings = make_settings(tmp_path)
+    wl = create_app(settings).state.watchllm
+    principal = Principal("acme", frozenset({"ingest"}))
+    outbox = Outbox(interval_s=0.05)
+    for i in range(3):
+        outbox.put(prompt_call(f"w{i}"))
+
+    async def main() -> None:
+        assert await outbox.flush(wl, principal) is False  # not running: 503
+        assert len(outbox) == 3 and outbox.stats["dropped"] == 0
+        async with wl.running():
+            assert await outbox.flush(wl, principal) is True
+        assert len(outbox) == 0
+
+    anyio.run(main)
+    assert outbox.stats == {"ingested": 3, "rejected": 0, "dropped": 0, "late": 0}
+    assert sorted(r["event_id"] for r in stored(settings)) == ["w0", "w1", "w2"]

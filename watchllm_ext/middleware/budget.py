@@ -58,8 +58,9 @@ class UserDailyBudget:
         self.wl = wl
         self.budget_usd = budget_usd
         self.cache_s = cache_s
-        # project -> (each user's spend in USD, the day it is for, monotonic time read)
-        self._cache: dict[str, tuple[dict[str, float], datetime, float]] = {}
+        # project -> (each user's spend in USD, monotonic time read, and the bounds of the
+        # day it is for as epoch seconds: a float comparison per request, no datetime)
+        self._cache: dict[str, tuple[dict[str, float], float, float, float]] = {}
         self._pending: dict[str, asyncio.Future[dict[str, float]]] = {}
         self._refreshing: set[asyncio.Task[dict[str, float]]] = set()
         self.queries = 0  # store reads made, for the tests and the docs' staleness figures
@@ -70,18 +71,26 @@ class UserDailyBudget:
     ) -> QuotaDecision | Awaitable[QuotaDecision] | None:
         if n_events or user_id is None:
             return None
-        now = datetime.now(UTC)
         project = principal.project_id
         cached = self._cache.get(project)
-        if cached is not None and cached[1] == _start_of_day(now):
-            if time.monotonic() - cached[2] >= self.cache_s and project not in self._pending:
-                # Stale: decide on it now and read again in the background, so no request
-                # waits for the store (only the first of a project's day does).
-                task = asyncio.get_running_loop().create_task(self.spend_today(project, now))
-                self._refreshing.add(task)
-                task.add_done_callback(self._refreshed)
-            return self.decide(cached[0].get(user_id, 0.0), now)  # no await, no query
-        return self._read_then_decide(project, user_id, now)
+        if cached is not None:
+            spends, read_at, day_start, day_end = cached
+            if day_start <= time.time() < day_end:
+                if time.monotonic() - read_at >= self.cache_s and project not in self._pending:
+                    # Stale: decide on it now and read again in the background, so no
+                    # request waits for the store (only the first of a project's day does).
+                    task = asyncio.get_running_loop().create_task(
+                        self.spend_today(project, datetime.now(UTC))
+                    )
+                    self._refreshing.add(task)
+                    task.add_done_callback(self._refreshed)
+                spend = spends.get(user_id, 0.0)
+                if spend < self.budget_usd:
+                    # Under the budget: no opinion (the host only acts on a denial), so the
+                    # common case builds no decision and reads no clock as a datetime.
+                    return None
+                return self.decide(spend, datetime.now(UTC))
+        return self._read_then_decide(project, user_id, datetime.now(UTC))
 
     def _refreshed(self, task: asyncio.Task[dict[str, float]]) -> None:
         self._refreshing.discard(task)
@@ -102,7 +111,8 @@ class UserDailyBudget:
         try:
             day = _start_of_day(now)
             spends = await anyio.to_thread.run_sync(self._read, project, day)
-            self._cache[project] = (spends, day, time.monotonic())
+            start = day.timestamp()
+            self._cache[project] = (spends, time.monotonic(), start, start + 86_400)
             future.set_result(spends)
             return spends
         except BaseException as exc:
