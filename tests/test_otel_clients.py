@@ -722,9 +722,26 @@ def test_otel_in_process_example_as_documented(tmp_path: Path) -> None:
         (call,) = top["children"]
         assert call["event"]["event_type"] == "prompt_call"
         assert call["event"]["model"] == "gpt-4o-mini" and call["event"]["tokens_input"] == 5
+        # Stopped (Ctrl-C) within the batch processor's delay of a call: its spans are
+        # handed over at shutdown, while WatchLLM still runs.
+        last = json.loads(app.run(ask).stdout)["trace_id"]
     finally:
         output = app.stop()
     assert "Traceback" not in output, output
+    store = create_app(make_settings(tmp_path, data_dir=tmp_path / "app")).state.watchllm
+    opened = store.open_store()
+    try:
+        found = opened.query(
+            "SELECT trace_id, count() AS n FROM spans FINAL GROUP BY trace_id ORDER BY trace_id"
+        )
+        events = opened.query("SELECT count() AS n FROM events FINAL")
+    finally:
+        opened.close()
+    assert found == sorted(
+        [{"trace_id": answer["trace_id"], "n": 2}, {"trace_id": last, "n": 2}],
+        key=lambda r: r["trace_id"],
+    )
+    assert events == [{"n": 2}]
 
 
 # --- docs/OPENTELEMETRY.md says what the code does -----------------------------------------------
