@@ -361,6 +361,20 @@ def test_no_or_wrong_key(server: Running, auth: str | None, status: int, as_json
     assert stored(server, trace) == (0, 0)
 
 
+def test_basic_auth_takes_the_key_as_password_only(server: Running) -> None:
+    def basic(user: str, password: str) -> str:
+        return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+    trace = new_trace()
+    body = good_trace(trace).SerializeToString()
+    assert post(server, body, auth=basic("pk-lf-public", "wllm_wrong")).status == 401
+    assert post(server, body, auth=basic(server.key, "")).status == 200  # key as the user
+    answer = post(server, body, auth=basic("pk-lf-public", server.key))
+    assert answer.status == 200 and answer.rejected_spans == 0
+    settle(server)
+    assert stored(server, trace) == (2, 1)
+
+
 def test_a_key_of_another_project_stores_there_not_here(server: Running) -> None:
     other = server.keys.create("other-project", scope="ingest")
     trace = new_trace()
@@ -380,6 +394,11 @@ def test_a_key_of_another_project_stores_there_not_here(server: Running) -> None
     assert r.status_code == 404
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="known limitation (lead, 03:50): event_id = span id as issue 11 says, so a span id"
+    " reused in another trace loses that trace's event; G-findings.md 1",
+)
 def test_the_same_span_id_in_two_traces_keeps_both_events(server: Running) -> None:
     """A span id is unique only within its trace (the OTLP spec); a client with
     deterministic ids (tests, replays, some SDKs' id generators) reuses them across traces.

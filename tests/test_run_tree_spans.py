@@ -401,3 +401,23 @@ def test_an_sdk_trace_through_the_receiver_is_the_tree_it_sent(server: Running) 
         assert node["span"]["duration_ms"] == pytest.approx(
             (span.end_time - span.start_time) / 1e6, abs=0.002
         )
+
+
+def test_a_chain_of_spans_deeper_than_the_cap_hangs_at_depth_100(server: Running) -> None:
+    ids = [f"{i + 1:016x}" for i in range(150)]
+    chain = [
+        span(sid, ids[i - 1] if i else None, f"level {i}", i, 1000 - i) for i, sid in enumerate(ids)
+    ]
+    store_spans(server, chain)
+    got = tree(server)
+    assert got["span_count"] == 150 and got["truncated"] is False
+    node, depth = got["tree"][0], 0
+    while node["children"] and depth < 99:
+        assert len(node["children"]) == 1
+        node, depth = node["children"][0], depth + 1
+    # Depth 99 holds the node at depth 99 and, under it, every deeper one, in time order,
+    # each still naming its own parent.
+    assert node["id"] == ids[99]
+    deeper = [c["id"] for c in node["children"]]
+    assert deeper == ids[100:]
+    assert [c["parent_id"] for c in node["children"]] == ids[99:149]
