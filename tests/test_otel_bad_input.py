@@ -263,6 +263,18 @@ def test_malformed_and_truncated_protobuf_is_a_400(server: Running) -> None:
     still_serving(server)
 
 
+@pytest.mark.parametrize("path", ["/v1/traces", "/api/public/otel/v1/traces"])
+def test_both_paths_refuse_alike(server: Running, path: str) -> None:
+    trace = new_trace()
+    body = good_trace(trace).SerializeToString()
+    assert post(server, body[:-1], path=path).status == 400
+    assert post(server, body, path=path, auth=None).status == 401
+    assert post(server, bomb("gzip"), path=path, encoding="gzip").status == 413
+    settle(server)
+    assert stored(server, trace) == (0, 0)
+    assert post(server, body, path=path).status == 200
+
+
 def test_wrong_content_type_and_encoding(server: Running) -> None:
     trace = new_trace()
     body = good_trace(trace).SerializeToString()
