@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 import time
 import tomllib
 from collections.abc import Iterator, Sequence
@@ -646,7 +647,7 @@ def test_in_process_exporter_without_a_running_app(tmp_path: Path) -> None:
     started = time.monotonic()
     one_llm_trace(provider)
     assert results == [SpanExportResult.FAILURE] and exporter.failed_spans == 1
-    assert 0.3 <= time.monotonic() - started < 3
+    assert 0.4 <= time.monotonic() - started < 3  # tried until its time was nearly up
     # An app that was made but not started (its lifespan never ran) is the same.
     stopped = WatchLLMSpanExporter(create_app(make_settings(tmp_path)), api_key="x", timeout_s=0.2)
     provider, results = recorded(stopped)
@@ -883,3 +884,26 @@ def test_javascript_sdk_sends_otlp_json(
     rows = stored_spans(server, lines["trace"])
     assert {r["service_name"] for r in rows} == {"checkout"}
     assert rows[0]["resource_attributes"]["deployment.environment.name"] == "staging"
+
+
+def test_in_process_exporter_made_before_the_app_starts(
+    tmp_path: Path, server_factory: Any, memory: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    """An exporter made at import, before the host app runs WatchLLM (app=None: whichever
+    starts in this process): an export waiting meanwhile goes through once it has started."""
+    key = KeyStore(make_settings(tmp_path).keys_path).create("acme", scope="ingest")
+    provider, memory_exporter = memory
+    trace_id = send_trace(provider)
+    exporter = WatchLLMSpanExporter(api_key=key, timeout_s=60)
+    results: list[SpanExportResult] = []
+    waiting = threading.Thread(
+        target=lambda: results.append(exporter.export(memory_exporter.get_finished_spans()))
+    )
+    waiting.start()
+    time.sleep(0.3)
+    assert results == []  # still waiting: no app yet
+    server: Running = server_factory()
+    waiting.join(60)
+    assert results == [SpanExportResult.SUCCESS] and exporter.exported_spans == 4
+    server.flush()
+    assert len(stored_spans(server, trace_id)) == 4

@@ -302,9 +302,15 @@ class WatchLLMSpanExporter(SpanExporter):
                     return False
                 else:
                     return self._answered(answer, n)
-            pause = retry_after if retry_after is not None else wait
-            wait = min(wait * 2, RETRY_MAX_S)
-            if time.monotonic() + pause > deadline:
+            remaining = deadline - time.monotonic()
+            if retry_after is not None:
+                # The app named its time: asking sooner is pointless, and later is too late.
+                pause, give_up = retry_after, retry_after > remaining
+            else:
+                # No app yet (a host still starting): backing off, up to the last moment.
+                pause, give_up = min(wait, remaining), remaining < RETRY_INITIAL_S
+                wait = min(wait * 2, RETRY_MAX_S)
+            if give_up:
                 log.error("%d spans not exported in %.1f s: %s", n, self._timeout_s, reason)
                 self._count(failed=n)
                 return False
