@@ -24,7 +24,6 @@ anything else, and the caller takes the pydantic path for the whole batch.
 
 from __future__ import annotations
 
-import math
 from datetime import datetime, timedelta
 from typing import Any, get_args
 
@@ -39,7 +38,7 @@ __all__ = ["MAX_DEPTH", "plain_events"]
 # Free-form JSON deeper than this goes to pydantic (far under both validators' depth limits).
 MAX_DEPTH = 64
 _ZERO = timedelta(0)
-_SCALARS = (str, int, bool, type(None))
+_SCALARS = frozenset({str, int, bool, type(None)})
 _encode = msgspec.json.Encoder().encode
 
 
@@ -61,23 +60,46 @@ DATETIME_FIELDS: frozenset[str] = frozenset(
 )
 
 
-def _plain(value: Any, depth: int) -> bool:
-    """Whether `value` is plain JSON data (exact types: a subclass may encode differently)."""
-    kind = type(value)
-    if kind in _SCALARS:
-        return True
-    if kind is float:
-        return math.isfinite(value)
-    if depth >= MAX_DEPTH:
+# Exact types throughout (a subclass may encode differently), the scalars checked inline, one
+# pass over each container: this is the per-value cost of every in-process event.
+
+
+def _plain_list(value: list[Any], depth: int) -> bool:
+    if depth > MAX_DEPTH:
         return False
-    if kind is dict:
-        for key, item in value.items():
-            if type(key) is not str or not _plain(item, depth + 1):
+    for item in value:
+        kind = type(item)
+        if kind in _SCALARS:
+            continue
+        if kind is float:
+            if item - item != 0.0:  # NaN or an infinity (NaN for both), without a call
                 return False
-        return True
-    if kind is list:
-        return all(_plain(item, depth + 1) for item in value)
-    return False
+        elif kind is dict:
+            if not _plain_dict(item, depth + 1):
+                return False
+        elif kind is not list or not _plain_list(item, depth + 1):
+            return False
+    return True
+
+
+def _plain_dict(value: dict[Any, Any], depth: int) -> bool:
+    if depth > MAX_DEPTH:
+        return False
+    for key, item in value.items():
+        if type(key) is not str:
+            return False
+        kind = type(item)
+        if kind in _SCALARS:
+            continue
+        if kind is float:
+            if item - item != 0.0:
+                return False
+        elif kind is dict:
+            if not _plain_dict(item, depth + 1):
+                return False
+        elif kind is not list or not _plain_list(item, depth + 1):
+            return False
+    return True
 
 
 def _plain_event(event: Any) -> bool:
@@ -86,10 +108,24 @@ def _plain_event(event: Any) -> bool:
     for key, value in event.items():
         if type(key) is not str:
             return False
-        if type(value) is datetime and key in DATETIME_FIELDS:
-            if value.utcoffset() != _ZERO:  # naive (None) or another offset: pydantic decides
+        kind = type(value)
+        if kind in _SCALARS:
+            continue
+        if kind is float:
+            if value - value != 0.0:
                 return False
-        elif not _plain(value, 1):
+        elif kind is dict:
+            if not _plain_dict(value, 1):
+                return False
+        elif kind is list:
+            if not _plain_list(value, 1):
+                return False
+        elif kind is datetime and key in DATETIME_FIELDS:
+            # A UTC datetime in a timestamp field (the middleware's, the SDK's): msgspec
+            # writes it as RFC 3339 with Z. Naive (utcoffset None) or another offset: pydantic.
+            if value.utcoffset() != _ZERO:
+                return False
+        else:
             return False
     return True
 
