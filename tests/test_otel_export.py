@@ -67,8 +67,8 @@ class OtlpEndpoint:
                 endpoint.times.append(time.monotonic())
                 status, headers, reply = endpoint.answer(request)
                 self.send_response(status)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", str(len(reply)))
+                headers = {"Content-Type": "application/x-protobuf", **headers}
+                headers["Content-Length"] = str(len(reply))
                 for key, value in headers.items():
                     self.send_header(key, value)
                 self.end_headers()
@@ -453,13 +453,19 @@ def test_413_splits_the_request_down_to_one_span(
     assert running.wl.writer.stats()["sinks"]["otlp-export"]["dead_letter_events_total"] == 1
 
 
+@pytest.mark.parametrize("encoding", ["protobuf", "json"])
 def test_partial_success_is_counted_and_not_sent_again(
-    server_factory: Any, endpoint: OtlpEndpoint
+    server_factory: Any, endpoint: OtlpEndpoint, encoding: str
 ) -> None:
-    reply = ExportTraceServiceResponse(
-        partial_success=ExportTracePartialSuccess(rejected_spans=1, error_message="span e1: bad")
-    ).SerializeToString()
-    endpoint.answer = lambda _: (200, {}, reply)
+    if encoding == "protobuf":
+        reply = ExportTraceServiceResponse(
+            partial_success=ExportTracePartialSuccess(rejected_spans=1, error_message="e1: bad")
+        ).SerializeToString()
+        headers = {}
+    else:  # OTLP JSON: int64 as a string
+        reply = b'{"partialSuccess": {"rejectedSpans": "1", "errorMessage": "e1: bad"}}'
+        headers = {"Content-Type": "application/json"}
+    endpoint.answer = lambda _: (200, headers, reply)
     running = server_factory(otlp_export_endpoint=endpoint.url)
     running.client.post(
         "/v1/events/batch",

@@ -124,7 +124,7 @@ def event_span(event: Any) -> PbSpan:
     if parent:
         attrs["watchllm.parent_event_id"] = parent
     fields = {
-        name: value if type(value) in _SCALARS else _plain(value)
+        name: value
         for name in _FIELDS[event_type]
         if (value := getattr(event, name, None)) is not None
     }
@@ -132,7 +132,7 @@ def event_span(event: Any) -> PbSpan:
         attrs["gen_ai.operation.name"] = "chat"
         if fields.get("model"):
             attrs["gen_ai.request.model"] = fields["model"]
-        _prompt_attributes(attrs, fields.get("prompt"))
+        _prompt_attributes(attrs, _plain(fields.get("prompt")))
         if fields.get("response") is not None:
             attrs["gen_ai.output.messages"] = _json(
                 [{"role": "assistant", "parts": [{"type": "text", "content": fields["response"]}]}]
@@ -142,12 +142,13 @@ def event_span(event: Any) -> PbSpan:
     elif event_type == "agent_step":
         attrs["gen_ai.operation.name"] = "invoke_agent"
     for name, value in fields.items():
-        if name in FORWARDED_OWN_FIELDS and name != "cost_source":
-            continue
-        if value is None or (value in ({}, []) and value == _EMPTY_DEFAULTS.get(name)):
-            continue  # left out: the field's default (None, {} or []) comes back in its place
+        if name in _MESSAGES or (not value and name in _EMPTY_DEFAULTS):
+            continue  # messages above; an empty {} or [] is the field's default anyway
         key = FORWARDED_GENAI_KEYS.get(name, f"watchllm.{name}")
-        attrs[key] = _json(value) if name in FORWARDED_JSON_FIELDS else value
+        if name in FORWARDED_JSON_FIELDS:
+            attrs[key] = _json(value)
+        else:
+            attrs[key] = value if type(value) in _SCALARS else _plain(value)
     start = _unix_nano(event.timestamp)
     latency = fields.get("latency_ms")
     end = start + (round(latency * 1e6) if isinstance(latency, int | float) else 0)
@@ -199,7 +200,17 @@ def _span_name(event_type: str, fields: dict[str, Any]) -> str:
     return f"{event_type} {name}" if name else event_type
 
 
-_FIELDS = {event_type: tuple(model.model_fields) for event_type, model in MODELS_BY_TYPE.items()}
+# The fields sent from `fields` (ids, time and project have their own rules; cost_source is
+# sent for the record, never read back).
+_FIELDS = {
+    event_type: tuple(
+        name
+        for name in model.model_fields
+        if name not in FORWARDED_OWN_FIELDS or name in ("cost_source", "prompt", "response")
+    )
+    for event_type, model in MODELS_BY_TYPE.items()
+}
+_MESSAGES = frozenset({"prompt", "response"})
 _SCALARS = frozenset({str, int, float, bool})
 
 
@@ -233,10 +244,12 @@ _encode = msgspec.json.Encoder().encode
 
 
 def _json(value: Any) -> str:
+    """JSON text of a field's value; structs (None fields left out) and tuples as msgspec
+    writes them, anything else (a pydantic model) through _plain."""
     try:
         return _encode(value).decode()  # msgspec: several times json.dumps' speed
-    except (TypeError, OverflowError, ValueError):  # an integer past 64 bits, say
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    except (TypeError, OverflowError, ValueError):
+        return json.dumps(_plain(value), ensure_ascii=False, separators=(",", ":"))
 
 
 def _unix_nano(when: datetime) -> int:
@@ -296,11 +309,8 @@ def typed_value(text: str) -> Any:
     text is such JSON ("5"); it comes back as 5, stored again as the same text "5"."""
     if not text or text[0] not in "-0123456789tfIN[{":
         return text
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return text
-    if value is None or isinstance(value, str):
+    value = _loads(text)
+    if value is _NOT_JSON or value is None or isinstance(value, str):
         return text
     if attribute_text(value) != text or not _sendable(value, 0):
         return text
@@ -320,11 +330,25 @@ def _sendable(value: Any, depth: int) -> bool:
     return all(_sendable(v, depth + 1) for v in items)
 
 
-def _json_list(text: str) -> list[dict[str, Any]]:
+_NOT_JSON = object()
+_decode = msgspec.json.decode
+
+
+def _loads(text: str) -> Any:
     try:
-        items = json.loads(text)
+        return _decode(text)  # msgspec: several times json.loads' speed
+    except msgspec.DecodeError:
+        pass
+    try:
+        return json.loads(text)  # NaN and Infinity, which only json.dumps writes
     except ValueError:
+        return _NOT_JSON
+
+
+def _json_list(text: str) -> list[dict[str, Any]]:
+    if text == "[]":
         return []
+    items = _loads(text)
     return [i for i in items if isinstance(i, dict)] if isinstance(items, list) else []
 
 
