@@ -39,6 +39,7 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from stores import EVERY_STORE
 from test_examples import ROOT, App, documented, shell
 
 from watchllm_ext import create_app, hookimpl, lifespan
@@ -797,6 +798,7 @@ def test_in_process_exporter_splits_a_batch_over_the_apps_limit(server_factory: 
     assert count["n"] == 25 and all(len(stored_spans(server, t)) == 1 for t in traces)
 
 
+@EVERY_STORE
 def test_in_process_and_otlp_exporters_store_the_same(
     server: Running, memory: tuple[TracerProvider, InMemorySpanExporter]
 ) -> None:
