@@ -481,6 +481,22 @@ def test_partial_success_is_counted_and_not_sent_again(
     assert running.wl.writer.stats()["sinks"]["otlp-export"]["retries_total"] == 0
 
 
+def test_an_unreachable_endpoint_is_retried_not_dead_lettered(server_factory: Any) -> None:
+    port = free_port()  # nothing listens there
+    running = server_factory(
+        otlp_export_endpoint=f"http://127.0.0.1:{port}/v1/traces", sink_retry_initial_s=0.05
+    )
+    running.client.post(
+        "/v1/events/batch", json={"events": [prompt_call("e1")]}, headers=running.headers()
+    )
+    deadline = time.monotonic() + 30
+    while (stats := running.wl.writer.stats()["sinks"]["otlp-export"])["retries_total"] < 3:
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.05)
+    assert stats["dead_letter_events_total"] == 0 and stats["lag_events"] == 1
+    assert "ConnectError" in stats["last_error"]
+
+
 def test_off_without_an_endpoint(server: Running) -> None:
     assert "otlp-export" not in server.wl.writer.stats()["sinks"]
 
