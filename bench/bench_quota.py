@@ -52,6 +52,17 @@ def percentiles(values: list[float]) -> tuple[float, float]:
     return statistics.median(ordered), ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
 
 
+NICE = 0  # --nice: how much the benchmark's processes are favoured over the machine's others
+
+
+def favour(pid: int) -> None:
+    """Run `pid` at priority -NICE (root only). On a shared machine, other work preempts the
+    servers now and then; a stall in one request of one server moves that server's p99 by
+    milliseconds, far more than a quota check. Favoured, the three see fewer stalls."""
+    if NICE:
+        os.setpriority(os.PRIO_PROCESS, pid, -NICE)
+
+
 def start_redis(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
     program = shutil.which("redis-server")
     if program is None:
@@ -73,6 +84,7 @@ def start_redis(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
         if time.monotonic() > deadline:
             sys.exit("redis-server did not start")
         time.sleep(0.05)
+    favour(proc.pid)
     return proc, f"redis://127.0.0.1:{port}/0"
 
 
@@ -175,6 +187,7 @@ def start_server(folder: Path, name: str, env: dict[str, str]) -> tuple[Any, int
     args = ["env", *(f"{k}={v}" for k, v in settings.items())]
     args += [sys.executable, "-m", "watchllm_ext.cli", "serve", "--port", str(port)]
     proc = spawn(args, log=folder / f"{name}.log")
+    favour(proc.pid)
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -258,13 +271,26 @@ def main() -> None:
         "--requests", type=int, default=3_000, help="requests per server in each round"
     )
     parser.add_argument("--rounds", type=int, default=3, help="rounds of HTTP requests")
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="run the client, servers and Redis at this much higher priority (root only;"
+        " on a shared machine: fewer stalls from other work)",
+    )
     args = parser.parse_args()
+    global NICE
+    NICE = args.nice
+    favour(os.getpid())
     if args.quick:
         args.calls, args.requests = args.calls // 10, args.requests // 10
     atexit.register(stop_all)
     folder = Path(tempfile.mkdtemp(prefix="wl-bench-quota-"))
     redis_proc, redis_url = start_redis(folder)
-    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+        + (f", benchmark at priority -{NICE}" if NICE else "")
+    )
     hook = bench_hook(redis_url, args.calls)
     print(f"\nOne quota check on its own, {args.calls:,} calls each (ms):")
     print(f"  {'':<34} {'p50':>8} {'p99':>8}")

@@ -36,7 +36,7 @@ from watchllm_ext.hookspecs import hookimpl
 from watchllm_ext.quotas.engine import MemoryUsage, Outcome, QuotaUnavailable, decide
 from watchllm_ext.quotas.plans import Plan, periods
 from watchllm_ext.quotas.redis_backend import RedisUsage, keys
-from watchllm_ext.quotas.resp import LOST, ReplyError, parse
+from watchllm_ext.quotas.resp import LOST, ReplyError, RespClient, parse
 
 BACKENDS = ("memory", "redis")
 CLIENTS = 50
@@ -604,6 +604,9 @@ def test_resp_replies_are_read_whole_however_they_arrive() -> None:
     assert value[:3] == [1, b"ab\r\nc", None] and end == len(reply)
     assert value[3][0] == b"OK" and isinstance(value[3][1], ReplyError)
     assert str(value[3][1]) == "NOSCRIPT no script"
+    # TLS stays with redis-py (its SSL options); plain TCP and unix sockets use this client.
+    assert RespClient.supports("redis://:pw@h:6380/2") and RespClient.supports("unix:///r.sock")
+    assert not RespClient.supports("rediss://h:6380/0")
 
 
 def test_concurrent_checks_share_one_pipelined_connection(redis_server: RedisServer) -> None:
