@@ -12,7 +12,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from hashlib import blake2b
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import Running, free_port, prompt_call
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTracePartialSuccess,
@@ -38,8 +38,9 @@ from test_fast_validate import ANY_EVENT
 from watchllm_ext.fast_validate import validate_list
 from watchllm_ext.keys import KeyStore
 from watchllm_ext.otel import decode
-from watchllm_ext.otel.export import build_request, event_span, hex_id, typed_value
+from watchllm_ext.otel.export import build_request, event_span, hex_id, row_span, typed_value
 from watchllm_ext.otel.mapping import Span, attribute_text, map_span
+from watchllm_ext.otel.rows import SpanRow
 from watchllm_ext.schema import EVENT_ADAPTER
 
 Answer = tuple[int, dict[str, str], bytes]
@@ -516,6 +517,20 @@ def test_typed_value_gives_back_what_the_stored_text_was_made_of() -> None:
 
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 @given(ANY_EVENT)
+@example(  # text that reads as JSON, which the second hop sends typed
+    prompt_call(
+        "123",
+        run_id="true",
+        parent_event_id="1.5",
+        user_id="42",
+        session_id="null",
+        release="[1,2]",
+        model="false",
+        tags=["7"],
+        metadata={"k": "8"},
+        prompt=[{"role": "user", "content": [{"type": "text", "content": "x"}]}],
+    )
+)
 def test_any_event_comes_back_from_its_span(raw: dict[str, Any]) -> None:
     """Any valid event, as the server carries it (a struct, or a model when the fast path
     declines), through protobuf bytes and the receiver's decoder and mapping: the same event."""
@@ -532,6 +547,15 @@ def test_any_event_comes_back_from_its_span(raw: dict[str, Any]) -> None:
     back = EVENT_ADAPTER.validate_python({**mapped.event, "project_id": "p"})
     want = EVENT_ADAPTER.validate_python(raw)
     # Python values: timestamps compare as instants (the span's is UTC), 3 and 3.0 as equal.
+    assert back.model_dump() == want.model_dump()
+    # A second hop: the receiver's stored span (texts), forwarded again, is the same event.
+    row = SpanRow(project_id="p", ingested_at=datetime.now(UTC), **mapped.row)
+    body = build_request([(tuple(row.resource_attributes.items()), False, row_span(row))])
+    again = decode.spans_of(decode.parse_protobuf(body.SerializeToString())).spans[0]
+    remapped = map_span(again)
+    assert remapped.row == mapped.row
+    assert remapped.event is not None
+    back = EVENT_ADAPTER.validate_python({**remapped.event, "project_id": "p"})
     assert back.model_dump() == want.model_dump()
 
 

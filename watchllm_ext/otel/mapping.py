@@ -23,6 +23,7 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import cache
 from typing import Any
 
 import msgspec
@@ -432,13 +433,14 @@ def forwarded_event(span: Span) -> dict[str, Any] | None:
         return None
     event: dict[str, Any] = {
         "event_type": event_type,
-        "event_id": _text(attrs.get("watchllm.event_id")) or span.span_id,
-        "run_id": _text(attrs.get("watchllm.run_id")) or span.trace_id,
+        "event_id": _forwarded_text(attrs.get("watchllm.event_id")) or span.span_id,
+        "run_id": _forwarded_text(attrs.get("watchllm.run_id")) or span.trace_id,
         "timestamp": _datetime(span.start_unix_nano).isoformat(),
     }
-    parent = _text(attrs.get("watchllm.parent_event_id")) or span.parent_span_id
+    parent = _forwarded_text(attrs.get("watchllm.parent_event_id")) or span.parent_span_id
     if parent:
         event["parent_event_id"] = parent
+    text_fields = _text_fields(event_type)
     for name in MODELS_BY_TYPE[event_type].model_fields:
         if name in FORWARDED_OWN_FIELDS:
             continue
@@ -448,6 +450,10 @@ def forwarded_event(span: Span) -> dict[str, Any] | None:
             continue
         if name in FORWARDED_JSON_FIELDS and isinstance(value, str):
             value = _json_or_text(value)
+        elif name in text_fields and not isinstance(value, str):
+            # Text that reads as JSON ("42", "true"), which a WatchLLM forwarding its stored
+            # span sends typed (export.typed_value): its text again.
+            value = _attr_text(value)
         event[name] = value
     if event_type == "prompt_call":
         prompt = _forwarded_prompt(attrs)
@@ -527,10 +533,27 @@ def prompt_from_genai(messages: Any, form: Any) -> str | list[dict[str, Any]] | 
     return out
 
 
+@cache
+def _text_fields(event_type: str) -> frozenset[str]:
+    """The event type's fields that hold text only (their JSON schema's type is string)."""
+    out = set()
+    for name, prop in MODELS_BY_TYPE[event_type].model_json_schema()["properties"].items():
+        alternatives = [a for a in prop.get("anyOf", [prop]) if a.get("type") != "null"]
+        if all(a.get("type") == "string" or "enum" in a or "const" in a for a in alternatives):
+            out.add(name)
+    return frozenset(out)
+
+
+def _forwarded_text(value: Any) -> str | None:
+    return None if value is None else _attr_text(value)
+
+
 def _forwarded_prompt(attrs: Mapping[str, Any]) -> Any:
     exact = attrs.get("watchllm.prompt")
     if isinstance(exact, str):
         return _json_or_text(exact)
+    if isinstance(exact, list):  # the JSON text, sent typed by a WatchLLM forwarding it again
+        return exact
     messages = attrs.get("gen_ai.input.messages")
     if isinstance(messages, str):
         messages = _json_or_text(messages)
