@@ -36,7 +36,7 @@ from watchllm_ext.hookspecs import hookimpl
 from watchllm_ext.quotas.engine import MemoryUsage, Outcome, QuotaUnavailable, decide
 from watchllm_ext.quotas.plans import Plan, periods
 from watchllm_ext.quotas.redis_backend import RedisUsage, keys
-from watchllm_ext.quotas.resp import LOST, ReplyError, RespClient, parse
+from watchllm_ext.quotas.resp import LOST, ConnectionLost, ReplyError, RespClient, parse
 
 BACKENDS = ("memory", "redis")
 CLIENTS = 50
@@ -645,6 +645,14 @@ def test_a_flushed_script_is_sent_whole_and_a_restarted_redis_reconnected(
         with redis.Redis.from_url(redis_server.url) as client:
             client.script_flush()
         assert (await backend.check("p4", 1, "x", plan, p))[0].remaining[1] == 98
+        # A connection closing (its connection_lost not delivered yet) takes no command; the
+        # next check opens another.
+        closing = backend._fast.ready()  # type: ignore[union-attr]
+        assert closing is not None
+        closing.close()
+        with pytest.raises(ConnectionLost):
+            closing.send(b"*1\r\n$4\r\nPING\r\n")
+        assert (await backend.check("p4", 1, "x", plan, p))[0].remaining[1] == 97
         redis_server.kill()
         with pytest.raises(QuotaUnavailable) as down:
             await backend.check("p4", 1, "x", plan, p)

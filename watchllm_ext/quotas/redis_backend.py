@@ -284,10 +284,13 @@ class RedisUsage:
         conn = fast.ready()
         if conn is None:
             conn = await self._call(fast.connect)
-        reply = await self._wait(fast.evalsha(conn, "check", names, args))
-        if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
-            # The scripts are loaded at connect; a SCRIPT FLUSH since then: send it whole.
-            reply = await self._wait(fast.eval(conn, "check", names, args))
+        try:
+            reply = await self._wait(fast.evalsha(conn, "check", names, args))
+            if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
+                # The scripts are loaded at connect; a SCRIPT FLUSH since then: send it whole.
+                reply = await self._wait(fast.eval(conn, "check", names, args))
+        except ConnectionLost as exc:  # closed before the command could be sent
+            raise QuotaUnavailable(f"Redis at {self._where()}: {exc}") from exc
         if isinstance(reply, ReplyError):
             raise QuotaUnavailable(f"Redis at {self._where()}: {reply}")
         return reply

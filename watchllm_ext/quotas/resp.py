@@ -178,10 +178,16 @@ class RespProtocol(asyncio.Protocol):
             self.transport.abort()
 
     def send(self, payload: bytes) -> Request:
-        """Write one command; its reply resolves the request's future."""
+        """Write one command; its reply resolves the request's future. ConnectionLost when the
+        connection is closing (uvloop raises RuntimeError on a closed transport's write)."""
+        transport = self.transport
+        if self.lost is not None or transport is None or transport.is_closing():
+            raise ConnectionLost(f"the connection to Redis is closed: {self.lost}")
         request = Request(self.loop.create_future(), self.loop.time())
-        assert self.transport is not None
-        self.transport.write(payload)
+        try:
+            transport.write(payload)
+        except RuntimeError as exc:
+            raise ConnectionLost(f"the connection to Redis is closed: {exc}") from exc
         self.queue.append(request)
         return request
 
@@ -223,7 +229,13 @@ class RespClient:
     def ready(self) -> RespProtocol | None:
         """The open connection of this event loop, or None (connect first)."""
         conn = self._conn
-        if conn is None or conn.lost is not None or self._loop is not asyncio.get_running_loop():
+        if (
+            conn is None
+            or conn.lost is not None
+            or conn.transport is None
+            or conn.transport.is_closing()
+            or self._loop is not asyncio.get_running_loop()
+        ):
             return None
         queue = conn.queue
         if queue and conn.loop.time() - queue[0].sent_at > self.stale_s:
