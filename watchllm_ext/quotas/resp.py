@@ -274,9 +274,9 @@ class RespClient:
                 )
             # uvloop may call connection_made only after create_connection has returned.
             conn.transport = transport  # type: ignore[assignment]
+            sent: list[Request] = []
             try:
                 # Pipelined: one round trip for the handshake and the scripts.
-                sent = []
                 if self.password is not None:
                     who = [self.username] if self.username else []
                     sent.append(conn.send(encode(["AUTH", *who, self.password])))
@@ -289,6 +289,8 @@ class RespClient:
                     if isinstance(reply, ReplyError):
                         raise reply
             except BaseException:
+                for request in sent:  # nobody will read what they would fail with
+                    request.future.cancel()
                 conn.close()
                 raise
         return conn
