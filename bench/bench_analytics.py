@@ -684,8 +684,9 @@ def route_queries(store: Any, spec: dict[str, Any], timed: Any) -> Any:
     if kind == "run":
         args = {"project": project, "run_id": spec["path"].rsplit("/", 1)[1]}
         run = timed("RUN", Q.RUN, args)
-        timed("RUN_EVENTS", Q.RUN_EVENTS, args)
-        timed("RUN_SPANS", Q.RUN_SPANS, args)
+        tree = {**args, "max_bytes": 8_000_000, "limit": 10_000}  # the route's bounds
+        timed("RUN_EVENTS", Q.RUN_EVENTS, tree)
+        timed("RUN_SPANS", Q.RUN_SPANS, tree)
         return {"events": int(run[0]["event_count"])}
     raise ValueError(kind)
 
@@ -780,7 +781,7 @@ def profile_queries(store: Any, plan: dict[str, Any]) -> dict[str, Any]:
                 "end_hour": last}
     picks = plan["picks"]
     ev = {"project": PROJECT, "event_id": picks["events"][0]}
-    run = {"project": PROJECT, "run_id": picks["runs"][0]}
+    run = {"project": PROJECT, "run_id": picks["runs"][0], "max_bytes": 8_000_000, "limit": 10_000}
     day_start = end - timedelta(hours=24)
     p = "project_id = {project:String}"
     rollup_rows = ("FROM hourly_usage_by_project FINAL WHERE " + p + " AND hour >= "

@@ -311,7 +311,7 @@ def named_queries(rolled: bool) -> dict[str, tuple[str, dict[str, Any]]]:
     )
     for run_id in ("run-7-0", "run-7-13", "run-1", "run-tricky", "no-such-run"):
         # Run trees are bounded in bytes (the API's budget): one far above these runs.
-        args = {"project": PROJECT, "run_id": run_id, "max_bytes": 1 << 40}
+        args = {"project": PROJECT, "run_id": run_id, "max_bytes": 1 << 40, "limit": 10_000}
         out[f"run[{run_id}]"] = (Q.RUN, args)
         out[f"run_events[{run_id}]"] = (Q.RUN_EVENTS, args)
         out[f"run_spans[{run_id}]"] = (Q.RUN_SPANS, args)

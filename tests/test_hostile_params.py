@@ -43,7 +43,7 @@ ROUTES: dict[str, tuple[tuple[str, ...], str | None]] = {
     ),
     "/v1/analytics/event/{event_id}": (COMMON, "event_id"),
     "/v1/analytics/runs": ((*COMMON, *RANGE, "limit", "cursor"), None),
-    "/v1/analytics/runs/{run_id}": (COMMON, "run_id"),
+    "/v1/analytics/runs/{run_id}": ((*COMMON, "limit"), "run_id"),
 }
 
 # Values that broke parsers before, or that a parser could plausibly trip on.

@@ -185,7 +185,7 @@ def named_queries() -> dict[str, tuple[str, dict[str, Any]]]:
             for name in ("RUN", "RUN_EVENTS", "RUN_SPANS"):
                 sql = getattr(Q, name)
                 # A query bounded in bytes (the API's bound): one far above these runs.
-                bound = {"max_bytes": 1 << 40} if "{max_bytes:" in sql else {}
+                bound = {"max_bytes": 1 << 40, "limit": 10_000} if "{max_bytes:" in sql else {}
                 out[f"{name} {run_id} {project}"] = (sql, {**args, **bound})
     out["traces"] = ("SELECT * FROM traces ORDER BY project_id, run_id", {})
     return out

@@ -437,7 +437,15 @@ def build_document(routes: Iterable[Any] = ()) -> dict[str, Any]:
         "/v1/analytics/runs/{run_id}": _get(
             "One run as a tree of its events and spans",
             answers.RunDetail,
-            [_PROJECT, _path("run_id", _ID_SCHEMA)],
+            [
+                _PROJECT,
+                _path("run_id", _ID_SCHEMA),
+                _query(
+                    "limit",
+                    "nodes of the tree at most (events and spans)",
+                    {"type": "integer", "minimum": 1, "maximum": 10_000, "default": 10_000},
+                ),
+            ],
             (404,),
         ),
         **_admin_paths(),

@@ -500,7 +500,7 @@ ORDER BY sort_ts, event_id
 """
 
 
-RUN_EVENTS = _run_events(str(MAX_TREE_NODES))
+RUN_EVENTS = _run_events("{limit:UInt32}")
 
 # --- the spans of a run (an OpenTelemetry trace: run_id = trace id) ---------------------------
 # `spans` is a ReplacingMergeTree keyed on (project, start time, trace, span): FINAL keeps one
@@ -579,10 +579,4 @@ ORDER BY sort_ts, span_id
 """
 
 
-RUN_SPANS = _run_spans(str(MAX_TREE_NODES))
-
-# What the route runs: the first {limit} rows of each (its `limit` parameter), the limit
-# inside, before the byte sums; RUN_EVENTS and RUN_SPANS keep their parameters for the tests
-# and benches that run them as they are.
-RUN_EVENTS_UP_TO = _run_events("{limit:UInt32}")
-RUN_SPANS_UP_TO = _run_spans("{limit:UInt32}")
+RUN_SPANS = _run_spans("{limit:UInt32}")

@@ -671,8 +671,8 @@ async def run(request: Request) -> Response:
     # exactly. The first `limit` of each hold the first `limit` nodes: a span that is also an
     # event is one node, so the nodes before any node are at least as many events or spans.
     bounds = {**args, "max_bytes": TREE_MAX_BYTES, "limit": limit}
-    events = await _run(store, Q.RUN_EVENTS_UP_TO, bounds) if rows else []
-    spans = await _run(store, Q.RUN_SPANS_UP_TO, bounds) if span_count else []
+    events = await _run(store, Q.RUN_EVENTS, bounds) if rows else []
+    spans = await _run(store, Q.RUN_SPANS, bounds) if span_count else []
 
     def build() -> RunDetail:
         span_of = {s["span_id"]: _span_row(s) for s in spans}
