@@ -29,6 +29,7 @@ is measured before and after in one run, under the same load.
     python bench/bench_middleware.py --rounds 1 --seconds 3 --rate 500   # quicker
     python bench/bench_middleware.py --before HEAD~3      # and the middleware of HEAD~3
     python bench/bench_middleware.py --flush-interval-s 5 # the store's inserts 5x bigger
+    python bench/bench_middleware.py --in-process --rounds 3 --before HEAD~3  # no HTTP
 """
 
 from __future__ import annotations
@@ -205,6 +206,69 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+# --- in process: the event loop's CPU per request, without HTTP --------------------------
+
+
+def in_process(kind: str, requests: int, rounds: int) -> None:
+    """Call the host app as uvicorn would (ASGI, in this process) `requests` times per round,
+    flushing the middleware's outbox into WatchLLM every 1/10 of them (as its 0.1 s flusher
+    does at 1,000 req/s), and print this thread's CPU per request: the host's, the
+    middleware's and WatchLLM's validation and spooling of the summaries. Thread CPU, so the
+    figure holds on a busy machine; the store's inserts run on other threads (not counted)."""
+    from watchllm_ext.middleware.asgi import find_owner
+
+    async def run() -> list[float]:
+        app = host_app(kind.split("@")[0], Path(tempfile.mkdtemp(prefix="bench-mw-")))
+        wl = next(
+            r.app.state.watchllm  # type: ignore[attr-defined]
+            for r in app.routes
+            if hasattr(getattr(getattr(r, "app", None), "state", None), "watchllm")
+        )
+        inbox: asyncio.Queue[Any] = asyncio.Queue()
+        outbox: asyncio.Queue[Any] = asyncio.Queue()
+        await inbox.put({"type": "lifespan.startup"})
+        lifespan_scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+        life = asyncio.create_task(app(lifespan_scope, inbox.get, outbox.put))
+        assert (await outbox.get())["type"] == "lifespan.startup.complete"
+        owner = find_owner(wl)
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            pass
+
+        def scope(i: int) -> dict[str, Any]:
+            return {
+                "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+                "method": "GET", "scheme": "http", "path": f"/hello/w{i % 1000}",
+                "raw_path": f"/hello/w{i % 1000}".encode(), "query_string": b"",
+                "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2),
+                "headers": [(b"host", b"bench"), (b"x-user-id", f"user-{i % USERS}".encode())],
+            }  # fmt: skip
+
+        for i in range(1000):  # warm up: the route cache, the budget's first read
+            await app(scope(i), receive, send)
+        await asyncio.sleep(0.5)
+        per_request = []
+        for _ in range(rounds):
+            started = time.thread_time()
+            for part in range(10):
+                for i in range(requests // 10):
+                    await app(scope(part * requests + i), receive, send)
+                if owner is not None:
+                    await owner.outbox.flush(wl, owner.principal)
+            per_request.append((time.thread_time() - started) / requests * 1e6)
+            await asyncio.sleep(0.2)
+        await inbox.put({"type": "lifespan.shutdown"})
+        await outbox.get()
+        await life
+        return per_request
+
+    figures = asyncio.run(run())
+    print(f"{statistics.median(figures):.1f} {min(figures):.1f}", flush=True)
+
+
 def wait_ready(port: int) -> None:
     import httpx
 
@@ -232,7 +296,13 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         help="WatchLLM's flush_interval_s in every server (how often the store gets an insert)",
     )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="measure the event loop's CPU per request with no HTTP (ASGI calls in a process)",
+    )
     parser.add_argument("--serve", help=argparse.SUPPRESS)
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--code", type=Path, help=argparse.SUPPRESS)
@@ -242,6 +312,11 @@ def main(argv: list[str] | None = None) -> int:
             sys.path.insert(0, str(args.code))  # that commit's packages, not the working tree
         serve(args.serve, args.port, args.data_dir, args.flush_interval_s)
         return 0
+    if args.measure:
+        if args.code is not None:
+            sys.path.insert(0, str(args.code))
+        in_process(args.measure, 2000, args.rounds)
+        return 0
 
     atexit.register(stop_all)
     work = Path(tempfile.mkdtemp(prefix="bench-middleware-"))
@@ -250,6 +325,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.before:
         kinds.insert(2, f"middleware@{args.before}")
         code[kinds[2]] = export(args.before, work)
+    if args.in_process:
+        # One process per kind and round, the kinds alternated: each on a fresh interpreter.
+        found: dict[str, list[float]] = {kind: [] for kind in kinds}
+        for r in range(max(1, args.rounds)):
+            for kind in kinds if r % 2 == 0 else kinds[::-1]:
+                extra = ["--code", str(code[kind])] if kind in code else []
+                out = subprocess.run(
+                    [sys.executable, __file__, "--measure", kind, "--rounds", "5", *extra],
+                    capture_output=True, text=True, check=True,
+                ).stdout.split()  # fmt: skip
+                found[kind].append(float(out[-2]))
+                print(f"round {r + 1} {kind:{max(map(len, kinds))}} event-loop CPU"
+                      f" {out[-2]} us/request (best {out[-1]})", flush=True)  # fmt: skip
+        base = statistics.median(found["plain"])
+        print("\nin process, 2,000 requests x 5 per run, medians:")
+        for kind in kinds:
+            value = statistics.median(found[kind])
+            added = f"  added {value - base:+.1f} us" if kind != "plain" else ""
+            print(f"{kind:{max(map(len, kinds))}} {value:.1f} us/request{added}")
+        shutil.rmtree(work, ignore_errors=True)
+        return 0
     ports = {}
     procs = {}
     for kind in kinds:
