@@ -28,7 +28,9 @@ Systems (each its own process on 127.0.0.1, its store in a temp folder):
 
 Spans/s to queryable = spans queryable / (time from the first request to the moment the last
 of them was queryable). Dropped = spans sent but not queryable at the end (answered 200 and
-lost, or refused after the exporter's retries, or rejected in a partial success).
+lost, or refused after the exporter's retries, or rejected in a partial success); spans
+answered 200 that are still becoming queryable when --max-wait-s runs out are counted apart
+as late. Every system gets a fresh server (empty store) for each phase.
 
 --profile samples the WatchLLM server with py-spy during its flat-out phase and prints where
 a span's CPU goes (decode / mapping / validation / spool / store / HTTP), with the process's
@@ -536,10 +538,29 @@ def run_phase(
         n = system.count()
         if n != seen:
             seen, t_seen = n, time.monotonic()
+    # WatchLLM's events of the LLM spans (another table) are waited for too, so that the next
+    # phase starts on a quiet server and counts only its own.
+    targets = {k: extra_before.get(k, 0) + v for k, v in expected_extra.items()}
+    counts = system.extra_counts()
+    t_extra = t_moved = time.monotonic()
+    while (
+        any(counts.get(k, 0) < v for k, v in targets.items())
+        and time.monotonic() < end_by
+        and time.monotonic() - t_moved < stall_s
+    ):
+        time.sleep(0.2)
+        now_counts = system.extra_counts()
+        if now_counts != counts:
+            counts, t_moved = now_counts, time.monotonic()
+            t_extra = t_moved
     cpu = cpu_seconds(system.pid) - cpu0
     queryable = seen - before
+    # The wait ended at --max-wait-s while spans were still becoming queryable: those answered
+    # 200 and not queryable yet are late, not lost (Phoenix drains its queue for minutes).
+    unseen = res["ok_spans"] - queryable
+    late = unseen if unseen > 0 and time.monotonic() - t_seen < stall_s else 0
     elapsed = max(t_seen - res["t_first"], 1e-9) if res["t_first"] else float("nan")
-    extra = {k: v - extra_before.get(k, 0) for k, v in system.extra_counts().items()}
+    extra = {k: v - extra_before.get(k, 0) for k, v in counts.items()}
     return {
         "system": system.name,
         "rate": rate,
@@ -548,8 +569,10 @@ def run_phase(
         "rejected": res["rejected_spans"],
         "refused": res["refused_spans"],
         "queryable": queryable,
-        "dropped": sent - queryable,
-        "lost_after_200": res["ok_spans"] - queryable,
+        "dropped": sent - queryable - late,
+        "lost_after_200": unseen - late,
+        "late": late,
+        "max_wait_s": max_wait_s,
         "spans_s": queryable / elapsed,
         "send_s": res["t_last"] - res["t_first"] if res["t_first"] else float("nan"),
         "lag_s": t_seen - res["t_last"],  # from the last answer to the last span queryable
@@ -560,13 +583,17 @@ def run_phase(
         "cpu_us_per_span": cpu / max(queryable, 1) * 1e6,
         "errors": res["errors"],
         "extra": extra,
+        "extra_lag_s": max(0.0, t_extra - t_seen),  # the events after the last span
         "expected_extra": expected_extra,
     }
 
 
 # --- where a span's CPU goes (py-spy) ------------------------------------------------------------
 
-# A sample belongs to the first category whose pattern matches a frame, innermost frame first.
+# A sample belongs to the innermost frame's stage among these (so spool work called from the
+# receiver is spool, not receiver); a sample in none of them is HTTP if it is in uvicorn or
+# starlette, the event loop's own native work if its innermost Python frame is the runner
+# (uvloop runs the loop in C: socket reads and writes, callback dispatch), else "other".
 CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     (
         "decode (protobuf, OTLP -> Span)",
@@ -577,12 +604,11 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("cost", ("cost", "genai_prices")),
     ("spool (append, fsync)", ("spool.py", "fsync")),
     ("store (writer, sink, chDB)", ("writer.py", "store_sink", "watchllm_ext/store", "chdb")),
+    ("metrics (prometheus_client)", ("prometheus_client", "metrics.py")),
     ("ingest / receiver", ("otel/ingest", "otel/receiver", "ingest.py", "auth.py", "quota")),
-    (
-        "HTTP (uvicorn, starlette, asyncio)",
-        ("uvicorn", "starlette", "h11", "httptools", "anyio", "asyncio"),
-    ),
 ]
+HTTP = ("uvicorn", "starlette", "h11", "httptools", "anyio")
+LOOP = "Runner.run (asyncio/runners.py)"
 IDLE = (
     "Condition.wait",
     "Event.wait",
@@ -593,11 +619,12 @@ IDLE = (
 )
 
 
-def pyspy_attach(pid: int, out: Path, log: Path) -> subprocess.Popen[Any]:
+def pyspy_attach(pid: int, out: Path, log: Path, native: bool) -> subprocess.Popen[Any]:
     spy = spawn(
         [
             "py-spy",
             "record",
+            *(["--native"] if native else []),
             "--pid",
             str(pid),
             "--rate",
@@ -615,6 +642,18 @@ def pyspy_attach(pid: int, out: Path, log: Path) -> subprocess.Popen[Any]:
     return spy
 
 
+def _category(frames: list[str]) -> str:
+    for frame in reversed(frames):
+        for name, patterns in CATEGORIES:
+            if any(p in frame for p in patterns):
+                return name
+    if frames[-1] == LOOP:
+        return "event loop, native (uvloop)"
+    if any(h in frame for frame in frames for h in HTTP):
+        return "HTTP (uvicorn, starlette)"
+    return "other"
+
+
 def pyspy_breakdown(raw: Path) -> tuple[dict[str, float], list[tuple[str, float]], int]:
     """(share of busy samples per category, top innermost frames, busy samples)."""
     cats: Counter[str] = Counter()
@@ -630,13 +669,7 @@ def pyspy_breakdown(raw: Path) -> tuple[dict[str, float], list[tuple[str, float]
         c = int(count)
         total += c
         own[frames[-1]] += c
-        for frame in reversed(frames):
-            cat = next((name for name, pats in CATEGORIES if any(p in frame for p in pats)), None)
-            if cat:
-                cats[cat] += c
-                break
-        else:
-            cats["other"] += c
+        cats[_category(frames)] += c
     if not total:
         return {}, [], 0
     return (
@@ -694,6 +727,9 @@ def main() -> None:
         action="store_true",
         help="py-spy on the WatchLLM server in its flat-out phase (pip install py-spy)",
     )
+    p.add_argument(
+        "--native", action="store_true", help="with --profile: native frames too (py-spy --native)"
+    )
     p.add_argument("--phoenix-python", help="a Python where arize-phoenix is installed")
     p.add_argument("--seed", type=int, default=11)
     p.add_argument("--json", help="also write the results to this file")
@@ -737,6 +773,8 @@ def main() -> None:
         flush=True,
     )
     print(f"load average at start: {os.getloadavg()[0]:.1f}; cores: {os.cpu_count()}", flush=True)
+    if "watchllm" in systems:
+        print(f"WatchLLM: {code_identity()}", flush=True)
 
     # The streams, made before any server starts: one per phase, the same for every system.
     phases = []
@@ -758,25 +796,29 @@ def main() -> None:
 
     results: list[dict[str, Any]] = []
     profile: dict[str, Any] | None = None
-    for name in systems:
-        system: System
-        if name == "bare":
-            system = Bare(work / "bare")
-        elif name == "watchllm":
-            system = WatchLLMServer(work / "watchllm")
-        else:
-            assert phoenix_py is not None
-            system = Phoenix(work / "phoenix", phoenix_py)
-        t = time.monotonic()
-        system.start()
-        print(f"{name}: ready in {time.monotonic() - t:.1f} s (port {system.port})", flush=True)
-        try:
-            for rate, path, per_body, made in phases:
+    # A fresh server per phase: a system still working off one phase's backlog (Phoenix's
+    # queue drains for minutes) would otherwise start the next phase full, and count the
+    # previous phase's spans as this one's. The order rotates, so no system always goes first.
+    for i, (rate, path, per_body, made) in enumerate(phases):
+        for name in systems[i % len(systems) :] + systems[: i % len(systems)]:
+            system: System
+            folder = work / f"{name}-{i}"
+            if name == "bare":
+                system = Bare(folder)
+            elif name == "watchllm":
+                system = WatchLLMServer(folder)
+            else:
+                assert phoenix_py is not None
+                system = Phoenix(folder, phoenix_py)
+            t = time.monotonic()
+            system.start()
+            print(f"{name}: ready in {time.monotonic() - t:.1f} s (port {system.port})", flush=True)
+            try:
                 spy = None
                 raw = work / f"py-spy-{name}.txt"
                 threads0: Counter[str] = Counter()
                 if args.profile and name == "watchllm" and rate == 0:
-                    spy = pyspy_attach(system.pid, raw, work / "py-spy.log")
+                    spy = pyspy_attach(system.pid, raw, work / "py-spy.log", args.native)
                     threads0 = thread_cpu(system.pid)
                 expected = {"events": made.llm_spans} if name == "watchllm" else {}
                 res = run_phase(
@@ -804,11 +846,34 @@ def main() -> None:
                     }
                 results.append(res)
                 print_phase(res)
-        finally:
-            system.stop()
+            finally:
+                system.stop()
     print_report(results, profile, systems)
     if args.json:
         Path(args.json).write_text(json.dumps({"results": results, "profile": profile}, indent=2))
+
+
+def code_identity() -> str:
+    """The commit of the WatchLLM under test, and whether its core has uncommitted changes."""
+    import watchllm_ext
+
+    repo = Path(watchllm_ext.__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--", "watchllm_ext", "plugins"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return f"{repo} (not a git checkout)"
+    return f"commit {sha}" + (" + uncommitted changes to the core" if dirty else "")
 
 
 def _check_receiver() -> None:
@@ -825,15 +890,26 @@ def _rate_name(rate: float) -> str:
     return f"{rate:,.0f}/s" if rate else "flat out"
 
 
+def _late(r: dict[str, Any]) -> str:
+    if not r.get("late"):
+        return ""
+    return (
+        f", and {r['late']:,} answered 200 still not queryable after "
+        f"{r['max_wait_s']:.0f} s, count still rising"
+    )
+
+
 def print_phase(r: dict[str, Any]) -> None:
     extra = "".join(
-        f"; {k} {v:,} (expected {r['expected_extra'].get(k, '?'):,})" for k, v in r["extra"].items()
+        f"; {k} {v:,} (expected {r['expected_extra'].get(k, '?'):,}, queryable "
+        f"{r['extra_lag_s']:.1f} s after the last span)"
+        for k, v in r["extra"].items()
     )
     print(
         f"  {r['system']:8s} {_rate_name(r['rate']):>10s}: {r['spans_s']:9,.0f} spans/s to "
         f"queryable; {r['queryable']:,}/{r['sent']:,} queryable, dropped {r['dropped']:,} "
         f"(refused {r['refused']:,}, rejected {r['rejected']:,}, lost after 200 "
-        f"{r['lost_after_200']:,}); lag {r['lag_s']:.1f} s; answers {r['statuses']}, "
+        f"{r['lost_after_200']:,}){_late(r)}; lag {r['lag_s']:.1f} s; answers {r['statuses']}, "
         f"retries {r['retries']}; p50 {r['p50_ms'] or 0:.0f} ms p99 {r['p99_ms'] or 0:.0f} ms; "
         f"server CPU {r['cpu_us_per_span']:.0f} µs/span{extra}",
         flush=True,
@@ -845,7 +921,10 @@ def print_phase(r: dict[str, Any]) -> None:
 def print_report(
     results: list[dict[str, Any]], profile: dict[str, Any] | None, systems: list[str]
 ) -> None:
-    print("\n## bench_otlp results (spans/s to queryable; dropped = sent - queryable)\n")
+    print(
+        "\n## bench_otlp results (spans/s to queryable; dropped = sent - queryable; late = "
+        "answered 200, not queryable when --max-wait-s ran out, count still rising)\n"
+    )
     print(
         "| offered | system | spans/s to queryable | x bare | dropped / sent | "
         "answers | lag s | p99 ms | server CPU µs/span |"
@@ -861,9 +940,10 @@ def print_report(
                 continue
             ratio = f"{r['spans_s'] / bare['spans_s']:.2f}" if bare else "-"
             answers = ", ".join(f"{k}: {v}" for k, v in r["statuses"].items())
+            late = f" (+{r['late']:,} late)" if r.get("late") else ""
             print(
                 f"| {_rate_name(rate)} | {name} | {r['spans_s']:,.0f} | {ratio} | "
-                f"{r['dropped']:,} / {r['sent']:,} | {answers} | {r['lag_s']:.1f} | "
+                f"{r['dropped']:,} / {r['sent']:,}{late} | {answers} | {r['lag_s']:.1f} | "
                 f"{r['p99_ms'] or 0:.0f} | {r['cpu_us_per_span']:.0f} |"
             )
     wl = [r for r in results if r["system"] == "watchllm"]
@@ -885,9 +965,15 @@ def print_report(
         print("  threads (CPU µs per span, from /proc):")
         for name, sec in profile["threads"].items():
             print(f"    {name:24s} {sec / max(n, 1) * 1e6:7.1f}")
-        print(f"  Python, by stage (py-spy, {profile['samples']:,} busy samples):")
+        # Python 3.11 leaves its threads' OS name "python": that row is all the Python
+        # threads; the other names are chDB's (ClickHouse's) own threads.
+        py_us = profile["threads"].get("python", 0.0) / max(n, 1) * 1e6
+        print(
+            f"  Python threads, by stage (py-spy, {profile['samples']:,} busy samples; µs = "
+            f"share x the Python threads' {py_us:.0f} µs/span):"
+        )
         for cat, share in profile["categories"].items():
-            print(f"    {cat:40s} {share:6.1%}")
+            print(f"    {cat:40s} {share:6.1%}  ~{share * py_us:5.1f} µs")
         print("  top innermost frames:")
         for frame, share in profile["top"]:
             print(f"    {share:6.1%}  {frame}")
