@@ -130,12 +130,15 @@ CREATE TABLE IF NOT EXISTS spans (
     status_code LowCardinality(String),
     status_message String,
     service_name LowCardinality(String),
+    scope_name LowCardinality(String) DEFAULT '',
+    scope_version String DEFAULT '',
     event_type LowCardinality(Nullable(String)),
     attributes Map(String, String),
     resource_attributes Map(String, String),
     span_events String CODEC(ZSTD(3)),
     links String,
-    ingested_at DateTime64(3, 'UTC')
+    ingested_at DateTime64(3, 'UTC'),
+    INDEX spans_trace_id trace_id TYPE bloom_filter(0.01) GRANULARITY 4
 ) ENGINE = ReplacingMergeTree(ingested_at)
 PARTITION BY toYYYYMM(start_time)
 ORDER BY (project_id, start_time, trace_id, span_id);

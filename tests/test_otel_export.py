@@ -539,7 +539,7 @@ def test_any_event_comes_back_from_its_span(raw: dict[str, Any]) -> None:
     raw["timestamp"] = raw.get("timestamp") or "2026-01-01T00:00:00.123456Z"
     structs = validate_list(json.dumps([raw]).encode())
     event = structs[0] if structs else EVENT_ADAPTER.validate_python(raw)
-    body = build_request([((("watchllm.project_id", "p"),), True, event_span(event))])
+    body = build_request([((("watchllm.project_id", "p"),), ("watchllm", ""), event_span(event))])
     spans = decode.spans_of(decode.parse_protobuf(body.SerializeToString())).spans
     mapped = map_span(spans[0])
     assert mapped.unmapped == []
@@ -550,7 +550,8 @@ def test_any_event_comes_back_from_its_span(raw: dict[str, Any]) -> None:
     assert back.model_dump() == want.model_dump()
     # A second hop: the receiver's stored span (texts), forwarded again, is the same event.
     row = SpanRow(project_id="p", ingested_at=datetime.now(UTC), **mapped.row)
-    body = build_request([(tuple(row.resource_attributes.items()), False, row_span(row))])
+    scope = (row.scope_name, row.scope_version)
+    body = build_request([(tuple(row.resource_attributes.items()), scope, row_span(row))])
     again = decode.spans_of(decode.parse_protobuf(body.SerializeToString())).spans[0]
     remapped = map_span(again)
     assert remapped.row == mapped.row
@@ -733,12 +734,7 @@ def test_round_trip_into_a_second_watchllm(server_factory: Any, tmp_path: Path) 
             for name in ("ingested_at", "cost_source"):
                 a.pop(name, None)
                 b.pop(name, None)
-            if "otel.scope" in a["metadata"]:
-                # The `spans` table keeps no instrumentation scope, so a stored span goes out
-                # without one and its event on the second server has none.
-                assert a["metadata"].pop("otel.scope") == "test.app"
-                assert "otel.scope" not in b["metadata"]
-            assert b == a, event_id
+            assert b == a, event_id  # the instrumentation scope too (spans.scope_name)
             assert two == one, event_id
 
         # Spans: the OTel trace's tree the same on both (events and spans, field by field).

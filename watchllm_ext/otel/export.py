@@ -46,7 +46,6 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.common.v1.common_pb2 import (
     AnyValue,
-    InstrumentationScope,
 )
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
@@ -89,7 +88,7 @@ _INT64 = (-(2**63), 2**63 - 1)
 KINDS = {"unspecified": 0, "internal": 1, "server": 2, "client": 3, "producer": 4, "consumer": 5}
 STATUSES = {"unset": 0, "ok": 1, "error": 2}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_SCOPE = InstrumentationScope(name="watchllm", version=__version__)
+_OUR_SCOPE = ("watchllm", __version__)
 
 
 class RetryLater(Exception):
@@ -402,34 +401,35 @@ def set_value(target: AnyValue, value: Any) -> None:
 # --- requests -----------------------------------------------------------------------------------
 
 Resource_ = tuple[tuple[str, str], ...]  # attributes: (key, stored text) pairs
-# (resource, made by WatchLLM (an event) or not (a stored span), span)
-Resourced = tuple[Resource_, bool, PbSpan]
+Scope = tuple[str, str]  # instrumentation scope: (name, version); ("", "") for none
+# (resource, scope, span)
+Resourced = tuple[Resource_, Scope, PbSpan]
 
 
 def build_request(items: Sequence[Resourced]) -> ExportTraceServiceRequest:
-    """One request, the spans grouped by resource in the order they came. Events' spans have
-    the scope "watchllm"; stored spans none: the `spans` table keeps no scope, and one is not
-    made up for them."""
-    groups: dict[tuple[Resource_, bool], list[PbSpan]] = {}
-    for resource, ours, span in items:
-        groups.setdefault((resource, ours), []).append(span)
+    """One request, the spans grouped by resource and scope in the order they came. Events'
+    spans have the scope "watchllm"; stored spans the scope they were received with (none
+    when they came with none)."""
+    groups: dict[tuple[Resource_, Scope], list[PbSpan]] = {}
+    for resource, scope, span in items:
+        groups.setdefault((resource, scope), []).append(span)
     request = ExportTraceServiceRequest()
-    for (resource, ours), spans in groups.items():
+    for (resource, scope), spans in groups.items():
         resource_spans = request.resource_spans.add()
         add_attributes(
             resource_spans.resource.attributes,
             {k: v if k == PROJECT_ATTRIBUTE else typed_value(v) for k, v in resource},
         )
         scope_spans = resource_spans.scope_spans.add()
-        if ours:
-            scope_spans.scope.CopyFrom(_SCOPE)
+        if scope[0] or scope[1]:
+            scope_spans.scope.name, scope_spans.scope.version = scope
         scope_spans.spans.extend(spans)
     return request
 
 
 def _event_items(events: Iterable[Any]) -> list[Resourced]:
     return [
-        (((PROJECT_ATTRIBUTE, event.project_id),), True, event_span(event))
+        (((PROJECT_ATTRIBUTE, event.project_id),), _OUR_SCOPE, event_span(event))
         for event in events
         if not came_from_span(event)
     ]
@@ -440,7 +440,7 @@ def _row_items(rows: Iterable[SpanRow]) -> list[Resourced]:
     for row in rows:
         # The row's own resource (as text here, typed in build_request) and the project.
         resource = (*row.resource_attributes.items(), (PROJECT_ATTRIBUTE, row.project_id))
-        items.append((resource, False, row_span(row)))
+        items.append((resource, (row.scope_name, row.scope_version), row_span(row)))
     return items
 
 

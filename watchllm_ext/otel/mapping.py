@@ -297,6 +297,8 @@ def span_row(span: Span, event_type: str | None) -> dict[str, Any]:
         "status_code": span.status_code,
         "status_message": span.status_message,
         "service_name": _text(span.resource.get("service.name")) or "",
+        "scope_name": span.scope_name,
+        "scope_version": span.scope_version,
         "event_type": event_type,
         "attributes": {k: _attr_text(v) for k, v in span.attributes.items()},
         "resource_attributes": {k: _attr_text(v) for k, v in span.resource.items()},

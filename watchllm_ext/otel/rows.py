@@ -36,6 +36,8 @@ class SpanRow(msgspec.Struct, kw_only=True, gc=False):
     status_code: str  # unset, ok, error
     status_message: str = ""
     service_name: str = ""
+    scope_name: str = ""  # the instrumentation scope (library) that made the span
+    scope_version: str = ""
     event_type: str | None = None  # the v1 event this span also became, if any
     attributes: dict[str, str] = {}
     resource_attributes: dict[str, str] = {}
