@@ -299,6 +299,19 @@ class Server:
         if self.proc is not None:
             stop(self.proc)
 
+    def reset_gc_pauses(self) -> None:
+        """Count the server's garbage collections from now on (start-up and warm-up not)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGUSR1)
+        time.sleep(0.2)
+
+    def gc_pauses(self) -> dict[str, list[float]] | None:
+        """The server's garbage collections once it has stopped: {generation: [count, wall s,
+        longest wall s, CPU s, longest CPU s]} since reset_gc_pauses (role_serve writes them
+        at exit), None when not written."""
+        path = self.workdir / GC_STATS_FILE
+        return json.loads(path.read_text()) if path.exists() else None
+
     @property
     def pid(self) -> int:
         assert self.proc is not None
@@ -339,9 +352,44 @@ class Server:
 # --- roles run in child processes -------------------------------------------------------------
 
 
+GC_STATS_FILE = "gc-pauses.json"
+
+
+def record_gc_pauses(out: Path) -> None:
+    """Time every garbage collection of this process; written to `out` at exit."""
+    import gc
+
+    # Per generation: count, wall s in all, longest wall s, CPU s in all, longest CPU s (the
+    # thread's CPU: on a loaded machine the wall time also holds the waits for a core).
+    stats = {str(g): [0, 0.0, 0.0, 0.0, 0.0] for g in range(3)}
+    started = [0.0, 0.0]
+
+    def callback(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            started[:] = [time.perf_counter(), time.thread_time()]
+            return
+        wall, cpu = time.perf_counter() - started[0], time.thread_time() - started[1]
+        entry = stats[str(info["generation"])]
+        entry[0] += 1
+        entry[1] += wall
+        entry[2] = max(entry[2], wall)
+        entry[3] += cpu
+        entry[4] = max(entry[4], cpu)
+
+    def reset(*_: Any) -> None:
+        for entry in stats.values():
+            entry[:] = [0, 0.0, 0.0, 0.0, 0.0]
+
+    gc.callbacks.append(callback)
+    signal.signal(signal.SIGUSR1, reset)  # Server.reset_gc_pauses: the measured part only
+    atexit.register(lambda: out.write_text(json.dumps(stats)))
+
+
 def role_serve(kind: str, port: int, data_dir: Path, overrides: dict[str, Any]) -> None:
 
     import uvicorn
+
+    record_gc_pauses(Path.cwd() / GC_STATS_FILE)  # the server runs in its work folder
 
     if kind.startswith("watchllm"):
         from watchllm_ext.app import create_app
@@ -1301,18 +1349,27 @@ def breakdown(work: Path, template: Path, cfg: dict[str, Any]) -> dict[str, Any]
     print("=" * 96)
     print("Where the WatchLLM server's CPU goes (one pass each, under py-spy at 200 Hz)")
     print("=" * 96)
+    from watchllm_ext.settings import Settings
+
     passes = ["batch"] + (["single"] if shutil.which("wrk") else [])
+    if "single" in passes and "gc_freeze_at_start" in Settings.model_fields:
+        passes.append("single, gc_freeze_at_start=false")  # the same run without the freeze
+    saved = dict(SERVER_SETTINGS)
     for part in passes:
-        raw = work / f"breakdown-{part}.txt"
-        with Server("watchllm", work / f"breakdown-{part}") as server:
+        raw = work / f"breakdown-{part[:6]}.txt"
+        SERVER_SETTINGS.clear()
+        SERVER_SETTINGS.update(saved | ({"gc_freeze_at_start": False} if "=" in part else {}))
+        with Server("watchllm", work / f"breakdown-{len(result)}") as server:
             if part == "batch":
                 run_batch_client(server.port, server.key, template, 1, 1, "bw", 120)
                 server.wait_count(BATCH_SIZE, 60)
             else:
                 body = work / "single.json"
                 body.write_bytes(single_body())
+                part = part.replace("single", "single events", 1)
                 script = wrk_script(work / "breakdown.lua", body, server.key)
                 run_wrk(server.port, script, cfg["single_conns"], 2, cfg["wrk_threads"])
+            server.reset_gc_pauses()
             spy = pyspy_attach(server.pid, raw, work)
             before, t0 = thread_cpu(server.pid), time.monotonic()
             if part == "batch":
@@ -1328,6 +1385,8 @@ def breakdown(work: Path, template: Path, cfg: dict[str, Any]) -> dict[str, Any]
                 rate = f"{res['rps']:,.0f} req/s, p99 {res['p99_ms']:.1f} ms"
             after = thread_cpu(server.pid)
             stop(spy, grace_s=60)
+        SERVER_SETTINGS.clear()
+        SERVER_SETTINGS.update(saved)
         groups = cpu_by_thread_group(server.pid, before, after)
         shares = stage_shares(raw)
         unit = "event" if part == "batch" else "request"
@@ -1350,9 +1409,16 @@ def breakdown(work: Path, template: Path, cfg: dict[str, Any]) -> dict[str, Any]
                 stages[f"{kind}: {stage}"] = us
                 if us >= 0.05:
                     print(f"    {us:7.1f}  {stage}")
+        pauses = server.gc_pauses()  # warm-up included
+        if pauses:
+            print("  garbage collections during the load:")
+            for gen, (count, wall, longest, cpu, longest_cpu) in pauses.items():
+                print(f"    generation {gen}: {count:6,d}, CPU {cpu * 1000:7.1f} ms in all, "
+                      f"longest {longest_cpu * 1000:6.1f} ms (wall {wall * 1000:7.1f} ms, "
+                      f"longest {longest * 1000:6.1f} ms)")
         result[part] = {"n": n, "rate": rate, "cpu_us": total,
                         "threads_us": {g: c / n * 1e6 for g, c in groups.items()},
-                        "stages_us": stages}
+                        "stages_us": stages, "gc_pauses": pauses}
     return result
 
 
