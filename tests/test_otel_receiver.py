@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
@@ -330,3 +331,17 @@ def test_quota_denial_is_429_with_retry_after_in_otlp_form(server_factory: Any) 
     status = status_pb2.Status.FromString(denied.content)
     assert status.code == 8 and status.message  # RESOURCE_EXHAUSTED, with the reason
     assert len(stored_spans(running)) == 4  # the refused request left nothing behind
+
+
+def test_a_traces_run_lasts_as_long_as_its_root_span(server: Running) -> None:
+    assert export(server) is SpanExportResult.SUCCESS
+    root = next(s for s in stored_spans(server) if s["parent_span_id"] is None)
+    answer = server.client.get(f"/v1/analytics/runs/{root['trace_id']}", headers=server.headers())
+    assert answer.status_code == 200, answer.text
+    run = answer.json()["run"]
+    assert run["event_count"] == 3  # the figures of the events stay theirs
+    # Events are stored to the millisecond, spans to the microsecond.
+    start, end = (datetime.fromisoformat(run[k]).replace(tzinfo=None) for k in ("start", "end"))
+    assert abs(start - datetime.fromisoformat(root["start_time"])) < timedelta(milliseconds=1)
+    assert end == datetime.fromisoformat(root["end_time"])
+    assert abs(run["duration_ms"] - root["duration_ms"]) <= 1

@@ -651,6 +651,23 @@ def _span_figures(row: dict[str, Any], run_id: str) -> Run:
     )
 
 
+def _spanning(figures: Run, span_figures: dict[str, Any]) -> Run:
+    """A trace's run lasts from its first span's start to its last span's end: a root span
+    (the HTTP request around the LLM calls, say) starts before its first event and ends after
+    the last one's."""
+    times = [(figures.start, figures.end), (_iso(span_figures["start"]), _iso(span_figures["end"]))]
+    starts = [t for t, _ in times if t is not None]
+    ends = [t for _, t in times if t is not None]
+    if not starts or not ends:
+        return figures
+    start = min(starts, key=datetime.fromisoformat)
+    end = max(ends, key=datetime.fromisoformat)
+    duration = datetime.fromisoformat(end) - datetime.fromisoformat(start)
+    return figures.model_copy(
+        update={"start": start, "end": end, "duration_ms": int(duration.total_seconds() * 1000)}
+    )
+
+
 async def run(request: Request) -> Response:
     """GET /v1/analytics/runs/{run_id}: the run's events and, for a run that came as an
     OpenTelemetry trace, its spans that are not events, nested as sent."""
@@ -703,7 +720,12 @@ async def run(request: Request) -> Response:
         # plus its comma is what it adds to the nested tree.
         kept = _fitting(nodes, TREE_MAX_BYTES - _ENVELOPE)
         shown = nodes[:kept]
-        figures = _run_row(rows[0]) if rows else _span_figures(span_figures, run_id)
+        if rows:
+            figures = _run_row(rows[0])
+            if span_count:
+                figures = _spanning(figures, span_figures)
+        else:
+            figures = _span_figures(span_figures, run_id)
         shown_events = sum(1 for n in shown if n.kind == "event")
         shown_spans = sum(1 for n in shown if n.span is not None)
         return RunDetail(
