@@ -599,12 +599,14 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
         "decode (protobuf, OTLP -> Span)",
         ("otel/decode", "google/protobuf", "ParseFromString", "trace_service_pb2", "decompress"),
     ),
-    ("mapping (Span -> row, event)", ("otel/mapping", "otel/rows")),
+    ("mapping (Span -> row, event)", ("otel/mapping",)),
     ("validation (events)", ("fast_validate", "schema.py", "pydantic", "validate")),
     ("cost", ("cost", "genai_prices")),
-    ("spool (append, fsync)", ("spool.py", "fsync")),
+    # The spool's bytes: span rows and events encoded (JSON), appended, fsynced.
+    ("spool (encode, append, fsync)", ("spool.py", "fsync", "otel/rows", "_encode_events")),
     ("store (writer, sink, chDB)", ("writer.py", "store_sink", "watchllm_ext/store", "chdb")),
-    ("metrics (prometheus_client)", ("prometheus_client", "metrics.py")),
+    # Not "metrics.py": the request-metrics middleware wraps every request.
+    ("metrics (prometheus_client)", ("prometheus_client", "_count_unmapped")),
     ("ingest / receiver", ("otel/ingest", "otel/receiver", "ingest.py", "auth.py", "quota")),
 ]
 HTTP = ("uvicorn", "starlette", "h11", "httptools", "anyio")
