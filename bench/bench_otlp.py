@@ -47,6 +47,7 @@ import http.client
 import json
 import os
 import random
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -734,7 +735,10 @@ def main() -> None:
     )
     p.add_argument("--phoenix-python", help="a Python where arize-phoenix is installed")
     p.add_argument("--seed", type=int, default=11)
-    p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--json", help="also write the results to this file (outside the work folder)")
+    p.add_argument(
+        "--keep", action="store_true", help="keep the work folder (stores, logs, py-spy output)"
+    )
     # Child-process roles.
     p.add_argument("--role", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -768,6 +772,9 @@ def main() -> None:
     phoenix_py = phoenix_python(args.phoenix_python) if "phoenix" in systems else None
 
     work = Path(tempfile.mkdtemp(prefix="watchllm-bench-otlp-"))
+    if not args.keep:
+        # atexit runs last-registered first: stop the servers, then remove their folders.
+        atexit.register(lambda: (stop_all(), shutil.rmtree(work, ignore_errors=True)))
     print(
         f"bench_otlp: systems {', '.join(systems)}; rates "
         f"{', '.join(f'{r:,.0f}/s' if r else 'flat out' for r in rates)}; {args.conns} "
