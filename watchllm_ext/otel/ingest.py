@@ -152,13 +152,17 @@ def _count_unmapped(metrics: Any, keys: list[str]) -> None:
     if not keys:
         return
     seen: set[str] = metrics.__dict__.setdefault("otel_unmapped_keys", set())
+    counts: dict[str, int] = {}
     for key in keys:
         if key not in seen:
             if len(seen) >= MAX_UNMAPPED_KEYS:
                 key = OTHER_KEY
             else:
                 seen.add(key)
-        metrics.otel_unmapped.labels(key).inc()
+        counts[key] = counts.get(key, 0) + 1
+    # One series update a key a request: a 512-span batch repeats the same few keys.
+    for key, n in counts.items():
+        metrics.otel_unmapped.labels(key).inc(n)
 
 
 async def ingest_spans(
