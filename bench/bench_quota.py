@@ -8,9 +8,10 @@ Two measurements in one run, each beside no quota:
    (EVALSHA pipelined on that connection, watchllm_ext/quotas/resp.py), the same check through
    redis-py's asyncio client (the client used before), and the Lua script's own time inside
    Redis (INFO commandstats). The kinds take turns in blocks, so they see the same machine.
-2. http: three real `watchllm serve` processes (quota_backend off, memory, redis), no store
-   (the store's work is the same in all three), durability=memory; one client sends 1-event
-   batches over a kept-alive connection to each in turn, so the three see the same machine
+2. http: four real `watchllm serve` processes (quota_backend off, memory, redis, and redis
+   with its checks through redis-py as before), no store (the store's work is the same in
+   all), durability=memory; one client sends 1-event batches over a kept-alive connection
+   to each in turn, so they all see the same machine
    at the same moments. Added latency = p50/p99 of a server minus the same of `off`, per
    round; the median round is reported (a shared machine stalls now and then: one stall in
    one server's requests moves its p99 alone).
@@ -44,6 +45,8 @@ sys.path.insert(0, str(HERE))
 
 from processes import free_port, spawn, stop, stop_all  # noqa: E402
 
+# An option of redis-py's in the URL (its default value): the checks then go through redis-py.
+REDIS_PY_OPTION = "?health_check_interval=0"
 PLANS = {"default": {"events_per_minute": 10**9, "events_per_day": 10**12}}
 
 
@@ -58,7 +61,7 @@ NICE = 0  # --nice: how much the benchmark's processes are favoured over the mac
 def favour(pid: int) -> None:
     """Run `pid` at priority -NICE (root only). On a shared machine, other work preempts the
     servers now and then; a stall in one request of one server moves that server's p99 by
-    milliseconds, far more than a quota check. Favoured, the three see fewer stalls."""
+    milliseconds, far more than a quota check. Favoured, they see fewer stalls."""
     if NICE:
         os.setpriority(os.PRIO_PROCESS, pid, -NICE)
 
@@ -108,10 +111,10 @@ def bench_hook(redis_url: str, calls: int) -> dict[str, tuple[float, float]]:
     times: dict[str, list[float]] = {kind: [] for kind in HOOK_KINDS}
     fallbacks = 0
 
-    def plugin(backend: str) -> QuotaPlugin:
+    def plugin(backend: str, url: str = redis_url) -> QuotaPlugin:
         settings = Settings(
             quota_backend=backend,
-            redis_url=redis_url,
+            redis_url=url,
             quota_plans=PLANS,
             create_default_key=False,
             # A late answer (a loaded machine) falls back; it is counted and printed, and
@@ -123,8 +126,8 @@ def bench_hook(redis_url: str, calls: int) -> dict[str, tuple[float, float]]:
 
     async def run() -> None:
         nonlocal fallbacks
-        memory, served, old = plugin("memory"), plugin("redis"), plugin("redis")
-        old.backend._fast = None  # type: ignore[attr-defined]  # the redis-py path (TLS URLs)
+        memory, served = plugin("memory"), plugin("redis")
+        old = plugin("redis", redis_url + REDIS_PY_OPTION)
         fast = served.backend._fast  # type: ignore[attr-defined]
         ping = encode(["PING"])
         await fast.connect()
@@ -226,6 +229,18 @@ def bench_http(
                 "WATCHLLM_QUOTA_FALLBACK_EVENTS_PER_MINUTE": str(10**9),
             },
         ),
+        # The same, with the checks through redis-py (as before resp.py): a URL option of
+        # redis-py's (this one its default) sends them there.
+        "redis-py": start_server(
+            folder,
+            "redis-py",
+            {
+                "WATCHLLM_QUOTA_BACKEND": "redis",
+                "WATCHLLM_QUOTA_PLANS": plans,
+                "WATCHLLM_REDIS_URL": redis_url + REDIS_PY_OPTION,
+                "WATCHLLM_QUOTA_FALLBACK_EVENTS_PER_MINUTE": str(10**9),
+            },
+        ),
     }
     conns = {
         name: http.client.HTTPConnection("127.0.0.1", port) for name, (_, port) in servers.items()
@@ -253,7 +268,7 @@ def bench_http(
     for _ in range(rounds):
         times: dict[str, list[float]] = {name: [] for name in servers}
         for _ in range(requests):
-            for name in servers:  # in turn: the three see the same machine at the same moments
+            for name in servers:  # in turn: all see the same machine at the same moments
                 times[name].append(post(name))
         results.append({name: percentiles(values) for name, values in times.items()})
     for conn in conns.values():
@@ -303,7 +318,7 @@ def main() -> None:
         " per server (ms):"
     )
     print(f"  {'round':<6} {'quota':<8} {'p50':>8} {'p99':>8} {'added p50':>10} {'added p99':>10}")
-    added: dict[str, list[tuple[float, float]]] = {"memory": [], "redis": []}
+    added: dict[str, list[tuple[float, float]]] = {"memory": [], "redis": [], "redis-py": []}
     for i, result in enumerate(rounds, 1):
         base50, base99 = result["off"]
         for name, (p50, p99) in result.items():

@@ -607,6 +607,7 @@ def test_resp_replies_are_read_whole_however_they_arrive() -> None:
     # TLS stays with redis-py (its SSL options); plain TCP and unix sockets use this client.
     assert RespClient.supports("redis://:pw@h:6380/2") and RespClient.supports("unix:///r.sock")
     assert not RespClient.supports("rediss://h:6380/0")
+    assert not RespClient.supports("redis://h:6380/0?socket_keepalive=true")  # redis-py's
 
 
 def test_concurrent_checks_share_one_pipelined_connection(redis_server: RedisServer) -> None:

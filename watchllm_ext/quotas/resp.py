@@ -35,6 +35,10 @@ log = logging.getLogger("watchllm.quotas")
 Arg = bytes | str | int | float
 
 
+# What parse_url gives that this client uses; anything else is a redis-py option.
+_OURS = {"host", "port", "db", "username", "password", "path", "connection_class"}
+
+
 class ReplyError(Exception):
     """An error reply from Redis (`-ERR ...`, `-NOSCRIPT ...`)."""
 
@@ -219,9 +223,11 @@ class RespClient:
 
     @staticmethod
     def supports(url: str) -> bool:
-        """redis:// and unix:// URLs; TLS (rediss://) stays with redis-py."""
-        cls = parse_url(url).get("connection_class")
-        return cls is None or cls is UnixDomainSocketConnection
+        """redis:// and unix:// URLs with no options of redis-py's in the query (they are
+        redis-py's to honour); TLS (rediss://) stays with redis-py too."""
+        params = parse_url(url)
+        cls = params.get("connection_class")
+        return (cls is None or cls is UnixDomainSocketConnection) and set(params) <= _OURS
 
     def add_script(self, name: str, text: str) -> None:
         self.scripts[name] = (hashlib.sha1(text.encode()).hexdigest(), text.encode())
