@@ -71,7 +71,7 @@ TARGET_BATCH_EVENTS_S = 100_000  # accepted (validated, spooled, fsynced)
 TARGET_STORED_EVENTS_S = 40_000  # stored in the embedded store
 TARGET_BARE_CHDB_RATIO = 0.5  # stored / bare chDB (50,000-event JSONEachRow inserts)
 TARGET_SINGLE_RATIO = 0.5
-TARGET_SINGLE_P99_MS = 10.0
+TARGET_SINGLE_P99_MS = 15.0  # issue 10: p99 under 15 ms at 32 connections
 
 WRK_MISSING = (
     "wrk is not installed; it is the load generator for the single-event benchmark (a Python "
