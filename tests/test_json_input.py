@@ -376,7 +376,7 @@ def test_a_store_from_before_0010_upgrades_and_keeps_one_copy(store_backend: Sto
             old.insert(table, data)
         tables = {r["name"] for r in old.query("SELECT name FROM system.tables")}
         assert "event_ids" not in tables and "events_input" not in tables
-        assert apply_migrations(old) == ["0010_json_input"]
+        assert apply_migrations(old)[0] == "0010_json_input"  # and any later ones
         (row,) = old.query("SELECT count() AS n FROM event_ids WHERE project_id = 'acme'")
         assert row["n"] == len(earlier)
         # Copies of the stored events, a minute later, and new events, through the sink.

@@ -465,10 +465,6 @@ class Writer:
         # sized for ClickHouse, store_insert_max_events); the others take flush_max_events.
         return getattr(state.sink, "max_batch_events", None) or self.flush_max_events
 
-    async def _wait_backlog(self, state: SinkState) -> None:
-        while self.log.next_seq - state.cursor_seq < self._batch_max(state) and self._accepting:
-            await self.log.wait_appended()
-
     async def _events_of(self, records: list[Record], sink: str) -> list[Any]:
         events = EventBatch()
         # The records' own JSON is the batch's when each is a plain record with its bytes
