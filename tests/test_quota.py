@@ -36,7 +36,15 @@ from watchllm_ext.hookspecs import hookimpl
 from watchllm_ext.quotas.engine import MemoryUsage, Outcome, QuotaUnavailable, decide
 from watchllm_ext.quotas.plans import Plan, periods
 from watchllm_ext.quotas.redis_backend import RedisUsage, keys
-from watchllm_ext.quotas.resp import LOST, ConnectionLost, ReplyError, RespClient, parse
+from watchllm_ext.quotas.resp import (
+    INCOMPLETE,
+    LOST,
+    ConnectionLost,
+    Replies,
+    ReplyError,
+    RespClient,
+    encode,
+)
 
 BACKENDS = ("memory", "redis")
 CLIENTS = 50
@@ -599,11 +607,19 @@ def test_resp_replies_are_read_whole_however_they_arrive() -> None:
     """Replies split anywhere (TCP gives no message boundaries) are read only once complete."""
     reply = b"*4\r\n:1\r\n$5\r\nab\r\nc\r\n$-1\r\n*2\r\n+OK\r\n-NOSCRIPT no script\r\n"
     for cut in range(len(reply)):
-        assert parse(bytearray(reply[:cut]), 0) is None, cut
-    value, end = parse(bytearray(reply + b":7\r\n"), 0)  # type: ignore[misc]
-    assert value[:3] == [1, b"ab\r\nc", None] and end == len(reply)
-    assert value[3][0] == b"OK" and isinstance(value[3][1], ReplyError)
-    assert str(value[3][1]) == "NOSCRIPT no script"
+        replies = Replies()
+        replies.feed(reply[:cut])
+        assert replies.next() is INCOMPLETE, cut
+        replies.feed(reply[cut:] + b":7\r\n")
+        value = replies.next()
+        assert value[:3] == [1, b"ab\r\nc", None], cut
+        assert value[3][0] == b"OK" and isinstance(value[3][1], ReplyError)
+        assert str(value[3][1]) == "NOSCRIPT no script"
+        assert replies.next() == 7 and replies.next() is INCOMPLETE
+    assert (
+        encode(["EVALSHA", "ab", 2, 1.5])
+        == b"*4\r\n$7\r\nEVALSHA\r\n$2\r\nab\r\n$1\r\n2\r\n$3\r\n1.5\r\n"
+    )
     # TLS stays with redis-py (its SSL options); plain TCP and unix sockets use this client.
     assert RespClient.supports("redis://:pw@h:6380/2") and RespClient.supports("unix:///r.sock")
     assert not RespClient.supports("rediss://h:6380/0")

@@ -7,7 +7,9 @@ StreamReader reads), and its p99 is several times that on a busy event loop; the
 must add under 0.5 ms p99 (docs/BENCHMARKS.md, bench/bench_quota.py). Here the RESP2 protocol
 is spoken over one asyncio.Protocol connection per event loop: the commands of concurrent
 requests are pipelined on it, Redis answers them in order, and each reply goes to the request
-at the head of the queue. No pool, no lock, no task per call.
+at the head of the queue. No pool, no lock, no task per call. The protocol itself is not
+ours: commands are packed by redis-py's packer and replies read by hiredis, Redis's own C
+parser (the one redis-py uses when it is installed).
 
 A request that stops waiting (its timeout) keeps its place in the queue: its reply is still
 read when it comes and handed to the request's `on_late`, so the caller learns whether Redis
@@ -28,7 +30,9 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import hiredis
 from redis.asyncio.connection import UnixDomainSocketConnection, parse_url
+from redis.connection import Connection
 
 log = logging.getLogger("watchllm.quotas")
 
@@ -57,55 +61,33 @@ class _Lost:
 LOST = _Lost()
 
 
+# Commands are packed by redis-py's own packer (RESP arrays of bulk strings), replies read by
+# hiredis (Redis's C parser, redis-py's optional one): only the pipelining here is ours.
+_PACKER = Connection()
+
+
 def encode(args: Sequence[Arg]) -> bytes:
-    """One command in RESP: an array of bulk strings."""
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        if isinstance(arg, bytes):
-            data = arg
-        elif isinstance(arg, float):
-            data = repr(arg).encode()
-        else:
-            data = str(arg).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
+    """One command in RESP."""
+    return b"".join(_PACKER.pack_command(*args))
 
 
-def parse(buf: bytearray, pos: int) -> tuple[Any, int] | None:
-    """One RESP2 reply from `buf` at `pos`: (value, position after it), or None while it is
-    incomplete. Bulk strings are bytes, nil is None, an error reply is a ReplyError."""
-    end = buf.find(b"\r\n", pos)
-    if end < 0:
-        return None
-    kind = buf[pos]
-    if kind == 58:  # ':' integer
-        return int(buf[pos + 1 : end]), end + 2
-    if kind == 36:  # '$' bulk string
-        size = int(buf[pos + 1 : end])
-        if size < 0:
-            return None, end + 2
-        stop = end + 2 + size
-        if len(buf) < stop + 2:
-            return None
-        return bytes(buf[end + 2 : stop]), stop + 2
-    if kind == 42:  # '*' array
-        count = int(buf[pos + 1 : end])
-        if count < 0:
-            return None, end + 2
-        items = []
-        at = end + 2
-        for _ in range(count):
-            parsed = parse(buf, at)
-            if parsed is None:
-                return None
-            item, at = parsed
-            items.append(item)
-        return items, at
-    if kind == 43:  # '+' simple string
-        return bytes(buf[pos + 1 : end]), end + 2
-    if kind == 45:  # '-' error
-        return ReplyError(buf[pos + 1 : end].decode(errors="replace")), end + 2
-    raise ValueError(f"not a RESP2 reply: {bytes(buf[pos : pos + 20])!r}")
+INCOMPLETE = False  # what `Replies.next` answers while a reply is not whole yet
+
+
+class Replies:
+    """The replies of one connection, read as bytes arrive (TCP gives no message boundaries).
+    Bulk strings are bytes, nil is None, an error reply is a ReplyError (returned, not
+    raised); a byte stream that is not RESP raises hiredis.ProtocolError."""
+
+    def __init__(self) -> None:
+        self._reader = hiredis.Reader(replyError=ReplyError)
+
+    def feed(self, data: bytes) -> None:
+        self._reader.feed(data)
+
+    def next(self) -> Any:
+        """The next whole reply, or INCOMPLETE."""
+        return self._reader.gets()
 
 
 class Request:
@@ -131,7 +113,7 @@ class RespProtocol(asyncio.Protocol):
         self.loop = loop
         self.transport: asyncio.Transport | None = None
         self.queue: deque[Request] = deque()
-        self.buffer = bytearray()
+        self.replies = Replies()
         self.lost: BaseException | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -139,27 +121,22 @@ class RespProtocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        buf = self.buffer
-        buf += data
-        pos = 0
+        replies = self.replies
         queue = self.queue
         try:
+            replies.feed(data)
             while queue:
-                parsed = parse(buf, pos)
-                if parsed is None:
+                value = replies.next()
+                if value is INCOMPLETE:
                     break
-                value, pos = parsed
                 request = queue.popleft()
                 future = request.future
                 if future.done():  # given up (timeout) or cancelled: late
                     request.late(value)
                 else:
                     future.set_result(value)
-        except ValueError as exc:
+        except hiredis.ProtocolError as exc:
             self.abort(exc)
-            return
-        if pos:
-            del buf[:pos]
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._fail(exc or ConnectionLost("Redis closed the connection"))
