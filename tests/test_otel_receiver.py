@@ -345,3 +345,14 @@ def test_a_traces_run_lasts_as_long_as_its_root_span(server: Running) -> None:
     assert abs(start - datetime.fromisoformat(root["start_time"])) < timedelta(milliseconds=1)
     assert end == datetime.fromisoformat(root["end_time"])
     assert abs(run["duration_ms"] - root["duration_ms"]) <= 1
+
+
+def test_the_receiver_is_a_plugin_that_can_be_turned_off(server_factory: Any) -> None:
+    running: Running = server_factory(disable_plugins=["watchllm_ext.otel.receiver"])
+    answer = running.client.post(
+        "/v1/traces",
+        content=_body(_collected()),
+        headers={**running.headers(), "Content-Type": "application/x-protobuf"},
+    )
+    assert answer.status_code == 404
+    assert "/v1/traces" not in running.client.get("/openapi.json").json()["paths"]

@@ -363,7 +363,6 @@ def build_document(routes: Iterable[Any] = ()) -> dict[str, Any]:
                 },
             }
         },
-        **_otlp_paths(),
         "/v1/analytics/stats": _get(
             "Totals, latency percentiles, errors, top models", answers.Stats, [_PROJECT, *_RANGE]
         ),
@@ -475,49 +474,6 @@ def build_document(routes: Iterable[Any] = ()) -> dict[str, Any]:
             },
         },
     }
-
-
-def _otlp_paths() -> dict[str, Any]:
-    """The OTLP/HTTP trace receiver (watchllm_ext/otel, docs/OPENTELEMETRY.md): bodies and
-    answers are OTLP's protobuf messages, or their JSON form."""
-    status = {
-        "type": "object",
-        "properties": {"code": {"type": "integer"}, "message": {"type": "string"}},
-    }
-    both = {
-        "application/x-protobuf": {"schema": {"type": "string", "format": "binary"}},
-        "application/json": {"schema": {"type": "object"}},
-    }
-    failure = {
-        "application/x-protobuf": {"schema": {"type": "string", "format": "binary"}},
-        "application/json": {"schema": status},
-    }
-    texts = {
-        400: "undecodable body, or every span invalid (google.rpc.Status)",
-        401: "missing or unknown API key",
-        403: "the key has no ingest scope",
-        408: "the body did not arrive in time",
-        413: "body or span count over the limit",
-        415: "unsupported content type or encoding",
-        429: "quota exceeded; retry after Retry-After",
-        503: "spool full or not running; retry after Retry-After",
-    }
-    operation = {
-        "post": {
-            "summary": "Receive OpenTelemetry spans (OTLP/HTTP ExportTraceServiceRequest)",
-            "security": [{"bearer": []}, {"basic": []}],
-            "requestBody": {"required": True, "content": both},
-            "responses": {
-                "200": {
-                    "description": "ExportTraceServiceResponse; partial_success names rejected"
-                    " spans",
-                    "content": both,
-                },
-                **{str(c): {"description": t, "content": failure} for c, t in texts.items()},
-            },
-        }
-    }
-    return {"/v1/traces": operation, "/api/public/otel/v1/traces": operation}
 
 
 async def openapi_endpoint(request: Request) -> Response:

@@ -34,7 +34,7 @@ DEFAULT_PLUGINS = (
     "watchllm_ext.notify.webhook",
     "watchllm_ext.notify.slack",
     "watchllm_ext.observability.otel_metrics",
-    "watchllm_ext.otel.plugin",
+    "watchllm_ext.otel.receiver",
     "watchllm_ext.otel.export",
 )
 

@@ -35,8 +35,11 @@ from starlette.routing import BaseRoute, Route
 
 from ..auth import Principal, bearer_token
 from ..errors import Problem, unauthorized
+from ..hookspecs import hookimpl
 from ..ingest import OFFLOAD_MIN_BYTES, read_body
 from ..observability.metrics import ops_metrics
+from ..openapi import described
+from ..settings import Settings
 from .decode import Decoded, parse_json, parse_protobuf, spans_of
 from .ingest import accept, check_span_count, prepare
 
@@ -59,8 +62,59 @@ _RPC_CODES = {
 }
 
 
+@hookimpl
+def register_routes(settings: Settings) -> list[BaseRoute]:
+    """A built-in plugin: the routes come through the hook a third party's would use
+    (`disable_plugins = ["watchllm_ext.otel.receiver"]` turns the receiver off)."""
+    return routes()
+
+
 def routes() -> list[BaseRoute]:
-    return [Route(path, receive_traces, methods=["POST"]) for path in PATHS]
+    endpoint = described(receive_traces, _operations())
+    return [Route(path, endpoint, methods=["POST"]) for path in PATHS]
+
+
+def _operations() -> dict[str, Any]:
+    """The receiver in /openapi.json: bodies and answers are OTLP's protobuf messages, or
+    their JSON form (docs/OPENTELEMETRY.md)."""
+    status = {
+        "type": "object",
+        "properties": {"code": {"type": "integer"}, "message": {"type": "string"}},
+    }
+    both = {
+        "application/x-protobuf": {"schema": {"type": "string", "format": "binary"}},
+        "application/json": {"schema": {"type": "object"}},
+    }
+    failure = {
+        "application/x-protobuf": {"schema": {"type": "string", "format": "binary"}},
+        "application/json": {"schema": status},
+    }
+    texts = {
+        400: "undecodable body, or every span invalid (google.rpc.Status)",
+        401: "missing or unknown API key",
+        403: "the key has no ingest scope",
+        408: "the body did not arrive in time",
+        413: "body or span count over the limit",
+        415: "unsupported content type or encoding",
+        429: "quota exceeded; retry after Retry-After",
+        503: "spool full or not running; retry after Retry-After",
+    }
+    operation = {
+        "post": {
+            "summary": "Receive OpenTelemetry spans (OTLP/HTTP ExportTraceServiceRequest)",
+            "security": [{"bearer": []}, {"basic": []}],
+            "requestBody": {"required": True, "content": both},
+            "responses": {
+                "200": {
+                    "description": "ExportTraceServiceResponse; partial_success names rejected"
+                    " spans",
+                    "content": both,
+                },
+                **{str(c): {"description": t, "content": failure} for c, t in texts.items()},
+            },
+        }
+    }
+    return operation
 
 
 async def receive_traces(request: Request) -> Response:
