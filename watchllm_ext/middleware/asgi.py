@@ -189,9 +189,11 @@ class _Owner:
                 except asyncio.CancelledError:
                     # asyncio.run() is closing the loop: leave normally, so the outbox and
                     # the writer flush (what the writer cannot deliver stays in the spool).
+                    # The flusher task was cancelled with ours: the outbox is handed over here.
                     current = asyncio.current_task()
                     if current is not None:
                         current.uncancel()
+                    await self.stop()
         except Exception as exc:
             log.error("WatchLLM could not start: %s", exc)
             self._lazy_failed_at = time.monotonic()
