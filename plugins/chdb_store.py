@@ -22,6 +22,8 @@ from watchllm_ext.store import StoreError, StoreLockedError
 from watchllm_ext.store.params import format_params
 
 log = logging.getLogger("watchllm.chdb")
+# How long closing the store waits for a statement that is still running.
+CLOSE_WAIT_S = 60.0
 
 
 def _is_permanent(message: str) -> bool:
@@ -124,9 +126,17 @@ class ChdbStore:
         return self.query("SELECT version() AS v")[0]["v"]
 
     def close(self) -> None:
+        # After the statement running now, if any: closing the session under an insert that a
+        # worker thread still runs (a cancelled sink's) deadlocks chDB and can crash the
+        # process at exit.
+        waited = self._lock_calls.acquire(timeout=CLOSE_WAIT_S)
+        if not waited:
+            log.warning("chDB: a statement still ran after %.0fs; closing anyway", CLOSE_WAIT_S)
         try:
             self._session.close()
         finally:
+            if waited:
+                self._lock_calls.release()
             self._release_lock()
 
     def _run(self, sql: str, fmt: str, params: Mapping[str, Any] | None) -> Any:
