@@ -44,7 +44,7 @@ from .ingest import (
     check_projects,
     finish_fast,
     parse_json,
-    read_body,
+    read_request_body,
     receipt_time,
     validate_fast,
     validate_items,
@@ -451,15 +451,7 @@ def _state(request: Request) -> WatchLLM:
 
 async def _read(request: Request, wl: WatchLLM) -> bytes:
     check_content_type(request.headers.get("content-type"))
-    return await read_body(
-        request.stream(),
-        content_length=request.headers.get("content-length"),
-        content_encoding=request.headers.get("content-encoding"),
-        max_bytes=wl.settings.max_body_bytes,
-        max_decompressed_bytes=wl.settings.max_decompressed_bytes,
-        timeout_s=wl.settings.body_timeout_s,
-        idle_timeout_s=wl.settings.body_idle_timeout_s,
-    )
+    return await read_request_body(request, wl.settings)
 
 
 @asynccontextmanager

@@ -27,11 +27,13 @@ import anyio
 import pluggy
 from pydantic import ValidationError
 from pydantic_core import from_json
+from starlette.requests import Request
 
 from . import fast_validate
 from .auth import Principal
 from .errors import Problem
 from .schema import EVENT_ADAPTER, EVENT_LIST_ADAPTER, EVENT_TYPES
+from .settings import Settings
 
 # Bounds of a rejection answer (docs/API.md): fields listed per rejected event, and rejected
 # events listed per answer (`rejected_count` has them all).
@@ -93,6 +95,20 @@ def check_content_type(content_type: str | None) -> None:
             f"Content-Type {media or '(empty)'!r} is not supported; send application/json",
             field="Content-Type",
         )
+
+
+async def read_request_body(request: Request, settings: Settings) -> bytes:
+    """A request's body within the settings' limits (size on the wire and decompressed,
+    total and idle time): what every ingest route reads, whatever the body's format."""
+    return await read_body(
+        request.stream(),
+        content_length=request.headers.get("content-length"),
+        content_encoding=request.headers.get("content-encoding"),
+        max_bytes=settings.max_body_bytes,
+        max_decompressed_bytes=settings.max_decompressed_bytes,
+        timeout_s=settings.body_timeout_s,
+        idle_timeout_s=settings.body_idle_timeout_s,
+    )
 
 
 async def read_body(

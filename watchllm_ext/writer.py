@@ -471,36 +471,30 @@ class Writer:
         # (a memory log keeps none; a targeted record wraps its events).
         plain = all(r.payload and not r.flags & TARGETED for r in records)
         events.payloads = [r.payload for r in records] if plain else None
-        missing = [r for r in records if r.start not in self._cache]
-        decoded: dict[Position, list[Any]] = {}
-        if missing:
-            # A sink behind the in-memory window reads the spool back: decode off the loop.
-            decoded = await anyio.to_thread.run_sync(self._decode_records, missing, sink)
-        for record in records:
-            if record.flags & TARGETED:
-                events.extend(decoded.get(record.start, []))
-            elif record.start in self._cache:
-                events.extend(self._cache[record.start])
-            else:
-                events.extend(decoded.get(record.start, []))
+        await self._collect(records, sink, events)
         if events.payloads is not None and len(events) != sum(r.count for r in records):
             events.payloads = None  # events refused on reading went to the dead letters
         return events
 
     async def _spans_of(self, records: list[Record], sink: str) -> list[SpanRow]:
         rows: list[SpanRow] = []
+        await self._collect(records, sink, rows)
+        return rows
+
+    async def _collect(self, records: list[Record], sink: str, into: list[Any]) -> None:
+        """The items of `records` for `sink`, in order, into `into`: from the in-memory cache,
+        or read back from the spool (a sink behind the window; decoded off the loop)."""
         missing = [r for r in records if r.start not in self._cache]
         decoded: dict[Position, list[Any]] = {}
         if missing:
             decoded = await anyio.to_thread.run_sync(self._decode_records, missing, sink)
         for record in records:
             if record.flags & TARGETED:
-                rows.extend(decoded.get(record.start, []))
+                into.extend(decoded.get(record.start, []))
             elif record.start in self._cache:
-                rows.extend(self._cache[record.start])
+                into.extend(self._cache[record.start])
             else:
-                rows.extend(decoded.get(record.start, []))
-        return rows
+                into.extend(decoded.get(record.start, []))
 
     def _decode_records(self, records: list[Record], sink: str) -> dict[Position, list[Any]]:
         out: dict[Position, list[Any]] = {}

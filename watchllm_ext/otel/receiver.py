@@ -36,7 +36,7 @@ from starlette.routing import BaseRoute, Route
 from ..auth import Principal, bearer_token
 from ..errors import Problem, unauthorized
 from ..hookspecs import hookimpl
-from ..ingest import OFFLOAD_MIN_BYTES, read_body
+from ..ingest import OFFLOAD_MIN_BYTES, read_request_body
 from ..observability.metrics import ops_metrics
 from ..openapi import described
 from ..settings import Settings
@@ -131,15 +131,7 @@ async def receive_traces(request: Request) -> Response:
                 field="Content-Type",
             )
         principal = _principal(wl, request)
-        body = await read_body(
-            request.stream(),
-            content_length=request.headers.get("content-length"),
-            content_encoding=request.headers.get("content-encoding"),
-            max_bytes=wl.settings.max_body_bytes,
-            max_decompressed_bytes=wl.settings.max_decompressed_bytes,
-            timeout_s=wl.settings.body_timeout_s,
-            idle_timeout_s=wl.settings.body_idle_timeout_s,
-        )
+        body = await read_request_body(request, wl.settings)
         decoded = await _run(len(body) >= OFFLOAD_MIN_BYTES, _decode, body, protobuf)
         result = await _ingest(wl, principal, decoded, len(body) >= OFFLOAD_MIN_BYTES)
     except Problem as problem:
