@@ -438,19 +438,19 @@ class Writer:
                 continue
             state.oldest_pending_ms = records[0].appended_ms
             span_records = [r for r in records if r.flags & SPANS]
-            if span_records:
-                records_of_events = [r for r in records if not r.flags & SPANS]
-                if hasattr(state.sink, "write_spans"):
-                    rows = await self._spans_of(span_records, state.sink.name)
-                    if rows:
-                        await self._write_with_retry(state, rows, spans=True)
-            else:
-                records_of_events = records
+            records_of_events = (
+                [r for r in records if not r.flags & SPANS] if span_records else records
+            )
             events = await self._events_of(records_of_events, state.sink.name)
             if events and not getattr(state.sink, "reads_structs", False):
                 events = await anyio.to_thread.run_sync(_as_models, events)
             if events:
                 await self._write_with_retry(state, events)
+            # Spans after the events: once a span's row is stored, so is the event it became.
+            if span_records and hasattr(state.sink, "write_spans"):
+                rows = await self._spans_of(span_records, state.sink.name)
+                if rows:
+                    await self._write_with_retry(state, rows, spans=True)
             last = records[-1]
             state.cursor, state.cursor_seq = last.end, last.seq + last.count
             await anyio.to_thread.run_sync(
