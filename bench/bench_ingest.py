@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from processes import free_port, spawn, stop, stop_all
+from sample_text import PROMPT_WORDS, REPLY_WORDS, text
 
 HERE = Path(__file__).resolve()
 BATCH_SIZE = 1_000
@@ -83,29 +84,6 @@ WRK_MISSING = (
 
 # --- payloads ---------------------------------------------------------------------------------
 
-_WORDS_TEXT = (
-    "summarise the customer ticket below and suggest a reply that is polite short and accurate "
-    "include the order number refund policy shipping delay apology next steps escalate if the "
-    "customer mentions legal action or a chargeback keep the answer under one hundred words"
-)
-_REPLY_TEXT = (
-    "thanks for reaching out we are sorry your order arrived late we have issued a partial "
-    "refund to your card and upgraded shipping on your next order at no cost reply here if "
-    "anything else is wrong and we will make it right"
-)
-_WORDS = _WORDS_TEXT.split()
-_REPLY = _REPLY_TEXT.split()
-
-
-def _text(rng: random.Random, words: list[str], chars: int) -> str:
-    out: list[str] = []
-    size = 0
-    while size < chars:
-        word = rng.choice(words)
-        out.append(word)
-        size += len(word) + 1
-    return " ".join(out)[:chars]
-
 
 def make_event(i: int, mark: str = MARK) -> dict[str, Any]:
     """One realistic prompt_call: gpt-4o, tokens, ~200-char prompt and response, tags,
@@ -122,8 +100,8 @@ def make_event(i: int, mark: str = MARK) -> dict[str, Any]:
         "provider": "openai",
         "tokens_input": rng.randint(150, 2_500),
         "tokens_output": rng.randint(20, 700),
-        "prompt": _text(rng, _WORDS, 200),
-        "response": _text(rng, _REPLY, 200),
+        "prompt": text(rng, PROMPT_WORDS, 200),
+        "response": text(rng, REPLY_WORDS, 200),
         "response_metadata": {"finish_reason": "stop", "system_fingerprint": "fp_9f2a1c"},
         "status": "success",
         "latency_ms": round(rng.uniform(180.0, 4_000.0), 1),

@@ -23,30 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sample_text import PROMPT_WORDS, REPLY_WORDS, text
+
 BATCH_SPANS = 512  # BatchSpanProcessor's default max_export_batch_size
-
-_PROMPT_TEXT = (
-    "summarise the customer ticket below and suggest a reply that is polite short and accurate "
-    "include the order number refund policy shipping delay apology next steps escalate if the "
-    "customer mentions legal action or a chargeback keep the answer under one hundred words"
-)
-_REPLY_TEXT = (
-    "thanks for reaching out we are sorry your order arrived late we have issued a partial "
-    "refund to your card and upgraded shipping on your next order at no cost reply here if "
-    "anything else is wrong and we will make it right"
-)
-_PROMPT = _PROMPT_TEXT.split()
-_REPLY = _REPLY_TEXT.split()
-
-
-def _text(rng: random.Random, words: list[str], chars: int) -> str:
-    out: list[str] = []
-    size = 0
-    while size < chars:
-        word = rng.choice(words)
-        out.append(word)
-        size += len(word) + 1
-    return " ".join(out)[:chars]
 
 
 @dataclass
@@ -166,7 +145,7 @@ def _trace(rng: random.Random, tracers: dict[str, Any], clock: list[int]) -> int
             {
                 "openinference.span.kind": "AGENT",
                 "agent.name": "support_agent",
-                "input.value": _text(rng, _PROMPT, 120),
+                "input.value": text(rng, PROMPT_WORDS, 120),
                 "session.id": f"s{rng.randrange(10**6)}",
             }
         )
@@ -188,8 +167,8 @@ def _trace(rng: random.Random, tracers: dict[str, Any], clock: list[int]) -> int
         chat = child("oi" if openinference else "genai", "chat gpt-4o", SpanKind.CLIENT, t, agent)
         tokens_in = rng.randint(150, 2_500)
         tokens_out = rng.randint(20, 700)
-        prompt = _text(rng, _PROMPT, 200)
-        reply = _text(rng, _REPLY, 200)
+        prompt = text(rng, PROMPT_WORDS, 200)
+        reply = text(rng, REPLY_WORDS, 200)
         last = step == steps - 1
         if openinference:
             chat.set_attributes(
