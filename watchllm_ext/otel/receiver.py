@@ -41,7 +41,7 @@ from ..observability.metrics import ops_metrics
 from ..openapi import described
 from ..settings import Settings
 from .decode import Decoded, parse_json, parse_protobuf, spans_of
-from .ingest import accept, check_span_count, prepare
+from .ingest import ingest_spans
 
 PATHS = ("/v1/traces", "/api/public/otel/v1/traces")
 PROTOBUF = "application/x-protobuf"
@@ -133,7 +133,11 @@ async def receive_traces(request: Request) -> Response:
         principal = _principal(wl, request)
         body = await read_request_body(request, wl.settings)
         decoded = await _run(len(body) >= OFFLOAD_MIN_BYTES, _decode, body, protobuf)
-        result = await _ingest(wl, principal, decoded, len(body) >= OFFLOAD_MIN_BYTES)
+        result = await ingest_spans(
+            wl, principal, decoded.spans, rejected=decoded.rejected, problems=decoded.problems
+        )
+        if result["rejected_spans"] and not result["accepted_spans"]:
+            raise _all_rejected(result["rejected_spans"], result["errors"])
     except Problem as problem:
         if 400 <= problem.status < 500:
             ops_metrics(wl).rejections.labels(problem.code).inc()
@@ -153,21 +157,6 @@ async def _run(off_loop: bool, fn: Any, *args: Any) -> Any:
 
 def _decode(body: bytes, protobuf: bool) -> Decoded:
     return spans_of(parse_protobuf(body) if protobuf else parse_json(body))
-
-
-async def _ingest(wl: Any, principal: Principal, decoded: Decoded, off_loop: bool) -> dict:
-    check_span_count(wl, len(decoded.spans) + decoded.rejected)
-    if decoded.spans:
-        await wl.check_quota(principal, len(decoded.spans))
-    elif decoded.rejected:
-        raise _all_rejected(decoded.rejected, decoded.problems)
-    prepared = await _run(
-        off_loop, prepare, decoded.spans, principal, wl.pm, None, decoded.rejected, decoded.problems
-    )
-    if not prepared.rows and prepared.rejected:
-        await accept(wl, prepared)  # counts the rejections
-        raise _all_rejected(prepared.rejected, prepared.problems)
-    return await accept(wl, prepared)
 
 
 def _all_rejected(n: int, problems: list[str]) -> Problem:
