@@ -66,6 +66,7 @@ class OpsMetrics:
             ["key"],
             registry=registry,
         )
+        self.otel_unmapped_keys: set[str] = set()  # the keys given a series of their own
         self.queries = Histogram(
             "watchllm_store_query_duration_seconds",
             "Time of a read query on the store (analytics, Guardian, admin)",

@@ -151,7 +151,7 @@ async def accept(wl: WatchLLM, prepared: Prepared) -> dict[str, Any]:
 def _count_unmapped(metrics: Any, keys: list[str]) -> None:
     if not keys:
         return
-    seen: set[str] = metrics.__dict__.setdefault("otel_unmapped_keys", set())
+    seen = metrics.otel_unmapped_keys
     counts: dict[str, int] = {}
     for key in keys:
         if key not in seen:
