@@ -10,7 +10,7 @@ from typing import Any
 import anyio
 import pytest
 
-from watchllm_ext.spool import _READ_STEP, HEADER_SIZE, Position, Spool, SpoolFull
+from watchllm_ext.spool import _READ_STEP, GROUP_CONTINUES, HEADER_SIZE, Position, Spool, SpoolFull
 
 
 def payloads(n: int) -> list[bytes]:
@@ -197,4 +197,65 @@ def test_positions_and_records_are_not_tracked_by_the_collector(tmp_path: Path) 
     (read,) = spool.read(Position(1, 0), 10)
     for obj in (record, record.start, record.end, read, read.start, spool.end):
         assert not gc.is_tracked(obj), obj
+    spool.close()
+
+
+def test_a_group_is_read_back_whole_or_not_at_all_wherever_a_crash_cuts_it(
+    tmp_path: Path,
+) -> None:
+    """write_many puts an OTLP request's events and spans in one write. A crash can leave any
+    prefix of that write on disk (a kill -9 between pages, a power loss before the fsync):
+    cut the segment at every byte offset inside the group, reopen, and read. The records
+    before the group are always there; of the group, both records or neither; and the
+    sequence numbers go on from what was kept."""
+    spool = Spool(tmp_path / "whole")
+    before = [spool.write(p, 1) for p in payloads(2)]
+    group = spool.write_many([(b'[{"event": 1}, {"event": 2}]', 2, 0), (b'[{"span": 1}]', 1, 2)])
+    spool.close()
+    assert group[0].end == group[1].start and group[0].seq + 2 == group[1].seq
+    assert group[0].flags & GROUP_CONTINUES and not group[1].flags & GROUP_CONTINUES
+    assert group[1].flags == 2  # the writer's flag kept
+    segment = next((tmp_path / "whole" / "segments").iterdir())
+    whole = segment.read_bytes()
+    start, end = group[0].start.offset, group[1].end.offset
+    assert len(whole) == end
+    outcomes: dict[str, int] = {}
+    for cut in range(start, end + 1):
+        folder = tmp_path / f"cut-{cut}"
+        (folder / "segments").mkdir(parents=True)
+        (folder / "segments" / segment.name).write_bytes(whole[:cut])
+        reopened = Spool(folder)
+        read = reopened.read(Position(1, 0), 100)
+        kept = [r.payload for r in read]
+        assert kept[:2] == payloads(2), cut
+        if cut == end:
+            assert [(r.start, r.end, r.seq, r.flags) for r in read[2:]] == [
+                (g.start, g.end, g.seq, g.flags) for g in group
+            ]
+            outcomes["both"] = outcomes.get("both", 0) + 1
+        else:
+            assert len(kept) == 2, f"cut at {cut}: {len(kept) - 2} of the group's 2 records"
+            assert segment.stat().st_size == len(whole), "the original is untouched"
+            assert (folder / "segments" / segment.name).stat().st_size == start
+            outcomes["none"] = outcomes.get("none", 0) + 1
+        # Sequence numbers go on from the records kept, so no sink waits for a lost one.
+        expected_seq = before[-1].seq + 1 + (3 if cut == end else 0)
+        assert reopened.next_seq == expected_seq, cut
+        assert reopened.write(b"[0]", 1).seq == expected_seq
+        reopened.close()
+    assert outcomes == {"both": 1, "none": end - start}
+
+
+def test_a_group_goes_in_one_segment_and_refused_whole(tmp_path: Path) -> None:
+    record = HEADER_SIZE + 3  # each record below
+    spool = Spool(tmp_path, segment_max_bytes=2 * record, max_bytes=HEADER_SIZE * 12)
+    spool.write(b"[1]", 1)
+    group = spool.write_many([(b"[2]", 1, 0), (b"[3]", 1, 0)])
+    assert group[0].start.segment == group[1].start.segment
+    # The segment had room for one more record, not two: the group began a new one.
+    assert group[0].start == Position(2, 0)
+    written = spool.end
+    with pytest.raises(SpoolFull, match="cap"):
+        spool.write_many([(b"x" * (HEADER_SIZE * 5), 1, 0), (b"y" * (HEADER_SIZE * 5), 1, 0)])
+    assert spool.end == written and spool.next_seq == 3  # nothing of it written
     spool.close()

@@ -11,7 +11,7 @@ from typing import Any
 import anyio
 import pytest
 
-from watchllm_ext.spool import Spool
+from watchllm_ext.spool import HEADER_SIZE, Position, Spool
 from watchllm_ext.writer import MemoryLog, SinkError, Writer, WriterClosed, WriterFull
 
 
@@ -265,3 +265,86 @@ def test_a_record_the_contract_now_refuses_loses_none_of_its_events(tmp_path: Pa
     taken = take_dead_letters(folder)
     assert [e["event_id"] for entry in taken.entries for e in entry.events] == ["too-slow"]
     assert [e.raw is not None for e in read_dead_letters(folder).entries] == [True]
+
+
+class SpanSink(ListSink):
+    """A sink that also takes span rows."""
+
+    def __init__(self, name: str = "spans") -> None:
+        super().__init__(name)
+        self.rows: list[Any] = []
+
+    async def write_spans(self, rows: Sequence[Any]) -> None:
+        self.rows.extend(rows)
+
+
+def span_row(span_id: str) -> Any:
+    from datetime import UTC, datetime
+
+    from watchllm_ext.otel.rows import SpanRow
+
+    now = datetime(2026, 3, 14, 12, 0, tzinfo=UTC)
+    return SpanRow(
+        project_id="acme",
+        trace_id="ab" * 16,
+        span_id=span_id,
+        name="chat gpt-4o",
+        kind="client",
+        start_time=now,
+        end_time=now,
+        duration_ms=0.0,
+        status_code="ok",
+        ingested_at=now,
+    )
+
+
+@pytest.mark.parametrize("crash", ["none", "inside the events", "between the two", "in the spans"])
+def test_events_and_their_spans_land_together_or_not_at_all(crash: str, tmp_path: Path) -> None:
+    """submit(events, spans) writes both records in one write: a crash that leaves only part
+    of it on disk (cut here at a point of the segment) loses the request whole, never its
+    spans alone (the client was not answered, and re-sends it)."""
+
+    async def submit() -> None:
+        held = GatedSink("spans")  # never delivers: the records stay in the spool
+        async with spool_writer([held], tmp_path, shutdown_grace_s=0.01) as writer:
+            await writer.submit(["before"])
+            await writer.submit(["e1", "e2"], spans=[span_row("0" * 15 + "1")])
+
+    anyio.run(submit)
+    segment = next((tmp_path / "segments").iterdir())
+    data = segment.read_bytes()
+    records = Spool(tmp_path).read(Position(1, 0), 100)
+    assert len(records) == 3
+    events_record, spans_record = records[1], records[2]
+    cut = {
+        "none": len(data),
+        "inside the events": events_record.start.offset + HEADER_SIZE + 3,
+        "between the two": events_record.end.offset,  # the events' record whole and valid
+        "in the spans": spans_record.end.offset - 1,
+    }[crash]
+    segment.write_bytes(data[:cut])
+
+    async def restart() -> SpanSink:
+        sink = SpanSink()
+        async with spool_writer([sink], tmp_path, flush_interval_s=0.01) as writer:
+            assert await writer.flush(timeout_s=5)
+        return sink
+
+    sink = anyio.run(restart)
+    if crash == "none":
+        assert sink.events == ["before", "e1", "e2"]
+        assert [row.span_id for row in sink.rows] == ["0" * 15 + "1"]
+    else:
+        assert sink.events == ["before"] and sink.rows == []
+
+
+def test_no_room_for_the_spans_refuses_the_events_too() -> None:
+    async def main() -> None:
+        sink = SpanSink()
+        async with memory_writer([sink], max_events=3) as writer:
+            with pytest.raises(WriterFull):
+                await writer.submit(["e1", "e2"], spans=[span_row("0" * 15 + "2")] * 2)
+            assert await writer.flush(timeout_s=5)
+            assert sink.events == [] and sink.rows == []
+
+    anyio.run(main)

@@ -12,7 +12,10 @@ A record is a 36-byte header and a payload (the JSON of one request's events):
 
 The crc covers the header fields after it and the payload. Event sequence numbers run on
 across segments and restarts, so a sink's lag in events is the spool's next sequence
-minus the sequence at the sink's cursor.
+minus the sequence at the sink's cursor. Records written together (`write_many`: an OTLP
+request's events and spans) go in one write, and each but the last carries the flag
+GROUP_CONTINUES: a crash in the middle of that write leaves a group without its last record,
+which recovery cuts off like a torn record, so the group is read back whole or not at all.
 Positions are (segment id, byte offset). A segment is deleted once every sink's cursor is
 past it. Records are written with `os.write` on an unbuffered descriptor, so a process that
 is killed right after a write loses nothing (the bytes are in the page cache); `fsync`
@@ -26,8 +29,9 @@ policies decide what survives losing the machine:
 - `never`: the OS writes back when it likes. A power loss can take what it had not written.
 
 At open, every segment is scanned: a record whose checksum fails is cut off if it is the torn
-tail of the last segment (a crash mid-write); elsewhere the scanner resyncs on the next valid
-record, and the bad bytes go to the dead-letter folder. Neither stops the start.
+tail of the last segment (a crash mid-write), and so is a group of records whose last one is
+missing; elsewhere the scanner resyncs on the next valid record, and the bad bytes go to the
+dead-letter folder. Neither stops the start.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import os
 import struct
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -53,6 +57,8 @@ HEADER = struct.Struct("<4sIIIIQQ")
 _CRC_FROM = 12  # the crc covers the header from byte 12 (count, flags, seq, time) and payload
 HEADER_SIZE = HEADER.size
 MAX_RECORD_BYTES = 1 << 30
+# Record flag: the next record belongs to the same write_many (bits below it are the writer's).
+GROUP_CONTINUES = 1 << 31
 _READ_STEP = 4 << 20  # bytes read at once when records are read back
 FsyncPolicy = Literal["always", "interval", "never"]
 
@@ -119,21 +125,21 @@ def _segment_name(segment: int) -> str:
     return f"{segment:020d}.seg"
 
 
-def scan_segment(data: bytes) -> Iterator[tuple[int, int, int, int] | tuple[int, int]]:
-    """Yield (offset, end, count, seq) for each good record and (offset, end) for each span
-    of bad bytes, resyncing on the next header whose checksum holds."""
+def scan_segment(data: bytes) -> Iterator[tuple[int, int, int, int, int] | tuple[int, int]]:
+    """Yield (offset, end, count, seq, flags) for each good record and (offset, end) for each
+    span of bad bytes, resyncing on the next header whose checksum holds."""
     offset = 0
     size = len(data)
     bad_from: int | None = None
     while offset + HEADER_SIZE <= size:
-        magic, length, crc, count, _flags, seq, _ms = HEADER.unpack_from(data, offset)
+        magic, length, crc, count, flags, seq, _ms = HEADER.unpack_from(data, offset)
         end = offset + HEADER_SIZE + length
         good = magic == MAGIC and length <= MAX_RECORD_BYTES and end <= size
         if good and _crc_ok(data, offset, length, crc):
             if bad_from is not None:
                 yield (bad_from, offset)
                 bad_from = None
-            yield (offset, end, count, seq)
+            yield (offset, end, count, seq, flags)
             offset = end
             continue
         if bad_from is None:
@@ -204,39 +210,61 @@ class Spool:
 
     def write(self, payload: bytes, count: int, flags: int = 0) -> Record:
         """Append one record (not yet fsynced). Raises SpoolFull when there is no room."""
+        return self.write_many([(payload, count, flags)])[0]
+
+    def write_many(self, items: Sequence[tuple[bytes, int, int]]) -> list[Record]:
+        """Append records, each (payload, event count, flags), in one write, in one segment:
+        after a crash they are all read back or none (GROUP_CONTINUES on all but the last).
+        Not yet fsynced. Raises SpoolFull, having written nothing, when there is no room."""
         appended_ms = int(time.time() * 1000)
-        if len(payload) > MAX_RECORD_BYTES:
+        if any(len(payload) > MAX_RECORD_BYTES for payload, _, _ in items):
             raise ValueError("record too large")
-        size = HEADER_SIZE + len(payload)
+        size = sum(HEADER_SIZE + len(payload) for payload, _, _ in items)
         if self._total + size > self.max_bytes:
             raise SpoolFull(f"the spool holds {self._total} bytes, its cap is {self.max_bytes}")
         if self._sizes[self._active] > 0 and (
             self._sizes[self._active] + size > self.segment_max_bytes
         ):
             self._roll()
-        start = Position(self._active, self._sizes[self._active])
-        header = encode_header(payload, count, self.next_seq, appended_ms, flags)
+        segment, first = self._active, self._sizes[self._active]
+        buffers: list[bytes] = []
+        records: list[Record] = []
+        offset, seq, last = first, self.next_seq, len(items) - 1
+        for i, (payload, count, flags) in enumerate(items):
+            flags = flags | GROUP_CONTINUES if i < last else flags & ~GROUP_CONTINUES
+            buffers += (encode_header(payload, count, seq, appended_ms, flags), payload)
+            end = offset + HEADER_SIZE + len(payload)
+            records.append(
+                Record(
+                    Position(segment, offset),
+                    Position(segment, end),
+                    count,
+                    seq,
+                    appended_ms,
+                    flags,
+                    payload,
+                )
+            )
+            offset, seq = end, seq + count
         try:
-            # Header and payload in one writev: a batch's megabyte is not copied to join them.
-            _write_all(self._fd, header, payload)
+            # Headers and payloads in one writev: a batch's megabyte is not copied to join them.
+            _write_all(self._fd, buffers)
         except OSError as exc:
             self.disk_full_since_roll = True
-            # Leave no half record behind: cut the file back to where this one began.
+            # Leave no half record behind: cut the file back to where this write began.
             try:
-                os.ftruncate(self._fd, start.offset)
+                os.ftruncate(self._fd, first)
             except OSError:
-                log.exception("cannot cut a partial record off segment %d", self._active)
+                log.exception("cannot cut a partial record off segment %d", segment)
             raise SpoolFull(f"cannot write to the spool: {exc.strerror or exc}") from exc
-        end = Position(self._active, start.offset + size)
-        self._sizes[self._active] = end.offset
+        self._sizes[segment] = offset
         self._total += size
-        self._written = end
-        seq = self.next_seq
-        self.next_seq += count
+        self._written = Position(segment, offset)
+        self.next_seq = seq
         appended, self._appended = self._appended, None
         if appended is not None:
             appended.set()
-        return Record(start, end, count, seq, appended_ms, flags, payload)
+        return records
 
     async def append(self, payload: bytes, count: int, flags: int = 0) -> Record:
         """Write a record and return once it is as durable as the policy promises."""
@@ -430,16 +458,20 @@ class Spool:
             path = self.segments_dir / _segment_name(segment)
             data = path.read_bytes()
             last = index == len(segments) - 1
-            good_end = 0
+            good: list[tuple[int, ...]] = []
             spans = []
             for item in scan_segment(data):
-                if len(item) == 4:
-                    good_end = item[1]
-                    self.next_seq = max(self.next_seq, item[3] + item[2])
-                else:
-                    spans.append(item)
-            torn_tail = [s for s in spans if s[0] >= good_end]
-            corrupt = [s for s in spans if s[0] < good_end]
+                (good if len(item) == 5 else spans).append(item)
+            # A group whose last record is missing (a crash during write_many) goes with the
+            # torn tail: a group is read back whole or not at all.
+            complete = len(good)
+            while complete and good[complete - 1][4] & GROUP_CONTINUES:
+                complete -= 1
+            del good[complete:]
+            good_end = good[-1][1] if good else 0
+            for _offset, _end, count, seq, _flags in good:
+                self.next_seq = max(self.next_seq, seq + count)
+            corrupt = [s for s in spans if s[0] < good_end]  # the rest is the torn tail
             for bad_start, bad_end in corrupt:
                 self._quarantine(segment, data[bad_start:bad_end], bad_start)
                 self.corrupt_bytes_total += bad_end - bad_start
@@ -452,13 +484,11 @@ class Spool:
                 )
             if corrupt:
                 # Rewrite the segment with the good records only, so offsets stay parseable.
-                kept = b"".join(
-                    data[item[0] : item[1]] for item in scan_segment(data) if len(item) == 4
-                )
+                kept = b"".join(data[item[0] : item[1]] for item in good)
                 _atomic_write(path, kept)
                 good_end = len(kept)
                 data = kept
-            if torn_tail and good_end < len(data):
+            if good_end < len(data):  # a torn record, or a group without its end
                 cut = len(data) - good_end
                 if not last:
                     self._quarantine(segment, data[good_end:], good_end)
@@ -468,8 +498,9 @@ class Spool:
                     f.flush()
                     os.fsync(f.fileno())
                 log.warning(
-                    "spool segment %d: cut %d bytes of a torn record at offset %d "
-                    "(a crash during a write); the records before it are kept",
+                    "spool segment %d: cut %d bytes of a torn record (or of a group of records"
+                    " without its last one) at offset %d (a crash during a write); the records"
+                    " before it are kept",
                     segment,
                     cut,
                     good_end,
@@ -488,11 +519,11 @@ class Spool:
         path.write_bytes(data)
 
 
-def _write_all(fd: int, header: bytes, payload: bytes) -> None:
-    written = os.writev(fd, [header, payload])
-    if written == len(header) + len(payload):
+def _write_all(fd: int, buffers: list[bytes]) -> None:
+    written = os.writev(fd, buffers)
+    if written == sum(len(b) for b in buffers):
         return
-    view = memoryview(header + payload)[written:]  # a short write (a full disk, a signal)
+    view = memoryview(b"".join(buffers))[written:]  # a short write (a full disk, a signal)
     while view:
         view = view[os.write(fd, view) :]
 

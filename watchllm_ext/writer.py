@@ -128,6 +128,7 @@ class Log(Protocol):
     @property
     def bytes(self) -> int: ...
     def write(self, payload: bytes, count: int, flags: int = 0) -> Record: ...
+    def write_many(self, items: Sequence[tuple[bytes, int, int]]) -> list[Record]: ...
     async def sync_to(self, position: Position) -> None: ...
     async def wait_appended(self) -> None: ...
     def read(self, start: Position, max_events: int) -> list[Record]: ...
@@ -179,6 +180,13 @@ class MemoryLog:
         self._appended.set()
         self._appended = anyio.Event()
         return record
+
+    def write_many(self, items: Sequence[tuple[bytes, int, int]]) -> list[Record]:
+        """All the records or none (the cap is checked for all of them first)."""
+        total = sum(count for _, count, _ in items)
+        if self._held + total > self.max_events:
+            raise SpoolFull(f"{self._held} events are held in memory, the cap is {self.max_events}")
+        return [self.write(payload, count, flags) for payload, count, flags in items]
 
     async def sync_to(self, position: Position) -> None:
         return None
@@ -275,34 +283,40 @@ class Writer:
 
     async def submit(self, events: Sequence[Any], spans: Sequence[SpanRow] = ()) -> None:
         """Put events (and span rows: one more record) in the log; returns once they are as
-        durable as the log promises (one sync for both records).
+        durable as the log promises.
 
-        Raises WriterFull (no room now) or WriterClosed (not running). When the span record
-        finds no room after the events' record was written, the events stay (the client's
-        re-send finds them stored once: ids are idempotency keys) and WriterFull is raised.
+        The events' record and the spans' go in one write (Log.write_many): after a crash
+        both are read back or neither, so a request never half-lands. Raises WriterFull (no
+        room now: nothing was written) or WriterClosed (not running).
         """
         if not self._accepting:
             raise WriterClosed("the writer is not running")
         needs_payload = getattr(self.log, "needs_payload", True)
-        end: Position | None = None
+        batches: list[tuple[Sequence[Any], int]] = []
+        if events:
+            batches.append((events, 0))
+        if spans:
+            batches.append((spans, SPANS))
+        if not batches:
+            return
+        items: list[tuple[bytes, int, int]] = []
+        for batch, flags in batches:
+            payload = b""  # a memory log keeps the items, not their bytes
+            if needs_payload:
+                payload = encode_rows(batch) if flags & SPANS else self.encode(batch)
+            items.append((payload, len(batch), flags))
         try:
-            if events:
-                payload = self.encode(events) if needs_payload else b""
-                end = self._append(payload, events, 0)
-            if spans:
-                payload = encode_rows(spans) if needs_payload else b""
-                end = self._append(payload, spans, SPANS)
+            records = self.log.write_many(items)
         except SpoolFull as exc:
             self.full_total += 1
-            if end is not None:
-                await self.log.sync_to(end)
             raise WriterFull(str(exc), exc.retry_after_s) from None
+        for record, (batch, _) in zip(records, batches, strict=True):
+            self._keep(record, batch)
         self.accepted_events_total += len(events)
-        if end is not None:
-            await self.log.sync_to(end)
+        await self.log.sync_to(records[-1].end)
 
-    def _append(self, payload: bytes, items: Sequence[Any], flags: int) -> Position:
-        record = self.log.write(payload, len(items), flags)
+    def _keep(self, record: Record, items: Sequence[Any]) -> None:
+        """Hold a new record's items in memory for the sinks, within memory_max_events."""
         if not self.sinks:
             self.log.release(record.end)  # nobody to deliver to: nothing to keep
         elif not getattr(self.log, "needs_payload", True) or (
@@ -310,7 +324,6 @@ class Writer:
         ):
             self._cache[record.start] = list(items)
             self._cached_events += len(items)
-        return record.end
 
     async def submit_for(self, sink: str, payload: bytes, count: int, spans: bool = False) -> None:
         """Put a record for one sink only into the log (a dead-letter replay)."""
