@@ -11,7 +11,7 @@ the test process already uses chDB with other folders:
 
 or, from a test, ``with start_fixture(tmp_path) as fx: clickhouse_connect.get_client(
 **fx.client_kwargs())``. It is for tests only: one user, no TLS, no access control beyond
-that user's password, one query at a time, everything buffered in memory.
+that user's password, results buffered in memory.
 
 What it supports (the parts clickhouse-connect sends, read from its source):
 
@@ -22,6 +22,13 @@ What it supports (the parts clickhouse-connect sends, read from its source):
   files (``<name>_structure`` or ``<name>_types``, ``<name>_format``), which become temporary
   tables for the one query.
 * ``param_<name>`` query parameters, given to chDB as the raw text ClickHouse parses.
+* The server's limits on URL parameters and form fields (``http_max_fields``,
+  ``http_max_field_name_size``, ``http_max_field_value_size``: 1000 fields, 4 KiB names,
+  128 KiB values by default, read from the engine): a request over one is refused as by
+  ClickHouse's form reader (HTTP 500, ``Poco::Exception. Code: 1000, e.code() = 0, HTML Form
+  Exception: Field value too long``), in the URL (sizes URL-encoded) as in a form. URLs up to
+  ``http_max_uri_size`` (1 MiB) are read.
+* Concurrent requests run concurrently, as on a server, each on its own chDB connection.
 * ``database`` (or the ``X-ClickHouse-Database`` header), ``default_format`` (or the
   ``X-ClickHouse-Format`` header, default TabSeparated), ``query_id``, ``session_id`` with
   ``session_timeout`` (default 60 s, at most 3600), ``session_check`` and ``close_session``;
@@ -37,7 +44,10 @@ What it supports (the parts clickhouse-connect sends, read from its source):
 * INSERT with inline data (``... FORMAT <fmt>`` then data, or ``VALUES``): the statement is
   split from its data the way ClickHouse's parser does and the data is streamed into chDB's
   ``send_insert`` in that format (Native, Arrow, RowBinary, TSV, CSV, JSONEachRow, Values,
-  Parquet, ...). ``INSERT ... SELECT`` and ``FROM INFILE`` run as ordinary queries.
+  Parquet, ...). Where the whole statement is in the ``query`` URL parameter and the body is
+  all data (what clickhouse-connect's inserts send), the body goes into the insert chunk by
+  chunk as it arrives and is decompressed, never whole in memory. ``INSERT ... SELECT`` and
+  ``FROM INFILE`` run as ordinary queries.
 * Result formats: whatever the query's ``FORMAT`` clause or ``default_format`` names (Native,
   Arrow, ArrowStream, Parquet, RowBinaryWithNamesAndTypes, TabSeparated*, JSON*, CSV*, ...).
 * Authentication: HTTP Basic, ``X-ClickHouse-User``/``X-ClickHouse-Key`` headers, or the
@@ -61,9 +71,8 @@ What it does not support:
 
 * ClickHouse's own block compression: ``compress=1`` / ``decompress=1`` fail with 48
   NOT_IMPLEMENTED (clickhouse-connect uses HTTP Content-Encoding instead).
-* Streaming: results are computed whole before the response starts, so there are no
+* Streaming of results: they are computed whole before the response starts, so there are no
   ``X-ClickHouse-Progress`` headers and no mid-stream exceptions (``X-ClickHouse-Exception-Tag``).
-* Concurrency: one query at a time over the whole fixture.
 * Users, roles, quotas, grants, TLS, the TCP protocol, ``/play``, ``/replicas_status``,
   ``/dashboard``, HTTP handler configuration, query cancellation on client close, and
   ``KILL QUERY`` for queries of other requests.
@@ -122,6 +131,8 @@ except ImportError:
 HOST = "127.0.0.1"
 DISPLAY_NAME = "chfixture"
 DEFAULT_SESSION_TIMEOUT = 60
+MAX_URI_SIZE = 1 << 20  # ClickHouse's http_max_uri_size
+CLOSE_WAIT_S = 30.0  # at shutdown, how long requests still running are waited for
 MAX_SESSION_TIMEOUT = 3600
 
 # URL parameters the HTTP interface consumes itself; every other one is a setting.
@@ -265,6 +276,46 @@ class ChError(Exception):
         if not text.rstrip(".").endswith(f"({self.name})"):
             text = f"{text.rstrip('.')}. ({self.name})"
         return f"{text} (version {version})\n".encode()
+
+
+class FormError(ChError):
+    """What the server answers when its HTTP form reader (Poco's HTMLForm) refuses a request:
+    not a DB::Exception but a Poco one, code 1000, HTTP 500."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(1000, "POCO_EXCEPTION", message)
+
+    def body(self, version: str) -> bytes:
+        text = f"Poco::Exception. Code: 1000, e.code() = 0, HTML Form Exception: {self.message}"
+        return f"{text} (version {version})\n".encode()
+
+
+@dataclass(frozen=True)
+class FormLimits:
+    """The server's limits on URL parameters and form fields (http_max_fields,
+    http_max_field_name_size, http_max_field_value_size): ClickHouse's HTMLForm refuses a
+    request over any of them, whether the values travel in the URL or in a multipart body."""
+
+    max_fields: int = 1000
+    max_name_size: int = 4096
+    max_value_size: int = 131072
+
+    def check(self, fields: Iterable[tuple[int, int]]) -> None:
+        """Check (name size, value size) pairs, sizes as sent (URL-encoded in a URL)."""
+        for count, (name_size, value_size) in enumerate(fields):
+            if self.max_fields and count == self.max_fields:
+                raise FormError("Too many form fields")
+            if name_size > self.max_name_size:
+                raise FormError("Field name too long")
+            if value_size > self.max_value_size:
+                raise FormError("Field value too long")
+
+    def check_url(self, query_string: bytes) -> None:
+        if query_string:
+            self.check(
+                (len(name), len(value))
+                for name, _, value in (part.partition(b"=") for part in query_string.split(b"&"))
+            )
 
 
 def engine_error(exc: BaseException) -> ChError:
@@ -422,46 +473,80 @@ def _analyze_insert(text: bytes, stream: Iterator[Token]) -> Statement:
 # --- compression -------------------------------------------------------------------------
 
 
+def _lz4_frames() -> Any:
+    return lz4.frame.LZ4FrameDecompressor()
+
+
+def _zstd_frames() -> Any:
+    return zstd.ZstdDecompressor()
+
+
+def _gzip_members() -> Any:
+    return zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+
+
+# Incremental decompressors of one frame (member, stream) each, by Content-Encoding: each has
+# decompress(data), eof and unused_data (where the next frame starts).
+_DECOMPRESSORS: dict[str, Callable[[], Any]] = {
+    "zstd": _zstd_frames,
+    "lz4": _lz4_frames,
+    "gzip": _gzip_members,
+    "x-gzip": _gzip_members,
+    "deflate": zlib.decompressobj,
+}
+_DECODER_ERRORS = {
+    "zstd": (561, "ZSTD_DECODER_FAILED"),
+    "lz4": (617, "LZ4_DECODER_FAILED"),
+    "br": (369, "BROTLI_READ_FAILED"),
+}
+
+
+def decode_chunks(chunks: Iterable[bytes], encoding: str) -> Iterator[bytes]:
+    """Undo a request's Content-Encoding as the body arrives, chunk by chunk, as a server
+    does (several concatenated frames/members allowed); br is decoded once read whole."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity", "none"):
+        yield from chunks
+        return
+    new = _DECOMPRESSORS.get(encoding)
+    if new is None:
+        body = b"".join(chunks)
+        if body:
+            yield decode_body(body, encoding)
+        return
+    try:
+        frame = None
+        for chunk in chunks:
+            while chunk:
+                frame = frame or new()
+                out = frame.decompress(chunk)
+                if out:
+                    yield out
+                chunk = b""
+                if frame.eof:  # the rest is the next frame
+                    chunk, frame = frame.unused_data, None
+        if frame is not None:
+            raise ValueError(f"truncated {encoding} frame")
+    except ChError:
+        raise
+    except Exception as exc:
+        code, name = _DECODER_ERRORS.get(encoding, (354, "ZLIB_INFLATE_FAILED"))
+        raise ChError(code, name, f"Cannot decompress the {encoding} request body: {exc}") from exc
+
+
 def decode_body(body: bytes, encoding: str) -> bytes:
     """Undo a request's Content-Encoding (several concatenated frames/members allowed)."""
     encoding = encoding.strip().lower()
     if not body or encoding in ("", "identity", "none"):
         return body
-    try:
-        if encoding == "zstd":
-            return zstd.decompress(body)
-        if encoding == "lz4":
-            parts = []
-            rest = body
-            while rest:
-                decompressor = lz4.frame.LZ4FrameDecompressor()
-                parts.append(decompressor.decompress(rest))
-                if not decompressor.eof:
-                    raise ValueError("truncated lz4 frame")
-                rest = decompressor.unused_data
-            return b"".join(parts)
-        if encoding in ("gzip", "x-gzip"):
-            return gzip.decompress(body)
-        if encoding == "deflate":
-            parts = []
-            rest = body
-            while rest:
-                decompressor = zlib.decompressobj()
-                parts.append(decompressor.decompress(rest))
-                if not decompressor.eof:
-                    raise ValueError("truncated deflate stream")
-                rest = decompressor.unused_data
-            return b"".join(parts)
-        if encoding == "br" and brotli is not None:
+    if encoding in _DECOMPRESSORS:
+        return b"".join(decode_chunks([body], encoding))
+    if encoding == "br" and brotli is not None:
+        try:
             return brotli.decompress(body)
-    except Exception as exc:
-        names = {
-            "zstd": (561, "ZSTD_DECODER_FAILED"),
-            "lz4": (617, "LZ4_DECODER_FAILED"),
-            "br": (369, "BROTLI_READ_FAILED"),
-        }
-        code, name = names.get(encoding, (354, "ZLIB_INFLATE_FAILED"))
-        raise ChError(code, name, f"Cannot decompress the {encoding} request body: {exc}") from exc
+        except Exception as exc:
+            code, name = _DECODER_ERRORS["br"]
+            raise ChError(code, name, f"Cannot decompress the br request body: {exc}") from exc
     raise ChError(
         48,
         "NOT_IMPLEMENTED",
@@ -517,6 +602,8 @@ class Call:
     session_check: bool = False
     close_session: bool = False
     external: list[ExternalTable] = field(default_factory=list)
+    # An INSERT whose statement is all in the URL: its data, the body as it arrives
+    data: Iterator[bytes] | None = None
 
 
 @dataclass
@@ -620,7 +707,8 @@ class _Session:
 
 
 class Engine:
-    """chDB behind ClickHouse's HTTP semantics. One query at a time (a lock)."""
+    """chDB behind ClickHouse's HTTP semantics: requests run concurrently, each on its own
+    connection (a session's on the session's, one at a time)."""
 
     def __init__(self, data_dir: Path, *, database_must_exist: bool = True) -> None:
         import chdb
@@ -629,7 +717,10 @@ class Engine:
         self.path = str(Path(data_dir).resolve())
         Path(self.path).mkdir(parents=True, exist_ok=True)
         self.database_must_exist = database_must_exist
-        self._lock = threading.Lock()
+        # Requests run concurrently, as on a server, each on its own chDB connection (a
+        # session's requests one at a time on the session's). close() waits for them.
+        self._requests = threading.Condition()
+        self._in_flight = 0
         self._sessions_lock = threading.Lock()
         self._sessions: dict[str, _Session] = {}
         self._to_close: list[_Handle] = []
@@ -641,6 +732,12 @@ class Engine:
         )
         self.version, self.timezone, compression = row.bytes().decode().strip().split("\t")
         self.http_compression_default = _truthy(compression)
+        limits = self._root.query(
+            "SELECT getSetting('http_max_fields'), getSetting('http_max_field_name_size'),"
+            " getSetting('http_max_field_value_size')",
+            "TabSeparated",
+        )
+        self.form_limits = FormLimits(*map(int, limits.bytes().decode().split()))
 
     # sessions
 
@@ -680,7 +777,7 @@ class Engine:
                     self._to_close.append(session.handle)
                     session.handle = None
 
-    def _reap_locked(self) -> None:
+    def _reap(self) -> None:
         now = time.monotonic()
         with self._sessions_lock:
             for session_id, session in list(self._sessions.items()):
@@ -698,7 +795,8 @@ class Engine:
             handle.conn.close()
 
     def close(self) -> None:
-        with self._lock:
+        with self._requests:
+            self._requests.wait_for(lambda: not self._in_flight, timeout=CLOSE_WAIT_S)
             with self._sessions_lock:
                 handles = [s.handle for s in self._sessions.values() if s.handle is not None]
                 handles += self._to_close
@@ -713,8 +811,8 @@ class Engine:
     def execute(self, call: Call) -> Outcome:
         session = self._checkout(call)
         try:
-            with self._lock:
-                self._reap_locked()
+            with self._in_request():
+                self._reap()
                 if session is None:
                     handle = _Handle(self._connect(self.path))
                     try:
@@ -727,6 +825,17 @@ class Engine:
         finally:
             if session is not None:
                 self._checkin(session, close=call.close_session)
+
+    @contextlib.contextmanager
+    def _in_request(self) -> Iterator[None]:
+        with self._requests:
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._requests:
+                self._in_flight -= 1
+                self._requests.notify_all()
 
     def _query(self, handle: _Handle, sql: str | bytes, fmt: str = "TabSeparated") -> Any:
         try:
@@ -838,14 +947,20 @@ class Engine:
             f"CREATE TEMPORARY TABLE {_quote_identifier(table.name)} ({table.structure}) "
             "ENGINE = Memory",
         )
-        self._insert(handle, f"INSERT INTO {_quote_identifier(table.name)}", table.fmt, table.data)
+        name = _quote_identifier(table.name)
+        self._insert(handle, f"INSERT INTO {name}", table.fmt, [table.data])
 
-    def _insert(self, handle: _Handle, sql: str, fmt: str, data: bytes | memoryview) -> Any:
+    def _insert(
+        self, handle: _Handle, sql: str, fmt: str, data: Iterable[bytes | memoryview]
+    ) -> Any:
         try:
             with handle.conn.send_insert(sql, fmt) as inserter:
-                if len(data):
-                    inserter.append(data)
+                for piece in data:
+                    if len(piece):
+                        inserter.append(piece)
                 return inserter.finish()
+        except ChError:  # the body's (a bad compressed stream, a client gone)
+            raise
         except Exception as exc:
             raise engine_error(exc) from None
 
@@ -853,7 +968,7 @@ class Engine:
         statement = call.statement
         started = time.monotonic()
         if statement.insert_head is not None and not (call.params):
-            data = memoryview(call.text)[statement.data_start :]
+            data = call.data or [memoryview(call.text)[statement.data_start :]]
             done = self._insert(
                 handle,
                 statement.insert_head.decode("utf-8"),
@@ -916,6 +1031,28 @@ def _summary(
 Headers = list[tuple[str, str]]
 
 
+class RequestBody:
+    """A request body, read as it arrives: whole (read) or chunk by chunk (chunks), once.
+    `receive` returns the next chunk and whether more follow."""
+
+    def __init__(self, receive: Callable[[], tuple[bytes, bool]]) -> None:
+        self._receive = receive
+        self._more = True
+
+    @classmethod
+    def of(cls, body: bytes) -> RequestBody:
+        return cls(lambda: (body, False))
+
+    def chunks(self) -> Iterator[bytes]:
+        while self._more:
+            chunk, self._more = self._receive()
+            if chunk:
+                yield chunk
+
+    def read(self) -> bytes:
+        return b"".join(self.chunks())
+
+
 class Service:
     """ClickHouse's HTTP request handling over an Engine: (method, path, ...) -> response."""
 
@@ -925,20 +1062,30 @@ class Service:
         self.password = password
 
     def handle(
-        self, method: str, path: str, query_string: bytes, headers: dict[str, str], body: bytes
+        self,
+        method: str,
+        path: str,
+        query_string: bytes,
+        headers: dict[str, str],
+        body: bytes | RequestBody,
     ) -> tuple[int, Headers, bytes]:
         params = dict(parse_qsl(query_string.decode("latin-1"), keep_blank_values=True))
+        if isinstance(body, bytes):
+            body = RequestBody.of(body)
+        if method in ("GET", "HEAD"):  # small if any; whether there is one decides /ping
+            body = RequestBody.of(body.read())
         query_id = params.get("query_id") or str(uuid.uuid4())
         common: Headers = [
             ("X-ClickHouse-Server-Display-Name", DISPLAY_NAME),
             ("Keep-Alive", "timeout=30"),
         ]
         if path == "/ping" or (
-            path == "/" and method in ("GET", "HEAD") and "query" not in params and not body
+            path == "/" and method in ("GET", "HEAD") and "query" not in params and not body.read()
         ):
             return 200, [*common, ("Content-Type", "text/html; charset=UTF-8")], b"Ok.\n"
         common.append(("X-ClickHouse-Query-Id", _header_value(query_id)))
         try:
+            self.engine.form_limits.check_url(query_string)
             self._authenticate(headers, params)
             call = self._call(method, params, headers, body)
             outcome = self.engine.execute(call)
@@ -1028,7 +1175,9 @@ class Service:
                 "with such name"
             )
 
-    def _call(self, method: str, params: dict[str, str], headers: dict[str, str], body: bytes):
+    def _call(
+        self, method: str, params: dict[str, str], headers: dict[str, str], body: RequestBody
+    ) -> Call:
         if _truthy(params.get("compress")) or _truthy(params.get("decompress")):
             raise ChError(
                 48,
@@ -1038,14 +1187,32 @@ class Service:
             )
         content_type = headers.get("content-type", "")
         files: dict[str, bytes] = {}
+        data = None
         if content_type.lower().startswith("multipart/form-data"):
-            fields, files = parse_multipart(body, content_type)
+            fields, files = parse_multipart(body.read(), content_type)
+            self.engine.form_limits.check(
+                [(len(name.encode()), len(value.encode())) for name, value in fields.items()]
+                + [(len(name.encode()), 0) for name in files]  # files have no value limit
+            )
             params = {**params, **fields}
             text = params.get("query", "").encode()
         else:
-            body = decode_body(body, headers.get("content-encoding", ""))
+            encoding = headers.get("content-encoding", "")
             query = params.get("query", "").encode()
-            text = query + b"\n" + body if query and body else query or body
+            head = query + b"\n"
+            inline = analyze(head) if query else None
+            if (
+                inline is not None
+                and inline.insert_head is not None
+                and inline.data_start == len(head)
+                and not any(name.startswith("param_") for name in params)
+            ):
+                # INSERT ... FORMAT in the URL, the data in the body: streamed into the insert
+                # as it arrives and is decompressed, as a server does (no copy of it whole).
+                text, data = head, decode_chunks(body.chunks(), encoding)
+            else:
+                raw = decode_body(body.read(), encoding)
+                text = query + b"\n" + raw if query and raw else query or raw
         if not text.strip():
             raise ChError(62, "SYNTAX_ERROR", "Empty query")
         statement = analyze(text)
@@ -1114,6 +1281,7 @@ class Service:
             session_check=_truthy(params.get("session_check")),
             close_session=_truthy(params.get("close_session")),
             external=external,
+            data=data,
         )
 
 
@@ -1135,6 +1303,7 @@ class Asgi:
         self.service = service
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        import anyio.from_thread
         import anyio.to_thread
 
         if scope["type"] == "lifespan":
@@ -1148,26 +1317,33 @@ class Asgi:
                     return
         if scope["type"] != "http":
             return
-        chunks = []
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body"):
-                break
         headers = {
             name.decode("latin-1").lower(): value.decode("latin-1")
             for name, value in scope["headers"]
         }
-        status, response_headers, content = await anyio.to_thread.run_sync(
-            self.service.handle,
-            scope["method"],
-            scope["path"],
-            scope["query_string"],
-            headers,
-            b"".join(chunks),
-        )
+
+        async def next_chunk() -> tuple[bytes, bool]:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ChError(210, "NETWORK_ERROR", "the client closed the connection")
+            return message.get("body", b""), bool(message.get("more_body"))
+
+        def handle() -> tuple[int, Headers, bytes]:
+            # The worker thread reads the body from the event loop as it needs it (uvicorn
+            # stops reading the socket while a chunk waits: the body is never all in memory).
+            body = RequestBody(lambda: anyio.from_thread.run(next_chunk))
+            try:
+                return self.service.handle(
+                    scope["method"], scope["path"], scope["query_string"], headers, body
+                )
+            finally:
+                for _ in body.chunks():  # what the answer did not need, so the connection
+                    pass  # can serve its next request
+
+        try:
+            status, response_headers, content = await anyio.to_thread.run_sync(handle)
+        except ChError:  # the client is gone
+            return
         response_headers = [*response_headers, ("Content-Length", str(len(content)))]
         await send(
             {
@@ -1218,6 +1394,10 @@ def serve(
         access_log=False,
         lifespan="on",
         timeout_keep_alive=30,
+        # h11, not httptools: httptools refuses a URL over 64 KiB, a server takes up to
+        # http_max_uri_size (1 MiB); the request line and headers must fit in this buffer.
+        http="h11",
+        h11_max_incomplete_event_size=MAX_URI_SIZE + 64 * 1024,
     )
 
 

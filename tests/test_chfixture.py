@@ -3,17 +3,21 @@ clickhouse-connect client: what a store plugin built on clickhouse-connect will 
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import gzip
+import http.client
 import json
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import clickhouse_connect
 import httpx
+import lz4.frame
 import pyarrow as pa
 import pytest
 from chfixture import Fixture, analyze, engine_error, start_fixture, zstd
@@ -170,6 +174,40 @@ def test_long_parameters_go_as_a_form_and_external_data_works(client: Client) ->
     assert result.result_rows == [("one",), ("two",)]
 
 
+def test_a_parameter_over_the_servers_field_limit_is_refused(fx: Fixture, client: Client) -> None:
+    # ClickHouse's HTMLForm refuses a value over http_max_field_value_size (128 KiB), in a
+    # form as in the URL (there counted URL-encoded), with a Poco exception: code 1000, 500.
+    limit = client.command("SELECT getSetting('http_max_field_value_size')")
+    assert limit == 131072
+    query = "SELECT length({v:String})"
+    assert client.query(query, parameters={"v": "y" * limit}).result_rows == [(limit,)]
+    with pytest.raises(DatabaseError) as caught:
+        client.query(query, parameters={"v": "y" * (limit + 1)})  # as a multipart form
+    assert caught.value.code == 1000
+    assert "HTML Form Exception: Field value too long" in str(caught.value)
+    auth = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+
+    def post(params: dict[str, str], body: bytes) -> tuple[int, str, str]:
+        # http.client, not httpx: httpx refuses URLs over 64 KiB before sending them
+        connection = http.client.HTTPConnection("127.0.0.1", fx.port, timeout=10)
+        try:
+            connection.request("POST", "/?" + urlencode(params), body, {"Authorization": auth})
+            response = connection.getresponse()
+            text = response.read().decode()
+            return response.status, response.getheader("X-ClickHouse-Exception-Code", ""), text
+        finally:
+            connection.close()
+
+    # in the URL: 'a' is sent as is, so 131,072 fit; "'" is sent as %27, so 43,691 do not
+    assert post({"param_v": "a" * limit}, query.encode()) == (200, "", f"{limit}\n")
+    status, code, text = post({"param_v": "'" * 43_691}, query.encode())
+    assert (status, code) == (500, "1000")
+    assert text.startswith(
+        "Poco::Exception. Code: 1000, e.code() = 0, HTML Form Exception: Field value too long"
+    )
+    assert "Too many form fields" in post({f"param_p{i}": "1" for i in range(1001)}, b"SELECT 1")[2]
+
+
 def test_settings_apply_to_one_query_only(client: Client) -> None:
     default = client.command("SELECT getSetting('max_threads')")
     assert client.command("SELECT getSetting('max_threads')", settings={"max_threads": 3}) == 3
@@ -315,6 +353,46 @@ def test_http_details(fx: Fixture) -> None:
         )
         assert compressed.headers["Content-Encoding"] == "zstd"
         assert zstd.decompress(compressed.content) == b"a" * 1000 + b"\n"
+
+
+def test_an_insert_streams_its_body_while_other_queries_run(fx: Fixture, client: Client) -> None:
+    # As on a server: the insert starts with the first chunk of its (lz4) body, and another
+    # query runs meanwhile and sees it running. Buffering the body first, or one query at a
+    # time, would not show it (or would wait for ever: the body waits for that query).
+    client.command("CREATE TABLE stream_t (a UInt32) ENGINE = MergeTree ORDER BY a")
+    frame = lz4.frame.compress(b"".join(b"%d\n" % i for i in range(100_000)))
+    running: list[str] = []
+
+    def body() -> Iterator[bytes]:
+        yield frame[:1000]
+        running.append(
+            client.command(
+                "SELECT query FROM system.processes WHERE query LIKE 'INSERT INTO stream_t%'"
+            )
+        )
+        yield frame[1000:]
+
+    url = f"http://127.0.0.1:{fx.port}/"
+    with httpx.Client(timeout=30, auth=(USER, PASSWORD)) as http:
+        done = http.post(
+            url,
+            params={"query": "INSERT INTO stream_t FORMAT TSV"},
+            content=body(),
+            headers={"Content-Encoding": "lz4"},
+        )
+        assert done.status_code == 200, done.text
+        assert running and "INSERT INTO stream_t" in running[0]
+        assert client.command("SELECT count(), sum(a) FROM stream_t") == ["100000", "4999950000"]
+        # a stream cut short is refused whole, and the connection serves the next request
+        cut = http.post(
+            url,
+            params={"query": "INSERT INTO stream_t FORMAT TSV"},
+            content=iter([frame[:1000], frame[1000:-4]]),
+            headers={"Content-Encoding": "lz4"},
+        )
+        assert (cut.status_code, cut.headers["X-ClickHouse-Exception-Code"]) == (500, "617")
+        assert "truncated lz4 frame" in cut.text
+        assert http.post(url, content=b"SELECT count() FROM stream_t").text == "100000\n"
 
 
 def test_auto_created_database_without_the_strict_flag(tmp_path: Path, connect: Any) -> None:

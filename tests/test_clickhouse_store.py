@@ -7,6 +7,7 @@ mid-ingest and comes back, a timeout, a migration interrupted half-way)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -378,6 +379,43 @@ def test_a_value_with_a_unicode_line_separator(store: ClickHouseStore) -> None:
     # JSON text escapes \n but not U+0085 (NEL): the lines are split at "\n" only.
     value = "a\u0085b\u2028c\x1cd"
     assert store.query("SELECT {v:String} AS v", {"v": value}) == [{"v": value}]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"\n",
+        b'{"a":1,"b":[1.5,-0.0,1e-400,18446744073709551616],"c":null}\n{"a":"x\xc2\x85y"}\n',
+        b'{"a":1,"a":2}\n',
+        b'{"u":"\\ud83d\\ude80 \\u0000"}\n',
+        # msgspec refuses these; json.loads reads (or refuses) them as the chDB store does
+        b'{"a":NaN,"b":Infinity}\n',
+        b'{"a":1e400}\n',
+        b'{"a":"\\ud800"}\n',
+    ],
+)
+def test_answers_are_read_as_json_loads_reads_each_line(body: bytes) -> None:
+    assert clickhouse_store._rows(body) == [json.loads(x) for x in body.split(b"\n") if x]
+
+
+@pytest.mark.parametrize("body", [b'{"a":"\xff"}\n', b'{"a":"\x1c"}\n', b'{"a":1\n'])
+def test_a_bad_answer_fails_as_json_loads_fails(body: bytes) -> None:
+    with pytest.raises(ValueError) as caught:
+        clickhouse_store._rows(body)
+    with pytest.raises(ValueError) as expected:
+        [json.loads(x) for x in body.split(b"\n") if x]
+    assert type(caught.value) is type(expected.value)
+
+
+def test_a_parameter_over_the_servers_field_limit(store: ClickHouseStore) -> None:
+    # A server refuses any parameter value over http_max_field_value_size (128 KiB), sent in
+    # the URL or in a form: callers must split long id lists into smaller queries.
+    limit = 131072
+    assert store.query("SELECT length({v:String}) AS n", {"v": "a" * limit}) == [{"n": limit}]
+    with pytest.raises(StoreError, match="http_max_field_value_size") as caught:
+        store.query("SELECT length({v:String}) AS n", {"v": "a" * (limit + 1)})
+    assert "Field value too long" in str(caught.value) and not caught.value.permanent
 
 
 def test_values_have_the_chdb_types(store: ClickHouseStore) -> None:
