@@ -91,13 +91,18 @@ def cpu_seconds(pid: int) -> float:
 
 
 def thread_cpu(pid: int) -> Counter[str]:
-    """CPU seconds of each thread of `pid`, summed by thread name (comm)."""
+    """CPU seconds of each thread of `pid`, summed by thread name (comm); the main thread (the
+    event loop) apart from Python's other threads, which share its name."""
     out: Counter[str] = Counter()
     tick = os.sysconf("SC_CLK_TCK")
     with contextlib.suppress(OSError):
         for task in Path(f"/proc/{pid}/task").iterdir():
             with contextlib.suppress(OSError):
                 name, _, rest = (task / "stat").read_text().partition(" (")[2].rpartition(") ")
+                if task.name == str(pid):
+                    name += " (main: event loop)"
+                elif name == "python":
+                    name += " (worker threads)"
                 fields = rest.split()
                 # fields[0] is the state; utime and stime are the 12th and 13th after the name.
                 out[name] += (int(fields[11]) + int(fields[12])) / tick
@@ -973,10 +978,11 @@ def print_report(
         )
         print("  threads (CPU µs per span, from /proc):")
         for name, sec in profile["threads"].items():
-            print(f"    {name:24s} {sec / max(n, 1) * 1e6:7.1f}")
-        # Python 3.11 leaves its threads' OS name "python": that row is all the Python
-        # threads; the other names are chDB's (ClickHouse's) own threads.
-        py_us = profile["threads"].get("python", 0.0) / max(n, 1) * 1e6
+            print(f"    {name:32s} {sec / max(n, 1) * 1e6:7.1f}")
+        # Python 3.11 leaves its threads' OS name "python": those rows are the Python threads
+        # (thread_cpu tells the main one apart); the other names are chDB's own threads.
+        py_sec = sum(v for k, v in profile["threads"].items() if k.startswith("python"))
+        py_us = py_sec / max(n, 1) * 1e6
         print(
             f"  Python threads, by stage (py-spy, {profile['samples']:,} busy samples; µs = "
             f"share x the Python threads' {py_us:.0f} µs/span):"

@@ -6,8 +6,11 @@ Phoenix is not run here (it is not a dependency; the bench installs it into its 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -17,6 +20,7 @@ from watchllm_ext.otel.decode import parse_protobuf, spans_of
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
+from bench_otlp import thread_cpu  # noqa: E402
 from otlp_spans import BATCH_SPANS, make_bodies, read_bodies, write_bodies  # noqa: E402
 
 
@@ -97,3 +101,28 @@ def test_short_run_bare_and_watchllm(tmp_path: Path) -> None:
     # The LLM spans are also events, each stored once.
     assert wl["extra"]["events"] == wl["expected_extra"]["events"] > 0
     assert "| flat out | watchllm |" in run.stdout
+
+
+def test_thread_cpu_tells_the_main_thread_apart() -> None:
+    """--profile's per-thread CPU: the event loop's thread is its own row, so a run shows
+    whether the loop or the worker threads are the bottleneck."""
+    done = threading.Event()
+
+    def spin() -> None:
+        started = time.thread_time()
+        while time.thread_time() - started < 0.3:
+            pass
+        done.wait(10)
+
+    worker = threading.Thread(target=spin)
+    worker.start()
+    try:
+        time.sleep(0.5)  # the worker spins for 0.3 s of CPU, then waits, still alive
+        cpu = thread_cpu(os.getpid())
+    finally:
+        done.set()
+        worker.join()
+    main = [name for name in cpu if name.endswith("(main: event loop)")]
+    assert len(main) == 1, cpu
+    others = sum(v for name, v in cpu.items() if name != main[0])
+    assert others >= 0.2, cpu  # the worker's spin, counted apart from the main thread

@@ -856,13 +856,19 @@ def _finite_copy(value: Any) -> Any:
 
 
 def _bounded(value: Any) -> Any:
-    if type(value) is str:
+    kind = type(value)
+    if kind is str:
         return value[:MAX_METADATA_VALUE_CHARS]
+    if kind is bool or (kind is int and -_SHORT_INT < value < _SHORT_INT):
+        return value  # its JSON text is far below the limit: no need to write it
     value = _finite(value)
     if isinstance(value, str):
         return value[:MAX_METADATA_VALUE_CHARS]
     text = json.dumps(value, ensure_ascii=False, default=str)
     return value if len(text) <= MAX_METADATA_VALUE_CHARS else text[:MAX_METADATA_VALUE_CHARS]
+
+
+_SHORT_INT = 10**100  # an int below this has fewer than 102 characters of JSON
 
 
 def _within_limits(event: dict[str, Any]) -> dict[str, Any]:
