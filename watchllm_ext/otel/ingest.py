@@ -28,7 +28,7 @@ from ..ingest import Outcome, finish_fast, receipt_time, validate_items
 from ..observability.metrics import ops_metrics
 from .decode import MAX_PROBLEMS_LISTED
 from .mapping import Span, map_span
-from .rows import SpanRow
+from .rows import SpanRow, encoded
 
 if TYPE_CHECKING:
     from ..app import WatchLLM
@@ -75,8 +75,10 @@ def prepare(
     received_at: datetime | None = None,
     rejected: int = 0,
     problems: Sequence[str] = (),
+    encode: bool = False,
 ) -> Prepared:
-    """Map and validate (CPU only; safe on a worker thread, as the JSON path's validation)."""
+    """Map and validate (CPU only; safe on a worker thread, as the JSON path's validation).
+    `encode`: also make the rows' spool JSON here, off the event loop."""
     received = received_at or receipt_time()
     out = Prepared(rejected=rejected, problems=list(problems))
     rows: list[SpanRow | None] = []
@@ -108,6 +110,8 @@ def prepare(
             rows[at] = None
         out.events = outcome.accepted
     out.rows = [row for row in rows if row is not None]
+    if encode:
+        out.rows = encoded(out.rows)
     return out
 
 
@@ -182,8 +186,11 @@ async def ingest_spans(
         await wl.check_quota(principal, len(spans))
     received = receipt_time()
     if len(spans) >= OFFLOAD_SPANS:
+        # A spool needs the rows' JSON: made on the worker thread, not on the event loop.
+        writer = wl.writer
+        encode = writer is not None and getattr(writer.log, "needs_payload", True)
         prepared = await anyio.to_thread.run_sync(
-            prepare, spans, principal, wl.pm, received, rejected, problems
+            prepare, spans, principal, wl.pm, received, rejected, problems, encode
         )
     else:
         prepared = prepare(spans, principal, wl.pm, received, rejected, problems)
