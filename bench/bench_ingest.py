@@ -382,15 +382,17 @@ def role_serve(kind: str, port: int, data_dir: Path, overrides: dict[str, Any]) 
             values["disable_plugins"] = [*values.get("disable_plugins", []), "store_sink"]
             if "durability" in Settings.model_fields:
                 values["durability"] = "memory"
-        app = create_app(Settings(**values))
+        settings = Settings(**values)
+        app = create_app(settings)
         app.state.watchllm.open_store()
     else:
         app = bare_app()
     if kind == "watchllm-gc":
-        # What `watchllm serve` applies (collector tuning, GIL switch interval).
+        # What `watchllm serve` applies (collector tuning, GIL switch interval, the store's
+        # threads' priority).
         from watchllm_ext.tuning import tune_for_serving
 
-        tune_for_serving()
+        tune_for_serving(settings.store_threads_nice)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", workers=1)
 
 
@@ -684,7 +686,7 @@ def run_batch_client(port: int, key: str | None, template: Path, batches: int, c
 
 def measure_batch_watchllm(work: Path, template: Path, batches: int, conns: int,
                            rnd: int, pyspy_out: Path | None = None,
-                           kind: str = "watchllm") -> dict[str, Any]:
+                           kind: str = "watchllm", store_pid: int | None = None) -> dict[str, Any]:
     with Server(kind, work / f"batch-{kind}-{rnd}") as server:
         # Warm-up (price cache, first chDB insert), then wait until it is stored, so the
         # writer starts the timed load empty.
@@ -693,11 +695,13 @@ def measure_batch_watchllm(work: Path, template: Path, batches: int, conns: int,
             raise RuntimeError("the warm-up batch did not reach the store")
         spy = pyspy_attach(server.pid, pyspy_out, work) if pyspy_out is not None else None
         cpu0 = cpu_seconds(server.pid)
+        store_cpu0 = cpu_seconds(store_pid) if store_pid is not None else 0.0
         res = run_batch_client(server.port, server.key, template, batches, conns, f"r{rnd}",
                                timeout_s=1800)
         target = BATCH_SIZE + res["accepted"]
         stored, t_done = server.wait_count(target, timeout_s=600)
         cpu = cpu_seconds(server.pid) - cpu0
+        store_cpu = cpu_seconds(store_pid) - store_cpu0 if store_pid is not None else None
         if spy is not None:
             stop(spy, grace_s=60)
     if stored < target:
@@ -713,6 +717,8 @@ def measure_batch_watchllm(work: Path, template: Path, batches: int, conns: int,
         "drain_s": t_done - res["t_last"],
         "retries_503": res["retries_503"],
         "server_cpu_us_per_event": cpu / n * 1e6,
+        # a ClickHouse server's process (the chfixture), in the same window
+        **({"store_cpu_us_per_event": store_cpu / n * 1e6} if store_cpu is not None else {}),
     }
 
 
@@ -729,7 +735,7 @@ def measure_batch_clickhouse(work: Path, template: Path, batches: int, conns: in
         SERVER_SETTINGS["clickhouse_url"] = fx.url
         try:
             return measure_batch_watchllm(work, template, batches, conns, rnd,
-                                          kind="watchllm-ch")
+                                          kind="watchllm-ch", store_pid=fx.process.pid)
         finally:
             SERVER_SETTINGS.clear()
             SERVER_SETTINGS.update(saved)
@@ -967,6 +973,11 @@ def print_report(cfg: dict[str, Any], batch: dict[str, Any] | None,
                 print(f"   {label} accept rate (to last 202): {r['accept_events_s']:,.0f}/s, "
                       f"then {r['drain_s']:.2f} s until all stored; "
                       f"{r['retries_503']} retried 503s")
+                if r.get("store_cpu_us_per_event") is not None:  # the server's own CPU
+                    print(f"   {label}: the server (chfixture, chDB) "
+                          f"{r['store_cpu_us_per_event']:.1f} CPU us/event beside WatchLLM's "
+                          f"{r['server_cpu_us_per_event']:.1f} (the embedded store's is in its "
+                          "server's)")
         for label, r in (("(i) ", batch.get("inproc")), ("(i')", batch.get("inproc_fast"))):
             if r is None:
                 continue

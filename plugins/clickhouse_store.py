@@ -152,9 +152,19 @@ def _lz4(pieces: Sequence[bytes | memoryview]) -> bytes:
 
 
 def _zstd(pieces: Sequence[bytes | memoryview]) -> bytes:
-    import zstandard
+    try:  # the zstd clickhouse-connect uses: Python 3.14's, else backports.zstd
+        from compression import zstd  # type: ignore[import-not-found]
+    except ImportError:
+        try:
+            from backports import zstd  # type: ignore[import-not-found,no-redef]
+        except ImportError:  # clickhouse-connect before 0.9 used zstandard
+            import zstandard
 
-    return zstandard.ZstdCompressor().compress(b"".join(pieces))
+            return zstandard.ZstdCompressor().compress(b"".join(pieces))
+    # One frame over all the pieces, without joining them first.
+    compressor = zstd.ZstdCompressor()
+    out = [compressor.compress(piece) for piece in pieces]
+    return b"".join([*out, compressor.flush()])
 
 
 def _gzip(pieces: Sequence[bytes | memoryview]) -> bytes:

@@ -495,6 +495,23 @@ def test_one_store_from_many_threads(store: ClickHouseStore) -> None:
     assert store.query("SELECT count() AS n FROM events FINAL")[0]["n"] == 600
 
 
+@pytest.mark.parametrize("compress", ["lz4", "zstd", "gzip", "none"])
+def test_json_rows_in_pieces_with_every_compression(
+    fx: Fixture, database: str, compress: str
+) -> None:
+    store = ClickHouseStore(f"{fx.url}{database}?compress={compress}")
+    try:
+        store.execute("CREATE TABLE j (a UInt32, s String) ENGINE = MergeTree ORDER BY a")
+        rows = b"".join(b'{"a":%d,"s":"row %d"}\n' % (i, i) for i in range(5000))
+        pieces = [memoryview(rows)[:70_000], b"", memoryview(rows)[70_000:]]
+        store.insert_json("j", pieces, {"input_format_skip_unknown_fields": 1})
+        assert store.query("SELECT count() AS n, sum(a) AS s FROM j") == [
+            {"n": 5000, "s": 12_497_500}
+        ]
+    finally:
+        store.close()
+
+
 # --- a whole server ---------------------------------------------------------------------------
 
 
