@@ -29,6 +29,8 @@ is measured before and after in one run, under the same load.
     python bench/bench_middleware.py --rounds 1 --seconds 3 --rate 500   # quicker
     python bench/bench_middleware.py --before HEAD~3      # and the middleware of HEAD~3
     python bench/bench_middleware.py --flush-interval-s 5 # the store's inserts 5x bigger
+    python bench/bench_middleware.py --no-store           # events spooled, never inserted
+    python bench/bench_middleware.py --set spool_fsync=never  # any setting, every server
     python bench/bench_middleware.py --in-process --rounds 3 --before HEAD~3  # no HTTP
 """
 
@@ -37,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
+import json
 import os
 import shutil
 import statistics
@@ -58,14 +61,16 @@ KINDS = ("plain", "middleware", "budget")
 USERS = 100
 
 
-def host_app(kind: str, data_dir: Path, flush_interval_s: float | None = None) -> Any:
-    """The host every server runs; `kind` is plain, middleware or budget."""
+def host_app(kind: str, data_dir: Path, overrides: dict[str, Any] | None = None) -> Any:
+    """The host every server runs; `kind` is plain, middleware or budget; `overrides` are
+    WatchLLM settings (`--set`)."""
     from fastapi import FastAPI
 
     from watchllm_ext import Settings, create_app
 
-    extra = {} if flush_interval_s is None else {"flush_interval_s": flush_interval_s}
-    watchllm = create_app(Settings(data_dir=data_dir, create_default_key=False, **extra))
+    watchllm = create_app(
+        Settings(data_dir=data_dir, create_default_key=False, **(overrides or {}))
+    )
     app = FastAPI()
 
     @app.get("/hello/{name}")
@@ -85,11 +90,11 @@ def host_app(kind: str, data_dir: Path, flush_interval_s: float | None = None) -
     return app
 
 
-def serve(kind: str, port: int, data_dir: Path, flush_interval_s: float | None) -> None:
+def serve(kind: str, port: int, data_dir: Path, overrides: dict[str, Any]) -> None:
     import uvicorn
 
     uvicorn.run(
-        host_app(kind.split("@")[0], data_dir, flush_interval_s),
+        host_app(kind.split("@")[0], data_dir, overrides),
         host="127.0.0.1",
         port=port,
         log_level="warning",
@@ -201,6 +206,21 @@ def export(rev: str, work: Path) -> Path:
     return py
 
 
+def settings_overrides(items: list[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` items as Settings keywords: VALUE read as JSON when it is JSON
+    (numbers, lists, true), else as text (Settings converts it as it converts env values)."""
+    found: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set: {item!r} is not KEY=VALUE")
+        try:
+            found[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            found[key.strip()] = value
+    return found
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -209,7 +229,7 @@ def pct(values: list[float], q: float) -> float:
 # --- in process: the event loop's CPU per request, without HTTP --------------------------
 
 
-def in_process(kind: str, requests: int, rounds: int) -> None:
+def in_process(kind: str, requests: int, rounds: int, overrides: dict[str, Any]) -> None:
     """Call the host app as uvicorn would (ASGI, in this process) `requests` times per round,
     flushing the middleware's outbox into WatchLLM every 1/10 of them (as its 0.1 s flusher
     does at 1,000 req/s), and print this thread's CPU per request: the host's, the
@@ -218,7 +238,7 @@ def in_process(kind: str, requests: int, rounds: int) -> None:
     from watchllm_ext.middleware.asgi import find_owner
 
     async def run() -> list[float]:
-        app = host_app(kind.split("@")[0], Path(tempfile.mkdtemp(prefix="bench-mw-")))
+        app = host_app(kind.split("@")[0], Path(tempfile.mkdtemp(prefix="bench-mw-")), overrides)
         wl = next(
             r.app.state.watchllm  # type: ignore[attr-defined]
             for r in app.routes
@@ -297,6 +317,18 @@ def main(argv: list[str] | None = None) -> int:
         help="WatchLLM's flush_interval_s in every server (how often the store gets an insert)",
     )
     parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a WatchLLM setting in every server (VALUE as JSON, else as text); repeatable",
+    )
+    parser.add_argument(
+        "--no-store",
+        action="store_true",
+        help="no store sink: events are spooled, never inserted (the middleware without chDB)",
+    )
+    parser.add_argument(
         "--in-process",
         action="store_true",
         help="measure the event loop's CPU per request with no HTTP (ASGI calls in a process)",
@@ -307,16 +339,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--code", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.flush_interval_s is not None:
+        args.set.append(f"flush_interval_s={args.flush_interval_s}")
+    if args.no_store:
+        args.set.append("disable_plugins=store_sink")
+    overrides = settings_overrides(args.set)
     if args.serve:
         if args.code is not None:
             sys.path.insert(0, str(args.code))  # that commit's packages, not the working tree
-        serve(args.serve, args.port, args.data_dir, args.flush_interval_s)
+        serve(args.serve, args.port, args.data_dir, overrides)
         return 0
     if args.measure:
         if args.code is not None:
             sys.path.insert(0, str(args.code))
-        in_process(args.measure, 2000, args.rounds)
+        in_process(args.measure, 2000, args.rounds, overrides)
         return 0
+    # The children get the settings as given (and parse them the same way).
+    passed = [arg for item in args.set for arg in ("--set", item)]
 
     atexit.register(stop_all)
     work = Path(tempfile.mkdtemp(prefix="bench-middleware-"))
@@ -332,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
             for kind in kinds if r % 2 == 0 else kinds[::-1]:
                 extra = ["--code", str(code[kind])] if kind in code else []
                 out = subprocess.run(
-                    [sys.executable, __file__, "--measure", kind, "--rounds", "5", *extra],
+                    [sys.executable, __file__, "--measure", kind, "--rounds", "5", *extra, *passed],
                     capture_output=True, text=True, check=True,
                 ).stdout.split()  # fmt: skip
                 found[kind].append(float(out[-2]))
@@ -351,8 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     for kind in kinds:
         ports[kind] = free_port()
         extra = ["--code", str(code[kind])] if kind in code else []
-        if args.flush_interval_s is not None:
-            extra += ["--flush-interval-s", str(args.flush_interval_s)]
+        extra += passed
         procs[kind] = spawn(
             [sys.executable, __file__, "--serve", kind, "--port", str(ports[kind]),
              "--data-dir", str(work / kind.replace("@", "-")), *extra],

@@ -13,6 +13,7 @@ import textwrap
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from itertools import pairwise
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -748,3 +749,46 @@ def test_recorded_events_wait_while_watchllm_cannot_take_them(tmp_path: Path) ->
     anyio.run(main)
     assert outbox.stats == {"ingested": 3, "rejected": 0, "dropped": 0, "late": 0}
     assert sorted(r["event_id"] for r in stored(settings)) == ["w0", "w1", "w2"]
+
+
+def test_a_flush_hands_over_small_batches_and_lets_requests_run_between(tmp_path: Path) -> None:
+    """However many events an interval gathered, a flush ingests `batch_events` at a time and
+    the event loop runs other tasks between two batches (also where an ingest call never waits,
+    as with durability = memory: no spool fsync to await): a host request waits for one small
+    batch at most."""
+    from watchllm_ext.middleware.recorder import Outbox
+
+    ticks = 0
+    seen: list[tuple[int, int]] = []  # (events in the batch, ticks when it was validated)
+
+    class Batches:
+        @hookimpl
+        def transform_events(self, events: list[Any], principal: Principal) -> None:
+            seen.append((len(events), ticks))
+
+    settings = make_settings(tmp_path, durability="memory")
+    wl = create_app(settings, plugins=[Batches()]).state.watchllm
+    principal = Principal("acme", frozenset({"ingest"}))
+    outbox = Outbox(interval_s=1.0, batch_events=16)
+    for i in range(70):
+        outbox.put(prompt_call(f"b{i}"))
+
+    async def main() -> None:
+        async def ticker() -> None:  # stands for the host's requests
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await anyio.sleep(0)
+
+        async with wl.running(), anyio.create_task_group() as tasks:
+            tasks.start_soon(ticker)
+            await anyio.sleep(0)
+            assert await outbox.flush(wl, principal) is True
+            tasks.cancel_scope.cancel()
+
+    anyio.run(main)
+    assert [n for n, _ in seen] == [16, 16, 16, 16, 6]
+    ticks_at = [at for _, at in seen]
+    assert all(later > earlier for earlier, later in pairwise(ticks_at)), seen
+    assert outbox.stats == {"ingested": 70, "rejected": 0, "dropped": 0, "late": 0}
+    assert len(stored(settings)) == 70
