@@ -1,0 +1,183 @@
+"""The ingest routes' shortcut past Starlette's layers (app.IngestRoutes) answers exactly as
+Starlette's router and exception middleware do: the same requests, sent over real HTTP to
+one server with the shortcut and one without it, get the same status, headers and bytes,
+plugins see the same scope, and /metrics counts the same series."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import ServerThread, make_settings, prompt_call
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.routing import Mount
+
+from watchllm_ext import create_app, hookimpl, lifespan
+from watchllm_ext.app import IngestRoutes
+from watchllm_ext.auth import Principal
+from watchllm_ext.keys import KeyStore
+from watchllm_ext.quota import QuotaDecision
+
+
+class Probe:
+    """A plugin that records the scope the authenticate hook sees and misbehaves on cue:
+    run_id "boom" fails in a transform (a 500), "teapot" raises an HTTPException there,
+    "greedy" is refused by the quota hook (a 429 with rate-limit headers)."""
+
+    def __init__(self) -> None:
+        self.scopes: list[dict[str, Any]] = []
+
+    @hookimpl(tryfirst=True)
+    def authenticate(self, token: str, request: Request | None) -> Principal | None:
+        if request is not None:
+            scope = request.scope
+            self.scopes.append(
+                {
+                    "keys": sorted(k for k in scope if k != "state"),
+                    "path_params": scope.get("path_params"),
+                    "route": getattr(scope.get("route"), "path", None),
+                    "endpoint": getattr(scope.get("endpoint"), "__name__", None),
+                    "router_is_the_apps": scope.get("router") is scope["app"].router,
+                }
+            )
+        return None  # the key file decides
+
+    @hookimpl
+    def check_quota(self, principal: Principal, n_events: int) -> QuotaDecision | None:
+        if n_events == 3:
+            return QuotaDecision(
+                False, retry_after_s=7, limit=2, remaining=0, reason="three is too many"
+            )
+        return None
+
+    @hookimpl
+    def transform_events(self, events: list[Any], principal: Principal) -> None:
+        for event in events:
+            if event.run_id == "boom":
+                raise RuntimeError("a plugin failed")
+            if event.run_id == "teapot":
+                raise HTTPException(418, "a plugin's own HTTP error")
+
+
+def requests(keys: dict[str, str]) -> Iterator[tuple[str, str, dict[str, str], bytes]]:
+    """(method, path, headers, body) of every kind of answer the ingest routes give."""
+    auth = {"Authorization": f"Bearer {keys['admin']}", "Content-Type": "application/json"}
+
+    def body(value: Any) -> bytes:
+        return json.dumps(value).encode()
+
+    one = body(prompt_call("s1"))
+    yield "POST", "/v1/projects/acme/events", auth, one  # 202
+    yield "POST", "/v1/projects/acme/events", auth, body([prompt_call("s2"), prompt_call("s3")])
+    yield "POST", "/v1/events/batch", auth, body({"events": [prompt_call("b1")]})
+    bad = prompt_call("b3", tokens_input=-1)
+    yield "POST", "/v1/events/batch", auth, body({"events": [prompt_call("b2"), bad]})  # 207
+    yield "POST", "/v1/events/batch", auth, body({"events": [bad]})  # 422
+    yield "POST", "/v1/events/batch", auth, body({"events": []})
+    yield "POST", "/v1/events/batch", auth, body({"events": [prompt_call()], "extra": 1})
+    yield "POST", "/v1/events/batch", auth, b'{"events": [1,'  # malformed JSON
+    yield "POST", "/v1/events/batch", auth, b""
+    yield "POST", "/v1/projects/acme/events", auth, b"42"
+    yield "POST", "/v1/events/batch", {"Content-Type": "application/json"}, one  # 401
+    yield "POST", "/v1/events/batch", {**auth, "Authorization": "Bearer wllm_nope"}, one
+    yield "POST", "/v1/events/batch", {**auth, "Authorization": f"Bearer {keys['read']}"}, one
+    yield "POST", "/v1/projects/other/events", auth, one  # 403: another project in the path
+    yield "POST", "/v1/projects/acme/events", auth, body(prompt_call("x", project_id="other"))
+    yield "POST", "/v1/events/batch", {**auth, "Content-Type": "text/plain"}, one  # 415
+    yield "POST", "/v1/events/batch", {**auth, "Content-Encoding": "br"}, one
+    yield "POST", "/v1/events/batch", {**auth, "Content-Encoding": "gzip"}, b"not gzip"
+    zipped = gzip.compress(body({"events": [prompt_call("z1")]}))
+    yield "POST", "/v1/events/batch", {**auth, "Content-Encoding": "gzip"}, zipped
+    yield "POST", "/v1/events/batch", auth, b" " * 5000  # 413 over max_body_bytes
+    yield (
+        "POST",
+        "/v1/events/batch",
+        {**auth, "Content-Encoding": "gzip"},
+        gzip.compress(b" " * 9000),
+    )
+    three = [prompt_call(f"q{i}") for i in range(3)]
+    yield "POST", "/v1/events/batch", auth, body({"events": three})  # 429 from the plugin
+    yield "POST", "/v1/events/batch", auth, body({"events": [prompt_call("t", run_id="teapot")]})
+    # Not the ingest routes' own: the router answers these, with or without the shortcut.
+    yield "GET", "/v1/events/batch", auth, b""  # 405
+    yield "PUT", "/v1/projects/acme/events", auth, one
+    yield "POST", "/v1/events/batch/", auth, one  # a redirect to the path without the slash
+    yield "POST", "/v1/projects//events", auth, one
+    yield "POST", "/v1/projects/a/b/events", auth, one
+    # Last: after a 500 uvicorn closes the connection.
+    yield "POST", "/v1/events/batch", auth, body({"events": [prompt_call("e", run_id="boom")]})
+
+
+def answer(
+    client: httpx.Client, method: str, path: str, headers: dict[str, str], body: bytes
+) -> tuple[int, list[tuple[str, str]], bytes]:
+    r = client.request(method, path, headers=headers, content=body)
+    # The servers differ in their port only: a redirect's location names it.
+    origin = f"{client.base_url.scheme}://{client.base_url.netloc.decode()}"
+    kept = [(k, v.replace(origin, "ORIGIN")) for k, v in r.headers.multi_items() if k != "date"]
+    return r.status_code, kept, r.content
+
+
+def duration_counts(client: httpx.Client) -> dict[tuple[str, ...], float]:
+    text = client.get("/metrics").text
+    return {
+        tuple(s.labels.values()): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name in ("watchllm_http_request_duration_seconds_count", "watchllm_rejections_total")
+    }
+
+
+@pytest.mark.parametrize("mounted", [False, True], ids=["alone", "mounted"])
+def test_the_shortcut_answers_byte_for_byte_as_starlette(tmp_path: Path, mounted: bool) -> None:
+    with ExitStack() as stack:
+        servers = []
+        for shortcut in (True, False):
+            folder = tmp_path / ("with" if shortcut else "without")
+            settings = make_settings(folder, max_body_bytes=4096, max_decompressed_bytes=8192)
+            keys = KeyStore(settings.keys_path)
+            made = {
+                "admin": keys.create("acme", scope="admin"),
+                "read": keys.create("acme", scope="read"),
+            }
+            probe = Probe()
+            # No store (its plugin comes by entry point): chDB opens one folder per process, and
+            # the answers compared here are given before any store sees the events.
+            app = create_app(settings, plugins=(probe,), entry_points=False)
+            found = [m for m in app.user_middleware if m.cls is IngestRoutes]
+            assert len(found) == 1  # Sentry is off: the shortcut is in the stack
+            if not shortcut:
+                app.user_middleware.remove(found[0])
+            served: Any = app
+            if mounted:
+                served = Starlette(lifespan=lifespan(app), routes=[Mount("/obs", app)])
+            thread = stack.enter_context(ServerThread(served))
+            client = stack.enter_context(
+                httpx.Client(base_url=thread.url + ("/obs" if mounted else ""), timeout=30)
+            )
+            servers.append((client, made, probe))
+
+        (fast, fast_keys, fast_probe), (slow, slow_keys, slow_probe) = servers
+        seen = []
+        for (method, path, f_headers, body), (_, _, s_headers, _) in zip(
+            requests(fast_keys), requests(slow_keys), strict=True
+        ):
+            got = answer(fast, method, path, f_headers, body)
+            want = answer(slow, method, path, s_headers, body)
+            assert got == want, (method, path, body[:80])
+            seen.append(got[0])
+        # Every kind of answer was exercised (the request list is what it says it is).
+        assert {202, 207, 307, 400, 401, 403, 404, 405, 413, 415, 418, 422, 429, 500} <= set(seen)
+        assert fast_probe.scopes == slow_probe.scopes
+        assert any(s["endpoint"] == "project_events" for s in fast_probe.scopes)
+        assert all(s["router_is_the_apps"] != mounted for s in fast_probe.scopes)
+        assert duration_counts(fast) == duration_counts(slow)
