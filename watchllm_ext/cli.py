@@ -318,7 +318,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("Then load a sample to look at (a few seconds):")
         print(f"  watchllm demo --url {url} --key {key}", flush=True)
     print(f"WatchLLM {_version()} listening on {url} (data in {settings.data_dir})", flush=True)
-    tune_for_serving()
+    tune_for_serving(settings.store_threads_nice)
     # With the time limits for slow headers and idle keep-alive connections (serving.py).
     uvicorn.run(app, **uvicorn_options(settings))
     return 0

@@ -43,11 +43,13 @@ from ..store.base import cluster_of
 from ..store.cluster import quote
 from ..store.migrations import in_form_for
 from ..store.rows import EVENTS_INPUT, JSON_INPUT_SETTINGS, input_json, tables_for
+from ..tuning import lower_native_threads
 from ..writer import SinkError, batch_json
 
-# Characters of ids per lookup query: on a server the ids travel as a URL parameter, at most
-# three times longer URL-encoded, and ClickHouse's default http_max_uri_size is 1 MiB.
-LOOKUP_CHARS = 200_000
+# Characters of ids per lookup query (the ids, their quotes and commas): a ClickHouse server
+# refuses a parameter value over http_max_field_value_size (128 KiB by default), whether it
+# travels in the URL or as a form field, and URL-encoded ids stay within http_max_uri_size.
+LOOKUP_CHARS = 100_000
 # The tables holding rows of an event, keyed by (project_id, event_id, timestamp): a dropped
 # copy is deleted from each. event_ids last: the others are found through it.
 EVENT_TABLES = (
@@ -55,7 +57,6 @@ EVENT_TABLES = (
     "tool_calls",
     "agent_steps",
     "event_children",
-    "event_times",
     "event_ids",
 )
 # Per-hour rollups, (project_id, hour): deleted for the hours of a deleted copy, because a
@@ -87,22 +88,30 @@ def _ids_param(ids: list[str]) -> _ArrayText | list[str]:
     return ids  # not from the schema: formatted (and escaped) item by item
 
 
-def lookup_times(store: Store, keys: Iterable[Key]) -> dict[Key, list[int]]:
-    """The stored timestamps (ms, ascending) of each of `keys` that is stored."""
+def lookup_times(
+    store: Store, keys: Iterable[Key], repeated_only: bool = False
+) -> dict[Key, list[int]]:
+    """The stored timestamps (ms, ascending) of each of `keys` that is stored; with
+    `repeated_only`, of those stored with several timestamps only (the copies to drop after
+    an insert: the server answers a few rows, not one per id of the batch)."""
     by_project: dict[str, list[str]] = {}
     for project, event_id in keys:
         by_project.setdefault(project, []).append(event_id)
-    found: dict[Key, set[int]] = {}
+    having = " HAVING length(times) > 1" if repeated_only else ""
+    found: dict[Key, list[int]] = {}
     for project, ids in by_project.items():
         for chunk in _chunks(ids, LOOKUP_CHARS):
             rows = store.query(
-                "SELECT event_id, toUnixTimestamp64Milli(timestamp) AS ms FROM event_ids"
-                " WHERE project_id = {project:String} AND event_id IN {ids:Array(String)}",
+                "SELECT event_id, groupUniqArray(toUnixTimestamp64Milli(timestamp)) AS times"
+                " FROM event_ids"
+                " WHERE project_id = {project:String} AND event_id IN {ids:Array(String)}"
+                f" GROUP BY event_id{having}",
                 {"project": project, "ids": _ids_param(chunk)},
             )
             for row in rows:
-                found.setdefault((project, row["event_id"]), set()).add(int(row["ms"]))
-    return {key: sorted(times) for key, times in found.items()}
+                # 64-bit integers come as JSON strings (ClickHouse's default quoting).
+                found[(project, row["event_id"])] = sorted(int(ms) for ms in row["times"])
+    return found
 
 
 def _chunks(ids: list[str], max_chars: int) -> Iterable[list[str]]:
@@ -172,7 +181,7 @@ class SeenIds:
     """A Bloom filter of the (project, event id) pairs stored, for a store only this process
     writes to: an id it has never seen is new for sure, so only the few that hit the filter
     (its false positives, ~1% when full, and the real copies) are looked up in the store. A
-    look-up of random ids reads most granules of `event_times` (~100 ms per 1,000 ids at two
+    look-up of random ids reads most granules of `event_ids` (~100 ms per 1,000 ids at two
     million stored, growing with the table); the filter takes ~2 us an id. Python's str hash
     is salted per process, which is fine: the filter lives and dies with the process."""
 
@@ -301,7 +310,8 @@ class StoreSink:
             if self._seen is not None:
                 self._seen.add_all(inserted)
             if self._shared:
-                drop_later_copies(self.store, lookup_times(self.store, inserted))
+                repeated = lookup_times(self.store, inserted, repeated_only=True)
+                drop_later_copies(self.store, repeated)
 
     async def write_spans(self, rows: Sequence[SpanRow]) -> None:
         await anyio.to_thread.run_sync(self._write_spans, rows)
@@ -318,9 +328,11 @@ class StoreSink:
         insert_json = getattr(self.store, "insert_json", None)
         if insert_json is None:
             raise SinkError(f"store {self.store.name} cannot insert JSON rows", permanent=True)
+        lower_native_threads()  # chDB's threads made since the last insert yield to requests
         insert_json(SPANS_TABLE, encode_rows(rows), JSON_INPUT_SETTINGS)
 
     def _insert(self, events: Sequence[Any]) -> None:
+        lower_native_threads()  # chDB's threads made since the last insert yield to requests
         insert_json = getattr(self.store, "insert_json", None)
         try:
             if insert_json is not None:

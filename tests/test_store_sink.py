@@ -1,0 +1,108 @@
+"""The store sink under load: the look-ups it sends fit a ClickHouse server's limits, the check
+after an insert reads only the ids stored twice, and `watchllm serve` runs the embedded
+store's own threads at a lower CPU priority than the request path (store_threads_nice)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import free_port, prompt_call
+from stores import EVERY_STORE, StoreBackend
+from test_durability import ServeProcess, wait_delivered
+
+from watchllm_ext.builtins.store_sink import LOOKUP_CHARS, lookup_times
+from watchllm_ext.keys import KeyStore
+from watchllm_ext.store import Store, apply_migrations
+
+MS = 1_780_000_000_000  # a stored timestamp, ms since the epoch
+
+
+@pytest.fixture
+def store(store_backend: StoreBackend) -> Iterator[Store]:
+    s = store_backend.open()
+    apply_migrations(s)
+    yield s
+    s.close()
+
+
+@EVERY_STORE
+def test_the_check_after_an_insert_reads_only_the_ids_stored_twice(store: Store) -> None:
+    rows = [("once", MS), ("twice", MS), ("twice", MS + 5), ("same-twice", MS), ("same-twice", MS)]
+    values = ", ".join(f"('acme', '{i}', fromUnixTimestamp64Milli({ms}))" for i, ms in rows)
+    store.execute(f"INSERT INTO event_ids (project_id, event_id, timestamp) VALUES {values}")
+    keys = [("acme", i) for i in ("once", "twice", "same-twice", "never")]
+    assert lookup_times(store, keys) == {
+        ("acme", "once"): [MS],
+        ("acme", "twice"): [MS, MS + 5],
+        ("acme", "same-twice"): [MS],  # the same copy twice is one (FINAL would collapse it)
+    }
+    assert lookup_times(store, keys, repeated_only=True) == {("acme", "twice"): [MS, MS + 5]}
+
+
+@EVERY_STORE
+def test_a_batch_of_long_ids_is_looked_up_in_chunks_the_server_takes(store: Store) -> None:
+    # 5,000 ids of 60 characters: 315,000 characters of ids, more than a ClickHouse server
+    # takes in one parameter (http_max_field_value_size, 128 KiB by default; tests/chfixture.py
+    # refuses longer values as the server does), so the look-up goes in several queries.
+    ids = [f"{n:060d}" for n in range(5_000)]
+    assert sum(len(i) + 3 for i in ids) > 2 * LOOKUP_CHARS
+    stored = ids[::97]
+    values = ", ".join(f"('acme', '{i}', fromUnixTimestamp64Milli({MS}))" for i in stored)
+    store.execute(f"INSERT INTO event_ids (project_id, event_id, timestamp) VALUES {values}")
+    found = lookup_times(store, [("acme", i) for i in ids])
+    assert found == {("acme", i): [MS] for i in stored}
+    assert LOOKUP_CHARS + 4 <= 128 * 1024  # the ids, their quotes and commas, and the brackets
+
+
+def nice_by_thread(pid: int) -> list[tuple[int, str, int]]:
+    """(thread id, name, nice value) of every thread of `pid`, from /proc."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue  # ended since the listing
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        out.append((int(task.name), name, int(fields[16])))  # field 19 of proc(5): nice
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="per-thread priorities: Linux")
+@pytest.mark.parametrize("nice", ["default", "0"])
+def test_serve_runs_the_stores_threads_at_a_lower_priority(nice: str, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    key = KeyStore(data / "keys.sqlite3").create("acme", scope="admin", name="t")
+    env = {} if nice == "default" else {"WATCHLLM_STORE_THREADS_NICE": nice}
+    serve = ServeProcess(data, free_port(), **env)
+    try:
+        events = [prompt_call(f"nice-{i}", project_id="acme") for i in range(50)]
+        r = httpx.post(
+            f"{serve.url}/v1/events/batch",
+            json={"events": events},
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=30,
+        )
+        assert r.status_code == 202, r.text
+        wait_delivered(serve.url, key)
+        threads = nice_by_thread(serve.proc.pid)
+    finally:
+        serve.kill()
+    by_tid = {tid: (name, n) for tid, name, n in threads}
+    main_name, main_nice = by_tid[serve.proc.pid]
+    assert main_nice == 0, "the event loop keeps its priority"
+    # Python 3.11 leaves its threads unnamed (named as the process); chDB names its own (and
+    # leaves a few unnamed), so the named ones are all the store's.
+    named = [(name, n) for name, n in by_tid.values() if name != main_name]
+    assert {"ThreadPool", "BgSchPool", "MergeMutate"} <= {name for name, _ in named}, threads
+    assert sum(n == 0 for name, n in by_tid.values() if name == main_name) >= 2, threads
+    if nice == "default":
+        # Every one at 10, but for a thread chDB raised itself (its memory watcher, at -20).
+        assert {n for _, n in named if n >= 0} == {10}, threads
+    else:
+        assert 10 not in {n for _, n in by_tid.values()}, threads
+    assert os.getpriority(os.PRIO_PROCESS, 0) == 0  # this process was not touched
