@@ -71,11 +71,12 @@ CREATE TABLE IF NOT EXISTS events (
     value_format UInt8 DEFAULT 0,
     ingested_at DateTime64(3, 'UTC'),
     INDEX idx_event_id event_id TYPE bloom_filter(0.01) GRANULARITY 1,
-    INDEX idx_run_id run_id TYPE bloom_filter(0.01) GRANULARITY 1,
-    INDEX idx_parent_event_id parent_event_id TYPE bloom_filter(0.01) GRANULARITY 1
+    INDEX idx_run_id run_id TYPE bloom_filter(0.01) GRANULARITY 1
 ) ENGINE = ReplacingMergeTree(ingested_at)
 PARTITION BY toYYYYMM(timestamp)
-ORDER BY (project_id, timestamp, event_id);
+ORDER BY (project_id, timestamp, event_id)
+-- an insert (up to 100,000 events) writes one compact part, not a file per column (0012)
+SETTINGS index_granularity = 8192, min_rows_for_wide_part = 100000;
 
 -- One row per tool call: each item of a prompt_call's tool_calls[] (source 'prompt_call',
 -- call_index its position) and each tool_call event (source 'tool_call', call_index 0).
@@ -207,14 +208,8 @@ CREATE TABLE IF NOT EXISTS api_keys (
 ) ENGINE = ReplacingMergeTree(updated_at)
 ORDER BY key_id;
 
--- Lookups from an event id, and from a parent id, to the event's time (kept by views).
-CREATE TABLE IF NOT EXISTS event_times (
-    project_id LowCardinality(String),
-    event_id String,
-    timestamp DateTime64(3, 'UTC')
-) ENGINE = ReplacingMergeTree
-ORDER BY (project_id, event_id, timestamp);
-
+-- Lookup from a parent id to its children (kept by a view); from an event id to its time,
+-- see event_ids below.
 CREATE TABLE IF NOT EXISTS event_children (
     project_id LowCardinality(String),
     parent_event_id String,
@@ -222,10 +217,6 @@ CREATE TABLE IF NOT EXISTS event_children (
     timestamp DateTime64(3, 'UTC')
 ) ENGINE = ReplacingMergeTree
 ORDER BY (project_id, parent_event_id, event_id, timestamp);
-
-CREATE MATERIALIZED VIEW IF NOT EXISTS event_times_mv TO event_times AS
-SELECT project_id, event_id, timestamp
-FROM events;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS event_children_mv TO event_children AS
 SELECT project_id, assumeNotNull(parent_event_id) AS parent_event_id, event_id, timestamp
@@ -361,8 +352,9 @@ SELECT
 FROM event_parts_input
 WHERE event_type = 'agent_step';
 
--- The store sink's look-up of stored ids: event_times' key in small granules, so the look-up
--- of a batch's ids reads about one granule an id, whatever the size of the table (0010).
+-- An event's time from its id: the store sink's look-up of stored ids and the analytics'
+-- lookups by id. Small granules, so the look-up of a batch's ids reads about one granule an
+-- id, whatever the size of the table (0010; it replaces event_times since 0012).
 CREATE TABLE IF NOT EXISTS event_ids (
     project_id LowCardinality(String),
     event_id String,

@@ -213,6 +213,26 @@ def test_engines_sharding_and_on_cluster() -> None:
             ],
         ),
         ("INSERT INTO events SELECT * FROM events", ["INSERT INTO events SELECT * FROM events"]),
+        # 0012: a setting of the stored parts, and a view and table dropped on every node
+        (
+            "ALTER TABLE events MODIFY SETTING min_rows_for_wide_part = 100000",
+            [
+                "ALTER TABLE events_local ON CLUSTER 'c'"
+                " MODIFY SETTING min_rows_for_wide_part = 100000"
+            ],
+        ),
+        (
+            "DROP VIEW IF EXISTS event_times_mv",
+            ["DROP VIEW IF EXISTS event_times_mv ON CLUSTER 'c'"],
+        ),
+        (
+            "DROP TABLE IF EXISTS event_times",
+            [
+                "DROP TABLE IF EXISTS event_times ON CLUSTER 'c'",
+                "DROP TABLE IF EXISTS event_times_local ON CLUSTER 'c'",
+            ],
+        ),
+        ("DROP TABLE IF EXISTS events_input", ["DROP TABLE IF EXISTS events_input ON CLUSTER 'c'"]),
     ],
 )
 def test_alter_and_insert_forms(statement: str, expected: list[str]) -> None:
@@ -234,6 +254,7 @@ def test_alter_and_insert_forms(statement: str, expected: list[str]) -> None:
         ),
         ("ALTER TABLE nosuch ADD INDEX i a TYPE minmax", "does not know"),
         ("DROP TABLE events", "no cluster form"),
+        ("DROP TABLE IF EXISTS nosuch", "does not know"),
         (
             "CREATE MATERIALIZED VIEW IF NOT EXISTS m TO rollup_marks AS SELECT * FROM events"
             " JOIN spans USING (project_id)",

@@ -186,7 +186,7 @@ def assert_counted_once(server: Running, shift: timedelta = timedelta(0)) -> Non
         ("events", 4, ""),
         ("tool_calls", 2, ""),
         ("agent_steps", 1, ""),
-        ("event_times", 4, ""),
+        ("event_ids", 4, ""),
         ("event_children", 2, " AND parent_event_id != ''"),
     ):
         rows = server.query(
@@ -310,8 +310,23 @@ def test_copies_stored_before_the_change_are_cleaned_by_0009(server: Running) ->
     refresh_rollups(store, margin=timedelta(0))
     stats = get(server, "/v1/analytics/stats", **WINDOW)
     assert stats["total_events"] == 8  # the defect, reproduced
+    # 0009 reads event_times, which a store before it had (0012 dropped it): as it was then.
+    (lookups,) = [m for m in load_migrations() if m.version == 5]
+    event_times = [s for s in lookups.statements() if "TABLE IF NOT EXISTS event_times" in s]
+    backfill = "INSERT INTO event_times SELECT project_id, event_id, timestamp FROM event_ids"
+    for statement in in_form_for([*event_times, backfill], cluster_of(store)):
+        store.execute(statement)
     (migration,) = [m for m in load_migrations() if m.version == 9]
     for statement in in_form_for(migration.statements(), cluster_of(store)):
+        store.execute(statement)
+    # Then, as 0010 and 0012 did: event_ids from the cleaned event_times, which goes.
+    (ids_backfill,) = [
+        s for m in load_migrations() if m.version == 10 for s in m.statements() if "INSERT" in s
+    ]
+    for statement in in_form_for(
+        ["TRUNCATE TABLE event_ids", ids_backfill, "DROP TABLE IF EXISTS event_times"],
+        cluster_of(store),
+    ):
         store.execute(statement)
     assert_counted_once(server)  # the earliest timestamps stay: the originals'
 
@@ -378,7 +393,7 @@ def test_two_processes_sending_the_same_ids_at_once(
     assert all(row["n"] == 1 for row in rows), [r for r in rows if r["n"] != 1]
     # Whichever copy a race left, the lookup table agrees with the events.
     (times,) = server.query(
-        "SELECT count() AS n FROM event_times FINAL"
+        "SELECT count() AS n FROM event_ids FINAL"
         " WHERE project_id = 'acme' AND startsWith(event_id, 'race-')"
     )
     assert times["n"] == rounds * per_batch

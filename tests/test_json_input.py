@@ -232,7 +232,6 @@ TABLES = {
     ),
     "tool_calls": ("event_id, call_index", ("tool_input", "tool_output")),
     "agent_steps": ("event_id", ()),
-    "event_times": ("event_id, timestamp", ()),
     "event_ids": ("event_id, timestamp", ()),
     "event_children": ("event_id, timestamp", ()),
     "rollup_marks": ("hour", ()),

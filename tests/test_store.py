@@ -162,14 +162,18 @@ def test_id_lookups_cover_events_stored_before_their_migration(store: Store) -> 
     args = {"project": "p", "event_id": "root"}
     want = (store.query(Q.EVENT, args), store.query(Q.EVENT_CHILDREN, args))
     assert want[0][0]["event_id"] == "root" and want[1] == [{"event_id": "kid"}]
-    # As if the events had been stored before 0005: empty lookups, then its backfill.
-    store.execute("TRUNCATE TABLE event_times")
+    # As if the events had been stored before 0005: empty lookups, then its backfill (the
+    # children; the ids' table of 0005, event_times, is event_ids since 0012, which 0010
+    # filled the same way).
+    store.execute("TRUNCATE TABLE event_ids")
     store.execute("TRUNCATE TABLE event_children")
-    assert store.query(Q.EVENT, args) == []
+    assert store.query(Q.EVENT, args) == [] and store.query(Q.EVENT_CHILDREN, args) == []
     (migration,) = [m for m in load_migrations() if m.name == "id_lookups"]
     for statement in migration.statements():
-        if statement.startswith("INSERT"):
+        if statement.startswith("INSERT INTO event_children"):
             store.execute(statement)
+        elif statement.startswith("INSERT INTO event_times"):
+            store.execute(statement.replace("INSERT INTO event_times", "INSERT INTO event_ids"))
     assert (store.query(Q.EVENT, args), store.query(Q.EVENT_CHILDREN, args)) == want
 
 

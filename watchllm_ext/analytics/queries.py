@@ -383,9 +383,10 @@ LIMIT {{limit:UInt32}}
 
 # Lookups by id read without FINAL (which would merge the whole project first) and keep the
 # latest delivery of each row, as ReplacingMergeTree(ingested_at) does.
-# An event's time from its id (migration 0005), so the lookups below read by primary key.
+# An event's time from its id (event_ids, migrations 0010 and 0012), so the lookups below
+# read by primary key.
 _EVENT_TIMES = """timestamp IN (
-    SELECT timestamp FROM event_times
+    SELECT timestamp FROM event_ids
     WHERE project_id = {project:String} AND event_id = {event_id:String})"""
 
 EVENT = f"""

@@ -25,6 +25,9 @@ of their statements into what a ClickHouse cluster needs:
     INSERT INTO t ...                       ->  unchanged: it runs once, through t
     DELETE FROM t WHERE ...                 ->  DELETE FROM t_local ON CLUSTER c WHERE ...
                                                 (a Distributed table takes no DELETE)
+    DROP VIEW IF EXISTS v                   ->  DROP VIEW IF EXISTS v ON CLUSTER c
+    DROP TABLE IF EXISTS t                  ->  DROP TABLE IF EXISTS t ON CLUSTER c, then
+                                                t_local (an input table: only t)
 
 Any other statement raises ClusterFormError, so a new kind of statement gets a cluster form
 (and a test) before it ships.
@@ -90,6 +93,8 @@ _COLUMN_CHANGE = re.compile(
 )
 _INSERT = re.compile(r"^INSERT INTO \w+", re.I)
 _DELETE = re.compile(r"^DELETE FROM (\w+)(\s)", re.I)
+_DROP_VIEW = re.compile(r"^DROP VIEW IF EXISTS (\w+)$", re.I)
+_DROP_TABLE = re.compile(r"^DROP TABLE IF EXISTS (\w+)$", re.I)
 _TABLE_JOIN = re.compile(r"(?<!ARRAY )\bJOIN\b", re.I)  # a join of tables, not ARRAY JOIN
 _FROM_TABLE = re.compile(r"\b(FROM|JOIN)(\s+)(\w+)\b", re.I)
 
@@ -163,6 +168,21 @@ def for_cluster(statement: str, cluster: str, layout: Layout | None = None) -> l
         if table not in layout.sharding_key:
             raise ClusterFormError(f"DELETE from {table}, which layout.toml does not know")
         return [f"DELETE FROM {layout.local(table)}{on_cluster}{sql[found.start(2) :]}"]
+
+    if found := _DROP_VIEW.match(sql):
+        return [f"DROP VIEW IF EXISTS {found[1]}{on_cluster}"]
+
+    if found := _DROP_TABLE.match(sql):
+        table = found[1]
+        if table in layout.input_tables:
+            return [f"DROP TABLE IF EXISTS {table}{on_cluster}"]
+        if table not in layout.sharding_key:
+            raise ClusterFormError(f"DROP of {table}, which layout.toml does not know")
+        # The Distributed table first: nothing reads the local tables through it any more.
+        return [
+            f"DROP TABLE IF EXISTS {table}{on_cluster}",
+            f"DROP TABLE IF EXISTS {layout.local(table)}{on_cluster}",
+        ]
 
     raise ClusterFormError(f"no cluster form for this statement: {sql[:80]!r}")
 

@@ -327,7 +327,7 @@ JSON_INPUT_SETTINGS: dict[str, Any] = {
     "date_time_input_format": "best_effort",
 }
 # The input tables: parts (tool calls, agent steps) first, events second, so that once an id
-# is in event_times every row of its event is stored (store_sink.py).
+# is in event_ids every row of its event is stored (store_sink.py).
 EVENTS_INPUT = "events_input"
 PARTS_INPUT = "event_parts_input"
 _HAS_PARTS = frozenset({"tool_call", "agent_step"})
