@@ -137,6 +137,9 @@ _UNKNOWN_DATABASE = 81
 # answer is read line by line with json.loads, as the chDB store reads it.
 _ROWS = msgspec.json.Decoder()
 
+# TabSeparated's escapes, for the ids of query_with_ids.
+_TSV_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
 _PLACEHOLDER = re.compile(r"\{\s*[A-Za-z_][A-Za-z0-9_]*\s*:")
 _SERVER_TEXT = re.compile(r"server response:\s*(.*)", re.DOTALL)
 _TRAILERS = re.compile(r"(\s*\((?:for url|version) [^()]*(?:\([^()]*\))?[^()]*\))+\s*$")
@@ -466,6 +469,37 @@ class ClickHouseStore:
             )
         except Exception as exc:
             raise self._error(exc, "running a query") from exc
+        return _rows(body)
+
+    def query_with_ids(
+        self, sql: str, params: Mapping[str, Any] | None, ids: Sequence[str]
+    ) -> list[dict[str, Any]]:
+        """Run `sql`, which reads `ids` from a table named `ids` (one column, `id String`):
+        they go with the query as ClickHouse external data, a temporary table in the request
+        (TSV). One request however many ids, and no limit of a query parameter's size
+        (http_max_field_value_size, 128 KiB): a look-up of 50,000 ids costs the server about
+        a quarter of the CPU of `IN {ids:Array(String)}` in parameter-sized chunks."""
+        from clickhouse_connect.driver.external import ExternalData
+
+        text = "\n".join(ids)
+        # Ids of the schema's alphabet need no escaping (the common case: one join); others
+        # get TabSeparated's escapes.
+        if "\\" in text or "\t" in text or "\r" in text or text.count("\n") != len(ids) - 1:
+            text = "\n".join(value.translate(_TSV_ESCAPES) for value in ids)
+        data = (text + "\n").encode() if ids else b""
+        table = ExternalData(
+            file_name="ids", data=data, fmt="TabSeparated", structure=["id String"]
+        )
+        try:
+            body = self._connected().raw_query(
+                sql,
+                parameters=_bind(sql, params),
+                settings=self._json_settings or None,
+                fmt="JSONEachRow",
+                external_data=table,
+            )
+        except Exception as exc:
+            raise self._error(exc, f"running a query with {len(ids)} ids") from exc
         return _rows(body)
 
     def insert(self, table: str, data: pa.Table) -> None:

@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import anyio
 import chfixture
 import clickhouse_connect
 import httpx
@@ -31,6 +32,7 @@ from test_ingest import ALL_TYPES
 
 from watchllm_ext.analytics import queries as Q
 from watchllm_ext.analytics.rollup import refresh_rollups
+from watchllm_ext.builtins.store_sink import StoreSink
 from watchllm_ext.schema import EVENT_LIST_ADAPTER
 from watchllm_ext.settings import Settings
 from watchllm_ext.store import StoreError, StoreUnavailable, apply_migrations, load_migrations
@@ -495,6 +497,23 @@ def test_one_store_from_many_threads(store: ClickHouseStore) -> None:
     assert store.query("SELECT count() AS n FROM events FINAL")[0]["n"] == 600
 
 
+def test_a_query_with_more_ids_than_a_parameter_holds(store: ClickHouseStore) -> None:
+    # 30,000 ids (~500 KB, past the 128 KiB a parameter may hold) in one request, as a
+    # temporary table; ids outside the schema's alphabet come back as they were.
+    odd = ["tab\there", "new\nline", "back\\slash", "cr\rlf", "", TRICKY, "quote'\""]
+    ids = [f"id-{i:06d}" for i in range(30_000)] + odd
+    rows = store.query_with_ids(
+        "SELECT count() AS n, uniqExact(id) AS u, countIf(id LIKE {p:String}) AS m FROM ids",
+        {"p": "id-01%"},
+        ids,
+    )
+    assert rows == [{"n": len(ids), "u": len(ids), "m": 10_000}]
+    found = store.query_with_ids("SELECT id FROM ids WHERE NOT startsWith(id, 'id-')", None, odd)
+    assert sorted(r["id"] for r in found) == sorted(odd)
+    assert store.query_with_ids("SELECT count() AS n FROM ids", None, []) == [{"n": 0}]
+    assert store.query_with_ids("SELECT id FROM ids", None, [""]) == [{"id": ""}]
+
+
 @pytest.mark.parametrize("compress", ["lz4", "zstd", "gzip", "none"])
 def test_json_rows_in_pieces_with_every_compression(
     fx: Fixture, database: str, compress: str
@@ -510,6 +529,18 @@ def test_json_rows_in_pieces_with_every_compression(
         ]
     finally:
         store.close()
+
+
+def test_the_store_sink_stores_a_large_batch_once(store: ClickHouseStore) -> None:
+    # One write of 20,000 events, as the writer hands the store sink (inserts sized for
+    # ClickHouse): its id look-ups, before and after the insert, must fit the server's 128 KiB
+    # limit on a parameter value, which the fixture enforces as a server does.
+    apply_migrations(store)
+    events = EVENT_LIST_ADAPTER.validate_python(make_events(20_000, seed=11, project=PROJECT))
+    sink = StoreSink(store, 50_000)
+    for _ in range(2):  # the second write finds every id stored: nothing is added
+        anyio.run(sink.write, events)
+        assert store.query("SELECT count() AS n FROM events FINAL") == [{"n": 20_000}]
 
 
 # --- a whole server ---------------------------------------------------------------------------
