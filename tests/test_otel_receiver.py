@@ -315,6 +315,30 @@ def test_metrics_count_spans_and_unmapped_keys(server: Running) -> None:
     assert 'watchllm_otel_unmapped_attributes_total{key="app.custom"} 1.0' in text
 
 
+def test_unmapped_keys_past_the_limit_count_as_other() -> None:
+    """Each key counted by its number of spans; keys past MAX_UNMAPPED_KEYS share "(other)",
+    the keys that had a series keep it."""
+    from prometheus_client import CollectorRegistry
+
+    from watchllm_ext.observability.metrics import OpsMetrics
+    from watchllm_ext.otel.ingest import MAX_UNMAPPED_KEYS, OTHER_KEY, _count_unmapped
+
+    registry = CollectorRegistry(auto_describe=False)
+    metrics = OpsMetrics(registry)
+    first = [f"k{i}" for i in range(MAX_UNMAPPED_KEYS - 1)]
+    _count_unmapped(metrics, [*first, "k0", "k0"])
+    _count_unmapped(metrics, ["late.a", "late.b", "late.b", "k1", "last"])
+
+    def count(key: str) -> float | None:
+        return registry.get_sample_value("watchllm_otel_unmapped_attributes_total", {"key": key})
+
+    assert count("k0") == 3.0 and count("k1") == 2.0
+    assert count("late.a") == 1.0  # the 1,000th key still has its own series
+    assert count("late.b") is None and count("last") is None
+    assert count(OTHER_KEY) == 3.0  # late.b twice and last
+    assert len(metrics.otel_unmapped_keys) == MAX_UNMAPPED_KEYS
+
+
 def test_quota_denial_is_429_with_retry_after_in_otlp_form(server_factory: Any) -> None:
     running: Running = server_factory(
         quota_backend="memory",
