@@ -49,6 +49,10 @@ MAX_METADATA_VALUE_CHARS = 2_000
 _JSON_FIELDS = ("tool_input", "tool_output", "response_metadata", "metadata")
 _TEXT_FIELDS = ("prompt", "response", "reasoning", "action", "observation", "stack_trace")
 
+# isinstance(x, _MAPPING) is isinstance(x, Mapping), with the usual case (a dict, from JSON)
+# matched by type before the ABC's slower check.
+_MAPPING = (dict, Mapping)
+
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MAX_NS = int((datetime(2100, 1, 1, tzinfo=UTC) - _EPOCH).total_seconds()) * 10**9 - 1
 
@@ -508,9 +512,9 @@ def forwarded_event(span: Span) -> dict[str, Any] | None:
             texts = [
                 p.get("content")
                 for m in response
-                if isinstance(m, Mapping)
+                if isinstance(m, _MAPPING)
                 for p in (m.get("parts") or [])
-                if isinstance(p, Mapping)
+                if isinstance(p, _MAPPING)
             ]
             if texts and all(isinstance(t, str) for t in texts):
                 event["response"] = "".join(texts)
@@ -544,12 +548,12 @@ def prompt_to_genai(prompt: str | list[dict[str, Any]]) -> tuple[list[dict[str, 
 def prompt_from_genai(messages: Any, form: Any) -> str | list[dict[str, Any]] | None:
     """The inverse of prompt_to_genai (None when the messages are not in its form). The
     exporter checks that this gives its prompt back, and sends watchllm.prompt otherwise."""
-    if not isinstance(messages, list) or not all(isinstance(m, Mapping) for m in messages):
+    if not isinstance(messages, list) or not all(isinstance(m, _MAPPING) for m in messages):
         return None
     if form == "text":
         if len(messages) == 1:
             parts = messages[0].get("parts")
-            if isinstance(parts, list) and len(parts) == 1 and isinstance(parts[0], Mapping):
+            if isinstance(parts, list) and len(parts) == 1 and isinstance(parts[0], _MAPPING):
                 content = parts[0].get("content")
                 if isinstance(content, str):
                     return content
@@ -559,7 +563,7 @@ def prompt_from_genai(messages: Any, form: Any) -> str | list[dict[str, Any]] | 
         message: dict[str, Any] = {"role": genai.get("role")}
         parts = genai.get("parts")
         parts = parts if isinstance(parts, list) else []
-        only = parts[0] if len(parts) == 1 and isinstance(parts[0], Mapping) else {}
+        only = parts[0] if len(parts) == 1 and isinstance(parts[0], _MAPPING) else {}
         call_id = None
         if set(only) == {"type", "content"} and only["type"] == "text":
             content: Any = only["content"]
@@ -628,7 +632,7 @@ def _messages(span: Span, side: str, used: set[str]) -> list[dict[str, Any]] | N
     if raw is not None:
         parsed = _json_value(raw)
         if isinstance(parsed, list):
-            return [_message(m) for m in parsed if isinstance(m, Mapping)]
+            return [_message(m) for m in parsed if isinstance(m, _MAPPING)]
     indexed = _indexed_messages(span.attributes, INDEXED_MESSAGE_PREFIXES[side])
     if indexed:
         return indexed
@@ -639,7 +643,7 @@ def _messages(span: Span, side: str, used: set[str]) -> list[dict[str, Any]] | N
             found.append(_message({"role": INPUT_MESSAGE_EVENTS[e.name], "content": content}))
         elif side == "output" and e.name in OUTPUT_MESSAGE_EVENTS:
             message = _json_value(e.attributes.get("message"))
-            if isinstance(message, Mapping):
+            if isinstance(message, _MAPPING):
                 found.append(_message({"role": "assistant", **message}))
             else:
                 found.append(
@@ -653,12 +657,12 @@ def _message(raw: Mapping[str, Any]) -> dict[str, Any]:
     content = raw.get("content")
     if content is None and isinstance(raw.get("parts"), list):
         # The current GenAI form: parts of type text (others kept as JSON).
-        texts = [p.get("content") for p in raw["parts"] if isinstance(p, Mapping)]
+        texts = [p.get("content") for p in raw["parts"] if isinstance(p, _MAPPING)]
         if all(isinstance(t, str) for t in texts):
             content = "".join(texts)
         else:
-            content = [dict(p) for p in raw["parts"] if isinstance(p, Mapping)]
-    if content is not None and not isinstance(content, str | list):
+            content = [dict(p) for p in raw["parts"] if isinstance(p, _MAPPING)]
+    if content is not None and not isinstance(content, (str, list)):
         content = json.dumps(content, ensure_ascii=False, default=str)
     if isinstance(content, list):
         content = [p if isinstance(p, dict) else {"value": p} for p in content]
