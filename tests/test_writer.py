@@ -4,6 +4,7 @@ shutdown and replay from the spool."""
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -348,3 +349,44 @@ def test_no_room_for_the_spans_refuses_the_events_too() -> None:
             assert sink.events == [] and sink.rows == []
 
     anyio.run(main)
+
+
+class Tracked:
+    """Records the thread that frees it."""
+
+    freed_on: list[int] = []
+
+    def __del__(self) -> None:
+        Tracked.freed_on.append(threading.get_ident())
+
+
+class CountingSink:
+    name = "counting"
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    async def write(self, events: Sequence[Any]) -> None:
+        self.count += len(events)  # keeps no reference to them
+
+
+def test_delivered_events_are_freed_off_the_event_loop() -> None:
+    """Freeing a delivered batch of 50,000 events holds the GIL for ~100 ms: on the event loop
+    that would stop every request for as long, so the writer frees them on a worker thread."""
+    Tracked.freed_on.clear()
+
+    async def main() -> tuple[int, int]:
+        sink = CountingSink()
+        async with memory_writer([sink], flush_interval_s=0.01) as writer:
+            await writer.submit([Tracked() for _ in range(100)])
+            assert await writer.flush(timeout_s=5)
+            loop_thread = threading.get_ident()
+            with anyio.fail_after(5):  # freed right after the delivery
+                while len(Tracked.freed_on) < 100:
+                    await anyio.sleep(0.01)
+        return loop_thread, sink.count
+
+    loop_thread, count = anyio.run(main)
+    assert count == 100
+    assert len(Tracked.freed_on) == 100
+    assert loop_thread not in Tracked.freed_on

@@ -33,6 +33,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import anyio
+import numpy as np
 
 from ..fast_validate import to_models
 from ..hookspecs import hookimpl
@@ -182,61 +183,47 @@ class SeenIds:
     writes to: an id it has never seen is new for sure, so only the few that hit the filter
     (its false positives, ~1% when full, and the real copies) are looked up in the store. A
     look-up of random ids reads most granules of `event_ids` (~100 ms per 1,000 ids at two
-    million stored, growing with the table); the filter takes ~2 us an id. Python's str hash
-    is salted per process, which is fine: the filter lives and dies with the process."""
+    million stored, growing with the table). A batch's keys are hashed in one pass and their
+    bits read and set with numpy: ~0.3 us a key to check and ~0.4 to add (in Python, bit by
+    bit, it was 0.5 and 0.9, on the GIL that requests need). Python's str hash is salted per
+    process, which is fine: the filter lives and dies with the process."""
 
     BITS_PER_ID = 12  # three bit positions per id
 
     def __init__(self, capacity: int) -> None:
         self.capacity = max(capacity, 1 << 16)
         self.size = self.capacity * self.BITS_PER_ID
-        self.bits = bytearray(self.size // 8 + 1)
+        self.bits = np.zeros(self.size // 8 + 1, dtype=np.uint8)
         self.count = 0
 
-    def _positions(self, key: Key) -> tuple[int, int, int]:
-        h = hash(key) & 0xFFFF_FFFF_FFFF_FFFF
-        a, b = (h & 0xFFFF_FFFF) % self.size, (h >> 32) % self.size
-        return a, b, (a + b) % self.size
+    def _positions(self, keys: Sequence[Key]) -> np.ndarray:
+        """The three bit positions of each key, one row a key: the low and high halves of its
+        hash and their sum, modulo the size."""
+        hashes = np.fromiter(map(hash, keys), dtype=np.int64, count=len(keys)).view(np.uint64)
+        a = (hashes & 0xFFFF_FFFF) % self.size
+        b = (hashes >> 32) % self.size
+        return np.stack((a, b, (a + b) % self.size), axis=1)
 
     def add(self, key: Key) -> None:
-        bits = self.bits
-        for pos in self._positions(key):
-            bits[pos >> 3] |= 1 << (pos & 7)
-        self.count += 1
+        self.add_all([key])
 
     def __contains__(self, key: object) -> bool:
         assert isinstance(key, tuple)
-        bits = self.bits
-        return all(bits[pos >> 3] & (1 << (pos & 7)) for pos in self._positions(key))
+        return bool(self.maybe_stored([key]))
 
     def add_all(self, keys: Iterable[Key]) -> None:
-        """add() of each key, inlined: a batch of 50,000 in ~1 us a key instead of ~3."""
-        bits, size, count = self.bits, self.size, 0
-        for key in keys:
-            h = hash(key) & 0xFFFF_FFFF_FFFF_FFFF
-            a, b = (h & 0xFFFF_FFFF) % size, (h >> 32) % size
-            c = (a + b) % size
-            bits[a >> 3] |= 1 << (a & 7)
-            bits[b >> 3] |= 1 << (b & 7)
-            bits[c >> 3] |= 1 << (c & 7)
-            count += 1
-        self.count += count
+        listed = keys if isinstance(keys, list) else list(keys)
+        positions = self._positions(listed).ravel()
+        # ufunc.at: a byte that several positions share gets every bit (`|=` would keep one).
+        np.bitwise_or.at(self.bits, positions >> 3, (1 << (positions & 7)).astype(np.uint8))
+        self.count += len(listed)
 
     def maybe_stored(self, keys: Iterable[Key]) -> set[Key]:
-        """The keys that may be stored (`key in self`, inlined)."""
-        bits, size = self.bits, self.size
-        hits = set()
-        for key in keys:
-            h = hash(key) & 0xFFFF_FFFF_FFFF_FFFF
-            a, b = (h & 0xFFFF_FFFF) % size, (h >> 32) % size
-            c = (a + b) % size
-            if (
-                bits[a >> 3] & (1 << (a & 7))
-                and bits[b >> 3] & (1 << (b & 7))
-                and bits[c >> 3] & (1 << (c & 7))
-            ):
-                hits.add(key)
-        return hits
+        """The keys that may be stored: all three bits of the key set."""
+        listed = keys if isinstance(keys, list) else list(keys)
+        positions = self._positions(listed)
+        hit = ((self.bits[positions >> 3] >> (positions & 7)) & 1).all(axis=1)
+        return {listed[i] for i in np.flatnonzero(hit).tolist()}
 
     @property
     def full(self) -> bool:
@@ -298,7 +285,10 @@ class StoreSink:
             stored = lookup_times(self.store, keys)
             # A race earlier left several copies (a crash before its check, say).
             drop_later_copies(self.store, stored)
-            kept = first_copies(events, stored)
+            if not stored and len(batch_keys) == len(events):
+                kept = events  # every id new and once in the batch (the usual case): all kept
+            else:
+                kept = first_copies(events, stored)
             if not kept:
                 return
             # The writer's own list when nothing was dropped: its JSON is the spool's bytes.
