@@ -113,8 +113,9 @@ def requests(keys: dict[str, str]) -> Iterator[tuple[str, str, dict[str, str], b
     yield "POST", "/v1/events/batch/", auth, one  # a redirect to the path without the slash
     yield "POST", "/v1/projects//events", auth, one
     yield "POST", "/v1/projects/a/b/events", auth, one
-    # Last: after a 500 uvicorn closes the connection.
-    yield "POST", "/v1/events/batch", auth, body({"events": [prompt_call("e", run_id="boom")]})
+    # uvicorn drops the connection after a 500: asked to close it, the client opens a new one.
+    boom = body({"events": [prompt_call("e", run_id="boom")]})
+    yield "POST", "/v1/events/batch", {**auth, "Connection": "close"}, boom
 
 
 def answer(

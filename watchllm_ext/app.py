@@ -59,7 +59,7 @@ from .observability.metrics import RequestMetrics, counting_rejections, ops_metr
 from .observability.sentry import ensure_sentry
 from .openapi import openapi_endpoint
 from .otel.rows import SpanRow
-from .plugins import describe_plugins, get_plugin_manager
+from .plugins import call_hook, describe_plugins, get_plugin_manager
 from .quota import QuotaDecision
 from .schema import EVENT_LIST_ADAPTER, require_server_filled
 from .sdk.context import register_local_app, unregister_local_app
@@ -210,7 +210,7 @@ class WatchLLM:
     ) -> Principal:
         """The principal of a key (`authenticate` hook), checked as `authenticate` says;
         `field` names where the key came from in a 403."""
-        principal = self.pm.hook.authenticate(token=token, request=request)
+        principal = call_hook(self.pm.hook.authenticate, token=token, request=request)
         if principal is None:
             raise unauthorized("the API key is not valid (unknown or revoked)")
         if scope is not None and not principal.can(scope):
@@ -230,8 +230,12 @@ class WatchLLM:
         route: str | None = None,
     ) -> None:
         """Ask every `check_quota` implementation; raise Problem 429 at the first denial."""
-        results = self.pm.hook.check_quota(
-            principal=principal, n_events=n_events, user_id=user_id, route=route
+        results = call_hook(
+            self.pm.hook.check_quota,
+            principal=principal,
+            n_events=n_events,
+            user_id=user_id,
+            route=route,
         )
         for i, result in enumerate(results):
             decision = await result if inspect.isawaitable(result) else result
@@ -456,18 +460,13 @@ async def _read(request: Request, wl: WatchLLM) -> bytes:
     return await read_request_body(request, wl.settings)
 
 
-@asynccontextmanager
-async def _work_slot(wl: WatchLLM, body: bytes) -> AsyncIterator[bool]:
-    """True (and a place among `ingest_threads`, first come first served) for a body whose
-    CPU work runs on a worker thread; False for a small one, handled inline (cheaper than
+def _big_body_slot(wl: WatchLLM) -> anyio.CapacityLimiter:
+    """A place among `ingest_threads` (first come first served) for a body whose CPU work runs
+    on a worker thread (OFFLOAD_MIN_BYTES and up; a small one is handled inline, cheaper than
     the thread hop). The bound keeps big batches from all holding their events at once."""
-    if len(body) < OFFLOAD_MIN_BYTES:
-        yield False
-        return
     if wl._big_bodies is None:
         wl._big_bodies = anyio.CapacityLimiter(wl.settings.ingest_threads)
-    async with wl._big_bodies:
-        yield True
+    return wl._big_bodies
 
 
 async def _cpu(off_loop: bool, fn: Callable[..., Any], *args: Any) -> Any:
@@ -572,8 +571,10 @@ async def project_events(request: Request) -> Response:
     if project_id != principal.project_id:
         raise other_project(principal.project_id, project_id)
     body = await _read(request, wl)
-    async with _work_slot(wl, body) as off_loop:
-        return await _project_events(wl, principal, body, off_loop, received_at)
+    if len(body) < OFFLOAD_MIN_BYTES:
+        return await _project_events(wl, principal, body, False, received_at)
+    async with _big_body_slot(wl):
+        return await _project_events(wl, principal, body, True, received_at)
 
 
 async def _project_events(
@@ -602,8 +603,10 @@ async def batch_events(request: Request) -> Response:
     wl = _state(request)
     principal = wl.authenticate(request, "ingest")
     body = await _read(request, wl)
-    async with _work_slot(wl, body) as off_loop:
-        return await _batch_events(wl, principal, body, off_loop, received_at)
+    if len(body) < OFFLOAD_MIN_BYTES:
+        return await _batch_events(wl, principal, body, False, received_at)
+    async with _big_body_slot(wl):
+        return await _batch_events(wl, principal, body, True, received_at)
 
 
 async def _batch_events(

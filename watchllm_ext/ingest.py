@@ -22,7 +22,7 @@ import types
 import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import pluggy
@@ -33,6 +33,7 @@ from starlette.requests import Request
 from . import fast_validate
 from .auth import Principal
 from .errors import Problem
+from .plugins import call_hook
 from .schema import EVENT_ADAPTER, EVENT_LIST_ADAPTER, EVENT_TYPES
 from .settings import Settings
 
@@ -302,8 +303,12 @@ def uuid7() -> str:
 def receipt_time() -> datetime:
     """Now, at the millisecond (what the store keeps): the timestamp given to every event of
     one request that has none."""
-    ms = time.time_ns() // 1_000_000
-    return datetime.fromtimestamp(ms // 1000, UTC).replace(microsecond=ms % 1000 * 1000)
+    # The epoch plus a timedelta: the same datetime as fromtimestamp().replace(), in half
+    # the time (it is made for every request).
+    return _EPOCH + timedelta(milliseconds=time.time_ns() // 1_000_000)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 # --- validating ---------------------------------------------------------------------------------
@@ -533,7 +538,7 @@ def _finish(
             if data["timestamp"] is None:
                 data["timestamp"] = received
         if validator_impls:
-            problems = _plugin_problems(validators(event=event, principal=principal))
+            problems = _plugin_problems(call_hook(validators, event=event, principal=principal))
             if problems:
                 outcome.rejected.append(
                     Rejection(
@@ -546,7 +551,7 @@ def _finish(
         outcome.accepted.append(event)
     outcome.rejected.sort(key=lambda r: r.index)
     if outcome.accepted:
-        pm.hook.transform_events(events=outcome.accepted, principal=principal)
+        call_hook(pm.hook.transform_events, events=outcome.accepted, principal=principal)
         if as_models or any(type(e) not in _STRUCTS for e in outcome.accepted):
             # Back to structs for the spool and the sinks, with the JSON made on the way.
             outcome.accepted, outcome.payload = fast_validate.from_models(outcome.accepted)
