@@ -1,8 +1,9 @@
 """What each structure of the embedded store's schema costs an insert (issue 10).
 
-    python bench/bench_insert_structures.py                       # before/after 0012, 10k and 50k
-    python bench/bench_insert_structures.py --batch 10000 --variants full -view:rollup_marks_mv
+    python bench/bench_insert_structures.py                       # before/after, 10k and 50k
+    python bench/bench_insert_structures.py --batch 10000 --variants current no-view:rollup_marks_mv
     python bench/bench_insert_structures.py --list                # the variants
+    python bench/bench_insert_structures.py --variants all --rounds 2   # the ablation table
 
 The ingest benchmark's events (bench_ingest.make_event: prompt calls, ~1 KB of JSON each),
 as the store sink sends them (store/rows.py input_json), are inserted `--batch` events at a
@@ -17,9 +18,11 @@ and delete many files, see the 0012 migration). Say the load (`uptime`) beside t
 
 Variants: `v0011` is the schema as migrations 0001-0011 left it, `current` all migrations;
 `bare` is bench_ingest's baseline (one plain MergeTree table). The others start from
-clickhouse/schema.sql (the current schema) and remove one thing: `-view:<name>` a
-materialized view, `-index:<name>` a skip index of events, `-codecs` the ZSTD codecs of
-events, `-partition` its partitioning, `wide` the compact parts of 0012 (every part wide).
+clickhouse/schema.sql (the current schema) and remove one thing: `no-view:<name>` a
+materialized view, `no-index:<name>` a skip index of events, `no-codecs` the ZSTD codecs
+of events, `no-partition` its partitioning, `wide` the compact parts of 0012 (every part wide).
+A `+ooi` suffix inserts with optimize_on_insert = 1 (ClickHouse's default, the sink's before
+it set 0): `v0011+ooi` is the store as it was before migration 0012 and that setting.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ def _on_events(change: Callable[[str], str]) -> list[str]:
 
 def variant(name: str) -> list[str]:
     """The statements that make the schema of variant `name`."""
+    name = name.removesuffix("+ooi")
     if name == "v0011":
         return _migrations(11)
     if name == "current":
@@ -76,16 +80,16 @@ def variant(name: str) -> list[str]:
         from bench_ingest import BARE_CHDB_TABLE
 
         return [BARE_CHDB_TABLE.strip()]
-    if name.startswith("-view:"):
-        view = name.removeprefix("-view:")
+    if name.startswith("no-view:"):
+        view = name.removeprefix("no-view:")
         prefix = f"CREATE MATERIALIZED VIEW IF NOT EXISTS {view} "
         return [s for s in _schema() if not s.startswith(prefix)]
-    if name.startswith("-index:"):
-        index = re.escape(name.removeprefix("-index:"))
+    if name.startswith("no-index:"):
+        index = re.escape(name.removeprefix("no-index:"))
         return _on_events(lambda s: re.sub(rf",?\n\s*INDEX {index} [^\n]*?GRANULARITY 1", "", s))
-    if name == "-codecs":
+    if name == "no-codecs":
         return _on_events(lambda s: s.replace(" CODEC(ZSTD(3))", ""))
-    if name == "-partition":
+    if name == "no-partition":
         return _on_events(lambda s: s.replace("PARTITION BY toYYYYMM(timestamp)\n", ""))
     if name == "wide":
         return _on_events(lambda s: s.replace(", min_rows_for_wide_part = 100000", ""))
@@ -96,13 +100,14 @@ VARIANTS = [
     "bare",
     "v0011",
     "current",
-    "-view:rollup_marks_mv",
-    "-view:event_children_mv",
-    "-view:event_ids_mv",
-    "-index:idx_event_id",
-    "-index:idx_run_id",
-    "-codecs",
-    "-partition",
+    "current+ooi",
+    "no-view:rollup_marks_mv",
+    "no-view:event_children_mv",
+    "no-view:event_ids_mv",
+    "no-index:idx_event_id",
+    "no-index:idx_run_id",
+    "no-codecs",
+    "no-partition",
     "wide",
 ]
 
@@ -138,9 +143,11 @@ def role_run(name: str, data: Path, work: Path) -> None:
     db = session.Session(str(work))
     for statement in variant(name):
         db.query(statement)
+    settings = dict(JSON_INPUT_SETTINGS)
+    if name.endswith("+ooi"):  # the merge on insert, as before optimize_on_insert = 0
+        settings["optimize_on_insert"] = 1
     clause = ", ".join(
-        f"{k} = {v!r}" if isinstance(v, str) else f"{k} = {v}"
-        for k, v in JSON_INPUT_SETTINGS.items()
+        f"{k} = {v!r}" if isinstance(v, str) else f"{k} = {v}" for k, v in settings.items()
     )
     bodies = [(p.name.split(".")[1], p.read_bytes()) for p in sorted(data.glob("*.json"))]
     if name == "bare":
@@ -191,7 +198,9 @@ def main() -> None:
         "--batch", type=int, action="append", help="events an insert (repeatable; 10k and 50k)"
     )
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--variants", nargs="+", default=["v0011", "current", "bare"])
+    parser.add_argument(
+        "--variants", nargs="+", default=["v0011+ooi", "v0011", "current+ooi", "current", "bare"]
+    )
     parser.add_argument("--list", action="store_true", help="print the variants and exit")
     parser.add_argument("--role", help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -203,6 +212,8 @@ def main() -> None:
     if args.role:
         role_run(args.role, args.data, args.work)
         return
+    if args.variants == ["all"]:
+        args.variants = VARIANTS
     for name in args.variants:
         variant(name)  # an unknown name fails before any work
     print(f"load average {os.getloadavg()[0]:.2f} at the start")

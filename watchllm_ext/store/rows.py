@@ -325,6 +325,11 @@ JSON_INPUT_SETTINGS: dict[str, Any] = {
     "input_format_null_as_default": 1,
     "input_format_skip_unknown_fields": 1,
     "date_time_input_format": "best_effort",
+    # Not to run the ReplacingMergeTree merge over each inserted block (to collapse rows of
+    # one key within it): that pass was half of chDB's CPU for a 50,000-event insert. The
+    # sink never sends one key twice in an insert (first copy wins), and every read
+    # collapses copies anyway (FINAL, LIMIT 1 BY), as it does those of two inserts.
+    "optimize_on_insert": 0,
 }
 # The input tables: parts (tool calls, agent steps) first, events second, so that once an id
 # is in event_ids every row of its event is stored (store_sink.py).
