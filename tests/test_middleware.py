@@ -792,3 +792,38 @@ def test_a_flush_hands_over_small_batches_and_lets_requests_run_between(tmp_path
     assert all(later > earlier for earlier, later in pairwise(ticks_at)), seen
     assert outbox.stats == {"ingested": 70, "rejected": 0, "dropped": 0, "late": 0}
     assert len(stored(settings)) == 70
+
+
+def test_summaries_wait_in_the_outbox_out_of_the_garbage_collectors_scans(
+    tmp_path: Path,
+) -> None:
+    """A summary waits for its flush as plain values the garbage collector does not track
+    (the event's dicts would be scanned by every collection until the flush, and promoted to
+    older generations): the host's requests leave the collector nothing to do. Built into
+    the same event when handed over."""
+    import gc
+
+    from watchllm_ext.middleware.asgi import find_owner
+
+    settings = make_settings(tmp_path)
+    wl_app = create_app(settings)
+    calls = Calls()
+    host = fastapi_host(wl_app, calls, False, "/watchllm", flush_interval_s=60.0)
+    with ServerThread(host) as server, httpx.Client(base_url=server.url) as client:
+        for i in range(5):
+            assert client.get(f"/items/{i}", headers={"X-User-Id": "ann"}).status_code == 200
+        for _ in range(20):
+            assert client.get("/free").status_code == 200
+        owner = find_owner(wl_app.state.watchllm)
+        assert owner is not None
+        waiting = [e for e in list(owner.outbox._events) if not isinstance(e, dict)]
+        assert len(waiting) == 25  # one summary a request, none flushed yet (60 s)
+        assert not any(gc.is_tracked(e) for e in waiting)
+        del waiting
+    steps = summaries(stored(settings))
+    assert (
+        sorted(s["step_name"] for s in steps) == ["GET /free"] * 20 + ["GET /items/{item_id}"] * 5
+    )
+    item = next(s for s in steps if s["step_name"] == "GET /items/{item_id}")
+    assert item["user_id"] == "ann" and item["status"] == "success"
+    assert item["metadata"]["llm.calls"] == 1 and item["metadata"]["llm.cost_usd"] == 0.004

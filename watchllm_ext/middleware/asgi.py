@@ -36,6 +36,7 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import anyio
+import msgspec
 from starlette.applications import Starlette
 from starlette.requests import HTTPConnection
 from starlette.routing import BaseRoute, Match
@@ -277,6 +278,79 @@ def _claim_worker_spool(wl: WatchLLM) -> tuple[Any, FolderLock]:
             continue
         return wl.settings.model_copy(update={"spool_dir": base / f"worker-{n}"}), slot
     raise HostStartError(f"no free worker spool under {base}")
+
+
+class _Summary(msgspec.Struct, gc=False):
+    """A request's summary event as plain values while it waits in the outbox (0.1 s).
+
+    Why not the event's dicts: those are scanned by every garbage collection until the
+    flush, promoted to the older generations, and their collections stop the event loop for
+    milliseconds (a host's requests otherwise leave the collector nothing to do). This
+    struct is not tracked by the collector at all (gc=False: it can be part of no reference
+    cycle, nothing refers to it but the outbox). `event()` builds the event; the outbox calls
+    it when it hands the summary over."""
+
+    event_id: str
+    run_id: str
+    timestamp: datetime
+    method: str
+    route: str
+    status_code: int
+    seconds: float
+    parent_id: str | None
+    user_id: str | None
+    session_id: str | None
+    status: str  # success, error or warning (a denial)
+    observation: str | None
+    error_type: str | None
+    denied: str | None  # the denial's error code
+    # (calls, tokens_input, tokens_output, their own cost, the cost priced, calls unpriced)
+    llm: tuple[int, int, int, float, float, int] | None
+    tags: tuple[str, ...]  # the recorder's, after "http"
+    metadata: dict[str, Any] | None  # the recorder's, over the middleware's keys
+
+    def event(self) -> dict[str, Any]:
+        metadata: dict[str, Any] = {
+            "http.request.method": self.method,
+            "http.route": self.route,
+            "http.response.status_code": self.status_code,
+            "llm.calls": self.llm[0] if self.llm is not None else 0,
+        }
+        if self.llm is not None:
+            _, tokens_in, tokens_out, reported, cost, unpriced = self.llm
+            metadata["llm.tokens_input"] = tokens_in
+            metadata["llm.tokens_output"] = tokens_out
+            metadata["llm.cost_usd_reported"] = reported
+            metadata["llm.cost_usd"] = cost
+            if unpriced:
+                metadata["llm.calls_unpriced"] = unpriced
+        if self.metadata:
+            metadata.update(self.metadata)
+        event: dict[str, Any] = {
+            "event_type": "agent_step",
+            "event_id": self.event_id,
+            "run_id": self.run_id,
+            "timestamp": self.timestamp,
+            "step_number": 0,
+            "step_name": f"{self.method} {self.route}"[:256],
+            "latency_ms": min(self.seconds * 1000, 2_592_000_000.0),
+            "tags": ["http", *self.tags][:64],
+            "metadata": metadata,
+        }
+        if self.parent_id is not None:
+            event["parent_event_id"] = self.parent_id
+        if self.user_id is not None:
+            event["user_id"] = self.user_id
+        if self.session_id is not None:
+            event["session_id"] = self.session_id
+        event["status"] = self.status
+        if self.observation is not None:
+            event["observation"] = self.observation
+        if self.denied is not None:
+            metadata["watchllm.denied"] = self.denied
+        elif self.error_type is not None:
+            metadata["error.type"] = self.error_type
+        return event
 
 
 UserGetter = Callable[[HTTPConnection], "str | Awaitable[str | None] | None"]
@@ -532,54 +606,34 @@ class WatchLLMMiddleware:
         error: BaseException | None,
         denied: Problem | None,
     ) -> None:
-        route = template or "(no route)"
+        """Put the request's summary in the outbox, as plain values (`_Summary`): the event
+        itself is built when the outbox hands it over."""
         tally = recorder.tally
-        metadata: dict[str, Any] = {
-            "http.request.method": method,
-            "http.route": route,
-            "http.response.status_code": status,
-            "llm.calls": tally.calls,
-        }
+        llm = None
         if tally.calls:
-            metadata["llm.tokens_input"] = tally.tokens_input
-            metadata["llm.tokens_output"] = tally.tokens_output
-            metadata["llm.cost_usd_reported"] = tally.cost_usd
-            metadata["llm.cost_usd"], unpriced = self._priced(tally)
-            if unpriced:
-                metadata["llm.calls_unpriced"] = unpriced
-        if recorder.metadata:
-            metadata.update(recorder.metadata)
-        event: dict[str, Any] = {
-            "event_type": "agent_step",
-            "event_id": recorder.event_id,
-            "run_id": recorder.run_id,
-            "timestamp": timestamp,
-            "step_number": 0,
-            "step_name": f"{method} {route}"[:256],
-            "latency_ms": min(seconds * 1000, 2_592_000_000.0),
-            "tags": ["http", *recorder.tags][:64],
-            "metadata": metadata,
-        }
-        if parent_id is not None:
-            event["parent_event_id"] = parent_id
-        if recorder.user_id is not None:
-            event["user_id"] = recorder.user_id
-        if recorder.session_id is not None:
-            event["session_id"] = recorder.session_id
+            cost, unpriced = self._priced(tally)
+            llm = (tally.calls, tally.tokens_input, tally.tokens_output, tally.cost_usd, cost,
+                   unpriced)  # fmt: skip
         if denied is not None:
-            event["status"] = "warning"
-            event["observation"] = f"denied: {denied.message}"[:10_000]
-            metadata["watchllm.denied"] = denied.code
+            outcome = "warning"
+            observation: str | None = f"denied: {denied.message}"[:10_000]
+            error_type = None
         elif error is not None and not isinstance(error, Exception):
-            event["status"] = "error"
-            event["observation"] = f"cancelled ({type(error).__name__})"
+            outcome, observation, error_type = "error", f"cancelled ({type(error).__name__})", None
         elif error is not None:
-            event["status"] = "error"
-            event["observation"] = f"{type(error).__name__}: {error}"[:10_000]
-            metadata["error.type"] = type(error).__name__
+            outcome = "error"
+            observation = f"{type(error).__name__}: {error}"[:10_000]
+            error_type = type(error).__name__
         else:
-            event["status"] = "error" if status >= 500 else "success"
-        self.owner.outbox.put(event)
+            outcome, observation, error_type = "error" if status >= 500 else "success", None, None
+        self.owner.outbox.put(
+            _Summary(
+                recorder.event_id, recorder.run_id, timestamp, method, template or "(no route)",
+                status, seconds, parent_id, recorder.user_id, recorder.session_id, outcome,
+                observation, error_type, denied.code if denied is not None else None, llm,
+                tuple(recorder.tags), dict(recorder.metadata) if recorder.metadata else None,
+            )
+        )  # fmt: skip
 
     def _priced(self, tally: RunTally) -> tuple[float, int]:
         """The request's cost: the calls' own, plus the others priced from their model as

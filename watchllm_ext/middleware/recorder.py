@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from random import getrandbits as _bits
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 from pydantic import ValidationError
@@ -71,9 +71,16 @@ def use_recorder(recorder: Recorder) -> Iterator[Recorder]:
         _current.reset(token)
 
 
+class Deferred(Protocol):
+    """An event kept in another form until it is handed over (the middleware's summaries:
+    plain values, which the garbage collector does not scan); `event()` builds it."""
+
+    def event(self) -> dict[str, Any]: ...
+
+
 class Outbox:
     """Events waiting to be ingested, bounded; the middleware's owner flushes it every
-    `interval_s` (asgi.py, `_Owner`)."""
+    `interval_s` (asgi.py, `_Owner`). An item is an event (a dict) or a `Deferred` one."""
 
     def __init__(
         self, max_events: int = 100_000, interval_s: float = 0.1, batch_events: int = 32
@@ -84,13 +91,13 @@ class Outbox:
         self.batch_events = batch_events
         # A deque: handlers in worker threads append while the loop takes batches off the
         # front (append and popleft are atomic; a list swapped for a new one could lose one).
-        self._events: deque[dict[str, Any]] = deque()
+        self._events: deque[dict[str, Any] | Deferred] = deque()
         # What happened to the events, for tests, the docs' figures and a host's own metrics.
         self.stats = {"ingested": 0, "rejected": 0, "dropped": 0, "late": 0}
         # Set after the owner's final drain: nothing will flush what comes in afterwards.
         self.closed = False
 
-    def put(self, event: dict[str, Any]) -> None:
+    def put(self, event: dict[str, Any] | Deferred) -> None:
         if self.closed:
             self.stats["late"] += 1
             if self.stats["late"] == 1:
@@ -119,7 +126,8 @@ class Outbox:
                 # spool fsync (with spool_fsync = never it never waits): let requests in.
                 await anyio.sleep(0)
             first = False
-            batch = [events.popleft() for _ in range(min(limit, len(events)))]
+            taken = [events.popleft() for _ in range(min(limit, len(events)))]
+            batch = [e if isinstance(e, dict) else e.event() for e in taken]
             try:
                 answer = await wl.ingest(principal, batch)
             except Problem as exc:
