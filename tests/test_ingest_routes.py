@@ -24,6 +24,7 @@ from starlette.routing import Mount
 from watchllm_ext import create_app, hookimpl, lifespan
 from watchllm_ext.app import IngestRoutes
 from watchllm_ext.auth import Principal
+from watchllm_ext.ingest import IngestHeaders
 from watchllm_ext.keys import KeyStore
 from watchllm_ext.quota import QuotaDecision
 
@@ -182,3 +183,21 @@ def test_the_shortcut_answers_byte_for_byte_as_starlette(tmp_path: Path, mounted
         assert any(s["endpoint"] == "project_events" for s in fast_probe.scopes)
         assert all(s["router_is_the_apps"] != mounted for s in fast_probe.scopes)
         assert duration_counts(fast) == duration_counts(slow)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        [],
+        [(b"host", b"x"), (b"authorization", b"Bearer k"), (b"content-type", b"application/json")],
+        [(b"content-type", b"application/json"), (b"content-type", b"text/plain")],
+        [(b"content-length", b"12"), (b"content-encoding", b"gzip"), (b"content-length", b"9")],
+        [(b"authorization", b"Bearer \xe9t\xe9"), (b"content-encoding", b"")],
+        [(b"x-authorization", b"no"), (b"content-types", b"no"), (b"authorization", b"yes")],
+    ],
+)
+def test_ingest_headers_are_what_request_headers_get_gives(raw: list[tuple[bytes, bytes]]) -> None:
+    request = Request({"type": "http", "headers": raw})
+    found = IngestHeaders.of(request)
+    for name in ("authorization", "content-type", "content-length", "content-encoding"):
+        assert getattr(found, name.replace("-", "_")) == request.headers.get(name)

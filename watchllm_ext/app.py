@@ -41,6 +41,7 @@ from .hookspecs import BackgroundTask
 from .ingest import (
     MAX_REJECTIONS_LISTED,
     OFFLOAD_MIN_BYTES,
+    IngestHeaders,
     Outcome,
     check_content_type,
     check_projects,
@@ -196,7 +197,13 @@ class WatchLLM:
     def authenticate(self, request: Request, scope: Scope | None) -> Principal:
         """The principal of the request's bearer key, which must have `scope` (None: any
         valid key): 401 without a key or with an unknown one, 403 without the scope."""
-        token = bearer_token(request.headers.get("authorization"))
+        return self.authenticate_header(request.headers.get("authorization"), scope, request)
+
+    def authenticate_header(
+        self, authorization: str | None, scope: Scope | None, request: Request | None = None
+    ) -> Principal:
+        """`authenticate`, from the value of the request's Authorization header."""
+        token = bearer_token(authorization)
         if token is None:
             raise unauthorized("send your API key as 'Authorization: Bearer <key>'")
         return self.principal_for(token, scope, request)
@@ -455,9 +462,9 @@ def _state(request: Request) -> WatchLLM:
 # --- ingestion -----------------------------------------------------------------------------
 
 
-async def _read(request: Request, wl: WatchLLM) -> bytes:
-    check_content_type(request.headers.get("content-type"))
-    return await read_request_body(request, wl.settings)
+async def _read(request: Request, wl: WatchLLM, headers: IngestHeaders) -> bytes:
+    check_content_type(headers.content_type)
+    return await read_request_body(request, wl.settings, headers)
 
 
 def _big_body_slot(wl: WatchLLM) -> anyio.CapacityLimiter:
@@ -566,11 +573,12 @@ async def project_events(request: Request) -> Response:
     """POST /v1/projects/{project_id}/events: one event, or a JSON array of events."""
     received_at = receipt_time()  # the timestamp of this request's events that have none
     wl = _state(request)
-    principal = wl.authenticate(request, "ingest")
+    headers = IngestHeaders.of(request)
+    principal = wl.authenticate_header(headers.authorization, "ingest", request)
     project_id = request.path_params["project_id"]
     if project_id != principal.project_id:
         raise other_project(principal.project_id, project_id)
-    body = await _read(request, wl)
+    body = await _read(request, wl, headers)
     if len(body) < OFFLOAD_MIN_BYTES:
         return await _project_events(wl, principal, body, False, received_at)
     async with _big_body_slot(wl):
@@ -601,8 +609,9 @@ async def batch_events(request: Request) -> Response:
     """POST /v1/events/batch: {"events": [...]}."""
     received_at = receipt_time()  # the timestamp of this request's events that have none
     wl = _state(request)
-    principal = wl.authenticate(request, "ingest")
-    body = await _read(request, wl)
+    headers = IngestHeaders.of(request)
+    principal = wl.authenticate_header(headers.authorization, "ingest", request)
+    body = await _read(request, wl, headers)
     if len(body) < OFFLOAD_MIN_BYTES:
         return await _batch_events(wl, principal, body, False, received_at)
     async with _big_body_slot(wl):

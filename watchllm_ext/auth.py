@@ -11,6 +11,7 @@ too, except for an operator key, which names the project it reads (`project_id`)
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,13 +35,20 @@ class Principal:
     key_id: str = ""
 
     def can(self, scope: Scope) -> bool:
-        return any(scope in _GRANTS.get(s, frozenset()) for s in self.scopes)
+        return scope in _granted(self.scopes)
 
     def administers(self, project_id: str | None) -> bool:
         """May this key administer `project_id` (None: every project at once)?"""
         if self.can("operator"):
             return True
         return self.can("admin") and project_id == self.project_id
+
+
+@functools.lru_cache(maxsize=1024)
+def _granted(scopes: frozenset[str]) -> frozenset[str]:
+    """Every scope that `scopes` grant. Asked on every request; keys have a few shapes of
+    scopes (a plugin's principals may bring more: the cache is bounded)."""
+    return frozenset().union(*(_GRANTS.get(s, frozenset()) for s in scopes))
 
 
 def bearer_token(authorization: str | None) -> str | None:
