@@ -22,6 +22,9 @@ a. Batch endpoint end to end. A WatchLLM server (uvicorn, one worker, chDB in a 
      (iii) a bare chDB process inserting the same events into one plain MergeTree table in
           50,000-event JSONEachRow inserts: the embedded store's own limit on the machine.
    The same run can add WatchLLM with the ClickHouse-server store (tests/chfixture.py).
+   WatchLLM runs twice: with the library's defaults (as a host app gets it) and with the
+   process tuning `watchllm serve` applies (tuning.tune_for_serving: collector, GIL switch
+   interval, the store's threads at store_threads_nice); the targets are read on the latter.
    Diagnostic rows: the request path alone (no sink, in-memory log) and, with
    --gc-diagnostic, the server with gc.freeze() and larger collector thresholds.
 b. Single-event endpoint. wrk (32 connections) posts one event per request to
@@ -233,8 +236,9 @@ GC_TUNED_THRESHOLDS = (50_000, 20, 100)
 class Server:
     """A server process: "watchllm" (the real app), "watchllm-nosink" (the real app with the
     store sink disabled and the in-memory log: the request path alone), "watchllm-gc" (the
-    real app with gc.freeze() after start-up and larger collector thresholds) or "bare" (the
-    HTTP baseline)."""
+    real app with gc.freeze() after start-up and larger collector thresholds), "watchllm-serve"
+    (the real app with all the process tuning `watchllm serve` applies: that and the store's
+    threads at a lower priority) or "bare" (the HTTP baseline)."""
 
     def __init__(self, kind: str, workdir: Path) -> None:
         self.kind = kind
@@ -387,12 +391,12 @@ def role_serve(kind: str, port: int, data_dir: Path, overrides: dict[str, Any]) 
         app.state.watchllm.open_store()
     else:
         app = bare_app()
-    if kind == "watchllm-gc":
-        # What `watchllm serve` applies (collector tuning, GIL switch interval, the store's
-        # threads' priority).
+    if kind in ("watchllm-gc", "watchllm-serve"):
         from watchllm_ext.tuning import tune_for_serving
 
-        tune_for_serving(settings.store_threads_nice)
+        # "serve": all that `watchllm serve` applies (collector tuning, GIL switch interval,
+        # the store's threads at store_threads_nice); "gc": the first two only.
+        tune_for_serving(settings.store_threads_nice if kind == "watchllm-serve" else 0)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", workers=1)
 
 
@@ -955,6 +959,8 @@ def print_report(cfg: dict[str, Any], batch: dict[str, Any] | None,
             ("(ii) bare Starlette: read body + parse JSON + 202", bare),
             (f"(iii) bare chDB: {BARE_CHDB_INSERT_EVENTS:,}-event JSONEachRow, one table", chdb),
             ("WatchLLM POST /v1/events/batch, end to end (in chDB)", wl),
+            *([("the same as `watchllm serve` runs it (process tuning)", batch["serve"])]
+              if "serve" in batch else []),
             *([("WatchLLM end to end, ClickHouse-server store (chfixture)",
                 batch["clickhouse"])] if "clickhouse" in batch else []),
             *([("diagnostic: request path only: no sink, memory log (to 202)", batch["nosink"])]
@@ -968,7 +974,8 @@ def print_report(cfg: dict[str, Any], batch: dict[str, Any] | None,
             print(f"   {label:62s}{r['events_s']:10,.0f}"
                   f"{r['events_s'] / chdb['events_s']:8.2f}"
                   f"{r['events_s'] / bare['events_s']:8.2f}{cpu_s}")
-        for label, r in (("WatchLLM", wl), ("ClickHouse-server store", batch.get("clickhouse"))):
+        for label, r in (("WatchLLM", wl), ("`watchllm serve`", batch.get("serve")),
+                         ("ClickHouse-server store", batch.get("clickhouse"))):
             if r is not None:
                 print(f"   {label} accept rate (to last 202): {r['accept_events_s']:,.0f}/s, "
                       f"then {r['drain_s']:.2f} s until all stored; "
@@ -984,11 +991,14 @@ def print_report(cfg: dict[str, Any], batch: dict[str, Any] | None,
             per = {k: v / r["events"] * 1e6 for k, v in r["stages"].items()}
             print(f"   {label} per event: " + ", ".join(f"{k} {v:.1f} us" for k, v in per.items())
                   + f"  (total {sum(per.values()):.1f} us)")
+        # The targets are the product's as users run it: `watchllm serve` when measured.
+        wl = batch.get("serve", wl)
+        which = "(`watchllm serve`)" if "serve" in batch else "(library defaults)"
         ok = wl["accept_events_s"] >= TARGET_BATCH_EVENTS_S
-        print(f"   target accepted >= {TARGET_BATCH_EVENTS_S:,} events/s: "
+        print(f"   target accepted >= {TARGET_BATCH_EVENTS_S:,} events/s {which}: "
               f"{wl['accept_events_s']:,.0f}  {verdict(ok)}")
         ok = wl["events_s"] >= TARGET_STORED_EVENTS_S
-        print(f"   target stored >= {TARGET_STORED_EVENTS_S:,} events/s in chDB: "
+        print(f"   target stored >= {TARGET_STORED_EVENTS_S:,} events/s in chDB {which}: "
               f"{wl['events_s']:,.0f}  {verdict(ok)}")
         ratio = wl["events_s"] / chdb["events_s"]
         print(f"   target stored >= {TARGET_BARE_CHDB_RATIO}x bare chDB: {ratio:.2f}x  "
@@ -1138,11 +1148,11 @@ def main(argv: list[str] | None = None) -> int:
             fast = has_fast_path()
             runs: dict[str, list[dict[str, Any]]] = {
                 "inproc": [], "inproc_fast": [], "bare": [], "bare_chdb": [], "nosink": [],
-                "watchllm": [], "clickhouse": []}
+                "watchllm": [], "serve": [], "clickhouse": []}
             if not fast:
                 del runs["inproc_fast"]
             if args.only:
-                keep = {"bare", "bare_chdb", "watchllm", *args.only}
+                keep = {"bare", "bare_chdb", "watchllm", "serve", *args.only}
                 runs = {name: rs for name, rs in runs.items() if name in keep}
             if args.gc_diagnostic:
                 runs["gc"] = []
@@ -1165,6 +1175,9 @@ def main(argv: list[str] | None = None) -> int:
                     ("gc", lambda r=rnd: measure_batch_watchllm(
                         work, template, cfg["batches"], cfg["batch_conns"], r,
                         kind="watchllm-gc")),
+                    ("serve", lambda r=rnd: measure_batch_watchllm(
+                        work, template, cfg["batches"], cfg["batch_conns"], r,
+                        kind="watchllm-serve")),
                 ]
                 steps = [step for step in steps if step[0] in runs]
                 if rnd % 2:
