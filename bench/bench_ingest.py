@@ -396,7 +396,11 @@ def role_serve(kind: str, port: int, data_dir: Path, overrides: dict[str, Any]) 
 
         # "serve": all that `watchllm serve` applies (collector tuning, GIL switch interval,
         # the store's threads at store_threads_nice); "gc": the first two only.
-        tune_for_serving(settings.store_threads_nice if kind == "watchllm-serve" else 0)
+        nice = getattr(settings, "store_threads_nice", None)
+        if nice is None:  # a --snapshot from before the setting
+            tune_for_serving()
+        else:
+            tune_for_serving(nice if kind == "watchllm-serve" else 0)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", workers=1)
 
 

@@ -141,14 +141,14 @@ class Settings(BaseSettings):
         " more cheaply than small ones (docs/BENCHMARKS.md).",
     )
     store_threads_nice: int = Field(
-        10,
+        0,
         ge=0,
         le=19,
         description="`watchllm serve` runs the threads that Python did not start (the embedded"
         " store's: chDB parses, builds rows and merges in them) at this nice value, so that"
         " requests win the CPU while they come in and the store takes what they leave idle;"
-        " 0 leaves them as they are. Linux only; a host app that mounts WatchLLM keeps its"
-        " threads' priorities.",
+        " 0 (the default) leaves them as they are. For a machine whose cores are all busy."
+        " Linux only; a host app that mounts WatchLLM keeps its threads' priorities.",
     )
     # --- garbage collection (issue 10: ingest throughput, helper A)
     gc_freeze_at_start: bool = Field(
