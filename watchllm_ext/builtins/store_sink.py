@@ -196,9 +196,10 @@ class SeenIds:
         self.bits = np.zeros(self.size // 8 + 1, dtype=np.uint8)
         self.count = 0
 
-    def _positions(self, keys: Sequence[Key]) -> np.ndarray:
+    def positions(self, keys: Sequence[Key]) -> np.ndarray:
         """The three bit positions of each key, one row a key: the low and high halves of its
-        hash and their sum, modulo the size."""
+        hash and their sum, modulo the size. The sink computes them once for a batch, to
+        check its keys and, once inserted, to add them."""
         hashes = np.fromiter(map(hash, keys), dtype=np.int64, count=len(keys)).view(np.uint64)
         a = (hashes & 0xFFFF_FFFF) % self.size
         b = (hashes >> 32) % self.size
@@ -213,15 +214,19 @@ class SeenIds:
 
     def add_all(self, keys: Iterable[Key]) -> None:
         listed = keys if isinstance(keys, list) else list(keys)
-        positions = self._positions(listed).ravel()
-        # ufunc.at: a byte that several positions share gets every bit (`|=` would keep one).
-        np.bitwise_or.at(self.bits, positions >> 3, (1 << (positions & 7)).astype(np.uint8))
-        self.count += len(listed)
+        self.add_positions(self.positions(listed))
 
-    def maybe_stored(self, keys: Iterable[Key]) -> set[Key]:
+    def add_positions(self, positions: np.ndarray) -> None:
+        flat = positions.ravel()
+        # ufunc.at: a byte that several positions share gets every bit (`|=` would keep one).
+        np.bitwise_or.at(self.bits, flat >> 3, (1 << (flat & 7)).astype(np.uint8))
+        self.count += len(positions)
+
+    def maybe_stored(self, keys: Iterable[Key], positions: np.ndarray | None = None) -> set[Key]:
         """The keys that may be stored: all three bits of the key set."""
         listed = keys if isinstance(keys, list) else list(keys)
-        positions = self._positions(listed)
+        if positions is None:
+            positions = self.positions(listed)
         hit = ((self.bits[positions >> 3] >> (positions & 7)) & 1).all(axis=1)
         return {listed[i] for i in np.flatnonzero(hit).tolist()}
 
@@ -277,11 +282,14 @@ class StoreSink:
             self._schema_checked = True
         with self._one_at_a_time:
             batch_keys = {(event.project_id, event.event_id) for event in events}
-            keys = batch_keys
+            keys: Iterable[Key] = batch_keys
+            positions = None  # of the batch's keys in the filter: hashed once, used twice
             if not self._shared:
                 if self._seen is None or self._seen.full:
                     self._seen = SeenIds.of_store(self.store)
-                keys = self._seen.maybe_stored(keys)
+                listed = list(batch_keys)
+                positions = self._seen.positions(listed)
+                keys = self._seen.maybe_stored(listed, positions)
             stored = lookup_times(self.store, keys)
             # A race earlier left several copies (a crash before its check, say).
             drop_later_copies(self.store, stored)
@@ -298,7 +306,10 @@ class StoreSink:
             else:
                 inserted = {(event.project_id, event.event_id) for event in kept}
             if self._seen is not None:
-                self._seen.add_all(inserted)
+                if inserted is batch_keys and positions is not None:
+                    self._seen.add_positions(positions)
+                else:
+                    self._seen.add_all(inserted)
             if self._shared:
                 repeated = lookup_times(self.store, inserted, repeated_only=True)
                 drop_later_copies(self.store, repeated)
