@@ -31,7 +31,7 @@ is measured before and after in one run, under the same load.
     python bench/bench_middleware.py --flush-interval-s 5 # the store's inserts 5x bigger
     python bench/bench_middleware.py --no-store           # events spooled, never inserted
     python bench/bench_middleware.py --set spool_fsync=never  # any setting, every server
-    python bench/bench_middleware.py --nice-threads 19    # the store's threads yield the CPU
+    python bench/bench_middleware.py --tune --set store_threads_nice=10  # as `serve` tunes
     python bench/bench_middleware.py --in-process --rounds 3 --before HEAD~3  # no HTTP
 """
 
@@ -91,35 +91,16 @@ def host_app(kind: str, data_dir: Path, overrides: dict[str, Any] | None = None)
     return app
 
 
-def lower_other_threads(nice: int) -> None:
-    """An experiment (`--nice-threads`): every thread of this process but the main one (the
-    event loop) runs at `nice`, so that WatchLLM's store work (chDB's threads, the writer's
-    worker threads) gives the CPU to the host's requests. Linux only; re-applied every
-    0.2 s to threads started since."""
-    import threading
-
-    main = threading.get_native_id()
-    tasks = Path(f"/proc/{os.getpid()}/task")
-
-    def renice() -> None:
-        while True:
-            for task in tasks.iterdir():
-                tid = int(task.name)
-                try:
-                    if tid != main and os.getpriority(os.PRIO_PROCESS, tid) != nice:
-                        os.setpriority(os.PRIO_PROCESS, tid, nice)
-                except OSError:  # the thread ended meanwhile
-                    pass
-            time.sleep(0.2)
-
-    threading.Thread(target=renice, name="bench-renice", daemon=True).start()
-
-
-def serve(kind: str, port: int, data_dir: Path, overrides: dict[str, Any], nice: int) -> None:
+def serve(kind: str, port: int, data_dir: Path, overrides: dict[str, Any], tune: bool) -> None:
     import uvicorn
 
-    if nice:
-        lower_other_threads(nice)
+    if tune:
+        # What `watchllm serve` does to its process, and docs/EMBEDDING.md offers a host: the
+        # start-up heap frozen, fewer collections, a 0.5 ms GIL switch interval, and the
+        # store's native threads at store_threads_nice (--set store_threads_nice=10).
+        from watchllm_ext.tuning import tune_for_serving
+
+        tune_for_serving(int(overrides.get("store_threads_nice", 0)))
 
     uvicorn.run(
         host_app(kind.split("@")[0], data_dir, overrides),
@@ -357,11 +338,9 @@ def main(argv: list[str] | None = None) -> int:
         help="no store sink: events are spooled, never inserted (the middleware without chDB)",
     )
     parser.add_argument(
-        "--nice-threads",
-        type=int,
-        default=0,
-        metavar="N",
-        help="experiment: every server thread but the event loop's at nice N (Linux)",
+        "--tune",
+        action="store_true",
+        help="every server tunes its process as `watchllm serve` does (tuning.tune_for_serving)",
     )
     parser.add_argument(
         "--in-process",
@@ -382,16 +361,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve:
         if args.code is not None:
             sys.path.insert(0, str(args.code))  # that commit's packages, not the working tree
-        serve(args.serve, args.port, args.data_dir, overrides, args.nice_threads)
+        serve(args.serve, args.port, args.data_dir, overrides, args.tune)
         return 0
     if args.measure:
         if args.code is not None:
             sys.path.insert(0, str(args.code))
+        if args.tune:
+            from watchllm_ext.tuning import tune_for_serving
+
+            tune_for_serving(int(overrides.get("store_threads_nice", 0)))
         in_process(args.measure, 2000, args.rounds, overrides)
         return 0
     # The children get the settings as given (and parse them the same way).
     passed = [arg for item in args.set for arg in ("--set", item)]
-    passed += ["--nice-threads", str(args.nice_threads)]
+    passed += ["--tune"] if args.tune else []
 
     atexit.register(stop_all)
     work = Path(tempfile.mkdtemp(prefix="bench-middleware-"))
