@@ -47,7 +47,8 @@ def test_the_check_after_an_insert_reads_only_the_ids_stored_twice(store: Store)
 def test_a_batch_of_long_ids_is_looked_up_in_chunks_the_server_takes(store: Store) -> None:
     # 5,000 ids of 60 characters: 315,000 characters of ids, more than a ClickHouse server
     # takes in one parameter (http_max_field_value_size, 128 KiB by default; tests/chfixture.py
-    # refuses longer values as the server does), so the look-up goes in several queries.
+    # refuses longer values as the server does): the server store sends them as external data
+    # (query_with_ids), chDB (and a cluster) in several queries.
     ids = [f"{n:060d}" for n in range(5_000)]
     assert sum(len(i) + 3 for i in ids) > 2 * LOOKUP_CHARS
     stored = ids[::97]
