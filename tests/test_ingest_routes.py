@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import socket
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -201,3 +203,28 @@ def test_ingest_headers_are_what_request_headers_get_gives(raw: list[tuple[bytes
     found = IngestHeaders.of(request)
     for name in ("authorization", "content-type", "content-length", "content-encoding"):
         assert getattr(found, name.replace("-", "_")) == request.headers.get(name)
+
+
+def test_a_client_that_leaves_mid_body_leaves_nothing_behind(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    key = KeyStore(settings.keys_path).create("acme", scope="admin")
+    app = create_app(settings, entry_points=False)
+    body = json.dumps(prompt_call("half")).encode()
+    with ServerThread(app) as thread:
+        with socket.create_connection(("127.0.0.1", thread.port)) as sock:
+            head = (
+                f"POST /v1/projects/acme/events HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            )
+            sock.sendall(head.encode() + body[:40])
+            time.sleep(0.2)  # the server is waiting for the rest
+        time.sleep(0.2)  # and sees the connection go
+        with httpx.Client(base_url=thread.url) as client:
+            r = client.post(
+                "/v1/projects/acme/events",
+                content=json.dumps(prompt_call("whole")).encode(),
+                headers={"Authorization": f"Bearer {key}"},
+            )
+            assert r.status_code == 202, r.text
+        assert app.state.watchllm.writer.accepted_events_total == 1

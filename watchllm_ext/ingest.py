@@ -20,7 +20,7 @@ import threading
 import time
 import types
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -28,7 +28,7 @@ from typing import Any, Literal
 import pluggy
 from pydantic import ValidationError
 from pydantic_core import from_json
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from . import fast_validate
 from .auth import Principal
@@ -137,7 +137,7 @@ async def read_request_body(
     `headers`: the request's, when the caller has found them already."""
     head = headers or IngestHeaders.of(request)
     return await read_body(
-        request.stream(),
+        request.receive,
         content_length=head.content_length,
         content_encoding=head.content_encoding,
         max_bytes=settings.max_body_bytes,
@@ -148,7 +148,7 @@ async def read_request_body(
 
 
 async def read_body(
-    chunks: AsyncIterator[bytes],
+    receive: Callable[[], Awaitable[Mapping[str, Any]]],
     *,
     content_length: str | None,
     content_encoding: str | None,
@@ -157,9 +157,11 @@ async def read_body(
     timeout_s: float = float("inf"),
     idle_timeout_s: float = float("inf"),
 ) -> bytes:
-    """Read the body, refusing as soon as it passes a limit (on the wire or decompressed), or
-    with 408 when it is not complete within `timeout_s` or a piece takes over `idle_timeout_s`
-    (a slow client must not hold a connection and its memory for ever)."""
+    """Read the body from the ASGI `receive`, refusing as soon as it passes a limit (on the
+    wire or decompressed), or with 408 when it is not complete within `timeout_s` or a piece
+    takes over `idle_timeout_s` (a slow client must not hold a connection and its memory for
+    ever). The messages are read as Request.stream() reads them (a disconnect raises
+    ClientDisconnect), without its async generator: a single event's body is one message."""
     encoding = (content_encoding or "identity").strip().lower()
     if encoding not in _ENCODINGS and encoding != "identity":
         raise Problem(
@@ -192,19 +194,20 @@ async def read_body(
     # more than the rest of a small request's reading. The idle deadline is moved only when
     # it falls out of [exact, exact + slack]: never early, at most `slack` late, and a burst
     # of pieces sets it once. The clock is read once a piece, and not at all once the
-    # declared length has come: what follows then is the stream's end, which does not wait
-    # for the client (and the stream is read to its end: an async generator left open is
-    # closed by a task of its own, which costs more than the two steps).
+    # declared length has come or the last piece is in.
     slack = min(_IDLE_SLACK_S, idle_timeout_s * 0.05)
-    pieces = aiter(chunks)
+    more = True
     timer = asyncio.timeout_at(_finite(min(now + idle_timeout_s + slack, deadline)))
     try:
         async with timer:
-            while True:
-                got = await anext(pieces, _END)
-                if got is _END:
-                    break
-                chunk: bytes = got  # type: ignore[assignment]
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":
+                    if message["type"] == "http.disconnect":
+                        raise ClientDisconnect()
+                    continue  # not a body message: Request.stream() skips it too
+                chunk: bytes = message.get("body", b"")
+                more = message.get("more_body", False)
                 if not chunk:
                     continue
                 received += len(chunk)
@@ -238,7 +241,7 @@ async def read_body(
                         pending = decompressor.unconsumed_tail
                         if pending:
                             await asyncio.sleep(0)
-                if received != complete_at:  # the idle deadline of the wait for the next piece
+                if more and received != complete_at:  # the idle deadline of the next wait
                     exact = clock() + idle_timeout_s
                     low, high = min(exact, deadline), min(exact + slack, deadline)
                     when = timer.when()
@@ -269,7 +272,6 @@ def _finite(when: float) -> float | None:
 
 _INFLATE_STEP = 1024 * 1024  # about 1 ms of inflating
 _IDLE_SLACK_S = 0.25  # how late an idle timeout may fire (at most 5% of it)
-_END = object()  # the stream ended
 
 
 def _too_slow(timeout_s: float, idle_timeout_s: float) -> Problem:
