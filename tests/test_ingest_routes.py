@@ -23,8 +23,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.routing import Mount
 
-from watchllm_ext import create_app, hookimpl, lifespan
-from watchllm_ext.app import IngestRoutes
+from watchllm_ext import create_app, fast_validate, hookimpl, lifespan
+from watchllm_ext.app import IngestRoutes, _encode_events, encoded_for_spool
 from watchllm_ext.auth import Principal
 from watchllm_ext.ingest import IngestHeaders
 from watchllm_ext.keys import KeyStore
@@ -228,3 +228,12 @@ def test_a_client_that_leaves_mid_body_leaves_nothing_behind(tmp_path: Path) -> 
             )
             assert r.status_code == 202, r.text
         assert app.state.watchllm.writer.accepted_events_total == 1
+
+
+def test_events_encoded_ahead_give_the_spool_the_bytes_it_would_make() -> None:
+    events = [
+        fast_validate.decode_event(json.dumps(prompt_call(f"p{i}")).encode()) for i in range(5)
+    ]
+    ahead = encoded_for_spool(events)
+    assert list(ahead) == events
+    assert _encode_events(ahead) == _encode_events(events) == fast_validate.encode_events(events)

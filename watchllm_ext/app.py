@@ -421,6 +421,13 @@ class _Encoded(list[Any]):
 _ENCODE_SLICE = 2_000  # events per encode call (~1 ms): the event loop runs between calls
 
 
+def encoded_for_spool(events: list[Any]) -> list[Any]:
+    """The events (structs or models) with their spool encoding made now, for a caller on a
+    worker thread (the OpenTelemetry path): `WatchLLM.submit` then writes that payload as it
+    is, instead of encoding them on the event loop."""
+    return _encode_sliced(events)
+
+
 def _encode_sliced(events: list[Any]) -> _Encoded:
     # The encoder writes a list as "[a,b]" with no spaces: the slices join into the same bytes.
     parts = [

@@ -586,7 +586,8 @@ def _finish(
                 )
                 continue
         outcome.accepted.append(event)
-    outcome.rejected.sort(key=lambda r: r.index)
+    if outcome.rejected:
+        outcome.rejected.sort(key=lambda r: r.index)
     if outcome.accepted:
         call_hook(pm.hook.transform_events, events=outcome.accepted, principal=principal)
         if as_models or any(type(e) not in _STRUCTS for e in outcome.accepted):
