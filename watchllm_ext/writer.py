@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import random
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -476,8 +477,10 @@ class Writer:
             # Once the cache has let go of them, the batch holds the last references to its
             # items: freeing 50,000 events takes ~100 ms of the GIL, done on a worker thread
             # in slices that requests interleave with, instead of stopping the event loop.
-            await anyio.to_thread.run_sync(_free, events, rows)
+            # The writer's references go first, so that the worker's can be the last.
+            batches = [events, rows]
             del events, rows
+            await anyio.to_thread.run_sync(_free, batches)
 
     def _batch_max(self, state: SinkState) -> int:
         # A sink may size its own batches (`max_batch_events`: the store sink's inserts are
@@ -637,8 +640,24 @@ class Writer:
 _FREE_SLICE = 1_000  # events freed at once: about 2 ms of the GIL
 
 
-def _free(*batches: list[Any]) -> None:
-    for batch in batches:
+def _refs_of_a_sole_owner() -> int:
+    # What getrefcount says of a list held by one local name alone (the interpreter's own
+    # count: versions differ in what the call adds), measured the way `_free` reads it.
+    batches: list[list[Any]] = [[]]
+    batch = batches.pop()
+    return sys.getrefcount(batch)
+
+
+_SOLE_OWNER = _refs_of_a_sole_owner()
+
+
+def _free(batches: list[list[Any]]) -> None:
+    while batches:
+        batch = batches.pop()
+        # A sink may keep the list it was given (a buffer, a test's record of its batches):
+        # then it is the sink's, and left whole.
+        if sys.getrefcount(batch) > _SOLE_OWNER:
+            continue
         # Slice by slice: freeing is C code that keeps the GIL throughout; between slices
         # the event loop can take it (at the switch interval) instead of waiting for all.
         while batch:
