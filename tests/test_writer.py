@@ -13,7 +13,14 @@ import anyio
 import pytest
 
 from watchllm_ext.spool import HEADER_SIZE, Position, Spool
-from watchllm_ext.writer import MemoryLog, SinkError, Writer, WriterClosed, WriterFull
+from watchllm_ext.writer import (
+    MemoryLog,
+    SinkError,
+    Writer,
+    WriterClosed,
+    WriterFull,
+    batch_json,
+)
 
 
 def encode(events: Sequence[Any]) -> bytes:
@@ -390,3 +397,96 @@ def test_delivered_events_are_freed_off_the_event_loop() -> None:
     assert count == 100
     assert len(Tracked.freed_on) == 100
     assert loop_thread not in Tracked.freed_on
+
+
+class CountingSpool(Spool):
+    """A spool that counts how often the writer reads records back from disk."""
+
+    reads = 0
+
+    def read(self, start: Position, max_events: int, max_bytes: int = 64 << 20) -> list[Any]:
+        self.reads += 1
+        return super().read(start, max_events, max_bytes)
+
+
+class JsonSink(ListSink):
+    """Keeps each batch's JSON as batch_json gives it (the spool's bytes for the writer's list)."""
+
+    def __init__(self) -> None:
+        super().__init__("json")
+        self.bodies: list[bytes] = []
+
+    async def write(self, events: Sequence[Any]) -> None:
+        self.bodies.append(batch_json(events))
+        await super().write(events)
+
+
+def test_a_sink_that_keeps_up_reads_no_disk(tmp_path: Path) -> None:
+    """Records in memory are delivered with their spool bytes, without reading the spool back;
+    the segments every sink has passed are deleted all the same."""
+
+    async def main() -> tuple[JsonSink, CountingSpool]:
+        sink = JsonSink()
+        spool = CountingSpool(tmp_path, segment_max_bytes=4096)
+        async with Writer(
+            [sink], spool, encode=encode, decode=decode, flush_max_events=25
+        ) as writer:
+            for i in range(40):
+                await writer.submit([{"n": i, "k": "x" * 100}, {"n": i, "k": "y"}])
+                if i % 10 == 9:
+                    assert await writer.flush(timeout_s=5)
+        return sink, spool
+
+    sink, spool = anyio.run(main)
+    assert spool.reads == 0
+    assert [e["n"] for e in sink.events] == [i for i in range(40) for _ in range(2)]
+    assert [json.loads(body) for body in sink.bodies] == sink.batches
+    assert max(len(b) for b in sink.batches) <= 26  # batches of 25 events, records of 2
+    segments = list((tmp_path / "segments").iterdir())
+    assert len(segments) <= 2  # the rolled ones were released and unlinked
+    assert spool.bytes == sum(p.stat().st_size for p in segments)
+
+
+def test_records_past_a_gap_in_memory_come_from_memory_again(tmp_path: Path) -> None:
+    """Records that did not fit in memory (memory_max_events) are read from the spool, the
+    ones before and after them from memory: in order, each once, two reads for two records."""
+
+    class StepSink(ListSink):
+        def __init__(self) -> None:
+            super().__init__("step")
+            self.steps = anyio.Semaphore(0)
+
+        async def write(self, events: Sequence[Any]) -> None:
+            await self.steps.acquire()
+            await super().write(events)
+
+    async def main() -> tuple[StepSink, CountingSpool]:
+        sink = StepSink()
+        spool = CountingSpool(tmp_path)
+        async with Writer(
+            [sink],
+            spool,
+            encode=encode,
+            decode=decode,
+            flush_max_events=1,
+            memory_max_events=3,
+            flush_interval_s=0.01,
+        ) as writer:
+            for i in range(5):  # 0, 1, 2 are kept; 3 and 4 are past the cap
+                await writer.submit([i])
+            assert writer.stats()["events_in_memory"] == 3
+            sink.steps.release()  # 0 is delivered and leaves the memory
+            with anyio.fail_after(5):
+                while writer.stats()["events_in_memory"] != 2:
+                    await anyio.sleep(0.01)
+            await writer.submit([5])  # fits again
+            assert writer.stats()["events_in_memory"] == 3
+            for _ in range(5):
+                sink.steps.release()
+            assert await writer.flush(timeout_s=5)
+            assert writer.stats()["events_in_memory"] == 0
+        return sink, spool
+
+    sink, spool = anyio.run(main)
+    assert sink.batches == [[0], [1], [2], [3], [4], [5]]
+    assert spool.reads == 2  # for 3 and 4

@@ -189,8 +189,9 @@ class Settings(BaseSettings):
     buffer_max_events: int = Field(
         500_000,
         ge=1,
-        description="Events kept decoded in memory for the sinks (beyond it they read the spool"
-        " back from disk); with durability=memory, the most held before 503.",
+        description="Events kept in memory for the sinks, decoded and with their spool bytes"
+        " (beyond it they read the spool back from disk); with durability=memory, the most"
+        " held before 503.",
     )
     sink_retry_initial_s: float = Field(
         0.2, gt=0, description="First wait before retrying a failed sink write (seconds)."

@@ -191,6 +191,7 @@ class Spool:
         self._durable = self._written
         self._syncing = False
         self._retired_fds: list[int] = []
+        self._released: list[Path] = []  # segment files to unlink (release(unlink=False))
         self._synced = anyio.Event()
         # Made by the first waiter only: an anyio.Event costs microseconds to make, and a
         # write per request would otherwise make one that nobody waits on.
@@ -419,12 +420,16 @@ class Spool:
             os.fsync(f.fileno())
         os.replace(tmp, path)
 
-    def release(self, slowest: Position) -> int:
+    def release(self, slowest: Position, unlink: bool = True) -> int:
         """Delete segments every sink has passed. Returns how many were deleted.
 
         When every sink has caught up, a large active segment (or any, after the disk was
         full) is closed so that it can go too: otherwise a spool that never reaches
         `segment_max_bytes` would never give its space back.
+
+        With `unlink=False` the files are only listed, for `unlink_released` to remove on a
+        worker thread: unlinking a 64 MB segment took ~12 ms, on the event loop that stalled
+        every request. A crash before that leaves a file the next release deletes.
         """
         passed_below = slowest.segment
         if slowest.segment != self._active and slowest.offset >= self._sizes.get(
@@ -444,11 +449,18 @@ class Spool:
         for segment in sorted(self._sizes):
             if segment >= passed_below or segment == self._active:
                 break
-            with contextlib.suppress(FileNotFoundError):
-                (self.segments_dir / _segment_name(segment)).unlink()
+            self._released.append(self.segments_dir / _segment_name(segment))
             self._total -= self._sizes.pop(segment)
             deleted += 1
+        if unlink:
+            self.unlink_released()
         return deleted
+
+    def unlink_released(self) -> None:
+        """Remove the files of released segments (any thread: list.pop is atomic)."""
+        while self._released:
+            with contextlib.suppress(FileNotFoundError):
+                self._released.pop().unlink()
 
     # --- recovery ---------------------------------------------------------------------------
 

@@ -16,8 +16,10 @@ slow sink holds back neither the other sinks nor `submit`; the log is trimmed on
 cursor has passed a segment. When the log is full, `submit` raises WriterFull and the HTTP
 layer answers 503 with Retry-After.
 
-Decoded events of recent records are kept in memory (up to `memory_max_events`) so sinks
-that keep up never decode the spool; a sink that falls behind reads it back from disk. The
+Recent records are kept in memory with their decoded events (up to `memory_max_events`),
+so sinks that keep up never read the spool back nor decode it; a sink that falls behind
+reads it back from disk. A batch is put together on a worker thread, not on the event loop
+(for single events it is thousands of records a second). The
 server's events are msgspec structs with `gc=False` (fast_validate.py): half a million of
 them in memory are not walked by every full garbage collection.
 
@@ -35,7 +37,6 @@ import math
 import random
 import sys
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,7 +136,8 @@ class Log(Protocol):
     def read(self, start: Position, max_events: int) -> list[Record]: ...
     def load_cursor(self, sink: str) -> tuple[Position, int]: ...
     def save_cursor(self, sink: str, position: Position, seq: int) -> None: ...
-    def release(self, slowest: Position) -> int: ...
+    def release(self, slowest: Position, unlink: bool = True) -> int: ...
+    def unlink_released(self) -> None: ...
     def close(self) -> None: ...
 
 
@@ -211,13 +213,16 @@ class MemoryLog:
     def save_cursor(self, sink: str, position: Position, seq: int) -> None:
         self._cursors[sink] = (position, seq)
 
-    def release(self, slowest: Position) -> int:
+    def release(self, slowest: Position, unlink: bool = True) -> int:
         drop = max(0, slowest.offset - self._base)
         for record in self._records[:drop]:
             self._held -= record.count
         del self._records[:drop]
         self._base += drop
         return drop
+
+    def unlink_released(self) -> None:
+        return None  # no files
 
     def close(self) -> None:
         return None
@@ -271,7 +276,15 @@ class Writer:
         for sink in sinks:
             cursor, seq = log_.load_cursor(sink.name)
             self.sinks.append(SinkState(sink, cursor, seq))
-        self._cache: OrderedDict[Position, list[Any]] = OrderedDict()
+        # Records in memory, by the number the writer gave them (in the order written): their
+        # items, the record itself (with its payload: a sink that keeps up reads no disk), and
+        # the number of each by start position (a sink's cursor). A record not kept (the
+        # memory cap, a dead-letter replay) is a gap: the sink reads the spool there.
+        self._cache: dict[int, list[Any]] = {}
+        self._records: dict[int, Record] = {}
+        self._numbers: dict[Position, int] = {}
+        self._next_number = 0  # the number the next record written gets
+        self._oldest = 0  # no record below this number is kept
         self._cached_events = 0
         self._running = False
         self._accepting = False
@@ -317,20 +330,26 @@ class Writer:
         await self.log.sync_to(records[-1].end)
 
     def _keep(self, record: Record, items: Sequence[Any]) -> None:
-        """Hold a new record's items in memory for the sinks, within memory_max_events."""
+        """Hold a new record and its items in memory for the sinks, within memory_max_events."""
+        number = self._next_number
         if not self.sinks:
             self.log.release(record.end)  # nobody to deliver to: nothing to keep
         elif not getattr(self.log, "needs_payload", True) or (
             self._cached_events + len(items) <= self.memory_max_events
         ):
-            self._cache[record.start] = list(items)
+            self._cache[number] = list(items)
+            self._records[number] = record
+            self._numbers[record.start] = number
             self._cached_events += len(items)
+        # Counted last: a worker thread reading the memory trusts every number below this.
+        self._next_number = number + 1
 
     async def submit_for(self, sink: str, payload: bytes, count: int, spans: bool = False) -> None:
         """Put a record for one sink only into the log (a dead-letter replay)."""
         if not self._accepting:
             raise WriterClosed("the writer is not running")
         record = self.log.write(payload, count, TARGETED | SPANS if spans else TARGETED)
+        self._next_number += 1  # not kept: the sink it is for reads it from the log
         await self.log.sync_to(record.end)
 
     async def flush(self, timeout_s: float | None = None) -> bool:
@@ -444,34 +463,30 @@ class Writer:
                     await anyio.sleep(min(wait, _BACKLOG_POLL_S))
                     continue
             state.pending_since = None
-            records = await anyio.to_thread.run_sync(
-                self.log.read, state.cursor, self._batch_max(state)
-            )
-            if not records:
+            # The batch is put together on a worker thread: for single events it is thousands
+            # of records (dict look-ups and list extends) that stalled the loop for ms.
+            batch = await anyio.to_thread.run_sync(self._next_batch, state)
+            if batch is None:
                 await self.log.wait_appended()
                 continue
+            records, events, rows = batch
             state.oldest_pending_ms = records[0].appended_ms
-            span_records = [r for r in records if r.flags & SPANS]
-            records_of_events = (
-                [r for r in records if not r.flags & SPANS] if span_records else records
-            )
-            events = await self._events_of(records_of_events, state.sink.name)
             if events and not getattr(state.sink, "reads_structs", False):
                 events = await anyio.to_thread.run_sync(_as_models, events)
             if events:
                 await self._write_with_retry(state, events)
-            rows: list[SpanRow] = []
             # Spans after the events: once a span's row is stored, so is the event it became.
-            if span_records and hasattr(state.sink, "write_spans"):
-                rows = await self._spans_of(span_records, state.sink.name)
-                if rows:
-                    await self._write_with_retry(state, rows, spans=True)
+            if rows:
+                await self._write_with_retry(state, rows, spans=True)
             last = records[-1]
             state.cursor, state.cursor_seq = last.end, last.seq + last.count
-            await anyio.to_thread.run_sync(
-                self.log.save_cursor, state.sink.name, state.cursor, state.cursor_seq
-            )
-            self._release()
+            slowest = min(s.cursor for s in self.sinks)
+            # The cursor is saved before anything is let go; then the records every sink has
+            # passed leave the memory, off the loop too.
+            freed = await anyio.to_thread.run_sync(self._commit, state, slowest)
+            self._cached_events -= freed
+            if self.log.release(slowest, unlink=False):
+                await anyio.to_thread.run_sync(self.log.unlink_released)
             self._progress.set()
             self._progress = anyio.Event()
             # Once the cache has let go of them, the batch holds the last references to its
@@ -479,44 +494,106 @@ class Writer:
             # in slices that requests interleave with, instead of stopping the event loop.
             # The writer's references go first, so that the worker's can be the last.
             batches = [events, rows]
-            del events, rows
+            del events, rows, batch
             await anyio.to_thread.run_sync(_free, batches)
+
+    def _next_batch(self, state: SinkState) -> tuple[list[Record], list[Any], list[SpanRow]] | None:
+        """(On a worker thread.) The records from the sink's cursor on, up to its batch size,
+        with their events and span rows for it; None when there is nothing to read."""
+        max_events = self._batch_max(state)
+        records = self._read_kept(state.cursor, max_events)
+        if records is None:
+            records = self.log.read(state.cursor, max_events)
+        if not records:
+            return None
+        span_records = [r for r in records if r.flags & SPANS]
+        records_of_events = [r for r in records if not r.flags & SPANS] if span_records else records
+        events = self._events_of(records_of_events, state.sink.name)
+        rows: list[SpanRow] = []
+        if span_records and hasattr(state.sink, "write_spans"):
+            self._collect(span_records, state.sink.name, rows)
+        return records, events, rows
+
+    def _read_kept(
+        self, start: Position, max_events: int, max_bytes: int = 64 << 20
+    ) -> list[Record] | None:
+        """The records from `start` on as the log would read them (up to `max_events` events
+        or `max_bytes` of payload, at least one), when memory holds them all: no disk read,
+        no copy. None when it does not (a gap: the log has them).
+
+        Runs on a worker thread while the loop keeps new records: _keep fills a number's
+        entries before it counts the number, so every number below _next_number is whole
+        or a gap; records a sink has not passed are never dropped under it."""
+        number = self._numbers.get(start)
+        if number is None:
+            return None
+        records: list[Record] = []
+        events = size = 0
+        end = self._next_number
+        while number < end:
+            record = self._records.get(number)
+            if record is None:
+                return None  # not kept: read the log from `start`
+            records.append(record)
+            events += record.count
+            size += len(record.payload)
+            if events >= max_events or size >= max_bytes:
+                break
+            number += 1
+        return records
+
+    def _commit(self, state: SinkState, slowest: Position) -> int:
+        """(On a worker thread.) Save the sink's cursor, then drop the records every sink has
+        passed from memory. Returns how many events were dropped."""
+        self.log.save_cursor(state.sink.name, state.cursor, state.cursor_seq)
+        freed = 0
+        number, end = self._oldest, self._next_number
+        while number < end:
+            record = self._records.get(number)
+            if record is not None:
+                if record.start >= slowest:
+                    break
+                # pop, not del: two sinks' commits may walk the same records at once.
+                items = self._cache.pop(number, None)
+                self._records.pop(number, None)
+                self._numbers.pop(record.start, None)
+                freed += len(items) if items is not None else 0
+            number += 1
+        self._oldest = number
+        return freed
 
     def _batch_max(self, state: SinkState) -> int:
         # A sink may size its own batches (`max_batch_events`: the store sink's inserts are
         # sized for ClickHouse, store_insert_max_events); the others take flush_max_events.
         return getattr(state.sink, "max_batch_events", None) or self.flush_max_events
 
-    async def _events_of(self, records: list[Record], sink: str) -> list[Any]:
+    def _events_of(self, records: list[Record], sink: str) -> EventBatch:
         events = EventBatch()
         # The records' own JSON is the batch's when each is a plain record with its bytes
         # (a memory log keeps none; a targeted record wraps its events).
         plain = all(r.payload and not r.flags & TARGETED for r in records)
         events.payloads = [r.payload for r in records] if plain else None
-        await self._collect(records, sink, events)
+        self._collect(records, sink, events)
         if events.payloads is not None and len(events) != sum(r.count for r in records):
             events.payloads = None  # events refused on reading went to the dead letters
         return events
 
-    async def _spans_of(self, records: list[Record], sink: str) -> list[SpanRow]:
-        rows: list[SpanRow] = []
-        await self._collect(records, sink, rows)
-        return rows
-
-    async def _collect(self, records: list[Record], sink: str, into: list[Any]) -> None:
-        """The items of `records` for `sink`, in order, into `into`: from the in-memory cache,
-        or read back from the spool (a sink behind the window; decoded off the loop)."""
-        missing = [r for r in records if r.start not in self._cache]
-        decoded: dict[Position, list[Any]] = {}
-        if missing:
-            decoded = await anyio.to_thread.run_sync(self._decode_records, missing, sink)
+    def _collect(self, records: list[Record], sink: str, into: list[Any]) -> None:
+        """(On a worker thread.) The items of `records` for `sink`, in order, into `into`:
+        from memory, or decoded from their payloads (a sink behind the window, a targeted
+        record)."""
+        kept: list[list[Any] | None] = []
+        missing: list[Record] = []
         for record in records:
-            if record.flags & TARGETED:
-                into.extend(decoded.get(record.start, []))
-            elif record.start in self._cache:
-                into.extend(self._cache[record.start])
-            else:
-                into.extend(decoded.get(record.start, []))
+            number = self._numbers.get(record.start)
+            items = self._cache.get(number) if number is not None else None
+            if items is None:
+                missing.append(record)
+            kept.append(items)
+        decoded = self._decode_records(missing, sink) if missing else {}
+        for record, items in zip(records, kept, strict=True):
+            into.extend(items if items is not None else decoded.get(record.start, []))
+
 
     def _decode_records(self, records: list[Record], sink: str) -> dict[Position, list[Any]]:
         out: dict[Position, list[Any]] = {}
@@ -625,16 +702,6 @@ class Writer:
         )
         # One fsynced line per entry; a torn tail from a crash is cut off first (dead_letters).
         append_dead_letter(folder / f"{_safe(sink)}.jsonl", entry)
-
-    def _release(self) -> None:
-        slowest = min(s.cursor for s in self.sinks)
-        while self._cache:
-            start, events = next(iter(self._cache.items()))
-            if start >= slowest:
-                break
-            self._cache.popitem(last=False)
-            self._cached_events -= len(events)
-        self.log.release(slowest)
 
 
 _FREE_SLICE = 1_000  # events freed at once: about 2 ms of the GIL
