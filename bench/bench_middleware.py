@@ -33,6 +33,11 @@ is measured before and after in one run, under the same load.
     python bench/bench_middleware.py --set spool_fsync=never  # any setting, every server
     python bench/bench_middleware.py --tune --set store_threads_nice=10  # as `serve` tunes
     python bench/bench_middleware.py --in-process --rounds 3 --before HEAD~3  # no HTTP
+    python bench/bench_middleware.py --variant summary_interval_s=0  # and a middleware argument
+
+`--variant KEY=VALUE` adds a server `middleware[KEY=VALUE]`: the middleware given that
+constructor argument (VALUE as JSON, else as text), so that an argument is measured beside
+its default in one run; repeatable.
 """
 
 from __future__ import annotations
@@ -62,9 +67,17 @@ KINDS = ("plain", "middleware", "budget")
 USERS = 100
 
 
+def parse_kind(kind: str) -> tuple[str, dict[str, Any]]:
+    """A server's kind as (plain, middleware or budget; the middleware's extra arguments):
+    `middleware@REV` is `middleware`, `middleware[KEY=VALUE]` one with that argument."""
+    base, _, arg = kind.split("@")[0].partition("[")
+    return base, settings_overrides([arg.rstrip("]")]) if arg else {}
+
+
 def host_app(kind: str, data_dir: Path, overrides: dict[str, Any] | None = None) -> Any:
-    """The host every server runs; `kind` is plain, middleware or budget; `overrides` are
-    WatchLLM settings (`--set`)."""
+    """The host every server runs; `kind` is plain, middleware or budget, or a variant
+    (`parse_kind`); `overrides` are WatchLLM settings (`--set`)."""
+    kind, arguments = parse_kind(kind)
     from fastapi import FastAPI
 
     from watchllm_ext import Settings, create_app
@@ -83,7 +96,9 @@ def host_app(kind: str, data_dir: Path, overrides: dict[str, Any] | None = None)
         from watchllm_ext.middleware import WatchLLMMiddleware
 
         budget = 100.0 if kind == "budget" else None
-        app.add_middleware(WatchLLMMiddleware, watchllm=watchllm, user_daily_budget_usd=budget)
+        app.add_middleware(
+            WatchLLMMiddleware, watchllm=watchllm, user_daily_budget_usd=budget, **arguments
+        )
     else:
         from watchllm_ext import lifespan
 
@@ -103,7 +118,7 @@ def serve(kind: str, port: int, data_dir: Path, overrides: dict[str, Any], tune:
         tune_for_serving(int(overrides.get("store_threads_nice", 0)))
 
     uvicorn.run(
-        host_app(kind.split("@")[0], data_dir, overrides),
+        host_app(kind, data_dir, overrides),
         host="127.0.0.1",
         port=port,
         log_level="warning",
@@ -247,7 +262,7 @@ def in_process(kind: str, requests: int, rounds: int, overrides: dict[str, Any])
     from watchllm_ext.middleware.asgi import find_owner
 
     async def run() -> list[float]:
-        app = host_app(kind.split("@")[0], Path(tempfile.mkdtemp(prefix="bench-mw-")), overrides)
+        app = host_app(kind, Path(tempfile.mkdtemp(prefix="bench-mw-")), overrides)
         wl = next(
             r.app.state.watchllm  # type: ignore[attr-defined]
             for r in app.routes
@@ -347,6 +362,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="measure the event loop's CPU per request with no HTTP (ASGI calls in a process)",
     )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="also serve the middleware with this constructor argument; repeatable",
+    )
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -383,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.before:
         kinds.insert(2, f"middleware@{args.before}")
         code[kinds[2]] = export(args.before, work)
+    for item in args.variant:
+        settings_overrides([item])  # a bad one fails here, not in a server
+        kinds.insert(kinds.index("budget"), f"middleware[{item}]")
     if args.in_process:
         # One process per kind and round, the kinds alternated: each on a fresh interpreter.
         found: dict[str, list[float]] = {kind: [] for kind in kinds}
@@ -412,8 +437,8 @@ def main(argv: list[str] | None = None) -> int:
         extra += passed
         procs[kind] = spawn(
             [sys.executable, __file__, "--serve", kind, "--port", str(ports[kind]),
-             "--data-dir", str(work / kind.replace("@", "-")), *extra],
-            log=work / f"{kind.replace('@', '-')}.log",
+             "--data-dir", str(work / f"server-{len(procs)}"), *extra],
+            log=work / f"server-{len(procs)}.log",
         )  # fmt: skip
     for kind in ports:
         wait_ready(ports[kind])

@@ -816,7 +816,7 @@ def test_summaries_wait_in_the_outbox_out_of_the_garbage_collectors_scans(
             assert client.get("/free").status_code == 200
         owner = find_owner(wl_app.state.watchllm)
         assert owner is not None
-        waiting = [e for e in list(owner.outbox._events) if not isinstance(e, dict)]
+        waiting = [e for e in owner.outbox.waiting() if not isinstance(e, dict)]
         assert len(waiting) == 25  # one summary a request, none flushed yet (60 s)
         assert not any(gc.is_tracked(e) for e in waiting)
         del waiting
@@ -827,3 +827,59 @@ def test_summaries_wait_in_the_outbox_out_of_the_garbage_collectors_scans(
     item = next(s for s in steps if s["step_name"] == "GET /items/{item_id}")
     assert item["user_id"] == "ann" and item["status"] == "success"
     assert item["metadata"]["llm.calls"] == 1 and item["metadata"]["llm.cost_usd"] == 0.004
+
+
+def test_summaries_ride_with_recorded_events_or_wait_for_their_interval(tmp_path: Path) -> None:
+    """A store insert has a large fixed cost, so the summaries of requests that recorded
+    nothing do not make the writer insert every flush: they wait until a flush hands over
+    recorded events (and join it), or until `summary_interval_s` has passed."""
+    from watchllm_ext.middleware.asgi import find_owner
+
+    settings = make_settings(tmp_path)
+    wl_app = create_app(settings)
+    wl = wl_app.state.watchllm
+    calls = Calls()
+    host = fastapi_host(
+        wl_app, calls, False, "/watchllm", flush_interval_s=0.05, summary_interval_s=60.0
+    )
+    with ServerThread(host) as server, httpx.Client(base_url=server.url) as client:
+        owner = find_owner(wl)
+        assert owner is not None
+        outbox = owner.outbox
+        for _ in range(3):
+            assert client.get("/free").status_code == 200
+        time.sleep(0.5)  # ten flushes: none of them for these summaries alone
+        assert len(outbox) == 3 and outbox.stats["ingested"] == 0
+        # A request that records a prompt call: its event, its summary and the three that
+        # waited go with the next flush.
+        assert client.get("/items/7").status_code == 200
+        deadline = time.monotonic() + 10
+        while len(outbox) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(outbox) == 0 and outbox.stats["ingested"] == 5
+        # Past their interval, summaries go without anything else.
+        outbox.summary_interval_s = 0.3
+        assert client.get("/free").status_code == 200
+        deadline = time.monotonic() + 10
+        while len(outbox) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(outbox) == 0 and outbox.stats["ingested"] == 6
+    steps = summaries(stored(settings))
+    assert sorted(s["step_name"] for s in steps) == ["GET /free"] * 4 + ["GET /items/{item_id}"]
+
+
+def test_summaries_go_at_once_when_many_wait() -> None:
+    from watchllm_ext.middleware.recorder import Outbox
+
+    outbox = Outbox(summary_interval_s=60.0, max_summaries=3)
+    outbox.put({"event_id": "a"}, summary=True)
+    outbox.put({"event_id": "b"}, summary=True)
+    assert not outbox.summaries_due() and outbox.recorded == 0
+    outbox.put({"event_id": "c"}, summary=True)
+    assert outbox.summaries_due()
+    other = Outbox(summary_interval_s=60.0)
+    other.put({"event_id": "s"}, summary=True)
+    assert not other.summaries_due()
+    other.put({"event_id": "r"})  # a recorded event: the summary joins its flush
+    assert other.summaries_due() and other.recorded == 1
+    assert [e["event_id"] for e in other.waiting()] == ["r", "s"]  # type: ignore[index]

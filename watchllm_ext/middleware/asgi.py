@@ -104,10 +104,16 @@ class _Owner:
     """Runs one WatchLLM app's store, writer and the outbox flusher for the middleware(s)
     that record into it. One per WatchLLM app (see `owner_for`)."""
 
-    def __init__(self, wl: WatchLLM, principal: Principal, flush_interval_s: float) -> None:
+    def __init__(
+        self,
+        wl: WatchLLM,
+        principal: Principal,
+        flush_interval_s: float,
+        summary_interval_s: float = 5.0,
+    ) -> None:
         self.wl = wl
         self.principal = principal
-        self.outbox = Outbox(interval_s=flush_interval_s)
+        self.outbox = Outbox(interval_s=flush_interval_s, summary_interval_s=summary_interval_s)
         self.running = False
         self._stop: anyio.Event | None = None
         self._lazy: asyncio.Task[None] | None = None
@@ -138,9 +144,10 @@ class _Owner:
         while not stop.is_set():
             with anyio.move_on_after(outbox.interval_s):
                 await stop.wait()
-            if len(outbox) and self.wl.writer is not None:
+            summaries = outbox.summaries_due()
+            if (summaries or outbox.recorded) and self.wl.writer is not None:
                 try:
-                    await outbox.flush(self.wl, self.principal)
+                    await outbox.flush(self.wl, self.principal, summaries)
                 except Exception:  # never let one bad flush stop the recording
                     log.exception("flushing recorded events failed")
         # Stopping: the host's requests are done (servers finish them before the lifespan's
@@ -208,14 +215,17 @@ _owners: weakref.WeakValueDictionary[int, _Owner] = weakref.WeakValueDictionary(
 
 
 def owner_for(
-    wl: WatchLLM, principal: Principal | None = None, flush_interval_s: float = 0.1
+    wl: WatchLLM,
+    principal: Principal | None = None,
+    flush_interval_s: float = 0.1,
+    summary_interval_s: float = 5.0,
 ) -> _Owner:
     """The one owner of `wl` (made on first use): middleware instances sharing a WatchLLM app
     share its outbox and lifecycle."""
     owner = _owners.get(id(wl))
     if owner is None or owner.wl is not wl:
         principal = principal or Principal("default", frozenset({"ingest"}))
-        owner = _Owner(wl, principal, flush_interval_s)
+        owner = _Owner(wl, principal, flush_interval_s, summary_interval_s)
         _owners[id(wl)] = owner
     return owner
 
@@ -379,6 +389,8 @@ class WatchLLMMiddleware:
     - `user_daily_budget_usd`, `budget_cache_s`: turn on the built-in per-user daily budget
       (settings `user_daily_budget_usd`, `user_budget_cache_s`).
     - `flush_interval_s`: how often recorded events are handed to WatchLLM.
+    - `summary_interval_s`: how long the requests' summaries may wait for a flush that hands
+      over anything else (each store insert has a large fixed cost, recorder.py).
     """
 
     def __init__(
@@ -395,6 +407,7 @@ class WatchLLMMiddleware:
         user_daily_budget_usd: float | None = None,
         budget_cache_s: float | None = None,
         flush_interval_s: float = 0.1,
+        summary_interval_s: float = 5.0,
         run_id_response_header: bool = True,
     ) -> None:
         self.app = app
@@ -404,7 +417,7 @@ class WatchLLMMiddleware:
         self.wl = wl
         settings = wl.settings
         self.principal = Principal(project_id or settings.host_project_id, frozenset({"ingest"}))
-        self.owner = owner_for(wl, self.principal, flush_interval_s)
+        self.owner = owner_for(wl, self.principal, flush_interval_s, summary_interval_s)
         self.user_header = user_header.lower().encode("latin-1") if user_header else None
         self.user_source = user_header or "user"  # what a denial's `field` names
         self.get_user = get_user
@@ -632,7 +645,8 @@ class WatchLLMMiddleware:
                 status, seconds, parent_id, recorder.user_id, recorder.session_id, outcome,
                 observation, error_type, denied.code if denied is not None else None, llm,
                 tuple(recorder.tags), dict(recorder.metadata) if recorder.metadata else None,
-            )
+            ),
+            summary=True,
         )  # fmt: skip
 
     def _priced(self, tally: RunTally) -> tuple[float, int]:

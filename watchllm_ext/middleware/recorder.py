@@ -14,6 +14,13 @@ loop about 8 us, so one batch holds the host's requests up for a fraction of a m
 however many requests the last interval saw (the cost per event is the same from 16 events a
 batch up, see docs/EMBEDDING.md).
 
+Request summaries wait longer than recorded events. Each store insert has a large fixed cost
+(tens of milliseconds of chDB CPU whatever its size, docs/EMBEDDING.md), so a host whose
+requests record nothing would otherwise cause one insert per writer flush for summaries
+alone. A summary therefore goes with the next flush that hands over anything else (it then
+joins an insert that happens anyway) and otherwise at least every `summary_interval_s` (5 s,
+the delay OpenTelemetry's batch span processor uses too); 10,000 waiting go at once.
+
 What the outbox holds is not lost: a batch WatchLLM cannot take now (503: the writer is
 full, or not running yet) stays in the outbox for the next flush; the owner's stop drains it
 into WatchLLM (whose writer then flushes to the store, or leaves it in the spool for the next
@@ -26,6 +33,7 @@ the host's shutdown had already stopped WatchLLM).
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -80,71 +88,106 @@ class Deferred(Protocol):
 
 class Outbox:
     """Events waiting to be ingested, bounded; the middleware's owner flushes it every
-    `interval_s` (asgi.py, `_Owner`). An item is an event (a dict) or a `Deferred` one."""
+    `interval_s` (asgi.py, `_Owner`). An item is an event (a dict) or a `Deferred` one.
+
+    Two queues: `put(event)` for what handlers record (handed over at every flush) and
+    `put(summary, summary=True)` for the requests' summaries (handed over with the next
+    flush that has anything else to hand over, else at least every `summary_interval_s`, or
+    once `max_summaries` wait): see the module's docstring for why."""
 
     def __init__(
-        self, max_events: int = 100_000, interval_s: float = 0.1, batch_events: int = 32
+        self,
+        max_events: int = 100_000,
+        interval_s: float = 0.1,
+        batch_events: int = 32,
+        summary_interval_s: float = 5.0,
+        max_summaries: int = 10_000,
     ) -> None:
         self.max_events = max_events
         self.interval_s = interval_s
         # Events per WatchLLM.ingest call: the event loop runs between two calls.
         self.batch_events = batch_events
-        # A deque: handlers in worker threads append while the loop takes batches off the
+        self.summary_interval_s = summary_interval_s
+        self.max_summaries = max_summaries
+        # Deques: handlers in worker threads append while the loop takes batches off the
         # front (append and popleft are atomic; a list swapped for a new one could lose one).
         self._events: deque[dict[str, Any] | Deferred] = deque()
+        self._summaries: deque[dict[str, Any] | Deferred] = deque()
+        # When the summaries were last handed over (monotonic seconds).
+        self._summaries_at = time.monotonic()
         # What happened to the events, for tests, the docs' figures and a host's own metrics.
         self.stats = {"ingested": 0, "rejected": 0, "dropped": 0, "late": 0}
         # Set after the owner's final drain: nothing will flush what comes in afterwards.
         self.closed = False
 
-    def put(self, event: dict[str, Any] | Deferred) -> None:
+    def put(self, event: dict[str, Any] | Deferred, summary: bool = False) -> None:
         if self.closed:
             self.stats["late"] += 1
             if self.stats["late"] == 1:
                 log.warning("an event was recorded after WatchLLM stopped: not stored")
             return
-        if len(self._events) >= self.max_events:
+        if len(self._events) + len(self._summaries) >= self.max_events:
             # WatchLLM is slower than the host (or stopped): drop rather than grow without
             # bound; counted, and logged once per flush.
             self.stats["dropped"] += 1
             return
-        self._events.append(event)
+        (self._summaries if summary else self._events).append(event)
 
     def __len__(self) -> int:
+        return len(self._events) + len(self._summaries)
+
+    @property
+    def recorded(self) -> int:
+        """How many recorded events (not summaries) wait."""
         return len(self._events)
 
-    async def flush(self, wl: WatchLLM, principal: Principal) -> bool:
-        """Hand everything waiting to WatchLLM, `batch_events` at a time, the host's requests
-        running between batches. False when WatchLLM cannot take events now (503): that
-        batch is put back, in order, for the next flush."""
+    def waiting(self) -> list[dict[str, Any] | Deferred]:
+        """What waits now, recorded events first (a copy; for tests and diagnostics)."""
+        return [*self._events, *self._summaries]
+
+    def summaries_due(self) -> bool:
+        """Whether the periodic flush hands the summaries over too (see the class)."""
+        return bool(self._summaries) and (
+            bool(self._events)
+            or len(self._summaries) >= self.max_summaries
+            or time.monotonic() - self._summaries_at >= self.summary_interval_s
+        )
+
+    async def flush(self, wl: WatchLLM, principal: Principal, summaries: bool = True) -> bool:
+        """Hand the recorded events and (with `summaries`) the summaries waiting to WatchLLM,
+        `batch_events` at a time, the host's requests running between batches. False when
+        WatchLLM cannot take events now (503): that batch is put back, in order, for the
+        next flush."""
+        if summaries:
+            self._summaries_at = time.monotonic()
         limit = min(self.batch_events, wl.settings.max_batch_events)
-        events = self._events
         first = True
-        while events:
-            if not first:
-                # Each ingest call runs on the event loop without a break until it awaits its
-                # spool fsync (with spool_fsync = never it never waits): let requests in.
-                await anyio.sleep(0)
-            first = False
-            taken = [events.popleft() for _ in range(min(limit, len(events)))]
-            batch = [e if isinstance(e, dict) else e.event() for e in taken]
-            try:
-                answer = await wl.ingest(principal, batch)
-            except Problem as exc:
-                if exc.status == 503:  # the writer is full or not running: later, not lost
-                    events.extendleft(reversed(batch))
-                    log.warning("WatchLLM cannot take recorded events now: %s", exc.message)
-                    return False
-                n_bad = len(exc.extra.get("rejected") or ())
-                key = "rejected" if exc.status == 422 else "dropped"
-                self.stats[key] += len(batch) if key == "dropped" else n_bad
-                log.warning("WatchLLM refused %d recorded events: %s", len(batch), exc.body())
-                continue
-            self.stats["ingested"] += answer["accepted"]
-            rejected = answer.get("rejected") or []
-            if rejected:
-                self.stats["rejected"] += answer.get("rejected_count", len(rejected))
-                log.warning("WatchLLM refused recorded events: %s", rejected[:3])
+        for events in (self._events, self._summaries) if summaries else (self._events,):
+            while events:
+                if not first:
+                    # Each ingest call runs on the event loop without a break until it awaits
+                    # its spool fsync (with spool_fsync = never it never waits): let requests in.
+                    await anyio.sleep(0)
+                first = False
+                taken = [events.popleft() for _ in range(min(limit, len(events)))]
+                batch = [e if isinstance(e, dict) else e.event() for e in taken]
+                try:
+                    answer = await wl.ingest(principal, batch)
+                except Problem as exc:
+                    if exc.status == 503:  # the writer is full or not running: later, not lost
+                        events.extendleft(reversed(batch))
+                        log.warning("WatchLLM cannot take recorded events now: %s", exc.message)
+                        return False
+                    n_bad = len(exc.extra.get("rejected") or ())
+                    key = "rejected" if exc.status == 422 else "dropped"
+                    self.stats[key] += len(batch) if key == "dropped" else n_bad
+                    log.warning("WatchLLM refused %d recorded events: %s", len(batch), exc.body())
+                    continue
+                self.stats["ingested"] += answer["accepted"]
+                rejected = answer.get("rejected") or []
+                if rejected:
+                    self.stats["rejected"] += answer.get("rejected_count", len(rejected))
+                    log.warning("WatchLLM refused recorded events: %s", rejected[:3])
         return True
 
 
