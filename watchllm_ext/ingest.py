@@ -19,6 +19,7 @@ import re
 import threading
 import time
 import types
+import weakref
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -185,72 +186,68 @@ async def read_body(
     received = 0
     parts: list[bytes] = []
     size = 0
-    # asyncio's clock and timeout, not anyio's: they cost half as much, and a single event's
-    # whole read is otherwise mostly this bookkeeping (the app runs on asyncio in any case).
-    clock = asyncio.get_running_loop().time
+    loop = asyncio.get_running_loop()
+    clock = loop.time
     now = clock()
     deadline = now + timeout_s
-    # One timeout for the whole body, its deadline moved as pieces come: one per piece costs
-    # more than the rest of a small request's reading. The idle deadline is moved only when
-    # it falls out of [exact, exact + slack]: never early, at most `slack` late, and a burst
-    # of pieces sets it once. The clock is read once a piece, and not at all once the
-    # declared length has come or the last piece is in.
-    slack = min(_IDLE_SLACK_S, idle_timeout_s * 0.05)
+    # The read's deadline, watched by its loop's one timer (_BodyDeadlines); moved as pieces
+    # come. The clock is read once a piece, and not at all once the declared length has come
+    # or the last piece is in.
+    task = asyncio.current_task()
+    assert task is not None  # read_body is awaited inside a task
+    read = _Read(task, min(now + idle_timeout_s, deadline))
+    watch = _body_deadlines(loop)
+    watch.add(read, loop)
     more = True
-    timer = asyncio.timeout_at(_finite(min(now + idle_timeout_s + slack, deadline)))
     try:
-        async with timer:
-            while more:
-                message = await receive()
-                if message["type"] != "http.request":
-                    if message["type"] == "http.disconnect":
-                        raise ClientDisconnect()
-                    continue  # not a body message: Request.stream() skips it too
-                chunk: bytes = message.get("body", b"")
-                more = message.get("more_body", False)
-                if not chunk:
-                    continue
-                received += len(chunk)
-                if received > max_bytes:
-                    raise _too_large(max_bytes, "body")
-                if decompressor is None:
-                    parts.append(chunk)
-                    size += len(chunk)
-                else:
-                    timer.reschedule(_finite(deadline))  # inflating is no idle wait
-                    pending = chunk
-                    while pending:
-                        try:
-                            # At most one byte over the limit, so a bomb never expands in
-                            # memory; and at most _INFLATE_STEP per call, with the event loop
-                            # free between.
-                            out = decompressor.decompress(
-                                pending, min(_INFLATE_STEP, limit - size + 1)
-                            )
-                        except zlib.error as exc:
-                            raise Problem(
-                                400,
-                                "bad_encoding",
-                                f"body is not valid {encoding}: {exc}",
-                                field="body",
-                            ) from None
-                        size += len(out)
-                        if size > limit:
-                            raise _too_large(limit, "decompressed body")
-                        parts.append(out)
-                        pending = decompressor.unconsumed_tail
-                        if pending:
-                            await asyncio.sleep(0)
-                if more and received != complete_at:  # the idle deadline of the next wait
-                    exact = clock() + idle_timeout_s
-                    low, high = min(exact, deadline), min(exact + slack, deadline)
-                    when = timer.when()
-                    if when is None or not low <= when <= high:
-                        timer.reschedule(_finite(high))
-    except TimeoutError:
-        if not timer.expired():
-            raise  # not ours
-        raise _too_slow(timeout_s, idle_timeout_s) from None
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                if message["type"] == "http.disconnect":
+                    raise ClientDisconnect()
+                continue  # not a body message: Request.stream() skips it too
+            chunk: bytes = message.get("body", b"")
+            more = message.get("more_body", False)
+            if not chunk:
+                continue
+            received += len(chunk)
+            if received > max_bytes:
+                raise _too_large(max_bytes, "body")
+            if decompressor is None:
+                parts.append(chunk)
+                size += len(chunk)
+            else:
+                read.deadline = deadline  # inflating is no idle wait
+                pending = chunk
+                while pending:
+                    try:
+                        # At most one byte over the limit, so a bomb never expands in memory;
+                        # and at most _INFLATE_STEP per call, with the event loop free between.
+                        out = decompressor.decompress(pending, min(_INFLATE_STEP, limit - size + 1))
+                    except zlib.error as exc:
+                        raise Problem(
+                            400,
+                            "bad_encoding",
+                            f"body is not valid {encoding}: {exc}",
+                            field="body",
+                        ) from None
+                    size += len(out)
+                    if size > limit:
+                        raise _too_large(limit, "decompressed body")
+                    parts.append(out)
+                    pending = decompressor.unconsumed_tail
+                    if pending:
+                        await asyncio.sleep(0)
+            if more and received != complete_at:  # the idle deadline of the next wait
+                read.deadline = min(clock() + idle_timeout_s, deadline)
+    except asyncio.CancelledError:
+        # Ours (as asyncio.timeout tells its own): the watch cancelled this read and nobody
+        # else cancelled the task meanwhile.
+        if read.expired and task.uncancel() <= read.cancelling:
+            raise _too_slow(timeout_s, idle_timeout_s) from None
+        raise
+    finally:
+        watch.discard(read)
     if decompressor is not None and decompressor.unused_data:
         raise Problem(
             400,
@@ -265,13 +262,84 @@ async def read_body(
     return b"".join(parts)
 
 
-def _finite(when: float) -> float | None:
-    """A deadline for asyncio.timeout_at: None (no deadline) for an infinite one."""
-    return None if when == math.inf else when
-
-
 _INFLATE_STEP = 1024 * 1024  # about 1 ms of inflating
-_IDLE_SLACK_S = 0.25  # how late an idle timeout may fire (at most 5% of it)
+
+
+class _Read:
+    """A body being read: its task, its deadline (loop time), and whether the watch has
+    cancelled it for being late. `cancelling`: the task's cancel requests at the start, so
+    that a cancel from elsewhere is told from the watch's (as asyncio.timeout does)."""
+
+    __slots__ = ("cancelling", "deadline", "expired", "task")
+
+    def __init__(self, task: asyncio.Task[Any], deadline: float) -> None:
+        self.task = task
+        self.deadline = deadline
+        self.expired = False
+        self.cancelling = task.cancelling()
+
+
+class _BodyDeadlines:
+    """The deadlines of the bodies being read on one event loop, kept by one timer. A timer
+    per read (asyncio.timeout) cost a single event more than the rest of its reading (its
+    object, a timer handle, a task look-up, about 4 us of 6); here a read is an entry in a
+    set. The timer fires at the earliest deadline it was armed for, cancels the reads that
+    are due and arms itself for the next. A read's deadline only moves later, so moving it
+    needs no new timer: the timer finds it not yet due and re-arms. A timer armed before an
+    earlier one is left to fire for nothing (its generation is old): holding its handle to
+    cancel it would keep the loop alive through the loop's entry here."""
+
+    __slots__ = ("armed_at", "generation", "reads")
+
+    def __init__(self) -> None:
+        self.reads: set[_Read] = set()
+        self.armed_at = math.inf
+        self.generation = 0
+
+    def add(self, read: _Read, loop: asyncio.AbstractEventLoop) -> None:
+        self.reads.add(read)
+        if read.deadline < self.armed_at:
+            self._arm(read.deadline, loop)
+
+    def discard(self, read: _Read) -> None:
+        self.reads.discard(read)  # the timer, if armed, fires once more for nothing
+
+    def _arm(self, when: float, loop: asyncio.AbstractEventLoop) -> None:
+        self.generation += 1
+        self.armed_at = when
+        loop.call_at(when, self._check, self.generation)
+
+    def _check(self, generation: int) -> None:
+        if generation != self.generation:
+            return  # an older timer: a later one is armed
+        loop = asyncio.get_running_loop()
+        self.armed_at = math.inf
+        # A timer may fire a little early (uvloop counts in milliseconds): due within _EARLY_S.
+        due = loop.time() + _EARLY_S
+        later = math.inf
+        for read in list(self.reads):
+            if read.deadline <= due:
+                self.reads.discard(read)
+                read.expired = True
+                read.task.cancel()
+            elif read.deadline < later:
+                later = read.deadline
+        if later < math.inf:
+            self._arm(later, loop)
+
+
+_EARLY_S = 0.001
+_body_deadlines_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _BodyDeadlines] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _body_deadlines(loop: asyncio.AbstractEventLoop) -> _BodyDeadlines:
+    """The loop's watch (one per loop: tests and host apps run several, one a thread)."""
+    found = _body_deadlines_by_loop.get(loop)
+    if found is None:
+        found = _body_deadlines_by_loop[loop] = _BodyDeadlines()
+    return found
 
 
 def _too_slow(timeout_s: float, idle_timeout_s: float) -> Problem:

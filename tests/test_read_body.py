@@ -1,0 +1,164 @@
+"""ingest.read_body's time limits, kept by one timer per event loop for every body being read
+(ingest._BodyDeadlines): each read gets its own 408 at its own deadline, a cancel from
+elsewhere stays a cancel, and nothing is left behind. The server-level answers (a dribbled
+body, a body that stops) are in test_slow_clients.py."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import pytest
+import uvloop
+
+from watchllm_ext import ingest
+from watchllm_ext.errors import Problem
+
+EARLY = 0.002
+Receive = Callable[[], Awaitable[Mapping[str, Any]]]
+
+
+def _pieces(pieces: list[bytes], every_s: float) -> Receive:
+    """An ASGI receive that gives `pieces`, one each `every_s`, then waits for ever."""
+    queue = list(pieces)
+
+    async def receive() -> Mapping[str, Any]:
+        if not queue:
+            await asyncio.Event().wait()
+        await asyncio.sleep(every_s)
+        chunk = queue.pop(0)
+        return {"type": "http.request", "body": chunk, "more_body": bool(queue)}
+
+    return receive
+
+
+async def _read(receive: Receive, timeout_s: float, idle_timeout_s: float) -> bytes:
+    return await ingest.read_body(
+        receive,
+        content_length=None,
+        content_encoding=None,
+        max_bytes=1 << 20,
+        max_decompressed_bytes=1 << 20,
+        timeout_s=timeout_s,
+        idle_timeout_s=idle_timeout_s,
+    )
+
+
+async def _timed(read: Awaitable[bytes]) -> tuple[bytes | Problem, float]:
+    started = time.monotonic()
+    try:
+        result: bytes | Problem = await read
+    except Problem as exc:
+        result = exc
+    return result, time.monotonic() - started
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run(request: pytest.FixtureRequest) -> Callable[[Awaitable[Any]], Any]:
+    """Run a coroutine on a new loop of each kind the server may use."""
+    factory = uvloop.new_event_loop if request.param == "uvloop" else asyncio.new_event_loop
+
+    def runner(main: Awaitable[Any]) -> Any:
+        with asyncio.Runner(loop_factory=factory) as r:
+            return r.run(main)  # type: ignore[arg-type]
+
+    return runner
+
+
+def test_reads_on_one_loop_each_time_out_at_their_own_deadline(run: Any) -> None:
+    async def main() -> list[tuple[bytes | Problem, float]]:
+        return await asyncio.gather(
+            # Stops after one piece: 408 once idle for 0.3 s.
+            _timed(_read(_stops_after(b"a"), 30, 0.3)),
+            # Steady pieces every 0.1 s, never idle 0.5 s: complete after ~0.6 s.
+            _timed(_read(_pieces([b"x"] * 6, 0.1), 30, 0.5)),
+            # Never idle, but over its whole-body limit of 0.35 s.
+            _timed(_read(_pieces([b"y"] * 20, 0.05), 0.35, 10)),
+            # A later read with a shorter limit than the timer is armed for.
+            _timed(_later(_read(_stops_after(b"z"), 30, 0.1), 0.05)),
+        )
+
+    (stopped, t_stopped), (steady, t_steady), (slow, t_slow), (short, t_short) = run(main())
+    assert isinstance(stopped, Problem) and stopped.status == 408, stopped
+    # A timer may fire up to a millisecond early (uvloop counts in milliseconds).
+    assert 0.3 - EARLY <= t_stopped < 0.3 + 0.2, t_stopped
+    assert steady == b"xxxxxx" and 0.55 < t_steady < 1.5, (steady, t_steady)
+    assert isinstance(slow, Problem) and slow.status == 408
+    assert 0.35 - EARLY <= t_slow < 0.35 + 0.2, t_slow
+    assert isinstance(short, Problem) and short.status == 408
+    assert 0.15 - EARLY <= t_short < 0.15 + 0.15, t_short  # 0.05 before it began, 0.1 idle
+    assert stopped.code == "request_timeout" and stopped.field == "body"
+
+
+def _stops_after(first: bytes) -> Receive:
+    sent = False
+
+    async def receive() -> Mapping[str, Any]:
+        nonlocal sent
+        if sent:
+            await asyncio.Event().wait()
+        sent = True
+        return {"type": "http.request", "body": first, "more_body": True}
+
+    return receive
+
+
+async def _later(read: Awaitable[bytes], after_s: float) -> bytes:
+    await asyncio.sleep(after_s)
+    return await read
+
+
+def test_a_cancel_from_elsewhere_stays_a_cancel(run: Any) -> None:
+    async def main() -> None:
+        task = asyncio.create_task(_read(_stops_after(b"a"), 30, 10))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # A read that is due while someone else cancels its task before it runs again: the
+        # cancel wins (as with asyncio.timeout), it is no 408.
+        inner = asyncio.create_task(_read(_stops_after(b"b"), 30, 10))
+        await asyncio.sleep(0.01)  # it waits for its second piece
+        loop = asyncio.get_running_loop()
+        watch = ingest._body_deadlines(loop)
+        (read,) = watch.reads
+        read.deadline = loop.time()  # due now: the watch's timer cancels it...
+        watch._check(watch.generation)
+        inner.cancel()  # ...and so does someone else
+        with pytest.raises(asyncio.CancelledError):
+            await inner
+        assert watch.reads == set()
+
+    run(main())
+
+
+def test_a_body_that_is_there_is_read_whole_and_leaves_nothing_registered(run: Any) -> None:
+    async def main() -> None:
+        async def whole() -> Mapping[str, Any]:
+            return {"type": "http.request", "body": b'{"a":1}', "more_body": False}
+
+        for _ in range(1_000):
+            assert await _read(whole, 30, 10) == b'{"a":1}'
+        late = asyncio.create_task(_read(_stops_after(b"a"), 30, 0.05))
+        with pytest.raises(Problem):
+            await late
+        watch = ingest._body_deadlines(asyncio.get_running_loop())
+        assert watch.reads == set()
+
+    run(main())
+
+
+def test_a_closed_loop_is_not_kept_alive_by_its_watch(run: Any) -> None:
+    async def main() -> None:
+        async def whole() -> Mapping[str, Any]:
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        await _read(whole, 30, 10)  # arms the loop's timer for 10 s from now
+
+    before = len(ingest._body_deadlines_by_loop)
+    run(main())
+    gc.collect()
+    assert len(ingest._body_deadlines_by_loop) <= before
