@@ -151,7 +151,7 @@ def test_sdk_span_converts_with_every_part(
     mapped = map_span(span)
     assert mapped.event is not None and mapped.event["event_type"] == "error"
     assert mapped.event["run_id"] == span.trace_id and mapped.event["event_id"] == span.span_id
-    assert mapped.row["attributes"]["raw"] == span.attributes["raw"]
+    assert mapped.row.attributes["raw"] == span.attributes["raw"]
 
 
 def test_genai_span_from_the_sdk_maps_to_a_prompt_call(

@@ -12,7 +12,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import datetime
 from hashlib import blake2b
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -40,7 +40,6 @@ from watchllm_ext.keys import KeyStore
 from watchllm_ext.otel import decode
 from watchllm_ext.otel.export import build_request, event_span, hex_id, row_span, typed_value
 from watchllm_ext.otel.mapping import Span, attribute_text, map_span
-from watchllm_ext.otel.rows import SpanRow
 from watchllm_ext.schema import EVENT_ADAPTER
 
 Answer = tuple[int, dict[str, str], bytes]
@@ -543,13 +542,13 @@ def test_any_event_comes_back_from_its_span(raw: dict[str, Any]) -> None:
     spans = decode.spans_of(decode.parse_protobuf(body.SerializeToString())).spans
     mapped = map_span(spans[0])
     assert mapped.unmapped == []
-    assert mapped.row["event_type"] == raw["event_type"]
+    assert mapped.row.event_type == raw["event_type"]
     back = EVENT_ADAPTER.validate_python({**mapped.event, "project_id": "p"})
     want = EVENT_ADAPTER.validate_python(raw)
     # Python values: timestamps compare as instants (the span's is UTC), 3 and 3.0 as equal.
     assert back.model_dump() == want.model_dump()
     # A second hop: the receiver's stored span (texts), forwarded again, is the same event.
-    row = SpanRow(project_id="p", ingested_at=datetime.now(UTC), **mapped.row)
+    row = mapped.row
     scope = (row.scope_name, row.scope_version)
     body = build_request([(tuple(row.resource_attributes.items()), scope, row_span(row))])
     again = decode.spans_of(decode.parse_protobuf(body.SerializeToString())).spans[0]

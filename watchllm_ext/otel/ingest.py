@@ -22,6 +22,7 @@ import anyio
 import msgspec
 import pluggy
 
+from ..app import encoded_for_spool
 from ..auth import Principal
 from ..errors import Problem
 from ..fast_validate import validate_list
@@ -79,17 +80,18 @@ def prepare(
     encode: bool = False,
 ) -> Prepared:
     """Map and validate (CPU only; safe on a worker thread, as the JSON path's validation).
-    `encode`: also make the rows' spool JSON here, off the event loop."""
+    `encode`: also make the spool's JSON of the rows and events here, off the event loop."""
     received = received_at or receipt_time()
     out = Prepared(rejected=rejected, problems=list(problems))
+    project = principal.project_id
     rows: list[SpanRow | None] = []
     row_spans: list[Span] = []  # each row's span, named only if its event is refused
     event_dicts: list[dict[str, Any]] = []
     event_rows: list[int] = []  # the row index of each event
     for span in spans:
         try:
-            mapped = map_span(span)
-            row = SpanRow(project_id=principal.project_id, ingested_at=received, **mapped.row)
+            mapped = map_span(span, project, received)
+            row = mapped.row
         except Exception as exc:  # a rule that cannot read this span must not lose the rest
             out.reject(_name(span), f"cannot be mapped: {type(exc).__name__}: {exc}")
             continue
@@ -110,6 +112,8 @@ def prepare(
             out.reject(_name(row_spans[at]), why)
             rows[at] = None
         out.events = outcome.accepted
+        if encode and out.events:
+            out.events = encoded_for_spool(out.events)
     out.rows = [row for row in rows if row is not None]
     if encode:
         out.rows = encoded(out.rows)
