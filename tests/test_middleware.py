@@ -883,3 +883,53 @@ def test_summaries_go_at_once_when_many_wait() -> None:
     other.put({"event_id": "r"})  # a recorded event: the summary joins its flush
     assert other.summaries_due() and other.recorded == 1
     assert [e["event_id"] for e in other.waiting()] == ["r", "s"]  # type: ignore[index]
+
+
+@EVERY_STORE
+def test_budget_reads_the_settled_day_rarely_and_the_recent_part_each_time(
+    tmp_path: Path, store_backend: StoreBackend
+) -> None:
+    """The day's spend is read whole (split at a cut `recent_s` back) once per
+    `settled_read_s`; between those, only the calls from the cut on are read again. A call
+    stored late with a timestamp before the cut counts from the next whole-day read."""
+    from datetime import UTC, datetime, timedelta
+
+    from watchllm_ext.middleware.budget import UserDailyBudget
+
+    settings = make_settings(tmp_path, **store_backend.settings())
+    wl = create_app(settings).state.watchllm
+    principal = Principal("acme", frozenset({"ingest"}))
+    # "Now" for the reads and the calls' times: at least 2 h into the UTC day, so that every
+    # call below is today whenever the test runs (a time ahead of the clock is fine here).
+    day = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    now = max(datetime.now(UTC), day + timedelta(hours=2))
+
+    def call(event_id: str, user: str, usd: float, ago_s: float) -> dict[str, Any]:
+        at = (now - timedelta(seconds=ago_s)).isoformat()
+        return prompt_call(event_id, user_id=user, cost_estimate_usd=usd, timestamp=at)
+
+    async def main() -> None:
+        async with wl.running():
+            budget = UserDailyBudget(wl, 1.0, cache_s=0, recent_s=300, settled_read_s=3600)
+
+            async def stored(events: list[dict[str, Any]]) -> None:
+                await wl.ingest(principal, events)
+                with anyio.fail_after(30):
+                    while wl.writer.lag_events():
+                        await anyio.sleep(0.02)
+
+            await stored([
+                call("a-old", "ann", 0.25, 3000), call("a-new", "ann", 0.125, 60),
+                call("b-new", "bob", 0.0625, 1),
+            ])  # fmt: skip
+            spends = await budget.spend_today("acme", now)
+            assert spends == {"ann": 0.375, "bob": 0.0625} and budget.queries == 1
+            # Spend after the cut is read at once; a call stored late before the cut waits.
+            await stored([call("a-now", "ann", 0.5, 0), call("c-late", "cy", 0.25, 7000)])
+            spends = await budget.spend_today("acme", now)
+            assert spends == {"ann": 0.875, "bob": 0.0625} and budget.queries == 2
+            budget.settled_read_s = 0  # the next read is a whole-day one
+            spends = await budget.spend_today("acme", now)
+            assert spends == {"ann": 0.875, "bob": 0.0625, "cy": 0.25}
+
+    anyio.run(main)
