@@ -49,6 +49,23 @@ def test_only_a_hash_is_stored(tmp_path: Path) -> None:
     keys.close()
 
 
+def test_a_key_sent_again_is_known_until_it_is_revoked(tmp_path: Path) -> None:
+    # The server remembers whole keys that matched (no SHA-256 a request): only those, and
+    # never past a change of the key file.
+    keys = KeyStore(tmp_path / "keys.sqlite3", refresh_s=0.0)
+    key, other = keys.create("p1", scope="ingest"), keys.create("p1", scope="admin")
+    key_id, secret = split_key(key) or ("", "")
+    first = keys.authenticate(key)
+    assert first is not None and keys.authenticate(key) is first
+    assert keys.authenticate(f"wllm_{key_id}_{secret[:-1]}") is None  # its id, not its secret
+    assert keys.authenticate(f"wllm_{key_id}_{secret}x") is None
+    assert keys.authenticate(other) is not None
+    KeyStore(tmp_path / "keys.sqlite3").revoke(key_id)  # another connection, as the CLI
+    assert keys.authenticate(key) is None
+    assert keys.authenticate(other) is not None  # the others still work
+    keys.close()
+
+
 def test_bad_project_and_scope_are_refused(tmp_path: Path) -> None:
     keys = KeyStore(tmp_path / "keys.sqlite3")
     with pytest.raises(KeyStoreError, match="scope"):

@@ -193,7 +193,7 @@ async def read_body(
     # The read's deadline, watched by its loop's one timer (_BodyDeadlines); moved as pieces
     # come. The clock is read once a piece, and not at all once the declared length has come
     # or the last piece is in.
-    task = asyncio.current_task()
+    task = asyncio.current_task(loop)  # with the loop: no second get_running_loop
     assert task is not None  # read_body is awaited inside a task
     read = _Read(task, min(now + idle_timeout_s, deadline))
     watch = _body_deadlines(loop)

@@ -73,6 +73,11 @@ class KeyStore:
         self.refresh_s = refresh_s
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[str, Principal]] = {}
+        # Whole keys that matched their hash, with their principal: a key sent again (every
+        # request of a client) skips the split and the SHA-256. Only valid keys get in, so it
+        # holds at most one entry a key; it is replaced with the cache (a revoked key is out).
+        # Looking a whole key up tells no timing secret: str hashes are salted per process.
+        self._verified: dict[str, Principal] = {}
         self._cache_version: int | None = None
         self._checked_at = 0.0
         self._reader: sqlite3.Connection | None = None
@@ -145,11 +150,15 @@ class KeyStore:
     # --- lookup (server) -------------------------------------------------------------------
 
     def authenticate(self, key: str) -> Principal | None:
+        self._refresh()
+        verified = self._verified  # the one of the cache read below (both replaced at once)
+        principal = verified.get(key)
+        if principal is not None:
+            return principal
         parts = split_key(key)
         if parts is None:
             return None
         key_id, secret = parts
-        self._refresh()
         entry = self._cache.get(key_id)
         if entry is None:
             # A key made a moment ago (`watchllm keys create` beside a running server) works
@@ -162,6 +171,7 @@ class KeyStore:
         stored_hash, principal = entry
         if not hmac.compare_digest(stored_hash, _hash(secret)):
             return None
+        verified[key] = principal  # into this cache's map: a newer cache starts empty
         return principal
 
     def _refresh(self, force: bool = False) -> None:
@@ -185,6 +195,7 @@ class KeyStore:
                     key_id: (h, Principal(project, frozenset({scope}), key_id))
                     for key_id, project, scope, h in rows
                 }
+                self._verified = {}
                 self._cache_version = version
             self._checked_at = now
 
