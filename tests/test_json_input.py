@@ -24,6 +24,7 @@ from stores import EVERY_STORE, StoreBackend
 from watchllm_ext.fast_validate import decode_stored, encode_events
 from watchllm_ext.schema import EVENT_LIST_ADAPTER, MODELS_BY_TYPE
 from watchllm_ext.store import Store, apply_migrations
+from watchllm_ext.store import rows as rows_module
 from watchllm_ext.store.rows import JSON_INPUT_SETTINGS, input_json, read_json, tables_for
 from watchllm_ext.writer import EventBatch
 
@@ -317,7 +318,9 @@ def test_rows_hold_exactly_the_tricky_text(store: Store) -> None:
         assert [json.loads(r["tool_output"]) for r in rows] == [{"text": t} for t in TRICKY_STRINGS]
 
 
-def test_the_writers_batch_goes_as_its_spool_records_bytes(store: Store) -> None:
+def test_the_writers_batch_goes_as_its_spool_records_bytes(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
     raw = [e for e in generated_events() if not e.get("tool_calls") and "prompt" not in e]
     raw = [e for e in raw if e["event_type"] not in ("tool_call", "agent_step", "assertion_failed")]
     structs = decode_stored(EVENT_LIST_ADAPTER.dump_json(models_of(raw, "json")))
@@ -333,11 +336,16 @@ def test_the_writers_batch_goes_as_its_spool_records_bytes(store: Store) -> None
     bodies = input_json(batch, encode)
     assert list(bodies) == ["events_input"] and calls == []  # nothing encoded
     pieces = bodies["events_input"]
-    assert isinstance(pieces, list)
-    # Views of the records themselves, no copies, making one JSON array of the events.
-    views = [p for p in pieces if isinstance(p, memoryview)]
-    assert [v.obj for v in views] == [records[0], records[2]]
+    # Small records are joined into one piece (a store pays a call per piece)...
+    assert isinstance(pieces, list) and len(pieces) == 1 and isinstance(pieces[0], bytes)
     assert json.loads(b"".join(pieces)) == json.loads(encode_events(structs))
+    # ...large ones go as views of the records themselves, no copies.
+    monkeypatch.setattr(rows_module, "OWN_PIECE_BYTES", 1)
+    large = input_json(batch, encode)["events_input"]
+    assert isinstance(large, list)
+    views = [p for p in large if isinstance(p, memoryview)]
+    assert [v.obj for v in views] == [records[0], records[2]]
+    assert b"".join(large) == b"".join(pieces)
     store.insert_json("events_input", pieces, JSON_INPUT_SETTINGS)  # type: ignore[attr-defined]
     rows = store.query("SELECT count() AS n FROM events WHERE project_id = 'json'")
     assert rows == [{"n": len(structs)}]
@@ -410,3 +418,29 @@ def test_an_insert_keeps_its_rows_as_sent_and_reads_collapse_copies(store: Store
         "events_input", body, {**JSON_INPUT_SETTINGS, "optimize_on_insert": 1}
     )
     assert store.query(count.format(final="")) == [{"n": 7}]
+
+
+def test_pieces_of_any_mix_of_records_make_the_batchs_json() -> None:
+    """Whatever the sizes of the records (empty, small ones joined, large ones on their own,
+    in any order), the pieces are the events' JSON array, byte for byte."""
+    raw = [e for e in generated_events() if not e.get("tool_calls") and "prompt" not in e]
+    structs = decode_stored(EVENT_LIST_ADAPTER.dump_json(models_of(raw, "json")))
+    rng = random.Random(5)
+    for _ in range(200):
+        records: list[bytes] = []
+        events: list[Any] = []
+        while len(records) < rng.randint(1, 12):
+            n = rng.choice([0, 0, 1, 2, len(structs)])
+            chosen = rng.sample(structs, min(n, len(structs)))
+            records.append(encode_events(chosen))
+            events += chosen
+        batch = EventBatch(events)
+        batch.payloads = records
+        own = rng.choice([1, 200, 5_000, 1 << 30])
+        piece = rng.choice([1, 300, 10_000, 1 << 20])
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(rows_module, "OWN_PIECE_BYTES", own)
+            patch.setattr(rows_module, "PIECE_BYTES", piece)
+            pieces = rows_module.spool_pieces(batch)
+        assert pieces is not None and all(len(p) for p in pieces)
+        assert b"".join(pieces) == encode_events(events)

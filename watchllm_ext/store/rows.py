@@ -410,20 +410,44 @@ def _has_parts(event: Any) -> bool:
 Body = bytes | list[bytes | memoryview]
 
 
+# Records under OWN_PIECE_BYTES are joined into pieces of about PIECE_BYTES (spool_pieces).
+PIECE_BYTES = 1 << 20
+OWN_PIECE_BYTES = 64 << 10
+
+
 def spool_pieces(events: Sequence[Any]) -> list[bytes | memoryview] | None:
-    """The JSON array of the writer's batch (writer.EventBatch) as views of its spool
-    records' own bytes (each a JSON array of its events), copying nothing; None for any
-    other list. Joining 50,000 events' records into one bytes object costs ~1.5 us an event."""
+    """The JSON array of the writer's batch (writer.EventBatch), made of its spool records'
+    own bytes (each a JSON array of its events); None for any other list.
+
+    A store takes the body piece by piece, with a Python call (and, in chDB's insert stream,
+    a copy) per piece: a piece per record cost ~5 us a record, 30 ms of the GIL a second for
+    single events. So small records are joined into pieces of about PIECE_BYTES (one copy
+    each); a large one (a batch request's) goes as a view of its bytes, as is. One bytes
+    object for the whole batch would cost a fresh allocation of its full size (~1.5 us an
+    event for 50,000)."""
     payloads = getattr(events, "payloads", None)
     if payloads is None:
         return None
-    pieces: list[bytes | memoryview] = [b"["]
+    pieces: list[bytes | memoryview] = []
+    group: list[bytes | memoryview] = [b"["]
+    size = 1
     for payload in payloads:
-        if len(payload) > 2:  # "[]" holds no event
-            if len(pieces) > 1:
-                pieces.append(b",")
-            pieces.append(memoryview(payload)[1:-1])
-    pieces.append(b"]")
+        if len(payload) <= 2:  # "[]" holds no event
+            continue
+        if size > 1 or pieces:  # not the first event
+            group.append(b",")
+        inner = memoryview(payload)[1:-1]
+        if len(payload) >= OWN_PIECE_BYTES:
+            pieces += (b"".join(group), inner)
+            group, size = [], 0
+            continue
+        group.append(inner)
+        size += len(payload)
+        if size >= PIECE_BYTES:
+            pieces.append(b"".join(group))
+            group, size = [], 0
+    group.append(b"]")
+    pieces.append(b"".join(group))
     return pieces
 
 
@@ -433,8 +457,8 @@ def input_json(
     """The bodies to insert for these events, keyed by input table (PARTS_INPUT first when
     present): each a JSON array of the events' objects, which JSONEachRow reads as rows.
 
-    The writer's own batch goes as its spool records' bytes (spool_pieces: no encoding, no
-    copy) unless an event in it needs rewriting (rare); any other list is encoded by
+    The writer's own batch goes as its spool records' bytes (spool_pieces: no encoding,
+    one copy) unless an event in it needs rewriting (rare); any other list is encoded by
     `encode`."""
     fixes = [i for i, event in enumerate(events) if _needs_fixing(event)]
     parts = [event for event in events if _has_parts(event)]
