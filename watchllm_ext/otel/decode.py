@@ -266,12 +266,16 @@ def _attributes(pairs: Any, where: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for pair in pairs:
         # Nearly every value is a string, an int, a double or a bool: read inline (one
-        # function call fewer per attribute, the bulk of a span's decoding), strings first.
+        # function call fewer per attribute, the bulk of a span's decoding). Most are
+        # non-empty strings: read first, they need no WhichOneof (an unset or other kind
+        # reads as "" and takes the general way).
         value = pair.value
+        text = value.string_value
+        if text:
+            out[pair.key] = text
+            continue
         kind = value.WhichOneof("value")
-        if kind == "string_value":
-            out[pair.key] = value.string_value
-        elif kind in _SCALARS:
+        if kind in _SCALARS:
             out[pair.key] = getattr(value, kind)
         else:
             key = pair.key

@@ -316,9 +316,7 @@ def span_row(
         scope_version=span.scope_version,
         event_type=event_type,
         # Most values are strings, kept as they are without a call.
-        attributes={
-            k: v if type(v) is str else _attr_text(v) for k, v in span.attributes.items()
-        },
+        attributes={k: v if type(v) is str else _attr_text(v) for k, v in span.attributes.items()},
         resource_attributes=resource.texts,
         span_events=_json_text(
             [
