@@ -7,8 +7,10 @@ mid-ingest and comes back, a timeout, a migration interrupted half-way)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -26,13 +28,13 @@ import httpx
 import pytest
 from chfixture import Fixture, start_fixture
 from conftest import free_port
-from stores import FIXTURE_PASSWORD, FIXTURE_USER, ClickHouseTarget
+from stores import EVERY_STORE, FIXTURE_PASSWORD, FIXTURE_USER, ClickHouseTarget, StoreBackend
 from test_analytics import START, make_events
 from test_ingest import ALL_TYPES
 
 from watchllm_ext.analytics import queries as Q
 from watchllm_ext.analytics.rollup import refresh_rollups
-from watchllm_ext.builtins.store_sink import StoreSink
+from watchllm_ext.builtins.store_sink import StoreSink, lookup_times
 from watchllm_ext.schema import EVENT_LIST_ADAPTER
 from watchllm_ext.settings import Settings
 from watchllm_ext.store import StoreError, StoreUnavailable, apply_migrations, load_migrations
@@ -527,6 +529,119 @@ def test_json_rows_in_pieces_with_every_compression(
         assert store.query("SELECT count() AS n, sum(a) AS s FROM j") == [
             {"n": 5000, "s": 12_497_500}
         ]
+    finally:
+        store.close()
+
+
+class _RecordingProxy:
+    """A loopback TCP proxy in front of the fixture that keeps what the client sent, to
+    read the insert's HTTP request as it went on the wire."""
+
+    def __init__(self, port: int) -> None:
+        self.sent = bytearray()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._target = port
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self._target))
+            for source, sink, record in ((client, server, True), (server, client, False)):
+                threading.Thread(
+                    target=self._pipe, args=(source, sink, record), daemon=True
+                ).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket, record: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if record:
+                    self.sent += data
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def _dechunk(body: bytes) -> tuple[bytes, int]:
+    """The data of a chunked HTTP body and its number of chunks."""
+    data, chunks = bytearray(), 0
+    while True:
+        size_line, _, body = body.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            return bytes(data), chunks
+        data += body[:size]
+        chunks += 1
+        body = body[size + 2 :]
+
+
+@pytest.mark.parametrize("compress", ["lz4", "zstd", "gzip", "none"])
+def test_an_insert_body_is_sent_chunked_as_it_is_compressed(
+    fx: Fixture, database: str, compress: str
+) -> None:
+    # The body goes as it is compressed, piece by piece (Transfer-Encoding: chunked, the
+    # statement in the URL), so the server parses while the rest is compressed and the body
+    # is never joined whole: the chunks decompress to the pieces, in order.
+    proxy = _RecordingProxy(fx.port)
+    url = fx.url.replace(f":{fx.port}/", f":{proxy.port}/") + f"{database}?compress={compress}"
+    store = ClickHouseStore(url)
+    try:
+        store.execute("CREATE TABLE j (a UInt32, s String) ENGINE = MergeTree ORDER BY a")
+        rows = [b'{"a":%d,"s":"%s"}\n' % (i, os.urandom(200).hex().encode()) for i in range(3000)]
+        pieces = [b"".join(rows[i : i + 500]) for i in range(0, 3000, 500)]
+        proxy.sent.clear()
+        store.insert_json("j", pieces, {})
+        head, _, body = bytes(proxy.sent).partition(b"\r\n\r\n")
+        request_line, *header_lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (h.partition(":") for h in header_lines)}
+        assert headers.get("transfer-encoding") == "chunked"
+        assert "content-length" not in headers
+        assert "INSERT+INTO+j+FORMAT+JSONEachRow" in request_line
+        data, chunks = _dechunk(body)
+        encoding = "" if compress == "none" else compress
+        assert headers.get("content-encoding", "") == encoding
+        assert chfixture.decode_body(data, encoding) == b"".join(pieces)
+        assert chunks >= len(pieces)  # one chunk a piece at least, none joined
+        assert store.query("SELECT count() AS n FROM j") == [{"n": 3000}]
+    finally:
+        store.close()
+        proxy.close()
+
+
+@EVERY_STORE
+def test_lookup_times_of_one_project_and_of_several(store_backend: StoreBackend) -> None:
+    # lookup_times lists a batch of one project in one pass and groups several projects'
+    # ids by project; either way it answers the stored copies of the keys it is given,
+    # from a list, a set or an iterator alike.
+    store = store_backend.open()
+    try:
+        apply_migrations(store)
+        store.execute(
+            "INSERT INTO event_ids (project_id, event_id, timestamp) VALUES"
+            " ('acme', 'a1', fromUnixTimestamp64Milli(toInt64(1000))),"
+            " ('acme', 'a2', fromUnixTimestamp64Milli(toInt64(2000))),"
+            " ('acme', 'a2', fromUnixTimestamp64Milli(toInt64(2500))),"
+            " ('other', 'a1', fromUnixTimestamp64Milli(toInt64(3000)))"
+        )
+        one = [("acme", "a1"), ("acme", "a2"), ("acme", "nope")]
+        want_one = {("acme", "a1"): [1000], ("acme", "a2"): [2000, 2500]}
+        assert lookup_times(store, one) == want_one
+        assert lookup_times(store, set(one)) == want_one
+        assert lookup_times(store, iter(one)) == want_one
+        assert lookup_times(store, one, repeated_only=True) == {("acme", "a2"): [2000, 2500]}
+        several = [*one, ("other", "a1"), ("other", "a2")]
+        assert lookup_times(store, several) == {**want_one, ("other", "a1"): [3000]}
+        assert lookup_times(store, iter(several), repeated_only=True) == {
+            ("acme", "a2"): [2000, 2500]
+        }
+        assert lookup_times(store, []) == {}
     finally:
         store.close()
 
