@@ -5,6 +5,8 @@ Phoenix and a bare baseline, all receiving the same stream in the same run.
     python bench/bench_otlp.py --quick              # smoke run (a few batches per phase)
     python bench/bench_otlp.py --only bare --only watchllm --profile   # + where a span's CPU goes
     python bench/bench_otlp.py --rate 3300 --spans 40000 --only phoenix
+    python bench/bench_otlp.py --only watchllm --rate 0 --before b6db9e0 --rounds 3
+                                                    # beside an older commit, same run
 
 The stream: realistic spans of an LLM app (GenAI chat, tool and agent spans with the gen_ai.*
 attributes, some deprecated keys, a quarter OpenInference, plain HTTP/DB/internal spans, trees
@@ -25,6 +27,11 @@ Systems (each its own process on 127.0.0.1, its store in a temp folder):
             its `spans` table. Phoenix is not a dependency of WatchLLM: it is installed into
             its own virtualenv (~/.cache/watchllm-bench/phoenix-venv) the first time, or give
             --phoenix-python PATH of an environment where `pip install arize-phoenix` was done.
+
+--before REV adds that commit of WatchLLM as one more system (`watchllm@REV`, its code from
+`git archive`, served by this script as `watchllm` is), and --rounds N runs every phase N
+times, the systems' order reversed every other round: on a shared machine, compare the two
+side by side in the same run (the server's CPU per span is the steadier figure).
 
 Spans/s to queryable = spans queryable / (time from the first request to the moment the last
 of them was queryable). Dropped = spans sent but not queryable at the end (answered 200 and
@@ -195,6 +202,11 @@ class Bare(System):
 class WatchLLMServer(System):
     name = "watchllm"
 
+    def __init__(self, workdir: Path, root: Path | None = None, name: str = "watchllm") -> None:
+        self.name = name
+        super().__init__(workdir)
+        self.root = root  # a --before copy of WatchLLM's code; None: the installed one
+
     def start(self) -> None:
         from watchllm_ext.keys import KeyStore
         from watchllm_ext.settings import Settings
@@ -214,6 +226,7 @@ class WatchLLMServer(System):
                 str(self.port),
                 "--data-dir",
                 str(data_dir),
+                *(["--root", str(self.root)] if self.root else []),
             ],
             log=self.log,
             cwd=self.workdir,
@@ -739,6 +752,16 @@ def main() -> None:
         "--native", action="store_true", help="with --profile: native frames too (py-spy --native)"
     )
     p.add_argument("--phoenix-python", help="a Python where arize-phoenix is installed")
+    p.add_argument(
+        "--before",
+        metavar="REV",
+        action="append",
+        help="also run WatchLLM at this commit (git archive), as system watchllm@REV"
+        " (repeatable; with --only bare, only the commits run)",
+    )
+    p.add_argument(
+        "--rounds", type=int, default=1, help="run every phase this many times (default 1)"
+    )
     p.add_argument("--seed", type=int, default=11)
     p.add_argument("--json", help="also write the results to this file (outside the work folder)")
     p.add_argument(
@@ -753,8 +776,12 @@ def main() -> None:
     p.add_argument("--spans-per-body", help=argparse.SUPPRESS)
     p.add_argument("--headers", help=argparse.SUPPRESS)
     p.add_argument("--client-rate", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--root", help=argparse.SUPPRESS)
     args = p.parse_args()
 
+    if args.root:
+        # An older commit's code (--before): found before the installed package.
+        sys.path[:0] = [args.root, str(Path(args.root) / BEFORE_PACKAGES)]
     if args.role == "serve-bare":
         role_serve_bare(args.port)
         return
@@ -766,6 +793,12 @@ def main() -> None:
         return
 
     systems = args.only or list(SYSTEMS)
+    roots: dict[str, Path] = {}  # watchllm@REV -> its code
+    for rev in args.before or []:
+        roots[f"watchllm@{rev}"] = before_copy(rev)
+    if roots:
+        at = systems.index("watchllm") if "watchllm" in systems else len(systems)
+        systems = [*systems[:at], *roots, *systems[at:]]
     rates = args.rate or list(DEFAULT_RATES)
     if args.quick:
         args.spans = args.flat_spans = 10 * BATCH_SPANS
@@ -777,6 +810,8 @@ def main() -> None:
     phoenix_py = phoenix_python(args.phoenix_python) if "phoenix" in systems else None
 
     work = Path(tempfile.mkdtemp(prefix="watchllm-bench-otlp-"))
+    for root in roots.values():
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
     if not args.keep:
         # atexit runs last-registered first: stop the servers, then remove their folders.
         atexit.register(lambda: (stop_all(), shutil.rmtree(work, ignore_errors=True)))
@@ -813,14 +848,18 @@ def main() -> None:
     # A fresh server per phase: a system still working off one phase's backlog (Phoenix's
     # queue drains for minutes) would otherwise start the next phase full, and count the
     # previous phase's spans as this one's. The order rotates, so no system always goes first.
-    for i, (rate, path, per_body, made) in enumerate(phases):
-        for name in systems[i % len(systems) :] + systems[: i % len(systems)]:
+    runs = [(n, i, phase) for n in range(args.rounds) for i, phase in enumerate(phases)]
+    for n, i, (rate, path, per_body, made) in runs:
+        order = systems[i % len(systems) :] + systems[: i % len(systems)]
+        for name in order if n % 2 == 0 else order[::-1]:
             system: System
-            folder = work / f"{name}-{i}"
+            folder = work / f"{name}-{i}-{n}"
             if name == "bare":
                 system = Bare(folder)
             elif name == "watchllm":
                 system = WatchLLMServer(folder)
+            elif name.startswith("watchllm@"):
+                system = WatchLLMServer(folder, roots[name], name)
             else:
                 assert phoenix_py is not None
                 system = Phoenix(folder, phoenix_py)
@@ -831,10 +870,10 @@ def main() -> None:
                 spy = None
                 raw = work / f"py-spy-{name}.txt"
                 threads0: Counter[str] = Counter()
-                if args.profile and name == "watchllm" and rate == 0:
+                if args.profile and name == "watchllm" and rate == 0 and profile is None:
                     spy = pyspy_attach(system.pid, raw, work / "py-spy.log", args.native)
                     threads0 = thread_cpu(system.pid)
-                expected = {"events": made.llm_spans} if name == "watchllm" else {}
+                expected = {"events": made.llm_spans} if name.startswith("watchllm") else {}
                 res = run_phase(
                     system,
                     path,
@@ -900,6 +939,42 @@ def _check_receiver() -> None:
         ) from None
 
 
+def _median(results: list[dict[str, Any]], system: str, rate: float) -> dict[str, Any] | None:
+    runs = [r for r in results if r["system"] == system and r["rate"] == rate]
+    if not runs:
+        return None
+    mid = len(runs) // 2
+    return {
+        "n": len(runs),
+        "spans_s": sorted(r["spans_s"] for r in runs)[mid],
+        "cpu": sorted(r["cpu_us_per_span"] for r in runs)[mid],
+    }
+
+
+# In a --before copy: the installed distribution's other packages under their import names.
+BEFORE_PACKAGES = "_packages"
+_PACKAGE_DIRS = {
+    "watchllm_plugins": "plugins",
+    "watchllm_clickhouse": "clickhouse",
+    "watchllm_contrib": "contrib",
+}
+
+
+def before_copy(rev: str) -> Path:
+    """WatchLLM's code at `rev` (git archive) in a temp folder, importable from there."""
+    root = Path(tempfile.mkdtemp(prefix="bench-otlp-before-"))
+    archive = subprocess.run(
+        ["git", "archive", rev], cwd=HERE.parents[1], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
+    packages = root / BEFORE_PACKAGES
+    packages.mkdir()
+    for name, folder in _PACKAGE_DIRS.items():
+        if (root / folder).is_dir():
+            (packages / name).symlink_to(root / folder)
+    return root
+
+
 def _rate_name(rate: float) -> str:
     return f"{rate:,.0f}/s" if rate else "flat out"
 
@@ -946,20 +1021,36 @@ def print_report(
     print("|---|---|---|---|---|---|---|---|---|")
     rates = list(dict.fromkeys(r["rate"] for r in results))
     for rate in rates:
-        row = {r["system"]: r for r in results if r["rate"] == rate}
-        bare = row.get("bare")
-        for name in systems:
-            r = row.get(name)
-            if r is None:
-                continue
+        bare = _median(results, "bare", rate)  # each round's runs beside the bare median
+        runs = [r for name in systems for r in results if r["system"] == name and r["rate"] == rate]
+        for r in runs:
             ratio = f"{r['spans_s'] / bare['spans_s']:.2f}" if bare else "-"
             answers = ", ".join(f"{k}: {v}" for k, v in r["statuses"].items())
             late = f" (+{r['late']:,} late)" if r.get("late") else ""
             print(
-                f"| {_rate_name(rate)} | {name} | {r['spans_s']:,.0f} | {ratio} | "
+                f"| {_rate_name(rate)} | {r['system']} | {r['spans_s']:,.0f} | {ratio} | "
                 f"{r['dropped']:,} / {r['sent']:,}{late} | {answers} | {r['lag_s']:.1f} | "
                 f"{r['p99_ms'] or 0:.0f} | {r['cpu_us_per_span']:.0f} |"
             )
+    # Each WatchLLM beside the first --before commit (medians over the rounds).
+    versions = [name for name in systems if name.startswith("watchllm")]
+    base = next((name for name in versions if name.startswith("watchllm@")), None)
+    if base is not None:
+        print()
+    for name in versions if base is not None else []:
+        if name == base:
+            continue
+        for rate in rates:
+            new = _median(results, name, rate)
+            old = _median(results, base, rate)
+            if new and old:
+                print(
+                    f"{_rate_name(rate)}: {name} / {base} (medians of "
+                    f"{new['n']} and {old['n']} runs): spans/s "
+                    f"x{new['spans_s'] / old['spans_s']:.2f} ({new['spans_s']:,.0f} vs "
+                    f"{old['spans_s']:,.0f}), server CPU per span "
+                    f"x{new['cpu'] / old['cpu']:.2f} ({new['cpu']:.0f} vs {old['cpu']:.0f} µs)"
+                )
     wl = [r for r in results if r["system"] == "watchllm"]
     if wl:
         flat = [r for r in wl if r["rate"] == 0]

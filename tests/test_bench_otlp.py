@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -126,3 +127,61 @@ def test_thread_cpu_tells_the_main_thread_apart() -> None:
     assert len(main) == 1, cpu
     others = sum(v for name, v in cpu.items() if name != main[0])
     assert others >= 0.2, cpu  # the worker's spin, counted apart from the main thread
+
+
+def test_before_copy_imports_its_own_code(tmp_path: Path) -> None:
+    """--before REV: the server of that system imports WatchLLM (and its store plugin and
+    migrations) from the commit's copy, not from this checkout."""
+    from bench_otlp import BEFORE_PACKAGES, before_copy
+
+    root = before_copy("HEAD")
+    try:
+        where = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys; sys.path[:0] = sys.argv[1:]; import watchllm_ext, "
+                "watchllm_plugins.chdb_store as s, watchllm_clickhouse as c; "
+                "print(watchllm_ext.__file__); print(s.__file__); print(list(c.__path__)[0])",
+                str(root),
+                str(root / BEFORE_PACKAGES),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=tmp_path,
+        ).stdout.split()
+    finally:
+        shutil.rmtree(root)
+    assert len(where) == 3
+    assert all(p.startswith(str(root)) for p in where), where
+
+
+def test_rounds_beside_a_commit(tmp_path: Path) -> None:
+    """--before HEAD --rounds 2: each round runs both WatchLLMs, every span stored, and the
+    report compares their medians."""
+    out = tmp_path / "results.json"
+    run = subprocess.run(
+        [
+            *(sys.executable, str(BENCH / "bench_otlp.py"), "--only", "watchllm"),
+            *("--before", "HEAD", "--rounds", "2", "--rate", "0"),
+            *("--flat-spans", str(BATCH_SPANS), "--conns", "1", "--max-wait-s", "120"),
+            *("--json", str(out)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert sorted(r["system"] for r in results) == [
+        "watchllm",
+        "watchllm",
+        "watchllm@HEAD",
+        "watchllm@HEAD",
+    ]
+    for r in results:
+        assert r["queryable"] == r["sent"] == BATCH_SPANS and r["dropped"] == 0, r
+        assert r["extra"]["events"] == r["expected_extra"]["events"] > 0
+    assert "flat out: watchllm / watchllm@HEAD (medians of 2 and 2 runs)" in run.stdout
