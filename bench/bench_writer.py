@@ -2,15 +2,17 @@
 
     python bench/bench_writer.py                      # this tree, 3 rounds of 100,000 events
     python bench/bench_writer.py --before f70e8fb     # and a commit, rounds alternating
+    python bench/bench_writer.py --batch 1 --batches 20000 --in-flight 64   # single events
 
 A real Writer on a real Spool (fsync always) with the real StoreSink on chDB (in a temp
-folder) takes 1,000-event batches of validated event structs, four submits in flight, as fast
-as it will; the clock stops when every event is stored. No HTTP and no validation: the
-request path is not in the figures. Reported per stored event: CPU of the Python threads (the
-event loop and the worker threads: the GIL time the requests share with the store side) and
-of chDB's own threads, from /proc; and the event loop's lag (a 2 ms sleep's overshoot) while
-the store works, which is what a request waits. The machine is shared: compare figures of
-the same run, and read CPU per event rather than rates when the load is high.
+folder) takes 1,000-event batches of validated event structs (--batch), four submits in
+flight (--in-flight), as fast as it will; the clock stops when every event is stored. No
+HTTP and no validation: the request path is not in the figures. Reported per stored event:
+CPU of the Python threads (the event loop and the worker threads: the GIL time the requests
+share with the store side) and of chDB's own threads, from /proc; and the event loop's lag
+(a 2 ms sleep's overshoot) while the store works, which is what a request waits. The machine
+is shared: compare figures of the same run, and read CPU per event rather than rates when
+the load is high.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve()
-BATCH = 1_000
 
 
 def thread_cpu() -> dict[int, tuple[str, float]]:
@@ -44,7 +45,7 @@ def thread_cpu() -> dict[int, tuple[str, float]]:
     return out
 
 
-def role_run(batches: int) -> None:
+def role_run(batches: int, size: int, in_flight: int) -> None:
     """One measurement with the code importable here (this tree or a --before copy)."""
     import gc
 
@@ -62,7 +63,7 @@ def role_run(batches: int) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-writer-"))
     store = ChdbStore(work / "chdb")
     prepare_store(store, Settings(data_dir=work))
-    text = json.dumps([make_event(i, "M") | {"project_id": "bench"} for i in range(BATCH)])
+    text = json.dumps([make_event(i, "M") | {"project_id": "bench"} for i in range(size)])
 
     def batch(tag: str) -> Any:
         payload = text.replace('"M-', f'"{tag}-').replace("-M-", f"-{tag}-").encode()
@@ -95,7 +96,7 @@ def role_run(batches: int) -> None:
 
             monitor = asyncio.get_running_loop().create_task(lag())
             before, t0 = thread_cpu(), time.monotonic()
-            slots = asyncio.Semaphore(4)  # four requests in flight
+            slots = asyncio.Semaphore(in_flight)  # requests in flight
 
             async def one(events: Any) -> None:
                 try:
@@ -110,7 +111,7 @@ def role_run(batches: int) -> None:
             assert await writer.flush(600)
             elapsed, after = time.monotonic() - t0, thread_cpu()
             monitor.cancel()
-        n = batches * BATCH
+        n = batches * size
         python = chdb = 0.0
         main_name = after[loop_tid][0]
         for tid, (name, cpu) in after.items():
@@ -135,13 +136,16 @@ def role_run(batches: int) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def measure(root: Path, batches: int) -> dict[str, Any]:
+def measure(root: Path, batches: int, size: int, in_flight: int) -> dict[str, Any]:
     # Python threads are found by name (3.11 leaves them unnamed, chDB names its own); the
     # child imports the package, the bench helpers and the chDB plugin of `root`.
     env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHLLM_")}
     env["PYTHONPATH"] = os.pathsep.join(str(root / d) for d in ("", "bench", "plugins"))
     out = subprocess.run(
-        [sys.executable, str(HERE), "--role-run", "--batches", str(batches)],
+        [
+            *(sys.executable, str(HERE), "--role-run", "--batches", str(batches)),
+            *("--batch", str(size), "--in-flight", str(in_flight)),
+        ],
         env=env,
         cwd=root,
         check=True,
@@ -153,13 +157,15 @@ def measure(root: Path, batches: int) -> dict[str, Any]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batches", type=int, default=100, help="1,000-event batches a round")
+    p.add_argument("--batches", type=int, default=100, help="submits a round")
+    p.add_argument("--batch", type=int, default=1_000, help="events a submit (a request)")
+    p.add_argument("--in-flight", type=int, default=4, help="submits at once")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--before", metavar="REV", help="also measure this commit (git archive)")
     p.add_argument("--role-run", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.role_run:
-        role_run(args.batches)
+        role_run(args.batches, args.batch, args.in_flight)
         return 0
     trees = {"this tree": HERE.parents[1]}
     copy = None
@@ -176,7 +182,7 @@ def main() -> int:
         for rnd in range(args.rounds):
             for name, root in trees.items() if rnd % 2 == 0 else reversed(trees.items()):
                 load = Path("/proc/loadavg").read_text().split()[0]
-                r = measure(root, args.batches)
+                r = measure(root, args.batches, args.batch, args.in_flight)
                 results[name].append(r)
                 print(
                     f"round {rnd + 1} {name:22s} load {load:>5s}: {r['events_s']:8,.0f} stored/s"

@@ -424,3 +424,18 @@ def test_the_seen_ids_filter_never_forgets_an_id() -> None:
     assert false_positives < 0.03 * len(others), false_positives
     seen.add(("acme", "one more"))
     assert seen.full  # the sink then rebuilds it, twice as large, from the store
+
+
+def test_the_seen_ids_filter_hashes_a_large_batch_in_slices_alike() -> None:
+    # A batch's keys are hashed in slices (the GIL is let go between them): every key of a
+    # batch added at once is found one by one, and a batch's positions are its keys' own.
+    keys = [("acme", f"id-{i}") for i in range(10_007)]  # several slices, the last a short one
+    seen = SeenIds(capacity=1 << 16)
+    positions = seen.positions(keys)
+    assert positions.shape == (len(keys), 3)
+    for i in (0, 2_047, 2_048, 5_000, 10_006):
+        assert (positions[i] == seen.positions([keys[i]])[0]).all()
+    seen.add_all(keys)
+    assert all(key in seen for key in keys)
+    assert seen.maybe_stored(keys) == set(keys)
+    assert seen.positions([]).shape == (0, 3)
