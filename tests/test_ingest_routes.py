@@ -21,10 +21,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import Mount
 
 from watchllm_ext import create_app, fast_validate, hookimpl, lifespan
-from watchllm_ext.app import IngestRoutes, _encode_events, encoded_for_spool
+from watchllm_ext.app import IngestRoutes, _Accepted, _encode_events, encoded_for_spool
 from watchllm_ext.auth import Principal
 from watchllm_ext.ingest import IngestHeaders
 from watchllm_ext.keys import KeyStore
@@ -237,3 +238,15 @@ def test_events_encoded_ahead_give_the_spool_the_bytes_it_would_make() -> None:
     ahead = encoded_for_spool(events)
     assert list(ahead) == events
     assert _encode_events(ahead) == _encode_events(events) == fast_validate.encode_events(events)
+
+
+@pytest.mark.parametrize("body", [b"{}", b'{"project_id":"acme","accepted":1,"event_ids":["e1"]}'])
+def test_a_202_sends_what_starlettes_json_response_sends(body: bytes) -> None:
+    # The 202 sets its headers itself (app._Accepted): they are the ones Starlette works out.
+    ours, theirs = _Accepted(body), Response(body, status_code=202, media_type="application/json")
+    assert (ours.status_code, ours.raw_headers, ours.body, ours.background) == (
+        theirs.status_code,
+        theirs.raw_headers,
+        theirs.body,
+        theirs.background,
+    )
