@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+from collections import Counter
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -326,8 +327,8 @@ def test_unmapped_keys_past_the_limit_count_as_other() -> None:
     registry = CollectorRegistry(auto_describe=False)
     metrics = OpsMetrics(registry)
     first = [f"k{i}" for i in range(MAX_UNMAPPED_KEYS - 1)]
-    _count_unmapped(metrics, [*first, "k0", "k0"])
-    _count_unmapped(metrics, ["late.a", "late.b", "late.b", "k1", "last"])
+    _count_unmapped(metrics, Counter([*first, "k0", "k0"]))
+    _count_unmapped(metrics, Counter(["late.a", "late.b", "late.b", "k1", "last"]))
 
     def count(key: str) -> float | None:
         return registry.get_sample_value("watchllm_otel_unmapped_attributes_total", {"key": key})

@@ -51,7 +51,7 @@ class Prepared:
     rows: list[SpanRow] = field(default_factory=list)
     rejected: int = 0
     problems: list[str] = field(default_factory=list)
-    unmapped: list[str] = field(default_factory=list)
+    unmapped: Counter[str] = field(default_factory=Counter)  # attribute key -> spans
 
     def reject(self, where: str, why: str) -> None:
         self.rejected += 1
@@ -88,6 +88,7 @@ def prepare(
     row_spans: list[Span] = []  # each row's span, named only if its event is refused
     event_dicts: list[dict[str, Any]] = []
     event_rows: list[int] = []  # the row index of each event
+    unmapped: list[str] = []
     for span in spans:
         try:
             mapped = map_span(span, project, received)
@@ -98,7 +99,7 @@ def prepare(
         if mapped.event is not None:
             event_rows.append(len(rows))
             event_dicts.append(mapped.event)
-            out.unmapped.extend(mapped.unmapped)
+            unmapped.extend(mapped.unmapped)
         rows.append(row)
         row_spans.append(span)
     if event_dicts:
@@ -115,6 +116,9 @@ def prepare(
         if encode and out.events:
             out.events = encoded_for_spool(out.events)
     out.rows = [row for row in rows if row is not None]
+    # Counted here, off the event loop (Counter counts in C: a batch repeats a few keys
+    # thousands of times); the loop only updates the metric once a key.
+    out.unmapped = Counter(unmapped)
     if encode:
         out.rows = encoded(out.rows)
     return out
@@ -157,14 +161,13 @@ async def accept(wl: WatchLLM, prepared: Prepared) -> dict[str, Any]:
     }
 
 
-def _count_unmapped(metrics: Any, keys: list[str]) -> None:
+def _count_unmapped(metrics: Any, keys: Counter[str]) -> None:
     if not keys:
         return
     seen = metrics.otel_unmapped_keys
     counts: dict[str, int] = {}
-    # Counter counts in C (a batch repeats a few keys thousands of times); the loop below
-    # sees each key once, in the order of first appearance as before.
-    for key, n in Counter(keys).items():
+    # Each key once, in the order of first appearance.
+    for key, n in keys.items():
         if key not in seen:
             if len(seen) >= MAX_UNMAPPED_KEYS:
                 key = OTHER_KEY

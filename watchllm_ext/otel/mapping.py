@@ -848,8 +848,10 @@ def _datetime(unix_nano: int) -> datetime:
 
 
 def _latency_ms(span: Span) -> float:
-    ms = max(span.end_unix_nano - span.start_unix_nano, 0) / 1e6
-    return min(ms, MAX_LATENCY_MS)
+    ms = (span.end_unix_nano - span.start_unix_nano) / 1e6
+    if ms <= 0:  # comparisons: cheaper than max() and min() calls, three times a span
+        return 0.0
+    return ms if ms < MAX_LATENCY_MS else MAX_LATENCY_MS
 
 
 def _finite(value: Any) -> Any:
