@@ -957,12 +957,23 @@ def test_chat_content_is_bounded_as_json() -> None:
         ({"n": 2**64, "m": -(2**63), "k": "x"}, "accepted"),
         ({"k": ["x" * (schema.MAX_JSON_CHARS - 10)]}, "accepted"),  # nested
         ({"k": ["x" * (schema.MAX_JSON_CHARS - 9)]}, "refused"),
+        # Nested a few levels (OTLP's attributes): bounded as a flat object is.
+        ({"a": {"b": "\x01" * (schema.MAX_JSON_CHARS // 6 - 20)}}, "accepted"),
+        ({"a": {"b": "\x01" * (schema.MAX_JSON_CHARS // 6 - 2)}}, "accepted"),
+        ({"a": {"b": "\x01" * (schema.MAX_JSON_CHARS // 6 + 1)}}, "refused"),
+        ({"a": [{"b": "x" * (schema.MAX_JSON_CHARS - 16)}]}, "accepted"),
+        ({"a": [{"b": "x" * (schema.MAX_JSON_CHARS - 15)}]}, "refused"),
+        ({"a": [["\x01" * (schema.MAX_JSON_CHARS // 12)] * 2]}, "refused"),
+        ({"a": [1.5, None, True, -(2**63), "x"], "b": {"c": [2**64]}}, "accepted"),
+        ({"a": {"b": {"c": {"d": {"e": "x" * (schema.MAX_JSON_CHARS - 32)}}}}}, "accepted"),
+        ({"a": {"b": {"c": {"d": {"e": "x" * (schema.MAX_JSON_CHARS - 31)}}}}}, "refused"),
+        ({"otel.kind": "client", "otel.attributes": {"k": 1, "l": [1, 2], "m": {}}}, "accepted"),
     ],
-    ids=range(8),
+    ids=range(18),
 )
-def test_flat_metadata_near_the_size_limit(value: dict[str, Any], verdict: str) -> None:
-    """The fast path skips the JSON size check only where it cannot fail (a flat object whose
-    text is surely short): at the limit, both validators measure, and agree."""
+def test_metadata_near_the_size_limit(value: dict[str, Any], verdict: str) -> None:
+    """The fast path skips the JSON size check only where it cannot fail (an object nested a
+    few levels whose text is surely short): at the limit, both validators measure, and agree."""
     body = dumps({**base_event("error"), "metadata": value})
     assert check(Case(body, "metadata near the limit")) == verdict
 

@@ -388,25 +388,52 @@ def _field_type(annotation: Any, metadata: list[Any]) -> tuple[Any, Callable[[An
 
 
 _ATOM_CHARS = 28  # the longest JSON text of a 64-bit int, a float, true or null
+_ATOMS = (float, bool, type(None))
+# How deep _free_json works a bound out itself: an OTLP event's metadata holds an object of
+# attributes, its response_metadata a list; deeper values get the checks. Far within the depth
+# budget, so the depth check cannot fail on a value walked whole.
+_BOUND_LEVELS = 4
+_UNBOUNDED = float("inf")
 
 
 def _free_json(checks: Callable[[Any], Any], value: Any) -> Any:
-    """schema's JSON checks of a free-form value, skipped where they cannot fail: a flat
-    object (no depth to check) whose JSON text is surely within MAX_JSON_CHARS (a character
-    is at most 6 bytes of JSON, an escape). Finite it is: msgspec decodes no NaN, no
-    infinity. Anything else, and anything near the limit, gets the checks themselves."""
-    if type(value) is not dict:
-        return checks(value)
-    bound = 2
-    for key, item in value.items():
-        kind = type(item)
-        if kind is str:
-            bound += 6 * (len(key) + len(item)) + 6
-        elif kind in _CONTAINERS or (kind is int and item.bit_length() > 64):
-            return checks(value)  # nested, or an integer of any length (msgspec keeps it)
-        else:
-            bound += 6 * len(key) + _ATOM_CHARS
-    return value if bound <= MAX_JSON_CHARS else checks(value)
+    """schema's JSON checks of a free-form value, skipped where they cannot fail: a value
+    nested at most _BOUND_LEVELS deep (no depth to check) whose JSON text is surely within
+    MAX_JSON_CHARS (a character is at most 6 bytes of JSON, an escape). Finite it is: msgspec
+    decodes no NaN, no infinity. Anything else, and anything near the limit, gets the checks
+    themselves."""
+    return value if _json_bound(value, _BOUND_LEVELS) <= MAX_JSON_CHARS else checks(value)
+
+
+def _json_bound(value: Any, levels: int) -> float:
+    """At least the length of `value`'s JSON text; infinite when not worked out here: a
+    container nested more than `levels` deep, or an integer of any length (msgspec keeps it)."""
+    kind = type(value)
+    if kind is dict:
+        if not levels:
+            return _UNBOUNDED
+        bound = 2
+        for key, item in value.items():
+            kind = type(item)
+            if kind is str:  # quotes, colon and comma: 6
+                bound += 6 * (len(key) + len(item)) + 6
+            elif kind in _ATOMS or (kind is int and item.bit_length() <= 64):
+                bound += 6 * len(key) + _ATOM_CHARS
+            else:
+                bound += 6 * len(key) + 4 + _json_bound(item, levels - 1)
+        return bound
+    if kind is list or kind is tuple:
+        if not levels:
+            return _UNBOUNDED
+        bound = 2
+        for item in value:
+            bound += 1 + _json_bound(item, levels - 1)
+        return bound
+    if kind is str:
+        return 6 * len(value) + 2
+    if kind is int and value.bit_length() > 64:
+        return _UNBOUNDED
+    return _ATOM_CHARS
 
 
 def _type(tp: Any, constraints: list[Any]) -> tuple[Any, Callable[[Any], Any] | None]:
