@@ -393,16 +393,18 @@ def role_serve(kind: str, port: int, data_dir: Path, overrides: dict[str, Any]) 
         app.state.watchllm.open_store()
     else:
         app = bare_app()
-    if kind in ("watchllm-gc", "watchllm-serve"):
+    if kind in ("watchllm-gc", "watchllm-serve", "watchllm-ch"):
         from watchllm_ext.tuning import tune_for_serving
 
         # "serve": all that `watchllm serve` applies (collector tuning, GIL switch interval,
-        # the store's threads at store_threads_nice); "gc": the first two only.
+        # the store's threads at store_threads_nice); "gc": the first two only. "ch" (the
+        # ClickHouse-server store) as `watchllm serve` runs it too: its target compares it
+        # with the `serve` row.
         nice = getattr(settings, "store_threads_nice", None)
         if nice is None:  # a --snapshot from before the setting
             tune_for_serving()
         else:
-            tune_for_serving(nice if kind == "watchllm-serve" else 0)
+            tune_for_serving(nice if kind in ("watchllm-serve", "watchllm-ch") else 0)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", workers=1)
 
 
@@ -996,7 +998,7 @@ def print_report(cfg: dict[str, Any], batch: dict[str, Any] | None,
             ("WatchLLM POST /v1/events/batch, end to end (in chDB)", wl),
             *([("the same as `watchllm serve` runs it (process tuning)", batch["serve"])]
               if "serve" in batch else []),
-            *([("WatchLLM end to end, ClickHouse-server store (chfixture)",
+            *([("the same (`serve`), ClickHouse-server store (chfixture)",
                 batch["clickhouse"])] if "clickhouse" in batch else []),
             *([("diagnostic: request path only: no sink, memory log (to 202)", batch["nosink"])]
               if "nosink" in batch else []),
