@@ -16,6 +16,7 @@ from watchllm_ext.builtins.store_sink import StoreSink
 from watchllm_ext.otel.mapping import Span, map_span
 from watchllm_ext.otel.rows import SpanBatch, SpanRow, decode_rows, encode_rows, encoded
 from watchllm_ext.store import Store, apply_migrations
+from watchllm_ext.store.rows import OWN_PIECE_BYTES, spool_pieces
 
 RECEIVED = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
 START_NS = 1_796_000_000_123_456_789
@@ -66,10 +67,13 @@ def store(store_backend: StoreBackend) -> Iterator[Store]:
 
 @EVERY_STORE
 def test_the_store_inserts_the_spool_bytes_and_keeps_each_span_once(store: Store) -> None:
-    a, b = rows(0, 4), rows(4, 3)
+    # The second request's record is big enough to go as a view of its own (spool_pieces).
+    a, b = rows(0, 4), rows(4, 300)
+    assert len(encoded(b).payload) >= OWN_PIECE_BYTES
     sink = StoreSink(store)
     batch = SpanBatch([*a, *b])
     batch.payloads = [encoded(a).payload, encoded(b).payload]
+    assert spool_pieces(batch) is not None  # the insert takes the bytes as they are
     sink._write_spans(batch)
     # A re-send of the first request (the exporter's retry after a lost answer), as plain rows.
     sink._write_spans(a)

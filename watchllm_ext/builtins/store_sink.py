@@ -44,7 +44,7 @@ from ..store import Store, StoreError, apply_migrations
 from ..store.base import cluster_of
 from ..store.cluster import quote
 from ..store.migrations import in_form_for
-from ..store.rows import EVENTS_INPUT, JSON_INPUT_SETTINGS, input_json, tables_for
+from ..store.rows import EVENTS_INPUT, JSON_INPUT_SETTINGS, input_json, spool_pieces, tables_for
 from ..tuning import lower_native_threads
 from ..writer import SinkError, batch_json
 
@@ -364,7 +364,10 @@ class StoreSink:
         if insert_json is None:
             raise SinkError(f"store {self.store.name} cannot insert JSON rows", permanent=True)
         lower_native_threads()  # chDB's threads made since the last insert yield to requests
-        insert_json(SPANS_TABLE, encode_rows(rows), JSON_INPUT_SETTINGS)
+        # The writer's batch (otel.rows.SpanBatch) goes as its spool records' own bytes, in
+        # pieces, as events do; any other list of rows is encoded.
+        body = spool_pieces(rows) or encode_rows(rows)
+        insert_json(SPANS_TABLE, body, JSON_INPUT_SETTINGS)
 
     def _insert(self, events: Sequence[Any]) -> None:
         lower_native_threads()  # chDB's threads made since the last insert yield to requests
