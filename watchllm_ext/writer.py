@@ -242,6 +242,9 @@ class SinkState:
     failing_since: float | None = None
     oldest_pending_ms: int | None = None  # append time of the record at the cursor
     pending_since: float | None = None
+    # (cursor, number of the record after it): a cursor at the end of a segment is no record's
+    # start, yet the record the writer wrote next (in the next segment) may be in memory.
+    resume: tuple[Position, int] | None = None
 
 
 class Writer:
@@ -470,7 +473,7 @@ class Writer:
             if batch is None:
                 await self.log.wait_appended()
                 continue
-            records, events, rows = batch
+            records, events, rows, last_number = batch
             state.oldest_pending_ms = records[0].appended_ms
             if events and not getattr(state.sink, "reads_structs", False):
                 events = await anyio.to_thread.run_sync(_as_models, events)
@@ -481,6 +484,7 @@ class Writer:
                 await self._write_with_retry(state, rows, spans=True)
             last = records[-1]
             state.cursor, state.cursor_seq = last.end, last.seq + last.count
+            state.resume = (last.end, last_number + 1) if last_number is not None else None
             slowest = min(s.cursor for s in self.sinks)
             # The cursor is saved before anything is let go; then the records every sink has
             # passed leave the memory, off the loop too.
@@ -498,13 +502,22 @@ class Writer:
             del events, rows, batch
             await anyio.to_thread.run_sync(_free, batches)
 
-    def _next_batch(self, state: SinkState) -> tuple[list[Record], list[Any], list[SpanRow]] | None:
+    def _next_batch(
+        self, state: SinkState
+    ) -> tuple[list[Record], list[Any], list[SpanRow], int | None] | None:
         """(On a worker thread.) The records from the sink's cursor on, up to its batch size,
-        with their events and span rows for it; None when there is nothing to read."""
+        with their events and span rows for it, and the writer's number of the last record
+        (None if unknown); None when there is nothing to read."""
         max_events = self._batch_max(state)
-        records = self._read_kept(state.cursor, max_events)
-        if records is None:
+        first = self._numbers.get(state.cursor)
+        if first is None and state.resume is not None and state.resume[0] == state.cursor:
+            first = state.resume[1]  # the cursor is at the end of a segment
+        kept = self._read_kept(first, max_events) if first is not None else None
+        if kept:  # (empty: a record being kept right now; the log has it)
+            records, last_number = kept, first + len(kept) - 1
+        else:
             records = self.log.read(state.cursor, max_events)
+            last_number = self._numbers.get(records[-1].start) if records else None
         if not records:
             return None
         span_records = [r for r in records if r.flags & SPANS]
@@ -513,28 +526,25 @@ class Writer:
         rows: list[SpanRow] = []
         if span_records and hasattr(state.sink, "write_spans"):
             self._collect(span_records, state.sink.name, rows)
-        return records, events, rows
+        return records, events, rows, last_number
 
     def _read_kept(
-        self, start: Position, max_events: int, max_bytes: int = 64 << 20
+        self, number: int, max_events: int, max_bytes: int = 64 << 20
     ) -> list[Record] | None:
-        """The records from `start` on as the log would read them (up to `max_events` events
-        or `max_bytes` of payload, at least one), when memory holds them all: no disk read,
-        no copy. None when it does not (a gap: the log has them).
+        """The records from the one numbered `number` on as the log would read them (up to
+        `max_events` events or `max_bytes` of payload, at least one), when memory holds them
+        all: no disk read, no copy. None when it does not (a gap: the log has them).
 
         Runs on a worker thread while the loop keeps new records: _keep fills a number's
         entries before it counts the number, so every number below _next_number is whole
         or a gap; records a sink has not passed are never dropped under it."""
-        number = self._numbers.get(start)
-        if number is None:
-            return None
         records: list[Record] = []
         events = size = 0
         end = self._next_number
         while number < end:
             record = self._records.get(number)
             if record is None:
-                return None  # not kept: read the log from `start`
+                return None  # not kept: read the log
             records.append(record)
             events += record.count
             size += len(record.payload)
@@ -594,7 +604,6 @@ class Writer:
         decoded = self._decode_records(missing, sink) if missing else {}
         for record, items in zip(records, kept, strict=True):
             into.extend(items if items is not None else decoded.get(record.start, []))
-
 
     def _decode_records(self, records: list[Record], sink: str) -> dict[Position, list[Any]]:
         out: dict[Position, list[Any]] = {}
