@@ -5,7 +5,8 @@ little work, WatchLLM mounted at /watchllm and running in all three): `plain`; `
 (WatchLLMMiddleware: a run context, a recorder, one summary event per request, check_quota
 asked before the handler); `budget` (the same with the per-user daily budget on: a cached
 spend read per user every `user_budget_cache_s`, 2 s). Each request names one of 100 users
-(`X-User-Id`).
+(`X-User-Id`). The endpoint records nothing, so its summaries reach WatchLLM every
+`summary_interval_s` (5 s; `--variant summary_interval_s=0`: every 0.1 s, as before).
 
 A load generator in this process (asyncio, raw HTTP/1.1 keep-alive, 32 connections) runs,
 alternating the two servers, `--rounds` rounds of:
