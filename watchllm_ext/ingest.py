@@ -80,7 +80,8 @@ class Rejection:
 class Outcome:
     accepted: list[Any] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
-    # The accepted events' spool encoding when it was made on the way (from pydantic models).
+    # The accepted events' spool encoding when it was made on the way (from pydantic models,
+    # or with the fill-in on a worker thread: app._finish_and_encode).
     payload: bytes | None = None
 
 
