@@ -493,3 +493,32 @@ def test_records_past_a_gap_in_memory_come_from_memory_again(tmp_path: Path) -> 
     sink, spool = anyio.run(main)
     assert sink.batches == [[0], [1], [2], [3], [4], [5]]
     assert spool.reads == 2  # for 3 and 4
+
+
+def test_span_rows_come_with_their_spool_bytes(tmp_path: Path) -> None:
+    """A sink's span rows carry their records' bytes (otel.rows.SpanBatch), which are exactly
+    the rows' JSON: the store inserts those instead of encoding every row again."""
+    from watchllm_ext.otel.rows import SpanBatch, encode_rows
+
+    class BodySink(SpanSink):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bodies: list[tuple[bool, bytes, bytes]] = []
+
+        async def write_spans(self, rows: Sequence[Any]) -> None:
+            joined = type(rows) is SpanBatch and rows.payloads is not None
+            self.bodies.append((joined, encode_rows(rows), encode_rows(list(rows))))
+            await super().write_spans(rows)
+
+    async def main() -> BodySink:
+        sink = BodySink()
+        async with spool_writer([sink], tmp_path, flush_interval_s=0.01) as writer:
+            for i in range(3):
+                await writer.submit([f"e{i}"], spans=[span_row(f"{i:016x}"), span_row("f" * 16)])
+            assert await writer.flush(timeout_s=5)
+        return sink
+
+    sink = anyio.run(main)
+    assert sink.events == ["e0", "e1", "e2"] and len(sink.rows) == 6
+    assert sink.bodies and all(joined for joined, _, _ in sink.bodies)
+    assert all(ours == encoded for _, ours, encoded in sink.bodies)

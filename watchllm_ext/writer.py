@@ -40,13 +40,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import anyio
 
 from .dead_letters import append_dead_letter, dead_letter
 from .fast_validate import encode_event_lines, encode_events, to_models
-from .otel.rows import SpanRow, decode_rows, encode_rows
+from .otel.rows import SpanBatch, SpanRow, decode_rows, encode_rows
 from .spool import Position, Record, SpoolFull
 
 log = logging.getLogger("watchllm.writer")
@@ -83,6 +83,9 @@ class EventBatch(list[Any]):
 
     __slots__ = ("payloads",)
     payloads: list[bytes] | None
+
+
+_Batch = TypeVar("_Batch", EventBatch, SpanBatch)
 
 
 def batch_json(events: Sequence[Any]) -> bytes:
@@ -522,10 +525,11 @@ class Writer:
             return None
         span_records = [r for r in records if r.flags & SPANS]
         records_of_events = [r for r in records if not r.flags & SPANS] if span_records else records
-        events = self._events_of(records_of_events, state.sink.name)
+        events = self._items_of(records_of_events, state.sink.name, EventBatch())
         rows: list[SpanRow] = []
         if span_records and hasattr(state.sink, "write_spans"):
-            self._collect(span_records, state.sink.name, rows)
+            # With the records' bytes too: the store inserts them instead of encoding rows.
+            rows = self._items_of(span_records, state.sink.name, SpanBatch())
         return records, events, rows, last_number
 
     def _read_kept(
@@ -578,16 +582,17 @@ class Writer:
         # sized for ClickHouse, store_insert_max_events); the others take flush_max_events.
         return getattr(state.sink, "max_batch_events", None) or self.flush_max_events
 
-    def _events_of(self, records: list[Record], sink: str) -> EventBatch:
-        events = EventBatch()
+    def _items_of(self, records: list[Record], sink: str, batch: _Batch) -> _Batch:
+        """The items of `records` for `sink` into `batch` (events or span rows), with the
+        records' bytes as its `payloads` when they are exactly its JSON."""
         # The records' own JSON is the batch's when each is a plain record with its bytes
-        # (a memory log keeps none; a targeted record wraps its events).
+        # (a memory log keeps none; a targeted record wraps its items).
         plain = all(r.payload and not r.flags & TARGETED for r in records)
-        events.payloads = [r.payload for r in records] if plain else None
-        self._collect(records, sink, events)
-        if events.payloads is not None and len(events) != sum(r.count for r in records):
-            events.payloads = None  # events refused on reading went to the dead letters
-        return events
+        batch.payloads = [r.payload for r in records] if plain else None
+        self._collect(records, sink, batch)
+        if batch.payloads is not None and len(batch) != sum(r.count for r in records):
+            batch.payloads = None  # items refused on reading went to the dead letters
+        return batch
 
     def _collect(self, records: list[Record], sink: str, into: list[Any]) -> None:
         """(On a worker thread.) The items of `records` for `sink`, in order, into `into`:
