@@ -7,6 +7,8 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import threading
+import time
 from collections import Counter
 from datetime import datetime, timedelta
 from typing import Any
@@ -27,6 +29,8 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from stores import EVERY_STORE
+
+from watchllm_ext.hookspecs import hookimpl
 
 RESOURCE = Resource.create(
     {
@@ -381,3 +385,47 @@ def test_the_receiver_is_a_plugin_that_can_be_turned_off(server_factory: Any) ->
     )
     assert answer.status_code == 404
     assert "/v1/traces" not in running.client.get("/openapi.json").json()["paths"]
+
+
+class Overlap:
+    """A validate_event plugin (it runs inside a request's mapping, on a worker thread) that
+    records how many requests' mappings ran at once."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.active = self.most = self.calls = 0
+
+    @hookimpl
+    def validate_event(self, event: Any, principal: Any) -> None:
+        with self.lock:
+            self.active += 1
+            self.most = max(self.most, self.active)
+            self.calls += 1
+        time.sleep(0.001)  # the GIL is free meanwhile: without the limiter, others run
+        with self.lock:
+            self.active -= 1
+
+
+def test_big_requests_are_mapped_one_at_a_time(server_factory: Any) -> None:
+    """Concurrent big requests (decoded and mapped on worker threads) take turns: one
+    request's CPU work at a time per event loop (ingest.cpu_limiter), and all are stored."""
+    overlap = Overlap()
+    running: Running = server_factory(plugin_objects=(overlap,))
+    headers = {**running.headers(), "Content-Type": "application/x-protobuf"}
+    bodies = [_body([s for _ in range(20) for s in _collected()]) for _ in range(4)]
+    answers: list[int] = []
+
+    def send(body: bytes) -> None:
+        with httpx.Client(base_url=running.url, timeout=60) as client:
+            answers.append(client.post("/v1/traces", content=body, headers=headers).status_code)
+
+    threads = [threading.Thread(target=send, args=(body,)) for body in bodies]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert answers == [200] * 4
+    assert overlap.calls == 4 * 20 * 3  # every LLM span's event was validated
+    assert overlap.most == 1
+    running.flush()
+    assert len(stored_spans(running)) == 4 * 20 * 4

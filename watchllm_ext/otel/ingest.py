@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import msgspec
 import pluggy
+from anyio.lowlevel import RunVar
 
 from ..app import encoded_for_spool
 from ..auth import Principal
@@ -57,6 +58,25 @@ class Prepared:
         self.rejected += 1
         if len(self.problems) < MAX_PROBLEMS_LISTED:
             self.problems.append(f"{where}: {why}")
+
+
+# The receiver's CPU work on worker threads (decoding a body, mapping and validating its
+# spans) runs one request at a time per event loop. Under the GIL several such threads at
+# once finish no sooner: they take turns every switch interval (0.5 ms in `watchllm serve`),
+# each turn a thread switch with cold caches, beside the store's thread that needs the GIL
+# too. Measured with bench_otlp --before, 7 rounds: ~8% less server CPU per span, ~6-11% more
+# spans/s, a request's p99 ~10% higher (it waits its turn in the loop, not on the GIL).
+_CPU_LIMITER: RunVar[anyio.CapacityLimiter] = RunVar("watchllm_otel_cpu_limiter")
+
+
+def cpu_limiter() -> anyio.CapacityLimiter:
+    """The event loop's one-at-a-time limiter for the receiver's worker-thread work."""
+    try:
+        return _CPU_LIMITER.get()
+    except LookupError:
+        limiter = anyio.CapacityLimiter(1)
+        _CPU_LIMITER.set(limiter)
+        return limiter
 
 
 def check_span_count(wl: WatchLLM, n: int) -> None:
@@ -200,7 +220,15 @@ async def ingest_spans(
         writer = wl.writer
         encode = writer is not None and getattr(writer.log, "needs_payload", True)
         prepared = await anyio.to_thread.run_sync(
-            prepare, spans, principal, wl.pm, received, rejected, problems, encode
+            prepare,
+            spans,
+            principal,
+            wl.pm,
+            received,
+            rejected,
+            problems,
+            encode,
+            limiter=cpu_limiter(),
         )
     else:
         prepared = prepare(spans, principal, wl.pm, received, rejected, problems)

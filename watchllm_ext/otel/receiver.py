@@ -41,7 +41,7 @@ from ..observability.metrics import ops_metrics
 from ..openapi import described
 from ..settings import Settings
 from .decode import Decoded, parse_json, parse_protobuf, spans_of
-from .ingest import ingest_spans
+from .ingest import cpu_limiter, ingest_spans
 
 PATHS = ("/v1/traces", "/api/public/otel/v1/traces")
 PROTOBUF = "application/x-protobuf"
@@ -151,7 +151,7 @@ async def receive_traces(request: Request) -> Response:
 
 async def _run(off_loop: bool, fn: Any, *args: Any) -> Any:
     if off_loop:
-        return await anyio.to_thread.run_sync(fn, *args)
+        return await anyio.to_thread.run_sync(fn, *args, limiter=cpu_limiter())
     return fn(*args)
 
 
