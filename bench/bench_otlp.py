@@ -57,6 +57,7 @@ import random
 import shutil
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -943,11 +944,10 @@ def _median(results: list[dict[str, Any]], system: str, rate: float) -> dict[str
     runs = [r for r in results if r["system"] == system and r["rate"] == rate]
     if not runs:
         return None
-    mid = len(runs) // 2
     return {
         "n": len(runs),
-        "spans_s": sorted(r["spans_s"] for r in runs)[mid],
-        "cpu": sorted(r["cpu_us_per_span"] for r in runs)[mid],
+        "spans_s": statistics.median(r["spans_s"] for r in runs),
+        "cpu": statistics.median(r["cpu_us_per_span"] for r in runs),
     }
 
 
