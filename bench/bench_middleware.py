@@ -35,6 +35,7 @@ is measured before and after in one run, under the same load.
     python bench/bench_middleware.py --tune --set store_threads_nice=10  # as `serve` tunes
     python bench/bench_middleware.py --in-process --rounds 3 --before HEAD~3  # no HTTP
     python bench/bench_middleware.py --variant summary_interval_s=0  # and a middleware argument
+    python bench/bench_middleware.py --only-paced         # no saturated rounds
 
 `--variant KEY=VALUE` adds a server `middleware[KEY=VALUE]`: the middleware given that
 constructor argument (VALUE as JSON, else as text), so that an argument is measured beside
@@ -370,6 +371,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="also serve the middleware with this constructor argument; repeatable",
     )
+    parser.add_argument(
+        "--only-paced",
+        action="store_true",
+        help="no saturated rounds (they load both cores: on a shared machine, the others' too)",
+    )
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -447,8 +453,9 @@ def main(argv: list[str] | None = None) -> int:
     for kind in ports:  # warm up: imports, the budget's cache, the route cache
         asyncio.run(load(ports[kind], "saturated", 2.0, args.rate))
     width = max(map(len, kinds))
+    modes = ("paced",) if args.only_paced else ("paced", "saturated")
     for r in range(args.rounds):
-        for mode in ("paced", "saturated"):
+        for mode in modes:
             for kind in kinds if r % 2 == 0 else kinds[::-1]:
                 pid = procs[kind].pid
                 before, loop_before = cpu_s(pid), loop_cpu_s(pid)
@@ -469,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     for proc in procs.values():
         stop(proc)
     print(f"\n{CONNECTIONS} connections, {args.rounds} rounds of {args.seconds:.0f} s, medians:")
-    for mode in ("paced", "saturated"):
+    for mode in modes:
         label = f"{mode} ({args.rate:.0f} req/s)" if mode == "paced" else mode
         rows = {k: [statistics.median(col) for col in zip(*results[(mode, k)], strict=True)]
                 for k in kinds}  # fmt: skip
