@@ -33,7 +33,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 from chfixture import Fixture, start_fixture
 
-from watchllm_ext.store import Store
+from watchllm_ext.store import Store, apply_migrations
 from watchllm_plugins.chdb_store import ChdbStore
 from watchllm_plugins.clickhouse_store import ClickHouseStore, parse_url
 
@@ -197,3 +197,12 @@ def store_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[St
         yield backend
     finally:
         backend.drop()
+
+
+@pytest.fixture
+def store(store_backend: StoreBackend) -> Iterator[Store]:
+    """The test's store, opened with its schema applied (a test module may define its own)."""
+    opened = store_backend.open()
+    apply_migrations(opened)
+    yield opened
+    opened.close()

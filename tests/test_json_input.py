@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -256,14 +255,6 @@ def rows_of(store: Store, project: str) -> dict[str, list[dict[str, Any]]]:
                 row["prompt"] = ("json", read_json(row["prompt"]))
         out[table] = rows
     return out
-
-
-@pytest.fixture
-def store(store_backend: StoreBackend) -> Iterator[Store]:
-    s = store_backend.open()
-    apply_migrations(s)
-    yield s
-    s.close()
 
 
 def insert_both_ways(store: Store, raw: list[dict[str, Any]], structs: bool) -> None:

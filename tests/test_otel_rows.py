@@ -5,17 +5,15 @@ are encoded as before."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import msgspec
-import pytest
-from stores import EVERY_STORE, StoreBackend
+from stores import EVERY_STORE
 
 from watchllm_ext.builtins.store_sink import StoreSink
 from watchllm_ext.otel.mapping import Span, map_span
 from watchllm_ext.otel.rows import SpanBatch, SpanRow, decode_rows, encode_rows, encoded
-from watchllm_ext.store import Store, apply_migrations
+from watchllm_ext.store import Store
 from watchllm_ext.store.rows import OWN_PIECE_BYTES, spool_pieces
 
 RECEIVED = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
@@ -55,14 +53,6 @@ def test_the_joined_spool_bytes_are_the_rows_encoding() -> None:
     batch.payloads = None  # no bytes to reuse: encoded as before
     assert encode_rows(batch) == joined
     assert encode_rows(SpanBatch()) == b"[]"
-
-
-@pytest.fixture
-def store(store_backend: StoreBackend) -> Iterator[Store]:
-    s = store_backend.open()
-    apply_migrations(s)
-    yield s
-    s.close()
 
 
 @EVERY_STORE

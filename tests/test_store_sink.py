@@ -5,28 +5,19 @@ store's own threads at a lower CPU priority than the request path (store_threads
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from conftest import free_port, prompt_call
-from stores import EVERY_STORE, StoreBackend
+from stores import EVERY_STORE
 from test_durability import ServeProcess, wait_delivered
 
 from watchllm_ext.builtins.store_sink import LOOKUP_CHARS, lookup_times
 from watchllm_ext.keys import KeyStore
-from watchllm_ext.store import Store, apply_migrations
+from watchllm_ext.store import Store
 
 MS = 1_780_000_000_000  # a stored timestamp, ms since the epoch
-
-
-@pytest.fixture
-def store(store_backend: StoreBackend) -> Iterator[Store]:
-    s = store_backend.open()
-    apply_migrations(s)
-    yield s
-    s.close()
 
 
 @EVERY_STORE
