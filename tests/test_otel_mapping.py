@@ -11,6 +11,7 @@ import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from watchllm_ext.fast_validate import encode_events, from_built, validate_list
 from watchllm_ext.otel.mapping import (
     MAPPING_VERSION,
     Span,
@@ -295,6 +296,37 @@ def test_any_span_maps_to_an_event_the_contract_accepts(
     msgspec.json.encode(mapped.row)
     if mapped.event is not None:
         valid(mapped.event)
+        same_as_validated(mapped.event)
+
+
+def same_as_validated(event: dict[str, Any]) -> Any:
+    """The struct the receiver builds directly (fast_validate.from_built) is the one the JSON
+    round trip through the fast validator gives; None only where that path is needed."""
+    built = from_built(event)
+    through_json = validate_list(msgspec.json.encode([event]))
+    if built is not None:
+        assert through_json is not None and through_json == [built]
+        assert encode_events([built]) == encode_events(through_json)
+    return built
+
+
+def test_built_events_decline_what_the_checks_refuse() -> None:
+    deep = "[" * 300 + "]" * 300  # free-form JSON deeper than the validators take
+    attrs = {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.call.arguments": deep}
+    event = map_span(span(attributes=attrs)).event
+    assert event is not None
+    assert same_as_validated(event) is None  # the JSON path (and pydantic) decide
+    # Metadata near the JSON size bound: checked (in bytes, as pydantic counts), not assumed.
+    for letter, fits in (("e", True), ("é", False)):
+        wide = {"gen_ai.operation.name": "chat"} | {f"k.{i}": letter * 2_000 for i in range(256)}
+        event = map_span(span(attributes=wide)).event
+        assert event is not None and (same_as_validated(event) is not None) is fits
+    # A field only the server sets, or one the type has not: never built directly.
+    chat = map_span(span(attributes={"gen_ai.operation.name": "chat"})).event
+    assert chat is not None and same_as_validated(chat) is not None
+    assert from_built(dict(chat, cost_source="client")) is None
+    assert from_built(dict(chat, no_such_field=1)) is None
+    assert from_built(dict(chat, prompt=[{"role": "user", "nope": 1}])) is None
 
 
 # --- forwarded WatchLLM events (the exporter sink's spans, otel/export.py) ----------------------

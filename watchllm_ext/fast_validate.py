@@ -853,3 +853,78 @@ def from_models(events: list[Any]) -> tuple[list[Any], bytes]:
         # Valid for pydantic, handed over by msgspec (free-form JSON nested near pydantic's
         # depth limit, say): these few stay models, which sinks read alike (module docstring).
         return list(events), payload
+
+
+# --- events the server built itself ----------------------------------------------------------
+
+
+def _maker(struct: Any) -> Callable[[dict[str, Any]], Any]:
+    """What makes `struct` from a dict of its fields as a builder gives them: typed lists as
+    tuples, nested models as their structs (from dicts), as decoding makes them. A value of
+    another shape than the field's raises TypeError (the caller declines)."""
+    plans: list[tuple[str, Any, Any, bool]] = []  # name, direct model, item model, list
+    for f in msgspec.structs.fields(struct):
+        direct = item = None
+        is_list = False
+        members = get_args(f.type) if get_origin(f.type) is Union else (f.type,)
+        for member in members:
+            if get_origin(member) is Annotated:
+                member = get_args(member)[0]
+            if member in _STRUCT_PLANS:
+                direct = _maker(member)
+            elif get_origin(member) is tuple:
+                is_list = True
+                inner = get_args(member)[0]
+                item = _maker(inner) if inner in _STRUCT_PLANS else None
+        if direct is not None or is_list:
+            plans.append((f.name, direct, item, is_list))
+
+    def make(fields: dict[str, Any]) -> Any:
+        for name, direct, item, is_list in plans:
+            value = fields.get(name)
+            kind = type(value)
+            if kind is dict and direct is not None:
+                fields[name] = direct(dict(value))
+            elif kind is list and is_list:
+                fields[name] = tuple([item(dict(v)) for v in value] if item else value)
+            elif kind is dict or kind is list:
+                raise TypeError(f"{name}: not of the field's shape")
+        return struct(**fields)
+
+    return make
+
+
+def _built_plan(plan: _Plan) -> tuple[Callable[[dict[str, Any]], Any], Any]:
+    # Every fix but the timestamp's: the builder gives a datetime, not the text it parses.
+    fixes = [(name, fix) for name, fix in plan.fixes if name != "timestamp"]
+    return _maker(plan.struct), _finisher(fixes) if fixes else None
+
+
+_BUILT = {
+    tag: _built_plan(_PLANS[_STRUCT_PLANS[struct].model]) for tag, struct in EVENT_STRUCTS.items()
+}
+
+
+def from_built(event: dict[str, Any]) -> Any | None:
+    """An event the server built itself as a dict (the OpenTelemetry mapping, otel/mapping.py)
+    as its struct, without the JSON round trip of validate_list: half its cost.
+
+    The builder guarantees what msgspec would check on decoding: each field's type (a nested
+    model as a dict of its fields, a list of them as a list of dicts), string lengths, number
+    ranges, ids and the timestamp (an aware datetime in range); typed lists may be lists
+    (made tuples here, as decoding makes them). The checks msgspec cannot
+    state run here as in validate_list (free-form JSON size and depth, a field only the server
+    may set); None when one refuses, or for a field the event type has not: the caller then
+    takes validate_list's path, whose answers count. tests/test_otel_mapping.py checks that
+    both give equal structs for the mapping's events."""
+    plan = _BUILT.get(event.get(_TAG_FIELD))  # type: ignore[arg-type]
+    if plan is None:
+        return None
+    make, finish = plan
+    fields = event.copy()
+    del fields[_TAG_FIELD]
+    try:
+        built = make(fields)
+        return finish(built) if finish is not None else built
+    except (TypeError, *_ERRORS):  # TypeError: a field the struct has not, a wrong shape
+        return None

@@ -250,11 +250,14 @@ def event_type_of(span: Span) -> str | None:
 
 @dataclass(slots=True)
 class Mapped:
-    """A span's row for `spans`, its event (or None) and the attribute keys no rule read."""
+    """A span's row for `spans`, its event (or None) and the attribute keys no rule read.
+    `forwarded`: the event is one a WatchLLM exporter sent (its fields are the sender's, not
+    built by the rules here, so they get the full validation)."""
 
     row: SpanRow
     event: dict[str, Any] | None
     unmapped: list[str]
+    forwarded: bool = False
 
 
 def map_span(span: Span, project_id: str = "", received_at: datetime = _EPOCH) -> Mapped:
@@ -267,7 +270,7 @@ def map_span(span: Span, project_id: str = "", received_at: datetime = _EPOCH) -
     forwarded = forwarded_event(span)
     if forwarded is not None:
         # Every attribute was written by the exporter for this event: none is "not understood".
-        return Mapped(row, forwarded, [])
+        return Mapped(row, forwarded, [], forwarded=True)
     used: set[str] = set(CLASSIFY_KEYS)
     event = _common(span, event_type, used, start)
     build = _BUILDERS[event_type]
