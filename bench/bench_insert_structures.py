@@ -22,7 +22,12 @@ clickhouse/schema.sql (the current schema) and remove one thing: `no-view:<name>
 materialized view, `no-index:<name>` a skip index of events, `no-codecs` the ZSTD codecs
 of events, `no-partition` its partitioning, `wide` the compact parts of 0012 (every part wide).
 A `+ooi` suffix inserts with optimize_on_insert = 1 (ClickHouse's default, the sink's before
-it set 0): `v0011+ooi` is the store as it was before migration 0012 and that setting.
+it set 0): `v0011+ooi` is the store as it was before migration 0012 and that setting. A `+1t`
+suffix keeps each insert to one thread (ONE_THREAD_SETTINGS), `+pv` fills the views of the
+input table in parallel (parallel_view_processing = 1); the `cores` column is the CPU over the
+wall time (how many cores the inserts kept busy), e.g.
+
+    python bench/bench_insert_structures.py --batch 6000 --variants current current+1t
 """
 
 from __future__ import annotations
@@ -43,6 +48,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE.parent))
+
+
+# An insert kept to one of chDB's threads (parsing, the views' blocks, the parts' writes).
+ONE_THREAD_SETTINGS = {
+    "max_threads": 1,
+    "max_insert_threads": 1,
+    "input_format_parallel_parsing": 0,
+}
 
 
 def _statements(sql: str) -> list[str]:
@@ -71,7 +84,7 @@ def _on_events(change: Callable[[str], str]) -> list[str]:
 
 def variant(name: str) -> list[str]:
     """The statements that make the schema of variant `name`."""
-    name = name.removesuffix("+ooi")
+    name = name.removesuffix("+pv").removesuffix("+ooi").removesuffix("+1t")
     if name == "v0011":
         return _migrations(11)
     if name == "current":
@@ -146,6 +159,10 @@ def role_run(name: str, data: Path, work: Path) -> None:
     settings = dict(JSON_INPUT_SETTINGS)
     if name.endswith("+ooi"):  # the merge on insert, as before optimize_on_insert = 0
         settings["optimize_on_insert"] = 1
+    if name.endswith("+1t"):  # the insert on one thread (ONE_THREAD_SETTINGS)
+        settings.update(ONE_THREAD_SETTINGS)
+    if name.endswith("+pv"):  # the views of an input table filled at once, not one by one
+        settings["parallel_view_processing"] = 1
     clause = ", ".join(
         f"{k} = {v!r}" if isinstance(v, str) else f"{k} = {v}" for k, v in settings.items()
     )
@@ -237,7 +254,7 @@ def main() -> None:
             )
             print(
                 f"{'variant':<28}{'CPU us/ev':>10}{'user':>7}{'kernel':>8}"
-                f"{'ms/insert':>11}{'events/s':>10}"
+                f"{'ms/insert':>11}{'events/s':>10}{'cores':>7}"
             )
             for name, results in runs.items():
                 user = statistics.median(r["user"] for r in results)
@@ -248,7 +265,7 @@ def main() -> None:
                 print(
                     f"{name:<28}{cpu / args.events * 1e6:10.1f}"
                     f"{user / args.events * 1e6:7.1f}{kernel / args.events * 1e6:8.1f}"
-                    f"{cpu / inserts * 1e3:11.0f}{args.events / wall:10,.0f}"
+                    f"{cpu / inserts * 1e3:11.0f}{args.events / wall:10,.0f}{cpu / wall:7.2f}"
                 )
             shutil.rmtree(data)
     finally:

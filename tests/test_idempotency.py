@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from conftest import Running, prompt_call
-from stores import EVERY_STORE, StoreBackend
+from stores import CHDB_ONLY, EVERY_STORE, StoreBackend
 
 from watchllm_ext.analytics.rollup import refresh_rollups
 from watchllm_ext.auth import Principal
@@ -412,11 +412,14 @@ def test_ids_outside_the_schema_alphabet_are_escaped(server: Running) -> None:
 def test_the_seen_ids_filter_never_forgets_an_id() -> None:
     # The embedded store's sink looks up only the ids its Bloom filter has seen: a false
     # negative would let a copy in, a high false-positive rate would cost look-ups.
-    seen = SeenIds(capacity=1 << 16)  # the smallest it makes
-    stored = [("acme", f"id-{i}") for i in range(1 << 16)]
-    for key in stored:
+    seen = SeenIds(capacity=1)  # the smallest it makes: MIN_CAPACITY
+    assert seen.capacity == SeenIds.MIN_CAPACITY
+    stored = [("acme", f"id-{i}") for i in range(SeenIds.MIN_CAPACITY)]
+    for key in stored[:1_000]:
         seen.add(key)
-    assert all(key in seen for key in stored)
+    seen.add_all(stored[1_000:])
+    assert all(key in seen for key in stored[::997])
+    assert seen.maybe_stored(stored) == set(stored)
     assert not seen.full
     # Full: the false-positive rate is at its highest, ~1%.
     others = [("acme", f"other-{i}") for i in range(20_000)] + [("beta", "id-1")]
@@ -439,3 +442,37 @@ def test_the_seen_ids_filter_hashes_a_large_batch_in_slices_alike() -> None:
     assert all(key in seen for key in keys)
     assert seen.maybe_stored(keys) == set(keys)
     assert seen.positions([]).shape == (0, 3)
+
+
+@CHDB_ONLY  # the filter is for a store no other process writes to: the embedded one
+def test_a_full_seen_ids_filter_is_rebuilt_from_the_store(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A filter that fills up is read back from the store, for twice the ids stored: copies of
+    # ids stored before the rebuild and after it are both kept out.
+    monkeypatch.setattr(SeenIds, "MIN_CAPACITY", 64)
+    sink = StoreSink(store)
+
+    def batch(first: int, n: int, minute: int) -> list[Any]:
+        at = _iso(T0 + timedelta(minutes=minute))
+        raw = [prompt_call(f"id-{i}", timestamp=at) for i in range(first, first + n)]
+        return EVENT_LIST_ADAPTER.validate_python([{**e, "project_id": "acme"} for e in raw])
+
+    sink._write(batch(0, 50, 0))
+    first = sink._seen
+    assert first is not None and first.capacity == 64 and not first.full
+    sink._write(batch(50, 50, 0))  # 100 ids: full after this insert
+    assert sink._seen is first and first.full
+    sink._write(batch(0, 120, 1))  # copies of the 100 stored, and 20 new ids
+    rebuilt = sink._seen
+    assert rebuilt is not first and rebuilt.capacity == 200 and not rebuilt.full
+    sink._write(batch(90, 40, 2))  # copies from before and after the rebuild, 10 new
+    rows = store.query(
+        "SELECT event_id, toString(timestamp) AS ts FROM events FINAL"
+        " WHERE project_id = 'acme' ORDER BY event_id"
+    )
+    times = {r["event_id"]: r["ts"][11:16] for r in rows}
+    assert len(rows) == len(times) == 130
+    assert {times[f"id-{i}"] for i in range(100)} == {"03:00"}  # the first copies
+    assert {times[f"id-{i}"] for i in range(100, 120)} == {"03:01"}
+    assert {times[f"id-{i}"] for i in range(120, 130)} == {"03:02"}

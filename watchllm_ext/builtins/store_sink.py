@@ -215,9 +215,14 @@ class SeenIds:
     process, which is fine: the filter lives and dies with the process."""
 
     BITS_PER_ID = 12  # three bit positions per id
+    # At least a million ids (1.5 MB): a filter that fills up is rebuilt from the store
+    # (0.6-1 us an id stored, on a worker thread, mostly holding the GIL: 130-210 ms at
+    # 200,000 ids), which with the old minimum of 65,536 a fresh store did in its first
+    # seconds of load, and again at 131,072, stalling the requests of those moments.
+    MIN_CAPACITY = 1 << 20
 
     def __init__(self, capacity: int) -> None:
-        self.capacity = max(capacity, 1 << 16)
+        self.capacity = max(capacity, self.MIN_CAPACITY)
         self.size = self.capacity * self.BITS_PER_ID
         self.bits = np.zeros(self.size // 8 + 1, dtype=np.uint8)
         self.count = 0
