@@ -429,13 +429,18 @@ def encoded_for_spool(events: list[Any]) -> list[Any]:
 
 
 def _encode_sliced(events: list[Any]) -> _Encoded:
-    # The encoder writes a list as "[a,b]" with no spaces: the slices join into the same bytes.
-    parts = [
-        encode_events(events[i : i + _ENCODE_SLICE])[1:-1]
-        for i in range(0, len(events), _ENCODE_SLICE)
-    ]
     encoded = _Encoded(events)
-    encoded.payload = b"[" + b",".join(parts) + b"]"
+    if len(events) <= _ENCODE_SLICE:
+        encoded.payload = encode_events(events)
+        return encoded
+    # The encoder writes a list as "[a,b]" with no spaces: the slices join into the same bytes.
+    # One join of views, one copy of the batch: slicing off each part's brackets and then
+    # adding the outer ones copied megabytes three times more (fresh pages to fault in).
+    pieces: list[bytes | memoryview] = [b"["]
+    for i in range(0, len(events), _ENCODE_SLICE):
+        pieces += (memoryview(encode_events(events[i : i + _ENCODE_SLICE]))[1:-1], b",")
+    pieces[-1] = b"]"
+    encoded.payload = b"".join(pieces)
     return encoded
 
 
@@ -474,13 +479,37 @@ async def _read(request: Request, wl: WatchLLM, headers: IngestHeaders) -> bytes
     return await read_request_body(request, wl.settings, headers)
 
 
-def _big_body_slot(wl: WatchLLM) -> anyio.CapacityLimiter:
+class _BigBodySlot:
     """A place among `ingest_threads` (first come first served) for a body whose CPU work runs
     on a worker thread (OFFLOAD_MIN_BYTES and up; a small one is handled inline, cheaper than
-    the thread hop). The bound keeps big batches from all holding their events at once."""
-    if wl._big_bodies is None:
-        wl._big_bodies = anyio.CapacityLimiter(wl.settings.ingest_threads)
-    return wl._big_bodies
+    the thread hop). The bound keeps big batches from all holding their events at once.
+
+    Given back once the request's events are written to the log (`release`, in `_accept`),
+    not at its end: the wait for their fsync then holds no place. Held through the fsync, it
+    made big requests take turns at the disk as well as at the CPU, which idled through every
+    fsync (1,000-event batches into the spool, 4 connections: 54k events/s held so, 71k
+    with four places, same run)."""
+
+    __slots__ = ("_held", "_limiter")
+
+    def __init__(self, wl: WatchLLM) -> None:
+        if wl._big_bodies is None:
+            wl._big_bodies = anyio.CapacityLimiter(wl.settings.ingest_threads)
+        self._limiter = wl._big_bodies
+        self._held = False
+
+    async def __aenter__(self) -> _BigBodySlot:
+        await self._limiter.acquire()
+        self._held = True
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._limiter.release()
 
 
 async def _cpu(off_loop: bool, fn: Callable[..., Any], *args: Any) -> Any:
@@ -504,12 +533,12 @@ async def _ingest_fast(
     wl: WatchLLM,
     principal: Principal,
     events: list[Any],
-    off_loop: bool = False,
+    slot: _BigBodySlot | None = None,
     received_at: datetime | None = None,
 ) -> Response:
     _check_count(wl, len(events))
     await wl.check_quota(principal, len(events))
-    if not off_loop:
+    if slot is None:
         return await _answer(wl, finish_fast(events, principal, wl.pm, received_at))
     # A big body: its fill-in, hooks and spool encoding in one trip to a worker thread (a trip
     # each cost a batch two thread hops more than it needs).
@@ -518,7 +547,7 @@ async def _ingest_fast(
     outcome = await anyio.to_thread.run_sync(
         _finish_and_encode, events, principal, wl.pm, received_at, encode
     )
-    return await _answer(wl, outcome, off_loop)
+    return await _answer(wl, outcome, slot)
 
 
 def _finish_and_encode(
@@ -539,18 +568,18 @@ async def _ingest(
     wl: WatchLLM,
     principal: Principal,
     items: list[Any],
-    off_loop: bool = False,
+    slot: _BigBodySlot | None = None,
     received_at: datetime | None = None,
 ) -> Response:
     _check_count(wl, len(items))
     check_projects(items, principal)
     await wl.check_quota(principal, len(items))
-    outcome = await _cpu(off_loop, validate_items, items, principal, wl.pm, received_at)
-    return await _answer(wl, outcome, off_loop)
+    outcome = await _cpu(slot is not None, validate_items, items, principal, wl.pm, received_at)
+    return await _answer(wl, outcome, slot)
 
 
-async def _answer(wl: WatchLLM, outcome: Outcome, off_loop: bool = False) -> Response:
-    body = await _accept(wl, outcome, off_loop)
+async def _answer(wl: WatchLLM, outcome: Outcome, slot: _BigBodySlot | None = None) -> Response:
+    body = await _accept(wl, outcome, slot)
     if "rejected" in body:
         return JSONResponse(body, status_code=207)
     # A 202 holds a project id, a count and event ids (the schema's id alphabet): msgspec
@@ -578,7 +607,9 @@ class _Accepted(Response):
         ]
 
 
-async def _accept(wl: WatchLLM, outcome: Outcome, off_loop: bool = False) -> dict[str, Any]:
+async def _accept(
+    wl: WatchLLM, outcome: Outcome, slot: _BigBodySlot | None = None
+) -> dict[str, Any]:
     """Hand the valid events to the writer; the answer body (202 without "rejected", 207
     with it). Raises Problem 422 when nothing was valid, 503 when the writer cannot take them."""
     n_rejected = len(outcome.rejected)
@@ -600,8 +631,12 @@ async def _accept(wl: WatchLLM, outcome: Outcome, off_loop: bool = False) -> dic
         encoded = _Encoded(outcome.accepted)  # made on the way (models, or a worker thread)
         encoded.payload = outcome.payload
         outcome.accepted = encoded
-    elif off_loop and writer is not None and getattr(writer.log, "needs_payload", True):
+    elif slot is not None and writer is not None and getattr(writer.log, "needs_payload", True):
         outcome.accepted = await anyio.to_thread.run_sync(_encode_sliced, outcome.accepted)
+    if slot is not None:
+        # The CPU work is done: the next big body may start. submit writes the events before
+        # its first await (the fsync wait), so the next one starts after the write.
+        slot.release()
     await wl.submit(outcome.accepted)
     wl.counters["accepted"] += len(outcome.accepted)
     body: dict[str, Any] = {
@@ -626,17 +661,22 @@ async def project_events(request: Request) -> Response:
         raise other_project(principal.project_id, project_id)
     body = await _read(request, wl, headers)
     if len(body) < OFFLOAD_MIN_BYTES:
-        return await _project_events(wl, principal, body, False, received_at)
-    async with _big_body_slot(wl):
-        return await _project_events(wl, principal, body, True, received_at)
+        return await _project_events(wl, principal, body, None, received_at)
+    async with _BigBodySlot(wl) as slot:
+        return await _project_events(wl, principal, body, slot, received_at)
 
 
 async def _project_events(
-    wl: WatchLLM, principal: Principal, body: bytes, off_loop: bool, received_at: datetime
+    wl: WatchLLM,
+    principal: Principal,
+    body: bytes,
+    slot: _BigBodySlot | None,
+    received_at: datetime,
 ) -> Response:
+    off_loop = slot is not None
     events = await _cpu(off_loop, validate_sliced if off_loop else validate_fast, body, "events")
     if events is not None:
-        return await _ingest_fast(wl, principal, events, off_loop, received_at)
+        return await _ingest_fast(wl, principal, events, slot, received_at)
     payload = await _cpu(off_loop, parse_json, body)
     if isinstance(payload, dict):
         items = [payload]
@@ -648,7 +688,7 @@ async def _project_events(
         raise Problem(
             422, "bad_body", "the body must be an event object or an array of events", field="body"
         )
-    return await _ingest(wl, principal, items, off_loop, received_at)
+    return await _ingest(wl, principal, items, slot, received_at)
 
 
 async def batch_events(request: Request) -> Response:
@@ -659,17 +699,22 @@ async def batch_events(request: Request) -> Response:
     principal = wl.authenticate_header(headers.authorization, "ingest", request)
     body = await _read(request, wl, headers)
     if len(body) < OFFLOAD_MIN_BYTES:
-        return await _batch_events(wl, principal, body, False, received_at)
-    async with _big_body_slot(wl):
-        return await _batch_events(wl, principal, body, True, received_at)
+        return await _batch_events(wl, principal, body, None, received_at)
+    async with _BigBodySlot(wl) as slot:
+        return await _batch_events(wl, principal, body, slot, received_at)
 
 
 async def _batch_events(
-    wl: WatchLLM, principal: Principal, body: bytes, off_loop: bool, received_at: datetime
+    wl: WatchLLM,
+    principal: Principal,
+    body: bytes,
+    slot: _BigBodySlot | None,
+    received_at: datetime,
 ) -> Response:
+    off_loop = slot is not None
     events = await _cpu(off_loop, validate_sliced if off_loop else validate_fast, body, "batch")
     if events is not None:
-        return await _ingest_fast(wl, principal, events, off_loop, received_at)
+        return await _ingest_fast(wl, principal, events, slot, received_at)
     payload = await _cpu(off_loop, parse_json, body)
     if not isinstance(payload, dict):
         raise Problem(422, "bad_body", 'the body must be an object {"events": [...]}', field="body")
@@ -686,7 +731,7 @@ async def _batch_events(
         raise Problem(422, "bad_body", "'events' must be an array of events", field="events")
     if not items:
         raise Problem(422, "empty_batch", "'events' holds no event", field="events")
-    return await _ingest(wl, principal, items, off_loop, received_at)
+    return await _ingest(wl, principal, items, slot, received_at)
 
 
 # --- health -----------------------------------------------------------------------------------
