@@ -204,10 +204,18 @@ def spans_of(request: ExportTraceServiceRequest) -> Decoded:
 
 
 def _span(span: Any, resource: dict[str, Any], scope_name: str, scope_version: str) -> Span:
-    trace_id = _id(span.trace_id, 16, "traceId")
-    span_id = _id(span.span_id, 8, "spanId")
+    trace_id = span.trace_id
+    span_id = span.span_id
     parent = span.parent_span_id
-    parent_id = _id(parent, 8, "parentSpanId") if parent else None
+    # Well-formed ids (nearly all) are read inline; _id says what is wrong with the others.
+    if len(trace_id) == 16 and len(span_id) == 8 and trace_id != _ZERO_16 and span_id != _ZERO_8:
+        trace_hex, span_hex = trace_id.hex(), span_id.hex()
+    else:
+        trace_hex, span_hex = _id(trace_id, 16, "traceId"), _id(span_id, 8, "spanId")
+    parent_id = None
+    if parent:
+        ok = len(parent) == 8 and parent != _ZERO_8
+        parent_id = parent.hex() if ok else _id(parent, 8, "parentSpanId")
     # Each read of a repeated field makes a new wrapper (upb): read once. Most spans have
     # no events or links, and skip building their lists.
     events = span.events
@@ -219,9 +227,10 @@ def _span(span: Any, resource: dict[str, Any], scope_name: str, scope_version: s
     status = span.status
     kind = span.kind
     code = status.code
+    attributes, texts = _attributes_and_texts(span.attributes, "attributes")
     return Span(
-        trace_id=trace_id,
-        span_id=span_id,
+        trace_id=trace_hex,
+        span_id=span_hex,
         name=span.name,
         start_unix_nano=span.start_time_unix_nano,
         end_unix_nano=span.end_time_unix_nano,
@@ -229,7 +238,7 @@ def _span(span: Any, resource: dict[str, Any], scope_name: str, scope_version: s
         kind=KINDS[kind] if 0 <= kind < len(KINDS) else "unspecified",
         status_code=STATUSES[code] if 0 <= code < len(STATUSES) else "unset",
         status_message=status.message,
-        attributes=_attributes(span.attributes, "attributes"),
+        attributes=attributes,
         resource=resource,
         scope_name=scope_name,
         scope_version=scope_version,
@@ -249,7 +258,12 @@ def _span(span: Any, resource: dict[str, Any], scope_name: str, scope_version: s
         ]
         if links
         else [],
+        attribute_texts=texts,
     )
+
+
+_ZERO_16 = bytes(16)
+_ZERO_8 = bytes(8)
 
 
 def _id(raw: bytes, size: int, name: str) -> str:
@@ -261,9 +275,16 @@ def _id(raw: bytes, size: int, name: str) -> str:
 
 
 def _attributes(pairs: Any, where: str) -> dict[str, Any]:
+    return _attributes_and_texts(pairs, where)[0]
+
+
+def _attributes_and_texts(pairs: Any, where: str) -> tuple[dict[str, Any], dict[str, str] | None]:
+    """The attributes' values, and their text as a `spans` row keeps it (mapping.span_row)
+    when that is the same dict: every value a string (None otherwise: the row makes it)."""
     if len(pairs) > MAX_ATTRIBUTES:
         raise BadSpan(f"{where}: {len(pairs)} attributes, over the limit of {MAX_ATTRIBUTES}")
     out: dict[str, Any] = {}
+    plain = True  # every value a string: the row's texts are this dict
     for pair in pairs:
         # Nearly every value is a string, an int, a double or a bool: read inline (one
         # function call fewer per attribute, the bulk of a span's decoding). Most are
@@ -274,6 +295,7 @@ def _attributes(pairs: Any, where: str) -> dict[str, Any]:
         if text:
             out[pair.key] = text
             continue
+        plain = False
         kind = value.WhichOneof("value")
         if kind in _SCALARS:
             out[pair.key] = getattr(value, kind)
@@ -284,7 +306,7 @@ def _attributes(pairs: Any, where: str) -> dict[str, Any]:
     if out and max(map(len, out)) > MAX_KEY_CHARS:
         key = next(k for k in out if len(k) > MAX_KEY_CHARS)
         raise BadSpan(f"{where}: a key of {len(key)} characters (limit {MAX_KEY_CHARS})")
-    return out
+    return out, out if plain else None
 
 
 _SCALARS = frozenset({"string_value", "int_value", "double_value", "bool_value"})

@@ -85,6 +85,9 @@ class Span:
     scope_version: str = ""
     events: list[SpanEvent] = field(default_factory=list)
     links: list[dict[str, Any]] = field(default_factory=list)
+    # The `spans` row's text of each attribute when the decoder knows it: the attributes
+    # dict itself when every value is a string (None: span_row makes the texts).
+    attribute_texts: dict[str, str] | None = None
 
 
 # --- the rules ----------------------------------------------------------------------------------
@@ -318,8 +321,7 @@ def span_row(
         scope_name=span.scope_name,
         scope_version=span.scope_version,
         event_type=event_type,
-        # Most values are strings, kept as they are without a call.
-        attributes={k: v if type(v) is str else _attr_text(v) for k, v in span.attributes.items()},
+        attributes=_attribute_texts(span),
         resource_attributes=resource.texts,
         span_events=_json_text(
             [
@@ -332,6 +334,14 @@ def span_row(
         links=_json_text(span.links) if span.links else "[]",
         ingested_at=received_at,
     )
+
+
+def _attribute_texts(span: Span) -> dict[str, str]:
+    texts = span.attribute_texts
+    if texts is not None:
+        return texts
+    # Most values are strings, kept as they are without a call.
+    return {k: v if type(v) is str else _attr_text(v) for k, v in span.attributes.items()}
 
 
 def _common(span: Span, event_type: str, used: set[str], start: datetime) -> dict[str, Any]:
