@@ -522,3 +522,37 @@ def test_span_rows_come_with_their_spool_bytes(tmp_path: Path) -> None:
     assert sink.events == ["e0", "e1", "e2"] and len(sink.rows) == 6
     assert sink.bodies and all(joined for joined, _, _ in sink.bodies)
     assert all(ours == encoded for _, ours, encoded in sink.bodies)
+
+
+@pytest.mark.parametrize("policy", ["always", "interval", "never"])
+def test_submit_is_as_durable_as_the_fsync_policy_says(policy: str, tmp_path: Path) -> None:
+    """`always`: each submit returns after an fsync that covers it; `interval` and `never`
+    (docs/DURABILITY.md): after the write only, the fsync (if any) comes on its own clock."""
+
+    async def main() -> tuple[list[bool], int, bool]:
+        spool = Spool(tmp_path, fsync=policy, fsync_interval_s=0.2)  # type: ignore[arg-type]
+        interval_sync = spool.run_interval_sync if policy == "interval" else None
+        writer = Writer(
+            [ListSink()], spool, encode=encode, decode=decode, interval_sync=interval_sync
+        )
+        durable_on_return: list[bool] = []
+        async with writer:
+            for i in range(20):
+                await writer.submit([{"i": i}])
+                durable_on_return.append(spool._durable >= spool.end)
+            fsyncs = spool.fsyncs_total
+            with anyio.move_on_after(2):
+                while spool._durable < spool.end:
+                    await anyio.sleep(0.01)
+            durable_later = spool._durable >= spool.end
+        return durable_on_return, fsyncs, durable_later
+
+    durable_on_return, fsyncs, durable_later = anyio.run(main)
+    if policy == "always":
+        assert durable_on_return == [True] * 20
+        assert fsyncs >= 1
+        assert durable_later
+    else:
+        assert fsyncs == 0  # within 20 quick submits no interval went by; none for `never`
+        assert durable_on_return == [False] * 20
+        assert durable_later is (policy == "interval")

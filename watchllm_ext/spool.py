@@ -270,9 +270,14 @@ class Spool:
     async def append(self, payload: bytes, count: int, flags: int = 0) -> Record:
         """Write a record and return once it is as durable as the policy promises."""
         record = self.write(payload, count, flags)
-        if self.fsync == "always":
-            await self.sync_to(record.end)
+        await self.wait_durable(record.end)
         return record
+
+    async def wait_durable(self, position: Position) -> None:
+        """Return once what was written up to `position` is as durable as the policy promises:
+        an fsync covers it (`always`), or at once (`interval`, `never`: the write is all)."""
+        if self.fsync == "always":
+            await self.sync_to(position)
 
     async def run_interval_sync(self) -> None:
         """For the `interval` policy: fsync what was written, every `fsync_interval_s`."""

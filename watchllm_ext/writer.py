@@ -135,7 +135,7 @@ class Log(Protocol):
     def bytes(self) -> int: ...
     def write(self, payload: bytes, count: int, flags: int = 0) -> Record: ...
     def write_many(self, items: Sequence[tuple[bytes, int, int]]) -> list[Record]: ...
-    async def sync_to(self, position: Position) -> None: ...
+    async def wait_durable(self, position: Position) -> None: ...
     async def wait_appended(self) -> None: ...
     def read(self, start: Position, max_events: int) -> list[Record]: ...
     def load_cursor(self, sink: str) -> tuple[Position, int]: ...
@@ -195,8 +195,8 @@ class MemoryLog:
             raise SpoolFull(f"{self._held} events are held in memory, the cap is {self.max_events}")
         return [self.write(payload, count, flags) for payload, count, flags in items]
 
-    async def sync_to(self, position: Position) -> None:
-        return None
+    async def wait_durable(self, position: Position) -> None:
+        return None  # as durable as it gets
 
     async def wait_appended(self) -> None:
         await self._appended.wait()
@@ -334,7 +334,8 @@ class Writer:
         for record, (batch, _) in zip(records, batches, strict=True):
             self._keep(record, batch)
         self.accepted_events_total += len(events)
-        await self.log.sync_to(records[-1].end)
+        # As the fsync policy says (sync_to here fsynced with `interval` and `never` too).
+        await self.log.wait_durable(records[-1].end)
 
     def _keep(self, record: Record, items: Sequence[Any]) -> None:
         """Hold a new record and its items in memory for the sinks, within memory_max_events."""
@@ -357,7 +358,7 @@ class Writer:
             raise WriterClosed("the writer is not running")
         record = self.log.write(payload, count, TARGETED | SPANS if spans else TARGETED)
         self._next_number += 1  # not kept: the sink it is for reads it from the log
-        await self.log.sync_to(record.end)
+        await self.log.wait_durable(record.end)
 
     async def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until every sink has everything written before this call. False on timeout."""
