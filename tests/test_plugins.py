@@ -198,6 +198,28 @@ def test_hook_check_quota(server_factory: Any) -> None:
     assert server.query("SELECT count() AS n FROM events")[0]["n"] == 3
 
 
+class RefundedQuota(FixedQuota):
+    """FixedQuota that takes back what ingestion refused."""
+
+    @hookimpl
+    async def refund_quota(self, principal: Principal, n_events: int) -> None:
+        self.used -= n_events
+
+
+def test_hook_refund_quota(server_factory: Any) -> None:
+    quota = RefundedQuota(3)
+    server = server_factory(plugin_objects=(quota,))
+    h = server.headers()
+    bad = {"event_type": "bogus"}
+    r = server.client.post("/v1/events/batch", headers=h, json={"events": [bad, bad, bad]})
+    assert r.status_code == 422 and quota.used == 0  # refused whole: all three given back
+    events = [prompt_call("r1"), bad, prompt_call("r2")]
+    r = server.client.post("/v1/events/batch", headers=h, json={"events": events})
+    assert r.status_code == 207 and quota.used == 2  # the invalid one given back
+    r = server.client.post("/v1/events/batch", headers=h, json={"events": [prompt_call("r3")]})
+    assert r.status_code == 202 and quota.used == 3  # nothing to give back
+
+
 class RequireModel:
     @hookimpl
     def validate_event(self, event: Any, principal: Principal) -> Sequence[str] | None:

@@ -735,3 +735,66 @@ def test_a_stuck_connection_is_dropped_and_its_checks_reported_lost(
         await backend.close()
 
     asyncio.run(run())
+
+
+class RefusesSevenTokens:
+    """A plugin validator: refuses events with tokens_input == 7 (a 207 from the plugin)."""
+
+    @hookimpl
+    def validate_event(self, event: Any, principal: Principal) -> str | None:
+        return "seven is refused here" if event.tokens_input == 7 else None
+
+
+@with_backends
+def test_usage_counts_only_the_events_accepted(quota_server: Any) -> None:
+    """Refused events are given back (the refund_quota hook): a 422 adds nothing, a 207 adds
+    what it accepted, on every JSON route, small body or big, schema or plugin refusal."""
+    away_from_period_end()
+    server = quota_server(
+        {"default": {"events_per_day": 100, "events_per_month": 1_000}},
+        plugin_objects=(RefusesSevenTokens(),),
+    )
+    h = server.headers()
+
+    def used() -> tuple[int, int]:
+        body = server.client.get("/v1/usage", headers=h).json()["used"]
+        return body["day"], body["month"]
+
+    def post(path: str, payload: Any) -> httpx.Response:
+        return server.client.post(path, json=payload, headers=h)
+
+    invalid = {"event_type": "bogus"}
+    assert post("/v1/events/batch", {"events": [invalid] * 10}).status_code == 422
+    assert used() == (0, 0)
+    mixed = post("/v1/events/batch", {"events": [prompt_call(uuid.uuid4().hex)] + [invalid] * 9})
+    assert mixed.status_code == 207 and mixed.json()["accepted"] == 1
+    assert used() == (1, 1)
+    # A plugin validator's refusal (the valid-JSON path) is given back as well.
+    refused_one = events(2)["events"] + [prompt_call(uuid.uuid4().hex, tokens_input=7)]
+    plugin = post("/v1/events/batch", {"events": refused_one})
+    assert plugin.status_code == 207 and plugin.json()["accepted"] == 2
+    assert used() == (3, 3)
+    # The one-event route, and an array on it.
+    assert post("/v1/projects/acme/events", invalid).status_code == 422
+    one_bad = post("/v1/projects/acme/events", [invalid, prompt_call(uuid.uuid4().hex)])
+    assert one_bad.status_code == 207
+    assert used() == (4, 4)
+    # Bodies of 64 KiB or more (validated on a worker thread): invalid JSON events, then
+    # valid ones a plugin refuses part of.
+    big = "x" * 2_000
+    slow = [prompt_call(uuid.uuid4().hex, prompt=big) for _ in range(40)] + [invalid]
+    assert post("/v1/events/batch", {"events": slow}).json()["accepted"] == 40
+    fast = [prompt_call(uuid.uuid4().hex, prompt=big, tokens_input=7) for _ in range(35)]
+    fast += [prompt_call(uuid.uuid4().hex, prompt=big) for _ in range(5)]
+    assert post("/v1/events/batch", {"events": fast}).json()["accepted"] == 5
+    assert used() == (49, 49)
+    # Another project's event refuses the batch whole (403): nothing taken.
+    other = post("/v1/events/batch", {"events": [prompt_call(uuid.uuid4().hex, project_id="beta")]})
+    assert other.status_code == 403
+    assert used() == (49, 49)
+    # The check before validation still refuses what would not fit, valid or not: 429 with
+    # its headers, nothing counted.
+    over = post("/v1/events/batch", {"events": [invalid] * 52})
+    assert over.status_code == 429 and over.json()["would_fit"] == 51
+    assert over.headers["X-RateLimit-Remaining"] == "51" and "Retry-After" in over.headers
+    assert used() == (49, 49)

@@ -261,6 +261,15 @@ class WatchLLM:
                     **dict(decision.extra or {}),
                 )
 
+    async def refund_quota(self, principal: Principal, n_events: int) -> None:
+        """Give back (the `refund_quota` hook) events `check_quota` counted that were not
+        accepted: usage counts accepted events only."""
+        if n_events <= 0:
+            return
+        for result in call_hook(self.pm.hook.refund_quota, principal=principal, n_events=n_events):
+            if inspect.isawaitable(result):
+                await result
+
     async def ingest(
         self,
         principal: Principal,
@@ -281,14 +290,20 @@ class WatchLLM:
         check_projects(events, principal)
         await self.check_quota(principal, len(events))
         received = received_at or receipt_time()
-        # Plain JSON data (what the middleware and the SDK build): the body validator, as a
-        # request's events; anything else, or any invalid event, is pydantic's (inprocess.py).
-        structs = plain_events(events)
-        if structs is not None:
-            outcome = finish_fast(structs, principal, self.pm, received)
-        else:
-            outcome = validate_items(events, principal, self.pm, received)
-        return await _accept(self, outcome)
+        try:
+            # Plain JSON data (what the middleware and the SDK build): the body validator, as
+            # a request's events; anything else, or any invalid event, is pydantic's.
+            structs = plain_events(events)
+            if structs is not None:
+                outcome = finish_fast(structs, principal, self.pm, received)
+            else:
+                outcome = validate_items(events, principal, self.pm, received)
+            body = await _accept(self, outcome)
+        except Problem:
+            await self.refund_quota(principal, len(events))  # refused whole: nothing taken
+            raise
+        await self.refund_quota(principal, len(outcome.rejected))
+        return body
 
     async def ingest_with_key(self, api_key: str, events: list[dict[str, Any]]) -> dict[str, Any]:
         """`ingest` for the holder of an API key (its project, its ingest scope), on this
@@ -538,16 +553,23 @@ async def _ingest_fast(
 ) -> Response:
     _check_count(wl, len(events))
     await wl.check_quota(principal, len(events))
-    if slot is None:
-        return await _answer(wl, finish_fast(events, principal, wl.pm, received_at))
-    # A big body: its fill-in, hooks and spool encoding in one trip to a worker thread (a trip
-    # each cost a batch two thread hops more than it needs).
-    writer = wl.writer
-    encode = writer is not None and getattr(writer.log, "needs_payload", True)
-    outcome = await anyio.to_thread.run_sync(
-        _finish_and_encode, events, principal, wl.pm, received_at, encode
-    )
-    return await _answer(wl, outcome, slot)
+    try:
+        if slot is None:
+            outcome = finish_fast(events, principal, wl.pm, received_at)
+        else:
+            # A big body: its fill-in, hooks and spool encoding in one trip to a worker thread
+            # (a trip each cost a batch two thread hops more than it needs).
+            writer = wl.writer
+            encode = writer is not None and getattr(writer.log, "needs_payload", True)
+            outcome = await anyio.to_thread.run_sync(
+                _finish_and_encode, events, principal, wl.pm, received_at, encode
+            )
+        response = await _answer(wl, outcome, slot)
+    except Problem:
+        await wl.refund_quota(principal, len(events))  # refused whole (403, 422, 503)
+        raise
+    await wl.refund_quota(principal, len(outcome.rejected))  # a 207's invalid events
+    return response
 
 
 def _finish_and_encode(
@@ -574,8 +596,14 @@ async def _ingest(
     _check_count(wl, len(items))
     check_projects(items, principal)
     await wl.check_quota(principal, len(items))
-    outcome = await _cpu(slot is not None, validate_items, items, principal, wl.pm, received_at)
-    return await _answer(wl, outcome, slot)
+    try:
+        outcome = await _cpu(slot is not None, validate_items, items, principal, wl.pm, received_at)
+        response = await _answer(wl, outcome, slot)
+    except Problem:
+        await wl.refund_quota(principal, len(items))  # refused whole (422, 503)
+        raise
+    await wl.refund_quota(principal, len(outcome.rejected))  # a 207's invalid events
+    return response
 
 
 async def _answer(wl: WatchLLM, outcome: Outcome, slot: _BigBodySlot | None = None) -> Response:

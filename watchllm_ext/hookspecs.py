@@ -56,6 +56,15 @@ def check_quota(
 
 
 @hookspec
+def refund_quota(principal: Principal, n_events: int) -> Awaitable[None] | None:
+    """Give back `n_events` that a `check_quota` of ingestion allowed but that were not
+    accepted: the invalid events of a 207, all of a batch refused after the check (422, 403,
+    503). Usage then counts accepted events only. Every implementation is called (an
+    awaitable result is awaited); one that counts nothing ignores it.
+    """
+
+
+@hookspec
 def validate_event(event: Any, principal: Principal) -> Sequence[str] | str | None:
     """Add rules to the schema. Return a problem (or a list of problems) to reject the event.
 

@@ -254,8 +254,10 @@ class MemoryUsage:
 
     @staticmethod
     def _add(state: _ProjectState, p: Periods, n: int) -> None:
+        # n < 0 is a correction (refused events given back): never below 0, as in Redis (a
+        # refund can land in the day after its check's).
         for key in (f"day:{p.day}", f"month:{p.month}"):
-            state.counters[key] = state.counters.get(key, 0) + n
+            state.counters[key] = max(0, state.counters.get(key, 0) + n)
 
     async def add_counts(self, project: str, n_events: int, n_bytes: int, p: Periods) -> None:
         state = self._state(project, p)

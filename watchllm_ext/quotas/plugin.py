@@ -332,6 +332,15 @@ class QuotaPlugin:
         )
 
     @hookimpl
+    def refund_quota(self, principal: Principal, n_events: int) -> None:
+        """Events the check counted but ingestion did not accept (a 207's invalid ones, a
+        batch refused 422): taken off the day and month counters as a negative carry, with
+        the project's next check or the background flush (within a second), so the day and
+        month count accepted events only. The minute bucket keeps them: it limits the rate
+        of what is sent, and they drain from it within the minute."""
+        self.carry_events[principal.project_id] -= n_events
+
+    @hookimpl
     def transform_events(self, events: list[Any], principal: Principal) -> None:
         if not self._count_bytes:
             return

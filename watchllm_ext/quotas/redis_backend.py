@@ -330,8 +330,9 @@ class RedisUsage:
                     pipe.expire(key, ttl)
                 totals = await pipe.execute()
             below = [key for (key, _, _), total in zip(sums, totals[::2], strict=True) if total < 0]
-            if below:  # a correction larger than the count (a new period began): 0, not less
-                await self._redis().set(below[0], 0, keepttl=True)
+            # A correction larger than the count (a new period began): 0, not less.
+            for key in below:
+                await self._redis().set(key, 0, keepttl=True)
 
         await self._call(run)
 
