@@ -24,7 +24,7 @@ from stores import EVERY_STORE
 from watchllm_ext import hookimpl
 from watchllm_ext.auth import Principal
 from watchllm_ext.guardian import Alert, GuardianRule
-from watchllm_ext.guardian.engine import MAX_KEYS_PER_RULE, Engine
+from watchllm_ext.guardian.engine import MAX_SUBJECTS_PER_PROJECT, Engine
 from watchllm_ext.guardian.plugin import alert_event
 from watchllm_ext.schema import EVENT_LIST_ADAPTER
 from watchllm_ext.settings import Settings
@@ -237,6 +237,33 @@ def test_block_rule_denies_the_user_until_recovery(server_factory: Any) -> None:
     assert 'watchllm_quota_denials_total{check="host"} 1.0' in metrics
 
 
+def test_one_projects_users_never_push_out_another_projects(server_factory: Any) -> None:
+    """The subject bound is per project: project beta's 10,050 users evict 50 of beta's own
+    (counted in /metrics), never acme's user, whose 6 + 6 USD still fires the rule."""
+    rule = {"name": "user-spend", "metric": "cost_usd", "per": "user", "threshold": 10}
+    flags = {"guardian": {"projects": {"acme": True, "beta": True}}}
+    server, recorder = start(server_factory, [rule], flags=flags)
+    beta = server.keys.create("beta", scope="ingest")
+    time.sleep(0.5)  # the key file is reread every 0.2 s in tests
+    send(server, [call(user_id="alice", cost_estimate_usd=6.0)])
+    users = MAX_SUBJECTS_PER_PROJECT + 50
+    for first in range(0, users, 1_000):
+        batch = [
+            call(project_id="beta", user_id=f"u{i}", cost_estimate_usd=0.01)
+            for i in range(first, min(users, first + 1_000))
+        ]
+        r = server.client.post(
+            "/v1/events/batch", headers=server.headers(beta), json={"events": batch}
+        )
+        assert r.status_code == 202, r.text
+    server.flush()
+    send(server, [call(user_id="alice", cost_estimate_usd=6.0)])
+    (fired,) = recorder.wait(1)
+    assert (fired.project_id, fired.subject, fired.value) == ("acme", "alice", 12.0)
+    metrics = server.client.get("/metrics").text
+    assert 'watchllm_guardian_evictions_total{rule="user-spend"} 50.0' in metrics
+
+
 def test_guardian_flag_off_means_no_alerts(server_factory: Any, tmp_path: Path) -> None:
     rule = {"name": "spend", "metric": "cost_usd", "threshold": 0.1, "window_s": 60}
     server, recorder = start(server_factory, [rule], flags={})
@@ -353,17 +380,17 @@ def test_engine_ignores_old_events_and_bounds_its_keys() -> None:
     # An import of last hour's data opens nothing.
     assert engine.observe([Ev("old", 3600)], lambda p: True) == set()
     touched = engine.observe(
-        [Ev(f"run{i}", 0) for i in range(MAX_KEYS_PER_RULE + 5)], lambda p: True
+        [Ev(f"run{i}", 0) for i in range(MAX_SUBJECTS_PER_PROJECT + 5)], lambda p: True
     )
-    assert len(touched) == MAX_KEYS_PER_RULE + 5
+    assert len(touched) == MAX_SUBJECTS_PER_PROJECT + 5
     # The least recently fed runs went first.
-    assert len(engine.windows) == MAX_KEYS_PER_RULE
+    assert len(engine.windows) == MAX_SUBJECTS_PER_PROJECT
     assert ("r", "acme", "run4") not in engine.windows
     assert ("r", "acme", "run5") in engine.windows
     # A firing key is never dropped: its episode must be able to end.
-    assert len(engine.evaluate()) == MAX_KEYS_PER_RULE
+    assert len(engine.evaluate()) == MAX_SUBJECTS_PER_PROJECT
     engine.observe([Ev("one-more", 0)], lambda p: True)
-    assert len(engine.windows) == MAX_KEYS_PER_RULE + 1
+    assert len(engine.windows) == MAX_SUBJECTS_PER_PROJECT + 1
     with pytest.raises(ValueError, match="block needs per"):
         GuardianRule(name="x", metric="cost_usd", per="run", threshold=1, block=True)
 

@@ -43,6 +43,10 @@ class WriterCollector:
         quota = self.wl.pm.get_plugin("watchllm_ext.quotas.plugin")
         if hasattr(quota, "metric_families"):
             yield from quota.metric_families()
+        # Guardian's evictions at its per-project bound, when it has rules.
+        guardian = self.wl.pm.get_plugin("watchllm_ext.guardian.plugin")
+        if hasattr(guardian, "metric_families") and guardian.engine.rules:
+            yield from guardian.metric_families()
         # The OTLP exporter sink's requests and partial-success rejections, when it is on.
         exporter = self.wl.pm.get_plugin("watchllm_ext.otel.export")
         if hasattr(exporter, "metric_families"):

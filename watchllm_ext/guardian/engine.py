@@ -27,10 +27,11 @@ from .rules import GuardianRule
 Key = tuple[str, str, str | None]  # (rule name, project id, subject)
 Source = Literal["stream", "rollup"]
 
-# Bounds on memory: samples kept per key (the oldest go first) and keys per rule (the least
-# recently fed key that is not firing goes first).
+# Bounds on memory: samples kept per key (the oldest go first) and subjects (runs, users)
+# per rule and project (the least recently fed one that is not firing goes first). Per
+# project, so one project's many users can never push another project's users out.
 MAX_SAMPLES_PER_KEY = 100_000
-MAX_KEYS_PER_RULE = 10_000
+MAX_SUBJECTS_PER_PROJECT = 10_000
 SUMS = ("cost_usd", "failures")
 
 
@@ -162,8 +163,11 @@ class Engine:
         self.rules = {rule.name: rule for rule in rules}
         self.clock = clock or time.time
         self.windows: dict[Key, Window] = {}
-        # Per rule, its keys with windows, least recently fed first (the bound's order).
-        self.fed: dict[str, OrderedDict[Key, None]] = {name: OrderedDict() for name in self.rules}
+        # Per (rule, project), its keys with windows, least recently fed first (the bound's
+        # order); an entry goes when its last key does.
+        self.fed: dict[tuple[str, str], OrderedDict[Key, None]] = {}
+        # Per rule, subjects dropped at the bound (/metrics: watchllm_guardian_evictions_total).
+        self.evicted: dict[str, int] = {}
         self.stored: dict[Key, float | None] = {}
         self.episodes: dict[Key, Episode] = {}
         # (project, subject) -> the firing block rules' alerts. Replaced whole, never changed
@@ -212,23 +216,31 @@ class Engine:
                         window = windows[key] = Window(rule.metric == "latency_p95_ms")
                         self._bound(rule, key)
                     else:
-                        self.fed[rule.name].move_to_end(key)
+                        self.fed[(rule.name, project)].move_to_end(key)
                     window.add(ts, value)
                     touched.add(key)
         return touched
 
     def _bound(self, rule: GuardianRule, key: Key) -> None:
-        """Note a new key of the rule; past the bound, drop the least recently fed key that
-        is not firing (O(1) but for a run of firing keys at the front)."""
-        fed = self.fed[rule.name]
+        """Note a new key of the rule; past the project's bound, drop the project's least
+        recently fed key that is not firing (O(1) but for a run of firing keys at the front)."""
+        fed = self.fed.setdefault((rule.name, key[1]), OrderedDict())
         fed[key] = None
-        if len(fed) <= MAX_KEYS_PER_RULE:
+        if len(fed) <= MAX_SUBJECTS_PER_PROJECT:
             return
         for old in fed:
             if old not in self.episodes and old != key:
                 del fed[old]
                 self.windows.pop(old, None)
+                self.evicted[rule.name] = self.evicted.get(rule.name, 0) + 1
                 return
+
+    def _unfeed(self, key: Key) -> None:
+        fed = self.fed.get((key[0], key[1]))
+        if fed is not None:
+            fed.pop(key, None)
+            if not fed:
+                del self.fed[(key[0], key[1])]
 
     def stored_projects(self) -> set[str]:
         """The projects that have a stored figure now."""
@@ -247,7 +259,7 @@ class Engine:
         with self._lock:
             for key in [k for k in self.windows if k[1] == project]:
                 del self.windows[key]
-                self.fed[key[0]].pop(key, None)
+                self._unfeed(key)
             for key in [k for k in self.stored if k[1] == project]:
                 del self.stored[key]
 
@@ -264,7 +276,7 @@ class Engine:
             streamed = figure(rule, window)
             if not window.samples:
                 del self.windows[key]
-                self.fed[rule.name].pop(key, None)
+                self._unfeed(key)
         stored = self.stored.get(key)
         if stored is None:
             return streamed, "stream"

@@ -31,7 +31,7 @@ from ..sdk.context import local_apps
 from ..settings import Settings, SettingsError
 from ..store import Store
 from .alert import Alert, window_text
-from .engine import Engine
+from .engine import MAX_SUBJECTS_PER_PROJECT, Engine
 from .rules import GuardianRule
 from .stored import now_utc, project_stats, recent_projects, stored_figure
 
@@ -84,6 +84,20 @@ class Guardian:
             f" ({alert.rule.metric} over {alert.rule.threshold:g} in"
             f" {window_text(alert.rule.window_s)}) until it recovers",
         )
+
+    def metric_families(self) -> list[Any]:
+        """Subjects dropped at the per-project bound, by rule (read at scrape time)."""
+        from prometheus_client.core import CounterMetricFamily
+
+        evictions = CounterMetricFamily(
+            "watchllm_guardian_evictions",
+            "Runs or users whose Guardian window was dropped because their project had"
+            f" {MAX_SUBJECTS_PER_PROJECT:,} others under the rule (least recently fed first)",
+            labels=["rule"],
+        )
+        for rule in self.engine.rules:
+            evictions.add_metric([rule], self.engine.evicted.get(rule, 0))
+        return [evictions]
 
     # --- the sink ---
 
