@@ -1,24 +1,98 @@
 """What `watchllm serve` gives uvicorn: its options, and an HTTP protocol that drops a client
-whose request headers do not arrive in time.
+whose request headers do not arrive in time or grow too big, and that answers the requests
+its parser refuses with the API's JSON problem body.
 
 uvicorn closes idle keep-alive connections (`timeout_keep_alive`), but waits for ever for the
 headers of a request (a slowloris client dribbling one header line every few seconds holds
-its connection as long as it likes). Bodies are timed by the app itself (ingest.read_body),
-so that a host app mounting WatchLLM gets that part too.
+its connection as long as it likes), and its httptools parser has no cap on their size (a
+client could send megabytes of one header; uvicorn keeps them all). Bodies are timed by the
+app itself (ingest.read_body), so that a host app mounting WatchLLM gets that part too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
+from http import HTTPStatus
 from typing import Any
 
+from .errors import Problem
 from .settings import Settings
 
+# What a parser's error message says -> (our message, the field it names): the parser's
+# words are the only clue to which header was wrong. Looked up by substring, lower-case.
+# The first row is API.md's promise for a Content-Length that is not a number: the same body
+# as the app's own check (ingest.read_body) gives in a host app.
+_PARSER_ERRORS: tuple[tuple[str, str, str], ...] = (
+    ("invalid character in content-length", "Content-Length is not a number", "Content-Length"),
+    ("content-length overflow", "Content-Length is out of range", "Content-Length"),
+    ("duplicate content-length", "send one Content-Length header, not several", "Content-Length"),
+    (
+        "can't be present with",  # llhttp: Transfer-Encoding can't be present with Content-Length
+        "send Content-Length or Transfer-Encoding, not both",
+        "Transfer-Encoding",
+    ),
+    ("chunk", "the chunked body's framing is not valid HTTP", "body"),
+    (
+        "header value",
+        "a header value holds a character HTTP does not allow (a control character such as NUL)",
+        "headers",
+    ),
+    ("header", "a header name holds a character HTTP does not allow", "headers"),
+    ("content-length", "Content-Length is not valid", "Content-Length"),
+)
 
-def header_timeout_protocol(timeout_s: float) -> type[asyncio.Protocol]:
+
+def parser_problem(text: str) -> Problem:
+    """The 400 for a request the HTTP parser refused with the message `text`."""
+    lowered = text.lower()
+    for clue, message, field in _PARSER_ERRORS:
+        if clue in lowered:
+            return Problem(400, "bad_request", message, field=field)
+    return Problem(400, "bad_request", f"the request is not valid HTTP ({text})", field="request")
+
+
+def headers_too_large(limit: int) -> Problem:
+    return Problem(
+        431,
+        "headers_too_large",
+        f"the request line and headers are larger than the limit of {limit} bytes",
+        field="headers",
+    )
+
+
+def problem_bytes(problem: Problem, default_headers: list[tuple[bytes, bytes]]) -> bytes:
+    """A whole HTTP/1.1 response carrying `problem`, closing the connection: what the
+    protocol writes itself, with no app behind it. The body is JSONResponse's encoding."""
+    body = json.dumps(
+        problem.body(), ensure_ascii=False, allow_nan=False, separators=(",", ":")
+    ).encode()
+    phrase = HTTPStatus(problem.status).phrase
+    lines = [f"HTTP/1.1 {problem.status} {phrase}\r\n".encode()]
+    lines += [name + b": " + value + b"\r\n" for name, value in default_headers]
+    lines += [
+        b"content-type: application/json\r\n",
+        b"content-length: " + str(len(body)).encode() + b"\r\n",
+        b"connection: close\r\n\r\n",
+        body,
+    ]
+    return b"".join(lines)
+
+
+class _HeadersTooLarge(Exception):
+    """Raised from the parser's headers-complete callback: the parser stops there, and
+    uvicorn's handling of a parser error calls send_400_response, which answers 431."""
+
+
+def header_timeout_protocol(
+    timeout_s: float, max_header_bytes: int = 64 * 1024
+) -> type[asyncio.Protocol]:
     """uvicorn's own HTTP protocol (httptools when installed, else h11) with a deadline on the
     headers of each request: from the connection's start, and from the first bytes of each
-    later request on a kept-alive connection. Past it, the connection is closed."""
+    later request on a kept-alive connection. Past it, the connection is closed. Request
+    headers (with the request line) over `max_header_bytes` get 431 and the connection is
+    closed; a request the parser refuses gets a JSON 400 (parser_problem)."""
     base: type[Any]
     try:  # uvicorn's choice when httptools is installed (the module imports it)
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
@@ -30,18 +104,64 @@ def header_timeout_protocol(timeout_s: float) -> type[asyncio.Protocol]:
         # headers are complete: the deadline is met when `cycle` changed since it was set.
         _header_timer: asyncio.TimerHandle | None = None
         _cycle_at_timer: Any = None
+        # Bytes received since the headers' deadline was armed: an upper bound of the header
+        # block's size (the last piece may hold the start of the body too).
+        _header_bytes = 0
+        _refused = False
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
             self._arm()
 
         def data_received(self, data: bytes) -> None:
+            if self._refused:
+                return  # answered and closing: nothing more is parsed
             between_requests = self.cycle is None or self.cycle.response_complete
             if between_requests and self._header_timer is None:
                 self._arm()  # the first bytes of a new request on a kept-alive connection
+            waiting = self._header_timer is not None
+            if waiting:
+                self._header_bytes += len(data)
             super().data_received(data)
-            if self._header_timer is not None and self.cycle is not self._cycle_at_timer:
+            if not waiting:
+                return
+            if self.cycle is not self._cycle_at_timer:
                 self._disarm()  # headers complete
+            elif self._header_bytes > max_header_bytes and not self._refused:
+                # Still no end of the headers past the cap: answer and stop reading, so an
+                # unfinished header block never holds more than about the cap in memory.
+                self._refuse(headers_too_large(max_header_bytes))
+
+        def on_headers_complete(self) -> None:
+            # Exact size only when the bytes so far could be over the cap (they usually are
+            # far under it: no per-request sum).
+            if self._header_bytes > max_header_bytes:
+                size = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
+                if size > max_header_bytes:
+                    raise _HeadersTooLarge()
+            super().on_headers_complete()
+
+        def send_400_response(self, msg: str) -> None:
+            # uvicorn calls this inside its `except` of the parser's error: that error says
+            # what was wrong (uvicorn's own message is a fixed plain-text sentence).
+            error = sys.exc_info()[1]
+            if error is not None and isinstance(error.__context__, _HeadersTooLarge):
+                problem = headers_too_large(max_header_bytes)
+            else:
+                problem = parser_problem(str(error) if error is not None else msg)
+            cycle = self.cycle
+            if cycle is not None and cycle.response_started and not cycle.response_complete:
+                self._refused = True  # an answer is under way: a second one would garble it
+                self.transport.close()
+                return
+            self._refuse(problem)
+
+        def _refuse(self, problem: Problem) -> None:
+            self._refused = True
+            self._disarm()
+            if not self.transport.is_closing():
+                self.transport.write(problem_bytes(problem, self.server_state.default_headers))
+                self.transport.close()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
@@ -49,6 +169,7 @@ def header_timeout_protocol(timeout_s: float) -> type[asyncio.Protocol]:
 
         def _arm(self) -> None:
             self._cycle_at_timer = self.cycle
+            self._header_bytes = 0
             self._header_timer = self.loop.call_later(timeout_s, self._headers_late)
 
         def _disarm(self) -> None:
@@ -71,6 +192,8 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "port": settings.port,
         "log_level": settings.log_level,
         "lifespan": "on",
-        "http": header_timeout_protocol(settings.header_timeout_s),
+        "http": header_timeout_protocol(settings.header_timeout_s, settings.max_header_bytes),
         "timeout_keep_alive": settings.keep_alive_timeout_s,
+        # Only read when uvicorn runs h11 (no httptools): its own cap on a header block.
+        "h11_max_incomplete_event_size": settings.max_header_bytes,
     }

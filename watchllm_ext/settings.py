@@ -125,6 +125,15 @@ class Settings(BaseSettings):
         le=600,
         description="`watchllm serve` closes a keep-alive connection idle this long (seconds).",
     )
+    # --- HTTP layer (helper H): the size of a request's header block under `watchllm serve`
+    max_header_bytes: int = Field(
+        64 * 1024,
+        ge=4096,
+        le=16 * MiB,
+        description="`watchllm serve` answers 431 and closes the connection when a request's"
+        " line and headers are larger than this (bytes); an unfinished header block never"
+        " holds much more than this in memory.",
+    )
     flush_max_events: int = Field(
         10_000, ge=1, description="The writer flushes a batch once it holds this many events."
     )

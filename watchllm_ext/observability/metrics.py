@@ -4,16 +4,24 @@ quota denials, Guardian alerts and store query latency. They live in the app's o
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..errors import Problem
 from ..flags import _REQUEST_CACHE
+
+log = logging.getLogger("watchllm.http")
+
+# The status a request is counted under when its client closed the connection before the
+# request was complete (nginx's 499): no answer was sent, and it is no server error.
+CLIENT_CLOSED = 499
 
 # Seconds: ingestion answers in a few ms, analytics over months in seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -111,7 +119,33 @@ class RequestMetrics:
 
         token = _REQUEST_CACHE.set({})  # this request's flag cache (flags/__init__.py)
         try:
+            repeated = _authorization_headers(scope["headers"])
+            if repeated > 1:
+                # Authorization is a singleton field (RFC 9110): with two, which key is meant
+                # depends on who reads which (first wins here, last in some proxies). Refused
+                # on every route, as the server refuses two Content-Length headers.
+                problem = Problem(
+                    400,
+                    "bad_request",
+                    f"send one Authorization header, not {repeated}",
+                    field="Authorization",
+                )
+                ops_metrics(self.wl).rejections.labels(problem.code).inc()
+                await problem.response()(scope, receive, send_status)
+                return
             await self.app(scope, receive, send_status)
+        except ClientDisconnect:
+            # The client went away before its body was complete (or broke its chunk framing):
+            # nothing of the request was spooled and nobody waits for an answer. Not a server
+            # error: one INFO line, counted as status 499 (nginx's "client closed request"),
+            # no traceback and nothing for Sentry (the exception ends here).
+            if status == 500:  # no answer begun
+                status = CLIENT_CLOSED
+            log.info(
+                "%s %s: the client closed the connection before its request was complete",
+                scope["method"],
+                scope.get("path", ""),
+            )
         finally:
             _REQUEST_CACHE.reset(token)
             route = getattr(scope.get("route"), "path", None) or "unmatched"
@@ -121,6 +155,11 @@ class RequestMetrics:
                 child = ops_metrics(self.wl).requests.labels(route, scope["method"], str(status))
                 self._children[key] = child
             child.observe(time.perf_counter() - started)
+
+
+def _authorization_headers(headers: list[tuple[bytes, bytes]]) -> int:
+    """How many Authorization headers a request has (names are lower-case in ASGI)."""
+    return [name for name, _ in headers].count(b"authorization")
 
 
 def counting_rejections(

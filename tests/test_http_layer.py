@@ -1,0 +1,438 @@
+"""The HTTP layer against hostile clients (helper R's findings 4, 5, 13): real sockets against
+the server `watchllm serve` runs (uvicorn with serving.uvicorn_options) on loopback.
+
+- a client that leaves in the middle of its body is no server error (no ERROR log, no
+  traceback, counted as status 499, nothing spooled, nothing for Sentry);
+- request headers are capped (`max_header_bytes`): 431 with a JSON body, and an unfinished
+  header block is cut off at the cap, not read for ever;
+- requests the HTTP parser refuses get the API's JSON problem body naming the header;
+- two Authorization headers are refused (400 naming Authorization) on every route.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from conftest import free_port, make_settings, prompt_call
+
+from watchllm_ext.app import create_app
+from watchllm_ext.keys import KeyStore
+from watchllm_ext.serving import uvicorn_options
+
+MAX_HEADER_BYTES = 8192
+
+
+class Served:
+    def __init__(self, tmp_path: Path, **overrides: Any) -> None:
+        self.settings = make_settings(
+            tmp_path,
+            port=free_port(),
+            header_timeout_s=30.0,  # far off: a close within seconds is the cap's, not this
+            max_header_bytes=MAX_HEADER_BYTES,
+            log_level="warning",
+            **overrides,
+        )
+        self.key = KeyStore(self.settings.keys_path).create("acme", scope="admin")
+        self.app = create_app(self.settings)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, **uvicorn_options(self.settings)))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://127.0.0.1:{self.settings.port}"
+        self.sockets: list[socket.socket] = []
+
+    def connect(self) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.settings.port), timeout=10)
+        self.sockets.append(sock)
+        return sock
+
+    def start(self) -> None:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+
+    def accepted(self) -> int:
+        writer = self.app.state.watchllm.writer
+        assert writer is not None
+        return writer.accepted_events_total
+
+    def request_count(self, route: str, status: int) -> float:
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        pattern = (
+            r'^watchllm_http_request_duration_seconds_count\{[^}]*route="'
+            + re.escape(route)
+            + r'"[^}]*status="'
+            + str(status)
+            + r'"[^}]*\} (\S+)$'
+        )
+        found = re.search(pattern, text, re.M)
+        return float(found.group(1)) if found else 0.0
+
+
+class Records(logging.Handler):
+    """Every log record of the loggers it is attached to (uvicorn's do not propagate)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def records() -> Iterator[Records]:
+    handler = Records()
+    # The root and uvicorn's own (which does not propagate): each record reaches one of them.
+    loggers = [logging.getLogger(n) for n in ("", "uvicorn", "watchllm")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers[:2]:
+        lg.addHandler(handler)
+    logging.getLogger("watchllm").setLevel(logging.INFO)
+    yield handler
+    for lg, level in zip(loggers, levels, strict=True):
+        lg.removeHandler(handler)
+        lg.setLevel(level)
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Served]:
+    s = Served(tmp_path)
+    s.start()
+    yield s
+    s.stop()
+
+
+def _read_all(sock: socket.socket, timeout_s: float = 10) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    sock.settimeout(timeout_s)
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _response(data: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), {k.lower(): v for k, v in headers.items()}, body
+
+
+def _wait_for(check: Any, within_s: float = 10.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not check():
+        assert time.monotonic() < deadline, "not true in time"
+        time.sleep(0.05)
+
+
+# --- 4: a client that leaves in the middle of its body -------------------------------------
+
+BODY = json.dumps({"events": [prompt_call("d1")]}).encode()
+CUTS = {
+    "content-length cut": b"Content-Length: 1000\r\n\r\n" + BODY[:20],
+    "chunked, then closed": b"Transfer-Encoding: chunked\r\n\r\n5\r\n" + BODY[:5] + b"\r\n",
+    "bad chunk framing": b"Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+}
+ROUTES = {
+    "/v1/events/batch": "/v1/events/batch",
+    "/v1/projects/acme/events": "/v1/projects/{project_id}/events",
+    "/v1/traces": "/v1/traces",
+}
+
+
+@pytest.mark.parametrize("cut", list(CUTS))
+@pytest.mark.parametrize("path", list(ROUTES))
+def test_a_client_that_leaves_mid_body_is_no_server_error(
+    served: Served, records: Records, path: str, cut: str
+) -> None:
+    route = ROUTES[path]
+    sock = served.connect()
+    sock.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {served.key}\r\n"
+        "Content-Type: application/json\r\n".encode()
+        + CUTS[cut]
+    )
+    if cut == "bad chunk framing":
+        status, headers, body = _response(_read_all(sock))
+        assert status == 400 and headers["connection"] == "close"
+        assert json.loads(body)["field"] == "body"
+    else:
+        time.sleep(0.3)  # the app is reading the body when the client goes
+    sock.close()
+    _wait_for(lambda: served.request_count(route, 499) == 1)
+    assert served.request_count(route, 500) == 0
+    assert served.accepted() == 0  # nothing of it was spooled
+    errors = [r for r in records.records if r.levelno >= logging.ERROR]
+    assert errors == []
+    assert not [r for r in records.records if r.exc_info]  # no traceback at any level
+    closed = [r for r in records.records if r.name == "watchllm.http"]
+    assert len(closed) == 1 and closed[0].levelno == logging.INFO
+    assert path in closed[0].getMessage()
+    # The server goes on as before.
+    r = httpx.post(
+        served.url + "/v1/events/batch",
+        content=BODY,
+        headers={"Authorization": f"Bearer {served.key}", "Content-Type": "application/json"},
+    )
+    assert r.status_code == 202 and served.accepted() == 1
+
+
+def test_a_disconnect_is_not_sent_to_sentry(tmp_path: Path) -> None:
+    import sentry_sdk
+    from sentry_sdk.envelope import Envelope
+    from sentry_sdk.transport import Transport
+
+    from watchllm_ext.observability.sentry import init_sentry
+
+    class Capture(Transport):
+        def __init__(self) -> None:
+            super().__init__(None)
+            self.events: list[dict[str, Any]] = []
+
+        def capture_envelope(self, envelope: Envelope) -> None:
+            self.events += [i.payload.json for i in envelope.items if i.type == "event"]
+
+    transport = Capture()
+    dsn = "http://public@127.0.0.1:9/1"
+    assert init_sentry(make_settings(tmp_path, sentry_dsn=dsn), transport=transport)
+    served = Served(tmp_path, sentry_dsn=dsn)  # create_app keeps the running client
+    served.start()
+    try:
+        sock = served.connect()
+        sock.sendall(
+            f"POST /v1/events/batch HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {served.key}"
+            "\r\nContent-Length: 1000\r\n\r\n{".encode()
+        )
+        time.sleep(0.3)
+        sock.close()
+        _wait_for(lambda: served.request_count("/v1/events/batch", 499) == 1)
+        # The control: an error that is one reaches the transport (Sentry is wired up).
+        sentry_sdk.capture_message("control", level="error")
+        sentry_sdk.flush()
+        _wait_for(lambda: len(transport.events) >= 1)
+        time.sleep(0.2)
+        assert [
+            e.get("message") or e.get("logentry", {}).get("message") for e in transport.events
+        ] == ["control"]
+    finally:
+        served.stop()
+        sentry_sdk.get_client().close(timeout=0)
+        sentry_sdk.get_global_scope().set_client(None)
+
+
+# --- 5: the header block's size ----------------------------------------------------------------
+
+
+def _padding(n: int) -> bytes:
+    return b"X-Pad: " + b"a" * n + b"\r\n"
+
+
+def test_headers_over_the_cap_get_431_and_a_closed_connection(served: Served) -> None:
+    sock = served.connect()
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n" + _padding(MAX_HEADER_BYTES) + b"\r\n")
+    status, headers, body = _response(_read_all(sock))
+    assert status == 431 and headers["connection"] == "close"
+    assert headers["content-type"] == "application/json"
+    assert json.loads(body) == {
+        "error": "headers_too_large",
+        "message": f"the request line and headers are larger than the limit of"
+        f" {MAX_HEADER_BYTES} bytes",
+        "field": "headers",
+    }
+
+
+def test_headers_just_under_the_cap_are_served(served: Served) -> None:
+    sock = served.connect()
+    sock.sendall(
+        b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+        + _padding(MAX_HEADER_BYTES - 200)
+        + b"\r\n"
+    )
+    assert _response(_read_all(sock))[0] == 200
+
+
+def test_an_unfinished_header_block_is_cut_off_at_the_cap(served: Served) -> None:
+    # Headers that never end: past the cap the server answers and closes at once (the header
+    # deadline is 30 s off); just under it, it waits for the rest.
+    under = served.connect()
+    under.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Pad: " + b"a" * (MAX_HEADER_BYTES - 200))
+    over = served.connect()
+    started = time.monotonic()
+    over.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Pad: " + b"a" * (MAX_HEADER_BYTES + 100))
+    status, _, body = _response(_read_all(over))
+    assert status == 431 and json.loads(body)["field"] == "headers"
+    assert time.monotonic() - started < 5
+    under.settimeout(1.0)
+    with pytest.raises(TimeoutError):
+        under.recv(1)  # still waiting for its headers
+    # More bytes on the refused connection are not read: it is closed.
+    with pytest.raises(OSError):
+        for _ in range(100):
+            over.sendall(b"a" * 65536)
+            time.sleep(0.01)
+
+
+def test_the_cap_is_per_request_on_a_kept_alive_connection(served: Served) -> None:
+    # Many requests on one connection, their headers together far over the cap: each is
+    # counted on its own. Then one over the cap on the same connection is refused.
+    sock = served.connect()
+    request = b"GET /healthz HTTP/1.1\r\nHost: t\r\n" + _padding(MAX_HEADER_BYTES // 2) + b"\r\n"
+    sock.settimeout(10)
+    for _ in range(6):
+        sock.sendall(request)
+        data = b""
+        while b'"ok"' not in data and b"}" not in data:
+            data += sock.recv(65536)
+        assert data.startswith(b"HTTP/1.1 200")
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n" + _padding(MAX_HEADER_BYTES) + b"\r\n")
+    assert _response(_read_all(sock))[0] == 431
+
+
+# --- 13: requests the parser refuses --------------------------------------------------------
+
+NOT_A_NUMBER = {
+    "error": "bad_request",
+    "message": "Content-Length is not a number",
+    "field": "Content-Length",
+}
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (b"Content-Length: abc", NOT_A_NUMBER),
+        (b"Content-Length: +84", NOT_A_NUMBER),
+        (b"Content-Length: 0x54", NOT_A_NUMBER),
+        (b"Content-Length: -1", NOT_A_NUMBER),
+        (
+            b"Content-Length: 84\r\nContent-Length: 84",
+            {
+                "error": "bad_request",
+                "message": "send one Content-Length header, not several",
+                "field": "Content-Length",
+            },
+        ),
+        (
+            b"Content-Length: 84\r\nTransfer-Encoding: chunked",
+            {
+                "error": "bad_request",
+                "message": "send Content-Length or Transfer-Encoding, not both",
+                "field": "Transfer-Encoding",
+            },
+        ),
+        (
+            b"X-Note: a\x00b",
+            {
+                "error": "bad_request",
+                "message": "a header value holds a character HTTP does not allow (a control"
+                " character such as NUL)",
+                "field": "headers",
+            },
+        ),
+    ],
+)
+def test_requests_the_parser_refuses_get_a_json_problem(
+    served: Served, header: bytes, expected: dict[str, str]
+) -> None:
+    sock = served.connect()
+    sock.sendall(
+        b"POST /v1/events/batch HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer "
+        + served.key.encode()
+        + b"\r\nContent-Type: application/json\r\n"
+        + header
+        + b"\r\n\r\n"
+        + BODY
+    )
+    status, headers, body = _response(_read_all(sock))
+    assert status == 400 and headers["connection"] == "close"
+    assert headers["content-type"] == "application/json"
+    assert json.loads(body) == expected
+    assert served.accepted() == 0
+
+
+def test_a_bad_content_length_answers_as_in_a_host_app(served: Served) -> None:
+    """The body under `watchllm serve` is byte for byte the app's own (ingest.read_body),
+    which a host app's server that lets the header through gets."""
+    from watchllm_ext.errors import Problem
+    from watchllm_ext.ingest import read_body
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    import asyncio
+
+    async def app_answer() -> bytes:
+        try:
+            await read_body(
+                receive,
+                content_length="abc",
+                content_encoding=None,
+                max_bytes=1000,
+                max_decompressed_bytes=1000,
+            )
+        except Problem as problem:
+            return bytes(problem.response().body)
+        raise AssertionError("no problem")
+
+    sock = served.connect()
+    sock.sendall(b"POST /v1/events/batch HTTP/1.1\r\nHost: t\r\nContent-Length: abc\r\n\r\n")
+    _, _, body = _response(_read_all(sock))
+    assert body == asyncio.run(app_answer())
+
+
+# --- 13: two Authorization headers ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v1/events/batch"),
+        ("POST", "/v1/traces"),
+        ("GET", "/v1/analytics/stats"),
+    ],
+)
+def test_two_authorization_headers_are_refused(served: Served, method: str, path: str) -> None:
+    good = f"Bearer {served.key}"
+    for pair in ([good, "Bearer wrong"], ["Bearer wrong", good], [good, good]):
+        r = httpx.request(
+            method,
+            served.url + path,
+            content=BODY if method == "POST" else None,
+            headers=[
+                ("Authorization", pair[0]),
+                ("Authorization", pair[1]),
+                ("Content-Type", "application/json"),
+            ],
+        )
+        assert r.status_code == 400, (pair, r.text)
+        assert r.json() == {
+            "error": "bad_request",
+            "message": "send one Authorization header, not 2",
+            "field": "Authorization",
+        }
+    assert served.accepted() == 0
+    assert served.request_count("unmatched", 400) >= 3
