@@ -186,3 +186,82 @@ def test_the_plan_and_seen_events_outlive_a_restart(billing: Any) -> None:
     again = billing()  # the same data folder (memory backend: its plan file) or Redis
     assert plan_of(again) == "pro"
     assert post(again, upgrade).json()["duplicate"] is True
+
+
+def _with(event: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    """A copy of `event` with the field at dotted `path` set to `value` (removed: ...)."""
+    event = json.loads(json.dumps(event))
+    *parents, last = path.split(".")
+    here = event
+    for name in parents:
+        here = here[name]
+    if value is ...:
+        del here[last]
+    else:
+        here[last] = value
+    return event
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "field"),
+    [
+        ("data", "x", "data"),
+        ("data.object", "x", "data.object"),
+        ("data.object.metadata", "x", "data.object.metadata"),
+        ("data.object.metadata.watchllm_project", 5, "data.object.metadata.watchllm_project"),
+        ("data.object.metadata.watchllm_project", "../x", "data.object.metadata.watchllm_project"),
+        ("data.object.items", "x", "data.object.items"),
+        ("data.object.items.data", {"price": "x"}, "data.object.items.data"),
+        ("data.object.items.data", ["x"], "data.object.items.data[0]"),
+        ("data.object.items.data", [{"price": "x"}], "data.object.items.data[0].price"),
+        ("data.object.status", ["active"], "data.object.status"),
+        ("created", "yesterday", "created"),
+        ("type", 5, "type"),
+        ("id", ..., "id"),
+        ("id", "", "id"),
+        ("id", 7, "id"),
+    ],
+)
+def test_an_odd_signed_event_is_400_naming_its_field_and_assigns_nothing(
+    billing: Any, path: str, value: Any, field: str
+) -> None:
+    server = billing()
+    event = _with(subscription_event("customer.subscription.updated", PRO), path, value)
+    for _ in range(2):  # the same answer again: an event with no id is no "duplicate"
+        answer = post(server, event)
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["field"] == field and answer.json()["error"] == "bad_body"
+        assert field in answer.json()["message"]
+    assert plan_of(server) == "free"
+
+
+@pytest.mark.parametrize("body", [[1], "x", None, 5])
+def test_a_signed_body_that_is_not_an_object_is_400(billing: Any, body: Any) -> None:
+    server = billing()
+    answer = post(server, body)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["field"] == "body"
+
+
+def test_signed_events_the_webhook_ignores_are_200_with_the_reason(billing: Any) -> None:
+    server = billing()
+    other = {"id": "evt_other", "type": "invoice.paid", "data": "anything"}
+    assert "does not change plans" in post(server, other).json()["ignored"]
+    no_project = _with(
+        subscription_event("customer.subscription.updated", PRO), "data.object.metadata", None
+    )
+    assert "metadata.watchllm_project" in post(server, no_project).json()["ignored"]
+    no_items = _with(
+        subscription_event("customer.subscription.updated", PRO), "data.object.items", ...
+    )
+    assert "stripe_price_plans" in post(server, no_items).json()["ignored"]
+    assert plan_of(server) == "free"
+
+
+def test_a_signed_body_that_is_not_json_is_400(billing: Any) -> None:
+    server = billing()
+    body = b"{not json"
+    answer = server.client.post(
+        "/v1/billing/stripe", content=body, headers={"Stripe-Signature": sign(body)}
+    )
+    assert answer.status_code == 400 and answer.json()["field"] == "body", answer.text

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
@@ -47,6 +48,8 @@ SUBSCRIPTION_EVENTS = {
     "customer.subscription.resumed",
 }
 PROJECT_METADATA = "watchllm_project"
+# Project ids as keys take them (schema.ProjectId).
+PROJECT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 SETTABLE = (*WINDOWS,)
 MAX_SET = 10**18  # a count set by hand stays a 64-bit integer in Redis (INCRBY works on it)
 
@@ -246,6 +249,8 @@ def _operations(plugin: QuotaPlugin) -> dict[str, dict[str, Any]]:
                     "400": _problem(
                         "the signature is missing, does not match or is over 5 minutes old"
                         " (`field`: Stripe-Signature), or the body is not a Stripe event"
+                        " (`field`: the field of the wrong shape, e.g. id or"
+                        " data.object.metadata.watchllm_project)"
                     ),
                     "413": _problem("a body over 1 MiB"),
                     "503": _problem("the plan cannot be saved now; Stripe delivers it again"),
@@ -374,7 +379,11 @@ async def handle_stripe(plugin: QuotaPlugin, request: Request) -> dict[str, Any]
             400, "bad_signature", "the Stripe-Signature header is missing", field="Stripe-Signature"
         )
     try:
-        stripe.Webhook.construct_event(payload, signature, secret.get_secret_value())
+        # The signature only (construct_event would also build a stripe.Event, and fails
+        # with an AttributeError on a body that is JSON but not an object).
+        stripe.WebhookSignature.verify_header(
+            payload, signature, secret.get_secret_value(), stripe.Webhook.DEFAULT_TOLERANCE
+        )
     except stripe.SignatureVerificationError as exc:
         raise Problem(
             400,
@@ -387,25 +396,61 @@ async def handle_stripe(plugin: QuotaPlugin, request: Request) -> dict[str, Any]
             400, "bad_body", f"the body is not a Stripe event: {exc}", field="body"
         ) from None
     # Verified: read it as plain JSON (the same bytes the signature covers).
-    event = json.loads(payload)
+    try:
+        event = json.loads(payload)
+    except ValueError as exc:
+        raise Problem(400, "bad_body", f"the body is not JSON: {exc}", field="body") from None
     return await apply_stripe_event(plugin, event)
 
 
-async def apply_stripe_event(plugin: QuotaPlugin, event: dict[str, Any]) -> dict[str, Any]:
-    """Map a verified subscription event to a plan. The answer is always 2xx for an event we
-    understood or chose to ignore (Stripe would retry anything else for days)."""
-    event_id = str(event.get("id") or "")
-    kind = str(event.get("type") or "")
+def _bad_event(field: str, message: str) -> Problem:
+    return Problem(400, "bad_body", f"{field}: {message}", field=field)
+
+
+def _object(value: Any, field: str) -> dict[str, Any]:
+    """`value` when it is a JSON object; a missing (null) one is empty; else 400 naming it."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _bad_event(field, f"must be an object, not {type(value).__name__}")
+    return value
+
+
+async def apply_stripe_event(plugin: QuotaPlugin, event: Any) -> dict[str, Any]:
+    """Map a verified subscription event to a plan. The answer is 2xx for an event we
+    understood or chose to ignore (Stripe would retry anything else for days), 400 naming
+    the field for a shape no Stripe event has (signed, so sent by whoever holds the secret):
+    never a plan from a field of the wrong type."""
+    if not isinstance(event, dict):
+        raise _bad_event("body", "a Stripe event is a JSON object")
+    event_id = event.get("id")
+    if not isinstance(event_id, str) or not event_id:
+        # The id is what makes a replay a replay: without one, every such event would look
+        # like the first one's duplicate.
+        raise _bad_event("id", "a Stripe event has a non-empty string id (evt_...)")
+    kind = event.get("type")
+    if not isinstance(kind, str):
+        raise _bad_event("type", "must be a string, e.g. customer.subscription.updated")
     if kind not in SUBSCRIPTION_EVENTS:
         return {"received": event_id, "ignored": f"event type {kind!r} does not change plans"}
-    subscription = (event.get("data") or {}).get("object") or {}
-    project = (subscription.get("metadata") or {}).get(PROJECT_METADATA)
-    if not project:
+    created = event.get("created", 0)
+    if not isinstance(created, int | float) or isinstance(created, bool):
+        raise _bad_event("created", "must be a Unix time in seconds")
+    subscription = _object(_object(event.get("data"), "data").get("object"), "data.object")
+    metadata = _object(subscription.get("metadata"), "data.object.metadata")
+    project = metadata.get(PROJECT_METADATA)
+    if project is None or project == "":
         log.warning("Stripe %s %s names no project: no plan changed", kind, event_id)
         return {
             "received": event_id,
             "ignored": f"the subscription has no metadata.{PROJECT_METADATA} naming the project",
         }
+    if not isinstance(project, str) or not PROJECT_ID.fullmatch(project):
+        raise _bad_event(
+            f"data.object.metadata.{PROJECT_METADATA}",
+            f"not a project id (1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit):"
+            f" {str(project)[:64]!r}",
+        )
     plan = _subscribed_plan(plugin, kind, subscription)
     if plan == "":
         return {
@@ -415,7 +460,7 @@ async def apply_stripe_event(plugin: QuotaPlugin, event: dict[str, Any]) -> dict
     try:
         if not await plugin.first_delivery(event_id):
             return {"received": event_id, "duplicate": True, "project": project}
-        applied = await plugin.assign_plan(project, plan, float(event.get("created") or 0))
+        applied = await plugin.assign_plan(project, plan, float(created))
     except QuotaUnavailable as exc:
         # Stripe retries a failed delivery: a 503 here is how the change is not lost.
         raise Problem(
@@ -435,12 +480,20 @@ def _subscribed_plan(plugin: QuotaPlugin, kind: str, subscription: dict[str, Any
     """The plan the subscription gives: a name, None (back to the settings' plan), or ''
     (no price of it is mapped: change nothing)."""
     settings = plugin.settings
-    if kind == "customer.subscription.deleted" or subscription.get("status") not in ACTIVE_STATUSES:
+    status = subscription.get("status")
+    if status is not None and not isinstance(status, str):
+        raise _bad_event("data.object.status", "must be a string, e.g. active")
+    if kind == "customer.subscription.deleted" or status not in ACTIVE_STATUSES:
         return settings.stripe_ended_plan
-    items = ((subscription.get("items") or {}).get("data")) or []
-    for item in items:
-        price = item.get("price") or item.get("plan") or {}
+    items = _object(subscription.get("items"), "data.object.items").get("data") or []
+    if not isinstance(items, list):
+        raise _bad_event("data.object.items.data", "must be a list of subscription items")
+    for i, item in enumerate(items):
+        where = f"data.object.items.data[{i}]"
+        item = _object(item, where)
+        price = item.get("price") or item.get("plan")
+        price = _object(price, f"{where}.{'price' if 'price' in item else 'plan'}")
         for ref in (price.get("id"), price.get("lookup_key")):
-            if ref and ref in settings.stripe_price_plans:
+            if isinstance(ref, str) and ref in settings.stripe_price_plans:
                 return settings.stripe_price_plans[ref]
     return ""
