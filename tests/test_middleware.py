@@ -933,3 +933,27 @@ def test_budget_reads_the_settled_day_rarely_and_the_recent_part_each_time(
             assert spends == {"ann": 0.875, "bob": 0.0625, "cy": 0.25}
 
     anyio.run(main)
+
+
+def test_a_utf8_user_header_is_stored_as_the_sdk_stores_the_same_user(tmp_path: Path) -> None:
+    """X-User-Id is read as UTF-8 (the bytes clients send for "é"), so the host's requests and
+    the SDK's JSON events of one user share one user id; bytes that are not UTF-8 fall back
+    to latin-1, one character a byte."""
+    settings = make_settings(tmp_path)
+    key = KeyStore(settings.keys_path).create("acme", scope="ingest")
+    wl_app = create_app(settings)
+    host = starlette_host(wl_app, Calls(), False, "/watchllm", project_id="acme")
+    with ServerThread(host) as server, httpx.Client(base_url=server.url) as client:
+        for user in ("é".encode(), "Zoë 🚀".encode(), b"caf\xe9"):
+            r = client.get("/items/1", headers=[(b"X-User-Id", user)])
+            assert r.status_code == 200, r.text
+        ingest = client.post(
+            "/watchllm/v1/events/batch",
+            json={"events": [prompt_call("sdk-e", user_id="é")]},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        assert ingest.status_code == 202, ingest.text
+    rows = stored(settings)
+    assert [s["user_id"] for s in summaries(rows)] == ["é", "Zoë 🚀", "café"]
+    (sdk_event,) = [row for row in rows if row["event_id"] == "sdk-e"]
+    assert sdk_event["user_id"] == "é"

@@ -65,6 +65,17 @@ _ZERO_SPAN = "0" * 16
 MAX_USER_CHARS = 256  # the contract's user_id limit
 
 
+def _header_text(value: bytes) -> str:
+    """A header value as text: UTF-8 when it is valid UTF-8 (what clients send for "é", and
+    how the SDK and JSON store the same id: one user, not two), else latin-1 (every byte a
+    character, as ASGI servers hand header bytes over). The run id and traceparent are
+    read as latin-1: only ASCII ids are taken from them anyway."""
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
+
+
 @dataclass(frozen=True, slots=True)
 class RouteOptions:
     """What the middleware does for one route; None keeps the middleware's default."""
@@ -580,7 +591,7 @@ class WatchLLMMiddleware:
             elif name == b"traceparent":
                 traceparent = value.decode("latin-1")
             elif name == user_header:
-                user = value.decode("latin-1")[:MAX_USER_CHARS] or None
+                user = _header_text(value)[:MAX_USER_CHARS] or None
         parent = None
         if traceparent is not None:
             match = _TRACEPARENT.fullmatch(traceparent.strip())
