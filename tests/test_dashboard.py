@@ -543,6 +543,36 @@ def test_a_project_key_never_sees_another_projects_data(site: Site) -> None:
         assert "project_id=beta" in ops.get("/dashboard/?project_id=beta").text
 
 
+@pytest.mark.parametrize(
+    "tz", ["Nope/Zone", "right/UTC", "../../../etc/passwd", "localtime", "Europe", "a" * 300]
+)
+def test_every_page_refuses_an_unknown_zone_as_the_overview_does(site: Site, tz: str) -> None:
+    """The requests, runs, event and run pages answer a `tz` Python does not know as the
+    overview does (the API's 400 naming tz), not with the zone in their headings."""
+    with _session(site, site.admin) as acme:
+        overview = acme.get("/dashboard/", params={"tz": tz})
+        assert overview.status_code == 400
+        message = re.search(r"tz: unknown time zone[^<]*", overview.text)
+        assert message, overview.text
+        for path in (
+            "/dashboard/requests",
+            "/dashboard/runs",
+            f"/dashboard/run/{site.tool_run}",
+            "/dashboard/event/no-such-event",
+        ):
+            page = acme.get(path, params={"tz": tz})
+            assert page.status_code == 400, (path, page.text)
+            assert message.group(0) in page.text, path
+            assert "newest first (" not in page.text
+
+
+def test_a_known_zone_is_shown_on_the_explorer_pages(site: Site) -> None:
+    with _session(site, site.admin) as acme:
+        for path in ("/dashboard/requests", "/dashboard/runs"):
+            page = acme.get(path, params={"tz": "Asia/Tokyo", "period": "30d"})
+            assert page.status_code == 200 and "(Asia/Tokyo)" in page.text, path
+
+
 def test_signed_out_users_are_sent_to_sign_in(site: Site) -> None:
     with httpx.Client(base_url=site.url, timeout=60) as anon:
         for path in [

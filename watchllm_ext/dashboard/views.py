@@ -270,6 +270,20 @@ class Dashboard:
             nav="",
         )
 
+    async def _bad_zone(self, page: Page, title: str) -> Response | None:
+        """The page of an unknown `tz`: the API's 400 naming tz, as the overview shows it (its
+        charts ask the API with the zone). Pages whose times are made here, not by the API,
+        ask the API's check (the zones both Python and the store know; ZoneInfo alone opens
+        any file under the zone folder: `right/UTC`, `localtime`)."""
+        store = page.request.app.state.watchllm.store
+        if page.tz == "UTC" or store is None:  # no store: the page's own API call says so
+            return None
+        try:
+            await api._zone(store, page.request)  # the analytics routes' own check
+        except Problem as exc:
+            return self._problem(page, exc, title)
+        return None
+
     # --- routes ---------------------------------------------------------------------------
 
     async def home(self, request: Request) -> Response:
@@ -426,6 +440,8 @@ class Dashboard:
         page = self._page(request)
         if not isinstance(page, Page):
             return page
+        if (bad := await self._bad_zone(page, "Requests")) is not None:
+            return bad
         qp = request.query_params
         period = qp.get("period") or "24h"
         filters = {name: qp.get(name, "") for name in EXPLORER_FILTERS}
@@ -470,6 +486,8 @@ class Dashboard:
         page = self._page(request)
         if not isinstance(page, Page):
             return page
+        if (bad := await self._bad_zone(page, "Event")) is not None:
+            return bad
         event_id = request.path_params["event_id"]
         try:
             detail = await self._api(page, api.event, {}, {"event_id": event_id})
@@ -517,6 +535,8 @@ class Dashboard:
         page = self._page(request)
         if not isinstance(page, Page):
             return page
+        if (bad := await self._bad_zone(page, "Runs")) is not None:
+            return bad
         qp = request.query_params
         period = qp.get("period") or "24h"
         try:
@@ -548,6 +568,8 @@ class Dashboard:
         page = self._page(request)
         if not isinstance(page, Page):
             return page
+        if (bad := await self._bad_zone(page, "Run")) is not None:
+            return bad
         run_id = request.path_params["run_id"]
         try:
             detail = await self._api(page, api.run, {}, {"run_id": run_id})
@@ -924,7 +946,8 @@ def waterfall(tree: list[dict[str, Any]]) -> list[Row]:
             Row(
                 depth=depth,
                 kind=node["kind"],
-                id=node["id"],
+                # An event's page is under its event id; a span's node id is its span id.
+                id=event["event_id"] if node["kind"] == "event" and event else node["id"],
                 name=label,
                 status=status,
                 timestamp=node.get("timestamp") or "",
