@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import os
+import stat
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +79,39 @@ def test_segments_roll_and_are_released(tmp_path: Path) -> None:
     assert first <= records[3].start and seq <= 3
     assert [r.payload for r in spool.read(records[3].start, 100)] == payloads(6)[3:]
     spool.close()
+
+
+@pytest.mark.parametrize("policy", ["always", "interval"])
+def test_a_roll_leaves_its_fsyncs_to_the_sync_thread(
+    policy: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Segments roll with no fsync on the event loop's thread (a folder's fsync took over
+    20 ms at times): the closed segment and the folder's new entry are fsynced by the next
+    sync, on its worker thread, before a record after the roll counts as durable."""
+    real_fsync = os.fsync
+    calls: list[tuple[bool, str]] = []  # (on the loop's thread, "dir" | "file")
+
+    def watched_fsync(fd: int) -> None:
+        kind = "dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"
+        calls.append((threading.current_thread() is threading.main_thread(), kind))
+        real_fsync(fd)
+
+    async def main() -> None:
+        spool = Spool(tmp_path, fsync=policy, segment_max_bytes=HEADER_SIZE * 3)  # type: ignore[arg-type]
+        monkeypatch.setattr(os, "fsync", watched_fsync)
+        closed_fd = spool._fd
+        records = [spool.write(p, 1) for p in payloads(4)]  # the third rolls
+        assert records[-1].start.segment == records[0].start.segment + 1
+        assert calls == []  # nothing fsynced yet, on any thread
+        assert spool._durable < records[0].end  # nor counted as durable
+        await spool.sync_to(records[-1].end)
+        assert spool._durable >= records[-1].end
+        assert sorted(calls) == [(False, "dir"), (False, "file"), (False, "file")]
+        with pytest.raises(OSError):
+            os.fstat(closed_fd)  # closed once on disk
+        spool.close()
+
+    anyio.run(main)
 
 
 def test_torn_tail_is_cut_and_start_goes_on(

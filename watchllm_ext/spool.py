@@ -190,7 +190,11 @@ class Spool:
         self._written = Position(self._active, self._sizes[self._active])
         self._durable = self._written
         self._syncing = False
-        self._retired_fds: list[int] = []
+        self._retired_fds: list[int] = []  # closed by the end of the fsync that uses them
+        # Segments closed by a roll and the folder's new entry, not on disk yet: the next
+        # fsync (sync_to's worker thread) covers them before it counts anything as durable.
+        self._unsynced_fds: list[int] = []
+        self._folder_unsynced = False
         self._released: list[Path] = []  # segment files to unlink (release(unlink=False))
         self._synced = anyio.Event()
         # Made by the first waiter only: an anyio.Event costs microseconds to make, and a
@@ -296,12 +300,18 @@ class Spool:
             self._syncing = True
             target = self._written
             fd = self._fd
+            closed, self._unsynced_fds = self._unsynced_fds, []
+            folder = self.segments_dir if self._folder_unsynced else None
+            self._folder_unsynced = False
             try:
-                await anyio.to_thread.run_sync(os.fsync, fd)
+                await anyio.to_thread.run_sync(self._sync_files, closed, folder, fd)
                 self.fsyncs_total += 1
                 self._last_sync = time.monotonic()
                 self._durable = max(self._durable, target)
             finally:
+                if self._durable < target:  # it failed: what it did not cover, the next one will
+                    self._unsynced_fds[:0] = closed
+                    self._folder_unsynced = self._folder_unsynced or folder is not None
                 self._syncing = False
                 while self._retired_fds:
                     os.close(self._retired_fds.pop())
@@ -313,28 +323,50 @@ class Spool:
             self._appended = anyio.Event()
         await self._appended.wait()
 
+    @staticmethod
+    def _sync_files(closed: list[int], folder: Path | None, fd: int) -> None:
+        """(On a worker thread.) fsync the segments a roll closed (closing each once it is on
+        disk; one that fails stays in `closed`), the folder's new entries, then `fd`."""
+        while closed:
+            os.fsync(closed[0])
+            os.close(closed.pop(0))
+        if folder is not None:
+            fsync_dir(folder)
+        os.fsync(fd)
+
     def _roll(self) -> None:
-        os.fsync(self._fd)  # a closed segment is complete on disk
-        if self._syncing:
-            self._retired_fds.append(self._fd)  # an fsync in a thread still uses it
+        """Start the next segment. The closed one's tail and the new file's name reach the disk
+        with the next fsync, on sync_to's worker thread, before any record after them counts
+        as durable: fsynced here, on the event loop, they stalled every request (a folder's
+        fsync waits for the file system's journal: 0.25 ms typically, over 20 ms at times)."""
+        if self.fsync == "never":
+            # No fsync is coming: the OS writes the closed segment back when it likes.
+            if self._syncing:
+                self._retired_fds.append(self._fd)  # an fsync in a thread still uses it
+            else:
+                os.close(self._fd)
         else:
-            os.close(self._fd)
+            self._unsynced_fds.append(self._fd)
+            self._folder_unsynced = True
         self._active += 1
         self._sizes[self._active] = 0
         self._fd = os.open(
             self.segments_dir / _segment_name(self._active),
             os.O_WRONLY | os.O_CREAT | os.O_APPEND,
         )
-        fsync_dir(self.segments_dir)
-        # Everything before the new segment is on disk now.
-        self._written = self._durable = Position(self._active, 0)
+        self._written = Position(self._active, 0)
         self.disk_full_since_roll = False
 
     def close(self) -> None:
+        while self._retired_fds:
+            os.close(self._retired_fds.pop())
         if self._fd >= 0:
-            os.fsync(self._fd)
+            folder = self.segments_dir if self._folder_unsynced else None
+            self._sync_files(self._unsynced_fds, folder, self._fd)
+            self._folder_unsynced = False
             os.close(self._fd)
             self._fd = -1
+            self._durable = self._written
 
     # --- reading ----------------------------------------------------------------------------
 
