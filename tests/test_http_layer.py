@@ -26,7 +26,9 @@ import pytest
 import uvicorn
 from conftest import free_port, make_settings, prompt_call
 
+from watchllm_ext import hookimpl
 from watchllm_ext.app import create_app
+from watchllm_ext.ingest import DETAILED_OFFLOAD_MIN_BYTES, OFFLOAD_MIN_BYTES
 from watchllm_ext.keys import KeyStore
 from watchllm_ext.serving import uvicorn_options
 
@@ -436,3 +438,48 @@ def test_two_authorization_headers_are_refused(served: Served, method: str, path
         }
     assert served.accepted() == 0
     assert served.request_count("unmatched", 400) >= 3
+
+
+# --- 8: an invalid batch's detailed answer is built off the event loop ----------------------
+
+
+class ValidationThreads:
+    """A validator plugin that notes the thread each event is validated on (every valid event
+    of a 207 reaches it)."""
+
+    def __init__(self) -> None:
+        self.threads: set[str] = set()
+
+    @hookimpl
+    def validate_event(self, event: Any, principal: Any) -> None:
+        self.threads.add(threading.current_thread().name)
+
+
+def _mixed_batch(n: int) -> bytes:
+    """`n` events, the first invalid: the fast validator declines the body."""
+    events: list[Any] = [{"event_type": 1}]
+    events += [{"event_type": "prompt_call", "run_id": "r", "model": "m"}] * (n - 1)
+    return json.dumps({"events": events}).encode()
+
+
+def test_an_invalid_batch_under_the_thread_threshold_is_answered_off_the_loop(
+    server_factory: Any,
+) -> None:
+    plugin = ValidationThreads()
+    server = server_factory(plugin_objects=(plugin,))
+    headers = {**server.headers(), "Content-Type": "application/json"}
+    small = _mixed_batch(3)
+    assert len(small) < DETAILED_OFFLOAD_MIN_BYTES
+    r = server.client.post("/v1/events/batch", content=small, headers=headers)
+    assert r.status_code == 207
+    assert plugin.threads and "AnyIO worker thread" not in plugin.threads  # on the loop
+    plugin.threads.clear()
+    big = _mixed_batch(1000)
+    assert DETAILED_OFFLOAD_MIN_BYTES <= len(big) < OFFLOAD_MIN_BYTES
+    for path in ("/v1/events/batch", "/v1/projects/acme/events"):
+        body = big if path.endswith("batch") else json.dumps(json.loads(big)["events"]).encode()
+        r = server.client.post(path, content=body, headers=headers)
+        assert r.status_code == 207 and r.json()["accepted"] == 999
+        assert r.json()["rejected"][0]["index"] == 0
+        assert plugin.threads == {"AnyIO worker thread"}
+

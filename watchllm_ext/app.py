@@ -39,6 +39,7 @@ from .errors import Problem, other_project, problem_handler, unauthorized
 from .fast_validate import decode_stored, encode_events
 from .hookspecs import BackgroundTask
 from .ingest import (
+    DETAILED_OFFLOAD_MIN_BYTES,
     MAX_REJECTIONS_LISTED,
     OFFLOAD_MIN_BYTES,
     IngestHeaders,
@@ -705,6 +706,11 @@ async def _project_events(
     events = await _cpu(off_loop, validate_sliced if off_loop else validate_fast, body, "events")
     if events is not None:
         return await _ingest_fast(wl, principal, events, slot, received_at)
+    if not off_loop and len(body) >= DETAILED_OFFLOAD_MIN_BYTES:
+        # Declined by the fast validator: the detailed answer costs up to ~10x (ingest.py),
+        # so it is a big body's work, on a worker thread in a big body's place.
+        async with _BigBodySlot(wl) as big:
+            return await _project_events(wl, principal, body, big, received_at)
     payload = await _cpu(off_loop, parse_json, body)
     if isinstance(payload, dict):
         items = [payload]
@@ -743,6 +749,11 @@ async def _batch_events(
     events = await _cpu(off_loop, validate_sliced if off_loop else validate_fast, body, "batch")
     if events is not None:
         return await _ingest_fast(wl, principal, events, slot, received_at)
+    if not off_loop and len(body) >= DETAILED_OFFLOAD_MIN_BYTES:
+        # Declined by the fast validator: the detailed answer costs up to ~10x (ingest.py),
+        # so it is a big body's work, on a worker thread in a big body's place.
+        async with _BigBodySlot(wl) as big:
+            return await _batch_events(wl, principal, body, big, received_at)
     payload = await _cpu(off_loop, parse_json, body)
     if not isinstance(payload, dict):
         raise Problem(422, "bad_body", 'the body must be an object {"events": [...]}', field="body")

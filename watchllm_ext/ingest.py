@@ -50,6 +50,10 @@ _BRANCH_LABELS = {"str", "int", "float", "bool", "list", "dict", "none", "json-o
 # Bodies at least this big are validated and encoded on a worker thread (app.py): a thread hop
 # costs about 80 us, while 64 KiB of events take about 3 ms of validation.
 OFFLOAD_MIN_BYTES = 64 * 1024
+# ... but only valid events: a body the fast validator declines gets pydantic's per-event
+# answer, up to ~10x the cost (64 KB of invalid events: 25-48 ms). From this size on, that
+# answer is built on a worker thread too (app.py), so the event loop never waits ~3 ms for it.
+DETAILED_OFFLOAD_MIN_BYTES = 4 * 1024
 # pydantic-core holds the GIL for a whole call, so a worker thread only lets the event loop
 # run between calls: big bodies are validated in slices of about this many bytes (~5 ms each)
 # or events, never in one call of hundreds of milliseconds.
