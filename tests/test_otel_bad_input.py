@@ -78,9 +78,8 @@ def kv(key: str, value: Any) -> KeyValue:
 
 
 def span_id(trace: bytes, n: int) -> bytes:
-    """Span n of a trace: ids differ between traces, as real SDKs' random ids do (the store
-    keeps one event per event id = span id in a project; see
-    test_the_same_span_id_in_two_traces_keeps_both_events)."""
+    """Span n of a trace: ids differ between traces, as real SDKs' random ids do (the same
+    span id in two traces: test_the_same_span_id_in_two_traces_keeps_both_events)."""
     return trace[:4] + n.to_bytes(4, "big")
 
 
@@ -406,11 +405,6 @@ def test_a_key_of_another_project_stores_there_not_here(server: Running) -> None
     assert r.status_code == 404
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limitation (lead, 03:50): event_id = span id as issue 11 says, so a span id"
-    " reused in another trace loses that trace's event; G-findings.md 1",
-)
 def test_the_same_span_id_in_two_traces_keeps_both_events(server: Running) -> None:
     """A span id is unique only within its trace (the OTLP spec); a client with
     deterministic ids (tests, replays, some SDKs' id generators) reuses them across traces.
@@ -422,21 +416,79 @@ def test_the_same_span_id_in_two_traces_keeps_both_events(server: Running) -> No
     settle(server)
     assert stored(server, first) == (1, 1)
     assert stored(server, second) == (1, 1), "the second trace's event was taken for a copy"
+    for trace in (first, second):
+        assert event_ids(server, trace) == [f"{trace.hex()}-{same.hex()}"]
+        # Its run shows it: one event node, its span beside it, the tokens counted.
+        tree = run_tree(server, trace)
+        assert [(n["kind"], n["id"]) for n in tree["tree"]] == [("event", same.hex())]
+        assert tree["run"]["event_count"] == 1 and tree["run"]["tokens_input"] == 10
+
+
+def event_ids(server: Running, trace: bytes) -> list[str]:
+    rows = server.query(
+        "SELECT event_id FROM events FINAL WHERE run_id = {t:String} ORDER BY event_id",
+        {"t": trace.hex()},
+    )
+    return [r["event_id"] for r in rows]
+
+
+def run_tree(server: Running, trace: bytes) -> dict[str, Any]:
+    r = server.client.get(f"/v1/analytics/runs/{trace.hex()}", headers=server.headers())
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def post_json_event(server: Running, event_id: str, run_id: str) -> None:
+    event = {
+        "event_id": event_id,
+        "event_type": "prompt_call",
+        "run_id": run_id,
+        "model": "gpt-4o-mini",
+        "tokens_input": 7,
+    }
+    r = server.client.post("/v1/events/batch", json={"events": [event]}, headers=server.headers())
+    assert r.status_code == 202 and r.json()["accepted"] == 1, r.text
+
+
+@pytest.mark.parametrize("span_first", [False, True], ids=["json-event-first", "span-first"])
+def test_a_json_event_with_a_span_id_as_its_id_keeps_both(
+    server: Running, span_first: bool
+) -> None:
+    """A JSON event whose id is the 16 hex digits of a span id (either sent first) and the
+    LLM span: both answered 2xx, so both events are stored (the span's event is named by
+    trace and span id)."""
+    trace = new_trace()
+    sid = os.urandom(8)
+    json_run = f"json-run-{trace.hex()[:8]}"
+    if not span_first:
+        post_json_event(server, sid.hex(), json_run)
+    assert send(server, export(otel_span(trace, 1, llm=True, span_id=sid))).status == 200
+    if span_first:
+        post_json_event(server, sid.hex(), json_run)
+    settle(server)
+    assert stored(server, trace) == (1, 1)
+    assert event_ids(server, trace) == [f"{trace.hex()}-{sid.hex()}"]
+    rows = server.query(
+        "SELECT event_id, model FROM events FINAL WHERE run_id = {r:String}", {"r": json_run}
+    )
+    assert rows == [{"event_id": sid.hex(), "model": "gpt-4o-mini"}]
 
 
 # --- span by span: 200 with partial_success, the good spans stored ----------------------------
 
 
-def deep_value_bytes(depth: int) -> bytes:
-    """An AnyValue nested `depth` levels (kvlist in array in kvlist ...), as protobuf bytes
-    built from the inside out: the generated classes would recurse that deep to build it."""
+def deep_value_bytes(depth: int, kind: str = "mixed") -> bytes:
+    """An AnyValue nested `depth` levels (mixed: kvlist in array in kvlist ...; or arrays
+    only, or kvlists only), as protobuf bytes built from the inside out: the generated
+    classes would recurse that deep to build it."""
 
     def field(number: int, payload: bytes) -> bytes:
         return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
     value = field(1, b"leaf")  # AnyValue{string_value}
     for level in range(depth):
-        if level % 2:  # AnyValue{array_value: ArrayValue{values: [value]}}
+        if kind == "array" or (kind == "mixed" and level % 2):
+            # AnyValue{array_value: ArrayValue{values: [value]}}
             value = field(5, field(1, value))
         else:  # AnyValue{kvlist_value: KeyValueList{values: [KeyValue{key, value}]}}
             value = field(6, field(1, field(1, b"k") + field(2, value)))
@@ -455,9 +507,9 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def with_deep_attribute(span: Span, depth: int) -> bytes:
+def with_deep_attribute(span: Span, depth: int, kind: str = "mixed") -> bytes:
     """A request holding `span` plus a good span, `span` carrying a deep attribute value."""
-    deep = deep_value_bytes(depth)
+    deep = deep_value_bytes(depth, kind)
     # KeyValue{key: "deep", value: <deep>} appended to the span's own bytes (field 9).
     attribute = b"\x0a\x04deep" + b"\x12" + _varint(len(deep)) + deep
     span_bytes = span.SerializeToString() + b"\x4a" + _varint(len(attribute)) + attribute
@@ -515,7 +567,7 @@ def test_bad_spans_are_rejected_and_named_the_good_one_stored(
         (row,) = server.query(
             "SELECT event_id FROM events FINAL WHERE run_id = {t:String}", {"t": trace.hex()}
         )
-        assert row["event_id"] == span_id(trace, 7).hex()
+        assert row["event_id"] == f"{trace.hex()}-{span_id(trace, 7).hex()}"
 
 
 @pytest.mark.parametrize("as_json", [False, True], ids=["protobuf", "json"])
@@ -574,6 +626,61 @@ def test_deeply_nested_json_values(server: Running, depth: int) -> None:
     deep_value_refused(server, trace, answer)
 
 
+def nested_value(depth: int, kind: str) -> dict[str, Any]:
+    """deep_value_bytes' value in protobuf's JSON form."""
+    value: dict[str, Any] = {"stringValue": "leaf"}
+    for level in range(depth):
+        if kind == "array" or (kind == "mixed" and level % 2):
+            value = {"arrayValue": {"values": [value]}}
+        else:
+            value = {"kvlistValue": {"values": [{"key": "k", "value": value}]}}
+    return value
+
+
+# Where the per-span limit (16 levels) gives way to the parsers' own: protobuf's (upb) and
+# json_format's limit of 100 nested messages. A span attribute's value sits 6 messages deep
+# (request, resourceSpans, scopeSpans, span, key-value, value); an array level adds 2, a
+# key-value-list level 3: 47 array levels are 100 messages, 31 kvlist levels 99
+# (docs/OPENTELEMETRY.md, "Deep values").
+@pytest.mark.parametrize("as_json", [False, True], ids=["protobuf", "json"])
+@pytest.mark.parametrize(
+    ("kind", "depth", "status"),
+    [
+        ("array", 16, 200),
+        ("array", 17, 200),
+        ("array", 47, 200),
+        ("array", 48, 400),
+        ("kvlist", 16, 200),
+        ("kvlist", 31, 200),
+        ("kvlist", 32, 400),
+    ],
+)
+def test_the_depth_at_which_the_whole_body_is_refused(
+    server: Running, kind: str, depth: int, status: int, as_json: bool
+) -> None:
+    trace = new_trace()
+    deep = otel_span(trace, 3, llm=True)
+    if as_json:
+        doc = to_json(export(deep, otel_span(trace, 7, llm=True)))
+        attributes = doc["resourceSpans"][0]["scopeSpans"][0]["spans"][0]["attributes"]
+        attributes.append({"key": "deep", "value": nested_value(depth, kind)})
+        answer = post(server, json.dumps(doc).encode(), content_type=JSON)
+    else:
+        answer = post(server, with_deep_attribute(deep, depth, kind))
+    assert answer.status == status, (kind, depth, answer)
+    if status == 400:
+        assert "body" in answer.message, answer
+        expected = (0, 0)
+    elif depth <= 16:
+        assert answer.rejected_spans == 0, answer
+        expected = (2, 2)
+    else:
+        assert answer.rejected_spans == 1 and "nested deeper than 16" in answer.message, answer
+        expected = (1, 1)
+    settle(server)
+    assert stored(server, trace) == expected
+
+
 # --- OTLP JSON with wrong types -----------------------------------------------------------------
 
 
@@ -630,9 +737,10 @@ def test_json_with_wrong_types_is_refused(server: Running, name: str, change: An
 
 
 def test_json_times_as_whole_floats_are_read(server: Running) -> None:
-    # JSON has one number type: 1.7673230455e18 is the whole number 1767323045500000000.
+    # JSON has one number type: 1.7673230455e18 is the whole number 1767323045500000000
+    # (the end, half a second after T0: after the span's start, T0 + 2 ms).
     trace = new_trace()
-    change = _set("startTimeUnixNano", 1.7673230455e18)
+    change = _set("endTimeUnixNano", 1.7673230455e18)
     assert post(server, json_case(trace, change), content_type=JSON).status == 200
     settle(server)
     assert stored(server, trace) == (2, 1)
@@ -781,4 +889,6 @@ def test_mutated_protobuf_never_fails_the_server(server: Running) -> None:
         "SELECT run_id, event_id FROM events FINAL WHERE run_id IN {t:Array(String)}",
         {"t": traces},
     )
-    assert {(e["run_id"], e["event_id"]) for e in events} <= in_store
+    # (an event's id is "<trace>-<span>": otel/ids.py)
+    assert {tuple(e["event_id"].split("-")) for e in events} <= in_store
+    assert all(e["event_id"].startswith(e["run_id"] + "-") for e in events)

@@ -150,7 +150,8 @@ def test_sdk_span_converts_with_every_part(
     # The converted span maps like a decoded one: a plain failed span is an error event.
     mapped = map_span(span)
     assert mapped.event is not None and mapped.event["event_type"] == "error"
-    assert mapped.event["run_id"] == span.trace_id and mapped.event["event_id"] == span.span_id
+    assert mapped.event["run_id"] == span.trace_id
+    assert mapped.event["event_id"] == f"{span.trace_id}-{span.span_id}"
     assert mapped.row.attributes["raw"] == span.attributes["raw"]
 
 
@@ -457,7 +458,10 @@ def test_instrumented_openai_client(
         assert (event["tokens_input"], event["tokens_output"]) == (5, 5)
         assert event["latency_ms"] > 0 and event["status"] == "success"
         assert event["cost_usd"] > 0 and event["cost_source"] == "computed"
-        assert event["parent_event_id"] == top["id"] and event["run_id"] == trace_id
+        # Tree nodes are named by span id; event ids by trace and span id.
+        assert call["parent_id"] == top["id"] == top["span"]["span_id"]
+        assert event["parent_event_id"] == f"{trace_id}-{top['id']}"
+        assert event["event_id"] == f"{trace_id}-{call['id']}" and event["run_id"] == trace_id
         full = server.client.get(
             f"/v1/analytics/event/{event['event_id']}", headers=server.headers()
         ).json()["event"]

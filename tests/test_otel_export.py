@@ -722,7 +722,9 @@ def test_round_trip_into_a_second_watchllm(server_factory: Any, tmp_path: Path) 
             {"t": chat["trace_id"]},
         )
         assert len(from_spans) == 2  # the chat span and the failed one
-        ids = [e["event_id"] for e in ROUND_TRIP_EVENTS] + [r["span_id"] for r in from_spans]
+        ids = [e["event_id"] for e in ROUND_TRIP_EVENTS] + [
+            f"{chat['trace_id']}-{r['span_id']}" for r in from_spans
+        ]
         assert second.query("SELECT count() AS n FROM events FINAL")[0]["n"] == len(ids)
         for event_id in ids:
             one = get(first.url, f"/v1/analytics/event/{event_id}", key)

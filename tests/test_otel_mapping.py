@@ -70,10 +70,11 @@ def test_genai_chat_span_with_current_keys() -> None:
     event = mapped.event
     assert event is not None
     assert event["event_type"] == "prompt_call"
+    # Span ids are unique only within their trace: the event ids name both (ids.py).
     assert (event["event_id"], event["run_id"], event["parent_event_id"]) == (
-        "b7ad6b7169203331",
+        f"{TRACE}-b7ad6b7169203331",
         TRACE,
-        "00f067aa0ba902b7",
+        f"{TRACE}-00f067aa0ba902b7",
     )
     assert event["timestamp"] == datetime(2026, 1, 1, tzinfo=UTC)
     assert event["latency_ms"] == 1500.0
@@ -393,8 +394,8 @@ def test_the_forwarded_rule_comes_first_and_needs_a_contract_type() -> None:
     assert event is not None and event["event_type"] == "assertion_failed"
     assert (event["expected"], event["actual"]) == ("a string, as JSON", "{not json")
     # Without watchllm.event_id / run_id the span's own ids are the event's.
-    assert (event["event_id"], event["run_id"]) == ("b7ad6b7169203331", TRACE)
-    assert event["parent_event_id"] == "00f067aa0ba902b7"
+    assert (event["event_id"], event["run_id"]) == (f"{TRACE}-b7ad6b7169203331", TRACE)
+    assert event["parent_event_id"] == f"{TRACE}-00f067aa0ba902b7"
     # An unknown type is no forwarded event: the other rules apply.
     bogus = map_span(span(attributes={"watchllm.event_type": "bogus"}, status_code="error"))
     assert bogus.event is not None and bogus.event["event_type"] == "error"

@@ -136,8 +136,9 @@ def test_real_exporter_stores_spans_and_events(server: Running, compression: Any
     events = {e["event_type"]: e for e in stored_events(server)}
     assert set(events) == {"prompt_call", "tool_call", "error"}
     prompt = events["prompt_call"]
-    assert prompt["event_id"] == chat["span_id"] and prompt["run_id"] == chat["trace_id"]
-    assert prompt["parent_event_id"] == root["span_id"]
+    assert prompt["event_id"] == f"{chat['trace_id']}-{chat['span_id']}"
+    assert prompt["run_id"] == chat["trace_id"]
+    assert prompt["parent_event_id"] == f"{chat['trace_id']}-{root['span_id']}"
     assert prompt["model"] == "gpt-4o-mini-2024-07-18" and prompt["provider"] == "openai"
     assert (prompt["tokens_input"], prompt["tokens_output"]) == (120, 30)
     assert prompt["cost_estimate_usd"] and prompt["cost_estimate_usd"] > 0  # price tables

@@ -196,6 +196,50 @@ def test_the_tree_is_the_trace_as_sent(server: Running) -> None:
     assert got["run"]["event_count"] == 2 and got["run"]["tokens_input"] == 100
 
 
+def test_events_named_by_trace_and_span_id_pair_with_their_spans(server: Running) -> None:
+    """Mapping version 3 names a span's event `<trace>-<span>` (otel/ids.py): the tree is the
+    same as for the older events named by the span id alone (the test above); nodes keep the
+    span ids, each event keeps its own id. An SDK event sent as JSON under the LLM span's
+    event hangs under its node; a JSON event whose id is a span id does not take that span."""
+    spans, events = an_agent_trace()
+    for event in events:
+        event["event_id"] = f"{TRACE}-{event['event_id']}"
+        event["parent_event_id"] = f"{TRACE}-{event['parent_event_id']}"
+    note = prompt_call(
+        "sdk-note", run_id=TRACE, parent_event_id=f"{TRACE}-{LLM}", timestamp=iso_ms(405)
+    )
+    # The id of the DB span (not LLM work): a JSON event that happens to have it.
+    stray = prompt_call(DB, run_id=TRACE, timestamp=iso_ms(860))
+    store_spans(server, spans)
+    post_events(server, [*events, note, stray])
+    got = tree(server)
+    assert shape(got["tree"]) == [
+        (
+            "span",
+            ROOT,
+            [
+                (
+                    "span",
+                    AGENT,
+                    [("event", LLM, [("event", "sdk-note", []), ("event", TOOL, [])])],
+                ),
+                ("span", DB, []),
+            ],
+        ),
+        ("event", DB, []),  # no parent: a root, beside the span whose id it has
+    ]
+    llm = got["tree"][0]["children"][0]["children"][0]
+    assert llm["event"]["event_id"] == f"{TRACE}-{LLM}" and llm["parent_id"] == AGENT
+    assert llm["span"]["span_id"] == LLM and llm["span"]["name"] == "chat gpt-4o"
+    sdk_note, tool = llm["children"]
+    assert sdk_note["span"] is None and sdk_note["parent_id"] == LLM
+    assert tool["event"]["event_id"] == f"{TRACE}-{TOOL}" and tool["span"]["span_id"] == TOOL
+    db_span, db_event = got["tree"][0]["children"][1], got["tree"][1]
+    assert db_span["event"] is None and db_span["span"]["name"] == "SELECT orders"
+    assert db_event["span"] is None and db_event["event"]["event_id"] == DB
+    assert got["run"]["event_count"] == 4 and got["span_count"] == 5
+
+
 def test_a_trace_with_no_llm_span_is_a_run(server: Running) -> None:
     store_spans(
         server,

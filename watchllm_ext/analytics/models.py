@@ -198,8 +198,15 @@ class TreeNode(_Answer):
         description="`event`: a stored event (with `span` too when it came as an OpenTelemetry"
         " span); `span`: a span that is not LLM work, kept only as a span"
     )
-    id: str = Field(description="the event id; for a span, its span id")
-    parent_id: str | None
+    id: str = Field(
+        description="the span id for a node with a span (an OpenTelemetry span, also when it"
+        " became an event: its event id is event.event_id); the event id for an event sent"
+        " as JSON"
+    )
+    parent_id: str | None = Field(
+        description="the parent node's id: a parent span id, or a JSON event's"
+        " parent_event_id (the span id when that names a span's event, `<trace>-<span>`)"
+    )
     timestamp: str | None
     event: EventSummary | None = None
     span: SpanSummary | None = None

@@ -20,6 +20,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ..errors import Problem
+from ..otel.ids import span_part
 from ..schema import EVENT_TYPES, Status
 from ..store import Store
 from ..store.rows import FORMAT_JSON_MESSAGES, FORMAT_LEGACY, read_json
@@ -563,18 +564,22 @@ MAX_TREE_NODES = Q.MAX_TREE_NODES
 def _tree(nodes: list[TreeNode]) -> list[TreeNode]:
     """Nest nodes under their parent (events by parent_event_id, spans by parent span);
     a node whose parent is not in the run, or whose parents loop back to it, is a root.
-    Input and output in time order."""
-    by_id = {n.id: n for n in nodes}
-    parent: dict[str, str | None] = {}
-    for node in nodes:
+    Input and output in time order. Nodes are told apart by position, not id: a JSON event
+    may have a span's id, and then a child naming that id hangs under the span."""
+    by_id: dict[str, int] = {}
+    for i, node in enumerate(nodes):
+        if node.id not in by_id or (node.span is not None and nodes[by_id[node.id]].span is None):
+            by_id[node.id] = i
+    parent: list[int | None] = []
+    for i, node in enumerate(nodes):
         up = by_id.get(node.parent_id) if node.parent_id else None
-        parent[node.id] = up.id if up is not None and up is not node else None
-    depth: dict[str, int] = {}
-    for node in nodes:
+        parent.append(up if up != i else None)
+    depth: dict[int, int] = {}
+    for i in range(len(nodes)):
         while True:  # walk up to a known depth or a root; cut a loop where it closes
-            path: list[str] = []
-            on_path: set[str] = set()
-            cur: str | None = node.id
+            path: list[int] = []
+            on_path: set[int] = set()
+            cur: int | None = i
             while cur is not None and cur not in depth and cur not in on_path:
                 path.append(cur)
                 on_path.add(cur)
@@ -583,21 +588,21 @@ def _tree(nodes: list[TreeNode]) -> list[TreeNode]:
                 parent[cur] = None
                 continue
             base = depth[cur] if cur is not None else -1
-            for i, name in enumerate(reversed(path), start=1):
-                depth[name] = base + i
+            for n, at in enumerate(reversed(path), start=1):
+                depth[at] = base + n
             break
-    host: dict[str, str] = {}  # where a node too deep hangs: its ancestor at MAX_TREE_DEPTH - 1
+    host: dict[int, int] = {}  # where a node too deep hangs: its ancestor at MAX_TREE_DEPTH - 1
+    for i in sorted(range(len(nodes)), key=depth.__getitem__):
+        up = parent[i]
+        if up is not None and depth[i] >= MAX_TREE_DEPTH:
+            host[i] = host.get(up, up)
     roots = []
-    for node in sorted(nodes, key=lambda n: depth[n.id]):
-        up = parent[node.id]
-        if up is not None and depth[node.id] >= MAX_TREE_DEPTH:
-            host[node.id] = host.get(up, up)
-    for node in nodes:
-        up = parent[node.id]
+    for i, node in enumerate(nodes):
+        up = parent[i]
         if up is None:
             roots.append(node)
         else:
-            by_id[host.get(node.id, up)].children.append(node)
+            nodes[host.get(i, up)].children.append(node)
     return roots
 
 
@@ -668,6 +673,46 @@ def _spanning(figures: Run, span_figures: dict[str, Any]) -> Run:
     )
 
 
+def _pair_spans(
+    events: list[dict[str, Any]], span_of: dict[str, SpanSummary], run_id: str
+) -> dict[str, SpanSummary]:
+    """Each event that came as a span of this trace, with its span, taken out of `span_of`.
+    An LLM span's event is named `<trace id>-<span id>` (otel/ids.py, mapping version 3);
+    one stored before version 3 has the span id alone, and pairs only with a span that
+    became an event of its type, after the others: a JSON event whose id happens to equal a
+    span id never takes that span."""
+    paired: dict[str, SpanSummary] = {}
+    for e in events:
+        key = span_part(e["event_id"], run_id)
+        if key is not None and key in span_of:
+            paired[e["event_id"]] = span_of.pop(key)
+    for e in events:
+        old = span_of.get(e["event_id"])
+        if e["event_id"] not in paired and old is not None and old.event_type == e["event_type"]:
+            paired[e["event_id"]] = span_of.pop(e["event_id"])
+    return paired
+
+
+def _event_node(e: dict[str, Any], span: SpanSummary | None, run_id: str) -> TreeNode:
+    """An event's node. Nodes of a trace are named by span id, so that events and spans link
+    alike: an event with its span takes the span's ids; a JSON event's parent that is a span's
+    event (`<trace>-<span>`) is that span's node."""
+    if span is not None:
+        node_id, parent = span.span_id, span.parent_span_id
+    else:
+        node_id, parent = e["event_id"], e.get("parent_event_id")
+        if parent:
+            parent = span_part(parent, run_id) or parent
+    return TreeNode(
+        kind="event",
+        id=node_id,
+        parent_id=parent,
+        timestamp=_iso(e["ts"]),
+        event=_event_row({**e, "run_id": run_id}),
+        span=span,
+    )
+
+
 async def run(request: Request) -> Response:
     """GET /v1/analytics/runs/{run_id}: the run's events and, for a run that came as an
     OpenTelemetry trace, its spans that are not events, nested as sent."""
@@ -693,17 +738,8 @@ async def run(request: Request) -> Response:
 
     def build() -> RunDetail:
         span_of = {s["span_id"]: _span_row(s) for s in spans}
-        nodes = [
-            TreeNode(
-                kind="event",
-                id=e["event_id"],
-                parent_id=e.get("parent_event_id"),
-                timestamp=_iso(e["ts"]),
-                event=_event_row({**e, "run_id": run_id}),
-                span=span_of.pop(e["event_id"], None),  # an LLM span: its event, with it
-            )
-            for e in events
-        ]
+        span_of_event = _pair_spans(events, span_of, run_id)
+        nodes = [_event_node(e, span_of_event.get(e["event_id"]), run_id) for e in events]
         nodes += [
             TreeNode(
                 kind="span",

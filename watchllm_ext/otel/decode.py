@@ -6,8 +6,9 @@ ids are turned into base64 and the document parsed into the same classes by prot
 `json_format`, so both encodings meet in one converter.
 
 A body that does not parse is refused whole (400). Past that, each span is checked on its
-own: a bad span (wrong id lengths, too many attributes, a value nested too deep) is rejected
-and named in the answer's `partial_success`, and the others go on.
+own: a bad span (wrong id lengths, too many attributes, a value nested too deep, times
+outside the events' range: ids.time_problem) is rejected and named in the answer's
+`partial_success`, and the others go on.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from ..errors import Problem
+from .ids import time_problem, times_ok
 from .mapping import Span, SpanEvent
 
 # Bounds on one span (OpenTelemetry's SDK keeps 128 attributes, events and links by default).
@@ -224,6 +226,10 @@ def _span(span: Any, resource: dict[str, Any], scope_name: str, scope_version: s
         raise BadSpan(f"{len(events)} events, over the limit of {MAX_EVENTS}")
     if len(links) > MAX_LINKS:
         raise BadSpan(f"{len(links)} links, over the limit of {MAX_LINKS}")
+    # Times the events' range cannot hold are refused, never moved (ids.py).
+    start, end = span.start_time_unix_nano, span.end_time_unix_nano
+    if not times_ok(start, end):
+        raise BadSpan(time_problem(start, end) or "bad times")
     status = span.status
     kind = span.kind
     code = status.code
@@ -232,8 +238,8 @@ def _span(span: Any, resource: dict[str, Any], scope_name: str, scope_version: s
         trace_id=trace_hex,
         span_id=span_hex,
         name=span.name,
-        start_unix_nano=span.start_time_unix_nano,
-        end_unix_nano=span.end_time_unix_nano,
+        start_unix_nano=start,
+        end_unix_nano=end,
         parent_span_id=parent_id,
         kind=KINDS[kind] if 0 <= kind < len(KINDS) else "unspecified",
         status_code=STATUSES[code] if 0 <= code < len(STATUSES) else "unset",

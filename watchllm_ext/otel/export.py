@@ -56,6 +56,7 @@ from ..hookspecs import hookimpl
 from ..schema import MODELS_BY_TYPE
 from ..settings import Settings
 from ..writer import SinkError
+from .ids import span_part
 from .mapping import (
     FORWARDED_GENAI_KEYS,
     FORWARDED_JSON_FIELDS,
@@ -106,6 +107,13 @@ def hex_id(value: str, size: int) -> str:
     return blake2b(value.encode(), digest_size=size).hexdigest()
 
 
+def span_hex(event_id: str, trace_hex: str) -> str:
+    """The span id of an event id within trace `trace_hex`: the span part of a
+    `<trace>-<span>` id of that trace (ids.py: an OTel span's event, or a parent that is one),
+    else hex_id's."""
+    return span_part(event_id, trace_hex) or hex_id(event_id, 8)
+
+
 def came_from_span(event: Any) -> bool:
     metadata = getattr(event, "metadata", None)
     return isinstance(metadata, dict) and "otel.mapping_version" in metadata
@@ -153,10 +161,11 @@ def event_span(event: Any) -> PbSpan:
     end = start + (round(latency * 1e6) if isinstance(latency, int | float) else 0)
     failed = event_type == "error" or fields.get("status") in ("error", "timeout")
     message = fields.get("error_message") if failed else None
+    trace = hex_id(event.run_id, 16)
     span = PbSpan(
-        trace_id=bytes.fromhex(hex_id(event.run_id, 16)),
-        span_id=bytes.fromhex(hex_id(event.event_id, 8)),
-        parent_span_id=bytes.fromhex(hex_id(parent, 8)) if parent else b"",
+        trace_id=bytes.fromhex(trace),
+        span_id=bytes.fromhex(span_hex(event.event_id, trace)),
+        parent_span_id=bytes.fromhex(span_hex(parent, trace)) if parent else b"",
         name=_span_name(event_type, fields),
         kind=KINDS["client"] if event_type == "prompt_call" else KINDS["internal"],
         start_time_unix_nano=start,

@@ -44,8 +44,9 @@ from .decode import (
     MAX_VALUE_DEPTH,
     BadSpan,
 )
+from .ids import time_problem, times_ok
 from .ingest import ingest_spans
-from .mapping import Span, SpanEvent
+from .mapping import Span, SpanEvent, attribute_texts
 
 log = logging.getLogger("watchllm.otel.exporter")
 
@@ -82,8 +83,12 @@ def to_span(span: ReadableSpan, resources: dict[int, dict[str, Any]] | None = No
     if context is None:
         raise BadSpan("the span has no span context")
     parent = span.parent
+    # Unset times are 0, as the SDK's OTLP encoder sends them; times the events' range cannot
+    # hold are refused as the receiver refuses them (ids.py), never moved.
     start = span.start_time or 0
-    end = span.end_time if span.end_time is not None else start
+    end = span.end_time or 0
+    if not times_ok(start, end):
+        raise BadSpan(time_problem(start, end) or "bad times")
     status = span.status
     scope = span.instrumentation_scope
     events, links = span.events, span.links  # each a copy made under the span's lock
@@ -102,7 +107,8 @@ def to_span(span: ReadableSpan, resources: dict[int, dict[str, Any]] | None = No
         kind=_KINDS.get(span.kind, "unspecified"),
         status_code=_STATUSES.get(status.status_code, "unset"),
         status_message=status.description or "",
-        attributes=attributes(span.attributes, "attributes"),
+        attributes=(attrs := attributes(span.attributes, "attributes")),
+        attribute_texts=attribute_texts(attrs),
         resource=_resource(span, resources),
         scope_name=scope.name if scope is not None else "",
         scope_version=(scope.version or "") if scope is not None else "",

@@ -38,9 +38,12 @@ from ..schema import (
     MAX_TOKENS,
     MODELS_BY_TYPE,
 )
+from .ids import event_id_of
 from .rows import SpanRow
 
-MAPPING_VERSION = 2  # 2: forwarded WatchLLM events (watchllm.event_type) come back as sent
+# 2: forwarded WatchLLM events (watchllm.event_type) come back as sent; 3: event ids are
+# "<trace id>-<span id>" (ids.py), no longer the span id alone (unique only in its trace)
+MAPPING_VERSION = 3
 
 # The event keeps what no rule read (the `spans` row keeps everything): at most this many
 # attributes, each value cut to this many characters of JSON, so the event stays valid.
@@ -347,14 +350,14 @@ def _attribute_texts(span: Span) -> dict[str, str]:
 def _common(span: Span, event_type: str, used: set[str], start: datetime) -> dict[str, Any]:
     event: dict[str, Any] = {
         "event_type": event_type,
-        "event_id": span.span_id,
+        "event_id": event_id_of(span.trace_id, span.span_id),
         "run_id": span.trace_id,
         # The row's start time, as a datetime: the JSON encoder writes it as RFC 3339 (Z) in
         # C, where isoformat() took ~2 us; the validators read both forms alike.
         "timestamp": start,
     }
     if span.parent_span_id:
-        event["parent_event_id"] = span.parent_span_id
+        event["parent_event_id"] = event_id_of(span.trace_id, span.parent_span_id)
     _put(event, "user_id", _short(_first_text(span.attributes, USER_KEYS, used)))
     _put(event, "session_id", _short(_first_text(span.attributes, SESSION_KEYS, used)))
     resource = _resource_facts(span.resource)
@@ -502,11 +505,14 @@ def forwarded_event(span: Span) -> dict[str, Any] | None:
         return None
     event: dict[str, Any] = {
         "event_type": event_type,
-        "event_id": _forwarded_text(attrs.get("watchllm.event_id")) or span.span_id,
+        "event_id": _forwarded_text(attrs.get("watchllm.event_id"))
+        or event_id_of(span.trace_id, span.span_id),
         "run_id": _forwarded_text(attrs.get("watchllm.run_id")) or span.trace_id,
         "timestamp": _datetime(span.start_unix_nano),
     }
-    parent = _forwarded_text(attrs.get("watchllm.parent_event_id")) or span.parent_span_id
+    parent = _forwarded_text(attrs.get("watchllm.parent_event_id"))
+    if not parent and span.parent_span_id:
+        parent = event_id_of(span.trace_id, span.parent_span_id)
     if parent:
         event["parent_event_id"] = parent
     text_fields = _text_fields(event_type)
@@ -852,8 +858,8 @@ def _tool_name_from_span(name: str) -> str:
 
 
 def _datetime(unix_nano: int) -> datetime:
-    # Clamped into the contract's window (1970 to 2100): a span with a zero or absurd time
-    # from a broken clock is still stored, at the nearest time the tables can hold.
+    # Spans with times outside the contract's window (1970 to 2100) are refused before this
+    # (ids.time_problem); the clamp only keeps a direct caller's span from raising here.
     if not 0 <= unix_nano <= _MAX_NS:
         unix_nano = min(max(unix_nano, 0), _MAX_NS)
     # Positional microseconds: timedelta normalises them itself, faster than divmod first.
