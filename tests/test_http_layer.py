@@ -483,3 +483,30 @@ def test_an_invalid_batch_under_the_thread_threshold_is_answered_off_the_loop(
         assert r.json()["rejected"][0]["index"] == 0
         assert plugin.threads == {"AnyIO worker thread"}
 
+
+# --- 10: a batch bigger than the whole spool -------------------------------------------------
+
+
+def test_a_batch_bigger_than_the_spool_gets_413_not_503(
+    server_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    cap = 64 * 1024
+    with caplog.at_level(logging.WARNING, logger="watchllm.settings"):
+        server = server_factory(spool_max_bytes=cap, flush_interval_s=5.0)
+    warned = [r.getMessage() for r in caplog.records if r.name == "watchllm.settings"]
+    expected = "spool_max_bytes (65536) is smaller than max_decompressed_bytes"
+    assert any(expected in w for w in warned)
+    headers = {**server.headers(), "Content-Type": "application/json"}
+    one = {"event_type": "prompt_call", "run_id": "r", "model": "m"}
+    # ~290 bytes an event in the spool: 300 make ~87 KB from an 18 KB body; 2,000 a big body.
+    for n in (300, 2000):
+        body = json.dumps({"events": [one] * n}).encode()
+        r = server.client.post("/v1/events/batch", content=body, headers=headers)
+        assert r.status_code == 413, r.text
+        assert "retry-after" not in r.headers
+        assert r.json()["error"] == "payload_too_large"
+        assert r.json()["field"] == "body"
+        assert f"spool_max_bytes ({cap} bytes)" in r.json()["message"]
+    assert server.wl.writer.accepted_events_total == 0
+    r = server.client.post("/v1/events/batch", json={"events": [one] * 10}, headers=headers)
+    assert r.status_code == 202

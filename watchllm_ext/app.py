@@ -71,7 +71,7 @@ from .store import Store, apply_migrations
 from .store.base import StoreError, StoreLockedError, StoreUnavailable
 from .store.retention import apply_payload_ttl
 from .tuning import freeze_startup_heap
-from .writer import Log, MemoryLog, Sink, Writer, WriterClosed, WriterFull
+from .writer import Log, MemoryLog, Sink, Writer, WriterClosed, WriterFull, WriterTooLarge
 
 log = logging.getLogger("watchllm.app")
 
@@ -337,6 +337,16 @@ class WatchLLM:
             )
         try:
             await self.writer.submit(events, spans)
+        except WriterTooLarge as exc:
+            # Bigger than the whole spool: a retry never fits, so no 503 + Retry-After (which
+            # SDKs and OpenTelemetry exporters retry for ever).
+            raise Problem(
+                413,
+                "payload_too_large",
+                f"the request's events take {exc.size} bytes in the spool, more than all of"
+                f" spool_max_bytes ({exc.limit} bytes); send them in smaller batches",
+                field="body",
+            ) from None
         except WriterFull as exc:
             raise Problem(
                 503,

@@ -6,6 +6,7 @@ Every field is documented in docs/SETTINGS.md (a test keeps the two in step).
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -190,7 +191,9 @@ class Settings(BaseSettings):
     spool_max_bytes: int = Field(
         1024 * MiB,
         ge=64 * 1024,
-        description="Spool size cap; past it ingestion answers 503 with Retry-After.",
+        description="Spool size cap; past it ingestion answers 503 with Retry-After. A request"
+        " whose events alone take more gets 413 (a warning at start when this is below"
+        " max_decompressed_bytes).",
     )
     spool_segment_bytes: int = Field(
         64 * MiB, ge=4096, description="Size at which the spool starts a new segment file."
@@ -463,6 +466,22 @@ class Settings(BaseSettings):
         if self.key_store == "clickhouse" and not self.clickhouse_url:
             raise ValueError(
                 "key_store = clickhouse needs clickhouse_url (the server to keep keys on)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _warn_of_a_spool_smaller_than_a_body(self) -> Settings:
+        # HTTP layer (helper H). Allowed (a small spool suits a small machine, and tests), but
+        # said at start: a request whose events take more than the whole spool is refused with
+        # 413, however empty the spool is, and a client must send it in smaller batches.
+        if self.spool_max_bytes < self.max_decompressed_bytes:
+            logging.getLogger("watchllm.settings").warning(
+                "spool_max_bytes (%d) is smaller than max_decompressed_bytes (%d): a request"
+                " whose events take more than %d bytes in the spool is refused with 413"
+                " payload_too_large; raise spool_max_bytes or lower max_decompressed_bytes",
+                self.spool_max_bytes,
+                self.max_decompressed_bytes,
+                self.spool_max_bytes,
             )
         return self
 

@@ -47,7 +47,7 @@ import anyio
 from .dead_letters import append_dead_letter, dead_letter
 from .fast_validate import encode_event_lines, encode_events, to_models
 from .otel.rows import SpanBatch, SpanRow, decode_rows, encode_rows
-from .spool import Position, Record, SpoolFull
+from .spool import HEADER_SIZE, Position, Record, SpoolFull
 
 log = logging.getLogger("watchllm.writer")
 
@@ -117,6 +117,16 @@ class WriterFull(Exception):
     def __init__(self, message: str, retry_after_s: float) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class WriterTooLarge(Exception):
+    """These events take more than the whole log holds (`size` > `limit` bytes): no wait makes
+    room for them, unlike WriterFull; the client must send fewer at once."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"{size} bytes, the log holds at most {limit}")
+        self.size = size
+        self.limit = limit
 
 
 class WriterClosed(Exception):
@@ -326,6 +336,11 @@ class Writer:
             if needs_payload:
                 payload = encode_rows(batch) if flags & SPANS else self.encode(batch)
             items.append((payload, len(batch), flags))
+        limit = getattr(self.log, "max_bytes", None)  # the spool's cap (a memory log has none)
+        if limit is not None and needs_payload:
+            size = sum(HEADER_SIZE + len(payload) for payload, _, _ in items)
+            if size > limit:
+                raise WriterTooLarge(size, limit)
         try:
             records = self.log.write_many(items)
         except SpoolFull as exc:
