@@ -13,6 +13,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from stores import EVERY_STORE
 
 from tests.conftest import prompt_call
 from watchllm_ext.auth import Principal
@@ -47,6 +48,7 @@ def post_in_thread(
     return thread
 
 
+@EVERY_STORE
 def test_a_big_request_waiting_for_its_fsync_holds_no_place(server_factory: Any) -> None:
     """With one place (ingest_threads=1) and the first request's fsync held back (a slow disk,
     which a test machine does not have: the spool's sync_to waits for a gate), a second big
