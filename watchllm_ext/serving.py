@@ -44,6 +44,11 @@ _PARSER_ERRORS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+# The scope key of a request the protocol answered itself while the app was reading its body:
+# the status it sent (the app then sees a disconnect, and counts the request under it).
+ANSWERED = "watchllm.answered_by_server"
+
+
 def parser_problem(text: str) -> Problem:
     """The 400 for a request the HTTP parser refused with the message `text`."""
     lowered = text.lower()
@@ -150,10 +155,14 @@ def header_timeout_protocol(
             else:
                 problem = parser_problem(str(error) if error is not None else msg)
             cycle = self.cycle
-            if cycle is not None and cycle.response_started and not cycle.response_complete:
-                self._refused = True  # an answer is under way: a second one would garble it
-                self.transport.close()
-                return
+            if cycle is not None and not cycle.response_complete:
+                if cycle.response_started:
+                    self._refused = True  # an answer is under way: a second one garbles it
+                    self.transport.close()
+                    return
+                # The app is reading this request's body (bad chunk framing): it will see a
+                # disconnect; this tells it the client got this answer (observability/metrics).
+                cycle.scope[ANSWERED] = problem.status
             self._refuse(problem)
 
         def _refuse(self, problem: Problem) -> None:

@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import Problem
 from ..flags import _REQUEST_CACHE
+from ..serving import ANSWERED
 
 log = logging.getLogger("watchllm.http")
 
@@ -139,13 +140,15 @@ class RequestMetrics:
             # nothing of the request was spooled and nobody waits for an answer. Not a server
             # error: one INFO line, counted as status 499 (nginx's "client closed request"),
             # no traceback and nothing for Sentry (the exception ends here).
-            if status == 500:  # no answer begun
-                status = CLIENT_CLOSED
-            log.info(
-                "%s %s: the client closed the connection before its request was complete",
-                scope["method"],
-                scope.get("path", ""),
-            )
+            answered = scope.get(ANSWERED)  # a bad chunk framing's 400, sent by the server
+            if status == 500:  # no answer begun here
+                status = answered or CLIENT_CLOSED
+            if answered is None:  # (the server logged its own answer)
+                log.info(
+                    "%s %s: the client closed the connection before its request was complete",
+                    scope["method"],
+                    scope.get("path", ""),
+                )
         finally:
             _REQUEST_CACHE.reset(token)
             route = getattr(scope.get("route"), "path", None) or "unmatched"
