@@ -26,7 +26,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from ..errors import Problem
 from .ids import time_problem, times_ok
-from .mapping import Span, SpanEvent
+from .mapping import Span, SpanEvent, attribute_text
 
 # Bounds on one span (OpenTelemetry's SDK keeps 128 attributes, events and links by default).
 MAX_ATTRIBUTES = 1_024  # on a span, a resource, a span event or a link
@@ -284,13 +284,14 @@ def _attributes(pairs: Any, where: str) -> dict[str, Any]:
     return _attributes_and_texts(pairs, where)[0]
 
 
-def _attributes_and_texts(pairs: Any, where: str) -> tuple[dict[str, Any], dict[str, str] | None]:
-    """The attributes' values, and their text as a `spans` row keeps it (mapping.span_row)
-    when that is the same dict: every value a string (None otherwise: the row makes it)."""
+def _attributes_and_texts(pairs: Any, where: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """The attributes' values, and their text as a `spans` row keeps it (mapping.span_row,
+    mapping.attribute_texts): the same dict when every value is a string, else a copy with
+    the few other values' texts (cheaper than a text per attribute afterwards)."""
     if len(pairs) > MAX_ATTRIBUTES:
         raise BadSpan(f"{where}: {len(pairs)} attributes, over the limit of {MAX_ATTRIBUTES}")
     out: dict[str, Any] = {}
-    plain = True  # every value a string: the row's texts are this dict
+    others: list[str] = []  # the keys of values that are not strings
     for pair in pairs:
         # Nearly every value is a string, an int, a double or a bool: read inline (one
         # function call fewer per attribute, the bulk of a span's decoding). Most are
@@ -301,18 +302,24 @@ def _attributes_and_texts(pairs: Any, where: str) -> tuple[dict[str, Any], dict[
         if text:
             out[pair.key] = text
             continue
-        plain = False
+        key = pair.key
         kind = value.WhichOneof("value")
         if kind in _SCALARS:
-            out[pair.key] = getattr(value, kind)
+            out[key] = getattr(value, kind)
         else:
-            key = pair.key
             out[key] = _value(value, 0, key)
+        if kind != "string_value":  # an empty string is still a string
+            others.append(key)
     # The keys' lengths in one pass in C, after the loop; the first long key is named.
     if out and max(map(len, out)) > MAX_KEY_CHARS:
         key = next(k for k in out if len(k) > MAX_KEY_CHARS)
         raise BadSpan(f"{where}: a key of {len(key)} characters (limit {MAX_KEY_CHARS})")
-    return out, out if plain else None
+    if not others:
+        return out, out
+    texts = out.copy()
+    for key in others:
+        texts[key] = attribute_text(out[key])
+    return out, texts
 
 
 _SCALARS = frozenset({"string_value", "int_value", "double_value", "bool_value"})

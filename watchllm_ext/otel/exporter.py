@@ -46,7 +46,7 @@ from .decode import (
 )
 from .ids import time_problem, times_ok
 from .ingest import ingest_spans
-from .mapping import Span, SpanEvent
+from .mapping import Span, SpanEvent, attribute_texts
 
 log = logging.getLogger("watchllm.otel.exporter")
 
@@ -107,7 +107,8 @@ def to_span(span: ReadableSpan, resources: dict[int, dict[str, Any]] | None = No
         kind=_KINDS.get(span.kind, "unspecified"),
         status_code=_STATUSES.get(status.status_code, "unset"),
         status_message=status.description or "",
-        attributes=attributes(span.attributes, "attributes"),
+        attributes=(attrs := attributes(span.attributes, "attributes")),
+        attribute_texts=attribute_texts(attrs),
         resource=_resource(span, resources),
         scope_name=scope.name if scope is not None else "",
         scope_version=(scope.version or "") if scope is not None else "",
