@@ -15,6 +15,7 @@ import json
 import logging
 import re
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -518,3 +519,26 @@ def test_a_batch_bigger_than_the_spool_gets_413_not_503(
     assert server.wl.writer.accepted_events_total == 0
     r = server.client.post("/v1/events/batch", json={"events": [one] * 10}, headers=headers)
     assert r.status_code == 202
+
+
+def test_without_httptools_the_h11_protocol_answers_the_same_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """uvicorn falls back to h11 when httptools is missing: header_timeout_protocol takes it
+    as its base, and its refusals are JSON too (h11 caps an incomplete header block)."""
+    monkeypatch.setitem(sys.modules, "uvicorn.protocols.http.httptools_impl", None)
+    served = Served(tmp_path)
+    assert served.server.config.http.__mro__[1].__name__ == "H11Protocol"
+    served.start()
+    try:
+        sock = served.connect()
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Pad: " + b"a" * MAX_HEADER_BYTES)
+        status, _, body = _response(_read_all(sock))
+        assert status == 431 and json.loads(body)["field"] == "headers"
+        sock = served.connect()
+        sock.sendall(b"POST /v1/events/batch HTTP/1.1\r\nHost: t\r\nContent-Length: abc\r\n\r\n")
+        status, headers, body = _response(_read_all(sock))
+        assert status == 400 and headers["connection"] == "close"
+        assert json.loads(body)["field"] == "Content-Length"
+    finally:
+        served.stop()

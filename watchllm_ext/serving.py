@@ -85,6 +85,13 @@ def problem_bytes(problem: Problem, default_headers: list[tuple[bytes, bytes]]) 
     return b"".join(lines)
 
 
+# What h11 (uvicorn's protocol without httptools) says of a header block over its
+# max_incomplete_event_size. h11 caps only a block still incomplete: one that arrives whole
+# in one read is let through; httptools, uvicorn's choice when installed (uvicorn[standard]),
+# is capped exactly (on_headers_complete).
+_H11_TOO_LARGE = "Receive buffer too long"
+
+
 class _HeadersTooLarge(Exception):
     """Raised from the parser's headers-complete callback: the parser stops there, and
     uvicorn's handling of a parser error calls send_400_response, which answers 431."""
@@ -150,7 +157,10 @@ def header_timeout_protocol(
             # uvicorn calls this inside its `except` of the parser's error: that error says
             # what was wrong (uvicorn's own message is a fixed plain-text sentence).
             error = sys.exc_info()[1]
-            if error is not None and isinstance(error.__context__, _HeadersTooLarge):
+            if error is not None and (
+                isinstance(error.__context__, _HeadersTooLarge)
+                or str(error) == _H11_TOO_LARGE  # h11's cap on a header block (uvicorn_options)
+            ):
                 problem = headers_too_large(max_header_bytes)
             else:
                 problem = parser_problem(str(error) if error is not None else msg)
