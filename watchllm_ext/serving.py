@@ -111,6 +111,8 @@ def header_timeout_protocol(
     except ImportError:
         from uvicorn.protocols.http.h11_impl import H11Protocol as base
 
+    headers_complete = getattr(base, "on_headers_complete", None)  # httptools' callback
+
     class HeaderTimeoutProtocol(base):  # type: ignore[misc, valid-type]
         # Both of uvicorn's protocols set `self.cycle` to a new object once a request's
         # headers are complete: the deadline is met when `cycle` changed since it was set.
@@ -151,7 +153,7 @@ def header_timeout_protocol(
                 size = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
                 if size > max_header_bytes:
                     raise _HeadersTooLarge()
-            super().on_headers_complete()
+            headers_complete(self)  # the base's, called directly: super() costs ~0.3 us here
 
         def send_400_response(self, msg: str) -> None:
             # uvicorn calls this inside its `except` of the parser's error: that error says
