@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -79,11 +79,11 @@ class ChdbStore:
         self._run(f"INSERT INTO {table} ({columns}) SELECT * FROM Python(arrow_rows)", "CSV", None)
 
     def insert_json(
-        self, table: str, body: bytes | Sequence[bytes | memoryview], settings: Mapping[str, Any]
+        self, table: str, body: bytes | Iterable[bytes | memoryview], settings: Mapping[str, Any]
     ) -> None:
         """Insert `body` (JSONEachRow: objects one a line, or one JSON array of them; whole or
-        in pieces, each handed to chDB as it is), parsed by ClickHouse in its own threads
-        with `settings`."""
+        in pieces, a list or an iterator read once, each handed to chDB as it is), parsed by
+        ClickHouse in its own threads with `settings`."""
         if not table.isidentifier():
             raise StoreError(f"bad table name {table!r}", permanent=True)
         clause = ", ".join(f"{name} = {_setting_literal(v)}" for name, v in settings.items())

@@ -528,19 +528,26 @@ class ClickHouseStore:
             raise self._error(exc, f"inserting {data.num_rows} rows into {table}") from exc
 
     def insert_json(
-        self, table: str, body: bytes | Sequence[bytes | memoryview], settings: Mapping[str, Any]
+        self, table: str, body: bytes | Iterable[bytes | memoryview], settings: Mapping[str, Any]
     ) -> None:
         """Insert `body` (JSONEachRow: objects one a line, or one JSON array of them; whole or
-        in pieces), parsed by the server with `settings`: one HTTP request, its body sent
-        chunked as it is compressed (as the URL says), never joined into one bytes object.
+        in pieces, a list or an iterator read once), parsed by the server with `settings`: one
+        HTTP request, its body sent chunked as it is compressed (as the URL says), never joined
+        into one bytes object.
 
         A broken connection is not retried here (clickhouse-connect replays only whole
         bytes bodies): the insert fails with StoreUnavailable and the store sink's next try
         looks its ids up again, so what landed is not inserted twice."""
         if not table.isidentifier():
             raise StoreError(f"bad table name {table!r}", permanent=True)
-        pieces = [body] if isinstance(body, bytes) else body
-        size = sum(len(piece) for piece in pieces)
+        sent = [0]  # bytes handed over: the body may be an iterator, read once (spool_pieces)
+
+        def counted(pieces: Iterable[bytes | memoryview]) -> Iterator[bytes | memoryview]:
+            for piece in pieces:
+                sent[0] += len(piece)
+                yield piece
+
+        pieces = counted([body] if isinstance(body, bytes) else body)
         try:
             client = self._connected()
             # The URL's `compress`, as insert_arrow uses it; raw_insert sends the body as it
@@ -560,7 +567,7 @@ class ClickHouseStore:
                 compression=compression,
             )
         except Exception as exc:
-            raise self._error(exc, f"inserting {size} bytes of JSON into {table}") from exc
+            raise self._error(exc, f"inserting {sent[0]} bytes of JSON into {table}") from exc
 
     def version(self) -> str:
         # Asked each time (not the version read at connect): /readyz uses this as its check.

@@ -47,9 +47,10 @@ class Store(Protocol):
     def insert(self, table: str, data: pa.Table) -> None:
         """Insert an Arrow table whose column names are columns of `table`."""
 
-    # Optional: insert_json(table, body: bytes, settings) inserts JSONEachRow text (one JSON
-    # array of objects) parsed by ClickHouse with `settings`; the store sink sends events that
-    # way (store/rows.py input_json, migration 0010). A store without it gets Arrow tables.
+    # Optional: insert_json(table, body, settings) inserts JSONEachRow text (one JSON array of
+    # objects; bytes, or pieces of it in a list or an iterator read once: store/rows.py Body)
+    # parsed by ClickHouse with `settings`; the store sink sends events that way (store/rows.py
+    # input_json, migration 0010). A store without it gets Arrow tables.
 
     def version(self) -> str:
         """The ClickHouse version string."""
