@@ -542,3 +542,46 @@ def test_without_httptools_the_h11_protocol_answers_the_same_way(
         assert json.loads(body)["field"] == "Content-Length"
     finally:
         served.stop()
+
+
+def test_spans_bigger_than_the_spool_get_413_not_503(server_factory: Any) -> None:
+    from google.rpc import status_pb2
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+    from opentelemetry.trace import SpanKind
+
+    class Collect(SpanExporter):
+        def __init__(self) -> None:
+            self.spans: list[Any] = []
+
+        def export(self, spans: Any) -> SpanExportResult:
+            self.spans.extend(spans)
+            return SpanExportResult.SUCCESS
+
+    collect = Collect()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(collect))
+    tracer = provider.get_tracer("t")
+    for i in range(200):  # LLM spans: a span row and an event each in the spool
+        with tracer.start_as_current_span(f"chat {i}", kind=SpanKind.CLIENT) as span:
+            span.set_attributes(
+                {
+                    "gen_ai.operation.name": "chat",
+                    "gen_ai.request.model": "m",
+                    "gen_ai.usage.input_tokens": 5,
+                }
+            )
+    provider.shutdown()
+    server = server_factory(spool_max_bytes=64 * 1024, flush_interval_s=5.0)
+    r = server.client.post(
+        "/v1/traces",
+        content=encode_spans(collect.spans).SerializeToString(),
+        headers={**server.headers(), "Content-Type": "application/x-protobuf"},
+    )
+    assert r.status_code == 413, r.content
+    assert "retry-after" not in r.headers
+    status = status_pb2.Status.FromString(r.content)
+    assert status.code == 8  # RESOURCE_EXHAUSTED: exporters do not retry it
+    assert "spool_max_bytes (65536 bytes)" in status.message
+    assert server.wl.writer.accepted_events_total == 0
