@@ -1,12 +1,13 @@
 """Span times the events' range cannot hold are refused span by span, never moved.
 
 Spans made by the real OpenTelemetry SDK with the times a broken clock or a buggy client
-gives (unset, before 1970 or after 2100, ending before they start, longer than an event's
+gives (unset, starting after 2100, ending before they start, longer than an event's
 latency_ms maximum), encoded by the OTLP exporter's own encoder, sent as protobuf and as OTLP
 JSON to a real server: 200 with partial_success naming the span and the field, the good span
 of the same request stored with exactly the times sent, the bad one not at all. The in-process
 exporter's conversion refuses the same spans. The boundaries (zero length, exactly 30 days,
-the last nanosecond before 2100) are taken.
+the last nanosecond before 2100, an end past 2100 within 30 days of the start, as a JSON
+event's timestamp + latency_ms may be) are taken.
 """
 
 from __future__ import annotations
@@ -34,9 +35,12 @@ from opentelemetry.trace import SpanKind, set_span_in_context
 
 from watchllm_ext.app import create_app
 from watchllm_ext.keys import KeyStore
+from watchllm_ext.otel.decode import parse_protobuf, spans_of
+from watchllm_ext.otel.export import build_request, event_span
 from watchllm_ext.otel.exporter import convert
 from watchllm_ext.otel.ids import MAX_NS
-from watchllm_ext.schema import MAX_LATENCY_MS
+from watchllm_ext.otel.mapping import map_span
+from watchllm_ext.schema import EVENT_ADAPTER, MAX_LATENCY_MS
 
 T0 = 1_767_323_045_000_000_000  # 2026-01-02T03:04:05Z
 DAY_NS = 86_400 * 10**9
@@ -70,7 +74,7 @@ BAD = [
     Case("end-unset", T0, 0, "endTimeUnixNano is not set"),
     Case("unfinished", T0, None, "endTimeUnixNano is not set"),
     Case("start-after-2100", Y2200, Y2200, "startTimeUnixNano 7258118400000000000 is not before"),
-    Case("end-after-2100", T0, Y2200, "endTimeUnixNano 7258118400000000000 is not before"),
+    Case("end-in-2200", T0, Y2200, "over the longest latency_ms"),
     Case("end-before-start", T0, T0 - 10**9, "endTimeUnixNano is 1000000000 ns before"),
     Case("300-days", T0, T0 + 300 * DAY_NS, "the span lasts 25920000000 ms"),
     Case("30-days-and-1-ns", T0, T0 + MAX_DURATION_NS + 1, "over the longest latency_ms"),
@@ -79,6 +83,9 @@ GOOD = [
     Case("zero-length", T0, T0, ""),
     Case("exactly-30-days", T0, T0 + MAX_DURATION_NS, ""),
     Case("last-ns-before-2100", MAX_NS - 1, MAX_NS - 1, ""),
+    # A JSON event may start just before 2100 and last 30 days; so may a span (the exporter
+    # sink sends such an event as this span: it must come back).
+    Case("ends-after-2100", MAX_NS - 1, MAX_NS - 1 + MAX_DURATION_NS, ""),
     Case("first-ns-after-1970", 1, 1, ""),
 ]
 
@@ -206,3 +213,36 @@ def test_a_random_trace_is_still_taken(server: Running) -> None:
     spans = sdk_spans(case)
     assert send(server, spans, as_json=True) == (0, "")
     assert len(stored(server, trace_of(spans), 2)) == 2
+
+
+@pytest.mark.parametrize(
+    ("timestamp", "latency_ms"),
+    [("2099-12-31T23:59:59.999Z", MAX_LATENCY_MS), ("1970-01-01T00:00:00Z", 1.0)],
+    ids=["last-ms-before-2100-for-30-days", "the-epoch"],
+)
+def test_an_event_at_the_edge_of_the_range_comes_back_from_its_span(
+    timestamp: str, latency_ms: float
+) -> None:
+    """The exporter sink sends an event as a span ending at timestamp + latency_ms: an event
+    of the last millisecond before 2100 lasting 30 days (valid) is a span ending in 2100, and
+    one at the epoch a span starting at 0 (OTLP's "not set", so sent 1 ns later); the
+    receiver takes both, and maps them back to the same events."""
+    raw = {
+        "event_id": "edge-1",
+        "event_type": "prompt_call",
+        "run_id": "run-edge",
+        "project_id": "p",
+        "timestamp": timestamp,
+        "model": "gpt-4o",
+        "latency_ms": latency_ms,
+    }
+    event = EVENT_ADAPTER.validate_python(raw)
+    body = build_request([((("watchllm.project_id", "p"),), ("watchllm", ""), event_span(event))])
+    decoded = spans_of(parse_protobuf(body.SerializeToString()))
+    assert decoded.rejected == 0, decoded.problems
+    (span,) = decoded.spans
+    assert span.end_unix_nano > MAX_NS or span.start_unix_nano == 1
+    mapped = map_span(span)
+    assert mapped.event is not None
+    back = EVENT_ADAPTER.validate_python({**mapped.event, "project_id": "p"})
+    assert back.model_dump() == event.model_dump()

@@ -8,9 +8,11 @@ through the JSON API, so this runs on every store whatever the receiver does.
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx
 import pytest
 from conftest import Running, prompt_call
 from stores import EVERY_STORE
@@ -238,6 +240,32 @@ def test_events_named_by_trace_and_span_id_pair_with_their_spans(server: Running
     assert db_span["event"] is None and db_span["span"]["name"] == "SELECT orders"
     assert db_event["span"] is None and db_event["event"]["event_id"] == DB
     assert got["run"]["event_count"] == 4 and got["span_count"] == 5
+
+
+def test_the_dashboards_run_page_links_each_event_by_its_event_id(server: Running) -> None:
+    """The run page's rows come from the tree, whose nodes are named by span id: an event's
+    link must still be its own page, /dashboard/event/<trace>-<span>."""
+    spans, events = an_agent_trace()
+    for event in events:
+        event["event_id"] = f"{TRACE}-{event['event_id']}"
+        event["parent_event_id"] = f"{TRACE}-{event['parent_event_id']}"
+    store_spans(server, spans)
+    post_events(server, events)
+    with httpx.Client(base_url=server.url, timeout=60) as browser:
+        form = browser.get("/dashboard/signin")
+        token = re.search(r'name="csrf_token" value="([^"]+)"', form.text)
+        assert token, form.text
+        r = browser.post(
+            "/dashboard/signin", data={"api_key": server.key, "csrf_token": token.group(1)}
+        )
+        assert r.status_code == 303, r.text
+        page = browser.get(f"/dashboard/run/{TRACE}")
+        assert page.status_code == 200, page.text
+        links = re.findall(r'href="[^"]*/dashboard/event/([^"?]+)"', page.text)
+        assert links == [f"{TRACE}-{LLM}", f"{TRACE}-{TOOL}"]
+        for event_id in links:
+            event_page = browser.get(f"/dashboard/event/{event_id}")
+            assert event_page.status_code == 200 and event_id in event_page.text
 
 
 def test_a_trace_with_no_llm_span_is_a_run(server: Running) -> None:

@@ -156,7 +156,9 @@ def event_span(event: Any) -> PbSpan:
             attrs[key] = _json(value)
         else:
             attrs[key] = value if type(value) in _SCALARS else _plain(value)
-    start = _unix_nano(event.timestamp)
+    # OTLP reads a time of 0 as not set (refused: otel/ids.py): an event at the epoch itself
+    # is sent 1 ns later, which the receiver's microseconds do not show.
+    start = _unix_nano(event.timestamp) or 1
     latency = fields.get("latency_ms")
     end = start + (round(latency * 1e6) if isinstance(latency, int | float) else 0)
     failed = event_type == "error" or fields.get("status") in ("error", "timeout")

@@ -38,7 +38,7 @@ from ..schema import (
     MAX_TOKENS,
     MODELS_BY_TYPE,
 )
-from .ids import event_id_of
+from .ids import MAX_DURATION_NS, MAX_NS, event_id_of
 from .rows import SpanRow
 
 # 2: forwarded WatchLLM events (watchllm.event_type) come back as sent; 3: event ids are
@@ -58,7 +58,8 @@ _TEXT_FIELDS = ("prompt", "response", "reasoning", "action", "observation", "sta
 _MAPPING = (dict, Mapping)
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MAX_NS = int((datetime(2100, 1, 1, tzinfo=UTC) - _EPOCH).total_seconds()) * 10**9 - 1
+# A start is before 2100 and an end at most 30 days after it (ids.py): the latest time held.
+_MAX_NS = MAX_NS + MAX_DURATION_NS - 1
 
 
 @dataclass(slots=True)
