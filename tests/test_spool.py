@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import stat
@@ -109,6 +110,34 @@ def test_a_roll_leaves_its_fsyncs_to_the_sync_thread(
         assert sorted(calls) == [(False, "dir"), (False, "file"), (False, "file")]
         with pytest.raises(OSError):
             os.fstat(closed_fd)  # closed once on disk
+        spool.close()
+
+    anyio.run(main)
+
+
+def open_files() -> list[str]:
+    """What this process's descriptors point at (Linux), "(deleted)" after a removed file."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):  # the listing's own, closed since
+            found.append(os.readlink(f"/proc/self/fd/{fd}"))
+    return found
+
+
+def test_a_segment_released_when_sinks_catch_up_gives_its_space_back(tmp_path: Path) -> None:
+    """Once every sink has passed everything (a full disk, then the store back), the active
+    segment is closed and deleted: no descriptor may keep the deleted file's space taken
+    until the next request comes (with a full disk, none would be taken)."""
+
+    async def main() -> None:
+        spool = Spool(tmp_path, fsync="always")
+        spool.roll_drained_bytes = 1
+        for p in payloads(3):
+            await spool.append(p, 1)
+        assert spool.release(spool.end) == 1  # rolled, and the old segment deleted
+        assert not [path for path in open_files() if str(tmp_path) in path and "(deleted)" in path]
+        await spool.append(b"[1]", 1)
+        assert [r.payload for r in spool.read(spool.first_position()[0], 10)] == [b"[1]"]
         spool.close()
 
     anyio.run(main)

@@ -339,15 +339,16 @@ class Spool:
         with the next fsync, on sync_to's worker thread, before any record after them counts
         as durable: fsynced here, on the event loop, they stalled every request (a folder's
         fsync waits for the file system's journal: 0.25 ms typically, over 20 ms at times)."""
-        if self.fsync == "never":
-            # No fsync is coming: the OS writes the closed segment back when it likes.
+        if self.fsync == "never" or self._durable >= self._written:
+            # On disk already (or never to be fsynced: the OS writes it back when it likes):
+            # closed now, so that deleting it (a release once sinks pass it) frees its space.
             if self._syncing:
                 self._retired_fds.append(self._fd)  # an fsync in a thread still uses it
             else:
                 os.close(self._fd)
         else:
-            self._unsynced_fds.append(self._fd)
-            self._folder_unsynced = True
+            self._unsynced_fds.append(self._fd)  # a request waits for it: a sync comes soon
+        self._folder_unsynced = self.fsync != "never"
         self._active += 1
         self._sizes[self._active] = 0
         self._fd = os.open(
