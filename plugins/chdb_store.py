@@ -82,7 +82,7 @@ class ChdbStore:
         self, table: str, body: bytes | Iterable[bytes | memoryview], settings: Mapping[str, Any]
     ) -> None:
         """Insert `body` (JSONEachRow: objects one a line, or one JSON array of them; whole or
-        in pieces, a list or an iterator read once, each handed to chDB as it is), parsed by
+        in pieces, a list or another iterable, each handed to chDB as it is), parsed by
         ClickHouse in its own threads with `settings`."""
         if not table.isidentifier():
             raise StoreError(f"bad table name {table!r}", permanent=True)

@@ -531,7 +531,7 @@ class ClickHouseStore:
         self, table: str, body: bytes | Iterable[bytes | memoryview], settings: Mapping[str, Any]
     ) -> None:
         """Insert `body` (JSONEachRow: objects one a line, or one JSON array of them; whole or
-        in pieces, a list or an iterator read once), parsed by the server with `settings`: one
+        in pieces, a list or another iterable), parsed by the server with `settings`: one
         HTTP request, its body sent chunked as it is compressed (as the URL says), never joined
         into one bytes object.
 
@@ -540,7 +540,7 @@ class ClickHouseStore:
         looks its ids up again, so what landed is not inserted twice."""
         if not table.isidentifier():
             raise StoreError(f"bad table name {table!r}", permanent=True)
-        sent = [0]  # bytes handed over: the body may be an iterator, read once (spool_pieces)
+        sent = [0]  # bytes handed over, counted as they go (the pieces may be made as they go)
 
         def counted(pieces: Iterable[bytes | memoryview]) -> Iterator[bytes | memoryview]:
             for piece in pieces:

@@ -24,7 +24,13 @@ from watchllm_ext.fast_validate import decode_stored, encode_events
 from watchllm_ext.schema import EVENT_LIST_ADAPTER, MODELS_BY_TYPE
 from watchllm_ext.store import Store, apply_migrations
 from watchllm_ext.store import rows as rows_module
-from watchllm_ext.store.rows import JSON_INPUT_SETTINGS, input_json, read_json, tables_for
+from watchllm_ext.store.rows import (
+    JSON_INPUT_SETTINGS,
+    SpoolPieces,
+    input_json,
+    read_json,
+    tables_for,
+)
 from watchllm_ext.writer import EventBatch
 
 pytestmark = EVERY_STORE
@@ -327,9 +333,11 @@ def test_the_writers_batch_goes_as_its_spool_records_bytes(
     bodies = input_json(batch, encode)
     assert list(bodies) == ["events_input"] and calls == []  # nothing encoded
     body = bodies["events_input"]
-    # An iterator: each piece is made as the store takes it (and let go of before the next).
-    assert not isinstance(body, bytes) and iter(body) is body
+    # Each piece is made as the store takes it (and let go of before the next), anew each time
+    # the body is read: a store that reads it twice gets it all twice.
+    assert isinstance(body, SpoolPieces)
     pieces = list(body)
+    assert list(body) == pieces
     # Small records are joined into one piece (a store pays a call per piece)...
     assert len(pieces) == 1 and isinstance(pieces[0], bytes)
     assert json.loads(b"".join(pieces)) == json.loads(encode_events(structs))

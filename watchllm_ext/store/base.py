@@ -48,7 +48,7 @@ class Store(Protocol):
         """Insert an Arrow table whose column names are columns of `table`."""
 
     # Optional: insert_json(table, body, settings) inserts JSONEachRow text (one JSON array of
-    # objects; bytes, or pieces of it in a list or an iterator read once: store/rows.py Body)
+    # objects; bytes, or pieces of it in a list or another iterable: store/rows.py Body)
     # parsed by ClickHouse with `settings`; the store sink sends events that way (store/rows.py
     # input_json, migration 0010). A store without it gets Arrow tables.
 
