@@ -26,6 +26,7 @@ import pytest
 from conftest import Running, ServerThread, make_settings, prompt_call
 
 from watchllm_ext.app import create_app
+from watchllm_ext.ingest import MAX_JSON_DEPTH
 from watchllm_ext.keys import KeyStore, split_key
 from watchllm_ext.schema import EVENT_TYPES, MAX_TAGS, MAX_TEXT_CHARS
 
@@ -153,7 +154,7 @@ CASES: list[Case] = [
     Case("infinity-literal", 400, "malformed_json", "body",
          body=raw(bad("inf", cost_estimate_usd=float("inf"))), says=("line 1 column",)),
     Case("deeply-nested-json", 400, "malformed_json", "body", body=deep_nesting,
-         says=("line 1 column",)),
+         says=("nests arrays and objects more than 200 levels deep", "line 1 column")),
     Case("empty-body", 400, "malformed_json", "body", body=b"", says=("empty",)),
     Case("whitespace-body", 400, "malformed_json", "body", body=b"  \n\t ", says=("empty",)),
     Case("json-number", 422, "bad_body", "body", body=b"42"),
@@ -542,3 +543,31 @@ def test_a_rejection_answer_is_bounded_whatever_the_batch_holds(server: Running)
     assert r.status_code == 207
     assert r.json()["event_ids"] == ["good-1", "good-2"] and "rejected_count" not in r.json()
     assert _stored(server) == 2
+
+
+@pytest.mark.parametrize("depth", [MAX_JSON_DEPTH, MAX_JSON_DEPTH + 1])
+def test_json_nested_to_the_documented_depth_is_read_and_deeper_is_400_too_deep(
+    server_factory: Any, depth: int
+) -> None:
+    """docs/API.md: arrays and objects nest at most 200 deep, whatever the innermost holds;
+    one level more is 400 saying the nesting is too deep, not that the JSON is invalid."""
+    server = server_factory()
+    # An array of one event whose value is `depth - 1` arrays around a number: read, and
+    # refused as not an event (422); one level more is never read.
+    body = b"[" * depth + b"1" + b"]" * depth
+    r = server.client.post(
+        "/v1/projects/acme/events",
+        content=body,
+        headers={**server.headers(), "Content-Type": "application/json"},
+    )
+    if depth == MAX_JSON_DEPTH:
+        assert r.status_code == 422, r.text
+        assert r.json()["rejected"][0]["errors"][0]["message"] == "must be a JSON object"
+    else:
+        assert r.status_code == 400, r.text
+        answer = r.json()
+        assert answer["error"] == "malformed_json" and answer["field"] == "body"
+        assert answer["message"].startswith(
+            "the JSON nests arrays and objects more than 200 levels deep (at line 1 column"
+        )
+        assert "invalid" not in answer["message"]

@@ -328,6 +328,17 @@ def test_usage_route_answers_any_key_of_the_project(quota_server: Any) -> None:
         headers=server.headers(operator),
     )
     assert bad.status_code == 422 and bad.json()["field"] == "set.week"
+    # A project id no key can have is refused before any usage is read or made for it.
+    for method in ("GET", "POST"):
+        odd = server.client.request(
+            method,
+            "/v1/admin/usage",
+            params={"project": "../x"},
+            json={"reset": True} if method == "POST" else None,
+            headers=server.headers(operator),
+        )
+        assert (odd.status_code, odd.json()["field"]) == (400, "project"), odd.text
+        assert "not a project id" in odd.json()["message"]
     # What /openapi.json says the body may hold is what the route takes (nothing else).
     for body, field in [
         ({"reset": "yes"}, "reset"),

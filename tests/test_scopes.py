@@ -15,7 +15,7 @@ import httpx
 import pytest
 from conftest import Running, ServerThread, make_settings, prompt_call
 
-from watchllm_ext.app import create_app
+from watchllm_ext.app import STORE_TABLES, create_app
 from watchllm_ext.dead_letters import DeadLetter, append_dead_letter, parse_dead_letters
 from watchllm_ext.hookspecs import hookimpl
 from watchllm_ext.keys import KeyStore
@@ -204,6 +204,22 @@ def test_admin_count_is_its_projects_only(server_factory: Any) -> None:
     assert r.status_code == 403 and "'beta'" in r.json()["message"]
     assert count(operator, project=OWN).json()["count"] == 1
     assert count(operator).json() == {"table": "events", "project": None, "count": 2}
+    # A project id no key can have: 400 naming it (as the analytics routes' project_id).
+    for key in (server.key, operator):
+        r = count(key, project="../x")
+        assert (r.status_code, r.json()["field"]) == (400, "project"), r.text
+    # The tables it counts are the event tables, as docs/API.md lists them; another table
+    # of the store is refused naming the ones it counts.
+    api_doc = (Path(__file__).resolve().parents[1] / "docs" / "API.md").read_text()
+    (line,) = [x for x in api_doc.splitlines() if x.startswith("- `GET /v1/admin/count")]
+    for table in STORE_TABLES:
+        assert count(operator, table=table).status_code == 200, table
+        assert f"`{table}`" in line, table
+    tables = server.client.get("/v1/admin/tables", headers=server.headers(operator)).json()
+    other_table = sorted(set(tables["tables"]) - set(STORE_TABLES))[0]
+    refused = count(operator, table=other_table)
+    assert (refused.status_code, refused.json()["field"]) == (400, "table")
+    assert all(table in refused.json()["message"] for table in STORE_TABLES)
 
 
 def test_keys_create_makes_operator_keys_only_by_name(tmp_path: Path) -> None:

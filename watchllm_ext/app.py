@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -75,7 +76,10 @@ from .writer import Log, MemoryLog, Sink, Writer, WriterClosed, WriterFull, Writ
 
 log = logging.getLogger("watchllm.app")
 
+# The tables /v1/admin/count counts (by project): the event tables, not the store's others.
 STORE_TABLES = ("events", "tool_calls", "agent_steps", "spans", "traces")
+# Project ids as keys take them (schema.ProjectId): an admin route's `project` is one.
+_PROJECT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 
 
 @dataclass
@@ -838,6 +842,14 @@ def _administered_project(request: Request, principal: Principal) -> str | None:
     and scopes"): an admin key administers its own project only (its project when none is
     named), an operator key every project (all of them when none is named)."""
     project = request.query_params.get("project") or None
+    if project is not None and not _PROJECT_ID.fullmatch(project):
+        shown = project if len(project) <= 64 else project[:64] + "..."
+        raise Problem(
+            400,
+            "bad_parameter",
+            f"project: not a project id (1-64 of A-Z a-z 0-9 _ . -): {shown!r}",
+            field="project",
+        )
     if project is None and not principal.can("operator"):
         project = principal.project_id
     if principal.administers(project):
@@ -868,7 +880,11 @@ async def admin_count(request: Request) -> Response:
     project = _administered_project(request, principal)
     if table not in STORE_TABLES:
         raise Problem(
-            400, "bad_parameter", f"table must be one of {', '.join(STORE_TABLES)}", field="table"
+            400,
+            "bad_parameter",
+            f"table: {table[:64]!r} is not counted here; one of {', '.join(STORE_TABLES)}"
+            " (the event tables; /v1/admin/tables lists all of the store's)",
+            field="table",
         )
     count = await anyio.to_thread.run_sync(count_rows, store, table, project)
     return JSONResponse({"table": table, "project": project, "count": count})

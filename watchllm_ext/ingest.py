@@ -365,6 +365,11 @@ def _too_large(limit: int, what: str) -> Problem:
     )
 
 
+# The deepest nesting of arrays and objects pydantic-core's parser takes, whatever is inside
+# the innermost (tests/test_bad_input.py sends this depth and one more).
+MAX_JSON_DEPTH = 200
+
+
 def parse_json(body: bytes) -> Any:
     if not body.strip():
         raise Problem(400, "malformed_json", "the body is empty; send a JSON value", field="body")
@@ -372,6 +377,17 @@ def parse_json(body: bytes) -> Any:
         return from_json(body, allow_inf_nan=False)
     except ValueError as exc:
         # pydantic-core's message carries the position: "... at line 1 column 17".
+        text = str(exc)
+        if text.startswith("recursion limit exceeded"):
+            # Valid JSON, only deeper than the parser goes: say so, not "invalid" (docs/API.md).
+            where = text.removeprefix("recursion limit exceeded").strip()
+            raise Problem(
+                400,
+                "malformed_json",
+                f"the JSON nests arrays and objects more than {MAX_JSON_DEPTH} levels deep"
+                f" ({where}); send it less deeply nested",
+                field="body",
+            ) from None
         raise Problem(400, "malformed_json", f"invalid JSON: {exc}", field="body") from None
 
 

@@ -184,10 +184,15 @@ def _get(
     }
 
 
+# Project ids as keys take them (schema.ProjectId); another `project` is 400 naming it. Empty
+# is as if left out (the admin routes read `project=` so).
+PROJECT_ID_SCHEMA = {"type": "string", "pattern": r"^([A-Za-z0-9][A-Za-z0-9_.\-]{0,63})?$"}
 _ADMIN_PROJECT = _query(
     "project",
     "the project administered (default: the key's own; with an `operator` key: every project)."
-    " An `admin` key may name its own project only; another is 403 naming `project`",
+    " An `admin` key may name its own project only; another is 403 naming `project`; one"
+    " that is not a project id is 400 naming it",
+    PROJECT_ID_SCHEMA,
 )
 _SINK = _query("sink", "only the dead letters of this sink")
 
@@ -235,7 +240,7 @@ def _admin_paths() -> dict[str, Any]:
             "Dead-letter entries holding the project's events, with its event count only",
             DeadLetters,
             [_SINK, _ADMIN_PROJECT],
-            (401, 403),
+            (400, 401, 403),
         ),
         "/v1/admin/dead-letters/replay": _admin(
             "post",

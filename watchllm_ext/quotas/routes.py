@@ -27,7 +27,7 @@ from starlette.routing import BaseRoute, Route
 
 from ..auth import Principal, Scope
 from ..errors import Problem
-from ..openapi import ErrorBody, _json, _query, _ref, described
+from ..openapi import PROJECT_ID_SCHEMA, ErrorBody, _json, _query, _ref, described
 from .engine import QuotaUnavailable
 from .plans import WINDOWS, Plan, periods
 
@@ -151,8 +151,11 @@ def _operations(plugin: QuotaPlugin) -> dict[str, dict[str, Any]]:
     project = _query(
         "project",
         "the project (default: the key's own). An `admin` key may name its own only (another"
-        " is 403 naming `project`); an `operator` key, any",
+        " is 403 naming `project`); an `operator` key, any. One that is not a project id is"
+        " 400 naming it",
+        PROJECT_ID_SCHEMA,
     )
+    bad_project = _problem("`project` is not a project id; `field` names it")
     counts = {
         "type": "object",
         "additionalProperties": False,
@@ -192,6 +195,7 @@ def _operations(plugin: QuotaPlugin) -> dict[str, dict[str, Any]]:
                 "parameters": [project],
                 "responses": {
                     "200": report,
+                    "400": bad_project,
                     "401": unknown_key,
                     "403": _problem("not an admin key of the project, nor an operator key"),
                     "503": _UNREADABLE,
@@ -209,6 +213,7 @@ def _operations(plugin: QuotaPlugin) -> dict[str, dict[str, Any]]:
                 },
                 "responses": {
                     "200": _json(_ref(UsageReport), "the project's usage after the change"),
+                    "400": bad_project,
                     "401": unknown_key,
                     "403": _problem("not an operator key"),
                     "422": _problem("a field that is unknown or out of bounds; `field` names it"),
@@ -273,6 +278,15 @@ def _any_key(request: Request) -> Principal:
 def _admin_project(request: Request, scope: Scope) -> str:
     principal = _wl(request).authenticate(request, scope)
     project = request.query_params.get("project") or principal.project_id
+    if not PROJECT_ID.fullmatch(project):
+        # Before any usage state is read or made for it: only a key's project can have usage.
+        shown = project if len(project) <= 64 else project[:64] + "..."
+        raise Problem(
+            400,
+            "bad_parameter",
+            f"project: not a project id (1-64 of A-Z a-z 0-9 _ . -): {shown!r}",
+            field="project",
+        )
     if not principal.administers(project):
         raise Problem(
             403,
