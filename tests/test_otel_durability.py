@@ -137,7 +137,8 @@ def stored(data: Path) -> tuple[dict[Ids, int], dict[Ids, int], int]:
         store.close()
     return (
         {(r["trace_id"], r["span_id"]): int(r["n"]) for r in spans},
-        {(r["run_id"], r["event_id"]): int(r["n"]) for r in events},
+        # An LLM span's event id is "<trace id>-<span id>" (otel/ids.py): keyed like its span.
+        {(r["run_id"], r["event_id"].removeprefix(f"{r['run_id']}-")): int(r["n"]) for r in events},
         int(raw),
     )
 
