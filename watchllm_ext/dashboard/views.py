@@ -947,7 +947,7 @@ def waterfall(tree: list[dict[str, Any]]) -> list[Row]:
                 depth=depth,
                 kind=node["kind"],
                 # An event's page is under its event id; a span's node id is its span id.
-                id=event["event_id"] if node["kind"] == "event" and event else node["id"],
+                id=(event or {}).get("event_id") or node["id"],
                 name=label,
                 status=status,
                 timestamp=node.get("timestamp") or "",
