@@ -764,3 +764,17 @@ def test_round_trip_into_a_second_watchllm(server_factory: Any, tmp_path: Path) 
     assert [(r["id"], r["event_type"]) for r in forwarded] == sorted(
         (e["event_id"], e["event_type"]) for e in ROUND_TRIP_EVENTS
     )
+
+
+def test_an_event_named_by_trace_and_span_id_is_sent_with_that_span_id() -> None:
+    """Ids `<trace>-<span>` (an OTel span's event, or a JSON event under one: otel/ids.py)
+    give the span id part within their own trace; in another trace they are hashed."""
+    trace, span, parent = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331", "00f067aa0ba902b7"
+    raw = prompt_call(f"{trace}-{span}", run_id=trace, parent_event_id=f"{trace}-{parent}")
+    sent = event_span(EVENT_ADAPTER.validate_python({**raw, "project_id": "p"}))
+    assert (sent.trace_id.hex(), sent.span_id.hex()) == (trace, span)
+    assert sent.parent_span_id.hex() == parent
+    elsewhere = prompt_call(f"{trace}-{span}", run_id="run-9", parent_event_id=f"{trace}-{parent}")
+    sent = event_span(EVENT_ADAPTER.validate_python({**elsewhere, "project_id": "p"}))
+    assert sent.span_id.hex() == hex_id(f"{trace}-{span}", 8) != span
+    assert sent.parent_span_id.hex() == hex_id(f"{trace}-{parent}", 8)
