@@ -803,9 +803,16 @@ def test_usage_counts_only_the_events_accepted(quota_server: Any) -> None:
     other = post("/v1/events/batch", {"events": [prompt_call(uuid.uuid4().hex, project_id="beta")]})
     assert other.status_code == 403
     assert used() == (49, 49)
+    # In-process ingestion (the SDK's and the middleware's way in): the same.
+    with pytest.raises(Problem) as refused:
+        server.wl.ingest_from_thread(server.key, [invalid] * 3, 30)
+    assert refused.value.status == 422
+    taken = server.wl.ingest_from_thread(server.key, [invalid, prompt_call(uuid.uuid4().hex)], 30)
+    assert taken["accepted"] == 1
+    assert used() == (50, 50)
     # The check before validation still refuses what would not fit, valid or not: 429 with
     # its headers, nothing counted.
-    over = post("/v1/events/batch", {"events": [invalid] * 52})
-    assert over.status_code == 429 and over.json()["would_fit"] == 51
-    assert over.headers["X-RateLimit-Remaining"] == "51" and "Retry-After" in over.headers
-    assert used() == (49, 49)
+    over = post("/v1/events/batch", {"events": [invalid] * 51})
+    assert over.status_code == 429 and over.json()["would_fit"] == 50
+    assert over.headers["X-RateLimit-Remaining"] == "50" and "Retry-After" in over.headers
+    assert used() == (50, 50)
