@@ -307,7 +307,8 @@ class WatchLLM:
         except Problem:
             await self.refund_quota(principal, len(events))  # refused whole: nothing taken
             raise
-        await self.refund_quota(principal, len(outcome.rejected))
+        if outcome.rejected:  # a 207's invalid events (no coroutine for a 202: the common case)
+            await self.refund_quota(principal, len(outcome.rejected))
         return body
 
     async def ingest_with_key(self, api_key: str, events: list[dict[str, Any]]) -> dict[str, Any]:
@@ -583,7 +584,8 @@ async def _ingest_fast(
     except Problem:
         await wl.refund_quota(principal, len(events))  # refused whole (403, 422, 503)
         raise
-    await wl.refund_quota(principal, len(outcome.rejected))  # a 207's invalid events
+    if outcome.rejected:  # a 207's invalid events (no coroutine for a 202: the common case)
+        await wl.refund_quota(principal, len(outcome.rejected))
     return response
 
 
@@ -617,7 +619,8 @@ async def _ingest(
     except Problem:
         await wl.refund_quota(principal, len(items))  # refused whole (422, 503)
         raise
-    await wl.refund_quota(principal, len(outcome.rejected))  # a 207's invalid events
+    if outcome.rejected:  # a 207's invalid events (no coroutine for a 202: the common case)
+        await wl.refund_quota(principal, len(outcome.rejected))
     return response
 
 
