@@ -143,6 +143,19 @@ def test_a_segment_released_when_sinks_catch_up_gives_its_space_back(tmp_path: P
     anyio.run(main)
 
 
+def test_close_after_a_roll_needs_no_path(tmp_path: Path) -> None:
+    """The folder's entry of a rolled segment is fsynced through a descriptor the spool holds:
+    close() works when the path has gone meanwhile (a disk unmounted lazily under a stopping
+    server)."""
+    spool = Spool(tmp_path / "spool", fsync="interval", segment_max_bytes=HEADER_SIZE * 3)
+    for p in payloads(4):  # the third rolls; nothing fsynced yet (interval)
+        spool.write(p, 1)
+    assert spool._folder_unsynced
+    (tmp_path / "spool").rename(tmp_path / "moved")
+    spool.close()
+    assert not [path for path in open_files() if str(tmp_path) in path]
+
+
 def test_torn_tail_is_cut_and_start_goes_on(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -195,6 +195,9 @@ class Spool:
         # fsync (sync_to's worker thread) covers them before it counts anything as durable.
         self._unsynced_fds: list[int] = []
         self._folder_unsynced = False
+        # The folder's own descriptor for those fsyncs: no open per sync, and one that still
+        # works at close() when the path has gone (a disk unmounted lazily under it, say).
+        self._folder_fd = os.open(self.segments_dir, os.O_RDONLY)
         self._released: list[Path] = []  # segment files to unlink (release(unlink=False))
         self._synced = anyio.Event()
         # Made by the first waiter only: an anyio.Event costs microseconds to make, and a
@@ -301,7 +304,7 @@ class Spool:
             target = self._written
             fd = self._fd
             closed, self._unsynced_fds = self._unsynced_fds, []
-            folder = self.segments_dir if self._folder_unsynced else None
+            folder = self._folder_fd if self._folder_unsynced else None
             self._folder_unsynced = False
             try:
                 await anyio.to_thread.run_sync(self._sync_files, closed, folder, fd)
@@ -324,14 +327,14 @@ class Spool:
         await self._appended.wait()
 
     @staticmethod
-    def _sync_files(closed: list[int], folder: Path | None, fd: int) -> None:
+    def _sync_files(closed: list[int], folder: int | None, fd: int) -> None:
         """(On a worker thread.) fsync the segments a roll closed (closing each once it is on
         disk; one that fails stays in `closed`), the folder's new entries, then `fd`."""
         while closed:
             os.fsync(closed[0])
             os.close(closed.pop(0))
         if folder is not None:
-            fsync_dir(folder)
+            os.fsync(folder)
         os.fsync(fd)
 
     def _roll(self) -> None:
@@ -362,10 +365,11 @@ class Spool:
         while self._retired_fds:
             os.close(self._retired_fds.pop())
         if self._fd >= 0:
-            folder = self.segments_dir if self._folder_unsynced else None
+            folder = self._folder_fd if self._folder_unsynced else None
             self._sync_files(self._unsynced_fds, folder, self._fd)
             self._folder_unsynced = False
             os.close(self._fd)
+            os.close(self._folder_fd)
             self._fd = -1
             self._durable = self._written
 
