@@ -297,7 +297,8 @@ def test_the_run_context_reaches_handlers_threads_and_background_tasks(tmp_path:
     assert bad.json()["run_id"] != "no spaces allowed"  # not an id the contract takes: new
     rows = stored(settings)
     steps = {s["run_id"]: s for s in summaries(rows)}
-    assert steps[trace]["parent_event_id"] == "00f067aa0ba902b7"  # the caller's span
+    # The caller's span, named as the OTLP receiver names an LLM span's event.
+    assert steps[trace]["parent_event_id"] == f"{trace}-00f067aa0ba902b7"
     assert steps["run-abc"]["event_id"] == a.json()["parent"]
     calls = [row for row in rows if row["event_type"] == "prompt_call"]
     assert {(row["run_id"], row["parent_event_id"]) for row in calls} == {
@@ -854,14 +855,18 @@ def test_summaries_ride_with_recorded_events_or_wait_for_their_interval(tmp_path
         # waited go with the next flush.
         assert client.get("/items/7").status_code == 200
         deadline = time.monotonic() + 10
-        while len(outbox) and time.monotonic() < deadline:
+        # The outbox empties when a flush takes the events; "ingested" counts them once
+        # that flush's ingest has returned, a moment later.
+        while (len(outbox) or outbox.stats["ingested"] < 5) and time.monotonic() < deadline:
             time.sleep(0.02)
         assert len(outbox) == 0 and outbox.stats["ingested"] == 5
         # Past their interval, summaries go without anything else.
         outbox.summary_interval_s = 0.3
         assert client.get("/free").status_code == 200
         deadline = time.monotonic() + 10
-        while len(outbox) and time.monotonic() < deadline:
+        # The outbox empties when a flush takes the events; "ingested" counts them once
+        # that flush's ingest has returned, a moment later.
+        while (len(outbox) or outbox.stats["ingested"] < 6) and time.monotonic() < deadline:
             time.sleep(0.02)
         assert len(outbox) == 0 and outbox.stats["ingested"] == 6
     steps = summaries(stored(settings))

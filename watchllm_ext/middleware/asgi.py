@@ -46,6 +46,7 @@ from ..app import WatchLLM
 from ..auth import Principal
 from ..errors import Problem
 from ..locks import FolderLock, FolderLocked
+from ..otel.ids import event_id_of
 from ..sdk.context import RunContext, RunTally
 from ..sdk.context import _current as _current_run
 from ..store.base import StoreLockedError
@@ -596,10 +597,12 @@ class WatchLLMMiddleware:
         if traceparent is not None:
             match = _TRACEPARENT.fullmatch(traceparent.strip())
             if match and match[1] != "ff" and match[2] != _ZERO_TRACE and match[3] != _ZERO_SPAN:
-                # The OTel mapping (design): trace id -> run_id, the caller's span -> parent.
+                # The OTel mapping (design): trace id -> run_id, the caller's span -> parent,
+                # named as the receiver names a span's event (`<trace>-<span>`, otel.ids), so
+                # that an LLM caller span's event is the parent; the run tree links it either way.
                 if run_id is None:
                     run_id = match[2]
-                parent = match[3]
+                parent = event_id_of(match[2], match[3])
         if run_id is None or not _ID.fullmatch(run_id):
             run_id = fast_id()  # none, or not an id the contract takes: a run of its own
         return run_id, parent, user
