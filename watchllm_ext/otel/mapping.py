@@ -274,7 +274,8 @@ def map_span(span: Span, project_id: str = "", received_at: datetime = _EPOCH) -
     start = row.start_time
     if event_type is None:
         return Mapped(row, None, [])
-    forwarded = forwarded_event(span)
+    # Only a span with watchllm.event_type can be a forwarded event (most have none).
+    forwarded = forwarded_event(span) if WATCHLLM_EVENT_TYPE in span.attributes else None
     if forwarded is not None:
         # Every attribute was written by the exporter for this event: none is "not understood".
         return Mapped(row, forwarded, [], forwarded=True)
@@ -282,9 +283,10 @@ def map_span(span: Span, project_id: str = "", received_at: datetime = _EPOCH) -
     event = _common(span, event_type, used, start)
     build = _BUILDERS[event_type]
     build(span, event, used)
-    unmapped = sorted(
-        k for k in span.attributes if k not in used and not k.startswith(_INDEXED_PREFIXES)
-    )
+    # The keys no rule read (a list comprehension, the prefix test only on those), sorted.
+    unmapped = [k for k in span.attributes if k not in used]
+    if unmapped:
+        unmapped = sorted([k for k in unmapped if not k.startswith(_INDEXED_PREFIXES)])
     otel: dict[str, Any] = {
         "otel.mapping_version": MAPPING_VERSION,
         "otel.span_name": span.name,
