@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -64,7 +63,7 @@ from .openapi import openapi_endpoint
 from .otel.rows import SpanRow
 from .plugins import call_hook, describe_plugins, get_plugin_manager
 from .quota import QuotaDecision
-from .schema import EVENT_LIST_ADAPTER, require_server_filled
+from .schema import EVENT_LIST_ADAPTER, PROJECT_ID_RE, require_server_filled
 from .sdk.context import register_local_app, unregister_local_app
 from .settings import Settings, load_settings
 from .spool import Spool
@@ -79,7 +78,6 @@ log = logging.getLogger("watchllm.app")
 # The tables /v1/admin/count counts (by project): the event tables, not the store's others.
 STORE_TABLES = ("events", "tool_calls", "agent_steps", "spans", "traces")
 # Project ids as keys take them (schema.ProjectId): an admin route's `project` is one.
-_PROJECT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 
 
 @dataclass
@@ -845,7 +843,7 @@ def _administered_project(request: Request, principal: Principal) -> str | None:
     and scopes"): an admin key administers its own project only (its project when none is
     named), an operator key every project (all of them when none is named)."""
     project = request.query_params.get("project") or None
-    if project is not None and not _PROJECT_ID.fullmatch(project):
+    if project is not None and not PROJECT_ID_RE.fullmatch(project):
         shown = project if len(project) <= 64 else project[:64] + "..."
         raise Problem(
             400,

@@ -15,7 +15,7 @@ from starlette.routing import Route
 from . import __version__
 from .analytics import models as answers
 from .analytics import params as P
-from .schema import EVENT_TYPES, MAX_ID_CHARS, Event
+from .schema import EVENT_TYPES, MAX_ID_CHARS, PROJECT_ID_PATTERN, Event
 
 REF = "#/components/schemas/{model}"
 
@@ -131,7 +131,7 @@ _PROJECT = _query(
     "project_id",
     "the project read (default: the key's own; another project is 403). Required with an"
     " `operator` key, which may read any project (without it: 400 naming `project_id`)",
-    {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.\\-]{0,63}$"},
+    {"type": "string", "pattern": f"^{PROJECT_ID_PATTERN}$"},
 )
 # One time-range vocabulary on every route with a range (docs/ANALYTICS.md, "Time range").
 _RANGE = [
@@ -186,7 +186,7 @@ def _get(
 
 # Project ids as keys take them (schema.ProjectId); another `project` is 400 naming it. Empty
 # is as if left out (the admin routes read `project=` so).
-PROJECT_ID_SCHEMA = {"type": "string", "pattern": r"^([A-Za-z0-9][A-Za-z0-9_.\-]{0,63})?$"}
+PROJECT_ID_SCHEMA = {"type": "string", "pattern": f"^({PROJECT_ID_PATTERN})?$"}
 _ADMIN_PROJECT = _query(
     "project",
     "the project administered (default: the key's own; with an `operator` key: every project)."

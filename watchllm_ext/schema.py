@@ -75,6 +75,10 @@ Id = Annotated[
     str,
     StringConstraints(min_length=1, max_length=MAX_ID_CHARS, pattern=r"^[A-Za-z0-9_.:\-]+$"),
 ]
+# A project id: what keys, events, query parameters and admin routes all accept. (ProjectId
+# states the same rule as a length and a pattern: its error messages quote that pattern.)
+PROJECT_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}"
+PROJECT_ID_RE = re.compile(PROJECT_ID_PATTERN)
 ProjectId = Annotated[
     str,
     StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"),

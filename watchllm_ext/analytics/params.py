@@ -16,7 +16,7 @@ from starlette.datastructures import QueryParams
 
 from ..auth import Principal
 from ..errors import Problem, other_project
-from ..schema import MAX_ID_CHARS, MAX_TIMESTAMP, MIN_TIMESTAMP
+from ..schema import MAX_ID_CHARS, MAX_TIMESTAMP, MIN_TIMESTAMP, PROJECT_ID_RE
 
 # `period`, on every route that takes a time range (docs/ANALYTICS.md, "Time range").
 PERIODS = {
@@ -54,7 +54,6 @@ RANK_BY = ("events", "requests", "errors", "cost", "tokens")
 _ID = re.compile(rf"[A-Za-z0-9_.:\-]{{1,{MAX_ID_CHARS}}}")
 _DIGITS = re.compile(r"[0-9]{1,9}")
 # Project ids as keys take them (schema.ProjectId).
-_PROJECT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 MAX_TZ_CHARS = 64
 
 
@@ -67,7 +66,7 @@ def project(params: QueryParams, principal: Principal) -> str:
     project is 403). An operator key is instance-wide (docs/API.md, "Keys and scopes"): it
     has no project to fall back on, so it must name the one it reads, and may name any."""
     project_id = params.get("project_id")
-    if project_id is not None and not _PROJECT.fullmatch(project_id):
+    if project_id is not None and not PROJECT_ID_RE.fullmatch(project_id):
         shown = project_id if len(project_id) <= 64 else project_id[:64] + "..."
         raise bad("project_id", f"not a project id (1-64 of A-Z a-z 0-9 _ . -): {shown!r}")
     if principal.can("operator"):

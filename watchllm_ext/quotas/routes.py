@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
@@ -28,6 +27,7 @@ from starlette.routing import BaseRoute, Route
 from ..auth import Principal, Scope
 from ..errors import Problem
 from ..openapi import PROJECT_ID_SCHEMA, ErrorBody, _json, _query, _ref, described
+from ..schema import PROJECT_ID_RE
 from .engine import QuotaUnavailable
 from .plans import WINDOWS, Plan, periods
 
@@ -49,7 +49,6 @@ SUBSCRIPTION_EVENTS = {
 }
 PROJECT_METADATA = "watchllm_project"
 # Project ids as keys take them (schema.ProjectId).
-PROJECT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 SETTABLE = (*WINDOWS,)
 MAX_SET = 10**18  # a count set by hand stays a 64-bit integer in Redis (INCRBY works on it)
 
@@ -278,7 +277,7 @@ def _any_key(request: Request) -> Principal:
 def _admin_project(request: Request, scope: Scope) -> str:
     principal = _wl(request).authenticate(request, scope)
     project = request.query_params.get("project") or principal.project_id
-    if not PROJECT_ID.fullmatch(project):
+    if not PROJECT_ID_RE.fullmatch(project):
         # Before any usage state is read or made for it: only a key's project can have usage.
         shown = project if len(project) <= 64 else project[:64] + "..."
         raise Problem(
@@ -459,7 +458,7 @@ async def apply_stripe_event(plugin: QuotaPlugin, event: Any) -> dict[str, Any]:
             "received": event_id,
             "ignored": f"the subscription has no metadata.{PROJECT_METADATA} naming the project",
         }
-    if not isinstance(project, str) or not PROJECT_ID.fullmatch(project):
+    if not isinstance(project, str) or not PROJECT_ID_RE.fullmatch(project):
         raise _bad_event(
             f"data.object.metadata.{PROJECT_METADATA}",
             f"not a project id (1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit):"
