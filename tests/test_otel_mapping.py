@@ -311,6 +311,20 @@ def same_as_validated(event: dict[str, Any]) -> Any:
     return built
 
 
+def test_a_lone_surrogate_in_json_text_stays_text() -> None:
+    # json.loads reads "\\ud800" as a lone surrogate, which no JSON encoder writes: such a
+    # document is not read as messages (its text stays in the row), and the span's event can
+    # be encoded for the spool (before, the whole request failed there).
+    messages = '[{"role": "user", "content": "\\ud800"}]'
+    attrs = {"gen_ai.operation.name": "chat", "gen_ai.input.messages": messages}
+    mapped = map_span(span(attributes=attrs))
+    assert mapped.event is not None and "prompt" not in mapped.event
+    assert mapped.row.attributes["gen_ai.input.messages"] == messages
+    built = same_as_validated(mapped.event)
+    assert built is not None
+    encode_events([built])
+
+
 def test_built_events_decline_what_the_checks_refuse() -> None:
     deep = "[" * 300 + "]" * 300  # free-form JSON deeper than the validators take
     attrs = {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.call.arguments": deep}

@@ -866,11 +866,18 @@ def _json_value(value: Any) -> Any:
 def _loads(text: str) -> Any:
     """json.loads' result, by msgspec (about five times faster) for the JSON it reads; what
     it refuses (NaN, 1e400, lone surrogates) or what is no JSON goes to json.loads, which
-    reads the first three as before and raises ValueError for the last."""
+    reads the first two as before and raises ValueError for the others: a lone surrogate
+    ("\\ud800") is text no JSON encoder writes, so the spool could not hold the event (the
+    request failed whole); such a document stays the attribute's text."""
     try:
         return _decoder.decode(text)
     except msgspec.DecodeError:
-        return json.loads(text)
+        value = json.loads(text)
+    try:
+        _encoder.encode(value)
+    except UnicodeEncodeError:
+        raise ValueError("a lone surrogate in the JSON text") from None
+    return value
 
 
 _decoder = msgspec.json.Decoder()
