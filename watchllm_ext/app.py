@@ -66,6 +66,7 @@ from .quota import QuotaDecision
 from .schema import EVENT_LIST_ADAPTER, PROJECT_ID_RE, require_server_filled
 from .sdk.context import register_local_app, unregister_local_app
 from .settings import Settings, load_settings
+from .slots import FairSlots
 from .spool import Spool
 from .store import Store, apply_migrations
 from .store.base import StoreError, StoreLockedError, StoreUnavailable
@@ -94,7 +95,7 @@ class WatchLLM:
     openapi: dict[str, Any] | None = None
     _opened_store: Store | None = None
     # Big bodies in work at once (ingest_threads); made on first use, inside the event loop.
-    _big_bodies: anyio.CapacityLimiter | None = None
+    _big_bodies: FairSlots | None = None
     # The event loop the app runs on, while it runs (for ingest_from_thread).
     _loop: asyncio.AbstractEventLoop | None = None
 
@@ -509,9 +510,11 @@ async def _read(request: Request, wl: WatchLLM, headers: IngestHeaders) -> bytes
 
 
 class _BigBodySlot:
-    """A place among `ingest_threads` (first come first served) for a body whose CPU work runs
-    on a worker thread (OFFLOAD_MIN_BYTES and up; a small one is handled inline, cheaper than
-    the thread hop). The bound keeps big batches from all holding their events at once.
+    """A place among `ingest_threads` for a body whose CPU work runs on a worker thread
+    (OFFLOAD_MIN_BYTES and up; a small one is handled inline, cheaper than the thread hop). The
+    bound keeps big batches from all holding their events at once. When all are held, a freed
+    place goes to the next project in turn (slots.FairSlots): one project's stream of big
+    batches does not make another's wait behind all of it.
 
     Given back once the request's events are written to the log (`release`, in `_accept`),
     not at its end: the wait for their fsync then holds no place. Held through the fsync, it
@@ -519,16 +522,17 @@ class _BigBodySlot:
     fsync (1,000-event batches into the spool, 4 connections, a sink that keeps up, load
     8-10: 15-23k events/s -> 31-50k, alternating runs; before, four places gave 71k vs 54k)."""
 
-    __slots__ = ("_held", "_limiter")
+    __slots__ = ("_held", "_places", "_project")
 
-    def __init__(self, wl: WatchLLM) -> None:
+    def __init__(self, wl: WatchLLM, principal: Principal) -> None:
         if wl._big_bodies is None:
-            wl._big_bodies = anyio.CapacityLimiter(wl.settings.ingest_threads)
-        self._limiter = wl._big_bodies
+            wl._big_bodies = FairSlots(wl.settings.ingest_threads)
+        self._places = wl._big_bodies
+        self._project = principal.project_id
         self._held = False
 
     async def __aenter__(self) -> _BigBodySlot:
-        await self._limiter.acquire()
+        await self._places.acquire(self._project)
         self._held = True
         return self
 
@@ -538,7 +542,7 @@ class _BigBodySlot:
     def release(self) -> None:
         if self._held:
             self._held = False
-            self._limiter.release()
+            self._places.release()
 
 
 async def _cpu(off_loop: bool, fn: Callable[..., Any], *args: Any) -> Any:
@@ -706,7 +710,7 @@ async def project_events(request: Request) -> Response:
     body = await _read(request, wl, headers)
     if len(body) < OFFLOAD_MIN_BYTES:
         return await _project_events(wl, principal, body, None, received_at)
-    async with _BigBodySlot(wl) as slot:
+    async with _BigBodySlot(wl, principal) as slot:
         return await _project_events(wl, principal, body, slot, received_at)
 
 
@@ -724,7 +728,7 @@ async def _project_events(
     if not off_loop and len(body) >= DETAILED_OFFLOAD_MIN_BYTES:
         # Declined by the fast validator: the detailed answer costs up to ~10x (ingest.py),
         # so it is a big body's work, on a worker thread in a big body's place.
-        async with _BigBodySlot(wl) as big:
+        async with _BigBodySlot(wl, principal) as big:
             return await _project_events(wl, principal, body, big, received_at)
     payload = await _cpu(off_loop, parse_json, body)
     if isinstance(payload, dict):
@@ -749,7 +753,7 @@ async def batch_events(request: Request) -> Response:
     body = await _read(request, wl, headers)
     if len(body) < OFFLOAD_MIN_BYTES:
         return await _batch_events(wl, principal, body, None, received_at)
-    async with _BigBodySlot(wl) as slot:
+    async with _BigBodySlot(wl, principal) as slot:
         return await _batch_events(wl, principal, body, slot, received_at)
 
 
@@ -767,7 +771,7 @@ async def _batch_events(
     if not off_loop and len(body) >= DETAILED_OFFLOAD_MIN_BYTES:
         # Declined by the fast validator: the detailed answer costs up to ~10x (ingest.py),
         # so it is a big body's work, on a worker thread in a big body's place.
-        async with _BigBodySlot(wl) as big:
+        async with _BigBodySlot(wl, principal) as big:
             return await _batch_events(wl, principal, body, big, received_at)
     payload = await _cpu(off_loop, parse_json, body)
     if not isinstance(payload, dict):

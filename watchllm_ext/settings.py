@@ -95,7 +95,8 @@ class Settings(BaseSettings):
         ge=1,
         le=64,
         description="Big request bodies (64 KiB and more) validated and encoded on worker"
-        " threads at once, off the event loop; more wait their turn, first come first served."
+        " threads at once, off the event loop; more wait their turn, the projects waiting served"
+        " in turn (first come first served within one)."
         " One suits most machines: the work holds Python's GIL, so more threads add memory,"
         " not speed.",
     )
