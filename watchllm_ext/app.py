@@ -35,7 +35,7 @@ from . import __version__
 from .analytics.routes import routes as analytics_routes
 from .auth import Principal, Scope, bearer_token
 from .dead_letters import done, read_dead_letters, summary, take_dead_letters, targeted_payload
-from .errors import Problem, other_project, problem_handler, unauthorized
+from .errors import Problem, not_a_project_id, other_project, problem_handler, unauthorized
 from .fast_validate import decode_stored, encode_events
 from .hookspecs import BackgroundTask
 from .ingest import (
@@ -848,13 +848,7 @@ def _administered_project(request: Request, principal: Principal) -> str | None:
     named), an operator key every project (all of them when none is named)."""
     project = request.query_params.get("project") or None
     if project is not None and not PROJECT_ID_RE.fullmatch(project):
-        shown = project if len(project) <= 64 else project[:64] + "..."
-        raise Problem(
-            400,
-            "bad_parameter",
-            f"project: not a project id (1-64 of A-Z a-z 0-9 _ . -): {shown!r}",
-            field="project",
-        )
+        raise not_a_project_id(project)
     if project is None and not principal.can("operator"):
         project = principal.project_id
     if principal.administers(project):

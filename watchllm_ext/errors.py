@@ -60,6 +60,18 @@ def other_project(key_project: str, named: str) -> Problem:
     )
 
 
+def not_a_project_id(value: str, field: str = "project") -> Problem:
+    """400 for a query parameter that should name a project and is not a project id (checked
+    before anything is read or made for it)."""
+    shown = value if len(value) <= 64 else value[:64] + "..."
+    return Problem(
+        400,
+        "bad_parameter",
+        f"{field}: not a project id (1-64 of A-Z a-z 0-9 _ . -): {shown!r}",
+        field=field,
+    )
+
+
 async def problem_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, Problem)
     return exc.response()

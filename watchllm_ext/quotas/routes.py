@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from ..auth import Principal, Scope
-from ..errors import Problem
+from ..errors import Problem, not_a_project_id
 from ..openapi import PROJECT_ID_SCHEMA, ErrorBody, _json, _query, _ref, described
 from ..schema import PROJECT_ID_RE
 from .engine import QuotaUnavailable
@@ -279,13 +279,7 @@ def _admin_project(request: Request, scope: Scope) -> str:
     project = request.query_params.get("project") or principal.project_id
     if not PROJECT_ID_RE.fullmatch(project):
         # Before any usage state is read or made for it: only a key's project can have usage.
-        shown = project if len(project) <= 64 else project[:64] + "..."
-        raise Problem(
-            400,
-            "bad_parameter",
-            f"project: not a project id (1-64 of A-Z a-z 0-9 _ . -): {shown!r}",
-            field="project",
-        )
+        raise not_a_project_id(project)
     if not principal.administers(project):
         raise Problem(
             403,
