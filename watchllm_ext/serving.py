@@ -92,6 +92,11 @@ def problem_bytes(problem: Problem, default_headers: list[tuple[bytes, bytes]]) 
 _H11_TOO_LARGE = "Receive buffer too long"
 
 
+# How long a connection answered with a 4xx by the protocol itself (431, a parser's 400) keeps
+# reading (and dropping) what the client still sends before it is closed.
+_LINGER_S = 1.0
+
+
 class _HeadersTooLarge(Exception):
     """Raised from the parser's headers-complete callback: the parser stops there, and
     uvicorn's handling of a parser error calls send_400_response, which answers 431."""
@@ -111,16 +116,33 @@ def header_timeout_protocol(
     except ImportError:
         from uvicorn.protocols.http.h11_impl import H11Protocol as base
 
-    headers_complete = getattr(base, "on_headers_complete", None)  # httptools' callback
+    headers_complete = getattr(base, "on_headers_complete", None)  # httptools' callbacks
+    message_begin = getattr(base, "on_message_begin", None)
+    message_complete = getattr(base, "on_message_complete", None)
+    # httptools tells where its parser is: its bytes are counted exactly from each request's
+    # first byte to the end of its headers. h11 caps a header block itself
+    # (h11_max_incomplete_event_size, uvicorn_options); under it only the deadline is ours.
+    counting = headers_complete is not None
 
     class HeaderTimeoutProtocol(base):  # type: ignore[misc, valid-type]
-        # Both of uvicorn's protocols set `self.cycle` to a new object once a request's
-        # headers are complete: the deadline is met when `cycle` changed since it was set.
         _header_timer: asyncio.TimerHandle | None = None
+        # (h11) Both of uvicorn's protocols set `self.cycle` to a new object once a request's
+        # headers are complete: the deadline is met when `cycle` changed since it was set.
         _cycle_at_timer: Any = None
-        # Bytes received since the headers' deadline was armed: an upper bound of the header
-        # block's size (the last piece may hold the start of the body too).
+        # (httptools) Whether the parser is in a request's head (request line and headers):
+        # from the connection's start, and from the end of each request (its body parsed,
+        # whether or not the app read it or answered early) to the end of the next one's
+        # headers. Bytes are counted only there: a body is never taken for headers, and a
+        # pipelined request's head is counted while the one before it is still served.
+        _in_head = True
+        # Bytes received in the head so far (from the first chunk that began in it): an
+        # upper bound of its size while it is the only message begun in those chunks.
         _header_bytes = 0
+        _chunk_counted = True  # the chunk being parsed was counted from its first byte
+        _begun_in_chunk = 0  # requests begun in the chunk being parsed
+        # The head began in a chunk also holding something before it: its count is not its
+        # size, so its size is worked out exactly once its headers are complete.
+        _head_unsure = False
         _refused = False
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -129,31 +151,45 @@ def header_timeout_protocol(
 
         def data_received(self, data: bytes) -> None:
             if self._refused:
-                return  # answered and closing: nothing more is parsed
-            between_requests = self.cycle is None or self.cycle.response_complete
-            if between_requests and self._header_timer is None:
+                return  # answered (or closing): what still comes is read and dropped
+            if self._header_timer is None and self._awaiting_request():
                 self._arm()  # the first bytes of a new request on a kept-alive connection
-            waiting = self._header_timer is not None
-            if waiting:
-                self._header_bytes += len(data)
+            if counting:
+                in_head = self._in_head
+                if in_head:
+                    self._header_bytes += len(data)
+                self._chunk_counted = in_head
+                self._begun_in_chunk = 0
             super().data_received(data)
-            if not waiting:
+            if self._header_timer is None:
                 return
-            if self.cycle is not self._cycle_at_timer:
+            if not self._headers_pending():
                 self._disarm()  # headers complete
-            elif self._header_bytes > max_header_bytes and not self._refused:
+            elif counting and self._header_bytes > max_header_bytes and not self._refused:
                 # Still no end of the headers past the cap: answer and stop reading, so an
                 # unfinished header block never holds more than about the cap in memory.
-                self._refuse(headers_too_large(max_header_bytes))
+                self._answer(headers_too_large(max_header_bytes))
+
+        def on_message_begin(self) -> None:
+            self._begun_in_chunk += 1
+            if not self._chunk_counted or self._begun_in_chunk > 1:
+                self._head_unsure = True
+            message_begin(self)
 
         def on_headers_complete(self) -> None:
-            # Exact size only when the bytes so far could be over the cap (they usually are
-            # far under it: no per-request sum).
-            if self._header_bytes > max_header_bytes:
+            # The exact size only when the count could be over the cap or is not this head's
+            # (usually neither: no per-request sum).
+            if self._header_bytes > max_header_bytes or self._head_unsure:
                 size = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
                 if size > max_header_bytes:
                     raise _HeadersTooLarge()
+            self._in_head = self._head_unsure = False
             headers_complete(self)  # the base's, called directly: super() costs ~0.3 us here
+
+        def on_message_complete(self) -> None:
+            self._in_head = True
+            self._header_bytes = 0
+            message_complete(self)
 
         def send_400_response(self, msg: str) -> None:
             # uvicorn calls this inside its `except` of the parser's error: that error says
@@ -166,31 +202,62 @@ def header_timeout_protocol(
                 problem = headers_too_large(max_header_bytes)
             else:
                 problem = parser_problem(str(error) if error is not None else msg)
+            self._answer(problem)
+
+        def _answer(self, problem: Problem) -> None:
+            """Answer `problem` and close, unless an answer now would be taken for another
+            request's: then only close."""
+            self._refused = True
+            self._disarm()
             cycle = self.cycle
             if cycle is not None and not cycle.response_complete:
-                if cycle.response_started:
-                    self._refused = True  # an answer is under way: a second one garbles it
+                if cycle.response_started or (counting and self._in_head):
+                    # An answer is under way (a second one would garble it), or the bytes
+                    # refused are a pipelined request's while the one before is served (the
+                    # client would read ours as that one's): close; the app sees a
+                    # disconnect and writes nothing more.
+                    cycle.disconnected = True
+                    cycle.message_event.set()
                     self.transport.close()
                     return
                 # The app is reading this request's body (bad chunk framing): it will see a
                 # disconnect; this tells it the client got this answer (observability/metrics).
                 cycle.scope[ANSWERED] = problem.status
-            self._refuse(problem)
-
-        def _refuse(self, problem: Problem) -> None:
-            self._refused = True
-            self._disarm()
-            if not self.transport.is_closing():
-                self.transport.write(problem_bytes(problem, self.server_state.default_headers))
+            if self.transport.is_closing():
+                return
+            self.transport.write(problem_bytes(problem, self.server_state.default_headers))
+            # A lingering close: the client may still be sending (a header block of
+            # megabytes); closing with its bytes unread would reset the connection before it
+            # reads the answer. End our side, drop what comes, close in a moment.
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+                self.loop.call_later(_LINGER_S, self.transport.close)
+            else:
                 self.transport.close()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
             super().connection_lost(exc)
 
+        def _between_requests(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def _awaiting_request(self) -> bool:
+            """Whether the connection waits for a request's headers: in a head, or (httptools)
+            still receiving the body of a request already answered (an early 401 or 413: the
+            rest of that body, then the next head, are under the deadline too)."""
+            if counting:
+                return self._in_head or self._between_requests()
+            return self._between_requests()
+
+        def _headers_pending(self) -> bool:
+            """Whether the headers the deadline was armed for are still to come."""
+            if counting:
+                return self._in_head or self._between_requests()
+            return self.cycle is self._cycle_at_timer
+
         def _arm(self) -> None:
             self._cycle_at_timer = self.cycle
-            self._header_bytes = 0
             self._header_timer = self.loop.call_later(timeout_s, self._headers_late)
 
         def _disarm(self) -> None:
@@ -200,7 +267,7 @@ def header_timeout_protocol(
 
         def _headers_late(self) -> None:
             self._header_timer = None
-            if self.cycle is self._cycle_at_timer and not self.transport.is_closing():
+            if self._headers_pending() and not self.transport.is_closing():
                 self.transport.close()
 
     return HeaderTimeoutProtocol
