@@ -816,3 +816,42 @@ def test_usage_counts_only_the_events_accepted(quota_server: Any) -> None:
     assert over.status_code == 429 and over.json()["would_fit"] == 50
     assert over.headers["X-RateLimit-Remaining"] == "50" and "Retry-After" in over.headers
     assert used() == (50, 50)
+
+
+def _otlp_json(n: int) -> dict[str, Any]:
+    """OTLP JSON: one trace of `n` plain (non-LLM) spans, their times set and valid."""
+    trace = uuid.uuid4().hex
+    start = time.time_ns() - 10**9
+    spans = [
+        {
+            "traceId": trace,
+            "spanId": f"{i + 1:016x}",
+            "name": f"step {i}",
+            "startTimeUnixNano": str(start),
+            "endTimeUnixNano": str(start + 1_000_000),
+        }
+        for i in range(n)
+    ]
+    return {"resourceSpans": [{"scopeSpans": [{"spans": spans}]}]}
+
+
+@pytest.mark.parametrize("quota_server", ["memory"], indirect=True)
+def test_spans_refused_whole_are_given_back(quota_server: Any) -> None:
+    """OTLP spans refused after the quota check (here 503: the log is full) take nothing:
+    exporters retry 503, and every retry used to be counted again."""
+    away_from_period_end()
+    server = quota_server({"default": {"events_per_day": 100}}, buffer_max_events=4)
+    h = server.headers()
+
+    def used_today() -> int:
+        return int(server.client.get("/v1/usage", headers=h).json()["used"]["day"])
+
+    for _ in range(3):  # an exporter's retries
+        refused = server.client.post("/v1/traces", json=_otlp_json(10), headers=h)
+        assert refused.status_code == 503
+    assert used_today() == 0
+    taken = server.client.post("/v1/traces", json=_otlp_json(3), headers=h)
+    assert taken.status_code == 200 and "rejectedSpans" not in taken.json().get(
+        "partialSuccess", {}
+    )
+    assert used_today() == 3

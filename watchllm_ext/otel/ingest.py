@@ -224,6 +224,23 @@ async def ingest_spans(
     check_span_count(wl, len(spans) + rejected)
     if spans:
         await wl.check_quota(principal, len(spans))
+    try:
+        answer = await _prepare_and_accept(wl, principal, spans, rejected, problems)
+    except Problem:
+        await wl.refund_quota(principal, len(spans))  # refused whole (413, 503): nothing taken
+        raise
+    # Usage counts accepted spans only: those the mapping or validation refused go back.
+    await wl.refund_quota(principal, len(spans) - answer["accepted_spans"])
+    return answer
+
+
+async def _prepare_and_accept(
+    wl: WatchLLM,
+    principal: Principal,
+    spans: Sequence[Span],
+    rejected: int,
+    problems: Sequence[str],
+) -> dict[str, Any]:
     received = receipt_time()
     if len(spans) >= OFFLOAD_SPANS:
         # A spool needs the rows' JSON: made on the worker thread, not on the event loop.
