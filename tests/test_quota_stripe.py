@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import select
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -265,3 +267,34 @@ def test_a_signed_body_that_is_not_json_is_400(billing: Any) -> None:
         "/v1/billing/stripe", content=body, headers={"Stripe-Signature": sign(body)}
     )
     assert answer.status_code == 400 and answer.json()["field"] == "body", answer.text
+
+
+def test_a_signed_body_nested_too_deep_is_400(billing: Any) -> None:
+    server = billing()
+    body = b'{"id": "evt_deep", "data": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    answer = server.client.post(
+        "/v1/billing/stripe", content=body, headers={"Stripe-Signature": sign(body)}
+    )
+    assert answer.status_code == 400 and answer.json()["field"] == "body", answer.text
+    assert plan_of(server) == "free"
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_all_read(billing: Any) -> None:
+    # The webhook needs no key to be sent to: its body is refused as it arrives (chunked,
+    # no Content-Length), not read whole and measured afterwards.
+    server = billing()
+    host, port = server.url.removeprefix("http://").split(":")
+    piece = b"10000\r\n" + b"x" * 65536 + b"\r\n"  # one chunk of 64 KiB
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/billing/stripe HTTP/1.1\r\nHost: t\r\nStripe-Signature: t=1,v1=00\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        answer, sent = b"", 0
+        while not answer and sent < 1024:  # up to 64 MiB
+            sock.sendall(piece)
+            sent += 1
+            if select.select([sock], [], [], 0)[0]:
+                answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+        assert sent * 65536 < 8 << 20  # answered at about the limit (1 MiB), not at the end

@@ -26,12 +26,14 @@ from starlette.routing import BaseRoute, Route
 
 from ..auth import Principal, Scope
 from ..errors import Problem, not_a_project_id
+from ..ingest import read_body
 from ..openapi import PROJECT_ID_SCHEMA, ErrorBody, _json, _query, _ref, described
 from ..schema import PROJECT_ID_RE
 from .engine import QuotaUnavailable
 from .plans import WINDOWS, Plan, periods
 
 if TYPE_CHECKING:
+    from ..settings import Settings
     from .plugin import QuotaPlugin
 
 log = logging.getLogger("watchllm.quotas")
@@ -113,7 +115,7 @@ def quota_routes(plugin: QuotaPlugin) -> list[BaseRoute]:
             # Usage and plans are what a project is billed on: its own admin key may read
             # them, only the instance's operator may change them.
             project = _admin_project(request, "operator")
-            await apply_change(plugin, project, await _json_object(request))
+            await apply_change(plugin, project, await _json_object(request, plugin.settings))
         else:
             project = _admin_project(request, "admin")
         return JSONResponse(await _report(plugin, project))
@@ -303,11 +305,31 @@ async def _report(plugin: QuotaPlugin, project: str) -> dict[str, Any]:
         ) from None
 
 
-async def _json_object(request: Request) -> dict[str, Any]:
-    body = await request.body()
+async def _bounded_body(request: Request, settings: Settings) -> bytes:
+    """The body, refused (413) as soon as it passes MAX_WEBHOOK_BYTES and timed as ingest
+    bodies are: read whole first, a client (the webhook needs no key to send) could make the
+    server hold any amount before its size was checked."""
+    try:
+        return await read_body(
+            request.receive,
+            content_length=request.headers.get("content-length"),
+            content_encoding=request.headers.get("content-encoding"),
+            max_bytes=MAX_WEBHOOK_BYTES,
+            max_decompressed_bytes=MAX_WEBHOOK_BYTES,
+            timeout_s=settings.body_timeout_s,
+            idle_timeout_s=settings.body_idle_timeout_s,
+        )
+    except Problem as exc:
+        if exc.status == 413:
+            raise Problem(413, "too_large", "the body is at most 1 MiB", field="body") from None
+        raise
+
+
+async def _json_object(request: Request, settings: Settings) -> dict[str, Any]:
+    body = await _bounded_body(request, settings)
     try:
         data = json.loads(body or b"{}")
-    except ValueError:
+    except (ValueError, RecursionError):  # (nested deeper than Python's stack: not an answer)
         raise Problem(422, "bad_body", "the body must be a JSON object", field="body") from None
     if not isinstance(data, dict):
         raise Problem(422, "bad_body", "the body must be a JSON object", field="body")
@@ -377,9 +399,7 @@ async def handle_stripe(plugin: QuotaPlugin, request: Request) -> dict[str, Any]
 
     secret = plugin.settings.stripe_webhook_secret
     assert secret is not None  # the route exists only with a secret
-    payload = await request.body()
-    if len(payload) > MAX_WEBHOOK_BYTES:
-        raise Problem(413, "too_large", "a Stripe event is at most 1 MiB", field="body")
+    payload = await _bounded_body(request, plugin.settings)
     signature = request.headers.get("stripe-signature")
     if not signature:
         raise Problem(
@@ -405,6 +425,8 @@ async def handle_stripe(plugin: QuotaPlugin, request: Request) -> dict[str, Any]
     # Verified: read it as plain JSON (the same bytes the signature covers).
     try:
         event = json.loads(payload)
+    except RecursionError:
+        raise Problem(400, "bad_body", "the body nests too deep", field="body") from None
     except ValueError as exc:
         raise Problem(400, "bad_body", f"the body is not JSON: {exc}", field="body") from None
     return await apply_stripe_event(plugin, event)
