@@ -405,6 +405,27 @@ def test_a_key_of_another_project_stores_there_not_here(server: Running) -> None
     assert r.status_code == 404
 
 
+@pytest.mark.parametrize("as_json", [False, True])
+def test_the_same_span_twice_in_one_request_is_stored_once(server: Running, as_json: bool) -> None:
+    """trace id + span id is a span's key: a request holding two spans of one key, with
+    other times, kept both (the store's key has the start time): the later is refused."""
+    trace = new_trace()
+    first = otel_span(trace, 1, llm=True)
+    again = otel_span(trace, 1, llm=True, start_time_unix_nano=T0 + 7_000_000_000)
+    again.end_time_unix_nano = again.start_time_unix_nano + 1_000
+    answer = send(server, export(first, otel_span(trace, 2), again), as_json=as_json)
+    assert answer.status == 200 and answer.rejected_spans == 1, answer
+    assert "spans[2]" in answer.message and "same traceId and spanId" in answer.message
+    settle(server)
+    assert stored(server, trace) == (2, 1)
+    (row,) = server.query(
+        "SELECT toUnixTimestamp64Nano(start_time) AS start FROM spans FINAL"
+        " WHERE trace_id = {t:String} AND span_id = {s:String}",
+        {"t": trace.hex(), "s": span_id(trace, 1).hex()},
+    )
+    assert int(row["start"]) // 1_000 == (T0 + 1_000_000) // 1_000  # the first one's
+
+
 def test_the_same_span_id_in_two_traces_keeps_both_events(server: Running) -> None:
     """A span id is unique only within its trace (the OTLP spec); a client with
     deterministic ids (tests, replays, some SDKs' id generators) reuses them across traces.

@@ -186,6 +186,10 @@ def _check_value(item: Any, field: Any, where: str) -> str | None:
 def spans_of(request: ExportTraceServiceRequest) -> Decoded:
     """Every span of the request, each checked; resource and scope copied onto each span."""
     out = Decoded()
+    # A span's key is its trace id and span id (the store keeps one span a key): a second
+    # span of the same key in one request, with other times or content, would be stored
+    # beside the first. The first is kept; a later one is refused, named.
+    keys: set[tuple[str, str]] = set()
     for r, resource_spans in enumerate(request.resource_spans):
         try:
             resource = _attributes(resource_spans.resource.attributes, "resource")
@@ -199,9 +203,20 @@ def spans_of(request: ExportTraceServiceRequest) -> Decoded:
             scope_name, scope_version = scope.name, scope.version
             for i, span in enumerate(scope_spans.spans):
                 try:
-                    out.spans.append(_span(span, resource, scope_name, scope_version))
+                    decoded = _span(span, resource, scope_name, scope_version)
                 except BadSpan as exc:
                     out.reject(f"resourceSpans[{r}].scopeSpans[{s}].spans[{i}]", str(exc))
+                    continue
+                key = (decoded.trace_id, decoded.span_id)
+                if key in keys:
+                    out.reject(
+                        f"resourceSpans[{r}].scopeSpans[{s}].spans[{i}]",
+                        "spanId: an earlier span of this request has the same traceId and"
+                        " spanId (the first is kept)",
+                    )
+                    continue
+                keys.add(key)
+                out.spans.append(decoded)
     return out
 
 
