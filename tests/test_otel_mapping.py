@@ -445,3 +445,17 @@ def test_prompt_messages_go_to_genai_and_back_exactly() -> None:
     }
     event = map_span(span(attributes=attrs)).event
     assert event is not None and event["prompt"] == looks_like_text
+
+
+def test_a_span_past_the_contracts_window_still_maps_to_a_valid_event() -> None:
+    # The receiver refuses such spans (ids.time_problem); a direct caller of map_span gets
+    # an event at the window's edge, not one the contract refuses (hypothesis found a start
+    # near 2100 clamped past it once ends were let pass 2100 by up to 30 days).
+    from watchllm_ext.otel.ids import MAX_NS
+
+    attrs = {"gen_ai.operation.name": "chat", "gen_ai.request.model": "gpt-4o"}
+    for start in (MAX_NS - 1, MAX_NS, MAX_NS + 10**15, 2**64):
+        mapped = map_span(span(attributes=attrs, start_unix_nano=start, end_unix_nano=start))
+        assert mapped.event is not None
+        event = valid(mapped.event)
+        assert event.timestamp.year == 2099

@@ -60,6 +60,7 @@ _MAPPING = (dict, Mapping)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # A start is before 2100 and an end at most 30 days after it (ids.py): the latest time held.
 _MAX_NS = MAX_NS + MAX_DURATION_NS - 1
+_MAX_START_NS = MAX_NS - 1  # a start (an event's timestamp) stays before 2100
 
 
 @dataclass(slots=True)
@@ -318,7 +319,7 @@ def span_row(
         parent_span_id=span.parent_span_id,
         name=span.name,
         kind=span.kind,
-        start_time=_datetime(start_ns),
+        start_time=_datetime(start_ns, _MAX_START_NS),
         end_time=_datetime(end_ns if end_ns > start_ns else start_ns),
         duration_ms=_latency_ms(span),
         status_code=span.status_code,
@@ -518,7 +519,7 @@ def forwarded_event(span: Span) -> dict[str, Any] | None:
         "event_id": _forwarded_text(attrs.get("watchllm.event_id"))
         or event_id_of(span.trace_id, span.span_id),
         "run_id": _forwarded_text(attrs.get("watchllm.run_id")) or span.trace_id,
-        "timestamp": _datetime(span.start_unix_nano),
+        "timestamp": _datetime(span.start_unix_nano, _MAX_START_NS),
     }
     parent = _forwarded_text(attrs.get("watchllm.parent_event_id"))
     if not parent and span.parent_span_id:
@@ -887,11 +888,12 @@ def _tool_name_from_span(name: str) -> str:
     return name.removeprefix("execute_tool ").strip() or name
 
 
-def _datetime(unix_nano: int) -> datetime:
+def _datetime(unix_nano: int, most: int = _MAX_NS) -> datetime:
     # Spans with times outside the contract's window (1970 to 2100) are refused before this
-    # (ids.time_problem); the clamp only keeps a direct caller's span from raising here.
-    if not 0 <= unix_nano <= _MAX_NS:
-        unix_nano = min(max(unix_nano, 0), _MAX_NS)
+    # (ids.time_problem); the clamp only keeps a direct caller's span (map_span on a span no
+    # receiver checked) from raising here or making an event the contract refuses.
+    if not 0 <= unix_nano <= most:
+        unix_nano = min(max(unix_nano, 0), most)
     # Positional microseconds: timedelta normalises them itself, faster than divmod first.
     return _EPOCH + timedelta(0, 0, unix_nano // 1000)
 
