@@ -78,7 +78,6 @@ log = logging.getLogger("watchllm.app")
 
 # The tables /v1/admin/count counts (by project): the event tables, not the store's others.
 STORE_TABLES = ("events", "tool_calls", "agent_steps", "spans", "traces")
-# Project ids as keys take them (schema.ProjectId): an admin route's `project` is one.
 
 
 @dataclass
