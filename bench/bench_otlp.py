@@ -90,12 +90,25 @@ PHOENIX_INSTALL = "pip install arize-phoenix"
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), from /proc."""
+    """utime + stime of a process (all its threads) and of its live child processes
+    (WatchLLM's OTLP worker processes), from /proc."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return own + sum(cpu_seconds(child) for child in children(pid))
+
+
+def children(pid: int) -> list[int]:
+    """The live child processes of `pid`, by their parent's id."""
+    found: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+    return found
 
 
 def thread_cpu(pid: int) -> Counter[str]:
@@ -114,6 +127,8 @@ def thread_cpu(pid: int) -> Counter[str]:
                 fields = rest.split()
                 # fields[0] is the state; utime and stime are the 12th and 13th after the name.
                 out[name] += (int(fields[11]) + int(fields[12])) / tick
+    for child in children(pid):
+        out["child processes (OTLP workers)"] += cpu_seconds(child)
     return out
 
 
@@ -203,10 +218,17 @@ class Bare(System):
 class WatchLLMServer(System):
     name = "watchllm"
 
-    def __init__(self, workdir: Path, root: Path | None = None, name: str = "watchllm") -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        root: Path | None = None,
+        name: str = "watchllm",
+        settings: dict[str, Any] | None = None,
+    ) -> None:
         self.name = name
         super().__init__(workdir)
         self.root = root  # a --before copy of WatchLLM's code; None: the installed one
+        self.settings = settings or {}  # a --variant's settings
 
     def start(self) -> None:
         from watchllm_ext.keys import KeyStore
@@ -228,6 +250,7 @@ class WatchLLMServer(System):
                 "--data-dir",
                 str(data_dir),
                 *(["--root", str(self.root)] if self.root else []),
+                *(["--settings", json.dumps(self.settings)] if self.settings else []),
             ],
             log=self.log,
             cwd=self.workdir,
@@ -369,7 +392,7 @@ def role_serve_bare(port: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
 
 
-def role_serve_watchllm(port: int, data_dir: Path) -> None:
+def role_serve_watchllm(port: int, data_dir: Path, extra: dict[str, Any]) -> None:
     """What `watchllm serve` runs (cli.cmd_serve), at log level warning."""
     import uvicorn
 
@@ -384,6 +407,7 @@ def role_serve_watchllm(port: int, data_dir: Path) -> None:
         log_level="warning",
         host="127.0.0.1",
         port=port,
+        **extra,
     )
     app = create_app(settings)
     app.state.watchllm.open_store()
@@ -763,6 +787,13 @@ def main() -> None:
     p.add_argument(
         "--rounds", type=int, default=1, help="run every phase this many times (default 1)"
     )
+    p.add_argument(
+        "--variant",
+        action="append",
+        metavar="NAME=VALUE",
+        help="also run the working tree with this setting (the value read as JSON when it"
+        " parses), as system watchllm[NAME=VALUE] (repeatable), e.g. otel_worker_processes=0",
+    )
     p.add_argument("--seed", type=int, default=11)
     p.add_argument("--json", help="also write the results to this file (outside the work folder)")
     p.add_argument(
@@ -778,6 +809,7 @@ def main() -> None:
     p.add_argument("--headers", help=argparse.SUPPRESS)
     p.add_argument("--client-rate", type=float, help=argparse.SUPPRESS)
     p.add_argument("--root", help=argparse.SUPPRESS)
+    p.add_argument("--settings", help=argparse.SUPPRESS)
     args = p.parse_args()
 
     if args.root:
@@ -787,7 +819,7 @@ def main() -> None:
         role_serve_bare(args.port)
         return
     if args.role == "serve-watchllm":
-        role_serve_watchllm(args.port, Path(args.data_dir))
+        role_serve_watchllm(args.port, Path(args.data_dir), json.loads(args.settings or "{}"))
         return
     if args.role == "client":
         role_client(args)
@@ -797,9 +829,17 @@ def main() -> None:
     roots: dict[str, Path] = {}  # watchllm@REV -> its code
     for rev in args.before or []:
         roots[f"watchllm@{rev}"] = before_copy(rev)
-    if roots:
+    variants: dict[str, dict[str, Any]] = {}  # watchllm[NAME=VALUE] -> its settings
+    for given in args.variant or []:
+        name, _, value = given.partition("=")
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = value
+        variants[f"watchllm[{given}]"] = {name: parsed}
+    if roots or variants:
         at = systems.index("watchllm") if "watchllm" in systems else len(systems)
-        systems = [*systems[:at], *roots, *systems[at:]]
+        systems = [*systems[:at], *roots, *variants, *systems[at:]]
     rates = args.rate or list(DEFAULT_RATES)
     if args.quick:
         args.spans = args.flat_spans = 10 * BATCH_SPANS
@@ -861,6 +901,8 @@ def main() -> None:
                 system = WatchLLMServer(folder)
             elif name.startswith("watchllm@"):
                 system = WatchLLMServer(folder, roots[name], name)
+            elif name.startswith("watchllm["):
+                system = WatchLLMServer(folder, None, name, variants[name])
             else:
                 assert phoenix_py is not None
                 system = Phoenix(folder, phoenix_py)
@@ -1032,9 +1074,12 @@ def print_report(
                 f"{r['dropped']:,} / {r['sent']:,}{late} | {answers} | {r['lag_s']:.1f} | "
                 f"{r['p99_ms'] or 0:.0f} | {r['cpu_us_per_span']:.0f} |"
             )
-    # Each WatchLLM beside the first --before commit (medians over the rounds).
+    # Each WatchLLM beside the first --before commit, else the first --variant (medians over
+    # the rounds).
     versions = [name for name in systems if name.startswith("watchllm")]
-    base = next((name for name in versions if name.startswith("watchllm@")), None)
+    base = next((name for name in versions if name.startswith("watchllm@")), None) or next(
+        (name for name in versions if name.startswith("watchllm[")), None
+    )
     if base is not None:
         print()
     for name in versions if base is not None else []:

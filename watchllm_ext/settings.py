@@ -437,6 +437,17 @@ class Settings(BaseSettings):
         description="Extra headers of the OTLP metrics export (a vendor's API key), JSON in"
         " the environment.",
     )
+    # --- OpenTelemetry: the OTLP receiver (watchllm_ext/otel/receiver.py, pool.py)
+    otel_worker_processes: int = Field(
+        default_factory=lambda: 1 if (os.cpu_count() or 1) >= 2 else 0,
+        ge=0,
+        le=64,
+        description="Worker processes that decode and map OTLP bodies of 64 KiB and more"
+        " (a 512-span export is ~270 KB) on other cores than the server's, which then only"
+        " validates, spools and stores what they made. 0: decoded on a thread of the server,"
+        " where Python's GIL holds it to the one core Python has. Default: 1 on a machine"
+        " with 2 cores or more, else 0.",
+    )
     # --- OpenTelemetry: the OTLP exporter sink (watchllm_ext/otel/export.py, docs/OPENTELEMETRY.md)
     otlp_export_endpoint: str | None = Field(
         None,

@@ -46,7 +46,7 @@ import anyio
 
 from .dead_letters import append_dead_letter, dead_letter
 from .fast_validate import encode_event_lines, encode_events, to_models
-from .otel.rows import SpanBatch, SpanRow, decode_rows, encode_rows
+from .otel.rows import RowsJson, SpanBatch, SpanRow, decode_rows, encode_rows
 from .spool import HEADER_SIZE, Position, Record, SpoolFull
 
 log = logging.getLogger("watchllm.writer")
@@ -54,6 +54,13 @@ log = logging.getLogger("watchllm.writer")
 # How soon a sink's batch goes once full (store_insert_max_events, flush_max_events) before
 # flush_interval_s is over.
 _BACKLOG_POLL_S = 0.05
+# A batch of at least QUIET_MIN_EVENTS goes before flush_interval_s is over once nothing new
+# has come for QUIET_S: the burst that brought it has ended (an exporter's or an SDK's batch,
+# a load test), and waiting out the interval would only make it visible later. Fewer events
+# wait: a store insert has a fixed cost (tens of ms of CPU), and a trickle of single events
+# would otherwise pay it for each.
+QUIET_S = 0.1
+QUIET_MIN_EVENTS = 4_096
 TARGETED = 1  # record flag: the record is for one sink only (a dead-letter replay)
 SPANS = 2  # record flag: the record holds OpenTelemetry span rows (otel/rows.py), not events
 
@@ -71,7 +78,9 @@ class Sink(Protocol):
     A sink that also stores or forwards OpenTelemetry spans defines
     `async def write_spans(self, rows: Sequence[SpanRow]) -> None` (same retry and dead-letter
     rules); a sink without it never sees span records. The spans that are LLM work reach
-    `write` as events too."""
+    `write` as events too. One that reads only the rows' JSON (the `payloads` of what it is
+    given, as otel.rows.encode_rows does) sets `reads_span_payloads = True`: the writer then
+    hands it the spool records' bytes and makes no row (a row read from them is decoded)."""
 
     name: str
 
@@ -255,6 +264,9 @@ class SinkState:
     failing_since: float | None = None
     oldest_pending_ms: int | None = None  # append time of the record at the cursor
     pending_since: float | None = None
+    taken_at: float | None = None  # when the batch being written was taken
+    quiet_seq: int = -1  # the log's next_seq at the last look, and when it last changed
+    quiet_since: float = 0.0
     # (cursor, number of the record after it): a cursor at the end of a segment is no record's
     # start, yet the record the writer wrote next (in the next segment) may be in memory.
     resume: tuple[Position, int] | None = None
@@ -360,7 +372,8 @@ class Writer:
         elif not getattr(self.log, "needs_payload", True) or (
             self._cached_events + len(items) <= self.memory_max_events
         ):
-            self._cache[number] = list(items)
+            # Rows as JSON stay so, decoded only if a sink reads them (otel.rows.RowsJson).
+            self._cache[number] = items if type(items) is RowsJson else list(items)
             self._records[number] = record
             self._numbers[record.start] = number
             self._cached_events += len(items)
@@ -469,16 +482,20 @@ class Writer:
             # would make a batch cost the square of its records.
             backlog = self.log.next_seq - state.cursor_seq
             if backlog <= 0:
-                state.pending_since = None
+                state.pending_since = state.taken_at = None
                 state.oldest_pending_ms = None
                 await self.log.wait_appended()
                 continue
             if backlog < self._batch_max(state) and self._accepting:
                 now = time.monotonic()
                 if state.pending_since is None:
-                    state.pending_since = now
+                    # What came while the last batch was written has waited since it was
+                    # taken, at most: flush_interval_s counts from then, not from now.
+                    state.pending_since = state.taken_at or now
                     state.oldest_pending_ms = int(time.time() * 1000)
                 wait = state.pending_since + self.flush_interval_s - now
+                if wait > 0 and self._quiet(state, backlog, now):
+                    wait = 0
                 if wait > 0:
                     # A look at the backlog every _BACKLOG_POLL_S, not a wake-up per append:
                     # with single events that was a task switch per request, for a batch
@@ -486,6 +503,7 @@ class Writer:
                     await anyio.sleep(min(wait, _BACKLOG_POLL_S))
                     continue
             state.pending_since = None
+            state.taken_at = time.monotonic()
             # The batch is put together on a worker thread: for single events it is thousands
             # of records (dict look-ups and list extends) that stalled the loop for ms.
             batch = await anyio.to_thread.run_sync(self._next_batch, state)
@@ -521,9 +539,16 @@ class Writer:
             del events, rows, batch
             await anyio.to_thread.run_sync(_free, batches)
 
+    def _quiet(self, state: SinkState, backlog: int, now: float) -> bool:
+        """Has nothing come for QUIET_S, with QUIET_MIN_EVENTS waiting?"""
+        if self.log.next_seq != state.quiet_seq:
+            state.quiet_seq, state.quiet_since = self.log.next_seq, now
+            return False
+        return backlog >= QUIET_MIN_EVENTS and now - state.quiet_since >= QUIET_S
+
     def _next_batch(
         self, state: SinkState
-    ) -> tuple[list[Record], list[Any], list[SpanRow], int | None] | None:
+    ) -> tuple[list[Record], list[Any], Sequence[SpanRow], int | None] | None:
         """(On a worker thread.) The records from the sink's cursor on, up to its batch size,
         with their events and span rows for it, and the writer's number of the last record
         (None if unknown); None when there is nothing to read."""
@@ -542,10 +567,19 @@ class Writer:
         span_records = [r for r in records if r.flags & SPANS]
         records_of_events = [r for r in records if not r.flags & SPANS] if span_records else records
         events = self._items_of(records_of_events, state.sink.name, EventBatch())
-        rows: list[SpanRow] = []
+        rows: Sequence[SpanRow] = []
         if span_records and hasattr(state.sink, "write_spans"):
-            # With the records' bytes too: the store inserts them instead of encoding rows.
-            rows = self._items_of(span_records, state.sink.name, SpanBatch())
+            if getattr(state.sink, "reads_span_payloads", False) and all(
+                r.payload and not r.flags & TARGETED for r in span_records
+            ):
+                # The records' bytes are all this sink reads (the store inserts them): no row
+                # is made, whether memory holds the rows or not.
+                rows = RowsJson(
+                    [r.payload for r in span_records], sum(r.count for r in span_records)
+                )
+            else:
+                # With the records' bytes too: the store inserts them instead of encoding rows.
+                rows = self._items_of(span_records, state.sink.name, SpanBatch())
         return records, events, rows, last_number
 
     def _read_kept(
@@ -751,9 +785,11 @@ def _refs_of_a_sole_owner() -> int:
 _SOLE_OWNER = _refs_of_a_sole_owner()
 
 
-def _free(batches: list[list[Any]]) -> None:
+def _free(batches: list[Sequence[Any]]) -> None:
     while batches:
         batch = batches.pop()
+        if not isinstance(batch, list):
+            continue  # rows as JSON (otel.rows.RowsJson): a few bytes objects, no items
         # A sink may keep the list it was given (a buffer, a test's record of its batches):
         # then it is the sink's, and left whole.
         if sys.getrefcount(batch) > _SOLE_OWNER:

@@ -292,6 +292,8 @@ class SeenIds:
 class StoreSink:
     # Events are read by attribute only: the writer hands over its structs as they are.
     reads_structs = True
+    # Span rows are inserted as the spool's JSON (write_spans): no row objects are needed.
+    reads_span_payloads = True
 
     def __init__(self, store: Store, max_batch_events: int | None = None) -> None:
         self.store = store

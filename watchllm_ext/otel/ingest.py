@@ -13,9 +13,10 @@ stored.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -29,9 +30,10 @@ from ..errors import Problem
 from ..fast_validate import from_built, validate_list
 from ..ingest import Outcome, finish_fast, receipt_time, validate_items
 from ..observability.metrics import ops_metrics
-from .decode import MAX_PROBLEMS_LISTED
-from .mapping import Span, map_span
-from .rows import SpanRow, encoded
+from .mapped import MappedSpans, map_spans
+from .mapping import Span
+from .rows import RowsJson, SpanRow, encoded
+from .worker import MappedBody
 
 if TYPE_CHECKING:
     from ..app import WatchLLM
@@ -49,15 +51,10 @@ class Prepared:
     """What one request's spans became: the events and rows to spool, what was refused."""
 
     events: list[Any] = field(default_factory=list)
-    rows: list[SpanRow] = field(default_factory=list)
+    rows: Sequence[SpanRow] = field(default_factory=list)
     rejected: int = 0
     problems: list[str] = field(default_factory=list)
     unmapped: Counter[str] = field(default_factory=Counter)  # attribute key -> spans
-
-    def reject(self, where: str, why: str) -> None:
-        self.rejected += 1
-        if len(self.problems) < MAX_PROBLEMS_LISTED:
-            self.problems.append(f"{where}: {why}")
 
 
 # The receiver's CPU work on worker threads (decoding a body, mapping and validating its
@@ -102,48 +99,38 @@ def prepare(
     """Map and validate (CPU only; safe on a worker thread, as the JSON path's validation).
     `encode`: also make the spool's JSON of the rows and events here, off the event loop."""
     received = received_at or receipt_time()
-    out = Prepared(rejected=rejected, problems=list(problems))
-    project = principal.project_id
-    rows: list[SpanRow | None] = []
-    row_spans: list[Span] = []  # each row's span, named only if its event is refused
-    event_dicts: list[dict[str, Any]] = []
-    event_rows: list[int] = []  # the row index of each event
-    unmapped: list[str] = []
-    built = True  # every event built by the mapping's rules (none forwarded)
-    for span in spans:
-        try:
-            mapped = map_span(span, project, received)
-            row = mapped.row
-        except Exception as exc:  # a rule that cannot read this span must not lose the rest
-            out.reject(_name(span), f"cannot be mapped: {type(exc).__name__}: {exc}")
-            continue
-        if mapped.event is not None:
-            event_rows.append(len(rows))
-            event_dicts.append(mapped.event)
-            unmapped.extend(mapped.unmapped)
-            built = built and not mapped.forwarded
-        rows.append(row)
-        row_spans.append(span)
-    if event_dicts:
-        outcome = _validate(event_dicts, principal, pm, received, built)
-        for rejection in outcome.rejected:
-            at = event_rows[rejection.index]
-            first = rejection.errors[0] if rejection.errors else {}
-            why = f"its {event_dicts[rejection.index]['event_type']} event is invalid"
-            if first:
-                why += f": {first.get('field', '(event)')}: {first.get('message', '')}"
-            out.reject(_name(row_spans[at]), why)
-            rows[at] = None
-        out.events = outcome.accepted
-        if encode and out.events:
-            out.events = encoded_for_spool(out.events)
-    out.rows = [row for row in rows if row is not None]
-    # Counted here, off the event loop (Counter counts in C: a batch repeats a few keys
-    # thousands of times); the loop only updates the metric once a key.
-    out.unmapped = Counter(unmapped)
-    if encode:
-        out.rows = encoded(out.rows)
-    return out
+    mapped = map_spans(spans, principal.project_id, received, rejected, problems)
+    events: list[Any] = []
+    rows: list[SpanRow] = mapped.rows
+    if mapped.events:
+        outcome = _validate(mapped.events, principal, pm, received, mapped.built)
+        refused = _refuse(outcome, mapped)
+        if refused:
+            rows = [row for at, row in enumerate(rows) if at not in refused]
+        events = outcome.accepted
+        if encode and events:
+            events = encoded_for_spool(events)
+    return Prepared(
+        events=events,
+        rows=encoded(rows) if encode else rows,
+        rejected=mapped.rejected,
+        problems=mapped.problems,
+        unmapped=mapped.unmapped,
+    )
+
+
+def _refuse(outcome: Outcome, mapped: MappedSpans) -> set[int]:
+    """Name each refused event's span in `mapped`; the row indexes of those spans (a span
+    whose event is refused is refused whole: nothing half stored)."""
+    refused: set[int] = set()
+    for rejection in outcome.rejected:
+        first = rejection.errors[0] if rejection.errors else {}
+        why = f"its {mapped.events[rejection.index]['event_type']} event is invalid"
+        if first:
+            why += f": {first.get('field', '(event)')}: {first.get('message', '')}"
+        mapped.reject(mapped.names[rejection.index], why)
+        refused.add(mapped.event_rows[rejection.index])
+    return refused
 
 
 def _validate(
@@ -162,17 +149,21 @@ def _validate(
         structs = [from_built(event) for event in events]
         if None not in structs:
             return finish_fast(structs, principal, pm, received)
-    structs = validate_list(msgspec.json.encode(events))
+    return validate_json(msgspec.json.encode(events), principal, pm, received)
+
+
+def validate_json(
+    events_json: bytes, principal: Principal, pm: pluggy.PluginManager, received: datetime
+) -> Outcome:
+    """Mapped events as JSON (a JSON array, as a request body holds them): the fast validator,
+    and pydantic's answers for whatever it declines."""
+    structs = validate_list(events_json)
     if structs is not None:
         return finish_fast(structs, principal, pm, received)
-    return validate_items(events, principal, pm, received)
+    return validate_items(msgspec.json.decode(events_json), principal, pm, received)
 
 
-def _name(span: Span) -> str:
-    return f"span {span.span_id} ({span.name[:80]!r})"
-
-
-async def accept(wl: WatchLLM, prepared: Prepared) -> dict[str, Any]:
+async def accept(wl: WatchLLM, prepared: Prepared, principal: Principal) -> dict[str, Any]:
     """Spool what was prepared (503 when the spool is full); the answer's figures."""
     metrics = ops_metrics(wl)
     if prepared.rows:
@@ -183,7 +174,7 @@ async def accept(wl: WatchLLM, prepared: Prepared) -> dict[str, Any]:
         metrics.otel_spans.labels("rejected").inc(prepared.rejected)
     _count_unmapped(metrics, prepared.unmapped)
     return {
-        "project_id": "" if not prepared.rows else prepared.rows[0].project_id,
+        "project_id": principal.project_id if prepared.rows else "",
         "accepted_spans": len(prepared.rows),
         "rejected_spans": prepared.rejected,
         "events": len(prepared.events),
@@ -221,16 +212,38 @@ async def ingest_spans(
     span), mapping, validation, hooks and spool. Returns `accepted_spans`, `rejected_spans`,
     `events` (how many became events) and `errors` (the first problems); raises Problem for
     413/429/503."""
-    check_span_count(wl, len(spans) + rejected)
+    work = partial(_prepare_and_accept, wl, principal, spans, rejected, problems)
+    return await _charged(wl, principal, len(spans), rejected, work)
+
+
+async def ingest_mapped(
+    wl: WatchLLM, principal: Principal, mapped: MappedBody, received: datetime
+) -> dict[str, Any]:
+    """ingest_spans for a body a worker process decoded and mapped (worker.py): the same
+    limits, quota, validation, hooks, spool and answer."""
+    work = partial(_finish_and_accept, wl, principal, mapped, received)
+    return await _charged(wl, principal, mapped.spans, mapped.rejected, work)
+
+
+async def _charged(
+    wl: WatchLLM,
+    principal: Principal,
+    spans: int,
+    rejected: int,
+    work: Callable[[], Awaitable[dict[str, Any]]],
+) -> dict[str, Any]:
+    """Count limit and quota (one unit a decoded span) around `work`; usage keeps only the
+    spans it accepted."""
+    check_span_count(wl, spans + rejected)
     if spans:
-        await wl.check_quota(principal, len(spans))
+        await wl.check_quota(principal, spans)
     try:
-        answer = await _prepare_and_accept(wl, principal, spans, rejected, problems)
+        answer = await work()
     except Problem:
-        await wl.refund_quota(principal, len(spans))  # refused whole (413, 503): nothing taken
+        await wl.refund_quota(principal, spans)  # refused whole (413, 503): nothing taken
         raise
     # Usage counts accepted spans only: those the mapping or validation refused go back.
-    await wl.refund_quota(principal, len(spans) - answer["accepted_spans"])
+    await wl.refund_quota(principal, spans - answer["accepted_spans"])
     return answer
 
 
@@ -244,8 +257,6 @@ async def _prepare_and_accept(
     received = receipt_time()
     if len(spans) >= OFFLOAD_SPANS:
         # A spool needs the rows' JSON: made on the worker thread, not on the event loop.
-        writer = wl.writer
-        encode = writer is not None and getattr(writer.log, "needs_payload", True)
         prepared = await anyio.to_thread.run_sync(
             prepare,
             spans,
@@ -254,9 +265,68 @@ async def _prepare_and_accept(
             received,
             rejected,
             problems,
-            encode,
+            _needs_payload(wl),
             limiter=cpu_limiter(),
         )
     else:
         prepared = prepare(spans, principal, wl.pm, received, rejected, problems)
-    return await accept(wl, prepared)
+    return await accept(wl, prepared, principal)
+
+
+async def _finish_and_accept(
+    wl: WatchLLM, principal: Principal, mapped: MappedBody, received: datetime
+) -> dict[str, Any]:
+    prepared = await anyio.to_thread.run_sync(
+        finish_mapped,
+        mapped,
+        principal,
+        wl.pm,
+        received,
+        _needs_payload(wl),
+        limiter=cpu_limiter(),
+    )
+    return await accept(wl, prepared, principal)
+
+
+def _needs_payload(wl: WatchLLM) -> bool:
+    writer = wl.writer
+    return writer is not None and getattr(writer.log, "needs_payload", True)
+
+
+def finish_mapped(
+    body: MappedBody,
+    principal: Principal,
+    pm: pluggy.PluginManager,
+    received: datetime,
+    encode: bool = False,
+) -> Prepared:
+    """prepare()'s validation and hooks for a worker's answer. The rows stay the worker's
+    JSON (otel.rows.RowsJson) unless a span's event is refused, which takes its row out."""
+    rows: Sequence[SpanRow] = RowsJson([body.rows], body.n_rows)
+    events: list[Any] = []
+    rejected, problems = body.rejected, body.problems
+    if body.event_rows:
+        outcome = validate_json(body.events, principal, pm, received)
+        if outcome.rejected:
+            mapped = MappedSpans(
+                events=msgspec.json.decode(body.events),
+                event_rows=body.event_rows,
+                names=body.names,
+                rejected=rejected,
+                problems=problems,
+            )
+            refused = _refuse(outcome, mapped)
+            rows = [row for at, row in enumerate(rows) if at not in refused]
+            rejected, problems = mapped.rejected, mapped.problems
+            if encode:
+                rows = encoded(rows)
+        events = outcome.accepted
+        if encode and events:
+            events = encoded_for_spool(events)
+    return Prepared(
+        events=events,
+        rows=rows,
+        rejected=rejected,
+        problems=problems,
+        unmapped=Counter(body.unmapped),
+    )

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 from typing import Any
 
 import anyio
+import msgspec
 from google.protobuf import json_format
 from google.rpc import status_pb2
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -36,12 +38,16 @@ from starlette.routing import BaseRoute, Route
 from ..auth import Principal, bearer_token
 from ..errors import Problem, unauthorized
 from ..hookspecs import hookimpl
-from ..ingest import OFFLOAD_MIN_BYTES, read_request_body
+from ..ingest import OFFLOAD_MIN_BYTES, read_request_body, receipt_time
 from ..observability.metrics import ops_metrics
 from ..openapi import described
 from ..settings import Settings
 from .decode import Decoded, parse_json, parse_protobuf, spans_of
-from .ingest import cpu_limiter, ingest_spans
+from .ingest import cpu_limiter, ingest_mapped, ingest_spans
+from .pool import map_in_worker
+from .worker import MappedBody, decode_answer, encode_request
+
+log = logging.getLogger("watchllm.otel")
 
 PATHS = ("/v1/traces", "/api/public/otel/v1/traces")
 PROTOBUF = "application/x-protobuf"
@@ -132,10 +138,7 @@ async def receive_traces(request: Request) -> Response:
             )
         principal = _principal(wl, request)
         body = await read_request_body(request, wl.settings)
-        decoded = await _run(len(body) >= OFFLOAD_MIN_BYTES, _decode, body, protobuf)
-        result = await ingest_spans(
-            wl, principal, decoded.spans, rejected=decoded.rejected, problems=decoded.problems
-        )
+        result = await _ingest(wl, principal, body, protobuf)
         if result["rejected_spans"] and not result["accepted_spans"]:
             raise _all_rejected(result["rejected_spans"], result["errors"])
     except Problem as problem:
@@ -147,6 +150,36 @@ async def receive_traces(request: Request) -> Response:
         partial.rejected_spans = result["rejected_spans"]
         partial.error_message = _summary(result)
     return _answer(200, ExportTraceServiceResponse(partial_success=partial), protobuf)
+
+
+async def _ingest(wl: Any, principal: Principal, body: bytes, protobuf: bool) -> dict[str, Any]:
+    big = len(body) >= OFFLOAD_MIN_BYTES
+    processes = wl.settings.otel_worker_processes
+    if big and processes:
+        # Decoded and mapped in a worker process (pool.py), on another core than this one.
+        received = receipt_time()
+        request = encode_request(body, protobuf, principal.project_id, received)
+        answer = await map_in_worker(request, processes)
+        mapped = _decoded_answer(answer) if answer is not None else None
+        if mapped is not None:
+            if mapped.problem is not None:
+                status, code, message, field = mapped.problem
+                raise Problem(status, code, message, field=field)
+            if mapped.crash is None:
+                return await ingest_mapped(wl, principal, mapped, received)
+            log.error("an OTLP worker process failed on a body; done here:\n%s", mapped.crash)
+    decoded = await _run(big, _decode, body, protobuf)
+    return await ingest_spans(
+        wl, principal, decoded.spans, rejected=decoded.rejected, problems=decoded.problems
+    )
+
+
+def _decoded_answer(answer: bytes) -> MappedBody | None:
+    try:
+        return decode_answer(answer)
+    except msgspec.MsgspecError as exc:  # a broken worker: the body is done here
+        log.error("an OTLP worker process answered what does not decode (%s)", exc)
+        return None
 
 
 async def _run(off_loop: bool, fn: Any, *args: Any) -> Any:

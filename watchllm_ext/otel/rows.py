@@ -14,8 +14,9 @@ and span id) collapses the copies; reads use FINAL.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
+from typing import Any
 
 import msgspec
 
@@ -58,6 +59,34 @@ class EncodedRows(list[SpanRow]):
     payload: bytes
 
 
+class RowsJson(Sequence[SpanRow]):
+    """Rows as their JSON only: made in a worker process (worker.py), or the spool records of a
+    writer's batch for a sink that reads only their bytes (`reads_span_payloads`: the store
+    inserts them as they are). Decoded the first time something reads a row; `payloads` are
+    JSON arrays, as a SpanBatch's."""
+
+    __slots__ = ("_count", "_rows", "payloads")
+
+    def __init__(self, payloads: list[bytes], count: int) -> None:
+        self.payloads = payloads
+        self._count = count
+        self._rows: list[SpanRow] | None = None
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.rows()[index]
+
+    def __iter__(self) -> Iterator[SpanRow]:
+        return iter(self.rows())
+
+    def rows(self) -> list[SpanRow]:
+        if self._rows is None:
+            self._rows = [row for payload in self.payloads for row in decode_rows(payload)]
+        return self._rows
+
+
 class SpanBatch(list[SpanRow]):
     """The rows of spool records, as the writer hands them to a sink: `payloads` are the
     records' bytes when they are exactly these rows' JSON (the writer sets them, as for
@@ -82,7 +111,9 @@ def encode_rows(rows: Sequence[SpanRow]) -> bytes:
     """A JSON array of rows (ClickHouse reads it as JSONEachRow)."""
     if type(rows) is EncodedRows:
         return rows.payload
-    if type(rows) is SpanBatch and rows.payloads is not None:
+    if type(rows) is RowsJson and len(rows.payloads) == 1:
+        return rows.payloads[0]
+    if type(rows) in (SpanBatch, RowsJson) and rows.payloads is not None:
         # Each payload is a JSON array ("[...]", no spaces: msgspec's): their insides joined.
         inner = [memoryview(p)[1:-1] for p in rows.payloads if len(p) > 2]
         return b"[" + b",".join(inner) + b"]"

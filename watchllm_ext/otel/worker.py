@@ -1,0 +1,141 @@
+"""An OTLP body decoded and mapped in a worker process: `python -m watchllm_ext.otel.worker`.
+
+Why a process: decoding a span (protobuf reads) and mapping it (rows, events) is pure Python,
+about 30 us a span, and under the GIL it was half of what the server's one core for Python
+could do. Here it runs on another core. The worker does only what needs no plugin and keeps
+no state: parse the body, check each span, map it, and hand back the rows as the spool keeps
+them and the events as JSON. The server validates the events, runs the plugin hooks, spools
+and answers (ingest.ingest_mapped): nothing is accepted until the server has spooled it, so a
+worker that dies loses nothing (the server does that body's work itself: pool.py).
+
+On stdin and stdout, frames: a 4-byte big-endian length, then msgpack. A request is (body,
+protobuf, project id, receipt time in ms); the answer a `MappedBody`. One byte b"R" on stdout
+says the worker is ready (its imports done). The worker ends when stdin closes (the server
+stopped or died).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import traceback
+from datetime import UTC, datetime, timedelta
+from typing import BinaryIO
+
+import msgspec
+
+from ..errors import Problem
+from ..tuning import tune_for_serving
+from .decode import parse_json, parse_protobuf, spans_of
+from .mapped import map_spans
+from .rows import encode_rows
+
+READY = b"R"
+# A frame bigger than this is a broken stream, not a request (bodies are capped far lower).
+MAX_FRAME_BYTES = 1 << 30
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class MappedBody(msgspec.Struct, array_like=True):
+    """What a body became (ingest.MappedSpans, with the rows and events as JSON), or why not.
+
+    `problem`: the body does not decode (status, code, message, field: a Problem to answer);
+    `crash`: the worker failed in an unexpected way (the server does the work itself)."""
+
+    spans: int = 0  # spans decoded (each costs a unit of quota, as in-process)
+    rows: bytes = b"[]"  # JSON array of SpanRow, the spool's form
+    n_rows: int = 0
+    events: bytes = b"[]"  # JSON array of the LLM spans' events
+    event_rows: list[int] = []
+    names: list[str] = []
+    unmapped: dict[str, int] = {}
+    built: bool = True
+    rejected: int = 0
+    problems: list[str] = []
+    problem: tuple[int, str, str, str | None] | None = None
+    crash: str | None = None
+
+
+Request = tuple[bytes, bool, str, int]
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode_request = msgspec.msgpack.Decoder(Request).decode
+_encode_events = msgspec.json.Encoder().encode
+decode_answer = msgspec.msgpack.Decoder(MappedBody).decode
+
+
+def encode_request(body: bytes, protobuf: bool, project: str, received: datetime) -> bytes:
+    received_ms = (received - _EPOCH) // timedelta(milliseconds=1)
+    return _encode((body, protobuf, project, received_ms))
+
+
+def map_body(body: bytes, protobuf: bool, project: str, received_ms: int) -> MappedBody:
+    """Decode and map one body (the receiver's in-process steps, minus validation and hooks)."""
+    try:
+        decoded = spans_of(parse_protobuf(body) if protobuf else parse_json(body))
+    except Problem as problem:
+        return MappedBody(problem=(problem.status, problem.code, problem.message, problem.field))
+    received = _EPOCH + timedelta(milliseconds=received_ms)
+    mapped = map_spans(decoded.spans, project, received, decoded.rejected, decoded.problems)
+    return MappedBody(
+        spans=len(decoded.spans),
+        rows=encode_rows(mapped.rows),
+        n_rows=len(mapped.rows),
+        events=_encode_events(mapped.events),
+        event_rows=mapped.event_rows,
+        names=mapped.names,
+        unmapped=dict(mapped.unmapped),
+        built=mapped.built,
+        rejected=mapped.rejected,
+        problems=mapped.problems,
+    )
+
+
+def read_frame(stream: BinaryIO) -> bytes | None:
+    """A frame's bytes; None at the end of the stream."""
+    header = _read_exactly(stream, 4)
+    if header is None:
+        return None
+    size = int.from_bytes(header, "big")
+    if size > MAX_FRAME_BYTES:
+        raise ValueError(f"a frame of {size} bytes")
+    data = _read_exactly(stream, size)
+    if data is None:
+        raise EOFError("the stream ended inside a frame")
+    return data
+
+
+def _read_exactly(stream: BinaryIO, size: int) -> bytes | None:
+    chunks: list[bytes] = []
+    left = size
+    while left:
+        chunk = stream.read(left)
+        if not chunk:
+            if left == size:
+                return None
+            raise EOFError("the stream ended inside a frame")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def frame(data: bytes) -> bytes:
+    return len(data).to_bytes(4, "big") + data
+
+
+def serve(stdin: BinaryIO, stdout: BinaryIO) -> None:
+    tune_for_serving()  # as the server: start-up objects out of the collector's scans
+    stdout.write(READY)
+    stdout.flush()
+    while (data := read_frame(stdin)) is not None:
+        try:
+            answer = map_body(*_decode_request(data))
+        except Exception:  # a bug, not the body's fault: the server redoes it and logs it
+            answer = MappedBody(crash=traceback.format_exc(limit=20))
+        stdout.write(frame(_encode(answer)))
+        stdout.flush()
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError, KeyboardInterrupt):  # the server went away
+        serve(sys.stdin.buffer, sys.stdout.buffer)
