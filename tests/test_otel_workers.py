@@ -20,8 +20,9 @@ from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from test_otel_receiver import Collect
 
 from watchllm_ext.hookspecs import hookimpl
 from watchllm_ext.ingest import OFFLOAD_MIN_BYTES
@@ -29,15 +30,6 @@ from watchllm_ext.otel import pool
 from watchllm_ext.otel.worker import MappedBody, decode_answer, encode_request, map_body
 
 PROTOBUF = {"Content-Type": "application/x-protobuf"}
-
-
-class Collect(SpanExporter):
-    def __init__(self) -> None:
-        self.spans: list[ReadableSpan] = []
-
-    def export(self, spans: Any) -> SpanExportResult:
-        self.spans.extend(spans)
-        return SpanExportResult.SUCCESS
 
 
 def traces(n: int) -> list[ReadableSpan]:
@@ -76,9 +68,9 @@ def big_body(n: int = 150) -> bytes:
 def wait_for_a_worker() -> None:
     """Ask for a worker and wait until one is ready (the first bodies are done in-process
     meanwhile)."""
-    pool.POOL.want(1)
     deadline = time.monotonic() + 60
     while pool.POOL.live() == 0:
+        pool.POOL.want(1)  # again: a start that failed is tried again after a while
         assert time.monotonic() < deadline, "no OTLP worker process started"
         time.sleep(0.05)
 
@@ -123,6 +115,9 @@ def served(
         )
         answers.append((got.status_code, got.content))
     to_workers = pool.POOL.answered_total - answered
+    metrics = running.client.get("/metrics").text
+    counted = f'watchllm_otel_bodies_total{{where="{"worker" if processes else "server"}"}}'
+    assert f"{counted} {float(len(bodies))}" in metrics
     kept = stored(running)
     running.stop()
     return answers, kept, to_workers

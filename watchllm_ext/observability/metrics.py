@@ -76,6 +76,14 @@ class OpsMetrics:
             registry=registry,
         )
         self.otel_unmapped_keys: set[str] = set()  # the keys given a series of their own
+        self.otel_bodies = Counter(
+            "watchllm_otel_bodies",
+            "OTLP bodies of 64 KiB and more, by where they were decoded and mapped: worker (a"
+            " worker process, otel_worker_processes) or server (none was set, alive or ready,"
+            " or the one called failed)",
+            ["where"],
+            registry=registry,
+        )
         self.queries = Histogram(
             "watchllm_store_query_duration_seconds",
             "Time of a read query on the store (analytics, Guardian, admin)",

@@ -46,8 +46,9 @@ class BadSpan(ValueError):
 
 
 @dataclass(slots=True)
-class Decoded:
-    spans: list[Span] = field(default_factory=list)
+class Refusals:
+    """Spans refused so far, and the first problems named (the answer's partial_success)."""
+
     rejected: int = 0
     problems: list[str] = field(default_factory=list)
 
@@ -55,6 +56,11 @@ class Decoded:
         self.rejected += 1
         if len(self.problems) < MAX_PROBLEMS_LISTED:
             self.problems.append(f"{where}: {why}")
+
+
+@dataclass(slots=True)
+class Decoded(Refusals):
+    spans: list[Span] = field(default_factory=list)
 
 
 def parse_protobuf(body: bytes) -> ExportTraceServiceRequest:

@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from .decode import MAX_PROBLEMS_LISTED
+from .decode import Refusals
 from .mapping import Span, map_span
 from .rows import SpanRow
 
 
 @dataclass(slots=True)
-class MappedSpans:
+class MappedSpans(Refusals):
     """Spans mapped by the rules (mapping.py), before their events are validated: the part of
     a request's work that needs no plugin, so it can run in a worker process (worker.py)."""
 
@@ -28,13 +28,6 @@ class MappedSpans:
     names: list[str] = field(default_factory=list)  # each event's span, to name a refusal
     unmapped: Counter[str] = field(default_factory=Counter)  # attribute key -> spans
     built: bool = True  # every event built by the mapping's rules (none forwarded)
-    rejected: int = 0
-    problems: list[str] = field(default_factory=list)
-
-    def reject(self, where: str, why: str) -> None:
-        self.rejected += 1
-        if len(self.problems) < MAX_PROBLEMS_LISTED:
-            self.problems.append(f"{where}: {why}")
 
 
 def map_spans(

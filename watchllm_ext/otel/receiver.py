@@ -161,13 +161,16 @@ async def _ingest(wl: Any, principal: Principal, body: bytes, protobuf: bool) ->
         request = encode_request(body, protobuf, principal.project_id, received)
         answer = await map_in_worker(request, processes)
         mapped = _decoded_answer(answer) if answer is not None else None
-        if mapped is not None:
+        if mapped is not None and mapped.crash is None:
+            ops_metrics(wl).otel_bodies.labels("worker").inc()
             if mapped.problem is not None:
                 status, code, message, field = mapped.problem
                 raise Problem(status, code, message, field=field)
-            if mapped.crash is None:
-                return await ingest_mapped(wl, principal, mapped, received)
+            return await ingest_mapped(wl, principal, mapped, received)
+        if mapped is not None:
             log.error("an OTLP worker process failed on a body; done here:\n%s", mapped.crash)
+    if big:
+        ops_metrics(wl).otel_bodies.labels("server").inc()
     decoded = await _run(big, _decode, body, protobuf)
     return await ingest_spans(
         wl, principal, decoded.spans, rejected=decoded.rejected, problems=decoded.problems
