@@ -238,3 +238,21 @@ def test_small_bodies_stay_in_the_server(server_factory: Any, processes: int) ->
     assert post(running, body).status_code == 200
     assert pool.POOL.answered_total == answered
     assert len(stored(running)[0]) == 10
+
+
+def test_a_stuck_worker_is_killed_and_its_body_done_here(
+    server_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pool, "CALL_TIMEOUT_S", 1.0)
+    running: Running = server_factory(otel_worker_processes=1)
+    wait_for_a_worker()
+    lost = pool.POOL.lost_total
+    for worker in list(pool.POOL._live):
+        os.kill(worker.process.pid, signal.SIGSTOP)  # stopped: it never answers
+    started = time.monotonic()
+    answer = post(running, big_body(150))
+    assert answer.status_code == 200
+    assert 1.0 <= time.monotonic() - started < 20
+    assert pool.POOL.lost_total == lost + 1
+    assert len(stored(running)[0]) == 150 * 5
+    wait_for_a_worker()  # replaced

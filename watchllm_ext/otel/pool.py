@@ -39,6 +39,10 @@ START_RETRY_S = 30.0
 WAIT_FOR_WORKER_S = 5.0
 # Calls a worker takes at once (one mapped, the next waiting in its pipe).
 DEPTH = 2
+# A worker that has not answered a call in this long is killed (a body of max_batch_events
+# spans takes well under a second): a stopped or stuck worker must not hold the receiver's
+# places for ever. Its calls then get EOF, and their bodies are done in the server.
+CALL_TIMEOUT_S = 30.0
 
 
 class _Worker:
@@ -72,6 +76,24 @@ class _Worker:
             raise OSError(f"the worker ended at start (exit code {self.process.wait()})")
 
     def call(self, request: bytes) -> bytes:
+        watchdog = threading.Timer(CALL_TIMEOUT_S, self._kill_stuck)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            return self._call(request)
+        finally:
+            watchdog.cancel()
+
+    def _kill_stuck(self) -> None:
+        log.warning(
+            "an OTLP worker process (pid %d) did not answer in %.0f s; killed",
+            self.process.pid,
+            CALL_TIMEOUT_S,
+        )
+        with contextlib.suppress(OSError):
+            self.process.kill()
+
+    def _call(self, request: bytes) -> bytes:
         with self._send:
             ticket = self._sent
             self._sent += 1
