@@ -32,6 +32,13 @@ from watchllm_ext.otel.worker import MappedBody, decode_answer, encode_request, 
 PROTOBUF = {"Content-Type": "application/x-protobuf"}
 
 
+@pytest.fixture(autouse=True)
+def _short_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests kill workers soon after their start; the pool then waits START_RETRY_S before
+    the next start (no respawn per body): shortened here, not skipped."""
+    monkeypatch.setattr(pool, "START_RETRY_S", 0.2)
+
+
 def traces(n: int) -> list[ReadableSpan]:
     """`n` agent traces: a server span, a chat span (a prompt call), a tool span (a tool
     call), a failed span (an error) and a span with no LLM meaning, each trace its own ids."""
@@ -189,17 +196,20 @@ def test_a_worker_that_dies_loses_nothing(server_factory: Any) -> None:
     bodies = [big_body(150) for _ in range(6)]
     answers: list[int] = []
 
-    def send() -> None:
-        for body in bodies:
+    def send(mine: list[bytes]) -> None:
+        for body in mine:
             answers.append(post(running, body).status_code)
 
-    sender = threading.Thread(target=send)
-    sender.start()
+    # Two senders: two bodies in flight at the worker (one mapped, one in its pipe).
+    senders = [threading.Thread(target=send, args=(bodies[i::2],)) for i in range(2)]
+    for sender in senders:
+        sender.start()
     # Killed while bodies come: whatever it had is done by the server itself.
     time.sleep(0.05)
     for worker in list(pool.POOL._live):
         os.kill(worker.process.pid, signal.SIGKILL)
-    sender.join()
+    for sender in senders:
+        sender.join()
     assert answers == [200] * 6
     assert pool.POOL.lost_total > lost  # the server saw it die under a call
     spans, events = stored(running)
@@ -217,16 +227,12 @@ def test_the_worker_protocol_round_trip() -> None:
     now = datetime.now(UTC)
     body = encode_spans(traces(20)).SerializeToString()  # a small one: called directly
     wait_for_a_worker()
-    answer = pool.POOL.call(encode_request(body, True, "acme", now), 1)
-    assert answer is not None
-    mapped = decode_answer(answer)
+    mapped = pool.POOL.call(encode_request(body, True, "acme", now), 1, decode_answer)
     assert isinstance(mapped, MappedBody) and mapped.crash is None and mapped.problem is None
     assert (mapped.spans, mapped.n_rows, len(mapped.event_rows)) == (100, 100, 60)
     assert mapped == map_body(body, True, "acme", now_ms(now))
-    garbage = pool.POOL.call(encode_request(b"\x00\x01", True, "acme", now), 1)
-    assert garbage is not None
-    refused = decode_answer(garbage)
-    assert refused.problem is not None and refused.problem[0] == 400
+    refused = pool.POOL.call(encode_request(b"\x00\x01", True, "acme", now), 1, decode_answer)
+    assert refused is not None and refused.problem is not None and refused.problem[0] == 400
     assert map_body(b"\x00\x01", True, "acme", 0).problem == refused.problem
 
 
@@ -252,7 +258,26 @@ def test_a_stuck_worker_is_killed_and_its_body_done_here(
     started = time.monotonic()
     answer = post(running, big_body(150))
     assert answer.status_code == 200
-    assert 1.0 <= time.monotonic() - started < 20
+    assert 1.0 <= time.monotonic() - started < pool.WAIT_FOR_WORKER_S + 10
     assert pool.POOL.lost_total == lost + 1
     assert len(stored(running)[0]) == 150 * 5
     wait_for_a_worker()  # replaced
+
+
+def test_an_answer_that_does_not_decode_loses_the_worker() -> None:
+    """A worker whose answer the server cannot read (another version's, say) is replaced."""
+    wait_for_a_worker()
+    lost = pool.POOL.lost_total
+    request = encode_request(
+        encode_spans(traces(2)).SerializeToString(), True, "acme", datetime.now(UTC)
+    )
+
+    def refuse(answer: bytes) -> MappedBody:
+        raise ValueError("not a MappedBody")
+
+    assert pool.POOL.call(request, 1, refuse) is None
+    assert pool.POOL.lost_total == lost + 1
+    deadline = time.monotonic() + 60
+    while pool.POOL.call(request, 1, decode_answer) is None:  # a new one, after the backoff
+        assert time.monotonic() < deadline
+        time.sleep(0.05)

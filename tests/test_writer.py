@@ -556,3 +556,140 @@ def test_submit_is_as_durable_as_the_fsync_policy_says(policy: str, tmp_path: Pa
         assert fsyncs == 0  # within 20 quick submits no interval went by; none for `never`
         assert durable_on_return == [False] * 20
         assert durable_later is (policy == "interval")
+
+
+def test_a_quiet_backlog_goes_before_the_interval_is_over() -> None:
+    """QUIET_MIN_EVENTS or more waiting and nothing new for QUIET_S: a burst has ended, the
+    batch goes at once; fewer wait out flush_interval_s (an insert has a fixed cost)."""
+    from watchllm_ext.writer import QUIET_MIN_EVENTS, QUIET_S
+
+    async def main() -> None:
+        sink = ListSink()
+        async with memory_writer(
+            [sink], max_events=100_000, flush_max_events=50_000, flush_interval_s=30
+        ) as writer:
+            await writer.submit(list(range(QUIET_MIN_EVENTS - 1)))
+            await anyio.sleep(QUIET_S * 4)
+            assert sink.batches == []  # too few: they wait for the interval
+            await writer.submit(["last"])
+            with anyio.fail_after(2):  # far sooner than the 30 s interval
+                while not sink.batches:
+                    await anyio.sleep(0.01)
+            assert len(sink.events) == QUIET_MIN_EVENTS
+
+    anyio.run(main)
+
+
+def test_the_interval_counts_from_when_the_last_batch_was_taken() -> None:
+    """What comes while a batch is written has waited since that batch was taken: it goes
+    flush_interval_s after then, not a whole interval after the write ended."""
+
+    class SlowSink(ListSink):
+        async def write(self, events: Sequence[Any]) -> None:
+            await anyio.sleep(0.4)
+            await super().write(events)
+
+    async def main() -> None:
+        sink = SlowSink()
+        async with memory_writer([sink], flush_max_events=2, flush_interval_s=0.5) as writer:
+            await writer.submit([1, 2])  # a full batch: taken at once, written in 0.4 s
+            await anyio.sleep(0.05)
+            await writer.submit([3])  # comes during the write
+            started = anyio.current_time()
+            while len(sink.batches) < 2:
+                await anyio.sleep(0.01)
+            # taken ~0.5 s after the first batch was taken, written 0.4 s later: ~0.85 s from
+            # here; counted from the write's end it would be ~1.25 s.
+            assert anyio.current_time() - started < 1.1
+            assert sink.batches == [[1, 2], [3]]
+
+    anyio.run(main)
+
+
+def test_rows_as_json_reach_a_payload_sink_as_their_bytes_and_others_as_rows(
+    tmp_path: Path,
+) -> None:
+    """Rows kept as JSON (otel.rows.RowsJson, a worker process's) reach a sink that reads only
+    the bytes as those bytes, never decoded, and any other sink as SpanRows; a batch that
+    goes to the dead letters is written there whole."""
+    from watchllm_ext.otel.rows import RowsJson, encode_rows
+
+    rows = [span_row(f"{i:016x}") for i in range(3)]
+    payload = encode_rows(rows)
+
+    class PayloadSink(SpanSink):
+        reads_span_payloads = True
+
+        def __init__(self) -> None:
+            super().__init__("payloads")
+            self.given: list[Any] = []
+
+        async def write_spans(self, rows: Sequence[Any]) -> None:
+            self.given.append(rows)
+            if len(self.given) == 1:
+                raise SinkError("cannot parse", permanent=True)
+
+    async def main() -> tuple[PayloadSink, SpanSink]:
+        bytes_only, plain = PayloadSink(), SpanSink("plain")
+        async with spool_writer([bytes_only, plain], tmp_path, flush_interval_s=0.01) as writer:
+            await writer.submit(["e0"], spans=RowsJson([payload], 3))
+            assert await writer.flush(timeout_s=5)
+            await writer.submit(["e1"], spans=RowsJson([payload], 3))
+            assert await writer.flush(timeout_s=5)
+        return bytes_only, plain
+
+    bytes_only, plain = anyio.run(main)
+    assert [type(given) for given in bytes_only.given] == [RowsJson, RowsJson]
+    assert all(given._rows is None for given in bytes_only.given)  # never decoded
+    assert [encode_rows(given) for given in bytes_only.given] == [payload, payload]
+    assert plain.rows == rows + rows
+    lines = (tmp_path / "dead-letter" / "payloads.jsonl").read_text().splitlines()
+    (entry,) = [json.loads(line) for line in lines]
+    assert entry["kind"] == "spans"
+    assert [row["span_id"] for row in entry["events"]] == [row.span_id for row in rows]
+
+
+def test_rows_read_back_from_the_log_are_decoded_for_a_payload_sink(tmp_path: Path) -> None:
+    """After a restart the rows come from the spool, not from what this process wrote: they
+    are decoded, so a record whose row does not read as a SpanRow loses only that row (dead
+    letters), not the good rows inserted beside it."""
+    from watchllm_ext.otel.rows import RowsJson, SpanBatch, encode_rows
+
+    good = encode_rows([span_row("a" * 16)])
+    bad = good.replace(b'"duration_ms":0.0', b'"duration_ms":"not a number"')
+    assert bad != good
+
+    class PayloadSink(SpanSink):
+        reads_span_payloads = True
+
+        def __init__(self) -> None:
+            super().__init__("payloads")
+            self.kinds: list[type] = []
+
+        async def write_spans(self, rows: Sequence[Any]) -> None:
+            self.kinds.append(type(rows))
+            await super().write_spans(rows)
+
+    async def write() -> None:
+        held = GatedSink("payloads")  # never delivers: the records stay in the spool
+        async with spool_writer([held], tmp_path, shutdown_grace_s=0.01) as writer:
+            await writer.submit(["e0"], spans=RowsJson([bad], 1))
+            await writer.submit(["e1"], spans=RowsJson([good], 1))
+
+    anyio.run(write)
+
+    async def restart() -> PayloadSink:
+        sink = PayloadSink()
+        async with spool_writer([sink], tmp_path, flush_interval_s=0.01) as writer:
+            assert await writer.flush(timeout_s=5)
+        return sink
+
+    sink = anyio.run(restart)
+    assert set(sink.kinds) == {SpanBatch}
+    assert [row.span_id for row in sink.rows] == ["a" * 16]
+    dead = [
+        json.loads(line)
+        for f in (tmp_path / "dead-letter").glob("*.jsonl")
+        for line in f.read_text().splitlines()
+    ]
+    assert len(dead) == 1 and "not a number" in (dead[0]["raw"] or json.dumps(dead[0]["events"]))

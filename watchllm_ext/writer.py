@@ -309,7 +309,7 @@ class Writer:
         # items, the record itself (with its payload: a sink that keeps up reads no disk), and
         # the number of each by start position (a sink's cursor). A record not kept (the
         # memory cap, a dead-letter replay) is a gap: the sink reads the spool there.
-        self._cache: dict[int, list[Any]] = {}
+        self._cache: dict[int, Sequence[Any]] = {}  # a list, or rows as JSON (RowsJson)
         self._records: dict[int, Record] = {}
         self._numbers: dict[Position, int] = {}
         self._next_number = 0  # the number the next record written gets
@@ -569,16 +569,21 @@ class Writer:
         events = self._items_of(records_of_events, state.sink.name, EventBatch())
         rows: Sequence[SpanRow] = []
         if span_records and hasattr(state.sink, "write_spans"):
-            if getattr(state.sink, "reads_span_payloads", False) and all(
-                r.payload and not r.flags & TARGETED for r in span_records
+            if (
+                kept
+                and getattr(state.sink, "reads_span_payloads", False)
+                and all(r.payload and not r.flags & TARGETED for r in span_records)
             ):
-                # The records' bytes are all this sink reads (the store inserts them): no row
-                # is made, whether memory holds the rows or not.
+                # Records this process wrote (memory holds them), whose bytes are all this sink
+                # reads (the store inserts them): no row is made. Records read back from the
+                # log (after a restart) are decoded, so that a row that does not read as a
+                # SpanRow goes to the dead letters alone, not with its whole insert.
                 rows = RowsJson(
                     [r.payload for r in span_records], sum(r.count for r in span_records)
                 )
             else:
-                # With the records' bytes too: the store inserts them instead of encoding rows.
+                # Rows, with the records' bytes as their `payloads` when they are exactly
+                # these rows' JSON (a sink that inserts JSON sends those).
                 rows = self._items_of(span_records, state.sink.name, SpanBatch())
         return records, events, rows, last_number
 
@@ -648,7 +653,7 @@ class Writer:
         """(On a worker thread.) The items of `records` for `sink`, in order, into `into`:
         from memory, or decoded from their payloads (a sink behind the window, a targeted
         record)."""
-        kept: list[list[Any] | None] = []
+        kept: list[Sequence[Any] | None] = []
         missing: list[Record] = []
         for record in records:
             number = self._numbers.get(record.start)
@@ -708,7 +713,7 @@ class Writer:
         return good
 
     async def _write_with_retry(
-        self, state: SinkState, events: list[Any], spans: bool = False
+        self, state: SinkState, events: Sequence[Any], spans: bool = False
     ) -> None:
         attempt = 0
         while True:
@@ -741,7 +746,7 @@ class Writer:
             state.delivered_batches_total += 1
             return
 
-    def _dead_letter(self, state: SinkState, events: list[Any], spans: bool = False) -> None:
+    def _dead_letter(self, state: SinkState, events: Sequence[Any], spans: bool = False) -> None:
         state.dead_letter_events_total += len(events)
         log.error(
             "sink %s refused %d %s for good (%s); they are in the dead letters",

@@ -371,8 +371,8 @@ class StoreSink:
         if insert_json is None:
             raise SinkError(f"store {self.store.name} cannot insert JSON rows", permanent=True)
         lower_native_threads()  # chDB's threads made since the last insert yield to requests
-        # The writer's batch (otel.rows.SpanBatch) goes as its spool records' own bytes, in
-        # pieces, as events do; any other list of rows is encoded.
+        # The writer's batch (otel.rows.RowsJson, or a SpanBatch after a restart) goes as its
+        # spool records' own bytes, in pieces, as events do; any other list of rows is encoded.
         body = spool_pieces(rows) or encode_rows(rows)
         insert_json(SPANS_TABLE, body, JSON_INPUT_SETTINGS)
 

@@ -221,8 +221,11 @@ async def ingest_mapped(
 ) -> dict[str, Any]:
     """ingest_spans for a body a worker process decoded and mapped (worker.py): the same
     limits, quota, validation, hooks, spool and answer."""
+    # The span count limit is the in-process one: decoded spans and those the decoder refused.
+    # (Unlike in-process, the body was mapped before the limit and the quota were checked:
+    # the worker's CPU, not the server's, is what a refused body cost.)
     work = partial(_finish_and_accept, wl, principal, mapped, received)
-    return await _charged(wl, principal, mapped.spans, mapped.rejected, work)
+    return await _charged(wl, principal, mapped.spans, mapped.decode_rejected, work)
 
 
 async def _charged(

@@ -3,15 +3,16 @@
 One pool per server process, shared by every app in it: the workers keep no state. It grows
 to the largest `otel_worker_processes` an app asked for, a worker at a time, in the
 background; until a worker is ready (its imports take ~0.3 s) and whenever none is alive, the
-receiver does the work itself, as it does with the setting at 0. A worker that dies or breaks
-the protocol is let go of, and the body it had is done in-process: a worker's answer is only
-ever an input, so nothing accepted is lost. Workers run in their own session (a Ctrl-C to
-the server does not stop them under a request) and end when their stdin closes, which is
-when the server ends, however it ends.
+receiver does the work itself, as it does with the setting at 0. A worker that dies, breaks
+the protocol or does not answer in CALL_TIMEOUT_S is killed and let go of, and the bodies it
+had are done in-process: a worker's answer is only ever an input, so nothing accepted is lost.
+Workers run in their own session (a Ctrl-C to the server does not stop them under a request)
+and end when their stdin closes, which is when the server ends, however it ends.
 
 The calls block (a pipe each way), so they run on worker threads; an event loop bounds how
 many at once with `limiter()` (DEPTH a worker, so a thread never waits for a worker while
-holding a place that the spool's fsyncs need).
+holding a place that the spool's fsyncs need), and a request waits at most WAIT_FOR_WORKER_S
+for a place before doing its body itself.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import anyio
 from anyio.lowlevel import RunVar
@@ -33,16 +36,25 @@ from .worker import READY, frame, read_frame
 
 log = logging.getLogger("watchllm.otel")
 
-# After a worker fails to start, wait this long before trying again (no spawn per request).
+T = TypeVar("T")
+
+# After a worker fails to start, or one dies soon after its start, wait this long before
+# starting another (no spawn per request).
 START_RETRY_S = 30.0
-# How long a call waits for a busy worker before doing the work in-process.
-WAIT_FOR_WORKER_S = 5.0
+LIVED_LONG_ENOUGH_S = 10.0
+# How long a request waits for a worker's place before doing its body in-process.
+WAIT_FOR_WORKER_S = 2.0
 # Calls a worker takes at once (one mapped, the next waiting in its pipe).
 DEPTH = 2
-# A worker that has not answered a call in this long is killed (a body of max_batch_events
-# spans takes well under a second): a stopped or stuck worker must not hold the receiver's
-# places for ever. Its calls then get EOF, and their bodies are done in the server.
-CALL_TIMEOUT_S = 30.0
+# A worker that has not answered a call this long after the call was sent is killed (a body
+# of max_batch_events spans takes well under a second; OpenTelemetry's exporters give up after
+# 10 s): a stopped or stuck worker must not hold the receiver's places. Its calls then get
+# EOF, and their bodies are done in the server.
+CALL_TIMEOUT_S = 8.0
+# The most a worker's start (its imports) may take.
+START_TIMEOUT_S = 30.0
+# How often the watchdog looks at the calls' deadlines.
+WATCH_EVERY_S = 0.5
 
 
 class _Worker:
@@ -64,8 +76,13 @@ class _Worker:
         assert self.process.stdin is not None and self.process.stdout is not None
         self.stdin = self.process.stdin
         self.stdout = self.process.stdout
+        self.started = time.monotonic()
         self.in_flight = 0  # counted by the pool, under its lock
         self.broken = False
+        # The monotonic time by which the oldest unanswered call (or the start) must be
+        # answered; None when nothing is awaited. Read by the pool's watchdog.
+        self.deadline: float | None = self.started + START_TIMEOUT_S
+        self._deadlines: dict[int, float] = {}
         self._send = threading.Lock()
         self._turn = threading.Condition()
         self._sent = 0  # tickets: the order in which requests went, and answers come
@@ -74,31 +91,21 @@ class _Worker:
     def wait_ready(self) -> None:
         if self.stdout.read(1) != READY:
             raise OSError(f"the worker ended at start (exit code {self.process.wait()})")
+        self.deadline = None
 
     def call(self, request: bytes) -> bytes:
-        watchdog = threading.Timer(CALL_TIMEOUT_S, self._kill_stuck)
-        watchdog.daemon = True
-        watchdog.start()
-        try:
-            return self._call(request)
-        finally:
-            watchdog.cancel()
-
-    def _kill_stuck(self) -> None:
-        log.warning(
-            "an OTLP worker process (pid %d) did not answer in %.0f s; killed",
-            self.process.pid,
-            CALL_TIMEOUT_S,
-        )
-        with contextlib.suppress(OSError):
-            self.process.kill()
-
-    def _call(self, request: bytes) -> bytes:
         with self._send:
             ticket = self._sent
             self._sent += 1
-            self.stdin.write(frame(request))
-            self.stdin.flush()
+            with self._turn:
+                self._deadlines[ticket] = time.monotonic() + CALL_TIMEOUT_S
+                self.deadline = self._deadlines[min(self._deadlines)]
+            try:
+                self.stdin.write(frame(request))
+                self.stdin.flush()
+            except BaseException:
+                self._fail()
+                raise
         with self._turn:
             while self._read != ticket and not self.broken:
                 self._turn.wait()
@@ -110,34 +117,45 @@ class _Worker:
                 raise EOFError("the worker ended")
             return answer
         except BaseException:
-            self.broken = True  # mid-frame, or gone: its stream cannot be trusted any more
+            self._fail()  # mid-frame, or gone: its stream cannot be trusted any more
             raise
         finally:
             with self._turn:
                 self._read += 1
+                self._deadlines.pop(ticket, None)
+                self.deadline = self._deadlines[min(self._deadlines)] if self._deadlines else None
                 self._turn.notify_all()
 
-    def stop(self) -> None:
-        self.broken = True
-        with contextlib.suppress(OSError, ValueError):
-            self.stdin.close()  # it ends at the end of its stdin
-        if self.process.poll() is None:
+    def _fail(self) -> None:
+        with self._turn:
+            self.broken = True
+            self._turn.notify_all()  # calls waiting their turn give up too
+
+    def kill(self) -> None:
+        with contextlib.suppress(OSError):
             self.process.kill()
+
+    def stop(self) -> None:
+        # Killed first: closing stdin would wait for a call still writing into a full pipe.
+        self._fail()
+        self.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=5)
-        with contextlib.suppress(OSError, ValueError):
-            self.stdout.close()
+        for stream in (self.stdin, self.stdout):
+            with contextlib.suppress(OSError, ValueError):
+                stream.close()
 
 
 class WorkerPool:
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._live: list[_Worker] = []
-        self._starting = 0
+        self._starting: list[_Worker | None] = []  # None until the process exists
         self._size = 0
         self._next_start = 0.0  # monotonic time before which no start is tried (after a failure)
+        self._watching = False
         self.started_total = 0
-        self.lost_total = 0  # workers that died or broke the protocol under a call
+        self.lost_total = 0  # workers that died, broke the protocol or timed out
         self.answered_total = 0  # calls a worker answered
 
     def want(self, size: int) -> None:
@@ -151,17 +169,18 @@ class WorkerPool:
         with self._cond:
             return len(self._live)
 
-    def call(self, request: bytes, size: int) -> bytes | None:
-        """(Blocking.) Send `request` to a worker; its answer, or None when no worker is alive
-        or the one called failed (do the work in-process)."""
+    def call(self, request: bytes, size: int, decode: Callable[[bytes], T]) -> T | None:
+        """(Blocking.) Send `request` to a worker; its answer through `decode`, or None when no
+        worker is alive or ready, or the one called failed (do the work in-process). An answer
+        `decode` refuses counts as the worker's failure."""
         worker = self._acquire(size)
         if worker is None:
             return None
         try:
-            answer = worker.call(request)
+            answer = decode(worker.call(request))
             self.answered_total += 1
             return answer
-        except (OSError, EOFError, ValueError) as exc:
+        except Exception as exc:  # OSError, EOFError, a frame or answer that does not decode
             log.warning("an OTLP worker process failed (%s); its body is done in-process", exc)
             self._lose(worker)
             return None
@@ -179,29 +198,35 @@ class WorkerPool:
             self._size = max(self._size, size)
             self._grow()
             while True:
-                if not self._live:
-                    return None  # none alive yet (or any more): do it here
-                worker = min(self._live, key=lambda w: w.in_flight)
+                alive = [w for w in self._live if not w.broken]
+                if not alive:
+                    return None  # none ready yet (or any more): do it here
+                worker = min(alive, key=lambda w: w.in_flight)
                 if worker.in_flight < DEPTH:
                     worker.in_flight += 1
                     return worker
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    return None  # all stuck: do it here
+                    return None  # all busy for too long: do it here
                 self._cond.wait(left)
 
     def _grow(self) -> None:
         """(Holding the lock.) Start workers up to the size, one at a time, in the background."""
-        live = len(self._live) + self._starting
+        live = len(self._live) + len(self._starting)
         if live >= self._size or self._starting or time.monotonic() < self._next_start:
             return
-        self._starting += 1
+        self._starting.append(None)
         threading.Thread(target=self._start, name="watchllm-otel-worker-start", daemon=True).start()
+        if not self._watching:
+            self._watching = True
+            threading.Thread(target=self._watch, name="watchllm-otel-watchdog", daemon=True).start()
 
     def _start(self) -> None:
         worker: _Worker | None = None
         try:
             worker = _Worker()
+            with self._cond:
+                self._starting[0] = worker  # the watchdog now sees its start deadline
             worker.wait_ready()
         except Exception as exc:
             log.warning(
@@ -213,15 +238,31 @@ class WorkerPool:
             if worker is not None:
                 worker.stop()
             with self._cond:
-                self._starting -= 1
+                self._starting.clear()
                 self._next_start = time.monotonic() + START_RETRY_S
             return
         with self._cond:
-            self._starting -= 1
+            self._starting.clear()
             self.started_total += 1
             self._live.append(worker)
             self._cond.notify_all()
             self._grow()
+
+    def _watch(self) -> None:
+        """Kill a worker whose start or oldest call is past its deadline (stopped, stuck)."""
+        while True:
+            time.sleep(WATCH_EVERY_S)
+            now = time.monotonic()
+            with self._cond:
+                workers = [w for w in [*self._live, *self._starting] if w is not None]
+            for worker in workers:
+                deadline = worker.deadline
+                if deadline is not None and now > deadline and worker.process.poll() is None:
+                    log.warning(
+                        "an OTLP worker process (pid %d) did not answer in time; killed",
+                        worker.process.pid,
+                    )
+                    worker.kill()  # its calls get EOF: their bodies are done in the server
 
     def _lose(self, worker: _Worker) -> None:
         worker.stop()
@@ -229,6 +270,10 @@ class WorkerPool:
             if worker in self._live:
                 self._live.remove(worker)
                 self.lost_total += 1
+                if time.monotonic() - worker.started < LIVED_LONG_ENOUGH_S:
+                    # Dying soon after its start (a body that kills it, a broken install): no
+                    # respawn per body.
+                    self._next_start = time.monotonic() + START_RETRY_S
             self._grow()  # a replacement, in the background
             self._cond.notify_all()
 
@@ -243,7 +288,7 @@ class WorkerPool:
     def forget(self) -> None:
         """In a forked child: the workers are the parent's, not this process's."""
         self._cond = threading.Condition()
-        self._live, self._starting = [], 0
+        self._live, self._starting, self._watching = [], [], False
 
 
 POOL = WorkerPool()
@@ -264,6 +309,17 @@ def limiter(size: int) -> anyio.CapacityLimiter:
     return found
 
 
-async def map_in_worker(request: bytes, size: int) -> bytes | None:
-    """A worker's answer to `request` (worker.py's msgpack), or None: do it in-process."""
-    return await anyio.to_thread.run_sync(POOL.call, request, size, limiter=limiter(size))
+async def map_in_worker(request: bytes, size: int, decode: Callable[[bytes], T]) -> T | None:
+    """A worker's answer to `request` (worker.py's msgpack) through `decode`, or None: do it
+    in-process (no worker ready, or none had a place within WAIT_FOR_WORKER_S, or it failed)."""
+    places = limiter(size)
+    placed = False
+    with anyio.move_on_after(WAIT_FOR_WORKER_S):
+        await places.acquire()
+        placed = True
+    if not placed:
+        return None
+    try:
+        return await anyio.to_thread.run_sync(POOL.call, request, size, decode)
+    finally:
+        places.release()

@@ -24,7 +24,6 @@ import logging
 from typing import Any
 
 import anyio
-import msgspec
 from google.protobuf import json_format
 from google.rpc import status_pb2
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -45,7 +44,7 @@ from ..settings import Settings
 from .decode import Decoded, parse_json, parse_protobuf, spans_of
 from .ingest import cpu_limiter, ingest_mapped, ingest_spans
 from .pool import map_in_worker
-from .worker import MappedBody, decode_answer, encode_request
+from .worker import decode_answer, encode_request
 
 log = logging.getLogger("watchllm.otel")
 
@@ -159,8 +158,7 @@ async def _ingest(wl: Any, principal: Principal, body: bytes, protobuf: bool) ->
         # Decoded and mapped in a worker process (pool.py), on another core than this one.
         received = receipt_time()
         request = encode_request(body, protobuf, principal.project_id, received)
-        answer = await map_in_worker(request, processes)
-        mapped = _decoded_answer(answer) if answer is not None else None
+        mapped = await map_in_worker(request, processes, decode_answer)
         if mapped is not None and mapped.crash is None:
             ops_metrics(wl).otel_bodies.labels("worker").inc()
             if mapped.problem is not None:
@@ -175,14 +173,6 @@ async def _ingest(wl: Any, principal: Principal, body: bytes, protobuf: bool) ->
     return await ingest_spans(
         wl, principal, decoded.spans, rejected=decoded.rejected, problems=decoded.problems
     )
-
-
-def _decoded_answer(answer: bytes) -> MappedBody | None:
-    try:
-        return decode_answer(answer)
-    except msgspec.MsgspecError as exc:  # a broken worker: the body is done here
-        log.error("an OTLP worker process answered what does not decode (%s)", exc)
-        return None
 
 
 async def _run(off_loop: bool, fn: Any, *args: Any) -> Any:

@@ -43,13 +43,13 @@ class MappedBody(msgspec.Struct, array_like=True):
     `crash`: the worker failed in an unexpected way (the server does the work itself)."""
 
     spans: int = 0  # spans decoded (each costs a unit of quota, as in-process)
+    decode_rejected: int = 0  # spans refused by the decoder (rejected: and by the mapping)
     rows: bytes = b"[]"  # JSON array of SpanRow, the spool's form
     n_rows: int = 0
     events: bytes = b"[]"  # JSON array of the LLM spans' events
     event_rows: list[int] = []
     names: list[str] = []
     unmapped: dict[str, int] = {}
-    built: bool = True
     rejected: int = 0
     problems: list[str] = []
     problem: tuple[int, str, str, str | None] | None = None
@@ -79,13 +79,13 @@ def map_body(body: bytes, protobuf: bool, project: str, received_ms: int) -> Map
     mapped = map_spans(decoded.spans, project, received, decoded.rejected, decoded.problems)
     return MappedBody(
         spans=len(decoded.spans),
+        decode_rejected=decoded.rejected,
         rows=encode_rows(mapped.rows),
         n_rows=len(mapped.rows),
         events=_encode_events(mapped.events),
         event_rows=mapped.event_rows,
         names=mapped.names,
         unmapped=dict(mapped.unmapped),
-        built=mapped.built,
         rejected=mapped.rejected,
         problems=mapped.problems,
     )
