@@ -293,7 +293,8 @@ class WorkerPool:
 
 POOL = WorkerPool()
 atexit.register(POOL.stop)
-os.register_at_fork(after_in_child=POOL.forget)
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=POOL.forget)
 
 _LIMITER: RunVar[anyio.CapacityLimiter] = RunVar("watchllm_otel_worker_limiter")
 
