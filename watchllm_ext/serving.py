@@ -144,6 +144,11 @@ def header_timeout_protocol(
         # size, so its size is worked out exactly once its headers are complete.
         _head_unsure = False
         _refused = False
+        # (httptools) A request's headers completed in the chunk being parsed (the deadline
+        # armed for them is met, even when its whole request came in that chunk and the parser
+        # is in the next head again), and whether a next request began after them.
+        _head_done = False
+        _next_begun = False
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
@@ -161,6 +166,11 @@ def header_timeout_protocol(
                 self._chunk_counted = in_head
                 self._begun_in_chunk = 0
             super().data_received(data)
+            if self._head_done:
+                self._head_done = False
+                self._disarm()  # met: the next request's first bytes arm it again
+                if self._next_begun:
+                    self._arm()  # a pipelined request's head began in this chunk: its own
             if self._header_timer is None:
                 return
             if not self._headers_pending():
@@ -171,6 +181,7 @@ def header_timeout_protocol(
                 self._answer(headers_too_large(max_header_bytes))
 
         def on_message_begin(self) -> None:
+            self._next_begun = True
             self._begun_in_chunk += 1
             if not self._chunk_counted or self._begun_in_chunk > 1:
                 self._head_unsure = True
@@ -183,7 +194,8 @@ def header_timeout_protocol(
                 size = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
                 if size > max_header_bytes:
                     raise _HeadersTooLarge()
-            self._in_head = self._head_unsure = False
+            self._in_head = self._head_unsure = self._next_begun = False
+            self._head_done = True
             headers_complete(self)  # the base's, called directly: super() costs ~0.3 us here
 
         def on_message_complete(self) -> None:
