@@ -913,3 +913,40 @@ def test_mutated_protobuf_never_fails_the_server(server: Running) -> None:
     # (an event's id is "<trace>-<span>": otel/ids.py)
     assert {tuple(e["event_id"].split("-")) for e in events} <= in_store
     assert all(e["event_id"].startswith(e["run_id"] + "-") for e in events)
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_a_resource_copied_onto_too_many_spans_is_refused(server: Running, as_json: bool) -> None:
+    """Each span's row keeps its resource's attributes: a small body whose big resource sits
+    over many spans would make gigabytes of rows. Past MAX_COPIED_BYTES a request's scopes
+    are refused, named in partial_success; the scopes before them are stored."""
+    from watchllm_ext.otel.decode import MAX_COPIED_BYTES
+
+    trace = new_trace()
+    big = "r" * 100_000
+    many = 1 + MAX_COPIED_BYTES // len(big)  # over the limit by one span's copy
+    fine = ResourceSpans(scope_spans=[ScopeSpans(spans=[otel_span(trace, 1)])])
+    fine.resource.attributes.append(kv("service.name", "fine"))
+    heavy = ResourceSpans(
+        scope_spans=[ScopeSpans(spans=[otel_span(trace, n) for n in range(2, 2 + many)])]
+    )
+    heavy.resource.attributes.append(kv("deployment.notes", big))
+    request = ExportTraceServiceRequest(resource_spans=[fine, heavy])
+    body = request.SerializeToString()
+    answer = (
+        post(
+            server,
+            gzip.compress(json.dumps(to_json(request)).encode()),
+            content_type=JSON,
+            encoding="gzip",
+        )
+        if as_json
+        else post(server, gzip.compress(body), encoding="gzip")
+    )
+    assert answer.status == 200, answer.message
+    assert answer.rejected_spans == many
+    assert "resourceSpans[1].scopeSpans[0]" in answer.message
+    assert f"{many} spans rejected" in answer.message
+    settle(server)
+    assert stored(server, trace) == (1, 0)
+    still_serving(server)

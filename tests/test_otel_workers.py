@@ -281,3 +281,46 @@ def test_an_answer_that_does_not_decode_loses_the_worker() -> None:
     while pool.POOL.call(request, 1, decode_answer) is None:  # a new one, after the backoff
         assert time.monotonic() < deadline
         time.sleep(0.05)
+
+
+def test_a_worker_ends_when_its_server_is_gone() -> None:
+    """A worker whose server died (killed by a signal: no clean-up, no end of stdin while
+    the worker is busy) ends by itself within a few seconds. Here its stdin stays open (the
+    test holds the pipe), so only its watch on the parent can end it."""
+    import subprocess
+    import sys
+    from pathlib import Path as P
+
+    read_end, write_end = os.pipe()
+    try:
+        middle = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import os, subprocess, sys\n"
+                "fd = int(sys.argv[1])\n"
+                "p = subprocess.Popen([sys.executable, '-m', 'watchllm_ext.otel.worker',"
+                " str(os.getpid())], stdin=fd, stdout=subprocess.DEVNULL, pass_fds=(fd,))\n"
+                "print(p.pid, flush=True)\n",
+                str(read_end),
+            ],
+            stdout=subprocess.PIPE,
+            pass_fds=(read_end,),
+        )
+        assert middle.stdout is not None
+        with middle.stdout:
+            worker = int(middle.stdout.readline())
+        assert middle.wait(timeout=30) == 0  # the "server" is gone; the worker's stdin is not
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                state = P(f"/proc/{worker}/status").read_text()
+            except FileNotFoundError:
+                break  # ended and reaped
+            if "\nState:\tZ" in state:
+                break  # ended (a zombie until whoever adopted it reaps it)
+            assert time.monotonic() < deadline, "the worker outlived its server"
+            time.sleep(0.1)
+    finally:
+        os.close(read_end)
+        os.close(write_end)

@@ -36,6 +36,11 @@ MAX_VALUE_DEPTH = 16  # arrays and key-value lists inside one attribute value
 MAX_KEY_CHARS = 1_024
 # Problems named in one answer; the rest are counted.
 MAX_PROBLEMS_LISTED = 5
+# Each span's row keeps its resource's attributes and its scope's name and version: a request
+# may make at most this many bytes of such copies (a 20 KB gzip body of 1,500 spans under one
+# 500 KB resource attribute would make 750 MB of rows). Real resources are 0.3-2 KB: 10,000
+# spans under a 2 KB one make 20 MB.
+MAX_COPIED_BYTES = 64 * 1024 * 1024
 
 KINDS = ("unspecified", "internal", "server", "client", "producer", "consumer")
 STATUSES = ("unset", "ok", "error")
@@ -196,6 +201,7 @@ def spans_of(request: ExportTraceServiceRequest) -> Decoded:
     # span of the same key in one request, with other times or content, would be stored
     # beside the first. The first is kept; a later one is refused, named.
     keys: set[tuple[str, str]] = set()
+    copied = 0  # bytes of resource attributes and scope names copied onto rows so far
     for r, resource_spans in enumerate(request.resource_spans):
         try:
             resource = _attributes(resource_spans.resource.attributes, "resource")
@@ -204,9 +210,23 @@ def spans_of(request: ExportTraceServiceRequest) -> Decoded:
             out.reject(f"resourceSpans[{r}].resource", f"{exc} ({n} spans rejected)")
             out.rejected += n - 1
             continue
+        resource_bytes = _size(resource)
         for s, scope_spans in enumerate(resource_spans.scope_spans):
             scope = scope_spans.scope
             scope_name, scope_version = scope.name, scope.version
+            n = len(scope_spans.spans)
+            each = resource_bytes + len(scope_name) + len(scope_version)
+            if n and copied + each * n > MAX_COPIED_BYTES:
+                out.reject(
+                    f"resourceSpans[{r}].scopeSpans[{s}]",
+                    f"the resource's attributes and the scope's name ({each} bytes) copied onto"
+                    f" each of {n} spans would make over {MAX_COPIED_BYTES} bytes in this"
+                    f" request; send fewer spans a request or a smaller resource ({n} spans"
+                    " rejected)",
+                )
+                out.rejected += n - 1
+                continue
+            copied += each * n
             for i, span in enumerate(scope_spans.spans):
                 try:
                     decoded = _span(span, resource, scope_name, scope_version)
@@ -224,6 +244,14 @@ def spans_of(request: ExportTraceServiceRequest) -> Decoded:
                 keys.add(key)
                 out.spans.append(decoded)
     return out
+
+
+def _size(attributes: dict[str, Any]) -> int:
+    """About the bytes of the attributes as a row keeps them (keys and value texts)."""
+    return sum(
+        len(key) + (len(value) if isinstance(value, str) else len(attribute_text(value)))
+        for key, value in attributes.items()
+    )
 
 
 def _span(span: Any, resource: dict[str, Any], scope_name: str, scope_version: str) -> Span:

@@ -46,11 +46,13 @@ LIVED_LONG_ENOUGH_S = 10.0
 WAIT_FOR_WORKER_S = 2.0
 # Calls a worker takes at once (one mapped, the next waiting in its pipe).
 DEPTH = 2
-# A worker that has not answered a call this long after the call was sent is killed (a body
-# of max_batch_events spans takes well under a second; OpenTelemetry's exporters give up after
-# 10 s): a stopped or stuck worker must not hold the receiver's places. Its calls then get
-# EOF, and their bodies are done in the server.
+# A worker that has not answered a call this long after the call was sent is killed (a 512-span
+# export takes ~20 ms; OpenTelemetry's exporters give up after 10 s), plus CALL_S_PER_MB for
+# each MB of the body (a 50 MB JSON body of 10,000 spans takes ~15 s to decode and map, and
+# must not be killed and then done again): a stopped or stuck worker must not hold the
+# receiver's places. Its calls then get EOF, and their bodies are done in the server.
 CALL_TIMEOUT_S = 8.0
+CALL_S_PER_MB = 1.0
 # The most a worker's start (its imports) may take.
 START_TIMEOUT_S = 30.0
 # How often the watchdog looks at the calls' deadlines.
@@ -67,7 +69,7 @@ class _Worker:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "watchllm_ext.otel.worker"],
+            [sys.executable, "-m", "watchllm_ext.otel.worker", str(os.getpid())],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,
@@ -98,7 +100,8 @@ class _Worker:
             ticket = self._sent
             self._sent += 1
             with self._turn:
-                self._deadlines[ticket] = time.monotonic() + CALL_TIMEOUT_S
+                allowed = CALL_TIMEOUT_S + CALL_S_PER_MB * len(request) / 1e6
+                self._deadlines[ticket] = time.monotonic() + allowed
                 self.deadline = self._deadlines[min(self._deadlines)]
             try:
                 self.stdin.write(frame(request))

@@ -8,16 +8,20 @@ them and the events as JSON. The server validates the events, runs the plugin ho
 and answers (ingest.ingest_mapped): nothing is accepted until the server has spooled it, so a
 worker that dies loses nothing (the server does that body's work itself: pool.py).
 
-On stdin and stdout, frames: a 4-byte big-endian length, then msgpack. A request is (body,
-protobuf, project id, receipt time in ms); the answer a `MappedBody`. One byte b"R" on stdout
-says the worker is ready (its imports done). The worker ends when stdin closes (the server
-stopped or died).
+Its argument is the server's pid. On stdin and stdout, frames: a 4-byte big-endian length,
+then msgpack. A request is (body, protobuf, project id, receipt time in ms); the answer a
+`MappedBody`. One byte b"R" on stdout says the worker is ready (its imports done). The
+worker ends when stdin closes (the server stopped or died), or when the server is no longer
+its parent (it died while this was busy).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
+import threading
+import time
 import traceback
 from datetime import UTC, datetime, timedelta
 from typing import BinaryIO
@@ -31,6 +35,7 @@ from .mapped import map_spans
 from .rows import encode_rows
 
 READY = b"R"
+PARENT_CHECK_S = 1.0
 # A frame bigger than this is a broken stream, not a request (bodies are capped far lower).
 MAX_FRAME_BYTES = 1 << 30
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -119,12 +124,24 @@ def _read_exactly(stream: BinaryIO, size: int) -> bytes | None:
     return b"".join(chunks)
 
 
+def _end_with(server: int) -> None:
+    """End this worker once the server is gone, even in the middle of a body (stdin's end
+    is seen only between bodies; a server killed by a signal runs no clean-up)."""
+    while os.getppid() == server:
+        time.sleep(PARENT_CHECK_S)
+    os._exit(0)
+
+
 def frame(data: bytes) -> bytes:
     return len(data).to_bytes(4, "big") + data
 
 
-def serve(stdin: BinaryIO, stdout: BinaryIO) -> None:
+def serve(stdin: BinaryIO, stdout: BinaryIO, server: int | None = None) -> None:
+    """Answer frames until stdin ends, or the process `server` (the parent's pid, given by
+    the server itself: it may be gone before this starts) is no longer the parent."""
     tune_for_serving()  # as the server: start-up objects out of the collector's scans
+    parent = os.getppid() if server is None else server
+    threading.Thread(target=_end_with, args=(parent,), daemon=True).start()
     stdout.write(READY)
     stdout.flush()
     while (data := read_frame(stdin)) is not None:
@@ -138,4 +155,4 @@ def serve(stdin: BinaryIO, stdout: BinaryIO) -> None:
 
 if __name__ == "__main__":
     with contextlib.suppress(BrokenPipeError, KeyboardInterrupt):  # the server went away
-        serve(sys.stdin.buffer, sys.stdout.buffer)
+        serve(sys.stdin.buffer, sys.stdout.buffer, int(sys.argv[1]) if sys.argv[1:] else None)
