@@ -193,7 +193,8 @@ def test_refusals_are_not_retried_and_are_counted(
             ),
         ]
     )
-    client = client_for(server.url)
+    # Each round's three events go in one request: the flusher must not send the first one alone.
+    client = client_for(server.url, flush_at=10_000, flush_interval_s=30)
     for _ in range(4):
         log_n(client, 3)
         assert client.flush(10)
