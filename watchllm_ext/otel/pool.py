@@ -32,6 +32,11 @@ from typing import TypeVar
 import anyio
 from anyio.lowlevel import RunVar
 
+try:
+    import fcntl
+except ImportError:  # not on Windows
+    fcntl = None  # type: ignore[assignment]
+
 from .worker import READY, frame, read_frame
 
 log = logging.getLogger("watchllm.otel")
@@ -57,6 +62,18 @@ CALL_S_PER_MB = 1.0
 START_TIMEOUT_S = 30.0
 # How often the watchdog looks at the calls' deadlines.
 WATCH_EVERY_S = 0.5
+# Each pipe holds a whole 512-span body or its answer (~1 MB): with Linux's 64 KB pipes the
+# worker stopped at every 64 KB of an answer until a server thread (which needs the GIL
+# between reads) took it. 1 MiB is what an unprivileged process may ask (fs.pipe-max-size).
+PIPE_BYTES = 1 << 20
+
+
+def _widen(fd: int) -> None:
+    """Make the pipe `fd` hold PIPE_BYTES where the system lets it (Linux); else as it is."""
+    setpipe = getattr(fcntl, "F_SETPIPE_SZ", None) if fcntl is not None else None
+    if setpipe is not None:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, setpipe, PIPE_BYTES)
 
 
 class _Worker:
@@ -78,6 +95,8 @@ class _Worker:
         assert self.process.stdin is not None and self.process.stdout is not None
         self.stdin = self.process.stdin
         self.stdout = self.process.stdout
+        for stream in (self.stdin, self.stdout):
+            _widen(stream.fileno())
         self.started = time.monotonic()
         self.in_flight = 0  # counted by the pool, under its lock
         self.broken = False
