@@ -577,7 +577,7 @@ async def _ingest_fast(
             # A big body: its fill-in, hooks and spool encoding in one trip to a worker thread
             # (a trip each cost a batch two thread hops more than it needs).
             writer = wl.writer
-            encode = writer is not None and getattr(writer.log, "needs_payload", True)
+            encode = writer is not None and writer.needs_payload
             outcome = await anyio.to_thread.run_sync(
                 _finish_and_encode, events, principal, wl.pm, received_at, encode
             )
@@ -678,7 +678,7 @@ async def _accept(
         encoded = _Encoded(outcome.accepted)  # made on the way (models, or a worker thread)
         encoded.payload = outcome.payload
         outcome.accepted = encoded
-    elif slot is not None and writer is not None and getattr(writer.log, "needs_payload", True):
+    elif slot is not None and writer is not None and writer.needs_payload:
         outcome.accepted = await anyio.to_thread.run_sync(_encode_sliced, outcome.accepted)
     if slot is not None:
         # The CPU work is done: the next big body may start. submit writes the events before

@@ -265,8 +265,9 @@ class SinkState:
     oldest_pending_ms: int | None = None  # append time of the record at the cursor
     pending_since: float | None = None
     taken_at: float | None = None  # when the batch being written was taken
-    quiet_seq: int = -1  # the log's next_seq at the last look, and when it last changed
-    quiet_since: float = 0.0
+    # Set while the last batch's items are freed on a worker thread (the next batch does not
+    # wait for it; the one after does, so at most one batch is being freed at a time).
+    freeing: anyio.Event | None = None
     # (cursor, number of the record after it): a cursor at the end of a segment is no record's
     # start, yet the record the writer wrote next (in the next segment) may be in memory.
     resume: tuple[Position, int] | None = None
@@ -321,6 +322,7 @@ class Writer:
         self._task_group: anyio.abc.TaskGroup | None = None
         self.accepted_events_total = 0
         self.full_total = 0
+        self._last_write = 0.0  # monotonic time of the last write to the log (_quiet)
 
     # --- the narrow interface ---------------------------------------------------------------
 
@@ -334,7 +336,7 @@ class Writer:
         """
         if not self._accepting:
             raise WriterClosed("the writer is not running")
-        needs_payload = getattr(self.log, "needs_payload", True)
+        needs_payload = self.needs_payload
         batches: list[tuple[Sequence[Any], int]] = []
         if events:
             batches.append((events, 0))
@@ -358,6 +360,7 @@ class Writer:
         except SpoolFull as exc:
             self.full_total += 1
             raise WriterFull(str(exc), exc.retry_after_s) from None
+        self._last_write = time.monotonic()
         for record, (batch, _) in zip(records, batches, strict=True):
             self._keep(record, batch)
         self.accepted_events_total += len(events)
@@ -369,9 +372,7 @@ class Writer:
         number = self._next_number
         if not self.sinks:
             self.log.release(record.end)  # nobody to deliver to: nothing to keep
-        elif not getattr(self.log, "needs_payload", True) or (
-            self._cached_events + len(items) <= self.memory_max_events
-        ):
+        elif not self.needs_payload or (self._cached_events + len(items) <= self.memory_max_events):
             # Rows as JSON stay so, decoded only if a sink reads them (otel.rows.RowsJson).
             self._cache[number] = items if type(items) is RowsJson else list(items)
             self._records[number] = record
@@ -385,6 +386,7 @@ class Writer:
         if not self._accepting:
             raise WriterClosed("the writer is not running")
         record = self.log.write(payload, count, TARGETED | SPANS if spans else TARGETED)
+        self._last_write = time.monotonic()
         self._next_number += 1  # not kept: the sink it is for reads it from the log
         await self.log.wait_durable(record.end)
 
@@ -494,8 +496,9 @@ class Writer:
                     state.pending_since = state.taken_at or now
                     state.oldest_pending_ms = int(time.time() * 1000)
                 wait = state.pending_since + self.flush_interval_s - now
-                if wait > 0 and self._quiet(state, backlog, now):
-                    wait = 0
+                if wait > 0 and backlog >= QUIET_MIN_EVENTS:
+                    # Quiet since the last write for QUIET_S: go now (or look again then).
+                    wait = min(wait, max(0.0, self._last_write + QUIET_S - now))
                 if wait > 0:
                     # A look at the backlog every _BACKLOG_POLL_S, not a wake-up per append:
                     # with single events that was a task switch per request, for a batch
@@ -535,16 +538,30 @@ class Writer:
             # items: freeing 50,000 events takes ~100 ms of the GIL, done on a worker thread
             # in slices that requests interleave with, instead of stopping the event loop.
             # The writer's references go first, so that the worker's can be the last.
+            # The next batch does not wait for it (a 15,000-event batch takes 50-150 ms to
+            # free), the one after does: at most one batch is being freed at a time.
             batches = [events, rows]
             del events, rows, batch
-            await anyio.to_thread.run_sync(_free, batches)
+            if state.freeing is not None:
+                await state.freeing.wait()
+            state.freeing = anyio.Event()
+            self._free_soon(batches, state.freeing)
 
-    def _quiet(self, state: SinkState, backlog: int, now: float) -> bool:
-        """Has nothing come for QUIET_S, with QUIET_MIN_EVENTS waiting?"""
-        if self.log.next_seq != state.quiet_seq:
-            state.quiet_seq, state.quiet_since = self.log.next_seq, now
-            return False
-        return backlog >= QUIET_MIN_EVENTS and now - state.quiet_since >= QUIET_S
+    def _free_soon(self, batches: list[Sequence[Any]], done: anyio.Event) -> None:
+        async def free() -> None:
+            try:
+                await anyio.to_thread.run_sync(_free, batches)
+            finally:
+                done.set()
+
+        assert self._task_group is not None  # _deliver runs in it
+        self._task_group.start_soon(free)
+
+    @property
+    def needs_payload(self) -> bool:
+        """Does the log keep the records' bytes (the spool), so that `submit` must be given
+        or make their JSON? (An in-memory log keeps the items only.)"""
+        return getattr(self.log, "needs_payload", True)
 
     def _next_batch(
         self, state: SinkState

@@ -293,7 +293,7 @@ async def _finish_and_accept(
 
 def _needs_payload(wl: WatchLLM) -> bool:
     writer = wl.writer
-    return writer is not None and getattr(writer.log, "needs_payload", True)
+    return writer is not None and writer.needs_payload
 
 
 def finish_mapped(
