@@ -580,6 +580,33 @@ def test_a_quiet_backlog_goes_before_the_interval_is_over() -> None:
     anyio.run(main)
 
 
+def test_the_rest_of_a_burst_goes_when_quiet_after_a_big_batch() -> None:
+    """What came while a big batch was written is the end of the burst: once quiet for
+    QUIET_S it goes, however few; after a small batch, a few events still wait."""
+    from watchllm_ext.writer import QUIET_MIN_EVENTS, QUIET_S
+
+    async def main() -> None:
+        sink = ListSink()
+        async with memory_writer(
+            [sink], max_events=100_000, flush_max_events=50_000, flush_interval_s=30
+        ) as writer:
+            await writer.submit(list(range(QUIET_MIN_EVENTS)))
+            with anyio.fail_after(2):
+                while not sink.batches:
+                    await anyio.sleep(0.01)
+            await writer.submit(["tail"] * 10)
+            with anyio.fail_after(2):  # far sooner than the 30 s interval
+                while len(sink.batches) < 2:
+                    await anyio.sleep(0.01)
+            assert len(sink.batches[1]) == 10
+            # After that small batch, a small backlog waits for the interval again.
+            await writer.submit(["trickle"] * 10)
+            await anyio.sleep(QUIET_S * 4)
+            assert len(sink.batches) == 2
+
+    anyio.run(main)
+
+
 def test_the_interval_counts_from_when_the_last_batch_was_taken() -> None:
     """What comes while a batch is written has waited since that batch was taken: it goes
     flush_interval_s after then, not a whole interval after the write ended."""

@@ -56,9 +56,10 @@ log = logging.getLogger("watchllm.writer")
 _BACKLOG_POLL_S = 0.05
 # A batch of at least QUIET_MIN_EVENTS goes before flush_interval_s is over once nothing new
 # has come for QUIET_S: the burst that brought it has ended (an exporter's or an SDK's batch,
-# a load test), and waiting out the interval would only make it visible later. Fewer events
-# wait: a store insert has a fixed cost (tens of ms of CPU), and a trickle of single events
-# would otherwise pay it for each.
+# a load test), and waiting out the interval would only make it visible later. So does the
+# rest of a burst, however small, after a batch of that size: what came during its insert.
+# Fewer events after a small batch wait: a store insert has a fixed cost (tens of ms of
+# CPU), and a trickle of single events would otherwise pay it for each.
 QUIET_S = 0.1
 QUIET_MIN_EVENTS = 4_096
 TARGETED = 1  # record flag: the record is for one sink only (a dead-letter replay)
@@ -265,6 +266,7 @@ class SinkState:
     oldest_pending_ms: int | None = None  # append time of the record at the cursor
     pending_since: float | None = None
     taken_at: float | None = None  # when the batch being written was taken
+    last_taken: int = 0  # events and span rows in the last batch taken
     # Set while the last batch's items are freed on a worker thread (the next batch does not
     # wait for it; the one after does, so at most one batch is being freed at a time).
     freeing: anyio.Event | None = None
@@ -496,7 +498,7 @@ class Writer:
                     state.pending_since = state.taken_at or now
                     state.oldest_pending_ms = int(time.time() * 1000)
                 wait = state.pending_since + self.flush_interval_s - now
-                if wait > 0 and backlog >= QUIET_MIN_EVENTS:
+                if wait > 0 and max(backlog, state.last_taken) >= QUIET_MIN_EVENTS:
                     # Quiet since the last write for QUIET_S: go now (or look again then).
                     wait = min(wait, max(0.0, self._last_write + QUIET_S - now))
                 if wait > 0:
@@ -514,6 +516,7 @@ class Writer:
                 await self.log.wait_appended()
                 continue
             records, events, rows, last_number = batch
+            state.last_taken = len(events) + len(rows)
             state.oldest_pending_ms = records[0].appended_ms
             if events and not getattr(state.sink, "reads_structs", False):
                 events = await anyio.to_thread.run_sync(_as_models, events)
