@@ -324,3 +324,29 @@ def test_a_worker_ends_when_its_server_is_gone() -> None:
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+def test_a_worker_keeps_its_buffers_and_its_pipes_hold_a_whole_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker's malloc keeps a body's buffers between bodies (WORKER_MALLOC in its
+    environment, where the server's does not say otherwise) and its pipes hold 1 MiB (Linux)."""
+    import fcntl
+
+    monkeypatch.setenv("MALLOC_TOP_PAD_", "4096")  # the user's own setting is left as it is
+    worker = pool._Worker()
+    try:
+        worker.wait_ready()
+        environ = Path(f"/proc/{worker.process.pid}/environ").read_bytes().split(b"\0")
+        assert f"MALLOC_MMAP_THRESHOLD_={32 << 20}".encode() in environ
+        assert f"MALLOC_TRIM_THRESHOLD_={64 << 20}".encode() in environ
+        assert b"MALLOC_TOP_PAD_=4096" in environ
+        for stream in (worker.stdin, worker.stdout):
+            assert fcntl.fcntl(stream.fileno(), fcntl.F_GETPIPE_SZ) == pool.PIPE_BYTES
+        # And it still answers: a body bigger than the default 64 KiB pipe each way.
+        body = big_body()
+        request = encode_request(body, True, "p", datetime.now(UTC))
+        answer = decode_answer(worker.call(request))
+        assert answer.n_rows == answer.spans > 0 and answer.crash is None
+    finally:
+        worker.stop()
