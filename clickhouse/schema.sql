@@ -142,7 +142,8 @@ CREATE TABLE IF NOT EXISTS spans (
     INDEX spans_trace_id trace_id TYPE bloom_filter(0.01) GRANULARITY 4
 ) ENGINE = ReplacingMergeTree(ingested_at)
 PARTITION BY toYYYYMM(start_time)
-ORDER BY (project_id, start_time, trace_id, span_id);
+ORDER BY (project_id, start_time, trace_id, span_id)
+SETTINGS index_granularity = 8192, min_rows_for_wide_part = 100000;
 
 -- Per-run rollup, computed when read from the deduplicated events (FINAL), so every figure is
 -- exact even when an event was delivered twice (a replay after a crash, a client retry).

@@ -87,7 +87,7 @@ def test_a_store_with_events_upgrades_with_the_same_answers(store_backend: Store
         rolled_before = every_answer(store, rolled=True)
         dirty_before = store.query(Q.DIRTY_HOURS, {"limit": 2000})
 
-        assert apply_migrations(store) == ["0012_cheaper_inserts"]
+        assert apply_migrations(store)[0] == "0012_cheaper_inserts"
 
         assert not {"event_times", "event_times_mv"} & tables(store)
         (create,) = store.query(
