@@ -148,9 +148,10 @@ class Settings(BaseSettings):
         ge=1,
         le=1_000_000,
         description="Events in one insert of the store sink, or what flush_interval_s"
-        " gathered, whichever comes first (or, once 4,096 or more wait and nothing new has"
-        " come for 0.1 s, what there is: a burst has ended): ClickHouse parses and merges"
-        " large inserts far more cheaply than small ones (docs/BENCHMARKS.md).",
+        " gathered, whichever comes first (or, once nothing new has come for 0.1 s with"
+        " 4,096 or more waiting or just after an insert of that many, what there is: a burst"
+        " has ended): ClickHouse parses and merges large inserts far more cheaply than small"
+        " ones (docs/BENCHMARKS.md).",
     )
     store_threads_nice: int = Field(
         0,
