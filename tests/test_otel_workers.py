@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from datetime import UTC, datetime
@@ -326,6 +327,7 @@ def test_a_worker_ends_when_its_server_is_gone() -> None:
         os.close(write_end)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and pipe sizes: Linux")
 def test_a_worker_keeps_its_buffers_and_its_pipes_hold_a_whole_answer(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -341,8 +343,12 @@ def test_a_worker_keeps_its_buffers_and_its_pipes_hold_a_whole_answer(
         assert f"MALLOC_MMAP_THRESHOLD_={32 << 20}".encode() in environ
         assert f"MALLOC_TRIM_THRESHOLD_={64 << 20}".encode() in environ
         assert b"MALLOC_TOP_PAD_=4096" in environ
-        for stream in (worker.stdin, worker.stdout):
-            assert fcntl.fcntl(stream.fileno(), fcntl.F_GETPIPE_SZ) == pool.PIPE_BYTES
+        # Root may always ask for 1 MiB; another user may be refused (a lowered
+        # fs.pipe-max-size, pipe-user-pages-soft used up), and the pipes then stay as they are.
+        assert worker.widened or os.geteuid() != 0
+        if worker.widened:
+            for stream in (worker.stdin, worker.stdout):
+                assert fcntl.fcntl(stream.fileno(), fcntl.F_GETPIPE_SZ) == pool.PIPE_BYTES
         # And it still answers: a body bigger than the default 64 KiB pipe each way.
         body = big_body()
         request = encode_request(body, True, "p", datetime.now(UTC))

@@ -580,29 +580,50 @@ def test_a_quiet_backlog_goes_before_the_interval_is_over() -> None:
     anyio.run(main)
 
 
+class FirstWriteGated(ListSink):
+    """Its first write waits until `gate` is set (a long insert)."""
+
+    def __init__(self) -> None:
+        super().__init__("gated-once")
+        self.entered = anyio.Event()
+        self.gate = anyio.Event()
+
+    async def write(self, events: Sequence[Any]) -> None:
+        if not self.batches:
+            self.entered.set()
+            await self.gate.wait()
+        await super().write(events)
+
+
 def test_the_rest_of_a_burst_goes_when_quiet_after_a_big_batch() -> None:
-    """What came while a big batch was written is the end of the burst: once quiet for
-    QUIET_S it goes, however few; after a small batch, a few events still wait."""
+    """What came while a big batch was written, and nothing since, is the rest of a burst:
+    once quiet for QUIET_S it goes, however few. A trickle that starts after the sink has
+    gone idle is no burst's rest: it waits for the interval."""
     from watchllm_ext.writer import QUIET_MIN_EVENTS, QUIET_S
 
     async def main() -> None:
-        sink = ListSink()
+        sink = FirstWriteGated()
         async with memory_writer(
             [sink], max_events=100_000, flush_max_events=50_000, flush_interval_s=30
         ) as writer:
             await writer.submit(list(range(QUIET_MIN_EVENTS)))
-            with anyio.fail_after(2):
-                while not sink.batches:
-                    await anyio.sleep(0.01)
-            await writer.submit(["tail"] * 10)
-            with anyio.fail_after(2):  # far sooner than the 30 s interval
+            with anyio.fail_after(5):
+                await sink.entered.wait()
+            await writer.submit(["tail"] * 10)  # during the big batch's write
+            sink.gate.set()
+            with anyio.fail_after(5):  # far sooner than the 30 s interval
                 while len(sink.batches) < 2:
                     await anyio.sleep(0.01)
             assert len(sink.batches[1]) == 10
-            # After that small batch, a small backlog waits for the interval again.
+
+            await writer.submit(list(range(QUIET_MIN_EVENTS)))
+            with anyio.fail_after(5):
+                while len(sink.batches) < 3:
+                    await anyio.sleep(0.01)
+            await anyio.sleep(QUIET_S * 4)  # the sink idles
             await writer.submit(["trickle"] * 10)
             await anyio.sleep(QUIET_S * 4)
-            assert len(sink.batches) == 2
+            assert len(sink.batches) == 3
 
     anyio.run(main)
 

@@ -267,6 +267,7 @@ class SinkState:
     pending_since: float | None = None
     taken_at: float | None = None  # when the batch being written was taken
     last_taken: int = 0  # events and span rows in the last batch taken
+    written_at: float = 0.0  # when the last batch's write ended (monotonic)
     # Set while the last batch's items are freed on a worker thread (the next batch does not
     # wait for it; the one after does, so at most one batch is being freed at a time).
     freeing: anyio.Event | None = None
@@ -324,7 +325,7 @@ class Writer:
         self._task_group: anyio.abc.TaskGroup | None = None
         self.accepted_events_total = 0
         self.full_total = 0
-        self._last_write = 0.0  # monotonic time of the last write to the log (_quiet)
+        self._last_write = 0.0  # monotonic time of the last write to the log (quiet rules)
 
     # --- the narrow interface ---------------------------------------------------------------
 
@@ -498,7 +499,10 @@ class Writer:
                     state.pending_since = state.taken_at or now
                     state.oldest_pending_ms = int(time.time() * 1000)
                 wait = state.pending_since + self.flush_interval_s - now
-                if wait > 0 and max(backlog, state.last_taken) >= QUIET_MIN_EVENTS:
+                # The rest of a burst: what came while a big batch was written, and nothing
+                # since (a stream that goes on, or a trickle after an idle sink, waits).
+                rest = state.last_taken >= QUIET_MIN_EVENTS and self._last_write <= state.written_at
+                if wait > 0 and (backlog >= QUIET_MIN_EVENTS or rest):
                     # Quiet since the last write for QUIET_S: go now (or look again then).
                     wait = min(wait, max(0.0, self._last_write + QUIET_S - now))
                 if wait > 0:
@@ -525,6 +529,7 @@ class Writer:
             # Spans after the events: once a span's row is stored, so is the event it became.
             if rows:
                 await self._write_with_retry(state, rows, spans=True)
+            state.written_at = time.monotonic()
             last = records[-1]
             state.cursor, state.cursor_seq = last.end, last.seq + last.count
             state.resume = (last.end, last_number + 1) if last_number is not None else None
@@ -542,7 +547,8 @@ class Writer:
             # in slices that requests interleave with, instead of stopping the event loop.
             # The writer's references go first, so that the worker's can be the last.
             # The next batch does not wait for it (a 15,000-event batch takes 50-150 ms to
-            # free), the one after does: at most one batch is being freed at a time.
+            # free), the one after does: at most one batch is being freed at a time. (So a
+            # sink may hold one batch more than memory_max_events counts, for that while.)
             batches = [events, rows]
             del events, rows, batch
             if state.freeing is not None:

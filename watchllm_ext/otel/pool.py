@@ -78,12 +78,17 @@ WORKER_MALLOC = {
 }
 
 
-def _widen(fd: int) -> None:
-    """Make the pipe `fd` hold PIPE_BYTES where the system lets it (Linux); else as it is."""
+def _widen(fd: int) -> bool:
+    """Make the pipe `fd` hold PIPE_BYTES where the system lets it (Linux: not past
+    fs.pipe-max-size, nor a user's pipe-user-pages-soft); else it stays as it is. Whether it
+    now holds that much."""
     setpipe = getattr(fcntl, "F_SETPIPE_SZ", None) if fcntl is not None else None
-    if setpipe is not None:
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(fd, setpipe, PIPE_BYTES)
+    if setpipe is None:
+        return False
+    try:
+        return fcntl.fcntl(fd, setpipe, PIPE_BYTES) >= PIPE_BYTES
+    except OSError:
+        return False
 
 
 class _Worker:
@@ -107,8 +112,7 @@ class _Worker:
         assert self.process.stdin is not None and self.process.stdout is not None
         self.stdin = self.process.stdin
         self.stdout = self.process.stdout
-        for stream in (self.stdin, self.stdout):
-            _widen(stream.fileno())
+        self.widened = all([_widen(self.stdin.fileno()), _widen(self.stdout.fileno())])
         self.started = time.monotonic()
         self.in_flight = 0  # counted by the pool, under its lock
         self.broken = False
