@@ -195,3 +195,55 @@ def test_the_store_sink_completes_the_schema_before_its_first_insert(store: Stor
     # The id lookup (migration 0005's view) saw the row: the whole schema was there first.
     found = store.query(Q.EVENT, {"project": "p", "event_id": "first"})
     assert [r["event_id"] for r in found] == ["first"]
+
+
+def test_a_chdb_read_does_not_wait_for_an_insert(tmp_path: Path) -> None:
+    """chDB: reads have a handle of their own on the engine, so one answers while an insert
+    is still streaming its rows in (it used to wait for the insert's end)."""
+    import json
+    import threading
+
+    from watchllm_ext.store.rows import JSON_INPUT_SETTINGS
+
+    def row(i: int) -> bytes:
+        return json.dumps(
+            {
+                "project_id": "p",
+                "trace_id": f"{i:032x}",
+                "span_id": f"{i:016x}",
+                "name": "chat",
+                "start_time": "2026-01-05T01:02:03Z",
+                "end_time": "2026-01-05T01:02:04Z",
+                "ingested_at": "2026-01-05T02:00:00Z",
+            }
+        ).encode()
+
+    store = ChdbStore(tmp_path / "chdb")
+    streaming, release = threading.Event(), threading.Event()
+
+    def body() -> Iterator[bytes]:
+        yield b"[" + row(1)
+        streaming.set()
+        release.wait(30)
+        yield b"," + row(2) + b"]"
+
+    try:
+        apply_migrations(store)
+        insert = threading.Thread(
+            target=store.insert_json, args=("spans", body(), JSON_INPUT_SETTINGS)
+        )
+        insert.start()
+        assert streaming.wait(10)
+        answers: list[list[dict[str, object]]] = []
+        read = threading.Thread(
+            target=lambda: answers.append(store.query("SELECT count() AS n FROM spans"))
+        )
+        read.start()
+        read.join(10)
+        assert not read.is_alive() and int(answers[0][0]["n"]) == 0  # the insert is not over
+        release.set()
+        insert.join(30)
+        assert int(store.query("SELECT count() AS n FROM spans FINAL")[0]["n"]) == 2
+    finally:
+        release.set()
+        store.close()
