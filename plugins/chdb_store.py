@@ -60,28 +60,23 @@ class ChdbStore:
         # it: chDB runs statements of two handles in parallel, so a dashboard's or the API's
         # read no longer waits behind an insert of tens of thousands of rows (0.3-1 s).
         self._lock_reads = threading.Lock()
+        handles: list[Any] = []
         try:
-            self._session = session.Session(str(self.path))
+            while len(handles) < 2:
+                handles.append(session.Session(str(self.path)))
         except Exception as exc:
+            for handle in handles:
+                handle.close()
             self._release_lock()
             raise StoreError(f"cannot open the chDB folder {self.path}: {exc}") from exc
-        try:
-            self._reads = session.Session(str(self.path))
-        except Exception as exc:
-            self._session.close()
-            self._release_lock()
-            raise StoreError(f"cannot open the chDB folder {self.path}: {exc}") from exc
+        self._session, self._reads = handles
 
     def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
         self._run(sql, "CSV", params)
 
     def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-        try:
-            with self._lock_reads:
-                result = self._reads.query(sql, "JSONEachRow", params=format_params(params))
-        except Exception as exc:
-            message = str(exc)
-            raise StoreError(message, permanent=_is_permanent(message)) from exc
+        with self._lock_reads:
+            result = self._on(self._reads, sql, "JSONEachRow", params)
         text = result.data() if result is not None else ""
         # split("\n"), not splitlines(): that also splits at U+0085 and U+2028 inside strings.
         return [json.loads(line) for line in text.split("\n") if line]
@@ -166,9 +161,14 @@ class ChdbStore:
         """A statement on the main handle, one at a time (a handle runs one statement).
         `exclusive`: no read beside it either (an insert that reads its rows through
         Python() needs the GIL from ClickHouse's threads: a read beside it can deadlock)."""
+        with self._lock_calls, self._lock_reads if exclusive else contextlib.nullcontext():
+            return self._on(self._session, sql, fmt, params)
+
+    @staticmethod
+    def _on(handle: Any, sql: str, fmt: str, params: Mapping[str, Any] | None) -> Any:
+        """A statement on `handle` (its lock held by the caller); errors as StoreError."""
         try:
-            with self._lock_calls, self._lock_reads if exclusive else contextlib.nullcontext():
-                return self._session.query(sql, fmt, params=format_params(params))
+            return handle.query(sql, fmt, params=format_params(params))
         except Exception as exc:
             message = str(exc)
             raise StoreError(message, permanent=_is_permanent(message)) from exc

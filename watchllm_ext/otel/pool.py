@@ -82,7 +82,7 @@ def _widen(fd: int) -> bool:
     """Make the pipe `fd` hold PIPE_BYTES where the system lets it (Linux: not past
     fs.pipe-max-size, nor a user's pipe-user-pages-soft); else it stays as it is. Whether it
     now holds that much."""
-    setpipe = getattr(fcntl, "F_SETPIPE_SZ", None) if fcntl is not None else None
+    setpipe = getattr(fcntl, "F_SETPIPE_SZ", None)  # None off Linux (or without fcntl)
     if setpipe is None:
         return False
     try:
