@@ -131,6 +131,15 @@ def test_serve_first_start_prints_a_key_and_the_read_commands_work(
     assert "Traceback" not in busy.stderr
     second = cli("serve", "--data-dir", data, "--port", str(free_port()))
     assert second.returncode == 1 and "in use by process" in second.stderr
+    # A second server needs a folder of its own: --url is the way for the other commands.
+    assert "another --data-dir" in second.stderr and "--url" not in second.stderr
+    # The port is taken: one line before anything is made, so no key is printed that would
+    # point at the other server.
+    taken = cli("serve", "--data-dir", str(tmp_path / "other"), "--port", str(served.port))
+    assert taken.returncode == 1, taken.stdout + taken.stderr
+    assert f"cannot listen on 127.0.0.1:{served.port}" in taken.stderr
+    assert "another server listens there" in taken.stderr and "--port" in taken.stderr
+    assert "Key:" not in taken.stdout and not (tmp_path / "other").exists()
 
     # SIGTERM flushes; the data is there for the local commands afterwards.
     # (uvicorn re-raises the signal after a graceful shutdown, as process managers expect.)

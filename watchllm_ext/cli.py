@@ -7,6 +7,7 @@ Read commands (verify-clickhouse, check-tables, count-rows) open the data folder
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -275,6 +276,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .app import create_app
     from .keys import KeyStore, ServerKeyStore
+    from .locks import ASK_INSTEAD
     from .plugins import PluginError
     from .serving import uvicorn_options
     from .store import StoreError, StoreUnavailable, apply_migrations
@@ -285,6 +287,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )
     url = f"http://{settings.host}:{settings.port}"
+    # Before a key is made and printed: a busy port would make them point at another server.
+    _check_port(settings.host, settings.port)
     try:
         app = create_app(settings)
         # Open the store now, so a busy data folder is one clear line, not a lifespan traceback.
@@ -300,7 +304,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if keys is not None and settings.create_default_key and keys.is_empty():
             key = keys.create("default", scope="admin", name="created by the first serve")
     except (StoreError, PluginError) as exc:
-        raise CliError(str(exc)) from None
+        # A second server is not helped by --url: it needs a folder of its own.
+        message = str(exc).replace(ASK_INSTEAD, "start this one with another --data-dir")
+        raise CliError(message) from None
     if key:
         print("No API keys yet: created project 'default' with an admin key (shown only once).")
         print(f"  URL: {url}")
@@ -322,6 +328,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # With the time limits for slow headers and idle keep-alive connections (serving.py).
     uvicorn.run(app, **uvicorn_options(settings))
     return 0
+
+
+def _check_port(host: str, port: int) -> None:
+    """Fail with one clear line when `host:port` cannot be listened on (another server has
+    it, or the address is not this machine's). Bound and let go at once, as uvicorn binds it
+    (SO_REUSEADDR): a port another process listens on is refused, one in TIME_WAIT is not."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise CliError(f"cannot listen on {host}:{port}: {exc.strerror} (--host)") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+            sock.listen(1)
+        except OSError as exc:
+            hint = (
+                "another server listens there: stop it, or pick another port with --port"
+                if exc.errno == errno.EADDRINUSE
+                else "pick another --host or --port"
+            )
+            raise CliError(f"cannot listen on {host}:{port}: {exc.strerror}; {hint}") from None
 
 
 def _version() -> str:

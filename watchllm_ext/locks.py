@@ -11,6 +11,10 @@ import os
 from pathlib import Path
 from typing import IO
 
+# The way round a locked folder for a command that reads or changes it (what `serve` says
+# instead: cli.py).
+ASK_INSTEAD = "ask it instead with --url http://HOST:PORT --key KEY"
+
 
 class FolderLocked(Exception):
     """The folder is locked by another process (named in the message)."""
@@ -29,7 +33,7 @@ class FolderLock:
             handle.close()
             raise FolderLocked(
                 f"the {what} {folder} is in use by {holder}. It can be open in one process "
-                "only: stop that process, or ask it instead with --url http://HOST:PORT --key KEY"
+                f"only: stop that process, or {ASK_INSTEAD}"
             ) from None
         handle.seek(0)
         handle.truncate()
