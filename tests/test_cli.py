@@ -119,6 +119,11 @@ def test_serve_first_start_prints_a_key_and_the_read_commands_work(
     # The first key is an admin of project default: another project is refused (docs/API.md).
     other = cli("count-rows", *remote, "--project", "nope")
     assert other.returncode == 1 and "'nope'" in other.stderr and "operator" in other.stderr
+    # Quotas are off on this server: the usage commands say so, as their local form does.
+    usage = cli("usage", "show", "--project", "default", *remote)
+    assert usage.returncode == 1 and "quotas off (quota_backend = off)" in usage.stderr
+    lost = httpx.get(f"{served.url}/v1/nope", headers={"Authorization": f"Bearer {key}"})
+    assert lost.status_code == 404 and "no route GET /v1/nope" in lost.json()["message"]
     tables = cli("check-tables", *remote).stdout.split()
     assert {"events", "tool_calls", "agent_steps", "spans", "traces"} <= set(tables)
     verified = cli("verify-clickhouse", *remote)

@@ -1040,8 +1040,14 @@ class IngestRoutes:
 async def _not_found(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    message = str(exc.detail)
+    if exc.status_code == 404 and message == "Not Found":  # no route: say which was asked
+        message = (
+            f"no route {request.method} {request.url.path[:200]} on this server (docs/API.md"
+            " lists the routes; some exist only with a setting on, such as quotas)"
+        )
     return JSONResponse(
-        {"error": code, "message": str(exc.detail)},
+        {"error": code, "message": message},
         status_code=exc.status_code,
         headers=getattr(exc, "headers", None),
     )

@@ -26,6 +26,14 @@ class CliError(Exception):
     """A failure to report as one line, without a traceback."""
 
 
+class RemoteError(CliError):
+    """The server asked with --url answered something else than 200."""
+
+    def __init__(self, message: str, response: Any) -> None:
+        super().__init__(message)
+        self.status: int = response.status_code
+
+
 class CliUsageError(CliError):
     """A command given without what it needs (exit code 2, as argparse's own errors)."""
 
@@ -438,7 +446,7 @@ def _remote(
             message = response.json().get("message", response.text)
         except ValueError:
             message = response.text[:200]
-        raise CliError(f"{args.url} answered {response.status_code}: {message}")
+        raise RemoteError(f"{args.url} answered {response.status_code}: {message}", response)
     return response.json()
 
 
@@ -761,10 +769,19 @@ def cmd_usage(args: argparse.Namespace) -> int:
             )
     if args.url:
         params = {"project": args.project}
-        if change:
-            report = _remote(args, "/v1/admin/usage", params, method="POST", body=change)
-        else:
-            report = _remote(args, "/v1/admin/usage", params)
+        try:
+            if change:
+                report = _remote(args, "/v1/admin/usage", params, method="POST", body=change)
+            else:
+                report = _remote(args, "/v1/admin/usage", params)
+        except RemoteError as exc:
+            if exc.status != 404:
+                raise
+            # The route exists only while quotas are on (as the local form says it).
+            raise CliError(
+                f"{args.url} has quotas off (quota_backend = off): no usage to show or"
+                " change; see docs/QUOTAS.md"
+            ) from None
     else:
         report = _usage_local(args, change)
     _print_usage(report)
