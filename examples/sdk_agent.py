@@ -4,7 +4,7 @@ and a recorded error, then the run's tree as the analytics API shows it.
     watchllm serve                          # prints a key on first start: KEY=wllm_...
     WATCHLLM_API_KEY=$KEY WATCHLLM_BASE_URL=http://127.0.0.1:8787 python examples/sdk_agent.py
 
-It needs only the base install (`pip install watchllm`). The key must be able to read as well
+It needs only the base install (`pip install -e .`, no extras). The key must be able to read as well
 as ingest (the key the first `watchllm serve` prints can) to print the tree; with an ingest
 key it prints the run id only.
 """

@@ -13,6 +13,7 @@ import os
 import re
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -313,7 +314,7 @@ def test_a_new_project_shows_a_curl_command_that_works(browser: Any, site: Site)
     command = page.locator("#example-curl").inner_text()
     assert site.url in command and "$WATCHLLM_API_KEY" in command
     python = page.locator("#example-python").inner_text()
-    assert "WatchLLMClient" in python
+    assert site.url in python and "WATCHLLM_API_KEY" in python
     _shot(page, "empty")
     # The command as shown, pasted into a shell: the event arrives and the page shows it.
     done = subprocess.run(
@@ -333,6 +334,20 @@ def test_a_new_project_shows_a_curl_command_that_works(browser: Any, site: Site)
         assert time.monotonic() < deadline, "the curl event did not show"
         time.sleep(0.2)
     assert not page.locator("#example-curl").count()  # the empty state is gone
+    # The Python shown beside it, run as it is: its event arrives too.
+    ran = subprocess.run(
+        [sys.executable, "-c", python],
+        env={**os.environ, "WATCHLLM_API_KEY": key},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ran.returncode == 0 and not ran.stderr, ran.stdout + ran.stderr
+    deadline = time.monotonic() + 30
+    while _card(page, "Requests") != "2":
+        assert time.monotonic() < deadline, "the Python snippet's event did not show"
+        time.sleep(0.2)
+        page.reload()
     page.context.close()
 
 
@@ -589,6 +604,8 @@ def test_signed_out_users_are_sent_to_sign_in(site: Site) -> None:
             if path != "/":
                 assert location.startswith("/dashboard/signin?"), path
                 assert parse_qs(urlsplit(location).query)["next"] == [path]
+        page = anon.get("/dashboard/signin")
+        assert page.status_code == 200 and "<title>Sign in · WatchLLM</title>" in page.text
         # A forged or damaged cookie is no session.
         anon.cookies.set("watchllm_session", "AAAA" * 30)
         assert anon.get("/dashboard/").status_code == 303

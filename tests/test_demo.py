@@ -166,7 +166,7 @@ def test_demo_needs_only_the_client_install(server: Running) -> None:
         timeout=120,
         check=False,
     )
-    assert other.returncode == 1 and "watchllm[server]" in other.stderr
+    assert other.returncode == 1 and "pip install -e '.[server]'" in other.stderr
 
 
 def test_demo_into_a_pipe_that_closes_early(server: Running) -> None:

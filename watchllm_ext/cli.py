@@ -49,8 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError as exc:  # the base install has only the client
         if args.func is not cmd_demo:  # the demo is a client: pydantic and httpx suffice
             print(
-                f"error: the server needs the 'server' extra: pip install 'watchllm[server]'"
-                f" ({exc})",
+                "error: the server needs the 'server' extra: pip install -e '.[server]' in"
+                f" WatchLLM's folder ({exc})",
                 file=sys.stderr,
             )
             return EXIT_FAILED
@@ -380,7 +380,10 @@ def _open_store(args: argparse.Namespace) -> Any:
     except (StoreError, PluginError) as exc:
         raise CliError(str(exc)) from None
     if store is None:
-        raise CliError("no store plugin is installed (the chDB store comes with watchllm[server])")
+        raise CliError(
+            "no store plugin is installed (the chDB store comes with the 'server' extra:"
+            " pip install -e '.[server]')"
+        )
     return store
 
 

@@ -315,6 +315,7 @@ class Dashboard:
             request,
             "signin.html",
             status=status,
+            title="Sign in",
             csrf=token,
             next=_safe_next(request.query_params.get("next"), _base(request)),
             message=message,

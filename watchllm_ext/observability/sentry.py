@@ -176,7 +176,7 @@ def init_sentry(settings: Settings, **options: Any) -> bool:
         import sentry_sdk
     except ImportError:
         raise SettingsError(
-            "sentry_dsn (env WATCHLLM_SENTRY_DSN) needs the Sentry SDK: pip install 'watchllm[ops]'"
+            "sentry_dsn (env WATCHLLM_SENTRY_DSN) needs the Sentry SDK: pip install -e '.[ops]'"
         ) from None
     from sentry_sdk.integrations.logging import LoggingIntegration
     from sentry_sdk.integrations.starlette import StarletteIntegration
