@@ -55,7 +55,13 @@ def answer(question: str) -> str:
 
 def show(node: dict, depth: int = 0) -> None:
     event = node["event"]
-    label = event.get("tool_name") or event.get("model") or event["event_type"]
+    label = (
+        event.get("tool_name")
+        or event.get("step_name")
+        or event.get("model")
+        or event.get("error_type")
+        or event["event_type"]
+    )
     status = f" ({event['status']})" if event.get("status") else ""
     print(f"{'  ' * depth}- {event['event_type']} {label}{status}")
     for child in node["children"]:

@@ -31,12 +31,18 @@ def tree(server: Running, run_id: str) -> list[dict[str, Any]]:
 
 
 def names(server: Running, run_id: str) -> dict[str, str]:
-    """Each event of the run by id: its step, tool or error name (summaries omit steps')."""
-    rows = server.query(
-        "SELECT event_id, step_name, tool_name, error_type FROM events WHERE run_id = {r:String}",
-        {"r": run_id},
-    )
-    return {r["event_id"]: r["step_name"] or r["tool_name"] or r["error_type"] for r in rows}
+    """Each event of the run by id: its step, tool or error name, as the run tree's event
+    summaries give them."""
+    named: dict[str, str] = {}
+
+    def walk(nodes: list[dict[str, Any]]) -> None:
+        for node in nodes:
+            event = node["event"]
+            named[node["id"]] = event["step_name"] or event["tool_name"] or event["error_type"]
+            walk(node["children"])
+
+    walk(tree(server, run_id))
+    return named
 
 
 def shape(nodes: list[dict[str, Any]], named: dict[str, str]) -> list[Any]:

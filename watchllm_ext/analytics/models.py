@@ -111,7 +111,9 @@ class EventSummary(_Answer):
     cost_usd: float | None = None
     cost_source: str | None = None
     error_message: str | None = None
+    error_type: str | None = None
     tool_name: str | None = None
+    step_name: str | None = None
     tags: list[str] = Field(default_factory=list)
     prompt_preview: str = ""
     response_preview: str = ""

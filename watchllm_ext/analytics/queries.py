@@ -337,7 +337,7 @@ SUMMARY_TAGS = 16
 LOG_COLUMNS = f"""
     event_id, event_type, toString(timestamp) AS ts, run_id, parent_event_id, user_id,
     session_id, model, provider, status, latency_ms, tokens_input, tokens_output,
-    cost_estimate_usd, cost_source, tool_name,
+    cost_estimate_usd, cost_source, tool_name, step_name, error_type,
     substringUTF8(error_message, 1, {SUMMARY_CHARS}) AS error_message_head,
     lengthUTF8(ifNull(error_message, '')) > {SUMMARY_CHARS} AS error_message_cut,
     arraySlice(tags, 1, {SUMMARY_TAGS}) AS tags_head,
@@ -356,6 +356,7 @@ SUMMARY_BYTES = """(300 + length(event_id) + length(event_type) + length(run_id)
     + length(ifNull(session_id, '')) + length(ifNull(model, '')) + length(ifNull(provider, ''))
     + length(ifNull(status, '')) + length(ifNull(cost_source, ''))
     + length(ifNull(tool_name, '')) + length(ifNull(error_message_head, ''))
+    + length(ifNull(step_name, '')) + length(ifNull(error_type, ''))
     + arraySum(arrayMap(t -> length(t), tags_head))
     + length(prompt_preview) + length(response_preview))"""
 

@@ -369,6 +369,8 @@ _SUMMARY_FIELDS = (
     "tokens_output",
     "cost_source",
     "tool_name",
+    "step_name",
+    "error_type",
 )
 # The fields LOG_COLUMNS may cut, by their *_cut flag.
 _CUT_FLAGS = (

@@ -937,7 +937,13 @@ def waterfall(tree: list[dict[str, Any]]) -> list[Row]:
         event = node.get("event")
         span = node.get("span") or {}
         if node["kind"] == "event" and event:
-            name = event.get("tool_name") or event.get("model") or event["event_type"]
+            name = (
+                event.get("tool_name")
+                or event.get("step_name")
+                or event.get("model")
+                or event.get("error_type")
+                or event["event_type"]
+            )
             label = f"{event['event_type']}: {name}" if name != event["event_type"] else name
             status = event.get("status") or ""
         else:
