@@ -185,9 +185,13 @@ def test_keys_commands(tmp_path: Path) -> None:
     assert made.returncode == 0
     key = made.stdout.strip().splitlines()[-1]
     assert key.startswith("wllm_")
-    assert made.stdout.startswith("Created a read key for project p1.")
+    # It says which key file it wrote, and that a new one is known to no server yet.
+    keys_file = (tmp_path / "d" / "keys.sqlite3").resolve()
+    assert made.stdout.startswith(f"Created a read key for project p1 in {keys_file}.")
+    assert f"note: {keys_file} is a new key file" in made.stderr and "--data-dir" in made.stderr
     admin = cli("keys", "create", "--project", "p1", "--scope", "admin", "--data-dir", data)
-    assert admin.stdout.startswith("Created an admin key for project p1."), admin.stdout
+    assert admin.stdout.startswith("Created an admin key for project p1 in "), admin.stdout
+    assert admin.stderr == ""  # the file existed
     ingest = cli("keys", "create", "--project", "p1", "--data-dir", data)
     assert ingest.stdout.startswith("Created an ingest key"), ingest.stdout
     listed = cli("keys", "list", "--data-dir", data).stdout

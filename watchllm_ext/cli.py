@@ -697,14 +697,30 @@ def _keys(args: argparse.Namespace) -> Iterator[Any]:
 def cmd_keys_create(args: argparse.Namespace) -> int:
     from .keys import KeyStoreError
 
+    settings = _settings(args)
+    local = settings.key_store != "clickhouse"
+    path = settings.keys_path.resolve()
+    new_file = local and not path.exists()
     try:
         with _keys(args) as keys:
             key = keys.create(args.project, scope=args.scope, name=args.name)
     except KeyStoreError as exc:
         raise CliError(str(exc)) from None
+    # Where it went: the data folder is ./.watchllm unless given, so the same command in
+    # another folder makes a key that the server does not know.
+    where = f"in {path}" if local else "on the ClickHouse server (key_store = clickhouse)"
     article = _article(args.scope)
-    print(f"Created {article} {args.scope} key for project {args.project}. It is shown only once:")
-    print(key)
+    print(
+        f"Created {article} {args.scope} key for project {args.project} {where}."
+        " It is shown only once:"
+    )
+    print(key, flush=True)
+    if new_file:
+        print(
+            f"note: {path} is a new key file: only a server started on the data folder"
+            f" {path.parent} knows this key (--data-dir or WATCHLLM_DATA_DIR names another)",
+            file=sys.stderr,
+        )
     return 0
 
 
