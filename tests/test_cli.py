@@ -179,6 +179,13 @@ def test_bad_setting_fails_at_start_naming_it(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "max_batch_events" in bad.stderr
 
 
+def test_version() -> None:
+    from watchllm_ext import __version__
+
+    shown = cli("--version")
+    assert shown.returncode == 0 and shown.stdout == f"watchllm {__version__}\n"
+
+
 def test_keys_commands(tmp_path: Path) -> None:
     data = str(tmp_path / "d")
     made = cli("keys", "create", "--project", "p1", "--scope", "read", "--data-dir", data)

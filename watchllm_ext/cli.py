@@ -72,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="watchllm", description="WatchLLM: LLM observability.")
+    parser.add_argument("--version", action="version", version=f"watchllm {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def data_dir(p: argparse.ArgumentParser) -> None:

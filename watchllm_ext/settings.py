@@ -5,6 +5,7 @@ Every field is documented in docs/SETTINGS.md (a test keeps the two in step).
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
@@ -536,7 +537,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        toml_path = Path(os.environ.get("WATCHLLM_CONFIG", "watchllm.toml"))
+        toml_path = Path(_settings_file())
         return (
             init_settings,
             env_settings,
@@ -581,8 +582,19 @@ def describe_settings_error(exc: ValidationError) -> str:
             lines.append(f"invalid settings: {err['msg'].removeprefix('Value error, ')}")
             continue
         name = str(err["loc"][0])
+        if err["type"] == "extra_forbidden":
+            # Only the settings file can name a setting that does not exist (unknown
+            # WATCHLLM_* variables are not read): say where, and what was meant.
+            close = difflib.get_close_matches(name, Settings.model_fields, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else " (docs/SETTINGS.md lists them)"
+            lines.append(f"unknown setting {name!r} in {_settings_file()}{hint}")
+            continue
         lines.append(
             f"invalid setting {name} (env WATCHLLM_{name.upper()}): {err['msg']}"
             f" (got {err.get('input')!r})"
         )
     return "\n".join(lines)
+
+
+def _settings_file() -> str:
+    return os.environ.get("WATCHLLM_CONFIG", "watchllm.toml")
