@@ -300,6 +300,21 @@ def test_a_span_sent_twice_is_shown_once_as_last_sent(server: Running) -> None:
     assert got["tree"][0]["span"]["attributes"] == {}
 
 
+def test_a_span_sent_again_with_another_start_time_counts_once(server: Running) -> None:
+    """A client that re-stamps a retry: another key to the table, one span to the run."""
+    first = datetime(2026, 1, 2, 4, tzinfo=UTC)
+    store_spans(server, [span(ROOT, None, "root", 0, 100, ingested=first)])
+    store_spans(server, [span(AGENT, ROOT, "child", 1, 2, ingested=first)])
+    later = first + timedelta(seconds=1)
+    store_spans(server, [span(AGENT, ROOT, "child again", 5, 9, ingested=later)])
+    rows = server.query("SELECT count() AS n FROM spans WHERE span_id = {s:String}", {"s": AGENT})
+    assert rows[0]["n"] == 2  # both kept in the table (their keys differ)
+    got = tree(server)
+    assert shape(got["tree"]) == [("span", ROOT, [("span", AGENT, [])])]
+    assert got["span_count"] == 2
+    assert got["tree"][0]["children"][0]["span"]["name"] == "child again"  # the newest
+
+
 def test_spans_of_another_project_or_trace_stay_out(server: Running) -> None:
     other_trace = "f" * 32
     store_spans(

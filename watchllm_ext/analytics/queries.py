@@ -507,15 +507,18 @@ RUN_EVENTS = _run_events("{limit:UInt32}")
 # --- the spans of a run (an OpenTelemetry trace: run_id = trace id) ---------------------------
 # `spans` is a ReplacingMergeTree keyed on (project, start time, trace, span): FINAL keeps one
 # copy of a span sent twice. The table has no index on trace_id, so the trace's start times
-# are found first without FINAL (exact: copies of a span share its start time), and FINAL
-# then reads only the granules of that time range: 10 ms instead of 60 ms for a trace among
-# 1,000,000 spans of its project (chDB, docs/ANALYTICS.md).
+# are found first without FINAL, and FINAL then reads only the granules of that time range:
+# 10 ms instead of 60 ms for a trace among 1,000,000 spans of its project (chDB,
+# docs/ANALYTICS.md). A span sent again with another start time (a client that re-stamps a
+# retry) is another key to the table: LIMIT 1 BY keeps its newest copy, as FINAL does.
 _TRACE_FILTER = "project_id = {project:String} AND trace_id = {run_id:String}"
 _TRACE_SPANS = f"""
 SELECT * FROM spans FINAL
 WHERE {_TRACE_FILTER}
   AND start_time >= (SELECT min(start_time) FROM spans WHERE {_TRACE_FILTER})
   AND start_time <= (SELECT max(start_time) FROM spans WHERE {_TRACE_FILTER})
+ORDER BY ingested_at DESC
+LIMIT 1 BY span_id
 """
 
 # The trace's figures: whether it has spans at all (a trace whose spans are none of them LLM
