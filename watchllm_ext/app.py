@@ -32,6 +32,7 @@ from starlette.types import ASGIApp, Receive, Send
 from starlette.types import Scope as ASGIScope
 
 from . import __version__
+from .admission import BodyBudget, BodyBudgetMiddleware, wait_for_place
 from .analytics.routes import routes as analytics_routes
 from .auth import Principal, Scope, bearer_token
 from .dead_letters import done, read_dead_letters, summary, take_dead_letters, targeted_payload
@@ -521,17 +522,19 @@ class _BigBodySlot:
     fsync (1,000-event batches into the spool, 4 connections, a sink that keeps up, load
     8-10: 15-23k events/s -> 31-50k, alternating runs; before, four places gave 71k vs 54k)."""
 
-    __slots__ = ("_held", "_places", "_project")
+    __slots__ = ("_held", "_places", "_project", "_timeout_s")
 
     def __init__(self, wl: WatchLLM, principal: Principal) -> None:
         if wl._big_bodies is None:
             wl._big_bodies = FairSlots(wl.settings.ingest_threads)
         self._places = wl._big_bodies
         self._project = principal.project_id
+        self._timeout_s = wl.settings.ingest_queue_timeout_s
         self._held = False
 
     async def __aenter__(self) -> _BigBodySlot:
-        await self._places.acquire(self._project)
+        # 503 when no place comes in time (admission.py): under overload, push back.
+        await wait_for_place(partial(self._places.acquire, self._project), self._timeout_s)
         self._held = True
         return self
 
@@ -1101,7 +1104,13 @@ def create_app(
         Problem: counting_rejections(problem_handler),
         HTTPException: _not_found,
     }
-    middleware = [Middleware(RequestMetrics, wl=wl)]
+    # Outermost: a request's charge on the bodies' budget is given back once it is answered.
+    largest = max(settings.max_body_bytes, settings.max_decompressed_bytes)
+    budget = BodyBudget(max(settings.max_body_memory_bytes, largest))
+    middleware = [
+        Middleware(BodyBudgetMiddleware, budget=budget),
+        Middleware(RequestMetrics, wl=wl),
+    ]
     if not sentry_on:
         # Sentry's Starlette integration instruments the router and the exception middleware
         # (transaction names, captured errors): with it on, every request goes through them.

@@ -32,6 +32,7 @@ from pydantic_core import from_json
 from starlette.requests import ClientDisconnect, Request
 
 from . import fast_validate
+from .admission import BODY_CHARGE, Charge
 from .auth import Principal
 from .errors import Problem
 from .plugins import call_hook
@@ -150,6 +151,7 @@ async def read_request_body(
         max_decompressed_bytes=settings.max_decompressed_bytes,
         timeout_s=settings.body_timeout_s,
         idle_timeout_s=settings.body_idle_timeout_s,
+        charge=request.scope.get(BODY_CHARGE),
     )
 
 
@@ -162,12 +164,15 @@ async def read_body(
     max_decompressed_bytes: int,
     timeout_s: float = float("inf"),
     idle_timeout_s: float = float("inf"),
+    charge: Charge | None = None,
 ) -> bytes:
     """Read the body from the ASGI `receive`, refusing as soon as it passes a limit (on the
     wire or decompressed), or with 408 when it is not complete within `timeout_s` or a piece
     takes over `idle_timeout_s` (a slow client must not hold a connection and its memory for
     ever). The messages are read as Request.stream() reads them (a disconnect raises
-    ClientDisconnect), without its async generator: a single event's body is one message."""
+    ClientDisconnect), without its async generator: a single event's body is one message.
+    `charge`: each piece kept (decompressed, when compressed) is taken from it as it comes
+    (admission.py: 503 past the app's budget for bodies in memory)."""
     encoding = (content_encoding or "identity").strip().lower()
     if encoding not in _ENCODINGS and encoding != "identity":
         raise Problem(
@@ -219,6 +224,8 @@ async def read_body(
             if received > max_bytes:
                 raise _too_large(max_bytes, "body")
             if decompressor is None:
+                if charge is not None:
+                    charge.take(len(chunk))
                 parts.append(chunk)
                 size += len(chunk)
             else:
@@ -239,6 +246,8 @@ async def read_body(
                     size += len(out)
                     if size > limit:
                         raise _too_large(limit, "decompressed body")
+                    if charge is not None:
+                        charge.take(len(out))
                     parts.append(out)
                     pending = decompressor.unconsumed_tail
                     if pending:
@@ -360,8 +369,14 @@ def _too_slow(timeout_s: float, idle_timeout_s: float) -> Problem:
 
 
 def _too_large(limit: int, what: str) -> Problem:
+    # Connection: close, as the rest of the body is not read (the connection would go on to
+    # read it as the next request).
     return Problem(
-        413, "payload_too_large", f"{what} is larger than the limit of {limit} bytes", field="body"
+        413,
+        "payload_too_large",
+        f"{what} is larger than the limit of {limit} bytes",
+        field="body",
+        headers={"Connection": "close"},
     )
 
 

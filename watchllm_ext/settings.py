@@ -91,6 +91,26 @@ class Settings(BaseSettings):
     max_batch_events: int = Field(
         10_000, ge=1, le=1_000_000, description="Most events accepted in one request."
     )
+    max_body_memory_bytes: int = Field(
+        256 * MiB,
+        ge=64 * 1024,
+        le=1 << 40,
+        description="Bytes of request bodies held in memory at once, in all requests (each"
+        " piece counted as it is read, after decompression): a request that would go past it"
+        " is answered 503 with Retry-After at once, so that many big or compressed bodies at"
+        " once push back instead of using up memory. Never below max_body_bytes and"
+        " max_decompressed_bytes (one largest body always fits).",
+    )
+    ingest_queue_timeout_s: float = Field(
+        2.0,
+        gt=0,
+        le=60,
+        description="How long a request may wait for a place to work on its body (the"
+        " ingest_threads for big JSON bodies, the OTLP decoder) before it is answered 503 with"
+        " Retry-After (seconds): under overload the server pushes back at once instead of"
+        " letting requests queue past their clients' timeouts (OpenTelemetry's exporters give"
+        " up after 10 s).",
+    )
     ingest_threads: int = Field(
         1,
         ge=1,

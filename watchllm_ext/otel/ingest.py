@@ -17,13 +17,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import msgspec
 import pluggy
 from anyio.lowlevel import RunVar
 
+from ..admission import wait_for_place
 from ..app import encoded_for_spool
 from ..auth import Principal
 from ..errors import Problem
@@ -44,6 +45,8 @@ OFFLOAD_SPANS = 64
 # Distinct keys of watchllm_otel_unmapped_attributes before the rest count as "(other)".
 MAX_UNMAPPED_KEYS = 1_000
 OTHER_KEY = "(other)"
+
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -74,6 +77,18 @@ def cpu_limiter() -> anyio.CapacityLimiter:
         limiter = anyio.CapacityLimiter(1)
         _CPU_LIMITER.set(limiter)
         return limiter
+
+
+async def on_cpu_place(wl: WatchLLM, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` on a worker thread, in the event loop's one place for this work
+    (cpu_limiter), waited for at most `ingest_queue_timeout_s`: then 503 with Retry-After
+    (admission.py), so that under overload requests are pushed back instead of queueing."""
+    limiter = cpu_limiter()
+    await wait_for_place(limiter.acquire, wl.settings.ingest_queue_timeout_s)
+    try:
+        return await anyio.to_thread.run_sync(fn, *args)
+    finally:
+        limiter.release()
 
 
 def check_span_count(wl: WatchLLM, n: int) -> None:
@@ -260,16 +275,8 @@ async def _prepare_and_accept(
     received = receipt_time()
     if len(spans) >= OFFLOAD_SPANS:
         # A spool needs the rows' JSON: made on the worker thread, not on the event loop.
-        prepared = await anyio.to_thread.run_sync(
-            prepare,
-            spans,
-            principal,
-            wl.pm,
-            received,
-            rejected,
-            problems,
-            _needs_payload(wl),
-            limiter=cpu_limiter(),
+        prepared = await on_cpu_place(
+            wl, prepare, spans, principal, wl.pm, received, rejected, problems, _needs_payload(wl)
         )
     else:
         prepared = prepare(spans, principal, wl.pm, received, rejected, problems)
@@ -279,14 +286,8 @@ async def _prepare_and_accept(
 async def _finish_and_accept(
     wl: WatchLLM, principal: Principal, mapped: MappedBody, received: datetime
 ) -> dict[str, Any]:
-    prepared = await anyio.to_thread.run_sync(
-        finish_mapped,
-        mapped,
-        principal,
-        wl.pm,
-        received,
-        _needs_payload(wl),
-        limiter=cpu_limiter(),
+    prepared = await on_cpu_place(
+        wl, finish_mapped, mapped, principal, wl.pm, received, _needs_payload(wl)
     )
     return await accept(wl, prepared, principal)
 

@@ -23,7 +23,6 @@ import binascii
 import logging
 from typing import Any
 
-import anyio
 from google.protobuf import json_format
 from google.rpc import status_pb2
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -42,7 +41,7 @@ from ..observability.metrics import ops_metrics
 from ..openapi import described
 from ..settings import Settings
 from .decode import Decoded, parse_json, parse_protobuf, spans_of
-from .ingest import cpu_limiter, ingest_mapped, ingest_spans
+from .ingest import ingest_mapped, ingest_spans, on_cpu_place
 from .pool import map_in_worker
 from .worker import decode_answer, encode_request
 
@@ -169,16 +168,12 @@ async def _ingest(wl: Any, principal: Principal, body: bytes, protobuf: bool) ->
             log.error("an OTLP worker process failed on a body; done here:\n%s", mapped.crash)
     if big:
         ops_metrics(wl).otel_bodies.labels("server").inc()
-    decoded = await _run(big, _decode, body, protobuf)
+    # Off the event loop when big, in its one place for this work (503 when none comes in
+    # time: every worker busy and the server's own place taken is overload).
+    decoded = await on_cpu_place(wl, _decode, body, protobuf) if big else _decode(body, protobuf)
     return await ingest_spans(
         wl, principal, decoded.spans, rejected=decoded.rejected, problems=decoded.problems
     )
-
-
-async def _run(off_loop: bool, fn: Any, *args: Any) -> Any:
-    if off_loop:
-        return await anyio.to_thread.run_sync(fn, *args, limiter=cpu_limiter())
-    return fn(*args)
 
 
 def _decode(body: bytes, protobuf: bool) -> Decoded:

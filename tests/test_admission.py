@@ -1,0 +1,180 @@
+"""Pushback under overload (admission.py), over real HTTP: request bodies past the memory
+budget and requests that wait too long for a place are answered 503 with Retry-After at
+once, and what was accepted is kept."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+from typing import Any
+
+import httpx
+from conftest import Running, prompt_call
+
+from watchllm_ext.hookspecs import hookimpl
+
+KIB = 1024
+
+
+def _batch(prefix: str, n: int, prompt_chars: int) -> bytes:
+    events = [prompt_call(f"{prefix}{i}", prompt="x" * prompt_chars) for i in range(n)]
+    return json.dumps({"events": events}).encode()
+
+
+def _head(server: Running, body: bytes, path: str = "/v1/events/batch") -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {server.key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+
+
+def _read_answer(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response from the socket: status, headers (lower-case), body."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        piece = sock.recv(65536)
+        assert piece, f"closed before an answer: {data!r}"
+        data += piece
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    headers = {k.lower(): v for k, v in headers.items()}
+    size = int(headers.get("content-length", "0"))
+    while len(rest) < size:
+        piece = sock.recv(65536)
+        assert piece
+        rest += piece
+    return int(lines[0].split()[1]), headers, rest[:size]
+
+
+def _closed(sock: socket.socket) -> bool:
+    """The server closed the connection (a reset when unread bytes were left in its buffer)."""
+    try:
+        return sock.recv(65536) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_bodies_past_the_memory_budget_get_503_at_once(server_factory: Any) -> None:
+    server = server_factory(
+        max_body_bytes=256 * KIB,
+        max_decompressed_bytes=256 * KIB,
+        max_body_memory_bytes=900 * KIB,  # four of the bodies below, not five
+    )
+    bodies = [_batch(f"h{n}-", 20, 10_000) for n in range(4)]  # ~200 KB each
+    assert all(200 * KIB < len(b) < 256 * KIB for b in bodies)
+    held = []
+    try:
+        # Four requests send all of their bodies but 1 KB: the server holds the rest.
+        for body in bodies:
+            sock = socket.create_connection(("127.0.0.1", server.thread.port), timeout=30)
+            sock.sendall(_head(server, body) + body[:-KIB])
+            held.append(sock)
+        time.sleep(1.0)  # (read by the server as it comes)
+        fifth = _batch("f-", 20, 10_000)
+        sock = socket.create_connection(("127.0.0.1", server.thread.port), timeout=30)
+        with sock:
+            sock.sendall(_head(server, fifth) + fifth)
+            started = time.monotonic()
+            status, headers, answer = _read_answer(sock)
+            assert status == 503, answer
+            assert time.monotonic() - started < 5
+            assert headers["retry-after"] == "1" and headers["connection"] == "close"
+            problem = json.loads(answer)
+            assert problem["error"] == "overloaded" and problem["field"] == "body"
+            assert "max_body_memory_bytes" in problem["message"]
+            assert _closed(sock)  # the rest of its body is not read
+        # The held ones finish and are accepted; their charge is given back.
+        for sock, body in zip(held, bodies, strict=True):
+            sock.sendall(body[-KIB:])
+            status, _, answer = _read_answer(sock)
+            assert status == 202, answer
+    finally:
+        for sock in held:
+            sock.close()
+    again = server.client.post(
+        "/v1/events/batch",
+        content=fifth,
+        headers={**server.headers(), "Content-Type": "application/json"},
+    )
+    assert again.status_code == 202, again.text
+    server.flush()
+    stored = server.query("SELECT count() AS n FROM events FINAL")[0]["n"]
+    assert stored == 5 * 20
+
+
+class _Gate:
+    """A transform that holds the first big batch's worker thread (its place) until let go."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.go = threading.Event()
+
+    @hookimpl
+    def transform_events(self, events: list[Any], principal: Any) -> None:
+        if any(e.event_id.startswith("slow-") for e in events):
+            self.entered.set()
+            assert self.go.wait(30)
+
+
+def test_a_request_that_waits_too_long_for_a_place_gets_503(server_factory: Any) -> None:
+    gate = _Gate()
+    server = server_factory(plugin_objects=(gate,), ingest_threads=1, ingest_queue_timeout_s=0.5)
+    headers = {**server.headers(), "Content-Type": "application/json"}
+    big = 100  # events of ~1 KB: a body over 64 KiB, worked on in a place of its own
+    answers: dict[str, httpx.Response] = {}
+
+    def send(name: str, body: bytes) -> None:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            answers[name] = client.post("/v1/events/batch", content=body, headers=headers)
+
+    slow = threading.Thread(target=send, args=("slow", _batch("slow-", big, 1_000)))
+    slow.start()
+    assert gate.entered.wait(30)
+    started = time.monotonic()
+    send("waiting", _batch("wait-", big, 1_000))
+    waited = time.monotonic() - started
+    refused = answers["waiting"]
+    assert refused.status_code == 503, refused.text
+    assert refused.headers["retry-after"] == "2"
+    assert refused.json()["error"] == "overloaded"
+    assert "ingest_queue_timeout_s" in refused.json()["message"]
+    assert 0.4 < waited < 5
+    gate.go.set()
+    slow.join(30)
+    assert answers["slow"].status_code == 202, answers["slow"].text
+    # Once the place is free, the refused batch goes in as its client sends it again.
+    send("again", _batch("wait-", big, 1_000))
+    assert answers["again"].status_code == 202, answers["again"].text
+    server.flush()
+    assert server.query("SELECT count() AS n FROM events FINAL")[0]["n"] == 2 * big
+
+
+def test_a_body_over_the_limit_closes_its_connection(server_factory: Any) -> None:
+    """413 before the body is read: the connection closes, so the rest of the body is never
+    read as another request (it was answered with a stray 431)."""
+    server = server_factory(max_body_bytes=64 * KIB)
+    body = _batch("big-", 100, 1_000)
+    assert len(body) > 64 * KIB
+    with socket.create_connection(("127.0.0.1", server.thread.port), timeout=30) as sock:
+        sock.sendall(_head(server, body) + body[: 32 * KIB])
+        status, headers, _ = _read_answer(sock)
+        assert status == 413 and headers["connection"] == "close"
+        with contextlib.suppress(OSError):  # (maybe closed already)
+            sock.sendall(body[32 * KIB :])
+        assert _closed(sock)
+    # Streamed past the limit (no Content-Length to refuse up front): the same.
+    with socket.create_connection(("127.0.0.1", server.thread.port), timeout=30) as sock:
+        head = _head(server, body).replace(
+            f"Content-Length: {len(body)}".encode(), b"Transfer-Encoding: chunked"
+        )
+        chunk = body[: 80 * KIB]
+        sock.sendall(head + f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+        status, headers, _ = _read_answer(sock)
+        assert status == 413 and headers["connection"] == "close"
+        with contextlib.suppress(OSError):
+            sock.sendall(b"10\r\n" + b"y" * 16 + b"\r\n0\r\n\r\n")
+        assert _closed(sock)

@@ -1,0 +1,107 @@
+"""Pushback before overload: the request bodies held in memory, and the wait for a place to
+work on one. Past either bound a request is answered 503 with Retry-After at once.
+
+Without them a server offered more than it can do took it all in and let it queue: with 500
+connections posting 1,000-event batches, requests waited 9-17 s for a place (clients gave up
+after 20 s, sent again, and the server still did the work of those it no longer answered);
+120 gzip bodies that inflate to the 50 MB limit held 6 GB at once. OpenTelemetry's exporters
+retry a 503 with backoff and give up after 10 s, so a prompt 503 keeps what they send; a slow
+answer loses it.
+
+- `BodyBudget`: the bytes of request bodies held at once, in all requests of one app
+  (`max_body_memory_bytes`). Each piece read (decompressed, when compressed) is charged as it
+  comes; a piece over the budget ends the request with 503 (and `Connection: close`: the rest
+  of its body is not read). A request's charge is given back when its answer is sent
+  (`BodyBudgetMiddleware`), once nothing holds the body.
+- `wait_for_place`: a place to work on a body (`ingest_threads`, the OTLP decoder) is waited
+  for at most `ingest_queue_timeout_s`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import anyio
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .errors import Problem
+
+# The scope key of a request's Charge (set by BodyBudgetMiddleware, read by ingest.py).
+BODY_CHARGE = "watchllm.body_charge"
+# Seconds a client is asked to wait: the budget frees as requests end, a few a second.
+BODY_RETRY_AFTER_S = 1
+QUEUE_RETRY_AFTER_S = 2
+
+
+class BodyBudget:
+    """Bytes of request bodies held at once; for one event loop (not thread-safe)."""
+
+    __slots__ = ("held", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+
+class Charge:
+    """What one request holds of the budget."""
+
+    __slots__ = ("budget", "held")
+
+    def __init__(self, budget: BodyBudget) -> None:
+        self.budget = budget
+        self.held = 0
+
+    def take(self, n: int) -> None:
+        budget = self.budget
+        if budget.held + n > budget.limit:
+            raise Problem(
+                503,
+                "overloaded",
+                f"the server holds {budget.held} bytes of request bodies, near its limit of"
+                f" {budget.limit} (max_body_memory_bytes); retry after {BODY_RETRY_AFTER_S} s",
+                field="body",
+                # The rest of the body is not read: the connection cannot carry another request.
+                headers={"Retry-After": str(BODY_RETRY_AFTER_S), "Connection": "close"},
+            )
+        budget.held += n
+        self.held += n
+
+    def release(self) -> None:
+        self.budget.held -= self.held
+        self.held = 0
+
+
+class BodyBudgetMiddleware:
+    """Gives each HTTP request a Charge on the app's budget and takes it back at the end."""
+
+    def __init__(self, app: ASGIApp, budget: BodyBudget) -> None:
+        self.app = app
+        self.budget = budget
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        charge = scope[BODY_CHARGE] = Charge(self.budget)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            charge.release()
+
+
+async def wait_for_place(acquire: Callable[[], Awaitable[object]], timeout_s: float) -> None:
+    """`await acquire()`, or 503 when no place comes within `timeout_s` (the caller holds
+    nothing then: a place granted as the wait ends is given back by `acquire`'s own
+    cancellation handling, as anyio's limiters and slots.FairSlots do)."""
+    with anyio.move_on_after(timeout_s) as waited:
+        await acquire()
+    if waited.cancelled_caught:
+        raise Problem(
+            503,
+            "overloaded",
+            f"the server is busy: no place to work on this request came within {timeout_s:g} s"
+            f" (ingest_queue_timeout_s); retry after {QUEUE_RETRY_AFTER_S} s",
+            field="body",
+            headers={"Retry-After": str(QUEUE_RETRY_AFTER_S)},
+        )
