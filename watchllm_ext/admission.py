@@ -10,8 +10,8 @@ answer loses it.
 
 - `BodyBudget`: the bytes of request bodies held at once, in all requests of one app
   (`max_body_memory_bytes`). Each piece read (decompressed, when compressed) is charged as it
-  comes; a piece over the budget ends the request with 503 (and `Connection: close`: the rest
-  of its body is not read). A request's charge is given back when its answer is sent
+  comes; a piece over the budget ends the request with 503 (the rest of its body is dropped
+  as it comes, unkept). A request's charge is given back when its answer is sent
   (`BodyBudgetMiddleware`), once nothing holds the body.
 - `wait_for_place`: a place to work on a body (`ingest_threads`, the OTLP decoder) is waited
   for at most `ingest_queue_timeout_s`.
@@ -61,8 +61,10 @@ class Charge:
                 f"the server holds {budget.held} bytes of request bodies, near its limit of"
                 f" {budget.limit} (max_body_memory_bytes); retry after {BODY_RETRY_AFTER_S} s",
                 field="body",
-                # The rest of the body is not read: the connection cannot carry another request.
-                headers={"Retry-After": str(BODY_RETRY_AFTER_S), "Connection": "close"},
+                # The connection stays open: the server drops the rest of the body as it comes
+                # (closing with it unread would reset the connection before the client read
+                # this answer).
+                headers={"Retry-After": str(BODY_RETRY_AFTER_S)},
             )
         budget.held += n
         self.held += n

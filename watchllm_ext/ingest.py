@@ -369,14 +369,8 @@ def _too_slow(timeout_s: float, idle_timeout_s: float) -> Problem:
 
 
 def _too_large(limit: int, what: str) -> Problem:
-    # Connection: close, as the rest of the body is not read (the connection would go on to
-    # read it as the next request).
     return Problem(
-        413,
-        "payload_too_large",
-        f"{what} is larger than the limit of {limit} bytes",
-        field="body",
-        headers={"Connection": "close"},
+        413, "payload_too_large", f"{what} is larger than the limit of {limit} bytes", field="body"
     )
 
 
