@@ -396,6 +396,39 @@ def test_the_rest_of_a_body_answered_early_is_not_taken_for_headers(served: Serv
     assert rest.startswith(b"HTTP/1.1 200") and rest.count(b"HTTP/1.1") == 1
 
 
+def test_a_body_answered_midway_is_not_taken_for_headers(tmp_path: Path) -> None:
+    # The head came with much of its body in one read (counted while in the head), and the
+    # app answered 413 midway through the body: the rest of the body was then counted against
+    # the next head's cap (that count was left from the first read), and answered 431. Early
+    # answers midway are common under overload (503 past max_body_memory_bytes).
+    served = Served(tmp_path, max_body_bytes=64 * 1024)
+    served.start()
+    try:
+        sock = served.connect()
+        sock.settimeout(10)
+        piece = b"x" * (100 * 1024)
+        sock.sendall(
+            b"POST /v1/events/batch HTTP/1.1\r\nHost: t\r\n"
+            + f"Authorization: Bearer {served.key}\r\n".encode()
+            + b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + f"{len(piece):x}\r\n".encode()
+            + piece
+            + b"\r\n"
+        )
+        first = b""
+        while b"}" not in first:
+            first += sock.recv(65536)
+        assert first.startswith(b"HTTP/1.1 413"), first
+        for _ in range(5):  # the rest of the body, read and dropped
+            sock.sendall(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+        sock.sendall(b"0\r\n\r\nGET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        rest = _read_all(sock)
+        assert b"431" not in first + rest
+        assert rest.startswith(b"HTTP/1.1 200") and rest.count(b"HTTP/1.1") == 1
+    finally:
+        served.stop()
+
+
 def test_a_bad_request_pipelined_behind_one_being_served_is_not_answered_for_it(
     tmp_path: Path,
 ) -> None:

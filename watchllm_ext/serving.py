@@ -195,6 +195,9 @@ def header_timeout_protocol(
                 if size > max_header_bytes:
                     raise _HeadersTooLarge()
             self._in_head = self._head_unsure = self._next_begun = False
+            # The count was the head's: a body's bytes are not counted, and one still coming
+            # after an early answer (413, 503) must not be taken for an over-long next head.
+            self._header_bytes = 0
             self._head_done = True
             headers_complete(self)  # the base's, called directly: super() costs ~0.3 us here
 
