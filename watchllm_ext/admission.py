@@ -55,16 +55,12 @@ class Charge:
     def take(self, n: int) -> None:
         budget = self.budget
         if budget.held + n > budget.limit:
-            raise Problem(
-                503,
-                "overloaded",
+            # The connection stays open: the server drops the rest of the body as it comes
+            # (closing with it unread would reset the connection before the client read this).
+            raise _overloaded(
                 f"the server holds {budget.held} bytes of request bodies, near its limit of"
-                f" {budget.limit} (max_body_memory_bytes); retry after {BODY_RETRY_AFTER_S} s",
-                field="body",
-                # The connection stays open: the server drops the rest of the body as it comes
-                # (closing with it unread would reset the connection before the client read
-                # this answer).
-                headers={"Retry-After": str(BODY_RETRY_AFTER_S)},
+                f" {budget.limit} (max_body_memory_bytes)",
+                BODY_RETRY_AFTER_S,
             )
         budget.held += n
         self.held += n
@@ -99,11 +95,18 @@ async def wait_for_place(acquire: Callable[[], Awaitable[object]], timeout_s: fl
     with anyio.move_on_after(timeout_s) as waited:
         await acquire()
     if waited.cancelled_caught:
-        raise Problem(
-            503,
-            "overloaded",
+        raise _overloaded(
             f"the server is busy: no place to work on this request came within {timeout_s:g} s"
-            f" (ingest_queue_timeout_s); retry after {QUEUE_RETRY_AFTER_S} s",
-            field="body",
-            headers={"Retry-After": str(QUEUE_RETRY_AFTER_S)},
+            " (ingest_queue_timeout_s)",
+            QUEUE_RETRY_AFTER_S,
         )
+
+
+def _overloaded(why: str, retry_after_s: int) -> Problem:
+    return Problem(
+        503,
+        "overloaded",
+        f"{why}; retry after {retry_after_s} s",
+        field="body",
+        headers={"Retry-After": str(retry_after_s)},
+    )
