@@ -43,6 +43,15 @@ def test_bad_values_name_the_setting(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert str(raised.value) == (
         f"unknown setting 'flush_intervall_s' in {toml}; did you mean 'flush_interval_s'?"
     )
+    # An unknown key inside a setting's value is named with its path, not as an unknown setting.
+    monkeypatch.setenv("WATCHLLM_CONFIG", str(tmp_path / "none.toml"))
+    monkeypatch.setenv("WATCHLLM_QUOTA_PLANS", '{"free": {"bogus_key": 1}}')
+    with pytest.raises(SettingsError) as raised:
+        load_settings()
+    assert "quota_plans" in str(raised.value) and "bogus_key" in str(raised.value)
+    assert "unknown setting" not in str(raised.value)
+    monkeypatch.delenv("WATCHLLM_QUOTA_PLANS")
+    monkeypatch.setenv("WATCHLLM_CONFIG", str(toml))
     toml.write_text("port = \n")
     with pytest.raises(SettingsError, match="settings file"):
         load_settings()

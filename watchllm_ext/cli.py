@@ -349,19 +349,29 @@ def _check_port(host: str, port: int) -> None:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise CliError(f"cannot listen on {host}:{port}: {exc.strerror} (--host)") from None
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(address)
-            sock.listen(1)
-        except OSError as exc:
-            hint = (
-                "another server listens there: stop it, or pick another port with --port"
-                if exc.errno == errno.EADDRINUSE
-                else "pick another --host or --port"
-            )
-            raise CliError(f"cannot listen on {host}:{port}: {exc.strerror}; {hint}") from None
+    # Every address the host names, as uvicorn (asyncio) binds them; one this machine does not
+    # have (an IPv6 localhost with IPv6 off) is skipped, as asyncio skips it.
+    bound = 0
+    failure: OSError | None = None
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(address)
+                sock.listen(1)
+                bound += 1
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE or failure is None:
+                    failure = exc
+                if exc.errno == errno.EADDRINUSE:
+                    break
+    if failure is not None and (failure.errno == errno.EADDRINUSE or not bound):
+        hint = (
+            "another server listens there: stop it, or pick another port with --port"
+            if failure.errno == errno.EADDRINUSE
+            else "pick another --host or --port"
+        )
+        raise CliError(f"cannot listen on {host}:{port}: {failure.strerror}; {hint}")
 
 
 def _version() -> str:
@@ -717,9 +727,14 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     )
     print(key, flush=True)
     if new_file:
+        served_by = (
+            f"a server with keys_file {path}"
+            if settings.keys_file
+            else f"a server started on the data folder {path.parent}"
+        )
         print(
-            f"note: {path} is a new key file: only a server started on the data folder"
-            f" {path.parent} knows this key (--data-dir or WATCHLLM_DATA_DIR names another)",
+            f"note: {path} is a new key file: only {served_by} knows this key"
+            " (--data-dir or WATCHLLM_DATA_DIR names another folder)",
             file=sys.stderr,
         )
     return 0
@@ -795,7 +810,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
             else:
                 report = _remote(args, "/v1/admin/usage", params)
         except RemoteError as exc:
-            if exc.status != 404:
+            if exc.status != 404 or "no route" not in str(exc):  # not another 404 (a proxy's)
                 raise
             # The route exists only while quotas are on (as the local form says it).
             raise CliError(

@@ -204,6 +204,9 @@ def header_timeout_protocol(
         def on_message_complete(self) -> None:
             self._in_head = True
             self._header_bytes = 0
+            # The rest of this read was counted before the count restarted: a next head that
+            # begins in it is sized exactly at its end (on_headers_complete).
+            self._chunk_counted = False
             message_complete(self)
 
         def send_400_response(self, msg: str) -> None:

@@ -602,16 +602,17 @@ def describe_settings_error(exc: ValidationError) -> str:
             lines.append(f"invalid settings: {err['msg'].removeprefix('Value error, ')}")
             continue
         name = str(err["loc"][0])
-        if err["type"] == "extra_forbidden":
+        if err["type"] == "extra_forbidden" and len(err["loc"]) == 1:
             # Only the settings file can name a setting that does not exist (unknown
             # WATCHLLM_* variables are not read): say where, and what was meant.
             close = difflib.get_close_matches(name, Settings.model_fields, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else " (docs/SETTINGS.md lists them)"
             lines.append(f"unknown setting {name!r} in {_settings_file()}{hint}")
             continue
+        inside = ".".join(str(part) for part in err["loc"][1:])  # a key inside its value
         lines.append(
-            f"invalid setting {name} (env WATCHLLM_{name.upper()}): {err['msg']}"
-            f" (got {err.get('input')!r})"
+            f"invalid setting {name} (env WATCHLLM_{name.upper()}):"
+            f"{f' at {inside}:' if inside else ''} {err['msg']} (got {err.get('input')!r})"
         )
     return "\n".join(lines)
 

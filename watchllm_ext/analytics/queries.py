@@ -517,7 +517,7 @@ SELECT * FROM spans FINAL
 WHERE {_TRACE_FILTER}
   AND start_time >= (SELECT min(start_time) FROM spans WHERE {_TRACE_FILTER})
   AND start_time <= (SELECT max(start_time) FROM spans WHERE {_TRACE_FILTER})
-ORDER BY ingested_at DESC
+ORDER BY ingested_at DESC, start_time DESC
 LIMIT 1 BY span_id
 """
 

@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from ..admission import BODY_CHARGE
 from ..auth import Principal, Scope
 from ..errors import Problem, not_a_project_id
 from ..ingest import read_body
@@ -318,6 +319,7 @@ async def _bounded_body(request: Request, settings: Settings) -> bytes:
             max_decompressed_bytes=MAX_WEBHOOK_BYTES,
             timeout_s=settings.body_timeout_s,
             idle_timeout_s=settings.body_idle_timeout_s,
+            charge=request.scope.get(BODY_CHARGE),  # within the bodies' budget, as ingest's
         )
     except Problem as exc:
         if exc.status == 413:
