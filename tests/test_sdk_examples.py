@@ -18,9 +18,11 @@ def test_sdk_agent_as_documented(server: Running) -> None:
     assert lines[0] == "Paris: sunny, Rome: sunny"
     assert "events sent, 0 dropped" in lines[1]
     tree = "\n".join(lines[2:])
-    assert tree.startswith("- agent_step agent_step (success)")
+    # Each node named: the run's step, its steps, the tools, the model, the error's type.
+    assert tree.startswith("- agent_step weather-question (success)\n  - agent_step answer")
+    assert "\n    - agent_step plan (success)" in tree  # root > answer > plan
     assert tree.count("\n    - tool_call weather (success)") == 3  # root > answer > weather
-    assert "\n    - error error\n" in tree + "\n"
+    assert "\n    - error LookupError\n" in tree + "\n"
     assert "\n      - prompt_call gpt-4o-mini (success)" in tree  # root > answer > plan > call
 
 
