@@ -42,7 +42,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_otlp import BEFORE_PACKAGES, before_copy  # noqa: E402
+from bench_otlp import BEFORE_PACKAGES, before_copy, children  # noqa: E402
+from processes import free_port  # noqa: E402
 
 BATCH = 1_000
 
@@ -174,7 +175,7 @@ def _client_process(
 class Server:
     def __init__(self, root: Path | None, folder: Path) -> None:
         self.data = folder / "data"
-        self.port = _free_port()
+        self.port = free_port()
         prelude = "import sys\n"
         if root is not None:  # an older commit's code, before the installed package
             prelude += f"sys.path[:0] = [{str(root)!r}, {str(root / BEFORE_PACKAGES)!r}]\n"
@@ -217,14 +218,6 @@ class Server:
         self.log.close()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _healthz(port: int, timeout: float = 5.0) -> float | None:
     started = time.monotonic()
     try:
@@ -262,7 +255,7 @@ class Watch:
 
 def _rss_mb(pid: int) -> float:
     total = 0
-    for task in [pid, *_children(pid)]:
+    for task in [pid, *children(pid)]:
         try:
             for line in Path(f"/proc/{task}/status").read_text().splitlines():
                 if line.startswith("VmRSS"):
@@ -270,13 +263,6 @@ def _rss_mb(pid: int) -> float:
         except OSError:
             pass
     return total / 1024
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
 
 
 # --- the phases ----------------------------------------------------------------------------------
