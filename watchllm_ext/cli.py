@@ -351,27 +351,26 @@ def _check_port(host: str, port: int) -> None:
         raise CliError(f"cannot listen on {host}:{port}: {exc.strerror} (--host)") from None
     # Every address the host names, as uvicorn (asyncio) binds them; one this machine does not
     # have (an IPv6 localhost with IPv6 off) is skipped, as asyncio skips it.
-    bound = 0
     failure: OSError | None = None
+    bound = False
     for family, kind, proto, _, address in infos:
         with socket.socket(family, kind, proto) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind(address)
                 sock.listen(1)
-                bound += 1
+                bound = True
             except OSError as exc:
-                if exc.errno == errno.EADDRINUSE or failure is None:
-                    failure = exc
                 if exc.errno == errno.EADDRINUSE:
-                    break
-    if failure is not None and (failure.errno == errno.EADDRINUSE or not bound):
-        hint = (
-            "another server listens there: stop it, or pick another port with --port"
-            if failure.errno == errno.EADDRINUSE
-            else "pick another --host or --port"
+                    raise CliError(
+                        f"cannot listen on {host}:{port}: {exc.strerror}; another server"
+                        " listens there: stop it, or pick another port with --port"
+                    ) from None
+                failure = failure or exc
+    if not bound and failure is not None:
+        raise CliError(
+            f"cannot listen on {host}:{port}: {failure.strerror}; pick another --host or --port"
         )
-        raise CliError(f"cannot listen on {host}:{port}: {failure.strerror}; {hint}")
 
 
 def _version() -> str:
