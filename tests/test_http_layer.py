@@ -739,3 +739,91 @@ def test_spans_bigger_than_the_spool_get_413_not_503(server_factory: Any) -> Non
     assert status.code == 8  # RESOURCE_EXHAUSTED: exporters do not retry it
     assert "spool_max_bytes (65536 bytes)" in status.message
     assert server.wl.writer.accepted_events_total == 0
+
+
+# --- one send() per answer (serving._OneSendPerAnswer) ---------------------------------------
+
+
+class _CountedWrites:
+    """The real transport, with its writes counted (each is a send() when the socket takes it)."""
+
+    def __init__(self, transport: Any, writes: list[bytes]) -> None:
+        self._transport = transport
+        self._writes = writes
+
+    def write(self, data: Any) -> None:
+        self._writes.append(bytes(data))
+        self._transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+class _SlowStream:
+    """A plugin route whose streamed answer sends its first chunk only when told to."""
+
+    def __init__(self) -> None:
+        self.go = threading.Event()
+
+    @hookimpl
+    def register_routes(self, settings: Any) -> list[Any]:
+        from starlette.responses import StreamingResponse
+        from starlette.routing import Route
+
+        async def chunks() -> Any:
+            while not self.go.is_set():
+                await anyio.sleep(0.01)
+            yield b"first"
+
+        async def endpoint(request: Any) -> Any:
+            return StreamingResponse(chunks(), media_type="text/plain")
+
+        return [Route("/slow", endpoint)]
+
+
+@pytest.fixture
+def counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Served, list]]:
+    from watchllm_ext import serving
+
+    writes: list[bytes] = []
+    real_init = serving._OneSendPerAnswer.__init__
+
+    def init(self: Any, transport: Any, loop: Any) -> None:
+        real_init(self, _CountedWrites(transport, writes), loop)
+
+    monkeypatch.setattr(serving._OneSendPerAnswer, "__init__", init)
+    stream = _SlowStream()
+    s = Served(tmp_path, plugins=(stream,))
+    s.stream = stream  # type: ignore[attr-defined]
+    s.start()
+    yield s, writes
+    stream.go.set()
+    s.stop()
+
+
+def test_an_answer_goes_out_in_one_write(counted: tuple[Served, list]) -> None:
+    served, writes = counted
+    sock = served.connect()
+    for n in range(3):  # kept alive: each answer one write, head and body together
+        del writes[:]
+        sock.sendall(_one_event_request(served.key, f"one-send-{n}"))
+        data = b""
+        while b"\r\n\r\n" not in data or not data.endswith(b"}"):
+            data += sock.recv(65536)
+        status, _, body = _response(data)
+        assert status == 202 and json.loads(body)["accepted"] == 1
+        assert len(writes) == 1 and writes[0] == data
+
+
+def test_a_head_with_no_body_to_follow_still_goes_out(counted: tuple[Served, list]) -> None:
+    served, _ = counted
+    # HEAD: uvicorn writes the head and never a body.
+    head = httpx.head(served.url + "/healthz", timeout=10)
+    assert head.status_code in (200, 405)
+    # A stream whose first chunk waits: its head reaches the client before the chunk exists.
+    with httpx.stream("GET", served.url + "/slow", timeout=10) as answer:
+        assert answer.status_code == 200
+        assert not served.stream.go.is_set()  # type: ignore[attr-defined]
+        served.stream.go.set()  # type: ignore[attr-defined]
+        assert answer.read() == b"first"
+    assert served.accepted() == 0

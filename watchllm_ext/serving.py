@@ -97,6 +97,59 @@ _H11_TOO_LARGE = "Receive buffer too long"
 _LINGER_S = 1.0
 
 
+class _OneSendPerAnswer:
+    """A connection's transport that holds a response head until the first write of its
+    body, so that an answer with a small body goes out in one send() instead of two (a
+    loopback send is ~5 us here, 2-3% of a single event's CPU; uvicorn writes them apart).
+    Starlette sends the body right after the head, in the same turn of the event loop; a head
+    with no body then (HEAD, 204, a stream whose first chunk waits) goes at the loop's next
+    turn. Held bytes always go before anything written after them, and before the close."""
+
+    __slots__ = ("_flush_soon", "_held", "_loop", "_transport")
+
+    def __init__(self, transport: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: bytes | None = None
+        self._flush_soon = self._flush
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._transport.write(held + bytes(data))
+        elif type(data) is bytes and data.startswith(b"HTTP/1.") and data.endswith(b"\r\n\r\n"):
+            self._held = data
+            self._loop.call_soon(self._flush_soon)
+        else:
+            self._transport.write(data)
+
+    def _flush(self) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            if not self._transport.is_closing():
+                self._transport.write(held)
+
+    def writelines(self, lines: Any) -> None:
+        self._flush()
+        self._transport.writelines(lines)
+
+    def write_eof(self) -> None:
+        self._flush()
+        self._transport.write_eof()
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()  # type: ignore[no-any-return]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class _HeadersTooLarge(Exception):
     """Raised from the parser's headers-complete callback: the parser stops there, and
     uvicorn's handling of a parser error calls send_400_response, which answers 431."""
@@ -152,6 +205,9 @@ def header_timeout_protocol(
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
+            # Every write of this connection goes through it (the request cycles' too: they
+            # are given self.transport), so the order of the bytes is kept.
+            self.transport = _OneSendPerAnswer(transport, self.loop)
             self._arm()
 
         def data_received(self, data: bytes) -> None:
