@@ -397,12 +397,21 @@ _UNBOUNDED = float("inf")
 
 
 def _free_json(checks: Callable[[Any], Any], value: Any) -> Any:
-    """schema's JSON checks of a free-form value, skipped where they cannot fail: a value
-    nested at most _BOUND_LEVELS deep (no depth to check) whose JSON text is surely within
-    MAX_JSON_CHARS (a character is at most 6 bytes of JSON, an escape). Finite it is: msgspec
-    decodes no NaN, no infinity. Anything else, and anything near the limit, gets the checks
-    themselves."""
+    """schema's JSON checks of a free-form value, skipped where they cannot fail. Finite it
+    is: msgspec decodes no NaN, no infinity. Anything near a limit gets the checks themselves.
+
+    A short value (most metadata) is measured by its JSON text as msgspec writes it, in C: a
+    text under _SHORT_JSON_CHARS cannot nest containers as deep as the depth budget (each
+    level takes two characters), and pydantic's text of it is at most 6 times as long (a
+    character written as an escape; a number's text is at most 4.5 times its shortest form,
+    1e15 -> 1000000000000000.0), far within MAX_JSON_CHARS. A longer one nested at most
+    _BOUND_LEVELS deep has its bound worked out in Python (_json_bound)."""
+    if len(_encode_free(value)) < _SHORT_JSON_CHARS:
+        return value
     return value if _json_bound(value, _BOUND_LEVELS) <= MAX_JSON_CHARS else checks(value)
+
+
+_encode_free = msgspec.json.Encoder().encode
 
 
 def _json_bound(value: Any, levels: int) -> float:
@@ -677,6 +686,9 @@ for _model in _EVENT_MODELS:
     EVENT_STRUCTS[_plan.tag] = _plan.struct  # type: ignore[index]
     _STORED_STRUCTS[_plan.tag] = _plan.stored  # type: ignore[index]
 _DEPTH_BUDGET = _json_depth_limit() - 3 - 2 * len(_PLANS)  # 176 with pydantic 2.13
+# A JSON text shorter than this nests containers less deep than _DEPTH_BUDGET + 1, and is
+# within MAX_JSON_CHARS however pydantic writes it (_free_json).
+_SHORT_JSON_CHARS = min(2 * (_DEPTH_BUDGET + 1), MAX_JSON_CHARS // 6)
 _EventStruct = Union[tuple(EVENT_STRUCTS.values())]  # noqa: UP007 - built at run time
 _StoredStruct = Union[tuple(_STORED_STRUCTS.values())]  # noqa: UP007 - built at run time
 # Every struct type an event can be, for a cheap `type(x) in EVENT_STRUCT_TYPES`.
