@@ -175,3 +175,33 @@ def test_the_rest_of_a_refused_body_is_dropped_and_the_connection_goes_on(
         sock.sendall(_head(server, again) + again)
         status, _, answer = _read_answer(sock)
         assert status == 202, answer
+
+
+def test_the_waits_of_one_request_share_its_budget() -> None:
+    """Within one_wait_budget (an OTLP request: a worker's place, then the server's to decode
+    and to validate), the waits together last about the timeout, not the timeout each; a
+    free place is still taken once the budget is spent; outside it each wait has its own."""
+    import anyio
+
+    from watchllm_ext.admission import MIN_WAIT_S, acquire_within, one_wait_budget
+
+    async def main() -> None:
+        held = anyio.CapacityLimiter(1)
+        free = anyio.CapacityLimiter(1)
+        held.acquire_on_behalf_of_nowait(object())  # taken for good: every wait runs out
+        started = anyio.current_time()
+        with one_wait_budget(0.3):
+            assert not await acquire_within(held.acquire, 2.0)
+            first = anyio.current_time() - started
+            assert not await acquire_within(held.acquire, 2.0)
+            assert await acquire_within(free.acquire, 2.0)  # spent, yet a free place is taken
+            free.release()
+        together = anyio.current_time() - started
+        assert 0.25 < first < 0.6
+        assert together < 0.3 + MIN_WAIT_S + 0.3
+        started = anyio.current_time()
+        assert not await acquire_within(held.acquire, 0.2)
+        assert not await acquire_within(held.acquire, 0.2)
+        assert anyio.current_time() - started > 0.35  # no budget: 0.2 s each
+
+    anyio.run(main)

@@ -14,12 +14,17 @@ answer loses it.
   as it comes, unkept). A request's charge is given back when its answer is sent
   (`BodyBudgetMiddleware`), once nothing holds the body.
 - `wait_for_place`: a place to work on a body (`ingest_threads`, the OTLP decoder) is waited
-  for at most `ingest_queue_timeout_s`.
+  for at most `ingest_queue_timeout_s`. Within `one_wait_budget` (the OTLP receiver's
+  requests) the waits of a request share that time in all: one that waits for a worker
+  process, then for the server's place to decode, then to validate, waited up to three times
+  it (6 s of an exporter's 10).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import anyio
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -89,17 +94,46 @@ class BodyBudgetMiddleware:
 
 
 async def wait_for_place(acquire: Callable[[], Awaitable[object]], timeout_s: float) -> None:
-    """`await acquire()`, or 503 when no place comes within `timeout_s` (the caller holds
-    nothing then: a place granted as the wait ends is given back by `acquire`'s own
-    cancellation handling, as anyio's limiters and slots.FairSlots do)."""
-    with anyio.move_on_after(timeout_s) as waited:
-        await acquire()
-    if waited.cancelled_caught:
+    """`await acquire()`, or 503 when no place comes within `timeout_s` (less what the
+    request's wait budget has spent). The caller holds nothing then: a place granted as the
+    wait ends is given back by `acquire`'s own cancellation handling, as anyio's limiters and
+    slots.FairSlots do."""
+    if not await acquire_within(acquire, timeout_s):
         raise _overloaded(
             f"the server is busy: no place to work on this request came within {timeout_s:g} s"
             " (ingest_queue_timeout_s)",
             QUEUE_RETRY_AFTER_S,
         )
+
+
+# What the current request may still wait, in seconds, when its waits share one budget.
+_WAIT_LEFT: ContextVar[list[float] | None] = ContextVar("watchllm_wait_left", default=None)
+# The least a wait gets once its request's budget is spent: a place that is free is taken.
+MIN_WAIT_S = 0.05
+
+
+@contextmanager
+def one_wait_budget(timeout_s: float) -> Iterator[None]:
+    """Within it, the waits of acquire_within (and wait_for_place) share `timeout_s` in all."""
+    token = _WAIT_LEFT.set([timeout_s])
+    try:
+        yield
+    finally:
+        _WAIT_LEFT.reset(token)
+
+
+async def acquire_within(acquire: Callable[[], Awaitable[object]], limit_s: float) -> bool:
+    """`await acquire()` for at most `limit_s`, and at most what the request's wait budget
+    has left (never under MIN_WAIT_S); whether it was acquired. The time waited is spent."""
+    left = _WAIT_LEFT.get()
+    if left is not None:
+        limit_s = min(limit_s, max(left[0], MIN_WAIT_S))
+    started = anyio.current_time()
+    with anyio.move_on_after(limit_s) as waited:
+        await acquire()
+    if left is not None:
+        left[0] -= anyio.current_time() - started
+    return not waited.cancelled_caught
 
 
 def _overloaded(why: str, retry_after_s: int) -> Problem:

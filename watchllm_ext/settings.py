@@ -106,7 +106,8 @@ class Settings(BaseSettings):
         gt=0,
         le=60,
         description="How long a request may wait for a place to work on its body (the"
-        " ingest_threads for big JSON bodies, the OTLP decoder) before it is answered 503 with"
+        " ingest_threads for big JSON bodies; for OTLP a worker process's and the server's"
+        " places to decode and validate, its waits together) before it is answered 503 with"
         " Retry-After (seconds): under overload the server pushes back at once instead of"
         " letting requests queue past their clients' timeouts (OpenTelemetry's exporters give"
         " up after 10 s).",

@@ -37,6 +37,7 @@ try:
 except ImportError:  # not on Windows
     fcntl = None  # type: ignore[assignment]
 
+from ..admission import acquire_within
 from .worker import READY, frame, read_frame
 
 log = logging.getLogger("watchllm.otel")
@@ -352,11 +353,9 @@ async def map_in_worker(request: bytes, size: int, decode: Callable[[bytes], T])
     """A worker's answer to `request` (worker.py's msgpack) through `decode`, or None: do it
     in-process (no worker ready, or none had a place within WAIT_FOR_WORKER_S, or it failed)."""
     places = limiter(size)
-    placed = False
-    with anyio.move_on_after(WAIT_FOR_WORKER_S):
-        await places.acquire()
-        placed = True
-    if not placed:
+    # Within the request's wait budget (admission.one_wait_budget), which the server's own
+    # places then share.
+    if not await acquire_within(places.acquire, WAIT_FOR_WORKER_S):
         return None
     try:
         return await anyio.to_thread.run_sync(POOL.call, request, size, decode)

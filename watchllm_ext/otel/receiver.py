@@ -33,6 +33,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from ..admission import one_wait_budget
 from ..auth import Principal, bearer_token
 from ..errors import Problem, unauthorized
 from ..hookspecs import hookimpl
@@ -136,7 +137,10 @@ async def receive_traces(request: Request) -> Response:
             )
         principal = _principal(wl, request)
         body = await read_request_body(request, wl.settings)
-        result = await _ingest(wl, principal, body, protobuf)
+        # A worker's place, then the server's to decode and to validate: waited for in all
+        # at most ingest_queue_timeout_s (admission.py), within an exporter's timeout.
+        with one_wait_budget(wl.settings.ingest_queue_timeout_s):
+            result = await _ingest(wl, principal, body, protobuf)
         if result["rejected_spans"] and not result["accepted_spans"]:
             raise _all_rejected(result["rejected_spans"], result["errors"])
     except Problem as problem:
