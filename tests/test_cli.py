@@ -207,6 +207,16 @@ def test_keys_commands(tmp_path: Path) -> None:
     assert bad.returncode == 1 and "project" in bad.stderr
 
 
+def test_a_read_in_a_folder_without_a_store_makes_none(tmp_path: Path) -> None:
+    empty = tmp_path / "not-a-data-dir"
+    for command in ("verify-clickhouse", "check-tables", "count-rows"):
+        answer = cli(command, "--data-dir", str(empty))
+        assert answer.returncode == 1, answer
+        assert f"no embedded store in {empty}" in answer.stderr
+        assert "watchllm serve" in answer.stderr and "Traceback" not in answer.stderr
+    assert not empty.exists()
+
+
 def test_remote_errors_are_one_line(tmp_path: Path) -> None:
     down = cli("count-rows", "--url", f"http://127.0.0.1:{free_port()}", "--key", "k")
     assert down.returncode == 1 and "cannot reach" in down.stderr

@@ -479,6 +479,15 @@ def _migrated_store(args: argparse.Namespace) -> Iterator[Any]:
 
 
 def _with_local_store(args: argparse.Namespace, fn: Any) -> Any:
+    """`fn(store)` for a read command. An embedded store that does not exist yet is not made
+    for it (a read in the wrong folder left an empty data folder behind)."""
+    settings = _settings(args)
+    if not settings.clickhouse_url and not settings.store_path.exists():
+        raise CliError(
+            f"no embedded store in {settings.data_dir.resolve()}: nothing is stored there yet"
+            " (`watchllm serve` makes it on its first start; --data-dir or WATCHLLM_DATA_DIR"
+            " names another folder, --url asks a running server)"
+        )
     with _migrated_store(args) as store:
         return fn(store)
 
