@@ -423,6 +423,33 @@ def test_event_detail_and_run_tree(server: Running) -> None:
     assert [n["id"] for n in tree[0]["children"][0]["children"]] == ["tool"]
 
 
+def test_runs_lists_only_runs_that_started_in_the_range(server: Running) -> None:
+    """A run with events before the range is not listed; one that started in it is, with its
+    figures over the whole run, events after the range included."""
+    t = datetime(2026, 3, 1, tzinfo=UTC)
+
+    def call(event_id: str, run_id: str, at: datetime, tokens: int) -> dict[str, Any]:
+        return prompt_call(event_id, run_id=run_id, timestamp=_iso(at), tokens_input=tokens)
+
+    events = [
+        call("early-1", "early", t - timedelta(days=2), 100),
+        call("early-2", "early", t + timedelta(hours=1), 5),
+        call("inside-1", "inside", t + timedelta(hours=2), 7),
+        call("inside-2", "inside", t + timedelta(days=3), 11),
+    ]
+    r = server.client.post("/v1/events/batch", headers=server.headers(), json={"events": events})
+    assert r.status_code == 202, r.text
+    server.flush()
+    window = {"from": _iso(t), "to": _iso(t + timedelta(days=1))}
+    (run,) = get(server, "/v1/analytics/runs", **window)["runs"]
+    assert run["run_id"] == "inside" and run["event_count"] == 2 and run["tokens_input"] == 18
+    whole = get(server, "/v1/analytics/runs/early")["run"]
+    assert whole["event_count"] == 2 and whole["tokens_input"] == 105
+    before = {"from": _iso(t - timedelta(days=3)), "to": _iso(t)}
+    (run,) = get(server, "/v1/analytics/runs", **before)["runs"]
+    assert run["run_id"] == "early" and run["event_count"] == 2 and run["tokens_input"] == 105
+
+
 def test_runs_pagination(loaded: Any) -> None:
     server, events = loaded
     window = {"from": _iso(START), "to": _iso(START + timedelta(days=3))}

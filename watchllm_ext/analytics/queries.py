@@ -441,14 +441,22 @@ _RUN_FIGURES = f"""
 
 # Runs that started in [from, to), newest first, keyset-paginated on (start, run_id); the
 # figures cover each run's whole life, not only the part inside the range.
+# Runs that started in the window: a run with an event in it whose first event (over all
+# time: a run may have begun before the window) is in it; figures over the whole run.
 RUNS = f"""
 WITH started AS (
     SELECT run_id, min(timestamp) AS first_seen
     FROM events  -- no FINAL needed: a duplicate cannot change a minimum
     WHERE project_id = {{project:String}}
-      AND timestamp >= {{from:DateTime64(3, 'UTC')}} AND timestamp < {{to:DateTime64(3, 'UTC')}}
+      AND run_id IN (
+          SELECT run_id FROM events
+          WHERE project_id = {{project:String}}
+            AND timestamp >= {{from:DateTime64(3, 'UTC')}}
+            AND timestamp < {{to:DateTime64(3, 'UTC')}})
+      AND timestamp < {{to:DateTime64(3, 'UTC')}}
     GROUP BY run_id
-    HAVING ({{has_cursor:UInt8}} = 0
+    HAVING first_seen >= {{from:DateTime64(3, 'UTC')}}
+       AND ({{has_cursor:UInt8}} = 0
             OR (first_seen, run_id) < ({{cursor_ts:DateTime64(3, 'UTC')}}, {{cursor_id:String}}))
     ORDER BY first_seen DESC, run_id DESC
     LIMIT {{limit:UInt32}}
@@ -457,7 +465,7 @@ SELECT {_RUN_FIGURES}
 FROM (
     SELECT * FROM events
     WHERE project_id = {{project:String}} AND run_id IN (SELECT run_id FROM started)
-      -- exact: a run that started in the window has no earlier event
+      -- exact: a listed run has no event before the window
       AND timestamp >= {{from:DateTime64(3, 'UTC')}}
     ORDER BY ingested_at DESC
     LIMIT 1 BY event_id
