@@ -950,3 +950,40 @@ def test_a_resource_copied_onto_too_many_spans_is_refused(server: Running, as_js
     settle(server)
     assert stored(server, trace) == (1, 0)
     still_serving(server)
+
+
+def wide_value_bytes(outer: int, inner: int) -> bytes:
+    """AnyValue{array of `outer` arrays of `inner` empty values}: 2 bytes a value, as bytes."""
+
+    def field(number: int, payload: bytes) -> bytes:
+        return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+    inner_array = field(5, field(1, b"") * inner)  # AnyValue{array_value: [AnyValue{}] * inner}
+    return field(5, field(1, inner_array) * outer)
+
+
+def test_values_past_the_requests_nested_budget_refuse_their_span(server: Running) -> None:
+    """Arrays of arrays of empty values (a few bytes each, an object each once decoded): past
+    MAX_NESTED_VALUES in one request the span is refused at once, named, and the others
+    stored; the work stays far from the seconds it took before the limit."""
+    from watchllm_ext.otel.decode import MAX_NESTED_VALUES
+
+    trace = new_trace()
+    wide = wide_value_bytes(1024, 1024)  # 1,049,600 values: over the limit
+    assert MAX_NESTED_VALUES < 1024 + 1024 * 1024
+    attribute = b"\x0a\x04wide" + b"\x12" + _varint(len(wide)) + wide
+    span = otel_span(trace, 3, llm=True).SerializeToString()
+    span += b"\x4a" + _varint(len(attribute)) + attribute
+    good = otel_span(trace, 7, llm=True).SerializeToString()
+    scope = b"\x12" + _varint(len(span)) + span + b"\x12" + _varint(len(good)) + good
+    resource_spans = b"\x12" + _varint(len(scope)) + scope
+    body = b"\x0a" + _varint(len(resource_spans)) + resource_spans
+    started = time.monotonic()
+    answer = post(server, gzip.compress(body), encoding="gzip")
+    took = time.monotonic() - started
+    assert answer.status == 200 and answer.rejected_spans == 1, answer
+    assert "'wide'" in answer.message and str(MAX_NESTED_VALUES) in answer.message, answer
+    assert took < 10, took
+    settle(server)
+    assert stored(server, trace) == (1, 1)
+    still_serving(server)
