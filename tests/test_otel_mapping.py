@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -311,6 +312,42 @@ def same_as_validated(event: dict[str, Any]) -> Any:
     return built
 
 
+@pytest.mark.parametrize("depth", [65, 400, 5_000])
+def test_json_text_nested_too_deep_stays_text(depth: int) -> None:
+    """Messages or tool arguments sent as JSON text nested deeper than MAX_JSON_DEPTH stay
+    their text in the event: the span (row and event) is stored, not refused with the
+    interpreter's RecursionError."""
+    from watchllm_ext.otel.mapping import MAX_JSON_DEPTH
+
+    assert depth > MAX_JSON_DEPTH
+    deep = "[" * depth + "]" * depth
+    messages = '[{"role": "user", "parts": [{"type": "x", "v": ' + deep + "}]}]"
+    chat = map_span(
+        span(attributes={"gen_ai.operation.name": "chat", "gen_ai.input.messages": messages})
+    )
+    assert chat.event is not None and chat.row.attributes["gen_ai.input.messages"] == messages
+    tool = map_span(
+        span(
+            attributes={"gen_ai.operation.name": "execute_tool", "gen_ai.tool.call.arguments": deep}
+        )
+    )
+    assert tool.event is not None and tool.event["tool_input"] == deep
+    for event in (chat.event, tool.event):
+        built = same_as_validated(event)
+        assert built is not None
+        encode_events([built])
+    shallow = "[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH  # at the limit: read as JSON
+    tool = map_span(
+        span(
+            attributes={
+                "gen_ai.operation.name": "execute_tool",
+                "gen_ai.tool.call.arguments": shallow,
+            }
+        )
+    )
+    assert tool.event is not None and isinstance(tool.event["tool_input"], list)
+
+
 def test_a_lone_surrogate_in_json_text_stays_text() -> None:
     # json.loads reads "\\ud800" as a lone surrogate, which no JSON encoder writes: such a
     # document is not read as messages (its text stays in the row), and the span's event can
@@ -329,7 +366,10 @@ def test_built_events_decline_what_the_checks_refuse() -> None:
     deep = "[" * 300 + "]" * 300  # free-form JSON deeper than the validators take
     attrs = {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.call.arguments": deep}
     event = map_span(span(attributes=attrs)).event
-    assert event is not None
+    # The mapping keeps JSON text that deep as text (mapping.MAX_JSON_DEPTH) ...
+    assert event is not None and event["tool_input"] == deep
+    # ... and the built path declines such a value wherever else it comes from.
+    event["tool_input"] = msgspec.json.decode(deep)
     assert same_as_validated(event) is None  # the JSON path (and pydantic) decide
     # Metadata near the JSON size bound: checked (in bytes, as pydantic counts), not assumed.
     for letter, fits in (("e", True), ("é", False)):

@@ -871,14 +871,40 @@ def _loads(text: str) -> Any:
     ("\\ud800") is text no JSON encoder writes, so the spool could not hold the event (the
     request failed whole); such a document stays the attribute's text."""
     try:
-        return _decoder.decode(text)
-    except msgspec.DecodeError:
-        value = json.loads(text)
-    try:
-        _encoder.encode(value)
+        try:
+            value = _decoder.decode(text)
+        except msgspec.DecodeError:
+            value = json.loads(text)
+            _encoder.encode(value)
     except UnicodeEncodeError:
         raise ValueError("a lone surrogate in the JSON text") from None
+    except RecursionError:
+        raise ValueError("JSON nested too deep to read") from None
+    # Cheap first (two scans in C): fewer brackets than levels cannot be that deep.
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _deeper_than(value, MAX_JSON_DEPTH):
+        # An event holds free-form JSON of some 170 levels; a deeper document refused the
+        # whole span, row and all (or failed a recursive rule). Kept as the text it came as.
+        raise ValueError(f"JSON nested more than {MAX_JSON_DEPTH} levels deep")
     return value
+
+
+# JSON sent as a string attribute is read as JSON up to this depth (real documents: under 10).
+MAX_JSON_DEPTH = 64
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether `value` nests lists and dicts more than `limit` deep (no recursion)."""
+    level: list[Any] = [value] if type(value) in (dict, list) else []
+    for _ in range(limit):
+        level = [
+            item
+            for container in level
+            for item in (container.values() if type(container) is dict else container)
+            if type(item) in (dict, list)
+        ]
+        if not level:
+            return False
+    return True
 
 
 _decoder = msgspec.json.Decoder()
