@@ -318,6 +318,32 @@ def test_partial_batch_answers_207_and_stores_only_valid(server: Running) -> Non
     assert ids == ["ok1", "ok2"]
 
 
+def test_ids_of_dots_alone_are_refused(server: Running) -> None:
+    """Ids "." and ".." are path segments: an event under such an id could not be fetched by
+    its URL (browsers and HTTP clients resolve them away). Dots among other characters are
+    ids like any."""
+    rule = "an id is letters, digits and _ . : - (not dots alone)"
+    events = [
+        prompt_call("..", run_id="ok-run"),
+        prompt_call("dots-run", run_id="."),
+        prompt_call("a..b", run_id="v1.2..x"),
+    ]
+    r = server.client.post("/v1/events/batch", json={"events": events}, headers=server.headers())
+    assert r.status_code == 207, r.text
+    body = r.json()
+    assert body["event_ids"] == ["a..b"]
+    assert [(x["index"], x["errors"]) for x in body["rejected"]] == [
+        (0, [{"field": "event_id", "message": rule}]),
+        (1, [{"field": "run_id", "message": rule}]),
+    ]
+    for path in ("/v1/analytics/event/%2E%2E", "/v1/analytics/runs/%2E"):
+        lookup = server.client.get(path, headers=server.headers())
+        assert lookup.status_code == 400 and "not dots alone" in lookup.text, lookup.text
+    server.flush()
+    ids = [r["event_id"] for r in server.query("SELECT event_id FROM events")]
+    assert ids == ["a..b"]
+
+
 def test_health_and_ready(server: Running) -> None:
     assert server.client.get("/healthz").json()["status"] == "ok"
     ready = server.client.get("/readyz")

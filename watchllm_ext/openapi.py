@@ -15,7 +15,7 @@ from starlette.routing import Route
 from . import __version__
 from .analytics import models as answers
 from .analytics import params as P
-from .schema import EVENT_TYPES, MAX_ID_CHARS, PROJECT_ID_PATTERN, Event
+from .schema import EVENT_TYPES, ID_PATTERN, MAX_ID_CHARS, PROJECT_ID_PATTERN, Event
 
 REF = "#/components/schemas/{model}"
 
@@ -125,7 +125,12 @@ def _path(name: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
 
 
 # The bounds below are those of analytics/params.py, taken from its constants where it has them.
-_ID_SCHEMA = {"type": "string", "pattern": f"^[A-Za-z0-9_.:\\-]{{1,{MAX_ID_CHARS}}}$"}
+_ID_SCHEMA = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": MAX_ID_CHARS,
+    "pattern": f"^{ID_PATTERN}$",
+}
 _TIME = {"type": "string", "format": "date-time", "maxLength": 64}
 _PROJECT = _query(
     "project_id",

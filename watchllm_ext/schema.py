@@ -71,9 +71,20 @@ EVENT_TYPES = (
     "performance_alert",
 )
 
+# An id: letters, digits and `_ . : -`, not dots alone ("." and ".." are path segments that
+# browsers and HTTP clients resolve away: such an event could not be fetched by its URL).
+ID_PATTERN = r"[A-Za-z0-9_.:\-]*[A-Za-z0-9_:\-][A-Za-z0-9_.:\-]*"
+ID_RE = re.compile(ID_PATTERN)
+
+
+def is_id(value: str) -> bool:
+    """Whether `value` is an id the event contract takes (Id)."""
+    return len(value) <= MAX_ID_CHARS and ID_RE.fullmatch(value) is not None
+
+
 Id = Annotated[
     str,
-    StringConstraints(min_length=1, max_length=MAX_ID_CHARS, pattern=r"^[A-Za-z0-9_.:\-]+$"),
+    StringConstraints(min_length=1, max_length=MAX_ID_CHARS, pattern=f"^{ID_PATTERN}$"),
 ]
 # A project id: what keys, events, query parameters and admin routes all accept. (ProjectId
 # states the same rule as a length and a pattern: its error messages quote that pattern.)

@@ -16,7 +16,7 @@ from starlette.datastructures import QueryParams
 
 from ..auth import Principal
 from ..errors import Problem, other_project
-from ..schema import MAX_ID_CHARS, MAX_TIMESTAMP, MIN_TIMESTAMP, PROJECT_ID_RE
+from ..schema import MAX_ID_CHARS, MAX_TIMESTAMP, MIN_TIMESTAMP, PROJECT_ID_RE, is_id
 
 # `period`, on every route that takes a time range (docs/ANALYTICS.md, "Time range").
 PERIODS = {
@@ -50,8 +50,6 @@ MAX_POINTS = 20_000
 OTHER_GROUP = "(other)"
 # Measures a group can be ranked by: public name -> the column of the timeseries query.
 RANK_BY = ("events", "requests", "errors", "cost", "tokens")
-# Event and run ids as the event schema takes them (schema.Id): nothing else can be stored.
-_ID = re.compile(rf"[A-Za-z0-9_.:\-]{{1,{MAX_ID_CHARS}}}")
 _DIGITS = re.compile(r"[0-9]{1,9}")
 # Project ids as keys take them (schema.ProjectId).
 MAX_TZ_CHARS = 64
@@ -227,8 +225,8 @@ def _utf8(value: str) -> bool:
 
 def ident(value: str, name: str) -> str:
     """An event or run id from the path: what the event schema accepts as an id, or 400."""
-    if not _ID.fullmatch(value):
-        raise bad(name, f"not an id: 1 to {MAX_ID_CHARS} of A-Z a-z 0-9 _ . : -")
+    if not is_id(value):
+        raise bad(name, f"not an id: 1 to {MAX_ID_CHARS} of A-Z a-z 0-9 _ . : -, not dots alone")
     return value
 
 
@@ -248,7 +246,7 @@ def cursor(params: QueryParams) -> tuple[datetime, str] | None:
         ts = datetime.strptime(data["ts"], "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=UTC)
         key = data["id"]
         # Only what a page can end on: an id as stored, a time in the events' range.
-        if not isinstance(key, str) or not _ID.fullmatch(key):
+        if not isinstance(key, str) or not is_id(key):
             raise TypeError("id")
         if not MIN_TIMESTAMP <= ts < MAX_TIMESTAMP:
             raise ValueError("ts")

@@ -47,6 +47,7 @@ from ..auth import Principal
 from ..errors import Problem
 from ..locks import FolderLock, FolderLocked
 from ..otel.ids import event_id_of
+from ..schema import is_id
 from ..sdk.context import RunContext, RunTally
 from ..sdk.context import _current as _current_run
 from ..store.base import StoreLockedError
@@ -57,8 +58,6 @@ from .recorder import _current as _current_recorder
 log = logging.getLogger("watchllm.middleware")
 
 RUN_ID_HEADER = "x-watchllm-run-id"
-# The ids the event contract takes (schema.Id).
-_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
 # W3C trace context: version-traceid-parentid-flags; later versions may add fields after.
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}(?:-.*)?")
 _ZERO_TRACE = "0" * 32
@@ -603,7 +602,7 @@ class WatchLLMMiddleware:
                 if run_id is None:
                     run_id = match[2]
                 parent = event_id_of(match[2], match[3])
-        if run_id is None or not _ID.fullmatch(run_id):
+        if run_id is None or not is_id(run_id):
             run_id = fast_id()  # none, or not an id the contract takes: a run of its own
         return run_id, parent, user
 
