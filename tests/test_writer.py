@@ -741,3 +741,38 @@ def test_rows_read_back_from_the_log_are_decoded_for_a_payload_sink(tmp_path: Pa
         for line in f.read_text().splitlines()
     ]
     assert len(dead) == 1 and "not a number" in (dead[0]["raw"] or json.dumps(dead[0]["events"]))
+
+
+def test_lag_seconds_is_not_moved_by_a_step_of_the_wall_clock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sink's lag_seconds counts on the monotonic clock once the writer has taken the
+    record: the wall clock stepping 25 s forward (NTP, a VM resumed) is no lag. The step is
+    simulated (time.time in the writer's module): a test cannot move the machine's clock."""
+    import time as real_time
+
+    from watchllm_ext import writer as writer_module
+
+    async def main() -> None:
+        slow = GatedSink()
+        async with spool_writer([slow], tmp_path, flush_interval_s=0.01) as writer:
+            await writer.submit([1, 2])
+            await anyio.sleep(0.2)  # taken: the sink's write waits at the gate
+            before = writer.stats()["sinks"]["gated"]["lag_seconds"]
+            assert 0.1 <= before < 5
+
+            class Stepped:
+                def __getattr__(self, name: str) -> Any:
+                    return getattr(real_time, name)
+
+                def time(self) -> float:
+                    return real_time.time() + 25.0
+
+            monkeypatch.setattr(writer_module, "time", Stepped())
+            after = writer.stats()["sinks"]["gated"]["lag_seconds"]
+            assert before <= after < before + 1, (before, after)
+            slow.gate.set()
+            assert await writer.flush(timeout_s=5)
+            assert writer.stats()["sinks"]["gated"]["lag_seconds"] == 0.0
+
+    anyio.run(main)

@@ -263,7 +263,10 @@ class SinkState:
     dead_letter_events_total: int = 0
     last_error: str | None = None
     failing_since: float | None = None
-    oldest_pending_ms: int | None = None  # append time of the record at the cursor
+    # When the record at the cursor was appended, on the monotonic clock (worked out from its
+    # wall-clock append time when the writer takes it): a step of the wall clock afterwards
+    # does not show as lag (a 25 s step read as 28 s of lag with 2,000 events behind).
+    oldest_pending_at: float | None = None
     pending_since: float | None = None
     taken_at: float | None = None  # when the batch being written was taken
     last_taken: int = 0  # events and span rows in the last batch taken
@@ -451,7 +454,7 @@ class Writer:
         return self.log.next_seq - min(s.cursor_seq for s in self.sinks)
 
     def stats(self) -> dict[str, Any]:
-        now_ms = time.time() * 1000
+        now = time.monotonic()
         return {
             "running": self._running,
             "accepting": self._accepting,
@@ -463,8 +466,8 @@ class Writer:
                 s.sink.name: {
                     "lag_events": self.log.next_seq - s.cursor_seq,
                     "lag_seconds": (
-                        round(max(0.0, now_ms - s.oldest_pending_ms) / 1000, 3)
-                        if s.oldest_pending_ms is not None and s.cursor < self.log.end
+                        round(max(0.0, now - s.oldest_pending_at), 3)
+                        if s.oldest_pending_at is not None and s.cursor < self.log.end
                         else 0.0
                     ),
                     "delivered_events_total": s.delivered_events_total,
@@ -488,7 +491,7 @@ class Writer:
             backlog = self.log.next_seq - state.cursor_seq
             if backlog <= 0:
                 state.pending_since = state.taken_at = None
-                state.oldest_pending_ms = None
+                state.oldest_pending_at = None
                 await self.log.wait_appended()
                 continue
             if backlog < self._batch_max(state) and self._accepting:
@@ -497,7 +500,7 @@ class Writer:
                     # What came while the last batch was written has waited since it was
                     # taken, at most: flush_interval_s counts from then, not from now.
                     state.pending_since = state.taken_at or now
-                    state.oldest_pending_ms = int(time.time() * 1000)
+                    state.oldest_pending_at = time.monotonic()
                 wait = state.pending_since + self.flush_interval_s - now
                 # The rest of a burst: what came while a big batch was written, and nothing
                 # since (a stream that goes on, or a trickle after an idle sink, waits).
@@ -521,7 +524,8 @@ class Writer:
                 continue
             records, events, rows, last_number = batch
             state.last_taken = len(events) + len(rows)
-            state.oldest_pending_ms = records[0].appended_ms
+            waited_s = max(0.0, time.time() - records[0].appended_ms / 1000)
+            state.oldest_pending_at = time.monotonic() - waited_s
             if events and not getattr(state.sink, "reads_structs", False):
                 events = await anyio.to_thread.run_sync(_as_models, events)
             if events:
