@@ -827,3 +827,50 @@ def test_a_head_with_no_body_to_follow_still_goes_out(counted: tuple[Served, lis
         served.stream.go.set()  # type: ignore[attr-defined]
         assert answer.read() == b"first"
     assert served.accepted() == 0
+
+
+# --- Transfer-Encoding: chunked alone (RFC 9112 6.1) -----------------------------------------
+
+TE_RULE = "Transfer-Encoding must be chunked alone (send Content-Encoding to compress)"
+
+
+def _chunked(body: bytes) -> bytes:
+    return f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("version", "codings", "status", "message"),
+    [
+        ("1.1", [b"gzip, chunked"], 501, TE_RULE),
+        ("1.1", [b"foo, chunked"], 501, TE_RULE),
+        ("1.1", [b"gzip", b"chunked"], 501, TE_RULE),  # two headers: one list
+        ("1.1", [b"chunked, identity"], 400, TE_RULE),
+        ("1.1", [b"chunked, chunked"], 400, TE_RULE),
+        ("1.0", [b"chunked"], 400, "Transfer-Encoding is not HTTP/1.0"),
+    ],
+)
+def test_a_transfer_coding_other_than_chunked_alone_is_refused(
+    served: Served, version: str, codings: list[bytes], status: int, message: str
+) -> None:
+    """Another coding before chunked was ignored and the body read as if plain (202): a proxy
+    in front that reads it otherwise would see other request boundaries."""
+    sock = served.connect()
+    head = (
+        f"POST /v1/events/batch HTTP/{version}\r\nHost: t\r\nAuthorization: Bearer {served.key}"
+        "\r\nContent-Type: application/json\r\n"
+    ).encode()
+    head += b"".join(b"Transfer-Encoding: " + c + b"\r\n" for c in codings)
+    sock.sendall(head + b"\r\n" + _chunked(BODY))
+    got, headers, body = _response(_read_all(sock))
+    assert (got, headers["connection"]) == (status, "close")
+    assert json.loads(body)["field"] == "Transfer-Encoding"
+    assert json.loads(body)["message"] == message
+    assert served.accepted() == 0
+    # Chunked alone is served as ever.
+    ok = httpx.post(
+        served.url + "/v1/events/batch",
+        content=iter([BODY]),  # an iterator: httpx sends it chunked
+        headers={"Authorization": f"Bearer {served.key}", "Content-Type": "application/json"},
+        timeout=10,
+    )
+    assert ok.status_code == 202, ok.text

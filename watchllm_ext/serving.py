@@ -22,6 +22,11 @@ from .settings import Settings
 
 # What a parser's error message says -> (our message, the field it names): the parser's
 # words are the only clue to which header was wrong. Looked up by substring, lower-case.
+# What a request's Transfer-Encoding may be: chunked alone (RFC 9112 6.1). Another coding
+# before it (gzip, chunked) was ignored and the body read as if plain; a proxy in front that
+# reads it otherwise would see another request boundary.
+_TE_RULE = "Transfer-Encoding must be chunked alone (send Content-Encoding to compress)"
+
 # The first row is API.md's promise for a Content-Length that is not a number: the same body
 # as the app's own check (ingest.read_body) gives in a host app.
 _PARSER_ERRORS: tuple[tuple[str, str, str], ...] = (
@@ -33,6 +38,7 @@ _PARSER_ERRORS: tuple[tuple[str, str, str], ...] = (
         "send Content-Length or Transfer-Encoding, not both",
         "Transfer-Encoding",
     ),
+    ("transfer-encoding", _TE_RULE, "Transfer-Encoding"),  # llhttp: chunked twice, or not last
     ("chunk", "the chunked body's framing is not valid HTTP", "body"),
     (
         "header value",
@@ -155,6 +161,28 @@ class _HeadersTooLarge(Exception):
     uvicorn's handling of a parser error calls send_400_response, which answers 431."""
 
 
+class _Refused(Exception):
+    """Raised from the headers-complete callback, as _HeadersTooLarge: answer `problem`."""
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(problem.message)
+        self.problem = problem
+
+
+def transfer_problem(headers: list[tuple[bytes, bytes]], http_version: str) -> Problem | None:
+    """Why a request's Transfer-Encoding cannot be served (None: it has none, or chunked)."""
+    codings = [value for name, value in headers if name == b"transfer-encoding"]
+    if not codings:
+        return None
+    if http_version == "1.0":  # RFC 9112 6.1: HTTP/1.0 has no chunked framing
+        return Problem(
+            400, "bad_request", "Transfer-Encoding is not HTTP/1.0", field="Transfer-Encoding"
+        )
+    if b", ".join(codings).strip().lower() != b"chunked":
+        return Problem(501, "not_implemented", _TE_RULE, field="Transfer-Encoding")
+    return None
+
+
 def header_timeout_protocol(
     timeout_s: float, max_header_bytes: int = 64 * 1024
 ) -> type[asyncio.Protocol]:
@@ -250,6 +278,9 @@ def header_timeout_protocol(
                 size = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
                 if size > max_header_bytes:
                     raise _HeadersTooLarge()
+            problem = transfer_problem(self.headers, self.parser.get_http_version())
+            if problem is not None:
+                raise _Refused(problem)
             self._in_head = self._head_unsure = self._next_begun = False
             # The count was the head's: a body's bytes are not counted, and one still coming
             # after an early answer (413, 503) must not be taken for an over-long next head.
@@ -269,6 +300,9 @@ def header_timeout_protocol(
             # uvicorn calls this inside its `except` of the parser's error: that error says
             # what was wrong (uvicorn's own message is a fixed plain-text sentence).
             error = sys.exc_info()[1]
+            if error is not None and isinstance(error.__context__, _Refused):
+                self._answer(error.__context__.problem)
+                return
             if error is not None and (
                 isinstance(error.__context__, _HeadersTooLarge)
                 or str(error) == _H11_TOO_LARGE  # h11's cap on a header block (uvicorn_options)
