@@ -150,6 +150,23 @@ def test_limits_are_exact_under_50_concurrent_clients(quota_server: Any) -> None
 
 
 @with_backends
+def test_usage_reports_the_room_the_check_then_gives(quota_server: Any) -> None:
+    """The minute's leaky bucket drains continuously: its level is a fraction. /v1/usage
+    rounds it as the check does, so the room it reports is what the next batch is given."""
+    server = quota_server({"default": {"events_per_minute": 10}})
+    h = server.headers()
+    assert server.client.post("/v1/events/batch", json=events(8), headers=h).status_code == 202
+    time.sleep(0.5)  # the bucket drains below 8 (10 a minute: 1 every 6 s)
+    usage = server.client.get("/v1/usage", headers=h).json()
+    room = usage["remaining"]["minute"]
+    assert usage["used"]["minute"] + room == 10
+    over = server.client.post("/v1/events/batch", json=events(room + 1), headers=h)
+    assert over.status_code == 429 and over.json()["would_fit"] == room, over.text
+    fits = server.client.post("/v1/events/batch", json=events(room), headers=h)
+    assert fits.status_code == 202, fits.text
+
+
+@with_backends
 def test_a_batch_that_does_not_fit_is_refused_whole_with_how_many_fit(quota_server: Any) -> None:
     away_from_period_end()
     server = quota_server({"default": {"events_per_day": 10}})

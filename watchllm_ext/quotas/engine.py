@@ -43,7 +43,9 @@ class Usage:
 
     def as_dict(self) -> dict[str, float | int]:
         return {
-            "minute": math.floor(self.minute + _EPS),
+            # Rounded up, as the check does (decide: room is floor(limit - level)): a level
+            # of 7.4 of 10 shows 8 used and 2 remaining, what a batch of 3 is then told.
+            "minute": math.ceil(self.minute - _EPS),
             "day": self.day,
             "month": self.month,
             "payload_bytes": self.payload_bytes,
