@@ -38,15 +38,15 @@ export interface ToolCallItem {
 }
 
 export interface PromptCallEvent {
-  /** Filled by the server (a UUIDv7) when missing; send your own to make a retry idempotent. minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]+$ */
+  /** Filled by the server (a UUIDv7) when missing; send your own to make a retry idempotent. minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]*[A-Za-z0-9_:\-][A-Za-z0-9_.:\-]*$ */
   event_id?: string | null;
   /** minLength 1; maxLength 64; pattern ^[A-Za-z0-9][A-Za-z0-9_.\-]*$ */
   project_id?: string | null;
-  /** minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]+$ */
+  /** minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]*[A-Za-z0-9_:\-][A-Za-z0-9_.:\-]*$ */
   run_id: string;
   /** Filled by the server (the receipt time) when missing. format date-time */
   timestamp?: string | null;
-  /** minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]+$ */
+  /** minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]*[A-Za-z0-9_:\-][A-Za-z0-9_.:\-]*$ */
   parent_event_id?: string | null;
   /** maxLength 256 */
   user_id?: string | null;
@@ -87,15 +87,15 @@ export interface PromptCallEvent {
 }
 
 export interface ToolCallEvent {
-  /** Filled by the server (a UUIDv7) when missing; send your own to make a retry idempotent. minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]+$ */
+  /** Filled by the server (a UUIDv7) when missing; send your own to make a retry idempotent. minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]*[A-Za-z0-9_:\-][A-Za-z0-9_.:\-]*$ */
   event_id?: string | null;
   /** minLength 1; maxLength 64; pattern ^[A-Za-z0-9][A-Za-z0-9_.\-]*$ */
   project_id?: string | null;
-  /** minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]+$ */
+  /** minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]*[A-Za-z0-9_:\-][A-Za-z0-9_.:\-]*$ */
   run_id: string;
   /** Filled by the server (the receipt time) when missing. format date-time */
   timestamp?: string | null;
-  /** minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]+$ */
+  /** minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]*[A-Za-z0-9_:\-][A-Za-z0-9_.:\-]*$ */
   parent_event_id?: string | null;
   /** maxLength 256 */
   user_id?: string | null;
@@ -123,15 +123,15 @@ export interface ToolCallEvent {
 }
 
 export interface AgentStepEvent {
-  /** Filled by the server (a UUIDv7) when missing; send your own to make a retry idempotent. minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]+$ */
+  /** Filled by the server (a UUIDv7) when missing; send your own to make a retry idempotent. minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]*[A-Za-z0-9_:\-][A-Za-z0-9_.:\-]*$ */
   event_id?: string | null;
   /** minLength 1; maxLength 64; pattern ^[A-Za-z0-9][A-Za-z0-9_.\-]*$ */
   project_id?: string | null;
-  /** minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]+$ */
+  /** minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]*[A-Za-z0-9_:\-][A-Za-z0-9_.:\-]*$ */
   run_id: string;
   /** Filled by the server (the receipt time) when missing. format date-time */
   timestamp?: string | null;
-  /** minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]+$ */
+  /** minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]*[A-Za-z0-9_:\-][A-Za-z0-9_.:\-]*$ */
   parent_event_id?: string | null;
   /** maxLength 256 */
   user_id?: string | null;
@@ -163,15 +163,15 @@ export interface AgentStepEvent {
 }
 
 export interface ErrorEvent {
-  /** Filled by the server (a UUIDv7) when missing; send your own to make a retry idempotent. minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]+$ */
+  /** Filled by the server (a UUIDv7) when missing; send your own to make a retry idempotent. minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]*[A-Za-z0-9_:\-][A-Za-z0-9_.:\-]*$ */
   event_id?: string | null;
   /** minLength 1; maxLength 64; pattern ^[A-Za-z0-9][A-Za-z0-9_.\-]*$ */
   project_id?: string | null;
-  /** minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]+$ */
+  /** minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]*[A-Za-z0-9_:\-][A-Za-z0-9_.:\-]*$ */
   run_id: string;
   /** Filled by the server (the receipt time) when missing. format date-time */
   timestamp?: string | null;
-  /** minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]+$ */
+  /** minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]*[A-Za-z0-9_:\-][A-Za-z0-9_.:\-]*$ */
   parent_event_id?: string | null;
   /** maxLength 256 */
   user_id?: string | null;
@@ -195,15 +195,15 @@ export interface ErrorEvent {
 }
 
 export interface AssertionFailedEvent {
-  /** Filled by the server (a UUIDv7) when missing; send your own to make a retry idempotent. minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]+$ */
+  /** Filled by the server (a UUIDv7) when missing; send your own to make a retry idempotent. minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]*[A-Za-z0-9_:\-][A-Za-z0-9_.:\-]*$ */
   event_id?: string | null;
   /** minLength 1; maxLength 64; pattern ^[A-Za-z0-9][A-Za-z0-9_.\-]*$ */
   project_id?: string | null;
-  /** minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]+$ */
+  /** minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]*[A-Za-z0-9_:\-][A-Za-z0-9_.:\-]*$ */
   run_id: string;
   /** Filled by the server (the receipt time) when missing. format date-time */
   timestamp?: string | null;
-  /** minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]+$ */
+  /** minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]*[A-Za-z0-9_:\-][A-Za-z0-9_.:\-]*$ */
   parent_event_id?: string | null;
   /** maxLength 256 */
   user_id?: string | null;
@@ -227,15 +227,15 @@ export interface AssertionFailedEvent {
 }
 
 export interface HallucinationDetectedEvent {
-  /** Filled by the server (a UUIDv7) when missing; send your own to make a retry idempotent. minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]+$ */
+  /** Filled by the server (a UUIDv7) when missing; send your own to make a retry idempotent. minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]*[A-Za-z0-9_:\-][A-Za-z0-9_.:\-]*$ */
   event_id?: string | null;
   /** minLength 1; maxLength 64; pattern ^[A-Za-z0-9][A-Za-z0-9_.\-]*$ */
   project_id?: string | null;
-  /** minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]+$ */
+  /** minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]*[A-Za-z0-9_:\-][A-Za-z0-9_.:\-]*$ */
   run_id: string;
   /** Filled by the server (the receipt time) when missing. format date-time */
   timestamp?: string | null;
-  /** minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]+$ */
+  /** minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]*[A-Za-z0-9_:\-][A-Za-z0-9_.:\-]*$ */
   parent_event_id?: string | null;
   /** maxLength 256 */
   user_id?: string | null;
@@ -263,15 +263,15 @@ export interface HallucinationDetectedEvent {
 }
 
 export interface CostThresholdExceededEvent {
-  /** Filled by the server (a UUIDv7) when missing; send your own to make a retry idempotent. minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]+$ */
+  /** Filled by the server (a UUIDv7) when missing; send your own to make a retry idempotent. minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]*[A-Za-z0-9_:\-][A-Za-z0-9_.:\-]*$ */
   event_id?: string | null;
   /** minLength 1; maxLength 64; pattern ^[A-Za-z0-9][A-Za-z0-9_.\-]*$ */
   project_id?: string | null;
-  /** minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]+$ */
+  /** minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]*[A-Za-z0-9_:\-][A-Za-z0-9_.:\-]*$ */
   run_id: string;
   /** Filled by the server (the receipt time) when missing. format date-time */
   timestamp?: string | null;
-  /** minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]+$ */
+  /** minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]*[A-Za-z0-9_:\-][A-Za-z0-9_.:\-]*$ */
   parent_event_id?: string | null;
   /** maxLength 256 */
   user_id?: string | null;
@@ -295,15 +295,15 @@ export interface CostThresholdExceededEvent {
 }
 
 export interface PerformanceAlertEvent {
-  /** Filled by the server (a UUIDv7) when missing; send your own to make a retry idempotent. minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]+$ */
+  /** Filled by the server (a UUIDv7) when missing; send your own to make a retry idempotent. minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]*[A-Za-z0-9_:\-][A-Za-z0-9_.:\-]*$ */
   event_id?: string | null;
   /** minLength 1; maxLength 64; pattern ^[A-Za-z0-9][A-Za-z0-9_.\-]*$ */
   project_id?: string | null;
-  /** minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]+$ */
+  /** minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]*[A-Za-z0-9_:\-][A-Za-z0-9_.:\-]*$ */
   run_id: string;
   /** Filled by the server (the receipt time) when missing. format date-time */
   timestamp?: string | null;
-  /** minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]+$ */
+  /** minLength 1; maxLength 128; pattern ^[A-Za-z0-9_.:\-]*[A-Za-z0-9_:\-][A-Za-z0-9_.:\-]*$ */
   parent_event_id?: string | null;
   /** maxLength 256 */
   user_id?: string | null;
