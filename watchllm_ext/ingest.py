@@ -36,7 +36,7 @@ from .admission import BODY_CHARGE, Charge
 from .auth import Principal
 from .errors import Problem
 from .plugins import call_hook
-from .schema import EVENT_ADAPTER, EVENT_LIST_ADAPTER, EVENT_TYPES, ID_PATTERN
+from .schema import EVENT_ADAPTER, EVENT_LIST_ADAPTER, EVENT_TYPES, ID_FIELD_PATTERN
 from .settings import Settings
 
 # Bounds of a rejection answer (docs/API.md): fields listed per rejected event, and rejected
@@ -499,12 +499,12 @@ def _relevant(errors: list[Any]) -> list[Any]:
 def _readable(err: Any) -> str:
     """pydantic's message, with datetimes in its context shown as RFC 3339, not repr(); an
     id's pattern said in words."""
-    if err["type"] == "string_pattern_mismatch" and err.get("ctx", {}).get("pattern") == _ID:
+    pattern = err.get("ctx", {}).get("pattern")
+    if err["type"] == "string_pattern_mismatch" and pattern == ID_FIELD_PATTERN:
         return _ID_RULE
     return _DATETIME_REPR.sub(_iso_of_repr, err["msg"])
 
 
-_ID = f"^{ID_PATTERN}$"
 _ID_RULE = "an id is letters, digits and _ . : - (not dots alone)"
 
 

@@ -15,7 +15,7 @@ from starlette.routing import Route
 from . import __version__
 from .analytics import models as answers
 from .analytics import params as P
-from .schema import EVENT_TYPES, ID_PATTERN, MAX_ID_CHARS, PROJECT_ID_PATTERN, Event
+from .schema import EVENT_TYPES, ID_FIELD_PATTERN, MAX_ID_CHARS, PROJECT_ID_PATTERN, Event
 
 REF = "#/components/schemas/{model}"
 
@@ -129,7 +129,7 @@ _ID_SCHEMA = {
     "type": "string",
     "minLength": 1,
     "maxLength": MAX_ID_CHARS,
-    "pattern": f"^{ID_PATTERN}$",
+    "pattern": ID_FIELD_PATTERN,
 }
 _TIME = {"type": "string", "format": "date-time", "maxLength": 64}
 _PROJECT = _query(

@@ -75,6 +75,8 @@ EVENT_TYPES = (
 # browsers and HTTP clients resolve away: such an event could not be fetched by its URL).
 ID_PATTERN = r"[A-Za-z0-9_.:\-]*[A-Za-z0-9_:\-][A-Za-z0-9_.:\-]*"
 ID_RE = re.compile(ID_PATTERN)
+# The same, anchored: as Id states it (and pydantic's errors quote it), and as OpenAPI says it.
+ID_FIELD_PATTERN = f"^{ID_PATTERN}$"
 
 
 def is_id(value: str) -> bool:
@@ -84,7 +86,7 @@ def is_id(value: str) -> bool:
 
 Id = Annotated[
     str,
-    StringConstraints(min_length=1, max_length=MAX_ID_CHARS, pattern=f"^{ID_PATTERN}$"),
+    StringConstraints(min_length=1, max_length=MAX_ID_CHARS, pattern=ID_FIELD_PATTERN),
 ]
 # A project id: what keys, events, query parameters and admin routes all accept. (ProjectId
 # states the same rule as a length and a pattern: its error messages quote that pattern.)

@@ -20,13 +20,13 @@ from typing import Any
 from .errors import Problem
 from .settings import Settings
 
-# What a parser's error message says -> (our message, the field it names): the parser's
-# words are the only clue to which header was wrong. Looked up by substring, lower-case.
 # What a request's Transfer-Encoding may be: chunked alone (RFC 9112 6.1). Another coding
 # before it (gzip, chunked) was ignored and the body read as if plain; a proxy in front that
 # reads it otherwise would see another request boundary.
 _TE_RULE = "Transfer-Encoding must be chunked alone (send Content-Encoding to compress)"
 
+# What a parser's error message says -> (our message, the field it names): the parser's
+# words are the only clue to which header was wrong. Looked up by substring, lower-case.
 # The first row is API.md's promise for a Content-Length that is not a number: the same body
 # as the app's own check (ingest.read_body) gives in a host app.
 _PARSER_ERRORS: tuple[tuple[str, str, str], ...] = (

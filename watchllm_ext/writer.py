@@ -500,7 +500,7 @@ class Writer:
                     # What came while the last batch was written has waited since it was
                     # taken, at most: flush_interval_s counts from then, not from now.
                     state.pending_since = state.taken_at or now
-                    state.oldest_pending_at = time.monotonic()
+                    state.oldest_pending_at = now
                 wait = state.pending_since + self.flush_interval_s - now
                 # The rest of a burst: what came while a big batch was written, and nothing
                 # since (a stream that goes on, or a trickle after an idle sink, waits).

@@ -439,10 +439,9 @@ _RUN_FIGURES = f"""
         AS error_count
 """
 
-# Runs that started in [from, to), newest first, keyset-paginated on (start, run_id); the
-# figures cover each run's whole life, not only the part inside the range.
-# Runs that started in the window: a run with an event in it whose first event (over all
-# time: a run may have begun before the window) is in it; figures over the whole run.
+# Runs that started in [from, to): a run with an event in the range whose first event (over
+# all time: a run may have begun before the range) is in it. Newest first, keyset-paginated on
+# (start, run_id); the figures cover each run's whole life, not only the part in the range.
 RUNS = f"""
 WITH started AS (
     SELECT run_id, min(timestamp) AS first_seen
