@@ -405,6 +405,13 @@ def role_serve(kind: str, port: int, data_dir: Path, overrides: dict[str, Any]) 
             tune_for_serving()
         else:
             tune_for_serving(nice if kind in ("watchllm-serve", "watchllm-ch") else 0)
+        try:  # and its HTTP protocol (header deadline, one send per answer), as cmd_serve
+            from watchllm_ext.serving import uvicorn_options
+        except ImportError:  # a --snapshot from before serving.py
+            pass
+        else:
+            uvicorn.run(app, **{**uvicorn_options(settings), "workers": 1})
+            return
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", workers=1)
 
 
