@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import Scope
 
 
 class Problem(Exception):
@@ -38,6 +40,27 @@ class Problem(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+# Routes whose errors have a shape of their own (the OTLP receiver's: a Status message in the
+# request's encoding), by path: for a Problem answered before the route runs (a middleware's).
+_RENDERERS: dict[str, Callable[[Scope, Problem], Response]] = {}
+
+
+def render_problems_at(paths: Iterable[str], render: Callable[[Scope, Problem], Response]) -> None:
+    """Answer a Problem raised before a route at one of `paths` runs with `render`."""
+    for path in paths:
+        _RENDERERS[path] = render
+
+
+def answer_for(scope: Scope, problem: Problem) -> Response:
+    """The answer to `problem` for the request of `scope`, in its route's shape."""
+    path = scope.get("path", "")
+    root = scope.get("root_path", "")
+    if root and path.startswith(root):  # mounted under a prefix in a host app
+        path = path[len(root) :]
+    render = _RENDERERS.get(path)
+    return problem.response() if render is None else render(scope, problem)
 
 
 def unauthorized(message: str) -> Problem:

@@ -14,7 +14,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import Problem
+from ..errors import Problem, answer_for
 from ..flags import _REQUEST_CACHE
 from ..serving import ANSWERED
 
@@ -140,7 +140,7 @@ class RequestMetrics:
                     field="Authorization",
                 )
                 ops_metrics(self.wl).rejections.labels(problem.code).inc()
-                await problem.response()(scope, receive, send_status)
+                await answer_for(scope, problem)(scope, receive, send_status)
                 return
             await self.app(scope, receive, send_status)
         except ClientDisconnect:

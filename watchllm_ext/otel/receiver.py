@@ -32,10 +32,11 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import Scope
 
 from ..admission import one_wait_budget
 from ..auth import Principal, bearer_token
-from ..errors import Problem, unauthorized
+from ..errors import Problem, render_problems_at, unauthorized
 from ..hookspecs import hookimpl
 from ..ingest import OFFLOAD_MIN_BYTES, read_request_body, receipt_time
 from ..observability.metrics import ops_metrics
@@ -76,6 +77,8 @@ def register_routes(settings: Settings) -> list[BaseRoute]:
 
 def routes() -> list[BaseRoute]:
     endpoint = described(receive_traces, _operations())
+    # A refusal before the route runs (two Authorization headers) is an OTLP answer too.
+    render_problems_at(PATHS, _failure_for)
     return [Route(path, endpoint, methods=["POST"]) for path in PATHS]
 
 
@@ -122,9 +125,13 @@ def _operations() -> dict[str, Any]:
     return operation
 
 
+def _media(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
 async def receive_traces(request: Request) -> Response:
     wl = request.app.state.watchllm
-    media = (request.headers.get("content-type") or "").split(";", 1)[0].strip().lower()
+    media = _media(request.headers.get("content-type"))
     protobuf = media in _PROTOBUF_TYPES
     try:
         if not protobuf and media != JSON:
@@ -236,6 +243,11 @@ def _failure(problem: Problem, protobuf: bool) -> Response:
         message = f"{problem.field}: {message}"
     status = status_pb2.Status(code=_RPC_CODES.get(problem.status, 2), message=message)
     return _answer(problem.status, status, protobuf, problem.headers)
+
+
+def _failure_for(scope: Scope, problem: Problem) -> Response:
+    content_type = next((v for k, v in scope["headers"] if k == b"content-type"), b"")
+    return _failure(problem, _media(content_type.decode("latin-1")) in _PROTOBUF_TYPES)
 
 
 def _answer(status: int, message: Any, protobuf: bool, headers: dict | None = None) -> Response:
