@@ -55,6 +55,7 @@ import random
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -149,8 +150,8 @@ def single_body() -> bytes:
 # core files did not change between its start and its end.
 
 
-def enter_snapshot(rev: str) -> None:
-    """Export `rev` with git archive to a temp folder and re-run this script on it."""
+def export_snapshot(rev: str) -> dict[str, str]:
+    """Export `rev` with git archive to a temp folder; the environment that imports it."""
     repo = HERE.parent.parent
     sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "--verify", f"{rev}^{{commit}}"],
                          capture_output=True, text=True, check=True).stdout.strip()
@@ -167,10 +168,16 @@ def enter_snapshot(rev: str) -> None:
     py.mkdir()
     for name, folder in package_dir.items():
         (py / name).symlink_to(src / folder, target_is_directory=True)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(py), env.get("PYTHONPATH")) if p)
-    env["BENCH_SNAPSHOT_DIR"] = str(root)
-    env["BENCH_SNAPSHOT_DESC"] = f"snapshot of {rev} = commit {sha[:12]} (git archive)"
+    return {
+        "PYTHONPATH": os.pathsep.join(p for p in (str(py), os.environ.get("PYTHONPATH")) if p),
+        "BENCH_SNAPSHOT_DIR": str(root),
+        "BENCH_SNAPSHOT_DESC": f"snapshot of {rev} = commit {sha[:12]} (git archive)",
+    }
+
+
+def enter_snapshot(rev: str) -> None:
+    """Export `rev` (export_snapshot) and re-run this script on it."""
+    env = {**os.environ, **export_snapshot(rev)}
     sys.stdout.flush()
     os.execve(sys.executable, [sys.executable, str(HERE), *sys.argv[1:]], env)
 
@@ -242,8 +249,13 @@ class Server:
     (the real app with all the process tuning `watchllm serve` applies: that and the store's
     threads at a lower priority) or "bare" (the HTTP baseline)."""
 
-    def __init__(self, kind: str, workdir: Path) -> None:
+    def __init__(self, kind: str, workdir: Path, env: dict[str, str] | None = None,
+                 settings: dict[str, Any] | None = None) -> None:
+        """`env`: the process's environment on top of ours (a snapshot's PYTHONPATH, say);
+        `settings`: its WatchLLM settings instead of SERVER_SETTINGS."""
         self.kind = kind
+        self.env = env
+        self.settings = dict(SERVER_SETTINGS) if settings is None else settings
         self.port = free_port()
         self.workdir = workdir
         self.data_dir = workdir / "data"
@@ -257,14 +269,15 @@ class Server:
             from watchllm_ext.keys import KeyStore
             from watchllm_ext.settings import Settings
 
-            settings = Settings(**{**SERVER_SETTINGS, "data_dir": self.data_dir,
+            settings = Settings(**{**self.settings, "data_dir": self.data_dir,
                                    "create_default_key": False})
             self.key = KeyStore(settings.keys_path).create(PROJECT, scope="admin", name="bench")
         self.proc = spawn(
             [sys.executable, str(HERE), "--role", f"serve-{self.kind}", "--port", str(self.port),
-             "--data-dir", str(self.data_dir), "--settings-json", json.dumps(SERVER_SETTINGS)],
+             "--data-dir", str(self.data_dir), "--settings-json", json.dumps(self.settings)],
             log=self.log,
             cwd=self.workdir,
+            env=self.env,
         )
         ready = "/readyz" if self.kind.startswith("watchllm") else "/healthz"
         deadline = time.monotonic() + 90
@@ -374,6 +387,10 @@ def role_serve(kind: str, port: int, data_dir: Path, overrides: dict[str, Any]) 
     import uvicorn
 
     record_gc_pauses(Path.cwd() / GC_STATS_FILE)  # the server runs in its work folder
+    if kind.startswith("watchllm"):
+        import watchllm_ext
+
+        print(f"serving the code in {Path(watchllm_ext.__file__).parent}", flush=True)
 
     if kind.startswith("watchllm"):
         from watchllm_ext.app import create_app
@@ -775,6 +792,66 @@ def measure_batch_accept(kind: str, work: Path, template: Path, batches: int, co
             "server_cpu_us_per_event": cpu / n * 1e6}
 
 
+def measure_versus(work: Path, template: Path, batches: int, conns: int, pairs: int,
+                   sides: dict[str, tuple[dict[str, str] | None, dict[str, Any]]]
+                   ) -> dict[str, list[dict[str, Any]]]:
+    """Two `watchllm serve` servers side by side, each with its environment (which code it
+    imports) and settings; bursts of `batches` batches to one, then the other (the order
+    alternating), `pairs` times. A shared machine's speed drifts over minutes, so the two
+    bursts of a pair, seconds apart, meet the same machine: compare them pair by pair."""
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in sides}
+    with contextlib.ExitStack() as stack:
+        servers = {name: stack.enter_context(Server("watchllm-serve", work / f"versus-{name}",
+                                                    env=env, settings=settings))
+                   for name, (env, settings) in sides.items()}
+        stored: dict[str, int] = {}
+        for name, server in servers.items():
+            print(f"  {name}: {server.log.read_text().splitlines()[0]}", flush=True)
+            run_batch_client(server.port, server.key, template, 1, 1, f"w{name}", 120)
+            stored[name] = server.wait_count(BATCH_SIZE, 60)[0]
+            if stored[name] < BATCH_SIZE:
+                raise RuntimeError(f"{name}: the warm-up batch did not reach the store")
+        for pair in range(pairs):
+            names = list(servers) if pair % 2 == 0 else list(reversed(servers))
+            for name in names:
+                server = servers[name]
+                time.sleep(1.0)  # the other server's last inserts and merges settle
+                cpu0 = cpu_seconds(server.pid)
+                res = run_batch_client(server.port, server.key, template, batches, conns,
+                                       f"v{pair}{name}", timeout_s=1800)
+                target = stored[name] + res["accepted"]
+                stored[name], t_done = server.wait_count(target, timeout_s=600)
+                if stored[name] < target:
+                    raise RuntimeError(f"{name}: {stored[name]} of {target} events stored")
+                n = res["accepted"]
+                runs[name].append({
+                    "events_s": n / (t_done - res["t_first"]),
+                    "accept_events_s": n / (res["t_last"] - res["t_first"]),
+                    "drain_s": t_done - res["t_last"],
+                    "server_cpu_us_per_event": (cpu_seconds(server.pid) - cpu0) / n * 1e6,
+                })
+            a, b = (runs[name][-1] for name in servers)
+            print(f"  pair {pair + 1}: " + " | ".join(
+                f"{name} stored {r['events_s']:,.0f}/s accepted {r['accept_events_s']:,.0f}/s "
+                f"CPU {r['server_cpu_us_per_event']:.1f} us/ev"
+                for name, r in zip(servers, (a, b), strict=True))
+                + f" | B/A stored x{b['events_s'] / a['events_s']:.2f}", flush=True)
+    return runs
+
+
+def print_versus(runs: dict[str, list[dict[str, Any]]], labels: dict[str, str]) -> None:
+    (a_name, a_runs), (b_name, b_runs) = runs.items()
+    print(f"\nB/A, pair by pair ({len(a_runs)} pairs; median [lowest, highest]):")
+    for key, what in (("events_s", "stored events/s"), ("accept_events_s", "accepted events/s"),
+                      ("server_cpu_us_per_event", "server CPU us/event")):
+        ratios = sorted(b[key] / a[key] for a, b in zip(a_runs, b_runs, strict=True))
+        print(f"  {what:22s} x{statistics.median(ratios):.2f} [{ratios[0]:.2f}, {ratios[-1]:.2f}]"
+              f"   (A {statistics.median(r[key] for r in a_runs):,.1f},"
+              f" B {statistics.median(r[key] for r in b_runs):,.1f})")
+    for name in (a_name, b_name):
+        print(f"  {name} = {labels[name]}")
+
+
 def has_fast_path() -> bool:
     from watchllm_ext import ingest
 
@@ -1109,6 +1186,13 @@ def main(argv: list[str] | None = None) -> int:
                             "clickhouse", "gc"],
                    help="in part a, measure only these systems (repeatable); bare, bare_chdb "
                    "and watchllm are always measured, being the baselines and the subject")
+    p.add_argument("--versus", metavar="REV",
+                   help="instead of the parts: `watchllm serve` of this tree (A) against a "
+                   "frozen copy of REV (B), side by side, batch bursts alternating; B/A pair "
+                   "by pair (--rounds pairs, default 6; --batches a burst, default 100)")
+    p.add_argument("--versus-set", action="append", default=[], metavar="NAME=VALUE",
+                   help="like --versus, B being this tree (or REV) with this setting too "
+                   "(repeatable)")
     p.add_argument("--snapshot", nargs="?", const="HEAD", metavar="REV",
                    help="benchmark a frozen copy of a commit (default HEAD, via git archive) "
                    "instead of the working tree, which may be edited during the run")
@@ -1152,21 +1236,26 @@ def main(argv: list[str] | None = None) -> int:
         enter_snapshot(args.snapshot)  # does not return: re-runs this script on the copy
     atexit.register(stop_all)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    for item in args.set:
-        name, sep, raw = item.partition("=")
-        if not sep:
-            p.error(f"--set {item!r}: expected NAME=VALUE")
-        try:
-            SERVER_SETTINGS[name] = json.loads(raw)
-        except ValueError:
-            SERVER_SETTINGS[name] = raw
-    if SERVER_SETTINGS:
-        from watchllm_ext.settings import Settings
+    versus_settings: dict[str, Any] = {}
+    for option, items, into in (("--set", args.set, SERVER_SETTINGS),
+                                ("--versus-set", args.versus_set, versus_settings)):
+        for item in items:
+            name, sep, raw = item.partition("=")
+            if not sep:
+                p.error(f"{option} {item!r}: expected NAME=VALUE")
+            try:
+                into[name] = json.loads(raw)
+            except ValueError:
+                into[name] = raw
+        if into:
+            from watchllm_ext.settings import Settings
 
-        try:
-            Settings(**SERVER_SETTINGS)
-        except Exception as exc:
-            p.error(f"--set: {exc}")
+            try:
+                Settings(**{**SERVER_SETTINGS, **into})
+            except Exception as exc:
+                p.error(f"{option}: {exc}")
+    if args.versus or versus_settings:
+        return run_versus(args, versus_settings)
     ident = code_identity()
     print(f"code under test: {ident['version']}\n  imported from {ident['core']}", flush=True)
 
@@ -1266,6 +1355,33 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
             if snapshot:
                 shutil.rmtree(snapshot, ignore_errors=True)
+    return 0
+
+
+def run_versus(args: argparse.Namespace, versus_settings: dict[str, Any]) -> int:
+    ident = code_identity()
+    a_label = ident["version"] + (f", {SERVER_SETTINGS}" if SERVER_SETTINGS else "")
+    b_env = export_snapshot(args.versus) if args.versus else None
+    b_label = (b_env["BENCH_SNAPSHOT_DESC"] if b_env else ident["version"]) + (
+        f", {SERVER_SETTINGS | versus_settings}" if SERVER_SETTINGS or versus_settings else "")
+    work = Path(tempfile.mkdtemp(prefix="watchllm-bench-"))
+    try:
+        template = work / "batch-template.json"
+        template.write_bytes(batch_template())
+        print(f"A = {a_label}\nB = {b_label}", flush=True)
+        runs = measure_versus(work, template, args.batches or 100, 4, args.rounds or 6, {
+            "A": (None, dict(SERVER_SETTINGS)),
+            "B": (b_env, SERVER_SETTINGS | versus_settings),
+        })
+        print_versus(runs, {"A": a_label, "B": b_label})
+        if args.json:
+            args.json.write_text(json.dumps({"A": a_label, "B": b_label, "runs": runs}, indent=2))
+    finally:
+        stop_all()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+            if b_env:
+                shutil.rmtree(b_env["BENCH_SNAPSHOT_DIR"], ignore_errors=True)
     return 0
 
 

@@ -22,8 +22,14 @@ def _child_env() -> dict[str, str]:
 
 
 def spawn(
-    args: list[str], *, log: Path | None = None, cwd: Path | None = None, stdout: Any = None
+    args: list[str],
+    *,
+    log: Path | None = None,
+    cwd: Path | None = None,
+    stdout: Any = None,
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen[Any]:
+    """`env`: variables set for this child on top of the caller's (WATCHLLM_* left out)."""
     out = stdout
     if log is not None:
         out = open(log, "ab")  # noqa: SIM115 - the child owns it for its lifetime
@@ -32,7 +38,7 @@ def spawn(
         stdout=out,
         stderr=subprocess.STDOUT if log is not None else None,
         cwd=cwd,
-        env=_child_env(),
+        env={**_child_env(), **(env or {})},
         start_new_session=True,  # a Ctrl-C reaches us; we stop the children ourselves
     )
     _CHILDREN.append(proc)
