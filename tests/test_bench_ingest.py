@@ -1,0 +1,48 @@
+"""bench/bench_ingest.py --versus: two real `watchllm serve` servers side by side, one per
+side's code or settings, each burst stored in full before its figures count. A short run
+end to end, as docs/BENCHMARKS.md gives the command (fewer and smaller bursts)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_ingest.py"
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=600, cwd=cwd
+    )
+
+
+def test_versus_a_setting_runs_both_servers_and_reports_pair_by_pair(tmp_path: Path) -> None:
+    out = tmp_path / "versus.json"
+    done = run(
+        "--versus-set", "flush_interval_s=0.5", "--rounds", "2", "--batches", "3",
+        "--json", str(out), cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert "flush_interval_s" in figures["B"] and "flush_interval_s" not in figures["A"]
+    for side in ("A", "B"):
+        runs = figures["runs"][side]
+        assert len(runs) == 2  # one burst a pair
+        for r in runs:
+            # Every accepted event was stored before the burst's figures were taken.
+            assert r["events_s"] > 0 and r["accept_events_s"] >= r["events_s"]
+            assert r["server_cpu_us_per_event"] > 0
+    # Both servers say which code they serve (here both this tree's).
+    assert done.stdout.count("serving the code in") == 2
+    assert "B/A, pair by pair (2 pairs" in done.stdout
+    assert "stored events/s" in done.stdout
+
+
+def test_versus_refuses_a_setting_that_does_not_parse(tmp_path: Path) -> None:
+    done = run("--versus-set", "flush_interval_s=-1", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "--versus-set" in done.stderr and "flush_interval_s" in done.stderr
+    done = run("--versus-set", "no-equals-sign", cwd=tmp_path)
+    assert done.returncode == 2 and "expected NAME=VALUE" in done.stderr
