@@ -839,11 +839,62 @@ def measure_versus(work: Path, template: Path, batches: int, conns: int, pairs: 
     return runs
 
 
-def print_versus(runs: dict[str, list[dict[str, Any]]], labels: dict[str, str]) -> None:
+def measure_versus_single(work: Path, pairs: int, duration_s: int, conns: int, threads: int,
+                          sides: dict[str, tuple[dict[str, str] | None, dict[str, Any]]]
+                          ) -> dict[str, list[dict[str, Any]]]:
+    """measure_versus for single events: wrk runs of `duration_s` to one server, then the
+    other, the order alternating; at the end, every event answered 202 is stored once."""
+    body = work / "single.json"
+    body.write_bytes(single_body())
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in sides}
+    with contextlib.ExitStack() as stack:
+        servers, scripts, answered = {}, {}, {}
+        for name, (env, settings) in sides.items():
+            server = stack.enter_context(Server("watchllm-serve", work / f"single-{name}",
+                                                env=env, settings=settings))
+            print(f"  {name}: {server.log.read_text().splitlines()[0]}", flush=True)
+            servers[name] = server
+            scripts[name] = wrk_script(work / f"single-{name}.lua", body, server.key)
+            answered[name] = run_wrk(server.port, scripts[name], conns, 2, threads,
+                                     "w")["requests"]  # warm-up, not counted
+        for pair in range(pairs):
+            names = list(servers) if pair % 2 == 0 else list(reversed(servers))
+            for name in names:
+                server = servers[name]
+                cpu0 = cpu_seconds(server.pid)
+                res = run_wrk(server.port, scripts[name], conns, duration_s, threads, f"p{pair}")
+                if res["non_2xx"] or res["socket_errors"]:
+                    raise RuntimeError(f"{name}: {res['non_2xx']} non-2xx answers, socket "
+                                       f"errors: {res['socket_errors'] or 'none'}")
+                answered[name] += res["requests"]
+                res["server_cpu_us_per_req"] = ((cpu_seconds(server.pid) - cpu0)
+                                                / max(res["requests"], 1) * 1e6)
+                runs[name].append(res)
+            a, b = (runs[name][-1] for name in servers)
+            print(f"  pair {pair + 1}: " + " | ".join(
+                f"{name} {r['rps']:,.0f} req/s p99 {r['p99_ms']:.1f} ms"
+                for name, r in zip(servers, (a, b), strict=True))
+                + f" | B/A req/s x{b['rps'] / a['rps']:.2f}", flush=True)
+        for name, server in servers.items():
+            # As measure_single: wrk may not count an answer read after its clock stopped.
+            stored, _ = server.wait_count(answered[name], 60)
+            if not answered[name] <= stored <= answered[name] + conns * (pairs + 1):
+                raise RuntimeError(f"{name}: {answered[name]} events answered 202, {stored} "
+                                   "stored")
+    return runs
+
+
+BATCH_VERSUS = (("events_s", "stored events/s"), ("accept_events_s", "accepted events/s"),
+                ("server_cpu_us_per_event", "server CPU us/event"))
+SINGLE_VERSUS = (("rps", "single events req/s"), ("p99_ms", "single p99 ms"),
+                 ("server_cpu_us_per_req", "server CPU us/request"))
+
+
+def print_versus(runs: dict[str, list[dict[str, Any]]], labels: dict[str, str],
+                 metrics: tuple[tuple[str, str], ...] = BATCH_VERSUS) -> None:
     (a_name, a_runs), (b_name, b_runs) = runs.items()
     print(f"\nB/A, pair by pair ({len(a_runs)} pairs; median [lowest, highest]):")
-    for key, what in (("events_s", "stored events/s"), ("accept_events_s", "accepted events/s"),
-                      ("server_cpu_us_per_event", "server CPU us/event")):
+    for key, what in metrics:
         ratios = sorted(b[key] / a[key] for a, b in zip(a_runs, b_runs, strict=True))
         print(f"  {what:22s} x{statistics.median(ratios):.2f} [{ratios[0]:.2f}, {ratios[-1]:.2f}]"
               f"   (A {statistics.median(r[key] for r in a_runs):,.1f},"
@@ -1187,9 +1238,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="in part a, measure only these systems (repeatable); bare, bare_chdb "
                    "and watchllm are always measured, being the baselines and the subject")
     p.add_argument("--versus", metavar="REV",
-                   help="instead of the parts: `watchllm serve` of this tree (A) against a "
-                   "frozen copy of REV (B), side by side, batch bursts alternating; B/A pair "
-                   "by pair (--rounds pairs, default 6; --batches a burst, default 100)")
+                   help="`watchllm serve` of this tree (A) against a frozen copy of REV (B), "
+                   "side by side, batch bursts (--part batch) and wrk runs of single events "
+                   "(--part single) alternating; B/A pair by pair (--rounds pairs, default 6; "
+                   "--batches a burst, default 100)")
     p.add_argument("--versus-set", action="append", default=[], metavar="NAME=VALUE",
                    help="like --versus, B being this tree (or REV) with this setting too "
                    "(repeatable)")
@@ -1369,13 +1421,20 @@ def run_versus(args: argparse.Namespace, versus_settings: dict[str, Any]) -> int
         template = work / "batch-template.json"
         template.write_bytes(batch_template())
         print(f"A = {a_label}\nB = {b_label}", flush=True)
-        runs = measure_versus(work, template, args.batches or 100, 4, args.rounds or 6, {
-            "A": (None, dict(SERVER_SETTINGS)),
-            "B": (b_env, SERVER_SETTINGS | versus_settings),
-        })
-        print_versus(runs, {"A": a_label, "B": b_label})
+        sides = {"A": (None, dict(SERVER_SETTINGS)),
+                 "B": (b_env, SERVER_SETTINGS | versus_settings)}
+        labels = {"A": a_label, "B": b_label}
+        found: dict[str, Any] = {"A": a_label, "B": b_label}
+        if args.part in ("all", "batch"):
+            found["runs"] = measure_versus(work, template, args.batches or 100, 4,
+                                           args.rounds or 6, sides)
+            print_versus(found["runs"], labels)
+        if args.part in ("all", "single"):
+            found["single"] = measure_versus_single(work, args.rounds or 6,
+                                                    3 if args.quick else 10, 32, 1, sides)
+            print_versus(found["single"], labels, SINGLE_VERSUS)
         if args.json:
-            args.json.write_text(json.dumps({"A": a_label, "B": b_label, "runs": runs}, indent=2))
+            args.json.write_text(json.dumps(found, indent=2))
     finally:
         stop_all()
         if not args.keep:
