@@ -389,13 +389,11 @@ def role_serve(kind: str, port: int, data_dir: Path, overrides: dict[str, Any]) 
     record_gc_pauses(Path.cwd() / GC_STATS_FILE)  # the server runs in its work folder
     if kind.startswith("watchllm"):
         import watchllm_ext
-
-        print(f"serving the code in {Path(watchllm_ext.__file__).parent}", flush=True)
-
-    if kind.startswith("watchllm"):
         from watchllm_ext.app import create_app
         from watchllm_ext.settings import Settings
 
+        # The first line of its log: which code it runs (a --versus run shows both sides').
+        print(f"serving the code in {Path(watchllm_ext.__file__).parent}", flush=True)
         # What `watchllm serve` builds, at log level warning (no access-log line per request).
         values: dict[str, Any] = {**overrides, "data_dir": data_dir, "create_default_key": False,
                                   "log_level": "warning", "host": "127.0.0.1", "port": port}
@@ -720,26 +718,18 @@ def run_batch_client(port: int, key: str | None, template: Path, batches: int, c
     return result
 
 
-def measure_batch_watchllm(work: Path, template: Path, batches: int, conns: int,
-                           rnd: int, pyspy_out: Path | None = None,
-                           kind: str = "watchllm", store_pid: int | None = None) -> dict[str, Any]:
-    with Server(kind, work / f"batch-{kind}-{rnd}") as server:
-        # Warm-up (price cache, first chDB insert), then wait until it is stored, so the
-        # writer starts the timed load empty.
-        run_batch_client(server.port, server.key, template, 1, 1, f"w{rnd}", 120)
-        if server.wait_count(BATCH_SIZE, 60)[0] < BATCH_SIZE:
-            raise RuntimeError("the warm-up batch did not reach the store")
-        spy = pyspy_attach(server.pid, pyspy_out, work) if pyspy_out is not None else None
-        cpu0 = cpu_seconds(server.pid)
-        store_cpu0 = cpu_seconds(store_pid) if store_pid is not None else 0.0
-        res = run_batch_client(server.port, server.key, template, batches, conns, f"r{rnd}",
-                               timeout_s=1800)
-        target = BATCH_SIZE + res["accepted"]
-        stored, t_done = server.wait_count(target, timeout_s=600)
-        cpu = cpu_seconds(server.pid) - cpu0
-        store_cpu = cpu_seconds(store_pid) - store_cpu0 if store_pid is not None else None
-        if spy is not None:
-            stop(spy, grace_s=60)
+def timed_burst(server: Server, template: Path, batches: int, conns: int, tag: str,
+                stored_before: int, store_pid: int | None = None) -> tuple[dict[str, Any], int]:
+    """`batches` batches to `server`, timed from the first request until all of them are in
+    its store: the figures, and how many events the store then holds."""
+    cpu0 = cpu_seconds(server.pid)
+    store_cpu0 = cpu_seconds(store_pid) if store_pid is not None else 0.0
+    res = run_batch_client(server.port, server.key, template, batches, conns, tag,
+                           timeout_s=1800)
+    target = stored_before + res["accepted"]
+    stored, t_done = server.wait_count(target, timeout_s=600)
+    cpu = cpu_seconds(server.pid) - cpu0
+    store_cpu = cpu_seconds(store_pid) - store_cpu0 if store_pid is not None else None
     if stored < target:
         raise RuntimeError(f"only {stored} of {target} events reached the store in time")
     n = res["accepted"]
@@ -755,7 +745,31 @@ def measure_batch_watchllm(work: Path, template: Path, batches: int, conns: int,
         "server_cpu_us_per_event": cpu / n * 1e6,
         # a ClickHouse server's process (the chfixture), in the same window
         **({"store_cpu_us_per_event": store_cpu / n * 1e6} if store_cpu is not None else {}),
-    }
+    }, stored
+
+
+def warm_up_batch(server: Server, template: Path, tag: str) -> int:
+    """One batch, waited for until stored (price cache, first chDB insert), so that the
+    writer starts the timed load empty; returns the store's count."""
+    run_batch_client(server.port, server.key, template, 1, 1, tag, 120)
+    stored = server.wait_count(BATCH_SIZE, 60)[0]
+    if stored < BATCH_SIZE:
+        raise RuntimeError(f"{server.kind}: the warm-up batch did not reach the store")
+    return stored
+
+
+def measure_batch_watchllm(work: Path, template: Path, batches: int, conns: int,
+                           rnd: int, pyspy_out: Path | None = None,
+                           kind: str = "watchllm", store_pid: int | None = None) -> dict[str, Any]:
+    with Server(kind, work / f"batch-{kind}-{rnd}") as server:
+        stored = warm_up_batch(server, template, f"w{rnd}")
+        spy = pyspy_attach(server.pid, pyspy_out, work) if pyspy_out is not None else None
+        try:
+            return timed_burst(server, template, batches, conns, f"r{rnd}", stored,
+                               store_pid)[0]
+        finally:
+            if spy is not None:
+                stop(spy, grace_s=60)
 
 
 def measure_batch_clickhouse(work: Path, template: Path, batches: int, conns: int,
@@ -792,6 +806,11 @@ def measure_batch_accept(kind: str, work: Path, template: Path, batches: int, co
             "server_cpu_us_per_event": cpu / n * 1e6}
 
 
+def pair_order(pair: int, names: list[str]) -> list[str]:
+    """The order of a pair's runs: alternating, so that neither side always goes first."""
+    return names if pair % 2 == 0 else names[::-1]
+
+
 def measure_versus(work: Path, template: Path, batches: int, conns: int, pairs: int,
                    sides: dict[str, tuple[dict[str, str] | None, dict[str, Any]]]
                    ) -> dict[str, list[dict[str, Any]]]:
@@ -807,29 +826,13 @@ def measure_versus(work: Path, template: Path, batches: int, conns: int, pairs: 
         stored: dict[str, int] = {}
         for name, server in servers.items():
             print(f"  {name}: {server.log.read_text().splitlines()[0]}", flush=True)
-            run_batch_client(server.port, server.key, template, 1, 1, f"w{name}", 120)
-            stored[name] = server.wait_count(BATCH_SIZE, 60)[0]
-            if stored[name] < BATCH_SIZE:
-                raise RuntimeError(f"{name}: the warm-up batch did not reach the store")
+            stored[name] = warm_up_batch(server, template, f"w{name}")
         for pair in range(pairs):
-            names = list(servers) if pair % 2 == 0 else list(reversed(servers))
-            for name in names:
-                server = servers[name]
+            for name in pair_order(pair, list(servers)):
                 time.sleep(1.0)  # the other server's last inserts and merges settle
-                cpu0 = cpu_seconds(server.pid)
-                res = run_batch_client(server.port, server.key, template, batches, conns,
-                                       f"v{pair}{name}", timeout_s=1800)
-                target = stored[name] + res["accepted"]
-                stored[name], t_done = server.wait_count(target, timeout_s=600)
-                if stored[name] < target:
-                    raise RuntimeError(f"{name}: {stored[name]} of {target} events stored")
-                n = res["accepted"]
-                runs[name].append({
-                    "events_s": n / (t_done - res["t_first"]),
-                    "accept_events_s": n / (res["t_last"] - res["t_first"]),
-                    "drain_s": t_done - res["t_last"],
-                    "server_cpu_us_per_event": (cpu_seconds(server.pid) - cpu0) / n * 1e6,
-                })
+                figures, stored[name] = timed_burst(servers[name], template, batches, conns,
+                                                    f"v{pair}{name}", stored[name])
+                runs[name].append(figures)
             a, b = (runs[name][-1] for name in servers)
             print(f"  pair {pair + 1}: " + " | ".join(
                 f"{name} stored {r['events_s']:,.0f}/s accepted {r['accept_events_s']:,.0f}/s "
@@ -858,17 +861,10 @@ def measure_versus_single(work: Path, pairs: int, duration_s: int, conns: int, t
             answered[name] = run_wrk(server.port, scripts[name], conns, 2, threads,
                                      "w")["requests"]  # warm-up, not counted
         for pair in range(pairs):
-            names = list(servers) if pair % 2 == 0 else list(reversed(servers))
-            for name in names:
-                server = servers[name]
-                cpu0 = cpu_seconds(server.pid)
-                res = run_wrk(server.port, scripts[name], conns, duration_s, threads, f"p{pair}")
-                if res["non_2xx"] or res["socket_errors"]:
-                    raise RuntimeError(f"{name}: {res['non_2xx']} non-2xx answers, socket "
-                                       f"errors: {res['socket_errors'] or 'none'}")
+            for name in pair_order(pair, list(servers)):
+                res = wrk_round(name, servers[name], scripts[name], conns, duration_s, threads,
+                                f"p{pair}")
                 answered[name] += res["requests"]
-                res["server_cpu_us_per_req"] = ((cpu_seconds(server.pid) - cpu0)
-                                                / max(res["requests"], 1) * 1e6)
                 runs[name].append(res)
             a, b = (runs[name][-1] for name in servers)
             print(f"  pair {pair + 1}: " + " | ".join(
@@ -876,11 +872,7 @@ def measure_versus_single(work: Path, pairs: int, duration_s: int, conns: int, t
                 for name, r in zip(servers, (a, b), strict=True))
                 + f" | B/A req/s x{b['rps'] / a['rps']:.2f}", flush=True)
         for name, server in servers.items():
-            # As measure_single: wrk may not count an answer read after its clock stopped.
-            stored, _ = server.wait_count(answered[name], 60)
-            if not answered[name] <= stored <= answered[name] + conns * (pairs + 1):
-                raise RuntimeError(f"{name}: {answered[name]} events answered 202, {stored} "
-                                   "stored")
+            check_stored_once(name, server, answered[name], conns, pairs + 1)
     return runs
 
 
@@ -1002,6 +994,26 @@ def wrk_script(path: Path, body_path: Path, key: str | None) -> Path:
     return path
 
 
+def wrk_round(name: str, server: Server, script: Path, conns: int, duration_s: int,
+              threads: int, tag: str) -> dict[str, Any]:
+    """One timed wrk run with the server's CPU a request; every answer must be a 2xx."""
+    cpu0 = cpu_seconds(server.pid)
+    res = run_wrk(server.port, script, conns, duration_s, threads, tag)
+    res["server_cpu_us_per_req"] = (cpu_seconds(server.pid) - cpu0) / max(res["requests"], 1) * 1e6
+    if res["non_2xx"] or res["socket_errors"]:
+        raise RuntimeError(f"{name}: {res['non_2xx']} non-2xx answers, socket "
+                           f"errors: {res['socket_errors'] or 'none'}")
+    return res
+
+
+def check_stored_once(name: str, server: Server, answered: int, conns: int, runs: int) -> None:
+    """Every event answered 202 is stored once. wrk counts the answers it read before its
+    clock stopped; up to one request a connection a run may have been answered after."""
+    stored, _ = server.wait_count(answered, 60)
+    if not answered <= stored <= answered + conns * runs:
+        raise RuntimeError(f"{name}: {answered} events answered 202, {stored} stored")
+
+
 def measure_single(work: Path, rounds: int, duration_s: int, conns: int,
                    threads: int, gc_diagnostic: bool) -> dict[str, Any]:
     body = work / "single.json"
@@ -1027,25 +1039,13 @@ def measure_single(work: Path, rounds: int, duration_s: int, conns: int,
             order = names[k:] + names[:k]  # rotate, so no system always goes first
             for name in order:
                 server, script = scripts[name]
-                cpu0 = cpu_seconds(server.pid)
-                res = run_wrk(server.port, script, conns, duration_s, threads, f"r{r}")
-                cpu = cpu_seconds(server.pid) - cpu0
+                res = wrk_round(name, server, script, conns, duration_s, threads, f"r{r}")
                 answered[name] += res["requests"]
-                res["server_cpu_us_per_req"] = cpu / max(res["requests"], 1) * 1e6
-                if res["non_2xx"] or res["socket_errors"]:
-                    raise RuntimeError(f"{name}: {res['non_2xx']} non-2xx answers, socket "
-                                       f"errors: {res['socket_errors'] or 'none'}")
                 results[name].append(res)
                 print(f"  single round {r + 1} {name:8s}: {res['rps']:9,.0f} req/s  "
                       f"p50 {res['p50_ms']:.2f} ms  p99 {res['p99_ms']:.2f} ms", flush=True)
         for name in ("watchllm", "serve"):
-            # Every answered event is stored once. wrk counts the answers it read before its
-            # clock stopped; up to one request a connection a run may have been answered after.
-            runs = rounds + 1
-            stored, _ = scripts[name][0].wait_count(answered[name], 60)
-            if not answered[name] <= stored <= answered[name] + conns * runs:
-                raise RuntimeError(f"{name}: {answered[name]} events answered 202, {stored} "
-                                   "stored")
+            check_stored_once(name, scripts[name][0], answered[name], conns, rounds + 1)
     return {name: _median_round(rs, "rps") | {"rounds": rs} for name, rs in results.items()}
 
 
