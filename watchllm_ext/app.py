@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import msgspec
@@ -37,6 +37,8 @@ from .analytics.routes import routes as analytics_routes
 from .auth import Principal, Scope, bearer_token
 from .dead_letters import done, read_dead_letters, summary, take_dead_letters, targeted_payload
 from .errors import Problem, not_a_project_id, other_project, problem_handler, unauthorized
+from .events_worker import decode_answer as decode_worker_answer
+from .events_worker import encode_job, worker_twins
 from .fast_validate import decode_stored, encode_events
 from .hookspecs import BackgroundTask
 from .ingest import (
@@ -61,6 +63,7 @@ from .metrics import make_registry, metrics_endpoint
 from .observability.metrics import RequestMetrics, counting_rejections, ops_metrics, time_queries
 from .observability.sentry import ensure_sentry
 from .openapi import openapi_endpoint
+from .otel.pool import map_in_worker
 from .otel.rows import SpanRow
 from .plugins import call_hook, describe_plugins, get_plugin_manager
 from .quota import QuotaDecision
@@ -73,7 +76,16 @@ from .store import Store, apply_migrations
 from .store.base import StoreError, StoreLockedError, StoreUnavailable
 from .store.retention import apply_payload_ttl
 from .tuning import freeze_startup_heap
-from .writer import Log, MemoryLog, Sink, Writer, WriterClosed, WriterFull, WriterTooLarge
+from .writer import (
+    EventsJson,
+    Log,
+    MemoryLog,
+    Sink,
+    Writer,
+    WriterClosed,
+    WriterFull,
+    WriterTooLarge,
+)
 
 log = logging.getLogger("watchllm.app")
 
@@ -436,8 +448,8 @@ def open_spool(settings: Settings) -> tuple[Spool, FolderLock]:
 
 
 def _encode_events(events: Any) -> bytes:
-    if isinstance(events, _Encoded):
-        return events.payload  # encoded on a worker thread already
+    if isinstance(events, _Encoded | EventsJson):
+        return events.payload  # encoded on a worker thread, or in a worker process, already
     return encode_events(events)
 
 
@@ -562,6 +574,52 @@ def _check_count(wl: WatchLLM, n: int) -> None:
             f"{n} events in one request is over the limit of {limit}",
             field="events",
         )
+
+
+async def _in_worker(
+    wl: WatchLLM,
+    principal: Principal,
+    body: bytes,
+    shape: Literal["batch", "events"],
+    received_at: datetime,
+) -> Response | Literal["declined"] | None:
+    """A big body validated, finished and encoded in a worker process (events_worker.py),
+    then spooled here: its answer. "declined": the worker's fast validator declined it (the
+    server gives the detailed answer); None: no worker did it (none set, ready or alive, or a
+    hook must see the events here): the server does it all."""
+    processes = wl.settings.ingest_worker_processes
+    twins = worker_twins(wl.pm) if processes and wl.writer is not None else None
+    counted = ops_metrics(wl).ingest_bodies
+    if twins is None:
+        counted.labels("server").inc()
+        return None
+    job = encode_job(body, shape, principal.project_id, received_at, twins)
+    answer = await map_in_worker(job, processes, decode_worker_answer)
+    if answer is None or answer.crash is not None:
+        if answer is not None:
+            log.error("a worker process failed on an events body; done here:\n%s", answer.crash)
+        counted.labels("server").inc()
+        return None
+    if answer.declined:
+        counted.labels("declined").inc()
+        return "declined"
+    counted.labels("worker").inc()
+    if answer.problem is not None:
+        status, code, message, field = answer.problem
+        raise Problem(status, code, message, field=field)
+    _check_count(wl, answer.count)
+    await wl.check_quota(principal, answer.count)
+    try:
+        events = EventsJson(
+            answer.payload, answer.project_id, answer.event_ids, answer.rows, answer.parts
+        )
+        await wl.submit(events)  # type: ignore[arg-type]
+    except Problem:
+        await wl.refund_quota(principal, answer.count)  # refused whole (503)
+        raise
+    wl.counters["accepted"] += answer.count
+    accepted = {"project_id": answer.project_id, "accepted": answer.count}
+    return _Accepted(_ENCODE_JSON({**accepted, "event_ids": answer.event_ids}))
 
 
 async def _ingest_fast(
@@ -712,8 +770,11 @@ async def project_events(request: Request) -> Response:
     body = await _read(request, wl, headers)
     if len(body) < OFFLOAD_MIN_BYTES:
         return await _project_events(wl, principal, body, None, received_at)
+    done = await _in_worker(wl, principal, body, "events", received_at)
+    if isinstance(done, Response):
+        return done
     async with _BigBodySlot(wl, principal) as slot:
-        return await _project_events(wl, principal, body, slot, received_at)
+        return await _project_events(wl, principal, body, slot, received_at, done is None)
 
 
 async def _project_events(
@@ -722,9 +783,13 @@ async def _project_events(
     body: bytes,
     slot: _BigBodySlot | None,
     received_at: datetime,
+    fast: bool = True,
 ) -> Response:
     off_loop = slot is not None
-    events = await _cpu(off_loop, validate_sliced if off_loop else validate_fast, body, "events")
+    events = None
+    if fast:  # (not when a worker's fast validator declined the body already)
+        validate = validate_sliced if off_loop else validate_fast
+        events = await _cpu(off_loop, validate, body, "events")
     if events is not None:
         return await _ingest_fast(wl, principal, events, slot, received_at)
     if not off_loop and len(body) >= DETAILED_OFFLOAD_MIN_BYTES:
@@ -755,8 +820,11 @@ async def batch_events(request: Request) -> Response:
     body = await _read(request, wl, headers)
     if len(body) < OFFLOAD_MIN_BYTES:
         return await _batch_events(wl, principal, body, None, received_at)
+    done = await _in_worker(wl, principal, body, "batch", received_at)
+    if isinstance(done, Response):
+        return done
     async with _BigBodySlot(wl, principal) as slot:
-        return await _batch_events(wl, principal, body, slot, received_at)
+        return await _batch_events(wl, principal, body, slot, received_at, done is None)
 
 
 async def _batch_events(
@@ -765,9 +833,13 @@ async def _batch_events(
     body: bytes,
     slot: _BigBodySlot | None,
     received_at: datetime,
+    fast: bool = True,
 ) -> Response:
     off_loop = slot is not None
-    events = await _cpu(off_loop, validate_sliced if off_loop else validate_fast, body, "batch")
+    events = None
+    if fast:  # (not when a worker's fast validator declined the body already)
+        validate = validate_sliced if off_loop else validate_fast
+        events = await _cpu(off_loop, validate, body, "batch")
     if events is not None:
         return await _ingest_fast(wl, principal, events, slot, received_at)
     if not off_loop and len(body) >= DETAILED_OFFLOAD_MIN_BYTES:

@@ -122,6 +122,18 @@ class Settings(BaseSettings):
         " One suits most machines: the work holds Python's GIL, so more threads add memory,"
         " not speed.",
     )
+    ingest_worker_processes: int = Field(
+        default_factory=lambda: 1 if (os.cpu_count() or 1) >= 2 else 0,
+        ge=0,
+        le=64,
+        description="Worker processes that validate and encode event bodies of 64 KiB and"
+        " more (a 1,000-event batch is ~600 KB) on other cores than the server's, which then"
+        " only spools and answers; the same processes as otel_worker_processes (the larger of"
+        " the two is started). Used while no plugin's validate_event or transform_events"
+        " must see the events in the server (the built-in cost estimate runs in the worker)."
+        " 0: on a thread of the server, where Python's GIL holds it to the one core Python"
+        " has. Default: 1 on a machine with 2 cores or more, else 0.",
+    )
     header_timeout_s: float = Field(
         10.0,
         gt=0,

@@ -45,7 +45,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import anyio
 
 from .dead_letters import append_dead_letter, dead_letter
-from .fast_validate import encode_event_lines, encode_events, to_models
+from .fast_validate import decode_stored, encode_event_lines, encode_events, to_models
 from .otel.rows import RowsJson, SpanBatch, SpanRow, decode_rows, encode_rows
 from .spool import HEADER_SIZE, Position, Record, SpoolFull
 
@@ -93,6 +93,60 @@ class EventBatch(list[Any]):
 
     __slots__ = ("payloads",)
     payloads: list[bytes] | None
+
+
+class EventsJson:
+    """A record's events as a worker process made them (events_worker.py), none decoded: the
+    spool record's JSON (`payload`), the events' project and ids, and the store's input
+    bodies (`rows`: the events' input where it differs from payload; `parts`: the input of
+    tool_calls and agent_steps, or None). The writer keeps it as it is; a sink that reads
+    events gets them decoded from `payload`, one that reads JSON (`reads_events_json`: the
+    store sink) gets an EventsJsonBatch."""
+
+    __slots__ = ("event_ids", "parts", "payload", "project_id", "rows")
+
+    def __init__(
+        self,
+        payload: bytes,
+        project_id: str,
+        event_ids: list[str],
+        rows: bytes | None = None,
+        parts: bytes | None = None,
+    ) -> None:
+        self.payload = payload
+        self.project_id = project_id
+        self.event_ids = event_ids
+        self.rows = rows
+        self.parts = parts
+
+    def __len__(self) -> int:
+        return len(self.event_ids)
+
+
+class EventsJsonBatch:
+    """The writer's batch for a sink that reads events as JSON (`reads_events_json`), when
+    every record of it is an EventsJson this process keeps: the records, none decoded."""
+
+    __slots__ = ("records",)
+
+    def __init__(self, records: list[EventsJson]) -> None:
+        self.records = records
+
+    def __len__(self) -> int:
+        return sum(len(r) for r in self.records)
+
+    def event_keys(self) -> list[tuple[str, str]]:
+        """(project_id, event_id) of every event, in order."""
+        return [(r.project_id, event_id) for r in self.records for event_id in r.event_ids]
+
+    def json(self) -> bytes:
+        """The events as one JSON array (the records' payloads joined)."""
+        inner = [memoryview(r.payload)[1:-1] for r in self.records if len(r.payload) > 2]
+        return b"".join((b"[", b",".join(inner), b"]"))
+
+    def events(self) -> list[Any]:
+        """The events decoded (for the rare batch a sink must look into)."""
+        return [event for r in self.records for event in decode_stored(r.payload)]
 
 
 _Batch = TypeVar("_Batch", EventBatch, SpanBatch)
@@ -379,8 +433,10 @@ class Writer:
         if not self.sinks:
             self.log.release(record.end)  # nobody to deliver to: nothing to keep
         elif not self.needs_payload or (self._cached_events + len(items) <= self.memory_max_events):
-            # Rows as JSON stay so, decoded only if a sink reads them (otel.rows.RowsJson).
-            self._cache[number] = items if type(items) is RowsJson else list(items)
+            # Rows and events as JSON stay so, decoded only if a sink reads them (RowsJson,
+            # EventsJson).
+            kind = type(items)
+            self._cache[number] = items if kind is RowsJson or kind is EventsJson else list(items)
             self._records[number] = record
             self._numbers[record.start] = number
             self._cached_events += len(items)
@@ -578,7 +634,7 @@ class Writer:
 
     def _next_batch(
         self, state: SinkState
-    ) -> tuple[list[Record], list[Any], Sequence[SpanRow], int | None] | None:
+    ) -> tuple[list[Record], EventBatch | EventsJsonBatch, Sequence[SpanRow], int | None] | None:
         """(On a worker thread.) The records from the sink's cursor on, up to its batch size,
         with their events and span rows for it, and the writer's number of the last record
         (None if unknown); None when there is nothing to read."""
@@ -596,7 +652,11 @@ class Writer:
             return None
         span_records = [r for r in records if r.flags & SPANS]
         records_of_events = [r for r in records if not r.flags & SPANS] if span_records else records
-        events = self._items_of(records_of_events, state.sink.name, EventBatch())
+        events: EventBatch | EventsJsonBatch | None = None
+        if kept and records_of_events and getattr(state.sink, "reads_events_json", False):
+            events = self._kept_json(records_of_events)
+        if events is None:
+            events = self._items_of(records_of_events, state.sink.name, EventBatch())
         rows: Sequence[SpanRow] = []
         if span_records and hasattr(state.sink, "write_spans"):
             if (
@@ -616,6 +676,18 @@ class Writer:
                 # these rows' JSON (a sink that inserts JSON sends those).
                 rows = self._items_of(span_records, state.sink.name, SpanBatch())
         return records, events, rows, last_number
+
+    def _kept_json(self, records: list[Record]) -> EventsJsonBatch | None:
+        """The records as kept EventsJson, when each is one (a worker process made them and
+        memory holds them); None otherwise (their events are read as usual)."""
+        kept: list[EventsJson] = []
+        for record in records:
+            number = self._numbers.get(record.start)
+            items = self._cache.get(number) if number is not None else None
+            if type(items) is not EventsJson or record.flags & TARGETED:
+                return None
+            kept.append(items)
+        return EventsJsonBatch(kept)
 
     def _read_kept(
         self, number: int, max_events: int, max_bytes: int = 64 << 20
@@ -693,6 +765,9 @@ class Writer:
             kept.append(items)
         decoded = self._decode_records(missing, sink) if missing else {}
         for record, items in zip(records, kept, strict=True):
+            if type(items) is EventsJson:  # a worker's record, for a sink that reads events
+                into.extend(self.decode(items.payload))
+                continue
             into.extend(items if items is not None else decoded.get(record.start, []))
 
     def _decode_records(self, records: list[Record], sink: str) -> dict[Position, list[Any]]:
@@ -785,7 +860,12 @@ class Writer:
             "spans" if spans else "events",
             state.last_error,
         )
-        payload = encode_rows(events) if spans else self.encode(events)
+        if spans:
+            payload = encode_rows(events)
+        elif type(events) is EventsJsonBatch:
+            payload = events.json()
+        else:
+            payload = self.encode(events)
         self._dead_letter_raw(state.sink.name, payload, state.last_error or "", spans)
 
     def _dead_letter_raw(self, sink: str, payload: bytes, reason: str, spans: bool = False) -> None:

@@ -44,9 +44,18 @@ from ..store import Store, StoreError, apply_migrations
 from ..store.base import cluster_of
 from ..store.cluster import quote
 from ..store.migrations import in_form_for
-from ..store.rows import EVENTS_INPUT, JSON_INPUT_SETTINGS, input_json, spool_pieces, tables_for
+from ..store.rows import (
+    EVENTS_INPUT,
+    JSON_INPUT_SETTINGS,
+    PARTS_INPUT,
+    Body,
+    SpoolPieces,
+    input_json,
+    spool_pieces,
+    tables_for,
+)
 from ..tuning import lower_native_threads
-from ..writer import SinkError, batch_json
+from ..writer import EventsJsonBatch, SinkError, batch_json
 
 # Characters of ids per lookup query (the ids, their quotes and commas): a ClickHouse server
 # refuses a parameter value over http_max_field_value_size (128 KiB by default), whether it
@@ -294,6 +303,9 @@ class StoreSink:
     reads_structs = True
     # Span rows are inserted as the spool's JSON (write_spans): no row objects are needed.
     reads_span_payloads = True
+    # So are events a worker process made (writer.EventsJsonBatch): their ids and input
+    # bodies came with them, and only a batch with copies to drop is decoded.
+    reads_events_json = True
 
     def __init__(self, store: Store, max_batch_events: int | None = None) -> None:
         self.store = store
@@ -322,7 +334,11 @@ class StoreSink:
                 raise SinkError(f"the store's schema is not ready: {exc}") from exc
             self._schema_checked = True
         with self._one_at_a_time:
-            batch_keys = {(event.project_id, event.event_id) for event in events}
+            as_json = type(events) is EventsJsonBatch
+            if as_json:
+                batch_keys = set(events.event_keys())
+            else:
+                batch_keys = {(event.project_id, event.event_id) for event in events}
             keys: Iterable[Key] = batch_keys
             positions = None  # of the batch's keys in the filter: hashed once, used twice
             if not self._shared:
@@ -337,6 +353,8 @@ class StoreSink:
             if not stored and len(batch_keys) == len(events):
                 kept = events  # every id new and once in the batch (the usual case): all kept
             else:
+                if as_json:
+                    events = events.events()  # copies to drop (rare): the events are read
                 kept = first_copies(events, stored)
             if not kept:
                 return
@@ -381,8 +399,13 @@ class StoreSink:
         insert_json = getattr(self.store, "insert_json", None)
         try:
             if insert_json is not None:
-                bodies = input_json(events, batch_json)
+                if type(events) is EventsJsonBatch:
+                    bodies = _worker_bodies(events)
+                else:
+                    bodies = input_json(events, batch_json)
             else:
+                if type(events) is EventsJsonBatch:
+                    events = events.events()
                 tables = tables_for(to_models(events))  # tables_for reads models
         except Exception as exc:  # a row that cannot be built will never be built
             raise SinkError(f"cannot build rows: {exc}", permanent=True) from exc
@@ -393,6 +416,18 @@ class StoreSink:
             return
         for table in sorted(tables, key=lambda name: name == "events"):
             self.store.insert(table, tables[table])
+
+
+def _worker_bodies(batch: EventsJsonBatch) -> dict[str, Body]:
+    """input_json's bodies of a batch that worker processes made: each record's input (its
+    spool bytes, or its rewritten rows) and its parts, in pieces, as they came."""
+    bodies: dict[str, Body] = {}
+    parts = [r.parts for r in batch.records if r.parts is not None]
+    if parts:
+        bodies[PARTS_INPUT] = SpoolPieces(parts)
+    rows = [r.payload if r.rows is None else r.rows for r in batch.records]
+    bodies[EVENTS_INPUT] = SpoolPieces(rows)
+    return bodies
 
 
 @hookimpl(trylast=True)

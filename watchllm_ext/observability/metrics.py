@@ -84,6 +84,15 @@ class OpsMetrics:
             ["where"],
             registry=registry,
         )
+        self.ingest_bodies = Counter(
+            "watchllm_ingest_bodies",
+            "Event bodies of 64 KiB and more, by where they were validated and encoded: worker"
+            " (a worker process, ingest_worker_processes), server (no worker was set, alive or"
+            " ready, or a plugin hook must see the events in the server) or declined (the"
+            " worker's fast validator declined it: the server gave the detailed answer)",
+            ["where"],
+            registry=registry,
+        )
         self.queries = Histogram(
             "watchllm_store_query_duration_seconds",
             "Time of a read query on the store (analytics, Guardian, admin)",

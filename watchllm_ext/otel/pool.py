@@ -220,7 +220,7 @@ class WorkerPool:
             self.answered_total += 1
             return answer
         except Exception as exc:  # OSError, EOFError, a frame or answer that does not decode
-            log.warning("an OTLP worker process failed (%s); its body is done in-process", exc)
+            log.warning("a worker process failed (%s); its body is done in-process", exc)
             self._lose(worker)
             return None
         except BaseException:

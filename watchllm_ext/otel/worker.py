@@ -10,9 +10,11 @@ worker that dies loses nothing (the server does that body's work itself: pool.py
 
 Its argument is the server's pid. On stdin and stdout, frames: a 4-byte big-endian length,
 then msgpack. A request is (body, protobuf, project id, receipt time in ms); the answer a
-`MappedBody`. One byte b"R" on stdout says the worker is ready (its imports done). The
-worker ends when stdin closes (the server stopped or died), or when the server is no longer
-its parent (it died while this was busy).
+`MappedBody`. A frame that starts with events_worker.JOB_MARK is a body of events instead,
+validated and encoded for the spool (events_worker.py): the same processes serve both.
+One byte b"R" on stdout says the worker is ready (its imports done). The worker ends when
+stdin closes (the server stopped or died), or when the server is no longer its parent (it
+died while this was busy).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import BinaryIO
 import msgspec
 
 from ..errors import Problem
+from ..events_worker import JOB_MARK, answer_job
 from ..tuning import tune_for_serving
 from .decode import parse_json, parse_protobuf, spans_of
 from .mapped import map_spans
@@ -145,6 +148,10 @@ def serve(stdin: BinaryIO, stdout: BinaryIO, server: int | None = None) -> None:
     stdout.write(READY)
     stdout.flush()
     while (data := read_frame(stdin)) is not None:
+        if data.startswith(JOB_MARK):  # an events body (events_worker.py)
+            stdout.write(frame(answer_job(data)))
+            stdout.flush()
+            continue
         try:
             answer = map_body(*_decode_request(data))
         except Exception:  # a bug, not the body's fault: the server redoes it and logs it

@@ -340,6 +340,11 @@ class QuotaPlugin:
         of what is sent, and they drain from it within the minute."""
         self.carry_events[principal.project_id] -= n_events
 
+    def ingest_worker_twins(self) -> list[tuple[str, dict[str, Any]]] | None:
+        """Nothing to do in an ingest worker process (events_worker.py) when no plan counts
+        payload bytes; when one does, the events must be measured here (None)."""
+        return None if self._count_bytes else []
+
     @hookimpl
     def transform_events(self, events: list[Any], principal: Principal) -> None:
         if not self._count_bytes:

@@ -1,0 +1,346 @@
+"""Event bodies validated and encoded in worker processes (events_worker.py, otel/pool.py):
+the same answers and the same rows as in the server's own process, exactly once, the
+detailed answers for bad bodies, plugins that must see the events kept in the server, and
+nothing lost when a worker dies.
+
+Real worker processes (`python -m watchllm_ext.otel.worker`), a real server on loopback, real
+chDB. Bodies are made big enough (64 KiB and more) to go to a worker."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Running
+from test_json_input import generated_events
+from test_otel_workers import wait_for_a_worker
+
+from watchllm_ext.events_worker import EventsJob, answer_job, decode_answer, encode_job, work
+from watchllm_ext.hookspecs import hookimpl
+from watchllm_ext.ingest import OFFLOAD_MIN_BYTES, receipt_time
+from watchllm_ext.otel import pool
+from watchllm_ext.writer import EventsJsonBatch
+
+TABLES = {
+    "events": "SELECT * EXCEPT (ingested_at, received_at) FROM events FINAL",
+    "tool_calls": "SELECT * EXCEPT ingested_at FROM tool_calls FINAL",
+    "agent_steps": "SELECT * EXCEPT ingested_at FROM agent_steps FINAL",
+}
+
+
+@pytest.fixture(autouse=True)
+def _short_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pool, "START_RETRY_S", 0.2)
+
+
+def many_events(copies: int = 4, prefix: str = "w") -> list[dict[str, Any]]:
+    """Every event type with its extremes (test_json_input), `copies` times under other ids,
+    and prompt calls whose cost the server computes (a library price, a custom one)."""
+    out: list[dict[str, Any]] = []
+    for copy in range(copies):
+        for event in generated_events(seed=copy):
+            event = dict(event)
+            event["event_id"] = f"{prefix}{copy}-{event['event_id']}"
+            if "parent_event_id" in event:
+                event["parent_event_id"] = f"{prefix}{copy}-{event['parent_event_id']}"
+            out.append(event)
+        for k, model in enumerate(["gpt-4o", "gemini-1.5-flash", "my-model", "no-such-model"]):
+            out.append(
+                {
+                    "event_id": f"{prefix}{copy}-cost-{k}",
+                    "event_type": "prompt_call",
+                    "run_id": "r",
+                    "timestamp": "2026-05-06T07:08:09.123Z",
+                    "model": model,
+                    "tokens_input": 100_000 * (k + 1),
+                    "tokens_output": 777,
+                }
+            )
+    return out
+
+
+def batch_body(events: list[dict[str, Any]]) -> bytes:
+    body = json.dumps({"events": events}).encode()
+    assert len(body) >= OFFLOAD_MIN_BYTES
+    return body
+
+
+def answers_and_rows(
+    server_factory: Any,
+    folder: Path,
+    processes: int,
+    posts: list[tuple[str, bytes]],
+    **settings: Any,
+) -> tuple[list[tuple[int, Any]], dict[str, list[dict[str, Any]]], str]:
+    """Start a server (one at a time: chDB opens one folder per process), post the bodies
+    ((path, body)), stop it: the answers, the rows of every table, the metrics."""
+    running: Running = server_factory(
+        ingest_worker_processes=processes,
+        data_dir=folder,
+        model_prices={"my-model": [1.5, 2.5]},
+        **settings,
+    )
+    if processes:
+        wait_for_a_worker()
+    answers = []
+    for path, body in posts:
+        got = running.client.post(path, content=body, headers=running.headers())
+        answers.append((got.status_code, got.json()))
+    running.flush()
+    rows = {
+        name: running.query(f"{sql} ORDER BY event_id, timestamp") for name, sql in TABLES.items()
+    }
+    metrics = running.client.get("/metrics").text
+    running.stop()
+    return answers, rows, metrics
+
+
+def post_batch(running: Running, events: list[dict[str, Any]]) -> Any:
+    return running.client.post(
+        "/v1/events/batch", content=batch_body(events), headers=running.headers()
+    )
+
+
+def bodies_count(metrics: str, where: str) -> float:
+    prefix = f'watchllm_ingest_bodies_total{{where="{where}"}} '
+    found = [line for line in metrics.splitlines() if line.startswith(prefix)]
+    return float(found[0].removeprefix(prefix)) if found else 0.0
+
+
+def test_a_worker_stores_a_body_as_the_server_does(server_factory: Any, tmp_path: Path) -> None:
+    events = many_events()
+    posts = [
+        ("/v1/events/batch", batch_body(events[: len(events) // 2])),
+        ("/v1/projects/acme/events", json.dumps(events[len(events) // 2 :]).encode()),
+    ]
+    here = answers_and_rows(server_factory, tmp_path / "here", 0, posts)
+    there = answers_and_rows(server_factory, tmp_path / "there", 1, posts)
+    assert (bodies_count(here[2], "worker"), bodies_count(here[2], "server")) == (0, 2)
+    assert (bodies_count(there[2], "worker"), bodies_count(there[2], "server")) == (2, 0)
+    assert here[0] == there[0]
+    assert [status for status, _ in there[0]] == [202, 202]
+    assert sum(answer["accepted"] for _, answer in there[0]) == len(events)
+    for table in TABLES:
+        assert here[1][table] == there[1][table], table
+    by_id = {row["event_id"]: row for row in there[1]["events"]}
+    assert len(by_id) == len(events)
+    # The cost estimate ran in the worker: the library's price, the custom one, none known.
+    costs = {
+        model: by_id[f"w0-cost-{k}"]
+        for k, model in enumerate(["gpt-4o", "gemini-1.5-flash", "my-model", "no-such-model"])
+    }
+    assert costs["gpt-4o"]["cost_source"] == costs["gemini-1.5-flash"]["cost_source"] == "computed"
+    assert costs["my-model"]["cost_estimate_usd"] == pytest.approx(
+        (300_000 * 1.5 + 777 * 2.5) / 1e6
+    )
+    assert costs["no-such-model"]["cost_source"] == "unknown"
+    assert len(there[1]["tool_calls"]) > 0 and len(there[1]["agent_steps"]) > 0
+
+
+def test_the_worker_fills_in_ids_and_timestamps(server_factory: Any) -> None:
+    running: Running = server_factory(ingest_worker_processes=1)
+    wait_for_a_worker()
+    error = {"event_type": "error", "run_id": "r", "error_type": "E", "error_message": "m" * 300}
+    events = [error] * 400
+    before = receipt_time()
+    got = running.client.post(
+        "/v1/events/batch", content=batch_body(events), headers=running.headers()
+    )
+    after = receipt_time()
+    assert got.status_code == 202, got.text
+    answer = got.json()
+    assert answer["project_id"] == "acme" and answer["accepted"] == 400
+    ids = answer["event_ids"]
+    assert len(set(ids)) == 400 and all(len(i) == 36 and i[14] == "7" for i in ids)  # UUIDv7
+    running.flush()
+    rows = running.query("SELECT event_id, timestamp FROM events FINAL WHERE project_id = 'acme'")
+    assert sorted(r["event_id"] for r in rows) == sorted(ids)
+    stamps = {r["timestamp"] for r in rows}
+    assert len(stamps) == 1  # the request's receipt time, for every event
+    (stamp,) = stamps
+    assert before.isoformat()[:19] <= stamp.replace(" ", "T")[:19] <= after.isoformat()[:19]
+    assert bodies_count(running.client.get("/metrics").text, "worker") == 1
+
+
+def test_copies_are_stored_once(server_factory: Any) -> None:
+    """A body sent twice, and ids repeated inside a body: the first copy stored, once (the
+    store sink reads the worker's records then)."""
+    running: Running = server_factory(ingest_worker_processes=1)
+    wait_for_a_worker()
+    events = many_events(copies=3)
+    repeated = [*events, *[{**e, "run_id": "second-copy"} for e in events[:50]]]
+    for body in (batch_body(events), batch_body(events), batch_body(repeated)):
+        got = running.client.post("/v1/events/batch", content=body, headers=running.headers())
+        assert got.status_code == 202, got.text
+        running.flush()
+    rows = running.query("SELECT event_id, run_id FROM events WHERE project_id = 'acme'")
+    assert len(rows) == len(events)
+    assert "second-copy" not in {r["run_id"] for r in rows}
+    assert bodies_count(running.client.get("/metrics").text, "worker") == 3
+
+
+def test_bad_bodies_get_the_servers_detailed_answers(server_factory: Any, tmp_path: Path) -> None:
+    events = many_events(copies=3)
+    bad = [dict(e) for e in events]
+    bad[7]["tokens_input"] = -1 if bad[7]["event_type"] == "prompt_call" else None
+    bad[7]["run_id"] = "no spaces allowed"
+    other = [dict(e) for e in events]
+    other[5]["project_id"] = "someone-else"
+    posts = [
+        ("/v1/events/batch", batch_body(bad)),
+        ("/v1/events/batch", batch_body(other)),
+        ("/v1/events/batch", json.dumps({"events": events, "extra": "x" * 10}).encode()),
+    ]
+    here = answers_and_rows(server_factory, tmp_path / "here", 0, posts)
+    there = answers_and_rows(server_factory, tmp_path / "there", 1, posts)
+    assert here[0] == there[0]
+    statuses = [status for status, _ in there[0]]
+    assert statuses == [207, 403, 422]
+    assert there[0][0][1]["rejected"][0]["index"] == 7
+    assert there[0][1][1]["field"] == "[5].project_id"
+    assert here[1] == there[1]
+    # The 403 came from the worker; the others were declined there and answered here.
+    assert (bodies_count(there[2], "worker"), bodies_count(there[2], "declined")) == (1, 2)
+
+
+class CountingTransform:
+    """A third-party transform: it must see every event, in the server."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+
+    @hookimpl
+    def transform_events(self, events: list[Any], principal: Any) -> None:
+        self.seen += len(events)
+        for event in events:
+            event.release = "transformed"
+
+
+def test_a_plugin_that_must_see_the_events_keeps_the_body_in_the_server(
+    server_factory: Any,
+) -> None:
+    plugin = CountingTransform()
+    running: Running = server_factory(plugin_objects=(plugin,), ingest_worker_processes=1)
+    pool.POOL.want(1)
+    wait_for_a_worker()
+    events = many_events(copies=3)
+    got = running.client.post(
+        "/v1/events/batch", content=batch_body(events), headers=running.headers()
+    )
+    assert got.status_code == 202, got.text
+    assert plugin.seen == len(events)
+    running.flush()
+    rows = running.query("SELECT DISTINCT release FROM events WHERE project_id = 'acme'")
+    assert rows == [{"release": "transformed"}]
+    metrics = running.client.get("/metrics").text
+    assert (bodies_count(metrics, "worker"), bodies_count(metrics, "server")) == (0, 1)
+
+
+class Recorder:
+    """A sink that reads events (not their JSON): it gets the worker's records decoded."""
+
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.events: list[Any] = []
+
+    @hookimpl
+    def register_sinks(self, settings: Any, store: Any) -> Any:
+        return self
+
+    async def write(self, events: Any) -> None:
+        self.events.extend(events)
+
+
+def test_a_sink_that_reads_events_gets_them_decoded(server_factory: Any) -> None:
+    recorder = Recorder()
+    running: Running = server_factory(plugin_objects=(recorder,), ingest_worker_processes=1)
+    wait_for_a_worker()
+    events = many_events(copies=3)
+    got = running.client.post(
+        "/v1/events/batch", content=batch_body(events), headers=running.headers()
+    )
+    assert got.status_code == 202, got.text
+    running.flush()
+    assert [e.event_id for e in recorder.events] == [e["event_id"] for e in events]
+    assert {e.project_id for e in recorder.events} == {"acme"}
+    stored = running.query("SELECT count() AS n FROM events WHERE project_id = 'acme'")
+    assert stored == [{"n": len(events)}]
+    assert bodies_count(running.client.get("/metrics").text, "worker") == 1
+
+
+class JsonRecorder(Recorder):
+    """A sink that reads events as JSON, as the store sink does (`reads_events_json`)."""
+
+    name = "json-recorder"
+    reads_events_json = True
+
+    async def write(self, events: Any) -> None:
+        self.events.append(events)
+
+
+def test_a_sink_that_reads_json_gets_the_workers_bytes(server_factory: Any) -> None:
+    recorder = JsonRecorder()
+    running: Running = server_factory(plugin_objects=(recorder,), ingest_worker_processes=1)
+    wait_for_a_worker()
+    first, second = many_events(copies=2, prefix="a"), many_events(copies=2, prefix="b")
+    for events in (first, second):
+        assert post_batch(running, events).status_code == 202
+    running.flush()
+    assert {type(batch) for batch in recorder.events} == {EventsJsonBatch}
+    written = [event for batch in recorder.events for event in json.loads(batch.json())]
+    assert [e["event_id"] for e in written] == [e["event_id"] for e in [*first, *second]]
+    assert [key for batch in recorder.events for key in batch.event_keys()] == [
+        ("acme", e["event_id"]) for e in [*first, *second]
+    ]
+
+
+def test_a_worker_killed_under_load_loses_nothing(server_factory: Any) -> None:
+    """Bodies posted while the worker is killed, again and again: every 202 is stored
+    once (the bodies it had are done in the server), and nothing else is."""
+    running: Running = server_factory(ingest_worker_processes=1)
+    wait_for_a_worker()
+    stop = threading.Event()
+
+    def kill_workers() -> None:
+        while not stop.wait(0.15):
+            for worker in list(pool.POOL._live):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.process.pid, signal.SIGKILL)
+
+    lost = pool.POOL.lost_total
+    killer = threading.Thread(target=kill_workers)
+    killer.start()
+    accepted: list[str] = []
+    try:
+        for n in range(20):
+            body = batch_body(many_events(copies=2, prefix=f"k{n}-"))
+            got = running.client.post("/v1/events/batch", content=body, headers=running.headers())
+            assert got.status_code == 202, got.text
+            accepted.extend(got.json()["event_ids"])
+    finally:
+        stop.set()
+        killer.join()
+    assert pool.POOL.lost_total > lost  # workers died under calls
+    running.flush()
+    rows = running.query("SELECT event_id FROM events WHERE project_id = 'acme'")
+    assert sorted(r["event_id"] for r in rows) == sorted(accepted)
+
+
+def test_a_job_is_answered_in_process_as_by_a_worker() -> None:
+    """The worker's function itself: a body, its answer (what the server spools)."""
+    events = many_events(copies=1)
+    job = encode_job(batch_body(events), "batch", "acme", receipt_time(), [])
+    answer = decode_answer(answer_job(job))
+    assert answer.crash is None and not answer.declined and answer.problem is None
+    assert answer.count == len(events) and answer.event_ids == [e["event_id"] for e in events]
+    assert [e["event_id"] for e in json.loads(answer.payload)] == answer.event_ids
+    assert answer.parts is not None  # prompt calls with tool calls, agent steps
+    declined = work(EventsJob(b'{"events": [{"event_type": "nope"}]}', "batch", "acme", 0))
+    assert declined.declined

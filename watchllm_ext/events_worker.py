@@ -1,0 +1,160 @@
+"""Big event bodies validated, finished and encoded in a worker process (otel/pool.py's).
+
+Why: in the server a batch event costs ~13 us of Python's GIL (decoding and checking it ~6,
+the spool's encoding, the fill-in and cost, the store sink's reads, freeing it), and the GIL
+is one core for everything Python does there: that, not the cores, held the accept rate at
+~70k events/s on 2 cores. Here that work runs on another core, and the server gets back
+what it needs without one event object: the spool record's bytes, the event ids (the answer
+lists them; the store sink's exactly-once check reads them) and the store's input bodies
+(store/rows.input_json). The server then only spools the bytes and answers (~1 us an event).
+
+When (app.py): a body of OFFLOAD_MIN_BYTES or more, `ingest_worker_processes` above 0, a
+writer running, and every plugin hook that must see the events can run in the worker:
+no `validate_event` implementation, and each `transform_events` implementation's plugin
+says how (`ingest_worker_twins()`, see `worker_twins`): the cost estimate is built there
+with the same prices; quotas that count no payload bytes have nothing to do. Anything else
+(a third-party transform, a validator) keeps the whole body in the server, as before.
+
+What the worker answers is only ever an input: nothing is accepted until the server has
+spooled it, and a worker that dies or fails leaves the body to the server (pool.py). A body
+the fast validator declines is answered `declined`; the server then gives pydantic's
+detailed answer itself, as for any declined body.
+"""
+
+from __future__ import annotations
+
+import importlib
+import traceback
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import msgspec
+import pluggy
+
+from . import hookspecs
+from .auth import Principal
+from .errors import Problem
+from .fast_validate import encode_events
+from .ingest import finish_fast, validate_sliced
+from .plugins import PROJECT
+from .store.rows import EVENTS_INPUT, PARTS_INPUT, input_json
+
+# A frame that starts with this byte is an events job; an OTLP job is a msgpack array.
+JOB_MARK = b"E"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+# (factory "module:name", keyword arguments): a plugin built in the worker, whose
+# transform_events runs there in place of the server's (msgpack-able arguments only).
+Twin = tuple[str, dict[str, Any]]
+
+
+class EventsJob(msgspec.Struct, array_like=True):
+    body: bytes
+    shape: Literal["batch", "events"]
+    project: str
+    received_ms: int
+    twins: list[Twin] = []
+
+
+class EventsAnswer(msgspec.Struct, array_like=True):
+    """What a body became, or why not.
+
+    `declined`: the fast validator will not answer it (the server's detailed path will);
+    `problem`: refused whole (status, code, message, field), as the server would;
+    `crash`: the worker failed in an unexpected way (the server does the work itself)."""
+
+    count: int = 0
+    project_id: str = ""
+    event_ids: list[str] = []
+    payload: bytes = b"[]"  # the spool record: a JSON array of the events
+    rows: bytes | None = None  # the events' input rows where they differ from payload
+    parts: bytes | None = None  # the input of tool_calls / agent_steps (store/rows.py)
+    declined: bool = False
+    problem: tuple[int, str, str, str | None] | None = None
+    crash: str | None = None
+
+
+_encode_job = msgspec.msgpack.Encoder().encode
+_decode_job = msgspec.msgpack.Decoder(EventsJob).decode
+_encode_answer = msgspec.msgpack.Encoder().encode
+decode_answer = msgspec.msgpack.Decoder(EventsAnswer).decode
+
+
+def encode_job(
+    body: bytes,
+    shape: Literal["batch", "events"],
+    project: str,
+    received: datetime,
+    twins: list[Twin],
+) -> bytes:
+    received_ms = (received - _EPOCH) // timedelta(milliseconds=1)
+    return JOB_MARK + _encode_job(EventsJob(body, shape, project, received_ms, twins))
+
+
+def worker_twins(pm: pluggy.PluginManager) -> list[Twin] | None:
+    """What the worker must build to run this server's event hooks, in their order; None
+    when one cannot run there (a validator, a transform whose plugin does not say how)."""
+    if pm.hook.validate_event.get_hookimpls():
+        return None
+    twins: list[Twin] = []
+    for impl in pm.hook.transform_events.get_hookimpls():
+        say = getattr(impl.plugin, "ingest_worker_twins", None)
+        found = say() if say is not None else None
+        if found is None:
+            return None
+        twins.extend(found)
+    return twins
+
+
+def answer_job(data: bytes) -> bytes:
+    """(In the worker.) An events job's frame -> its answer's frame."""
+    try:
+        answer = work(_decode_job(data[len(JOB_MARK) :]))
+    except Exception:  # a bug, not the body's fault: the server redoes it and logs it
+        answer = EventsAnswer(crash=traceback.format_exc(limit=20))
+    return _encode_answer(answer)
+
+
+def work(job: EventsJob) -> EventsAnswer:
+    """Validate, finish (as finish_fast: project, ids, timestamps, the transforms) and encode
+    one body: the server's fast path, minus the spool."""
+    events = validate_sliced(job.body, job.shape)
+    if events is None:
+        return EventsAnswer(declined=True)
+    principal = Principal(job.project, frozenset({"ingest"}))
+    received = _EPOCH + timedelta(milliseconds=job.received_ms)
+    try:
+        finish_fast(events, principal, _plugins(job.twins), received)
+    except Problem as problem:
+        return EventsAnswer(problem=(problem.status, problem.code, problem.message, problem.field))
+    payload = encode_events(events)
+    bodies = input_json(events, lambda some: payload if some is events else encode_events(some))
+    rows = bodies[EVENTS_INPUT]
+    parts = bodies.get(PARTS_INPUT)
+    return EventsAnswer(
+        count=len(events),
+        project_id=job.project,
+        event_ids=[event.event_id for event in events],
+        payload=payload,
+        rows=None if rows is payload else bytes(rows),  # type: ignore[arg-type]
+        parts=None if parts is None else bytes(parts),  # type: ignore[arg-type]
+    )
+
+
+_PLUGINS: dict[bytes, pluggy.PluginManager] = {}
+
+
+def _plugins(twins: list[Twin]) -> pluggy.PluginManager:
+    """A plugin manager with these twins, registered in the server's order (so their hooks
+    run in the same order); built once per set of twins, for the worker's life."""
+    key = msgspec.msgpack.encode(twins)
+    pm = _PLUGINS.get(key)
+    if pm is None:
+        pm = pluggy.PluginManager(PROJECT)
+        pm.add_hookspecs(hookspecs)
+        for at, (factory, kwargs) in enumerate(twins):
+            module, _, name = factory.partition(":")
+            pm.register(getattr(importlib.import_module(module), name)(**kwargs), name=str(at))
+        _PLUGINS.clear()  # the server's plugins do not change while it runs: keep one
+        _PLUGINS[key] = pm
+    return pm
