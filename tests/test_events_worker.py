@@ -25,6 +25,7 @@ from watchllm_ext.events_worker import EventsJob, answer_job, decode_answer, enc
 from watchllm_ext.hookspecs import hookimpl
 from watchllm_ext.ingest import OFFLOAD_MIN_BYTES, receipt_time
 from watchllm_ext.otel import pool
+from watchllm_ext.quota import QuotaDecision
 from watchllm_ext.writer import EventsJsonBatch
 
 TABLES = {
@@ -209,6 +210,56 @@ def test_bad_bodies_get_the_servers_detailed_answers(server_factory: Any, tmp_pa
     assert (bodies_count(there[2], "worker"), bodies_count(there[2], "declined")) == (1, 2)
 
 
+class QuotaOf:
+    """A quota of `limit` events a request, counting what it was asked and given back."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.asked: list[int] = []
+        self.refunded: list[int] = []
+
+    @hookimpl
+    def check_quota(self, principal: Any, n_events: int) -> QuotaDecision:
+        self.asked.append(n_events)
+        return QuotaDecision(allowed=n_events <= self.limit, limit=self.limit)
+
+    @hookimpl
+    def refund_quota(self, principal: Any, n_events: int) -> None:
+        self.refunded.append(n_events)
+
+
+def test_quota_and_refusals_come_in_the_servers_order(server_factory: Any, tmp_path: Path) -> None:
+    """The count and the quota are checked before another project's event is refused, as in
+    the server; a refused body is given back to the quota."""
+    small, big = many_events(copies=3, prefix="s"), many_events(copies=4, prefix="b")
+    other = [dict(e) for e in small]
+    other[3]["project_id"] = "someone-else"
+    too_big = [dict(e) for e in big]
+    too_big[3]["project_id"] = "someone-else"
+    posts = [("/v1/events/batch", batch_body(events)) for events in (small, other, too_big)]
+    found = []
+    for processes in (0, 1):
+        quota = QuotaOf(limit=len(small))
+        running: Running = server_factory(
+            plugin_objects=(quota,),
+            ingest_worker_processes=processes,
+            data_dir=tmp_path / str(processes),
+        )
+        if processes:
+            wait_for_a_worker()
+        answers = []
+        for path, body in posts:
+            got = running.client.post(path, content=body, headers=running.headers())
+            answers.append((got.status_code, got.json()))
+        metrics = running.client.get("/metrics").text
+        running.stop()
+        found.append((answers, quota.asked, quota.refunded))
+        assert bodies_count(metrics, "worker") == 3 * processes
+    assert found[0] == found[1]
+    assert [status for status, _ in found[1][0]] == [202, 403, 429]
+    assert found[1][2] == [len(other)]  # the 403's events given back
+
+
 class CountingTransform:
     """A third-party transform: it must see every event, in the server."""
 
@@ -240,6 +291,54 @@ def test_a_plugin_that_must_see_the_events_keeps_the_body_in_the_server(
     assert rows == [{"release": "transformed"}]
     metrics = running.client.get("/metrics").text
     assert (bodies_count(metrics, "worker"), bodies_count(metrics, "server")) == (0, 1)
+
+
+TWIN_MODULE = """
+from typing import Any
+
+from watchllm_ext.hookspecs import hookimpl
+
+
+class Tagger:
+    def __init__(self, release: str) -> None:
+        self.release = release
+
+    def ingest_worker_twins(self) -> list[tuple[str, dict[str, Any]]]:
+        return [(f"{__name__}:Tagger", {"release": self.release})]
+
+    @hookimpl
+    def transform_events(self, events: list[Any], principal: Any) -> None:
+        for event in events:
+            event.release = self.release
+"""
+
+
+def test_a_plugin_with_a_twin_runs_in_the_worker(
+    server_factory: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A third-party transform that says how to build its twin: the body goes to the worker,
+    where the twin transforms every event (models, as for any third-party plugin)."""
+    (tmp_path / "twin_plugin.py").write_text(TWIN_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    # Workers started from now on import from there too (they take the server's environment).
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    )
+    pool.POOL.stop()
+    twin_plugin = __import__("twin_plugin")
+    running: Running = server_factory(
+        plugin_objects=(twin_plugin.Tagger("from-the-twin"),), ingest_worker_processes=1
+    )
+    wait_for_a_worker()
+    events = many_events(copies=3)
+    got = post_batch(running, events)
+    assert got.status_code == 202, got.text
+    running.flush()
+    rows = running.query("SELECT DISTINCT release FROM events WHERE project_id = 'acme'")
+    assert rows == [{"release": "from-the-twin"}]
+    metrics = running.client.get("/metrics").text
+    assert (bodies_count(metrics, "worker"), bodies_count(metrics, "server")) == (1, 0)
+    pool.POOL.stop()  # the next tests' workers without this folder on their path
 
 
 class Recorder:

@@ -341,7 +341,9 @@ class WatchLLM:
         future = asyncio.run_coroutine_threadsafe(self.ingest_with_key(api_key, events), loop)
         return future.result(timeout_s)
 
-    async def submit(self, events: list[Any], spans: Sequence[SpanRow] = ()) -> None:
+    async def submit(
+        self, events: Sequence[Any] | EventsJson, spans: Sequence[SpanRow] = ()
+    ) -> None:
         """Events (and OpenTelemetry span rows) into the spool: 503 when it cannot take them."""
         if self.writer is None:
             raise Problem(
@@ -604,18 +606,19 @@ async def _in_worker(
         counted.labels("declined").inc()
         return "declined"
     counted.labels("worker").inc()
-    if answer.problem is not None:
-        status, code, message, field = answer.problem
-        raise Problem(status, code, message, field=field)
+    # As _ingest_fast: the count and the quota first, then the refusals of the fill-in.
     _check_count(wl, answer.count)
     await wl.check_quota(principal, answer.count)
     try:
+        if answer.problem is not None:
+            status, code, message, field = answer.problem
+            raise Problem(status, code, message, field=field)
         events = EventsJson(
             answer.payload, answer.project_id, answer.event_ids, answer.rows, answer.parts
         )
-        await wl.submit(events)  # type: ignore[arg-type]
+        await wl.submit(events)
     except Problem:
-        await wl.refund_quota(principal, answer.count)  # refused whole (503)
+        await wl.refund_quota(principal, answer.count)  # refused whole (403, 503)
         raise
     wl.counters["accepted"] += answer.count
     accepted = {"project_id": answer.project_id, "accepted": answer.count}

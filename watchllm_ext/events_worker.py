@@ -60,7 +60,8 @@ class EventsAnswer(msgspec.Struct, array_like=True):
     """What a body became, or why not.
 
     `declined`: the fast validator will not answer it (the server's detailed path will);
-    `problem`: refused whole (status, code, message, field), as the server would;
+    `problem`: refused whole (status, code, message, field), as the server would, after the
+    count and quota checks of its `count` events;
     `crash`: the worker failed in an unexpected way (the server does the work itself)."""
 
     count: int = 0
@@ -124,10 +125,14 @@ def work(job: EventsJob) -> EventsAnswer:
     principal = Principal(job.project, frozenset({"ingest"}))
     received = _EPOCH + timedelta(milliseconds=job.received_ms)
     try:
-        finish_fast(events, principal, _plugins(job.twins), received)
-    except Problem as problem:
-        return EventsAnswer(problem=(problem.status, problem.code, problem.message, problem.field))
-    payload = encode_events(events)
+        outcome = finish_fast(events, principal, _plugins(job.twins), received)
+    except Problem as problem:  # another project's event (403)
+        status, code, message, field = problem.status, problem.code, problem.message, problem.field
+        return EventsAnswer(count=len(events), problem=(status, code, message, field))
+    # A third-party twin's transform worked on models: the outcome holds them back as
+    # structs, with their JSON made on the way.
+    events = outcome.accepted
+    payload = outcome.payload if outcome.payload is not None else encode_events(events)
     bodies = input_json(events, lambda some: payload if some is events else encode_events(some))
     rows = bodies[EVENTS_INPUT]
     parts = bodies.get(PARTS_INPUT)

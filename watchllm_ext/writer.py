@@ -81,7 +81,11 @@ class Sink(Protocol):
     rules); a sink without it never sees span records. The spans that are LLM work reach
     `write` as events too. One that reads only the rows' JSON (the `payloads` of what it is
     given, as otel.rows.encode_rows does) sets `reads_span_payloads = True`: the writer then
-    hands it the spool records' bytes and makes no row (a row read from them is decoded)."""
+    hands it the spool records' bytes and makes no row (a row read from them is decoded).
+
+    A sink that reads events only as their JSON and their ids sets `reads_events_json =
+    True`: a batch whose records a worker process made (events_worker.py; all of them kept in
+    memory) then comes as an EventsJsonBatch, nothing decoded; any other batch as usual."""
 
     name: str
 
@@ -152,11 +156,13 @@ class EventsJsonBatch:
 _Batch = TypeVar("_Batch", EventBatch, SpanBatch)
 
 
-def batch_json(events: Sequence[Any]) -> bytes:
+def batch_json(events: Sequence[Any] | EventsJsonBatch) -> bytes:
     """The events as a JSON array, each as pydantic's `dump_json(exclude_none=True)` writes
     it (same keys and values; timestamps RFC 3339 with their zone). For the batch `write`
     was given, the spool's bytes; for any other list (a sink's own selection), encoded
     (msgspec, about 0.5 us an event)."""
+    if type(events) is EventsJsonBatch:
+        return events.json()
     if type(events) is EventBatch and events.payloads is not None:
         # Views and joins copy the batch's bytes twice (slices, a join and `+` did four times).
         inner = [memoryview(p)[1:-1] for p in events.payloads if len(p) > 2]
@@ -386,7 +392,9 @@ class Writer:
 
     # --- the narrow interface ---------------------------------------------------------------
 
-    async def submit(self, events: Sequence[Any], spans: Sequence[SpanRow] = ()) -> None:
+    async def submit(
+        self, events: Sequence[Any] | EventsJson, spans: Sequence[SpanRow] = ()
+    ) -> None:
         """Put events (and span rows: one more record) in the log; returns once they are as
         durable as the log promises.
 
@@ -397,7 +405,7 @@ class Writer:
         if not self._accepting:
             raise WriterClosed("the writer is not running")
         needs_payload = self.needs_payload
-        batches: list[tuple[Sequence[Any], int]] = []
+        batches: list[tuple[Sequence[Any] | EventsJson, int]] = []
         if events:
             batches.append((events, 0))
         if spans:
@@ -427,7 +435,7 @@ class Writer:
         # As the fsync policy says (sync_to here fsynced with `interval` and `never` too).
         await self.log.wait_durable(records[-1].end)
 
-    def _keep(self, record: Record, items: Sequence[Any]) -> None:
+    def _keep(self, record: Record, items: Sequence[Any] | EventsJson) -> None:
         """Hold a new record and its items in memory for the sinks, within memory_max_events."""
         number = self._next_number
         if not self.sinks:
@@ -582,7 +590,11 @@ class Writer:
             state.last_taken = len(events) + len(rows)
             waited_s = max(0.0, time.time() - records[0].appended_ms / 1000)
             state.oldest_pending_at = time.monotonic() - waited_s
-            if events and not getattr(state.sink, "reads_structs", False):
+            if (
+                events
+                and type(events) is not EventsJsonBatch
+                and not getattr(state.sink, "reads_structs", False)
+            ):
                 events = await anyio.to_thread.run_sync(_as_models, events)
             if events:
                 await self._write_with_retry(state, events)
