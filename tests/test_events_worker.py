@@ -26,7 +26,7 @@ from watchllm_ext.hookspecs import hookimpl
 from watchllm_ext.ingest import OFFLOAD_MIN_BYTES, receipt_time
 from watchllm_ext.otel import pool
 from watchllm_ext.quota import QuotaDecision
-from watchllm_ext.writer import EventsJsonBatch
+from watchllm_ext.writer import EventBatch, EventsJson, EventsJsonBatch
 
 TABLES = {
     "events": "SELECT * EXCEPT (ingested_at, received_at) FROM events FINAL",
@@ -102,10 +102,9 @@ def answers_and_rows(
     return answers, rows, metrics
 
 
-def post_batch(running: Running, events: list[dict[str, Any]]) -> Any:
-    return running.client.post(
-        "/v1/events/batch", content=batch_body(events), headers=running.headers()
-    )
+def post_batch(running: Running, events: list[dict[str, Any]], check_size: bool = True) -> Any:
+    body = batch_body(events) if check_size else json.dumps({"events": events}).encode()
+    return running.client.post("/v1/events/batch", content=body, headers=running.headers())
 
 
 def bodies_count(metrics: str, where: str) -> float:
@@ -116,16 +115,22 @@ def bodies_count(metrics: str, where: str) -> float:
 
 def test_a_worker_stores_a_body_as_the_server_does(server_factory: Any, tmp_path: Path) -> None:
     events = many_events()
+    half = len(events) // 2
+    small = many_events(copies=1, prefix="small")[:30]
     posts = [
-        ("/v1/events/batch", batch_body(events[: len(events) // 2])),
-        ("/v1/projects/acme/events", json.dumps(events[len(events) // 2 :]).encode()),
+        ("/v1/events/batch", batch_body(events[:half])),
+        ("/v1/events/batch", json.dumps({"events": small[:15]}).encode()),
+        ("/v1/projects/acme/events", json.dumps(events[half:]).encode()),
+        ("/v1/projects/acme/events", json.dumps(small[15:]).encode()),
     ]
-    here = answers_and_rows(server_factory, tmp_path / "here", 0, posts)
-    there = answers_and_rows(server_factory, tmp_path / "there", 1, posts)
+    events += small
+    # Small bodies (the server's) and big ones (a worker's) in the store sink's batches.
+    here = answers_and_rows(server_factory, tmp_path / "here", 0, posts, flush_interval_s=3)
+    there = answers_and_rows(server_factory, tmp_path / "there", 1, posts, flush_interval_s=3)
     assert (bodies_count(here[2], "worker"), bodies_count(here[2], "server")) == (0, 2)
     assert (bodies_count(there[2], "worker"), bodies_count(there[2], "server")) == (2, 0)
     assert here[0] == there[0]
-    assert [status for status, _ in there[0]] == [202, 202]
+    assert [status for status, _ in there[0]] == [202] * 4
     assert sum(answer["accepted"] for _, answer in there[0]) == len(events)
     for table in TABLES:
         assert here[1][table] == there[1][table], table
@@ -385,19 +390,26 @@ class JsonRecorder(Recorder):
 
 
 def test_a_sink_that_reads_json_gets_the_workers_bytes(server_factory: Any) -> None:
+    """Big bodies (a worker's records) and small ones (the server's) in one batch: the sink
+    gets them in order, the worker's as they came, the others as events with their bytes."""
     recorder = JsonRecorder()
-    running: Running = server_factory(plugin_objects=(recorder,), ingest_worker_processes=1)
+    running: Running = server_factory(
+        plugin_objects=(recorder,), ingest_worker_processes=1, flush_interval_s=3
+    )
     wait_for_a_worker()
     first, second = many_events(copies=2, prefix="a"), many_events(copies=2, prefix="b")
-    for events in (first, second):
-        assert post_batch(running, events).status_code == 202
+    small = many_events(copies=1, prefix="c")[:20]
+    for events in (first, small[:10], small[10:], second):
+        assert post_batch(running, events, check_size=False).status_code == 202
     running.flush()
-    assert {type(batch) for batch in recorder.events} == {EventsJsonBatch}
-    written = [event for batch in recorder.events for event in json.loads(batch.json())]
-    assert [e["event_id"] for e in written] == [e["event_id"] for e in [*first, *second]]
-    assert [key for batch in recorder.events for key in batch.event_keys()] == [
-        ("acme", e["event_id"]) for e in [*first, *second]
-    ]
+    assert [type(batch) for batch in recorder.events] == [EventsJsonBatch]
+    (batch,) = recorder.events
+    assert [type(piece) for piece in batch.pieces] == [EventsJson, EventBatch, EventsJson]
+    assert len(batch.pieces[1].payloads) == 2  # two records, one piece
+    everything = [*first, *small, *second]
+    assert [e["event_id"] for e in json.loads(batch.json())] == [e["event_id"] for e in everything]
+    assert batch.event_keys() == [("acme", e["event_id"]) for e in everything]
+    assert [e.event_id for e in batch.events()] == [e["event_id"] for e in everything]
 
 
 def test_a_worker_killed_under_load_loses_nothing(server_factory: Any) -> None:

@@ -129,28 +129,52 @@ class EventsJson:
 
 class EventsJsonBatch:
     """The writer's batch for a sink that reads events as JSON (`reads_events_json`), when
-    every record of it is an EventsJson this process keeps: the records, none decoded."""
+    records a worker process made are in it (and memory holds every record): its `pieces`
+    in order, each an EventsJson (none decoded) or an EventBatch of the other records' events
+    with their spool bytes (consecutive records in one piece)."""
 
-    __slots__ = ("records",)
+    __slots__ = ("pieces",)
 
-    def __init__(self, records: list[EventsJson]) -> None:
-        self.records = records
+    def __init__(self, pieces: list[EventsJson | EventBatch]) -> None:
+        self.pieces = pieces
 
     def __len__(self) -> int:
-        return sum(len(r) for r in self.records)
+        return sum(len(piece) for piece in self.pieces)
 
     def event_keys(self) -> list[tuple[str, str]]:
         """(project_id, event_id) of every event, in order."""
-        return [(r.project_id, event_id) for r in self.records for event_id in r.event_ids]
+        keys: list[tuple[str, str]] = []
+        for piece in self.pieces:
+            if type(piece) is EventsJson:
+                project = piece.project_id
+                keys += [(project, event_id) for event_id in piece.event_ids]
+            else:
+                keys += [(event.project_id, event.event_id) for event in piece]
+        return keys
+
+    def payloads(self) -> list[bytes]:
+        """The spool records' bytes, in order: each a JSON array of its events."""
+        found: list[bytes] = []
+        for piece in self.pieces:
+            if type(piece) is EventsJson:
+                found.append(piece.payload)
+            else:
+                assert piece.payloads is not None  # (the writer makes them so)
+                found += piece.payloads
+        return found
 
     def json(self) -> bytes:
         """The events as one JSON array (the records' payloads joined)."""
-        inner = [memoryview(r.payload)[1:-1] for r in self.records if len(r.payload) > 2]
+        inner = [memoryview(p)[1:-1] for p in self.payloads() if len(p) > 2]
         return b"".join((b"[", b",".join(inner), b"]"))
 
     def events(self) -> list[Any]:
-        """The events decoded (for the rare batch a sink must look into)."""
-        return [event for r in self.records for event in decode_stored(r.payload)]
+        """The events as structs, decoded where they are JSON (for the rare batch a sink
+        must look into)."""
+        found: list[Any] = []
+        for piece in self.pieces:
+            found += decode_stored(piece.payload) if type(piece) is EventsJson else piece
+        return found
 
 
 _Batch = TypeVar("_Batch", EventBatch, SpanBatch)
@@ -690,16 +714,29 @@ class Writer:
         return records, events, rows, last_number
 
     def _kept_json(self, records: list[Record]) -> EventsJsonBatch | None:
-        """The records as kept EventsJson, when each is one (a worker process made them and
-        memory holds them); None otherwise (their events are read as usual)."""
-        kept: list[EventsJson] = []
+        """The records as an EventsJsonBatch, when one at least is a worker's EventsJson and
+        memory holds them all with their bytes; None otherwise (their events are read as
+        usual)."""
+        pieces: list[EventsJson | EventBatch] = []
+        made_by_worker = False
         for record in records:
             number = self._numbers.get(record.start)
             items = self._cache.get(number) if number is not None else None
-            if type(items) is not EventsJson or record.flags & TARGETED:
-                return None
-            kept.append(items)
-        return EventsJsonBatch(kept)
+            if items is None or record.flags & TARGETED or not record.payload:
+                return None  # read from the log, or no bytes kept (a memory log)
+            if type(items) is EventsJson:
+                made_by_worker = True
+                pieces.append(items)
+                continue
+            if not pieces or type(pieces[-1]) is EventsJson:
+                piece = EventBatch()
+                piece.payloads = []
+                pieces.append(piece)
+            last = pieces[-1]
+            assert type(last) is EventBatch and last.payloads is not None
+            last.extend(items)
+            last.payloads.append(record.payload)
+        return EventsJsonBatch(pieces) if made_by_worker else None
 
     def _read_kept(
         self, number: int, max_events: int, max_bytes: int = 64 << 20

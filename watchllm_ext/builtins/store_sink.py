@@ -55,7 +55,7 @@ from ..store.rows import (
     tables_for,
 )
 from ..tuning import lower_native_threads
-from ..writer import EventsJsonBatch, SinkError, batch_json
+from ..writer import EventsJson, EventsJsonBatch, SinkError, batch_json
 
 # Characters of ids per lookup query (the ids, their quotes and commas): a ClickHouse server
 # refuses a parameter value over http_max_field_value_size (128 KiB by default), whether it
@@ -419,15 +419,30 @@ class StoreSink:
 
 
 def _worker_bodies(batch: EventsJsonBatch) -> dict[str, Body]:
-    """input_json's bodies of a batch that worker processes made: each record's input (its
-    spool bytes, or its rewritten rows) and its parts, in pieces, as they came."""
-    bodies: dict[str, Body] = {}
-    parts = [r.parts for r in batch.records if r.parts is not None]
+    """input_json's bodies of a batch with records worker processes made: each such
+    record's input (its spool bytes, or its rewritten rows) and parts as they came, the other
+    records' made here (input_json); all of them sent in pieces, in order."""
+    rows: list[bytes | memoryview] = []
+    parts: list[bytes | memoryview] = []
+    for piece in batch.pieces:
+        if type(piece) is EventsJson:
+            rows.append(piece.payload if piece.rows is None else piece.rows)
+            if piece.parts is not None:
+                parts.append(piece.parts)
+            continue
+        bodies = input_json(piece, batch_json)
+        for listed, table in ((rows, EVENTS_INPUT), (parts, PARTS_INPUT)):
+            body = bodies.get(table)
+            if isinstance(body, SpoolPieces):
+                listed.extend(body.payloads)  # the records' bytes, each a JSON array
+            elif body is not None:
+                assert isinstance(body, bytes)  # (input_json encodes into one array)
+                listed.append(body)
+    found: dict[str, Body] = {}
     if parts:
-        bodies[PARTS_INPUT] = SpoolPieces(parts)
-    rows = [r.payload if r.rows is None else r.rows for r in batch.records]
-    bodies[EVENTS_INPUT] = SpoolPieces(rows)
-    return bodies
+        found[PARTS_INPUT] = SpoolPieces(parts)
+    found[EVENTS_INPUT] = SpoolPieces(rows)
+    return found
 
 
 @hookimpl(trylast=True)
