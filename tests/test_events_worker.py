@@ -77,11 +77,13 @@ def answers_and_rows(
     folder: Path,
     processes: int,
     posts: list[tuple[str, bytes]],
+    plugin_objects: tuple[Any, ...] = (),
     **settings: Any,
 ) -> tuple[list[tuple[int, Any]], dict[str, list[dict[str, Any]]], str]:
     """Start a server (one at a time: chDB opens one folder per process), post the bodies
     ((path, body)), stop it: the answers, the rows of every table, the metrics."""
     running: Running = server_factory(
+        plugin_objects=plugin_objects,
         ingest_worker_processes=processes,
         data_dir=folder,
         model_prices={"my-model": [1.5, 2.5]},
@@ -245,19 +247,8 @@ def test_quota_and_refusals_come_in_the_servers_order(server_factory: Any, tmp_p
     found = []
     for processes in (0, 1):
         quota = QuotaOf(limit=len(small))
-        running: Running = server_factory(
-            plugin_objects=(quota,),
-            ingest_worker_processes=processes,
-            data_dir=tmp_path / str(processes),
-        )
-        if processes:
-            wait_for_a_worker()
-        answers = []
-        for path, body in posts:
-            got = running.client.post(path, content=body, headers=running.headers())
-            answers.append((got.status_code, got.json()))
-        metrics = running.client.get("/metrics").text
-        running.stop()
+        folder = tmp_path / str(processes)
+        answers, _, metrics = answers_and_rows(server_factory, folder, processes, posts, (quota,))
         found.append((answers, quota.asked, quota.refunded))
         assert bodies_count(metrics, "worker") == 3 * processes
     assert found[0] == found[1]

@@ -17,6 +17,7 @@ import msgspec
 import pytest
 from conftest import Running, make_settings, prompt_call
 from pydantic import BaseModel
+from test_otel_workers import wait_for_a_worker
 
 from watchllm_ext import hookimpl
 from watchllm_ext.app import open_spool
@@ -24,7 +25,7 @@ from watchllm_ext.dead_letters import append_dead_letter, dead_letter
 from watchllm_ext.fast_validate import EVENT_STRUCT_TYPES, to_model
 from watchllm_ext.schema import EVENT_LIST_ADAPTER
 from watchllm_ext.testing import MemorySink
-from watchllm_ext.writer import EventBatch, batch_json, batch_json_lines
+from watchllm_ext.writer import EventBatch, EventsJson, batch_json, batch_json_lines
 
 
 def _events(n: int, mark: str) -> list[dict[str, Any]]:
@@ -168,12 +169,16 @@ def test_dead_letters_of_the_previous_version_are_replayed(
         assert to_model(got).model_dump() == want.model_dump()
 
 
-def test_the_writer_holds_nothing_the_collector_tracks(server_factory: Any) -> None:
+@pytest.mark.parametrize("processes", [0, 1])
+def test_the_writer_holds_nothing_the_collector_tracks(server_factory: Any, processes: int) -> None:
     """10,000 accepted events held in the writer's memory (the sink is held back) add almost
     no objects for a full garbage collection to walk: structs with gc=False, tuples and
-    flat dicts the collector does not track."""
+    flat dicts the collector does not track; or, for bodies a worker process validated
+    (ingest_worker_processes), their JSON and ids (events_worker.py)."""
     sink = StructSink()
-    server = server_factory((sink,), flush_interval_s=0.01)
+    server = server_factory((sink,), flush_interval_s=0.01, ingest_worker_processes=processes)
+    if processes:
+        wait_for_a_worker()
     _post(server, _events(30, "warm"))  # imports and first-use caches
     server.flush()
     sink.hold.clear()
@@ -186,8 +191,11 @@ def test_the_writer_holds_nothing_the_collector_tracks(server_factory: Any) -> N
     writer = server.wl.writer
     assert writer.stats()["events_in_memory"] >= n
     gc.collect(0)
-    held = [e for events in list(writer._cache.values()) for e in events]
-    assert len(held) >= n
+    cached = list(writer._cache.values())
+    held = [e for events in cached if type(events) is not EventsJson for e in events]
+    as_json = sum(len(events) for events in cached if type(events) is EventsJson)
+    assert len(held) + as_json >= n
+    assert as_json >= n if processes else as_json == 0
     assert not any(gc.is_tracked(e) for e in held)
     assert not any(gc.is_tracked(e.tags) for e in held)
     grown = len(gc.get_objects()) - before

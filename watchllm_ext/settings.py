@@ -33,6 +33,11 @@ class SettingsError(Exception):
     """A setting has a bad value; the message names it."""
 
 
+def _one_with_two_cores() -> int:
+    """Worker processes by default: 1 where another core can run one, else 0."""
+    return 1 if (os.cpu_count() or 1) >= 2 else 0
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="WATCHLLM_",
@@ -123,7 +128,7 @@ class Settings(BaseSettings):
         " not speed.",
     )
     ingest_worker_processes: int = Field(
-        default_factory=lambda: 1 if (os.cpu_count() or 1) >= 2 else 0,
+        default_factory=_one_with_two_cores,
         ge=0,
         le=64,
         description="Worker processes that validate and encode event bodies of 64 KiB and"
@@ -475,7 +480,7 @@ class Settings(BaseSettings):
     )
     # --- OpenTelemetry: the OTLP receiver (watchllm_ext/otel/receiver.py, pool.py)
     otel_worker_processes: int = Field(
-        default_factory=lambda: 1 if (os.cpu_count() or 1) >= 2 else 0,
+        default_factory=_one_with_two_cores,
         ge=0,
         le=64,
         description="Worker processes that decode and map OTLP bodies of 64 KiB and more"
