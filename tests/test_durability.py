@@ -131,20 +131,36 @@ def wait_delivered(url: str, key: str, timeout_s: float = 60) -> None:
     raise AssertionError(f"the sinks did not catch up: {ready}")
 
 
+WORKER_BODIES = 'watchllm_ingest_bodies_total{where="worker"} '
+
+
 @pytest.mark.slow
-def test_sigkill_at_random_moments_loses_nothing_and_stores_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("batch", [40, 300], ids=["small-bodies", "big-bodies-in-a-worker"])
+def test_sigkill_at_random_moments_loses_nothing_and_stores_once(
+    tmp_path: Path, batch: int
+) -> None:
+    """Small bodies are validated in the server; big ones (64 KiB and more) in a worker
+    process (events_worker.py), which dies with it."""
     data = tmp_path / "data"
     key = KeyStore(data / "keys.sqlite3").create("acme", scope="admin")
     rng = random.Random(1234)
     acked: set[str] = set()
+    to_workers = 0.0
     for _round in range(4):
         port = free_port()
         serve = ServeProcess(data, port)
-        ingest = Ingest(serve.url, key)
+        ingest = Ingest(serve.url, key, batch=batch)
         time.sleep(rng.uniform(0.5, 2.0))  # kill at a random moment under load
+        metrics = httpx.get(f"{serve.url}/metrics", timeout=10).text.splitlines()
+        to_workers += sum(
+            float(line.removeprefix(WORKER_BODIES))
+            for line in metrics
+            if line.startswith(WORKER_BODIES)
+        )
         assert serve.kill(signal.SIGKILL) == -signal.SIGKILL
         acked |= ingest.join()
     assert len(acked) > 500
+    assert (to_workers > 0) == (batch == 300)  # 300 events: ~84 KB a body
     # A last start replays what the killed processes left in the spool.
     serve = ServeProcess(data, free_port())
     wait_delivered(serve.url, key)

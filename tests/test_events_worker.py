@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from conftest import Running
+from test_bad_input import ADMIN, BATCH, CASES, PROJECT
 from test_json_input import generated_events
 from test_otel_workers import wait_for_a_worker
 
@@ -215,6 +216,49 @@ def test_bad_bodies_get_the_servers_detailed_answers(server_factory: Any, tmp_pa
     assert here[1] == there[1]
     # The 403 came from the worker; the others were declined there and answered here.
     assert (bodies_count(there[2], "worker"), bodies_count(there[2], "declined")) == (1, 2)
+
+
+def padded_bodies() -> list[tuple[str, str, bytes]]:
+    """The bad-input table's cases whose body holds events (test_bad_input.py), each made a
+    big body: its events first (the rejections keep their indices), then valid ones."""
+    out = []
+    for case in CASES:
+        body = case.body() if callable(case.body) else case.body
+        if case.auth != ADMIN or case.settings or case.headers or case.chunked:
+            continue
+        if case.path == BATCH and isinstance(body, dict) and isinstance(body.get("events"), list):
+            events, wrap = body["events"], lambda es, body=body: {**body, "events": es}
+        elif case.path == PROJECT and isinstance(body, dict | list):
+            events, wrap = body if isinstance(body, list) else [body], lambda es: es
+        else:
+            continue  # not JSON holding events: never a worker's (it declines or never sees it)
+        padding = many_events(copies=2, prefix=f"pad-{case.id}-")
+        out.append((case.id, case.path, json.dumps(wrap([*events, *padding])).encode()))
+    assert len(out) >= 25
+    return out
+
+
+def test_the_bad_input_table_in_big_bodies_gets_the_same_answers(
+    server_factory: Any, tmp_path: Path
+) -> None:
+    """Every way an event can be wrong, in a body big enough for the worker: the same answer
+    (status, error, rejections with their fields, counts) and the same rows as in-process."""
+    bodies = padded_bodies()
+    posts = [(path, body) for _, path, body in bodies]
+    here = answers_and_rows(server_factory, tmp_path / "here", 0, posts)
+    there = answers_and_rows(server_factory, tmp_path / "there", 1, posts)
+
+    def comparable(answer: dict[str, Any]) -> dict[str, Any]:
+        # Ids the server made (UUIDv7) differ between two servers; everything else may not.
+        return {k: v for k, v in answer.items() if k != "event_ids"}
+
+    for (case, _, _), mine, theirs in zip(bodies, here[0], there[0], strict=True):
+        assert (mine[0], comparable(mine[1])) == (theirs[0], comparable(theirs[1])), case
+    for table in TABLES:
+        assert len(here[1][table]) == len(there[1][table]), table
+    # Every body went to the worker: declined (the server answered in detail) or done there.
+    assert bodies_count(there[2], "worker") + bodies_count(there[2], "declined") == len(posts)
+    assert bodies_count(there[2], "declined") >= len(posts) // 2
 
 
 class QuotaOf:
