@@ -771,13 +771,37 @@ async def project_events(request: Request) -> Response:
     if project_id != principal.project_id:
         raise other_project(principal.project_id, project_id)
     body = await _read(request, wl, headers)
+    return await _by_size(wl, principal, body, "events", received_at, _project_events)
+
+
+async def _by_size(
+    wl: WatchLLM,
+    principal: Principal,
+    body: bytes,
+    shape: Literal["batch", "events"],
+    received_at: datetime,
+    handle: Callable[..., Awaitable[Response]],
+) -> Response:
+    """`handle` (_batch_events, _project_events) for a small body on the event loop; a big one
+    goes to a worker process first (_in_worker), and to `handle` in a big body's place when
+    no worker did it (with `fast` off when the worker's fast validator declined it)."""
     if len(body) < OFFLOAD_MIN_BYTES:
-        return await _project_events(wl, principal, body, None, received_at)
-    done = await _in_worker(wl, principal, body, "events", received_at)
+        return await handle(wl, principal, body, None, received_at)
+    done = await _in_worker(wl, principal, body, shape, received_at)
     if isinstance(done, Response):
         return done
     async with _BigBodySlot(wl, principal) as slot:
-        return await _project_events(wl, principal, body, slot, received_at, done is None)
+        return await handle(wl, principal, body, slot, received_at, done is None)
+
+
+async def _fast_events(
+    off_loop: bool, body: bytes, shape: Literal["batch", "events"]
+) -> list[Any] | None:
+    """The fast validator's events (None: declined), in slices on a worker thread for a big
+    body, at once on the event loop for a small one."""
+    validate = validate_sliced if off_loop else validate_fast
+    result: list[Any] | None = await _cpu(off_loop, validate, body, shape)
+    return result
 
 
 async def _project_events(
@@ -789,10 +813,7 @@ async def _project_events(
     fast: bool = True,
 ) -> Response:
     off_loop = slot is not None
-    events = None
-    if fast:  # (not when a worker's fast validator declined the body already)
-        validate = validate_sliced if off_loop else validate_fast
-        events = await _cpu(off_loop, validate, body, "events")
+    events = await _fast_events(off_loop, body, "events") if fast else None
     if events is not None:
         return await _ingest_fast(wl, principal, events, slot, received_at)
     if not off_loop and len(body) >= DETAILED_OFFLOAD_MIN_BYTES:
@@ -821,13 +842,7 @@ async def batch_events(request: Request) -> Response:
     headers = IngestHeaders.of(request)
     principal = wl.authenticate_header(headers.authorization, "ingest", request)
     body = await _read(request, wl, headers)
-    if len(body) < OFFLOAD_MIN_BYTES:
-        return await _batch_events(wl, principal, body, None, received_at)
-    done = await _in_worker(wl, principal, body, "batch", received_at)
-    if isinstance(done, Response):
-        return done
-    async with _BigBodySlot(wl, principal) as slot:
-        return await _batch_events(wl, principal, body, slot, received_at, done is None)
+    return await _by_size(wl, principal, body, "batch", received_at, _batch_events)
 
 
 async def _batch_events(
@@ -839,10 +854,7 @@ async def _batch_events(
     fast: bool = True,
 ) -> Response:
     off_loop = slot is not None
-    events = None
-    if fast:  # (not when a worker's fast validator declined the body already)
-        validate = validate_sliced if off_loop else validate_fast
-        events = await _cpu(off_loop, validate, body, "batch")
+    events = await _fast_events(off_loop, body, "batch") if fast else None
     if events is not None:
         return await _ingest_fast(wl, principal, events, slot, received_at)
     if not off_loop and len(body) >= DETAILED_OFFLOAD_MIN_BYTES:

@@ -23,6 +23,7 @@ detailed answer itself, as for any declined body.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import traceback
 from datetime import UTC, datetime, timedelta
@@ -147,20 +148,18 @@ def work(job: EventsJob) -> EventsAnswer:
     )
 
 
-_PLUGINS: dict[bytes, pluggy.PluginManager] = {}
-
-
 def _plugins(twins: list[Twin]) -> pluggy.PluginManager:
     """A plugin manager with these twins, registered in the server's order (so their hooks
     run in the same order); built once per set of twins, for the worker's life."""
-    key = msgspec.msgpack.encode(twins)
-    pm = _PLUGINS.get(key)
-    if pm is None:
-        pm = pluggy.PluginManager(PROJECT)
-        pm.add_hookspecs(hookspecs)
-        for at, (factory, kwargs) in enumerate(twins):
-            module, _, name = factory.partition(":")
-            pm.register(getattr(importlib.import_module(module), name)(**kwargs), name=str(at))
-        _PLUGINS.clear()  # the server's plugins do not change while it runs: keep one
-        _PLUGINS[key] = pm
+    return _plugins_of(msgspec.msgpack.encode(twins))
+
+
+@functools.lru_cache(maxsize=4)  # a set per app in the server: one, or a few
+def _plugins_of(encoded: bytes) -> pluggy.PluginManager:
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(hookspecs)
+    twins: list[Twin] = msgspec.msgpack.decode(encoded, type=list[Twin])
+    for at, (factory, kwargs) in enumerate(twins):
+        module, _, name = factory.partition(":")
+        pm.register(getattr(importlib.import_module(module), name)(**kwargs), name=str(at))
     return pm

@@ -165,8 +165,7 @@ class EventsJsonBatch:
 
     def json(self) -> bytes:
         """The events as one JSON array (the records' payloads joined)."""
-        inner = [memoryview(p)[1:-1] for p in self.payloads() if len(p) > 2]
-        return b"".join((b"[", b",".join(inner), b"]"))
+        return _joined_arrays(self.payloads())
 
     def events(self) -> list[Any]:
         """The events as structs, decoded where they are JSON (for the rare batch a sink
@@ -188,10 +187,15 @@ def batch_json(events: Sequence[Any] | EventsJsonBatch) -> bytes:
     if type(events) is EventsJsonBatch:
         return events.json()
     if type(events) is EventBatch and events.payloads is not None:
-        # Views and joins copy the batch's bytes twice (slices, a join and `+` did four times).
-        inner = [memoryview(p)[1:-1] for p in events.payloads if len(p) > 2]
-        return b"".join((b"[", b",".join(inner), b"]"))
+        return _joined_arrays(events.payloads)
     return encode_events(events)
+
+
+def _joined_arrays(payloads: Sequence[bytes]) -> bytes:
+    """JSON arrays joined into one. Views and joins copy the bytes twice (slices, a join and
+    `+` did four times)."""
+    inner = [memoryview(p)[1:-1] for p in payloads if len(p) > 2]
+    return b"".join((b"[", b",".join(inner), b"]"))
 
 
 def batch_json_lines(events: Sequence[Any]) -> bytes:

@@ -151,12 +151,12 @@ _UNSEEN: Any = object()
 
 class CostEstimator:
     def __init__(self, custom: dict[str, tuple[float, float]]) -> None:
-        self._prices = {model: (p_in, p_out) for model, (p_in, p_out) in custom.items()}
         self.custom = {model: _CustomPrice(p_in, p_out) for model, (p_in, p_out) in custom.items()}
 
     def ingest_worker_twins(self) -> list[tuple[str, dict[str, Any]]]:
         """The same estimator in an ingest worker process (events_worker.py): same prices."""
-        return [(f"{__name__}:CostEstimator", {"custom": self._prices})]
+        prices = {model: (p.input, p.output) for model, p in self.custom.items()}
+        return [(f"{__name__}:CostEstimator", {"custom": prices})]
 
     def price_for(self, provider: str | None, model: str) -> _Price | _CustomPrice | None:
         return self.custom.get(model) or _library_price(provider, model)
