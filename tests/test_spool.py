@@ -13,6 +13,7 @@ from typing import Any
 import anyio
 import pytest
 
+from watchllm_ext import spool as spool_module
 from watchllm_ext.spool import _READ_STEP, GROUP_CONTINUES, HEADER_SIZE, Position, Spool, SpoolFull
 
 
@@ -50,6 +51,198 @@ def test_group_commit_shares_fsyncs(tmp_path: Path) -> None:
     assert spool.fsyncs_total < 50  # 200 appends, far fewer fsyncs
     assert spool._durable == spool.end
     spool.close()
+
+
+@pytest.mark.parametrize("committer", [False, True], ids=["callers", "run_group_commit"])
+def test_group_commit_covers_each_write_once_on_disk(
+    committer: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each caller of sync_to returns only once an fsync that began after its write has
+    ended, whoever runs the rounds (the callers themselves, or run_group_commit)."""
+    synced_upto: list[Position] = []  # what each finished fsync covered (its start's end)
+    real_sync = Spool._sync_files
+
+    async def main() -> tuple[Spool, list[bool]]:
+        spool = Spool(tmp_path, fsync="always")
+
+        def slow_sync(closed: list[int], folder: int | None, fd: int) -> None:
+            start = spool._written  # read before the fsync: what it surely covers
+            threading.Event().wait(0.005)  # a slow disk: writes pile up during each round
+            real_sync(closed, folder, fd)
+            synced_upto.append(start)
+
+        monkeypatch.setattr(spool, "_sync_files", slow_sync)
+        covered: list[bool] = []
+
+        async def request(payload: bytes) -> None:
+            record = spool.write(payload, 1)
+            await spool.sync_to(record.end)
+            covered.append(any(end >= record.end for end in synced_upto))
+
+        async with anyio.create_task_group() as tg:
+            if committer:
+                tg.start_soon(spool.run_group_commit)
+            for i, p in enumerate(payloads(120)):
+                tg.start_soon(request, p)
+                if i % 10 == 9:
+                    await anyio.sleep(0.002)
+            while len(covered) < 120:
+                await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+        return spool, covered
+
+    spool, covered = anyio.run(main)
+    assert covered == [True] * 120
+    assert spool.fsyncs_total < 60  # shared: far fewer fsyncs than writes
+    spool.close()
+
+
+def test_run_group_commit_serves_a_write_with_the_next_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write made while a round is in flight waits for the next round, which
+    run_group_commit runs as soon as the one in flight ends: the caller waits once and
+    runs no round itself (woken by the first round to run the second, as callers without
+    that task do, it went through its stack of coroutines twice)."""
+    gate = threading.Event()
+    real_sync = Spool._sync_files
+    real_round = Spool._run_round
+    real_wait = spool_module._Round.wait
+    runners: list[str] = []
+    waits = 0
+
+    async def named_round(spool: Spool) -> None:
+        runners.append(anyio.get_current_task().name.rsplit(".", 1)[-1])
+        await real_round(spool)
+
+    async def counted_wait(round_: Any) -> None:
+        nonlocal waits
+        waits += 1
+        await real_wait(round_)
+
+    async def main() -> int:
+        spool = Spool(tmp_path, fsync="always")
+
+        def gated_sync(closed: list[int], folder: int | None, fd: int) -> None:
+            gate.wait(5)
+            real_sync(closed, folder, fd)
+
+        monkeypatch.setattr(spool, "_sync_files", gated_sync)
+        monkeypatch.setattr(Spool, "_run_round", named_round)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(spool.run_group_commit)
+            await anyio.sleep(0.01)  # it waits for work
+            first = spool.write(b'["a"]', 1)
+            tg.start_soon(spool.sync_to, first.end)
+            while spool._round is None:  # the first round is in flight
+                await anyio.sleep(0.001)
+            second = spool.write(b'["b"]', 1)
+            monkeypatch.setattr(spool_module._Round, "wait", counted_wait)
+            gate.set()
+            await spool.sync_to(second.end)
+            fsyncs = spool.fsyncs_total
+            tg.cancel_scope.cancel()
+        spool.close()
+        return fsyncs
+
+    assert anyio.run(main) == 2
+    assert runners == ["run_group_commit", "run_group_commit"]
+    assert waits == 1
+
+
+def test_a_failed_fsync_fails_its_waiters_and_the_next_round_is_tried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """run_group_commit: every caller waiting for a round whose fsync failed gets OSError
+    (their events are not durable: the request fails, nothing is acknowledged); a write after
+    it gets a new round, which succeeds once the disk does."""
+    real_sync = Spool._sync_files
+    failures = [1]
+
+    async def main() -> tuple[list[str], bool]:
+        spool = Spool(tmp_path, fsync="always")
+
+        def failing_once(closed: list[int], folder: int | None, fd: int) -> None:
+            threading.Event().wait(0.01)
+            if failures[0]:
+                failures[0] -= 1
+                raise OSError(5, "Input/output error")
+            real_sync(closed, folder, fd)
+
+        monkeypatch.setattr(spool, "_sync_files", failing_once)
+        outcomes: list[str] = []
+
+        async def request(payload: bytes) -> None:
+            record = spool.write(payload, 1)
+            try:
+                await spool.sync_to(record.end)
+            except OSError as exc:
+                outcomes.append(f"error {exc.errno}")
+            else:
+                outcomes.append("ok")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(spool.run_group_commit)
+            await anyio.sleep(0.01)
+            for p in payloads(5):
+                tg.start_soon(request, p)
+            while len(outcomes) < 5:
+                await anyio.sleep(0.005)
+            later = spool.write(b'["later"]', 1)
+            await spool.sync_to(later.end)
+            durable = spool._durable >= later.end
+            tg.cancel_scope.cancel()
+        spool.close()
+        return outcomes, durable
+
+    outcomes, durable = anyio.run(main)
+    assert outcomes == ["error 5"] * 5
+    assert durable
+
+
+def test_callers_run_the_rounds_once_run_group_commit_has_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caller waiting for run_group_commit's next round when that task ends (the writer
+    stopping) is not left waiting: it runs the round itself."""
+    gate = threading.Event()
+    real_sync = Spool._sync_files
+
+    async def main() -> bool:
+        spool = Spool(tmp_path, fsync="always")
+
+        def gated_sync(closed: list[int], folder: int | None, fd: int) -> None:
+            gate.wait(5)
+            real_sync(closed, folder, fd)
+
+        monkeypatch.setattr(spool, "_sync_files", gated_sync)
+        done: list[Position] = []
+
+        async def request(payload: bytes) -> None:
+            record = spool.write(payload, 1)
+            await spool.sync_to(record.end)
+            done.append(record.end)
+
+        async with anyio.create_task_group() as tg:
+            with anyio.CancelScope() as committer:
+                tg.start_soon(request, b'["a"]')
+                async with anyio.create_task_group() as inner:
+                    inner.start_soon(spool.run_group_commit)
+                    while spool._round is None:  # the round for "a" is in flight
+                        await anyio.sleep(0.001)
+                    tg.start_soon(request, b'["b"]')  # waits for the next round
+                    await anyio.sleep(0.01)
+                    committer.cancel()
+                    gate.set()  # the round in flight ends; the task stops after it
+            assert spool._committer is None
+            with anyio.fail_after(5):
+                while len(done) < 2:
+                    await anyio.sleep(0.005)
+        durable = spool._durable >= max(done)
+        spool.close()
+        return durable
+
+    assert anyio.run(main)
 
 
 def test_policies_never_and_interval_do_not_wait(tmp_path: Path) -> None:

@@ -531,10 +531,8 @@ def test_submit_is_as_durable_as_the_fsync_policy_says(policy: str, tmp_path: Pa
 
     async def main() -> tuple[list[bool], int, bool]:
         spool = Spool(tmp_path, fsync=policy, fsync_interval_s=0.2)  # type: ignore[arg-type]
-        interval_sync = spool.run_interval_sync if policy == "interval" else None
-        writer = Writer(
-            [ListSink()], spool, encode=encode, decode=decode, interval_sync=interval_sync
-        )
+        sync_task = spool.sync_task()
+        writer = Writer([ListSink()], spool, encode=encode, decode=decode, sync_task=sync_task)
         durable_on_return: list[bool] = []
         async with writer:
             for i in range(20):

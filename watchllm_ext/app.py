@@ -156,11 +156,7 @@ class WatchLLM:
                     retry_initial_s=s.sink_retry_initial_s,
                     retry_max_s=s.sink_retry_max_s,
                     shutdown_grace_s=s.shutdown_grace_s,
-                    interval_sync=(
-                        log_.run_interval_sync
-                        if isinstance(log_, Spool) and s.spool_fsync == "interval"
-                        else None
-                    ),
+                    sync_task=log_.sync_task() if isinstance(log_, Spool) else None,
                 )
                 self.store = store
                 time_queries(self, store)  # /metrics: store query latency

@@ -43,11 +43,12 @@ import os
 import struct
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
 import anyio
+import anyio.lowlevel
 import msgspec
 
 log = logging.getLogger("watchllm.spool")
@@ -61,6 +62,24 @@ MAX_RECORD_BYTES = 1 << 30
 GROUP_CONTINUES = 1 << 31
 _READ_STEP = 4 << 20  # bytes read at once when records are read back
 FsyncPolicy = Literal["always", "interval", "never"]
+_FAILED_SYNC_PAUSE_S = 0.05  # run_group_commit's pause after a failed fsync
+
+
+class _Round:
+    """One fsync of the group commit: what was written before it started (up to `target`) is
+    on disk once `done` is set, unless `error` says why not."""
+
+    __slots__ = ("done", "error", "target")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.error: OSError | None = None
+        self.target: Position | None = None
+
+    async def wait(self) -> None:
+        await self.done.wait()
+        if self.error is not None:
+            raise OSError(self.error.errno, f"the spool's fsync failed: {self.error}")
 
 
 class SpoolFull(Exception):
@@ -189,7 +208,10 @@ class Spool:
         self._total = sum(self._sizes.values())
         self._written = Position(self._active, self._sizes[self._active])
         self._durable = self._written
-        self._syncing = False
+        self._round: _Round | None = None  # the fsync in flight
+        self._next_round = _Round()  # what waits for the next one
+        # run_group_commit's wake-up (set: it is running a round), None when it does not run.
+        self._committer: anyio.Event | None = None
         self._retired_fds: list[int] = []  # closed by the end of the fsync that uses them
         # Segments closed by a roll and the folder's new entry, not on disk yet: the next
         # fsync (sync_to's worker thread) covers them before it counts anything as durable.
@@ -199,7 +221,6 @@ class Spool:
         # works at close() when the path has gone (a disk unmounted lazily under it, say).
         self._folder_fd = os.open(self.segments_dir, os.O_RDONLY)
         self._released: list[Path] = []  # segment files to unlink (release(unlink=False))
-        self._synced = anyio.Event()
         # Made by the first waiter only: an anyio.Event costs microseconds to make, and a
         # write per request would otherwise make one that nobody waits on.
         self._appended: anyio.Event | None = None
@@ -286,6 +307,11 @@ class Spool:
         if self.fsync == "always":
             await self.sync_to(position)
 
+    def sync_task(self) -> Callable[[], Awaitable[None]] | None:
+        """The task the writer runs beside the spool for its policy: the interval's fsyncs
+        (`interval`), the group commit's rounds (`always`), none (`never`)."""
+        return {"interval": self.run_interval_sync, "always": self.run_group_commit}.get(self.fsync)
+
     async def run_interval_sync(self) -> None:
         """For the `interval` policy: fsync what was written, every `fsync_interval_s`."""
         while True:
@@ -293,33 +319,79 @@ class Spool:
             if self._durable < self._written:
                 await self.sync_to(self._written)
 
+    async def run_group_commit(self) -> None:
+        """For the `always` policy: the fsync rounds in one task, the next one started once
+        the last one's waiters have had their turn, while anything written is not on disk.
+        A request then waits for one round (sync_to). Without it, one that wrote during a
+        round waited for that round, woke, and waited again for the round it started, each
+        wake-up going through the request's whole stack of coroutines: single events cost
+        the event loop ~25 us more each (in-process, 32 at once; docs/BENCHMARKS.md)."""
+        try:
+            while True:
+                if self._durable >= self._written:
+                    self._committer = wake = anyio.Event()
+                    await wake.wait()
+                elif self._round is not None:
+                    await self._round.done.wait()  # one a caller ran before this task started
+                else:
+                    # The round's waiters answer their requests first (a round started at
+                    # once held the event loop's thread in its hop to the worker thread).
+                    await anyio.lowlevel.checkpoint()
+                    if self._round is not None or self._durable >= self._written:
+                        continue
+                    try:
+                        await self._run_round()
+                    except OSError:
+                        # Its waiters got the error; the next round is tried for those that
+                        # came since, after a pause (a failing disk must not spin this loop).
+                        log.exception("an fsync of the spool failed")
+                        await anyio.sleep(_FAILED_SYNC_PAUSE_S)
+        finally:
+            self._committer = None
+            # Waiting for a round this task will not run: they run it themselves (sync_to).
+            waiting, self._next_round = self._next_round, _Round()
+            waiting.done.set()
+
     async def sync_to(self, position: Position) -> None:
         """Wait until an fsync covers `position` (group commit: one fsync serves every
-        record written before it started)."""
+        record written before it started). Raises OSError when that fsync failed."""
         while self._durable < position:
-            if self._syncing:
-                await self._synced.wait()
-                continue
-            self._syncing = True
-            target = self._written
-            fd = self._fd
-            closed, self._unsynced_fds = self._unsynced_fds, []
-            folder = self._folder_fd if self._folder_unsynced else None
-            self._folder_unsynced = False
-            try:
-                await anyio.to_thread.run_sync(self._sync_files, closed, folder, fd)
-                self.fsyncs_total += 1
-                self._last_sync = time.monotonic()
-                self._durable = max(self._durable, target)
-            finally:
-                if self._durable < target:  # it failed: what it did not cover, the next one will
-                    self._unsynced_fds[:0] = closed
-                    self._folder_unsynced = self._folder_unsynced or folder is not None
-                self._syncing = False
-                while self._retired_fds:
-                    os.close(self._retired_fds.pop())
-                self._synced.set()
-                self._synced = anyio.Event()
+            current = self._round
+            if current is not None and position <= current.target:
+                await current.wait()  # the round in flight covers it
+            elif self._committer is not None:
+                self._committer.set()  # run_group_commit's next round covers it
+                await self._next_round.wait()
+            elif current is not None:
+                await current.wait()  # then the first caller to wake runs the next one
+            else:
+                await self._run_round()
+
+    async def _run_round(self) -> None:
+        """One fsync round, covering what was written before it started."""
+        round_, self._next_round = self._next_round, _Round()
+        target = round_.target = self._written
+        self._round = round_
+        fd = self._fd
+        closed, self._unsynced_fds = self._unsynced_fds, []
+        folder = self._folder_fd if self._folder_unsynced else None
+        self._folder_unsynced = False
+        try:
+            await anyio.to_thread.run_sync(self._sync_files, closed, folder, fd)
+            self.fsyncs_total += 1
+            self._last_sync = time.monotonic()
+            self._durable = max(self._durable, target)
+        except OSError as exc:
+            round_.error = exc
+            raise
+        finally:
+            if self._durable < target:  # it failed: what it did not cover, the next one will
+                self._unsynced_fds[:0] = closed
+                self._folder_unsynced = self._folder_unsynced or folder is not None
+            self._round = None
+            while self._retired_fds:
+                os.close(self._retired_fds.pop())
+            round_.done.set()
 
     async def wait_appended(self) -> None:
         if self._appended is None:
@@ -345,7 +417,7 @@ class Spool:
         if self.fsync == "never" or self._durable >= self._written:
             # On disk already (or never to be fsynced: the OS writes it back when it likes):
             # closed now, so that deleting it (a release once sinks pass it) frees its space.
-            if self._syncing:
+            if self._round is not None:
                 self._retired_fds.append(self._fd)  # an fsync in a thread still uses it
             else:
                 os.close(self._fd)

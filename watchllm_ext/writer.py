@@ -381,7 +381,7 @@ class Writer:
         retry_initial_s: float = 0.2,
         retry_max_s: float = 30.0,
         shutdown_grace_s: float = 30.0,
-        interval_sync: Callable[[], Any] | None = None,
+        sync_task: Callable[[], Any] | None = None,
     ) -> None:
         self.log = log_
         self.encode = encode
@@ -392,7 +392,7 @@ class Writer:
         self.retry_initial_s = retry_initial_s
         self.retry_max_s = retry_max_s
         self.shutdown_grace_s = shutdown_grace_s
-        self._interval_sync = interval_sync
+        self._sync_task = sync_task
         names = [s.name for s in sinks]
         if len(set(names)) != len(names):
             raise ValueError(f"two sinks share a name: {names}")
@@ -517,8 +517,8 @@ class Writer:
         await self._task_group.__aenter__()
         self._running = True
         self._accepting = True
-        if self._interval_sync is not None:
-            self._task_group.start_soon(self._interval_sync)
+        if self._sync_task is not None:
+            self._task_group.start_soon(self._sync_task)
         for state in self.sinks:
             self._task_group.start_soon(self._deliver, state)
         return self
