@@ -352,6 +352,39 @@ def test_full_disk_answers_503_and_recovers_by_itself(server_factory: Any, tmpfs
     assert stored == {*acked, "room-again"}
 
 
+def test_a_failed_fsync_answers_503_and_the_retry_is_stored_once(
+    server_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk error on the spool's fsync (here the fsync is replaced: a disk that fails its
+    fsyncs cannot be made on this machine) is answered as a write's disk error is: 503 with
+    Retry-After, the error named, nothing acknowledged; the server keeps serving, and the
+    client's retry of the same events is stored once."""
+    server: Running = server_factory()
+    spool = server.wl.writer.log
+    real_sync = spool._sync_files
+    failures = [1]
+
+    def failing_once(closed: list[int], folder: int | None, fd: int) -> None:
+        if failures[0]:
+            failures[0] -= 1
+            raise OSError(5, "Input/output error")
+        real_sync(closed, folder, fd)
+
+    monkeypatch.setattr(spool, "_sync_files", failing_once)
+    body = {"events": [prompt_call("fsync-1"), prompt_call("fsync-2")]}
+    r = server.client.post("/v1/events/batch", headers=server.headers(), json=body)
+    assert r.status_code == 503, r.text
+    assert "cannot make the spool durable" in r.json()["message"]
+    assert "Input/output error" in r.json()["message"] and r.headers["Retry-After"]
+    assert server.client.get("/healthz").status_code == 200
+    r = server.client.post("/v1/events/batch", headers=server.headers(), json=body)
+    assert r.status_code == 202, r.text
+    server.flush()
+    # Without FINAL: the first attempt's record, fsynced later, and the retry's are one row each.
+    rows = server.query("SELECT event_id FROM events ORDER BY event_id")
+    assert [row["event_id"] for row in rows] == ["fsync-1", "fsync-2"]
+
+
 def test_corrupt_segment_at_start_keeps_the_good_records(server_factory: Any) -> None:
     import faults
 

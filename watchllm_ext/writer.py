@@ -428,7 +428,8 @@ class Writer:
 
         The events' record and the spans' go in one write (Log.write_many): after a crash
         both are read back or neither, so a request never half-lands. Raises WriterFull (no
-        room now: nothing was written) or WriterClosed (not running).
+        room now: nothing was written; or the fsync failed: written, not acknowledged, so
+        possibly stored later, a retry stored once by its id) or WriterClosed (not running).
         """
         if not self._accepting:
             raise WriterClosed("the writer is not running")
@@ -461,7 +462,12 @@ class Writer:
             self._keep(record, batch)
         self.accepted_events_total += len(events)
         # As the fsync policy says (sync_to here fsynced with `interval` and `never` too).
-        await self.log.wait_durable(records[-1].end)
+        try:
+            await self.log.wait_durable(records[-1].end)
+        except OSError as exc:
+            # A disk error on the fsync (ENOSPC can come only then, with delayed allocation):
+            # not acknowledged, and answered as a write's disk error is (503, retry later).
+            raise WriterFull(f"cannot make the spool durable: {exc.strerror or exc}", 5.0) from None
 
     def _keep(self, record: Record, items: Sequence[Any] | EventsJson) -> None:
         """Hold a new record and its items in memory for the sinks, within memory_max_events."""
