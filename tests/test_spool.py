@@ -21,6 +21,19 @@ def payloads(n: int) -> list[bytes]:
     return [f'[{{"n": {i}}}]'.encode() for i in range(n)]
 
 
+def gate_fsyncs(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """The spool's fsyncs wait for the returned gate (a slow disk, until the test sets it)."""
+    gate = threading.Event()
+    real_sync = Spool._sync_files
+
+    def gated_sync(closed: list[int], folder: int | None, fd: int) -> None:
+        gate.wait(5)
+        real_sync(closed, folder, fd)
+
+    monkeypatch.setattr(spool, "_sync_files", gated_sync)
+    return gate
+
+
 def test_append_read_and_sequence_numbers(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     records = [spool.write(p, 1) for p in payloads(5)]
@@ -104,8 +117,6 @@ def test_run_group_commit_serves_a_write_with_the_next_round(
     run_group_commit runs as soon as the one in flight ends: the caller waits once and
     runs no round itself (woken by the first round to run the second, as callers without
     that task do, it went through its stack of coroutines twice)."""
-    gate = threading.Event()
-    real_sync = Spool._sync_files
     real_round = Spool._run_round
     real_wait = spool_module._Round.wait
     runners: list[str] = []
@@ -122,12 +133,7 @@ def test_run_group_commit_serves_a_write_with_the_next_round(
 
     async def main() -> int:
         spool = Spool(tmp_path, fsync="always")
-
-        def gated_sync(closed: list[int], folder: int | None, fd: int) -> None:
-            gate.wait(5)
-            real_sync(closed, folder, fd)
-
-        monkeypatch.setattr(spool, "_sync_files", gated_sync)
+        gate = gate_fsyncs(spool, monkeypatch)
         monkeypatch.setattr(Spool, "_run_round", named_round)
         async with anyio.create_task_group() as tg:
             tg.start_soon(spool.run_group_commit)
@@ -205,17 +211,10 @@ def test_callers_run_the_rounds_once_run_group_commit_has_ended(
 ) -> None:
     """A caller waiting for run_group_commit's next round when that task ends (the writer
     stopping) is not left waiting: it runs the round itself."""
-    gate = threading.Event()
-    real_sync = Spool._sync_files
 
     async def main() -> bool:
         spool = Spool(tmp_path, fsync="always")
-
-        def gated_sync(closed: list[int], folder: int | None, fd: int) -> None:
-            gate.wait(5)
-            real_sync(closed, folder, fd)
-
-        monkeypatch.setattr(spool, "_sync_files", gated_sync)
+        gate = gate_fsyncs(spool, monkeypatch)
         done: list[Position] = []
 
         async def request(payload: bytes) -> None:
