@@ -206,6 +206,47 @@ def test_a_failed_fsync_fails_its_waiters_and_the_next_round_is_tried(
     assert durable
 
 
+def test_without_the_task_a_failed_fsync_fails_only_the_writes_it_covered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Callers running the rounds themselves: a write made while a failing fsync ran was not
+    in it, so its caller does not get that error; it runs the next round, which succeeds."""
+    real_sync = Spool._sync_files
+    failures = [1]
+
+    async def main() -> list[str]:
+        spool = Spool(tmp_path, fsync="always")
+
+        def failing_once(closed: list[int], folder: int | None, fd: int) -> None:
+            threading.Event().wait(0.02)
+            if failures[0]:
+                failures[0] -= 1
+                raise OSError(5, "Input/output error")
+            real_sync(closed, folder, fd)
+
+        monkeypatch.setattr(spool, "_sync_files", failing_once)
+        outcomes: dict[str, str] = {}
+
+        async def request(name: str) -> None:
+            record = spool.write(f'["{name}"]'.encode(), 1)
+            try:
+                await spool.sync_to(record.end)
+            except OSError:
+                outcomes[name] = "error"
+            else:
+                outcomes[name] = "ok"
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(request, "in-the-failed-round")
+            while spool._round is None:
+                await anyio.sleep(0.001)
+            tg.start_soon(request, "after-it")
+        spool.close()
+        return [outcomes["in-the-failed-round"], outcomes["after-it"]]
+
+    assert anyio.run(main) == ["error", "ok"]
+
+
 def test_callers_run_the_rounds_once_run_group_commit_has_ended(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

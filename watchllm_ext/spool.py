@@ -363,7 +363,9 @@ class Spool:
                 self._committer.set()  # run_group_commit's next round covers it
                 await self._next_round.wait()
             elif current is not None:
-                await current.wait()  # then the first caller to wake runs the next one
+                # Not this write's round (its failure is not this caller's): once it ends,
+                # the first caller to wake runs the next one.
+                await current.done.wait()
             else:
                 await self._run_round()
 
