@@ -337,3 +337,47 @@ def test_parse_skips_torn_and_unreadable_lines() -> None:
     found = parse_dead_letters(good + b"\n" + b"{not json\n" + good + b"\n" + good[:10])
     assert (len(found.entries), found.torn_records) == (2, 2)
     assert parse_dead_letters(b"").torn_records == 0
+
+
+def test_a_replay_the_spool_cannot_take_keeps_the_rest_for_the_next_one(
+    server_factory: Any,
+) -> None:
+    sink = Picky()
+    # A spool of 64 KiB in segments of 4 KiB: full after the first big entry, empty again
+    # once the sinks have it (a segment is deleted when every sink is past it).
+    server: Running = server_factory(
+        plugin_objects=(sink,), spool_max_bytes=64 * 1024, spool_segment_bytes=4096
+    )
+    folder = server.settings.spool_path / "dead-letter"
+    folder.mkdir(parents=True, exist_ok=True)
+    big = "x" * 2000
+    letters = [
+        DeadLetter(
+            "picky",
+            "2026-01-02T03:04:05+00:00",
+            "refused",
+            [prompt_call(f"{name}-{i}", project_id=OWN, prompt=big) for i in range(20)],
+        )
+        for name in ("first", "second")
+    ]
+    for letter in letters:
+        append_dead_letter(folder / "picky.jsonl", letter)
+    sink.accept_all = True
+
+    r = server.client.post("/v1/admin/dead-letters/replay", headers=server.headers())
+    assert r.status_code == 503, r.text
+    assert r.headers["Retry-After"].isdigit()
+    assert r.json()["error"] == "overloaded"
+    assert "20 events were replayed first, 1 dead letter is kept" in r.json()["message"]
+    listed = server.client.get("/v1/admin/dead-letters", headers=server.headers()).json()
+    assert [(d["sink"], d["events"]) for d in listed["dead_letters"]] == [("picky", 20)]
+    server.flush()
+    assert sorted(sink.got) == sorted(f"first-{i}" for i in range(20))
+
+    r = server.client.post("/v1/admin/dead-letters/replay", headers=server.headers())
+    assert r.status_code == 200, r.text
+    assert r.json()["replayed_events"] == 20
+    server.flush()
+    assert sorted(sink.got) == sorted(f"{n}-{i}" for n in ("first", "second") for i in range(20))
+    listed = server.client.get("/v1/admin/dead-letters", headers=server.headers()).json()
+    assert listed["dead_letters"] == []

@@ -35,7 +35,14 @@ from . import __version__
 from .admission import BodyBudget, BodyBudgetMiddleware, wait_for_place
 from .analytics.routes import routes as analytics_routes
 from .auth import Principal, Scope, bearer_token
-from .dead_letters import done, read_dead_letters, summary, take_dead_letters, targeted_payload
+from .dead_letters import (
+    done,
+    put_back,
+    read_dead_letters,
+    summary,
+    take_dead_letters,
+    targeted_payload,
+)
 from .errors import Problem, not_a_project_id, other_project, problem_handler, unauthorized
 from .events_worker import decode_answer as decode_worker_answer
 from .events_worker import encode_job, worker_twins
@@ -351,27 +358,35 @@ class WatchLLM:
             )
         try:
             await self.writer.submit(events, spans)
-        except WriterTooLarge as exc:
-            # Bigger than the whole spool: a retry never fits, so no 503 + Retry-After (which
-            # SDKs and OpenTelemetry exporters retry for ever).
-            raise Problem(
-                413,
-                "payload_too_large",
-                f"the request's events take {exc.size} bytes in the spool, more than all of"
-                f" spool_max_bytes ({exc.limit} bytes); send them in smaller batches",
-                field="body",
-            ) from None
-        except WriterFull as exc:
-            raise Problem(
-                503,
-                "overloaded",
-                f"the server cannot take more events now ({exc}); retry later",
-                headers={"Retry-After": str(max(1, round(exc.retry_after_s)))},
-            ) from None
-        except WriterClosed:
-            raise Problem(
-                503, "shutting_down", "the server is shutting down", headers={"Retry-After": "5"}
-            ) from None
+        except (WriterTooLarge, WriterFull, WriterClosed) as exc:
+            raise writer_refusal(exc) from None
+
+
+def writer_refusal(exc: WriterTooLarge | WriterFull | WriterClosed, done: str = "") -> Problem:
+    """The answer to a writer's refusal; `done`: what the request had done before it."""
+    if isinstance(exc, WriterTooLarge):
+        # Bigger than the whole spool: a retry never fits, so no 503 + Retry-After (which
+        # SDKs and OpenTelemetry exporters retry for ever).
+        return Problem(
+            413,
+            "payload_too_large",
+            f"the request's events take {exc.size} bytes in the spool, more than all of"
+            f" spool_max_bytes ({exc.limit} bytes); send them in smaller batches",
+            field="body",
+        )
+    if isinstance(exc, WriterFull):
+        return Problem(
+            503,
+            "overloaded",
+            f"the server cannot take more events now ({exc}){done}; retry later",
+            headers={"Retry-After": str(max(1, round(exc.retry_after_s)))},
+        )
+    return Problem(
+        503,
+        "shutting_down",
+        f"the server is shutting down{done}",
+        headers={"Retry-After": "5"},
+    )
 
 
 def prepare_store(store: Store, settings: Settings) -> list[str]:
@@ -1016,13 +1031,21 @@ async def admin_replay_dead_letters(request: Request) -> Response:
         partial(take_dead_letters, _dead_letter_dir(wl), sink, project, sinks)
     )
     replayed = 0
-    for entry in taken.entries:
-        await writer.submit_for(
-            entry.sink,
-            targeted_payload(entry.sink, entry.events, entry.kind),
-            len(entry.events),
-            spans=entry.kind == "spans",
-        )
+    for at, entry in enumerate(taken.entries):
+        try:
+            await writer.submit_for(
+                entry.sink,
+                targeted_payload(entry.sink, entry.events, entry.kind),
+                len(entry.events),
+                spans=entry.kind == "spans",
+            )
+        except (WriterFull, WriterClosed) as exc:
+            # The rest goes back to the dead-letter files, listed and replayable as before.
+            await anyio.to_thread.run_sync(put_back, taken, at)
+            rest = len(taken.entries) - at
+            kept = "1 dead letter is" if rest == 1 else f"{rest} dead letters are"
+            done_here = f"; {replayed} events were replayed first, {kept} kept for the next replay"
+            raise writer_refusal(exc, done_here) from None
         replayed += len(entry.events)
     done(taken.moved)
     return JSONResponse(

@@ -74,6 +74,7 @@ class Taken:
     """What `take_dead_letters` moved aside for a replay."""
 
     entries: list[DeadLetter] = field(default_factory=list)
+    origins: list[Path] = field(default_factory=list)  # each entry's live file
     moved: list[Path] = field(default_factory=list)
     torn_records: int = 0
     unknown_sinks: list[str] = field(default_factory=list)  # left in place, not replayed
@@ -224,6 +225,7 @@ def take_dead_letters(
         for entry in found.entries:
             if _replayable(entry, sink, project, sinks):
                 taken.entries.append(entry.for_project(project))
+                taken.origins.append(path)
                 rest = entry.without_project(project) if project is not None else None
                 if rest is not None and rest.events:
                     append_dead_letter(path, rest)
@@ -256,6 +258,15 @@ def _unknown(
 def done(moved: list[Path]) -> None:
     for path in moved:
         path.rename(path.with_name(path.name.replace(".replaying-", ".replayed-")))
+
+
+def put_back(taken: Taken, start: int) -> None:
+    """A replay that stopped at entry `start` (the spool refused it): that entry and the ones
+    after it go back into their live files, to be listed and replayed again, and the moved
+    files are done (what they held is now in the spool or back in place)."""
+    for entry, origin in zip(taken.entries[start:], taken.origins[start:], strict=True):
+        append_dead_letter(origin, entry)
+    done(taken.moved)
 
 
 def targeted_payload(sink: str, events: list[Any], kind: str = "events") -> bytes:

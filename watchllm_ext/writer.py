@@ -486,13 +486,21 @@ class Writer:
         self._next_number = number + 1
 
     async def submit_for(self, sink: str, payload: bytes, count: int, spans: bool = False) -> None:
-        """Put a record for one sink only into the log (a dead-letter replay)."""
+        """Put a record for one sink only into the log (a dead-letter replay). Raises as
+        `submit` does: WriterFull (no room, or the fsync failed), WriterClosed."""
         if not self._accepting:
             raise WriterClosed("the writer is not running")
-        record = self.log.write(payload, count, TARGETED | SPANS if spans else TARGETED)
+        try:
+            record = self.log.write(payload, count, TARGETED | SPANS if spans else TARGETED)
+        except SpoolFull as exc:
+            self.full_total += 1
+            raise WriterFull(str(exc), exc.retry_after_s) from None
         self._last_write = time.monotonic()
         self._next_number += 1  # not kept: the sink it is for reads it from the log
-        await self.log.wait_durable(record.end)
+        try:
+            await self.log.wait_durable(record.end)
+        except OSError as exc:  # as in submit: written, not acknowledged
+            raise WriterFull(f"cannot make the spool durable: {exc.strerror or exc}", 5.0) from None
 
     async def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until every sink has everything written before this call. False on timeout."""
