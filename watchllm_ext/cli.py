@@ -675,9 +675,10 @@ def cmd_dead_replay(args: argparse.Namespace) -> int:
 
 def _replay_local(args: argparse.Namespace) -> tuple[int, int]:
     from .app import open_spool
-    from .dead_letters import done, take_dead_letters, targeted_payload
+    from .dead_letters import done, put_back, take_dead_letters, targeted_payload
+    from .spool import SpoolFull
     from .store import StoreError
-    from .writer import TARGETED
+    from .writer import SPANS, TARGETED
 
     try:
         spool, lock = open_spool(_settings(args))
@@ -686,8 +687,18 @@ def _replay_local(args: argparse.Namespace) -> tuple[int, int]:
     try:
         taken = take_dead_letters(spool.dead_letter_dir, args.sink, args.project)
         events = 0
-        for entry in taken.entries:
-            spool.write(targeted_payload(entry.sink, entry.events), len(entry.events), TARGETED)
+        for at, entry in enumerate(taken.entries):
+            payload = targeted_payload(entry.sink, entry.events, entry.kind)
+            flags = TARGETED | SPANS if entry.kind == "spans" else TARGETED
+            try:
+                spool.write(payload, len(entry.events), flags)
+            except SpoolFull as exc:
+                spool.close()  # what went in is on disk; the rest goes back to its files
+                put_back(taken, at)
+                raise CliError(
+                    f"the spool is full ({exc}): replayed {events} events first; the other"
+                    f" {len(taken.entries) - at} dead letters are kept for the next replay"
+                ) from None
             events += len(entry.events)
         spool.close()  # fsyncs: the records are on disk for the next start
         done(taken.moved)
