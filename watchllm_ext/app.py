@@ -27,9 +27,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Match, Route
-from starlette.types import ASGIApp, Receive, Send
-from starlette.types import Scope as ASGIScope
+from starlette.routing import BaseRoute, Route
 
 from . import __version__
 from .admission import BodyBudget, BodyBudgetMiddleware, wait_for_place
@@ -64,6 +62,7 @@ from .ingest import (
     validate_items,
     validate_sliced,
 )
+from .ingest_lane import IngestLane, LaneApp
 from .inprocess import plain_events
 from .locks import FolderLock, FolderLocked
 from .metrics import make_registry, metrics_endpoint
@@ -1089,63 +1088,6 @@ def count_rows(store: Store, table: str, project: str | None) -> int:
 # --- the app ----------------------------------------------------------------------------------
 
 
-class IngestRoutes:
-    """ASGI middleware that serves the two ingest routes itself, without Starlette's exception
-    middleware, router and per-route wrappers (their layers cost a single event more than
-    its validation): it matches them as the router would (the same Route objects), sets the
-    same scope keys, calls the same endpoints and hands a raised error to the same handlers.
-    Every other request goes through Starlette as before. It sits inside RequestMetrics and
-    ServerErrorMiddleware, so timing and the 500 answer stay theirs. tests/test_ingest_routes.py
-    compares its answers with Starlette's, byte for byte."""
-
-    def __init__(
-        self,
-        app: ASGIApp,
-        routes: Sequence[Route],
-        handlers: dict[type[Exception], Callable[[Request, Exception], Awaitable[Response]]],
-    ) -> None:
-        self.app = app
-        self.routes = tuple(routes)
-        self.handlers = handlers
-        # What Starlette's exception middleware puts in the scope (its handlers by class and
-        # by status), so that the endpoint and the plugins see the scope they always saw.
-        self._in_scope = (handlers, {})
-
-    async def __call__(self, scope: ASGIScope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            for route in self.routes:
-                match, child_scope = route.matches(scope)
-                if match is Match.FULL:
-                    # Starlette.__call__ put this app in the scope; a host's router goes first.
-                    scope.setdefault("router", scope["app"].router)
-                    scope["starlette.exception_handlers"] = self._in_scope
-                    scope["route"] = route
-                    scope.update(child_scope)
-                    await self._serve(route.endpoint, scope, receive, send)
-                    return
-        await self.app(scope, receive, send)
-
-    async def _serve(
-        self,
-        endpoint: Callable[[Request], Awaitable[Response]],
-        scope: ASGIScope,
-        receive: Receive,
-        send: Send,
-    ) -> None:
-        request = Request(scope, receive, send)
-        try:
-            response = await endpoint(request)
-        except Exception as exc:
-            # The handler of the nearest class, as Starlette's exception middleware finds it.
-            found = (self.handlers[c] for c in type(exc).__mro__ if c in self.handlers)
-            handler = next(found, None)
-            if handler is None:
-                raise  # ServerErrorMiddleware answers 500 and logs it
-            response = await handler(request, exc)
-            exc.__traceback__ = None  # as Starlette does: a reused exception keeps no traceback
-        await response(scope, receive, send)
-
-
 async def _not_found(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
@@ -1217,16 +1159,16 @@ def create_app(
         Middleware(BodyBudgetMiddleware, budget=budget),
         Middleware(RequestMetrics, wl=wl),
     ]
-    if not sentry_on:
-        # Sentry's Starlette integration instruments the router and the exception middleware
-        # (transaction names, captured errors): with it on, every request goes through them.
-        middleware.append(Middleware(IngestRoutes, routes=ingest_routes, handlers=handlers))
-    app = Starlette(
+    app = LaneApp(
         routes=routes,
         lifespan=lifespan,
         middleware=middleware,
         exception_handlers={**handlers, Exception: _internal_error},
     )
+    if not sentry_on:
+        # Sentry's Starlette integration instruments the router and the exception middleware
+        # (transaction names, captured errors): with it on, every request goes through them.
+        app.set_lane(IngestLane(wl, ingest_routes, handlers, _internal_error, budget))
     app.state.watchllm = wl
     wl.registry = make_registry(wl)
     return app

@@ -113,14 +113,32 @@ def ops_metrics(wl: Any) -> OpsMetrics:
     return found
 
 
+class RequestTimes:
+    """Each request's time under its route template (never the raw path, whose ids would
+    make a series each), method and status."""
+
+    def __init__(self, wl: Any) -> None:
+        self.wl = wl
+        self._children: dict[tuple[str, str, int], Any] = {}
+
+    def observe(self, scope: Scope, status: int, started: float) -> None:
+        route = getattr(scope.get("route"), "path", None) or "unmatched"
+        key = (route, scope["method"], status)
+        child = self._children.get(key)
+        if child is None:  # labels() costs a lock and a lookup: once per series
+            child = ops_metrics(self.wl).requests.labels(route, scope["method"], str(status))
+            self._children[key] = child
+        child.observe(time.perf_counter() - started)
+
+
 class RequestMetrics:
-    """ASGI middleware around the app: times each request under its route template (never
-    the raw path, whose ids would make a series each) and gives it its own flag cache."""
+    """ASGI middleware around the app: times each request (RequestTimes) and gives it its own
+    flag cache. ingest_lane.IngestLane does the same for the ingest routes it serves."""
 
     def __init__(self, app: ASGIApp, wl: Any) -> None:
         self.app = app
         self.wl = wl
-        self._children: dict[tuple[str, str, int], Any] = {}
+        self.times = RequestTimes(wl)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -137,49 +155,47 @@ class RequestMetrics:
 
         token = _REQUEST_CACHE.set({})  # this request's flag cache (flags/__init__.py)
         try:
-            repeated = _authorization_headers(scope["headers"])
-            if repeated > 1:
-                # Authorization is a singleton field (RFC 9110): with two, which key is meant
-                # depends on who reads which (first wins here, last in some proxies). Refused
-                # on every route, as the server refuses two Content-Length headers.
-                problem = Problem(
-                    400,
-                    "bad_request",
-                    f"send one Authorization header, not {repeated}",
-                    field="Authorization",
-                )
-                ops_metrics(self.wl).rejections.labels(problem.code).inc()
+            problem = repeated_authorization(self.wl, scope)
+            if problem is not None:
                 await answer_for(scope, problem)(scope, receive, send_status)
                 return
             await self.app(scope, receive, send_status)
         except ClientDisconnect:
-            # The client went away before its body was complete (or broke its chunk framing):
-            # nothing of the request was spooled and nobody waits for an answer. Not a server
-            # error: one INFO line, counted as status 499 (nginx's "client closed request"),
-            # no traceback and nothing for Sentry (the exception ends here).
-            answered = scope.get(ANSWERED)  # a bad chunk framing's 400, sent by the server
-            if status == 500:  # no answer begun here
-                status = answered or CLIENT_CLOSED
-            if answered is None:  # (the server logged its own answer)
-                log.info(
-                    "%s %s: the client closed the connection before its request was complete",
-                    scope["method"],
-                    scope.get("path", ""),
-                )
+            status = closed_early(scope, status)
         finally:
             _REQUEST_CACHE.reset(token)
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
-            key = (route, scope["method"], status)
-            child = self._children.get(key)
-            if child is None:  # labels() costs a lock and a lookup: once per series
-                child = ops_metrics(self.wl).requests.labels(route, scope["method"], str(status))
-                self._children[key] = child
-            child.observe(time.perf_counter() - started)
+            self.times.observe(scope, status, started)
 
 
-def _authorization_headers(headers: list[tuple[bytes, bytes]]) -> int:
-    """How many Authorization headers a request has (names are lower-case in ASGI)."""
-    return [name for name, _ in headers].count(b"authorization")
+def repeated_authorization(wl: Any, scope: Scope) -> Problem | None:
+    """Authorization is a singleton field (RFC 9110): with two, which key is meant depends on
+    who reads which (first wins here, last in some proxies). Refused (counted) on every route,
+    as the server refuses two Content-Length headers."""
+    repeated = [name for name, _ in scope["headers"]].count(b"authorization")
+    if repeated <= 1:
+        return None
+    problem = Problem(
+        400, "bad_request", f"send one Authorization header, not {repeated}", field="Authorization"
+    )
+    ops_metrics(wl).rejections.labels(problem.code).inc()
+    return problem
+
+
+def closed_early(scope: Scope, status: int) -> int:
+    """The status of a request whose client went away before its body was complete (or broke
+    its chunk framing): nothing of it was spooled and nobody waits for an answer. Not a
+    server error: one INFO line, counted as 499 (nginx's "client closed request"), no
+    traceback and nothing for Sentry (the exception ends with this)."""
+    answered = scope.get(ANSWERED)  # a bad chunk framing's 400, sent by the server
+    if status == 500:  # no answer begun here
+        status = answered or CLIENT_CLOSED
+    if answered is None:  # (the server logged its own answer)
+        log.info(
+            "%s %s: the client closed the connection before its request was complete",
+            scope["method"],
+            scope.get("path", ""),
+        )
+    return status
 
 
 def counting_rejections(
