@@ -44,8 +44,7 @@ class Served:
             port=free_port(),
             header_timeout_s=30.0,  # far off: a close within seconds is the cap's, not this
             max_header_bytes=MAX_HEADER_BYTES,
-            log_level="warning",
-            **overrides,
+            **{"log_level": "warning", **overrides},
         )
         self.key = KeyStore(self.settings.keys_path).create("acme", scope="admin")
         self.app = create_app(self.settings, plugins=plugins)
@@ -877,3 +876,72 @@ def test_a_transfer_coding_other_than_chunked_alone_is_refused(
         timeout=10,
     )
     assert ok.status_code == 202, ok.text
+
+
+# --- the access log ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("access_log", ["quiet-ingest", "all"])
+def test_the_access_log_leaves_out_accepted_ingest_requests(
+    tmp_path: Path, access_log: str
+) -> None:
+    s = Served(tmp_path, log_level="info", access_log=access_log)
+    s.start()
+    lines = Records()
+    access = logging.getLogger("uvicorn.access")
+    access.addHandler(lines)  # uvicorn's own handler stays: the lines are what it writes
+    try:
+        auth = {"Authorization": f"Bearer {s.key}"}
+        with httpx.Client(base_url=s.url, timeout=30) as client:
+            one = client.post("/v1/projects/acme/events", headers=auth, json=prompt_call("a1"))
+            batch = client.post(
+                "/v1/events/batch", headers=auth, json={"events": [prompt_call("a2")]}
+            )
+            refused = client.post("/v1/events/batch", json={"events": [prompt_call("a3")]})
+            invalid = client.post(
+                "/v1/events/batch?x=1",
+                headers=auth,
+                json={"events": [prompt_call("a4", tokens_input=-1)]},
+            )
+            health = client.get("/healthz")
+        assert (one.status_code, batch.status_code) == (202, 202)
+        assert (refused.status_code, invalid.status_code, health.status_code) == (401, 422, 200)
+    finally:
+        access.removeHandler(lines)
+        s.stop()
+    logged = [r.getMessage().split(" - ", 1)[1] for r in lines.records]
+    refusals = [
+        '"POST /v1/events/batch HTTP/1.1" 401',
+        '"POST /v1/events/batch?x=1 HTTP/1.1" 422',
+        '"GET /healthz HTTP/1.1" 200',
+    ]
+    accepted = [
+        '"POST /v1/projects/acme/events HTTP/1.1" 202',
+        '"POST /v1/events/batch HTTP/1.1" 202',
+    ]
+    assert logged == (refusals if access_log == "quiet-ingest" else accepted + refusals)
+
+
+def test_the_access_log_can_be_turned_off(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, log_level="info", access_log="off")
+    assert uvicorn_options(settings)["access_log"] is False  # uvicorn logs no request then
+
+
+@pytest.mark.parametrize(
+    ("path", "ingest"),
+    [
+        ("/v1/projects/acme/events", True),
+        ("/v1/projects/acme/events?debug=1", True),
+        ("/v1/events/batch", True),
+        ("/v1/traces", True),
+        ("/api/public/otel/v1/traces", True),
+        ("/v1/projects/acme/other/events", False),
+        ("/v1/projects//events", True),  # a 404: only 2xx answers are left out
+        ("/v1/analytics/cost", False),
+        ("/v1/events/batch/", False),
+    ],
+)
+def test_ingest_paths_are_the_ingest_routes(path: str, ingest: bool) -> None:
+    from watchllm_ext.serving import is_ingest_path
+
+    assert is_ingest_path(path) is ingest

@@ -54,6 +54,13 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level of the server."
     )
+    access_log: Literal["all", "quiet-ingest", "off"] = Field(
+        "quiet-ingest",
+        description="`watchllm serve`'s access log (a line per request, at log_level info):"
+        " all requests; quiet-ingest, all but ingest requests answered 2xx (events and OTLP"
+        " spans: at thousands a second their lines cost the server a quarter of its time, and"
+        " /metrics counts them by route and status); off, none.",
+    )
     clickhouse_url: str | None = Field(
         None,
         description="A ClickHouse server to use instead of the embedded chDB store, as"
