@@ -33,3 +33,15 @@ def test_a_bad_count_is_refused(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60, cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 2 and "--concurrency must be" in done.stderr
+
+
+def test_lane_pairs_compare_the_lane_with_starlettes_layers(tmp_path: Path) -> None:
+    out = tmp_path / "pairs.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "--lane-pairs", "2", "--requests", "300", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert len(figures["pairs"]) == 2 and all(a > 0 and b > 0 for a, b in figures["pairs"])
+    assert "lane / Starlette" in done.stdout
