@@ -255,3 +255,29 @@ def test_a_202_sends_what_starlettes_json_response_sends(body: bytes) -> None:
         theirs.body,
         theirs.background,
     )
+
+
+def test_middleware_a_host_adds_to_the_app_sees_the_ingest_routes_too(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    key = KeyStore(settings.keys_path).create("acme", scope="admin")
+    app = create_app(settings, entry_points=False)
+    seen: list[str] = []
+
+    class Recorder:
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "http":
+                seen.append(scope["path"])
+            await self.app(scope, receive, send)
+
+    app.add_middleware(Recorder)  # the lane steps aside: this must see every request
+    with ServerThread(app) as thread, httpx.Client(base_url=thread.url) as client:
+        r = client.post(
+            "/v1/projects/acme/events",
+            json=prompt_call("seen"),
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        assert r.status_code == 202, r.text
+    assert "/v1/projects/acme/events" in seen
