@@ -781,18 +781,10 @@ async def project_events(request: Request) -> Response:
     if project_id != principal.project_id:
         raise other_project(principal.project_id, project_id)
     body = await _read(request, wl, headers)
-    if len(body) < OFFLOAD_MIN_BYTES:
-        # A small body, on the event loop; written out here, not through _project_events:
-        # the frames a single event's every call and wait goes through cost it ~5% of its
-        # time (bench_request_path.py).
-        events = validate_fast(body, "events")
-        if events is not None:
-            return await _ingest_fast(wl, principal, events, None, received_at)
-        return await _project_events(wl, principal, body, None, received_at, fast=False)
-    return await _big_body(wl, principal, body, "events", received_at, _project_events)
+    return await _by_size(wl, principal, body, "events", received_at, _project_events)
 
 
-async def _big_body(
+async def _by_size(
     wl: WatchLLM,
     principal: Principal,
     body: bytes,
@@ -800,9 +792,17 @@ async def _big_body(
     received_at: datetime,
     handle: Callable[..., Awaitable[Response]],
 ) -> Response:
-    """A big body (OFFLOAD_MIN_BYTES and up) goes to a worker process first (_in_worker), and
-    to `handle` (_batch_events, _project_events) in a big body's place when no worker did it
-    (with `fast` off when the worker's fast validator declined it)."""
+    """A small body is validated here, on the event loop, and its events go straight to
+    _ingest_fast (the frames a single event's every call and wait goes through are ~2% of its
+    time: bench_request_path.py), or when declined to `handle` (_batch_events,
+    _project_events) for the detailed answer. A big one (OFFLOAD_MIN_BYTES and up) goes to a
+    worker process first (_in_worker), and to `handle` in a big body's place when no worker
+    did it (with `fast` off when the worker's fast validator declined it)."""
+    if len(body) < OFFLOAD_MIN_BYTES:
+        events = validate_fast(body, shape)
+        if events is not None:
+            return await _ingest_fast(wl, principal, events, None, received_at)
+        return await handle(wl, principal, body, None, received_at, fast=False)
     done = await _in_worker(wl, principal, body, shape, received_at)
     if isinstance(done, Response):
         return done
@@ -858,12 +858,7 @@ async def batch_events(request: Request) -> Response:
     headers = IngestHeaders.of(request)
     principal = wl.authenticate_header(headers.authorization, "ingest", request)
     body = await _read(request, wl, headers)
-    if len(body) < OFFLOAD_MIN_BYTES:  # as in project_events
-        events = validate_fast(body, "batch")
-        if events is not None:
-            return await _ingest_fast(wl, principal, events, None, received_at)
-        return await _batch_events(wl, principal, body, None, received_at, fast=False)
-    return await _big_body(wl, principal, body, "batch", received_at, _batch_events)
+    return await _by_size(wl, principal, body, "batch", received_at, _batch_events)
 
 
 async def _batch_events(
