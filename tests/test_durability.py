@@ -20,6 +20,7 @@ import httpx
 import pytest
 from conftest import Running, free_port, prompt_call
 
+from watchllm_ext.fsync_process import FsyncFailed
 from watchllm_ext.keys import KeyStore
 from watchllm_plugins.chdb_store import ChdbStore
 
@@ -352,25 +353,42 @@ def test_full_disk_answers_503_and_recovers_by_itself(server_factory: Any, tmpfs
     assert stored == {*acked, "room-again"}
 
 
+@pytest.mark.parametrize("in_process", [True, False], ids=["helper-process", "worker-thread"])
 def test_a_failed_fsync_answers_503_and_the_retry_is_stored_once(
-    server_factory: Any, monkeypatch: pytest.MonkeyPatch
+    server_factory: Any, monkeypatch: pytest.MonkeyPatch, in_process: bool
 ) -> None:
     """A disk error on the spool's fsync (here the fsync is replaced: a disk that fails its
-    fsyncs cannot be made on this machine) is answered as a write's disk error is: 503 with
-    Retry-After, the error named, nothing acknowledged; the server keeps serving, and the
-    client's retry of the same events is stored once."""
-    server: Running = server_factory()
+    fsyncs cannot be made on this machine; test_fsync_process.py has the helper's own real
+    failure) is answered as a write's disk error is: 503 with Retry-After, the error named,
+    nothing acknowledged; the server keeps serving, and the client's retry of the same events
+    is stored once. With the fsyncs in the helper process (the default) and on a thread."""
+    server: Running = server_factory(spool_fsync_process=in_process)
     spool = server.wl.writer.log
-    real_sync = spool._sync_files
     failures = [1]
+    if in_process:
+        deadline = time.monotonic() + 10
+        while spool._helper is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        helper = spool._helper
+        real_fsync = helper.fsync
 
-    def failing_once(closed: list[int], folder: int | None, fd: int) -> None:
-        if failures[0]:
-            failures[0] -= 1
-            raise OSError(5, "Input/output error")
-        real_sync(closed, folder, fd)
+        async def failing_once(fds: Any) -> None:
+            if failures[0]:
+                failures[0] -= 1
+                raise FsyncFailed(len(fds) - 1, 5)
+            await real_fsync(fds)
 
-    monkeypatch.setattr(spool, "_sync_files", failing_once)
+        monkeypatch.setattr(helper, "fsync", failing_once)
+    else:
+        real_sync = spool._sync_files
+
+        def failing_once_on_thread(closed: list[int], folder: int | None, fd: int) -> None:
+            if failures[0]:
+                failures[0] -= 1
+                raise OSError(5, "Input/output error")
+            real_sync(closed, folder, fd)
+
+        monkeypatch.setattr(spool, "_sync_files", failing_once_on_thread)
     body = {"events": [prompt_call("fsync-1"), prompt_call("fsync-2")]}
     r = server.client.post("/v1/events/batch", headers=server.headers(), json=body)
     assert r.status_code == 503, r.text

@@ -447,6 +447,7 @@ def open_spool(settings: Settings) -> tuple[Spool, FolderLock]:
             fsync_interval_s=settings.spool_fsync_interval_s,
             segment_max_bytes=min(settings.spool_segment_bytes, settings.spool_max_bytes // 4),
             max_bytes=settings.spool_max_bytes,
+            fsync_process=settings.spool_fsync_process,
         )
     except BaseException:
         lock.release()

@@ -234,6 +234,12 @@ class Settings(BaseSettings):
         " `interval` every spool_fsync_interval_s, `never` (left to the OS);"
         " see docs/DURABILITY.md.",
     )
+    spool_fsync_process: bool = Field(
+        True,
+        description="With spool_fsync `always`: the spool's fsyncs run in a small helper"
+        " process (a Python thread must first take the GIL, which the event loop holds while"
+        " it serves requests); false: on a worker thread. See docs/DURABILITY.md.",
+    )
     spool_fsync_interval_s: float = Field(
         1.0, gt=0, le=60, description="fsync period of the `interval` policy (seconds)."
     )

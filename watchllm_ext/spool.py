@@ -41,6 +41,7 @@ import json
 import logging
 import os
 import struct
+import subprocess
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -50,6 +51,8 @@ from typing import Literal
 import anyio
 import anyio.lowlevel
 import msgspec
+
+from .fsync_process import FsyncFailed, FsyncProcess, HelperGone, supported
 
 log = logging.getLogger("watchllm.spool")
 
@@ -180,6 +183,7 @@ class Spool:
         fsync_interval_s: float = 1.0,
         segment_max_bytes: int = 64 * 1024 * 1024,
         max_bytes: int = 1024 * 1024 * 1024,
+        fsync_process: bool = False,
     ) -> None:
         self.folder = folder
         self.segments_dir = folder / "segments"
@@ -189,6 +193,10 @@ class Spool:
             d.mkdir(parents=True, exist_ok=True)
         self.fsync = fsync
         self.fsync_interval_s = fsync_interval_s
+        # run_group_commit's rounds fsync in a helper process (fsync_process.py) when asked
+        # and possible; the helper runs from the task's start to close().
+        self.fsync_process = fsync_process and supported()
+        self._helper: FsyncProcess | None = None
         self.segment_max_bytes = segment_max_bytes
         self.max_bytes = max_bytes
         self.roll_drained_bytes = min(segment_max_bytes, 1 << 20)
@@ -326,6 +334,12 @@ class Spool:
         round waited for that round, woke, and waited again for the round it started, each
         wake-up going through the request's whole stack of coroutines: ~7 us more of the
         event loop a single event, 13% fewer of them a second (bench_request_path.py)."""
+        if self.fsync_process and self._helper is None:
+            try:
+                self._helper = await anyio.to_thread.run_sync(FsyncProcess.start)
+            except (OSError, ValueError, subprocess.SubprocessError) as exc:
+                log.warning("the fsync helper process did not start (%s): fsyncs run on a"
+                            " worker thread", exc)  # fmt: skip
         try:
             while True:
                 if self._durable >= self._written:
@@ -379,7 +393,7 @@ class Spool:
         folder = self._folder_fd if self._folder_unsynced else None
         self._folder_unsynced = False
         try:
-            await anyio.to_thread.run_sync(self._sync_files, closed, folder, fd)
+            await self._sync(closed, folder, fd)
             self.fsyncs_total += 1
             self._last_sync = time.monotonic()
             self._durable = max(self._durable, target)
@@ -394,6 +408,29 @@ class Spool:
             while self._retired_fds:
                 os.close(self._retired_fds.pop())
             round_.done.set()
+
+    async def _sync(self, closed: list[int], folder: int | None, fd: int) -> None:
+        """_sync_files, in the helper process when it runs, else on a worker thread."""
+        helper = self._helper
+        if helper is not None:
+            try:
+                await helper.fsync([*closed, *([folder] if folder is not None else []), fd])
+            except FsyncFailed as exc:
+                synced = min(exc.index, len(closed))  # closed first: those before it are done
+                for done in closed[:synced]:
+                    os.close(done)
+                del closed[:synced]
+                raise
+            except HelperGone as exc:
+                log.warning("the fsync helper process is gone (%s): fsyncs run on a worker"
+                            " thread from now on", exc)  # fmt: skip
+                self._helper = None
+                helper.close()
+            else:
+                while closed:
+                    os.close(closed.pop())
+                return
+        await anyio.to_thread.run_sync(self._sync_files, closed, folder, fd)
 
     async def wait_appended(self) -> None:
         if self._appended is None:
@@ -446,6 +483,9 @@ class Spool:
             os.close(self._folder_fd)
             self._fd = -1
             self._durable = self._written
+        if self._helper is not None:
+            self._helper.close()
+            self._helper = None
 
     # --- reading ----------------------------------------------------------------------------
 
