@@ -67,6 +67,29 @@ def test_the_helper_fsyncs_files_and_exits_when_closed(tmp_path: Path) -> None:
     assert helper.process.returncode == 0
 
 
+def test_the_helper_outlives_the_signals_a_stopping_service_sends(tmp_path: Path) -> None:
+    """SIGINT, SIGTERM and SIGHUP (a Ctrl-C to the process group, a service manager stopping
+    every process of the service) leave the helper serving: the server, stopping, still
+    fsyncs what it accepted; it ends the helper by closing the socket."""
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
+    helper = FsyncProcess.start()
+
+    async def main() -> None:
+        await helper.fsync([fd])  # started: its signal dispositions are set
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            helper.process.send_signal(sig)
+        await anyio.sleep(0.2)
+        await helper.fsync([fd])
+
+    try:
+        anyio.run(main)
+        assert helper.process.poll() is None
+    finally:
+        helper.close()
+        os.close(fd)
+    assert helper.process.returncode == 0
+
+
 def test_a_failed_fsync_names_its_descriptor_and_the_helper_goes_on(tmp_path: Path) -> None:
     fds = [os.open(tmp_path / f"f{i}", os.O_WRONLY | os.O_CREAT) for i in range(100)]
     read_end, write_end = os.pipe()  # fsync(pipe) is EINVAL: a real failing fsync

@@ -7,8 +7,10 @@ after the first failure of a message (what follows is not synced: the spool retr
 
 Standard library only, and run by path rather than imported: it starts in a few milliseconds
 and needs nothing of the server's. It exits when the server closes its end of the socket (or
-exits, or is killed), and ignores SIGINT: a Ctrl-C in a terminal reaches the whole process
-group, and the server, not the helper, decides when fsyncs are over.
+exits, or is killed), and ignores SIGINT, SIGTERM and SIGHUP: a Ctrl-C in a terminal reaches
+the whole process group and a service manager may signal every process of the service, while
+the server, stopping, still fsyncs what it has accepted. The server decides when fsyncs are
+over; SIGKILL still ends the helper (the server then fsyncs on a worker thread).
 """
 
 from __future__ import annotations
@@ -46,7 +48,9 @@ def serve(sock: socket.socket) -> None:
 
 
 def main() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
     serve(socket.socket(fileno=int(sys.argv[1])))
 
 
