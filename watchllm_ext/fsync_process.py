@@ -41,8 +41,15 @@ class FsyncFailed(OSError):
 
 
 def supported() -> bool:
-    """Can this platform pass descriptors to another process (Unix sockets, SCM_RIGHTS)?"""
-    return hasattr(socket, "send_fds") and hasattr(socket, "AF_UNIX")
+    """Can this platform pass descriptors to another process (Unix sockets, SCM_RIGHTS), and
+    is sys.executable a Python that can run the helper's program (not a frozen app's binary,
+    which would take the program's path for its own arguments)?"""
+    return (
+        hasattr(socket, "send_fds")
+        and hasattr(socket, "AF_UNIX")
+        and bool(sys.executable)
+        and not getattr(sys, "frozen", False)
+    )
 
 
 class FsyncProcess:
