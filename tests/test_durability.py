@@ -21,6 +21,7 @@ import pytest
 from conftest import Running, free_port, prompt_call
 
 from watchllm_ext.fsync_process import FsyncFailed
+from watchllm_ext.fsync_process import supported as fsync_process_supported
 from watchllm_ext.keys import KeyStore
 from watchllm_plugins.chdb_store import ChdbStore
 
@@ -362,6 +363,8 @@ def test_a_failed_fsync_answers_503_and_the_retry_is_stored_once(
     failure) is answered as a write's disk error is: 503 with Retry-After, the error named,
     nothing acknowledged; the server keeps serving, and the client's retry of the same events
     is stored once. With the fsyncs in the helper process (the default) and on a thread."""
+    if in_process and not fsync_process_supported():
+        pytest.skip("no helper process on this platform")
     server: Running = server_factory(spool_fsync_process=in_process)
     spool = server.wl.writer.log
     failures = [1]

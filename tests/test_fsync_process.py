@@ -8,6 +8,7 @@ import errno
 import logging
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 from conftest import free_port
 from test_durability import ServeProcess
 
+from watchllm_ext.fsync_child import LOST, REPLY
 from watchllm_ext.fsync_process import FsyncFailed, FsyncProcess, HelperGone, supported
 from watchllm_ext.spool import Spool
 
@@ -109,26 +111,91 @@ def test_a_failed_fsync_names_its_descriptor_and_the_helper_goes_on(tmp_path: Pa
             os.close(fd)
 
 
-def test_a_spool_runs_its_rounds_in_the_helper_and_reaps_it_at_close(tmp_path: Path) -> None:
-    async def main() -> tuple[FsyncProcess, int]:
+def test_a_spool_runs_its_rounds_in_the_helper_and_reaps_it_at_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    on_thread: list[int] = []
+
+    def no_thread(closed: list[int], folder: int | None, fd: int) -> None:
+        on_thread.append(fd)
+        Spool._sync_files(closed, folder, fd)
+
+    async def main() -> tuple[FsyncProcess, int, int]:
         spool = Spool(tmp_path, fsync="always", fsync_process=True, segment_max_bytes=4096)
+        monkeypatch.setattr(spool, "_sync_files", no_thread)
+        asked = [0]
         async with anyio.create_task_group() as tg:
             tg.start_soon(spool.run_group_commit)
             with anyio.fail_after(10):
                 while spool._helper is None:
                     await anyio.sleep(0.005)
             helper = spool._helper
+            real_fsync = helper.fsync
+
+            async def counted(fds: list[int]) -> None:
+                asked[0] += 1
+                await real_fsync(fds)
+
+            monkeypatch.setattr(helper, "fsync", counted)
             for i in range(200):  # segments roll: closed ones and the folder go along
                 await spool.append(b'["%d"]' % i + b" " * 100, 1)
             tg.cancel_scope.cancel()
-        fsyncs = spool.fsyncs_total
-        assert spool._durable == spool.end
+        assert spool._helper is helper and spool._durable == spool.end
+        assert on_thread == []  # (close() syncs the last bytes itself, on its caller's thread)
         spool.close()
-        return helper, fsyncs
+        return helper, asked[0], spool.fsyncs_total
 
-    helper, fsyncs = anyio.run(main)
-    assert 0 < fsyncs <= 200
+    helper, asked, fsyncs = anyio.run(main)
+    assert 0 < fsyncs <= 200 and asked == fsyncs  # every round in the helper
     assert helper.process.returncode == 0  # closed with the spool
+
+
+def test_a_failed_fsync_of_a_closed_segment_keeps_it_and_those_after_it(tmp_path: Path) -> None:
+    """Spool._sync with the helper: the closed segments before the one that failed are on disk
+    and closed; it and those after it stay for the next round. (A pipe stands for the failing
+    segment: fsync(pipe) is a real EINVAL.)"""
+    first = os.open(tmp_path / "a", os.O_WRONLY | os.O_CREAT)
+    read_end, failing = os.pipe()
+    last = os.open(tmp_path / "b", os.O_WRONLY | os.O_CREAT)
+
+    async def main() -> list[int]:
+        spool = Spool(tmp_path / "spool", fsync="always")
+        spool._helper = FsyncProcess.start()
+        closed = [first, failing, last]
+        with pytest.raises(FsyncFailed) as failed:  # the helper's error, not the thread's
+            await spool._sync(closed, None, spool._fd)
+        assert failed.value.errno == errno.EINVAL and failed.value.index == 1
+        spool.close()
+        return closed
+
+    try:
+        assert anyio.run(main) == [failing, last]
+        with pytest.raises(OSError):
+            os.fstat(first)  # closed: it was synced
+    finally:
+        for fd in (read_end, failing, last):
+            os.close(fd)
+
+
+def test_descriptors_that_did_not_all_arrive_are_not_counted_as_synced(tmp_path: Path) -> None:
+    """A message whose count says more descriptors than came (as when the kernel drops what the
+    helper cannot take) is answered LOST: HelperGone, and the spool does the fsyncs itself."""
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
+    helper = FsyncProcess.start()
+
+    async def main() -> None:
+        socket.send_fds(helper._sock, [bytes([2])], [fd])  # says 2, carries 1
+        with pytest.raises(HelperGone):
+            index, _errno = REPLY.unpack(await helper._reply())
+            if index == LOST:
+                raise HelperGone("lost")
+        await helper.fsync([fd])  # and it goes on with the next message
+
+    try:
+        anyio.run(main)
+    finally:
+        helper.close()
+        os.close(fd)
 
 
 def test_a_killed_helper_leaves_the_fsyncs_to_a_worker_thread(
@@ -157,6 +224,7 @@ def test_a_killed_helper_leaves_the_fsyncs_to_a_worker_thread(
     assert "the fsync helper process is gone" in caplog.text
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the helper in /proc")
 def test_the_helper_of_a_killed_server_exits(tmp_path: Path) -> None:
     """SIGKILL leaves no orphan: the helper sees its socket close and exits."""
     serve = ServeProcess(tmp_path / "data", free_port())

@@ -1,9 +1,12 @@
 """The spool's fsync helper process: the program fsync_process.py starts.
 
-It receives file descriptors over a Unix socket (each message: one byte and up to
-MAX_FDS_PER_MESSAGE descriptors), fsyncs them in order, closes them, and answers each message
-with REPLY: the index of the descriptor whose fsync failed (-1: none) and its errno. It stops
-after the first failure of a message (what follows is not synced: the spool retries it).
+It receives file descriptors over a Unix socket (each message: one byte, the count of the
+descriptors it carries, at most MAX_FDS_PER_MESSAGE), fsyncs them in order, closes them, and
+answers each message with REPLY: the index of the descriptor whose fsync failed (-1: none) and
+its errno. It stops after the first failure of a message (what follows is not synced: the
+spool retries it). A message whose descriptors did not all arrive (the kernel drops what the
+helper cannot take, MSG_CTRUNC) is answered LOST and nothing of it is synced: the server then
+does the fsyncs itself, rather than count as synced a descriptor this process never had.
 
 Standard library only, and run by path rather than imported: it starts in a few milliseconds
 and needs nothing of the server's. It exits when the server closes its end of the socket (or
@@ -22,20 +25,23 @@ import struct
 import sys
 
 REPLY = struct.Struct("=ii")  # (index of the failed descriptor or -1, errno or 0)
+LOST = -2  # REPLY's index when the message's descriptors did not all arrive
 MAX_FDS_PER_MESSAGE = 64  # well under Linux's SCM_MAX_FD (253)
 
 
 def serve(sock: socket.socket) -> None:
     while True:
         try:
-            data, fds, _flags, _address = socket.recv_fds(sock, 1, MAX_FDS_PER_MESSAGE)
+            data, fds, flags, _address = socket.recv_fds(sock, 1, MAX_FDS_PER_MESSAGE)
         except OSError:
             return
         if not data:
             return  # the server closed its end
         failed, errno = -1, 0
+        if flags & getattr(socket, "MSG_CTRUNC", 0) or len(fds) != data[0]:
+            failed = LOST
         for index, fd in enumerate(fds):
-            if failed < 0:
+            if failed == -1:
                 try:
                     os.fsync(fd)
                 except OSError as exc:

@@ -13,6 +13,7 @@ next, so a reply always belongs to the request in flight.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import anyio
 
-from .fsync_child import MAX_FDS_PER_MESSAGE, REPLY
+from .fsync_child import LOST, MAX_FDS_PER_MESSAGE, REPLY
 
 CHILD = Path(__file__).with_name("fsync_child.py")
 
@@ -85,11 +86,14 @@ class FsyncProcess:
         on a worker thread does."""
         with anyio.CancelScope(shield=True):
             for first in range(0, len(fds), MAX_FDS_PER_MESSAGE):
+                chunk = fds[first : first + MAX_FDS_PER_MESSAGE]
                 try:
-                    socket.send_fds(self._sock, [b"s"], fds[first : first + MAX_FDS_PER_MESSAGE])
+                    socket.send_fds(self._sock, [bytes([len(chunk)])], chunk)
                     index, errno = REPLY.unpack(await self._reply())
                 except OSError as exc:
                     raise HelperGone(f"its socket failed: {exc}") from None
+                if index == LOST:
+                    raise HelperGone("it did not receive every descriptor sent")
                 if index >= 0:
                     raise FsyncFailed(first + index, errno)
 
@@ -107,11 +111,14 @@ class FsyncProcess:
         return got
 
     def close(self, timeout_s: float = 5.0) -> None:
-        """Close its socket (it exits once its fsync in flight, if any, is done) and reap it;
-        killed if it has not exited within `timeout_s`."""
+        """Close its socket (it exits once its fsync in flight, if any, is done) and reap it,
+        killed if it has not exited within `timeout_s`. Blocking: off the event loop. One
+        stuck in a hung fsync may outlive even SIGKILL for a while: it is left to exit then
+        (reaped by whoever adopts it) rather than wait for without end."""
         self._sock.close()
         try:
             self.process.wait(timeout_s)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            self.process.wait()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout_s)

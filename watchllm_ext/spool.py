@@ -336,10 +336,15 @@ class Spool:
         event loop a single event, 13% fewer of them a second (bench_request_path.py)."""
         if self.fsync_process and self._helper is None:
             try:
-                self._helper = await anyio.to_thread.run_sync(FsyncProcess.start)
+                helper = await anyio.to_thread.run_sync(FsyncProcess.start)
             except (OSError, ValueError, subprocess.SubprocessError) as exc:
                 log.warning("the fsync helper process did not start (%s): fsyncs run on a"
                             " worker thread", exc)  # fmt: skip
+            else:
+                if self._helper is None:
+                    self._helper = helper
+                else:  # another run_group_commit started one meanwhile
+                    await anyio.to_thread.run_sync(helper.close)
         try:
             while True:
                 if self._durable >= self._written:
@@ -422,10 +427,13 @@ class Spool:
                 del closed[:synced]
                 raise
             except HelperGone as exc:
+                # Whatever it did of this request is done again on the thread. (An fsync
+                # that failed in it just before it died has had its error taken by the
+                # kernel: the thread's may then succeed, as any retried fsync may.)
                 log.warning("the fsync helper process is gone (%s): fsyncs run on a worker"
                             " thread from now on", exc)  # fmt: skip
                 self._helper = None
-                helper.close()
+                await anyio.to_thread.run_sync(helper.close)
             else:
                 while closed:
                     os.close(closed.pop())
