@@ -465,11 +465,15 @@ def test_a_worker_killed_under_load_loses_nothing(server_factory: Any) -> None:
     killer.start()
     accepted: list[str] = []
     try:
-        for n in range(20):
+        # At least 20 bodies, and on until a kill has landed during a call (a fast request
+        # path can finish 20 between kills); at most 400.
+        n = 0
+        while n < 20 or (pool.POOL.lost_total == lost and n < 400):
             body = batch_body(many_events(copies=2, prefix=f"k{n}-"))
             got = running.client.post("/v1/events/batch", content=body, headers=running.headers())
             assert got.status_code == 202, got.text
             accepted.extend(got.json()["event_ids"])
+            n += 1
     finally:
         stop.set()
         killer.join()
