@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import Running, free_port, prompt_call
+from test_big_body_slot import wait_until
 
 from watchllm_ext.fsync_process import FsyncFailed
 from watchllm_ext.fsync_process import supported as fsync_process_supported
@@ -369,9 +370,7 @@ def test_a_failed_fsync_answers_503_and_the_retry_is_stored_once(
     spool = server.wl.writer.log
     failures = [1]
     if in_process:
-        deadline = time.monotonic() + 10
-        while spool._helper is None and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: spool._helper is not None, 10, "the fsync helper started")
         helper = spool._helper
         real_fsync = helper.fsync
 

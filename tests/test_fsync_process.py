@@ -9,12 +9,12 @@ import logging
 import os
 import signal
 import socket
-import time
 from pathlib import Path
 
 import anyio
 import pytest
 from conftest import free_port
+from test_big_body_slot import wait_until
 from test_durability import ServeProcess
 
 from watchllm_ext.fsync_child import LOST, REPLY
@@ -227,15 +227,10 @@ def test_a_killed_helper_leaves_the_fsyncs_to_a_worker_thread(
 def test_the_helper_of_a_killed_server_exits(tmp_path: Path) -> None:
     """SIGKILL leaves no orphan: the helper sees its socket close and exits."""
     serve = ServeProcess(tmp_path / "data", free_port())
-    deadline = time.monotonic() + 10
-    while not helpers_of(serve.proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: bool(helpers_of(serve.proc.pid)), 10, "the helper started")
     (helper,) = helpers_of(serve.proc.pid)
     assert serve.kill(signal.SIGKILL) == -signal.SIGKILL
-    deadline = time.monotonic() + 10
-    while not gone(helper) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert gone(helper)
+    wait_until(lambda: gone(helper), 10, "the helper exited with its server")
 
 
 def test_helper_gone_is_raised_when_the_helper_has_exited(tmp_path: Path) -> None:
