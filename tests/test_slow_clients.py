@@ -160,6 +160,17 @@ def _body(n: int, prefix: str = "e") -> bytes:
     return json.dumps({"events": events}).encode()
 
 
+def test_a_later_request_gets_its_whole_header_deadline(served: Served) -> None:
+    # The connection's timer, set at its start, fires while the second request's headers
+    # dribble: it must wait on to that request's own deadline, not cut it short.
+    sock = served.connect()
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert b" 200 " in sock.recv(65536).split(b"\r\n", 1)[0]
+    time.sleep(0.6 * HEADER_TIMEOUT_S)  # within the keep-alive time
+    waited = _closed_after(sock, b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Slow: aaaaaaaaaaaaaaaa")
+    assert HEADER_TIMEOUT_S - 0.1 < waited < HEADER_TIMEOUT_S + 1.5, waited
+
+
 def test_a_dribbled_body_gets_408_naming_body(served: Served) -> None:
     body = _body(1)
     sock = served.connect()

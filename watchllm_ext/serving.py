@@ -104,6 +104,10 @@ _H11_TOO_LARGE = "Receive buffer too long"
 _LINGER_S = 1.0
 
 
+# uvloop's timers count whole milliseconds: one may fire up to this much before its time.
+_TIMER_SLACK_S = 0.002
+
+
 class _OneSendPerAnswer:
     """A connection's transport that holds a response head until the first write of its
     body, so that an answer with a small body goes out in one send() instead of two (a
@@ -208,6 +212,11 @@ def header_timeout_protocol(
     counting = headers_complete is not None
 
     class HeaderTimeoutProtocol(base):  # type: ignore[misc, valid-type]
+        # The headers' deadline (loop time), None when none is running. The timer behind it
+        # is kept across requests, not made and cancelled for each one (~2 us a request of
+        # the event loop): once it fires it looks at the deadline then, and sleeps again
+        # until it if a later request moved it.
+        _header_deadline: float | None = None
         _header_timer: asyncio.TimerHandle | None = None
         # (h11) Both of uvicorn's protocols set `self.cycle` to a new object once a request's
         # headers are complete: the deadline is met when `cycle` changed since it was set.
@@ -248,7 +257,7 @@ def header_timeout_protocol(
         def data_received(self, data: bytes) -> None:
             if self._refused:
                 return  # answered (or closing): what still comes is read and dropped
-            if self._header_timer is None and self._awaiting_request():
+            if self._header_deadline is None and self._awaiting_request():
                 self._arm()  # the first bytes of a new request on a kept-alive connection
             if counting:
                 in_head = self._in_head
@@ -262,7 +271,7 @@ def header_timeout_protocol(
                 self._disarm()  # met: the next request's first bytes arm it again
                 if self._next_begun:
                     self._arm()  # a pipelined request's head began in this chunk: its own
-            if self._header_timer is None:
+            if self._header_deadline is None:
                 return
             if not self._headers_pending():
                 self._disarm()  # headers complete
@@ -352,6 +361,9 @@ def header_timeout_protocol(
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
             super().connection_lost(exc)
 
         def _between_requests(self) -> bool:
@@ -373,15 +385,24 @@ def header_timeout_protocol(
 
         def _arm(self) -> None:
             self._cycle_at_timer = self.cycle
-            self._header_timer = self.loop.call_later(timeout_s, self._headers_late)
+            # Deadlines only move later, so a timer already set fires before this one is due.
+            self._header_deadline = self.loop.time() + timeout_s
+            if self._header_timer is None:
+                self._header_timer = self.loop.call_later(timeout_s, self._headers_late)
 
         def _disarm(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
+            self._header_deadline = None
 
         def _headers_late(self) -> None:
             self._header_timer = None
+            deadline = self._header_deadline
+            if deadline is None:
+                return  # met; the next request's first bytes set the timer again
+            left = deadline - self.loop.time()
+            if left > _TIMER_SLACK_S:  # a later request's deadline: not due yet
+                self._header_timer = self.loop.call_later(left, self._headers_late)
+                return
+            self._header_deadline = None
             if self._headers_pending() and not self.transport.is_closing():
                 self.transport.close()
 
