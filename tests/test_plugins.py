@@ -96,6 +96,24 @@ def test_plugin_from_settings(server_factory: Any, example_on_path: None) -> Non
     assert "watchllm_redact_emails" in {p["name"] for p in plugins}
 
 
+def test_a_plugin_installed_and_named_in_settings_loads_once(
+    server_factory: Any, example_entry_point: None
+) -> None:
+    # Its make_plugin gives a new object each load: only the module tells it is the same one.
+    server = server_factory(plugins=["watchllm_redact_emails"])
+    r = server.client.post(
+        "/v1/events/batch",
+        headers=server.headers(),
+        json={"events": [prompt_call("r1", user_id="alice@example.com")]},
+    )
+    assert len(r.json()["rejected"][0]["errors"]) == 1, r.text
+    names = {
+        p["name"]
+        for p in server.client.get("/-/plugins", headers=server.headers()).json()["plugins"]
+    }
+    assert "redact_emails" in names and "watchllm_redact_emails" not in names
+
+
 def test_plugin_from_settings_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("WATCHLLM_PLUGINS", "json, watchllm_ext.testing")
     settings = Settings(data_dir=tmp_path)

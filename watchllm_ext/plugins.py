@@ -62,6 +62,8 @@ def get_plugin_manager(
         except ImportError as exc:
             raise PluginError(f"plugin {dotted!r} from settings cannot be imported: {exc}") from exc
         if pm.get_plugin(dotted) is None and not pm.is_registered(module):
+            if module in getattr(pm, "watchllm_entry_modules", ()):
+                continue  # installed and named in settings too: its entry point loaded it
             pm.register(_instantiate(module, settings), name=dotted)
     for plugin in plugins:
         if not pm.is_registered(plugin):
@@ -83,19 +85,25 @@ def _instantiate(module: Any, settings: Settings) -> Any:
 
 def _load_entry_points(pm: pluggy.PluginManager, settings: Settings, blocked: set[str]) -> None:
     origins: dict[str, tuple[str, str]] = getattr(pm, "watchllm_origins", {})
+    # The modules loaded here: one also named in `plugins` is not registered a second time
+    # (with make_plugin each load is a new object, so is_registered cannot tell).
+    modules: list[Any] = []
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
         if ep.name in blocked or ep.value in blocked or pm.get_plugin(ep.name) is not None:
             continue
         try:
-            plugin = _instantiate(ep.load(), settings)
+            loaded = ep.load()
+            plugin = _instantiate(loaded, settings)
         except Exception as exc:
             raise PluginError(f"plugin {ep.name!r} ({ep.value}) failed to load: {exc}") from exc
+        modules.append(loaded)
         if pm.is_registered(plugin):
             continue
         pm.register(plugin, name=ep.name)
         if ep.dist is not None:
             origins[ep.name] = (ep.dist.name, ep.dist.version)
     pm.watchllm_origins = origins  # type: ignore[attr-defined]
+    pm.watchllm_entry_modules = modules  # type: ignore[attr-defined]
 
 
 def call_hook(hook: pluggy.HookCaller, **kwargs: Any) -> Any:
