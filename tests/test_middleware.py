@@ -964,3 +964,39 @@ def test_a_utf8_user_header_is_stored_as_the_sdk_stores_the_same_user(tmp_path: 
     assert sorted(s["user_id"] for s in summaries(rows)) == sorted(["é", "Zoë 🚀", "café"])
     (sdk_event,) = [row for row in rows if row["event_id"] == "sdk-e"]
     assert sdk_event["user_id"] == "é"
+
+
+def test_a_budget_read_older_than_twice_its_cache_time_is_not_used(tmp_path: Path) -> None:
+    """Under steady traffic a stale read decides while it is renewed in the background; after
+    a quiet spell (older than twice cache_s) the request waits for a new read instead, so a
+    user who went over the budget before the spell is refused by the first request after it."""
+    from datetime import UTC, datetime
+
+    from watchllm_ext.middleware.budget import UserDailyBudget
+    from watchllm_ext.quota import QuotaDecision
+
+    settings = make_settings(tmp_path)
+    wl = create_app(settings).state.watchllm
+    principal = Principal("acme", frozenset({"ingest"}))
+
+    async def main() -> None:
+        async with wl.running():
+            budget = UserDailyBudget(wl, 0.01, cache_s=0.2)
+            first = budget.check_quota(principal, 0, "carol")  # the day's first read: waits
+            assert first is not None and not isinstance(first, QuotaDecision)
+            assert (await first).allowed
+            now = datetime.now(UTC).isoformat()
+            carol = prompt_call("c1", user_id="carol", cost_estimate_usd=0.02, timestamp=now)
+            await wl.ingest(principal, [carol])
+            with anyio.fail_after(30):
+                while wl.writer.lag_events():
+                    await anyio.sleep(0.02)
+            # Within cache_s: the read from before the call decides.
+            assert budget.check_quota(principal, 0, "carol") is None
+            await anyio.sleep(0.5)  # a quiet spell: the read is 2.5 x cache_s old
+            decision = budget.check_quota(principal, 0, "carol")
+            assert decision is not None and not isinstance(decision, QuotaDecision)
+            decision = await decision  # it waited for a new read
+            assert not decision.allowed and budget.queries == 2
+
+    anyio.run(main)

@@ -8,9 +8,10 @@ or the one computed from the model's price) of the user's prompt calls stored to
 It is read through the store for all the project's users at once (one grouped query, so
 its cost does not grow with the number of users making requests), and that read is reused
 for `cache_s`; after that it is read again in the background while decisions go on with the
-old value (only a project's first request of the day waits for a read). So the spend a
-decision sees is behind by at most: the outbox interval (recorded events), the writer's
-flush_interval_s (to the store), `cache_s` and one read; requests in that window can go
+old value, up to twice `cache_s` old; a request that finds it older than that (after a
+quiet spell) waits for a new read, as a project's first request of the day does. So the
+spend a decision sees is behind by at most: the outbox interval (recorded events), the
+writer's flush_interval_s (to the store), twice `cache_s`; requests in that window can go
 over the budget by what they cost.
 
 Reading the whole day every `cache_s` costs the store more the busier the day: about 100 ms
@@ -100,10 +101,13 @@ class UserDailyBudget:
         cached = self._cache.get(project)
         if cached is not None:
             spends, read_at, day_start, day_end = cached
-            if day_start <= time.time() < day_end:
-                if time.monotonic() - read_at >= self.cache_s and project not in self._pending:
-                    # Stale: decide on it now and read again in the background, so no
-                    # request waits for the store (only the first of a project's day does).
+            age = time.monotonic() - read_at
+            # Older than twice cache_s (a quiet spell: no request renewed it), it is not
+            # used: the request waits for a new read, as the day's first one does.
+            if day_start <= time.time() < day_end and age < 2 * self.cache_s:
+                if age >= self.cache_s and project not in self._pending:
+                    # Stale: decide on it now and read again in the background, so under
+                    # steady traffic no request waits for the store.
                     task = asyncio.get_running_loop().create_task(
                         self.spend_today(project, datetime.now(UTC))
                     )
