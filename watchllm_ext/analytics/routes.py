@@ -1,20 +1,23 @@
-"""The analytics routes. Each: authenticate (read scope; the key's project, or the one an
-operator key names), parse parameters (one time-range vocabulary for every route with a
-range, params.time_range), run named queries from queries.py in a worker thread, shape the
-answer (models.py)."""
+"""The analytics routes. Each: declare the query parameters it accepts (`accepts`),
+authenticate (read scope), refuse a parameter it does not accept, take the key's project or
+the one an operator key names, parse parameters (one time-range vocabulary for every route
+with a range, params.time_range), run named queries from queries.py in a worker thread,
+shape the answer (models.py)."""
 
 from __future__ import annotations
 
 import json
 import re
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime, timedelta
+from functools import wraps
 from typing import Any, get_args
 from zoneinfo import ZoneInfo
 
 import anyio
 from pydantic import BaseModel
+from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -86,22 +89,50 @@ async def _reply(build: Callable[[], BaseModel]) -> Response:
 _STORE_ZONES: weakref.WeakKeyDictionary[Any, frozenset[str]] = weakref.WeakKeyDictionary()
 
 
-async def _zone(store: Store, request: Request) -> str:
-    """`tz`: UTC without a look-up; another zone must be known to Python and ClickHouse."""
-    if request.query_params.get("tz", "UTC") == "UTC":
+async def _zone(store: Store, request: Request, params: QueryParams | None = None) -> str:
+    """`tz` of `params` (by default the request's: the dashboard checks its own pages' zone
+    so): UTC without a look-up; another zone must be known to Python and ClickHouse."""
+    qp = request.query_params if params is None else params
+    if qp.get("tz", "UTC") == "UTC":
         return "UTC"
     known = _STORE_ZONES.get(store)
     if known is None:
         rows = await _run(store, Q.TIME_ZONES, {})
         known = P.python_zones() & frozenset(r["time_zone"] for r in rows)
         _STORE_ZONES[store] = known
-    return P.zone(request.query_params, known)
+    return P.zone(qp, known)
 
 
-def _context(request: Request) -> tuple[Any, Store, str]:
+Endpoint = Callable[[Request], Awaitable[Response]]
+# A route as written: the request, and its query parameters held to those it accepts.
+Declared = Callable[[Request, P.Query], Awaitable[Response]]
+
+
+def accepts(*names: Iterable[str]) -> Callable[[Declared], Endpoint]:
+    """Declare the query parameters a route accepts (groups of names: params.PROJECT,
+    params.RANGE, params.PAGE, and the route's own), the one list of them: the route gets
+    its query string as a params.Query of these names, which it reads them from, and
+    `_context` refuses any other name sent with a 400 naming it (docs/ANALYTICS.md,
+    "Parameters"). The names are the endpoint's `accepted` (tests drive every one)."""
+    accepted = frozenset(name for group in names for name in group)
+
+    def declare(route: Declared) -> Endpoint:
+        @wraps(route)
+        async def endpoint(request: Request) -> Response:
+            return await route(request, P.Query(request.query_params, accepted))
+
+        endpoint.accepted = accepted  # type: ignore[attr-defined]
+        return endpoint
+
+    return declare
+
+
+def _context(request: Request, qp: P.Query) -> tuple[Any, Store, str]:
+    """Authenticate, refuse a query parameter the route does not accept, take the project."""
     wl = request.app.state.watchllm
     principal = wl.authenticate(request, "read")
-    project = P.project(request.query_params, principal)
+    qp.check()
+    project = P.project(qp, principal)
     if wl.store is None:
         raise Problem(
             503, "store_unavailable", "the store is not open", headers={"Retry-After": "5"}
@@ -157,10 +188,11 @@ def _percentiles(values: list[float] | None, has_any: bool) -> Percentiles:
 # --- stats ---
 
 
-async def stats(request: Request) -> Response:
+@accepts(P.PROJECT, P.RANGE)
+async def stats(request: Request, qp: P.Query) -> Response:
     """GET /v1/analytics/stats"""
-    _, store, project = _context(request)
-    span = P.time_range(request.query_params)
+    _, store, project = _context(request, qp)
+    span = P.time_range(qp)
     window = _rollup_window(span)
     args = _base_args(project, span, window)
     clean = await _count_clean(store, project, window)
@@ -267,10 +299,10 @@ def _hour_aligned(tz: str, span: P.Range) -> bool:
     )
 
 
-async def timeseries(request: Request) -> Response:
+@accepts(P.PROJECT, P.RANGE, ("interval", "tz", "group_by", "groups", "rank_by"))
+async def timeseries(request: Request, qp: P.Query) -> Response:
     """GET /v1/analytics/timeseries"""
-    _, store, project = _context(request)
-    qp = request.query_params
+    _, store, project = _context(request, qp)
     span = P.time_range(qp)
     interval = P.interval(qp, span)
     group = P.choice(qp, "group_by", tuple(Q.GROUP_COLUMNS))
@@ -280,7 +312,7 @@ async def timeseries(request: Request) -> Response:
         for name in ("groups", "rank_by"):
             if name in qp:
                 raise P.bad(name, "only with group_by")
-    tz = await _zone(store, request)
+    tz = await _zone(store, request, qp)
     unit, step, _ = P.INTERVALS[interval]
     starts = await anyio.to_thread.run_sync(_bucket_starts, span, interval, tz)
     use_rollup = unit != "Minute" and _hour_aligned(tz, span)
@@ -428,10 +460,15 @@ def _fitting(items: list[Any], budget: int) -> int:
     return len(items)
 
 
-async def logs(request: Request) -> Response:
+@accepts(
+    P.PROJECT,
+    P.RANGE,
+    P.PAGE,
+    ("status", "event_type", "model", "run_id", "user_id", "tag", "q"),
+)
+async def logs(request: Request, qp: P.Query) -> Response:
     """GET /v1/analytics/logs"""
-    _, store, project = _context(request)
-    qp = request.query_params
+    _, store, project = _context(request, qp)
     span = P.time_range(qp)
     page = P.limit(qp)
     after = P.cursor(qp)
@@ -471,9 +508,10 @@ async def logs(request: Request) -> Response:
 # --- one event ---
 
 
-async def event(request: Request) -> Response:
+@accepts(P.PROJECT)
+async def event(request: Request, qp: P.Query) -> Response:
     """GET /v1/analytics/event/{event_id}"""
-    _, store, project = _context(request)
+    _, store, project = _context(request, qp)
     event_id = P.ident(request.path_params["event_id"], "event_id")
     args = {"project": project, "event_id": event_id}
     rows = await _run(store, Q.EVENT, args)
@@ -529,10 +567,10 @@ def _run_row(row: dict[str, Any]) -> Run:
     )
 
 
-async def runs(request: Request) -> Response:
+@accepts(P.PROJECT, P.RANGE, P.PAGE)
+async def runs(request: Request, qp: P.Query) -> Response:
     """GET /v1/analytics/runs"""
-    _, store, project = _context(request)
-    qp = request.query_params
+    _, store, project = _context(request, qp)
     span = P.time_range(qp)
     page = P.limit(qp, default=50, maximum=1000)
     after = P.cursor(qp)
@@ -715,12 +753,13 @@ def _event_node(e: dict[str, Any], span: SpanSummary | None, run_id: str) -> Tre
     )
 
 
-async def run(request: Request) -> Response:
+@accepts(P.PROJECT, ("limit",))
+async def run(request: Request, qp: P.Query) -> Response:
     """GET /v1/analytics/runs/{run_id}: the run's events and, for a run that came as an
     OpenTelemetry trace, its spans that are not events, nested as sent."""
-    _, store, project = _context(request)
+    _, store, project = _context(request, qp)
     run_id = P.ident(request.path_params["run_id"], "run_id")
-    limit = P.limit(request.query_params, default=MAX_TREE_NODES, maximum=MAX_TREE_NODES)
+    limit = P.limit(qp, default=MAX_TREE_NODES, maximum=MAX_TREE_NODES)
     args = {"project": project, "run_id": run_id}
     rows = await _run(store, Q.RUN, args)
     # Spans are stored under their trace id, 32 lowercase hex digits: another run id (a run
@@ -792,4 +831,4 @@ def routes() -> list[Route]:
     return [Route(path, endpoint, methods=["GET"]) for path, endpoint in ROUTES]
 
 
-__all__ = ["ROUTES", "parse_hour", "routes"]
+__all__ = ["ROUTES", "accepts", "parse_hour", "routes"]
