@@ -9,12 +9,24 @@ import difflib
 import json
 import logging
 import os
+from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretBytes,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
@@ -575,7 +587,10 @@ class Settings(BaseSettings):
         # Env values arrive as one string; accept "a.b,c.d" as well as a JSON list.
         if isinstance(value, str):
             if value.lstrip().startswith("["):
-                return json.loads(value)
+                try:
+                    return json.loads(value)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"not valid JSON: {exc}") from None
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
@@ -588,11 +603,14 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        toml_path = Path(_settings_file())
+        if _ARGUMENTS_ONLY.get():  # load_settings() checking values that others override
+            return (init_settings,)
+        # Both record what they read for load_settings(), which names the source of a bad
+        # value; the env one also reports every value that is not valid JSON, not only the first.
         return (
             init_settings,
-            env_settings,
-            TomlConfigSettingsSource(settings_cls, toml_file=toml_path),
+            _EnvSource(settings_cls),
+            _TomlSource(settings_cls, toml_file=Path(_settings_file())),
         )
 
     @property
@@ -614,38 +632,243 @@ class Settings(BaseSettings):
         return self.spool_dir or self.data_dir / "spool"
 
 
+class _EnvSource(EnvSettingsSource):
+    """`WATCHLLM_*` variables; a value that cannot be decoded (bad JSON) is noted and left out,
+    so that all of them are reported at once, each in the one-line form of docs/SETTINGS.md."""
+
+    def prepare_field_value(
+        self, field_name: str, field: FieldInfo, value: Any, value_is_complex: bool
+    ) -> Any:
+        try:
+            return super().prepare_field_value(field_name, field, value, value_is_complex)
+        except ValueError as exc:
+            self.problems.append(_unreadable_env_value(field_name, value, exc))
+            return None
+
+    def __call__(self) -> dict[str, Any]:
+        self.problems: list[str] = []
+        data = super().__call__()
+        loading = _LOADING.get()
+        if loading is None:  # Settings(...) built directly
+            if self.problems:
+                raise PydanticSettingsError("\n".join(self.problems))
+        else:
+            loading.env, loading.env_problems = data, self.problems
+        return data
+
+
+class _TomlSource(TomlConfigSettingsSource):
+    def __call__(self) -> dict[str, Any]:
+        data = super().__call__()
+        loading = _LOADING.get()
+        if loading is not None:
+            loading.toml = data
+        return data
+
+
+@dataclass
+class _Loading:
+    """What the sources of one load_settings() call read, as they read it."""
+
+    env: dict[str, Any] = field(default_factory=dict)
+    env_problems: list[str] = field(default_factory=list)
+    toml: dict[str, Any] = field(default_factory=dict)
+
+
+_LOADING: ContextVar[_Loading | None] = ContextVar("watchllm_settings_loading", default=None)
+_ARGUMENTS_ONLY: ContextVar[bool] = ContextVar("watchllm_settings_arguments_only", default=False)
+
+# The command-line options that load_settings() gets as arguments (watchllm_ext/cli.py).
+_CLI_OPTIONS = {"data_dir": "--data-dir", "host": "--host", "port": "--port"}
+# Settings whose values an error message does not repeat (they end up in logs).
+_SECRET_SETTINGS = frozenset(
+    name
+    for name, info in Settings.model_fields.items()
+    if "secret" in name
+    or name.endswith(("_headers", "_dsn", "_sdk_key"))
+    or any(t in str(info.annotation) for t in ("SecretStr", "SecretBytes"))
+)
+
+
+@dataclass
+class _Layer:
+    """One source of settings, with its values; the first layer that names a setting wins."""
+
+    kind: Literal["argument", "env", "file"]
+    values: Mapping[str, Any]
+
+    def where(self, name: str) -> str:
+        if self.kind == "argument":
+            option = _CLI_OPTIONS.get(name)
+            return f"option {option}" if option else f"argument {name}"
+        if self.kind == "env":
+            return f"env {_env_variable(name)}"
+        return f"file {_settings_file()}, key {name}"
+
+
 def load_settings(**overrides: Any) -> Settings:
-    """Build Settings, turning a validation error into one message per bad setting."""
+    """Build Settings, turning every bad value into one line naming the setting and where the
+    value came from: an argument (a command-line option), a variable or the settings file.
+
+    A value that a higher source overrides is checked all the same (WATCHLLM_PORT=abc with
+    --port 8824 is refused): a bad value anywhere is a mistake worth hearing about."""
+    loading = _Loading()
+    token = _LOADING.set(loading)
+    settings: Settings | None = None
+    error: ValidationError | None = None
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
     except ValidationError as exc:
-        raise SettingsError(describe_settings_error(exc)) from None
-    except PydanticSettingsError as exc:  # a value that is not even parseable (bad JSON)
+        error = exc
+    except PydanticSettingsError as exc:  # a source failed in another way
         raise SettingsError(f"{exc}: {exc.__cause__}") from None
     except (OSError, ValueError) as exc:  # an unreadable or malformed watchllm.toml
-        raise SettingsError(f"cannot read the settings file: {exc}") from None
+        raise SettingsError(f"cannot read the settings file {_settings_file()}: {exc}") from None
+    finally:
+        _LOADING.reset(token)
+    layers = [
+        _Layer("argument", overrides),
+        _Layer("env", loading.env),
+        _Layer("file", loading.toml),
+    ]
+    lines = list(loading.env_problems)
+    if error is not None:
+        # With a variable left out (bad JSON), a rule across settings may fail only because
+        # of that: the line about the variable says what to fix.
+        lines += _error_lines(error, layers, cross_rules=not lines)
+    lines += _check_overridden(layers)
+    if lines or settings is None:
+        raise SettingsError("\n".join(dict.fromkeys(lines)))
+    return settings
 
 
-def describe_settings_error(exc: ValidationError) -> str:
+def _check_overridden(layers: Sequence[_Layer]) -> list[str]:
+    """Lines for the bad values of settings that a higher layer overrides."""
+    lines = []
+    for at, layer in enumerate(layers[1:], start=1):
+        hidden = {
+            name: value
+            for name, value in layer.values.items()
+            if any(name in higher.values for higher in layers[:at])
+        }
+        if not hidden:
+            continue
+        token = _ARGUMENTS_ONLY.set(True)
+        try:
+            # The extra key fails the model, so its rules across settings (which need the
+            # other settings' values) and its warnings are skipped: each value alone is checked.
+            Settings(**hidden, **{_PROBE: None})
+        except ValidationError as exc:
+            for err in exc.errors():
+                loc = err["loc"]
+                # A key missing from an overridden value may be given by the layer above it;
+                # a dict's key that no layer above has reached Settings, and was reported.
+                if (
+                    loc
+                    and loc[0] in hidden
+                    and err["type"] != "missing"
+                    and _layer_of(loc, layers) is not layer
+                ):
+                    lines.append(_describe_one(err, layer.where(str(loc[0]))))
+        finally:
+            _ARGUMENTS_ONLY.reset(token)
+    return lines
+
+
+_PROBE = " probe"  # not a setting name: Settings refuses it as extra
+
+
+def describe_settings_error(exc: ValidationError, layers: Sequence[_Layer] = ()) -> str:
+    """One line per error; `layers` (highest first) tell where each bad value came from."""
+    return "\n".join(_error_lines(exc, layers))
+
+
+def _error_lines(
+    exc: ValidationError, layers: Sequence[_Layer], *, cross_rules: bool = True
+) -> list[str]:
     lines = []
     for err in exc.errors():
         if not err["loc"]:  # a rule across settings; its message names them
-            lines.append(f"invalid settings: {err['msg'].removeprefix('Value error, ')}")
+            if cross_rules:
+                lines.append(f"invalid settings: {err['msg'].removeprefix('Value error, ')}")
             continue
         name = str(err["loc"][0])
+        layer = _layer_of(err["loc"], layers)
         if err["type"] == "extra_forbidden" and len(err["loc"]) == 1:
-            # Only the settings file can name a setting that does not exist (unknown
-            # WATCHLLM_* variables are not read): say where, and what was meant.
+            # Only the settings file (or an argument) can name a setting that does not exist
+            # (unknown WATCHLLM_* variables are not read): say where, and what was meant.
             close = difflib.get_close_matches(name, Settings.model_fields, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else " (docs/SETTINGS.md lists them)"
-            lines.append(f"unknown setting {name!r} in {_settings_file()}{hint}")
+            where = "as an argument" if layer and layer.kind == "argument" else None
+            lines.append(f"unknown setting {name!r} {where or f'in {_settings_file()}'}{hint}")
             continue
-        inside = ".".join(str(part) for part in err["loc"][1:])  # a key inside its value
-        lines.append(
-            f"invalid setting {name} (env WATCHLLM_{name.upper()}):"
-            f"{f' at {inside}:' if inside else ''} {err['msg']} (got {err.get('input')!r})"
-        )
-    return "\n".join(lines)
+        lines.append(_describe_one(err, layer.where(name) if layer else None))
+    return lines
+
+
+def _describe_one(err: Any, where: str | None) -> str:
+    name = str(err["loc"][0])
+    inside = ".".join(str(part) for part in err["loc"][1:])  # a key inside its value
+    message = err["msg"].removeprefix("Value error, ")
+    value = err.get("input")
+    if err["type"] in ("too_short", "too_long") and isinstance(
+        value, str | bytes | SecretStr | SecretBytes
+    ):
+        # pydantic counts "items" for a secret's length; a string has characters.
+        unit = "characters" if isinstance(value, str | SecretStr) else "bytes"
+        ctx = err.get("ctx") or {}
+        limit = ctx.get("min_length") if err["type"] == "too_short" else ctx.get("max_length")
+        least = "least" if err["type"] == "too_short" else "most"
+        message = f"Value should have at {least} {limit} {unit}, not {ctx.get('actual_length')}"
+    return (
+        f"invalid setting {name}{f' ({where})' if where else ''}:"
+        f"{f' at {inside}:' if inside else ''} {message} ({_shown(name, value)})"
+    )
+
+
+def _unreadable_env_value(name: str, value: Any, exc: ValueError) -> str:
+    what = f"not valid JSON: {exc}" if isinstance(exc, json.JSONDecodeError) else str(exc)
+    return f"invalid setting {name} (env {_env_variable(name)}): {what} ({_shown(name, value)})"
+
+
+def _shown(name: str, value: Any) -> str:
+    if name not in _SECRET_SETTINGS:
+        return f"got {value!r}"
+    if isinstance(value, SecretStr | SecretBytes):
+        value = value.get_secret_value()
+    if isinstance(value, str | bytes):
+        return f"got {len(value)} {'characters' if isinstance(value, str) else 'bytes'}, not shown"
+    return "the value is not shown"
+
+
+def _layer_of(loc: Sequence[Any], layers: Sequence[_Layer]) -> _Layer | None:
+    """The layer whose value is at `loc` in what Settings got: the first layer that has the
+    path, where dicts of several layers merge key by key (pydantic-settings' deep update)
+    and any other value hides the lower layers' ones."""
+    found = None
+    candidates = [(layer, layer.values) for layer in layers]
+    for key in loc:
+        here = []
+        for layer, value in candidates:
+            in_dict = isinstance(value, Mapping) and key in value
+            in_list = isinstance(value, list | tuple) and isinstance(key, int) and key < len(value)
+            if in_dict or in_list:
+                here.append((layer, value[key]))
+        if not here:
+            break
+        found = here[0][0]
+        merged = 0
+        while merged < len(here) and isinstance(here[merged][1], Mapping):
+            merged += 1
+        candidates = here[: max(merged, 1)]
+    return found
+
+
+def _env_variable(name: str) -> str:
+    """The variable that sets `name`, spelt as in the environment (names are not case
+    sensitive)."""
+    wanted = f"WATCHLLM_{name}".lower()
+    return next((key for key in os.environ if key.lower() == wanted), wanted.upper())
 
 
 def _settings_file() -> str:

@@ -10,6 +10,8 @@ from typing import Any
 
 import httpx
 
+from .transport import check_base_url
+
 
 class WatchLLMError(Exception):
     def __init__(self, status: int, body: Any) -> None:
@@ -36,7 +38,7 @@ class WatchLLMClient:
 
     def __init__(self, url: str, api_key: str, *, timeout_s: float = 10.0) -> None:
         self._http = httpx.Client(
-            base_url=url.rstrip("/"),
+            base_url=check_base_url(url, "url").rstrip("/"),
             timeout=timeout_s,
             headers={"Authorization": f"Bearer {api_key}"},
         )

@@ -28,7 +28,14 @@ from typing import Any, Literal
 from .. import __version__
 from ._events import InvalidEvent, Mask, prepare, validate
 from .context import RunContext, current_run, new_id
-from .transport import Answer, HttpTransport, LocalTransport, NetworkError, Transport
+from .transport import (
+    Answer,
+    HttpTransport,
+    LocalTransport,
+    NetworkError,
+    Transport,
+    check_base_url,
+)
 
 log = logging.getLogger("watchllm.sdk")
 
@@ -97,7 +104,15 @@ class WatchLLM:
             if value < 1:
                 raise ValueError(f"{name}: must be at least 1, not {value}")
         self.api_key = api_key or os.environ.get("WATCHLLM_API_KEY") or None
-        self.base_url = base_url or os.environ.get("WATCHLLM_BASE_URL") or None
+        # A malformed URL is a mistake to hear about now, not a server that seems down (its
+        # events retried for retry_for_s, then dropped). The variable is not checked for a
+        # client made disabled: get_client() falls back to one when it is malformed.
+        if base_url:
+            self.base_url: str | None = check_base_url(base_url)
+        else:
+            self.base_url = os.environ.get("WATCHLLM_BASE_URL") or None
+            if self.base_url and enabled:
+                check_base_url(self.base_url, "base_url (from WATCHLLM_BASE_URL)")
         self.strict = strict
         self.sample_rate = sample_rate
         self.mask = mask
@@ -809,7 +824,13 @@ def get_client() -> WatchLLM:
     environment (which becomes the default: a disabled one warns once, not at every call)."""
     client = _default_client
     if client is None or client._closed:
-        client = WatchLLM()
+        try:
+            client = WatchLLM()
+        except ValueError as exc:  # WATCHLLM_BASE_URL is malformed
+            # Called by @observe and the integrations at each call, where the SDK never
+            # raises: said once, as a disabled client that becomes the default.
+            log.error("WatchLLM is disabled: %s (events are not sent)", exc)
+            client = WatchLLM(enabled=False)
     return client
 
 

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -48,6 +49,35 @@ class Transport(Protocol):
     def send(self, events: list[bytes]) -> Answer: ...
 
     def close(self) -> None: ...
+
+
+def check_base_url(url: Any, name: str = "base_url") -> str:
+    """`url` if it is an http:// or https:// URL with a host, else a ValueError naming `name`.
+
+    Checked when a client is made: a URL that can never work (`127.0.0.1:8821`, no scheme)
+    must not look like a server that is down, retried for minutes and then dropped."""
+    problem = None
+    if not isinstance(url, str):
+        problem = f"not {type(url).__name__} {url!r}"
+    else:
+        try:
+            parts = urlsplit(url)
+            scheme, host, _port = parts.scheme.lower(), parts.hostname, parts.port
+        except ValueError as exc:  # a port that is not a number, a bad IPv6 address
+            problem = f"not {url!r} ({exc})"
+        else:
+            if scheme not in ("http", "https"):
+                problem = f"not {url!r}"
+                if "://" not in url:
+                    problem += f" (no scheme; did you mean 'http://{url}'?)"
+            elif not host:
+                problem = f"not {url!r} (no host)"
+    if problem:
+        raise ValueError(
+            f"{name}: must be an http:// or https:// URL with a host, such as"
+            f" http://127.0.0.1:8787, {problem}"
+        )
+    return url
 
 
 def parse_retry_after(value: str | None) -> float | None:
