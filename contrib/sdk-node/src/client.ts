@@ -235,6 +235,11 @@ export class WatchLLM {
       platform: `node ${process.version} ${process.platform}-${process.arch}`,
     };
     this.enabled = options.enabled !== false && Boolean(apiKey) && Boolean(baseUrl);
+    if (this.enabled) {
+      // At construction, not as a delivery failure retried for retryForMs and then dropped.
+      const from = options.baseUrl !== undefined ? "baseUrl" : "baseUrl (from WATCHLLM_BASE_URL)";
+      checkBaseUrl(baseUrl, from);
+    }
     if (!this.enabled) {
       if (options.enabled !== false) {
         this.warn("watchllm: no API key (apiKey or WATCHLLM_API_KEY); events are not sent");
@@ -606,4 +611,21 @@ function check(
     }
   }
   return undefined;
+}
+
+/** Throws a TypeError unless `url` is an http:// or https:// URL with a host. */
+export function checkBaseUrl(url: string, name = "baseUrl"): void {
+  let parsed: URL | undefined;
+  try {
+    parsed = new URL(url);
+  } catch {
+    parsed = undefined;
+  }
+  if (parsed && (parsed.protocol === "http:" || parsed.protocol === "https:") && parsed.hostname) {
+    return;
+  }
+  const hint = /^[a-z][a-z0-9+.-]*:\/\//i.test(url) ? "" : ` (no scheme; did you mean 'http://${url}'?)`;
+  throw new TypeError(
+    `${name}: must be an http:// or https:// URL with a host, such as http://127.0.0.1:8787, not '${url}'${hint}`,
+  );
 }

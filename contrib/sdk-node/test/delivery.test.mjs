@@ -330,3 +330,26 @@ test("Retry-After: seconds or an HTTP date", () => {
   assert.equal(parseRetryAfter("soon"), undefined);
   assert.equal(parseRetryAfter(null), undefined);
 });
+
+test("a baseUrl that is not an http(s) URL with a host is refused at construction", () => {
+  for (const bad of ["127.0.0.1:8787", "localhost:8787", "ftp://host/", "http://"]) {
+    assert.throws(
+      () => new WatchLLM({ baseUrl: bad, apiKey: "wllm_test" }),
+      (error) => error instanceof TypeError && error.message.startsWith("baseUrl: must be an http://"),
+      bad,
+    );
+  }
+  assert.throws(() => new WatchLLM({ baseUrl: "127.0.0.1:8787", apiKey: "k" }), /did you mean 'http:\/\/127\.0\.0\.1:8787'/);
+  const saved = process.env.WATCHLLM_BASE_URL;
+  process.env.WATCHLLM_BASE_URL = "127.0.0.1:9";
+  try {
+    assert.throws(() => new WatchLLM({ apiKey: "k" }), /^TypeError: baseUrl \(from WATCHLLM_BASE_URL\)/);
+  } finally {
+    if (saved === undefined) delete process.env.WATCHLLM_BASE_URL;
+    else process.env.WATCHLLM_BASE_URL = saved;
+  }
+  // Disabled clients send nothing: nothing to check.
+  new WatchLLM({ baseUrl: "127.0.0.1:8787", apiKey: "k", enabled: false });
+  const ok = new WatchLLM({ baseUrl: "https://watchllm.example.com/base/", apiKey: "k" });
+  ok.shutdown(0);
+});
