@@ -78,8 +78,9 @@ def test_demo_fills_the_analytics_api(server: Running) -> None:
     assert since, out
     q = {"project_id": "acme", "from": since.group(1)}
 
-    def get(path: str, **params: Any) -> Any:
-        r = server.client.get(path, params={**q, **params}, headers=server.headers())
+    def get(path: str, ranged: bool = True, **params: Any) -> Any:
+        base = q if ranged else {"project_id": q["project_id"]}  # a run has no time range
+        r = server.client.get(path, params={**base, **params}, headers=server.headers())
         assert r.status_code == 200, r.text
         return r.json()
 
@@ -97,7 +98,7 @@ def test_demo_fills_the_analytics_api(server: Running) -> None:
 
     run_id = re.search(r"/v1/analytics/runs/(\S+?)\?", out)
     assert run_id, out
-    tree = get(f"/v1/analytics/runs/{run_id.group(1)}")["tree"]
+    tree = get(f"/v1/analytics/runs/{run_id.group(1)}", ranged=False)["tree"]
 
     def walk(nodes: list[dict[str, Any]], parent: str | None) -> list[tuple[str | None, str]]:
         found = []
@@ -159,8 +160,9 @@ def test_demo_needs_only_the_client_install(server: Running) -> None:
     assert done.returncode == 0, done.stderr
     assert "Loaded 50 demo events" in done.stdout
     # ...while a server command says which extra it needs, in one line.
+    data_dir = server.settings.data_dir
     other = subprocess.run(
-        [sys.executable, "-c", CLIENT_ONLY, "count-rows", *args],
+        [sys.executable, "-c", CLIENT_ONLY, "count-rows", "--data-dir", str(data_dir)],
         capture_output=True,
         text=True,
         timeout=120,

@@ -64,7 +64,7 @@ from .ingest import (
 )
 from .ingest_lane import IngestLane, LaneApp
 from .inprocess import plain_events
-from .locks import FolderLock, FolderLocked
+from .locks import FolderLock, FolderLocked, with_advice
 from .metrics import make_registry, metrics_endpoint
 from .observability.metrics import RequestMetrics, counting_rejections, ops_metrics, time_queries
 from .observability.sentry import ensure_sentry
@@ -80,6 +80,7 @@ from .slots import FairSlots
 from .spool import Spool
 from .store import Store, apply_migrations
 from .store.base import StoreError, StoreLockedError, StoreUnavailable
+from .store.folders import DataFolderError, concerns, folder_error, open_store
 from .store.retention import apply_payload_ttl
 from .tuning import freeze_startup_heap
 from .writer import (
@@ -118,9 +119,10 @@ class WatchLLM:
     _loop: asyncio.AbstractEventLoop | None = None
 
     def open_store(self) -> Store | None:
-        """Open the store ahead of the lifespan (so the CLI can report a busy folder plainly)."""
+        """Open the store ahead of the lifespan (so the CLI can report a busy folder plainly).
+        A data folder that cannot be used is a DataFolderError, one line naming it."""
         if self._opened_store is None:
-            self._opened_store = self.pm.hook.register_store(settings=self.settings)
+            self._opened_store = open_store(self.pm, self.settings)
         return self._opened_store
 
     @asynccontextmanager
@@ -128,7 +130,10 @@ class WatchLLM:
         """Open the store, apply migrations, start the writer; undo all of it on exit."""
         if self.writer is not None:
             raise RuntimeError("this WatchLLM app is already running")
-        store = self.open_store()
+        try:
+            store = self.open_store()
+        except (StoreLockedError, DataFolderError) as exc:
+            raise _as_host_app(exc) from None
         self._opened_store = None
         try:
             schema_pending = False
@@ -149,7 +154,10 @@ class WatchLLM:
             if not sinks:
                 log.warning("no sink is registered: accepted events will not be kept anywhere")
             s = self.settings
-            log_, lock = _open_log(s)
+            try:
+                log_, lock = _open_log(s)
+            except (StoreLockedError, DataFolderError) as exc:
+                raise _as_host_app(exc) from None
             try:
                 writer = Writer(
                     sinks,
@@ -388,6 +396,18 @@ def writer_refusal(exc: WriterTooLarge | WriterFull | WriterClosed, done: str = 
     )
 
 
+# What a process that runs the app (a host app, under uvicorn) can do about a folder another
+# process holds: it has no --url to ask that one with, and `watchllm serve` checks first.
+HOST_APP_LOCKED = "stop that process, or give this app a data folder of its own (data_dir)"
+
+
+def _as_host_app(exc: StoreError) -> StoreError:
+    """A start-up failure about a folder, with what a host app can do about it."""
+    if isinstance(exc, DataFolderError):
+        return exc.for_host_app()
+    return StoreLockedError(with_advice(str(exc), HOST_APP_LOCKED))
+
+
 def prepare_store(store: Store, settings: Settings) -> list[str]:
     """Bring the store's schema up to date (migrations, then the payload TTL); returns the
     migrations applied now. What `serve` does at start and `watchllm migrate` does."""
@@ -435,11 +455,15 @@ def _open_log(settings: Settings) -> tuple[Log, FolderLock | None]:
 
 
 def open_spool(settings: Settings) -> tuple[Spool, FolderLock]:
-    """The spool of these settings, locked for this process (StoreLockedError if taken)."""
+    """The spool of these settings, locked for this process (StoreLockedError if taken; a
+    DataFolderError if its folder cannot be used)."""
     try:
         lock = FolderLock(settings.spool_path, "spool")
     except FolderLocked as exc:
         raise StoreLockedError(str(exc)) from None
+    except OSError as exc:
+        _raise_spool_folder_error(settings, exc)
+        raise
     try:
         spool = Spool(
             settings.spool_path,
@@ -449,10 +473,39 @@ def open_spool(settings: Settings) -> tuple[Spool, FolderLock]:
             max_bytes=settings.spool_max_bytes,
             fsync_process=settings.spool_fsync_process,
         )
+    except OSError as exc:
+        lock.release()
+        _raise_spool_folder_error(settings, exc)
+        raise
     except BaseException:
         lock.release()
         raise
     return spool, lock
+
+
+def check_spool(settings: Settings) -> None:
+    """What open_spool would refuse about the spool's folder (another process holds it:
+    StoreLockedError; it cannot be used: DataFolderError), found without opening the spool:
+    so that `watchllm serve` says it in one line before its lifespan starts."""
+    if settings.durability == "memory":
+        return
+    try:
+        FolderLock(settings.spool_path, "spool").release()
+    except FolderLocked as exc:
+        raise StoreLockedError(str(exc)) from None
+    except OSError as exc:
+        _raise_spool_folder_error(settings, exc)
+        raise
+
+
+def _raise_spool_folder_error(settings: Settings, exc: OSError) -> None:
+    """If the spool's folder cannot be used: a DataFolderError naming the folder that the
+    settings name (spool_dir, or the data folder). Another OSError is the caller's."""
+    if not concerns(exc, settings.spool_path):
+        return
+    if settings.spool_dir is not None:
+        raise folder_error("spool_dir", settings.spool_path, exc) from None
+    raise folder_error("data_dir", settings.data_dir, exc) from None
 
 
 # Events go into the spool as JSON (msgspec, from the structs: fast_validate.encode_events)

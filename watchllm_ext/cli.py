@@ -46,20 +46,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         from .settings import SettingsError
+        from .store.folders import DataFolderError
     except ImportError as exc:  # the base install has only the client
-        if args.func is not cmd_demo:  # the demo is a client: pydantic and httpx suffice
+        if not _http_only(args):  # a client (pydantic and httpx) does not need the server
             print(
                 "error: the server needs the 'server' extra: pip install -e '.[server]' in"
                 f" WatchLLM's folder ({exc})",
                 file=sys.stderr,
             )
             return EXIT_FAILED
-        SettingsError = CliUsageError  # nothing raises it without the extra
+        # Nothing raises them without the extra.
+        SettingsError = CliUsageError
+        DataFolderError = CliError
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # here, so a closed pipe is caught below and not at exit
         return code
-    except (CliError, SettingsError) as exc:
+    # DataFolderError: a folder the command opened cannot be used (store/folders.py, raised
+    # where it is opened), the one line that names it.
+    except (CliError, SettingsError, DataFolderError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE if isinstance(exc, SettingsError | CliUsageError) else EXIT_FAILED
     except KeyboardInterrupt:
@@ -68,6 +73,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `watchllm demo | head`: the reader left; no traceback, and none at exit either.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # as a shell reports a process killed by SIGPIPE
+
+
+def _http_only(args: argparse.Namespace) -> bool:
+    """The command only speaks HTTP to a running server (demo; the others given --url): the
+    base install, pydantic and httpx, is enough for it."""
+    return args.func is cmd_demo or bool(getattr(args, "url_is_a_server", False) and args.url)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -87,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
             "--key",
             help="an API key for --url: admin (its own project) or operator (every project)",
         )
+        # With --url the command speaks only HTTP (the base install does), and a busy
+        # folder's message points at --url.
+        p.set_defaults(url_is_a_server=True)
 
     p = sub.add_parser("serve", help="run the server on the embedded store")
     data_dir(p)
@@ -151,7 +165,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--url", help="the server (default: a temporary one on a scratch folder)")
     p.add_argument("--key", help="a key with ingest and read scopes (admin) for --url")
-    p.set_defaults(func=cmd_golden_path)
+    p.set_defaults(func=cmd_golden_path, url_is_a_server=True)
 
     p = sub.add_parser(
         "export",
@@ -283,9 +297,8 @@ def _settings(args: argparse.Namespace, **more: Any) -> Any:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .app import create_app
+    from .app import check_spool, create_app
     from .keys import KeyStore, ServerKeyStore
-    from .locks import ASK_INSTEAD
     from .plugins import PluginError
     from .serving import uvicorn_options
     from .store import StoreError, StoreUnavailable, apply_migrations
@@ -300,8 +313,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _check_port(settings.host, settings.port)
     try:
         app = create_app(settings)
-        # Open the store now, so a busy data folder is one clear line, not a lifespan traceback.
+        # Open the store now, and see that the spool can be, so a busy data folder or one
+        # that cannot be used is one clear line, not a lifespan traceback.
         store = app.state.watchllm.open_store()
+        check_spool(settings)
         keys: Any = KeyStore(settings.keys_path)
         key = None
         if settings.key_store == "clickhouse" and store is not None:
@@ -313,9 +328,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if keys is not None and settings.create_default_key and keys.is_empty():
             key = keys.create("default", scope="admin", name="created by the first serve")
     except (StoreError, PluginError) as exc:
-        # A second server is not helped by --url: it needs a folder of its own.
-        message = str(exc).replace(ASK_INSTEAD, "start this one with another --data-dir")
-        raise CliError(message) from None
+        raise _folder_failure(args, exc) from None
     if key:
         print("No API keys yet: created project 'default' with an admin key (shown only once).")
         print(f"  URL: {url}")
@@ -379,16 +392,41 @@ def _version() -> str:
     return __version__
 
 
+def _folder_failure(args: argparse.Namespace, exc: Exception) -> CliError:
+    """A store (or plugin) failure as the CLI's one line. A folder another process holds
+    gets the advice that works for this command."""
+    from .locks import with_advice
+    from .store import StoreLockedError
+
+    if not isinstance(exc, StoreLockedError):
+        return CliError(str(exc))
+    return CliError(with_advice(str(exc), _locked_advice(args)))
+
+
+def _locked_advice(args: argparse.Namespace) -> str:
+    """What this command can do about a folder another process holds (locks.py)."""
+    from .locks import ASK_INSTEAD, STOP_IT
+
+    if args.func is cmd_serve:  # a second server is not helped by --url: it needs a folder
+        return "stop that process, or start this one with another --data-dir"
+    if getattr(args, "url_is_a_server", False):
+        return ASK_INSTEAD
+    if args.func is cmd_migrate:
+        return f"{STOP_IT} (a server applies the migrations itself when it starts)"
+    return STOP_IT
+
+
 def _open_store(args: argparse.Namespace) -> Any:
     from .plugins import PluginError, get_plugin_manager
     from .store import StoreError
+    from .store.folders import open_store
 
     settings = _settings(args)
     try:
         pm = get_plugin_manager(settings)
-        store = pm.hook.register_store(settings=settings)
+        store = open_store(pm, settings)
     except (StoreError, PluginError) as exc:
-        raise CliError(str(exc)) from None
+        raise _folder_failure(args, exc) from None
     if store is None:
         raise CliError(
             "no store plugin is installed (the chDB store comes with the 'server' extra:"
@@ -412,7 +450,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         store.close()
     for name in applied:
         print(f"applied {name}")
-    print(f"{len(applied)} migrations applied" if applied else "schema is up to date")
+    if not applied:
+        print("schema is up to date")
+    else:
+        print(f"{len(applied)} migration{'' if len(applied) == 1 else 's'} applied")
     return 0
 
 
@@ -502,11 +543,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_check_tables(args: argparse.Namespace) -> int:
-    from .app import list_tables
-
     if args.url:
         tables = _remote(args, "/v1/admin/tables")["tables"]
     else:
+        from .app import list_tables
+
         tables = _with_local_store(args, list_tables)
     for name in tables:
         print(name)
@@ -514,11 +555,7 @@ def cmd_check_tables(args: argparse.Namespace) -> int:
 
 
 def cmd_count_rows(args: argparse.Namespace) -> int:
-    from .app import STORE_TABLES, count_rows
-
-    if args.table not in STORE_TABLES:
-        raise CliError(f"--table must be one of {', '.join(STORE_TABLES)}")
-    if args.url:
+    if args.url:  # the server says which tables it counts (and needs none of .app here)
         params = {"table": args.table}
         if args.project:
             params["project"] = args.project
@@ -531,6 +568,10 @@ def cmd_count_rows(args: argparse.Namespace) -> int:
             time.sleep(0.2)
             count = _remote(args, "/v1/admin/count", params)["count"]
     else:
+        from .app import STORE_TABLES, count_rows
+
+        if args.table not in STORE_TABLES:
+            raise CliError(f"--table must be one of {', '.join(STORE_TABLES)}")
         if args.wait:
             # The folder is open in one process only: no server is writing to it now.
             raise CliUsageError("--wait needs --url: only a running server adds rows")
@@ -639,12 +680,12 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_dead_list(args: argparse.Namespace) -> int:
-    from .dead_letters import read_dead_letters, summary
-
     if args.url:
         body = _remote(args, "/v1/admin/dead-letters", _dead_params(args))
         entries, torn = body["dead_letters"], body.get("torn_records", 0)
     else:
+        from .dead_letters import read_dead_letters, summary
+
         folder = _settings(args).spool_path / "dead-letter"
         found = read_dead_letters(folder, args.sink, args.project)
         entries, torn = summary(found.entries), found.torn_records
@@ -683,7 +724,7 @@ def _replay_local(args: argparse.Namespace) -> tuple[int, int]:
     try:
         spool, lock = open_spool(_settings(args))
     except StoreError as exc:
-        raise CliError(str(exc)) from None
+        raise _folder_failure(args, exc) from None
     try:
         taken = take_dead_letters(spool.dead_letter_dir, args.sink, args.project)
         events = 0

@@ -349,8 +349,9 @@ def send(
                 raise DemoError(f"{base} answered {r.status_code}: {_message(r)}")
             project = r.json()["project_id"]
         say(
-            f"Loaded {len(sample.events)} demo events ({sample.runs} runs over the last"
-            f" {sample.days:g} days) into project {project} at {base}"
+            f"Loaded {counted(len(sample.events), 'demo event')}"
+            f" ({counted(sample.runs, 'run')} over the last {counted(sample.days, 'day')})"
+            f" into project {project} at {base}"
         )
         _wait_visible(client, project, sample, wait_s, say)
     return project
@@ -380,7 +381,8 @@ def _wait_visible(
             say("(this key cannot read the analytics API: use a read or admin key to look)")
             return
         if r.status_code == 200 and r.json().get("total_events", 0) >= len(sample.events):
-            say(f"Visible in the analytics API now: {r.json()['total_events']} events in range.")
+            shown = counted(r.json()["total_events"], "event")
+            say(f"Visible in the analytics API now: {shown} in range.")
             return
         if time.monotonic() > deadline:
             say(
@@ -401,9 +403,17 @@ def summary(sample: Sample) -> list[str]:
     by_type = ", ".join(f"{k} {v}" for k, v in sorted(sample.by_type.items()))
     return [
         f"  by type: {by_type}",
-        f"  {len(models)} models from {len(providers)} providers: {', '.join(models)}",
-        f"  {failed} failed or timed-out calls, {slow} slow calls (over {SLOW_MS / 1000:.0f} s)",
+        f"  {counted(len(models), 'model')} from {counted(len(providers), 'provider')}"
+        + (f": {', '.join(models)}" if models else ""),
+        f"  {counted(failed, 'failed or timed-out call')}, {counted(slow, 'slow call')}"
+        f" (over {SLOW_MS / 1000:.0f} s)",
     ]
+
+
+def counted(n: float, word: str) -> str:
+    """`1 model`, `2 models`, `0 models`; `1 day`, `0.5 days`."""
+    number = f"{n:g}" if isinstance(n, float) else str(n)
+    return f"{number} {word}" if n == 1 else f"{number} {word}s"
 
 
 def look_at(url: str, project: str, sample: Sample) -> list[str]:

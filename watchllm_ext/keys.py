@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .auth import SCOPES, Principal
 from .store.base import Store
+from .store.folders import concerns, folder_error
 
 KEY_PREFIX = "wllm"  # recognisable, so secret scanners can find leaked keys
 _SCHEMA = """
@@ -83,11 +84,22 @@ class KeyStore:
         self._reader: sqlite3.Connection | None = None
 
     def _connect(self) -> sqlite3.Connection:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=10, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(_SCHEMA)
-        conn.commit()
+        """The key file, made if new. A file or folder that cannot be used (no permission,
+        not a folder, read-only) is a DataFolderError naming it, one line."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, timeout=10, check_same_thread=False)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute(_SCHEMA)
+                conn.commit()
+            except BaseException:
+                conn.close()
+                raise
+        except (OSError, sqlite3.Error) as exc:
+            if not concerns(exc, self.path):
+                raise
+            raise folder_error("keys_file", self.path, exc) from None
         return conn
 
     # --- administration (CLI) -------------------------------------------------------------

@@ -11,9 +11,12 @@ import os
 from pathlib import Path
 from typing import IO
 
-# The way round a locked folder for a command that reads or changes it (what `serve` says
-# instead: cli.py).
-ASK_INSTEAD = "ask it instead with --url http://HOST:PORT --key KEY"
+# What a FolderLocked message advises: true for any process that meets the lock. One that
+# knows a better way round says that instead (with_advice): a command that has --url, a
+# second `serve`, a host app (cli.py, app.py).
+STOP_IT = "stop that process first"
+# The way round for the commands that can ask a running server (those with --url).
+ASK_INSTEAD = "stop that process, or ask it instead with --url http://HOST:PORT --key KEY"
 
 
 class FolderLocked(Exception):
@@ -32,8 +35,8 @@ class FolderLock:
             holder = handle.read().strip() or "another process"
             handle.close()
             raise FolderLocked(
-                f"the {what} {folder} is in use by {holder}. It can be open in one process "
-                f"only: stop that process, or {ASK_INSTEAD}"
+                f"the {what} {folder} is in use by {holder}. It can be open in one process"
+                f" only: {STOP_IT}"
             ) from None
         handle.seek(0)
         handle.truncate()
@@ -46,6 +49,14 @@ class FolderLock:
             fcntl.flock(self._handle, fcntl.LOCK_UN)
             self._handle.close()
             self._handle = None
+
+
+def with_advice(message: str, advice: str) -> str:
+    """A FolderLocked message (or a StoreLockedError made of one) with `advice` in place of
+    the default STOP_IT; another message is left as it is."""
+    if message.endswith(STOP_IT):
+        return message[: -len(STOP_IT)] + advice
+    return message
 
 
 def _cmdline() -> str:

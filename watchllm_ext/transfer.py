@@ -258,11 +258,12 @@ def export_store(
     elapsed = time.monotonic() - started
     total_rows = sum(info["rows"] for info in manifest["tables"].values())
     total_bytes = sum(f["bytes"] for f in manifest["files"])
+    rate = _rate(total_rows, elapsed)
     progress(
-        f"exported {total_rows:,} rows in {len(manifest['files'])} files"
+        f"exported {_counted(total_rows, 'row')} in {_counted(len(manifest['files']), 'file')}"
         f" ({total_bytes / 1e6:,.1f} MB) to {out_dir} in {elapsed:.1f} s"
-        f" ({total_rows / max(elapsed, 1e-9):,.0f} rows/s); the files' counts equal the"
-        " store's (FINAL) for every table and project:"
+        + (f" ({rate})" if rate else "")
+        + "; the files' counts equal the store's (FINAL) for every table and project:"
     )
     for table in TABLES:
         progress(_table_line(table, manifest["tables"][table]))
@@ -393,10 +394,11 @@ def _check_out_dir(out_dir: Path) -> None:
 def _open_embedded(settings: Settings) -> Store:
     """The embedded chDB store of the data folder, even where a ClickHouse URL is set."""
     from .plugins import PluginError, get_plugin_manager
+    from .store.folders import open_store
 
     local = settings.model_copy(update={"clickhouse_url": None})
     try:
-        store = get_plugin_manager(local).hook.register_store(settings=local)
+        store = open_store(get_plugin_manager(local), local)  # an unusable folder: one line
     except StoreLockedError:
         holder = _lock_holder(settings.store_path)
         raise TransferError(
@@ -844,15 +846,19 @@ def import_into(
     rows = sum(inserted.values())
     skipped = sum(1 for f in files if (f["table"], f["partition"]) in complete)
     copies = sum(n for counts in dropped.values() for n in counts.values())
+    notes = [_rate(rows, elapsed)]
+    if skipped:
+        were = "was" if skipped == 1 else "were"
+        notes.append(f"{skipped} of {_counted(len(files), 'file')} {were} already complete")
+    shown = "; ".join(note for note in notes if note)
     progress(
-        f"imported {rows:,} rows into {target} in {elapsed:.1f} s"
-        f" ({rows / max(elapsed, 1e-9):,.0f} rows/s"
-        + (f"; {skipped} of {len(files)} files were already complete" if skipped else "")
+        f"imported {_counted(rows, 'row')} into {target} in {elapsed:.1f} s"
+        + (f" ({shown})" if shown else "")
         + (
-            f"); dropped {copies:,} extra copies of event ids; the counts match the export"
+            f"; dropped {copies:,} extra copies of event ids; the counts match the export"
             " less those copies for every table and project:"
             if copies
-            else "); the counts match the export for every table and project:"
+            else "; the counts match the export for every table and project:"
         )
     )
     for table in TABLES:
@@ -1178,6 +1184,20 @@ def redact_url(url: str) -> str:
         return "the ClickHouse server"
     user = f"{parts.username}@" if parts.username else ""
     return f"{parts.scheme}://{user}{host}{port}{parts.path or '/'}"
+
+
+# A rate over less time than this is noise (3 rows in 0.1 s is not 30 rows/s): not shown.
+MIN_RATE_S = 1.0
+
+
+def _rate(rows: int, elapsed: float) -> str:
+    """`12,345 rows/s` over MIN_RATE_S or more; "" over less."""
+    return f"{rows / elapsed:,.0f} rows/s" if elapsed >= MIN_RATE_S else ""
+
+
+def _counted(n: int, word: str) -> str:
+    """`1 row`, `1,000 rows`, `0 files`."""
+    return f"{n:,} {word}" if n == 1 else f"{n:,} {word}s"
 
 
 def _table_line(table: str, info: Mapping[str, Any]) -> str:

@@ -51,6 +51,7 @@ from ..schema import is_id
 from ..sdk.context import RunContext, RunTally
 from ..sdk.context import _current as _current_run
 from ..store.base import StoreLockedError
+from ..store.folders import DataFolderError
 from .budget import UserDailyBudget
 from .recorder import Outbox, Recorder, fast_id
 from .recorder import _current as _current_recorder
@@ -476,7 +477,12 @@ class WatchLLMMiddleware:
             except Exception as exc:
                 # One line for the server to print (uvicorn: then "Application startup
                 # failed. Exiting."), rather than a traceback.
-                text = str(exc) if isinstance(exc, HostStartError) else f"WatchLLM: {exc!r}"
+                if isinstance(exc, HostStartError):
+                    text = str(exc)
+                elif isinstance(exc, DataFolderError):  # one line naming the folder already
+                    text = f"WatchLLM: {exc}"
+                else:
+                    text = f"WatchLLM: {exc!r}"
                 await send({"type": "lifespan.startup.failed", "message": text})
                 return
             first = True
