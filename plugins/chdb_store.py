@@ -25,6 +25,7 @@ from watchllm_ext.store.params import format_params
 log = logging.getLogger("watchllm.chdb")
 # How long closing the store waits for a statement that is still running.
 CLOSE_WAIT_S = 60.0
+VERSION_WAIT_S = 0.5  # version()'s wait for each handle
 
 
 def _is_permanent(message: str) -> bool:
@@ -135,7 +136,16 @@ class ChdbStore:
                 stream.close()
 
     def version(self) -> str:
-        return self.query("SELECT version() AS v")[0]["v"]
+        """ClickHouse's version, from whichever handle is free first (/readyz asks it): a long
+        analytics read on the read handle is the store at work, not the store down."""
+        for handle, lock in ((self._reads, self._lock_reads), (self._session, self._lock_calls)):
+            if lock.acquire(timeout=VERSION_WAIT_S):
+                try:
+                    result = self._on(handle, "SELECT version() AS v", "JSONEachRow", None)
+                finally:
+                    lock.release()
+                return str(json.loads(result.data())["v"])
+        raise StoreError(f"both chDB handles stayed busy for {2 * VERSION_WAIT_S:g} s")
 
     def close(self) -> None:
         # After the statement running now, if any: closing the session under an insert that a

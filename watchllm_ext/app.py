@@ -31,6 +31,7 @@ from starlette.routing import BaseRoute, Route
 
 from . import __version__
 from .admission import BodyBudget, BodyBudgetMiddleware, wait_for_place
+from .analytics.reads import StoreReads
 from .analytics.routes import routes as analytics_routes
 from .auth import Principal, Scope, bearer_token
 from .dead_letters import (
@@ -117,6 +118,20 @@ class WatchLLM:
     _big_bodies: FairSlots | None = None
     # The event loop the app runs on, while it runs (for ingest_from_thread).
     _loop: asyncio.AbstractEventLoop | None = None
+    _reads: StoreReads | None = None
+
+    @property
+    def reads(self) -> StoreReads:
+        """The analytics API's store queries: their threads, shares and time limit."""
+        if self._reads is None:
+            s = self.settings
+            self._reads = StoreReads(
+                s.analytics_threads,
+                s.analytics_queries_per_project,
+                s.analytics_queue_timeout_s,
+                s.analytics_query_timeout_s,
+            )
+        return self._reads
 
     def open_store(self) -> Store | None:
         """Open the store ahead of the lifespan (so the CLI can report a busy folder plainly).
@@ -977,7 +992,9 @@ async def readyz(request: Request) -> Response:
     else:
         try:
             with anyio.fail_after(2):
-                version = await anyio.to_thread.run_sync(wl.store.version)
+                # Abandoned at the deadline: a thread stuck in the store must not hold the
+                # probe (and each next probe) past it.
+                version = await anyio.to_thread.run_sync(wl.store.version, abandon_on_cancel=True)
             checks["store"] = {"ok": True, "name": wl.store.name, "version": version}
         except Exception as exc:
             checks["store"] = {"ok": False, "name": wl.store.name, "detail": str(exc)[:300]}

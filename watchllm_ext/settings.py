@@ -125,6 +125,36 @@ class Settings(BaseSettings):
         " once push back instead of using up memory. Never below max_body_bytes and"
         " max_decompressed_bytes (one largest body always fits).",
     )
+    analytics_threads: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="Worker threads for the analytics API's store queries, apart from the"
+        " threads that ingestion, the writer and /readyz use: queries, however many wait,"
+        " never hold those up. chDB runs one read at a time; a ClickHouse server may take more.",
+    )
+    analytics_queries_per_project: int = Field(
+        4,
+        ge=1,
+        le=1000,
+        description="Analytics queries one project may have running or waiting at once; one"
+        " more is answered 429 with Retry-After, so one project's flood cannot queue the"
+        " others' queries behind its own.",
+    )
+    analytics_queue_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="How long an analytics query may wait for a thread before it is answered"
+        " 503 with Retry-After (seconds).",
+    )
+    analytics_query_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="The longest an analytics query may run in the store (ClickHouse's"
+        " max_execution_time); past it the request is answered 503 naming the limit.",
+    )
     ingest_queue_timeout_s: float = Field(
         2.0,
         gt=0,

@@ -44,6 +44,7 @@ from .models import (
     TimeseriesPoint,
     TreeNode,
 )
+from .reads import SERVING
 from .rollup import parse_hour
 
 _EVENT_TYPES = EVENT_TYPES
@@ -70,7 +71,11 @@ def _stored_prompt(value: Any, value_format: int) -> Any:
 
 
 async def _run(store: Store, sql: str, args: dict[str, Any]) -> list[dict[str, Any]]:
-    return await anyio.to_thread.run_sync(store.query, sql, args)
+    serving = SERVING.get()
+    if serving is None:  # outside an analytics request (the dashboard's zone check)
+        return await anyio.to_thread.run_sync(store.query, sql, args)
+    reads, project = serving
+    return await reads.query(project, store, sql, args)
 
 
 async def _reply(build: Callable[[], BaseModel]) -> Response:
@@ -137,6 +142,7 @@ def _context(request: Request, qp: P.Query) -> tuple[Any, Store, str]:
         raise Problem(
             503, "store_unavailable", "the store is not open", headers={"Retry-After": "5"}
         )
+    SERVING.set((wl.reads, project))  # this request's queries: its project's share (reads.py)
     return wl, wl.store, project
 
 
