@@ -155,6 +155,7 @@ def _wait_for(check: Any, within_s: float = 10.0) -> None:
 # --- 4: a client that leaves in the middle of its body -------------------------------------
 
 BODY = json.dumps({"events": [prompt_call("d1")]}).encode()
+ONE = json.dumps(prompt_call("h1")).encode()
 CUTS = {
     "content-length cut": b"Content-Length: 1000\r\n\r\n" + BODY[:20],
     "chunked, then closed": b"Transfer-Encoding: chunked\r\n\r\n5\r\n" + BODY[:5] + b"\r\n",
@@ -876,6 +877,57 @@ def test_a_transfer_coding_other_than_chunked_alone_is_refused(
         timeout=10,
     )
     assert ok.status_code == 202, ok.text
+
+
+# --- Host (RFC 9112 3.2) and the path's spelling ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("version", "hosts", "message"),
+    [
+        ("1.1", [], "the request has no Host header (HTTP/1.1 needs one)"),
+        ("1.1", [b"t", b"u"], "the request has more than one Host header"),
+        ("1.0", [b"t", b"t"], "the request has more than one Host header"),
+    ],
+)
+def test_a_request_without_its_one_host_is_refused(
+    served: Served, version: str, hosts: list[bytes], message: str
+) -> None:
+    sock = served.connect()
+    head = f"POST /v1/projects/acme/events HTTP/{version}\r\n".encode()
+    head += b"".join(b"Host: " + h + b"\r\n" for h in hosts)
+    head += (
+        f"Authorization: Bearer {served.key}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(ONE)}\r\n\r\n"
+    ).encode()
+    sock.sendall(head + ONE)
+    got, headers, body = _response(_read_all(sock))
+    assert (got, headers["connection"]) == (400, "close")
+    assert json.loads(body) == {"error": "bad_request", "message": message, "field": "Host"}
+    assert served.accepted() == 0
+    # HTTP/1.0 without Host is served, as ever.
+    sock = served.connect()
+    sock.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+    assert _response(_read_all(sock))[0] == 200
+
+
+def test_a_path_with_a_slash_too_many_is_404_not_a_redirect_to_the_host_sent(
+    served: Served,
+) -> None:
+    r = httpx.post(
+        served.url + "/v1/projects/acme/events/",
+        content=ONE,
+        headers={
+            "Authorization": f"Bearer {served.key}",
+            "Content-Type": "application/json",
+            "Host": "evil.example",
+        },
+        timeout=10,
+    )
+    assert r.status_code == 404 and "location" not in r.headers
+    assert r.json()["error"] == "not_found"
+    assert httpx.get(served.url + "/healthz/", timeout=10).status_code == 404
+    assert served.accepted() == 0
 
 
 # --- the access log ---------------------------------------------------------------------------

@@ -1242,6 +1242,10 @@ def create_app(
         middleware=middleware,
         exception_handlers={**handlers, Exception: _internal_error},
     )
+    # A path with a slash too many or too few is a 404, not Starlette's 307 to the other
+    # spelling: its Location is built from the client's Host header (any host, always
+    # http://), and a client following a 307 posts the body again. (/dashboard has its own.)
+    app.router.redirect_slashes = False
     if not sentry_on:
         # Sentry's Starlette integration instruments the router and the exception middleware
         # (transaction names, captured errors): with it on, every request goes through them.

@@ -174,9 +174,20 @@ class _Refused(Exception):
         self.problem = problem
 
 
-def transfer_problem(headers: list[tuple[bytes, bytes]], http_version: str) -> Problem | None:
-    """Why a request's Transfer-Encoding cannot be served (None: it has none, or chunked)."""
-    codings = [value for name, value in headers if name == b"transfer-encoding"]
+def head_problem(headers: list[tuple[bytes, bytes]], http_version: str) -> Problem | None:
+    """Why a request's head cannot be served (None: it can). Host (RFC 9112 3.2): exactly one
+    in an HTTP/1.1 request, at most one in HTTP/1.0 (h11, uvicorn's other parser, checks the
+    same; httptools does not). Transfer-Encoding: none, or chunked alone and not in HTTP/1.0."""
+    hosts = 0
+    codings = []
+    for name, value in headers:  # one pass, ~5 headers: a few hundred ns a request
+        if name == b"host":
+            hosts += 1
+        elif name == b"transfer-encoding":
+            codings.append(value)
+    if hosts > 1 or (hosts == 0 and http_version != "1.0"):
+        how = "more than one Host header" if hosts else "no Host header (HTTP/1.1 needs one)"
+        return Problem(400, "bad_request", f"the request has {how}", field="Host")
     if not codings:
         return None
     if http_version == "1.0":  # RFC 9112 6.1: HTTP/1.0 has no chunked framing
@@ -294,7 +305,7 @@ def header_timeout_protocol(
                 size = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
                 if size > max_header_bytes:
                     raise _HeadersTooLarge()
-            problem = transfer_problem(self.headers, self.parser.get_http_version())
+            problem = head_problem(self.headers, self.parser.get_http_version())
             if problem is not None:
                 raise _Refused(problem)
             self._in_head = self._head_unsure = self._next_begun = False
