@@ -25,10 +25,12 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from ..admission import BODY_CHARGE
 from ..analytics import routes as api
 from ..analytics.params import PERIODS
 from ..auth import Principal
 from ..errors import Problem
+from ..ingest import read_body
 from ..schema import EVENT_TYPES, Status
 from ..settings import Settings
 from . import charts
@@ -38,7 +40,12 @@ HERE = Path(__file__).parent
 STATIC = HERE / "static"
 SESSION_COOKIE = "watchllm_session"
 CSRF_COOKIE = "watchllm_csrf"  # the sign-in form's token, before there is a session
-MAX_FORM_BYTES = 16_384
+MAX_FORM_BYTES = 16_384  # a form's body; a larger one is refused (413), never cut
+# The longest `api_key` the sign-in form passes on (keys.py makes keys of 61 characters;
+# a plugin's `authenticate` may take others, none this long).
+MAX_API_KEY_CHARS = 256
+# The most of a name from the URL an answer repeats (an unknown static file's).
+MAX_ECHO_CHARS = 64
 STATUSES: tuple[str, ...] = get_args(Status)
 PERIOD_CHOICES = ("1h", "6h", "24h", "7d", "30d")
 REFRESH_CHOICES = ("0", "30", "60", "300")
@@ -260,7 +267,7 @@ class Dashboard:
         if exc.status == 401:  # the key went away between our check and the route's
             self._checked.pop(page.token, None)
             return RedirectResponse(f"{page.base}/dashboard/signin?why=ended", 303)
-        return self._render(
+        response = self._render(
             page.request,
             "problem.html",
             status=exc.status,
@@ -269,6 +276,8 @@ class Dashboard:
             problem=exc,
             nav="",
         )
+        response.headers.update(exc.headers)  # (a slow body's 408: Connection: close)
+        return response
 
     async def _bad_zone(self, page: Page, title: str) -> Response | None:
         """The page of an unknown `tz`: the API's 400 naming tz, as the overview shows it (its
@@ -296,7 +305,17 @@ class Dashboard:
         elif name in ("dashboard.css", "dashboard.js"):
             body = await anyio.Path(STATIC / name).read_bytes()
         else:
-            return Response(f"name: no static file {name!r}", 404, media_type="text/plain")
+            # The API's 404 (JSON, naming the parameter), repeating at most MAX_ECHO_CHARS of
+            # the name, control characters escaped (repr).
+            shown = name if len(name) <= MAX_ECHO_CHARS else name[:MAX_ECHO_CHARS] + "..."
+            return Problem(
+                404,
+                "not_found",
+                f"name: no static file {shown!r} (there are dashboard.css, dashboard.js and"
+                " palette.css)",
+                field="name",
+                headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"},
+            ).response()
         kind = "text/css" if name.endswith(".css") else "text/javascript"
         return Response(
             body,
@@ -308,7 +327,12 @@ class Dashboard:
         return self._signin_page(request, message=_WHY.get(request.query_params.get("why", "")))
 
     def _signin_page(
-        self, request: Request, message: str | None = None, status: int = 200, field: str = ""
+        self,
+        request: Request,
+        message: str | None = None,
+        status: int = 200,
+        field: str = "",
+        headers: Mapping[str, str] | None = None,
     ) -> Response:
         token = new_token()
         response = self._render(
@@ -322,10 +346,16 @@ class Dashboard:
             field=field,
         )
         self._cookie(response, request, CSRF_COOKIE, self.sealer.sign(token))
+        response.headers.update(headers or {})
         return response
 
     async def signin(self, request: Request) -> Response:
-        form = await _form(request)
+        try:
+            form = await _form(request, self.settings, "sign-in")
+        except Problem as exc:  # too large, too slow, not a form: nothing of it is used
+            return self._signin_page(
+                request, exc.message, exc.status, exc.field or "", headers=exc.headers
+            )
         base = _base(request)
         expected = self.sealer.unsign(request.cookies.get(CSRF_COOKIE))
         if not same_token(form.get("csrf_token"), expected):
@@ -338,6 +368,14 @@ class Dashboard:
         key = (form.get("api_key") or "").strip()
         if not key:
             return self._signin_page(request, "api_key: enter an API key.", 400, "api_key")
+        if len(key) > MAX_API_KEY_CHARS:  # never handed to `authenticate` nor cached
+            return self._signin_page(
+                request,
+                f"api_key: {len(key):,} characters is longer than any API key (at most"
+                f" {MAX_API_KEY_CHARS}); paste the key alone.",
+                400,
+                "api_key",
+            )
         wl = request.app.state.watchllm
         principal = await anyio.to_thread.run_sync(
             lambda: wl.pm.hook.authenticate(token=key, request=request)
@@ -366,7 +404,10 @@ class Dashboard:
         page = self._page(request)
         if not isinstance(page, Page):
             return page
-        form = await _form(request)
+        try:
+            form = await _form(request, self.settings, "sign-out")
+        except Problem as exc:  # too large, too slow, not a form: still signed in
+            return self._problem(page, exc, "Sign out")
         if not same_token(form.get("csrf_token"), page.csrf):
             return self._render(
                 request,
@@ -622,17 +663,40 @@ def _safe_next(value: str | None, base: str) -> str | None:
     return None
 
 
-async def _form(request: Request) -> dict[str, str]:
-    """An urlencoded form body (the dashboard's forms are small; no multipart)."""
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_FORM_BYTES:
-            break
+async def _form(request: Request, settings: Settings, name: str) -> dict[str, str]:
+    """An urlencoded form body (the dashboard's forms are small; no multipart), read as the
+    API reads bodies (ingest.read_body): a body over MAX_FORM_BYTES is refused with 413
+    naming the form (`name`), by its Content-Length before any of it is read or, without
+    one (chunked), as soon as the bytes received pass the limit; never cut and used. Timed
+    as ingest bodies are (408) and held within the app's budget for bodies in memory."""
     try:
-        return dict(parse_qsl(body[:MAX_FORM_BYTES].decode(), keep_blank_values=True))
+        body = await read_body(
+            request.receive,
+            content_length=request.headers.get("content-length"),
+            content_encoding=request.headers.get("content-encoding"),
+            max_bytes=MAX_FORM_BYTES,
+            max_decompressed_bytes=MAX_FORM_BYTES,
+            timeout_s=settings.body_timeout_s,
+            idle_timeout_s=settings.body_idle_timeout_s,
+            charge=request.scope.get(BODY_CHARGE),
+        )
+    except Problem as exc:
+        if exc.status == 413:
+            raise Problem(
+                413,
+                "payload_too_large",
+                f"body: the {name} form is larger than the limit of {MAX_FORM_BYTES:,} bytes"
+                " (its fields are far smaller: an API key, a token).",
+                field="body",
+            ) from None
+        raise
+    try:
+        text = body.decode()
     except UnicodeDecodeError:
-        return {}
+        raise Problem(
+            400, "bad_form", f"body: the {name} form is not URL-encoded UTF-8", field="body"
+        ) from None
+    return dict(parse_qsl(text, keep_blank_values=True))
 
 
 def _iso(moment: datetime) -> str:
