@@ -106,6 +106,17 @@ def test_serve_first_start_prints_a_key_and_the_read_commands_work(
     counted = cli("count-rows", *remote, "--wait", "8", "--timeout", "20")
     assert counted.returncode == 0, counted.stderr
     assert counted.stdout.strip().splitlines()[-1] == "8"
+    # --run: one run's rows, whatever else the table holds (the seven share run-1).
+    run = cli("count-rows", *remote, "--run", "run-1", "--wait", "7", "--timeout", "20")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["rows in events (project default, run run-1):", "7"]
+    assert cli("count-rows", *remote, "--run", "nope").stdout.splitlines()[-1] == "0"
+    long_run = httpx.get(
+        f"{served.url}/v1/admin/count",
+        params={"run": "r" * 257},
+        headers={"Authorization": f"Bearer {key}"},
+    )
+    assert long_run.status_code == 400 and long_run.json()["field"] == "run"
     stats = httpx.get(
         f"{served.url}/v1/analytics/stats",
         params={"project_id": "default"},
@@ -153,6 +164,8 @@ def test_serve_first_start_prints_a_key_and_the_read_commands_work(
     local = cli("count-rows", "--data-dir", data, "--project", "default")
     assert local.returncode == 0, local.stderr
     assert local.stdout.strip().splitlines()[-1] == "8"
+    local_run = cli("count-rows", "--data-dir", data, "--table", "events", "--run", "run-1")
+    assert local_run.returncode == 0 and local_run.stdout.splitlines()[-1] == "7"
     # Nothing writes to a folder that no server holds: waiting there is a usage error.
     waiting = cli("count-rows", "--data-dir", data, "--wait", "9")
     assert waiting.returncode == 2 and "--wait needs --url" in waiting.stderr

@@ -99,6 +99,7 @@ log = logging.getLogger("watchllm.app")
 
 # The tables /v1/admin/count counts (by project): the event tables, not the store's others.
 STORE_TABLES = ("events", "tool_calls", "agent_steps", "spans", "traces")
+MAX_RUN_CHARS = 256  # /v1/admin/count's `run`: the schema's bound on an id
 
 
 @dataclass
@@ -1061,8 +1062,11 @@ async def admin_count(request: Request) -> Response:
             " (the event tables; /v1/admin/tables lists all of the store's)",
             field="table",
         )
-    count = await anyio.to_thread.run_sync(count_rows, store, table, project)
-    return JSONResponse({"table": table, "project": project, "count": count})
+    run = request.query_params.get("run") or None
+    if run is not None and len(run) > MAX_RUN_CHARS:
+        raise Problem(400, "bad_parameter", f"run: at most {MAX_RUN_CHARS} characters", field="run")
+    count = await anyio.to_thread.run_sync(count_rows, store, table, project, run)
+    return JSONResponse({"table": table, "project": project, "run": run, "count": count})
 
 
 def _dead_letter_dir(wl: WatchLLM) -> Path:
@@ -1149,15 +1153,22 @@ def list_tables(store: Store) -> list[str]:
     return [r["name"] for r in rows]
 
 
-def count_rows(store: Store, table: str, project: str | None) -> int:
+def count_rows(store: Store, table: str, project: str | None, run: str | None = None) -> int:
+    """Distinct rows of `table`, of one project and one run (a trace: spans by trace_id) if
+    given."""
     if table not in STORE_TABLES:
         raise ValueError(f"unknown table {table!r}")
-    # Table names come from the allow-list above; the project is a bound parameter. FINAL
+    # Table names come from the allow-list above; the values are bound parameters. FINAL
     # collapses duplicate deliveries of one event, so the count is of distinct events.
     final = "" if table == "traces" else " FINAL"
-    where = " WHERE project_id = {project:String}" if project else ""
+    conditions = []
+    if project:
+        conditions.append("project_id = {project:String}")
+    if run:
+        conditions.append(("trace_id" if table == "spans" else "run_id") + " = {run:String}")
+    where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
     rows = store.query(
-        f"SELECT count() AS n FROM {table}{final}{where}", {"project": project} if project else None
+        f"SELECT count() AS n FROM {table}{final}{where}", {"project": project, "run": run}
     )
     return int(rows[0]["n"])
 

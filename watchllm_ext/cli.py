@@ -131,6 +131,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--project", help="count only this project's rows")
     p.add_argument("--table", default="events", help="table to count (default: events)")
     p.add_argument(
+        "--run",
+        metavar="RUN_ID",
+        help="count only this run's rows (a trace id for spans): with --wait, wait for your"
+        " own run whatever else the table holds",
+    )
+    p.add_argument(
         "--wait",
         type=_positive,
         metavar="N",
@@ -559,6 +565,8 @@ def cmd_count_rows(args: argparse.Namespace) -> int:
         params = {"table": args.table}
         if args.project:
             params["project"] = args.project
+        if args.run:
+            params["run"] = args.run
         answer = _remote(args, "/v1/admin/count", params)
         # An admin key counts its own project when none is named: say which one was counted.
         count, project = answer["count"], answer.get("project")
@@ -575,9 +583,11 @@ def cmd_count_rows(args: argparse.Namespace) -> int:
         if args.wait:
             # The folder is open in one process only: no server is writing to it now.
             raise CliUsageError("--wait needs --url: only a running server adds rows")
-        count = _with_local_store(args, lambda s: count_rows(s, args.table, args.project))
+        count = _with_local_store(args, lambda s: count_rows(s, args.table, args.project, args.run))
         project = args.project
     scope = f"project {project}" if project else "all projects"
+    if args.run:
+        scope += f", run {args.run}"
     print(f"rows in {args.table} ({scope}):")
     print(count)
     if args.wait and count < args.wait:

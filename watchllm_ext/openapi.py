@@ -54,6 +54,7 @@ class Batch(BaseModel):
 class AdminCount(BaseModel):
     table: str
     project: str | None
+    run: str | None
     count: int
 
 
@@ -237,6 +238,11 @@ def _admin_paths() -> dict[str, Any]:
             [
                 _query("table", "", {"enum": list(STORE_TABLES), "default": "events"}),
                 _ADMIN_PROJECT,
+                _query(
+                    "run",
+                    "count only this run's rows (a trace id for spans)",
+                    {"type": "string", "maxLength": 256},
+                ),
             ],
             (400, 401, 403, 503),
         ),
