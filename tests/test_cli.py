@@ -238,6 +238,23 @@ def test_remote_errors_are_one_line(tmp_path: Path) -> None:
     assert nokey.returncode == 1 and "--key" in nokey.stderr
 
 
+def test_a_clickhouse_server_that_is_down_is_one_line(tmp_path: Path) -> None:
+    # clickhouse-connect's own "Unexpected Http Driver Exception" warning does not repeat it.
+    url = f"http://default:@127.0.0.1:{free_port()}/watchllm"
+    for command in ("verify-clickhouse", "check-tables", "count-rows"):
+        down = cli(
+            command,
+            "--data-dir",
+            str(tmp_path / "data"),
+            env={"WATCHLLM_CLICKHOUSE_URL": url},
+        )
+        assert down.returncode == 1, down
+        assert down.stderr.splitlines() == [
+            f"error: cannot reach ClickHouse at 127.0.0.1:{url.rsplit(':', 1)[1].split('/')[0]}:"
+            " connection refused"
+        ], down.stderr
+
+
 # Two `watchllm serve` processes, each with its own data folder, in front of one ClickHouse
 # server with the keys on it (docs/DEPLOY.md): the first start creates the first key there,
 # the second finds it, and both accept it.

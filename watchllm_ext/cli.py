@@ -535,8 +535,16 @@ def _with_local_store(args: argparse.Namespace, fn: Any) -> Any:
             " (`watchllm serve` makes it on its first start; --data-dir or WATCHLLM_DATA_DIR"
             " names another folder, --url asks a running server)"
         )
+    _quiet_store_logs()
     with _migrated_store(args) as store:
         return fn(store)
+
+
+def _quiet_store_logs() -> None:
+    """A command that reports a store failure as one line: the store's and clickhouse-connect's
+    own warnings (a server down: "Unexpected Http Driver Exception") would repeat it."""
+    for name in ("clickhouse_connect", "watchllm.clickhouse"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -664,10 +672,7 @@ def cmd_import(args: argparse.Namespace) -> int:
             "import needs the ClickHouse server to import into: --url"
             " http(s)://user:password@host:port/database, or WATCHLLM_CLICKHOUSE_URL"
         )
-    # import reports a failure as one line; the store's and clickhouse-connect's own warnings
-    # (a server down at connect time, say) would repeat it.
-    for name in ("clickhouse_connect", "watchllm.clickhouse"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    _quiet_store_logs()
     try:
         import_folder(settings, args.in_dir, url, resume=args.resume, batch_rows=args.batch_rows)
     except CountMismatch as exc:
