@@ -11,6 +11,7 @@ the server `watchllm serve` runs (uvicorn with serving.uvicorn_options) on loopb
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -352,22 +353,35 @@ def test_a_pipelined_requests_headers_are_capped_while_the_one_before_is_served(
     # Headers that arrive while the request before them on the connection is still served
     # were not counted: a client could pipeline one request, then send hundreds of MB of one
     # header block, all kept in memory. Now they are counted from their first byte; past the
-    # cap the connection is closed (no answer: it would be read as the first request's).
+    # cap nothing more is read, and once the first request is answered the 431 follows and
+    # the connection is closed.
     served = Served(tmp_path, plugins=(SlowQuota(3.0),))
     served.start()
     try:
         sock = served.connect()
         sock.sendall(_one_event_request(served.key, "pipelined-1"))
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Pad: ")
-        sent = 0
-        with pytest.raises(OSError):  # reset once the server has closed
-            while sent < 64 << 20:
-                sock.sendall(b"a" * 65536)
-                sent += 65536
-        # What the kernel's buffers take, not what the client sent: the server read about
-        # the cap, then closed.
-        assert sent < 16 << 20
-        time.sleep(3.5)  # the first request's app finishes, and writes to nothing
+        sent = [0]
+
+        def pad() -> None:  # until the server closes (or 64 MB)
+            with contextlib.suppress(OSError):
+                while sent[0] < 64 << 20:
+                    sock.sendall(b"a" * 65536)
+                    sent[0] += 65536
+
+        padding = threading.Thread(target=pad, daemon=True)
+        padding.start()
+        sock.settimeout(15)
+        out = b""
+        while b"HTTP/1.1 431" not in out:
+            chunk = sock.recv(65536)
+            assert chunk, out[:600]
+            out += chunk
+        # The server stopped reading at the cap while the first request was served (3 s):
+        # what was sent by then is what the kernel's buffers took, not 64 MB.
+        assert sent[0] < 16 << 20
+        assert out.startswith(b"HTTP/1.1 202") and b'"pipelined-1"' in out, out[:600]
+        padding.join(15)
         assert not [r for r in records.records if r.levelno >= logging.ERROR]
         assert httpx.get(served.url + "/healthz", timeout=10).status_code == 200
     finally:
@@ -411,9 +425,9 @@ def test_a_long_head_that_begins_in_the_read_ending_the_one_before_is_capped(
         b"X-A: b\r\n\r\nGET /healthz HTTP/1.1\r\nHost: t\r\n" + big + b"Connection: close\r\n\r\n"
     )
     out = _read_all(sock)
-    # Request 2 is refused, not served: the connection is closed (a pipelined request's
-    # refusal is no answer, which would be read as request 1's), maybe after request 1's.
-    assert out.count(b"HTTP/1.1 200") <= 1, out[:600]
+    # Request 2 is refused, not served: request 1's answer, then the 431, then the close.
+    assert out.startswith(b"HTTP/1.1 200") and out.count(b"HTTP/1.1 200") == 1, out[:600]
+    assert b"HTTP/1.1 431" in out, out[:600]
 
 
 def test_a_body_answered_midway_is_not_taken_for_headers(tmp_path: Path) -> None:
@@ -449,11 +463,12 @@ def test_a_body_answered_midway_is_not_taken_for_headers(tmp_path: Path) -> None
         served.stop()
 
 
-def test_a_bad_request_pipelined_behind_one_being_served_is_not_answered_for_it(
+def test_a_bad_request_pipelined_behind_one_being_served_is_answered_after_it(
     tmp_path: Path,
 ) -> None:
     # The parser refuses the second request while the first is still served: a 400 written
-    # now would be read as the first one's answer. The connection is closed instead.
+    # then would be read as the first one's answer (and closing dropped the first request).
+    # The first is answered, then the 400 goes out and the connection is closed.
     served = Served(tmp_path, plugins=(SlowQuota(1.0),))
     served.start()
     try:
@@ -462,7 +477,14 @@ def test_a_bad_request_pipelined_behind_one_being_served_is_not_answered_for_it(
             _one_event_request(served.key, "pipelined-2")
             + b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Note: a\x00b\r\n\r\n"
         )
-        assert _read_all(sock) == b""
+        out = _read_all(sock)
+        first, _, second = out.partition(b"HTTP/1.1 400")
+        assert first.startswith(b"HTTP/1.1 202") and b'"pipelined-2"' in first, out[:600]
+        assert second, out[:600]
+        status, headers, body = _response(b"HTTP/1.1 400" + second)
+        assert (status, headers["connection"]) == (400, "close")
+        assert json.loads(body)["field"] == "headers"
+        assert served.accepted() == 1
     finally:
         served.stop()
 

@@ -217,6 +217,7 @@ def header_timeout_protocol(
     headers_complete = getattr(base, "on_headers_complete", None)  # httptools' callbacks
     message_begin = getattr(base, "on_message_begin", None)
     message_complete = getattr(base, "on_message_complete", None)
+    response_complete = base.on_response_complete
     # httptools tells where its parser is: its bytes are counted exactly from each request's
     # first byte to the end of its headers. h11 caps a header block itself
     # (h11_max_incomplete_event_size, uvicorn_options); under it only the deadline is ours.
@@ -247,6 +248,9 @@ def header_timeout_protocol(
         # size, so its size is worked out exactly once its headers are complete.
         _head_unsure = False
         _refused = False
+        # (httptools) The answer to pipelined bytes refused while the requests before them
+        # were served: sent once they are answered.
+        _after_response: Problem | None = None
         # (httptools) A request's headers completed in the chunk being parsed (the deadline
         # armed for them is met, even when its whole request came in that chunk and the parser
         # is in the next head again), and whether a next request began after them.
@@ -340,17 +344,25 @@ def header_timeout_protocol(
             self._answer(problem)
 
         def _answer(self, problem: Problem) -> None:
-            """Answer `problem` and close, unless an answer now would be taken for another
-            request's: then only close."""
+            """Answer `problem` and close: at once, or after the requests before it when the
+            bytes refused are a pipelined request's; only close when an answer now would
+            garble one under way."""
             self._refused = True
             self._disarm()
             cycle = self.cycle
             if cycle is not None and not cycle.response_complete:
-                if cycle.response_started or (counting and self._in_head):
-                    # An answer is under way (a second one would garble it), or the bytes
-                    # refused are a pipelined request's while the one before is served (the
-                    # client would read ours as that one's): close; the app sees a
-                    # disconnect and writes nothing more.
+                if counting and self._in_head:
+                    # A pipelined request's bytes, while the one before is served: the client
+                    # gets that one's answer (and those of any queued between), then ours
+                    # (on_response_complete), as HTTP/1.1 keeps answers in order.
+                    self._after_response = problem
+                    # Nothing more is read meanwhile (what comes is not served): the client's
+                    # bytes wait in the socket's buffers, not in our memory.
+                    self.transport.pause_reading()
+                    return
+                if cycle.response_started:
+                    # An answer is under way (a second one would garble it): close; the app
+                    # sees a disconnect and writes nothing more.
                     cycle.disconnected = True
                     cycle.message_event.set()
                     self.transport.close()
@@ -358,12 +370,25 @@ def header_timeout_protocol(
                 # The app is reading this request's body (bad chunk framing): it will see a
                 # disconnect; this tells it the client got this answer (observability/metrics).
                 cycle.scope[ANSWERED] = problem.status
+            self._send_and_close(problem)
+
+        def on_response_complete(self) -> None:
+            problem = self._after_response
+            if problem is None or self.pipeline:
+                response_complete(self)  # the base's: the next pipelined request starts
+                return
+            self._after_response = None
+            self.server_state.total_requests += 1
+            self._send_and_close(problem)
+
+        def _send_and_close(self, problem: Problem) -> None:
             if self.transport.is_closing():
                 return
             self.transport.write(problem_bytes(problem, self.server_state.default_headers))
             # A lingering close: the client may still be sending (a header block of
             # megabytes); closing with its bytes unread would reset the connection before it
             # reads the answer. End our side, drop what comes, close in a moment.
+            self.transport.resume_reading()
             if self.transport.can_write_eof():
                 self.transport.write_eof()
                 self.loop.call_later(_LINGER_S, self.transport.close)
