@@ -499,6 +499,27 @@ def test_a_header_block_far_over_the_cap_still_reads_its_431(served: Served) -> 
     assert status == 431 and json.loads(body)["error"] == "headers_too_large"
 
 
+def test_a_connect_or_a_websocket_upgrade_gets_a_json_answer(served: Served) -> None:
+    sock = served.connect()
+    sock.sendall(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+    status, headers, body = _response(_read_all(sock))
+    assert (status, headers["connection"]) == (400, "close")
+    assert json.loads(body) == {
+        "error": "bad_request",
+        "message": "the request target is not a URL path such as /v1/events/batch"
+        " (CONNECT is not served)",
+        "field": "request",
+    }
+    # No route is a WebSocket: the upgrade is served as plain HTTP (a JSON 404 here).
+    sock = served.connect()
+    sock.sendall(
+        b"GET /v1/stream HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade, close\r\n\r\n"
+    )
+    status, headers, body = _response(_read_all(sock))
+    assert status == 404 and json.loads(body)["error"] == "not_found"
+
+
 # --- 13: requests the parser refuses --------------------------------------------------------
 
 NOT_A_NUMBER = {

@@ -25,6 +25,9 @@ from .settings import Settings
 # before it (gzip, chunked) was ignored and the body read as if plain; a proxy in front that
 # reads it otherwise would see another request boundary.
 _TE_RULE = "Transfer-Encoding must be chunked alone (send Content-Encoding to compress)"
+_NOT_A_PATH = (
+    "the request target is not a URL path such as /v1/events/batch (CONNECT is not served)"
+)
 
 # What a parser's error message says -> (our message, the field it names): the parser's
 # words are the only clue to which header was wrong. Looked up by substring, lower-case.
@@ -339,6 +342,13 @@ def header_timeout_protocol(
                 or str(error) == _H11_TOO_LARGE  # h11's cap on a header block (uvicorn_options)
             ):
                 problem = headers_too_large(max_header_bytes)
+            elif (
+                error is not None
+                and type(error.__context__).__name__ == "HttpParserInvalidURLError"
+            ):
+                # uvicorn's parse of the target failed in its callback ("User callback error"):
+                # a CONNECT's host:port, or a target that is no URL.
+                problem = Problem(400, "bad_request", _NOT_A_PATH, field="request")
             else:
                 problem = parser_problem(str(error) if error is not None else msg)
             self._answer(problem)
@@ -493,6 +503,9 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
             settings.header_timeout_s, settings.max_header_bytes, quiet_ingest=quiet
         ),
         "timeout_keep_alive": settings.keep_alive_timeout_s,
+        # No route is a WebSocket: an Upgrade request is served as plain HTTP (uvicorn's
+        # WebSocket layer would answer it a text/plain 400 of its own).
+        "ws": "none",
         # Only read when uvicorn runs h11 (no httptools): its own cap on a header block.
         "h11_max_incomplete_event_size": settings.max_header_bytes,
     }
