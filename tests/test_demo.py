@@ -13,6 +13,7 @@ import pytest
 from conftest import Running, free_port
 from stores import EVERY_STORE
 from test_cli import WATCHLLM, cli
+from test_cli_light import CLIENT_ONLY  # the base install: no server package imports
 
 from watchllm_ext.demo import build
 from watchllm_ext.schema import EVENT_LIST_ADAPTER
@@ -130,22 +131,6 @@ def test_demo_with_a_refused_key_names_the_answer(server: Running) -> None:
 def test_demo_events_must_be_a_count(events: str) -> None:
     bad = cli("demo", "--events", events, "--key", "k")
     assert bad.returncode == 2 and "--events" in bad.stderr
-
-
-# The base install (pydantic and httpx): the server's packages cannot be imported.
-CLIENT_ONLY = """
-import sys
-BLOCKED = ("pydantic_settings", "starlette", "uvicorn", "chdb", "pyarrow", "pluggy")
-
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ImportError(f"No module named {name!r}", name=name)
-
-sys.meta_path.insert(0, Block())
-from watchllm_ext.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
 
 
 def test_demo_needs_only_the_client_install(server: Running) -> None:

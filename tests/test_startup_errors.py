@@ -14,19 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port
-
-WATCHLLM = [sys.executable, "-m", "watchllm_ext.cli"]
-
-
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*WATCHLLM, *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env={**os.environ, **(env or {})},
-    )
+from test_cli import cli
 
 
 def one_error_line(done: subprocess.CompletedProcess[str]) -> str:
