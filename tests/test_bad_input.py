@@ -38,7 +38,8 @@ JSON_CT = {"Content-Type": "application/json"}
 ADMIN, NO_AUTH, READ_ONLY, REVOKED = "admin", "none", "read", "revoked"
 
 # A field path the client can act on: an event field path ("tool_calls[0].foo",
-# "[0].project_id"), a header name ("Content-Type") or "(event)" for the event as a whole.
+# "[0].project_id", "events[1].project_id" on the batch route), a header name
+# ("Content-Type") or "(event)" for the event as a whole.
 # pydantic internals such as "prompt.constrained-str" are not.
 _SEG = r"[a-z_][a-z0-9_]*(?:\[\d+\])*"
 _CLEAN_FIELD = re.compile(
@@ -307,7 +308,8 @@ CASES: list[Case] = [
          path="/v1/projects/globex/events", body=bad("wrongpath"), says=("globex",)),
     Case("body-project-id-other-project", 403, "forbidden", "[0].project_id",
          body=bad("bodyproj", project_id="globex"), says=("globex",)),
-    Case("batch-body-project-id-other-project", 403, "forbidden", "[1].project_id", path=BATCH,
+    Case("batch-body-project-id-other-project", 403, "forbidden", "events[1].project_id",
+         path=BATCH,
          body={"events": [prompt_call("bad-bp-0"), bad("bp-1", project_id="globex")]},
          says=("globex",)),
     Case("no-authorization-header", 401, "unauthorized", "Authorization", auth=NO_AUTH,

@@ -212,7 +212,7 @@ def test_bad_bodies_get_the_servers_detailed_answers(server_factory: Any, tmp_pa
     statuses = [status for status, _ in there[0]]
     assert statuses == [207, 403, 422]
     assert there[0][0][1]["rejected"][0]["index"] == 7
-    assert there[0][1][1]["field"] == "[5].project_id"
+    assert there[0][1][1]["field"] == "events[5].project_id"
     assert here[1] == there[1]
     # The 403 came from the worker; the others were declined there and answered here.
     assert (bodies_count(there[2], "worker"), bodies_count(there[2], "declined")) == (1, 2)

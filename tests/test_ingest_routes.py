@@ -117,6 +117,18 @@ def requests(keys: dict[str, str]) -> Iterator[tuple[str, str, Headers, bytes]]:
     three = [prompt_call(f"q{i}") for i in range(3)]
     yield "POST", "/v1/events/batch", auth, body({"events": three})  # 429 from the plugin
     yield "POST", "/v1/events/batch", auth, body({"events": [prompt_call("t", run_id="teapot")]})
+    # 400: a path project id that is not one (shown cut at 64 characters)
+    yield "POST", f"/v1/projects/{'a' * 5000}/events", auth, one
+    yield "POST", "/v1/projects/ac$me/events", auth, one
+    yield "POST", "/v1/projects/ac$me/events", {"Content-Type": "application/json"}, one  # 401
+    other = prompt_call("o", project_id="other")
+    yield "POST", "/v1/events/batch", auth, body({"events": [prompt_call("o1"), other]})  # 403
+    utf16 = {**auth, "Content-Type": "application/json; charset=utf-16"}
+    yield "POST", "/v1/events/batch", utf16, one  # 415
+    # An integer literal longer than the parser reads: 422 naming the field (gzip: over 4 KiB)
+    long = body({"events": [prompt_call("l", tokens_input=0)]})
+    long = long.replace(b'"tokens_input": 0', b'"tokens_input": ' + b"9" * 5000)
+    yield "POST", "/v1/events/batch", {**auth, "Content-Encoding": "gzip"}, gzip.compress(long)
     # Not the ingest routes' own: the router answers these, with or without the shortcut.
     yield "GET", "/v1/events/batch", auth, b""  # 405
     yield "PUT", "/v1/projects/acme/events", auth, one

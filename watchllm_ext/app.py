@@ -55,8 +55,9 @@ from .ingest import (
     Outcome,
     check_content_type,
     check_projects,
+    events_at,
     finish_fast,
-    parse_json,
+    parse_events_json,
     read_request_body,
     receipt_time,
     validate_fast,
@@ -711,19 +712,21 @@ async def _ingest_fast(
     events: list[Any],
     slot: _BigBodySlot | None = None,
     received_at: datetime | None = None,
+    at: str = "",
 ) -> Response:
+    """`at`: where the body holds its events (ingest.check_projects), for a 403's field."""
     _check_count(wl, len(events))
     await wl.check_quota(principal, len(events))
     try:
         if slot is None:
-            outcome = finish_fast(events, principal, wl.pm, received_at)
+            outcome = finish_fast(events, principal, wl.pm, received_at, at)
         else:
             # A big body: its fill-in, hooks and spool encoding in one trip to a worker thread
             # (a trip each cost a batch two thread hops more than it needs).
             writer = wl.writer
             encode = writer is not None and writer.needs_payload
             outcome = await anyio.to_thread.run_sync(
-                _finish_and_encode, events, principal, wl.pm, received_at, encode
+                _finish_and_encode, events, principal, wl.pm, received_at, encode, at
             )
         response = await _answer(wl, outcome, slot)
     except Problem:
@@ -740,9 +743,10 @@ def _finish_and_encode(
     pm: pluggy.PluginManager,
     received_at: datetime | None,
     encode: bool,
+    at: str = "",
 ) -> Outcome:
     """finish_fast, then the accepted events' spool encoding (unless made on the way)."""
-    outcome = finish_fast(events, principal, pm, received_at)
+    outcome = finish_fast(events, principal, pm, received_at, at)
     if encode and outcome.payload is None and outcome.accepted:
         outcome.payload = _encode_sliced(outcome.accepted).payload
     return outcome
@@ -754,12 +758,24 @@ async def _ingest(
     items: list[Any],
     slot: _BigBodySlot | None = None,
     received_at: datetime | None = None,
+    at: str = "",
+    too_long: bool = False,
 ) -> Response:
+    """`at`: where the body holds its events (ingest.check_projects); `too_long`: the items
+    may hold integers too long to parse (ingest.parse_events_json)."""
     _check_count(wl, len(items))
-    check_projects(items, principal)
+    check_projects(items, principal, at)
     await wl.check_quota(principal, len(items))
     try:
-        outcome = await _cpu(slot is not None, validate_items, items, principal, wl.pm, received_at)
+        outcome = await _cpu(
+            slot is not None,
+            validate_items,
+            items,
+            principal,
+            wl.pm,
+            received_at,
+            too_long,
+        )
         response = await _answer(wl, outcome, slot)
     except Problem:
         await wl.refund_quota(principal, len(items))  # refused whole (422, 503)
@@ -849,6 +865,8 @@ async def project_events(request: Request) -> Response:
     principal = wl.authenticate_header(headers.authorization, "ingest", request)
     project_id = request.path_params["project_id"]
     if project_id != principal.project_id:
+        if not PROJECT_ID_RE.fullmatch(project_id):
+            raise not_a_project_id(project_id, "project_id")  # 400, the value shortened
         raise other_project(principal.project_id, project_id)
     body = await _read(request, wl, headers)
     return await _by_size(wl, principal, body, "events", received_at, _project_events)
@@ -871,7 +889,7 @@ async def _by_size(
     if len(body) < OFFLOAD_MIN_BYTES:
         events = validate_fast(body, shape)
         if events is not None:
-            return await _ingest_fast(wl, principal, events, None, received_at)
+            return await _ingest_fast(wl, principal, events, None, received_at, events_at(shape))
         return await handle(wl, principal, body, None, received_at, fast=False)
     done = await _in_worker(wl, principal, body, shape, received_at)
     if isinstance(done, Response):
@@ -901,13 +919,13 @@ async def _project_events(
     off_loop = slot is not None
     events = await _fast_events(off_loop, body, "events") if fast else None
     if events is not None:
-        return await _ingest_fast(wl, principal, events, slot, received_at)
+        return await _ingest_fast(wl, principal, events, slot, received_at, events_at("events"))
     if not off_loop and len(body) >= DETAILED_OFFLOAD_MIN_BYTES:
         # Declined by the fast validator: the detailed answer costs up to ~10x (ingest.py),
         # so it is a big body's work, on a worker thread in a big body's place.
         async with _BigBodySlot(wl, principal) as big:
             return await _project_events(wl, principal, body, big, received_at, fast=False)
-    payload = await _cpu(off_loop, parse_json, body)
+    payload, too_long = await _cpu(off_loop, parse_events_json, body)
     if isinstance(payload, dict):
         items = [payload]
     elif isinstance(payload, list):
@@ -918,7 +936,7 @@ async def _project_events(
         raise Problem(
             422, "bad_body", "the body must be an event object or an array of events", field="body"
         )
-    return await _ingest(wl, principal, items, slot, received_at)
+    return await _ingest(wl, principal, items, slot, received_at, events_at("events"), too_long)
 
 
 async def batch_events(request: Request) -> Response:
@@ -942,13 +960,13 @@ async def _batch_events(
     off_loop = slot is not None
     events = await _fast_events(off_loop, body, "batch") if fast else None
     if events is not None:
-        return await _ingest_fast(wl, principal, events, slot, received_at)
+        return await _ingest_fast(wl, principal, events, slot, received_at, events_at("batch"))
     if not off_loop and len(body) >= DETAILED_OFFLOAD_MIN_BYTES:
         # Declined by the fast validator: the detailed answer costs up to ~10x (ingest.py),
         # so it is a big body's work, on a worker thread in a big body's place.
         async with _BigBodySlot(wl, principal) as big:
             return await _batch_events(wl, principal, body, big, received_at, fast=False)
-    payload = await _cpu(off_loop, parse_json, body)
+    payload, too_long = await _cpu(off_loop, parse_events_json, body)
     if not isinstance(payload, dict):
         raise Problem(422, "bad_body", 'the body must be an object {"events": [...]}', field="body")
     unknown = sorted(set(payload) - {"events"})
@@ -964,7 +982,7 @@ async def _batch_events(
         raise Problem(422, "bad_body", "'events' must be an array of events", field="events")
     if not items:
         raise Problem(422, "empty_batch", "'events' holds no event", field="events")
-    return await _ingest(wl, principal, items, slot, received_at)
+    return await _ingest(wl, principal, items, slot, received_at, events_at("batch"), too_long)
 
 
 # --- health -----------------------------------------------------------------------------------

@@ -84,8 +84,9 @@ def other_project(key_project: str, named: str) -> Problem:
 
 
 def not_a_project_id(value: str, field: str = "project") -> Problem:
-    """400 for a query parameter that should name a project and is not a project id (checked
-    before anything is read or made for it)."""
+    """400 for a parameter (of the query or the path) that should name a project and is not a
+    project id (checked before anything is read or made for it); a long value is shown cut
+    at 64 characters, the most a project id has."""
     shown = value if len(value) <= 64 else value[:64] + "..."
     return Problem(
         400,

@@ -36,7 +36,7 @@ from . import hookspecs
 from .auth import Principal
 from .errors import Problem
 from .fast_validate import encode_events
-from .ingest import finish_fast, validate_fast
+from .ingest import events_at, finish_fast, validate_fast
 from .plugins import PROJECT
 from .store.rows import EVENTS_INPUT, PARTS_INPUT, input_json
 
@@ -127,7 +127,9 @@ def work(job: EventsJob) -> EventsAnswer:
     principal = Principal(job.project, frozenset({"ingest"}))
     received = _EPOCH + timedelta(milliseconds=job.received_ms)
     try:
-        outcome = finish_fast(events, principal, _plugins(job.twins), received)
+        outcome = finish_fast(
+            events, principal, _plugins(job.twins), received, events_at(job.shape)
+        )
     except Problem as problem:  # another project's event (403)
         status, code, message, field = problem.status, problem.code, problem.message, problem.field
         return EventsAnswer(count=len(events), problem=(status, code, message, field))

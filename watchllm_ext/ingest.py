@@ -16,6 +16,7 @@ import asyncio
 import math
 import random
 import re
+import secrets
 import threading
 import time
 import types
@@ -96,7 +97,8 @@ class Outcome:
 def check_content_type(content_type: str | None) -> None:
     if content_type is None:
         return  # no header: treat the body as JSON, as most JSON APIs do
-    media = content_type.split(";", 1)[0].strip().lower()
+    media, _, parameters = content_type.partition(";")
+    media = media.strip().lower()
     if media != "application/json" and not media.endswith("+json"):
         raise Problem(
             415,
@@ -104,6 +106,36 @@ def check_content_type(content_type: str | None) -> None:
             f"Content-Type {media or '(empty)'!r} is not supported; send application/json",
             field="Content-Type",
         )
+    check_json_charset(parameters)
+
+
+# UTF-8, its common alias, and ASCII (whose bytes are the same in UTF-8).
+_UTF8_CHARSETS = frozenset({"utf-8", "utf8", "us-ascii", "ascii"})
+
+
+def check_json_charset(parameters: str) -> None:
+    """415 for a JSON content type whose parameters (what follows its first ';') name a
+    charset other than UTF-8: the body is read as UTF-8, the encoding of JSON exchanged
+    between systems (RFC 8259, section 8.1), so UTF-16 or Latin-1 text would be misread."""
+    if "=" not in parameters:
+        return  # no parameter (the usual case)
+    for parameter in parameters.split(";"):
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() != "charset":
+            continue
+        charset = value.strip()
+        if len(charset) >= 2 and charset[0] == charset[-1] == '"':
+            charset = charset[1:-1]  # a quoted-string (RFC 9110 5.6.6)
+        if charset.lower() not in _UTF8_CHARSETS:
+            shown = charset if len(charset) <= 64 else charset[:64] + "..."
+            raise Problem(
+                415,
+                "unsupported_media_type",
+                f"Content-Type charset {shown!r} is not supported: only UTF-8 JSON is"
+                " accepted (RFC 8259); send the body as UTF-8, with charset=utf-8 or no"
+                " charset",
+                field="Content-Type",
+            )
 
 
 @dataclass(slots=True)
@@ -380,24 +412,147 @@ MAX_JSON_DEPTH = 200
 
 
 def parse_json(body: bytes) -> Any:
+    """The body's JSON value (see parse_events_json)."""
+    return parse_events_json(body)[0]
+
+
+def parse_events_json(body: bytes) -> tuple[Any, bool]:
+    """The body's JSON value, and whether it held an integer literal longer than the parser
+    reads (4,300 characters): each is a TooLongInt in the value (validate_items with
+    `too_long` refuses it where it is). 400 for a body that is not JSON."""
     if not body.strip():
         raise Problem(400, "malformed_json", "the body is empty; send a JSON value", field="body")
     try:
-        return from_json(body, allow_inf_nan=False)
+        return from_json(body, allow_inf_nan=False), False
     except ValueError as exc:
-        # pydantic-core's message carries the position: "... at line 1 column 17".
-        text = str(exc)
-        if text.startswith("recursion limit exceeded"):
-            # Valid JSON, only deeper than the parser goes: say so, not "invalid" (docs/API.md).
-            where = text.removeprefix("recursion limit exceeded").strip()
-            raise Problem(
-                400,
-                "malformed_json",
-                f"the JSON nests arrays and objects more than {MAX_JSON_DEPTH} levels deep"
-                f" ({where}); send it less deeply nested",
-                field="body",
-            ) from None
-        raise Problem(400, "malformed_json", f"invalid JSON: {exc}", field="body") from None
+        if str(exc).startswith(_OUT_OF_RANGE):
+            return _parse_long_numbers(body, exc), True
+        raise _not_json(exc) from None
+
+
+def _not_json(exc: ValueError) -> Problem:
+    # pydantic-core's message carries the position: "... at line 1 column 17".
+    text = str(exc)
+    if text.startswith("recursion limit exceeded"):
+        # Valid JSON, only deeper than the parser goes: say so, not "invalid" (docs/API.md).
+        where = text.removeprefix("recursion limit exceeded").strip()
+        return Problem(
+            400,
+            "malformed_json",
+            f"the JSON nests arrays and objects more than {MAX_JSON_DEPTH} levels deep"
+            f" ({where}); send it less deeply nested",
+            field="body",
+        )
+    return Problem(400, "malformed_json", f"invalid JSON: {exc}", field="body")
+
+
+# --- numbers longer than the parser reads ----------------------------------------------------
+#
+# pydantic-core's parser reads an integer literal of at most 4,300 characters (Python's
+# int_max_str_digits), and fails the whole body with "number out of range" past that, also for
+# a number whose integer part is that long (1000...0.5). Such a number is valid JSON, only out
+# of the range of every number field: it gets the answer a 4,300-digit one gets, a 422 naming
+# its field (docs/EVENTS.md), not a 400 for the whole body. The body is parsed again with each
+# such literal replaced by one of the same length (a placeholder padded with spaces, so the
+# position of any other error is the same): an integer by a marker turned into a TooLongInt,
+# a float by its value (what the parser would have read: infinity, mostly).
+
+_OUT_OF_RANGE = "number out of range"
+# A string (skipped whole: possessive, so a long one costs one pass), or a number literal
+# whose integer part has 4,300 digits or more, not inside another token.
+_LONG_NUMBER = re.compile(
+    rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"'
+    rb"|(?<![0-9A-Za-z_.+\-])-?[0-9]{4300,}(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?(?![0-9A-Za-z_.+\-])",
+    re.DOTALL,
+)
+
+
+class TooLongInt(int):
+    """An integer literal longer than the parser reads, as +-10**4300: over the range of every
+    integer field, and not a number a float field takes, as the literal itself would be."""
+
+
+_TOO_LONG = TooLongInt(10**4300)
+_TOO_LONG_NEGATIVE = TooLongInt(-(10**4300))
+
+
+def _parse_long_numbers(body: bytes, exc: ValueError) -> Any:
+    marker = f"0.{secrets.randbits(52) | 1:016d}".encode()  # a float no client can foresee
+    value_of = {float(marker): _TOO_LONG, -float(marker): _TOO_LONG_NEGATIVE}
+    pieces: list[bytes] = []
+    done = replaced = 0
+    for found in _LONG_NUMBER.finditer(body):
+        token = found.group()
+        if token[:1] == b'"':
+            continue
+        try:
+            from_json(token)
+            continue  # read as it is (4,300 digits exactly)
+        except ValueError as error:
+            if not str(error).startswith(_OUT_OF_RANGE):
+                continue
+        if token.lstrip(b"-").isdigit():
+            literal = b"-" + marker if token[:1] == b"-" else marker
+            replaced += 1
+        else:
+            number = float(token)  # no length limit for floats: correctly rounded
+            if math.isfinite(number):
+                literal = repr(number).encode()
+            else:
+                literal = b"-1e999" if number < 0 else b"1e999"  # how the parser reads 1e999
+        pieces += (body[done : found.start()], literal, b" " * (len(token) - len(literal)))
+        done = found.end()
+    if not pieces:
+        raise _not_json(exc) from None
+    pieces.append(body[done:])
+    try:
+        holder = [from_json(b"".join(pieces), allow_inf_nan=False)]
+    except ValueError as again:
+        raise _not_json(again) from None  # the body's first other error, at its position
+    if replaced and _restore(holder, value_of) != replaced:
+        raise _not_json(exc) from None  # a marker not found where it was put: as before
+    return holder[0]
+
+
+def _restore(value: Any, value_of: dict[float, TooLongInt]) -> int:
+    """Put the TooLongInts in place of their markers (in place); how many."""
+    count = 0
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return 0
+    for key, item in items:
+        if type(item) is float:
+            found = value_of.get(item)
+            if found is not None:
+                value[key] = found
+                count += 1
+        elif isinstance(item, dict | list):
+            count += _restore(item, value_of)
+    return count
+
+
+def _holds_too_long(value: Any) -> bool:
+    if isinstance(value, TooLongInt):
+        return True
+    if isinstance(value, dict):
+        return any(_holds_too_long(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_holds_too_long(v) for v in value)
+    return False
+
+
+def _too_long_as_infinity(value: Any) -> Any:
+    """A copy of `value` with each TooLongInt as the infinity of its sign."""
+    if isinstance(value, TooLongInt):
+        return math.inf if value > 0 else -math.inf
+    if isinstance(value, dict):
+        return {k: _too_long_as_infinity(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_too_long_as_infinity(v) for v in value]
+    return value
 
 
 # --- what the server fills in --------------------------------------------------------------------
@@ -539,24 +694,31 @@ def describe_errors(exc: ValidationError) -> list[dict[str, str]]:
     return found
 
 
-def check_projects(items: list[Any], principal: Principal) -> None:
-    """A body that names another project than the key's is refused whole (403)."""
+def check_projects(items: list[Any], principal: Principal, at: str = "") -> None:
+    """A body that names another project than the key's is refused whole (403). `at`: where
+    the events are in the body, for the field path (`events` in a batch: events[1].project_id;
+    nothing for an array or an event alone: [1].project_id)."""
     for index, item in enumerate(items):
         if isinstance(item, dict):
             project = item.get("project_id")
             # A non-string project_id is a schema error (422), reported by validation.
             if isinstance(project, str) and project != principal.project_id:
-                raise _wrong_project(index, project, principal)
+                raise _wrong_project(index, project, principal, at)
 
 
-def _wrong_project(index: int, project: Any, principal: Principal) -> Problem:
+def _wrong_project(index: int, project: Any, principal: Principal, at: str) -> Problem:
     return Problem(
         403,
         "forbidden",
         f"event {index} names project {project!r} but the key belongs to project "
         f"{principal.project_id!r}",
-        field=f"[{index}].project_id",
+        field=f"{at}[{index}].project_id",
     )
+
+
+def events_at(shape: Literal["batch", "events"]) -> str:
+    """Where a body of this shape holds its events (check_projects' `at`)."""
+    return "events" if shape == "batch" else ""
 
 
 def validate_fast(body: bytes, shape: Literal["batch", "events"]) -> list[Any] | None:
@@ -596,22 +758,24 @@ def finish_fast(
     principal: Principal,
     pm: pluggy.PluginManager,
     received_at: datetime | None = None,
+    at: str = "",
 ) -> Outcome:
-    """Project check, fill-in, plugin validators and transforms for fast-path events."""
+    """Project check, fill-in, plugin validators and transforms for fast-path events. `at`:
+    where the events are in the body (check_projects)."""
     project = principal.project_id
     if pm.hook.validate_event.get_hookimpls() or _third_party(
         pm.hook.transform_events.get_hookimpls()
     ):
         for index, event in enumerate(events):
             if event.project_id is not None and event.project_id != project:
-                raise _wrong_project(index, event.project_id, principal)
+                raise _wrong_project(index, event.project_id, principal, at)
         return _finish(list(enumerate(events)), Outcome(), principal, pm, received_at)
     # Only built-ins see them (the usual case): _finish's fill-in in one pass over the structs,
     # with the project check (a 403 leaves the structs to be dropped), every one accepted.
     received = received_at or receipt_time()
     for index, event in enumerate(events):
         if event.project_id is not None and event.project_id != project:
-            raise _wrong_project(index, event.project_id, principal)
+            raise _wrong_project(index, event.project_id, principal, at)
         event.project_id = project
         if event.event_id is None:
             event.event_id = uuid7()
@@ -626,17 +790,22 @@ def validate_items(
     principal: Principal,
     pm: pluggy.PluginManager,
     received_at: datetime | None = None,
+    too_long: bool = False,
 ) -> Outcome:
     """The slow path, over parsed JSON: every event validated on its own, so each rejected
-    one is reported with its index and fields while the valid ones are accepted."""
+    one is reported with its index and fields while the valid ones are accepted.
+    `too_long`: the items may hold TooLongInts (parse_events_json)."""
     outcome = Outcome()
     indexed: list[tuple[int, Any]] = []
-    # In slices (see SLICE_EVENTS); a slice with a bad event is validated event by event.
+    # In slices (see SLICE_EVENTS); a slice with a bad event is validated event by event, and
+    # so is one that was valid with a TooLongInt in it (where any JSON is taken: see below).
     for first in range(0, len(items), SLICE_EVENTS):
         part = items[first : first + SLICE_EVENTS]
         try:
-            indexed.extend(enumerate(EVENT_LIST_ADAPTER.validate_python(part), first))
-            continue
+            events = EVENT_LIST_ADAPTER.validate_python(part)
+            if not (too_long and _holds_too_long(part)):
+                indexed.extend(enumerate(events, first))
+                continue
         except ValidationError:
             pass
         for index, item in enumerate(part, first):
@@ -646,7 +815,12 @@ def validate_items(
                 )
                 continue
             try:
-                indexed.append((index, EVENT_ADAPTER.validate_python(item)))
+                event = EVENT_ADAPTER.validate_python(item)
+                if too_long and _holds_too_long(item):
+                    # Taken where any JSON is (metadata, tool_input, ...), where a number must
+                    # still be finite: refused there as 1e999 is (422 naming the field).
+                    event = EVENT_ADAPTER.validate_python(_too_long_as_infinity(item))
+                indexed.append((index, event))
             except ValidationError as exc:
                 event_id = item.get("event_id")
                 outcome.rejected.append(

@@ -38,7 +38,7 @@ from ..admission import one_wait_budget
 from ..auth import Principal, bearer_token
 from ..errors import Problem, render_problems_at, unauthorized
 from ..hookspecs import hookimpl
-from ..ingest import OFFLOAD_MIN_BYTES, read_request_body, receipt_time
+from ..ingest import OFFLOAD_MIN_BYTES, check_json_charset, read_request_body, receipt_time
 from ..observability.metrics import ops_metrics
 from ..openapi import described
 from ..settings import Settings
@@ -131,9 +131,13 @@ def _media(content_type: str | None) -> str:
 
 async def receive_traces(request: Request) -> Response:
     wl = request.app.state.watchllm
-    media = _media(request.headers.get("content-type"))
+    content_type = request.headers.get("content-type")
+    media = _media(content_type)
     protobuf = media in _PROTOBUF_TYPES
     try:
+        # The key first, as on the events routes: 401/403 before anything about the request
+        # is judged (its content type, its body's size).
+        principal = _principal(wl, request)
         if not protobuf and media != JSON:
             raise Problem(
                 415,
@@ -142,7 +146,8 @@ async def receive_traces(request: Request) -> Response:
                 " (OTLP/HTTP)",
                 field="Content-Type",
             )
-        principal = _principal(wl, request)
+        if not protobuf:
+            check_json_charset((content_type or "").partition(";")[2])  # UTF-8 JSON only
         body = await read_request_body(request, wl.settings)
         # A worker's place, then the server's to decode and to validate: waited for in all
         # at most ingest_queue_timeout_s (admission.py), within an exporter's timeout.
