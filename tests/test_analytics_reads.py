@@ -59,6 +59,31 @@ def test_a_project_gets_its_share_and_a_place_in_time_on_threads_of_their_own() 
     anyio.run(main)
 
 
+def test_the_threads_go_to_the_waiting_projects_in_turn() -> None:
+    """One project's queued queries do not hold another's behind all of them."""
+    reads = StoreReads(threads=1, per_project=8, queue_timeout_s=10, query_timeout_s=30)
+    order: list[str] = []
+    gate = threading.Event()
+
+    def query(name: str) -> None:
+        gate.wait(10)
+        order.append(name)
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            for name in ("p1", "p2", "p3"):
+                tg.start_soon(reads.run, "p", query, name)
+                await anyio.sleep(0.02)  # in this order
+            tg.start_soon(reads.run, "q", query, "q1")
+            await anyio.sleep(0.05)
+            gate.set()
+        # p1 had the thread; p waited first, so its turn comes first, then q's, then p's
+        # again: q1 waits behind one of p's queued queries, not all of them.
+        assert order == ["p1", "p2", "q1", "p3"]
+
+    anyio.run(main)
+
+
 def test_a_query_past_the_time_limit_is_stopped_and_answered_503(tmp_path: Path) -> None:
     wl = create_app(make_settings(tmp_path)).state.watchllm
     store = wl.open_store()

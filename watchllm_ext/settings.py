@@ -134,12 +134,11 @@ class Settings(BaseSettings):
         " never hold those up. chDB runs one read at a time; a ClickHouse server may take more.",
     )
     analytics_queries_per_project: int = Field(
-        4,
+        16,
         ge=1,
         le=1000,
-        description="Analytics queries one project may have running or waiting at once; one"
-        " more is answered 429 with Retry-After, so one project's flood cannot queue the"
-        " others' queries behind its own.",
+        description="Analytics queries one project may have running or waiting at once (a"
+        " dashboard page asks up to 4 at once); one more is answered 429 with Retry-After.",
     )
     analytics_queue_timeout_s: float = Field(
         10.0,

@@ -6,10 +6,12 @@ store sink), /readyz and the dashboard's sign-in use too. Forty slow text search
 project took all forty: every other project's reads, big ingest bodies and the writer then
 waited tens of seconds behind them, and /readyz reported the instance down. Here:
 
-- queries run on `analytics_threads` threads of their own; a query waits for one at most
-  `analytics_queue_timeout_s`, then 503 with Retry-After;
+- queries run on `analytics_threads` threads of their own, handed out in turn between the
+  projects waiting (slots.FairSlots): a project's query waits behind at most one query of
+  each other project, however many one of them has queued; a query waits for a thread at
+  most `analytics_queue_timeout_s`, then 503 with Retry-After;
 - a project has at most `analytics_queries_per_project` queries running or waiting; one
-  more is 429 with Retry-After, so one project cannot fill the queue ahead of the others;
+  more is 429 with Retry-After (a flood is refused, not queued);
 - a query runs at most `analytics_query_timeout_s` in the store (ClickHouse's
   max_execution_time), then 503 naming the limit.
 """
@@ -25,6 +27,7 @@ from typing import Any, TypeVar
 import anyio
 
 from ..errors import Problem
+from ..slots import FairSlots
 from ..store.base import StoreError
 
 T = TypeVar("T")
@@ -49,10 +52,10 @@ class StoreReads:
         self.queue_timeout_s = queue_timeout_s
         self.query_timeout_s = query_timeout_s
         self._waiting: dict[str, int] = {}  # project -> its queries running or waiting
-        # Per event loop (tests run several): the places, and the threads' own limiter (a
-        # task cannot hold two tokens of one CapacityLimiter).
+        # Per event loop (tests run several): the places, by project in turn, and the
+        # threads' limiter (the places admit no more than it has).
         self._limiters: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, tuple[anyio.CapacityLimiter, anyio.CapacityLimiter]
+            asyncio.AbstractEventLoop, tuple[FairSlots, anyio.CapacityLimiter]
         ] = weakref.WeakKeyDictionary()
 
     async def query(
@@ -91,7 +94,7 @@ class StoreReads:
             places, threads = self._limiters_here()
             try:
                 with anyio.fail_after(self.queue_timeout_s):
-                    await places.acquire()
+                    await places.acquire(project)
             except TimeoutError:
                 raise Problem(
                     503,
@@ -111,10 +114,10 @@ class StoreReads:
             else:
                 del self._waiting[project]
 
-    def _limiters_here(self) -> tuple[anyio.CapacityLimiter, anyio.CapacityLimiter]:
+    def _limiters_here(self) -> tuple[FairSlots, anyio.CapacityLimiter]:
         loop = asyncio.get_running_loop()
         found = self._limiters.get(loop)
         if found is None:
-            found = anyio.CapacityLimiter(self.threads), anyio.CapacityLimiter(self.threads)
+            found = FairSlots(self.threads), anyio.CapacityLimiter(self.threads)
             self._limiters[loop] = found
         return found
