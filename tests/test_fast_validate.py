@@ -680,7 +680,7 @@ def mutated_events(draw: st.DrawFn) -> Case:
         path, value, what = draw(st.sampled_from(options))
         try:
             event = set_path(event, path, value)
-        except (KeyError, IndexError, TypeError):  # the path went away with a first mutation
+        except (KeyError, IndexError, TypeError, AttributeError):  # the path is not there
             continue
         if may_decline(value):
             return Case(dumps(event), what, True)
