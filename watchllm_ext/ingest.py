@@ -169,18 +169,24 @@ _INGEST_HEADERS = {
 
 
 async def read_request_body(
-    request: Request, settings: Settings, headers: IngestHeaders | None = None
+    request: Request,
+    settings: Settings,
+    headers: IngestHeaders | None = None,
+    max_bytes: int | None = None,
 ) -> bytes:
     """A request's body within the settings' limits (size on the wire and decompressed,
     total and idle time): what every ingest route reads, whatever the body's format.
-    `headers`: the request's, when the caller has found them already."""
+    `headers`: the request's, when the caller has found them already. `max_bytes`: a
+    smaller cap for both sizes (a dashboard form, a webhook), timed and budgeted alike."""
     head = headers or IngestHeaders.of(request)
     return await read_body(
         request.receive,
         content_length=head.content_length,
         content_encoding=head.content_encoding,
-        max_bytes=settings.max_body_bytes,
-        max_decompressed_bytes=settings.max_decompressed_bytes,
+        max_bytes=settings.max_body_bytes if max_bytes is None else max_bytes,
+        max_decompressed_bytes=(
+            settings.max_decompressed_bytes if max_bytes is None else max_bytes
+        ),
         timeout_s=settings.body_timeout_s,
         idle_timeout_s=settings.body_idle_timeout_s,
         charge=request.scope.get(BODY_CHARGE),

@@ -25,12 +25,11 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from ..admission import BODY_CHARGE
 from ..analytics import routes as api
 from ..analytics.params import PERIODS
 from ..auth import Principal
 from ..errors import Problem
-from ..ingest import read_body
+from ..ingest import read_request_body
 from ..schema import EVENT_TYPES, Status
 from ..settings import Settings
 from . import charts
@@ -665,21 +664,12 @@ def _safe_next(value: str | None, base: str) -> str | None:
 
 async def _form(request: Request, settings: Settings, name: str) -> dict[str, str]:
     """An urlencoded form body (the dashboard's forms are small; no multipart), read as the
-    API reads bodies (ingest.read_body): a body over MAX_FORM_BYTES is refused with 413
+    API reads bodies (ingest.read_request_body): a body over MAX_FORM_BYTES is refused with 413
     naming the form (`name`), by its Content-Length before any of it is read or, without
     one (chunked), as soon as the bytes received pass the limit; never cut and used. Timed
     as ingest bodies are (408) and held within the app's budget for bodies in memory."""
     try:
-        body = await read_body(
-            request.receive,
-            content_length=request.headers.get("content-length"),
-            content_encoding=request.headers.get("content-encoding"),
-            max_bytes=MAX_FORM_BYTES,
-            max_decompressed_bytes=MAX_FORM_BYTES,
-            timeout_s=settings.body_timeout_s,
-            idle_timeout_s=settings.body_idle_timeout_s,
-            charge=request.scope.get(BODY_CHARGE),
-        )
+        body = await read_request_body(request, settings, max_bytes=MAX_FORM_BYTES)
     except Problem as exc:
         if exc.status == 413:
             raise Problem(

@@ -24,10 +24,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from ..admission import BODY_CHARGE
 from ..auth import Principal, Scope
 from ..errors import Problem, not_a_project_id
-from ..ingest import read_body
+from ..ingest import read_request_body
 from ..openapi import PROJECT_ID_SCHEMA, ErrorBody, _json, _query, _ref, described
 from ..schema import PROJECT_ID_RE
 from .engine import QuotaUnavailable
@@ -311,16 +310,8 @@ async def _bounded_body(request: Request, settings: Settings) -> bytes:
     bodies are: read whole first, a client (the webhook needs no key to send) could make the
     server hold any amount before its size was checked."""
     try:
-        return await read_body(
-            request.receive,
-            content_length=request.headers.get("content-length"),
-            content_encoding=request.headers.get("content-encoding"),
-            max_bytes=MAX_WEBHOOK_BYTES,
-            max_decompressed_bytes=MAX_WEBHOOK_BYTES,
-            timeout_s=settings.body_timeout_s,
-            idle_timeout_s=settings.body_idle_timeout_s,
-            charge=request.scope.get(BODY_CHARGE),  # within the bodies' budget, as ingest's
-        )
+        # Within the bodies' budget and timed, as ingest's.
+        return await read_request_body(request, settings, max_bytes=MAX_WEBHOOK_BYTES)
     except Problem as exc:
         if exc.status == 413:
             raise Problem(413, "too_large", "the body is at most 1 MiB", field="body") from None
