@@ -474,13 +474,7 @@ def _open_log(settings: Settings) -> tuple[Log, FolderLock | None]:
 def open_spool(settings: Settings) -> tuple[Spool, FolderLock]:
     """The spool of these settings, locked for this process (StoreLockedError if taken; a
     DataFolderError if its folder cannot be used)."""
-    try:
-        lock = FolderLock(settings.spool_path, "spool")
-    except FolderLocked as exc:
-        raise StoreLockedError(str(exc)) from None
-    except OSError as exc:
-        _raise_spool_folder_error(settings, exc)
-        raise
+    lock = _lock_spool(settings)
     try:
         spool = Spool(
             settings.spool_path,
@@ -506,8 +500,14 @@ def check_spool(settings: Settings) -> None:
     so that `watchllm serve` says it in one line before its lifespan starts."""
     if settings.durability == "memory":
         return
+    _lock_spool(settings).release()
+
+
+def _lock_spool(settings: Settings) -> FolderLock:
+    """The spool folder's lock for this process: StoreLockedError if another holds it, a
+    DataFolderError if the folder cannot be used."""
     try:
-        FolderLock(settings.spool_path, "spool").release()
+        return FolderLock(settings.spool_path, "spool")
     except FolderLocked as exc:
         raise StoreLockedError(str(exc)) from None
     except OSError as exc:
