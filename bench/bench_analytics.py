@@ -423,7 +423,7 @@ def role_serve(port: int, data_dir: Path) -> None:
     app = create_app(settings)
     app.state.watchllm.open_store()
     try:
-        from watchllm_ext.tuning import tune_for_serving
+        from watchllm_ext.serving.tuning import tune_for_serving
     except ImportError:  # a core from before the tuning module: serve's GC settings then
         import gc
 

@@ -141,10 +141,10 @@ def write_batches(events: int, batch: int, folder: Path) -> tuple[dict[str, int]
     row count of each table, and Python's CPU time per event to make each form."""
     import pyarrow as pa
 
-    from watchllm_ext.fast_validate import decode_stored, encode_events
+    from watchllm_ext.delivery.writer import EventBatch, batch_json
+    from watchllm_ext.ingest.fast_validate import decode_stored, encode_events
     from watchllm_ext.schema import EVENT_LIST_ADAPTER
     from watchllm_ext.store.rows import input_json, tables_for
-    from watchllm_ext.writer import EventBatch, batch_json
 
     totals: dict[str, int] = {}
     cpu = {"tables_for": 0.0, "input_json": 0.0, "input_json_encoded": 0.0}

@@ -26,7 +26,7 @@ from bench_validate import best_us_per_event
 from genai_prices import Usage, calc_price
 
 from watchllm_ext.builtins.cost import CostEstimator
-from watchllm_ext.fast_validate import validate_fast
+from watchllm_ext.ingest.fast_validate import validate_fast
 from watchllm_ext.schema import EVENT_ADAPTER
 
 MODELS = [("google", "gemini-1.5-flash"), ("openai", "gpt-4o"), ("anthropic", "claude-sonnet-4-5")]

@@ -66,7 +66,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from processes import free_port, spawn, stop, stop_all
+from processes import core_name, free_port, spawn, stop, stop_all
 from sample_text import PROMPT_WORDS, REPLY_WORDS, text
 
 HERE = Path(__file__).resolve()
@@ -421,7 +421,7 @@ def role_serve(kind: str, port: int, data_dir: Path, overrides: dict[str, Any]) 
     else:
         app = bare_app()
     if kind in ("watchllm-gc", "watchllm-serve", "watchllm-ch"):
-        from watchllm_ext.tuning import tune_for_serving
+        tune_for_serving = core_name("watchllm_ext.serving.tuning", "tune_for_serving")
 
         # "serve": all that `watchllm serve` applies (collector tuning, GIL switch interval,
         # the store's threads at store_threads_nice); "gc": the first two only. "ch" (the
@@ -433,7 +433,7 @@ def role_serve(kind: str, port: int, data_dir: Path, overrides: dict[str, Any]) 
         else:
             tune_for_serving(nice if kind in ("watchllm-serve", "watchllm-ch") else 0)
         try:  # and its HTTP protocol (header deadline, one send per answer), as cmd_serve
-            from watchllm_ext.serving import uvicorn_options
+            uvicorn_options = core_name("watchllm_ext.serving.protocol", "uvicorn_options")
         except ImportError:  # a --snapshot from before serving.py
             pass
         else:
@@ -630,9 +630,7 @@ def role_inproc(args: argparse.Namespace) -> None:
     `store_insert_max_events` (50,000 by default), as the writer groups them for it."""
     from pydantic_core import from_json
 
-    from watchllm_ext import ingest
     from watchllm_ext.auth import Principal
-    from watchllm_ext.ingest import validate_items
     from watchllm_ext.plugins import get_plugin_manager
     from watchllm_ext.settings import Settings
     from watchllm_ext.store import apply_migrations
@@ -649,6 +647,7 @@ def role_inproc(args: argparse.Namespace) -> None:
         group = settings.store_insert_max_events
 
         stages = {"parse": 0.0, "validate": 0.0, "rows": 0.0, "insert": 0.0}
+        validation = ingest_validation()
 
         def run(tag: str, n_batches: int, profiler: cProfile.Profile | None) -> int:
             bodies = [batch_body(template, batch_tag(tag, n)) for n in range(n_batches)]
@@ -659,15 +658,15 @@ def role_inproc(args: argparse.Namespace) -> None:
             for i, body in enumerate(bodies):
                 t0 = time.perf_counter()
                 if args.variant == "fast":
-                    events = ingest.validate_fast(body, "batch")  # parses and validates
+                    events = validation.validate_fast(body, "batch")  # parses and validates
                     if events is None:
                         raise RuntimeError("the fast path refused a valid batch")
                     t1 = time.perf_counter()
-                    outcome = ingest.finish_fast(events, principal, pm)
+                    outcome = validation.finish_fast(events, principal, pm)
                 else:
                     items = from_json(body, allow_inf_nan=False)["events"]
                     t1 = time.perf_counter()
-                    outcome = validate_items(items, principal, pm)
+                    outcome = validation.validate_items(items, principal, pm)
                 t2 = time.perf_counter()
                 stages["parse"] += t1 - t0
                 stages["validate"] += t2 - t1
@@ -907,10 +906,19 @@ def print_versus(runs: dict[str, list[dict[str, Any]]], labels: dict[str, str],
         print(f"  {name} = {labels[name]}")
 
 
-def has_fast_path() -> bool:
-    from watchllm_ext import ingest
+def ingest_validation() -> Any:
+    """The module holding validate_items (and, from some commit on, validate_fast and
+    finish_fast): `ingest.validate` now, the module `ingest` in snapshots of older commits."""
+    try:
+        from watchllm_ext.ingest import validate
+    except ImportError:
+        from watchllm_ext import ingest as validate
+    return validate
 
-    return hasattr(ingest, "validate_fast") and hasattr(ingest, "finish_fast")
+
+def has_fast_path() -> bool:
+    validation = ingest_validation()
+    return hasattr(validation, "validate_fast") and hasattr(validation, "finish_fast")
 
 
 def measure_inproc(work: Path, template: Path, batches: int, rnd: int, variant: str,

@@ -129,10 +129,10 @@ def write_bodies(events: int, batch: int, out: Path) -> None:
     """The sink's JSON bodies of `events` bench events, `batch` a body."""
     from bench_ingest import make_event
 
-    from watchllm_ext.fast_validate import decode_stored, encode_events
+    from watchllm_ext.delivery.writer import EventBatch, batch_json
+    from watchllm_ext.ingest.fast_validate import decode_stored, encode_events
     from watchllm_ext.schema import EVENT_LIST_ADAPTER
     from watchllm_ext.store.rows import input_json
-    from watchllm_ext.writer import EventBatch, batch_json
 
     for n, start in enumerate(range(0, events, batch)):
         # bench_ingest's 1,000 events, each 1,000 with their own ids, as its batches are

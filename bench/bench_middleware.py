@@ -62,7 +62,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from processes import free_port, spawn, stop, stop_all  # noqa: E402
+from processes import core_name, free_port, spawn, stop, stop_all  # noqa: E402
 
 CONNECTIONS = 32
 KINDS = ("plain", "middleware", "budget")
@@ -115,7 +115,7 @@ def serve(kind: str, port: int, data_dir: Path, overrides: dict[str, Any], tune:
         # What `watchllm serve` does to its process, and docs/EMBEDDING.md offers a host: the
         # start-up heap frozen, fewer collections, a 0.5 ms GIL switch interval, and the
         # store's native threads at store_threads_nice (--set store_threads_nice=10).
-        from watchllm_ext.tuning import tune_for_serving
+        tune_for_serving = core_name("watchllm_ext.serving.tuning", "tune_for_serving")
 
         tune_for_serving(int(overrides.get("store_threads_nice", 0)))
 
@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.code is not None:
             sys.path.insert(0, str(args.code))
         if args.tune:
-            from watchllm_ext.tuning import tune_for_serving
+            tune_for_serving = core_name("watchllm_ext.serving.tuning", "tune_for_serving")
 
             tune_for_serving(int(overrides.get("store_threads_nice", 0)))
         in_process(args.measure, 2000, args.rounds, overrides)

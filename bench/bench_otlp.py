@@ -68,7 +68,7 @@ from pathlib import Path
 from typing import Any
 
 from otlp_spans import BATCH_SPANS, make_bodies, read_bodies, write_bodies
-from processes import free_port, spawn, stop, stop_all
+from processes import core_name, free_port, spawn, stop, stop_all
 
 HERE = Path(__file__).resolve()
 PROJECT = "bench"
@@ -397,9 +397,10 @@ def role_serve_watchllm(port: int, data_dir: Path, extra: dict[str, Any]) -> Non
     import uvicorn
 
     from watchllm_ext.app import create_app
-    from watchllm_ext.serving import uvicorn_options
     from watchllm_ext.settings import Settings
-    from watchllm_ext.tuning import tune_for_serving
+
+    uvicorn_options = core_name("watchllm_ext.serving.protocol", "uvicorn_options")
+    tune_for_serving = core_name("watchllm_ext.serving.tuning", "tune_for_serving")
 
     settings = Settings(
         data_dir=data_dir,
@@ -653,7 +654,10 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("store (writer, sink, chDB)", ("writer.py", "store_sink", "watchllm_ext/store", "chdb")),
     # Not "metrics.py": the request-metrics middleware wraps every request.
     ("metrics (prometheus_client)", ("prometheus_client", "_count_unmapped")),
-    ("ingest / receiver", ("otel/ingest", "otel/receiver", "ingest.py", "auth.py", "quota")),
+    (
+        "ingest / receiver",
+        ("otel/ingest", "otel/receiver", "ingest/", "ingest.py", "auth.py", "quota"),
+    ),
 ]
 HTTP = ("uvicorn", "starlette", "h11", "httptools", "anyio")
 LOOP = "Runner.run (asyncio/runners.py)"

@@ -16,7 +16,7 @@ Each system is a fresh `watchllm serve` (embedded store) in its own process. Two
   body limits refuse them): their answers, peak memory, slowest /healthz.
 
 The aim is pushback: a prompt 503 with Retry-After instead of requests queued past their
-clients' timeouts, and memory bounded whatever is sent (docs/API.md, admission.py).
+clients' timeouts, and memory bounded whatever is sent (docs/API.md, ingest/admission.py).
 """
 
 from __future__ import annotations

@@ -79,7 +79,7 @@ async def _measure(variant: str, requests: int) -> float:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     from uvicorn.server import ServerState
 
-    from watchllm_ext.serving import header_timeout_protocol
+    from watchllm_ext.serving.protocol import header_timeout_protocol
 
     config = Config(_app, access_log=False, log_level="warning")
     config.load()

@@ -38,6 +38,8 @@ from typing import Any
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))
 
+from processes import core_name  # noqa: E402
+
 VARIANTS: dict[str, dict[str, Any]] = {
     "memory-log": {"durability": "memory", "disable_plugins": ["store_sink"]},
     "spool-never": {"spool_fsync": "never", "disable_plugins": ["store_sink"]},
@@ -143,7 +145,7 @@ def _bodies(n: int, first: int = 0) -> list[bytes]:
 
 
 async def _drive(settings: dict[str, Any], requests: int, concurrency: int) -> dict[str, float]:
-    from watchllm_ext.tuning import tune_for_serving
+    tune_for_serving = core_name("watchllm_ext.serving.tuning", "tune_for_serving")
 
     with tempfile.TemporaryDirectory() as data:
         app, key = _app(data, settings)
@@ -168,7 +170,7 @@ async def _drive(settings: dict[str, Any], requests: int, concurrency: int) -> d
 
 
 async def _lane_pairs(pairs: int, block: int, concurrency: int) -> list[tuple[float, float]]:
-    """The ingest lane (ingest_lane.py) against Starlette's layers: two apps in this process,
+    """The ingest lane (ingest/lane.py) against Starlette's layers: two apps in this process,
     one with its lane and one without (spool, fsync always, no store: entry points off), and
     blocks of `block` requests to one then the other, the order alternating. A pair's two
     blocks meet the same machine, a second apart: (lane, Starlette) event-loop us a request."""
@@ -203,7 +205,7 @@ def role_variant(name: str, requests: int, concurrency: int) -> None:
 def lane_pairs(pairs: int, block: int, concurrency: int, out: Path | None) -> int:
     import uvloop
 
-    from watchllm_ext.tuning import tune_for_serving
+    tune_for_serving = core_name("watchllm_ext.serving.tuning", "tune_for_serving")
 
     tune_for_serving(0)
     found = uvloop.run(_lane_pairs(pairs, block, concurrency))

@@ -9,7 +9,7 @@ baseline measured in the same run: pydantic-core parsing the body to Python obje
 (`from_json`), the least any validation of this body can cost.
 
 Steps, the server's path first: `validate_fast` (msgspec structs derived from the contract,
-fast_validate.py), with its msgspec decoding alone beside it; `finish_fast` (the project,
+ingest/fast_validate.py), with its msgspec decoding alone beside it; `finish_fast` (the project,
 fill-in and the built-in cost transform on the structs); the spool encoding
 (`app._encode_events`) and decoding (`app._decode_events`, what the writer reads back). Then
 what pydantic costs for the same work (the path before the structs, and the one a body with
@@ -36,8 +36,8 @@ from pydantic_core import from_json
 
 from watchllm_ext.app import _decode_events, _encode_events
 from watchllm_ext.auth import Principal
-from watchllm_ext.fast_validate import validate_fast
-from watchllm_ext.ingest import finish_fast, validate_items
+from watchllm_ext.ingest.fast_validate import validate_fast
+from watchllm_ext.ingest.validate import finish_fast, validate_items
 from watchllm_ext.plugins import get_plugin_manager
 from watchllm_ext.schema import EVENT_LIST_ADAPTER, Event
 from watchllm_ext.settings import load_settings

@@ -52,13 +52,15 @@ def role_run(batches: int, size: int, in_flight: int) -> None:
     import anyio
     from bench_ingest import make_event
     from chdb_store import ChdbStore
+    from processes import core_name
 
     from watchllm_ext.app import _decode_events, _encode_events, _Encoded, prepare_store
     from watchllm_ext.builtins.store_sink import StoreSink
-    from watchllm_ext.fast_validate import decode_stored
     from watchllm_ext.settings import Settings
-    from watchllm_ext.spool import Spool
-    from watchllm_ext.writer import Writer
+
+    Spool = core_name("watchllm_ext.delivery.spool", "Spool")
+    Writer = core_name("watchllm_ext.delivery.writer", "Writer")
+    decode_stored = core_name("watchllm_ext.ingest.fast_validate", "decode_stored")
 
     work = Path(tempfile.mkdtemp(prefix="bench-writer-"))
     store = ChdbStore(work / "chdb")
@@ -75,7 +77,7 @@ def role_run(batches: int, size: int, in_flight: int) -> None:
     pending = [batch(f"b{n:05d}") for n in range(batches)]
     gc.collect()
     gc.freeze()
-    sys.setswitchinterval(0.0005)  # as `watchllm serve` runs (tuning.py)
+    sys.setswitchinterval(0.0005)  # as `watchllm serve` runs (serving/tuning.py)
     loop_tid = threading.get_native_id()
 
     async def main() -> dict[str, Any]:

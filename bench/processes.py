@@ -5,6 +5,7 @@ stopped at exit (`stop_all`, registered by the scripts)."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import signal
 import socket
@@ -68,3 +69,29 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# Where core modules lived before they were grouped by the stage of the flow they serve: the
+# benchmarks also run frozen copies of older commits (--before, --versus, --snapshot).
+_BEFORE_STAGES = {
+    "watchllm_ext.serving.tuning": "watchllm_ext.tuning",
+    "watchllm_ext.serving.protocol": "watchllm_ext.serving",
+    "watchllm_ext.delivery.spool": "watchllm_ext.spool",
+    "watchllm_ext.delivery.writer": "watchllm_ext.writer",
+    "watchllm_ext.ingest.fast_validate": "watchllm_ext.fast_validate",
+}
+
+
+def core_name(module: str, name: str) -> Any:
+    """`name` from the core's `module`, or from the module's older place in a core from
+    before the grouping by stage. ImportError when neither has it."""
+    try:
+        found = importlib.import_module(module)
+    except ImportError:
+        if module not in _BEFORE_STAGES:
+            raise
+        found = importlib.import_module(_BEFORE_STAGES[module])
+    try:
+        return getattr(found, name)
+    except AttributeError:
+        raise ImportError(f"{found.__name__} has no {name}") from None

@@ -1,4 +1,4 @@
-"""Pushback under overload (admission.py), over real HTTP: request bodies past the memory
+"""Pushback under overload (ingest/admission.py), over real HTTP: request bodies past the memory
 budget and requests that wait too long for a place are answered 503 with Retry-After at
 once, and what was accepted is kept."""
 
@@ -183,7 +183,7 @@ def test_the_waits_of_one_request_share_its_budget() -> None:
     free place is still taken once the budget is spent; outside it each wait has its own."""
     import anyio
 
-    from watchllm_ext.admission import MIN_WAIT_S, acquire_within, one_wait_budget
+    from watchllm_ext.ingest.admission import MIN_WAIT_S, acquire_within, one_wait_budget
 
     async def main() -> None:
         held = anyio.CapacityLimiter(1)

@@ -26,7 +26,7 @@ import pytest
 from conftest import Running, ServerThread, make_settings, prompt_call
 
 from watchllm_ext.app import create_app
-from watchllm_ext.ingest import MAX_JSON_DEPTH
+from watchllm_ext.ingest.parse import MAX_JSON_DEPTH
 from watchllm_ext.keys import KeyStore, split_key
 from watchllm_ext.schema import EVENT_TYPES, MAX_TAGS, MAX_TEXT_CHARS
 
@@ -524,7 +524,7 @@ def test_a_rejection_answer_is_bounded_whatever_the_batch_holds(server: Running)
     422 (one error per key per event). Now: at most MAX_ERRORS_PER_EVENT fields per event and
     MAX_REJECTIONS_LISTED events per answer, with the full count beside them; the valid
     events of the same batch are still accepted and listed."""
-    from watchllm_ext.ingest import MAX_ERRORS_PER_EVENT, MAX_REJECTIONS_LISTED
+    from watchllm_ext.ingest.validate import MAX_ERRORS_PER_EVENT, MAX_REJECTIONS_LISTED
 
     junk = {f"k{i}": 0 for i in range(400)}
     n_bad = MAX_REJECTIONS_LISTED + 500

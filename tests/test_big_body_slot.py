@@ -18,7 +18,7 @@ from stores import EVERY_STORE
 from tests.conftest import prompt_call
 from watchllm_ext.auth import Principal
 from watchllm_ext.hookspecs import hookimpl
-from watchllm_ext.ingest import OFFLOAD_MIN_BYTES
+from watchllm_ext.ingest.validate import OFFLOAD_MIN_BYTES
 
 
 def big_body(tag: str, n: int = 100) -> bytes:

@@ -49,7 +49,7 @@ def test_export_of_a_few_rows_prints_no_rate(server: Running, tmp_path: Path) ->
 
 
 def test_a_rate_is_shown_only_over_a_second_or_more() -> None:
-    from watchllm_ext.transfer import MIN_RATE_S, _rate
+    from watchllm_ext.store.transfer import MIN_RATE_S, _rate
 
     assert _rate(3, 0.13) == ""  # 23 rows/s would be noise
     assert _rate(0, 0.0) == ""

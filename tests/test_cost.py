@@ -15,7 +15,7 @@ from genai_prices import Usage, calc_price, data
 from genai_prices.types import ConditionalPrice, TieredPrices
 
 from watchllm_ext.builtins.cost import CostEstimator, _Price, _tier_starts
-from watchllm_ext.fast_validate import to_model, validate_fast
+from watchllm_ext.ingest.fast_validate import to_model, validate_fast
 from watchllm_ext.schema import EVENT_ADAPTER, MAX_COST_USD
 
 

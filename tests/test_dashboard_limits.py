@@ -28,7 +28,7 @@ from conftest import free_port, make_settings
 from watchllm_ext.app import create_app
 from watchllm_ext.dashboard.views import MAX_API_KEY_CHARS, MAX_ECHO_CHARS, MAX_FORM_BYTES
 from watchllm_ext.keys import KeyStore
-from watchllm_ext.serving import uvicorn_options
+from watchllm_ext.serving.protocol import uvicorn_options
 
 KIB = 1024
 CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')

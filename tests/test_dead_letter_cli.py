@@ -13,9 +13,9 @@ from typing import Any
 
 from conftest import prompt_call
 
-from watchllm_ext.dead_letters import DeadLetter, append_dead_letter, read_dead_letters
-from watchllm_ext.spool import Spool
-from watchllm_ext.writer import SPANS, TARGETED
+from watchllm_ext.delivery.dead_letters import DeadLetter, append_dead_letter, read_dead_letters
+from watchllm_ext.delivery.spool import Spool
+from watchllm_ext.delivery.writer import SPANS, TARGETED
 
 AT = "2026-01-02T03:04:05+00:00"
 

@@ -21,8 +21,8 @@ import pytest
 from conftest import Running, free_port, prompt_call
 from test_big_body_slot import wait_until
 
-from watchllm_ext.fsync_process import FsyncFailed
-from watchllm_ext.fsync_process import supported as fsync_process_supported
+from watchllm_ext.delivery.fsync_process import FsyncFailed
+from watchllm_ext.delivery.fsync_process import supported as fsync_process_supported
 from watchllm_ext.keys import KeyStore
 from watchllm_plugins.chdb_store import ChdbStore
 
@@ -143,7 +143,7 @@ def test_sigkill_at_random_moments_loses_nothing_and_stores_once(
     tmp_path: Path, batch: int
 ) -> None:
     """Small bodies are validated in the server; big ones (64 KiB and more) in a worker
-    process (events_worker.py), which dies with it."""
+    process (ingest/worker.py), which dies with it."""
     data = tmp_path / "data"
     key = KeyStore(data / "keys.sqlite3").create("acme", scope="admin")
     rng = random.Random(1234)
@@ -255,8 +255,8 @@ def test_store_outage_answers_202_until_the_cap_then_503_and_catches_up(
 
 
 def test_dead_letters_can_be_listed_and_replayed(server_factory: Any, tmp_path: Path) -> None:
+    from watchllm_ext.delivery.writer import SinkError
     from watchllm_ext.hookspecs import hookimpl
-    from watchllm_ext.writer import SinkError
 
     class Refuses:
         """A sink that refuses events of model 'bad' for good until told otherwise."""

@@ -22,12 +22,13 @@ from test_bad_input import ADMIN, BATCH, CASES, PROJECT
 from test_json_input import generated_events
 from test_otel_workers import wait_for_a_worker
 
-from watchllm_ext.events_worker import EventsJob, answer_job, decode_answer, encode_job, work
+from watchllm_ext.delivery.writer import EventBatch, EventsJson, EventsJsonBatch
 from watchllm_ext.hookspecs import hookimpl
-from watchllm_ext.ingest import OFFLOAD_MIN_BYTES, receipt_time
+from watchllm_ext.ingest.fill_in import receipt_time
+from watchllm_ext.ingest.validate import OFFLOAD_MIN_BYTES
+from watchllm_ext.ingest.worker import EventsJob, answer_job, decode_answer, encode_job, work
 from watchllm_ext.otel import pool
 from watchllm_ext.quota import QuotaDecision
-from watchllm_ext.writer import EventBatch, EventsJson, EventsJsonBatch
 
 TABLES = {
     "events": "SELECT * EXCEPT (ingested_at, received_at) FROM events FINAL",

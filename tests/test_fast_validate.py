@@ -1,4 +1,4 @@
-"""The fast validator (watchllm_ext/fast_validate.py) against the contract (schema.py, pydantic).
+"""The fast validator (ingest/fast_validate.py) against the contract (schema.py, pydantic).
 
 A differential test: valid events of every type are generated from the models' own annotations
 and constraints (not from the fast validator's reading of them), then mutated at every field,
@@ -31,8 +31,9 @@ from hypothesis import strategies as st
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
-from watchllm_ext import fast_validate, schema
-from watchllm_ext.ingest import describe_errors
+from watchllm_ext import schema
+from watchllm_ext.ingest import fast_validate
+from watchllm_ext.ingest.validate import describe_errors
 from watchllm_ext.schema import EVENT_ADAPTER, EVENT_LIST_ADAPTER, MODELS_BY_TYPE, Event
 
 # Fixed, bounded: the same examples on every run, well under a minute in all.

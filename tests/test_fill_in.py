@@ -22,7 +22,8 @@ from stores import EVERY_STORE
 from watchllm_ext import hookimpl
 from watchllm_ext.app import _decode_events, _encode_events, _encode_sliced
 from watchllm_ext.auth import Principal
-from watchllm_ext.ingest import OFFLOAD_MIN_BYTES, finish_fast, receipt_time, uuid7
+from watchllm_ext.ingest.fill_in import receipt_time, uuid7
+from watchllm_ext.ingest.validate import OFFLOAD_MIN_BYTES, finish_fast
 from watchllm_ext.plugins import get_plugin_manager
 from watchllm_ext.schema import EVENT_LIST_ADAPTER
 from watchllm_ext.settings import Settings

@@ -1,4 +1,4 @@
-"""The group commit's fsync helper process (fsync_process.py, fsync_child.py): real fsyncs in
+"""The group commit's fsync helper (delivery/fsync_process.py, fsync_child.py): real fsyncs in
 a real child process, a real failing fsync (a pipe cannot be fsynced: EINVAL), a helper
 killed under a running spool, and a server killed under its helper."""
 
@@ -17,9 +17,9 @@ from conftest import free_port
 from test_big_body_slot import wait_until
 from test_durability import ServeProcess
 
-from watchllm_ext.fsync_child import LOST, REPLY
-from watchllm_ext.fsync_process import FsyncFailed, FsyncProcess, HelperGone, supported
-from watchllm_ext.spool import Spool
+from watchllm_ext.delivery.fsync_child import LOST, REPLY
+from watchllm_ext.delivery.fsync_process import FsyncFailed, FsyncProcess, HelperGone, supported
+from watchllm_ext.delivery.spool import Spool
 
 pytestmark = pytest.mark.skipif(not supported(), reason="no Unix sockets to pass descriptors")
 

@@ -31,9 +31,9 @@ from conftest import free_port, make_settings, prompt_call
 
 from watchllm_ext import hookimpl
 from watchllm_ext.app import create_app
-from watchllm_ext.ingest import DETAILED_OFFLOAD_MIN_BYTES, OFFLOAD_MIN_BYTES
+from watchllm_ext.ingest.validate import DETAILED_OFFLOAD_MIN_BYTES, OFFLOAD_MIN_BYTES
 from watchllm_ext.keys import KeyStore
-from watchllm_ext.serving import uvicorn_options
+from watchllm_ext.serving.protocol import uvicorn_options
 
 MAX_HEADER_BYTES = 8192
 
@@ -586,7 +586,7 @@ def test_a_bad_content_length_answers_as_in_a_host_app(served: Served) -> None:
     """The body under `watchllm serve` is byte for byte the app's own (ingest.read_body),
     which a host app's server that lets the header through gets."""
     from watchllm_ext.errors import Problem
-    from watchllm_ext.ingest import read_body
+    from watchllm_ext.ingest.body import read_body
 
     async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": b"", "more_body": False}
@@ -829,7 +829,7 @@ class _SlowStream:
 
 @pytest.fixture
 def counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Served, list]]:
-    from watchllm_ext import serving
+    from watchllm_ext.serving import protocol as serving
 
     writes: list[bytes] = []
     real_init = serving._OneSendPerAnswer.__init__
@@ -1037,6 +1037,6 @@ def test_the_access_log_can_be_turned_off(tmp_path: Path) -> None:
     ],
 )
 def test_ingest_paths_are_the_ingest_routes(path: str, ingest: bool) -> None:
-    from watchllm_ext.serving import is_ingest_path
+    from watchllm_ext.serving.protocol import is_ingest_path
 
     assert is_ingest_path(path) is ingest

@@ -18,7 +18,7 @@ import pytest
 from conftest import Running, prompt_call
 from test_otel_workers import wait_for_a_worker
 
-from watchllm_ext.ingest import OFFLOAD_MIN_BYTES
+from watchllm_ext.ingest.validate import OFFLOAD_MIN_BYTES
 from watchllm_ext.otel import pool
 
 PROJECT = "/v1/projects/acme/events"

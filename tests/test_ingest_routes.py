@@ -24,11 +24,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Mount
 
-from watchllm_ext import create_app, fast_validate, hookimpl, lifespan
+from watchllm_ext import create_app, hookimpl, lifespan
 from watchllm_ext.app import _Accepted, _encode_events, encoded_for_spool
 from watchllm_ext.auth import Principal
-from watchllm_ext.ingest import IngestHeaders
-from watchllm_ext.ingest_lane import LaneApp
+from watchllm_ext.ingest import fast_validate
+from watchllm_ext.ingest.body import IngestHeaders
+from watchllm_ext.ingest.lane import LaneApp
 from watchllm_ext.keys import KeyStore
 from watchllm_ext.quota import QuotaDecision
 

@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 from stores import EVERY_STORE, StoreBackend
 
-from watchllm_ext.fast_validate import decode_stored, encode_events
+from watchllm_ext.delivery.writer import EventBatch
+from watchllm_ext.ingest.fast_validate import decode_stored, encode_events
 from watchllm_ext.schema import EVENT_LIST_ADAPTER, MODELS_BY_TYPE
 from watchllm_ext.store import Store, apply_migrations
 from watchllm_ext.store import rows as rows_module
@@ -31,7 +32,6 @@ from watchllm_ext.store.rows import (
     read_json,
     tables_for,
 )
-from watchllm_ext.writer import EventBatch
 
 pytestmark = EVERY_STORE
 

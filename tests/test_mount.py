@@ -21,7 +21,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 
 from watchllm_ext import create_app, lifespan
-from watchllm_ext.inprocess import MAX_DEPTH
+from watchllm_ext.ingest.inprocess import MAX_DEPTH
 from watchllm_ext.keys import KeyStore
 
 
@@ -167,7 +167,7 @@ def test_a_running_app_takes_events_from_other_threads_by_key(tmp_path: Path) ->
     assert answers["ok"]["event_ids"] == ["t1"] and answers["ok"]["project_id"] == "acme"
 
 
-# --- the in-process fast path (inprocess.py) equals pydantic's answer -----------------------
+# --- the in-process fast path (ingest/inprocess.py) equals pydantic's answer ---------------------
 
 
 def _both_ways(events: list[Any]) -> tuple[Any, Any]:
@@ -175,11 +175,11 @@ def _both_ways(events: list[Any]) -> tuple[Any, Any]:
     refusals; fast is None when the fast path declines (the caller then takes the slow one)."""
     import msgspec
 
-    from watchllm_ext import fast_validate
     from watchllm_ext.auth import Principal
     from watchllm_ext.errors import Problem
-    from watchllm_ext.ingest import check_projects, finish_fast, validate_items
-    from watchllm_ext.inprocess import plain_events
+    from watchllm_ext.ingest import fast_validate
+    from watchllm_ext.ingest.inprocess import plain_events
+    from watchllm_ext.ingest.validate import check_projects, finish_fast, validate_items
     from watchllm_ext.plugins import get_plugin_manager
     from watchllm_ext.settings import Settings
 
@@ -275,7 +275,7 @@ def test_python_values_json_cannot_hold_are_left_to_pydantic() -> None:
     """What msgspec would write as something else (NaN as null, bytes as base64, a tuple as
     a list, a date as text, a 30-second offset as Z) makes the fast path decline the batch;
     pydantic's answer stands, whatever it is."""
-    from watchllm_ext.inprocess import plain_events
+    from watchllm_ext.ingest.inprocess import plain_events
 
     base = {
         "event_type": "agent_step",

@@ -35,7 +35,7 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from test_durability import ServeProcess
 from test_fast_validate import ANY_EVENT
 
-from watchllm_ext.fast_validate import validate_list
+from watchllm_ext.ingest.fast_validate import validate_list
 from watchllm_ext.keys import KeyStore
 from watchllm_ext.otel import decode
 from watchllm_ext.otel.export import build_request, event_span, hex_id, row_span, typed_value

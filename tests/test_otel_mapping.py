@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from watchllm_ext.fast_validate import encode_events, from_built, validate_list
+from watchllm_ext.ingest.fast_validate import encode_events, from_built, validate_list
 from watchllm_ext.otel.mapping import (
     MAPPING_VERSION,
     Span,

@@ -26,7 +26,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from test_otel_receiver import Collect
 
 from watchllm_ext.hookspecs import hookimpl
-from watchllm_ext.ingest import OFFLOAD_MIN_BYTES
+from watchllm_ext.ingest.validate import OFFLOAD_MIN_BYTES
 from watchllm_ext.otel import pool
 from watchllm_ext.otel.worker import MappedBody, decode_answer, encode_request, map_body
 

@@ -19,7 +19,7 @@ from starlette.routing import Route
 
 from watchllm_ext import hookimpl, hookspecs
 from watchllm_ext.auth import Principal
-from watchllm_ext.ingest import OFFLOAD_MIN_BYTES
+from watchllm_ext.ingest.validate import OFFLOAD_MIN_BYTES
 from watchllm_ext.plugins import PluginError, get_plugin_manager
 from watchllm_ext.quota import QuotaDecision
 from watchllm_ext.settings import Settings

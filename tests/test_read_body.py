@@ -1,5 +1,5 @@
-"""ingest.read_body's time limits, kept by one timer per event loop for every body being read
-(ingest._BodyDeadlines): each read gets its own 408 at its own deadline, a cancel from
+"""body.read_body's time limits, kept by one timer per event loop for every body being read
+(body._BodyDeadlines): each read gets its own 408 at its own deadline, a cancel from
 elsewhere stays a cancel, and nothing is left behind. The server-level answers (a dribbled
 body, a body that stops) are in test_slow_clients.py."""
 
@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import uvloop
 
-from watchllm_ext import ingest
 from watchllm_ext.errors import Problem
+from watchllm_ext.ingest import body
 
 EARLY = 0.002
 Receive = Callable[[], Awaitable[Mapping[str, Any]]]
@@ -36,7 +36,7 @@ def _pieces(pieces: list[bytes], every_s: float) -> Receive:
 
 
 async def _read(receive: Receive, timeout_s: float, idle_timeout_s: float) -> bytes:
-    return await ingest.read_body(
+    return await body.read_body(
         receive,
         content_length=None,
         content_encoding=None,
@@ -125,7 +125,7 @@ def test_a_cancel_from_elsewhere_stays_a_cancel(run: Any) -> None:
         inner = asyncio.create_task(_read(_stops_after(b"b"), 30, 10))
         await asyncio.sleep(0.01)  # it waits for its second piece
         loop = asyncio.get_running_loop()
-        watch = ingest._body_deadlines(loop)
+        watch = body._body_deadlines(loop)
         (read,) = watch.reads
         read.deadline = loop.time()  # due now: the watch's timer cancels it...
         watch._check(watch.generation)
@@ -147,7 +147,7 @@ def test_a_body_that_is_there_is_read_whole_and_leaves_nothing_registered(run: A
         late = asyncio.create_task(_read(_stops_after(b"a"), 30, 0.05))
         with pytest.raises(Problem):
             await late
-        watch = ingest._body_deadlines(asyncio.get_running_loop())
+        watch = body._body_deadlines(asyncio.get_running_loop())
         assert watch.reads == set()
 
     run(main())
@@ -160,7 +160,7 @@ def test_a_closed_loop_is_not_kept_alive_by_its_watch(run: Any) -> None:
 
         await _read(whole, 30, 10)  # arms the loop's timer for 10 s from now
 
-    before = len(ingest._body_deadlines_by_loop)
+    before = len(body._body_deadlines_by_loop)
     run(main())
     gc.collect()
-    assert len(ingest._body_deadlines_by_loop) <= before
+    assert len(body._body_deadlines_by_loop) <= before

@@ -16,10 +16,10 @@ import pytest
 from conftest import Running, ServerThread, make_settings, prompt_call
 
 from watchllm_ext.app import STORE_TABLES, create_app
-from watchllm_ext.dead_letters import DeadLetter, append_dead_letter, parse_dead_letters
+from watchllm_ext.delivery.dead_letters import DeadLetter, append_dead_letter, parse_dead_letters
+from watchllm_ext.delivery.writer import SinkError
 from watchllm_ext.hookspecs import hookimpl
 from watchllm_ext.keys import KeyStore
-from watchllm_ext.writer import SinkError
 
 OWN, OTHER = "acme", "beta"
 STORE_SINK = "store:chdb"  # the embedded store's sink, and its dead-letter file

@@ -427,8 +427,8 @@ def test_async_client_inside_a_host_app_on_its_loop(tmp_path: Any) -> None:
     from starlette.routing import Mount, Route
 
     from watchllm_ext.app import create_app
-    from watchllm_ext.hosting import lifespan
     from watchllm_ext.keys import KeyStore
+    from watchllm_ext.serving.hosting import lifespan
 
     settings = make_settings(tmp_path)
     key = KeyStore(settings.keys_path).create("acme", scope="ingest")

@@ -21,9 +21,9 @@ from conftest import free_port, make_settings, prompt_call
 
 from watchllm_ext.app import create_app
 from watchllm_ext.hookspecs import hookimpl
-from watchllm_ext.ingest import OFFLOAD_MIN_BYTES
+from watchllm_ext.ingest.validate import OFFLOAD_MIN_BYTES
 from watchllm_ext.keys import KeyStore
-from watchllm_ext.serving import uvicorn_options
+from watchllm_ext.serving.protocol import uvicorn_options
 
 HEADER_TIMEOUT_S = 1.0
 BODY_TIMEOUT_S = 2.0

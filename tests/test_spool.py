@@ -13,8 +13,15 @@ from typing import Any
 import anyio
 import pytest
 
-from watchllm_ext import spool as spool_module
-from watchllm_ext.spool import _READ_STEP, GROUP_CONTINUES, HEADER_SIZE, Position, Spool, SpoolFull
+from watchllm_ext.delivery import spool as spool_module
+from watchllm_ext.delivery.spool import (
+    _READ_STEP,
+    GROUP_CONTINUES,
+    HEADER_SIZE,
+    Position,
+    Spool,
+    SpoolFull,
+)
 
 
 def payloads(n: int) -> list[bytes]:

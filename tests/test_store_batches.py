@@ -13,8 +13,8 @@ import anyio
 import pytest
 
 from watchllm_ext.builtins.store_sink import StoreSink, register_sinks
+from watchllm_ext.delivery.writer import MemoryLog, Writer
 from watchllm_ext.settings import Settings
-from watchllm_ext.writer import MemoryLog, Writer
 
 
 class Recording:

@@ -21,11 +21,11 @@ from test_otel_workers import wait_for_a_worker
 
 from watchllm_ext import hookimpl
 from watchllm_ext.app import open_spool
-from watchllm_ext.dead_letters import append_dead_letter, dead_letter
-from watchllm_ext.fast_validate import EVENT_STRUCT_TYPES, to_model
+from watchllm_ext.delivery.dead_letters import append_dead_letter, dead_letter
+from watchllm_ext.delivery.writer import EventBatch, EventsJson, batch_json, batch_json_lines
+from watchllm_ext.ingest.fast_validate import EVENT_STRUCT_TYPES, to_model
 from watchllm_ext.schema import EVENT_LIST_ADAPTER
 from watchllm_ext.testing import MemorySink
-from watchllm_ext.writer import EventBatch, EventsJson, batch_json, batch_json_lines
 
 
 def _events(n: int, mark: str) -> list[dict[str, Any]]:
@@ -174,7 +174,7 @@ def test_the_writer_holds_nothing_the_collector_tracks(server_factory: Any, proc
     """10,000 accepted events held in the writer's memory (the sink is held back) add almost
     no objects for a full garbage collection to walk: structs with gc=False, tuples and
     flat dicts the collector does not track; or, for bodies a worker process validated
-    (ingest_worker_processes), their JSON and ids (events_worker.py)."""
+    (ingest_worker_processes), their JSON and ids (ingest/worker.py)."""
     sink = StructSink()
     server = server_factory((sink,), flush_interval_s=0.01, ingest_worker_processes=processes)
     if processes:
@@ -280,7 +280,7 @@ def test_without_plugin_hooks_no_model_is_built(server_factory: Any, monkeypatch
         built.append(struct.event_id)
         return original(struct)
 
-    monkeypatch.setattr("watchllm_ext.fast_validate.to_model", counting)
+    monkeypatch.setattr("watchllm_ext.ingest.fast_validate.to_model", counting)
     structs = StructSink()
     server = server_factory((structs,))
     _post(server, _events(9, "n"))
@@ -292,7 +292,7 @@ def test_without_plugin_hooks_no_model_is_built(server_factory: Any, monkeypatch
 def test_struct_json_is_pydantics() -> None:
     """encode_events of the structs and pydantic's dump_json(exclude_none=True) of the same
     events: same keys and values (None left out, defaults written, lists as arrays)."""
-    from watchllm_ext.fast_validate import encode_events, validate_fast
+    from watchllm_ext.ingest.fast_validate import encode_events, validate_fast
 
     raw = _events(9, "j")
     structs = validate_fast(json.dumps(raw).encode(), "events")

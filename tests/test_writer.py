@@ -12,8 +12,8 @@ from typing import Any
 import anyio
 import pytest
 
-from watchllm_ext.spool import HEADER_SIZE, Position, Spool
-from watchllm_ext.writer import (
+from watchllm_ext.delivery.spool import HEADER_SIZE, Position, Spool
+from watchllm_ext.delivery.writer import (
     MemoryLog,
     SinkError,
     Writer,
@@ -240,7 +240,7 @@ def test_a_record_the_contract_now_refuses_loses_none_of_its_events(tmp_path: Pa
     from conftest import prompt_call
 
     from watchllm_ext.app import _decode_events, _encode_events
-    from watchllm_ext.dead_letters import read_dead_letters, take_dead_letters
+    from watchllm_ext.delivery.dead_letters import read_dead_letters, take_dead_letters
 
     old = [
         prompt_call("ok-1", project_id="acme"),
@@ -559,7 +559,7 @@ def test_submit_is_as_durable_as_the_fsync_policy_says(policy: str, tmp_path: Pa
 def test_a_quiet_backlog_goes_before_the_interval_is_over() -> None:
     """QUIET_MIN_EVENTS or more waiting and nothing new for QUIET_S: a burst has ended, the
     batch goes at once; fewer wait out flush_interval_s (an insert has a fixed cost)."""
-    from watchllm_ext.writer import QUIET_MIN_EVENTS, QUIET_S
+    from watchllm_ext.delivery.writer import QUIET_MIN_EVENTS, QUIET_S
 
     async def main() -> None:
         sink = ListSink()
@@ -597,7 +597,7 @@ def test_the_rest_of_a_burst_goes_when_quiet_after_a_big_batch() -> None:
     """What came while a big batch was written, and nothing since, is the rest of a burst:
     once quiet for QUIET_S it goes, however few. A trickle that starts after the sink has
     gone idle is no burst's rest: it waits for the interval."""
-    from watchllm_ext.writer import QUIET_MIN_EVENTS, QUIET_S
+    from watchllm_ext.delivery.writer import QUIET_MIN_EVENTS, QUIET_S
 
     async def main() -> None:
         sink = FirstWriteGated()
@@ -749,7 +749,7 @@ def test_lag_seconds_is_not_moved_by_a_step_of_the_wall_clock(
     simulated (time.time in the writer's module): a test cannot move the machine's clock."""
     import time as real_time
 
-    from watchllm_ext import writer as writer_module
+    from watchllm_ext.delivery import writer as writer_module
 
     async def main() -> None:
         slow = GatedSink()

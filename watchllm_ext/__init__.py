@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from .app import create_app
     from .hookspecs import hookimpl
-    from .hosting import lifespan
+    from .serving.hosting import lifespan
     from .settings import Settings
 
 __all__ = ["Settings", "__version__", "create_app", "hookimpl", "lifespan"]
@@ -21,7 +21,7 @@ __all__ = ["Settings", "__version__", "create_app", "hookimpl", "lifespan"]
 _LAZY = {
     "create_app": ("app", "create_app"),
     "hookimpl": ("hookspecs", "hookimpl"),
-    "lifespan": ("hosting", "lifespan"),
+    "lifespan": ("serving.hosting", "lifespan"),
     "Settings": ("settings", "Settings"),
 }
 

@@ -1,9 +1,9 @@
 """The ASGI app: `create_app(settings)` builds it; read this file top to bottom for the flow.
 
-request -> authenticate (hook) -> quota (hook) -> read + parse + validate (ingest.py)
-        -> transform (hook) -> writer.submit -> 202 / 207
+request -> authenticate (hook) -> quota (hook) -> read + parse + validate (ingest/)
+        -> transform (hook) -> writer.submit (delivery/) -> 202 / 207
 The store and the writer start with the app's lifespan (or the host's, when mounted: see
-hosting.py) and stop with it, flushing what is buffered.
+serving/hosting.py) and stop with it, flushing what is buffered.
 """
 
 from __future__ import annotations
@@ -30,11 +30,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from . import __version__
-from .admission import BodyBudget, BodyBudgetMiddleware, wait_for_place
 from .analytics.reads import StoreReads
 from .analytics.routes import routes as analytics_routes
 from .auth import Principal, Scope, bearer_token
-from .dead_letters import (
+from .delivery.dead_letters import (
     done,
     put_back,
     read_dead_letters,
@@ -42,50 +41,8 @@ from .dead_letters import (
     take_dead_letters,
     targeted_payload,
 )
-from .errors import Problem, not_a_project_id, other_project, problem_handler, unauthorized
-from .events_worker import decode_answer as decode_worker_answer
-from .events_worker import encode_job, worker_twins
-from .fast_validate import decode_stored, encode_events
-from .hookspecs import BackgroundTask
-from .ingest import (
-    DETAILED_OFFLOAD_MIN_BYTES,
-    MAX_REJECTIONS_LISTED,
-    OFFLOAD_MIN_BYTES,
-    IngestHeaders,
-    Outcome,
-    check_content_type,
-    check_projects,
-    events_at,
-    finish_fast,
-    parse_events_json,
-    read_request_body,
-    receipt_time,
-    validate_fast,
-    validate_items,
-    validate_sliced,
-)
-from .ingest_lane import IngestLane, LaneApp
-from .inprocess import plain_events
-from .locks import FolderLock, FolderLocked, with_advice
-from .metrics import make_registry, metrics_endpoint
-from .observability.metrics import RequestMetrics, counting_rejections, ops_metrics, time_queries
-from .observability.sentry import ensure_sentry
-from .openapi import openapi_endpoint
-from .otel.pool import map_in_worker
-from .otel.rows import SpanRow
-from .plugins import call_hook, describe_plugins, get_plugin_manager
-from .quota import QuotaDecision
-from .schema import EVENT_LIST_ADAPTER, PROJECT_ID_RE, require_server_filled
-from .sdk.context import register_local_app, unregister_local_app
-from .settings import Settings, load_settings
-from .slots import FairSlots
-from .spool import Spool
-from .store import Store, apply_migrations
-from .store.base import StoreError, StoreLockedError, StoreUnavailable
-from .store.folders import DataFolderError, concerns, folder_error, open_store
-from .store.retention import apply_payload_ttl
-from .tuning import freeze_startup_heap
-from .writer import (
+from .delivery.spool import Spool
+from .delivery.writer import (
     EventsJson,
     Log,
     MemoryLog,
@@ -95,6 +52,47 @@ from .writer import (
     WriterFull,
     WriterTooLarge,
 )
+from .errors import Problem, not_a_project_id, other_project, problem_handler, unauthorized
+from .hookspecs import BackgroundTask
+from .ingest.admission import BodyBudget, BodyBudgetMiddleware, wait_for_place
+from .ingest.body import IngestHeaders, check_content_type, read_request_body
+from .ingest.fast_validate import decode_stored, encode_events
+from .ingest.fill_in import receipt_time
+from .ingest.inprocess import plain_events
+from .ingest.lane import IngestLane, LaneApp
+from .ingest.parse import parse_events_json
+from .ingest.validate import (
+    DETAILED_OFFLOAD_MIN_BYTES,
+    MAX_REJECTIONS_LISTED,
+    OFFLOAD_MIN_BYTES,
+    Outcome,
+    check_projects,
+    events_at,
+    finish_fast,
+    validate_fast,
+    validate_items,
+    validate_sliced,
+)
+from .ingest.worker import decode_answer as decode_worker_answer
+from .ingest.worker import encode_job, worker_twins
+from .locks import FolderLock, FolderLocked, with_advice
+from .observability.metrics import RequestMetrics, counting_rejections, ops_metrics, time_queries
+from .observability.registry import make_registry, metrics_endpoint
+from .observability.sentry import ensure_sentry
+from .openapi import openapi_endpoint
+from .otel.pool import map_in_worker
+from .otel.rows import SpanRow
+from .plugins import call_hook, describe_plugins, get_plugin_manager
+from .quota import QuotaDecision
+from .schema import EVENT_LIST_ADAPTER, PROJECT_ID_RE, require_server_filled
+from .sdk.context import register_local_app, unregister_local_app
+from .serving.tuning import freeze_startup_heap
+from .settings import Settings, load_settings
+from .slots import FairSlots
+from .store import Store, apply_migrations
+from .store.base import StoreError, StoreLockedError, StoreUnavailable
+from .store.folders import DataFolderError, concerns, folder_error, open_store
+from .store.retention import apply_payload_ttl
 
 log = logging.getLogger("watchllm.app")
 
@@ -377,7 +375,7 @@ class WatchLLM:
                 503,
                 "not_running",
                 "the writer is not running; a host app that mounts WatchLLM must run its "
-                "lifespan (see watchllm_ext.hosting.lifespan)",
+                "lifespan (see watchllm_ext.lifespan)",
                 headers={"Retry-After": "5"},
             )
         try:
@@ -628,7 +626,7 @@ class _BigBodySlot:
         self._held = False
 
     async def __aenter__(self) -> _BigBodySlot:
-        # 503 when no place comes in time (admission.py): under overload, push back.
+        # 503 when no place comes in time (ingest/admission.py): under overload, push back.
         await wait_for_place(partial(self._places.acquire, self._project), self._timeout_s)
         self._held = True
         return self
@@ -666,7 +664,7 @@ async def _in_worker(
     shape: Literal["batch", "events"],
     received_at: datetime,
 ) -> Response | Literal["declined"] | None:
-    """A big body validated, finished and encoded in a worker process (events_worker.py),
+    """A big body validated, finished and encoded in a worker process (ingest/worker.py),
     then spooled here: its answer. "declined": the worker's fast validator declined it (the
     server gives the detailed answer); None: no worker did it (none set, ready or alive, or a
     hook must see the events here): the server does it all."""
@@ -921,7 +919,7 @@ async def _project_events(
     if events is not None:
         return await _ingest_fast(wl, principal, events, slot, received_at, events_at("events"))
     if not off_loop and len(body) >= DETAILED_OFFLOAD_MIN_BYTES:
-        # Declined by the fast validator: the detailed answer costs up to ~10x (ingest.py),
+        # Declined by the fast validator: the detailed answer costs up to ~10x (ingest/validate.py),
         # so it is a big body's work, on a worker thread in a big body's place.
         async with _BigBodySlot(wl, principal) as big:
             return await _project_events(wl, principal, body, big, received_at, fast=False)
@@ -962,7 +960,7 @@ async def _batch_events(
     if events is not None:
         return await _ingest_fast(wl, principal, events, slot, received_at, events_at("batch"))
     if not off_loop and len(body) >= DETAILED_OFFLOAD_MIN_BYTES:
-        # Declined by the fast validator: the detailed answer costs up to ~10x (ingest.py),
+        # Declined by the fast validator: the detailed answer costs up to ~10x (ingest/validate.py),
         # so it is a big body's work, on a worker thread in a big body's place.
         async with _BigBodySlot(wl, principal) as big:
             return await _batch_events(wl, principal, body, big, received_at, fast=False)

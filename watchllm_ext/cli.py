@@ -306,9 +306,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .app import check_spool, create_app
     from .keys import KeyStore, ServerKeyStore
     from .plugins import PluginError
-    from .serving import uvicorn_options
+    from .serving.protocol import uvicorn_options
+    from .serving.tuning import tune_for_serving
     from .store import StoreError, StoreUnavailable, apply_migrations
-    from .tuning import tune_for_serving
 
     settings = _settings(args, host=args.host, port=args.port)
     logging.basicConfig(
@@ -353,7 +353,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"  watchllm demo --url {url} --key {key}", flush=True)
     print(f"WatchLLM {_version()} listening on {url} (data in {settings.data_dir})", flush=True)
     tune_for_serving(settings.store_threads_nice)
-    # With the time limits for slow headers and idle keep-alive connections (serving.py).
+    # With the time limits for slow headers and idle keep-alive connections (serving/protocol.py).
     uvicorn.run(app, **uvicorn_options(settings))
     return 0
 
@@ -646,7 +646,7 @@ def cmd_golden_path(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .transfer import TransferError, export_folder
+    from .store.transfer import TransferError, export_folder
 
     try:
         export_folder(_settings(args), args.out_dir, max_rows_per_file=args.max_rows_per_file)
@@ -663,7 +663,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from .transfer import CountMismatch, TransferError, import_folder
+    from .store.transfer import CountMismatch, TransferError, import_folder
 
     settings = _settings(args)
     url = args.url or settings.clickhouse_url
@@ -699,7 +699,7 @@ def cmd_dead_list(args: argparse.Namespace) -> int:
         body = _remote(args, "/v1/admin/dead-letters", _dead_params(args))
         entries, torn = body["dead_letters"], body.get("torn_records", 0)
     else:
-        from .dead_letters import read_dead_letters, summary
+        from .delivery.dead_letters import read_dead_letters, summary
 
         folder = _settings(args).spool_path / "dead-letter"
         found = read_dead_letters(folder, args.sink, args.project)
@@ -731,10 +731,10 @@ def cmd_dead_replay(args: argparse.Namespace) -> int:
 
 def _replay_local(args: argparse.Namespace) -> tuple[int, int]:
     from .app import open_spool
-    from .dead_letters import done, put_back, take_dead_letters, targeted_payload
-    from .spool import SpoolFull
+    from .delivery.dead_letters import done, put_back, take_dead_letters, targeted_payload
+    from .delivery.spool import SpoolFull
+    from .delivery.writer import SPANS, TARGETED
     from .store import StoreError
-    from .writer import SPANS, TARGETED
 
     try:
         spool, lock = open_spool(_settings(args))

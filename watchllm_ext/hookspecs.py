@@ -17,10 +17,10 @@ if TYPE_CHECKING:
     from starlette.routing import BaseRoute
 
     from .auth import Principal
+    from .delivery.writer import Sink
     from .quota import QuotaDecision
     from .settings import Settings
     from .store.base import Store
-    from .writer import Sink
 
 # An async function run beside the server for its whole life (register_background_tasks).
 BackgroundTask = Callable[[], Awaitable[None]]

@@ -349,7 +349,7 @@ def require_server_filled(events: list[Any]) -> list[Any]:
     """The stored contract: every event read back (spool, dead letters) has both server-filled
     fields; a record without them was not written by this server and is refused."""
     for index, event in enumerate(events):
-        # By attribute: the server's event structs (fast_validate.py) or models.
+        # By attribute: the server's event structs (ingest/fast_validate.py) or models.
         if event.event_id is None or event.timestamp is None:
             missing = [name for name in SERVER_FILLED if getattr(event, name) is None]
             raise ValueError(f"stored event {index} has no {' or '.join(missing)}")

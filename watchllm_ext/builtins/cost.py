@@ -154,7 +154,7 @@ class CostEstimator:
         self.custom = {model: _CustomPrice(p_in, p_out) for model, (p_in, p_out) in custom.items()}
 
     def ingest_worker_twins(self) -> list[tuple[str, dict[str, Any]]]:
-        """The same estimator in an ingest worker process (events_worker.py): same prices."""
+        """The same estimator in an ingest worker process (ingest/worker.py): same prices."""
         prices = {model: (p.input, p.output) for model, p in self.custom.items()}
         return [(f"{__name__}:CostEstimator", {"custom": prices})]
 

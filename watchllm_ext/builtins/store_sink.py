@@ -36,9 +36,11 @@ from typing import Any
 import anyio
 import numpy as np
 
-from ..fast_validate import to_models
+from ..delivery.writer import EventsJson, EventsJsonBatch, SinkError, batch_json
 from ..hookspecs import hookimpl
+from ..ingest.fast_validate import to_models
 from ..otel.rows import SpanRow, encode_rows
+from ..serving.tuning import lower_native_threads
 from ..settings import Settings
 from ..store import Store, StoreError, apply_migrations
 from ..store.base import cluster_of
@@ -54,8 +56,6 @@ from ..store.rows import (
     spool_pieces,
     tables_for,
 )
-from ..tuning import lower_native_threads
-from ..writer import EventsJson, EventsJsonBatch, SinkError, batch_json
 
 # Characters of ids per lookup query (the ids, their quotes and commas): a ClickHouse server
 # refuses a parameter value over http_max_field_value_size (128 KiB by default), whether it

@@ -29,7 +29,7 @@ from ..analytics import routes as api
 from ..analytics.params import PERIODS
 from ..auth import Principal
 from ..errors import Problem
-from ..ingest import read_request_body
+from ..ingest.body import read_request_body
 from ..schema import EVENT_TYPES, Status
 from ..settings import Settings
 from . import charts

@@ -8,7 +8,7 @@ Recording never waits: events go into an in-memory outbox that a background task
 `WatchLLM.ingest` in batches (the same validation, hooks and spool as POST /v1/events/batch)
 every `flush_interval_s`. So a host request pays for building a dict, not for an ingest; the
 dicts are plain JSON data, which `WatchLLM.ingest` validates with the request body's fast
-validator (inprocess.py) rather than pydantic. A flush hands them over `batch_events` at a
+validator (ingest/inprocess.py) rather than pydantic. A flush hands them over `batch_events` at a
 time and lets the event loop run between batches: validating and spooling an event costs the
 loop about 8 us, so one batch holds the host's requests up for a fraction of a millisecond
 however many requests the last interval saw (the cost per event is the same from 16 events a
@@ -46,7 +46,7 @@ import anyio
 from pydantic import ValidationError
 
 from ..errors import Problem
-from ..inprocess import plain_events
+from ..ingest.inprocess import plain_events
 from ..schema import EVENT_ADAPTER
 from ..sdk.context import RunContext, RunTally
 

@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import Problem, answer_for
 from ..flags import _REQUEST_CACHE
-from ..serving import ANSWERED
+from ..serving.protocol import ANSWERED
 
 log = logging.getLogger("watchllm.http")
 

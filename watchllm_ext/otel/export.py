@@ -52,10 +52,10 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Status
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from .. import __version__
+from ..delivery.writer import SinkError
 from ..hookspecs import hookimpl
 from ..schema import MODELS_BY_TYPE
 from ..settings import Settings
-from ..writer import SinkError
 from .ids import span_part
 from .mapping import (
     FORWARDED_GENAI_KEYS,

@@ -24,12 +24,13 @@ import msgspec
 import pluggy
 from anyio.lowlevel import RunVar
 
-from ..admission import wait_for_place
 from ..app import encoded_for_spool
 from ..auth import Principal
 from ..errors import Problem
-from ..fast_validate import from_built, validate_list
-from ..ingest import Outcome, finish_fast, receipt_time, validate_items
+from ..ingest.admission import wait_for_place
+from ..ingest.fast_validate import from_built, validate_list
+from ..ingest.fill_in import receipt_time
+from ..ingest.validate import Outcome, finish_fast, validate_items
 from ..observability.metrics import ops_metrics
 from .mapped import MappedSpans, map_spans
 from .mapping import Span

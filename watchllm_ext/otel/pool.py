@@ -37,7 +37,7 @@ try:
 except ImportError:  # not on Windows
     fcntl = None  # type: ignore[assignment]
 
-from ..admission import acquire_within
+from ..ingest.admission import acquire_within
 from .worker import READY, frame, read_frame
 
 log = logging.getLogger("watchllm.otel")

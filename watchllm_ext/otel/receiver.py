@@ -34,11 +34,13 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Scope
 
-from ..admission import one_wait_budget
 from ..auth import Principal, bearer_token
 from ..errors import Problem, render_problems_at, unauthorized
 from ..hookspecs import hookimpl
-from ..ingest import OFFLOAD_MIN_BYTES, check_json_charset, read_request_body, receipt_time
+from ..ingest.admission import one_wait_budget
+from ..ingest.body import check_json_charset, read_request_body
+from ..ingest.fill_in import receipt_time
+from ..ingest.validate import OFFLOAD_MIN_BYTES
 from ..observability.metrics import ops_metrics
 from ..openapi import described
 from ..settings import Settings

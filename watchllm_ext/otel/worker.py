@@ -31,8 +31,8 @@ from typing import BinaryIO
 import msgspec
 
 from ..errors import Problem
-from ..events_worker import JOB_MARK, answer_job
-from ..tuning import tune_for_serving
+from ..ingest.worker import JOB_MARK, answer_job
+from ..serving.tuning import tune_for_serving
 from .decode import parse_json, parse_protobuf, spans_of
 from .mapped import map_spans
 from .rows import encode_rows

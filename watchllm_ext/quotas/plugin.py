@@ -341,7 +341,7 @@ class QuotaPlugin:
         self.carry_events[principal.project_id] -= n_events
 
     def ingest_worker_twins(self) -> list[tuple[str, dict[str, Any]]] | None:
-        """Nothing to do in an ingest worker process (events_worker.py) when no plan counts
+        """Nothing to do in an ingest worker process (ingest/worker.py) when no plan counts
         payload bytes; when one does, the events must be measured here (None)."""
         return None if self._count_bytes else []
 

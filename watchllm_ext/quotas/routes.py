@@ -26,7 +26,7 @@ from starlette.routing import BaseRoute, Route
 
 from ..auth import Principal, Scope
 from ..errors import Problem, not_a_project_id
-from ..ingest import read_request_body
+from ..ingest.body import read_request_body
 from ..openapi import PROJECT_ID_SCHEMA, ErrorBody, _json, _query, _ref, described
 from ..schema import PROJECT_ID_RE
 from .engine import QuotaUnavailable

@@ -348,7 +348,7 @@ def encode_events(events: Sequence[Any]) -> bytes:
     """The events as one JSON array, each as pydantic's dump_json(exclude_none=True) writes
     it: the spool's encoder (fast_validate.encode_events, msgspec; structs and pydantic
     models alike), so the store gets the JSON the spool holds."""
-    from ..fast_validate import encode_events as encode
+    from ..ingest.fast_validate import encode_events as encode
 
     return encode(events)
 

@@ -14,10 +14,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from starlette.requests import Request
 from starlette.responses import Response
 
-from .observability.metrics import OpsMetrics
+from .metrics import OpsMetrics
 
 if TYPE_CHECKING:
-    from .app import WatchLLM
+    from ..app import WatchLLM
 
 
 class WriterCollector:

@@ -16,7 +16,7 @@ sinks (no pydantic model on the hot path):
   and values: None fields left out, defaults written); `decode_stored` reads that form back
   (and the form the pydantic encoder wrote before), with the server-set cost_source allowed;
 - `to_model` / `from_models` convert for plugins that implement validate_event or
-  transform_events (only then: ingest.py).
+  transform_events (only then: validate.py).
 
 One source of truth: the structs are built at import from schema.py's models (field names,
 order, optionality, defaults, string/list/number constraints), so a new field or bound cannot
@@ -67,7 +67,7 @@ from pydantic.json_schema import SkipJsonSchema
 from pydantic.types import AllowInfNan
 from pydantic_core import PydanticUndefined
 
-from .schema import MAX_JSON_CHARS, Event, _check_json_size
+from ..schema import MAX_JSON_CHARS, Event, _check_json_size
 
 __all__ = [
     "EVENT_STRUCTS",

@@ -54,7 +54,7 @@ async def _flush_middleware(wl: Any) -> None:
     """Hand a middleware's recorded events to `wl` while it still runs."""
     if "watchllm_ext.middleware.asgi" not in sys.modules:
         return  # no middleware in this process: nothing to flush (and nothing to import)
-    from .middleware.asgi import find_owner
+    from ..middleware.asgi import find_owner
 
     owner = find_owner(wl)
     if owner is not None:

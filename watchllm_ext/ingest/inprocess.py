@@ -30,8 +30,8 @@ from typing import Any, get_args
 import msgspec
 from pydantic import AwareDatetime
 
+from ..schema import MODELS_BY_TYPE
 from . import fast_validate
-from .schema import MODELS_BY_TYPE
 
 __all__ = ["MAX_DEPTH", "plain_events"]
 

@@ -28,10 +28,10 @@ from starlette.responses import Response
 from starlette.routing import Match, Route
 from starlette.types import Receive, Scope, Send
 
+from ..errors import answer_for
+from ..flags import _REQUEST_CACHE
+from ..observability.metrics import RequestTimes, closed_early, repeated_authorization
 from .admission import BODY_CHARGE, BodyBudget, Charge
-from .errors import answer_for
-from .flags import _REQUEST_CACHE
-from .observability.metrics import RequestTimes, closed_early, repeated_authorization
 
 Handler = Callable[[Request, Exception], Awaitable[Response]]
 

@@ -32,13 +32,13 @@ from typing import Any, Literal
 import msgspec
 import pluggy
 
-from . import hookspecs
-from .auth import Principal
-from .errors import Problem
+from .. import hookspecs
+from ..auth import Principal
+from ..errors import Problem
+from ..plugins import PROJECT
+from ..store.rows import EVENTS_INPUT, PARTS_INPUT, input_json
 from .fast_validate import encode_events
-from .ingest import events_at, finish_fast, validate_fast
-from .plugins import PROJECT
-from .store.rows import EVENTS_INPUT, PARTS_INPUT, input_json
+from .validate import events_at, finish_fast, validate_fast
 
 # A frame that starts with this byte is an events job; an OTLP job is a msgpack array.
 JOB_MARK = b"E"

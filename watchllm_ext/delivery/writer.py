@@ -20,7 +20,7 @@ Recent records are kept in memory with their decoded events (up to `memory_max_e
 so sinks that keep up never read the spool back nor decode it; a sink that falls behind
 reads it back from disk. A batch is put together on a worker thread, not on the event loop
 (for single events it is thousands of records a second). The server's events are msgspec
-structs with `gc=False` (fast_validate.py): half a million of them in memory are not walked
+structs with `gc=False` (ingest/fast_validate.py): half a million of them in memory are not walked
 by every full garbage collection.
 
 A sink that needs the batch as JSON calls `batch_json(events)`: a JSON array of the events
@@ -44,9 +44,9 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import anyio
 
+from ..ingest.fast_validate import decode_stored, encode_event_lines, encode_events, to_models
+from ..otel.rows import RowsJson, SpanBatch, SpanRow, decode_rows, encode_rows
 from .dead_letters import append_dead_letter, dead_letter
-from .fast_validate import decode_stored, encode_event_lines, encode_events, to_models
-from .otel.rows import RowsJson, SpanBatch, SpanRow, decode_rows, encode_rows
 from .spool import HEADER_SIZE, Position, Record, SpoolFull
 
 log = logging.getLogger("watchllm.writer")
@@ -84,7 +84,7 @@ class Sink(Protocol):
     hands it the spool records' bytes and makes no row (a row read from them is decoded).
 
     A sink that reads events only as their JSON and their ids sets `reads_events_json =
-    True`: a batch whose records a worker process made (events_worker.py; all of them kept in
+    True`: a batch whose records a worker process made (ingest/worker.py; all of them kept in
     memory) then comes as an EventsJsonBatch, nothing decoded; any other batch as usual."""
 
     name: str
@@ -100,7 +100,7 @@ class EventBatch(list[Any]):
 
 
 class EventsJson:
-    """A record's events as a worker process made them (events_worker.py), none decoded: the
+    """A record's events as a worker process made them (ingest/worker.py), none decoded: the
     spool record's JSON (`payload`), the events' project and ids, and the store's input
     bodies (`rows`: the events' input where it differs from payload; `parts`: the input of
     tool_calls and agent_steps, or None). The writer keeps it as it is; a sink that reads
@@ -952,7 +952,7 @@ class Writer:
 
 
 # Events freed at once: about 0.4 ms of the GIL, under the 0.5 ms switch interval that
-# `watchllm serve` sets (tuning.py), so the event loop never waits much longer than that.
+# `watchllm serve` sets (serving/tuning.py), so the event loop never waits much longer than that.
 _FREE_SLICE = 200
 
 

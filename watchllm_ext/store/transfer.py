@@ -46,8 +46,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from . import __version__
-from .schema import (
+from .. import __version__
+from ..schema import (
     MAX_COST_USD,
     MAX_LATENCY_MS,
     MAX_METRIC_ABS,
@@ -55,12 +55,12 @@ from .schema import (
     MAX_STEP_NUMBER,
     MAX_TOKENS,
 )
-from .store import Store, StoreError, StoreLockedError, apply_migrations, load_migrations
+from . import Store, StoreError, StoreLockedError, apply_migrations, load_migrations
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from .settings import Settings
+    from ..settings import Settings
 
 FORMAT = "watchllm-export"
 FORMAT_VERSION = 1
@@ -393,8 +393,8 @@ def _check_out_dir(out_dir: Path) -> None:
 
 def _open_embedded(settings: Settings) -> Store:
     """The embedded chDB store of the data folder, even where a ClickHouse URL is set."""
-    from .plugins import PluginError, get_plugin_manager
-    from .store.folders import open_store
+    from ..plugins import PluginError, get_plugin_manager
+    from .folders import open_store
 
     local = settings.model_copy(update={"clickhouse_url": None})
     try:
@@ -425,7 +425,7 @@ def _pending_in_spool(settings: Settings) -> int:
     """Events accepted into the spool that the embedded store's sink has not delivered."""
     if settings.durability != "spool" or not (settings.spool_path / "segments").is_dir():
         return 0
-    from .app import open_spool
+    from ..app import open_spool
 
     try:
         spool, lock = open_spool(settings)
@@ -443,7 +443,7 @@ def _pending_in_spool(settings: Settings) -> int:
 
 
 def _dead_letter_events(settings: Settings) -> int:
-    from .dead_letters import read_dead_letters
+    from ..delivery.dead_letters import read_dead_letters
 
     folder = settings.spool_path / "dead-letter"
     if not folder.is_dir():
@@ -1149,7 +1149,7 @@ def _parquet_row_bytes(parquet: Any) -> float:
 
 def _open_server(settings: Settings, url: str) -> Store:
     """The ClickHouse-server store at `url`, through the store plugins."""
-    from .plugins import PluginError, get_plugin_manager
+    from ..plugins import PluginError, get_plugin_manager
 
     remote = settings.model_copy(update={"clickhouse_url": url})
     try:

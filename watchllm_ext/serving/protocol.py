@@ -18,8 +18,8 @@ import sys
 from http import HTTPStatus
 from typing import Any
 
-from .errors import Problem
-from .settings import Settings
+from ..errors import Problem
+from ..settings import Settings
 
 # What a request's Transfer-Encoding may be: chunked alone (RFC 9112 6.1). Another coding
 # before it (gzip, chunked) was ignored and the body read as if plain; a proxy in front that

@@ -29,9 +29,9 @@ from contextvars import ContextVar
 import anyio
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .errors import Problem
+from ..errors import Problem
 
-# The scope key of a request's Charge (set by BodyBudgetMiddleware, read by ingest.py).
+# The scope key of a request's Charge (set by BodyBudgetMiddleware, read by body.py).
 BODY_CHARGE = "watchllm.body_charge"
 # Seconds a client is asked to wait: the budget frees as requests end, a few a second.
 BODY_RETRY_AFTER_S = 1
