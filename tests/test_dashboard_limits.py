@@ -10,6 +10,8 @@ chDB allows after that module's shared server has stopped (one data folder per p
 
 from __future__ import annotations
 
+import gzip
+import json
 import re
 import selectors
 import socket
@@ -26,12 +28,19 @@ import uvicorn
 from conftest import free_port, make_settings
 
 from watchllm_ext.app import create_app
-from watchllm_ext.dashboard.views import MAX_API_KEY_CHARS, MAX_ECHO_CHARS, MAX_FORM_BYTES
+from watchllm_ext.dashboard.views import (
+    MAX_API_KEY_CHARS,
+    MAX_ECHO_CHARS,
+    MAX_FORM_BYTES,
+    PAGE_SHOWN_CHARS,
+    PAYLOAD_SHOWN_CHARS,
+)
 from watchllm_ext.keys import KeyStore
 from watchllm_ext.serving.protocol import uvicorn_options
 
 KIB = 1024
 CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
+CUT = re.compile(r"([\d,]+) more characters not shown here")
 
 
 @dataclass
@@ -39,6 +48,7 @@ class Served:
     url: str
     port: int
     reader: str  # acme, read scope
+    admin: str  # acme, admin scope (sends events)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +59,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         log_level="warning",
         access_log="off",
     )
-    reader = KeyStore(settings.keys_path).create("acme", scope="read")
+    keys = KeyStore(settings.keys_path)
+    reader = keys.create("acme", scope="read")
+    admin = keys.create("acme", scope="admin")
     server = uvicorn.Server(uvicorn.Config(create_app(settings), **uvicorn_options(settings)))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -58,7 +70,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
         time.sleep(0.02)
     try:
-        yield Served(f"http://127.0.0.1:{settings.port}", settings.port, reader)
+        yield Served(f"http://127.0.0.1:{settings.port}", settings.port, reader, admin)
     finally:
         server.should_exit = True
         thread.join(timeout=60)
@@ -325,3 +337,90 @@ def test_an_unknown_static_file_is_the_apis_json_404_with_nosniff(served: Served
         for known in ("dashboard.css", "dashboard.js", "palette.css"):
             ok = c.get(f"/dashboard/static/{known}")
             assert ok.status_code == 200 and ok.headers["x-content-type-options"] == "nosniff"
+
+
+# --- what a page shows of a big event ---------------------------------------------------------
+
+
+def test_a_huge_events_page_shows_a_bounded_share_and_says_what_it_cuts(served: Served) -> None:
+    """Twelve tool calls of a megabyte each and a megabyte of prompt (gzip makes that a few
+    KB on the wire): the page shows at most PAYLOAD_SHOWN_CHARS of each payload and
+    PAGE_SHOWN_CHARS of all (plus the whole-event JSON's own PAYLOAD_SHOWN_CHARS), says how
+    much it leaves out, and the server answers other requests as usual afterwards. Before,
+    the page was every payload, escaped, twice: hundreds of megabytes built on the event loop."""
+    mb = "<" * 1_000_000  # escaped as &lt;: four times the bytes in HTML
+    event = {
+        "event_type": "prompt_call",
+        "event_id": "huge-page-1",
+        "run_id": "huge-run",
+        "model": "gpt-4o",
+        "prompt": mb,
+        "tool_calls": [
+            {"tool_name": f"tool-{i}", "tool_input": mb, "status": "success"} for i in range(12)
+        ],
+    }
+    ingest_key = served.admin
+    body = gzip.compress(json.dumps({"events": [event]}).encode())
+    r = httpx.post(
+        f"{served.url}/v1/events/batch",
+        content=body,
+        headers={
+            "Authorization": f"Bearer {ingest_key}",
+            "Content-Type": "application/json",
+            "Content-Encoding": "gzip",
+        },
+        timeout=60,
+    )
+    assert r.status_code == 202, r.text
+    deadline = time.monotonic() + 30
+    auth = {"Authorization": f"Bearer {served.reader}"}
+    while (
+        httpx.get(f"{served.url}/v1/analytics/event/huge-page-1", headers=auth).status_code != 200
+    ):
+        assert time.monotonic() < deadline, "the event did not reach the store"
+        time.sleep(0.1)
+    with _signed_in(served) as (client, _):
+        page = client.get("/dashboard/event/huge-page-1")
+        assert page.status_code == 200
+        shown = PAGE_SHOWN_CHARS + PAYLOAD_SHOWN_CHARS
+        # Every shown "<" is four bytes of HTML; the rest of the page is small.
+        assert len(page.content) < 4 * shown + 200_000, len(page.content)
+        cuts = [int(n.replace(",", "")) for n in CUT.findall(page.text)]
+        # The prompt and the tool inputs: 13 payloads of 1,000,000 characters.
+        assert PAGE_SHOWN_CHARS < 13 * PAYLOAD_SHOWN_CHARS  # so both limits are met here
+        assert sum(cuts[:-1]) == 13_000_000 - PAGE_SHOWN_CHARS, str(cuts)
+        assert cuts[0] == 1_000_000 - PAYLOAD_SHOWN_CHARS
+        assert "GET /v1/analytics/event/{event_id}" in page.text
+        assert client.get("/healthz").status_code == 200
+
+
+def test_sign_in_never_returns_to_a_page_outside_the_dashboard_by_dot_segments(
+    served: Served,
+) -> None:
+    for next_page in (
+        "/dashboard/../../evil",
+        "/dashboard/%2e%2e/evil",
+        "/dashboard/%2E%2E/%2e%2E/evil?x=1",
+        "/dashboard/./../evil",
+        "/dashboard/..",
+    ):
+        with httpx.Client(base_url=served.url, timeout=60) as c:
+            form = c.get("/dashboard/signin", params={"next": next_page})
+            token = CSRF.search(form.text)
+            assert token
+            data = {"api_key": served.reader, "csrf_token": token.group(1), "next": next_page}
+            r = c.post("/dashboard/signin", data=data)
+            assert r.status_code == 303, next_page
+            assert "evil" not in r.headers["location"] and ".." not in r.headers["location"]
+    # A page of the dashboard is still returned to.
+    with httpx.Client(base_url=served.url, timeout=60) as c:
+        form = c.get("/dashboard/signin", params={"next": "/dashboard/runs?period=7d"})
+        token = CSRF.search(form.text)
+        assert token
+        data = {
+            "api_key": served.reader,
+            "csrf_token": token.group(1),
+            "next": "/dashboard/runs?period=7d",
+        }
+        r = c.post("/dashboard/signin", data=data)
+        assert r.headers["location"] == "/dashboard/runs?period=7d"

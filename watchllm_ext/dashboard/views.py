@@ -66,6 +66,14 @@ EXPLORER_PAGE = 50
 NONE = "-"  # a figure with no value (no calls, no latency)
 # Payloads longer than this are shown folded (a click opens them).
 FOLD_CHARS = 2_000
+# What an event page shows of its payloads: each at most PAYLOAD_SHOWN_CHARS, all of them
+# together at most PAGE_SHOWN_CHARS (the whole event as JSON has an allowance of its own); the
+# rest is cut, with a word on where the whole is. An event may hold tens of megabytes (48 tool
+# calls of a megabyte each), which as HTML would be hundreds of megabytes to build and send.
+PAYLOAD_SHOWN_CHARS = 100_000
+PAGE_SHOWN_CHARS = 1_000_000
+# Analytics answers bigger than this are decoded on a worker thread, off the event loop.
+DECODE_OFF_LOOP_BYTES = 64 * 1024
 
 _SECURITY_HEADERS = {
     # Our own script and styles only: nothing from a CDN, nothing inline.
@@ -228,7 +236,10 @@ class Dashboard:
             "client": page.request.scope.get("client"),
         }
         response = await endpoint(Request(scope))
-        return json.loads(bytes(response.body))
+        body = bytes(response.body)
+        if len(body) >= DECODE_OFF_LOOP_BYTES:
+            return await anyio.to_thread.run_sync(json.loads, body)
+        return json.loads(body)
 
     async def _api_many(
         self, page: Page, calls: Mapping[str, tuple[Callable[[Request], Awaitable[Response]], Any]]
@@ -534,9 +545,15 @@ class Dashboard:
             detail = await self._api(page, api.event, {}, {"event_id": event_id})
         except Problem as exc:
             return self._problem(page, exc, "Event")
+        # Built on a worker thread: a big event's page is milliseconds of work or more, which
+        # the event loop (every other request, ingestion too) must not wait through.
+        return await anyio.to_thread.run_sync(self._event_page, page, event_id, detail)
+
+    def _event_page(self, page: Page, event_id: str, detail: dict[str, Any]) -> Response:
         event = detail["event"]
+        shown = Allowance(PAGE_SHOWN_CHARS)
         return self._render(
-            request,
+            page.request,
             "event.html",
             page=page,
             nav="requests",
@@ -544,32 +561,27 @@ class Dashboard:
             detail=detail,
             event=event,
             local=local_time(event.get("timestamp"), page.tz),
-            prompt=_payload(event.get("prompt")),
-            response=_payload(event.get("response")),
-            extras=[
-                (name, _payload(event.get(name)))
-                for name in (
-                    "metadata",
-                    "response_metadata",
-                    "tool_input",
-                    "tool_output",
-                    "expected",
-                    "actual",
-                    "error_message",
-                    "stack_trace",
-                    "reasoning",
-                )
-                if event.get(name) not in (None, "", {}, [])
-            ],
+            prompt=_payload_of(event.get("prompt"), shown),
+            response=_payload_of(event.get("response"), shown),
             tools=[
                 {
                     **t,
-                    "input": _payload(t.get("tool_input")),
-                    "output": _payload(t.get("tool_output")),
+                    "input": _payload_of(t.get("tool_input"), shown),
+                    "output": _payload_of(t.get("tool_output"), shown),
+                    "error_message": shown.clip(t.get("error_message")),
                 }
                 for t in detail["tool_calls"]
             ],
-            everything=_payload(event),
+            steps=[
+                {**s, **{name: shown.clip(s.get(name)) for name in _STEP_TEXTS}}
+                for s in detail["agent_steps"]
+            ],
+            extras=[
+                (name, _payload(event.get(name), shown))
+                for name in _EXTRA_FIELDS
+                if event.get(name) not in (None, "", {}, [])
+            ],
+            everything=_payload(event, Allowance(PAYLOAD_SHOWN_CHARS)),
         )
 
     async def runs(self, request: Request) -> Response:
@@ -646,6 +658,11 @@ def _safe_next(value: str | None, base: str) -> str | None:
     """A page of this dashboard to return to after sign-in; anything else (another site,
     `//host`, a scheme) is dropped."""
     if not value or len(value) > 2000 or "\\" in value:
+        return None
+    # A dot segment (`/dashboard/../x`, `%2e%2e` as browsers read it too) would climb out of
+    # the dashboard to any page of the origin (a host app's, when mounted).
+    path = value.partition("?")[0].partition("#")[0].lower().replace("%2e", ".")
+    if any(segment in (".", "..") for segment in path.split("/")):
         return None
     prefix = f"{base}/dashboard"
     if (
@@ -916,29 +933,70 @@ class Payload:
     messages: list[dict[str, str]]
     folded: bool  # long: shown closed, a click opens it
     size: int
+    cut: int = 0  # characters not shown (Allowance)
 
 
-def _payload(value: Any) -> Payload:
+class Allowance:
+    """The characters of payload a page may still show: each payload takes its share (at
+    most PAYLOAD_SHOWN_CHARS), in the order the page shows them."""
+
+    def __init__(self, chars: int) -> None:
+        self.left = chars
+
+    def take(self, text: str) -> str:
+        shown = text[: min(PAYLOAD_SHOWN_CHARS, self.left)]
+        self.left -= len(shown)
+        return shown
+
+    def clip(self, text: Any) -> Any:
+        """A short text field (an agent step's action, a tool's error) within the allowance,
+        with a word on what is cut."""
+        if not isinstance(text, str):
+            return text
+        shown = self.take(text)
+        cut = len(text) - len(shown)
+        return f"{shown}... ({cut:,} characters more, not shown)" if cut else shown
+
+
+_STEP_TEXTS = ("action", "reasoning", "observation")
+_EXTRA_FIELDS = (
+    "metadata",
+    "response_metadata",
+    "tool_input",
+    "tool_output",
+    "expected",
+    "actual",
+    "error_message",
+    "stack_trace",
+    "reasoning",
+)
+
+
+def _payload_of(value: Any, shown: Allowance) -> Payload | None:
+    """A field that may be absent: None for no value (nothing to show)."""
+    return None if value is None else _payload(value, shown)
+
+
+def _payload(value: Any, shown: Allowance) -> Payload:
     if (
         isinstance(value, list)
         and value
         and all(isinstance(m, dict) and "role" in m for m in value)
     ):
-        messages = [
-            {
-                "role": str(m.get("role")),
-                "content": m["content"]
-                if isinstance(m.get("content"), str)
-                else pretty_json(m.get("content")),
-            }
-            for m in value
-        ]
-        size = sum(len(m["content"]) for m in messages)
-        return Payload("messages", "", messages, size > FOLD_CHARS, size)
-    if isinstance(value, str):
-        return Payload("text", value, [], len(value) > FOLD_CHARS, len(value))
-    text = pretty_json(value)
-    return Payload("json", text, [], len(text) > FOLD_CHARS, len(text))
+        messages, size, cut = [], 0, 0
+        for m in value:
+            content = m.get("content")
+            text = content if isinstance(content, str) else pretty_json(content)
+            size += len(text)
+            part = shown.take(text) if not cut else ""
+            cut += len(text) - len(part)
+            if part or not cut:
+                messages.append({"role": str(m.get("role")), "content": part})
+        return Payload("messages", "", messages, size > FOLD_CHARS, size, cut)
+    text = value if isinstance(value, str) else pretty_json(value)
+    part = shown.take(text)
+    kind = "text" if isinstance(value, str) else "json"
+    return Payload(kind, part, [], len(text) > FOLD_CHARS, len(text), len(text) - len(part))
 
 
 @dataclass
