@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .auth import SCOPES, Principal
 from .store.base import Store
-from .store.folders import concerns, folder_error
+from .store.folders import concerns, folder_error, make_private_folder
 
 KEY_PREFIX = "wllm"  # recognisable, so secret scanners can find leaked keys
 _SCHEMA = """
@@ -87,7 +87,7 @@ class KeyStore:
         """The key file, made if new. A file or folder that cannot be used (no permission,
         not a folder, read-only) is a DataFolderError naming it, one line."""
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_private_folder(self.path.parent)
             conn = sqlite3.connect(self.path, timeout=10, check_same_thread=False)
             try:
                 conn.execute("PRAGMA journal_mode=WAL")

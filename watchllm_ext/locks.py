@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import IO
 
+from .store.folders import make_private_folder
+
 # What a FolderLocked message advises: true for any process that meets the lock. One that
 # knows a better way round says that instead (with_advice): a command that has --url, a
 # second `serve`, a host app (cli.py, app.py).
@@ -25,7 +27,7 @@ class FolderLocked(Exception):
 
 class FolderLock:
     def __init__(self, folder: Path, what: str) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
+        make_private_folder(folder)
         self.path = folder / "watchllm.lock"
         handle: IO[str] = open(self.path, "a+")  # noqa: SIM115 - held for the lock's lifetime
         try:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..settings import Settings
+from ..store.folders import make_private_folder
 
 SECRET_FILE = "dashboard-secret"
 _NONCE = 16
@@ -40,7 +41,7 @@ def load_secret(settings: Settings) -> bytes:
         return _read_secret(path)
     except FileNotFoundError:
         pass
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_private_folder(path.parent)
     try:
         # O_EXCL: two processes starting at once agree on the one that got there first.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

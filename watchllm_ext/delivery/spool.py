@@ -52,6 +52,7 @@ import anyio
 import anyio.lowlevel
 import msgspec
 
+from ..store.folders import make_private_folder
 from .fsync_process import FsyncFailed, FsyncProcess, HelperGone, supported
 
 log = logging.getLogger("watchllm.spool")
@@ -190,7 +191,7 @@ class Spool:
         self.cursors_dir = folder / "cursors"
         self.dead_letter_dir = folder / "dead-letter"
         for d in (self.segments_dir, self.cursors_dir, self.dead_letter_dir):
-            d.mkdir(parents=True, exist_ok=True)
+            make_private_folder(d)
         self.fsync = fsync
         self.fsync_interval_s = fsync_interval_s
         # run_group_commit's rounds fsync in a helper process (fsync_process.py) when asked

@@ -6,6 +6,7 @@ do, rather than as a traceback or as sqlite's "unable to open database file".
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 from pathlib import Path
@@ -48,6 +49,21 @@ class DataFolderError(StoreError):
     def for_host_app(self) -> DataFolderError:
         """The same, with what a host app (no --data-dir) can do about it."""
         return DataFolderError(self.setting, self.target, self.path, self.reason, host=True)
+
+
+def make_private_folder(folder: Path) -> None:
+    """`folder` and any missing folder above it, made readable by this user only (mode 700):
+    they hold prompts, responses and key hashes. Folders that exist keep their mode (a
+    deployment may have chosen it)."""
+    missing: list[Path] = []
+    while not folder.exists():
+        missing.append(folder)
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    for path in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # made meanwhile by another process
+            path.mkdir(mode=0o700)
 
 
 def is_folder_error(exc: BaseException) -> bool:
