@@ -11,8 +11,9 @@ On its first start in a data folder (`--data-dir`, default ./.watchllm-app) it c
 admin key of project "default" and prints it once as `KEY=wllm_...`; later starts keep it.
 Every request to /chat gets a run (its id in the `X-WatchLLM-Run-Id` answer header), a
 summary event (route, status, latency, user) and the LLM call made inside it, nested under
-it. The user named by `X-User-Id` may spend `--budget-usd` a day (UTC, default $0.01, about
-five calls of this app): past it, /chat answers 429 with Retry-After before calling the LLM.
+it. The user named by `X-User-Id` may spend `--budget-usd` a day (UTC, default $0.01; a call
+of this app costs about $0.0016, so the seventh is the last one allowed): past it, /chat
+answers 429 with Retry-After before calling the LLM.
 
 The LLM is an OpenAI-compatible chat completions API at `--llm-url`; by default a fake one
 this app serves itself at /fake-llm/v1 (so it runs offline, with no key). For a real one:

@@ -333,10 +333,22 @@ def test_an_unknown_static_file_is_the_apis_json_404_with_nosniff(served: Served
         assert "a" * MAX_ECHO_CHARS not in message and "..." in message
         assert len(message) < MAX_ECHO_CHARS * 4 + 200
 
-        # The real files are still served.
-        for known in ("dashboard.css", "dashboard.js", "palette.css"):
+        # The real files are still served, each as its type.
+        for known, kind in (
+            ("dashboard.css", "text/css"),
+            ("dashboard.js", "text/javascript"),
+            ("palette.css", "text/css"),
+            ("favicon.svg", "image/svg+xml"),
+        ):
             ok = c.get(f"/dashboard/static/{known}")
             assert ok.status_code == 200 and ok.headers["x-content-type-options"] == "nosniff"
+            assert ok.headers["content-type"].startswith(kind), known
+
+
+def test_pages_name_their_icon_so_browsers_do_not_ask_for_favicon_ico(served: Served) -> None:
+    with httpx.Client(base_url=served.url, timeout=60) as c:
+        page = c.get("/dashboard/signin")
+    assert '<link rel="icon" href="/dashboard/static/favicon.svg"' in page.text
 
 
 # --- what a page shows of a big event ---------------------------------------------------------

@@ -312,7 +312,7 @@ class Dashboard:
         name = request.path_params["name"]
         if name == "palette.css":
             body = charts.palette_css().encode()
-        elif name in ("dashboard.css", "dashboard.js"):
+        elif name in _STATIC_TYPES:
             body = await anyio.Path(STATIC / name).read_bytes()
         else:
             # The API's 404 (JSON, naming the parameter), repeating at most MAX_ECHO_CHARS of
@@ -321,12 +321,12 @@ class Dashboard:
             return Problem(
                 404,
                 "not_found",
-                f"name: no static file {shown!r} (there are dashboard.css, dashboard.js and"
-                " palette.css)",
+                f"name: no static file {shown!r} (there are dashboard.css, dashboard.js,"
+                " favicon.svg and palette.css)",
                 field="name",
                 headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"},
             ).response()
-        kind = "text/css" if name.endswith(".css") else "text/javascript"
+        kind = _STATIC_TYPES.get(name, "text/css")
         return Response(
             body,
             media_type=kind,
@@ -641,6 +641,13 @@ class Dashboard:
             local=local_time(detail["run"]["start"], page.tz),
         )
 
+
+# The static files (palette.css is made from the charts' palettes) and their media types.
+_STATIC_TYPES = {
+    "dashboard.css": "text/css",
+    "dashboard.js": "text/javascript",
+    "favicon.svg": "image/svg+xml",
+}
 
 _WHY = {
     "ended": "Your session ended: the key is no longer valid. Sign in with a current key.",
