@@ -428,3 +428,40 @@ def test_corrupt_segment_at_start_keeps_the_good_records(server_factory: Any) ->
     stored = sorted(r["event_id"] for r in second.query("SELECT event_id FROM events"))
     assert stored == ["c0", "c1", "c3", "c4"]
     assert list((second.settings.spool_path / "dead-letter").glob("corrupt-*.bin"))
+
+
+def test_a_failed_fsync_is_503_and_not_ready_until_an_fsync_succeeds(server_factory: Any) -> None:
+    """A disk error on the spool's fsync (simulated: the spool's fsync step raises EIO once;
+    a failing disk cannot be had on demand here): the request is answered 503 with
+    Retry-After, /readyz says not ready and why, and the next request's fsync, which
+    succeeds, makes it ready again."""
+    server: Running = server_factory()
+    spool = server.wl.writer.log
+    real_sync = spool._sync
+    failures = [1]
+
+    async def failing_once(closed: list[int], folder: int | None, fd: int) -> None:
+        if failures[0]:
+            failures[0] -= 1
+            raise OSError(5, "Input/output error")
+        await real_sync(closed, folder, fd)
+
+    spool._sync = failing_once
+    try:
+        r = server.client.post(
+            "/v1/events/batch", headers=server.headers(), json={"events": [prompt_call("f1")]}
+        )
+        assert r.status_code == 503, r.text
+        assert int(r.headers["Retry-After"]) >= 1
+        ready = server.client.get("/readyz")
+        assert ready.status_code == 503
+        writer = ready.json()["checks"]["writer"]
+        assert writer["ok"] is False
+        assert writer["log_sync_error"] == "the spool's fsync failed: Input/output error"
+        r = server.client.post(
+            "/v1/events/batch", headers=server.headers(), json={"events": [prompt_call("f2")]}
+        )
+        assert r.status_code == 202, r.text
+        assert server.client.get("/readyz").status_code == 200
+    finally:
+        spool._sync = real_sync

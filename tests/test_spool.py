@@ -172,7 +172,7 @@ def test_a_failed_fsync_fails_its_waiters_and_the_next_round_is_tried(
     real_sync = Spool._sync_files
     failures = [1]
 
-    async def main() -> tuple[list[str], bool]:
+    async def main() -> tuple[list[str], bool, str | None]:
         spool = Spool(tmp_path, fsync="always")
 
         def failing_once(closed: list[int], folder: int | None, fd: int) -> None:
@@ -201,15 +201,18 @@ def test_a_failed_fsync_fails_its_waiters_and_the_next_round_is_tried(
                 tg.start_soon(request, p)
             while len(outcomes) < 5:
                 await anyio.sleep(0.005)
+            failed = spool.sync_error  # readyz says not ready meanwhile
             later = spool.write(b'["later"]', 1)
             await spool.sync_to(later.end)
             durable = spool._durable >= later.end
             tg.cancel_scope.cancel()
+        cleared = spool.sync_error is None
         spool.close()
-        return outcomes, durable
+        return outcomes, durable and cleared, failed
 
-    outcomes, durable = anyio.run(main)
+    outcomes, durable, failed = anyio.run(main)
     assert outcomes == ["error 5"] * 5
+    assert failed == "the spool's fsync failed: Input/output error"
     assert durable
 
 
@@ -598,3 +601,69 @@ def test_released_segments_can_be_unlinked_later(tmp_path: Path) -> None:
     assert spool.bytes == sum(p.stat().st_size for p in left)
     assert [r.payload for r in spool.read(records[10].start, 100)] == [b"x" * 1000] * 10
     spool.close()
+
+
+_NO_DESCRIPTORS = r"""
+import json, os, resource, socket, sys
+from pathlib import Path
+from watchllm_ext.delivery.spool import HEADER_SIZE, Position, Spool, SpoolFull
+
+folder = Path(sys.argv[1])
+payloads = [json.dumps([i]).encode() for i in range(6)]
+spool = Spool(folder, segment_max_bytes=HEADER_SIZE * 3)
+for p in payloads[:2]:
+    spool.write(p, 1)
+active = os.fstat(spool._fd).st_ino
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+held = []
+try:
+    while True:
+        held.append(os.open(os.devnull, os.O_RDONLY))
+except OSError:
+    pass
+out = {}
+sent = 2
+try:
+    for p in payloads[2:4]:  # the first needs a new segment: no descriptor for it
+        spool.write(p, 1)
+        sent += 1
+except SpoolFull as exc:
+    out["refused"] = str(exc)
+os.close(held.pop())
+sock = socket.socket()  # takes the lowest free number, as a client's connection would
+out["still_the_segment"] = os.fstat(spool._fd).st_ino == active
+sock.close()
+for fd in held:
+    os.close(fd)
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+for p in payloads[sent:]:  # the refused one again, and the rest
+    spool.write(p, 1)
+out["read"] = [r.payload.decode() for r in spool.read(Position(1, 0), 100)]
+spool.close()
+print(json.dumps(out))
+"""
+
+
+def test_no_descriptor_for_a_new_segment_refuses_the_write_and_keeps_the_active_one(
+    tmp_path: Path,
+) -> None:
+    """Out of file descriptors when a segment rolls (a connection flood): the write is
+    refused as SpoolFull (503), the active segment's descriptor is kept, not closed for a
+    client socket to take its number and receive the next records, and the next write after
+    descriptors free up rolls and goes on. In a child process: it lowers its own limit."""
+    import json
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-c", _NO_DESCRIPTORS, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert "Too many open files" in out["refused"]
+    assert out["still_the_segment"]
+    assert out["read"] == [json.dumps([i]) for i in range(6)]

@@ -1001,8 +1001,10 @@ async def readyz(request: Request) -> Response:
         stats = wl.writer.stats()
         cap = wl.settings.spool_max_bytes
         full = wl.settings.durability == "spool" and stats["log_bytes"] >= 0.95 * cap
-        checks["writer"] = {"ok": not full, "log_max_bytes": cap, **stats}
-        ready = ready and not full
+        # A failed fsync answers 503 until one succeeds: not ready meanwhile.
+        ok = not full and stats["log_sync_error"] is None
+        checks["writer"] = {"ok": ok, "log_max_bytes": cap, **stats}
+        ready = ready and ok
     if wl.store is None:
         checks["store"] = {"ok": False, "detail": "not open"}
         ready = False

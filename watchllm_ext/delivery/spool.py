@@ -205,6 +205,8 @@ class Spool:
         self.truncated_bytes_total = 0
         self.corrupt_bytes_total = 0
         self.fsyncs_total = 0
+        # Why the last fsync failed, until one succeeds (readyz reports it).
+        self.sync_error: str | None = None
         self._sizes: dict[int, int] = {}  # segment id -> bytes (closed and active)
         self._total = 0  # sum of _sizes, kept as records are written and segments deleted
         self.next_seq = 0  # sequence number the next event gets
@@ -403,8 +405,10 @@ class Spool:
             self.fsyncs_total += 1
             self._last_sync = time.monotonic()
             self._durable = max(self._durable, target)
+            self.sync_error = None
         except OSError as exc:
             round_.error = exc
+            self.sync_error = f"the spool's fsync failed: {exc.strerror or exc}"
             raise
         finally:
             if self._durable < target:  # it failed: what it did not cover, the next one will
@@ -461,7 +465,19 @@ class Spool:
         """Start the next segment. The closed one's tail and the new file's name reach the disk
         with the next fsync, on sync_to's worker thread, before any record after them counts
         as durable: fsynced here, on the event loop, they stalled every request (a folder's
-        fsync waits for the file system's journal: 0.25 ms typically, over 20 ms at times)."""
+        fsync waits for the file system's journal: 0.25 ms typically, over 20 ms at times).
+
+        SpoolFull, with nothing changed, when the new file cannot be made (no descriptor
+        left, no space for its entry): the current one stays the active segment. Its
+        descriptor must stay open until the swap: closed first, its number could be given to
+        the next socket or file the process opens, which the next write would then write to."""
+        segment = self._active + 1
+        try:
+            fd = os.open(
+                self.segments_dir / _segment_name(segment), os.O_WRONLY | os.O_CREAT | os.O_APPEND
+            )
+        except OSError as exc:
+            raise SpoolFull(f"cannot start a new spool segment: {exc.strerror or exc}") from exc
         if self.fsync == "never" or self._durable >= self._written:
             # On disk already (or never to be fsynced: the OS writes it back when it likes):
             # closed now, so that deleting it (a release once sinks pass it) frees its space.
@@ -472,13 +488,10 @@ class Spool:
         else:
             self._unsynced_fds.append(self._fd)  # a request waits for it: a sync comes soon
         self._folder_unsynced = self.fsync != "never"
-        self._active += 1
-        self._sizes[self._active] = 0
-        self._fd = os.open(
-            self.segments_dir / _segment_name(self._active),
-            os.O_WRONLY | os.O_CREAT | os.O_APPEND,
-        )
-        self._written = Position(self._active, 0)
+        self._active = segment
+        self._sizes[segment] = 0
+        self._fd = fd
+        self._written = Position(segment, 0)
         self.disk_full_since_roll = False
 
     def close(self) -> None:
@@ -608,8 +621,11 @@ class Spool:
             and active_size > 0
             and (active_size >= self.roll_drained_bytes or self.disk_full_since_roll)
         ):
-            self._roll()
-            passed_below = self._active
+            try:
+                self._roll()
+                passed_below = self._active
+            except SpoolFull as exc:  # the next release tries again
+                log.warning("%s; the drained segment %d stays for now", exc, self._active)
         deleted = 0
         for segment in sorted(self._sizes):
             if segment >= passed_below or segment == self._active:

@@ -565,6 +565,7 @@ class Writer:
             "running": self._running,
             "accepting": self._accepting,
             "log_bytes": self.log.bytes,
+            "log_sync_error": getattr(self.log, "sync_error", None),
             "events_in_memory": self._cached_events,
             "accepted_events_total": self.accepted_events_total,
             "full_total": self.full_total,
