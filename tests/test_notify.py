@@ -4,6 +4,7 @@ real local HTTP server, from a real WatchLLM server whose Guardian rule fires an
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import uuid
@@ -146,3 +147,47 @@ def test_old_signatures_are_refused() -> None:
     old = str(int(time.time()) - 3600)
     assert not verify_signature(SECRET, old, b"{}", sign(SECRET, old, b"{}"))
     assert not verify_signature(SECRET, "soon", b"{}", "sha256=00")
+
+
+HOSTILE_USER = (
+    "<!channel> <https://evil.example/login|Your WatchLLM session expired: sign in again>"
+    " & co\nINFO watchllm.app: forged log line\r\u2028\u2029\x85\x1b[2J"
+)
+
+
+def test_a_hostile_user_id_injects_nothing_into_notices_or_the_log(
+    server_factory: Any, receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A per-user rule fires for a user id (free text from any ingest key) holding Slack
+    markup and line breaks: Slack shows it as typed (no ping, no disguised link), the webhook's
+    summary and the log record stay one line, and the webhook's `subject` is the id as sent."""
+    caplog.set_level(logging.WARNING, logger="watchllm.guardian")
+    server = server_factory(
+        flags={"guardian": True},
+        guardian_rules=[
+            {"name": "user-spend", "metric": "cost_usd", "per": "user", "threshold": 1.0}
+        ],
+        guardian_interval_s=0.2,
+        alert_webhook_url=f"{receiver.url}/hook",
+        alert_slack_webhook_url=f"{receiver.url}/slack",
+    )
+    body = {"events": [call(user_id=HOSTILE_USER, cost_estimate_usd=2.0)]}
+    r = server.client.post("/v1/events/batch", headers=server.headers(), json=body)
+    assert r.status_code == 202, r.text
+    (slack,) = receiver.wait("/slack", 1)
+    (hook,) = receiver.wait("/hook", 1)
+
+    text = json.loads(slack["body"])["text"]
+    assert "<" not in text and ">" not in text  # no mention, link or other markup of Slack's
+    assert "&lt;!channel&gt; &lt;https://evil.example/login|Your" in text
+    assert " &amp; co\\nINFO watchllm.app: forged" in text  # the & escaped, the LF shown as \n
+    assert text.isprintable()  # no CR, LF, C0/C1 control or line/paragraph separator
+    notice = json.loads(hook["body"])
+    assert notice["subject"] == HOSTILE_USER  # the data itself, exact, in JSON
+    assert notice["summary"].isprintable()
+    assert "user <!channel> <https://evil.example/login|" in notice["summary"]
+    assert "\\r\\u2028\\u2029\\x85\\x1b[2J" in notice["summary"]
+
+    (record,) = [r for r in caplog.records if r.name == "watchllm.guardian"]
+    line = record.getMessage()
+    assert line.isprintable() and line.startswith("Guardian [firing] rule user-spend on acme")

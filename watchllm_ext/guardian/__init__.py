@@ -7,7 +7,7 @@ this package's top level stays free of server imports (the settings import `rule
 
 from __future__ import annotations
 
-from .alert import Alert, window_text
+from .alert import Alert, printable, window_text
 from .rules import GuardianRule
 
-__all__ = ["Alert", "GuardianRule", "window_text"]
+__all__ = ["Alert", "GuardianRule", "printable", "window_text"]

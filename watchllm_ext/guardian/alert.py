@@ -34,7 +34,11 @@ class Alert:
         return self.rule.block and self.state == "firing"
 
     def summary(self) -> str:
-        who = self.project_id + (f" {self.rule.per} {self.subject}" if self.subject else "")
+        """One line for the log and the notifiers: the project and subject (an ingest key's
+        free text) with their control characters escaped, so they cannot forge lines."""
+        who = printable(self.project_id)
+        if self.subject:
+            who += f" {self.rule.per} {printable(self.subject)}"
         figure = "n/a" if self.value is None else f"{self.value:.6g}"
         verb = "over" if self.state == "firing" else "back under"
         return (
@@ -63,6 +67,16 @@ class Alert:
             "event_id": self.event_id,
             "summary": self.summary(),
         }
+
+
+def printable(text: str) -> str:
+    """`text` with every character that is not printable (CR, LF and the other C0 and C1
+    controls, the line and paragraph separators, bidi overrides...) written as its Python
+    escape (`\\n`, `\\x1b`, `\\u2028`): event data put in a log line or a notice stays one
+    line and shows what it holds."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def window_text(seconds: float) -> str:

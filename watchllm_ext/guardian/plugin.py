@@ -30,7 +30,7 @@ from ..quota import QuotaDecision
 from ..sdk.context import local_apps
 from ..settings import Settings, SettingsError
 from ..store import Store
-from .alert import Alert, window_text
+from .alert import Alert, printable, window_text
 from .engine import MAX_SUBJECTS_PER_PROJECT, Engine
 from .rules import GuardianRule
 from .stored import now_utc, project_stats, recent_projects, stored_figure
@@ -214,7 +214,12 @@ class Guardian:
         try:
             await self.wl.ingest(principal, [event])
         except Problem as exc:
-            log.error("Guardian could not store the alert event of %s: %s", alert.rule.name, exc)
+            # The problem may quote the event (its user id): one line whatever it holds.
+            log.error(
+                "Guardian could not store the alert event of %s: %s",
+                alert.rule.name,
+                printable(str(exc)),
+            )
             return alert
         return replace(alert, event_id=event["event_id"])
 

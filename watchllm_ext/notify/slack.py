@@ -16,10 +16,18 @@ from .webhook import NotConfigured
 
 def slack_message(alert: Alert) -> dict[str, Any]:
     icon = ":rotating_light:" if alert.state == "firing" else ":white_check_mark:"
-    text = f"{icon} WatchLLM Guardian {alert.summary()}"
+    # The summary holds the subject (a user or run id any ingest key writes): escaped, its
+    # `<!channel>` or `<https://...|text>` is shown as typed, never pings or links.
+    text = f"{icon} WatchLLM Guardian {slack_escape(alert.summary())}"
     if alert.state == "firing" and alert.rule.block:
         text += " - blocking until it recovers"
     return {"text": text}
+
+
+def slack_escape(text: str) -> str:
+    """Slack's escaping of message text (&, <, >: api.slack.com/reference/surfaces/formatting
+    #escaping); the summary has no markup of ours, so all of it is escaped."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 class SlackNotifier:
