@@ -4,9 +4,11 @@ provider, ConfigCat's local-override file, and the per-request cache, through a 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +168,53 @@ def test_configcat_targeting_per_project(tmp_path: Path) -> None:
     pm = get_plugin_manager(settings, entry_points=False)
     assert feature_enabled(pm, "guardian", ACME)
     assert not feature_enabled(pm, "guardian", OTHER, default=True)
+
+
+@pytest.fixture
+def fresh_configcat_logger() -> Iterator[logging.Logger]:
+    """ConfigCat's logger as a new process has it (no level of its own), restored after."""
+    logger = logging.getLogger("configcat")
+    level = logger.level
+    logger.setLevel(logging.NOTSET)
+    yield logger
+    logger.setLevel(level)
+
+
+def test_configcat_evaluations_are_not_logged_but_its_warnings_are(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, fresh_configcat_logger: logging.Logger
+) -> None:
+    """`watchllm serve` logs at INFO: ConfigCat's "[5000] Evaluating 'guardian' ..." line of
+    every evaluation is not written; a warning of its own (a rule on an attribute the
+    evaluation lacks) still is."""
+    caplog.set_level(logging.INFO)
+    override = tmp_path / "configcat.json"
+    on_for_bob = [{"c": [{"u": {"a": "user_id", "c": 0, "l": ["bob"]}}], "s": {"v": {"b": True}}}]
+    config = {
+        "p": {"u": "https://cdn-global.configcat.com", "r": 0, "s": "salt"},
+        "f": {
+            "guardian": {"t": 0, "v": {"b": True}},
+            "per_user": {"t": 0, "v": {"b": False}, "r": on_for_bob},
+        },
+    }
+    write_json(override, config)
+    settings = Settings(
+        data_dir=tmp_path,
+        plugins=["watchllm_ext.flags.configcat_provider"],
+        configcat_override_file=override,
+    )
+    pm = get_plugin_manager(settings, entry_points=False)
+    for _ in range(3):
+        assert feature_enabled(pm, "guardian", ACME)
+    assert feature_enabled(pm, "per_user", ACME, user_id="bob")
+    ours = [r for r in caplog.records if r.name == "configcat"]
+    assert [r.getMessage() for r in ours if r.levelno < logging.WARNING] == []
+    assert not feature_enabled(pm, "per_user", ACME)  # no user_id to match the rule with
+    (warning,) = [r for r in caplog.records if r.name == "configcat"]
+    assert warning.levelno == logging.WARNING and "user_id" in warning.getMessage()
+    # A level the operator gave ConfigCat's logger is theirs.
+    fresh_configcat_logger.setLevel(logging.DEBUG)
+    get_plugin_manager(settings, entry_points=False)
+    assert fresh_configcat_logger.level == logging.DEBUG
 
 
 def test_configcat_needs_a_key_or_a_file(tmp_path: Path) -> None:

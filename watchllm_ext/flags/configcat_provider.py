@@ -38,6 +38,12 @@ class ConfigCatFlags:
                 " WATCHLLM_CONFIGCAT_SDK_KEY) or configcat_override_file"
                 " (env WATCHLLM_CONFIGCAT_OVERRIDE_FILE)"
             )
+        # ConfigCat logs each evaluation at INFO ("[5000] Evaluating 'guardian' ..."): a line
+        # a Guardian check, every second. Its warnings and errors stay; a level the operator
+        # set on its logger is kept.
+        configcat_log = logging.getLogger("configcat")
+        if configcat_log.level == logging.NOTSET:
+            configcat_log.setLevel(logging.WARNING)
         overrides = None
         if override is not None:
             # With no key, the file is the only source (no network at all); with a key, the
