@@ -262,3 +262,79 @@ def test_value_is_cached_per_request(server_factory: Any) -> None:
     assert feature_enabled(pm, "flippy", ACME) != feature_enabled(pm, "flippy", ACME)
     with request_flags():
         assert feature_enabled(pm, "flippy", ACME) == feature_enabled(pm, "flippy", ACME)
+
+
+def flag_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "watchllm.flags" and r.levelno == logging.WARNING
+    ]
+
+
+def test_unknown_flag_names_are_warned_once_per_load(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`{"gaurdian": true}` turns nothing on: the warning names it and the flag it resembles,
+    once per load of the file (asks in between say nothing), and once for the settings."""
+    caplog.set_level(logging.WARNING, logger="watchllm.flags")
+    flags = tmp_path / "flags.json"
+    write_json(flags, {"gaurdian": True})
+    settings = Settings(
+        data_dir=tmp_path,
+        flags_file=flags,
+        flags_refresh_s=0.05,
+        flags={"Guardian": True, "guardian": False},
+    )
+    pm = get_plugin_manager(settings, entry_points=False)
+    for _ in range(3):
+        assert not feature_enabled(pm, "guardian", ACME)  # the typo is not the flag
+        time.sleep(0.06)
+    from_file, from_settings = sorted(flag_warnings(caplog))
+    assert from_file.startswith(f"flags file {flags}: unknown flag 'gaurdian'")
+    assert "'gaurdian' (did you mean 'guardian'?)" in from_file
+    assert from_settings.startswith("setting flags (env WATCHLLM_FLAGS): unknown flag 'Guardian'")
+    assert "(did you mean 'guardian'?)" in from_settings
+
+    # A change is a new load: warned again, about what is unknown now.
+    caplog.clear()
+    write_json(flags, {"guardian": True, "zzz\nINFO forged": True, "gaurdian": False})
+    wait_for(lambda: feature_enabled(pm, "guardian", ACME), within_s=1.0)
+    (changed,) = flag_warnings(caplog)
+    assert "unknown flags 'gaurdian' (did you mean 'guardian'?), 'zzz\\nINFO forged'" in changed
+    feature_enabled(pm, "guardian", ACME)
+    assert len(flag_warnings(caplog)) == 1
+
+
+def test_a_declared_flag_is_known(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from watchllm_ext.flags import declare_flag, known_flags
+
+    caplog.set_level(logging.WARNING, logger="watchllm.flags")
+    name = f"beta_{uuid.uuid4().hex[:8]}"
+    assert "guardian" in known_flags()  # Guardian's, known whether or not it is loaded
+    settings = Settings(data_dir=tmp_path, flags={name: True})
+    pm = get_plugin_manager(settings, entry_points=False)
+    # A plugin imported after the built-in provider was made declares in time: the settings
+    # are judged at the first ask (or at start), not when the provider is made.
+    assert declare_flag(name, "a plugin's beta") == name
+    assert feature_enabled(pm, name, ACME)
+    assert flag_warnings(caplog) == []
+    assert known_flags()[name] == "a plugin's beta"
+
+
+def test_a_server_warns_at_start_and_when_the_file_changes(
+    server_factory: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No flag is asked for (no Guardian rules, no request): the typo in the settings is
+    reported at start, one written to the flags file while the server runs when it changes."""
+    caplog.set_level(logging.WARNING, logger="watchllm.flags")
+    flags = tmp_path / "flags.json"
+    write_json(flags, {})
+    server_factory(flags={"gaurdian": True}, flags_file=flags, flags_refresh_s=0.05)
+    wait_for(lambda: len(flag_warnings(caplog)) == 1, within_s=5.0)
+    assert "setting flags (env WATCHLLM_FLAGS): unknown flag 'gaurdian'" in flag_warnings(caplog)[0]
+    write_json(flags, {"guardain": True})
+    wait_for(lambda: len(flag_warnings(caplog)) == 2, within_s=5.0)
+    assert "'guardain' (did you mean 'guardian'?)" in flag_warnings(caplog)[1]
+    time.sleep(0.3)
+    assert len(flag_warnings(caplog)) == 2  # once per change

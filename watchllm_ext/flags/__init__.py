@@ -4,6 +4,9 @@
 Providers are plugins: `builtin` (settings and a flags file, always loaded, answers last),
 `openfeature_provider` (any OpenFeature provider) and `configcat_provider` (ConfigCat, with
 its local-override file). docs/OPERATIONS.md says how fast a change is seen with each.
+
+The flag names something asks for are declared (`declare_flag`, flags/known.py); the built-in
+provider warns about any other name in its settings or file.
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ from contextvars import ContextVar
 from typing import Any
 
 from ..auth import Principal
+from .known import GUARDIAN, declare_flag, known_flags
+
+__all__ = ["GUARDIAN", "declare_flag", "feature_enabled", "known_flags", "request_flags"]
 
 # One dict per request (set by the app's request middleware): a flag asked twice while one
 # request is handled gets the same answer, even if the provider flips in between.

@@ -1,6 +1,10 @@
 """The built-in flag provider: `flags` from the settings (env `WATCHLLM_FLAGS`, watchllm.toml)
 and the JSON `flags_file`, which is read again when it changes (checked at most every
-`flags_refresh_s`), so a flag flips without a restart. The file beats the settings."""
+`flags_refresh_s`), so a flag flips without a restart. The file beats the settings.
+
+A flag name that nothing asks for (flags/known.py) is a warning: once at start for the
+settings, and at each load of the file (the app's watcher rereads it when it changes, whether
+or not anything asks for a flag meanwhile)."""
 
 from __future__ import annotations
 
@@ -11,16 +15,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 from pydantic import TypeAdapter, ValidationError
 
 from ..auth import Principal
-from ..hookspecs import hookimpl
+from ..hookspecs import BackgroundTask, hookimpl
 from ..settings import Settings
+from .known import unknown_flags_warning
 from .spec import FlagSpec
 
 log = logging.getLogger("watchllm.flags")
 
 _FILE_ADAPTER = TypeAdapter(dict[str, FlagSpec])
+# The file watcher's shortest pause, whatever flags_refresh_s says.
+MIN_WATCH_S = 0.05
 
 
 class FlagsFile:
@@ -59,6 +67,10 @@ class FlagsFile:
             log.error(
                 "flags file %s is not valid (%s); keeping the flags read before", self.path, exc
             )
+            return
+        warning = unknown_flags_warning(self._flags, f"flags file {self.path}")
+        if warning is not None:
+            log.warning("%s", warning)
 
 
 class BuiltinFlags:
@@ -69,9 +81,34 @@ class BuiltinFlags:
             if settings.flags_file is not None
             else None
         )
+        self._settings_checked = False
+
+    def check_settings(self) -> None:
+        """Warn once about the names in the `flags` setting that nothing asks for. Not at
+        construction: plugins loaded after this one declare their flags when imported."""
+        if self._settings_checked:
+            return
+        self._settings_checked = True
+        warning = unknown_flags_warning(self.settings_flags, "setting flags (env WATCHLLM_FLAGS)")
+        if warning is not None:
+            log.warning("%s", warning)
+
+    @hookimpl
+    def register_background_tasks(self, settings: Settings) -> BackgroundTask | None:
+        # Called at start, every plugin loaded: unknown names are reported before any request.
+        self.check_settings()
+        return self.watch_file if self.file is not None else None
+
+    async def watch_file(self) -> None:
+        """Reread the flags file when it changes, so its unknown names are reported then."""
+        assert self.file is not None
+        while True:
+            self.file.flags()
+            await anyio.sleep(max(self.file.refresh_s, MIN_WATCH_S))
 
     @hookimpl(trylast=True)
     def feature_enabled(self, name: str, principal: Principal, user_id: str | None) -> bool | None:
+        self.check_settings()  # a plugin manager used without an app (no start)
         spec = self.file.flags().get(name) if self.file is not None else None
         if spec is None:
             spec = self.settings_flags.get(name)

@@ -23,7 +23,7 @@ import anyio
 
 from ..auth import Principal
 from ..errors import Problem
-from ..flags import feature_enabled
+from ..flags import GUARDIAN, feature_enabled
 from ..hookspecs import BackgroundTask, hookimpl
 from ..observability.metrics import ops_metrics
 from ..quota import QuotaDecision
@@ -37,7 +37,7 @@ from .stored import now_utc, project_stats, recent_projects, stored_figure
 
 log = logging.getLogger("watchllm.guardian")
 
-FLAG = "guardian"
+FLAG = GUARDIAN  # a known flag (flags/known.py)
 # How long the sink waits for its app to finish starting (it may get a batch replayed from
 # the spool before the app is registered).
 ATTACH_TIMEOUT_S = 30.0
