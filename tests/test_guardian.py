@@ -5,6 +5,7 @@ and a block rule that denies the host's pre-request check until the episode ends
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -89,6 +90,13 @@ def start(
         **extra,
     }
     return server_factory(plugin_objects=(recorder,), **settings), recorder
+
+
+def write_flags(path: Path, flags: dict[str, Any]) -> None:
+    """Write a flags file with a new modification time, whatever the clock's tick."""
+    stamp = max(time.time_ns(), path.stat().st_mtime_ns + 10_000_000)
+    path.write_text(json.dumps(flags))
+    os.utime(path, ns=(stamp, stamp))
 
 
 def send(server: Running, events: list[dict[str, Any]]) -> None:
@@ -273,12 +281,33 @@ def test_guardian_flag_off_means_no_alerts(server_factory: Any, tmp_path: Path) 
     assert server.query("SELECT count() AS n FROM events")[0]["n"] == 1
 
 
+def guardian_log(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "watchllm.guardian" and text in r.getMessage()
+    ]
+
+
+def wait_for_log(caplog: pytest.LogCaptureFixture, text: str, within_s: float = 15.0) -> str:
+    deadline = time.monotonic() + within_s
+    while not (found := guardian_log(caplog, text)):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no log line with {text!r}: {caplog.text}")
+        time.sleep(0.02)
+    return found[0]
+
+
 @EVERY_STORE
 def test_stored_figures_fire_after_the_flag_is_turned_on(
-    server_factory: Any, tmp_path: Path
+    server_factory: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Events stored while Guardian was off (or before a restart) are never in the stream's
-    windows; the periodic check reads them from the store (the hourly rollup and raw rows)."""
+    windows; the periodic check reads them from the store (the hourly rollup and raw rows).
+    Turned off (here by a typo in the flag's name), the episode ends without a "recovered"
+    notice (the figure never went back under), which is logged once, as is the turning on
+    again, after which the breach that still holds is a new episode."""
+    caplog.set_level(logging.INFO)
     flags = tmp_path / "flags.json"
     flags.write_text("{}")
     rule = {"name": "hourly", "metric": "cost_usd", "threshold": 2.0, "window_s": 3600}
@@ -288,14 +317,27 @@ def test_stored_figures_fire_after_the_flag_is_turned_on(
     send(server, [call(cost_estimate_usd=1.5, timestamp=iso(600)) for _ in range(2)])
     time.sleep(0.6)
     assert recorder.alerts == []
-    flags.write_text('{"guardian": {"projects": {"acme": true}}}')
+    write_flags(flags, {"guardian": {"projects": {"acme": True}}})
     (fired,) = recorder.wait(1)
     assert fired.source == "rollup" and fired.value == pytest.approx(3.0)
     time.sleep(0.6)
     assert len(recorder.alerts) == 1  # still one episode, check after check
-    flags.write_text('{"guardian": false}')  # turned off: the episode ends
-    alerts = recorder.wait(2)
-    assert alerts[1].state == "recovered"
+    write_flags(flags, {"gaurdian": True})  # the typo turns Guardian off
+    line = wait_for_log(caplog, "Guardian is off for project acme")
+    assert "1 firing episode(s) end without a recovery notice: hourly" in line
+    time.sleep(0.6)  # three checks
+    assert recorder.states() == [("firing", "hourly", None)]  # no "recovered"
+    assert len(guardian_log(caplog, "Guardian is off")) == 1
+    assert not guardian_log(caplog, "recovered")
+    assert 'watchllm_alerts_firing{rule="hourly"} 0.0' in server.client.get("/metrics").text
+
+    write_flags(flags, {"guardian": True})
+    wait_for_log(caplog, "Guardian is on again for project acme")
+    (_, again) = recorder.wait(2)
+    assert again.state == "firing" and again.episode_id != fired.episode_id
+    time.sleep(0.6)
+    assert len(guardian_log(caplog, "Guardian is on again")) == 1
+    assert len(recorder.alerts) == 2
 
 
 class Switch:
@@ -337,7 +379,7 @@ class Switch:
 
 @pytest.mark.parametrize("provider", ["configcat", "openfeature"])
 def test_guardian_follows_a_flag_provider_flip(
-    server_factory: Any, tmp_path: Path, provider: str
+    server_factory: Any, tmp_path: Path, provider: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     switch = Switch(provider, tmp_path)
     rule = {"name": "hourly", "metric": "cost_usd", "threshold": 2.0, "window_s": 3600}
@@ -352,8 +394,10 @@ def test_guardian_follows_a_flag_provider_flip(
     (fired,) = recorder.wait(1, within_s=15)
     assert fired.value == pytest.approx(3.0)
     switch.set(False)
-    alerts = recorder.wait(2, within_s=15)
-    assert alerts[1].state == "recovered"
+    # Turned off: no "recovered" notice (the figure never went back under), a log line.
+    wait_for_log(caplog, "Guardian is off for project acme")
+    time.sleep(0.6)
+    assert recorder.states() == [("firing", "hourly", None)]
 
 
 def test_alert_events_are_valid_events() -> None:
@@ -498,3 +542,30 @@ def test_window_sums_and_sketch_follow_expiry() -> None:
         assert sum(window.buckets.values()) == len(kept)
     window.expire(1e9)
     assert (window.total, window.buckets) == (0.0, {})
+
+
+def test_forgetting_a_project_ends_its_episodes_without_recoveries() -> None:
+    """Guardian turned off for a project: its firing episodes and blocks go, and no later
+    evaluation reports them "recovered" (the other project's episode goes on)."""
+    rule = GuardianRule(
+        name="budget", metric="cost_usd", per="user", threshold=1.0, window_s=60, block=True
+    )
+    engine = Engine([rule])
+
+    class Ev:
+        def __init__(self, project: str, user: str) -> None:
+            self.event_type = "prompt_call"
+            self.project_id = project
+            self.user_id = user
+            self.cost_estimate_usd = 5.0
+            self.timestamp = datetime.now(UTC)
+
+    engine.observe([Ev("acme", "alice"), Ev("acme", "bob"), Ev("beta", "carol")], lambda p: True)
+    assert [a.state for a in engine.evaluate()] == ["firing"] * 3
+    assert engine.blocked("acme", "alice") is not None
+    ended = engine.forget_project("acme")
+    assert ended == [("budget", "acme", "alice"), ("budget", "acme", "bob")]
+    assert engine.blocked("acme", "alice") is None  # the block lifts with it
+    assert engine.evaluate() == []  # no "recovered" for acme's episodes, now or later
+    assert engine.blocked("beta", "carol") is not None
+    assert engine.projects() == {"beta"}

@@ -254,14 +254,24 @@ class Engine:
             self.stored[key] = value
         return key
 
-    def forget_project(self, project: str) -> None:
-        """Guardian was turned off for a project: its windows go, so its episodes recover."""
+    def forget_project(self, project: str) -> list[Key]:
+        """Guardian was turned off for a project: its windows, stored figures, episodes and
+        blocks go, without a recovery (nothing was judged back under a threshold). Returns
+        the keys whose episode was ended so."""
         with self._lock:
             for key in [k for k in self.windows if k[1] == project]:
                 del self.windows[key]
                 self._unfeed(key)
             for key in [k for k in self.stored if k[1] == project]:
                 del self.stored[key]
+            ended = sorted(
+                (k for k in self.episodes if k[1] == project), key=lambda k: (k[0], k[2] or "")
+            )
+            for key in ended:
+                del self.episodes[key]
+            for where in [w for w in self.blocks if w[0] == project]:
+                del self.blocks[where]
+        return ended
 
     def projects(self) -> set[str]:
         with self._lock:

@@ -31,7 +31,7 @@ from ..sdk.context import local_apps
 from ..settings import Settings, SettingsError
 from ..store import Store
 from .alert import Alert, printable, window_text
-from .engine import MAX_SUBJECTS_PER_PROJECT, Engine
+from .engine import MAX_SUBJECTS_PER_PROJECT, Engine, Key
 from .rules import GuardianRule
 from .stored import now_utc, project_stats, recent_projects, stored_figure
 
@@ -43,6 +43,10 @@ FLAG = GUARDIAN  # a known flag (flags/known.py)
 ATTACH_TIMEOUT_S = 30.0
 # Batches at least this big are fed to the windows on a worker thread, off the event loop.
 OFFLOAD_EVENTS = 500
+# Projects whose flag is followed, to log its turning off and on once (the first ones seen on).
+MAX_FOLLOWED_PROJECTS = 100_000
+# Ended episodes named in the "turned off" log line (the rest are counted).
+MAX_LISTED_EPISODES = 10
 
 
 class Guardian:
@@ -54,6 +58,8 @@ class Guardian:
         self.wl: Any = None
         self.pending: deque[Alert] = deque()
         self._wake: asyncio.Event | None = None
+        # Per project Guardian has been on for: is its flag on now (see _flag).
+        self.flag_on: dict[str, bool] = {}
 
     # --- hooks ---
 
@@ -107,7 +113,7 @@ class Guardian:
         # The flags are asked here, on the loop (the hook's promise); the windows are fed on
         # a worker thread for a big batch (~7 us an event for four rules), inline otherwise.
         projects = {event.project_id for event in events}
-        on = {p: self._enabled(p) for p in projects if self.engine.rules_of(p)}
+        on = {p: self._flag(p) for p in projects if self.engine.rules_of(p)}
         if not any(on.values()):
             return
         if len(events) >= OFFLOAD_EVENTS:
@@ -143,9 +149,12 @@ class Guardian:
 
     async def _check(self, store: Store | None) -> None:
         """Turned-off projects are forgotten; stored figures refreshed; every key judged."""
-        for project in self.engine.projects():
-            if not self._enabled(project):
-                self.engine.forget_project(project)
+        present = self.engine.projects()
+        off = {project for project, on in self.flag_on.items() if not on}
+        for project in present | off:  # the off ones too: to see them turned on again
+            if not self._flag(project) and project in present:
+                # What a batch judged while the flag flipped may have left.
+                self._forget(project)
         if store is not None:
             try:
                 await self._read_stored(store)
@@ -168,11 +177,15 @@ class Guardian:
             # figure falls back instead of staying at the last value forever.
             recent = sorted(set(recent) | self.engine.stored_projects())
         enabled: dict[str, bool] = {}
+        for rule in rules:
+            for project in recent if rule.project == "*" else [rule.project]:
+                if project not in enabled:
+                    enabled[project] = self._flag(project)
         wanted = [
             (rule, project)
             for rule in rules
             for project in (recent if rule.project == "*" else [rule.project])
-            if enabled.setdefault(project, self._enabled(project))
+            if enabled[project]
         ]
 
         def read() -> list[tuple[GuardianRule, str, float | None]]:
@@ -229,6 +242,57 @@ class Guardian:
             await notify(self.wl.pm, alert)
 
     # --- helpers ---
+
+    def _flag(self, project: str) -> bool:
+        """The flag for a project (`_enabled`), following its changes for a project Guardian
+        has been on for: turned off, the project is forgotten without recovery notices (its
+        figures were not judged back under a threshold; a window emptied by the flag would
+        read as one) and that is logged once; turned on again, logged once."""
+        on = self._enabled(project)
+        was = self.flag_on.get(project)
+        if was is None:
+            if on and len(self.flag_on) < MAX_FOLLOWED_PROJECTS:
+                self.flag_on[project] = True
+        elif on != was:
+            self.flag_on[project] = on
+            if on:
+                log.info("Guardian is on again for project %s (flag %r)", printable(project), FLAG)
+            else:
+                self._turned_off(project)
+        return on
+
+    def _turned_off(self, project: str) -> None:
+        ended = self._forget(project)
+        who = printable(project)
+        if not ended:
+            log.warning(
+                "Guardian is off for project %s (flag %r): its rules are not checked", who, FLAG
+            )
+            return
+        names = [
+            key[0] + (f" {self.engine.rules[key[0]].per} {printable(key[2])}" if key[2] else "")
+            for key in ended[:MAX_LISTED_EPISODES]
+        ]
+        if len(ended) > MAX_LISTED_EPISODES:
+            names.append(f"and {len(ended) - MAX_LISTED_EPISODES} more")
+        log.warning(
+            "Guardian is off for project %s (flag %r): its rules are not checked; %d firing"
+            " episode(s) end without a recovery notice: %s",
+            who,
+            FLAG,
+            len(ended),
+            ", ".join(names),
+        )
+
+    def _forget(self, project: str) -> list[Key]:
+        """Drop a project's windows and episodes (engine.forget_project); the firing gauge
+        follows. Returns the keys whose episode ended."""
+        ended = self.engine.forget_project(project)
+        if ended and self.wl is not None:
+            firing = ops_metrics(self.wl).firing
+            for key in ended:
+                firing.labels(key[0]).dec()
+        return ended
 
     def _enabled(self, project: str) -> bool:
         if self.wl is None:
