@@ -47,19 +47,6 @@ NAME = "watchllm_ext.quotas.plugin"
 REDIS_RETRY_S = 0.5  # after a Redis failure, serve from the fallback this long before retrying
 PLAN_FILE = "quota-plans.json"  # the memory backend's plan assignments, in data_dir
 
-# The event fields whose size counts as payload bytes (the large text and JSON columns).
-PAYLOAD_FIELDS = (
-    "prompt",
-    "response",
-    "response_metadata",
-    "metadata",
-    "tool_input",
-    "tool_output",
-    "reasoning",
-    "stack_trace",
-    "expected",
-    "actual",
-)
 _LIMIT_FIELD = {
     "minute": "events_per_minute",
     "day": "events_per_day",
@@ -349,12 +336,9 @@ class QuotaPlugin:
     def transform_events(self, events: list[Any], principal: Principal) -> None:
         if not self._count_bytes:
             return
-        size = 0
-        for event in events:
-            for name in PAYLOAD_FIELDS:
-                value = getattr(event, name, None)
-                if value is not None:
-                    size += payload_size(value)
+        # The whole event, not a list of big fields: a field left off such a list (an agent
+        # step's observation, a tool call's output inside a prompt call) was stored uncounted.
+        size = sum(payload_size(event) for event in events)
         if size:
             self.pending_bytes[principal.project_id] += size
 
@@ -543,8 +527,12 @@ def policy_header(plan: Plan) -> str | None:
 
 
 def payload_size(value: Any) -> int:
-    """Bytes a payload value takes as JSON text, near enough (no quotes or separators): the
-    UTF-8 length of every string in it and the text length of every number."""
+    """Bytes a value takes as JSON text, near enough (no quotes or separators): the UTF-8
+    length of every string in it (keys of objects included) and the text length of every
+    number; 4 for true, false and null. An event, a span row or a chat message (a struct or a
+    model) is the sum of its fields' values: the field names are not counted, nor the fields
+    it does not have (None), so the size does not depend on how many fields the contract
+    has."""
     if isinstance(value, str):
         return len(value) if value.isascii() else len(value.encode())
     if isinstance(value, dict):
@@ -557,8 +545,21 @@ def payload_size(value: Any) -> int:
         return len(repr(value))
     if isinstance(value, bytes | bytearray):
         return len(value)
-    # A model or struct inside a payload (chat messages): its fields.
-    names = getattr(value, "__struct_fields__", None) or getattr(type(value), "model_fields", None)
+    # An event or span row, a chat message or tool call inside one (struct or model).
+    names = getattr(value, "__struct_fields__", None)
+    size = 0
+    if names is not None:
+        # A struct's event_type is its tag, not a field: counted as a model's field is, so a
+        # plugin that turns the events into models does not change their size.
+        tag = getattr(type(value), "__struct_config__", None)
+        if tag is not None and isinstance(tag.tag, str):
+            size = len(tag.tag)
+    else:
+        names = getattr(type(value), "model_fields", None)
     if names:
-        return sum(payload_size(getattr(value, name, None)) for name in names)
+        for name in names:
+            field = getattr(value, name, None)
+            if field is not None:
+                size += payload_size(field)
+        return size
     return len(str(value))
