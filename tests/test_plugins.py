@@ -84,6 +84,7 @@ def test_plugin_from_entry_point(server_factory: Any, example_entry_point: None)
     assert found["redact_emails"]["hooks"] == [
         "register_routes",
         "transform_events",
+        "transform_spans",
         "validate_event",
     ]
     # Our own store plugin comes through the same entry-point group.
@@ -278,6 +279,44 @@ def test_hook_transform_events(server_factory: Any) -> None:
     assert r.status_code == 202
     server.flush()
     assert server.query("SELECT tags FROM events") == [{"tags": ["x", "project:acme"]}]
+
+
+class TagSpans:
+    """Sets an attribute on every span row, and notes whose rows it saw."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+
+    @hookimpl
+    def transform_spans(self, spans: list[Any], principal: Principal) -> None:
+        for span in spans:
+            self.seen.append((principal.project_id, span.name))
+            span.attributes = {**span.attributes, "tagged.by": f"project:{principal.project_id}"}
+
+
+def test_hook_transform_spans(server_factory: Any) -> None:
+    tagger = TagSpans()
+    server = server_factory(plugin_objects=(tagger,))
+    start = time.time_ns()
+    span = {"traceId": "5b8efff798038103d269b633813fc60c", "startTimeUnixNano": str(start)}
+    spans = [
+        {**span, "spanId": "eee19b7ec3c1b174", "name": "render", "endTimeUnixNano": str(start)},
+        {
+            **span,
+            "spanId": "eee19b7ec3c1b175",
+            "name": "chat gpt-4o",
+            "endTimeUnixNano": str(start),
+            "attributes": [{"key": "gen_ai.operation.name", "value": {"stringValue": "chat"}}],
+        },
+    ]
+    body = {"resourceSpans": [{"scopeSpans": [{"spans": spans}]}]}
+    r = server.client.post("/v1/traces", headers=server.headers(), json=body)
+    assert r.status_code == 200, r.text
+    server.flush()
+    rows = server.query("SELECT name, attributes FROM spans FINAL ORDER BY name")
+    assert [row["name"] for row in rows] == ["chat gpt-4o", "render"]
+    assert all(row["attributes"]["tagged.by"] == "project:acme" for row in rows)
+    assert sorted(tagger.seen) == [("acme", "chat gpt-4o"), ("acme", "render")]
 
 
 class WhereHooksRun:

@@ -82,6 +82,23 @@ def transform_events(events: list[Any], principal: Principal) -> None:
     """
 
 
+@hookspec
+def transform_spans(spans: list[Any], principal: Principal) -> None:
+    """Change the OpenTelemetry span rows of one request before they are spooled (redaction,
+    counting). Each row is a `watchllm_ext.otel.rows.SpanRow`, a msgspec struct read and set by
+    attribute, the `spans` table's columns: project_id, trace_id, span_id, parent_span_id,
+    name, kind, start_time, end_time (datetimes, UTC), duration_ms, status_code,
+    status_message, service_name, scope_name, scope_version, event_type (the v1 event the span
+    also became, or None), attributes and resource_attributes (dicts of str to str: every
+    value as its text), span_events and links (JSON text), ingested_at. Keep each field's
+    type. Implementations change the rows' fields in place, not the list; each sees the result
+    of the ones called before it. The return value is ignored. Called after the spans' events
+    went through `validate_event` and `transform_events` (a span whose event was refused is
+    not in the list), only when some plugin implements it, always in the server's process
+    (possibly on a worker thread: thread-safe, no I/O).
+    """
+
+
 @hookspec(firstresult=True)
 def register_store(settings: Settings) -> Store | None:
     """Return the Store (migrate, insert, query) that the app reads and writes.

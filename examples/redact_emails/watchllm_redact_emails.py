@@ -1,7 +1,10 @@
 """A third-party-style WatchLLM plugin: redact e-mail addresses before events are stored.
 
 It uses only the public hook API (`watchllm_ext.hookimpl`), the way any plugin would:
-- `transform_events`: replace e-mail addresses in prompts and responses with [email];
+- `transform_events`: replace e-mail addresses in prompts, responses and metadata (with the
+  attributes an OpenTelemetry span left in `metadata["otel.attributes"]`) with [email];
+- `transform_spans`: the same in the rows of OpenTelemetry spans (their names, attributes,
+  status messages, span events and links), which are stored beside the events;
 - `validate_event`: refuse events whose `user_id` is an e-mail address (a policy example);
 - `register_routes`: `GET /-/redactions` tells how many addresses were redacted.
 
@@ -40,9 +43,22 @@ class EmailRedactor:
                 self.redacted_total += count
         return new
 
+    def _redact_json(self, value: Any) -> Any:
+        """Every string in a JSON value (keys too), redacted; the value itself when none is."""
+        if isinstance(value, str):
+            return self._redact(value)
+        if isinstance(value, dict):
+            return {self._redact(k): self._redact_json(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._redact_json(v) for v in value]
+        return value
+
     @hookimpl
     def transform_events(self, events: list[Any], principal: Any) -> None:
         for event in events:
+            if event.metadata:
+                # A span's event keeps the attributes no rule read in metadata["otel.attributes"].
+                event.metadata = self._redact_json(event.metadata)
             if event.event_type == "prompt_call":
                 if isinstance(event.prompt, str):
                     event.prompt = self._redact(event.prompt)
@@ -51,6 +67,21 @@ class EmailRedactor:
                         if isinstance(message.content, str):
                             message.content = self._redact(message.content)
                 event.response = self._redact(event.response)
+
+    @hookimpl
+    def transform_spans(self, spans: list[Any], principal: Any) -> None:
+        # The `spans` table keeps every attribute as sent: without this, an address redacted
+        # from a span's event would still be stored, and shown, in its span.
+        for span in spans:
+            span.name = self._redact(span.name)
+            span.status_message = self._redact(span.status_message)
+            span.attributes = {k: self._redact(v) for k, v in span.attributes.items()}
+            span.resource_attributes = {
+                k: self._redact(v) for k, v in span.resource_attributes.items()
+            }
+            # JSON text: an address holds no quote or backslash, so replacing it keeps the JSON.
+            span.span_events = self._redact(span.span_events)
+            span.links = self._redact(span.links)
 
     @hookimpl
     def validate_event(self, event: Any, principal: Any) -> str | None:

@@ -4,10 +4,11 @@ exporter alike.
 Each span becomes a `spans` row (otel/rows.py) and, when it is LLM work, a v1 event
 (mapping.py). The events take the JSON path's steps after parsing: the fast validator (the
 pydantic contract's answers when something is off), the server's fill-in, the
-`validate_event` and `transform_events` hooks (cost), then one spool write for the events
-and one for the rows, synced once, before the answer. A span whose event is refused is
-refused whole (its row is not stored either), and named in the answer, so nothing is half
-stored.
+`validate_event` and `transform_events` hooks (cost); then the rows go through the
+`transform_spans` hook (redaction, payload counting), only when a plugin implements it; then
+one spool write for the events and one for the rows, synced once, before the answer. A span
+whose event is refused is refused whole (its row is not stored either), and named in the
+answer, so nothing is half stored.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from ..ingest.fast_validate import from_built, validate_list
 from ..ingest.fill_in import receipt_time
 from ..ingest.validate import Outcome, finish_fast, validate_items
 from ..observability.metrics import ops_metrics
+from ..plugins import call_hook
 from .mapped import MappedSpans, map_spans
 from .mapping import Span
 from .rows import RowsJson, SpanRow, encoded
@@ -126,6 +128,7 @@ def prepare(
         events = outcome.accepted
         if encode and events:
             events = encoded_for_spool(events)
+    transform_spans(rows, principal, pm)
     return Prepared(
         events=events,
         rows=encoded(rows) if encode else rows,
@@ -133,6 +136,14 @@ def prepare(
         problems=mapped.problems,
         unmapped=mapped.unmapped,
     )
+
+
+def transform_spans(rows: list[SpanRow], principal: Principal, pm: pluggy.PluginManager) -> None:
+    """The `transform_spans` hook on a request's rows, in place. Skipped when no plugin
+    implements it: the built-in path pays nothing (and a worker's rows stay its JSON)."""
+    hook = pm.hook.transform_spans
+    if rows and hook.get_hookimpls():
+        call_hook(hook, spans=rows, principal=principal)
 
 
 def _refuse(outcome: Outcome, mapped: MappedSpans) -> set[int]:
@@ -306,10 +317,13 @@ def finish_mapped(
     encode: bool = False,
 ) -> Prepared:
     """prepare()'s validation and hooks for a worker's answer. The rows stay the worker's
-    JSON (otel.rows.RowsJson) unless a span's event is refused, which takes its row out."""
+    JSON (otel.rows.RowsJson) unless a span's event is refused, which takes its row out, or a
+    `transform_spans` plugin must see them: the worker runs no plugin (worker.py), so they are
+    decoded here for it, and encoded again."""
     rows: Sequence[SpanRow] = RowsJson([body.rows], body.n_rows)
     events: list[Any] = []
     rejected, problems = body.rejected, body.problems
+    decoded: list[SpanRow] | None = None  # the rows, once they are no longer the worker's JSON
     if body.event_rows:
         outcome = validate_json(body.events, principal, pm, received)
         if outcome.rejected:
@@ -321,13 +335,17 @@ def finish_mapped(
                 problems=problems,
             )
             refused = _refuse(outcome, mapped)
-            rows = [row for at, row in enumerate(rows) if at not in refused]
+            decoded = [row for at, row in enumerate(rows) if at not in refused]
             rejected, problems = mapped.rejected, mapped.problems
-            if encode:
-                rows = encoded(rows)
         events = outcome.accepted
         if encode and events:
             events = encoded_for_spool(events)
+    if pm.hook.transform_spans.get_hookimpls():
+        if decoded is None:
+            decoded = list(rows)
+        transform_spans(decoded, principal, pm)
+    if decoded is not None:
+        rows = encoded(decoded) if encode else decoded
     return Prepared(
         events=events,
         rows=rows,

@@ -58,6 +58,8 @@ _LIMIT_FIELD = {
 def make_plugin(settings: Settings) -> Any:
     if settings.quota_backend == "off":
         return _Off()
+    if any(plan.payload_bytes_per_month for plan in settings.quota_plans.values()):
+        return BytesQuotaPlugin(settings)
     return QuotaPlugin(settings)
 
 
@@ -432,6 +434,20 @@ class QuotaPlugin:
         for window, n in sorted(self.denials.items()):
             denials.add_metric([window], n)
         yield denials
+
+
+class BytesQuotaPlugin(QuotaPlugin):
+    """The quota plugin when a plan counts payload bytes: OpenTelemetry span rows are stored
+    beside the events (and are most of what a non-LLM span stores), so they count too. A
+    subclass, so that without such a plan no built-in implements `transform_spans` and the
+    OTLP path skips that hook (a worker process's rows are then never decoded for it)."""
+
+    @hookimpl
+    def transform_spans(self, spans: list[Any], principal: Principal) -> None:
+        # Every column of the row, as for an event: attributes with their keys, span events.
+        size = sum(payload_size(row) for row in spans)
+        if size:
+            self.pending_bytes[principal.project_id] += size
 
 
 def _background(plugin: QuotaPlugin) -> BackgroundTask:
