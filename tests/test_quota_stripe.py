@@ -301,3 +301,30 @@ def test_a_body_over_the_limit_is_refused_before_it_is_all_read(billing: Any) ->
         waiting.close()
         assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
         assert sent * 65536 < 8 << 20  # answered at about the limit (1 MiB), not at the end
+
+
+def test_quota_settings_with_quotas_off_are_said_once_at_start(
+    server_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """docs/QUOTAS.md's Stripe block used to leave WATCHLLM_QUOTA_BACKEND out: the server then
+    started with no plan enforced and the webhook route 404, and said nothing."""
+    caplog.set_level("WARNING", logger="watchllm.quotas")
+    server = server_factory(
+        stripe_webhook_secret=SECRET, quota_plans=PLANS, quota_default_plan="free"
+    )
+    said = [r for r in caplog.records if r.name == "watchllm.quotas"]
+    assert len(said) == 1 and said[0].levelname == "WARNING"
+    message = said[0].getMessage()
+    assert "quota_plans, quota_default_plan, stripe_webhook_secret are ignored" in message
+    assert "set quota_backend to 'memory' or 'redis' (env WATCHLLM_QUOTA_BACKEND)" in message
+    body = json.dumps(subscription_event("customer.subscription.created", PRO)).encode()
+    webhook = server.client.post(
+        "/v1/billing/stripe", content=body, headers={"Stripe-Signature": sign(body)}
+    )
+    assert webhook.status_code == 404  # what the warning is about
+    server.stop()
+    # Quotas on, or nothing of theirs set: nothing to say.
+    caplog.clear()
+    server_factory(quota_backend="memory", stripe_webhook_secret=SECRET).stop()
+    server_factory().stop()
+    assert not [r for r in caplog.records if r.name == "watchllm.quotas"]

@@ -55,9 +55,26 @@ _LIMIT_FIELD = {
 }
 
 
+# Settings that mean something only with quotas on (docs/QUOTAS.md).
+QUOTA_SETTINGS = (
+    "quota_plans",
+    "quota_default_plan",
+    "quota_project_plans",
+    "redis_url",
+    "quota_redis_timeout_ms",
+    "quota_failure_mode",
+    "quota_fallback_events_per_minute",
+    "quota_budget_refresh_s",
+    "stripe_webhook_secret",
+    "stripe_price_plans",
+    "stripe_ended_plan",
+)
+
+
 def make_plugin(settings: Settings) -> Any:
     if settings.quota_backend == "off":
-        return _Off()
+        ignored = ignored_settings(settings)
+        return _OffIgnoring(ignored) if ignored else _Off()
     if any(plan.payload_bytes_per_month for plan in settings.quota_plans.values()):
         return BytesQuotaPlugin(settings)
     return QuotaPlugin(settings)
@@ -65,6 +82,37 @@ def make_plugin(settings: Settings) -> Any:
 
 class _Off:
     """Registered when quotas are off: no hooks, so ingestion pays nothing for them."""
+
+
+class _OffIgnoring:
+    """Quotas off, with quota settings set: a fresh shell that exports the plans or the Stripe
+    secret but not the backend would start with no limits and a webhook route that answers
+    404. Said once at start, naming what is ignored and what to set; still no ingestion hook."""
+
+    def __init__(self, ignored: list[str]) -> None:
+        self.ignored = ignored
+
+    @hookimpl
+    def register_background_tasks(self, settings: Settings, store: Store | None) -> None:
+        # Called once when the server starts (not by CLI commands that only build the plugins).
+        log.warning(
+            "quota_backend is 'off', so %s %s ignored (no plan is enforced; /v1/usage and"
+            " /v1/billing/stripe are not served): set quota_backend to 'memory' or 'redis'"
+            " (env WATCHLLM_QUOTA_BACKEND) to use %s",
+            ", ".join(self.ignored),
+            "is" if len(self.ignored) == 1 else "are",
+            "it" if len(self.ignored) == 1 else "them",
+        )
+
+
+def ignored_settings(settings: Settings) -> list[str]:
+    """The quota settings that differ from their defaults (what quotas off ignores)."""
+    fields = type(settings).model_fields
+    return [
+        name
+        for name in QUOTA_SETTINGS
+        if getattr(settings, name) != fields[name].get_default(call_default_factory=True)
+    ]
 
 
 class QuotaPlugin:
