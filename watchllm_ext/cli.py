@@ -428,6 +428,7 @@ def _open_store(args: argparse.Namespace) -> Any:
     from .store.folders import open_store
 
     settings = _settings(args)
+    _quiet_store_logs()  # every command that opens a store reports its failure as one line
     try:
         pm = get_plugin_manager(settings)
         store = open_store(pm, settings)
@@ -535,7 +536,6 @@ def _with_local_store(args: argparse.Namespace, fn: Any) -> Any:
             " (`watchllm serve` makes it on its first start; --data-dir or WATCHLLM_DATA_DIR"
             " names another folder, --url asks a running server)"
         )
-    _quiet_store_logs()
     with _migrated_store(args) as store:
         return fn(store)
 
