@@ -266,6 +266,68 @@ def test_a_clickhouse_server_that_is_down_is_one_line(tmp_path: Path) -> None:
         ], (command, down.stderr)
 
 
+PASSWORD = "hu" + "nter2"  # its two halves are looked for apart: neither may be shown
+# ClickHouse URLs a user may get wrong, none of which may print its password.
+BAD_URLS = {
+    # The scheme forgotten: it reads as the scheme `watchllm`, with no // before the password.
+    "no scheme": f"watchllm:{PASSWORD}@127.0.0.1:1/watchllm",
+    "another scheme": f"clickhouse://watchllm:{PASSWORD}@127.0.0.1:1/watchllm",
+    "password as an option": f"http://watchllm@127.0.0.1:1/watchllm?password={PASSWORD}",
+    # An unescaped / ends the host part early: the port is then read from the password.
+    "a / in the password": "http://watchllm:hu/nter2@127.0.0.1:1/watchllm",
+    "an @ in the password": "http://watchllm:hu@nter2@127.0.0.1:1/watchllm?compress=snappy",
+}
+
+
+def assert_one_line_without_the_password(done: subprocess.CompletedProcess[str]) -> str:
+    shown = done.stdout + done.stderr
+    assert "hu" + "nter" not in shown and "nter2" not in shown and "hu/" not in shown, shown
+    assert "Traceback" not in shown and len(done.stderr.splitlines()) == 1, shown
+    assert done.returncode == 2, shown  # a bad setting, as argparse's own errors
+    return done.stderr
+
+
+@pytest.mark.parametrize("url", BAD_URLS.values(), ids=BAD_URLS.keys())
+def test_a_bad_clickhouse_url_is_refused_without_its_password(tmp_path: Path, url: str) -> None:
+    done = cli("migrate", "--data-dir", str(tmp_path), env={"WATCHLLM_CLICKHOUSE_URL": url})
+    line = assert_one_line_without_the_password(done)
+    assert line.startswith("error: invalid setting clickhouse_url (env WATCHLLM_CLICKHOUSE_URL):")
+    assert "watchllm:***@" in line or "password=***" in line, line
+
+
+def test_every_command_names_where_a_bad_clickhouse_url_came_from(tmp_path: Path) -> None:
+    url = BAD_URLS["no scheme"]
+    env = {"WATCHLLM_CLICKHOUSE_URL": url}
+    data = ["--data-dir", str(tmp_path / "data")]
+    for command, more_env in (
+        (["serve", *data, "--port", str(free_port())], {}),
+        (["verify-clickhouse", *data], {}),
+        (["count-rows", *data], {}),
+        (["keys", "create", "--project", "p", *data], {"WATCHLLM_KEY_STORE": "clickhouse"}),
+        (["keys", "copy-to-server", *data], {}),
+        (["import", str(tmp_path / "export")], {}),
+    ):
+        line = assert_one_line_without_the_password(cli(*command, env={**env, **more_env}))
+        assert "(env WATCHLLM_CLICKHOUSE_URL): it has no http:// or https:// in front" in line
+    toml = tmp_path / "watchllm.toml"
+    toml.write_text(f'clickhouse_url = "{url}"\n')
+    line = assert_one_line_without_the_password(
+        cli("migrate", *data, env={"WATCHLLM_CONFIG": str(toml)})
+    )
+    assert f"(file {toml}, key clickhouse_url)" in line
+    assert not (tmp_path / "data").exists()  # refused before anything was made
+
+
+def test_import_checks_its_url_before_the_export(tmp_path: Path) -> None:
+    # The export is read (every file's checksum: minutes for a big one) only after the URL
+    # passed; the error names --url, not the variable that was not used.
+    for url in BAD_URLS.values():
+        line = assert_one_line_without_the_password(
+            cli("import", str(tmp_path / "not-an-export"), "--url", url)
+        )
+        assert line.startswith("error: invalid setting clickhouse_url (option --url):"), line
+
+
 # Two `watchllm serve` processes, each with its own data folder, in front of one ClickHouse
 # server with the keys on it (docs/DEPLOY.md): the first start creates the first key there,
 # the second finds it, and both accept it.

@@ -8,10 +8,15 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic_settings import SettingsError as PydanticSettingsError
 
 from watchllm_ext import cli
+from watchllm_ext import settings as watchllm_settings
 from watchllm_ext.settings import Settings, SettingsError, load_settings
+from watchllm_ext.store import StoreError
+from watchllm_plugins import clickhouse_store
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "SETTINGS.md"
 NOT_A_NUMBER = "Input should be a valid number, unable to parse string as a number"
@@ -193,3 +198,74 @@ def test_the_docs_show_what_is_said(clean_env: Path, monkeypatch: pytest.MonkeyP
     clean_env.write_text('flush_interval_s = "soon"\n')
     monkeypatch.setenv("WATCHLLM_MODEL_PRICES", '{"my-model": [3 12]}')
     assert error_of(port=70000).splitlines() == shown
+
+
+# --- 5. clickhouse_url: refused as the store refuses it, never with its password -------------
+
+# Pieces that URLs are made of, the characters that change how one is read among them.
+_URL_PIECES = st.lists(
+    st.sampled_from(
+        ["u", ":", "@", "/", "?", "#", "&", "=", "%2F", "h", "[::1]", "99999", "8123", "db",
+         "compress", "lz4", "snappy", "pool_size", "0", "5", "password", "connect_timeout"]
+    ),
+    max_size=12,
+)  # fmt: skip
+
+
+@given(st.sampled_from(["http://", "https://", "HTTP://", "ftp://", "//", ""]), _URL_PIECES)
+def test_a_clickhouse_url_is_refused_exactly_when_the_store_refuses_it(
+    scheme: str, pieces: list[str]
+) -> None:
+    # Settings check the URL first (to name its source); the store plugin reads it later.
+    url = scheme + "".join(pieces)
+    try:
+        clickhouse_store.parse_url(url)
+        refused = False
+    except StoreError:
+        refused = True
+    assert (watchllm_settings.clickhouse_url_problem(url) is not None) == refused, url
+
+
+def test_the_url_options_are_the_stores() -> None:
+    assert tuple(clickhouse_store._OPTIONS) == watchllm_settings.CLICKHOUSE_URL_OPTIONS
+
+
+@given(
+    st.sampled_from(["http://", "clickhouse://", "//", ""]),
+    st.text(alphabet="xyz/?#@:&=%", max_size=8),
+    st.text(alphabet="hdb:/?#@&=", max_size=12),
+)
+def test_a_masked_url_never_shows_the_password(scheme: str, middle: str, rest: str) -> None:
+    # However the password breaks the URL's form, its first and last characters (P and W,
+    # found nowhere else) are not shown.
+    masked_clickhouse_url = watchllm_settings.masked_clickhouse_url
+    url = f"{scheme}user:P{middle}W@{rest}"
+    assert "P" not in masked_clickhouse_url(url) and "W" not in masked_clickhouse_url(url)
+    query = f"http://user@h/db?compress=lz4&password=P{middle.replace('&', '')}W"
+    assert "compress=lz4" in masked_clickhouse_url(query)
+    assert "P" not in masked_clickhouse_url(query) and "W" not in masked_clickhouse_url(query)
+
+
+def test_a_bad_clickhouse_url_names_its_source_and_hides_its_password(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert error_of(clickhouse_url="watchllm:secret@127.0.0.1:9208/watchllm") == (
+        "invalid setting clickhouse_url (option --url): it has no http:// or https:// in front"
+        " (the form is http(s)://user:password@host:port/database)"
+        " (got 'watchllm:***@127.0.0.1:9208/watchllm')"
+    )
+    monkeypatch.setenv("WATCHLLM_CLICKHOUSE_URL", "http://u@h/db?password=secret")
+    assert error_of() == (
+        "invalid setting clickhouse_url (env WATCHLLM_CLICKHOUSE_URL): unknown option"
+        " 'password' (known: compress, connect_timeout, send_receive_timeout, pool_size;"
+        " the password goes before the @) (got 'http://u@h/db?password=***')"
+    )
+    monkeypatch.delenv("WATCHLLM_CLICKHOUSE_URL")
+    clean_env.write_text('clickhouse_url = "http://u:se/cret@h/db"\n')
+    assert error_of() == (
+        f"invalid setting clickhouse_url (file {clean_env}, key clickhouse_url): its host and"
+        " port cannot be read (write / ? # @ in a password as %2F %3F %23 %40)"
+        " (got 'http://u:***@h/db')"
+    )
+    clean_env.write_text("")
+    assert load_settings(clickhouse_url="").clickhouse_url == ""  # none: as unset

@@ -35,6 +35,7 @@ from watchllm_ext.analytics.rollup import refresh_rollups
 from watchllm_ext.app import create_app, open_spool
 from watchllm_ext.keys import KeyStore
 from watchllm_ext.store import Store, apply_migrations, load_migrations
+from watchllm_ext.store.transfer import TransferError, import_folder
 from watchllm_plugins.chdb_store import ChdbStore
 from watchllm_plugins.clickhouse_store import ClickHouseStore
 
@@ -419,6 +420,16 @@ def test_import_names_an_unreachable_server_without_its_password(source: Source)
     assert done.returncode == 1
     line = one_line_error(done)
     assert "cannot reach ClickHouse at 127.0.0.1:" in line and "secret" not in done.stdout + line
+
+
+def test_import_folder_checks_the_url_first_without_its_password(tmp_path: Path) -> None:
+    # Called as a library (examples/move_to_server.py) too: the URL before the export's files.
+    with pytest.raises(TransferError) as raised:
+        import_folder(make_settings(tmp_path), tmp_path / "no-export", "watchllm:hunter2@h:1/db")
+    assert str(raised.value) == (
+        "bad ClickHouse URL 'watchllm:***@h:1/db': it has no http:// or https:// in front"
+        " (the form is http(s)://user:password@host:port/database)"
+    )
 
 
 def test_import_takes_the_url_from_the_environment(source: Source, url: str) -> None:

@@ -665,8 +665,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     from .store.transfer import CountMismatch, TransferError, import_folder
 
-    settings = _settings(args)
-    url = args.url or settings.clickhouse_url
+    # --url as the clickhouse_url setting: a bad one is refused now, before the files are
+    # verified, naming --url (or the variable, or the file) and never its password.
+    settings = _settings(args, clickhouse_url=args.url)
+    url = settings.clickhouse_url
     if not url:
         raise CliUsageError(
             "import needs the ClickHouse server to import into: --url"

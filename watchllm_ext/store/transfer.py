@@ -718,6 +718,12 @@ def import_folder(
     progress: Progress = _print,
 ) -> dict[str, Any]:
     """Verify the export in `in_dir`, then import it into the ClickHouse server at `url`."""
+    from ..settings import clickhouse_url_problem, masked_clickhouse_url
+
+    # Before the files are verified (minutes for a big export), and never with its password.
+    problem = clickhouse_url_problem(url)
+    if problem:
+        raise TransferError(f"bad ClickHouse URL {masked_clickhouse_url(url)!r}: {problem}")
     manifest = read_manifest(in_dir)
     verify_files(in_dir, manifest, progress)
     store = _open_server(settings, url)
