@@ -14,6 +14,7 @@ as package-lock.json says). Skipped, saying why, only where node or npm is missi
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -134,3 +135,12 @@ def test_sdk_version_matches_the_package() -> None:
 
     version = json.loads((SDK / "package.json").read_text())["version"]
     assert f'SDK_VERSION = "{version}"' in (SDK / "src" / "version.ts").read_text()
+
+
+def test_drop_reasons_are_the_python_sdks() -> None:
+    """stats().dropped lists the Python SDK's drop reasons, by the same names, in its order."""
+    from watchllm_ext.sdk import DROP_REASONS
+
+    source = (SDK / "src" / "transport.ts").read_text()
+    listed = source.split("export const DROP_REASONS = [", 1)[1].split("] as const", 1)[0]
+    assert tuple(re.findall(r'^\s*"([a-z_]+)",', listed, re.MULTILINE)) == DROP_REASONS

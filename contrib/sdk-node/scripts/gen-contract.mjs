@@ -1,11 +1,11 @@
-// Generates src/contract.ts (the v1 event contract's TypeScript types and field tables) from
-// the server's OpenAPI document, so the SDK's types cannot drift from the pydantic models.
+// Generates src/contract.ts (the v1 event contract's TypeScript types, field tables and the
+// rules the SDK checks) from the server's OpenAPI document, so they cannot drift from the models.
 //
 //   node scripts/gen-contract.mjs http://127.0.0.1:8787/openapi.json   # from a running server
 //   node scripts/gen-contract.mjs openapi.json                         # from a saved copy
 //
-// test/contract.test.mjs renders the live server's document with renderContract() and fails
-// when it differs from the committed file (a field added on the server, say).
+// test/e2e.test.mjs renders the live server's document with renderContract() and fails when it
+// differs from the committed file (a field or a rule added on the server, say).
 import { readFile, writeFile } from "node:fs/promises";
 import { fileURLToPath } from "node:url";
 
@@ -72,6 +72,75 @@ function rules(node) {
   return found;
 }
 
+// The JSON Schema keywords the SDK's check (src/check.ts) applies, and those that only
+// document. A keyword in neither stops the generator: a new kind of rule on the server must be
+// taught to the check, never skipped by it.
+const CHECKED = [
+  "type",
+  "enum",
+  "const",
+  "anyOf",
+  "$ref",
+  "properties",
+  "required",
+  "additionalProperties",
+  "items",
+  "maxItems",
+  "minLength",
+  "maxLength",
+  "pattern",
+  "minimum",
+  "maximum",
+  "format",
+];
+const DOCUMENTING = ["title", "description", "default", "examples"];
+const FORMATS = ["date-time"]; // the string formats the check knows
+
+/** A schema node reduced to the rules the SDK checks, with $refs by schema name. */
+function ruleOf(node, where, refs) {
+  if (typeof node === "boolean") return node;
+  const rule = {};
+  for (const [key, value] of Object.entries(node)) {
+    if (DOCUMENTING.includes(key)) continue;
+    if (!CHECKED.includes(key)) {
+      throw new Error(`${where}: the keyword ${key} is unknown to the SDK's check (src/check.ts)`);
+    }
+    if (key === "$ref") {
+      rule.$ref = refName(value);
+      refs.add(rule.$ref);
+    } else if (key === "anyOf") {
+      rule.anyOf = value.map((n, i) => ruleOf(n, `${where}.anyOf[${i}]`, refs));
+    } else if (key === "items" || key === "additionalProperties") {
+      rule[key] = ruleOf(value, `${where}.${key}`, refs);
+    } else if (key === "properties") {
+      rule.properties = Object.fromEntries(
+        Object.entries(value).map(([k, n]) => [k, ruleOf(n, `${where}.${k}`, refs)]),
+      );
+    } else if (key === "format" && !FORMATS.includes(value)) {
+      throw new Error(`${where}: the format ${value} is unknown to the SDK's check`);
+    } else {
+      rule[key] = value;
+    }
+  }
+  return rule;
+}
+
+/** `name: {...},` with one line per property, for a readable diff when the contract changes. */
+function renderRule(name, rule) {
+  const { properties, ...rest } = rule;
+  const lines = [`  ${name}: {`];
+  for (const [key, value] of Object.entries(rest)) lines.push(`    ${key}: ${JSON.stringify(value)},`);
+  if (properties) {
+    lines.push("    properties: {");
+    for (const [key, value] of Object.entries(properties)) {
+      lines.push(`      ${key}: ${JSON.stringify(value)},`);
+    }
+    lines.push("    },");
+  }
+  lines.push("  },");
+  return lines;
+}
+
 function renderInterface(name, schema) {
   const required = new Set(schema.required ?? []);
   const lines = [];
@@ -126,6 +195,44 @@ export function renderContract(doc) {
     out.push("  },");
   }
   out.push("};", "");
+  // The rules themselves (types, enums, ranges, lengths, patterns), checked by src/check.ts.
+  const refs = new Set();
+  out.push(
+    "/** A JSON Schema node of the contract, reduced to the rules the SDK checks; `$ref` names",
+    " * an entry of PART_RULES. */",
+    "export interface Rule {",
+    "  readonly type?: \"string\" | \"integer\" | \"number\" | \"boolean\" | \"null\" | \"array\" | \"object\";",
+    "  readonly enum?: readonly unknown[];",
+    "  readonly const?: unknown;",
+    "  readonly anyOf?: readonly Rule[];",
+    "  readonly $ref?: string;",
+    "  readonly properties?: Readonly<Record<string, Rule>>;",
+    "  readonly required?: readonly string[];",
+    "  readonly additionalProperties?: boolean | Rule;",
+    "  readonly items?: Rule;",
+    "  readonly maxItems?: number;",
+    "  readonly minLength?: number;",
+    "  readonly maxLength?: number;",
+    "  readonly pattern?: string;",
+    "  readonly minimum?: number;",
+    "  readonly maximum?: number;",
+    "  readonly format?: \"date-time\";",
+    "}",
+    "",
+    "/** Each event type's rules: what the server's models check, as its JSON Schema says. */",
+    "export const EVENT_RULES: Readonly<Record<EventType, Rule>> = {",
+  );
+  for (const name of EVENT_SCHEMAS) {
+    const s = schemas[name];
+    out.push(...renderRule(s.properties.event_type.const, ruleOf(s, name, refs)));
+  }
+  out.push("};", "");
+  out.push("/** The rules of the parts events hold (messages, tool calls, the client). */");
+  out.push("export const PART_RULES: Readonly<Record<string, Rule>> = {");
+  for (const name of PART_SCHEMAS) out.push(...renderRule(name, ruleOf(schemas[name], name, refs)));
+  out.push("};", "");
+  const missing = [...refs].filter((name) => !PART_SCHEMAS.includes(name));
+  if (missing.length) throw new Error(`events refer to ${missing.join(", ")}: add to PART_SCHEMAS`);
   return out.join("\n");
 }
 

@@ -3,8 +3,8 @@
 // same drop reasons; nothing it does throws into the host code unless `strict` is set.
 import { hostname } from "node:os";
 
+import { checkEvent, describe } from "./check.js";
 import {
-  EVENT_FIELDS,
   type AgentStepEvent,
   type AssertionFailedEvent,
   type CostThresholdExceededEvent,
@@ -17,7 +17,7 @@ import {
   type ToolCallEvent,
 } from "./contract.js";
 import { currentRun, newId, useRun, type RunContext } from "./context.js";
-import { Delivery, type DeliveryStats, type DropReason, type Logger } from "./transport.js";
+import { Delivery, noDrops, type DeliveryStats, type DropReason, type Logger } from "./transport.js";
 import { SDK_VERSION } from "./version.js";
 
 /** The fields a `log*` method takes: the event without its type; ids, time and the run's
@@ -113,14 +113,33 @@ export interface Stats extends DeliveryStats {
   sampledOut: number;
 }
 
-/** A malformed event in strict mode: `field` names the field at fault. */
-export class WatchLLMValidationError extends Error {
+/** A malformed event in strict mode: `field` names the field at fault, as a path
+ * (`tokens_input`, `tool_calls[0].latency_ms`). A wrong type, a missing or unknown field is a
+ * TypeError; a value outside its range, length, pattern or set of values is a
+ * {@link WatchLLMRangeError}, a RangeError. Both are `instanceof WatchLLMValidationError`. */
+export class WatchLLMValidationError extends TypeError {
   constructor(
     message: string,
     readonly field: string | undefined,
   ) {
     super(message);
     this.name = "WatchLLMValidationError";
+  }
+
+  // One class to catch for both kinds (a class cannot extend TypeError and RangeError both).
+  static override [Symbol.hasInstance](value: unknown): boolean {
+    return value instanceof WatchLLMRangeError || Function.prototype[Symbol.hasInstance].call(this, value);
+  }
+}
+
+/** A value outside the contract's range, length, pattern or set of values, in strict mode. */
+export class WatchLLMRangeError extends RangeError {
+  constructor(
+    message: string,
+    readonly field: string | undefined,
+  ) {
+    super(message);
+    this.name = "WatchLLMValidationError"; // as the TypeError kind: one name to look for
   }
 }
 
@@ -465,7 +484,7 @@ export class WatchLLM {
       retries: 0,
       queued: 0,
       queuedBytes: 0,
-      dropped: {},
+      dropped: noDrops(),
       droppedTotal: 0,
       lastError: undefined,
     };
@@ -543,13 +562,16 @@ export class WatchLLM {
         event = masked as unknown as Record<string, unknown>;
       }
       if (this.options.captureContent === false) event = withoutContent(event);
-      const problem = check(type, event);
+      const problem = checkEvent(type, event);
       if (problem) {
-        if (this.options.strict) throw new WatchLLMValidationError(problem.message, problem.field);
-        this.delivery.drop("invalid", 1);
+        if (this.options.strict) {
+          const Kind = problem.kind === "range" ? WatchLLMRangeError : WatchLLMValidationError;
+          throw new Kind(describe(type, problem), problem.field);
+        }
+        this.delivery.drop("invalid", 1, describe(type, problem));
         if (!this.warnedInvalid) {
           this.warnedInvalid = true;
-          this.warn(`watchllm: an event was dropped: ${problem.message} (set strict to throw)`);
+          this.warn(`watchllm: an event was dropped: ${describe(type, problem)} (set strict to throw)`);
         }
         return eventId;
       }
@@ -586,31 +608,6 @@ function withoutContent(event: Record<string, unknown>): Record<string, unknown>
     );
   }
   return out;
-}
-
-/** The SDK's own check, from the contract's field tables: the mistakes worth catching at
- * the call site. The server checks everything else (and its 422 is reported once). */
-function check(
-  type: EventType,
-  event: Record<string, unknown>,
-): { message: string; field?: string } | undefined {
-  const table = EVENT_FIELDS[type];
-  if (!table) return { message: `unknown event_type ${JSON.stringify(type)}`, field: "event_type" };
-  for (const key of Object.keys(event)) {
-    if (!table.fields.includes(key)) {
-      return { message: `${type} has no field ${key}`, field: key };
-    }
-    const value = event[key];
-    if (typeof value === "number" && !Number.isFinite(value)) {
-      return { message: `${key} must be a finite number`, field: key };
-    }
-  }
-  for (const key of table.required) {
-    if (event[key] === undefined || event[key] === null) {
-      return { message: `${type} needs ${key}`, field: key };
-    }
-  }
-  return undefined;
 }
 
 /** Throws a TypeError unless `url` is an http:// or https:// URL with a host. */

@@ -8,19 +8,28 @@ import type { Accepted, ErrorBody } from "./contract.js";
 
 const gzip = promisify(gzipCallback);
 
-/** Why events were dropped (the keys of `stats().dropped`). */
-// The Python SDK's reasons, by the same names (watchllm_ext/sdk/core.py DROP_REASONS).
-export type DropReason =
-  | "queue_full" // the queue held maxQueue events (or maxQueueBytes); the new one was dropped
-  | "invalid" // refused by the SDK's own check (unknown field, missing required field, ...)
-  | "mask_error" // the mask callback threw: dropped, never sent unmasked
-  | "rejected" // refused by the server (400, 422, another 4xx, a 207's `rejected`); no retry
-  | "unauthorized" // 401 or 403: the key is unknown, revoked or has no ingest scope
-  | "too_large" // one event over maxEventBytes, or refused alone with 413
-  | "server_error" // 500 or another answer that is not retried
-  | "retries_exhausted" // still failing after retryForMs
-  | "shutdown" // logged after shutdown(), or still queued when its deadline passed
-  | "sdk_error"; // a bug of the SDK itself, caught and logged (please report it)
+/** Why events were dropped: the keys of `stats().dropped`, every one there (0 when none). */
+// The Python SDK's reasons, by the same names and in its order (watchllm_ext/sdk/core.py
+// DROP_REASONS; tests/test_sdk_node.py compares the two).
+export const DROP_REASONS = [
+  "queue_full", // the queue held maxQueue events (or maxQueueBytes); the new one was dropped
+  "invalid", // refused by the SDK's check of the contract (a field's type, range, length, ...)
+  "mask_error", // the mask callback threw: dropped, never sent unmasked
+  "rejected", // refused by the server (400, 422, another 4xx, a 207's `rejected`); no retry
+  "unauthorized", // 401 or 403: the key is unknown, revoked or has no ingest scope
+  "too_large", // one event over maxEventBytes, or refused alone with 413
+  "server_error", // 500 or another answer that is not retried
+  "retries_exhausted", // still failing after retryForMs
+  "shutdown", // logged after shutdown(), or still queued when its deadline passed
+  "sdk_error", // a bug of the SDK itself, caught and logged (please report it)
+] as const;
+
+export type DropReason = (typeof DROP_REASONS)[number];
+
+/** Every drop reason at 0: `stats().dropped.invalid` is a number before the first drop. */
+export function noDrops(): Record<DropReason, number> {
+  return Object.fromEntries(DROP_REASONS.map((reason) => [reason, 0])) as Record<DropReason, number>;
+}
 
 export interface Logger {
   warn(message: string): void;
@@ -54,8 +63,8 @@ export interface DeliveryStats {
   /** Events waiting in the queue (the batch being sent included). */
   queued: number;
   queuedBytes: number;
-  /** Events lost, by reason. */
-  dropped: Partial<Record<DropReason, number>>;
+  /** Events lost, by reason: every reason, 0 when none. */
+  dropped: Record<DropReason, number>;
   droppedTotal: number;
   /** The last delivery problem, for a health check or a log line. */
   lastError: string | undefined;
@@ -128,7 +137,7 @@ export class Delivery {
   private readonly warned = new Set<string>();
   private readonly counters = { sent: 0, batches: 0, retries: 0 };
   private lastError: string | undefined;
-  private readonly dropped: Partial<Record<DropReason, number>> = {};
+  private readonly dropped = noDrops();
 
   constructor(options: DeliveryOptions) {
     this.options = options;
@@ -165,7 +174,7 @@ export class Delivery {
 
   /** Count events dropped before they reach the queue (sampling, the SDK's own checks). */
   drop(reason: DropReason, n: number, why?: string): false {
-    this.dropped[reason] = (this.dropped[reason] ?? 0) + n;
+    this.dropped[reason] += n;
     this.lastError = `${reason}: ${why ?? `${n} events`}`;
     return false;
   }
@@ -176,7 +185,7 @@ export class Delivery {
       queued: this.queue.length,
       queuedBytes: this.queuedBytes,
       dropped: { ...this.dropped },
-      droppedTotal: Object.values(this.dropped).reduce((a, b) => a + (b ?? 0), 0),
+      droppedTotal: Object.values(this.dropped).reduce((a, b) => a + b, 0),
       lastError: this.lastError,
     };
   }
@@ -206,13 +215,13 @@ export class Delivery {
     if (this.timer) clearInterval(this.timer);
     this.timer = undefined;
     this.deadline = Math.min(this.deadline ?? Infinity, Date.now() + timeoutMs);
-    const before = this.dropped.shutdown ?? 0;
+    const before = this.dropped.shutdown;
     if (!(await this.flush(timeoutMs))) {
       this.stop.abort();
       this.dropQueued(this.queue.length, "shutdown");
     }
     // Dropped at the deadline by the sender (a retry that would end past it) or here.
-    const lost = (this.dropped.shutdown ?? 0) - before;
+    const lost = this.dropped.shutdown - before;
     if (lost) this.warnOnce("shutdown", `watchllm: ${lost} events not sent before the deadline`);
     return lost === 0;
   }

@@ -8,7 +8,7 @@ import { fileURLToPath } from "node:url";
 
 import { WatchLLM, parseRetryAfter } from "watchllm";
 
-import { client, ingestServer, memoryLogger } from "./helpers.mjs";
+import { client, drops, ingestServer, memoryLogger } from "./helpers.mjs";
 
 const call = (i) => ({ model: "gpt-4o", tokens_input: i, tokens_output: 1 });
 
@@ -88,7 +88,7 @@ test("502, 504 and dropped connections are retried with backoff; a batch kept be
   assert.deepEqual([...new Set(server.stored)], ids);
   for (const r of server.requests) assert.deepEqual(r.events.map((e) => e.event_id), ids);
   assert.equal(wl.stats().retries, 4);
-  assert.deepEqual(wl.stats().dropped, {});
+  assert.deepEqual(wl.stats().dropped, drops());
   await wl.shutdown(1000);
   await server.close();
 });
@@ -114,7 +114,7 @@ test("500 and 422 are not retried: dropped, counted, and reported once with the 
   wl.logPromptCall(call(3));
   await wl.flush(5000);
   assert.equal(server.requests.length, 3, "one request each: no retry");
-  assert.deepEqual(wl.stats().dropped, { server_error: 2, rejected: 1 });
+  assert.deepEqual(wl.stats().dropped, drops({ server_error: 2, rejected: 1 }));
   assert.equal(wl.stats().retries, 0);
   const server500 = logger.lines.filter((l) => l.includes("HTTP 500"));
   assert.equal(server500.length, 1, "reported once");
@@ -134,7 +134,7 @@ test("a 207 keeps the accepted events and counts the refused ones", async () => 
   assert.deepEqual(server.stored, [ids[0], ids[2]]);
   assert.equal(server.requests.length, 1);
   assert.equal(wl.stats().sent, 2);
-  assert.deepEqual(wl.stats().dropped, { rejected: 1 });
+  assert.deepEqual(wl.stats().dropped, drops({ rejected: 1 }));
   assert.match(logger.lines.join("\n"), /#1: model: String should have at least 1 character/);
   await wl.shutdown(1000);
   await server.close();
@@ -161,7 +161,7 @@ test("retries stop after retryForMs and the batch is counted as dropped", async 
   assert.ok(Date.now() - t0 < 1000, `gave up after ${Date.now() - t0} ms`);
   assert.ok(server.requests.length >= 3, `${server.requests.length} tries in 300 ms`);
   assert.equal(wl.stats().retries, server.requests.length - 1);
-  assert.deepEqual(wl.stats().dropped, { retries_exhausted: 1 });
+  assert.deepEqual(wl.stats().dropped, drops({ retries_exhausted: 1 }));
   assert.equal(wl.stats().droppedTotal, 1);
   assert.match(wl.stats().lastError, /retries_exhausted: HTTP 503/);
   assert.match(logger.lines.join("\n"), /after \d+ attempts \(HTTP 503\)/);
@@ -177,7 +177,7 @@ test("the queue is bounded: the newest events are dropped and counted, the host 
   for (let i = 0; i < 8; i += 1) ids.push(wl.logPromptCall(call(i)));
   assert.ok(performance.now() - t0 < 500, "8 calls, no I/O: far under the 500 ms bound");
   assert.equal(wl.stats().queued, 5);
-  assert.deepEqual(wl.stats().dropped, { queue_full: 3 });
+  assert.deepEqual(wl.stats().dropped, drops({ queue_full: 3 }));
   await wl.flush(5000);
   assert.deepEqual(server.stored, ids.slice(0, 5));
   assert.equal(logger.lines.filter((l) => l.includes("queue is full")).length, 1);
@@ -195,11 +195,11 @@ test("flush() answers false at its timeout while the server is down; shutdown() 
   const t1 = Date.now();
   assert.equal(await wl.shutdown(500), false);
   assert.ok(Date.now() - t1 < 1500, `shutdown took ${Date.now() - t1} ms`);
-  assert.deepEqual(wl.stats().dropped, { shutdown: 1 });
+  assert.deepEqual(wl.stats().dropped, drops({ shutdown: 1 }));
   assert.equal(wl.stats().queued, 0);
   // After shutdown: dropped and counted, never thrown.
   wl.logPromptCall(call(2));
-  assert.deepEqual(wl.stats().dropped, { shutdown: 2 });
+  assert.deepEqual(wl.stats().dropped, drops({ shutdown: 2 }));
   await server.close();
 });
 
@@ -214,7 +214,7 @@ test("shutdown() ends a long Retry-After wait at its deadline and counts the bat
   assert.ok(Date.now() - t0 < 1000, `shutdown took ${Date.now() - t0} ms`);
   await new Promise((resolve) => setTimeout(resolve, 100));
   const stats = wl.stats();
-  assert.deepEqual(stats.dropped, { shutdown: 1 });
+  assert.deepEqual(stats.dropped, drops({ shutdown: 1 }));
   assert.equal(stats.sent, 0);
   assert.equal(server.requests.length, 1, "no try after the deadline");
   await server.close();
@@ -246,7 +246,7 @@ test("an unreachable server never reaches the host: calls return, flush resolves
   const { wl } = client(url, { retryForMs: 50 });
   wl.logPromptCall(call(1));
   assert.equal(await wl.flush(5000), true);
-  assert.deepEqual(wl.stats().dropped, { retries_exhausted: 1 });
+  assert.deepEqual(wl.stats().dropped, drops({ retries_exhausted: 1 }));
   await wl.shutdown(100);
 });
 
@@ -256,7 +256,7 @@ test("malformed events are counted and dropped with one warning, or thrown in st
   wl.logPromptCall({ model: "m", tokens_input: Number.NaN });
   wl.logToolCall({ tool_name: "t", toolName: "typo" });
   wl.logToolCall({}); // tool_name missing
-  assert.deepEqual(wl.stats().dropped, { invalid: 3 });
+  assert.deepEqual(wl.stats().dropped, drops({ invalid: 3 }));
   assert.equal(logger.lines.filter((l) => l.includes("dropped")).length, 1);
   const strict = client(server.url, { strict: true }).wl;
   assert.throws(() => strict.logToolCall({ tool_name: "t", toolName: "typo" }), {
@@ -279,7 +279,7 @@ test("a logger or mask that throws does not reach the host", async () => {
     mask: () => { throw new Error("mask broke"); },
   });
   assert.doesNotThrow(() => wl.logPromptCall(call(1)));
-  assert.deepEqual(wl.stats().dropped, { mask_error: 1 }); // never sent unmasked
+  assert.deepEqual(wl.stats().dropped, drops({ mask_error: 1 })); // never sent unmasked
   await wl.shutdown(500);
   await server.close();
 });

@@ -1,6 +1,7 @@
 // End to end against a real `watchllm serve` (tests/test_sdk_node.py starts one and passes
 // WATCHLLM_TEST_URL and WATCHLLM_TEST_KEY): events sent from Node are read back through the
-// analytics API with their run tree, and the SDK's types match the server's /openapi.json.
+// analytics API with their run tree, the SDK's types and rules match the server's
+// /openapi.json, and the server refuses what the SDK's check refuses.
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
 import { readFile, rm, writeFile } from "node:fs/promises";
@@ -10,7 +11,8 @@ import { setTimeout as sleep } from "node:timers/promises";
 
 import { WatchLLM } from "watchllm";
 
-import { memoryLogger } from "./helpers.mjs";
+import { drops, memoryLogger } from "./helpers.mjs";
+import { REFUSED, VALID } from "./refused.mjs";
 import { renderContract } from "../scripts/gen-contract.mjs";
 
 const URL_ = process.env.WATCHLLM_TEST_URL;
@@ -124,28 +126,51 @@ test("a batch sent twice (a retry after a lost answer) is stored once", { skip }
 test("the server's 422 is reported once with its message and nothing is retried", { skip }, async () => {
   const logger = memoryLogger();
   const wl = new WatchLLM({ apiKey: KEY, baseUrl: URL_, flushOnExit: false, logger });
-  wl.logPromptCall({ model: "m", tokens_input: -1 }); // the SDK does not check ranges: the server does
+  // A timestamp's range is not in the JSON Schema: the SDK's check lets it by, the server does not.
+  wl.logPromptCall({ model: "m", timestamp: "1969-12-31T23:59:59Z" });
   await wl.flush(10_000);
   await wl.shutdown(1000);
-  assert.deepEqual(wl.stats().dropped, { rejected: 1 });
+  assert.deepEqual(wl.stats().dropped, drops({ rejected: 1 }));
   assert.equal(wl.stats().batches, 1);
   assert.equal(logger.lines.length, 1);
-  assert.match(logger.lines[0], /tokens_input/);
+  assert.match(logger.lines[0], /timestamp/);
 });
 
-test("the README's quick start runs as written against the server", { skip }, async () => {
-  const readme = await readFile(new URL("../README.md", import.meta.url), "utf8");
-  const section = readme.slice(readme.indexOf("## Quick start"));
-  const code = section.match(/```ts\n([\s\S]*?)```/)[1];
-  // Inside the package folder, so `import "watchllm"` resolves to this package.
-  const file = new URL("./.readme-quick-start.mjs", import.meta.url);
-  await writeFile(file, code.replaceAll("http://127.0.0.1:8787", URL_));
-  try {
-    const { stdout } = await promisify(execFile)(process.execPath, [file.pathname], {
-      env: { ...process.env, WATCHLLM_API_KEY: KEY },
-    });
-    assert.equal(stdout.trim(), "2 events sent");
-  } finally {
-    await rm(file, { force: true });
+/** The events `log` makes, as the SDK would send them, taken before its check by a mask. */
+function built(log) {
+  const events = [];
+  const mask = (event) => {
+    events.push(event);
+    return null; // left out by the mask: not sent, not counted
+  };
+  const wl = new WatchLLM({ apiKey: KEY, baseUrl: URL_, flushOnExit: false, mask, logger: memoryLogger() });
+  log(wl);
+  void wl.shutdown(0);
+  return events;
+}
+
+async function post(events) {
+  const response = await fetch(`${URL_}/v1/events/batch`, {
+    method: "POST",
+    headers: { Authorization: `Bearer ${KEY}`, "Content-Type": "application/json" },
+    body: JSON.stringify({ events }),
+  });
+  return { status: response.status, body: await response.json() };
+}
+
+test("strict mode refuses what the server refuses, at the same field, and sends what it takes", { skip }, async () => {
+  const strict = new WatchLLM({ apiKey: KEY, baseUrl: URL_, flushOnExit: false, strict: true, logger: memoryLogger() });
+  for (const [what, log, field] of REFUSED) {
+    assert.throws(() => log(strict), { name: "WatchLLMValidationError", field }, what);
+    const [event] = built(log); // the same event, sent past the SDK's check
+    const answer = await post([event]);
+    assert.equal(answer.status, 422, `${what}: ${JSON.stringify(answer.body)}`);
+    const fields = answer.body.rejected[0].errors.map((e) => e.field);
+    assert.ok(fields.includes(field), `${what}: the server names ${fields}, the SDK ${field}`);
   }
+  VALID(strict);
+  assert.equal(await strict.flush(10_000), true);
+  await strict.shutdown(1000);
+  assert.equal(strict.stats().sent, 8, JSON.stringify(strict.stats()));
+  assert.equal(strict.stats().droppedTotal, 0);
 });

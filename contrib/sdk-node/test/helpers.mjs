@@ -97,3 +97,21 @@ export function client(url, options = {}) {
   });
   return { wl, logger };
 }
+
+/** `stats().dropped` as it must read: every drop reason, the Python SDK's in its order
+ * (watchllm_ext/sdk/core.py DROP_REASONS), at 0 except those given. */
+export function drops(counts = {}) {
+  const reasons = [
+    "queue_full",
+    "invalid",
+    "mask_error",
+    "rejected",
+    "unauthorized",
+    "too_large",
+    "server_error",
+    "retries_exhausted",
+    "shutdown",
+    "sdk_error",
+  ];
+  return { ...Object.fromEntries(reasons.map((reason) => [reason, 0])), ...counts };
+}
