@@ -15,7 +15,7 @@ export const DROP_REASONS = [
   "queue_full", // the queue held maxQueue events (or maxQueueBytes); the new one was dropped
   "invalid", // refused by the SDK's check of the contract (a field's type, range, length, ...)
   "mask_error", // the mask callback threw: dropped, never sent unmasked
-  "rejected", // refused by the server (400, 422, another 4xx, a 207's `rejected`); no retry
+  "rejected", // refused by the server (400, 404, 422, another 4xx, a 207's `rejected`); no retry
   "unauthorized", // 401 or 403: the key is unknown, revoked or has no ingest scope
   "too_large", // one event over maxEventBytes, or refused alone with 413
   "server_error", // 500 or another answer that is not retried
@@ -394,7 +394,13 @@ export class Delivery {
     }
     if (status === 413 && count > 1) return status;
     const error = parseJson(text) as Partial<ErrorBody> | undefined;
-    const message = `${error?.message ?? text.slice(0, 300)}${error?.field ? ` (field ${error.field})` : ""}`;
+    let message = `${error?.message ?? text.slice(0, 300)}${error?.field ? ` (field ${error.field})` : ""}`;
+    if (status === 404) {
+      // The usual cause: a baseUrl that already ends in the route (…/v1/events/batch).
+      message =
+        `${this.url} is not the ingest route of a WatchLLM server: baseUrl should be the` +
+        ` server's root, such as http://127.0.0.1:8787, with no path after it (${message})`;
+    }
     const reason: DropReason =
       status === 413
         ? "too_large"

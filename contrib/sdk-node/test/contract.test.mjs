@@ -68,6 +68,23 @@ test("stats().dropped lists every drop reason, 0 before the first drop, as the P
   await wl.shutdown(0);
 });
 
+test("a 404 (a baseUrl that ends in the route) says baseUrl should be the server's root", async () => {
+  const server = await ingestServer([
+    { status: 404, body: { error: "not_found", message: "no route POST /v1/events/batch/v1/events/batch" } },
+  ]);
+  const { wl, logger } = client(`${server.url}/v1/events/batch`);
+  wl.logToolCall({ tool_name: "t" });
+  await wl.flush(5000);
+  assert.equal(server.requests.length, 1, "not retried");
+  assert.deepEqual(wl.stats().dropped, drops({ rejected: 1 }));
+  assert.equal(logger.lines.length, 1);
+  assert.match(logger.lines[0], /HTTP 404/);
+  assert.match(logger.lines[0], /baseUrl should be the server's root, such as http:\/\/127\.0\.0\.1:8787/);
+  assert.match(logger.lines[0], /no route POST \/v1\/events\/batch\/v1\/events\/batch/);
+  await wl.shutdown(500);
+  await server.close();
+});
+
 test("WatchLLMRangeError is exported for its own instanceof", () => {
   const error = new sdk.WatchLLMRangeError("m", "f");
   assert.ok(error instanceof RangeError && error instanceof WatchLLMValidationError);
