@@ -1014,3 +1014,187 @@ def test_values_past_the_requests_nested_budget_refuse_their_span(server: Runnin
     settle(server)
     assert stored(server, trace) == (1, 1)
     still_serving(server)
+
+
+# --- bounds on a request's structure, whatever its size in bytes -------------------------------
+# Each entry costs microseconds of Python once walked and two bytes of body: without bounds a
+# small body held millions (decode.py). Bodies are built as protobuf bytes (repeated fields
+# concatenate: appending entries to a serialized request adds them).
+
+
+def ld(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+EMPTY_RESOURCE = ld(1, b"")  # ExportTraceServiceRequest.resource_spans: ResourceSpans{}
+EMPTY_SCOPE = ld(2, b"")  # ResourceSpans.scope_spans: ScopeSpans{}
+EMPTY_EVENT = ld(11, b"")  # Span.events: Event{}
+EMPTY_PAIR = ld(3, b"")  # Span.Event.attributes: KeyValue{}
+
+
+def in_one_scope(*spans: bytes) -> bytes:
+    """A request of one resource (no attributes) and one scope holding the spans' bytes."""
+    return ld(1, ld(2, b"".join(ld(2, span) for span in spans)))
+
+
+def post_either(server: Running, body: bytes, as_json: bool) -> Answer:
+    """The protobuf request `body`, sent gzipped as protobuf or as OTLP JSON."""
+    if as_json:
+        request = ExportTraceServiceRequest()
+        request.ParseFromString(body)
+        doc = to_json(request)
+        for resource_spans in doc.get("resourceSpans", []):  # links' ids in hex too
+            for scope_spans in resource_spans.get("scopeSpans", []):
+                for span in scope_spans.get("spans", []):
+                    for link in span.get("links", []):
+                        for key in ("traceId", "spanId"):
+                            link[key] = base64.b64decode(link[key]).hex()
+        text = json.dumps(doc, separators=(",", ":")).encode()
+        return post(server, gzip.compress(text, 1), content_type=JSON, encoding="gzip")
+    return post(server, gzip.compress(body, 1), encoding="gzip")
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["protobuf", "json"])
+def test_a_small_body_of_millions_of_empty_entries_is_refused_at_once(
+    server: Running, as_json: bool
+) -> None:
+    """The probe: 4,000,000 empty resourceSpans, 8 MB (12 MB as JSON), a few KB gzipped, took
+    15 s of a worker's CPU, past its deadline, then again in the server, and were answered 200
+    at no quota (no span). Now a 400 naming the field and the limit, before any is walked."""
+    from watchllm_ext.otel.decode import MAX_ENTRIES
+
+    body = EMPTY_RESOURCE * 4_000_000
+    if as_json:
+        text = b'{"resourceSpans":[' + b",".join([b"{}"] * 4_000_000) + b"]}"
+        wire = gzip.compress(text, 1)
+    else:
+        wire = gzip.compress(body, 1)
+    assert len(wire) < 64 * 1024
+    started = time.monotonic()
+    answer = post(server, wire, content_type=JSON if as_json else PROTOBUF, encoding="gzip")
+    took = time.monotonic() - started
+    assert answer.status == 400, answer
+    assert answer.message.startswith("resourceSpans: 4000000 resourceSpans entries") or (
+        as_json and answer.message.startswith("resourceSpans: more than")
+    ), answer.message
+    assert f"limit of {MAX_ENTRIES}" in answer.message
+    assert took < 10, took  # parsing only (0.4 s of protobuf, 1 s of JSON, on a quiet core)
+    still_serving(server)
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["protobuf", "json"])
+@pytest.mark.parametrize("entries", ["resourceSpans", "scopeSpans"])
+def test_resource_and_scope_entries_past_the_limit_refuse_the_request(
+    server: Running, entries: str, as_json: bool
+) -> None:
+    """At the limit a request is taken; one entry more and it is refused whole (400, the
+    field and the limit named), its good spans not stored. Scope entries count in all: here
+    half of them in a second resource."""
+    from watchllm_ext.otel.decode import MAX_ENTRIES
+
+    def body(trace: bytes, n: int) -> bytes:
+        good = good_trace(trace).SerializeToString()  # one resource, one scope, 2 spans
+        if entries == "resourceSpans":
+            return good + EMPTY_RESOURCE * (n - 1)
+        half = (n - 1) // 2
+        return good + ld(1, EMPTY_SCOPE * half) + ld(1, EMPTY_SCOPE * (n - 1 - half))
+
+    trace = new_trace()
+    answer = post_either(server, body(trace, MAX_ENTRIES), as_json)
+    assert answer.status == 200 and answer.rejected_spans == 0, answer
+    over = new_trace()
+    answer = post_either(server, body(over, MAX_ENTRIES + 1), as_json)
+    assert answer.status == 400, answer
+    assert f"{entries} entries in one request" in answer.message, answer.message
+    assert f"limit of {MAX_ENTRIES} a request" in answer.message
+    settle(server)
+    assert stored(server, trace) == (2, 1)
+    assert stored(server, over) == (0, 0)
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["protobuf", "json"])
+def test_span_events_and_links_past_the_limit_refuse_the_request(
+    server: Running, as_json: bool
+) -> None:
+    """Span events and links in all: 256 spans of 1,024 empty events each are taken; one
+    event more is a 413 naming them (a smaller batch is taken), nothing of it stored."""
+    from watchllm_ext.otel.decode import MAX_EVENTS_IN_ALL
+
+    per_span = 1024
+    n = MAX_EVENTS_IN_ALL // per_span
+
+    def body(trace: bytes, extra: bytes) -> bytes:
+        spans = [otel_span(trace, i).SerializeToString() + EMPTY_EVENT * per_span for i in range(n)]
+        return in_one_scope(*spans, otel_span(trace, n).SerializeToString() + extra)
+
+    trace = new_trace()
+    answer = post_either(server, body(trace, b""), as_json)
+    assert answer.status == 200 and answer.rejected_spans == 0, answer
+    over = new_trace()
+    link = Span.Link(trace_id=over, span_id=span_id(over, 1)).SerializeToString()
+    answer = post_either(server, body(over, ld(13, link)), as_json)  # Span.links
+    assert answer.status == 413, answer
+    assert "span events and links in one request" in answer.message, answer.message
+    assert f"limit of {MAX_EVENTS_IN_ALL} a request" in answer.message
+    settle(server)
+    assert stored(server, trace) == (n + 1, 0)
+    assert stored(server, over) == (0, 0)
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["protobuf", "json"])
+def test_attributes_past_the_limit_refuse_the_request(server: Running, as_json: bool) -> None:
+    """Attributes in all (of resources, scopes, spans, span events and links): one span whose
+    1,024 events hold 1,024 empty attributes each is at the limit; one attribute more is a
+    413 naming them. (Before, 24 such spans, a 50 KB gzip body, took 24 s of CPU.)"""
+    from watchllm_ext.otel.decode import MAX_ATTRIBUTES_IN_ALL
+
+    assert MAX_ATTRIBUTES_IN_ALL == 1024 * 1024
+    events = ld(11, EMPTY_PAIR * 1024) * 1024
+    over = new_trace()
+    if as_json:  # written directly: json_format would take seconds to make it
+        doc = to_json(export(otel_span(over, 1)))
+        span = doc["resourceSpans"][0]["scopeSpans"][0]["spans"][0]
+        span["events"] = [{"attributes": [{}] * 1024}] * 1024  # and the resource's one
+        text = json.dumps(doc, separators=(",", ":")).encode()
+        answer = post(server, gzip.compress(text, 1), content_type=JSON, encoding="gzip")
+    else:
+        extra = ld(9, kv("one.more", 1).SerializeToString())  # Span.attributes
+        answer = post_either(
+            server, in_one_scope(otel_span(over, 1).SerializeToString() + extra + events), False
+        )
+    assert answer.status == 413, answer
+    assert "attributes (of resources, scopes, spans, span events and links)" in answer.message
+    assert f"limit of {MAX_ATTRIBUTES_IN_ALL} a request" in answer.message, answer.message
+    if not as_json:  # (1,048,576 attributes of JSON take seconds to parse: protobuf's only)
+        trace = new_trace()
+        body = in_one_scope(otel_span(trace, 1).SerializeToString() + events)
+        answer = post_either(server, body, False)
+        assert answer.status == 200 and answer.rejected_spans == 0, answer
+        settle(server)
+        assert stored(server, trace) == (1, 0)
+    settle(server)
+    assert stored(server, over) == (0, 0)
+
+
+def test_json_values_past_the_requests_budget_refuse_the_request(server: Running) -> None:
+    """OTLP JSON is parsed whole, in Python, before a span is read: values in arrays and
+    key-value lists past MAX_NESTED_VALUES refuse the request (413) rather than their span,
+    as protobuf does (test_values_past_the_requests_nested_budget_refuse_their_span)."""
+    from watchllm_ext.otel.decode import MAX_NESTED_VALUES
+
+    trace = new_trace()
+    doc = to_json(export(otel_span(trace, 3, llm=True), otel_span(trace, 7, llm=True)))
+    inner = {"arrayValue": {"values": [{}] * 1024}}
+    wide = {"arrayValue": {"values": [inner] * 1024}}  # 1,024 + 1,048,576 values
+    assert MAX_NESTED_VALUES < 1024 + 1024 * 1024
+    doc["resourceSpans"][0]["scopeSpans"][0]["spans"][0]["attributes"].append(
+        {"key": "wide", "value": wide}
+    )
+    text = json.dumps(doc, separators=(",", ":")).encode()
+    answer = post(server, gzip.compress(text, 1), content_type=JSON, encoding="gzip")
+    assert answer.status == 413, answer
+    assert f"over the limit of {MAX_NESTED_VALUES} a request" in answer.message, answer.message
+    assert "attributes[4].value.arrayValue.values" in answer.message
+    settle(server)
+    assert stored(server, trace) == (0, 0)

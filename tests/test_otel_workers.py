@@ -237,6 +237,32 @@ def test_the_worker_protocol_round_trip() -> None:
     assert map_body(b"\x00\x01", True, "acme", 0).problem == refused.problem
 
 
+def test_the_span_limit_goes_to_the_worker_with_the_body(server_factory: Any) -> None:
+    """A body over the server's max_batch_events is refused by the worker before any of its
+    spans is read (decode.check_request), with the server's limit, not a default: the
+    request carries it. Through a real server, whose answer is the worker's."""
+    now = datetime.now(UTC)
+    body = encode_spans(traces(3)).SerializeToString()  # 15 spans
+    wait_for_a_worker()
+    call = pool.POOL.call
+    refused = call(encode_request(body, True, "acme", now, 14), 1, decode_answer)
+    assert refused is not None and refused.spans == 0, refused
+    assert refused.problem == (
+        413,
+        "too_many_spans",
+        "15 spans in one request is over the limit of 14 (max_batch_events)",
+        "resourceSpans",
+    )
+    taken = call(encode_request(body, True, "acme", now, 15), 1, decode_answer)
+    assert taken is not None and taken.problem is None and taken.spans == 15
+    running: Running = server_factory(otel_worker_processes=1, max_batch_events=149 * 5)
+    answered = pool.POOL.answered_total
+    answer = post(running, big_body(150))
+    assert answer.status_code == 413, answer.content
+    assert pool.POOL.answered_total == answered + 1  # the worker's answer
+    assert b"750 spans in one request is over the limit of 745" in answer.content
+
+
 @pytest.mark.parametrize("processes", [0, 1])
 def test_small_bodies_stay_in_the_server(server_factory: Any, processes: int) -> None:
     running: Running = server_factory(otel_worker_processes=processes)

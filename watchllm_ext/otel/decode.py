@@ -5,8 +5,10 @@ protobuf JSON mapping with two differences (ids in hex, not base64; enums as int
 ids are turned into base64 and the document parsed into the same classes by protobuf's
 `json_format`, so both encodings meet in one converter.
 
-A body that does not parse is refused whole (400). Past that, each span is checked on its
-own: a bad span (wrong id lengths, too many attributes, a value nested too deep, times
+A body that does not parse is refused whole (400), as is one whose structure is over a
+request's bounds (check_request: resource and scope entries, spans, attributes, span events
+and links in all: 400 or 413), whatever its size in bytes. Past that, each span is checked on
+its own: a bad span (wrong id lengths, too many attributes, a value nested too deep, times
 outside the events' range: ids.time_problem) is rejected and named in the answer's
 `partial_success`, and the others go on.
 """
@@ -47,6 +49,18 @@ MAX_PROBLEMS_LISTED = 5
 # spans under a 2 KB one make 20 MB.
 MAX_COPIED_BYTES = 64 * 1024 * 1024
 
+# Bounds on a request's structure as a whole. Each entry costs 1-5 us of Python once walked
+# (JSON: also in _check and json_format), a few bytes of body: 4,000,000 empty resourceSpans
+# (8 MB, 8 KB gzipped) took 15 s of a worker's CPU, past its deadline, and were answered 200
+# at no quota (no span). An SDK's batch is 512 spans (one resource, a few scopes, 128
+# attributes and 128 events a span at most); a Collector's 8,192.
+# resourceSpans entries, and scopeSpans entries in all: the span limit if that is higher (a
+# request of non-empty entries within the span limit is always within this).
+MAX_ENTRIES = 10_000
+DEFAULT_MAX_SPANS = 10_000  # Settings.max_batch_events' default: the receiver passes the setting
+MAX_ATTRIBUTES_IN_ALL = 1_048_576  # of resources, scopes, spans, span events and links
+MAX_EVENTS_IN_ALL = 262_144  # span events and links
+
 KINDS = ("unspecified", "internal", "server", "client", "producer", "consumer")
 STATUSES = ("unset", "ok", "error")
 
@@ -73,7 +87,8 @@ class Decoded(Refusals):
     spans: list[Span] = field(default_factory=list)
 
 
-def parse_protobuf(body: bytes) -> ExportTraceServiceRequest:
+def parse_protobuf(body: bytes, max_spans: int = DEFAULT_MAX_SPANS) -> ExportTraceServiceRequest:
+    """The request, its resource and scope entries and spans counted (check_request)."""
     request = ExportTraceServiceRequest()
     try:
         request.ParseFromString(body)
@@ -84,16 +99,83 @@ def parse_protobuf(body: bytes) -> ExportTraceServiceRequest:
             f"body is not an OTLP ExportTraceServiceRequest in protobuf: {exc}",
             field="body",
         ) from None
+    check_request(request, max_spans)
     return request
 
 
-def parse_json(body: bytes) -> ExportTraceServiceRequest:
+def check_request(request: ExportTraceServiceRequest, max_spans: int) -> None:
+    """Refuse a request with more resource entries, scope entries or spans than a request may
+    hold, before any is walked: len() of the repeated fields, in C. (Attributes, events and
+    links are counted as the spans are read: spans_of.)"""
+    bounds = limits(max_spans)
+    resources = request.resource_spans
+    if len(resources) > bounds["resourceSpans"]:
+        raise too_many("resourceSpans", bounds["resourceSpans"], len(resources))
+    scopes = [resource_spans.scope_spans for resource_spans in resources]
+    n_scopes = sum(map(len, scopes))
+    if n_scopes > bounds["scopeSpans"]:
+        raise too_many("scopeSpans", bounds["scopeSpans"], n_scopes)
+    n_spans = sum(len(scope_spans.spans) for each in scopes for scope_spans in each)
+    if n_spans > max_spans:
+        raise too_many("spans", max_spans, n_spans)
+
+
+def limits(max_spans: int) -> dict[str, int]:
+    """What one request may hold in all, by kind of entry (named by OTLP JSON's fields)."""
+    entries = max(MAX_ENTRIES, max_spans)
+    return {
+        "resourceSpans": entries,
+        "scopeSpans": entries,
+        "spans": max_spans,
+        "attributes": MAX_ATTRIBUTES_IN_ALL,
+        "events": MAX_EVENTS_IN_ALL,
+        "values": MAX_NESTED_VALUES,
+    }
+
+
+_NOUNS = {
+    "resourceSpans": "resourceSpans entries",
+    "scopeSpans": "scopeSpans entries",
+    "attributes": "attributes (of resources, scopes, spans, span events and links)",
+    "events": "span events and links",
+    "values": "values in arrays and key-value lists",
+}
+
+
+def too_many(kind: str, limit: int, n: int | None = None, where: str | None = None) -> Problem:
+    """The answer to a request over a bound on its structure (`n`: how many it holds, when
+    known; `where`: the list that went over), naming the field. Empty resource or scope
+    entries make no batch: 400. The rest grow with the batch: 413, as a body too large (for
+    spans in ingest.check_span_count's words), so that an exporter that splits a batch on 413
+    does."""
+    if kind == "spans":
+        count = f"{n} spans" if n is not None else f"More than {limit} spans"
+        return Problem(
+            413,
+            "too_many_spans",
+            f"{count} in one request is over the limit of {limit} (max_batch_events)",
+            field="resourceSpans",
+        )
+    count = f"{n}" if n is not None else f"more than {limit}"
+    return Problem(
+        400 if kind in ("resourceSpans", "scopeSpans") else 413,
+        "too_many_entries",
+        f"{where or kind}: {count} {_NOUNS[kind]} in one request, over the limit of {limit} a"
+        " request; send fewer spans a request",
+        field=kind,
+    )
+
+
+def parse_json(body: bytes, max_spans: int = DEFAULT_MAX_SPANS) -> ExportTraceServiceRequest:
     try:
         document = msgspec.json.decode(body)
     except (msgspec.DecodeError, RecursionError) as exc:
         raise Problem(400, "bad_json", f"body is not valid JSON: {exc}", field="body") from None
     try:
-        _check(document, ExportTraceServiceRequest.DESCRIPTOR, "")
+        # The lists are counted as _check meets them, before it walks their elements and
+        # long before json_format (pure Python) makes a message of each.
+        bounds = limits(max_spans)
+        _check(document, ExportTraceServiceRequest.DESCRIPTOR, "", _Budget(bounds, dict(bounds)))
         return json_format.ParseDict(document, ExportTraceServiceRequest())
     except _BadJson as exc:
         raise Problem(400, "bad_json", str(exc), field=exc.field or "body") from None
@@ -133,11 +215,41 @@ _INTEGERS = frozenset(
 )
 
 
-def _check(value: Any, descriptor: Any, path: str) -> None:
+# The JSON lists counted against a request's bounds (parse_json), by field; any other list
+# (a resource's entityRefs, ...) counts as attributes.
+_LISTS = {
+    "opentelemetry.proto.collector.trace.v1.ExportTraceServiceRequest.resource_spans": (
+        "resourceSpans"
+    ),
+    "opentelemetry.proto.trace.v1.ResourceSpans.scope_spans": "scopeSpans",
+    "opentelemetry.proto.trace.v1.ScopeSpans.spans": "spans",
+    "opentelemetry.proto.trace.v1.Span.events": "events",
+    "opentelemetry.proto.trace.v1.Span.links": "events",
+    "opentelemetry.proto.common.v1.ArrayValue.values": "values",
+    "opentelemetry.proto.common.v1.KeyValueList.values": "values",
+}
+
+
+@dataclass(slots=True)
+class _Budget:
+    limits: dict[str, int]
+    left: dict[str, int]  # what the request may still hold, by kind
+
+    def spend(self, kind: str, n: int, where: str) -> None:
+        left = self.left[kind] - n
+        if left < 0:
+            # JSON is parsed whole, in Python, before a span is read: values past the limit
+            # refuse the request here (protobuf: the span that holds them, spans_of).
+            raise too_many(kind, self.limits[kind], where=where)
+        self.left[kind] = left
+
+
+def _check(value: Any, descriptor: Any, path: str, budget: _Budget) -> None:
     """Check a JSON object against a message's fields, in place: keys no field has are
     dropped (receivers ignore unknown fields, the spec says), and every value must have its
     field's JSON type, so that `ParseDict` (strict) never reads a string as an empty message,
-    an unknown enum name as 0 or "1.5" as 1. Ids are turned from hex into base64."""
+    an unknown enum name as 0 or "1.5" as 1. Ids are turned from hex into base64. Each list's
+    length is taken from `budget` (what the request may still hold) before it is walked."""
     if not isinstance(value, dict):
         raise _BadJson(f"{path or 'body'} must be a JSON object", path or "body")
     fields = descriptor.fields_by_camelcase_name
@@ -153,18 +265,19 @@ def _check(value: Any, descriptor: Any, path: str) -> None:
         if field.is_repeated:
             if not isinstance(item, list):
                 raise _BadJson(f"{where} must be a JSON array", where)
+            budget.spend(_LISTS.get(field.full_name, "attributes"), len(item), where)
             for n, element in enumerate(item):
-                _check_value(element, field, f"{where}[{n}]")
+                _check_value(element, field, f"{where}[{n}]", budget)
         else:
-            converted = _check_value(item, field, where)
+            converted = _check_value(item, field, where, budget)
             if converted is not None:
                 value[key] = converted
 
 
-def _check_value(item: Any, field: Any, where: str) -> str | None:
+def _check_value(item: Any, field: Any, where: str, budget: _Budget) -> str | None:
     kind = field.type
     if kind == FieldDescriptor.TYPE_MESSAGE:
-        _check(item, field.message_type, where)
+        _check(item, field.message_type, where, budget)
     elif kind == FieldDescriptor.TYPE_STRING:
         if not isinstance(item, str):
             raise _BadJson(f"{where} must be a string", where)
@@ -207,22 +320,31 @@ def spans_of(request: ExportTraceServiceRequest) -> Decoded:
     # beside the first. The first is kept; a later one is refused, named.
     keys: set[tuple[str, str]] = set()
     copied = 0  # bytes of resource attributes and scope names copied onto rows so far
-    nested = [MAX_NESTED_VALUES]  # what the request's values may still hold (_value)
+    # What the request may still hold: values in arrays and key-value lists (_value),
+    # attributes, span events and links (check_request counted the rest).
+    budget = [MAX_NESTED_VALUES, MAX_ATTRIBUTES_IN_ALL, MAX_EVENTS_IN_ALL]
     for r, resource_spans in enumerate(request.resource_spans):
+        scopes = resource_spans.scope_spans
+        if not any(scope_spans.spans for scope_spans in scopes):
+            continue  # nothing to store: its attributes are not read
         try:
-            resource = _attributes(resource_spans.resource.attributes, "resource", nested)
+            resource = _attributes(resource_spans.resource.attributes, "resource", budget)
         except BadSpan as exc:
-            n = sum(len(s.spans) for s in resource_spans.scope_spans)
+            n = sum(len(s.spans) for s in scopes)
             out.reject(f"resourceSpans[{r}].resource", f"{exc} ({n} spans rejected)")
             out.rejected += n - 1
             continue
         resource_bytes = _size(resource)
-        for s, scope_spans in enumerate(resource_spans.scope_spans):
+        for s, scope_spans in enumerate(scopes):
+            n = len(scope_spans.spans)
+            if not n:
+                continue
             scope = scope_spans.scope
             scope_name, scope_version = scope.name, scope.version
-            n = len(scope_spans.spans)
+            # Not read, but JSON's were parsed one by one: counted alike.
+            _spend_attributes(budget, len(scope.attributes), "scope.attributes")
             each = resource_bytes + len(scope_name) + len(scope_version)
-            if n and copied + each * n > MAX_COPIED_BYTES:
+            if copied + each * n > MAX_COPIED_BYTES:
                 out.reject(
                     f"resourceSpans[{r}].scopeSpans[{s}]",
                     f"the resource's attributes and the scope's name ({each} bytes) copied onto"
@@ -235,7 +357,7 @@ def spans_of(request: ExportTraceServiceRequest) -> Decoded:
             copied += each * n
             for i, span in enumerate(scope_spans.spans):
                 try:
-                    decoded = _span(span, resource, scope_name, scope_version, nested)
+                    decoded = _span(span, resource, scope_name, scope_version, budget)
                 except BadSpan as exc:
                     out.reject(f"resourceSpans[{r}].scopeSpans[{s}].spans[{i}]", str(exc))
                     continue
@@ -261,7 +383,7 @@ def _size(attributes: dict[str, Any]) -> int:
 
 
 def _span(
-    span: Any, resource: dict[str, Any], scope_name: str, scope_version: str, nested: list[int]
+    span: Any, resource: dict[str, Any], scope_name: str, scope_version: str, budget: list[int]
 ) -> Span:
     trace_id = span.trace_id
     span_id = span.span_id
@@ -283,6 +405,11 @@ def _span(
         raise BadSpan(f"{len(events)} events, over the limit of {MAX_EVENTS}")
     if len(links) > MAX_LINKS:
         raise BadSpan(f"{len(links)} links, over the limit of {MAX_LINKS}")
+    if events or links:
+        left = budget[_EVENTS] - len(events) - len(links)
+        if left < 0:
+            raise too_many("events", MAX_EVENTS_IN_ALL, where="events and links")
+        budget[_EVENTS] = left
     # Times the events' range cannot hold are refused, never moved (ids.py).
     start, end = span.start_time_unix_nano, span.end_time_unix_nano
     if not times_ok(start, end):
@@ -290,7 +417,7 @@ def _span(
     status = span.status
     kind = span.kind
     code = status.code
-    attributes, texts = _attributes_and_texts(span.attributes, "attributes", nested)
+    attributes, texts = _attributes_and_texts(span.attributes, "attributes", budget)
     return Span(
         trace_id=trace_hex,
         span_id=span_hex,
@@ -306,7 +433,7 @@ def _span(
         scope_name=scope_name,
         scope_version=scope_version,
         events=[
-            SpanEvent(e.name, e.time_unix_nano, _attributes(e.attributes, f"events[{n}]", nested))
+            SpanEvent(e.name, e.time_unix_nano, _attributes(e.attributes, f"events[{n}]", budget))
             for n, e in enumerate(events)
         ]
         if events
@@ -315,7 +442,7 @@ def _span(
             {
                 "trace_id": _id(link.trace_id, 16, f"links[{n}].traceId"),
                 "span_id": _id(link.span_id, 8, f"links[{n}].spanId"),
-                "attributes": _attributes(link.attributes, f"links[{n}].attributes", nested),
+                "attributes": _attributes(link.attributes, f"links[{n}].attributes", budget),
             }
             for n, link in enumerate(links)
         ]
@@ -337,18 +464,31 @@ def _id(raw: bytes, size: int, name: str) -> str:
     return raw.hex()
 
 
-def _attributes(pairs: Any, where: str, nested: list[int]) -> dict[str, Any]:
-    return _attributes_and_texts(pairs, where, nested)[0]
+# The places of spans_of's budget.
+_NESTED, _ATTRIBUTES, _EVENTS = 0, 1, 2
+
+
+def _spend_attributes(budget: list[int], n: int, where: str) -> None:
+    left = budget[_ATTRIBUTES] - n
+    if left < 0:  # the whole request is refused: nothing of it was stored yet
+        raise too_many("attributes", MAX_ATTRIBUTES_IN_ALL, where=where)
+    budget[_ATTRIBUTES] = left
+
+
+def _attributes(pairs: Any, where: str, budget: list[int]) -> dict[str, Any]:
+    return _attributes_and_texts(pairs, where, budget)[0]
 
 
 def _attributes_and_texts(
-    pairs: Any, where: str, nested: list[int]
+    pairs: Any, where: str, budget: list[int]
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """The attributes' values, and their text as a `spans` row keeps it (mapping.span_row,
     mapping.attribute_texts): the same dict when every value is a string, else a copy with
     the few other values' texts (cheaper than a text per attribute afterwards)."""
     if len(pairs) > MAX_ATTRIBUTES:
         raise BadSpan(f"{where}: {len(pairs)} attributes, over the limit of {MAX_ATTRIBUTES}")
+    if pairs:
+        _spend_attributes(budget, len(pairs), where)
     out: dict[str, Any] = {}
     others: list[str] = []  # the keys of values that are not strings
     for pair in pairs:
@@ -366,7 +506,7 @@ def _attributes_and_texts(
         if kind in _SCALARS:
             out[key] = getattr(value, kind)
         else:
-            out[key] = _value(value, 0, key, nested)
+            out[key] = _value(value, 0, key, budget)
         if kind != "string_value":  # an empty string is still a string
             others.append(key)
     # The keys' lengths in one pass in C, after the loop; the first long key is named.
@@ -384,18 +524,19 @@ def _attributes_and_texts(
 _SCALARS = frozenset({"string_value", "int_value", "double_value", "bool_value"})
 
 
-def _spend(nested: list[int], n: int, key: str) -> None:
-    if n > nested[0]:
-        nested[0] = 0  # a later span's values are refused too: the request's work stays bounded
+def _spend(budget: list[int], n: int, key: str) -> None:
+    if n > budget[_NESTED]:
+        # A later span's values are refused too: the request's work stays bounded.
+        budget[_NESTED] = 0
         raise BadSpan(
             f"attribute {key[:100]!r}: the request's arrays and key-value lists hold over"
             f" {MAX_NESTED_VALUES} values in all (the limit a request); send fewer or flatter"
             " values a request"
         )
-    nested[0] -= n
+    budget[_NESTED] -= n
 
 
-def _value(value: Any, depth: int, key: str, nested: list[int]) -> Any:
+def _value(value: Any, depth: int, key: str, budget: list[int]) -> Any:
     kind = value.WhichOneof("value")
     if kind == "string_value":
         return value.string_value
@@ -413,14 +554,14 @@ def _value(value: Any, depth: int, key: str, nested: list[int]) -> Any:
         values = value.array_value.values
         if len(values) > MAX_ATTRIBUTES:
             raise BadSpan(f"attribute {key[:100]!r} holds {len(values)} values (limit 1024)")
-        _spend(nested, len(values), key)
-        return [_value(v, depth + 1, key, nested) for v in values]
+        _spend(budget, len(values), key)
+        return [_value(v, depth + 1, key, budget) for v in values]
     if kind == "kvlist_value":
         pairs = value.kvlist_value.values
         if len(pairs) > MAX_ATTRIBUTES:
             raise BadSpan(f"attribute {key[:100]!r} holds {len(pairs)} pairs (limit 1024)")
-        _spend(nested, len(pairs), key)
-        return {p.key: _value(p.value, depth + 1, key, nested) for p in pairs}
+        _spend(budget, len(pairs), key)
+        return {p.key: _value(p.value, depth + 1, key, budget) for p in pairs}
     if kind == "bytes_value":
         return base64.b64encode(value.bytes_value).decode()
     return None

@@ -59,6 +59,11 @@ DEPTH = 2
 # receiver's places. Its calls then get EOF, and their bodies are done in the server.
 CALL_TIMEOUT_S = 8.0
 CALL_S_PER_MB = 1.0
+# OTLP JSON costs more a MB (json_format is pure Python): the densest JSON body within the
+# receiver's bounds on a request's structure (decode.py: empty events and values, one-letter
+# keys), 16 MiB, takes 11 s of CPU, which 8 s + 1 s a MB would leave little margin on a busy
+# machine. Protobuf's densest, 49 MiB, takes 4 s.
+CALL_S_PER_MB_JSON = 2.0
 # The most a worker's start (its imports) may take.
 START_TIMEOUT_S = 30.0
 # How often the watchdog looks at the calls' deadlines.
@@ -131,12 +136,13 @@ class _Worker:
             raise OSError(f"the worker ended at start (exit code {self.process.wait()})")
         self.deadline = None
 
-    def call(self, request: bytes) -> bytes:
+    def call(self, request: bytes, per_mb_s: float | None = None) -> bytes:
         with self._send:
             ticket = self._sent
             self._sent += 1
             with self._turn:
-                allowed = CALL_TIMEOUT_S + CALL_S_PER_MB * len(request) / 1e6
+                per_mb = CALL_S_PER_MB if per_mb_s is None else per_mb_s
+                allowed = CALL_TIMEOUT_S + per_mb * len(request) / 1e6
                 self._deadlines[ticket] = time.monotonic() + allowed
                 self.deadline = self._deadlines[min(self._deadlines)]
             try:
@@ -208,15 +214,22 @@ class WorkerPool:
         with self._cond:
             return len(self._live)
 
-    def call(self, request: bytes, size: int, decode: Callable[[bytes], T]) -> T | None:
+    def call(
+        self,
+        request: bytes,
+        size: int,
+        decode: Callable[[bytes], T],
+        per_mb_s: float | None = None,
+    ) -> T | None:
         """(Blocking.) Send `request` to a worker; its answer through `decode`, or None when no
         worker is alive or ready, or the one called failed (do the work in-process). An answer
-        `decode` refuses counts as the worker's failure."""
+        `decode` refuses counts as the worker's failure. `per_mb_s`: the seconds a MB of the
+        request the worker is given beyond CALL_TIMEOUT_S (CALL_S_PER_MB unless said)."""
         worker = self._acquire(size)
         if worker is None:
             return None
         try:
-            answer = decode(worker.call(request))
+            answer = decode(worker.call(request, per_mb_s))
             self.answered_total += 1
             return answer
         except Exception as exc:  # OSError, EOFError, a frame or answer that does not decode
@@ -349,15 +362,18 @@ def limiter(size: int) -> anyio.CapacityLimiter:
     return found
 
 
-async def map_in_worker(request: bytes, size: int, decode: Callable[[bytes], T]) -> T | None:
+async def map_in_worker(
+    request: bytes, size: int, decode: Callable[[bytes], T], per_mb_s: float | None = None
+) -> T | None:
     """A worker's answer to `request` (worker.py's msgpack) through `decode`, or None: do it
-    in-process (no worker ready, or none had a place within WAIT_FOR_WORKER_S, or it failed)."""
+    in-process (no worker ready, or none had a place within WAIT_FOR_WORKER_S, or it failed).
+    `per_mb_s`: as WorkerPool.call."""
     places = limiter(size)
     # Within the request's wait budget (admission.one_wait_budget), which the server's own
     # places then share.
     if not await acquire_within(places.acquire, WAIT_FOR_WORKER_S):
         return None
     try:
-        return await anyio.to_thread.run_sync(POOL.call, request, size, decode)
+        return await anyio.to_thread.run_sync(POOL.call, request, size, decode, per_mb_s)
     finally:
         places.release()

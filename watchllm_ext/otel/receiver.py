@@ -6,10 +6,12 @@ Answers as the OTLP/HTTP spec says, in the request's encoding (protobuf or JSON)
 - 200 with an `ExportTraceServiceResponse`; `partial_success` (rejected_spans and a message
   naming the first problems) when some spans were refused;
 - otherwise a `google.rpc.Status` (code and message) with the HTTP status: 400 for a body
-  that does not decode or spans that are all invalid, 401/403 for the key, 408/413/415 for
-  the body, 429 (quota, with Retry-After and the rate-limit headers) and 503 with Retry-After
-  when the spool is full: OpenTelemetry's exporters retry 429/502/503/504 with backoff, so
-  overload is pushed back, never accepted and dropped.
+  that does not decode, holds too many resource or scope entries, or whose spans are all
+  invalid, 401/403 for the key, 408/413/415 for the body (413 also for more spans,
+  attributes, events and links than a request may hold: decode.py), 429 (quota, with
+  Retry-After and the rate-limit headers) and 503 with Retry-After when the spool is full:
+  OpenTelemetry's exporters retry 429/502/503/504 with backoff, so overload is pushed back,
+  never accepted and dropped.
 
 The key comes as `Authorization: Bearer KEY` (what `OTEL_EXPORTER_OTLP_HEADERS=
 Authorization=Bearer%20KEY` sends) or Basic with the key as password (Langfuse-style clients
@@ -46,7 +48,7 @@ from ..openapi import described
 from ..settings import Settings
 from .decode import Decoded, parse_json, parse_protobuf, spans_of
 from .ingest import ingest_mapped, ingest_spans, on_cpu_place
-from .pool import map_in_worker
+from .pool import CALL_S_PER_MB_JSON, map_in_worker
 from .worker import decode_answer, encode_request
 
 log = logging.getLogger("watchllm.otel")
@@ -100,11 +102,12 @@ def _operations() -> dict[str, Any]:
         "application/json": {"schema": status},
     }
     texts = {
-        400: "undecodable body, or every span invalid (google.rpc.Status)",
+        400: "undecodable body, more resourceSpans or scopeSpans entries than a request may"
+        " hold, or every span invalid (google.rpc.Status)",
         401: "missing or unknown API key",
         403: "the key has no ingest scope",
         408: "the body did not arrive in time",
-        413: "body or span count over the limit",
+        413: "body, spans, attributes, span events and links or values over a request's limit",
         415: "unsupported content type or encoding",
         429: "quota exceeded; retry after Retry-After",
         503: "spool full or not running; retry after Retry-After",
@@ -171,11 +174,13 @@ async def receive_traces(request: Request) -> Response:
 async def _ingest(wl: Any, principal: Principal, body: bytes, protobuf: bool) -> dict[str, Any]:
     big = len(body) >= OFFLOAD_MIN_BYTES
     processes = wl.settings.otel_worker_processes
+    max_spans = wl.settings.max_batch_events  # checked right after parsing (decode.py)
     if big and processes:
         # Decoded and mapped in a worker process (pool.py), on another core than this one.
         received = receipt_time()
-        request = encode_request(body, protobuf, principal.project_id, received)
-        mapped = await map_in_worker(request, processes, decode_answer)
+        request = encode_request(body, protobuf, principal.project_id, received, max_spans)
+        per_mb_s = None if protobuf else CALL_S_PER_MB_JSON  # JSON's decoding costs more a MB
+        mapped = await map_in_worker(request, processes, decode_answer, per_mb_s)
         if mapped is not None and mapped.crash is None:
             ops_metrics(wl).otel_bodies.labels("worker").inc()
             if mapped.problem is not None:
@@ -188,14 +193,22 @@ async def _ingest(wl: Any, principal: Principal, body: bytes, protobuf: bool) ->
         ops_metrics(wl).otel_bodies.labels("server").inc()
     # Off the event loop when big, in its one place for this work (503 when none comes in
     # time: every worker busy and the server's own place taken is overload).
-    decoded = await on_cpu_place(wl, _decode, body, protobuf) if big else _decode(body, protobuf)
+    decoded = (
+        await on_cpu_place(wl, _decode, body, protobuf, max_spans)
+        if big
+        else _decode(body, protobuf, max_spans)
+    )
     return await ingest_spans(
         wl, principal, decoded.spans, rejected=decoded.rejected, problems=decoded.problems
     )
 
 
-def _decode(body: bytes, protobuf: bool) -> Decoded:
-    return spans_of(parse_protobuf(body) if protobuf else parse_json(body))
+def _decode(body: bytes, protobuf: bool, max_spans: int) -> Decoded:
+    # The body's structure is bounded right after parsing (decode.check_request): a small
+    # body of millions of empty entries is refused before they are walked, and a body over
+    # the span limit before its spans are read.
+    request = parse_protobuf(body, max_spans) if protobuf else parse_json(body, max_spans)
+    return spans_of(request)
 
 
 def _all_rejected(n: int, problems: list[str]) -> Problem:

@@ -9,9 +9,10 @@ and answers (ingest.ingest_mapped): nothing is accepted until the server has spo
 worker that dies loses nothing (the server does that body's work itself: pool.py).
 
 Its argument is the server's pid. On stdin and stdout, frames: a 4-byte big-endian length,
-then msgpack. A request is (body, protobuf, project id, receipt time in ms); the answer a
-`MappedBody`. A frame that starts with events_worker.JOB_MARK is a body of events instead,
-validated and encoded for the spool (events_worker.py): the same processes serve both.
+then msgpack. A request is (body, protobuf, project id, receipt time in ms, the most spans a
+request may hold); the answer a `MappedBody`. A frame that starts with events_worker.JOB_MARK
+is a body of events instead, validated and encoded for the spool (events_worker.py): the same
+processes serve both.
 One byte b"R" on stdout says the worker is ready (its imports done). The worker ends when
 stdin closes (the server stopped or died), or when the server is no longer its parent (it
 died while this was busy).
@@ -33,7 +34,7 @@ import msgspec
 from ..errors import Problem
 from ..ingest.worker import JOB_MARK, answer_job
 from ..serving.tuning import tune_for_serving
-from .decode import parse_json, parse_protobuf, spans_of
+from .decode import DEFAULT_MAX_SPANS, parse_json, parse_protobuf, spans_of
 from .mapped import map_spans
 from .rows import encode_rows
 
@@ -64,7 +65,7 @@ class MappedBody(msgspec.Struct, array_like=True):
     crash: str | None = None
 
 
-Request = tuple[bytes, bool, str, int]
+Request = tuple[bytes, bool, str, int, int]
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode_request = msgspec.msgpack.Decoder(Request).decode
@@ -72,15 +73,30 @@ _encode_events = msgspec.json.Encoder().encode
 decode_answer = msgspec.msgpack.Decoder(MappedBody).decode
 
 
-def encode_request(body: bytes, protobuf: bool, project: str, received: datetime) -> bytes:
+def encode_request(
+    body: bytes,
+    protobuf: bool,
+    project: str,
+    received: datetime,
+    max_spans: int = DEFAULT_MAX_SPANS,
+) -> bytes:
     received_ms = (received - _EPOCH) // timedelta(milliseconds=1)
-    return _encode((body, protobuf, project, received_ms))
+    return _encode((body, protobuf, project, received_ms, max_spans))
 
 
-def map_body(body: bytes, protobuf: bool, project: str, received_ms: int) -> MappedBody:
-    """Decode and map one body (the receiver's in-process steps, minus validation and hooks)."""
+def map_body(
+    body: bytes,
+    protobuf: bool,
+    project: str,
+    received_ms: int,
+    max_spans: int = DEFAULT_MAX_SPANS,
+) -> MappedBody:
+    """Decode and map one body (the receiver's in-process steps, minus validation and hooks).
+    A body over the span limit (`max_spans`, the server's max_batch_events) or another bound
+    on its structure is refused before its spans are read (decode.check_request)."""
     try:
-        decoded = spans_of(parse_protobuf(body) if protobuf else parse_json(body))
+        request = parse_protobuf(body, max_spans) if protobuf else parse_json(body, max_spans)
+        decoded = spans_of(request)
     except Problem as problem:
         return MappedBody(problem=(problem.status, problem.code, problem.message, problem.field))
     received = _EPOCH + timedelta(milliseconds=received_ms)
