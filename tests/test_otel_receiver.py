@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import os
 import threading
 import time
 from collections import Counter
@@ -24,6 +25,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
@@ -318,7 +321,78 @@ def test_metrics_count_spans_and_unmapped_keys(server: Running) -> None:
     assert export(server) is SpanExportResult.SUCCESS
     text = httpx.get(f"{server.url}/metrics").text
     assert 'watchllm_otel_spans_total{outcome="accepted"} 4.0' in text
-    assert 'watchllm_otel_unmapped_attributes_total{key="app.custom"} 1.0' in text
+    # The chat span's app.custom: a namespace of no public convention (test below).
+    assert 'watchllm_otel_unmapped_attributes_total{namespace="(other)"} 1.0' in text
+
+
+def llm_spans_with(trace: bytes, keys: list[str]) -> list[Span]:
+    """LLM spans (prompt calls) carrying `keys` (string values), 1,000 a span at most."""
+    spans = []
+    for n, start in enumerate(range(0, len(keys), 1000)):
+        attributes = {"gen_ai.operation.name": "chat", "gen_ai.request.model": "gpt-4o"}
+        attributes |= {key: "v" for key in keys[start : start + 1000]}
+        spans.append(
+            Span(
+                trace_id=trace,
+                span_id=trace[:4] + n.to_bytes(4, "big"),
+                name="chat gpt-4o",
+                kind=Span.SPAN_KIND_CLIENT,
+                start_time_unix_nano=time.time_ns(),
+                end_time_unix_nano=time.time_ns() + 1_000,
+                attributes=[
+                    KeyValue(key=k, value=AnyValue(string_value=v)) for k, v in attributes.items()
+                ],
+            )
+        )
+    return spans
+
+
+def test_metrics_show_no_projects_attribute_keys(server: Running) -> None:
+    """/metrics needs no key and is the server's, not a project's: the attributes no rule read
+    are counted by the namespace of their key, from a fixed list of public conventions',
+    never by the key. Before, the keys were label values, verbatim: a tenant could write text
+    into keys and read it back there, read other projects' key names, and fill the 1,000
+    label values so that the others' keys counted as (other)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from watchllm_ext.otel.mapped import OTHER_NAMESPACE, UNMAPPED_NAMESPACES
+
+    tenant = server.keys.create("tenant-b", scope="ingest")
+    words = ["please visit evil.example now", "tenant_b.merger_target.name", "Ünïcode\n{x}"]
+    filler = [f"fill.k{i}" for i in range(1200)]  # past the 1,000 label values there were
+    trace = os.urandom(16)
+    request = ExportTraceServiceRequest(
+        resource_spans=[
+            ResourceSpans(scope_spans=[ScopeSpans(spans=llm_spans_with(trace, words + filler))])
+        ]
+    )
+    headers = {"Authorization": f"Bearer {tenant}", "Content-Type": "application/x-protobuf"}
+    answer = server.client.post("/v1/traces", content=request.SerializeToString(), headers=headers)
+    assert answer.status_code == 200, answer.content
+    # Another project's keys of public conventions are still counted, by their namespace.
+    mine = ExportTraceServiceRequest(
+        resource_spans=[
+            ResourceSpans(
+                scope_spans=[
+                    ScopeSpans(spans=llm_spans_with(os.urandom(16), ["langfuse.trace.name"]))
+                ]
+            )
+        ]
+    )
+    headers = {**server.headers(), "Content-Type": "application/x-protobuf"}
+    answer = server.client.post("/v1/traces", content=mine.SerializeToString(), headers=headers)
+    assert answer.status_code == 200, answer.content
+    text = httpx.get(f"{server.url}/metrics").text
+    for word in ("evil", "merger", "Ünï", "fill.k", "tenant_b"):
+        assert word not in text, word
+    (family,) = [
+        f
+        for f in text_string_to_metric_families(text)
+        if f.name == "watchllm_otel_unmapped_attributes"
+    ]
+    counts = {s.labels["namespace"]: s.value for s in family.samples if s.name.endswith("_total")}
+    assert set(counts) <= UNMAPPED_NAMESPACES | {OTHER_NAMESPACE}, counts
+    assert counts == {OTHER_NAMESPACE: len(words) + len(filler), "langfuse": 1.0}
 
 
 def test_unmapped_keys_past_the_limit_count_as_other() -> None:
@@ -336,7 +410,9 @@ def test_unmapped_keys_past_the_limit_count_as_other() -> None:
     _count_unmapped(metrics, Counter(["late.a", "late.b", "late.b", "k1", "last"]))
 
     def count(key: str) -> float | None:
-        return registry.get_sample_value("watchllm_otel_unmapped_attributes_total", {"key": key})
+        return registry.get_sample_value(
+            "watchllm_otel_unmapped_attributes_total", {"namespace": key}
+        )
 
     assert count("k0") == 3.0 and count("k1") == 2.0
     assert count("late.a") == 1.0  # the 1,000th key still has its own series

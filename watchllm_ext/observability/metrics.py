@@ -68,14 +68,17 @@ class OpsMetrics:
             ["outcome"],
             registry=registry,
         )
+        # By namespace, from a fixed list (otel.mapped.unmapped_label), never by key: this
+        # registry is served without a key, and attribute keys are a project's own text.
         self.otel_unmapped = Counter(
             "watchllm_otel_unmapped_attributes",
-            "Attributes of LLM spans that no mapping rule read, by key (kept in `spans` and the"
-            " event's metadata); past 1,000 keys the rest count under key=(other)",
-            ["key"],
+            "Attributes of LLM spans that no mapping rule read (kept in `spans` and the"
+            " event's metadata), by the namespace of their key: gen_ai, llm, http, ... (a"
+            " fixed list of public conventions'), or (other)",
+            ["namespace"],
             registry=registry,
         )
-        self.otel_unmapped_keys: set[str] = set()  # the keys given a series of their own
+        self.otel_unmapped_keys: set[str] = set()  # the labels given a series of their own
         self.otel_bodies = Counter(
             "watchllm_otel_bodies",
             "OTLP bodies of 64 KiB and more, by where they were decoded and mapped: worker (a"

@@ -16,6 +16,29 @@ from .decode import Refusals
 from .mapping import Span, map_span
 from .rows import SpanRow
 
+# `/metrics` counts the attributes no rule read (watchllm_otel_unmapped_attributes) by the
+# namespace of their key, from this fixed list of public conventions' (OpenTelemetry's
+# GenAI and general ones, OpenInference, OpenLLMetry, Langfuse, Logfire, the Vercel AI SDK,
+# MLflow), never by the key itself: /metrics needs no key and is the server's, not a
+# project's, so a key there showed every project's attribute names to anyone, carried any
+# text a tenant put in a key, and let one fill the 1,000 label values so that the others'
+# keys counted as "(other)". A project's own keys are in its events' metadata, behind its key.
+UNMAPPED_NAMESPACES = frozenset(
+    {
+        # OpenTelemetry's GenAI conventions, and general ones an LLM span often carries
+        *("gen_ai", "server", "http", "url", "error", "exception", "code", "db", "rpc"),
+        *("messaging", "network", "thread", "user", "enduser", "session", "service"),
+        *("deployment", "telemetry", "host", "process", "cloud", "k8s", "container", "otel"),
+        # OpenInference
+        *("openinference", "llm", "input", "output", "embedding", "retrieval", "reranker"),
+        *("tool", "tool_call", "document", "message", "metadata", "tag", "agent", "graph"),
+        *("prompt", "image", "audio"),
+        # instrumentation libraries' own
+        *("traceloop", "langfuse", "logfire", "ai", "mlflow", "langsmith", "openllmetry"),
+    }
+)
+OTHER_NAMESPACE = "(other)"
+
 
 @dataclass(slots=True)
 class MappedSpans(Refusals):
@@ -26,7 +49,8 @@ class MappedSpans(Refusals):
     events: list[dict[str, Any]] = field(default_factory=list)  # the LLM spans' events
     event_rows: list[int] = field(default_factory=list)  # the row index of each event
     names: list[str] = field(default_factory=list)  # each event's span, to name a refusal
-    unmapped: Counter[str] = field(default_factory=Counter)  # attribute key -> spans
+    # unmapped_label(attribute key) -> attributes no rule read, on the LLM spans
+    unmapped: Counter[str] = field(default_factory=Counter)
     built: bool = True  # every event built by the mapping's rules (none forwarded)
 
 
@@ -55,9 +79,17 @@ def map_spans(
             out.built = out.built and not mapped.forwarded
         out.rows.append(row)
     # Counted here, off the event loop (Counter counts in C: a batch repeats a few keys
-    # thousands of times); the loop only updates the metric once a key.
-    out.unmapped = Counter(unmapped)
+    # thousands of times), then by namespace; the loop only updates the metric once a label.
+    for key, n in Counter(unmapped).items():
+        out.unmapped[unmapped_label(key)] += n
     return out
+
+
+def unmapped_label(key: str) -> str:
+    """The label an unread attribute is counted under in /metrics: its key's namespace (the
+    part before the first dot) when a public convention's, else "(other)"."""
+    namespace = key.partition(".")[0]
+    return namespace if namespace in UNMAPPED_NAMESPACES else OTHER_NAMESPACE
 
 
 def _name(span: Span) -> str:
