@@ -174,6 +174,49 @@ def _collected() -> list[ReadableSpan]:
     return collect.spans
 
 
+@pytest.mark.parametrize(
+    ("variable", "suffix"),
+    [
+        # the traces endpoint given as the base URL: the exporter posts to /
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", ""),
+        # the base URL given with the traces path: the exporter adds it again
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "/v1/traces"),
+    ],
+    ids=["traces-endpoint-without-path", "base-url-with-path"],
+)
+def test_a_wrong_exporter_endpoint_is_told_the_right_one(
+    server: Running, monkeypatch: pytest.MonkeyPatch, variable: str, suffix: str
+) -> None:
+    """The two usual mistakes in the exporter's variables, as the SDK resolves them: the
+    answer is a 404 whose message names the receiver and which variable holds what, in the
+    OTLP form of the request's encoding (a protobuf Status, which the Collector's exporter
+    shows; JSON otherwise). Other wrong routes keep their plain answers."""
+    monkeypatch.setenv(variable, f"{server.url}{suffix}")
+    exporter = OTLPSpanExporter(headers=server.headers())
+    url = exporter._endpoint  # where the SDK posts: the mistake's URL
+    assert url.rstrip("/") in (server.url, f"{server.url}/v1/traces/v1/traces")
+    spans = _collected()
+    assert exporter.export(spans) is SpanExportResult.FAILURE  # the real exporter, refused
+    exporter.shutdown()
+    for content_type in ("application/x-protobuf", "application/json", None):
+        headers = server.headers() | ({"Content-Type": content_type} if content_type else {})
+        answer = httpx.post(url, content=_body(spans), headers=headers)
+        assert answer.status_code == 404, (content_type, answer.status_code, answer.content)
+        if content_type == "application/x-protobuf":
+            assert answer.headers["content-type"] == "application/x-protobuf"
+            message = status_pb2.Status.FromString(answer.content).message
+        else:
+            message = answer.json()["message"]
+        assert "traces go to POST /v1/traces" in message, message
+        assert "OTEL_EXPORTER_OTLP_ENDPOINT to the server's base URL, without a path" in message
+        assert "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT to the full URL" in message
+    # Not a mistake of an exporter's endpoint: the plain answers.
+    assert server.client.get("/v1/traces").status_code == 405
+    other = server.client.post("/v1/tracez", content=b"{}")
+    assert other.status_code == 404 and "OTEL_" not in other.json()["message"]
+    assert stored_spans(server) == []
+
+
 @EVERY_STORE
 def test_resend_is_stored_once(server: Running) -> None:
     body = _body(_collected())

@@ -52,7 +52,14 @@ from .delivery.writer import (
     WriterFull,
     WriterTooLarge,
 )
-from .errors import Problem, not_a_project_id, other_project, problem_handler, unauthorized
+from .errors import (
+    Problem,
+    answer_for,
+    not_a_project_id,
+    other_project,
+    problem_handler,
+    unauthorized,
+)
 from .hookspecs import BackgroundTask
 from .ingest.admission import BodyBudget, BodyBudgetMiddleware, wait_for_place
 from .ingest.body import IngestHeaders, check_content_type, read_request_body
@@ -1196,6 +1203,12 @@ def count_rows(store: Store, table: str, project: str | None, run: str | None = 
 
 async def _not_found(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
+    hint, receiver = _otlp_endpoint_hint(request)
+    if hint is not None:
+        # In the receiver's form (errors.render_problems_at): a google.rpc.Status in the
+        # request's encoding, protobuf for a protobuf exporter (the Collector shows its
+        # message), else JSON.
+        return answer_for({**request.scope, "path": receiver}, Problem(404, "not_found", hint))
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     message = str(exc.detail)
     if exc.status_code == 404 and message == "Not Found":  # no route: say which was asked
@@ -1208,6 +1221,32 @@ async def _not_found(request: Request, exc: Exception) -> Response:
         status_code=exc.status_code,
         headers=getattr(exc, "headers", None),
     )
+
+
+def _otlp_endpoint_hint(request: Request) -> tuple[str | None, str]:
+    """What to set, for the two usual wrong URLs of an OTLP exporter: ..._TRACES_ENDPOINT set
+    to the base URL (the exporter posts to `/`: 405 from the dashboard's GET route, or 404)
+    and OTEL_EXPORTER_OTLP_ENDPOINT ending in /v1/traces (it posts to /v1/traces/v1/traces).
+    Their plain 404/405 said nothing an operator could act on. (None for anything else, and
+    the receiver's path.)"""
+    path, root = request.scope.get("path", ""), request.scope.get("root_path", "")
+    receiver = f"{root}/v1/traces"
+    if request.method != "POST":
+        return None, receiver
+    if root and path.startswith(root):  # mounted under a prefix in a host app
+        path = path[len(root) :]
+    if path not in ("", "/") and not path.rstrip("/").endswith("/v1/traces"):
+        return None, receiver
+    routes = getattr(request.app, "routes", [])
+    if not any(getattr(route, "path", None) == "/v1/traces" for route in routes):
+        return None, receiver  # the receiver is off (disable_plugins): no endpoint to name
+    hint = (
+        f"no route POST {request.url.path[:200]}: OpenTelemetry traces go to POST {receiver}"
+        " (OTLP/HTTP). Set OTEL_EXPORTER_OTLP_ENDPOINT to the server's base URL, without a"
+        " path (http://HOST:PORT: the exporter adds /v1/traces), or"
+        f" OTEL_EXPORTER_OTLP_TRACES_ENDPOINT to the full URL (http://HOST:PORT{receiver})"
+    )
+    return hint, receiver
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
