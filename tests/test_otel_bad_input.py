@@ -1177,6 +1177,27 @@ def test_attributes_past_the_limit_refuse_the_request(server: Running, as_json: 
     assert stored(server, over) == (0, 0)
 
 
+def test_a_collector_sized_batch_at_the_sdks_attribute_cap_is_taken(server: Running) -> None:
+    """A Collector's batch (8,192 spans) of spans at the SDK's cap of 128 attributes each, and
+    a resource attribute: 1,048,577 attributes, one past the floor of MAX_ATTRIBUTES_IN_ALL,
+    within the request's ATTRIBUTES_A_SPAN a span. Before, the whole batch was a 413, which
+    exporters drop."""
+    from watchllm_ext.otel.decode import ATTRIBUTES_A_SPAN, MAX_ATTRIBUTES_IN_ALL
+
+    n_spans, per_span = 8_192, 128
+    assert n_spans * per_span + 1 > MAX_ATTRIBUTES_IN_ALL
+    assert n_spans * per_span + 1 <= ATTRIBUTES_A_SPAN * n_spans
+    pairs = b"".join(ld(9, kv(f"app.attr{i}", i).SerializeToString()) for i in range(per_span))
+    trace = new_trace()
+    spans = b"".join(ld(2, otel_span(trace, n).SerializeToString() + pairs) for n in range(n_spans))
+    resource = ld(1, ld(1, kv("service.name", "batch").SerializeToString()))  # its attribute
+    body = ld(1, resource + ld(2, spans))
+    answer = post_either(server, body, False)
+    assert answer.status == 200 and answer.rejected_spans == 0, answer
+    settle(server)
+    assert stored(server, trace) == (n_spans, 0)
+
+
 def test_json_values_past_the_requests_budget_refuse_the_request(server: Running) -> None:
     """OTLP JSON is parsed whole, in Python, before a span is read: values in arrays and
     key-value lists past MAX_NESTED_VALUES refuse the request (413) rather than their span,

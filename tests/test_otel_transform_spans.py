@@ -63,7 +63,11 @@ def trace_with_addresses(padding: int = 0) -> tuple[bytes, str]:
             )
         with tracer.start_as_current_span("notify dave@example.com") as plain:
             plain.set_attribute("mail.to", "erin@example.com")
-            plain.add_event("bounced", {"mail.from": "gina@example.com"})
+            # An address right after an escape in the row's JSON text (\n): redacted, and the
+            # JSON still JSON.
+            plain.add_event(
+                "bounced", {"mail.from": "gina@example.com", "note": "to:\nhank@example.com"}
+            )
             plain.set_status(Status(StatusCode.UNSET))
             if padding:
                 plain.set_attribute("padding", "x" * padding)
@@ -104,8 +108,12 @@ def test_redaction_reaches_span_rows_and_span_events(redacting: Any, where: str)
     # and the event's prompt, response and metadata["otel.attributes"].
     assert "notify [email]" in spans and '"mail.to": "[email]"' in spans
     assert "team.owner" in spans and "bounced" in spans
+    for row in json.loads(spans):
+        for event in json.loads(row["span_events"]):
+            if event["name"] == "bounced":
+                assert event["attributes"] == {"mail.from": "[email]", "note": "to:\n[email]"}
     assert "write to [email] about" in events and "app.reviewer" in events
     # Rows: the resource's address in each of the 4, the chat span's 3 attributes, the plain
-    # span's name, attribute and span event; the event: its prompt, response and metadata.
+    # span's name, attribute and span event's 2; the event: its prompt, response and metadata.
     counted = server.client.get("/-/redactions", headers=server.headers()).json()
-    assert counted["redacted_total"] == 4 + 3 + 3 + 3
+    assert counted["redacted_total"] == 4 + 3 + 4 + 3

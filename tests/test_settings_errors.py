@@ -269,3 +269,17 @@ def test_a_bad_clickhouse_url_names_its_source_and_hides_its_password(
     )
     clean_env.write_text("")
     assert load_settings(clickhouse_url="").clickhouse_url == ""  # none: as unset
+
+
+def test_settings_built_directly_never_show_a_refused_password(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A host app builds Settings(...) itself and logs what it raises: pydantic's own text
+    of the error must not carry the value (a ClickHouse password here)."""
+    from pydantic import ValidationError
+
+    monkeypatch.setenv("WATCHLLM_CLICKHOUSE_URL", "ftp://u:S3cretPW@h:1/db")
+    with pytest.raises(ValidationError) as raised:
+        Settings()
+    assert "clickhouse_url" in str(raised.value)
+    assert "S3cretPW" not in str(raised.value)

@@ -58,6 +58,10 @@ class Settings(BaseSettings):
         env_prefix="WATCHLLM_",
         extra="forbid",
         validate_default=True,
+        # A host app builds Settings(...) itself and logs what it raises: pydantic's text of
+        # a refused value would show a ClickHouse password or a webhook's token there.
+        # load_settings words its own messages, with secrets masked.
+        hide_input_in_errors=True,
     )
 
     data_dir: Path = Field(

@@ -15,6 +15,7 @@ entry point; or load it without installing: WATCHLLM_PLUGINS=watchllm_redact_ema
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 from collections import Counter
@@ -57,6 +58,11 @@ class EmailRedactor:
             return [self._redact_json(v, project) for v in value]
         return value
 
+    def _redact_json_text(self, text: str | None, project: str) -> str | None:
+        if not text or "@" not in text:
+            return text
+        return json.dumps(self._redact_json(json.loads(text), project), ensure_ascii=False)
+
     @hookimpl
     def transform_events(self, events: list[Any], principal: Any) -> None:
         project = principal.project_id
@@ -85,9 +91,10 @@ class EmailRedactor:
             span.resource_attributes = {
                 k: self._redact(v, project) for k, v in span.resource_attributes.items()
             }
-            # JSON text: an address holds no quote or backslash, so replacing it keeps the JSON.
-            span.span_events = self._redact(span.span_events, project)
-            span.links = self._redact(span.links, project)
+            # JSON text: decoded, redacted and encoded again (an address right after an escape,
+            # `\nbob@example.com`, would take the escape's letter with it in the text).
+            span.span_events = self._redact_json_text(span.span_events, project)
+            span.links = self._redact_json_text(span.links, project)
 
     @hookimpl
     def validate_event(self, event: Any, principal: Any) -> str | None:

@@ -60,6 +60,12 @@ MAX_ENTRIES = 10_000
 DEFAULT_MAX_SPANS = 10_000  # Settings.max_batch_events' default: the receiver passes the setting
 MAX_ATTRIBUTES_IN_ALL = 1_048_576  # of resources, scopes, spans, span events and links
 MAX_EVENTS_IN_ALL = 262_144  # span events and links
+# ... or this many for each span of the request, if more: a Collector's 8,192-span batch of
+# spans at the SDK's 128 attributes each, with their resource's and events', and 64 events
+# and links a span. By the request's own spans, not the span limit: each span event can hold
+# 1,024 attributes, so a few spans given the limit's budget would take seconds of CPU.
+ATTRIBUTES_A_SPAN = 256
+EVENTS_A_SPAN = 64
 
 KINDS = ("unspecified", "internal", "server", "client", "producer", "consumer")
 STATUSES = ("unset", "ok", "error")
@@ -120,15 +126,16 @@ def check_request(request: ExportTraceServiceRequest, max_spans: int) -> None:
         raise too_many("spans", max_spans, n_spans)
 
 
-def limits(max_spans: int) -> dict[str, int]:
-    """What one request may hold in all, by kind of entry (named by OTLP JSON's fields)."""
+def limits(max_spans: int, n_spans: int = 0) -> dict[str, int]:
+    """What one request of `n_spans` spans may hold in all, by kind of entry (named by OTLP
+    JSON's fields)."""
     entries = max(MAX_ENTRIES, max_spans)
     return {
         "resourceSpans": entries,
         "scopeSpans": entries,
         "spans": max_spans,
-        "attributes": MAX_ATTRIBUTES_IN_ALL,
-        "events": MAX_EVENTS_IN_ALL,
+        "attributes": max(MAX_ATTRIBUTES_IN_ALL, ATTRIBUTES_A_SPAN * n_spans),
+        "events": max(MAX_EVENTS_IN_ALL, EVENTS_A_SPAN * n_spans),
         "values": MAX_NESTED_VALUES,
     }
 
@@ -174,7 +181,8 @@ def parse_json(body: bytes, max_spans: int = DEFAULT_MAX_SPANS) -> ExportTraceSe
     try:
         # The lists are counted as _check meets them, before it walks their elements and
         # long before json_format (pure Python) makes a message of each.
-        bounds = limits(max_spans)
+        n_spans = _spans_in(document, limits(max_spans)["scopeSpans"])
+        bounds = limits(max_spans, n_spans)
         _check(document, ExportTraceServiceRequest.DESCRIPTOR, "", _Budget(bounds, dict(bounds)))
         return json_format.ParseDict(document, ExportTraceServiceRequest())
     except _BadJson as exc:
@@ -188,6 +196,25 @@ def parse_json(body: bytes, max_spans: int = DEFAULT_MAX_SPANS) -> ExportTraceSe
             f"body is not an OTLP ExportTraceServiceRequest in JSON: {exc}"[:1000],
             field="body",
         ) from None
+
+
+def _spans_in(document: Any, max_entries: int) -> int:
+    """The spans of an OTLP JSON document, counted before it is checked: none for anything
+    not shaped as OTLP, or with more entries than a request may hold (_check refuses both)."""
+    n = entries = 0
+    resources = document.get("resourceSpans") if isinstance(document, dict) else None
+    if not isinstance(resources, list) or len(resources) > max_entries:
+        return 0
+    for resource in resources:
+        scopes = resource.get("scopeSpans") if isinstance(resource, dict) else None
+        if isinstance(scopes, list):
+            entries += len(scopes)
+            if entries > max_entries:
+                return 0
+            for scope in scopes:
+                spans = scope.get("spans") if isinstance(scope, dict) else None
+                n += len(spans) if isinstance(spans, list) else 0
+    return n
 
 
 class _BadJson(ValueError):
@@ -321,8 +348,11 @@ def spans_of(request: ExportTraceServiceRequest) -> Decoded:
     keys: set[tuple[str, str]] = set()
     copied = 0  # bytes of resource attributes and scope names copied onto rows so far
     # What the request may still hold: values in arrays and key-value lists (_value),
-    # attributes, span events and links (check_request counted the rest).
-    budget = [MAX_NESTED_VALUES, MAX_ATTRIBUTES_IN_ALL, MAX_EVENTS_IN_ALL]
+    # attributes, span events and links (check_request counted the rest); then their limits.
+    n_spans = sum(len(each.spans) for rs in request.resource_spans for each in rs.scope_spans)
+    bounds = limits(DEFAULT_MAX_SPANS, n_spans)  # (the span limit was checked at parsing)
+    attributes, events = bounds["attributes"], bounds["events"]
+    budget = [MAX_NESTED_VALUES, attributes, events, attributes, events]
     for r, resource_spans in enumerate(request.resource_spans):
         scopes = resource_spans.scope_spans
         if not any(scope_spans.spans for scope_spans in scopes):
@@ -408,7 +438,7 @@ def _span(
     if events or links:
         left = budget[_EVENTS] - len(events) - len(links)
         if left < 0:
-            raise too_many("events", MAX_EVENTS_IN_ALL, where="events and links")
+            raise too_many("events", budget[_EVENTS_LIMIT], where="events and links")
         budget[_EVENTS] = left
     # Times the events' range cannot hold are refused, never moved (ids.py).
     start, end = span.start_time_unix_nano, span.end_time_unix_nano
@@ -465,13 +495,13 @@ def _id(raw: bytes, size: int, name: str) -> str:
 
 
 # The places of spans_of's budget.
-_NESTED, _ATTRIBUTES, _EVENTS = 0, 1, 2
+_NESTED, _ATTRIBUTES, _EVENTS, _ATTRIBUTES_LIMIT, _EVENTS_LIMIT = 0, 1, 2, 3, 4
 
 
 def _spend_attributes(budget: list[int], n: int, where: str) -> None:
     left = budget[_ATTRIBUTES] - n
     if left < 0:  # the whole request is refused: nothing of it was stored yet
-        raise too_many("attributes", MAX_ATTRIBUTES_IN_ALL, where=where)
+        raise too_many("attributes", budget[_ATTRIBUTES_LIMIT], where=where)
     budget[_ATTRIBUTES] = left
 
 
