@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -115,6 +116,33 @@ def ignored_settings(settings: Settings) -> list[str]:
     ]
 
 
+class Counts:
+    """Counts by project, added to by worker threads (the transform hooks, for big bodies)
+    and taken by the event loop: under a lock, as `counts[project] += n` is a read and a
+    write that another thread can come between, losing or doubling a count."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_project: defaultdict[str, int] = defaultdict(int)
+
+    def add(self, project: str, n: int) -> None:
+        with self._lock:
+            self._by_project[project] += n
+
+    def take(self, project: str) -> int:
+        """The project's count, which is 0 from then on."""
+        with self._lock:
+            return self._by_project.pop(project, 0)
+
+    def projects(self) -> list[str]:
+        with self._lock:
+            return list(self._by_project)
+
+    def any(self) -> bool:
+        with self._lock:
+            return any(self._by_project.values())
+
+
 class QuotaPlugin:
     def __init__(self, settings: Settings, backend: UsageBackend | None = None) -> None:
         self.settings = settings
@@ -124,8 +152,8 @@ class QuotaPlugin:
         self.fallback_plan = Plan(events_per_minute=settings.quota_fallback_events_per_minute)
         # Plans assigned at run time (Stripe, `usage set --plan`), as the backend holds them.
         self.assigned: dict[str, str | None] = {}
-        self.pending_bytes: dict[str, int] = defaultdict(int)
-        self.carry_events: dict[str, int] = defaultdict(int)  # taken while Redis was away
+        self.pending_bytes = Counts()
+        self.carry_events = Counts()  # taken while Redis was away
         self.fallbacks = {"open": 0, "closed": 0}
         self.denials: dict[str, int] = defaultdict(int)
         self.errors = 0
@@ -222,8 +250,8 @@ class QuotaPlugin:
     async def _count(
         self, project: str, n: int, name: str, plan: Plan, p: Periods
     ) -> Outcome | QuotaDecision | None:
-        carry_events = self.carry_events.pop(project, 0)
-        carry_bytes = self.pending_bytes.pop(project, 0)
+        carry_events = self.carry_events.take(project)
+        carry_bytes = self.pending_bytes.take(project)
         resting = time.monotonic() < self._down_until
         try:
             if resting:
@@ -234,9 +262,9 @@ class QuotaPlugin:
         except QuotaUnavailable as exc:
             # Not counted there: keep them for the next call that reaches it.
             if carry_events:
-                self.carry_events[project] += carry_events
+                self.carry_events.add(project, carry_events)
             if carry_bytes:
-                self.pending_bytes[project] += carry_bytes
+                self.pending_bytes.add(project, carry_bytes)
             if exc.request is not None:
                 # Given up at the timeout but still in flight: Redis may run it yet.
                 exc.request.on_late = partial(
@@ -265,8 +293,8 @@ class QuotaPlugin:
         if not isinstance(reply, list):
             return
         self.late_replies += 1
-        self.carry_events[project] -= carry_events + (n if reply[0] == 1 else 0)
-        self.pending_bytes[project] -= carry_bytes
+        self.carry_events.add(project, -(carry_events + (n if reply[0] == 1 else 0)))
+        self.pending_bytes.add(project, -carry_bytes)
 
     def _fallback(
         self, project: str, n: int, p: Periods, exc: Exception, asked: bool = True
@@ -305,7 +333,7 @@ class QuotaPlugin:
         if outcome.allowed:
             # Reported to Redis once it answers again. A check that timed out is not counted
             # there: its connection is closed when it is given up, before Redis runs it.
-            self.carry_events[project] += n
+            self.carry_events.add(project, n)
             return None
         self.denials["fallback"] += 1
         return denial(outcome, self.fallback_plan, n, p, plan_name="fallback")
@@ -375,7 +403,7 @@ class QuotaPlugin:
         the project's next check or the background flush (within a second), so the day and
         month count accepted events only. The minute bucket keeps them: it limits the rate
         of what is sent, and they drain from it within the minute."""
-        self.carry_events[principal.project_id] -= n_events
+        self.carry_events.add(principal.project_id, -n_events)
 
     def ingest_worker_twins(self) -> list[tuple[str, dict[str, Any]]] | None:
         """Nothing to do in an ingest worker process (ingest/worker.py) when no plan counts
@@ -390,7 +418,7 @@ class QuotaPlugin:
         # step's observation, a tool call's output inside a prompt call) was stored uncounted.
         size = sum(payload_size(event) for event in events)
         if size:
-            self.pending_bytes[principal.project_id] += size
+            self.pending_bytes.add(principal.project_id, size)
 
     @hookimpl
     def register_background_tasks(self, settings: Settings, store: Store | None) -> BackgroundTask:
@@ -408,16 +436,16 @@ class QuotaPlugin:
     async def flush_counts(self, p: Periods) -> None:
         """Send what the backend has yet to count: payload bytes of accepted events, events
         taken while Redis was away, corrections from late replies."""
-        for project in {*self.pending_bytes, *self.carry_events}:
-            events = self.carry_events.pop(project, 0)
-            size = self.pending_bytes.pop(project, 0)
+        for project in {*self.pending_bytes.projects(), *self.carry_events.projects()}:
+            events = self.carry_events.take(project)
+            size = self.pending_bytes.take(project)
             if not events and not size:
                 continue
             try:
                 await self.backend.add_counts(project, events, size, p)
             except QuotaUnavailable:
-                self.carry_events[project] += events
-                self.pending_bytes[project] += size
+                self.carry_events.add(project, events)
+                self.pending_bytes.add(project, size)
                 raise
 
     async def report(self, project: str) -> dict[str, Any]:
@@ -495,7 +523,7 @@ class BytesQuotaPlugin(QuotaPlugin):
         # Every column of the row, as for an event: attributes with their keys, span events.
         size = sum(payload_size(row) for row in spans)
         if size:
-            self.pending_bytes[principal.project_id] += size
+            self.pending_bytes.add(principal.project_id, size)
 
 
 def _background(plugin: QuotaPlugin) -> BackgroundTask:
@@ -505,7 +533,7 @@ def _background(plugin: QuotaPlugin) -> BackgroundTask:
         try:
             while True:
                 await anyio.sleep(1.0)
-                waiting = any(plugin.pending_bytes.values()) or any(plugin.carry_events.values())
+                waiting = plugin.pending_bytes.any() or plugin.carry_events.any()
                 if waiting and time.monotonic() >= plugin._down_until:
                     # Kept for the next try when it fails; the check path reports the outage.
                     with contextlib.suppress(QuotaUnavailable):
