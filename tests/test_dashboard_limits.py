@@ -436,3 +436,31 @@ def test_sign_in_never_returns_to_a_page_outside_the_dashboard_by_dot_segments(
         }
         r = c.post("/dashboard/signin", data=data)
         assert r.headers["location"] == "/dashboard/runs?period=7d"
+
+
+def test_chat_messages_share_their_payloads_allowance(served: Served) -> None:
+    """Three messages of 60,000 characters: the prompt shows PAYLOAD_SHOWN_CHARS of them in
+    all (the first whole, the second cut, the third left out), not that much of each."""
+    event = {
+        "event_type": "prompt_call",
+        "event_id": "chat-page-1",
+        "run_id": "chat-run",
+        "model": "gpt-4o",
+        "prompt": [{"role": "user", "content": "m" * 60_000} for _ in range(3)],
+    }
+    auth = {"Authorization": f"Bearer {served.admin}"}
+    r = httpx.post(f"{served.url}/v1/events/batch", json={"events": [event]}, headers=auth)
+    assert r.status_code == 202, r.text
+    deadline = time.monotonic() + 30
+    while (
+        httpx.get(f"{served.url}/v1/analytics/event/chat-page-1", headers=auth).status_code != 200
+    ):
+        assert time.monotonic() < deadline, "the event did not reach the store"
+        time.sleep(0.1)
+    with _signed_in(served) as (client, _):
+        page = client.get("/dashboard/event/chat-page-1").text
+    prompt = page[page.index('id="prompt"') : page.index('id="all-title"')]
+    shown = [len(text) for text in re.findall(r"<pre>(m*)</pre>", prompt)]
+    assert shown == [60_000, PAYLOAD_SHOWN_CHARS - 60_000]
+    cuts = [int(n.replace(",", "")) for n in CUT.findall(prompt)]
+    assert cuts == [180_000 - PAYLOAD_SHOWN_CHARS]

@@ -19,6 +19,7 @@ from urllib.parse import parse_qsl, urlencode
 from zoneinfo import ZoneInfo
 
 import anyio
+import msgspec
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
 from starlette.requests import Request
@@ -756,8 +757,19 @@ def percent(value: float | None) -> str:
     return NONE if value is None else f"{100 * value:.1f}%"
 
 
-def pretty_json(value: Any) -> str:
-    return json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True, default=str)
+def pretty_json(value: Any, indent: bool = True) -> str:
+    """`value` as JSON text, keys sorted, indented (as json.dumps(indent=2) writes it), in
+    msgspec's C: an event's payloads can be megabytes, and Python's encoder held the GIL for
+    seconds over them. Indented only up to PRETTY_MAX_BYTES, or not at all (`indent` False):
+    a page shows the first PAYLOAD_SHOWN_CHARS of it at most."""
+    raw = _encode_sorted(value)
+    if indent and len(raw) <= PRETTY_MAX_BYTES:
+        raw = msgspec.json.format(raw, indent=2)
+    return raw.decode()
+
+
+_encode_sorted = msgspec.json.Encoder(order="sorted").encode
+PRETTY_MAX_BYTES = 4 * PAYLOAD_SHOWN_CHARS
 
 
 def local_time(iso: str | None, tz: str) -> str:
@@ -950,8 +962,8 @@ class Allowance:
     def __init__(self, chars: int) -> None:
         self.left = chars
 
-    def take(self, text: str) -> str:
-        shown = text[: min(PAYLOAD_SHOWN_CHARS, self.left)]
+    def take(self, text: str, most: int = PAYLOAD_SHOWN_CHARS) -> str:
+        shown = text[: max(0, min(most, self.left))]
         self.left -= len(shown)
         return shown
 
@@ -990,17 +1002,19 @@ def _payload(value: Any, shown: Allowance) -> Payload:
         and value
         and all(isinstance(m, dict) and "role" in m for m in value)
     ):
-        messages, size, cut = [], 0, 0
+        # The messages share the payload's PAYLOAD_SHOWN_CHARS; those after a cut are left out.
+        messages, size, cut, room = [], 0, 0, PAYLOAD_SHOWN_CHARS
         for m in value:
             content = m.get("content")
-            text = content if isinstance(content, str) else pretty_json(content)
+            text = content if isinstance(content, str) else pretty_json(content, room > 0)
             size += len(text)
-            part = shown.take(text) if not cut else ""
+            part = shown.take(text, room) if not cut else ""
+            room -= len(part)
             cut += len(text) - len(part)
             if part or not cut:
                 messages.append({"role": str(m.get("role")), "content": part})
         return Payload("messages", "", messages, size > FOLD_CHARS, size, cut)
-    text = value if isinstance(value, str) else pretty_json(value)
+    text = value if isinstance(value, str) else pretty_json(value, shown.left > 0)
     part = shown.take(text)
     kind = "text" if isinstance(value, str) else "json"
     return Payload(kind, part, [], len(text) > FOLD_CHARS, len(text), len(text) - len(part))
