@@ -226,10 +226,6 @@ def test_a_clickhouse_url_is_refused_exactly_when_the_store_refuses_it(
     assert (watchllm_settings.clickhouse_url_problem(url) is not None) == refused, url
 
 
-def test_the_url_options_are_the_stores() -> None:
-    assert tuple(clickhouse_store._OPTIONS) == watchllm_settings.CLICKHOUSE_URL_OPTIONS
-
-
 @given(
     st.sampled_from(["http://", "clickhouse://", "//", ""]),
     st.text(alphabet="xyz/?#@:&=%", max_size=8),
