@@ -313,6 +313,7 @@ def test_the_export_is_complete_and_checked(source: Source) -> None:
     assert set(m["tables"]) == set(TABLES)
     assert "hourly_usage_by_project" in m["not_exported"] and "rollup_marks" in m["not_exported"]
     assert not (source.export / "hourly_usage_by_project").exists()
+    assert source.export.stat().st_mode & 0o777 == 0o700  # it holds every prompt
     # Deduplicated counts (FINAL), per table and project, as the source counts them.
     for table in TABLES:
         assert m["tables"][table]["projects"] == source.counts[table], table

@@ -202,6 +202,7 @@ class Spool:
         self.max_bytes = max_bytes
         self.roll_drained_bytes = min(segment_max_bytes, 1 << 20)
         self.disk_full_since_roll = False
+        self._roll_failing = False  # release()'s roll failed last time (warned once)
         self.truncated_bytes_total = 0
         self.corrupt_bytes_total = 0
         self.fsyncs_total = 0
@@ -624,8 +625,11 @@ class Spool:
             try:
                 self._roll()
                 passed_below = self._active
-            except SpoolFull as exc:  # the next release tries again
-                log.warning("%s; the drained segment %d stays for now", exc, self._active)
+                self._roll_failing = False
+            except SpoolFull as exc:  # the next release tries again; said once a spell
+                if not self._roll_failing:
+                    log.warning("%s; the drained segment %d stays for now", exc, self._active)
+                self._roll_failing = True
         deleted = 0
         for segment in sorted(self._sizes):
             if segment >= passed_below or segment == self._active:

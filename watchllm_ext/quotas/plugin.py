@@ -34,6 +34,7 @@ from ..hookspecs import BackgroundTask, hookimpl
 from ..quota import QuotaDecision
 from ..settings import Settings
 from ..store.base import Store
+from ..store.folders import make_private_folder
 from .budgets import SpendCache, month_spend_usd, user_day_spend_usd
 from .engine import MemoryUsage, Outcome, QuotaUnavailable, UsageBackend
 from .plans import WINDOW_SECONDS, WINDOWS, Periods, Plan, periods
@@ -213,7 +214,7 @@ class QuotaPlugin:
     def _save_plan_file(self) -> None:
         assert isinstance(self.backend, MemoryUsage)
         path = self._plan_file()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_private_folder(path.parent)
         data = {
             "plans": {p: list(v) for p, v in self.backend.plans_held().items()},
             "billing_events": self.backend.seen_ids(),

@@ -56,6 +56,7 @@ from ..schema import (
     MAX_TOKENS,
 )
 from . import Store, StoreError, StoreLockedError, apply_migrations, load_migrations
+from .folders import make_private_folder
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -224,7 +225,7 @@ def export_store(
     )
     for name in skipped:
         progress(f"warning: table {name} is not a WatchLLM table this version knows; not exported")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_private_folder(out_dir)  # every prompt of the store goes in it
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
