@@ -10,7 +10,6 @@ import json
 import os
 import threading
 import time
-from collections import Counter
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -436,32 +435,6 @@ def test_metrics_show_no_projects_attribute_keys(server: Running) -> None:
     counts = {s.labels["namespace"]: s.value for s in family.samples if s.name.endswith("_total")}
     assert set(counts) <= UNMAPPED_NAMESPACES | {OTHER_NAMESPACE}, counts
     assert counts == {OTHER_NAMESPACE: len(words) + len(filler), "langfuse": 1.0}
-
-
-def test_unmapped_keys_past_the_limit_count_as_other() -> None:
-    """Each key counted by its number of spans; keys past MAX_UNMAPPED_KEYS share "(other)",
-    the keys that had a series keep it."""
-    from prometheus_client import CollectorRegistry
-
-    from watchllm_ext.observability.metrics import OpsMetrics
-    from watchllm_ext.otel.ingest import MAX_UNMAPPED_KEYS, OTHER_KEY, _count_unmapped
-
-    registry = CollectorRegistry(auto_describe=False)
-    metrics = OpsMetrics(registry)
-    first = [f"k{i}" for i in range(MAX_UNMAPPED_KEYS - 1)]
-    _count_unmapped(metrics, Counter([*first, "k0", "k0"]))
-    _count_unmapped(metrics, Counter(["late.a", "late.b", "late.b", "k1", "last"]))
-
-    def count(key: str) -> float | None:
-        return registry.get_sample_value(
-            "watchllm_otel_unmapped_attributes_total", {"namespace": key}
-        )
-
-    assert count("k0") == 3.0 and count("k1") == 2.0
-    assert count("late.a") == 1.0  # the 1,000th key still has its own series
-    assert count("late.b") is None and count("last") is None
-    assert count(OTHER_KEY) == 3.0  # late.b twice and last
-    assert len(metrics.otel_unmapped_keys) == MAX_UNMAPPED_KEYS
 
 
 def test_quota_denial_is_429_with_retry_after_in_otlp_form(server_factory: Any) -> None:

@@ -78,7 +78,6 @@ class OpsMetrics:
             ["namespace"],
             registry=registry,
         )
-        self.otel_unmapped_keys: set[str] = set()  # the labels given a series of their own
         self.otel_bodies = Counter(
             "watchllm_otel_bodies",
             "OTLP bodies of 64 KiB and more, by where they were decoded and mapped: worker (a"

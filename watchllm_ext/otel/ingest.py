@@ -45,9 +45,6 @@ if TYPE_CHECKING:
 # Spans mapped inline below this count; more go to a worker thread (the event loop keeps
 # answering while a 512-span batch is mapped).
 OFFLOAD_SPANS = 64
-# Distinct keys of watchllm_otel_unmapped_attributes before the rest count as "(other)".
-MAX_UNMAPPED_KEYS = 1_000
-OTHER_KEY = "(other)"
 
 T = TypeVar("T")
 
@@ -60,7 +57,7 @@ class Prepared:
     rows: Sequence[SpanRow] = field(default_factory=list)
     rejected: int = 0
     problems: list[str] = field(default_factory=list)
-    unmapped: Counter[str] = field(default_factory=Counter)  # attribute key -> spans
+    unmapped: Counter[str] = field(default_factory=Counter)  # namespace -> attributes no rule read
 
 
 # The receiver's CPU work on worker threads (decoding a body, mapping and validating its
@@ -209,22 +206,10 @@ async def accept(wl: WatchLLM, prepared: Prepared, principal: Principal) -> dict
     }
 
 
-def _count_unmapped(metrics: Any, keys: Counter[str]) -> None:
-    if not keys:
-        return
-    seen = metrics.otel_unmapped_keys
-    counts: dict[str, int] = {}
-    # Each key once, in the order of first appearance.
-    for key, n in keys.items():
-        if key not in seen:
-            if len(seen) >= MAX_UNMAPPED_KEYS:
-                key = OTHER_KEY
-            else:
-                seen.add(key)
-        counts[key] = counts.get(key, 0) + n
-    # One series update a key a request: a 512-span batch repeats the same few keys.
-    for key, n in counts.items():
-        metrics.otel_unmapped.labels(key).inc(n)
+def _count_unmapped(metrics: Any, namespaces: Counter[str]) -> None:
+    # One series update a namespace a request; the namespaces are a fixed list (mapped.py).
+    for namespace, n in namespaces.items():
+        metrics.otel_unmapped.labels(namespace).inc(n)
 
 
 async def ingest_spans(
