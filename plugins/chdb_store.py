@@ -51,7 +51,7 @@ class ChdbStore:
         from chdb import session
 
         self.path = path.resolve()
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)  # it holds every prompt
         try:
             self._lock: FolderLock | None = FolderLock(self.path, "data folder")
         except FolderLocked as exc:

@@ -40,6 +40,21 @@ def test_a_new_data_folder_and_the_folders_above_it_are_private(tmp_path: Path) 
     assert _mode(data) == 0o700 and _mode(tmp_path / "new") == 0o700
 
 
+def test_a_store_opened_on_a_new_data_folder_makes_it_private(tmp_path: Path) -> None:
+    """The embedded store's own mkdir came first on `serve` and `migrate`: the data folder
+    it made was 755. Now the core makes the data folder before any store plugin runs."""
+    data = tmp_path / "fresh" / "data"
+    r = subprocess.run(
+        [sys.executable, "-m", "watchllm_ext.cli", "migrate", "--data-dir", str(data)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert _mode(tmp_path / "fresh") == 0o700 and _mode(data) == 0o700
+    assert _mode(data / "chdb") == 0o700
+
+
 def test_the_spool_the_lock_and_the_key_file_make_private_folders(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool-here")
     for folder in ("spool-here", "spool-here/segments", "spool-here/cursors"):

@@ -118,8 +118,10 @@ def concerns(exc: BaseException, folder: Path) -> bool:
 def open_store(pm: Any, settings: Any) -> Any:
     """The store the plugins register for `settings` (None if none does). A data folder it
     cannot use is a DataFolderError, one line, rather than the OSError of a mkdir deep in
-    the store plugin."""
+    the store plugin. The data folder is made first, private (make_private_folder), so that
+    no plugin's mkdir makes it with the default mode."""
     try:
+        make_private_folder(Path(settings.data_dir))
         return pm.hook.register_store(settings=settings)
     except OSError as exc:
         if not concerns(exc, settings.data_dir):
