@@ -103,6 +103,8 @@ class TestMatrix:
         append_dead_letter(matrix.dead / STORE_FILE, _letter(STORE_SINK, OTHER))
         method, path = ROUTES[route]
         params = {"own": {"project": OWN}, "other": {"project": OTHER}, "none": {}}[target]
+        if route not in PER_PROJECT:
+            params = {}  # it takes no `project` (nor any other parameter): 400 naming it
         headers = {} if scope == "missing" else {"Authorization": f"Bearer {matrix.keys[scope]}"}
         r = matrix.client.request(method, path, params=params, headers=headers)
         want = _expected(scope, route, target)

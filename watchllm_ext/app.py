@@ -30,7 +30,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from . import __version__
+from .analytics import params as P
 from .analytics.reads import StoreReads
+from .analytics.routes import accepts
 from .analytics.routes import routes as analytics_routes
 from .auth import Principal, Scope, bearer_token
 from .delivery.dead_letters import (
@@ -1034,9 +1036,17 @@ async def readyz(request: Request) -> Response:
 # --- admin (for the CLI's --url mode) -----------------------------------------------------------
 
 
-def _admin_store(request: Request) -> tuple[WatchLLM, Principal, Store]:
+def _admin_key(request: Request, qp: P.Query) -> tuple[WatchLLM, Principal]:
+    """Authenticate an admin key, then refuse a query parameter the route does not accept
+    (a misspelled `project` used to widen the answer, or a replay, to every project)."""
     wl = _state(request)
     principal = wl.authenticate(request, "admin")
+    qp.check()
+    return wl, principal
+
+
+def _admin_store(request: Request, qp: P.Query) -> tuple[WatchLLM, Principal, Store]:
+    wl, principal = _admin_key(request, qp)
     if wl.store is None:
         raise Problem(
             503, "store_unavailable", "the store is not open", headers={"Retry-After": "5"}
@@ -1044,11 +1054,11 @@ def _admin_store(request: Request) -> tuple[WatchLLM, Principal, Store]:
     return wl, principal, wl.store
 
 
-def _administered_project(request: Request, principal: Principal) -> str | None:
+def _administered_project(qp: P.Query, principal: Principal) -> str | None:
     """The `project` parameter of an admin route, checked against the key (docs/API.md, "Keys
     and scopes"): an admin key administers its own project only (its project when none is
     named), an operator key every project (all of them when none is named)."""
-    project = request.query_params.get("project") or None
+    project = qp.get("project") or None
     if project is not None and not PROJECT_ID_RE.fullmatch(project):
         raise not_a_project_id(project)
     if project is None and not principal.can("operator"):
@@ -1064,21 +1074,24 @@ def _administered_project(request: Request, principal: Principal) -> str | None:
     )
 
 
-async def admin_store(request: Request) -> Response:
-    _, _, store = _admin_store(request)
+@accepts()
+async def admin_store(request: Request, qp: P.Query) -> Response:
+    _, _, store = _admin_store(request, qp)
     version = await anyio.to_thread.run_sync(store.version)
     return JSONResponse({"store": store.name, "version": version})
 
 
-async def admin_tables(request: Request) -> Response:
-    _, _, store = _admin_store(request)
+@accepts()
+async def admin_tables(request: Request, qp: P.Query) -> Response:
+    _, _, store = _admin_store(request, qp)
     return JSONResponse({"tables": await anyio.to_thread.run_sync(list_tables, store)})
 
 
-async def admin_count(request: Request) -> Response:
-    _, principal, store = _admin_store(request)
-    table = request.query_params.get("table", "events")
-    project = _administered_project(request, principal)
+@accepts(("table", "project", "run"))
+async def admin_count(request: Request, qp: P.Query) -> Response:
+    _, principal, store = _admin_store(request, qp)
+    table = qp.get("table", "events")
+    project = _administered_project(qp, principal)
     if table not in STORE_TABLES:
         raise Problem(
             400,
@@ -1087,7 +1100,7 @@ async def admin_count(request: Request) -> Response:
             " (the event tables; /v1/admin/tables lists all of the store's)",
             field="table",
         )
-    run = request.query_params.get("run") or None
+    run = qp.get("run") or None
     if run is not None and len(run) > MAX_RUN_CHARS:
         raise Problem(400, "bad_parameter", f"run: at most {MAX_RUN_CHARS} characters", field="run")
     count = await anyio.to_thread.run_sync(count_rows, store, table, project, run)
@@ -1098,11 +1111,11 @@ def _dead_letter_dir(wl: WatchLLM) -> Path:
     return wl.settings.spool_path / "dead-letter"
 
 
-async def admin_dead_letters(request: Request) -> Response:
-    wl = _state(request)
-    principal = wl.authenticate(request, "admin")
-    project = _administered_project(request, principal)
-    sink = request.query_params.get("sink") or None
+@accepts(("sink", "project"))
+async def admin_dead_letters(request: Request, qp: P.Query) -> Response:
+    wl, principal = _admin_key(request, qp)
+    project = _administered_project(qp, principal)
+    sink = qp.get("sink") or None
     found = await anyio.to_thread.run_sync(read_dead_letters, _dead_letter_dir(wl), sink, project)
     return JSONResponse(
         {
@@ -1113,16 +1126,16 @@ async def admin_dead_letters(request: Request) -> Response:
     )
 
 
-async def admin_replay_dead_letters(request: Request) -> Response:
+@accepts(("sink", "project"))
+async def admin_replay_dead_letters(request: Request, qp: P.Query) -> Response:
     """Put dead letters back into the spool, each for the sink that refused it."""
-    wl = _state(request)
-    principal = wl.authenticate(request, "admin")
-    project = _administered_project(request, principal)
+    wl, principal = _admin_key(request, qp)
+    project = _administered_project(qp, principal)
     writer = wl.writer
     if writer is None:
         raise Problem(503, "not_running", "the writer is not running", headers={"Retry-After": "5"})
     sinks = {state.sink.name for state in writer.sinks}
-    sink = request.query_params.get("sink") or None
+    sink = qp.get("sink") or None
     if sink is not None and sink not in sinks:
         # A record for a sink that does not run would be dropped by every sink: refuse.
         raise Problem(
@@ -1164,10 +1177,10 @@ async def admin_replay_dead_letters(request: Request) -> Response:
     )
 
 
-async def list_plugins(request: Request) -> Response:
-    wl = _state(request)
+@accepts()
+async def list_plugins(request: Request, qp: P.Query) -> Response:
     # The plugin list is the instance's code, not any project's data: any admin may see it.
-    wl.authenticate(request, "admin")
+    wl, _ = _admin_key(request, qp)
     return JSONResponse({"plugins": describe_plugins(wl.pm)})
 
 

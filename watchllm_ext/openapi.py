@@ -229,8 +229,10 @@ def _admin_paths() -> dict[str, Any]:
     from .app import STORE_TABLES  # the app imports this module: import on use
 
     return {
-        "/v1/admin/store": _admin("get", "The store's name and version", None, [], (401, 403, 503)),
-        "/v1/admin/tables": _admin("get", "The store's tables", None, [], (401, 403, 503)),
+        "/v1/admin/store": _admin(
+            "get", "The store's name and version", None, [], (400, 401, 403, 503)
+        ),
+        "/v1/admin/tables": _admin("get", "The store's tables", None, [], (400, 401, 403, 503)),
         "/v1/admin/count": _admin(
             "get",
             "Distinct rows of a table, for one project or (operator) all of them",

@@ -24,6 +24,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from ..analytics import params as P
+from ..analytics.routes import accepts
 from ..auth import Principal, Scope
 from ..errors import Problem, not_a_project_id
 from ..ingest.body import read_request_body
@@ -110,14 +112,15 @@ def quota_routes(plugin: QuotaPlugin) -> list[BaseRoute]:
         principal = _any_key(request)
         return JSONResponse(await _report(plugin, principal.project_id))
 
-    async def admin_usage(request: Request) -> Response:
+    @accepts(("project",))
+    async def admin_usage(request: Request, qp: P.Query) -> Response:
         if request.method == "POST":
             # Usage and plans are what a project is billed on: its own admin key may read
             # them, only the instance's operator may change them.
-            project = _admin_project(request, "operator")
+            project = _admin_project(request, qp, "operator")
             await apply_change(plugin, project, await _json_object(request, plugin.settings))
         else:
-            project = _admin_project(request, "admin")
+            project = _admin_project(request, qp, "admin")
         return JSONResponse(await _report(plugin, project))
 
     async def stripe_webhook(request: Request) -> Response:
@@ -276,9 +279,11 @@ def _any_key(request: Request) -> Principal:
     return _wl(request).authenticate(request, None)
 
 
-def _admin_project(request: Request, scope: Scope) -> str:
+def _admin_project(request: Request, qp: P.Query, scope: Scope) -> str:
     principal = _wl(request).authenticate(request, scope)
-    project = request.query_params.get("project") or principal.project_id
+    # A misspelled `project` would otherwise read or change the key's own project.
+    qp.check()
+    project = qp.get("project") or principal.project_id
     if not PROJECT_ID_RE.fullmatch(project):
         # Before any usage state is read or made for it: only a key's project can have usage.
         raise not_a_project_id(project)
