@@ -236,6 +236,13 @@ def test_store_outage_answers_202_until_the_cap_then_503_and_catches_up(
     assert ready.status_code == 503
     checks = ready.json()["checks"]
     assert checks["store"]["ok"] is False
+    # The writer says why it is not ready: the spool at its cap, in bytes.
+    writer = checks["writer"]
+    assert writer["ok"] is False, writer
+    assert writer["detail"] == (
+        f"the spool is full: {writer['log_bytes']} of its cap of {256 * 1024} bytes"
+        " (spool_max_bytes); ingestion answers 503 until the sinks catch up"
+    )
     assert checks["writer"]["sinks"]["store:chdb"]["retries_total"] > 0
     assert checks["writer"]["sinks"]["store:chdb"]["lag_events"] == len(acked)
     metrics = server.client.get("/metrics").text
@@ -458,6 +465,7 @@ def test_a_failed_fsync_is_503_and_not_ready_until_an_fsync_succeeds(server_fact
         writer = ready.json()["checks"]["writer"]
         assert writer["ok"] is False
         assert writer["log_sync_error"] == "the spool's fsync failed: Input/output error"
+        assert writer["detail"] == writer["log_sync_error"]
         r = server.client.post(
             "/v1/events/batch", headers=server.headers(), json={"events": [prompt_call("f2")]}
         )

@@ -1013,6 +1013,17 @@ async def readyz(request: Request) -> Response:
         # A failed fsync answers 503 until one succeeds: not ready meanwhile.
         ok = not full and stats["log_sync_error"] is None
         checks["writer"] = {"ok": ok, "log_max_bytes": cap, **stats}
+        # Why not ok, in words (docs/DURABILITY.md: "/readyz says why"), as the other checks.
+        why = []
+        if full:
+            why.append(
+                f"the spool is full: {stats['log_bytes']} of its cap of {cap} bytes"
+                " (spool_max_bytes); ingestion answers 503 until the sinks catch up"
+            )
+        if stats["log_sync_error"] is not None:
+            why.append(stats["log_sync_error"])  # "the spool's fsync failed: <the error>"
+        if why:
+            checks["writer"]["detail"] = "; ".join(why)
         ready = ready and ok
     if wl.store is None:
         checks["store"] = {"ok": False, "detail": "not open"}
