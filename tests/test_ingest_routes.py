@@ -294,3 +294,36 @@ def test_middleware_a_host_adds_to_the_app_sees_the_ingest_routes_too(tmp_path: 
         )
         assert r.status_code == 202, r.text
     assert "/v1/projects/acme/events" in seen
+
+
+# docs/API.md's answer table: each 422 row, by its `error` code.
+API_DOC = Path(__file__).resolve().parents[1] / "docs" / "API.md"
+
+
+def _doc_422_rows() -> dict[str, str]:
+    rows = [line for line in API_DOC.read_text().splitlines() if line.startswith("| 422 |")]
+    return {line.split('"error": "')[1].split('"')[0]: line for line in rows}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "code", "field"),
+    [
+        ("/v1/events/batch", "[]", "bad_body", "body"),
+        ("/v1/events/batch", '{"events": [], "x": 1}', "bad_body", "x"),
+        ("/v1/events/batch", '{"events": {}}', "bad_body", "events"),
+        ("/v1/events/batch", '{"events": []}', "empty_batch", "events"),
+        ("/v1/events/batch", '{"events": [1]}', "validation_failed", None),
+        ("/v1/projects/acme/events", "[]", "empty_batch", "body"),
+        ("/v1/projects/acme/events", '"s"', "bad_body", "body"),
+        ("/v1/projects/acme/events", '{"events": []}', "validation_failed", None),
+    ],
+)
+def test_the_422s_are_the_ones_api_md_lists(
+    server: Any, path: str, body: str, code: str, field: str | None
+) -> None:
+    """Each 422 the ingest routes answer is in API.md's table under its own code (the table
+    once named validation_failed for an empty array and a wrong shape)."""
+    headers = {**server.headers(), "Content-Type": "application/json"}
+    r = server.client.post(path, content=body, headers=headers)
+    assert (r.status_code, r.json()["error"], r.json().get("field")) == (422, code, field), r.text
+    assert code in _doc_422_rows(), f"docs/API.md has no 422 row for {code!r}"
