@@ -70,3 +70,22 @@ def test_a_full_spool_keeps_the_rest_for_the_next_replay(tmp_path: Path) -> None
     kept = read_dead_letters(folder).entries
     assert [e.events[0]["event_id"] for e in kept] == ["second-0"]
     assert [r[1]["events"][0]["event_id"] for r in _records(tmp_path)] == ["first-0"]
+
+
+def test_a_sink_with_no_dead_letters_is_refused_naming_those_that_have_some(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "spool" / "dead-letter"
+    folder.mkdir(parents=True)
+    append_dead_letter(folder / "picky.jsonl", DeadLetter("picky", AT, "no", [prompt_call("e1")]))
+    done = subprocess.run(
+        [sys.executable, "-m", "watchllm_ext.cli", "dead-letter", "replay", "--data-dir",
+         str(tmp_path), "--sink", "nosuch"],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout
+    assert done.stderr == (
+        "error: no dead letters for sink 'nosuch'; sinks with dead letters: picky\n"
+    )
+    assert len(read_dead_letters(folder).entries) == 1  # nothing moved

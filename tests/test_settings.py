@@ -25,7 +25,8 @@ def test_env_then_toml_then_default(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 
 def test_bad_values_name_the_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("WATCHLLM_CONFIG", str(tmp_path / "none.toml"))
+    monkeypatch.delenv("WATCHLLM_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)  # no ./watchllm.toml
     monkeypatch.setenv("WATCHLLM_PORT", "70000")
     with pytest.raises(SettingsError, match=r"invalid setting port \(env WATCHLLM_PORT\)"):
         load_settings()
@@ -44,7 +45,8 @@ def test_bad_values_name_the_setting(tmp_path: Path, monkeypatch: pytest.MonkeyP
         f"unknown setting 'flush_intervall_s' in {toml}; did you mean 'flush_interval_s'?"
     )
     # An unknown key inside a setting's value is named with its path, not as an unknown setting.
-    monkeypatch.setenv("WATCHLLM_CONFIG", str(tmp_path / "none.toml"))
+    monkeypatch.delenv("WATCHLLM_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)  # no ./watchllm.toml
     monkeypatch.setenv("WATCHLLM_QUOTA_PLANS", '{"free": {"bogus_key": 1}}')
     with pytest.raises(SettingsError) as raised:
         load_settings()

@@ -65,7 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # DataFolderError: a folder the command opened cannot be used (store/folders.py, raised
     # where it is opened), the one line that names it.
     except (CliError, SettingsError, DataFolderError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # A SettingsError has a line per bad setting: each one reads as an error on its own.
+        lines = str(exc).splitlines() if isinstance(exc, SettingsError) else [str(exc)]
+        for line in lines or [""]:
+            print(f"error: {line}", file=sys.stderr)
         return EXIT_USAGE if isinstance(exc, SettingsError | CliUsageError) else EXIT_FAILED
     except KeyboardInterrupt:
         return 130
@@ -91,13 +94,13 @@ def _parser() -> argparse.ArgumentParser:
             "--data-dir", type=Path, help="data folder (default: $WATCHLLM_DATA_DIR or ./.watchllm)"
         )
 
-    def remote(p: argparse.ArgumentParser) -> None:
+    def remote(
+        p: argparse.ArgumentParser,
+        key_help: str = "an API key for --url: admin (its own project) or operator (every project)",
+    ) -> None:
         data_dir(p)
         p.add_argument("--url", help="ask a running server at this URL instead of the folder")
-        p.add_argument(
-            "--key",
-            help="an API key for --url: admin (its own project) or operator (every project)",
-        )
+        p.add_argument("--key", help=key_help)
         # With --url the command speaks only HTTP (the base install does), and a busy
         # folder's message points at --url.
         p.set_defaults(url_is_a_server=True)
@@ -230,7 +233,8 @@ def _parser() -> argparse.ArgumentParser:
         "--scope",
         choices=["ingest", "read", "admin", "operator"],
         default="ingest",
-        help="admin administers its own project only; operator every project (docs/API.md)",
+        help="default: ingest (send events only); read: its project's analytics; admin: both,"
+        " and administer its own project; operator: every project (docs/API.md)",
     )
     p.add_argument("--name", default="", help="a note to recognise the key by")
     p.set_defaults(func=cmd_keys_create)
@@ -258,7 +262,14 @@ def _parser() -> argparse.ArgumentParser:
         ("reset", "zero the project's usage in the current minute, day and month"),
     ):
         p = usage_sub.add_parser(action, help=text)
-        remote(p)
+        # Changing usage needs an operator key (quotas/routes.py): a project's own admin
+        # must not change what it is billed on.
+        remote(
+            p,
+            "an API key for --url: admin (its own project) or operator (every project)"
+            if action == "show"
+            else "an operator API key for --url (an admin key may only show its project's usage)",
+        )
         p.add_argument("--project", required=True)
         if action == "set":
             for window in ("minute", "day", "month", "payload-bytes"):
@@ -316,7 +327,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     url = f"http://{settings.host}:{settings.port}"
     # Before a key is made and printed: a busy port would make them point at another server.
-    _check_port(settings.host, settings.port)
+    _check_port(settings.host, settings.port, _host_source(args))
     try:
         app = create_app(settings)
         # Open the store now, and see that the spool can be, so a busy data folder or one
@@ -358,7 +369,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_port(host: str, port: int) -> None:
+def _host_source(args: argparse.Namespace) -> str:
+    """Where the listen address came from: --host, a variable, the file, or the default."""
+    from .settings import source_of
+
+    where = source_of("host", {"host": args.host})
+    return "--host" if where == "option --host" else where
+
+
+def _check_port(host: str, port: int, host_source: str = "--host") -> None:
     """Fail with one clear line when `host:port` cannot be listened on (another server has
     it, or the address is not this machine's). Bound and let go at once, as uvicorn binds it
     (SO_REUSEADDR): a port another process listens on is refused, one in TIME_WAIT is not."""
@@ -367,7 +386,7 @@ def _check_port(host: str, port: int) -> None:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise CliError(f"cannot listen on {host}:{port}: {exc.strerror} (--host)") from None
+        raise CliError(f"cannot listen on {host}:{port}: {exc.strerror} ({host_source})") from None
     # Every address the host names, as uvicorn (asyncio) binds them; one this machine does not
     # have (an IPv6 localhost with IPv6 off) is skipped, as asyncio skips it.
     failure: OSError | None = None
@@ -448,6 +467,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
     if args.print_sql:
         return _print_migrations(args.cluster or _settings(args).cluster_name)
+    if args.cluster:
+        # It only renders the printed SQL; applying uses the cluster_name setting.
+        raise CliUsageError(
+            "--cluster only goes with --print-sql (the cluster to print the statements for);"
+            " to apply them ON CLUSTER, set cluster_name (WATCHLLM_CLUSTER_NAME)"
+        )
     store = _open_store(args)
     try:
         applied = prepare_store(store, _settings(args))
@@ -727,8 +752,26 @@ def cmd_dead_replay(args: argparse.Namespace) -> int:
             print(f"kept (no such sink is running): {', '.join(body['unknown_sinks'])}")
     else:
         entries, events = _replay_local(args)
+        if not entries and (args.sink or args.project):
+            _nothing_for(args)
     print(f"replayed {events} events from {entries} dead letters")
     return 0
+
+
+def _nothing_for(args: argparse.Namespace) -> None:
+    """A sink or project named with no dead letters is likely a typo: say so, and which
+    sinks do have some, rather than "replayed 0 events"."""
+    from .delivery.dead_letters import read_dead_letters
+
+    named = " and ".join(
+        f"{what} {value!r}"
+        for what, value in (("sink", args.sink), ("project", args.project))
+        if value
+    )
+    found = read_dead_letters(_settings(args).spool_path / "dead-letter")
+    sinks = sorted({e.sink for e in found.entries})
+    have = f"sinks with dead letters: {', '.join(sinks)}" if sinks else "there are none at all"
+    raise CliError(f"no dead letters for {named}; {have}")
 
 
 def _replay_local(args: argparse.Namespace) -> tuple[int, int]:
@@ -849,11 +892,16 @@ def cmd_keys_copy(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from .keys import split_key
+
+    # The whole key may be given: only its id is ever printed (the rest is the secret).
+    parts = split_key(args.key_id)
+    key_id = parts[0] if parts else args.key_id
     with _keys(args) as keys:
         revoked = keys.revoke(args.key_id)
     if not revoked:
-        raise CliError(f"no active key with id {args.key_id!r}")
-    print(f"revoked {args.key_id}; running servers stop accepting it within 2 seconds")
+        raise CliError(f"no active key with id {key_id!r}")
+    print(f"revoked {key_id}; running servers stop accepting it within 2 seconds")
     return 0
 
 

@@ -7,6 +7,7 @@ builds its own with `get_plugin_manager`, so tests never share state.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import logging
 from collections.abc import Iterable
@@ -68,12 +69,31 @@ def get_plugin_manager(
     for plugin in plugins:
         if not pm.is_registered(plugin):
             pm.register(plugin)
+    _warn_of_unknown_disabled(blocked, settings.plugins)
     # A misspelled hook name would otherwise be ignored in silence.
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
         raise PluginError(str(exc)) from exc
     return pm
+
+
+_WARNED: set[str] = set()  # once a process: each app builds its own manager
+
+
+def _warn_of_unknown_disabled(blocked: set[str], named: Iterable[str]) -> None:
+    """A WARNING for a disable_plugins name that is no plugin's: a typo would otherwise
+    leave the plugin on without a word."""
+    known = set(DEFAULT_PLUGINS) | {name.rsplit(".", 1)[-1] for name in DEFAULT_PLUGINS}
+    known.update(named)
+    # Every installed entry point, loaded or not (entry_points=False skips loading only).
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        known.update((ep.name, ep.value))
+    for name in sorted(blocked - known - _WARNED):
+        _WARNED.add(name)
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        log.warning("disable_plugins names %r, which is no plugin's name%s", name, hint)
 
 
 def _instantiate(module: Any, settings: Settings) -> Any:

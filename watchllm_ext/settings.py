@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import re
+import tomllib
 from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -629,6 +630,12 @@ class Settings(BaseSettings):
                 raise ValueError(problem)
         return value
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _any_case(cls, value: Any) -> Any:
+        # Python's own level names are upper case (WARNING): both spellings mean the same.
+        return value.lower() if isinstance(value, str) else value
+
     @field_validator("plugins", "disable_plugins", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
@@ -765,6 +772,7 @@ def load_settings(**overrides: Any) -> Settings:
 
     A value that a higher source overrides is checked all the same (WATCHLLM_PORT=abc with
     --port 8824 is refused): a bad value anywhere is a mistake worth hearing about."""
+    _check_named_file()
     loading = _Loading()
     token = _LOADING.set(loading)
     settings: Settings | None = None
@@ -792,7 +800,70 @@ def load_settings(**overrides: Any) -> Settings:
     lines += _check_overridden(layers)
     if lines or settings is None:
         raise SettingsError("\n".join(dict.fromkeys(lines)))
+    _warn_of_unread_variables()
     return settings
+
+
+# WATCHLLM_* variables that other parts of WatchLLM read on purpose, not settings: the SDK's
+# and `watchllm demo`'s key and server, the settings file's name, and the test suite's own.
+READ_ELSEWHERE = frozenset(
+    {
+        "WATCHLLM_API_KEY",
+        "WATCHLLM_BASE_URL",
+        "WATCHLLM_CONFIG",
+        "WATCHLLM_TEST_CLICKHOUSE_URL",
+        "WATCHLLM_TEST_URL",
+        "WATCHLLM_TEST_KEY",
+    }
+)
+_WARNED: set[str] = set()  # once a process: commands load settings more than once
+
+
+def _warn_of_unread_variables() -> None:
+    """A WARNING for each WATCHLLM_* variable that nothing reads (a typo would otherwise
+    leave its setting at its default without a word), naming the likely meant variable."""
+    variables = {f"WATCHLLM_{name.upper()}" for name in Settings.model_fields}
+    for key in os.environ:
+        upper = key.upper()  # pydantic-settings reads the variables in any case
+        if not upper.startswith("WATCHLLM_") or upper in variables | READ_ELSEWHERE:
+            continue
+        if key in _WARNED:
+            continue
+        _WARNED.add(key)
+        close = difflib.get_close_matches(upper, sorted(variables), n=1)
+        hint = f"; did you mean {close[0]}?" if close else " (docs/SETTINGS.md lists them)"
+        logging.getLogger("watchllm.settings").warning(
+            "environment variable %s is not a setting's and is ignored%s", key, hint
+        )
+
+
+def _check_named_file() -> None:
+    """A settings file named on purpose must be there: a typo in its name would otherwise
+    start on defaults. The default ./watchllm.toml is optional."""
+    named = os.environ.get("WATCHLLM_CONFIG")
+    if named is None:
+        return
+    path = Path(named)
+    if not path.is_file():
+        what = "is not a file" if path.exists() else "does not exist"
+        raise SettingsError(f"the settings file {named} (env WATCHLLM_CONFIG) {what}")
+    if not os.access(path, os.R_OK):
+        raise SettingsError(f"the settings file {named} (env WATCHLLM_CONFIG) cannot be read")
+
+
+def source_of(name: str, overrides: Mapping[str, Any]) -> str:
+    """Where the value of setting `name` came from, in the words of the error lines."""
+    if overrides.get(name) is not None:
+        return _Layer("argument", overrides).where(name)
+    wanted = f"WATCHLLM_{name}".lower()
+    if any(key.lower() == wanted for key in os.environ):
+        return f"env {_env_variable(name)}"
+    try:
+        with open(_settings_file(), "rb") as file:
+            in_file = name in tomllib.load(file)
+    except (OSError, tomllib.TOMLDecodeError):
+        in_file = False
+    return f"file {_settings_file()}, key {name}" if in_file else "its default"
 
 
 def _check_overridden(layers: Sequence[_Layer]) -> list[str]:
