@@ -176,6 +176,7 @@ def start_server(folder: Path, name: str, env: dict[str, str]) -> tuple[Any, int
     port = free_port()
     data = folder / name
     data.mkdir()
+    (folder / "none.toml").write_text("")  # named: no watchllm.toml of the cwd is read
     settings = {
         "WATCHLLM_DATA_DIR": str(data),
         "WATCHLLM_KEYS_FILE": str(folder / "keys.sqlite3"),

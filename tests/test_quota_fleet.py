@@ -34,6 +34,7 @@ class Fleet:
         self.redis = RedisServer(folder / "redis").start()
         keys = KeyStore(folder / "keys.sqlite3")
         self.key = keys.create("acme", scope="admin")
+        (folder / "none.toml").write_text("")  # named: no watchllm.toml of the cwd is read
         self.procs: list[subprocess.Popen[bytes]] = []
         self.urls: list[str] = []
 
