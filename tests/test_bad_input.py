@@ -554,8 +554,9 @@ def test_a_rejection_answer_is_bounded_whatever_the_batch_holds(server: Running)
 def test_json_nested_to_the_documented_depth_is_read_and_deeper_is_400_too_deep(
     server_factory: Any, depth: int
 ) -> None:
-    """docs/API.md: arrays and objects nest at most 200 deep, whatever the innermost holds;
-    one level more is 400 saying the nesting is too deep, not that the JSON is invalid."""
+    """docs/API.md: arrays and objects nest at most 200 deep around a value; one level more
+    is 400 saying the nesting is too deep, not that the JSON is invalid. (An empty array or
+    object innermost may be a 201st level: the parser counts the value inside too.)"""
     server = server_factory()
     # An array of one event whose value is `depth - 1` arrays around a number: read, and
     # refused as not an event (422); one level more is never read.
