@@ -3,6 +3,7 @@ ClickHouse store of the test's `store_backend`: see tests/stores.py)."""
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -93,6 +94,15 @@ class Running:
 
     def headers(self, key: str | None = None) -> dict[str, str]:
         return {"Authorization": f"Bearer {key or self.key}"}
+
+
+def clear_watchllm_env(monkeypatch: pytest.MonkeyPatch, cwd: Path) -> None:
+    """No WATCHLLM_* variable of the machine (any case: the settings read them so), and a
+    working folder without a watchllm.toml."""
+    for name in list(os.environ):
+        if name.upper().startswith("WATCHLLM_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(cwd)
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:

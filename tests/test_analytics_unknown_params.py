@@ -19,6 +19,7 @@ from starlette.datastructures import QueryParams
 from watchllm_ext.analytics import params as P
 from watchllm_ext.analytics.routes import ROUTES
 from watchllm_ext.errors import Problem
+from watchllm_ext.route_params import MAX_NAME_SHOWN, Query, UndeclaredParameter
 
 # Each route's path with its path parameter filled in (an id the data below has).
 PATHS = {path: path.replace("{event_id}", "e1").replace("{run_id}", "run-1") for path, _ in ROUTES}
@@ -149,13 +150,13 @@ def test_a_key_is_checked_before_the_parameters(server: Running) -> None:
         assert r.status_code == 401, (path, r.text)
 
 
-# --- params.Query itself ---
+# --- route_params.Query itself ---
 
 
 def test_query_refuses_unknown_names_and_guards_undeclared_reads() -> None:
     accepted = frozenset({"limit", "model"})
-    P.Query(QueryParams("limit=3&model=x&model=y"), accepted).check()  # repeats are fine
-    q = P.Query(QueryParams("limit=3&modle=x"), accepted)
+    Query(QueryParams("limit=3&model=x&model=y"), accepted).check()  # repeats are fine
+    q = Query(QueryParams("limit=3&modle=x"), accepted)
     with pytest.raises(Problem) as refused:
         q.check()
     problem = refused.value
@@ -165,18 +166,18 @@ def test_query_refuses_unknown_names_and_guards_undeclared_reads() -> None:
         == "modle: unknown query parameter 'modle'; this route accepts: limit, model"
     )
     # Read as before: the last of repeated values; a name the route does not declare is a bug.
-    assert P.Query(QueryParams("model=x&model=y"), accepted).get("model") == "y"
-    assert P.Query(QueryParams(""), accepted).get("model", "z") == "z"
+    assert Query(QueryParams("model=x&model=y"), accepted).get("model") == "y"
+    assert Query(QueryParams(""), accepted).get("model", "z") == "z"
     for read in (lambda: q.get("user_id"), lambda: "user_id" in q, lambda: q.getlist("user_id")):
-        with pytest.raises(P.UndeclaredParameter, match="user_id"):
+        with pytest.raises(UndeclaredParameter, match="user_id"):
             read()
     # An empty name and a huge one are named too, the huge one cut.
     with pytest.raises(Problem) as refused:
-        P.Query(QueryParams("=1"), accepted).check()
+        Query(QueryParams("=1"), accepted).check()
     assert refused.value.field == ""
     with pytest.raises(Problem) as refused:
-        P.Query(QueryParams("x" * 5000 + "=1"), accepted).check()
-    assert refused.value.field == "x" * P.MAX_NAME_SHOWN + "..."
+        Query(QueryParams("x" * 5000 + "=1"), accepted).check()
+    assert refused.value.field == "x" * MAX_NAME_SHOWN + "..."
     assert len(refused.value.message) < 400
 
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import clear_watchllm_env
 
 from watchllm_ext.cli import main
 
@@ -18,10 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(autouse=True)
 def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.upper().startswith("WATCHLLM_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
+    clear_watchllm_env(monkeypatch, tmp_path)
 
 
 def test_revoking_by_the_whole_key_prints_only_its_id(

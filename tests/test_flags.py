@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pluggy
 import pytest
 from openfeature import api
 from openfeature.evaluation_context import EvaluationContext
@@ -141,31 +142,26 @@ def test_configcat_local_override_file_flip(tmp_path: Path) -> None:
     assert feature_enabled(pm, "guardian", ACME)
 
 
-def test_configcat_targeting_per_project(tmp_path: Path) -> None:
-    """A full ConfigCat config JSON in the override file: a rule on the project_id attribute."""
+def configcat_plugins(tmp_path: Path, flags: dict[str, Any]) -> pluggy.PluginManager:
+    """The ConfigCat provider on a full config JSON (these flags) in its local-override file."""
     override = tmp_path / "configcat.json"
-    config = {
-        "p": {"u": "https://cdn-global.configcat.com", "r": 0, "s": "salt"},
-        "f": {
-            "guardian": {
-                "t": 0,
-                "v": {"b": False},
-                "r": [
-                    {
-                        "c": [{"u": {"a": "project_id", "c": 0, "l": ["acme"]}}],
-                        "s": {"v": {"b": True}},
-                    }
-                ],
-            }
-        },
-    }
-    write_json(override, config)
+    write_json(
+        override, {"p": {"u": "https://cdn-global.configcat.com", "r": 0, "s": "salt"}, "f": flags}
+    )
     settings = Settings(
         data_dir=tmp_path,
         plugins=["watchllm_ext.flags.configcat_provider"],
         configcat_override_file=override,
     )
-    pm = get_plugin_manager(settings, entry_points=False)
+    return get_plugin_manager(settings, entry_points=False)
+
+
+def test_configcat_targeting_per_project(tmp_path: Path) -> None:
+    """A full ConfigCat config JSON in the override file: a rule on the project_id attribute."""
+    on_for_acme = [
+        {"c": [{"u": {"a": "project_id", "c": 0, "l": ["acme"]}}], "s": {"v": {"b": True}}}
+    ]
+    pm = configcat_plugins(tmp_path, {"guardian": {"t": 0, "v": {"b": False}, "r": on_for_acme}})
     assert feature_enabled(pm, "guardian", ACME)
     assert not feature_enabled(pm, "guardian", OTHER, default=True)
 
@@ -187,22 +183,12 @@ def test_configcat_evaluations_are_not_logged_but_its_warnings_are(
     every evaluation is not written; a warning of its own (a rule on an attribute the
     evaluation lacks) still is."""
     caplog.set_level(logging.INFO)
-    override = tmp_path / "configcat.json"
     on_for_bob = [{"c": [{"u": {"a": "user_id", "c": 0, "l": ["bob"]}}], "s": {"v": {"b": True}}}]
-    config = {
-        "p": {"u": "https://cdn-global.configcat.com", "r": 0, "s": "salt"},
-        "f": {
-            "guardian": {"t": 0, "v": {"b": True}},
-            "per_user": {"t": 0, "v": {"b": False}, "r": on_for_bob},
-        },
+    flags = {
+        "guardian": {"t": 0, "v": {"b": True}},
+        "per_user": {"t": 0, "v": {"b": False}, "r": on_for_bob},
     }
-    write_json(override, config)
-    settings = Settings(
-        data_dir=tmp_path,
-        plugins=["watchllm_ext.flags.configcat_provider"],
-        configcat_override_file=override,
-    )
-    pm = get_plugin_manager(settings, entry_points=False)
+    pm = configcat_plugins(tmp_path, flags)
     for _ in range(3):
         assert feature_enabled(pm, "guardian", ACME)
     assert feature_enabled(pm, "per_user", ACME, user_id="bob")
@@ -213,7 +199,7 @@ def test_configcat_evaluations_are_not_logged_but_its_warnings_are(
     assert warning.levelno == logging.WARNING and "user_id" in warning.getMessage()
     # A level the operator gave ConfigCat's logger is theirs.
     fresh_configcat_logger.setLevel(logging.DEBUG)
-    get_plugin_manager(settings, entry_points=False)
+    configcat_plugins(tmp_path, flags)
     assert fresh_configcat_logger.level == logging.DEBUG
 
 

@@ -4,10 +4,10 @@ source overrides it (docs/SETTINGS.md)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
+from conftest import clear_watchllm_env
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic_settings import SettingsError as PydanticSettingsError
@@ -26,10 +26,7 @@ NOT_AN_INTEGER = "Input should be a valid integer, unable to parse string as an 
 @pytest.fixture(autouse=True)
 def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """No WATCHLLM_* variable of the machine, and a settings file of the test's own."""
-    for name in list(os.environ):
-        if name.upper().startswith("WATCHLLM_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
+    clear_watchllm_env(monkeypatch, tmp_path)
     toml = tmp_path / "watchllm.toml"
     toml.write_text("")  # a file named by WATCHLLM_CONFIG must exist
     monkeypatch.setenv("WATCHLLM_CONFIG", str(toml))
@@ -284,3 +281,17 @@ def test_settings_built_directly_never_show_a_refused_password(
         Settings()
     assert "clickhouse_url" in str(raised.value)
     assert "S3cretPW" not in str(raised.value)
+
+
+def test_a_setting_names_where_its_value_came_from(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """source_of answers from the sources load_settings read, in their order of precedence."""
+    clean_env.write_text('host = "10.0.0.1"\nport = 9000\n')
+    monkeypatch.setenv("WATCHLLM_PORT", "9001")
+    settings = load_settings(log_level="warning")
+    assert settings.source_of("log_level") == "argument log_level"
+    assert settings.source_of("port") == "env WATCHLLM_PORT"
+    assert settings.source_of("host") == f"file {clean_env}, key host"
+    assert settings.source_of("data_dir") == "its default"
+    assert load_settings(host="::1").source_of("host") == "option --host"

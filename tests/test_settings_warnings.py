@@ -5,10 +5,10 @@ log level (docs/SETTINGS.md)."""
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import pytest
+from conftest import clear_watchllm_env
 
 from watchllm_ext import plugins as watchllm_plugins
 from watchllm_ext import settings as watchllm_settings
@@ -18,10 +18,7 @@ from watchllm_ext.settings import Settings, SettingsError, load_settings
 
 @pytest.fixture(autouse=True)
 def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.upper().startswith("WATCHLLM_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)  # no ./watchllm.toml
+    clear_watchllm_env(monkeypatch, tmp_path)
     monkeypatch.setattr(watchllm_settings, "_WARNED", set())
     monkeypatch.setattr(watchllm_plugins, "_WARNED", set())
 

@@ -30,9 +30,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from . import __version__
-from .analytics import params as P
 from .analytics.reads import StoreReads
-from .analytics.routes import accepts
 from .analytics.routes import routes as analytics_routes
 from .auth import Principal, Scope, bearer_token
 from .delivery.dead_letters import (
@@ -93,6 +91,7 @@ from .otel.pool import map_in_worker
 from .otel.rows import SpanRow
 from .plugins import call_hook, describe_plugins, get_plugin_manager
 from .quota import QuotaDecision
+from .route_params import Query, accepts
 from .schema import EVENT_LIST_ADAPTER, PROJECT_ID_RE, require_server_filled
 from .sdk.context import register_local_app, unregister_local_app
 from .serving.tuning import freeze_startup_heap
@@ -1047,7 +1046,7 @@ async def readyz(request: Request) -> Response:
 # --- admin (for the CLI's --url mode) -----------------------------------------------------------
 
 
-def _admin_key(request: Request, qp: P.Query) -> tuple[WatchLLM, Principal]:
+def _admin_key(request: Request, qp: Query) -> tuple[WatchLLM, Principal]:
     """Authenticate an admin key, then refuse a query parameter the route does not accept
     (a misspelled `project` used to widen the answer, or a replay, to every project)."""
     wl = _state(request)
@@ -1056,7 +1055,7 @@ def _admin_key(request: Request, qp: P.Query) -> tuple[WatchLLM, Principal]:
     return wl, principal
 
 
-def _admin_store(request: Request, qp: P.Query) -> tuple[WatchLLM, Principal, Store]:
+def _admin_store(request: Request, qp: Query) -> tuple[WatchLLM, Principal, Store]:
     wl, principal = _admin_key(request, qp)
     if wl.store is None:
         raise Problem(
@@ -1065,7 +1064,7 @@ def _admin_store(request: Request, qp: P.Query) -> tuple[WatchLLM, Principal, St
     return wl, principal, wl.store
 
 
-def _administered_project(qp: P.Query, principal: Principal) -> str | None:
+def _administered_project(qp: Query, principal: Principal) -> str | None:
     """The `project` parameter of an admin route, checked against the key (docs/API.md, "Keys
     and scopes"): an admin key administers its own project only (its project when none is
     named), an operator key every project (all of them when none is named)."""
@@ -1086,20 +1085,20 @@ def _administered_project(qp: P.Query, principal: Principal) -> str | None:
 
 
 @accepts()
-async def admin_store(request: Request, qp: P.Query) -> Response:
+async def admin_store(request: Request, qp: Query) -> Response:
     _, _, store = _admin_store(request, qp)
     version = await anyio.to_thread.run_sync(store.version)
     return JSONResponse({"store": store.name, "version": version})
 
 
 @accepts()
-async def admin_tables(request: Request, qp: P.Query) -> Response:
+async def admin_tables(request: Request, qp: Query) -> Response:
     _, _, store = _admin_store(request, qp)
     return JSONResponse({"tables": await anyio.to_thread.run_sync(list_tables, store)})
 
 
 @accepts(("table", "project", "run"))
-async def admin_count(request: Request, qp: P.Query) -> Response:
+async def admin_count(request: Request, qp: Query) -> Response:
     _, principal, store = _admin_store(request, qp)
     table = qp.get("table", "events")
     project = _administered_project(qp, principal)
@@ -1123,7 +1122,7 @@ def _dead_letter_dir(wl: WatchLLM) -> Path:
 
 
 @accepts(("sink", "project"))
-async def admin_dead_letters(request: Request, qp: P.Query) -> Response:
+async def admin_dead_letters(request: Request, qp: Query) -> Response:
     wl, principal = _admin_key(request, qp)
     project = _administered_project(qp, principal)
     sink = qp.get("sink") or None
@@ -1138,7 +1137,7 @@ async def admin_dead_letters(request: Request, qp: P.Query) -> Response:
 
 
 @accepts(("sink", "project"))
-async def admin_replay_dead_letters(request: Request, qp: P.Query) -> Response:
+async def admin_replay_dead_letters(request: Request, qp: Query) -> Response:
     """Put dead letters back into the spool, each for the sink that refused it."""
     wl, principal = _admin_key(request, qp)
     project = _administered_project(qp, principal)
@@ -1189,7 +1188,7 @@ async def admin_replay_dead_letters(request: Request, qp: P.Query) -> Response:
 
 
 @accepts()
-async def list_plugins(request: Request, qp: P.Query) -> Response:
+async def list_plugins(request: Request, qp: Query) -> Response:
     # The plugin list is the instance's code, not any project's data: any admin may see it.
     wl, _ = _admin_key(request, qp)
     return JSONResponse({"plugins": describe_plugins(wl.pm)})

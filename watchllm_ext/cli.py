@@ -327,7 +327,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     url = f"http://{settings.host}:{settings.port}"
     # Before a key is made and printed: a busy port would make them point at another server.
-    _check_port(settings.host, settings.port, _host_source(args))
+    _check_port(settings.host, settings.port, _host_source(settings))
     try:
         app = create_app(settings)
         # Open the store now, and see that the spool can be, so a busy data folder or one
@@ -369,11 +369,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _host_source(args: argparse.Namespace) -> str:
+def _host_source(settings: Any) -> str:
     """Where the listen address came from: --host, a variable, the file, or the default."""
-    from .settings import source_of
-
-    where = source_of("host", {"host": args.host})
+    where = settings.source_of("host")
     return "--host" if where == "option --host" else where
 
 

@@ -11,7 +11,6 @@ import logging
 import math
 import os
 import re
-import tomllib
 from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from urllib.parse import unquote, unquote_plus, urlsplit
 
 from pydantic import (
     Field,
+    PrivateAttr,
     SecretBytes,
     SecretStr,
     ValidationError,
@@ -64,6 +64,8 @@ class Settings(BaseSettings):
         # load_settings words its own messages, with secrets masked.
         hide_input_in_errors=True,
     )
+    # The sources load_settings read, highest first (source_of); empty when built directly.
+    _layers: tuple[_Layer, ...] = PrivateAttr(default=())
 
     data_dir: Path = Field(
         Path(".watchllm"),
@@ -686,6 +688,14 @@ class Settings(BaseSettings):
     def spool_path(self) -> Path:
         return self.spool_dir or self.data_dir / "spool"
 
+    def source_of(self, name: str) -> str:
+        """Where the value of setting `name` came from, in the words of the error lines:
+        the first of load_settings' sources that names it, else "its default"."""
+        for layer in self._layers:
+            if layer.values.get(name) is not None:
+                return layer.where(name)
+        return "its default"
+
 
 class _EnvSource(EnvSettingsSource):
     """`WATCHLLM_*` variables; a value that cannot be decoded (bad JSON) is noted and left out,
@@ -801,6 +811,7 @@ def load_settings(**overrides: Any) -> Settings:
     if lines or settings is None:
         raise SettingsError("\n".join(dict.fromkeys(lines)))
     _warn_of_unread_variables()
+    settings._layers = tuple(layers)
     return settings
 
 
@@ -849,21 +860,6 @@ def _check_named_file() -> None:
         raise SettingsError(f"the settings file {named} (env WATCHLLM_CONFIG) {what}")
     if not os.access(path, os.R_OK):
         raise SettingsError(f"the settings file {named} (env WATCHLLM_CONFIG) cannot be read")
-
-
-def source_of(name: str, overrides: Mapping[str, Any]) -> str:
-    """Where the value of setting `name` came from, in the words of the error lines."""
-    if overrides.get(name) is not None:
-        return _Layer("argument", overrides).where(name)
-    wanted = f"WATCHLLM_{name}".lower()
-    if any(key.lower() == wanted for key in os.environ):
-        return f"env {_env_variable(name)}"
-    try:
-        with open(_settings_file(), "rb") as file:
-            in_file = name in tomllib.load(file)
-    except (OSError, tomllib.TOMLDecodeError):
-        in_file = False
-    return f"file {_settings_file()}, key {name}" if in_file else "its default"
 
 
 def _check_overridden(layers: Sequence[_Layer]) -> list[str]:

@@ -15,7 +15,8 @@ from zoneinfo import available_timezones
 from starlette.datastructures import QueryParams
 
 from ..auth import Principal
-from ..errors import Problem, other_project
+from ..errors import other_project
+from ..route_params import bad
 from ..schema import MAX_ID_CHARS, MAX_TIMESTAMP, MIN_TIMESTAMP, PROJECT_ID_RE, is_id
 
 # `period`, on every route that takes a time range (docs/ANALYTICS.md, "Time range").
@@ -56,64 +57,10 @@ MAX_TZ_CHARS = 64
 
 
 # The names the shared parsers below read. A route declares what it accepts with these and
-# its own names (routes.py, `accepts`); any other query parameter is a 400 (`Query`).
+# its own names (route_params.accepts); any other query parameter is a 400 (`Query`).
 PROJECT = ("project_id",)  # project()
 RANGE = ("period", "from", "to")  # time_range()
 PAGE = ("limit", "cursor")  # limit(), cursor()
-# How much of a refused parameter's name an error shows.
-MAX_NAME_SHOWN = 64
-
-
-def bad(name: str, message: str) -> Problem:
-    return Problem(400, "bad_parameter", f"{name}: {message}", field=name)
-
-
-class UndeclaredParameter(RuntimeError):
-    """A route read a query parameter it does not declare: a bug in the route, not the
-    request's fault, raised on the first call of that route so that no test misses it."""
-
-
-class Query(QueryParams):
-    """A route's query parameters, held to the names it accepts (its declaration). `check`
-    answers a name sent that is not accepted (a misspelling, another route's filter) with
-    400 naming it and listing the accepted ones, instead of ignoring it and answering
-    unfiltered data; reading a name that is not accepted raises UndeclaredParameter, so a
-    route cannot parse a parameter without accepting it. Repeated names read as before:
-    the last value."""
-
-    def __init__(self, params: QueryParams, accepted: frozenset[str]) -> None:
-        super().__init__(params)
-        self.accepted = accepted
-
-    def check(self) -> None:
-        """400 for the first name sent that is not accepted: one set look-up a name."""
-        for name, _ in self._list:
-            if name not in self.accepted:
-                shown = name if len(name) <= MAX_NAME_SHOWN else name[:MAX_NAME_SHOWN] + "..."
-                raise bad(
-                    shown,
-                    f"unknown query parameter {shown!r}; this route accepts: "
-                    + (", ".join(sorted(self.accepted)) or "none"),
-                )
-
-    def _declared(self, name: object) -> None:
-        if name not in self.accepted:
-            raise UndeclaredParameter(
-                f"the route reads query parameter {name!r} but does not accept it;"
-                f" add it to its declaration (accepts: {', '.join(sorted(self.accepted))})"
-            )
-
-    def __getitem__(self, key: str) -> str:
-        self._declared(key)
-        return super().__getitem__(key)
-
-    def __contains__(self, key: object) -> bool:
-        self._declared(key)
-        return super().__contains__(key)
-
-    def getlist(self, key: object) -> list[str]:
-        self._declared(key)
-        return super().getlist(key)
 
 
 def project(params: QueryParams, principal: Principal) -> str:

@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 import re
 import weakref
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from functools import wraps
 from typing import Any, get_args
 from zoneinfo import ZoneInfo
 
@@ -24,6 +23,7 @@ from starlette.routing import Route
 
 from ..errors import Problem
 from ..otel.ids import span_part
+from ..route_params import Query, accepts
 from ..schema import EVENT_TYPES, Status
 from ..store import Store
 from ..store.rows import FORMAT_JSON_MESSAGES, FORMAT_LEGACY, read_json
@@ -108,31 +108,7 @@ async def _zone(store: Store, request: Request, params: QueryParams | None = Non
     return P.zone(qp, known)
 
 
-Endpoint = Callable[[Request], Awaitable[Response]]
-# A route as written: the request, and its query parameters held to those it accepts.
-Declared = Callable[[Request, P.Query], Awaitable[Response]]
-
-
-def accepts(*names: Iterable[str]) -> Callable[[Declared], Endpoint]:
-    """Declare the query parameters a route accepts (groups of names: params.PROJECT,
-    params.RANGE, params.PAGE, and the route's own), the one list of them: the route gets
-    its query string as a params.Query of these names, which it reads them from, and
-    `_context` refuses any other name sent with a 400 naming it (docs/ANALYTICS.md,
-    "Parameters"). The names are the endpoint's `accepted` (tests drive every one)."""
-    accepted = frozenset(name for group in names for name in group)
-
-    def declare(route: Declared) -> Endpoint:
-        @wraps(route)
-        async def endpoint(request: Request) -> Response:
-            return await route(request, P.Query(request.query_params, accepted))
-
-        endpoint.accepted = accepted  # type: ignore[attr-defined]
-        return endpoint
-
-    return declare
-
-
-def _context(request: Request, qp: P.Query) -> tuple[Any, Store, str]:
+def _context(request: Request, qp: Query) -> tuple[Any, Store, str]:
     """Authenticate, refuse a query parameter the route does not accept, take the project."""
     wl = request.app.state.watchllm
     principal = wl.authenticate(request, "read")
@@ -195,7 +171,7 @@ def _percentiles(values: list[float] | None, has_any: bool) -> Percentiles:
 
 
 @accepts(P.PROJECT, P.RANGE)
-async def stats(request: Request, qp: P.Query) -> Response:
+async def stats(request: Request, qp: Query) -> Response:
     """GET /v1/analytics/stats"""
     _, store, project = _context(request, qp)
     span = P.time_range(qp)
@@ -306,7 +282,7 @@ def _hour_aligned(tz: str, span: P.Range) -> bool:
 
 
 @accepts(P.PROJECT, P.RANGE, ("interval", "tz", "group_by", "groups", "rank_by"))
-async def timeseries(request: Request, qp: P.Query) -> Response:
+async def timeseries(request: Request, qp: Query) -> Response:
     """GET /v1/analytics/timeseries"""
     _, store, project = _context(request, qp)
     span = P.time_range(qp)
@@ -472,7 +448,7 @@ def _fitting(items: list[Any], budget: int) -> int:
     P.PAGE,
     ("status", "event_type", "model", "run_id", "user_id", "tag", "q"),
 )
-async def logs(request: Request, qp: P.Query) -> Response:
+async def logs(request: Request, qp: Query) -> Response:
     """GET /v1/analytics/logs"""
     _, store, project = _context(request, qp)
     span = P.time_range(qp)
@@ -515,7 +491,7 @@ async def logs(request: Request, qp: P.Query) -> Response:
 
 
 @accepts(P.PROJECT)
-async def event(request: Request, qp: P.Query) -> Response:
+async def event(request: Request, qp: Query) -> Response:
     """GET /v1/analytics/event/{event_id}"""
     _, store, project = _context(request, qp)
     event_id = P.ident(request.path_params["event_id"], "event_id")
@@ -574,7 +550,7 @@ def _run_row(row: dict[str, Any]) -> Run:
 
 
 @accepts(P.PROJECT, P.RANGE, P.PAGE)
-async def runs(request: Request, qp: P.Query) -> Response:
+async def runs(request: Request, qp: Query) -> Response:
     """GET /v1/analytics/runs"""
     _, store, project = _context(request, qp)
     span = P.time_range(qp)
@@ -760,7 +736,7 @@ def _event_node(e: dict[str, Any], span: SpanSummary | None, run_id: str) -> Tre
 
 
 @accepts(P.PROJECT, ("limit",))
-async def run(request: Request, qp: P.Query) -> Response:
+async def run(request: Request, qp: Query) -> Response:
     """GET /v1/analytics/runs/{run_id}: the run's events and, for a run that came as an
     OpenTelemetry trace, its spans that are not events, nested as sent."""
     _, store, project = _context(request, qp)

@@ -24,12 +24,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from ..analytics import params as P
-from ..analytics.routes import accepts
 from ..auth import Principal, Scope
 from ..errors import Problem, not_a_project_id
 from ..ingest.body import read_request_body
 from ..openapi import PROJECT_ID_SCHEMA, ErrorBody, _json, _query, _ref, described
+from ..route_params import Query, accepts
 from ..schema import PROJECT_ID_RE
 from .engine import QuotaUnavailable
 from .plans import WINDOWS, Plan, periods
@@ -113,7 +112,7 @@ def quota_routes(plugin: QuotaPlugin) -> list[BaseRoute]:
         return JSONResponse(await _report(plugin, principal.project_id))
 
     @accepts(("project",))
-    async def admin_usage(request: Request, qp: P.Query) -> Response:
+    async def admin_usage(request: Request, qp: Query) -> Response:
         if request.method == "POST":
             # Usage and plans are what a project is billed on: its own admin key may read
             # them, only the instance's operator may change them.
@@ -279,7 +278,7 @@ def _any_key(request: Request) -> Principal:
     return _wl(request).authenticate(request, None)
 
 
-def _admin_project(request: Request, qp: P.Query, scope: Scope) -> str:
+def _admin_project(request: Request, qp: Query, scope: Scope) -> str:
     principal = _wl(request).authenticate(request, scope)
     # A misspelled `project` would otherwise read or change the key's own project.
     qp.check()

@@ -1,0 +1,95 @@
+"""Query parameters a route declares: any other name sent is a 400 naming it.
+
+Every route that reads a query string (analytics, admin, quotas) declares the names it takes
+with `accepts`; the route reads them from a `Query`, which refuses the rest (a misspelled
+filter would otherwise widen the answer without a word)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable
+from functools import wraps
+
+from starlette.datastructures import QueryParams
+from starlette.requests import Request
+from starlette.responses import Response
+
+from .errors import Problem
+
+# How much of a refused parameter's name an error shows.
+MAX_NAME_SHOWN = 64
+
+
+def bad(name: str, message: str) -> Problem:
+    return Problem(400, "bad_parameter", f"{name}: {message}", field=name)
+
+
+class UndeclaredParameter(RuntimeError):
+    """A route read a query parameter it does not declare: a bug in the route, not the
+    request's fault, raised on the first call of that route so that no test misses it."""
+
+
+class Query(QueryParams):
+    """A route's query parameters, held to the names it accepts (its declaration). `check`
+    answers a name sent that is not accepted (a misspelling, another route's filter) with
+    400 naming it and listing the accepted ones, instead of ignoring it and answering
+    unfiltered data; reading a name that is not accepted raises UndeclaredParameter, so a
+    route cannot parse a parameter without accepting it. Repeated names read as before:
+    the last value."""
+
+    def __init__(self, params: QueryParams, accepted: frozenset[str]) -> None:
+        super().__init__(params)
+        self.accepted = accepted
+
+    def check(self) -> None:
+        """400 for the first name sent that is not accepted: one set look-up a name."""
+        for name, _ in self._list:
+            if name not in self.accepted:
+                shown = name if len(name) <= MAX_NAME_SHOWN else name[:MAX_NAME_SHOWN] + "..."
+                raise bad(
+                    shown,
+                    f"unknown query parameter {shown!r}; this route accepts: "
+                    + (", ".join(sorted(self.accepted)) or "none"),
+                )
+
+    def _declared(self, name: object) -> None:
+        if name not in self.accepted:
+            raise UndeclaredParameter(
+                f"the route reads query parameter {name!r} but does not accept it;"
+                f" add it to its declaration (accepts: {', '.join(sorted(self.accepted))})"
+            )
+
+    def __getitem__(self, key: str) -> str:
+        self._declared(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        self._declared(key)
+        return super().__contains__(key)
+
+    def getlist(self, key: object) -> list[str]:
+        self._declared(key)
+        return super().getlist(key)
+
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+# A route as written: the request, and its query parameters held to those it accepts.
+Declared = Callable[[Request, Query], Awaitable[Response]]
+
+
+def accepts(*names: Iterable[str]) -> Callable[[Declared], Endpoint]:
+    """Declare the query parameters a route accepts (groups of names, such as
+    analytics/params.py's PROJECT, RANGE, PAGE, and the route's own), the one list of them:
+    the route gets its query string as a Query of these names, which it reads them from, and
+    refuses any other name sent (`Query.check`) with a 400 naming it (docs/ANALYTICS.md,
+    "Parameters"). The names are the endpoint's `accepted` (tests drive every one)."""
+    accepted = frozenset(name for group in names for name in group)
+
+    def declare(route: Declared) -> Endpoint:
+        @wraps(route)
+        async def endpoint(request: Request) -> Response:
+            return await route(request, Query(request.query_params, accepted))
+
+        endpoint.accepted = accepted  # type: ignore[attr-defined]
+        return endpoint
+
+    return declare
