@@ -1,10 +1,10 @@
-"""The dashboard's session cookie and CSRF tokens, with the standard library only.
+"""The dashboard's session cookie and CSRF tokens.
 
 The session cookie holds the API key the user signed in with, so that every page asks the
 `authenticate` hook again (a revoked key ends its sessions) and reads through the analytics
 routes exactly as an API client would. The key is a secret: the cookie is encrypted, not
-only signed (a keystream of HMAC-SHA256 blocks over a random nonce, then an HMAC-SHA256 tag
-over nonce and ciphertext: encrypt-then-MAC), and `HttpOnly`, so page scripts never see it.
+only signed (cryptography's Fernet: AES-128-CBC and HMAC-SHA256, encrypt-then-MAC, with the
+time it was made, which bounds its age), and `HttpOnly`, so page scripts never see it.
 
 The secret is `dashboard_secret` from settings, or 32 random bytes written once into
 `<data_dir>/dashboard-secret` (mode 0600) and read from there by every later start and by
@@ -14,22 +14,22 @@ every process sharing the data folder.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 import json
 import os
 import secrets
-import time
 from pathlib import Path
 from typing import Any
+
+from cryptography.fernet import Fernet, InvalidToken
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..settings import Settings
 from ..store.folders import make_private_folder
 
 SECRET_FILE = "dashboard-secret"
-_NONCE = 16
-_TAG = 32
 
 
 def load_secret(settings: Settings) -> bytes:
@@ -63,48 +63,28 @@ class Sealer:
     """Encrypts and authenticates small JSON payloads (cookies) under one secret."""
 
     def __init__(self, secret: bytes) -> None:
-        # Separate keys for encryption and authentication, derived from the one secret.
-        self._enc = hmac.new(secret, b"watchllm-dashboard-enc", hashlib.sha256).digest()
-        self._mac = hmac.new(secret, b"watchllm-dashboard-mac", hashlib.sha256).digest()
-
-    def _stream(self, nonce: bytes, n: int) -> bytes:
-        blocks = (n + 31) // 32
-        return b"".join(
-            hmac.new(self._enc, nonce + i.to_bytes(4, "big"), hashlib.sha256).digest()
-            for i in range(blocks)
-        )[:n]
+        # Separate keys for the cookies (Fernet's own two) and the CSRF tags, from one secret.
+        derived = HKDF(
+            algorithm=hashes.SHA256(), length=64, salt=None, info=b"watchllm-dashboard"
+        ).derive(secret)
+        self._fernet = Fernet(base64.urlsafe_b64encode(derived[:32]))
+        self._mac = derived[32:]
 
     def seal(self, payload: dict[str, Any]) -> str:
         plain = json.dumps(payload, separators=(",", ":")).encode()
-        nonce = secrets.token_bytes(_NONCE)
-        cipher = bytes(a ^ b for a, b in zip(plain, self._stream(nonce, len(plain)), strict=True))
-        tag = hmac.new(self._mac, nonce + cipher, hashlib.sha256).digest()
-        return base64.urlsafe_b64encode(nonce + cipher + tag).decode().rstrip("=")
+        return self._fernet.encrypt(plain).decode()
 
     def unseal(self, token: str | None, max_age_s: float) -> dict[str, Any] | None:
-        """The payload, or None for anything forged, damaged or older than max_age_s."""
+        """The payload, or None for anything forged, damaged, made in the future or older
+        than max_age_s."""
         if not token or len(token) > 8192:
             return None
         try:
-            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        except (binascii.Error, ValueError):
-            return None
-        if len(raw) < _NONCE + _TAG:
-            return None
-        nonce, cipher, tag = raw[:_NONCE], raw[_NONCE:-_TAG], raw[-_TAG:]
-        if not hmac.compare_digest(
-            tag, hmac.new(self._mac, nonce + cipher, hashlib.sha256).digest()
-        ):
-            return None
-        plain = bytes(a ^ b for a, b in zip(cipher, self._stream(nonce, len(cipher)), strict=True))
-        try:
+            plain = self._fernet.decrypt(token, ttl=max_age_s)
             payload = json.loads(plain)
-        except ValueError:
+        except (InvalidToken, ValueError):
             return None
-        issued = payload.get("iat") if isinstance(payload, dict) else None
-        if not isinstance(issued, int | float) or time.time() - issued > max_age_s:
-            return None
-        return payload
+        return payload if isinstance(payload, dict) else None
 
     def sign(self, value: str) -> str:
         """`value.tag`: a value the server gave out (the sign-in form's CSRF cookie)."""

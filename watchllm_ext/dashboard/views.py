@@ -404,7 +404,7 @@ class Dashboard:
                 "api_key",
             )
         self._checked[key] = (time.monotonic(), principal)
-        session = self.sealer.seal({"k": key, "c": new_token(), "iat": int(time.time())})
+        session = self.sealer.seal({"k": key, "c": new_token()})  # Fernet keeps its time
         target = _safe_next(form.get("next"), base) or f"{base}/dashboard/"
         response = RedirectResponse(target, 303)
         self._cookie(response, request, SESSION_COOKIE, session)
