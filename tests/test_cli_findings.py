@@ -76,3 +76,18 @@ def test_cluster_without_print_sql_is_refused(
     err = capsys.readouterr().err
     assert err.startswith("error: --cluster only goes with --print-sql")
     assert not (tmp_path / "data").exists()  # nothing opened or applied
+
+
+def test_listing_or_revoking_keys_where_there_is_no_key_file_says_so_and_makes_none(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "elsewhere"
+    for command in (["keys", "list"], ["keys", "revoke", "abcdefabcdef"]):
+        assert main([*command, "--data-dir", str(data)]) == 1
+        err = capsys.readouterr().err
+        assert f"no key file at {data / 'keys.sqlite3'}" in err, err
+    assert not data.exists()  # neither an empty key file nor its folder
+    assert main(["keys", "create", "--project", "p", "--data-dir", str(data)]) == 0
+    capsys.readouterr()
+    assert main(["keys", "list", "--data-dir", str(data)]) == 0
+    assert " p " in capsys.readouterr().out

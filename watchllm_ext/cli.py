@@ -810,17 +810,29 @@ def _replay_local(args: argparse.Namespace) -> tuple[int, int]:
 
 
 @contextmanager
-def _keys(args: argparse.Namespace) -> Iterator[Any]:
-    """The key file, or with key_store = clickhouse the keys on the server."""
+def _keys(args: argparse.Namespace, *, make: bool = False) -> Iterator[Any]:
+    """The key file, or with key_store = clickhouse the keys on the server. Only `make`
+    (keys create) makes a key file that is not there: listing or revoking in the wrong
+    folder says so instead of leaving an empty file behind."""
     from .keys import KeyStore, ServerKeyStore
 
     settings = _settings(args)
     if settings.key_store != "clickhouse":
+        _check_key_file(settings.keys_path, make)
         yield KeyStore(settings.keys_path)
         return
     # Migrated: the api_keys table, on a server that has not served yet.
     with _migrated_store(args) as store:
         yield ServerKeyStore(store)
+
+
+def _check_key_file(path: Path, make: bool) -> None:
+    if make or path.exists():
+        return
+    raise CliError(
+        f"no key file at {path.resolve()}: the first `watchllm serve` or `watchllm keys create`"
+        " makes it (--data-dir or WATCHLLM_DATA_DIR names another folder)"
+    )
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
@@ -831,7 +843,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     path = settings.keys_path.resolve()
     new_file = local and not path.exists()
     try:
-        with _keys(args) as keys:
+        with _keys(args, make=True) as keys:
             key = keys.create(args.project, scope=args.scope, name=args.name)
     except KeyStoreError as exc:
         raise CliError(str(exc)) from None
@@ -880,8 +892,9 @@ def cmd_keys_copy(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if not settings.clickhouse_url:
         raise CliUsageError("copy-to-server needs the server: set WATCHLLM_CLICKHOUSE_URL")
-    rows = KeyStore(settings.keys_path).rows()
     with _migrated_store(args) as store:
+        _check_key_file(settings.keys_path, make=False)
+        rows = KeyStore(settings.keys_path).rows()
         added = ServerKeyStore(store).add(rows)
     print(f"copied {len(added)} of {len(rows)} keys from {settings.keys_path} to the server")
     if settings.key_store != "clickhouse":
