@@ -774,3 +774,39 @@ def test_lag_seconds_is_not_moved_by_a_step_of_the_wall_clock(
             assert writer.stats()["sinks"]["gated"]["lag_seconds"] == 0.0
 
     anyio.run(main)
+
+
+def test_a_replay_for_a_sink_this_server_does_not_run_goes_back_to_its_dead_letters(
+    tmp_path: Path,
+) -> None:
+    """An offline `dead-letter replay` wrote records for sink "picky"; the next start runs
+    without it. Every sink used to skip them and they went with their segment: now they are
+    the dead letters of "picky" again, once, and the sinks that do run get none of them."""
+    from watchllm_ext.delivery.dead_letters import read_dead_letters, targeted_payload
+    from watchllm_ext.delivery.writer import SPANS, TARGETED
+
+    spool = Spool(tmp_path, max_bytes=1 << 30)
+    spool.write(targeted_payload("picky", [{"n": 1}, {"n": 2}], "events"), 2, TARGETED)
+    spool.write(targeted_payload("gone-export", [{"span_id": "s1"}], "spans"), 1, TARGETED | SPANS)
+    spool.write(encode([{"n": 3}]), 1, 0)
+    spool.close()
+
+    class SpanSink(ListSink):
+        async def write_spans(self, rows: Sequence[Any]) -> None:
+            self.batches.append(list(rows))
+
+    async def main() -> tuple[ListSink, ListSink]:
+        store, other = SpanSink("store"), ListSink("other")
+        async with spool_writer([other, store], tmp_path, flush_interval_s=0.01) as writer:
+            assert await writer.flush(timeout_s=5)
+        return store, other
+
+    store, other = anyio.run(main)
+    assert other.events == [{"n": 3}] and store.events == [{"n": 3}]
+    found = read_dead_letters(tmp_path / "dead-letter").entries
+    by_sink = {entry.sink: entry for entry in found}
+    assert len(found) == 2, found
+    assert by_sink["picky"].events == [{"n": 1}, {"n": 2}] and by_sink["picky"].kind == "events"
+    assert by_sink["gone-export"].events == [{"span_id": "s1"}]
+    assert by_sink["gone-export"].kind == "spans"
+    assert "does not run" in by_sink["picky"].reason

@@ -846,7 +846,10 @@ class Writer:
             try:
                 if record.flags & TARGETED:
                     wrapper = json.loads(payload)
-                    if wrapper.get("sink") != sink:
+                    target = wrapper.get("sink")
+                    if target != sink:
+                        if sink == self._reader_of(spans) and not self._runs(target):
+                            self._unclaimed(target, wrapper, spans)
                         continue
                     payload = json.dumps(wrapper["spans" if spans else "events"]).encode()
                 out[record.start] = decode_rows(payload) if spans else self.decode(payload)
@@ -854,6 +857,26 @@ class Writer:
                 log.error("spool record at %s cannot be decoded: %s", record.start, exc)
                 out[record.start] = self._decode_each(sink, payload, exc, spans)
         return out
+
+    def _reader_of(self, spans: bool) -> str | None:
+        """The first sink that reads every record of this kind: it speaks for the others."""
+        for state in self.sinks:
+            if not spans or hasattr(state.sink, "write_spans"):
+                return state.sink.name
+        return None
+
+    def _runs(self, sink: object) -> bool:
+        return any(state.sink.name == sink for state in self.sinks)
+
+    def _unclaimed(self, target: object, wrapper: dict[str, Any], spans: bool) -> None:
+        """A replay for a sink this server does not run (an offline replay, then the sink's
+        plugin left the settings): back to that sink's dead letters, not skipped by every
+        sink and dropped with the segment."""
+        items = wrapper.get("spans" if spans else "events")
+        what = "spans" if spans else "events"
+        reason = f"replayed for sink {target!r}, which this server does not run"
+        log.warning("%d %s %s; they are back in its dead letters", len(items or ()), what, reason)
+        self._dead_letter_raw(str(target), json.dumps(items).encode(), reason, spans)
 
     def _decode_each(
         self, sink: str, payload: bytes, whole: Exception, spans: bool = False
