@@ -29,6 +29,11 @@ try:
 except ImportError as exc:  # one line, not a traceback: say which extra installs it
     sys.exit(f"error: {exc.name} is missing: pip install -e '.[examples]'")
 
+NO_KEY = (
+    "error: set OPENAI_API_KEY: this example calls the model (for an OpenAI-compatible"
+    " server, OPENAI_BASE_URL and any key it takes)"
+)
+
 
 def instrument(name: str, provider: TracerProvider) -> None:
     if name == "openai-v2":
@@ -51,6 +56,8 @@ def main() -> int:
     )
     parser.add_argument("--model", default="gpt-4o-mini")
     args = parser.parse_args()
+    if not os.environ.get("OPENAI_API_KEY"):
+        sys.exit(NO_KEY)
     # The usual OpenTelemetry setup: the exporter reads its endpoint, headers, compression and
     # timeout from OTEL_EXPORTER_OTLP_*, the resource its service name from OTEL_SERVICE_NAME.
     provider = TracerProvider()

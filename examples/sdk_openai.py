@@ -12,12 +12,21 @@ request id; the server prices it from its tables.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from openai import OpenAI
+try:
+    from openai import OpenAI
+except ImportError:  # one line, not a traceback
+    sys.exit("error: this example needs the openai package: pip install openai")
 
 from watchllm_ext.sdk import WatchLLM
 from watchllm_ext.sdk.openai import wrap
+
+NO_KEY = (
+    "error: set OPENAI_API_KEY: this example calls the model (for an OpenAI-compatible"
+    " server, OPENAI_BASE_URL and any key it takes)"
+)
 
 WEATHER = {
     "type": "function",
@@ -33,6 +42,8 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="gpt-4o-mini")
     args = parser.parse_args()
+    if not os.environ.get("OPENAI_API_KEY"):
+        sys.exit(NO_KEY)
     watchllm = WatchLLM()
     client = wrap(OpenAI(), watchllm)
     question = [{"role": "user", "content": "In one sentence: why is the sky blue?"}]

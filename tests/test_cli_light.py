@@ -73,3 +73,28 @@ def test_folder_commands_still_say_which_extra_they_need(tmp_path: Path) -> None
         assert done.returncode == 1, (command, done.stdout, done.stderr)
         assert "the server needs the 'server' extra" in done.stderr, done.stderr
         assert "Traceback" not in done.stderr
+
+
+def test_importing_the_server_with_the_base_install_names_the_extra() -> None:
+    """`from watchllm_ext import create_app` (or the middleware) in a base install: the error
+    says which extra to install, not only which module is missing."""
+    blocked = CLIENT_ONLY.split("from watchllm_ext.cli")[0].replace(
+        "raise ImportError", "raise ModuleNotFoundError"
+    )
+    for statement, what in (
+        ("from watchllm_ext import create_app", "watchllm_ext.create_app"),
+        ("from watchllm_ext import Settings", "watchllm_ext.Settings"),
+        ("from watchllm_ext.middleware import WatchLLMMiddleware", "watchllm_ext.middleware"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-c", blocked + statement],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"ModuleNotFoundError: {what} needs the 'server' extra"), last
+        assert last.endswith("pip install -e '.[server]' in WatchLLM's folder"), last
+    sdk = subprocess.run(
+        [sys.executable, "-c", blocked + "from watchllm_ext.sdk import WatchLLM"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert sdk.returncode == 0, sdk.stderr

@@ -73,7 +73,7 @@ def test_demo_fills_the_analytics_api(server: Running) -> None:
     assert re.search(
         r"Loaded 600 demo events \(\d+ runs over the last 7 days\) into project acme", out
     )
-    assert "Visible in the analytics API now" in out
+    assert "All 600 demo events are in the store now (project acme holds 600 events" in out
     # Right after the command: no waiting here, the command waited for the writer's flush.
     since = re.search(r"from=(\S+?)\"", out)
     assert since, out
@@ -96,6 +96,20 @@ def test_demo_fills_the_analytics_api(server: Running) -> None:
     assert errors and all(e["status"] == "error" for e in errors)
     runs = get("/v1/analytics/runs", limit="1000")["runs"]
     assert len(runs) > 50 and any(r["error_count"] for r in runs)
+
+    # A second sample into the project that holds the first: the command waits for its own
+    # events (the project's count passed 600 at once), and says what the project holds.
+    again = cli(
+        "demo",
+        "--events",
+        "600",
+        "--seed",
+        "4",
+        env={"WATCHLLM_BASE_URL": server.url, "WATCHLLM_API_KEY": server.key},
+    )
+    assert again.returncode == 0, again.stderr
+    assert "project acme holds 1200 events since the sample's first" in again.stdout, again.stdout
+    assert get("/v1/analytics/stats")["total_events"] == 1200
 
     run_id = re.search(r"/v1/analytics/runs/(\S+?)\?", out)
     assert run_id, out

@@ -4,9 +4,16 @@ reads)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 from conftest import Running
 from fake_llm import FakeLLM
 from test_examples import documented, shell
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def test_sdk_agent_as_documented(server: Running) -> None:
@@ -42,3 +49,17 @@ def test_sdk_openai_as_documented(server: Running) -> None:
     server.flush()
     rows = server.query("SELECT model, tokens_output FROM events WHERE event_type = 'prompt_call'")
     assert rows == [{"model": "gpt-4o-mini", "tokens_output": 5}] * 3
+
+
+def test_the_openai_examples_without_a_key_say_so_in_one_line() -> None:
+    for example in ("sdk_openai.py", "otel_openai.py"):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
+        done = subprocess.run(
+            [sys.executable, str(EXAMPLES / example)],
+            capture_output=True, text=True, timeout=60, env=env, check=False,
+        )  # fmt: skip
+        assert done.returncode == 1, done
+        assert done.stderr.splitlines() == [
+            "error: set OPENAI_API_KEY: this example calls the model (for an OpenAI-compatible"
+            " server, OPENAI_BASE_URL and any key it takes)"
+        ], (example, done.stderr)

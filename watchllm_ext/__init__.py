@@ -32,5 +32,20 @@ def __getattr__(name: str) -> Any:
         from importlib import import_module
 
         module, attr = _LAZY[name]
-        return getattr(import_module(f"{__name__}.{module}"), attr)
+        try:
+            return getattr(import_module(f"{__name__}.{module}"), attr)
+        except ModuleNotFoundError as exc:
+            raise server_extra_missing(exc, f"watchllm_ext.{name}") from exc
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def server_extra_missing(exc: ModuleNotFoundError, what: str) -> ModuleNotFoundError:
+    """The error of a base install (the client only) importing a part of the server: which
+    extra installs what is missing, not only the missing module's name."""
+    if exc.name is None or exc.name.startswith(__name__):
+        return exc  # one of ours is missing: a broken install, said as it is
+    return ModuleNotFoundError(
+        f"{what} needs the 'server' extra (no module named {exc.name!r}):"
+        " pip install -e '.[server]' in WatchLLM's folder",
+        name=exc.name,
+    )

@@ -368,21 +368,32 @@ def _message(r: httpx.Response) -> str:
 def _wait_visible(
     client: httpx.Client, project: str, sample: Sample, wait_s: float, say: Callable[[str], None]
 ) -> None:
-    # The writer moves accepted events to the store every flush_interval_s (1 s by default):
-    # wait for that, so the URLs printed next show the data at once.
-    params = {"project_id": project, "from": _ts(sample.since)}
+    # The writer moves accepted events to the store every flush_interval_s (1 s by default),
+    # in the order they were accepted: once the last one sent is there, all of them are, and
+    # the URLs printed next show the data at once. (A count would not tell: the project may
+    # hold other events, and a sample sent again is stored once.)
+    last = sample.events[-1]["event_id"]
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            r = client.get("/v1/analytics/stats", params=params)
+            r = client.get(f"/v1/analytics/event/{last}", params={"project_id": project})
+            if r.status_code == 200:
+                stats = client.get(
+                    "/v1/analytics/stats", params={"project_id": project, "from": _ts(sample.since)}
+                )
         except httpx.HTTPError as exc:
             raise DemoError(f"cannot reach {client.base_url}: {exc}") from None
         if r.status_code in (401, 403):
             say("(this key cannot read the analytics API: use a read or admin key to look)")
             return
-        if r.status_code == 200 and r.json().get("total_events", 0) >= len(sample.events):
-            shown = counted(r.json()["total_events"], "event")
-            say(f"Visible in the analytics API now: {shown} in range.")
+        if r.status_code == 200:
+            total = stats.json().get("total_events") if stats.status_code == 200 else None
+            also = (
+                f" (project {project} holds {counted(total, 'event')} since the sample's first)"
+                if isinstance(total, int)
+                else ""
+            )
+            say(f"All {counted(len(sample.events), 'demo event')} are in the store now{also}.")
             return
         if time.monotonic() > deadline:
             say(

@@ -5,10 +5,15 @@
 See docs/EMBEDDING.md.
 """
 
-from .asgi import HostStartError, RouteOptions, WatchLLMMiddleware, watchllm_route
-from .budget import UserDailyBudget
-from .dependency import get_recorder
-from .recorder import Recorder, current_recorder
+try:
+    from .asgi import HostStartError, RouteOptions, WatchLLMMiddleware, watchllm_route
+    from .budget import UserDailyBudget
+    from .dependency import get_recorder
+    from .recorder import Recorder, current_recorder
+except ModuleNotFoundError as exc:  # the base install: say which extra
+    from .. import server_extra_missing
+
+    raise server_extra_missing(exc, "watchllm_ext.middleware") from exc
 
 __all__ = [
     "HostStartError",
