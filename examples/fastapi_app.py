@@ -46,6 +46,7 @@ try:
         get_recorder,
         watchllm_route,
     )
+    from watchllm_ext.serving.ports import port_problem
 except ImportError as exc:  # one line, not a traceback: say which extra installs it
     sys.exit(f"error: {exc.name} is missing: pip install -e '.[server]'")
 
@@ -189,6 +190,10 @@ def main() -> int:
     parser.add_argument("--model", default="gpt-4o")
     parser.add_argument("--budget-usd", type=float, default=0.01, help="per user per day (UTC)")
     args = parser.parse_args()
+    # Before a key is made and printed for a server that cannot start.
+    problem = port_problem(args.host, args.port)
+    if problem is not None:
+        sys.exit(f"error: {problem}")
     key = first_key(args.data_dir)
     if key:
         print(f"No API keys yet in {args.data_dir}: created an admin key of project 'default'.")

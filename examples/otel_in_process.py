@@ -44,6 +44,7 @@ try:
     from watchllm_ext import Settings, create_app, lifespan
     from watchllm_ext.keys import KeyStore
     from watchllm_ext.otel.exporter import WatchLLMSpanExporter
+    from watchllm_ext.serving.ports import port_problem
 except ImportError as exc:  # one line, not a traceback: say which extra installs it
     sys.exit(f"error: {exc.name} is missing: pip install -e '.[examples]'")
 
@@ -152,6 +153,10 @@ def main() -> int:
     parser.add_argument("--llm-url", help="an OpenAI-compatible API (default: the fake one)")
     parser.add_argument("--model", default="gpt-4o-mini")
     args = parser.parse_args()
+    # Before a key is made and printed for a server that cannot start.
+    problem = port_problem(args.host, args.port)
+    if problem is not None:
+        sys.exit(f"error: {problem}")
     app = build(args.data_dir, args.port, args.llm_url, args.model)
     print(f"listening on http://{args.host}:{args.port} (WatchLLM at /watchllm)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

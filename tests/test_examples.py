@@ -239,3 +239,27 @@ def test_move_to_server(server: Running, tmp_path: Path) -> None:
             assert counted == [{"n": 25}]
         finally:
             store.close()
+
+
+def test_the_server_examples_on_a_busy_port_say_so_before_making_a_key(tmp_path: Path) -> None:
+    """A port another server holds: one line naming it, and no key made and printed for a
+    server that then could not start (the next run would print none)."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        for example in ("fastapi_app.py", "otel_in_process.py"):
+            data = tmp_path / example
+            done = subprocess.run(
+                [sys.executable, str(EXAMPLES / example), "--port", str(port), "--data-dir",
+                 str(data)],
+                capture_output=True, text=True, timeout=120, check=False, env=_env({}),
+            )  # fmt: skip
+            assert done.returncode == 1, done
+            assert done.stderr.splitlines() == [
+                f"error: cannot listen on 127.0.0.1:{port}: Address already in use; another"
+                " server listens there: stop it, or pick another port with --port"
+            ], done.stderr
+            assert "KEY=" not in done.stdout and not data.exists(), done.stdout

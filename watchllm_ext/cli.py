@@ -7,7 +7,6 @@ Read commands (verify-clickhouse, check-tables, count-rows) open the data folder
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
 import sys
@@ -376,37 +375,11 @@ def _host_source(settings: Any) -> str:
 
 
 def _check_port(host: str, port: int, host_source: str = "--host") -> None:
-    """Fail with one clear line when `host:port` cannot be listened on (another server has
-    it, or the address is not this machine's). Bound and let go at once, as uvicorn binds it
-    (SO_REUSEADDR): a port another process listens on is refused, one in TIME_WAIT is not."""
-    import socket
+    from .serving.ports import port_problem
 
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise CliError(f"cannot listen on {host}:{port}: {exc.strerror} ({host_source})") from None
-    # Every address the host names, as uvicorn (asyncio) binds them; one this machine does not
-    # have (an IPv6 localhost with IPv6 off) is skipped, as asyncio skips it.
-    failure: OSError | None = None
-    bound = False
-    for family, kind, proto, _, address in infos:
-        with socket.socket(family, kind, proto) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind(address)
-                sock.listen(1)
-                bound = True
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    raise CliError(
-                        f"cannot listen on {host}:{port}: {exc.strerror}; another server"
-                        " listens there: stop it, or pick another port with --port"
-                    ) from None
-                failure = failure or exc
-    if not bound and failure is not None:
-        raise CliError(
-            f"cannot listen on {host}:{port}: {failure.strerror}; pick another --host or --port"
-        )
+    problem = port_problem(host, port, host_source)
+    if problem is not None:
+        raise CliError(problem)
 
 
 def _version() -> str:
