@@ -12,8 +12,10 @@ admin key of project "default" and prints it once as `KEY=wllm_...`; later start
 Every request to /chat gets a run (its id in the `X-WatchLLM-Run-Id` answer header), a
 summary event (route, status, latency, user) and the LLM call made inside it, nested under
 it. The user named by `X-User-Id` may spend `--budget-usd` a day (UTC, default $0.01; a call
-of this app costs about $0.0016, so the seventh is the last one allowed): past it, /chat
-answers 429 with Retry-After before calling the LLM.
+of this app costs about $0.0016, so the seventh spends it): past it, /chat answers 429 with
+Retry-After before calling the LLM. The spend a decision sees is up to ~5 s behind the calls
+(docs/EMBEDDING.md, "Enforcement"), so calls sent less than that apart get a few more past
+the budget before the first 429 (with 1.5 s between them, about nine).
 
 The LLM is an OpenAI-compatible chat completions API at `--llm-url`; by default a fake one
 this app serves itself at /fake-llm/v1 (so it runs offline, with no key). For a real one:

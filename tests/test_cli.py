@@ -231,9 +231,24 @@ def test_a_read_in_a_folder_without_a_store_makes_none(tmp_path: Path) -> None:
 
 
 def test_remote_errors_are_one_line(tmp_path: Path) -> None:
-    down = cli("count-rows", "--url", f"http://127.0.0.1:{free_port()}", "--key", "k")
-    assert down.returncode == 1 and "cannot reach" in down.stderr
-    assert "Traceback" not in down.stderr
+    port = free_port()
+    for command in (["count-rows"], ["golden-path"], ["demo", "--events", "10"]):
+        down = cli(*command, "--url", f"http://127.0.0.1:{port}", "--key", "k")
+        assert down.returncode == 1 and "Traceback" not in down.stderr, down
+        (line,) = down.stderr.splitlines()
+        assert f"cannot reach http://127.0.0.1:{port}" in line, line
+        assert line.endswith(
+            "(is `watchllm serve` running there? --url or WATCHLLM_BASE_URL names another)"
+        ), line
+    # A URL without its scheme (httpx's own words were about a "protocol"): argparse's usage
+    # error, naming what to write.
+    for command in (["count-rows"], ["golden-path"], ["demo"], ["dead-letter", "list"]):
+        bare = cli(*command, "--url", f"127.0.0.1:{port}", "--key", "k")
+        assert bare.returncode == 2, bare
+        assert f"--url: '127.0.0.1:{port}': must start with http:// or https://" in bare.stderr
+    from_env = cli("demo", "--key", "k", env={"WATCHLLM_BASE_URL": "localhost:8787"})
+    assert from_env.returncode == 2
+    assert "WATCHLLM_BASE_URL 'localhost:8787': must start with http://" in from_env.stderr
     nokey = cli("check-tables", "--url", "http://127.0.0.1:1")
     assert nokey.returncode == 1 and "--key" in nokey.stderr
 

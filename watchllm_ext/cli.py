@@ -98,7 +98,9 @@ def _parser() -> argparse.ArgumentParser:
         key_help: str = "an API key for --url: admin (its own project) or operator (every project)",
     ) -> None:
         data_dir(p)
-        p.add_argument("--url", help="ask a running server at this URL instead of the folder")
+        p.add_argument(
+            "--url", type=_server_url, help="ask a running server at this URL instead of the folder"
+        )
         p.add_argument("--key", help=key_help)
         # With --url the command speaks only HTTP (the base install does), and a busy
         # folder's message points at --url.
@@ -160,7 +162,9 @@ def _parser() -> argparse.ArgumentParser:
         " into a running server, to look at in the analytics API",
     )
     p.add_argument("--events", type=_positive, default=1000, help="how many events (default 1000)")
-    p.add_argument("--url", help=f"the server (default: $WATCHLLM_BASE_URL or {_DEMO_URL})")
+    p.add_argument(
+        "--url", type=_server_url, help=f"the server (default: $WATCHLLM_BASE_URL or {_DEMO_URL})"
+    )
     p.add_argument("--key", help="a key of the project to load (default: $WATCHLLM_API_KEY)")
     p.add_argument(
         "--seed", type=int, default=0, help="the same seed in the same minute: the same events"
@@ -171,7 +175,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "golden-path", help="send an event over HTTP and wait until the analytics API shows it"
     )
-    p.add_argument("--url", help="the server (default: a temporary one on a scratch folder)")
+    p.add_argument(
+        "--url", type=_server_url, help="the server (default: a temporary one on a scratch folder)"
+    )
     p.add_argument("--key", help="a key with ingest and read scopes (admin) for --url")
     p.set_defaults(func=cmd_golden_path, url_is_a_server=True)
 
@@ -286,6 +292,15 @@ def _count(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be a whole number, 0 or more, not {text!r}")
     return value
+
+
+def _server_url(text: str) -> str:
+    from .remote import server_url_problem
+
+    problem = server_url_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
+    return text
 
 
 def _positive(text: str) -> int:
@@ -484,6 +499,8 @@ def _remote(
 ) -> Any:
     import httpx
 
+    from .remote import unreachable
+
     if not args.key:
         raise CliError("--url needs --key (an admin-scope API key)")
     url = args.url.rstrip("/") + path
@@ -497,7 +514,7 @@ def _remote(
             headers={"Authorization": f"Bearer {args.key}"},
         )
     except httpx.HTTPError as exc:
-        raise CliError(f"cannot reach {args.url}: {exc}") from None
+        raise CliError(unreachable(args.url, exc)) from None
     if response.status_code != 200:
         try:
             message = response.json().get("message", response.text)
@@ -605,8 +622,11 @@ def cmd_count_rows(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoError, build, look_at, send, summary
+    from .remote import server_url_problem
 
     url = args.url or os.environ.get("WATCHLLM_BASE_URL") or _DEMO_URL
+    if args.url is None and (problem := server_url_problem(url)) is not None:
+        raise CliUsageError(f"WATCHLLM_BASE_URL {url!r}: {problem}")
     key = args.key or os.environ.get("WATCHLLM_API_KEY")
     if not key:
         raise CliUsageError(

@@ -26,6 +26,7 @@ from typing import Any
 
 import httpx
 
+from .remote import unreachable
 from .schema import EVENT_LIST_ADAPTER
 
 DEFAULT_URL = "http://127.0.0.1:8787"
@@ -341,10 +342,7 @@ def send(
             try:
                 r = client.post("/v1/events/batch", json={"events": batch})
             except httpx.HTTPError as exc:
-                raise DemoError(
-                    f"cannot reach {base}: {exc} (is `watchllm serve` running there?"
-                    " --url or WATCHLLM_BASE_URL names another server)"
-                ) from None
+                raise DemoError(unreachable(base, exc)) from None
             if r.status_code != 202:
                 raise DemoError(f"{base} answered {r.status_code}: {_message(r)}")
             project = r.json()["project_id"]
@@ -382,7 +380,7 @@ def _wait_visible(
                     "/v1/analytics/stats", params={"project_id": project, "from": _ts(sample.since)}
                 )
         except httpx.HTTPError as exc:
-            raise DemoError(f"cannot reach {client.base_url}: {exc}") from None
+            raise DemoError(unreachable(str(client.base_url), exc)) from None
         if r.status_code in (401, 403):
             say("(this key cannot read the analytics API: use a read or admin key to look)")
             return

@@ -11,6 +11,8 @@ from datetime import UTC, datetime
 
 import httpx
 
+from .remote import unreachable
+
 SUCCESS = "Success: Event logged, processed, and visible in API."
 
 
@@ -29,7 +31,7 @@ def run(url: str, key: str, *, timeout_s: float = 30.0, say: Callable[[str], Non
         try:
             health = client.get("/healthz")
         except httpx.HTTPError as exc:
-            raise StepFailed(step, f"cannot reach {url}: {exc}") from None
+            raise StepFailed(step, unreachable(url, exc)) from None
         if health.status_code != 200:
             raise StepFailed(step, f"/healthz answered {health.status_code}")
         say(f"1/3 server up at {url}")
