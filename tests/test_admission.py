@@ -4,6 +4,7 @@ once, and what was accepted is kept."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import socket
 import threading
@@ -11,6 +12,7 @@ import time
 from typing import Any
 
 import httpx
+import pytest
 from conftest import Running, prompt_call
 
 from watchllm_ext.hookspecs import hookimpl
@@ -54,6 +56,7 @@ def test_bodies_past_the_memory_budget_get_503_at_once(server_factory: Any) -> N
         max_body_bytes=256 * KIB,
         max_decompressed_bytes=256 * KIB,
         max_body_memory_bytes=900 * KIB,  # four of the bodies below, not five
+        max_body_memory_per_project_bytes=900 * KIB,  # all of it: one project sends them
     )
     bodies = [_batch(f"h{n}-", 20, 10_000) for n in range(4)]  # ~200 KB each
     assert all(200 * KIB < len(b) < 256 * KIB for b in bodies)
@@ -205,3 +208,95 @@ def test_the_waits_of_one_request_share_its_budget() -> None:
         assert anyio.current_time() - started > 0.35  # no budget: 0.2 s each
 
     anyio.run(main)
+
+
+def _gzip_head(key: str, length: int, path: str = "/v1/events/batch") -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {key}\r\n"
+        "Content-Type: application/json\r\nContent-Encoding: gzip\r\n"
+        f"Content-Length: {length}\r\n\r\n"
+    ).encode()
+
+
+def test_one_project_cannot_hold_the_whole_body_budget(server_factory: Any) -> None:
+    """A tenant's gzip bodies that inflate, then trickle (never complete, within the time
+    limits) once held the whole budget: every other project's requests were 503 for as long
+    as it liked. Now a project holds at most its share; the others go on."""
+    server = server_factory(
+        max_body_bytes=256 * KIB,
+        max_decompressed_bytes=256 * KIB,
+        max_body_memory_bytes=1024 * KIB,  # the default share: a quarter, 256 KiB
+    )
+    other = server.keys.create("other", scope="admin")
+    inflating = json.dumps({"events": [prompt_call("x", prompt="x" * 240_000)]}).encode()
+    packed = gzip.compress(inflating)[:-8]  # all but the trailer: the stream stays open
+    held = []
+    try:
+        # acme's first body inflates to ~240 KB of its 256 KiB share, and stays open.
+        sock = socket.create_connection(("127.0.0.1", server.thread.port), timeout=30)
+        sock.sendall(_gzip_head(server.key, len(packed) + 100) + packed)
+        held.append(sock)
+        time.sleep(1.0)
+        # acme's second: past its share, 503 naming the per-project setting, at once.
+        sock = socket.create_connection(("127.0.0.1", server.thread.port), timeout=30)
+        held.append(sock)
+        sock.sendall(_gzip_head(server.key, len(packed) + 100) + packed)
+        status, headers, answer = _read_answer(sock)
+        assert status == 503, answer
+        assert headers["retry-after"] == "1"
+        message = json.loads(answer)["message"]
+        assert "project acme's requests hold" in message, message
+        assert "max_body_memory_per_project_bytes" in message
+        # Another project's requests are taken meanwhile.
+        for n in range(3):
+            taken = server.client.post(
+                "/v1/events/batch",
+                content=_batch(f"other-{n}-", 1, 150_000),
+                headers={**server.headers(other), "Content-Type": "application/json"},
+            )
+            assert taken.status_code == 202, taken.text
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_bytes_after_the_end_of_a_gzip_stream_are_refused_when_they_come(
+    server: Running,
+) -> None:
+    """The stream's end, then one byte: 400 at once, not after the rest of a declared length
+    trickles in (which held the inflated body, and its charge, up to body_timeout_s)."""
+    packed = gzip.compress(json.dumps({"events": [prompt_call("t1")]}).encode())
+    with socket.create_connection(("127.0.0.1", server.thread.port), timeout=30) as sock:
+        sock.sendall(_gzip_head(server.key, len(packed) + 100) + packed + b"x")
+        started = time.monotonic()
+        status, _, answer = _read_answer(sock)
+        assert time.monotonic() - started < 5
+    assert status == 400, answer
+    assert json.loads(answer)["message"] == "there are bytes after the end of the gzip stream"
+
+
+def test_the_budget_counts_each_tenant_and_gives_back_what_it_held() -> None:
+    from watchllm_ext.errors import Problem
+    from watchllm_ext.ingest.admission import BodyBudget, Charge
+
+    budget = BodyBudget(1000, share=400)
+    signin, acme, beta = Charge(budget), Charge(budget), Charge(budget)
+    acme.for_tenant("acme")
+    beta.for_tenant("beta")
+    signin.take(400)  # requests without a key: one share together
+    with pytest.raises(Problem, match="requests without a key hold 400 bytes"):
+        Charge(budget).take(1)
+    acme.take(300)
+    with pytest.raises(Problem, match="project acme's requests hold 300 bytes"):
+        acme.take(101)
+    beta.take(300)
+    with pytest.raises(Problem, match="max_body_memory_bytes"):
+        beta.take(1)  # 1,000 held in all
+    assert budget.by_tenant == {"": 400, "acme": 300, "beta": 300}
+    for charge in (signin, acme, beta):
+        charge.release()
+        charge.release()  # twice: nothing more
+    assert budget.held == 0 and budget.by_tenant == {}
+    with pytest.raises(RuntimeError):
+        signin.take(1)
+        signin.for_tenant("acme")  # read before the key was known: stays where it was charged

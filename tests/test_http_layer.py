@@ -1040,3 +1040,41 @@ def test_ingest_paths_are_the_ingest_routes(path: str, ingest: bool) -> None:
     from watchllm_ext.serving.protocol import is_ingest_path
 
     assert is_ingest_path(path) is ingest
+
+
+def test_a_client_that_closes_with_requests_pipelined_leaves_no_error_in_the_log(
+    served: Served, records: Records
+) -> None:
+    """Two hundred single events in one send, then the connection closed: the answers
+    still owed go nowhere, quietly (each was two ERROR tracebacks: a write to uvloop's
+    closed transport)."""
+    pipeline = b"".join(_one_event_request(served.key, f"gone-{n}") for n in range(200))
+    for _ in range(5):
+        sock = served.connect()
+        sock.sendall(pipeline)
+        time.sleep(0.2)
+        sock.close()
+    time.sleep(1.0)
+    errors = [r for r in records.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors][:3]
+    assert httpx.get(served.url + "/healthz", timeout=10).status_code == 200
+
+
+def test_a_client_that_half_closes_after_its_requests_gets_their_answers(served: Served) -> None:
+    """`nc -N` and some proxies end their side once the request is sent: the answers still
+    come (they were stored, and the client never heard so), then the connection closes.
+    A request cut short before its half-close is not answered (it cannot complete)."""
+    sock = served.connect()
+    sock.sendall(
+        _one_event_request(served.key, "half-1") + _one_event_request(served.key, "half-2")
+    )
+    sock.shutdown(socket.SHUT_WR)
+    out = _read_all(sock)
+    assert out.count(b"HTTP/1.1 202") == 2, out[:600]
+    assert b'"half-1"' in out and b'"half-2"' in out
+    cut = served.connect()
+    whole = _one_event_request(served.key, "half-cut")
+    cut.sendall(whole[:-10])
+    cut.shutdown(socket.SHUT_WR)
+    assert _read_all(cut) == b""
+    _wait_for(lambda: served.accepted() == 2)

@@ -605,9 +605,11 @@ def _state(request: Request) -> WatchLLM:
 # --- ingestion -----------------------------------------------------------------------------
 
 
-async def _read(request: Request, wl: WatchLLM, headers: IngestHeaders) -> bytes:
+async def _read(
+    request: Request, wl: WatchLLM, headers: IngestHeaders, principal: Principal
+) -> bytes:
     check_content_type(headers.content_type)
-    return await read_request_body(request, wl.settings, headers)
+    return await read_request_body(request, wl.settings, headers, tenant=principal.project_id)
 
 
 class _BigBodySlot:
@@ -874,7 +876,7 @@ async def project_events(request: Request) -> Response:
         if not PROJECT_ID_RE.fullmatch(project_id):
             raise not_a_project_id(project_id, "project_id")  # 400, the value shortened
         raise other_project(principal.project_id, project_id)
-    body = await _read(request, wl, headers)
+    body = await _read(request, wl, headers, principal)
     return await _by_size(wl, principal, body, "events", received_at, _project_events)
 
 
@@ -951,7 +953,7 @@ async def batch_events(request: Request) -> Response:
     wl = _state(request)
     headers = IngestHeaders.of(request)
     principal = wl.authenticate_header(headers.authorization, "ingest", request)
-    body = await _read(request, wl, headers)
+    body = await _read(request, wl, headers, principal)
     return await _by_size(wl, principal, body, "batch", received_at, _batch_events)
 
 
@@ -1322,7 +1324,9 @@ def create_app(
     }
     # Outermost: a request's charge on the bodies' budget is given back once it is answered.
     largest = max(settings.max_body_bytes, settings.max_decompressed_bytes)
-    budget = BodyBudget(max(settings.max_body_memory_bytes, largest))
+    limit = max(settings.max_body_memory_bytes, largest)
+    share = settings.max_body_memory_per_project_bytes or max(limit // 4, largest)
+    budget = BodyBudget(limit, share=max(share, largest))
     middleware = [
         Middleware(BodyBudgetMiddleware, budget=budget),
         Middleware(RequestMetrics, wl=wl),

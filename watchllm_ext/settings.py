@@ -135,6 +135,17 @@ class Settings(BaseSettings):
         " once push back instead of using up memory. Never below max_body_bytes and"
         " max_decompressed_bytes (one largest body always fits).",
     )
+    max_body_memory_per_project_bytes: int | None = Field(
+        None,
+        ge=64 * 1024,
+        le=1 << 40,
+        description="The most of max_body_memory_bytes that one project's requests hold at"
+        " once; requests without a key (the dashboard's sign-in form, a billing webhook) hold"
+        " one such share together. Past it, that project's request is answered 503 with"
+        " Retry-After while the others go on: one tenant cannot take the whole budget. Unset:"
+        " a quarter of max_body_memory_bytes. Never above it, nor below max_body_bytes and"
+        " max_decompressed_bytes (one largest body always fits).",
+    )
     analytics_threads: int = Field(
         2,
         ge=1,

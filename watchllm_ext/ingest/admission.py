@@ -12,7 +12,11 @@ answer loses it.
   (`max_body_memory_bytes`). Each piece read (decompressed, when compressed) is charged as it
   comes; a piece over the budget ends the request with 503 (the rest of its body is dropped
   as it comes, unkept). A request's charge is given back when its answer is sent
-  (`BodyBudgetMiddleware`), once nothing holds the body.
+  (`BodyBudgetMiddleware`), once nothing holds the body. One project's requests hold at
+  most its `share` (`max_body_memory_per_project_bytes`), and requests without a key (the
+  dashboard's sign-in form, a billing webhook) one share together: otherwise one tenant
+  whose bodies inflate and then trickle could hold the whole budget for their time limit,
+  and every other project's requests would be 503.
 - `wait_for_place`: a place to work on a body (`ingest_threads`, the OTLP decoder) is waited
   for at most `ingest_queue_timeout_s`. Within `one_wait_budget` (the OTLP receiver's
   requests) the waits of a request share that time in all: one that waits for a worker
@@ -38,40 +42,73 @@ BODY_RETRY_AFTER_S = 1
 QUEUE_RETRY_AFTER_S = 2
 
 
+# The tenant of requests that read their body before any key is known.
+NO_KEY = ""
+
+
 class BodyBudget:
-    """Bytes of request bodies held at once; for one event loop (not thread-safe)."""
+    """Bytes of request bodies held at once, in all and by tenant; for one event loop (not
+    thread-safe)."""
 
-    __slots__ = ("held", "limit")
+    __slots__ = ("by_tenant", "held", "limit", "share")
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, share: int | None = None) -> None:
         self.limit = limit
+        self.share = limit if share is None else min(share, limit)
         self.held = 0
+        self.by_tenant: dict[str, int] = {}
 
 
 class Charge:
-    """What one request holds of the budget."""
+    """What one request holds of the budget, for its tenant (a project id, or NO_KEY)."""
 
-    __slots__ = ("budget", "held")
+    __slots__ = ("budget", "held", "tenant")
 
     def __init__(self, budget: BodyBudget) -> None:
         self.budget = budget
         self.held = 0
+        self.tenant = NO_KEY
 
     def take(self, n: int) -> None:
         budget = self.budget
+        # The connection stays open on a 503: the server drops the rest of the body as it
+        # comes (closing with it unread would reset the connection before the client read it).
         if budget.held + n > budget.limit:
-            # The connection stays open: the server drops the rest of the body as it comes
-            # (closing with it unread would reset the connection before the client read this).
             raise _overloaded(
                 f"the server holds {budget.held} bytes of request bodies, near its limit of"
                 f" {budget.limit} (max_body_memory_bytes)",
                 BODY_RETRY_AFTER_S,
             )
+        tenant = self.tenant
+        ours = budget.by_tenant.get(tenant, 0)
+        if ours + n > budget.share:
+            whose = f"project {tenant}'s requests hold" if tenant else "requests without a key hold"
+            raise _overloaded(
+                f"{whose} {ours} bytes of request bodies, near the share of one of"
+                f" {budget.share} (max_body_memory_per_project_bytes)",
+                BODY_RETRY_AFTER_S,
+            )
         budget.held += n
+        budget.by_tenant[tenant] = ours + n
         self.held += n
 
+    def for_tenant(self, tenant: str) -> None:
+        """Charge what this request reads from now on to `tenant` (its key's project)."""
+        if self.held:  # what was read before the key was known stays where it was charged
+            raise RuntimeError("a request's tenant is set before its body is read")
+        self.tenant = tenant
+
     def release(self) -> None:
-        self.budget.held -= self.held
+        held = self.held
+        if not held:
+            return
+        budget = self.budget
+        budget.held -= held
+        left = budget.by_tenant[self.tenant] - held
+        if left:
+            budget.by_tenant[self.tenant] = left
+        else:
+            del budget.by_tenant[self.tenant]  # bounded by the tenants reading right now
         self.held = 0
 
 

@@ -99,12 +99,18 @@ async def read_request_body(
     settings: Settings,
     headers: IngestHeaders | None = None,
     max_bytes: int | None = None,
+    tenant: str | None = None,
 ) -> bytes:
     """A request's body within the settings' limits (size on the wire and decompressed,
     total and idle time): what every ingest route reads, whatever the body's format.
     `headers`: the request's, when the caller has found them already. `max_bytes`: a
-    smaller cap for both sizes (a dashboard form, a webhook), timed and budgeted alike."""
+    smaller cap for both sizes (a dashboard form, a webhook), timed and budgeted alike.
+    `tenant`: the project of the request's key, whose share of the bodies' memory budget
+    it is charged to (admission.py); None: the share of requests without a key."""
     head = headers or IngestHeaders.of(request)
+    charge: Charge | None = request.scope.get(BODY_CHARGE)
+    if charge is not None and tenant is not None:
+        charge.for_tenant(tenant)
     return await read_body(
         request.receive,
         content_length=head.content_length,
@@ -115,7 +121,7 @@ async def read_request_body(
         ),
         timeout_s=settings.body_timeout_s,
         idle_timeout_s=settings.body_idle_timeout_s,
-        charge=request.scope.get(BODY_CHARGE),
+        charge=charge,
     )
 
 
@@ -207,6 +213,8 @@ async def read_body(
                             f"body is not valid {encoding}: {exc}",
                             field="body",
                         ) from None
+                    if decompressor.unused_data:  # at once: not after a trickle of them
+                        raise _after_the_stream(encoding)
                     size += len(out)
                     if size > limit:
                         raise _too_large(limit, "decompressed body")
@@ -227,12 +235,7 @@ async def read_body(
     finally:
         watch.discard(read)
     if decompressor is not None and decompressor.unused_data:
-        raise Problem(
-            400,
-            "bad_encoding",
-            f"there are bytes after the end of the {encoding} stream",
-            field="body",
-        )
+        raise _after_the_stream(encoding)
     if decompressor is not None and not decompressor.eof:
         raise Problem(
             400, "bad_encoding", f"body ends before the {encoding} stream does", field="body"
@@ -329,6 +332,12 @@ def _too_slow(timeout_s: float, idle_timeout_s: float) -> Problem:
         f" over {idle_timeout_s:g} s); send it faster or in smaller requests",
         field="body",
         headers={"Connection": "close"},
+    )
+
+
+def _after_the_stream(encoding: str) -> Problem:
+    return Problem(
+        400, "bad_encoding", f"there are bytes after the end of the {encoding} stream", field="body"
     )
 
 

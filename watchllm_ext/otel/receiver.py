@@ -153,7 +153,7 @@ async def receive_traces(request: Request) -> Response:
             )
         if not protobuf:
             check_json_charset((content_type or "").partition(";")[2])  # UTF-8 JSON only
-        body = await read_request_body(request, wl.settings)
+        body = await read_request_body(request, wl.settings, tenant=principal.project_id)
         # A worker's place, then the server's to decode and to validate: waited for in all
         # at most ingest_queue_timeout_s (admission.py), within an exporter's timeout.
         with one_wait_budget(wl.settings.ingest_queue_timeout_s):

@@ -129,6 +129,12 @@ class _OneSendPerAnswer:
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         held = self._held
+        if self._transport.is_closing():
+            # The client has gone. uvicorn marks only the newest request of a pipeline as
+            # disconnected, so an earlier one still answers; uvloop raises on a closed
+            # transport, and each such answer was two ERROR tracebacks in the log.
+            self._held = None
+            return
         if held is not None:
             self._held = None
             self._transport.write(held + bytes(data))
@@ -147,11 +153,13 @@ class _OneSendPerAnswer:
 
     def writelines(self, lines: Any) -> None:
         self._flush()
-        self._transport.writelines(lines)
+        if not self._transport.is_closing():
+            self._transport.writelines(lines)
 
     def write_eof(self) -> None:
         self._flush()
-        self._transport.write_eof()
+        if not self._transport.is_closing():
+            self._transport.write_eof()
 
     def close(self) -> None:
         self._flush()
@@ -259,6 +267,7 @@ def header_timeout_protocol(
         # is in the next head again), and whether a next request began after them.
         _head_done = False
         _next_begun = False
+        _peer_done = False  # the client half-closed; close once its requests are answered
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -382,8 +391,27 @@ def header_timeout_protocol(
                 cycle.scope[ANSWERED] = problem.status
             self._send_and_close(problem)
 
+        def eof_received(self) -> bool | None:
+            """The client has ended its side (a half-close: `nc -N`, some proxies) and waits
+            for its answers: the connection stays open until the requests it sent whole are
+            answered, then closes. A request whose body was cut short cannot complete: the
+            connection closes at once, as it did for all (the app sees a disconnect), and
+            then an event answered 2xx was a stored event whose client never heard so."""
+            pipeline = getattr(self, "pipeline", None)  # (httptools) newest first
+            newest = pipeline[0][0] if pipeline else self.cycle
+            # Nothing under way, a body still to come, or (httptools) a head begun: close.
+            if newest is None or newest.response_complete or newest.more_body or self._next_begun:
+                return None
+            self._peer_done = True
+            return True  # keep writing: on_response_complete closes after the last answer
+
         def on_response_complete(self) -> None:
             problem = self._after_response
+            if self._peer_done and problem is None and not self.pipeline:
+                response_complete(self)
+                if not self.transport.is_closing():
+                    self.transport.close()  # the last answer the client waits for is out
+                return
             if problem is None or self.pipeline:
                 response_complete(self)  # the base's: the next pipelined request starts
                 return
