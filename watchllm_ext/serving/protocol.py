@@ -46,7 +46,8 @@ _PARSER_ERRORS: tuple[tuple[str, str, str], ...] = (
     ("chunk", "the chunked body's framing is not valid HTTP", "body"),
     (
         "header value",
-        "a header value holds a character HTTP does not allow (a control character such as NUL)",
+        "a header value holds a character HTTP does not allow (a control character such as NUL,"
+        " or a line folded onto the next, which HTTP/1.1 no longer allows)",
         "headers",
     ),
     ("header", "a header name holds a character HTTP does not allow", "headers"),
