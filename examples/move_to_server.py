@@ -63,6 +63,8 @@ def main() -> int:
     else:
         data = ["--data-dir", str(args.data_dir)] if args.data_dir else []
         if run("export", str(export_dir), *data) != 0:
+            if temporary:  # nothing worth keeping: a failed export is written again
+                shutil.rmtree(export_dir.parent, ignore_errors=True)
             return 1
     resume = ["--resume"] if args.resume else []
     if run("import", str(export_dir), *resume, url=args.url) != 0:

@@ -263,3 +263,19 @@ def test_the_server_examples_on_a_busy_port_say_so_before_making_a_key(tmp_path:
                 " server listens there: stop it, or pick another port with --port"
             ], done.stderr
             assert "KEY=" not in done.stdout and not data.exists(), done.stdout
+
+
+def test_move_to_server_leaves_no_temporary_folder_when_the_export_fails(
+    server: Running, tmp_path: Path
+) -> None:
+    """The running server holds its data folder, so the export fails (as documented): the
+    temporary folder the export was to go to is removed, not left empty behind."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "move_to_server.py"), "--url",
+         "http://default:@127.0.0.1:1/default", "--data-dir", str(server.settings.data_dir)],
+        capture_output=True, text=True, timeout=120, check=False, env=_env({"TMPDIR": str(temp)}),
+    )  # fmt: skip
+    assert done.returncode == 1, done
+    assert list(temp.iterdir()) == []
