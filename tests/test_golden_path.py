@@ -50,5 +50,8 @@ def test_golden_path_names_the_failing_step(server: Running) -> None:
         timeout=120,
         check=False,
     )
-    assert no_read.returncode == 1 and "step 'visible'" in no_read.stderr
-    assert "403" in no_read.stderr
+    # Refused before anything is sent: a key that cannot read leaves no stray event.
+    assert no_read.returncode == 1 and "step 'key'" in no_read.stderr, no_read.stderr
+    assert "the key cannot read the analytics API (403" in no_read.stderr
+    assert "ingest and read scopes (an admin key)" in no_read.stderr
+    assert server.query("SELECT count() AS n FROM events")[0]["n"] == 0

@@ -34,6 +34,16 @@ def run(url: str, key: str, *, timeout_s: float = 30.0, say: Callable[[str], Non
             raise StepFailed(step, unreachable(url, exc)) from None
         if health.status_code != 200:
             raise StepFailed(step, f"/healthz answered {health.status_code}")
+        # The key must read as well as send: checked before the event is sent, so that a key
+        # that only ingests leaves no stray event behind.
+        step = "key"
+        read = client.get("/v1/analytics/stats", params={"period": "15m"})
+        if read.status_code in (401, 403):
+            raise StepFailed(
+                step,
+                f"the key cannot read the analytics API ({read.status_code}: {_message(read)});"
+                " golden-path needs a key with ingest and read scopes (an admin key)",
+            )
         say(f"1/3 server up at {url}")
 
         step = "send"
@@ -78,6 +88,14 @@ def run(url: str, key: str, *, timeout_s: float = 30.0, say: Callable[[str], Non
             raise StepFailed(step, f"the logs do not show the event: {logs.text[:300]}")
         say("3/3 event visible in /v1/analytics/event and /v1/analytics/logs")
     say(SUCCESS)
+
+
+def _message(r: httpx.Response) -> str:
+    try:
+        body = r.json()
+    except ValueError:
+        return r.text[:200]
+    return str(body.get("message", body))[:300] if isinstance(body, dict) else str(body)[:200]
 
 
 def run_on_scratch_server(say: Callable[[str], None] = print) -> None:
