@@ -810,3 +810,41 @@ def test_a_replay_for_a_sink_this_server_does_not_run_goes_back_to_its_dead_lett
     assert by_sink["gone-export"].events == [{"span_id": "s1"}]
     assert by_sink["gone-export"].kind == "spans"
     assert "does not run" in by_sink["picky"].reason
+
+
+def test_a_cursor_that_cannot_be_saved_holds_the_spool_and_the_writer_goes_on(
+    tmp_path: Path,
+) -> None:
+    """The spool's disk full under the cursor file: the save raised ENOSPC, out of the
+    writer's task group, and the app's lifespan ended with it (every later request 503 until
+    a restart by hand). Now nothing is let go until a save works, and delivery goes on."""
+    import errno
+
+    class FullDisk(Spool):
+        failing = True
+
+        def save_cursor(self, sink: str, position: Position, seq: int) -> None:
+            if self.failing:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            super().save_cursor(sink, position, seq)
+
+    async def main() -> None:
+        sink = ListSink("store")
+        spool = FullDisk(tmp_path, max_bytes=1 << 30, segment_max_bytes=4096)
+        writer = Writer([sink], spool, encode=encode, decode=decode, flush_interval_s=0.01)
+        async with writer:
+            for n in range(50):
+                await writer.submit([{"n": n, "pad": "x" * 200}])
+            with anyio.fail_after(5):
+                while len(sink.events) < 50:
+                    await anyio.sleep(0.01)
+            stats = writer.stats()
+            assert writer.running and "No space left" in stats["sinks"]["store"]["cursor_error"]
+            assert len(list((tmp_path / "segments").glob("*.seg"))) > 1  # none released
+            spool.failing = False
+            await writer.submit([{"n": 50}])
+            assert await writer.flush(timeout_s=5)
+            assert writer.stats()["sinks"]["store"]["cursor_error"] is None
+        assert [e["n"] for e in sink.events] == list(range(51))
+
+    anyio.run(main)

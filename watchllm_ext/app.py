@@ -1011,8 +1011,10 @@ async def readyz(request: Request) -> Response:
         stats = wl.writer.stats()
         cap = wl.settings.spool_max_bytes
         full = wl.settings.durability == "spool" and stats["log_bytes"] >= 0.95 * cap
-        # A failed fsync answers 503 until one succeeds: not ready meanwhile.
-        ok = not full and stats["log_sync_error"] is None
+        # A failed fsync answers 503 until one succeeds: not ready meanwhile; nor while a
+        # sink's cursor cannot be saved (the spool's disk is full: nothing is let go).
+        unsaved = {n: v["cursor_error"] for n, v in stats["sinks"].items() if v["cursor_error"]}
+        ok = not full and stats["log_sync_error"] is None and not unsaved
         checks["writer"] = {"ok": ok, "log_max_bytes": cap, **stats}
         # Why not ok, in words (docs/DURABILITY.md: "/readyz says why"), as the other checks.
         why = []
@@ -1023,6 +1025,8 @@ async def readyz(request: Request) -> Response:
             )
         if stats["log_sync_error"] is not None:
             why.append(stats["log_sync_error"])  # "the spool's fsync failed: <the error>"
+        for sink, error in unsaved.items():
+            why.append(f"sink {sink}'s cursor cannot be saved: {error}")
         if why:
             checks["writer"]["detail"] = "; ".join(why)
         ready = ready and ok

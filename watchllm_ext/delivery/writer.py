@@ -365,6 +365,7 @@ class SinkState:
     # (cursor, number of the record after it): a cursor at the end of a segment is no record's
     # start, yet the record the writer wrote next (in the next segment) may be in memory.
     resume: tuple[Position, int] | None = None
+    cursor_error: str | None = None  # why the last save of the cursor failed, until one works
 
 
 class Writer:
@@ -581,6 +582,7 @@ class Writer:
                     "retries_total": s.retries_total,
                     "dead_letter_events_total": s.dead_letter_events_total,
                     "last_error": s.last_error,
+                    "cursor_error": s.cursor_error,
                     "failing_for_s": (
                         round(time.monotonic() - s.failing_since, 3) if s.failing_since else 0.0
                     ),
@@ -592,84 +594,122 @@ class Writer:
     # --- delivery ---------------------------------------------------------------------------
 
     async def _deliver(self, state: SinkState) -> None:
+        """One sink's delivery, batch after batch, for the writer's life. A step that fails
+        in a way nobody planned for (a bug, a disk that fails under the cursor) is logged and
+        tried again after a pause: it must not stop the other sinks and every later request
+        with them (the app's lifespan ended with it, and the server then answered every
+        ingest request 503 until restarted by hand)."""
+        pause = self.retry_initial_s
         while True:
-            # Count what waits past the cursor without reading it: reading on every append
-            # would make a batch cost the square of its records.
-            backlog = self.log.next_seq - state.cursor_seq
-            if backlog <= 0:
-                state.pending_since = state.taken_at = None
-                state.oldest_pending_at = None
-                await self.log.wait_appended()
-                continue
-            if backlog < self._batch_max(state) and self._accepting:
-                now = time.monotonic()
-                if state.pending_since is None:
-                    # What came while the last batch was written has waited since it was
-                    # taken, at most: flush_interval_s counts from then, not from now.
-                    state.pending_since = state.taken_at or now
-                    state.oldest_pending_at = now
-                wait = state.pending_since + self.flush_interval_s - now
-                # The rest of a burst: what came while a big batch was written, and nothing
-                # since (a stream that goes on, or a trickle after an idle sink, waits).
-                rest = state.last_taken >= QUIET_MIN_EVENTS and self._last_write <= state.written_at
-                if wait > 0 and (backlog >= QUIET_MIN_EVENTS or rest):
-                    # Quiet since the last write for QUIET_S: go now (or look again then).
-                    wait = min(wait, max(0.0, self._last_write + QUIET_S - now))
-                if wait > 0:
-                    # A look at the backlog every _BACKLOG_POLL_S, not a wake-up per append:
-                    # with single events that was a task switch per request, for a batch
-                    # that fills only when flush_interval_s is over anyway.
-                    await anyio.sleep(min(wait, _BACKLOG_POLL_S))
-                    continue
-            state.pending_since = None
-            state.taken_at = time.monotonic()
-            # The batch is put together on a worker thread: for single events it is thousands
-            # of records (dict look-ups and list extends) that stalled the loop for ms.
-            batch = await anyio.to_thread.run_sync(self._next_batch, state)
-            if batch is None:
-                await self.log.wait_appended()
-                continue
-            records, events, rows, last_number = batch
-            state.last_taken = len(events) + len(rows)
-            waited_s = max(0.0, time.time() - records[0].appended_ms / 1000)
-            state.oldest_pending_at = time.monotonic() - waited_s
-            if (
-                events
-                and type(events) is not EventsJsonBatch
-                and not getattr(state.sink, "reads_structs", False)
-            ):
-                events = await anyio.to_thread.run_sync(_as_models, events)
-            if events:
-                await self._write_with_retry(state, events)
-            # Spans after the events: once a span's row is stored, so is the event it became.
-            if rows:
-                await self._write_with_retry(state, rows, spans=True)
-            state.written_at = time.monotonic()
-            last = records[-1]
-            state.cursor, state.cursor_seq = last.end, last.seq + last.count
-            state.resume = (last.end, last_number + 1) if last_number is not None else None
-            slowest = min(s.cursor for s in self.sinks)
-            # The cursor is saved before anything is let go; then the records every sink has
-            # passed leave the memory, off the loop too.
+            try:
+                await self._deliver_step(state)
+            except Exception as exc:
+                state.last_error = f"{type(exc).__name__}: {exc}"[:500]
+                log.exception(
+                    "delivery to sink %s failed; trying again in %.1f s", state.sink.name, pause
+                )
+                await anyio.sleep(pause)
+                pause = min(pause * 2, self.retry_max_s)
+            else:
+                pause = self.retry_initial_s
+
+    async def _deliver_step(self, state: SinkState) -> None:
+        """Wait for a batch for the sink, or deliver one and let go of what every sink has
+        passed."""
+        # Count what waits past the cursor without reading it: reading on every append
+        # would make a batch cost the square of its records.
+        backlog = self.log.next_seq - state.cursor_seq
+        if backlog <= 0:
+            state.pending_since = state.taken_at = None
+            state.oldest_pending_at = None
+            await self.log.wait_appended()
+            return
+        if backlog < self._batch_max(state) and self._accepting:
+            now = time.monotonic()
+            if state.pending_since is None:
+                # What came while the last batch was written has waited since it was
+                # taken, at most: flush_interval_s counts from then, not from now.
+                state.pending_since = state.taken_at or now
+                state.oldest_pending_at = now
+            wait = state.pending_since + self.flush_interval_s - now
+            # The rest of a burst: what came while a big batch was written, and nothing
+            # since (a stream that goes on, or a trickle after an idle sink, waits).
+            rest = state.last_taken >= QUIET_MIN_EVENTS and self._last_write <= state.written_at
+            if wait > 0 and (backlog >= QUIET_MIN_EVENTS or rest):
+                # Quiet since the last write for QUIET_S: go now (or look again then).
+                wait = min(wait, max(0.0, self._last_write + QUIET_S - now))
+            if wait > 0:
+                # A look at the backlog every _BACKLOG_POLL_S, not a wake-up per append:
+                # with single events that was a task switch per request, for a batch
+                # that fills only when flush_interval_s is over anyway.
+                await anyio.sleep(min(wait, _BACKLOG_POLL_S))
+                return
+        state.pending_since = None
+        state.taken_at = time.monotonic()
+        # The batch is put together on a worker thread: for single events it is thousands
+        # of records (dict look-ups and list extends) that stalled the loop for ms.
+        batch = await anyio.to_thread.run_sync(self._next_batch, state)
+        if batch is None:
+            await self.log.wait_appended()
+            return
+        records, events, rows, last_number = batch
+        state.last_taken = len(events) + len(rows)
+        waited_s = max(0.0, time.time() - records[0].appended_ms / 1000)
+        state.oldest_pending_at = time.monotonic() - waited_s
+        if (
+            events
+            and type(events) is not EventsJsonBatch
+            and not getattr(state.sink, "reads_structs", False)
+        ):
+            events = await anyio.to_thread.run_sync(_as_models, events)
+        if events:
+            await self._write_with_retry(state, events)
+        # Spans after the events: once a span's row is stored, so is the event it became.
+        if rows:
+            await self._write_with_retry(state, rows, spans=True)
+        state.written_at = time.monotonic()
+        last = records[-1]
+        state.cursor, state.cursor_seq = last.end, last.seq + last.count
+        state.resume = (last.end, last_number + 1) if last_number is not None else None
+        slowest = min(s.cursor for s in self.sinks)
+        # The cursor is saved before anything is let go; then the records every sink has
+        # passed leave the memory, off the loop too.
+        try:
             freed = await anyio.to_thread.run_sync(self._commit, state, slowest)
+        except OSError as exc:
+            # The cursor cannot be saved (the spool's disk is full): nothing is let go until
+            # it can be, so memory and the spool fill and ingestion pushes back (503); what
+            # was delivered since the last save is delivered again after a crash, and taken
+            # once (by event id).
+            if state.cursor_error is None:
+                log.error(
+                    "cannot save sink %s's cursor (%s); holding on to what it passed until it can",
+                    state.sink.name,
+                    exc,
+                )
+            state.cursor_error = str(exc)
+        else:
+            if state.cursor_error is not None:
+                log.warning("sink %s's cursor is saved again", state.sink.name)
+                state.cursor_error = None
             self._cached_events -= freed
             if self.log.release(slowest, unlink=False):
                 await anyio.to_thread.run_sync(self.log.unlink_released)
-            self._progress.set()
-            self._progress = anyio.Event()
-            # Once the cache has let go of them, the batch holds the last references to its
-            # items: freeing 50,000 events takes ~100 ms of the GIL, done on a worker thread
-            # in slices that requests interleave with, instead of stopping the event loop.
-            # The writer's references go first, so that the worker's can be the last.
-            # The next batch does not wait for it (a 15,000-event batch takes 50-150 ms to
-            # free), the one after does: at most one batch is being freed at a time. (So a
-            # sink may hold one batch more than memory_max_events counts, for that while.)
-            batches = [events, rows]
-            del events, rows, batch
-            if state.freeing is not None:
-                await state.freeing.wait()
-            state.freeing = anyio.Event()
-            self._free_soon(batches, state.freeing)
+        self._progress.set()
+        self._progress = anyio.Event()
+        # Once the cache has let go of them, the batch holds the last references to its
+        # items: freeing 50,000 events takes ~100 ms of the GIL, done on a worker thread
+        # in slices that requests interleave with, instead of stopping the event loop.
+        # The writer's references go first, so that the worker's can be the last.
+        # The next batch does not wait for it (a 15,000-event batch takes 50-150 ms to
+        # free), the one after does: at most one batch is being freed at a time. (So a
+        # sink may hold one batch more than memory_max_events counts, for that while.)
+        batches = [events, rows]
+        del events, rows, batch
+        if state.freeing is not None:
+            await state.freeing.wait()
+        state.freeing = anyio.Event()
+        self._free_soon(batches, state.freeing)
 
     def _free_soon(self, batches: list[Sequence[Any]], done: anyio.Event) -> None:
         async def free() -> None:
