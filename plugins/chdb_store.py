@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -26,6 +27,11 @@ log = logging.getLogger("watchllm.chdb")
 # How long closing the store waits for a statement that is still running.
 CLOSE_WAIT_S = 60.0
 VERSION_WAIT_S = 0.5  # version()'s wait for each handle
+
+
+# Below this much free space (or 8 times an insert's JSON, or 5% of the disk) inserts take the
+# way that checks for room (ChdbStore.insert_json).
+LOW_DISK_BYTES = 1 << 30
 
 
 def _is_permanent(message: str) -> bool:
@@ -101,14 +107,34 @@ class ChdbStore:
             raise StoreError(f"bad table name {table!r}", permanent=True)
         clause = ", ".join(f"{name} = {_setting_literal(v)}" for name, v in settings.items())
         sql = f"INSERT INTO {table} SETTINGS {clause}" if clause else f"INSERT INTO {table}"
+        pieces = [body] if isinstance(body, bytes) else list(body)
         try:
-            with self._lock_calls, self._session.send_insert(sql, "JSONEachRow") as inserter:
-                for piece in [body] if isinstance(body, bytes) else body:
-                    inserter.append(piece)
-                inserter.finish()
+            if self._room_for(sum(len(piece) for piece in pieces)):
+                with self._lock_calls, self._session.send_insert(sql, "JSONEachRow") as inserter:
+                    for piece in pieces:
+                        inserter.append(piece)
+                    inserter.finish()
+            else:
+                # chDB's streaming insert does not report a part it had no room to write: it
+                # returns as if it had (rows_written and all), and the rows are gone. A query
+                # reserves the room first and raises NOT_ENOUGH_SPACE (the writer then retries,
+                # the events wait in the spool), at ~3x the CPU: only near a full disk.
+                text = b"".join(pieces).decode()
+                with self._lock_calls:
+                    self._session.query(f"{sql} FORMAT JSONEachRow\n{text}", "CSV")
         except Exception as exc:
             message = str(exc)
             raise StoreError(message, permanent=_is_permanent(message)) from exc
+
+    def _room_for(self, size: int) -> bool:
+        """Whether the store's disk has room to spare for an insert of `size` bytes of JSON:
+        its parts take less, and merges reserve their own. Never is near a full disk."""
+        try:
+            disk = os.statvfs(self.path)
+        except OSError:
+            return False
+        free = disk.f_bavail * disk.f_frsize
+        return free >= max(LOW_DISK_BYTES, 8 * size, disk.f_blocks * disk.f_frsize // 20)
 
     def stream_arrow(
         self, sql: str, params: Mapping[str, Any] | None = None, rows_per_batch: int = 65_536

@@ -473,3 +473,42 @@ def test_a_failed_fsync_is_503_and_not_ready_until_an_fsync_succeeds(server_fact
         assert server.client.get("/readyz").status_code == 200
     finally:
         spool._sync = real_sync
+
+
+def test_a_full_store_disk_loses_no_accepted_event(
+    server_factory: Any, tmpfs: Any, tmp_path: Path
+) -> None:
+    """The embedded store's disk full, the spool's not: chDB's streaming insert returned as
+    if it had written the rows (none were), the writer moved on, and 73% of what was
+    answered 202 was gone. Now the insert fails, the writer retries, the events wait in the
+    spool, and all of them are stored once the disk has room again."""
+    disk = tmpfs("64m")
+    server: Running = server_factory(
+        data_dir=disk / "data",
+        spool_dir=tmp_path / "spool",
+        keys_file=tmp_path / "keys.sqlite3",
+        sink_retry_max_s=0.2,
+    )
+    ballast = disk / "ballast"
+    with open(ballast, "wb") as out:
+        try:
+            while True:
+                out.write(b"\0" * (1 << 20))
+                out.flush()
+        except OSError:
+            pass  # the disk is full
+    acked: list[str] = []
+    for n in range(10):
+        ids = [f"full-{n}-{i}" for i in range(200)]
+        r = server.client.post(
+            "/v1/events/batch",
+            headers=server.headers(),
+            json={"events": [prompt_call(i, prompt="x" * 300) for i in ids]},
+        )
+        if r.status_code == 202:
+            acked.extend(ids)
+    time.sleep(1.5)  # inserts tried and refused meanwhile
+    ballast.unlink()
+    server.flush()
+    stored = [r["event_id"] for r in server.query("SELECT event_id FROM events FINAL")]
+    assert acked and sorted(stored) == sorted(acked)
