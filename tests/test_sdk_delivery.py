@@ -412,3 +412,43 @@ def test_the_buffer_is_bounded_in_bytes_too(scripted: Any) -> None:
     assert client.flush(20)
     assert client.stats()["sent"] == stats["queued"] and client.stats()["queued_bytes"] == 0
     client.close()
+
+
+@pytest.mark.parametrize("case", ["no handler", "handle_sigterm=False", "the host's handler"])
+def test_sigterm_flushes_what_is_buffered_then_ends_the_process(scripted: Any, case: str) -> None:
+    """docker stop, Kubernetes and systemd send SIGTERM, which ends a process without a
+    handler before atexit runs: its 2,000 buffered events were lost. The client now flushes
+    first and the process still ends by the signal; a host's own handler is left alone (it
+    decides how to exit), as is a client made with handle_sigterm=False."""
+    import signal
+
+    server = scripted()
+    options = ", handle_sigterm=False" if case == "handle_sigterm=False" else ""
+    host = "signal.signal(signal.SIGTERM, lambda *a: sys.exit(7))" if "host" in case else ""
+    child = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import signal, sys, time
+            {host}
+            from watchllm_ext.sdk import WatchLLM
+            client = WatchLLM(api_key="k", base_url={server.url!r}, flush_interval_s=600,
+                              flush_at=100_000{options})
+            for i in range(2000):
+                client.log_tool_call("t", tool_input=i)
+            print("logged", flush=True)
+            time.sleep(60)
+        """)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    with child:
+        assert child.stdout is not None and child.stdout.readline().strip() == "logged"
+        time.sleep(0.3)
+        assert server.delivered() == Counter()  # all still buffered
+        child.send_signal(signal.SIGTERM)
+        code = child.wait(30)
+    if case == "no handler":
+        assert code == -signal.SIGTERM
+        assert len(server.delivered()) == 2000 and set(server.delivered().values()) == {1}
+    elif case == "handle_sigterm=False":
+        assert code == -signal.SIGTERM and server.delivered() == Counter()
+    else:  # the host's handler exits through atexit, which flushes
+        assert code == 7 and len(server.delivered()) == 2000

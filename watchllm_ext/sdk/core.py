@@ -14,6 +14,7 @@ import logging
 import os
 import platform
 import random
+import signal
 import socket
 import threading
 import time
@@ -90,6 +91,7 @@ class WatchLLM:
         initial_backoff_s: float = 0.5,
         max_backoff_s: float = 30.0,
         flush_at_exit_s: float = 5.0,
+        handle_sigterm: bool = True,
     ) -> None:
         if not 0.0 <= sample_rate <= 1.0:
             raise ValueError(f"sample_rate: must be between 0 and 1, not {sample_rate}")
@@ -155,6 +157,8 @@ class WatchLLM:
         _clients.add(self)
         global _default_client
         _default_client = self
+        if self.enabled and handle_sigterm:
+            _flush_on_sigterm()
 
     # -- state, fork safety ----------------------------------------------------------------
 
@@ -843,6 +847,29 @@ def _at_exit() -> None:
     for client in list(_clients):
         with contextlib.suppress(Exception):  # exit must never fail because of the SDK
             client._close(client.flush_at_exit_s)
+
+
+def _flush_on_sigterm() -> None:
+    """SIGTERM (docker stop, Kubernetes, systemd) ends a Python process that has no handler
+    for it without running atexit: whatever the clients hold was lost. Where nothing else
+    handles it (servers such as uvicorn and gunicorn do, and exit through atexit), a handler
+    flushes first, then ends the process by the signal as before. Only the main thread can
+    set one; a handler set later by the host replaces it."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    with contextlib.suppress(ValueError, OSError):  # not the main interpreter
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once
+    # On a thread of its own: the signal may have stopped this thread holding a lock the
+    # flush needs, and the wait is bounded whatever happens.
+    flushing = threading.Thread(target=_at_exit, name="watchllm-sigterm-flush", daemon=True)
+    flushing.start()
+    flushing.join(sum(client.flush_at_exit_s for client in list(_clients)) + 1.0)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
