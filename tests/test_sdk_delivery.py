@@ -452,3 +452,22 @@ def test_sigterm_flushes_what_is_buffered_then_ends_the_process(scripted: Any, c
         assert code == -signal.SIGTERM and server.delivered() == Counter()
     else:  # the host's handler exits through atexit, which flushes
         assert code == 7 and len(server.delivered()) == 2000
+
+
+def test_a_steady_stream_goes_in_batches_of_flush_at_not_a_request_every_few_events(
+    scripted: Any,
+) -> None:
+    """1,000 events a second for two seconds: a batch when flush_at (500) wait or at each
+    flush_interval_s, as documented. The worker used to send on while anything was queued:
+    ~100 requests a second of ~9 events, each an fsync on the server."""
+    server = scripted()
+    client = client_for(server.url, flush_at=500, flush_interval_s=1.0)
+    try:
+        for i in range(2000):
+            client.log_tool_call("t", tool_input=i)
+            time.sleep(0.001)
+        assert client.flush(20)
+    finally:
+        client.close(5)
+    assert len(server.delivered()) == 2000
+    assert len(server.requests) <= 12, [len(r["ids"]) for r in server.requests]

@@ -89,7 +89,7 @@ class WatchLLM:
         timeout_s: float = 10.0,
         retry_for_s: float = 300.0,
         initial_backoff_s: float = 0.5,
-        max_backoff_s: float = 30.0,
+        max_backoff_s: float = 10.0,
         flush_at_exit_s: float = 5.0,
         handle_sigterm: bool = True,
     ) -> None:
@@ -532,11 +532,16 @@ class WatchLLM:
         return taken
 
     def _drain(self) -> None:
-        while self._queue:
+        # What waits now goes; what comes meanwhile waits for flush_at events or the next
+        # wake-up (flush_interval_s, or a flush()), as documented: sending on while anything
+        # is queued made a request of a few events every few ms under a steady stream.
+        owed = len(self._queue)
+        while self._queue and (owed > 0 or len(self._queue) >= self.flush_at):
             if self._abandon.is_set():
                 self._drop_all_queued()
                 return
             taken = self._take()
+            owed -= len(taken)
             self._in_flight = len(taken)
             ready: list[bytes] = []
             for event in taken:
