@@ -722,12 +722,16 @@ class WatchLLM:
         if not done:
             self._abandon.set()
             left = self._enqueued - self._settled
+            in_flight = self._in_flight
+            error = self._stats["last_error"]
             log.warning(
-                "WatchLLM: close() ran out of time (%s s) with %d event(s) not delivered; they"
-                " are dropped (shutdown). Last error: %s",
+                "WatchLLM: close() ran out of time (%s s) with %d event(s) not delivered: the"
+                " %d still buffered are dropped (shutdown)%s%s",
                 timeout,
                 left,
-                self._stats["last_error"],
+                left - in_flight,
+                f"; {in_flight} in a request under way may still land" if in_flight else "",
+                f". Last error: {error}" if error else "",
             )
         if worker is not None and done:
             worker.join(timeout=0.2)  # it has nothing left to send: it ends at once
