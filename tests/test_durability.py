@@ -512,3 +512,26 @@ def test_a_full_store_disk_loses_no_accepted_event(
     server.flush()
     stored = [r["event_id"] for r in server.query("SELECT event_id FROM events FINAL")]
     assert acked and sorted(stored) == sorted(acked)
+
+
+def test_a_writer_stopped_by_an_error_makes_healthz_503(
+    server_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task of the writer that fails for good ends the app's lifespan: the process then
+    answered every event 503 while /healthz said ok, and no supervisor restarted it. Now
+    /healthz is 503 with the reason. (The failure is made by replacing the spool's fsync
+    task: the errors that did this are handled now.)"""
+    import anyio
+
+    from watchllm_ext.delivery.spool import Spool
+
+    async def fails() -> None:
+        await anyio.sleep(0.3)
+        raise RuntimeError("the disk went away")
+
+    monkeypatch.setattr(Spool, "sync_task", lambda self: fails)
+    server: Running = server_factory()
+    assert server.client.get("/healthz").status_code == 200
+    wait_until(lambda: server.client.get("/healthz").status_code == 503, 10, "healthz 503")
+    answer = server.client.get("/healthz").json()
+    assert answer["status"] == "failed" and "the disk went away" in answer["detail"], answer

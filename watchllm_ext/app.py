@@ -127,6 +127,9 @@ class WatchLLM:
     # The event loop the app runs on, while it runs (for ingest_from_thread).
     _loop: asyncio.AbstractEventLoop | None = None
     _reads: StoreReads | None = None
+    # Why the running app stopped on an error (the writer's tasks): /healthz is 503 with it,
+    # so that a supervisor restarts a process that would otherwise answer 503 to every event.
+    failed: str | None = None
 
     @property
     def reads(self) -> StoreReads:
@@ -153,6 +156,19 @@ class WatchLLM:
         """Open the store, apply migrations, start the writer; undo all of it on exit."""
         if self.writer is not None:
             raise RuntimeError("this WatchLLM app is already running")
+        try:
+            async with self._run() as running:
+                yield running
+        except Exception as exc:
+            cause: BaseException = exc
+            while isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+                cause = cause.exceptions[0]  # a task group's: the error itself
+            self.failed = f"{type(cause).__name__}: {cause}"[:500]
+            log.error("WatchLLM stopped (%s): /healthz answers 503 until a restart", self.failed)
+            raise
+
+    @asynccontextmanager
+    async def _run(self) -> AsyncIterator[WatchLLM]:
         try:
             store = self.open_store()
         except (StoreLockedError, DataFolderError) as exc:
@@ -997,6 +1013,10 @@ async def _batch_events(
 
 
 async def healthz(request: Request) -> Response:
+    failed = _state(request).failed
+    if failed is not None:  # the writer stopped on an error: restart the process
+        body = {"status": "failed", "detail": failed, "version": __version__}
+        return JSONResponse(body, status_code=503)
     return JSONResponse({"status": "ok", "version": __version__})
 
 
