@@ -58,17 +58,23 @@ def test_sample_is_valid_varied_and_deterministic() -> None:
     assert tools and all(by_id[t["parent_event_id"]]["event_type"] == "prompt_call" for t in tools)
 
 
-@EVERY_STORE
-def test_demo_fills_the_analytics_api(server: Running) -> None:
+def _demo(server: Running, seed: int) -> subprocess.CompletedProcess[str]:
+    """`watchllm demo --events 600` into the server's project, as a user runs it."""
     done = cli(
         "demo",
         "--events",
         "600",
         "--seed",
-        "3",
+        str(seed),
         env={"WATCHLLM_BASE_URL": server.url, "WATCHLLM_API_KEY": server.key},
     )
     assert done.returncode == 0, done.stderr
+    return done
+
+
+@EVERY_STORE
+def test_demo_fills_the_analytics_api(server: Running) -> None:
+    done = _demo(server, seed=3)
     out = done.stdout
     assert re.search(
         r"Loaded 600 demo events \(\d+ runs over the last 7 days\) into project acme", out
@@ -99,15 +105,7 @@ def test_demo_fills_the_analytics_api(server: Running) -> None:
 
     # A second sample into the project that holds the first: the command waits for its own
     # events (the project's count passed 600 at once), and says what the project holds.
-    again = cli(
-        "demo",
-        "--events",
-        "600",
-        "--seed",
-        "4",
-        env={"WATCHLLM_BASE_URL": server.url, "WATCHLLM_API_KEY": server.key},
-    )
-    assert again.returncode == 0, again.stderr
+    again = _demo(server, seed=4)
     assert "project acme holds 1200 events since the sample's first" in again.stdout, again.stdout
     assert get("/v1/analytics/stats")["total_events"] == 1200
 

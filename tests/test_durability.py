@@ -327,6 +327,24 @@ def test_dead_letters_can_be_listed_and_replayed(server_factory: Any, tmp_path: 
     assert listed["dead_letters"] == []
 
 
+def _send_until_refused(
+    server: Running, prefix: str, *, batches: int, size: int, prompt_chars: int
+) -> tuple[list[str], Any]:
+    """Batches of `size` events until one is not 202: the ids answered 202, the last answer."""
+    acked: list[str] = []
+    for n in range(batches):
+        ids = [f"{prefix}{n}-{i}" for i in range(size)]
+        r = server.client.post(
+            "/v1/events/batch",
+            headers=server.headers(),
+            json={"events": [prompt_call(i, prompt="x" * prompt_chars) for i in ids]},
+        )
+        if r.status_code != 202:
+            break
+        acked.extend(ids)
+    return acked, r
+
+
 def test_full_disk_answers_503_and_recovers_by_itself(server_factory: Any, tmpfs: Any) -> None:
     import faults
 
@@ -336,17 +354,7 @@ def test_full_disk_answers_503_and_recovers_by_itself(server_factory: Any, tmpfs
     )
     marker = server.settings.data_dir / "store-down"
     marker.touch()
-    acked: list[str] = []
-    for n in range(100):
-        ids = [f"f{n}-{i}" for i in range(20)]
-        r = server.client.post(
-            "/v1/events/batch",
-            headers=server.headers(),
-            json={"events": [prompt_call(i, prompt="x" * 500) for i in ids]},
-        )
-        if r.status_code != 202:
-            break
-        acked.extend(ids)
+    acked, r = _send_until_refused(server, "f", batches=100, size=20, prompt_chars=500)
     assert r.status_code == 503, r.text
     assert "No space left on device" in r.json()["message"] and r.headers["Retry-After"]
     assert server.client.get("/healthz").status_code == 200  # no crash
@@ -497,16 +505,8 @@ def test_a_full_store_disk_loses_no_accepted_event(
                 out.flush()
         except OSError:
             pass  # the disk is full
-    acked: list[str] = []
-    for n in range(10):
-        ids = [f"full-{n}-{i}" for i in range(200)]
-        r = server.client.post(
-            "/v1/events/batch",
-            headers=server.headers(),
-            json={"events": [prompt_call(i, prompt="x" * 300) for i in ids]},
-        )
-        if r.status_code == 202:
-            acked.extend(ids)
+    acked, r = _send_until_refused(server, "full-", batches=10, size=200, prompt_chars=300)
+    assert r.status_code == 202, r.text  # the spool has room: every batch is taken
     time.sleep(1.5)  # inserts tried and refused meanwhile
     ballast.unlink()
     server.flush()
