@@ -557,7 +557,8 @@ NOT_A_NUMBER = {
             {
                 "error": "bad_request",
                 "message": "a header value holds a character HTTP does not allow (a control"
-                " character such as NUL)",
+                " character such as NUL, or a line folded onto the next, which HTTP/1.1 no"
+                " longer allows)",
                 "field": "headers",
             },
         ),
