@@ -364,8 +364,13 @@ class Switch:
         if self.provider == "configcat":
             flags = {} if on is None else {"guardian": on}
             stamp = time.time_ns() + 50_000_000  # a new modification time, whatever the clock
-            self.path.write_text(json.dumps({"flags": flags}))
-            os.utime(self.path, ns=(stamp, stamp))
+            # Whole or not at all: ConfigCat reads the file at any evaluation, and a read of a
+            # half-written file (no flags: Guardian off) turned it off and on again between
+            # two checks, a second "firing" (seen once late in a loaded full run).
+            fresh = self.path.with_suffix(".new")
+            fresh.write_text(json.dumps({"flags": flags}))
+            os.utime(fresh, ns=(stamp, stamp))
+            os.replace(fresh, self.path)
             return
         from openfeature import api
         from openfeature.provider.in_memory_provider import InMemoryFlag, InMemoryProvider

@@ -156,10 +156,14 @@ class WatchLLM:
         """Open the store, apply migrations, start the writer; undo all of it on exit."""
         if self.writer is not None:
             raise RuntimeError("this WatchLLM app is already running")
+        serving = False
         try:
             async with self._run() as running:
+                serving = True
                 yield running
         except Exception as exc:
+            if not serving:  # a start that failed is said by the lifespan, in one line
+                raise
             cause: BaseException = exc
             while isinstance(cause, BaseExceptionGroup) and cause.exceptions:
                 cause = cause.exceptions[0]  # a task group's: the error itself

@@ -822,6 +822,11 @@ def _keys(args: argparse.Namespace, *, make: bool = False) -> Iterator[Any]:
 def _check_key_file(path: Path, make: bool) -> None:
     if make or path.exists():
         return
+    for folder in path.parents:
+        if folder.exists():
+            if not folder.is_dir():
+                return  # a file where a folder must be: the key store's own error names it
+            break
     raise CliError(
         f"no key file at {path.resolve()}: the first `watchllm serve` or `watchllm keys create`"
         " makes it (--data-dir or WATCHLLM_DATA_DIR names another folder)"

@@ -199,6 +199,10 @@ class Guardian:
             ]
 
         for rule, project, value in await anyio.to_thread.run_sync(read):
+            # Turned off while the store was read (a batch's flag look-up meanwhile forgot the
+            # project): its figure would start a new episode, a second "firing" for nothing.
+            if self.flag_on.get(project) is False:
+                continue
             self.engine.observe_stored(rule, project, value)
 
     def _queue(self, alerts: list[Alert]) -> None:
