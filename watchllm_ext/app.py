@@ -1353,7 +1353,8 @@ def create_app(
     # Outermost: a request's charge on the bodies' budget is given back once it is answered.
     largest = max(settings.max_body_bytes, settings.max_decompressed_bytes)
     limit = max(settings.max_body_memory_bytes, largest)
-    share = settings.max_body_memory_per_project_bytes or max(limit // 4, largest)
+    # A project's share: the setting, or a quarter of the budget; never below one largest body.
+    share = settings.max_body_memory_per_project_bytes or limit // 4
     budget = BodyBudget(limit, share=max(share, largest))
     middleware = [
         Middleware(BodyBudgetMiddleware, budget=budget),

@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 
-from .remote import unreachable
+from .remote import answer_message, unreachable
 from .schema import EVENT_LIST_ADAPTER
 
 DEFAULT_URL = "http://127.0.0.1:8787"
@@ -344,7 +344,7 @@ def send(
             except httpx.HTTPError as exc:
                 raise DemoError(unreachable(base, exc)) from None
             if r.status_code != 202:
-                raise DemoError(f"{base} answered {r.status_code}: {_message(r)}")
+                raise DemoError(f"{base} answered {r.status_code}: {answer_message(r)}")
             project = r.json()["project_id"]
         say(
             f"Loaded {counted(len(sample.events), 'demo event')}"
@@ -353,14 +353,6 @@ def send(
         )
         _wait_visible(client, project, sample, wait_s, say)
     return project
-
-
-def _message(r: httpx.Response) -> str:
-    try:
-        body = r.json()
-    except ValueError:
-        return r.text[:200]
-    return str(body.get("message", body)) if isinstance(body, dict) else str(body)[:200]
 
 
 def _wait_visible(

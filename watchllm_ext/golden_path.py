@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 
 import httpx
 
-from .remote import unreachable
+from .remote import answer_message, unreachable
 
 SUCCESS = "Success: Event logged, processed, and visible in API."
 
@@ -41,7 +41,8 @@ def run(url: str, key: str, *, timeout_s: float = 30.0, say: Callable[[str], Non
         if read.status_code in (401, 403):
             raise StepFailed(
                 step,
-                f"the key cannot read the analytics API ({read.status_code}: {_message(read)});"
+                f"the key cannot read the analytics API ({read.status_code}:"
+                f" {answer_message(read)});"
                 " golden-path needs a key with ingest and read scopes (an admin key)",
             )
         say(f"1/3 server up at {url}")
@@ -88,14 +89,6 @@ def run(url: str, key: str, *, timeout_s: float = 30.0, say: Callable[[str], Non
             raise StepFailed(step, f"the logs do not show the event: {logs.text[:300]}")
         say("3/3 event visible in /v1/analytics/event and /v1/analytics/logs")
     say(SUCCESS)
-
-
-def _message(r: httpx.Response) -> str:
-    try:
-        body = r.json()
-    except ValueError:
-        return r.text[:200]
-    return str(body.get("message", body))[:300] if isinstance(body, dict) else str(body)[:200]
 
 
 def run_on_scratch_server(say: Callable[[str], None] = print) -> None:

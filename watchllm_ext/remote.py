@@ -29,3 +29,12 @@ def unreachable(url: str, exc: httpx.HTTPError) -> str:
     if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
         hint = " (is `watchllm serve` running there? --url or WATCHLLM_BASE_URL names another)"
     return f"cannot reach {url}: {exc}{hint}"
+
+
+def answer_message(r: httpx.Response) -> str:
+    """An error answer's `message` (the API's problem body), or the start of its text."""
+    try:
+        body = r.json()
+    except ValueError:
+        return r.text[:200]
+    return str(body.get("message", body))[:300] if isinstance(body, dict) else str(body)[:200]
