@@ -955,6 +955,30 @@ def test_a_request_without_its_one_host_is_refused(
     assert _response(_read_all(sock))[0] == 200
 
 
+@pytest.mark.parametrize("version", ["2.0", "0.9"])
+def test_a_request_line_of_another_http_version_is_505(served: Served, version: str) -> None:
+    """httptools reads HTTP/2.0 and HTTP/0.9 request lines as versions; they were served as
+    HTTP/1.1. (1.2, 3.0 and the like its parser refuses itself: 400.)"""
+    sock = served.connect()
+    head = (
+        f"POST /v1/projects/acme/events HTTP/{version}\r\nHost: t\r\n"
+        f"Authorization: Bearer {served.key}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(ONE)}\r\n\r\n"
+    ).encode()
+    sock.sendall(head + ONE)
+    got, headers, body = _response(_read_all(sock))
+    assert (got, headers["connection"]) == (505, "close")
+    assert json.loads(body) == {
+        "error": "http_version_not_supported",
+        "message": f"HTTP/{version} is not served here: send HTTP/1.1 (or HTTP/1.0)",
+        "field": "HTTP-version",
+    }
+    assert served.accepted() == 0
+    ok = served.connect()
+    ok.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    assert _response(_read_all(ok))[0] == 200
+
+
 def test_a_path_with_a_slash_too_many_is_404_not_a_redirect_to_the_host_sent(
     served: Served,
 ) -> None:

@@ -186,10 +186,21 @@ class _Refused(Exception):
         self.problem = problem
 
 
+_SERVED_VERSIONS = frozenset({"1.1", "1.0"})
+
+
 def head_problem(headers: list[tuple[bytes, bytes]], http_version: str) -> Problem | None:
-    """Why a request's head cannot be served (None: it can). Host (RFC 9112 3.2): exactly one
+    """Why a request's head cannot be served (None: it can). The version: HTTP/1.x. Host (RFC 9112 3.2): exactly one
     in an HTTP/1.1 request, at most one in HTTP/1.0 (h11, uvicorn's other parser, checks the
     same; httptools does not). Transfer-Encoding: none, or chunked alone and not in HTTP/1.0."""
+    if http_version not in _SERVED_VERSIONS:
+        # httptools reads "HTTP/2.0" and "HTTP/0.9" as versions; neither is this framing.
+        return Problem(
+            505,
+            "http_version_not_supported",
+            f"HTTP/{http_version} is not served here: send HTTP/1.1 (or HTTP/1.0)",
+            field="HTTP-version",
+        )
     hosts = 0
     codings = []
     for name, value in headers:  # one pass, ~5 headers: a few hundred ns a request
