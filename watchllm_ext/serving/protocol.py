@@ -190,9 +190,10 @@ _SERVED_VERSIONS = frozenset({"1.1", "1.0"})
 
 
 def head_problem(headers: list[tuple[bytes, bytes]], http_version: str) -> Problem | None:
-    """Why a request's head cannot be served (None: it can). The version: HTTP/1.x. Host (RFC 9112 3.2): exactly one
-    in an HTTP/1.1 request, at most one in HTTP/1.0 (h11, uvicorn's other parser, checks the
-    same; httptools does not). Transfer-Encoding: none, or chunked alone and not in HTTP/1.0."""
+    """Why a request's head cannot be served (None: it can). The version: 1.1 or 1.0. Host
+    (RFC 9112 3.2): exactly one in an HTTP/1.1 request, at most one in HTTP/1.0 (h11,
+    uvicorn's other parser, checks the same; httptools does not). Transfer-Encoding: none, or
+    chunked alone and not in HTTP/1.0."""
     if http_version not in _SERVED_VERSIONS:
         # httptools reads "HTTP/2.0" and "HTTP/0.9" as versions; neither is this framing.
         return Problem(
