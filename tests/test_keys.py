@@ -276,3 +276,38 @@ def test_a_key_made_beside_a_running_server_works_at_once(tmp_path: Path) -> Non
     # An unknown id still answers None, and a wrong secret of a known id too.
     assert server_side.authenticate("wllm_000000000000_" + "x" * 43) is None
     assert server_side.authenticate(made_now[:-2] + "zz") is None
+
+
+class _KnowsNoKey:
+    """An authenticate plugin of a host's own (it knows no key either)."""
+
+    from watchllm_ext.hookspecs import hookimpl
+
+    @hookimpl
+    def authenticate(self, token: str, request: Any) -> None:
+        return None
+
+
+def test_a_key_of_another_data_folder_gets_a_401_that_says_keys_belong_to_one(
+    server_factory: Any, tmp_path: Path
+) -> None:
+    """A key made with another --data-dir (or WATCHLLM_DATA_DIR) is a first run's most common
+    401: the answer says where keys live. With a plugin of one's own that authenticates too,
+    the hint could be wrong: the plain words."""
+    elsewhere = KeyStore(tmp_path / "other-folder" / "keys.sqlite3").create("acme", "admin")
+    server = server_factory()
+    r = server.client.post(
+        "/v1/projects/acme/events", json=prompt_call(), headers=server.headers(elsewhere)
+    )
+    assert r.status_code == 401
+    assert r.json() == {
+        "error": "unauthorized",
+        "message": "the API key is not valid (unknown or revoked); a key made with `watchllm"
+        " keys create` is known to the servers on the data folder it was made in",
+        "field": "Authorization",
+    }
+    server.thread.__exit__()  # one chDB data folder a process: the next server takes it
+    hosted = server_factory((_KnowsNoKey(),))
+    r = hosted.client.get("/v1/analytics/stats", headers=hosted.headers(elsewhere))
+    assert r.status_code == 401
+    assert r.json()["message"] == "the API key is not valid (unknown or revoked)"

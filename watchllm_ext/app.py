@@ -109,6 +109,9 @@ STORE_TABLES = ("events", "tool_calls", "agent_steps", "spans", "traces")
 MAX_RUN_CHARS = 256  # /v1/admin/count's `run`: the schema's bound on an id
 
 
+_KEY_AUTH = "watchllm_ext.builtins.key_auth"  # its name in the plugin manager
+
+
 @dataclass
 class WatchLLM:
     """Everything one app instance holds; hung on `app.state.watchllm`."""
@@ -277,6 +280,18 @@ class WatchLLM:
             raise unauthorized("send your API key as 'Authorization: Bearer <key>'")
         return self.principal_for(token, scope, request)
 
+    def unknown_key_message(self, what: str = "the API key") -> str:
+        """A 401's words for a key no plugin knows. With the key file alone, the hint that a
+        key belongs to the data folder it was made for: a key made with another --data-dir
+        (or WATCHLLM_DATA_DIR) is a first run's most common 401."""
+        names = [impl.plugin_name for impl in self.pm.hook.authenticate.get_hookimpls()]
+        if self.settings.key_store == "file" and names == [_KEY_AUTH]:
+            return (
+                f"{what} is not valid (unknown or revoked); a key made with `watchllm keys"
+                " create` is known to the servers on the data folder it was made in"
+            )
+        return f"{what} is not valid (unknown or revoked)"
+
     def principal_for(
         self,
         token: str,
@@ -288,7 +303,7 @@ class WatchLLM:
         `field` names where the key came from in a 403."""
         principal = call_hook(self.pm.hook.authenticate, token=token, request=request)
         if principal is None:
-            raise unauthorized("the API key is not valid (unknown or revoked)")
+            raise unauthorized(self.unknown_key_message())
         if scope is not None and not principal.can(scope):
             raise Problem(
                 403,

@@ -393,7 +393,10 @@ class Dashboard:
         )
         if principal is None:
             return self._signin_page(
-                request, "api_key: this key is not valid (unknown or revoked).", 401, "api_key"
+                request,
+                f"api_key: {wl.unknown_key_message('this key')}.",
+                401,
+                "api_key",
             )
         if not principal.can("read"):
             return self._signin_page(
