@@ -8,6 +8,7 @@ import base64
 import gzip
 import json
 import os
+import re
 import threading
 import time
 from datetime import datetime, timedelta
@@ -467,6 +468,8 @@ def test_a_traces_run_lasts_as_long_as_its_root_span(server: Running) -> None:
     assert abs(start - datetime.fromisoformat(root["start_time"])) < timedelta(milliseconds=1)
     assert end == datetime.fromisoformat(root["end_time"])
     assert abs(run["duration_ms"] - root["duration_ms"]) <= 1
+    # Both ends in one precision, the spans' (the start was an event's, to the millisecond).
+    assert all(re.fullmatch(r"[-0-9]{10}T[:0-9]{8}\.\d{6}Z", run[k]) for k in ("start", "end"))
 
 
 def test_the_receiver_is_a_plugin_that_can_be_turned_off(server_factory: Any) -> None:

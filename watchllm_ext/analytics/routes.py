@@ -687,8 +687,9 @@ def _spanning(figures: Run, span_figures: dict[str, Any]) -> Run:
     ends = [t for _, t in times if t is not None]
     if not starts or not ends:
         return figures
-    start = min(starts, key=datetime.fromisoformat)
-    end = max(ends, key=datetime.fromisoformat)
+    # Both to the microsecond, the spans' precision: not one end in ms and the other in us.
+    start = _time_key(min(starts, key=datetime.fromisoformat)) + "Z"
+    end = _time_key(max(ends, key=datetime.fromisoformat)) + "Z"
     duration = datetime.fromisoformat(end) - datetime.fromisoformat(start)
     return figures.model_copy(
         update={"start": start, "end": end, "duration_ms": int(duration.total_seconds() * 1000)}
