@@ -33,6 +33,7 @@ from watchllm_ext import hookimpl
 from watchllm_ext.app import create_app
 from watchllm_ext.ingest.validate import DETAILED_OFFLOAD_MIN_BYTES, OFFLOAD_MIN_BYTES
 from watchllm_ext.keys import KeyStore
+from watchllm_ext.observability.metrics import count_refused
 from watchllm_ext.serving.protocol import uvicorn_options
 
 MAX_HEADER_BYTES = 8192
@@ -49,7 +50,9 @@ class Served:
         )
         self.key = KeyStore(self.settings.keys_path).create("acme", scope="admin")
         self.app = create_app(self.settings, plugins=plugins)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, **uvicorn_options(self.settings)))
+        refused = count_refused(self.app.state.watchllm)  # as cmd_serve
+        options = uvicorn_options(self.settings, refused)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, **options))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = f"http://127.0.0.1:{self.settings.port}"
         self.sockets: list[socket.socket] = []
@@ -977,6 +980,31 @@ def test_a_request_line_of_another_http_version_is_505(served: Served, version: 
     ok = served.connect()
     ok.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
     assert _response(_read_all(ok))[0] == 200
+
+
+def test_what_the_http_layer_answers_itself_is_counted_in_metrics(served: Served) -> None:
+    """Those requests never reach the app (no route, no request series): a series of their
+    own, by status and error code."""
+    for raw in (
+        b"GET /healthz HTTP/2.0\r\nHost: t\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Pad: " + b"a" * (MAX_HEADER_BYTES + 10),
+        b"POST /v1/events/batch HTTP/1.1\r\nHost: t\r\nContent-Length: x\r\n\r\n",
+        b"POST /v1/events/batch HTTP/1.1\r\nHost: t\r\nContent-Length: 9\r\n\r\n",  # 401
+    ):
+        sock = served.connect()
+        sock.sendall(raw)
+        _read_all(sock)
+    text = httpx.get(served.url + "/metrics", timeout=10).text
+    counted = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in text.splitlines()
+        if line.startswith("watchllm_http_refused_total{")
+    }
+    assert counted == {
+        'watchllm_http_refused_total{reason="http_version_not_supported",status="505"}': 1.0,
+        'watchllm_http_refused_total{reason="headers_too_large",status="431"}': 1.0,
+        'watchllm_http_refused_total{reason="bad_request",status="400"}': 1.0,
+    }, text  # the last request's 401 is the app's: a request series counts it
 
 
 def test_a_path_with_a_slash_too_many_is_404_not_a_redirect_to_the_host_sent(

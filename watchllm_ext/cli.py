@@ -330,6 +330,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .app import check_spool, create_app
     from .keys import KeyStore, ServerKeyStore
+    from .observability.metrics import count_refused
     from .plugins import PluginError
     from .serving.protocol import uvicorn_options
     from .serving.tuning import tune_for_serving
@@ -379,7 +380,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"WatchLLM {_version()} listening on {url} (data in {settings.data_dir})", flush=True)
     tune_for_serving(settings.store_threads_nice)
     # With the time limits for slow headers and idle keep-alive connections (serving/protocol.py).
-    uvicorn.run(app, **uvicorn_options(settings))
+    uvicorn.run(app, **uvicorn_options(settings, count_refused(app.state.watchllm)))
     return 0
 
 

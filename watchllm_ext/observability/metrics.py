@@ -95,6 +95,14 @@ class OpsMetrics:
             ["where"],
             registry=registry,
         )
+        self.http_refused = Counter(
+            "watchllm_http_refused",
+            "Requests that `watchllm serve`'s HTTP layer answered itself, before the app (so"
+            " not in watchllm_http_request_duration_seconds), by status and error code:"
+            " malformed requests, oversized headers, another HTTP version",
+            ["status", "reason"],
+            registry=registry,
+        )
         self.queries = Histogram(
             "watchllm_store_query_duration_seconds",
             "Time of a read query on the store (analytics, Guardian, admin)",
@@ -113,6 +121,17 @@ def ops_metrics(wl: Any) -> OpsMetrics:
         found = OpsMetrics(registry)
         registry.watchllm_ops = found
     return found
+
+
+def count_refused(wl: Any) -> Callable[[Problem], None]:
+    """For serving.protocol.uvicorn_options: count each answer `watchllm serve`'s HTTP layer
+    gives itself under its status and error code (a fixed set: the layer's own answers)."""
+    counter = ops_metrics(wl).http_refused
+
+    def refused(problem: Problem) -> None:
+        counter.labels(str(problem.status), problem.code).inc()
+
+    return refused
 
 
 class RequestTimes:

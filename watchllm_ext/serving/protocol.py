@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import sys
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
@@ -224,14 +225,18 @@ def head_problem(headers: list[tuple[bytes, bytes]], http_version: str) -> Probl
 
 
 def header_timeout_protocol(
-    timeout_s: float, max_header_bytes: int = 64 * 1024, quiet_ingest: bool = False
+    timeout_s: float,
+    max_header_bytes: int = 64 * 1024,
+    quiet_ingest: bool = False,
+    refused: Callable[[Problem], None] | None = None,
 ) -> type[asyncio.Protocol]:
     """uvicorn's own HTTP protocol (httptools when installed, else h11) with a deadline on the
     headers of each request: from the connection's start, and from the first bytes of each
     later request on a kept-alive connection. Past it, the connection is closed. Request
     headers (with the request line) over `max_header_bytes` get 431 and the connection is
     closed; a request the parser refuses gets a JSON 400 (parser_problem). `quiet_ingest`:
-    the access log leaves out ingest requests answered 2xx (QuietIngestAccessLog)."""
+    the access log leaves out ingest requests answered 2xx (QuietIngestAccessLog). `refused`
+    is told of each answer this layer gives itself (the app never sees those requests)."""
     base: type[Any]
     try:  # uvicorn's choice when httptools is installed (the module imports it)
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
@@ -435,6 +440,8 @@ def header_timeout_protocol(
         def _send_and_close(self, problem: Problem) -> None:
             if self.transport.is_closing():
                 return
+            if refused is not None:
+                refused(problem)
             self.transport.write(problem_bytes(problem, self.server_state.default_headers))
             # A lingering close: the client may still be sending (a header block of
             # megabytes); closing with its bytes unread would reset the connection before it
@@ -531,8 +538,11 @@ class QuietIngestAccessLog:
         return getattr(self._logger, name)
 
 
-def uvicorn_options(settings: Settings) -> dict[str, Any]:
-    """Keyword arguments for uvicorn.run / uvicorn.Config, from the settings."""
+def uvicorn_options(
+    settings: Settings, refused: Callable[[Problem], None] | None = None
+) -> dict[str, Any]:
+    """Keyword arguments for uvicorn.run / uvicorn.Config, from the settings; `refused`: see
+    header_timeout_protocol (observability.metrics.count_refused counts them in /metrics)."""
     quiet = settings.access_log == "quiet-ingest"
     return {
         "host": settings.host,
@@ -541,7 +551,7 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "access_log": settings.access_log != "off",
         "lifespan": "on",
         "http": header_timeout_protocol(
-            settings.header_timeout_s, settings.max_header_bytes, quiet_ingest=quiet
+            settings.header_timeout_s, settings.max_header_bytes, quiet, refused
         ),
         "timeout_keep_alive": settings.keep_alive_timeout_s,
         # No route is a WebSocket: an Upgrade request is served as plain HTTP (uvicorn's
