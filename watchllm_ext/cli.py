@@ -370,8 +370,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"    -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\")
         # The shell fills in the time when the line is pasted, not when it was printed: the
         # event lands in the analytics' default window (the last 24 hours) whenever it is sent.
+        # Its ids are not the README's ("e1", "r1"): pasting both would store one event, the
+        # first (a resend of an id is the first copy's).
         print(
-            '    -d \'{"event_id":"e1","event_type":"prompt_call","run_id":"r1",'
+            '    -d \'{"event_id":"hello-1","event_type":"prompt_call","run_id":"hello",'
             '"timestamp":"\'"$(date -u +%Y-%m-%dT%H:%M:%SZ)"\'","model":"gpt-4o",'
             '"tokens_input":10,"tokens_output":20}\''
         )
