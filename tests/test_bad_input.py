@@ -550,6 +550,33 @@ def test_a_rejection_answer_is_bounded_whatever_the_batch_holds(server: Running)
     assert _stored(server) == 2
 
 
+def test_a_clients_long_names_and_values_are_repeated_cut(server: Running) -> None:
+    """A 10 MB field name beside `events` drew a 20 MB 422 (the name in the message and in
+    `field`); an unknown key or an event_type of a megabyte inside an event alike. Names are
+    repeated cut at 64 characters, messages at MAX_MESSAGE_CHARS."""
+    from watchllm_ext.ingest.validate import MAX_MESSAGE_CHARS
+
+    r = server.client.post(
+        "/v1/events/batch",
+        content=json.dumps({"events": [], "y" * 1_000_000: 1}),
+        headers=server.headers(),
+    )
+    assert r.status_code == 422 and len(r.content) < 500, r.content[:300]
+    assert r.json() == {
+        "error": "bad_body",
+        "message": f"unknown field {'y' * 64 + '...'!r}; only 'events' is allowed",
+        "field": "y" * 64 + "...",
+    }
+    odd = [prompt_call("long-key", **{"k" * 100_000: 1}), {**prompt_call("long-tag")}]
+    odd[1]["event_type"] = "t" * 100_000
+    r = server.client.post("/v1/events/batch", json={"events": odd}, headers=server.headers())
+    assert r.status_code == 422 and len(r.content) < 4_000, r.content[:300]
+    first, second = (x["errors"] for x in r.json()["rejected"])
+    assert first == [{"field": "k" * 64 + "...", "message": "Extra inputs are not permitted"}]
+    assert second[0]["field"] == "event_type"
+    assert len(second[0]["message"]) == MAX_MESSAGE_CHARS + 3  # "..." marks the cut
+
+
 @pytest.mark.parametrize("depth", [MAX_JSON_DEPTH, MAX_JSON_DEPTH + 1])
 def test_json_nested_to_the_documented_depth_is_read_and_deeper_is_400_too_deep(
     server_factory: Any, depth: int

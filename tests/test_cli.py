@@ -100,7 +100,8 @@ def test_serve_first_start_prints_a_key_and_the_read_commands_work(
     sent = subprocess.run(["bash", "-c", pasted], capture_output=True, text=True, check=False)
     assert sent.returncode == 0 and '"accepted":1' in sent.stdout, sent.stdout + sent.stderr
     # Not the README's event id: the README's curl pasted next is an event of its own.
-    readme_id = re.search(r'"event_id":"([^"]+)"', (Path(__file__).parents[1] / "README.md").read_text())
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    readme_id = re.search(r'"event_id":"([^"]+)"', readme)
     assert readme_id is not None and f'"event_id":"{readme_id[1]}"' not in pasted
     assert f"watchllm demo --url {served.url} --key {key}" in text
 

@@ -375,6 +375,20 @@ def test_usage_route_answers_any_key_of_the_project(quota_server: Any) -> None:
             headers=server.headers(operator),
         )
         assert (refused.status_code, refused.json()["field"]) == (422, field), body
+    # A client's own names are repeated cut at 64 characters: a megabyte sent is not echoed.
+    for body, field in [
+        ({"plan": "p" * 1_000_000}, "plan"),
+        ({"y" * 1_000_000: 1}, "y" * 64 + "..."),
+        ({"set": {"w" * 1_000_000: 1}}, "set." + "w" * 64 + "..."),
+    ]:
+        refused = server.client.post(
+            "/v1/admin/usage",
+            params={"project": "acme"},
+            json=body,
+            headers=server.headers(operator),
+        )
+        assert (refused.status_code, refused.json()["field"]) == (422, field)
+        assert len(refused.content) < 1_000, refused.content[:300]
     done = server.client.post(
         "/v1/admin/usage",
         params={"project": "acme"},

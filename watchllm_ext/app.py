@@ -55,6 +55,7 @@ from .delivery.writer import (
 from .errors import (
     Problem,
     answer_for,
+    echo,
     not_a_project_id,
     other_project,
     problem_handler,
@@ -1017,8 +1018,8 @@ async def _batch_events(
         raise Problem(
             422,
             "bad_body",
-            f"unknown field {unknown[0]!r}; only 'events' is allowed",
-            field=unknown[0],
+            f"unknown field {echo(unknown[0])!r}; only 'events' is allowed",
+            field=echo(unknown[0]),
         )
     items = payload.get("events")
     if not isinstance(items, list):

@@ -83,15 +83,23 @@ def other_project(key_project: str, named: str) -> Problem:
     )
 
 
+ECHO_CHARS = 64  # the most of a client's own text (a name, a value) an error repeats
+
+
+def echo(text: str, limit: int = ECHO_CHARS) -> str:
+    """`text` as an error repeats it: cut at `limit` characters, "..." marking the cut (an
+    answer stays small whatever name or value a client sent)."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def not_a_project_id(value: str, field: str = "project") -> Problem:
     """400 for a parameter (of the query or the path) that should name a project and is not a
     project id (checked before anything is read or made for it); a long value is shown cut
     at 64 characters, the most a project id has."""
-    shown = value if len(value) <= 64 else value[:64] + "..."
     return Problem(
         400,
         "bad_parameter",
-        f"{field}: not a project id (1-64 of A-Z a-z 0-9 _ . -): {shown!r}",
+        f"{field}: not a project id (1-64 of A-Z a-z 0-9 _ . -): {echo(value)!r}",
         field=field,
     )
 

@@ -14,7 +14,7 @@ import pluggy
 from pydantic import ValidationError
 
 from ..auth import Principal
-from ..errors import Problem
+from ..errors import Problem, echo
 from ..plugins import call_hook
 from ..schema import EVENT_ADAPTER, EVENT_LIST_ADAPTER, EVENT_TYPES, ID_FIELD_PATTERN
 from . import fast_validate
@@ -24,6 +24,7 @@ from .parse import holds_too_long, too_long_as_infinity
 # Bounds of a rejection answer (docs/API.md): fields listed per rejected event, and rejected
 # events listed per answer (`rejected_count` has them all).
 MAX_ERRORS_PER_EVENT = 20
+MAX_MESSAGE_CHARS = 1_000  # an error's message at most (longer: cut, "...")
 MAX_REJECTIONS_LISTED = 1_000
 
 # Labels pydantic puts in an error path for the branch of a union, not a field name.
@@ -88,6 +89,7 @@ def field_path(loc: tuple[int | str, ...]) -> str:
             continue
         if _is_branch_label(item):
             continue
+        item = echo(item)  # an unknown key's name is the client's: a long one is cut
         parts.append(f".{item}" if parts else item)
     return "".join(parts) or "(event)"
 
@@ -151,7 +153,11 @@ def describe_errors(exc: ValidationError) -> list[dict[str, str]]:
         messages = seen.setdefault(path, [])
         if message not in messages:
             messages.append(message)
-    found = [{"field": path, "message": " or ".join(msgs)} for path, msgs in seen.items()]
+    # A message may repeat a value (an event_type of a megabyte): each kept to a bound.
+    found = [
+        {"field": path, "message": echo(" or ".join(msgs), MAX_MESSAGE_CHARS)}
+        for path, msgs in seen.items()
+    ]
     if len(found) > MAX_ERRORS_PER_EVENT:
         # An event with thousands of unknown keys must not make a huge answer: the first
         # fields, then a count (docs/API.md).

@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from ..auth import Principal, Scope
-from ..errors import Problem, not_a_project_id
+from ..errors import ECHO_CHARS, Problem, echo, not_a_project_id
 from ..ingest.body import read_request_body
 from ..openapi import PROJECT_ID_SCHEMA, ErrorBody, _json, _query, _ref, described
 from ..route_params import Query, accepts
@@ -340,8 +340,8 @@ async def apply_change(plugin: QuotaPlugin, project: str, data: dict[str, Any]) 
         raise Problem(
             422,
             "bad_body",
-            f"unknown field {unknown[0]!r}; use 'reset', 'set' or 'plan'",
-            field=unknown[0],
+            f"unknown field {echo(unknown[0])!r}; use 'reset', 'set' or 'plan'",
+            field=echo(unknown[0]),
         )
     if not isinstance(data.get("reset", False), bool):
         raise Problem(422, "bad_body", "'reset' must be true or false", field="reset")
@@ -353,8 +353,8 @@ async def apply_change(plugin: QuotaPlugin, project: str, data: dict[str, Any]) 
             raise Problem(
                 422,
                 "bad_body",
-                f"unknown window {window!r}; one of {', '.join(SETTABLE)}",
-                field=f"set.{window}",
+                f"unknown window {echo(window)!r}; one of {', '.join(SETTABLE)}",
+                field=f"set.{echo(window)}",
             )
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SET:
             raise Problem(
@@ -368,7 +368,8 @@ async def apply_change(plugin: QuotaPlugin, project: str, data: dict[str, Any]) 
         raise Problem(
             422,
             "unknown_plan",
-            f"no plan named {plan!r} (quota_plans has: {', '.join(sorted(plugin.plans))})",
+            f"no plan named {echo(repr(plan), ECHO_CHARS + 2)} (quota_plans has:"
+            f" {', '.join(sorted(plugin.plans))})",
             field="plan",
         )
     p = periods()
