@@ -12,6 +12,7 @@ the server `watchllm serve` runs (uvicorn with serving.uvicorn_options) on loopb
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import logging
 import re
@@ -651,6 +652,32 @@ def test_two_authorization_headers_are_refused(served: Served, method: str, path
         }
     assert served.accepted() == 0
     assert served.request_count("unmatched", 400) >= 3
+
+
+@pytest.mark.parametrize(
+    ("title", "values"),
+    [
+        ("Content-Type", ["application/json", "text/plain"]),
+        ("Content-Type", ["application/json", "application/json"]),
+        ("Content-Encoding", ["gzip", "br"]),
+    ],
+)
+def test_two_content_type_or_encoding_lines_are_refused(
+    served: Served, title: str, values: list[str]
+) -> None:
+    """The second line was dropped unsaid (202): a proxy that reads the list RFC 9110 makes
+    of them (text/plain, or a body gzip then br) sees another request than the server."""
+    body = gzip.compress(BODY) if title == "Content-Encoding" else BODY
+    headers = [("Authorization", f"Bearer {served.key}"), ("Content-Type", "application/json")]
+    headers = [h for h in headers if h[0] != title] + [(title, v) for v in values]
+    r = httpx.post(served.url + "/v1/events/batch", content=body, headers=headers)
+    assert r.status_code == 400, r.text
+    assert r.json() == {
+        "error": "bad_request",
+        "message": f"send one {title} header, not 2",
+        "field": title,
+    }
+    assert served.accepted() == 0
 
 
 # --- 8: an invalid batch's detailed answer is built off the event loop ----------------------

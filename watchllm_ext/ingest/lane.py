@@ -30,7 +30,7 @@ from starlette.types import Receive, Scope, Send
 
 from ..errors import answer_for
 from ..flags import _REQUEST_CACHE
-from ..observability.metrics import RequestTimes, closed_early, repeated_authorization
+from ..observability.metrics import RequestTimes, closed_early, repeated_singleton
 from .admission import BODY_CHARGE, BodyBudget, Charge
 
 Handler = Callable[[Request, Exception], Awaitable[Response]]
@@ -79,7 +79,7 @@ class IngestLane:
         answering = False
         token = _REQUEST_CACHE.set({})  # this request's flag cache (flags/__init__.py)
         try:
-            problem = repeated_authorization(self.wl, scope)
+            problem = repeated_singleton(self.wl, scope)
             if problem is not None:
                 response = answer_for(scope, problem)
             else:

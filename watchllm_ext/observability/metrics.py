@@ -176,7 +176,7 @@ class RequestMetrics:
 
         token = _REQUEST_CACHE.set({})  # this request's flag cache (flags/__init__.py)
         try:
-            problem = repeated_authorization(self.wl, scope)
+            problem = repeated_singleton(self.wl, scope)
             if problem is not None:
                 await answer_for(scope, problem)(scope, receive, send_status)
                 return
@@ -188,18 +188,28 @@ class RequestMetrics:
             self.times.observe(scope, status, started)
 
 
-def repeated_authorization(wl: Any, scope: Scope) -> Problem | None:
-    """Authorization is a singleton field (RFC 9110): with two, which key is meant depends on
-    who reads which (first wins here, last in some proxies). Refused (counted) on every route,
-    as the server refuses two Content-Length headers."""
-    repeated = [name for name, _ in scope["headers"]].count(b"authorization")
-    if repeated <= 1:
-        return None
-    problem = Problem(
-        400, "bad_request", f"send one Authorization header, not {repeated}", field="Authorization"
-    )
-    ops_metrics(wl).rejections.labels(problem.code).inc()
-    return problem
+# Headers of one value whose second line the server would not read (RFC 9110 5.3: a list of
+# them is one comma-joined value): which one counts would depend on who reads which.
+_SINGLETONS = ((b"authorization", "Authorization"), (b"content-type", "Content-Type"),
+               (b"content-encoding", "Content-Encoding"))  # fmt: skip
+
+
+def repeated_singleton(wl: Any, scope: Scope) -> Problem | None:
+    """Two lines of Authorization, Content-Type or Content-Encoding: with two keys, which one
+    is meant depends on who reads which (first wins here, last in some proxies); with two
+    types or codings, a proxy may read the body otherwise than the server (the first was read,
+    the second dropped unsaid). Refused (counted) on every route, as the server refuses two
+    Content-Length headers."""
+    names = [name for name, _ in scope["headers"]]
+    for name, title in _SINGLETONS:
+        repeated = names.count(name)
+        if repeated > 1:
+            problem = Problem(
+                400, "bad_request", f"send one {title} header, not {repeated}", field=title
+            )
+            ops_metrics(wl).rejections.labels(problem.code).inc()
+            return problem
+    return None
 
 
 def closed_early(scope: Scope, status: int) -> int:
