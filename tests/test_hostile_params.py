@@ -278,3 +278,20 @@ def test_former_500s_are_400s_and_keep_the_connection(server: Running) -> None:
             sock, reader, "/v1/analytics/timeseries?project_id=acme&tz=Europe/Paris", server.key
         )
         assert status == 200 and json.loads(body)["tz"] == "Europe/Paris"
+
+
+def test_a_value_whose_percent_encoded_bytes_are_not_utf8_is_400_naming_it(
+    server: Running,
+) -> None:
+    """`q=%ff%fe` was read as two U+FFFD characters and searched for (200, nothing found). A
+    U+FFFD sent as its UTF-8 bytes is text like any other."""
+    headers = server.headers()
+    r = server.client.get("/v1/analytics/logs?project_id=acme&q=%ff%fe", headers=headers)
+    assert r.status_code == 400, r.text
+    assert r.json() == {
+        "error": "bad_parameter",
+        "message": "q: not valid UTF-8 text (percent-encoded bytes)",
+        "field": "q",
+    }
+    fine = server.client.get("/v1/analytics/logs?project_id=acme&q=%EF%BF%BD", headers=headers)
+    assert fine.status_code == 200, fine.text

@@ -327,6 +327,11 @@ def test_usage_route_answers_any_key_of_the_project(quota_server: Any) -> None:
     assert theirs["used"]["day"] == 0
     anonymous = server.client.get("/v1/usage")
     assert anonymous.status_code == 401 and anonymous.json()["field"] == "Authorization"
+    # It takes no parameter: `project=beta` was ignored, and acme's usage shown for it.
+    asked = server.client.get(
+        "/v1/usage", params={"project": "beta"}, headers=server.headers(ingest_key)
+    )
+    assert (asked.status_code, asked.json()["field"]) == (400, "project"), asked.text
     # The admin route: an admin key of acme may not touch beta.
     denied = server.client.get(
         "/v1/admin/usage", params={"project": "beta"}, headers=server.headers()
@@ -375,6 +380,14 @@ def test_usage_route_answers_any_key_of_the_project(quota_server: Any) -> None:
             headers=server.headers(operator),
         )
         assert (refused.status_code, refused.json()["field"]) == (422, field), body
+    # A body in another type than JSON is 415, as at the ingest routes (it was applied).
+    typed = server.client.post(
+        "/v1/admin/usage",
+        params={"project": "acme"},
+        content=b'{"reset": false}',
+        headers={**server.headers(operator), "Content-Type": "text/plain"},
+    )
+    assert (typed.status_code, typed.json()["field"]) == (415, "Content-Type"), typed.text
     # A client's own names are repeated cut at 64 characters: a megabyte sent is not echoed.
     for body, field in [
         ({"plan": "p" * 1_000_000}, "plan"),

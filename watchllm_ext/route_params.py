@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
 from functools import wraps
+from urllib.parse import unquote_to_bytes
 
 from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.responses import Response
 
-from .errors import Problem
+from .errors import Problem, echo
 
 # How much of a refused parameter's name an error shows.
 MAX_NAME_SHOWN = 64
@@ -36,20 +37,27 @@ class Query(QueryParams):
     route cannot parse a parameter without accepting it. Repeated names read as before:
     the last value."""
 
-    def __init__(self, params: QueryParams, accepted: frozenset[str]) -> None:
+    def __init__(
+        self, params: QueryParams, accepted: frozenset[str], raw: bytes | None = None
+    ) -> None:
         super().__init__(params)
         self.accepted = accepted
+        self.raw = raw  # the query string as sent, for the UTF-8 check
 
     def check(self) -> None:
-        """400 for the first name sent that is not accepted: one set look-up a name."""
-        for name, _ in self._list:
+        """400 for the first name sent that is not accepted: one set look-up a name; and for
+        a value whose percent-encoded bytes are not UTF-8 (read as U+FFFD, it would be
+        searched for as that character)."""
+        for name, value in self._list:
             if name not in self.accepted:
-                shown = name if len(name) <= MAX_NAME_SHOWN else name[:MAX_NAME_SHOWN] + "..."
+                shown = echo(name, MAX_NAME_SHOWN)
                 raise bad(
                     shown,
                     f"unknown query parameter {shown!r}; this route accepts: "
                     + (", ".join(sorted(self.accepted)) or "none"),
                 )
+            if "\ufffd" in value and self.raw is not None:  # rare: then the bytes sent decide
+                _check_utf8(self.raw)
 
     def _declared(self, name: object) -> None:
         if name not in self.accepted:
@@ -71,6 +79,17 @@ class Query(QueryParams):
         return super().getlist(key)
 
 
+def _check_utf8(raw: bytes) -> None:
+    """400 naming the first parameter whose value's bytes (percent-decoded) are not UTF-8."""
+    for pair in raw.split(b"&"):
+        name, _, value = pair.partition(b"=")
+        try:
+            unquote_to_bytes(value.replace(b"+", b" ")).decode()
+        except UnicodeDecodeError:
+            shown = echo(unquote_to_bytes(name).decode(errors="replace"), MAX_NAME_SHOWN)
+            raise bad(shown, "not valid UTF-8 text (percent-encoded bytes)") from None
+
+
 Endpoint = Callable[[Request], Awaitable[Response]]
 # A route as written: the request, and its query parameters held to those it accepts.
 Declared = Callable[[Request, Query], Awaitable[Response]]
@@ -87,7 +106,8 @@ def accepts(*names: Iterable[str]) -> Callable[[Declared], Endpoint]:
     def declare(route: Declared) -> Endpoint:
         @wraps(route)
         async def endpoint(request: Request) -> Response:
-            return await route(request, Query(request.query_params, accepted))
+            query = Query(request.query_params, accepted, request.scope["query_string"])
+            return await route(request, query)
 
         endpoint.accepted = accepted  # type: ignore[attr-defined]
         return endpoint

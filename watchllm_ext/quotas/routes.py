@@ -26,7 +26,7 @@ from starlette.routing import BaseRoute, Route
 
 from ..auth import Principal, Scope
 from ..errors import ECHO_CHARS, Problem, echo, not_a_project_id
-from ..ingest.body import read_request_body
+from ..ingest.body import check_content_type, read_request_body
 from ..openapi import PROJECT_ID_SCHEMA, ErrorBody, _json, _query, _ref, described
 from ..route_params import Query, accepts
 from ..schema import PROJECT_ID_RE
@@ -107,8 +107,10 @@ class StripeAnswer(BaseModel):
 
 
 def quota_routes(plugin: QuotaPlugin) -> list[BaseRoute]:
-    async def usage(request: Request) -> Response:
+    @accepts(())
+    async def usage(request: Request, qp: Query) -> Response:
         principal = _any_key(request)
+        qp.check()  # none: `project` (say) would otherwise be ignored, the key's shown
         return JSONResponse(await _report(plugin, principal.project_id))
 
     @accepts(("project",))
@@ -186,7 +188,12 @@ def _operations(plugin: QuotaPlugin) -> dict[str, dict[str, Any]]:
                 "summary": "The calling key's project: plan, limits, usage, what is left",
                 "description": "Any key of the project may ask (an ingest-only key too).",
                 "security": [{"bearer": []}],
-                "responses": {"200": report, "401": unknown_key, "503": _UNREADABLE},
+                "responses": {
+                    "200": report,
+                    "400": _problem("a query parameter: this route takes none"),
+                    "401": unknown_key,
+                    "503": _UNREADABLE,
+                },
             }
         },
         "admin": {
@@ -219,6 +226,7 @@ def _operations(plugin: QuotaPlugin) -> dict[str, dict[str, Any]]:
                     "400": bad_project,
                     "401": unknown_key,
                     "403": _problem("not an operator key"),
+                    "415": _problem("a body in another type than JSON"),
                     "422": _problem("a field that is unknown or out of bounds; `field` names it"),
                     "503": _UNREADABLE,
                 },
@@ -323,6 +331,7 @@ async def _bounded_body(request: Request, settings: Settings) -> bytes:
 
 
 async def _json_object(request: Request, settings: Settings) -> dict[str, Any]:
+    check_content_type(request.headers.get("content-type"))  # JSON, or none said
     body = await _bounded_body(request, settings)
     try:
         data = json.loads(body or b"{}")
