@@ -55,6 +55,9 @@ DROP_REASONS = (
     "sdk_error",  # a bug in the SDK itself (logged with its traceback)
 )
 Transports = Literal["auto", "http", "local"]
+# Drops of one reason after its first warning are added up and reported at most this often
+# (and at close): a hot loop must not flood the log, nor hide how many it lost.
+DROP_REPORT_EVERY_S = 10.0
 
 
 class WatchLLM:
@@ -197,7 +200,10 @@ class WatchLLM:
             "dropped": dict.fromkeys(DROP_REASONS, 0),
             "last_error": None,
         }
-        self._warned: set[str] = set()
+        # By reason: when drops were last reported, and those since (count, last message).
+        self._reported_at: dict[str, float] = {}
+        self._unreported: dict[str, int] = {}
+        self._unreported_why: dict[str, str] = {}
 
     def _after_fork_in_child(self) -> None:
         # The parent's worker and HTTP connections do not exist here (threads are not copied;
@@ -516,6 +522,7 @@ class WatchLLM:
             except Exception as exc:  # a bug here must not kill the worker silently
                 log.exception("WatchLLM SDK worker error")
                 self._note_error(f"worker: {exc!r}")
+            self._report_drops()
             if self._closing and not self._queue:
                 return
 
@@ -626,6 +633,7 @@ class WatchLLM:
             self._note_error(f"retrying in {delay:.2f} s: {why}")
             pending.append(part)
             self._abandon.wait(delay)
+            self._report_drops()  # the buffer may be filling meanwhile (queue_full)
 
     def _accepted(self, part: list[bytes], answer: Answer) -> None:
         body = answer.body if isinstance(answer.body, dict) else {}
@@ -661,19 +669,54 @@ class WatchLLM:
     def _drop(
         self, reason: str, n: int, message: str, *, settle: bool = False, warn: bool = False
     ) -> None:
+        now = time.monotonic()  # queue_full runs in the caller's loop: one clock read, no I/O
         with self._stats_lock:
             self._stats["dropped"][reason] += n
             self._stats["last_error"] = f"{reason}: {message}"
-            first = reason not in self._warned
-            self._warned.add(reason)
-        # Server refusals are reported each time (each is one answer, never retried); local
-        # drops once per reason, then at debug level: a hot loop must not flood the log.
-        if warn or first:
-            log.warning("WatchLLM dropped %d event(s) (%s): %s", n, reason, message)
-        else:
+            # Server refusals are reported each time (each is one answer, never retried).
+            report = (n, True) if warn else self._due_report(reason, n, message, now)
+        if report is None:
             log.debug("WatchLLM dropped %d event(s) (%s): %s", n, reason, message)
+        else:
+            count, first = report
+            log.warning(_DROPPED if first else _DROPPED_MORE, _count(count), reason, message)
         if settle:  # after the report: whoever waits in flush() sees it logged
             self._settle(n)
+
+    def _due_report(self, reason: str, n: int, message: str, now: float) -> tuple[int, bool] | None:
+        """Under _stats_lock: (events to report now, whether it is the reason's first report),
+        or None when the drop is added up for a later report (_report_drops)."""
+        if reason == "shutdown":
+            return None  # close()'s own warning counted them
+        last = self._reported_at.get(reason)
+        if last is not None and now - last < DROP_REPORT_EVERY_S:
+            self._unreported[reason] = self._unreported.get(reason, 0) + n
+            self._unreported_why[reason] = message
+            return None
+        self._reported_at[reason] = now
+        self._unreported_why.pop(reason, None)
+        return n + self._unreported.pop(reason, 0), last is None
+
+    def _report_drops(self, every: bool = False) -> None:
+        """Report the drops added up since each reason's last report: those due, or `every`
+        one (at close). Called by the worker too, so a burst that stopped is not left unsaid."""
+        if not self._unreported:  # the common case, without the lock
+            return
+        now = time.monotonic()
+        with self._stats_lock:
+            due = [
+                reason
+                for reason in self._unreported
+                if every or now - self._reported_at[reason] >= DROP_REPORT_EVERY_S
+            ]
+            reports = [
+                (reason, self._unreported.pop(reason), self._unreported_why.pop(reason))
+                for reason in due
+            ]
+            for reason in due:
+                self._reported_at[reason] = now
+        for reason, n, message in reports:
+            log.warning(_DROPPED_MORE, _count(n), reason, message)
 
     def _drop_all_queued(self) -> None:
         n = len(self._take())
@@ -716,6 +759,7 @@ class WatchLLM:
             return True
         done = self._wait_settled(timeout) if self.enabled else True
         self._closed = True
+        self._report_drops(every=True)  # after _closed: later log calls drop nothing
         self._closing = True
         self._wake.set()
         worker = self._worker
@@ -759,6 +803,14 @@ class WatchLLM:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_DROPPED = "WatchLLM dropped %s event(s) (%s): %s"
+_DROPPED_MORE = "WatchLLM dropped %s more event(s) (%s) since its last report: %s"
+
+
+def _count(n: int) -> str:
+    return f"{n:,}"  # 6,909: a count read at a glance
 
 
 def approx_size(event: dict[str, Any]) -> int:

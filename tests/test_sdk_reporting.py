@@ -1,0 +1,99 @@
+"""What the SDK tells its user when events are lost: every drop is reported in the log (the
+first of each reason at once, the rest added up at most every DROP_REPORT_EVERY_S and at
+close), and close() says which events may still land (docs/SDK.md)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable
+
+import pytest
+from conftest import free_port
+
+from watchllm_ext.sdk import WatchLLM, core
+
+Warnings = Callable[[], list[str]]
+
+
+@pytest.fixture
+def warnings(caplog: pytest.LogCaptureFixture) -> Warnings:
+    """The SDK's warnings logged so far."""
+    caplog.set_level(logging.WARNING, logger="watchllm.sdk")
+    return lambda: [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "watchllm.sdk" and r.levelno >= logging.WARNING
+    ]
+
+
+def down_client(**options: object) -> WatchLLM:
+    """A client of a server that is down: a loopback port nothing listens on."""
+    options.setdefault("flush_interval_s", 0.05)
+    options.setdefault("initial_backoff_s", 0.05)
+    options.setdefault("max_backoff_s", 0.05)
+    options.setdefault("retry_for_s", 60.0)
+    return WatchLLM(api_key="wllm_k", base_url=f"http://127.0.0.1:{free_port()}", **options)
+
+
+def reported(lines: list[str], reason: str) -> int:
+    """The events the drop warnings of one reason add up to."""
+    counts = [
+        re.match(r"WatchLLM dropped ([\d,]+) (?:more )?event", line)
+        for line in lines
+        if f"event(s) ({reason})" in line
+    ]
+    return sum(int(m.group(1).replace(",", "")) for m in counts if m)
+
+
+def test_a_burst_of_queue_full_drops_is_reported_whole_at_close(warnings: Warnings) -> None:
+    """25,000 events into a 10,000-event buffer: one warning at the first drop, none in the
+    loop, and close() reports the 14,999 others (it used to say "dropped 1 event(s)")."""
+    client = down_client(flush_at=100_000, flush_interval_s=60)  # the worker does not take any
+    for i in range(25_000):
+        client.log_tool_call("t", tool_input=i)
+    assert client.stats()["dropped"]["queue_full"] == 15_000
+    (first,) = warnings()
+    assert first.startswith("WatchLLM dropped 1 event(s) (queue_full): the buffer holds 10000")
+    client.close(0.2)
+    assert client._worker is not None
+    client._worker.join(5)
+    lines = warnings()
+    assert any(
+        "WatchLLM dropped 14,999 more event(s) (queue_full) since its last report" in line
+        for line in lines
+    ), lines
+    assert reported(lines, "queue_full") == 15_000
+    # The buffered ones are counted by close()'s own warning, not a second time.
+    assert reported(lines, "shutdown") == 0
+    assert "close() ran out of time" in lines[-1], lines
+
+
+def test_drops_are_reported_again_once_the_interval_has_passed(
+    warnings: Warnings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """By the logging thread at its next drop, or by the worker when none comes."""
+    monkeypatch.setattr(core, "DROP_REPORT_EVERY_S", 0.3)
+    client = down_client(max_queue=1)
+    client.log_tool_call("held by the worker")
+    deadline = time.monotonic() + 5
+    while client.stats()["retries"] == 0:  # the worker holds it, retrying: the buffer is empty
+        assert time.monotonic() < deadline, client.stats()
+        time.sleep(0.01)
+    client.log_tool_call("buffered")
+    for _ in range(5):
+        client.log_tool_call("dropped")
+    assert len(warnings()) == 1 and "dropped 1 event(s) (queue_full)" in warnings()[0]
+    deadline = time.monotonic() + 5
+    while len(warnings()) == 1:  # the worker, between two tries, reports the 4 others
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert "dropped 4 more event(s) (queue_full) since its last report" in warnings()[1]
+    time.sleep(0.35)
+    client.log_tool_call("dropped")  # the interval has passed: reported at once
+    assert len(warnings()) == 3 and "dropped 1 more event(s)" in warnings()[2]
+    client.log_tool_call("dropped")
+    assert len(warnings()) == 3  # within the interval: added up
+    client.close(0.1)
+    assert reported(warnings(), "queue_full") == client.stats()["dropped"]["queue_full"] == 7
