@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 import time
 from collections.abc import Callable
 
@@ -97,3 +98,42 @@ def test_drops_are_reported_again_once_the_interval_has_passed(
     assert len(warnings()) == 3  # within the interval: added up
     client.close(0.1)
     assert reported(warnings(), "queue_full") == client.stats()["dropped"]["queue_full"] == 7
+
+
+def test_close_does_not_say_events_waiting_for_a_retry_may_still_land(
+    warnings: Warnings,
+) -> None:
+    """The server is down: the worker holds the batch only to wait between tries, and close()
+    drops it (it used to say "10 in a request under way may still land")."""
+    client = down_client(initial_backoff_s=60, max_backoff_s=60)
+    for i in range(10):
+        client.log_tool_call("t", tool_input=i)
+    deadline = time.monotonic() + 5
+    while client.stats()["retries"] == 0:  # tried once: now waiting (up to 60 s) to try again
+        assert time.monotonic() < deadline, client.stats()
+        time.sleep(0.01)
+    assert client.close(0.3) is False
+    said = warnings()[-1]
+    assert "with 10 event(s) not delivered: 10 are dropped (shutdown)" in said, said
+    assert "may still land" not in said and "Connection refused" in said
+    assert client._worker is not None
+    client._worker.join(5)
+    assert client.stats()["dropped"]["shutdown"] == 10
+
+
+def test_close_says_a_request_under_way_may_still_land(warnings: Warnings) -> None:
+    """A server that takes the connection and has not answered yet."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # never accepted: the request is sent, no answer comes
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        client = WatchLLM(api_key="wllm_k", base_url=url, flush_interval_s=0.05, timeout_s=5)
+        for i in range(10):
+            client.log_tool_call("t", tool_input=i)
+        deadline = time.monotonic() + 5
+        while client._sending == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert client.close(0.2) is False
+        said = warnings()[-1]
+    assert "with 10 event(s) not delivered: 10 in a request under way may still land" in said, said

@@ -51,7 +51,7 @@ DROP_REASONS = (
     "too_large",  # one event alone over the server's body limit (413)
     "server_error",  # 500 or another answer that is not retried
     "retries_exhausted",  # still failing after retry_for_s
-    "shutdown",  # still in the buffer when close()'s timeout ran out
+    "shutdown",  # still buffered or waiting for a retry when close()'s timeout ran out
     "sdk_error",  # a bug in the SDK itself (logged with its traceback)
 )
 Transports = Literal["auto", "http", "local"]
@@ -191,7 +191,8 @@ class WatchLLM:
         self._count_lock = threading.Lock()
         self._enqueued = 0
         self._settled = 0
-        self._in_flight = 0
+        self._in_flight = 0  # events the worker holds: being sent, or waiting to be retried
+        self._sending = 0  # of those, the ones in a transport send under way
         self._stats: dict[str, Any] = {
             "sent": 0,
             "batches": 0,
@@ -596,7 +597,11 @@ class WatchLLM:
         attempt = 0
         while pending:
             part = pending.pop()
+            # Set before _abandon is read, as close() sets _abandon before it reads this: a
+            # part either is dropped here or is counted by close() as possibly landing.
+            self._sending = len(part)
             if self._abandon.is_set():
+                self._sending = 0
                 self._drop("shutdown", len(part), "close() timed out", settle=True)
                 continue
             try:
@@ -604,6 +609,8 @@ class WatchLLM:
                 problem = None
             except NetworkError as exc:
                 answer, problem = None, str(exc)
+            finally:
+                self._sending = 0
             if answer is not None and answer.status in (200, 201, 202, 207):
                 self._accepted(part, answer)
                 attempt = 0
@@ -765,24 +772,33 @@ class WatchLLM:
         worker = self._worker
         if not done:
             self._abandon.set()
-            left = self._enqueued - self._settled
-            in_flight = self._in_flight
-            error = self._stats["last_error"]
-            log.warning(
-                "WatchLLM: close() ran out of time (%s s) with %d event(s) not delivered: the"
-                " %d still buffered are dropped (shutdown)%s%s",
-                timeout,
-                left,
-                left - in_flight,
-                f"; {in_flight} in a request under way may still land" if in_flight else "",
-                f". Last error: {error}" if error else "",
-            )
+            self._warn_close_timed_out(timeout)
         if worker is not None and done:
             worker.join(timeout=0.2)  # it has nothing left to send: it ends at once
         if done and self._transport is not None:
             self._transport.close()
         _clients.discard(self)
         return done
+
+    def _warn_close_timed_out(self, timeout: float | None) -> None:
+        # Only a send under way may still land: a batch waiting to be retried is dropped
+        # (shutdown) once the worker sees _abandon, so it is counted with the dropped ones.
+        sending = self._sending  # read first: a send ending meanwhile errs toward "may land"
+        left = self._enqueued - self._settled
+        sending = min(sending, left)
+        fates = []
+        if left > sending:
+            fates.append(f"{_count(left - sending)} are dropped (shutdown)")
+        if sending:
+            fates.append(f"{_count(sending)} in a request under way may still land")
+        error = self._stats["last_error"]
+        log.warning(
+            "WatchLLM: close() ran out of time (%s s) with %s event(s) not delivered%s%s",
+            timeout,
+            _count(left),
+            ": " + "; ".join(fates) if fates else "",
+            f". Last error: {error}" if error else "",
+        )
 
     def stats(self) -> dict[str, Any]:
         """Counters of this process: `logged`, `sent`, `batches`, `retries`, `sampled_out`,
