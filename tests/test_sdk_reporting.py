@@ -1,6 +1,7 @@
 """What the SDK tells its user when events are lost: every drop is reported in the log (the
 first of each reason at once, the rest added up at most every DROP_REPORT_EVERY_S and at
-close), and close() says which events may still land (docs/SDK.md)."""
+close), close() says which events may still land, and a client made without base_url says
+how to reach a server (docs/SDK.md)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from collections.abc import Callable
 import pytest
 from conftest import free_port
 
-from watchllm_ext.sdk import WatchLLM, core
+from watchllm_ext.sdk import WatchLLM, context, core
+from watchllm_ext.sdk.transport import no_app_message
 
 Warnings = Callable[[], list[str]]
 
@@ -137,3 +139,68 @@ def test_close_says_a_request_under_way_may_still_land(warnings: Warnings) -> No
         assert client.close(0.2) is False
         said = warnings()[-1]
     assert "with 10 event(s) not delivered: 10 in a request under way may still land" in said, said
+
+
+HINT = (
+    'pass base_url="http://127.0.0.1:8787" (where `watchllm serve` listens)'
+    " or set WATCHLLM_BASE_URL"
+)
+
+
+@pytest.fixture
+def no_app_ever(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process with a key, no base URL, and no WatchLLM app (another test may have run one)."""
+    monkeypatch.delenv("WATCHLLM_BASE_URL", raising=False)
+    monkeypatch.setattr(context, "_ever_ran", False)
+    assert context.local_apps() == []
+
+
+def local_client(**options: object) -> WatchLLM:
+    options.setdefault("flush_interval_s", 0.05)
+    options.setdefault("initial_backoff_s", 0.05)
+    options.setdefault("max_backoff_s", 0.05)
+    client = WatchLLM(api_key="wllm_k", **options)
+    assert client.transport_name == "local"
+    return client
+
+
+def test_a_client_without_base_url_says_how_to_reach_a_server(
+    warnings: Warnings, no_app_ever: None
+) -> None:
+    """It used to retry "503 no WatchLLM app runs in this process yet", then drop, unexplained."""
+    client = local_client(retry_for_s=0.3)
+    client.log_tool_call("t")
+    assert client.flush(10)
+    stats = client.stats()
+    assert stats["dropped"]["retries_exhausted"] == 1 and HINT in stats["last_error"], stats
+    (said,) = [line for line in warnings() if "(retries_exhausted)" in line]
+    assert "no WatchLLM app runs in this process yet" in said and HINT in said, said
+    assert "or mount WatchLLM in this process" in said
+    client.close(0.1)
+
+
+def test_close_says_it_too_even_after_other_drops(warnings: Warnings, no_app_ever: None) -> None:
+    client = local_client(retry_for_s=60, max_queue=5)
+    client.log_tool_call("t")
+    deadline = time.monotonic() + 5
+    while client.stats()["retries"] == 0:
+        assert time.monotonic() < deadline, client.stats()
+        time.sleep(0.01)
+    for _ in range(10):
+        client.log_tool_call("t")  # 5 dropped: last_error is now the full buffer's
+    assert client.stats()["last_error"].startswith("queue_full")
+    assert client.close(0.2) is False
+    said = warnings()[-1]
+    assert "close() ran out of time" in said and HINT in said, said
+
+
+def test_the_message_once_an_app_has_run_or_with_transport_local(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(context, "_ever_ran", False)
+    chosen = no_app_message(chosen=True)
+    assert "made with transport='local': mount WatchLLM in this process" in chosen, chosen
+    monkeypatch.setattr(context, "_ever_ran", True)
+    assert no_app_message(chosen=False) == (
+        "no WatchLLM app runs in this process now (the one that ran has stopped)"
+    )

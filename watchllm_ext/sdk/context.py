@@ -134,11 +134,16 @@ class LocalApp(Protocol):
 
 _apps: list[LocalApp] = []
 _apps_lock = threading.Lock()
+# Whether an app ever ran here: with none now, the SDK then says it stopped, not how to
+# reach a server.
+_ever_ran = False
 
 
 def register_local_app(app: LocalApp) -> None:
+    global _ever_ran
     with _apps_lock:
         _apps.append(app)
+        _ever_ran = True
 
 
 def unregister_local_app(app: LocalApp) -> None:
@@ -151,3 +156,8 @@ def local_apps() -> list[LocalApp]:
     """The WatchLLM apps running in this process, oldest first."""
     with _apps_lock:
         return list(_apps)
+
+
+def local_app_ever_ran() -> bool:
+    """Whether a WatchLLM app has run in this process (now or earlier)."""
+    return _ever_ran

@@ -193,6 +193,9 @@ class WatchLLM:
         self._settled = 0
         self._in_flight = 0  # events the worker holds: being sent, or waiting to be retried
         self._sending = 0  # of those, the ones in a transport send under way
+        # Why the batch being retried has not landed (None once the server answers): what
+        # close() names, as a drop meanwhile (queue_full, say) takes last_error.
+        self._failing: str | None = None
         self._stats: dict[str, Any] = {
             "sent": 0,
             "batches": 0,
@@ -216,7 +219,8 @@ class WatchLLM:
     def _make_transport(self) -> Transport:
         assert self.api_key is not None
         if self._uses_local():
-            return LocalTransport(self.api_key, self.timeout_s)
+            chosen = self._transport_choice == "local"
+            return LocalTransport(self.api_key, self.timeout_s, chosen)
         assert self.base_url is not None
         return HttpTransport(self.base_url, self.api_key, self.timeout_s, self.gzip)
 
@@ -611,6 +615,7 @@ class WatchLLM:
                 answer, problem = None, str(exc)
             finally:
                 self._sending = 0
+            self._failing = None  # set again below if this try failed too
             if answer is not None and answer.status in (200, 201, 202, 207):
                 self._accepted(part, answer)
                 attempt = 0
@@ -627,6 +632,7 @@ class WatchLLM:
                 continue
             # Retriable: no answer, 408, 429, 502, 503, 504.
             why = problem if answer is None else f"{answer.status} {answer.message}"
+            self._failing = why
             attempt += 1
             backoff = min(self.max_backoff_s, self.initial_backoff_s * 2 ** (attempt - 1))
             delay = random.uniform(0, backoff)  # full jitter: clients do not retry in step
@@ -791,7 +797,7 @@ class WatchLLM:
             fates.append(f"{_count(left - sending)} are dropped (shutdown)")
         if sending:
             fates.append(f"{_count(sending)} in a request under way may still land")
-        error = self._stats["last_error"]
+        error = self._failing or self._stats["last_error"]
         log.warning(
             "WatchLLM: close() ran out of time (%s s) with %s event(s) not delivered%s%s",
             timeout,

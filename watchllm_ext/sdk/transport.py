@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from .. import __version__
-from .context import local_apps
+from .context import local_app_ever_ran, local_apps
 
 # Bodies smaller than this go uncompressed: gzip would cost more time than it saves bytes.
 GZIP_MIN_BYTES = 1024
@@ -136,21 +136,36 @@ class HttpTransport:
         self._http.close()
 
 
+def no_app_message(chosen: bool) -> str:
+    """Why the in-process transport cannot deliver, and what to do: a client made with a key
+    and no base_url lands here, so its user learns how to reach a server instead."""
+    if local_app_ever_ran():
+        return "no WatchLLM app runs in this process now (the one that ran has stopped)"
+    server = 'base_url="http://127.0.0.1:8787" (where `watchllm serve` listens)'
+    mount = "mount WatchLLM in this process (watchllm_ext.lifespan)"
+    if chosen:
+        how = f"with transport='local': {mount}, or leave transport out and pass {server}"
+    else:
+        how = f"without base_url: pass {server} or set WATCHLLM_BASE_URL, or {mount}"
+    return f"no WatchLLM app runs in this process yet, and the client was made {how}"
+
+
 class LocalTransport:
     """Into a WatchLLM app running in this process (watchllm_ext.sdk.context.local_apps()):
     the same validation, quota, hooks and spool as the batch route, no HTTP hop."""
 
     name = "local"
 
-    def __init__(self, api_key: str, timeout_s: float) -> None:
+    def __init__(self, api_key: str, timeout_s: float, chosen: bool = False) -> None:
         self._key = api_key
         self._timeout_s = timeout_s
+        self._chosen = chosen  # transport="local" was asked for, not implied by no base_url
 
     def send(self, events: list[bytes]) -> Answer:
         apps = local_apps()
         if not apps:
-            # The host app may not have started yet (the client is often made at import).
-            return Answer(503, {"message": "no WatchLLM app runs in this process yet"}, None)
+            # 503, retried: the host app may not have started yet (a client made at import).
+            return Answer(503, {"message": no_app_message(self._chosen)}, None)
         dicts = [json.loads(e) for e in events]
         try:
             body = apps[0].ingest_from_thread(self._key, dicts, self._timeout_s)
