@@ -1,7 +1,7 @@
 """A small agent traced with the Python SDK: one run, nested steps, tool calls, a model call
 and a recorded error, then the run's tree as the analytics API shows it.
 
-    watchllm serve                          # prints a key on first start: KEY=wllm_...
+    watchllm serve                          # its first start prints `Key: wllm_...`; KEY=that key
     WATCHLLM_API_KEY=$KEY WATCHLLM_BASE_URL=http://127.0.0.1:8787 python examples/sdk_agent.py
 
 It needs only the base install (`pip install -e .`, no extras). The key must be able to read as well

@@ -1,6 +1,6 @@
 """Send one event of each of the eight types to a running WatchLLM with the light client.
 
-    watchllm serve                          # prints a key on first start: KEY=wllm_...
+    watchllm serve                          # its first start prints `Key: wllm_...`; KEY=that key
     python examples/send_events.py --key $KEY
 
 The server is $WATCHLLM_BASE_URL, else http://127.0.0.1:8787 (`--url` to name another); the

@@ -89,3 +89,19 @@ def test_a_sink_with_no_dead_letters_is_refused_naming_those_that_have_some(
         "error: no dead letters for sink 'nosuch'; sinks with dead letters: picky\n"
     )
     assert len(read_dead_letters(folder).entries) == 1  # nothing moved
+
+
+def test_a_data_folder_that_is_not_there_is_said_not_listed_empty(tmp_path: Path) -> None:
+    """`dead-letter list --data-dir <a typo>` answered "0 events in 0 dead letters" and exit
+    0 (replay, likewise, made the folder); the other local commands say there is no store."""
+    missing = tmp_path / "nope"
+    for action in ("list", "replay"):
+        done = subprocess.run(
+            [sys.executable, "-m", "watchllm_ext.cli", "dead-letter", action, "--data-dir",
+             str(missing)],
+            capture_output=True, text=True, timeout=120, check=False,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        )  # fmt: skip
+        assert done.returncode == 1, (action, done.stdout)
+        assert done.stderr.startswith(f"error: no data folder {missing}"), done.stderr
+        assert not missing.exists()

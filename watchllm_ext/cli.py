@@ -722,7 +722,7 @@ def cmd_dead_list(args: argparse.Namespace) -> int:
     else:
         from .delivery.dead_letters import read_dead_letters, summary
 
-        folder = _settings(args).spool_path / "dead-letter"
+        folder = _spool_of_a_data_folder(args) / "dead-letter"
         found = read_dead_letters(folder, args.sink, args.project)
         entries, torn = summary(found.entries), found.torn_records
     for e in entries:
@@ -731,6 +731,19 @@ def cmd_dead_list(args: argparse.Namespace) -> int:
     if torn:
         print(f"{torn} torn records skipped (cut short by a crash; see docs/DURABILITY.md)")
     return 0
+
+
+def _spool_of_a_data_folder(args: argparse.Namespace) -> Path:
+    """The spool folder of the data folder named, which must exist: a typo in --data-dir is
+    said, not answered "0 events in 0 dead letters" (nor made into a new empty folder)."""
+    settings = _settings(args)
+    if not settings.data_dir.is_dir():
+        raise CliError(
+            f"no data folder {settings.data_dir.resolve()} (`watchllm serve` makes it on its"
+            " first start; --data-dir or WATCHLLM_DATA_DIR names another folder, --url asks a"
+            " running server)"
+        )
+    return settings.spool_path
 
 
 def _dead_params(args: argparse.Namespace) -> dict[str, str] | None:
@@ -745,6 +758,7 @@ def cmd_dead_replay(args: argparse.Namespace) -> int:
         if body.get("unknown_sinks"):
             print(f"kept (no such sink is running): {', '.join(body['unknown_sinks'])}")
     else:
+        _spool_of_a_data_folder(args)
         entries, events = _replay_local(args)
         if not entries and (args.sink or args.project):
             _nothing_for(args)
