@@ -327,3 +327,22 @@ def test_the_422s_are_the_ones_api_md_lists(
     r = server.client.post(path, content=body, headers=headers)
     assert (r.status_code, r.json()["error"], r.json().get("field")) == (422, code, field), r.text
     assert code in _doc_422_rows(), f"docs/API.md has no 422 row for {code!r}"
+
+
+def test_a_batch_sent_where_one_event_goes_says_where_batches_go(server: Any) -> None:
+    """Its rejection named only the missing event_type; the field it holds, `events`, and the
+    route batches go to are said first. An event of the batch route is refused as ever."""
+    body = {"events": [prompt_call("b1", project_id=None)]}
+    r = server.client.post("/v1/projects/acme/events", json=body, headers=server.headers())
+    assert (r.status_code, r.json()["error"]) == (422, "validation_failed"), r.text
+    first, second = r.json()["rejected"][0]["errors"]
+    assert first == {
+        "field": "events",
+        "message": 'not an event field: a batch {"events": [...]} goes to POST'
+        " /v1/events/batch; this route takes one event, or a JSON array of events",
+    }
+    assert second["field"] == "event_type"
+    nested = {"events": [{"events": []}]}
+    r = server.client.post("/v1/events/batch", json=nested, headers=server.headers())
+    assert r.status_code == 422
+    assert r.json()["rejected"][0]["errors"][0]["field"] == "event_type"

@@ -980,7 +980,27 @@ async def _project_events(
         raise Problem(
             422, "bad_body", "the body must be an event object or an array of events", field="body"
         )
-    return await _ingest(wl, principal, items, slot, received_at, events_at("events"), too_long)
+    try:
+        return await _ingest(wl, principal, items, slot, received_at, events_at("events"), too_long)
+    except Problem as problem:
+        if isinstance(payload, dict) and "events" in payload and "event_type" not in payload:
+            _say_batch_route(problem)
+        raise
+
+
+_BATCH_HINT = {
+    "field": "events",
+    "message": 'not an event field: a batch {"events": [...]} goes to POST /v1/events/batch;'
+    " this route takes one event, or a JSON array of events",
+}
+
+
+def _say_batch_route(problem: Problem) -> None:
+    """A batch's body sent where one event goes: its rejection says so first, before the
+    missing event_type it also is."""
+    rejected = problem.extra.get("rejected") if problem.code == "validation_failed" else None
+    if rejected:
+        rejected[0]["errors"] = [_BATCH_HINT, *rejected[0]["errors"]]
 
 
 async def batch_events(request: Request) -> Response:
