@@ -15,6 +15,7 @@ import functools
 import gzip
 import json
 import os
+import re
 import time
 import zlib
 from collections.abc import Iterator
@@ -1219,3 +1220,55 @@ def test_json_values_past_the_requests_budget_refuse_the_request(server: Running
     assert "attributes[4].value.arrayValue.values" in answer.message
     settle(server)
     assert stored(server, trace) == (0, 0)
+
+
+# --- small bodies of costly entries: off the event loop --------------------------------------
+# Under OFFLOAD_MIN_BYTES a body was decoded and mapped on the event loop: a tester's bodies of
+# ~64 KB, 100-300 ms of CPU each, held /healthz and other projects' requests up to seconds.
+
+
+def costly_span_events(trace: bytes) -> bytes:
+    """The tester's protobuf: 20 spans of 300 span events of 4 empty attributes each (61 KB)."""
+    events = ld(11, EMPTY_PAIR * 4) * 300
+    return in_one_scope(*(otel_span(trace, n).SerializeToString() + events for n in range(1, 21)))
+
+
+def costly_json_values(trace: bytes) -> bytes:
+    """The tester's JSON: one span whose attribute holds an array of 21,500 empty values."""
+    doc = to_json(export(otel_span(trace, 1)))
+    span = doc["resourceSpans"][0]["scopeSpans"][0]["spans"][0]
+    span["attributes"] = [{"key": "wide", "value": {"arrayValue": {"values": [{}] * 21_500}}}]
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def bodies_by_where(server: Running) -> dict[str, float]:
+    """watchllm_otel_bodies_total by its `where` label, from /metrics."""
+    text = server.client.get("/metrics").text
+    pattern = r'^watchllm_otel_bodies_total\{where="(\w+)"\} (\S+)$'
+    return {where: float(n) for where, n in re.findall(pattern, text, re.MULTILINE)}
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["protobuf", "json"])
+def test_a_small_body_of_costly_entries_is_decoded_off_the_event_loop(
+    server: Running, as_json: bool
+) -> None:
+    """The tester's bodies keep their answers (200; 400: the one span's array is over its
+    limit) and are decoded on a worker thread (`server`), not on the event loop (`inline`);
+    an SDK's small export stays inline."""
+    from watchllm_ext.ingest.validate import OFFLOAD_MIN_BYTES
+    from watchllm_ext.otel.receiver import inline_max_bytes
+
+    trace = new_trace()
+    body = costly_json_values(trace) if as_json else costly_span_events(trace)
+    assert inline_max_bytes(not as_json) <= len(body) < OFFLOAD_MIN_BYTES
+    before = bodies_by_where(server)
+    answer = post(server, body, content_type=JSON if as_json else PROTOBUF)
+    counted = bodies_by_where(server)
+    assert (answer.status, answer.rejected_spans) == ((400, -1) if as_json else (200, 0)), answer
+    assert counted.get("server", 0) - before.get("server", 0) == 1
+    assert counted.get("inline", 0) == before.get("inline", 0)
+    small = send(server, good_trace(new_trace()), as_json)
+    assert small.status == 200 and small.rejected_spans == 0, small
+    assert bodies_by_where(server)["inline"] == counted.get("inline", 0) + 1
+    settle(server)
+    assert stored(server, trace) == ((0, 0) if as_json else (20, 0))

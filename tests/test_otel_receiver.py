@@ -525,3 +525,30 @@ def test_big_requests_are_mapped_one_at_a_time(server_factory: Any) -> None:
     assert overlap.most == 1
     running.flush()
     assert len(stored_spans(running)) == 4 * 20 * 4
+
+
+class MappedOn:
+    """A transform_spans plugin (it runs in a request's mapping) that records the thread each
+    request's rows were mapped on."""
+
+    def __init__(self) -> None:
+        self.threads: list[threading.Thread] = []
+
+    @hookimpl
+    def transform_spans(self, spans: list[Any], principal: Any) -> None:
+        self.threads.append(threading.current_thread())
+
+
+def test_a_small_body_of_costly_entries_is_mapped_off_the_event_loop(server_factory: Any) -> None:
+    """20 spans of 300 span events each, 61 KB (under 64 spans and 64 KiB: before, decoded and
+    mapped on the event loop, 100-300 ms): on a worker thread. An SDK's single span stays on
+    the event loop's thread."""
+    from test_otel_bad_input import costly_span_events
+
+    mapped = MappedOn()
+    running: Running = server_factory(plugin_objects=(mapped,))
+    headers = {**running.headers(), "Content-Type": "application/x-protobuf"}
+    for body in (costly_span_events(os.urandom(16)), _body(_collected()[:1])):
+        assert running.client.post("/v1/traces", content=body, headers=headers).status_code == 200
+    loop_thread = running.thread.thread
+    assert [thread is loop_thread for thread in mapped.threads] == [False, True]

@@ -80,9 +80,11 @@ class OpsMetrics:
         )
         self.otel_bodies = Counter(
             "watchllm_otel_bodies",
-            "OTLP bodies of 64 KiB and more, by where they were decoded and mapped: worker (a"
-            " worker process, otel_worker_processes) or server (none was set, alive or ready,"
-            " or the one called failed)",
+            "OTLP bodies, by where they were decoded and mapped: worker (a worker process,"
+            " otel_worker_processes: bodies of 64 KiB and more), server (a worker thread of the"
+            " server: bodies of 2 KiB of protobuf or 1 KiB of JSON and more, and bigger ones"
+            " when no worker process was set, alive or ready, or the one called failed) or"
+            " inline (the event loop: smaller bodies)",
             ["where"],
             registry=registry,
         )

@@ -219,12 +219,14 @@ async def ingest_spans(
     *,
     rejected: int = 0,
     problems: Sequence[str] = (),
+    off_loop: bool = False,
 ) -> dict[str, Any]:
     """Spans from inside the process or from the receiver: count limit, quota (one unit a
     span), mapping, validation, hooks and spool. Returns `accepted_spans`, `rejected_spans`,
     `events` (how many became events) and `errors` (the first problems); raises Problem for
-    413/429/503."""
-    work = partial(_prepare_and_accept, wl, principal, spans, rejected, problems)
+    413/429/503. `off_loop`: mapped on a worker thread however few the spans (a body the
+    receiver decoded there: a few spans can hold thousands of span events)."""
+    work = partial(_prepare_and_accept, wl, principal, spans, rejected, problems, off_loop)
     return await _charged(wl, principal, len(spans), rejected, work)
 
 
@@ -268,9 +270,10 @@ async def _prepare_and_accept(
     spans: Sequence[Span],
     rejected: int,
     problems: Sequence[str],
+    off_loop: bool,
 ) -> dict[str, Any]:
     received = receipt_time()
-    if len(spans) >= OFFLOAD_SPANS:
+    if off_loop or len(spans) >= OFFLOAD_SPANS:
         # A spool needs the rows' JSON: made on the worker thread, not on the event loop.
         prepared = await on_cpu_place(
             wl, prepare, spans, principal, wl.pm, received, rejected, problems, _needs_payload(wl)

@@ -58,6 +58,16 @@ PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
 _PROTOBUF_TYPES = {PROTOBUF, "application/protobuf", "application/vnd.google.protobuf"}
 
+# Bodies decoded and mapped on the event loop: only those under these sizes (after
+# decompression); bigger ones on a worker thread, or in a worker process from
+# OFFLOAD_MIN_BYTES. A body's CPU goes by its entries (spans, attributes, span events,
+# values), which take 2-3 bytes each at the least: empty span events (or empty attributes of
+# span events) measured ~2.3 ms a KiB of protobuf and ~4.7 ms a KiB of JSON (`{}`), an SDK's
+# spans ~0.15 and ~0.35. So at most ~5 ms on the loop; an SDK's single span (1.2-1.7 KB of
+# protobuf) stays there; a bigger body pays ~0.2 ms a trip to the thread.
+INLINE_PROTOBUF_BYTES = 2 * 1024
+INLINE_JSON_BYTES = 1024
+
 # HTTP status -> google.rpc.Code, for the Status message of a failure.
 _RPC_CODES = {
     400: 3,  # INVALID_ARGUMENT
@@ -172,35 +182,55 @@ async def receive_traces(request: Request) -> Response:
 
 
 async def _ingest(wl: Any, principal: Principal, body: bytes, protobuf: bool) -> dict[str, Any]:
-    big = len(body) >= OFFLOAD_MIN_BYTES
-    processes = wl.settings.otel_worker_processes
     max_spans = wl.settings.max_batch_events  # checked right after parsing (decode.py)
-    if big and processes:
-        # Decoded and mapped in a worker process (pool.py), on another core than this one.
-        received = receipt_time()
-        request = encode_request(body, protobuf, principal.project_id, received, max_spans)
-        per_mb_s = None if protobuf else CALL_S_PER_MB_JSON  # JSON's decoding costs more a MB
-        mapped = await map_in_worker(request, processes, decode_answer, per_mb_s)
-        if mapped is not None and mapped.crash is None:
-            ops_metrics(wl).otel_bodies.labels("worker").inc()
-            if mapped.problem is not None:
-                status, code, message, field = mapped.problem
-                raise Problem(status, code, message, field=field)
-            return await ingest_mapped(wl, principal, mapped, received)
-        if mapped is not None:
-            log.error("an OTLP worker process failed on a body; done here:\n%s", mapped.crash)
-    if big:
-        ops_metrics(wl).otel_bodies.labels("server").inc()
-    # Off the event loop when big, in its one place for this work (503 when none comes in
+    if len(body) >= OFFLOAD_MIN_BYTES and wl.settings.otel_worker_processes:
+        answer = await _ingest_in_worker(wl, principal, body, protobuf, max_spans)
+        if answer is not None:
+            return answer
+    inline = len(body) < inline_max_bytes(protobuf)
+    ops_metrics(wl).otel_bodies.labels("inline" if inline else "server").inc()
+    # Off the event loop unless small, in its one place for this work (503 when none comes in
     # time: every worker busy and the server's own place taken is overload).
     decoded = (
-        await on_cpu_place(wl, _decode, body, protobuf, max_spans)
-        if big
-        else _decode(body, protobuf, max_spans)
+        _decode(body, protobuf, max_spans)
+        if inline
+        else await on_cpu_place(wl, _decode, body, protobuf, max_spans)
     )
     return await ingest_spans(
-        wl, principal, decoded.spans, rejected=decoded.rejected, problems=decoded.problems
+        wl,
+        principal,
+        decoded.spans,
+        rejected=decoded.rejected,
+        problems=decoded.problems,
+        off_loop=not inline,
     )
+
+
+def inline_max_bytes(protobuf: bool) -> int:
+    """Bodies under this size are decoded and mapped on the event loop."""
+    return INLINE_PROTOBUF_BYTES if protobuf else INLINE_JSON_BYTES
+
+
+async def _ingest_in_worker(
+    wl: Any, principal: Principal, body: bytes, protobuf: bool, max_spans: int
+) -> dict[str, Any] | None:
+    """Decoded and mapped in a worker process (pool.py), on another core than this one. None
+    when no worker did it (none ready in time, or the one called failed): then done here."""
+    received = receipt_time()
+    request = encode_request(body, protobuf, principal.project_id, received, max_spans)
+    per_mb_s = None if protobuf else CALL_S_PER_MB_JSON  # JSON's decoding costs more a MB
+    processes = wl.settings.otel_worker_processes
+    mapped = await map_in_worker(request, processes, decode_answer, per_mb_s)
+    if mapped is None:
+        return None
+    if mapped.crash is not None:
+        log.error("an OTLP worker process failed on a body; done here:\n%s", mapped.crash)
+        return None
+    ops_metrics(wl).otel_bodies.labels("worker").inc()
+    if mapped.problem is not None:
+        status, code, message, field = mapped.problem
+        raise Problem(status, code, message, field=field)
+    return await ingest_mapped(wl, principal, mapped, received)
 
 
 def _decode(body: bytes, protobuf: bool, max_spans: int) -> Decoded:
