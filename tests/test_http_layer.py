@@ -956,6 +956,17 @@ def test_a_transfer_coding_other_than_chunked_alone_is_refused(
 # --- Host (RFC 9112 3.2) and the path's spelling ---------------------------------------------
 
 
+def _one_event(served: Served, version: str, hosts: list[bytes]) -> bytes:
+    """A request of one event, in this HTTP version, with these Host lines."""
+    head = f"POST /v1/projects/acme/events HTTP/{version}\r\n".encode()
+    head += b"".join(b"Host: " + h + b"\r\n" for h in hosts)
+    head += (
+        f"Authorization: Bearer {served.key}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(ONE)}\r\n\r\n"
+    ).encode()
+    return head + ONE
+
+
 @pytest.mark.parametrize(
     ("version", "hosts", "message"),
     [
@@ -968,13 +979,7 @@ def test_a_request_without_its_one_host_is_refused(
     served: Served, version: str, hosts: list[bytes], message: str
 ) -> None:
     sock = served.connect()
-    head = f"POST /v1/projects/acme/events HTTP/{version}\r\n".encode()
-    head += b"".join(b"Host: " + h + b"\r\n" for h in hosts)
-    head += (
-        f"Authorization: Bearer {served.key}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(ONE)}\r\n\r\n"
-    ).encode()
-    sock.sendall(head + ONE)
+    sock.sendall(_one_event(served, version, hosts))
     got, headers, body = _response(_read_all(sock))
     assert (got, headers["connection"]) == (400, "close")
     assert json.loads(body) == {"error": "bad_request", "message": message, "field": "Host"}
@@ -990,12 +995,7 @@ def test_a_request_line_of_another_http_version_is_505(served: Served, version: 
     """httptools reads HTTP/2.0 and HTTP/0.9 request lines as versions; they were served as
     HTTP/1.1. (1.2, 3.0 and the like its parser refuses itself: 400.)"""
     sock = served.connect()
-    head = (
-        f"POST /v1/projects/acme/events HTTP/{version}\r\nHost: t\r\n"
-        f"Authorization: Bearer {served.key}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(ONE)}\r\n\r\n"
-    ).encode()
-    sock.sendall(head + ONE)
+    sock.sendall(_one_event(served, version, [b"t"]))
     got, headers, body = _response(_read_all(sock))
     assert (got, headers["connection"]) == (505, "close")
     assert json.loads(body) == {
