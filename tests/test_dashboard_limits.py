@@ -10,6 +10,7 @@ chDB allows after that module's shared server has stopped (one data folder per p
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import re
@@ -20,6 +21,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote, urlencode
 
 import httpx
@@ -28,6 +30,7 @@ import uvicorn
 from conftest import free_port, make_settings
 
 from watchllm_ext.app import create_app
+from watchllm_ext.dashboard import views
 from watchllm_ext.dashboard.views import (
     MAX_API_KEY_CHARS,
     MAX_ECHO_CHARS,
@@ -464,3 +467,53 @@ def test_chat_messages_share_their_payloads_allowance(served: Served) -> None:
     assert shown == [60_000, PAYLOAD_SHOWN_CHARS - 60_000]
     cuts = [int(n.replace(",", "")) for n in CUT.findall(prompt)]
     assert cuts == [180_000 - PAYLOAD_SHOWN_CHARS]
+
+
+# --- pages whose work grows with the data: off the event loop ---------------------------------
+
+
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def test_the_run_and_event_pages_are_built_off_the_event_loop(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run's waterfall and page (up to 10,000 nodes: megabytes of HTML, seconds of work)
+    and an event's page are built on a worker thread, not on the event loop that answers
+    /healthz and every other request."""
+    built: list[tuple[str, bool]] = []
+    build_rows, render = views.waterfall, views.Dashboard._render
+
+    def recorded_waterfall(tree: list[dict[str, Any]]) -> list[views.Row]:
+        built.append(("waterfall", _on_event_loop()))
+        return build_rows(tree)
+
+    def recorded_render(self: views.Dashboard, request: Any, name: str, **kw: Any) -> Any:
+        built.append((name, _on_event_loop()))
+        return render(self, request, name, **kw)
+
+    monkeypatch.setattr(views, "waterfall", recorded_waterfall)
+    monkeypatch.setattr(views.Dashboard, "_render", recorded_render)
+    events = [
+        {"event_type": "prompt_call", "event_id": f"loop-{i}", "run_id": "loop-run", "model": "m"}
+        for i in range(3)
+    ]
+    auth = {"Authorization": f"Bearer {served.admin}"}
+    r = httpx.post(f"{served.url}/v1/events/batch", json={"events": events}, headers=auth)
+    assert r.status_code == 202, r.text
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{served.url}/v1/analytics/runs/loop-run", headers=auth).json().get(
+        "run", {}
+    ).get("event_count") != len(events):
+        assert time.monotonic() < deadline, "the events did not reach the store"
+        time.sleep(0.1)
+    with _signed_in(served) as (client, _):
+        built.clear()
+        assert client.get("/dashboard/run/loop-run").status_code == 200
+        assert client.get("/dashboard/event/loop-1").status_code == 200
+    assert built == [("waterfall", False), ("run.html", False), ("event.html", False)]

@@ -632,15 +632,19 @@ class Dashboard:
             detail = await self._api(page, api.run, {}, {"run_id": run_id})
         except Problem as exc:
             return self._problem(page, exc, "Run")
-        rows = waterfall(detail["tree"])
+        # Built on a worker thread, as the event page: a run's tree is up to 10,000 nodes, a
+        # page of megabytes and seconds of work, which the event loop must not wait through.
+        return await anyio.to_thread.run_sync(self._run_page, page, run_id, detail)
+
+    def _run_page(self, page: Page, run_id: str, detail: dict[str, Any]) -> Response:
         return self._render(
-            request,
+            page.request,
             "run.html",
             page=page,
             nav="runs",
             title=f"Run {run_id}",
             run=detail["run"],
-            rows=rows,
+            rows=waterfall(detail["tree"]),
             truncated=detail["truncated"],
             local=local_time(detail["run"]["start"], page.tz),
         )
