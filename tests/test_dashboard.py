@@ -581,6 +581,15 @@ def test_every_page_refuses_an_unknown_zone_as_the_overview_does(site: Site, tz:
             assert "newest first (" not in page.text
 
 
+def test_the_overview_refuses_a_refresh_it_does_not_offer(site: Site) -> None:
+    """`refresh=<b>` was shown as the 60 s default without a word: 400 naming refresh."""
+    with _session(site, site.admin) as acme:
+        page = acme.get("/dashboard/", params={"refresh": "<b>"})
+        assert page.status_code == 400, page.text
+        assert "refresh: one of 0, 30, 60, 300 (seconds; 0 is off)" in page.text
+        assert acme.get("/dashboard/", params={"refresh": "300"}).status_code == 200
+
+
 def test_a_known_zone_is_shown_on_the_explorer_pages(site: Site) -> None:
     with _session(site, site.admin) as acme:
         for path in ("/dashboard/requests", "/dashboard/runs"):

@@ -449,6 +449,14 @@ class Dashboard:
         qp = request.query_params
         period = qp.get("period") or "24h"
         refresh = qp.get("refresh") or "60"
+        if refresh not in REFRESH_CHOICES:  # was shown as 60 s without a word
+            problem = Problem(
+                400,
+                "bad_parameter",
+                f"refresh: one of {', '.join(REFRESH_CHOICES)} (seconds; 0 is off)",
+                field="refresh",
+            )
+            return self._problem(page, problem, "Overview")
         end = datetime.now(UTC)
         now = _iso(end)
         common = {"period": period, "to": now}
@@ -483,7 +491,7 @@ class Dashboard:
             period=period,
             periods=PERIOD_CHOICES,
             zones=_zones(page.tz),
-            refresh=refresh if refresh in REFRESH_CHOICES else "60",
+            refresh=refresh,
             refreshes=REFRESH_CHOICES,
             cards=_cards(current, previous),
             stats=current,
