@@ -644,9 +644,16 @@ def test_forms_without_the_csrf_token_are_refused(site: Site) -> None:
         assert r.status_code == 403 and "csrf_token" in r.text
         assert c.get("/dashboard/").status_code == 200  # still signed in
         token = re.search(r'name="csrf_token" value="([^"]+)"', c.get("/dashboard/").text).group(1)  # type: ignore[union-attr]
+        copied = c.cookies["watchllm_session"]  # a copy of the cookie, taken before
         r = c.post("/dashboard/signout", data={"csrf_token": token})
         assert r.status_code == 303 and "why=out" in r.headers["location"]
         assert c.get("/dashboard/").status_code == 303
+    # The copy no longer signs in: the session ended on the server too, not only the cookie.
+    with httpx.Client(base_url=site.url, timeout=60) as thief:
+        thief.cookies.set("watchllm_session", copied)
+        assert thief.get("/dashboard/").status_code == 303
+    with _session(site, site.reader) as again:  # a new sign-in of the same key is a new session
+        assert again.get("/dashboard/").status_code == 200
 
 
 def test_keys_without_read_scope_or_not_valid_cannot_sign_in(site: Site) -> None:

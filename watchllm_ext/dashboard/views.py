@@ -46,6 +46,7 @@ MAX_FORM_BYTES = 16_384  # a form's body; a larger one is refused (413), never c
 MAX_API_KEY_CHARS = 256
 # The most of a name from the URL an answer repeats (an unknown static file's).
 MAX_ECHO_CHARS = 64
+MAX_ENDED_SESSIONS = 100_000  # signed-out sessions remembered (a few MB at most)
 STATUSES: tuple[str, ...] = get_args(Status)
 PERIOD_CHOICES = ("1h", "6h", "24h", "7d", "30d")
 REFRESH_CHOICES = ("0", "30", "60", "300")
@@ -112,6 +113,9 @@ class Dashboard:
         self._sealer: Sealer | None = None
         # token -> (checked at, principal or None): the brief cache of key checks.
         self._checked: dict[str, tuple[float, Principal | None]] = {}
+        # Sessions signed out (their CSRF token, one a session -> when they would expire): a
+        # copy of the cookie is refused after sign-out, by this process (a restart forgets).
+        self._ended: dict[str, float] = {}
         self.env = Environment(
             loader=FileSystemLoader(HERE / "templates"),
             autoescape=select_autoescape(default=True, default_for_string=True),
@@ -185,7 +189,7 @@ class Dashboard:
             request.cookies.get(SESSION_COOKIE), self.settings.dashboard_session_max_age_s
         )
         here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        if payload is None:
+        if payload is None or str(payload.get("c", "")) in self._ended:
             return RedirectResponse(f"{base}/dashboard/signin?{urlencode({'next': here})}", 303)
         token = str(payload.get("k", ""))
         principal = self._check_key(request, token)
@@ -414,6 +418,17 @@ class Dashboard:
         response.delete_cookie(CSRF_COOKIE, path=(base or "") + "/")
         return response
 
+    def _end(self, session: str) -> None:
+        """Refuse this session's cookie from now on, until it would have expired anyway.
+        Bounded: expired entries go first; past MAX_ENDED_SESSIONS the oldest (a flood of
+        sign-outs, each needing a sign-in with a valid key)."""
+        now = time.monotonic()
+        if len(self._ended) >= MAX_ENDED_SESSIONS:
+            self._ended = {c: t for c, t in self._ended.items() if t > now}
+            while len(self._ended) >= MAX_ENDED_SESSIONS:
+                del self._ended[next(iter(self._ended))]
+        self._ended[session] = now + self.settings.dashboard_session_max_age_s
+
     async def signout(self, request: Request) -> Response:
         page = self._page(request)
         if not isinstance(page, Page):
@@ -438,6 +453,7 @@ class Dashboard:
                 nav="",
             )
         self._checked.pop(page.token, None)
+        self._end(page.csrf)
         response = RedirectResponse(f"{page.base}/dashboard/signin?why=out", 303)
         response.delete_cookie(SESSION_COOKIE, path=(page.base or "") + "/")
         return response
