@@ -737,7 +737,7 @@ def _spool_of_a_data_folder(args: argparse.Namespace) -> Path:
     """The spool folder of the data folder named, which must exist: a typo in --data-dir is
     said, not answered "0 events in 0 dead letters" (nor made into a new empty folder)."""
     settings = _settings(args)
-    if not settings.data_dir.is_dir():
+    if not settings.data_dir.exists() and not _under_a_file(settings.data_dir):
         raise CliError(
             f"no data folder {settings.data_dir.resolve()} (`watchllm serve` makes it on its"
             " first start; --data-dir or WATCHLLM_DATA_DIR names another folder, --url asks a"
@@ -836,14 +836,18 @@ def _keys(args: argparse.Namespace, *, make: bool = False) -> Iterator[Any]:
         yield ServerKeyStore(store)
 
 
-def _check_key_file(path: Path, make: bool) -> None:
-    if make or path.exists():
-        return
+def _under_a_file(path: Path) -> bool:
+    """Whether the nearest of `path`'s folders that exists is a file (where a folder must
+    be): then the code that opens it names the problem ("cannot use the data folder")."""
     for folder in path.parents:
         if folder.exists():
-            if not folder.is_dir():
-                return  # a file where a folder must be: the key store's own error names it
-            break
+            return not folder.is_dir()
+    return False
+
+
+def _check_key_file(path: Path, make: bool) -> None:
+    if make or path.exists() or _under_a_file(path):
+        return  # a file where a folder must be: the key store's own error names it
     raise CliError(
         f"no key file at {path.resolve()}: the first `watchllm serve` or `watchllm keys create`"
         " makes it (--data-dir or WATCHLLM_DATA_DIR names another folder)"
