@@ -14,10 +14,10 @@ from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.responses import Response
 
-from .errors import Problem, echo
+from .errors import ECHO_CHARS, Problem, echo
 
 # How much of a refused parameter's name an error shows.
-MAX_NAME_SHOWN = 64
+MAX_NAME_SHOWN = ECHO_CHARS
 
 
 def bad(name: str, message: str) -> Problem:

@@ -15,7 +15,7 @@ from zoneinfo import available_timezones
 from starlette.datastructures import QueryParams
 
 from ..auth import Principal
-from ..errors import other_project
+from ..errors import echo, other_project
 from ..route_params import bad
 from ..schema import MAX_ID_CHARS, MAX_TIMESTAMP, MIN_TIMESTAMP, PROJECT_ID_RE, is_id
 
@@ -69,7 +69,7 @@ def project(params: QueryParams, principal: Principal) -> str:
     has no project to fall back on, so it must name the one it reads, and may name any."""
     project_id = params.get("project_id")
     if project_id is not None and not PROJECT_ID_RE.fullmatch(project_id):
-        shown = project_id if len(project_id) <= 64 else project_id[:64] + "..."
+        shown = echo(project_id)
         raise bad("project_id", f"not a project id (1-64 of A-Z a-z 0-9 _ . -): {shown!r}")
     if principal.can("operator"):
         if project_id is None:
@@ -127,7 +127,7 @@ def time_range(params: QueryParams) -> Range:
     period = params.get("period")
     if period is not None:
         if period not in PERIODS:
-            shown = period if len(period) <= 16 else period[:16] + "..."
+            shown = echo(period, 16)
             raise bad("period", f"must be one of {', '.join(PERIODS)}, not {shown!r}")
         if start is not None:
             raise bad("period", "give either period or from, not both (period counts back from to)")
@@ -153,7 +153,7 @@ def zone(params: QueryParams, known: frozenset[str]) -> str:
     passes them, see routes.py), so that bucket starts computed on either side agree."""
     name = params.get("tz", "UTC")
     if len(name) > MAX_TZ_CHARS or name not in known:
-        shown = name if len(name) <= MAX_TZ_CHARS else name[:MAX_TZ_CHARS] + "..."
+        shown = echo(name, MAX_TZ_CHARS)
         raise bad("tz", f"unknown time zone {shown!r} (use an IANA name like Europe/Paris)")
     return name
 

@@ -29,7 +29,7 @@ from starlette.routing import BaseRoute, Route
 from ..analytics import routes as api
 from ..analytics.params import PERIODS
 from ..auth import Principal
-from ..errors import Problem
+from ..errors import Problem, echo
 from ..ingest.body import read_request_body
 from ..schema import EVENT_TYPES, Status
 from ..settings import Settings
@@ -322,7 +322,7 @@ class Dashboard:
         else:
             # The API's 404 (JSON, naming the parameter), repeating at most MAX_ECHO_CHARS of
             # the name, control characters escaped (repr).
-            shown = name if len(name) <= MAX_ECHO_CHARS else name[:MAX_ECHO_CHARS] + "..."
+            shown = echo(name, MAX_ECHO_CHARS)
             return Problem(
                 404,
                 "not_found",

@@ -13,7 +13,7 @@ from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
 
-from ..errors import Problem
+from ..errors import Problem, echo
 from ..settings import Settings
 from .admission import BODY_CHARGE, Charge
 
@@ -53,7 +53,7 @@ def check_json_charset(parameters: str) -> None:
         if len(charset) >= 2 and charset[0] == charset[-1] == '"':
             charset = charset[1:-1]  # a quoted-string (RFC 9110 5.6.6)
         if charset.lower() not in _UTF8_CHARSETS:
-            shown = charset if len(charset) <= 64 else charset[:64] + "..."
+            shown = echo(charset)
             raise Problem(
                 415,
                 "unsupported_media_type",
