@@ -206,8 +206,7 @@ class WatchLLM:
         }
         # By reason: when drops were last reported, and those since (count, last message).
         self._reported_at: dict[str, float] = {}
-        self._unreported: dict[str, int] = {}
-        self._unreported_why: dict[str, str] = {}
+        self._unreported: dict[str, tuple[int, str]] = {}
 
     def _after_fork_in_child(self) -> None:
         # The parent's worker and HTTP connections do not exist here (threads are not copied;
@@ -703,12 +702,10 @@ class WatchLLM:
             return None  # close()'s own warning counted them
         last = self._reported_at.get(reason)
         if last is not None and now - last < DROP_REPORT_EVERY_S:
-            self._unreported[reason] = self._unreported.get(reason, 0) + n
-            self._unreported_why[reason] = message
+            self._unreported[reason] = (self._unreported.get(reason, (0, ""))[0] + n, message)
             return None
         self._reported_at[reason] = now
-        self._unreported_why.pop(reason, None)
-        return n + self._unreported.pop(reason, 0), last is None
+        return n + self._unreported.pop(reason, (0, ""))[0], last is None
 
     def _report_drops(self, every: bool = False) -> None:
         """Report the drops added up since each reason's last report: those due, or `every`
@@ -722,10 +719,7 @@ class WatchLLM:
                 for reason in self._unreported
                 if every or now - self._reported_at[reason] >= DROP_REPORT_EVERY_S
             ]
-            reports = [
-                (reason, self._unreported.pop(reason), self._unreported_why.pop(reason))
-                for reason in due
-            ]
+            reports = [(reason, *self._unreported.pop(reason)) for reason in due]
             for reason in due:
                 self._reported_at[reason] = now
         for reason, n, message in reports:
