@@ -90,7 +90,16 @@ from .observability.sentry import ensure_sentry
 from .openapi import openapi_endpoint
 from .otel.pool import map_in_worker
 from .otel.rows import SpanRow
-from .plugins import call_hook, describe_plugins, get_plugin_manager
+from .plugins import (
+    CHOSEN_ANSWERS,
+    PluginError,
+    PluginFailed,
+    call_hook,
+    describe_plugins,
+    each_result,
+    get_plugin_manager,
+    plugin_failed,
+)
 from .quota import QuotaDecision
 from .route_params import Query, accepts
 from .schema import EVENT_LIST_ADAPTER, PROJECT_ID_RE, require_server_filled
@@ -195,6 +204,7 @@ class WatchLLM:
             sinks: list[Sink] = _flatten(
                 self.pm.hook.register_sinks(settings=self.settings, store=store)
             )
+            _check_sinks(sinks)
             tasks = await anyio.to_thread.run_sync(self._background_tasks, store)
             if schema_pending and store is not None:
                 tasks.insert(0, partial(self._prepare_when_back, store))
@@ -305,6 +315,14 @@ class WatchLLM:
         principal = call_hook(self.pm.hook.authenticate, token=token, request=request)
         if principal is None:
             raise unauthorized(self.unknown_key_message())
+        if not isinstance(principal, Principal) or not PROJECT_ID_RE.fullmatch(
+            principal.project_id
+        ):
+            raise _not_a_principal(self.pm, principal)
+        if not isinstance(principal, Principal) or not PROJECT_ID_RE.fullmatch(
+            principal.project_id
+        ):
+            raise _not_a_principal(self.pm, principal)
         if scope is not None and not principal.can(scope):
             raise Problem(
                 403,
@@ -322,21 +340,20 @@ class WatchLLM:
         route: str | None = None,
     ) -> None:
         """Ask every `check_quota` implementation; raise Problem 429 at the first denial."""
-        results = call_hook(
-            self.pm.hook.check_quota,
-            principal=principal,
-            n_events=n_events,
-            user_id=user_id,
-            route=route,
-        )
-        for i, result in enumerate(results):
-            decision = await result if inspect.isawaitable(result) else result
-            if isinstance(decision, QuotaDecision) and not decision.allowed:
-                # The implementations after the first denial do not run (a quota plugin must
-                # not count a batch refused anyway): their coroutines are closed, not leaked.
-                for rest in results[i + 1 :]:
-                    if inspect.iscoroutine(rest):
-                        rest.close()
+        # One implementation at a time: those after the first denial are not called (a
+        # quota plugin must not count a batch refused anyway).
+        hook = self.pm.hook.check_quota
+        for impl, result in each_result(
+            hook, principal=principal, n_events=n_events, user_id=user_id, route=route
+        ):
+            decision = await _awaited(hook.name, impl, result)
+            if decision is not None and not isinstance(decision, QuotaDecision):
+                raise PluginFailed(
+                    hook.name,
+                    impl.plugin_name,
+                    f"it returned {type(decision).__name__}, not a QuotaDecision or None",
+                )
+            if decision is not None and not decision.allowed:
                 ops_metrics(self).quota_denials.labels("host" if n_events == 0 else "ingest").inc()
                 raise Problem(
                     429,
@@ -351,9 +368,16 @@ class WatchLLM:
         accepted: usage counts accepted events only."""
         if n_events <= 0:
             return
-        for result in call_hook(self.pm.hook.refund_quota, principal=principal, n_events=n_events):
-            if inspect.isawaitable(result):
-                await result
+        # Each is called whatever the others do: a refund comes after the answer is decided
+        # (a 207's accepted events are in the spool), so a plugin's failure is logged only.
+        arguments = {"principal": principal, "n_events": n_events}
+        for impl in reversed(self.pm.hook.refund_quota.get_hookimpls()):
+            try:
+                result = impl.function(*[arguments[name] for name in impl.argnames])
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                log.exception("plugin %r failed in its refund_quota hook", impl.plugin_name)
 
     async def ingest(
         self,
@@ -387,8 +411,8 @@ class WatchLLM:
         except Problem:
             await self.refund_quota(principal, len(events))  # refused whole: nothing taken
             raise
-        if outcome.rejected:  # a 207's invalid events (no coroutine for a 202: the common case)
-            await self.refund_quota(principal, len(outcome.rejected))
+        if outcome.not_accepted:  # a 207's invalid events, those a plugin dropped
+            await self.refund_quota(principal, outcome.not_accepted)
         return body
 
     async def ingest_with_key(self, api_key: str, events: list[dict[str, Any]]) -> dict[str, Any]:
@@ -625,6 +649,66 @@ def _decode_events(payload: bytes) -> list[Any]:
 _TRUSTED = {"trusted": True}  # server-set fields (cost_source) allowed in the stored form
 
 
+def _plugin_routes(pm: pluggy.PluginManager, settings: Settings, core: list[Any]) -> list[Any]:
+    """The register_routes hook's routes, in call order. A route whose path and method are
+    taken already (by WatchLLM or an earlier plugin) is refused at start: Starlette would
+    serve only the first, so one plugin's route silently hid another's (a built-in's page,
+    the OTLP receiver) or was itself never served. A built-in's route is replaced by
+    disabling that plugin."""
+    taken: dict[str, dict[str, str]] = {}  # path -> method ("*": a mount's, any) -> owner
+
+    def claim(route: Any, owner: str) -> None:
+        path = getattr(route, "path", None)
+        if path is None:
+            return
+        owners = taken.setdefault(path, {})
+        for method in getattr(route, "methods", None) or {"*"}:
+            clash = owners.get(method) or owners.get("*") or (method == "*" and owners)
+            if clash:
+                first = clash if isinstance(clash, str) else next(iter(owners.values()))
+                what = f"{'' if method == '*' else method + ' '}{path}"
+                if first == "WatchLLM":
+                    raise PluginError(f"{owner}'s route {what} is WatchLLM's own route")
+                raise PluginError(
+                    f"{first} and {owner} both have a route {what}, and only one would be"
+                    " served (to replace a built-in plugin's route, disable that plugin:"
+                    " disable_plugins)"
+                )
+            owners[method] = owner
+
+    for route in core:
+        claim(route, "WatchLLM")
+    routes: list[Any] = []
+    for impl in reversed(pm.hook.register_routes.get_hookimpls()):
+        owner = f"plugin {impl.plugin_name!r}"
+        arguments = {"settings": settings}
+        for route in impl.function(*[arguments[name] for name in impl.argnames]) or []:
+            claim(route, owner)
+            routes.append(route)
+    return routes
+
+
+def _check_sinks(sinks: list[Any]) -> None:
+    """Refuse at start a sink the writer cannot use (a plugin's bug): found at the first
+    batch, a `write` that is not async failed every delivery, for ever, and a sink without
+    a name failed with an AttributeError that named nothing."""
+    names: set[str] = set()
+    for sink in sinks:
+        what = f"the sink {type(sink).__module__}.{type(sink).__qualname__} (register_sinks)"
+        name = getattr(sink, "name", None)
+        if not isinstance(name, str) or not name:
+            raise PluginError(f"{what} has no name: set a `name` string attribute on it")
+        if name in names:
+            raise PluginError(f"{what} is named {name!r}, as another sink is: names are unique")
+        names.add(name)
+        for method in ("write", "write_spans"):
+            function = getattr(sink, method, None)
+            if method == "write" and function is None:
+                raise PluginError(f"{what} has no `async def write(self, events)` method")
+            if function is not None and not inspect.iscoroutinefunction(function):
+                raise PluginError(f"{what}: its `{method}` must be an `async def` method")
+
+
 def _flatten(results: Iterable[Any]) -> list[Any]:
     """The results of a hook whose implementations return one object, a list, or None."""
     found: list[Any] = []
@@ -776,8 +860,8 @@ async def _ingest_fast(
     except Problem:
         await wl.refund_quota(principal, len(events))  # refused whole (403, 422, 503)
         raise
-    if outcome.rejected:  # a 207's invalid events (no coroutine for a 202: the common case)
-        await wl.refund_quota(principal, len(outcome.rejected))
+    if outcome.not_accepted:  # a 207's invalid events, those a plugin dropped
+        await wl.refund_quota(principal, outcome.not_accepted)
     return response
 
 
@@ -824,8 +908,8 @@ async def _ingest(
     except Problem:
         await wl.refund_quota(principal, len(items))  # refused whole (422, 503)
         raise
-    if outcome.rejected:  # a 207's invalid events (no coroutine for a 202: the common case)
-        await wl.refund_quota(principal, len(outcome.rejected))
+    if outcome.not_accepted:  # a 207's invalid events, those a plugin dropped
+        await wl.refund_quota(principal, outcome.not_accepted)
     return response
 
 
@@ -858,6 +942,31 @@ class _Accepted(Response):
         ]
 
 
+def _not_a_principal(pm: pluggy.PluginManager, result: object) -> PluginFailed:
+    """authenticate's answer of a type other than Principal (or None), naming the plugins
+    that implement the hook (the first answer wins; which one gave it is not known here)."""
+    plugin = ", ".join(i.plugin_name for i in reversed(pm.hook.authenticate.get_hookimpls()))
+    if isinstance(result, Principal):
+        why = f"its Principal's project_id {echo(result.project_id)!r} is not a project id"
+    else:
+        why = f"it returned {type(result).__name__}, not a Principal or None"
+    log.error("plugin(s) %s answered authenticate wrongly: %s", plugin, why)
+    return PluginFailed("authenticate", plugin, why)
+
+
+async def _awaited(hook: str, impl: Any, result: Any) -> Any:
+    """A hook implementation's result, awaited when it is awaitable; what it raises as the
+    PluginFailed that names it."""
+    if not inspect.isawaitable(result):
+        return result
+    try:
+        return await result
+    except CHOSEN_ANSWERS:
+        raise
+    except Exception as exc:
+        raise plugin_failed(hook, impl, exc) from exc
+
+
 async def _accept(
     wl: WatchLLM, outcome: Outcome, slot: _BigBodySlot | None = None
 ) -> dict[str, Any]:
@@ -868,6 +977,11 @@ async def _accept(
     # Past the listed ones, a count: the answer stays bounded whatever the batch holds.
     more = {"rejected_count": n_rejected} if n_rejected > len(rejected) else {}
     wl.counters["rejected"] += n_rejected
+    if not outcome.accepted and outcome.dropped:
+        # A transform_events plugin took out every event that was valid (sampling, say):
+        # nothing to spool, and nothing the client should send again.
+        body = {"project_id": outcome.project_id, "accepted": 0, "event_ids": []}
+        return {**body, "rejected": rejected, **more} if rejected else body
     if not outcome.accepted:
         raise Problem(
             422,
@@ -1371,8 +1485,7 @@ def create_app(
         Route("/openapi.json", openapi_endpoint, methods=["GET"]),
     ]
     routes += analytics_routes()
-    for extra in pm.hook.register_routes(settings=settings):
-        routes.extend(extra or [])
+    routes += _plugin_routes(pm, settings, routes)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

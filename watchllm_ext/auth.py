@@ -34,6 +34,11 @@ class Principal:
     scopes: frozenset[str]
     key_id: str = ""
 
+    def __post_init__(self) -> None:
+        if type(self.scopes) is not frozenset:
+            # A plugin's set or list of scopes: hashable, as the grants' cache needs.
+            object.__setattr__(self, "scopes", frozenset(self.scopes))
+
     def can(self, scope: Scope) -> bool:
         return scope in _granted(self.scopes)
 

@@ -134,7 +134,8 @@ def register_background_tasks(
     start, its schema is applied once it is back: a task must tolerate StoreError meanwhile);
     every result is used. Each
     task runs in the app's task group and is cancelled at shutdown. A task that raises is
-    logged and not restarted; it never stops the server. Blocking work belongs in
+    logged and started again after 1 s, doubled at each failure in a row up to 300 s; it
+    never stops the server. Blocking work belongs in
     `anyio.to_thread.run_sync`. Work that must be done before the first request (a first
     sync) can be done in the hook itself.
     """

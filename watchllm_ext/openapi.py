@@ -233,6 +233,13 @@ def _admin_paths() -> dict[str, Any]:
             "get", "The store's name and version", None, [], (400, 401, 403, 503)
         ),
         "/v1/admin/tables": _admin("get", "The store's tables", None, [], (400, 401, 403, 503)),
+        "/-/plugins": _admin(
+            "get",
+            "The loaded plugins: each one's name, hooks, distribution and version",
+            None,
+            [],
+            (400, 401, 403),
+        ),
         "/v1/admin/count": _admin(
             "get",
             "Distinct rows of a table, for one project or (operator) all of them",

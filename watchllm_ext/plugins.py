@@ -10,13 +10,15 @@ from __future__ import annotations
 import difflib
 import importlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from importlib import metadata
 from typing import Any
 
 import pluggy
+from starlette.exceptions import HTTPException
 
 from . import hookspecs
+from .errors import Problem
 from .settings import Settings
 
 log = logging.getLogger("watchllm.plugins")
@@ -44,6 +46,32 @@ class PluginError(Exception):
     """A plugin could not be loaded; the message names it."""
 
 
+# What a hook may raise to answer the request itself, as the app answers it.
+CHOSEN_ANSWERS = (Problem, HTTPException)
+
+
+class PluginFailed(Problem):
+    """A plugin's hook raised, or returned what its spec does not allow, while serving a
+    request: a 500 that names the plugin and the hook (the traceback goes to the log, not to
+    the client, whose data an exception's text may hold)."""
+
+    def __init__(self, hook: str, plugin: str, why: str) -> None:
+        super().__init__(
+            500,
+            "plugin_failed",
+            f"plugin {plugin!r} failed in its {hook} hook: {why}; the error is in the server's log",
+            hook=hook,
+            plugin=plugin,
+        )
+
+
+def plugin_failed(hook: str, impl: pluggy.HookImpl, exc: BaseException) -> PluginFailed:
+    """The PluginFailed of `impl` raising `exc`, logged with its traceback (call from the
+    `except` block)."""
+    log.error("plugin %r failed in its %s hook", impl.plugin_name, hook, exc_info=exc)
+    return PluginFailed(hook, impl.plugin_name, f"{type(exc).__name__} raised")
+
+
 def get_plugin_manager(
     settings: Settings, plugins: Iterable[Any] = (), *, entry_points: bool = True
 ) -> pluggy.PluginManager:
@@ -60,15 +88,20 @@ def get_plugin_manager(
             continue
         try:
             module = importlib.import_module(dotted)
-        except ImportError as exc:
+        except Exception as exc:  # a module that raises as it is imported, not only a typo
             raise PluginError(f"plugin {dotted!r} from settings cannot be imported: {exc}") from exc
         if pm.get_plugin(dotted) is None and not pm.is_registered(module):
             if module in getattr(pm, "watchllm_entry_modules", ()):
                 continue  # installed and named in settings too: its entry point loaded it
-            pm.register(_instantiate(module, settings), name=dotted)
+            try:
+                plugin = _instantiate(module, settings)
+            except Exception as exc:
+                raise PluginError(f"plugin {dotted!r} from settings failed to load: {exc}") from exc
+            _register(pm, plugin, dotted, f"plugin {dotted!r} from settings")
     for plugin in plugins:
         if not pm.is_registered(plugin):
-            pm.register(plugin)
+            name = _object_name(pm, plugin)
+            _register(pm, plugin, name, f"plugin {name!r} (passed to create_app)")
     _warn_of_unknown_disabled(blocked, settings.plugins)
     # A misspelled hook name would otherwise be ignored in silence.
     try:
@@ -76,6 +109,33 @@ def get_plugin_manager(
     except pluggy.PluginValidationError as exc:
         raise PluginError(str(exc)) from exc
     return pm
+
+
+def _register(pm: pluggy.PluginManager, plugin: Any, name: str, what: str) -> None:
+    """pm.register, its refusal (a hook implementation whose arguments its spec does not
+    have, say) as a PluginError naming the plugin."""
+    try:
+        pm.register(plugin, name=name)
+    except (pluggy.PluginValidationError, ValueError) as exc:
+        why = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise PluginError(f"{what} cannot be registered: {why}") from exc
+
+
+def _object_name(pm: pluggy.PluginManager, plugin: Any) -> str:
+    """A name for a plugin object passed to create_app that says what it is (pluggy's own
+    is its id(), a number in `/-/plugins` and in errors): module.Class, or the module's name;
+    #2, #3... for a second object of one class."""
+    if isinstance(plugin, type(importlib)):
+        base = plugin.__name__
+    elif isinstance(plugin, type):
+        base = f"{plugin.__module__}.{plugin.__qualname__}"
+    else:
+        base = f"{type(plugin).__module__}.{type(plugin).__qualname__}"
+    name, n = base, 1
+    while pm.has_plugin(name):
+        n += 1
+        name = f"{base}#{n}"
+    return name
 
 
 _WARNED: set[str] = set()  # once a process: each app builds its own manager
@@ -119,7 +179,7 @@ def _load_entry_points(pm: pluggy.PluginManager, settings: Settings, blocked: se
         modules.append(loaded)
         if pm.is_registered(plugin):
             continue
-        pm.register(plugin, name=ep.name)
+        _register(pm, plugin, ep.name, f"plugin {ep.name!r} ({ep.value})")
         if ep.dist is not None:
             origins[ep.name] = (ep.dist.name, ep.dist.version)
     pm.watchllm_origins = origins  # type: ignore[attr-defined]
@@ -138,18 +198,44 @@ def call_hook(hook: pluggy.HookCaller, **kwargs: Any) -> Any:
         if impl.hookwrapper or impl.wrapper:
             return hook(**kwargs)
         try:
-            calls.append((impl.function, [kwargs[name] for name in impl.argnames]))
+            calls.append((impl, [kwargs[name] for name in impl.argnames]))
         except KeyError:
             return hook(**kwargs)  # pluggy's HookCallError names the missing argument
     firstresult = hook.spec is not None and hook.spec.opts.get("firstresult", False)
     results: list[Any] = []
-    for function, args in calls:
-        result = function(*args)
+    for impl, args in calls:
+        try:
+            result = impl.function(*args)
+        except CHOSEN_ANSWERS:
+            raise  # an answer the plugin chose (a 401 of its own, say)
+        except Exception as exc:
+            raise plugin_failed(hook.name, impl, exc) from exc
         if result is not None:
             if firstresult:
                 return result
             results.append(result)
     return None if firstresult else results
+
+
+def each_result(hook: pluggy.HookCaller, **kwargs: Any) -> Iterator[tuple[pluggy.HookImpl, Any]]:
+    """Each implementation's (impl, result), in call_hook's order, one implementation called
+    per step: a caller that stops (at a quota's denial) runs none of the rest. Raises
+    PluginFailed as call_hook does."""
+    impls = list(reversed(hook.get_hookimpls()))
+    if any(impl.hookwrapper or impl.wrapper for impl in impls):
+        for result in hook(**kwargs):  # pluggy's machinery calls them all
+            yield impls[0], result
+        return
+    for impl in impls:
+        if any(name not in kwargs for name in impl.argnames):
+            hook(**kwargs)  # pluggy's HookCallError names the missing argument
+        try:
+            result = impl.function(*[kwargs[name] for name in impl.argnames])
+        except CHOSEN_ANSWERS:
+            raise
+        except Exception as exc:
+            raise plugin_failed(hook.name, impl, exc) from exc
+        yield impl, result
 
 
 def describe_plugins(pm: pluggy.PluginManager) -> list[dict[str, Any]]:

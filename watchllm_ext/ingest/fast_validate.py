@@ -809,7 +809,7 @@ def decode_stored(payload: bytes) -> list[Any]:
     return structs
 
 
-_TRUSTED = {"trusted": True}
+TRUSTED = {"trusted": True}  # the context of events the server made (cost_source)
 
 
 _new = object.__new__

@@ -4,6 +4,7 @@ then the validator and transform hooks."""
 
 from __future__ import annotations
 
+import logging
 import re
 import types
 from dataclasses import dataclass, field
@@ -15,11 +16,13 @@ from pydantic import ValidationError
 
 from ..auth import Principal
 from ..errors import Problem, echo
-from ..plugins import call_hook
+from ..plugins import PluginFailed, call_hook
 from ..schema import EVENT_ADAPTER, EVENT_LIST_ADAPTER, EVENT_TYPES, ID_FIELD_PATTERN
 from . import fast_validate
 from .fill_in import receipt_time, uuid7
 from .parse import holds_too_long, too_long_as_infinity
+
+log = logging.getLogger("watchllm.ingest")
 
 # Bounds of a rejection answer (docs/API.md): fields listed per rejected event, and rejected
 # events listed per answer (`rejected_count` has them all).
@@ -70,6 +73,15 @@ class Outcome:
     # The accepted events' spool encoding when it was made on the way (from pydantic models,
     # or with the fill-in on a worker thread: app._finish_and_encode).
     payload: bytes | None = None
+    # Events a transform_events plugin took out of the list (sampling, say): neither accepted
+    # nor rejected; usage gives them back (app.refund_quota).
+    dropped: int = 0
+    project_id: str = ""  # the key's project, for an answer with no accepted event to read
+
+    @property
+    def not_accepted(self) -> int:
+        """Events usage gives back: refused by validation or dropped by a plugin."""
+        return len(self.rejected) + self.dropped
 
 
 def _is_branch_label(item: int | str) -> bool:
@@ -345,7 +357,9 @@ def _finish(
             if data["timestamp"] is None:
                 data["timestamp"] = received
         if validator_impls:
-            problems = _plugin_problems(call_hook(validators, event=event, principal=principal))
+            problems = _plugin_problems(
+                call_hook(validators, event=event, principal=principal), validator_impls
+            )
             if problems:
                 outcome.rejected.append(
                     Rejection(
@@ -359,11 +373,49 @@ def _finish(
     if outcome.rejected:
         outcome.rejected.sort(key=lambda r: r.index)
     if outcome.accepted:
+        before = len(outcome.accepted)
         call_hook(pm.hook.transform_events, events=outcome.accepted, principal=principal)
+        outcome.dropped = max(0, before - len(outcome.accepted))
+        outcome.project_id = principal.project_id
         if as_models or any(type(e) not in _STRUCTS for e in outcome.accepted):
             # Back to structs for the spool and the sinks, with the JSON made on the way.
             outcome.accepted, outcome.payload = fast_validate.from_models(outcome.accepted)
+        if as_models:
+            _check_transformed(outcome.accepted, principal, pm)
     return outcome
+
+
+def _check_transformed(events: list[Any], principal: Principal, pm: pluggy.PluginManager) -> None:
+    """The contract, again, on what a third party's transform_events left: an event it made
+    invalid (a negative count, an id with spaces, another project) would otherwise be
+    accepted and then refused by the store, taking the other events of its insert to the dead
+    letters with it. A 500 naming the plugins and the field: the request, not the client's
+    events, is at fault, and nothing of it is spooled. from_models made structs of those
+    that pass the strict check; one left a model is checked by pydantic (JSON nested near
+    its depth limit is valid there and stays a model)."""
+    for index, event in enumerate(events):
+        problem = None
+        if type(event) not in _STRUCTS:
+            try:
+                EVENT_ADAPTER.validate_json(
+                    EVENT_ADAPTER.dump_json(event, exclude_none=True),
+                    context=fast_validate.TRUSTED,
+                )
+            except ValidationError as exc:
+                first = describe_errors(exc)[0]
+                problem = f"{first['field']}: {first['message']}"
+        if problem is None and event.project_id != principal.project_id:
+            problem = f"project_id: {echo(str(event.project_id))!r} is not the key's project"
+        if problem is not None:
+            names = ", ".join(
+                impl.plugin_name
+                for impl in reversed(pm.hook.transform_events.get_hookimpls())
+                if _third_party([impl])
+            )
+            event_id = echo(str(event.event_id))
+            why = f"it left event {index} (event_id {event_id!r}) invalid: {problem}"
+            log.error("plugin(s) %s in transform_events: %s", names, why)
+            raise PluginFailed("transform_events", names, why)
 
 
 _STRUCTS = fast_validate.EVENT_STRUCT_TYPES
@@ -383,13 +435,19 @@ def _third_party(impls: list[Any]) -> bool:
     return False
 
 
-def _plugin_problems(results: list[Any]) -> list[str]:
+def _plugin_problems(results: list[Any], impls: list[Any]) -> list[str]:
+    """validate_event's results as problems: each a string, or a list or tuple of strings
+    (anything else is the plugin's bug, answered 500, not a problem of the event's)."""
     problems: list[str] = []
     for result in results:
-        if not result:
-            continue
         if isinstance(result, str):
-            problems.append(result)
+            if result:
+                problems.append(result)
+        elif isinstance(result, list | tuple) and all(isinstance(p, str) for p in result):
+            problems.extend(p for p in result if p)
         else:
-            problems.extend(str(p) for p in result)
+            names = ", ".join(impl.plugin_name for impl in reversed(impls))
+            why = f"it returned {type(result).__name__}, not None, a string or a list of strings"
+            log.error("plugin(s) %s answered validate_event wrongly: %s", names, why)
+            raise PluginFailed("validate_event", names, why)
     return problems

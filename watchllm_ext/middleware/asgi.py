@@ -47,6 +47,7 @@ from ..auth import Principal
 from ..errors import Problem
 from ..locks import FolderLock, FolderLocked
 from ..otel.ids import event_id_of
+from ..plugins import PluginFailed
 from ..schema import is_id
 from ..sdk.context import RunContext, RunTally
 from ..sdk.context import _current as _current_run
@@ -617,12 +618,15 @@ class WatchLLMMiddleware:
             return None  # no quota plugin at all: nothing to ask
         try:
             await self.wl.check_quota(self.principal, 0, user_id=user_id, route=template)
+        except PluginFailed:
+            # A quota plugin that fails must not take the host down: the request goes on
+            # (the failure and its traceback are logged as the plugin's).
+            log.warning("a check_quota plugin failed; the request is let through")
         except Problem as exc:
             if exc.field is None:
                 exc.field = self.user_source if user_id is not None else "path"
             return exc
         except Exception:
-            # A quota plugin that fails must not take the host down: the request goes on.
             log.exception("a check_quota plugin failed; the request is let through")
         return None
 

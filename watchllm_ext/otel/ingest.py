@@ -13,6 +13,7 @@ answer, so nothing is half stored.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,11 +34,13 @@ from ..ingest.fast_validate import from_built, validate_list
 from ..ingest.fill_in import receipt_time
 from ..ingest.validate import Outcome, finish_fast, validate_items
 from ..observability.metrics import ops_metrics
-from ..plugins import call_hook
+from ..plugins import PluginFailed, call_hook
 from .mapped import MappedSpans, map_spans
 from .mapping import Span
 from .rows import RowsJson, SpanRow, encoded
 from .worker import MappedBody
+
+log = logging.getLogger("watchllm.otel")
 
 if TYPE_CHECKING:
     from ..app import WatchLLM
@@ -140,7 +143,15 @@ def transform_spans(rows: list[SpanRow], principal: Principal, pm: pluggy.Plugin
     implements it: the built-in path pays nothing (and a worker's rows stay its JSON)."""
     hook = pm.hook.transform_spans
     if rows and hook.get_hookimpls():
+        n = len(rows)
         call_hook(hook, spans=rows, principal=principal)
+        if len(rows) != n:
+            # The spans' events are spooled beside their rows: a row taken out would leave
+            # its events without a span, one added has none. Refused, not stored half.
+            names = ", ".join(impl.plugin_name for impl in reversed(hook.get_hookimpls()))
+            why = f"it changed the list of span rows ({n} -> {len(rows)}); change rows in place"
+            log.error("plugin(s) %s in transform_spans: %s", names, why)
+            raise PluginFailed("transform_spans", names, why)
 
 
 def _refuse(outcome: Outcome, mapped: MappedSpans) -> set[int]:
@@ -190,7 +201,7 @@ def validate_json(
 async def accept(wl: WatchLLM, prepared: Prepared, principal: Principal) -> dict[str, Any]:
     """Spool what was prepared (503 when the spool is full); the answer's figures."""
     metrics = ops_metrics(wl)
-    if prepared.rows:
+    if prepared.rows or prepared.events:
         await wl.submit(prepared.events, prepared.rows)
         wl.counters["accepted"] += len(prepared.events)
         metrics.otel_spans.labels("accepted").inc(len(prepared.rows))
