@@ -728,6 +728,53 @@ def test_nothing_recorded_is_lost_at_shutdown(tmp_path: Path) -> None:
     assert sum(r["event_type"] == "tool_call" for r in rows) == 100
 
 
+@pytest.mark.parametrize("host_kind", ["middleware", "lifespan"])
+def test_sdk_events_logged_just_before_shutdown_are_stored(tmp_path: Path, host_kind: str) -> None:
+    """An SDK client on the in-process transport holds what it logs until its next send
+    (`flush_interval_s`). The app, stopping (started by the middleware, or by
+    `lifespan(..., host_lifespan=...)`), has the client deliver that while it still takes
+    events, then its writer flushes: the calls of the last requests before a shutdown are all
+    in the store, not dropped at exit with "no WatchLLM app runs in this process now"."""
+    from watchllm_ext.sdk import WatchLLM
+
+    settings = make_settings(tmp_path)
+    key = KeyStore(settings.keys_path).create("acme", scope="ingest")
+    wl_app = create_app(settings)
+    # A long interval: nothing is sent before the shutdown unless the app asks for it.
+    sdk = WatchLLM(api_key=key, transport="local", flush_interval_s=60, handle_sigterm=False)
+
+    async def answer(request: Request) -> JSONResponse:
+        sdk.log_prompt_call(model="gpt-4o", tokens_input=900, tokens_output=300)
+        return JSONResponse({"ok": True})
+
+    calls = Calls()
+    host: Any
+    if host_kind == "middleware":
+        host = FastAPI(lifespan=host_lifespan_of(calls))
+        host.add_api_route("/answer", answer, methods=["POST"])
+        host.add_middleware(WatchLLMMiddleware, watchllm=wl_app, project_id="acme")
+    else:
+        host = Starlette(
+            routes=[Route("/answer", answer, methods=["POST"]), Mount("/watchllm", app=wl_app)],
+            lifespan=lifespan(wl_app, host_lifespan=host_lifespan_of(calls)),
+        )
+    try:
+        with ServerThread(host) as server, httpx.Client(base_url=server.url) as client:
+            for _ in range(4):
+                assert client.post("/answer").status_code == 200
+            assert sdk.stats()["sent"] == 0  # all four wait in the client as the stop begins
+        assert calls.host_lifespan == ["start", "stop"]
+        assert sdk.stats()["sent"] == 4
+    finally:
+        sdk.close(0.1)
+    rows = stored(
+        settings,
+        "SELECT count() AS n FROM events FINAL WHERE event_type = 'prompt_call'"
+        " AND model = 'gpt-4o' AND project_id = 'acme'",
+    )
+    assert rows == [{"n": 4}]
+
+
 def test_recorded_events_wait_while_watchllm_cannot_take_them(tmp_path: Path) -> None:
     """A batch WatchLLM answers 503 for (its writer full, or not running yet) stays in the
     outbox, in order, and goes in with the next flush: not dropped."""

@@ -103,7 +103,7 @@ from .plugins import (
 from .quota import QuotaDecision
 from .route_params import Query, accepts
 from .schema import EVENT_LIST_ADAPTER, PROJECT_ID_RE, require_server_filled
-from .sdk.context import register_local_app, unregister_local_app
+from .sdk.context import local_apps, local_senders, register_local_app, unregister_local_app
 from .serving.tuning import freeze_startup_heap
 from .settings import Settings, load_settings
 from .slots import FairSlots
@@ -241,6 +241,9 @@ class WatchLLM:
                         freeze_startup_heap()  # no full collection of start-up objects
                     try:
                         yield self
+                        # Stopping (not failing): SDK clients delivering here in process hand
+                        # over what they hold while we still take it, then the writer flushes.
+                        await self._flush_local_senders()
                     finally:
                         unregister_local_app(self)
                         self._loop = None
@@ -254,6 +257,32 @@ class WatchLLM:
             self.store = None
             if store is not None:
                 store.close()
+
+    async def _flush_local_senders(self) -> None:
+        """Have the in-process SDK clients that deliver to this app (`local_senders`; they send
+        to the first app of `local_apps`) deliver what they hold, each waiting at most its
+        `flush_at_exit_s` and `shutdown_grace_s`. On threads: their events come in through
+        this event loop, which must stay free meanwhile."""
+        apps = local_apps()
+        senders = local_senders()
+        if not senders or not apps or apps[0] is not self:
+            return
+        grace = self.settings.shutdown_grace_s
+
+        async def flush(sender: Any) -> None:
+            try:
+                done = await anyio.to_thread.run_sync(
+                    sender.flush_before_app_stops, grace, abandon_on_cancel=True
+                )
+            except Exception:  # a client's bug must not keep the writer from flushing
+                log.exception("flushing an in-process SDK client at shutdown failed")
+                return
+            if not done:
+                log.warning("an in-process SDK client did not deliver everything before shutdown")
+
+        async with anyio.create_task_group() as flushing:
+            for sender in senders:
+                flushing.start_soon(flush, sender)
 
     def _prepare_store(self, store: Store) -> None:
         self.migrations_applied = prepare_store(store, self.settings)

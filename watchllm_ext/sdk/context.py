@@ -6,7 +6,9 @@ meanwhile takes its `run_id` and `parent_event_id` from it. Context variables fo
 tasks and `contextvars.copy_context()`, so nesting survives both.
 
 It also knows the WatchLLM apps running in this process (`local_apps()`): an SDK client inside
-a host app that mounts WatchLLM delivers to one of them with no HTTP hop.
+a host app that mounts WatchLLM delivers to one of them with no HTTP hop. And it knows those
+clients (`local_senders()`), so that an app stopping can have them deliver what they hold
+while it still takes events.
 
 Imports only the standard library: the SDK must stay light.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import math
 import threading
 import uuid
+import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -161,3 +164,31 @@ def local_apps() -> list[LocalApp]:
 def local_app_ever_ran() -> bool:
     """Whether a WatchLLM app has run in this process (now or earlier)."""
     return _ever_ran
+
+
+class LocalSender(Protocol):
+    """A client delivering into the apps above (the SDK's `WatchLLM` on its in-process
+    transport implements it)."""
+
+    def flush_before_app_stops(self, max_s: float) -> bool:
+        """Deliver what was logged so far, waiting at most `max_s` seconds (blocking: called
+        from a thread, never the app's event loop, which must stay free to take the events).
+        True when everything was settled."""
+        ...
+
+
+# Weak: a sender lives as long as its owner keeps it.
+_senders: weakref.WeakSet[LocalSender] = weakref.WeakSet()
+
+
+def register_local_sender(sender: LocalSender) -> None:
+    with _apps_lock:
+        _senders.add(sender)
+
+
+def local_senders() -> list[LocalSender]:
+    """The clients that deliver into the apps running in this process: the app they deliver
+    to flushes them before it stops taking events (through this list: the app needs nothing
+    of the SDK's client, and the client nothing of the server)."""
+    with _apps_lock:
+        return list(_senders)

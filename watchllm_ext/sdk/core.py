@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from .. import __version__
 from ._events import InvalidEvent, Mask, prepare, validate
-from .context import RunContext, current_run, new_id
+from .context import RunContext, current_run, new_id, register_local_sender
 from .transport import (
     Answer,
     HttpTransport,
@@ -157,6 +157,9 @@ class WatchLLM:
         if self.enabled and self._uses_local() and not self.base_url:
             log.info("WatchLLM: no base_url, events go to the WatchLLM app in this process")
         self._reset_state()
+        if self.enabled and self._uses_local():
+            # The app flushes us before it stops: at exit (atexit, SIGTERM) it is gone already.
+            register_local_sender(self)
         _clients.add(self)
         global _default_client
         _default_client = self
@@ -755,6 +758,14 @@ class WatchLLM:
         if not self.enabled or self._pid != os.getpid():
             return True
         return self._wait_settled(timeout)
+
+    def flush_before_app_stops(self, max_s: float) -> bool:
+        """Called (from a thread) by the WatchLLM app this client delivers to in process, as it
+        stops: send what is logged so far while the app still takes it, waiting at most
+        `flush_at_exit_s` (and `max_s`). Sync for AsyncWatchLLM too (sdk/context.py)."""
+        if not self.enabled or self._closed or self._pid != os.getpid():
+            return True
+        return self._wait_settled(min(self.flush_at_exit_s, max_s))
 
     def close(self, timeout: float | None = 10.0) -> bool:
         """Flush (at most `timeout` s), then stop: later calls log nothing. What is still
