@@ -799,6 +799,46 @@ def test_recorded_events_wait_while_watchllm_cannot_take_them(tmp_path: Path) ->
     assert sorted(r["event_id"] for r in stored(settings)) == ["w0", "w1", "w2"]
 
 
+def test_a_batch_watchllm_fails_on_is_counted_as_dropped_and_the_rest_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A batch whose ingest raises something other than a refusal (a `transform_events`
+    plugin that raises; a deferred event that cannot be built) is counted in `dropped` and
+    logged with the reason, not thrown away uncounted; it is not retried (it would fail the
+    same way), and the batches after it are handed over."""
+    from watchllm_ext.middleware.recorder import Outbox
+
+    class Fails:
+        @hookimpl
+        def transform_events(self, events: list[Any], principal: Principal) -> None:
+            if any(event.event_id.startswith("bad") for event in events):
+                raise RuntimeError("transform boom")
+
+    class Unbuildable:
+        def event(self) -> dict[str, Any]:
+            raise ValueError("cannot build this summary")
+
+    settings = make_settings(tmp_path)
+    wl = create_app(settings, plugins=[Fails()]).state.watchllm
+    principal = Principal("acme", frozenset({"ingest"}))
+    outbox = Outbox(interval_s=0.05, batch_events=2)
+    for event_id in ("ok0", "ok1", "bad2", "ok3", "ok4"):
+        outbox.put(prompt_call(event_id))
+    outbox.put(Unbuildable(), summary=True)
+
+    async def main() -> None:
+        async with wl.running():
+            assert await outbox.flush(wl, principal) is True
+
+    with caplog.at_level("ERROR", logger="watchllm.middleware"):
+        anyio.run(main)
+    assert len(outbox) == 0
+    # [ok0, ok1] ingested, [bad2, ok3] failed, [ok4] ingested, [the summary] failed.
+    assert outbox.stats == {"ingested": 3, "rejected": 0, "dropped": 3, "late": 0}
+    assert "transform boom" in caplog.text and "cannot build this summary" in caplog.text
+    assert sorted(r["event_id"] for r in stored(settings)) == ["ok0", "ok1", "ok4"]
+
+
 def test_a_flush_hands_over_small_batches_and_lets_requests_run_between(tmp_path: Path) -> None:
     """However many events an interval gathered, a flush ingests `batch_events` at a time and
     the event loop runs other tasks between two batches (also where an ingest call never waits,

@@ -25,9 +25,10 @@ What the outbox holds is not lost: a batch WatchLLM cannot take now (503: the wr
 full, or not running yet) stays in the outbox for the next flush; the owner's stop drains it
 into WatchLLM (whose writer then flushes to the store, or leaves it in the spool for the next
 start). Only these are not stored, each counted in `Outbox.stats` and logged: events past
-`max_events` while WatchLLM cannot keep up (`dropped`), events the contract refuses
-(`rejected`), and events recorded after the final drain (`late`: a request still running when
-the host's shutdown had already stopped WatchLLM).
+`max_events` while WatchLLM cannot keep up, and batches WatchLLM refused otherwise or failed
+on (a plugin that raised: `dropped`), events the contract refuses (`rejected`), and events
+recorded after the final drain (`late`: a request still running when the host's shutdown had
+already stopped WatchLLM).
 """
 
 from __future__ import annotations
@@ -170,8 +171,8 @@ class Outbox:
                     await anyio.sleep(0)
                 first = False
                 taken = [events.popleft() for _ in range(min(limit, len(events)))]
-                batch = [e if isinstance(e, dict) else e.event() for e in taken]
                 try:
+                    batch = [e if isinstance(e, dict) else e.event() for e in taken]
                     answer = await wl.ingest(principal, batch)
                 except Problem as exc:
                     if exc.status == 503:  # the writer is full or not running: later, not lost
@@ -182,6 +183,18 @@ class Outbox:
                     key = "rejected" if exc.status == 422 else "dropped"
                     self.stats[key] += len(batch) if key == "dropped" else n_bad
                     log.warning("WatchLLM refused %d recorded events: %s", len(batch), exc.body())
+                    continue
+                except Exception as exc:
+                    # A plugin that raises (transform_events, say) or a bug: the same events
+                    # fail the same way again, so a retry would only hold back everything
+                    # behind them. Dropped, counted and logged (what can heal is a 503, above).
+                    self.stats["dropped"] += len(taken)
+                    log.error(
+                        "WatchLLM failed on %d recorded events, dropped: %r",
+                        len(taken),
+                        exc,
+                        exc_info=exc,
+                    )
                     continue
                 self.stats["ingested"] += answer["accepted"]
                 rejected = answer.get("rejected") or []
