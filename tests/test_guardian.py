@@ -27,6 +27,7 @@ from watchllm_ext.auth import Principal
 from watchllm_ext.guardian import Alert, GuardianRule
 from watchllm_ext.guardian.engine import MAX_SUBJECTS_PER_PROJECT, Engine
 from watchllm_ext.guardian.plugin import alert_event
+from watchllm_ext.quota import QuotaDecision
 from watchllm_ext.schema import EVENT_LIST_ADAPTER
 from watchllm_ext.settings import Settings
 
@@ -145,6 +146,51 @@ def test_cost_episode_fires_once_recovers_once_and_is_queryable(server_factory: 
     assert 'watchllm_alerts_total{rule="spend",state="firing"} 1.0' in metrics
     assert 'watchllm_alerts_total{rule="spend",state="recovered"} 1.0' in metrics
     assert 'watchllm_alerts_firing{rule="spend"} 0.0' in metrics
+
+
+def test_alert_events_are_stored_whatever_the_projects_quota(server_factory: Any) -> None:
+    """An alert event is the server's own record, not the project's usage: a quota plugin
+    whose plan the client's events used up (it denies every later ingest) is not asked about
+    it, and the firing is stored as on_alert is told of it."""
+
+    class Plan:
+        """Two events of ingestion, then every batch denied."""
+
+        def __init__(self) -> None:
+            self.used = 0
+            self.asked: list[tuple[str | None, int]] = []
+
+        @hookimpl
+        def check_quota(self, principal: Principal, n_events: int) -> QuotaDecision | None:
+            if n_events == 0:
+                return None
+            self.asked.append((principal.key_id, n_events))
+            if self.used + n_events > 2:
+                return QuotaDecision(False, reason="the plan's events are used up")
+            self.used += n_events
+            return None
+
+    plan, recorder = Plan(), Recorder()
+    rule = {"name": "spend", "metric": "cost_usd", "threshold": 1.0, "window_s": 3600}
+    server = server_factory(
+        plugin_objects=(plan, recorder),
+        flags=GUARDIAN_ON,
+        guardian_rules=[rule],
+        guardian_interval_s=0.2,
+    )
+    send(server, [call(cost_estimate_usd=0.6), call(cost_estimate_usd=0.6)])  # the plan: spent
+    (fired,) = recorder.wait(1)
+    assert fired.state == "firing"
+    assert fired.event_id == f"guardian-{fired.episode_id}"  # stored
+    server.flush()
+    rows = server.query(
+        "SELECT event_id FROM events FINAL WHERE event_type = 'cost_threshold_exceeded'"
+    )
+    assert rows == [{"event_id": fired.event_id}]
+    assert [n for _, n in plan.asked] == [2]  # the client's batch only
+    # The client's next batch is still denied: only the server's own events pass.
+    r = server.client.post("/v1/events/batch", headers=server.headers(), json={"events": [call()]})
+    assert r.status_code == 429, r.text
 
 
 @pytest.mark.parametrize(

@@ -413,6 +413,8 @@ class WatchLLM:
         principal: Principal,
         events: list[dict[str, Any]],
         received_at: datetime | None = None,
+        *,
+        quota: bool = True,
     ) -> dict[str, Any]:
         """Ingest events (dicts of the v1 contract) from inside the process, with no HTTP hop:
         the same count limit, quota, validation, hooks and spool as `POST /v1/events/batch`.
@@ -420,13 +422,16 @@ class WatchLLM:
         Returns that route's answer body (`accepted`, `event_ids`, and `rejected` when some
         events were refused); raises `Problem` where the route answers 4xx or 503 (its
         `.status` and `.body()` say why). Used by the SDK's in-process transport, the host
-        middleware and the OpenTelemetry in-process exporter.
+        middleware and the OpenTelemetry in-process exporter. `quota=False` is for the
+        server's own events (Guardian's alerts): not charged to, nor refused by, the
+        `check_quota` of ingestion, whose callers are clients and the host middleware.
         """
         if not events:
             raise Problem(422, "empty_batch", "'events' holds no event", field="events")
         _check_count(self, len(events))
         check_projects(events, principal)
-        await self.check_quota(principal, len(events))
+        if quota:
+            await self.check_quota(principal, len(events))
         received = received_at or receipt_time()
         try:
             # Plain JSON data (what the middleware and the SDK build): the body validator, as
@@ -438,9 +443,10 @@ class WatchLLM:
                 outcome = validate_items(events, principal, self.pm, received)
             body = await _accept(self, outcome)
         except Problem:
-            await self.refund_quota(principal, len(events))  # refused whole: nothing taken
+            if quota:
+                await self.refund_quota(principal, len(events))  # refused whole: nothing taken
             raise
-        if outcome.not_accepted:  # a 207's invalid events, those a plugin dropped
+        if quota and outcome.not_accepted:  # a 207's invalid events, those a plugin dropped
             await self.refund_quota(principal, outcome.not_accepted)
         return body
 

@@ -48,10 +48,11 @@ def check_quota(
     Two callers: ingestion asks before validating `n_events` (>= 1) more events (`user_id`
     and `route` are None); the host middleware asks before a host request's handler runs,
     with `n_events=0`, the request's user (or None) and its route template (a budget check:
-    "has this user spent their daily USD?"). An implementation declares only the arguments
-    it needs. Implementations are awaited in order; the first denial wins and is answered 429
-    with its Retry-After and rate-limit headers (the ones after it are not run). Return None
-    (or an allowing decision) to let the work through.
+    "has this user spent their daily USD?"). The server's own events (Guardian's alerts) are
+    not asked about. An implementation declares only the arguments it needs. Implementations
+    are awaited in order; the first denial wins and is answered 429 with its Retry-After and
+    rate-limit headers (the ones after it are not run). Return None (or an allowing decision)
+    to let the work through.
     """
 
 

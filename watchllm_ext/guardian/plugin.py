@@ -229,7 +229,9 @@ class Guardian:
         event = alert_event(alert)
         principal = Principal(alert.project_id, frozenset({"ingest"}), key_id="guardian")
         try:
-            await self.wl.ingest(principal, [event])
+            # Not the project's usage: a quota (a plan used up, say) must not keep the record
+            # of an alert from the store while on_alert is told of it.
+            await self.wl.ingest(principal, [event], quota=False)
         except Problem as exc:
             # The problem may quote the event (its user id): one line whatever it holds.
             log.error(
