@@ -323,3 +323,24 @@ def test_objects_passed_to_create_app_are_listed_by_class(server_factory: Any) -
     r = server.client.get("/-/plugins", headers=server.headers())
     names = {p["name"] for p in r.json()["plugins"]}
     assert {"test_plugin_failures.Counted", "test_plugin_failures.Counted#2"} <= names
+
+
+class Unmarked:
+    def transform_events(self, events: list[Any]) -> None:  # no @hookimpl: never called
+        pass
+
+    @hookimpl
+    def validate_event(self) -> None:
+        return None
+
+
+def test_a_hook_named_function_without_hookimpl_is_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level("WARNING", logger="watchllm.plugins"):
+        get_plugin_manager(Settings(), [Unmarked()], entry_points=False)
+    warned = [r.getMessage() for r in caplog.records]
+    assert warned == [
+        "plugin 'test_plugin_failures.Unmarked' has a transform_events not marked @hookimpl:"
+        " it is never called"
+    ]

@@ -24,6 +24,7 @@ from .settings import Settings
 log = logging.getLogger("watchllm.plugins")
 
 PROJECT = "watchllm"
+BUILTIN_PREFIX = "watchllm_ext."  # the modules of the plugins shipped with WatchLLM
 ENTRY_POINT_GROUP = "watchllm"
 DEFAULT_PLUGINS = (
     "watchllm_ext.builtins.key_auth",
@@ -103,12 +104,40 @@ def get_plugin_manager(
             name = _object_name(pm, plugin)
             _register(pm, plugin, name, f"plugin {name!r} (passed to create_app)")
     _warn_of_unknown_disabled(blocked, settings.plugins)
+    _warn_of_unmarked_hooks(pm)
     # A misspelled hook name would otherwise be ignored in silence.
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
         raise PluginError(str(exc)) from exc
     return pm
+
+
+def _warn_of_unmarked_hooks(pm: pluggy.PluginManager) -> None:
+    """A WARNING for a plugin's function named after a hook but not marked `@hookimpl`:
+    pluggy leaves it out, so it would never be called, without a word. Only functions the
+    plugin defines itself (a module may import `feature_enabled`, say, to call it)."""
+    hooks = {name for name in dir(hookspecs) if hasattr(getattr(hookspecs, name), "watchllm_spec")}
+    for name, plugin in pm.list_name_plugin():
+        if name.startswith(BUILTIN_PREFIX) or plugin is None:
+            continue
+        marked = {caller.name for caller in pm.get_hookcallers(plugin) or []}
+        is_module = isinstance(plugin, type(importlib))
+        for hook in sorted(hooks - marked):
+            function = getattr(plugin, hook, None)
+            if not callable(function):
+                continue
+            defined_here = (
+                getattr(function, "__module__", None) == plugin.__name__
+                if is_module
+                else hook in vars(type(plugin)) or hook in vars(plugin)
+            )
+            if defined_here:
+                log.warning(
+                    "plugin %r has a %s not marked @hookimpl: it is never called",
+                    name,
+                    hook,
+                )
 
 
 def _register(pm: pluggy.PluginManager, plugin: Any, name: str, what: str) -> None:
