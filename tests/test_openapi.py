@@ -14,7 +14,7 @@ from starlette.routing import Route
 
 from watchllm_ext.openapi import build_document
 
-INTERNAL = {"/-/plugins", "/openapi.json"}
+INTERNAL = {"/openapi.json"}
 
 
 def test_document_is_valid_and_covers_every_public_route(server: Running) -> None:

@@ -287,7 +287,7 @@ def test_a_plugin_route_on_a_taken_path_stops_the_start(tmp_path: Path) -> None:
     settings = make_settings(tmp_path)
     with pytest.raises(PluginError, match="both have a route POST /v1/traces"):
         create_app(settings, plugins=[Routes(_route("/v1/traces", "POST"))])
-    with pytest.raises(PluginError, match="route GET /healthz is WatchLLM's own route"):
+    with pytest.raises(PluginError, match="has a route GET /healthz, which is WatchLLM's own"):
         create_app(settings, plugins=[Routes(_route("/healthz"))])
     # Replacing a built-in's route: disable that plugin.
     create_app(

@@ -341,13 +341,9 @@ class WatchLLM:
     ) -> Principal:
         """The principal of a key (`authenticate` hook), checked as `authenticate` says;
         `field` names where the key came from in a 403."""
-        principal = call_hook(self.pm.hook.authenticate, token=token, request=request)
+        principal = self.find_principal(token, request)
         if principal is None:
             raise unauthorized(self.unknown_key_message())
-        if not isinstance(principal, Principal) or not PROJECT_ID_RE.fullmatch(
-            principal.project_id
-        ):
-            raise _not_a_principal(self.pm, principal)
         if not isinstance(principal, Principal) or not PROJECT_ID_RE.fullmatch(
             principal.project_id
         ):
@@ -359,6 +355,17 @@ class WatchLLM:
                 f"this key has no {scope!r} scope (it has: {', '.join(sorted(principal.scopes))})",
                 field=field,
             )
+        return principal
+
+    def find_principal(self, token: str | None, request: Request | None) -> Principal | None:
+        """The `authenticate` hook's answer for `token` (None: no plugin knows it). An answer
+        that is not a Principal of a valid project id is the plugin's failure (PluginFailed)."""
+        principal = call_hook(self.pm.hook.authenticate, token=token, request=request)
+        if principal is None:
+            return None
+        valid = isinstance(principal, Principal) and PROJECT_ID_RE.fullmatch(principal.project_id)
+        if not valid:
+            raise _not_a_principal(self.pm, principal)
         return principal
 
     async def check_quota(
@@ -697,13 +704,13 @@ def _plugin_routes(pm: pluggy.PluginManager, settings: Settings, core: list[Any]
         if path is None:
             return
         owners = taken.setdefault(path, {})
-        for method in getattr(route, "methods", None) or {"*"}:
+        for method in sorted(getattr(route, "methods", None) or {"*"}):
             clash = owners.get(method) or owners.get("*") or (method == "*" and owners)
             if clash:
                 first = clash if isinstance(clash, str) else next(iter(owners.values()))
                 what = f"{'' if method == '*' else method + ' '}{path}"
                 if first == "WatchLLM":
-                    raise PluginError(f"{owner}'s route {what} is WatchLLM's own route")
+                    raise PluginError(f"{owner} has a route {what}, which is WatchLLM's own")
                 raise PluginError(
                     f"{first} and {owner} both have a route {what}, and only one would be"
                     " served (to replace a built-in plugin's route, disable that plugin:"

@@ -176,7 +176,7 @@ class Dashboard:
         if hit is not None and now - hit[0] < self.settings.dashboard_key_recheck_s:
             return hit[1]
         wl = request.app.state.watchllm
-        principal = wl.pm.hook.authenticate(token=token, request=request)
+        principal = wl.find_principal(token, request)
         if len(self._checked) > 10_000:  # bounded: many sign-ins on a long-running server
             self._checked.clear()
         self._checked[token] = (now, principal)
@@ -392,9 +392,7 @@ class Dashboard:
                 "api_key",
             )
         wl = request.app.state.watchllm
-        principal = await anyio.to_thread.run_sync(
-            lambda: wl.pm.hook.authenticate(token=key, request=request)
-        )
+        principal = await anyio.to_thread.run_sync(lambda: wl.find_principal(key, request))
         if principal is None:
             return self._signin_page(
                 request,
