@@ -444,6 +444,28 @@ def test_the_seen_ids_filter_hashes_a_large_batch_in_slices_alike() -> None:
     assert seen.positions([]).shape == (0, 3)
 
 
+def _prompt_calls(first: int, n: int, minute: int) -> list[Any]:
+    at = _iso(T0 + timedelta(minutes=minute))
+    raw = [prompt_call(f"id-{i}", timestamp=at) for i in range(first, first + n)]
+    return EVENT_LIST_ADAPTER.validate_python([{**e, "project_id": "acme"} for e in raw])
+
+
+def _first_copies(store: Store) -> dict[str, str]:
+    rows = store.query(
+        "SELECT event_id, toString(timestamp) AS ts FROM events FINAL"
+        " WHERE project_id = 'acme' ORDER BY event_id"
+    )
+    times = {r["event_id"]: r["ts"][11:16] for r in rows}
+    assert len(rows) == len(times)
+    return times
+
+
+def _built(sink: StoreSink) -> None:
+    """Wait for the sink's filter builder, if one runs."""
+    if sink._building is not None:
+        sink._building.join(60)
+
+
 @CHDB_ONLY  # the filter is for a store no other process writes to: the embedded one
 def test_a_full_seen_ids_filter_is_rebuilt_from_the_store(
     store: Store, monkeypatch: pytest.MonkeyPatch
@@ -452,27 +474,57 @@ def test_a_full_seen_ids_filter_is_rebuilt_from_the_store(
     # ids stored before the rebuild and after it are both kept out.
     monkeypatch.setattr(SeenIds, "MIN_CAPACITY", 64)
     sink = StoreSink(store)
-
-    def batch(first: int, n: int, minute: int) -> list[Any]:
-        at = _iso(T0 + timedelta(minutes=minute))
-        raw = [prompt_call(f"id-{i}", timestamp=at) for i in range(first, first + n)]
-        return EVENT_LIST_ADAPTER.validate_python([{**e, "project_id": "acme"} for e in raw])
-
-    sink._write(batch(0, 50, 0))
+    sink._write(_prompt_calls(0, 50, 0))  # starts the first build
+    _built(sink)
+    sink._write(_prompt_calls(50, 100, 0))  # takes it; 150 ids: full after this insert
     first = sink._seen
-    assert first is not None and first.capacity == 64 and not first.full
-    sink._write(batch(50, 50, 0))  # 100 ids: full after this insert
-    assert sink._seen is first and first.full
-    sink._write(batch(0, 120, 1))  # copies of the 100 stored, and 20 new ids
+    assert first is not None and first.full
+    assert first.maybe_stored([("acme", f"id-{i}") for i in range(150)]) == {
+        ("acme", f"id-{i}") for i in range(150)
+    }
+    sink._write(_prompt_calls(0, 170, 1))  # copies of the 150 (the full filter has them), 20 new
+    _built(sink)
+    sink._write(_prompt_calls(140, 40, 2))  # copies from before and after the rebuild, 10 new
     rebuilt = sink._seen
-    assert rebuilt is not first and rebuilt.capacity == 200 and not rebuilt.full
-    sink._write(batch(90, 40, 2))  # copies from before and after the rebuild, 10 new
-    rows = store.query(
-        "SELECT event_id, toString(timestamp) AS ts FROM events FINAL"
-        " WHERE project_id = 'acme' ORDER BY event_id"
-    )
-    times = {r["event_id"]: r["ts"][11:16] for r in rows}
-    assert len(rows) == len(times) == 130
-    assert {times[f"id-{i}"] for i in range(100)} == {"03:00"}  # the first copies
-    assert {times[f"id-{i}"] for i in range(100, 120)} == {"03:01"}
-    assert {times[f"id-{i}"] for i in range(120, 130)} == {"03:02"}
+    assert rebuilt is not first and rebuilt is not None and not rebuilt.full
+    assert rebuilt.capacity >= 2 * 150
+    times = _first_copies(store)
+    assert len(times) == 180
+    assert {times[f"id-{i}"] for i in range(150)} == {"03:00"}  # the first copies
+    assert {times[f"id-{i}"] for i in range(150, 170)} == {"03:01"}
+    assert {times[f"id-{i}"] for i in range(170, 180)} == {"03:02"}
+
+
+@CHDB_ONLY
+def test_writes_do_not_wait_for_the_filter_and_it_misses_nothing_inserted_meanwhile(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # After a restart the filter is read from the store on a thread of its own (~1 us an id
+    # stored): writes go on meanwhile, looking every id up in the store, and the ids they
+    # insert are added to the filter it makes, whichever of its pages they came after.
+    StoreSink(store)._write(_prompt_calls(0, 100, 0))  # stored by a sink of an earlier run
+    gate = threading.Event()
+    real = SeenIds.of_store.__func__  # type: ignore[attr-defined]
+
+    def held_back(cls: type[SeenIds], store: Store) -> SeenIds:
+        assert gate.wait(60)  # a test's gate: the build takes as long as the test says
+        return real(cls, store)
+
+    monkeypatch.setattr(SeenIds, "of_store", classmethod(held_back))
+    sink = StoreSink(store)
+    sink._write(_prompt_calls(50, 100, 1))  # 50 copies, 50 new: no filter yet
+    assert sink._seen is None and sink._building is not None and sink._building.is_alive()
+    sink._write(_prompt_calls(140, 20, 2))  # copies of ids inserted meanwhile, 10 new
+    gate.set()
+    _built(sink)
+    sink._write(_prompt_calls(0, 170, 3))  # copies of all 160, 10 new: through the filter
+    seen = sink._seen
+    assert seen is not None
+    stored = [("acme", f"id-{i}") for i in range(170)]
+    assert seen.maybe_stored(stored) == set(stored)
+    times = _first_copies(store)
+    assert len(times) == 170
+    assert {times[f"id-{i}"] for i in range(100)} == {"03:00"}
+    assert {times[f"id-{i}"] for i in range(100, 150)} == {"03:01"}
+    assert {times[f"id-{i}"] for i in range(150, 160)} == {"03:02"}
+    assert {times[f"id-{i}"] for i in range(160, 170)} == {"03:03"}

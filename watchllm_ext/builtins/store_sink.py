@@ -27,6 +27,7 @@ is another row that FINAL cannot collapse; the sink keeps such copies out instea
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from collections.abc import Iterable, Sequence
@@ -77,6 +78,7 @@ ROLLUP_TABLES = ("hourly_usage_by_project", "hourly_totals_by_project")
 SPANS_TABLE = "spans"
 Key = tuple[str, str]  # (project_id, event_id)
 # The schema's id alphabet (schema.Id): such ids need no escaping inside a quoted literal.
+log = logging.getLogger("watchllm.store_sink")
 _PLAIN_IDS = re.compile(r"[A-Za-z0-9_.:\-]*")
 
 
@@ -236,22 +238,30 @@ class SeenIds:
         self.bits = np.zeros(self.size // 8 + 1, dtype=np.uint8)
         self.count = 0
 
-    def positions(self, keys: Sequence[Key]) -> np.ndarray:
-        """The three bit positions of each key, one row a key: the low and high halves of its
-        hash and their sum, modulo the size. The sink computes them once for a batch, to
-        check its keys and, once inserted, to add them."""
+    @staticmethod
+    def hashes(keys: Sequence[Key]) -> np.ndarray:
+        """The keys' hashes (Python's, as uint64): what a filter of any size places."""
         # In slices: one fromiter over a 50,000-key batch held the GIL ~12 ms at once (C code
         # does not let go of it at the switch interval); between slices the event loop can.
-        hashes = np.concatenate(
+        return np.concatenate(
             [
                 np.fromiter(map(hash, keys[i : i + _HASH_SLICE]), dtype=np.int64)
                 for i in range(0, len(keys), _HASH_SLICE)
             ]
             or [np.empty(0, dtype=np.int64)]
         ).view(np.uint64)
+
+    def positions_of(self, hashes: np.ndarray) -> np.ndarray:
+        """The three bit positions of each hash, one row a key: its low and high halves and
+        their sum, modulo the size."""
         a = (hashes & 0xFFFF_FFFF) % self.size
         b = (hashes >> 32) % self.size
         return np.stack((a, b, (a + b) % self.size), axis=1)
+
+    def positions(self, keys: Sequence[Key]) -> np.ndarray:
+        """positions_of the keys' hashes. The sink computes them once for a batch, to check
+        its keys and, once inserted, to add them."""
+        return self.positions_of(self.hashes(keys))
 
     def add(self, key: Key) -> None:
         self.add_all([key])
@@ -284,18 +294,46 @@ class SeenIds:
 
     @classmethod
     def of_store(cls, store: Store) -> SeenIds:
-        """Every pair in `event_ids`, read once (a few seconds per million ids)."""
+        """Every pair in `event_ids` (~1 us an id of this process's CPU, a few seconds per
+        million). Read a page at a time in the key's order, each page's query holding the
+        store only while chDB answers it (stream_arrow holds it for the whole iteration:
+        read whole, it kept the sink's inserts out for the time of the whole build); the ids
+        are hashed in slices, between which other threads get the GIL."""
         (row,) = store.query("SELECT count() AS n FROM event_ids")
         seen = cls(2 * int(row["n"]))
-        sql = "SELECT project_id, event_id FROM event_ids"
         stream = getattr(store, "stream_arrow", None)  # optional (chDB has it)
         if stream is None:
+            sql = "SELECT project_id, event_id FROM event_ids"
             seen.add_all((r["project_id"], r["event_id"]) for r in store.query(sql))
             return seen
-        for batch in stream(sql):
-            projects = batch.column(0).to_pylist()
-            seen.add_all(zip(projects, batch.column(1).to_pylist(), strict=True))
-        return seen
+        after: Key | None = None
+        while True:
+            where = (
+                ""
+                if after is None  # the key's own terms: the primary index narrows the read
+                else " WHERE project_id > {p:String} OR (project_id = {p:String} AND"
+                " event_id > {e:String})"
+            )
+            sql = (
+                f"SELECT project_id, event_id FROM event_ids{where}"
+                f" ORDER BY project_id, event_id LIMIT {_BUILD_PAGE}"
+            )
+            params = None if after is None else {"p": after[0], "e": after[1]}
+            page = list(stream(sql, params, _BUILD_PAGE))  # whole: the store is free after it
+            rows = sum(batch.num_rows for batch in page)
+            for batch in page:
+                for i in range(0, batch.num_rows, _HASH_SLICE):
+                    part = batch.slice(i, _HASH_SLICE)
+                    keys = list(
+                        zip(part.column(0).to_pylist(), part.column(1).to_pylist(), strict=True)
+                    )
+                    seen.add_positions(seen.positions_of(cls.hashes(keys)))
+                    after = keys[-1]
+            if rows < _BUILD_PAGE:
+                return seen
+
+
+_BUILD_PAGE = 65_536  # ids read by one query of SeenIds.of_store
 
 
 class StoreSink:
@@ -320,8 +358,15 @@ class StoreSink:
         # may write to (not chDB, locked to this one) needs the check after the insert.
         self._one_at_a_time = threading.Lock()
         self._shared = not getattr(store, "exclusive", False)
-        # Built at the first write, on a store no other process writes to.
+        # On a store no other process writes to: the filter of stored ids, built from the
+        # store on a thread of its own from the first write on, and again (bigger) when full.
+        # Until the first is ready every id of a batch is looked up in the store: built
+        # before the first insert, ~1 us an id stored, it held back the first events after
+        # a restart (16 s at nine million stored) and stalled requests for the GIL meanwhile.
         self._seen: SeenIds | None = None
+        self._building: threading.Thread | None = None
+        self._built: SeenIds | None = None  # the builder's result, taken by the next write
+        self._inserted_meanwhile: list[np.ndarray] = []  # hashes inserted while it builds
 
     async def write(self, events: Sequence[Any]) -> None:
         await anyio.to_thread.run_sync(self._write, events)
@@ -340,13 +385,16 @@ class StoreSink:
             else:
                 batch_keys = {(event.project_id, event.event_id) for event in events}
             keys: Iterable[Key] = batch_keys
-            positions = None  # of the batch's keys in the filter: hashed once, used twice
+            hashes = positions = None  # of the batch's keys: made once, used twice
             if not self._shared:
+                self._use_built_filter()
                 if self._seen is None or self._seen.full:
-                    self._seen = SeenIds.of_store(self.store)
+                    self._build_filter()
                 listed = list(batch_keys)
-                positions = self._seen.positions(listed)
-                keys = self._seen.maybe_stored(listed, positions)
+                hashes = SeenIds.hashes(listed)
+                if self._seen is not None:
+                    positions = self._seen.positions_of(hashes)
+                    keys = self._seen.maybe_stored(listed, positions)
             stored = lookup_times(self.store, keys)
             # A race earlier left several copies (a crash before its check, say).
             drop_later_copies(self.store, stored)
@@ -364,14 +412,49 @@ class StoreSink:
                 inserted = batch_keys
             else:
                 inserted = {(event.project_id, event.event_id) for event in kept}
-            if self._seen is not None:
-                if inserted is batch_keys and positions is not None:
-                    self._seen.add_positions(positions)
-                else:
-                    self._seen.add_all(inserted)
+            if not self._shared:
+                if inserted is not batch_keys or hashes is None:
+                    hashes = SeenIds.hashes(list(inserted))
+                    positions = None
+                if self._seen is not None:
+                    if positions is not None:
+                        self._seen.add_positions(positions)
+                    else:
+                        self._seen.add_positions(self._seen.positions_of(hashes))
+                if self._building is not None:
+                    self._inserted_meanwhile.append(hashes)
             if self._shared:
                 repeated = lookup_times(self.store, inserted, repeated_only=True)
                 drop_later_copies(self.store, repeated)
+
+    def _build_filter(self) -> None:
+        """Start building the filter from the store on a thread of its own, unless one is
+        being built. (Under _one_at_a_time: what is inserted from now on is kept for it.)"""
+        if self._building is not None:
+            return
+        self._inserted_meanwhile = []
+
+        def build() -> None:
+            try:
+                self._built = SeenIds.of_store(self.store)
+            except Exception as exc:  # the store went away, say: the next write tries again
+                log.warning("the store sink's filter of stored ids was not built: %s", exc)
+
+        self._building = threading.Thread(target=build, name="watchllm-seen-ids", daemon=True)
+        self._building.start()
+
+    def _use_built_filter(self) -> None:
+        """Take the builder's filter once it is done, with the ids inserted since it began
+        (its pages may have been read before they were stored). Under _one_at_a_time."""
+        building = self._building
+        if building is None or building.is_alive():
+            return
+        built, self._built, self._building = self._built, None, None
+        meanwhile, self._inserted_meanwhile = self._inserted_meanwhile, []
+        if built is not None:
+            for hashes in meanwhile:
+                built.add_positions(built.positions_of(hashes))
+            self._seen = built
 
     async def write_spans(self, rows: Sequence[SpanRow]) -> None:
         await anyio.to_thread.run_sync(self._write_spans, rows)
