@@ -177,5 +177,7 @@ def serve(stdin: BinaryIO, stdout: BinaryIO, server: int | None = None) -> None:
 
 
 if __name__ == "__main__":
-    with contextlib.suppress(BrokenPipeError, KeyboardInterrupt):  # the server went away
+    # The server went away (killed mid-frame, even: EOFError): nothing to say of it in the
+    # log the worker shares with the server, whose own end is what the reader should see.
+    with contextlib.suppress(BrokenPipeError, EOFError, KeyboardInterrupt):
         serve(sys.stdin.buffer, sys.stdout.buffer, int(sys.argv[1]) if sys.argv[1:] else None)
