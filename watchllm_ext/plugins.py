@@ -24,7 +24,9 @@ from .settings import Settings
 log = logging.getLogger("watchllm.plugins")
 
 PROJECT = "watchllm"
-BUILTIN_PREFIX = "watchllm_ext."  # the modules of the plugins shipped with WatchLLM
+# The modules of the plugins shipped with WatchLLM, which read events by attribute (the
+# structs or models alike).
+BUILTIN_PREFIX = "watchllm_ext."
 ENTRY_POINT_GROUP = "watchllm"
 DEFAULT_PLUGINS = (
     "watchllm_ext.builtins.key_auth",

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from ..auth import Principal
 from ..errors import Problem, echo
-from ..plugins import PluginFailed, call_hook
+from ..plugins import BUILTIN_PREFIX, PluginFailed, call_hook
 from ..schema import EVENT_ADAPTER, EVENT_LIST_ADAPTER, EVENT_TYPES, ID_FIELD_PATTERN
 from . import fast_validate
 from .fill_in import receipt_time, uuid7
@@ -419,8 +419,6 @@ def _check_transformed(events: list[Any], principal: Principal, pm: pluggy.Plugi
 
 
 _STRUCTS = fast_validate.EVENT_STRUCT_TYPES
-# Plugins shipped in this package read events by attribute (the structs or models alike).
-_BUILTIN_PREFIX = "watchllm_ext."
 
 
 def _third_party(impls: list[Any]) -> bool:
@@ -430,7 +428,7 @@ def _third_party(impls: list[Any]) -> bool:
         module = (
             plugin.__name__ if isinstance(plugin, types.ModuleType) else type(plugin).__module__
         )
-        if not module.startswith(_BUILTIN_PREFIX):
+        if not module.startswith(BUILTIN_PREFIX):
             return True
     return False
 
