@@ -344,3 +344,21 @@ def test_a_hook_named_function_without_hookimpl_is_a_warning(
         "plugin 'test_plugin_failures.Unmarked' has a transform_events not marked @hookimpl:"
         " it is never called"
     ]
+
+
+class SetsAnObject:
+    @hookimpl
+    def transform_events(self, events: list[Any]) -> None:
+        for event in events:
+            event.metadata = {"handle": object()}
+
+
+def test_a_transform_that_sets_a_value_without_json_is_a_500_naming_it(
+    server_factory: Any,
+) -> None:
+    server = server_factory(plugin_objects=(SetsAnObject(),))
+    r = _batch(server, prompt_call("o1"))
+    assert r.status_code == 500, r.text
+    assert r.json()["plugin"] == "test_plugin_failures.SetsAnObject"
+    assert "its events have no JSON" in r.json()["message"]
+    assert _stored(server) == []

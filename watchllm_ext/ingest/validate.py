@@ -379,7 +379,12 @@ def _finish(
         outcome.project_id = principal.project_id
         if as_models or any(type(e) not in _STRUCTS for e in outcome.accepted):
             # Back to structs for the spool and the sinks, with the JSON made on the way.
-            outcome.accepted, outcome.payload = fast_validate.from_models(outcome.accepted)
+            try:
+                outcome.accepted, outcome.payload = fast_validate.from_models(outcome.accepted)
+            except Exception as exc:  # a value a plugin set that has no JSON (an object)
+                if not as_models:
+                    raise
+                raise _transform_failed(pm, f"its events have no JSON: {exc}") from exc
         if as_models:
             _check_transformed(outcome.accepted, principal, pm)
     return outcome
@@ -407,15 +412,22 @@ def _check_transformed(events: list[Any], principal: Principal, pm: pluggy.Plugi
         if problem is None and event.project_id != principal.project_id:
             problem = f"project_id: {echo(str(event.project_id))!r} is not the key's project"
         if problem is not None:
-            names = ", ".join(
-                impl.plugin_name
-                for impl in reversed(pm.hook.transform_events.get_hookimpls())
-                if _third_party([impl])
-            )
             event_id = echo(str(event.event_id))
-            why = f"it left event {index} (event_id {event_id!r}) invalid: {problem}"
-            log.error("plugin(s) %s in transform_events: %s", names, why)
-            raise PluginFailed("transform_events", names, why)
+            raise _transform_failed(
+                pm, f"it left event {index} (event_id {event_id!r}) invalid: {problem}"
+            )
+
+
+def _transform_failed(pm: pluggy.PluginManager, why: str) -> PluginFailed:
+    """The PluginFailed of the third-party transform_events plugins (which of them did it is
+    not known once they have all run), logged."""
+    names = ", ".join(
+        impl.plugin_name
+        for impl in reversed(pm.hook.transform_events.get_hookimpls())
+        if _third_party([impl])
+    )
+    log.error("plugin(s) %s in transform_events: %s", names, why)
+    return PluginFailed("transform_events", names, echo(why, MAX_MESSAGE_CHARS))
 
 
 _STRUCTS = fast_validate.EVENT_STRUCT_TYPES
