@@ -13,6 +13,7 @@ from typing import Any
 import anyio
 import pytest
 from conftest import Running, make_settings, prompt_call
+from starlette.exceptions import HTTPException
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
@@ -361,4 +362,21 @@ def test_a_transform_that_sets_a_value_without_json_is_a_500_naming_it(
     assert r.status_code == 500, r.text
     assert r.json()["plugin"] == "test_plugin_failures.SetsAnObject"
     assert "its events have no JSON" in r.json()["message"]
+    assert _stored(server) == []
+
+
+class AnswersItself:
+    @hookimpl
+    def transform_events(self, events: list[Any]) -> None:
+        raise HTTPException(418, "a plugin's own answer")
+
+
+def test_a_hook_that_chooses_its_answer_is_answered_so_and_its_quota_given_back(
+    server_factory: Any,
+) -> None:
+    quota = Counted()
+    server = server_factory(plugin_objects=(AnswersItself(), quota))
+    r = _batch(server, prompt_call("h1"), prompt_call("h2"))
+    assert r.status_code == 418, r.text
+    assert (quota.taken, quota.given_back) == (2, 2)
     assert _stored(server) == []

@@ -449,7 +449,7 @@ class WatchLLM:
             else:
                 outcome = validate_items(events, principal, self.pm, received)
             body = await _accept(self, outcome)
-        except Problem:
+        except CHOSEN_ANSWERS:  # a plugin may answer with an HTTPException
             if quota:
                 await self.refund_quota(principal, len(events))  # refused whole: nothing taken
             raise
@@ -899,7 +899,7 @@ async def _ingest_fast(
                 _finish_and_encode, events, principal, wl.pm, received_at, encode, at
             )
         response = await _answer(wl, outcome, slot)
-    except Problem:
+    except CHOSEN_ANSWERS:
         await wl.refund_quota(principal, len(events))  # refused whole (403, 422, 503)
         raise
     if outcome.not_accepted:  # a 207's invalid events, those a plugin dropped
@@ -947,7 +947,7 @@ async def _ingest(
             too_long,
         )
         response = await _answer(wl, outcome, slot)
-    except Problem:
+    except CHOSEN_ANSWERS:
         await wl.refund_quota(principal, len(items))  # refused whole (422, 503)
         raise
     if outcome.not_accepted:  # a 207's invalid events, those a plugin dropped

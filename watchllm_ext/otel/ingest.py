@@ -34,7 +34,7 @@ from ..ingest.fast_validate import from_built, validate_list
 from ..ingest.fill_in import receipt_time
 from ..ingest.validate import Outcome, finish_fast, validate_items
 from ..observability.metrics import ops_metrics
-from ..plugins import PluginFailed, call_hook
+from ..plugins import CHOSEN_ANSWERS, PluginFailed, call_hook
 from .mapped import MappedSpans, map_spans
 from .mapping import Span
 from .rows import RowsJson, SpanRow, encoded
@@ -267,7 +267,7 @@ async def _charged(
         await wl.check_quota(principal, spans)
     try:
         answer = await work()
-    except Problem:
+    except CHOSEN_ANSWERS:
         await wl.refund_quota(principal, spans)  # refused whole (413, 503): nothing taken
         raise
     # Usage counts accepted spans only: those the mapping or validation refused go back.
