@@ -94,6 +94,7 @@ from .plugins import (
     CHOSEN_ANSWERS,
     PluginError,
     PluginFailed,
+    answered_wrongly,
     call_hook,
     describe_plugins,
     each_result,
@@ -344,10 +345,6 @@ class WatchLLM:
         principal = self.find_principal(token, request)
         if principal is None:
             raise unauthorized(self.unknown_key_message())
-        if not isinstance(principal, Principal) or not PROJECT_ID_RE.fullmatch(
-            principal.project_id
-        ):
-            raise _not_a_principal(self.pm, principal)
         if scope is not None and not principal.can(scope):
             raise Problem(
                 403,
@@ -384,11 +381,8 @@ class WatchLLM:
         ):
             decision = await _awaited(hook.name, impl, result)
             if decision is not None and not isinstance(decision, QuotaDecision):
-                raise PluginFailed(
-                    hook.name,
-                    impl.plugin_name,
-                    f"it returned {type(decision).__name__}, not a QuotaDecision or None",
-                )
+                why = f"it returned {type(decision).__name__}, not a QuotaDecision or None"
+                raise answered_wrongly(hook, why, [impl])
             if decision is not None and not decision.allowed:
                 ops_metrics(self).quota_denials.labels("host" if n_events == 0 else "ingest").inc()
                 raise Problem(
@@ -987,13 +981,11 @@ class _Accepted(Response):
 def _not_a_principal(pm: pluggy.PluginManager, result: object) -> PluginFailed:
     """authenticate's answer of a type other than Principal (or None), naming the plugins
     that implement the hook (the first answer wins; which one gave it is not known here)."""
-    plugin = ", ".join(i.plugin_name for i in reversed(pm.hook.authenticate.get_hookimpls()))
     if isinstance(result, Principal):
         why = f"its Principal's project_id {echo(result.project_id)!r} is not a project id"
     else:
         why = f"it returned {type(result).__name__}, not a Principal or None"
-    log.error("plugin(s) %s answered authenticate wrongly: %s", plugin, why)
-    return PluginFailed("authenticate", plugin, why)
+    return answered_wrongly(pm.hook.authenticate, why)
 
 
 async def _awaited(hook: str, impl: Any, result: Any) -> Any:

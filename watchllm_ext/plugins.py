@@ -75,6 +75,18 @@ def plugin_failed(hook: str, impl: pluggy.HookImpl, exc: BaseException) -> Plugi
     return PluginFailed(hook, impl.plugin_name, f"{type(exc).__name__} raised")
 
 
+def answered_wrongly(
+    hook: pluggy.HookCaller, why: str, impls: list[pluggy.HookImpl] | None = None
+) -> PluginFailed:
+    """The PluginFailed of an answer the hook's spec does not allow (`why`), logged, naming
+    `impls` (by default every implementation: once call_hook has run them all, which one
+    answered so is not known)."""
+    chosen = hook.get_hookimpls() if impls is None else impls
+    names = ", ".join(impl.plugin_name for impl in reversed(chosen))
+    log.error("plugin(s) %s in %s: %s", names, hook.name, why)
+    return PluginFailed(hook.name, names, why)
+
+
 def get_plugin_manager(
     settings: Settings, plugins: Iterable[Any] = (), *, entry_points: bool = True
 ) -> pluggy.PluginManager:

@@ -271,8 +271,10 @@ class SeenIds:
         return bool(self.maybe_stored([key]))
 
     def add_all(self, keys: Iterable[Key]) -> None:
-        listed = keys if isinstance(keys, list) else list(keys)
-        self.add_positions(self.positions(listed))
+        self.add_hashes(self.hashes(keys if isinstance(keys, list) else list(keys)))
+
+    def add_hashes(self, hashes: np.ndarray) -> None:
+        self.add_positions(self.positions_of(hashes))
 
     def add_positions(self, positions: np.ndarray) -> None:
         flat = positions.ravel()
@@ -327,7 +329,7 @@ class SeenIds:
                     keys = list(
                         zip(part.column(0).to_pylist(), part.column(1).to_pylist(), strict=True)
                     )
-                    seen.add_positions(seen.positions_of(cls.hashes(keys)))
+                    seen.add_hashes(cls.hashes(keys))
                     after = keys[-1]
             if rows < _BUILD_PAGE:
                 return seen
@@ -420,7 +422,7 @@ class StoreSink:
                     if positions is not None:
                         self._seen.add_positions(positions)
                     else:
-                        self._seen.add_positions(self._seen.positions_of(hashes))
+                        self._seen.add_hashes(hashes)
                 if self._building is not None:
                     self._inserted_meanwhile.append(hashes)
             if self._shared:
@@ -453,7 +455,7 @@ class StoreSink:
         meanwhile, self._inserted_meanwhile = self._inserted_meanwhile, []
         if built is not None:
             for hashes in meanwhile:
-                built.add_positions(built.positions_of(hashes))
+                built.add_hashes(hashes)
             self._seen = built
 
     async def write_spans(self, rows: Sequence[SpanRow]) -> None:

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from ..auth import Principal
 from ..errors import Problem, echo
-from ..plugins import BUILTIN_PREFIX, PluginFailed, call_hook
+from ..plugins import BUILTIN_PREFIX, PluginFailed, answered_wrongly, call_hook
 from ..schema import EVENT_ADAPTER, EVENT_LIST_ADAPTER, EVENT_TYPES, ID_FIELD_PATTERN
 from . import fast_validate
 from .fill_in import receipt_time, uuid7
@@ -358,7 +358,7 @@ def _finish(
                 data["timestamp"] = received
         if validator_impls:
             problems = _plugin_problems(
-                call_hook(validators, event=event, principal=principal), validator_impls
+                call_hook(validators, event=event, principal=principal), validators
             )
             if problems:
                 outcome.rejected.append(
@@ -421,13 +421,9 @@ def _check_transformed(events: list[Any], principal: Principal, pm: pluggy.Plugi
 def _transform_failed(pm: pluggy.PluginManager, why: str) -> PluginFailed:
     """The PluginFailed of the third-party transform_events plugins (which of them did it is
     not known once they have all run), logged."""
-    names = ", ".join(
-        impl.plugin_name
-        for impl in reversed(pm.hook.transform_events.get_hookimpls())
-        if _third_party([impl])
-    )
-    log.error("plugin(s) %s in transform_events: %s", names, why)
-    return PluginFailed("transform_events", names, echo(why, MAX_MESSAGE_CHARS))
+    hook = pm.hook.transform_events
+    third_party = [impl for impl in hook.get_hookimpls() if _third_party([impl])]
+    return answered_wrongly(hook, echo(why, MAX_MESSAGE_CHARS), third_party)
 
 
 _STRUCTS = fast_validate.EVENT_STRUCT_TYPES
@@ -445,7 +441,7 @@ def _third_party(impls: list[Any]) -> bool:
     return False
 
 
-def _plugin_problems(results: list[Any], impls: list[Any]) -> list[str]:
+def _plugin_problems(results: list[Any], hook: pluggy.HookCaller) -> list[str]:
     """validate_event's results as problems: each a string, or a list or tuple of strings
     (anything else is the plugin's bug, answered 500, not a problem of the event's)."""
     problems: list[str] = []
@@ -456,8 +452,6 @@ def _plugin_problems(results: list[Any], impls: list[Any]) -> list[str]:
         elif isinstance(result, list | tuple) and all(isinstance(p, str) for p in result):
             problems.extend(p for p in result if p)
         else:
-            names = ", ".join(impl.plugin_name for impl in reversed(impls))
             why = f"it returned {type(result).__name__}, not None, a string or a list of strings"
-            log.error("plugin(s) %s answered validate_event wrongly: %s", names, why)
-            raise PluginFailed("validate_event", names, why)
+            raise answered_wrongly(hook, why)
     return problems

@@ -34,7 +34,7 @@ from ..ingest.fast_validate import from_built, validate_list
 from ..ingest.fill_in import receipt_time
 from ..ingest.validate import Outcome, finish_fast, validate_items
 from ..observability.metrics import ops_metrics
-from ..plugins import CHOSEN_ANSWERS, PluginFailed, call_hook
+from ..plugins import CHOSEN_ANSWERS, answered_wrongly, call_hook
 from .mapped import MappedSpans, map_spans
 from .mapping import Span
 from .rows import RowsJson, SpanRow, encoded
@@ -148,10 +148,8 @@ def transform_spans(rows: list[SpanRow], principal: Principal, pm: pluggy.Plugin
         if len(rows) != n:
             # The spans' events are spooled beside their rows: a row taken out would leave
             # its events without a span, one added has none. Refused, not stored half.
-            names = ", ".join(impl.plugin_name for impl in reversed(hook.get_hookimpls()))
             why = f"it changed the list of span rows ({n} -> {len(rows)}); change rows in place"
-            log.error("plugin(s) %s in transform_spans: %s", names, why)
-            raise PluginFailed("transform_spans", names, why)
+            raise answered_wrongly(hook, why)
 
 
 def _refuse(outcome: Outcome, mapped: MappedSpans) -> set[int]:
