@@ -67,7 +67,9 @@ def _redaction_roundtrip(server: Running) -> None:
         },
     )
     assert r.status_code == 207, r.text
-    assert r.json()["rejected"][0]["errors"][0]["message"].startswith("user_id must be")
+    assert r.json()["rejected"][0]["errors"] == [
+        {"field": "user_id", "message": "must be an opaque id, not an e-mail address"}
+    ]
     server.flush()
     assert server.query("SELECT prompt FROM events") == [{"prompt": "mail [email] now"}]
     assert server.client.get("/-/redactions").status_code == 401  # a key is asked for
@@ -263,6 +265,33 @@ def test_hook_validate_event(server_factory: Any) -> None:
             "event_id": "v2",
             "errors": [{"field": "(event)", "message": "model is required by this deployment"}],
         }
+    ]
+
+
+class RequireUser:
+    """Names the field it checks, alone or among plain problems."""
+
+    @hookimpl
+    def validate_event(self, event: Any, principal: Principal) -> Any:
+        if "user_id" in event.metadata:
+            return None
+        missing = {"field": "metadata.user_id", "message": "a user id is required"}
+        return missing if event.event_id.endswith("1") else [missing, "and a second problem"]
+
+
+def test_a_validator_names_a_field(server_factory: Any) -> None:
+    server = server_factory(plugin_objects=(RequireUser(),))
+    events = [prompt_call("f1"), prompt_call("f2"), prompt_call("f3", metadata={"user_id": "u"})]
+    r = server.client.post("/v1/events/batch", headers=server.headers(), json={"events": events})
+    assert r.status_code == 207, r.text
+    missing = {"field": "metadata.user_id", "message": "a user id is required"}
+    assert r.json()["rejected"] == [
+        {"index": 0, "event_id": "f1", "errors": [missing]},
+        {
+            "index": 1,
+            "event_id": "f2",
+            "errors": [missing, {"field": "(event)", "message": "and a second problem"}],
+        },
     ]
 
 

@@ -7,7 +7,7 @@ owns its timeouts, retries and error isolation.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -66,8 +66,12 @@ def refund_quota(principal: Principal, n_events: int) -> Awaitable[None] | None:
 
 
 @hookspec
-def validate_event(event: Any, principal: Principal) -> Sequence[str] | str | None:
-    """Add rules to the schema. Return a problem (or a list of problems) to reject the event.
+def validate_event(
+    event: Any, principal: Principal
+) -> Sequence[str | Mapping[str, str]] | str | Mapping[str, str] | None:
+    """Add rules to the schema. Return a problem (or a list of problems) to reject the event:
+    a string about the whole event, or `{"field": "metadata.user_id", "message": "..."}` to
+    name the field, as the schema's own problems do.
 
     Every result is used: any problem from any implementation rejects that event, and the
     answer names each problem under the event's index. Called only for events that passed

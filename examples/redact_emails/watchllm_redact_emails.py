@@ -97,9 +97,9 @@ class EmailRedactor:
             span.links = self._redact_json_text(span.links, project)
 
     @hookimpl
-    def validate_event(self, event: Any, principal: Any) -> str | None:
+    def validate_event(self, event: Any, principal: Any) -> dict[str, str] | None:
         if event.user_id and EMAIL.fullmatch(event.user_id):
-            return "user_id must be an opaque id, not an e-mail address"
+            return {"field": "user_id", "message": "must be an opaque id, not an e-mail address"}
         return None
 
     @hookimpl

@@ -364,7 +364,7 @@ def _finish(
                 outcome.rejected.append(
                     Rejection(
                         index,
-                        [{"field": "(event)", "message": p} for p in problems],
+                        problems,
                         client_id,  # an id the server made for a refused event means nothing
                     )
                 )
@@ -441,17 +441,40 @@ def _third_party(impls: list[Any]) -> bool:
     return False
 
 
-def _plugin_problems(results: list[Any], hook: pluggy.HookCaller) -> list[str]:
-    """validate_event's results as problems: each a string, or a list or tuple of strings
-    (anything else is the plugin's bug, answered 500, not a problem of the event's)."""
-    problems: list[str] = []
+def _plugin_problems(results: list[Any], hook: pluggy.HookCaller) -> list[dict[str, str]]:
+    """validate_event's results as the answer's problems: each a string (about the whole
+    event), a `{"field": ..., "message": ...}` mapping naming a field, or a list or tuple of
+    those (anything else is the plugin's bug, answered 500, not a problem of the event's)."""
+    problems: list[dict[str, str]] = []
     for result in results:
-        if isinstance(result, str):
-            if result:
-                problems.append(result)
-        elif isinstance(result, list | tuple) and all(isinstance(p, str) for p in result):
-            problems.extend(p for p in result if p)
-        else:
-            why = f"it returned {type(result).__name__}, not None, a string or a list of strings"
-            raise answered_wrongly(hook, why)
+        for problem in result if isinstance(result, list | tuple) else (result,):
+            if isinstance(problem, str):
+                if problem:
+                    problems.append({"field": "(event)", "message": problem})
+            elif _is_field_problem(problem):
+                problems.append({"field": problem["field"], "message": problem["message"]})
+            else:
+                why = (
+                    f"it returned {_described(result)}, not None, a string, a mapping of "
+                    '"field" and "message" strings or a list of those'
+                )
+                raise answered_wrongly(hook, why)
     return problems
+
+
+def _is_field_problem(problem: object) -> bool:
+    return (
+        isinstance(problem, dict)
+        and problem.keys() == {"field", "message"}
+        and isinstance(problem["field"], str)
+        and isinstance(problem["message"], str)
+        and bool(problem["field"])
+        and bool(problem["message"])
+    )
+
+
+def _described(result: object) -> str:
+    if isinstance(result, list | tuple):
+        kinds = sorted({type(p).__name__ for p in result})
+        return f"a {type(result).__name__} of {', '.join(kinds)}"
+    return type(result).__name__
