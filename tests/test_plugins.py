@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -276,7 +277,9 @@ class RequireUser:
         if "user_id" in event.metadata:
             return None
         missing = {"field": "metadata.user_id", "message": "a user id is required"}
-        return missing if event.event_id.endswith("1") else [missing, "and a second problem"]
+        if event.event_id.endswith("1"):
+            return MappingProxyType(missing)  # any mapping, not only a dict
+        return [missing, "and a second problem"]
 
 
 def test_a_validator_names_a_field(server_factory: Any) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import re
 import types
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -464,7 +465,7 @@ def _plugin_problems(results: list[Any], hook: pluggy.HookCaller) -> list[dict[s
 
 def _is_field_problem(problem: object) -> bool:
     return (
-        isinstance(problem, dict)
+        isinstance(problem, Mapping)  # as the hook's annotation and PLUGINS.md say
         and problem.keys() == {"field", "message"}
         and isinstance(problem["field"], str)
         and isinstance(problem["message"], str)
