@@ -1048,9 +1048,31 @@ def test_a_path_with_a_slash_too_many_is_404_not_a_redirect_to_the_host_sent(
         timeout=10,
     )
     assert r.status_code == 404 and "location" not in r.headers
-    assert r.json()["error"] == "not_found"
+    assert r.json() == {
+        "error": "not_found",
+        "message": "no route POST /v1/projects/acme/events/ on this server: did you mean"
+        " /v1/projects/acme/events, without the trailing slash?",
+    }
     assert httpx.get(served.url + "/healthz/", timeout=10).status_code == 404
+    # A path that is no route without its slash either gets the general answer.
+    lost = httpx.get(served.url + "/v1/nope/", timeout=10).json()["message"]
+    assert lost.startswith("no route GET /v1/nope/ on this server (docs/API.md"), lost
     assert served.accepted() == 0
+
+
+def test_a_method_the_route_does_not_take_is_405_naming_the_ones_it_does(
+    served: Served,
+) -> None:
+    auth = {"Authorization": f"Bearer {served.key}"}
+    r = httpx.get(served.url + "/v1/projects/acme/events", headers=auth, timeout=10)
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert r.json() == {
+        "error": "method_not_allowed",
+        "message": "GET is not allowed on /v1/projects/acme/events; it takes POST",
+    }
+    r = httpx.delete(served.url + "/v1/analytics/stats", headers=auth, timeout=10)
+    assert r.status_code == 405, r.text
+    assert r.json()["message"].startswith("DELETE is not allowed on /v1/analytics/stats; it takes")
 
 
 # --- the access log ---------------------------------------------------------------------------

@@ -158,6 +158,20 @@ def test_openinference_llm_tool_and_agent_spans() -> None:
     assert event["response_metadata"] == {"llm.token_count.total": 25}
     valid(event)
 
+    # A streamed call whose chunks named no model: the model it asked for, from its
+    # parameters (which stay in response_metadata); not from parameters that are no object.
+    params = json.dumps({"model": "gpt-4o", "stream": True})
+    streamed = {k: v for k, v in llm.items() if k != "llm.model_name"}
+    event = map_span(span(attributes={**streamed, "llm.invocation_parameters": params})).event
+    assert event is not None and event["model"] == "gpt-4o"
+    assert event["response_metadata"]["llm.invocation_parameters"] == params
+    valid(event)
+    for odd in ('["gpt-4o"]', '{"model": 4}', '{"model": ""}', "{not json", "x" * 70_000):
+        event = map_span(span(attributes={**streamed, "llm.invocation_parameters": odd})).event
+        assert event is not None and "model" not in event, odd
+    both = {**llm, "llm.invocation_parameters": params}
+    assert map_span(span(attributes=both)).event["model"] == "gpt-4o-mini"  # type: ignore[index]
+
     tool = {"openinference.span.kind": "TOOL", "tool.name": "search", "input.value": '{"q": "x"}'}
     event = map_span(span(name="search", attributes=tool, status_code="error")).event
     assert event is not None

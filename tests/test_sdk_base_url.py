@@ -95,4 +95,5 @@ def test_observed_calls_never_raise_on_a_bad_variable(
     assert not client.enabled and client.transport_name == "disabled"
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "WATCHLLM_BASE_URL" in errors[0].getMessage()
+    assert client.stats()["last_error"] == errors[0].getMessage()
     assert isinstance(client.log_tool_call("t"), str)  # still never raises

@@ -256,11 +256,20 @@ def test_disabled_without_a_key(monkeypatch: pytest.MonkeyPatch, caplog: Any) ->
     event_id = client.log_prompt_call(model="m")
     assert isinstance(event_id, str) and client.flush(1)
     assert client.stats()["queued"] == 0
+    # A script printing its stats sees why nothing was sent, not a healthy "0 dropped".
+    assert client.stats()["last_error"] == (
+        "WatchLLM is disabled: no api_key and no WATCHLLM_API_KEY (events are not sent)"
+    )
     client.close()
     with caplog.at_level(logging.WARNING, logger="watchllm.sdk"):
         no_url = WatchLLM(api_key="k", transport="http")  # misconfigured: still no exception
     assert not no_url.enabled and "no base_url" in caplog.text
     assert no_url.transport_name == "disabled"
+    assert "no base_url" in no_url.stats()["last_error"]
+    no_url.close()
+    off = WatchLLM(enabled=False)
+    assert off.stats()["last_error"] == "disabled (enabled=False)"
+    off.close()
 
 
 def test_from_environment(server: Running, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Match, Route
 
 from . import __version__
 from .analytics.reads import StoreReads
@@ -1449,15 +1449,36 @@ async def _not_found(request: Request, exc: Exception) -> Response:
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     message = str(exc.detail)
     if exc.status_code == 404 and message == "Not Found":  # no route: say which was asked
-        message = (
-            f"no route {request.method} {request.url.path[:200]} on this server (docs/API.md"
-            " lists the routes; some exist only with a setting on, such as quotas)"
+        message = f"no route {request.method} {request.url.path[:200]} on this server" + (
+            _without_slash_hint(request)
+            or " (docs/API.md lists the routes; some exist only with a setting on, such as quotas)"
+        )
+    elif exc.status_code == 405 and message == "Method Not Allowed":
+        allowed = (getattr(exc, "headers", None) or {}).get("Allow", "")
+        message = f"{request.method} is not allowed on {request.url.path[:200]}" + (
+            f"; it takes {allowed}" if allowed else ""
         )
     return JSONResponse(
         {"error": code, "message": message},
         status_code=exc.status_code,
         headers=getattr(exc, "headers", None),
     )
+
+
+def _without_slash_hint(request: Request) -> str:
+    """A hint for the usual near miss, a trailing slash (`.../events/`), which is a 404 here
+    (create_app turns Starlette's 307 off). ('' when the path without it is no route either.)"""
+    path = request.scope.get("path", "")
+    if len(path) < 2 or not path.endswith("/"):
+        return ""
+    root = request.scope.get("root_path", "")
+    bare = path.rstrip("/")
+    inner = bare[len(root) :] if root and bare.startswith(root) else bare
+    scope = {**request.scope, "path": inner or "/"}
+    for route in getattr(request.app, "routes", []):
+        if isinstance(route, Route) and route.matches(scope)[0] is not Match.NONE:
+            return f": did you mean {bare[:200]}, without the trailing slash?"
+    return ""
 
 
 def _otlp_endpoint_hint(request: Request) -> tuple[str | None, str]:

@@ -426,7 +426,8 @@ def _resource_facts(resource: dict[str, Any]) -> _ResourceFacts:
 
 def _prompt_call(span: Span, event: dict[str, Any], used: set[str]) -> None:
     attrs = span.attributes
-    _put(event, "model", _short(_first_text(attrs, MODEL_KEYS, used)))
+    model = _first_text(attrs, MODEL_KEYS, used) or _invoked_model(attrs)
+    _put(event, "model", _short(model))
     _put(event, "provider", _short(_first_text(attrs, PROVIDER_KEYS, used)))
     _put(event, "tokens_input", _first_count(attrs, INPUT_TOKEN_KEYS, used))
     _put(event, "tokens_output", _first_count(attrs, OUTPUT_TOKEN_KEYS, used))
@@ -766,6 +767,27 @@ def _first(attrs: Mapping[str, Any], keys: Iterable[str], used: set[str]) -> Any
             if found is None:
                 found = attrs[key]
     return found
+
+
+# The largest llm.invocation_parameters read for its model: the JSON of a call's parameters
+# is small; a bigger one (tool schemas inline, say) is kept, not parsed.
+MAX_INVOCATION_PARAMETERS_CHARS = 64 * 1024
+
+
+def _invoked_model(attrs: Mapping[str, Any]) -> str | None:
+    """The model an OpenInference span asked for, from `llm.invocation_parameters` (a JSON
+    object), when it names none in `llm.model_name`: a streamed call whose chunks carry no
+    model would otherwise be stored without one, and so without a computed cost. (The
+    attribute stays in response_metadata.)"""
+    raw = attrs.get("llm.invocation_parameters")
+    if not isinstance(raw, str) or len(raw) > MAX_INVOCATION_PARAMETERS_CHARS:
+        return None
+    try:
+        parameters = json.loads(raw)
+    except ValueError:
+        return None
+    model = parameters.get("model") if isinstance(parameters, dict) else None
+    return model if isinstance(model, str) and model else None
 
 
 def _first_text(attrs: Mapping[str, Any], keys: Iterable[str], used: set[str]) -> str | None:

@@ -143,17 +143,13 @@ class WatchLLM:
             "platform": f"python {platform.python_version()} {platform.system()}"[:256],
         }
         self.enabled = enabled
+        # Why the client sends nothing, for stats()'s last_error: a script that prints its
+        # stats sees the cause, not a healthy-looking "0 sent, 0 dropped".
+        self.disabled_reason: str | None = None if enabled else "disabled (enabled=False)"
         if enabled and not self.api_key:
-            self.enabled = False
-            log.warning(
-                "WatchLLM is disabled: no api_key and no WATCHLLM_API_KEY (events are not sent)"
-            )
+            self._disable("no api_key and no WATCHLLM_API_KEY")
         if self.enabled and transport == "http" and not self.base_url:
-            # Missing configuration never raises into the host: one warning, nothing sent.
-            self.enabled = False
-            log.warning(
-                "WatchLLM is disabled: transport='http' and no base_url (events are not sent)"
-            )
+            self._disable("transport='http' and no base_url")
         if self.enabled and self._uses_local() and not self.base_url:
             log.info("WatchLLM: no base_url, events go to the WatchLLM app in this process")
         self._reset_state()
@@ -165,6 +161,12 @@ class WatchLLM:
         _default_client = self
         if self.enabled and handle_sigterm:
             _flush_on_sigterm()
+
+    def _disable(self, why: str) -> None:
+        # Missing configuration never raises into the host: one warning, nothing sent.
+        self.enabled = False
+        self.disabled_reason = f"WatchLLM is disabled: {why} (events are not sent)"
+        log.warning("%s", self.disabled_reason)
 
     # -- state, fork safety ----------------------------------------------------------------
 
@@ -813,10 +815,12 @@ class WatchLLM:
 
     def stats(self) -> dict[str, Any]:
         """Counters of this process: `logged`, `sent`, `batches`, `retries`, `sampled_out`,
-        `queued`, `dropped` (by reason, see DROP_REASONS), `dropped_total`, `last_error`,
-        `transport`, `enabled`."""
+        `queued`, `dropped` (by reason, see DROP_REASONS), `dropped_total`, `last_error`
+        (for a disabled client: why it is), `transport`, `enabled`."""
         with self._stats_lock:
             out = {**self._stats, "dropped": dict(self._stats["dropped"])}
+        if not self.enabled and out["last_error"] is None:
+            out["last_error"] = self.disabled_reason
         out["dropped_total"] = sum(out["dropped"].values())
         out["logged"] = self._enqueued
         out["queued"] = len(self._queue) + self._in_flight
@@ -921,8 +925,10 @@ def get_client() -> WatchLLM:
         except ValueError as exc:  # WATCHLLM_BASE_URL is malformed
             # Called by @observe and the integrations at each call, where the SDK never
             # raises: said once, as a disabled client that becomes the default.
-            log.error("WatchLLM is disabled: %s (events are not sent)", exc)
+            reason = f"WatchLLM is disabled: {exc} (events are not sent)"
+            log.error("%s", reason)
             client = WatchLLM(enabled=False)
+            client.disabled_reason = reason
     return client
 
 
