@@ -513,3 +513,19 @@ def test_a_span_past_the_contracts_window_still_maps_to_a_valid_event() -> None:
         assert mapped.event is not None
         event = valid(mapped.event)
         assert event.timestamp.year == 2099
+
+
+@pytest.mark.parametrize("odd", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_attributes_of_span_events_and_links_stay_json(odd: float) -> None:
+    """The row's span_events and links are JSON documents the run tree counts and lists: a
+    NaN or Infinity attribute (OTLP's doubleValue "NaN") becomes its text, not NaN, which no
+    JSON reader takes (the run tree then showed no event and no link)."""
+    link = {"trace_id": TRACE, "span_id": "00f067aa0ba902b7", "attributes": {"w": [1.5, odd]}}
+    row = map_span(span(events=[SpanEvent("retry", T0, {"delay": odd, "n": 2})], links=[link])).row
+    events, links = json.loads(row.span_events), json.loads(row.links)  # strict: no NaN
+    assert events == [
+        {"name": "retry", "time_unix_nano": T0, "attributes": {"delay": repr(odd), "n": 2}}
+    ]
+    assert links[0]["attributes"] == {"w": [1.5, repr(odd)]}
+    for text in (row.span_events, row.links):
+        assert "NaN" not in text and "Infinity" not in text, text

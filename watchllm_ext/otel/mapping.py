@@ -330,15 +330,19 @@ def span_row(
         event_type=event_type,
         attributes=_attribute_texts(span),
         resource_attributes=resource.texts,
+        # JSON documents (the run tree counts and lists them): a NaN or Infinity attribute
+        # becomes its text, as in the event's fields, not JSON no reader takes.
         span_events=_json_text(
-            [
-                {"name": e.name, "time_unix_nano": e.time_unix_nano, "attributes": e.attributes}
-                for e in span.events
-            ]
+            _finite(
+                [
+                    {"name": e.name, "time_unix_nano": e.time_unix_nano, "attributes": e.attributes}
+                    for e in span.events
+                ]
+            )
         )
         if span.events
         else "[]",
-        links=_json_text(span.links) if span.links else "[]",
+        links=_json_text(_finite(span.links)) if span.links else "[]",
         ingested_at=received_at,
     )
 
