@@ -22,6 +22,7 @@ from test_bad_input import ADMIN, BATCH, CASES, PROJECT
 from test_json_input import generated_events
 from test_otel_workers import wait_for_a_worker
 
+import watchllm_ext.app as app_module
 from watchllm_ext.delivery.writer import EventBatch, EventsJson, EventsJsonBatch
 from watchllm_ext.hookspecs import hookimpl
 from watchllm_ext.ingest.fill_in import receipt_time
@@ -215,8 +216,57 @@ def test_bad_bodies_get_the_servers_detailed_answers(server_factory: Any, tmp_pa
     assert there[0][0][1]["rejected"][0]["index"] == 7
     assert there[0][1][1]["field"] == "events[5].project_id"
     assert here[1] == there[1]
-    # The 403 came from the worker; the others were declined there and answered here.
+    # The 403 came from the worker's fast path; the others were declined there and answered
+    # in detail, there too.
     assert (bodies_count(there[2], "worker"), bodies_count(there[2], "declined")) == (1, 2)
+
+
+def test_what_only_pydantic_reads_is_answered_in_detail_by_the_worker(
+    server_factory: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Free-form JSON nested deeper than the fast validator reads: the worker gives the
+    detailed answer (parsing such a body took seconds of the GIL on a server thread, the
+    event loop held meanwhile), the same as the server's. Its record holds events msgspec
+    does not read back: sent again, the store sink finds the copies (pydantic reads them)
+    and stores nothing twice, where it failed and retried for ever."""
+    deep = json.loads('{"a":' * 190 + "1" + "}" * 190)
+
+    def events(prefix: str) -> list[dict[str, Any]]:
+        return [
+            {"event_id": f"{prefix}-{i}", "event_type": "error", "run_id": "r",
+             "error_type": "E", "error_message": "m", "metadata": deep,
+             "timestamp": "2026-05-06T07:08:09.123Z"}
+            for i in range(60)
+        ]  # fmt: skip
+
+    bad = events("bad")
+    bad[30]["run_id"] = "no spaces allowed"
+    posts = [("/v1/events/batch", batch_body(body)) for body in (events("deep"),) * 2]
+    posts.append(("/v1/events/batch", batch_body(bad)))
+    here = answers_and_rows(server_factory, tmp_path / "here", 0, posts)
+
+    def not_here(body: bytes) -> None:
+        raise AssertionError("a body the worker took was parsed in the server")
+
+    monkeypatch.setattr(app_module, "parse_events_json", not_here)  # (the worker's is its own)
+    there = answers_and_rows(server_factory, tmp_path / "there", 1, posts)
+    assert here[0] == there[0]
+    assert [status for status, _ in there[0]] == [202, 202, 207]
+    assert there[0][2][1]["rejected"] == [
+        {
+            "index": 30,
+            "event_id": "bad-30",
+            "errors": [
+                {
+                    "field": "run_id",
+                    "message": there[0][2][1]["rejected"][0]["errors"][0]["message"],
+                }
+            ],
+        }
+    ]
+    assert here[1] == there[1]
+    assert len(there[1]["events"]) == 60 + 59
+    assert bodies_count(there[2], "declined") == 3 and bodies_count(there[2], "worker") == 0
 
 
 def padded_bodies() -> list[tuple[str, str, bytes]]:
@@ -257,7 +307,8 @@ def test_the_bad_input_table_in_big_bodies_gets_the_same_answers(
         assert (mine[0], comparable(mine[1])) == (theirs[0], comparable(theirs[1])), case
     for table in TABLES:
         assert len(here[1][table]) == len(there[1][table]), table
-    # Every body went to the worker: declined (the server answered in detail) or done there.
+    # Every body went to the worker: answered in detail there (declined by its fast
+    # validator) or on its fast path.
     assert bodies_count(there[2], "worker") + bodies_count(there[2], "declined") == len(posts)
     assert bodies_count(there[2], "declined") >= len(posts) // 2
 
@@ -489,9 +540,11 @@ def test_a_job_is_answered_in_process_as_by_a_worker() -> None:
     events = many_events(copies=1)
     job = encode_job(batch_body(events), "batch", "acme", receipt_time(), [])
     answer = decode_answer(answer_job(job))
-    assert answer.crash is None and not answer.declined and answer.problem is None
+    assert answer.crash is None and not answer.detailed and answer.problem is None
     assert answer.count == len(events) and answer.event_ids == [e["event_id"] for e in events]
     assert [e["event_id"] for e in json.loads(answer.payload)] == answer.event_ids
     assert answer.parts is not None  # prompt calls with tool calls, agent steps
-    declined = work(EventsJob(b'{"events": [{"event_type": "nope"}]}', "batch", "acme", 0))
-    assert declined.declined
+    # Declined by the fast validator: the detailed answer, also made here.
+    detailed = work(EventsJob(b'{"events": [{"event_type": "nope"}]}', "batch", "acme", 0))
+    assert detailed.detailed and detailed.count == 1 and not detailed.event_ids
+    assert detailed.rejected[0][0] == 0 and detailed.rejected[0][1][0]["field"] == "event_type"

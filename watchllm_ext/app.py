@@ -64,7 +64,7 @@ from .errors import (
 from .hookspecs import BackgroundTask
 from .ingest.admission import BodyBudget, BodyBudgetMiddleware, wait_for_place
 from .ingest.body import IngestHeaders, check_content_type, read_request_body
-from .ingest.fast_validate import decode_stored, encode_events
+from .ingest.fast_validate import encode_events, read_stored
 from .ingest.fill_in import receipt_time
 from .ingest.inprocess import plain_events
 from .ingest.lane import IngestLane, LaneApp
@@ -74,9 +74,13 @@ from .ingest.validate import (
     MAX_REJECTIONS_LISTED,
     OFFLOAD_MIN_BYTES,
     Outcome,
+    Rejection,
+    batch_sent_as_event,
+    body_items,
     check_projects,
     events_at,
     finish_fast,
+    say_batch_route,
     validate_fast,
     validate_items,
     validate_sliced,
@@ -103,7 +107,7 @@ from .plugins import (
 )
 from .quota import QuotaDecision
 from .route_params import Query, accepts
-from .schema import EVENT_LIST_ADAPTER, PROJECT_ID_RE, require_server_filled
+from .schema import PROJECT_ID_RE, require_server_filled
 from .sdk.context import local_apps, local_senders, register_local_app, unregister_local_app
 from .serving.tuning import freeze_startup_heap
 from .settings import Settings, load_settings
@@ -673,16 +677,8 @@ def _encode_sliced(events: list[Any]) -> _Encoded:
 
 def _decode_events(payload: bytes) -> list[Any]:
     # The stored form always has event_id and timestamp (the input form may leave them out).
-    try:
-        events = decode_stored(payload)
-    except (ValueError, RecursionError):  # msgspec's errors are ValueErrors
-        # What msgspec hands over (say, free-form JSON near the depth limit) pydantic reads,
-        # or refuses with the reason the writer logs (writer._decode_each).
-        events = EVENT_LIST_ADAPTER.validate_json(payload, context=_TRUSTED)
-    return require_server_filled(events)
-
-
-_TRUSTED = {"trusted": True}  # server-set fields (cost_source) allowed in the stored form
+    # A record that is not stored events raises the reason the writer logs (_decode_each).
+    return require_server_filled(read_stored(payload))
 
 
 def _plugin_routes(pm: pluggy.PluginManager, settings: Settings, core: list[Any]) -> list[Any]:
@@ -829,38 +825,58 @@ async def _in_worker(
     body: bytes,
     shape: Literal["batch", "events"],
     received_at: datetime,
-) -> Response | Literal["declined"] | None:
+) -> Response | None:
     """A big body validated, finished and encoded in a worker process (ingest/worker.py),
-    then spooled here: its answer. "declined": the worker's fast validator declined it (the
-    server gives the detailed answer); None: no worker did it (none set, ready or alive, or a
-    hook must see the events here): the server does it all."""
+    then spooled here: its answer, also the detailed one for a body the worker's fast
+    validator declined. None: no worker did it (none set, ready or alive, or a hook must see
+    the events here): the server does it all."""
     processes = wl.settings.ingest_worker_processes
     twins = worker_twins(wl.pm) if processes and wl.writer is not None else None
     counted = ops_metrics(wl).ingest_bodies
     if twins is None:
         counted.labels("server").inc()
         return None
-    job = encode_job(body, shape, principal.project_id, received_at, twins)
+    limit = wl.settings.max_batch_events
+    job = encode_job(body, shape, principal.project_id, received_at, twins, limit)
     answer = await map_in_worker(job, processes, decode_worker_answer)
     if answer is None or answer.crash is not None:
         if answer is not None:
             log.error("a worker process failed on an events body; done here:\n%s", answer.crash)
         counted.labels("server").inc()
         return None
-    if answer.declined:
-        counted.labels("declined").inc()
-        return "declined"
-    counted.labels("worker").inc()
-    # As _ingest_fast: the count and the quota first, then the refusals of the fill-in.
+    counted.labels("declined" if answer.detailed else "worker").inc()
+    # In the order of the server's own paths: a body that is no JSON or of the wrong shape,
+    # the count, another project's event (the detailed path's check comes before the quota),
+    # the quota, then the fill-in's refusals (the fast path's 403) and the rest.
+    if answer.problem is not None and answer.problem_before == "count":
+        raise Problem(*answer.problem[:3], field=answer.problem[3])
     _check_count(wl, answer.count)
+    if answer.problem is not None and answer.problem_before == "quota":
+        raise Problem(*answer.problem[:3], field=answer.problem[3])
     await wl.check_quota(principal, answer.count)
+    events = EventsJson(
+        answer.payload, answer.project_id, answer.event_ids, answer.rows, answer.parts
+    )
+    if answer.detailed:
+        outcome = Outcome(
+            accepted=events,  # type: ignore[arg-type]  # _accept spools it as it is
+            rejected=[Rejection(*r) for r in answer.rejected],
+            dropped=answer.dropped,
+            project_id=principal.project_id,
+        )
+        try:
+            response = await _answer(wl, outcome)
+        except CHOSEN_ANSWERS as refused:
+            await wl.refund_quota(principal, answer.count)  # refused whole (422, 503)
+            if answer.batch_hint and isinstance(refused, Problem):
+                say_batch_route(refused)
+            raise
+        if outcome.not_accepted:  # a 207's invalid events, those a plugin dropped
+            await wl.refund_quota(principal, outcome.not_accepted)
+        return response
     try:
         if answer.problem is not None:
-            status, code, message, field = answer.problem
-            raise Problem(status, code, message, field=field)
-        events = EventsJson(
-            answer.payload, answer.project_id, answer.event_ids, answer.rows, answer.parts
-        )
+            raise Problem(*answer.problem[:3], field=answer.problem[3])
         await wl.submit(events)
     except Problem:
         await wl.refund_quota(principal, answer.count)  # refused whole (403, 503)
@@ -1026,7 +1042,10 @@ async def _accept(
             **more,
         )
     writer = wl.writer
-    if outcome.payload is not None:
+    accepted = outcome.accepted
+    if isinstance(accepted, EventsJson):  # made by a worker process: spooled as it is
+        pass
+    elif outcome.payload is not None:
         encoded = _Encoded(outcome.accepted)  # made on the way (models, or a worker thread)
         encoded.payload = outcome.payload
         outcome.accepted = encoded
@@ -1039,9 +1058,13 @@ async def _accept(
     await wl.submit(outcome.accepted)
     wl.counters["accepted"] += len(outcome.accepted)
     body: dict[str, Any] = {
-        "project_id": outcome.accepted[0].project_id,
+        "project_id": accepted.project_id
+        if isinstance(accepted, EventsJson)
+        else outcome.accepted[0].project_id,
         "accepted": len(outcome.accepted),
-        "event_ids": [e.event_id for e in outcome.accepted],
+        "event_ids": accepted.event_ids
+        if isinstance(accepted, EventsJson)
+        else [e.event_id for e in outcome.accepted],
     }
     if rejected:
         body["rejected"] = rejected
@@ -1084,10 +1107,10 @@ async def _by_size(
             return await _ingest_fast(wl, principal, events, None, received_at, events_at(shape))
         return await handle(wl, principal, body, None, received_at, fast=False)
     done = await _in_worker(wl, principal, body, shape, received_at)
-    if isinstance(done, Response):
+    if done is not None:
         return done
     async with _BigBodySlot(wl, principal) as slot:
-        return await handle(wl, principal, body, slot, received_at, done is None)
+        return await handle(wl, principal, body, slot, received_at)
 
 
 async def _fast_events(
@@ -1118,37 +1141,13 @@ async def _project_events(
         async with _BigBodySlot(wl, principal) as big:
             return await _project_events(wl, principal, body, big, received_at, fast=False)
     payload, too_long = await _cpu(off_loop, parse_events_json, body)
-    if isinstance(payload, dict):
-        items = [payload]
-    elif isinstance(payload, list):
-        if not payload:
-            raise Problem(422, "empty_batch", "the array holds no event", field="body")
-        items = payload
-    else:
-        raise Problem(
-            422, "bad_body", "the body must be an event object or an array of events", field="body"
-        )
+    items = body_items(payload, "events")
     try:
         return await _ingest(wl, principal, items, slot, received_at, events_at("events"), too_long)
     except Problem as problem:
-        if isinstance(payload, dict) and "events" in payload and "event_type" not in payload:
-            _say_batch_route(problem)
+        if batch_sent_as_event(payload, "events"):
+            say_batch_route(problem)
         raise
-
-
-_BATCH_HINT = {
-    "field": "events",
-    "message": 'not an event field: a batch {"events": [...]} goes to POST /v1/events/batch;'
-    " this route takes one event, or a JSON array of events",
-}
-
-
-def _say_batch_route(problem: Problem) -> None:
-    """A batch's body sent where one event goes: its rejection says so first, before the
-    missing event_type it also is."""
-    rejected = problem.extra.get("rejected") if problem.code == "validation_failed" else None
-    if rejected:
-        rejected[0]["errors"] = [_BATCH_HINT, *rejected[0]["errors"]]
 
 
 async def batch_events(request: Request) -> Response:
@@ -1179,21 +1178,7 @@ async def _batch_events(
         async with _BigBodySlot(wl, principal) as big:
             return await _batch_events(wl, principal, body, big, received_at, fast=False)
     payload, too_long = await _cpu(off_loop, parse_events_json, body)
-    if not isinstance(payload, dict):
-        raise Problem(422, "bad_body", 'the body must be an object {"events": [...]}', field="body")
-    unknown = sorted(set(payload) - {"events"})
-    if unknown:
-        raise Problem(
-            422,
-            "bad_body",
-            f"unknown field {echo(unknown[0])!r}; only 'events' is allowed",
-            field=echo(unknown[0]),
-        )
-    items = payload.get("events")
-    if not isinstance(items, list):
-        raise Problem(422, "bad_body", "'events' must be an array of events", field="events")
-    if not items:
-        raise Problem(422, "empty_batch", "'events' holds no event", field="events")
+    items = body_items(payload, "batch")
     return await _ingest(wl, principal, items, slot, received_at, events_at("batch"), too_long)
 
 

@@ -44,7 +44,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import anyio
 
-from ..ingest.fast_validate import decode_stored, encode_event_lines, encode_events, to_models
+from ..ingest.fast_validate import encode_event_lines, encode_events, read_stored, to_models
 from ..otel.rows import RowsJson, SpanBatch, SpanRow, decode_rows, encode_rows
 from .dead_letters import append_dead_letter, dead_letter
 from .spool import HEADER_SIZE, Position, Record, SpoolFull
@@ -172,7 +172,7 @@ class EventsJsonBatch:
         must look into)."""
         found: list[Any] = []
         for piece in self.pieces:
-            found += decode_stored(piece.payload) if type(piece) is EventsJson else piece
+            found += read_stored(piece.payload) if type(piece) is EventsJson else piece
         return found
 
 

@@ -67,7 +67,7 @@ from pydantic.json_schema import SkipJsonSchema
 from pydantic.types import AllowInfNan
 from pydantic_core import PydanticUndefined
 
-from ..schema import MAX_JSON_CHARS, Event, _check_json_size
+from ..schema import EVENT_LIST_ADAPTER, MAX_JSON_CHARS, Event, _check_json_size
 
 __all__ = [
     "EVENT_STRUCTS",
@@ -810,6 +810,17 @@ def decode_stored(payload: bytes) -> list[Any]:
 
 
 TRUSTED = {"trusted": True}  # the context of events the server made (cost_source)
+
+
+def read_stored(payload: bytes) -> list[Any]:
+    """decode_stored, and where msgspec hands over (free-form JSON nested near pydantic's
+    depth limit, which the detailed path accepts), pydantic's models of the same events:
+    every record the server wrote reads back. Raises ValidationError for one that is not
+    stored events at all."""
+    try:
+        return decode_stored(payload)
+    except (ValueError, RecursionError):  # msgspec's errors are ValueErrors
+        return EVENT_LIST_ADAPTER.validate_json(payload, context=TRUSTED)
 
 
 _new = object.__new__

@@ -207,6 +207,64 @@ def events_at(shape: Literal["batch", "events"]) -> str:
     return "events" if shape == "batch" else ""
 
 
+_BATCH_HINT = {
+    "field": "events",
+    "message": 'not an event field: a batch {"events": [...]} goes to POST /v1/events/batch;'
+    " this route takes one event, or a JSON array of events",
+}
+
+
+def body_items(payload: Any, shape: Literal["batch", "events"]) -> list[Any]:
+    """The events of a parsed body of this shape, each still as its JSON: an event or an
+    array of them (`events`), `{"events": [...]}` (`batch`). 422 for any other shape."""
+    if shape == "events":
+        if isinstance(payload, dict):
+            return [payload]
+        if not isinstance(payload, list):
+            raise Problem(
+                422,
+                "bad_body",
+                "the body must be an event object or an array of events",
+                field="body",
+            )
+        if not payload:
+            raise Problem(422, "empty_batch", "the array holds no event", field="body")
+        return payload
+    if not isinstance(payload, dict):
+        raise Problem(422, "bad_body", 'the body must be an object {"events": [...]}', field="body")
+    unknown = sorted(set(payload) - {"events"})
+    if unknown:
+        raise Problem(
+            422,
+            "bad_body",
+            f"unknown field {echo(unknown[0])!r}; only 'events' is allowed",
+            field=echo(unknown[0]),
+        )
+    items = payload.get("events")
+    if not isinstance(items, list):
+        raise Problem(422, "bad_body", "'events' must be an array of events", field="events")
+    if not items:
+        raise Problem(422, "empty_batch", "'events' holds no event", field="events")
+    return items
+
+
+def batch_sent_as_event(payload: Any, shape: Literal["batch", "events"]) -> bool:
+    """A batch's body `{"events": [...]}` sent where one event goes: its rejection says so
+    first (say_batch_route), before the missing event_type it also is."""
+    return (
+        shape == "events"
+        and isinstance(payload, dict)
+        and "events" in payload
+        and "event_type" not in payload
+    )
+
+
+def say_batch_route(problem: Problem) -> None:
+    rejected = problem.extra.get("rejected") if problem.code == "validation_failed" else None
+    if rejected:
+        rejected[0]["errors"] = [_BATCH_HINT, *rejected[0]["errors"]]
+
+
 def validate_fast(body: bytes, shape: Literal["batch", "events"]) -> list[Any] | None:
     """The all-valid fast path: one msgspec pass over the raw bytes into event structs
     (fast_validate.py). None when anything is off or unusual; the slow path then finds and

@@ -17,8 +17,11 @@ with the same prices; quotas that count no payload bytes have nothing to do. Any
 
 What the worker answers is only ever an input: nothing is accepted until the server has
 spooled it, and a worker that dies or fails leaves the body to the server (pool.py). A body
-the fast validator declines is answered `declined`; the server then gives pydantic's
-detailed answer itself, as for any declined body.
+the fast validator declines (one bad event in a big batch, free-form JSON nested deeper than
+it reads) gets pydantic's detailed answer here too (`detailed`): the valid events encoded as
+above, each invalid one's rejection. Parsing such a body and validating it event by event
+costs up to ~0.5 us a JSON value, seconds for 10 MB of small ones, in calls that hold the
+GIL throughout: on a thread of the server they held every other request for that long.
 """
 
 from __future__ import annotations
@@ -38,7 +41,17 @@ from ..errors import Problem
 from ..plugins import PROJECT
 from ..store.rows import EVENTS_INPUT, PARTS_INPUT, input_json
 from .fast_validate import encode_events
-from .validate import events_at, finish_fast, validate_fast
+from .parse import parse_events_json
+from .validate import (
+    Outcome,
+    batch_sent_as_event,
+    body_items,
+    check_projects,
+    events_at,
+    finish_fast,
+    validate_fast,
+    validate_items,
+)
 
 # A frame that starts with this byte is an events job; an OTLP job is a msgpack array.
 JOB_MARK = b"E"
@@ -55,6 +68,7 @@ class EventsJob(msgspec.Struct, array_like=True):
     project: str
     received_ms: int
     twins: list[Twin] = []
+    max_events: int = 0  # the server's max_batch_events: more are refused there, unvalidated
 
 
 class EventsAnswer(msgspec.Struct, array_like=True):
@@ -62,7 +76,11 @@ class EventsAnswer(msgspec.Struct, array_like=True):
 
     `declined`: the fast validator will not answer it (the server's detailed path will);
     `problem`: refused whole (status, code, message, field), as the server would, after the
-    count and quota checks of its `count` events;
+    count and quota checks of its `count` events, or before the check `problem_before`
+    names (`count`: the body is no JSON, or of the wrong shape; `quota`: another project's);
+    `detailed`: the detailed path's answer: `rejected` holds each invalid event's rejection
+    (ingest/validate.py Rejection's fields), `dropped` those a transform took out;
+    `batch_hint`: a batch sent where one event goes (validate.batch_sent_as_event);
     `crash`: the worker failed in an unexpected way (the server does the work itself)."""
 
     count: int = 0
@@ -73,6 +91,11 @@ class EventsAnswer(msgspec.Struct, array_like=True):
     parts: bytes | None = None  # the input of tool_calls / agent_steps (store/rows.py)
     declined: bool = False
     problem: tuple[int, str, str, str | None] | None = None
+    problem_before: Literal["", "count", "quota"] = ""
+    detailed: bool = False
+    rejected: list[tuple[int, list[dict[str, str]], str | None]] = []
+    dropped: int = 0
+    batch_hint: bool = False
     crash: str | None = None
 
 
@@ -88,9 +111,11 @@ def encode_job(
     project: str,
     received: datetime,
     twins: list[Twin],
+    max_events: int = 0,
 ) -> bytes:
     received_ms = (received - _EPOCH) // timedelta(milliseconds=1)
-    return JOB_MARK + _encode_job(EventsJob(body, shape, project, received_ms, twins))
+    job = EventsJob(body, shape, project, received_ms, twins, max_events)
+    return JOB_MARK + _encode_job(job)
 
 
 def worker_twins(pm: pluggy.PluginManager) -> list[Twin] | None:
@@ -123,7 +148,7 @@ def work(job: EventsJob) -> EventsAnswer:
     # One pass over the whole body: no event loop here to let in between slices.
     events = validate_fast(job.body, job.shape)
     if events is None:
-        return EventsAnswer(declined=True)
+        return _detailed(job)
     principal = Principal(job.project, frozenset({"ingest"}))
     received = _EPOCH + timedelta(milliseconds=job.received_ms)
     try:
@@ -131,8 +156,40 @@ def work(job: EventsJob) -> EventsAnswer:
             events, principal, _plugins(job.twins), received, events_at(job.shape)
         )
     except Problem as problem:  # another project's event (403)
-        status, code, message, field = problem.status, problem.code, problem.message, problem.field
-        return EventsAnswer(count=len(events), problem=(status, code, message, field))
+        return EventsAnswer(count=len(events), problem=_fields(problem))
+    # The count of what a transform left: the server checks and answers that many.
+    return _encoded(outcome, job.project, EventsAnswer(count=len(outcome.accepted)))
+
+
+def _detailed(job: EventsJob) -> EventsAnswer:
+    """The server's detailed path (app._project_events, _batch_events, _ingest) up to the
+    spool: parsed, shaped, checked and validated event by event, the valid ones finished and
+    encoded. The server makes the answer (202, 207, 422) from it, as from its own."""
+    try:
+        payload, too_long = parse_events_json(job.body)
+        items = body_items(payload, job.shape)
+    except Problem as problem:  # no JSON, or not a body of events
+        return EventsAnswer(detailed=True, problem=_fields(problem), problem_before="count")
+    answer = EventsAnswer(
+        count=len(items), detailed=True, batch_hint=batch_sent_as_event(payload, job.shape)
+    )
+    if job.max_events and len(items) > job.max_events:
+        return answer  # refused by its count in the server (413): nothing to validate
+    principal = Principal(job.project, frozenset({"ingest"}))
+    try:
+        check_projects(items, principal, events_at(job.shape))
+    except Problem as problem:  # another project's event (403), before the quota
+        answer.problem, answer.problem_before = _fields(problem), "quota"
+        return answer
+    received = _EPOCH + timedelta(milliseconds=job.received_ms)
+    outcome = validate_items(items, principal, _plugins(job.twins), received, too_long)
+    answer.rejected = [(r.index, r.errors, r.event_id) for r in outcome.rejected]
+    answer.dropped = outcome.dropped
+    return _encoded(outcome, job.project, answer) if outcome.accepted else answer
+
+
+def _encoded(outcome: Outcome, project: str, answer: EventsAnswer) -> EventsAnswer:
+    """`answer` with the accepted events' spool record, ids and the store's input bodies."""
     # A third-party twin's transform worked on models: the outcome holds them back as
     # structs, with their JSON made on the way.
     events = outcome.accepted
@@ -140,14 +197,16 @@ def work(job: EventsJob) -> EventsAnswer:
     bodies = input_json(events, lambda some: payload if some is events else encode_events(some))
     rows = bodies[EVENTS_INPUT]
     parts = bodies.get(PARTS_INPUT)
-    return EventsAnswer(
-        count=len(events),
-        project_id=job.project,
-        event_ids=[event.event_id for event in events],
-        payload=payload,
-        rows=None if rows is payload else bytes(rows),  # type: ignore[arg-type]
-        parts=None if parts is None else bytes(parts),  # type: ignore[arg-type]
-    )
+    answer.project_id = project
+    answer.event_ids = [event.event_id for event in events]
+    answer.payload = payload
+    answer.rows = None if rows is payload else bytes(rows)  # type: ignore[arg-type]
+    answer.parts = None if parts is None else bytes(parts)  # type: ignore[arg-type]
+    return answer
+
+
+def _fields(problem: Problem) -> tuple[int, str, str, str | None]:
+    return problem.status, problem.code, problem.message, problem.field
 
 
 def _plugins(twins: list[Twin]) -> pluggy.PluginManager:

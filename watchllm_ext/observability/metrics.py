@@ -93,7 +93,7 @@ class OpsMetrics:
             "Event bodies of 64 KiB and more, by where they were validated and encoded: worker"
             " (a worker process, ingest_worker_processes), server (no worker was set, alive or"
             " ready, or a plugin hook must see the events in the server) or declined (the"
-            " worker's fast validator declined it: the server gave the detailed answer)",
+            " worker's fast validator declined it: the worker gave the detailed answer)",
             ["where"],
             registry=registry,
         )
