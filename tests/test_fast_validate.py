@@ -363,6 +363,9 @@ def values_against(alt: Alt, sample: Any) -> list[Any]:
         out += [{"deep": [[[[{"x": 1.5}]]]]}, {"": None}, "x" * schema.MAX_JSON_CHARS]
         out += ["x" * (schema.MAX_JSON_CHARS + 1), {"k": "x" * schema.MAX_JSON_CHARS}]
         out += [{"k": "x" * (schema.MAX_JSON_CHARS - 8)}, {"k": "x" * (schema.MAX_JSON_CHARS - 7)}]
+        # The limit is in UTF-8 bytes: an "é" is two (1,000,000 bytes, then 1,000,002).
+        half = (schema.MAX_JSON_CHARS - 8) // 2
+        out += [{"k": "\u00e9" * half}, {"k": "\u00e9" * (half + 1)}]
         # Nesting around pydantic's JSON depth limit (201 levels for the whole document).
         out += [nested(n) for n in (100, 170, 175, 176, 177, 197, 198, 199, 200, 201, 300)]
         out += [{"k": nested(198)}, Raw("[" * 5000 + "]" * 5000)]

@@ -120,7 +120,8 @@ def _check_json_size(value: Any) -> Any:
         return value
     text = to_json(value, fallback=str)
     if len(text) > MAX_JSON_CHARS:
-        raise ValueError(f"larger than {MAX_JSON_CHARS} characters as JSON")
+        # Its UTF-8 bytes: an "é" counts 2, a CJK character 3 (what the store holds).
+        raise ValueError(f"larger than {MAX_JSON_CHARS} bytes as JSON (UTF-8)")
     # A number literal too large for a double (1e999) parses as infinity; refuse it here as
     # in number fields. The cheap byte test keeps the exact check off the common path.
     if (b"Infinity" in text or b"NaN" in text) and not _all_finite(value):
