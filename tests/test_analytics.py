@@ -8,7 +8,9 @@ is held to the same expectations, computed here."""
 
 from __future__ import annotations
 
+import base64
 import itertools
+import json
 import random
 import threading
 from collections import Counter, defaultdict
@@ -506,6 +508,11 @@ def test_isolation(server: Running, path: str) -> None:
     assert r.status_code == 401 and "WWW-Authenticate" in r.headers
 
 
+def _forged(data: Any) -> str:
+    raw = json.dumps(data, ensure_ascii=False).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
 # Parameters are refused before any query: no store is asked, so one store will do.
 @CHDB_ONLY
 @pytest.mark.parametrize(
@@ -525,6 +532,16 @@ def test_isolation(server: Running, path: str) -> None:
         ("/v1/analytics/logs", {"cursor": "not-a-cursor"}, "cursor"),
         ("/v1/analytics/logs", {"status": "great"}, "status"),
         ("/v1/analytics/runs", {"cursor": "eyJ4IjoxfQ"}, "cursor"),
+        # Forged: what no page ends on (other digits, keys it never writes).
+        *[
+            ("/v1/analytics/logs", {"cursor": _forged(data)}, "cursor")
+            for data in (
+                {"ts": "\uff12\uff10\uff12\uff16-12-04 00:00:00.000", "id": "e1"},
+                {"ts": "2026-12-04 00:00:00.000", "id": "e1", "x": 1},
+                {"ts": "2026-12-04T00:00:00.000", "id": "e1"},
+                ["2026-12-04 00:00:00.000", "e1"],
+            )
+        ],
         ("/v1/analytics/timeseries", {"tz": "Mars/Olympus"}, "tz"),
         ("/v1/analytics/timeseries", {"interval": "7m"}, "interval"),
         ("/v1/analytics/timeseries", {"interval": "1m", "period": "30d"}, "interval"),
@@ -538,6 +555,20 @@ def test_isolation(server: Running, path: str) -> None:
             for path in RANGE_ROUTES
         ],
         ("/v1/analytics/logs", {"period": "30d", "to": "not-a-time"}, "to"),
+        # ISO 8601's other forms, which RFC 3339 (and an event's timestamp) does not take.
+        *[
+            ("/v1/analytics/stats", {"to": form}, "to")
+            for form in (
+                "20260101T000000Z",
+                "2026-01-01T00:00:00+0200",
+                "2026-01-01T00:00:00+02",
+                "2026-01-01T00Z",
+                "2026-W01-1T00:00:00Z",
+                "2026-01-01T00:00:00,5Z",
+                "2026-01-01T00:00:00+00:00:00.5",
+                "\uff12\uff10\uff12\uff16-01-01T00:00:00Z",  # full-width digits
+            )
+        ],
     ],
 )
 def test_bad_parameters_name_the_parameter(
@@ -546,6 +577,20 @@ def test_bad_parameters_name_the_parameter(
     r = server.client.get(path, params={"project_id": "acme", **params}, headers=server.headers())
     assert r.status_code == 400, r.text
     assert r.json()["field"] == field and field in r.json()["message"]
+
+
+@CHDB_ONLY
+def test_from_and_to_take_rfc_3339s_forms(server: Running) -> None:
+    """Lower-case t and z, any fraction, an offset whose "+" arrived as a space."""
+    for form in (
+        "2026-01-01t00:00:00z",
+        "2026-01-01T02:00:00.123456789+02:00",
+        "2026-01-01T02:00:00 02:00",
+        "2026-01-01 00:00:00Z",
+    ):
+        params = {"from": "2025-12-31T00:00:00Z", "to": form}
+        r = server.client.get("/v1/analytics/stats", params=params, headers=server.headers())
+        assert r.status_code == 200, (form, r.text)
 
 
 def test_calls_without_latency_give_zero_percentiles_not_errors(server: Running) -> None:

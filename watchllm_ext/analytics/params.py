@@ -86,18 +86,38 @@ def project(params: QueryParams, principal: Principal) -> str:
     return project_id
 
 
+# RFC 3339's date-time (ASCII digits; a space for the T, as its section 5.6 allows), the
+# grammar of event timestamps (schema.py), with any count of fraction digits RFC 3339 allows
+# (read to the microsecond); the same without a zone, to say the zone is what is missing.
+_RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?"
+    r"(?:[Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
+_NO_ZONE = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}(?:[Tt ][0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:\.[0-9]+)?)?)?"
+)
+
+
 def _instant(params: QueryParams, name: str) -> datetime | None:
     raw = params.get(name)
     if raw is None:
         return None
     if len(raw) > 64:
         raise bad(name, "not an RFC 3339 time (too long)")
+    # A "+" left unescaped in a query string arrives as a space: "...T00:00:00 02:00".
+    text = raw.replace(" ", "+") if "T" in raw or "t" in raw else raw
+    if _RFC3339.fullmatch(text) is None:
+        # fromisoformat alone also took ISO 8601's other forms (20260101T000000Z, +0200,
+        # week dates, a comma fraction), and not RFC 3339's lower-case t and z.
+        if _NO_ZONE.fullmatch(text) is not None:
+            raise bad(name, "the time needs a zone, e.g. 2026-01-01T00:00:00Z")
+        raise bad(name, f"not an RFC 3339 time: {echo(raw)!r} (like 2026-01-01T00:00:00Z)")
     try:
-        value = datetime.fromisoformat(raw.replace(" ", "+") if "T" in raw else raw)
-    except ValueError:
-        raise bad(name, f"not an RFC 3339 time: {raw!r}") from None
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise bad(name, "the time needs a zone, e.g. 2026-01-01T00:00:00Z")
+        value = datetime.fromisoformat(text.upper())
+    except ValueError:  # digits out of range: month 13, hour 25
+        raise bad(
+            name, f"not an RFC 3339 time: {echo(raw)!r} (like 2026-01-01T00:00:00Z)"
+        ) from None
     try:
         in_range = MIN_TIMESTAMP <= value <= MAX_TIMESTAMP
         value = value.astimezone(UTC)
@@ -239,6 +259,9 @@ def encode_cursor(ts: str, key: str) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+_CURSOR_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{1,6}")
+
+
 def cursor(params: QueryParams) -> tuple[datetime, str] | None:
     raw = params.get("cursor")
     if raw is None:
@@ -247,6 +270,11 @@ def cursor(params: QueryParams) -> tuple[datetime, str] | None:
         if len(raw) > 1024:  # a real cursor is about 100 characters
             raise ValueError("long")
         data: Any = json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
+        # Exactly what encode_cursor writes: strptime alone takes other scripts' digits.
+        if not isinstance(data, dict) or data.keys() != {"ts", "id"}:
+            raise ValueError("keys")
+        if not isinstance(data["ts"], str) or _CURSOR_TIME.fullmatch(data["ts"]) is None:
+            raise ValueError("ts")
         ts = datetime.strptime(data["ts"], "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=UTC)
         key = data["id"]
         # Only what a page can end on: an id as stored, a time in the events' range.
