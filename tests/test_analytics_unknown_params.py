@@ -171,10 +171,13 @@ def test_query_refuses_unknown_names_and_guards_undeclared_reads() -> None:
     for read in (lambda: q.get("user_id"), lambda: "user_id" in q, lambda: q.getlist("user_id")):
         with pytest.raises(UndeclaredParameter, match="user_id"):
             read()
-    # An empty name and a huge one are named too, the huge one cut.
+    # An empty name is said to be one; a huge one is named, cut.
     with pytest.raises(Problem) as refused:
         Query(QueryParams("=1"), accepted).check()
-    assert refused.value.field == ""
+    assert refused.value.field == "(query)"
+    assert refused.value.message == (
+        "(query): a query parameter has no name (=value); this route accepts: limit, model"
+    )
     with pytest.raises(Problem) as refused:
         Query(QueryParams("x" * 5000 + "=1"), accepted).check()
     assert refused.value.field == "x" * MAX_NAME_SHOWN + "..."

@@ -50,11 +50,15 @@ class Query(QueryParams):
         searched for as that character)."""
         for name, value in self._list:
             if name not in self.accepted:
+                accepts = ", ".join(sorted(self.accepted)) or "none"
+                if not name:  # "?=x" or "?&=x": a value with no name to refuse it by
+                    raise bad(
+                        "(query)",
+                        f"a query parameter has no name (=value); this route accepts: {accepts}",
+                    )
                 shown = echo(name, MAX_NAME_SHOWN)
                 raise bad(
-                    shown,
-                    f"unknown query parameter {shown!r}; this route accepts: "
-                    + (", ".join(sorted(self.accepted)) or "none"),
+                    shown, f"unknown query parameter {shown!r}; this route accepts: {accepts}"
                 )
             if "\ufffd" in value and self.raw is not None:  # rare: then the bytes sent decide
                 _check_utf8(self.raw)

@@ -49,7 +49,13 @@ def _not_json(exc: ValueError) -> Problem:
             f" ({where}); send it less deeply nested",
             field="body",
         )
-    return Problem(400, "malformed_json", f"invalid JSON: {exc}", field="body")
+    if "surrogate" in text or "end of hex escape" in text:
+        # pydantic-core's words for "\ud800" alone: say what is wrong with it.
+        text += (
+            " (a \\ud800-\\udfff escape must be a high surrogate followed by a low one:"
+            " a lone surrogate is no character)"
+        )
+    return Problem(400, "malformed_json", f"invalid JSON: {text}", field="body")
 
 
 # --- numbers longer than the parser reads ----------------------------------------------------
