@@ -38,10 +38,10 @@ JSON_CT = {"Content-Type": "application/json"}
 ADMIN, NO_AUTH, READ_ONLY, REVOKED = "admin", "none", "read", "revoked"
 
 # A field path the client can act on: an event field path ("tool_calls[0].foo",
-# "[0].project_id", "events[1].project_id" on the batch route), a header name
-# ("Content-Type") or "(event)" for the event as a whole.
+# "[0].project_id", "events[1].project_id" on the batch route, a key it sent: "tokensInput"),
+# a header name ("Content-Type") or "(event)" for the event as a whole.
 # pydantic internals such as "prompt.constrained-str" are not.
-_SEG = r"[a-z_][a-z0-9_]*(?:\[\d+\])*"
+_SEG = r"[a-z_][A-Za-z0-9_]*(?:\[\d+\])*"
 _CLEAN_FIELD = re.compile(
     rf"\(event\)|[A-Z][A-Za-z]*(?:-[A-Z][A-Za-z]*)*|(?:\[\d+\]\.)?{_SEG}(?:\.{_SEG})*"
 )
@@ -201,6 +201,13 @@ CASES: list[Case] = [
          says=("prompt_kall", *EVENT_TYPES)),
     Case("unknown-extra-field", 422, "validation_failed", "temperature",
          body=bad("extra", temperature=0.7), rejected=(0,), says=("Extra inputs",)),
+    # An SDK of another language writing camelCase: the field it meant is named.
+    Case("camel-case-field", 422, "validation_failed", "tokensInput",
+         body={**without(bad("camel"), "tokens_input"), "tokensInput": 3}, rejected=(0,),
+         says=("Extra inputs are not permitted (did you mean tokens_input?)",)),
+    Case("camel-case-event-type", 422, "validation_failed", "event_type",
+         body={**without(bad("camel-type"), "event_type"), "eventType": "prompt_call"},
+         rejected=(0,), says=("'eventType': did you mean event_type?",)),
     Case("naive-timestamp", 422, "validation_failed", "timestamp",
          body=bad("naive", timestamp="2026-01-02T03:04:05"), rejected=(0,),
          says=("timezone",)),

@@ -13,8 +13,9 @@ from datetime import datetime
 from typing import Any, Literal
 
 import pluggy
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
+from .. import schema
 from ..auth import Principal
 from ..errors import Problem, echo
 from ..plugins import BUILTIN_PREFIX, PluginFailed, answered_wrongly, call_hook
@@ -153,6 +154,28 @@ def _iso_of_repr(match: re.Match[str]) -> str:
     return f"{year:04d}-{month:02d}-{day:02d}T00:00:00Z"
 
 
+def _field_names() -> frozenset[str]:
+    """Every field name of the contract, at any depth (events, tool calls, messages...)."""
+    names: set[str] = set()
+    for model in vars(schema).values():
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            names.update(model.model_fields)
+    return frozenset(names)
+
+
+_FIELD_NAMES = _field_names()
+_CAMEL_HUMP = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+
+
+def _meant(key: object) -> str | None:
+    """The contract's field a key that is none was likely meant as: runId, RunID, run-id ->
+    run_id (an SDK of another language writes camelCase)."""
+    if not isinstance(key, str) or len(key) > 64:
+        return None
+    snake = _CAMEL_HUMP.sub("_", key).replace("-", "_").lower()
+    return snake if snake != key and snake in _FIELD_NAMES else None
+
+
 def describe_errors(exc: ValidationError) -> list[dict[str, str]]:
     seen: dict[str, list[str]] = {}
     for err in _relevant(exc.errors(include_url=False)):
@@ -163,6 +186,16 @@ def describe_errors(exc: ValidationError) -> list[dict[str, str]]:
         elif err["type"] == "union_tag_not_found":
             path = "event_type"
             message = f"event_type is required; one of: {', '.join(EVENT_TYPES)}"
+            given = err.get("input")
+            spelled = (
+                [k for k in given if _meant(k) == "event_type"] if isinstance(given, dict) else []
+            )
+            if spelled:
+                message += f" (the event has {echo(spelled[0])!r}: did you mean event_type?)"
+        elif err["type"] == "extra_forbidden" and err["loc"]:
+            meant = _meant(err["loc"][-1])
+            if meant is not None:
+                message += f" (did you mean {meant}?)"
         messages = seen.setdefault(path, [])
         if message not in messages:
             messages.append(message)
