@@ -279,6 +279,56 @@ def test_timeseries_matches_python(loaded: Any, interval: str, step: timedelta, 
         assert all(b - a == step.total_seconds() for a, b in itertools.pairwise(times))
 
 
+@pytest.mark.parametrize("rolled_up", [False, True])
+def test_timeseries_keeps_every_event_where_clocks_change(server: Running, rolled_up: bool) -> None:
+    """A clock set back repeats an hour: its minute and hour buckets are their own, as
+    ClickHouse makes them (stepping the wall clock skipped them: 36 of 180 events of New
+    York's 2026-11-01 were in no series). And 1970's first day west of Greenwich starts before
+    the epoch, which ClickHouse's DateTime cannot hold: its events are in its first bucket."""
+    days = {
+        "2026-11-01": datetime(2026, 11, 1, 3, tzinfo=UTC),  # New York: 02:00 EDT -> 01:00 EST
+        "2026-03-08": datetime(2026, 3, 8, 5, tzinfo=UTC),  # New York: 02:00 EST -> 03:00 EDT
+        "1970-01-01": datetime(1970, 1, 1, tzinfo=UTC),
+    }
+    events = [
+        {
+            "event_id": f"clock-{day}-{i}",
+            "event_type": "error",
+            "run_id": "clocks",
+            "error_type": "E",
+            "error_message": "m",
+            "timestamp": _iso(t0 + timedelta(minutes=5 * i)),
+        }
+        for day, t0 in days.items()
+        for i in range(60)
+    ]
+    r = server.client.post("/v1/events/batch", headers=server.headers(), json={"events": events})
+    assert r.status_code == 202, r.text
+    server.flush()
+    if rolled_up:
+        refresh(server)
+    for day in days:
+        window = {"from": f"{day}T00:00:00Z", "to": f"{day}T23:00:00Z"}
+        times = [
+            datetime.fromisoformat(e["timestamp"])
+            for e in events
+            if e["event_id"].startswith(f"clock-{day}")
+        ]
+        for tz in ("America/New_York", "America/Los_Angeles", "Asia/Kolkata", "UTC"):
+            for interval in ("5m", "15m", "1h", "6h", "1d"):
+                got = get(server, "/v1/analytics/timeseries", interval=interval, tz=tz, **window)
+                points = got["series"]["all"]
+                starts = [datetime.fromisoformat(p["t"]) for p in points]
+                assert starts == sorted(set(starts)), (day, tz, interval)
+                where = (day, tz, interval, got.get("rollup_hours"))
+                assert sum(p["events"] for p in points) == 60, where
+                for point, start, end in zip(points, starts, [*starts[1:], None], strict=True):
+                    inside = [t for t in times if t >= start and (end is None or t < end)]
+                    if start == starts[0]:  # the first bucket may start before the range
+                        inside = [t for t in times if end is None or t < end]
+                    assert point["events"] == len(inside), (*where, start)
+
+
 def test_timeseries_group_by_and_rollup_equals_raw(loaded: Any) -> None:
     server, events = loaded
     params = {"from": _iso(RANGES[0][0]), "to": _iso(RANGES[0][1]), "interval": "6h"}

@@ -248,7 +248,9 @@ BUCKET_UNITS = ("Minute", "Hour", "Day")
 def _timeseries(unit: str, group: str | None) -> str:
     group_select = f"{GROUP_COLUMNS[group]} AS grp, " if group else "'' AS grp, "
     combined = _COMBINED.format(
-        bucket_rollup=_BUCKET.format(col="hour", unit=unit),
+        # As DateTime64, as the raw side's timestamp: a day bucket that would start before
+        # the epoch is 0 on both sides (a DateTime's is the next day; routes.timeseries).
+        bucket_rollup=_BUCKET.format(col="toDateTime64(hour, 0, 'UTC')", unit=unit),
         bucket_raw=_BUCKET.format(col="timestamp", unit=unit),
     )
     return f"""

@@ -7,6 +7,7 @@ shape the answer (models.py)."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import weakref
 from collections.abc import Callable
@@ -241,24 +242,29 @@ def _top_models(calls: list[dict[str, Any]], limit: int = Q.STATS_MODELS) -> lis
 
 def _bucket_starts(span: P.Range, interval: str, tz: str) -> list[int]:
     """Every bucket start (epoch seconds) of the range, as ClickHouse's toStartOfInterval
-    computes them in the zone: floor the local wall time, step in wall time."""
-    unit, step, _ = P.INTERVALS[interval]
+    computes them in the zone. Minutes and single hours are steps of absolute time (from the
+    epoch for minutes, from the local hour for hours): a clock set back gives its repeated
+    hour buckets of its own, as ClickHouse does (stepping the wall clock skipped them, and
+    their events with them). Longer ones step the wall clock from the local floor."""
+    unit, step, delta = P.INTERVALS[interval]
+    end = span.end.timestamp()
+    if unit == "Minute":
+        seconds = step * 60
+        first = int(span.start.timestamp()) // seconds * seconds
+        return list(range(first, math.ceil(end), seconds))[: P.MAX_BUCKETS + 3]
     zone = ZoneInfo(tz)
     local = span.start.astimezone(zone)
-    if unit == "Minute":
-        floored = local.replace(second=0, microsecond=0, minute=local.minute - local.minute % step)
-        delta = timedelta(minutes=step)
-    elif unit == "Hour":
+    if unit == "Hour":
         floored = local.replace(
             minute=0, second=0, microsecond=0, hour=local.hour - local.hour % step
         )
-        delta = timedelta(hours=step)
     else:
         floored = local.replace(hour=0, minute=0, second=0, microsecond=0)
-        delta = timedelta(days=step)
+    if unit == "Hour" and step == 1:
+        first = int(floored.timestamp())
+        return list(range(first, math.ceil(end), 3600))[: P.MAX_BUCKETS + 3]
     starts: list[int] = []
     wall = floored.replace(tzinfo=None)
-    end = span.end.timestamp()
     while True:
         instant = wall.replace(tzinfo=zone)
         epoch = int(instant.timestamp())
@@ -313,8 +319,12 @@ async def timeseries(request: Request, qp: Query) -> Response:
     else:
         rows = await _run(store, Q.TIMESERIES[(unit, None)], args)
 
+    # ClickHouse's DateTime starts at the epoch: a bucket that starts before it (1970's first
+    # day west of Greenwich) comes back as 0. Only the one holding the epoch can hold events.
+    at_epoch = max((start for start in starts if start <= 0), default=0)
+
     def build() -> Timeseries:
-        by_key = {(int(r["bucket"]), r["grp"], bool(r.get("kept", 1))): r for r in rows}
+        by_key = {(int(r["bucket"]) or at_epoch, r["grp"], bool(r.get("kept", 1))): r for r in rows}
         series = {
             ((name or "(none)") if group else "all"): _points(starts, by_key, name, True)
             for name in (top if group else [""])
