@@ -9,13 +9,18 @@ three phases of one run:
    `--events`), in `--rounds` rounds; the events name 2,000 models (`--models`) spread over a
    33-hour window, which phase 3 reads;
 3. heaviest analytics query: GET /v1/analytics/timeseries?group_by=model&interval=1m over
-   that window (1,980 one-minute buckets x 2,000 models), `--queries` times in a row.
+   that window (1,980 one-minute buckets x 2,000 models), `--queries` times in a row;
+4. declined bodies: `--declined` batches one after another that the fast validator will not
+   take (`--declined-events` events, each with free-form JSON nested 190 levels deep, one with
+   an invalid run_id: a 207): about 7 MB each, whose parse and event-by-event validation
+   hold Python's GIL for seconds wherever they run.
 
 Printed: p50 / p99 / max of /healthz per phase, and the ratios to the idle baseline of the
 same run. Target (issue 9): p99 under 50 ms in every phase.
 
     python bench/bench_healthz.py              # the full run (about 2-3 minutes on 2 cores)
     python bench/bench_healthz.py --rounds 1 --queries 2   # quicker
+    python bench/bench_healthz.py --rounds 1 --batches 4 --queries 1 --declined 4  # phase 4
 """
 
 from __future__ import annotations
@@ -69,6 +74,25 @@ def make_batch(round_no: int, batch_no: int, n: int, models: int, window_min: in
                 "env": "production",
             }
         )
+    return json.dumps({"events": events}, separators=(",", ":")).encode()
+
+
+def make_declined(round_no: int, n: int) -> bytes:
+    """n error events the fast validator declines (metadata 190 levels deep), the last with
+    an invalid run_id: the detailed path, answered 207."""
+    deep = json.loads('{"a":' * 190 + "1" + "}" * 190)
+    events = [
+        {
+            "event_id": f"declined-{round_no}-{i}",
+            "event_type": "error",
+            "run_id": "no spaces allowed" if i == n - 1 else f"declined-{round_no}",
+            "timestamp": WINDOW_START.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "error_type": "ValueError",
+            "error_message": "a deep one",
+            "metadata": deep,
+        }
+        for i in range(n)
+    ]
     return json.dumps({"events": events}, separators=(",", ":")).encode()
 
 
@@ -186,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", type=int, default=2_000, help="distinct models")
     parser.add_argument("--window-min", type=int, default=1_980, help="minutes the events span")
     parser.add_argument("--queries", type=int, default=5, help="analytics queries in a row")
+    parser.add_argument("--declined", type=int, default=3, help="declined bodies in a row")
+    parser.add_argument(
+        "--declined-events", type=int, default=5_000, help="events per declined body"
+    )
     parser.add_argument("--idle-s", type=float, default=5.0, help="idle baseline seconds")
     parser.add_argument("--work", type=Path, help="work folder (default: a temporary one)")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
@@ -252,6 +280,15 @@ def main(argv: list[str] | None = None) -> int:
             status, body, took = request(port, "GET", path, key)
             query.append({"status": status, "s": round(took, 2), "kib": len(body) // 1024})
         figures["analytics"] = query
+
+        prober.phase = "declined bodies"
+        print(f"declined bodies: {args.declined} x {args.declined_events} events", flush=True)
+        declined: list[dict[str, Any]] = []
+        for r in range(args.declined):
+            body = make_declined(r, args.declined_events)
+            status, _, took = request(port, "POST", "/v1/events/batch", key, body)
+            declined.append({"status": status, "s": round(took, 2), "mib": len(body) >> 20})
+        figures["declined"] = declined
         prober.phase = "done"
     finally:
         prober.done.set()
@@ -264,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{'phase':<18} {'probes':>7} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}"
         f" {'p50 x idle':>11} {'p99 x idle':>11}  failures"
     )
-    for phase in ("idle", "ingest storm", "analytics query"):
+    for phase in ("idle", "ingest storm", "analytics query", "declined bodies"):
         if not prober.samples.get(phase):
             continue  # --queries 0
         s = summary(prober.samples[phase])
@@ -283,7 +320,12 @@ def main(argv: list[str] | None = None) -> int:
         "analytics answers:",
         ", ".join(f"{q['status']} in {q['s']} s ({q['kib']} KiB)" for q in figures["analytics"]),
     )
-    worst = max(figures[p]["p99_ms"] for p in ("ingest storm", "analytics query") if p in figures)
+    print(
+        "declined bodies:",
+        ", ".join(f"{d['status']} in {d['s']} s ({d['mib']} MiB)" for d in figures["declined"]),
+    )
+    busy = ("ingest storm", "analytics query", "declined bodies")
+    worst = max(figures[p]["p99_ms"] for p in busy if p in figures)
     print(f"target p99 < 50 ms while busy: {'met' if worst < 50 else 'NOT met'} ({worst:.1f} ms)")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
