@@ -762,7 +762,8 @@ def test_the_docs_mapping_table_is_mapping_pys() -> None:
     doc = (ROOT / "docs" / "OPENTELEMETRY.md").read_text()
     rows = [line.split("|")[1:-1] for line in doc.splitlines() if line.startswith("| `")]
     ruled = {
-        cells[-1].strip().strip("`"): re.findall(r"`([^`]+)`", cells[-2])
+        # the keys come before any "; else ..." that names a fallback outside the rule
+        cells[-1].strip().strip("`"): re.findall(r"`([^`]+)`", cells[-2].split(";")[0])
         for cells in rows
         if len(cells) == 3 and re.fullmatch(r"`[A-Z_]+_KEYS`", cells[-1].strip())
     }
