@@ -74,7 +74,6 @@ class EventsJob(msgspec.Struct, array_like=True):
 class EventsAnswer(msgspec.Struct, array_like=True):
     """What a body became, or why not.
 
-    `declined`: the fast validator will not answer it (the server's detailed path will);
     `problem`: refused whole (status, code, message, field), as the server would, after the
     count and quota checks of its `count` events, or before the check `problem_before`
     names (`count`: the body is no JSON, or of the wrong shape; `quota`: another project's);
@@ -89,7 +88,6 @@ class EventsAnswer(msgspec.Struct, array_like=True):
     payload: bytes = b"[]"  # the spool record: a JSON array of the events
     rows: bytes | None = None  # the events' input rows where they differ from payload
     parts: bytes | None = None  # the input of tool_calls / agent_steps (store/rows.py)
-    declined: bool = False
     problem: tuple[int, str, str, str | None] | None = None
     problem_before: Literal["", "count", "quota"] = ""
     detailed: bool = False
