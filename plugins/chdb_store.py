@@ -32,6 +32,7 @@ VERSION_WAIT_S = 0.5  # version()'s wait for each handle
 # Below this much free space (or 8 times an insert's JSON, or 5% of the disk) inserts take the
 # way that checks for room (ChdbStore.insert_json).
 LOW_DISK_BYTES = 1 << 30
+MAX_STREAMS = 2  # inserts in parts at once (the store sink's events and their parts)
 
 
 def _is_permanent(message: str) -> bool:
@@ -77,6 +78,10 @@ class ChdbStore:
             self._release_lock()
             raise StoreError(f"cannot open the chDB folder {self.path}: {exc}") from exc
         self._session, self._reads = handles
+        # Handles for inserts sent in parts (open_insert), opened as first needed: a stream
+        # keeps its handle from its first part to its end, and the main handle stays free.
+        self._stream_handles: list[tuple[Any, threading.Lock]] = []
+        self._lock_streams = threading.Lock()  # (the list)
 
     def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
         self._run(sql, "CSV", params)
@@ -125,6 +130,46 @@ class ChdbStore:
         except Exception as exc:
             message = str(exc)
             raise StoreError(message, permanent=_is_permanent(message)) from exc
+
+    def open_insert(self, table: str, settings: Mapping[str, Any]) -> JsonArrayInsert:
+        """An insert into `table` of one JSON array (JSONEachRow, as insert_json) whose events
+        come in parts: ClickHouse parses each part as it is appended, in its own threads, and
+        the rows land at `finish()`, all at once (none at `cancel()`). So a burst's insert is
+        mostly done when its last events arrive. Raises StoreError near a full disk (where
+        insert_json checks for room first) or when every stream handle is busy."""
+        if not table.isidentifier():
+            raise StoreError(f"bad table name {table!r}", permanent=True)
+        if not self._room_for(0):
+            raise StoreError("the disk is nearly full: the insert goes whole (insert_json)")
+        clause = ", ".join(f"{name} = {_setting_literal(v)}" for name, v in settings.items())
+        sql = f"INSERT INTO {table} SETTINGS {clause}" if clause else f"INSERT INTO {table}"
+        handle, lock = self._free_stream_handle()
+        try:
+            inserter = handle.send_insert(sql, "JSONEachRow")
+        except Exception as exc:
+            lock.release()
+            message = str(exc)
+            raise StoreError(message, permanent=_is_permanent(message)) from exc
+        return JsonArrayInsert(self, inserter, lock)
+
+    def _free_stream_handle(self) -> tuple[Any, threading.Lock]:
+        """A stream handle that no stream holds, its lock taken (opened if none is free)."""
+        from chdb import session
+
+        with self._lock_streams:
+            for handle, lock in self._stream_handles:
+                if lock.acquire(blocking=False):
+                    return handle, lock
+            if len(self._stream_handles) >= MAX_STREAMS or self._lock is None:
+                raise StoreError("every stream handle of the store is busy")
+            try:
+                handle = session.Session(str(self.path))
+            except Exception as exc:
+                raise StoreError(f"cannot open a chDB handle: {exc}") from exc
+            lock = threading.Lock()
+            lock.acquire()
+            self._stream_handles.append((handle, lock))
+            return handle, lock
 
     def _room_for(self, size: int) -> bool:
         """Whether the store's disk has room to spare for an insert of `size` bytes of JSON:
@@ -181,10 +226,18 @@ class ChdbStore:
         if not waited:
             log.warning("chDB: a statement still ran after %.0fs; closing anyway", CLOSE_WAIT_S)
         read_done = self._lock_reads.acquire(timeout=CLOSE_WAIT_S)
+        with self._lock_streams:
+            streams, self._stream_handles = self._stream_handles, []
+        streams_done = [lock.acquire(timeout=CLOSE_WAIT_S) for _, lock in streams]
         try:
+            for handle, _ in streams:
+                handle.close()
             self._reads.close()
             self._session.close()
         finally:
+            for (_, lock), done in zip(streams, streams_done, strict=True):
+                if done:
+                    lock.release()
             if read_done:
                 self._lock_reads.release()
             if waited:
@@ -213,6 +266,81 @@ class ChdbStore:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+
+
+class JsonArrayInsert:
+    """ChdbStore.open_insert's insert: `append` each body (a JSON array, whole or in pieces:
+    store/rows.py Body), then `finish` or `cancel`, once. The bodies' events are sent as one
+    array. Its calls may come from different threads, one at a time."""
+
+    def __init__(self, store: ChdbStore, inserter: Any, lock: threading.Lock) -> None:
+        self._store = store
+        self._inserter = inserter
+        self._lock: threading.Lock | None = lock  # the handle's, held until the end
+        self._opened = False  # the array's "[" is sent
+        self.sent_bytes = 0
+
+    def append(self, body: bytes | Iterable[bytes | memoryview]) -> None:
+        pieces = [body] if isinstance(body, bytes) else list(body)
+        inner = _array_inner(pieces)
+        if not inner:
+            return  # "[]": no event
+        size = sum(len(piece) for piece in inner)
+        # insert_json's rule for all it has sent: the rows are written at the end, at once.
+        if not self._store._room_for(self.sent_bytes + size):
+            raise StoreError("the disk is nearly full: the insert goes whole (insert_json)")
+        self._send(b"," if self._opened else b"[")
+        self._opened = True
+        for piece in inner:
+            self._send(piece)
+        self.sent_bytes += size
+
+    def finish(self) -> None:
+        try:
+            if self._opened:
+                self._send(b"]")
+                try:
+                    self._inserter.finish()
+                except Exception as exc:
+                    message = str(exc)
+                    raise StoreError(message, permanent=_is_permanent(message)) from exc
+            else:
+                self._inserter.cancel()  # nothing was sent: no statement to end
+        finally:
+            self._end()
+
+    def cancel(self) -> None:
+        try:
+            self._inserter.cancel()
+        except Exception as exc:  # (already ended by a failed append)
+            log.debug("chDB: cancelling an insert: %s", exc)
+        finally:
+            self._end()
+
+    def _send(self, piece: bytes | memoryview) -> None:
+        try:
+            self._inserter.append(piece)
+        except Exception as exc:
+            message = str(exc)
+            raise StoreError(message, permanent=_is_permanent(message)) from exc
+
+    def _end(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
+
+
+def _array_inner(pieces: list[bytes | memoryview]) -> list[bytes | memoryview]:
+    """The pieces of one JSON array without its brackets ("[" opens the first piece, "]"
+    ends the last: store/rows.py); empty for an empty array."""
+    if not pieces:
+        return []
+    inner = [memoryview(piece) for piece in pieces]
+    if inner[0][:1] != b"[" or inner[-1][-1:] != b"]":
+        raise StoreError("an insert's body is not one JSON array", permanent=True)
+    inner[0] = inner[0][1:]
+    inner[-1] = inner[-1][:-1]
+    return [piece for piece in inner if len(piece)]
 
 
 @hookimpl(trylast=True)

@@ -34,6 +34,10 @@ class FlakyChdbStore(ChdbStore):
         self._check()
         super().insert_json(table, body, settings)
 
+    def open_insert(self, table: str, settings: Any) -> Any:
+        self._check()
+        return super().open_insert(table, settings)
+
     def version(self) -> str:
         self._check()
         return super().version()

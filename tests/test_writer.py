@@ -848,3 +848,81 @@ def test_a_cursor_that_cannot_be_saved_holds_the_spool_and_the_writer_goes_on(
         assert [e["n"] for e in sink.events] == list(range(51))
 
     anyio.run(main)
+
+
+class StreamSink(SpanSink):
+    """Takes bursts in parts (Sink.open_stream): what each stream was fed lands at its finish;
+    the order of landings (events, spans) is kept in `landed`."""
+
+    def __init__(self, fail_first: bool = False) -> None:
+        super().__init__("stream")
+        self.landed: list[tuple[str, list[Any]]] = []
+        self.fail_first = fail_first
+        self.streams = 0
+
+    def open_stream(self) -> Any:
+        sink = self
+        sink.streams += 1
+
+        class Stream:
+            def __init__(self) -> None:
+                self.fed: list[Any] = []
+
+            def feed(self, events: Sequence[Any]) -> None:
+                if sink.fail_first:
+                    sink.fail_first = False
+                    raise ConnectionError("store down")
+                self.fed.extend(events)
+
+            def finish(self) -> None:
+                sink.batches.append(self.fed)
+                sink.landed.append(("events", self.fed))
+
+            def cancel(self) -> None:
+                self.fed = []
+
+        return Stream()
+
+    async def write(self, events: Sequence[Any]) -> None:
+        await super().write(events)
+        self.landed.append(("events", list(events)))
+
+    async def write_spans(self, rows: Sequence[Any]) -> None:
+        await super().write_spans(rows)
+        self.landed.append(("spans", list(rows)))
+
+
+@pytest.mark.parametrize("fail_first", [False, True])
+def test_a_burst_is_streamed_up_to_span_rows_and_each_event_lands_once(
+    fail_first: bool, tmp_path: Path
+) -> None:
+    """From STREAM_MIN_EVENTS waiting on, a sink with open_stream is fed events as they come;
+    span rows are not streamed (the stream ends before them, and they land after the events
+    before them); a stream that fails is sent again as one batch; every event lands once."""
+    from watchllm_ext.delivery.writer import STREAM_MIN_EVENTS
+
+    async def main() -> StreamSink:
+        sink = StreamSink(fail_first)
+        async with spool_writer([sink], tmp_path, flush_interval_s=5.0) as writer:
+            n = 0
+            for _ in range(2):
+                for _ in range(STREAM_MIN_EVENTS // 100 + 20):
+                    await writer.submit(list(range(n, n + 100)))
+                    n += 100
+                    await anyio.sleep(0.002)
+                await writer.submit([n], spans=[span_row(f"{n:016x}")])
+                n += 1
+            assert await writer.flush(timeout_s=10)
+        return sink
+
+    sink = anyio.run(main)
+    assert sink.streams >= (1 if fail_first else 2)  # (after a failure, a batch goes whole)
+    assert sink.events == list(range(len(sink.events)))  # in order, each once
+    assert len(sink.events) == 2 * ((STREAM_MIN_EVENTS // 100 + 20) * 100 + 1)
+    # Each span row lands after every event submitted before it.
+    for at, (kind, rows) in enumerate(sink.landed):
+        if kind == "spans":
+            n = int(rows[0].span_id, 16)
+            before = [e for k, batch in sink.landed[:at] if k == "events" for e in batch]
+            assert n in before
+    assert sink.rows and len(sink.rows) == 2

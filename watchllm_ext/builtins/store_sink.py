@@ -32,7 +32,7 @@ import re
 import threading
 from collections.abc import Iterable, Sequence
 from operator import itemgetter
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import numpy as np
@@ -162,7 +162,7 @@ def _chunks(ids: list[str], max_chars: int) -> Iterable[list[str]]:
         yield chunk
 
 
-def first_copies(events: Sequence[Any], stored: dict[Key, list[int]]) -> list[Any]:
+def first_copies(events: Sequence[Any], stored: Iterable[Key]) -> list[Any]:
     """The events to insert: the first copy of each id in the batch, unless the id is stored."""
     kept: list[Any] = []
     seen: set[Key] = set(stored)
@@ -338,6 +338,14 @@ class SeenIds:
 _BUILD_PAGE = 65_536  # ids read by one query of SeenIds.of_store
 
 
+class Hashed(NamedTuple):
+    """A batch's keys hashed for a filter of stored ids, and their bit positions in `seen`."""
+
+    hashes: np.ndarray
+    seen: SeenIds | None
+    positions: np.ndarray | None
+
+
 class StoreSink:
     # Events are read by attribute only: the writer hands over its structs as they are.
     reads_structs = True
@@ -374,60 +382,76 @@ class StoreSink:
         await anyio.to_thread.run_sync(self._write, events)
 
     def _write(self, events: Sequence[Any]) -> None:
+        self._check_schema()
+        with self._one_at_a_time:
+            kept, inserted, hashed = self._first_stored(events)
+            if not kept:
+                return
+            self._insert(kept)
+            self._remember(inserted, hashed)
+            if self._shared:
+                repeated = lookup_times(self.store, inserted, repeated_only=True)
+                drop_later_copies(self.store, repeated)
+
+    def _check_schema(self) -> None:
         if not self._schema_checked:
             try:
                 apply_migrations(self.store)  # two small queries when it is up to date
             except StoreError as exc:  # never permanent here: the events wait in the spool
                 raise SinkError(f"the store's schema is not ready: {exc}") from exc
             self._schema_checked = True
-        with self._one_at_a_time:
-            as_json = type(events) is EventsJsonBatch
-            if as_json:
-                batch_keys = set(events.event_keys())
+
+    def _first_stored(
+        self, events: Sequence[Any], earlier: set[Key] | None = None
+    ) -> tuple[Sequence[Any], set[Key], Hashed | None]:
+        """(Under _one_at_a_time.) The events to insert (steps 1 and 2 of the module's
+        docstring; `earlier`: keys already sent in the same insert, kept out as stored ones
+        are), their keys, and those keys' hashes (and bit positions in the filter of stored
+        ids) when the filter made them: made once, used twice.
+        The writer's own list when nothing is dropped: its JSON is the spool's bytes."""
+        as_json = type(events) is EventsJsonBatch
+        if as_json:
+            batch_keys = set(events.event_keys())
+        else:
+            batch_keys = {(event.project_id, event.event_id) for event in events}
+        keys: Iterable[Key] = batch_keys
+        hashed = None
+        if not self._shared:
+            self._use_built_filter()
+            if self._seen is None or self._seen.full:
+                self._build_filter()
+            listed = list(batch_keys)
+            hashed = Hashed(SeenIds.hashes(listed), self._seen, None)
+            if self._seen is not None:
+                hashed = hashed._replace(positions=self._seen.positions_of(hashed.hashes))
+                keys = self._seen.maybe_stored(listed, hashed.positions)
+        stored = lookup_times(self.store, keys)
+        # A race earlier left several copies (a crash before its check, say).
+        drop_later_copies(self.store, stored)
+        repeated = batch_keys & earlier if earlier else None
+        if not stored and not repeated and len(batch_keys) == len(events):
+            return events, batch_keys, hashed  # every id new and once (the usual case)
+        if as_json:
+            events = events.events()  # copies to drop (rare): the events are read
+        kept = first_copies(events, stored.keys() | (repeated or set()))
+        if len(kept) == len(events):  # every event kept: the batch's keys, once each
+            return events, batch_keys, hashed
+        return kept, {(event.project_id, event.event_id) for event in kept}, None
+
+    def _remember(self, inserted: set[Key], hashed: Hashed | None) -> None:
+        """(Under _one_at_a_time.) Stored now: `inserted` goes into the filter of stored ids
+        (`hashed`: their hashes, when made already)."""
+        if self._shared:
+            return
+        if hashed is None:
+            hashed = Hashed(SeenIds.hashes(list(inserted)), None, None)
+        if self._seen is not None:
+            if hashed.positions is not None and hashed.seen is self._seen:
+                self._seen.add_positions(hashed.positions)
             else:
-                batch_keys = {(event.project_id, event.event_id) for event in events}
-            keys: Iterable[Key] = batch_keys
-            hashes = positions = None  # of the batch's keys: made once, used twice
-            if not self._shared:
-                self._use_built_filter()
-                if self._seen is None or self._seen.full:
-                    self._build_filter()
-                listed = list(batch_keys)
-                hashes = SeenIds.hashes(listed)
-                if self._seen is not None:
-                    positions = self._seen.positions_of(hashes)
-                    keys = self._seen.maybe_stored(listed, positions)
-            stored = lookup_times(self.store, keys)
-            # A race earlier left several copies (a crash before its check, say).
-            drop_later_copies(self.store, stored)
-            if not stored and len(batch_keys) == len(events):
-                kept = events  # every id new and once in the batch (the usual case): all kept
-            else:
-                if as_json:
-                    events = events.events()  # copies to drop (rare): the events are read
-                kept = first_copies(events, stored)
-            if not kept:
-                return
-            # The writer's own list when nothing was dropped: its JSON is the spool's bytes.
-            self._insert(events if len(kept) == len(events) else kept)
-            if len(kept) == len(events):  # every event kept: the batch's keys, once each
-                inserted = batch_keys
-            else:
-                inserted = {(event.project_id, event.event_id) for event in kept}
-            if not self._shared:
-                if inserted is not batch_keys or hashes is None:
-                    hashes = SeenIds.hashes(list(inserted))
-                    positions = None
-                if self._seen is not None:
-                    if positions is not None:
-                        self._seen.add_positions(positions)
-                    else:
-                        self._seen.add_hashes(hashes)
-                if self._building is not None:
-                    self._inserted_meanwhile.append(hashes)
-            if self._shared:
-                repeated = lookup_times(self.store, inserted, repeated_only=True)
-                drop_later_copies(self.store, repeated)
+                self._seen.add_hashes(hashed.hashes)
+        if self._building is not None:
+            self._inserted_meanwhile.append(hashed.hashes)
 
     def _build_filter(self) -> None:
         """Start building the filter from the store on a thread of its own, unless one is
@@ -479,28 +503,87 @@ class StoreSink:
         body = spool_pieces(rows) or encode_rows(rows)
         insert_json(SPANS_TABLE, body, JSON_INPUT_SETTINGS)
 
+    def open_stream(self) -> StoreStream | None:
+        """One insert fed batch by batch (the writer's Sink.open_stream), on a store that
+        takes inserts in parts (chDB's open_insert); None for the others (whole batches)."""
+        if self._shared or getattr(self.store, "open_insert", None) is None:
+            return None
+        self._check_schema()
+        lower_native_threads()  # chDB's threads made since the last insert yield to requests
+        return StoreStream(self)
+
     def _insert(self, events: Sequence[Any]) -> None:
         lower_native_threads()  # chDB's threads made since the last insert yield to requests
         insert_json = getattr(self.store, "insert_json", None)
-        try:
-            if insert_json is not None:
-                if type(events) is EventsJsonBatch:
-                    bodies = _worker_bodies(events)
-                else:
-                    bodies = input_json(events, batch_json)
-            else:
-                if type(events) is EventsJsonBatch:
-                    events = events.events()
-                tables = tables_for(to_models(events))  # tables_for reads models
-        except Exception as exc:  # a row that cannot be built will never be built
-            raise SinkError(f"cannot build rows: {exc}", permanent=True) from exc
         if insert_json is not None:
+            bodies = _bodies(events)
             # events last: once an id is in event_ids (step 2) all its rows are stored.
             for table in sorted(bodies, key=lambda name: name == EVENTS_INPUT):
                 insert_json(table, bodies[table], JSON_INPUT_SETTINGS)
             return
+        try:
+            if type(events) is EventsJsonBatch:
+                events = events.events()
+            tables = tables_for(to_models(events))  # tables_for reads models
+        except Exception as exc:  # a row that cannot be built will never be built
+            raise SinkError(f"cannot build rows: {exc}", permanent=True) from exc
         for table in sorted(tables, key=lambda name: name == "events"):
             self.store.insert(table, tables[table])
+
+
+class StoreStream:
+    """One insert of the store sink that takes the writer's batches as they come (the
+    writer's streamed delivery): each batch's new events (steps 1 and 2) are sent at once,
+    ClickHouse parses them meanwhile, and they are stored at `finish`, all together; after
+    `cancel`, none of them. An input table's insert opens with its first rows; at the end the
+    parts' table goes first, as in StoreSink._insert. (Its calls come on the writer's worker
+    threads, one at a time.)"""
+
+    def __init__(self, sink: StoreSink) -> None:
+        self.sink = sink
+        self.inserts: dict[str, Any] = {}  # by input table: the store's open_insert
+        self.keys: set[Key] = set()  # of every event sent
+        self.sent: list[tuple[set[Key], Hashed | None]] = []  # for the filter, at the end
+
+    def feed(self, events: Sequence[Any]) -> None:
+        sink = self.sink
+        with sink._one_at_a_time:
+            kept, inserted, hashed = sink._first_stored(events, self.keys)
+        if not kept:
+            return
+        for table, body in _bodies(kept).items():
+            insert = self.inserts.get(table)
+            if insert is None:
+                insert = self.inserts[table] = sink.store.open_insert(table, JSON_INPUT_SETTINGS)
+            insert.append(body)
+        self.keys |= inserted
+        self.sent.append((inserted, hashed))
+
+    def finish(self) -> None:
+        try:
+            for table in sorted(self.inserts, key=lambda name: name == EVENTS_INPUT):
+                self.inserts.pop(table).finish()
+        except BaseException:
+            self.cancel()  # events whose parts are not stored must not be either
+            raise
+        with self.sink._one_at_a_time:
+            for inserted, hashed in self.sent:
+                self.sink._remember(inserted, hashed)
+
+    def cancel(self) -> None:
+        inserts, self.inserts = self.inserts, {}
+        for insert in inserts.values():
+            insert.cancel()
+
+
+def _bodies(events: Sequence[Any]) -> dict[str, Body]:
+    """The input tables' JSON bodies of the events (store/rows.py input_json)."""
+    try:
+        if type(events) is EventsJsonBatch:
+            return _worker_bodies(events)
+        return input_json(events, batch_json)
+    except Exception as exc:  # a row that cannot be built will never be built
+        raise SinkError(f"cannot build rows: {exc}", permanent=True) from exc
 
 
 def _worker_bodies(batch: EventsJsonBatch) -> dict[str, Body]:

@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, NamedTuple, Protocol, TypeVar, runtime_checkable
 
 import anyio
 
@@ -62,6 +62,12 @@ _BACKLOG_POLL_S = 0.05
 # CPU), and a trickle of single events would otherwise pay it for each.
 QUIET_S = 0.1
 QUIET_MIN_EVENTS = 4_096
+# A sink that takes a batch in parts (Sink.open_stream) gets it fed from this many events
+# waiting on: the insert's parsing then runs while the rest of the burst comes in, and what
+# is left at its end is the rows' write (half a 50,000-event insert's time in chDB). Every
+# _STREAM_POLL_S the events that came meanwhile are fed.
+STREAM_MIN_EVENTS = QUIET_MIN_EVENTS
+_STREAM_POLL_S = 0.02
 TARGETED = 1  # record flag: the record is for one sink only (a dead-letter replay)
 SPANS = 2  # record flag: the record holds OpenTelemetry span rows (otel/rows.py), not events
 
@@ -85,7 +91,14 @@ class Sink(Protocol):
 
     A sink that reads events only as their JSON and their ids sets `reads_events_json =
     True`: a batch whose records a worker process made (ingest/worker.py; all of them kept in
-    memory) then comes as an EventsJsonBatch, nothing decoded; any other batch as usual."""
+    memory) then comes as an EventsJsonBatch, nothing decoded; any other batch as usual.
+
+    A sink whose store can take a batch in parts defines `open_stream()`, returning None or
+    an object with `feed(events)`, `finish()` and `cancel()` (called on worker threads, one
+    at a time): when a burst is under way (STREAM_MIN_EVENTS waiting, fewer than a batch),
+    the writer feeds it the events as they come, up to a batch, and then finishes it; the
+    cursor moves only after `finish`, so what `cancel` (or a crash) leaves out is sent again,
+    whole, the usual way (the builtin store sink: its insert is mostly parsed by then)."""
 
     name: str
 
@@ -366,6 +379,16 @@ class SinkState:
     # start, yet the record the writer wrote next (in the next segment) may be in memory.
     resume: tuple[Position, int] | None = None
     cursor_error: str | None = None  # why the last save of the cursor failed, until one works
+    # The last streamed insert failed: the next batch goes whole (with retries, dead letters).
+    stream_failed: bool = False
+
+
+class Reading(NamedTuple):
+    """Where a sink's next read starts (its cursor and resume) and how many events it takes."""
+
+    cursor: Position
+    resume: tuple[Position, int] | None
+    max_events: int
 
 
 class Writer:
@@ -625,6 +648,13 @@ class Writer:
             await self.log.wait_appended()
             return
         if backlog < self._batch_max(state) and self._accepting:
+            if (
+                backlog >= STREAM_MIN_EVENTS
+                and not state.stream_failed
+                and hasattr(state.sink, "open_stream")
+                and await self._deliver_streamed(state)
+            ):
+                return
             now = time.monotonic()
             if state.pending_since is None:
                 # What came while the last batch was written has waited since it was
@@ -667,8 +697,97 @@ class Writer:
         # Spans after the events: once a span's row is stored, so is the event it became.
         if rows:
             await self._write_with_retry(state, rows, spans=True)
+        state.stream_failed = False
+        # The batch's items are let go of by _passed alone (see there): no reference here.
+        batches, last = [events, rows], records[-1]
+        del events, rows, batch, records
+        await self._passed(state, last, last_number, batches)
+
+    async def _deliver_streamed(self, state: SinkState) -> bool:
+        """Feed the sink's stream (Sink.open_stream) the events from its cursor on as they
+        come, up to its batch size, or until flush_interval_s is over or nothing new came
+        for QUIET_S; then finish it and move the cursor. False if the sink opened none (the
+        usual batch goes). A stream that fails is cancelled and the next batch goes whole,
+        with the usual retries and dead letters (stored once, by id, whatever had landed)."""
+        stream = await anyio.to_thread.run_sync(state.sink.open_stream)  # type: ignore[attr-defined]
+        if stream is None:
+            return False
+        now = time.monotonic()
+        deadline = (state.pending_since or state.taken_at or now) + self.flush_interval_s
+        state.pending_since = None
+        state.taken_at = now
+        at = Reading(state.cursor, state.resume, self._batch_max(state))
+        read_seq = state.cursor_seq  # the sequence number after what was fed
+        last: tuple[Record, int | None] | None = None  # the last record fed, its number
+        items: list[Sequence[Any]] = []  # what was fed, freed by _passed
+        fed = 0
+        try:
+            while at.max_events > 0 and self._accepting and time.monotonic() < deadline:
+                batch = await anyio.to_thread.run_sync(self._next_batch, state, at, True)
+                if batch is None:
+                    if self.log.next_seq > read_seq:
+                        break  # span rows come next: they go the usual way
+                    now = time.monotonic()
+                    if now - self._last_write >= QUIET_S:
+                        break  # the burst is over
+                    await anyio.sleep(min(_STREAM_POLL_S, deadline - now))
+                    continue
+                records, events, _, last_number = batch
+                del batch
+                if last is None:
+                    waited_s = max(0.0, time.time() - records[0].appended_ms / 1000)
+                    state.oldest_pending_at = time.monotonic() - waited_s
+                if events:
+                    if type(events) is not EventsJsonBatch and not getattr(
+                        state.sink, "reads_structs", False
+                    ):
+                        events = await anyio.to_thread.run_sync(_as_models, events)
+                    await anyio.to_thread.run_sync(stream.feed, events)
+                items.append(events)
+                fed += len(events)
+                del events
+                end = records[-1]
+                del records
+                last = (end, last_number)
+                resume = (end.end, last_number + 1) if last_number is not None else None
+                taken = end.seq + end.count - read_seq
+                at = Reading(end.end, resume, at.max_events - taken)
+                read_seq = end.seq + end.count
+            if last is None:
+                await anyio.to_thread.run_sync(stream.cancel)
+                return False
+            await anyio.to_thread.run_sync(stream.finish)
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(_cancel_quietly, stream)
+            if not isinstance(exc, Exception):
+                raise  # cancelled (shutdown): the cursor stays, the events wait in the log
+            state.stream_failed = True
+            state.last_error = f"{type(exc).__name__}: {exc}"[:500]
+            log.warning(
+                "a streamed insert into sink %s failed; its events go again as one batch: %s",
+                state.sink.name,
+                state.last_error,
+            )
+            return True
+        state.last_taken = fed
+        state.failing_since = None
+        state.delivered_events_total += fed
+        state.delivered_batches_total += 1
+        await self._passed(state, last[0], last[1], items)
+        return True
+
+    async def _passed(
+        self,
+        state: SinkState,
+        last: Record,
+        last_number: int | None,
+        batches: list[Sequence[Any]],
+    ) -> None:
+        """The sink has everything up to `last` (numbered `last_number`): its cursor moves
+        past it, and the records every sink has passed are let go, with `batches` (the items
+        it was given, which the caller no longer refers to)."""
         state.written_at = time.monotonic()
-        last = records[-1]
         state.cursor, state.cursor_seq = last.end, last.seq + last.count
         state.resume = (last.end, last_number + 1) if last_number is not None else None
         slowest = min(s.cursor for s in self.sinks)
@@ -704,8 +823,6 @@ class Writer:
         # The next batch does not wait for it (a 15,000-event batch takes 50-150 ms to
         # free), the one after does: at most one batch is being freed at a time. (So a
         # sink may hold one batch more than memory_max_events counts, for that while.)
-        batches = [events, rows]
-        del events, rows, batch
         if state.freeing is not None:
             await state.freeing.wait()
         state.freeing = anyio.Event()
@@ -728,21 +845,29 @@ class Writer:
         return getattr(self.log, "needs_payload", True)
 
     def _next_batch(
-        self, state: SinkState
+        self, state: SinkState, at: Reading | None = None, events_only: bool = False
     ) -> tuple[list[Record], EventBatch | EventsJsonBatch, Sequence[SpanRow], int | None] | None:
-        """(On a worker thread.) The records from the sink's cursor on, up to its batch size,
-        with their events and span rows for it, and the writer's number of the last record
-        (None if unknown); None when there is nothing to read."""
-        max_events = self._batch_max(state)
-        first = self._numbers.get(state.cursor)
-        if first is None and state.resume is not None and state.resume[0] == state.cursor:
-            first = state.resume[1]  # the cursor is at the end of a segment
+        """(On a worker thread.) The records from the sink's cursor (or `at`) on, up to its
+        batch size (or at.max_events), with their events and span rows for it, and the
+        writer's number of the last record (None if unknown); None when there is nothing to
+        read. `events_only`: the records up to the first of span rows (none if it is first)."""
+        if at is None:
+            at = Reading(state.cursor, state.resume, self._batch_max(state))
+        cursor, resume, max_events = at
+        first = self._numbers.get(cursor)
+        if first is None and resume is not None and resume[0] == cursor:
+            first = resume[1]  # the cursor is at the end of a segment
         kept = self._read_kept(first, max_events) if first is not None else None
         if kept:  # (empty: a record being kept right now; the log has it)
             records, last_number = kept, first + len(kept) - 1
         else:
-            records = self.log.read(state.cursor, max_events)
+            records = self.log.read(cursor, max_events)
             last_number = self._numbers.get(records[-1].start) if records else None
+        if events_only:
+            spans_at = next((i for i, r in enumerate(records) if r.flags & SPANS), None)
+            if spans_at is not None:
+                records = records[:spans_at]
+                last_number = self._numbers.get(records[-1].start) if records else None
         if not records:
             return None
         span_records = [r for r in records if r.flags & SPANS]
@@ -1044,6 +1169,13 @@ def _free(batches: list[Sequence[Any]]) -> None:
         # the event loop can take it (at the switch interval) instead of waiting for all.
         while batch:
             del batch[-_FREE_SLICE:]
+
+
+def _cancel_quietly(stream: Any) -> None:
+    try:
+        stream.cancel()
+    except Exception as exc:  # (the failure it follows is what is reported)
+        log.debug("cancelling a streamed insert: %s", exc)
 
 
 def _as_models(events: EventBatch) -> EventBatch:
