@@ -22,6 +22,7 @@ from watchllm_ext import Settings, hookimpl
 from watchllm_ext.locks import FolderLock, FolderLocked
 from watchllm_ext.store import StoreError, StoreLockedError
 from watchllm_ext.store.params import format_params
+from watchllm_ext.store.rows import OneArray
 
 log = logging.getLogger("watchllm.chdb")
 # How long closing the store waits for a statement that is still running.
@@ -277,35 +278,31 @@ class JsonArrayInsert:
         self._store = store
         self._inserter = inserter
         self._lock: threading.Lock | None = lock  # the handle's, held until the end
-        self._opened = False  # the array's "[" is sent
-        self.sent_bytes = 0
+        self._array = OneArray()
 
     def append(self, body: bytes | Iterable[bytes | memoryview]) -> None:
-        pieces = [body] if isinstance(body, bytes) else list(body)
-        inner = _array_inner(pieces)
-        if not inner:
-            return  # "[]": no event
-        size = sum(len(piece) for piece in inner)
+        try:
+            pieces = self._array.pieces(body)
+        except ValueError as exc:
+            raise StoreError(str(exc), permanent=True) from exc
         # insert_json's rule for all it has sent: the rows are written at the end, at once.
-        if not self._store._room_for(self.sent_bytes + size):
+        if pieces and not self._store._room_for(self._array.sent_bytes):
             raise StoreError("the disk is nearly full: the insert goes whole (insert_json)")
-        self._send(b"," if self._opened else b"[")
-        self._opened = True
-        for piece in inner:
+        for piece in pieces:
             self._send(piece)
-        self.sent_bytes += size
 
     def finish(self) -> None:
         try:
-            if self._opened:
-                self._send(b"]")
-                try:
-                    self._inserter.finish()
-                except Exception as exc:
-                    message = str(exc)
-                    raise StoreError(message, permanent=_is_permanent(message)) from exc
-            else:
+            end = self._array.end()
+            if end is None:
                 self._inserter.cancel()  # nothing was sent: no statement to end
+                return
+            self._send(end)
+            try:
+                self._inserter.finish()
+            except Exception as exc:
+                message = str(exc)
+                raise StoreError(message, permanent=_is_permanent(message)) from exc
         finally:
             self._end()
 
@@ -328,19 +325,6 @@ class JsonArrayInsert:
         lock, self._lock = self._lock, None
         if lock is not None:
             lock.release()
-
-
-def _array_inner(pieces: list[bytes | memoryview]) -> list[bytes | memoryview]:
-    """The pieces of one JSON array without its brackets ("[" opens the first piece, "]"
-    ends the last: store/rows.py); empty for an empty array."""
-    if not pieces:
-        return []
-    inner = [memoryview(piece) for piece in pieces]
-    if inner[0][:1] != b"[" or inner[-1][-1:] != b"]":
-        raise StoreError("an insert's body is not one JSON array", permanent=True)
-    inner[0] = inner[0][1:]
-    inner[-1] = inner[-1][:-1]
-    return [piece for piece in inner if len(piece)]
 
 
 @hookimpl(trylast=True)

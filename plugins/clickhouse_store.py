@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import queue
 import re
 import threading
 import time
@@ -45,6 +46,7 @@ from watchllm_ext import Settings, hookimpl
 from watchllm_ext.settings import clickhouse_url_problem, masked_clickhouse_url
 from watchllm_ext.store import StoreError, StoreUnavailable
 from watchllm_ext.store.params import format_param
+from watchllm_ext.store.rows import OneArray
 
 log = logging.getLogger("watchllm.clickhouse")
 
@@ -542,6 +544,15 @@ class ClickHouseStore:
         except Exception as exc:
             raise self._error(exc, f"inserting {sent[0]} bytes of JSON into {table}") from exc
 
+    def open_insert(self, table: str, settings: Mapping[str, Any]) -> QueuedInsert:
+        """An insert into `table` of one JSON array whose events come in parts: one HTTP
+        request (insert_json's) whose chunked body is sent as the parts are appended, so the
+        server parses them meanwhile; the rows land when `finish()` ends the body, and none
+        when `cancel()` breaks it off (the server then refuses the unfinished body)."""
+        if not table.isidentifier():
+            raise StoreError(f"bad table name {table!r}", permanent=True)
+        return QueuedInsert(self, table, settings)
+
     def version(self) -> str:
         # Asked each time (not the version read at connect): /readyz uses this as its check.
         try:
@@ -664,6 +675,86 @@ def configured_url(settings: Settings) -> str | None:
     if url is _UNSET:
         url = os.environ.get(ENV_URL)
     return url or None
+
+
+class _Cancelled(Exception):
+    """Breaks off a QueuedInsert's body (raised in the HTTP client's thread)."""
+
+
+_END = object()
+_CANCEL = object()
+# How long finish() and cancel() wait for the request to end: its statement's own time.
+STREAM_END_WAIT_S = 600.0
+
+
+class QueuedInsert:
+    """ClickHouseStore.open_insert's insert: insert_json on a thread of its own, its body's
+    pieces taken from a queue that `append` fills. Calls come one at a time."""
+
+    def __init__(self, store: ClickHouseStore, table: str, settings: Mapping[str, Any]) -> None:
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._array = OneArray()
+        self._error: BaseException | None = None
+        self._ended = False
+        self._thread = threading.Thread(
+            target=self._run, args=(store, table, settings), name="watchllm-insert", daemon=True
+        )
+        self._started = False
+
+    def append(self, body: bytes | Iterable[bytes | memoryview]) -> None:
+        self._raise_error()
+        try:
+            pieces = self._array.pieces(body)
+        except ValueError as exc:
+            raise StoreError(str(exc), permanent=True) from exc
+        if not pieces:
+            return
+        if not self._started:  # the request starts with the first events
+            self._started = True
+            self._thread.start()
+        for piece in pieces:
+            self._queue.put(piece)
+
+    def finish(self) -> None:
+        end = self._array.end()
+        if end is None:
+            self._ended = True
+            return  # nothing was sent: no request was made
+        self._queue.put(end)
+        self._wait(_END)
+        self._raise_error()
+
+    def cancel(self) -> None:
+        if self._started and not self._ended:
+            self._wait(_CANCEL)
+
+    def _wait(self, last: object) -> None:
+        self._ended = True
+        self._queue.put(last)
+        self._thread.join(STREAM_END_WAIT_S)
+        if self._thread.is_alive():
+            raise StoreError(f"an insert's request did not end in {STREAM_END_WAIT_S:.0f} s")
+
+    def _raise_error(self) -> None:
+        if self._error is not None and not isinstance(self._error, _Cancelled):
+            raise self._error
+
+    def _pieces(self) -> Iterator[bytes | memoryview]:
+        while True:
+            piece = self._queue.get()
+            if piece is _END:
+                return
+            if piece is _CANCEL:
+                raise _Cancelled("the insert was cancelled")
+            yield piece
+
+    def _run(self, store: ClickHouseStore, table: str, settings: Mapping[str, Any]) -> None:
+        try:
+            store.insert_json(table, self._pieces(), settings)
+        except BaseException as exc:
+            cause = exc.__cause__ if isinstance(exc, StoreError) else None
+            self._error = cause if isinstance(cause, _Cancelled) else exc
+            # What the client stopped reading stays queued: nothing waits for it.
 
 
 @hookimpl

@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 import pytest
 from conftest import prompt_call
-from stores import CHDB_ONLY
+from stores import EVERY_STORE
 
 from watchllm_ext.app import _decode_events, _encode_events
 from watchllm_ext.builtins.store_sink import StoreSink, StoreStream
@@ -22,7 +22,7 @@ from watchllm_ext.ingest.fast_validate import decode_stored, encode_events
 from watchllm_ext.schema import EVENT_LIST_ADAPTER
 from watchllm_ext.store import Store, StoreError
 
-pytestmark = CHDB_ONLY  # inserts in parts: chDB's (a server store takes whole batches)
+pytestmark = EVERY_STORE
 
 
 def structs(raw: list[dict[str, Any]]) -> list[Any]:

@@ -505,8 +505,8 @@ class StoreSink:
 
     def open_stream(self) -> StoreStream | None:
         """One insert fed batch by batch (the writer's Sink.open_stream), on a store that
-        takes inserts in parts (chDB's open_insert); None for the others (whole batches)."""
-        if self._shared or getattr(self.store, "open_insert", None) is None:
+        takes inserts in parts (open_insert); None for the others (whole batches)."""
+        if getattr(self.store, "open_insert", None) is None:
             return None
         self._check_schema()
         lower_native_threads()  # chDB's threads made since the last insert yield to requests
@@ -566,9 +566,12 @@ class StoreStream:
         except BaseException:
             self.cancel()  # events whose parts are not stored must not be either
             raise
-        with self.sink._one_at_a_time:
+        sink = self.sink
+        with sink._one_at_a_time:
             for inserted, hashed in self.sent:
-                self.sink._remember(inserted, hashed)
+                sink._remember(inserted, hashed)
+            if sink._shared and self.keys:  # step 3
+                drop_later_copies(sink.store, lookup_times(sink.store, self.keys, True))
 
     def cancel(self) -> None:
         inserts, self.inserts = self.inserts, {}

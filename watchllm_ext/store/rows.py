@@ -473,6 +473,34 @@ def _pieces(payloads: Sequence[bytes | memoryview]) -> Iterator[bytes | memoryvi
     yield b"".join(group)
 
 
+class OneArray:
+    """JSON arrays sent one after the other as one array (an insert in parts, a store's
+    open_insert): `pieces(body)` is what to send for each body (a JSON array, whole or in
+    pieces: "[" opens the first piece, "]" ends the last), `end()` what ends the array."""
+
+    def __init__(self) -> None:
+        self.opened = False  # "[" is sent
+        self.sent_bytes = 0  # of the bodies' events
+
+    def pieces(self, body: Body) -> list[bytes | memoryview]:
+        listed = [memoryview(piece) for piece in ([body] if isinstance(body, bytes) else body)]
+        if not listed or listed[0][:1] != b"[" or listed[-1][-1:] != b"]":
+            raise ValueError("an insert's body is not one JSON array")
+        listed[0] = listed[0][1:]
+        listed[-1] = listed[-1][:-1]
+        inner = [piece for piece in listed if len(piece)]
+        if not inner:
+            return []  # "[]": no event
+        self.sent_bytes += sum(len(piece) for piece in inner)
+        opening = b"," if self.opened else b"["
+        self.opened = True
+        return [opening, *inner]
+
+    def end(self) -> bytes | None:
+        """"]", or None when nothing was sent (no statement to end)."""
+        return b"]" if self.opened else None
+
+
 def input_json(
     events: Sequence[Any], encode: Callable[[Sequence[Any]], bytes] = encode_events
 ) -> dict[str, Body]:
