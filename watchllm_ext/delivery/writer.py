@@ -360,6 +360,7 @@ class SinkState:
     cursor_seq: int
     delivered_events_total: int = 0
     delivered_batches_total: int = 0
+    streamed_batches_total: int = 0  # of them, fed in parts (Sink.open_stream)
     retries_total: int = 0
     dead_letter_events_total: int = 0
     last_error: str | None = None
@@ -602,6 +603,7 @@ class Writer:
                         else 0.0
                     ),
                     "delivered_events_total": s.delivered_events_total,
+                    "streamed_batches_total": s.streamed_batches_total,
                     "retries_total": s.retries_total,
                     "dead_letter_events_total": s.dead_letter_events_total,
                     "last_error": s.last_error,
@@ -774,6 +776,7 @@ class Writer:
         state.failing_since = None
         state.delivered_events_total += fed
         state.delivered_batches_total += 1
+        state.streamed_batches_total += 1
         await self._passed(state, last[0], last[1], items)
         return True
 

@@ -497,7 +497,7 @@ class OneArray:
         return [opening, *inner]
 
     def end(self) -> bytes | None:
-        """"]", or None when nothing was sent (no statement to end)."""
+        """The closing bracket, or None when nothing was sent (no statement to end)."""
         return b"]" if self.opened else None
 
 
