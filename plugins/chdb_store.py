@@ -292,24 +292,28 @@ class JsonArrayInsert:
             self._send(piece)
 
     def finish(self) -> None:
+        end = self._array.end()
+        if end is None:
+            self.cancel()  # nothing was sent: no statement to end
+            return
         try:
-            end = self._array.end()
-            if end is None:
-                self._inserter.cancel()  # nothing was sent: no statement to end
-                return
             self._send(end)
             try:
                 self._inserter.finish()
             except Exception as exc:
                 message = str(exc)
                 raise StoreError(message, permanent=_is_permanent(message)) from exc
-        finally:
-            self._end()
+        except BaseException:
+            # A parse error found at the end leaves the handle's insert open: ended here, or
+            # every later insert on the handle would be refused ("already active").
+            self.cancel()
+            raise
+        self._end()
 
     def cancel(self) -> None:
         try:
             self._inserter.cancel()
-        except Exception as exc:  # (already ended by a failed append)
+        except Exception as exc:  # (already ended)
             log.debug("chDB: cancelling an insert: %s", exc)
         finally:
             self._end()

@@ -682,9 +682,10 @@ class _Cancelled(Exception):
 
 
 _END = object()
-_CANCEL = object()
-# How long finish() and cancel() wait for the request to end: its statement's own time.
+# How long finish() waits for the request to end (its statement's own time), and cancel()
+# for the request to be broken off.
 STREAM_END_WAIT_S = 600.0
+CANCEL_WAIT_S = 5.0
 
 
 class QueuedInsert:
@@ -695,7 +696,7 @@ class QueuedInsert:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._array = OneArray()
         self._error: BaseException | None = None
-        self._ended = False
+        self._cancelled = threading.Event()
         self._thread = threading.Thread(
             target=self._run, args=(store, table, settings), name="watchllm-insert", daemon=True
         )
@@ -718,42 +719,41 @@ class QueuedInsert:
     def finish(self) -> None:
         end = self._array.end()
         if end is None:
-            self._ended = True
             return  # nothing was sent: no request was made
         self._queue.put(end)
-        self._wait(_END)
+        self._queue.put(_END)
+        self._thread.join(STREAM_END_WAIT_S)
+        if self._thread.is_alive():
+            self.cancel()
+            raise StoreError(f"an insert's request did not end in {STREAM_END_WAIT_S:.0f} s")
         self._raise_error()
 
     def cancel(self) -> None:
-        if self._started and not self._ended:
-            self._wait(_CANCEL)
-
-    def _wait(self, last: object) -> None:
-        self._ended = True
-        self._queue.put(last)
-        self._thread.join(STREAM_END_WAIT_S)
-        if self._thread.is_alive():
-            raise StoreError(f"an insert's request did not end in {STREAM_END_WAIT_S:.0f} s")
+        """Break the request's body off at once (what is queued is not sent): the server
+        refuses an unfinished body."""
+        self._cancelled.set()
+        self._queue.put(_END)  # wakes a body waiting for its next piece
+        if self._started:
+            self._thread.join(CANCEL_WAIT_S)  # a connection still being made may take longer
 
     def _raise_error(self) -> None:
-        if self._error is not None and not isinstance(self._error, _Cancelled):
+        if self._error is not None:
             raise self._error
 
     def _pieces(self) -> Iterator[bytes | memoryview]:
         while True:
             piece = self._queue.get()
+            if self._cancelled.is_set():
+                raise _Cancelled("the insert was cancelled")
             if piece is _END:
                 return
-            if piece is _CANCEL:
-                raise _Cancelled("the insert was cancelled")
             yield piece
 
     def _run(self, store: ClickHouseStore, table: str, settings: Mapping[str, Any]) -> None:
         try:
             store.insert_json(table, self._pieces(), settings)
         except BaseException as exc:
-            cause = exc.__cause__ if isinstance(exc, StoreError) else None
-            self._error = cause if isinstance(cause, _Cancelled) else exc
+            self._error = exc
             # What the client stopped reading stays queued: nothing waits for it.
 
 

@@ -171,5 +171,30 @@ def test_a_stream_that_fails_is_sent_again_as_one_batch(
     stats = write_burst(store, tmp_path / "spool", [events])
     assert failures
     assert stats["delivered_events_total"] == len(events)
+    assert stats["streamed_batches_total"] == 0  # the next batch went whole (write)
     minutes = stored_minutes(store)
     assert len(minutes) == len(events) and all(len(rows) == 1 for rows in minutes.values())
+
+
+def test_an_insert_refused_at_its_end_leaves_the_store_usable(store: Store) -> None:
+    # A value ClickHouse refuses, after rows enough that it is parsed while the insert is
+    # still open: the error comes with a later part or at the end. The insert ends all the
+    # same (chDB: its handle is free again, or every later insert on it is refused), and
+    # later inserts in parts work, more of them than the store has handles for.
+    store.execute("CREATE TABLE refused (a UInt64, b String) ENGINE = MergeTree ORDER BY a")
+    good = b"[" + b",".join(b'{"a":%d,"b":"%s"}' % (i, b"x" * 100) for i in range(20_000)) + b"]"
+    insert = store.open_insert("refused", {})  # type: ignore[attr-defined]
+    with pytest.raises(StoreError):
+        try:
+            insert.append(good)
+            insert.append(b'[{"a":"not a number","b":"x"}]')
+        except StoreError:
+            insert.cancel()  # as StoreStream does after a failed feed
+            raise
+        time.sleep(0.5)  # parsed meanwhile: the error comes with the end's "]"
+        insert.finish()
+    for n in range(3):
+        insert = store.open_insert("refused", {})  # type: ignore[attr-defined]
+        insert.append(b'[{"a":%d,"b":"y"}]' % n)
+        insert.finish()
+    assert store.query("SELECT count() AS n FROM refused")[0]["n"] == 3

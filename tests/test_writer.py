@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -858,11 +859,11 @@ class StreamSink(SpanSink):
         super().__init__("stream")
         self.landed: list[tuple[str, list[Any]]] = []
         self.fail_first = fail_first
-        self.streams = 0
+        self.streams = 0  # finished with events
+        self.whole = 0  # batches written whole (write)
 
     def open_stream(self) -> Any:
         sink = self
-        sink.streams += 1
 
         class Stream:
             def __init__(self) -> None:
@@ -877,6 +878,7 @@ class StreamSink(SpanSink):
             def finish(self) -> None:
                 sink.batches.append(self.fed)
                 sink.landed.append(("events", self.fed))
+                sink.streams += 1
 
             def cancel(self) -> None:
                 self.fed = []
@@ -886,6 +888,7 @@ class StreamSink(SpanSink):
     async def write(self, events: Sequence[Any]) -> None:
         await super().write(events)
         self.landed.append(("events", list(events)))
+        self.whole += 1
 
     async def write_spans(self, rows: Sequence[Any]) -> None:
         await super().write_spans(rows)
@@ -901,7 +904,7 @@ def test_a_burst_is_streamed_up_to_span_rows_and_each_event_lands_once(
     before them); a stream that fails is sent again as one batch; every event lands once."""
     from watchllm_ext.delivery.writer import STREAM_MIN_EVENTS
 
-    async def main() -> StreamSink:
+    async def main() -> tuple[StreamSink, dict[str, Any]]:
         sink = StreamSink(fail_first)
         async with spool_writer([sink], tmp_path, flush_interval_s=5.0) as writer:
             n = 0
@@ -912,11 +915,14 @@ def test_a_burst_is_streamed_up_to_span_rows_and_each_event_lands_once(
                     await anyio.sleep(0.002)
                 await writer.submit([n], spans=[span_row(f"{n:016x}")])
                 n += 1
+                await anyio.sleep(0.3)  # quiet: what the stream left goes as a batch
             assert await writer.flush(timeout_s=10)
-        return sink
+            return sink, writer.stats()["sinks"]["stream"]
 
-    sink = anyio.run(main)
-    assert sink.streams >= (1 if fail_first else 2)  # (after a failure, a batch goes whole)
+    sink, stats = anyio.run(main)
+    # Each burst streamed up to its span rows; the first one's stream failed and went whole.
+    assert sink.streams == stats["streamed_batches_total"] == (1 if fail_first else 2)
+    assert (sink.whole > 0) == fail_first  # (span rows alone go to write_spans only)
     assert sink.events == list(range(len(sink.events)))  # in order, each once
     assert len(sink.events) == 2 * ((STREAM_MIN_EVENTS // 100 + 20) * 100 + 1)
     # Each span row lands after every event submitted before it.
@@ -926,3 +932,32 @@ def test_a_burst_is_streamed_up_to_span_rows_and_each_event_lands_once(
             before = [e for k, batch in sink.landed[:at] if k == "events" for e in batch]
             assert n in before
     assert sink.rows and len(sink.rows) == 2
+
+
+def test_records_with_span_rows_keep_the_flush_interval() -> None:
+    """Each request's events and span rows (an OpenTelemetry export): the record at the cursor
+    is often span rows, which a stream does not take. The batch still goes once the interval
+    is over, while requests keep coming (not only when they stop)."""
+    from watchllm_ext.delivery.writer import STREAM_MIN_EVENTS
+
+    async def main() -> tuple[int, int]:
+        sink = StreamSink()
+        async with memory_writer(
+            [sink], max_events=1_000_000, flush_max_events=1_000_000, flush_interval_s=0.3
+        ) as writer:
+            n = 0
+            started = time.monotonic()
+            landed_by_1s = 0
+            while time.monotonic() - started < 1.5:
+                await writer.submit(list(range(n, n + 100)), spans=[span_row(f"{n:016x}")])
+                n += 100
+                await anyio.sleep(0.005)
+                if not landed_by_1s and time.monotonic() - started >= 1.0:
+                    landed_by_1s = len(sink.landed)
+            assert await writer.flush(timeout_s=10)
+        assert n > 2 * STREAM_MIN_EVENTS
+        return landed_by_1s, len(sink.events)
+
+    landed_by_1s, events = anyio.run(main)
+    assert landed_by_1s >= 2  # events and span rows, within about the 0.3 s interval
+    assert events > 0

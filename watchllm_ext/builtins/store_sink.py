@@ -562,7 +562,8 @@ class StoreStream:
     def finish(self) -> None:
         try:
             for table in sorted(self.inserts, key=lambda name: name == EVENTS_INPUT):
-                self.inserts.pop(table).finish()
+                self.inserts[table].finish()
+                del self.inserts[table]  # (one whose finish failed has ended itself)
         except BaseException:
             self.cancel()  # events whose parts are not stored must not be either
             raise
@@ -575,8 +576,11 @@ class StoreStream:
 
     def cancel(self) -> None:
         inserts, self.inserts = self.inserts, {}
-        for insert in inserts.values():
-            insert.cancel()
+        for table, insert in inserts.items():
+            try:
+                insert.cancel()
+            except Exception as exc:  # the others are cancelled all the same
+                log.warning("cancelling the insert into %s failed: %s", table, exc)
 
 
 def _bodies(events: Sequence[Any]) -> dict[str, Body]:

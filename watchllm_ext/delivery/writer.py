@@ -68,6 +68,10 @@ QUIET_MIN_EVENTS = 4_096
 # _STREAM_POLL_S the events that came meanwhile are fed.
 STREAM_MIN_EVENTS = QUIET_MIN_EVENTS
 _STREAM_POLL_S = 0.02
+# A stream ends at this much payload, as a batch read from the log does: ClickHouse writes
+# an insert's rows before its end once they pass min_insert_block_size_bytes (256 MiB), and
+# a stream's rows must land at its end, together.
+STREAM_MAX_BYTES = 64 << 20
 TARGETED = 1  # record flag: the record is for one sink only (a dead-letter replay)
 SPANS = 2  # record flag: the record holds OpenTelemetry span rows (otel/rows.py), not events
 
@@ -385,11 +389,24 @@ class SinkState:
 
 
 class Reading(NamedTuple):
-    """Where a sink's next read starts (its cursor and resume) and how many events it takes."""
+    """Where a streamed insert's next read starts (a cursor, its resume and sequence number)
+    and how many events and bytes of payload it may take still."""
 
     cursor: Position
     resume: tuple[Position, int] | None
+    seq: int
     max_events: int
+    max_bytes: int
+
+
+class StreamPart(NamedTuple):
+    """Writer._stream_part's answer: the records, their events, the number of the last, and
+    whether the stream must end after them."""
+
+    records: list[Record]
+    events: EventBatch | EventsJsonBatch
+    last_number: int | None
+    stop: bool
 
 
 class Writer:
@@ -707,61 +724,81 @@ class Writer:
 
     async def _deliver_streamed(self, state: SinkState) -> bool:
         """Feed the sink's stream (Sink.open_stream) the events from its cursor on as they
-        come, up to its batch size, or until flush_interval_s is over or nothing new came
-        for QUIET_S; then finish it and move the cursor. False if the sink opened none (the
-        usual batch goes). A stream that fails is cancelled and the next batch goes whole,
-        with the usual retries and dead letters (stored once, by id, whatever had landed)."""
-        stream = await anyio.to_thread.run_sync(state.sink.open_stream)  # type: ignore[attr-defined]
-        if stream is None:
-            return False
+        come, up to its batch size (or STREAM_MAX_BYTES of payload), until flush_interval_s
+        is over, nothing new came for QUIET_S or a record a stream does not take is next;
+        then finish it and move the cursor. False (nothing changed) when no stream is to be
+        had: the usual batch goes. A stream that fails is cancelled and the next batch goes
+        whole, with the usual retries and dead letters (stored once, by id, whatever had
+        landed)."""
         now = time.monotonic()
         deadline = (state.pending_since or state.taken_at or now) + self.flush_interval_s
-        state.pending_since = None
-        state.taken_at = now
-        at = Reading(state.cursor, state.resume, self._batch_max(state))
-        read_seq = state.cursor_seq  # the sequence number after what was fed
+        number = self._numbers.get(state.cursor)
+        if number is None and state.resume is not None and state.resume[0] == state.cursor:
+            number = state.resume[1]  # the cursor is at the end of a segment
+        record = self._records.get(number) if number is not None else None
+        if now >= deadline or record is None or record.flags & (SPANS | TARGETED):
+            return False  # late already, or not for a stream (a look on the loop: no hop)
+        at = Reading(
+            state.cursor, state.resume, state.cursor_seq, self._batch_max(state), STREAM_MAX_BYTES
+        )
+        stream: Any = None
         last: tuple[Record, int | None] | None = None  # the last record fed, its number
         items: list[Sequence[Any]] = []  # what was fed, freed by _passed
         fed = 0
         try:
-            while at.max_events > 0 and self._accepting and time.monotonic() < deadline:
-                batch = await anyio.to_thread.run_sync(self._next_batch, state, at, True)
-                if batch is None:
-                    if self.log.next_seq > read_seq:
-                        break  # span rows come next: they go the usual way
+            stream = await anyio.to_thread.run_sync(state.sink.open_stream)  # type: ignore[attr-defined]
+            if stream is None:
+                return False
+            while True:
+                part = await anyio.to_thread.run_sync(self._stream_part, state, at)
+                if part is None:  # nothing new yet
                     now = time.monotonic()
-                    if now - self._last_write >= QUIET_S:
+                    if last is not None and now - self._last_write >= QUIET_S:
                         break  # the burst is over
+                    if last is None or now >= deadline:
+                        break
                     await anyio.sleep(min(_STREAM_POLL_S, deadline - now))
                     continue
-                records, events, _, last_number = batch
-                del batch
-                if last is None:
-                    waited_s = max(0.0, time.time() - records[0].appended_ms / 1000)
-                    state.oldest_pending_at = time.monotonic() - waited_s
-                if events:
-                    if type(events) is not EventsJsonBatch and not getattr(
-                        state.sink, "reads_structs", False
-                    ):
-                        events = await anyio.to_thread.run_sync(_as_models, events)
-                    await anyio.to_thread.run_sync(stream.feed, events)
-                items.append(events)
-                fed += len(events)
-                del events
-                end = records[-1]
-                del records
-                last = (end, last_number)
-                resume = (end.end, last_number + 1) if last_number is not None else None
-                taken = end.seq + end.count - read_seq
-                at = Reading(end.end, resume, at.max_events - taken)
-                read_seq = end.seq + end.count
+                if part.records:
+                    if last is None:  # the first: the batch is taken now
+                        state.pending_since = None
+                        state.taken_at = time.monotonic()
+                        waited_s = max(0.0, time.time() - part.records[0].appended_ms / 1000)
+                        state.oldest_pending_at = time.monotonic() - waited_s
+                    events = part.events
+                    if events:
+                        if type(events) is not EventsJsonBatch and not getattr(
+                            state.sink, "reads_structs", False
+                        ):
+                            events = await anyio.to_thread.run_sync(_as_models, events)
+                        await anyio.to_thread.run_sync(stream.feed, events)
+                    items.append(events)
+                    fed += len(events)
+                    del events
+                    end = part.records[-1]
+                    last = (end, part.last_number)
+                    resume = (end.end, last[1] + 1) if last[1] is not None else None
+                    at = Reading(
+                        end.end,
+                        resume,
+                        end.seq + end.count,
+                        at.max_events - (end.seq + end.count - at.seq),
+                        at.max_bytes - sum(len(r.payload) for r in part.records),
+                    )
+                stop = part.stop
+                del part
+                if stop or at.max_events <= 0 or at.max_bytes <= 0 or not self._accepting:
+                    break
+                if time.monotonic() >= deadline:
+                    break
             if last is None:
                 await anyio.to_thread.run_sync(stream.cancel)
                 return False
             await anyio.to_thread.run_sync(stream.finish)
         except BaseException as exc:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(_cancel_quietly, stream)
+            if stream is not None:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(_cancel_quietly, stream)
             if not isinstance(exc, Exception):
                 raise  # cancelled (shutdown): the cursor stays, the events wait in the log
             state.stream_failed = True
@@ -848,29 +885,21 @@ class Writer:
         return getattr(self.log, "needs_payload", True)
 
     def _next_batch(
-        self, state: SinkState, at: Reading | None = None, events_only: bool = False
+        self, state: SinkState
     ) -> tuple[list[Record], EventBatch | EventsJsonBatch, Sequence[SpanRow], int | None] | None:
-        """(On a worker thread.) The records from the sink's cursor (or `at`) on, up to its
-        batch size (or at.max_events), with their events and span rows for it, and the
-        writer's number of the last record (None if unknown); None when there is nothing to
-        read. `events_only`: the records up to the first of span rows (none if it is first)."""
-        if at is None:
-            at = Reading(state.cursor, state.resume, self._batch_max(state))
-        cursor, resume, max_events = at
-        first = self._numbers.get(cursor)
-        if first is None and resume is not None and resume[0] == cursor:
-            first = resume[1]  # the cursor is at the end of a segment
+        """(On a worker thread.) The records from the sink's cursor on, up to its batch size,
+        with their events and span rows for it, and the writer's number of the last record
+        (None if unknown); None when there is nothing to read."""
+        max_events = self._batch_max(state)
+        first = self._numbers.get(state.cursor)
+        if first is None and state.resume is not None and state.resume[0] == state.cursor:
+            first = state.resume[1]  # the cursor is at the end of a segment
         kept = self._read_kept(first, max_events) if first is not None else None
         if kept:  # (empty: a record being kept right now; the log has it)
             records, last_number = kept, first + len(kept) - 1
         else:
-            records = self.log.read(cursor, max_events)
+            records = self.log.read(state.cursor, max_events)
             last_number = self._numbers.get(records[-1].start) if records else None
-        if events_only:
-            spans_at = next((i for i, r in enumerate(records) if r.flags & SPANS), None)
-            if spans_at is not None:
-                records = records[:spans_at]
-                last_number = self._numbers.get(records[-1].start) if records else None
         if not records:
             return None
         span_records = [r for r in records if r.flags & SPANS]
@@ -899,6 +928,35 @@ class Writer:
                 # these rows' JSON (a sink that inserts JSON sends those).
                 rows = self._items_of(span_records, state.sink.name, SpanBatch())
         return records, events, rows, last_number
+
+    def _stream_part(self, state: SinkState, at: Reading) -> StreamPart | None:
+        """(On a worker thread.) What a streamed insert takes next from `at` on: the records
+        memory holds, up to at.max_events events or at.max_bytes of payload, up to the first
+        one a stream does not take (span rows, a dead-letter replay, one memory let go of),
+        with their events; `stop` when such a record comes next. None when nothing more is
+        there yet."""
+        first = self._numbers.get(at.cursor)
+        if first is None and at.resume is not None and at.resume[0] == at.cursor:
+            first = at.resume[1]  # the cursor is at the end of a segment
+        if first is None or first >= self._next_number:
+            if self.log.next_seq > at.seq:
+                return StreamPart([], EventBatch(), None, True)  # not in memory: a gap
+            return None
+        kept = self._read_kept(first, at.max_events, at.max_bytes)
+        if kept is None:
+            return StreamPart([], EventBatch(), None, True)  # a gap: the log has it
+        if not kept:
+            return None  # a record being kept right now
+        cut = next((i for i, r in enumerate(kept) if r.flags & (SPANS | TARGETED)), None)
+        records = kept if cut is None else kept[:cut]
+        if not records:
+            return StreamPart([], EventBatch(), None, True)
+        events: EventBatch | EventsJsonBatch | None = None
+        if getattr(state.sink, "reads_events_json", False):
+            events = self._kept_json(records)
+        if events is None:
+            events = self._items_of(records, state.sink.name, EventBatch())
+        return StreamPart(records, events, first + len(records) - 1, cut is not None)
 
     def _kept_json(self, records: list[Record]) -> EventsJsonBatch | None:
         """The records as an EventsJsonBatch, when one at least is a worker's EventsJson and
