@@ -82,7 +82,8 @@ class ChdbStore:
         # Handles for inserts sent in parts (open_insert), opened as first needed: a stream
         # keeps its handle from its first part to its end, and the main handle stays free.
         self._stream_handles: list[tuple[Any, threading.Lock]] = []
-        self._lock_streams = threading.Lock()  # (the list)
+        self._lock_streams = threading.Lock()  # (the list, _closing)
+        self._closing = False
 
     def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
         self._run(sql, "CSV", params)
@@ -161,7 +162,9 @@ class ChdbStore:
             for handle, lock in self._stream_handles:
                 if lock.acquire(blocking=False):
                     return handle, lock
-            if len(self._stream_handles) >= MAX_STREAMS or self._lock is None:
+            if self._closing:
+                raise StoreError("the store is closing")
+            if len(self._stream_handles) >= MAX_STREAMS:
                 raise StoreError("every stream handle of the store is busy")
             try:
                 handle = session.Session(str(self.path))
@@ -228,6 +231,7 @@ class ChdbStore:
             log.warning("chDB: a statement still ran after %.0fs; closing anyway", CLOSE_WAIT_S)
         read_done = self._lock_reads.acquire(timeout=CLOSE_WAIT_S)
         with self._lock_streams:
+            self._closing = True  # no handle is opened from now on
             streams, self._stream_handles = self._stream_handles, []
         streams_done = [lock.acquire(timeout=CLOSE_WAIT_S) for _, lock in streams]
         try:
