@@ -67,7 +67,7 @@ QUIET_MIN_EVENTS = 4_096
 # is left at its end is the rows' write (half a 50,000-event insert's time in chDB). Every
 # _STREAM_POLL_S the events that came meanwhile are fed.
 STREAM_MIN_EVENTS = QUIET_MIN_EVENTS
-_STREAM_POLL_S = 0.02
+_STREAM_POLL_S = 0.05
 # A stream ends at this much payload, as a batch read from the log does: ClickHouse writes
 # an insert's rows before its end once they pass min_insert_block_size_bytes (256 MiB), and
 # a stream's rows must land at its end, together.
