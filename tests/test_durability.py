@@ -138,25 +138,30 @@ WORKER_BODIES = 'watchllm_ingest_bodies_total{where="worker"} '
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("batch", [40, 300], ids=["small-bodies", "big-bodies-in-a-worker"])
+@pytest.mark.parametrize(
+    ("batch", "streamed"),
+    [(40, False), (300, False), (300, True)],
+    ids=["small-bodies", "big-bodies-in-a-worker", "big-bodies-streamed-inserts"],
+)
 def test_sigkill_at_random_moments_loses_nothing_and_stores_once(
-    tmp_path: Path, batch: int
+    tmp_path: Path, batch: int, streamed: bool
 ) -> None:
     """Small bodies are validated in the server; big ones (64 KiB and more) in a worker
-    process (ingest/worker.py), which dies with it."""
+    process (ingest/worker.py), which dies with it; with store_insert_streamed, the store's
+    inserts are open while events come in (killed with them)."""
     data = tmp_path / "data"
     key = KeyStore(data / "keys.sqlite3").create("acme", scope="admin")
     rng = random.Random(1234)
     acked: set[str] = set()
     to_workers = 0.0
-    streamed = 0  # store inserts fed in parts (the writer's streamed delivery), as they came
+    streams = 0  # store inserts fed in parts (the writer's streamed delivery), as they came
     for _round in range(4):
         port = free_port()
-        serve = ServeProcess(data, port)
+        serve = ServeProcess(data, port, WATCHLLM_STORE_INSERT_STREAMED=str(streamed).lower())
         ingest = Ingest(serve.url, key, batch=batch)
         time.sleep(rng.uniform(0.5, 2.0))  # kill at a random moment under load
         sinks = httpx.get(f"{serve.url}/readyz", timeout=10).json()["checks"]["writer"]["sinks"]
-        streamed += sum(sink["streamed_batches_total"] for sink in sinks.values())
+        streams += sum(sink["streamed_batches_total"] for sink in sinks.values())
         metrics = httpx.get(f"{serve.url}/metrics", timeout=10).text.splitlines()
         to_workers += sum(
             float(line.removeprefix(WORKER_BODIES))
@@ -167,7 +172,7 @@ def test_sigkill_at_random_moments_loses_nothing_and_stores_once(
         acked |= ingest.join()
     assert len(acked) > 500
     assert (to_workers > 0) == (batch == 300)  # 300 events: ~84 KB a body
-    assert streamed > 0 or batch == 40  # (small bodies may come too slowly to be streamed)
+    assert (streams > 0) == streamed
     # A last start replays what the killed processes left in the spool.
     serve = ServeProcess(data, free_port())
     wait_delivered(serve.url, key)

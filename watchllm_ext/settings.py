@@ -261,6 +261,13 @@ class Settings(BaseSettings):
         " has ended): ClickHouse parses and merges large inserts far more cheaply than small"
         " ones (docs/BENCHMARKS.md).",
     )
+    store_insert_streamed: bool = Field(
+        False,
+        description="Feed a burst's store insert its events as they arrive (from 4,096"
+        " waiting on), so that ClickHouse parses them meanwhile and they land when it ends:"
+        " a burst is queryable sooner after its last event, at some CPU an event"
+        " (docs/BENCHMARKS.md).",
+    )
     store_threads_nice: int = Field(
         0,
         ge=0,

@@ -355,8 +355,13 @@ class StoreSink:
     # bodies came with them, and only a batch with copies to drop is decoded.
     reads_events_json = True
 
-    def __init__(self, store: Store, max_batch_events: int | None = None) -> None:
+    def __init__(
+        self, store: Store, max_batch_events: int | None = None, streamed: bool = True
+    ) -> None:
         self.store = store
+        # Bursts fed to the store as they come (open_stream), when it takes inserts in parts
+        # (store_insert_streamed): the writer asks only a sink whose `streaming` is true.
+        self.streaming = streamed and getattr(store, "open_insert", None) is not None
         self.name = f"store:{store.name}"
         # The writer's batch for this sink (None: the writer's flush_max_events).
         self.max_batch_events = max_batch_events
@@ -506,7 +511,7 @@ class StoreSink:
     def open_stream(self) -> StoreStream | None:
         """One insert fed batch by batch (the writer's Sink.open_stream), on a store that
         takes inserts in parts (open_insert); None for the others (whole batches)."""
-        if getattr(self.store, "open_insert", None) is None:
+        if not self.streaming:
             return None
         self._check_schema()
         lower_native_threads()  # chDB's threads made since the last insert yield to requests
@@ -624,4 +629,4 @@ def _worker_bodies(batch: EventsJsonBatch) -> dict[str, Body]:
 def register_sinks(settings: Settings, store: Store | None) -> StoreSink | None:
     if store is None:
         return None
-    return StoreSink(store, settings.store_insert_max_events)
+    return StoreSink(store, settings.store_insert_max_events, settings.store_insert_streamed)

@@ -670,6 +670,7 @@ class Writer:
             if (
                 backlog >= STREAM_MIN_EVENTS
                 and not state.stream_failed
+                and getattr(state.sink, "streaming", True)
                 and hasattr(state.sink, "open_stream")
                 and await self._deliver_streamed(state)
             ):
