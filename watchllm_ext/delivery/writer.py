@@ -99,10 +99,11 @@ class Sink(Protocol):
 
     A sink whose store can take a batch in parts defines `open_stream()`, returning None or
     an object with `feed(events)`, `finish()` and `cancel()` (called on worker threads, one
-    at a time): when a burst is under way (STREAM_MIN_EVENTS waiting, fewer than a batch),
-    the writer feeds it the events as they come, up to a batch, and then finishes it; the
-    cursor moves only after `finish`, so what `cancel` (or a crash) leaves out is sent again,
-    whole, the usual way (the builtin store sink: its insert is mostly parsed by then)."""
+    at a time), and is asked while its `streaming` is true: when a burst is under way
+    (STREAM_MIN_EVENTS waiting, fewer than a batch), the writer feeds it the events as they
+    come, up to a batch, and then finishes it; the cursor moves only after `finish`, so what
+    `cancel` (or a crash) leaves out is sent again, whole, the usual way (the store sink with
+    store_insert_streamed: its insert is mostly parsed by the burst's end)."""
 
     name: str
 
