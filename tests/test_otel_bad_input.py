@@ -744,6 +744,10 @@ def _set(key: str, value: Any) -> Any:
     return lambda span, doc: span.__setitem__(key, value)
 
 
+def _bytes_value(text: str, key: str = "a") -> dict[str, Any]:
+    return {"key": key, "value": {"bytesValue": text}}
+
+
 # Each must be refused: the whole body (400) or the span (partial success), never stored as
 # something else than was sent.
 WRONG_TYPES: list[tuple[str, Any]] = [
@@ -762,6 +766,10 @@ WRONG_TYPES: list[tuple[str, Any]] = [
     ("attribute-value-number", _set("attributes", [{"key": "a", "value": 5}])),
     ("int-value-float", _set("attributes", [{"key": "a", "value": {"intValue": 1.5}}])),
     ("int-value-text", _set("attributes", [{"key": "a", "value": {"intValue": "ten"}}])),
+    ("bytes-value-not-base64", _set("attributes", [_bytes_value("no!")])),
+    ("bytes-value-base64-and-more", _set("attributes", [_bytes_value("Zm9v!!!!")])),
+    ("bytes-value-a-char-over", _set("attributes", [_bytes_value("QUJDR")])),
+    ("bytes-value-bad-padding", _set("attributes", [_bytes_value("QUI==")])),
     ("kind-string-unknown", _set("kind", "SPAN_KIND_NONSENSE")),
     ("status-code-string-unknown", _set("status", {"code": "NOPE"})),
     ("status-string", _set("status", "error")),
@@ -783,6 +791,32 @@ def test_json_with_wrong_types_is_refused(server: Running, name: str, change: An
     else:
         assert answer.status == 400, (name, answer)
         assert got == (0, 0), (name, got)
+
+
+def test_json_bytes_in_every_base64_form_are_read(server: Running) -> None:
+    # Standard or URL-safe base64, padded or not (the protobuf JSON mapping): each the same
+    # bytes, stored as their standard base64.
+    forms = {"padded": "+/+/aGk=", "unpadded": "+/+/aGk", "url-safe": "-_-_aGk", "empty": ""}
+    trace = new_trace()
+
+    def change(span: Any, doc: Any) -> None:
+        span["attributes"] += [_bytes_value(text, f"b.{name}") for name, text in forms.items()]
+
+    answer = post(server, json_case(trace, change), content_type=JSON)
+    assert answer.status == 200 and answer.rejected_spans == 0, answer
+    settle(server)
+    assert stored(server, trace) == (2, 1)
+    [row] = server.query(
+        "SELECT attributes FROM spans FINAL"
+        " WHERE trace_id = {t:String} AND mapContains(attributes, 'b.padded')",
+        {"t": trace.hex()},
+    )
+    assert {k: row["attributes"][f"b.{k}"] for k in forms} == {
+        "padded": "+/+/aGk=",
+        "unpadded": "+/+/aGk=",
+        "url-safe": "+/+/aGk=",
+        "empty": "",
+    }
 
 
 def test_json_times_as_whole_floats_are_read(server: Running) -> None:

@@ -226,6 +226,10 @@ class _BadJson(ValueError):
 # The span and link ids: hex in OTLP JSON, where protobuf's JSON mapping reads base64.
 _HEX_IDS = frozenset({"trace_id", "span_id", "parent_span_id"})
 _INTEGER = re.compile(r"-?[0-9]+")
+# Bytes in OTLP JSON: base64, standard or URL-safe, padded or not (the protobuf JSON mapping).
+# json_format's decoder drops what is not base64 without a word ("not base64!" read as a
+# few bytes of something else): checked here first.
+_BASE64 = re.compile(r"[A-Za-z0-9+/_-]*")
 _INTEGERS = frozenset(
     {
         FieldDescriptor.TYPE_INT64,
@@ -336,7 +340,16 @@ def _check_value(item: Any, field: Any, where: str, budget: _Budget) -> str | No
                 return base64.b64encode(bytes.fromhex(item)).decode()
             except ValueError:
                 raise _BadJson(f"{where} is not hex: {item[:40]!r}", where) from None
+        if not _is_base64(item):
+            raise _BadJson(f"{where} is not base64: {item[:40]!r}", where)
     return None
+
+
+def _is_base64(text: str) -> bool:
+    data = text[: len(text) - 2] + text[-2:].rstrip("=") if text.endswith("=") else text
+    if not _BASE64.fullmatch(data) or len(data) % 4 == 1:
+        return False
+    return data == text or len(text) % 4 == 0  # padding only to a whole group
 
 
 def spans_of(request: ExportTraceServiceRequest) -> Decoded:
