@@ -705,14 +705,8 @@ class Writer:
             return
         records, events, rows, last_number = batch
         state.last_taken = len(events) + len(rows)
-        waited_s = max(0.0, time.time() - records[0].appended_ms / 1000)
-        state.oldest_pending_at = time.monotonic() - waited_s
-        if (
-            events
-            and type(events) is not EventsJsonBatch
-            and not getattr(state.sink, "reads_structs", False)
-        ):
-            events = await anyio.to_thread.run_sync(_as_models, events)
+        _waiting_since(state, records[0])
+        events = await _for_sink(state, events)
         if events:
             await self._write_with_retry(state, events)
         # Spans after the events: once a span's row is stored, so is the event it became.
@@ -734,9 +728,7 @@ class Writer:
         landed)."""
         now = time.monotonic()
         deadline = (state.pending_since or state.taken_at or now) + self.flush_interval_s
-        number = self._numbers.get(state.cursor)
-        if number is None and state.resume is not None and state.resume[0] == state.cursor:
-            number = state.resume[1]  # the cursor is at the end of a segment
+        number = self._number_at(state.cursor, state.resume)
         record = self._records.get(number) if number is not None else None
         if now >= deadline or record is None or record.flags & (SPANS | TARGETED):
             return False  # late already, or not for a stream (a look on the loop: no hop)
@@ -765,14 +757,9 @@ class Writer:
                     if last is None:  # the first: the batch is taken now
                         state.pending_since = None
                         state.taken_at = time.monotonic()
-                        waited_s = max(0.0, time.time() - part.records[0].appended_ms / 1000)
-                        state.oldest_pending_at = time.monotonic() - waited_s
-                    events = part.events
+                        _waiting_since(state, part.records[0])
+                    events = await _for_sink(state, part.events)
                     if events:
-                        if type(events) is not EventsJsonBatch and not getattr(
-                            state.sink, "reads_structs", False
-                        ):
-                            events = await anyio.to_thread.run_sync(_as_models, events)
                         await anyio.to_thread.run_sync(stream.feed, events)
                     items.append(events)
                     fed += len(events)
@@ -893,9 +880,7 @@ class Writer:
         with their events and span rows for it, and the writer's number of the last record
         (None if unknown); None when there is nothing to read."""
         max_events = self._batch_max(state)
-        first = self._numbers.get(state.cursor)
-        if first is None and state.resume is not None and state.resume[0] == state.cursor:
-            first = state.resume[1]  # the cursor is at the end of a segment
+        first = self._number_at(state.cursor, state.resume)
         kept = self._read_kept(first, max_events) if first is not None else None
         if kept:  # (empty: a record being kept right now; the log has it)
             records, last_number = kept, first + len(kept) - 1
@@ -906,11 +891,7 @@ class Writer:
             return None
         span_records = [r for r in records if r.flags & SPANS]
         records_of_events = [r for r in records if not r.flags & SPANS] if span_records else records
-        events: EventBatch | EventsJsonBatch | None = None
-        if kept and records_of_events and getattr(state.sink, "reads_events_json", False):
-            events = self._kept_json(records_of_events)
-        if events is None:
-            events = self._items_of(records_of_events, state.sink.name, EventBatch())
+        events = self._events_of(records_of_events, state, bool(kept))
         rows: Sequence[SpanRow] = []
         if span_records and hasattr(state.sink, "write_spans"):
             if (
@@ -937,9 +918,7 @@ class Writer:
         one a stream does not take (span rows, a dead-letter replay, one memory let go of),
         with their events; `stop` when such a record comes next. None when nothing more is
         there yet."""
-        first = self._numbers.get(at.cursor)
-        if first is None and at.resume is not None and at.resume[0] == at.cursor:
-            first = at.resume[1]  # the cursor is at the end of a segment
+        first = self._number_at(at.cursor, at.resume)
         if first is None or first >= self._next_number:
             if self.log.next_seq > at.seq:
                 return StreamPart([], EventBatch(), None, True)  # not in memory: a gap
@@ -953,12 +932,27 @@ class Writer:
         records = kept if cut is None else kept[:cut]
         if not records:
             return StreamPart([], EventBatch(), None, True)
+        events = self._events_of(records, state, kept=True)
+        return StreamPart(records, events, first + len(records) - 1, cut is not None)
+
+    def _number_at(self, cursor: Position, resume: tuple[Position, int] | None) -> int | None:
+        """The writer's number of the record at `cursor`, if memory knows it."""
+        number = self._numbers.get(cursor)
+        if number is None and resume is not None and resume[0] == cursor:
+            number = resume[1]  # the cursor is at the end of a segment
+        return number
+
+    def _events_of(
+        self, records: list[Record], state: SinkState, kept: bool
+    ) -> EventBatch | EventsJsonBatch:
+        """The events of `records` (of events) for the sink: as an EventsJsonBatch when it
+        reads them so and memory (`kept`) holds them, as they are kept otherwise."""
         events: EventBatch | EventsJsonBatch | None = None
-        if getattr(state.sink, "reads_events_json", False):
+        if kept and records and getattr(state.sink, "reads_events_json", False):
             events = self._kept_json(records)
         if events is None:
             events = self._items_of(records, state.sink.name, EventBatch())
-        return StreamPart(records, events, first + len(records) - 1, cut is not None)
+        return events
 
     def _kept_json(self, records: list[Record]) -> EventsJsonBatch | None:
         """The records as an EventsJsonBatch, when one at least is a worker's EventsJson and
@@ -1232,6 +1226,25 @@ def _free(batches: list[Sequence[Any]]) -> None:
         # the event loop can take it (at the switch interval) instead of waiting for all.
         while batch:
             del batch[-_FREE_SLICE:]
+
+
+def _waiting_since(state: SinkState, record: Record) -> None:
+    """The sink's oldest pending event is `record`'s: on the monotonic clock, from its
+    wall-clock append time (a step of the wall clock then does not show as lag)."""
+    waited_s = max(0.0, time.time() - record.appended_ms / 1000)
+    state.oldest_pending_at = time.monotonic() - waited_s
+
+
+async def _for_sink(state: SinkState, events: Any) -> Any:
+    """The events as the sink reads them: pydantic models unless it reads structs (or the
+    batch is a worker's JSON), converted on a worker thread."""
+    if (
+        events
+        and type(events) is not EventsJsonBatch
+        and not getattr(state.sink, "reads_structs", False)
+    ):
+        return await anyio.to_thread.run_sync(_as_models, events)
+    return events
 
 
 def _cancel_quietly(stream: Any) -> None:

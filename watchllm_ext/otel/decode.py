@@ -346,10 +346,11 @@ def _check_value(item: Any, field: Any, where: str, budget: _Budget) -> str | No
 
 
 def _is_base64(text: str) -> bool:
-    data = text[: len(text) - 2] + text[-2:].rstrip("=") if text.endswith("=") else text
-    if not _BASE64.fullmatch(data) or len(data) % 4 == 1:
+    data = text.rstrip("=")
+    padding = len(text) - len(data)
+    if padding > 2 or not _BASE64.fullmatch(data) or len(data) % 4 == 1:
         return False
-    return data == text or len(text) % 4 == 0  # padding only to a whole group
+    return padding == 0 or len(text) % 4 == 0  # padding only to a whole group
 
 
 def spans_of(request: ExportTraceServiceRequest) -> Decoded:
