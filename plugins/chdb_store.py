@@ -36,10 +36,12 @@ LOW_DISK_BYTES = 1 << 30
 MAX_STREAMS = 2  # inserts in parts at once (the store sink's events and their parts)
 
 
-def _is_permanent(message: str) -> bool:
-    # Type and value errors from ClickHouse are about the data and will never succeed.
+def _store_error(exc: Exception) -> StoreError:
+    """chDB's exception as a StoreError: permanent when ClickHouse says the data is wrong
+    (type and value errors never succeed on a retry), passing otherwise."""
+    message = str(exc)
     permanent_codes = ("CANNOT_CONVERT_TYPE", "TYPE_MISMATCH", "CANNOT_PARSE", "TOO_LARGE")
-    return any(code in message for code in permanent_codes)
+    return StoreError(message, permanent=any(code in message for code in permanent_codes))
 
 
 def _setting_literal(value: Any) -> str:
@@ -130,8 +132,7 @@ class ChdbStore:
                 with self._lock_calls:
                     self._session.query(f"{sql} FORMAT JSONEachRow\n{text}", "CSV")
         except Exception as exc:
-            message = str(exc)
-            raise StoreError(message, permanent=_is_permanent(message)) from exc
+            raise _store_error(exc) from exc
 
     def open_insert(self, table: str, settings: Mapping[str, Any]) -> JsonArrayInsert:
         """An insert into `table` of one JSON array (JSONEachRow, as insert_json) whose events
@@ -150,8 +151,7 @@ class ChdbStore:
             inserter = handle.send_insert(sql, "JSONEachRow")
         except Exception as exc:
             lock.release()
-            message = str(exc)
-            raise StoreError(message, permanent=_is_permanent(message)) from exc
+            raise _store_error(exc) from exc
         return JsonArrayInsert(self, inserter, lock)
 
     def _free_stream_handle(self) -> tuple[Any, threading.Lock]:
@@ -196,7 +196,7 @@ class ChdbStore:
                 stream = self._session.send_query(sql, "Arrow", params=format_params(params))
                 reader = stream.record_batch(rows_per_batch=rows_per_batch)
             except Exception as exc:
-                raise StoreError(str(exc), permanent=_is_permanent(str(exc))) from exc
+                raise _store_error(exc) from exc
             try:
                 while True:
                     try:
@@ -264,8 +264,7 @@ class ChdbStore:
         try:
             return handle.query(sql, fmt, params=format_params(params))
         except Exception as exc:
-            message = str(exc)
-            raise StoreError(message, permanent=_is_permanent(message)) from exc
+            raise _store_error(exc) from exc
 
     def _release_lock(self) -> None:
         if self._lock is not None:
@@ -305,8 +304,7 @@ class JsonArrayInsert:
             try:
                 self._inserter.finish()
             except Exception as exc:
-                message = str(exc)
-                raise StoreError(message, permanent=_is_permanent(message)) from exc
+                raise _store_error(exc) from exc
         except BaseException:
             # A parse error found at the end leaves the handle's insert open: ended here, or
             # every later insert on the handle would be refused ("already active").
@@ -326,8 +324,7 @@ class JsonArrayInsert:
         try:
             self._inserter.append(piece)
         except Exception as exc:
-            message = str(exc)
-            raise StoreError(message, permanent=_is_permanent(message)) from exc
+            raise _store_error(exc) from exc
 
     def _end(self) -> None:
         lock, self._lock = self._lock, None
