@@ -3,6 +3,7 @@ the embedded chDB store's folder lock."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,9 +12,15 @@ import pytest
 from stores import EVERY_STORE, StoreBackend
 
 from watchllm_ext.schema import EVENT_ADAPTER
-from watchllm_ext.store import Store, StoreLockedError, apply_migrations, load_migrations
+from watchllm_ext.store import (
+    Store,
+    StoreError,
+    StoreLockedError,
+    apply_migrations,
+    load_migrations,
+)
 from watchllm_ext.store.migrations import Migration
-from watchllm_ext.store.rows import tables_for
+from watchllm_ext.store.rows import JSON_INPUT_SETTINGS, tables_for
 from watchllm_plugins.chdb_store import ChdbStore
 
 pytestmark = EVERY_STORE
@@ -95,6 +102,27 @@ def test_parameters_are_bound_not_formatted(store: Store) -> None:
     assert store.query(
         "SELECT count() AS n FROM events WHERE project_id = {p:String}", {"p": "p"}
     ) == [{"n": 1}]
+
+
+def test_data_errors_are_permanent_and_others_pass(store: Store) -> None:
+    """A row ClickHouse cannot parse never goes in, so the sink dead-letters it at once
+    (permanent); a failure of another kind may pass, so the writer retries it."""
+    apply_migrations(store)
+    row = {
+        "project_id": "p",
+        "event_id": "e",
+        "event_type": "prompt_call",
+        "run_id": "r",
+        "timestamp": "2026-01-01T00:00:00Z",
+        "client": "{}",
+        "tokens_input": "many",
+    }
+    with pytest.raises(StoreError) as refused:
+        store.insert_json("events_input", json.dumps([row]).encode(), JSON_INPUT_SETTINGS)
+    assert refused.value.permanent, str(refused.value)
+    with pytest.raises(StoreError) as failed:
+        store.query("SELECT count() FROM no_such_table")
+    assert not failed.value.permanent, str(failed.value)
 
 
 # Only the embedded store has a data folder to lock: a ClickHouse server is shared by design.
