@@ -179,6 +179,25 @@ def test_batch_endpoint_gzip(server: Running) -> None:
     assert server.query("SELECT count() AS n FROM events FINAL")[0]["n"] == 300
 
 
+def test_a_gzip_body_of_several_members_is_one_body(server: Running) -> None:
+    """What `cat head.gz events.gz tail.gz` makes, or a compressor that flushes in members
+    (RFC 1952): the members' bytes in order are the body. A big one goes to the worker
+    process whole, decompressed."""
+    for n in (3, 2000):
+        text = json.dumps({"events": [prompt_call(f"m{n}-{i}") for i in range(n)]}).encode()
+        cut = len(text) // 2
+        body = gzip.compress(text[:cut]) + gzip.compress(b"") + gzip.compress(text[cut:])
+        r = server.client.post(
+            "/v1/events/batch",
+            content=body,
+            headers={**server.headers(), "Content-Encoding": "gzip"},
+        )
+        assert r.status_code == 202, r.text
+        assert r.json()["accepted"] == n
+    server.flush()
+    assert server.query("SELECT count() AS n FROM events FINAL")[0]["n"] == 2003
+
+
 def test_every_event_type_is_stored_with_its_fields(server: Running) -> None:
     r = server.client.post("/v1/events/batch", json={"events": ALL_TYPES}, headers=server.headers())
     assert r.status_code == 202, r.text

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import gzip
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -164,3 +166,85 @@ def test_a_closed_loop_is_not_kept_alive_by_its_watch(run: Any) -> None:
     run(main())
     gc.collect()
     assert len(body._body_deadlines_by_loop) <= before
+
+
+def _read_all(
+    pieces: list[bytes], encoding: str, max_decompressed_bytes: int = 1 << 20
+) -> Awaitable[bytes]:
+    return body.read_body(
+        _pieces(pieces, 0),
+        content_length=None,
+        content_encoding=encoding,
+        max_bytes=1 << 20,
+        max_decompressed_bytes=max_decompressed_bytes,
+    )
+
+
+def _outcome(run: Any, read: Awaitable[bytes]) -> bytes | str:
+    try:
+        return run(read)  # type: ignore[no-any-return]
+    except Problem as exc:
+        return f"{exc.status} {exc.message}"
+
+
+def test_a_gzip_body_of_several_members_is_read_whole_wherever_the_reads_cut_it(
+    run: Any,
+) -> None:
+    """RFC 1952: a gzip body is one member or more (`cat a.gz b.gz`, a compressor that
+    flushes in members). Each cut of the body into two reads gives the same bytes, also one
+    that splits a member's two-byte magic number; an empty member counts too."""
+    parts = [b'{"events": [', b"", b'{"a": 1}', b"]}"]
+    packed = b"".join(gzip.compress(part) for part in parts)
+    for cut in range(len(packed) + 1):
+        got = _outcome(run, _read_all([packed[:cut], packed[cut:]], "gzip"))
+        assert got == b"".join(parts), cut
+
+
+@pytest.mark.parametrize(
+    ("after", "encoding", "says"),
+    [
+        (b"x", "gzip", "400 there are bytes after the end of the gzip stream"),
+        (b"\x1f", "gzip", "400 body ends before the gzip stream does"),  # a member begun
+        (b"\x1f\x8bjunk", "gzip", "400 body is not valid gzip"),
+        (b"\x00\x00", "gzip", "400 there are bytes after the end of the gzip stream"),
+        (zlib.compress(b"1"), "deflate", "400 there are bytes after the end of the deflate"),
+    ],
+)
+def test_what_follows_a_stream_is_a_member_or_refused(
+    run: Any, after: bytes, encoding: str, says: str
+) -> None:
+    first = gzip.compress(b"[1]") if encoding == "gzip" else zlib.compress(b"[1]")
+    for pieces in ([first + after], [first, after]):
+        got = _outcome(run, _read_all(pieces, encoding))
+        assert isinstance(got, str) and got.startswith(says), (pieces, got)
+
+
+def test_members_share_the_decompressed_limit(run: Any) -> None:
+    member = gzip.compress(b" " * 1000)
+    got = _outcome(run, _read_all([member * 5], "gzip", max_decompressed_bytes=4999))
+    assert got == "413 decompressed body is larger than the limit of 4999 bytes"
+    assert _outcome(run, _read_all([member * 5], "gzip", 5000)) == b" " * 5000
+
+
+def test_a_body_of_many_tiny_members_lets_the_loop_run(run: Any) -> None:
+    """20,000 empty members (about 400 KB): read whole, the event loop turning meanwhile."""
+
+    async def main() -> tuple[bytes, int]:
+        turns = 0
+        done = False
+
+        async def count() -> None:
+            nonlocal turns
+            while not done:
+                turns += 1
+                await asyncio.sleep(0)
+
+        counter = asyncio.create_task(count())
+        got = await _read_all([gzip.compress(b"") * 20_000 + gzip.compress(b"[]")], "gzip")
+        done = True
+        await counter
+        return got, turns
+
+    got, turns = run(main())
+    assert got == b"[]"
+    assert turns >= 20_000 // 64

@@ -161,9 +161,11 @@ async def read_body(
             ) from None
         if declared > max_bytes:
             raise _too_large(max_bytes, "body")
-    decompressor = zlib.decompressobj(_ENCODINGS[encoding]) if encoding in _ENCODINGS else None
+    wbits = _ENCODINGS.get(encoding, 0)
+    decompressor = zlib.decompressobj(wbits) if wbits else None
     limit = max_decompressed_bytes if decompressor else max_bytes
     received = 0
+    members = 1  # gzip members inflated
     parts: list[bytes] = []
     size = 0
     loop = asyncio.get_running_loop()
@@ -202,6 +204,11 @@ async def read_body(
                 read.deadline = deadline  # inflating is no idle wait
                 pending = chunk
                 while pending:
+                    if decompressor.eof:  # more after a stream's end: gzip's next member?
+                        decompressor = _next_member(pending, wbits, encoding)
+                        members += 1
+                        if members % _MEMBERS_A_TURN == 0:
+                            await asyncio.sleep(0)  # a body of tiny members is work too
                     try:
                         # At most one byte over the limit, so a bomb never expands in memory;
                         # and at most _INFLATE_STEP per call, with the event loop free between.
@@ -213,17 +220,19 @@ async def read_body(
                             f"body is not valid {encoding}: {exc}",
                             field="body",
                         ) from None
-                    if decompressor.unused_data:  # at once: not after a trickle of them
-                        raise _after_the_stream(encoding)
                     size += len(out)
                     if size > limit:
                         raise _too_large(limit, "decompressed body")
                     if charge is not None:
                         charge.take(len(out))
                     parts.append(out)
+                    # What is left: the rest of this stream (the output was capped), or what
+                    # came after its end, looked at at once (not after a trickle of more).
                     pending = decompressor.unconsumed_tail
                     if pending:
                         await asyncio.sleep(0)
+                    else:
+                        pending = decompressor.unused_data
             if more and received != complete_at:  # the idle deadline of the next wait
                 read.deadline = min(clock() + idle_timeout_s, deadline)
     except asyncio.CancelledError:
@@ -234,8 +243,6 @@ async def read_body(
         raise
     finally:
         watch.discard(read)
-    if decompressor is not None and decompressor.unused_data:
-        raise _after_the_stream(encoding)
     if decompressor is not None and not decompressor.eof:
         raise Problem(
             400, "bad_encoding", f"body ends before the {encoding} stream does", field="body"
@@ -333,6 +340,20 @@ def _too_slow(timeout_s: float, idle_timeout_s: float) -> Problem:
         field="body",
         headers={"Connection": "close"},
     )
+
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_MEMBERS_A_TURN = 64  # gzip members inflated between two turns of the event loop
+
+
+def _next_member(data: bytes, wbits: int, encoding: str) -> Any:
+    """A decompressor for `data`, which came after the end of a gzip member: the next member
+    (RFC 1952: a gzip body is one member or more, as `cat a.gz b.gz` or a compressor that
+    flushes in members makes it; a member's header may be cut between two reads). Anything
+    else after a stream's end (a deflate stream has one) is refused."""
+    if wbits == _ENCODINGS["gzip"] and (data[:2] == _GZIP_MAGIC or data == _GZIP_MAGIC[:1]):
+        return zlib.decompressobj(wbits)
+    raise _after_the_stream(encoding)
 
 
 def _after_the_stream(encoding: str) -> Problem:
