@@ -227,7 +227,8 @@ def test_members_share_the_decompressed_limit(run: Any) -> None:
 
 
 def test_a_body_of_many_tiny_members_lets_the_loop_run(run: Any) -> None:
-    """20,000 empty members (about 400 KB): read whole, the event loop turning meanwhile."""
+    """The most members a body may have (empty ones, about 200 KB): read whole, the event
+    loop turning meanwhile; one more is refused."""
 
     async def main() -> tuple[bytes, int]:
         turns = 0
@@ -240,11 +241,17 @@ def test_a_body_of_many_tiny_members_lets_the_loop_run(run: Any) -> None:
                 await asyncio.sleep(0)
 
         counter = asyncio.create_task(count())
-        got = await _read_all([gzip.compress(b"") * 20_000 + gzip.compress(b"[]")], "gzip")
+        many = gzip.compress(b"") * (body.MAX_GZIP_MEMBERS - 1) + gzip.compress(b"[]")
+        got = await _read_all([many], "gzip")
         done = True
         await counter
         return got, turns
 
     got, turns = run(main())
     assert got == b"[]"
-    assert turns >= 20_000 // 64
+    assert turns >= body.MAX_GZIP_MEMBERS // 64
+    one_more = gzip.compress(b"") * body.MAX_GZIP_MEMBERS + gzip.compress(b"[]")
+    assert _outcome(run, _read_all([one_more], "gzip")) == (
+        f"400 the gzip body has more than {body.MAX_GZIP_MEMBERS} members; compress it as one"
+        " stream (or a few)"
+    )
