@@ -4,8 +4,11 @@ store's own threads at a lower CPU priority than the request path (store_threads
 
 from __future__ import annotations
 
+import json
 import os
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -13,7 +16,11 @@ from conftest import free_port, prompt_call
 from stores import EVERY_STORE
 from test_durability import ServeProcess, wait_delivered
 
+from watchllm_ext.builtins import store_sink
 from watchllm_ext.builtins.store_sink import LOOKUP_CHARS, lookup_times
+from watchllm_ext.delivery.writer import EventBatch, EventsJson, EventsJsonBatch
+from watchllm_ext.ingest.fast_validate import read_stored
+from watchllm_ext.ingest.worker import answer_job, decode_answer, encode_job
 from watchllm_ext.keys import KeyStore
 from watchllm_ext.store import Store
 
@@ -98,3 +105,60 @@ def test_serve_runs_the_stores_threads_at_a_lower_priority(nice: str, tmp_path: 
     else:
         assert 10 not in {n for _, n in by_tid.values()}, threads
     assert os.getpriority(os.PRIO_PROCESS, 0) == 0  # this process was not touched
+
+
+def _worker_record(events: list[dict[str, Any]]) -> EventsJson:
+    """A record as a worker process makes it (its answer, done in this process)."""
+    body = json.dumps({"events": events}).encode()
+    job = encode_job(body, "batch", "acme", datetime.now(UTC), [])
+    answer = decode_answer(answer_job(job))
+    assert answer.crash is None and answer.problem is None
+    return EventsJson(
+        answer.payload, answer.project_id, answer.event_ids, answer.rows, answer.parts
+    )
+
+
+def test_copies_in_a_workers_batch_are_dropped_without_reading_whole_records(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A record none of whose events is a copy stays its bytes; one whose every event is a
+    copy (a resent batch) goes unread; only a record holding both is decoded, and its first
+    copies are kept, in order. A resent 10 MB batch was decoded whole, holding the GIL."""
+    new = _worker_record([prompt_call(f"new-{i}") for i in range(3)])
+    resent = _worker_record([prompt_call(f"old-{i}") for i in range(3)])
+    mixed = _worker_record(
+        [
+            prompt_call("old-1"),
+            prompt_call("mix-0"),
+            prompt_call("new-2"),
+            prompt_call("mix-1"),
+            prompt_call("mix-0", run_id="second-copy"),
+        ]
+    )
+    # Records the server made (small bodies), read already: their events are at hand.
+    here_payload = _worker_record([prompt_call("old-2"), prompt_call("here-0")]).payload
+    made_here = EventBatch(read_stored(here_payload))
+    made_here.payloads = [here_payload]
+    read: list[bytes] = []
+
+    def reading(payload: bytes) -> list[Any]:
+        read.append(payload)
+        return read_stored(payload)
+
+    monkeypatch.setattr(store_sink, "read_stored", reading)
+    stored = {("acme", f"old-{i}") for i in range(3)}
+    batch = EventsJsonBatch([new, resent, mixed, made_here])
+    kept = store_sink.first_json_copies(batch, stored)
+    assert read == [mixed.payload]  # the mixed record only
+    assert kept.pieces[0] is new
+    ids = ["new-0", "new-1", "new-2", "mix-0", "mix-1", "here-0"]
+    assert kept.event_keys() == [("acme", i) for i in ids]
+    assert [e["event_id"] for e in json.loads(kept.json())] == ids
+    assert "second-copy" not in {e["run_id"] for e in json.loads(kept.json())}  # first copies
+    # Nothing stored: the copies within the batch go (a later old-1, new-2, mix-0 and old-2).
+    assert store_sink.first_json_copies(batch, set()).event_keys() == [
+        *batch.event_keys()[:6],
+        ("acme", "mix-0"),
+        ("acme", "mix-1"),
+        ("acme", "here-0"),
+    ]

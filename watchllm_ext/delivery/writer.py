@@ -149,11 +149,12 @@ class EventsJsonBatch:
     """The writer's batch for a sink that reads events as JSON (`reads_events_json`), when
     records a worker process made are in it (and memory holds every record): its `pieces`
     in order, each an EventsJson (none decoded) or an EventBatch of the other records' events
-    with their spool bytes (consecutive records in one piece)."""
+    with their spool bytes (consecutive records in one piece); in a sink's own selection
+    (the store sink's, without copies), also a list of events without their bytes."""
 
     __slots__ = ("pieces",)
 
-    def __init__(self, pieces: list[EventsJson | EventBatch]) -> None:
+    def __init__(self, pieces: list[EventsJson | EventBatch | list[Any]]) -> None:
         self.pieces = pieces
 
     def __len__(self) -> int:
@@ -176,9 +177,11 @@ class EventsJsonBatch:
         for piece in self.pieces:
             if type(piece) is EventsJson:
                 found.append(piece.payload)
-            else:
+            elif type(piece) is EventBatch:
                 assert piece.payloads is not None  # (the writer makes them so)
                 found += piece.payloads
+            else:
+                found.append(encode_events(piece))
         return found
 
     def json(self) -> bytes:
