@@ -271,6 +271,24 @@ def test_otlp_json_gives_the_same_rows(server: Running) -> None:
     assert len(stored_events(server)) == 3
 
 
+def test_a_protobuf_body_in_several_gzip_members_is_one_body(server: Running) -> None:
+    """A gzip body of two members (a compressor that flushes in members): one export."""
+    spans = _collected()
+    raw = encode_spans(spans).SerializeToString()
+    answer = server.client.post(
+        "/v1/traces",
+        content=gzip.compress(raw[:100]) + gzip.compress(raw[100:]),
+        headers={
+            **server.headers(),
+            "Content-Type": "application/x-protobuf",
+            "Content-Encoding": "gzip",
+        },
+    )
+    assert answer.status_code == 200, answer.text
+    stored = stored_spans(server)
+    assert {s["span_id"] for s in stored} == {format(s.context.span_id, "016x") for s in spans}
+
+
 def test_partial_success_names_the_bad_span(server: Running) -> None:
     request = encode_spans(_collected())
     bad = request.resource_spans[0].scope_spans[0].spans[1]
