@@ -323,3 +323,44 @@ def test_a_request_in_work_is_not_cut_off_by_the_header_deadline(tmp_path: Path)
             answer += chunk
         assert answer.startswith(b"HTTP/1.1 202 "), answer[:200]
         assert time.monotonic() - started > HEADER_TIMEOUT_S  # it did outlast the deadline
+
+
+def _bad_key_head(s: Served, length: int) -> bytes:
+    return s.head("/v1/events/batch", length).replace(s.key.encode(), b"wllm_not_a_key")
+
+
+def test_the_rest_of_a_body_answered_early_may_come_while_it_keeps_coming(
+    served: Served,
+) -> None:
+    """A request answered before its body was read (here a 401: the key is checked first)
+    while the client goes on sending it: a client that keeps sending (a big body over a slow
+    link) is not cut off at the header deadline, and the next request on the connection is
+    served; one that stalls is cut off after the body's idle limit, one that drips the rest
+    for ever at its whole limit."""
+    piece = b" " * 1000
+    sock = served.connect()
+    sock.sendall(_bad_key_head(served, 8 * len(piece)))
+    started = time.monotonic()
+    for _ in range(8):  # 1.6 s: past HEADER_TIMEOUT_S, within BODY_TIMEOUT_S
+        time.sleep(0.2)
+        sock.sendall(piece)
+    assert time.monotonic() - started > HEADER_TIMEOUT_S
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    answers = b""
+    sock.settimeout(10)
+    while chunk := sock.recv(65536):
+        answers += chunk
+    assert answers.startswith(b"HTTP/1.1 401 "), answers[:200]
+    assert answers.count(b"HTTP/1.1 ") == 2 and b"HTTP/1.1 200 " in answers, answers[-300:]
+
+    stalled = served.connect()
+    stalled.sendall(_bad_key_head(served, 10 * len(piece)) + piece)
+    time.sleep(0.1)
+    stalled.sendall(piece)  # the rest's first piece (the deadline's start), then nothing
+    took = _closed_after(stalled)
+    assert BODY_IDLE_TIMEOUT_S * 0.8 < took < BODY_IDLE_TIMEOUT_S + 1.5, took
+
+    dripping = served.connect()
+    dripping.sendall(_bad_key_head(served, 1_000_000) + piece)
+    took = _closed_after(dripping, b"x" * 100, every_s=0.2)  # never idle 1 s, never done
+    assert BODY_TIMEOUT_S * 0.8 < took < BODY_TIMEOUT_S + 1.5, took

@@ -213,7 +213,9 @@ class Settings(BaseSettings):
         gt=0,
         le=600,
         description="`watchllm serve` closes a connection whose request headers are not"
-        " complete this long after the connection opened or the request began (seconds).",
+        " complete this long after the connection opened or the request began (seconds). The"
+        " rest of a body answered before it was read (a 401, 413 or 503) is timed as a body"
+        " is: body_idle_timeout_s between pieces, body_timeout_s in all.",
     )
     body_timeout_s: float = Field(
         60.0,

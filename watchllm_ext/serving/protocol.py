@@ -229,10 +229,16 @@ def header_timeout_protocol(
     max_header_bytes: int = 64 * 1024,
     quiet_ingest: bool = False,
     refused: Callable[[Problem], None] | None = None,
+    drain_timeouts: tuple[float, float] = (10.0, 60.0),
 ) -> type[asyncio.Protocol]:
     """uvicorn's own HTTP protocol (httptools when installed, else h11) with a deadline on the
     headers of each request: from the connection's start, and from the first bytes of each
-    later request on a kept-alive connection. Past it, the connection is closed. Request
+    later request on a kept-alive connection. Past it, the connection is closed. (With
+    httptools) the rest of a body answered early (a 503 while it was coming) is under that
+    deadline too, moved on by each piece that comes, as a body's idle time is
+    (`drain_timeouts`: the body's idle and whole limits, body_idle_timeout_s and
+    body_timeout_s): a client still sending (a slow link, a server reading slowly under
+    load) is not cut off; one that stalls, or drips the rest for ever, is. Request
     headers (with the request line) over `max_header_bytes` get 431 and the connection is
     closed; a request the parser refuses gets a JSON 400 (parser_problem). `quiet_ingest`:
     the access log leaves out ingest requests answered 2xx (QuietIngestAccessLog). `refused`
@@ -251,6 +257,7 @@ def header_timeout_protocol(
     # first byte to the end of its headers. h11 caps a header block itself
     # (h11_max_incomplete_event_size, uvicorn_options); under it only the deadline is ours.
     counting = headers_complete is not None
+    drain_idle_s, drain_whole_s = drain_timeouts
 
     class HeaderTimeoutProtocol(base):  # type: ignore[misc, valid-type]
         # The headers' deadline (loop time), None when none is running. The timer behind it
@@ -286,6 +293,7 @@ def header_timeout_protocol(
         _head_done = False
         _next_begun = False
         _peer_done = False  # the client half-closed; close once its requests are answered
+        _armed_at = 0.0  # loop time the deadline was last armed
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -302,8 +310,11 @@ def header_timeout_protocol(
         def data_received(self, data: bytes) -> None:
             if self._refused:
                 return  # answered (or closing): what still comes is read and dropped
-            if self._header_deadline is None and self._awaiting_request():
-                self._arm()  # the first bytes of a new request on a kept-alive connection
+            if self._header_deadline is None:
+                if self._awaiting_request():
+                    self._arm()  # the first bytes of a new request on a kept-alive connection
+            elif counting and not self._in_head and self._between_requests():
+                self._drained_more()
             if counting:
                 in_head = self._in_head
                 if in_head:
@@ -477,10 +488,20 @@ def header_timeout_protocol(
                 return self._in_head or self._between_requests()
             return self.cycle is self._cycle_at_timer
 
+        def _drained_more(self) -> None:
+            """A piece of the body of a request answered early (a 503 or 413 while it came):
+            the client is sending, so the deadline moves on by the body's idle limit, within
+            its whole limit from the rest's first piece. Cut at the first deadline instead, a
+            client sending a big body over a slow link (10 MB at 1 MB/s) was reset while
+            still sending, most often before it read its answer."""
+            now = self.loop.time()
+            self._header_deadline = min(now + drain_idle_s, self._armed_at + drain_whole_s)
+
         def _arm(self) -> None:
             self._cycle_at_timer = self.cycle
             # Deadlines only move later, so a timer already set fires before this one is due.
-            self._header_deadline = self.loop.time() + timeout_s
+            self._armed_at = now = self.loop.time()
+            self._header_deadline = now + timeout_s
             if self._header_timer is None:
                 self._header_timer = self.loop.call_later(timeout_s, self._headers_late)
 
@@ -551,7 +572,11 @@ def uvicorn_options(
         "access_log": settings.access_log != "off",
         "lifespan": "on",
         "http": header_timeout_protocol(
-            settings.header_timeout_s, settings.max_header_bytes, quiet, refused
+            settings.header_timeout_s,
+            settings.max_header_bytes,
+            quiet,
+            refused,
+            (settings.body_idle_timeout_s, settings.body_timeout_s),
         ),
         "timeout_keep_alive": settings.keep_alive_timeout_s,
         # No route is a WebSocket: an Upgrade request is served as plain HTTP (uvicorn's
