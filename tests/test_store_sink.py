@@ -18,6 +18,7 @@ from test_durability import ServeProcess, wait_delivered
 
 from watchllm_ext.builtins import store_sink
 from watchllm_ext.builtins.store_sink import LOOKUP_CHARS, lookup_times
+from watchllm_ext.delivery import writer
 from watchllm_ext.delivery.writer import EventBatch, EventsJson, EventsJsonBatch
 from watchllm_ext.ingest.fast_validate import read_stored
 from watchllm_ext.ingest.worker import answer_job, decode_answer, encode_job
@@ -145,7 +146,7 @@ def test_copies_in_a_workers_batch_are_dropped_without_reading_whole_records(
         read.append(payload)
         return read_stored(payload)
 
-    monkeypatch.setattr(store_sink, "read_stored", reading)
+    monkeypatch.setattr(writer, "read_stored", reading)  # what the batch's pieces decode with
     stored = {("acme", f"old-{i}") for i in range(3)}
     batch = EventsJsonBatch([new, resent, mixed, made_here])
     kept = store_sink.first_json_copies(batch, stored)

@@ -37,9 +37,16 @@ from typing import Any, NamedTuple
 import anyio
 import numpy as np
 
-from ..delivery.writer import EventsJson, EventsJsonBatch, SinkError, batch_json
+from ..delivery.writer import (
+    EventsJson,
+    EventsJsonBatch,
+    SinkError,
+    batch_json,
+    piece_events,
+    piece_keys,
+)
 from ..hookspecs import hookimpl
-from ..ingest.fast_validate import read_stored, to_models
+from ..ingest.fast_validate import to_models
 from ..otel.rows import SpanRow, encode_rows
 from ..serving.tuning import lower_native_threads
 from ..settings import Settings
@@ -164,14 +171,18 @@ def _chunks(ids: list[str], max_chars: int) -> Iterable[list[str]]:
 
 def first_copies(events: Sequence[Any], stored: Iterable[Key]) -> list[Any]:
     """The events to insert: the first copy of each id in the batch, unless the id is stored."""
-    kept: list[Any] = []
-    seen: set[Key] = set(stored)
-    for event in events:
-        key = (event.project_id, event.event_id)
+    keys = [(event.project_id, event.event_id) for event in events]
+    return [events[at] for at in _new_at(keys, set(stored))]
+
+
+def _new_at(keys: Sequence[Key], seen: set[Key]) -> list[int]:
+    """Where in `keys` each key not in `seen` first comes; those keys join `seen`."""
+    found: list[int] = []
+    for at, key in enumerate(keys):
         if key not in seen:
             seen.add(key)
-            kept.append(event)
-    return kept
+            found.append(at)
+    return found
 
 
 def first_json_copies(batch: EventsJsonBatch, drop: Iterable[Key]) -> EventsJsonBatch:
@@ -184,20 +195,12 @@ def first_json_copies(batch: EventsJsonBatch, drop: Iterable[Key]) -> EventsJson
     seen: set[Key] = set(drop)
     pieces: list[Any] = []
     for piece in batch.pieces:
-        if type(piece) is EventsJson:
-            project = piece.project_id
-            keys = [(project, event_id) for event_id in piece.event_ids]
-        else:
-            keys = [(event.project_id, event.event_id) for event in piece]
-        wanted: list[int] = []
-        for at, key in enumerate(keys):
-            if key not in seen:
-                seen.add(key)
-                wanted.append(at)
+        keys = piece_keys(piece)
+        wanted = _new_at(keys, seen)
         if len(wanted) == len(keys):
             pieces.append(piece)
         elif wanted:
-            events = read_stored(piece.payload) if type(piece) is EventsJson else piece
+            events = piece_events(piece)
             pieces.append([events[at] for at in wanted])
     return EventsJsonBatch(pieces)
 
@@ -465,15 +468,12 @@ class StoreSink:
         if not stored and not repeated and len(batch_keys) == len(events):
             return events, batch_keys, hashed  # every id new and once (the usual case)
         drop = stored.keys() | (repeated or set())
-        if as_json:
-            kept_json = first_json_copies(events, drop)
-            if len(kept_json) == len(events):
-                return events, batch_keys, hashed
-            return kept_json, set(kept_json.event_keys()), None
-        kept = first_copies(events, drop)
+        # A batch of worker-made records is filtered record by record, unread where it can.
+        kept: Any = first_json_copies(events, drop) if as_json else first_copies(events, drop)
         if len(kept) == len(events):  # every event kept: the batch's keys, once each
             return events, batch_keys, hashed
-        return kept, {(event.project_id, event.event_id) for event in kept}, None
+        keys_kept = kept.event_keys() if as_json else [(e.project_id, e.event_id) for e in kept]
+        return kept, set(keys_kept), None
 
     def _remember(self, inserted: set[Key], hashed: Hashed | None) -> None:
         """(Under _one_at_a_time.) Stored now: `inserted` goes into the filter of stored ids

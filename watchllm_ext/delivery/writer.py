@@ -164,11 +164,7 @@ class EventsJsonBatch:
         """(project_id, event_id) of every event, in order."""
         keys: list[tuple[str, str]] = []
         for piece in self.pieces:
-            if type(piece) is EventsJson:
-                project = piece.project_id
-                keys += [(project, event_id) for event_id in piece.event_ids]
-            else:
-                keys += [(event.project_id, event.event_id) for event in piece]
+            keys += piece_keys(piece)
         return keys
 
     def payloads(self) -> list[bytes]:
@@ -193,8 +189,21 @@ class EventsJsonBatch:
         must look into)."""
         found: list[Any] = []
         for piece in self.pieces:
-            found += read_stored(piece.payload) if type(piece) is EventsJson else piece
+            found += piece_events(piece)
         return found
+
+
+def piece_keys(piece: EventsJson | Sequence[Any]) -> list[tuple[str, str]]:
+    """(project_id, event_id) of each event of an EventsJsonBatch's piece, in order."""
+    if type(piece) is EventsJson:
+        project = piece.project_id
+        return [(project, event_id) for event_id in piece.event_ids]
+    return [(event.project_id, event.event_id) for event in piece]
+
+
+def piece_events(piece: EventsJson | Sequence[Any]) -> Sequence[Any]:
+    """The events of an EventsJsonBatch's piece, decoded where they are JSON."""
+    return read_stored(piece.payload) if type(piece) is EventsJson else piece
 
 
 _Batch = TypeVar("_Batch", EventBatch, SpanBatch)
