@@ -338,6 +338,25 @@ def test_good_compressed_bodies_are_taken(server: Running) -> None:
         assert stored(server, trace) == (2, 1)
 
 
+def test_a_gzip_body_of_too_many_members_is_a_400(server: Running) -> None:
+    """A gzip body may be members one after another, up to 10,000; one more is refused before
+    the export is read, naming the body, and nothing of it is stored."""
+    trace = new_trace()
+    body = good_trace(trace).SerializeToString()
+    # Empty members first, then the export: the same bytes, only the member count differs.
+    many = gzip.compress(b"", 1) * 10_000 + gzip.compress(body, 1)
+    answer = post(server, many, encoding="gzip")
+    assert answer.status == 400, answer
+    assert "more than 10000 members" in answer.message, answer
+    settle(server)
+    assert stored(server, trace) == (0, 0)
+    still_serving(server)
+    answer = post(server, gzip.compress(b"", 1) * 9_999 + gzip.compress(body, 1), encoding="gzip")
+    assert answer.status == 200, answer
+    settle(server)
+    assert stored(server, trace) == (2, 1)
+
+
 @pytest.mark.parametrize(
     ("auth", "status"),
     [
