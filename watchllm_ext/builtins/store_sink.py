@@ -171,8 +171,13 @@ def _chunks(ids: list[str], max_chars: int) -> Iterable[list[str]]:
 
 def first_copies(events: Sequence[Any], stored: Iterable[Key]) -> list[Any]:
     """The events to insert: the first copy of each id in the batch, unless the id is stored."""
-    keys = [(event.project_id, event.event_id) for event in events]
-    return [events[at] for at in _new_at(keys, set(stored))]
+    return [events[at] for at in _new_at(piece_keys(events), set(stored))]
+
+
+def _keys_of(events: Sequence[Any]) -> list[Key]:
+    """(project_id, event_id) of each event, in order: of a list of events or of a batch of
+    worker-made records (EventsJsonBatch) alike."""
+    return events.event_keys() if type(events) is EventsJsonBatch else piece_keys(events)
 
 
 def _new_at(keys: Sequence[Key], seen: set[Key]) -> list[int]:
@@ -446,10 +451,7 @@ class StoreSink:
         ids) when the filter made them: made once, used twice.
         The writer's own list when nothing is dropped: its JSON is the spool's bytes."""
         as_json = type(events) is EventsJsonBatch
-        if as_json:
-            batch_keys = set(events.event_keys())
-        else:
-            batch_keys = {(event.project_id, event.event_id) for event in events}
+        batch_keys = set(_keys_of(events))
         keys: Iterable[Key] = batch_keys
         hashed = None
         if not self._shared:
@@ -472,8 +474,7 @@ class StoreSink:
         kept: Any = first_json_copies(events, drop) if as_json else first_copies(events, drop)
         if len(kept) == len(events):  # every event kept: the batch's keys, once each
             return events, batch_keys, hashed
-        keys_kept = kept.event_keys() if as_json else [(e.project_id, e.event_id) for e in kept]
-        return kept, set(keys_kept), None
+        return kept, set(_keys_of(kept)), None
 
     def _remember(self, inserted: set[Key], hashed: Hashed | None) -> None:
         """(Under _one_at_a_time.) Stored now: `inserted` goes into the filter of stored ids
