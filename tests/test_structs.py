@@ -310,7 +310,7 @@ def test_a_started_app_takes_its_start_up_objects_out_of_the_collector(
 ) -> None:
     """gc_freeze_at_start (default): once started, also when mounted, the objects alive then
     are frozen, so a full collection no longer walks them (tens of milliseconds of stopped
-    event loop each, BENCHMARKS.md); off, the collector is left as the host set it."""
+    event loop each, docs/PERFORMANCE.md); off, the collector is left as the host set it."""
     gc.unfreeze()
     try:
         off = server_factory(gc_freeze_at_start=False, durability="memory")

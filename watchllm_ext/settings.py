@@ -268,7 +268,7 @@ class Settings(BaseSettings):
         description="Feed a burst's store insert its events as they arrive (from 4,096"
         " waiting on), so that ClickHouse parses them meanwhile and they land when it ends:"
         " a burst is queryable sooner after its last event, at some CPU an event"
-        " (docs/BENCHMARKS.md).",
+        " (docs/PERFORMANCE.md).",
     )
     store_threads_nice: int = Field(
         0,
@@ -285,7 +285,8 @@ class Settings(BaseSettings):
         True,
         description="Once started, move the objects that exist then (modules, the app, the"
         " store's client) out of the garbage collector's scans (gc.freeze): a full collection"
-        " of them stopped the event loop for 60-150 ms every few thousand requests. Objects"
+        " of them took 66 ms of CPU (259 ms of wall time on a loaded host) with the event loop"
+        " stopped, every few thousand requests (docs/PERFORMANCE.md). Objects"
         " made before the start and later dropped in a reference cycle are then never freed.",
     )
     durability: Literal["spool", "memory"] = Field(

@@ -5,7 +5,7 @@ start an fsync, and the event loop holds the GIL while it serves requests. Under
 connections of single events the worker thread waited a median 1.3 ms (p99 4.6 ms) for it
 before a 0.25 ms fsync could begin, while every request of the round waited too. The helper
 takes no GIL of ours: it gets the spool's descriptors over a Unix socket (SCM_RIGHTS) and
-starts the fsync about 50 µs after it is asked (docs/BENCHMARKS.md).
+starts the fsync about 50 µs after it is asked (docs/PERFORMANCE.md).
 
 The spool asks for one round at a time; the helper answers each message before it reads the
 next, so a reply always belongs to the request in flight.
