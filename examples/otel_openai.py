@@ -13,6 +13,9 @@ The app makes one span of its own around two calls (a plain one and a streamed o
 stores the three spans as sent and makes each call a prompt_call, nested under the app's span,
 with model, tokens, latency and a cost from its price tables. It prints the trace id, which is
 the run id in WatchLLM (`/v1/analytics/runs/<trace id>`).
+No OpenAI key? `python examples/fastapi_app.py` serves a fake OpenAI-compatible model at
+http://127.0.0.1:8000/fake-llm/v1, offline: set OPENAI_BASE_URL to that and OPENAI_API_KEY to any
+value.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ except ImportError as exc:  # one line, not a traceback: say which extra install
 
 NO_KEY = (
     "error: set OPENAI_API_KEY: this example calls the model (for an OpenAI-compatible"
-    " server, OPENAI_BASE_URL and any key it takes)"
+    " server, OPENAI_BASE_URL and any key it takes; offline, the fake one that"
+    " examples/fastapi_app.py serves: OPENAI_BASE_URL=http://127.0.0.1:8000/fake-llm/v1)"
 )
 
 

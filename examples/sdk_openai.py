@@ -7,6 +7,9 @@ call, inside one run.
 Needs the `openai` package (`pip install openai`); `--model` picks the model (gpt-4o-mini).
 Each call becomes one prompt_call with model, tokens, latency, time to first token and the
 request id; the server prices it from its tables.
+No OpenAI key? `python examples/fastapi_app.py` serves a fake OpenAI-compatible model at
+http://127.0.0.1:8000/fake-llm/v1, offline: set OPENAI_BASE_URL to that and OPENAI_API_KEY to any
+value.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from watchllm_ext.sdk.openai import wrap
 
 NO_KEY = (
     "error: set OPENAI_API_KEY: this example calls the model (for an OpenAI-compatible"
-    " server, OPENAI_BASE_URL and any key it takes)"
+    " server, OPENAI_BASE_URL and any key it takes; offline, the fake one that"
+    " examples/fastapi_app.py serves: OPENAI_BASE_URL=http://127.0.0.1:8000/fake-llm/v1)"
 )
 
 WEATHER = {

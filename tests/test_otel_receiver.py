@@ -265,7 +265,7 @@ def test_otlp_json_gives_the_same_rows(server: Running) -> None:
     )
     assert answer.status_code == 200, answer.text
     assert answer.headers["content-type"].startswith("application/json")
-    assert answer.json() == {"partialSuccess": {}}
+    assert answer.content == b'{"partialSuccess":{}}'  # compact, as docs/ANALYTICS.md shows it
     stored = stored_spans(server)
     assert {s["span_id"] for s in stored} == {format(s.context.span_id, "016x") for s in spans}
     assert len(stored_events(server)) == 3

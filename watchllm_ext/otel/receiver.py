@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import logging
 from typing import Any
 
@@ -305,5 +306,7 @@ def _answer(status: int, message: Any, protobuf: bool, headers: dict | None = No
         return Response(
             message.SerializeToString(), status_code=status, media_type=PROTOBUF, headers=headers
         )
-    body = json_format.MessageToJson(message, indent=None)
+    # Compact, as every other answer of the API (MessageToJson puts a space after each
+    # colon and comma).
+    body = json.dumps(json_format.MessageToDict(message), separators=(",", ":"))
     return Response(body, status_code=status, media_type=JSON, headers=headers)
