@@ -319,6 +319,14 @@ CASES: list[Case] = [
          body=b"event_id=bad-form&event_type=prompt_call",
          headers={"Content-Type": "application/x-www-form-urlencoded"},
          says=("application/x-www-form-urlencoded",)),
+    # --- query parameters: the ingest routes take none --------------------------------------
+    Case("query-parameter-on-events", 400, "bad_parameter", "dry_run",
+         path=PROJECT + "?dry_run=1", body=bad("qdry"), says=("takes no query parameters",)),
+    Case("query-parameter-on-batch", 400, "bad_parameter", "project_id",
+         path=BATCH + "?project_id=globex", body={"events": [bad("qbatch")]},
+         says=("takes no query parameters",)),
+    Case("query-value-without-name", 400, "bad_parameter", "query", path=PROJECT + "?=x",
+         body=bad("qnoname"), says=("takes no query parameters",)),
     # --- projects and keys ------------------------------------------------------------------
     Case("wrong-project-in-path", 403, "forbidden", "project_id",
          path="/v1/projects/globex/events", body=bad("wrongpath"), says=("globex",)),
@@ -533,6 +541,17 @@ def check(env: Env, case: Case) -> None:
     ok = server.client.post(PROJECT, json=prompt_call(f"after-{case.id}"), headers=server.headers())
     assert ok.status_code == 202, ok.text
     assert _stored(server) == before + case.accepted + 1
+
+
+def test_an_empty_query_string_is_no_parameter(server: Running) -> None:
+    """`?` or `?&` alone name no parameter: the ingest routes take the request as without."""
+    for n, suffix in enumerate(("?", "?&")):
+        answer = server.client.post(
+            PROJECT + suffix,
+            content=raw(prompt_call(f"emptyquery-{n}")),
+            headers={**server.headers(), "Content-Type": "application/json"},
+        )
+        assert answer.status_code == 202, answer.text
 
 
 def test_a_rejection_answer_is_bounded_whatever_the_batch_holds(server: Running) -> None:

@@ -357,6 +357,23 @@ def test_a_gzip_body_of_too_many_members_is_a_400(server: Running) -> None:
     assert stored(server, trace) == (2, 1)
 
 
+def test_a_query_parameter_is_a_400_naming_it(server: Running) -> None:
+    """The receiver takes no query parameters: one sent is refused, named, nothing stored (an
+    export to ...?dry_run=1 was stored as any other); an empty query string is no parameter."""
+    trace = new_trace()
+    body = good_trace(trace).SerializeToString()
+    for path in (TRACES + "?dry_run=1", TRACES + "?project_id=other&x=1"):
+        answer = post(server, body, path=path)
+        assert answer.status == 400, answer
+        name = path.split("?")[1].split("=")[0]
+        assert answer.message.startswith(f"{name}: this route takes no query parameters"), answer
+    settle(server)
+    assert stored(server, trace) == (0, 0)
+    assert post(server, body, path=TRACES + "?").status == 200
+    settle(server)
+    assert stored(server, trace) == (2, 1)
+
+
 @pytest.mark.parametrize(
     ("auth", "status"),
     [

@@ -106,7 +106,7 @@ from .plugins import (
     plugin_failed,
 )
 from .quota import QuotaDecision
-from .route_params import Query, accepts
+from .route_params import Query, accepts, refuse_query
 from .schema import PROJECT_ID_RE, require_server_filled
 from .sdk.context import local_apps, local_senders, register_local_app, unregister_local_app
 from .serving.tuning import freeze_startup_heap
@@ -1078,6 +1078,7 @@ async def project_events(request: Request) -> Response:
     wl = _state(request)
     headers = IngestHeaders.of(request)
     principal = wl.authenticate_header(headers.authorization, "ingest", request)
+    refuse_query(request)
     project_id = request.path_params["project_id"]
     if project_id != principal.project_id:
         if not PROJECT_ID_RE.fullmatch(project_id):
@@ -1156,6 +1157,7 @@ async def batch_events(request: Request) -> Response:
     wl = _state(request)
     headers = IngestHeaders.of(request)
     principal = wl.authenticate_header(headers.authorization, "ingest", request)
+    refuse_query(request)
     body = await _read(request, wl, headers, principal)
     return await _by_size(wl, principal, body, "batch", received_at, _batch_events)
 

@@ -94,6 +94,18 @@ def _check_utf8(raw: bytes) -> None:
             raise bad(shown, "not valid UTF-8 text (percent-encoded bytes)") from None
 
 
+def refuse_query(request: Request) -> None:
+    """For a route that takes no query parameters (the ingest routes): 400 naming the first
+    one sent. An event posted with `?dry_run=1` or `?project_id=other` was stored as if the
+    parameter were not there; nothing to do for the query string nearly every request has,
+    an empty one."""
+    if request.scope["query_string"]:
+        for name in request.query_params:  # none for "?&"
+            if not name:  # "?=x": a value with no name to refuse it by
+                raise bad("query", "this route takes no query parameters (sent a nameless value)")
+            raise bad(echo(name, MAX_NAME_SHOWN), "this route takes no query parameters")
+
+
 Endpoint = Callable[[Request], Awaitable[Response]]
 # A route as written: the request, and its query parameters held to those it accepts.
 Declared = Callable[[Request, Query], Awaitable[Response]]

@@ -46,6 +46,7 @@ from ..ingest.fill_in import receipt_time
 from ..ingest.validate import OFFLOAD_MIN_BYTES
 from ..observability.metrics import ops_metrics
 from ..openapi import described
+from ..route_params import refuse_query
 from ..settings import Settings
 from .decode import Decoded, parse_json, parse_protobuf, spans_of
 from .ingest import ingest_mapped, ingest_spans, on_cpu_place
@@ -154,6 +155,7 @@ async def receive_traces(request: Request) -> Response:
         # The key first, as on the events routes: 401/403 before anything about the request
         # is judged (its content type, its body's size).
         principal = _principal(wl, request)
+        refuse_query(request)
         if not protobuf and media != JSON:
             raise Problem(
                 415,
