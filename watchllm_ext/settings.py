@@ -215,7 +215,8 @@ class Settings(BaseSettings):
         description="`watchllm serve` closes a connection whose request headers are not"
         " complete this long after the connection opened or the request began (seconds). The"
         " rest of a body answered before it was read (a 401, 413 or 503) is timed as a body"
-        " is: body_idle_timeout_s between pieces, body_timeout_s in all.",
+        " is: body_idle_timeout_s between pieces, body_timeout_s in all; it is read (and"
+        " dropped) up to max_decompressed_bytes, then the connection is closed.",
     )
     body_timeout_s: float = Field(
         60.0,

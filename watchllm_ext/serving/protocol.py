@@ -230,6 +230,7 @@ def header_timeout_protocol(
     quiet_ingest: bool = False,
     refused: Callable[[Problem], None] | None = None,
     drain_timeouts: tuple[float, float] = (10.0, 60.0),
+    drain_max_bytes: int = 50 * 1024 * 1024 + 64 * 1024,
 ) -> type[asyncio.Protocol]:
     """uvicorn's own HTTP protocol (httptools when installed, else h11) with a deadline on the
     headers of each request: from the connection's start, and from the first bytes of each
@@ -238,7 +239,9 @@ def header_timeout_protocol(
     deadline too, moved on by each piece that comes, as a body's idle time is
     (`drain_timeouts`: the body's idle and whole limits, body_idle_timeout_s and
     body_timeout_s): a client still sending (a slow link, a server reading slowly under
-    load) is not cut off; one that stalls, or drips the rest for ever, is. Request
+    load) is not cut off; one that stalls, or drips the rest for ever, is; and so is one
+    that sends more of it than `drain_max_bytes` (the largest body the server ever reads,
+    max_decompressed_bytes: past it, reading on only burns a core). Request
     headers (with the request line) over `max_header_bytes` get 431 and the connection is
     closed; a request the parser refuses gets a JSON 400 (parser_problem). `quiet_ingest`:
     the access log leaves out ingest requests answered 2xx (QuietIngestAccessLog). `refused`
@@ -293,6 +296,7 @@ def header_timeout_protocol(
         _head_done = False
         _next_begun = False
         _peer_done = False  # the client half-closed; close once its requests are answered
+        _drained = 0  # bytes read of the body of a request answered early (a 401, a 503)
         _armed_at = 0.0  # loop time the deadline was last armed
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -314,7 +318,9 @@ def header_timeout_protocol(
                 if self._awaiting_request():
                     self._arm()  # the first bytes of a new request on a kept-alive connection
             elif counting and not self._in_head and self._between_requests():
-                self._drained_more()
+                self._drained_more(len(data))
+                if self._refused:
+                    return
             if counting:
                 in_head = self._in_head
                 if in_head:
@@ -337,6 +343,7 @@ def header_timeout_protocol(
                 self._answer(headers_too_large(max_header_bytes))
 
         def on_message_begin(self) -> None:
+            self._drained = 0
             self._next_begun = True
             self._begun_in_chunk += 1
             if not self._chunk_counted or self._begun_in_chunk > 1:
@@ -488,12 +495,25 @@ def header_timeout_protocol(
                 return self._in_head or self._between_requests()
             return self.cycle is self._cycle_at_timer
 
-        def _drained_more(self) -> None:
+        def _drained_more(self, size: int) -> None:
             """A piece of the body of a request answered early (a 503 or 413 while it came):
             the client is sending, so the deadline moves on by the body's idle limit, within
             its whole limit from the rest's first piece. Cut at the first deadline instead, a
             client sending a big body over a slow link (10 MB at 1 MB/s) was reset while
-            still sending, most often before it read its answer."""
+            still sending, most often before it read its answer. Past `drain_max_bytes` the
+            connection ends: a 401 to `Content-Length: 999999999999` and a stream of zeros
+            was read and dropped at half a core for the whole limit (60 s)."""
+            self._drained += size
+            if self._drained > drain_max_bytes:
+                self._refused = True  # nothing more of it is parsed
+                self._disarm()
+                # Its answer is out: end our side, read no more, close in a moment (closing
+                # with unread bytes resets the connection, maybe before the client read it).
+                self.transport.pause_reading()
+                if self.transport.can_write_eof():
+                    self.transport.write_eof()
+                self.loop.call_later(_LINGER_S, self.transport.close)
+                return
             now = self.loop.time()
             self._header_deadline = min(now + drain_idle_s, self._armed_at + drain_whole_s)
 
@@ -577,6 +597,8 @@ def uvicorn_options(
             quiet,
             refused,
             (settings.body_idle_timeout_s, settings.body_timeout_s),
+            max(settings.max_body_bytes, settings.max_decompressed_bytes)
+            + settings.max_header_bytes,
         ),
         "timeout_keep_alive": settings.keep_alive_timeout_s,
         # No route is a WebSocket: an Upgrade request is served as plain HTTP (uvicorn's
