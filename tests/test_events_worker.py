@@ -13,9 +13,11 @@ import json
 import os
 import signal
 import threading
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from conftest import Running
 from test_bad_input import ADMIN, BATCH, CASES, PROJECT
@@ -27,8 +29,17 @@ from watchllm_ext.delivery.writer import EventBatch, EventsJson, EventsJsonBatch
 from watchllm_ext.hookspecs import hookimpl
 from watchllm_ext.ingest.fill_in import receipt_time
 from watchllm_ext.ingest.validate import OFFLOAD_MIN_BYTES
-from watchllm_ext.ingest.worker import EventsJob, answer_job, decode_answer, encode_job, work
+from watchllm_ext.ingest.worker import (
+    JOB_MARK,
+    EventsJob,
+    answer_job,
+    decode_answer,
+    encode_job,
+    work,
+)
 from watchllm_ext.otel import pool
+from watchllm_ext.otel.frames import body_first
+from watchllm_ext.otel.worker import encode_request
 from watchllm_ext.quota import QuotaDecision
 
 TABLES = {
@@ -535,10 +546,33 @@ def test_a_worker_killed_under_load_loses_nothing(server_factory: Any) -> None:
     assert sorted(r["event_id"] for r in rows) == sorted(accepted)
 
 
+@pytest.mark.parametrize("size", [0, 1, 255, 65_535, 65_536, 3_000_000])
+def test_a_job_in_parts_is_the_job_msgpack_would_write(size: int) -> None:
+    """encode_job leaves the body out of the encoding and writes it between two parts (a 45 MB
+    body was copied twice on the event loop): joined, the parts decode to the same job as
+    msgspec's own encoding of it, and are that encoding byte for byte from 64 KiB on (the
+    bodies sent to a worker); OTLP requests alike."""
+    body = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    received = receipt_time()
+    parts = encode_job(body, "events", "acme", received, [("m:f", {"a": 1})], 7)
+    assert parts[1] is body  # not copied
+    joined = b"".join(parts)
+    received_ms = (received - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(milliseconds=1)
+    job = EventsJob(body, "events", "acme", received_ms, [("m:f", {"a": 1})], 7)
+    whole = JOB_MARK + msgspec.msgpack.encode(job)
+    assert msgspec.msgpack.decode(joined[1:], type=EventsJob) == job
+    assert (joined == whole) is (size >= 65_536)
+    otlp = encode_request(body, True, "acme", received, 9)
+    assert otlp[1] is body
+    assert msgspec.msgpack.decode(b"".join(otlp)) == [body, True, "acme", received_ms, 9]
+    with pytest.raises(ValueError, match="first item is empty bytes"):
+        body_first(msgspec.msgpack.encode([b"x", 1]), body)
+
+
 def test_a_job_is_answered_in_process_as_by_a_worker() -> None:
     """The worker's function itself: a body, its answer (what the server spools)."""
     events = many_events(copies=1)
-    job = encode_job(batch_body(events), "batch", "acme", receipt_time(), [])
+    job = b"".join(encode_job(batch_body(events), "batch", "acme", receipt_time(), []))
     answer = decode_answer(answer_job(job))
     assert answer.crash is None and not answer.detailed and answer.problem is None
     assert answer.count == len(events) and answer.event_ids == [e["event_id"] for e in events]

@@ -111,7 +111,7 @@ def test_serve_runs_the_stores_threads_at_a_lower_priority(nice: str, tmp_path: 
 def _worker_record(events: list[dict[str, Any]]) -> EventsJson:
     """A record as a worker process makes it (its answer, done in this process)."""
     body = json.dumps({"events": events}).encode()
-    job = encode_job(body, "batch", "acme", datetime.now(UTC), [])
+    job = b"".join(encode_job(body, "batch", "acme", datetime.now(UTC), []))
     answer = decode_answer(answer_job(job))
     assert answer.crash is None and answer.problem is None
     return EventsJson(

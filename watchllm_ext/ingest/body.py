@@ -249,10 +249,15 @@ async def read_body(
         raise Problem(
             400, "bad_encoding", f"body ends before the {encoding} stream does", field="body"
         )
+    if size >= _JOIN_OFF_LOOP_BYTES:
+        # Joining copies every byte (45 MB inflated: ~30 ms, the event loop stopped meanwhile);
+        # bytes.join lets go of the GIL for it, so a thread does it beside the loop.
+        return await loop.run_in_executor(None, b"".join, parts)
     return b"".join(parts)
 
 
 _INFLATE_STEP = 1024 * 1024  # about 1 ms of inflating
+_JOIN_OFF_LOOP_BYTES = 4 * 1024 * 1024  # ~2.5 ms of copying, against a thread's ~0.1 ms hop
 
 
 class _Read:

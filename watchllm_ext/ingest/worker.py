@@ -38,6 +38,7 @@ import pluggy
 from .. import hookspecs
 from ..auth import Principal
 from ..errors import Problem
+from ..otel.frames import body_first
 from ..plugins import PROJECT
 from ..store.rows import EVENTS_INPUT, PARTS_INPUT, input_json
 from .fast_validate import encode_events
@@ -110,10 +111,11 @@ def encode_job(
     received: datetime,
     twins: list[Twin],
     max_events: int = 0,
-) -> bytes:
+) -> list[bytes]:
+    """A job's frame, in parts: the body is not copied (otel/worker.py's body_first)."""
     received_ms = (received - _EPOCH) // timedelta(milliseconds=1)
-    job = EventsJob(body, shape, project, received_ms, twins, max_events)
-    return JOB_MARK + _encode_job(job)
+    job = EventsJob(b"", shape, project, received_ms, twins, max_events)
+    return body_first(_encode_job(job), body, JOB_MARK)
 
 
 def worker_twins(pm: pluggy.PluginManager) -> list[Twin] | None:

@@ -38,7 +38,8 @@ except ImportError:  # not on Windows
     fcntl = None  # type: ignore[assignment]
 
 from ..ingest.admission import acquire_within
-from .worker import READY, frame, read_frame
+from .frames import Parts, read_frame, write_frame
+from .worker import READY
 
 log = logging.getLogger("watchllm.otel")
 
@@ -136,17 +137,18 @@ class _Worker:
             raise OSError(f"the worker ended at start (exit code {self.process.wait()})")
         self.deadline = None
 
-    def call(self, request: bytes, per_mb_s: float | None = None) -> bytes:
+    def call(self, request: bytes | Parts, per_mb_s: float | None = None) -> bytes:
         with self._send:
             ticket = self._sent
             self._sent += 1
             with self._turn:
                 per_mb = CALL_S_PER_MB if per_mb_s is None else per_mb_s
-                allowed = CALL_TIMEOUT_S + per_mb * len(request) / 1e6
+                size = len(request) if isinstance(request, bytes) else sum(map(len, request))
+                allowed = CALL_TIMEOUT_S + per_mb * size / 1e6
                 self._deadlines[ticket] = time.monotonic() + allowed
                 self.deadline = self._deadlines[min(self._deadlines)]
             try:
-                self.stdin.write(frame(request))
+                write_frame(self.stdin, request)
                 self.stdin.flush()
             except BaseException:
                 self._fail()
@@ -216,7 +218,7 @@ class WorkerPool:
 
     def call(
         self,
-        request: bytes,
+        request: bytes | Parts,
         size: int,
         decode: Callable[[bytes], T],
         per_mb_s: float | None = None,
@@ -363,7 +365,10 @@ def limiter(size: int) -> anyio.CapacityLimiter:
 
 
 async def map_in_worker(
-    request: bytes, size: int, decode: Callable[[bytes], T], per_mb_s: float | None = None
+    request: bytes | Parts,
+    size: int,
+    decode: Callable[[bytes], T],
+    per_mb_s: float | None = None,
 ) -> T | None:
     """A worker's answer to `request` (worker.py's msgpack) through `decode`, or None: do it
     in-process (no worker ready, or none had a place within WAIT_FOR_WORKER_S, or it failed).

@@ -35,13 +35,12 @@ from ..errors import Problem
 from ..ingest.worker import JOB_MARK, answer_job
 from ..serving.tuning import tune_for_serving
 from .decode import DEFAULT_MAX_SPANS, parse_json, parse_protobuf, spans_of
+from .frames import body_first, frame, read_frame
 from .mapped import map_spans
 from .rows import encode_rows
 
 READY = b"R"
 PARENT_CHECK_S = 1.0
-# A frame bigger than this is a broken stream, not a request (bodies are capped far lower).
-MAX_FRAME_BYTES = 1 << 30
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -79,9 +78,10 @@ def encode_request(
     project: str,
     received: datetime,
     max_spans: int = DEFAULT_MAX_SPANS,
-) -> bytes:
+) -> list[bytes]:
+    """A body for map_body, as a frame's parts (the body not copied: body_first)."""
     received_ms = (received - _EPOCH) // timedelta(milliseconds=1)
-    return _encode((body, protobuf, project, received_ms, max_spans))
+    return body_first(_encode((b"", protobuf, project, received_ms, max_spans)), body)
 
 
 def map_body(
@@ -115,44 +115,12 @@ def map_body(
     )
 
 
-def read_frame(stream: BinaryIO) -> bytes | None:
-    """A frame's bytes; None at the end of the stream."""
-    header = _read_exactly(stream, 4)
-    if header is None:
-        return None
-    size = int.from_bytes(header, "big")
-    if size > MAX_FRAME_BYTES:
-        raise ValueError(f"a frame of {size} bytes")
-    data = _read_exactly(stream, size)
-    if data is None:
-        raise EOFError("the stream ended inside a frame")
-    return data
-
-
-def _read_exactly(stream: BinaryIO, size: int) -> bytes | None:
-    chunks: list[bytes] = []
-    left = size
-    while left:
-        chunk = stream.read(left)
-        if not chunk:
-            if left == size:
-                return None
-            raise EOFError("the stream ended inside a frame")
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
-
-
 def _end_with(server: int) -> None:
     """End this worker once the server is gone, even in the middle of a body (stdin's end
     is seen only between bodies; a server killed by a signal runs no clean-up)."""
     while os.getppid() == server:
         time.sleep(PARENT_CHECK_S)
     os._exit(0)
-
-
-def frame(data: bytes) -> bytes:
-    return len(data).to_bytes(4, "big") + data
 
 
 def serve(stdin: BinaryIO, stdout: BinaryIO, server: int | None = None) -> None:
