@@ -58,6 +58,35 @@ def test_a_misspelled_replay_parameter_is_a_400_and_nothing_is_replayed(
     assert (r.status_code, r.json()["replayed_events"]) == (200, 1), r.text
 
 
+def test_a_sink_that_neither_runs_nor_has_dead_letters_is_a_400(server_factory: Any) -> None:
+    """Listing the dead letters of a misspelled sink listed nothing, as if all were well (and
+    took any name: 5,000 characters, a NUL); a sink with dead letters is listed, and so is
+    one that runs and has none."""
+    sink = Picky()
+    server: Running = server_factory(plugin_objects=(sink,))
+    _dead_letter(server, "d1")
+    headers = server.headers()
+
+    def listed(name: str) -> httpx.Response:
+        return server.client.get("/v1/admin/dead-letters", params={"sink": name}, headers=headers)
+
+    for name in ("pciky", "\x00"):
+        r = listed(name)
+        assert r.status_code == 400, r.text
+        body = r.json()
+        assert (body["error"], body["field"]) == ("unknown_sink", "sink"), body
+        assert body["message"].startswith(f"no sink named {name!r} is running"), body
+        assert "picky" in body["message"]  # the running ones, to pick from
+    r = listed("x" * 5000)
+    assert (r.status_code, r.json()["field"]) == (400, "sink"), r.text
+    assert r.json()["message"] == "sink: at most 128 characters"
+    r = listed("picky")
+    assert r.status_code == 200 and len(r.json()["dead_letters"]) == 1, r.text
+    running = next(s for s in server.app.state.watchllm.writer.sinks if s.sink.name != "picky")
+    r = listed(running.sink.name)
+    assert r.status_code == 200 and r.json()["dead_letters"] == [], r.text
+
+
 @pytest.fixture
 def with_quotas(server_factory: Any) -> Running:
     """A server with /v1/admin/usage too (the quota plugin's admin route)."""

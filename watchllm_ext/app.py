@@ -122,6 +122,7 @@ log = logging.getLogger("watchllm.app")
 # The tables /v1/admin/count counts (by project): the event tables, not the store's others.
 STORE_TABLES = ("events", "tool_calls", "agent_steps", "spans", "traces")
 MAX_RUN_CHARS = 256  # /v1/admin/count's `run`: the schema's bound on an id
+MAX_SINK_CHARS = 128  # /v1/admin/dead-letters' `sink`: far over any sink's name
 
 
 _KEY_AUTH = "watchllm_ext.builtins.key_auth"  # its name in the plugin manager
@@ -1327,7 +1328,22 @@ async def admin_dead_letters(request: Request, qp: Query) -> Response:
     wl, principal = _admin_key(request, qp)
     project = _administered_project(qp, principal)
     sink = qp.get("sink") or None
+    if sink is not None and len(sink) > MAX_SINK_CHARS:
+        raise Problem(
+            400, "bad_parameter", f"sink: at most {MAX_SINK_CHARS} characters", field="sink"
+        )
     found = await anyio.to_thread.run_sync(read_dead_letters, _dead_letter_dir(wl), sink, project)
+    running = {state.sink.name for state in wl.writer.sinks} if wl.writer is not None else None
+    if sink is not None and not found.entries and running is not None and sink not in running:
+        # A misspelled name would list nothing, as if all were well: say so. (A sink that no
+        # longer runs but left dead letters is listed.)
+        raise Problem(
+            400,
+            "unknown_sink",
+            f"no sink named {echo(sink, 64)!r} is running or has dead letters here"
+            f" (running: {', '.join(sorted(running)) or 'none'})",
+            field="sink",
+        )
     return JSONResponse(
         {
             "project": project,
