@@ -631,7 +631,8 @@ def test_bad_parameters_name_the_parameter(
 
 @CHDB_ONLY
 def test_from_and_to_take_rfc_3339s_forms(server: Running) -> None:
-    """Lower-case t and z, any fraction, an offset whose "+" arrived as a space."""
+    """Lower-case t and z, a fraction of up to 9 digits, an offset whose "+" arrived as a
+    space; as event timestamps, 10 fraction digits are refused, naming the parameter."""
     for form in (
         "2026-01-01t00:00:00z",
         "2026-01-01T02:00:00.123456789+02:00",
@@ -641,6 +642,10 @@ def test_from_and_to_take_rfc_3339s_forms(server: Running) -> None:
         params = {"from": "2025-12-31T00:00:00Z", "to": form}
         r = server.client.get("/v1/analytics/stats", params=params, headers=server.headers())
         assert r.status_code == 200, (form, r.text)
+    params = {"from": "2025-12-31T00:00:00.1234567890Z"}
+    r = server.client.get("/v1/analytics/stats", params=params, headers=server.headers())
+    assert (r.status_code, r.json()["field"]) == (400, "from"), r.text
+    assert "not an RFC 3339 time" in r.json()["message"]
 
 
 def test_calls_without_latency_give_zero_percentiles_not_errors(server: Running) -> None:

@@ -145,11 +145,11 @@ def _all_finite(value: Any) -> bool:
 # takes "1700000000" as epoch seconds and "1700000000000" as milliseconds, +0100, hh:mm and
 # a comma fraction, so this fullmatch runs first; pydantic-core still checks the values and
 # the range. ASCII digits only: \d would take other scripts' digits.
-_RFC3339 = re.compile(
+RFC3339 = re.compile(  # also the analytics' `from` and `to` (analytics/params.py)
     r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,9})?"
     r"(?:[Zz]|[+-][0-9]{2}:[0-9]{2})"
 )
-_rfc3339_match = _RFC3339.fullmatch
+_rfc3339_match = RFC3339.fullmatch
 TIMESTAMP_FORM = (
     "RFC 3339 with a timezone (Z or +hh:mm), like 2026-01-01T12:00:00Z"
     " or 2026-01-01T12:00:00.123+02:00"

@@ -17,7 +17,14 @@ from starlette.datastructures import QueryParams
 from ..auth import Principal
 from ..errors import echo, other_project
 from ..route_params import bad
-from ..schema import MAX_ID_CHARS, MAX_TIMESTAMP, MIN_TIMESTAMP, PROJECT_ID_RE, is_id
+from ..schema import (
+    MAX_ID_CHARS,
+    MAX_TIMESTAMP,
+    MIN_TIMESTAMP,
+    PROJECT_ID_RE,
+    RFC3339,
+    is_id,
+)
 
 # `period`, on every route that takes a time range (docs/ANALYTICS.md, "Time range").
 PERIODS = {
@@ -86,13 +93,9 @@ def project(params: QueryParams, principal: Principal) -> str:
     return project_id
 
 
-# RFC 3339's date-time (ASCII digits; a space for the T, as its section 5.6 allows), the
-# grammar of event timestamps (schema.py), with any count of fraction digits RFC 3339 allows
-# (read to the microsecond); the same without a zone, to say the zone is what is missing.
-_RFC3339 = re.compile(
-    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?"
-    r"(?:[Zz]|[+-][0-9]{2}:[0-9]{2})"
-)
+# `from` and `to` take the grammar of event timestamps (schema.RFC3339: RFC 3339's date-time,
+# ASCII digits, a space for the T as its section 5.6 allows, at most 9 fraction digits, read
+# to the microsecond); this is the same without a zone, to say the zone is what is missing.
 _NO_ZONE = re.compile(
     r"[0-9]{4}-[0-9]{2}-[0-9]{2}(?:[Tt ][0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:\.[0-9]+)?)?)?"
 )
@@ -106,7 +109,7 @@ def _instant(params: QueryParams, name: str) -> datetime | None:
         raise bad(name, "not an RFC 3339 time (too long)")
     # A "+" left unescaped in a query string arrives as a space: "...T00:00:00 02:00".
     text = raw.replace(" ", "+") if "T" in raw or "t" in raw else raw
-    if _RFC3339.fullmatch(text) is None:
+    if RFC3339.fullmatch(text) is None:
         # fromisoformat alone also took ISO 8601's other forms (20260101T000000Z, +0200,
         # week dates, a comma fraction), and not RFC 3339's lower-case t and z.
         if _NO_ZONE.fullmatch(text) is not None:
