@@ -33,9 +33,10 @@ class Query(QueryParams):
     """A route's query parameters, held to the names it accepts (its declaration). `check`
     answers a name sent that is not accepted (a misspelling, another route's filter) with
     400 naming it and listing the accepted ones, instead of ignoring it and answering
-    unfiltered data; reading a name that is not accepted raises UndeclaredParameter, so a
-    route cannot parse a parameter without accepting it. Repeated names read as before:
-    the last value."""
+    unfiltered data; and a name sent twice too (`?tag=a&tag=b` filtered on b alone: which
+    value is meant would depend on who reads it, as for two Authorization headers). Reading
+    a name that is not accepted raises UndeclaredParameter, so a route cannot parse a
+    parameter without accepting it."""
 
     def __init__(
         self, params: QueryParams, accepted: frozenset[str], raw: bytes | None = None
@@ -45,9 +46,10 @@ class Query(QueryParams):
         self.raw = raw  # the query string as sent, for the UTF-8 check
 
     def check(self) -> None:
-        """400 for the first name sent that is not accepted: one set look-up a name; and for
-        a value whose percent-encoded bytes are not UTF-8 (read as U+FFFD, it would be
-        searched for as that character)."""
+        """400 for the first name sent that is not accepted, or sent again: a set look-up or
+        two a name; and for a value whose percent-encoded bytes are not UTF-8 (read as U+FFFD,
+        it would be searched for as that character)."""
+        seen: set[str] = set()
         for name, value in self._list:
             if name not in self.accepted:
                 accepts = ", ".join(sorted(self.accepted)) or "none"
@@ -60,6 +62,10 @@ class Query(QueryParams):
                 raise bad(
                     shown, f"unknown query parameter {shown!r}; this route accepts: {accepts}"
                 )
+            if name in seen:
+                shown = echo(name, MAX_NAME_SHOWN)
+                raise bad(shown, "sent more than once; send each parameter once")
+            seen.add(name)
             if "\ufffd" in value and self.raw is not None:  # rare: then the bytes sent decide
                 _check_utf8(self.raw)
 
