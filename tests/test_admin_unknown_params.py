@@ -7,6 +7,7 @@ those declarations, over a real server."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -85,6 +86,19 @@ def test_a_sink_that_neither_runs_nor_has_dead_letters_is_a_400(server_factory: 
     running = next(s for s in server.app.state.watchllm.writer.sinks if s.sink.name != "picky")
     r = listed(running.sink.name)
     assert r.status_code == 200 and r.json()["dead_letters"] == [], r.text
+    # A sink that no longer runs, whose dead letters are another project's: none of acme's
+    # (200, nothing listed), not an unknown sink.
+    folder = server.settings.spool_path / "dead-letter"
+    record = json.loads((folder / "picky.jsonl").read_text().splitlines()[0])
+    record["sink"] = "gone"
+    for event in record["events"]:
+        event["project_id"] = "other"
+    (folder / "gone.jsonl").write_text(json.dumps(record) + "\n")
+    r = listed("gone")
+    assert r.status_code == 200 and r.json()["dead_letters"] == [], r.text
+    operator = server.headers(server.keys.create(OWN, scope="operator"))
+    r = server.client.get("/v1/admin/dead-letters", params={"sink": "gone"}, headers=operator)
+    assert r.status_code == 200 and len(r.json()["dead_letters"]) == 1, r.text
 
 
 @pytest.fixture

@@ -178,9 +178,9 @@ def test_query_refuses_unknown_names_and_guards_undeclared_reads() -> None:
     # An empty name is said to be one; a huge one is named, cut.
     with pytest.raises(Problem) as refused:
         Query(QueryParams("=1"), accepted).check()
-    assert refused.value.field == "(query)"
+    assert refused.value.field == "query"  # as the ingest routes name it (refuse_query)
     assert refused.value.message == (
-        "(query): a query parameter has no name (=value); this route accepts: limit, model"
+        "query: a query parameter has no name (=value); this route accepts: limit, model"
     )
     with pytest.raises(Problem) as refused:
         Query(QueryParams("x" * 5000 + "=1"), accepted).check()

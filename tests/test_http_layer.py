@@ -459,6 +459,45 @@ def test_the_rest_of_a_body_answered_early_is_read_only_up_to_the_largest_body(
         served.stop()
 
 
+def test_a_request_pipelined_after_a_drained_body_is_served(tmp_path: Path) -> None:
+    """The cap counts the answered body's bytes only: a request sent right after it (in the
+    same reads) is served, even when the two together pass the cap (they were counted as
+    one, and the connection ended before the second was answered)."""
+    served = Served(tmp_path, max_body_bytes=64 * 1024, max_decompressed_bytes=256 * 1024)
+    served.start()
+    try:
+        cap = 256 * 1024 + MAX_HEADER_BYTES
+        first = b"x" * (cap - 4096)
+        second = json.dumps({"events": [prompt_call("after-drain", prompt="y" * 60_000)]})
+        sock = served.connect()
+        sock.settimeout(10)
+        sock.sendall(
+            b"POST /v1/events/batch HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer wllm_nope\r\n"
+            + f"Content-Type: application/json\r\nContent-Length: {len(first)}\r\n\r\n".encode()
+        )
+        answer = b""
+        while b"}" not in answer:
+            answer += sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 401"), answer
+        sock.sendall(first[:1])  # (the read that sets the deadline again is not counted)
+        time.sleep(0.2)
+        sock.sendall(first[1:-100])
+        time.sleep(0.3)  # read and dropped: under the cap by 4 KB
+        # The body's last bytes and the next request (60 KB) in one read: the server's event
+        # loop is held up while they come.
+        served.server.servers[0].get_loop().call_soon_threadsafe(time.sleep, 0.3)
+        sock.sendall(
+            first[-100:]
+            + b"POST /v1/events/batch HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+            + f"Authorization: Bearer {served.key}\r\nContent-Type: application/json\r\n".encode()
+            + f"Content-Length: {len(second)}\r\n\r\n{second}".encode()
+        )
+        rest = _read_all(sock)
+        assert rest.startswith(b"HTTP/1.1 202"), rest[:300]
+    finally:
+        served.stop()
+
+
 def test_a_long_head_that_begins_in_the_read_ending_the_one_before_is_capped(
     served: Served,
 ) -> None:

@@ -1323,6 +1323,11 @@ def _dead_letter_dir(wl: WatchLLM) -> Path:
     return wl.settings.spool_path / "dead-letter"
 
 
+def _has_dead_letters(wl: WatchLLM, sink: str) -> bool:
+    """Whether `sink` has dead letters of any project (or records of none)."""
+    return bool(read_dead_letters(_dead_letter_dir(wl), sink, None).entries)
+
+
 @accepts(("sink", "project"))
 async def admin_dead_letters(request: Request, qp: Query) -> Response:
     wl, principal = _admin_key(request, qp)
@@ -1334,13 +1339,19 @@ async def admin_dead_letters(request: Request, qp: Query) -> Response:
         )
     found = await anyio.to_thread.run_sync(read_dead_letters, _dead_letter_dir(wl), sink, project)
     running = {state.sink.name for state in wl.writer.sinks} if wl.writer is not None else None
-    if sink is not None and not found.entries and running is not None and sink not in running:
+    if (
+        sink is not None
+        and not found.entries
+        and running is not None
+        and sink not in running
+        and not (project and await anyio.to_thread.run_sync(_has_dead_letters, wl, sink))
+    ):
         # A misspelled name would list nothing, as if all were well: say so. (A sink that no
-        # longer runs but left dead letters is listed.)
+        # longer runs but left dead letters, of this project or another, lists as before.)
         raise Problem(
             400,
             "unknown_sink",
-            f"no sink named {echo(sink, 64)!r} is running or has dead letters here"
+            f"no sink named {echo(sink, 64)!r} is running or has dead letters"
             f" (running: {', '.join(sorted(running)) or 'none'})",
             field="sink",
         )
@@ -1368,8 +1379,8 @@ async def admin_replay_dead_letters(request: Request, qp: Query) -> Response:
         raise Problem(
             400,
             "unknown_sink",
-            f"no sink named {sink!r} is running (running: {', '.join(sorted(sinks)) or 'none'});"
-            " nothing was replayed or removed",
+            f"no sink named {echo(sink, 64)!r} is running"
+            f" (running: {', '.join(sorted(sinks)) or 'none'}); nothing was replayed or removed",
             field="sink",
         )
     taken = await anyio.to_thread.run_sync(

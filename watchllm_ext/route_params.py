@@ -55,7 +55,7 @@ class Query(QueryParams):
                 accepts = ", ".join(sorted(self.accepted)) or "none"
                 if not name:  # "?=x" or "?&=x": a value with no name to refuse it by
                     raise bad(
-                        "(query)",
+                        "query",
                         f"a query parameter has no name (=value); this route accepts: {accepts}",
                     )
                 shown = echo(name, MAX_NAME_SHOWN)

@@ -216,7 +216,8 @@ class Settings(BaseSettings):
         " complete this long after the connection opened or the request began (seconds). The"
         " rest of a body answered before it was read (a 401, 413 or 503) is timed as a body"
         " is: body_idle_timeout_s between pieces, body_timeout_s in all; it is read (and"
-        " dropped) up to max_decompressed_bytes, then the connection is closed.",
+        " dropped) up to the largest body the server reads (max_decompressed_bytes, or"
+        " max_body_bytes if larger), then the connection is closed.",
     )
     body_timeout_s: float = Field(
         60.0,

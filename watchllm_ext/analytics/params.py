@@ -97,7 +97,7 @@ def project(params: QueryParams, principal: Principal) -> str:
 # ASCII digits, a space for the T as its section 5.6 allows, at most 9 fraction digits, read
 # to the microsecond); this is the same without a zone, to say the zone is what is missing.
 _NO_ZONE = re.compile(
-    r"[0-9]{4}-[0-9]{2}-[0-9]{2}(?:[Tt ][0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:\.[0-9]+)?)?)?"
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}(?:[Tt ][0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:\.[0-9]{1,9})?)?)?"
 )
 
 

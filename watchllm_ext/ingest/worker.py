@@ -112,7 +112,7 @@ def encode_job(
     twins: list[Twin],
     max_events: int = 0,
 ) -> list[bytes]:
-    """A job's frame, in parts: the body is not copied (otel/worker.py's body_first)."""
+    """A job's frame, in parts: the body is not copied (otel/frames.py's body_first)."""
     received_ms = (received - _EPOCH) // timedelta(milliseconds=1)
     job = EventsJob(b"", shape, project, received_ms, twins, max_events)
     return body_first(_encode_job(job), body, JOB_MARK)

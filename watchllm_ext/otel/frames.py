@@ -4,13 +4,13 @@ big-endian length, then that many bytes (msgpack; an events job starts with a ma
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import BinaryIO
+from typing import IO
 
 # A frame bigger than this is a broken stream, not a request (bodies are capped far lower).
 MAX_FRAME_BYTES = 1 << 30
 
 
-def read_frame(stream: BinaryIO) -> bytes | None:
+def read_frame(stream: IO[bytes]) -> bytes | None:
     """A frame's bytes; None at the end of the stream."""
     header = _read_exactly(stream, 4)
     if header is None:
@@ -24,7 +24,7 @@ def read_frame(stream: BinaryIO) -> bytes | None:
     return data
 
 
-def _read_exactly(stream: BinaryIO, size: int) -> bytes | None:
+def _read_exactly(stream: IO[bytes], size: int) -> bytes | None:
     chunks: list[bytes] = []
     left = size
     while left:
@@ -60,7 +60,7 @@ def body_first(encoded: bytes, body: bytes, mark: bytes = b"") -> list[bytes]:
     return [mark + encoded[:1] + _BIN32 + len(body).to_bytes(4, "big"), body, encoded[3:]]
 
 
-def write_frame(stream: BinaryIO, parts: bytes | Parts) -> None:
+def write_frame(stream: IO[bytes], parts: bytes | Parts) -> None:
     """Write a frame of `parts` (or of one bytes), not joined first."""
     if isinstance(parts, bytes):
         parts = (parts,)

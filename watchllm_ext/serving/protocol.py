@@ -314,13 +314,13 @@ def header_timeout_protocol(
         def data_received(self, data: bytes) -> None:
             if self._refused:
                 return  # answered (or closing): what still comes is read and dropped
+            draining = False  # the body of a request answered early (a 401, 413, 503)
             if self._header_deadline is None:
                 if self._awaiting_request():
                     self._arm()  # the first bytes of a new request on a kept-alive connection
             elif counting and not self._in_head and self._between_requests():
-                self._drained_more(len(data))
-                if self._refused:
-                    return
+                self._drained_more()
+                draining = True
             if counting:
                 in_head = self._in_head
                 if in_head:
@@ -328,6 +328,13 @@ def header_timeout_protocol(
                 self._chunk_counted = in_head
                 self._begun_in_chunk = 0
             super().data_received(data)
+            if draining and not self._in_head and self._between_requests() and not self._refused:
+                # Still that body (its end, and a pipelined request after it, are not in this
+                # read): its bytes count against the cap.
+                self._drained += len(data)
+                if self._drained > drain_max_bytes:
+                    self._stop_draining()
+                    return
             if self._head_done:
                 self._head_done = False
                 self._disarm()  # met: the next request's first bytes arm it again
@@ -495,27 +502,27 @@ def header_timeout_protocol(
                 return self._in_head or self._between_requests()
             return self.cycle is self._cycle_at_timer
 
-        def _drained_more(self, size: int) -> None:
+        def _drained_more(self) -> None:
             """A piece of the body of a request answered early (a 503 or 413 while it came):
             the client is sending, so the deadline moves on by the body's idle limit, within
             its whole limit from the rest's first piece. Cut at the first deadline instead, a
             client sending a big body over a slow link (10 MB at 1 MB/s) was reset while
-            still sending, most often before it read its answer. Past `drain_max_bytes` the
-            connection ends: a 401 to `Content-Length: 999999999999` and a stream of zeros
-            was read and dropped at half a core for the whole limit (60 s)."""
-            self._drained += size
-            if self._drained > drain_max_bytes:
-                self._refused = True  # nothing more of it is parsed
-                self._disarm()
-                # Its answer is out: end our side, read no more, close in a moment (closing
-                # with unread bytes resets the connection, maybe before the client read it).
-                self.transport.pause_reading()
-                if self.transport.can_write_eof():
-                    self.transport.write_eof()
-                self.loop.call_later(_LINGER_S, self.transport.close)
-                return
+            still sending, most often before it read its answer."""
             now = self.loop.time()
             self._header_deadline = min(now + drain_idle_s, self._armed_at + drain_whole_s)
+
+        def _stop_draining(self) -> None:
+            """Past `drain_max_bytes` of an answered body the connection ends: a 401 to
+            `Content-Length: 999999999999` and a stream of zeros was read and dropped at half
+            a core for the body's whole limit (60 s)."""
+            self._refused = True  # nothing more of it is parsed
+            self._disarm()
+            # Its answer is out: end our side, read no more, close in a moment (closing with
+            # unread bytes resets the connection, maybe before the client read its answer).
+            self.transport.pause_reading()
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            self.loop.call_later(_LINGER_S, self.transport.close)
 
         def _arm(self) -> None:
             self._cycle_at_timer = self.cycle
