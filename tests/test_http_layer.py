@@ -143,6 +143,20 @@ def _read_all(sock: socket.socket, timeout_s: float = 10) -> bytes:
     return data
 
 
+def _refused_head(sock: socket.socket, length: int | str) -> bytes:
+    """Send a batch's head with a key that is not valid and `length` as its Content-Length;
+    the 401 the server answers at once, before any of the body."""
+    sock.sendall(
+        b"POST /v1/events/batch HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer wllm_nope\r\n"
+        + f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n".encode()
+    )
+    answer = b""
+    while b"}" not in answer:
+        answer += sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 401"), answer
+    return answer
+
+
 def _response(data: bytes) -> tuple[int, dict[str, str], bytes]:
     head, _, body = data.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
@@ -399,14 +413,7 @@ def test_the_rest_of_a_body_answered_early_is_not_taken_for_headers(served: Serv
     sock = served.connect()
     sock.settimeout(10)
     body = b"x" * (MAX_HEADER_BYTES * 20)
-    sock.sendall(
-        b"POST /v1/events/batch HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer wllm_nope\r\n"
-        + f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-    )
-    first = b""
-    while b"}" not in first:
-        first += sock.recv(65536)
-    assert first.startswith(b"HTTP/1.1 401")
+    first = _refused_head(sock, len(body))
     sock.sendall(body)
     sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
     rest = _read_all(sock)
@@ -426,14 +433,7 @@ def test_the_rest_of_a_body_answered_early_is_read_only_up_to_the_largest_body(
     try:
         sock = served.connect()
         sock.settimeout(10)
-        sock.sendall(
-            b"POST /v1/events/batch HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer wllm_nope\r\n"
-            b"Content-Type: application/json\r\nContent-Length: 999999999999\r\n\r\n"
-        )
-        answer = b""
-        while b"}" not in answer:
-            answer += sock.recv(65536)
-        assert answer.startswith(b"HTTP/1.1 401"), answer
+        _refused_head(sock, 999_999_999_999)
         sent = [0]
 
         def zeros() -> None:
@@ -471,14 +471,7 @@ def test_a_request_pipelined_after_a_drained_body_is_served(tmp_path: Path) -> N
         second = json.dumps({"events": [prompt_call("after-drain", prompt="y" * 60_000)]})
         sock = served.connect()
         sock.settimeout(10)
-        sock.sendall(
-            b"POST /v1/events/batch HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer wllm_nope\r\n"
-            + f"Content-Type: application/json\r\nContent-Length: {len(first)}\r\n\r\n".encode()
-        )
-        answer = b""
-        while b"}" not in answer:
-            answer += sock.recv(65536)
-        assert answer.startswith(b"HTTP/1.1 401"), answer
+        _refused_head(sock, len(first))
         sock.sendall(first[:1])  # (the read that sets the deadline again is not counted)
         time.sleep(0.2)
         sock.sendall(first[1:-100])
