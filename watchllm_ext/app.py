@@ -1323,6 +1323,11 @@ def _dead_letter_dir(wl: WatchLLM) -> Path:
     return wl.settings.spool_path / "dead-letter"
 
 
+def _sink_names(writer: Writer) -> set[str]:
+    """The names of the sinks `writer` runs."""
+    return {state.sink.name for state in writer.sinks}
+
+
 def _has_dead_letters(wl: WatchLLM, sink: str) -> bool:
     """Whether `sink` has dead letters of any project (or records of none)."""
     return bool(read_dead_letters(_dead_letter_dir(wl), sink, None).entries)
@@ -1338,7 +1343,7 @@ async def admin_dead_letters(request: Request, qp: Query) -> Response:
             400, "bad_parameter", f"sink: at most {MAX_SINK_CHARS} characters", field="sink"
         )
     found = await anyio.to_thread.run_sync(read_dead_letters, _dead_letter_dir(wl), sink, project)
-    running = {state.sink.name for state in wl.writer.sinks} if wl.writer is not None else None
+    running = _sink_names(wl.writer) if wl.writer is not None else None
     if (
         sink is not None
         and not found.entries
@@ -1372,7 +1377,7 @@ async def admin_replay_dead_letters(request: Request, qp: Query) -> Response:
     writer = wl.writer
     if writer is None:
         raise Problem(503, "not_running", "the writer is not running", headers={"Retry-After": "5"})
-    sinks = {state.sink.name for state in writer.sinks}
+    sinks = _sink_names(writer)
     sink = qp.get("sink") or None
     if sink is not None and sink not in sinks:
         # A record for a sink that does not run would be dropped by every sink: refuse.

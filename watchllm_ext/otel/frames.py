@@ -38,10 +38,6 @@ def _read_exactly(stream: IO[bytes], size: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def frame(data: bytes) -> bytes:
-    return len(data).to_bytes(4, "big") + data
-
-
 # A frame written in parts, one after the other (write_frame): a big body is not copied into
 # one buffer on the way (encoding a 45 MB body into a request copied it twice, ~0.1-0.2 s with
 # the GIL held: every other request waited).

@@ -35,7 +35,7 @@ from ..errors import Problem
 from ..ingest.worker import JOB_MARK, answer_job
 from ..serving.tuning import tune_for_serving
 from .decode import DEFAULT_MAX_SPANS, parse_json, parse_protobuf, spans_of
-from .frames import body_first, frame, read_frame
+from .frames import body_first, read_frame, write_frame
 from .mapped import map_spans
 from .rows import encode_rows
 
@@ -133,14 +133,14 @@ def serve(stdin: BinaryIO, stdout: BinaryIO, server: int | None = None) -> None:
     stdout.flush()
     while (data := read_frame(stdin)) is not None:
         if data.startswith(JOB_MARK):  # an events body (events_worker.py)
-            stdout.write(frame(answer_job(data)))
+            write_frame(stdout, answer_job(data))
             stdout.flush()
             continue
         try:
             answer = map_body(*_decode_request(data))
         except Exception:  # a bug, not the body's fault: the server redoes it and logs it
             answer = MappedBody(crash=traceback.format_exc(limit=20))
-        stdout.write(frame(_encode(answer)))
+        write_frame(stdout, _encode(answer))
         stdout.flush()
 
 
